@@ -1,0 +1,183 @@
+/**
+ * Sampling parameters of a generation request, validated with zod. Every failure is a WeftError
+ * WEFT_BAD_REQUEST whose message names the field (as the caller spelled it) and the offending value.
+ *
+ * Field names: the camelCase names of {@link SamplingParams}, or their snake_case spellings
+ * (`top_k`, `top_p`, `max_new_tokens`, `ignore_eos`, `stop_token_ids`); giving both spellings of one field
+ * is an error, and so is any other key. A field that is `undefined` or `null` takes its default.
+ */
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import { WeftError } from './errors.ts';
+
+export interface SamplingParams {
+  /** softmax temperature; 0 means greedy (argmax). Default **0 (greedy)**. Finite, in [0, 100]. */
+  temperature: number;
+  /** keep only the k most likely tokens; 0 turns top-k off. Default 0. Integer in [0, vocabSize]. */
+  topK: number;
+  /** nucleus sampling: keep the smallest set of tokens whose probability reaches topP. Default 1 (off). In (0, 1]. */
+  topP: number;
+  /** seed of the request's random stream (`SeededRng`, coordinator/rng.ts). Default: a random 32-bit value. Integer in [0, 2^32). */
+  seed: number;
+  /** tokens to generate at most. Default 16. Integer >= 1, and prompt length + maxNewTokens <= the model's context. */
+  maxNewTokens: number;
+  /** keep generating past the model's EOS tokens. Default false. */
+  ignoreEos: boolean;
+  /** extra ids that end generation (the id is emitted, then generation stops). Default []. Integers in [0, vocabSize). */
+  stopTokenIds: number[];
+}
+
+export interface SamplingLimits {
+  /** the model's context length (prompt + generated tokens) */
+  maxContext: number;
+  /** tokens in the prompt, BOS included; must be >= 1 */
+  promptLength: number;
+  /** width of the logits (the model's vocab_size) */
+  vocabSize: number;
+}
+
+export const SAMPLING_DEFAULTS = Object.freeze({
+  temperature: 0,
+  topK: 0,
+  topP: 1,
+  maxNewTokens: 16,
+  ignoreEos: false,
+  stopTokenIds: [] as readonly number[],
+});
+
+/** canonical name → accepted spellings (camelCase first, used in messages when the field was not given) */
+const SPELLINGS = {
+  temperature: ['temperature'],
+  topK: ['topK', 'top_k'],
+  topP: ['topP', 'top_p'],
+  seed: ['seed'],
+  maxNewTokens: ['maxNewTokens', 'max_new_tokens'],
+  ignoreEos: ['ignoreEos', 'ignore_eos'],
+  stopTokenIds: ['stopTokenIds', 'stop_token_ids'],
+} as const satisfies Record<keyof SamplingParams, readonly string[]>;
+type Field = keyof typeof SPELLINGS;
+
+const ALIAS = new Map<string, Field>(
+  (Object.entries(SPELLINGS) as [Field, readonly string[]][]).flatMap(([field, names]) => names.map((n) => [n, field] as const)),
+);
+
+const number = (what: string) => z.number({ error: 'must be a finite number' + what });
+const integer = (what: string) => z.number({ error: 'must be an integer' + what }).int({ error: 'must be an integer' + what });
+
+const schema = z.strictObject({
+  temperature: number(' in [0, 100]').min(0, { error: 'must be >= 0' }).max(100, { error: 'must be <= 100' }).optional(),
+  topK: integer(' >= 0 (0 = off)').min(0, { error: 'must be >= 0 (0 = off)' }).optional(),
+  topP: number(' in (0, 1]').gt(0, { error: 'must be > 0 (and <= 1)' }).max(1, { error: 'must be <= 1' }).optional(),
+  seed: integer(' in [0, 2^32)').min(0, { error: 'must be in [0, 2^32)' }).lt(2 ** 32, { error: 'must be in [0, 2^32)' }).optional(),
+  maxNewTokens: integer(' >= 1').min(1, { error: 'must be >= 1' }).optional(),
+  ignoreEos: z.boolean({ error: 'must be a boolean' }).optional(),
+  stopTokenIds: z.array(integer(''), { error: 'must be an array of token ids' }).optional(),
+});
+
+function show(value: unknown): string {
+  if (typeof value === 'number' || typeof value === 'boolean' || value === undefined) return String(value);
+  if (typeof value === 'bigint') return `${value}n`;
+  try {
+    const json = JSON.stringify(value);
+    if (json !== undefined) return json.length > 80 ? `${json.slice(0, 77)}...` : json;
+  } catch {
+    // fall through
+  }
+  return Object.prototype.toString.call(value);
+}
+
+function bad(message: string): WeftError {
+  return new WeftError('WEFT_BAD_REQUEST', message);
+}
+
+function randomSeed(): number {
+  return randomBytes(4).readUInt32LE(0);
+}
+
+/**
+ * Validates `input` (an object of sampling fields, or undefined/null for all defaults) against the model
+ * and prompt in `limits`, filling defaults: temperature 0 (greedy), topK 0 (off), topP 1, seed random,
+ * maxNewTokens 16, ignoreEos false, stopTokenIds []. Throws WeftError WEFT_BAD_REQUEST.
+ */
+export function parseSamplingParams(input: unknown, limits: SamplingLimits): SamplingParams {
+  if (input !== undefined && input !== null && (typeof input !== 'object' || Array.isArray(input)))
+    throw bad(`sampling parameters must be an object, got ${show(input)}`);
+
+  // resolve spellings: canonical field → the name the caller used
+  const given = new Map<Field, string>();
+  const canonical: Record<string, unknown> = {};
+  const unknown: string[] = [];
+  for (const [key, value] of Object.entries((input ?? {}) as Record<string, unknown>)) {
+    const field = ALIAS.get(key);
+    if (field === undefined) {
+      unknown.push(key);
+      continue;
+    }
+    const previous = given.get(field);
+    if (previous !== undefined) throw bad(`sampling parameters ${previous} and ${key} are the same field; give one`);
+    given.set(field, key);
+    if (value !== undefined && value !== null) canonical[field] = value;
+  }
+  if (unknown.length > 0)
+    throw bad(`unknown sampling parameter${unknown.length > 1 ? 's' : ''} ${unknown.map((k) => JSON.stringify(k)).join(', ')} (known: ${[...ALIAS.keys()].join(', ')})`);
+
+  const nameOf = (field: Field): string => given.get(field) ?? SPELLINGS[field][0];
+
+  const result = schema.safeParse(canonical);
+  if (!result.success) {
+    const issue = result.error.issues[0]!;
+    const field = issue.path[0] as Field;
+    let value: unknown = canonical[field];
+    let name = nameOf(field);
+    const index = issue.path[1];
+    if (typeof index === 'number') {
+      name += `[${index}]`;
+      value = (value as unknown[])[index];
+    }
+    throw bad(`sampling parameter ${name} ${issue.message}, got ${show(value)}`);
+  }
+  const p = result.data;
+
+  const params: SamplingParams = {
+    temperature: p.temperature ?? SAMPLING_DEFAULTS.temperature,
+    topK: p.topK ?? SAMPLING_DEFAULTS.topK,
+    topP: p.topP ?? SAMPLING_DEFAULTS.topP,
+    seed: p.seed ?? randomSeed(),
+    maxNewTokens: p.maxNewTokens ?? SAMPLING_DEFAULTS.maxNewTokens,
+    ignoreEos: p.ignoreEos ?? SAMPLING_DEFAULTS.ignoreEos,
+    stopTokenIds: p.stopTokenIds ?? [...SAMPLING_DEFAULTS.stopTokenIds],
+  };
+
+  const { maxContext, promptLength, vocabSize } = limits;
+  if (params.topK > vocabSize)
+    throw bad(`sampling parameter ${nameOf('topK')} must be <= the vocabulary size ${vocabSize} (0 = off), got ${params.topK}`);
+  params.stopTokenIds.forEach((id, i) => {
+    if (id < 0 || id >= vocabSize)
+      throw bad(`sampling parameter ${nameOf('stopTokenIds')}[${i}] must be a token id in [0, ${vocabSize}), got ${id}`);
+  });
+  if (!Number.isInteger(promptLength) || promptLength < 1)
+    throw bad(`the prompt must hold at least one token, got ${show(promptLength)}`);
+  if (promptLength + params.maxNewTokens > maxContext)
+    throw bad(
+      `prompt of ${promptLength} tokens plus ${nameOf('maxNewTokens')} ${params.maxNewTokens} exceeds the model's context of ${maxContext} tokens`,
+    );
+  return params;
+}
+
+/**
+ * Checks a prompt given as token ids: a non-empty array of integers in [0, vocabSize), at most
+ * `maxContext` long. Returns a copy; throws WeftError WEFT_BAD_REQUEST naming the first bad index.
+ */
+export function validatePromptIds(ids: unknown, vocabSize: number, maxContext: number): number[] {
+  if (!Array.isArray(ids)) throw bad(`prompt token ids must be an array, got ${show(ids)}`);
+  if (ids.length === 0) throw bad('prompt token ids must not be empty');
+  if (ids.length > maxContext) throw bad(`prompt of ${ids.length} tokens exceeds the model's context of ${maxContext} tokens`);
+  const out = new Array<number>(ids.length);
+  for (let i = 0; i < ids.length; i++) {
+    const id: unknown = ids[i];
+    if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocabSize)
+      throw bad(`prompt token id at index ${i} must be an integer in [0, ${vocabSize}), got ${show(id)}`);
+    out[i] = id;
+  }
+  return out;
+}
