@@ -25,5 +25,5 @@ export class WeftError extends Error {
 }
 
 export function isWeftError(err: unknown): err is WeftError {
-  return err instanceof Error && typeof (err as { code?: unknown }).code === 'string' && (err as { code: string }).code.startsWith('WEFT_');
+  return err instanceof Error && typeof (err as { code?: unknown }).code === 'string' && (err as unknown as { code: string }).code.startsWith('WEFT_');
 }

@@ -1,0 +1,155 @@
+/**
+ * `weft` command line: generate, score, worker. Every failure ends in a non-zero exit and one line on
+ * stderr (`weft: CODE: message`); results go to stdout (`--json`: one JSON object).
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { startCluster, type Cluster } from './cluster.ts';
+import { WeftError, isWeftError } from './errors.ts';
+import { runWorker } from '../worker/main.ts';
+
+function integer(name: string, min: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got "${value}"`);
+    return n;
+  };
+}
+
+function finite(name: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number, got "${value}"`);
+    return n;
+  };
+}
+
+function idList(value: string): number[] {
+  const ids = value.split(',').map((s) => s.trim());
+  const bad = ids.findIndex((s) => !/^\d+$/.test(s));
+  if (bad >= 0) throw new InvalidArgumentError(`token ids must be comma-separated non-negative integers; entry ${bad} is "${ids[bad]}"`);
+  return ids.map(Number);
+}
+
+interface ClusterFlags {
+  model: string;
+  tp: number;
+  device: 'cpu' | 'cuda';
+  maxContext?: number;
+  kvSlots?: number;
+  threads?: number;
+}
+
+function clusterOptions(command: Command): Command {
+  return command
+    .requiredOption('--model <dir>', 'Hugging Face model directory')
+    .option('--tp <n>', 'tensor-parallel degree (worker processes)', integer('--tp', 1), 1)
+    .addOption(new Option('--device <device>', 'compute backend').choices(['cpu', 'cuda']).default('cpu'))
+    .option('--max-context <n>', 'cap on the context length (KV cache per sequence)', integer('--max-context', 1))
+    .option('--kv-slots <n>', 'sequences with a KV cache at once', integer('--kv-slots', 1))
+    .option('--threads <n>', 'CPU threads per worker', integer('--threads', 1));
+}
+
+async function withCluster<T>(flags: ClusterFlags, run: (cluster: Cluster) => Promise<T>): Promise<T> {
+  const cluster = await startCluster({
+    modelDir: flags.model,
+    tp: flags.tp,
+    device: flags.device,
+    ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
+    ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
+    ...(flags.threads !== undefined && { threads: flags.threads }),
+  });
+  const stop = (): void => void cluster.close().finally(() => process.exit(130));
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  try {
+    return await run(cluster);
+  } finally {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+    await cluster.close();
+  }
+}
+
+function buildProgram(): Command {
+  const program = new Command('weft').description('tensor-parallel LLM inference').exitOverride().showHelpAfterError(false);
+  program.configureOutput({ writeErr: (text) => process.stderr.write(text.startsWith('error:') ? `weft: ${text}` : text) });
+
+  clusterOptions(program.command('generate').description('generate text from a prompt'))
+    .option('--prompt <text>', 'text prompt (encoded with the model tokenizer, BOS added)')
+    .option('--prompt-ids <ids>', 'comma-separated prompt token ids', idList)
+    .option('--max-new-tokens <n>', 'tokens to generate at most', integer('--max-new-tokens', 1), 16)
+    .option('--temperature <t>', 'sampling temperature; 0 is greedy', finite('--temperature'), 0)
+    .option('--top-k <k>', 'keep the k most likely tokens (0: off)', integer('--top-k', 0), 0)
+    .option('--top-p <p>', 'nucleus sampling threshold', finite('--top-p'), 1)
+    .option('--seed <s>', 'random seed (same seed, same tokens)', integer('--seed', 0))
+    .option('--ignore-eos', 'keep generating past EOS', false)
+    .option('--json', 'print one JSON object instead of streaming text', false)
+    .action(async (flags) => {
+      if (flags.prompt === undefined && flags.promptIds === undefined) throw new WeftError('WEFT_BAD_REQUEST', 'give --prompt or --prompt-ids');
+      await withCluster(flags as ClusterFlags, async (cluster) => {
+        const sampling = {
+          maxNewTokens: flags.maxNewTokens,
+          temperature: flags.temperature,
+          topK: flags.topK,
+          topP: flags.topP,
+          ignoreEos: flags.ignoreEos,
+          ...(flags.seed !== undefined && { seed: flags.seed }),
+        };
+        const request = flags.promptIds ? { promptIds: flags.promptIds as number[], sampling } : { prompt: flags.prompt as string, sampling };
+        for await (const event of cluster.generate(request)) {
+          if (event.type === 'token' && !flags.json) process.stdout.write(event.text);
+          if (event.type === 'done') {
+            if (flags.json) process.stdout.write(JSON.stringify({ ...event, type: undefined }) + '\n');
+            else process.stdout.write('\n');
+          }
+        }
+      });
+    });
+
+  clusterOptions(program.command('score').description('log-probability of each token given the ones before it'))
+    .requiredOption('--ids <ids>', 'comma-separated token ids', idList)
+    .option('--json', 'print {"logprobs": [...]}', false)
+    .action(async (flags) => {
+      await withCluster(flags as ClusterFlags, async (cluster) => {
+        const { logprobs } = await cluster.score(flags.ids as number[]);
+        process.stdout.write(flags.json ? JSON.stringify({ logprobs }) + '\n' : logprobs.map((l) => (l === null ? '-' : l.toFixed(6))).join('\n') + '\n');
+      });
+    });
+
+  program
+    .command('worker')
+    .description('run one worker rank (started by the coordinator, or by hand to join one)')
+    .requiredOption('--coordinator <endpoint>', 'coordinator endpoint, tcp://HOST:PORT')
+    .requiredOption('--rank <r>', 'this worker rank', integer('--rank', 0))
+    .requiredOption('--world <n>', 'ranks in the group', integer('--world', 1))
+    .option('--parent-pid <pid>', 'exit when this process is gone', integer('--parent-pid', 1))
+    .option('--collective-host <host>', 'interface the rank-0 collective hub binds', '127.0.0.1')
+    .option('--coordinator-timeout <ms>', 'exit when the coordinator is silent this long', integer('--coordinator-timeout', 1), 15000)
+    .action(async (flags) => {
+      if (flags.rank >= flags.world) throw new WeftError('WEFT_BAD_REQUEST', `--rank ${flags.rank} must be below --world ${flags.world}`);
+      process.exitCode = await runWorker({
+        coordinator: flags.coordinator,
+        rank: flags.rank,
+        world: flags.world,
+        collectiveHost: flags.collectiveHost,
+        coordinatorTimeoutMs: flags.coordinatorTimeout,
+        ...(flags.parentPid !== undefined && { parentPid: flags.parentPid }),
+      });
+    });
+  return program;
+}
+
+/** Run the CLI; resolves to the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv);
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (err) {
+    const commanderCode = (err as { code?: string }).code ?? '';
+    if (commanderCode === 'commander.helpDisplayed' || commanderCode === 'commander.version') return 0;
+    if (commanderCode.startsWith('commander.')) return 2; // commander already printed its one line
+    const message = isWeftError(err) ? `${err.code}: ${err.message}` : (err as Error).message ?? String(err);
+    process.stderr.write(`weft: ${message.split('\n')[0]}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,50 @@
+/**
+ * The byte level of every ZeroMQ link in weft: one msgpackr configuration (plain MessagePack maps, no
+ * records, no structured clone, so any decoder can read it) and a send queue, because a zeromq.js socket
+ * allows only one pending send at a time.
+ */
+import { Packr } from 'msgpackr';
+import type * as zmq from 'zeromq';
+import { WeftError } from './errors.ts';
+
+const packr = new Packr({ useRecords: false, structuredClone: false, moreTypes: false, mapsAsObjects: true, int64AsType: 'number' });
+
+/** Protocol version carried in every message as `v`. */
+export const PROTOCOL_VERSION = 1;
+
+export function encode(message: unknown): Buffer {
+  return packr.pack(message);
+}
+
+/** Decode an untrusted frame; a malformed one becomes a WEFT_PROTOCOL error, never a crash. */
+export function decode(frame: Buffer | Uint8Array): unknown {
+  try {
+    return packr.unpack(frame instanceof Buffer ? frame : Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength));
+  } catch (err) {
+    throw new WeftError('WEFT_PROTOCOL', `malformed message (${frame.byteLength} bytes): ${(err as Error).message}`);
+  }
+}
+
+/** Serialises sends on one socket (zeromq.js rejects a second concurrent send with EBUSY). */
+export class SendQueue {
+  private tail: Promise<void> = Promise.resolve();
+  constructor(private readonly socket: zmq.Writable) {}
+
+  send(frames: Array<Buffer | Uint8Array | string>): Promise<void> {
+    const result = this.tail.then(() => this.socket.send(frames));
+    this.tail = result.catch(() => undefined);
+    return result;
+  }
+}
+
+/** Copy a received byte frame into a fresh, aligned Float32Array. */
+export function toFloat32(bytes: Uint8Array): Float32Array {
+  const copy = new Uint8Array(bytes.byteLength);
+  copy.set(bytes);
+  return new Float32Array(copy.buffer, 0, bytes.byteLength / 4);
+}
+
+/** View a Float32Array's bytes without copying. */
+export function float32Bytes(values: Float32Array): Uint8Array {
+  return new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+}

@@ -1,0 +1,135 @@
+/**
+ * The CLI contract, end to end through real processes: `weft generate`, `weft score`, and every kind of bad
+ * input ending in a non-zero exit, one line on stderr naming the problem, and no process left behind.
+ */
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { cpSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fixtureDir, readReference } from '../helpers/fixtures.ts';
+import { runWeft, type CliResult } from '../helpers/cli.ts';
+
+const llama = fixtureDir('llama-tiny');
+const reference = readReference('llama-tiny');
+const prompt0 = reference.prompts[0]!.join(',');
+
+function assertCleanFailure(result: CliResult, pattern: RegExp): void {
+  assert.notEqual(result.code, 0, `expected a failure, got exit 0; stdout: ${result.stdout}`);
+  const lines = result.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, `one line on stderr, got: ${result.stderr}`);
+  assert.match(lines[0]!, pattern);
+  assert.deepEqual(result.leftover, [], 'no worker process left behind');
+}
+
+describe('weft generate / score', () => {
+  test('--json greedy tokens equal Hugging Face, TP=1 and TP=2', async () => {
+    for (const tp of ['1', '2']) {
+      const result = await runWeft(['generate', '--model', llama, '--tp', tp, '--prompt-ids', prompt0, '--max-new-tokens', '10', '--ignore-eos', '--json']);
+      assert.equal(result.code, 0, result.stderr);
+      const out = JSON.parse(result.stdout) as { tokens: number[]; text: string };
+      assert.deepEqual(out.tokens, reference.greedy[0]!.slice(0, 10));
+      assert.equal(typeof out.text, 'string');
+      assert.deepEqual(result.leftover, []);
+    }
+  });
+
+  test('a text prompt streams text; EOS stops generation', async () => {
+    const result = await runWeft(['generate', '--model', llama, '--prompt', 'hello world', '--max-new-tokens', '5']);
+    assert.equal(result.code, 0, result.stderr);
+    assert.ok(result.stdout.endsWith('\n'));
+    // reference greedy 0 hits EOS (id 1) as its third token: without --ignore-eos generation stops there
+    const stopped = await runWeft(['generate', '--model', llama, '--prompt-ids', prompt0, '--max-new-tokens', '10', '--json']);
+    const out = JSON.parse(stopped.stdout) as { tokens: number[]; finishReason: string };
+    assert.deepEqual(out.tokens, reference.greedy[0]!.slice(0, 3));
+    assert.equal(out.finishReason, 'stop');
+  });
+
+  test('same seed, same tokens; sampling at TP=2 equals TP=1', async () => {
+    const args = ['generate', '--model', llama, '--prompt-ids', prompt0, '--max-new-tokens', '12', '--temperature', '1.5', '--top-k', '50', '--top-p', '0.95', '--ignore-eos', '--json'];
+    const a = JSON.parse((await runWeft([...args, '--seed', '7'])).stdout) as { tokens: number[] };
+    const b = JSON.parse((await runWeft([...args, '--seed', '7', '--tp', '2'])).stdout) as { tokens: number[] };
+    const c = JSON.parse((await runWeft([...args, '--seed', '8'])).stdout) as { tokens: number[] };
+    assert.equal(a.tokens.length, 12);
+    assert.deepEqual(a.tokens, b.tokens);
+    assert.notDeepEqual(a.tokens, c.tokens, 'a different seed gives different samples (at temperature 1.5 over 12 tokens)');
+  });
+
+  test('score --json: entry 0 null, then log-probs', async () => {
+    const result = await runWeft(['score', '--model', llama, '--ids', prompt0, '--json']);
+    assert.equal(result.code, 0, result.stderr);
+    const { logprobs } = JSON.parse(result.stdout) as { logprobs: (number | null)[] };
+    assert.equal(logprobs.length, reference.prompts[0]!.length);
+    assert.equal(logprobs[0], null);
+    for (const lp of logprobs.slice(1)) assert.ok(typeof lp === 'number' && lp < 0 && lp > -20);
+  });
+});
+
+describe('bad input: clear error, non-zero exit, nothing left running', () => {
+  let scratch: string;
+  const copyModel = (name: string): string => {
+    const dir = join(scratch, name);
+    cpSync(llama, dir, { recursive: true });
+    return dir;
+  };
+  before(() => {
+    scratch = mkdtempSync(join(tmpdir(), 'weft-cli-'));
+  });
+  after(() => rmSync(scratch, { recursive: true, force: true }));
+
+  test('a missing model directory', async () => {
+    assertCleanFailure(await runWeft(['generate', '--model', join(scratch, 'nope'), '--prompt', 'hi']), /WEFT_BAD_MODEL.*nope/);
+  });
+
+  test('missing weights', async () => {
+    const dir = copyModel('no-weights');
+    rmSync(join(dir, 'model.safetensors'));
+    assertCleanFailure(await runWeft(['generate', '--model', dir, '--prompt', 'hi']), /WEFT_BAD_WEIGHTS.*model\.safetensors/);
+  });
+
+  test('a truncated safetensors file', async () => {
+    const dir = copyModel('truncated');
+    const file = join(dir, 'model.safetensors');
+    truncateSync(file, Math.floor(statSync(file).size / 2));
+    assertCleanFailure(await runWeft(['generate', '--model', dir, '--prompt', 'hi', '--tp', '2']), /WEFT_BAD_WEIGHTS.*(truncat|past the end|end of)/i);
+  });
+
+  test('a tensor of the wrong shape', async () => {
+    const dir = copyModel('bad-shape');
+    const file = join(dir, 'model.safetensors');
+    const bytes = readFileSync(file);
+    const headerLength = Number(bytes.readBigUInt64LE(0));
+    const header = JSON.parse(bytes.subarray(8, 8 + headerLength).toString('utf8')) as Record<string, { shape: number[] }>;
+    header['model.norm.weight']!.shape = [32, 2]; // same byte count, wrong shape
+    let json = JSON.stringify(header);
+    json += ' '.repeat((8 - (json.length % 8)) % 8);
+    const prefix = Buffer.alloc(8);
+    prefix.writeBigUInt64LE(BigInt(json.length));
+    writeFileSync(file, Buffer.concat([prefix, Buffer.from(json), bytes.subarray(8 + headerLength)]));
+    assertCleanFailure(await runWeft(['generate', '--model', dir, '--prompt', 'hi']), /WEFT_BAD_WEIGHTS.*model\.norm\.weight.*64.*32, ?2|WEFT_BAD_WEIGHTS.*model\.norm\.weight/);
+  });
+
+  test('an unsupported architecture', async () => {
+    const dir = copyModel('gpt2');
+    const config = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...config, architectures: ['GPT2LMHeadModel'], model_type: 'gpt2' }));
+    assertCleanFailure(await runWeft(['generate', '--model', dir, '--prompt', 'hi']), /WEFT_UNSUPPORTED_MODEL.*GPT2LMHeadModel/);
+  });
+
+  test('a TP degree that cannot split the model', async () => {
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--tp', '3']), /WEFT_BAD_SHARD.*3/);
+  });
+
+  test('a prompt longer than the context', async () => {
+    const ids = Array.from({ length: 600 }, (_, i) => 2 + (i % 400)).join(',');
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt-ids', ids]), /WEFT_BAD_REQUEST.*600.*512/);
+  });
+
+  test('invalid sampling parameters', async () => {
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--temperature', '-1']), /temperature/);
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-p', '0']), /top.?p/i);
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-k', '-3']), /top-k/);
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-k', '100000']), /top.?k/i);
+    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt-ids', '1,2,x']), /entry 2/);
+  });
+});

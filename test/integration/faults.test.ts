@@ -1,0 +1,46 @@
+/**
+ * Faults: a worker SIGKILLed in the middle of a generation fails the request within seconds with an error
+ * naming the rank; a SIGKILLed coordinator leaves no workers behind.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { startCluster } from '../../coordinator/cluster.ts';
+import { isWeftError } from '../../coordinator/errors.ts';
+import { WEFT_BIN, fixtureDir, processesMentioning, readReference, waitFor } from '../helpers/fixtures.ts';
+
+const model = 'llama-tiny';
+
+test('a worker killed during generation fails the request, naming the rank, within seconds', async () => {
+  const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1 });
+  try {
+    const events = cluster.generate({ promptIds: readReference(model).prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
+    const first = await events.next();
+    assert.equal(first.done, false);
+    const victim = cluster.workerPids()[1]!;
+    process.kill(victim, 'SIGKILL');
+    const started = Date.now();
+    await assert.rejects(
+      (async () => {
+        for (let e = await events.next(); !e.done; e = await events.next());
+      })(),
+      (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /rank 1/.test(err.message) && /SIGKILL/.test(err.message),
+    );
+    assert.ok(Date.now() - started < 5000, `noticed in ${Date.now() - started} ms`);
+  } finally {
+    await cluster.close();
+  }
+  assert.deepEqual(processesMentioning(`--parent-pid\0${process.pid}\0`), [], 'no worker left behind');
+});
+
+test('a coordinator killed with SIGKILL leaves no worker behind', async () => {
+  const child = spawn(process.execPath, [WEFT_BIN, 'generate', '--model', fixtureDir(model), '--tp', '2', '--prompt', 'hi', '--max-new-tokens', '400', '--ignore-eos'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const marker = `--parent-pid\0${child.pid}\0`;
+  assert.ok(await waitFor(() => processesMentioning(marker).length === 2, 30_000), 'both workers started');
+  assert.equal(child.exitCode, null, 'the coordinator is still generating when it is killed');
+  child.kill('SIGKILL');
+  // workers watch their parent once per heartbeat (500 ms)
+  assert.ok(await waitFor(() => processesMentioning(marker).length === 0, 5000), `workers still alive: ${processesMentioning(marker).join(', ')}`);
+});

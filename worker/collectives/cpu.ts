@@ -1,0 +1,159 @@
+/**
+ * CPU collectives over ZeroMQ: rank 0 is a hub (ROUTER), the other ranks connect to it (DEALER). A
+ * collective is numbered by its position in the sequence every rank issues; non-root ranks send their
+ * piece, the hub combines the pieces in rank order (so the result is the same on every rank and every run)
+ * and sends it back. Frames: [sequence u32 LE, float32 payload, (gather only) column counts as u32].
+ */
+import * as zmq from 'zeromq';
+import type { Engine, Tensor } from '../native.ts';
+import type { Collectives } from './collectives.ts';
+import { SendQueue, float32Bytes, toFloat32 } from '../../coordinator/wire.ts';
+import { WeftError } from '../../coordinator/errors.ts';
+
+interface Piece {
+  rank: number;
+  payload: Float32Array;
+  /** gather replies: the column count of each rank's piece, u32 LE */
+  extra: Buffer | undefined;
+}
+
+/** Bind the hub socket on rank 0 before the group forms, so its endpoint can be handed to the others. */
+export async function bindCollectiveHub(host: string): Promise<{ socket: zmq.Router; endpoint: string }> {
+  const socket = new zmq.Router({ linger: 0, mandatory: true, maxMessageSize: 1 << 30 });
+  await socket.bind(`tcp://${host}:*`);
+  return { socket, endpoint: socket.lastEndpoint ?? '' };
+}
+
+export class CpuCollectives implements Collectives {
+  private sequence = 0;
+  private readonly sendQueue: SendQueue;
+  /** pieces received but not yet consumed, by sequence number */
+  private readonly inbox = new Map<number, Piece[]>();
+  private readonly waiters = new Map<number, () => void>();
+  private closed = false;
+
+  private constructor(
+    private readonly engine: Engine,
+    readonly rank: number,
+    readonly world: number,
+    private readonly socket: zmq.Router | zmq.Dealer,
+  ) {
+    this.sendQueue = new SendQueue(socket);
+    void this.receiveLoop();
+  }
+
+  static async create(engine: Engine, rank: number, world: number, hub: zmq.Router | null, rootEndpoint: string): Promise<CpuCollectives> {
+    if (rank === 0) {
+      if (!hub) throw new WeftError('WEFT_PROTOCOL', 'rank 0 needs its collective hub socket');
+      return new CpuCollectives(engine, rank, world, hub);
+    }
+    const dealer = new zmq.Dealer({ linger: 0, routingId: `rank-${rank}`, maxMessageSize: 1 << 30 });
+    dealer.connect(rootEndpoint);
+    return new CpuCollectives(engine, rank, world, dealer);
+  }
+
+  private async receiveLoop(): Promise<void> {
+    try {
+      for await (const frames of this.socket) {
+        // The hub sees [identity, seq, payload, extra]; a dealer sees [seq, payload, extra].
+        const body = this.rank === 0 ? frames.slice(1) : frames;
+        const identity = this.rank === 0 ? String(frames[0]) : 'rank-0';
+        const [seqFrame, payloadFrame] = body;
+        if (!seqFrame || !payloadFrame || seqFrame.byteLength !== 4) continue;
+        const seq = seqFrame.readUInt32LE(0);
+        const piece = { rank: Number(identity.replace('rank-', '')), payload: toFloat32(payloadFrame), extra: body[2] };
+        const list = this.inbox.get(seq) ?? [];
+        list.push(piece);
+        this.inbox.set(seq, list);
+        this.waiters.get(seq)?.();
+      }
+    } catch (err) {
+      if (!this.closed) throw err;
+    }
+  }
+
+  /** Wait until `count` pieces with this sequence number have arrived. */
+  private async collect(seq: number, count: number): Promise<Piece[]> {
+    while ((this.inbox.get(seq)?.length ?? 0) < count) {
+      await new Promise<void>((resolve) => this.waiters.set(seq, resolve));
+    }
+    this.waiters.delete(seq);
+    const pieces = this.inbox.get(seq) ?? [];
+    this.inbox.delete(seq);
+    return pieces;
+  }
+
+  private seqFrame(seq: number): Buffer {
+    const frame = Buffer.alloc(4);
+    frame.writeUInt32LE(seq >>> 0, 0);
+    return frame;
+  }
+
+  async allReduce(x: Tensor): Promise<Tensor> {
+    if (this.world === 1) return x;
+    const seq = this.sequence++;
+    const mine = this.engine.download(x) as Float32Array;
+    let sum: Float32Array;
+    if (this.rank === 0) {
+      const pieces = await this.collect(seq, this.world - 1);
+      pieces.sort((a, b) => a.rank - b.rank);
+      sum = Float32Array.from(mine);
+      for (const piece of pieces) {
+        if (piece.payload.length !== sum.length)
+          throw new WeftError('WEFT_PROTOCOL', `allReduce #${seq}: rank ${piece.rank} sent ${piece.payload.length} values, rank 0 has ${sum.length}`);
+        for (let i = 0; i < sum.length; i++) sum[i]! += piece.payload[i]!;
+      }
+      for (const piece of pieces) await this.sendQueue.send([`rank-${piece.rank}`, this.seqFrame(seq), float32Bytes(sum)]);
+    } else {
+      await this.sendQueue.send([this.seqFrame(seq), float32Bytes(mine)]);
+      const [reply] = await this.collect(seq, 1);
+      sum = reply!.payload;
+    }
+    return this.engine.upload(float32Bytes(sum), 'f32', [...x.shape]);
+  }
+
+  async allGatherCols(x: Tensor): Promise<Tensor> {
+    if (this.world === 1) return x;
+    const seq = this.sequence++;
+    const [rows = 1] = x.shape;
+    const mine = this.engine.download(x) as Float32Array;
+    let pieces: Float32Array[];
+    if (this.rank === 0) {
+      const received = await this.collect(seq, this.world - 1);
+      received.sort((a, b) => a.rank - b.rank);
+      pieces = [mine, ...received.map((p) => p.payload)];
+      const widths = Buffer.alloc(4 * this.world);
+      pieces.forEach((p, r) => widths.writeUInt32LE(p.length / rows, 4 * r));
+      const all = concatFloat32(pieces);
+      for (const piece of received) await this.sendQueue.send([`rank-${piece.rank}`, this.seqFrame(seq), float32Bytes(all), widths]);
+    } else {
+      await this.sendQueue.send([this.seqFrame(seq), float32Bytes(mine)]);
+      const [reply] = await this.collect(seq, 1);
+      const widthsFrame = reply!.extra;
+      if (!widthsFrame) throw new WeftError('WEFT_PROTOCOL', `allGather #${seq}: reply without column counts`);
+      pieces = [];
+      let offset = 0;
+      for (let r = 0; r < this.world; r++) {
+        const n = widthsFrame.readUInt32LE(4 * r) * rows;
+        pieces.push(reply!.payload.subarray(offset, offset + n));
+        offset += n;
+      }
+    }
+    return this.engine.concatCols(pieces.map((p) => this.engine.upload(float32Bytes(p), 'f32', [rows, p.length / rows])));
+  }
+
+  close(): void {
+    this.closed = true;
+    this.socket.close();
+  }
+}
+
+function concatFloat32(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const p of parts) {
+    out.set(p, offset);
+    offset += p.length;
+  }
+  return out;
+}

@@ -1,0 +1,128 @@
+/**
+ * Coordinator ↔ worker control messages: a typed union with a validator per message. Every message carries
+ * `v` (protocol version) and `type`; requests carry `id`, and the worker answers each with a `reply` holding
+ * the same id. Plain data only: no classes, functions or method names travel.
+ */
+import { z } from 'zod';
+import type { ModelSpec } from '../coordinator/model-spec.ts';
+import type { ShardPlan } from '../coordinator/shard-plan.ts';
+import { WeftError } from '../coordinator/errors.ts';
+
+const int = z.number().int();
+const nonNegInt = int.nonnegative();
+
+/** One forward step over a ragged batch: token i of the batch belongs to KV slot `slots[i]` at `positions[i]`. */
+export const stepBatchSchema = z
+  .object({
+    tokens: z.array(nonNegInt).min(1),
+    slots: z.array(nonNegInt),
+    positions: z.array(nonNegInt),
+    /** batch rows whose logits are needed, in output order */
+    logitRows: z.array(nonNegInt).min(1),
+    /** per logit row: sample a token with these parameters and these uniforms */
+    sample: z
+      .object({
+        temperature: z.array(z.number()),
+        topK: z.array(nonNegInt),
+        topP: z.array(z.number()),
+        uniform: z.array(z.number()),
+      })
+      .strict()
+      .optional(),
+    /** per logit row: return log p(scoreIds[r]) */
+    scoreIds: z.array(nonNegInt).optional(),
+    /** return the whole log-softmax rows [logitRows, vocab] as float32 bytes */
+    fullLogprobs: z.boolean().optional(),
+  })
+  .strict()
+  .superRefine((b, ctx) => {
+    if (b.slots.length !== b.tokens.length || b.positions.length !== b.tokens.length)
+      ctx.addIssue({ code: 'custom', message: `tokens, slots and positions must have equal lengths (${b.tokens.length}, ${b.slots.length}, ${b.positions.length})` });
+    if (b.logitRows.some((r) => r >= b.tokens.length)) ctx.addIssue({ code: 'custom', message: 'logitRows index past the batch' });
+    const n = b.logitRows.length;
+    if (b.sample && [b.sample.temperature, b.sample.topK, b.sample.topP, b.sample.uniform].some((a) => a.length !== n))
+      ctx.addIssue({ code: 'custom', message: 'sample arrays must have one entry per logit row' });
+    if (b.scoreIds && b.scoreIds.length !== n) ctx.addIssue({ code: 'custom', message: 'scoreIds must have one entry per logit row' });
+  });
+export type StepBatch = z.infer<typeof stepBatchSchema>;
+
+export interface StepResult {
+  tokens?: number[];
+  logprobs?: number[];
+  /** float32 [logitRows, vocab], little-endian */
+  fullLogprobs?: Uint8Array;
+}
+
+export interface InitCommand {
+  v: number;
+  type: 'init';
+  id: number;
+  modelDir: string;
+  spec: ModelSpec;
+  plan: ShardPlan;
+  device: 'cpu' | 'cuda';
+  kvSlots: number;
+  maxContext: number;
+  threads: number;
+  /** where rank 0's collective hub listens (CPU collectives) */
+  collectiveRoot: string;
+}
+
+const initSchema = z
+  .object({
+    v: int,
+    type: z.literal('init'),
+    id: nonNegInt,
+    modelDir: z.string().min(1),
+    spec: z.record(z.string(), z.unknown()),
+    plan: z.record(z.string(), z.unknown()),
+    device: z.enum(['cpu', 'cuda']),
+    kvSlots: int.positive(),
+    maxContext: int.positive(),
+    threads: int.positive(),
+    collectiveRoot: z.string(),
+  })
+  .strict();
+
+const coordinatorMessageSchema = z.discriminatedUnion('type', [
+  initSchema,
+  z.object({ v: int, type: z.literal('step'), id: nonNegInt, batch: stepBatchSchema }).strict(),
+  z.object({ v: int, type: z.literal('ping') }).strict(),
+  z.object({ v: int, type: z.literal('shutdown') }).strict(),
+]);
+
+export type CoordinatorMessage =
+  | InitCommand
+  | { v: number; type: 'step'; id: number; batch: StepBatch }
+  | { v: number; type: 'ping' }
+  | { v: number; type: 'shutdown' };
+
+export type WorkerMessage =
+  | { v: number; type: 'hello'; rank: number; world: number; pid: number; collectiveEndpoint: string | null }
+  | { v: number; type: 'heartbeat'; rank: number }
+  | { v: number; type: 'progress'; rank: number; bytesRead: number; bytesTotal: number }
+  | { v: number; type: 'reply'; rank: number; id: number; ok: true; result: unknown }
+  | { v: number; type: 'reply'; rank: number; id: number; ok: false; error: { code: string; message: string } };
+
+const workerMessageSchema = z.discriminatedUnion('type', [
+  z.object({ v: int, type: z.literal('hello'), rank: nonNegInt, world: int.positive(), pid: int.positive(), collectiveEndpoint: z.string().nullable() }).strict(),
+  z.object({ v: int, type: z.literal('heartbeat'), rank: nonNegInt }).strict(),
+  z.object({ v: int, type: z.literal('progress'), rank: nonNegInt, bytesRead: nonNegInt, bytesTotal: nonNegInt }).strict(),
+  z.object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, ok: z.literal(true), result: z.unknown() }).strict(),
+  z
+    .object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, ok: z.literal(false), error: z.object({ code: z.string(), message: z.string() }) })
+    .strict(),
+]);
+
+function validate<T>(schema: z.ZodType, value: unknown, who: string): T {
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const where = issue?.path.length ? ` at ${issue.path.join('.')}` : '';
+    throw new WeftError('WEFT_PROTOCOL', `invalid ${who} message${where}: ${issue?.message ?? 'unknown problem'}`);
+  }
+  return parsed.data as T;
+}
+
+export const parseCoordinatorMessage = (value: unknown): CoordinatorMessage => validate(coordinatorMessageSchema, value, 'coordinator');
+export const parseWorkerMessage = (value: unknown): WorkerMessage => validate(workerMessageSchema, value, 'worker');
