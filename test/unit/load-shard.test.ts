@@ -1,0 +1,262 @@
+import assert from 'node:assert/strict';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, describe, it } from 'node:test';
+import { isWeftError } from '../../coordinator/errors.ts';
+import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
+import { planShards } from '../../coordinator/shard-plan.ts';
+import { type HostTensor, loadShard, shardBytes, shardLayout } from '../../worker/weights/load-shard.ts';
+
+const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');
+const fixture = (name: string) => path.join(FIXTURES, name);
+const tmp = mkdtempSync(path.join(tmpdir(), 'weft-load-shard-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
+
+interface RawTensor { name: string; dtype: string; shape: number[]; bytes: Buffer }
+
+/** Independent reader: the whole file parsed by hand, tensors in offset order. */
+function readTensors(file: string): RawTensor[] {
+  const buf = readFileSync(file);
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  return Object.entries(header)
+    .filter(([name]) => name !== '__metadata__')
+    .sort(([, a], [, b]) => a.data_offsets[0] - b.data_offsets[0])
+    .map(([name, t]) => ({ name, dtype: t.dtype, shape: t.shape, bytes: buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]) }));
+}
+
+function writeTensors(file: string, tensors: RawTensor[]): void {
+  const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
+  let offset = 0;
+  for (const t of tensors) {
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.bytes.length] };
+    offset += t.bytes.length;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(file, Buffer.concat([len, json, ...tensors.map((t) => t.bytes)]));
+}
+
+/** A model directory: a fixture's config.json (optionally changed) and the given weights. */
+function modelDir(from: string, tensors: RawTensor[] | null, configChanges: Record<string, unknown> = {}): string {
+  const dir = mkdtempSync(path.join(tmp, `${from}-`));
+  const config = JSON.parse(readFileSync(path.join(fixture(from), 'config.json'), 'utf8')) as Record<string, unknown>;
+  writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ ...config, ...configChanges }));
+  if (tensors !== null) writeTensors(path.join(dir, 'model.safetensors'), tensors);
+  return dir;
+}
+
+function weftError(code: string, pattern: RegExp) {
+  return (err: unknown): true => {
+    assert.ok(isWeftError(err), `expected a WeftError, got ${String(err)}`);
+    assert.equal(err.code, code);
+    assert.match(err.message, pattern);
+    return true;
+  };
+}
+
+const rowsOf = (t: RawTensor, r0: number, r1: number): Buffer => {
+  const rowBytes = t.bytes.length / t.shape[0]!;
+  return t.bytes.subarray(r0 * rowBytes, r1 * rowBytes);
+};
+const colsOf = (t: RawTensor, c0: number, c1: number): Buffer => {
+  const [rows, cols] = t.shape as [number, number];
+  const elem = t.bytes.length / (rows * cols);
+  return Buffer.concat(Array.from({ length: rows }, (_, r) => t.bytes.subarray((r * cols + c0) * elem, (r * cols + c1) * elem)));
+};
+/** Column blocks side by side: the inverse of taking column slices. */
+const hconcat = (parts: Buffer[], rows: number): Buffer =>
+  Buffer.concat(Array.from({ length: rows }, (_, r) => Buffer.concat(parts.map((p) => p.subarray((r * p.length) / rows, ((r + 1) * p.length) / rows)))));
+
+function assertTensor(got: HostTensor | undefined, dtype: string, shape: number[], bytes: Buffer, what: string): void {
+  assert.ok(got, `${what} is missing`);
+  assert.equal(got.dtype, dtype, `${what} dtype`);
+  assert.deepEqual(got.shape, shape, `${what} shape`);
+  assert.ok(Buffer.from(got.data.buffer, got.data.byteOffset, got.data.length).equals(bytes), `${what} bytes`);
+}
+
+function expectedNames(spec: ModelSpec): string[] {
+  const names = ['embed', 'norm', 'lmHead'];
+  for (let i = 0; i < spec.nLayers; i++) {
+    names.push(`layers.${i}.attnNorm`, `layers.${i}.ffnNorm`, `layers.${i}.wqkv`, `layers.${i}.wo`);
+    if (spec.family === 'mixtral') {
+      names.push(`layers.${i}.router`);
+      for (let e = 0; e < spec.nExperts; e++) names.push(`layers.${i}.experts.${e}.w13`, `layers.${i}.experts.${e}.w2`);
+    } else {
+      names.push(`layers.${i}.w13`, `layers.${i}.w2`);
+    }
+  }
+  return names.sort();
+}
+
+const MODELS = ['llama-tiny', 'llama-tiny-bf16', 'llama3-tiny', 'mixtral-tiny'];
+
+describe('loadShard on the hf-tiny fixtures', () => {
+  for (const model of MODELS) {
+    for (const tp of [1, 2, 4]) {
+      it(`${model}, tp ${tp}: each rank's slices match the full tensors and reassemble them`, async () => {
+        const dir = fixture(model);
+        const spec = readModelSpec(dir);
+        const plan = planShards(spec, tp);
+        const full = new Map(readTensors(path.join(dir, 'model.safetensors')).map((t) => [t.name, t]));
+        const hf = (name: string) => full.get(name) ?? assert.fail(`fixture lacks ${name}`);
+        const { hidden, headDim: hd, dtype } = spec;
+        const shards: Map<string, HostTensor>[] = [];
+        for (const r of plan.ranks) {
+          const progress: [number, number][] = [];
+          const w = await loadShard(dir, spec, plan, r.rank, (read, total) => progress.push([read, total]));
+          shards.push(w);
+          assert.deepEqual([...w.keys()].sort(), expectedNames(spec));
+
+          // Only this rank's bytes were read: the reads add up to the shard's size, no more.
+          const total = shardBytes(spec, plan, r.rank);
+          assert.deepEqual(progress.at(-1), [total, total]);
+          assert.equal(new Set([...w.values()]).size, spec.tieWordEmbeddings ? w.size - 1 : w.size);
+          assert.equal([...new Set(w.values())].reduce((s, t) => s + t.data.length, 0), total);
+
+          const vocabRows = r.vocab.end - r.vocab.start;
+          const embed = hf('model.embed_tokens.weight');
+          assertTensor(w.get('embed'), dtype, [vocabRows, hidden], rowsOf(embed, r.vocab.start, r.vocab.end), 'embed');
+          assertTensor(w.get('norm'), dtype, [hidden], hf('model.norm.weight').bytes, 'norm');
+          const lmHead = spec.tieWordEmbeddings ? embed : hf('lm_head.weight');
+          assertTensor(w.get('lmHead'), dtype, [vocabRows, hidden], rowsOf(lmHead, r.vocab.start, r.vocab.end), 'lmHead');
+          if (spec.tieWordEmbeddings) assert.equal(w.get('lmHead'), w.get('embed')); // read once, shared
+
+          const [q0, q1] = [r.qHeads.start * hd, r.qHeads.end * hd];
+          const [kv0, kv1] = [r.kvHeads.start * hd, r.kvHeads.end * hd];
+          for (let i = 0; i < spec.nLayers; i++) {
+            const p = `model.layers.${i}.`;
+            assertTensor(w.get(`layers.${i}.attnNorm`), dtype, [hidden], hf(`${p}input_layernorm.weight`).bytes, 'attnNorm');
+            assertTensor(w.get(`layers.${i}.ffnNorm`), dtype, [hidden], hf(`${p}post_attention_layernorm.weight`).bytes, 'ffnNorm');
+            const qkv = [rowsOf(hf(`${p}self_attn.q_proj.weight`), q0, q1), rowsOf(hf(`${p}self_attn.k_proj.weight`), kv0, kv1), rowsOf(hf(`${p}self_attn.v_proj.weight`), kv0, kv1)];
+            assertTensor(w.get(`layers.${i}.wqkv`), dtype, [q1 - q0 + 2 * (kv1 - kv0), hidden], Buffer.concat(qkv), `layers.${i}.wqkv`);
+            assertTensor(w.get(`layers.${i}.wo`), dtype, [hidden, q1 - q0], colsOf(hf(`${p}self_attn.o_proj.weight`), q0, q1), `layers.${i}.wo`);
+            const { start: f0, end: f1 } = r.ffn;
+            const mlps: [string, string, string, string][] =
+              spec.family === 'mixtral'
+                ? Array.from({ length: spec.nExperts }, (_, e) => {
+                    const x = `${p}block_sparse_moe.experts.${e}.`;
+                    return [`layers.${i}.experts.${e}.`, `${x}w1.weight`, `${x}w3.weight`, `${x}w2.weight`];
+                  })
+                : [[`layers.${i}.`, `${p}mlp.gate_proj.weight`, `${p}mlp.up_proj.weight`, `${p}mlp.down_proj.weight`]];
+            for (const [at, gate, up, down] of mlps) {
+              assertTensor(w.get(`${at}w13`), dtype, [2 * (f1 - f0), hidden], Buffer.concat([rowsOf(hf(gate), f0, f1), rowsOf(hf(up), f0, f1)]), `${at}w13`);
+              assertTensor(w.get(`${at}w2`), dtype, [hidden, f1 - f0], colsOf(hf(down), f0, f1), `${at}w2`);
+            }
+            if (spec.family === 'mixtral') {
+              assertTensor(w.get(`layers.${i}.router`), dtype, [spec.nExperts, hidden], hf(`${p}block_sparse_moe.gate.weight`).bytes, 'router');
+            }
+          }
+        }
+
+        // Reassemble: rows concatenate over ranks, columns sit side by side, replicated kv heads appear once per head.
+        const bytes = (rank: number, name: string) => Buffer.from(shards[rank]!.get(name)!.data);
+        const ranks = plan.ranks;
+        assert.ok(Buffer.concat(ranks.map((r) => bytes(r.rank, 'embed'))).equals(hf('model.embed_tokens.weight').bytes));
+        const rowBytes = hidden * (dtype === 'f32' ? 4 : 2);
+        for (let i = 0; i < spec.nLayers; i++) {
+          const p = `model.layers.${i}.`;
+          const qRows = plan.nHeadsPerRank * hd;
+          const kvRows = plan.nKvHeadsPerRank * hd;
+          const wqkv = (rank: number) => bytes(rank, `layers.${i}.wqkv`);
+          assert.ok(Buffer.concat(ranks.map((r) => wqkv(r.rank).subarray(0, qRows * rowBytes))).equals(hf(`${p}self_attn.q_proj.weight`).bytes), `layer ${i} q`);
+          const firstHolder = ranks.filter((r, j) => j === 0 || r.kvHeads.start !== ranks[j - 1]!.kvHeads.start);
+          const k = Buffer.concat(firstHolder.map((r) => wqkv(r.rank).subarray(qRows * rowBytes, (qRows + kvRows) * rowBytes)));
+          const v = Buffer.concat(firstHolder.map((r) => wqkv(r.rank).subarray((qRows + kvRows) * rowBytes)));
+          assert.ok(k.equals(hf(`${p}self_attn.k_proj.weight`).bytes), `layer ${i} k`);
+          assert.ok(v.equals(hf(`${p}self_attn.v_proj.weight`).bytes), `layer ${i} v`);
+          assert.ok(hconcat(ranks.map((r) => bytes(r.rank, `layers.${i}.wo`)), hidden).equals(hf(`${p}self_attn.o_proj.weight`).bytes), `layer ${i} o`);
+          const down = spec.family === 'mixtral' ? [[`layers.${i}.experts.0.w2`, `${p}block_sparse_moe.experts.0.w2.weight`]] : [[`layers.${i}.w2`, `${p}mlp.down_proj.weight`]];
+          for (const [weft, name] of down as [string, string][]) {
+            assert.ok(hconcat(ranks.map((r) => bytes(r.rank, weft)), hidden).equals(hf(name).bytes), `layer ${i} ${name}`);
+          }
+        }
+      });
+    }
+  }
+
+  it('reads a model sharded through model.safetensors.index.json the same as one file', async () => {
+    const tensors = readTensors(path.join(fixture('mixtral-tiny'), 'model.safetensors'));
+    const dir = modelDir('mixtral-tiny', null);
+    const half = 20;
+    writeTensors(path.join(dir, 'model-00001-of-00002.safetensors'), tensors.slice(0, half));
+    writeTensors(path.join(dir, 'model-00002-of-00002.safetensors'), tensors.slice(half));
+    const weightMap = Object.fromEntries(tensors.map((t, i) => [t.name, `model-0000${i < half ? 1 : 2}-of-00002.safetensors`]));
+    writeFileSync(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: weightMap }));
+    const spec = readModelSpec(dir);
+    const plan = planShards(spec, 2);
+    const sharded = await loadShard(dir, spec, plan, 1);
+    const single = await loadShard(fixture('mixtral-tiny'), spec, plan, 1);
+    assert.deepEqual([...sharded.keys()], [...single.keys()]);
+    for (const [name, t] of single) assert.deepEqual(sharded.get(name), t, name);
+  });
+
+  it('describes the layout without files', () => {
+    const spec = readModelSpec(fixture('llama3-tiny'));
+    const layout = shardLayout(spec, planShards(spec, 4), 3);
+    const wqkv = layout.find((t) => t.name === 'layers.1.wqkv')!;
+    assert.deepEqual(wqkv.shape, [64, 128]); // 2 q heads + k + v of one replicated kv head, hd 16
+    assert.deepEqual(wqkv.sources.map((s) => [s.hfName, s.cut, s.range]), [
+      ['model.layers.1.self_attn.q_proj.weight', 'rows', { start: 96, end: 128 }],
+      ['model.layers.1.self_attn.k_proj.weight', 'rows', { start: 16, end: 32 }],
+      ['model.layers.1.self_attn.v_proj.weight', 'rows', { start: 16, end: 32 }],
+    ]);
+    assert.equal(layout.find((t) => t.name === 'lmHead')!.aliasOf, 'embed');
+  });
+});
+
+describe('loadShard refusals, before any tensor data is read', () => {
+  const llama = () => readTensors(path.join(fixture('llama-tiny'), 'model.safetensors'));
+
+  async function refuses(dir: string, code: string, pattern: RegExp, tp = 2, rank = 0, spec = readModelSpec(dir)): Promise<void> {
+    let reads = 0;
+    await assert.rejects(loadShard(dir, spec, planShards(spec, tp), rank, () => reads++), weftError(code, pattern));
+    assert.equal(reads, 0, 'no tensor data read before refusing');
+  }
+
+  it('a tensor whose header shape differs from the config: names the tensor, file and both shapes', async () => {
+    const tensors = llama().map((t) => (t.name === 'model.layers.1.self_attn.q_proj.weight' ? { ...t, shape: [32, 128] } : t));
+    await refuses(modelDir('llama-tiny', tensors), 'WEFT_BAD_WEIGHTS', /model\.safetensors: tensor "model\.layers\.1\.self_attn\.q_proj\.weight" has shape \[32, 128\], expected \[64, 64\] from config\.json/);
+  });
+
+  it('a config that disagrees with the weights (intermediate_size)', async () => {
+    await refuses(modelDir('llama-tiny', llama(), { intermediate_size: 352 }), 'WEFT_BAD_WEIGHTS', /tensor "model\.layers\.0\.mlp\.gate_proj\.weight" has shape \[176, 64\], expected \[352, 64\]/);
+  });
+
+  it('a missing tensor', async () => {
+    const tensors = llama().filter((t) => t.name !== 'model.layers.1.self_attn.v_proj.weight');
+    await refuses(modelDir('llama-tiny', tensors), 'WEFT_BAD_WEIGHTS', /\(model\.safetensors\): tensor "model\.layers\.1\.self_attn\.v_proj\.weight" \(for weft's layers\.1\.wqkv\) is missing/);
+  });
+
+  it('a missing LM head when the config does not tie it', async () => {
+    const tensors = readTensors(path.join(fixture('llama3-tiny'), 'model.safetensors'));
+    await refuses(modelDir('llama3-tiny', tensors, { tie_word_embeddings: false }), 'WEFT_BAD_WEIGHTS', /tensor "lm_head\.weight" \(for weft's lmHead\) is missing; if the LM head is tied/);
+  });
+
+  it('weights stored in another dtype than config.json declares', async () => {
+    const f32Spec = readModelSpec(fixture('llama-tiny'));
+    await refuses(fixture('llama-tiny-bf16'), 'WEFT_BAD_WEIGHTS', /llama-tiny-bf16\/model\.safetensors: tensor "model\.embed_tokens\.weight" is BF16 but config\.json declares f32/, 2, 0, f32Spec);
+  });
+
+  it('a dtype weft cannot load', async () => {
+    const tensors = llama().map((t) => (t.name === 'model.norm.weight' ? { ...t, dtype: 'I32' } : t));
+    await refuses(modelDir('llama-tiny', tensors), 'WEFT_BAD_WEIGHTS', /tensor "model\.norm\.weight" has dtype I32; weft loads F32, F16 and BF16 only/);
+  });
+
+  it('a truncated file', async () => {
+    const dir = modelDir('llama-tiny', null);
+    const bytes = readFileSync(path.join(fixture('llama-tiny'), 'model.safetensors'));
+    writeFileSync(path.join(dir, 'model.safetensors'), bytes.subarray(0, 400_000));
+    await refuses(dir, 'WEFT_BAD_WEIGHTS', /model\.safetensors: tensor "model\.layers\.0\.self_attn\.k_proj\.weight" data_offsets \[397824, 406016\] run past the end of the file/);
+  });
+
+  it('no weights at all, and a rank outside the plan', async () => {
+    await refuses(modelDir('llama-tiny', null), 'WEFT_BAD_WEIGHTS', /neither model\.safetensors nor model\.safetensors\.index\.json exists/);
+    const dir = modelDir('llama-tiny', null);
+    copyFileSync(path.join(fixture('llama-tiny'), 'model.safetensors'), path.join(dir, 'model.safetensors'));
+    await refuses(dir, 'WEFT_BAD_SHARD', /rank 2 is not in the shard plan \(tp=2: ranks 0\.\.1\)/, 2, 2);
+  });
+});
