@@ -1,0 +1,92 @@
+#!/usr/bin/env node
+// Builds native/build/weft.node with CMake: `node native/build.mjs` (npm's install and build:native scripts).
+//   WEFT_CUDA=1  also build the CUDA backend (-DWEFT_CUDA=ON; needs nvcc and cuBLAS, GPU hosts only).
+// Configures once and then only rebuilds (CMake's incremental build); reconfigures when its arguments change.
+// Exits 1 with a one-line message when a tool is missing or the build fails.
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const nativeDir = path.dirname(fileURLToPath(import.meta.url));
+const buildDir = path.join(nativeDir, 'build');
+const output = path.join(buildDir, 'weft.node');
+const require = createRequire(import.meta.url);
+
+function fail(message) {
+  console.error(`weft: ${message}`);
+  process.exit(1);
+}
+
+/** The first line of `command --version`, or null when it cannot run. */
+function toolVersion(command) {
+  const r = spawnSync(command, ['--version'], { encoding: 'utf8' });
+  return r.error || r.status !== 0 ? null : (r.stdout.split('\n')[0] ?? '').trim();
+}
+
+function headerDirs() {
+  try {
+    // node-addon-api's include_dir is relative to the working directory at require time.
+    return { nodeApi: require('node-api-headers').include_dir, addonApi: path.resolve(require('node-addon-api').include_dir) };
+  } catch (err) {
+    fail(`cannot find node-api-headers / node-addon-api (${err.message.split('\n')[0]}); run \`npm install\` first`);
+  }
+}
+
+function checkTools(cuda) {
+  const cmake = toolVersion('cmake');
+  if (!cmake) fail('cmake not found on PATH; install CMake >= 3.19 (e.g. `apt-get install cmake`) and run `npm run build:native` again');
+  const [major, minor] = (cmake.match(/(\d+)\.(\d+)/) ?? []).slice(1).map(Number);
+  if (!(major > 3 || (major === 3 && minor >= 19))) fail(`${cmake} is too old; weft needs CMake >= 3.19`);
+  const compilers = process.env.CXX ? [process.env.CXX] : ['c++', 'g++', 'clang++'];
+  if (!compilers.some((c) => toolVersion(c))) {
+    fail(`no C++ compiler found (tried ${compilers.join(', ')}); install one (e.g. \`apt-get install g++\`) or set CXX`);
+  }
+  if (!cuda) return [];
+  const nvcc = process.env.CUDACXX ?? (toolVersion('nvcc') ? 'nvcc' : '/usr/local/cuda/bin/nvcc');
+  if (!toolVersion(nvcc)) fail(`WEFT_CUDA=1 but nvcc was not found (tried ${nvcc}); install the CUDA toolkit or set CUDACXX`);
+  return nvcc === 'nvcc' ? [] : [`-DCMAKE_CUDA_COMPILER=${nvcc}`];
+}
+
+function run(args, what) {
+  const r = spawnSync('cmake', args, { stdio: 'inherit' });
+  if (r.error) fail(`${what} could not start: ${r.error.message}`);
+  if (r.status !== 0) fail(`${what} failed (cmake exited ${r.status ?? r.signal}); see the output above`);
+}
+
+const cuda = ['1', 'on', 'true', 'yes'].includes((process.env.WEFT_CUDA ?? '').toLowerCase());
+const extra = checkTools(cuda);
+const dirs = headerDirs();
+const configureArgs = [
+  '-S', nativeDir, '-B', buildDir,
+  '-DCMAKE_BUILD_TYPE=Release',
+  `-DWEFT_CUDA=${cuda ? 'ON' : 'OFF'}`,
+  `-DNODE_API_HEADERS_DIR=${dirs.nodeApi}`,
+  `-DNODE_ADDON_API_DIR=${dirs.addonApi}`,
+  ...extra,
+];
+
+// Configure only when there is no cache or the arguments changed (then start from a fresh cache, so that a
+// moved checkout or a switch of WEFT_CUDA never meets stale cached values).
+const stamp = path.join(buildDir, 'weft-configure.json');
+const stampText = JSON.stringify(configureArgs);
+const configured = existsSync(path.join(buildDir, 'CMakeCache.txt')) && existsSync(stamp) && readFileSync(stamp, 'utf8') === stampText;
+if (!configured) {
+  rmSync(path.join(buildDir, 'CMakeCache.txt'), { force: true });
+  rmSync(path.join(buildDir, 'CMakeFiles'), { recursive: true, force: true });
+  rmSync(stamp, { force: true });
+  run(configureArgs, 'cmake configure');
+  writeFileSync(stamp, stampText);
+}
+const jobs = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+run(['--build', buildDir, '--parallel', String(jobs)], 'cmake build');
+
+// Load what was built, so a broken binary fails here rather than in the first test.
+try {
+  const info = require(output).nativeInfo();
+  console.log(`weft: built ${path.relative(process.cwd(), output) || output} (version ${info.version}, cuda: ${info.cuda})`);
+} catch (err) {
+  fail(`built ${output} but it does not load: ${String(err.message).split('\n')[0]}`);
+}

@@ -1,0 +1,269 @@
+// Shape and dtype checks for every op, shared by all backends; then allocate the output and run the kernel.
+// Messages use the JS names of ops and parameters, since that is what the caller wrote.
+#include "backend.h"
+
+#include <cmath>
+#include <initializer_list>
+
+#include "error.h"
+
+namespace weft {
+namespace {
+
+constexpr int64_t kMaxElements = int64_t{1} << 40;  // 4 TiB of f32; larger is a caller bug, not a tensor
+
+// A named tensor argument, printed as "x [3, 64] f32".
+struct Arg {
+  const char* name;
+  const Tensor& t;
+};
+std::ostream& operator<<(std::ostream& os, const Arg& a) { return os << a.name << ' ' << a.t; }
+
+const std::initializer_list<DType> kAny = {};
+const std::initializer_list<DType> kF32 = {DType::F32};
+const std::initializer_list<DType> kI32 = {DType::I32};
+const std::initializer_list<DType> kFloat = {DType::F32, DType::F16, DType::BF16};
+
+std::string dtypes_text(std::initializer_list<DType> dtypes) {
+  if (dtypes.size() == 0) return "";
+  std::string s = " ";
+  for (DType d : dtypes) s += (s.size() > 1 ? "|" : "") + std::string(dtype_name(d));
+  return s;
+}
+
+// Check rank and dtype: "rmsNorm: x must be [T, H] f32 (got [3, 4, 5] f32)".
+void need(const char* op, const Arg& a, size_t rank, const char* pattern, std::initializer_list<DType> dtypes) {
+  bool dtype_ok = dtypes.size() == 0;
+  for (DType d : dtypes) dtype_ok = dtype_ok || a.t.dtype == d;
+  WEFT_CHECK(a.t.rank() == rank && dtype_ok, op, a.name, " must be ", pattern, dtypes_text(dtypes), " (got ", a.t,
+             ")");
+}
+
+void check_shape(const char* op, const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    WEFT_CHECK(d >= 0, op, "shape ", shape, " has a negative dimension");
+    WEFT_CHECK(d == 0 || n <= kMaxElements / d, op, "shape ", shape, " has more than 2^40 elements");
+    n *= d;
+  }
+}
+
+}  // namespace
+
+Tensor Backend::upload(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape) {
+  check_shape("upload", shape);
+  size_t expected = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
+  WEFT_CHECK(n_bytes == expected, "upload", "bytes has length ", n_bytes, " but shape ", shape, ' ',
+             dtype_name(dtype), " needs ", numel(shape), " x ", dtype_size(dtype), " = ", expected, " bytes");
+  Tensor t = empty(dtype, shape);
+  copy_from_host(t, bytes);
+  return t;
+}
+
+void Backend::download(const Tensor& t, void* dst) { to_host_converted(t, dst); }
+
+Tensor Backend::zeros(DType dtype, const Shape& shape) {
+  check_shape("zeros", shape);
+  Tensor t = empty(dtype, shape);
+  fill_zero(t);
+  return t;
+}
+
+Tensor Backend::embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start) {
+  const char* op = "embedding";
+  need(op, {"table", table}, 2, "[Vr, H]", kFloat);
+  need(op, {"ids", ids}, 1, "[T]", kI32);
+  WEFT_CHECK(vocab_start >= 0, op, "vocabStart must be >= 0 (got ", vocab_start, ")");
+  Tensor out = empty(DType::F32, {ids.dim(0), table.dim(1)});
+  run_embedding(table, ids, vocab_start, out);
+  return out;
+}
+
+Tensor Backend::rms_norm(const Tensor& x, const Tensor& weight, float eps) {
+  const char* op = "rmsNorm";
+  need(op, {"x", x}, 2, "[T, H]", kF32);
+  need(op, {"weight", weight}, 1, "[H]", kFloat);
+  WEFT_CHECK(weight.dim(0) == x.dim(1), op, Arg{"x", x}, " and ", Arg{"weight", weight},
+             " do not match (expected weight [", x.dim(1), "])");
+  WEFT_CHECK(std::isfinite(eps) && eps >= 0, op, "eps must be a finite number >= 0 (got ", eps, ")");
+  Tensor out = empty(DType::F32, x.shape);
+  run_rms_norm(x, weight, eps, out);
+  return out;
+}
+
+Tensor Backend::matmul(const Tensor& x, const Tensor& w) {
+  const char* op = "matmul";
+  need(op, {"x", x}, 2, "[T, K]", kF32);
+  need(op, {"w", w}, 2, "[N, K]", kFloat);
+  WEFT_CHECK(w.dim(1) == x.dim(1), op, Arg{"x", x}, " and ", Arg{"w", w}, " do not match (expected w [N, ",
+             x.dim(1), "])");
+  Tensor out = empty(DType::F32, {x.dim(0), w.dim(0)});
+  run_matmul(x, w, out);
+  return out;
+}
+
+Tensor Backend::add(const Tensor& a, const Tensor& b) {
+  const char* op = "add";
+  WEFT_CHECK(a.dtype == DType::F32 && b.dtype == DType::F32 && a.shape == b.shape, op, Arg{"a", a}, " and ",
+             Arg{"b", b}, " must be f32 of the same shape");
+  Tensor out = empty(DType::F32, a.shape);
+  run_add(a, b, out);
+  return out;
+}
+
+Tensor Backend::rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim) {
+  const char* op = "rope";
+  need(op, {"x", x}, 2, "[T, nHeads * headDim]", kF32);
+  need(op, {"positions", positions}, 1, "[T]", kI32);
+  need(op, {"invFreq", inv_freq}, 1, "[headDim / 2]", kF32);
+  WEFT_CHECK(head_dim > 0 && head_dim % 2 == 0, op, "headDim must be a positive even number (got ", head_dim, ")");
+  WEFT_CHECK(x.dim(1) % head_dim == 0, op, Arg{"x", x}, " has ", x.dim(1),
+             " columns, not a multiple of headDim = ", head_dim);
+  WEFT_CHECK(positions.dim(0) == x.dim(0), op, Arg{"x", x}, " and ", Arg{"positions", positions},
+             " do not match (expected positions [", x.dim(0), "])");
+  WEFT_CHECK(inv_freq.dim(0) == head_dim / 2, op, Arg{"invFreq", inv_freq}, " does not match headDim = ", head_dim,
+             " (expected invFreq [", head_dim / 2, "])");
+  Tensor out = empty(DType::F32, x.shape);
+  run_rope(x, positions, inv_freq, head_dim, out);
+  return out;
+}
+
+namespace {
+// Shared by writeKv and attention: caches [S, nKv, C, hd] f32 of one shape; slots, positions [T] i32.
+void check_cache(const char* op, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                 const Tensor& positions, int64_t n_tokens) {
+  need(op, {"kCache", k_cache}, 4, "[S, nKv, C, hd]", kF32);
+  need(op, {"vCache", v_cache}, 4, "[S, nKv, C, hd]", kF32);
+  WEFT_CHECK(k_cache.shape == v_cache.shape, op, Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache},
+             " must have the same shape");
+  need(op, {"slots", slots}, 1, "[T]", kI32);
+  need(op, {"positions", positions}, 1, "[T]", kI32);
+  WEFT_CHECK(slots.dim(0) == n_tokens && positions.dim(0) == n_tokens, op, Arg{"slots", slots}, " and ",
+             Arg{"positions", positions}, " must both be [", n_tokens, "] (one per token)");
+}
+}  // namespace
+
+void Backend::write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                       const Tensor& slots, const Tensor& positions) {
+  const char* op = "writeKv";
+  need(op, {"k", k}, 2, "[T, nKv * hd]", kF32);
+  need(op, {"v", v}, 2, "[T, nKv * hd]", kF32);
+  WEFT_CHECK(k.shape == v.shape, op, Arg{"k", k}, " and ", Arg{"v", v}, " must have the same shape");
+  check_cache(op, k_cache, v_cache, slots, positions, k.dim(0));
+  int64_t kv_width = k_cache.dim(1) * k_cache.dim(3);
+  WEFT_CHECK(k.dim(1) == kv_width, op, Arg{"k", k}, " does not match ", Arg{"kCache", k_cache}, " (expected k [T, ",
+             kv_width, "] = [T, nKv * hd])");
+  run_write_kv(k_cache, v_cache, k, v, slots, positions);
+}
+
+Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                          const Tensor& positions, int64_t n_heads, float scale) {
+  const char* op = "attention";
+  need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
+  check_cache(op, k_cache, v_cache, slots, positions, q.dim(0));
+  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
+  WEFT_CHECK(n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads,
+             " must be a positive multiple of nKv = ", n_kv, " (from ", Arg{"kCache", k_cache}, ")");
+  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
+             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
+  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
+  Tensor out = empty(DType::F32, q.shape);
+  run_attention(q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+  return out;
+}
+
+Tensor Backend::silu_mul(const Tensor& gate_up) {
+  const char* op = "siluMul";
+  need(op, {"gateUp", gate_up}, 2, "[T, 2F]", kF32);
+  WEFT_CHECK(gate_up.dim(1) % 2 == 0, op, Arg{"gateUp", gate_up}, " has an odd number of columns");
+  Tensor out = empty(DType::F32, {gate_up.dim(0), gate_up.dim(1) / 2});
+  run_silu_mul(gate_up, out);
+  return out;
+}
+
+Tensor Backend::slice_cols(const Tensor& x, int64_t start, int64_t end) {
+  const char* op = "sliceCols";
+  need(op, {"x", x}, 2, "[T, N]", kAny);
+  WEFT_CHECK(0 <= start && start <= end && end <= x.dim(1), op, "columns [", start, ", ", end,
+             ") are not within ", Arg{"x", x}, " (need 0 <= start <= end <= ", x.dim(1), ")");
+  Tensor out = empty(x.dtype, {x.dim(0), end - start});
+  run_slice_cols(x, start, out);
+  return out;
+}
+
+Tensor Backend::concat_cols(const std::vector<Tensor>& xs) {
+  const char* op = "concatCols";
+  WEFT_CHECK(!xs.empty(), op, "xs must hold at least one tensor");
+  int64_t cols = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    std::string name = "xs[" + std::to_string(i) + "]";
+    need(op, {name.c_str(), xs[i]}, 2, "[T, Ni]", kAny);
+    WEFT_CHECK(xs[i].dtype == xs[0].dtype && xs[i].dim(0) == xs[0].dim(0), op, Arg{name.c_str(), xs[i]},
+               " does not match ", Arg{"xs[0]", xs[0]}, " (expected [", xs[0].dim(0), ", Ni] ",
+               dtype_name(xs[0].dtype), ")");
+    cols += xs[i].dim(1);
+  }
+  Tensor out = empty(xs[0].dtype, {xs[0].dim(0), cols});
+  run_concat_cols(xs, out);
+  return out;
+}
+
+Tensor Backend::gather_rows(const Tensor& x, const Tensor& rows) {
+  const char* op = "gatherRows";
+  need(op, {"x", x}, 2, "[T, N]", kAny);
+  need(op, {"rows", rows}, 1, "[R]", kI32);
+  Tensor out = empty(x.dtype, {rows.dim(0), x.dim(1)});
+  run_gather_rows(x, rows, out);
+  return out;
+}
+
+void Backend::scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights) {
+  const char* op = "scatterAddRows";
+  need(op, {"out", out}, 2, "[T, N]", kF32);
+  need(op, {"y", y}, 2, "[R, N]", kF32);
+  need(op, {"rows", rows}, 1, "[R]", kI32);
+  need(op, {"weights", weights}, 1, "[R]", kF32);
+  WEFT_CHECK(y.dim(1) == out.dim(1), op, Arg{"y", y}, " and ", Arg{"out", out}, " do not match (expected y [R, ",
+             out.dim(1), "])");
+  WEFT_CHECK(rows.dim(0) == y.dim(0) && weights.dim(0) == y.dim(0), op, Arg{"rows", rows}, " and ",
+             Arg{"weights", weights}, " must both be [", y.dim(0), "] to match ", Arg{"y", y});
+  run_scatter_add_rows(out, y, rows, weights);
+}
+
+Tensor Backend::log_softmax(const Tensor& logits) {
+  need("logSoftmax", {"logits", logits}, 2, "[R, V]", kF32);
+  Tensor out = empty(DType::F32, logits.shape);
+  run_log_softmax(logits, out);
+  return out;
+}
+
+void Backend::logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, float* out) {
+  const char* op = "logprobs";
+  need(op, {"logits", logits}, 2, "[R, V]", kF32);
+  int64_t R = logits.dim(0), V = logits.dim(1);
+  WEFT_CHECK(static_cast<int64_t>(n_ids) == R, op, "ids has length ", n_ids, " but ", Arg{"logits", logits},
+             " has ", R, " rows");
+  for (int64_t r = 0; r < R; ++r)
+    WEFT_CHECK(ids[r] >= 0 && ids[r] < V, op, "ids[", r, "] = ", ids[r], " is out of range for ",
+               Arg{"logits", logits}, " (need 0 <= id < ", V, ")");
+  run_logprobs(logits, ids, out);
+}
+
+void Backend::sample(const Tensor& logits, const SampleArgs& a, size_t n_rows, int32_t* out) {
+  const char* op = "sample";
+  need(op, {"logits", logits}, 2, "[R, V]", kF32);
+  int64_t R = logits.dim(0);
+  WEFT_CHECK(static_cast<int64_t>(n_rows) == R, op, "temperature, topK, topP and uniform must each have length ", R,
+             " (the rows of ", Arg{"logits", logits}, ")");
+  WEFT_CHECK(logits.dim(1) > 0 || R == 0, op, Arg{"logits", logits}, " has no columns to sample from");
+  for (int64_t r = 0; r < R; ++r) {
+    WEFT_CHECK(!std::isnan(a.temperature[r]), op, "temperature[", r, "] is NaN");
+    WEFT_CHECK(a.top_k[r] >= 0, op, "topK[", r, "] = ", a.top_k[r], " must be >= 0 (0 keeps all)");
+    WEFT_CHECK(a.top_p[r] >= 0 && a.top_p[r] <= 1, op, "topP[", r, "] = ", a.top_p[r], " must be in [0, 1]");
+    WEFT_CHECK(a.uniform[r] >= 0 && a.uniform[r] <= 1, op, "uniform[", r, "] = ", a.uniform[r],
+               " must be in [0, 1]");
+  }
+  run_sample(logits, a, out);
+}
+
+}  // namespace weft

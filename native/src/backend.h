@@ -1,0 +1,110 @@
+// Backend: the op list shared by the CPU backend (cpu/) and, later, the CUDA backend (cuda/).
+//
+// The public methods are the ops as the binding calls them. Each one (backend.cc, shared by every backend)
+// checks the shapes and dtypes of all its arguments, allocates the output with empty(), and calls the
+// backend's protected run_* kernel, so a backend only implements kernels on arguments already known to fit.
+// Checks that need tensor *values* (slot, position and row indices held in i32 tensors) belong to the
+// backend: the CPU backend reads them before computing; a device backend checks them on the device.
+//
+// All arithmetic is fp32; f16/bf16 weights are converted as they are read. Shapes in comments use T for
+// tokens, H for hidden size, K/N for matmul input/output features, S for cache slots, C for cache
+// positions per slot, hd for head dimension.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "tensor.h"
+
+namespace weft {
+
+// Per-row sampling parameters, host arrays of length R (see Backend::sample).
+struct SampleArgs {
+  const float* temperature;
+  const int32_t* top_k;
+  const float* top_p;
+  const float* uniform;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;  // "cpu" | "cuda"
+
+  // ---- memory
+  Tensor upload(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape);  // n_bytes == numel * size
+  void download(const Tensor& t, void* dst);  // dst: numel floats (f32/f16/bf16 converted) or numel int32
+  Tensor zeros(DType dtype, const Shape& shape);
+
+  // ---- ops; each returns a new tensor unless it says "in place"
+  // table [Vr, H] float, ids [T] i32 -> [T, H] f32; ids outside [vocab_start, vocab_start + Vr) give zero rows.
+  Tensor embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start);
+  // x [T, H] f32, weight [H] float -> [T, H] f32: x / sqrt(mean(x^2) + eps) * weight.
+  Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps);
+  // x [T, K] f32, w [N, K] float -> [T, N] f32 = x @ w^T.
+  Tensor matmul(const Tensor& x, const Tensor& w);
+  // a, b same shape f32.
+  Tensor add(const Tensor& a, const Tensor& b);
+  // x [T, nH * hd] f32, positions [T] i32, inv_freq [hd / 2] f32 -> rotated x (HF rotate_half per head).
+  Tensor rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim);
+  // In place: k_cache[slots[t], h, positions[t], :] = k[t, h * hd : (h + 1) * hd]; likewise v.
+  // caches [S, nKv, C, hd] f32; k, v [T, nKv * hd] f32; slots, positions [T] i32.
+  void write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                const Tensor& slots, const Tensor& positions);
+  // q [T, nH * hd] f32 -> [T, nH * hd] f32: query t attends over cache positions 0..positions[t] of slot slots[t].
+  Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                   const Tensor& positions, int64_t n_heads, float scale);
+  // gate_up [T, 2F] f32 -> [T, F] f32: silu(gate) * up.
+  Tensor silu_mul(const Tensor& gate_up);
+  // x [T, N] any dtype -> [T, end - start] same dtype.
+  Tensor slice_cols(const Tensor& x, int64_t start, int64_t end);
+  // xs[i] [T, Ni], one dtype -> [T, sum Ni].
+  Tensor concat_cols(const std::vector<Tensor>& xs);
+  // x [T, N] any dtype, rows [R] i32 -> [R, N].
+  Tensor gather_rows(const Tensor& x, const Tensor& rows);
+  // In place: out[rows[r]] += weights[r] * y[r]; out [T, N] f32, y [R, N] f32, rows [R] i32, weights [R] f32.
+  void scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights);
+  // logits [R, V] f32 -> [R, V] f32.
+  Tensor log_softmax(const Tensor& logits);
+  // logits [R, V] f32, ids[R] host -> out[R] host: log_softmax(logits[r])[ids[r]].
+  void logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, float* out);
+  // logits [R, V] f32, args arrays of n_rows (must equal R) -> out[R] host token ids; rule in cpu/ops.cc.
+  void sample(const Tensor& logits, const SampleArgs& args, size_t n_rows, int32_t* out);
+
+ protected:
+  // Uninitialised storage; every run_* kernel writes all of its output.
+  virtual Tensor empty(DType dtype, const Shape& shape) = 0;
+  virtual void copy_from_host(const Tensor& dst, const void* src) = 0;  // raw bytes, dst.nbytes()
+  virtual void fill_zero(const Tensor& t) = 0;
+  virtual void to_host_converted(const Tensor& t, void* dst) = 0;  // see download
+
+  virtual void run_embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) = 0;
+  virtual void run_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) = 0;
+  virtual void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) = 0;
+  virtual void run_add(const Tensor& a, const Tensor& b, const Tensor& out) = 0;
+  virtual void run_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
+                        const Tensor& out) = 0;
+  virtual void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                            const Tensor& slots, const Tensor& positions) = 0;
+  virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                             const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) = 0;
+  virtual void run_silu_mul(const Tensor& gate_up, const Tensor& out) = 0;
+  virtual void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) = 0;
+  virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;
+  virtual void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) = 0;
+  virtual void run_scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows,
+                                    const Tensor& weights) = 0;
+  virtual void run_log_softmax(const Tensor& logits, const Tensor& out) = 0;
+  virtual void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) = 0;
+  virtual void run_sample(const Tensor& logits, const SampleArgs& args, int32_t* out) = 0;
+};
+
+// threads: total threads for heavy ops, the calling thread included (>= 1).
+std::shared_ptr<Backend> make_cpu_backend(int threads);
+
+// Throws weft::Error when this build has no CUDA backend (cuda-stub.cc).
+std::shared_ptr<Backend> make_cuda_backend(int device);
+bool have_cuda_backend();
+
+}  // namespace weft

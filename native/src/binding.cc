@@ -1,0 +1,328 @@
+// Engine and Tensor: unwrap tagged handles, read arguments (js-args), call the backend, wrap results.
+// Every method body runs inside guard(), the one place native exceptions become JS errors.
+#include "binding.h"
+
+#include <algorithm>
+#include <cmath>
+#include <thread>
+
+#include "js-args.h"
+
+#ifndef WEFT_VERSION
+#define WEFT_VERSION "0.0.0"
+#endif
+
+namespace weft::js {
+namespace {
+
+// Random 128-bit tags; they only need to differ from every other addon's.
+constexpr napi_type_tag kTensorTag = {0x7765667454656e73ULL, 0x9b1c2f4a6d3e8015ULL};
+constexpr napi_type_tag kEngineTag = {0x77656674456e6769ULL, 0x3f8a51c7e2904b6dULL};
+
+// Per-environment state (the addon may be loaded by several worker threads).
+struct AddonData {
+  Napi::FunctionReference tensor_class;
+  // Set only while TensorHandle::Wrap runs, so that a constructor call from JS can be refused.
+  struct Pending {
+    std::shared_ptr<Backend> owner;
+    Tensor tensor;
+  }* pending = nullptr;
+};
+
+AddonData& addon_data(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }
+
+Napi::Value nativeInfo(const Napi::CallbackInfo& info) {
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("cuda", Napi::Boolean::New(info.Env(), have_cuda_backend()));
+  out.Set("version", Napi::String::New(info.Env(), WEFT_VERSION));
+  return out;
+}
+
+}  // namespace
+
+// ---- Tensor
+
+Napi::Function TensorHandle::Define(Napi::Env env) { return DefineClass(env, "Tensor", {}); }
+
+Napi::Object TensorHandle::Wrap(Napi::Env env, std::shared_ptr<Backend> owner, Tensor tensor) {
+  AddonData& data = addon_data(env);
+  AddonData::Pending pending{std::move(owner), std::move(tensor)};
+  data.pending = &pending;
+  try {
+    Napi::Object obj = data.tensor_class.New({});
+    data.pending = nullptr;
+    return obj;
+  } catch (...) {
+    data.pending = nullptr;
+    throw;
+  }
+}
+
+TensorHandle* TensorHandle::FromValue(Napi::Value value) {
+  if (!value.IsObject()) return nullptr;
+  Napi::Object obj = value.As<Napi::Object>();
+  if (!obj.CheckTypeTag(&kTensorTag)) return nullptr;
+  return Unwrap(obj);
+}
+
+TensorHandle::TensorHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TensorHandle>(info), env_(info.Env()) {
+  AddonData& data = addon_data(info.Env());
+  if (data.pending == nullptr)
+    throw to_js_error(info.Env(), weft::Error("Tensor", "tensors are made by an engine (upload, zeros or an op), "
+                                                        "not by `new Tensor()`",
+                                              weft::Error::Kind::Type));
+  owner_ = std::move(data.pending->owner);
+  tensor_ = std::move(data.pending->tensor);
+  data.pending = nullptr;
+
+  Napi::Env env = info.Env();
+  Napi::Object self = info.This().As<Napi::Object>();
+  self.TypeTag(&kTensorTag);
+  Napi::Array shape = Napi::Array::New(env, tensor_.rank());
+  for (size_t i = 0; i < tensor_.rank(); ++i) shape.Set(static_cast<uint32_t>(i), static_cast<double>(tensor_.shape[i]));
+  shape.Freeze();
+  // Own, read-only, enumerable properties, so console.log shows them; the native side never reads them back.
+  self.DefineProperties({
+      Napi::PropertyDescriptor::Value("dtype", Napi::String::New(env, dtype_name(tensor_.dtype)), napi_enumerable),
+      Napi::PropertyDescriptor::Value("shape", shape, napi_enumerable),
+  });
+  accounted_bytes_ = static_cast<int64_t>(tensor_.nbytes());
+  Napi::MemoryManagement::AdjustExternalMemory(env, accounted_bytes_);
+}
+
+TensorHandle::~TensorHandle() {
+  int64_t ignored;
+  if (accounted_bytes_) napi_adjust_external_memory(env_, -accounted_bytes_, &ignored);
+}
+
+// ---- Engine
+
+Napi::Function EngineHandle::Define(Napi::Env env) {
+  return DefineClass(env, "Engine",
+                     {
+                         InstanceMethod<&EngineHandle::Upload>("upload"),
+                         InstanceMethod<&EngineHandle::Download>("download"),
+                         InstanceMethod<&EngineHandle::Zeros>("zeros"),
+                         InstanceMethod<&EngineHandle::Embedding>("embedding"),
+                         InstanceMethod<&EngineHandle::RmsNorm>("rmsNorm"),
+                         InstanceMethod<&EngineHandle::Matmul>("matmul"),
+                         InstanceMethod<&EngineHandle::Add>("add"),
+                         InstanceMethod<&EngineHandle::Rope>("rope"),
+                         InstanceMethod<&EngineHandle::WriteKv>("writeKv"),
+                         InstanceMethod<&EngineHandle::Attention>("attention"),
+                         InstanceMethod<&EngineHandle::SiluMul>("siluMul"),
+                         InstanceMethod<&EngineHandle::SliceCols>("sliceCols"),
+                         InstanceMethod<&EngineHandle::ConcatCols>("concatCols"),
+                         InstanceMethod<&EngineHandle::GatherRows>("gatherRows"),
+                         InstanceMethod<&EngineHandle::ScatterAddRows>("scatterAddRows"),
+                         InstanceMethod<&EngineHandle::LogSoftmax>("logSoftmax"),
+                         InstanceMethod<&EngineHandle::Logprobs>("logprobs"),
+                         InstanceMethod<&EngineHandle::Sample>("sample"),
+                     });
+}
+
+// new Engine({ backend: 'cpu' | 'cuda', device?: number, threads?: number })
+EngineHandle::EngineHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineHandle>(info) {
+  Napi::Env env = info.Env();
+  guard(env, "createEngine", [&]() -> Napi::Value {
+    const char* op = "createEngine";
+    Napi::Value options = info[0];
+    WEFT_TYPE_CHECK(options.IsObject(), op, "options must be an object (got ", describe(options), ")");
+    Napi::Object o = options.As<Napi::Object>();
+    Napi::Value backend = o.Get("backend");
+    std::string kind = backend.IsString() ? backend.As<Napi::String>().Utf8Value() : "";
+    WEFT_CHECK(kind == "cpu" || kind == "cuda", op, "options.backend must be 'cpu' or 'cuda' (got ",
+               backend.IsString() ? "'" + kind + "'" : describe(backend), ")");
+    auto optional_int = [&](const char* key, int64_t fallback, int64_t min, int64_t max) {
+      Napi::Value v = o.Get(key);
+      if (v.IsUndefined()) return fallback;
+      double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1e300;
+      WEFT_CHECK(std::trunc(d) == d && d >= static_cast<double>(min) && d <= static_cast<double>(max), op,
+                 "options.", key, " must be an integer in [", min, ", ", max, "] (got ", describe(v), ")");
+      return static_cast<int64_t>(d);
+    };
+    int64_t device = optional_int("device", 0, 0, 1023);
+    int64_t default_threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    int64_t threads = optional_int("threads", default_threads, 1, 1024);
+    backend_ = kind == "cuda" ? make_cuda_backend(static_cast<int>(device)) : make_cpu_backend(static_cast<int>(threads));
+    Napi::Object self = info.This().As<Napi::Object>();
+    self.TypeTag(&kEngineTag);
+    self.DefineProperty(
+        Napi::PropertyDescriptor::Value("backend", Napi::String::New(env, backend_->name()), napi_enumerable));
+    return env.Undefined();
+  });
+}
+
+Napi::Value EngineHandle::Wrap(Napi::Env env, Tensor tensor) const {
+  return TensorHandle::Wrap(env, backend_, std::move(tensor));
+}
+
+Napi::Value EngineHandle::Upload(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "upload", [&] {
+    Args a(info, "upload", this);
+    auto bytes = a.uint8_array(0, "bytes");
+    return Wrap(info.Env(), backend_->upload(bytes.data, bytes.length, a.dtype(1, "dtype"), a.shape(2, "shape")));
+  });
+}
+
+Napi::Value EngineHandle::Download(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "download", [&]() -> Napi::Value {
+    Tensor t = Args(info, "download", this).tensor(0, "t");
+    size_t n = static_cast<size_t>(t.numel());
+    if (t.dtype == DType::I32) {
+      auto out = Napi::Int32Array::New(info.Env(), n);
+      backend_->download(t, out.Data());
+      return out;
+    }
+    auto out = Napi::Float32Array::New(info.Env(), n);
+    backend_->download(t, out.Data());
+    return out;
+  });
+}
+
+Napi::Value EngineHandle::Zeros(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "zeros", [&] {
+    Args a(info, "zeros", this);
+    return Wrap(info.Env(), backend_->zeros(a.dtype(0, "dtype"), a.shape(1, "shape")));
+  });
+}
+
+Napi::Value EngineHandle::Embedding(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "embedding", [&] {
+    Args a(info, "embedding", this);
+    return Wrap(info.Env(), backend_->embedding(a.tensor(0, "table"), a.tensor(1, "ids"), a.integer(2, "vocabStart")));
+  });
+}
+
+Napi::Value EngineHandle::RmsNorm(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "rmsNorm", [&] {
+    Args a(info, "rmsNorm", this);
+    return Wrap(info.Env(), backend_->rms_norm(a.tensor(0, "x"), a.tensor(1, "weight"),
+                                               static_cast<float>(a.number(2, "eps"))));
+  });
+}
+
+Napi::Value EngineHandle::Matmul(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "matmul", [&] {
+    Args a(info, "matmul", this);
+    return Wrap(info.Env(), backend_->matmul(a.tensor(0, "x"), a.tensor(1, "w")));
+  });
+}
+
+Napi::Value EngineHandle::Add(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "add", [&] {
+    Args a(info, "add", this);
+    return Wrap(info.Env(), backend_->add(a.tensor(0, "a"), a.tensor(1, "b")));
+  });
+}
+
+Napi::Value EngineHandle::Rope(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "rope", [&] {
+    Args a(info, "rope", this);
+    return Wrap(info.Env(), backend_->rope(a.tensor(0, "x"), a.tensor(1, "positions"), a.tensor(2, "invFreq"),
+                                           a.integer(3, "headDim")));
+  });
+}
+
+Napi::Value EngineHandle::WriteKv(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "writeKv", [&]() -> Napi::Value {
+    Args a(info, "writeKv", this);
+    backend_->write_kv(a.tensor(0, "kCache"), a.tensor(1, "vCache"), a.tensor(2, "k"), a.tensor(3, "v"),
+                       a.tensor(4, "slots"), a.tensor(5, "positions"));
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::Attention(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "attention", [&] {
+    Args a(info, "attention", this);
+    return Wrap(info.Env(), backend_->attention(a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"),
+                                                a.tensor(3, "slots"), a.tensor(4, "positions"),
+                                                a.integer(5, "nHeads"), static_cast<float>(a.number(6, "scale"))));
+  });
+}
+
+Napi::Value EngineHandle::SiluMul(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "siluMul", [&] {
+    Args a(info, "siluMul", this);
+    return Wrap(info.Env(), backend_->silu_mul(a.tensor(0, "gateUp")));
+  });
+}
+
+Napi::Value EngineHandle::SliceCols(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "sliceCols", [&] {
+    Args a(info, "sliceCols", this);
+    return Wrap(info.Env(), backend_->slice_cols(a.tensor(0, "x"), a.integer(1, "start"), a.integer(2, "end")));
+  });
+}
+
+Napi::Value EngineHandle::ConcatCols(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "concatCols", [&] {
+    Args a(info, "concatCols", this);
+    return Wrap(info.Env(), backend_->concat_cols(a.tensors(0, "xs")));
+  });
+}
+
+Napi::Value EngineHandle::GatherRows(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "gatherRows", [&] {
+    Args a(info, "gatherRows", this);
+    return Wrap(info.Env(), backend_->gather_rows(a.tensor(0, "x"), a.tensor(1, "rows")));
+  });
+}
+
+Napi::Value EngineHandle::ScatterAddRows(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "scatterAddRows", [&]() -> Napi::Value {
+    Args a(info, "scatterAddRows", this);
+    backend_->scatter_add_rows(a.tensor(0, "out"), a.tensor(1, "y"), a.tensor(2, "rows"), a.tensor(3, "weights"));
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::LogSoftmax(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "logSoftmax", [&] {
+    Args a(info, "logSoftmax", this);
+    return Wrap(info.Env(), backend_->log_softmax(a.tensor(0, "logits")));
+  });
+}
+
+Napi::Value EngineHandle::Logprobs(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "logprobs", [&]() -> Napi::Value {
+    Args a(info, "logprobs", this);
+    Tensor logits = a.tensor(0, "logits");
+    auto ids = a.int32_array(1, "ids");
+    auto result = Napi::Float32Array::New(info.Env(), ids.length);
+    backend_->logprobs(logits, ids.data, ids.length, result.Data());
+    return result;
+  });
+}
+
+Napi::Value EngineHandle::Sample(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "sample", [&]() -> Napi::Value {
+    Args a(info, "sample", this);
+    Tensor logits = a.tensor(0, "logits");
+    auto temperature = a.float32_array(1, "temperature");
+    auto top_k = a.int32_array(2, "topK");
+    auto top_p = a.float32_array(3, "topP");
+    auto uniform = a.float32_array(4, "uniform");
+    size_t rows = temperature.length;
+    WEFT_CHECK(top_k.length == rows && top_p.length == rows && uniform.length == rows, "sample",
+               "temperature, topK, topP and uniform must have one length (got ", temperature.length, ", ",
+               top_k.length, ", ", top_p.length, ", ", uniform.length, ")");
+    auto result = Napi::Int32Array::New(info.Env(), rows);
+    backend_->sample(logits, {temperature.data, top_k.data, top_p.data, uniform.data}, rows, result.Data());
+    return result;
+  });
+}
+
+// ---- module
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  env.SetInstanceData<AddonData>(data);  // deleted by node-addon-api when the environment is torn down
+  data->tensor_class = Napi::Persistent(TensorHandle::Define(env));
+  exports.Set("Engine", EngineHandle::Define(env));
+  exports.Set("nativeInfo", Napi::Function::New<nativeInfo>(env, "nativeInfo"));
+  return exports;
+}
+
+}  // namespace weft::js

@@ -1,0 +1,70 @@
+// The JS classes of the addon. Engine owns a Backend; Tensor is an opaque handle to one weft::Tensor and
+// keeps its backend alive. Both are type-tagged (napi_type_tag_object), so a foreign object passed where a
+// handle is expected is refused with a TypeError instead of being dereferenced.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "backend.h"
+#include "tensor.h"
+
+namespace weft::js {
+
+class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  // The only way to make a JS Tensor: `new Tensor()` from JS throws.
+  static Napi::Object Wrap(Napi::Env env, std::shared_ptr<Backend> owner, Tensor tensor);
+  // Unwraps `value` if it is a Tensor of this addon, else nullptr.
+  static TensorHandle* FromValue(Napi::Value value);
+
+  explicit TensorHandle(const Napi::CallbackInfo& info);
+  ~TensorHandle() override;
+
+  const Tensor& tensor() const { return tensor_; }
+  const Backend* owner() const { return owner_.get(); }
+
+ private:
+  std::shared_ptr<Backend> owner_;
+  Tensor tensor_;
+  napi_env env_;
+  int64_t accounted_bytes_ = 0;  // reported to V8 as external memory, so large tensors prompt a GC
+};
+
+class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  explicit EngineHandle(const Napi::CallbackInfo& info);
+  const std::shared_ptr<Backend>& backend() const { return backend_; }
+
+ private:
+  Napi::Value Wrap(Napi::Env env, Tensor tensor) const;
+
+  Napi::Value Upload(const Napi::CallbackInfo& info);
+  Napi::Value Download(const Napi::CallbackInfo& info);
+  Napi::Value Zeros(const Napi::CallbackInfo& info);
+  Napi::Value Embedding(const Napi::CallbackInfo& info);
+  Napi::Value RmsNorm(const Napi::CallbackInfo& info);
+  Napi::Value Matmul(const Napi::CallbackInfo& info);
+  Napi::Value Add(const Napi::CallbackInfo& info);
+  Napi::Value Rope(const Napi::CallbackInfo& info);
+  Napi::Value WriteKv(const Napi::CallbackInfo& info);
+  Napi::Value Attention(const Napi::CallbackInfo& info);
+  Napi::Value SiluMul(const Napi::CallbackInfo& info);
+  Napi::Value SliceCols(const Napi::CallbackInfo& info);
+  Napi::Value ConcatCols(const Napi::CallbackInfo& info);
+  Napi::Value GatherRows(const Napi::CallbackInfo& info);
+  Napi::Value ScatterAddRows(const Napi::CallbackInfo& info);
+  Napi::Value LogSoftmax(const Napi::CallbackInfo& info);
+  Napi::Value Logprobs(const Napi::CallbackInfo& info);
+  Napi::Value Sample(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<Backend> backend_;
+};
+
+// Registers Engine and nativeInfo on exports (Tensor is reachable only through engine results).
+Napi::Object Init(Napi::Env env, Napi::Object exports);
+
+}  // namespace weft::js

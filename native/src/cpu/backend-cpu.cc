@@ -1,0 +1,148 @@
+// CPU backend: host memory, index checks that read i32 tensors, dispatch to the kernels in ops.cc.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "backend.h"
+#include "cpu/convert.h"
+#include "cpu/ops.h"
+#include "cpu/thread-pool.h"
+#include "error.h"
+
+namespace weft {
+namespace {
+
+// 64-byte aligned host memory (a cache line; room for any SIMD width).
+class HostBuffer final : public Buffer {
+ public:
+  explicit HostBuffer(size_t bytes) : Buffer(bytes) {
+    size_t rounded = (bytes + 63) / 64 * 64;
+    data_ = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+    if (!data_) throw std::bad_alloc();
+  }
+  ~HostBuffer() override { std::free(data_); }
+  void* data() const override { return data_; }
+
+ private:
+  void* data_;
+};
+
+// "writeKv: slots[2] = 9 is out of range for kCache [8, 2, 16, 4] f32 (need 0 <= slot < 8)"
+void check_indices(const char* op, const char* name, const char* what, const Tensor& idx, int64_t limit,
+                   const char* against_name, const Tensor& against) {
+  const int32_t* v = idx.data<int32_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    WEFT_CHECK(v[i] >= 0 && v[i] < limit, op, name, "[", i, "] = ", v[i], " is out of range for ", against_name, " ",
+               against, " (need 0 <= ", what, " < ", limit, ")");
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+  const char* name() const override { return "cpu"; }
+
+ protected:
+  Tensor empty(DType dtype, const Shape& shape) override {
+    Tensor t{dtype, shape, nullptr};
+    t.buffer = std::make_shared<HostBuffer>(t.nbytes());
+    return t;
+  }
+  void copy_from_host(const Tensor& dst, const void* src) override {
+    if (dst.nbytes()) std::memcpy(dst.buffer->data(), src, dst.nbytes());
+  }
+  void fill_zero(const Tensor& t) override {
+    if (t.nbytes()) std::memset(t.buffer->data(), 0, t.nbytes());
+  }
+  void to_host_converted(const Tensor& t, void* dst) override {
+    if (t.dtype == DType::I32)
+      std::memcpy(dst, t.buffer->data(), t.nbytes());
+    else
+      cpu::to_f32(t.buffer->data(), t.dtype, 0, t.numel(), static_cast<float*>(dst));
+  }
+
+  void run_embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) override {
+    cpu::embedding(out.data<float>(), table.buffer->data(), table.dtype, table.dim(0), table.dim(1),
+                   ids.data<int32_t>(), ids.dim(0), vocab_start);
+  }
+  void run_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
+    cpu::rms_norm(out.data<float>(), x.data<float>(), weight.buffer->data(), weight.dtype, x.dim(0), x.dim(1), eps);
+  }
+  void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    cpu::matmul(pool_, out.data<float>(), x.data<float>(), w.buffer->data(), w.dtype, x.dim(0), x.dim(1), w.dim(0));
+  }
+  void run_add(const Tensor& a, const Tensor& b, const Tensor& out) override {
+    cpu::add(out.data<float>(), a.data<float>(), b.data<float>(), a.numel());
+  }
+  void run_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
+                const Tensor& out) override {
+    const int32_t* pos = positions.data<int32_t>();
+    for (int64_t t = 0; t < positions.numel(); ++t)
+      WEFT_CHECK(pos[t] >= 0, "rope", "positions[", t, "] = ", pos[t], " is negative");
+    cpu::rope(out.data<float>(), x.data<float>(), pos, inv_freq.data<float>(), x.dim(0), x.dim(1), head_dim);
+  }
+  void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                    const Tensor& slots, const Tensor& positions) override {
+    check_indices("writeKv", "slots", "slot", slots, k_cache.dim(0), "kCache", k_cache);
+    check_indices("writeKv", "positions", "position", positions, k_cache.dim(2), "kCache", k_cache);
+    cpu::write_kv(k_cache.data<float>(), v_cache.data<float>(), k.data<float>(), v.data<float>(),
+                  slots.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(1), k_cache.dim(2),
+                  k_cache.dim(3));
+  }
+  void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                     const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) override {
+    check_indices("attention", "slots", "slot", slots, k_cache.dim(0), "kCache", k_cache);
+    check_indices("attention", "positions", "position", positions, k_cache.dim(2), "kCache", k_cache);
+    cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.data<float>(), v_cache.data<float>(),
+                   slots.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads, k_cache.dim(1),
+                   k_cache.dim(2), k_cache.dim(3), scale);
+  }
+  void run_silu_mul(const Tensor& gate_up, const Tensor& out) override {
+    cpu::silu_mul(out.data<float>(), gate_up.data<float>(), out.dim(0), out.dim(1));
+  }
+  void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) override {
+    int64_t es = static_cast<int64_t>(dtype_size(x.dtype));
+    cpu::copy_cols(out.data<uint8_t>(), out.dim(1) * es, 0, x.data<uint8_t>(), x.dim(1) * es, start * es, x.dim(0),
+                   out.dim(1) * es);
+  }
+  void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) override {
+    int64_t es = static_cast<int64_t>(dtype_size(out.dtype)), offset = 0;
+    for (const Tensor& x : xs) {
+      cpu::copy_cols(out.data<uint8_t>(), out.dim(1) * es, offset * es, x.data<uint8_t>(), x.dim(1) * es, 0,
+                     x.dim(0), x.dim(1) * es);
+      offset += x.dim(1);
+    }
+  }
+  void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) override {
+    check_indices("gatherRows", "rows", "row", rows, x.dim(0), "x", x);
+    cpu::gather_rows(out.data<uint8_t>(), x.data<uint8_t>(), x.dim(1) * static_cast<int64_t>(dtype_size(x.dtype)),
+                     rows.data<int32_t>(), rows.dim(0));
+  }
+  void run_scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights) override {
+    check_indices("scatterAddRows", "rows", "row", rows, out.dim(0), "out", out);
+    cpu::scatter_add_rows(out.data<float>(), y.data<float>(), rows.data<int32_t>(), weights.data<float>(), y.dim(0),
+                          y.dim(1));
+  }
+  void run_log_softmax(const Tensor& logits, const Tensor& out) override {
+    cpu::log_softmax(out.data<float>(), logits.data<float>(), logits.dim(0), logits.dim(1));
+  }
+  void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) override {
+    cpu::logprobs(out, logits.data<float>(), ids, logits.dim(0), logits.dim(1));
+  }
+  void run_sample(const Tensor& logits, const SampleArgs& args, int32_t* out) override {
+    const float* l = logits.data<float>();
+    for (int64_t i = 0; i < logits.numel(); ++i)
+      WEFT_CHECK(!std::isnan(l[i]), "sample", "logits ", logits, " holds NaN at row ", i / logits.dim(1),
+                 ", column ", i % logits.dim(1));
+    cpu::sample(out, l, args, logits.dim(0), logits.dim(1));
+  }
+
+ private:
+  cpu::ThreadPool pool_;
+};
+
+}  // namespace
+
+std::shared_ptr<Backend> make_cpu_backend(int threads) { return std::make_shared<CpuBackend>(threads); }
+
+}  // namespace weft

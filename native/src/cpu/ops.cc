@@ -1,0 +1,272 @@
+// CPU reference kernels (llama2.c style): one plain loop nest per op, fp32 arithmetic, reductions that need
+// it (norms, softmax denominators) accumulated in double. Read these to know what an op means; the CUDA
+// kernels must agree with them within each op's stated tolerance.
+#include "cpu/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "cpu/convert.h"
+
+namespace weft::cpu {
+namespace {
+
+// Dot product with 8 independent partial sums, so that -O3 vectorises it without -ffast-math.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+}  // namespace
+
+void embedding(float* out, const void* table, DType table_dtype, int64_t Vr, int64_t H, const int32_t* ids,
+               int64_t T, int64_t vocab_start) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t row = static_cast<int64_t>(ids[t]) - vocab_start;  // this rank's slice of the vocabulary
+    if (row >= 0 && row < Vr)
+      to_f32(table, table_dtype, row * H, H, out + t * H);
+    else
+      std::fill(out + t * H, out + (t + 1) * H, 0.0f);
+  }
+}
+
+void rms_norm(float* out, const float* x, const void* weight, DType weight_dtype, int64_t T, int64_t H, float eps) {
+  std::vector<float> w(static_cast<size_t>(H));
+  to_f32(weight, weight_dtype, 0, H, w.data());
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * H;
+    double sum_sq = 0;
+    for (int64_t i = 0; i < H; ++i) sum_sq += static_cast<double>(xt[i]) * xt[i];
+    float mean_sq = H > 0 ? static_cast<float>(sum_sq / static_cast<double>(H)) : 0.0f;
+    float inv_rms = 1.0f / std::sqrt(mean_sq + eps);  // HF: x * torch.rsqrt(variance + eps), then * weight
+    for (int64_t i = 0; i < H; ++i) out[t * H + i] = (xt[i] * inv_rms) * w[i];
+  }
+}
+
+void matmul(ThreadPool& pool, float* out, const float* x, const void* w, DType w_dtype, int64_t T, int64_t K,
+            int64_t N) {
+  int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, T * K));  // ~64K multiply-adds per chunk
+  pool.parallel_for(N, grain, [&](int64_t n_begin, int64_t n_end) {
+    // A narrow weight row is widened once and reused for all T tokens.
+    std::vector<float> row(w_dtype == DType::F32 ? 0 : static_cast<size_t>(K));
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const float* wn;
+      if (w_dtype == DType::F32) {
+        wn = static_cast<const float*>(w) + n * K;
+      } else {
+        to_f32(w, w_dtype, n * K, K, row.data());
+        wn = row.data();
+      }
+      for (int64_t t = 0; t < T; ++t) out[t * N + n] = dot(x + t * K, wn, K);
+    }
+  });
+}
+
+void add(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void rope(float* out, const float* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t width,
+          int64_t head_dim) {
+  int64_t half = head_dim / 2;
+  std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < half; ++j) {
+      float angle = static_cast<float>(positions[t]) * inv_freq[j];  // fp32, as HF's inv_freq @ position_ids
+      cos_a[j] = std::cos(angle);
+      sin_a[j] = std::sin(angle);
+    }
+    for (int64_t h = 0; h < width / head_dim; ++h) {
+      const float* xh = x + t * width + h * head_dim;
+      float* oh = out + t * width + h * head_dim;
+      for (int64_t j = 0; j < half; ++j) {  // rotate_half: pairs (j, j + half), not (2j, 2j + 1)
+        float x1 = xh[j], x2 = xh[j + half];
+        oh[j] = x1 * cos_a[j] - x2 * sin_a[j];
+        oh[j + half] = x2 * cos_a[j] + x1 * sin_a[j];
+      }
+    }
+  }
+}
+
+void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* slots,
+              const int32_t* positions, int64_t T, int64_t n_kv, int64_t C, int64_t hd) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < n_kv; ++h) {
+      int64_t dst = ((slots[t] * n_kv + h) * C + positions[t]) * hd;  // [S, nKv, C, hd]
+      int64_t src = (t * n_kv + h) * hd;                             // [T, nKv * hd]
+      std::memcpy(k_cache + dst, k + src, static_cast<size_t>(hd) * sizeof(float));
+      std::memcpy(v_cache + dst, v + src, static_cast<size_t>(hd) * sizeof(float));
+    }
+}
+
+void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,
+               const int32_t* slots, const int32_t* positions, int64_t T, int64_t n_heads, int64_t n_kv, int64_t C,
+               int64_t hd, float scale) {
+  int64_t group = n_heads / n_kv;  // query heads per kv head (GQA)
+  int64_t longest = 1;
+  for (int64_t t = 0; t < T; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
+  int64_t grain = std::max<int64_t>(1, 32768 / (2 * longest * hd));
+  pool.parallel_for(T * n_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(static_cast<size_t>(C));
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t t = i / n_heads, h = i % n_heads;
+      int64_t len = positions[t] + 1;  // cache positions 0..positions[t]; later ones are not read
+      const float* qh = q + (t * n_heads + h) * hd;
+      const float* kh = k_cache + (slots[t] * n_kv + h / group) * C * hd;
+      const float* vh = v_cache + (slots[t] * n_kv + h / group) * C * hd;
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t p = 0; p < len; ++p) {
+        score[p] = dot(qh, kh + p * hd, hd) * scale;
+        max_score = std::max(max_score, score[p]);
+      }
+      double denom = 0;
+      for (int64_t p = 0; p < len; ++p) {
+        score[p] = std::exp(score[p] - max_score);
+        denom += score[p];
+      }
+      float* oh = out + (t * n_heads + h) * hd;
+      std::fill(oh, oh + hd, 0.0f);
+      for (int64_t p = 0; p < len; ++p)
+        for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * vh[p * hd + d];
+      float inv_denom = static_cast<float>(1.0 / denom);
+      for (int64_t d = 0; d < hd; ++d) oh[d] *= inv_denom;
+    }
+  });
+}
+
+void silu_mul(float* out, const float* gate_up, int64_t T, int64_t F) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t f = 0; f < F; ++f) {
+      float g = gate_up[t * 2 * F + f], u = gate_up[t * 2 * F + F + f];
+      out[t * F + f] = g / (1.0f + std::exp(-g)) * u;
+    }
+}
+
+void copy_cols(uint8_t* out, int64_t out_row_bytes, int64_t out_offset_bytes, const uint8_t* x, int64_t x_row_bytes,
+               int64_t x_offset_bytes, int64_t T, int64_t n_bytes) {
+  if (n_bytes == 0) return;
+  for (int64_t t = 0; t < T; ++t)
+    std::memcpy(out + t * out_row_bytes + out_offset_bytes, x + t * x_row_bytes + x_offset_bytes,
+                static_cast<size_t>(n_bytes));
+}
+
+void gather_rows(uint8_t* out, const uint8_t* x, int64_t row_bytes, const int32_t* rows, int64_t R) {
+  if (row_bytes == 0) return;
+  for (int64_t r = 0; r < R; ++r)
+    std::memcpy(out + r * row_bytes, x + rows[r] * row_bytes, static_cast<size_t>(row_bytes));
+}
+
+void scatter_add_rows(float* out, const float* y, const int32_t* rows, const float* weights, int64_t R, int64_t N) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < N; ++n) out[rows[r] * N + n] += weights[r] * y[r * N + n];
+}
+
+namespace {
+// log(sum(exp(row - max))) and max, for a stable log-softmax.
+void log_sum_exp(const float* row, int64_t V, float* max_out, float* log_sum_out) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < V; ++v) m = std::max(m, row[v]);
+  double sum = 0;
+  for (int64_t v = 0; v < V; ++v) sum += std::exp(row[v] - m);
+  *max_out = m;
+  *log_sum_out = static_cast<float>(std::log(sum));
+}
+}  // namespace
+
+void log_softmax(float* out, const float* logits, int64_t R, int64_t V) {
+  for (int64_t r = 0; r < R; ++r) {
+    float m, log_sum;
+    log_sum_exp(logits + r * V, V, &m, &log_sum);
+    for (int64_t v = 0; v < V; ++v) out[r * V + v] = (logits[r * V + v] - m) - log_sum;
+  }
+}
+
+void logprobs(float* out, const float* logits, const int32_t* ids, int64_t R, int64_t V) {
+  for (int64_t r = 0; r < R; ++r) {
+    float m, log_sum;
+    log_sum_exp(logits + r * V, V, &m, &log_sum);
+    out[r] = (logits[r * V + ids[r]] - m) - log_sum;
+  }
+}
+
+// The sampling rule, per row; a device implementation must reproduce it exactly.
+//  1. temperature <= 0: argmax of the logits, lowest index on ties.
+//  2. z = logit / temperature (fp32). Candidates in order of z descending, ties by lower index.
+//  3. topK > 0: keep the first topK.
+//  4. p = softmax of the kept z in double, max subtracted (a z equal to the max counts exp(0) = 1, so +inf
+//     and all -inf rows stay defined).
+//  5. topP < 1: keep the shortest prefix whose cumulative p >= topP (at least one).
+//  6. total = sum of kept p; return the first kept candidate whose cumulative p > uniform * total, or the
+//     last kept one if rounding leaves none.
+void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R, int64_t V) {
+  std::vector<float> z;
+  std::vector<int32_t> order;
+  std::vector<double> p;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = logits + r * V;
+    float temperature = args.temperature[r];
+    if (!(temperature > 0)) {
+      int64_t best = 0;
+      for (int64_t v = 1; v < V; ++v)
+        if (row[v] > row[best]) best = v;
+      out[r] = static_cast<int32_t>(best);
+      continue;
+    }
+    z.resize(static_cast<size_t>(V));
+    for (int64_t v = 0; v < V; ++v) z[v] = row[v] / temperature;
+    order.resize(static_cast<size_t>(V));
+    std::iota(order.begin(), order.end(), 0);
+    auto before = [&](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
+    int64_t kept = V;
+    if (args.top_k[r] > 0 && args.top_k[r] < V) {
+      kept = args.top_k[r];
+      std::partial_sort(order.begin(), order.begin() + kept, order.end(), before);
+    } else {
+      std::sort(order.begin(), order.end(), before);
+    }
+    double z_max = z[order[0]];
+    p.resize(static_cast<size_t>(kept));
+    double sum = 0;
+    for (int64_t i = 0; i < kept; ++i) {
+      double zi = z[order[i]];
+      p[i] = zi == z_max ? 1.0 : std::exp(zi - z_max);
+      sum += p[i];
+    }
+    for (int64_t i = 0; i < kept; ++i) p[i] /= sum;
+    double top_p = args.top_p[r];
+    if (top_p < 1) {
+      double cumulative = 0;
+      for (int64_t i = 0; i < kept; ++i) {
+        cumulative += p[i];
+        if (cumulative >= top_p) {
+          kept = i + 1;
+          break;
+        }
+      }
+    }
+    double total = 0;
+    for (int64_t i = 0; i < kept; ++i) total += p[i];
+    double threshold = static_cast<double>(args.uniform[r]) * total;
+    int32_t pick = order[kept - 1];
+    double cumulative = 0;
+    for (int64_t i = 0; i < kept; ++i) {
+      cumulative += p[i];
+      if (cumulative > threshold) {
+        pick = order[i];
+        break;
+      }
+    }
+    out[r] = pick;
+  }
+}
+
+}  // namespace weft::cpu

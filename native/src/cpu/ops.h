@@ -1,0 +1,56 @@
+// The CPU reference kernels: plain loops over raw host pointers, fp32 arithmetic. Arguments were checked by
+// Backend (backend.cc) and the index checks in backend-cpu.cc; these functions assume they fit.
+// Weights (`w`, `table`, `weight`) may be f32, f16 or bf16 and are widened as they are read.
+#pragma once
+
+#include <cstdint>
+
+#include "backend.h"
+#include "cpu/thread-pool.h"
+#include "tensor.h"
+
+namespace weft::cpu {
+
+// out [T, H] = table [Vr, H] row ids[t] - vocab_start, or zeros when that row is outside the table.
+void embedding(float* out, const void* table, DType table_dtype, int64_t Vr, int64_t H, const int32_t* ids,
+               int64_t T, int64_t vocab_start);
+
+// out [T, H] = x / sqrt(mean(x^2) + eps) * weight[H].
+void rms_norm(float* out, const float* x, const void* weight, DType weight_dtype, int64_t T, int64_t H, float eps);
+
+// out [T, N] = x [T, K] @ w [N, K]^T, threaded over N.
+void matmul(ThreadPool& pool, float* out, const float* x, const void* w, DType w_dtype, int64_t T, int64_t K,
+            int64_t N);
+
+void add(float* out, const float* a, const float* b, int64_t n);
+
+// x, out [T, width], width = nHeads * head_dim; HF rotate_half per head.
+void rope(float* out, const float* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t width,
+          int64_t head_dim);
+
+// caches [S, nKv, C, hd]; k, v [T, nKv * hd].
+void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* slots,
+              const int32_t* positions, int64_t T, int64_t n_kv, int64_t C, int64_t hd);
+
+// out, q [T, nH * hd]; threaded over T x nH.
+void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,
+               const int32_t* slots, const int32_t* positions, int64_t T, int64_t n_heads, int64_t n_kv, int64_t C,
+               int64_t hd, float scale);
+
+// gate_up [T, 2F] -> out [T, F].
+void silu_mul(float* out, const float* gate_up, int64_t T, int64_t F);
+
+// Row-wise byte copies: out row t = x row rows[t] (gather), columns of several inputs side by side (concat).
+void copy_cols(uint8_t* out, int64_t out_row_bytes, int64_t out_offset_bytes, const uint8_t* x, int64_t x_row_bytes,
+               int64_t x_offset_bytes, int64_t T, int64_t n_bytes);
+void gather_rows(uint8_t* out, const uint8_t* x, int64_t row_bytes, const int32_t* rows, int64_t R);
+
+// out [T, N] += weights[r] * y [R, N] at rows[r], in r order (rows may repeat).
+void scatter_add_rows(float* out, const float* y, const int32_t* rows, const float* weights, int64_t R, int64_t N);
+
+// Per row of logits [R, V].
+void log_softmax(float* out, const float* logits, int64_t R, int64_t V);
+void logprobs(float* out, const float* logits, const int32_t* ids, int64_t R, int64_t V);
+void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R, int64_t V);
+
+}  // namespace weft::cpu

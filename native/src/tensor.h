@@ -1,0 +1,90 @@
+// weft::Tensor: dtype, shape and a backend-owned buffer.
+//
+// The buffer is opaque to everything but its backend: host memory for the CPU backend, device memory for the
+// CUDA backend later. Copying a Tensor shares its buffer (a handle, not a deep copy); ops allocate new outputs
+// through Backend::empty and never resize an existing buffer.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace weft {
+
+enum class DType : uint8_t { F32, F16, BF16, I32 };
+
+inline size_t dtype_size(DType d) { return d == DType::F16 || d == DType::BF16 ? 2 : 4; }
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+    case DType::I32: return "i32";
+  }
+  return "?";
+}
+
+inline bool parse_dtype(std::string_view s, DType* out) {
+  if (s == "f32") *out = DType::F32;
+  else if (s == "f16") *out = DType::F16;
+  else if (s == "bf16") *out = DType::BF16;
+  else if (s == "i32") *out = DType::I32;
+  else return false;
+  return true;
+}
+
+inline bool is_float(DType d) { return d != DType::I32; }
+
+using Shape = std::vector<int64_t>;
+
+inline int64_t numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+inline std::ostream& operator<<(std::ostream& os, const Shape& shape) {
+  os << '[';
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  return os << ']';
+}
+
+// Memory owned by a backend. data() is a host pointer for the CPU backend, a device pointer for CUDA.
+class Buffer {
+ public:
+  explicit Buffer(size_t bytes) : bytes_(bytes) {}
+  virtual ~Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  virtual void* data() const = 0;
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_;
+};
+
+struct Tensor {
+  DType dtype = DType::F32;
+  Shape shape;
+  std::shared_ptr<Buffer> buffer;
+
+  int64_t numel() const { return weft::numel(shape); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  int64_t dim(size_t i) const { return shape[i]; }
+  size_t rank() const { return shape.size(); }
+  // Typed view of the buffer; only the owning backend dereferences it.
+  template <typename T>
+  T* data() const { return static_cast<T*>(buffer->data()); }
+};
+
+// "[3, 64] f32", the form every error message uses.
+inline std::ostream& operator<<(std::ostream& os, const Tensor& t) {
+  return os << t.shape << ' ' << dtype_name(t.dtype);
+}
+
+}  // namespace weft

@@ -1,0 +1,164 @@
+/**
+ * The native surface of weft: declares every export of `native/build/weft.node` and loads it.
+ * Nothing else imports the `.node`; the rest of weft goes through {@link createEngine} and {@link nativeInfo}.
+ *
+ * Tensors are opaque handles owned by an engine; ops take handles and plain numbers and return new tensors
+ * (freed when garbage-collected) unless they say "in place". Every native failure is thrown as an `Error`
+ * with `code: 'WEFT_NATIVE'` and `op`, its message naming the op, the parameter and the shapes, e.g.
+ * `matmul: x [3, 64] f32 and w [128, 32] bf16 do not match (expected w [N, 64])`; an argument of the wrong
+ * JS type (a plain object where a tensor is expected) is a `TypeError` with the same `code`.
+ *
+ * @example
+ * const engine = createEngine({ backend: 'cpu' });
+ * const x = engine.upload(new Uint8Array(new Float32Array([1, 2, 3, 4]).buffer), 'f32', [2, 2]);
+ * engine.download(engine.matmul(x, x)); // Float32Array [5, 11, 11, 25]
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export type DType = 'f32' | 'f16' | 'bf16' | 'i32';
+
+/** An opaque native tensor handle. `dtype` and `shape` are read-only copies of the native values. */
+export interface Tensor {
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+}
+
+export interface EngineOptions {
+  /** Which backend runs the ops. 'cuda' needs a build with `WEFT_CUDA=1`. */
+  backend: 'cpu' | 'cuda';
+  /** CUDA device ordinal. Ignored by the CPU backend. Defaults to 0. */
+  device?: number;
+  /** CPU backend: threads for matmul and attention, the calling thread included (1 to 1024). Defaults to the number of hardware threads. */
+  threads?: number;
+}
+
+/**
+ * Shapes: T tokens, H hidden, K/N matmul in/out features, S cache slots, C positions per slot, hd head
+ * dimension, R rows, V vocabulary columns. All arithmetic is fp32; f16/bf16 weights are converted as read.
+ */
+export interface Engine {
+  readonly backend: 'cpu' | 'cuda';
+  /** Little-endian raw bytes; `bytes.length` must equal numel * element size. */
+  upload(bytes: Uint8Array, dtype: DType, shape: number[]): Tensor;
+  /** A copy: f32/f16/bf16 as Float32Array (converted), i32 as Int32Array. */
+  download(t: Tensor): Float32Array | Int32Array;
+  zeros(dtype: DType, shape: number[]): Tensor;
+  /** table [Vr, H] f32|f16|bf16, ids [T] i32 -> [T, H] f32; ids outside [vocabStart, vocabStart + Vr) give zero rows (vocab-parallel). */
+  embedding(table: Tensor, ids: Tensor, vocabStart: number): Tensor;
+  /** x [T, H] f32, weight [H] f32|f16|bf16 -> [T, H] f32 = x / sqrt(mean(x^2) + eps) * weight (HF LlamaRMSNorm, all fp32). */
+  rmsNorm(x: Tensor, weight: Tensor, eps: number): Tensor;
+  /** x [T, K] f32, w [N, K] f32|f16|bf16 -> [T, N] f32 = x @ w^T. */
+  matmul(x: Tensor, w: Tensor): Tensor;
+  /** a, b: same shape, f32. */
+  add(a: Tensor, b: Tensor): Tensor;
+  /** x [T, nHeads * headDim] f32, positions [T] i32 (>= 0), invFreq [headDim / 2] f32 -> rotated x (HF rotate_half per head). */
+  rope(x: Tensor, positions: Tensor, invFreq: Tensor, headDim: number): Tensor;
+  /**
+   * In place: kCache[slots[t], h, positions[t], :] = k[t, h*hd:(h+1)*hd], likewise vCache from v.
+   * Caches [S, nKv, C, hd] f32; k, v [T, nKv * hd] f32; slots, positions [T] i32 (checked: slot < S, position < C).
+   */
+  writeKv(kCache: Tensor, vCache: Tensor, k: Tensor, v: Tensor, slots: Tensor, positions: Tensor): void;
+  /**
+   * q [T, nHeads * hd] f32 -> [T, nHeads * hd] f32. Query t, head h attends over kv head h / (nHeads / nKv) of
+   * slot slots[t], cache positions 0..positions[t] inclusive; softmax(q.k * scale) in fp32. nKv, hd, C come
+   * from the cache shape; nHeads % nKv must be 0.
+   */
+  attention(q: Tensor, kCache: Tensor, vCache: Tensor, slots: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
+  /** gateUp [T, 2F] f32 -> [T, F] f32 = silu(gateUp[:, :F]) * gateUp[:, F:]. */
+  siluMul(gateUp: Tensor): Tensor;
+  /** x [T, N] (any dtype) -> [T, end - start] copy, same dtype. */
+  sliceCols(x: Tensor, start: number, end: number): Tensor;
+  /** xs[i] [T, Ni], all one dtype (f32 in models) -> [T, sum Ni]. */
+  concatCols(xs: Tensor[]): Tensor;
+  /** x [T, N] (any dtype), rows [R] i32 (each < T) -> [R, N]. */
+  gatherRows(x: Tensor, rows: Tensor): Tensor;
+  /** In place: out[rows[r]] += weights[r] * y[r], in order of r; out [T, N] f32, y [R, N] f32, rows [R] i32, weights [R] f32. */
+  scatterAddRows(out: Tensor, y: Tensor, rows: Tensor, weights: Tensor): void;
+  /** logits [R, V] f32 -> [R, V] f32 log-softmax per row (max subtracted). */
+  logSoftmax(logits: Tensor): Tensor;
+  /** logits [R, V] f32, ids [R] (each < V) -> [R] log_softmax(logits[r])[ids[r]]. */
+  logprobs(logits: Tensor, ids: Int32Array): Float32Array;
+  /**
+   * logits [R, V] f32 (no NaN) and per-row arrays of length R -> [R] token ids. Per row: temperature <= 0 is
+   * argmax (lowest index on ties). Otherwise z = logits / temperature; candidates sorted by z descending, ties
+   * by lower index; topK > 0 keeps the first topK; p = softmax over kept (double, max subtracted); topP < 1
+   * keeps the shortest prefix with cumulative p >= topP (at least one); the result is the first candidate
+   * whose cumulative p exceeds uniform * (sum of kept p), else the last kept. topK >= 0, topP and uniform in [0, 1].
+   */
+  sample(logits: Tensor, temperature: Float32Array, topK: Int32Array, topP: Float32Array, uniform: Float32Array): Int32Array;
+}
+
+/** What the loaded binary was built with. */
+export interface NativeInfo {
+  /** true when this build has a CUDA backend. */
+  cuda: boolean;
+  /** package.json's version at build time. */
+  version: string;
+}
+
+interface NativeAddon {
+  Engine: new (options: EngineOptions) => Engine;
+  nativeInfo(): NativeInfo;
+}
+
+/** Relative to this file: worker/native.ts in the source tree, dist/worker/native.js when compiled. */
+const CANDIDATES = ['../native/build/weft.node', '../../native/build/weft.node'];
+
+let addon: NativeAddon | undefined;
+
+function likelyFix(message: string): string {
+  if (/libcudart|libcublas|libnccl|libcuda\b|libcuda\.so/.test(message)) {
+    return 'the CUDA libraries were not found: install the CUDA runtime and cuBLAS, or add their directory to LD_LIBRARY_PATH (or rebuild CPU-only with `npm run build:native`)';
+  }
+  if (/GLIBC|GLIBCXX|CXXABI/.test(message)) {
+    return 'the binary was built on a host with a newer C/C++ runtime: run `npm run build:native` on this host';
+  }
+  if (/invalid ELF|wrong ELF class|not a mach-o|slice is not valid|exec format/i.test(message)) {
+    return 'the binary was built for another platform or architecture: run `npm run build:native` on this host';
+  }
+  return 'run `npm run build:native` (needs cmake and a C++ compiler)';
+}
+
+function load(): NativeAddon {
+  if (addon) return addon;
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  const tried = CANDIDATES.map((c) => path.resolve(here, c));
+  const found = tried.find((p) => existsSync(p));
+  let cause: unknown;
+  let detail: string;
+  if (found) {
+    try {
+      addon = createRequire(import.meta.url)(found) as NativeAddon;
+      return addon;
+    } catch (err) {
+      cause = err;
+      detail = `loading ${found} failed: ${err instanceof Error ? err.message : String(err)}`;
+    }
+  } else {
+    detail = 'no such file';
+  }
+  const error = new Error(
+    `weft: cannot load the native addon weft.node (tried ${tried.join(', ')}): ${detail}. Likely fix: ${likelyFix(detail)}`,
+    { cause },
+  ) as Error & { code: string };
+  error.code = 'WEFT_NATIVE';
+  throw error;
+}
+
+/**
+ * Creates an engine on the chosen backend. The addon is loaded on first use, so importing this module never
+ * fails; a missing or broken build throws here with the paths tried and the likely fix.
+ * `backend: 'cuda'` on a CPU-only build throws "weft was built without CUDA (rebuild with WEFT_CUDA=1 on a
+ * host with nvcc and cuBLAS)".
+ */
+export function createEngine(options: EngineOptions): Engine {
+  return new (load().Engine)(options);
+}
+
+/** Build facts of the native addon (loads it if needed). */
+export function nativeInfo(): NativeInfo {
+  return load().nativeInfo();
+}
