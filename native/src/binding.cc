@@ -42,7 +42,9 @@ Napi::Value nativeInfo(const Napi::CallbackInfo& info) {
 
 // ---- Tensor
 
-Napi::Function TensorHandle::Define(Napi::Env env) { return DefineClass(env, "Tensor", {}); }
+Napi::Function TensorHandle::Define(Napi::Env env) {
+  return DefineClass(env, "Tensor", {InstanceMethod<&TensorHandle::Dispose>("dispose")});
+}
 
 Napi::Object TensorHandle::Wrap(Napi::Env env, std::shared_ptr<Backend> owner, Tensor tensor) {
   AddonData& data = addon_data(env);
@@ -90,9 +92,18 @@ TensorHandle::TensorHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Te
   Napi::MemoryManagement::AdjustExternalMemory(env, accounted_bytes_);
 }
 
-TensorHandle::~TensorHandle() {
+void TensorHandle::ReleaseAccounting() {
   int64_t ignored;
   if (accounted_bytes_) napi_adjust_external_memory(env_, -accounted_bytes_, &ignored);
+  accounted_bytes_ = 0;
+}
+
+TensorHandle::~TensorHandle() { ReleaseAccounting(); }
+
+Napi::Value TensorHandle::Dispose(const Napi::CallbackInfo& info) {
+  tensor_.buffer.reset();
+  ReleaseAccounting();
+  return info.Env().Undefined();
 }
 
 // ---- Engine

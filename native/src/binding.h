@@ -25,8 +25,15 @@ class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
 
   const Tensor& tensor() const { return tensor_; }
   const Backend* owner() const { return owner_.get(); }
+  bool disposed() const { return tensor_.buffer == nullptr; }
 
  private:
+  // tensor.dispose(): frees the storage now instead of at garbage collection (Node runs N-API finalizers
+  // only after the current synchronous JS returns, so a long synchronous forward pass would otherwise hold
+  // every intermediate). Later use of the handle throws; disposing twice is a no-op.
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  void ReleaseAccounting();
+
   std::shared_ptr<Backend> owner_;
   Tensor tensor_;
   napi_env env_;

@@ -61,6 +61,7 @@ std::string describe(Napi::Value v) {
 Tensor Args::tensor_value(Napi::Value value, const std::string& name) const {
   TensorHandle* handle = TensorHandle::FromValue(value);
   WEFT_TYPE_CHECK(handle != nullptr, op_, name, " must be a weft Tensor (got ", describe(value), ")");
+  WEFT_CHECK(!handle->disposed(), op_, name, " ", handle->tensor(), " was disposed");
   WEFT_CHECK(engine_ == nullptr || handle->owner() == engine_->backend().get(), op_, name, " ", handle->tensor(),
              " belongs to a different engine (download and upload it to move it)");
   return handle->tensor();

@@ -298,11 +298,16 @@ test('writeKv and attention: GQA, several slots, garbage beyond each position is
       const m = Math.max(...scores);
       const e = scores.map((s) => Math.exp(s - m));
       const z = e.reduce((a, b) => a + b, 0);
-      for (let d = 0; d < hd; d++)
+      for (let d = 0; d < hd; d++) {
+        let o = 0, m2 = 0;
         keys.forEach((u, i) => {
-          want[(t * nHeads + h) * hd + d] += (e[i]! / z) * v[(u * nKv + kvh) * hd + d]!;
-          mag[(t * nHeads + h) * hd + d] += (e[i]! / z) * Math.abs(v[(u * nKv + kvh) * hd + d]!);
+          const vu = v[(u * nKv + kvh) * hd + d]!;
+          o += (e[i]! / z) * vu;
+          m2 += (e[i]! / z) * Math.abs(vu);
         });
+        want[(t * nHeads + h) * hd + d] = o;
+        mag[(t * nHeads + h) * hd + d] = m2;
+      }
     }
   const got = get(engine, out);
   assertClose(got, want, (i) => 1e-5 * mag[i]! + 1e-7, 'attention'); // 1e-5 · Σ p·|v|
@@ -508,4 +513,15 @@ test('non-tensor arguments throw a TypeError naming the parameter; tensors stay 
   assertNativeError(() => new (x.constructor as new () => unknown)(), /Tensor: tensors are made by an engine/, TypeError);
   const other = createEngine({ backend: 'cpu', threads: 1 });
   assertNativeError(() => other.add(x, other.zeros('f32', [2, 4])), /add: a \[2, 4\] f32 belongs to a different engine/);
+});
+
+test('dispose frees a tensor now; a disposed tensor is refused, disposing twice is harmless', () => {
+  const x = engine.zeros('f32', [2, 4]);
+  const y = engine.add(x, x);
+  x.dispose();
+  x.dispose();
+  assert.deepEqual(x.shape, [2, 4]);
+  assertNativeError(() => engine.add(x, y), /^add: a \[2, 4\] f32 was disposed$/);
+  assertNativeError(() => engine.download(x), /download: t \[2, 4\] f32 was disposed/);
+  assert.deepEqual([...get(engine, y)], [0, 0, 0, 0, 0, 0, 0, 0]);
 });

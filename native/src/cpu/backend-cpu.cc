@@ -55,6 +55,7 @@ class CpuBackend final : public Backend {
     if (t.nbytes()) std::memset(t.buffer->data(), 0, t.nbytes());
   }
   void to_host_converted(const Tensor& t, void* dst) override {
+    if (t.nbytes() == 0) return;  // dst may be null (an empty JS typed array)
     if (t.dtype == DType::I32)
       std::memcpy(dst, t.buffer->data(), t.nbytes());
     else

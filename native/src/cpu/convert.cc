@@ -14,6 +14,7 @@ const float* f16_table() {
 }
 
 void to_f32(const void* src, DType dtype, int64_t offset, int64_t n, float* dst) {
+  if (n <= 0) return;  // dst may be null (an empty JS typed array)
   switch (dtype) {
     case DType::F32: {
       std::memcpy(dst, static_cast<const float*>(src) + offset, static_cast<size_t>(n) * sizeof(float));

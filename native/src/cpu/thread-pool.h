@@ -1,7 +1,8 @@
 // A small persistent thread pool for the CPU backend's heavy ops (matmul rows, attention token x head pairs).
 //
-// parallel_for(n, grain, fn) splits [0, n) into chunks of `grain` items, hands them out dynamically to the
-// workers and the calling thread, and returns when all are done. An exception thrown by fn is rethrown on
+// parallel_for(n, grain, fn) splits [0, n) into chunks of at least `grain` items (about four per thread),
+// hands them out dynamically to the workers and the calling thread, and returns when all are done; with
+// n <= grain it just calls fn(0, n) on the calling thread. An exception thrown by fn is rethrown on
 // the calling thread (the remaining chunks are skipped). Not reentrant: fn must not call parallel_for.
 // One pool belongs to one engine, which is used from one JS thread.
 #pragma once
