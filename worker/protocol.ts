@@ -104,7 +104,7 @@ export type WorkerMessage =
   | { v: number; type: 'reply'; rank: number; id: number; ok: true; result: unknown }
   | { v: number; type: 'reply'; rank: number; id: number; ok: false; error: { code: string; message: string } };
 
-const workerMessageSchema = z.discriminatedUnion('type', [
+const workerMessageSchema = z.union([
   z.object({ v: int, type: z.literal('hello'), rank: nonNegInt, world: int.positive(), pid: int.positive(), collectiveEndpoint: z.string().nullable() }).strict(),
   z.object({ v: int, type: z.literal('heartbeat'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('progress'), rank: nonNegInt, bytesRead: nonNegInt, bytesTotal: nonNegInt }).strict(),
