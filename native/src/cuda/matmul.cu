@@ -1,0 +1,518 @@
+// weft::cuda::Matmul — y [T, N] f32 = x [T, K] f32 @ w [N, K]^T.
+//
+// GEMV path (T <= kGemvMaxT): one pass over the weights for all T tokens.
+//   - Each warp owns R = 4 weight rows at a time; lane l reads 16 bytes (8 bf16/f16, 4 f32) of each row at
+//     vector index v = 32*s + l, so a warp reads 512 contiguous bytes per row per step, U steps (R*U 16-byte
+//     loads) in flight per lane before the first use, fp32 accumulation into R x TT registers.
+//   - x lives in shared memory as fp32: the block stages its slice of x once ([TT][VEC/4][nv] float4, split in
+//     4-float halves so a warp's float4 reads are contiguous, bank-conflict free) and every warp reuses each x
+//     float4 for its R rows; tokens beyond T are zero in shared memory and never read from x.
+//   - K is split over a thread-block cluster of C blocks (C = 1..8) so that the x slice stays small (T*K*4/C
+//     bytes) and the grid has enough blocks; each block streams its K slice of a contiguous range of rows,
+//     leaves partial sums in its shared memory, and after one cluster barrier block c sums rows c, c+C, ...
+//     over the C blocks' shared memory (DSMEM) in a fixed order: deterministic, no atomics, no scratch.
+//   - The R x TT partial sums of a warp are reduced over its 32 lanes with a reduce-scatter butterfly
+//     (V-1 shuffles for V = R*TT >= 32 values, instead of 5*V).
+//   - The first weight loads of each warp are issued before x is staged, hiding the staging latency.
+//   Fallback (K not a multiple of the vector width, misaligned pointers): a simple scalar kernel.
+// GEMM path (larger T): cuBLAS GemmEx. bf16/f16 weights: x is cast to the weight dtype into scratch, then a
+//   tensor-core GEMM with fp32 output and fp32 compute; f32 weights: full-fp32 GEMM (pedantic, no TF32).
+//   Column-major view: y^T [N, T] = w^T' [N, K] x^T [K, T], i.e. C = op(A) B with A = w (col-major [K, N],
+//   op T, lda K), B = x (col-major [K, T], op N, ldb K), C = y (col-major [N, T], ldc N).
+#include "matmul.cuh"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <type_traits>
+
+#include "../error.h"
+#include "cublas-loader.h"
+
+namespace cg = cooperative_groups;
+
+namespace weft::cuda {
+
+namespace {
+
+#define WEFT_CUDA_CHECK(call)                                                                  \
+  do {                                                                                         \
+    cudaError_t err_ = (call);                                                                 \
+    if (err_ != cudaSuccess) WEFT_FAIL("matmul", #call, " failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+#define WEFT_CUBLAS_CHECK(call)                                                                   \
+  do {                                                                                            \
+    cublas::Status st_ = (call);                                                                  \
+    if (st_ != cublas::kSuccess) WEFT_FAIL("matmul", #call, " failed: ", cublas::status_name(st_)); \
+  } while (0)
+
+constexpr int kWarps = 8;          // warps per GEMV block
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 4;           // rows per warp pass
+constexpr int kGemvMaxT = 8;       // T above this goes to cuBLAS
+constexpr int kMaxCluster = 8;
+constexpr size_t kMaxXSlice = 48 * 1024;   // target bytes of x per block
+constexpr size_t kMaxPart = 32 * 1024;     // bytes of partial sums per block (cluster path)
+constexpr size_t kWorkspaceBytes = 32u << 20;
+
+// Tuning overrides for the benchmark (0 = automatic).
+int g_force_cluster = 0;
+int g_force_blocks_per_sm = 0;
+
+template <typename WT> struct VecOf { static constexpr int value = 16 / sizeof(WT); };
+
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// Four weights of a 16-byte vector (half h) as floats.
+template <typename WT>
+__device__ __forceinline__ void unpack4(const uint4& u, int h, float (&f)[4]);
+
+template <>
+__device__ __forceinline__ void unpack4<__nv_bfloat16>(const uint4& u, int h, float (&f)[4]) {
+  const uint32_t a = h ? u.z : u.x, b = h ? u.w : u.y;
+  f[0] = __uint_as_float(a << 16);
+  f[1] = __uint_as_float(a & 0xffff0000u);
+  f[2] = __uint_as_float(b << 16);
+  f[3] = __uint_as_float(b & 0xffff0000u);
+}
+
+template <>
+__device__ __forceinline__ void unpack4<__half>(const uint4& u, int h, float (&f)[4]) {
+  const uint32_t a = h ? u.z : u.x, b = h ? u.w : u.y;
+  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&a));
+  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&b));
+  f[0] = lo.x; f[1] = lo.y; f[2] = hi.x; f[3] = hi.y;
+}
+
+template <>
+__device__ __forceinline__ void unpack4<float>(const uint4& u, int, float (&f)[4]) {
+  f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+  f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+
+// Reduce-scatter of V partial sums over the 32 lanes of a warp. Afterwards, for V >= 32, lane l holds the
+// full sums of indices l*(V/32) + i in a[i], i < V/32; for V < 32 lane l holds index l >> (5 - log2 V) in a[0].
+template <int V>
+__device__ __forceinline__ void warp_reduce_scatter(float (&a)[V], int lane) {
+  constexpr unsigned kFull = 0xffffffffu;
+#pragma unroll
+  for (int step = 0; step < 5; ++step) {
+    const int o = 16 >> step;
+    const int n = V >> step;  // values still held
+    if (n > 1) {
+      const bool upper = lane & o;
+#pragma unroll
+      for (int i = 0; i < V / 2; ++i) {
+        if (i < n / 2) {
+          const float send = upper ? a[i] : a[i + n / 2];
+          const float keep = upper ? a[i + n / 2] : a[i];
+          a[i] = keep + __shfl_xor_sync(kFull, send, o);
+        }
+      }
+    } else {
+      a[0] += __shfl_xor_sync(kFull, a[0], o);
+    }
+  }
+}
+
+__host__ __device__ constexpr int ilog2(int v) { return v <= 1 ? 0 : 1 + ilog2(v / 2); }
+
+struct GemvParams {
+  const float* x;
+  const void* w;
+  float* y;
+  int T, N, K;
+  int C;                  // cluster size = K splits
+  int nv_slice;           // vectors per K slice (block)
+  int rows_per_cluster;   // multiple of kRows
+};
+
+// Grid: C * G blocks, cluster (C, 1, 1); block b: K slice b % C, rows [(b / C) * rows_per_cluster, ...).
+// Dynamic shared memory: x slice [TT][H][nv_slice] float4, then (C > 1) partials [rows_per_cluster][TT] f32.
+template <typename WT, int TT>
+__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
+  constexpr int VEC = VecOf<WT>::value;
+  constexpr int H = VEC / 4;
+  constexpr int R = kRows;
+  constexpr int U = TT >= 8 ? 2 : 4;  // steps of loads in flight per lane
+  constexpr int V = R * TT;
+  extern __shared__ float4 smem[];
+
+  const int C = p.C;
+  const int c = C > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
+  const int g = blockIdx.x / C;
+  const int KV = p.K / VEC;
+  const int v0 = c * p.nv_slice;
+  const int nv = max(0, min(p.nv_slice, KV - v0));
+  const int row0 = g * p.rows_per_cluster;
+  const int rows = max(0, min(p.rows_per_cluster, p.N - row0));
+  const int ngroups = (rows + R - 1) / R;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int steps = (nv + 31) / 32;
+
+  float4* xs = smem;
+  float* part = reinterpret_cast<float*>(smem + TT * H * p.nv_slice);
+
+  const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + v0;  // vector index within a row: + v
+  auto load_chunk = [&](uint4 (&wr)[R][U], int group, int s0) {
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int v = (s0 + j) * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = group * R + r;
+        if (v < nv && row < rows) wr[r][j] = ld_stream(wbase + static_cast<size_t>(row0 + row) * KV + v);
+        else wr[r][j] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+
+  uint4 wr[R][U];
+  int group = warp;
+  if (group < ngroups && steps > 0) load_chunk(wr, group, 0);
+  bool preloaded = true;
+
+  // Stage the x slice: consecutive threads read consecutive float4 of a token's slice.
+  {
+    const int f4_per_token = nv * H;
+    for (int i = threadIdx.x; i < TT * f4_per_token; i += kThreads) {
+      const int t = i / f4_per_token, f = i - t * f4_per_token;
+      const int v = f / H, h = f - v * H;
+      float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (t < p.T) val = *reinterpret_cast<const float4*>(p.x + static_cast<size_t>(t) * p.K + (v0 + v) * VEC + h * 4);
+      xs[(t * H + h) * p.nv_slice + v] = val;
+    }
+  }
+  __syncthreads();
+
+  for (; group < ngroups; group += kWarps) {
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.f;
+    for (int s0 = 0; s0 < steps; s0 += U) {
+      if (!preloaded) load_chunk(wr, group, s0);
+      preloaded = false;
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        const int v = (s0 + j) * 32 + lane;
+        if (v < nv) {
+#pragma unroll
+          for (int h = 0; h < H; ++h) {
+            float wf[R][4];
+#pragma unroll
+            for (int r = 0; r < R; ++r) unpack4<WT>(wr[r][j], h, wf[r]);
+#pragma unroll
+            for (int t = 0; t < TT; ++t) {
+              const float4 xv = xs[(t * H + h) * p.nv_slice + v];
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                float s = acc[r * TT + t];
+                s = fmaf(wf[r][0], xv.x, s);
+                s = fmaf(wf[r][1], xv.y, s);
+                s = fmaf(wf[r][2], xv.z, s);
+                s = fmaf(wf[r][3], xv.w, s);
+                acc[r * TT + t] = s;
+              }
+            }
+          }
+        }
+      }
+    }
+    preloaded = false;
+    warp_reduce_scatter<V>(acc, lane);
+    constexpr int kPerLane = V >= 32 ? V / 32 : 1;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      int idx;
+      bool writer;
+      if constexpr (V >= 32) {
+        idx = lane * (V / 32) + i;
+        writer = true;
+      } else {
+        idx = lane >> (5 - ilog2(V));
+        writer = (lane & ((32 / V) - 1)) == 0;
+      }
+      const int r = idx / TT, t = idx % TT;
+      const int row = group * R + r;
+      if (writer && row < rows) {
+        if (C == 1) {
+          if (t < p.T) p.y[static_cast<size_t>(t) * p.N + row0 + row] = acc[i];
+        } else {
+          part[row * TT + t] = acc[i];
+        }
+      }
+    }
+  }
+
+  if (C > 1) {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    for (int idx = threadIdx.x * C + c; idx < rows * TT; idx += kThreads * C) {
+      const int t = idx % TT;
+      if (t >= p.T) continue;
+      float s = 0.f;
+      for (int q = 0; q < C; ++q) s += cluster.map_shared_rank(part, q)[idx];
+      p.y[static_cast<size_t>(t) * p.N + row0 + idx / TT] = s;
+    }
+    cluster.sync();
+  }
+}
+
+// Fallback for shapes or pointers the vector kernel cannot take: one warp per (row), all tokens.
+template <typename WT>
+__device__ __forceinline__ float to_f(WT v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+
+template <typename WT>
+__global__ void gemv_scalar_kernel(const float* __restrict__ x, const WT* __restrict__ w, float* __restrict__ y,
+                                   int T, int N, int K) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row >= N) return;
+  const WT* wr = w + static_cast<size_t>(row) * K;
+  for (int t0 = 0; t0 < T; t0 += 4) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = lane; k < K; k += 32) {
+      const float wv = to_f<WT>(wr[k]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (t0 + i < T) acc[i] = fmaf(wv, x[static_cast<size_t>(t0 + i) * K + k], acc[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float s = acc[i];
+      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0 && t0 + i < T) y[static_cast<size_t>(t0 + i) * N + row] = s;
+    }
+  }
+}
+
+// x [n] f32 -> dst [n] bf16/f16.
+template <typename WT>
+__global__ void cast_kernel(const float* __restrict__ x, WT* __restrict__ dst, size_t n) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    if constexpr (sizeof(WT) == 2 && std::is_same_v<WT, __half>) dst[i] = __float2half_rn(x[i]);
+    else dst[i] = __float2bfloat16_rn(x[i]);
+  }
+}
+
+template <typename WT, int TT>
+void set_gemv_attributes(size_t max_smem) {
+  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(max_smem)));
+  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+}
+
+template <typename WT>
+void set_gemv_attributes_all(size_t max_smem) {
+  set_gemv_attributes<WT, 1>(max_smem);
+  set_gemv_attributes<WT, 2>(max_smem);
+  set_gemv_attributes<WT, 4>(max_smem);
+  set_gemv_attributes<WT, 8>(max_smem);
+}
+
+template <typename WT, int TT>
+void launch_gemv(const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = p.C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  WEFT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<WT, TT>, p));
+}
+
+template <typename WT>
+void dispatch_gemv(int TT, const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
+  switch (TT) {
+    case 1: launch_gemv<WT, 1>(p, grid, smem, stream); break;
+    case 2: launch_gemv<WT, 2>(p, grid, smem, stream); break;
+    case 4: launch_gemv<WT, 4>(p, grid, smem, stream); break;
+    default: launch_gemv<WT, 8>(p, grid, smem, stream); break;
+  }
+}
+
+}  // namespace
+
+namespace detail {
+// Benchmark hooks: force the cluster size (K splits) and the resident blocks per SM used to size the grid.
+void matmul_tuning(int cluster, int blocks_per_sm) {
+  g_force_cluster = cluster;
+  g_force_blocks_per_sm = blocks_per_sm;
+}
+}  // namespace detail
+
+struct Matmul::Impl {
+  cudaStream_t stream = nullptr;
+  int sms = 0;
+  size_t max_smem = 0;
+  cublas::Handle handle = nullptr;
+  void* workspace = nullptr;
+  void* cast_buf = nullptr;   // x cast to bf16/f16 for the GEMM path
+  size_t cast_bytes = 0;
+
+  void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
+  void gemm(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
+  void ensure_cublas();
+};
+
+Matmul::Matmul(cudaStream_t stream) : impl_(new Impl) {
+  impl_->stream = stream;
+  try {
+    int dev = 0;
+    WEFT_CUDA_CHECK(cudaGetDevice(&dev));
+    WEFT_CUDA_CHECK(cudaDeviceGetAttribute(&impl_->sms, cudaDevAttrMultiProcessorCount, dev));
+    int optin = 0;
+    WEFT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    impl_->max_smem = static_cast<size_t>(optin);
+    set_gemv_attributes_all<__nv_bfloat16>(impl_->max_smem);
+    set_gemv_attributes_all<__half>(impl_->max_smem);
+    set_gemv_attributes_all<float>(impl_->max_smem);
+  } catch (...) {
+    delete impl_;
+    throw;
+  }
+}
+
+Matmul::~Matmul() {
+  if (impl_->handle) cublas::api().destroy(impl_->handle);
+  if (impl_->workspace) cudaFree(impl_->workspace);
+  if (impl_->cast_buf) cudaFree(impl_->cast_buf);
+  delete impl_;
+}
+
+void Matmul::Impl::ensure_cublas() {
+  if (handle) return;
+  const cublas::Api& a = cublas::api();
+  WEFT_CUBLAS_CHECK(a.create(&handle));
+  WEFT_CUDA_CHECK(cudaMalloc(&workspace, kWorkspaceBytes));
+  WEFT_CUBLAS_CHECK(a.set_workspace(handle, workspace, kWorkspaceBytes));
+  WEFT_CUBLAS_CHECK(a.set_stream(handle, stream));
+}
+
+void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K) {
+  const int vec = dt == DType::F32 ? 4 : 8;
+  const bool vector_ok = K % vec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  if (!vector_ok) {
+    const int grid = (N + 7) / 8;
+    switch (dt) {
+      case DType::BF16:
+        gemv_scalar_kernel<<<grid, 256, 0, stream>>>(x, static_cast<const __nv_bfloat16*>(w), y, T, N, K);
+        break;
+      case DType::F16:
+        gemv_scalar_kernel<<<grid, 256, 0, stream>>>(x, static_cast<const __half*>(w), y, T, N, K);
+        break;
+      default: gemv_scalar_kernel<<<grid, 256, 0, stream>>>(x, static_cast<const float*>(w), y, T, N, K); break;
+    }
+    WEFT_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  const int TT = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8;
+  const int KV = K / vec;
+  auto slice_vecs = [&](int c) { return (KV + c - 1) / c; };
+  auto xbytes = [&](int c) { return static_cast<size_t>(TT) * slice_vecs(c) * vec * sizeof(float); };
+  const int ngroups = (N + kRows - 1) / kRows;
+  const int per_sm = g_force_blocks_per_sm > 0 ? g_force_blocks_per_sm : 2;
+  const int resident = per_sm * sms;
+  int C = 1;
+  if (g_force_cluster > 0) {
+    C = g_force_cluster;
+  } else {
+    // Smallest split whose x slice fits the target; then split further while the blocks would hold fewer than
+    // two row groups per warp (small N), which keeps each block's x reuse high and fills the chip.
+    while (C < kMaxCluster && xbytes(C) > kMaxXSlice) C *= 2;
+    while (C < kMaxCluster && static_cast<long>((resident + C - 1) / C) * kWarps * 2 > ngroups && slice_vecs(2 * C) >= 64)
+      C *= 2;
+  }
+  int G = std::max(1, (resident + C - 1) / C);
+  int groups_per_cluster = (ngroups + G - 1) / G;
+  if (C > 1) {
+    const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
+    groups_per_cluster = std::min(groups_per_cluster, max_groups);
+  }
+  G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
+  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows};
+  const size_t smem = xbytes(C) + (C > 1 ? static_cast<size_t>(p.rows_per_cluster) * TT * 4 : 0);
+  WEFT_CHECK(smem <= max_smem, "matmul", "x [", T, ", ", K, "] needs ", smem, " bytes of shared memory per block");
+  const int grid = G * C;
+  switch (dt) {
+    case DType::BF16: dispatch_gemv<__nv_bfloat16>(TT, p, grid, smem, stream); break;
+    case DType::F16: dispatch_gemv<__half>(TT, p, grid, smem, stream); break;
+    default: dispatch_gemv<float>(TT, p, grid, smem, stream); break;
+  }
+  WEFT_CUDA_CHECK(cudaGetLastError());
+}
+
+void Matmul::Impl::gemm(const float* x, const void* w, DType dt, float* y, int T, int N, int K) {
+  ensure_cublas();
+  const cublas::Api& a = cublas::api();
+  const float alpha = 1.f, beta = 0.f;
+  if (dt == DType::F32) {
+    WEFT_CUBLAS_CHECK(a.gemm_ex(handle, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, CUDA_R_32F, K, x, CUDA_R_32F, K,
+                                &beta, y, CUDA_R_32F, N, cublas::COMPUTE_32F_PEDANTIC, cublas::GEMM_DEFAULT));
+    return;
+  }
+  const size_t n = static_cast<size_t>(T) * K;
+  const size_t need = n * 2;
+  if (need > cast_bytes) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    WEFT_CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
+    WEFT_CHECK(cs == cudaStreamCaptureStatusNone, "matmul",
+               "x [", T, ", ", K, "] needs a larger cast buffer while the stream is being captured; run it once before capture");
+    WEFT_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (cast_buf) WEFT_CUDA_CHECK(cudaFree(cast_buf));
+    cast_buf = nullptr;
+    cast_bytes = 0;
+    WEFT_CUDA_CHECK(cudaMalloc(&cast_buf, need));
+    cast_bytes = need;
+  }
+  const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, static_cast<size_t>(sms) * 8));
+  cudaDataType type;
+  if (dt == DType::BF16) {
+    cast_kernel<<<blocks, 256, 0, stream>>>(x, static_cast<__nv_bfloat16*>(cast_buf), n);
+    type = CUDA_R_16BF;
+  } else {
+    cast_kernel<<<blocks, 256, 0, stream>>>(x, static_cast<__half*>(cast_buf), n);
+    type = CUDA_R_16F;
+  }
+  WEFT_CUDA_CHECK(cudaGetLastError());
+  WEFT_CUBLAS_CHECK(a.gemm_ex(handle, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, type, K, cast_buf, type, K, &beta,
+                              y, CUDA_R_32F, N, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT));
+}
+
+void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K) {
+  WEFT_CHECK(w_dtype == DType::F32 || w_dtype == DType::F16 || w_dtype == DType::BF16, "matmul",
+             "w dtype ", dtype_name(w_dtype), " is not a float type");
+  WEFT_CHECK(T >= 0 && N >= 0 && K >= 0 && T <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, "matmul",
+             "shape x [", T, ", ", K, "] w [", N, ", ", K, "] is out of range");
+  if (T == 0 || N == 0) return;
+  if (K == 0) {
+    WEFT_CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(T) * N * sizeof(float), impl_->stream));
+    return;
+  }
+  if (T <= kGemvMaxT) impl_->gemv(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K));
+  else impl_->gemm(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K));
+}
+
+}  // namespace weft::cuda

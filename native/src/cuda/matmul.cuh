@@ -1,0 +1,26 @@
+// weft::cuda::Matmul: y [T, N] f32 = x [T, K] f32 @ w [N, K]^T (w in f32, f16 or bf16).
+//
+// Small T (decode, T <= 8): hand-written GEMV kernels that read each weight byte once for all T tokens
+// (matmul.cu). Larger T (prefill): cuBLAS, loaded at run time (cublas-loader.h). See matmul.cu for the design.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "../tensor.h"   // weft::DType
+namespace weft::cuda {
+class Matmul {  // one per engine; owns the cuBLAS handle and scratch
+ public:
+  explicit Matmul(cudaStream_t stream);
+  ~Matmul();
+  Matmul(const Matmul&) = delete;
+  Matmul& operator=(const Matmul&) = delete;
+  // y [T, N] f32 = x [T, K] f32 @ w [N, K]^T, w in f32/f16/bf16. Small T: hand-written GEMV kernels; large T: cuBLAS.
+  // Capturable in a CUDA graph for T <= 8 (no allocation, no sync on that path). Throws weft::Error on failure.
+  void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K);
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
+// Read-only streaming bandwidth of the device in GB/s over a buffer of `bytes`, best of `iterations`.
+double measure_read_bandwidth(size_t bytes, int iterations, cudaStream_t stream);
+}
