@@ -6,6 +6,21 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { startCluster, type Cluster } from './cluster.ts';
 import { WeftError, isWeftError } from './errors.ts';
 import { runWorker } from '../worker/main.ts';
+import { WORKER_SECRET_ENV } from './worker-group.ts';
+import { readFileSync } from 'node:fs';
+
+/** The worker's shared secret: from --secret-file, else the environment (spawned workers); never from argv. */
+function workerSecret(file: string | undefined): { secret?: string } {
+  if (file !== undefined) {
+    try {
+      return { secret: readFileSync(file, 'utf8').trim() };
+    } catch (err) {
+      throw new WeftError('WEFT_BAD_REQUEST', `cannot read --secret-file ${file}: ${(err as Error).message}`);
+    }
+  }
+  const secret = process.env[WORKER_SECRET_ENV];
+  return secret ? { secret } : {};
+}
 
 function integer(name: string, min: number) {
   return (value: string): number => {
@@ -124,6 +139,7 @@ function buildProgram(): Command {
     .requiredOption('--world <n>', 'ranks in the group', integer('--world', 1))
     .option('--parent-pid <pid>', 'exit when this process is gone', integer('--parent-pid', 1))
     .option('--collective-host <host>', 'interface the rank-0 collective hub binds', '127.0.0.1')
+    .option('--secret-file <path>', `file holding the group's shared secret (else $${WORKER_SECRET_ENV})`)
     .option('--coordinator-timeout <ms>', 'exit when the coordinator is silent this long', integer('--coordinator-timeout', 1), 15000)
     .action(async (flags) => {
       if (flags.rank >= flags.world) throw new WeftError('WEFT_BAD_REQUEST', `--rank ${flags.rank} must be below --world ${flags.world}`);
@@ -133,6 +149,7 @@ function buildProgram(): Command {
         world: flags.world,
         collectiveHost: flags.collectiveHost,
         coordinatorTimeoutMs: flags.coordinatorTimeout,
+        ...workerSecret(flags.secretFile as string | undefined),
         ...(flags.parentPid !== undefined && { parentPid: flags.parentPid }),
       });
     });

@@ -1,20 +1,24 @@
 /**
- * A running cluster: the model's spec and tokenizer, its shard plan, one worker group, and the requests it
- * runs. Everything is checked before a worker starts (the model's config, the split, the tokenizer), so a
- * model that cannot run is refused before any weight byte is read.
+ * A running cluster: the model's spec and tokenizer, its shard plan, one worker group, and the scheduler that
+ * batches requests onto it. Everything is checked before a worker starts (the model's config, the split, the
+ * tokenizer), so a model that cannot run is refused before any weight byte is read.
+ *
+ * States: loading → ready ⇄ recovering, and failed / closed. With `recover`, a worker fault ends the running
+ * requests with the error naming the rank, the group re-forms (every rank restarted and initialised again) and
+ * queued requests run once it is ready; after `maxRecoveries` failed attempts in a row the cluster is failed.
  */
-import { join } from 'node:path';
+import { join, basename, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { existsSync } from 'node:fs';
 import { readModelSpec, type ModelSpec } from './model-spec.ts';
 import { planShards, type ShardPlan } from './shard-plan.ts';
 import { loadTokenizer, type WeftTokenizer } from './tokenizer.ts';
 import { parseSamplingParams, validatePromptIds } from './sampling-params.ts';
-import { WorkerGroup } from './worker-group.ts';
-import { generateSequence, type GenerationEvent } from './generate.ts';
+import { WorkerGroup, type RankStatus } from './worker-group.ts';
+import { SequenceState, type GenerationEvent } from './generate.ts';
+import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { WeftError } from './errors.ts';
-import { toFloat32 } from './wire.ts';
-import type { StepBatch, StepResult } from '../worker/protocol.ts';
+import type { InitCommand } from '../worker/protocol.ts';
 
 export interface ClusterOptions {
   /** Hugging Face model directory (config.json, safetensors, tokenizer.json). */
@@ -31,8 +35,29 @@ export interface ClusterOptions {
   readonly threads?: number;
   /** A silent worker is declared dead after this long. Defaults to 30000 ms. */
   readonly heartbeatTimeoutMs?: number;
+  /** Every rank must have joined within this. Defaults to 60000 ms. */
+  readonly joinTimeoutMs?: number;
+  /** 'spawn': start the workers as child processes (the default); 'external': wait for `weft worker` processes (pm2). */
+  readonly workers?: 'spawn' | 'external';
+  /** Host and port of the socket workers connect to. Defaults to 127.0.0.1 and a free port. */
+  readonly workerHost?: string;
+  readonly workerPort?: number;
+  /** Shared secret external workers present in hello. Defaults to none (spawned workers get a random one). */
+  readonly workerSecret?: string;
+  /** Re-form the worker group after a fault instead of failing for good. Defaults to false. */
+  readonly recover?: boolean;
+  /** Failed re-form attempts in a row before the cluster gives up. Defaults to 3. */
+  readonly maxRecoveries?: number;
+  /** Requests waiting for a KV slot at most; more are refused with WEFT_BUSY. Defaults to 64. */
+  readonly maxQueue?: number;
+  /** Deadline of every request from submission, in ms; 0 for none. Defaults to 0. */
+  readonly requestTimeoutMs?: number;
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
+  readonly onStateChange?: (state: ClusterState, detail: string) => void;
+  readonly observer?: SchedulerObserver;
 }
+
+export type ClusterState = 'loading' | 'ready' | 'recovering' | 'failed' | 'closed';
 
 export interface GenerateRequest {
   /** Text prompt, encoded with the model's tokenizer (BOS added). */
@@ -43,6 +68,13 @@ export interface GenerateRequest {
   readonly sampling?: Record<string, unknown>;
 }
 
+export interface RequestOptions {
+  /** Cancels the request; its KV slot is freed at once. */
+  readonly signal?: AbortSignal;
+  /** Deadline in ms from submission. Defaults to the cluster's requestTimeoutMs. */
+  readonly timeoutMs?: number;
+}
+
 export interface ScoreResult {
   /** entry i (i >= 1) is log p(ids[i] | ids[0..i-1]); entry 0 is null */
   readonly logprobs: (number | null)[];
@@ -50,23 +82,64 @@ export interface ScoreResult {
   readonly full?: Float32Array[];
 }
 
+export interface ModelInfo {
+  readonly name: string;
+  readonly architecture: string;
+  readonly vocabSize: number;
+  readonly maxContext: number;
+  readonly tp: number;
+  readonly device: 'cpu' | 'cuda';
+  readonly kvSlots: number;
+  readonly bosTokenId: number | null;
+  readonly eosTokenIds: readonly number[];
+}
+
+export interface ClusterStats {
+  readonly state: ClusterState;
+  readonly detail: string;
+  readonly waiting: number;
+  readonly running: number;
+  readonly kvSlotsUsed: number;
+  readonly kvSlots: number;
+  readonly reforms: number;
+  readonly ranks: RankStatus[];
+}
+
 export class Cluster {
-  private readonly freeSlots: number[];
-  /** steps run one at a time (continuous batching comes with the scheduler) */
-  private stepChain: Promise<unknown> = Promise.resolve();
+  private readonly scheduler: Scheduler;
+  private group!: WorkerGroup;
+  private stateValue: ClusterState = 'loading';
+  private detail = 'loading weights';
+  private recovering = false;
+  private reformCount = 0;
+  /** resolves when the cluster first becomes ready; rejects if it never does */
+  readonly ready: Promise<void>;
 
   private constructor(
     readonly spec: ModelSpec,
     readonly plan: ShardPlan,
     readonly tokenizer: WeftTokenizer,
     readonly maxContext: number,
-    private readonly group: WorkerGroup,
-    private readonly kvSlots: number,
+    private readonly options: ClusterOptions,
+    private readonly initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>,
+    groupStarting: Promise<WorkerGroup>,
   ) {
-    this.freeSlots = Array.from({ length: kvSlots }, (_, i) => i);
+    this.scheduler = new Scheduler(
+      {
+        kvSlots: initCommand.kvSlots,
+        maxQueue: options.maxQueue ?? 64,
+        step: (batch) => this.group.step(batch),
+        onStepFailure: (err) => this.onFault(err),
+        ...(options.observer && { observer: options.observer }),
+      },
+      true,
+    );
+    this.ready = this.bringUp(groupStarting);
+    this.ready.catch(() => undefined);
   }
 
-  static async start(options: ClusterOptions): Promise<Cluster> {
+  /** Check the model and start loading it; `cluster.ready` resolves when every rank has its weights. */
+  static async open(options: ClusterOptions): Promise<Cluster> {
     const spec = readModelSpec(options.modelDir);
     const tp = options.tp ?? 1;
     const plan = planShards(spec, tp);
@@ -78,31 +151,107 @@ export class Cluster {
     const maxContext = Math.min(spec.maxContext, options.maxContext ?? 4096);
     const kvSlots = options.kvSlots ?? 4;
     const threads = options.threads ?? Math.max(1, Math.floor(availableParallelism() / tp));
-    const group = await WorkerGroup.start({
+    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, threads };
+    let cluster: Cluster | null = null;
+    const group = WorkerGroup.bind({
       world: tp,
-      spawnLocal: true,
+      spawnLocal: (options.workers ?? 'spawn') === 'spawn',
+      ...(options.workerHost !== undefined && { bindHost: options.workerHost }),
+      ...(options.workerPort !== undefined && { port: options.workerPort }),
+      ...(options.workerSecret !== undefined && { secret: options.workerSecret }),
       ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
+      ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
       ...(options.onProgress && { onProgress: options.onProgress }),
+      onFailure: (err) => cluster?.onFault(err),
     });
+    await group; // a port already in use fails here, before the cluster exists
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group);
+    return cluster;
+  }
+
+  /** Check the model, start every worker and load the weights; resolves when the cluster is ready. */
+  static async start(options: ClusterOptions): Promise<Cluster> {
+    const cluster = await Cluster.open(options);
     try {
-      await group.init({ modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, threads });
+      await cluster.ready;
     } catch (err) {
-      await group.close();
+      await cluster.close();
       throw err;
     }
-    return new Cluster(spec, plan, tokenizer, maxContext, group, kvSlots);
+    return cluster;
   }
 
-  private step(batch: StepBatch): Promise<StepResult> {
-    const result = this.stepChain.then(() => this.group.step(batch));
-    this.stepChain = result.catch(() => undefined);
-    return result;
+  get state(): ClusterState {
+    return this.stateValue;
   }
 
-  private takeSlot(): number {
-    const slot = this.freeSlots.shift();
-    if (slot === undefined) throw new WeftError('WEFT_BAD_REQUEST', `all ${this.kvSlots} KV slots are busy`);
-    return slot;
+  private setState(state: ClusterState, detail: string): void {
+    if (this.stateValue === 'closed') return;
+    this.stateValue = state;
+    this.detail = detail;
+    this.options.onStateChange?.(state, detail);
+  }
+
+  private async bringUp(groupStarting: Promise<WorkerGroup>): Promise<void> {
+    this.group = await groupStarting;
+    try {
+      await this.group.join();
+      await this.group.init(this.initCommand);
+    } catch (err) {
+      if (!this.options.recover || this.stateValue === 'closed') {
+        this.setState('failed', (err as Error).message);
+        this.scheduler.failAll(err as Error);
+        throw err;
+      }
+      // a fault while loading: re-form like any other
+      await this.recover(err as Error);
+      if (this.stateValue !== 'ready') throw err;
+      return;
+    }
+    this.setState('ready', `serving ${this.info().name} on ${this.plan.tp} ranks`);
+    this.scheduler.resume();
+  }
+
+  /** A worker fault: fail the running requests, then re-form (with `recover`) or fail for good. */
+  private onFault(err: Error): void {
+    if (this.stateValue === 'closed' || this.stateValue === 'loading' || this.recovering) return;
+    this.scheduler.failRunning(err);
+    if (!this.options.recover) {
+      this.setState('failed', err.message);
+      this.scheduler.failAll(err);
+      return;
+    }
+    void this.recover(err);
+  }
+
+  private async recover(cause: Error): Promise<void> {
+    if (this.recovering) return;
+    this.recovering = true;
+    this.scheduler.pause();
+    this.setState('recovering', `re-forming the worker group after: ${cause.message}`);
+    const attempts = this.options.maxRecoveries ?? 3;
+    let last = cause;
+    try {
+      for (let attempt = 1; attempt <= attempts; attempt++) {
+        if (this.stateValue === 'closed') return;
+        try {
+          await this.group.reform();
+          await this.group.init(this.initCommand);
+          this.reformCount++;
+          this.setState('ready', `serving again after re-forming the group (${cause.message})`);
+          this.scheduler.resume();
+          return;
+        } catch (err) {
+          last = err as Error;
+          process.stderr.write(`weft: re-forming the worker group failed (attempt ${attempt} of ${attempts}): ${last.message}\n`);
+        }
+      }
+      const fatal = new WeftError('WEFT_WORKER_DIED', `the worker group could not be re-formed after ${attempts} attempts: ${last.message}`);
+      this.setState('failed', fatal.message);
+      this.scheduler.failAll(fatal);
+    } finally {
+      this.recovering = false;
+    }
   }
 
   private promptIds(request: GenerateRequest): number[] {
@@ -112,50 +261,69 @@ export class Cluster {
     return validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
   }
 
-  /** Stream a generation: token events, then one `done` event with the totals. */
-  async *generate(request: GenerateRequest): AsyncGenerator<GenerationEvent> {
+  /**
+   * Queue a generation; throws at once on a bad request (WEFT_BAD_REQUEST), a full queue (WEFT_BUSY) or a
+   * failed cluster. Its events end with `done`, or with an error (worker fault, timeout, cancel).
+   */
+  submit(request: GenerateRequest, options: RequestOptions = {}): GenerationHandle {
+    if (this.stateValue === 'closed') throw new WeftError('WEFT_CLOSED', 'the cluster is closed');
     const promptIds = this.promptIds(request);
     const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
-    const slot = this.takeSlot();
+    const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
+    const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
+    const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);
+    const { signal } = options;
+    if (signal) {
+      const onAbort = (): void => handle.cancel(new WeftError('WEFT_CANCELLED', 'the request was aborted'));
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    }
+    return handle;
+  }
+
+  /** Stream a generation: token events, then one `done` event with the totals. Leaving the loop cancels it. */
+  async *generate(request: GenerateRequest, options: RequestOptions = {}): AsyncGenerator<GenerationEvent> {
+    const handle = this.submit(request, options);
     try {
-      yield* generateSequence({
-        slot,
-        promptIds,
-        params,
-        eosTokenIds: this.tokenizer.eosTokenIds,
-        step: (batch) => this.step(batch),
-        decoder: this.tokenizer.createStreamDecoder(),
-      });
+      yield* handle.events;
     } finally {
-      this.freeSlots.push(slot);
+      handle.cancel();
     }
   }
 
   /** Log-probabilities of each token of `ids` given the ones before it, in one forward pass. */
-  async score(ids: readonly number[], options: { full?: boolean } = {}): Promise<ScoreResult> {
+  async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number } = {}): Promise<ScoreResult> {
+    if (this.stateValue === 'closed') throw new WeftError('WEFT_CLOSED', 'the cluster is closed');
     const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
-    const slot = this.takeSlot();
-    try {
-      const positions = promptIds.map((_, i) => i);
-      const full = options.full === true;
-      const rows = full ? positions : positions.slice(0, -1);
-      if (rows.length === 0) return { logprobs: [null] };
-      const result = await this.step({
-        tokens: promptIds,
-        slots: promptIds.map(() => slot),
-        positions,
-        logitRows: rows,
-        scoreIds: rows.map((r) => promptIds[r + 1] ?? 0),
-        ...(full && { fullLogprobs: true }),
-      });
-      const logprobs = [null, ...(result.logprobs ?? []).slice(0, promptIds.length - 1)];
-      if (!full || !result.fullLogprobs) return { logprobs };
-      const flat = toFloat32(result.fullLogprobs);
-      const vocab = flat.length / rows.length;
-      return { logprobs, full: rows.map((r) => flat.slice(r * vocab, (r + 1) * vocab)) };
-    } finally {
-      this.freeSlots.push(slot);
-    }
+    const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
+    return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined);
+  }
+
+  info(): ModelInfo {
+    return {
+      name: basename(resolve(this.options.modelDir)),
+      architecture: this.spec.architecture,
+      vocabSize: this.spec.vocabSize,
+      maxContext: this.maxContext,
+      tp: this.plan.tp,
+      device: this.initCommand.device,
+      kvSlots: this.initCommand.kvSlots,
+      bosTokenId: this.tokenizer.bosTokenId,
+      eosTokenIds: this.tokenizer.eosTokenIds,
+    };
+  }
+
+  stats(): ClusterStats {
+    return {
+      state: this.stateValue,
+      detail: this.detail,
+      waiting: this.scheduler.waiting,
+      running: this.scheduler.active,
+      kvSlotsUsed: this.scheduler.slotsInUse,
+      kvSlots: this.initCommand.kvSlots,
+      reforms: this.reformCount,
+      ranks: this.group?.status() ?? [],
+    };
   }
 
   /** Process ids of the workers, by rank. */
@@ -164,7 +332,10 @@ export class Cluster {
   }
 
   async close(): Promise<void> {
-    await this.group.close();
+    if (this.stateValue === 'closed') return;
+    this.setState('closed', 'the cluster was closed');
+    this.scheduler.failAll(new WeftError('WEFT_CLOSED', 'the cluster was closed'));
+    await this.group?.close();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

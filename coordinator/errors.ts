@@ -13,6 +13,8 @@ export type WeftErrorCode =
   | 'WEFT_PROTOCOL' // malformed or unexpected control-plane message
   | 'WEFT_NATIVE' // the native engine raised (shape check, CUDA/NCCL error)
   | 'WEFT_TIMEOUT'
+  | 'WEFT_BUSY' // the request queue is full: retry later
+  | 'WEFT_CANCELLED' // the caller cancelled the request (AbortSignal, cancel message, closed connection)
   | 'WEFT_CLOSED'; // the cluster was shut down
 
 export class WeftError extends Error {

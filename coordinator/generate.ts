@@ -1,10 +1,9 @@
 /**
- * The generation loop for one sequence: prefill the prompt, then decode one token per step until EOS, a stop
- * token or the token budget. Tokens stream out as they are sampled. The random numbers come from the
- * request's seed, one uniform per sampled token, so the same seed gives the same tokens on any TP degree
- * and backend.
+ * What a generation streams out, and the state of one sequence between steps: prefill the prompt, then one
+ * token per decode step until EOS, a stop token or the token budget. The scheduler (scheduler.ts) puts many
+ * sequences into one step; each keeps its own seeded random stream (one uniform per sampled token), so the same
+ * seed gives the same tokens on any TP degree, backend and batch mix.
  */
-import type { StepBatch, StepResult } from '../worker/protocol.ts';
 import type { SamplingParams } from './sampling-params.ts';
 import { SeededRng } from './rng.ts';
 
@@ -31,60 +30,62 @@ export interface GenerationDone {
 
 export type GenerationEvent = GeneratedToken | GenerationDone;
 
-export interface SequenceContext {
-  readonly slot: number;
-  readonly promptIds: readonly number[];
-  readonly params: SamplingParams;
-  readonly eosTokenIds: readonly number[];
-  readonly step: (batch: StepBatch) => Promise<StepResult>;
-  readonly decoder: { push(id: number): string; flush(): string };
-}
+/** One sequence's progress: what to feed next, where it goes in its KV slot, what came out. */
+export class SequenceState {
+  private readonly rng: SeededRng;
+  private readonly stopIds: Set<number>;
+  /** tokens to feed in the next step: the prompt first, then the last sampled token */
+  input: readonly number[];
+  /** tokens already in the KV cache (the position of input[0]) */
+  position = 0;
+  readonly generated: number[] = [];
+  private text = '';
+  readonly startedAt = performance.now();
+  firstTokenAt: number | null = null;
 
-export async function* generateSequence(ctx: SequenceContext): AsyncGenerator<GenerationEvent> {
-  const { params, slot } = ctx;
-  const rng = new SeededRng(params.seed);
-  const stopIds = new Set([...params.stopTokenIds, ...(params.ignoreEos ? [] : ctx.eosTokenIds)]);
-  const sampleOne = (tokens: readonly number[], startPosition: number): Promise<StepResult> =>
-    ctx.step({
-      tokens: [...tokens],
-      slots: tokens.map(() => slot),
-      positions: tokens.map((_, i) => startPosition + i),
-      logitRows: [tokens.length - 1],
-      sample: { temperature: [params.temperature], topK: [params.topK], topP: [params.topP], uniform: [rng.nextUniform()] },
-    });
-
-  const started = performance.now();
-  let firstTokenAt = started;
-  const generated: number[] = [];
-  let text = '';
-  let input: readonly number[] = ctx.promptIds;
-  let position = 0;
-  let finishReason: FinishReason = 'length';
-  while (generated.length < params.maxNewTokens) {
-    const result = await sampleOne(input, position);
-    const token = result.tokens?.[0];
-    if (token === undefined) throw new Error('step returned no token');
-    if (generated.length === 0) firstTokenAt = performance.now();
-    position += input.length;
-    input = [token];
-    generated.push(token);
-    if (stopIds.has(token)) {
-      finishReason = 'stop';
-      break;
-    }
-    const piece = ctx.decoder.push(token);
-    text += piece;
-    yield { type: 'token', token, text: piece };
+  constructor(
+    readonly promptIds: readonly number[],
+    readonly params: SamplingParams,
+    eosTokenIds: readonly number[],
+    private readonly decoder: { push(id: number): string; flush(): string },
+  ) {
+    this.rng = new SeededRng(params.seed);
+    this.stopIds = new Set([...params.stopTokenIds, ...(params.ignoreEos ? [] : eosTokenIds)]);
+    this.input = promptIds;
   }
-  text += ctx.decoder.flush();
-  const decodeSeconds = (performance.now() - firstTokenAt) / 1000;
-  yield {
-    type: 'done',
-    tokens: generated,
-    text,
-    finishReason,
-    promptTokens: ctx.promptIds.length,
-    timeToFirstTokenS: (firstTokenAt - started) / 1000,
-    decodeTokensPerS: generated.length > 1 && decodeSeconds > 0 ? (generated.length - 1) / decodeSeconds : 0,
-  };
+
+  /** The next uniform of this request's random stream (one per sampled token). */
+  nextUniform(): number {
+    return this.rng.nextUniform();
+  }
+
+  /** Take a sampled token; returns the events it produces (a token, and `done` when the sequence ends). */
+  accept(token: number): GenerationEvent[] {
+    if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
+    this.position += this.input.length;
+    this.input = [token];
+    this.generated.push(token);
+    if (this.stopIds.has(token)) return [this.finish('stop')];
+    const piece = this.decoder.push(token);
+    this.text += piece;
+    const events: GenerationEvent[] = [{ type: 'token', token, text: piece }];
+    if (this.generated.length >= this.params.maxNewTokens) events.push(this.finish('length'));
+    return events;
+  }
+
+  private finish(finishReason: FinishReason): GenerationDone {
+    this.text += this.decoder.flush();
+    const firstTokenAt = this.firstTokenAt ?? performance.now();
+    const decodeSeconds = (performance.now() - firstTokenAt) / 1000;
+    const n = this.generated.length;
+    return {
+      type: 'done',
+      tokens: [...this.generated],
+      text: this.text,
+      finishReason,
+      promptTokens: this.promptIds.length,
+      timeToFirstTokenS: (firstTokenAt - this.startedAt) / 1000,
+      decodeTokensPerS: n > 1 && decodeSeconds > 0 ? (n - 1) / decodeSeconds : 0,
+    };
+  }
 }

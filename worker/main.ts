@@ -4,6 +4,7 @@
  * pinging or its parent process is gone, so a dead coordinator never leaves workers behind.
  */
 import * as zmq from 'zeromq';
+import { hostname } from 'node:os';
 import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../coordinator/wire.ts';
 import { isWeftError } from '../coordinator/errors.ts';
 import { parseCoordinatorMessage, type InitCommand, type StepBatch, type WorkerMessage } from './protocol.ts';
@@ -20,6 +21,8 @@ export interface WorkerOptions {
   collectiveHost: string;
   /** exit when the coordinator is silent this long */
   coordinatorTimeoutMs: number;
+  /** the group's shared secret, sent in hello (spawned workers get it in WEFT_WORKER_SECRET) */
+  secret?: string;
 }
 
 const HEARTBEAT_MS = 500;
@@ -53,7 +56,19 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   process.once('SIGTERM', () => stop(0));
   process.once('SIGINT', () => stop(0));
 
-  post({ v: PROTOCOL_VERSION, type: 'hello', rank, world, pid: process.pid, collectiveEndpoint: hub?.endpoint ?? null });
+  post({
+    v: PROTOCOL_VERSION,
+    type: 'hello',
+    rank,
+    world,
+    pid: process.pid,
+    collectiveEndpoint: hub?.endpoint ?? null,
+    hostname: hostname(),
+    ...(options.secret !== undefined && { secret: options.secret }),
+  });
+  // A worker serves one coordinator instance. When another one pings (the coordinator restarted), this process
+  // exits so that its supervisor (pm2) starts it fresh and it joins the new coordinator with a new hello.
+  let session: string | null = null;
 
   // Commands run strictly in order; pings are answered at once, even while a command is running.
   let commands: Promise<void> = Promise.resolve();
@@ -81,6 +96,10 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
       if (message.type === 'init') reply(message.id, () => state.init(message as InitCommand));
       else if (message.type === 'step') reply(message.id, () => state.step(message.batch as StepBatch));
       else if (message.type === 'shutdown') stop(0);
+      else if (message.type === 'ping' && message.session !== undefined) {
+        session ??= message.session;
+        if (session !== message.session) stop(1, `coordinator ${options.coordinator} restarted (new session), exiting to rejoin it`);
+      }
     }
   } catch (err) {
     if (exitCode === null) throw err;

@@ -66,6 +66,8 @@ export interface InitCommand {
   threads: number;
   /** where rank 0's collective hub listens (CPU collectives) */
   collectiveRoot: string;
+  /** NCCL unique id (128 bytes) of the group's communicator (cuda groups of more than one rank) */
+  ncclId?: Uint8Array;
 }
 
 const initSchema = z
@@ -81,31 +83,45 @@ const initSchema = z
     maxContext: int.positive(),
     threads: int.positive(),
     collectiveRoot: z.string(),
+    ncclId: z.instanceof(Uint8Array).optional(),
   })
   .strict();
 
 const coordinatorMessageSchema = z.discriminatedUnion('type', [
   initSchema,
   z.object({ v: int, type: z.literal('step'), id: nonNegInt, batch: stepBatchSchema }).strict(),
-  z.object({ v: int, type: z.literal('ping') }).strict(),
+  /** `session` names the coordinator instance: a worker that sees it change knows its coordinator restarted */
+  z.object({ v: int, type: z.literal('ping'), session: z.string().max(64).optional() }).strict(),
   z.object({ v: int, type: z.literal('shutdown') }).strict(),
 ]);
 
 export type CoordinatorMessage =
   | InitCommand
   | { v: number; type: 'step'; id: number; batch: StepBatch }
-  | { v: number; type: 'ping' }
+  | { v: number; type: 'ping'; session?: string }
   | { v: number; type: 'shutdown' };
 
 export type WorkerMessage =
-  | { v: number; type: 'hello'; rank: number; world: number; pid: number; collectiveEndpoint: string | null }
+  /** `secret`: the group's shared secret, when the coordinator has one; `hostname`: lets a coordinator on the same host watch the pid */
+  | { v: number; type: 'hello'; rank: number; world: number; pid: number; collectiveEndpoint: string | null; secret?: string; hostname?: string }
   | { v: number; type: 'heartbeat'; rank: number }
   | { v: number; type: 'progress'; rank: number; bytesRead: number; bytesTotal: number }
   | { v: number; type: 'reply'; rank: number; id: number; ok: true; result: unknown }
   | { v: number; type: 'reply'; rank: number; id: number; ok: false; error: { code: string; message: string } };
 
 const workerMessageSchema = z.union([
-  z.object({ v: int, type: z.literal('hello'), rank: nonNegInt, world: int.positive(), pid: int.positive(), collectiveEndpoint: z.string().nullable() }).strict(),
+  z
+    .object({
+      v: int,
+      type: z.literal('hello'),
+      rank: nonNegInt,
+      world: int.positive(),
+      pid: int.positive(),
+      collectiveEndpoint: z.string().nullable(),
+      secret: z.string().max(256).optional(),
+      hostname: z.string().max(256).optional(),
+    })
+    .strict(),
   z.object({ v: int, type: z.literal('heartbeat'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('progress'), rank: nonNegInt, bytesRead: nonNegInt, bytesTotal: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, ok: z.literal(true), result: z.unknown() }).strict(),

@@ -1,0 +1,323 @@
+/**
+ * Continuous batching over the KV slots: `schedule` → `execute` → `update`, one step at a time.
+ *
+ * - Admission: a request waits in a bounded FIFO queue until a KV slot is free (`kvSlots` slots of `maxContext`
+ *   tokens each, on every rank); a full queue refuses at once with WEFT_BUSY, so memory stays bounded.
+ * - A step carries one decode token for every running sequence plus the whole prompt of newly admitted ones
+ *   (while `maxBatchTokens` allows; at least one prompt per step), one logit row per sequence. Scoring runs as
+ *   its own step between them.
+ * - Cancellation (AbortSignal, a closed stream, a cancel message) and the per-request deadline free the slot at
+ *   once: a new sequence overwrites the slot from position 0, and attention only reads positions it wrote.
+ * - A failed step (a worker fault) ends every running sequence with that error; queued requests stay queued
+ *   while the cluster re-forms (`pause`/`resume`), each still bounded by its deadline.
+ */
+import type { StepBatch, StepResult } from '../worker/protocol.ts';
+import { WeftError } from './errors.ts';
+import type { GenerationEvent, SequenceState } from './generate.ts';
+import { toFloat32 } from './wire.ts';
+
+/** A single-consumer async queue of events that ends with `close()` or `fail(err)`. */
+export class Channel<T> implements AsyncIterable<T> {
+  private readonly items: T[] = [];
+  private waiter: (() => void) | null = null;
+  private ended = false;
+  private error: Error | null = null;
+
+  push(item: T): void {
+    if (this.ended) return;
+    this.items.push(item);
+    this.wake();
+  }
+  close(): void {
+    this.ended = true;
+    this.wake();
+  }
+  fail(err: Error): void {
+    if (this.ended) return;
+    this.error = err;
+    this.ended = true;
+    this.wake();
+  }
+  get closed(): boolean {
+    return this.ended;
+  }
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
+  }
+  async *[Symbol.asyncIterator](): AsyncIterator<T> {
+    for (;;) {
+      const item = this.items.shift();
+      if (item !== undefined) {
+        yield item;
+        continue;
+      }
+      if (this.error) throw this.error;
+      if (this.ended) return;
+      await new Promise<void>((resolve) => (this.waiter = resolve));
+    }
+  }
+}
+
+export interface ScoreOutput {
+  logprobs: (number | null)[];
+  full?: Float32Array[];
+}
+
+/** Hooks for metrics; every one optional. */
+export interface SchedulerObserver {
+  firstToken?(seconds: number): void;
+  tokens?(count: number): void;
+  finished?(outcome: 'stop' | 'length' | 'error' | 'cancelled' | 'timeout', seconds: number): void;
+  rejected?(reason: 'busy'): void;
+}
+
+export interface SchedulerOptions {
+  readonly kvSlots: number;
+  /** requests waiting for a slot at most; one more is refused with WEFT_BUSY */
+  readonly maxQueue: number;
+  /** tokens in one step at most, when more than one prompt is waiting. Defaults to 2048. */
+  readonly maxBatchTokens?: number;
+  readonly step: (batch: StepBatch) => Promise<StepResult>;
+  /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
+  readonly onStepFailure?: (err: Error) => void;
+  readonly observer?: SchedulerObserver;
+}
+
+interface JobBase {
+  slot: number | null;
+  finished: boolean;
+  timer: NodeJS.Timeout | null;
+  readonly enqueuedAt: number;
+}
+interface GenerateJob extends JobBase {
+  readonly kind: 'generate';
+  readonly seq: SequenceState;
+  readonly events: Channel<GenerationEvent>;
+}
+interface ScoreJob extends JobBase {
+  readonly kind: 'score';
+  readonly ids: readonly number[];
+  readonly full: boolean;
+  resolve(result: ScoreOutput): void;
+  reject(err: Error): void;
+}
+type Job = GenerateJob | ScoreJob;
+
+/** A handle on a submitted generation. */
+export interface GenerationHandle {
+  readonly events: AsyncIterable<GenerationEvent>;
+  cancel(reason?: Error): void;
+}
+
+export class Scheduler {
+  private readonly queue: Job[] = [];
+  private readonly running = new Set<Job>();
+  private readonly freeSlots: number[];
+  private looping = false;
+  private paused: boolean;
+  private fatal: Error | null = null;
+
+  constructor(private readonly options: SchedulerOptions, startPaused = false) {
+    this.freeSlots = Array.from({ length: options.kvSlots }, (_, i) => i);
+    this.paused = startPaused;
+  }
+
+  get waiting(): number {
+    return this.queue.length;
+  }
+  get active(): number {
+    return this.running.size;
+  }
+  get slotsInUse(): number {
+    return this.options.kvSlots - this.freeSlots.length;
+  }
+
+  /** Queue a generation. Throws WEFT_BUSY when the queue is full. */
+  submitGenerate(seq: SequenceState, timeoutMs?: number): GenerationHandle {
+    const job: GenerateJob = { kind: 'generate', seq, events: new Channel(), slot: null, finished: false, timer: null, enqueuedAt: performance.now() };
+    this.enqueue(job, timeoutMs);
+    return { events: job.events, cancel: (reason) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), 'cancelled') };
+  }
+
+  /** Queue a scoring pass. Throws WEFT_BUSY when the queue is full. */
+  submitScore(ids: readonly number[], full: boolean, timeoutMs?: number): Promise<ScoreOutput> {
+    return new Promise((resolve, reject) => {
+      const job: ScoreJob = { kind: 'score', ids, full, resolve, reject, slot: null, finished: false, timer: null, enqueuedAt: performance.now() };
+      this.enqueue(job, timeoutMs);
+    });
+  }
+
+  private enqueue(job: Job, timeoutMs: number | undefined): void {
+    if (this.fatal) throw this.fatal;
+    if (this.queue.length >= this.options.maxQueue) {
+      this.options.observer?.rejected?.('busy');
+      throw new WeftError('WEFT_BUSY', `the server is busy: ${this.running.size} requests running and ${this.queue.length} queued (the queue holds ${this.options.maxQueue}); retry later`);
+    }
+    if (timeoutMs !== undefined && timeoutMs > 0)
+      job.timer = setTimeout(() => this.end(job, new WeftError('WEFT_TIMEOUT', `the request did not finish within its timeout of ${timeoutMs} ms`), 'timeout'), timeoutMs);
+    this.queue.push(job);
+    this.kick();
+  }
+
+  /** Stop starting steps (the cluster is loading or re-forming); queued requests wait. */
+  pause(): void {
+    this.paused = true;
+  }
+  resume(): void {
+    this.paused = false;
+    this.kick();
+  }
+
+  /** End every running sequence with `err` and free its slot (their KV is gone with the failed group). */
+  failRunning(err: Error): void {
+    for (const job of [...this.running]) this.end(job, err, 'error');
+  }
+
+  /** Refuse everything from now on: queued and running requests end with `err`. */
+  failAll(err: Error): void {
+    this.fatal = err;
+    for (const job of [...this.queue, ...this.running]) this.end(job, err, 'error');
+  }
+
+  /** Finish a job early (error, cancel, timeout): free its slot, tell its consumer. Idempotent. */
+  private end(job: Job, err: Error, outcome: 'error' | 'cancelled' | 'timeout'): void {
+    if (job.finished) return;
+    this.release(job);
+    this.options.observer?.finished?.(outcome, (performance.now() - job.enqueuedAt) / 1000);
+    if (job.kind === 'generate') job.events.fail(err);
+    else job.reject(err);
+  }
+
+  private release(job: Job): void {
+    job.finished = true;
+    if (job.timer) clearTimeout(job.timer);
+    const q = this.queue.indexOf(job);
+    if (q >= 0) this.queue.splice(q, 1);
+    if (this.running.delete(job) && job.slot !== null) {
+      this.freeSlots.push(job.slot);
+      job.slot = null;
+    }
+    if (this.queue.length > 0) this.kick();
+  }
+
+  private kick(): void {
+    if (this.looping || this.paused) return;
+    this.looping = true;
+    void this.loop().finally(() => {
+      this.looping = false;
+      if (!this.paused && this.queue.length + this.running.size > 0) this.kick();
+    });
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.paused) {
+      this.admit();
+      const work = this.schedule();
+      if (!work) return;
+      let result: StepResult;
+      try {
+        result = await this.options.step(work.batch);
+      } catch (err) {
+        this.failRunning(err as Error);
+        this.options.onStepFailure?.(err as Error);
+        continue;
+      }
+      this.update(work, result);
+    }
+  }
+
+  /** Give free slots to queued jobs, first come first served. */
+  private admit(): void {
+    while (this.freeSlots.length > 0 && this.queue.length > 0) {
+      const job = this.queue.shift()!;
+      job.slot = this.freeSlots.shift()!;
+      this.running.add(job);
+    }
+  }
+
+  /** Build the next step: a score job alone, else every decoding sequence plus the prompts that fit. */
+  private schedule(): { batch: StepBatch; rows: Job[] } | null {
+    const score = [...this.running].find((j): j is ScoreJob => j.kind === 'score');
+    if (score) return this.scoreStep(score);
+    const gens = [...this.running].filter((j): j is GenerateJob => j.kind === 'generate');
+    if (gens.length === 0) return null;
+    const decoding = gens.filter((j) => j.seq.position > 0);
+    const prefilling = gens.filter((j) => j.seq.position === 0);
+    const budget = this.options.maxBatchTokens ?? 2048;
+    const rows: GenerateJob[] = [...decoding];
+    let tokens = decoding.length;
+    for (const job of prefilling) {
+      if (rows.length > decoding.length && tokens + job.seq.input.length > budget) break;
+      rows.push(job);
+      tokens += job.seq.input.length;
+    }
+    const batch: StepBatch = { tokens: [], slots: [], positions: [], logitRows: [], sample: { temperature: [], topK: [], topP: [], uniform: [] } };
+    for (const job of rows) {
+      const { seq } = job;
+      seq.input.forEach((token, i) => {
+        batch.tokens.push(token);
+        batch.slots.push(job.slot!);
+        batch.positions.push(seq.position + i);
+      });
+      batch.logitRows.push(batch.tokens.length - 1);
+      batch.sample!.temperature.push(seq.params.temperature);
+      batch.sample!.topK.push(seq.params.topK);
+      batch.sample!.topP.push(seq.params.topP);
+      batch.sample!.uniform.push(seq.nextUniform());
+    }
+    return { batch, rows };
+  }
+
+  private scoreStep(job: ScoreJob): { batch: StepBatch; rows: Job[] } | null {
+    const positions = job.ids.map((_, i) => i);
+    const rows = job.full ? positions : positions.slice(0, -1);
+    if (rows.length === 0) {
+      this.release(job);
+      job.resolve({ logprobs: [null] });
+      return this.schedule();
+    }
+    const batch: StepBatch = {
+      tokens: [...job.ids],
+      slots: job.ids.map(() => job.slot!),
+      positions,
+      logitRows: rows,
+      scoreIds: rows.map((r) => job.ids[r + 1] ?? 0),
+      ...(job.full && { fullLogprobs: true }),
+    };
+    return { batch, rows: [job] };
+  }
+
+  private update(work: { batch: StepBatch; rows: Job[] }, result: StepResult): void {
+    const first = work.rows[0];
+    if (first?.kind === 'score') {
+      if (first.finished) return;
+      this.release(first);
+      const logprobs = [null, ...(result.logprobs ?? []).slice(0, first.ids.length - 1)];
+      if (!first.full || !result.fullLogprobs) return first.resolve({ logprobs });
+      const flat = toFloat32(result.fullLogprobs);
+      const n = work.batch.logitRows.length;
+      const vocab = flat.length / n;
+      return first.resolve({ logprobs, full: Array.from({ length: n }, (_, r) => flat.slice(r * vocab, (r + 1) * vocab)) });
+    }
+    const observer = this.options.observer;
+    work.rows.forEach((job, row) => {
+      if (job.finished || job.kind !== 'generate') return; // cancelled while the step ran
+      const token = result.tokens?.[row];
+      if (token === undefined) return this.end(job, new WeftError('WEFT_PROTOCOL', `step returned no token for row ${row}`), 'error');
+      const wasFirst = job.seq.firstTokenAt === null;
+      const events = job.seq.accept(token);
+      if (wasFirst) observer?.firstToken?.((job.seq.firstTokenAt! - job.enqueuedAt) / 1000);
+      observer?.tokens?.(1);
+      for (const event of events) {
+        job.events.push(event);
+        if (event.type === 'done') {
+          this.release(job);
+          observer?.finished?.(event.finishReason, (performance.now() - job.enqueuedAt) / 1000);
+          job.events.close();
+        }
+      }
+    });
+  }
+}
