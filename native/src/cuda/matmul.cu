@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #include "../error.h"
 #include "cublas-loader.h"
@@ -55,8 +56,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 4;           // rows per warp pass
 constexpr int kGemvMaxT = 8;       // T above this goes to cuBLAS
 constexpr int kMaxCluster = 8;
-constexpr size_t kMaxXSlice = 48 * 1024;   // target bytes of x per block
-constexpr size_t kMaxPart = 32 * 1024;     // bytes of partial sums per block (cluster path)
+constexpr size_t kMaxXSlice = 64 * 1024;   // target bytes of x per block
+constexpr size_t kMaxPart = 16 * 1024;     // bytes of partial sums per block (cluster path)
 constexpr size_t kWorkspaceBytes = 32u << 20;
 
 // Tuning overrides for the benchmark (0 = automatic).
@@ -64,14 +65,6 @@ int g_force_cluster = 0;
 int g_force_blocks_per_sm = 0;
 
 template <typename WT> struct VecOf { static constexpr int value = 16 / sizeof(WT); };
-
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
 
 // Four weights of a 16-byte vector (half h) as floats.
 template <typename WT>
@@ -137,14 +130,31 @@ struct GemvParams {
   int rows_per_cluster;   // multiple of kRows
 };
 
+constexpr int kU = 2;        // 16-byte steps per row per pipeline stage
+constexpr int kStages = 4;   // cp.async ring depth per warp (kStages - 1 stages in flight while computing)
+constexpr size_t kRingBytes = static_cast<size_t>(kWarps) * kStages * kRows * kU * 32 * 16;
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(d), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 // Grid: C * G blocks, cluster (C, 1, 1); block b: K slice b % C, rows [(b / C) * rows_per_cluster, ...).
-// Dynamic shared memory: x slice [TT][H][nv_slice] float4, then (C > 1) partials [rows_per_cluster][TT] f32.
+// Dynamic shared memory: the weight ring [kWarps][kStages][kRows * kU][32] uint4 (each lane reads back only
+// what it copied itself, so no barrier guards it), the x slice [TT][H][nv_slice] float4, then (C > 1) the
+// partial sums [rows_per_cluster][TT] f32.
+// A warp's work is a list of items (row group, chunk of kU steps); item i + kStages - 1 is copied while item
+// i is computed.
 template <typename WT, int TT>
-__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
+__global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   constexpr int VEC = VecOf<WT>::value;
   constexpr int H = VEC / 4;
   constexpr int R = kRows;
-  constexpr int U = TT >= 8 ? 2 : 4;  // steps of loads in flight per lane
+  constexpr int U = kU;
+  constexpr int S = kStages;
   constexpr int V = R * TT;
   extern __shared__ float4 smem[];
 
@@ -159,30 +169,38 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
   const int ngroups = (rows + R - 1) / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int steps = (nv + 31) / 32;
+  const int nchunks = (steps + U - 1) / U;
+  const int my_groups = ngroups > warp ? (ngroups - warp + kWarps - 1) / kWarps : 0;
+  const int nitems = my_groups * nchunks;
 
-  float4* xs = smem;
-  float* part = reinterpret_cast<float*>(smem + TT * H * p.nv_slice);
+  uint4* ring = reinterpret_cast<uint4*>(smem) + static_cast<size_t>(warp) * S * R * U * 32;
+  float4* xs = smem + kRingBytes / 16;
+  float* part = reinterpret_cast<float*>(xs + TT * H * p.nv_slice);
+  const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + v0;
 
-  const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + v0;  // vector index within a row: + v
-  auto load_chunk = [&](uint4 (&wr)[R][U], int group, int s0) {
+  auto issue = [&](int item) {
+    if (item < nitems) {
+      const int k = item / nchunks, ch = item - k * nchunks;
+      const int group = warp + k * kWarps;
+      uint4* slot = ring + (item % S) * (R * U * 32);
 #pragma unroll
-    for (int j = 0; j < U; ++j) {
-      const int v = (s0 + j) * 32 + lane;
+      for (int j = 0; j < U; ++j) {
+        const int v = (ch * U + j) * 32 + lane;
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int row = group * R + r;
-        if (v < nv && row < rows) wr[r][j] = ld_stream(wbase + static_cast<size_t>(row0 + row) * KV + v);
-        else wr[r][j] = make_uint4(0, 0, 0, 0);
+        for (int r = 0; r < R; ++r) {
+          const int row = group * R + r;
+          if (v < nv && row < rows)
+            cp_async16(slot + (r * U + j) * 32 + lane, wbase + static_cast<size_t>(row0 + row) * KV + v);
+        }
       }
     }
+    cp_async_commit();
   };
 
-  uint4 wr[R][U];
-  int group = warp;
-  if (group < ngroups && steps > 0) load_chunk(wr, group, 0);
-  bool preloaded = true;
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) issue(i);
 
-  // Stage the x slice: consecutive threads read consecutive float4 of a token's slice.
+  // Stage the x slice while the first weights are on their way: consecutive threads read consecutive float4.
   {
     const int f4_per_token = nv * H;
     for (int i = threadIdx.x; i < TT * f4_per_token; i += kThreads) {
@@ -195,40 +213,45 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
   }
   __syncthreads();
 
-  for (; group < ngroups; group += kWarps) {
-    float acc[V];
+  float acc[V];
 #pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] = 0.f;
-    for (int s0 = 0; s0 < steps; s0 += U) {
-      if (!preloaded) load_chunk(wr, group, s0);
-      preloaded = false;
+  for (int i = 0; i < V; ++i) acc[i] = 0.f;
+  for (int item = 0; item < nitems; ++item) {
+    issue(item + S - 1);
+    cp_async_wait<S - 1>();
+    const int k = item / nchunks, ch = item - k * nchunks;
+    const uint4* slot = ring + (item % S) * (R * U * 32);
 #pragma unroll
-      for (int j = 0; j < U; ++j) {
-        const int v = (s0 + j) * 32 + lane;
-        if (v < nv) {
+    for (int j = 0; j < U; ++j) {
+      const int v = (ch * U + j) * 32 + lane;
+      if (v < nv) {
+        uint4 wv[R];
 #pragma unroll
-          for (int h = 0; h < H; ++h) {
-            float wf[R][4];
+        for (int r = 0; r < R; ++r) wv[r] = slot[(r * U + j) * 32 + lane];  // rows >= rows: stale, never stored
 #pragma unroll
-            for (int r = 0; r < R; ++r) unpack4<WT>(wr[r][j], h, wf[r]);
+        for (int h = 0; h < H; ++h) {
+          float wf[R][4];
 #pragma unroll
-            for (int t = 0; t < TT; ++t) {
-              const float4 xv = xs[(t * H + h) * p.nv_slice + v];
+          for (int r = 0; r < R; ++r) unpack4<WT>(wv[r], h, wf[r]);
 #pragma unroll
-              for (int r = 0; r < R; ++r) {
-                float s = acc[r * TT + t];
-                s = fmaf(wf[r][0], xv.x, s);
-                s = fmaf(wf[r][1], xv.y, s);
-                s = fmaf(wf[r][2], xv.z, s);
-                s = fmaf(wf[r][3], xv.w, s);
-                acc[r * TT + t] = s;
-              }
+          for (int t = 0; t < TT; ++t) {
+            const float4 xv = xs[(t * H + h) * p.nv_slice + v];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              float s = acc[r * TT + t];
+              s = fmaf(wf[r][0], xv.x, s);
+              s = fmaf(wf[r][1], xv.y, s);
+              s = fmaf(wf[r][2], xv.z, s);
+              s = fmaf(wf[r][3], xv.w, s);
+              acc[r * TT + t] = s;
             }
           }
         }
       }
     }
-    preloaded = false;
+    if (ch != nchunks - 1) continue;
+
+    const int group = warp + k * kWarps;
     warp_reduce_scatter<V>(acc, lane);
     constexpr int kPerLane = V >= 32 ? V / 32 : 1;
 #pragma unroll
@@ -252,7 +275,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const GemvParams p) {
         }
       }
     }
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.f;
   }
+  cp_async_wait<0>();
 
   if (C > 1) {
     cg::cluster_group cluster = cg::this_cluster();
@@ -325,6 +351,35 @@ void set_gemv_attributes_all(size_t max_smem) {
   set_gemv_attributes<WT, 8>(max_smem);
 }
 
+// Clusters of C blocks with `smem` bytes each that fit on the device at once (0 if none).
+template <typename WT, int TT>
+int active_clusters(int C, size_t smem) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(C * 64);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  WEFT_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT>, &cfg));
+  return n;
+}
+
+template <typename WT>
+int dispatch_active_clusters(int TT, int C, size_t smem) {
+  switch (TT) {
+    case 1: return active_clusters<WT, 1>(C, smem);
+    case 2: return active_clusters<WT, 2>(C, smem);
+    case 4: return active_clusters<WT, 4>(C, smem);
+    default: return active_clusters<WT, 8>(C, smem);
+  }
+}
+
 template <typename WT, int TT>
 void launch_gemv(const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
@@ -355,7 +410,7 @@ void dispatch_gemv(int TT, const GemvParams& p, int grid, size_t smem, cudaStrea
 }  // namespace
 
 namespace detail {
-// Benchmark hooks: force the cluster size (K splits) and the resident blocks per SM used to size the grid.
+// Benchmark hooks: force the cluster size (K splits) and a minimum number of waves of clusters.
 void matmul_tuning(int cluster, int blocks_per_sm) {
   g_force_cluster = cluster;
   g_force_blocks_per_sm = blocks_per_sm;
@@ -370,7 +425,11 @@ struct Matmul::Impl {
   void* workspace = nullptr;
   void* cast_buf = nullptr;   // x cast to bf16/f16 for the GEMM path
   size_t cast_bytes = 0;
+  // cudaOccupancyMaxActiveClusters answers, keyed by (dtype, TT, C, smem / 1 KiB).
+  struct Occ { int key[4]; int n; };
+  std::vector<Occ> occ;
 
+  int clusters_at_once(DType dt, int TT, int C, size_t smem);
   void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
   void gemm(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
   void ensure_cublas();
@@ -410,11 +469,46 @@ void Matmul::Impl::ensure_cublas() {
   WEFT_CUBLAS_CHECK(a.set_stream(handle, stream));
 }
 
+int Matmul::Impl::clusters_at_once(DType dt, int TT, int C, size_t smem) {
+  const int key[4] = {static_cast<int>(dt), TT, C, static_cast<int>((smem + 1023) / 1024)};
+  for (const Occ& o : occ)
+    if (std::equal(key, key + 4, o.key)) return o.n;
+  int n = 0;
+  switch (dt) {
+    case DType::BF16: n = dispatch_active_clusters<__nv_bfloat16>(TT, C, key[3] * 1024); break;
+    case DType::F16: n = dispatch_active_clusters<__half>(TT, C, key[3] * 1024); break;
+    default: n = dispatch_active_clusters<float>(TT, C, key[3] * 1024); break;
+  }
+  occ.push_back(Occ{{key[0], key[1], key[2], key[3]}, n});
+  return n;
+}
+
 void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K) {
   const int vec = dt == DType::F32 ? 4 : 8;
   const bool vector_ok = K % vec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  if (!vector_ok) {
+  const int TT = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8;
+  const int KV = K / vec;
+  auto slice_vecs = [&](int c) { return (KV + c - 1) / c; };
+  auto xbytes = [&](int c) { return static_cast<size_t>(TT) * slice_vecs(c) * vec * sizeof(float); };
+  int C = 1;
+  if (g_force_cluster > 0) {
+    C = g_force_cluster;
+  } else {
+    // Smallest K split whose x slice fits the target: each block then reuses its x slice over the most rows.
+    while (C < kMaxCluster && xbytes(C) > kMaxXSlice) C *= 2;
+  }
+  const int ngroups = (N + kRows - 1) / kRows;
+  const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
+  const size_t part_bytes = C > 1 ? static_cast<size_t>(std::min(max_groups, ngroups)) * kRows * TT * 4 : 0;
+  const size_t smem = kRingBytes + xbytes(C) + part_bytes;
+  if (!vector_ok || smem > max_smem) {
+    if (vector_ok && T > 1) {  // x too large for shared memory: two passes over fewer tokens
+      const int half = T / 2;
+      gemv(x, w, dt, y, half, N, K);
+      gemv(x + static_cast<size_t>(half) * K, w, dt, y + static_cast<size_t>(half) * N, T - half, N, K);
+      return;
+    }
     const int grid = (N + 7) / 8;
     switch (dt) {
       case DType::BF16:
@@ -428,33 +522,19 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
     WEFT_CUDA_CHECK(cudaGetLastError());
     return;
   }
-  const int TT = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8;
-  const int KV = K / vec;
-  auto slice_vecs = [&](int c) { return (KV + c - 1) / c; };
-  auto xbytes = [&](int c) { return static_cast<size_t>(TT) * slice_vecs(c) * vec * sizeof(float); };
-  const int ngroups = (N + kRows - 1) / kRows;
-  const int per_sm = g_force_blocks_per_sm > 0 ? g_force_blocks_per_sm : 2;
-  const int resident = per_sm * sms;
-  int C = 1;
-  if (g_force_cluster > 0) {
-    C = g_force_cluster;
-  } else {
-    // Smallest split whose x slice fits the target; then split further while the blocks would hold fewer than
-    // two row groups per warp (small N), which keeps each block's x reuse high and fills the chip.
-    while (C < kMaxCluster && xbytes(C) > kMaxXSlice) C *= 2;
-    while (C < kMaxCluster && static_cast<long>((resident + C - 1) / C) * kWarps * 2 > ngroups && slice_vecs(2 * C) >= 64)
-      C *= 2;
-  }
-  int G = std::max(1, (resident + C - 1) / C);
-  int groups_per_cluster = (ngroups + G - 1) / G;
+  // One wave of clusters (as many as fit at once), rows split evenly; more waves only when the partial sums of
+  // a cluster's rows would not fit.
+  const int active = std::max(1, clusters_at_once(dt, TT, C, smem));
+  int waves = 1;
   if (C > 1) {
-    const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
-    groups_per_cluster = std::min(groups_per_cluster, max_groups);
+    const int per = (ngroups + active - 1) / active;
+    waves = (per + max_groups - 1) / max_groups;
   }
+  if (g_force_blocks_per_sm > 0) waves = std::max(waves, g_force_blocks_per_sm);  // benchmark hook: extra waves
+  int G = std::min(ngroups, active * waves);
+  const int groups_per_cluster = (ngroups + G - 1) / G;
   G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
   GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows};
-  const size_t smem = xbytes(C) + (C > 1 ? static_cast<size_t>(p.rows_per_cluster) * TT * 4 : 0);
-  WEFT_CHECK(smem <= max_smem, "matmul", "x [", T, ", ", K, "] needs ", smem, " bytes of shared memory per block");
   const int grid = G * C;
   switch (dt) {
     case DType::BF16: dispatch_gemv<__nv_bfloat16>(TT, p, grid, smem, stream); break;
