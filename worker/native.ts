@@ -40,6 +40,20 @@ export interface EngineOptions {
   device?: number;
   /** CPU backend: threads for matmul and attention, the calling thread included (1 to 1024). Defaults to the number of hardware threads. */
   threads?: number;
+  /**
+   * CUDA backend: bytes of the step arena, one device buffer that every tensor made between `beginStep()` and
+   * `endStep()` is bumped out of (allocated at the first `beginStep()`). Ignored by the CPU backend.
+   * Defaults to 4 GiB.
+   */
+  arenaBytes?: number;
+  /** CUDA backend, for tests: fill every new tensor with 0xff bytes (NaN in f32) so unwritten outputs show. Defaults to false. */
+  poison?: boolean;
+}
+
+/** A captured CUDA graph (`captureEnd()`); freed when garbage-collected or disposed. */
+export interface Graph {
+  /** Frees the graph now; replaying it afterwards throws. */
+  dispose(): void;
 }
 
 /**
@@ -74,6 +88,8 @@ export interface Engine {
    * from the cache shape; nHeads % nKv must be 0.
    */
   attention(q: Tensor, kCache: Tensor, vCache: Tensor, slots: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
+  /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
+  copy(dst: Tensor, src: Tensor): void;
   /** gateUp [T, 2F] f32 -> [T, F] f32 = silu(gateUp[:, :F]) * gateUp[:, F:]. */
   siluMul(gateUp: Tensor): Tensor;
   /** x [T, N] (any dtype) -> [T, end - start] copy, same dtype. */
@@ -96,6 +112,51 @@ export interface Engine {
    * whose cumulative p exceeds uniform * (sum of kept p), else the last kept. topK >= 0, topP and uniform in [0, 1].
    */
   sample(logits: Tensor, temperature: Float32Array, topK: Int32Array, topP: Float32Array, uniform: Float32Array): Int32Array;
+  /**
+   * {@link Engine.sample} with every argument a tensor (temperature [R] f32, topK [R] i32, topP [R] f32,
+   * uniform [R] f32) and the result a tensor [R] i32, so that it runs on the device and can be captured.
+   * Greedy rows (temperature <= 0) equal `sample` exactly; other rows sample the same distribution, though
+   * the CUDA kernel may pick among equal candidates in another order. Value errors (topP outside [0, 1], NaN
+   * logits) throw at once on the CPU and at the next synchronising call on CUDA.
+   */
+  sampleTensor(logits: Tensor, temperature: Tensor, topK: Tensor, topP: Tensor, uniform: Tensor): Tensor;
+  /**
+   * A persistent tensor of uniform values in [-scale, scale) made on the device from a counter-based hash
+   * of (seed, index), for real-shaped benchmark weights without host uploads. f32 values are the same on
+   * both backends; f16/bf16 round toward zero.
+   */
+  randomUniform(dtype: 'f32' | 'f16' | 'bf16', shape: number[], seed: number, scale: number): Tensor;
+  /** Overwrites t's contents (bytes.length must equal its size), ordered after queued work: a later `replay` sees the new values. */
+  write(t: Tensor, bytes: Uint8Array): void;
+
+  /**
+   * Starts a step: from here until `endStep()` every new tensor comes from the step arena (CUDA), and tensors
+   * of earlier steps become stale: passing one to an op throws `tensor from an earlier step`.
+   */
+  beginStep(): void;
+  /** Ends the step: new tensors are persistent again. This step's tensors stay usable until the next `beginStep()`. */
+  endStep(): void;
+  /**
+   * Starts capturing a CUDA graph on the engine stream (inside a step). Ops record instead of run; host
+   * copies (`upload`, `download`, `write`, `sample`, `logprobs`) throw. The graph may read persistent tensors
+   * and tensors made during the capture, never step tensors made before it. CPU: throws "graphs need the cuda backend".
+   */
+  captureBegin(): void;
+  /** Ends the capture. Tensors made during it keep their memory (the graph's) as long as they or the graph live. */
+  captureEnd(): Graph;
+  /** Launches a captured graph on the engine stream; it reads the current contents of its input tensors. */
+  replay(graph: Graph): void;
+
+  /** CUDA: the tensor's device address, for NCCL calls through koffi. CPU: throws. */
+  devicePointer(t: Tensor): bigint;
+  /** CUDA: the engine's cudaStream_t (all ops run on it). CPU: throws. */
+  streamHandle(): bigint;
+  /** Waits until the engine's queued work is done; device-side errors (indices out of range) are reported here. */
+  synchronize(): void;
+  /** Bytes free and total: device memory (CUDA) or physical memory (CPU). */
+  memoryInfo(): { free: number; total: number };
+  /** CUDA: read-only streaming bandwidth in GB/s over `bytes`, best of `iterations`. CPU: throws. */
+  measureBandwidth(bytes: number, iterations: number): number;
 }
 
 /** What the loaded binary was built with. */

@@ -50,7 +50,83 @@ void check_shape(const char* op, const Shape& shape) {
 
 }  // namespace
 
+// ---- steps and graphs
+
+void Backend::begin_step() {
+  WEFT_CHECK(!capturing_, "beginStep", "a graph capture is open; call captureEnd() first");
+  on_begin_step();
+  in_step_ = true;
+  ++step_;
+}
+
+void Backend::end_step() {
+  WEFT_CHECK(!capturing_, "endStep", "a graph capture is open; call captureEnd() first");
+  in_step_ = false;
+}
+
+void Backend::check_usable(const char* op, const char* name, const Tensor& t) const {
+  uint64_t s = t.buffer->step();
+  if (s == kPersistent || s == kGraphOwned) return;
+  WEFT_CHECK(s == step_ && in_step_, op, name, " ", t, " is a tensor from an earlier step (made in step ", s,
+             "; its memory is reused after the next beginStep()); keep it by making it outside a step, or "
+             "re-make it in this step");
+  WEFT_CHECK(!capturing_, op, name, " ", t, " was made in this step before captureBegin(); a replayed graph may "
+             "only read persistent tensors (made outside a step; refill them with write()) or tensors made "
+             "during the capture");
+}
+
+void Backend::no_capture(const char* op, const char* why) const {
+  WEFT_CHECK(!capturing_, op, "not allowed during graph capture (", why, ")");
+}
+
+void Backend::capture_begin() {
+  WEFT_CHECK(in_step_, "captureBegin", "capture must happen inside a step (call beginStep() first)");
+  WEFT_CHECK(!capturing_, "captureBegin", "a capture is already open");
+  on_capture_begin();
+  capturing_ = true;
+}
+
+std::shared_ptr<Graph> Backend::capture_end() {
+  WEFT_CHECK(capturing_, "captureEnd", "no capture is open (call captureBegin() first)");
+  capturing_ = false;  // even if ending fails: the stream is out of capture mode either way
+  return on_capture_end();
+}
+
+void Backend::replay(const Graph& graph) {
+  no_capture("replay", "a graph cannot launch another graph while capturing");
+  on_replay(graph);
+}
+
+void Backend::on_capture_begin() { WEFT_FAIL("captureBegin", "graphs need the cuda backend"); }
+std::shared_ptr<Graph> Backend::on_capture_end() { WEFT_FAIL("captureEnd", "graphs need the cuda backend"); }
+void Backend::on_replay(const Graph&) { WEFT_FAIL("replay", "graphs need the cuda backend"); }
+uint64_t Backend::device_pointer(const Tensor&) { WEFT_FAIL("devicePointer", "needs the cuda backend"); }
+uint64_t Backend::stream_handle() { WEFT_FAIL("streamHandle", "needs the cuda backend"); }
+double Backend::measure_bandwidth(size_t, int) { WEFT_FAIL("measureBandwidth", "needs the cuda backend"); }
+
+void Backend::write(const Tensor& t, const void* bytes, size_t n_bytes) {
+  no_capture("write", "write before captureBegin() or between replays");
+  WEFT_CHECK(n_bytes == t.nbytes(), "write", "bytes has length ", n_bytes, " but t ", t, " holds ", t.nbytes(),
+             " bytes");
+  copy_from_host(t, bytes);
+}
+
+Tensor Backend::random_uniform(DType dtype, const Shape& shape, uint64_t seed, float scale) {
+  const char* op = "randomUniform";
+  no_capture(op, "it allocates persistent memory");
+  check_shape(op, shape);
+  WEFT_CHECK(is_float(dtype), op, "dtype must be 'f32', 'f16' or 'bf16' (got '", dtype_name(dtype), "')");
+  WEFT_CHECK(std::isfinite(scale) && scale >= 0, op, "scale must be a finite number >= 0 (got ", scale, ")");
+  Tensor out = empty_persistent(dtype, shape);
+  run_random_uniform(out, seed, scale);
+  return out;
+}
+
+// ---- memory
+
 Tensor Backend::upload(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape) {
+  no_capture("upload", "a graph would replay a copy of a host buffer; upload before captureBegin(), or write() "
+             "a persistent tensor before replay");
   check_shape("upload", shape);
   size_t expected = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
   WEFT_CHECK(n_bytes == expected, "upload", "bytes has length ", n_bytes, " but shape ", shape, ' ',
@@ -60,7 +136,10 @@ Tensor Backend::upload(const void* bytes, size_t n_bytes, DType dtype, const Sha
   return t;
 }
 
-void Backend::download(const Tensor& t, void* dst) { to_host_converted(t, dst); }
+void Backend::download(const Tensor& t, void* dst) {
+  no_capture("download", "it waits for the device");
+  to_host_converted(t, dst);
+}
 
 Tensor Backend::zeros(DType dtype, const Shape& shape) {
   check_shape("zeros", shape);
@@ -172,6 +251,12 @@ Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& 
   return out;
 }
 
+void Backend::copy(const Tensor& dst, const Tensor& src) {
+  WEFT_CHECK(dst.dtype == src.dtype && dst.shape == src.shape, "copy", Arg{"dst", dst}, " and ", Arg{"src", src},
+             " must have the same dtype and shape");
+  run_copy(dst, src);
+}
+
 Tensor Backend::silu_mul(const Tensor& gate_up) {
   const char* op = "siluMul";
   need(op, {"gateUp", gate_up}, 2, "[T, 2F]", kF32);
@@ -239,6 +324,7 @@ Tensor Backend::log_softmax(const Tensor& logits) {
 
 void Backend::logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, float* out) {
   const char* op = "logprobs";
+  no_capture(op, "it returns host values; use logSoftmax and gatherRows");
   need(op, {"logits", logits}, 2, "[R, V]", kF32);
   int64_t R = logits.dim(0), V = logits.dim(1);
   WEFT_CHECK(static_cast<int64_t>(n_ids) == R, op, "ids has length ", n_ids, " but ", Arg{"logits", logits},
@@ -251,11 +337,17 @@ void Backend::logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, f
 
 void Backend::sample(const Tensor& logits, const SampleArgs& a, size_t n_rows, int32_t* out) {
   const char* op = "sample";
+  no_capture(op, "it returns host values; use sampleTensor");
   need(op, {"logits", logits}, 2, "[R, V]", kF32);
   int64_t R = logits.dim(0);
   WEFT_CHECK(static_cast<int64_t>(n_rows) == R, op, "temperature, topK, topP and uniform must each have length ", R,
              " (the rows of ", Arg{"logits", logits}, ")");
   WEFT_CHECK(logits.dim(1) > 0 || R == 0, op, Arg{"logits", logits}, " has no columns to sample from");
+  check_sample_args(op, a, R);
+  run_sample(logits, a, out);
+}
+
+void Backend::check_sample_args(const char* op, const SampleArgs& a, int64_t R) {
   for (int64_t r = 0; r < R; ++r) {
     WEFT_CHECK(!std::isnan(a.temperature[r]), op, "temperature[", r, "] is NaN");
     WEFT_CHECK(a.top_k[r] >= 0, op, "topK[", r, "] = ", a.top_k[r], " must be >= 0 (0 keeps all)");
@@ -263,7 +355,24 @@ void Backend::sample(const Tensor& logits, const SampleArgs& a, size_t n_rows, i
     WEFT_CHECK(a.uniform[r] >= 0 && a.uniform[r] <= 1, op, "uniform[", r, "] = ", a.uniform[r],
                " must be in [0, 1]");
   }
-  run_sample(logits, a, out);
+}
+
+Tensor Backend::sample_tensor(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
+                              const Tensor& top_p, const Tensor& uniform) {
+  const char* op = "sampleTensor";
+  need(op, {"logits", logits}, 2, "[R, V]", kF32);
+  int64_t R = logits.dim(0);
+  need(op, {"temperature", temperature}, 1, "[R]", kF32);
+  need(op, {"topK", top_k}, 1, "[R]", kI32);
+  need(op, {"topP", top_p}, 1, "[R]", kF32);
+  need(op, {"uniform", uniform}, 1, "[R]", kF32);
+  WEFT_CHECK(temperature.dim(0) == R && top_k.dim(0) == R && top_p.dim(0) == R && uniform.dim(0) == R, op,
+             "temperature, topK, topP and uniform must each be [", R, "] (the rows of ", Arg{"logits", logits},
+             ")");
+  WEFT_CHECK(logits.dim(1) > 0 || R == 0, op, Arg{"logits", logits}, " has no columns to sample from");
+  Tensor out = empty(DType::I32, {R});
+  run_sample_tensor(logits, temperature, top_k, top_p, uniform, out);
+  return out;
 }
 
 }  // namespace weft

@@ -19,6 +19,18 @@
 
 namespace weft {
 
+// A captured CUDA graph: opaque here, subclassed by the CUDA backend (cuda/backend-cuda.cc).
+class Graph {
+ public:
+  virtual ~Graph() = default;
+};
+
+// Device (cuda) or host (cpu) memory in bytes.
+struct MemoryInfo {
+  double free;
+  double total;
+};
+
 // Per-row sampling parameters, host arrays of length R (see Backend::sample).
 struct SampleArgs {
   const float* temperature;
@@ -32,7 +44,43 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const = 0;  // "cpu" | "cuda"
 
+  // ---- steps. Between begin_step() and end_step() every new tensor (op outputs, uploads, zeros) is
+  // step memory: the CUDA backend bumps it out of one preallocated arena that the next begin_step() reuses,
+  // and using such a tensor after that throws "tensor from an earlier step". Outside a step new tensors are
+  // persistent (freed with their last handle). The CPU backend keeps heap allocation but the same rule.
+  void begin_step();
+  void end_step();
+  bool in_step() const { return in_step_; }
+  uint64_t step() const { return step_; }
+  // Throws unless t may be used now: not from an earlier step, and during a capture not step memory made
+  // before capture_begin() (the next step reuses it, so a replayed graph would read garbage).
+  void check_usable(const char* op, const char* name, const Tensor& t) const;
+  // Throws "engine is dead after ..." once a sticky device error happened (cuda).
+  virtual void check_alive(const char* /*op*/) const {}
+
+  // ---- graphs (cuda; the CPU backend throws "graphs need the cuda backend"). Capture happens inside a
+  // step; ops then record instead of run, and must not synchronise, allocate persistent memory or copy
+  // from the host. Tensors made during the capture belong to the graph's memory and stay valid; replay
+  // rewrites them.
+  void capture_begin();
+  std::shared_ptr<Graph> capture_end();
+  void replay(const Graph& graph);
+  bool capturing() const { return capturing_; }
+
+  // ---- device facts and plumbing
+  virtual uint64_t device_pointer(const Tensor& t);  // cuda: the tensor's device address (for NCCL)
+  virtual uint64_t stream_handle();                   // cuda: the engine's cudaStream_t
+  virtual void synchronize() {}                       // waits for the engine's queued work
+  virtual MemoryInfo memory_info() = 0;
+  virtual double measure_bandwidth(size_t bytes, int iterations);  // GB/s (cuda)
+
   // ---- memory
+  // Overwrites t's contents with n_bytes (== t.nbytes()) raw bytes, ordered after queued work (a later
+  // replay sees them).
+  void write(const Tensor& t, const void* bytes, size_t n_bytes);
+  // A persistent tensor of uniform values in [-scale, scale): a counter-based hash of (seed, index)
+  // (random-hash.h), so no host data is made or copied.
+  Tensor random_uniform(DType dtype, const Shape& shape, uint64_t seed, float scale);
   Tensor upload(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape);  // n_bytes == numel * size
   void download(const Tensor& t, void* dst);  // dst: numel floats (f32/f16/bf16 converted) or numel int32
   Tensor zeros(DType dtype, const Shape& shape);
@@ -55,6 +103,8 @@ class Backend {
   // q [T, nH * hd] f32 -> [T, nH * hd] f32: query t attends over cache positions 0..positions[t] of slot slots[t].
   Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
                    const Tensor& positions, int64_t n_heads, float scale);
+  // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
+  void copy(const Tensor& dst, const Tensor& src);
   // gate_up [T, 2F] f32 -> [T, F] f32: silu(gate) * up.
   Tensor silu_mul(const Tensor& gate_up);
   // x [T, N] any dtype -> [T, end - start] same dtype.
@@ -71,10 +121,24 @@ class Backend {
   void logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, float* out);
   // logits [R, V] f32, args arrays of n_rows (must equal R) -> out[R] host token ids; rule in cpu/ops.cc.
   void sample(const Tensor& logits, const SampleArgs& args, size_t n_rows, int32_t* out);
+  // The same rule with every argument a tensor ([R] f32 temperature, i32 topK, f32 topP, f32 uniform), so
+  // it can be captured; -> [R] i32. Greedy rows equal sample() exactly; others sample the same distribution
+  // (the CUDA kernel may visit equal candidates in another order: cuda/sample.cu).
+  Tensor sample_tensor(const Tensor& logits, const Tensor& temperature, const Tensor& top_k, const Tensor& top_p,
+                       const Tensor& uniform);
 
  protected:
-  // Uninitialised storage; every run_* kernel writes all of its output.
+  // Uninitialised storage; every run_* kernel writes all of its output. Step memory inside a step
+  // (stamped with step()), else persistent; empty_persistent is persistent always.
   virtual Tensor empty(DType dtype, const Shape& shape) = 0;
+  virtual Tensor empty_persistent(DType dtype, const Shape& shape) = 0;
+  virtual void on_begin_step() {}
+  virtual void on_capture_begin();
+  virtual std::shared_ptr<Graph> on_capture_end();
+  virtual void on_replay(const Graph& graph);
+  virtual void run_random_uniform(const Tensor& out, uint64_t seed, float scale) = 0;
+  virtual void run_sample_tensor(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
+                                 const Tensor& top_p, const Tensor& uniform, const Tensor& out) = 0;
   virtual void copy_from_host(const Tensor& dst, const void* src) = 0;  // raw bytes, dst.nbytes()
   virtual void fill_zero(const Tensor& t) = 0;
   virtual void to_host_converted(const Tensor& t, void* dst) = 0;  // see download
@@ -89,6 +153,7 @@ class Backend {
                             const Tensor& slots, const Tensor& positions) = 0;
   virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
                              const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) = 0;
+  virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void run_silu_mul(const Tensor& gate_up, const Tensor& out) = 0;
   virtual void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) = 0;
   virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;
@@ -98,13 +163,28 @@ class Backend {
   virtual void run_log_softmax(const Tensor& logits, const Tensor& out) = 0;
   virtual void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) = 0;
   virtual void run_sample(const Tensor& logits, const SampleArgs& args, int32_t* out) = 0;
+
+  // The value checks of sample (NaN temperature, topK >= 0, topP and uniform in [0, 1]).
+  static void check_sample_args(const char* op, const SampleArgs& args, int64_t rows);
+  // Throws "<op>: not allowed during graph capture (...)" while capturing.
+  void no_capture(const char* op, const char* why) const;
+
+ private:
+  bool in_step_ = false;
+  bool capturing_ = false;
+  uint64_t step_ = 0;  // generation of the current or last step; step memory is stamped with it
 };
 
 // threads: total threads for heavy ops, the calling thread included (>= 1).
 std::shared_ptr<Backend> make_cpu_backend(int threads);
 
 // Throws weft::Error when this build has no CUDA backend (cuda-stub.cc).
-std::shared_ptr<Backend> make_cuda_backend(int device);
+struct CudaOptions {
+  int device = 0;
+  size_t arena_bytes = size_t{4} << 30;  // the step arena, allocated at the first begin_step()
+  bool poison = false;                    // debug: fill every new tensor with 0xff bytes (NaN / -1)
+};
+std::shared_ptr<Backend> make_cuda_backend(const CudaOptions& options);
 bool have_cuda_backend();
 
 }  // namespace weft

@@ -18,10 +18,16 @@ namespace {
 // Random 128-bit tags; they only need to differ from every other addon's.
 constexpr napi_type_tag kTensorTag = {0x7765667454656e73ULL, 0x9b1c2f4a6d3e8015ULL};
 constexpr napi_type_tag kEngineTag = {0x77656674456e6769ULL, 0x3f8a51c7e2904b6dULL};
+constexpr napi_type_tag kGraphTag = {0x7765667447726170ULL, 0x51d0c93e7a1f2b84ULL};
 
 // Per-environment state (the addon may be loaded by several worker threads).
 struct AddonData {
   Napi::FunctionReference tensor_class;
+  Napi::FunctionReference graph_class;
+  struct PendingGraph {
+    std::shared_ptr<Backend> owner;
+    std::shared_ptr<Graph> graph;
+  }* pending_graph = nullptr;
   // Set only while TensorHandle::Wrap runs, so that a constructor call from JS can be refused.
   struct Pending {
     std::shared_ptr<Backend> owner;
@@ -106,6 +112,49 @@ Napi::Value TensorHandle::Dispose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ---- Graph
+
+Napi::Function GraphHandle::Define(Napi::Env env) {
+  return DefineClass(env, "Graph", {InstanceMethod<&GraphHandle::Dispose>("dispose")});
+}
+
+Napi::Object GraphHandle::Wrap(Napi::Env env, std::shared_ptr<Backend> owner, std::shared_ptr<Graph> graph) {
+  AddonData& data = addon_data(env);
+  AddonData::PendingGraph pending{std::move(owner), std::move(graph)};
+  data.pending_graph = &pending;
+  try {
+    Napi::Object obj = data.graph_class.New({});
+    data.pending_graph = nullptr;
+    return obj;
+  } catch (...) {
+    data.pending_graph = nullptr;
+    throw;
+  }
+}
+
+GraphHandle* GraphHandle::FromValue(Napi::Value value) {
+  if (!value.IsObject()) return nullptr;
+  Napi::Object obj = value.As<Napi::Object>();
+  if (!obj.CheckTypeTag(&kGraphTag)) return nullptr;
+  return Unwrap(obj);
+}
+
+GraphHandle::GraphHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GraphHandle>(info) {
+  AddonData& data = addon_data(info.Env());
+  if (data.pending_graph == nullptr)
+    throw to_js_error(info.Env(), weft::Error("Graph", "graphs are made by engine.captureEnd(), not by `new Graph()`",
+                                              weft::Error::Kind::Type));
+  owner_ = std::move(data.pending_graph->owner);
+  graph_ = std::move(data.pending_graph->graph);
+  data.pending_graph = nullptr;
+  info.This().As<Napi::Object>().TypeTag(&kGraphTag);
+}
+
+Napi::Value GraphHandle::Dispose(const Napi::CallbackInfo& info) {
+  graph_.reset();
+  return info.Env().Undefined();
+}
+
 // ---- Engine
 
 Napi::Function EngineHandle::Define(Napi::Env env) {
@@ -121,6 +170,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::Rope>("rope"),
                          InstanceMethod<&EngineHandle::WriteKv>("writeKv"),
                          InstanceMethod<&EngineHandle::Attention>("attention"),
+                         InstanceMethod<&EngineHandle::Copy>("copy"),
                          InstanceMethod<&EngineHandle::SiluMul>("siluMul"),
                          InstanceMethod<&EngineHandle::SliceCols>("sliceCols"),
                          InstanceMethod<&EngineHandle::ConcatCols>("concatCols"),
@@ -129,10 +179,23 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::LogSoftmax>("logSoftmax"),
                          InstanceMethod<&EngineHandle::Logprobs>("logprobs"),
                          InstanceMethod<&EngineHandle::Sample>("sample"),
+                         InstanceMethod<&EngineHandle::SampleTensor>("sampleTensor"),
+                         InstanceMethod<&EngineHandle::RandomUniform>("randomUniform"),
+                         InstanceMethod<&EngineHandle::Write>("write"),
+                         InstanceMethod<&EngineHandle::BeginStep>("beginStep"),
+                         InstanceMethod<&EngineHandle::EndStep>("endStep"),
+                         InstanceMethod<&EngineHandle::CaptureBegin>("captureBegin"),
+                         InstanceMethod<&EngineHandle::CaptureEnd>("captureEnd"),
+                         InstanceMethod<&EngineHandle::Replay>("replay"),
+                         InstanceMethod<&EngineHandle::DevicePointer>("devicePointer"),
+                         InstanceMethod<&EngineHandle::StreamHandle>("streamHandle"),
+                         InstanceMethod<&EngineHandle::Synchronize>("synchronize"),
+                         InstanceMethod<&EngineHandle::MemoryInfo>("memoryInfo"),
+                         InstanceMethod<&EngineHandle::MeasureBandwidth>("measureBandwidth"),
                      });
 }
 
-// new Engine({ backend: 'cpu' | 'cuda', device?: number, threads?: number })
+// new Engine({ backend: 'cpu' | 'cuda', device?: number, threads?: number, arenaBytes?: number, poison?: boolean })
 EngineHandle::EngineHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineHandle>(info) {
   Napi::Env env = info.Env();
   guard(env, "createEngine", [&]() -> Napi::Value {
@@ -155,7 +218,15 @@ EngineHandle::EngineHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<En
     int64_t device = optional_int("device", 0, 0, 1023);
     int64_t default_threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
     int64_t threads = optional_int("threads", default_threads, 1, 1024);
-    backend_ = kind == "cuda" ? make_cuda_backend(static_cast<int>(device)) : make_cpu_backend(static_cast<int>(threads));
+    CudaOptions cuda;
+    cuda.device = static_cast<int>(device);
+    cuda.arena_bytes = static_cast<size_t>(
+        optional_int("arenaBytes", static_cast<int64_t>(cuda.arena_bytes), 0, int64_t{1} << 50));
+    Napi::Value poison = o.Get("poison");
+    WEFT_CHECK(poison.IsUndefined() || poison.IsBoolean(), op, "options.poison must be a boolean (got ",
+               describe(poison), ")");
+    cuda.poison = poison.IsBoolean() && poison.As<Napi::Boolean>().Value();
+    backend_ = kind == "cuda" ? make_cuda_backend(cuda) : make_cpu_backend(static_cast<int>(threads));
     Napi::Object self = info.This().As<Napi::Object>();
     self.TypeTag(&kEngineTag);
     self.DefineProperty(
@@ -253,6 +324,14 @@ Napi::Value EngineHandle::Attention(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value EngineHandle::Copy(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "copy", [&]() -> Napi::Value {
+    Args a(info, "copy", this);
+    backend_->copy(a.tensor(0, "dst"), a.tensor(1, "src"));
+    return info.Env().Undefined();
+  });
+}
+
 Napi::Value EngineHandle::SiluMul(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "siluMul", [&] {
     Args a(info, "siluMul", this);
@@ -325,12 +404,131 @@ Napi::Value EngineHandle::Sample(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value EngineHandle::SampleTensor(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "sampleTensor", [&] {
+    Args a(info, "sampleTensor", this);
+    return Wrap(info.Env(), backend_->sample_tensor(a.tensor(0, "logits"), a.tensor(1, "temperature"),
+                                                    a.tensor(2, "topK"), a.tensor(3, "topP"), a.tensor(4, "uniform")));
+  });
+}
+
+Napi::Value EngineHandle::RandomUniform(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "randomUniform", [&] {
+    Args a(info, "randomUniform", this);
+    DType dtype = a.dtype(0, "dtype");
+    Shape shape = a.shape(1, "shape");
+    int64_t seed = a.integer(2, "seed");
+    WEFT_CHECK(seed >= 0, "randomUniform", "seed must be an integer >= 0 (got ", seed, ")");
+    return Wrap(info.Env(), backend_->random_uniform(dtype, shape, static_cast<uint64_t>(seed),
+                                                     static_cast<float>(a.number(3, "scale"))));
+  });
+}
+
+Napi::Value EngineHandle::Write(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "write", [&]() -> Napi::Value {
+    Args a(info, "write", this);
+    Tensor t = a.tensor(0, "t");
+    auto bytes = a.uint8_array(1, "bytes");
+    backend_->write(t, bytes.data, bytes.length);
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::BeginStep(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "beginStep", [&]() -> Napi::Value {
+    Args a(info, "beginStep", this);
+    backend_->begin_step();
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::EndStep(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "endStep", [&]() -> Napi::Value {
+    Args a(info, "endStep", this);
+    backend_->end_step();
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::CaptureBegin(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "captureBegin", [&]() -> Napi::Value {
+    Args a(info, "captureBegin", this);
+    backend_->capture_begin();
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::CaptureEnd(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "captureEnd", [&]() -> Napi::Value {
+    Args a(info, "captureEnd", this);
+    return GraphHandle::Wrap(info.Env(), backend_, backend_->capture_end());
+  });
+}
+
+Napi::Value EngineHandle::Replay(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "replay", [&]() -> Napi::Value {
+    Args a(info, "replay", this);
+    GraphHandle* g = GraphHandle::FromValue(info[0]);
+    WEFT_TYPE_CHECK(g != nullptr, "replay", "graph must be a weft Graph (got ", describe(info[0]), ")");
+    WEFT_CHECK(g->graph() != nullptr, "replay", "graph was disposed");
+    WEFT_CHECK(g->owner() == backend_.get(), "replay", "graph belongs to a different engine");
+    backend_->replay(*g->graph());
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::DevicePointer(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "devicePointer", [&]() -> Napi::Value {
+    Args a(info, "devicePointer", this);
+    return Napi::BigInt::New(info.Env(), backend_->device_pointer(a.tensor(0, "t")));
+  });
+}
+
+Napi::Value EngineHandle::StreamHandle(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "streamHandle", [&]() -> Napi::Value {
+    Args a(info, "streamHandle", this);
+    return Napi::BigInt::New(info.Env(), backend_->stream_handle());
+  });
+}
+
+Napi::Value EngineHandle::Synchronize(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "synchronize", [&]() -> Napi::Value {
+    Args a(info, "synchronize", this);
+    backend_->synchronize();
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::MemoryInfo(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "memoryInfo", [&]() -> Napi::Value {
+    Args a(info, "memoryInfo", this);
+    weft::MemoryInfo m = backend_->memory_info();
+    Napi::Object out = Napi::Object::New(info.Env());
+    out.Set("free", Napi::Number::New(info.Env(), m.free));
+    out.Set("total", Napi::Number::New(info.Env(), m.total));
+    return out;
+  });
+}
+
+Napi::Value EngineHandle::MeasureBandwidth(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "measureBandwidth", [&]() -> Napi::Value {
+    Args a(info, "measureBandwidth", this);
+    int64_t bytes = a.integer(0, "bytes");
+    int64_t iterations = a.integer(1, "iterations");
+    WEFT_CHECK(bytes > 0 && iterations > 0, "measureBandwidth", "bytes and iterations must be > 0 (got ", bytes,
+               ", ", iterations, ")");
+    return Napi::Number::New(info.Env(), backend_->measure_bandwidth(static_cast<size_t>(bytes),
+                                                                      static_cast<int>(iterations)));
+  });
+}
+
 // ---- module
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData<AddonData>(data);  // deleted by node-addon-api when the environment is torn down
   data->tensor_class = Napi::Persistent(TensorHandle::Define(env));
+  data->graph_class = Napi::Persistent(GraphHandle::Define(env));
   exports.Set("Engine", EngineHandle::Define(env));
   exports.Set("nativeInfo", Napi::Function::New<nativeInfo>(env, "nativeInfo"));
   return exports;

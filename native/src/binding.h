@@ -40,6 +40,23 @@ class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
   int64_t accounted_bytes_ = 0;  // reported to V8 as external memory, so large tensors prompt a GC
 };
 
+// A captured graph (engine.captureEnd()); freed when collected or disposed.
+class GraphHandle : public Napi::ObjectWrap<GraphHandle> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  static Napi::Object Wrap(Napi::Env env, std::shared_ptr<Backend> owner, std::shared_ptr<Graph> graph);
+  static GraphHandle* FromValue(Napi::Value value);
+  explicit GraphHandle(const Napi::CallbackInfo& info);
+
+  const Graph* graph() const { return graph_.get(); }
+  const Backend* owner() const { return owner_.get(); }
+
+ private:
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  std::shared_ptr<Backend> owner_;
+  std::shared_ptr<Graph> graph_;
+};
+
 class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
  public:
   static Napi::Function Define(Napi::Env env);
@@ -59,6 +76,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value Rope(const Napi::CallbackInfo& info);
   Napi::Value WriteKv(const Napi::CallbackInfo& info);
   Napi::Value Attention(const Napi::CallbackInfo& info);
+  Napi::Value Copy(const Napi::CallbackInfo& info);
   Napi::Value SiluMul(const Napi::CallbackInfo& info);
   Napi::Value SliceCols(const Napi::CallbackInfo& info);
   Napi::Value ConcatCols(const Napi::CallbackInfo& info);
@@ -67,6 +85,19 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value LogSoftmax(const Napi::CallbackInfo& info);
   Napi::Value Logprobs(const Napi::CallbackInfo& info);
   Napi::Value Sample(const Napi::CallbackInfo& info);
+  Napi::Value SampleTensor(const Napi::CallbackInfo& info);
+  Napi::Value RandomUniform(const Napi::CallbackInfo& info);
+  Napi::Value Write(const Napi::CallbackInfo& info);
+  Napi::Value BeginStep(const Napi::CallbackInfo& info);
+  Napi::Value EndStep(const Napi::CallbackInfo& info);
+  Napi::Value CaptureBegin(const Napi::CallbackInfo& info);
+  Napi::Value CaptureEnd(const Napi::CallbackInfo& info);
+  Napi::Value Replay(const Napi::CallbackInfo& info);
+  Napi::Value DevicePointer(const Napi::CallbackInfo& info);
+  Napi::Value StreamHandle(const Napi::CallbackInfo& info);
+  Napi::Value Synchronize(const Napi::CallbackInfo& info);
+  Napi::Value MemoryInfo(const Napi::CallbackInfo& info);
+  Napi::Value MeasureBandwidth(const Napi::CallbackInfo& info);
 
   std::shared_ptr<Backend> backend_;
 };

@@ -7,7 +7,7 @@ namespace weft {
 
 bool have_cuda_backend() { return false; }
 
-std::shared_ptr<Backend> make_cuda_backend(int /*device*/) {
+std::shared_ptr<Backend> make_cuda_backend(const CudaOptions& /*options*/) {
 #ifdef WEFT_CUDA_REQUESTED
   WEFT_FAIL("createEngine", "weft was built with WEFT_CUDA=ON, but this source tree has no CUDA backend yet "
                             "(native/src/cuda/backend-cuda.cc); use backend: 'cpu'");

@@ -58,12 +58,18 @@ std::string describe(Napi::Value v) {
   return "a value of another type";
 }
 
+Args::Args(const Napi::CallbackInfo& info, const char* op, const EngineHandle* engine)
+    : info_(info), op_(op), engine_(engine) {
+  if (engine_ != nullptr) engine_->backend()->check_alive(op_);
+}
+
 Tensor Args::tensor_value(Napi::Value value, const std::string& name) const {
   TensorHandle* handle = TensorHandle::FromValue(value);
   WEFT_TYPE_CHECK(handle != nullptr, op_, name, " must be a weft Tensor (got ", describe(value), ")");
   WEFT_CHECK(!handle->disposed(), op_, name, " ", handle->tensor(), " was disposed");
   WEFT_CHECK(engine_ == nullptr || handle->owner() == engine_->backend().get(), op_, name, " ", handle->tensor(),
              " belongs to a different engine (download and upload it to move it)");
+  if (engine_ != nullptr) engine_->backend()->check_usable(op_, name.c_str(), handle->tensor());
   return handle->tensor();
 }
 

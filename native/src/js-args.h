@@ -46,8 +46,8 @@ struct HostArray {
 class Args {
  public:
   // engine: the engine whose tensors are acceptable (nullptr: any).
-  Args(const Napi::CallbackInfo& info, const char* op, const EngineHandle* engine)
-      : info_(info), op_(op), engine_(engine) {}
+  // Throws "engine is dead ..." when the engine's device had a sticky error.
+  Args(const Napi::CallbackInfo& info, const char* op, const EngineHandle* engine);
 
   Napi::Value operator[](size_t i) const { return info_[i]; }
   Tensor tensor(size_t i, const char* name) const;

@@ -54,18 +54,26 @@ inline std::ostream& operator<<(std::ostream& os, const Shape& shape) {
   return os << ']';
 }
 
+// Step generations stamped on a buffer: kPersistent lives until its last handle goes; a step number n (>= 1)
+// is valid until the backend's next begin_step(); kGraphOwned belongs to a captured graph's memory and lives
+// as long as the tensor (or the graph) does.
+constexpr uint64_t kPersistent = 0;
+constexpr uint64_t kGraphOwned = ~uint64_t{0};
+
 // Memory owned by a backend. data() is a host pointer for the CPU backend, a device pointer for CUDA.
 class Buffer {
  public:
-  explicit Buffer(size_t bytes) : bytes_(bytes) {}
+  explicit Buffer(size_t bytes, uint64_t step = kPersistent) : bytes_(bytes), step_(step) {}
   virtual ~Buffer() = default;
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   virtual void* data() const = 0;
   size_t bytes() const { return bytes_; }
+  uint64_t step() const { return step_; }
 
  private:
   size_t bytes_;
+  uint64_t step_;
 };
 
 struct Tensor {

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <new>
 
+#include <unistd.h>
+
 #include "backend.h"
 #include "cpu/convert.h"
 #include "cpu/ops.h"
@@ -16,7 +18,7 @@ namespace {
 // 64-byte aligned host memory (a cache line; room for any SIMD width).
 class HostBuffer final : public Buffer {
  public:
-  explicit HostBuffer(size_t bytes) : Buffer(bytes) {
+  HostBuffer(size_t bytes, uint64_t step) : Buffer(bytes, step) {
     size_t rounded = (bytes + 63) / 64 * 64;
     data_ = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
     if (!data_) throw std::bad_alloc();
@@ -43,9 +45,11 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
 
  protected:
-  Tensor empty(DType dtype, const Shape& shape) override {
+  Tensor empty(DType dtype, const Shape& shape) override { return make(dtype, shape, in_step() ? step() : kPersistent); }
+  Tensor empty_persistent(DType dtype, const Shape& shape) override { return make(dtype, shape, kPersistent); }
+  Tensor make(DType dtype, const Shape& shape, uint64_t step) {
     Tensor t{dtype, shape, nullptr};
-    t.buffer = std::make_shared<HostBuffer>(t.nbytes());
+    t.buffer = std::make_shared<HostBuffer>(t.nbytes(), step);
     return t;
   }
   void copy_from_host(const Tensor& dst, const void* src) override {
@@ -98,6 +102,9 @@ class CpuBackend final : public Backend {
                    slots.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads, k_cache.dim(1),
                    k_cache.dim(2), k_cache.dim(3), scale);
   }
+  void run_copy(const Tensor& dst, const Tensor& src) override {
+    if (dst.nbytes()) std::memcpy(dst.buffer->data(), src.buffer->data(), dst.nbytes());
+  }
   void run_silu_mul(const Tensor& gate_up, const Tensor& out) override {
     cpu::silu_mul(out.data<float>(), gate_up.data<float>(), out.dim(0), out.dim(1));
   }
@@ -131,11 +138,31 @@ class CpuBackend final : public Backend {
     cpu::logprobs(out, logits.data<float>(), ids, logits.dim(0), logits.dim(1));
   }
   void run_sample(const Tensor& logits, const SampleArgs& args, int32_t* out) override {
+    sample_checked("sample", logits, args, out);
+  }
+  void run_sample_tensor(const Tensor& logits, const Tensor& temperature, const Tensor& top_k, const Tensor& top_p,
+                         const Tensor& uniform, const Tensor& out) override {
+    SampleArgs args{temperature.data<float>(), top_k.data<int32_t>(), top_p.data<float>(), uniform.data<float>()};
+    check_sample_args("sampleTensor", args, logits.dim(0));
+    sample_checked("sampleTensor", logits, args, out.data<int32_t>());
+  }
+  void sample_checked(const char* op, const Tensor& logits, const SampleArgs& args, int32_t* out) {
     const float* l = logits.data<float>();
     for (int64_t i = 0; i < logits.numel(); ++i)
-      WEFT_CHECK(!std::isnan(l[i]), "sample", "logits ", logits, " holds NaN at row ", i / logits.dim(1),
-                 ", column ", i % logits.dim(1));
+      WEFT_CHECK(!std::isnan(l[i]), op, "logits ", logits, " holds NaN at row ", i / logits.dim(1), ", column ",
+                 i % logits.dim(1));
     cpu::sample(out, l, args, logits.dim(0), logits.dim(1));
+  }
+  void run_random_uniform(const Tensor& out, uint64_t seed, float scale) override {
+    cpu::random_uniform(out.buffer->data(), out.dtype, out.numel(), seed, scale);
+  }
+  MemoryInfo memory_info() override {
+#if defined(_SC_AVPHYS_PAGES) && defined(_SC_PHYS_PAGES)
+    double page = static_cast<double>(sysconf(_SC_PAGESIZE));
+    return {static_cast<double>(sysconf(_SC_AVPHYS_PAGES)) * page, static_cast<double>(sysconf(_SC_PHYS_PAGES)) * page};
+#else
+    return {0, 0};
+#endif
   }
 
  private:

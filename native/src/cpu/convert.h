@@ -37,6 +37,32 @@ inline float f16_to_f32(uint16_t h) {
   return bits_to_f32(sign | ((exponent + 127 - 15) << 23) | (mantissa << 13));
 }
 
+inline uint32_t f32_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// f32 -> bf16 / f16 rounding toward zero (randomUniform: keeps values inside [-scale, scale)).
+inline uint16_t f32_to_bf16_rz(float f) {
+  uint32_t x = f32_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
+  return static_cast<uint16_t>(x >> 16);
+}
+inline uint16_t f32_to_f16_rz(float f) {
+  uint32_t x = f32_bits(f);
+  uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u;        // NaN
+  if (a == 0x7f800000u) return sign | 0x7c00u;       // inf
+  if (a >= 0x47800000u) return sign | 0x7bffu;       // >= 65536: the largest finite half, toward zero
+  int e = static_cast<int>(a >> 23) - 127;
+  if (e >= -14) return static_cast<uint16_t>(sign | ((e + 15) << 10) | ((a >> 13) & 0x3ffu));
+  if (e < -25) return sign;
+  uint32_t m = (a & 0x7fffffu) | 0x800000u;          // subnormal half: drop the bits below 2^-24
+  return static_cast<uint16_t>(sign | (m >> (-14 - e + 13)));
+}
+
 // The 65536 f16 values as f32 (256 KiB, built once): a table lookup is faster than the branches above.
 const float* f16_table();
 

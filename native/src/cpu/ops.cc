@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/convert.h"
+#include "random-hash.h"
 
 namespace weft::cpu {
 namespace {
@@ -266,6 +267,18 @@ void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R
       }
     }
     out[r] = pick;
+  }
+}
+
+void random_uniform(void* out, DType dtype, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = uniform_value(seed, static_cast<uint64_t>(i), scale);
+    if (dtype == DType::F32)
+      static_cast<float*>(out)[i] = v;
+    else if (dtype == DType::BF16)
+      static_cast<uint16_t*>(out)[i] = f32_to_bf16_rz(v);
+    else
+      static_cast<uint16_t*>(out)[i] = f32_to_f16_rz(v);
   }
 }
 

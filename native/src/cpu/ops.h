@@ -53,4 +53,7 @@ void log_softmax(float* out, const float* logits, int64_t R, int64_t V);
 void logprobs(float* out, const float* logits, const int32_t* ids, int64_t R, int64_t V);
 void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R, int64_t V);
 
+// out [n] of dtype (f32/f16/bf16) = uniform_value(seed, i, scale) (random-hash.h), narrow dtypes toward zero.
+void random_uniform(void* out, DType dtype, int64_t n, uint64_t seed, float scale);
+
 }  // namespace weft::cpu
