@@ -22,7 +22,7 @@
 #include "error.h"
 
 namespace weft::cuda::detail {
-void matmul_tuning(int cluster, int blocks_per_sm);
+void matmul_tuning(int cluster, int blocks_per_sm, int u);
 }
 
 using weft::DType;
@@ -258,7 +258,7 @@ int main(int argc, char** argv) {
     const size_t rotate_bytes = size_t(320) << 20;  // > 6x L2: rotating copies keep weights out of L2
 
     if (sweep) {
-      std::printf("\nsweep: GEMV GB/s by cluster size C (K splits, 0 = auto) and minimum waves of clusters w\n");
+      std::printf("\nsweep: GEMV GB/s by cluster size C (K splits, 0 = auto) and 16-byte steps per ring stage u\n");
       std::vector<Shape> sw = {shapes[0], shapes[1], shapes[3], shapes[5], shapes[6], shapes[8]};
       for (const Shape& sh : sw) {
         const size_t wbytes = size_t(sh.N) * sh.K * 2;
@@ -271,18 +271,18 @@ int main(int argc, char** argv) {
         for (int T : {1, 4, 8}) {
           std::printf("%-6dx%-6d T=%d:", sh.N, sh.K, T);
           for (int C : {0, 1, 2, 4, 8})
-            for (int bps : {1, 2}) {
-              wc::detail::matmul_tuning(C, bps);
+            for (int bps : {1, 2}) {  // u
+              wc::detail::matmul_tuning(C, 0, bps);
               try {
                 const double ms = time_median(s, 40, [&](int i) { mm.run(x, ws_[i % copies], DType::BF16, y, T, sh.N, sh.K); });
-                std::printf(" C%d/w%d %.0f", C, bps, wbytes / (ms * 1e-3) / 1e9);
+                std::printf(" C%d/u%d %.0f", C, bps, wbytes / (ms * 1e-3) / 1e9);
               } catch (const weft::Error&) {
-                std::printf(" C%d/w%d -", C, bps);
+                std::printf(" C%d/u%d -", C, bps);
               }
             }
           std::printf("\n");
         }
-        wc::detail::matmul_tuning(0, 0);
+        wc::detail::matmul_tuning(0, 0, 0);
         for (auto p : ws_) CK(cudaFree(p));
         CK(cudaFree(x)); CK(cudaFree(y));
       }

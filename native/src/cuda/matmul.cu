@@ -63,6 +63,7 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 // Tuning overrides for the benchmark (0 = automatic).
 int g_force_cluster = 0;
 int g_force_blocks_per_sm = 0;
+int g_force_u = 0;
 
 template <typename WT> struct VecOf { static constexpr int value = 16 / sizeof(WT); };
 
@@ -130,9 +131,9 @@ struct GemvParams {
   int rows_per_cluster;   // multiple of kRows
 };
 
-constexpr int kU = 2;        // 16-byte steps per row per pipeline stage
 constexpr int kStages = 4;   // cp.async ring depth per warp (kStages - 1 stages in flight while computing)
-constexpr size_t kRingBytes = static_cast<size_t>(kWarps) * kStages * kRows * kU * 32 * 16;
+// Shared-memory ring of a block for U 16-byte steps per row per stage.
+__host__ __device__ constexpr size_t ring_bytes(int U) { return static_cast<size_t>(kWarps) * kStages * kRows * U * 32 * 16; }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
@@ -143,17 +144,16 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // Grid: C * G blocks, cluster (C, 1, 1); block b: K slice b % C, rows [(b / C) * rows_per_cluster, ...).
-// Dynamic shared memory: the weight ring [kWarps][kStages][kRows * kU][32] uint4 (each lane reads back only
+// Dynamic shared memory: the weight ring [kWarps][kStages][kRows * U][32] uint4 (each lane reads back only
 // what it copied itself, so no barrier guards it), the x slice [TT][H][nv_slice] float4, then (C > 1) the
 // partial sums [rows_per_cluster][TT] f32.
-// A warp's work is a list of items (row group, chunk of kU steps); item i + kStages - 1 is copied while item
+// A warp's work is a list of items (row group, chunk of U steps); item i + kStages - 1 is copied while item
 // i is computed.
-template <typename WT, int TT>
+template <typename WT, int TT, int U>
 __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   constexpr int VEC = VecOf<WT>::value;
   constexpr int H = VEC / 4;
   constexpr int R = kRows;
-  constexpr int U = kU;
   constexpr int S = kStages;
   constexpr int V = R * TT;
   extern __shared__ float4 smem[];
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   const int nitems = my_groups * nchunks;
 
   uint4* ring = reinterpret_cast<uint4*>(smem) + static_cast<size_t>(warp) * S * R * U * 32;
-  float4* xs = smem + kRingBytes / 16;
+  float4* xs = smem + ring_bytes(U) / 16;
   float* part = reinterpret_cast<float*>(xs + TT * H * p.nv_slice);
   const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + v0;
 
@@ -338,9 +338,10 @@ __global__ void cast_kernel(const float* __restrict__ x, WT* __restrict__ dst, s
 
 template <typename WT, int TT>
 void set_gemv_attributes(size_t max_smem) {
-  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(max_smem)));
-  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(max_smem)));
 }
 
 template <typename WT>
@@ -352,7 +353,7 @@ void set_gemv_attributes_all(size_t max_smem) {
 }
 
 // Clusters of C blocks with `smem` bytes each that fit on the device at once (0 if none).
-template <typename WT, int TT>
+template <typename WT, int TT, int U>
 int active_clusters(int C, size_t smem) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(C * 64);
@@ -366,21 +367,25 @@ int active_clusters(int C, size_t smem) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int n = 0;
-  WEFT_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT>, &cfg));
+  WEFT_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT, U>, &cfg));
   return n;
 }
 
-template <typename WT>
+template <typename WT, int U>
 int dispatch_active_clusters(int TT, int C, size_t smem) {
   switch (TT) {
-    case 1: return active_clusters<WT, 1>(C, smem);
-    case 2: return active_clusters<WT, 2>(C, smem);
-    case 4: return active_clusters<WT, 4>(C, smem);
-    default: return active_clusters<WT, 8>(C, smem);
+    case 1: return active_clusters<WT, 1, U>(C, smem);
+    case 2: return active_clusters<WT, 2, U>(C, smem);
+    case 4: return active_clusters<WT, 4, U>(C, smem);
+    default: return active_clusters<WT, 8, U>(C, smem);
   }
 }
+template <typename WT>
+int dispatch_active_clusters(int TT, int U, int C, size_t smem) {
+  return U == 1 ? dispatch_active_clusters<WT, 1>(TT, C, smem) : dispatch_active_clusters<WT, 2>(TT, C, smem);
+}
 
-template <typename WT, int TT>
+template <typename WT, int TT, int U>
 void launch_gemv(const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
@@ -394,26 +399,32 @@ void launch_gemv(const GemvParams& p, int grid, size_t smem, cudaStream_t stream
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  WEFT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<WT, TT>, p));
+  WEFT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<WT, TT, U>, p));
 }
 
-template <typename WT>
+template <typename WT, int U>
 void dispatch_gemv(int TT, const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
   switch (TT) {
-    case 1: launch_gemv<WT, 1>(p, grid, smem, stream); break;
-    case 2: launch_gemv<WT, 2>(p, grid, smem, stream); break;
-    case 4: launch_gemv<WT, 4>(p, grid, smem, stream); break;
-    default: launch_gemv<WT, 8>(p, grid, smem, stream); break;
+    case 1: launch_gemv<WT, 1, U>(p, grid, smem, stream); break;
+    case 2: launch_gemv<WT, 2, U>(p, grid, smem, stream); break;
+    case 4: launch_gemv<WT, 4, U>(p, grid, smem, stream); break;
+    default: launch_gemv<WT, 8, U>(p, grid, smem, stream); break;
   }
+}
+template <typename WT>
+void dispatch_gemv(int TT, int U, const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
+  if (U == 1) dispatch_gemv<WT, 1>(TT, p, grid, smem, stream);
+  else dispatch_gemv<WT, 2>(TT, p, grid, smem, stream);
 }
 
 }  // namespace
 
 namespace detail {
 // Benchmark hooks: force the cluster size (K splits) and a minimum number of waves of clusters.
-void matmul_tuning(int cluster, int blocks_per_sm) {
+void matmul_tuning(int cluster, int blocks_per_sm, int u) {
   g_force_cluster = cluster;
   g_force_blocks_per_sm = blocks_per_sm;
+  g_force_u = u;
 }
 }  // namespace detail
 
@@ -426,10 +437,10 @@ struct Matmul::Impl {
   void* cast_buf = nullptr;   // x cast to bf16/f16 for the GEMM path
   size_t cast_bytes = 0;
   // cudaOccupancyMaxActiveClusters answers, keyed by (dtype, TT, C, smem / 1 KiB).
-  struct Occ { int key[4]; int n; };
+  struct Occ { int key[5]; int n; };
   std::vector<Occ> occ;
 
-  int clusters_at_once(DType dt, int TT, int C, size_t smem);
+  int clusters_at_once(DType dt, int TT, int U, int C, size_t smem);
   void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
   void gemm(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
   void ensure_cublas();
@@ -469,17 +480,18 @@ void Matmul::Impl::ensure_cublas() {
   WEFT_CUBLAS_CHECK(a.set_stream(handle, stream));
 }
 
-int Matmul::Impl::clusters_at_once(DType dt, int TT, int C, size_t smem) {
-  const int key[4] = {static_cast<int>(dt), TT, C, static_cast<int>((smem + 1023) / 1024)};
+int Matmul::Impl::clusters_at_once(DType dt, int TT, int U, int C, size_t smem) {
+  const int key[5] = {static_cast<int>(dt), TT, U, C, static_cast<int>((smem + 1023) / 1024)};
   for (const Occ& o : occ)
-    if (std::equal(key, key + 4, o.key)) return o.n;
+    if (std::equal(key, key + 5, o.key)) return o.n;
   int n = 0;
+  const size_t rounded = static_cast<size_t>(key[4]) * 1024;
   switch (dt) {
-    case DType::BF16: n = dispatch_active_clusters<__nv_bfloat16>(TT, C, key[3] * 1024); break;
-    case DType::F16: n = dispatch_active_clusters<__half>(TT, C, key[3] * 1024); break;
-    default: n = dispatch_active_clusters<float>(TT, C, key[3] * 1024); break;
+    case DType::BF16: n = dispatch_active_clusters<__nv_bfloat16>(TT, U, C, rounded); break;
+    case DType::F16: n = dispatch_active_clusters<__half>(TT, U, C, rounded); break;
+    default: n = dispatch_active_clusters<float>(TT, U, C, rounded); break;
   }
-  occ.push_back(Occ{{key[0], key[1], key[2], key[3]}, n});
+  occ.push_back(Occ{{key[0], key[1], key[2], key[3], key[4]}, n});
   return n;
 }
 
@@ -495,13 +507,17 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   if (g_force_cluster > 0) {
     C = g_force_cluster;
   } else {
-    // Smallest K split whose x slice fits the target: each block then reuses its x slice over the most rows.
+    // Smallest K split whose x slice fits the target, at least 2 (measured: 2 blocks sharing the rows of a
+    // cluster beat 1 on most shapes), and 8 for long rows with T >= 4 (measured on K = 11008, 14336).
+    C = 2;
     while (C < kMaxCluster && xbytes(C) > kMaxXSlice) C *= 2;
+    if (TT >= 4 && K > 8192) C = kMaxCluster;
   }
+  const int U = g_force_u > 0 ? g_force_u : 2;
   const int ngroups = (N + kRows - 1) / kRows;
   const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
   const size_t part_bytes = C > 1 ? static_cast<size_t>(std::min(max_groups, ngroups)) * kRows * TT * 4 : 0;
-  const size_t smem = kRingBytes + xbytes(C) + part_bytes;
+  const size_t smem = ring_bytes(U) + xbytes(C) + part_bytes;
   if (!vector_ok || smem > max_smem) {
     if (vector_ok && T > 1) {  // x too large for shared memory: two passes over fewer tokens
       const int half = T / 2;
@@ -524,7 +540,7 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   }
   // One wave of clusters (as many as fit at once), rows split evenly; more waves only when the partial sums of
   // a cluster's rows would not fit.
-  const int active = std::max(1, clusters_at_once(dt, TT, C, smem));
+  const int active = std::max(1, clusters_at_once(dt, TT, U, C, smem));
   int waves = 1;
   if (C > 1) {
     const int per = (ngroups + active - 1) / active;
@@ -537,9 +553,9 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows};
   const int grid = G * C;
   switch (dt) {
-    case DType::BF16: dispatch_gemv<__nv_bfloat16>(TT, p, grid, smem, stream); break;
-    case DType::F16: dispatch_gemv<__half>(TT, p, grid, smem, stream); break;
-    default: dispatch_gemv<float>(TT, p, grid, smem, stream); break;
+    case DType::BF16: dispatch_gemv<__nv_bfloat16>(TT, U, p, grid, smem, stream); break;
+    case DType::F16: dispatch_gemv<__half>(TT, U, p, grid, smem, stream); break;
+    default: dispatch_gemv<float>(TT, U, p, grid, smem, stream); break;
   }
   WEFT_CUDA_CHECK(cudaGetLastError());
 }
