@@ -131,6 +131,69 @@ function buildProgram(): Command {
       });
     });
 
+  clusterOptions(program.command('serve').description('serve the model over RPC (ZeroMQ) and HTTP (OpenAI-compatible) until SIGTERM/SIGINT'))
+    .option('--host <host>', 'interface RPC and HTTP bind (non-loopback needs --curve-dir and --api-key)', '127.0.0.1')
+    .option('--rpc-port <port>', 'RPC (ZeroMQ ROUTER) port; 0 picks a free one', integer('--rpc-port', 0), 5555)
+    .option('--http-port <port>', 'HTTP port; 0 picks a free one', integer('--http-port', 0), 8000)
+    .addOption(new Option('--api-key <token>', 'bearer token HTTP clients must send').env('WEFT_API_KEY'))
+    .option('--curve-dir <dir>', 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)')
+    .addOption(new Option('--workers <mode>', 'spawn the workers, or wait for external ones (pm2)').choices(['spawn', 'external']).default('spawn'))
+    .option('--worker-port <port>', 'port external workers connect to (127.0.0.1)', integer('--worker-port', 0), 0)
+    .option('--worker-secret-file <path>', 'shared secret external workers present')
+    .option('--max-queue <n>', 'requests waiting for a KV slot at most; more get "busy"', integer('--max-queue', 0), 64)
+    .option('--request-timeout <ms>', 'deadline of every request (0: none)', integer('--request-timeout', 0), 0)
+    .option('--heartbeat-timeout <ms>', 'a worker silent this long is declared dead', integer('--heartbeat-timeout', 100), 5000)
+    .option('--draft <dir>', 'draft model for speculative decoding')
+    .action(async (flags) => {
+      if (flags.draft !== undefined) throw new WeftError('WEFT_UNSUPPORTED_MODEL', '--draft: speculative decoding is not yet supported');
+      if (flags.workers === 'external' && !flags.workerPort) throw new WeftError('WEFT_BAD_REQUEST', '--workers external needs a fixed --worker-port');
+      const { serve, readCurveDir } = await import('./serve.ts');
+      const emit = (event: Record<string, unknown>): void => void process.stdout.write(JSON.stringify(event) + '\n');
+      const server = await serve({
+        modelDir: flags.model,
+        tp: flags.tp,
+        device: flags.device,
+        ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
+        ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
+        ...(flags.threads !== undefined && { threads: flags.threads }),
+        host: flags.host,
+        rpcPort: flags.rpcPort,
+        httpPort: flags.httpPort,
+        ...(flags.apiKey !== undefined && { apiKey: flags.apiKey as string }),
+        ...(flags.curveDir !== undefined && { curve: readCurveDir(flags.curveDir as string) }),
+        workers: flags.workers,
+        ...(flags.workerPort && { workerPort: flags.workerPort }),
+        ...(flags.workerSecretFile !== undefined && workerSecret(flags.workerSecretFile as string).secret !== undefined && { workerSecret: workerSecret(flags.workerSecretFile as string).secret! }),
+        maxQueue: flags.maxQueue,
+        requestTimeoutMs: flags.requestTimeout,
+        heartbeatTimeoutMs: flags.heartbeatTimeout,
+        joinTimeoutMs: flags.workers === 'external' ? 120_000 : 60_000,
+        onProgress: () => undefined,
+        onStateChange: (state, detail) => emit({ event: 'state', state, detail }),
+      });
+      emit({ event: 'listening', rpc: server.rpcEndpoint, http: server.httpUrl, model: server.cluster.info().name, tp: flags.tp });
+      const exitCode = await new Promise<number>((resolve) => {
+        process.once('SIGINT', () => resolve(0));
+        process.once('SIGTERM', () => resolve(0));
+        server.cluster.ready.catch(() => resolve(1));
+        const watch = setInterval(() => server.cluster.state === 'failed' && resolve(1), 500);
+        watch.unref();
+      });
+      emit({ event: 'stopping', exitCode });
+      await server.close();
+      process.exitCode = exitCode;
+    });
+
+  program
+    .command('keygen')
+    .description('write CURVE keys for the RPC socket: server.json, client.json, clients.txt (mode 0600)')
+    .requiredOption('--out <dir>', 'directory to write')
+    .action(async (flags) => {
+      const { writeCurveDir } = await import('./serve.ts');
+      const written = writeCurveDir(flags.out as string);
+      process.stdout.write(JSON.stringify(written) + '\n');
+    });
+
   program
     .command('worker')
     .description('run one worker rank (started by the coordinator, or by hand to join one)')

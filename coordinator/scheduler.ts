@@ -107,6 +107,7 @@ type Job = GenerateJob | ScoreJob;
 
 /** A handle on a submitted generation. */
 export interface GenerationHandle {
+  readonly promptTokens: number;
   readonly events: AsyncIterable<GenerationEvent>;
   cancel(reason?: Error): void;
 }
@@ -138,7 +139,7 @@ export class Scheduler {
   submitGenerate(seq: SequenceState, timeoutMs?: number): GenerationHandle {
     const job: GenerateJob = { kind: 'generate', seq, events: new Channel(), slot: null, finished: false, timer: null, enqueuedAt: performance.now() };
     this.enqueue(job, timeoutMs);
-    return { events: job.events, cancel: (reason) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), 'cancelled') };
+    return { promptTokens: seq.promptIds.length, events: job.events, cancel: (reason) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), 'cancelled') };
   }
 
   /** Queue a scoring pass. Throws WEFT_BUSY when the queue is full. */

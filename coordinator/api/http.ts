@@ -1,0 +1,363 @@
+/**
+ * The HTTP gateway (node:http), following the OpenAI convention: `/v1/completions`, `/v1/chat/completions`
+ * (SSE streaming: `data: {json}\n\n` chunks, then `data: [DONE]`), `/v1/models`, plus `/health` (200 when
+ * every rank serves, else 503 with the load progress), `/live` (always 200), Prometheus `/metrics` and
+ * `/tokenize`.
+ *
+ * Errors are `{"error": {"message", "type", "param", "code"}}` everywhere, a failure mid-stream included (then
+ * no `[DONE]`). A full queue is 503 with `retry-after`. A client that disconnects cancels its request, which
+ * frees its KV slot. Bodies are capped (413), header and request timeouts are explicit, and with a bearer token
+ * every route but the public ones (`/health`, `/live`) needs it (compared in constant time). Binding anywhere but
+ * loopback requires the token.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import { z } from 'zod';
+import { WeftError, isWeftError } from '../errors.ts';
+import type { Cluster } from '../cluster.ts';
+import type { ChatTemplate } from '../chat-template.ts';
+import type { WeftMetrics } from '../metrics.ts';
+import { isLoopback } from './server.ts';
+
+export interface HttpGatewayOptions {
+  /** Defaults to 127.0.0.1. */
+  readonly host?: string;
+  /** 0 picks a free port. Defaults to 0. */
+  readonly port?: number;
+  /** bearer token; required unless host is loopback */
+  readonly apiKey?: string;
+  readonly chatTemplate: ChatTemplate | null;
+  readonly metrics: WeftMetrics;
+  /** Defaults to 4 MiB. */
+  readonly maxBodyBytes?: number;
+}
+
+type Handler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
+
+/** Routes anyone may call without the token. */
+export const PUBLIC_ROUTES: readonly string[] = ['GET /health', 'GET /live'];
+
+const STATUS: Partial<Record<string, number>> = {
+  WEFT_BAD_REQUEST: 400,
+  WEFT_PROTOCOL: 400,
+  WEFT_BUSY: 503,
+  WEFT_CLOSED: 503,
+  WEFT_WORKER_DIED: 503,
+  WEFT_TIMEOUT: 504,
+};
+
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly param: string | null = null,
+  ) {
+    super(message);
+  }
+}
+
+function errorBody(err: unknown): { status: number; body: { error: { message: string; type: string; param: string | null; code: string } } } {
+  if (err instanceof HttpError) return { status: err.status, body: { error: { message: err.message, type: err.status < 500 ? 'invalid_request_error' : 'server_error', param: err.param, code: err.code } } };
+  const code = isWeftError(err) ? err.code : 'WEFT_INTERNAL';
+  const status = STATUS[code] ?? 500;
+  const type = status < 500 ? 'invalid_request_error' : status === 503 ? 'overloaded_error' : 'server_error';
+  return { status, body: { error: { message: (err as Error).message ?? String(err), type, param: null, code } } };
+}
+
+function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), ...headers });
+  res.end(text);
+}
+
+function sendError(res: ServerResponse, err: unknown): void {
+  const { status, body } = errorBody(err);
+  if (res.headersSent) return void res.end();
+  sendJson(res, status, body, status === 503 ? { 'retry-after': '1' } : {});
+}
+
+const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
+
+async function readJson(req: IncomingMessage, limit: number): Promise<unknown> {
+  const declared = Number(req.headers['content-length'] ?? 0);
+  if (declared > limit) throw new HttpError(413, 'body_too_large', `the request body is ${declared} bytes; the limit is ${limit}`);
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > limit) throw new HttpError(413, 'body_too_large', `the request body is over the limit of ${limit} bytes`);
+    chunks.push(chunk);
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  } catch (err) {
+    throw new HttpError(400, 'invalid_json', `the request body is not valid JSON: ${(err as Error).message}`);
+  }
+}
+
+const tokenIds = z.array(z.number().int().nonnegative()).min(1);
+const common = {
+  model: z.string().optional(),
+  max_tokens: z.number().int().min(1).nullish(),
+  max_completion_tokens: z.number().int().min(1).nullish(),
+  temperature: z.number().nullish(),
+  top_p: z.number().nullish(),
+  top_k: z.number().int().nullish(),
+  seed: z.number().int().nullish(),
+  stop: z.union([z.string(), z.array(z.string()).max(8)]).nullish(),
+  stop_token_ids: z.array(z.number().int()).nullish(),
+  ignore_eos: z.boolean().nullish(),
+  stream: z.boolean().nullish(),
+  stream_options: z.object({ include_usage: z.boolean().nullish() }).loose().nullish(),
+  n: z.number().int().nullish(),
+  best_of: z.number().int().nullish(),
+  logprobs: z.union([z.boolean(), z.number()]).nullish(),
+  top_logprobs: z.number().nullish(),
+  presence_penalty: z.number().nullish(),
+  frequency_penalty: z.number().nullish(),
+  response_format: z.unknown().optional(),
+  chat_template: z.unknown().optional(),
+  chat_template_kwargs: z.unknown().optional(),
+  tools: z.unknown().optional(),
+};
+const completionSchema = z.object({ ...common, prompt: z.union([z.string(), tokenIds, z.array(z.string()).length(1), z.array(tokenIds).length(1)]), echo: z.boolean().nullish() }).loose();
+const contentPart = z.object({ type: z.literal('text'), text: z.string() }).loose();
+const chatSchema = z
+  .object({
+    ...common,
+    messages: z.array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart), z.null()]) }).loose()).min(1),
+  })
+  .loose();
+type CommonBody = z.infer<typeof completionSchema> | z.infer<typeof chatSchema>;
+
+function parseBody<T>(schema: z.ZodType<T>, value: unknown): T {
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  const param = issue?.path.join('.') || null;
+  throw new HttpError(400, 'invalid_request', `${param ?? 'body'}: ${issue?.message ?? 'invalid'}`, param);
+}
+
+/** Fields weft does not implement are refused by name, never ignored. */
+function refuseUnsupported(body: CommonBody): void {
+  const refuse = (param: string, why: string): never => {
+    throw new HttpError(400, 'unsupported', `${param}: ${why}`, param);
+  };
+  if (body.n !== undefined && body.n !== null && body.n !== 1) refuse('n', 'only n = 1 is supported');
+  if (body.best_of !== undefined && body.best_of !== null && body.best_of > 1) refuse('best_of', 'is not supported; use n = 1');
+  if (body.logprobs) refuse('logprobs', 'is not supported yet (use the RPC score call)');
+  if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
+  if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
+  if (body.response_format !== undefined && body.response_format !== null) refuse('response_format', 'structured output is not supported yet');
+  if (body.tools !== undefined && body.tools !== null) refuse('tools', 'tool calling is not supported');
+  if (body.chat_template !== undefined || body.chat_template_kwargs !== undefined) refuse('chat_template', 'templates come from the model directory, never from requests');
+  if ('echo' in body && body.echo) refuse('echo', 'is not supported yet');
+}
+
+/** Holds back text that may be the start of a stop string; ends the text at the first stop string. */
+export class StopMatcher {
+  private pending = '';
+  constructor(private readonly stops: readonly string[]) {}
+  push(piece: string): { text: string; stopped: boolean } {
+    this.pending += piece;
+    let cut = -1;
+    for (const stop of this.stops) {
+      const at = this.pending.indexOf(stop);
+      if (at >= 0 && (cut < 0 || at < cut)) cut = at;
+    }
+    if (cut >= 0) {
+      const text = this.pending.slice(0, cut);
+      this.pending = '';
+      return { text, stopped: true };
+    }
+    let hold = 0;
+    for (const stop of this.stops)
+      for (let k = Math.min(stop.length - 1, this.pending.length); k > hold; k--)
+        if (this.pending.endsWith(stop.slice(0, k))) {
+          hold = k;
+          break;
+        }
+    const text = this.pending.slice(0, this.pending.length - hold);
+    this.pending = this.pending.slice(this.pending.length - hold);
+    return { text, stopped: false };
+  }
+  flush(): string {
+    const text = this.pending;
+    this.pending = '';
+    return text;
+  }
+}
+
+export class HttpGateway {
+  private constructor(
+    private readonly server: Server,
+    readonly url: string,
+  ) {}
+
+  static async start(cluster: Cluster, options: HttpGatewayOptions): Promise<HttpGateway> {
+    const host = options.host ?? '127.0.0.1';
+    if (!isLoopback(host) && !options.apiKey) throw new WeftError('WEFT_BAD_REQUEST', `binding HTTP to ${host} (not loopback) needs a bearer token (--api-key or WEFT_API_KEY)`);
+    const routes = buildRoutes(cluster, options);
+    const expected = options.apiKey !== undefined ? digest(`Bearer ${options.apiKey}`) : null;
+    const server = createServer({ headersTimeout: 10_000, requestTimeout: 60_000, maxHeaderSize: 16 * 1024 }, (req, res) => {
+      const path = (req.url ?? '/').split('?')[0];
+      const key = `${req.method} ${path}`;
+      const handler = routes.get(key);
+      if (expected && !PUBLIC_ROUTES.includes(key) && !timingSafeEqual(digest(String(req.headers.authorization ?? '')), expected)) {
+        req.resume();
+        return sendJson(res, 401, { error: { message: 'missing or wrong bearer token', type: 'authentication_error', param: null, code: 'unauthorized' } });
+      }
+      if (!handler) {
+        req.resume();
+        const known = [...routes.keys()].some((k) => k.endsWith(` ${path}`));
+        return sendError(res, new HttpError(known ? 405 : 404, known ? 'method_not_allowed' : 'not_found', `${known ? 'method not allowed' : 'no route'}: ${key}`));
+      }
+      handler(req, res).catch((err) => {
+        req.resume();
+        sendError(res, err);
+      });
+    });
+    server.on('clientError', (_err, socket) => socket.destroy());
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(options.port ?? 0, host, () => resolve());
+    });
+    const address = server.address() as AddressInfo;
+    const shown = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+    return new HttpGateway(server, `http://${shown}:${address.port}`);
+  }
+
+  /** Registered routes, as "METHOD /path" (tests enumerate them for the auth check). */
+  static routes(): string[] {
+    return ['GET /health', 'GET /live', 'GET /metrics', 'GET /v1/models', 'POST /v1/completions', 'POST /v1/chat/completions', 'POST /tokenize'];
+  }
+
+  async close(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeAllConnections();
+    });
+  }
+}
+
+function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string, Handler> {
+  const limit = options.maxBodyBytes ?? 4 << 20;
+  const modelName = cluster.info().name;
+  const checkModel = (model: string | undefined): void => {
+    if (model !== undefined && model !== modelName) throw new HttpError(404, 'model_not_found', `model "${model}" is not served here; this server serves "${modelName}"`, 'model');
+  };
+  const routes = new Map<string, Handler>();
+  routes.set('GET /live', async (_req, res) => sendJson(res, 200, { status: 'ok' }));
+  routes.set('GET /health', async (_req, res) => {
+    const stats = cluster.stats();
+    sendJson(res, stats.state === 'ready' ? 200 : 503, { status: stats.state, detail: stats.detail, ranks: stats.ranks });
+  });
+  routes.set('GET /metrics', async (_req, res) => {
+    const text = await options.metrics.text();
+    res.writeHead(200, { 'content-type': options.metrics.registry.contentType });
+    res.end(text);
+  });
+  routes.set('GET /v1/models', async (_req, res) =>
+    sendJson(res, 200, { object: 'list', data: [{ id: modelName, object: 'model', created: 0, owned_by: 'weft', max_model_len: cluster.maxContext }] }),
+  );
+  routes.set('POST /tokenize', async (req, res) => {
+    const body = parseBody(z.object({ prompt: z.string() }).loose(), await readJson(req, limit));
+    sendJson(res, 200, { tokens: cluster.tokenizer.encode(body.prompt) });
+  });
+  routes.set('POST /v1/completions', async (req, res) => {
+    const body = parseBody(completionSchema, await readJson(req, limit));
+    checkModel(body.model);
+    refuseUnsupported(body);
+    const prompt = Array.isArray(body.prompt) && body.prompt.length === 1 && typeof body.prompt[0] !== 'number' ? body.prompt[0]! : body.prompt;
+    const request = typeof prompt === 'string' ? { prompt } : { promptIds: prompt as number[] };
+    await complete(cluster, req, res, body, request, 'text_completion', modelName);
+  });
+  routes.set('POST /v1/chat/completions', async (req, res) => {
+    const body = parseBody(chatSchema, await readJson(req, limit));
+    checkModel(body.model);
+    refuseUnsupported(body);
+    if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; use /v1/completions with a prompt`);
+    const messages = body.messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
+    const text = options.chatTemplate.render(messages);
+    await complete(cluster, req, res, body, { promptIds: cluster.tokenizer.encode(text, { addBos: false }) }, 'chat.completion', modelName);
+  });
+  return routes;
+}
+
+async function complete(
+  cluster: Cluster,
+  req: IncomingMessage,
+  res: ServerResponse,
+  body: CommonBody,
+  request: { prompt: string } | { promptIds: number[] },
+  object: 'text_completion' | 'chat.completion',
+  modelName: string,
+): Promise<void> {
+  const sampling: Record<string, unknown> = {
+    maxNewTokens: body.max_completion_tokens ?? body.max_tokens ?? 16,
+    temperature: body.temperature ?? 1,
+    topP: body.top_p ?? 1,
+    ...(body.top_k !== undefined && body.top_k !== null && { topK: Math.max(0, body.top_k) }),
+    ...(body.seed !== undefined && body.seed !== null && { seed: body.seed >>> 0 }),
+    ...(body.stop_token_ids && { stopTokenIds: body.stop_token_ids }),
+    ...(body.ignore_eos && { ignoreEos: true }),
+  };
+  const stops = body.stop === undefined || body.stop === null ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop;
+  const matcher = new StopMatcher(stops.filter((s) => s.length > 0));
+  const abort = new AbortController();
+  res.on('close', () => abort.abort());
+  const handle = cluster.submit({ ...request, sampling }, { signal: abort.signal }); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
+  const id = `${object === 'chat.completion' ? 'chatcmpl' : 'cmpl'}-${randomBytes(12).toString('hex')}`;
+  const created = Math.floor(Date.now() / 1000);
+  const chat = object === 'chat.completion';
+  const choice = (text: string, finish: string | null): Record<string, unknown> =>
+    chat ? { index: 0, delta: text === '' && finish === null ? { role: 'assistant', content: '' } : finish ? {} : { content: text }, logprobs: null, finish_reason: finish } : { index: 0, text, logprobs: null, finish_reason: finish };
+  const chunkObject = chat ? 'chat.completion.chunk' : 'text_completion';
+  const stream = body.stream === true;
+  const write = (data: unknown): void => void res.write(`data: ${JSON.stringify(data)}\n\n`);
+  if (stream) {
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', 'x-accel-buffering': 'no', connection: 'keep-alive' });
+    if (chat) write({ id, object: chunkObject, created, model: modelName, choices: [choice('', null)] });
+  }
+  let text = '';
+  let finish: string = 'length';
+  let usage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+  try {
+    for await (const event of handle.events) {
+      if (event.type === 'token') {
+        const { text: piece, stopped } = matcher.push(event.text);
+        text += piece;
+        if (stream && piece) write({ id, object: chunkObject, created, model: modelName, choices: [choice(piece, null)] });
+        usage.completion_tokens++;
+        if (stopped) {
+          finish = 'stop';
+          handle.cancel(new WeftError('WEFT_CANCELLED', 'stop string reached'));
+          break;
+        }
+      } else {
+        const rest = matcher.flush();
+        text += rest;
+        if (stream && rest) write({ id, object: chunkObject, created, model: modelName, choices: [choice(rest, null)] });
+        finish = event.finishReason;
+        usage = { prompt_tokens: event.promptTokens, completion_tokens: event.tokens.length, total_tokens: event.promptTokens + event.tokens.length };
+      }
+    }
+  } catch (err) {
+    if (abort.signal.aborted) return; // the client left
+    if (!stream) throw err;
+    write(errorBody(err).body);
+    res.end();
+    return;
+  }
+  if (usage.prompt_tokens === 0) usage = { prompt_tokens: handle.promptTokens, completion_tokens: usage.completion_tokens, total_tokens: handle.promptTokens + usage.completion_tokens };
+  if (stream) {
+    write({ id, object: chunkObject, created, model: modelName, choices: [choice('', finish)] });
+    if (body.stream_options?.include_usage) write({ id, object: chunkObject, created, model: modelName, choices: [], usage });
+    res.end('data: [DONE]\n\n');
+    return;
+  }
+  const message = chat ? { index: 0, message: { role: 'assistant', content: text }, logprobs: null, finish_reason: finish } : { index: 0, text, logprobs: null, finish_reason: finish };
+  sendJson(res, 200, { id, object, created, model: modelName, choices: [message], usage });
+}

@@ -1,0 +1,93 @@
+/**
+ * The cluster RPC protocol: what a client (WeftClient, or any MessagePack speaker on a ZeroMQ DEALER) sends to
+ * the coordinator's ROUTER socket, and what comes back. One frame per message, a MessagePack map with `v`
+ * (protocol version), `type` and `id` (the client's request id, echoed in every answer).
+ *
+ * Client → server: generate | score | cancel | info | health | stats | tokenize.
+ * Server → client: token (streamed) and done, or result, or error {code, message} (id null when the frame could
+ * not be read at all). Plain data only; every frame is pre-scanned (msgpack-guard.ts), decoded, then checked
+ * against the schemas below.
+ */
+import { z } from 'zod';
+import { WeftError } from '../errors.ts';
+import { checkMsgpack } from './msgpack-guard.ts';
+import { decode } from '../wire.ts';
+
+export const RPC_VERSION = 1;
+/** Frames larger than this disconnect the peer before anything is allocated (ZeroMQ maxMessageSize). */
+export const RPC_MAX_MESSAGE_BYTES = 4 << 20;
+
+const id = z.number().int().nonnegative().max(2 ** 31);
+const base = { v: z.number().int(), id };
+
+const generateSchema = z
+  .object({
+    ...base,
+    type: z.literal('generate'),
+    prompt: z.string().max(1 << 20).optional(),
+    promptIds: z.array(z.number().int().nonnegative()).max(1 << 20).optional(),
+    sampling: z.record(z.string(), z.unknown()).optional(),
+    timeoutMs: z.number().int().positive().optional(),
+  })
+  .strict();
+
+const requestSchema = z.discriminatedUnion('type', [
+  generateSchema,
+  z.object({ ...base, type: z.literal('score'), ids: z.array(z.number().int().nonnegative()).max(1 << 20), full: z.boolean().optional() }).strict(),
+  z.object({ ...base, type: z.literal('cancel') }).strict(),
+  z.object({ ...base, type: z.literal('info') }).strict(),
+  z.object({ ...base, type: z.literal('health') }).strict(),
+  z.object({ ...base, type: z.literal('stats') }).strict(),
+  z.object({ ...base, type: z.literal('tokenize'), text: z.string().max(1 << 20) }).strict(),
+]);
+
+export type RpcRequest = z.infer<typeof requestSchema>;
+export type RpcGenerateRequest = z.infer<typeof generateSchema>;
+
+export type RpcResponse =
+  | { v: number; type: 'token'; id: number; token: number; text: string }
+  | { v: number; type: 'done'; id: number; result: Record<string, unknown> }
+  | { v: number; type: 'result'; id: number; result: unknown }
+  | { v: number; type: 'error'; id: number | null; code: string; message: string };
+
+/** Read one client frame. On failure the error carries the request id when one could be read. */
+export function parseRpcRequest(frame: Buffer): RpcRequest {
+  checkMsgpack(frame);
+  const value = decode(frame);
+  const parsed = requestSchema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  const where = issue?.path.length ? ` at ${issue.path.join('.')}` : '';
+  const err = new WeftError('WEFT_PROTOCOL', `invalid request${where}: ${issue?.message ?? 'unknown problem'}`) as WeftError & { requestId?: number };
+  const maybeId = (value as { id?: unknown } | null)?.id;
+  if (typeof value === 'object' && value !== null && id.safeParse(maybeId).success) err.requestId = maybeId as number;
+  throw err;
+}
+
+const responseSchema = z.union([
+  z.object({ v: z.number(), type: z.literal('token'), id, token: z.number().int(), text: z.string() }).strict(),
+  z.object({ v: z.number(), type: z.literal('done'), id, result: z.record(z.string(), z.unknown()) }).strict(),
+  z.object({ v: z.number(), type: z.literal('result'), id, result: z.unknown() }).strict(),
+  z.object({ v: z.number(), type: z.literal('error'), id: id.nullable(), code: z.string(), message: z.string() }).strict(),
+]);
+
+/** Read one server frame (the client trusts the server no more than the server trusts it). */
+export function parseRpcResponse(frame: Buffer): RpcResponse {
+  checkMsgpack(frame);
+  const parsed = responseSchema.safeParse(decode(frame));
+  if (!parsed.success) throw new WeftError('WEFT_PROTOCOL', `invalid response from the server: ${parsed.error.issues[0]?.message ?? 'unknown problem'}`);
+  return parsed.data as RpcResponse;
+}
+
+/** CURVE keys (Z85, 40 characters), as zmq.curveKeyPair() makes them. */
+export interface CurveServerKeys {
+  readonly publicKey: string;
+  readonly secretKey: string;
+  /** public keys of the clients allowed in (a ZAP handler refuses every other key) */
+  readonly allowedClientKeys: readonly string[];
+}
+export interface CurveClientKeys {
+  readonly serverKey: string;
+  readonly publicKey: string;
+  readonly secretKey: string;
+}

@@ -1,0 +1,103 @@
+/**
+ * `weft serve`: the coordinator as a long-running server. The RPC socket and the HTTP gateway open first (so
+ * `/health` answers 503 with the per-rank load progress while the weights load), then the cluster loads, and
+ * `/health` turns 200. A worker fault re-forms the group; after too many failed attempts the process exits
+ * non-zero so its supervisor can restart it.
+ */
+import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import * as zmq from 'zeromq';
+import { Cluster, type ClusterOptions, type ClusterState } from './cluster.ts';
+import { WeftError } from './errors.ts';
+import { RpcServer } from './api/server.ts';
+import { HttpGateway } from './api/http.ts';
+import { ChatTemplate } from './chat-template.ts';
+import { WeftMetrics } from './metrics.ts';
+import type { CurveServerKeys } from './api/protocol.ts';
+
+export interface ServeOptions extends ClusterOptions {
+  /** Defaults to 127.0.0.1 (RPC and HTTP). */
+  readonly host?: string;
+  /** 0 picks a free port. Defaults to 0 here; the CLI defaults to 5555 and 8000. */
+  readonly rpcPort?: number;
+  readonly httpPort?: number;
+  readonly apiKey?: string;
+  readonly curve?: CurveServerKeys;
+}
+
+export interface RunningServer {
+  readonly cluster: Cluster;
+  readonly rpcEndpoint: string;
+  readonly httpUrl: string;
+  close(): Promise<void>;
+}
+
+export async function serve(options: ServeOptions): Promise<RunningServer> {
+  const chatTemplate = ChatTemplate.load(options.modelDir);
+  let metrics: WeftMetrics | null = null;
+  const cluster = await Cluster.open({ recover: true, ...options, observer: { ...forward(() => metrics) } });
+  metrics = new WeftMetrics(cluster.info().name);
+  metrics.attach(cluster);
+  let rpc: RpcServer | null = null;
+  let http: HttpGateway | null = null;
+  try {
+    const host = options.host ?? '127.0.0.1';
+    rpc = await RpcServer.start(cluster, { host, port: options.rpcPort ?? 0, ...(options.curve && { curve: options.curve }) });
+    http = await HttpGateway.start(cluster, { host, port: options.httpPort ?? 0, chatTemplate, metrics, ...(options.apiKey !== undefined && { apiKey: options.apiKey }) });
+  } catch (err) {
+    await rpc?.close();
+    await cluster.close();
+    throw err;
+  }
+  const [r, h] = [rpc, http];
+  return {
+    cluster,
+    rpcEndpoint: r.endpoint,
+    httpUrl: h.url,
+    async close() {
+      await h.close();
+      await r.close();
+      await cluster.close();
+    },
+  };
+}
+
+/** The metrics observer exists only once the cluster is open; forward to it lazily. */
+function forward(get: () => WeftMetrics | null): NonNullable<ClusterOptions['observer']> {
+  return {
+    firstToken: (s) => get()?.observer.firstToken?.(s),
+    tokens: (n) => get()?.observer.tokens?.(n),
+    finished: (o, s) => get()?.observer.finished?.(o, s),
+    rejected: (r) => get()?.observer.rejected?.(r),
+  };
+}
+
+/** CURVE keys from a directory: server.json ({publicKey, secretKey}) and clients.txt (one public key a line). */
+export function readCurveDir(dir: string): CurveServerKeys {
+  try {
+    const server = JSON.parse(readFileSync(join(dir, 'server.json'), 'utf8')) as { publicKey: string; secretKey: string };
+    const allowedClientKeys = readFileSync(join(dir, 'clients.txt'), 'utf8')
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l && !l.startsWith('#'));
+    if (typeof server.publicKey !== 'string' || typeof server.secretKey !== 'string' || server.secretKey.length !== 40)
+      throw new Error('server.json must hold {publicKey, secretKey} as 40-character Z85 strings');
+    return { publicKey: server.publicKey, secretKey: server.secretKey, allowedClientKeys };
+  } catch (err) {
+    throw new WeftError('WEFT_BAD_REQUEST', `cannot read CURVE keys from ${dir}: ${(err as Error).message}`);
+  }
+}
+
+/** Write a server key pair and one client key pair (allowed in clients.txt), files mode 0600. */
+export function writeCurveDir(dir: string): { server: string; client: string } {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const server = zmq.curveKeyPair();
+  const client = zmq.curveKeyPair();
+  const write = (name: string, text: string): void => writeFileSync(join(dir, name), text, { mode: 0o600 });
+  write('server.json', JSON.stringify(server, null, 2) + '\n');
+  write('client.json', JSON.stringify({ serverKey: server.publicKey, ...client }, null, 2) + '\n');
+  write('clients.txt', client.publicKey + '\n');
+  return { server: join(dir, 'server.json'), client: join(dir, 'client.json') };
+}
+
+export type { ClusterState };
