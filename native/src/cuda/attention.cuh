@@ -1,0 +1,24 @@
+// attention: q [T, nH * hd] over caches [S, nKv, C, hd] f32; slots and positions are read on the device, so
+// a captured graph stays valid as they change. Two kernels, chosen by T (a shape):
+//  - decode (T <= kDecodeMaxTokens): split-K flash-decoding. The cache length C is cut into partitions of P
+//    positions (P from the shapes only); one block per (token, kv head, partition) serves the whole GQA group
+//    of query heads from one read of its K/V rows; partitions past a token's length exit at once; a second
+//    kernel merges the partitions (max / sum / partial output, in a fixed order: same bits every replay).
+//  - prefill (larger T): tiles of 16 query tokens x one head, K/V tiles in shared memory, online softmax,
+//    causal through positions; a tile whose tokens use several slots runs once per slot.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace weft::cuda {
+
+constexpr int64_t kDecodeMaxTokens = 64;
+
+// Floats of device scratch the launch needs (0 for the prefill kernel).
+int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, int64_t n_heads, int num_sms);
+
+void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                      const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale, const Tensor& out,
+                      float* scratch, int num_sms);
+
+}  // namespace weft::cuda

@@ -1,0 +1,101 @@
+// Shared by every CUDA op: the engine context a launcher receives, launch checks that throw weft::Error,
+// device-side index reports, and f16/bf16 -> f32 loads.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+
+#include "cuda/device.h"
+#include "error.h"
+#include "tensor.h"
+
+namespace weft::cuda {
+
+// ---- launch checks
+
+// A named tensor for error messages: "x [3, 64] f32".
+struct Named {
+  const char* name;
+  const Tensor& t;
+};
+
+// Throws "<op>: CUDA error <text> (x [3, 64] f32, w [128, 64] bf16)"; a sticky error also marks the engine dead.
+[[noreturn]] void fail_cuda(const Ctx& ctx, const char* op, cudaError_t e, std::initializer_list<Named> args);
+
+// After a launch: cudaGetLastError, thrown as above.
+inline void check_launch(const Ctx& ctx, const char* op, std::initializer_list<Named> args) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) fail_cuda(ctx, op, e, args);
+}
+
+inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
+  int64_t b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > cap ? cap : b));
+}
+
+}  // namespace weft::cuda
+
+// Device helpers: only for .cu files (launcher headers are also included by .cc files).
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace weft::cuda {
+
+// ---- device-side index reports (first one wins; the host reads it at the next synchronising call)
+
+__device__ inline void report(DeviceStatus* s, StatusOp op, long long index, long long value, long long limit) {
+  if (atomicCAS(&s->flag, 0, 1) == 0) {
+    s->op = static_cast<int>(op);
+    s->index = index;
+    s->value = value;
+    s->limit = limit;
+    __threadfence_system();
+  }
+}
+
+// ---- loads
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Runs `body` with W bound to the element type of a float dtype.
+#define WEFT_DISPATCH_FLOAT(dtype, W, ...)      \
+  switch (dtype) {                             \
+    case ::weft::DType::F16: {                 \
+      using W = __half;                        \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    case ::weft::DType::BF16: {                \
+      using W = __nv_bfloat16;                 \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+    default: {                                 \
+      using W = float;                         \
+      __VA_ARGS__;                             \
+      break;                                   \
+    }                                          \
+  }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+}  // namespace weft::cuda
+#endif  // __CUDACC__

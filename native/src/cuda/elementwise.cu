@@ -1,0 +1,154 @@
+// Elementwise and copying ops. Products that the CPU rounds separately use __fmul_rn, so that nvcc does
+// not fuse them into an FMA and the results equal the CPU's bit for bit.
+#include "cuda/elementwise.cuh"
+#include "random-hash.h"
+
+namespace weft::cuda {
+namespace {
+
+// ---- kernels
+
+__global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                        int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = a[i] + b[i];
+}
+
+__global__ void silu_mul_f32(const float* __restrict__ gate_up, float* __restrict__ out, int64_t T, int64_t F) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * F; i += int64_t{gridDim.x} * blockDim.x) {
+    int64_t t = i / F, f = i % F;
+    float g = gate_up[t * 2 * F + f], u = gate_up[t * 2 * F + F + f];
+    out[i] = __fmul_rn(g / (1.0f + expf(-g)), u);
+  }
+}
+
+template <typename E>
+__global__ void copy_cols(const E* __restrict__ x, int64_t x_cols, int64_t x_col, E* __restrict__ out,
+                          int64_t out_cols, int64_t out_col, int64_t T, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * n; i += int64_t{gridDim.x} * blockDim.x) {
+    int64_t t = i / n, c = i % n;
+    out[t * out_cols + out_col + c] = x[t * x_cols + x_col + c];
+  }
+}
+
+// One block per output row; a row index outside x gives a zero row and a device report.
+template <typename E>
+__global__ void gather_rows(const E* __restrict__ x, int64_t T, int64_t N, const int32_t* __restrict__ rows,
+                            E* __restrict__ out, DeviceStatus* status) {
+  int64_t r = blockIdx.x;
+  int32_t row = rows[r];
+  bool ok = row >= 0 && row < T;
+  if (!ok && threadIdx.x == 0) report(status, StatusOp::GatherRow, r, row, T);
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) out[r * N + n] = ok ? x[row * N + n] : E{};
+}
+
+// One thread per column walks r in order, so repeated rows add in the CPU's order.
+__global__ void scatter_add_rows(float* __restrict__ out, int64_t T, int64_t N, const float* __restrict__ y,
+                                 const int32_t* __restrict__ rows, const float* __restrict__ weights, int64_t R,
+                                 DeviceStatus* status) {
+  int64_t n = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (n >= N) return;
+  for (int64_t r = 0; r < R; ++r) {
+    int32_t row = rows[r];
+    if (row < 0 || row >= T) {
+      if (n == 0) report(status, StatusOp::ScatterRow, r, row, T);
+      continue;
+    }
+    out[row * N + n] += __fmul_rn(weights[r], y[r * N + n]);
+  }
+}
+
+template <typename W>
+__global__ void embedding(const W* __restrict__ table, int64_t Vr, int64_t H, const int32_t* __restrict__ ids,
+                          int64_t vocab_start, float* __restrict__ out) {
+  int64_t t = blockIdx.x;
+  int64_t row = static_cast<int64_t>(ids[t]) - vocab_start;
+  bool in = row >= 0 && row < Vr;
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) out[t * H + h] = in ? to_f32(table[row * H + h]) : 0.0f;
+}
+
+__device__ __forceinline__ void store_rz(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_rz(__half* p, float v) { *p = __float2half_rz(v); }
+__device__ __forceinline__ void store_rz(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rz(v); }
+
+template <typename W>
+__global__ void random_uniform(W* __restrict__ out, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    store_rz(out + i, uniform_value(seed, static_cast<uint64_t>(i), scale));
+}
+
+}  // namespace
+
+// ---- launchers
+
+void launch_add(const Ctx& ctx, const Tensor& a, const Tensor& b, const Tensor& out) {
+  int64_t n = a.numel();
+  if (n == 0) return;
+  add_f32<<<blocks_for(n, 256), 256, 0, ctx.stream>>>(a.data<float>(), b.data<float>(), out.data<float>(), n);
+  check_launch(ctx, "add", {{"a", a}, {"b", b}});
+}
+
+void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out) {
+  if (out.numel() == 0) return;
+  silu_mul_f32<<<blocks_for(out.numel(), 256), 256, 0, ctx.stream>>>(gate_up.data<float>(), out.data<float>(),
+                                                                      out.dim(0), out.dim(1));
+  check_launch(ctx, "siluMul", {{"gateUp", gate_up}});
+}
+
+void launch_copy_cols(const Ctx& ctx, const char* op, const Tensor& x, int64_t x_col, const Tensor& out,
+                      int64_t out_col, int64_t n_cols) {
+  int64_t T = x.dim(0);
+  if (T * n_cols == 0) return;
+  unsigned blocks = blocks_for(T * n_cols, 256);
+  if (dtype_size(x.dtype) == 2)
+    copy_cols<uint16_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint16_t>(), x.dim(1), x_col, out.data<uint16_t>(),
+                                                        out.dim(1), out_col, T, n_cols);
+  else
+    copy_cols<uint32_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint32_t>(), x.dim(1), x_col, out.data<uint32_t>(),
+                                                        out.dim(1), out_col, T, n_cols);
+  check_launch(ctx, op, {{"x", x}, {"out", out}});
+}
+
+void launch_gather_rows(const Ctx& ctx, const Tensor& x, const Tensor& rows, const Tensor& out) {
+  int64_t R = rows.dim(0);
+  if (R == 0 || x.dim(1) == 0) return;
+  unsigned blocks = static_cast<unsigned>(R);
+  if (dtype_size(x.dtype) == 2)
+    gather_rows<uint16_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint16_t>(), x.dim(0), x.dim(1),
+                                                          rows.data<int32_t>(), out.data<uint16_t>(), ctx.status);
+  else
+    gather_rows<uint32_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint32_t>(), x.dim(0), x.dim(1),
+                                                          rows.data<int32_t>(), out.data<uint32_t>(), ctx.status);
+  check_launch(ctx, "gatherRows", {{"x", x}, {"rows", rows}});
+}
+
+void launch_scatter_add_rows(const Ctx& ctx, const Tensor& out, const Tensor& y, const Tensor& rows,
+                             const Tensor& weights) {
+  int64_t N = out.dim(1);
+  if (N == 0 || y.dim(0) == 0) return;
+  scatter_add_rows<<<blocks_for(N, 256), 256, 0, ctx.stream>>>(out.data<float>(), out.dim(0), N, y.data<float>(),
+                                                               rows.data<int32_t>(), weights.data<float>(),
+                                                               y.dim(0), ctx.status);
+  check_launch(ctx, "scatterAddRows", {{"out", out}, {"y", y}, {"rows", rows}});
+}
+
+void launch_embedding(const Ctx& ctx, const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) {
+  int64_t T = ids.dim(0);
+  if (T == 0 || table.dim(1) == 0) return;
+  WEFT_DISPATCH_FLOAT(table.dtype, W,
+                      embedding<W><<<static_cast<unsigned>(T), 256, 0, ctx.stream>>>(
+                          static_cast<const W*>(table.buffer->data()), table.dim(0), table.dim(1),
+                          ids.data<int32_t>(), vocab_start, out.data<float>()));
+  check_launch(ctx, "embedding", {{"table", table}, {"ids", ids}});
+}
+
+void launch_random_uniform(const Ctx& ctx, const Tensor& out, uint64_t seed, float scale) {
+  int64_t n = out.numel();
+  if (n == 0) return;
+  WEFT_DISPATCH_FLOAT(out.dtype, W,
+                      random_uniform<W><<<blocks_for(n, 256), 256, 0, ctx.stream>>>(
+                          static_cast<W*>(out.buffer->data()), n, seed, scale));
+  check_launch(ctx, "randomUniform", {{"out", out}});
+}
+
+}  // namespace weft::cuda

@@ -1,0 +1,104 @@
+// rmsNorm: one block per row, the sum of squares in double (as the CPU), warp-shuffle reduction.
+// rope: one thread per rotated pair; angle = fp32(position * invFreq), sincosf in full precision.
+// writeKv: one block per (token, kv head); bad slots/positions are skipped and reported on the device.
+#include "cuda/norm-rope.cuh"
+
+namespace weft::cuda {
+namespace {
+
+constexpr int kNormThreads = 256;
+
+template <typename W>
+__global__ void rms_norm(const float* __restrict__ x, const W* __restrict__ weight, float* __restrict__ out,
+                         int64_t H, float eps) {
+  __shared__ double partial[kNormThreads / 32];
+  const float* xr = x + blockIdx.x * H;
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
+  sum = warp_sum(sum);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    double s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0;
+    s = warp_sum(s);
+    if (threadIdx.x == 0) partial[0] = s;
+  }
+  __syncthreads();
+  float mean_sq = H > 0 ? static_cast<float>(partial[0] / static_cast<double>(H)) : 0.0f;
+  float inv_rms = 1.0f / sqrtf(mean_sq + eps);
+  float* o = out + blockIdx.x * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], inv_rms), to_f32(weight[i]));
+}
+
+__global__ void rope(const float* __restrict__ x, const int32_t* __restrict__ positions,
+                     const float* __restrict__ inv_freq, float* __restrict__ out, int64_t T, int64_t width,
+                     int64_t head_dim, DeviceStatus* status) {
+  int64_t half = head_dim / 2, heads = width / head_dim;
+  int64_t n = T * heads * half;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    int64_t j = i % half, h = (i / half) % heads, t = i / (half * heads);
+    int32_t pos = positions[t];
+    if (pos < 0 && j == 0 && h == 0) report(status, StatusOp::RopePosition, t, pos, 0);
+    float s, c;
+    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
+    const float* xh = x + t * width + h * head_dim;
+    float* oh = out + t * width + h * head_dim;
+    float x1 = xh[j], x2 = xh[j + half];
+    oh[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    oh[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+  }
+}
+
+__global__ void write_kv(float* __restrict__ k_cache, float* __restrict__ v_cache, const float* __restrict__ k,
+                         const float* __restrict__ v, const int32_t* __restrict__ slots,
+                         const int32_t* __restrict__ positions, int64_t S, int64_t n_kv, int64_t C, int64_t hd,
+                         DeviceStatus* status) {
+  int64_t t = blockIdx.x, h = blockIdx.y;
+  int32_t slot = slots[t], pos = positions[t];
+  if (slot < 0 || slot >= S) {
+    if (h == 0 && threadIdx.x == 0) report(status, StatusOp::WriteKvSlot, t, slot, S);
+    return;
+  }
+  if (pos < 0 || pos >= C) {
+    if (h == 0 && threadIdx.x == 0) report(status, StatusOp::WriteKvPosition, t, pos, C);
+    return;
+  }
+  int64_t dst = ((slot * n_kv + h) * C + pos) * hd, src = (t * n_kv + h) * hd;
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    k_cache[dst + d] = k[src + d];
+    v_cache[dst + d] = v[src + d];
+  }
+}
+
+}  // namespace
+
+void launch_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& weight, float eps, const Tensor& out) {
+  if (x.dim(0) == 0) return;
+  WEFT_DISPATCH_FLOAT(weight.dtype, W,
+                      rms_norm<W><<<static_cast<unsigned>(x.dim(0)), kNormThreads, 0, ctx.stream>>>(
+                          x.data<float>(), static_cast<const W*>(weight.buffer->data()), out.data<float>(), x.dim(1),
+                          eps));
+  check_launch(ctx, "rmsNorm", {{"x", x}, {"weight", weight}});
+}
+
+void launch_rope(const Ctx& ctx, const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
+                 const Tensor& out) {
+  int64_t n = x.numel() / 2;
+  if (n == 0) return;
+  rope<<<blocks_for(n, 256), 256, 0, ctx.stream>>>(x.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(),
+                                                   out.data<float>(), x.dim(0), x.dim(1), head_dim, ctx.status);
+  check_launch(ctx, "rope", {{"x", x}, {"positions", positions}, {"invFreq", inv_freq}});
+}
+
+void launch_write_kv(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                     const Tensor& slots, const Tensor& positions) {
+  int64_t T = k.dim(0), n_kv = k_cache.dim(1);
+  if (T == 0 || n_kv == 0) return;
+  dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_kv));
+  write_kv<<<grid, 128, 0, ctx.stream>>>(k_cache.data<float>(), v_cache.data<float>(), k.data<float>(),
+                                         v.data<float>(), slots.data<int32_t>(), positions.data<int32_t>(),
+                                         k_cache.dim(0), n_kv, k_cache.dim(2), k_cache.dim(3), ctx.status);
+  check_launch(ctx, "writeKv", {{"kCache", k_cache}, {"k", k}, {"slots", slots}, {"positions", positions}});
+}
+
+}  // namespace weft::cuda

@@ -1,0 +1,14 @@
+// rmsNorm, rope and writeKv: per-row and per-head kernels of the attention block's edges.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace weft::cuda {
+
+void launch_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& weight, float eps, const Tensor& out);
+void launch_rope(const Ctx& ctx, const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
+                 const Tensor& out);
+void launch_write_kv(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                     const Tensor& slots, const Tensor& positions);
+
+}  // namespace weft::cuda

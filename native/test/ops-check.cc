@@ -1,0 +1,513 @@
+// weft_ops_check: every op on the CPU backend (the reference) and the CUDA backend, on seeded random inputs
+// at small and real widths (hidden 4096, heads 32/8, headDim 128, T = 1, 3, 8, 64, 300, cache C = 2048).
+// CUDA outputs are poisoned (CudaOptions::poison fills every new tensor with 0xff bytes, NaN in f32) so that
+// unwritten elements show. Prints op x shape x max error x bound x pass/fail; exits 1 on any failure.
+// Needs a GPU, no Node:  cmake -S native -B /tmp/b -DWEFT_CUDA=ON -DWEFT_ADDON=OFF &&
+//                        cmake --build /tmp/b -j --target weft_ops_check && /tmp/b/weft_ops_check
+//
+// Bounds are norm-wise: |gpu - cpu| <= rtol * max|cpu| (+ atol), with rtol per op: copies and integer
+// results exact; elementwise fp32 1e-6; reductions over a row (rmsNorm, matmul over K = 4096, logSoftmax)
+// 1e-5; attention (softmax over up to 2048 positions, split-K merge) 1e-4.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "error.h"
+
+using namespace weft;
+
+namespace {
+
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo = -1, float hi = 1) { return lo + (hi - lo) * static_cast<float>(next() >> 40) / 16777216.0f; }
+  int below(int n) { return static_cast<int>(next() % static_cast<uint64_t>(n)); }
+  std::vector<float> floats(size_t n, float lo = -1, float hi = 1) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = uniform(lo, hi);
+    return v;
+  }
+};
+
+struct Row {
+  std::string op, shape, note;
+  double err, bound;
+  bool pass;
+};
+std::vector<Row> rows;
+
+std::shared_ptr<Backend> cpu, gpu;
+
+Tensor up(Backend& b, const std::vector<float>& v, const Shape& shape) {
+  return b.upload(v.data(), v.size() * 4, DType::F32, shape);
+}
+Tensor up_i(Backend& b, const std::vector<int32_t>& v) {
+  return b.upload(v.data(), v.size() * 4, DType::I32, {static_cast<int64_t>(v.size())});
+}
+// f32 values -> bf16/f16 bits (truncation is fine: both backends get the same bits).
+Tensor up_narrow(Backend& b, const std::vector<float>& v, const Shape& shape, DType d) {
+  if (d == DType::F32) return up(b, v, shape);
+  std::vector<uint16_t> bits(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint32_t x;
+    std::memcpy(&x, &v[i], 4);
+    if (d == DType::BF16) {
+      bits[i] = static_cast<uint16_t>(x >> 16);
+    } else {  // f16 of a value in [-1, 1): sign, exponent, 10 mantissa bits
+      float a = std::fabs(v[i]);
+      int e;
+      float m = std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+      uint16_t sign = v[i] < 0 ? 0x8000 : 0;
+      if (a < 6.2e-5f)
+        bits[i] = sign;
+      else
+        bits[i] = static_cast<uint16_t>(sign | ((e - 1 + 15) << 10) | (static_cast<int>((m * 2 - 1) * 1024) & 0x3ff));
+    }
+  }
+  return b.upload(bits.data(), bits.size() * 2, d, shape);
+}
+std::vector<float> down(Backend& b, const Tensor& t) {
+  std::vector<float> v(static_cast<size_t>(t.numel()));
+  b.download(t, v.data());
+  return v;
+}
+std::vector<int32_t> down_i(Backend& b, const Tensor& t) {
+  std::vector<int32_t> v(static_cast<size_t>(t.numel()));
+  b.download(t, v.data());
+  return v;
+}
+
+void compare(const std::string& op, const std::string& shape, const std::vector<float>& got,
+             const std::vector<float>& want, double rtol, double atol = 0, const std::string& note = "") {
+  double scale = 0, err = 0;
+  bool finite = got.size() == want.size();
+  for (float w : want) scale = std::max(scale, std::fabs(static_cast<double>(w)));
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    if (std::isnan(got[i]) != std::isnan(want[i])) finite = false;
+    if (std::isnan(want[i])) continue;
+    err = std::max(err, std::fabs(static_cast<double>(got[i]) - want[i]));
+  }
+  double bound = rtol * scale + atol;
+  rows.push_back({op, shape, note, finite ? err : INFINITY, bound, finite && err <= bound});
+}
+void compare_i(const std::string& op, const std::string& shape, const std::vector<int32_t>& got,
+               const std::vector<int32_t>& want, const std::string& note = "") {
+  double err = 0;
+  for (size_t i = 0; i < got.size(); ++i) err = std::max(err, std::fabs(double(got[i]) - want[i]));
+  rows.push_back({op, shape, note, got.size() == want.size() ? err : INFINITY, 0, got == want});
+}
+void fail_row(const std::string& op, const std::string& shape, const std::string& what) {
+  rows.push_back({op, shape, what, INFINITY, 0, false});
+}
+
+// Runs one case; an exception becomes a failed row. GPU work runs inside a step (arena outputs).
+void run_case(const std::string& op, const std::string& shape, const std::function<void()>& body) {
+  try {
+    gpu->begin_step();
+    body();
+    gpu->end_step();
+  } catch (const std::exception& e) {
+    try {
+      gpu->end_step();
+    } catch (...) {
+    }
+    fail_row(op, shape, e.what());
+  }
+}
+
+// Reference HF llama inverse frequencies.
+std::vector<float> inv_freq(int hd, double base = 500000) {
+  std::vector<float> f(hd / 2);
+  for (int j = 0; j < hd / 2; ++j) f[j] = static_cast<float>(1.0 / std::pow(base, 2.0 * j / hd));
+  return f;
+}
+
+void check_elementwise(Rng& rng) {
+  const int64_t H = 4096;
+  for (int64_t T : {1, 3, 8, 64, 300}) {
+    std::string sh = "T=" + std::to_string(T) + " H=4096";
+    run_case("add", sh, [&] {
+      auto a = rng.floats(T * H), b = rng.floats(T * H);
+      compare("add", sh, down(*gpu, gpu->add(up(*gpu, a, {T, H}), up(*gpu, b, {T, H}))),
+              down(*cpu, cpu->add(up(*cpu, a, {T, H}), up(*cpu, b, {T, H}))), 0);
+    });
+    for (DType wd : {DType::F32, DType::BF16}) {
+      std::string s2 = sh + " w " + dtype_name(wd);
+      run_case("rmsNorm", s2, [&] {
+        auto x = rng.floats(T * H, -3, 3), w = rng.floats(H, 0.5, 1.5);
+        compare("rmsNorm", s2,
+                down(*gpu, gpu->rms_norm(up(*gpu, x, {T, H}), up_narrow(*gpu, w, {H}, wd), 1e-5f)),
+                down(*cpu, cpu->rms_norm(up(*cpu, x, {T, H}), up_narrow(*cpu, w, {H}, wd), 1e-5f)), 1e-5);
+      });
+    }
+    std::string s3 = "T=" + std::to_string(T) + " F=3584";
+    run_case("siluMul", s3, [&] {
+      int64_t F = 3584;
+      auto g = rng.floats(T * 2 * F, -6, 6);
+      compare("siluMul", s3, down(*gpu, gpu->silu_mul(up(*gpu, g, {T, 2 * F}))),
+              down(*cpu, cpu->silu_mul(up(*cpu, g, {T, 2 * F}))), 1e-6);
+    });
+    std::string s4 = "T=" + std::to_string(T) + " 32x128";
+    run_case("rope", s4, [&] {
+      auto x = rng.floats(T * 4096);
+      std::vector<int32_t> pos(T);
+      for (auto& p : pos) p = rng.below(2048);
+      auto f = inv_freq(128);
+      compare("rope", s4, down(*gpu, gpu->rope(up(*gpu, x, {T, 4096}), up_i(*gpu, pos), up(*gpu, f, {64}), 128)),
+              down(*cpu, cpu->rope(up(*cpu, x, {T, 4096}), up_i(*cpu, pos), up(*cpu, f, {64}), 128)), 1e-5);
+    });
+    run_case("embedding", sh, [&] {
+      int64_t Vr = 1000;
+      auto table = rng.floats(Vr * H);
+      std::vector<int32_t> ids(T);
+      for (auto& i : ids) i = 500 + rng.below(1200);  // some outside [500, 1500): zero rows
+      compare("embedding", sh + " bf16",
+              down(*gpu, gpu->embedding(up_narrow(*gpu, table, {Vr, H}, DType::BF16), up_i(*gpu, ids), 500)),
+              down(*cpu, cpu->embedding(up_narrow(*cpu, table, {Vr, H}, DType::BF16), up_i(*cpu, ids), 500)), 0);
+    });
+    run_case("slice/concat/gather", sh, [&] {
+      auto x = rng.floats(T * H);
+      std::vector<int32_t> r(std::max<int64_t>(1, T / 2));
+      for (auto& i : r) i = rng.below(static_cast<int>(T));
+      auto run = [&](Backend& b) {
+        Tensor xt = up(b, x, {T, H});
+        Tensor a = b.slice_cols(xt, 100, 1124), c = b.slice_cols(xt, 7, 8);
+        Tensor cat = b.concat_cols({a, c, a});
+        return down(b, b.gather_rows(cat, up_i(b, r)));
+      };
+      compare("slice/concat/gather", sh, run(*gpu), run(*cpu), 0);
+    });
+    run_case("scatterAddRows", sh, [&] {
+      int64_t R = 2 * T;
+      auto out = rng.floats(T * H), y = rng.floats(R * H), w = rng.floats(R);
+      std::vector<int32_t> r(R);
+      for (auto& i : r) i = rng.below(static_cast<int>(T));  // repeats: order matters
+      auto run = [&](Backend& b) {
+        Tensor o = up(b, out, {T, H});
+        b.scatter_add_rows(o, up(b, y, {R, H}), up_i(b, r), up(b, w, {R}));
+        return down(b, o);
+      };
+      compare("scatterAddRows", sh, run(*gpu), run(*cpu), 0);
+    });
+  }
+}
+
+void check_matmul(Rng& rng) {
+  const int64_t K = 4096;
+  for (int64_t T : {1, 3, 8, 64, 300})
+    for (DType wd : {DType::F32, DType::BF16, DType::F16}) {
+      int64_t N = T >= 64 ? 1024 : 4096;
+      std::string sh = "T=" + std::to_string(T) + " K=4096 N=" + std::to_string(N) + " " + dtype_name(wd);
+      run_case("matmul", sh, [&] {
+        auto x = rng.floats(T * K), w = rng.floats(N * K);
+        compare("matmul", sh, down(*gpu, gpu->matmul(up(*gpu, x, {T, K}), up_narrow(*gpu, w, {N, K}, wd))),
+                down(*cpu, cpu->matmul(up(*cpu, x, {T, K}), up_narrow(*cpu, w, {N, K}, wd))), 1e-5);
+      });
+    }
+}
+
+// Caches [S, nKv, C, hd] with random contents on both backends.
+struct Caches {
+  Tensor kc, vc, kg, vg;
+};
+Caches make_caches(Rng& rng, int64_t S, int64_t nKv, int64_t C, int64_t hd) {
+  auto k = rng.floats(S * nKv * C * hd), v = rng.floats(S * nKv * C * hd);
+  Shape s{S, nKv, C, hd};
+  return {up(*cpu, k, s), up(*cpu, v, s), up(*gpu, k, s), up(*gpu, v, s)};
+}
+
+void check_attention(Rng& rng) {
+  const int64_t S = 4, C = 2048, hd = 128;
+  struct Cfg {
+    int64_t T, nH, nKv;
+    const char* kind;  // "decode": random slots/lengths; "prefill": one sequence; "ragged": two sequences
+  };
+  for (Cfg c : {Cfg{1, 32, 8, "decode"}, Cfg{3, 32, 8, "decode"}, Cfg{8, 32, 8, "decode"}, Cfg{64, 32, 8, "decode"},
+                Cfg{3, 32, 32, "decode"}, Cfg{1, 64, 8, "decode"}, Cfg{300, 32, 8, "prefill"},
+                Cfg{300, 32, 8, "ragged"}, Cfg{65, 8, 8, "decode"}}) {
+    std::string sh = "T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) +
+                     "x128 C=2048 " + c.kind;
+    Caches caches = make_caches(rng, S, c.nKv, C, hd);
+    std::vector<int32_t> slots(c.T), pos(c.T);
+    for (int64_t t = 0; t < c.T; ++t) {
+      if (!std::strcmp(c.kind, "decode")) {
+        slots[t] = rng.below(S);
+        pos[t] = t == 0 ? 0 : (t == 1 ? C - 1 : rng.below(C));
+      } else if (!std::strcmp(c.kind, "prefill")) {
+        slots[t] = 2;
+        pos[t] = 1000 + t;
+      } else {
+        slots[t] = t < 100 ? 1 : 3;
+        pos[t] = t < 100 ? t : 500 + t;
+      }
+    }
+    auto k = rng.floats(c.T * c.nKv * hd), v = rng.floats(c.T * c.nKv * hd), q = rng.floats(c.T * c.nH * hd);
+    bool unique = !std::strcmp(c.kind, "decode") ? false : true;  // decode: (slot, pos) may repeat; skip writeKv
+    float scale = 1.0f / std::sqrt(128.0f);
+    run_case("writeKv", sh, [&] {
+      if (!unique) return;
+      Shape ks{c.T, c.nKv * hd};
+      cpu->write_kv(caches.kc, caches.vc, up(*cpu, k, ks), up(*cpu, v, ks), up_i(*cpu, slots), up_i(*cpu, pos));
+      gpu->write_kv(caches.kg, caches.vg, up(*gpu, k, ks), up(*gpu, v, ks), up_i(*gpu, slots), up_i(*gpu, pos));
+      compare("writeKv", sh, down(*gpu, caches.kg), down(*cpu, caches.kc), 0);
+      compare("writeKv", sh + " v", down(*gpu, caches.vg), down(*cpu, caches.vc), 0);
+    });
+    run_case("attention", sh, [&] {
+      Shape qs{c.T, c.nH * hd};
+      auto want = down(*cpu, cpu->attention(up(*cpu, q, qs), caches.kc, caches.vc, up_i(*cpu, slots), up_i(*cpu, pos),
+                                            c.nH, scale));
+      auto got = down(*gpu, gpu->attention(up(*gpu, q, qs), caches.kg, caches.vg, up_i(*gpu, slots), up_i(*gpu, pos),
+                                           c.nH, scale));
+      compare("attention", sh, got, want, 1e-4);
+    });
+  }
+}
+
+void check_softmax_sample(Rng& rng) {
+  for (int64_t V : {50, 32000, 128256}) {
+    int64_t R = 8;
+    std::string sh = "R=8 V=" + std::to_string(V);
+    auto l = rng.floats(R * V, -12, 12);
+    // Ties at the max in row 1 (greedy must take the lowest index) and a flat row 2.
+    l[1 * V + 7] = 30;
+    l[1 * V + 3] = 30;
+    for (int64_t i = 0; i < V; ++i) l[2 * V + i] = 1.5f;
+    run_case("logSoftmax", sh, [&] {
+      compare("logSoftmax", sh, down(*gpu, gpu->log_softmax(up(*gpu, l, {R, V}))),
+              down(*cpu, cpu->log_softmax(up(*cpu, l, {R, V}))), 1e-5);
+    });
+    run_case("logprobs", sh, [&] {
+      std::vector<int32_t> ids(R);
+      for (auto& i : ids) i = rng.below(static_cast<int>(V));
+      std::vector<float> a(R), b(R);
+      gpu->logprobs(up(*gpu, l, {R, V}), ids.data(), R, a.data());
+      cpu->logprobs(up(*cpu, l, {R, V}), ids.data(), R, b.data());
+      compare("logprobs", sh, a, b, 1e-5);
+    });
+    run_case("sample greedy", sh, [&] {
+      std::vector<float> temp(R, 0), tp(R, 1), u(R, 0.5);
+      std::vector<int32_t> tk(R, 0), a(R), b(R);
+      gpu->sample(up(*gpu, l, {R, V}), {temp.data(), tk.data(), tp.data(), u.data()}, R, a.data());
+      cpu->sample(up(*cpu, l, {R, V}), {temp.data(), tk.data(), tp.data(), u.data()}, R, b.data());
+      compare_i("sample greedy", sh, a, b);
+      Tensor t = gpu->sample_tensor(up(*gpu, l, {R, V}), up(*gpu, temp, {R}), up_i(*gpu, tk), up(*gpu, tp, {R}),
+                                    up(*gpu, u, {R}));
+      compare_i("sampleTensor greedy", sh, down_i(*gpu, t), b);
+    });
+  }
+  // The distribution: N rows of the same logits with stratified uniforms (i + 0.5) / N. Inverse-CDF counts per
+  // token then differ between any two orders of the candidates by at most 1 (+1 for rounding).
+  struct Dist {
+    int64_t V;
+    float temperature;
+    int32_t top_k;
+    float top_p;
+  };
+  for (Dist d : {Dist{50, 1.0f, 0, 1.0f}, Dist{50, 0.7f, 3, 1.0f}, Dist{50, 1.0f, 0, 0.6f}, Dist{50, 1.3f, 5, 0.8f},
+                 Dist{50, 2.0f, 20, 0.3f}, Dist{32000, 1.0f, 0, 0.9f}, Dist{32000, 0.8f, 50, 0.95f}}) {
+    const int64_t N = 4096, V = d.V;
+    std::string sh = "V=" + std::to_string(V) + " t=" + std::to_string(d.temperature).substr(0, 3) +
+                     " k=" + std::to_string(d.top_k) + " p=" + std::to_string(d.top_p).substr(0, 4);
+    run_case("sampleTensor dist", sh, [&] {
+      auto row = rng.floats(V, -4, 4);
+      for (int i = 0; i < 6; ++i) row[rng.below(static_cast<int>(V))] = 2.5f;  // ties
+      std::vector<float> l(N * V), temp(N, d.temperature), tp(N, d.top_p), u(N);
+      std::vector<int32_t> tk(N, d.top_k), a(N);
+      for (int64_t i = 0; i < N; ++i) {
+        std::copy(row.begin(), row.end(), l.begin() + i * V);
+        u[i] = (static_cast<float>(i) + 0.5f) / N;
+      }
+      cpu->sample(up(*cpu, l, {N, V}), {temp.data(), tk.data(), tp.data(), u.data()}, N, a.data());
+      Tensor t = gpu->sample_tensor(up(*gpu, l, {N, V}), up(*gpu, temp, {N}), up_i(*gpu, tk), up(*gpu, tp, {N}),
+                                    up(*gpu, u, {N}));
+      auto b = down_i(*gpu, t);
+      std::vector<int> ca(V, 0), cb(V, 0);
+      for (int64_t i = 0; i < N; ++i) {
+        ca[a[i]]++;
+        cb[b[i]]++;
+      }
+      int worst = 0;
+      for (int64_t i = 0; i < V; ++i) worst = std::max(worst, std::abs(ca[i] - cb[i]));
+      rows.push_back({"sampleTensor dist", sh, "max |count diff| of 4096", double(worst), 2, worst <= 2});
+    });
+  }
+}
+
+void check_random() {
+  for (DType d : {DType::F32, DType::BF16, DType::F16}) {
+    std::string sh = std::string("[1000, 4096] ") + dtype_name(d);
+    run_case("randomUniform", sh, [&] {
+      auto a = down(*gpu, gpu->random_uniform(d, {1000, 4096}, 42, 0.02f));
+      auto b = down(*cpu, cpu->random_uniform(d, {1000, 4096}, 42, 0.02f));
+      compare("randomUniform", sh, a, b, 0);
+      float lo = *std::min_element(a.begin(), a.end()), hi = *std::max_element(a.begin(), a.end());
+      rows.push_back({"randomUniform range", sh, "", 0, 0, lo >= -0.02f && hi < 0.02f && lo < -0.019f && hi > 0.019f});
+    });
+  }
+}
+
+// A decode step captured once, replayed after write() of new positions, equals eager CPU results.
+void check_graph(Rng& rng) {
+  const int64_t S = 4, nKv = 8, nH = 32, C = 2048, hd = 128, T = 8, H = 4096;
+  std::string sh = "T=8 32/8x128 C=2048";
+  try {
+    Caches caches = make_caches(rng, S, nKv, C, hd);
+    auto w = rng.floats(H), f = inv_freq(hd);
+    auto qkv_w = rng.floats((nH + 2 * nKv) * hd * H, -0.05f, 0.05f);
+    auto x0 = rng.floats(T * H);
+    auto make_inputs = [&](Backend& b) {
+      std::vector<int32_t> slot0(T), pos0(T);  // distinct (slot, position) pairs: no write races
+      for (int64_t t = 0; t < T; ++t) {
+        slot0[t] = static_cast<int32_t>(t % S);
+        pos0[t] = static_cast<int32_t>(t);
+      }
+      return std::vector<Tensor>{up(b, x0, {T, H}), up_i(b, slot0), up_i(b, pos0),
+                                 up_narrow(b, qkv_w, {(nH + 2 * nKv) * hd, H}, DType::BF16), up(b, w, {H}),
+                                 up(b, f, {hd / 2})};
+    };
+    auto forward = [&](Backend& b, const std::vector<Tensor>& in, const Tensor& kc, const Tensor& vc) {
+      Tensor h = b.rms_norm(in[0], in[4], 1e-5f);
+      Tensor qkv = b.matmul(h, in[3]);
+      Tensor q = b.rope(b.slice_cols(qkv, 0, nH * hd), in[2], in[5], hd);
+      Tensor k = b.rope(b.slice_cols(qkv, nH * hd, (nH + nKv) * hd), in[2], in[5], hd);
+      Tensor v = b.slice_cols(qkv, (nH + nKv) * hd, (nH + 2 * nKv) * hd);
+      b.write_kv(kc, vc, k, v, in[1], in[2]);
+      return b.attention(q, kc, vc, in[1], in[2], nH, 1.0f / std::sqrt(float(hd)));
+    };
+    auto gin = make_inputs(*gpu), cin = make_inputs(*cpu);
+    gpu->begin_step();
+    forward(*gpu, gin, caches.kg, caches.vg);  // warm-up
+    gpu->end_step();
+    gpu->begin_step();
+    gpu->capture_begin();
+    Tensor out = forward(*gpu, gin, caches.kg, caches.vg);
+    std::shared_ptr<Graph> graph = gpu->capture_end();
+    gpu->end_step();
+    forward(*cpu, cin, caches.kc, caches.vc);  // the GPU warm-up's cache writes (the capture runs nothing)
+    for (int step = 0; step < 3; ++step) {
+      std::vector<int32_t> slots(T), pos(T);
+      for (int64_t t = 0; t < T; ++t) {
+        slots[t] = static_cast<int32_t>(t % S);
+        pos[t] = static_cast<int32_t>(100 * step + 7 * t + (t < S ? 0 : 1000));
+      }
+      gpu->begin_step();
+      gpu->write(gin[1], slots.data(), T * 4);
+      gpu->write(gin[2], pos.data(), T * 4);
+      gpu->replay(*graph);
+      auto got = down(*gpu, out);
+      gpu->end_step();
+      cpu->write(cin[1], slots.data(), T * 4);
+      cpu->write(cin[2], pos.data(), T * 4);
+      auto want = down(*cpu, forward(*cpu, cin, caches.kc, caches.vc));
+      compare("graph replay", sh + " step " + std::to_string(step), got, want, 1e-4);
+    }
+    compare("graph kCache", sh, down(*gpu, caches.kg), down(*cpu, caches.kc), 1e-5);
+  } catch (const std::exception& e) {
+    try {
+      gpu->end_step();
+    } catch (...) {
+    }
+    fail_row("graph replay", sh, e.what());
+  }
+}
+
+// Errors that must be thrown (not crashes): stale tensors, device index checks, capture rules.
+void check_errors() {
+  auto expect = [](const std::string& what, const std::string& pattern, const std::function<void()>& f) {
+    try {
+      f();
+      fail_row("errors", what, "no error thrown");
+    } catch (const Error& e) {
+      bool ok = std::string(e.what()).find(pattern) != std::string::npos;
+      rows.push_back({"errors", what, ok ? "" : e.what(), 0, 0, ok});
+    }
+  };
+  std::vector<float> x(8, 1.0f);
+  expect("stale tensor", "tensor from an earlier step", [&] {
+    gpu->begin_step();
+    Tensor a = up(*gpu, x, {2, 4});
+    gpu->begin_step();
+    gpu->end_step();
+    gpu->check_usable("add", "a", a);
+  });
+  expect("writeKv slot on device", "writeKv: slots[0] = 9 is out of range", [&] {
+    Tensor kc = gpu->zeros(DType::F32, {2, 1, 4, 4});
+    gpu->write_kv(kc, kc, up(*gpu, std::vector<float>(4, 1), {1, 4}), up(*gpu, std::vector<float>(4, 1), {1, 4}),
+                  up_i(*gpu, {9}), up_i(*gpu, {0}));
+    gpu->synchronize();
+  });
+  expect("upload during capture", "not allowed during graph capture", [&] {
+    gpu->begin_step();
+    gpu->capture_begin();
+    try {
+      up(*gpu, x, {2, 4});
+    } catch (...) {
+      gpu->capture_end();
+      gpu->end_step();
+      throw;
+    }
+  });
+  expect("arena exhausted", "step arena is exhausted", [&] {
+    gpu->begin_step();
+    try {
+      gpu->zeros(DType::F32, {int64_t{1} << 40 >> 8});
+    } catch (...) {
+      gpu->end_step();
+      throw;
+    }
+  });
+}
+
+}  // namespace
+
+int main() {
+  auto t0 = std::chrono::steady_clock::now();
+  try {
+    cpu = make_cpu_backend(16);
+    CudaOptions o;
+    o.arena_bytes = size_t{3} << 30;
+    o.poison = true;
+    gpu = make_cuda_backend(o);
+  } catch (const std::exception& e) {
+    std::printf("weft_ops_check: cannot start: %s\n", e.what());
+    return 2;
+  }
+  Rng rng(20261123);
+  check_elementwise(rng);
+  check_matmul(rng);
+  check_attention(rng);
+  check_softmax_sample(rng);
+  check_random();
+  check_graph(rng);
+  check_errors();
+  auto mi = gpu->memory_info();
+  int failed = 0;
+  std::printf("%-20s %-34s %12s %12s  %s\n", "op", "shape", "max err", "bound", "result");
+  for (const Row& r : rows) {
+    failed += !r.pass;
+    std::printf("%-20s %-34s %12.3g %12.3g  %s%s%s\n", r.op.c_str(), r.shape.c_str(), r.err, r.bound,
+                r.pass ? "pass" : "FAIL", r.note.empty() ? "" : "  ", r.note.c_str());
+  }
+  try {
+    std::printf("read bandwidth: %.0f GB/s (1 GiB, best of 10)\n", gpu->measure_bandwidth(size_t{1} << 30, 10));
+  } catch (const std::exception& e) {
+    std::printf("read bandwidth: %s\n", e.what());
+  }
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%zu checks, %d failed, %.1f s; device memory free %.1f of %.1f GiB\n", rows.size(), failed, secs,
+              mi.free / 1073741824.0, mi.total / 1073741824.0);
+  return failed ? 1 : 0;
+}
