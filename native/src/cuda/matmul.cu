@@ -281,6 +281,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   cp_async_wait<0>();
 
   if (C > 1) {
+    // A block whose K slice is empty (K / VEC < C * nv_slice) computed nothing: its partial sums are zero.
+    if (nchunks == 0)
+      for (int i = threadIdx.x; i < rows * TT; i += kThreads) part[i] = 0.f;
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
     for (int idx = threadIdx.x * C + c; idx < rows * TT; idx += kThreads * C) {
