@@ -205,7 +205,8 @@ int main(int argc, char** argv) {
                             {777, 4096, 7, DType::F16},    {4096, 4096, 8, DType::F16}, {4096, 4096, 2, DType::F32},
                             {4096, 4096, 8, DType::F32},   {1, 8, 1, DType::BF16},      {33, 14336, 8, DType::BF16},
                             {4096, 4096, 64, DType::F16},  {1000, 1000, 40, DType::F32}, {513, 2056, 24, DType::BF16},
-                            {4096, 4092, 6, DType::F32},   {300, 4096, 4, DType::F16}};
+                            {4096, 4092, 6, DType::F32},   {300, 4096, 4, DType::F16},  {5, 16, 8, DType::BF16},
+                            {7, 24, 3, DType::F32},        {3, 8, 2, DType::F16}};
     for (const Odd& o : odd) {
       void* w; float *x, *y;
       CK(cudaMalloc(&w, size_t(o.N) * o.K * dsize(o.dt)));
