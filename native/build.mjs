@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Builds native/build/weft.node with CMake: `node native/build.mjs` (npm's install and build:native scripts).
-//   WEFT_CUDA=1  also build the CUDA backend (-DWEFT_CUDA=ON; needs nvcc and cuBLAS, GPU hosts only).
+//   WEFT_CUDA=1  also build the CUDA backend (-DWEFT_CUDA=ON; needs nvcc; cuBLAS is loaded at run time).
+//   --cuda-compile-check  only compile every native/src/cuda source with nvcc -c (no link, no GPU, no cuBLAS)
+//                into native/build/cuda-check/, exiting 1 on the first failure: a CI check on hosts with nvcc.
 // Configures once and then only rebuilds (CMake's incremental build); reconfigures when its arguments change.
 // Exits 1 with a one-line message when a tool is missing or the build fails.
 import { spawnSync } from 'node:child_process';
@@ -55,6 +57,42 @@ function run(args, what) {
   if (r.error) fail(`${what} could not start: ${r.error.message}`);
   if (r.status !== 0) fail(`${what} failed (cmake exited ${r.status ?? r.signal}); see the output above`);
 }
+
+/** Compiles each .cu (and the .cc files of the CUDA backend, as host code) with nvcc -c, in parallel. */
+async function cudaCompileCheck() {
+  const { readdirSync, mkdirSync } = await import('node:fs');
+  const { spawn } = await import('node:child_process');
+  const nvcc = process.env.CUDACXX ?? (toolVersion('nvcc') ? 'nvcc' : '/usr/local/cuda/bin/nvcc');
+  if (!toolVersion(nvcc)) fail(`--cuda-compile-check: nvcc was not found (tried ${nvcc}); install the CUDA toolkit or set CUDACXX`);
+  const src = path.join(nativeDir, 'src');
+  const outDir = path.join(buildDir, 'cuda-check'); // inside native/build/, which git ignores
+  mkdirSync(outDir, { recursive: true });
+  const files = [
+    ...readdirSync(path.join(src, 'cuda')).filter((f) => /\.(cu|cc)$/.test(f)).map((f) => path.join(src, 'cuda', f)),
+    path.join(nativeDir, 'test', 'ops-check.cc'),
+  ];
+  // The flags of the CMake build: C++17, Hopper sm_90a, no fast math.
+  const flags = ['-std=c++17', '-gencode', 'arch=compute_90a,code=sm_90a', '-O3', '-Xcompiler=-Wall', `-I${src}`];
+  const compile = (file) => new Promise((resolve) => {
+    const out = path.join(outDir, `${path.basename(file)}.o`);
+    const child = spawn(nvcc, [...flags, ...(file.endsWith('.cc') ? ['-x', 'c++'] : []), '-c', file, '-o', out], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let text = '';
+    child.stdout.on('data', (d) => (text += d));
+    child.stderr.on('data', (d) => (text += d));
+    child.on('error', (err) => resolve({ file, ok: false, text: err.message }));
+    child.on('close', (code) => resolve({ file, ok: code === 0, text }));
+  });
+  const jobs = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+  const results = [];
+  for (let i = 0; i < files.length; i += jobs) results.push(...(await Promise.all(files.slice(i, i + jobs).map(compile))));
+  for (const r of results) if (r.text.trim()) process.stderr.write(`${path.relative(process.cwd(), r.file)}:\n${r.text}`);
+  const failed = results.filter((r) => !r.ok);
+  if (failed.length) fail(`--cuda-compile-check: ${failed.length} of ${results.length} files failed to compile: ${failed.map((r) => path.basename(r.file)).join(', ')}`);
+  console.log(`weft: --cuda-compile-check: ${results.length} files compiled with ${nvcc} (sm_90a) into ${path.relative(process.cwd(), outDir) || outDir}`);
+  process.exit(0);
+}
+
+if (process.argv.includes('--cuda-compile-check')) await cudaCompileCheck();
 
 const cuda = ['1', 'on', 'true', 'yes'].includes((process.env.WEFT_CUDA ?? '').toLowerCase());
 const extra = checkTools(cuda);
