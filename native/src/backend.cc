@@ -67,7 +67,7 @@ void Backend::end_step() {
 void Backend::check_usable(const char* op, const char* name, const Tensor& t) const {
   uint64_t s = t.buffer->step();
   if (s == kPersistent || s == kGraphOwned) return;
-  WEFT_CHECK(s == step_ && in_step_, op, name, " ", t, " is a tensor from an earlier step (made in step ", s,
+  WEFT_CHECK(s == step_, op, name, " ", t, " is a tensor from an earlier step (made in step ", s,
              "; its memory is reused after the next beginStep()); keep it by making it outside a step, or "
              "re-make it in this step");
   WEFT_CHECK(!capturing_, op, name, " ", t, " was made in this step before captureBegin(); a replayed graph may "

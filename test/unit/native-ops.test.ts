@@ -525,3 +525,87 @@ test('dispose frees a tensor now; a disposed tensor is refused, disposing twice 
   assertNativeError(() => engine.download(x), /download: t \[2, 4\] f32 was disposed/);
   assert.deepEqual([...get(engine, y)], [0, 0, 0, 0, 0, 0, 0, 0]);
 });
+
+// ---- steps, graphs and device plumbing (the CPU backend keeps heap memory but the same rules)
+
+test('beginStep/endStep: step tensors go stale at the next beginStep; persistent ones do not', () => {
+  const e = createEngine({ backend: 'cpu', threads: 1 });
+  const persistent = f32(e, Float32Array.from([1, 2]), [2]);
+  e.beginStep();
+  const inStep = e.add(persistent, persistent);
+  e.endStep();
+  assert.deepEqual([...get(e, inStep)], [2, 4]); // usable until the next beginStep
+  e.beginStep();
+  assertNativeError(() => e.add(inStep, persistent), /add: a \[2\] f32 is a tensor from an earlier step \(made in step 1/);
+  assertNativeError(() => e.download(inStep), /download: t \[2\] f32 is a tensor from an earlier step/);
+  assert.deepEqual([...get(e, e.add(persistent, persistent))], [2, 4]);
+  e.endStep();
+  assert.deepEqual([...get(e, persistent)], [1, 2]);
+});
+
+test('write overwrites in place and checks the byte length; copy copies in place', () => {
+  const e = createEngine({ backend: 'cpu', threads: 1 });
+  const t = e.zeros('f32', [3]);
+  e.write(t, bytesOf(Float32Array.from([7, 8, 9])));
+  assert.deepEqual([...get(e, t)], [7, 8, 9]);
+  assertNativeError(() => e.write(t, new Uint8Array(8)), /write: bytes has length 8 but t \[3\] f32 holds 12 bytes/);
+  const d = e.zeros('f32', [3]);
+  e.copy(d, t);
+  assert.deepEqual([...get(e, d)], [7, 8, 9]);
+  assertNativeError(() => e.copy(e.zeros('f32', [2]), t), /copy: dst \[2\] f32 and src \[3\] f32 must have the same dtype and shape/);
+});
+
+test('graphs and device handles need the cuda backend', () => {
+  const e = createEngine({ backend: 'cpu', threads: 1 });
+  e.beginStep();
+  assertNativeError(() => e.captureBegin(), /captureBegin: graphs need the cuda backend/);
+  e.endStep();
+  assertNativeError(() => e.captureBegin(), /captureBegin: capture must happen inside a step/);
+  assertNativeError(() => e.captureEnd(), /captureEnd: no capture is open/);
+  assertNativeError(() => e.replay({} as never), /replay: graph must be a weft Graph/, TypeError);
+  assertNativeError(() => e.devicePointer(e.zeros('f32', [1])), /devicePointer: needs the cuda backend/);
+  assertNativeError(() => e.streamHandle(), /streamHandle: needs the cuda backend/);
+  assertNativeError(() => e.measureBandwidth(1 << 20, 1), /measureBandwidth: needs the cuda backend/);
+  e.synchronize();
+  const m = e.memoryInfo();
+  assert.ok(m.total >= m.free && m.free >= 0, `memoryInfo ${JSON.stringify(m)}`);
+});
+
+test('sampleTensor equals sample on the CPU (all parameters as tensors)', () => {
+  const rand = prng(31);
+  const R = 6, V = 40;
+  const logits = randoms(rand, R * V, -3, 3);
+  logits[5] = logits[9] = 9; // a tie at the max of row 0
+  const temperature = Float32Array.from([0, 0.7, 1, 1.5, 1, 0.9]);
+  const topK = Int32Array.from([0, 0, 5, 0, 1, 12]);
+  const topP = Float32Array.from([1, 0.8, 1, 0.5, 1, 0.95]);
+  const uniform = Float32Array.from({ length: R }, () => rand());
+  const l = f32(engine, logits, [R, V]);
+  const want = engine.sample(l, temperature, topK, topP, uniform);
+  assert.equal(want[0], 5);
+  const got = engine.sampleTensor(l, f32(engine, temperature, [R]), i32(engine, [...topK]), f32(engine, topP, [R]), f32(engine, uniform, [R]));
+  assert.equal(got.dtype, 'i32');
+  assert.deepEqual([...engine.download(got)], [...want]);
+  assertNativeError(
+    () => engine.sampleTensor(l, f32(engine, temperature, [R]), i32(engine, [...topK]), f32(engine, Float32Array.from([1, 1, 1, 2, 1, 1]), [R]), f32(engine, uniform, [R])),
+    /sampleTensor: topP\[3\] = 2 must be in \[0, 1\]/,
+  );
+  assertNativeError(() => engine.sampleTensor(l, f32(engine, temperature, [R]), i32(engine, [1]), f32(engine, topP, [R]), f32(engine, uniform, [R])), /sampleTensor: temperature, topK, topP and uniform must each be \[6\]/);
+});
+
+test('randomUniform: in [-scale, scale), deterministic per seed, narrow dtypes round toward zero', () => {
+  for (const dtype of ['f32', 'bf16', 'f16'] as const) {
+    const a = get(engine, engine.randomUniform(dtype, [64, 100], 7, 0.5));
+    const b = get(engine, engine.randomUniform(dtype, [64, 100], 7, 0.5));
+    const c = get(engine, engine.randomUniform(dtype, [64, 100], 8, 0.5));
+    assert.deepEqual(a, b, `${dtype}: same seed, same values`);
+    assert.notDeepEqual(a, c, `${dtype}: another seed, other values`);
+    const lo = Math.min(...a), hi = Math.max(...a);
+    assert.ok(lo >= -0.5 && hi < 0.5 && lo < -0.49 && hi > 0.49, `${dtype}: range [${lo}, ${hi}]`);
+    const mean = a.reduce((s, x) => s + x, 0) / a.length;
+    assert.ok(Math.abs(mean) < 0.02, `${dtype}: mean ${mean}`); // 6400 uniforms: sd of the mean ~0.0036
+  }
+  assert.deepEqual(engine.randomUniform('bf16', [2, 3], 1, 1).shape, [2, 3]);
+  assertNativeError(() => engine.randomUniform('i32' as 'f32', [2], 1, 1), /randomUniform: dtype must be 'f32', 'f16' or 'bf16'/);
+  assertNativeError(() => engine.randomUniform('f32', [2], -1, 1), /randomUniform: seed must be an integer >= 0/);
+});
