@@ -1,0 +1,251 @@
+// The CUDA backend against the CPU backend, op by op, on fresh random inputs at small and real widths
+// (hidden 4096, heads 32/8, headDim 128, T = 1, 3, 8, 64, 300, cache C = 2048). Run on a GPU host:
+//   node --import tsx --test test/gpu/ops.test.ts
+// Skips, saying why, when the addon was built without CUDA or no GPU is found. CUDA outputs are poisoned
+// (EngineOptions.poison fills every new tensor with NaN) so that elements a kernel forgets to write show.
+//
+// Bounds are norm-wise, |cuda - cpu| <= rtol * max|cpu|: copies and integer results exact; elementwise fp32
+// 1e-6 (a few rounding units of 6e-8); row reductions (rmsNorm, matmul over K = 4096, logSoftmax) 1e-5
+// (sums of n terms in another order: about log2(n) * 6e-8 relative, with margin); attention 1e-4 (softmax of
+// up to 2048 scores, split-K partial sums merged with rescaling). native/test/ops-check.cc is the same check
+// in C++ for hosts without Node.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
+
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+const seed = Date.now() & 0xffff; // fresh inputs each run; failures print the seed
+const rand = prng(seed);
+const seedNote = `seed ${seed}`;
+const randoms = (n: number, lo = -1, hi = 1): Float32Array => Float32Array.from({ length: n }, () => lo + (hi - lo) * rand());
+const ints = (n: number, below: number): Int32Array => Int32Array.from({ length: n }, () => Math.floor(rand() * below));
+const bytesOf = (a: Float32Array | Int32Array | Uint16Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+const f32 = (e: Engine, v: Float32Array, shape: number[]): Tensor => e.upload(bytesOf(v), 'f32', shape);
+const i32 = (e: Engine, v: Int32Array): Tensor => e.upload(bytesOf(v), 'i32', [v.length]);
+const bf16 = (e: Engine, v: Float32Array, shape: number[]): Tensor =>
+  e.upload(bytesOf(Uint16Array.from(new Uint32Array(v.buffer.slice(0)), (b) => b >>> 16)), 'bf16', shape);
+const get = (e: Engine, t: Tensor): Float32Array => e.download(t) as Float32Array;
+
+function skipReason(): string | undefined {
+  if (!nativeInfo().cuda) return 'weft.node was built without CUDA (WEFT_CUDA=1 npm run build:native on a GPU host)';
+  try {
+    createEngine({ backend: 'cuda', arenaBytes: 1 << 20 });
+  } catch (err) {
+    return `no usable GPU: ${(err as Error).message}`;
+  }
+  return undefined;
+}
+const skip = skipReason();
+if (skip) console.log(`# test/gpu/ops.test.ts skipped: ${skip}`);
+
+const cpu = createEngine({ backend: 'cpu' });
+const gpu = skip ? cpu : createEngine({ backend: 'cuda', poison: true, arenaBytes: 2 ** 31 });
+
+function assertNear(got: Float32Array | Int32Array, want: Float32Array | Int32Array, rtol: number, what: string): void {
+  assert.equal(got.length, want.length, `${what}: length`);
+  let scale = 0;
+  for (const w of want) scale = Math.max(scale, Math.abs(w));
+  const bound = rtol * scale;
+  for (let i = 0; i < want.length; i++) {
+    const err = Math.abs(got[i]! - want[i]!);
+    if (!(err <= bound)) assert.fail(`${what}[${i}]: cuda ${got[i]}, cpu ${want[i]} (bound ${bound}; ${seedNote})`);
+  }
+}
+
+/** Runs f on both engines with the same host inputs; returns [cuda, cpu] downloads. */
+function both(f: (e: Engine) => Tensor): [Float32Array | Int32Array, Float32Array | Int32Array] {
+  return [gpu.download(f(gpu)), cpu.download(f(cpu))];
+}
+
+const Ts = [1, 3, 8, 64, 300];
+const H = 4096;
+
+test('elementwise and row ops at hidden 4096', { skip }, () => {
+  for (const T of Ts) {
+    const x = randoms(T * H, -3, 3), y = randoms(T * H), w = randoms(H, 0.5, 1.5);
+    let [g, c] = both((e) => e.add(f32(e, x, [T, H]), f32(e, y, [T, H])));
+    assertNear(g, c, 0, `add T=${T}`);
+    [g, c] = both((e) => e.rmsNorm(f32(e, x, [T, H]), bf16(e, w, [H]), 1e-5));
+    assertNear(g, c, 1e-5, `rmsNorm T=${T}`);
+    const gu = randoms(T * 2 * 3584, -6, 6);
+    [g, c] = both((e) => e.siluMul(f32(e, gu, [T, 2 * 3584])));
+    assertNear(g, c, 1e-6, `siluMul T=${T}`);
+    const pos = ints(T, 2048), inv = Float32Array.from({ length: 64 }, (_, j) => 1 / 500000 ** ((2 * j) / 128));
+    [g, c] = both((e) => e.rope(f32(e, x, [T, H]), i32(e, pos), f32(e, inv, [64]), 128));
+    assertNear(g, c, 1e-5, `rope T=${T}`);
+    const table = randoms(1000 * H), ids = Int32Array.from(ints(T, 1200), (i) => i + 500);
+    [g, c] = both((e) => e.embedding(bf16(e, table, [1000, H]), i32(e, ids), 500));
+    assertNear(g, c, 0, `embedding T=${T}`);
+    const rows = ints(Math.max(1, T >> 1), T);
+    [g, c] = both((e) => {
+      const xt = f32(e, x, [T, H]);
+      return e.gatherRows(e.concatCols([e.sliceCols(xt, 100, 1124), e.sliceCols(xt, 7, 8)]), i32(e, rows));
+    });
+    assertNear(g, c, 0, `slice/concat/gather T=${T}`);
+    const R = 2 * T, yr = randoms(R * H), wr = randoms(R), rr = ints(R, T);
+    [g, c] = both((e) => {
+      const out = f32(e, x, [T, H]);
+      e.scatterAddRows(out, f32(e, yr, [R, H]), i32(e, rr), f32(e, wr, [R]));
+      return out;
+    });
+    assertNear(g, c, 0, `scatterAddRows T=${T}`);
+  }
+});
+
+test('matmul, K = 4096, f32 and bf16 weights', { skip }, () => {
+  for (const T of Ts) {
+    const N = T >= 64 ? 1024 : 4096;
+    const x = randoms(T * H), w = randoms(N * H);
+    let [g, c] = both((e) => e.matmul(f32(e, x, [T, H]), f32(e, w, [N, H])));
+    assertNear(g, c, 1e-5, `matmul f32 T=${T}`);
+    [g, c] = both((e) => e.matmul(f32(e, x, [T, H]), bf16(e, w, [N, H])));
+    assertNear(g, c, 1e-5, `matmul bf16 T=${T}`);
+  }
+});
+
+test('writeKv and attention: decode (split-K), prefill and ragged batches, GQA 32/8 and MHA', { skip }, () => {
+  const S = 4, C = 2048, hd = 128;
+  const cases = [
+    { T: 1, nH: 32, nKv: 8, kind: 'decode' }, { T: 3, nH: 32, nKv: 8, kind: 'decode' }, { T: 8, nH: 32, nKv: 8, kind: 'decode' },
+    { T: 64, nH: 32, nKv: 8, kind: 'decode' }, { T: 3, nH: 32, nKv: 32, kind: 'decode' }, { T: 300, nH: 32, nKv: 8, kind: 'prefill' },
+    { T: 300, nH: 32, nKv: 8, kind: 'ragged' },
+  ];
+  for (const { T, nH, nKv, kind } of cases) {
+    const k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd);
+    const shape = [S, nKv, C, hd];
+    const caches = (e: Engine) => ({ k: f32(e, k0, shape), v: f32(e, v0, shape) });
+    const cg = caches(gpu), cc = caches(cpu);
+    const slots = new Int32Array(T), pos = new Int32Array(T);
+    for (let t = 0; t < T; t++) {
+      if (kind === 'decode') { slots[t] = t % S; pos[t] = t === 0 ? 0 : t === 1 ? C - 1 : Math.floor(rand() * C); }
+      else if (kind === 'prefill') { slots[t] = 2; pos[t] = 1000 + t; }
+      else { slots[t] = t < 100 ? 1 : 3; pos[t] = t < 100 ? t : 500 + t; }
+      pos[t] = Math.min(C - 1, Math.max(0, pos[t]!));
+    }
+    const k = randoms(T * nKv * hd), v = randoms(T * nKv * hd), q = randoms(T * nH * hd);
+    const what = `T=${T} ${nH}/${nKv} ${kind}`;
+    if (kind !== 'decode') { // decode batches may repeat (slot, position): the write order would be unspecified
+      gpu.writeKv(cg.k, cg.v, f32(gpu, k, [T, nKv * hd]), f32(gpu, v, [T, nKv * hd]), i32(gpu, slots), i32(gpu, pos));
+      cpu.writeKv(cc.k, cc.v, f32(cpu, k, [T, nKv * hd]), f32(cpu, v, [T, nKv * hd]), i32(cpu, slots), i32(cpu, pos));
+      assertNear(get(gpu, cg.k), get(cpu, cc.k), 0, `writeKv k ${what}`);
+      assertNear(get(gpu, cg.v), get(cpu, cc.v), 0, `writeKv v ${what}`);
+    }
+    const att = (e: Engine, c: { k: Tensor; v: Tensor }) =>
+      get(e, e.attention(f32(e, q, [T, nH * hd]), c.k, c.v, i32(e, slots), i32(e, pos), nH, 1 / Math.sqrt(hd)));
+    assertNear(att(gpu, cg), att(cpu, cc), 1e-4, `attention ${what}`);
+  }
+});
+
+test('logSoftmax, logprobs, greedy sample and sampleTensor equal the CPU', { skip }, () => {
+  for (const V of [50, 32000, 128256]) {
+    const R = 8, l = randoms(R * V, -12, 12);
+    l[V + 7] = 30; l[V + 3] = 30; // a tie at the max: the lowest index wins
+    let [g, c] = both((e) => e.logSoftmax(f32(e, l, [R, V])));
+    assertNear(g, c, 1e-5, `logSoftmax V=${V}`);
+    const ids = ints(R, V);
+    assertNear(gpu.logprobs(f32(gpu, l, [R, V]), ids), cpu.logprobs(f32(cpu, l, [R, V]), ids), 1e-5, `logprobs V=${V}`);
+    const zeros = new Float32Array(R), ones = new Float32Array(R).fill(1), half = new Float32Array(R).fill(0.5), k0 = new Int32Array(R);
+    const want = cpu.sample(f32(cpu, l, [R, V]), zeros, k0, ones, half);
+    assert.equal(want[1], 3);
+    assert.deepEqual([...gpu.sample(f32(gpu, l, [R, V]), zeros, k0, ones, half)], [...want], `sample greedy V=${V}`);
+    [g] = both((e) => e.sampleTensor(f32(e, l, [R, V]), f32(e, zeros, [R]), i32(e, k0), f32(e, ones, [R]), f32(e, half, [R])));
+    assert.deepEqual([...g], [...want], `sampleTensor greedy V=${V}`);
+  }
+});
+
+test('sampleTensor samples the CPU distribution (stratified uniforms, counts within 2 of 4096)', { skip }, () => {
+  for (const [V, temperature, topK, topP] of [[50, 1, 0, 1], [50, 0.7, 3, 1], [50, 1, 0, 0.6], [50, 1.3, 5, 0.8], [32000, 0.8, 50, 0.95]] as const) {
+    const N = 4096, row = randoms(V, -4, 4);
+    for (let i = 0; i < 6; i++) row[Math.floor(rand() * V)] = 2.5; // ties
+    const l = new Float32Array(N * V);
+    for (let i = 0; i < N; i++) l.set(row, i * V);
+    const u = Float32Array.from({ length: N }, (_, i) => (i + 0.5) / N);
+    const t = new Float32Array(N).fill(temperature), k = new Int32Array(N).fill(topK), p = new Float32Array(N).fill(topP);
+    const want = cpu.sample(f32(cpu, l, [N, V]), t, k, p, u);
+    const got = gpu.download(gpu.sampleTensor(f32(gpu, l, [N, V]), f32(gpu, t, [N]), i32(gpu, k), f32(gpu, p, [N]), f32(gpu, u, [N])));
+    const counts = (a: ArrayLike<number>) => { const c = new Int32Array(V); for (let i = 0; i < a.length; i++) c[a[i]!]!++; return c; };
+    const ca = counts(want), cb = counts(got);
+    for (let i = 0; i < V; i++) assert.ok(Math.abs(ca[i]! - cb[i]!) <= 2, `V=${V} t=${temperature} k=${topK} p=${topP}: token ${i} cpu ${ca[i]}, cuda ${cb[i]}`);
+  }
+});
+
+test('randomUniform: f32/bf16/f16 values equal the CPU backend', { skip }, () => {
+  for (const dtype of ['f32', 'bf16', 'f16'] as const) {
+    const [g, c] = both((e) => e.randomUniform(dtype, [1000, 4096], 42, 0.02));
+    assertNear(g, c, 0, `randomUniform ${dtype}`);
+  }
+});
+
+test('a captured decode step replayed after write() of new positions equals eager execution', { skip }, () => {
+  const S = 4, nKv = 8, nH = 32, C = 2048, hd = 128, T = 8;
+  const k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd), x = randoms(T * H);
+  const w = randoms((nH + 2 * nKv) * hd * H, -0.05, 0.05), norm = randoms(H, 0.5, 1.5);
+  const inv = Float32Array.from({ length: hd / 2 }, (_, j) => 1 / 500000 ** ((2 * j) / hd));
+  const setup = (e: Engine) => ({
+    k: f32(e, k0, [S, nKv, C, hd]), v: f32(e, v0, [S, nKv, C, hd]), x: f32(e, x, [T, H]), w: bf16(e, w, [(nH + 2 * nKv) * hd, H]),
+    norm: f32(e, norm, [H]), inv: f32(e, inv, [hd / 2]),
+    slots: i32(e, Int32Array.from({ length: T }, (_, t) => t % S)), pos: i32(e, Int32Array.from({ length: T }, (_, t) => t)),
+  });
+  type Setup = ReturnType<typeof setup>;
+  const forward = (e: Engine, s: Setup): Tensor => {
+    const qkv = e.matmul(e.rmsNorm(s.x, s.norm, 1e-5), s.w);
+    const q = e.rope(e.sliceCols(qkv, 0, nH * hd), s.pos, s.inv, hd);
+    const k = e.rope(e.sliceCols(qkv, nH * hd, (nH + nKv) * hd), s.pos, s.inv, hd);
+    e.writeKv(s.k, s.v, k, e.sliceCols(qkv, (nH + nKv) * hd, (nH + 2 * nKv) * hd), s.slots, s.pos);
+    return e.attention(q, s.k, s.v, s.slots, s.pos, nH, 1 / Math.sqrt(hd));
+  };
+  const sg = setup(gpu), sc = setup(cpu);
+  const result = gpu.zeros('f32', [T, nH * hd]);
+  gpu.beginStep();
+  forward(gpu, sg); // warm-up, eager
+  gpu.endStep();
+  forward(cpu, sc);
+  gpu.beginStep();
+  gpu.captureBegin();
+  gpu.copy(result, forward(gpu, sg));
+  const graph = gpu.captureEnd();
+  gpu.endStep();
+  for (let step = 0; step < 3; step++) {
+    const slots = Int32Array.from({ length: T }, (_, t) => (t + step) % S);
+    const pos = Int32Array.from({ length: T }, (_, t) => 100 * step + 7 * t + 1 + (t < S ? 0 : 1000));
+    gpu.beginStep();
+    gpu.write(sg.slots, bytesOf(slots));
+    gpu.write(sg.pos, bytesOf(pos));
+    gpu.replay(graph);
+    const got = get(gpu, result);
+    gpu.endStep();
+    cpu.write(sc.slots, bytesOf(slots));
+    cpu.write(sc.pos, bytesOf(pos));
+    assertNear(got, get(cpu, forward(cpu, sc)), 1e-4, `graph replay step ${step}`);
+  }
+  assertNear(get(gpu, sg.k), get(cpu, sc.k), 1e-5, 'kCache after replays');
+  graph.dispose();
+});
+
+test('device errors are thrown, not fatal: bad slots at the next sync, stale tensors, capture rules', { skip }, () => {
+  const kc = gpu.zeros('f32', [2, 1, 4, 4]);
+  const one = f32(gpu, new Float32Array(4).fill(1), [1, 4]);
+  gpu.writeKv(kc, kc, one, one, i32(gpu, Int32Array.from([9])), i32(gpu, Int32Array.from([0])));
+  assert.throws(() => gpu.synchronize(), /writeKv: slots\[0\] = 9 is out of range \(need 0 <= slot < 2\)/);
+  gpu.beginStep();
+  const a = gpu.add(one, one);
+  gpu.beginStep();
+  assert.throws(() => gpu.add(a, one), /tensor from an earlier step/);
+  gpu.captureBegin();
+  assert.throws(() => gpu.upload(new Uint8Array(4), 'f32', [1]), /upload: not allowed during graph capture/);
+  gpu.captureEnd();
+  gpu.endStep();
+  assert.equal(typeof gpu.devicePointer(one), 'bigint');
+  assert.equal(typeof gpu.streamHandle(), 'bigint');
+  const m = gpu.memoryInfo();
+  assert.ok(m.total > m.free && m.free > 0);
+});
