@@ -1,21 +1,22 @@
 /**
  * A worker's lifecycle: initDevice → loadWeights → allocateKvCache (buildRankModel) → step. Holds the
- * engine, this rank's collectives and its model.
+ * engine, this rank's collectives, its model and the step runner.
  */
 import type * as zmq from 'zeromq';
 import { createEngine, type Engine } from './native.ts';
 import type { InitCommand, StepBatch, StepResult } from './protocol.ts';
 import { soloCollectives, type Collectives } from './collectives/collectives.ts';
 import { CpuCollectives } from './collectives/cpu.ts';
+import { NcclCollectives } from './collectives/nccl.ts';
 import { loadShard } from './weights/load-shard.ts';
-import { buildRankModel, type RankModel } from './models/registry.ts';
-import { runStep } from './runner.ts';
+import { buildRankModel, hostWeights } from './models/registry.ts';
+import { GRAPH_BUCKETS, StepRunner } from './runner.ts';
 import { WeftError } from '../coordinator/errors.ts';
 
 export class WorkerState {
   private engine: Engine | null = null;
   private comm: Collectives | null = null;
-  private rankModel: RankModel | null = null;
+  private runner: StepRunner | null = null;
 
   constructor(
     readonly rank: number,
@@ -25,24 +26,36 @@ export class WorkerState {
   ) {}
 
   async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
-    if (this.rankModel) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
+    if (this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
     if (command.plan.tp !== this.world) throw new WeftError('WEFT_PROTOCOL', `plan is for ${command.plan.tp} ranks, this worker was started for ${this.world}`);
     const engine = createEngine({ backend: command.device, threads: command.threads });
     this.engine = engine;
-    if (command.device !== 'cpu') throw new WeftError('WEFT_UNSUPPORTED_MODEL', `device ${command.device} has no collectives yet in this build`);
-    this.comm = this.world === 1 ? soloCollectives() : await CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot);
+    this.comm = await this.joinCollectives(engine, command);
     let bytesLoaded = 0;
     const weights = await loadShard(command.modelDir, command.spec, command.plan, this.rank, (read, total) => {
       bytesLoaded = read;
       this.onProgress(read, total);
     });
-    this.rankModel = buildRankModel(engine, command.spec, command.plan, this.rank, weights, { kvSlots: command.kvSlots, maxContext: command.maxContext });
+    // CUDA graphs pad decode batches with rows that write to one extra, never-assigned KV slot.
+    const kvSlots = command.kvSlots + (command.device === 'cuda' ? 1 : 0);
+    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvSlots, maxContext: command.maxContext });
+    if (this.comm instanceof NcclCollectives) this.comm.prepare([...GRAPH_BUCKETS]);
+    this.runner = new StepRunner(engine, this.comm, model);
     return { bytesLoaded };
   }
 
+  private async joinCollectives(engine: Engine, command: InitCommand): Promise<Collectives> {
+    if (this.world === 1) return soloCollectives();
+    if (command.device === 'cuda') {
+      if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
+      return NcclCollectives.create(engine, this.rank, this.world, command.ncclId);
+    }
+    return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot);
+  }
+
   async step(batch: StepBatch): Promise<StepResult> {
-    if (!this.engine || !this.comm || !this.rankModel) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} got a step before init`);
-    return runStep(this.engine, this.comm, this.rankModel, batch);
+    if (!this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} got a step before init`);
+    return this.runner.step(batch);
   }
 
   close(): void {

@@ -1,12 +1,12 @@
 /** The hf-tiny fixtures (copied from ../shared/fixtures/hf-tiny) and their Hugging Face reference outputs. */
 import { readFileSync, readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { join } from 'node:path';
+import { isAbsolute, join } from 'node:path';
 import { SafetensorsFile } from '../../worker/weights/safetensors.ts';
 
 export const FIXTURES = fileURLToPath(new URL('../fixtures/hf-tiny/', import.meta.url));
 export const FIXTURE_MODELS = ['llama-tiny', 'llama-tiny-bf16', 'llama3-tiny', 'mixtral-tiny'] as const;
-export const fixtureDir = (name: string): string => join(FIXTURES, name);
+export const fixtureDir = (name: string): string => (isAbsolute(name) ? name : join(FIXTURES, name));
 export const WEFT_BIN = fileURLToPath(new URL('../../bin/weft.js', import.meta.url));
 
 export interface Reference {

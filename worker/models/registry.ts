@@ -6,7 +6,7 @@
 import type { ModelSpec } from '../../coordinator/model-spec.ts';
 import { ropeInvFreq } from '../../coordinator/model-spec.ts';
 import type { ShardPlan } from '../../coordinator/shard-plan.ts';
-import type { HostTensor } from '../weights/load-shard.ts';
+import { shardLayout, type HostTensor } from '../weights/load-shard.ts';
 import { WeftError } from '../../coordinator/errors.ts';
 import { denseFeedForward, type AttentionWeights, type DenseFeedForward, type FeedForward, type LlamaModel } from './llama.ts';
 import { moeFeedForward, type MixtralLayer } from './mixtral.ts';
@@ -22,13 +22,34 @@ export interface BuildOptions {
   readonly maxContext: number;
 }
 
-export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: number, weights: Map<string, HostTensor>, options: BuildOptions): RankModel {
-  const take = (name: string): Tensor => {
+/** Gives the engine tensor for one weft-named weight of this rank. */
+export type WeightSource = (name: string) => Tensor;
+
+/** Weights read from the checkpoint (loadShard), uploaded one by one; each host copy is dropped once uploaded. */
+export function hostWeights(ops: Ops, rank: number, weights: Map<string, HostTensor>): WeightSource {
+  return (name) => {
     const host = weights.get(name);
     if (!host) throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${name} was not loaded`);
-    weights.delete(name); // drop the host copy as soon as the engine holds it
+    weights.delete(name);
     return ops.upload(host.data, host.dtype, [...host.shape]);
   };
+}
+
+/** Random weights of the real shapes, made on the device (benchmarks need no checkpoint). */
+export function randomWeights(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: number, seed: number): WeightSource {
+  const shapes = new Map(shardLayout(spec, plan, rank).map((t) => [t.name, t.shape]));
+  let counter = 0;
+  return (name) => {
+    const shape = shapes.get(name);
+    if (!shape) throw new WeftError('WEFT_BAD_WEIGHTS', `no tensor ${name} in the layout of ${spec.architecture}`);
+    const isNorm = shape.length === 1;
+    // Norm weights near 1 and matrices with unit-scale rows keep activations finite over many layers.
+    const tensor = ops.randomUniform(spec.dtype, [...shape], seed + counter++, isNorm ? 1 : 1 / Math.sqrt(shape[1] ?? 1));
+    return tensor;
+  };
+}
+
+export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: number, take: WeightSource, options: BuildOptions): RankModel {
   const dense = (prefix: string): DenseFeedForward => ({ w13: take(`${prefix}.w13`), w2: take(`${prefix}.w2`) });
   const shard = plan.ranks[rank];
   if (!shard) throw new WeftError('WEFT_BAD_SHARD', `rank ${rank} is outside the plan's ${plan.tp} ranks`);
@@ -52,18 +73,31 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
     return { ...attention, ...dense(`layers.${i}`) };
   });
 
+  const embed = take('embed');
   const cacheShape = [options.kvSlots, plan.nKvHeadsPerRank, options.maxContext, spec.headDim];
   const model: LlamaModel<AttentionWeights> = {
     spec,
     plan,
     shard,
-    embed: take('embed'),
+    embed,
     layers,
     norm: take('norm'),
-    lmHead: take('lmHead'),
+    lmHead: spec.tieWordEmbeddings ? embed : take('lmHead'),
     invFreq: float32Tensor(ops, ropeInvFreq(spec)),
     kvCache: layers.map(() => ({ k: ops.zeros('f32', cacheShape), v: ops.zeros('f32', cacheShape) })),
   };
   const feedForward = (spec.family === 'mixtral' ? moeFeedForward : denseFeedForward) as FeedForward<AttentionWeights>;
   return { model, feedForward };
+}
+
+/** Free every tensor the model holds now (device memory is not something the garbage collector sees). */
+export function disposeRankModel({ model }: RankModel): void {
+  const tensors: Tensor[] = [model.embed, model.norm, model.lmHead, model.invFreq, ...model.kvCache.flatMap((c) => [c.k, c.v])];
+  for (const layer of model.layers) {
+    for (const value of Object.values(layer)) {
+      if (Array.isArray(value)) value.forEach((expert: Record<string, Tensor>) => tensors.push(...Object.values(expert)));
+      else if (typeof value === 'object' && value !== null) tensors.push(value as Tensor);
+    }
+  }
+  tensors.forEach((t) => t.dispose());
 }

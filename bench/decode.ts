@@ -1,0 +1,106 @@
+/**
+ * Decode benchmark with random weights of real shapes, made on the device (no checkpoint):
+ *
+ *   node --import tsx bench/decode.ts --models llama-2-7b,llama-3-8b --batches 1,8 --prompts 5,1024 --new-tokens 200
+ *
+ * In one run: the device's read bandwidth, then per model × prompt length × batch: time to first token
+ * (prefill of one sequence plus its first sampled token), decode step time and tokens/s (CUDA graphs),
+ * the bytes one decode step must read (weights + the KV cache it attends over) and the fraction of the
+ * bandwidth floor reached. Ends with one JSON line.
+ */
+import { Command } from 'commander';
+import { createEngine } from '../worker/native.ts';
+import { planShards } from '../coordinator/shard-plan.ts';
+import { shardLayout } from '../worker/weights/load-shard.ts';
+import { buildRankModel, disposeRankModel, randomWeights } from '../worker/models/registry.ts';
+import { soloCollectives } from '../worker/collectives/collectives.ts';
+import { StepRunner } from '../worker/runner.ts';
+import { SeededRng } from '../coordinator/rng.ts';
+import { presetSpec } from './presets.ts';
+
+const list = (s: string): string[] => s.split(',').map((x) => x.trim()).filter(Boolean);
+const program = new Command('bench-decode')
+  .option('--models <names>', 'presets (bench/presets.ts)', 'llama-2-7b,llama-3-8b,mistral-7b')
+  .option('--batches <list>', 'batch sizes', '1,8')
+  .option('--prompts <list>', 'prompt lengths', '5,1024')
+  .option('--new-tokens <n>', 'decode steps timed', '200')
+  .option('--layers <n>', 'override the layer count (a cut model that fits)')
+  .option('--device <d>', 'cpu or cuda', 'cuda')
+  .parse();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda' }>();
+const batches = list(opts.batches).map(Number);
+const prompts = list(opts.prompts).map(Number);
+const newTokens = Number(opts.newTokens);
+
+const engine = createEngine({ backend: opts.device });
+const bandwidthGBs = engine.measureBandwidth(4 << 30, 20);
+console.log(`device read bandwidth: ${bandwidthGBs.toFixed(0)} GB/s`);
+
+interface Row {
+  model: string;
+  batch: number;
+  prompt: number;
+  ttftMs: number;
+  stepMs: number;
+  tokensPerS: number;
+  bytesPerStep: number;
+  floorMs: number;
+  fractionOfFloor: number;
+  achievedGBs: number;
+}
+const rows: Row[] = [];
+const rng = new SeededRng(1234);
+const randomIds = (n: number, vocab: number): number[] => Array.from({ length: n }, () => rng.nextUint32() % vocab);
+
+for (const name of list(opts.models)) {
+  const spec = presetSpec(name, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
+  const plan = planShards(spec, 1);
+  const maxBatch = Math.max(...batches);
+  const maxContext = Math.max(...prompts) + newTokens + 16;
+  const model = buildRankModel(engine, spec, plan, 0, randomWeights(engine, spec, plan, 0, 7), { kvSlots: maxBatch + 1, maxContext });
+  const runner = new StepRunner(engine, soloCollectives(), model);
+  // Weight bytes one decode step reads: everything but the embedding table (B rows of it, negligible).
+  const elementBytes = spec.dtype === 'f32' ? 4 : 2;
+  const weightBytes = shardLayout(spec, plan, 0)
+    .filter((t) => t.name !== 'embed' && t.aliasOf === null)
+    .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0)
+    + (spec.tieWordEmbeddings ? spec.vocabSize * spec.hidden * elementBytes : 0);
+  const activeWeightBytes = spec.nExperts > 0 ? weightBytes * 1 : weightBytes; // MoE: see bench/moe.ts for the routed share
+  const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
+
+  for (const prompt of prompts) {
+    for (const batch of batches) {
+      // Warm-up prefill on the last slot (cuBLAS setup, first-use allocations), not timed.
+      await runner.step({ tokens: randomIds(prompt, spec.vocabSize), slots: Array(prompt).fill(batch - 1), positions: [...Array(prompt).keys()], logitRows: [prompt - 1], sample: greedy(1) });
+      let ttftMs = 0;
+      let last: number[] = [];
+      for (let b = 0; b < batch; b++) {
+        const started = performance.now();
+        const result = await runner.step({ tokens: randomIds(prompt, spec.vocabSize), slots: Array(prompt).fill(b), positions: [...Array(prompt).keys()], logitRows: [prompt - 1], sample: greedy(1) });
+        if (b === 0) ttftMs = performance.now() - started;
+        last.push(result.tokens![0]!);
+      }
+      const decode = async (position: number): Promise<void> => {
+        const result = await runner.step({ tokens: last, slots: [...Array(batch).keys()], positions: Array(batch).fill(position), logitRows: [...Array(batch).keys()], sample: greedy(batch) });
+        last = result.tokens!;
+      };
+      await decode(prompt); // captures this bucket's graph on first use
+      await decode(prompt + 1);
+      const started = performance.now();
+      for (let i = 0; i < newTokens; i++) await decode(prompt + 2 + i);
+      const stepMs = (performance.now() - started) / newTokens;
+      const meanContext = prompt + 2 + newTokens / 2;
+      const kvBytes = spec.nLayers * batch * meanContext * plan.nKvHeadsPerRank * spec.headDim * 4 * 2; // fp32 K and V
+      const bytesPerStep = activeWeightBytes + kvBytes;
+      const floorMs = (bytesPerStep / (bandwidthGBs * 1e9)) * 1e3;
+      const row = { model: name, batch, prompt, ttftMs, stepMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
+      rows.push(row);
+      console.log(
+        `${name.padEnd(12)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms, ` +
+          `${row.tokensPerS.toFixed(1)} tok/s, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
+      );
+    }
+  }
+  disposeRankModel(model);
+}
+console.log(JSON.stringify({ bench: 'decode', device: opts.device, bandwidthGBs, newTokens, rows }));

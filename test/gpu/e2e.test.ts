@@ -1,0 +1,93 @@
+/**
+ * End to end on CUDA: every hf-tiny model against Hugging Face (real worker processes, the CUDA engine,
+ * decode through CUDA graphs), NCCL through koffi on a one-rank communicator, and, when the GPU host made
+ * it (WEFT_WIDE_FIXTURE=DIR, see make-wide-fixture.py), a wide bf16 model so kernels run at real widths.
+ * Skips, saying why, without a CUDA build or a GPU.
+ *
+ * Tolerances: f32 weights are computed in fp32 throughout (GEMV in fp32, cuBLAS without TF32), so the
+ * fixtures' 1e-3 holds. bf16 weights: matrix products over more than 8 tokens round activations to bf16
+ * for the tensor cores (relative error ~2^-8 per product), so log-probs get the README's ~0.05.
+ */
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { createEngine, nativeInfo } from '../../worker/native.ts';
+import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
+import { loadNccl, NcclCollectives } from '../../worker/collectives/nccl.ts';
+import { FIXTURE_MODELS, fixtureDir, maxAbsDiff, readReference, referenceLogprobs } from '../helpers/fixtures.ts';
+
+function gpuSkipReason(): string | false {
+  if (!nativeInfo().cuda) return 'weft was built without CUDA (WEFT_CUDA=1 node native/build.mjs)';
+  try {
+    createEngine({ backend: 'cuda' });
+    return false;
+  } catch (err) {
+    return `no usable GPU: ${(err as Error).message}`;
+  }
+}
+const skip = gpuSkipReason();
+if (skip) console.log(`# GPU suite skipped: ${skip}`);
+
+async function greedy(cluster: Cluster, promptIds: number[], n: number): Promise<number[]> {
+  for await (const event of cluster.generate({ promptIds, sampling: { maxNewTokens: n, ignoreEos: true } })) if (event.type === 'done') return event.tokens;
+  return [];
+}
+
+const wideDir = process.env.WEFT_WIDE_FIXTURE;
+const models: Array<{ name: string; dir: string; tolerance: number }> = [
+  ...FIXTURE_MODELS.map((name) => ({ name, dir: fixtureDir(name), tolerance: name.endsWith('bf16') ? 0.05 : 1e-3 })),
+  ...(wideDir && existsSync(join(wideDir, 'config.json')) ? [{ name: 'wide-bf16', dir: wideDir, tolerance: 0.05 }] : []),
+];
+
+for (const { name, dir, tolerance } of models) {
+  describe(`${name} on CUDA matches Hugging Face`, { skip }, () => {
+    const reference = readReference(name === 'wide-bf16' ? dir : name);
+    let cluster: Cluster;
+    before(async () => {
+      cluster = await startCluster({ modelDir: dir, tp: 1, device: 'cuda' });
+    });
+    after(async () => cluster?.close());
+
+    test(`log-probs within ${tolerance}`, async () => {
+      for (let i = 0; i < reference.prompts.length; i++) {
+        const expected = await referenceLogprobs(name === 'wide-bf16' ? dir : name, i);
+        const { full } = await cluster.score(reference.prompts[i]!, { full: true });
+        full!.forEach((row, r) => {
+          const err = maxAbsDiff(row, expected[r]!);
+          assert.ok(err < tolerance, `prompt ${i} position ${r}: max abs error ${err}`);
+        });
+      }
+    });
+
+    test('greedy tokens (decode through CUDA graphs) equal Hugging Face', async () => {
+      for (let i = 0; i < reference.prompts.length; i++) {
+        const expected = reference.greedy[i]!;
+        assert.deepEqual(await greedy(cluster, reference.prompts[i]!, expected.length), expected, `prompt ${i}`);
+      }
+    });
+  });
+}
+
+describe('NCCL through koffi', { skip }, () => {
+  test('a one-rank communicator: all-reduce and all-gather on the engine stream', async () => {
+    const nccl = loadNccl();
+    assert.ok(nccl.version() >= 22800, `NCCL version ${nccl.version()}`);
+    const engine = createEngine({ backend: 'cuda' });
+    const comm = await NcclCollectives.create(engine, 0, 1, nccl.getUniqueId());
+    try {
+      comm.prepare([3]);
+      const values = Float32Array.from({ length: 3 * 5 }, (_, i) => i * 0.5 - 3);
+      const x = engine.upload(new Uint8Array(values.buffer), 'f32', [3, 5]);
+      assert.deepEqual(engine.download(await comm.allReduce(x)), values);
+      assert.deepEqual(engine.download(await comm.allGatherCols(x)), values);
+      assert.equal(comm.asyncError(), null);
+    } finally {
+      comm.close();
+    }
+  });
+});
+
+after(() => {
+  if (wideDir && !existsSync(join(wideDir, 'config.json'))) console.log(`# wide fixture not found in ${wideDir}`);
+});
