@@ -184,6 +184,69 @@ function buildProgram(): Command {
       process.exitCode = exitCode;
     });
 
+  const nameOption = (c: Command): Command => c.option('--name <name>', 'cluster name (pm2 namespace weft-<name>)', 'default');
+  nameOption(program.command('launch').description('start a cluster under pm2: a coordinator and one worker per GPU; waits until it serves'))
+    .requiredOption('--model <dir>', 'Hugging Face model directory')
+    .option('--tp <n>', 'tensor-parallel degree (worker processes)', integer('--tp', 1))
+    .option('--gpus <list>', 'GPU index per rank, e.g. 0,1,2,3', idList)
+    .addOption(new Option('--device <device>', 'compute backend').choices(['cpu', 'cuda']).default('cuda'))
+    .option('--draft <dir>', 'draft model for speculative decoding')
+    .option('--draft-gpus <list>', 'GPUs of the draft model', idList)
+    .option('--host <host>', 'interface RPC and HTTP bind', '127.0.0.1')
+    .option('--rpc-port <port>', 'RPC port (0: a free one)', integer('--rpc-port', 0), 5555)
+    .option('--http-port <port>', 'HTTP port (0: a free one)', integer('--http-port', 0), 8000)
+    .option('--worker-port <port>', 'port workers connect to (0: a free one)', integer('--worker-port', 0), 0)
+    .option('--max-context <n>', 'cap on the context length', integer('--max-context', 1))
+    .option('--kv-slots <n>', 'sequences with a KV cache at once', integer('--kv-slots', 1))
+    .option('--max-queue <n>', 'requests waiting for a KV slot at most', integer('--max-queue', 0))
+    .option('--threads <n>', 'CPU threads per worker', integer('--threads', 1))
+    .option('--wait-timeout <ms>', 'give up waiting for readiness after this', integer('--wait-timeout', 1), 600_000)
+    .action(async (flags) => {
+      const { launch } = await import('../deploy/launch.ts');
+      const tp = (flags.tp as number | undefined) ?? (flags.gpus as number[] | undefined)?.length ?? 1;
+      const record = await launch({
+        name: flags.name,
+        model: flags.model,
+        tp,
+        device: flags.device,
+        ...(flags.gpus !== undefined && { gpus: flags.gpus as number[] }),
+        ...(flags.draft !== undefined && { draft: flags.draft as string }),
+        host: flags.host,
+        rpcPort: flags.rpcPort,
+        httpPort: flags.httpPort,
+        workerPort: flags.workerPort,
+        ...(flags.threads !== undefined && { threads: flags.threads }),
+        ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
+        ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
+        ...(flags.maxQueue !== undefined && { maxQueue: flags.maxQueue }),
+        waitTimeoutMs: flags.waitTimeout,
+      });
+      process.stdout.write(JSON.stringify({ event: 'ready', name: record.name, http: record.http, rpc: record.rpc, ecosystem: record.ecosystem }) + '\n');
+    });
+
+  nameOption(program.command('status').description('processes of a launched cluster and its health'))
+    .option('--json', 'print one JSON object', false)
+    .action(async (flags) => {
+      const { status } = await import('../deploy/launch.ts');
+      const result = await status(flags.name);
+      if (flags.json) return void process.stdout.write(JSON.stringify(result) + '\n');
+      for (const app of result.apps) process.stdout.write(`${app.name.padEnd(32)} ${app.status.padEnd(10)} pid ${String(app.pid).padEnd(8)} restarts ${app.restarts}  up ${app.uptimeS}s\n`);
+      process.stdout.write(`health: ${JSON.stringify(result.health)}\n`);
+    });
+
+  nameOption(program.command('logs').description('last lines of every process log of a launched cluster'))
+    .option('--lines <n>', 'lines per process', integer('--lines', 1), 50)
+    .action(async (flags) => {
+      const { logs } = await import('../deploy/launch.ts');
+      process.stdout.write(logs(flags.name, flags.lines));
+    });
+
+  nameOption(program.command('stop').description('stop a launched cluster: no process left behind'))
+    .action(async (flags) => {
+      const { stop } = await import('../deploy/launch.ts');
+      process.stdout.write(JSON.stringify(await stop(flags.name)) + '\n');
+    });
+
   program
     .command('keygen')
     .description('write CURVE keys for the RPC socket: server.json, client.json, clients.txt (mode 0600)')

@@ -62,7 +62,7 @@ function errorBody(err: unknown): { status: number; body: { error: { message: st
   if (err instanceof HttpError) return { status: err.status, body: { error: { message: err.message, type: err.status < 500 ? 'invalid_request_error' : 'server_error', param: err.param, code: err.code } } };
   const code = isWeftError(err) ? err.code : 'WEFT_INTERNAL';
   const status = STATUS[code] ?? 500;
-  const type = status < 500 ? 'invalid_request_error' : status === 503 ? 'overloaded_error' : 'server_error';
+  const type = status < 500 ? 'invalid_request_error' : code === 'WEFT_BUSY' ? 'overloaded_error' : 'server_error';
   return { status, body: { error: { message: (err as Error).message ?? String(err), type, param: null, code } } };
 }
 

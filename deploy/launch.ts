@@ -1,0 +1,235 @@
+/**
+ * `weft launch | status | logs | stop`: a cluster under pm2. launch writes the ecosystem file (and a 0600
+ * shared secret for the workers) into the cluster's directory, $WEFT_HOME/<name> (default ~/.weft/<name>),
+ * starts it through pm2's programmatic API and waits until `/health` answers 200, printing each rank's load
+ * progress meanwhile. stop deletes the cluster's pm2 namespace, waits until every process is gone, and stops the
+ * pm2 daemon when nothing else runs under it. pm2 is loaded only here, never by WeftClient.
+ */
+import { mkdirSync, writeFileSync, readFileSync, existsSync, statSync, openSync, readSync, closeSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:net';
+import { homedir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import pm2 from 'pm2';
+import { WeftError } from '../coordinator/errors.ts';
+import { buildEcosystem, type EcosystemConfig } from './ecosystem.ts';
+
+export interface LaunchOptions {
+  readonly name: string;
+  readonly model: string;
+  readonly tp: number;
+  readonly device: 'cpu' | 'cuda';
+  readonly gpus?: readonly number[];
+  readonly draft?: string;
+  readonly host: string;
+  readonly rpcPort: number;
+  readonly httpPort: number;
+  readonly workerPort: number;
+  readonly threads?: number;
+  readonly kvSlots?: number;
+  readonly maxContext?: number;
+  readonly maxQueue?: number;
+  /** give up waiting for /health after this. Defaults to 600000 ms. */
+  readonly waitTimeoutMs?: number;
+  readonly log?: (line: string) => void;
+}
+
+interface ClusterRecord {
+  name: string;
+  namespace: string;
+  http: string;
+  rpc: string;
+  ecosystem: string;
+  dir: string;
+  apps: { name: string; out: string; err: string }[];
+}
+
+const weftBin = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
+
+export function clusterDir(name: string): string {
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) throw new WeftError('WEFT_BAD_REQUEST', `--name "${name}": letters, digits, '_', '.', '-' only`);
+  return join(process.env.WEFT_HOME ?? join(homedir(), '.weft'), name);
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+/** pm2's callback API as promises, connected to the daemon of $PM2_HOME (started if absent). */
+async function withPm2<T>(run: (api: typeof pm2) => Promise<T>): Promise<T> {
+  await promisify<void>((cb) => pm2.connect((err) => cb(err ?? null)))();
+  try {
+    return await run(pm2);
+  } finally {
+    pm2.disconnect();
+  }
+}
+const p2 = <T>(fn: (cb: (err: Error | null, value: T) => void) => void): Promise<T> => new Promise((res, rej) => fn((err, v) => (err ? rej(err) : res(v))));
+
+function readRecord(name: string): ClusterRecord {
+  const path = join(clusterDir(name), 'cluster.json');
+  if (!existsSync(path)) throw new WeftError('WEFT_BAD_REQUEST', `no cluster named "${name}" was launched (${path} is missing)`);
+  return JSON.parse(readFileSync(path, 'utf8')) as ClusterRecord;
+}
+
+export async function launch(options: LaunchOptions): Promise<ClusterRecord> {
+  const log = options.log ?? ((line: string) => process.stderr.write(line + '\n'));
+  if (options.draft !== undefined) throw new WeftError('WEFT_UNSUPPORTED_MODEL', '--draft: speculative decoding is not yet supported');
+  const gpus = options.device === 'cuda' ? (options.gpus ?? Array.from({ length: options.tp }, (_, i) => i)) : null;
+  if (gpus && gpus.length !== options.tp) throw new WeftError('WEFT_BAD_REQUEST', `--gpus lists ${gpus.length} GPUs for --tp ${options.tp}: give one GPU per rank`);
+  const dir = clusterDir(options.name);
+  mkdirSync(join(dir, 'logs'), { recursive: true, mode: 0o700 });
+  writeFileSync(join(dir, 'worker.secret'), randomBytes(24).toString('hex'), { mode: 0o600 });
+  const config: EcosystemConfig = {
+    name: options.name,
+    modelDir: resolve(options.model),
+    tp: options.tp,
+    device: options.device,
+    gpus,
+    host: options.host,
+    rpcPort: options.rpcPort || (await freePort()),
+    httpPort: options.httpPort || (await freePort()),
+    workerPort: options.workerPort || (await freePort()),
+    dir,
+    node: process.execPath,
+    weftBin,
+    ...(options.threads !== undefined && { threads: options.threads }),
+    ...(options.kvSlots !== undefined && { kvSlots: options.kvSlots }),
+    ...(options.maxContext !== undefined && { maxContext: options.maxContext }),
+    ...(options.maxQueue !== undefined && { maxQueue: options.maxQueue }),
+  };
+  const ecosystem = buildEcosystem(config);
+  const ecosystemPath = join(dir, `weft-${options.name}.ecosystem.config.cjs`);
+  writeFileSync(ecosystemPath, `// written by weft launch; start by hand with: pm2 start ${ecosystemPath}\nmodule.exports = ${JSON.stringify(ecosystem, null, 2)};\n`, { mode: 0o600 });
+  const loopback = ['127.0.0.1', '0.0.0.0', '::', ''].includes(options.host) ? '127.0.0.1' : options.host;
+  const record: ClusterRecord = {
+    name: options.name,
+    namespace: `weft-${options.name}`,
+    http: `http://${loopback}:${config.httpPort}`,
+    rpc: `tcp://${loopback}:${config.rpcPort}`,
+    ecosystem: ecosystemPath,
+    dir,
+    apps: ecosystem.apps.map((a) => ({ name: a.name, out: a.out_file, err: a.error_file })),
+  };
+  writeFileSync(join(dir, 'cluster.json'), JSON.stringify(record, null, 2) + '\n', { mode: 0o600 });
+  log(`weft: starting ${ecosystem.apps.length} processes under pm2 (namespace ${record.namespace}); ecosystem ${ecosystemPath}`);
+  await withPm2(async (api) => {
+    const existing = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
+    if (existing.some((p) => p.name?.startsWith(`${record.namespace}-`))) throw new WeftError('WEFT_BAD_REQUEST', `cluster "${options.name}" is already running; weft stop --name ${options.name} first`);
+    await p2((cb) => api.start(ecosystem as unknown as pm2.StartOptions, cb));
+  });
+  await waitReady(record, options.waitTimeoutMs ?? 600_000, log);
+  return record;
+}
+
+/** Poll /health until 200, printing per-rank load progress; fail if the deadline passes. */
+async function waitReady(record: ClusterRecord, timeoutMs: number, log: (line: string) => void): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let lastLine = '';
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(`${record.http}/health`, { signal: AbortSignal.timeout(2000) });
+      const body = (await res.json()) as { status: string; ranks?: { rank: number; bytesRead: number; bytesTotal: number; joined: boolean }[] };
+      if (res.status === 200) {
+        log(`weft: ${record.name} is ready: HTTP ${record.http}, RPC ${record.rpc}`);
+        return;
+      }
+      const ranks = (body.ranks ?? []).map((r) => `rank ${r.rank} ${r.joined ? `${(r.bytesRead / 2 ** 20).toFixed(1)}/${(r.bytesTotal / 2 ** 20).toFixed(1)} MiB` : 'starting'}`);
+      const line = `weft: ${body.status}: ${ranks.join(', ')}`;
+      if (line !== lastLine) log(line);
+      lastLine = line;
+    } catch {
+      if (lastLine !== 'starting') log('weft: waiting for the coordinator to listen');
+      lastLine = 'starting';
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new WeftError('WEFT_TIMEOUT', `cluster "${record.name}" was not ready within ${timeoutMs} ms; see weft logs --name ${record.name}`);
+}
+
+export interface AppStatus {
+  name: string;
+  pid: number;
+  status: string;
+  restarts: number;
+  uptimeS: number;
+}
+
+export async function status(name: string): Promise<{ apps: AppStatus[]; health: unknown }> {
+  const record = readRecord(name);
+  const apps = await withPm2(async (api) => {
+    const list = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
+    return list
+      .filter((p) => p.name?.startsWith(`${record.namespace}-`))
+      .map((p) => ({
+        name: p.name ?? '',
+        pid: p.pid ?? 0,
+        status: p.pm2_env?.status ?? 'unknown',
+        restarts: p.pm2_env?.restart_time ?? 0,
+        uptimeS: p.pm2_env?.pm_uptime ? Math.round((Date.now() - p.pm2_env.pm_uptime) / 1000) : 0,
+      }));
+  });
+  let health: unknown = null;
+  try {
+    const res = await fetch(`${record.http}/health`, { signal: AbortSignal.timeout(2000) });
+    health = await res.json();
+  } catch {
+    health = { status: 'unreachable' };
+  }
+  return { apps, health };
+}
+
+/** The last `lines` lines of each process's logs. */
+export function logs(name: string, lines: number): string {
+  const record = readRecord(name);
+  const tail = (path: string): string => {
+    if (!existsSync(path)) return '';
+    const size = statSync(path).size;
+    const length = Math.min(size, 256 * 1024);
+    const buffer = Buffer.alloc(length);
+    const fd = openSync(path, 'r');
+    try {
+      readSync(fd, buffer, 0, length, size - length);
+    } finally {
+      closeSync(fd);
+    }
+    return buffer.toString('utf8').split('\n').filter(Boolean).slice(-lines).join('\n');
+  };
+  return record.apps.map((app) => `==> ${app.name} <==\n${[tail(app.out), tail(app.err)].filter(Boolean).join('\n')}`).join('\n\n') + '\n';
+}
+
+/** Delete the cluster's processes, wait until they are gone, and stop the pm2 daemon when it has nothing else. */
+export async function stop(name: string): Promise<{ stopped: string[] }> {
+  const record = readRecord(name);
+  let killDaemon = false;
+  const stopped = await withPm2(async (api) => {
+    const list = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
+    const ours = list.filter((p) => p.name?.startsWith(`${record.namespace}-`));
+    const pids = ours.map((p) => p.pid ?? 0).filter((pid) => pid > 0);
+    if (ours.length > 0) await p2((cb) => api.delete(record.namespace, cb));
+    const deadline = Date.now() + 20_000;
+    const alive = (pid: number): boolean => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    while (pids.some(alive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    for (const pid of pids.filter(alive)) process.kill(pid, 'SIGKILL');
+    killDaemon = list.length === ours.length;
+    if (killDaemon) await p2((cb) => api.killDaemon(cb as (err: Error | null, v: unknown) => void));
+    return ours.map((p) => p.name ?? '');
+  });
+  return { stopped };
+}
