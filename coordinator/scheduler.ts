@@ -152,13 +152,15 @@ export class Scheduler {
 
   private enqueue(job: Job, timeoutMs: number | undefined): void {
     if (this.fatal) throw this.fatal;
-    if (this.queue.length >= this.options.maxQueue) {
+    if (!this.paused) this.admit();
+    if (this.queue.length >= this.options.maxQueue && (this.paused || this.freeSlots.length === 0)) {
       this.options.observer?.rejected?.('busy');
       throw new WeftError('WEFT_BUSY', `the server is busy: ${this.running.size} requests running and ${this.queue.length} queued (the queue holds ${this.options.maxQueue}); retry later`);
     }
     if (timeoutMs !== undefined && timeoutMs > 0)
       job.timer = setTimeout(() => this.end(job, new WeftError('WEFT_TIMEOUT', `the request did not finish within its timeout of ${timeoutMs} ms`), 'timeout'), timeoutMs);
     this.queue.push(job);
+    if (!this.paused) this.admit();
     this.kick();
   }
 
@@ -206,7 +208,8 @@ export class Scheduler {
   private kick(): void {
     if (this.looping || this.paused) return;
     this.looping = true;
-    void this.loop().finally(() => {
+    // start on the next turn, so requests that arrive together share the first step
+    void new Promise((r) => setImmediate(r)).then(() => this.loop()).finally(() => {
       this.looping = false;
       if (!this.paused && this.queue.length + this.running.size > 0) this.kick();
     });

@@ -21,6 +21,10 @@ export function checkMsgpack(buf: Uint8Array, maxDepth = 32): void {
   const need = (n: number): void => {
     if (pos + n > end) reject(`${n} bytes needed, ${end - pos} left`, pos);
   };
+  const skip = (n: number): void => {
+    need(n);
+    pos += n;
+  };
   const len = (size: 1 | 2 | 4): number => {
     need(size);
     const n = size === 1 ? view.getUint8(pos) : size === 2 ? view.getUint16(pos) : view.getUint32(pos);
@@ -43,26 +47,32 @@ export function checkMsgpack(buf: Uint8Array, maxDepth = 32): void {
     if (top) {
       top.index++;
       top.left--;
-      if (top.left === 0) stack.pop();
     }
-    if (b <= 0x7f || b >= 0xe0 || b === 0xc0 || b === 0xc2 || b === 0xc3) continue;
+    const depth = stack.length;
+    read(b, at);
+    // a scalar or empty container completes its parents that have no items left
+    if (stack.length === depth) while (stack.length > 0 && stack.at(-1)!.left === 0) stack.pop();
+  } while (stack.length > 0);
+  if (pos !== end) reject(`${end - pos} bytes after the value`, pos);
+
+  function read(b: number, at: number): void {
+    if (b <= 0x7f || b >= 0xe0 || b === 0xc0 || b === 0xc2 || b === 0xc3) return;
     if (b >= 0x80 && b <= 0x8f) open(b & 0x0f, true, at);
     else if (b >= 0x90 && b <= 0x9f) open(b & 0x0f, false, at);
-    else if (b >= 0xa0 && b <= 0xbf) (need(b & 0x1f), (pos += b & 0x1f));
-    else if (b === 0xc4 || b === 0xd9) pos += (n => (need(n), n))(len(1));
-    else if (b === 0xc5 || b === 0xda) pos += (n => (need(n), n))(len(2));
-    else if (b === 0xc6 || b === 0xdb) pos += (n => (need(n), n))(len(4));
-    else if (b === 0xca) (need(4), (pos += 4));
-    else if (b === 0xcb) (need(8), (pos += 8));
-    else if (b === 0xcc || b === 0xd0) (need(1), (pos += 1));
-    else if (b === 0xcd || b === 0xd1) (need(2), (pos += 2));
-    else if (b === 0xce || b === 0xd2) (need(4), (pos += 4));
-    else if (b === 0xcf || b === 0xd3) (need(8), (pos += 8));
+    else if (b >= 0xa0 && b <= 0xbf) skip(b & 0x1f);
+    else if (b === 0xc4 || b === 0xd9) skip(len(1));
+    else if (b === 0xc5 || b === 0xda) skip(len(2));
+    else if (b === 0xc6 || b === 0xdb) skip(len(4));
+    else if (b === 0xca) skip(4);
+    else if (b === 0xcb) skip(8);
+    else if (b === 0xcc || b === 0xd0) skip(1);
+    else if (b === 0xcd || b === 0xd1) skip(2);
+    else if (b === 0xce || b === 0xd2) skip(4);
+    else if (b === 0xcf || b === 0xd3) skip(8);
     else if (b === 0xdc) open(len(2), false, at);
     else if (b === 0xdd) open(len(4), false, at);
     else if (b === 0xde) open(len(2), true, at);
     else if (b === 0xdf) open(len(4), true, at);
     else reject(b === 0xc1 ? 'the never-used byte 0xc1' : `ext type 0x${b.toString(16)}`, at);
-  } while (stack.length > 0);
-  if (pos !== end) reject(`${end - pos} bytes after the value`, pos);
+  }
 }
