@@ -38,6 +38,11 @@ export class Channel<T> implements AsyncIterable<T> {
     this.ended = true;
     this.wake();
   }
+  /** Fail at once, dropping events not yet read (the consumer gave up on them). */
+  abort(err: Error): void {
+    this.items.length = 0;
+    this.fail(err);
+  }
   get closed(): boolean {
     return this.ended;
   }
@@ -202,7 +207,10 @@ export class Scheduler {
       this.freeSlots.push(job.slot);
       job.slot = null;
     }
-    if (this.queue.length > 0) this.kick();
+    if (this.queue.length > 0 && !this.paused) {
+      this.admit(); // the freed slot goes to the next in line at once, even while a step runs
+      this.kick();
+    }
   }
 
   private kick(): void {

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { Cluster, type ClusterOptions, type ClusterState } from './cluster.ts';
 import { WeftError } from './errors.ts';
-import { RpcServer } from './api/server.ts';
+import { RpcServer, isLoopback } from './api/server.ts';
 import { HttpGateway } from './api/http.ts';
 import { ChatTemplate } from './chat-template.ts';
 import { WeftMetrics } from './metrics.ts';
@@ -33,6 +33,9 @@ export interface RunningServer {
 }
 
 export async function serve(options: ServeOptions): Promise<RunningServer> {
+  const host = options.host ?? '127.0.0.1';
+  if (!isLoopback(host) && (!options.curve || !options.apiKey))
+    throw new WeftError('WEFT_BAD_REQUEST', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
   const chatTemplate = ChatTemplate.load(options.modelDir);
   let metrics: WeftMetrics | null = null;
   const cluster = await Cluster.open({ recover: true, ...options, observer: { ...forward(() => metrics) } });
@@ -41,7 +44,6 @@ export async function serve(options: ServeOptions): Promise<RunningServer> {
   let rpc: RpcServer | null = null;
   let http: HttpGateway | null = null;
   try {
-    const host = options.host ?? '127.0.0.1';
     rpc = await RpcServer.start(cluster, { host, port: options.rpcPort ?? 0, ...(options.curve && { curve: options.curve }) });
     http = await HttpGateway.start(cluster, { host, port: options.httpPort ?? 0, chatTemplate, metrics, ...(options.apiKey !== undefined && { apiKey: options.apiKey }) });
   } catch (err) {

@@ -130,7 +130,7 @@ export class WeftClient {
     const { id, channel } = this.open();
     const { signal } = options;
     let finished = false;
-    const onAbort = (): void => channel.fail(new WeftError('WEFT_CANCELLED', 'the request was aborted'));
+    const onAbort = (): void => channel.abort(new WeftError('WEFT_CANCELLED', 'the request was aborted'));
     try {
       if (signal?.aborted) throw new WeftError('WEFT_CANCELLED', 'the request was aborted');
       signal?.addEventListener('abort', onAbort, { once: true });
