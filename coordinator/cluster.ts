@@ -145,7 +145,6 @@ export class Cluster {
     const plan = planShards(spec, tp);
     const tokenizer = loadTokenizer(options.modelDir);
     const device = options.device ?? 'cpu';
-    if (device === 'cuda') throw new WeftError('WEFT_UNSUPPORTED_MODEL', 'the CUDA backend is not built into this version of weft yet; use --device cpu');
     if (!existsSync(join(options.modelDir, 'model.safetensors')) && !existsSync(join(options.modelDir, 'model.safetensors.index.json')))
       throw new WeftError('WEFT_BAD_WEIGHTS', `${options.modelDir} has neither model.safetensors nor model.safetensors.index.json`);
     const maxContext = Math.min(spec.maxContext, options.maxContext ?? 4096);

@@ -375,9 +375,11 @@ export class WorkerGroup {
     return replies;
   }
 
-  async init(command: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>): Promise<void> {
+  async init(command: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot' | 'ncclId'>): Promise<void> {
     const collectiveRoot = this.ranks[0]?.collectiveEndpoint ?? '';
-    await this.broadcast((_, id) => ({ ...command, v: PROTOCOL_VERSION, type: 'init', id, collectiveRoot }));
+    // A GPU group forms a new NCCL communicator each time it (re)forms: a fresh unique id every init.
+    const ncclId = command.device === 'cuda' && this.options.world > 1 ? (await import('../worker/collectives/nccl.ts')).loadNccl().getUniqueId() : undefined;
+    await this.broadcast((_, id) => ({ ...command, v: PROTOCOL_VERSION, type: 'init', id, collectiveRoot, ...(ncclId && { ncclId }) }));
   }
 
   async step(batch: StepBatch): Promise<StepResult> {

@@ -28,6 +28,22 @@ interface DecodeGraph {
 export interface RunnerOptions {
   /** capture decode steps into CUDA graphs (cuda backend only). Defaults to true on cuda. */
   readonly graphs?: boolean;
+  /** the engine's step arena in bytes (cuda), to size prefill chunks. Defaults to 4 GiB, the engine's default. */
+  readonly arenaBytes?: number;
+  /** override the chunk size of long eager steps (tests). Defaults to what the arena holds (cuda), unlimited on cpu. */
+  readonly maxStepTokens?: number;
+}
+
+/**
+ * Tokens one eager step may hold so that its intermediates fit the step arena: a generous count of the
+ * fp32 activations one token leaves per layer (norms, residuals, fused q/k/v and its parts, attention,
+ * gate/up and their product), plus one logits row per token.
+ */
+export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: number; vocabSize: number }, plan: { nHeadsPerRank: number; nKvHeadsPerRank: number; ffnPerRank: number }, arenaBytes: number): number {
+  const qkvWidth = (plan.nHeadsPerRank + 2 * plan.nKvHeadsPerRank) * spec.headDim;
+  const perTokenPerLayer = 4 * (10 * spec.hidden + 3 * qkvWidth + 3 * plan.ffnPerRank);
+  const perToken = spec.nLayers * perTokenPerLayer + 2 * 4 * spec.vocabSize;
+  return Math.max(1, Math.floor((0.8 * arenaBytes) / perToken));
 }
 
 export class StepRunner {
@@ -37,6 +53,8 @@ export class StepRunner {
   readonly maxContext: number;
   /** the KV slot padding rows write to; never given to a sequence */
   readonly paddingSlot: number;
+  /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
+  readonly maxStepTokens: number;
 
   constructor(
     private readonly ops: Ops,
@@ -52,13 +70,82 @@ export class StepRunner {
     this.kvSlots = this.useGraphs ? slots - 1 : slots;
     this.paddingSlot = slots - 1;
     this.maxContext = maxContext;
+    const { spec, plan } = rankModel.model;
+    this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? 4 * 2 ** 30) : Number.MAX_SAFE_INTEGER);
   }
 
   async step(batch: StepBatch): Promise<StepResult> {
     this.check(batch);
     const bucket = this.graphBucket(batch);
     if (bucket !== null) return this.replayDecode(batch, bucket);
-    return this.eager(batch);
+    if (batch.tokens.length <= this.maxStepTokens) return this.eager(batch);
+    return this.chunked(batch);
+  }
+
+  /**
+   * A step too large for the step arena (a long prefill) runs as consecutive chunks of tokens. Exact: each
+   * chunk writes its keys and values before the next chunk's queries read them, as in one step.
+   */
+  private async chunked(batch: StepBatch): Promise<StepResult> {
+    const results: StepResult[] = [];
+    const rowsDone: number[] = [];
+    for (let start = 0; start < batch.tokens.length; start += this.maxStepTokens) {
+      const end = Math.min(start + this.maxStepTokens, batch.tokens.length);
+      const picked = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
+      if (picked.length === 0 && end < batch.tokens.length) {
+        // no logits wanted from this chunk: still run it (its KV entries are needed), ask for one row
+        picked.push(-1);
+      }
+      const take = <T>(values: readonly T[] | undefined): T[] => picked.map((i) => values![i === -1 ? 0 : i]!);
+      const chunk: StepBatch = {
+        tokens: batch.tokens.slice(start, end),
+        slots: batch.slots.slice(start, end),
+        positions: batch.positions.slice(start, end),
+        logitRows: picked.map((i) => (i === -1 ? end - 1 - start : batch.logitRows[i]! - start)),
+        ...(batch.sample && {
+          sample: { temperature: take(batch.sample.temperature), topK: take(batch.sample.topK), topP: take(batch.sample.topP), uniform: take(batch.sample.uniform) },
+        }),
+        ...(batch.scoreIds && { scoreIds: take(batch.scoreIds) }),
+        ...(batch.fullLogprobs && { fullLogprobs: true }),
+      };
+      const result = await this.eager(chunk);
+      if (picked[0] === -1) continue;
+      results.push(result);
+      rowsDone.push(...picked);
+    }
+    // Reassemble in the order of batch.logitRows.
+    const order = rowsDone.map((row, k) => ({ row, k })).sort((a, b) => a.row - b.row).map((e) => e.k);
+    const flat = <T>(pick: (r: StepResult) => T[] | undefined): T[] | undefined => {
+      const all = results.flatMap((r) => pick(r) ?? []);
+      return all.length ? order.map((k) => all[k]!) : undefined;
+    };
+    const merged: StepResult = {};
+    const tokens = flat((r) => r.tokens);
+    const logprobs = flat((r) => r.logprobs);
+    if (tokens) merged.tokens = tokens;
+    if (logprobs) merged.logprobs = logprobs;
+    if (batch.fullLogprobs && this.comm.rank === 0) {
+      const vocab = this.rankModel.model.spec.vocabSize;
+      const rows = results.flatMap((r) => {
+        const floats = new Float32Array(r.fullLogprobs!.slice().buffer);
+        return Array.from({ length: floats.length / vocab }, (_, i) => floats.subarray(i * vocab, (i + 1) * vocab));
+      });
+      const joined = new Float32Array(rows.length * vocab);
+      order.forEach((k, i) => joined.set(rows[k]!, i * vocab));
+      merged.fullLogprobs = new Uint8Array(joined.buffer);
+    }
+    return merged;
+  }
+
+  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`. */
+  timeGraphReplay(bucket: number, iterations: number): number {
+    const graph = this.graphs.get(bucket);
+    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no decode graph for batch bucket ${bucket} yet`);
+    this.ops.synchronize();
+    const started = performance.now();
+    for (let i = 0; i < iterations; i++) this.ops.replay(graph.graph);
+    this.ops.synchronize();
+    return (performance.now() - started) / iterations;
   }
 
   private check(batch: StepBatch): void {

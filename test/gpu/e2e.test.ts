@@ -60,10 +60,23 @@ for (const { name, dir, tolerance } of models) {
       }
     });
 
+    // fp32 paths must reproduce HF's greedy tokens exactly. With bf16 weights, a prefill over more than 8
+    // tokens rounds activations to bf16, so where HF's top two candidates are nearly tied the choice may
+    // flip: at the first difference, HF's token and ours must be within the log-prob tolerance in our own
+    // scoring of that position (a near-tie), and the comparison stops there because the texts diverge.
     test('greedy tokens (decode through CUDA graphs) equal Hugging Face', async () => {
       for (let i = 0; i < reference.prompts.length; i++) {
         const expected = reference.greedy[i]!;
-        assert.deepEqual(await greedy(cluster, reference.prompts[i]!, expected.length), expected, `prompt ${i}`);
+        const actual = await greedy(cluster, reference.prompts[i]!, expected.length);
+        const first = actual.findIndex((t, j) => t !== expected[j]);
+        if (first < 0 || tolerance < 0.01) {
+          assert.deepEqual(actual, expected, `prompt ${i}`);
+          continue;
+        }
+        const { full } = await cluster.score([...reference.prompts[i]!, ...expected.slice(0, first)], { full: true });
+        const row = full!.at(-1)!;
+        const gap = Math.abs(row[expected[first]!]! - row[actual[first]!]!);
+        assert.ok(gap < tolerance, `prompt ${i} token ${first}: ours ${actual[first]}, HF ${expected[first]}, log-prob gap ${gap} is not a near-tie`);
       }
     });
   });

@@ -108,7 +108,9 @@ test('matmul, K = 4096, f32 and bf16 weights', { skip }, () => {
     let [g, c] = both((e) => e.matmul(f32(e, x, [T, H]), f32(e, w, [N, H])));
     assertNear(g, c, 1e-5, `matmul f32 T=${T}`);
     [g, c] = both((e) => e.matmul(f32(e, x, [T, H]), bf16(e, w, [N, H])));
-    assertNear(g, c, 1e-5, `matmul bf16 T=${T}`);
+    // Over 8 tokens the product runs on tensor cores with x rounded to bf16 (2^-9 relative per term,
+    // random signs): ~2^-9 * sqrt(K) * mean|x w| = 0.03 against outputs of scale ~60, so 2e-3 of the scale.
+    assertNear(g, c, T > 8 ? 2e-3 : 1e-5, `matmul bf16 T=${T}`);
   }
 });
 
