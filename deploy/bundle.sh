@@ -116,6 +116,7 @@ rm -rf "$NM/zeromq/src" "$NM/cmake-ts/src"
 find "$NM" -mindepth 2 -maxdepth 2 -type d \
   \( -path "$NM/@esbuild/*" -o -path "$NM/@msgpackr-extract/*" \) ! -name '*linux-x64' -exec rm -rf {} +
 find "$NM/@msgpackr-extract" -name '*.musl.node' -delete 2>/dev/null || true
+find "$NM/@koromix" -maxdepth 2 -type d -name 'musl_*' -exec rm -rf {} + 2>/dev/null || true
 # Docs and source maps (node_modules/.bin, licences and the header packages stay as they are).
 find "$NM" \( -path "$NM/node-addon-api" -o -path "$NM/node-api-headers" \) -prune -o \
   -type f \( -name '*.map' -o \( -iname '*.md' ! -iname 'LICEN[CS]E*' \) \) -print0 | xargs -0 rm -f
