@@ -231,5 +231,7 @@ export async function stop(name: string): Promise<{ stopped: string[] }> {
     if (killDaemon) await p2((cb) => api.killDaemon(cb as (err: Error | null, v: unknown) => void));
     return ours.map((p) => p.name ?? '');
   });
+  // pm2's client can keep a socket to the daemon it just killed: never let it hold this process open
+  if (killDaemon) setTimeout(() => process.exit(), 2000).unref();
   return { stopped };
 }
