@@ -27,23 +27,27 @@ interface NcclLibrary {
 let library: NcclLibrary | null = null;
 
 /** Load libnccl.so.2 once; a clear error when it is missing. */
-export function loadNccl(): NcclLibrary {
+export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2'): NcclLibrary {
   if (library) return library;
+  // NCCL's init runs deep (CUDA driver init, its own threads) on koffi's call stacks, which default to
+  // 128 KiB for async calls and 2 MiB for sync ones: too small, and an overflow is a segmentation fault.
+  koffi.config({ ...koffi.config(), sync_stack_size: 16 << 20, async_stack_size: 16 << 20, resident_async_pools: 2 });
   let lib: ReturnType<typeof koffi.load>;
   try {
-    lib = koffi.load('libnccl.so.2');
+    lib = koffi.load(path);
   } catch (err) {
-    throw new WeftError('WEFT_NATIVE', `cannot load libnccl.so.2 (install NCCL or add its directory to LD_LIBRARY_PATH): ${(err as Error).message}`);
+    throw new WeftError('WEFT_NATIVE', `cannot load ${path} (install NCCL or add its directory to LD_LIBRARY_PATH): ${(err as Error).message}`);
   }
   // A char array would be decoded as a string and cut at the first zero byte: the id is 128 raw bytes.
   const UniqueId = koffi.struct('weft_ncclUniqueId', { internal: koffi.array('uint8_t', NCCL_UNIQUE_ID_BYTES, 'Typed') });
+  // ncclComm_t is itself a pointer (to an opaque struct): by value in collectives, `_Out_ ncclComm_t *` in init.
   const Comm = koffi.pointer('weft_ncclComm', koffi.opaque());
   const getUniqueId = lib.func('int ncclGetUniqueId(_Out_ weft_ncclUniqueId *id)');
-  const commInitRank = lib.func('int ncclCommInitRank(_Out_ weft_ncclComm **comm, int nranks, weft_ncclUniqueId id, int rank)');
-  const allReduce = lib.func('int ncclAllReduce(uintptr_t sendbuff, uintptr_t recvbuff, size_t count, int datatype, int op, weft_ncclComm *comm, uintptr_t stream)');
-  const allGather = lib.func('int ncclAllGather(uintptr_t sendbuff, uintptr_t recvbuff, size_t sendcount, int datatype, weft_ncclComm *comm, uintptr_t stream)');
-  const getAsyncError = lib.func('int ncclCommGetAsyncError(weft_ncclComm *comm, _Out_ int *asyncError)');
-  const commAbort = lib.func('int ncclCommAbort(weft_ncclComm *comm)');
+  const commInitRank = lib.func('int ncclCommInitRank(_Out_ weft_ncclComm *comm, int nranks, weft_ncclUniqueId id, int rank)');
+  const allReduce = lib.func('int ncclAllReduce(uintptr_t sendbuff, uintptr_t recvbuff, size_t count, int datatype, int op, weft_ncclComm comm, uintptr_t stream)');
+  const allGather = lib.func('int ncclAllGather(uintptr_t sendbuff, uintptr_t recvbuff, size_t sendcount, int datatype, weft_ncclComm comm, uintptr_t stream)');
+  const getAsyncError = lib.func('int ncclCommGetAsyncError(weft_ncclComm comm, _Out_ int *asyncError)');
+  const commAbort = lib.func('int ncclCommAbort(weft_ncclComm comm)');
   const getErrorString = lib.func('const char *ncclGetErrorString(int result)');
   const getVersion = lib.func('int ncclGetVersion(_Out_ int *version)');
   void Comm;

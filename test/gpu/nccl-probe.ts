@@ -1,6 +1,7 @@
-// Diagnostic: NCCL through koffi step by step on one GPU (prints each step, so a crash shows where).
-import { createEngine } from '../worker/native.ts';
-import { loadNccl, NcclCollectives } from '../worker/collectives/nccl.ts';
+// NCCL through koffi on one GPU, step by step (each step printed, so a crash shows where), in a process of
+// its own so that a crash fails one test. Run by e2e.test.ts; exits 0 when every step checked out.
+import { createEngine } from '../../worker/native.ts';
+import { loadNccl, NcclCollectives } from '../../worker/collectives/nccl.ts';
 
 const log = (s: string): void => void process.stderr.write(`nccl-probe: ${s}\n`);
 const nccl = loadNccl();
@@ -16,9 +17,12 @@ const values = Float32Array.from({ length: 15 }, (_, i) => i * 0.5 - 3);
 const x = engine.upload(new Uint8Array(values.buffer), 'f32', [3, 5]);
 log(`pointer 0x${engine.devicePointer(x).toString(16)}`);
 const reduced = engine.download(await comm.allReduce(x));
-log(`allReduce ok: ${reduced.slice(0, 4).join(',')}`);
+if (reduced.some((v, i) => v !== values[i])) throw new Error(`allReduce over one rank changed the values: ${reduced.join(',')}`);
+log('allReduce ok');
 const gathered = engine.download(await comm.allGatherCols(x));
-log(`allGather ok: ${gathered.slice(0, 4).join(',')}`);
-log(`async error: ${comm.asyncError()}`);
+if (gathered.some((v, i) => v !== values[i])) throw new Error(`allGather over one rank changed the values: ${gathered.join(',')}`);
+log('allGather ok');
+const asyncError = comm.asyncError();
+if (asyncError !== null) throw new Error(`asynchronous NCCL error: ${asyncError}`);
 comm.close();
 log('aborted; exiting');
