@@ -44,26 +44,35 @@ function z85(bytes: Buffer): string {
   return out;
 }
 
-let zapStarted = false;
+let zap: zmq.Router | null = null;
+let zapUsers = 0;
 const zapAllowed = new Set<string>();
+
+function stopZap(): void {
+  if (--zapUsers > 0 || !zap) return;
+  zap.close();
+  zap = null;
+  zapAllowed.clear();
+}
 
 /** ZAP (RFC 27) handler for this process's ZeroMQ context: CURVE clients whose key is on the list get in. */
 async function startZap(keys: readonly string[]): Promise<void> {
   keys.forEach((k) => zapAllowed.add(k));
-  if (zapStarted) return;
-  zapStarted = true;
-  const zap = new zmq.Router({ linger: 0 });
-  await zap.bind('inproc://zeromq.zap.01');
-  const queue = new SendQueue(zap);
+  zapUsers++;
+  if (zap) return;
+  const socket = new zmq.Router({ linger: 0 });
+  zap = socket;
+  await socket.bind('inproc://zeromq.zap.01');
+  const queue = new SendQueue(socket);
   void (async () => {
-    for await (const [identity, delimiter, version, requestId, , , , mechanism, credential] of zap) {
+    for await (const [identity, delimiter, version, requestId, , , , mechanism, credential] of socket) {
       const key = mechanism?.toString() === 'CURVE' && credential?.length === 32 ? z85(credential) : undefined;
       const ok = version?.toString() === '1.0' && key !== undefined && zapAllowed.has(key);
       await queue
         .send([identity!, delimiter ?? Buffer.alloc(0), '1.0', requestId ?? Buffer.alloc(0), ok ? '200' : '400', ok ? 'OK' : 'unknown client key', '', Buffer.alloc(0)])
         .catch(() => undefined);
     }
-  })();
+  })().catch(() => undefined);
 }
 
 export class RpcServer {
@@ -76,6 +85,7 @@ export class RpcServer {
     private readonly router: zmq.Router,
     readonly endpoint: string,
     private readonly cluster: Cluster,
+    private readonly usesZap: boolean,
   ) {
     this.outbox = new SendQueue(router);
     void this.receiveLoop();
@@ -94,7 +104,7 @@ export class RpcServer {
       router.zapDomain = 'weft';
     }
     await router.bind(`tcp://${host.includes(':') ? `[${host}]` : host}:${options.port || '*'}`);
-    return new RpcServer(router, router.lastEndpoint ?? '', cluster);
+    return new RpcServer(router, router.lastEndpoint ?? '', cluster, options.curve !== undefined);
   }
 
   private send(identity: Buffer, message: RpcResponse): void {
@@ -197,5 +207,6 @@ export class RpcServer {
     this.closed = true;
     for (const handle of this.streams.values()) handle.cancel();
     this.router.close();
+    if (this.usesZap) stopZap();
   }
 }
