@@ -88,6 +88,19 @@ export interface Engine {
    * from the cache shape; nHeads % nKv must be 0.
    */
   attention(q: Tensor, kCache: Tensor, vCache: Tensor, slots: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
+  /**
+   * Fused residual add and RMSNorm, one kernel: x, y [T, H] f32, weight [H] f32|f16|bf16 ->
+   * `{ sum: x + y, normed: rmsNorm(x + y, weight, eps) }`, both [T, H] f32, equal to `add` then `rmsNorm`.
+   */
+  addRmsNorm(x: Tensor, y: Tensor, weight: Tensor, eps: number): { sum: Tensor; normed: Tensor };
+  /**
+   * Fused rope and KV write, one kernel, out of a fused q/k/v projection: qkv [T, (nHeads + 2 nKv) hd] f32
+   * (nHeads q heads, then nKv k heads, then nKv v heads), positions [T] i32, invFreq [hd / 2] f32, caches
+   * [S, nKv, C, hd] f32, slots [T] i32 -> q [T, nHeads * hd] f32 = rope(q heads). In place: kCache and vCache
+   * get rope(k heads) and the v heads at (slots[t], h, positions[t]). Equals `sliceCols` x 3, `rope` of q and k,
+   * then `writeKv`; nKv and hd come from the cache shape, and the same index checks apply.
+   */
+  qkvRope(qkv: Tensor, positions: Tensor, invFreq: Tensor, kCache: Tensor, vCache: Tensor, slots: Tensor, nHeads: number): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
   /** gateUp [T, 2F] f32 -> [T, F] f32 = silu(gateUp[:, :F]) * gateUp[:, F:]. */

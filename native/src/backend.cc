@@ -251,6 +251,40 @@ Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& 
   return out;
 }
 
+Backend::SumAndNormed Backend::add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps) {
+  const char* op = "addRmsNorm";
+  need(op, {"x", x}, 2, "[T, H]", kF32);
+  need(op, {"y", y}, 2, "[T, H]", kF32);
+  WEFT_CHECK(x.shape == y.shape, op, Arg{"x", x}, " and ", Arg{"y", y}, " must have the same shape");
+  need(op, {"weight", weight}, 1, "[H]", kFloat);
+  WEFT_CHECK(weight.dim(0) == x.dim(1), op, Arg{"x", x}, " and ", Arg{"weight", weight},
+             " do not match (expected weight [", x.dim(1), "])");
+  WEFT_CHECK(std::isfinite(eps) && eps >= 0, op, "eps must be a finite number >= 0 (got ", eps, ")");
+  SumAndNormed out{empty(DType::F32, x.shape), empty(DType::F32, x.shape)};
+  run_add_rms_norm(x, y, weight, eps, out.sum, out.normed);
+  return out;
+}
+
+Tensor Backend::qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
+                         const Tensor& v_cache, const Tensor& slots, int64_t n_heads) {
+  const char* op = "qkvRope";
+  need(op, {"qkv", qkv}, 2, "[T, (nHeads + 2 nKv) hd]", kF32);
+  check_cache(op, k_cache, v_cache, slots, positions, qkv.dim(0));
+  need(op, {"invFreq", inv_freq}, 1, "[hd / 2]", kF32);
+  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
+  WEFT_CHECK(hd > 0 && hd % 2 == 0, op, Arg{"kCache", k_cache}, " has head dimension ", hd,
+             " (need a positive even number)");
+  WEFT_CHECK(n_heads > 0, op, "nHeads must be > 0 (got ", n_heads, ")");
+  WEFT_CHECK(qkv.dim(1) == (n_heads + 2 * n_kv) * hd, op, Arg{"qkv", qkv}, " does not match nHeads = ", n_heads,
+             " and ", Arg{"kCache", k_cache}, " (expected qkv [T, ", (n_heads + 2 * n_kv) * hd,
+             "] = [T, (nHeads + 2 nKv) hd])");
+  WEFT_CHECK(inv_freq.dim(0) == hd / 2, op, Arg{"invFreq", inv_freq}, " does not match ", Arg{"kCache", k_cache},
+             " (expected invFreq [", hd / 2, "])");
+  Tensor q = empty(DType::F32, {qkv.dim(0), n_heads * hd});
+  run_qkv_rope(qkv, positions, inv_freq, k_cache, v_cache, slots, q);
+  return q;
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   WEFT_CHECK(dst.dtype == src.dtype && dst.shape == src.shape, "copy", Arg{"dst", dst}, " and ", Arg{"src", src},
              " must have the same dtype and shape");

@@ -103,6 +103,18 @@ class Backend {
   // q [T, nH * hd] f32 -> [T, nH * hd] f32: query t attends over cache positions 0..positions[t] of slot slots[t].
   Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
                    const Tensor& positions, int64_t n_heads, float scale);
+  // ---- fused ops (one kernel each on CUDA; each equals the composition of the separate ops it names)
+  // x, y [T, H] f32, weight [H] float -> {sum = x + y, normed = rms_norm(sum, weight, eps)}, both [T, H] f32:
+  // the residual add and the next norm in one pass.
+  struct SumAndNormed {
+    Tensor sum, normed;
+  };
+  SumAndNormed add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps);
+  // qkv [T, (nH + 2 nKv) hd] f32 (q heads, then k heads, then v heads), caches [S, nKv, C, hd] f32, slots and
+  // positions [T] i32, inv_freq [hd / 2] f32 -> q [T, nH * hd] f32 = rope(q part); in place: the cache rows
+  // (slots[t], h, positions[t]) get rope(k part) and the v part. Equals sliceCols x 3, rope x 2 and writeKv.
+  Tensor qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
+                  const Tensor& v_cache, const Tensor& slots, int64_t n_heads);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
   // gate_up [T, 2F] f32 -> [T, F] f32: silu(gate) * up.
@@ -154,6 +166,10 @@ class Backend {
   virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
                              const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) = 0;
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
+  virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
+                                const Tensor& normed) = 0;
+  virtual void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                            const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, const Tensor& q) = 0;
   virtual void run_silu_mul(const Tensor& gate_up, const Tensor& out) = 0;
   virtual void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) = 0;
   virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;

@@ -171,6 +171,8 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::WriteKv>("writeKv"),
                          InstanceMethod<&EngineHandle::Attention>("attention"),
                          InstanceMethod<&EngineHandle::Copy>("copy"),
+                         InstanceMethod<&EngineHandle::AddRmsNorm>("addRmsNorm"),
+                         InstanceMethod<&EngineHandle::QkvRope>("qkvRope"),
                          InstanceMethod<&EngineHandle::SiluMul>("siluMul"),
                          InstanceMethod<&EngineHandle::SliceCols>("sliceCols"),
                          InstanceMethod<&EngineHandle::ConcatCols>("concatCols"),
@@ -329,6 +331,27 @@ Napi::Value EngineHandle::Copy(const Napi::CallbackInfo& info) {
     Args a(info, "copy", this);
     backend_->copy(a.tensor(0, "dst"), a.tensor(1, "src"));
     return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::AddRmsNorm(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "addRmsNorm", [&]() -> Napi::Value {
+    Args a(info, "addRmsNorm", this);
+    Backend::SumAndNormed r = backend_->add_rms_norm(a.tensor(0, "x"), a.tensor(1, "y"), a.tensor(2, "weight"),
+                                                     static_cast<float>(a.number(3, "eps")));
+    Napi::Object out = Napi::Object::New(info.Env());
+    out.Set("sum", Wrap(info.Env(), std::move(r.sum)));
+    out.Set("normed", Wrap(info.Env(), std::move(r.normed)));
+    return out;
+  });
+}
+
+Napi::Value EngineHandle::QkvRope(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "qkvRope", [&] {
+    Args a(info, "qkvRope", this);
+    return Wrap(info.Env(), backend_->qkv_rope(a.tensor(0, "qkv"), a.tensor(1, "positions"), a.tensor(2, "invFreq"),
+                                               a.tensor(3, "kCache"), a.tensor(4, "vCache"), a.tensor(5, "slots"),
+                                               a.integer(6, "nHeads")));
   });
 }
 

@@ -77,6 +77,8 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value WriteKv(const Napi::CallbackInfo& info);
   Napi::Value Attention(const Napi::CallbackInfo& info);
   Napi::Value Copy(const Napi::CallbackInfo& info);
+  Napi::Value AddRmsNorm(const Napi::CallbackInfo& info);
+  Napi::Value QkvRope(const Napi::CallbackInfo& info);
   Napi::Value SiluMul(const Napi::CallbackInfo& info);
   Napi::Value SliceCols(const Napi::CallbackInfo& info);
   Napi::Value ConcatCols(const Napi::CallbackInfo& info);

@@ -261,6 +261,59 @@ test('rope: HF rotate_half per head, angle = fp32(pos * invFreq)', () => {
   assertNativeError(() => engine.rope(f32(engine, x, [T, nHeads * hd]), i32(engine, positions), f32(engine, invFreq, [hd / 2]), 16), /rope: x \[4, 24\] f32 has 24 columns, not a multiple of headDim = 16/);
 });
 
+test('addRmsNorm equals add then rmsNorm exactly (f32, bf16 and f16 weights)', () => {
+  const rand = prng(41);
+  const T = 5, H = 37, eps = 1e-5;
+  const x = randoms(rand, T * H, -3, 3), y = randoms(rand, T * H, -3, 3);
+  const w = randoms(rand, H, 0.5, 1.5);
+  for (const [dtype, bits] of [['f32', w], ['bf16', toBf16(w).bits], ['f16', randomF16(prng(42), H).bits]] as const) {
+    const weight = engine.upload(bytesOf(bits), dtype, [H]);
+    const xt = f32(engine, x, [T, H]), yt = f32(engine, y, [T, H]);
+    const { sum, normed } = engine.addRmsNorm(xt, yt, weight, eps);
+    assert.deepEqual(sum.shape, [T, H]);
+    assert.deepEqual(normed.shape, [T, H]);
+    const wantSum = engine.add(xt, yt);
+    assert.deepEqual(get(engine, sum), get(engine, wantSum), `sum ${dtype}`);
+    assert.deepEqual(get(engine, normed), get(engine, engine.rmsNorm(wantSum, weight, eps)), `normed ${dtype}`);
+  }
+  const z = engine.addRmsNorm(engine.zeros('f32', [0, H]), engine.zeros('f32', [0, H]), f32(engine, w, [H]), eps);
+  assert.deepEqual(z.normed.shape, [0, H]);
+  assertNativeError(() => engine.addRmsNorm(f32(engine, x, [T, H]), f32(engine, y, [H, T]), f32(engine, w, [H]), eps), /addRmsNorm: x \[5, 37\] f32 and y \[37, 5\] f32 must have the same shape/);
+  assertNativeError(() => engine.addRmsNorm(f32(engine, x, [T, H]), f32(engine, y, [T, H]), f32(engine, w.subarray(1), [H - 1]), eps), /addRmsNorm: x \[5, 37\] f32 and weight \[36\] f32 do not match \(expected weight \[37\]\)/);
+  assertNativeError(() => engine.addRmsNorm(f32(engine, x, [T, H]), f32(engine, y, [T, H]), f32(engine, w, [H]), -1), /addRmsNorm: eps must be a finite number >= 0/);
+});
+
+test('qkvRope equals sliceCols x 3, rope of q and k, and writeKv, exactly (GQA and MHA)', () => {
+  const rand = prng(43);
+  for (const [nHeads, nKv] of [[4, 2], [3, 3], [2, 1]] as const) {
+    const S = 3, C = 9, hd = 8, base = 10000;
+    const invFreq = f32(engine, Float32Array.from({ length: hd / 2 }, (_, j) => 1 / base ** ((2 * j) / hd)), [hd / 2]);
+    const slots = i32(engine, [2, 0, 2, 1, 0]), positions = i32(engine, [0, 8, 3, 5, 7]);
+    const T = 5, width = (nHeads + 2 * nKv) * hd;
+    const qkv = f32(engine, randoms(rand, T * width), [T, width]);
+    const cache0 = randoms(rand, S * nKv * C * hd);
+    const caches = () => ({ k: f32(engine, cache0, [S, nKv, C, hd]), v: f32(engine, cache0, [S, nKv, C, hd]) });
+    const fused = caches(), separate = caches();
+    const q = engine.qkvRope(qkv, positions, invFreq, fused.k, fused.v, slots, nHeads);
+    assert.deepEqual(q.shape, [T, nHeads * hd]);
+    const qEnd = nHeads * hd, kEnd = qEnd + nKv * hd;
+    const wantQ = engine.rope(engine.sliceCols(qkv, 0, qEnd), positions, invFreq, hd);
+    const k = engine.rope(engine.sliceCols(qkv, qEnd, kEnd), positions, invFreq, hd);
+    engine.writeKv(separate.k, separate.v, k, engine.sliceCols(qkv, kEnd, width), slots, positions);
+    const what = `${nHeads}/${nKv}`;
+    assert.deepEqual(get(engine, q), get(engine, wantQ), `q ${what}`);
+    assert.deepEqual(get(engine, fused.k), get(engine, separate.k), `kCache ${what}`);
+    assert.deepEqual(get(engine, fused.v), get(engine, separate.v), `vCache ${what}`);
+  }
+  const c = engine.zeros('f32', [2, 2, 4, 8]), inv = engine.zeros('f32', [4]);
+  const qkv = engine.zeros('f32', [1, (4 + 2 * 2) * 8]);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [0]), 3), /qkvRope: qkv \[1, 64\] f32 does not match nHeads = 3 and kCache \[2, 2, 4, 8\] f32 \(expected qkv \[T, 56\]/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), engine.zeros('f32', [3]), c, c, i32(engine, [0]), 4), /qkvRope: invFreq \[3\] f32 does not match kCache \[2, 2, 4, 8\] f32 \(expected invFreq \[4\]\)/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0, 1]), inv, c, c, i32(engine, [0, 1]), 4), /qkvRope: slots \[2\] i32 and positions \[2\] i32 must both be \[1\]/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [4]), inv, c, c, i32(engine, [0]), 4), /qkvRope: positions\[0\] = 4 is out of range for kCache \[2, 2, 4, 8\] f32 \(need 0 <= position < 4\)/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [-1]), 4), /qkvRope: slots\[0\] = -1 is out of range/);
+});
+
 test('writeKv and attention: GQA, several slots, garbage beyond each position is ignored', () => {
   const rand = prng(9);
   const S = 3, nKv = 2, C = 8, hd = 4, nHeads = 4, scale = 1 / Math.sqrt(hd);

@@ -102,6 +102,19 @@ class CpuBackend final : public Backend {
                    slots.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads, k_cache.dim(1),
                    k_cache.dim(2), k_cache.dim(3), scale);
   }
+  void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
+                        const Tensor& normed) override {
+    cpu::add_rms_norm(sum.data<float>(), normed.data<float>(), x.data<float>(), y.data<float>(),
+                      weight.buffer->data(), weight.dtype, x.dim(0), x.dim(1), eps);
+  }
+  void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
+                    const Tensor& v_cache, const Tensor& slots, const Tensor& q) override {
+    check_indices("qkvRope", "slots", "slot", slots, k_cache.dim(0), "kCache", k_cache);
+    check_indices("qkvRope", "positions", "position", positions, k_cache.dim(2), "kCache", k_cache);
+    cpu::qkv_rope(q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), qkv.data<float>(),
+                  positions.data<int32_t>(), inv_freq.data<float>(), slots.data<int32_t>(), qkv.dim(0),
+                  q.dim(1) / k_cache.dim(3), k_cache.dim(1), k_cache.dim(2), k_cache.dim(3));
+  }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     if (dst.nbytes()) std::memcpy(dst.buffer->data(), src.buffer->data(), dst.nbytes());
   }

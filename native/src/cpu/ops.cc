@@ -76,6 +76,23 @@ void add(float* out, const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
+void add_rms_norm(float* sum, float* normed, const float* x, const float* y, const void* weight, DType weight_dtype,
+                  int64_t T, int64_t H, float eps) {
+  std::vector<float> w(static_cast<size_t>(H));
+  to_f32(weight, weight_dtype, 0, H, w.data());
+  for (int64_t t = 0; t < T; ++t) {
+    float* st = sum + t * H;
+    double sum_sq = 0;
+    for (int64_t i = 0; i < H; ++i) {
+      st[i] = x[t * H + i] + y[t * H + i];  // add
+      sum_sq += static_cast<double>(st[i]) * st[i];
+    }
+    float mean_sq = H > 0 ? static_cast<float>(sum_sq / static_cast<double>(H)) : 0.0f;  // then rms_norm
+    float inv_rms = 1.0f / std::sqrt(mean_sq + eps);
+    for (int64_t i = 0; i < H; ++i) normed[t * H + i] = (st[i] * inv_rms) * w[i];
+  }
+}
+
 void rope(float* out, const float* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t width,
           int64_t head_dim) {
   int64_t half = head_dim / 2;
@@ -107,6 +124,34 @@ void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, co
       std::memcpy(k_cache + dst, k + src, static_cast<size_t>(hd) * sizeof(float));
       std::memcpy(v_cache + dst, v + src, static_cast<size_t>(hd) * sizeof(float));
     }
+}
+
+void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* positions,
+              const float* inv_freq, const int32_t* slots, int64_t T, int64_t n_heads, int64_t n_kv, int64_t C,
+              int64_t hd) {
+  int64_t half = hd / 2, width = (n_heads + 2 * n_kv) * hd;
+  std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < half; ++j) {
+      float angle = static_cast<float>(positions[t]) * inv_freq[j];  // as rope
+      cos_a[j] = std::cos(angle);
+      sin_a[j] = std::sin(angle);
+    }
+    const float* row = qkv + t * width;
+    for (int64_t h = 0; h < n_heads + n_kv; ++h) {  // q heads, then k heads: rotated
+      const float* xh = row + h * hd;
+      float* oh = h < n_heads ? q + (t * n_heads + h) * hd
+                              : k_cache + ((slots[t] * n_kv + (h - n_heads)) * C + positions[t]) * hd;
+      for (int64_t j = 0; j < half; ++j) {
+        float x1 = xh[j], x2 = xh[j + half];
+        oh[j] = x1 * cos_a[j] - x2 * sin_a[j];
+        oh[j + half] = x2 * cos_a[j] + x1 * sin_a[j];
+      }
+    }
+    for (int64_t h = 0; h < n_kv; ++h)  // v heads: copied
+      std::memcpy(v_cache + ((slots[t] * n_kv + h) * C + positions[t]) * hd, row + (n_heads + n_kv + h) * hd,
+                  static_cast<size_t>(hd) * sizeof(float));
+  }
 }
 
 void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,

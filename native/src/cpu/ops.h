@@ -24,6 +24,10 @@ void matmul(ThreadPool& pool, float* out, const float* x, const void* w, DType w
 
 void add(float* out, const float* a, const float* b, int64_t n);
 
+// sum [T, H] = x + y; normed [T, H] = rms_norm(sum) (add, then rms_norm, in one loop).
+void add_rms_norm(float* sum, float* normed, const float* x, const float* y, const void* weight, DType weight_dtype,
+                  int64_t T, int64_t H, float eps);
+
 // x, out [T, width], width = nHeads * head_dim; HF rotate_half per head.
 void rope(float* out, const float* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t width,
           int64_t head_dim);
@@ -31,6 +35,12 @@ void rope(float* out, const float* x, const int32_t* positions, const float* inv
 // caches [S, nKv, C, hd]; k, v [T, nKv * hd].
 void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* slots,
               const int32_t* positions, int64_t T, int64_t n_kv, int64_t C, int64_t hd);
+
+// qkv [T, (nH + 2 nKv) hd] -> q [T, nH * hd] = rope(q heads); caches [S, nKv, C, hd] get rope(k heads) and the
+// v heads at (slots[t], h, positions[t]) (rope and write_kv in one loop).
+void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* positions,
+              const float* inv_freq, const int32_t* slots, int64_t T, int64_t n_heads, int64_t n_kv, int64_t C,
+              int64_t hd);
 
 // out, q [T, nH * hd]; threaded over T x nH.
 void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,

@@ -13,6 +13,7 @@
 #include "cuda/common.cuh"
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
+#include "cuda/fused-layer.cuh"
 #include "cuda/matmul.cuh"
 #include "cuda/norm-rope.cuh"
 #include "cuda/sample.cuh"
@@ -410,6 +411,14 @@ class CudaBackend final : public Backend {
     Tensor scratch = floats ? empty(DType::F32, {floats}) : Tensor{};
     cuda::launch_attention(ctx(), q, k_cache, v_cache, slots, positions, n_heads, scale, out,
                            floats ? scratch.data<float>() : nullptr, st_->num_sms);
+  }
+  void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
+                        const Tensor& normed) override {
+    cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed);
+  }
+  void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
+                    const Tensor& v_cache, const Tensor& slots, const Tensor& q) override {
+    cuda::launch_qkv_rope(ctx(), qkv, positions, inv_freq, k_cache, v_cache, slots, q);
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     if (dst.nbytes())

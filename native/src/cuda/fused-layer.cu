@@ -1,0 +1,191 @@
+// addRmsNorm: one block per row. Rows with H % 4 == 0 and up to 8 float4 per thread (H <= 32768) keep the sum
+// in registers between the two passes; other rows re-read it. Sum of squares in double, as rmsNorm.
+// qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
+// fp32(position * invFreq[j]) and full-precision sincosf, as rope. Bad slots/positions skip the cache write
+// and are reported on the device (as writeKv's; a negative position as rope's).
+#include "cuda/fused-layer.cuh"
+
+#include <algorithm>
+
+namespace weft::cuda {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ double block_sum(double v) {
+  __shared__ double partial[32];
+  __shared__ double total;
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    double s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0;
+    s = warp_sum(s);
+    if (threadIdx.x == 0) total = s;
+  }
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ float inv_rms_of(double sum_sq, int64_t H, float eps) {
+  float mean_sq = H > 0 ? static_cast<float>(sum_sq / static_cast<double>(H)) : 0.0f;
+  return 1.0f / sqrtf(mean_sq + eps);
+}
+
+// x + y, element by element, and the same for a float4.
+__device__ __forceinline__ float4 add4(float4 a, float4 b) { return {a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w}; }
+__device__ __forceinline__ double sq4(float4 s) {
+  return static_cast<double>(s.x) * s.x + static_cast<double>(s.y) * s.y + static_cast<double>(s.z) * s.z +
+         static_cast<double>(s.w) * s.w;
+}
+
+template <typename W>
+struct Load4 {
+  __device__ static float4 at(const W* w, int64_t i) {  // elements 4i .. 4i + 3
+    return {to_f32(w[4 * i]), to_f32(w[4 * i + 1]), to_f32(w[4 * i + 2]), to_f32(w[4 * i + 3])};
+  }
+};
+template <>
+struct Load4<float> {
+  __device__ static float4 at(const float* w, int64_t i) { return reinterpret_cast<const float4*>(w)[i]; }
+};
+
+// kPer float4 per thread, held in registers; blockDim.x * kPer >= H / 4.
+template <typename W, int kPer>
+__global__ void __launch_bounds__(kMaxThreads)
+    add_rms_norm_vec(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
+                     float* __restrict__ sum, float* __restrict__ normed, int64_t H, float eps) {
+  const int64_t n4 = H / 4, row = blockIdx.x * H;
+  const float4* x4 = reinterpret_cast<const float4*>(x + row);
+  const float4* y4 = reinterpret_cast<const float4*>(y + row);
+  float4* s4 = reinterpret_cast<float4*>(sum + row);
+  float4* o4 = reinterpret_cast<float4*>(normed + row);
+  float4 s[kPer];
+  double ss = 0;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
+    if (i < n4) {
+      s[k] = add4(x4[i], y4[i]);
+      s4[i] = s[k];
+      ss += sq4(s[k]);
+    }
+  }
+  float inv_rms = inv_rms_of(block_sum(ss), H, eps);
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
+    if (i < n4) {
+      float4 w = Load4<W>::at(weight, i);
+      o4[i] = {__fmul_rn(__fmul_rn(s[k].x, inv_rms), w.x), __fmul_rn(__fmul_rn(s[k].y, inv_rms), w.y),
+               __fmul_rn(__fmul_rn(s[k].z, inv_rms), w.z), __fmul_rn(__fmul_rn(s[k].w, inv_rms), w.w)};
+    }
+  }
+}
+
+// Any H: the sum goes to memory in pass 1 and is read back (by the thread that wrote it) in pass 2.
+template <typename W>
+__global__ void __launch_bounds__(kMaxThreads)
+    add_rms_norm_any(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
+                     float* sum, float* __restrict__ normed, int64_t H, float eps) {
+  const int64_t row = blockIdx.x * H;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    float s = x[row + i] + y[row + i];
+    sum[row + i] = s;
+    ss += static_cast<double>(s) * s;
+  }
+  float inv_rms = inv_rms_of(block_sum(ss), H, eps);
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
+    normed[row + i] = __fmul_rn(__fmul_rn(sum[row + i], inv_rms), to_f32(weight[i]));
+}
+
+__global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
+                         const float* __restrict__ inv_freq, float* __restrict__ k_cache, float* __restrict__ v_cache,
+                         const int32_t* __restrict__ slots, float* __restrict__ q, int64_t n_heads, int64_t n_kv,
+                         int64_t S, int64_t C, int64_t hd, DeviceStatus* status) {
+  const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+  const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
+  const int32_t pos = positions[t];
+  float* oh;
+  if (h < n_heads) {
+    if (pos < 0 && h == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
+    oh = q + (t * n_heads + h) * hd;
+  } else {
+    const int32_t slot = slots[t];
+    const bool first = h == n_heads && threadIdx.x == 0;
+    if (slot < 0 || slot >= S) {
+      if (first) report(status, StatusOp::WriteKvSlot, t, slot, S);
+      return;
+    }
+    if (pos < 0 || pos >= C) {
+      if (first) report(status, StatusOp::WriteKvPosition, t, pos, C);
+      return;
+    }
+    int64_t kv = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
+    int64_t dst = ((slot * n_kv + kv) * C + pos) * hd;
+    if (h >= n_heads + n_kv) {  // a v head: copied
+      for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) v_cache[dst + d] = xh[d];
+      return;
+    }
+    oh = k_cache + dst;
+  }
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    float s, c;
+    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
+    float x1 = xh[j], x2 = xh[j + half];
+    oh[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    oh[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+  }
+}
+
+template <typename W>
+void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y, const W* weight, float eps,
+                               const Tensor& sum, const Tensor& normed) {
+  const int64_t T = x.dim(0), H = x.dim(1), n4 = H / 4;
+  const unsigned blocks = static_cast<unsigned>(T);
+  auto vec = [&](auto kernel, int per) {
+    int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((n4 + per - 1) / per + 31) / 32 * 32));
+    kernel<<<blocks, threads, 0, ctx.stream>>>(x.data<float>(), y.data<float>(), weight, sum.data<float>(),
+                                               normed.data<float>(), H, eps);
+  };
+  const bool aligned = H % 4 == 0;  // tensors start 256-byte aligned (arena and cudaMallocAsync)
+  if (aligned && n4 <= kMaxThreads)
+    vec(add_rms_norm_vec<W, 1>, 1);
+  else if (aligned && n4 <= 2 * kMaxThreads)
+    vec(add_rms_norm_vec<W, 2>, 2);
+  else if (aligned && n4 <= 4 * kMaxThreads)
+    vec(add_rms_norm_vec<W, 4>, 4);
+  else if (aligned && n4 <= 8 * kMaxThreads)
+    vec(add_rms_norm_vec<W, 8>, 8);
+  else
+    add_rms_norm_any<W><<<blocks, kMaxThreads, 0, ctx.stream>>>(x.data<float>(), y.data<float>(), weight,
+                                                                sum.data<float>(), normed.data<float>(), H, eps);
+}
+
+}  // namespace
+
+void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                         const Tensor& sum, const Tensor& normed) {
+  if (x.numel() == 0) return;
+  WEFT_DISPATCH_FLOAT(weight.dtype, W,
+                      launch_add_rms_norm_typed<W>(ctx, x, y, static_cast<const W*>(weight.buffer->data()), eps, sum,
+                                                   normed));
+  check_launch(ctx, "addRmsNorm", {{"x", x}, {"y", y}, {"weight", weight}});
+}
+
+void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                     const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, const Tensor& q) {
+  const int64_t T = qkv.dim(0), hd = k_cache.dim(3), n_kv = k_cache.dim(1), n_heads = q.dim(1) / hd;
+  if (T == 0) return;
+  dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv));
+  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
+  qkv_rope<<<grid, threads, 0, ctx.stream>>>(qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(),
+                                             k_cache.data<float>(), v_cache.data<float>(), slots.data<int32_t>(),
+                                             q.data<float>(), n_heads, n_kv, k_cache.dim(0), k_cache.dim(2), hd,
+                                             ctx.status);
+  check_launch(ctx, "qkvRope", {{"qkv", qkv}, {"kCache", k_cache}, {"slots", slots}, {"positions", positions}});
+}
+
+}  // namespace weft::cuda

@@ -1,0 +1,17 @@
+// Fused ops of a transformer layer's small kernels (decode runs them once per layer, so launches count):
+//  - addRmsNorm: the residual add and the next RMSNorm in one pass over the row;
+//  - qkvRope: rope of the q and k heads out of the fused qkv matmul output, q into its own tensor, k and v
+//    straight into the KV cache (replaces sliceCols x 3, rope x 2 and writeKv).
+// Same arithmetic as the separate kernels (norm-rope.cu, elementwise.cu), so the same bounds against the CPU.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace weft::cuda {
+
+void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                         const Tensor& sum, const Tensor& normed);
+void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
+                     const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, const Tensor& q);
+
+}  // namespace weft::cuda
