@@ -38,16 +38,12 @@ export type FeedForward<Layer> = (ops: Ops, comm: Collectives, layer: Layer, x: 
 
 export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<AttentionWeights>, layerIndex: number, x: Tensor, step: StepIndex): Promise<Tensor> {
   const { headDim } = model.spec;
-  const { nHeadsPerRank, nKvHeadsPerRank } = model.plan;
+  const { nHeadsPerRank } = model.plan;
   const layer = model.layers[layerIndex]!;
   const cache = model.kvCache[layerIndex]!;
   const qkv = ops.matmul(x, layer.wqkv); // [T, (nH + 2 nKv) hd]
-  const qEnd = nHeadsPerRank * headDim;
-  const kEnd = qEnd + nKvHeadsPerRank * headDim;
-  const q = ops.rope(ops.sliceCols(qkv, 0, qEnd), step.positions, model.invFreq, headDim);
-  const k = ops.rope(ops.sliceCols(qkv, qEnd, kEnd), step.positions, model.invFreq, headDim);
-  const v = ops.sliceCols(qkv, kEnd, kEnd + nKvHeadsPerRank * headDim);
-  ops.writeKv(cache.k, cache.v, k, v, step.slots, step.positions);
+  // One kernel: q = rope(q heads); the cache gets rope(k heads) and the v heads at (slot, position).
+  const q = ops.qkvRope(qkv, step.positions, model.invFreq, cache.k, cache.v, step.slots, nHeadsPerRank);
   const attended = ops.attention(q, cache.k, cache.v, step.slots, step.positions, nHeadsPerRank, 1 / Math.sqrt(headDim));
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }
@@ -57,7 +53,11 @@ export const denseFeedForward: FeedForward<DenseFeedForward> = async (ops, comm,
   return comm.allReduce(ops.matmul(hidden, layer.w2));
 };
 
-/** One forward step over a ragged batch; returns the logits of `step.logitRows`, [R, vocab] on every rank. */
+/**
+ * One forward step over a ragged batch; returns the logits of `step.logitRows`, [R, vocab] on every rank.
+ * Each residual add is fused with the RMSNorm that reads its result (`addRmsNorm` returns both), after the
+ * all-reduce of the branch it adds: h = x + attention(attnNorm(x)), x = h + feedForward(ffnNorm(h)).
+ */
 export async function forward<Layer extends AttentionWeights>(
   ops: Ops,
   comm: Collectives,
@@ -66,14 +66,19 @@ export async function forward<Layer extends AttentionWeights>(
   step: StepIndex,
 ): Promise<Tensor> {
   const eps = model.spec.rmsEps;
+  const { layers } = model;
   // Vocab-parallel embedding: each rank fills the rows of ids in its range, zeros elsewhere; the sum is the lookup.
-  let x = await comm.allReduce(ops.embedding(model.embed, step.tokenIds, model.shard.vocab.start));
-  for (let i = 0; i < model.layers.length; i++) {
-    const layer = model.layers[i]!;
-    const h = ops.add(x, await attention(ops, comm, model, i, ops.rmsNorm(x, layer.attnNorm, eps), step));
-    x = ops.add(h, await feedForward(ops, comm, layer, ops.rmsNorm(h, layer.ffnNorm, eps)));
+  const embedded = await comm.allReduce(ops.embedding(model.embed, step.tokenIds, model.shard.vocab.start));
+  let x = { sum: embedded, normed: ops.rmsNorm(embedded, layers[0]?.attnNorm ?? model.norm, eps) };
+  for (let i = 0; i < layers.length; i++) {
+    const layer = layers[i]!;
+    const nextNorm = layers[i + 1]?.attnNorm ?? model.norm; // after the last layer: the final norm
+    // h = x + attention(attnNorm(x)), with ffnNorm(h)
+    const h = ops.addRmsNorm(x.sum, await attention(ops, comm, model, i, x.normed, step), layer.ffnNorm, eps);
+    // x = h + feedForward(ffnNorm(h)), with the next layer's attnNorm(x)
+    x = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
   }
-  // Normalise only the rows whose logits are wanted (RMSNorm is per row).
-  const last = ops.rmsNorm(ops.gatherRows(x, step.logitRows), model.norm, eps);
+  // x.normed is norm(x) of every row (RMSNorm is per row); the LM head reads only the rows whose logits are wanted.
+  const last = ops.gatherRows(x.normed, step.logitRows);
   return comm.allGatherCols(ops.matmul(last, model.lmHead));
 }
