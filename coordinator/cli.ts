@@ -4,6 +4,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { startCluster, type Cluster } from './cluster.ts';
+import type { SpeculationStats } from './speculative.ts';
 import { WeftError, isWeftError } from './errors.ts';
 import { runWorker } from '../worker/main.ts';
 import { WORKER_SECRET_ENV } from './worker-group.ts';
@@ -52,6 +53,22 @@ interface ClusterFlags {
   maxContext?: number;
   kvSlots?: number;
   threads?: number;
+  draft?: string;
+  draftTp?: number;
+  speculateK?: number;
+}
+
+/** The cluster options the flags shared by generate, score and serve give. */
+function clusterFlags(flags: ClusterFlags) {
+  return {
+    modelDir: flags.model,
+    tp: flags.tp,
+    device: flags.device,
+    ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
+    ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
+    ...(flags.threads !== undefined && { threads: flags.threads }),
+    ...(flags.draft !== undefined && { draft: { modelDir: flags.draft, tp: flags.draftTp ?? 1, k: flags.speculateK ?? 4 } }),
+  };
 }
 
 function clusterOptions(command: Command): Command {
@@ -61,18 +78,14 @@ function clusterOptions(command: Command): Command {
     .addOption(new Option('--device <device>', 'compute backend').choices(['cpu', 'cuda']).default('cpu'))
     .option('--max-context <n>', 'cap on the context length (KV cache per sequence)', integer('--max-context', 1))
     .option('--kv-slots <n>', 'sequences with a KV cache at once', integer('--kv-slots', 1))
-    .option('--threads <n>', 'CPU threads per worker', integer('--threads', 1));
+    .option('--threads <n>', 'CPU threads per worker', integer('--threads', 1))
+    .option('--draft <dir>', 'draft model (same vocabulary) for speculative decoding')
+    .option('--draft-tp <n>', "the draft model's tensor-parallel degree", integer('--draft-tp', 1))
+    .option('--speculate-k <k>', 'draft tokens proposed per round', integer('--speculate-k', 1));
 }
 
 async function withCluster<T>(flags: ClusterFlags, run: (cluster: Cluster) => Promise<T>): Promise<T> {
-  const cluster = await startCluster({
-    modelDir: flags.model,
-    tp: flags.tp,
-    device: flags.device,
-    ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
-    ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
-    ...(flags.threads !== undefined && { threads: flags.threads }),
-  });
+  const cluster = await startCluster(clusterFlags(flags));
   const stop = (): void => void cluster.close().finally(() => process.exit(130));
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
@@ -83,6 +96,19 @@ async function withCluster<T>(flags: ClusterFlags, run: (cluster: Cluster) => Pr
     process.off('SIGTERM', stop);
     await cluster.close();
   }
+}
+
+/** Acceptance rate, tokens per target step and time in each model, for one run. */
+function speculationSummary(stats: SpeculationStats) {
+  return {
+    rounds: stats.rounds,
+    proposed: stats.proposed,
+    accepted: stats.accepted,
+    acceptanceRate: stats.proposed ? stats.accepted / stats.proposed : 0,
+    tokensPerTargetStep: stats.rounds ? stats.emitted / stats.rounds : 0,
+    draftSeconds: stats.draftSeconds,
+    targetSeconds: stats.targetSeconds,
+  };
 }
 
 function buildProgram(): Command {
@@ -114,7 +140,8 @@ function buildProgram(): Command {
         for await (const event of cluster.generate(request)) {
           if (event.type === 'token' && !flags.json) process.stdout.write(event.text);
           if (event.type === 'done') {
-            if (flags.json) process.stdout.write(JSON.stringify({ ...event, type: undefined }) + '\n');
+            const speculation = cluster.speculationStats();
+            if (flags.json) process.stdout.write(JSON.stringify({ ...event, type: undefined, ...(speculation && { speculation: speculationSummary(speculation) }) }) + '\n');
             else process.stdout.write('\n');
           }
         }
@@ -143,19 +170,12 @@ function buildProgram(): Command {
     .option('--max-queue <n>', 'requests waiting for a KV slot at most; more get "busy"', integer('--max-queue', 0), 64)
     .option('--request-timeout <ms>', 'deadline of every request (0: none)', integer('--request-timeout', 0), 0)
     .option('--heartbeat-timeout <ms>', 'a worker silent this long is declared dead', integer('--heartbeat-timeout', 100), 5000)
-    .option('--draft <dir>', 'draft model for speculative decoding')
     .action(async (flags) => {
-      if (flags.draft !== undefined) throw new WeftError('WEFT_UNSUPPORTED_MODEL', '--draft: speculative decoding is not yet supported');
       if (flags.workers === 'external' && !flags.workerPort) throw new WeftError('WEFT_BAD_REQUEST', '--workers external needs a fixed --worker-port');
       const { serve, readCurveDir } = await import('./serve.ts');
       const emit = (event: Record<string, unknown>): void => void process.stdout.write(JSON.stringify(event) + '\n');
       const server = await serve({
-        modelDir: flags.model,
-        tp: flags.tp,
-        device: flags.device,
-        ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
-        ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
-        ...(flags.threads !== undefined && { threads: flags.threads }),
+        ...clusterFlags(flags as ClusterFlags),
         host: flags.host,
         rpcPort: flags.rpcPort,
         httpPort: flags.httpPort,

@@ -17,6 +17,7 @@ import { parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
+import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { WeftError } from './errors.ts';
 import type { InitCommand } from '../worker/protocol.ts';
 
@@ -52,6 +53,12 @@ export interface ClusterOptions {
   readonly maxQueue?: number;
   /** Deadline of every request from submission, in ms; 0 for none. Defaults to 0. */
   readonly requestTimeoutMs?: number;
+  /**
+   * Speculative decoding: a draft model sharing the target's vocabulary, run by its own worker group (its own
+   * processes and TP degree); it proposes `k` tokens per round, which the target verifies in one forward.
+   * Defaults to none; `tp` defaults to 1 and `k` to 4.
+   */
+  readonly draft?: { readonly modelDir: string; readonly tp?: number; readonly k?: number };
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
   readonly onStateChange?: (state: ClusterState, detail: string) => void;
   readonly observer?: SchedulerObserver;
@@ -105,9 +112,19 @@ export interface ClusterStats {
   readonly ranks: RankStatus[];
 }
 
+/** The draft side of speculative decoding: its model, init command and worker group. */
+interface DraftSide {
+  readonly spec: ModelSpec;
+  readonly initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>;
+  readonly groupStarting: Promise<WorkerGroup>;
+  group: WorkerGroup | null;
+  readonly k: number;
+}
+
 export class Cluster {
   private readonly scheduler: Scheduler;
   private group!: WorkerGroup;
+  private readonly speculative: SpeculativeExecutor | null;
   private stateValue: ClusterState = 'loading';
   private detail = 'loading weights';
   private recovering = false;
@@ -123,12 +140,15 @@ export class Cluster {
     private readonly options: ClusterOptions,
     private readonly initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>,
     groupStarting: Promise<WorkerGroup>,
+    private readonly draft: DraftSide | null,
   ) {
+    this.speculative = draft ? new SpeculativeExecutor(draft.k, maxContext, (batch) => draft.group!.step(batch), (batch) => this.group.step(batch)) : null;
     this.scheduler = new Scheduler(
       {
         kvSlots: initCommand.kvSlots,
         maxQueue: options.maxQueue ?? 64,
         step: (batch) => this.group.step(batch),
+        ...(this.speculative && { speculative: this.speculative }),
         onStepFailure: (err) => this.onFault(err),
         ...(options.observer && { observer: options.observer }),
       },
@@ -147,7 +167,13 @@ export class Cluster {
     const device = options.device ?? 'cpu';
     if (!existsSync(join(options.modelDir, 'model.safetensors')) && !existsSync(join(options.modelDir, 'model.safetensors.index.json')))
       throw new WeftError('WEFT_BAD_WEIGHTS', `${options.modelDir} has neither model.safetensors nor model.safetensors.index.json`);
-    const maxContext = Math.min(spec.maxContext, options.maxContext ?? 4096);
+    const draftSpec = options.draft ? readModelSpec(options.draft.modelDir) : null;
+    if (draftSpec && draftSpec.vocabSize !== spec.vocabSize)
+      throw new WeftError('WEFT_BAD_MODEL', `the draft model's vocabulary (${draftSpec.vocabSize} tokens) differs from the target's (${spec.vocabSize}): speculative decoding needs the same vocabulary`);
+    const draftPlan = draftSpec ? planShards(draftSpec, options.draft?.tp ?? 1) : null;
+    const draftK = options.draft?.k ?? 4;
+    if (options.draft && (!Number.isInteger(draftK) || draftK < 1 || draftK > 16)) throw new WeftError('WEFT_BAD_REQUEST', `speculate k must be an integer in [1, 16], got ${draftK}`);
+    const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext ?? 4096);
     const kvSlots = options.kvSlots ?? 4;
     const threads = options.threads ?? Math.max(1, Math.floor(availableParallelism() / tp));
     const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, threads };
@@ -164,7 +190,20 @@ export class Cluster {
       onFailure: (err) => cluster?.onFault(err),
     });
     await group; // a port already in use fails here, before the cluster exists
-    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group);
+    let draft: DraftSide | null = null;
+    if (options.draft && draftSpec && draftPlan) {
+      const draftGroup = WorkerGroup.bind({
+        world: draftPlan.tp,
+        spawnLocal: true,
+        ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
+        ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
+        onFailure: (err) => cluster?.onFault(err),
+      });
+      await draftGroup;
+      const draftInit = { ...initCommand, modelDir: options.draft.modelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
+      draft = { spec: draftSpec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: draftK };
+    }
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group, draft);
     return cluster;
   }
 
@@ -194,8 +233,9 @@ export class Cluster {
   private async bringUp(groupStarting: Promise<WorkerGroup>): Promise<void> {
     this.group = await groupStarting;
     try {
-      await this.group.join();
-      await this.group.init(this.initCommand);
+      if (this.draft) this.draft.group = await this.draft.groupStarting;
+      await Promise.all([this.group.join(), this.draft?.group?.join()]);
+      await Promise.all([this.group.init(this.initCommand), this.draft?.group?.init(this.draft.initCommand)]);
     } catch (err) {
       if (!this.options.recover || this.stateValue === 'closed') {
         this.setState('failed', (err as Error).message);
@@ -236,6 +276,10 @@ export class Cluster {
         try {
           await this.group.reform();
           await this.group.init(this.initCommand);
+          if (this.draft?.group) {
+            await this.draft.group.reform();
+            await this.draft.group.init(this.draft.initCommand);
+          }
           this.reformCount++;
           this.setState('ready', `serving again after re-forming the group (${cause.message})`);
           this.scheduler.resume();
@@ -325,16 +369,21 @@ export class Cluster {
     };
   }
 
-  /** Process ids of the workers, by rank. */
+  /** Process ids of the workers, by rank (the draft group's after the target's). */
   workerPids(): number[] {
-    return this.group.pids();
+    return [...this.group.pids(), ...(this.draft?.group?.pids() ?? [])];
   }
 
   async close(): Promise<void> {
     if (this.stateValue === 'closed') return;
     this.setState('closed', 'the cluster was closed');
     this.scheduler.failAll(new WeftError('WEFT_CLOSED', 'the cluster was closed'));
-    await this.group?.close();
+    await Promise.all([this.group?.close(), this.draft?.group?.close()]);
+  }
+
+  /** Speculative decoding counters: rounds, proposed and accepted draft tokens, time in each model. */
+  speculationStats(): SpeculationStats | null {
+    return this.speculative ? { ...this.speculative.stats } : null;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

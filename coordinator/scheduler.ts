@@ -15,6 +15,7 @@ import type { StepBatch, StepResult } from '../worker/protocol.ts';
 import { WeftError } from './errors.ts';
 import type { GenerationEvent, SequenceState } from './generate.ts';
 import { toFloat32 } from './wire.ts';
+import type { SpeculativeExecutor } from './speculative.ts';
 
 /** A single-consumer async queue of events that ends with `close()` or `fail(err)`. */
 export class Channel<T> implements AsyncIterable<T> {
@@ -85,6 +86,8 @@ export interface SchedulerOptions {
   /** tokens in one step at most, when more than one prompt is waiting. Defaults to 2048. */
   readonly maxBatchTokens?: number;
   readonly step: (batch: StepBatch) => Promise<StepResult>;
+  /** speculative decoding: decode steps become draft-and-verify rounds (prefill and scoring are unchanged) */
+  readonly speculative?: SpeculativeExecutor;
   /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
   readonly onStepFailure?: (err: Error) => void;
   readonly observer?: SchedulerObserver;
@@ -228,15 +231,18 @@ export class Scheduler {
       this.admit();
       const work = this.schedule();
       if (!work) return;
-      let result: StepResult;
       try {
-        result = await this.options.step(work.batch);
+        if (work.speculate) {
+          const jobs = work.rows as GenerateJob[];
+          const produced = await work.speculate.round(jobs.map((job) => ({ seq: job.seq, slot: job.slot! })));
+          jobs.forEach((job, row) => this.emit(job, produced[row]!));
+          continue;
+        }
+        this.update(work, await this.options.step(work.batch));
       } catch (err) {
         this.failRunning(err as Error);
         this.options.onStepFailure?.(err as Error);
-        continue;
       }
-      this.update(work, result);
     }
   }
 
@@ -250,13 +256,15 @@ export class Scheduler {
   }
 
   /** Build the next step: a score job alone, else every decoding sequence plus the prompts that fit. */
-  private schedule(): { batch: StepBatch; rows: Job[] } | null {
+  private schedule(): { batch: StepBatch; rows: Job[]; speculate?: SpeculativeExecutor } | null {
     const score = [...this.running].find((j): j is ScoreJob => j.kind === 'score');
     if (score) return this.scoreStep(score);
     const gens = [...this.running].filter((j): j is GenerateJob => j.kind === 'generate');
     if (gens.length === 0) return null;
     const decoding = gens.filter((j) => j.seq.position > 0);
     const prefilling = gens.filter((j) => j.seq.position === 0);
+    const speculate = this.options.speculative;
+    if (speculate && prefilling.length === 0) return { batch: { tokens: [], slots: [], positions: [], logitRows: [] }, rows: decoding, speculate };
     const budget = this.options.maxBatchTokens ?? 2048;
     const rows: GenerateJob[] = [...decoding];
     let tokens = decoding.length;
@@ -318,6 +326,15 @@ export class Scheduler {
       if (job.finished || job.kind !== 'generate') return; // cancelled while the step ran
       const token = result.tokens?.[row];
       if (token === undefined) return this.end(job, new WeftError('WEFT_PROTOCOL', `step returned no token for row ${row}`), 'error');
+      this.emit(job, [token]);
+    });
+  }
+
+  /** Hand a sequence the tokens one step or round produced, in order, until it finishes. */
+  private emit(job: GenerateJob, tokens: readonly number[]): void {
+    const observer = this.options.observer;
+    for (const token of tokens) {
+      if (job.finished) return; // cancelled while the step ran, or done with tokens to spare
       const wasFirst = job.seq.firstTokenAt === null;
       const events = job.seq.accept(token);
       if (wasFirst) observer?.firstToken?.((job.seq.firstTokenAt! - job.enqueuedAt) / 1000);
@@ -326,10 +343,11 @@ export class Scheduler {
         job.events.push(event);
         if (event.type === 'done') {
           this.release(job);
+          this.options.speculative?.release(job.seq);
           observer?.finished?.(event.finishReason, (performance.now() - job.enqueuedAt) / 1000);
           job.events.close();
         }
       }
-    });
+    }
   }
 }
