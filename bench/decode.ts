@@ -68,7 +68,13 @@ for (const name of list(opts.models)) {
     .filter((t) => t.name !== 'embed' && t.aliasOf === null)
     .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0)
     + (spec.tieWordEmbeddings ? spec.vocabSize * spec.hidden * elementBytes : 0);
-  const activeWeightBytes = spec.nExperts > 0 ? weightBytes * 1 : weightBytes; // MoE: see bench/moe.ts for the routed share
+  // Mixtral reads only the experts its router picks: nExpertsPerToken of nExperts per layer and token
+  // (batch 1; a batch reads the union of its rows' choices, at most all of them).
+  const expertBytes = shardLayout(spec, plan, 0)
+    .filter((t) => t.name.includes('.experts.'))
+    .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0);
+  const activeWeightBytes = (batch: number): number =>
+    weightBytes - expertBytes + (spec.nExperts ? expertBytes * Math.min(1, (batch * spec.nExpertsPerToken) / spec.nExperts) : 0);
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
 
   for (const prompt of prompts) {
@@ -96,7 +102,7 @@ for (const name of list(opts.models)) {
       const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN; // GPU time alone, no host work
       const meanContext = prompt + 2 + newTokens / 2;
       const kvBytes = spec.nLayers * batch * meanContext * plan.nKvHeadsPerRank * spec.headDim * 4 * 2; // fp32 K and V
-      const bytesPerStep = activeWeightBytes + kvBytes;
+      const bytesPerStep = activeWeightBytes(batch) + kvBytes;
       const floorMs = (bytesPerStep / (bandwidthGBs * 1e9)) * 1e3;
       const row = { model: name, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
       rows.push(row);
