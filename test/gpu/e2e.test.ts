@@ -83,6 +83,19 @@ for (const { name, dir, tolerance } of models) {
   });
 }
 
+describe('speculative decoding on CUDA', { skip }, () => {
+  test('greedy with a draft of other weights equals the target's own greedy output', async () => {
+    const cluster = await startCluster({ modelDir: fixtureDir('llama-tiny'), device: 'cuda', draft: { modelDir: fixtureDir('llama-tiny-bf16'), k: 3 } });
+    try {
+      const reference = readReference('llama-tiny');
+      for (let i = 0; i < reference.prompts.length; i++) assert.deepEqual(await greedy(cluster, reference.prompts[i]!, 24), reference.greedy[i], `prompt ${i}`);
+      assert.ok(cluster.speculationStats()!.proposed > 0);
+    } finally {
+      await cluster.close();
+    }
+  });
+});
+
 describe('NCCL through koffi', { skip }, () => {
   test('a one-rank communicator: all-reduce and all-gather on the engine stream (own process)', () => {
     const probe = spawnSync(process.execPath, ['--import', 'tsx', fileURLToPath(new URL('./nccl-probe.ts', import.meta.url))], { encoding: 'utf8', timeout: 60_000 });
