@@ -84,7 +84,7 @@ for (const { name, dir, tolerance } of models) {
 }
 
 describe('speculative decoding on CUDA', { skip }, () => {
-  test('greedy with a draft of other weights equals the target's own greedy output', async () => {
+  test("greedy with a draft of other weights equals the target's own greedy output", async () => {
     const cluster = await startCluster({ modelDir: fixtureDir('llama-tiny'), device: 'cuda', draft: { modelDir: fixtureDir('llama-tiny-bf16'), k: 3 } });
     try {
       const reference = readReference('llama-tiny');
