@@ -4,8 +4,12 @@
 //    positions (P from the shapes only); one block per (token, kv head, partition) serves the whole GQA group
 //    of query heads from one read of its K/V rows; partitions past a token's length exit at once; a second
 //    kernel merges the partitions (max / sum / partial output, in a fixed order: same bits every replay).
-//  - prefill (larger T): tiles of 16 query tokens x one head, K/V tiles in shared memory, online softmax,
-//    causal through positions; a tile whose tokens use several slots runs once per slot.
+//  - prefill (larger T): FlashAttention-2 on tensor cores (mma.sync m16n8k16, f16 operands, f32 softmax and
+//    accumulators) for head dims 64 and 128: blocks of 64 query tokens x one head, K/V tiles of 64 positions
+//    fetched (cp.async) while the previous one is used, converted to f16 once per block; causal through
+//    positions; a tile whose tokens use several slots runs once per slot. Other head dims (<= 256): the same
+//    plan on CUDA cores in fp32 (tiles of 16 query tokens). Results differ from the fp32 CPU reference by the
+//    f16 rounding of q, k, v and p (about 1e-4 to 1e-3 of max|out|; attention-bench.cu, ops-check.cc).
 #pragma once
 
 #include "cuda/common.cuh"
@@ -20,5 +24,13 @@ int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, int64_t
 void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                       const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale, const Tensor& out,
                       float* scratch, int num_sms);
+
+namespace detail {
+// The fp32 CUDA-core prefill kernel whatever the head dim (the fallback above; bench/kernels/attention-bench.cu
+// compares against it).
+void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                   const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale,
+                                   const Tensor& out);
+}  // namespace detail
 
 }  // namespace weft::cuda
