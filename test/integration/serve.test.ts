@@ -141,7 +141,7 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
     raw.connect(server.rpc);
     const frames: Buffer[] = [
       Buffer.from([0xdd, 0xff, 0xff, 0xff, 0xff]), // array32 declaring 2^32-1 elements
-      Buffer.alloc(24_000 * 3).map((_, i) => [0xdc, 0x00, 0x01][i % 3]!), // 24,000 nested array16 headers
+      Buffer.from(Buffer.alloc(24_000 * 3).map((_, i) => [0xdc, 0x00, 0x01][i % 3]!)), // 24,000 nested array16 headers
       Buffer.alloc(100_000, 0x91), // 100,000-deep fixarray
       Buffer.from([0xd4, 0x72, 0x00]), // ext 0x72 (record definition)
       Buffer.from([0xc7, 0x01, 0x70, 0x00]), // ext 0x70 (structured clone reference)
