@@ -321,7 +321,6 @@ export class Scheduler {
       const vocab = flat.length / n;
       return first.resolve({ logprobs, full: Array.from({ length: n }, (_, r) => flat.slice(r * vocab, (r + 1) * vocab)) });
     }
-    const observer = this.options.observer;
     work.rows.forEach((job, row) => {
       if (job.finished || job.kind !== 'generate') return; // cancelled while the step ran
       const token = result.tokens?.[row];

@@ -14,7 +14,6 @@ import { GRAPH_BUCKETS, StepRunner } from './runner.ts';
 import { WeftError } from '../coordinator/errors.ts';
 
 export class WorkerState {
-  private engine: Engine | null = null;
   private comm: Collectives | null = null;
   private runner: StepRunner | null = null;
 
@@ -29,7 +28,6 @@ export class WorkerState {
     if (this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
     if (command.plan.tp !== this.world) throw new WeftError('WEFT_PROTOCOL', `plan is for ${command.plan.tp} ranks, this worker was started for ${this.world}`);
     const engine = createEngine({ backend: command.device, threads: command.threads });
-    this.engine = engine;
     this.comm = await this.joinCollectives(engine, command);
     let bytesLoaded = 0;
     const weights = await loadShard(command.modelDir, command.spec, command.plan, this.rank, (read, total) => {

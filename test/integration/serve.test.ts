@@ -11,7 +11,7 @@ import { pack } from 'msgpackr';
 import { WeftClient } from '../../coordinator/api/client.ts';
 import { isWeftError } from '../../coordinator/errors.ts';
 import type { GenerationEvent } from '../../coordinator/generate.ts';
-import { fixtureDir, readReference, waitFor } from '../helpers/fixtures.ts';
+import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { startServe, readSse, type ServeProcess } from './serve-helpers.ts';
 
 const reference = readReference('llama-tiny');

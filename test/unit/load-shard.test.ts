@@ -4,41 +4,17 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { isWeftError } from '../../coordinator/errors.ts';
 import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
 import { planShards } from '../../coordinator/shard-plan.ts';
 import { type HostTensor, loadShard, shardBytes, shardLayout } from '../../worker/weights/load-shard.ts';
+import { weftError, readTensors, writeTensors, type RawTensor } from '../helpers/safetensors-files.ts';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');
 const fixture = (name: string) => path.join(FIXTURES, name);
 const tmp = mkdtempSync(path.join(tmpdir(), 'weft-load-shard-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
-interface RawTensor { name: string; dtype: string; shape: number[]; bytes: Buffer }
 
-/** Independent reader: the whole file parsed by hand, tensors in offset order. */
-function readTensors(file: string): RawTensor[] {
-  const buf = readFileSync(file);
-  const n = Number(buf.readBigUInt64LE(0));
-  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
-  return Object.entries(header)
-    .filter(([name]) => name !== '__metadata__')
-    .sort(([, a], [, b]) => a.data_offsets[0] - b.data_offsets[0])
-    .map(([name, t]) => ({ name, dtype: t.dtype, shape: t.shape, bytes: buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]) }));
-}
-
-function writeTensors(file: string, tensors: RawTensor[]): void {
-  const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
-  let offset = 0;
-  for (const t of tensors) {
-    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.bytes.length] };
-    offset += t.bytes.length;
-  }
-  const json = Buffer.from(JSON.stringify(header));
-  const len = Buffer.alloc(8);
-  len.writeBigUInt64LE(BigInt(json.length));
-  writeFileSync(file, Buffer.concat([len, json, ...tensors.map((t) => t.bytes)]));
-}
 
 /** A model directory: a fixture's config.json (optionally changed) and the given weights. */
 function modelDir(from: string, tensors: RawTensor[] | null, configChanges: Record<string, unknown> = {}): string {
@@ -49,14 +25,6 @@ function modelDir(from: string, tensors: RawTensor[] | null, configChanges: Reco
   return dir;
 }
 
-function weftError(code: string, pattern: RegExp) {
-  return (err: unknown): true => {
-    assert.ok(isWeftError(err), `expected a WeftError, got ${String(err)}`);
-    assert.equal(err.code, code);
-    assert.match(err.message, pattern);
-    return true;
-  };
-}
 
 const rowsOf = (t: RawTensor, r0: number, r1: number): Buffer => {
   const rowBytes = t.bytes.length / t.shape[0]!;

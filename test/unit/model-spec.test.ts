@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { isWeftError } from '../../coordinator/errors.ts';
 import { type ModelSpec, parseModelConfig, readModelSpec, ropeInvFreq } from '../../coordinator/model-spec.ts';
+import { weftError } from '../helpers/safetensors-files.ts';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');
 const fixture = (name: string) => path.join(FIXTURES, name);
@@ -13,14 +13,6 @@ const config = (name: string) => JSON.parse(readFileSync(path.join(fixture(name)
 const tmp = mkdtempSync(path.join(tmpdir(), 'weft-model-spec-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
-function weftError(code: string, pattern: RegExp) {
-  return (err: unknown): true => {
-    assert.ok(isWeftError(err), `expected a WeftError, got ${String(err)}`);
-    assert.equal(err.code, code);
-    assert.match(err.message, pattern);
-    return true;
-  };
-}
 
 /** A config.json object: llama-tiny's with some fields changed (undefined deletes). */
 function llamaWith(changes: Record<string, unknown>): Record<string, unknown> {

@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { isWeftError } from '../../coordinator/errors.ts';
 import { MAX_HEADER_BYTES, SafetensorsFile, WeightFiles, parseHeader, weftDType } from '../../worker/weights/safetensors.ts';
+import { weftError, readTensors, type RawTensor } from '../helpers/safetensors-files.ts';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');
 const LLAMA = path.join(FIXTURES, 'llama-tiny', 'model.safetensors');
@@ -13,18 +13,6 @@ const BF16 = path.join(FIXTURES, 'llama-tiny-bf16', 'model.safetensors');
 const tmp = mkdtempSync(path.join(tmpdir(), 'weft-safetensors-'));
 after(() => rmSync(tmp, { recursive: true, force: true }));
 
-interface RawTensor { name: string; dtype: string; shape: number[]; bytes: Buffer }
-
-/** Independent reader: the whole file, parsed by hand, tensors in offset order. */
-function readTensors(file: string): RawTensor[] {
-  const buf = readFileSync(file);
-  const n = Number(buf.readBigUInt64LE(0));
-  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
-  return Object.entries(header)
-    .filter(([name]) => name !== '__metadata__')
-    .sort(([, a], [, b]) => a.data_offsets[0] - b.data_offsets[0])
-    .map(([name, t]) => ({ name, dtype: t.dtype, shape: t.shape, bytes: buf.subarray(8 + n + t.data_offsets[0], 8 + n + t.data_offsets[1]) }));
-}
 
 /** Writes a file from a raw header object and data section. */
 function writeRaw(file: string, header: unknown, data: Buffer, headerLength?: bigint): string {
@@ -46,14 +34,6 @@ function writeTensors(file: string, tensors: RawTensor[]): string {
   return writeRaw(file, header, Buffer.concat(tensors.map((t) => t.bytes)));
 }
 
-function weftError(code: string, pattern: RegExp) {
-  return (err: unknown): true => {
-    assert.ok(isWeftError(err), `expected a WeftError, got ${String(err)}`);
-    assert.equal(err.code, code);
-    assert.match(err.message, pattern);
-    return true;
-  };
-}
 
 const f32 = (values: number[]) => Buffer.from(new Float32Array(values).buffer);
 

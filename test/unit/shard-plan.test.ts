@@ -2,9 +2,9 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
-import { isWeftError } from '../../coordinator/errors.ts';
 import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
 import { planShards, workingTpSizes } from '../../coordinator/shard-plan.ts';
+import { weftError } from '../helpers/safetensors-files.ts';
 
 const LLAMA_TINY = readModelSpec(path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny/llama-tiny')); // 4 heads, 2 kv, ffn 176, vocab 512
 
@@ -14,14 +14,6 @@ const LLAMA2_7B = spec({ hidden: 4096, nHeads: 32, nKvHeads: 32, headDim: 128, f
 const LLAMA3_70B = spec({ hidden: 8192, nHeads: 64, nKvHeads: 8, headDim: 128, ffnDim: 28672, vocabSize: 128256 });
 const MIXTRAL_8X7B = spec({ family: 'mixtral', architecture: 'MixtralForCausalLM', hidden: 4096, nHeads: 32, nKvHeads: 8, headDim: 128, ffnDim: 14336, vocabSize: 32000, nExperts: 8, nExpertsPerToken: 2 });
 
-function weftError(code: string, pattern: RegExp) {
-  return (err: unknown): true => {
-    assert.ok(isWeftError(err), `expected a WeftError, got ${String(err)}`);
-    assert.equal(err.code, code);
-    assert.match(err.message, pattern);
-    return true;
-  };
-}
 
 describe('planShards', () => {
   it('tp 1 holds everything', () => {

@@ -39,7 +39,7 @@ export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2')
     throw new WeftError('WEFT_NATIVE', `cannot load ${path} (install NCCL or add its directory to LD_LIBRARY_PATH): ${(err as Error).message}`);
   }
   // A char array would be decoded as a string and cut at the first zero byte: the id is 128 raw bytes.
-  const UniqueId = koffi.struct('weft_ncclUniqueId', { internal: koffi.array('uint8_t', NCCL_UNIQUE_ID_BYTES, 'Typed') });
+  koffi.struct('weft_ncclUniqueId', { internal: koffi.array('uint8_t', NCCL_UNIQUE_ID_BYTES, 'Typed') });
   // ncclComm_t is itself a pointer (to an opaque struct): by value in collectives, `_Out_ ncclComm_t *` in init.
   const Comm = koffi.pointer('weft_ncclComm', koffi.opaque());
   const getUniqueId = lib.func('int ncclGetUniqueId(_Out_ weft_ncclUniqueId *id)');
@@ -50,7 +50,7 @@ export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2')
   const commAbort = lib.func('int ncclCommAbort(weft_ncclComm comm)');
   const getErrorString = lib.func('const char *ncclGetErrorString(int result)');
   const getVersion = lib.func('int ncclGetVersion(_Out_ int *version)');
-  void Comm;
+  void Comm; // both types are used by name in the declarations below
 
   const check = (code: number, what: string): void => {
     if (code !== 0) throw new WeftError('WEFT_NATIVE', `${what}: NCCL error ${code}: ${getErrorString(code) as string}`);
