@@ -26,8 +26,9 @@ const program = new Command('bench-decode')
   .option('--new-tokens <n>', 'decode steps timed', '200')
   .option('--layers <n>', 'override the layer count (a cut model that fits)')
   .option('--device <d>', 'cpu or cuda', 'cuda')
+  .option('--profile-prefill <n>', 'also time the host side of each engine call in one prefill of n tokens')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda' }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; profilePrefill?: string }>();
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
 const newTokens = Number(opts.newTokens);
@@ -35,7 +36,7 @@ const newTokens = Number(opts.newTokens);
 // A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
 const arenaBytes = 16 * 2 ** 30;
 const engine = createEngine({ backend: opts.device, arenaBytes });
-const bandwidthGBs = engine.measureBandwidth(4 * 2 ** 30, 20);
+const bandwidthGBs = opts.device === 'cuda' ? engine.measureBandwidth(4 * 2 ** 30, 20) : NaN;
 console.log(`device read bandwidth: ${bandwidthGBs.toFixed(0)} GB/s`);
 
 interface Row {
@@ -112,6 +113,40 @@ for (const name of list(opts.models)) {
       );
     }
   }
+  if (opts.profilePrefill) await profilePrefill(model, Number(opts.profilePrefill), spec.vocabSize);
   disposeRankModel(model);
+}
+
+/** Host time per engine method over one eager prefill (the GPU runs asynchronously behind most calls). */
+async function profilePrefill(model: Parameters<typeof buildRankModel> extends never ? never : ReturnType<typeof buildRankModel>, n: number, vocab: number): Promise<void> {
+  const totals = new Map<string, { calls: number; ms: number }>();
+  const timed = new Proxy(engine, {
+    get(target, key, receiver) {
+      const value = Reflect.get(target, key, receiver) as unknown;
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        const started = performance.now();
+        try {
+          return (value as (...a: unknown[]) => unknown).apply(target, args);
+        } finally {
+          const entry = totals.get(String(key)) ?? { calls: 0, ms: 0 };
+          entry.calls++;
+          entry.ms += performance.now() - started;
+          totals.set(String(key), entry);
+        }
+      };
+    },
+  });
+  const runner = new StepRunner(timed, soloCollectives(), model, { arenaBytes });
+  const ids = randomIds(n, vocab);
+  const step = { tokens: ids, slots: ids.map(() => 0), positions: [...ids.keys()], logitRows: [n - 1], sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } };
+  await runner.step(step);
+  totals.clear();
+  const started = performance.now();
+  await runner.step(step);
+  const wall = performance.now() - started;
+  const rows = [...totals.entries()].sort((a, b) => b[1].ms - a[1].ms);
+  console.log(`prefill of ${n} tokens: ${wall.toFixed(1)} ms wall; host time per engine call:`);
+  for (const [name, { calls, ms }] of rows.slice(0, 12)) console.log(`  ${name.padEnd(14)} ${String(calls).padStart(5)} calls ${ms.toFixed(2).padStart(9)} ms`);
 }
 console.log(JSON.stringify({ bench: 'decode', device: opts.device, bandwidthGBs, newTokens, rows }));
