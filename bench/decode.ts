@@ -27,8 +27,9 @@ const program = new Command('bench-decode')
   .option('--layers <n>', 'override the layer count (a cut model that fits)')
   .option('--device <d>', 'cpu or cuda', 'cuda')
   .option('--profile-prefill <n>', 'also time the host side of each engine call in one prefill of n tokens')
+  .option('--profile-sync', 'with --profile-prefill: synchronise after every call, so each time is that call\'s device time', false)
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; profilePrefill?: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; profilePrefill?: string; profileSync: boolean }>();
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
 const newTokens = Number(opts.newTokens);
@@ -128,12 +129,17 @@ async function profilePrefill(model: Parameters<typeof buildRankModel> extends n
       return (...args: unknown[]) => {
         const started = performance.now();
         try {
-          return (value as (...a: unknown[]) => unknown).apply(target, args);
+          const result = (value as (...a: unknown[]) => unknown).apply(target, args);
+          // with synchronisation, each call's time is its own device time (kernels serialised)
+          if (opts.profileSync && String(key) !== 'synchronize') target.synchronize();
+          return result;
         } finally {
-          const entry = totals.get(String(key)) ?? { calls: 0, ms: 0 };
+          // matrix products by weight shape: the prefill's cost lies in which GEMM shapes run slowly
+          const name = key === 'matmul' ? `matmul [${(args[1] as { shape: number[] }).shape.join('x')}]` : String(key);
+          const entry = totals.get(name) ?? { calls: 0, ms: 0 };
           entry.calls++;
           entry.ms += performance.now() - started;
-          totals.set(String(key), entry);
+          totals.set(name, entry);
         }
       };
     },
@@ -147,7 +153,7 @@ async function profilePrefill(model: Parameters<typeof buildRankModel> extends n
   await runner.step(step);
   const wall = performance.now() - started;
   const rows = [...totals.entries()].sort((a, b) => b[1].ms - a[1].ms);
-  console.log(`prefill of ${n} tokens: ${wall.toFixed(1)} ms wall; host time per engine call:`);
-  for (const [name, { calls, ms }] of rows.slice(0, 12)) console.log(`  ${name.padEnd(14)} ${String(calls).padStart(5)} calls ${ms.toFixed(2).padStart(9)} ms`);
+  console.log(`prefill of ${n} tokens: ${wall.toFixed(1)} ms wall; ${opts.profileSync ? 'device' : 'host'} time per engine call:`);
+  for (const [name, { calls, ms }] of rows.slice(0, 14)) console.log(`  ${name.padEnd(24)} ${String(calls).padStart(5)} calls ${ms.toFixed(2).padStart(9)} ms`);
 }
 console.log(JSON.stringify({ bench: 'decode', device: opts.device, bandwidthGBs, newTokens, rows }));
