@@ -195,6 +195,7 @@ export class Cluster {
       const draftGroup = WorkerGroup.bind({
         world: draftPlan.tp,
         spawnLocal: true,
+        label: 'draft worker',
         ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
         ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
         onFailure: (err) => cluster?.onFault(err),

@@ -38,6 +38,8 @@ export interface WorkerGroupOptions {
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
   /** called once per fault, with the error that failed the group */
   readonly onFailure?: (err: WeftError) => void;
+  /** what errors call this group's processes, so a fault names the group as well as the rank. Defaults to 'worker'. */
+  readonly label?: string;
 }
 
 interface PendingCall {
@@ -87,6 +89,9 @@ function alive(pid: number): boolean {
 }
 
 export class WorkerGroup {
+  private get label(): string {
+    return this.options.label ?? 'worker';
+  }
   private readonly router: zmq.Router;
   private readonly outbox: SendQueue;
   private readonly ranks: RankState[];
@@ -188,13 +193,13 @@ export class WorkerGroup {
       state.stderrTail.push(...chunk.split('\n').filter((line) => line.trim()));
       state.stderrTail.splice(0, Math.max(0, state.stderrTail.length - 5));
     });
-    child.on('error', (err) => this.fail('WEFT_WORKER_DIED', `worker rank ${rank} could not start: ${err.message}`));
+    child.on('error', (err) => this.fail('WEFT_WORKER_DIED', `${this.label} rank ${rank} could not start: ${err.message}`));
     child.on('exit', (code, signal) => {
       if (state.child === child) state.child = null;
       if (this.closing || this.stopped.has(child)) return;
       const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
       const last = state.stderrTail.at(-1);
-      this.fail('WEFT_WORKER_DIED', `worker rank ${rank} (pid ${child.pid}) ${how}${last ? `: ${last}` : ''}`);
+      this.fail('WEFT_WORKER_DIED', `${this.label} rank ${rank} (pid ${child.pid}) ${how}${last ? `: ${last}` : ''}`);
     });
   }
 
@@ -228,7 +233,7 @@ export class WorkerGroup {
             if (!call) break;
             if (!message.ok) {
               const code = (message.error.code.startsWith('WEFT_') ? message.error.code : 'WEFT_WORKER_ERROR') as WeftErrorCode;
-              this.fail(code, `worker rank ${message.rank}: ${message.error.message}`);
+              this.fail(code, `${this.label} rank ${message.rank}: ${message.error.message}`);
               break;
             }
             call.replies.set(message.rank, message.result);
@@ -254,7 +259,7 @@ export class WorkerGroup {
       return;
     }
     if (message.world !== this.options.world) {
-      this.fail('WEFT_PROTOCOL', `worker rank ${rank} was started for ${message.world} ranks, the group has ${this.options.world}`);
+      this.fail('WEFT_PROTOCOL', `${this.label} rank ${rank} was started for ${message.world} ranks, the group has ${this.options.world}`);
       return;
     }
     const previous = state.pid;
@@ -266,7 +271,7 @@ export class WorkerGroup {
     state.bytesTotal = 0;
     // a rank that says hello again while the group runs has restarted and lost its weights and KV cache
     if (previous !== null && previous !== message.pid && !this.joinWaiter) {
-      this.fail('WEFT_WORKER_DIED', `worker rank ${rank} restarted (pid ${previous} is gone, pid ${message.pid} took its place)`);
+      this.fail('WEFT_WORKER_DIED', `${this.label} rank ${rank} restarted (pid ${previous} is gone, pid ${message.pid} took its place)`);
       return;
     }
     if (this.allJoined()) this.joinWaiter?.();
@@ -279,8 +284,8 @@ export class WorkerGroup {
     const timeoutMs = this.options.heartbeatTimeoutMs ?? 30_000;
     this.ranks.forEach((state, rank) => {
       if (state.pid === null) return;
-      if (state.local && state.child === null && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `worker rank ${rank} (pid ${state.pid}) is gone`);
-      else if (now - state.lastSeen > timeoutMs) this.fail('WEFT_WORKER_DIED', `worker rank ${rank} (pid ${state.pid}) sent no heartbeat for ${now - state.lastSeen} ms`);
+      if (state.local && state.child === null && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${this.label} rank ${rank} (pid ${state.pid}) is gone`);
+      else if (now - state.lastSeen > timeoutMs) this.fail('WEFT_WORKER_DIED', `${this.label} rank ${rank} (pid ${state.pid}) sent no heartbeat for ${now - state.lastSeen} ms`);
       else this.post(rank, { v: PROTOCOL_VERSION, type: 'ping', session: this.session });
     });
   }

@@ -44,3 +44,42 @@ test('a coordinator killed with SIGKILL leaves no worker behind', async () => {
   // workers watch their parent once per heartbeat (500 ms)
   assert.ok(await waitFor(() => processesMentioning(marker).length === 0, 5000), `workers still alive: ${processesMentioning(marker).join(', ')}`);
 });
+
+test('a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, naming the rank', async () => {
+  const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1, heartbeatTimeoutMs: 1500 });
+  try {
+    const events = cluster.generate({ promptIds: readReference(model).prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
+    assert.equal((await events.next()).done, false);
+    process.kill(cluster.workerPids()[1]!, 'SIGSTOP'); // alive, but silent: no exit event, only the missing heartbeat
+    const started = Date.now();
+    await assert.rejects(
+      (async () => {
+        for (let e = await events.next(); !e.done; e = await events.next());
+      })(),
+      (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /rank 1/.test(err.message) && /heartbeat/.test(err.message),
+    );
+    assert.ok(Date.now() - started < 5000, `noticed in ${Date.now() - started} ms`);
+  } finally {
+    await cluster.close(); // SIGKILL reaches a stopped process
+  }
+  assert.ok(await waitFor(() => processesMentioning(`--parent-pid\0${process.pid}\0`).length === 0, 5000), 'no worker left behind');
+});
+
+test('a draft worker killed during speculative decoding fails the request, naming the draft group', async () => {
+  const cluster = await startCluster({ modelDir: fixtureDir(model), threads: 1, draft: { modelDir: fixtureDir('llama-tiny-bf16'), k: 2 } });
+  try {
+    const events = cluster.generate({ promptIds: readReference(model).prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
+    assert.equal((await events.next()).done, false);
+    const [, draftPid] = cluster.workerPids(); // target rank 0, then draft rank 0
+    process.kill(draftPid!, 'SIGKILL');
+    await assert.rejects(
+      (async () => {
+        for (let e = await events.next(); !e.done; e = await events.next());
+      })(),
+      (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /draft worker rank 0/.test(err.message),
+    );
+  } finally {
+    await cluster.close();
+  }
+  assert.ok(await waitFor(() => processesMentioning(`--parent-pid\0${process.pid}\0`).length === 0, 5000), 'no worker left behind');
+});
