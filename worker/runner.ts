@@ -87,21 +87,22 @@ export class StepRunner {
    * chunk writes its keys and values before the next chunk's queries read them, as in one step.
    */
   private async chunked(batch: StepBatch): Promise<StepResult> {
-    const results: StepResult[] = [];
-    const rowsDone: number[] = [];
+    const vocab = this.rankModel.model.spec.vocabSize;
+    // What each logit row (by its index in batch.logitRows) produced, filled chunk by chunk.
+    const tokens: number[] = [];
+    const logprobs: number[] = [];
+    const full = new Float32Array(batch.fullLogprobs && this.comm.rank === 0 ? batch.logitRows.length * vocab : 0);
     for (let start = 0; start < batch.tokens.length; start += this.maxStepTokens) {
       const end = Math.min(start + this.maxStepTokens, batch.tokens.length);
-      const picked = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
-      if (picked.length === 0 && end < batch.tokens.length) {
-        // no logits wanted from this chunk: still run it (its KV entries are needed), ask for one row
-        picked.push(-1);
-      }
-      const take = <T>(values: readonly T[] | undefined): T[] => picked.map((i) => values![i === -1 ? 0 : i]!);
+      const mine = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
+      // A chunk nobody wants logits from still runs (its keys and values are needed); it asks for its last row.
+      const rows = mine.length ? mine : [-1];
+      const take = <T>(values: readonly T[]): T[] => rows.map((i) => values[Math.max(i, 0)]!);
       const chunk: StepBatch = {
         tokens: batch.tokens.slice(start, end),
         slots: batch.slots.slice(start, end),
         positions: batch.positions.slice(start, end),
-        logitRows: picked.map((i) => (i === -1 ? end - 1 - start : batch.logitRows[i]! - start)),
+        logitRows: rows.map((i) => (i < 0 ? end - 1 : batch.logitRows[i]!) - start),
         ...(batch.sample && {
           sample: { temperature: take(batch.sample.temperature), topK: take(batch.sample.topK), topP: take(batch.sample.topP), uniform: take(batch.sample.uniform) },
         }),
@@ -109,32 +110,19 @@ export class StepRunner {
         ...(batch.fullLogprobs && { fullLogprobs: true }),
       };
       const result = await this.eager(chunk);
-      if (picked[0] === -1) continue;
-      results.push(result);
-      rowsDone.push(...picked);
-    }
-    // Reassemble in the order of batch.logitRows.
-    const order = rowsDone.map((row, k) => ({ row, k })).sort((a, b) => a.row - b.row).map((e) => e.k);
-    const flat = <T>(pick: (r: StepResult) => T[] | undefined): T[] | undefined => {
-      const all = results.flatMap((r) => pick(r) ?? []);
-      return all.length ? order.map((k) => all[k]!) : undefined;
-    };
-    const merged: StepResult = {};
-    const tokens = flat((r) => r.tokens);
-    const logprobs = flat((r) => r.logprobs);
-    if (tokens) merged.tokens = tokens;
-    if (logprobs) merged.logprobs = logprobs;
-    if (batch.fullLogprobs && this.comm.rank === 0) {
-      const vocab = this.rankModel.model.spec.vocabSize;
-      const rows = results.flatMap((r) => {
-        const floats = new Float32Array(r.fullLogprobs!.slice().buffer);
-        return Array.from({ length: floats.length / vocab }, (_, i) => floats.subarray(i * vocab, (i + 1) * vocab));
+      if (!mine.length) continue;
+      const rowsFull = result.fullLogprobs ? new Float32Array(result.fullLogprobs.slice().buffer) : null;
+      mine.forEach((i, k) => {
+        if (result.tokens) tokens[i] = result.tokens[k]!;
+        if (result.logprobs) logprobs[i] = result.logprobs[k]!;
+        if (rowsFull) full.set(rowsFull.subarray(k * vocab, (k + 1) * vocab), i * vocab);
       });
-      const joined = new Float32Array(rows.length * vocab);
-      order.forEach((k, i) => joined.set(rows[k]!, i * vocab));
-      merged.fullLogprobs = new Uint8Array(joined.buffer);
     }
-    return merged;
+    return {
+      ...(tokens.length && { tokens }),
+      ...(logprobs.length && { logprobs }),
+      ...(full.length && { fullLogprobs: new Uint8Array(full.buffer) }),
+    };
   }
 
   /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`. */
