@@ -13,17 +13,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
+import { prng } from '../helpers/random.ts';
 
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const seed = Date.now() & 0xffff; // fresh inputs each run; failures print the seed
 const rand = prng(seed);
 const seedNote = `seed ${seed}`;

@@ -10,20 +10,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
+import { prng } from '../helpers/random.ts';
 
 // ---- helpers
 
-/** mulberry32: a tiny seeded PRNG, uniform in [0, 1). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const randoms = (rand: () => number, n: number, lo = -1, hi = 1): Float32Array =>
   Float32Array.from({ length: n }, () => lo + (hi - lo) * rand());
 

@@ -12,21 +12,6 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
-__device__ double block_sum(double v) {
-  __shared__ double partial[32];
-  __shared__ double total;
-  v = warp_sum(v);
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    double s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0;
-    s = warp_sum(s);
-    if (threadIdx.x == 0) total = s;
-  }
-  __syncthreads();
-  return total;
-}
 
 __device__ __forceinline__ float inv_rms_of(double sum_sq, int64_t H, float eps) {
   float mean_sq = H > 0 ? static_cast<float>(sum_sq / static_cast<double>(H)) : 0.0f;

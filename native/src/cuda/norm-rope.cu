@@ -11,20 +11,11 @@ constexpr int kNormThreads = 256;
 template <typename W>
 __global__ void rms_norm(const float* __restrict__ x, const W* __restrict__ weight, float* __restrict__ out,
                          int64_t H, float eps) {
-  __shared__ double partial[kNormThreads / 32];
   const float* xr = x + blockIdx.x * H;
   double sum = 0;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
-  sum = warp_sum(sum);
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    double s = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.0;
-    s = warp_sum(s);
-    if (threadIdx.x == 0) partial[0] = s;
-  }
-  __syncthreads();
-  float mean_sq = H > 0 ? static_cast<float>(partial[0] / static_cast<double>(H)) : 0.0f;
+  sum = block_sum(sum);
+  float mean_sq = H > 0 ? static_cast<float>(sum / static_cast<double>(H)) : 0.0f;
   float inv_rms = 1.0f / sqrtf(mean_sq + eps);
   float* o = out + blockIdx.x * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], inv_rms), to_f32(weight[i]));
