@@ -5,7 +5,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { startCluster, type Cluster } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
-import { WeftError, isWeftError } from './errors.ts';
+import { WeftError, exitCodeFor, isWeftError } from './errors.ts';
 import { runWorker } from '../worker/main.ts';
 import { WORKER_SECRET_ENV } from './worker-group.ts';
 import { readFileSync } from 'node:fs';
@@ -313,6 +313,6 @@ export async function main(argv: string[]): Promise<number> {
     if (commanderCode.startsWith('commander.')) return 2; // commander already printed its one line
     const message = isWeftError(err) ? `${err.code}: ${err.message}` : (err as Error).message ?? String(err);
     process.stderr.write(`weft: ${message.split('\n')[0]}\n`);
-    return 1;
+    return exitCodeFor(err);
   }
 }

@@ -29,3 +29,16 @@ export class WeftError extends Error {
 export function isWeftError(err: unknown): err is WeftError {
   return err instanceof Error && typeof (err as { code?: unknown }).code === 'string' && (err as unknown as { code: string }).code.startsWith('WEFT_');
 }
+
+/**
+ * Exit code of a command that failed on its configuration (model files, architecture, split): EX_CONFIG from
+ * sysexits.h. pm2 is told not to restart a process that exits with it: a restart cannot help.
+ */
+export const EXIT_CONFIG = 78;
+
+const CONFIG_CODES: ReadonlySet<string> = new Set(['WEFT_BAD_MODEL', 'WEFT_UNSUPPORTED_MODEL', 'WEFT_BAD_WEIGHTS', 'WEFT_BAD_SHARD']);
+
+/** The exit code for an error that ends a command: EXIT_CONFIG for configuration errors, 1 otherwise. */
+export function exitCodeFor(err: unknown): number {
+  return isWeftError(err) && CONFIG_CODES.has(err.code) ? EXIT_CONFIG : 1;
+}

@@ -5,6 +5,7 @@
  * Pure: builds the object; launch.ts writes and starts it.
  */
 import { join } from 'node:path';
+import { EXIT_CONFIG } from '../coordinator/errors.ts';
 
 export interface EcosystemConfig {
   /** cluster name: apps are weft-<name>-coordinator and weft-<name>-rank-<r> */
@@ -52,7 +53,7 @@ export interface Pm2App {
 }
 
 /** exit code weft reserves for configuration errors: pm2 does not restart a process that exits with it */
-export const CONFIG_EXIT_CODE = 78;
+export const CONFIG_EXIT_CODE = EXIT_CONFIG;
 
 export function buildEcosystem(config: EcosystemConfig): { apps: Pm2App[] } {
   const namespace = `weft-${config.name}`;

@@ -78,7 +78,9 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
   after(() => rmSync(scratch, { recursive: true, force: true }));
 
   test('a missing model directory', async () => {
-    assertCleanFailure(await runWeft(['generate', '--model', join(scratch, 'nope'), '--prompt', 'hi']), /WEFT_BAD_MODEL.*nope/);
+    const result = await runWeft(['generate', '--model', join(scratch, 'nope'), '--prompt', 'hi']);
+    assertCleanFailure(result, /WEFT_BAD_MODEL.*nope/);
+    assert.equal(result.code, 78, 'configuration errors exit with EX_CONFIG, which pm2 does not restart');
   });
 
   test('missing weights', async () => {
@@ -122,7 +124,9 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
 
   test('a prompt longer than the context', async () => {
     const ids = Array.from({ length: 600 }, (_, i) => 2 + (i % 400)).join(',');
-    assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt-ids', ids]), /WEFT_BAD_REQUEST.*600.*512/);
+    const result = await runWeft(['generate', '--model', llama, '--prompt-ids', ids]);
+    assertCleanFailure(result, /WEFT_BAD_REQUEST.*600.*512/);
+    assert.equal(result.code, 1, 'a bad request is not a configuration error');
   });
 
   test('invalid sampling parameters', async () => {
