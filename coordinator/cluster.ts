@@ -198,7 +198,8 @@ export class Cluster {
         label: 'draft worker',
         ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
         ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
-        onFailure: (err) => cluster?.onFault(err),
+        // a dead draft costs speed, not requests: decoding goes on with the target alone
+        onFailure: (err) => cluster?.speculative?.disableDraft(err),
       });
       await draftGroup;
       const draftInit = { ...initCommand, modelDir: options.draft.modelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
@@ -382,9 +383,9 @@ export class Cluster {
     await Promise.all([this.group?.close(), this.draft?.group?.close()]);
   }
 
-  /** Speculative decoding counters: rounds, proposed and accepted draft tokens, time in each model. */
-  speculationStats(): SpeculationStats | null {
-    return this.speculative ? { ...this.speculative.stats } : null;
+  /** Speculative decoding counters (rounds, proposed and accepted draft tokens, time in each model), and the draft fault that turned it off, if any. */
+  speculationStats(): (SpeculationStats & { draftError: string | null }) | null {
+    return this.speculative ? { ...this.speculative.stats, draftError: this.speculative.draftError?.message ?? null } : null;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -264,7 +264,8 @@ export class Scheduler {
     const decoding = gens.filter((j) => j.seq.position > 0);
     const prefilling = gens.filter((j) => j.seq.position === 0);
     const speculate = this.options.speculative;
-    if (speculate && prefilling.length === 0) return { batch: { tokens: [], slots: [], positions: [], logitRows: [] }, rows: decoding, speculate };
+    // after a draft fault (speculate.draftError) decoding goes back to plain steps
+    if (speculate && !speculate.draftError && prefilling.length === 0) return { batch: { tokens: [], slots: [], positions: [], logitRows: [] }, rows: decoding, speculate };
     const budget = this.options.maxBatchTokens ?? 2048;
     const rows: GenerateJob[] = [...decoding];
     let tokens = decoding.length;

@@ -133,6 +133,8 @@ export interface RoundSequence {
 export class SpeculativeExecutor {
   private readonly drafts = new WeakMap<SequenceState, DraftState>();
   readonly stats: SpeculationStats = { rounds: 0, proposed: 0, accepted: 0, emitted: 0, draftSeconds: 0, targetSeconds: 0 };
+  /** Set when the draft group failed: rounds go on with the target alone (k = 0), so no request fails for it. */
+  private draftFault: Error | null = null;
 
   constructor(
     private readonly k: number,
@@ -146,26 +148,20 @@ export class SpeculativeExecutor {
     const drafts = rows.map(({ seq }) => this.draftState(seq));
     // Every sequence drafts the same k this round, cut so the target's k + 1 positions fit the context.
     const room = Math.min(...rows.map(({ seq }) => this.maxContext - seq.position - seq.input.length));
-    const k = Math.max(0, Math.min(this.k, room));
+    let k = this.draftFault ? 0 : Math.max(0, Math.min(this.k, room));
     const greedy = rows.map(({ seq }) => seq.params.temperature <= 0);
     const proposals: number[][] = rows.map(() => []);
     const q: Float64Array[][] = rows.map(() => []);
 
     const draftStarted = performance.now();
-    for (let j = 0; j < k; j++) {
-      const batch = emptyBatch();
-      rows.forEach(({ seq, slot }, r) => {
-        const input = j === 0 ? drafts[r]!.pending : [proposals[r]![j - 1]!];
-        const position = j === 0 ? drafts[r]!.position : drafts[r]!.position + drafts[r]!.pending.length + j - 1;
-        pushRow(batch, slot, input, position, seq, seq.nextUniform());
-      });
-      const anySampled = greedy.some((g) => !g);
-      const result = await this.draftStep(anySampled ? { ...batch, fullLogprobs: true } : batch);
-      const rowsLogprobs = anySampled ? splitRows(result.fullLogprobs!, rows.length) : null;
-      rows.forEach(({ seq }, r) => {
-        proposals[r]!.push(result.tokens![r]!);
-        if (rowsLogprobs) q[r]!.push(samplingDistribution(rowsLogprobs[r]!, seq.params));
-      });
+    try {
+      await this.propose(rows, drafts, greedy, k, proposals, q);
+    } catch (err) {
+      // A dead draft only costs speed: this round and the ones after it decode with the target alone.
+      this.disableDraft(err as Error);
+      k = 0;
+      proposals.forEach((p) => (p.length = 0));
+      q.forEach((rowQ) => (rowQ.length = 0));
     }
     this.stats.draftSeconds += (performance.now() - draftStarted) / 1000;
 
@@ -216,6 +212,44 @@ export class SpeculativeExecutor {
     });
     this.stats.rounds++;
     return produced;
+  }
+
+  /** k draft steps, one row per sequence: proposals and, for sampled rows, the draft's distributions. */
+  private async propose(
+    rows: readonly RoundSequence[],
+    drafts: DraftState[],
+    greedy: boolean[],
+    k: number,
+    proposals: number[][],
+    q: Float64Array[][],
+  ): Promise<void> {
+    for (let j = 0; j < k; j++) {
+      const batch = emptyBatch();
+      rows.forEach(({ seq, slot }, r) => {
+        const input = j === 0 ? drafts[r]!.pending : [proposals[r]![j - 1]!];
+        const position = j === 0 ? drafts[r]!.position : drafts[r]!.position + drafts[r]!.pending.length + j - 1;
+        pushRow(batch, slot, input, position, seq, seq.nextUniform());
+      });
+      const anySampled = greedy.some((g) => !g);
+      const result = await this.draftStep(anySampled ? { ...batch, fullLogprobs: true } : batch);
+      const rowsLogprobs = anySampled ? splitRows(result.fullLogprobs!, rows.length) : null;
+      rows.forEach(({ seq }, r) => {
+        proposals[r]!.push(result.tokens![r]!);
+        if (rowsLogprobs) q[r]!.push(samplingDistribution(rowsLogprobs[r]!, seq.params));
+      });
+    }
+  }
+
+  /** Stop drafting after a draft-group fault (logged once); requests continue on the target alone. */
+  disableDraft(err: Error): void {
+    if (this.draftFault) return;
+    this.draftFault = err;
+    process.stderr.write(`weft: speculative decoding is off from now on, the draft failed: ${err.message}\n`);
+  }
+
+  /** The draft-group fault that turned speculation off, if any. */
+  get draftError(): Error | null {
+    return this.draftFault;
   }
 
   /** A sequence new to speculation: the draft has seen nothing of it yet. */
