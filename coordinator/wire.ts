@@ -6,6 +6,7 @@
 import { Packr } from 'msgpackr';
 import type * as zmq from 'zeromq';
 import { WeftError } from './errors.ts';
+import { checkMsgpack } from './api/msgpack-guard.ts';
 
 const packr = new Packr({ useRecords: false, structuredClone: false, moreTypes: false, mapsAsObjects: true, int64AsType: 'number' });
 
@@ -16,8 +17,13 @@ export function encode(message: unknown): Buffer {
   return packr.pack(message);
 }
 
-/** Decode an untrusted frame; a malformed one becomes a WEFT_PROTOCOL error, never a crash. */
+/**
+ * Decode an untrusted frame; a malformed one becomes a WEFT_PROTOCOL error, never a crash. Every socket's
+ * frames come through here, so every one is pre-scanned (no ext types, bounded nesting and lengths) before
+ * msgpackr sees it.
+ */
 export function decode(frame: Buffer | Uint8Array): unknown {
+  checkMsgpack(frame);
   try {
     return packr.unpack(frame instanceof Buffer ? frame : Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength));
   } catch (err) {

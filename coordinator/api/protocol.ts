@@ -10,7 +10,6 @@
  */
 import { z } from 'zod';
 import { WeftError } from '../errors.ts';
-import { checkMsgpack } from './msgpack-guard.ts';
 import { decode } from '../wire.ts';
 
 export const RPC_VERSION = 1;
@@ -52,8 +51,7 @@ export type RpcResponse =
 
 /** Read one client frame. On failure the error carries the request id when one could be read. */
 export function parseRpcRequest(frame: Buffer): RpcRequest {
-  checkMsgpack(frame);
-  const value = decode(frame);
+  const value = decode(frame); // pre-scanned inside decode
   const parsed = requestSchema.safeParse(value);
   if (parsed.success) return parsed.data;
   const issue = parsed.error.issues[0];
@@ -73,7 +71,6 @@ const responseSchema = z.union([
 
 /** Read one server frame (the client trusts the server no more than the server trusts it). */
 export function parseRpcResponse(frame: Buffer): RpcResponse {
-  checkMsgpack(frame);
   const parsed = responseSchema.safeParse(decode(frame));
   if (!parsed.success) throw new WeftError('WEFT_PROTOCOL', `invalid response from the server: ${parsed.error.issues[0]?.message ?? 'unknown problem'}`);
   return parsed.data as RpcResponse;
