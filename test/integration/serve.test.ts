@@ -3,6 +3,7 @@
  * OpenAI-compatible HTTP endpoints, 16 concurrent requests answered exactly as when run alone, cancellation
  * freeing the KV slot, the RPC socket surviving fuzzed frames, and SIGTERM leaving no process behind.
  */
+import { readFileSync } from 'node:fs';
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -155,9 +156,13 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
       pack({ v: 1, type: 'score', id: 7, ids: [] }),
       pack([1, 2, 3]),
       pack('generate'),
-      ...Array.from({ length: 150 }, (_, i) => randomBytes(1 + (i % 64))),
-      ...Array.from({ length: 50 }, (_, i) => pack({ v: 1, type: ['generate', 'score', 'cancel', 'info'][i % 4], id: i, [`k${i}`]: randomBytes(i) })),
+      // reliability.md G6: 10,000 frames in all, random bytes and random messages of the right envelope
+      ...Array.from({ length: 7_000 }, (_, i) => randomBytes(1 + (i % 64))),
+      ...Array.from({ length: 2_985 }, (_, i) => pack({ v: 1, type: ['generate', 'score', 'cancel', 'info'][i % 4], id: i, [`k${i % 97}`]: randomBytes(i % 200) })),
     ];
+    assert.equal(frames.length, 10_000);
+    const rssKiB = (): number => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${server.child.pid}/status`, 'utf8'))?.[1] ?? 0);
+    const rssBefore = rssKiB();
     for (const frame of frames) {
       await raw.send(frame);
       const [answer] = await raw.receive();
@@ -171,6 +176,8 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
     await huge.send(Buffer.alloc(8 << 20));
     huge.close();
     raw.close();
+    const growthMiB = (rssKiB() - rssBefore) / 1024;
+    assert.ok(growthMiB <= 64, `coordinator RSS grew ${growthMiB.toFixed(1)} MiB over 10,000 bad frames`);
     const { tokens } = await collect(client.generate({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 5, ignoreEos: true } }));
     assert.deepEqual(tokens, reference.greedy[0]!.slice(0, 5));
     assert.equal(server.child.exitCode, null, 'the coordinator is still running');
