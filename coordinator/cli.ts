@@ -53,6 +53,7 @@ interface ClusterFlags {
   maxContext?: number;
   kvSlots?: number;
   threads?: number;
+  expertParallel?: boolean;
   draft?: string;
   draftTp?: number;
   speculateK?: number;
@@ -67,6 +68,7 @@ function clusterFlags(flags: ClusterFlags) {
     ...(flags.maxContext !== undefined && { maxContext: flags.maxContext }),
     ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
     ...(flags.threads !== undefined && { threads: flags.threads }),
+    ...(flags.expertParallel && { expertParallel: true }),
     ...(flags.draft !== undefined && { draft: { modelDir: flags.draft, tp: flags.draftTp ?? 1, k: flags.speculateK ?? 4 } }),
   };
 }
@@ -79,6 +81,7 @@ function clusterOptions(command: Command): Command {
     .option('--max-context <n>', 'cap on the context length (KV cache per sequence)', integer('--max-context', 1))
     .option('--kv-slots <n>', 'sequences with a KV cache at once', integer('--kv-slots', 1))
     .option('--threads <n>', 'CPU threads per worker', integer('--threads', 1))
+    .option('--expert-parallel', 'Mixtral: whole experts per rank instead of every expert cut across ranks')
     .option('--draft <dir>', 'draft model (same vocabulary) for speculative decoding')
     .option('--draft-tp <n>', "the draft model's tensor-parallel degree", integer('--draft-tp', 1))
     .option('--speculate-k <k>', 'draft tokens proposed per round', integer('--speculate-k', 1));

@@ -26,6 +26,8 @@ export interface ClusterOptions {
   readonly modelDir: string;
   /** Tensor-parallel degree: the number of worker processes. Defaults to 1. */
   readonly tp?: number;
+  /** Mixtral: split whole experts across the ranks instead of cutting every expert (see PlanOptions). Defaults to false. */
+  readonly expertParallel?: boolean;
   /** Defaults to 'cpu'. */
   readonly device?: 'cpu' | 'cuda';
   /** Sequences that can hold a KV cache at once. Defaults to 4. */
@@ -162,7 +164,7 @@ export class Cluster {
   static async open(options: ClusterOptions): Promise<Cluster> {
     const spec = readModelSpec(options.modelDir);
     const tp = options.tp ?? 1;
-    const plan = planShards(spec, tp);
+    const plan = planShards(spec, tp, { expertParallel: options.expertParallel ?? false });
     const tokenizer = loadTokenizer(options.modelDir);
     const device = options.device ?? 'cpu';
     if (!existsSync(join(options.modelDir, 'model.safetensors')) && !existsSync(join(options.modelDir, 'model.safetensors.index.json')))

@@ -52,3 +52,27 @@ for (const model of FIXTURE_MODELS) {
     }
   });
 }
+
+describe('mixtral-tiny with expert parallelism (whole experts per rank) matches Hugging Face', () => {
+  const reference = readReference('mixtral-tiny');
+  for (const tp of [2, 4]) {
+    test(`TP=${tp}: log-probs within 1e-3, greedy tokens identical`, async () => {
+      const cluster = await startCluster({ modelDir: fixtureDir('mixtral-tiny'), tp, threads: 1, expertParallel: true });
+      try {
+        assert.equal(cluster.plan.expertParallel, true);
+        assert.deepEqual(cluster.plan.ranks.map((r) => [r.experts.start, r.experts.end]), Array.from({ length: tp }, (_, r) => [(r * 4) / tp, ((r + 1) * 4) / tp]));
+        for (let i = 0; i < reference.prompts.length; i++) {
+          const expected = await referenceLogprobs('mixtral-tiny', i);
+          const { full } = await cluster.score(reference.prompts[i]!, { full: true });
+          full!.forEach((row, r) => assert.ok(maxAbsDiff(row, expected[r]!) < LOGPROB_TOLERANCE, `prompt ${i} position ${r}`));
+          let tokens: number[] = [];
+          for await (const event of cluster.generate({ promptIds: reference.prompts[i]!, sampling: { maxNewTokens: 24, ignoreEos: true } }))
+            if (event.type === 'done') tokens = event.tokens;
+          assert.deepEqual(tokens, reference.greedy[i], `prompt ${i}`);
+        }
+      } finally {
+        await cluster.close();
+      }
+    });
+  }
+});

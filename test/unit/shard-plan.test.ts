@@ -5,6 +5,7 @@ import { describe, it } from 'node:test';
 import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
 import { planShards, workingTpSizes } from '../../coordinator/shard-plan.ts';
 import { weftError } from '../helpers/safetensors-files.ts';
+import { fixtureDir } from '../helpers/fixtures.ts';
 
 const LLAMA_TINY = readModelSpec(path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny/llama-tiny')); // 4 heads, 2 kv, ffn 176, vocab 512
 
@@ -18,15 +19,15 @@ const MIXTRAL_8X7B = spec({ family: 'mixtral', architecture: 'MixtralForCausalLM
 describe('planShards', () => {
   it('tp 1 holds everything', () => {
     assert.deepEqual(planShards(LLAMA_TINY, 1), {
-      tp: 1, nHeadsPerRank: 4, nKvHeadsPerRank: 2, ffnPerRank: 176,
-      ranks: [{ rank: 0, qHeads: { start: 0, end: 4 }, kvHeads: { start: 0, end: 2 }, ffn: { start: 0, end: 176 }, vocab: { start: 0, end: 512 } }],
+      tp: 1, nHeadsPerRank: 4, nKvHeadsPerRank: 2, ffnPerRank: 176, expertParallel: false,
+      ranks: [{ rank: 0, qHeads: { start: 0, end: 4 }, kvHeads: { start: 0, end: 2 }, ffn: { start: 0, end: 176 }, vocab: { start: 0, end: 512 }, experts: { start: 0, end: 0 }, expertFfn: { start: 0, end: 176 } }],
     });
   });
 
   it('tp 2 splits heads, kv heads, ffn and vocab evenly', () => {
     const plan = planShards(LLAMA_TINY, 2);
     assert.deepEqual([plan.nHeadsPerRank, plan.nKvHeadsPerRank, plan.ffnPerRank], [2, 1, 88]);
-    assert.deepEqual(plan.ranks[1], { rank: 1, qHeads: { start: 2, end: 4 }, kvHeads: { start: 1, end: 2 }, ffn: { start: 88, end: 176 }, vocab: { start: 256, end: 512 } });
+    assert.deepEqual(plan.ranks[1], { rank: 1, qHeads: { start: 2, end: 4 }, kvHeads: { start: 1, end: 2 }, ffn: { start: 88, end: 176 }, vocab: { start: 256, end: 512 }, experts: { start: 0, end: 0 }, expertFfn: { start: 88, end: 176 } });
     assert.deepEqual(JSON.parse(JSON.stringify(plan)), plan); // plain data
   });
 
@@ -101,5 +102,24 @@ describe('planShards refusals (WEFT_BAD_SHARD, before any load)', () => {
     for (const tp of [0, -2, 1.5, Number.NaN]) {
       assert.throws(() => planShards(LLAMA_TINY, tp), weftError('WEFT_BAD_SHARD', new RegExp(`tp must be a positive integer, got ${tp}\\. TP sizes that work for this model: 1, 2, 4`)));
     }
+  });
+});
+
+describe('planShards with expert parallelism', () => {
+  const mixtral = readModelSpec(fixtureDir('mixtral-tiny'));
+  it('whole experts per rank, nothing cut along the intermediate dimension', () => {
+    const plan = planShards(mixtral, 2, { expertParallel: true });
+    assert.equal(plan.expertParallel, true);
+    assert.deepEqual(plan.ranks.map((r) => [r.experts, r.expertFfn]), [
+      [{ start: 0, end: 2 }, { start: 0, end: mixtral.ffnDim }],
+      [{ start: 2, end: 4 }, { start: 0, end: mixtral.ffnDim }],
+    ]);
+    const cut = planShards(mixtral, 2);
+    assert.deepEqual(cut.ranks[1]!.experts, { start: 0, end: 4 });
+    assert.deepEqual(cut.ranks[1]!.expertFfn, cut.ranks[1]!.ffn);
+  });
+  it('refused when the experts do not divide, or the model has none', () => {
+    assert.throws(() => planShards({ ...mixtral, nHeads: 8, nKvHeads: 8 }, 8, { expertParallel: true }), weftError('WEFT_BAD_SHARD', /4 experts do not divide by 8/));
+    assert.throws(() => planShards(LLAMA_TINY, 2, { expertParallel: true }), weftError('WEFT_BAD_SHARD', /no experts/));
   });
 });

@@ -1,6 +1,7 @@
 /**
  * Mixtral: Llama's blocks with a sparse mixture-of-experts feed-forward. Every rank holds every expert cut
- * along its intermediate dimension, so a layer costs one all-reduce and all ranks work on every token.
+ * along its intermediate dimension, so a layer costs one all-reduce and all ranks work on every token; or,
+ * with expert parallelism, whole experts split across ranks, and the same all-reduce adds the ranks' parts.
  * The router follows Hugging Face: softmax over all experts in fp32, top-k, weights renormalised to sum 1.
  */
 import type { Collectives } from '../collectives/collectives.ts';
@@ -9,7 +10,8 @@ import { float32Tensor, int32Tensor, type Ops, type Tensor } from './ops.ts';
 
 export interface MixtralLayer extends AttentionWeights {
   readonly router: Tensor; // [nExperts, hidden]
-  readonly experts: readonly DenseFeedForward[]; // each cut to ffnPerRank
+  /** every expert cut to this rank's slice of the intermediate dimension; or, with expert parallelism, whole experts for this rank's share and null for the rest */
+  readonly experts: readonly (DenseFeedForward | null)[];
   readonly nExpertsPerToken: number;
 }
 
@@ -46,7 +48,7 @@ export const moeFeedForward: FeedForward<MixtralLayer> = async (ops: Ops, comm: 
   const out = ops.zeros('f32', [nTokens, hidden]);
   layer.experts.forEach((expert, e) => {
     const rows = routing.rows[e]!;
-    if (rows.length === 0) return; // an expert no token chose is never read
+    if (!expert || rows.length === 0) return; // another rank's expert, or one no token chose: never read
     const rowIndex = int32Tensor(ops, rows);
     const hiddenState = ops.siluMul(ops.matmul(ops.gatherRows(x, rowIndex), expert.w13));
     ops.scatterAddRows(out, ops.matmul(hiddenState, expert.w2), rowIndex, float32Tensor(ops, routing.weights[e]!));

@@ -65,7 +65,8 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
       const layer: MixtralLayer = {
         ...attention,
         router: take(`layers.${i}.router`),
-        experts: Array.from({ length: spec.nExperts }, (_, e) => dense(`layers.${i}.experts.${e}`)),
+        // with expert parallelism a rank holds only its share of the experts; the others are null here
+        experts: Array.from({ length: spec.nExperts }, (_, e) => (e >= shard.experts.start && e < shard.experts.end ? dense(`layers.${i}.experts.${e}`) : null)),
         nExpertsPerToken: spec.nExpertsPerToken,
       };
       return layer;
@@ -95,7 +96,7 @@ export function disposeRankModel({ model }: RankModel): void {
   const tensors: Tensor[] = [model.embed, model.norm, model.lmHead, model.invFreq, ...model.kvCache.flatMap((c) => [c.k, c.v])];
   for (const layer of model.layers) {
     for (const value of Object.values(layer)) {
-      if (Array.isArray(value)) value.forEach((expert: Record<string, Tensor>) => tensors.push(...Object.values(expert)));
+      if (Array.isArray(value)) value.forEach((expert: Record<string, Tensor> | null) => expert && tensors.push(...Object.values(expert)));
       else if (typeof value === 'object' && value !== null) tensors.push(value as Tensor);
     }
   }

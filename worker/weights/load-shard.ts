@@ -60,9 +60,9 @@ export function shardLayout(spec: ModelSpec, plan: ShardPlan, rank: number): Sha
     if (spec.family === 'mixtral') {
       const moe = `${hf}block_sparse_moe.`;
       out.push(tensor(`${at}router`, [spec.nExperts, hidden], [whole(`${moe}gate.weight`, [spec.nExperts, hidden])]));
-      for (let e = 0; e < spec.nExperts; e++) {
+      for (let e = r.experts.start; e < r.experts.end; e++) {
         const ex = `${moe}experts.${e}.`;
-        out.push(...mlp(`${at}experts.${e}.`, `${ex}w1.weight`, `${ex}w3.weight`, `${ex}w2.weight`, hidden, ffnDim, ffn));
+        out.push(...mlp(`${at}experts.${e}.`, `${ex}w1.weight`, `${ex}w3.weight`, `${ex}w2.weight`, hidden, ffnDim, r.expertFfn));
       }
     } else {
       out.push(...mlp(at, `${hf}mlp.gate_proj.weight`, `${hf}mlp.up_proj.weight`, `${hf}mlp.down_proj.weight`, hidden, ffnDim, ffn));
