@@ -56,6 +56,7 @@ interface ClusterFlags {
   expertParallel?: boolean;
   draft?: string;
   draftTp?: number;
+  draftGpus?: number[];
   speculateK?: number;
 }
 
@@ -69,7 +70,9 @@ function clusterFlags(flags: ClusterFlags) {
     ...(flags.kvSlots !== undefined && { kvSlots: flags.kvSlots }),
     ...(flags.threads !== undefined && { threads: flags.threads }),
     ...(flags.expertParallel && { expertParallel: true }),
-    ...(flags.draft !== undefined && { draft: { modelDir: flags.draft, tp: flags.draftTp ?? 1, k: flags.speculateK ?? 4 } }),
+    ...(flags.draft !== undefined && {
+      draft: { modelDir: flags.draft, tp: flags.draftTp ?? flags.draftGpus?.length ?? 1, k: flags.speculateK ?? 4, ...(flags.draftGpus && { gpus: flags.draftGpus }) },
+    }),
   };
 }
 
@@ -84,6 +87,7 @@ function clusterOptions(command: Command): Command {
     .option('--expert-parallel', 'Mixtral: whole experts per rank instead of every expert cut across ranks')
     .option('--draft <dir>', 'draft model (same vocabulary) for speculative decoding')
     .option('--draft-tp <n>', "the draft model's tensor-parallel degree", integer('--draft-tp', 1))
+    .option('--draft-gpus <list>', "GPU of each draft rank (default: the target's first GPUs)", idList)
     .option('--speculate-k <k>', 'draft tokens proposed per round', integer('--speculate-k', 1));
 }
 
@@ -234,6 +238,7 @@ function buildProgram(): Command {
         device: flags.device,
         ...(flags.gpus !== undefined && { gpus: flags.gpus as number[] }),
         ...(flags.draft !== undefined && { draft: flags.draft as string }),
+        ...(flags.draftGpus !== undefined && { draftGpus: flags.draftGpus as number[] }),
         host: flags.host,
         rpcPort: flags.rpcPort,
         httpPort: flags.httpPort,

@@ -60,7 +60,7 @@ export interface ClusterOptions {
    * processes and TP degree); it proposes `k` tokens per round, which the target verifies in one forward.
    * Defaults to none; `tp` defaults to 1 and `k` to 4.
    */
-  readonly draft?: { readonly modelDir: string; readonly tp?: number; readonly k?: number };
+  readonly draft?: { readonly modelDir: string; readonly tp?: number; readonly k?: number; readonly gpus?: readonly number[] };
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
   readonly onStateChange?: (state: ClusterState, detail: string) => void;
   readonly observer?: SchedulerObserver;
@@ -174,6 +174,8 @@ export class Cluster {
       throw new WeftError('WEFT_BAD_MODEL', `the draft model's vocabulary (${draftSpec.vocabSize} tokens) differs from the target's (${spec.vocabSize}): speculative decoding needs the same vocabulary`);
     const draftPlan = draftSpec ? planShards(draftSpec, options.draft?.tp ?? 1) : null;
     const draftK = options.draft?.k ?? 4;
+    if (options.draft?.gpus && draftPlan && options.draft.gpus.length !== draftPlan.tp)
+      throw new WeftError('WEFT_BAD_REQUEST', `the draft lists ${options.draft.gpus.length} GPUs for a draft TP degree of ${draftPlan.tp}: give one GPU per draft rank`);
     if (options.draft && (!Number.isInteger(draftK) || draftK < 1 || draftK > 16)) throw new WeftError('WEFT_BAD_REQUEST', `speculate k must be an integer in [1, 16], got ${draftK}`);
     const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext ?? 4096);
     const kvSlots = options.kvSlots ?? 4;
@@ -198,6 +200,8 @@ export class Cluster {
         world: draftPlan.tp,
         spawnLocal: true,
         label: 'draft worker',
+        // by default the draft shares the target's first GPUs, within what memory they have left
+        devices: options.draft.gpus ?? Array.from({ length: draftPlan.tp }, (_, r) => r),
         ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
         ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
         // a dead draft costs speed, not requests: decoding goes on with the target alone

@@ -40,6 +40,11 @@ export interface WorkerGroupOptions {
   readonly onFailure?: (err: WeftError) => void;
   /** what errors call this group's processes, so a fault names the group as well as the rank. Defaults to 'worker'. */
   readonly label?: string;
+  /**
+   * CUDA device of each rank. Defaults to the rank itself for spawned workers (one GPU per rank on this host),
+   * and to 0 for external ones (pm2 gives each its GPU through CUDA_VISIBLE_DEVICES).
+   */
+  readonly devices?: readonly number[];
 }
 
 interface PendingCall {
@@ -380,11 +385,12 @@ export class WorkerGroup {
     return replies;
   }
 
-  async init(command: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot' | 'ncclId'>): Promise<void> {
+  async init(command: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot' | 'ncclId' | 'deviceIndex'>): Promise<void> {
     const collectiveRoot = this.ranks[0]?.collectiveEndpoint ?? '';
     // A GPU group forms a new NCCL communicator each time it (re)forms: a fresh unique id every init.
     const ncclId = command.device === 'cuda' && this.options.world > 1 ? (await import('../worker/collectives/nccl.ts')).loadNccl().getUniqueId() : undefined;
-    await this.broadcast((_, id) => ({ ...command, v: PROTOCOL_VERSION, type: 'init', id, collectiveRoot, ...(ncclId && { ncclId }) }));
+    const deviceIndex = (rank: number): number => this.options.devices?.[rank] ?? (this.options.spawnLocal ? rank : 0);
+    await this.broadcast((rank, id) => ({ ...command, v: PROTOCOL_VERSION, type: 'init', id, collectiveRoot, deviceIndex: deviceIndex(rank), ...(ncclId && { ncclId }) }));
   }
 
   async step(batch: StepBatch): Promise<StepResult> {

@@ -30,6 +30,11 @@ export interface EcosystemConfig {
   readonly kvSlots?: number;
   readonly maxContext?: number;
   readonly maxQueue?: number;
+  /**
+   * Speculative decoding: the draft model and the GPU of each draft rank. The coordinator spawns the draft
+   * workers as its own children (a dead draft turns speculation off; the cluster keeps serving).
+   */
+  readonly draft?: { readonly modelDir: string; readonly gpus: readonly number[] | null; readonly tp: number };
 }
 
 export interface Pm2App {
@@ -93,6 +98,8 @@ export function buildEcosystem(config: EcosystemConfig): { apps: Pm2App[] } {
       ...optional('--max-context', config.maxContext),
       ...optional('--max-queue', config.maxQueue),
       ...optional('--threads', config.threads),
+      ...(config.draft ? ['--draft', config.draft.modelDir, '--draft-tp', String(config.draft.tp)] : []),
+      ...(config.draft?.gpus ? ['--draft-gpus', config.draft.gpus.join(',')] : []),
     ],
     {},
   );

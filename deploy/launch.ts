@@ -23,6 +23,8 @@ export interface LaunchOptions {
   readonly device: 'cpu' | 'cuda';
   readonly gpus?: readonly number[];
   readonly draft?: string;
+  /** GPU of each draft rank; the draft's TP degree is their count. Defaults to [gpus[0]]. */
+  readonly draftGpus?: readonly number[];
   readonly host: string;
   readonly rpcPort: number;
   readonly httpPort: number;
@@ -83,7 +85,6 @@ function readRecord(name: string): ClusterRecord {
 
 export async function launch(options: LaunchOptions): Promise<ClusterRecord> {
   const log = options.log ?? ((line: string) => process.stderr.write(line + '\n'));
-  if (options.draft !== undefined) throw new WeftError('WEFT_UNSUPPORTED_MODEL', '--draft: speculative decoding is not yet supported');
   const gpus = options.device === 'cuda' ? (options.gpus ?? Array.from({ length: options.tp }, (_, i) => i)) : null;
   if (gpus && gpus.length !== options.tp) throw new WeftError('WEFT_BAD_REQUEST', `--gpus lists ${gpus.length} GPUs for --tp ${options.tp}: give one GPU per rank`);
   const dir = clusterDir(options.name);
@@ -106,6 +107,7 @@ export async function launch(options: LaunchOptions): Promise<ClusterRecord> {
     ...(options.kvSlots !== undefined && { kvSlots: options.kvSlots }),
     ...(options.maxContext !== undefined && { maxContext: options.maxContext }),
     ...(options.maxQueue !== undefined && { maxQueue: options.maxQueue }),
+    ...(options.draft !== undefined && { draft: draftConfig(options, gpus) }),
   };
   const ecosystem = buildEcosystem(config);
   const ecosystemPath = join(dir, `weft-${options.name}.ecosystem.config.cjs`);
@@ -234,4 +236,10 @@ export async function stop(name: string): Promise<{ stopped: string[] }> {
   // pm2's client can keep a socket to the daemon it just killed: never let it hold this process open
   if (killDaemon) setTimeout(() => process.exit(), 2000).unref();
   return { stopped };
+}
+
+/** The draft group: its model, and one GPU per draft rank (default: the target's first GPU), or none on the CPU. */
+function draftConfig(options: LaunchOptions, gpus: readonly number[] | null): NonNullable<EcosystemConfig['draft']> {
+  const draftGpus = gpus ? (options.draftGpus ?? [gpus[0]!]) : null;
+  return { modelDir: resolve(options.draft!), gpus: draftGpus, tp: draftGpus?.length ?? 1 };
 }

@@ -68,6 +68,8 @@ export interface InitCommand {
   collectiveRoot: string;
   /** NCCL unique id (128 bytes) of the group's communicator (cuda groups of more than one rank) */
   ncclId?: Uint8Array;
+  /** CUDA device ordinal this rank uses, among the devices its process sees. Defaults to 0. */
+  deviceIndex?: number;
 }
 
 const initSchema = z
@@ -84,6 +86,7 @@ const initSchema = z
     threads: int.positive(),
     collectiveRoot: z.string(),
     ncclId: z.instanceof(Uint8Array).optional(),
+    deviceIndex: nonNegInt.optional(),
   })
   .strict();
 

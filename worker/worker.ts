@@ -27,7 +27,7 @@ export class WorkerState {
   async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
     if (this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
     if (command.plan.tp !== this.world) throw new WeftError('WEFT_PROTOCOL', `plan is for ${command.plan.tp} ranks, this worker was started for ${this.world}`);
-    const engine = createEngine({ backend: command.device, threads: command.threads });
+    const engine = createEngine({ backend: command.device, threads: command.threads, device: command.deviceIndex ?? 0 });
     this.comm = await this.joinCollectives(engine, command);
     let bytesLoaded = 0;
     const weights = await loadShard(command.modelDir, command.spec, command.plan, this.rank, (read, total) => {
