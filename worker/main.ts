@@ -52,6 +52,9 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
     post({ v: PROTOCOL_VERSION, type: 'heartbeat', rank });
     if (Date.now() - lastHeard > options.coordinatorTimeoutMs) stop(1, `coordinator ${options.coordinator} silent for ${options.coordinatorTimeoutMs} ms, exiting`);
     if (options.parentPid !== undefined && process.ppid !== options.parentPid) stop(1, `parent process ${options.parentPid} is gone, exiting`);
+    // a collective that failed asynchronously leaves this rank unable to step: exit, so the group re-forms
+    const collectiveError = state.collectiveError();
+    if (collectiveError) stop(1, `NCCL reported an asynchronous error: ${collectiveError}`);
   }, HEARTBEAT_MS);
   process.once('SIGTERM', () => stop(0));
   process.once('SIGINT', () => stop(0));

@@ -56,6 +56,11 @@ export class WorkerState {
     return this.runner.step(batch);
   }
 
+  /** An asynchronous collective failure (NCCL reports a dead peer or a network error here), polled by the heartbeat. */
+  collectiveError(): string | null {
+    return this.comm instanceof NcclCollectives ? this.comm.asyncError() : null;
+  }
+
   close(): void {
     this.comm?.close();
   }

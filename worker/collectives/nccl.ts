@@ -29,6 +29,8 @@ let library: NcclLibrary | null = null;
 /** Load libnccl.so.2 once; a clear error when it is missing. */
 export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2'): NcclLibrary {
   if (library) return library;
+  // NVLink multicast (NVLS) stays off in every weft process, this one included (it reads the variable at init).
+  process.env.NCCL_NVLS_ENABLE = '0';
   // NCCL's init runs deep (CUDA driver init, its own threads) on koffi's call stacks, which default to
   // 128 KiB for async calls and 2 MiB for sync ones: too small, and an overflow is a segmentation fault.
   koffi.config({ ...koffi.config(), sync_stack_size: 16 << 20, async_stack_size: 16 << 20, resident_async_pools: 2 });
