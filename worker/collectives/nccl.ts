@@ -162,6 +162,7 @@ export class NcclCollectives implements Collectives {
 
   /** Poll from the heartbeat: a peer failure shows here as an asynchronous NCCL error. */
   asyncError(): string | null {
+    if (this.aborted) return null; // the communicator is gone
     const code = this.nccl.asyncError(this.comm);
     return code === 0 ? null : this.nccl.errorString(code);
   }
