@@ -12,7 +12,7 @@ import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
 import { planShards } from '../coordinator/shard-plan.ts';
 import { shardLayout } from '../worker/weights/load-shard.ts';
-import { buildRankModel, disposeRankModel, randomWeights } from '../worker/models/registry.ts';
+import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
@@ -120,7 +120,7 @@ for (const name of list(opts.models)) {
 }
 
 /** Host time per engine method over one eager prefill (the GPU runs asynchronously behind most calls). */
-async function profilePrefill(model: Parameters<typeof buildRankModel> extends never ? never : ReturnType<typeof buildRankModel>, n: number, vocab: number): Promise<void> {
+async function profilePrefill(model: RankModel, n: number, vocab: number): Promise<void> {
   const totals = new Map<string, { calls: number; ms: number }>();
   const timed = new Proxy(engine, {
     get(target, key, receiver) {

@@ -11,6 +11,11 @@ import { WEFT_BIN, fixtureDir, processesMentioning, readReference, waitFor } fro
 
 const model = 'llama-tiny';
 
+/** Read a generation to its end (or its error). */
+async function drain(events: AsyncGenerator<unknown>): Promise<void> {
+  for (let e = await events.next(); !e.done; e = await events.next());
+}
+
 test('a worker killed during generation fails the request, naming the rank, within seconds', async () => {
   const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1 });
   try {
@@ -21,9 +26,7 @@ test('a worker killed during generation fails the request, naming the rank, with
     process.kill(victim, 'SIGKILL');
     const started = Date.now();
     await assert.rejects(
-      (async () => {
-        for (let e = await events.next(); !e.done; e = await events.next());
-      })(),
+      drain(events),
       (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /rank 1/.test(err.message) && /SIGKILL/.test(err.message),
     );
     assert.ok(Date.now() - started < 5000, `noticed in ${Date.now() - started} ms`);
@@ -53,9 +56,7 @@ test('a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, naming
     process.kill(cluster.workerPids()[1]!, 'SIGSTOP'); // alive, but silent: no exit event, only the missing heartbeat
     const started = Date.now();
     await assert.rejects(
-      (async () => {
-        for (let e = await events.next(); !e.done; e = await events.next());
-      })(),
+      drain(events),
       (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /rank 1/.test(err.message) && /heartbeat/.test(err.message),
     );
     assert.ok(Date.now() - started < 5000, `noticed in ${Date.now() - started} ms`);
