@@ -101,8 +101,8 @@ for (const name of list(opts.models)) {
       for (let i = 0; i < newTokens; i++) await decode(prompt + 2 + i);
       const stepMs = (performance.now() - started) / newTokens;
       const bucket = [1, 2, 4, 8].find((b) => b >= batch)!;
-      // GPU time alone, no host work (models that run eagerly, like Mixtral with host routing, have no graph)
-      const replayMs = opts.device === 'cuda' && spec.family !== 'mixtral' ? runner.timeGraphReplay(bucket, 50) : NaN;
+      // GPU time of the decode graph alone, no host work
+      const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN;
       const meanContext = prompt + 2 + newTokens / 2;
       const kvBytes = spec.nLayers * batch * meanContext * plan.nKvHeadsPerRank * spec.headDim * 4 * 2; // fp32 K and V
       const bytesPerStep = activeWeightBytes(batch) + kvBytes;

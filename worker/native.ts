@@ -111,8 +111,23 @@ export interface Engine {
   concatCols(xs: Tensor[]): Tensor;
   /** x [T, N] (any dtype), rows [R] i32 (each < T) -> [R, N]. */
   gatherRows(x: Tensor, rows: Tensor): Tensor;
-  /** In place: out[rows[r]] += weights[r] * y[r], in order of r; out [T, N] f32, y [R, N] f32, rows [R] i32, weights [R] f32. */
-  scatterAddRows(out: Tensor, y: Tensor, rows: Tensor, weights: Tensor): void;
+  /**
+   * Mixtral's router: logits [T, E] f32 -> experts [T, k] i32 and weights [T, k] f32. Per token: softmax over all
+   * E in fp32, the k most probable experts (highest first, ties to the lower index), their probabilities
+   * divided by their sum (Hugging Face's rule). 1 <= k <= E. Runs on the device and can be captured.
+   */
+  routeTopK(logits: Tensor, k: number): { experts: Tensor; weights: Tensor };
+  /**
+   * x [X, K] f32, w [El, N, K] f32|f16|bf16 (experts expertStart .. expertStart + El - 1, stacked), experts
+   * [T, k] i32 -> [T * k, N] f32. Row p = t * k + j is x row t (X = T) or x row p (X = T * k) times the weights of
+   * expert experts[t, j], or zeros when w does not hold that expert (expert parallelism). Each expert's weights
+   * are read once for all of its rows, and experts nobody chose are not read. A token's k experts must be
+   * distinct. Up to 8 tokens the routing stays on the device (capturable); more tokens are grouped by expert on
+   * the host (cuda: one synchronisation, not capturable).
+   */
+  expertMatmul(x: Tensor, w: Tensor, experts: Tensor, expertStart: number): Tensor;
+  /** y [T * k, N] f32, weights [T, k] f32 -> [T, N] f32: out[t] = sum over j of weights[t, j] * y[t * k + j]. */
+  combineExperts(y: Tensor, weights: Tensor): Tensor;
   /** logits [R, V] f32 -> [R, V] f32 log-softmax per row (max subtracted). */
   logSoftmax(logits: Tensor): Tensor;
   /** logits [R, V] f32, ids [R] (each < V) -> [R] log_softmax(logits[r])[ids[r]]. */

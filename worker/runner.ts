@@ -37,11 +37,13 @@ export interface RunnerOptions {
 /**
  * Tokens one eager step may hold so that its intermediates fit the step arena: a generous count of the
  * fp32 activations one token leaves per layer (norms, residuals, fused q/k/v and its parts, attention,
- * gate/up and their product), plus one logits row per token.
+ * gate/up and their product; with experts, that for each of its k pairs plus the rows grouped by expert),
+ * plus one logits row per token.
  */
-export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: number; vocabSize: number }, plan: { nHeadsPerRank: number; nKvHeadsPerRank: number; ffnPerRank: number }, arenaBytes: number): number {
+export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: number; vocabSize: number; nExpertsPerToken: number }, plan: { nHeadsPerRank: number; nKvHeadsPerRank: number; ffnPerRank: number }, arenaBytes: number): number {
   const qkvWidth = (plan.nHeadsPerRank + 2 * plan.nKvHeadsPerRank) * spec.headDim;
-  const perTokenPerLayer = 4 * (10 * spec.hidden + 3 * qkvWidth + 3 * plan.ffnPerRank);
+  const ffnWidth = spec.nExpertsPerToken > 0 ? spec.nExpertsPerToken * (6 * plan.ffnPerRank + 3 * spec.hidden) : 3 * plan.ffnPerRank;
+  const perTokenPerLayer = 4 * (10 * spec.hidden + 3 * qkvWidth + ffnWidth);
   const perToken = spec.nLayers * perTokenPerLayer + 2 * 4 * spec.vocabSize;
   return Math.max(1, Math.floor((0.8 * arenaBytes) / perToken));
 }
@@ -63,9 +65,7 @@ export class StepRunner {
     options: RunnerOptions = {},
   ) {
     const [slots = 0, , maxContext = 0] = rankModel.model.kvCache[0]?.k.shape ?? [];
-    // Mixtral routes tokens to experts on the host (the router's choice decides which weights are read),
-    // which a graph cannot capture: it runs eagerly until routing moves onto the device.
-    this.useGraphs = ops.backend === 'cuda' && rankModel.model.spec.family !== 'mixtral' && (options.graphs ?? true);
+    this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
     // With graphs the model was built with one extra slot for padding rows.
     this.kvSlots = this.useGraphs ? slots - 1 : slots;
     this.paddingSlot = slots - 1;

@@ -336,17 +336,42 @@ Tensor Backend::gather_rows(const Tensor& x, const Tensor& rows) {
   return out;
 }
 
-void Backend::scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights) {
-  const char* op = "scatterAddRows";
-  need(op, {"out", out}, 2, "[T, N]", kF32);
-  need(op, {"y", y}, 2, "[R, N]", kF32);
-  need(op, {"rows", rows}, 1, "[R]", kI32);
-  need(op, {"weights", weights}, 1, "[R]", kF32);
-  WEFT_CHECK(y.dim(1) == out.dim(1), op, Arg{"y", y}, " and ", Arg{"out", out}, " do not match (expected y [R, ",
-             out.dim(1), "])");
-  WEFT_CHECK(rows.dim(0) == y.dim(0) && weights.dim(0) == y.dim(0), op, Arg{"rows", rows}, " and ",
-             Arg{"weights", weights}, " must both be [", y.dim(0), "] to match ", Arg{"y", y});
-  run_scatter_add_rows(out, y, rows, weights);
+Backend::Routing Backend::route_top_k(const Tensor& logits, int64_t k) {
+  const char* op = "routeTopK";
+  need(op, {"logits", logits}, 2, "[T, E]", kF32);
+  const int64_t E = logits.dim(1);
+  WEFT_CHECK(k >= 1 && k <= E, op, "k = ", k, " must be in [1, ", E, "] (the experts of ", Arg{"logits", logits},
+             ")");
+  Routing out{empty(DType::I32, {logits.dim(0), k}), empty(DType::F32, {logits.dim(0), k})};
+  run_route_top_k(logits, out);
+  return out;
+}
+
+Tensor Backend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start) {
+  const char* op = "expertMatmul";
+  need(op, {"x", x}, 2, "[X, K]", kF32);
+  need(op, {"w", w}, 3, "[El, N, K]", kFloat);
+  need(op, {"experts", experts}, 2, "[T, k]", kI32);
+  const int64_t T = experts.dim(0), k = experts.dim(1);
+  WEFT_CHECK(x.dim(0) == T || x.dim(0) == T * k, op, Arg{"x", x}, " must have ", T, " rows (one per token) or ",
+             T * k, " (one per pair) to match ", Arg{"experts", experts});
+  WEFT_CHECK(w.dim(2) == x.dim(1), op, Arg{"x", x}, " and ", Arg{"w", w}, " do not match (expected w [El, N, ",
+             x.dim(1), "])");
+  WEFT_CHECK(expert_start >= 0, op, "expertStart = ", expert_start, " must be >= 0");
+  Tensor out = empty(DType::F32, {T * k, w.dim(1)});
+  run_expert_matmul(x, w, experts, expert_start, out);
+  return out;
+}
+
+Tensor Backend::combine_experts(const Tensor& y, const Tensor& weights) {
+  const char* op = "combineExperts";
+  need(op, {"y", y}, 2, "[T * k, N]", kF32);
+  need(op, {"weights", weights}, 2, "[T, k]", kF32);
+  WEFT_CHECK(y.dim(0) == weights.dim(0) * weights.dim(1), op, Arg{"y", y}, " must have ",
+             weights.dim(0) * weights.dim(1), " rows to match ", Arg{"weights", weights});
+  Tensor out = empty(DType::F32, {weights.dim(0), y.dim(1)});
+  run_combine_experts(y, weights, out);
+  return out;
 }
 
 Tensor Backend::log_softmax(const Tensor& logits) {

@@ -125,8 +125,22 @@ class Backend {
   Tensor concat_cols(const std::vector<Tensor>& xs);
   // x [T, N] any dtype, rows [R] i32 -> [R, N].
   Tensor gather_rows(const Tensor& x, const Tensor& rows);
-  // In place: out[rows[r]] += weights[r] * y[r]; out [T, N] f32, y [R, N] f32, rows [R] i32, weights [R] f32.
-  void scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights);
+  // ---- mixture of experts (E experts, k chosen per token; pair p = t * k + j is token t's j-th choice)
+  // logits [T, E] f32 -> {experts [T, k] i32, weights [T, k] f32}: per token, softmax over all E in fp32, the k
+  // most probable experts (highest first, ties to the lower index), their probabilities renormalised to sum 1
+  // (Hugging Face's Mixtral router). 1 <= k <= E.
+  struct Routing {
+    Tensor experts, weights;
+  };
+  Routing route_top_k(const Tensor& logits, int64_t k);
+  // x [X, K] f32 with X = T (row t serves all k pairs of token t) or X = T * k (one row per pair), w [El, N, K]
+  // float (experts expert_start .. expert_start + El - 1), experts [T, k] i32 -> [T * k, N] f32: row p =
+  // x-row of p @ w[experts[p] - expert_start]^T, and zeros where that expert is not in w (another rank's, with
+  // expert parallelism). Each expert's weights are read once for all the rows routed to it. A token's k experts
+  // must be distinct (route_top_k's are); the CUDA backend checks that on the device.
+  Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start);
+  // y [T * k, N] f32, weights [T, k] f32 -> [T, N] f32: out[t] = sum over j (in order) of weights[t, j] * y[t k + j].
+  Tensor combine_experts(const Tensor& y, const Tensor& weights);
   // logits [R, V] f32 -> [R, V] f32.
   Tensor log_softmax(const Tensor& logits);
   // logits [R, V] f32, ids[R] host -> out[R] host: log_softmax(logits[r])[ids[r]].
@@ -174,8 +188,10 @@ class Backend {
   virtual void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) = 0;
   virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;
   virtual void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) = 0;
-  virtual void run_scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows,
-                                    const Tensor& weights) = 0;
+  virtual void run_route_top_k(const Tensor& logits, const Routing& out) = 0;
+  virtual void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+                                 const Tensor& out) = 0;
+  virtual void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) = 0;
   virtual void run_log_softmax(const Tensor& logits, const Tensor& out) = 0;
   virtual void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) = 0;
   virtual void run_sample(const Tensor& logits, const SampleArgs& args, int32_t* out) = 0;

@@ -177,7 +177,9 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::SliceCols>("sliceCols"),
                          InstanceMethod<&EngineHandle::ConcatCols>("concatCols"),
                          InstanceMethod<&EngineHandle::GatherRows>("gatherRows"),
-                         InstanceMethod<&EngineHandle::ScatterAddRows>("scatterAddRows"),
+                         InstanceMethod<&EngineHandle::RouteTopK>("routeTopK"),
+                         InstanceMethod<&EngineHandle::ExpertMatmul>("expertMatmul"),
+                         InstanceMethod<&EngineHandle::CombineExperts>("combineExperts"),
                          InstanceMethod<&EngineHandle::LogSoftmax>("logSoftmax"),
                          InstanceMethod<&EngineHandle::Logprobs>("logprobs"),
                          InstanceMethod<&EngineHandle::Sample>("sample"),
@@ -383,11 +385,29 @@ Napi::Value EngineHandle::GatherRows(const Napi::CallbackInfo& info) {
   });
 }
 
-Napi::Value EngineHandle::ScatterAddRows(const Napi::CallbackInfo& info) {
-  return guard(info.Env(), "scatterAddRows", [&]() -> Napi::Value {
-    Args a(info, "scatterAddRows", this);
-    backend_->scatter_add_rows(a.tensor(0, "out"), a.tensor(1, "y"), a.tensor(2, "rows"), a.tensor(3, "weights"));
-    return info.Env().Undefined();
+Napi::Value EngineHandle::RouteTopK(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "routeTopK", [&]() -> Napi::Value {
+    Args a(info, "routeTopK", this);
+    Backend::Routing r = backend_->route_top_k(a.tensor(0, "logits"), a.integer(1, "k"));
+    Napi::Object out = Napi::Object::New(info.Env());
+    out.Set("experts", Wrap(info.Env(), std::move(r.experts)));
+    out.Set("weights", Wrap(info.Env(), std::move(r.weights)));
+    return out;
+  });
+}
+
+Napi::Value EngineHandle::ExpertMatmul(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "expertMatmul", [&] {
+    Args a(info, "expertMatmul", this);
+    return Wrap(info.Env(), backend_->expert_matmul(a.tensor(0, "x"), a.tensor(1, "w"), a.tensor(2, "experts"),
+                                                    a.integer(3, "expertStart")));
+  });
+}
+
+Napi::Value EngineHandle::CombineExperts(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "combineExperts", [&] {
+    Args a(info, "combineExperts", this);
+    return Wrap(info.Env(), backend_->combine_experts(a.tensor(0, "y"), a.tensor(1, "weights")));
   });
 }
 

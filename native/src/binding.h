@@ -83,7 +83,9 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value SliceCols(const Napi::CallbackInfo& info);
   Napi::Value ConcatCols(const Napi::CallbackInfo& info);
   Napi::Value GatherRows(const Napi::CallbackInfo& info);
-  Napi::Value ScatterAddRows(const Napi::CallbackInfo& info);
+  Napi::Value RouteTopK(const Napi::CallbackInfo& info);
+  Napi::Value ExpertMatmul(const Napi::CallbackInfo& info);
+  Napi::Value CombineExperts(const Napi::CallbackInfo& info);
   Napi::Value LogSoftmax(const Napi::CallbackInfo& info);
   Napi::Value Logprobs(const Napi::CallbackInfo& info);
   Napi::Value Sample(const Napi::CallbackInfo& info);

@@ -192,19 +192,37 @@ void check_elementwise(Rng& rng) {
       };
       compare("slice/concat/gather", sh, run(*gpu), run(*cpu), 0);
     });
-    run_case("scatterAddRows", sh, [&] {
-      int64_t R = 2 * T;
-      auto out = rng.floats(T * H), y = rng.floats(R * H), w = rng.floats(R);
-      std::vector<int32_t> r(R);
-      for (auto& i : r) i = rng.below(static_cast<int>(T));  // repeats: order matters
-      auto run = [&](Backend& b) {
-        Tensor o = up(b, out, {T, H});
-        b.scatter_add_rows(o, up(b, y, {R, H}), up_i(b, r), up(b, w, {R}));
-        return down(b, o);
-      };
-      compare("scatterAddRows", sh, run(*gpu), run(*cpu), 0);
-    });
   }
+}
+
+// Mixture of experts: routing (exact experts, weights 1e-6), expertMatmul on the device-routed GEMV (T <= 8)
+// and the grouped path (T > 8), with expert parallelism (experts 2..5 of 8 held: other pairs give zero rows),
+// x per token and per pair, a K that forces the scalar fallback, then combineExperts.
+void check_moe(Rng& rng) {
+  const int64_t E = 8, k = 2, El = 4, start = 2;
+  for (int64_t T : {1, 3, 8, 64, 300})
+    for (int64_t K : {1024, 1000}) {
+      const int64_t N = 512;
+      std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " N=512 El=4 bf16";
+      run_case("moe", sh, [&] {
+        auto logits = rng.floats(T * E, -4, 4), x = rng.floats(T * K), xp = rng.floats(T * k * K),
+             w = rng.floats(El * N * K);
+        auto route = [&](Backend& b) { return b.route_top_k(up(b, logits, {T, E}), k); };
+        Backend::Routing rg = route(*gpu), rc = route(*cpu);
+        compare_i("routeTopK", sh, down_i(*gpu, rg.experts), down_i(*cpu, rc.experts));
+        compare("routeTopK weights", sh, down(*gpu, rg.weights), down(*cpu, rc.weights), 1e-6);
+        auto run = [&](Backend& b, const Backend::Routing& r, const std::vector<float>& xv, int64_t rows_x) {
+          Tensor y = b.expert_matmul(up(b, xv, {rows_x, K}), up_narrow(b, w, {El, N, K}, DType::BF16), r.experts, start);
+          return std::make_pair(down(b, y), down(b, b.combine_experts(y, r.weights)));
+        };
+        // Over 8 tokens the grouped path's cuBLAS rounds x to bf16 (as matmul).
+        const double rtol = T > 8 ? 2e-3 : 1e-5;
+        auto g = run(*gpu, rg, x, T), c = run(*cpu, rc, x, T);
+        compare("expertMatmul", sh + " x/token", g.first, c.first, rtol);
+        compare("combineExperts", sh, g.second, c.second, rtol);
+        compare("expertMatmul", sh + " x/pair", run(*gpu, rg, xp, T * k).first, run(*cpu, rc, xp, T * k).first, rtol);
+      });
+    }
 }
 
 void check_matmul(Rng& rng) {
@@ -581,6 +599,7 @@ int main() {
   Rng rng(20261123);
   check_elementwise(rng);
   check_matmul(rng);
+  check_moe(rng);
   check_attention(rng);
   check_softmax_sample(rng);
   check_random();

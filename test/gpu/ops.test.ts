@@ -83,13 +83,6 @@ test('elementwise and row ops at hidden 4096', { skip }, () => {
       return e.gatherRows(e.concatCols([e.sliceCols(xt, 100, 1124), e.sliceCols(xt, 7, 8)]), i32(e, rows));
     });
     assertNear(g, c, 0, `slice/concat/gather T=${T}`);
-    const R = 2 * T, yr = randoms(R * H), wr = randoms(R), rr = ints(R, T);
-    [g, c] = both((e) => {
-      const out = f32(e, x, [T, H]);
-      e.scatterAddRows(out, f32(e, yr, [R, H]), i32(e, rr), f32(e, wr, [R]));
-      return out;
-    });
-    assertNear(g, c, 0, `scatterAddRows T=${T}`);
   }
 });
 
@@ -219,6 +212,64 @@ test('randomUniform: f32/bf16/f16 values equal the CPU backend', { skip }, () =>
     const [g, c] = both((e) => e.randomUniform(dtype, [1000, 4096], 42, 0.02));
     assertNear(g, c, 0, `randomUniform ${dtype}`);
   }
+});
+
+test('routeTopK, expertMatmul (device-routed up to 8 tokens, grouped above) and combineExperts equal the CPU', { skip }, () => {
+  const E = 8, k = 2, N = 1024;
+  const w = randoms(4 * N * H);
+  for (const T of Ts) {
+    const logits = randoms(T * E, -4, 4), x = randoms(T * H), xPairs = randoms(T * k * H);
+    for (const [El, first] of [[4, 0], [4, 4], [3, 2]] as const) {
+      const run = (e: Engine, xs: Float32Array, rows: number) => {
+        const { experts, weights } = e.routeTopK(f32(e, logits, [T, E]), k);
+        const y = e.expertMatmul(f32(e, xs, [rows, H]), bf16(e, w.subarray(0, El * N * H), [El, N, H]), experts, first);
+        return { experts, y, combined: e.combineExperts(y, weights) };
+      };
+      const g = run(gpu, x, T), c = run(cpu, x, T);
+      assert.deepEqual([...gpu.download(g.experts)], [...cpu.download(c.experts)], `routeTopK T=${T}`);
+      // Over 8 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul.
+      const rtol = T > 8 ? 2e-3 : 1e-5;
+      assertNear(get(gpu, g.y), get(cpu, c.y), rtol, `expertMatmul T=${T} experts ${first}..${first + El - 1}`);
+      assertNear(get(gpu, g.combined), get(cpu, c.combined), rtol, `combineExperts T=${T}`);
+      const gp = run(gpu, xPairs, T * k), cp = run(cpu, xPairs, T * k);
+      assertNear(get(gpu, gp.y), get(cpu, cp.y), rtol, `expertMatmul x per pair T=${T}`);
+    }
+  }
+});
+
+test('a captured MoE step follows new routing on replay; a repeated expert is reported at the next sync', { skip }, () => {
+  const E = 8, k = 2, N = 512, T = 3;
+  const w13 = randoms(E * 2 * N * H, -0.05, 0.05), w2 = randoms(E * H * N, -0.05, 0.05), router = randoms(E * H);
+  const setup = (e: Engine) => ({ x: f32(e, randoms(T * H), [T, H]), router: f32(e, router, [E, H]), w13: bf16(e, w13, [E, 2 * N, H]), w2: bf16(e, w2, [E, H, N]) });
+  type Setup = ReturnType<typeof setup>;
+  const moe = (e: Engine, s: Setup): Tensor => {
+    const { experts, weights } = e.routeTopK(e.matmul(s.x, s.router), k);
+    return e.combineExperts(e.expertMatmul(e.siluMul(e.expertMatmul(s.x, s.w13, experts, 0)), s.w2, experts, 0), weights);
+  };
+  const sg = setup(gpu), sc = setup(cpu);
+  const result = gpu.zeros('f32', [T, H]);
+  gpu.beginStep();
+  moe(gpu, sg);
+  gpu.endStep();
+  gpu.beginStep();
+  gpu.captureBegin();
+  gpu.copy(result, moe(gpu, sg));
+  const graph = gpu.captureEnd();
+  gpu.endStep();
+  const seen = new Set<string>();
+  for (let step = 0; step < 4; step++) {
+    const x = bytesOf(randoms(T * H, -2, 2));
+    gpu.write(sg.x, x);
+    cpu.write(sc.x, x);
+    gpu.replay(graph);
+    seen.add([...cpu.download(cpu.routeTopK(cpu.matmul(sc.x, sc.router), k).experts)].join());
+    assertNear(get(gpu, result), get(cpu, moe(cpu, sc)), 1e-4, `MoE replay step ${step}`);
+  }
+  assert.equal(seen.size, 4, 'each step routed differently');
+  graph.dispose();
+  // Three tokens choosing expert 1 twice each: six pairs for a block that has room for four.
+  gpu.expertMatmul(sg.x, sg.w13, gpu.upload(bytesOf(Int32Array.from([1, 1, 1, 1, 1, 1])), 'i32', [T, k]), 0);
+  assert.throws(() => gpu.synchronize(), /expertMatmul: experts\[\d\] chooses expert 1 more than once/);
 });
 
 for (const fused of [false, true]) test(`a captured decode step replayed after write() of new positions equals eager execution${fused ? ' (fused ops)' : ''}`, { skip }, () => {

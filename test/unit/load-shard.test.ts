@@ -5,7 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
 import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
-import { planShards } from '../../coordinator/shard-plan.ts';
+import { planShards, type RankShard } from '../../coordinator/shard-plan.ts';
 import { type HostTensor, loadShard, shardBytes, shardLayout } from '../../worker/weights/load-shard.ts';
 import { weftError, readTensors, writeTensors, type RawTensor } from '../helpers/safetensors-files.ts';
 
@@ -52,7 +52,7 @@ function expectedNames(spec: ModelSpec): string[] {
     names.push(`layers.${i}.attnNorm`, `layers.${i}.ffnNorm`, `layers.${i}.wqkv`, `layers.${i}.wo`);
     if (spec.family === 'mixtral') {
       names.push(`layers.${i}.router`);
-      for (let e = 0; e < spec.nExperts; e++) names.push(`layers.${i}.experts.${e}.w13`, `layers.${i}.experts.${e}.w2`);
+      names.push(`layers.${i}.experts.w13`, `layers.${i}.experts.w2`);
     } else {
       names.push(`layers.${i}.w13`, `layers.${i}.w2`);
     }
@@ -103,16 +103,15 @@ describe('loadShard on the hf-tiny fixtures', () => {
             assertTensor(w.get(`layers.${i}.wqkv`), dtype, [q1 - q0 + 2 * (kv1 - kv0), hidden], Buffer.concat(qkv), `layers.${i}.wqkv`);
             assertTensor(w.get(`layers.${i}.wo`), dtype, [hidden, q1 - q0], colsOf(hf(`${p}self_attn.o_proj.weight`), q0, q1), `layers.${i}.wo`);
             const { start: f0, end: f1 } = r.ffn;
-            const mlps: [string, string, string, string][] =
-              spec.family === 'mixtral'
-                ? Array.from({ length: spec.nExperts }, (_, e) => {
-                    const x = `${p}block_sparse_moe.experts.${e}.`;
-                    return [`layers.${i}.experts.${e}.`, `${x}w1.weight`, `${x}w3.weight`, `${x}w2.weight`];
-                  })
-                : [[`layers.${i}.`, `${p}mlp.gate_proj.weight`, `${p}mlp.up_proj.weight`, `${p}mlp.down_proj.weight`]];
-            for (const [at, gate, up, down] of mlps) {
-              assertTensor(w.get(`${at}w13`), dtype, [2 * (f1 - f0), hidden], Buffer.concat([rowsOf(hf(gate), f0, f1), rowsOf(hf(up), f0, f1)]), `${at}w13`);
-              assertTensor(w.get(`${at}w2`), dtype, [hidden, f1 - f0], colsOf(hf(down), f0, f1), `${at}w2`);
+            if (spec.family === 'mixtral') {
+              // Held experts stacked in order: each one's gate and up rows, then each one's down columns.
+              const held = Array.from({ length: r.experts.end - r.experts.start }, (_, j) => `${p}block_sparse_moe.experts.${r.experts.start + j}.`);
+              const { start: e0, end: e1 } = r.expertFfn;
+              assertTensor(w.get(`layers.${i}.experts.w13`), dtype, [held.length, 2 * (e1 - e0), hidden], Buffer.concat(held.flatMap((x) => [rowsOf(hf(`${x}w1.weight`), e0, e1), rowsOf(hf(`${x}w3.weight`), e0, e1)])), 'experts.w13');
+              assertTensor(w.get(`layers.${i}.experts.w2`), dtype, [held.length, hidden, e1 - e0], Buffer.concat(held.map((x) => colsOf(hf(`${x}w2.weight`), e0, e1))), 'experts.w2');
+            } else {
+              assertTensor(w.get(`layers.${i}.w13`), dtype, [2 * (f1 - f0), hidden], Buffer.concat([rowsOf(hf(`${p}mlp.gate_proj.weight`), f0, f1), rowsOf(hf(`${p}mlp.up_proj.weight`), f0, f1)]), 'w13');
+              assertTensor(w.get(`layers.${i}.w2`), dtype, [hidden, f1 - f0], colsOf(hf(`${p}mlp.down_proj.weight`), f0, f1), 'w2');
             }
             if (spec.family === 'mixtral') {
               assertTensor(w.get(`layers.${i}.router`), dtype, [spec.nExperts, hidden], hf(`${p}block_sparse_moe.gate.weight`).bytes, 'router');
@@ -137,9 +136,16 @@ describe('loadShard on the hf-tiny fixtures', () => {
           assert.ok(k.equals(hf(`${p}self_attn.k_proj.weight`).bytes), `layer ${i} k`);
           assert.ok(v.equals(hf(`${p}self_attn.v_proj.weight`).bytes), `layer ${i} v`);
           assert.ok(hconcat(ranks.map((r) => bytes(r.rank, `layers.${i}.wo`)), hidden).equals(hf(`${p}self_attn.o_proj.weight`).bytes), `layer ${i} o`);
-          const down = spec.family === 'mixtral' ? [[`layers.${i}.experts.0.w2`, `${p}block_sparse_moe.experts.0.w2.weight`]] : [[`layers.${i}.w2`, `${p}mlp.down_proj.weight`]];
-          for (const [weft, name] of down as [string, string][]) {
-            assert.ok(hconcat(ranks.map((r) => bytes(r.rank, weft)), hidden).equals(hf(name).bytes), `layer ${i} ${name}`);
+          if (spec.family === 'mixtral') {
+            // Expert 0's down columns: the first expert of each rank that holds it, side by side.
+            const holders = ranks.filter((r) => r.experts.start === 0);
+            const firstExpert = (r: RankShard) => {
+              const stacked = bytes(r.rank, `layers.${i}.experts.w2`);
+              return stacked.subarray(0, stacked.length / (r.experts.end - r.experts.start));
+            };
+            assert.ok(hconcat(holders.map(firstExpert), hidden).equals(hf(`${p}block_sparse_moe.experts.0.w2.weight`).bytes), `layer ${i} expert 0 w2`);
+          } else {
+            assert.ok(hconcat(ranks.map((r) => bytes(r.rank, `layers.${i}.w2`)), hidden).equals(hf(`${p}mlp.down_proj.weight`).bytes), `layer ${i} down_proj`);
           }
         }
       });

@@ -379,7 +379,7 @@ test('writeKv and attention: GQA, several slots, garbage beyond each position is
   );
 });
 
-test('sliceCols, concatCols, gatherRows, scatterAddRows', () => {
+test('sliceCols, concatCols, gatherRows', () => {
   const rand = prng(10);
   const T = 3, N = 7;
   const x = randoms(rand, T * N);
@@ -405,16 +405,75 @@ test('sliceCols, concatCols, gatherRows, scatterAddRows', () => {
   assert.deepEqual(get(engine, engine.gatherRows(xt, i32(engine, rows))), Float32Array.from(rows.flatMap((r) => [...x.subarray(r * N, r * N + N)])));
   assertNativeError(() => engine.gatherRows(xt, i32(engine, [3])), /gatherRows: rows\[0\] = 3 is out of range for x \[3, 7\] f32 \(need 0 <= row < 3\)/);
 
-  // Repeated rows accumulate in order of r (as a MoE combine does for two experts of one token).
-  const out = f32(engine, x, [T, N]);
-  const ys = randoms(rand, 3 * N), weights = Float32Array.from([0.25, 0.5, 0.75]);
-  engine.scatterAddRows(out, f32(engine, ys, [3, N]), i32(engine, rows), f32(engine, weights, [3]));
-  const want = Float32Array.from(x);
-  rows.forEach((r, i) => {
-    for (let n = 0; n < N; n++) want[r * N + n] = Math.fround(want[r * N + n]! + Math.fround(weights[i]! * ys[i * N + n]!));
+});
+
+/** Hugging Face's Mixtral router in double precision: softmax, top-k (ties to the lower index), renormalised. */
+function refRoute(logits: Float32Array, E: number, k: number): { experts: number[]; weights: number[] } {
+  const experts: number[] = [], weights: number[] = [];
+  for (let t = 0; t < logits.length / E; t++) {
+    const row = Array.from(logits.subarray(t * E, (t + 1) * E));
+    const max = Math.max(...row);
+    const total = row.reduce((a, l) => a + Math.exp(l - max), 0);
+    const chosen = row.map((l, e) => ({ p: Math.exp(l - max) / total, e })).sort((a, b) => b.p - a.p || a.e - b.e).slice(0, k);
+    const chosenTotal = chosen.reduce((a, c) => a + c.p, 0);
+    for (const { p, e } of chosen) {
+      experts.push(e);
+      weights.push(p / chosenTotal);
+    }
+  }
+  return { experts, weights };
+}
+
+test('routeTopK follows Hugging Face: softmax, top-k with ties to the lower index, renormalised', () => {
+  const rand = prng(12);
+  const T = 6, E = 8, k = 2;
+  const logits = randoms(rand, T * E, -3, 3);
+  logits.fill(0.5, 5 * E, 6 * E); // token 5: all equal, so experts 0 and 1 at 1/2 each
+  const { experts, weights } = engine.routeTopK(f32(engine, logits, [T, E]), k);
+  assert.deepEqual(experts.shape, [T, k]);
+  const want = refRoute(logits, E, k);
+  assert.deepEqual([...engine.download(experts)], want.experts);
+  assert.deepEqual(want.experts.slice(10), [0, 1]);
+  assertClose(get(engine, weights), want.weights, () => 1e-6, 'routeTopK weights');
+  assertNativeError(() => engine.routeTopK(f32(engine, logits, [T, E]), 9), /routeTopK: k = 9 must be in \[1, 8\] \(the experts of logits \[6, 8\] f32\)/);
+  assertNativeError(() => engine.routeTopK(f32(engine, logits, [T, E]), 0), /routeTopK: k = 0 must be in \[1, 8\]/);
+});
+
+test('expertMatmul reads each routed expert, zeros for experts held elsewhere; combineExperts weighs the pairs', () => {
+  const rand = prng(13);
+  const T = 4, k = 2, K = 24, N = 5, El = 3, first = 2; // this rank holds experts 2, 3, 4 of 8
+  const routed = [2, 4, 3, 7, 0, 1, 4, 2]; // token 1 has one held expert, token 2 none
+  const x = randoms(rand, T * K), xPairs = randoms(rand, T * k * K), w = randoms(rand, El * N * K);
+  const wt = f32(engine, w, [El, N, K]);
+  const expertsT = engine.upload(bytesOf(Int32Array.from(routed)), 'i32', [T, k]);
+  const want = (xs: Float32Array, perPair: boolean): Float64Array => {
+    const out = new Float64Array(T * k * N);
+    routed.forEach((e, p) => {
+      if (e < first || e >= first + El) return;
+      const row = xs.subarray((perPair ? p : Math.floor(p / k)) * K, ((perPair ? p : Math.floor(p / k)) + 1) * K);
+      const { out: y } = refMatmul(row, w.subarray((e - first) * N * K, (e - first + 1) * N * K), 1, K, N);
+      out.set(y, p * N);
+    });
+    return out;
+  };
+  const perToken = engine.expertMatmul(f32(engine, x, [T, K]), wt, expertsT, first);
+  assert.deepEqual(perToken.shape, [T * k, N]);
+  assertClose(get(engine, perToken), want(x, false), () => 1e-5, 'expertMatmul, x per token');
+  assertClose(get(engine, engine.expertMatmul(f32(engine, xPairs, [T * k, K]), wt, expertsT, first)), want(xPairs, true), () => 1e-5, 'expertMatmul, x per pair');
+
+  const weights = Float32Array.from([0.75, 0.25, 0.5, 0.5, 0.9, 0.1, 0.3, 0.7]);
+  const y = get(engine, perToken);
+  const combined = get(engine, engine.combineExperts(perToken, f32(engine, weights, [T, k])));
+  const wantCombined = Float64Array.from({ length: T * N }, (_, i) => {
+    const t = Math.floor(i / N), n = i % N;
+    return weights[t * k]! * y[t * k * N + n]! + weights[t * k + 1]! * y[(t * k + 1) * N + n]!;
   });
-  assert.deepEqual(get(engine, out), want); // same fp32 operations in the same order: exact
-  assertNativeError(() => engine.scatterAddRows(out, f32(engine, ys, [3, N]), i32(engine, rows), f32(engine, weights.subarray(0, 2), [2])), /scatterAddRows: rows \[3\] i32 and weights \[2\] f32 must both be \[3\]/);
+  assertClose(combined, wantCombined, () => 1e-6, 'combineExperts');
+
+  assertNativeError(() => engine.expertMatmul(f32(engine, x, [T, K]), wt, engine.upload(bytesOf(Int32Array.from([3, 3, 2, 4, 0, 1, 4, 2])), 'i32', [T, k]), first), /expertMatmul: experts\[0\] chooses expert 3 twice/);
+  assertNativeError(() => engine.expertMatmul(f32(engine, x.subarray(0, 3 * K), [3, K]), wt, expertsT, first), /expertMatmul: x \[3, 24\] f32 must have 4 rows \(one per token\) or 8 \(one per pair\)/);
+  assertNativeError(() => engine.expertMatmul(f32(engine, x, [T, K]), f32(engine, w, [El * N, K]), expertsT, first), /expertMatmul: w must be \[El, N, K\]/);
+  assertNativeError(() => engine.combineExperts(perToken, f32(engine, weights.subarray(0, 6), [3, k])), /combineExperts: y \[8, 5\] f32 must have 6 rows to match weights \[3, 2\] f32/);
 });
 
 test('logSoftmax and logprobs, stable for large logits', () => {

@@ -44,7 +44,7 @@ export function randomWeights(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: 
     if (!shape) throw new WeftError('WEFT_BAD_WEIGHTS', `no tensor ${name} in the layout of ${spec.architecture}`);
     const isNorm = shape.length === 1;
     // Norm weights near 1 and matrices with unit-scale rows keep activations finite over many layers.
-    const tensor = ops.randomUniform(spec.dtype, [...shape], seed + counter++, isNorm ? 1 : 1 / Math.sqrt(shape[1] ?? 1));
+    const tensor = ops.randomUniform(spec.dtype, [...shape], seed + counter++, isNorm ? 1 : 1 / Math.sqrt(shape.at(-1) ?? 1));
     return tensor;
   };
 }
@@ -65,8 +65,7 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
       const layer: MixtralLayer = {
         ...attention,
         router: take(`layers.${i}.router`),
-        // with expert parallelism a rank holds only its share of the experts; the others are null here
-        experts: Array.from({ length: spec.nExperts }, (_, e) => (e >= shard.experts.start && e < shard.experts.end ? dense(`layers.${i}.experts.${e}`) : null)),
+        experts: { w13: take(`layers.${i}.experts.w13`), w2: take(`layers.${i}.experts.w2`), first: shard.experts.start },
         nExpertsPerToken: spec.nExpertsPerToken,
       };
       return layer;
@@ -94,10 +93,11 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
 /** Free every tensor the model holds now (device memory is not something the garbage collector sees). */
 export function disposeRankModel({ model }: RankModel): void {
   const tensors: Tensor[] = [model.embed, model.norm, model.lmHead, model.invFreq, ...model.kvCache.flatMap((c) => [c.k, c.v])];
+  const isTensor = (value: unknown): value is Tensor => typeof (value as Tensor | null)?.dispose === 'function';
   for (const layer of model.layers) {
     for (const value of Object.values(layer)) {
-      if (Array.isArray(value)) value.forEach((expert: Record<string, Tensor> | null) => expert && tensors.push(...Object.values(expert)));
-      else if (typeof value === 'object' && value !== null) tensors.push(value as Tensor);
+      if (isTensor(value)) tensors.push(value);
+      else if (typeof value === 'object' && value !== null) tensors.push(...Object.values(value).filter(isTensor)); // stacked experts
     }
   }
   tensors.forEach((t) => t.dispose());

@@ -20,7 +20,7 @@ export interface SourceSlice {
   readonly range: Range | null; // rows or columns taken; null for 'all'
 }
 
-/** A tensor this rank holds: its parts are concatenated along dim 0, in order. */
+/** A tensor this rank holds: its parts' bytes are concatenated, in order (along dim 0). */
 export interface ShardTensor {
   readonly name: string;
   readonly shape: readonly number[];
@@ -60,10 +60,13 @@ export function shardLayout(spec: ModelSpec, plan: ShardPlan, rank: number): Sha
     if (spec.family === 'mixtral') {
       const moe = `${hf}block_sparse_moe.`;
       out.push(tensor(`${at}router`, [spec.nExperts, hidden], [whole(`${moe}gate.weight`, [spec.nExperts, hidden])]));
-      for (let e = r.experts.start; e < r.experts.end; e++) {
-        const ex = `${moe}experts.${e}.`;
-        out.push(...mlp(`${at}experts.${e}.`, `${ex}w1.weight`, `${ex}w3.weight`, `${ex}w2.weight`, hidden, ffnDim, r.expertFfn));
-      }
+      // The rank's experts stacked, [nLocal, ...]: expert e's gate and up rows, then its down columns.
+      const held = Array.from({ length: len(r.experts) }, (_, i) => `${moe}experts.${r.experts.start + i}.`);
+      const f = r.expertFfn;
+      out.push(
+        tensor(`${at}experts.w13`, [held.length, 2 * len(f), hidden], held.flatMap((ex) => [rows(`${ex}w1.weight`, [ffnDim, hidden], f), rows(`${ex}w3.weight`, [ffnDim, hidden], f)])),
+        tensor(`${at}experts.w2`, [held.length, hidden, len(f)], held.map((ex) => cols(`${ex}w2.weight`, [hidden, ffnDim], f))),
+      );
     } else {
       out.push(...mlp(at, `${hf}mlp.gate_proj.weight`, `${hf}mlp.up_proj.weight`, `${hf}mlp.down_proj.weight`, hidden, ffnDim, ffn));
     }

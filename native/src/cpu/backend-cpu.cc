@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include "cpu/ops.h"
 #include "cpu/thread-pool.h"
 #include "error.h"
+#include "moe-route.h"
 
 namespace weft {
 namespace {
@@ -139,10 +141,47 @@ class CpuBackend final : public Backend {
     cpu::gather_rows(out.data<uint8_t>(), x.data<uint8_t>(), x.dim(1) * static_cast<int64_t>(dtype_size(x.dtype)),
                      rows.data<int32_t>(), rows.dim(0));
   }
-  void run_scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights) override {
-    check_indices("scatterAddRows", "rows", "row", rows, out.dim(0), "out", out);
-    cpu::scatter_add_rows(out.data<float>(), y.data<float>(), rows.data<int32_t>(), weights.data<float>(), y.dim(0),
-                          y.dim(1));
+  void run_route_top_k(const Tensor& logits, const Routing& out) override {
+    const int64_t T = logits.dim(0), E = logits.dim(1), k = out.experts.dim(1);
+    for (int64_t t = 0; t < T; ++t)
+      route_token(logits.data<float>() + t * E, E, k, out.experts.data<int32_t>() + t * k,
+                  out.weights.data<float>() + t * k);
+  }
+  // Rows grouped by expert: each expert's weights are read once, for all of its rows, by the threaded matmul.
+  void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+                         const Tensor& out) override {
+    const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2);
+    const int32_t* ids = experts.data<int32_t>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t i = 0; i < j; ++i)
+          WEFT_CHECK(ids[t * k + i] != ids[t * k + j], "expertMatmul", "experts[", t, "] chooses expert ",
+                     ids[t * k + j], " twice (a token's experts must be distinct)");
+    fill_zero(out);
+    const bool per_pair = x.dim(0) == T * k;
+    std::vector<int64_t> pairs;
+    std::vector<float> xs, ys;
+    for (int64_t e = 0; e < El; ++e) {
+      pairs.clear();
+      for (int64_t p = 0; p < T * k; ++p)
+        if (ids[p] - expert_start == e) pairs.push_back(p);
+      if (pairs.empty()) continue;
+      const int64_t R = static_cast<int64_t>(pairs.size());
+      xs.resize(static_cast<size_t>(R * K));
+      ys.resize(static_cast<size_t>(R * N));
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = per_pair ? pairs[r] : pairs[r] / k;
+        std::memcpy(xs.data() + r * K, x.data<float>() + row * K, static_cast<size_t>(K) * sizeof(float));
+      }
+      const uint8_t* we = static_cast<const uint8_t*>(w.buffer->data()) + e * N * K * static_cast<int64_t>(dtype_size(w.dtype));
+      cpu::matmul(pool_, ys.data(), xs.data(), we, w.dtype, R, K, N);
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(out.data<float>() + pairs[r] * N, ys.data() + r * N, static_cast<size_t>(N) * sizeof(float));
+    }
+  }
+  void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
+    cpu::combine_experts(out.data<float>(), y.data<float>(), weights.data<float>(), weights.dim(0), weights.dim(1),
+                         y.dim(1));
   }
   void run_log_softmax(const Tensor& logits, const Tensor& out) override {
     cpu::log_softmax(out.data<float>(), logits.data<float>(), logits.dim(0), logits.dim(1));

@@ -211,9 +211,13 @@ void gather_rows(uint8_t* out, const uint8_t* x, int64_t row_bytes, const int32_
     std::memcpy(out + r * row_bytes, x + rows[r] * row_bytes, static_cast<size_t>(row_bytes));
 }
 
-void scatter_add_rows(float* out, const float* y, const int32_t* rows, const float* weights, int64_t R, int64_t N) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < N; ++n) out[rows[r] * N + n] += weights[r] * y[r * N + n];
+void combine_experts(float* out, const float* y, const float* weights, int64_t T, int64_t k, int64_t N) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) sum += weights[t * k + j] * y[(t * k + j) * N + n];
+      out[t * N + n] = sum;
+    }
 }
 
 namespace {

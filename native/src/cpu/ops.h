@@ -55,8 +55,8 @@ void copy_cols(uint8_t* out, int64_t out_row_bytes, int64_t out_offset_bytes, co
                int64_t x_offset_bytes, int64_t T, int64_t n_bytes);
 void gather_rows(uint8_t* out, const uint8_t* x, int64_t row_bytes, const int32_t* rows, int64_t R);
 
-// out [T, N] += weights[r] * y [R, N] at rows[r], in r order (rows may repeat).
-void scatter_add_rows(float* out, const float* y, const int32_t* rows, const float* weights, int64_t R, int64_t N);
+// out [T, N] = sum over j of weights [T, k] * y [T * k, N] row t k + j, in j order.
+void combine_experts(float* out, const float* y, const float* weights, int64_t T, int64_t k, int64_t N);
 
 // Per row of logits [R, V].
 void log_softmax(float* out, const float* logits, int64_t R, int64_t V);

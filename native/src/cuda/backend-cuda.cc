@@ -15,6 +15,7 @@
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
 #include "cuda/matmul.cuh"
+#include "cuda/moe.cuh"
 #include "cuda/norm-rope.cuh"
 #include "cuda/sample.cuh"
 #include "cuda/softmax.cuh"
@@ -297,9 +298,9 @@ class CudaBackend final : public Backend {
       case cuda::StatusOp::GatherRow:
         WEFT_FAIL("gatherRows", "rows[", f.index, "] = ", f.value, " is out of range (need 0 <= row < ", f.limit, ")",
                   tail);
-      case cuda::StatusOp::ScatterRow:
-        WEFT_FAIL("scatterAddRows", "rows[", f.index, "] = ", f.value, " is out of range (need 0 <= row < ", f.limit,
-                  ")", tail);
+      case cuda::StatusOp::ExpertRepeat:
+        WEFT_FAIL("expertMatmul", "experts[", f.index, "] chooses expert ", f.value,
+                  " more than once (a token's experts must be distinct)", tail);
       case cuda::StatusOp::SampleArgs:
         WEFT_FAIL("sampleTensor", "row ", f.index, " has a NaN temperature, topK < 0, or topP / uniform outside [0, 1]",
                   tail);
@@ -440,8 +441,34 @@ class CudaBackend final : public Backend {
   void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) override {
     cuda::launch_gather_rows(ctx(), x, rows, out);
   }
-  void run_scatter_add_rows(const Tensor& out, const Tensor& y, const Tensor& rows, const Tensor& weights) override {
-    cuda::launch_scatter_add_rows(ctx(), out, y, rows, weights);
+  void run_route_top_k(const Tensor& logits, const Routing& out) override {
+    cuda::launch_route_top_k(ctx(), logits, out.experts, out.weights);
+  }
+  void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+                         const Tensor& out) override {
+    const char* op = "expertMatmul";
+    const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2), P = T * k;
+    if (P == 0 || N == 0) return;
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(st_->stream);
+    const bool per_pair = x.dim(0) == P;
+    try {
+      if (T <= cuda::Matmul::kExpertGemvMaxTokens) {  // decode: routing stays on the device (capturable)
+        const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
+                                  static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
+                                  st_->status_dev};
+        matmul_->run_experts(x.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, ex);
+      } else {
+        grouped_expert_matmul(x, w, experts, expert_start, per_pair, out);
+      }
+    } catch (const Error& e) {
+      std::string m = e.what();
+      if (m.rfind("expertMatmul: ", 0) == 0) m = m.substr(14);
+      throw Error(op, m + " (x " + to_string(x) + ", w " + to_string(w) + ", experts " + to_string(experts) + ")");
+    }
+    cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}, {"experts", experts}});
+  }
+  void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
+    cuda::launch_combine_experts(ctx(), y, weights, out);
   }
   void run_log_softmax(const Tensor& logits, const Tensor& out) override {
     cuda::launch_log_softmax(ctx(), logits, out);
@@ -479,6 +506,48 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Prefill: the routing is read on the host, pairs are sorted by expert, and each expert multiplies its
+  // rows in one matmul (cuBLAS above 8 rows) straight out of the stacked weights; rows go back in pair order.
+  void grouped_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+                             bool per_pair, const Tensor& out) {
+    const char* op = "expertMatmul";
+    no_capture(op, "more than 8 tokens are grouped by expert on the host; capture decode steps only");
+    const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2);
+    std::vector<int32_t> ids(static_cast<size_t>(T * k));
+    to_host_converted(experts, ids.data());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t i = 0; i < j; ++i)
+          WEFT_CHECK(ids[t * k + i] != ids[t * k + j], op, "experts[", t, "] chooses expert ", ids[t * k + j],
+                     " twice (a token's experts must be distinct)");
+    std::vector<int32_t> order, x_rows;  // pairs sorted by local expert, and the x row each reads
+    std::vector<int64_t> count(static_cast<size_t>(El), 0);
+    for (int64_t e = 0; e < El; ++e)
+      for (int64_t p = 0; p < T * k; ++p)
+        if (ids[p] - expert_start == e) {
+          order.push_back(static_cast<int32_t>(p));
+          x_rows.push_back(static_cast<int32_t>(per_pair ? p : p / k));
+          ++count[e];
+        }
+    fill_zero(out);  // pairs of experts this rank does not hold stay zero
+    const int64_t R = static_cast<int64_t>(order.size());
+    if (R == 0) return;
+    Tensor order_t = empty(DType::I32, {R}), x_rows_t = empty(DType::I32, {R});
+    copy_from_host(order_t, order.data());
+    copy_from_host(x_rows_t, x_rows.data());
+    Tensor xs = empty(DType::F32, {R, K}), ys = empty(DType::F32, {R, N});
+    cuda::launch_gather_rows(ctx(), x, x_rows_t, xs);
+    const size_t expert_bytes = static_cast<size_t>(N) * K * dtype_size(w.dtype);
+    int64_t first = 0;
+    for (int64_t e = 0; e < El; ++e) {
+      if (count[e] == 0) continue;
+      matmul_->run(xs.data<float>() + first * K, static_cast<const uint8_t*>(w.buffer->data()) + e * expert_bytes,
+                   w.dtype, ys.data<float>() + first * N, count[e], N, K);
+      first += count[e];
+    }
+    cuda::launch_scatter_rows(ctx(), ys.data<float>(), order_t.data<int32_t>(), R, N, out.data<float>());
+  }
+
   static std::string to_string(const Tensor& t) {
     std::ostringstream s;
     s << t;

@@ -21,7 +21,7 @@ enum class StatusOp : int {
   AttentionPosition,
   RopePosition,
   GatherRow,
-  ScatterRow,
+  ExpertRepeat,
   SampleArgs,
   SampleNan,
 };

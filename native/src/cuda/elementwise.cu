@@ -42,22 +42,6 @@ __global__ void gather_rows(const E* __restrict__ x, int64_t T, int64_t N, const
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) out[r * N + n] = ok ? x[row * N + n] : E{};
 }
 
-// One thread per column walks r in order, so repeated rows add in the CPU's order.
-__global__ void scatter_add_rows(float* __restrict__ out, int64_t T, int64_t N, const float* __restrict__ y,
-                                 const int32_t* __restrict__ rows, const float* __restrict__ weights, int64_t R,
-                                 DeviceStatus* status) {
-  int64_t n = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (n >= N) return;
-  for (int64_t r = 0; r < R; ++r) {
-    int32_t row = rows[r];
-    if (row < 0 || row >= T) {
-      if (n == 0) report(status, StatusOp::ScatterRow, r, row, T);
-      continue;
-    }
-    out[row * N + n] += __fmul_rn(weights[r], y[r * N + n]);
-  }
-}
-
 template <typename W>
 __global__ void embedding(const W* __restrict__ table, int64_t Vr, int64_t H, const int32_t* __restrict__ ids,
                           int64_t vocab_start, float* __restrict__ out) {
@@ -120,16 +104,6 @@ void launch_gather_rows(const Ctx& ctx, const Tensor& x, const Tensor& rows, con
     gather_rows<uint32_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint32_t>(), x.dim(0), x.dim(1),
                                                           rows.data<int32_t>(), out.data<uint32_t>(), ctx.status);
   check_launch(ctx, "gatherRows", {{"x", x}, {"rows", rows}});
-}
-
-void launch_scatter_add_rows(const Ctx& ctx, const Tensor& out, const Tensor& y, const Tensor& rows,
-                             const Tensor& weights) {
-  int64_t N = out.dim(1);
-  if (N == 0 || y.dim(0) == 0) return;
-  scatter_add_rows<<<blocks_for(N, 256), 256, 0, ctx.stream>>>(out.data<float>(), out.dim(0), N, y.data<float>(),
-                                                               rows.data<int32_t>(), weights.data<float>(),
-                                                               y.dim(0), ctx.status);
-  check_launch(ctx, "scatterAddRows", {{"out", out}, {"y", y}, {"rows", rows}});
 }
 
 void launch_embedding(const Ctx& ctx, const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) {

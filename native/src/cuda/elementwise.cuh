@@ -1,4 +1,4 @@
-// Elementwise and copying ops: add, siluMul, slice/concat columns, gatherRows, scatterAddRows, embedding,
+// Elementwise and copying ops: add, siluMul, slice/concat columns, gatherRows, embedding,
 // randomUniform. Launchers check the launch and throw weft::Error; shapes were checked by Backend.
 #pragma once
 
@@ -12,8 +12,6 @@ void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out);
 void launch_copy_cols(const Ctx& ctx, const char* op, const Tensor& x, int64_t x_col, const Tensor& out,
                       int64_t out_col, int64_t n_cols);
 void launch_gather_rows(const Ctx& ctx, const Tensor& x, const Tensor& rows, const Tensor& out);
-void launch_scatter_add_rows(const Ctx& ctx, const Tensor& out, const Tensor& y, const Tensor& rows,
-                             const Tensor& weights);
 void launch_embedding(const Ctx& ctx, const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out);
 void launch_random_uniform(const Ctx& ctx, const Tensor& out, uint64_t seed, float scale);
 

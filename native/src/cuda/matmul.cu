@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../error.h"
+#include "cuda/common.cuh"
 #include "cublas-loader.h"
 
 namespace cg = cooperative_groups;
@@ -129,6 +130,12 @@ struct GemvParams {
   int C;                  // cluster size = K splits
   int nv_slice;           // vectors per K slice (block)
   int rows_per_cluster;   // multiple of kRows
+  // Expert mode (experts != nullptr, expertMatmul): w holds gridDim.y experts [El][N][K] and blockIdx.y is the
+  // block's expert; the block's "tokens" are the pairs routed to it (at most TT), x row pair / topk (or pair,
+  // per_pair_x) and y row pair. Blocks of expert 0 also zero the y rows of pairs routed to no expert in w.
+  const int32_t* experts;  // [n_pairs] global expert ids
+  int n_pairs, topk, per_pair_x, expert_start;
+  DeviceStatus* status;
 };
 
 constexpr int kStages = 4;   // cp.async ring depth per warp (kStages - 1 stages in flight while computing)
@@ -162,12 +169,49 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   const int c = C > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
   const int g = blockIdx.x / C;
   const int KV = p.K / VEC;
-  const int v0 = c * p.nv_slice;
-  const int nv = max(0, min(p.nv_slice, KV - v0));
   const int row0 = g * p.rows_per_cluster;
   const int rows = max(0, min(p.rows_per_cluster, p.N - row0));
-  const int ngroups = (rows + R - 1) / R;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  // Which x row each of the block's TT token slots reads and which y row it writes.
+  __shared__ int x_row[TT], y_row[TT], n_tokens;
+  if (!p.experts) {
+    if (threadIdx.x < TT) x_row[threadIdx.x] = y_row[threadIdx.x] = threadIdx.x;
+    if (threadIdx.x == 0) n_tokens = p.T;
+  } else {
+    const int e = static_cast<int>(blockIdx.y) + p.expert_start;
+    if (warp == 0) {  // the pairs routed to this expert, in pair order
+      int m = 0;
+      for (int base = 0; base < p.n_pairs; base += 32) {
+        const int q = base + lane;
+        const bool hit = q < p.n_pairs && p.experts[q] == e;
+        const unsigned mask = __ballot_sync(0xffffffffu, hit);
+        const int slot = m + __popc(mask & ((1u << lane) - 1));
+        if (hit && slot < TT) {
+          y_row[slot] = q;
+          x_row[slot] = p.per_pair_x ? q : q / p.topk;
+        }
+        m += __popc(mask);
+      }
+      if (lane == 0) {
+        // More pairs than token slots happens only when a token chose this expert twice.
+        if (m > TT) report(p.status, StatusOp::ExpertRepeat, y_row[0] / p.topk, e, TT);
+        n_tokens = min(m, TT);
+      }
+    }
+    if (blockIdx.y == 0 && c == 0) {
+      for (int i = threadIdx.x; i < p.n_pairs * rows; i += kThreads) {
+        const int q = i / rows, local = p.experts[q] - p.expert_start;
+        if (local < 0 || local >= static_cast<int>(gridDim.y)) p.y[static_cast<size_t>(q) * p.N + row0 + i % rows] = 0.f;
+      }
+    }
+  }
+  __syncthreads();
+  const int T = n_tokens;
+  if (T == 0) return;  // an expert no pair chose: its weights are never read (the whole cluster returns here)
+  const int v0 = c * p.nv_slice;
+  const int nv = max(0, min(p.nv_slice, KV - v0));
+  const int ngroups = (rows + R - 1) / R;
   const int steps = (nv + 31) / 32;
   const int nchunks = (steps + U - 1) / U;
   const int my_groups = ngroups > warp ? (ngroups - warp + kWarps - 1) / kWarps : 0;
@@ -176,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   uint4* ring = reinterpret_cast<uint4*>(smem) + static_cast<size_t>(warp) * S * R * U * 32;
   float4* xs = smem + ring_bytes(U) / 16;
   float* part = reinterpret_cast<float*>(xs + TT * H * p.nv_slice);
-  const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + v0;
+  const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + static_cast<size_t>(blockIdx.y) * p.N * KV + v0;
 
   auto issue = [&](int item) {
     if (item < nitems) {
@@ -207,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
       const int t = i / f4_per_token, f = i - t * f4_per_token;
       const int v = f / H, h = f - v * H;
       float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t < p.T) val = *reinterpret_cast<const float4*>(p.x + static_cast<size_t>(t) * p.K + (v0 + v) * VEC + h * 4);
+      if (t < T) val = *reinterpret_cast<const float4*>(p.x + static_cast<size_t>(x_row[t]) * p.K + (v0 + v) * VEC + h * 4);
       xs[(t * H + h) * p.nv_slice + v] = val;
     }
   }
@@ -269,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
       const int row = group * R + r;
       if (writer && row < rows) {
         if (C == 1) {
-          if (t < p.T) p.y[static_cast<size_t>(t) * p.N + row0 + row] = acc[i];
+          if (t < T) p.y[static_cast<size_t>(y_row[t]) * p.N + row0 + row] = acc[i];
         } else {
           part[row * TT + t] = acc[i];
         }
@@ -288,10 +332,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
     cluster.sync();
     for (int idx = threadIdx.x * C + c; idx < rows * TT; idx += kThreads * C) {
       const int t = idx % TT;
-      if (t >= p.T) continue;
+      if (t >= T) continue;
       float s = 0.f;
       for (int q = 0; q < C; ++q) s += cluster.map_shared_rank(part, q)[idx];
-      p.y[static_cast<size_t>(t) * p.N + row0 + idx / TT] = s;
+      p.y[static_cast<size_t>(y_row[t]) * p.N + row0 + idx / TT] = s;
     }
     cluster.sync();
   }
@@ -327,6 +371,26 @@ __global__ void gemv_scalar_kernel(const float* __restrict__ x, const WT* __rest
       if (lane == 0 && t0 + i < T) y[static_cast<size_t>(t0 + i) * N + row] = s;
     }
   }
+}
+
+// Expert-mode fallback: one warp per (row, pair), grid (ceil(N / 8), n_pairs); reads the weights once per pair.
+template <typename WT>
+__global__ void expert_gemv_scalar_kernel(const float* __restrict__ x, const WT* __restrict__ w, float* __restrict__ y,
+                                          const int32_t* __restrict__ experts, int topk, int per_pair_x,
+                                          int expert_start, int n_local, int N, int K) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int q = blockIdx.y;
+  if (row >= N) return;
+  const int local = experts[q] - expert_start;
+  float s = 0.f;
+  if (local >= 0 && local < n_local) {
+    const WT* wr = w + (static_cast<size_t>(local) * N + row) * K;
+    const float* xr = x + static_cast<size_t>(per_pair_x ? q : q / topk) * K;
+    for (int k = lane; k < K; k += 32) s = fmaf(to_f<WT>(wr[k]), xr[k], s);
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  }
+  if (lane == 0) y[static_cast<size_t>(q) * N + row] = s;
 }
 
 // x [n] f32 -> dst [n] bf16/f16.
@@ -389,9 +453,9 @@ int dispatch_active_clusters(int TT, int U, int C, size_t smem) {
 }
 
 template <typename WT, int TT, int U>
-void launch_gemv(const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
+void launch_gemv(const GemvParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
+  cfg.gridDim = grid;
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -406,7 +470,7 @@ void launch_gemv(const GemvParams& p, int grid, size_t smem, cudaStream_t stream
 }
 
 template <typename WT, int U>
-void dispatch_gemv(int TT, const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
+void dispatch_gemv(int TT, const GemvParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   switch (TT) {
     case 1: launch_gemv<WT, 1, U>(p, grid, smem, stream); break;
     case 2: launch_gemv<WT, 2, U>(p, grid, smem, stream); break;
@@ -415,7 +479,7 @@ void dispatch_gemv(int TT, const GemvParams& p, int grid, size_t smem, cudaStrea
   }
 }
 template <typename WT>
-void dispatch_gemv(int TT, int U, const GemvParams& p, int grid, size_t smem, cudaStream_t stream) {
+void dispatch_gemv(int TT, int U, const GemvParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   if (U == 1) dispatch_gemv<WT, 1>(TT, p, grid, smem, stream);
   else dispatch_gemv<WT, 2>(TT, p, grid, smem, stream);
 }
@@ -444,7 +508,7 @@ struct Matmul::Impl {
   std::vector<Occ> occ;
 
   int clusters_at_once(DType dt, int TT, int U, int C, size_t smem);
-  void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
+  void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex = nullptr);
   void gemm(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
   void ensure_cublas();
 };
@@ -498,7 +562,9 @@ int Matmul::Impl::clusters_at_once(DType dt, int TT, int U, int C, size_t smem) 
   return n;
 }
 
-void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K) {
+// ex == nullptr: y [T, N] = x [T, K] @ w^T. Otherwise the expert GEMV (Matmul::run_experts): T is the token
+// count (each expert gets at most T pairs), a grid row of blocks per expert in w.
+void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex) {
   const int vec = dt == DType::F32 ? 4 : 8;
   const bool vector_ok = K % vec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(w) % 16 == 0;
@@ -521,7 +587,17 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
   const size_t part_bytes = C > 1 ? static_cast<size_t>(std::min(max_groups, ngroups)) * kRows * TT * 4 : 0;
   const size_t smem = ring_bytes(U) + xbytes(C) + part_bytes;
-  if (!vector_ok || smem > max_smem) {
+  const size_t static_smem = 1024;  // the kernel's own __shared__ row maps
+  if (!vector_ok || smem + static_smem > max_smem) {
+    if (ex) {
+      const dim3 grid((N + 7) / 8, ex->n_pairs);
+      WEFT_DISPATCH_FLOAT(dt, W,
+                          expert_gemv_scalar_kernel<W><<<grid, 256, 0, stream>>>(
+                              x, static_cast<const W*>(w), y, ex->experts, ex->topk, ex->per_pair_x,
+                              ex->expert_start, ex->n_local, N, K));
+      WEFT_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
     if (vector_ok && T > 1) {  // x too large for shared memory: two passes over fewer tokens
       const int half = T / 2;
       gemv(x, w, dt, y, half, N, K);
@@ -543,7 +619,9 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   }
   // One wave of clusters (as many as fit at once), rows split evenly; more waves only when the partial sums of
   // a cluster's rows would not fit.
-  const int active = std::max(1, clusters_at_once(dt, TT, U, C, smem));
+  // Expert mode: at most min(El, pairs) experts have work; give each a share of one wave.
+  const int busy = ex ? std::max(1, std::min(ex->n_local, ex->n_pairs)) : 1;
+  const int active = std::max(1, clusters_at_once(dt, TT, U, C, smem) / busy);
   int waves = 1;
   if (C > 1) {
     const int per = (ngroups + active - 1) / active;
@@ -553,8 +631,16 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   int G = std::min(ngroups, active * waves);
   const int groups_per_cluster = (ngroups + G - 1) / G;
   G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
-  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows};
-  const int grid = G * C;
+  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr};
+  if (ex) {
+    p.experts = ex->experts;
+    p.n_pairs = ex->n_pairs;
+    p.topk = ex->topk;
+    p.per_pair_x = ex->per_pair_x;
+    p.expert_start = ex->expert_start;
+    p.status = ex->status;
+  }
+  const dim3 grid(G * C, ex ? ex->n_local : 1);
   switch (dt) {
     case DType::BF16: dispatch_gemv<__nv_bfloat16>(TT, U, p, grid, smem, stream); break;
     case DType::F16: dispatch_gemv<__half>(TT, U, p, grid, smem, stream); break;
@@ -598,6 +684,19 @@ void Matmul::Impl::gemm(const float* x, const void* w, DType dt, float* y, int T
   WEFT_CUDA_CHECK(cudaGetLastError());
   WEFT_CUBLAS_CHECK(a.gemm_ex(handle, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, type, K, cast_buf, type, K, &beta,
                               y, CUDA_R_32F, N, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT));
+}
+
+void Matmul::run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
+                         const ExpertRows& ex) {
+  WEFT_CHECK(T >= 1 && T <= kGemvMaxT, "expertMatmul", "the expert GEMV takes 1..", kGemvMaxT, " tokens, not ", T);
+  WEFT_CHECK(N <= INT32_MAX && K <= INT32_MAX && ex.n_local <= 65535, "expertMatmul", "shape w [", ex.n_local, ", ",
+             N, ", ", K, "] is out of range");
+  if (N == 0 || ex.n_pairs == 0) return;
+  if (K == 0 || ex.n_local == 0) {
+    WEFT_CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), impl_->stream));
+    return;
+  }
+  impl_->gemv(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K), &ex);
 }
 
 void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K) {

@@ -6,9 +6,18 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 #include "../tensor.h"   // weft::DType
+#include "cuda/device.h"  // DeviceStatus
 namespace weft::cuda {
+// The routing of an expert GEMV (expertMatmul at decode): pair q = t * topk + j reads x row q / topk (or q with
+// per_pair_x), weights of expert experts[q] - expert_start among n_local, and writes y row q.
+struct ExpertRows {
+  const int32_t* experts;  // device [n_pairs]
+  int n_pairs, topk, per_pair_x, expert_start, n_local;
+  DeviceStatus* status;    // where a repeated expert is reported
+};
 class Matmul {  // one per engine; owns the cuBLAS handle and scratch
  public:
+  static constexpr int64_t kExpertGemvMaxTokens = 8;  // run_experts takes up to this many tokens
   explicit Matmul(cudaStream_t stream);
   ~Matmul();
   Matmul(const Matmul&) = delete;
@@ -16,6 +25,10 @@ class Matmul {  // one per engine; owns the cuBLAS handle and scratch
   // y [T, N] f32 = x [T, K] f32 @ w [N, K]^T, w in f32/f16/bf16. Small T: hand-written GEMV kernels; large T: cuBLAS.
   // Capturable in a CUDA graph for T <= 8 (no allocation, no sync on that path). Throws weft::Error on failure.
   void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K);
+  // y [T * topk, N] f32 = per pair, x row @ (expert's w [N, K])^T, for T <= 8 tokens: each chosen expert's
+  // weights are read once for all of its pairs; experts nobody chose are not read. Capturable.
+  void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
+                   const ExpertRows& ex);
 
  private:
   struct Impl;
