@@ -24,7 +24,7 @@ const bytesOf = (a: Float32Array | Int32Array | Uint16Array): Uint8Array => new 
 const f32 = (e: Engine, v: Float32Array, shape: number[]): Tensor => e.upload(bytesOf(v), 'f32', shape);
 const i32 = (e: Engine, v: Int32Array): Tensor => e.upload(bytesOf(v), 'i32', [v.length]);
 const bf16 = (e: Engine, v: Float32Array, shape: number[]): Tensor =>
-  e.upload(bytesOf(Uint16Array.from(new Uint32Array(v.buffer.slice(0)), (b) => b >>> 16)), 'bf16', shape);
+  e.upload(bytesOf(Uint16Array.from(new Uint32Array(v.buffer, v.byteOffset, v.length), (b) => b >>> 16)), 'bf16', shape);
 const get = (e: Engine, t: Tensor): Float32Array => e.download(t) as Float32Array;
 
 function skipReason(): string | undefined {

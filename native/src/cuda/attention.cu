@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
                              const int32_t* __restrict__ positions, int S, int nH, int n_kv, int C, int hd, int P,
                              int n_part, float scale, float* __restrict__ part_out, float* __restrict__ part_ml,
                              DeviceStatus* status) {
+  pdl_trigger();
   int c = blockIdx.x, t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
   int slot = slots[t], pos = positions[t];
   if (slot < 0 || slot >= S || pos < 0 || pos >= C) {
@@ -124,6 +125,7 @@ __global__ void attention_decode_merge(const int32_t* __restrict__ slots, const 
                                        int S, int nH, int C, int hd, int P, int n_part,
                                        const float* __restrict__ part_out, const float* __restrict__ part_ml,
                                        float* __restrict__ out) {
+  pdl_trigger();
   int th = blockIdx.x, t = th / nH;
   int slot = slots[t], pos = positions[t];
   float* o = out + size_t(th) * hd;

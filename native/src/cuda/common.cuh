@@ -55,6 +55,14 @@ __device__ inline void report(DeviceStatus* s, StatusOp op, long long index, lon
   }
 }
 
+// ---- programmatic dependent launch (sm_90). The GEMV is launched so that it may start while the kernel
+// before it still runs: it issues its first weight loads (weights are never written during a step), then
+// pdl_wait()s for that kernel to finish and its writes to be visible before it reads x. The short kernels
+// that precede GEMVs call pdl_trigger() first thing, which lets the GEMV's blocks take the idle SMs at once
+// instead of after the short kernel drains. Both are no-ops for kernels launched the ordinary way.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
 // ---- loads
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

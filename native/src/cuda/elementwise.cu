@@ -15,6 +15,7 @@ __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b
 }
 
 __global__ void silu_mul_f32(const float* __restrict__ gate_up, float* __restrict__ out, int64_t T, int64_t F) {
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * F; i += int64_t{gridDim.x} * blockDim.x) {
     int64_t t = i / F, f = i % F;
     float g = gate_up[t * 2 * F + f], u = gate_up[t * 2 * F + F + f];
@@ -35,6 +36,7 @@ __global__ void copy_cols(const E* __restrict__ x, int64_t x_cols, int64_t x_col
 template <typename E>
 __global__ void gather_rows(const E* __restrict__ x, int64_t T, int64_t N, const int32_t* __restrict__ rows,
                             E* __restrict__ out, DeviceStatus* status) {
+  pdl_trigger();
   int64_t r = blockIdx.x;
   int32_t row = rows[r];
   bool ok = row >= 0 && row < T;

@@ -41,6 +41,7 @@ template <typename W, int kPer>
 __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_vec(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
                      float* __restrict__ sum, float* __restrict__ normed, int64_t H, float eps) {
+  pdl_trigger();
   const int64_t n4 = H / 4, row = blockIdx.x * H;
   const float4* x4 = reinterpret_cast<const float4*>(x + row);
   const float4* y4 = reinterpret_cast<const float4*>(y + row);
@@ -74,6 +75,7 @@ template <typename W>
 __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_any(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
                      float* sum, float* __restrict__ normed, int64_t H, float eps) {
+  pdl_trigger();
   const int64_t row = blockIdx.x * H;
   double ss = 0;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -43,7 +44,10 @@ namespace {
 #define WEFT_CUDA_CHECK(call)                                                                  \
   do {                                                                                         \
     cudaError_t err_ = (call);                                                                 \
-    if (err_ != cudaSuccess) WEFT_FAIL("matmul", #call, " failed: ", cudaGetErrorString(err_)); \
+    if (err_ != cudaSuccess) {                                                                 \
+      cudaGetLastError(); /* clear it, or the next launch check reports it again */           \
+      WEFT_FAIL("matmul", #call, " failed: ", cudaGetErrorString(err_));                       \
+    }                                                                                          \
   } while (0)
 
 #define WEFT_CUBLAS_CHECK(call)                                                                   \
@@ -65,6 +69,11 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 int g_force_cluster = 0;
 int g_force_blocks_per_sm = 0;
 int g_force_u = 0;
+// GEMVs launch as programmatic dependents (see pdl_wait in common.cuh) unless WEFT_PDL=0 (benchmarks compare).
+const bool g_pdl = [] {
+  const char* v = std::getenv("WEFT_PDL");
+  return !(v && std::strcmp(v, "0") == 0);
+}();
 
 template <typename WT> struct VecOf { static constexpr int value = 16 / sizeof(WT); };
 
@@ -173,14 +182,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   const int rows = max(0, min(p.rows_per_cluster, p.N - row0));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-  // Which x row each of the block's TT token slots reads and which y row it writes.
+  // Expert mode: the pairs routed to this block's expert, in pair order; slot t reads x row x_row[t] and
+  // writes y row y_row[t]. Dense: slot t is token t.
   __shared__ int x_row[TT], y_row[TT], n_tokens;
-  if (!p.experts) {
-    if (threadIdx.x < TT) x_row[threadIdx.x] = y_row[threadIdx.x] = threadIdx.x;
-    if (threadIdx.x == 0) n_tokens = p.T;
-  } else {
+  if (p.experts) {
+    pdl_wait();  // the routing comes from the kernel before: nothing can be read ahead of it
     const int e = static_cast<int>(blockIdx.y) + p.expert_start;
-    if (warp == 0) {  // the pairs routed to this expert, in pair order
+    if (warp == 0) {
       int m = 0;
       for (int base = 0; base < p.n_pairs; base += 32) {
         const int q = base + lane;
@@ -193,22 +201,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
         }
         m += __popc(mask);
       }
+      __syncwarp();
       if (lane == 0) {
         // More pairs than token slots happens only when a token chose this expert twice.
         if (m > TT) report(p.status, StatusOp::ExpertRepeat, y_row[0] / p.topk, e, TT);
         n_tokens = min(m, TT);
       }
     }
-    if (blockIdx.y == 0 && c == 0) {
+    if (blockIdx.y == 0 && c == 0) {  // rows of pairs routed to experts w does not hold are zero
       for (int i = threadIdx.x; i < p.n_pairs * rows; i += kThreads) {
         const int q = i / rows, local = p.experts[q] - p.expert_start;
         if (local < 0 || local >= static_cast<int>(gridDim.y)) p.y[static_cast<size_t>(q) * p.N + row0 + i % rows] = 0.f;
       }
     }
+    __syncthreads();
+    if (n_tokens == 0) return;  // an expert no pair chose: its weights are never read (the whole cluster returns)
   }
-  __syncthreads();
-  const int T = n_tokens;
-  if (T == 0) return;  // an expert no pair chose: its weights are never read (the whole cluster returns here)
+  const int T = p.experts ? n_tokens : p.T;
+  const auto x_row_of = [&](int t) { return p.experts ? x_row[t] : t; };
+  const auto y_row_of = [&](int t) { return p.experts ? y_row[t] : t; };
+
   const int v0 = c * p.nv_slice;
   const int nv = max(0, min(p.nv_slice, KV - v0));
   const int ngroups = (rows + R - 1) / R;
@@ -243,6 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
 
 #pragma unroll
   for (int i = 0; i < S - 1; ++i) issue(i);
+  if (!p.experts) pdl_wait();  // x comes from the kernel before; the weight loads above did not need it
 
   // Stage the x slice while the first weights are on their way: consecutive threads read consecutive float4.
   {
@@ -251,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
       const int t = i / f4_per_token, f = i - t * f4_per_token;
       const int v = f / H, h = f - v * H;
       float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t < T) val = *reinterpret_cast<const float4*>(p.x + static_cast<size_t>(x_row[t]) * p.K + (v0 + v) * VEC + h * 4);
+      if (t < T) val = *reinterpret_cast<const float4*>(p.x + static_cast<size_t>(x_row_of(t)) * p.K + (v0 + v) * VEC + h * 4);
       xs[(t * H + h) * p.nv_slice + v] = val;
     }
   }
@@ -313,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
       const int row = group * R + r;
       if (writer && row < rows) {
         if (C == 1) {
-          if (t < T) p.y[static_cast<size_t>(y_row[t]) * p.N + row0 + row] = acc[i];
+          if (t < T) p.y[static_cast<size_t>(y_row_of(t)) * p.N + row0 + row] = acc[i];
         } else {
           part[row * TT + t] = acc[i];
         }
@@ -335,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
       if (t >= T) continue;
       float s = 0.f;
       for (int q = 0; q < C; ++q) s += cluster.map_shared_rank(part, q)[idx];
-      p.y[static_cast<size_t>(y_row[t]) * p.N + row0 + idx / TT] = s;
+      p.y[static_cast<size_t>(y_row_of(t)) * p.N + row0 + idx / TT] = s;
     }
     cluster.sync();
   }
@@ -403,12 +416,19 @@ __global__ void cast_kernel(const float* __restrict__ x, WT* __restrict__ dst, s
   }
 }
 
+// Lets a kernel use all the shared memory a block may opt into, less its own static __shared__ arrays.
+template <typename Kernel>
+void allow_max_smem(Kernel kernel, size_t max_smem) {
+  cudaFuncAttributes attr{};
+  WEFT_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  WEFT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(max_smem - attr.sharedSizeBytes)));
+}
+
 template <typename WT, int TT>
 void set_gemv_attributes(size_t max_smem) {
-  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(max_smem)));
-  WEFT_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<WT, TT, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(max_smem)));
+  allow_max_smem(gemv_kernel<WT, TT, 1>, max_smem);
+  allow_max_smem(gemv_kernel<WT, TT, 2>, max_smem);
 }
 
 template <typename WT>
@@ -459,13 +479,15 @@ void launch_gemv(const GemvParams& p, dim3 grid, size_t smem, cudaStream_t strea
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = p.C;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = g_pdl ? 1 : 0;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = 2;
   WEFT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<WT, TT, U>, p));
 }
 
@@ -587,7 +609,7 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
   const size_t part_bytes = C > 1 ? static_cast<size_t>(std::min(max_groups, ngroups)) * kRows * TT * 4 : 0;
   const size_t smem = ring_bytes(U) + xbytes(C) + part_bytes;
-  const size_t static_smem = 1024;  // the kernel's own __shared__ row maps
+  const size_t static_smem = 1024;  // room for the kernel's own __shared__ row maps (allow_max_smem)
   if (!vector_ok || smem + static_smem > max_smem) {
     if (ex) {
       const dim3 grid((N + 7) / 8, ex->n_pairs);

@@ -8,6 +8,7 @@ namespace {
 
 __global__ void route_top_k(const float* __restrict__ logits, int64_t T, int64_t E, int64_t k,
                             int32_t* __restrict__ experts, float* __restrict__ weights) {
+  pdl_trigger();
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (t < T) route_token(logits + t * E, E, k, experts + t * k, weights + t * k);
 }

@@ -11,6 +11,7 @@ constexpr int kNormThreads = 256;
 template <typename W>
 __global__ void rms_norm(const float* __restrict__ x, const W* __restrict__ weight, float* __restrict__ out,
                          int64_t H, float eps) {
+  pdl_trigger();
   const float* xr = x + blockIdx.x * H;
   double sum = 0;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
