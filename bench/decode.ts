@@ -135,7 +135,7 @@ async function profilePrefill(model: RankModel, n: number, vocab: number): Promi
           return result;
         } finally {
           // matrix products by weight shape: the prefill's cost lies in which GEMM shapes run slowly
-          const name = key === 'matmul' ? `matmul [${(args[1] as { shape: number[] }).shape.join('x')}]` : String(key);
+          const name = key === 'matmul' || key === 'expertMatmul' ? `${key} [${(args[1] as { shape: number[] }).shape.join('x')}]` : String(key);
           const entry = totals.get(name) ?? { calls: 0, ms: 0 };
           entry.calls++;
           entry.ms += performance.now() - started;
@@ -144,7 +144,8 @@ async function profilePrefill(model: RankModel, n: number, vocab: number): Promi
       };
     },
   });
-  const runner = new StepRunner(timed, soloCollectives(), model, { arenaBytes });
+  // Eager even for one token (no graph), so that each engine call is timed; a one-token "prefill" is a decode step.
+  const runner = new StepRunner(timed, soloCollectives(), model, { arenaBytes, graphs: false });
   const ids = randomIds(n, vocab);
   const step = { tokens: ids, slots: ids.map(() => 0), positions: [...ids.keys()], logitRows: [n - 1], sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } };
   await runner.step(step);
@@ -153,7 +154,11 @@ async function profilePrefill(model: RankModel, n: number, vocab: number): Promi
   await runner.step(step);
   const wall = performance.now() - started;
   const rows = [...totals.entries()].sort((a, b) => b[1].ms - a[1].ms);
-  console.log(`prefill of ${n} tokens: ${wall.toFixed(1)} ms wall; ${opts.profileSync ? 'device' : 'host'} time per engine call:`);
-  for (const [name, { calls, ms }] of rows.slice(0, 14)) console.log(`  ${name.padEnd(24)} ${String(calls).padStart(5)} calls ${ms.toFixed(2).padStart(9)} ms`);
+  // What one call costs with nothing to wait for: subtract it from the per-call times when reading them.
+  const syncStarted = performance.now();
+  for (let i = 0; i < 100; i++) engine.synchronize();
+  const syncMs = (performance.now() - syncStarted) / 100;
+  console.log(`prefill of ${n} tokens: ${wall.toFixed(1)} ms wall; ${opts.profileSync ? `device time per engine call (each includes a synchronize, ${(syncMs * 1e3).toFixed(1)} us when idle)` : 'host time per engine call'}:`);
+  for (const [name, { calls, ms }] of rows.slice(0, 20)) console.log(`  ${name.padEnd(32)} ${String(calls).padStart(5)} calls ${ms.toFixed(2).padStart(9)} ms ${((ms / calls) * 1e3).toFixed(1).padStart(8)} us/call`);
 }
 console.log(JSON.stringify({ bench: 'decode', device: opts.device, bandwidthGBs, newTokens, rows }));
