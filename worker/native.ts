@@ -105,6 +105,11 @@ export interface Engine {
   copy(dst: Tensor, src: Tensor): void;
   /** gateUp [T, 2F] f32 -> [T, F] f32 = silu(gateUp[:, :F]) * gateUp[:, F:]. */
   siluMul(gateUp: Tensor): Tensor;
+  /**
+   * gateUp [T, 2K] f32, w [N, K] f32|f16|bf16 -> [T, N] f32 = `matmul(siluMul(gateUp), w)`, equal to the two ops.
+   * On CUDA up to 8 tokens it is one GEMV that forms silu(gate) * up as it loads x: no intermediate tensor.
+   */
+  siluMulMatmul(gateUp: Tensor, w: Tensor): Tensor;
   /** x [T, N] (any dtype) -> [T, end - start] copy, same dtype. */
   sliceCols(x: Tensor, start: number, end: number): Tensor;
   /** xs[i] [T, Ni], all one dtype (f32 in models) -> [T, sum Ni]. */
@@ -126,6 +131,8 @@ export interface Engine {
    * the host (cuda: one synchronisation, not capturable).
    */
   expertMatmul(x: Tensor, w: Tensor, experts: Tensor, expertStart: number): Tensor;
+  /** `expertMatmul(siluMul(gateUp), w, experts, expertStart)` with gateUp [X, 2K]; fused into the expert GEMV up to 8 tokens on CUDA. */
+  siluMulExpertMatmul(gateUp: Tensor, w: Tensor, experts: Tensor, expertStart: number): Tensor;
   /** y [T * k, N] f32, weights [T, k] f32 -> [T, N] f32: out[t] = sum over j of weights[t, j] * y[t * k + j]. */
   combineExperts(y: Tensor, weights: Tensor): Tensor;
   /** logits [R, V] f32 -> [R, V] f32 log-softmax per row (max subtracted). */

@@ -300,6 +300,17 @@ Tensor Backend::silu_mul(const Tensor& gate_up) {
   return out;
 }
 
+Tensor Backend::silu_mul_matmul(const Tensor& gate_up, const Tensor& w) {
+  const char* op = "siluMulMatmul";
+  need(op, {"gateUp", gate_up}, 2, "[T, 2K]", kF32);
+  need(op, {"w", w}, 2, "[N, K]", kFloat);
+  WEFT_CHECK(2 * w.dim(1) == gate_up.dim(1), op, Arg{"gateUp", gate_up}, " and ", Arg{"w", w},
+             " do not match (expected w [N, ", gate_up.dim(1) / 2, "] and an even number of gateUp columns)");
+  Tensor out = empty(DType::F32, {gate_up.dim(0), w.dim(0)});
+  run_silu_mul_matmul(gate_up, w, out);
+  return out;
+}
+
 Tensor Backend::slice_cols(const Tensor& x, int64_t start, int64_t end) {
   const char* op = "sliceCols";
   need(op, {"x", x}, 2, "[T, N]", kAny);
@@ -348,18 +359,29 @@ Backend::Routing Backend::route_top_k(const Tensor& logits, int64_t k) {
 }
 
 Tensor Backend::expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start) {
-  const char* op = "expertMatmul";
-  need(op, {"x", x}, 2, "[X, K]", kF32);
+  return checked_expert_matmul("expertMatmul", x, w, experts, expert_start, false);
+}
+
+Tensor Backend::silu_mul_expert_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& experts,
+                                       int64_t expert_start) {
+  return checked_expert_matmul("siluMulExpertMatmul", gate_up, w, experts, expert_start, true);
+}
+
+Tensor Backend::checked_expert_matmul(const char* op, const Tensor& x, const Tensor& w, const Tensor& experts,
+                                      int64_t expert_start, bool gated) {
+  need(op, {gated ? "gateUp" : "x", x}, 2, gated ? "[X, 2K]" : "[X, K]", kF32);
   need(op, {"w", w}, 3, "[El, N, K]", kFloat);
   need(op, {"experts", experts}, 2, "[T, k]", kI32);
   const int64_t T = experts.dim(0), k = experts.dim(1);
-  WEFT_CHECK(x.dim(0) == T || x.dim(0) == T * k, op, Arg{"x", x}, " must have ", T, " rows (one per token) or ",
-             T * k, " (one per pair) to match ", Arg{"experts", experts});
-  WEFT_CHECK(w.dim(2) == x.dim(1), op, Arg{"x", x}, " and ", Arg{"w", w}, " do not match (expected w [El, N, ",
-             x.dim(1), "])");
+  const Arg xa{gated ? "gateUp" : "x", x};
+  WEFT_CHECK(x.dim(0) == T || x.dim(0) == T * k, op, xa, " must have ", T, " rows (one per token) or ", T * k,
+             " (one per pair) to match ", Arg{"experts", experts});
+  WEFT_CHECK(w.dim(2) * (gated ? 2 : 1) == x.dim(1), op, xa, " and ", Arg{"w", w},
+             " do not match (expected w [El, N, ", gated ? x.dim(1) / 2 : x.dim(1), "]",
+             gated ? " and an even number of gateUp columns)" : ")");
   WEFT_CHECK(expert_start >= 0, op, "expertStart = ", expert_start, " must be >= 0");
   Tensor out = empty(DType::F32, {T * k, w.dim(1)});
-  run_expert_matmul(x, w, experts, expert_start, out);
+  run_expert_matmul(x, w, experts, expert_start, gated, out);
   return out;
 }
 

@@ -119,6 +119,9 @@ class Backend {
   void copy(const Tensor& dst, const Tensor& src);
   // gate_up [T, 2F] f32 -> [T, F] f32: silu(gate) * up.
   Tensor silu_mul(const Tensor& gate_up);
+  // gate_up [T, 2K] f32, w [N, K] float -> [T, N] f32 = matmul(silu_mul(gate_up), w); on CUDA up to 8 tokens
+  // one GEMV that forms silu(gate) * up as it loads x (no intermediate, one kernel fewer).
+  Tensor silu_mul_matmul(const Tensor& gate_up, const Tensor& w);
   // x [T, N] any dtype -> [T, end - start] same dtype.
   Tensor slice_cols(const Tensor& x, int64_t start, int64_t end);
   // xs[i] [T, Ni], one dtype -> [T, sum Ni].
@@ -139,6 +142,9 @@ class Backend {
   // expert parallelism). Each expert's weights are read once for all the rows routed to it. A token's k experts
   // must be distinct (route_top_k's are); the CUDA backend checks that on the device.
   Tensor expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start);
+  // expert_matmul(silu_mul(gate_up), w, ...) with gate_up [X, 2K]: on CUDA up to 8 tokens the SwiGLU product
+  // is formed as the GEMV loads x and is never stored.
+  Tensor silu_mul_expert_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& experts, int64_t expert_start);
   // y [T * k, N] f32, weights [T, k] f32 -> [T, N] f32: out[t] = sum over j (in order) of weights[t, j] * y[t k + j].
   Tensor combine_experts(const Tensor& y, const Tensor& weights);
   // logits [R, V] f32 -> [R, V] f32.
@@ -189,8 +195,10 @@ class Backend {
   virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;
   virtual void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) = 0;
   virtual void run_route_top_k(const Tensor& logits, const Routing& out) = 0;
+  // gated: x is gate_up [X, 2K] and the rows multiplied are silu_mul of it.
   virtual void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
-                                 const Tensor& out) = 0;
+                                 bool gated, const Tensor& out) = 0;
+  virtual void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) = 0;
   virtual void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) = 0;
   virtual void run_log_softmax(const Tensor& logits, const Tensor& out) = 0;
   virtual void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) = 0;
@@ -198,6 +206,8 @@ class Backend {
 
   // The value checks of sample (NaN temperature, topK >= 0, topP and uniform in [0, 1]).
   static void check_sample_args(const char* op, const SampleArgs& args, int64_t rows);
+  Tensor checked_expert_matmul(const char* op, const Tensor& x, const Tensor& w, const Tensor& experts,
+                               int64_t expert_start, bool gated);
   // Throws "<op>: not allowed during graph capture (...)" while capturing.
   void no_capture(const char* op, const char* why) const;
 

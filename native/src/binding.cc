@@ -180,6 +180,8 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::RouteTopK>("routeTopK"),
                          InstanceMethod<&EngineHandle::ExpertMatmul>("expertMatmul"),
                          InstanceMethod<&EngineHandle::CombineExperts>("combineExperts"),
+                         InstanceMethod<&EngineHandle::SiluMulMatmul>("siluMulMatmul"),
+                         InstanceMethod<&EngineHandle::SiluMulExpertMatmul>("siluMulExpertMatmul"),
                          InstanceMethod<&EngineHandle::LogSoftmax>("logSoftmax"),
                          InstanceMethod<&EngineHandle::Logprobs>("logprobs"),
                          InstanceMethod<&EngineHandle::Sample>("sample"),
@@ -401,6 +403,21 @@ Napi::Value EngineHandle::ExpertMatmul(const Napi::CallbackInfo& info) {
     Args a(info, "expertMatmul", this);
     return Wrap(info.Env(), backend_->expert_matmul(a.tensor(0, "x"), a.tensor(1, "w"), a.tensor(2, "experts"),
                                                     a.integer(3, "expertStart")));
+  });
+}
+
+Napi::Value EngineHandle::SiluMulMatmul(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "siluMulMatmul", [&] {
+    Args a(info, "siluMulMatmul", this);
+    return Wrap(info.Env(), backend_->silu_mul_matmul(a.tensor(0, "gateUp"), a.tensor(1, "w")));
+  });
+}
+
+Napi::Value EngineHandle::SiluMulExpertMatmul(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "siluMulExpertMatmul", [&] {
+    Args a(info, "siluMulExpertMatmul", this);
+    return Wrap(info.Env(), backend_->silu_mul_expert_matmul(a.tensor(0, "gateUp"), a.tensor(1, "w"),
+                                                             a.tensor(2, "experts"), a.integer(3, "expertStart")));
   });
 }
 

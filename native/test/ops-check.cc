@@ -221,6 +221,12 @@ void check_moe(Rng& rng) {
         compare("expertMatmul", sh + " x/token", g.first, c.first, rtol);
         compare("combineExperts", sh, g.second, c.second, rtol);
         compare("expertMatmul", sh + " x/pair", run(*gpu, rg, xp, T * k).first, run(*cpu, rc, xp, T * k).first, rtol);
+        auto gate_up = rng.floats(T * k * 2 * K, -4, 4);
+        auto gated = [&](Backend& b, const Backend::Routing& r) {
+          return down(b, b.silu_mul_expert_matmul(up(b, gate_up, {T * k, 2 * K}), up_narrow(b, w, {El, N, K}, DType::BF16),
+                                                  r.experts, start));
+        };
+        compare("siluMulExpertMatmul", sh, gated(*gpu, rg), gated(*cpu, rc), rtol);
       });
     }
 }
@@ -239,6 +245,10 @@ void check_matmul(Rng& rng) {
         double rtol = T > 8 && wd != DType::F32 ? 2e-3 : 1e-5;
         compare("matmul", sh, down(*gpu, gpu->matmul(up(*gpu, x, {T, K}), up_narrow(*gpu, w, {N, K}, wd))),
                 down(*cpu, cpu->matmul(up(*cpu, x, {T, K}), up_narrow(*cpu, w, {N, K}, wd))), rtol);
+        auto gate_up = rng.floats(T * 2 * K, -4, 4);
+        compare("siluMulMatmul", sh,
+                down(*gpu, gpu->silu_mul_matmul(up(*gpu, gate_up, {T, 2 * K}), up_narrow(*gpu, w, {N, K}, wd))),
+                down(*cpu, cpu->silu_mul_matmul(up(*cpu, gate_up, {T, 2 * K}), up_narrow(*cpu, w, {N, K}, wd))), rtol);
       });
     }
 }

@@ -96,6 +96,12 @@ test('matmul, K = 4096, f32 and bf16 weights', { skip }, () => {
     // Over 8 tokens the product runs on tensor cores with x rounded to bf16 (2^-9 relative per term,
     // random signs): ~2^-9 * sqrt(K) * mean|x w| = 0.03 against outputs of scale ~60, so 2e-3 of the scale.
     assertNear(g, c, T > 8 ? 2e-3 : 1e-5, `matmul bf16 T=${T}`);
+    // SwiGLU formed inside the GEMV: the CPU within matmul's bound, and up to 8 tokens bit for bit the two CUDA ops.
+    const gateUp = randoms(T * 2 * H, -4, 4);
+    [g, c] = both((e) => e.siluMulMatmul(f32(e, gateUp, [T, 2 * H]), bf16(e, w, [N, H])));
+    assertNear(g, c, T > 8 ? 2e-3 : 1e-5, `siluMulMatmul T=${T}`);
+    const separate = get(gpu, gpu.matmul(gpu.siluMul(f32(gpu, gateUp, [T, 2 * H])), bf16(gpu, w, [N, H])));
+    if (T <= 8) assert.deepEqual(g, separate, `siluMulMatmul T=${T} equals siluMul + matmul on CUDA`);
   }
 });
 
@@ -214,31 +220,38 @@ test('randomUniform: f32/bf16/f16 values equal the CPU backend', { skip }, () =>
   }
 });
 
-test('routeTopK, expertMatmul (device-routed up to 8 tokens, grouped above) and combineExperts equal the CPU', { skip }, () => {
+test('routeTopK, expertMatmul (device-routed up to 8 tokens, grouped above) and combineExperts equal the CPU', { skip, timeout: 120_000 }, () => {
   const E = 8, k = 2, N = 512;
+  // Stacked experts uploaded once per engine: all 8 held in two halves (expert parallelism), and 3 from expert 2 on.
+  const holdings = [[4, 0], [4, 4], [3, 2]] as const;
   const w = randoms(4 * N * H);
+  const stacks = (e: Engine) => holdings.map(([El]) => bf16(e, w.subarray(0, El * N * H), [El, N, H]));
+  const gpuStacks = stacks(gpu), cpuStacks = stacks(cpu);
   for (const T of Ts) {
-    const logits = randoms(T * E, -4, 4), x = randoms(T * H), xPairs = randoms(T * k * H);
-    // all 8 experts held in two halves (expert parallelism), and 3 of them from expert 2 on
-    for (const [El, first] of (T > 8 ? [[3, 2]] : [[4, 0], [4, 4], [3, 2]]) as [number, number][]) {
-      const run = (e: Engine, xs: Float32Array, rows: number) => {
+    const logits = randoms(T * E, -4, 4), x = randoms(T * H), xPairs = randoms(T * k * H), gateUp = randoms(T * k * 2 * H, -4, 4);
+    holdings.forEach(([El, first], h) => {
+      if (T > 8 && h < 2) return; // the grouped path once is enough
+      const run = (e: Engine, stack: Tensor, xs: Float32Array, rows: number) => {
         const { experts, weights } = e.routeTopK(f32(e, logits, [T, E]), k);
-        const y = e.expertMatmul(f32(e, xs, [rows, H]), bf16(e, w.subarray(0, El * N * H), [El, N, H]), experts, first);
+        const y = e.expertMatmul(f32(e, xs, [rows, H]), stack, experts, first);
         return { experts, y, combined: e.combineExperts(y, weights) };
       };
-      const g = run(gpu, x, T), c = run(cpu, x, T);
+      const g = run(gpu, gpuStacks[h]!, x, T), c = run(cpu, cpuStacks[h]!, x, T);
       assert.deepEqual([...gpu.download(g.experts)], [...cpu.download(c.experts)], `routeTopK T=${T}`);
       // Over 8 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul.
       const rtol = T > 8 ? 2e-3 : 1e-5;
       assertNear(get(gpu, g.y), get(cpu, c.y), rtol, `expertMatmul T=${T} experts ${first}..${first + El - 1}`);
       assertNear(get(gpu, g.combined), get(cpu, c.combined), rtol, `combineExperts T=${T}`);
-      const gp = run(gpu, xPairs, T * k), cp = run(cpu, xPairs, T * k);
+      const gp = run(gpu, gpuStacks[h]!, xPairs, T * k), cp = run(cpu, cpuStacks[h]!, xPairs, T * k);
       assertNear(get(gpu, gp.y), get(cpu, cp.y), rtol, `expertMatmul x per pair T=${T}`);
-    }
+      // gated: gateUp [T k, 2H] against the stack read as [El, N, H]
+      const gated = (e: Engine, stack: Tensor) => e.siluMulExpertMatmul(f32(e, gateUp, [T * k, 2 * H]), stack, e.routeTopK(f32(e, logits, [T, E]), k).experts, first);
+      assertNear(get(gpu, gated(gpu, gpuStacks[h]!)), get(cpu, gated(cpu, cpuStacks[h]!)), rtol, `siluMulExpertMatmul T=${T}`);
+    });
   }
 });
 
-test('a captured MoE step follows new routing on replay; a repeated expert is reported at the next sync', { skip }, () => {
+test('a captured MoE step follows new routing on replay; a repeated expert is reported at the next sync', { skip, timeout: 120_000 }, () => {
   const E = 8, k = 2, N = 512, T = 3;
   const w13 = randoms(E * 2 * N * H, -0.05, 0.05), w2 = randoms(E * H * N, -0.05, 0.05), router = randoms(E * H);
   const setup = (e: Engine) => ({ x: f32(e, randoms(T * H), [T, H]), router: f32(e, router, [E, H]), w13: bf16(e, w13, [E, 2 * N, H]), w2: bf16(e, w2, [E, H, N]) });

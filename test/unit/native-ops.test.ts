@@ -473,7 +473,24 @@ test('expertMatmul reads each routed expert, zeros for experts held elsewhere; c
   assertNativeError(() => engine.expertMatmul(f32(engine, x, [T, K]), wt, engine.upload(bytesOf(Int32Array.from([3, 3, 2, 4, 0, 1, 4, 2])), 'i32', [T, k]), first), /expertMatmul: experts\[0\] chooses expert 3 twice/);
   assertNativeError(() => engine.expertMatmul(f32(engine, x.subarray(0, 3 * K), [3, K]), wt, expertsT, first), /expertMatmul: x \[3, 24\] f32 must have 4 rows \(one per token\) or 8 \(one per pair\)/);
   assertNativeError(() => engine.expertMatmul(f32(engine, x, [T, K]), f32(engine, w, [El * N, K]), expertsT, first), /expertMatmul: w must be \[El, N, K\]/);
+  // The gated form equals siluMul then expertMatmul (the same fp32 operations here).
+  const gateUp = randoms(rand, T * 2 * K);
+  const gateUpT = f32(engine, gateUp, [T, 2 * K]);
+  assert.deepEqual(get(engine, engine.siluMulExpertMatmul(gateUpT, wt, expertsT, first)), get(engine, engine.expertMatmul(engine.siluMul(gateUpT), wt, expertsT, first)));
+  assertNativeError(() => engine.siluMulExpertMatmul(f32(engine, x, [T, K]), wt, expertsT, first), /siluMulExpertMatmul: gateUp \[4, 24\] f32 and w \[3, 5, 24\] f32 do not match \(expected w \[El, N, 12\] and an even number of gateUp columns\)/);
+
   assertNativeError(() => engine.combineExperts(perToken, f32(engine, weights.subarray(0, 6), [3, k])), /combineExperts: y \[8, 5\] f32 must have 6 rows to match weights \[3, 2\] f32/);
+});
+
+test('siluMulMatmul equals siluMul then matmul', () => {
+  const rand = prng(14);
+  const T = 3, K = 40, N = 6;
+  const gateUp = f32(engine, randoms(rand, T * 2 * K, -4, 4), [T, 2 * K]);
+  const w = f32(engine, randoms(rand, N * K), [N, K]);
+  const fused = engine.siluMulMatmul(gateUp, w);
+  assert.deepEqual(fused.shape, [T, N]);
+  assert.deepEqual(get(engine, fused), get(engine, engine.matmul(engine.siluMul(gateUp), w)));
+  assertNativeError(() => engine.siluMulMatmul(gateUp, f32(engine, randoms(rand, N * 2 * K), [N, 2 * K])), /siluMulMatmul: gateUp \[3, 80\] f32 and w \[6, 80\] f32 do not match \(expected w \[N, 40\]/);
 });
 
 test('logSoftmax and logprobs, stable for large logits', () => {

@@ -49,8 +49,8 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
 }
 
 export const denseFeedForward: FeedForward<DenseFeedForward> = async (ops, comm, layer, x) => {
-  const hidden = ops.siluMul(ops.matmul(x, layer.w13)); // [T, ffnPerRank]
-  return comm.allReduce(ops.matmul(hidden, layer.w2));
+  const gateUp = ops.matmul(x, layer.w13); // [T, 2 ffnPerRank]
+  return comm.allReduce(ops.siluMulMatmul(gateUp, layer.w2)); // w2 (silu(gate) * up), the product formed as it is read
 };
 
 /**

@@ -25,6 +25,6 @@ export interface MixtralLayer extends AttentionWeights {
 export const moeFeedForward: FeedForward<MixtralLayer> = async (ops, comm, layer, x) => {
   const { experts, weights } = ops.routeTopK(ops.matmul(x, layer.router), layer.nExpertsPerToken); // [T, k] each
   const gateUp = ops.expertMatmul(x, layer.experts.w13, experts, layer.experts.first); // [T k, 2 F]
-  const down = ops.expertMatmul(ops.siluMul(gateUp), layer.experts.w2, experts, layer.experts.first); // [T k, hidden]
+  const down = ops.siluMulExpertMatmul(gateUp, layer.experts.w2, experts, layer.experts.first); // [T k, hidden]
   return comm.allReduce(ops.combineExperts(down, weights));
 };

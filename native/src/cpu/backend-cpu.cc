@@ -148,14 +148,14 @@ class CpuBackend final : public Backend {
                   out.weights.data<float>() + t * k);
   }
   // Rows grouped by expert: each expert's weights are read once, for all of its rows, by the threaded matmul.
-  void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+  void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start, bool gated,
                          const Tensor& out) override {
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2);
     const int32_t* ids = experts.data<int32_t>();
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < k; ++j)
         for (int64_t i = 0; i < j; ++i)
-          WEFT_CHECK(ids[t * k + i] != ids[t * k + j], "expertMatmul", "experts[", t, "] chooses expert ",
+          WEFT_CHECK(ids[t * k + i] != ids[t * k + j], gated ? "siluMulExpertMatmul" : "expertMatmul", "experts[", t, "] chooses expert ",
                      ids[t * k + j], " twice (a token's experts must be distinct)");
     fill_zero(out);
     const bool per_pair = x.dim(0) == T * k;
@@ -171,13 +171,22 @@ class CpuBackend final : public Backend {
       ys.resize(static_cast<size_t>(R * N));
       for (int64_t r = 0; r < R; ++r) {
         const int64_t row = per_pair ? pairs[r] : pairs[r] / k;
-        std::memcpy(xs.data() + r * K, x.data<float>() + row * K, static_cast<size_t>(K) * sizeof(float));
+        if (gated)
+          cpu::silu_mul(xs.data() + r * K, x.data<float>() + row * 2 * K, 1, K);
+        else
+          std::memcpy(xs.data() + r * K, x.data<float>() + row * K, static_cast<size_t>(K) * sizeof(float));
       }
       const uint8_t* we = static_cast<const uint8_t*>(w.buffer->data()) + e * N * K * static_cast<int64_t>(dtype_size(w.dtype));
       cpu::matmul(pool_, ys.data(), xs.data(), we, w.dtype, R, K, N);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(out.data<float>() + pairs[r] * N, ys.data() + r * N, static_cast<size_t>(N) * sizeof(float));
     }
+  }
+  void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) override {
+    const int64_t T = gate_up.dim(0), K = w.dim(1);
+    std::vector<float> hidden(static_cast<size_t>(T * K));
+    cpu::silu_mul(hidden.data(), gate_up.data<float>(), T, K);
+    cpu::matmul(pool_, out.data<float>(), hidden.data(), w.buffer->data(), w.dtype, T, K, w.dim(0));
   }
   void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
     cpu::combine_experts(out.data<float>(), y.data<float>(), weights.data<float>(), weights.dim(0), weights.dim(1),

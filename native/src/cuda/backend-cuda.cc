@@ -444,28 +444,52 @@ class CudaBackend final : public Backend {
   void run_route_top_k(const Tensor& logits, const Routing& out) override {
     cuda::launch_route_top_k(ctx(), logits, out.experts, out.weights);
   }
-  void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+  void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start, bool gated,
                          const Tensor& out) override {
-    const char* op = "expertMatmul";
+    const char* op = gated ? "siluMulExpertMatmul" : "expertMatmul";
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2), P = T * k;
     if (P == 0 || N == 0) return;
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(st_->stream);
     const bool per_pair = x.dim(0) == P;
+    if (gated && !cuda::Matmul::fuses_silu_mul(T, K, w.dtype)) {  // the product first, then the plain op
+      Tensor hidden = empty(DType::F32, {x.dim(0), K});
+      cuda::launch_silu_mul(ctx(), x, hidden);
+      run_expert_matmul(hidden, w, experts, expert_start, false, out);
+      return;
+    }
     try {
       if (T <= cuda::Matmul::kExpertGemvMaxTokens) {  // decode: routing stays on the device (capturable)
         const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
                                   static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
                                   st_->status_dev};
-        matmul_->run_experts(x.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, ex);
+        matmul_->run_experts(x.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, ex, gated);
       } else {
         grouped_expert_matmul(x, w, experts, expert_start, per_pair, out);
       }
     } catch (const Error& e) {
       std::string m = e.what();
-      if (m.rfind("expertMatmul: ", 0) == 0) m = m.substr(14);
+      for (const char* prefix : {"expertMatmul: ", "matmul: "})
+        if (m.rfind(prefix, 0) == 0) m = m.substr(std::strlen(prefix));
       throw Error(op, m + " (x " + to_string(x) + ", w " + to_string(w) + ", experts " + to_string(experts) + ")");
     }
     cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}, {"experts", experts}});
+  }
+  void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) override {
+    const int64_t T = gate_up.dim(0), N = w.dim(0), K = w.dim(1);
+    if (T == 0 || N == 0) return;
+    if (!cuda::Matmul::fuses_silu_mul(T, K, w.dtype)) {  // prefill: the product, then cuBLAS
+      Tensor hidden = empty(DType::F32, {T, K});
+      cuda::launch_silu_mul(ctx(), gate_up, hidden);
+      run_matmul(hidden, w, out);
+      return;
+    }
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(st_->stream);
+    try {
+      matmul_->run(gate_up.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, true);
+    } catch (const Error& e) {
+      throw Error("siluMulMatmul", std::string(e.what()) + " (gateUp " + to_string(gate_up) + ", w " + to_string(w) + ")");
+    }
+    cuda::check_launch(ctx(), "siluMulMatmul", {{"gateUp", gate_up}, {"w", w}});
   }
   void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
     cuda::launch_combine_experts(ctx(), y, weights, out);

@@ -104,6 +104,9 @@ __device__ __forceinline__ void unpack4<float>(const uint4& u, int, float (&f)[4
   f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
 }
 
+// silu(g) * u exactly as siluMul computes it (elementwise.cu), so the fused product equals the two ops.
+__device__ __forceinline__ float silu_times(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
+
 // Reduce-scatter of V partial sums over the 32 lanes of a warp. Afterwards, for V >= 32, lane l holds the
 // full sums of indices l*(V/32) + i in a[i], i < V/32; for V < 32 lane l holds index l >> (5 - log2 V) in a[0].
 template <int V>
@@ -145,6 +148,8 @@ struct GemvParams {
   const int32_t* experts;  // [n_pairs] global expert ids
   int n_pairs, topk, per_pair_x, expert_start;
   DeviceStatus* status;
+  // Gated (siluMulMatmul): x rows are [gate | up], 2K wide, and the block stages silu(gate) * up as its x.
+  int gated;
 };
 
 constexpr int kStages = 4;   // cp.async ring depth per warp (kStages - 1 stages in flight while computing)
@@ -264,7 +269,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
       const int t = i / f4_per_token, f = i - t * f4_per_token;
       const int v = f / H, h = f - v * H;
       float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t < T) val = *reinterpret_cast<const float4*>(p.x + static_cast<size_t>(x_row_of(t)) * p.K + (v0 + v) * VEC + h * 4);
+      if (t < T) {
+        const float* xr = p.x + static_cast<size_t>(x_row_of(t)) * (p.gated ? 2 * p.K : p.K) + (v0 + v) * VEC + h * 4;
+        val = *reinterpret_cast<const float4*>(xr);
+        if (p.gated) {
+          const float4 up = *reinterpret_cast<const float4*>(xr + p.K);
+          val = make_float4(silu_times(val.x, up.x), silu_times(val.y, up.y), silu_times(val.z, up.z),
+                            silu_times(val.w, up.w));
+        }
+      }
       xs[(t * H + h) * p.nv_slice + v] = val;
     }
   }
@@ -530,7 +543,7 @@ struct Matmul::Impl {
   std::vector<Occ> occ;
 
   int clusters_at_once(DType dt, int TT, int U, int C, size_t smem);
-  void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex = nullptr);
+  void gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex, bool gated);
   void gemm(const float* x, const void* w, DType dt, float* y, int T, int N, int K);
   void ensure_cublas();
 };
@@ -586,7 +599,8 @@ int Matmul::Impl::clusters_at_once(DType dt, int TT, int U, int C, size_t smem) 
 
 // ex == nullptr: y [T, N] = x [T, K] @ w^T. Otherwise the expert GEMV (Matmul::run_experts): T is the token
 // count (each expert gets at most T pairs), a grid row of blocks per expert in w.
-void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex) {
+void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex,
+                        bool gated) {
   const int vec = dt == DType::F32 ? 4 : 8;
   const bool vector_ok = K % vec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(w) % 16 == 0;
@@ -611,6 +625,8 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   const size_t smem = ring_bytes(U) + xbytes(C) + part_bytes;
   const size_t static_smem = 1024;  // room for the kernel's own __shared__ row maps (allow_max_smem)
   if (!vector_ok || smem + static_smem > max_smem) {
+    if (gated && !(vector_ok && T > 1 && !ex))
+      WEFT_FAIL("matmul", "the fused siluMul GEMV cannot take K = ", K, " (needs K % ", vec, " == 0 and x within shared memory)");
     if (ex) {
       const dim3 grid((N + 7) / 8, ex->n_pairs);
       WEFT_DISPATCH_FLOAT(dt, W,
@@ -622,8 +638,9 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
     }
     if (vector_ok && T > 1) {  // x too large for shared memory: two passes over fewer tokens
       const int half = T / 2;
-      gemv(x, w, dt, y, half, N, K);
-      gemv(x + static_cast<size_t>(half) * K, w, dt, y + static_cast<size_t>(half) * N, T - half, N, K);
+      gemv(x, w, dt, y, half, N, K, nullptr, gated);
+      gemv(x + static_cast<size_t>(half) * K * (gated ? 2 : 1), w, dt, y + static_cast<size_t>(half) * N, T - half, N, K,
+           nullptr, gated);
       return;
     }
     const int grid = (N + 7) / 8;
@@ -653,7 +670,7 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   int G = std::min(ngroups, active * waves);
   const int groups_per_cluster = (ngroups + G - 1) / G;
   G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
-  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr};
+  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr, gated ? 1 : 0};
   if (ex) {
     p.experts = ex->experts;
     p.n_pairs = ex->n_pairs;
@@ -708,8 +725,12 @@ void Matmul::Impl::gemm(const float* x, const void* w, DType dt, float* y, int T
                               y, CUDA_R_32F, N, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT));
 }
 
+bool Matmul::fuses_silu_mul(int64_t T, int64_t K, DType w_dtype) {
+  return T >= 1 && T <= kGemvMaxT && K > 0 && K % (w_dtype == DType::F32 ? 4 : 8) == 0;
+}
+
 void Matmul::run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
-                         const ExpertRows& ex) {
+                         const ExpertRows& ex, bool gated) {
   WEFT_CHECK(T >= 1 && T <= kGemvMaxT, "expertMatmul", "the expert GEMV takes 1..", kGemvMaxT, " tokens, not ", T);
   WEFT_CHECK(N <= INT32_MAX && K <= INT32_MAX && ex.n_local <= 65535, "expertMatmul", "shape w [", ex.n_local, ", ",
              N, ", ", K, "] is out of range");
@@ -718,10 +739,12 @@ void Matmul::run_experts(const float* x, const void* w, DType w_dtype, float* y,
     WEFT_CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), impl_->stream));
     return;
   }
-  impl_->gemv(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K), &ex);
+  impl_->gemv(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K), &ex, gated);
 }
 
-void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K) {
+void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated) {
+  WEFT_CHECK(!gated || fuses_silu_mul(T, K, w_dtype), "matmul", "the fused siluMul GEMV takes 1..", kGemvMaxT,
+             " tokens and K a multiple of the weight vector, not T = ", T, ", K = ", K);
   WEFT_CHECK(w_dtype == DType::F32 || w_dtype == DType::F16 || w_dtype == DType::BF16, "matmul",
              "w dtype ", dtype_name(w_dtype), " is not a float type");
   WEFT_CHECK(T >= 0 && N >= 0 && K >= 0 && T <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, "matmul",
@@ -731,7 +754,7 @@ void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t
     WEFT_CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(T) * N * sizeof(float), impl_->stream));
     return;
   }
-  if (T <= kGemvMaxT) impl_->gemv(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K));
+  if (T <= kGemvMaxT) impl_->gemv(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K), nullptr, gated);
   else impl_->gemm(x, w, w_dtype, y, static_cast<int>(T), static_cast<int>(N), static_cast<int>(K));
 }
 

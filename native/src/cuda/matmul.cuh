@@ -24,11 +24,14 @@ class Matmul {  // one per engine; owns the cuBLAS handle and scratch
   Matmul& operator=(const Matmul&) = delete;
   // y [T, N] f32 = x [T, K] f32 @ w [N, K]^T, w in f32/f16/bf16. Small T: hand-written GEMV kernels; large T: cuBLAS.
   // Capturable in a CUDA graph for T <= 8 (no allocation, no sync on that path). Throws weft::Error on failure.
-  void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K);
+  // gated: x is [T, 2K] ([gate | up] rows) and the product reads silu(gate) * up as it loads x (siluMulMatmul);
+  // only where fuses_silu_mul() says so.
+  void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated = false);
+  static bool fuses_silu_mul(int64_t T, int64_t K, DType w_dtype);
   // y [T * topk, N] f32 = per pair, x row @ (expert's w [N, K])^T, for T <= 8 tokens: each chosen expert's
   // weights are read once for all of its pairs; experts nobody chose are not read. Capturable.
   void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
-                   const ExpertRows& ex);
+                   const ExpertRows& ex, bool gated = false);
 
  private:
   struct Impl;
