@@ -69,6 +69,11 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 int g_force_cluster = 0;
 int g_force_blocks_per_sm = 0;
 int g_force_u = 0;
+// siluMulMatmul fuses the product into the GEMV up to this many tokens (WEFT_FUSE_SILU_MAX_T; benchmarks compare).
+const int64_t g_fuse_silu_max_t = [] {
+  const char* v = std::getenv("WEFT_FUSE_SILU_MAX_T");
+  return v ? std::min<int64_t>(std::atoll(v), kGemvMaxT) : int64_t{kGemvMaxT};
+}();
 // GEMVs launch as programmatic dependents (see pdl_wait in common.cuh) unless WEFT_PDL=0 (benchmarks compare).
 const bool g_pdl = [] {
   const char* v = std::getenv("WEFT_PDL");
@@ -726,7 +731,7 @@ void Matmul::Impl::gemm(const float* x, const void* w, DType dt, float* y, int T
 }
 
 bool Matmul::fuses_silu_mul(int64_t T, int64_t K, DType w_dtype) {
-  return T >= 1 && T <= kGemvMaxT && K > 0 && K % (w_dtype == DType::F32 ? 4 : 8) == 0;
+  return T >= 1 && T <= g_fuse_silu_max_t && K > 0 && K % (w_dtype == DType::F32 ? 4 : 8) == 0;
 }
 
 void Matmul::run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
