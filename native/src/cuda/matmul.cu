@@ -74,10 +74,6 @@ const int64_t g_fuse_silu_max_t = [] {
   const char* v = std::getenv("WEFT_FUSE_SILU_MAX_T");
   return v ? std::min<int64_t>(std::atoll(v), kGemvMaxT) : int64_t{kGemvMaxT};
 }();
-const bool g_async_x = [] {
-  const char* v = std::getenv("WEFT_GEMV_ASYNC_X");
-  return !(v && std::strcmp(v, "0") == 0);
-}();
 // GEMVs launch as programmatic dependents (see pdl_wait in common.cuh) unless WEFT_PDL=0 (benchmarks compare).
 const bool g_pdl = [] {
   const char* v = std::getenv("WEFT_PDL");
@@ -159,7 +155,6 @@ struct GemvParams {
   DeviceStatus* status;
   // Gated (siluMulMatmul): x rows are [gate | up], 2K wide, and the block stages silu(gate) * up as its x.
   int gated;
-  int async_x;  // stage plain x with cp.async (WEFT_GEMV_ASYNC_X=0: the load-then-store loop, for comparison)
 };
 
 constexpr int kStages = 4;   // cp.async ring depth per warp (kStages - 1 stages in flight while computing)
@@ -273,51 +268,22 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   if (!p.experts) pdl_wait();  // x comes from the kernel before; the weight loads above did not need it
 
   // Stage the x slice while the first weights are on their way: consecutive threads read consecutive float4.
-  // Plain x goes by cp.async, every copy of a thread in flight at once (a load-then-store loop waits out one L2
-  // round trip per float4: ~7 of them per thread at K = 14336). The gated form needs the product in registers,
-  // so it loads kXBatch float4 (and their up halves) before it stores any.
   {
     const int f4_per_token = nv * H;
-    const int total = TT * f4_per_token;
-    const size_t x_stride = p.gated ? 2 * static_cast<size_t>(p.K) : p.K;
-    // float4 i of the slice: token t, vector v, half h; its shared slot and (for t < T) its x address
-    auto slot_of = [&](int i) {
-      const int t = i / f4_per_token, f = i - t * f4_per_token, v = f / H, h = f - v * H;
-      return &xs[(t * H + h) * p.nv_slice + v];
-    };
-    auto source_of = [&](int i) {
-      const int t = i / f4_per_token, f = i - t * f4_per_token, v = f / H, h = f - v * H;
-      return t < T ? p.x + x_row_of(t) * x_stride + (v0 + v) * VEC + h * 4 : nullptr;
-    };
-    if (!p.gated && p.async_x) {
-      for (int i = threadIdx.x; i < total; i += kThreads) {
-        const float* src = source_of(i);
-        if (src) cp_async16(slot_of(i), src);
-        else *slot_of(i) = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-    } else {
-      constexpr int kXBatch = 4;
-      for (int base = threadIdx.x; base < total; base += kXBatch * kThreads) {
-        float4 val[kXBatch], up[kXBatch];
-#pragma unroll
-        for (int b = 0; b < kXBatch; ++b) {
-          const int i = base + b * kThreads;
-          const float* src = i < total ? source_of(i) : nullptr;
-          val[b] = src ? *reinterpret_cast<const float4*>(src) : make_float4(0.f, 0.f, 0.f, 0.f);
-          up[b] = src && p.gated ? *reinterpret_cast<const float4*>(src + p.K) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int b = 0; b < kXBatch; ++b) {
-          const int i = base + b * kThreads;
-          if (i >= total) break;
-          if (p.gated)
-            val[b] = make_float4(silu_times(val[b].x, up[b].x), silu_times(val[b].y, up[b].y),
-                                 silu_times(val[b].z, up[b].z), silu_times(val[b].w, up[b].w));
-          *slot_of(i) = val[b];
+    for (int i = threadIdx.x; i < TT * f4_per_token; i += kThreads) {
+      const int t = i / f4_per_token, f = i - t * f4_per_token;
+      const int v = f / H, h = f - v * H;
+      float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (t < T) {
+        const float* xr = p.x + static_cast<size_t>(x_row_of(t)) * (p.gated ? 2 * p.K : p.K) + (v0 + v) * VEC + h * 4;
+        val = *reinterpret_cast<const float4*>(xr);
+        if (p.gated) {
+          const float4 up = *reinterpret_cast<const float4*>(xr + p.K);
+          val = make_float4(silu_times(val.x, up.x), silu_times(val.y, up.y), silu_times(val.z, up.z),
+                            silu_times(val.w, up.w));
         }
       }
+      xs[(t * H + h) * p.nv_slice + v] = val;
     }
   }
   __syncthreads();
@@ -709,8 +675,7 @@ void Matmul::Impl::gemv(const float* x, const void* w, DType dt, float* y, int T
   int G = std::min(ngroups, active * waves);
   const int groups_per_cluster = (ngroups + G - 1) / G;
   G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
-  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr, gated ? 1 : 0,
-               g_async_x ? 1 : 0};
+  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr, gated ? 1 : 0};
   if (ex) {
     p.experts = ex->experts;
     p.n_pairs = ex->n_pairs;
