@@ -28,8 +28,12 @@ const program = new Command('bench-decode')
   .option('--device <d>', 'cpu or cuda', 'cuda')
   .option('--profile-prefill <n>', 'also time the host side of each engine call in one prefill of n tokens')
   .option('--profile-sync', 'with --profile-prefill: synchronise after every call, so each time is that call\'s device time', false)
+  .option('--tp <n>', 'run one rank\'s shard of a plan for n ranks on this GPU, all-reduces skipped (per-rank work of tensor or expert parallelism)', '1')
+  .option('--rank <r>', 'with --tp: which rank\'s shard', '0')
+  .option('--expert-parallel', 'with --tp: whole experts per rank (Mixtral)', false)
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; profilePrefill?: string; profileSync: boolean }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean }>();
+const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
 const newTokens = Number(opts.newTokens);
@@ -59,20 +63,21 @@ const randomIds = (n: number, vocab: number): number[] => Array.from({ length: n
 
 for (const name of list(opts.models)) {
   const spec = presetSpec(name, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
-  const plan = planShards(spec, 1);
+  const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
+  const label = tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name;
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
-  const model = buildRankModel(engine, spec, plan, 0, randomWeights(engine, spec, plan, 0, 7), { kvSlots: maxBatch + 1, maxContext });
+  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, spec, plan, rank, 7), { kvSlots: maxBatch + 1, maxContext });
   const runner = new StepRunner(engine, soloCollectives(), model, { arenaBytes });
   // Weight bytes one decode step reads: everything but the embedding table (B rows of it, negligible).
   const elementBytes = spec.dtype === 'f32' ? 4 : 2;
-  const weightBytes = shardLayout(spec, plan, 0)
+  const weightBytes = shardLayout(spec, plan, rank)
     .filter((t) => t.name !== 'embed' && t.aliasOf === null)
     .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0)
     + (spec.tieWordEmbeddings ? spec.vocabSize * spec.hidden * elementBytes : 0);
   // Mixtral reads only the experts its router picks: nExpertsPerToken of nExperts per layer and token
   // (batch 1; a batch reads the union of its rows' choices, at most all of them).
-  const expertBytes = shardLayout(spec, plan, 0)
+  const expertBytes = shardLayout(spec, plan, rank)
     .filter((t) => t.name.includes('.experts.'))
     .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0);
   const activeWeightBytes = (batch: number): number =>
@@ -107,10 +112,10 @@ for (const name of list(opts.models)) {
       const kvBytes = spec.nLayers * batch * meanContext * plan.nKvHeadsPerRank * spec.headDim * 4 * 2; // fp32 K and V
       const bytesPerStep = activeWeightBytes(batch) + kvBytes;
       const floorMs = (bytesPerStep / (bandwidthGBs * 1e9)) * 1e3;
-      const row = { model: name, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
+      const row = { model: label, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
       rows.push(row);
       console.log(
-        `${name.padEnd(12)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
+        `${label.padEnd(12)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
           `${row.tokensPerS.toFixed(1)} tok/s, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
       );
     }
