@@ -385,6 +385,21 @@ Tensor Backend::checked_expert_matmul(const char* op, const Tensor& x, const Ten
   return out;
 }
 
+std::vector<std::vector<int32_t>> Backend::pairs_by_expert(const char* op, const int32_t* ids, int64_t T, int64_t k,
+                                                           int64_t expert_start, int64_t n_held) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = 0; i < j; ++i)
+        WEFT_CHECK(ids[t * k + i] != ids[t * k + j], op, "experts[", t, "] chooses expert ", ids[t * k + j],
+                   " twice (a token's experts must be distinct)");
+  std::vector<std::vector<int32_t>> pairs(static_cast<size_t>(n_held));
+  for (int64_t p = 0; p < T * k; ++p) {
+    const int64_t local = ids[p] - expert_start;
+    if (local >= 0 && local < n_held) pairs[local].push_back(static_cast<int32_t>(p));
+  }
+  return pairs;
+}
+
 Tensor Backend::combine_experts(const Tensor& y, const Tensor& weights) {
   const char* op = "combineExperts";
   need(op, {"y", y}, 2, "[T * k, N]", kF32);

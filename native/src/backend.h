@@ -208,6 +208,10 @@ class Backend {
   static void check_sample_args(const char* op, const SampleArgs& args, int64_t rows);
   Tensor checked_expert_matmul(const char* op, const Tensor& x, const Tensor& w, const Tensor& experts,
                                int64_t expert_start, bool gated);
+  // For each of the n_held experts from expert_start, the pairs routed to it (host ids [T * k], pairs in order):
+  // how the host-grouped expert matmuls batch their rows. Throws when a token chooses one expert twice.
+  static std::vector<std::vector<int32_t>> pairs_by_expert(const char* op, const int32_t* ids, int64_t T, int64_t k,
+                                                           int64_t expert_start, int64_t n_held);
   // Throws "<op>: not allowed during graph capture (...)" while capturing.
   void no_capture(const char* op, const char* why) const;
 

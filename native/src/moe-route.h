@@ -7,11 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define WEFT_HD __host__ __device__ __forceinline__
-#else
-#define WEFT_HD inline
-#endif
+#include "host-device.h"
 
 namespace weft {
 

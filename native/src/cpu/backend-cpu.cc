@@ -151,20 +151,13 @@ class CpuBackend final : public Backend {
   void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start, bool gated,
                          const Tensor& out) override {
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2);
-    const int32_t* ids = experts.data<int32_t>();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t i = 0; i < j; ++i)
-          WEFT_CHECK(ids[t * k + i] != ids[t * k + j], gated ? "siluMulExpertMatmul" : "expertMatmul", "experts[", t, "] chooses expert ",
-                     ids[t * k + j], " twice (a token's experts must be distinct)");
+    const auto by_expert = pairs_by_expert(gated ? "siluMulExpertMatmul" : "expertMatmul", experts.data<int32_t>(), T,
+                                           k, expert_start, El);
     fill_zero(out);
     const bool per_pair = x.dim(0) == T * k;
-    std::vector<int64_t> pairs;
     std::vector<float> xs, ys;
     for (int64_t e = 0; e < El; ++e) {
-      pairs.clear();
-      for (int64_t p = 0; p < T * k; ++p)
-        if (ids[p] - expert_start == e) pairs.push_back(p);
+      const std::vector<int32_t>& pairs = by_expert[e];
       if (pairs.empty()) continue;
       const int64_t R = static_cast<int64_t>(pairs.size());
       xs.resize(static_cast<size_t>(R * K));

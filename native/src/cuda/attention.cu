@@ -8,6 +8,41 @@
 namespace weft::cuda {
 namespace {
 
+// ---- query tokens
+
+// True when query token t's slot and position are inside the cache; otherwise false, and the reporting thread
+// files the device report (thrown at the next synchronising call).
+__device__ __forceinline__ bool token_in_range(int t, int slot, int pos, int S, int C, DeviceStatus* status,
+                                               bool reporter) {
+  const bool bad_slot = slot < 0 || slot >= S;
+  if (!bad_slot && pos >= 0 && pos < C) return true;
+  if (reporter)
+    report(status, bad_slot ? StatusOp::AttentionSlot : StatusOp::AttentionPosition, t, bad_slot ? slot : pos,
+           bad_slot ? S : C);
+  return false;
+}
+
+// Prefill tiles: thread i < BQ reads the slot and position of query t0 + i into shared memory. Tokens past T or
+// out of range are done from the start; an out-of-range token's output row is zero.
+__device__ __forceinline__ void load_tile_tokens(int BQ, int t0, int T, const int32_t* slots, const int32_t* positions,
+                                                 int S, int C, int nH, int h, int hd, float* out, DeviceStatus* status,
+                                                 int* tok_slot, int* tok_pos, int* tok_done) {
+  const int i = threadIdx.x;
+  if (i >= BQ) return;
+  int t = t0 + i, slot = -1, pos = -1;
+  if (t < T) {
+    slot = slots[t];
+    pos = positions[t];
+    if (!token_in_range(t, slot, pos, S, C, status, h == 0)) {
+      for (int d = 0; d < hd; ++d) out[(size_t(t) * nH + h) * hd + d] = 0;
+      slot = -1;
+    }
+  }
+  tok_slot[i] = slot;
+  tok_pos[i] = pos;
+  tok_done[i] = slot < 0;
+}
+
 // ---- decode: split-K
 
 constexpr int kDecodeThreads = 128;  // 4 warps
@@ -38,15 +73,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   pdl_trigger();
   int c = blockIdx.x, t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
   int slot = slots[t], pos = positions[t];
-  if (slot < 0 || slot >= S || pos < 0 || pos >= C) {
-    if (c == 0 && g == 0 && threadIdx.x == 0) {
-      if (slot < 0 || slot >= S)
-        report(status, StatusOp::AttentionSlot, t, slot, S);
-      else
-        report(status, StatusOp::AttentionPosition, t, pos, C);
-    }
-    return;
-  }
+  if (!token_in_range(t, slot, pos, S, C, status, c == 0 && g == 0 && threadIdx.x == 0)) return;
   int len = pos + 1, p0 = c * P;
   if (p0 >= len) return;
   int np = min(P, len - p0);
@@ -246,22 +273,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gr = lane >> 2, tq = lane & 3;  // fragment row (and row + 8), thread of the quad
 
-  if (tid < kFaBQ) {
-    int t = t0 + tid, slot = -1, pos = -1;
-    if (t < T) {
-      slot = slots[t];
-      pos = positions[t];
-      if (slot < 0 || slot >= S || pos < 0 || pos >= C) {
-        if (h == 0) report(status, slot < 0 || slot >= S ? StatusOp::AttentionSlot : StatusOp::AttentionPosition, t,
-                           slot < 0 || slot >= S ? slot : pos, slot < 0 || slot >= S ? S : C);
-        for (int d = 0; d < HD; ++d) out[(size_t(t) * nH + h) * HD + d] = 0;
-        slot = -1;
-      }
-    }
-    tok_slot[tid] = slot;
-    tok_pos[tid] = pos;
-    tok_done[tid] = slot < 0;
-  }
+  load_tile_tokens(kFaBQ, t0, T, slots, positions, S, C, nH, h, HD, out, status, tok_slot, tok_pos, tok_done);
   // Q tile (scaled, f16) -> kh -> A fragments in registers.
   for (int c = tid; c < kFaBQ * CPR; c += kFaThreads) {
     int row = c / CPR, col = (c % CPR) * 4, t = t0 + row;
@@ -475,22 +487,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
   int t0 = blockIdx.x * kBQ, h = blockIdx.y, g = h / (nH / n_kv);
   int tid = threadIdx.x, r = tid / kRowThreads, l8 = tid % kRowThreads;
-  if (tid < kBQ) {
-    int t = t0 + tid, slot = -1, pos = -1;
-    if (t < T) {
-      slot = slots[t];
-      pos = positions[t];
-      if (slot < 0 || slot >= S || pos < 0 || pos >= C) {
-        if (h == 0) report(status, slot < 0 || slot >= S ? StatusOp::AttentionSlot : StatusOp::AttentionPosition, t,
-                           slot < 0 || slot >= S ? slot : pos, slot < 0 || slot >= S ? S : C);
-        for (int d = 0; d < hd; ++d) out[(size_t(t) * nH + h) * hd + d] = 0;
-        slot = -1;
-      }
-    }
-    tok_slot[tid] = slot;
-    tok_pos[tid] = pos;
-    tok_done[tid] = slot < 0;
-  }
+  load_tile_tokens(kBQ, t0, T, slots, positions, S, C, nH, h, hd, out, status, tok_slot, tok_pos, tok_done);
   for (int i = tid; i < kBQ * hd; i += blockDim.x) {
     int row = i / hd, d = i % hd, t = t0 + row;
     qs[row * ld + d] = t < T ? q[(size_t(t) * nH + h) * hd + d] : 0.0f;

@@ -458,7 +458,7 @@ class CudaBackend final : public Backend {
       return;
     }
     try {
-      if (T <= cuda::Matmul::kExpertGemvMaxTokens) {  // decode: routing stays on the device (capturable)
+      if (T <= cuda::Matmul::kGemvMaxTokens) {  // decode: routing stays on the device (capturable)
         const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
                                   static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
                                   st_->status_dev};
@@ -539,20 +539,13 @@ class CudaBackend final : public Backend {
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2);
     std::vector<int32_t> ids(static_cast<size_t>(T * k));
     to_host_converted(experts, ids.data());
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t i = 0; i < j; ++i)
-          WEFT_CHECK(ids[t * k + i] != ids[t * k + j], op, "experts[", t, "] chooses expert ", ids[t * k + j],
-                     " twice (a token's experts must be distinct)");
-    std::vector<int32_t> order, x_rows;  // pairs sorted by local expert, and the x row each reads
-    std::vector<int64_t> count(static_cast<size_t>(El), 0);
-    for (int64_t e = 0; e < El; ++e)
-      for (int64_t p = 0; p < T * k; ++p)
-        if (ids[p] - expert_start == e) {
-          order.push_back(static_cast<int32_t>(p));
-          x_rows.push_back(static_cast<int32_t>(per_pair ? p : p / k));
-          ++count[e];
-        }
+    const auto by_expert = pairs_by_expert(op, ids.data(), T, k, expert_start, El);
+    std::vector<int32_t> order, x_rows;  // pairs sorted by held expert, and the x row each reads
+    for (const std::vector<int32_t>& pairs : by_expert)
+      for (int32_t p : pairs) {
+        order.push_back(p);
+        x_rows.push_back(static_cast<int32_t>(per_pair ? p : p / k));
+      }
     fill_zero(out);  // pairs of experts this rank does not hold stay zero
     const int64_t R = static_cast<int64_t>(order.size());
     if (R == 0) return;
@@ -564,10 +557,11 @@ class CudaBackend final : public Backend {
     const size_t expert_bytes = static_cast<size_t>(N) * K * dtype_size(w.dtype);
     int64_t first = 0;
     for (int64_t e = 0; e < El; ++e) {
-      if (count[e] == 0) continue;
+      const int64_t rows = static_cast<int64_t>(by_expert[e].size());
+      if (rows == 0) continue;
       matmul_->run(xs.data<float>() + first * K, static_cast<const uint8_t*>(w.buffer->data()) + e * expert_bytes,
-                   w.dtype, ys.data<float>() + first * N, count[e], N, K);
-      first += count[e];
+                   w.dtype, ys.data<float>() + first * N, rows, N, K);
+      first += rows;
     }
     cuda::launch_scatter_rows(ctx(), ys.data<float>(), order_t.data<int32_t>(), R, N, out.data<float>());
   }

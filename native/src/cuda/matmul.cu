@@ -59,7 +59,7 @@ namespace {
 constexpr int kWarps = 8;          // warps per GEMV block
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 4;           // rows per warp pass
-constexpr int kGemvMaxT = 8;       // T above this goes to cuBLAS
+constexpr int kGemvMaxT = Matmul::kGemvMaxTokens;  // T above this goes to cuBLAS
 constexpr int kMaxCluster = 8;
 constexpr size_t kMaxXSlice = 64 * 1024;   // target bytes of x per block
 constexpr size_t kMaxPart = 16 * 1024;     // bytes of partial sums per block (cluster path)

@@ -17,7 +17,7 @@ struct ExpertRows {
 };
 class Matmul {  // one per engine; owns the cuBLAS handle and scratch
  public:
-  static constexpr int64_t kExpertGemvMaxTokens = 8;  // run_experts takes up to this many tokens
+  static constexpr int kGemvMaxTokens = 8;  // up to this many tokens the GEMV kernels run (run_experts: at most)
   explicit Matmul(cudaStream_t stream);
   ~Matmul();
   Matmul(const Matmul&) = delete;
