@@ -10,7 +10,7 @@
  */
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
-import { planShards } from '../coordinator/shard-plan.ts';
+import { planShards } from '../core/shard-plan.ts';
 import { shardLayout } from '../worker/weights/load-shard.ts';
 import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';

@@ -2,7 +2,7 @@
  * Published model shapes for benchmarks with random weights, as the config.json each checkpoint ships
  * (parsed by the same code as a real model directory).
  */
-import { parseModelConfig, type ModelSpec } from '../coordinator/model-spec.ts';
+import { parseModelConfig, type ModelSpec } from '../core/model-spec.ts';
 
 const llamaBase = {
   hidden_act: 'silu',

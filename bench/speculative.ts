@@ -11,7 +11,7 @@
  */
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
-import { planShards } from '../coordinator/shard-plan.ts';
+import { planShards } from '../core/shard-plan.ts';
 import { buildRankModel, randomWeights } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';

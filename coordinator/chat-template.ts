@@ -9,7 +9,7 @@
 import { readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { Template } from '@huggingface/jinja';
-import { WeftError } from './errors.ts';
+import { WeftError } from '../core/errors.ts';
 
 export interface ChatMessage {
   readonly role: string;

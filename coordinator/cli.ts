@@ -5,7 +5,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { startCluster, type Cluster } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
-import { WeftError, exitCodeFor, isWeftError } from './errors.ts';
+import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
 import { runWorker } from '../worker/main.ts';
 import { WORKER_SECRET_ENV } from './worker-group.ts';
 import { readFileSync } from 'node:fs';

@@ -10,16 +10,16 @@
 import { join, basename, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { existsSync } from 'node:fs';
-import { readModelSpec, type ModelSpec } from './model-spec.ts';
-import { planShards, type ShardPlan } from './shard-plan.ts';
+import { readModelSpec, type ModelSpec } from '../core/model-spec.ts';
+import { planShards, type ShardPlan } from '../core/shard-plan.ts';
 import { loadTokenizer, type WeftTokenizer } from './tokenizer.ts';
 import { parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
-import { WeftError } from './errors.ts';
-import type { InitCommand } from '../worker/protocol.ts';
+import { WeftError } from '../core/errors.ts';
+import type { InitCommand } from '../core/worker-protocol.ts';
 
 export interface ClusterOptions {
   /** Hugging Face model directory (config.json, safetensors, tokenizer.json). */

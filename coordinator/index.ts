@@ -7,4 +7,4 @@ export type { CurveClientKeys, CurveServerKeys } from './api/protocol.ts';
 export { startCluster, Cluster, type ClusterOptions, type GenerateRequest, type ScoreResult, type ModelInfo, type ClusterStats } from './cluster.ts';
 export type { GenerationEvent, GeneratedToken, GenerationDone, FinishReason } from './generate.ts';
 export { serve, type ServeOptions, type RunningServer } from './serve.ts';
-export { WeftError, isWeftError, type WeftErrorCode } from './errors.ts';
+export { WeftError, isWeftError, type WeftErrorCode } from '../core/errors.ts';

@@ -9,7 +9,7 @@
  * `nextUniform()` takes the top 24 bits of the next 32-bit output: k · 2^-24 for k in [0, 2^24), every
  * value exactly representable as a float32, the largest 1 − 2^-24 (strictly < 1), the smallest 0.
  */
-import { WeftError } from './errors.ts';
+import { WeftError } from '../core/errors.ts';
 
 const TWO_POW_32 = 2 ** 32;
 const TWO_POW_MINUS_24 = 2 ** -24;

@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import { WeftError } from './errors.ts';
+import { WeftError } from '../core/errors.ts';
 
 export interface SamplingParams {
   /** softmax temperature; 0 means greedy (argmax). Default **0 (greedy)**. Finite, in [0, 100]. */

@@ -11,10 +11,10 @@
  * - A failed step (a worker fault) ends every running sequence with that error; queued requests stay queued
  *   while the cluster re-forms (`pause`/`resume`), each still bounded by its deadline.
  */
-import type { StepBatch, StepResult } from '../worker/protocol.ts';
-import { WeftError } from './errors.ts';
+import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
+import { WeftError } from '../core/errors.ts';
 import type { GenerationEvent, SequenceState } from './generate.ts';
-import { toFloat32 } from './wire.ts';
+import { toFloat32 } from '../core/wire.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
 
 /** A single-consumer async queue of events that ends with `close()` or `fail(err)`. */

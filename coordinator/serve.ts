@@ -8,7 +8,7 @@ import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { Cluster, type ClusterOptions, type ClusterState } from './cluster.ts';
-import { WeftError } from './errors.ts';
+import { WeftError } from '../core/errors.ts';
 import { RpcServer, isLoopback } from './api/server.ts';
 import { HttpGateway } from './api/http.ts';
 import { ChatTemplate } from './chat-template.ts';

@@ -7,9 +7,9 @@
  * samples. p and q are the distributions the samplers actually use (temperature, top-k, top-p applied);
  * greedy decoding is the case where both are one-hot, and then the output is the target's greedy output.
  */
-import type { StepBatch, StepResult } from '../worker/protocol.ts';
+import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import type { SequenceState } from './generate.ts';
-import { toFloat32 } from './wire.ts';
+import { toFloat32 } from '../core/wire.ts';
 
 export interface SamplingShape {
   readonly temperature: number;

@@ -21,7 +21,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { WeftError } from './errors.ts';
+import { WeftError } from '../core/errors.ts';
 
 export interface EncodeOptions {
   /** prepend the BOS token; default: true when the model has a BOS token (and `add_bos_token` is not false) */

@@ -16,9 +16,9 @@ import { randomBytes, createHash, timingSafeEqual } from 'node:crypto';
 import { hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import * as zmq from 'zeromq';
-import { PROTOCOL_VERSION, SendQueue, decode, encode } from './wire.ts';
-import { WeftError, type WeftErrorCode } from './errors.ts';
-import { parseWorkerMessage, type CoordinatorMessage, type InitCommand, type StepBatch, type StepResult } from '../worker/protocol.ts';
+import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../core/wire.ts';
+import { WeftError, type WeftErrorCode } from '../core/errors.ts';
+import { parseWorkerMessage, type CoordinatorMessage, type InitCommand, type StepBatch, type StepResult } from '../core/worker-protocol.ts';
 
 export interface WorkerGroupOptions {
   readonly world: number;

@@ -5,7 +5,7 @@
  * Pure: builds the object; launch.ts writes and starts it.
  */
 import { join } from 'node:path';
-import { EXIT_CONFIG } from '../coordinator/errors.ts';
+import { EXIT_CONFIG } from '../core/errors.ts';
 
 export interface EcosystemConfig {
   /** cluster name: apps are weft-<name>-coordinator and weft-<name>-rank-<r> */

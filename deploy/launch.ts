@@ -13,7 +13,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import pm2 from 'pm2';
-import { WeftError } from '../coordinator/errors.ts';
+import { WeftError } from '../core/errors.ts';
 import { buildEcosystem, type EcosystemConfig } from './ecosystem.ts';
 
 export interface LaunchOptions {

@@ -5,9 +5,9 @@
  */
 import * as zmq from 'zeromq';
 import { hostname } from 'node:os';
-import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../coordinator/wire.ts';
-import { isWeftError } from '../coordinator/errors.ts';
-import { parseCoordinatorMessage, type InitCommand, type StepBatch, type WorkerMessage } from './protocol.ts';
+import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../core/wire.ts';
+import { isWeftError } from '../core/errors.ts';
+import { parseCoordinatorMessage, type InitCommand, type StepBatch, type WorkerMessage } from '../core/worker-protocol.ts';
 import { bindCollectiveHub } from './collectives/cpu.ts';
 import { WorkerState } from './worker.ts';
 

@@ -8,13 +8,13 @@
  * graph's persistent input tensors. Kernels read positions from device memory, so the graph stays valid as
  * sequences grow. Rows that pad a batch up to its bucket use a KV slot reserved for padding.
  */
-import type { StepBatch, StepResult } from './protocol.ts';
+import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
 import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
-import { WeftError } from '../coordinator/errors.ts';
+import { WeftError } from '../core/errors.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
 

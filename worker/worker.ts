@@ -4,14 +4,14 @@
  */
 import type * as zmq from 'zeromq';
 import { createEngine, type Engine } from './native.ts';
-import type { InitCommand, StepBatch, StepResult } from './protocol.ts';
+import type { InitCommand, StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { soloCollectives, type Collectives } from './collectives/collectives.ts';
 import { CpuCollectives } from './collectives/cpu.ts';
 import { NcclCollectives } from './collectives/nccl.ts';
 import { loadShard } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
 import { GRAPH_BUCKETS, StepRunner } from './runner.ts';
-import { WeftError } from '../coordinator/errors.ts';
+import { WeftError } from '../core/errors.ts';
 
 export class WorkerState {
   private comm: Collectives | null = null;

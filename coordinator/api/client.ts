@@ -12,8 +12,8 @@
  * ```
  */
 import * as zmq from 'zeromq';
-import { encode, SendQueue } from '../wire.ts';
-import { WeftError, type WeftErrorCode } from '../errors.ts';
+import { encode, SendQueue } from '../../core/wire.ts';
+import { WeftError, type WeftErrorCode } from '../../core/errors.ts';
 import { Channel } from '../scheduler.ts';
 import type { GenerationEvent } from '../generate.ts';
 import type { ClusterStats, GenerateRequest, ModelInfo } from '../cluster.ts';

@@ -14,7 +14,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { z } from 'zod';
-import { WeftError, isWeftError } from '../errors.ts';
+import { WeftError, isWeftError } from '../../core/errors.ts';
 import type { Cluster } from '../cluster.ts';
 import type { ChatTemplate } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';

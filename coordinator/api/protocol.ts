@@ -9,8 +9,8 @@
  * against the schemas below.
  */
 import { z } from 'zod';
-import { WeftError } from '../errors.ts';
-import { decode } from '../wire.ts';
+import { WeftError } from '../../core/errors.ts';
+import { decode } from '../../core/wire.ts';
 
 export const RPC_VERSION = 1;
 /** Frames larger than this disconnect the peer before anything is allocated (ZeroMQ maxMessageSize). */

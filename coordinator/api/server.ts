@@ -9,8 +9,8 @@
  * handler admits only the allowed client public keys.
  */
 import * as zmq from 'zeromq';
-import { encode, SendQueue } from '../wire.ts';
-import { WeftError, isWeftError } from '../errors.ts';
+import { encode, SendQueue } from '../../core/wire.ts';
+import { WeftError, isWeftError } from '../../core/errors.ts';
 import type { Cluster } from '../cluster.ts';
 import type { GenerationHandle } from '../scheduler.ts';
 import { RPC_MAX_MESSAGE_BYTES, RPC_VERSION, parseRpcRequest, type CurveServerKeys, type RpcRequest, type RpcResponse } from './protocol.ts';

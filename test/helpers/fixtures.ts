@@ -2,7 +2,7 @@
 import { readFileSync, readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { isAbsolute, join } from 'node:path';
-import { SafetensorsFile } from '../../worker/weights/safetensors.ts';
+import { SafetensorsFile } from '../../core/safetensors.ts';
 
 export const FIXTURES = fileURLToPath(new URL('../fixtures/hf-tiny/', import.meta.url));
 export const FIXTURE_MODELS = ['llama-tiny', 'llama-tiny-bf16', 'llama3-tiny', 'mixtral-tiny'] as const;

@@ -1,7 +1,7 @@
 /** Reading and writing safetensors files by hand in tests: an independent reader, and bad files on demand. */
 import { readFileSync, writeFileSync } from 'node:fs';
 import assert from 'node:assert/strict';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 
 export interface RawTensor {
   name: string;

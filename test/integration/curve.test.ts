@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { serve, readCurveDir, writeCurveDir } from '../../coordinator/serve.ts';
 import { WeftClient } from '../../coordinator/api/client.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, processesMentioning, readReference } from '../helpers/fixtures.ts';
 
 test('CURVE + ZAP: known client key served, unknown key refused', async () => {

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { startCluster } from '../../coordinator/cluster.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 import { WEFT_BIN, fixtureDir, processesMentioning, readReference, waitFor } from '../helpers/fixtures.ts';
 
 const model = 'llama-tiny';

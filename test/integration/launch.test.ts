@@ -10,7 +10,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { WeftClient } from '../../coordinator/api/client.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, processesMentioning, readReference, waitFor } from '../helpers/fixtures.ts';
 import { runWeft } from '../helpers/cli.ts';
 

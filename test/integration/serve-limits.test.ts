@@ -13,7 +13,7 @@ import { WeftClient } from '../../coordinator/api/client.ts';
 import { HttpGateway, PUBLIC_ROUTES } from '../../coordinator/api/http.ts';
 import { ChatTemplate } from '../../coordinator/chat-template.ts';
 import { loadTokenizer } from '../../coordinator/tokenizer.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { runWeft } from '../helpers/cli.ts';
 import { startServe, readSse, type ServeProcess } from './serve-helpers.ts';

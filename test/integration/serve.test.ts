@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import * as zmq from 'zeromq';
 import { pack } from 'msgpackr';
 import { WeftClient } from '../../coordinator/api/client.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 import type { GenerationEvent } from '../../coordinator/generate.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { startServe, readSse, type ServeProcess } from './serve-helpers.ts';

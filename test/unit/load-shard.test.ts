@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
-import { planShards, type RankShard } from '../../coordinator/shard-plan.ts';
+import { type ModelSpec, readModelSpec } from '../../core/model-spec.ts';
+import { planShards, type RankShard } from '../../core/shard-plan.ts';
 import { type HostTensor, loadShard, shardBytes, shardLayout } from '../../worker/weights/load-shard.ts';
 import { weftError, readTensors, writeTensors, type RawTensor } from '../helpers/safetensors-files.ts';
 

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { type ModelSpec, parseModelConfig, readModelSpec, ropeInvFreq } from '../../coordinator/model-spec.ts';
+import { type ModelSpec, parseModelConfig, readModelSpec, ropeInvFreq } from '../../core/model-spec.ts';
 import { weftError } from '../helpers/safetensors-files.ts';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');

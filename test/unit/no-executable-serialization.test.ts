@@ -1,7 +1,7 @@
 /**
  * reliability.md G12: no executable serialization anywhere in weft's own code. A static check over the sources:
  * no eval or Function constructor, one msgpackr configuration (plain maps, no records, no structured clone,
- * no extension types) in coordinator/wire.ts, and no socket decode that skips wire.decode's pre-scan.
+ * no extension types) in core/wire.ts, and no socket decode that skips wire.decode's pre-scan.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,7 +17,7 @@ function sources(dir: string): string[] {
     return /\.(ts|mjs|js)$/.test(name) ? [path] : [];
   });
 }
-const files = ['coordinator', 'worker', 'deploy', 'bin'].flatMap(sources);
+const files = ['core', 'coordinator', 'worker', 'deploy', 'bin'].flatMap(sources);
 
 test('no eval, no Function constructor', () => {
   assert.ok(files.length > 20, `found ${files.length} source files`);
@@ -29,8 +29,8 @@ test('no eval, no Function constructor', () => {
 
 test('one msgpackr configuration, and every unpack goes through the pre-scanned decode', () => {
   const packers = files.filter((f) => /new\s+(Packr|Unpackr)\s*\(/.test(readFileSync(f, 'utf8')));
-  assert.deepEqual(packers.map((f) => relative(root, f)), ['coordinator/wire.ts']);
-  const wire = readFileSync(join(root, 'coordinator/wire.ts'), 'utf8');
+  assert.deepEqual(packers.map((f) => relative(root, f)), ['core/wire.ts']);
+  const wire = readFileSync(join(root, 'core/wire.ts'), 'utf8');
   assert.match(wire, /new Packr\(\{ useRecords: false, structuredClone: false, moreTypes: false, mapsAsObjects: true, int64AsType: 'number' \}\)/);
   assert.match(wire, /export function decode[\s\S]*?checkMsgpack\(frame\);[\s\S]*?packr\.unpack/, 'decode pre-scans before unpacking');
   for (const file of files) {

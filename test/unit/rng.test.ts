@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SeededRng } from '../../coordinator/rng.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 
 const take = (rng: SeededRng, n: number, f: (r: SeededRng) => number): number[] => Array.from({ length: n }, () => f(rng));
 

@@ -5,8 +5,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine } from '../../worker/native.ts';
-import { readModelSpec } from '../../coordinator/model-spec.ts';
-import { planShards } from '../../coordinator/shard-plan.ts';
+import { readModelSpec } from '../../core/model-spec.ts';
+import { planShards } from '../../core/shard-plan.ts';
 import { loadShard } from '../../worker/weights/load-shard.ts';
 import { buildRankModel, hostWeights } from '../../worker/models/registry.ts';
 import { soloCollectives } from '../../worker/collectives/collectives.ts';

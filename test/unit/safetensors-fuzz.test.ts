@@ -8,8 +8,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { parseHeader } from '../../worker/weights/safetensors.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { parseHeader } from '../../core/safetensors.ts';
+import { isWeftError } from '../../core/errors.ts';
 import { FIXTURES } from '../helpers/fixtures.ts';
 import { prng } from '../helpers/random.ts';
 

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { MAX_HEADER_BYTES, SafetensorsFile, WeightFiles, parseHeader, weftDType } from '../../worker/weights/safetensors.ts';
+import { MAX_HEADER_BYTES, SafetensorsFile, WeightFiles, parseHeader, weftDType } from '../../core/safetensors.ts';
 import { weftError, readTensors, type RawTensor } from '../helpers/safetensors-files.ts';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');

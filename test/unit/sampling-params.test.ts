@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseSamplingParams, validatePromptIds, type SamplingParams } from '../../coordinator/sampling-params.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 
 const limits = { maxContext: 512, promptLength: 10, vocabSize: 512 };
 

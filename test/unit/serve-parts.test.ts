@@ -5,13 +5,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { pack } from 'msgpackr';
-import { checkMsgpack } from '../../coordinator/api/msgpack-guard.ts';
+import { checkMsgpack } from '../../core/msgpack-guard.ts';
 import { StopMatcher } from '../../coordinator/api/http.ts';
 import { Scheduler } from '../../coordinator/scheduler.ts';
 import { SequenceState, type GenerationEvent } from '../../coordinator/generate.ts';
 import { parseSamplingParams } from '../../coordinator/sampling-params.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
-import type { StepBatch } from '../../worker/protocol.ts';
+import { isWeftError } from '../../core/errors.ts';
+import type { StepBatch } from '../../core/worker-protocol.ts';
 
 const rejects = (bytes: number[] | Buffer, pattern: RegExp): void =>
   assert.throws(() => checkMsgpack(Buffer.from(bytes)), (err: unknown) => isWeftError(err) && err.code === 'WEFT_PROTOCOL' && pattern.test(err.message));

@@ -2,8 +2,8 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, it } from 'node:test';
-import { type ModelSpec, readModelSpec } from '../../coordinator/model-spec.ts';
-import { planShards, workingTpSizes } from '../../coordinator/shard-plan.ts';
+import { type ModelSpec, readModelSpec } from '../../core/model-spec.ts';
+import { planShards, workingTpSizes } from '../../core/shard-plan.ts';
 import { weftError } from '../helpers/safetensors-files.ts';
 import { fixtureDir } from '../helpers/fixtures.ts';
 

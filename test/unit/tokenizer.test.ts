@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadTokenizer, type WeftTokenizer } from '../../coordinator/tokenizer.ts';
-import { isWeftError } from '../../coordinator/errors.ts';
+import { isWeftError } from '../../core/errors.ts';
 
 const fixturesDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'hf-tiny');
 const models = readdirSync(fixturesDir, { withFileTypes: true })

@@ -7,8 +7,8 @@
 import * as zmq from 'zeromq';
 import type { Engine, Tensor } from '../native.ts';
 import type { Collectives } from './collectives.ts';
-import { SendQueue, float32Bytes, toFloat32 } from '../../coordinator/wire.ts';
-import { WeftError } from '../../coordinator/errors.ts';
+import { SendQueue, float32Bytes, toFloat32 } from '../../core/wire.ts';
+import { WeftError } from '../../core/errors.ts';
 
 interface Piece {
   rank: number;

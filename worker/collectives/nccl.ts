@@ -7,7 +7,7 @@ import koffi from 'koffi';
 import { promisify } from 'node:util';
 import type { Engine, Tensor } from '../native.ts';
 import type { Collectives } from './collectives.ts';
-import { WeftError } from '../../coordinator/errors.ts';
+import { WeftError } from '../../core/errors.ts';
 
 const NCCL_UNIQUE_ID_BYTES = 128;
 const ncclFloat32 = 7;

@@ -3,8 +3,8 @@
  * RankShard names (fused q/k/v and gate/up by rows, o and down by columns, a vocab range of the embedding
  * and the LM head), and the two all-reduces per layer are written where the math needs them.
  */
-import type { ModelSpec } from '../../coordinator/model-spec.ts';
-import type { RankShard, ShardPlan } from '../../coordinator/shard-plan.ts';
+import type { ModelSpec } from '../../core/model-spec.ts';
+import type { RankShard, ShardPlan } from '../../core/shard-plan.ts';
 import type { Collectives } from '../collectives/collectives.ts';
 import type { Ops, StepIndex, Tensor } from './ops.ts';
 

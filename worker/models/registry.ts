@@ -3,11 +3,11 @@
  * dtype; norms are kept as stored too (the engine reads any float dtype). The KV cache is allocated here,
  * once, for `kvSlots` sequences of up to `maxContext` tokens.
  */
-import type { ModelSpec } from '../../coordinator/model-spec.ts';
-import { ropeInvFreq } from '../../coordinator/model-spec.ts';
-import type { ShardPlan } from '../../coordinator/shard-plan.ts';
+import type { ModelSpec } from '../../core/model-spec.ts';
+import { ropeInvFreq } from '../../core/model-spec.ts';
+import type { ShardPlan } from '../../core/shard-plan.ts';
 import { shardLayout, type HostTensor } from '../weights/load-shard.ts';
-import { WeftError } from '../../coordinator/errors.ts';
+import { WeftError } from '../../core/errors.ts';
 import { denseFeedForward, type AttentionWeights, type DenseFeedForward, type FeedForward, type LlamaModel } from './llama.ts';
 import { moeFeedForward, type MixtralLayer } from './mixtral.ts';
 import { float32Tensor, type Ops, type Tensor } from './ops.ts';

@@ -3,10 +3,10 @@
  * bytes. Every source tensor's presence, dtype and shape is checked against the spec before the first data byte
  * is read. This file is the weight map: Hugging Face tensor names appear here and nowhere else.
  */
-import { WeftError } from '../../coordinator/errors.ts';
-import type { ModelSpec, WeightDType } from '../../coordinator/model-spec.ts';
-import type { Range, RankShard, ShardPlan } from '../../coordinator/shard-plan.ts';
-import { dtypeBytes, weftDType, WeightFiles } from './safetensors.ts';
+import { WeftError } from '../../core/errors.ts';
+import type { ModelSpec, WeightDType } from '../../core/model-spec.ts';
+import type { Range, RankShard, ShardPlan } from '../../core/shard-plan.ts';
+import { dtypeBytes, weftDType, WeightFiles } from '../../core/safetensors.ts';
 
 const PROGRESS_STEP_BYTES = 64 << 20;
 

@@ -5,7 +5,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { WeftError } from './errors.ts';
-import { peekStoredDType } from '../worker/weights/safetensors.ts';
+import { peekStoredDType } from './safetensors.ts';
 
 export type WeightDType = 'f32' | 'f16' | 'bf16';
 export type RopeScaling =

@@ -5,7 +5,7 @@
  * str/bin/array/map lengths larger than the bytes left (a 5-byte header must not make the decoder allocate
  * for 2^32 elements), non-string map keys, and trailing bytes after the value.
  */
-import { WeftError } from '../errors.ts';
+import { WeftError } from './errors.ts';
 
 const reject = (why: string, at: number): never => {
   throw new WeftError('WEFT_PROTOCOL', `malformed message: ${why} at byte ${at}`);

@@ -4,9 +4,9 @@
  * the same id. Plain data only: no classes, functions or method names travel.
  */
 import { z } from 'zod';
-import type { ModelSpec } from '../coordinator/model-spec.ts';
-import type { ShardPlan } from '../coordinator/shard-plan.ts';
-import { WeftError } from '../coordinator/errors.ts';
+import type { ModelSpec } from './model-spec.ts';
+import type { ShardPlan } from './shard-plan.ts';
+import { WeftError } from './errors.ts';
 
 const int = z.number().int();
 const nonNegInt = int.nonnegative();

@@ -7,8 +7,8 @@
 import { closeSync, openSync, readFileSync, readSync } from 'node:fs';
 import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { WeftError } from '../../coordinator/errors.ts';
-import type { WeightDType } from '../../coordinator/model-spec.ts';
+import { WeftError } from './errors.ts';
+import type { WeightDType } from './model-spec.ts';
 
 /** Bits per element of every dtype the format defines; only F32, F16 and BF16 can be loaded. */
 const DTYPE_BITS: Readonly<Record<string, number>> = {

@@ -6,7 +6,7 @@
 import { Packr } from 'msgpackr';
 import type * as zmq from 'zeromq';
 import { WeftError } from './errors.ts';
-import { checkMsgpack } from './api/msgpack-guard.ts';
+import { checkMsgpack } from './msgpack-guard.ts';
 
 const packr = new Packr({ useRecords: false, structuredClone: false, moreTypes: false, mapsAsObjects: true, int64AsType: 'number' });
 
