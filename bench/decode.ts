@@ -16,6 +16,7 @@ import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from 
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
+import { kvCacheLayout, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { presetSpec } from './presets.ts';
 
 const list = (s: string): string[] => s.split(',').map((x) => x.trim()).filter(Boolean);
@@ -67,8 +68,9 @@ for (const name of list(opts.models)) {
   const label = tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name;
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
-  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, spec, plan, rank, 7), { kvSlots: maxBatch + 1, maxContext });
-  const runner = new StepRunner(engine, soloCollectives(), model, { arenaBytes });
+  const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device }); // one block per sequence
+  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, spec, plan, rank, 7), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
   // Weight bytes one decode step reads: everything but the embedding table (B rows of it, negligible).
   const elementBytes = spec.dtype === 'f32' ? 4 : 2;
   const weightBytes = shardLayout(spec, plan, rank)
@@ -83,21 +85,23 @@ for (const name of list(opts.models)) {
   const activeWeightBytes = (batch: number): number =>
     weightBytes - expertBytes + (spec.nExperts ? expertBytes * Math.min(1, (batch * spec.nExpertsPerToken) / spec.nExperts) : 0);
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
+  const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1) });
 
   for (const prompt of prompts) {
     for (const batch of batches) {
       // Warm-up prefill on the last slot (cuBLAS setup, first-use allocations), not timed.
-      await runner.step({ tokens: randomIds(prompt, spec.vocabSize), slots: Array(prompt).fill(batch - 1), positions: [...Array(prompt).keys()], logitRows: [prompt - 1], sample: greedy(1) });
+      await runner.step(prefill(prompt, batch - 1));
       let ttftMs = 0;
       let last: number[] = [];
       for (let b = 0; b < batch; b++) {
         const started = performance.now();
-        const result = await runner.step({ tokens: randomIds(prompt, spec.vocabSize), slots: Array(prompt).fill(b), positions: [...Array(prompt).keys()], logitRows: [prompt - 1], sample: greedy(1) });
+        const result = await runner.step(prefill(prompt, b));
         if (b === 0) ttftMs = performance.now() - started;
         last.push(result.tokens![0]!);
       }
       const decode = async (position: number): Promise<void> => {
-        const result = await runner.step({ tokens: last, slots: [...Array(batch).keys()], positions: Array(batch).fill(position), logitRows: [...Array(batch).keys()], sample: greedy(batch) });
+        const rows = [...Array(batch).keys()]; // sequence b in block b
+        const result = await runner.step({ tokens: last, positions: Array(batch).fill(position), tokenSeq: rows, kvBlockTable: rows.map((b) => [b]), logitRows: rows, sample: greedy(batch) });
         last = result.tokens!;
       };
       await decode(prompt); // captures this bucket's graph on first use
@@ -120,12 +124,12 @@ for (const name of list(opts.models)) {
       );
     }
   }
-  if (opts.profilePrefill) await profilePrefill(model, Number(opts.profilePrefill), spec.vocabSize);
+  if (opts.profilePrefill) await profilePrefill(model, kv, Number(opts.profilePrefill), spec.vocabSize);
   disposeRankModel(model);
 }
 
 /** Host time per engine method over one eager prefill (the GPU runs asynchronously behind most calls). */
-async function profilePrefill(model: RankModel, n: number, vocab: number): Promise<void> {
+async function profilePrefill(model: RankModel, kv: KvCacheLayout, n: number, vocab: number): Promise<void> {
   const totals = new Map<string, { calls: number; ms: number }>();
   const timed = new Proxy(engine, {
     get(target, key, receiver) {
@@ -150,9 +154,9 @@ async function profilePrefill(model: RankModel, n: number, vocab: number): Promi
     },
   });
   // Eager even for one token (no graph), so that each engine call is timed; a one-token "prefill" is a decode step.
-  const runner = new StepRunner(timed, soloCollectives(), model, { arenaBytes, graphs: false });
+  const runner = new StepRunner(timed, soloCollectives(), model, kv, { arenaBytes, graphs: false });
   const ids = randomIds(n, vocab);
-  const step = { tokens: ids, slots: ids.map(() => 0), positions: [...ids.keys()], logitRows: [n - 1], sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } };
+  const step = { tokens: ids, positions: [...ids.keys()], tokenSeq: ids.map(() => 0), kvBlockTable: [[0]], logitRows: [n - 1], sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } };
   await runner.step(step);
   totals.clear();
   const started = performance.now();

@@ -19,6 +19,7 @@ import { SequenceState } from '../coordinator/generate.ts';
 import { SpeculativeExecutor, predictedSpeedup } from '../coordinator/speculative.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { presetSpec } from './presets.ts';
+import { kvCacheLayout } from '../core/kv-block-table.ts';
 
 const opts = new Command('bench-speculative')
   .option('--model <name>', 'preset (bench/presets.ts)', 'llama-2-7b')
@@ -38,8 +39,10 @@ const promptLength = Number(opts.prompt);
 const engine = createEngine({ backend: opts.device });
 const spec = presetSpec(opts.model, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
 const plan = planShards(spec, 1);
-const maxContext = promptLength + newTokens + k + 64; // + the 53 positions stepSeconds uses in slot 1
-const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, spec, plan, 0, 11), { kvSlots: 3, maxContext }); // slot 0: the sequence, 1: step timing, 2: padding rows of the decode graphs
+const maxContext = promptLength + newTokens + k + 64; // + the 53 positions stepSeconds uses in block 1
+// block 0: the sequence, 1: step timing (and on cuda 2: padding rows of the decode graphs)
+const kv = kvCacheLayout({ kvSlots: 2, maxContext, device: opts.device });
+const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, spec, plan, 0, 11), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
 const draftLayers = Number(opts.draftLayers);
 // Random weights give a random draft: --tail-scale shrinks what the layers past the draft add to the
 // residual stream, which sets the acceptance rate (a synthetic knob for checking the speedup model).
@@ -67,20 +70,23 @@ const draftModel = {
     kvCache: target.model.kvCache.slice(0, draftLayers).map((c) => ({ k: engine.zeros('f32', [...c.k.shape]), v: engine.zeros('f32', [...c.v.shape]) })),
   },
 };
-const targetRunner = new StepRunner(engine, soloCollectives(), target);
-const draftRunner = new StepRunner(engine, soloCollectives(), draftModel);
+const targetRunner = new StepRunner(engine, soloCollectives(), target, kv);
+const draftRunner = new StepRunner(engine, soloCollectives(), draftModel, kv);
 const rng = new SeededRng(5);
 const prompt = Array.from({ length: promptLength }, () => rng.nextUint32() % spec.vocabSize);
 const params = { temperature: 0, topK: 0, topP: 1, seed: 1, maxNewTokens: newTokens, ignoreEos: true, stopTokenIds: [] };
 const decoder = { push: () => '', flush: () => '' };
 const greedy = { temperature: [0], topK: [0], topP: [1], uniform: [0] };
+/** One greedy row: `tokens` of the sequence in `block`, from `position`. */
+const step = (tokens: number[], block: number, position: number) =>
+  ({ tokens, positions: tokens.map((_, i) => position + i), tokenSeq: tokens.map(() => 0), kvBlockTable: [[block]], logitRows: [tokens.length - 1], sample: greedy });
 
 async function plain(): Promise<{ seconds: number; tokens: number[] }> {
-  let last = (await targetRunner.step({ tokens: prompt, slots: prompt.map(() => 0), positions: prompt.map((_, i) => i), logitRows: [promptLength - 1], sample: greedy })).tokens![0]!;
+  let last = (await targetRunner.step(step(prompt, 0, 0))).tokens![0]!;
   const tokens = [last];
   const started = performance.now();
   for (let i = 1; i < newTokens; i++) {
-    last = (await targetRunner.step({ tokens: [last], slots: [0], positions: [promptLength + i - 1], logitRows: [0], sample: greedy })).tokens![0]!;
+    last = (await targetRunner.step(step([last], 0, promptLength + i - 1))).tokens![0]!;
     tokens.push(last);
   }
   return { seconds: (performance.now() - started) / 1000, tokens };
@@ -88,20 +94,20 @@ async function plain(): Promise<{ seconds: number; tokens: number[] }> {
 
 /** Decode-step time of a runner alone (graph replay of batch 1), for the cost ratio c. */
 async function stepSeconds(runner: StepRunner): Promise<number> {
-  for (let i = 0; i < 3; i++) await runner.step({ tokens: [1], slots: [1], positions: [i], logitRows: [0], sample: greedy });
+  for (let i = 0; i < 3; i++) await runner.step(step([1], 1, i));
   const started = performance.now();
-  for (let i = 0; i < 50; i++) await runner.step({ tokens: [1], slots: [1], positions: [3 + i], logitRows: [0], sample: greedy });
+  for (let i = 0; i < 50; i++) await runner.step(step([1], 1, 3 + i));
   return (performance.now() - started) / 50 / 1000;
 }
 
 async function speculative(): Promise<{ seconds: number; tokens: number[]; executor: SpeculativeExecutor }> {
-  const executor = new SpeculativeExecutor(k, maxContext, (b) => draftRunner.step(b), (b) => targetRunner.step(b));
+  const executor = new SpeculativeExecutor(k, kv, (b) => draftRunner.step(b), (b) => targetRunner.step(b));
   const seq = new SequenceState(prompt, params, [], decoder);
-  const first = (await targetRunner.step({ tokens: prompt, slots: prompt.map(() => 0), positions: prompt.map((_, i) => i), logitRows: [promptLength - 1], sample: greedy })).tokens![0]!;
+  const first = (await targetRunner.step(step(prompt, 0, 0))).tokens![0]!;
   seq.accept(first);
   const started = performance.now();
   while (seq.generated.length < newTokens) {
-    const [produced] = await executor.round([{ seq, slot: 0 }]);
+    const [produced] = await executor.round([{ seq, blocks: [0] }]);
     for (const token of produced!) {
       if (seq.generated.length >= newTokens) break;
       seq.accept(token);

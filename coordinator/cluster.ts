@@ -20,6 +20,7 @@ import { Scheduler, type GenerationHandle, type SchedulerObserver } from './sche
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { WeftError } from '../core/errors.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
+import { KvBlockTable, kvCacheLayout } from '../core/kv-block-table.ts';
 
 export interface ClusterOptions {
   /** Hugging Face model directory (config.json, safetensors, tokenizer.json). */
@@ -144,10 +145,11 @@ export class Cluster {
     groupStarting: Promise<WorkerGroup>,
     private readonly draft: DraftSide | null,
   ) {
-    this.speculative = draft ? new SpeculativeExecutor(draft.k, maxContext, (batch) => draft.group!.step(batch), (batch) => this.group.step(batch)) : null;
+    const kvLayout = kvCacheLayout(initCommand); // the workers derive the same from their init command
+    this.speculative = draft ? new SpeculativeExecutor(draft.k, kvLayout, (batch) => draft.group!.step(batch), (batch) => this.group.step(batch)) : null;
     this.scheduler = new Scheduler(
       {
-        kvSlots: initCommand.kvSlots,
+        kvCache: new KvBlockTable(kvLayout),
         maxQueue: options.maxQueue ?? 64,
         step: (batch) => this.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),

@@ -30,7 +30,7 @@ export interface GenerationDone {
 
 export type GenerationEvent = GeneratedToken | GenerationDone;
 
-/** One sequence's progress: what to feed next, where it goes in its KV slot, what came out. */
+/** One sequence's progress: what to feed next, at which position of its KV cache, what came out. */
 export class SequenceState {
   private readonly rng: SeededRng;
   private readonly stopIds: Set<number>;

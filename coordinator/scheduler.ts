@@ -1,13 +1,14 @@
 /**
- * Continuous batching over the KV slots: `schedule` → `execute` → `update`, one step at a time.
+ * Continuous batching over the KV cache: `schedule` → `execute` → `update`, one step at a time.
  *
- * - Admission: a request waits in a bounded FIFO queue until a KV slot is free (`kvSlots` slots of `maxContext`
- *   tokens each, on every rank); a full queue refuses at once with WEFT_BUSY, so memory stays bounded.
+ * - Admission: a request waits in a bounded FIFO queue until the KV allocator (core/kv-block-table.ts) can hold
+ *   its first step; a full queue refuses at once with WEFT_BUSY, so memory stays bounded. Before each step a
+ *   sequence's blocks grow to cover the positions the step writes.
  * - A step carries one decode token for every running sequence plus the whole prompt of newly admitted ones
  *   (while `maxBatchTokens` allows; at least one prompt per step), one logit row per sequence. Scoring runs as
  *   its own step between them.
- * - Cancellation (AbortSignal, a closed stream, a cancel message) and the per-request deadline free the slot at
- *   once: a new sequence overwrites the slot from position 0, and attention only reads positions it wrote.
+ * - Cancellation (AbortSignal, a closed stream, a cancel message) and the per-request deadline free the blocks at
+ *   once: a new sequence overwrites them from position 0, and attention only reads positions it wrote.
  * - A failed step (a worker fault) ends every running sequence with that error; queued requests stay queued
  *   while the cluster re-forms (`pause`/`resume`), each still bounded by its deadline.
  */
@@ -16,6 +17,8 @@ import { WeftError } from '../core/errors.ts';
 import type { GenerationEvent, SequenceState } from './generate.ts';
 import { toFloat32 } from '../core/wire.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
+import type { KvBlockTable, KvSequenceId } from '../core/kv-block-table.ts';
+import { StepBatchBuilder, sampledWith } from './step-builder.ts';
 
 /** A single-consumer async queue of events that ends with `close()` or `fail(err)`. */
 export class Channel<T> implements AsyncIterable<T> {
@@ -80,8 +83,9 @@ export interface SchedulerObserver {
 }
 
 export interface SchedulerOptions {
-  readonly kvSlots: number;
-  /** requests waiting for a slot at most; one more is refused with WEFT_BUSY */
+  /** the KV allocator, sized as the workers' caches are (the scheduler owns it: nothing else allocates) */
+  readonly kvCache: KvBlockTable;
+  /** requests waiting for the KV cache at most; one more is refused with WEFT_BUSY */
   readonly maxQueue: number;
   /** tokens in one step at most, when more than one prompt is waiting. Defaults to 2048. */
   readonly maxBatchTokens?: number;
@@ -94,7 +98,8 @@ export interface SchedulerOptions {
 }
 
 interface JobBase {
-  slot: number | null;
+  /** the job's KV blocks while it runs */
+  kv: KvSequenceId | null;
   finished: boolean;
   timer: NodeJS.Timeout | null;
   readonly enqueuedAt: number;
@@ -113,6 +118,14 @@ interface ScoreJob extends JobBase {
 }
 type Job = GenerateJob | ScoreJob;
 
+/** The next thing to run: one step, or a speculative round over decoding sequences. */
+type Work = { readonly kind: 'step'; readonly batch: StepBatch; readonly rows: Job[] } | { readonly kind: 'speculate'; readonly rows: GenerateJob[]; readonly executor: SpeculativeExecutor };
+
+/** Positions a job's first step writes: what admission must find room for. */
+function firstStepTokens(job: Job): number {
+  return job.kind === 'generate' ? job.seq.position + job.seq.input.length : job.ids.length;
+}
+
 /** A handle on a submitted generation. */
 export interface GenerationHandle {
   readonly promptTokens: number;
@@ -123,13 +136,13 @@ export interface GenerationHandle {
 export class Scheduler {
   private readonly queue: Job[] = [];
   private readonly running = new Set<Job>();
-  private readonly freeSlots: number[];
+  private readonly kv: KvBlockTable;
   private looping = false;
   private paused: boolean;
   private fatal: Error | null = null;
 
   constructor(private readonly options: SchedulerOptions, startPaused = false) {
-    this.freeSlots = Array.from({ length: options.kvSlots }, (_, i) => i);
+    this.kv = options.kvCache;
     this.paused = startPaused;
   }
 
@@ -139,13 +152,14 @@ export class Scheduler {
   get active(): number {
     return this.running.size;
   }
+  /** sequences holding KV blocks */
   get slotsInUse(): number {
-    return this.options.kvSlots - this.freeSlots.length;
+    return this.kv.sequences;
   }
 
   /** Queue a generation. Throws WEFT_BUSY when the queue is full. */
   submitGenerate(seq: SequenceState, timeoutMs?: number): GenerationHandle {
-    const job: GenerateJob = { kind: 'generate', seq, events: new Channel(), slot: null, finished: false, timer: null, enqueuedAt: performance.now() };
+    const job: GenerateJob = { kind: 'generate', seq, events: new Channel(), kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
     this.enqueue(job, timeoutMs);
     return { promptTokens: seq.promptIds.length, events: job.events, cancel: (reason) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), 'cancelled') };
   }
@@ -153,15 +167,17 @@ export class Scheduler {
   /** Queue a scoring pass. Throws WEFT_BUSY when the queue is full. */
   submitScore(ids: readonly number[], full: boolean, timeoutMs?: number): Promise<ScoreOutput> {
     return new Promise((resolve, reject) => {
-      const job: ScoreJob = { kind: 'score', ids, full, resolve, reject, slot: null, finished: false, timer: null, enqueuedAt: performance.now() };
+      const job: ScoreJob = { kind: 'score', ids, full, resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
       this.enqueue(job, timeoutMs);
     });
   }
 
   private enqueue(job: Job, timeoutMs: number | undefined): void {
     if (this.fatal) throw this.fatal;
+    this.kv.checkFits(firstStepTokens(job));
     if (!this.paused) this.admit();
-    if (this.queue.length >= this.options.maxQueue && (this.paused || this.freeSlots.length === 0)) {
+    // the job would wait (paused, others waiting before it, or no room now) and the queue is full
+    if (this.queue.length >= this.options.maxQueue && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(firstStepTokens(job)))) {
       this.options.observer?.rejected?.('busy');
       throw new WeftError('WEFT_BUSY', `the server is busy: ${this.running.size} requests running and ${this.queue.length} queued (the queue holds ${this.options.maxQueue}); retry later`);
     }
@@ -181,7 +197,7 @@ export class Scheduler {
     this.kick();
   }
 
-  /** End every running sequence with `err` and free its slot (their KV is gone with the failed group). */
+  /** End every running sequence with `err` and free its blocks (their KV is gone with the failed group). */
   failRunning(err: Error): void {
     for (const job of [...this.running]) this.end(job, err, 'error');
   }
@@ -192,7 +208,7 @@ export class Scheduler {
     for (const job of [...this.queue, ...this.running]) this.end(job, err, 'error');
   }
 
-  /** Finish a job early (error, cancel, timeout): free its slot, tell its consumer. Idempotent. */
+  /** Finish a job early (error, cancel, timeout): free its blocks, tell its consumer. Idempotent. */
   private end(job: Job, err: Error, outcome: 'error' | 'cancelled' | 'timeout'): void {
     if (job.finished) return;
     this.release(job);
@@ -206,12 +222,12 @@ export class Scheduler {
     if (job.timer) clearTimeout(job.timer);
     const q = this.queue.indexOf(job);
     if (q >= 0) this.queue.splice(q, 1);
-    if (this.running.delete(job) && job.slot !== null) {
-      this.freeSlots.push(job.slot);
-      job.slot = null;
+    if (this.running.delete(job) && job.kv !== null) {
+      this.kv.free(job.kv);
+      job.kv = null;
     }
     if (this.queue.length > 0 && !this.paused) {
-      this.admit(); // the freed slot goes to the next in line at once, even while a step runs
+      this.admit(); // the freed blocks go to the next in line at once, even while a step runs
       this.kick();
     }
   }
@@ -232,10 +248,9 @@ export class Scheduler {
       const work = this.schedule();
       if (!work) return;
       try {
-        if (work.speculate) {
-          const jobs = work.rows as GenerateJob[];
-          const produced = await work.speculate.round(jobs.map((job) => ({ seq: job.seq, slot: job.slot! })));
-          jobs.forEach((job, row) => this.emit(job, produced[row]!));
+        if (work.kind === 'speculate') {
+          const produced = await work.executor.round(work.rows.map((job) => ({ seq: job.seq, blocks: this.kv.blocks(job.kv!) })));
+          work.rows.forEach((job, row) => this.emit(job, produced[row]!));
           continue;
         }
         this.update(work, await this.options.step(work.batch));
@@ -246,26 +261,44 @@ export class Scheduler {
     }
   }
 
-  /** Give free slots to queued jobs, first come first served. */
+  /** Give KV blocks to queued jobs, first come first served (one that does not fit yet holds the line). */
   private admit(): void {
-    while (this.freeSlots.length > 0 && this.queue.length > 0) {
+    while (this.queue.length > 0 && this.kv.canAllocate(firstStepTokens(this.queue[0]!))) {
       const job = this.queue.shift()!;
-      job.slot = this.freeSlots.shift()!;
+      job.kv = this.kv.allocate(firstStepTokens(job));
       this.running.add(job);
     }
   }
 
+  /**
+   * Grow the job's blocks to hold its first `tokens` positions before a step writes them; a job the pool cannot
+   * grow (only a shared pool of small blocks can run out) ends with WEFT_BUSY. Returns whether it may run.
+   */
+  private cover(job: Job, tokens: number): boolean {
+    try {
+      this.kv.grow(job.kv!, tokens);
+      return true;
+    } catch (err) {
+      this.end(job, err as Error, 'error');
+      return false;
+    }
+  }
+
   /** Build the next step: a score job alone, else every decoding sequence plus the prompts that fit. */
-  private schedule(): { batch: StepBatch; rows: Job[]; speculate?: SpeculativeExecutor } | null {
+  private schedule(): Work | null {
     const score = [...this.running].find((j): j is ScoreJob => j.kind === 'score');
     if (score) return this.scoreStep(score);
     const gens = [...this.running].filter((j): j is GenerateJob => j.kind === 'generate');
     if (gens.length === 0) return null;
     const decoding = gens.filter((j) => j.seq.position > 0);
     const prefilling = gens.filter((j) => j.seq.position === 0);
-    const speculate = this.options.speculative;
-    // after a draft fault (speculate.draftError) decoding goes back to plain steps
-    if (speculate && !speculate.draftError && prefilling.length === 0) return { batch: { tokens: [], slots: [], positions: [], logitRows: [] }, rows: decoding, speculate };
+    const executor = this.options.speculative;
+    // after a draft fault (executor.draftError) decoding goes back to plain steps
+    if (executor && !executor.draftError && prefilling.length === 0) {
+      // a round writes up to k proposals past the sequence's input, within its context
+      const rows = decoding.filter((job) => this.cover(job, Math.min(this.kv.layout.maxContext, job.seq.position + job.seq.input.length + executor.k)));
+      return rows.length ? { kind: 'speculate', rows, executor } : this.schedule();
+    }
     const budget = this.options.maxBatchTokens ?? 2048;
     const rows: GenerateJob[] = [...decoding];
     let tokens = decoding.length;
@@ -274,24 +307,14 @@ export class Scheduler {
       rows.push(job);
       tokens += job.seq.input.length;
     }
-    const batch: StepBatch = { tokens: [], slots: [], positions: [], logitRows: [], sample: { temperature: [], topK: [], topP: [], uniform: [] } };
-    for (const job of rows) {
-      const { seq } = job;
-      seq.input.forEach((token, i) => {
-        batch.tokens.push(token);
-        batch.slots.push(job.slot!);
-        batch.positions.push(seq.position + i);
-      });
-      batch.logitRows.push(batch.tokens.length - 1);
-      batch.sample!.temperature.push(seq.params.temperature);
-      batch.sample!.topK.push(seq.params.topK);
-      batch.sample!.topP.push(seq.params.topP);
-      batch.sample!.uniform.push(seq.nextUniform());
-    }
-    return { batch, rows };
+    const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
+    const stepRows = rows.filter((job) => this.cover(job, job.seq.position + job.seq.input.length));
+    if (stepRows.length === 0) return this.schedule();
+    for (const { seq, kv } of stepRows) builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+    return { kind: 'step', batch: builder.build(), rows: stepRows };
   }
 
-  private scoreStep(job: ScoreJob): { batch: StepBatch; rows: Job[] } | null {
+  private scoreStep(job: ScoreJob): Work | null {
     const positions = job.ids.map((_, i) => i);
     const rows = job.full ? positions : positions.slice(0, -1);
     if (rows.length === 0) {
@@ -299,18 +322,13 @@ export class Scheduler {
       job.resolve({ logprobs: [null] });
       return this.schedule();
     }
-    const batch: StepBatch = {
-      tokens: [...job.ids],
-      slots: job.ids.map(() => job.slot!),
-      positions,
-      logitRows: rows,
-      scoreIds: rows.map((r) => job.ids[r + 1] ?? 0),
-      ...(job.full && { fullLogprobs: true }),
-    };
-    return { batch, rows: [job] };
+    const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
+    const start = builder.append(this.kv.blocks(job.kv!), job.ids, 0);
+    for (const r of rows) builder.logits(start + r, { scoreId: job.ids[r + 1] ?? 0 });
+    return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job] };
   }
 
-  private update(work: { batch: StepBatch; rows: Job[] }, result: StepResult): void {
+  private update(work: { readonly batch: StepBatch; readonly rows: readonly Job[] }, result: StepResult): void {
     const first = work.rows[0];
     if (first?.kind === 'score') {
       if (first.finished) return;

@@ -10,6 +10,8 @@
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import type { SequenceState } from './generate.ts';
 import { toFloat32 } from '../core/wire.ts';
+import type { KvCacheLayout } from '../core/kv-block-table.ts';
+import { GREEDY, StepBatchBuilder, sampledWith } from './step-builder.ts';
 
 export interface SamplingShape {
   readonly temperature: number;
@@ -120,7 +122,11 @@ export interface SpeculationStats {
 
 export interface RoundSequence {
   readonly seq: SequenceState;
-  readonly slot: number;
+  /**
+   * the sequence's KV blocks, covering its positions up to `seq.position + seq.input.length + k` (within its
+   * context); the draft's cache has the target's layout, so one block list serves both
+   */
+  readonly blocks: readonly number[];
 }
 
 /**
@@ -137,8 +143,9 @@ export class SpeculativeExecutor {
   private draftFault: Error | null = null;
 
   constructor(
-    private readonly k: number,
-    private readonly maxContext: number,
+    /** draft tokens proposed per round at most */
+    readonly k: number,
+    private readonly kv: Pick<KvCacheLayout, 'maxContext' | 'kvBlockSize'>,
     private readonly draftStep: (batch: StepBatch) => Promise<StepResult>,
     private readonly targetStep: (batch: StepBatch) => Promise<StepResult>,
   ) {}
@@ -147,7 +154,7 @@ export class SpeculativeExecutor {
   async round(rows: readonly RoundSequence[]): Promise<number[][]> {
     const drafts = rows.map(({ seq }) => this.draftState(seq));
     // Every sequence drafts the same k this round, cut so the target's k + 1 positions fit the context.
-    const room = Math.min(...rows.map(({ seq }) => this.maxContext - seq.position - seq.input.length));
+    const room = Math.min(...rows.map(({ seq }) => this.kv.maxContext - seq.position - seq.input.length));
     let k = this.draftFault ? 0 : Math.max(0, Math.min(this.k, room));
     const greedy = rows.map(({ seq }) => seq.params.temperature <= 0);
     const proposals: number[][] = rows.map(() => []);
@@ -168,28 +175,18 @@ export class SpeculativeExecutor {
     // The target scores its pending token(s) and the k proposals; logits at the last pending token and at
     // each proposal give p1..p(k+1).
     const targetStarted = performance.now();
-    const batch = emptyBatch();
+    const builder = new StepBatchBuilder(this.kv.kvBlockSize);
     const firstRow: number[] = [];
-    rows.forEach(({ seq, slot }, r) => {
+    rows.forEach(({ seq, blocks }, r) => {
       const input = [...seq.input, ...proposals[r]!];
-      const start = batch.tokens.length;
-      input.forEach((token, i) => {
-        batch.tokens.push(token);
-        batch.slots.push(slot);
-        batch.positions.push(seq.position + i);
-      });
-      firstRow.push(batch.logitRows.length);
-      for (let i = seq.input.length - 1; i < input.length; i++) {
-        batch.logitRows.push(start + i);
-        batch.sample!.temperature.push(0); // greedy rows: the target's argmax; sampled rows use the log-probs
-        batch.sample!.topK.push(0);
-        batch.sample!.topP.push(1);
-        batch.sample!.uniform.push(0);
-      }
+      const start = builder.append(blocks, input, seq.position);
+      firstRow.push(builder.logitRowCount);
+      // greedy rows: the target's argmax; sampled rows use the log-probs
+      for (let i = seq.input.length - 1; i < input.length; i++) builder.logits(start + i, { sample: GREEDY });
     });
     const anySampled = greedy.some((g) => !g);
-    const result = await this.targetStep(anySampled ? { ...batch, fullLogprobs: true } : batch);
-    const targetRows = anySampled ? splitRows(result.fullLogprobs!, batch.logitRows.length) : null;
+    const result = await this.targetStep(builder.build({ fullLogprobs: anySampled }));
+    const targetRows = anySampled ? splitRows(result.fullLogprobs!, builder.logitRowCount) : null;
     this.stats.targetSeconds += (performance.now() - targetStarted) / 1000;
 
     const produced = rows.map(({ seq }, r) => {
@@ -224,14 +221,14 @@ export class SpeculativeExecutor {
     q: Float64Array[][],
   ): Promise<void> {
     for (let j = 0; j < k; j++) {
-      const batch = emptyBatch();
-      rows.forEach(({ seq, slot }, r) => {
+      const builder = new StepBatchBuilder(this.kv.kvBlockSize);
+      rows.forEach(({ seq, blocks }, r) => {
         const input = j === 0 ? drafts[r]!.pending : [proposals[r]![j - 1]!];
         const position = j === 0 ? drafts[r]!.position : drafts[r]!.position + drafts[r]!.pending.length + j - 1;
-        pushRow(batch, slot, input, position, seq, seq.nextUniform());
+        builder.appendSampled(blocks, input, position, sampledWith(seq.params, seq.nextUniform()));
       });
       const anySampled = greedy.some((g) => !g);
-      const result = await this.draftStep(anySampled ? { ...batch, fullLogprobs: true } : batch);
+      const result = await this.draftStep(builder.build({ fullLogprobs: anySampled }));
       const rowsLogprobs = anySampled ? splitRows(result.fullLogprobs!, rows.length) : null;
       rows.forEach(({ seq }, r) => {
         proposals[r]!.push(result.tokens![r]!);
@@ -281,23 +278,6 @@ export class SpeculativeExecutor {
   release(seq: SequenceState): void {
     this.drafts.delete(seq);
   }
-}
-
-function emptyBatch(): StepBatch & { sample: NonNullable<StepBatch['sample']> } {
-  return { tokens: [], slots: [], positions: [], logitRows: [], sample: { temperature: [], topK: [], topP: [], uniform: [] } };
-}
-
-function pushRow(batch: ReturnType<typeof emptyBatch>, slot: number, input: readonly number[], position: number, seq: SequenceState, uniform: number): void {
-  input.forEach((token, i) => {
-    batch.tokens.push(token);
-    batch.slots.push(slot);
-    batch.positions.push(position + i);
-  });
-  batch.logitRows.push(batch.tokens.length - 1);
-  batch.sample.temperature.push(seq.params.temperature);
-  batch.sample.topK.push(seq.params.topK);
-  batch.sample.topP.push(seq.params.topP);
-  batch.sample.uniform.push(uniform);
 }
 
 function splitRows(bytes: Uint8Array, rows: number): Float32Array[] {

@@ -3,16 +3,23 @@
  * what rank 0 answers. Plain data, validated on receipt.
  */
 import { z } from 'zod';
+import { WeftError } from './errors.ts';
 
 const int = z.number().int();
 const nonNegInt = int.nonnegative();
 
-/** One forward step over a ragged batch: token i of the batch belongs to KV slot `slots[i]` at `positions[i]`. */
+/**
+ * One forward step over a ragged batch: token t is fed at `positions[t]` of the sequence that owns row
+ * `tokenSeq[t]` of `kvBlockTable`; that row lists the sequence's KV blocks, block j holding its positions
+ * [j * B, (j + 1) * B) with B the KV block size (fixed per cluster, told to the worker at init; see
+ * core/kv-block-table.ts). `checkKvPositions` checks the positions against B.
+ */
 export const stepBatchSchema = z
   .object({
-    tokens: z.array(nonNegInt).min(1),
-    slots: z.array(nonNegInt),
-    positions: z.array(nonNegInt),
+    tokens: z.array(nonNegInt).min(1), // [T] token ids
+    positions: z.array(nonNegInt), // [T] position of each token in its sequence
+    tokenSeq: z.array(nonNegInt), // [T] row of kvBlockTable the token's sequence owns
+    kvBlockTable: z.array(z.array(nonNegInt).min(1)).min(1), // [S][blocks of sequence s] physical KV block ids
     /** batch rows whose logits are needed, in output order */
     logitRows: z.array(nonNegInt).min(1),
     /** per logit row: sample a token with these parameters and these uniforms */
@@ -32,8 +39,10 @@ export const stepBatchSchema = z
   })
   .strict()
   .superRefine((b, ctx) => {
-    if (b.slots.length !== b.tokens.length || b.positions.length !== b.tokens.length)
-      ctx.addIssue({ code: 'custom', message: `tokens, slots and positions must have equal lengths (${b.tokens.length}, ${b.slots.length}, ${b.positions.length})` });
+    if (b.positions.length !== b.tokens.length || b.tokenSeq.length !== b.tokens.length)
+      ctx.addIssue({ code: 'custom', message: `tokens, positions and tokenSeq must have equal lengths (${b.tokens.length}, ${b.positions.length}, ${b.tokenSeq.length})` });
+    const badSeq = b.tokenSeq.findIndex((s) => s >= b.kvBlockTable.length);
+    if (badSeq >= 0) ctx.addIssue({ code: 'custom', message: `token ${badSeq}: tokenSeq ${b.tokenSeq[badSeq]} is past the ${b.kvBlockTable.length} rows of kvBlockTable` });
     if (b.logitRows.some((r) => r >= b.tokens.length)) ctx.addIssue({ code: 'custom', message: 'logitRows index past the batch' });
     const n = b.logitRows.length;
     if (b.sample && [b.sample.temperature, b.sample.topK, b.sample.topP, b.sample.uniform].some((a) => a.length !== n))
@@ -41,6 +50,15 @@ export const stepBatchSchema = z
     if (b.scoreIds && b.scoreIds.length !== n) ctx.addIssue({ code: 'custom', message: 'scoreIds must have one entry per logit row' });
   });
 export type StepBatch = z.infer<typeof stepBatchSchema>;
+
+/** Refuse a token whose position lies past its sequence's blocks of `kvBlockSize` positions. */
+export function checkKvPositions(batch: Pick<StepBatch, 'positions' | 'tokenSeq' | 'kvBlockTable'>, kvBlockSize: number): void {
+  batch.positions.forEach((position, t) => {
+    const blocks = batch.kvBlockTable[batch.tokenSeq[t]!]?.length ?? 0;
+    if (position >= blocks * kvBlockSize)
+      throw new WeftError('WEFT_BAD_REQUEST', `batch token ${t}: position ${position} is past the ${blocks} KV blocks of ${kvBlockSize} positions its sequence (row ${batch.tokenSeq[t]}) owns`);
+  });
+}
 
 export interface StepResult {
   tokens?: number[];

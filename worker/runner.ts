@@ -4,11 +4,16 @@
  *
  * On the CUDA backend, decode steps (one sampled token per sequence, up to `maxGraphBatch` sequences) run as
  * CUDA graphs: one graph per batch bucket (1, 2, 4, 8), captured the first time that bucket is needed and
- * replayed after writing the step's inputs (tokens, slots, positions, sampling parameters) into the
- * graph's persistent input tensors. Kernels read positions from device memory, so the graph stays valid as
- * sequences grow. Rows that pad a batch up to its bucket use a KV slot reserved for padding.
+ * replayed after writing the step's inputs (the step index, sampling parameters) into the graph's persistent
+ * input tensors. Kernels read positions from device memory, so the graph stays valid as sequences grow. Rows
+ * that pad a batch up to its bucket are sequences of their own in the layout's padding block.
+ *
+ * The KV cache's sizes come explicitly (KvCacheLayout, derived from the init command); the wire batch's block
+ * table becomes the native ops' index tensors in one function, `stepIndexArrays`.
  */
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
+import { checkKvPositions } from '../core/step-batch.ts';
+import type { KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
 import type { RankModel } from './models/registry.ts';
@@ -17,6 +22,31 @@ import type { Graph } from './native.ts';
 import { WeftError } from '../core/errors.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
+
+/** One index tensor's host values and shape. */
+interface HostIndex {
+  readonly values: Int32Array;
+  readonly shape: number[];
+}
+
+/**
+ * The wire batch as the step index the native ops read: the one place this conversion happens (eager steps,
+ * chunks and graph inputs all come through here). This build's kernels address the cache as
+ * [block, position] with one block per sequence (kvBlockSize >= maxContext, checked by the runner), so a
+ * token's slot is the block of its sequence that holds its position.
+ */
+export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<keyof StepIndex, HostIndex> {
+  const slots = batch.tokenSeq.map((s, t) => batch.kvBlockTable[s]![Math.floor(batch.positions[t]! / kv.kvBlockSize)]!);
+  const vector = (values: readonly number[]): HostIndex => ({ values: Int32Array.from(values), shape: [values.length] });
+  return { tokenIds: vector(batch.tokens), slots: vector(slots), positions: vector(batch.positions), logitRows: vector(batch.logitRows) };
+}
+
+function uploadIndex(ops: Ops, arrays: Record<keyof StepIndex, HostIndex>): StepIndex {
+  const entries = Object.entries(arrays).map(([key, { values, shape }]) => [key, ops.upload(bytesOf(values), 'i32', shape)]);
+  return Object.fromEntries(entries) as unknown as StepIndex;
+}
+
+const bytesOf = (values: Int32Array | Float32Array): Uint8Array => new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
 
 interface DecodeGraph {
   readonly bucket: number;
@@ -51,26 +81,25 @@ export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: 
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
-  readonly kvSlots: number;
-  readonly maxContext: number;
-  /** the KV slot padding rows write to; never given to a sequence */
-  readonly paddingSlot: number;
   /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
   readonly maxStepTokens: number;
 
+  /** `kv`: the sizes the model's KV cache was allocated with (per layer k/v [kvBlocks, nKv, kvBlockSize, hd]) */
   constructor(
     private readonly ops: Ops,
     private readonly comm: Collectives,
     private readonly rankModel: RankModel,
+    readonly kv: KvCacheLayout,
     options: RunnerOptions = {},
   ) {
-    const [slots = 0, , maxContext = 0] = rankModel.model.kvCache[0]?.k.shape ?? [];
-    this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
-    // With graphs the model was built with one extra slot for padding rows.
-    this.kvSlots = this.useGraphs ? slots - 1 : slots;
-    this.paddingSlot = slots - 1;
-    this.maxContext = maxContext;
     const { spec, plan } = rankModel.model;
+    const shape = rankModel.model.kvCache[0]?.k.shape ?? [];
+    if (shape[0] !== kv.kvBlocks || shape[2] !== kv.kvBlockSize)
+      throw new WeftError('WEFT_BAD_REQUEST', `the model's KV cache is [${shape.join(', ')}], the layout says ${kv.kvBlocks} blocks of ${kv.kvBlockSize} positions`);
+    if (kv.kvBlockSize < kv.maxContext)
+      throw new WeftError('WEFT_BAD_REQUEST', `KV blocks of ${kv.kvBlockSize} positions for a context of ${kv.maxContext}: this build's attention reads one block per sequence`);
+    this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
+    if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
     this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? 4 * 2 ** 30) : Number.MAX_SAFE_INTEGER);
   }
 
@@ -100,8 +129,9 @@ export class StepRunner {
       const take = <T>(values: readonly T[]): T[] => rows.map((i) => values[Math.max(i, 0)]!);
       const chunk: StepBatch = {
         tokens: batch.tokens.slice(start, end),
-        slots: batch.slots.slice(start, end),
         positions: batch.positions.slice(start, end),
+        tokenSeq: batch.tokenSeq.slice(start, end),
+        kvBlockTable: batch.kvBlockTable,
         logitRows: rows.map((i) => (i < 0 ? end - 1 : batch.logitRows[i]!) - start),
         ...(batch.sample && {
           sample: { temperature: take(batch.sample.temperature), topK: take(batch.sample.topK), topP: take(batch.sample.topP), uniform: take(batch.sample.uniform) },
@@ -137,20 +167,29 @@ export class StepRunner {
   }
 
   private check(batch: StepBatch): void {
-    const badSlot = batch.slots.findIndex((s) => s >= this.kvSlots);
-    if (badSlot >= 0) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${badSlot}: KV slot ${batch.slots[badSlot]} is outside the ${this.kvSlots} slots`);
-    const badPosition = batch.positions.findIndex((p) => p >= this.maxContext);
-    if (badPosition >= 0) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${badPosition}: position ${batch.positions[badPosition]} is past the context of ${this.maxContext}`);
+    const { kvBlocks, paddingBlock, maxContext, kvBlockSize } = this.kv;
+    batch.kvBlockTable.forEach((blocks, s) => {
+      const bad = blocks.find((b) => b >= kvBlocks || b === paddingBlock);
+      if (bad !== undefined)
+        throw new WeftError('WEFT_BAD_REQUEST', `batch sequence ${s}: KV block ${bad} is ${bad === paddingBlock ? 'the padding block' : `outside the ${kvBlocks} blocks`}`);
+    });
+    const badPosition = batch.positions.findIndex((p) => p >= maxContext);
+    if (badPosition >= 0) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${badPosition}: position ${batch.positions[badPosition]} is past the context of ${maxContext}`);
+    checkKvPositions(batch, kvBlockSize);
     const vocab = this.rankModel.model.spec.vocabSize;
     const badToken = batch.tokens.findIndex((t) => t >= vocab);
     if (badToken >= 0) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${badToken}: id ${batch.tokens[badToken]} is outside the vocabulary of ${vocab}`);
   }
 
-  /** A decode batch a graph can run: every row sampled, nothing else asked, small enough for a bucket. */
+  /**
+   * A decode batch a graph can run: one token per sequence, in order, every row sampled, nothing else asked,
+   * small enough for a bucket.
+   */
   private graphBucket(batch: StepBatch): number | null {
     if (!this.useGraphs || !batch.sample || batch.scoreIds || batch.fullLogprobs) return null;
     const n = batch.tokens.length;
     if (batch.logitRows.length !== n || batch.logitRows.some((r, i) => r !== i)) return null;
+    if (batch.kvBlockTable.length !== n || batch.tokenSeq.some((s, i) => s !== i)) return null;
     return GRAPH_BUCKETS.find((b) => b >= n) ?? null;
   }
 
@@ -158,12 +197,7 @@ export class StepRunner {
     const { ops } = this;
     ops.beginStep();
     try {
-      const step: StepIndex = {
-        tokenIds: int32Tensor(ops, batch.tokens),
-        slots: int32Tensor(ops, batch.slots),
-        positions: int32Tensor(ops, batch.positions),
-        logitRows: int32Tensor(ops, batch.logitRows),
-      };
+      const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       if (this.comm.rank !== 0) return {};
       const result: StepResult = {};
@@ -182,42 +216,55 @@ export class StepRunner {
     }
   }
 
+  /**
+   * The decode batch padded to `bucket` rows: each padding row is a sequence of its own whose one block is the
+   * padding block, at position 0, sampled greedily.
+   */
+  private padToBucket(batch: StepBatch, bucket: number): StepBatch & { sample: NonNullable<StepBatch['sample']> } {
+    const n = batch.tokens.length;
+    const pad = <T>(values: readonly T[], filler: (i: number) => T): T[] => [...values, ...Array.from({ length: bucket - n }, (_, i) => filler(n + i))];
+    const sample = batch.sample ?? { temperature: [], topK: [], topP: [], uniform: [] };
+    return {
+      tokens: pad(batch.tokens, () => 0),
+      positions: pad(batch.positions, () => 0),
+      tokenSeq: pad(batch.tokenSeq, (i) => i),
+      kvBlockTable: pad(batch.kvBlockTable, () => [this.kv.paddingBlock!]),
+      logitRows: pad(batch.logitRows, (i) => i),
+      sample: { temperature: pad(sample.temperature, () => 0), topK: pad(sample.topK, () => 0), topP: pad(sample.topP, () => 1), uniform: pad(sample.uniform, () => 0) },
+    };
+  }
+
   private async replayDecode(batch: StepBatch, bucket: number): Promise<StepResult> {
     const graph = this.graphs.get(bucket) ?? (await this.capture(bucket));
     const { ops } = this;
-    const n = batch.tokens.length;
-    const pad = <T extends number>(values: readonly T[], filler: T): T[] => [...values, ...Array<T>(bucket - n).fill(filler)];
-    const sample = batch.sample!;
-    const writeInt = (t: Tensor, values: number[]): void => ops.write(t, new Uint8Array(Int32Array.from(values).buffer));
-    const writeFloat = (t: Tensor, values: number[]): void => ops.write(t, new Uint8Array(Float32Array.from(values).buffer));
-    writeInt(graph.inputs.tokenIds, pad(batch.tokens, 0));
-    writeInt(graph.inputs.slots, pad(batch.slots, this.paddingSlot));
-    writeInt(graph.inputs.positions, pad(batch.positions, 0));
-    writeFloat(graph.inputs.temperature, pad(sample.temperature, 0));
-    writeInt(graph.inputs.topK, pad(sample.topK, 0));
-    writeFloat(graph.inputs.topP, pad(sample.topP, 1));
-    writeFloat(graph.inputs.uniform, pad(sample.uniform, 0));
+    const padded = this.padToBucket(batch, bucket);
+    const index = stepIndexArrays(padded, this.kv);
+    // logitRows stay the graph's own (every row, in order: graphBucket admits nothing else)
+    for (const key of Object.keys(index) as (keyof StepIndex)[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
+    const { temperature, topK, topP, uniform } = padded.sample;
+    ops.write(graph.inputs.temperature, bytesOf(Float32Array.from(temperature)));
+    ops.write(graph.inputs.topK, bytesOf(Int32Array.from(topK)));
+    ops.write(graph.inputs.topP, bytesOf(Float32Array.from(topP)));
+    ops.write(graph.inputs.uniform, bytesOf(Float32Array.from(uniform)));
     ops.replay(graph.graph);
     if (this.comm.rank !== 0) {
       ops.synchronize();
       return {};
     }
-    return { tokens: Array.from(ops.download(graph.tokens)).slice(0, n) };
+    return { tokens: Array.from(ops.download(graph.tokens)).slice(0, batch.tokens.length) };
   }
 
   /** Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). */
   private async capture(bucket: number): Promise<DecodeGraph> {
     const { ops } = this;
-    const rows = Array.from({ length: bucket }, (_, i) => i);
+    // every row a padding row until the first replay writes the real ones
+    const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
-      tokenIds: int32Tensor(ops, rows.map(() => 0)),
-      slots: int32Tensor(ops, rows.map(() => this.paddingSlot)),
-      positions: int32Tensor(ops, rows.map(() => 0)),
-      logitRows: int32Tensor(ops, rows),
-      temperature: float32Tensor(ops, rows.map(() => 0)),
-      topK: int32Tensor(ops, rows.map(() => 0)),
-      topP: float32Tensor(ops, rows.map(() => 1)),
-      uniform: float32Tensor(ops, rows.map(() => 0)),
+      ...uploadIndex(ops, stepIndexArrays(padded, this.kv)),
+      temperature: float32Tensor(ops, padded.sample.temperature),
+      topK: int32Tensor(ops, padded.sample.topK),
+      topP: float32Tensor(ops, padded.sample.topP),
+      uniform: float32Tensor(ops, padded.sample.uniform),
     };
     const tokens = ops.zeros('i32', [bucket]);
     const run = async (): Promise<void> => {

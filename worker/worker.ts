@@ -12,6 +12,7 @@ import { loadShard } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
 import { GRAPH_BUCKETS, StepRunner } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
+import { kvCacheLayout } from '../core/kv-block-table.ts';
 
 export class WorkerState {
   private comm: Collectives | null = null;
@@ -34,11 +35,11 @@ export class WorkerState {
       bytesLoaded = read;
       this.onProgress(read, total);
     });
-    // CUDA graphs pad decode batches with rows that write to one extra, never-assigned KV slot.
-    const kvSlots = command.kvSlots + (command.device === 'cuda' ? 1 : 0);
-    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvSlots, maxContext: command.maxContext });
+    // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
+    const kv = kvCacheLayout(command);
+    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
     if (this.comm instanceof NcclCollectives) this.comm.prepare([...GRAPH_BUCKETS]);
-    this.runner = new StepRunner(engine, this.comm, model);
+    this.runner = new StepRunner(engine, this.comm, model, kv);
     return { bytesLoaded };
   }
 

@@ -1,6 +1,7 @@
 /**
  * StepRunner on the CPU backend: a long step split into chunks (as the CUDA step arena requires) gives
- * the same log-probs, samples and scores as one step. The model is the hf-tiny llama, loaded in-process.
+ * the same log-probs, samples and scores as one step; the wire batch's block table becomes the step index,
+ * and batches outside the KV layout are refused. The model is the hf-tiny llama, loaded in-process.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,23 +11,32 @@ import { planShards } from '../../core/shard-plan.ts';
 import { loadShard } from '../../worker/weights/load-shard.ts';
 import { buildRankModel, hostWeights } from '../../worker/models/registry.ts';
 import { soloCollectives } from '../../worker/collectives/collectives.ts';
-import { StepRunner } from '../../worker/runner.ts';
+import { StepRunner, stepIndexArrays } from '../../worker/runner.ts';
+import { kvCacheLayout, type KvCacheLayout } from '../../core/kv-block-table.ts';
+import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
 
-test('a step run in chunks equals the step run whole', async () => {
+async function tinyModel(kv: KvCacheLayout) {
   const dir = fixtureDir('llama-tiny');
   const spec = readModelSpec(dir);
   const plan = planShards(spec, 1);
   const engine = createEngine({ backend: 'cpu', threads: 1 });
-  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvSlots: 2, maxContext: 64 });
-  const whole = new StepRunner(engine, soloCollectives(), model);
-  const chunked = new StepRunner(engine, soloCollectives(), model, { maxStepTokens: 7 });
+  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  return { engine, spec, model };
+}
+
+test('a step run in chunks equals the step run whole', async () => {
+  const kv = kvCacheLayout({ kvSlots: 2, maxContext: 64, device: 'cpu' });
+  const { engine, spec, model } = await tinyModel(kv);
+  const whole = new StepRunner(engine, soloCollectives(), model, kv);
+  const chunked = new StepRunner(engine, soloCollectives(), model, kv, { maxStepTokens: 7 });
   const prompt = readReference('llama-tiny').prompts[2]!.slice(0, 30);
   const rows = [29, 3, 15, 8]; // out of order, spread over several chunks
   const batch = {
     tokens: prompt,
-    slots: prompt.map(() => 0),
     positions: prompt.map((_, i) => i),
+    tokenSeq: prompt.map(() => 0),
+    kvBlockTable: [[0]],
     logitRows: rows,
     scoreIds: rows.map((r) => prompt[r + 1] ?? 0),
     sample: { temperature: [0, 0.8, 0, 1.2], topK: [0, 5, 0, 0], topP: [1, 0.9, 1, 1], uniform: [0.1, 0.5, 0.7, 0.3] },
@@ -40,4 +50,23 @@ test('a step run in chunks equals the step run whole', async () => {
   const fb = new Float32Array(b.fullLogprobs!.slice().buffer);
   assert.equal(fb.length, rows.length * spec.vocabSize);
   assert.ok(maxAbsDiff(fb, fa) < 1e-5, `full log-probs differ by ${maxAbsDiff(fb, fa)}`);
+});
+
+test('the step index: each token\'s slot is its sequence\'s block; batches outside the KV layout are refused', async () => {
+  // the cuda layout (a padding block, 2) on the cpu engine: no graphs, but the padding block is still never a sequence's
+  const kv = kvCacheLayout({ kvSlots: 2, maxContext: 16, device: 'cuda' });
+  const { engine, model } = await tinyModel(kv);
+  const runner = new StepRunner(engine, soloCollectives(), model, kv);
+  const batch = { tokens: [5, 6, 7], positions: [0, 1, 9], tokenSeq: [1, 1, 0], kvBlockTable: [[0], [1]], logitRows: [1, 2], sample: { temperature: [0, 0], topK: [0, 0], topP: [1, 1], uniform: [0, 0] } };
+  const index = stepIndexArrays(batch, kv);
+  assert.deepEqual(Array.from(index.slots.values), [1, 1, 0]);
+  assert.deepEqual(Array.from(index.positions.values), [0, 1, 9]);
+  assert.deepEqual(index.tokenIds.shape, [3]);
+  assert.equal((await runner.step(batch)).tokens!.length, 2);
+  const refused = (pattern: RegExp) => (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && pattern.test(err.message);
+  await assert.rejects(runner.step({ ...batch, kvBlockTable: [[0], [3]] }), refused(/batch sequence 1: KV block 3 is outside the 3 blocks/));
+  await assert.rejects(runner.step({ ...batch, kvBlockTable: [[2], [1]] }), refused(/batch sequence 0: KV block 2 is the padding block/));
+  await assert.rejects(runner.step({ ...batch, positions: [0, 1, 16] }), refused(/batch token 2: position 16 is past the context of 16/));
+  await assert.rejects(runner.step({ ...batch, tokenSeq: [1, 1, 2] }), refused(/batch token 2: position 9 is past the 0 KV blocks/));
+  assert.throws(() => new StepRunner(engine, soloCollectives(), model, { ...kv, kvBlocks: 4 }), refused(/KV cache is \[3, \d+, 16, \d+\], the layout says 4 blocks of 16 positions/));
 });

@@ -12,6 +12,11 @@ import { SequenceState, type GenerationEvent } from '../../coordinator/generate.
 import { parseSamplingParams } from '../../coordinator/sampling-params.ts';
 import { isWeftError } from '../../core/errors.ts';
 import type { StepBatch } from '../../core/worker-protocol.ts';
+import { KvBlockTable, kvCacheLayout } from '../../core/kv-block-table.ts';
+
+/** A KV allocator of `kvSlots` one-block sequences; the KV block each token of a batch is written to. */
+const kvCache = (kvSlots: number): KvBlockTable => new KvBlockTable(kvCacheLayout({ kvSlots, maxContext: 64, device: 'cpu' }));
+const blocksOf = (batch: StepBatch): number[] => batch.tokenSeq.map((s, t) => batch.kvBlockTable[s]![Math.floor(batch.positions[t]! / 64)]!);
 
 const rejects = (bytes: number[] | Buffer, pattern: RegExp): void =>
   assert.throws(() => checkMsgpack(Buffer.from(bytes)), (err: unknown) => isWeftError(err) && err.code === 'WEFT_PROTOCOL' && pattern.test(err.message));
@@ -57,7 +62,7 @@ test('scheduler: decode steps of several sequences share one batch; the queue is
   const batches: StepBatch[] = [];
   let release: (() => void) | null = null;
   const scheduler = new Scheduler({
-    kvSlots: 2,
+    kvCache: kvCache(2),
     maxQueue: 1,
     step: async (batch) => {
       batches.push(batch);
@@ -77,9 +82,9 @@ test('scheduler: decode steps of several sequences share one batch; the queue is
   assert.deepEqual(tb, [11, 12, 13]);
   assert.deepEqual(tc, [12, 13]);
   // the first step prefilled both prompts together (5 tokens, 2 logit rows); later steps carry one token per sequence
-  assert.deepEqual(batches[0]!.slots, [0, 0, 0, 1, 1]);
+  assert.deepEqual(blocksOf(batches[0]!), [0, 0, 0, 1, 1]);
   assert.deepEqual(batches[0]!.logitRows, [2, 4]);
-  assert.ok(batches.some((batch) => batch.tokens.length === 2 && new Set(batch.slots).size === 2), 'a decode step carried two sequences');
+  assert.ok(batches.some((batch) => batch.tokens.length === 2 && new Set(blocksOf(batch)).size === 2), 'a decode step carried two sequences');
   assert.equal(scheduler.slotsInUse, 0);
 
   // cancel: the slot comes back at once and a queued request takes it
@@ -97,7 +102,7 @@ test('scheduler: decode steps of several sequences share one batch; the queue is
 test('scheduler: a deadline ends a request with WEFT_TIMEOUT; a failed step fails the running ones and reports it', async () => {
   let failures = 0;
   const scheduler = new Scheduler({
-    kvSlots: 1,
+    kvCache: kvCache(1),
     maxQueue: 4,
     step: (batch) => (batch.positions[0] === 0 ? new Promise(() => undefined) : Promise.reject(new Error('boom'))),
     onStepFailure: () => failures++,
@@ -105,7 +110,7 @@ test('scheduler: a deadline ends a request with WEFT_TIMEOUT; a failed step fail
   const slow = scheduler.submitGenerate(sequence(5), 50);
   await assert.rejects(drain(slow.events), (err: unknown) => isWeftError(err) && err.code === 'WEFT_TIMEOUT' && /50 ms/.test(err.message));
   assert.equal(scheduler.slotsInUse, 0);
-  const failing = new Scheduler({ kvSlots: 1, maxQueue: 1, step: () => Promise.reject(new Error('rank 1 died')), onStepFailure: () => failures++ });
+  const failing = new Scheduler({ kvCache: kvCache(1), maxQueue: 1, step: () => Promise.reject(new Error('rank 1 died')), onStepFailure: () => failures++ });
   await assert.rejects(drain(failing.submitGenerate(sequence(2)).events), /rank 1 died/);
   assert.equal(failures, 1);
   assert.equal(failing.slotsInUse, 0);

@@ -8,8 +8,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { acceptDraft, drawFrom, predictedSpeedup, samplingDistribution } from '../../coordinator/speculative.ts';
+import { SpeculativeExecutor, acceptDraft, drawFrom, predictedSpeedup, samplingDistribution } from '../../coordinator/speculative.ts';
 import { SeededRng } from '../../coordinator/rng.ts';
+import { SequenceState } from '../../coordinator/generate.ts';
+import { parseSamplingParams } from '../../coordinator/sampling-params.ts';
+import { checkKvPositions, stepBatchSchema, type StepBatch } from '../../core/step-batch.ts';
 
 const V = 5;
 const CRITICAL_24_DF_P001 = 51.18;
@@ -100,4 +103,34 @@ test('samplingDistribution applies temperature, top-k and top-p as the samplers 
 test('predicted speedup: (1 - a^(k+1)) / ((1 - a)(k c + 1))', () => {
   assert.ok(Math.abs(predictedSpeedup(0.8, 4, 0.1) - (1 - 0.8 ** 5) / (0.2 * 1.4)) < 1e-12);
   assert.equal(predictedSpeedup(1, 3, 0), 4);
+});
+
+test('a round builds its draft and verify steps over the sequence\'s KV blocks (paged sizes: 2 blocks of 4)', async () => {
+  const kv = { maxContext: 8, kvBlockSize: 4 };
+  const steps: { model: 'draft' | 'target'; batch: StepBatch }[] = [];
+  // both models answer "position + 100" at every logit row, so the target accepts every proposal
+  const answer = (model: 'draft' | 'target') => async (batch: StepBatch) => {
+    steps.push({ model, batch });
+    return { tokens: batch.logitRows.map((r) => batch.positions[r]! + 100) };
+  };
+  const executor = new SpeculativeExecutor(2, kv, answer('draft'), answer('target'));
+  const params = parseSamplingParams({ maxNewTokens: 4, temperature: 0, ignoreEos: true }, { maxContext: 8, promptLength: 3, vocabSize: 200 });
+  const seq = new SequenceState([1, 2, 3], params, [], { push: () => '', flush: () => '' });
+  seq.accept(50); // prefilled: position 3, input [50]
+  const [produced] = await executor.round([{ seq, blocks: [6, 2] }]);
+  assert.deepEqual(produced, [103, 104, 105]);
+  assert.deepEqual(
+    steps.map(({ model, batch }) => [model, batch.tokens, batch.positions, batch.logitRows]),
+    [
+      ['draft', [1, 2, 3, 50], [0, 1, 2, 3], [3]],
+      ['draft', [103], [4], [0]],
+      ['target', [50, 103, 104], [3, 4, 5], [0, 1, 2]],
+    ],
+  );
+  for (const { batch } of steps) {
+    assert.deepEqual(batch.kvBlockTable, [[6, 2]]);
+    assert.ok(batch.tokenSeq.every((s) => s === 0));
+    assert.deepEqual(stepBatchSchema.parse(batch), batch);
+    checkKvPositions(batch, kv.kvBlockSize);
+  }
 });

@@ -1,7 +1,7 @@
 /**
  * Model family → the rank-local model built from loaded slices. Weights go to the engine in their stored
  * dtype; norms are kept as stored too (the engine reads any float dtype). The KV cache is allocated here,
- * once, for `kvSlots` sequences of up to `maxContext` tokens.
+ * once: `kvBlocks` blocks of `kvBlockSize` positions (core/kv-block-table.ts).
  */
 import type { ModelSpec } from '../../core/model-spec.ts';
 import { ropeInvFreq } from '../../core/model-spec.ts';
@@ -18,8 +18,8 @@ export interface RankModel {
 }
 
 export interface BuildOptions {
-  readonly kvSlots: number;
-  readonly maxContext: number;
+  readonly kvBlocks: number;
+  readonly kvBlockSize: number;
 }
 
 /** Gives the engine tensor for one weft-named weight of this rank. */
@@ -74,7 +74,7 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
   });
 
   const embed = take('embed');
-  const cacheShape = [options.kvSlots, plan.nKvHeadsPerRank, options.maxContext, spec.headDim];
+  const cacheShape = [options.kvBlocks, plan.nKvHeadsPerRank, options.kvBlockSize, spec.headDim];
   const model: LlamaModel<AttentionWeights> = {
     spec,
     plan,

@@ -1,0 +1,100 @@
+/**
+ * Builds StepBatches, the one way the coordinator makes them (the scheduler's steps, speculative draft and
+ * verify steps): append each sequence's tokens with its KV blocks, ask for the logit rows wanted, build.
+ * Positions are checked against the blocks here, before anything is sent.
+ */
+import { checkKvPositions, type StepBatch } from '../core/step-batch.ts';
+import { WeftError } from '../core/errors.ts';
+
+/** How one logit row is sampled: the sequence's sampling parameters and its next uniform. */
+export interface RowSampling {
+  readonly temperature: number;
+  readonly topK: number;
+  readonly topP: number;
+  readonly uniform: number;
+}
+
+/** A row sampled with a sequence's parameters and the given uniform. */
+export function sampledWith(params: { readonly temperature: number; readonly topK: number; readonly topP: number }, uniform: number): RowSampling {
+  return { temperature: params.temperature, topK: params.topK, topP: params.topP, uniform };
+}
+
+/** The target's argmax (temperature 0 samples greedily, the uniform is unused). */
+export const GREEDY: RowSampling = { temperature: 0, topK: 0, topP: 1, uniform: 0 };
+
+/** What one logit row asks for: a sampled token, the log-prob of one id, or both. */
+export interface LogitRequest {
+  readonly sample?: RowSampling;
+  readonly scoreId?: number;
+}
+
+export class StepBatchBuilder {
+  private readonly tokens: number[] = []; // [T]
+  private readonly positions: number[] = []; // [T]
+  private readonly tokenSeq: number[] = []; // [T]
+  private readonly kvBlockTable: number[][] = []; // [S][blocks]
+  private readonly logitRows: number[] = []; // [R]
+  private readonly samples: RowSampling[] = []; // [R] or none
+  private readonly scoreIds: number[] = []; // [R] or none
+
+  /** `kvBlockSize`: positions per KV block, as the cluster's layout has it */
+  constructor(private readonly kvBlockSize: number) {}
+
+  /** Tokens in the batch so far. */
+  get size(): number {
+    return this.tokens.length;
+  }
+  /** Logit rows asked for so far. */
+  get logitRowCount(): number {
+    return this.logitRows.length;
+  }
+
+  /**
+   * Append one sequence's `tokens`, fed at positions `position`, `position + 1`...; `blocks` is the sequence's
+   * block list. Returns the batch index of its first token. Refuses positions past the blocks.
+   */
+  append(blocks: readonly number[], tokens: readonly number[], position: number): number {
+    const seq = this.kvBlockTable.length;
+    const first = this.tokens.length;
+    const positions = tokens.map((_, i) => position + i);
+    checkKvPositions({ positions, tokenSeq: positions.map(() => 0), kvBlockTable: [[...blocks]] }, this.kvBlockSize);
+    this.kvBlockTable.push([...blocks]);
+    this.tokens.push(...tokens);
+    this.positions.push(...positions);
+    this.tokenSeq.push(...tokens.map(() => seq));
+    return first;
+  }
+
+  /** Append one sequence's tokens and sample the token that follows its last one. */
+  appendSampled(blocks: readonly number[], tokens: readonly number[], position: number, sample: RowSampling): void {
+    const first = this.append(blocks, tokens, position);
+    this.logits(first + tokens.length - 1, { sample });
+  }
+
+  /** Ask for the logits of batch row `row`; the answer comes in the order rows were asked for. */
+  logits(row: number, request: LogitRequest): void {
+    if (!Number.isInteger(row) || row < 0 || row >= this.tokens.length) throw new WeftError('WEFT_PROTOCOL', `logit row ${row} is outside the batch's ${this.tokens.length} tokens`);
+    this.logitRows.push(row);
+    if (request.sample) this.samples.push(request.sample);
+    if (request.scoreId !== undefined) this.scoreIds.push(request.scoreId);
+  }
+
+  /** The batch. Every logit row is sampled or none is, and likewise scored. */
+  build(options: { readonly fullLogprobs?: boolean } = {}): StepBatch {
+    const n = this.logitRows.length;
+    if (this.tokens.length === 0 || n === 0) throw new WeftError('WEFT_PROTOCOL', `a step needs tokens and logit rows (got ${this.tokens.length} tokens, ${n} logit rows)`);
+    for (const [what, count] of [['sampled', this.samples.length], ['scored', this.scoreIds.length]] as const)
+      if (count !== 0 && count !== n) throw new WeftError('WEFT_PROTOCOL', `${count} of ${n} logit rows are ${what}: all or none must be`);
+    const batch: StepBatch = { tokens: this.tokens, positions: this.positions, tokenSeq: this.tokenSeq, kvBlockTable: this.kvBlockTable, logitRows: this.logitRows };
+    if (this.samples.length)
+      batch.sample = {
+        temperature: this.samples.map((s) => s.temperature),
+        topK: this.samples.map((s) => s.topK),
+        topP: this.samples.map((s) => s.topP),
+        uniform: this.samples.map((s) => s.uniform),
+      };
+    if (this.scoreIds.length) batch.scoreIds = this.scoreIds;
+    if (options.fullLogprobs) batch.fullLogprobs = true;
+    return batch;
+  }
+}
