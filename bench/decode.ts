@@ -67,7 +67,7 @@ for (const name of list(opts.models)) {
   const label = tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name;
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
-  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, spec, plan, rank, 7), { kvSlots: maxBatch + 1, maxContext });
+  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), { kvBlocks: maxBatch + 1, kvBlockSize: maxContext });
   const runner = new StepRunner(engine, soloCollectives(), model, { arenaBytes });
   // Weight bytes one decode step reads: everything but the embedding table (B rows of it, negligible).
   const elementBytes = spec.dtype === 'f32' ? 4 : 2;

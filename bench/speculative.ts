@@ -39,7 +39,7 @@ const engine = createEngine({ backend: opts.device });
 const spec = presetSpec(opts.model, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
 const plan = planShards(spec, 1);
 const maxContext = promptLength + newTokens + k + 64; // + the 53 positions stepSeconds uses in slot 1
-const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, spec, plan, 0, 11), { kvSlots: 3, maxContext }); // slot 0: the sequence, 1: step timing, 2: padding rows of the decode graphs
+const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, 11), { kvBlocks: 3, kvBlockSize: maxContext }); // slot 0: the sequence, 1: step timing, 2: padding rows of the decode graphs
 const draftLayers = Number(opts.draftLayers);
 // Random weights give a random draft: --tail-scale shrinks what the layers past the draft add to the
 // residual stream, which sets the acceptance rate (a synthetic knob for checking the speedup model).

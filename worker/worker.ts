@@ -10,7 +10,7 @@ import { CpuCollectives } from './collectives/cpu.ts';
 import { NcclCollectives } from './collectives/nccl.ts';
 import { loadShard } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
-import { GRAPH_BUCKETS, StepRunner } from './runner.ts';
+import { StepRunner } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 
 export class WorkerState {
@@ -36,8 +36,8 @@ export class WorkerState {
     });
     // CUDA graphs pad decode batches with rows that write to one extra, never-assigned KV slot.
     const kvSlots = command.kvSlots + (command.device === 'cuda' ? 1 : 0);
-    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvSlots, maxContext: command.maxContext });
-    if (this.comm instanceof NcclCollectives) this.comm.prepare([...GRAPH_BUCKETS]);
+    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvBlocks: kvSlots, kvBlockSize: command.maxContext });
+    this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model);
     return { bytesLoaded };
   }
@@ -58,7 +58,7 @@ export class WorkerState {
 
   /** An asynchronous collective failure (NCCL reports a dead peer or a network error here), polled by the heartbeat. */
   collectiveError(): string | null {
-    return this.comm instanceof NcclCollectives ? this.comm.asyncError() : null;
+    return this.comm?.asyncError() ?? null;
   }
 
   close(): void {
