@@ -18,7 +18,7 @@ import { mixtralFamily } from './mixtral-family.ts';
 import { float32Tensor, type Ops, type Tensor } from './ops.ts';
 
 /** Every family weft runs; a new one is a module and a line here. */
-const FAMILIES: readonly ModelFamily[] = [llamaFamily, mixtralFamily];
+export const FAMILIES: readonly ModelFamily[] = [llamaFamily, mixtralFamily];
 
 export interface RankModel {
   readonly model: LlamaModel<AttentionWeights>;
