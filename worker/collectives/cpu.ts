@@ -117,6 +117,7 @@ export class CpuCollectives implements Collectives {
       }
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, left);
+        timer.unref(); // a wait in progress must not keep an exiting worker alive
         this.waiters.set(seq, () => {
           clearTimeout(timer);
           resolve();
@@ -206,8 +207,11 @@ export class CpuCollectives implements Collectives {
     return this.engine.concatCols(pieces.map((p) => this.engine.upload(float32Bytes(p), 'f32', [rows, p.length / rows])));
   }
 
+  /** Closes the socket; a collective still waiting fails at once. */
   close(): void {
     this.closed = true;
+    this.failure ??= `rank ${this.rank}: collectives closed`;
+    for (const wake of this.waiters.values()) wake();
     this.socket.close();
   }
 }
