@@ -92,9 +92,19 @@ function upload(engine: Engine, values: Float32Array, shape: number[]): Tensor {
   return engine.upload(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 'f32', shape);
 }
 
+/** Row counts every gather case covers: one (decode of one sequence), odd counts, and more than a graph bucket. */
+export const GATHER_ROWS = [1, 3, 5, 17] as const;
+
 /** Rank r's piece [rows, width]: values that say where they came from, exact in f32. */
-function piece(r: number, rows: number, width: number): Float32Array {
+export function piece(r: number, rows: number, width: number): Float32Array {
   return Float32Array.from({ length: rows * width }, (_, i) => r * 10_000 + Math.floor(i / width) * 100 + (i % width) + 0.5);
+}
+
+/** What allGatherCols of every rank's `piece` gives: [rows, Σ widths], rank by rank within each row. */
+export function gatheredPieces(rows: number, widths: readonly number[]): number[] {
+  const expected: number[] = [];
+  for (let t = 0; t < rows; t++) widths.forEach((w, r) => expected.push(...piece(r, rows, w).subarray(t * w, (t + 1) * w)));
+  return expected;
 }
 
 export function collectiveContract(impl: Implementation): void {
@@ -116,15 +126,14 @@ export function collectiveContract(impl: Implementation): void {
     });
 
     for (const widthsOf of [(_r: number) => 4, (r: number) => [5, 2, 7, 3][r % 4]!] as const) {
-      for (const rows of [1, 3, 5, 17]) {
+      for (const rows of GATHER_ROWS) {
         const kind = widthsOf(1) === 4 ? 'equal widths' : 'uneven widths';
         it(`all-gather of ${rows} row${rows > 1 ? 's' : ''}, ${kind}: [T, ΣNr] in rank order on every rank`, async () => {
           const world = group.ranks.length;
           const widths = Array.from({ length: world }, (_, r) => widthsOf(r));
           for (const comm of group.ranks) comm.prepare({ gatherWidths: widths });
           const total = widths.reduce((a, b) => a + b, 0);
-          const expected: number[] = [];
-          for (let t = 0; t < rows; t++) for (let r = 0; r < world; r++) expected.push(...piece(r, rows, widths[r]!).subarray(t * widths[r]!, (t + 1) * widths[r]!));
+          const expected = gatheredPieces(rows, widths);
           const results = await each(async (comm, engine, r) => {
             const gathered = await comm.allGatherCols(upload(engine, piece(r, rows, widths[r]!), [rows, widths[r]!]));
             assert.deepEqual(gathered.shape, [rows, total], `rank ${r} shape`);
