@@ -69,7 +69,7 @@ for (const name of list(opts.models)) {
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device }); // one block per sequence
-  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, spec, plan, rank, 7), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
   // Weight bytes one decode step reads: everything but the embedding table (B rows of it, negligible).
   const elementBytes = spec.dtype === 'f32' ? 4 : 2;

@@ -6,29 +6,44 @@ import { readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { WeftError } from './errors.ts';
 import { peekStoredDType } from './safetensors.ts';
+import type { WeightDType } from './weight-format.ts';
 
-export type WeightDType = 'f32' | 'f16' | 'bf16';
+export type { WeightDType };
 export type RopeScaling =
   | { type: 'llama3'; factor: number; lowFreqFactor: number; highFreqFactor: number; originalMaxPositions: number }
   | { type: 'linear'; factor: number };
+export type ModelFamilyName = 'llama' | 'mixtral';
 export interface ModelSpec {
-  readonly family: 'llama' | 'mixtral'; // Mistral uses 'llama'
+  readonly family: ModelFamilyName; // Mistral uses 'llama'; worker/models/registry.ts maps the architecture to its module
   readonly architecture: string; // HF name, e.g. 'LlamaForCausalLM'
   readonly hidden: number; readonly nLayers: number; readonly nHeads: number; readonly nKvHeads: number;
   readonly headDim: number; readonly ffnDim: number; readonly vocabSize: number;
   readonly maxContext: number; readonly rmsEps: number; readonly ropeTheta: number;
-  readonly ropeScaling: RopeScaling | null; readonly tieWordEmbeddings: boolean; readonly dtype: WeightDType;
+  readonly ropeScaling: RopeScaling | null; readonly tieWordEmbeddings: boolean;
+  readonly dtype: WeightDType; // the checkpoint's declared dtype; each tensor's format is the family layout's (WeightFormat)
   readonly nExperts: number; // 0 for dense models
   readonly nExpertsPerToken: number; // 0 for dense models
   readonly bosTokenId: number | null; readonly eosTokenIds: readonly number[];
 }
 
-/** HF class defaults for fields a config may leave out (LlamaConfig, MistralConfig, MixtralConfig). */
+/**
+ * What config.json means per architecture: the family that runs it, HF class defaults for fields a config may
+ * leave out (LlamaConfig, MistralConfig, MixtralConfig), and which optional parts it reads. The config half of a
+ * family; the compute half (weight layout, builder, feed-forward) is its module in worker/models/.
+ */
+interface ArchitectureEntry {
+  readonly family: ModelFamilyName;
+  readonly modelType: string;
+  readonly ropeTheta: number;
+  readonly rmsEps: number;
+  readonly slidingWindow: boolean; // reads sliding_window (context capped to it)
+  readonly experts: boolean; // reads num_local_experts and num_experts_per_tok
+}
 const ARCHITECTURES = {
-  LlamaForCausalLM: { family: 'llama', modelType: 'llama', ropeTheta: 10000, rmsEps: 1e-6, slidingWindow: false },
-  MistralForCausalLM: { family: 'llama', modelType: 'mistral', ropeTheta: 10000, rmsEps: 1e-6, slidingWindow: true },
-  MixtralForCausalLM: { family: 'mixtral', modelType: 'mixtral', ropeTheta: 1e6, rmsEps: 1e-5, slidingWindow: true },
-} as const;
+  LlamaForCausalLM: { family: 'llama', modelType: 'llama', ropeTheta: 10000, rmsEps: 1e-6, slidingWindow: false, experts: false },
+  MistralForCausalLM: { family: 'llama', modelType: 'mistral', ropeTheta: 10000, rmsEps: 1e-6, slidingWindow: true, experts: false },
+  MixtralForCausalLM: { family: 'mixtral', modelType: 'mixtral', ropeTheta: 1e6, rmsEps: 1e-5, slidingWindow: true, experts: true },
+} as const satisfies Record<string, ArchitectureEntry>;
 type Architecture = keyof typeof ARCHITECTURES;
 export const SUPPORTED_ARCHITECTURES: readonly string[] = Object.keys(ARCHITECTURES);
 
@@ -81,7 +96,7 @@ export function parseModelConfig(
   const cfg = config as Record<string, unknown>;
   const f = new Fields(cfg, source);
   const architecture = readArchitecture(cfg, source);
-  const arch = ARCHITECTURES[architecture];
+  const arch: ArchitectureEntry = ARCHITECTURES[architecture];
   refuseUnsupportedFeatures(f, architecture);
 
   const hidden = f.int('hidden_size');
@@ -113,9 +128,8 @@ export function parseModelConfig(
     }
   }
 
-  const isMoe = arch.family === 'mixtral';
-  const nExperts = isMoe ? f.int('num_local_experts') : 0;
-  const nExpertsPerToken = isMoe ? f.int('num_experts_per_tok') : 0;
+  const nExperts = arch.experts ? f.int('num_local_experts') : 0;
+  const nExpertsPerToken = arch.experts ? f.int('num_experts_per_tok') : 0;
   if (nExpertsPerToken > nExperts) {
     throw new WeftError('WEFT_BAD_MODEL', `${source}: num_experts_per_tok ${nExpertsPerToken} exceeds num_local_experts ${nExperts}`);
   }

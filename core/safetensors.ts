@@ -8,7 +8,7 @@ import { closeSync, openSync, readFileSync, readSync } from 'node:fs';
 import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { WeftError } from './errors.ts';
-import type { WeightDType } from './model-spec.ts';
+import type { WeightDType } from './weight-format.ts';
 
 /** Bits per element of every dtype the format defines; only F32, F16 and BF16 can be loaded. */
 const DTYPE_BITS: Readonly<Record<string, number>> = {
@@ -16,7 +16,6 @@ const DTYPE_BITS: Readonly<Record<string, number>> = {
   I32: 32, U32: 32, F32: 32, F64: 64, I64: 64, U64: 64, C64: 64, F4: 4, F6_E2M3: 6, F6_E3M2: 6,
 };
 const WEFT_DTYPES: Readonly<Record<string, WeightDType>> = { F32: 'f32', F16: 'f16', BF16: 'bf16' };
-const DTYPE_BYTES: Readonly<Record<WeightDType, number>> = { f32: 4, f16: 2, bf16: 2 };
 
 /** The reference implementation's bound on the JSON header (safetensors MAX_HEADER_SIZE). */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -43,10 +42,6 @@ export interface SafetensorsHeader {
   readonly dataStart: number; // 8 + header length
   readonly tensors: ReadonlyMap<string, TensorEntry>;
   readonly metadata: Readonly<Record<string, string>>;
-}
-
-export function dtypeBytes(dtype: WeightDType): number {
-  return DTYPE_BYTES[dtype];
 }
 
 /** The tensor's dtype as weft names it; other stored dtypes (I64, F8_E4M3, ...) are refused here, at use. */

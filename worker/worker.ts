@@ -10,7 +10,7 @@ import { CpuCollectives } from './collectives/cpu.ts';
 import { NcclCollectives } from './collectives/nccl.ts';
 import { loadShard } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
-import { GRAPH_BUCKETS, StepRunner } from './runner.ts';
+import { StepRunner } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout } from '../core/kv-block-table.ts';
 
@@ -38,7 +38,7 @@ export class WorkerState {
     // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
     const kv = kvCacheLayout(command);
     const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
-    if (this.comm instanceof NcclCollectives) this.comm.prepare([...GRAPH_BUCKETS]);
+    this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model, kv);
     return { bytesLoaded };
   }
@@ -59,7 +59,7 @@ export class WorkerState {
 
   /** An asynchronous collective failure (NCCL reports a dead peer or a network error here), polled by the heartbeat. */
   collectiveError(): string | null {
-    return this.comm instanceof NcclCollectives ? this.comm.asyncError() : null;
+    return this.comm?.asyncError() ?? null;
   }
 
   close(): void {

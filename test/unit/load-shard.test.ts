@@ -4,9 +4,12 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, describe, it } from 'node:test';
-import { type ModelSpec, readModelSpec } from '../../core/model-spec.ts';
+import { type ModelSpec, readModelSpec, SUPPORTED_ARCHITECTURES } from '../../core/model-spec.ts';
 import { planShards, type RankShard } from '../../core/shard-plan.ts';
 import { type HostTensor, loadShard, shardBytes, shardLayout } from '../../worker/weights/load-shard.ts';
+import { buildRankModel, FAMILIES, familyOf, hostWeights } from '../../worker/models/registry.ts';
+import type { Ops } from '../../worker/models/ops.ts';
+import { createEngine } from '../../worker/native.ts';
 import { weftError, readTensors, writeTensors, type RawTensor } from '../helpers/safetensors-files.ts';
 
 const FIXTURES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../fixtures/hf-tiny');
@@ -41,7 +44,7 @@ const hconcat = (parts: Buffer[], rows: number): Buffer =>
 
 function assertTensor(got: HostTensor | undefined, dtype: string, shape: number[], bytes: Buffer, what: string): void {
   assert.ok(got, `${what} is missing`);
-  assert.equal(got.dtype, dtype, `${what} dtype`);
+  assert.deepEqual(got.format, { kind: 'dense', dtype }, `${what} format`);
   assert.deepEqual(got.shape, shape, `${what} shape`);
   assert.ok(Buffer.from(got.data.buffer, got.data.byteOffset, got.data.length).equals(bytes), `${what} bytes`);
 }
@@ -232,5 +235,59 @@ describe('loadShard refusals, before any tensor data is read', () => {
     const dir = modelDir('llama-tiny', null);
     copyFileSync(path.join(fixture('llama-tiny'), 'model.safetensors'), path.join(dir, 'model.safetensors'));
     await refuses(dir, 'WEFT_BAD_SHARD', /rank 2 is not in the shard plan \(tp=2: ranks 0\.\.1\)/, 2, 2);
+  });
+});
+
+describe('model families as tables', () => {
+  it('every architecture config.json parsing accepts has exactly one family module, and only those', () => {
+    const served = FAMILIES.flatMap((f) => f.architectures);
+    assert.deepEqual([...served].sort(), [...SUPPORTED_ARCHITECTURES].sort());
+    assert.equal(new Set(served).size, served.length, 'no architecture served twice');
+    for (const model of MODELS) {
+      const spec = readModelSpec(fixture(model));
+      assert.equal(familyOf(spec).name, spec.family, `${model}: the module is the family the spec names`);
+    }
+  });
+
+  it('an unknown architecture is the named WEFT_UNSUPPORTED_MODEL error', () => {
+    assert.throws(() => familyOf({ architecture: 'GPT2LMHeadModel' }), weftError('WEFT_UNSUPPORTED_MODEL', /architecture GPT2LMHeadModel is not supported; weft runs LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM/));
+  });
+
+  it('each tensor of the layout carries its format: the checkpoint dtype today', () => {
+    const spec = readModelSpec(fixture('llama-tiny-bf16'));
+    const layout = shardLayout(spec, planShards(spec, 2), 1);
+    assert.ok(layout.length > 0);
+    for (const t of layout) assert.deepEqual(t.format, { kind: 'dense', dtype: 'bf16' }, t.name);
+  });
+
+  it('a loaded tensor is checked against the layout before the native upload, naming it, expected and actual', async () => {
+    const dir = fixture('llama-tiny');
+    const spec = readModelSpec(dir);
+    const plan = planShards(spec, 2);
+    const noUpload = { upload: () => assert.fail('uploaded a tensor that does not match the layout') } as unknown as Ops;
+    const build = (weights: Map<string, HostTensor>) => buildRankModel(noUpload, spec, plan, 1, hostWeights(noUpload, 1, weights), { kvBlocks: 1, kvBlockSize: 8 });
+    const wrongFormat = await loadShard(dir, spec, plan, 1);
+    wrongFormat.set('embed', { ...wrongFormat.get('embed')!, format: { kind: 'dense', dtype: 'f16' } });
+    assert.throws(() => build(wrongFormat), weftError('WEFT_BAD_WEIGHTS', /^rank 1: tensor embed is f16 \[256, 64\], the layout expects f32 \[256, 64\]$/));
+    const wrongShape = await loadShard(dir, spec, plan, 1);
+    wrongShape.set('embed', { ...wrongShape.get('embed')!, shape: [64, 128] });
+    assert.throws(() => build(wrongShape), weftError('WEFT_BAD_WEIGHTS', /^rank 1: tensor embed is f32 \[64, 128\], the layout expects f32 \[256, 64\]$/));
+    const quantized = await loadShard(dir, spec, plan, 1);
+    quantized.set('embed', { ...quantized.get('embed')!, format: { kind: 'int4', groupSize: 32, scales: 'f16' } });
+    assert.throws(() => build(quantized), weftError('WEFT_BAD_WEIGHTS', /tensor embed is int4 \(groups of 32, f16 scales\) \[256, 64\], the layout expects f32/));
+  });
+
+  it('the KV cache is kvBlocks blocks of kvBlockSize positions per layer', async () => {
+    const dir = fixture('llama3-tiny');
+    const spec = readModelSpec(dir);
+    const plan = planShards(spec, 2);
+    const engine = createEngine({ backend: 'cpu', threads: 1 });
+    const built = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: 3, kvBlockSize: 40 });
+    assert.equal(built.model.kvCache.length, spec.nLayers);
+    for (const { k, v } of built.model.kvCache) {
+      assert.deepEqual(k.shape, [3, plan.nKvHeadsPerRank, 40, spec.headDim]);
+      assert.deepEqual(v.shape, [3, plan.nKvHeadsPerRank, 40, spec.headDim]);
+    }
+    assert.deepEqual(built.collectivePlan.gatherWidths, plan.ranks.map((r) => r.vocab.end - r.vocab.start));
   });
 });

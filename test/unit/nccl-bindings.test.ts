@@ -42,6 +42,13 @@ test('NCCL bindings pass ids, handles, pointers and the stream intact', async ()
   assert.equal(nccl.allGather(recv, send, 10, comm, stream), 0);
   lastCall(args);
   assert.deepEqual(Array.from(args.slice(0, 3)), [recv, send, 10n]);
+  assert.equal(nccl.broadcast(send, recv, 12, 2, comm, stream), 5, 'a broadcast outside a group is refused (the fake checks grouping)');
+  assert.equal(nccl.groupStart(), 0);
+  assert.equal(nccl.broadcast(send, recv, 12, 2, comm, stream), 0);
+  assert.equal(nccl.groupEnd(), 0);
+  lastCall(args);
+  assert.deepEqual(Array.from(args.slice(0, 6)), [send, recv, 12n, 7n, 2n, stream], 'pointers, count, float32, root, stream');
+  assert.equal(nccl.groupEnd(), 5, 'group calls pair up');
   assert.equal(nccl.asyncError(comm), 0);
   assert.match(nccl.errorString(4), /invalid argument/);
   await assert.rejects(nccl.initRank(2, id, 5), /ncclCommInitRank \(rank 5 of 2\).*invalid argument/);

@@ -1,12 +1,13 @@
 /**
  * NCCL collectives through koffi, enqueued on the engine's CUDA stream so that they are captured into CUDA
  * graphs together with the kernels. Device addresses and the stream cross into NCCL here and nowhere else.
- * Errors carry ncclGetErrorString, the rank and the operation.
+ * Errors carry ncclGetErrorString, the rank and the operation. NVLink multicast (NVLS) must be off in the
+ * worker's environment (NCCL_NVLS_ENABLE=0, set by the process that spawns it: NCCL reads it at init).
  */
 import koffi from 'koffi';
 import { promisify } from 'node:util';
 import type { Engine, Tensor } from '../native.ts';
-import type { Collectives } from './collectives.ts';
+import { preparedWidths, type CollectivePlan, type Collectives } from './collectives.ts';
 import { WeftError } from '../../core/errors.ts';
 
 const NCCL_UNIQUE_ID_BYTES = 128;
@@ -18,46 +19,60 @@ interface NcclLibrary {
   initRank(nRanks: number, id: Uint8Array, rank: number): Promise<unknown>;
   allReduce(send: bigint, recv: bigint, count: number, comm: unknown, stream: bigint): number;
   allGather(send: bigint, recv: bigint, count: number, comm: unknown, stream: bigint): number;
+  broadcast(send: bigint, recv: bigint, count: number, root: number, comm: unknown, stream: bigint): number;
+  groupStart(): number;
+  groupEnd(): number;
   asyncError(comm: unknown): number;
   abort(comm: unknown): number;
   errorString(code: number): string;
   version(): number;
 }
 
-let library: NcclLibrary | null = null;
+export const DEFAULT_NCCL_LIBRARY = 'libnccl.so.2';
 
-/** Load libnccl.so.2 once; a clear error when it is missing. */
-export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2'): NcclLibrary {
-  if (library) return library;
-  // NVLink multicast (NVLS) stays off in every weft process, this one included (it reads the variable at init).
-  process.env.NCCL_NVLS_ENABLE = '0';
+const libraries = new Map<string, NcclLibrary>();
+let typesDeclared = false;
+
+/** koffi's configuration and the NCCL types, once per process (koffi refuses a type name declared twice). */
+function declareTypes(): void {
+  if (typesDeclared) return;
+  typesDeclared = true;
   // NCCL's init runs deep (CUDA driver init, its own threads) on koffi's call stacks, which default to
   // 128 KiB for async calls and 2 MiB for sync ones: too small, and an overflow is a segmentation fault.
   koffi.config({ ...koffi.config(), sync_stack_size: 16 << 20, async_stack_size: 16 << 20, resident_async_pools: 2 });
+  // A char array would be decoded as a string and cut at the first zero byte: the id is 128 raw bytes.
+  koffi.struct('weft_ncclUniqueId', { internal: koffi.array('uint8_t', NCCL_UNIQUE_ID_BYTES, 'Typed') });
+  // ncclComm_t is itself a pointer (to an opaque struct): by value in collectives, `_Out_ ncclComm_t *` in init.
+  koffi.pointer('weft_ncclComm', koffi.opaque());
+}
+
+/** Load the NCCL library at `path` once (the configuration supplies it); a clear error when it is missing. */
+export function loadNccl(path = DEFAULT_NCCL_LIBRARY): NcclLibrary {
+  const loaded = libraries.get(path);
+  if (loaded) return loaded;
+  declareTypes();
   let lib: ReturnType<typeof koffi.load>;
   try {
     lib = koffi.load(path);
   } catch (err) {
     throw new WeftError('WEFT_NATIVE', `cannot load ${path} (install NCCL or add its directory to LD_LIBRARY_PATH): ${(err as Error).message}`);
   }
-  // A char array would be decoded as a string and cut at the first zero byte: the id is 128 raw bytes.
-  koffi.struct('weft_ncclUniqueId', { internal: koffi.array('uint8_t', NCCL_UNIQUE_ID_BYTES, 'Typed') });
-  // ncclComm_t is itself a pointer (to an opaque struct): by value in collectives, `_Out_ ncclComm_t *` in init.
-  const Comm = koffi.pointer('weft_ncclComm', koffi.opaque());
   const getUniqueId = lib.func('int ncclGetUniqueId(_Out_ weft_ncclUniqueId *id)');
   const commInitRank = lib.func('int ncclCommInitRank(_Out_ weft_ncclComm *comm, int nranks, weft_ncclUniqueId id, int rank)');
   const allReduce = lib.func('int ncclAllReduce(uintptr_t sendbuff, uintptr_t recvbuff, size_t count, int datatype, int op, weft_ncclComm comm, uintptr_t stream)');
   const allGather = lib.func('int ncclAllGather(uintptr_t sendbuff, uintptr_t recvbuff, size_t sendcount, int datatype, weft_ncclComm comm, uintptr_t stream)');
+  const broadcast = lib.func('int ncclBroadcast(uintptr_t sendbuff, uintptr_t recvbuff, size_t count, int datatype, int root, weft_ncclComm comm, uintptr_t stream)');
+  const groupStart = lib.func('int ncclGroupStart()');
+  const groupEnd = lib.func('int ncclGroupEnd()');
   const getAsyncError = lib.func('int ncclCommGetAsyncError(weft_ncclComm comm, _Out_ int *asyncError)');
   const commAbort = lib.func('int ncclCommAbort(weft_ncclComm comm)');
   const getErrorString = lib.func('const char *ncclGetErrorString(int result)');
   const getVersion = lib.func('int ncclGetVersion(_Out_ int *version)');
-  void Comm; // both types are used by name in the declarations below
 
   const check = (code: number, what: string): void => {
     if (code !== 0) throw new WeftError('WEFT_NATIVE', `${what}: NCCL error ${code}: ${getErrorString(code) as string}`);
   };
-  library = {
+  const library: NcclLibrary = {
     getUniqueId() {
       const id = { internal: new Uint8Array(NCCL_UNIQUE_ID_BYTES) };
       check(getUniqueId(id) as number, 'ncclGetUniqueId');
@@ -73,6 +88,9 @@ export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2')
     },
     allReduce: (send, recv, count, comm, stream) => allReduce(send, recv, count, ncclFloat32, ncclSum, comm, stream) as number,
     allGather: (send, recv, count, comm, stream) => allGather(send, recv, count, ncclFloat32, comm, stream) as number,
+    broadcast: (send, recv, count, root, comm, stream) => broadcast(send, recv, count, ncclFloat32, root, comm, stream) as number,
+    groupStart: () => groupStart() as number,
+    groupEnd: () => groupEnd() as number,
     asyncError(comm) {
       const out = [0];
       getAsyncError(comm, out);
@@ -86,13 +104,18 @@ export function loadNccl(path = process.env.WEFT_NCCL_LIBRARY ?? 'libnccl.so.2')
       return out[0]!;
     },
   };
+  libraries.set(path, library);
   return library;
+}
+
+export interface NcclOptions {
+  /** the NCCL shared library to load; defaults to libnccl.so.2 (found through LD_LIBRARY_PATH) */
+  readonly library?: string;
 }
 
 export class NcclCollectives implements Collectives {
   private aborted = false;
-  /** per row count T: the rows of each rank in the gathered [rank, T, widest] buffer; made outside any step */
-  private readonly rankRowIndex = new Map<number, Tensor[]>();
+  private plan: CollectivePlan | null = null;
 
   private constructor(
     private readonly engine: Engine,
@@ -103,14 +126,19 @@ export class NcclCollectives implements Collectives {
   ) {}
 
   /** Join the communicator named by `uniqueId` (made by the coordinator with `loadNccl().getUniqueId()`). */
-  static async create(engine: Engine, rank: number, world: number, uniqueId: Uint8Array): Promise<NcclCollectives> {
-    const nccl = loadNccl();
+  static async create(engine: Engine, rank: number, world: number, uniqueId: Uint8Array, options: NcclOptions = {}): Promise<NcclCollectives> {
+    const nccl = loadNccl(options.library);
     const comm = await nccl.initRank(world, uniqueId, rank);
     return new NcclCollectives(engine, nccl, comm, rank, world);
   }
 
   private check(code: number, what: string, x: Tensor): void {
     if (code !== 0) throw new WeftError('WEFT_NATIVE', `rank ${this.rank}: ${what} of [${x.shape.join(', ')}] failed: NCCL error ${code}: ${this.nccl.errorString(code)}`);
+  }
+
+  /** Nothing to allocate: every gather sizes its buffers from the widths, for any row count. */
+  prepare(plan: CollectivePlan): void {
+    this.plan = plan;
   }
 
   // No shortcut for a group of one: TP=1 uses soloCollectives, and a one-rank communicator is how the
@@ -122,49 +150,48 @@ export class NcclCollectives implements Collectives {
     return x;
   }
 
-  /** NCCL gathers equal counts rank-major; pad each piece to the widest, gather, then reorder to [T, ΣNr]. */
-  async allGatherCols(x: Tensor, widths?: readonly number[]): Promise<Tensor> {
+  /**
+   * One row of equal widths (a decode step of one sequence): NCCL's rank-major all-gather is already
+   * [1, ΣNr]. Otherwise each rank's [T, Nr] is broadcast from its rank into a tensor of that shape on every
+   * rank, the broadcasts grouped so that NCCL runs them together, and the pieces are set side by side: any T,
+   * any widths, no index tensors (so nothing to upload, and the whole of it can be captured in a graph).
+   */
+  async allGatherCols(x: Tensor): Promise<Tensor> {
     const [rows = 1, width = 0] = x.shape;
-    const rankWidths = widths ?? Array.from({ length: this.world }, () => width);
-    const widest = Math.max(...rankWidths);
-    const padded = width === widest ? x : this.engine.concatCols([x, this.engine.zeros('f32', [rows, widest - width])]);
-    const gathered = this.engine.zeros('f32', [this.world * rows, widest]); // [rank, T, widest]
-    this.check(
-      this.nccl.allGather(this.engine.devicePointer(padded), this.engine.devicePointer(gathered), rows * widest, this.comm, this.engine.streamHandle()),
-      'ncclAllGather',
-      x,
-    );
-    const rowIndex = this.rankRowIndex.get(rows);
-    if (!rowIndex) throw new WeftError('WEFT_NATIVE', `rank ${this.rank}: allGatherCols of ${rows} rows was not prepared (call prepare() outside a step)`);
-    const pieces = rankWidths.map((w, r) => {
-      const rowsOfRank = this.engine.gatherRows(gathered, rowIndex[r]!);
-      return w === widest ? rowsOfRank : this.engine.sliceCols(rowsOfRank, 0, w);
-    });
+    const widths = preparedWidths(this.plan, this.rank, this.world, x) ?? this.unpreparedWidths(x);
+    const stream = this.engine.streamHandle();
+    if (rows === 1 && widths.every((w) => w === width)) {
+      const gathered = this.engine.zeros('f32', [1, width * this.world]);
+      this.check(this.nccl.allGather(this.engine.devicePointer(x), this.engine.devicePointer(gathered), width, this.comm, stream), 'ncclAllGather', x);
+      return gathered;
+    }
+    const pieces = widths.map((w, root) => (root === this.rank ? x : this.engine.zeros('f32', [rows, w])));
+    this.check(this.nccl.groupStart(), 'ncclGroupStart', x);
+    let code = 0;
+    try {
+      for (let root = 0; root < this.world && code === 0; root++) {
+        const pointer = this.engine.devicePointer(pieces[root]!);
+        code = this.nccl.broadcast(pointer, pointer, rows * widths[root]!, root, this.comm, stream);
+      }
+    } finally {
+      const end = this.nccl.groupEnd(); // always closes the group, even after a failed enqueue
+      code ||= end;
+    }
+    this.check(code, 'ncclBroadcast (all-gather)', x);
     return this.engine.concatCols(pieces);
   }
 
-  /**
-   * Make the index tensors allGatherCols needs for these row counts. Call it outside any step: uploads are
-   * not allowed while a CUDA graph is being captured.
-   */
-  prepare(rowCounts: readonly number[]): void {
-    for (const rows of rowCounts) {
-      if (this.rankRowIndex.has(rows)) continue;
-      this.rankRowIndex.set(
-        rows,
-        Array.from({ length: this.world }, (_, r) => {
-          const index = Int32Array.from({ length: rows }, (_, t) => r * rows + t);
-          return this.engine.upload(new Uint8Array(index.buffer), 'i32', [rows]);
-        }),
-      );
-    }
+  /** Without prepare() only a group of one knows every width. */
+  private unpreparedWidths(x: Tensor): readonly number[] {
+    if (this.world === 1) return [x.shape[1] ?? 0];
+    throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: allGatherCols over ${this.world} ranks needs prepare() first (the columns of every rank)`);
   }
 
   /** Poll from the heartbeat: a peer failure shows here as an asynchronous NCCL error. */
   asyncError(): string | null {
     if (this.aborted) return null; // the communicator is gone
     const code = this.nccl.asyncError(this.comm);
-    return code === 0 ? null : this.nccl.errorString(code);
+    return code === 0 ? null : `rank ${this.rank}: ${this.nccl.errorString(code)}`;
   }
 
   close(): void {

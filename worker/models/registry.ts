@@ -1,93 +1,122 @@
 /**
- * Model family → the rank-local model built from loaded slices. Weights go to the engine in their stored
- * dtype; norms are kept as stored too (the engine reads any float dtype). The KV cache is allocated here,
- * once: `kvBlocks` blocks of `kvBlockSize` positions (core/kv-block-table.ts).
+ * The model families weft runs, and the rank-local model built from one: lookup by Hugging Face architecture,
+ * then the family's layout table walked once to take every weight (each checked against the layout's shape
+ * and format before it reaches the engine). Norms are kept as stored (the engine reads any float dtype). The
+ * KV cache is allocated here, once: `kvBlocks` blocks of `kvBlockSize` positions (core/kv-block-table.ts).
  */
 import type { ModelSpec } from '../../core/model-spec.ts';
 import { ropeInvFreq } from '../../core/model-spec.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
-import { shardLayout, type HostTensor } from '../weights/load-shard.ts';
+import { dense, denseDType, formatBytes, formatName, sameFormat } from '../../core/weight-format.ts';
 import { WeftError } from '../../core/errors.ts';
-import { denseFeedForward, type AttentionWeights, type DenseFeedForward, type FeedForward, type LlamaModel } from './llama.ts';
-import { moeFeedForward, type MixtralLayer } from './mixtral.ts';
+import type { CollectivePlan } from '../collectives/collectives.ts';
+import type { HostTensor, ShardTensor } from '../weights/layout.ts';
+import type { LayoutContext, ModelFamily } from './family.ts';
+import type { AttentionWeights, FeedForward, LlamaModel } from './llama.ts';
+import { llamaFamily } from './llama-family.ts';
+import { mixtralFamily } from './mixtral-family.ts';
 import { float32Tensor, type Ops, type Tensor } from './ops.ts';
+
+/** Every family weft runs; a new one is a module and a line here. */
+export const FAMILIES: readonly ModelFamily[] = [llamaFamily, mixtralFamily];
 
 export interface RankModel {
   readonly model: LlamaModel<AttentionWeights>;
   readonly feedForward: FeedForward<AttentionWeights>;
+  /** What the forward's collectives carry, for `Collectives.prepare`: the logits gather's vocab columns per rank. */
+  readonly collectivePlan: CollectivePlan;
 }
 
 export interface BuildOptions {
+  /** KV blocks per layer (core/kv-block-table.ts: today one per sequence, plus a padding block on CUDA) */
   readonly kvBlocks: number;
+  /** positions one block holds */
   readonly kvBlockSize: number;
 }
 
-/** Gives the engine tensor for one weft-named weight of this rank. */
-export type WeightSource = (name: string) => Tensor;
+/** Gives the engine tensor for one tensor of the rank's layout (its name, shape and expected format). */
+export type WeightSource = (expected: ShardTensor) => Tensor;
+
+/** The family module serving `spec.architecture`; WEFT_UNSUPPORTED_MODEL naming the architectures weft runs otherwise. */
+export function familyOf(spec: Pick<ModelSpec, 'architecture'>): ModelFamily {
+  const family = FAMILIES.find((f) => f.architectures.includes(spec.architecture));
+  if (!family) {
+    const supported = FAMILIES.flatMap((f) => f.architectures).join(', ');
+    throw new WeftError('WEFT_UNSUPPORTED_MODEL', `architecture ${spec.architecture} is not supported; weft runs ${supported}`);
+  }
+  return family;
+}
+
+/** Rank `rank`'s slices and the formats its tensors take (today every tensor in the checkpoint's dtype). */
+export function layoutContext(spec: ModelSpec, plan: ShardPlan, rank: number): LayoutContext {
+  const shard = plan.ranks[rank];
+  if (!Number.isInteger(rank) || shard === undefined || shard.rank !== rank) {
+    throw new WeftError('WEFT_BAD_SHARD', `rank ${rank} is not in the shard plan (tp=${plan.tp}: ranks 0..${plan.tp - 1})`);
+  }
+  return { spec, shard, matrixFormat: dense(spec.dtype), denseFormat: dense(spec.dtype) };
+}
 
 /** Weights read from the checkpoint (loadShard), uploaded one by one; each host copy is dropped once uploaded. */
 export function hostWeights(ops: Ops, rank: number, weights: Map<string, HostTensor>): WeightSource {
-  return (name) => {
-    const host = weights.get(name);
-    if (!host) throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${name} was not loaded`);
-    weights.delete(name);
-    return ops.upload(host.data, host.dtype, [...host.shape]);
+  return (expected) => {
+    const host = weights.get(expected.name);
+    if (!host) throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} was not loaded`);
+    checkHostTensor(rank, expected, host);
+    weights.delete(expected.name);
+    return ops.upload(host.data, denseDType(host.format, expected.name), [...host.shape]);
   };
 }
 
-/** Random weights of the real shapes, made on the device (benchmarks need no checkpoint). */
-export function randomWeights(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: number, seed: number): WeightSource {
-  const shapes = new Map(shardLayout(spec, plan, rank).map((t) => [t.name, t.shape]));
+/** The one check before the native upload: shape, format and byte count against what the layout expects. */
+function checkHostTensor(rank: number, expected: ShardTensor, host: HostTensor): void {
+  const sameShape = host.shape.length === expected.shape.length && host.shape.every((d, i) => d === expected.shape[i]);
+  if (!sameShape || !sameFormat(host.format, expected.format)) {
+    throw new WeftError(
+      'WEFT_BAD_WEIGHTS',
+      `rank ${rank}: tensor ${expected.name} is ${formatName(host.format)} [${host.shape.join(', ')}], the layout expects ${formatName(expected.format)} [${expected.shape.join(', ')}]`,
+    );
+  }
+  const bytes = formatBytes(expected.format, expected.shape, expected.name);
+  if (host.data.byteLength !== bytes) {
+    throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} holds ${host.data.byteLength} bytes, its ${formatName(expected.format)} [${expected.shape.join(', ')}] takes ${bytes}`);
+  }
+}
+
+/** Random weights of the real shapes and formats, made on the device (benchmarks need no checkpoint). */
+export function randomWeights(ops: Ops, seed: number): WeightSource {
   let counter = 0;
-  return (name) => {
-    const shape = shapes.get(name);
-    if (!shape) throw new WeftError('WEFT_BAD_WEIGHTS', `no tensor ${name} in the layout of ${spec.architecture}`);
+  return ({ name, shape, format }) => {
     const isNorm = shape.length === 1;
     // Norm weights near 1 and matrices with unit-scale rows keep activations finite over many layers.
-    const tensor = ops.randomUniform(spec.dtype, [...shape], seed + counter++, isNorm ? 1 : 1 / Math.sqrt(shape.at(-1) ?? 1));
-    return tensor;
+    return ops.randomUniform(denseDType(format, name), [...shape], seed + counter++, isNorm ? 1 : 1 / Math.sqrt(shape.at(-1) ?? 1));
   };
 }
 
 export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: number, take: WeightSource, options: BuildOptions): RankModel {
-  const dense = (prefix: string): DenseFeedForward => ({ w13: take(`${prefix}.w13`), w2: take(`${prefix}.w2`) });
-  const shard = plan.ranks[rank];
-  if (!shard) throw new WeftError('WEFT_BAD_SHARD', `rank ${rank} is outside the plan's ${plan.tp} ranks`);
-
-  const layers = Array.from({ length: spec.nLayers }, (_, i) => {
-    const attention: AttentionWeights = {
-      attnNorm: take(`layers.${i}.attnNorm`),
-      wqkv: take(`layers.${i}.wqkv`),
-      wo: take(`layers.${i}.wo`),
-      ffnNorm: take(`layers.${i}.ffnNorm`),
-    };
-    if (spec.family === 'mixtral') {
-      const layer: MixtralLayer = {
-        ...attention,
-        router: take(`layers.${i}.router`),
-        experts: { w13: take(`layers.${i}.experts.w13`), w2: take(`layers.${i}.experts.w2`), first: shard.experts.start },
-        nExpertsPerToken: spec.nExpertsPerToken,
-      };
-      return layer;
-    }
-    return { ...attention, ...dense(`layers.${i}`) };
-  });
-
-  const embed = take('embed');
+  const family = familyOf(spec);
+  const ctx = layoutContext(spec, plan, rank);
+  const tensors = new Map<string, Tensor>();
+  for (const t of family.layout(ctx)) tensors.set(t.name, t.aliasOf === null ? take(t) : tensors.get(t.aliasOf)!);
+  const weight = (name: string): Tensor => {
+    const t = tensors.get(name);
+    if (!t) throw new WeftError('WEFT_BAD_WEIGHTS', `the ${family.name} layout has no tensor ${name}`);
+    return t;
+  };
+  const layers = Array.from({ length: spec.nLayers }, (_, i) => family.layer(weight, ctx, i));
   const cacheShape = [options.kvBlocks, plan.nKvHeadsPerRank, options.kvBlockSize, spec.headDim];
   const model: LlamaModel<AttentionWeights> = {
     spec,
     plan,
-    shard,
-    embed,
+    shard: ctx.shard,
+    embed: weight('embed'),
     layers,
-    norm: take('norm'),
-    lmHead: spec.tieWordEmbeddings ? embed : take('lmHead'),
+    norm: weight('norm'),
+    lmHead: weight('lmHead'),
     invFreq: float32Tensor(ops, ropeInvFreq(spec)),
     kvCache: layers.map(() => ({ k: ops.zeros('f32', cacheShape), v: ops.zeros('f32', cacheShape) })),
   };
-  const feedForward = (spec.family === 'mixtral' ? moeFeedForward : denseFeedForward) as FeedForward<AttentionWeights>;
-  return { model, feedForward };
+  const collectivePlan = { gatherWidths: plan.ranks.map((r) => r.vocab.end - r.vocab.start) };
+  return { model, feedForward: family.feedForward, collectivePlan };
 }
 
 /** Free every tensor the model holds now (device memory is not something the garbage collector sees). */
