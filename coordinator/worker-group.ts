@@ -49,7 +49,7 @@ const weftBin = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
 /** The env var spawned workers read their secret from (never on the command line, where `ps` shows it). */
 export const WORKER_SECRET_ENV = 'WEFT_WORKER_SECRET';
 
-/** Everything this module reads from the environment, in one place. */
+/** Everything this module reads from the environment, in one place, so that the configuration module can supply it instead. */
 function environment(): { readonly inherited: NodeJS.ProcessEnv; readonly echoWorkerStderr: boolean } {
   return { inherited: process.env, echoWorkerStderr: process.env.WEFT_WORKER_STDERR === 'inherit' };
 }
