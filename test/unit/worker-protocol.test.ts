@@ -81,7 +81,7 @@ test('malformed messages are refused with a WEFT_PROTOCOL error saying where', (
   refused(parseWorkerMessage, { v, type: 'hello', rank: -1, world: 2, pid: 1, collectiveEndpoint: null }, /at rank/);
   refused(parseCoordinatorMessage, { v, type: 'step', id: 3, batch: { ...batch, slots: [0] } }, /equal lengths/);
   refused(parseCoordinatorMessage, { v, type: 'init', id: 1, ...settings, collectiveRoot: '', spec: [] }, /at spec: expected an object/);
-  refused(parseCoordinatorMessage, { v, type: 'ncclId', id: 5, rank: 0 }, /ncclId|rank/);
+  refused(parseCoordinatorMessage, { v, type: 'ncclId', id: 5, rank: 0 }, /Unrecognized key: "rank"/);
   refused(parseCoordinatorMessage, { v, type: 'eval', id: 5 }, /at type/);
 });
 
