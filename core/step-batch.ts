@@ -60,9 +60,15 @@ export function checkKvPositions(batch: Pick<StepBatch, 'positions' | 'tokenSeq'
   });
 }
 
-export interface StepResult {
-  tokens?: number[];
-  logprobs?: number[];
-  /** float32 [logitRows, vocab], little-endian */
-  fullLogprobs?: Uint8Array;
-}
+/** What a rank answers to a step: rank 0 fills what the batch asked for (per logit row), the other ranks answer `{}`. */
+export const stepResultSchema = z
+  .object({
+    /** [logitRows] sampled token ids */
+    tokens: z.array(nonNegInt).optional(),
+    /** [logitRows] log p(scoreIds[r]): any float, -Infinity and NaN included (a model output, not a control value) */
+    logprobs: z.array(z.custom<number>((value) => typeof value === 'number', 'expected a number')).optional(),
+    /** float32 [logitRows, vocab], little-endian */
+    fullLogprobs: z.custom<Uint8Array>((value) => value instanceof Uint8Array, 'expected bytes').optional(),
+  })
+  .strict();
+export type StepResult = z.infer<typeof stepResultSchema>;

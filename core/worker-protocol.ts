@@ -1,79 +1,76 @@
 /**
- * Coordinator ↔ worker control messages: a typed union with a validator per message. Every message carries
- * `v` (protocol version) and `type`; requests carry `id`, and the worker answers each with a `reply` holding
- * the same id. Plain data only: no classes, functions or method names travel.
+ * Coordinator ↔ worker control messages: one union per direction, each message type derived from its zod
+ * schema, every message validated on receipt on both sides. Every message carries `v` (protocol version) and
+ * `type`. The commands (`init`, `step`, `ncclId`) carry an `id`; the worker answers each with a `reply` holding
+ * the same id, the command's name and its typed result, or with an `error` holding the id. Plain data only: no
+ * classes, functions or method names travel.
  */
 import { z } from 'zod';
 import type { ModelSpec } from './model-spec.ts';
 import type { ShardPlan } from './shard-plan.ts';
 import { WeftError } from './errors.ts';
-import { stepBatchSchema, type StepBatch } from './step-batch.ts';
+import { stepBatchSchema, stepResultSchema } from './step-batch.ts';
 
 export type { StepBatch, StepResult } from './step-batch.ts';
 
 const int = z.number().int();
 const nonNegInt = int.nonnegative();
+/** The spec and plan are built and checked on the coordinator (readModelSpec, planShards); here only as objects. */
+const checkedObject = <T>() => z.custom<T>((value) => typeof value === 'object' && value !== null && !Array.isArray(value), 'expected an object');
+/** ncclUniqueId: 128 opaque bytes */
+const ncclIdSchema = z.custom<Uint8Array>((value) => value instanceof Uint8Array, 'expected bytes').refine((id) => id.byteLength === 128, 'an NCCL unique id is 128 bytes');
 
-export interface InitCommand {
-  v: number;
-  type: 'init';
-  id: number;
-  modelDir: string;
-  spec: ModelSpec;
-  plan: ShardPlan;
-  device: 'cpu' | 'cuda';
-  kvSlots: number;
-  maxContext: number;
-  threads: number;
-  /** where rank 0's collective hub listens (CPU collectives) */
-  collectiveRoot: string;
-  /** NCCL unique id (128 bytes) of the group's communicator (cuda groups of more than one rank) */
-  ncclId?: Uint8Array;
-  /** CUDA device ordinal this rank uses, among the devices its process sees. Defaults to 0. */
-  deviceIndex?: number;
-}
-
-const initSchema = z
+const initCommandSchema = z
   .object({
     v: int,
     type: z.literal('init'),
     id: nonNegInt,
     modelDir: z.string().min(1),
-    spec: z.record(z.string(), z.unknown()),
-    plan: z.record(z.string(), z.unknown()),
+    spec: checkedObject<ModelSpec>(),
+    plan: checkedObject<ShardPlan>(),
     device: z.enum(['cpu', 'cuda']),
     kvSlots: int.positive(),
     maxContext: int.positive(),
     threads: int.positive(),
+    /** where rank 0's collective hub listens (CPU collectives) */
     collectiveRoot: z.string(),
-    ncclId: z.instanceof(Uint8Array).optional(),
+    /** the group's NCCL communicator (cuda groups of more than one rank): made by rank 0 (`ncclId`), relayed to all */
+    ncclId: ncclIdSchema.optional(),
+    /** CUDA device ordinal this rank uses, among the devices its process sees. Defaults to 0. */
     deviceIndex: nonNegInt.optional(),
   })
   .strict();
+export type InitCommand = z.infer<typeof initCommandSchema>;
 
 const coordinatorMessageSchema = z.discriminatedUnion('type', [
-  initSchema,
+  initCommandSchema,
   z.object({ v: int, type: z.literal('step'), id: nonNegInt, batch: stepBatchSchema }).strict(),
+  /** asks rank 0 for a fresh NCCL unique id: NCCL's bootstrap root then lives in the rank that joins first */
+  z.object({ v: int, type: z.literal('ncclId'), id: nonNegInt }).strict(),
   /** `session` names the coordinator instance: a worker that sees it change knows its coordinator restarted */
   z.object({ v: int, type: z.literal('ping'), session: z.string().max(64).optional() }).strict(),
   z.object({ v: int, type: z.literal('shutdown') }).strict(),
 ]);
+export type CoordinatorMessage = z.infer<typeof coordinatorMessageSchema>;
 
-export type CoordinatorMessage =
-  | InitCommand
-  | { v: number; type: 'step'; id: number; batch: StepBatch }
-  | { v: number; type: 'ping'; session?: string }
-  | { v: number; type: 'shutdown' };
+/** What each command answers: the one table both the worker's replies and the coordinator's checks come from. */
+const resultSchemas = {
+  init: z.object({ bytesLoaded: nonNegInt }).strict(),
+  step: stepResultSchema,
+  ncclId: z.object({ ncclId: ncclIdSchema }).strict(),
+};
+export type Command = keyof typeof resultSchemas;
+export type CommandResult<C extends Command> = z.infer<(typeof resultSchemas)[C]>;
+/** Omit over each member of a union (Omit on the union itself keeps only the keys common to all). */
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+/** A command as the coordinator sends it, before `v` and `id` are added. */
+export type CommandBody<C extends Command = Command> = DistributiveOmit<Extract<CoordinatorMessage, { type: C }>, 'v' | 'id'>;
 
-export type WorkerMessage =
+const replySchema = <C extends Command>(command: C) =>
+  z.object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, command: z.literal(command), result: resultSchemas[command] }).strict();
+
+const workerMessageSchema = z.discriminatedUnion('type', [
   /** `secret`: the group's shared secret, when the coordinator has one; `hostname`: lets a coordinator on the same host watch the pid */
-  | { v: number; type: 'hello'; rank: number; world: number; pid: number; collectiveEndpoint: string | null; secret?: string; hostname?: string }
-  | { v: number; type: 'heartbeat'; rank: number }
-  | { v: number; type: 'progress'; rank: number; bytesRead: number; bytesTotal: number }
-  | { v: number; type: 'reply'; rank: number; id: number; ok: true; result: unknown }
-  | { v: number; type: 'reply'; rank: number; id: number; ok: false; error: { code: string; message: string } };
-
-const workerMessageSchema = z.union([
   z
     .object({
       v: int,
@@ -88,20 +85,22 @@ const workerMessageSchema = z.union([
     .strict(),
   z.object({ v: int, type: z.literal('heartbeat'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('progress'), rank: nonNegInt, bytesRead: nonNegInt, bytesTotal: nonNegInt }).strict(),
-  z.object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, ok: z.literal(true), result: z.unknown() }).strict(),
-  z
-    .object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, ok: z.literal(false), error: z.object({ code: z.string(), message: z.string() }) })
-    .strict(),
+  z.discriminatedUnion('command', [replySchema('init'), replySchema('step'), replySchema('ncclId')]),
+  z.object({ v: int, type: z.literal('error'), rank: nonNegInt, id: nonNegInt, error: z.object({ code: z.string(), message: z.string() }).strict() }).strict(),
 ]);
+export type WorkerMessage = z.infer<typeof workerMessageSchema>;
+export type WorkerReply = Extract<WorkerMessage, { type: 'reply' }>;
+/** A reply as the worker builds it, before `v`, `rank` and `id` are added. */
+export type ReplyBody = DistributiveOmit<WorkerReply, 'v' | 'type' | 'rank' | 'id'>;
 
-function validate<T>(schema: z.ZodType, value: unknown, who: string): T {
+function validate<T>(schema: z.ZodType<T>, value: unknown, who: string): T {
   const parsed = schema.safeParse(value);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
     const where = issue?.path.length ? ` at ${issue.path.join('.')}` : '';
     throw new WeftError('WEFT_PROTOCOL', `invalid ${who} message${where}: ${issue?.message ?? 'unknown problem'}`);
   }
-  return parsed.data as T;
+  return parsed.data;
 }
 
 export const parseCoordinatorMessage = (value: unknown): CoordinatorMessage => validate(coordinatorMessageSchema, value, 'coordinator');

@@ -7,8 +7,9 @@ import * as zmq from 'zeromq';
 import { hostname } from 'node:os';
 import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../core/wire.ts';
 import { isWeftError } from '../core/errors.ts';
-import { parseCoordinatorMessage, type InitCommand, type StepBatch, type WorkerMessage } from '../core/worker-protocol.ts';
+import { parseCoordinatorMessage, type ReplyBody, type WorkerMessage } from '../core/worker-protocol.ts';
 import { bindCollectiveHub } from './collectives/cpu.ts';
+import { loadNccl } from './collectives/nccl.ts';
 import { WorkerState } from './worker.ts';
 
 export interface WorkerOptions {
@@ -75,13 +76,13 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
 
   // Commands run strictly in order; pings are answered at once, even while a command is running.
   let commands: Promise<void> = Promise.resolve();
-  const reply = (id: number, run: () => Promise<unknown>): void => {
+  const serve = (id: number, run: () => Promise<ReplyBody>): void => {
     commands = commands.then(async () => {
       try {
-        post({ v: PROTOCOL_VERSION, type: 'reply', rank, id, ok: true, result: await run() });
+        post({ v: PROTOCOL_VERSION, type: 'reply', rank, id, ...(await run()) });
       } catch (err) {
         const code = isWeftError(err) ? err.code : 'WEFT_NATIVE';
-        post({ v: PROTOCOL_VERSION, type: 'reply', rank, id, ok: false, error: { code, message: (err as Error).message } });
+        post({ v: PROTOCOL_VERSION, type: 'error', rank, id, error: { code, message: (err as Error).message } });
       }
     });
   };
@@ -96,8 +97,10 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
         process.stderr.write(`weft worker rank ${rank}: dropped ${(err as Error).message}\n`);
         continue;
       }
-      if (message.type === 'init') reply(message.id, () => state.init(message as InitCommand));
-      else if (message.type === 'step') reply(message.id, () => state.step(message.batch as StepBatch));
+      if (message.type === 'init') serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
+      else if (message.type === 'step') serve(message.id, async () => ({ command: 'step', result: await state.step(message.batch) }));
+      // rank 0 makes its group's NCCL id: the coordinator never loads NCCL, and a missing library fails here, named
+      else if (message.type === 'ncclId') serve(message.id, async () => ({ command: 'ncclId', result: { ncclId: loadNccl().getUniqueId() } }));
       else if (message.type === 'shutdown') stop(0);
       else if (message.type === 'ping' && message.session !== undefined) {
         session ??= message.session;

@@ -1,6 +1,7 @@
 /**
  * Faults: a worker SIGKILLed in the middle of a generation fails the request within seconds with an error
- * naming the rank; a SIGKILLed coordinator leaves no workers behind.
+ * naming the rank (and, with `recover`, the group re-forms and serves again); a SIGKILLed coordinator leaves no
+ * workers behind.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -34,6 +35,27 @@ test('a worker killed during generation fails the request, naming the rank, with
     await cluster.close();
   }
   assert.deepEqual(processesMentioning(`--parent-pid\0${process.pid}\0`), [], 'no worker left behind');
+});
+
+test('with recover, a killed worker fails only its request: the group re-forms on new processes and serves again', async () => {
+  const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1, recover: true });
+  try {
+    const reference = readReference(model);
+    const events = cluster.generate({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
+    assert.equal((await events.next()).done, false);
+    const before = cluster.workerPids();
+    process.kill(before[1]!, 'SIGKILL');
+    await assert.rejects(drain(events), (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /rank 1/.test(err.message));
+    assert.ok(await waitFor(() => cluster.stats().reforms === 1 && cluster.state === 'ready', 30_000), `re-formed: ${cluster.stats().detail}`);
+    const after = cluster.workerPids();
+    assert.ok(after.every((pid) => !before.includes(pid)), `every rank runs in a new process (${before} → ${after})`);
+    let tokens: number[] = [];
+    for await (const e of cluster.generate({ promptIds: reference.prompts[1]!, sampling: { maxNewTokens: 24, ignoreEos: true } })) if (e.type === 'done') tokens = e.tokens;
+    assert.deepEqual(tokens, reference.greedy[1], 'the re-formed group gives the reference output');
+  } finally {
+    await cluster.close();
+  }
+  assert.ok(await waitFor(() => processesMentioning(`--parent-pid\0${process.pid}\0`).length === 0, 5000), 'no worker left behind');
 });
 
 test('a coordinator killed with SIGKILL leaves no worker behind', async () => {

@@ -1,0 +1,323 @@
+/**
+ * The coordinator's connection to the ranks of one worker group: the ROUTER socket they connect to, their hello
+ * (checked against the group's shared secret), heartbeats both ways, and commands sent to one rank with its typed
+ * reply awaited. It neither starts nor stops processes: coordinator/worker-group.ts does, through this.
+ *
+ * The first fault (a pid gone, a silent rank, a rank that restarted, an error reply, an invalid message from a
+ * rank that said hello) fails the client: every pending and later request rejects with an error naming the rank,
+ * until the group re-forms and calls `reset`.
+ *
+ * Workers authenticate with the group's shared secret in their hello (compared in constant time); until a rank
+ * has said a valid hello nothing else it sends is read. The secret travels only over the coordinator's own
+ * socket, which binds to loopback unless told otherwise.
+ */
+import { randomBytes, createHash, timingSafeEqual } from 'node:crypto';
+import { hostname } from 'node:os';
+import * as zmq from 'zeromq';
+import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../core/wire.ts';
+import { WeftError, type WeftErrorCode } from '../core/errors.ts';
+import { parseWorkerMessage, type Command, type CommandBody, type CommandResult, type CoordinatorMessage, type WorkerMessage } from '../core/worker-protocol.ts';
+
+export interface WorkerClientOptions {
+  readonly world: number;
+  /** host the ROUTER binds */
+  readonly bindHost: string;
+  /** port the ROUTER binds; 0 picks a free one */
+  readonly port: number;
+  /** a rank silent this long is declared dead */
+  readonly heartbeatTimeoutMs: number;
+  /** shared secret workers must present in hello; null: none */
+  readonly secret: string | null;
+  /** what errors call these processes ('worker', 'draft worker') */
+  readonly label: string;
+  /** pid of the child process this coordinator spawned for a rank, if it is running: its exit is watched there */
+  readonly childPid: (rank: number) => number | undefined;
+  readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
+  /** called once per fault, with the error that failed the client (not once closing) */
+  readonly onFailure?: (err: WeftError) => void;
+}
+
+export interface RankStatus {
+  readonly rank: number;
+  readonly pid: number | null;
+  readonly joined: boolean;
+  readonly bytesRead: number;
+  readonly bytesTotal: number;
+}
+
+interface RankConnection {
+  /** set by a valid hello: until then nothing else from this rank is read */
+  pid: number | null;
+  /** the worker runs on this host, so its pid can be watched and killed */
+  local: boolean;
+  lastSeen: number;
+  collectiveEndpoint: string | null;
+  bytesRead: number;
+  bytesTotal: number;
+}
+
+interface PendingRequest {
+  readonly rank: number;
+  readonly command: Command;
+  resolve(result: unknown): void;
+  reject(err: Error): void;
+}
+
+const PING_MS = 1000;
+
+const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
+function secretsEqual(given: string | undefined, expected: string): boolean {
+  return given !== undefined && timingSafeEqual(digest(given), digest(expected));
+}
+
+/** Whether process `pid` exists (EPERM: it does, owned by someone else). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+export class WorkerClient {
+  private readonly outbox: SendQueue;
+  private readonly ranks: RankConnection[];
+  private readonly pending = new Map<number, PendingRequest>();
+  /** names this coordinator instance in pings: a worker that sees another one exits (and is restarted) */
+  private readonly session = randomBytes(8).toString('hex');
+  private nextId = 1;
+  private failure: WeftError | null = null;
+  private readonly failedListeners: Array<(err: WeftError) => void> = [];
+  private closing = false;
+  private readonly timer: NodeJS.Timeout;
+  private joinWaiter: (() => void) | null = null;
+
+  private constructor(
+    private readonly options: WorkerClientOptions,
+    private readonly router: zmq.Router,
+    /** where the workers connect */
+    readonly endpoint: string,
+  ) {
+    this.outbox = new SendQueue(router);
+    this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
+    this.timer = setInterval(() => this.watch(), PING_MS);
+    void this.receiveLoop();
+  }
+
+  static async bind(options: WorkerClientOptions): Promise<WorkerClient> {
+    const router = new zmq.Router({ handover: true, mandatory: true, linger: 0, maxMessageSize: 64 << 20, sendTimeout: 5000 });
+    await router.bind(`tcp://${options.bindHost}:${options.port || '*'}`);
+    return new WorkerClient(options, router, router.lastEndpoint ?? '');
+  }
+
+  /** Wait until every rank has said hello (rejects on a fault or after `timeoutMs`). */
+  async join(timeoutMs: number): Promise<void> {
+    let timeout: NodeJS.Timeout | undefined;
+    const joined = new Promise<void>((resolve) => {
+      if (this.allJoined()) resolve();
+      else this.joinWaiter = resolve;
+    });
+    try {
+      await Promise.race([
+        joined,
+        this.failed(),
+        new Promise((_, reject) => {
+          timeout = setTimeout(() => {
+            const missing = this.ranks.flatMap((r, i) => (r.pid === null ? [i] : []));
+            reject(new WeftError('WEFT_TIMEOUT', `ranks ${missing.join(', ')} did not join ${this.endpoint} within ${timeoutMs} ms`));
+          }, timeoutMs);
+        }),
+      ]);
+    } finally {
+      clearTimeout(timeout);
+      this.joinWaiter = null;
+    }
+  }
+
+  private allJoined(): boolean {
+    return this.ranks.every((r) => r.pid !== null);
+  }
+
+  /** Send one command to one rank and wait for its reply, checked against the command's result schema. */
+  async request<B extends CommandBody>(rank: number, body: B): Promise<CommandResult<B['type']>> {
+    if (this.closing) throw new WeftError('WEFT_CLOSED', `the ${this.options.label} group is closed`);
+    if (this.failure) throw this.failure;
+    const id = this.nextId++;
+    const reply = new Promise<CommandResult<B['type']>>((resolve, reject) =>
+      this.pending.set(id, { rank, command: body.type, resolve: resolve as (result: unknown) => void, reject }),
+    );
+    try {
+      await this.post(rank, { ...body, v: PROTOCOL_VERSION, id } as CoordinatorMessage);
+    } catch (err) {
+      this.fail('WEFT_WORKER_DIED', `could not reach ${this.options.label} rank ${rank}: ${(err as Error).message}`);
+    }
+    return reply;
+  }
+
+  private async receiveLoop(): Promise<void> {
+    try {
+      for await (const [identity, frame, ...extra] of this.router) {
+        let message: WorkerMessage;
+        try {
+          if (extra.length > 0) throw new WeftError('WEFT_PROTOCOL', `expected one frame, got ${1 + extra.length}`);
+          message = parseWorkerMessage(decode(frame ?? Buffer.alloc(0)));
+        } catch (err) {
+          this.invalidMessage(String(identity), err as Error);
+          continue;
+        }
+        const state = this.ranks[message.rank];
+        if (!state || String(identity) !== `rank-${message.rank}`) continue; // a peer claiming a rank it does not own
+        if (message.type === 'hello') {
+          this.hello(message, state);
+          continue;
+        }
+        if (state.pid === null) continue; // not authenticated (no valid hello yet)
+        state.lastSeen = Date.now();
+        if (message.type === 'progress') {
+          state.bytesRead = message.bytesRead;
+          state.bytesTotal = message.bytesTotal;
+          this.options.onProgress?.(message.rank, message.bytesRead, message.bytesTotal);
+        } else if (message.type === 'reply' || message.type === 'error') {
+          this.settle(message);
+        }
+      }
+    } catch (err) {
+      if (!this.closing) this.fail('WEFT_PROTOCOL', `coordinator socket failed: ${(err as Error).message}`);
+    }
+  }
+
+  /** A message that fails to decode or validate: a fault when it comes from a rank that said hello, else dropped. */
+  private invalidMessage(identity: string, err: Error): void {
+    const rank = /^rank-(\d+)$/.exec(identity)?.[1];
+    if (rank !== undefined && this.ranks[Number(rank)]?.pid != null) this.fail('WEFT_PROTOCOL', `${this.options.label} rank ${rank}: ${err.message}`);
+    else process.stderr.write(`weft: dropped a message from a worker connection: ${err.message}\n`);
+  }
+
+  /** Settle the request a reply answers: resolve it, or fail the client (an error reply, a mismatched one). */
+  private settle(message: Extract<WorkerMessage, { type: 'reply' | 'error' }>): void {
+    const { rank, id } = message;
+    const { label } = this.options;
+    const call = this.pending.get(id);
+    if (!call) {
+      // ids below nextId were abandoned when the client failed: their late replies are expected
+      if (id >= this.nextId) process.stderr.write(`weft: dropped a reply from ${label} rank ${rank} to request ${id}, which was never sent\n`);
+      return;
+    }
+    const command = message.type === 'reply' ? message.command : call.command;
+    if (call.rank !== rank || command !== call.command) {
+      this.fail('WEFT_PROTOCOL', `${label} rank ${rank} answered request ${id} (${call.command} to rank ${call.rank}) with a ${command} reply`);
+    } else if (message.type === 'error') {
+      const code = (message.error.code.startsWith('WEFT_') ? message.error.code : 'WEFT_WORKER_ERROR') as WeftErrorCode;
+      this.fail(code, `${label} rank ${rank}: ${message.error.message}`);
+    } else {
+      this.pending.delete(id);
+      call.resolve(message.result);
+    }
+  }
+
+  private hello(message: Extract<WorkerMessage, { type: 'hello' }>, state: RankConnection): void {
+    const { rank } = message;
+    const { label, world, secret } = this.options;
+    if (secret !== null && !secretsEqual(message.secret, secret)) {
+      process.stderr.write(`weft: refused a hello for rank ${rank} (pid ${message.pid}): wrong or missing worker secret\n`);
+      return;
+    }
+    if (message.world !== world) {
+      this.fail('WEFT_PROTOCOL', `${label} rank ${rank} was started for ${message.world} ranks, the group has ${world}`);
+      return;
+    }
+    const previous = state.pid;
+    Object.assign(state, { pid: message.pid, collectiveEndpoint: message.collectiveEndpoint, lastSeen: Date.now(), bytesRead: 0, bytesTotal: 0 });
+    state.local = message.hostname === hostname() || this.options.childPid(rank) === message.pid;
+    // a rank that says hello again while the group runs has restarted and lost its weights and KV cache
+    if (previous !== null && previous !== message.pid && !this.joinWaiter) {
+      this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} restarted (pid ${previous} is gone, pid ${message.pid} took its place)`);
+      return;
+    }
+    if (this.allJoined()) this.joinWaiter?.();
+  }
+
+  /** Ping every rank and declare silent or vanished ones dead. */
+  private watch(): void {
+    if (this.failure || this.closing) return;
+    const now = Date.now();
+    const { label, heartbeatTimeoutMs } = this.options;
+    this.ranks.forEach((state, rank) => {
+      if (state.pid === null) return;
+      if (state.local && this.options.childPid(rank) === undefined && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) is gone`);
+      else if (now - state.lastSeen > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat for ${now - state.lastSeen} ms`);
+      else this.post(rank, { v: PROTOCOL_VERSION, type: 'ping', session: this.session }).catch(() => undefined);
+    });
+  }
+
+  private post(rank: number, message: CoordinatorMessage): Promise<void> {
+    return this.outbox.send([`rank-${rank}`, encode(message)]);
+  }
+
+  /** Fail the client (the first fault wins): pending and later requests reject with this error. */
+  fail(code: WeftErrorCode, message: string): void {
+    if (this.failure) return;
+    const failure = new WeftError(code, message);
+    this.failure = failure;
+    for (const call of this.pending.values()) call.reject(failure);
+    this.pending.clear();
+    this.failedListeners.splice(0).forEach((listener) => listener(failure));
+    if (!this.closing) this.options.onFailure?.(failure);
+  }
+
+  /** Rejects when the client fails. */
+  failed(): Promise<never> {
+    return new Promise((_, reject) => {
+      if (this.failure) reject(this.failure);
+      else this.failedListeners.push(reject);
+    });
+  }
+
+  /** Ask every rank to exit (re-forming, closing); unreachable ones are left to the caller. */
+  async shutdownAll(): Promise<void> {
+    await Promise.all(this.ranks.map((_, rank) => this.post(rank, { v: PROTOCOL_VERSION, type: 'shutdown' }).catch(() => undefined)));
+  }
+
+  /**
+   * After the group stopped its processes: forget the ranks still holding a pid from `stalePids` (a supervised
+   * rank that already said hello again keeps its new one) and clear the failure, ready for a new `join`.
+   */
+  reset(stalePids: readonly (number | null)[]): void {
+    this.ranks.forEach((state, rank) => {
+      if (state.pid === null || state.pid === stalePids[rank]) Object.assign(state, { pid: null, collectiveEndpoint: null });
+    });
+    this.failure = null;
+  }
+
+  pid(rank: number): number | null {
+    return this.ranks[rank]?.pid ?? null;
+  }
+
+  /** Whether a rank's process runs on this host (so its pid can be watched and killed). */
+  isLocal(rank: number): boolean {
+    return this.ranks[rank]?.local ?? false;
+  }
+
+  collectiveEndpoint(rank: number): string | null {
+    return this.ranks[rank]?.collectiveEndpoint ?? null;
+  }
+
+  status(): RankStatus[] {
+    return this.ranks.map((r, rank) => ({ rank, pid: r.pid, joined: r.pid !== null, bytesRead: r.bytesRead, bytesTotal: r.bytesTotal }));
+  }
+
+  /**
+   * Close: pending and later requests reject with WEFT_CLOSED and every rank is told to exit; `drain` (the group
+   * waiting for its processes) runs before the socket closes, which drops whatever it has not sent.
+   */
+  async close(drain: () => Promise<void>): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    clearInterval(this.timer);
+    this.fail('WEFT_CLOSED', `the ${this.options.label} group was closed`);
+    await this.shutdownAll();
+    await drain();
+    this.router.close();
+  }
+}
