@@ -66,7 +66,7 @@ test('a coordinator killed with SIGKILL leaves no worker behind', async () => {
   assert.ok(await waitFor(() => processesMentioning(marker).length === 2, 30_000), 'both workers started');
   assert.equal(child.exitCode, null, 'the coordinator is still generating when it is killed');
   child.kill('SIGKILL');
-  // Workers watch their parent once per heartbeat (500 ms); reliability.md's G4 gives them 10 s. Exiting takes 4-8 s
+  // Workers watch their parent once per heartbeat (500 ms); the reliability goal (G4) gives them 10 s. Exiting takes 4-8 s
   // on a 2-core machine at load average 15 (measured while six test suites ran), so the bound is twice G4's.
   assert.ok(await waitFor(() => processesMentioning(marker).length === 0, 20_000), `workers still alive: ${processesMentioning(marker).join(', ')}`);
 });
