@@ -1,8 +1,10 @@
 // Standalone benchmark of weft::cuda::Matmul (GEMV for small T, cuBLAS for large T) on the shapes of
 // Llama-2-7B / Llama-3-8B. Build and run: bench/kernels/run.sh (nvcc only, no Node.js).
-//   matmul-bench [--quick] [--sweep] [--no-pdl] [--json PATH]
-// --sweep times the GEMV at each cluster size and ring depth; --no-pdl launches every GEMV without programmatic
-// dependent launch (weft launches with it: GemvTuning in gemv.cuh), to compare.
+//   matmul-bench [--quick] [--sweep] [--gated] [--no-pdl] [--json PATH]
+// --sweep times the GEMV at each cluster size and ring depth; --gated times the fused SwiGLU GEMV (siluMulMatmul:
+// x [T, 2K], silu(gate) * up formed while x is staged) beside the plain GEMV of the same weights, the cost the
+// fusion adds against the siluMul kernel it saves (weft fuses up to Gemv::kMaxTokens tokens); --no-pdl launches
+// every GEMV without programmatic dependent launch (weft launches with it: GemvTuning in gemv.cuh), to compare.
 // Checks every (shape, T) against a double-accumulation reference kernel on fresh random data (output poisoned
 // with NaN first), times with CUDA events (warm-up, median of >= 50 runs, rotating weight copies so the
 // weights never sit in L2), and prints GB/s of weight bytes and % of the measured read bandwidth, TFLOP/s
@@ -98,7 +100,7 @@ static void fill(void* p, DType dt, size_t n, uint64_t seed, float scale) {
 
 static uint64_t g_seed = 12345;
 static int g_failures = 0;
-static const int kGemvMaxT = 8;
+static const int kGemvMaxT = wc::Gemv::kMaxTokens;
 
 // Relative error ||y - ref|| / ||ref|| over the checked tokens; NaN/unwritten outputs fail.
 template <typename Run>
@@ -175,11 +177,12 @@ static double time_graph(cudaStream_t s, int per, F&& f) {
 struct Row { int N, K, T; std::string path; double ms, gbs, pct, tflops, graph_gbs, graph_pct, anchor_ms, anchor_tflops, err; };
 
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false, pdl = true;
+  bool quick = false, sweep = false, gated = false, pdl = true;
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    else if (!std::strcmp(argv[i], "--gated")) gated = true;
     else if (!std::strcmp(argv[i], "--no-pdl")) pdl = false;
     else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
   }
@@ -294,6 +297,32 @@ int main(int argc, char** argv) {
           std::printf("\n");
         }
         for (auto p : ws_) CK(cudaFree(p));
+        CK(cudaFree(x)); CK(cudaFree(y));
+      }
+    }
+
+    if (gated) {
+      std::printf("\ngated: fused siluMul GEMV (x [T, 2K]) against the plain GEMV (x [T, K]), bf16 weights\n");
+      const wc::GemvTuning tuning{0, 0, 0, pdl};
+      for (const Shape& sh : {shapes[5], shapes[6]}) {  // the down projections: K is the SwiGLU width
+        const size_t wbytes = size_t(sh.N) * sh.K * 2;
+        const int copies = static_cast<int>(std::min<size_t>(8, std::max<size_t>(1, (rotate_bytes + wbytes - 1) / wbytes)));
+        std::vector<void*> wg(copies);
+        for (auto& p : wg) { CK(cudaMalloc(&p, wbytes)); fill(p, DType::BF16, size_t(sh.N) * sh.K, g_seed++, 0.05f); }
+        float *x, *y;
+        CK(cudaMalloc(&x, size_t(kGemvMaxT) * 2 * sh.K * 4)); CK(cudaMalloc(&y, size_t(kGemvMaxT) * sh.N * 4));
+        fill(x, DType::F32, size_t(kGemvMaxT) * 2 * sh.K, g_seed++, 1.0f);
+        for (int T = 1; T <= kGemvMaxT; T *= 2) {
+          const double fused = time_median(s, reps, [&](int i) {
+            gemv_only.run(x, wg[i % copies], DType::BF16, y, T, sh.N, sh.K, true, tuning);
+          });
+          const double plain = time_median(s, reps, [&](int i) {
+            gemv_only.run(x, wg[i % copies], DType::BF16, y, T, sh.N, sh.K, false, tuning);
+          });
+          std::printf("%-11s %6dx%-6d T=%d: fused %.4f ms, plain %.4f ms (+%.4f ms)\n", sh.name, sh.N, sh.K, T, fused,
+                      plain, fused - plain);
+        }
+        for (auto p : wg) CK(cudaFree(p));
         CK(cudaFree(x)); CK(cudaFree(y));
       }
     }

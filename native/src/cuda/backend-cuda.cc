@@ -10,6 +10,7 @@
 
 #include "backend.h"
 #include "cuda/attention.cuh"
+#include "cuda/bandwidth.cuh"
 #include "cuda/common.cuh"
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
@@ -21,7 +22,6 @@
 #include "cuda/norm-rope.cuh"
 #include "cuda/sample.cuh"
 #include "cuda/softmax.cuh"
-#include "cuda/bandwidth.cuh"
 #include "error.h"
 
 namespace weft {
