@@ -42,10 +42,11 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
 
+  // Before every call from JS: a dead engine (a sticky CUDA error, device.h) refuses it without touching the device.
   void check_alive(const char* op) const override {
-    cudaSetDevice(st_->device);  // the JS thread pool may call from another thread than the last
     WEFT_CHECK(st_->dead.empty(), op, "engine is dead after ", st_->dead,
                " (a sticky CUDA error; the process must create a new engine, usually by restarting)");
+    cudaSetDevice(st_->device);  // the JS thread pool may call from another thread than the last
   }
 
   // ---- device facts and plumbing

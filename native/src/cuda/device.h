@@ -69,10 +69,11 @@ bool is_sticky(cudaError_t e);
 // (a benchmark without an engine).
 [[noreturn]] void fail_cuda(DeviceState* st, const char* op, cudaError_t e, const std::string& detail = "");
 
-inline void check_cuda(DeviceState* st, cudaError_t e, const char* op, const std::string& detail = "") {
+// detail is a plain string here, so that the check costs nothing when the call succeeded.
+inline void check_cuda(DeviceState* st, cudaError_t e, const char* op, const char* detail = "") {
   if (e != cudaSuccess) fail_cuda(st, op, e, detail);
 }
-inline void check_cuda(DeviceState& st, cudaError_t e, const char* op, const std::string& detail = "") {
+inline void check_cuda(DeviceState& st, cudaError_t e, const char* op, const char* detail = "") {
   if (e != cudaSuccess) fail_cuda(&st, op, e, detail);
 }
 

@@ -92,8 +92,10 @@ void set_capturing(DeviceState& st, bool capturing) {
 void StepArena::begin_step() {
   if (!memory_) {
     void* base = nullptr;
-    check_cuda(*st_, cudaMalloc(&base, bytes_), "beginStep",
-               detail::concat(" (cannot allocate the step arena of ", bytes_, " bytes, EngineOptions.arenaBytes)"));
+    cudaError_t e = cudaMalloc(&base, bytes_);
+    if (e != cudaSuccess)
+      fail_cuda(st_.get(), "beginStep", e,
+                detail::concat(" (cannot allocate the step arena of ", bytes_, " bytes, EngineOptions.arenaBytes)"));
     memory_ = std::make_shared<Memory>();
     memory_->base = base;
     memory_->size = bytes_;
