@@ -1,6 +1,10 @@
 // Standalone benchmark of weft::cuda::Matmul (GEMV for small T, cuBLAS for large T) on the shapes of
 // Llama-2-7B / Llama-3-8B. Build and run: bench/kernels/run.sh (nvcc only, no Node.js).
-//   matmul-bench [--quick] [--sweep] [--json PATH]
+//   matmul-bench [--quick] [--sweep] [--gated] [--no-pdl] [--json PATH]
+// --sweep times the GEMV at each cluster size and ring depth; --gated times the fused SwiGLU GEMV (siluMulMatmul:
+// x [T, 2K], silu(gate) * up formed while x is staged) beside the plain GEMV of the same weights, the cost the
+// fusion adds against the siluMul kernel it saves (weft fuses up to Gemv::kMaxTokens tokens); --no-pdl launches
+// every GEMV without programmatic dependent launch (weft launches with it: GemvTuning in gemv.cuh), to compare.
 // Checks every (shape, T) against a double-accumulation reference kernel on fresh random data (output poisoned
 // with NaN first), times with CUDA events (warm-up, median of >= 50 runs, rotating weight copies so the
 // weights never sit in L2), and prints GB/s of weight bytes and % of the measured read bandwidth, TFLOP/s
@@ -17,13 +21,10 @@
 #include <string>
 #include <vector>
 
+#include "cuda/bandwidth.cuh"
 #include "cuda/cublas-loader.h"
 #include "cuda/matmul.cuh"
 #include "error.h"
-
-namespace weft::cuda::detail {
-void matmul_tuning(int cluster, int blocks_per_sm, int u);
-}
 
 using weft::DType;
 namespace wc = weft::cuda;
@@ -99,12 +100,13 @@ static void fill(void* p, DType dt, size_t n, uint64_t seed, float scale) {
 
 static uint64_t g_seed = 12345;
 static int g_failures = 0;
-static const int kGemvMaxT = 8;
+static const int kGemvMaxT = wc::Gemv::kMaxTokens;
 
 // Relative error ||y - ref|| / ||ref|| over the checked tokens; NaN/unwritten outputs fail.
-static double check(wc::Matmul& mm, cudaStream_t s, const float* x, const void* w, DType dt, float* y, int T, int N, int K, int xround) {
+template <typename Run>
+static double check(Run&& run, cudaStream_t s, const float* x, const void* w, DType dt, float* y, int T, int N, int K, int xround) {
   poison_kernel<<<1024, 256, 0, s>>>(y, static_cast<size_t>(T) * N);
-  mm.run(x, w, dt, y, T, N, K);
+  run(x, w, dt, y, T, N, K);
   std::vector<int> toks;
   if (T <= 16) for (int t = 0; t < T; ++t) toks.push_back(t);
   else toks = {0, 1, T / 2, T - 1};
@@ -175,11 +177,13 @@ static double time_graph(cudaStream_t s, int per, F&& f) {
 struct Row { int N, K, T; std::string path; double ms, gbs, pct, tflops, graph_gbs, graph_pct, anchor_ms, anchor_tflops, err; };
 
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false;
+  bool quick = false, sweep = false, gated = false, pdl = true;
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    else if (!std::strcmp(argv[i], "--gated")) gated = true;
+    else if (!std::strcmp(argv[i], "--no-pdl")) pdl = false;
     else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
   }
   try {
@@ -188,10 +192,17 @@ int main(int argc, char** argv) {
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     g_stream = s;
-    const double bw = wc::measure_read_bandwidth(size_t(2) << 30, 20, s);
+    const wc::Ctx ctx{nullptr, s, nullptr};  // no engine: errors throw without marking anything dead
+    const double bw = wc::measure_read_bandwidth(ctx, size_t(2) << 30, 20);
     std::printf("device: %s, %d SMs, L2 %d MB; measured read bandwidth %.0f GB/s\n", prop.name, prop.multiProcessorCount,
                 prop.l2CacheSize >> 20, bw);
-    wc::Matmul mm(s);
+    wc::Matmul mm(ctx);
+    wc::Gemv gemv_only(nullptr, s);  // the GEMV alone, with the tuning under test
+    // mm.run as weft runs it, except that the GEMV path (T <= 8) takes the tuning of --no-pdl.
+    auto run = [&](const float* x, const void* w, DType dt, float* y, int T, int N, int K) {
+      if (pdl || T > kGemvMaxT) mm.run(x, w, dt, y, T, N, K);
+      else gemv_only.run(x, w, dt, y, T, N, K, false, wc::GemvTuning{0, 0, 0, false});
+    };
     const auto& cb = wc::cublas::api();
     wc::cublas::Handle anchor;
     if (cb.create(&anchor) != 0) throw weft::Error("bench", "cublasCreate failed");
@@ -216,7 +227,7 @@ int main(int argc, char** argv) {
       fill(x, DType::F32, size_t(o.T) * o.K, g_seed++, 1.0f);
       const bool gemm = o.T > kGemvMaxT;
       const int xround = gemm ? (o.dt == DType::BF16 ? 1 : o.dt == DType::F16 ? 2 : 0) : 0;
-      const double err = check(mm, s, x, w, o.dt, y, o.T, o.N, o.K, xround);
+      const double err = check(run, s, x, w, o.dt, y, o.T, o.N, o.K, xround);
       const double tol = gemm && o.dt != DType::F32 ? 1e-4 : 1e-5;
       const bool ok = err <= tol;
       if (!ok) ++g_failures;
@@ -230,10 +241,10 @@ int main(int argc, char** argv) {
       CK(cudaMalloc(&w, size_t(N) * K * 2)); CK(cudaMalloc(&x, size_t(T) * K * 4)); CK(cudaMalloc(&y, size_t(T) * N * 4));
       fill(w, DType::BF16, size_t(N) * K, g_seed++, 0.05f);
       fill(x, DType::F32, size_t(T) * K, g_seed++, 1.0f);
-      const double e1 = check(mm, s, x, w, DType::BF16, y, T, N, K, 0);
+      const double e1 = check(run, s, x, w, DType::BF16, y, T, N, K, 0);
       cudaGraph_t g; cudaGraphExec_t ge;
       CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-      mm.run(x, w, DType::BF16, y, T, N, K);
+      run(x, w, DType::BF16, y, T, N, K);
       CK(cudaStreamEndCapture(s, &g));
       CK(cudaGraphInstantiate(&ge, g, 0));
       std::vector<float> a(size_t(T) * N), b(size_t(T) * N);
@@ -273,9 +284,11 @@ int main(int argc, char** argv) {
           std::printf("%-6dx%-6d T=%d:", sh.N, sh.K, T);
           for (int C : {0, 1, 2, 4, 8})
             for (int bps : {1, 2}) {  // u
-              wc::detail::matmul_tuning(C, 0, bps);
+              const wc::GemvTuning tuning{C, 0, bps, pdl};
               try {
-                const double ms = time_median(s, 40, [&](int i) { mm.run(x, ws_[i % copies], DType::BF16, y, T, sh.N, sh.K); });
+                const double ms = time_median(s, 40, [&](int i) {
+                  gemv_only.run(x, ws_[i % copies], DType::BF16, y, T, sh.N, sh.K, false, tuning);
+                });
                 std::printf(" C%d/u%d %.0f", C, bps, wbytes / (ms * 1e-3) / 1e9);
               } catch (const weft::Error&) {
                 std::printf(" C%d/u%d -", C, bps);
@@ -283,8 +296,33 @@ int main(int argc, char** argv) {
             }
           std::printf("\n");
         }
-        wc::detail::matmul_tuning(0, 0, 0);
         for (auto p : ws_) CK(cudaFree(p));
+        CK(cudaFree(x)); CK(cudaFree(y));
+      }
+    }
+
+    if (gated) {
+      std::printf("\ngated: fused siluMul GEMV (x [T, 2K]) against the plain GEMV (x [T, K]), bf16 weights\n");
+      const wc::GemvTuning tuning{0, 0, 0, pdl};
+      for (const Shape& sh : {shapes[5], shapes[6]}) {  // the down projections: K is the SwiGLU width
+        const size_t wbytes = size_t(sh.N) * sh.K * 2;
+        const int copies = static_cast<int>(std::min<size_t>(8, std::max<size_t>(1, (rotate_bytes + wbytes - 1) / wbytes)));
+        std::vector<void*> wg(copies);
+        for (auto& p : wg) { CK(cudaMalloc(&p, wbytes)); fill(p, DType::BF16, size_t(sh.N) * sh.K, g_seed++, 0.05f); }
+        float *x, *y;
+        CK(cudaMalloc(&x, size_t(kGemvMaxT) * 2 * sh.K * 4)); CK(cudaMalloc(&y, size_t(kGemvMaxT) * sh.N * 4));
+        fill(x, DType::F32, size_t(kGemvMaxT) * 2 * sh.K, g_seed++, 1.0f);
+        for (int T = 1; T <= kGemvMaxT; T *= 2) {
+          const double fused = time_median(s, reps, [&](int i) {
+            gemv_only.run(x, wg[i % copies], DType::BF16, y, T, sh.N, sh.K, true, tuning);
+          });
+          const double plain = time_median(s, reps, [&](int i) {
+            gemv_only.run(x, wg[i % copies], DType::BF16, y, T, sh.N, sh.K, false, tuning);
+          });
+          std::printf("%-11s %6dx%-6d T=%d: fused %.4f ms, plain %.4f ms (+%.4f ms)\n", sh.name, sh.N, sh.K, T, fused,
+                      plain, fused - plain);
+        }
+        for (auto p : wg) CK(cudaFree(p));
         CK(cudaFree(x)); CK(cudaFree(y));
       }
     }
@@ -305,13 +343,13 @@ int main(int argc, char** argv) {
         to_bf16_kernel<<<1024, 256, 0, s>>>(x, xb, size_t(T) * sh.K);
         const bool gemv = T <= kGemvMaxT;
         Row r{sh.N, sh.K, T, gemv ? "gemv" : "cublas"};
-        r.err = check(mm, s, x, wsv[0], DType::BF16, y, T, sh.N, sh.K, gemv ? 0 : 1);
+        r.err = check(run, s, x, wsv[0], DType::BF16, y, T, sh.N, sh.K, gemv ? 0 : 1);
         const double tol = gemv ? 1e-5 : 1e-4;
         if (!(r.err <= tol)) {
           ++g_failures;
           std::printf("FAIL %dx%d T=%d rel err %.2e (tol %.0e)\n", sh.N, sh.K, T, r.err, tol);
         }
-        r.ms = time_median(s, reps, [&](int i) { mm.run(x, wsv[i % copies], DType::BF16, y, T, sh.N, sh.K); });
+        r.ms = time_median(s, reps, [&](int i) { run(x, wsv[i % copies], DType::BF16, y, T, sh.N, sh.K); });
         const float alpha = 1.f, beta = 0.f;
         auto anchor_run = [&](int i) {
           if (cb.gemm_ex(anchor, wc::cublas::OP_T, wc::cublas::OP_N, sh.N, T, sh.K, &alpha, wsv[i % copies], CUDA_R_16BF, sh.K,
@@ -326,7 +364,7 @@ int main(int argc, char** argv) {
         r.anchor_tflops = flops / (r.anchor_ms * 1e-3) / 1e12;
         r.graph_gbs = r.graph_pct = 0;
         if (gemv) {
-          const double gms = time_graph(s, 20, [&](int i) { mm.run(x, wsv[i % copies], DType::BF16, y, T, sh.N, sh.K); });
+          const double gms = time_graph(s, 20, [&](int i) { run(x, wsv[i % copies], DType::BF16, y, T, sh.N, sh.K); });
           r.graph_gbs = wbytes / (gms * 1e-3) / 1e9;
           r.graph_pct = 100.0 * r.graph_gbs / bw;
         }

@@ -12,6 +12,7 @@
 
 #include "cpu/convert.h"
 #include "random-hash.h"
+#include "sample-rule.h"
 
 namespace weft::cpu {
 namespace {
@@ -248,15 +249,7 @@ void logprobs(float* out, const float* logits, const int32_t* ids, int64_t R, in
   }
 }
 
-// The sampling rule, per row; a device implementation must reproduce it exactly.
-//  1. temperature <= 0: argmax of the logits, lowest index on ties.
-//  2. z = logit / temperature (fp32). Candidates in order of z descending, ties by lower index.
-//  3. topK > 0: keep the first topK.
-//  4. p = softmax of the kept z in double, max subtracted (a z equal to the max counts exp(0) = 1, so +inf
-//     and all -inf rows stay defined).
-//  5. topP < 1: keep the shortest prefix whose cumulative p >= topP (at least one).
-//  6. total = sum of kept p; return the first kept candidate whose cumulative p > uniform * total, or the
-//     last kept one if rounding leaves none.
+// The sampling rule of sample-rule.h, per row, by sorting the candidates (step numbers are the rule's).
 void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R, int64_t V) {
   std::vector<float> z;
   std::vector<int32_t> order;
@@ -264,7 +257,7 @@ void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R
   for (int64_t r = 0; r < R; ++r) {
     const float* row = logits + r * V;
     float temperature = args.temperature[r];
-    if (!(temperature > 0)) {
+    if (sample_greedy(temperature)) {  // 1.
       int64_t best = 0;
       for (int64_t v = 1; v < V; ++v)
         if (row[v] > row[best]) best = v;
@@ -272,7 +265,7 @@ void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R
       continue;
     }
     z.resize(static_cast<size_t>(V));
-    for (int64_t v = 0; v < V; ++v) z[v] = row[v] / temperature;
+    for (int64_t v = 0; v < V; ++v) z[v] = sample_z(row[v], temperature);  // 2.
     order.resize(static_cast<size_t>(V));
     std::iota(order.begin(), order.end(), 0);
     auto before = [&](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
@@ -283,12 +276,11 @@ void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R
     } else {
       std::sort(order.begin(), order.end(), before);
     }
-    double z_max = z[order[0]];
+    const float z_max = z[order[0]];
     p.resize(static_cast<size_t>(kept));
     double sum = 0;
-    for (int64_t i = 0; i < kept; ++i) {
-      double zi = z[order[i]];
-      p[i] = zi == z_max ? 1.0 : std::exp(zi - z_max);
+    for (int64_t i = 0; i < kept; ++i) {  // 4.
+      p[i] = sample_weight(z[order[i]], z_max);
       sum += p[i];
     }
     for (int64_t i = 0; i < kept; ++i) p[i] /= sum;
@@ -305,7 +297,7 @@ void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R
     }
     double total = 0;
     for (int64_t i = 0; i < kept; ++i) total += p[i];
-    double threshold = static_cast<double>(args.uniform[r]) * total;
+    double threshold = sample_threshold(args.uniform[r], total);  // 6.
     int32_t pick = order[kept - 1];
     double cumulative = 0;
     for (int64_t i = 0; i < kept; ++i) {

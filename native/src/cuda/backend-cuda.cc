@@ -1,5 +1,6 @@
-// CudaBackend: device, stream, memory (persistent stream-ordered allocations, the step arena, pinned
-// staging), graphs, device-status checks, and the op table (each run_* calls one launcher of an op file).
+// CudaBackend: the op table (each run_* calls one launcher of an op file) over the engine's device
+// (device.h: stream, status word, the CUDA error path), memory (memory.h: persistent tensors, the step arena,
+// pinned staging) and graphs (graphs.h: capture and replay).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -8,13 +9,15 @@
 #include <vector>
 
 #include "backend.h"
-#include "cpu/convert.h"
 #include "cuda/attention.cuh"
+#include "cuda/bandwidth.cuh"
 #include "cuda/common.cuh"
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
+#include "cuda/graphs.h"
 #include "cuda/matmul.cuh"
+#include "cuda/memory.h"
 #include "cuda/moe.cuh"
 #include "cuda/norm-rope.cuh"
 #include "cuda/sample.cuh"
@@ -24,143 +27,26 @@
 namespace weft {
 namespace {
 
+using cuda::check_cuda;
 using cuda::DeviceState;
-
-constexpr size_t kAlign = 256;
-constexpr size_t kStagingBytes = size_t{16} << 20;  // each of the two pinned upload buffers; also the download chunk
-
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-// Throws "<op>: CUDA error <text><detail>"; sticky errors mark the engine dead.
-void check_cuda(DeviceState& st, cudaError_t e, const char* op, const std::string& detail = "") {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so that it is not reported again by the next launch
-  std::string msg = std::string("CUDA error ") + cudaGetErrorString(e) + detail;
-  if (cuda::is_sticky(e) && st.dead.empty()) st.dead = std::string(op) + ": " + msg;
-  throw Error(op, msg);
-}
-
-// A persistent allocation (cudaMallocAsync on the engine stream; freed stream-ordered, or after the capture
-// if its last handle goes while one is open).
-class DeviceBuffer final : public Buffer {
- public:
-  DeviceBuffer(size_t bytes, void* ptr, std::shared_ptr<DeviceState> st) : Buffer(bytes), ptr_(ptr), st_(std::move(st)) {}
-  ~DeviceBuffer() override {
-    if (!ptr_) return;
-    cudaSetDevice(st_->device);
-    std::lock_guard<std::mutex> lock(st_->deferred_mutex);
-    if (st_->capturing)
-      st_->deferred_frees.push_back(ptr_);
-    else
-      cudaFreeAsync(ptr_, st_->stream);
-  }
-  void* data() const override { return ptr_; }
-
- private:
-  void* ptr_;
-  std::shared_ptr<DeviceState> st_;
-};
-
-// The step arena's device memory; kept alive by every tensor in it.
-struct ArenaMemory {
-  void* base = nullptr;
-  size_t size = 0;
-  std::shared_ptr<DeviceState> st;
-  ~ArenaMemory() {
-    if (!base) return;
-    cudaSetDevice(st->device);
-    cudaStreamSynchronize(st->stream);
-    cudaFree(base);
-  }
-};
-
-// Arena bytes [.., end) that a captured graph writes: reserved while the graph or any of its tensors lives.
-struct GraphRegion {
-  size_t end = ~size_t{0};
-};
-
-class ArenaBuffer final : public Buffer {
- public:
-  ArenaBuffer(size_t bytes, uint64_t step, void* ptr, std::shared_ptr<ArenaMemory> arena,
-              std::shared_ptr<GraphRegion> region)
-      : Buffer(bytes, step), ptr_(ptr), arena_(std::move(arena)), region_(std::move(region)) {}
-  void* data() const override { return ptr_; }
-
- private:
-  void* ptr_;
-  std::shared_ptr<ArenaMemory> arena_;
-  std::shared_ptr<GraphRegion> region_;
-};
-
-class CudaGraph final : public Graph {
- public:
-  CudaGraph(cudaGraphExec_t exec, std::shared_ptr<DeviceState> st, std::shared_ptr<GraphRegion> region)
-      : exec_(exec), st_(std::move(st)), region_(std::move(region)) {}
-  ~CudaGraph() override {
-    cudaSetDevice(st_->device);
-    cudaGraphExecDestroy(exec_);
-  }
-  cudaGraphExec_t exec() const { return exec_; }
-
- private:
-  cudaGraphExec_t exec_;
-  std::shared_ptr<DeviceState> st_;
-  std::shared_ptr<GraphRegion> region_;
-};
-
-// Pinned host staging: two upload buffers used in turn (an event says when a buffer's last copy ran).
-struct Staging {
-  void* buf[2] = {nullptr, nullptr};
-  cudaEvent_t done[2] = {nullptr, nullptr};
-  int next = 0;
-};
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(const CudaOptions& o) : st_(std::make_shared<DeviceState>()), arena_bytes_(o.arena_bytes) {
-    const char* op = "createEngine";
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    WEFT_CHECK(e == cudaSuccess && count > 0, op, "no CUDA device found (",
-               e == cudaSuccess ? "0 devices" : cudaGetErrorString(e), "); use backend: 'cpu'");
-    WEFT_CHECK(o.device >= 0 && o.device < count, op, "options.device = ", o.device, " but this host has ", count,
-               " CUDA device(s)");
-    st_->device = o.device;
-    st_->poison = o.poison;
-    check_cuda(*st_, cudaSetDevice(o.device), op);
-    check_cuda(*st_, cudaStreamCreateWithFlags(&st_->stream, cudaStreamNonBlocking), op);
-    check_cuda(*st_, cudaDeviceGetAttribute(&st_->num_sms, cudaDevAttrMultiProcessorCount, o.device), op);
-    check_cuda(*st_, cudaHostAlloc(reinterpret_cast<void**>(&st_->status_host), sizeof(cuda::DeviceStatus),
-                                   cudaHostAllocMapped), op);
-    std::memset(st_->status_host, 0, sizeof(cuda::DeviceStatus));
-    check_cuda(*st_, cudaHostGetDevicePointer(reinterpret_cast<void**>(&st_->status_dev), st_->status_host, 0), op);
-    // Keep freed pool memory for reuse instead of returning it to the driver at every sync.
-    cudaMemPool_t pool;
-    check_cuda(*st_, cudaDeviceGetDefaultMemPool(&pool, o.device), op);
-    uint64_t keep = ~uint64_t{0};
-    check_cuda(*st_, cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op);
-    for (int i = 0; i < 2; ++i) {
-      check_cuda(*st_, cudaHostAlloc(&staging_.buf[i], kStagingBytes, cudaHostAllocDefault), op);
-      check_cuda(*st_, cudaEventCreateWithFlags(&staging_.done[i], cudaEventDisableTiming), op);
-    }
-  }
+  explicit CudaBackend(const CudaOptions& o)
+      : st_(open(o)), arena_(st_, o.arena_bytes), staging_(*st_), graphs_(st_, arena_) {}
 
   ~CudaBackend() override {
     cudaSetDevice(st_->device);
     cudaStreamSynchronize(st_->stream);
-    matmul_.reset();
-    for (int i = 0; i < 2; ++i) {
-      if (staging_.buf[i]) cudaFreeHost(staging_.buf[i]);
-      if (staging_.done[i]) cudaEventDestroy(staging_.done[i]);
-    }
   }
 
   const char* name() const override { return "cuda"; }
 
+  // Before every call from JS: a dead engine (a sticky CUDA error, device.h) refuses it without touching the device.
   void check_alive(const char* op) const override {
-    cudaSetDevice(st_->device);  // the JS thread pool may call from another thread than the last
     WEFT_CHECK(st_->dead.empty(), op, "engine is dead after ", st_->dead,
                " (a sticky CUDA error; the process must create a new engine, usually by restarting)");
+    cudaSetDevice(st_->device);  // the JS thread pool may call from another thread than the last
   }
 
   // ---- device facts and plumbing
@@ -179,199 +65,45 @@ class CudaBackend final : public Backend {
   double measure_bandwidth(size_t bytes, int iterations) override {
     no_capture("measureBandwidth", "it allocates and waits");
     sync("measureBandwidth");
-    return cuda::measure_read_bandwidth(bytes, iterations, st_->stream);
+    return cuda::measure_read_bandwidth(ctx(), bytes, iterations);
   }
 
  protected:
-  // ---- memory
+  // ---- memory (memory.h)
 
   Tensor empty(DType dtype, const Shape& shape) override {
     if (!in_step()) return empty_persistent(dtype, shape);
     Tensor t{dtype, shape, nullptr};
-    size_t bytes = t.nbytes(), need = align_up(bytes);
-    if (used_ + need > arena_->size)
-      WEFT_FAIL("stepArena", "the step arena is exhausted: a ", shape, ' ', dtype_name(dtype), " tensor needs ", bytes,
-                " bytes, ", used_, " of ", arena_->size, " bytes are in use (raise EngineOptions.arenaBytes, "
-                "or make fewer tensors per step)");
-    void* ptr = static_cast<char*>(arena_->base) + used_;
-    used_ += need;
-    if (capturing())
-      t.buffer = std::make_shared<ArenaBuffer>(bytes, kGraphOwned, ptr, arena_, capture_region_);
-    else
-      t.buffer = std::make_shared<ArenaBuffer>(bytes, step(), ptr, arena_, nullptr);
+    t.buffer = capturing() ? arena_.allocate(t, kGraphOwned, graphs_.region()) : arena_.allocate(t, step(), nullptr);
     poison(t);
     return t;
   }
-
   Tensor empty_persistent(DType dtype, const Shape& shape) override {
     no_capture("allocate", "persistent memory cannot be allocated while capturing");
     Tensor t{dtype, shape, nullptr};
-    size_t bytes = t.nbytes();
-    void* ptr = nullptr;
-    if (bytes) {
-      cudaError_t e = cudaMallocAsync(&ptr, bytes, st_->stream);
-      if (e != cudaSuccess) {
-        size_t free = 0, total = 0;
-        cudaGetLastError();
-        cudaMemGetInfo(&free, &total);
-        WEFT_FAIL("allocate", "cannot allocate ", bytes, " bytes for a ", shape, ' ', dtype_name(dtype), " tensor: ",
-                  cudaGetErrorString(e), " (", free, " of ", total, " bytes free on device ", st_->device, ")");
-      }
-    }
-    t.buffer = std::make_shared<DeviceBuffer>(bytes, ptr, st_);
+    t.buffer = cuda::allocate_persistent(st_, t);
     poison(t);
     return t;
   }
-
+  // Debug (CudaOptions::poison): every new tensor starts as 0xff bytes, NaN in f32, so unwritten elements show.
   void poison(const Tensor& t) {
     if (st_->poison && !capturing() && t.nbytes())
       check_cuda(*st_, cudaMemsetAsync(t.buffer->data(), 0xff, t.nbytes(), st_->stream), "poison");
   }
-
-  // Host -> device through the two pinned buffers in turn; returns once the bytes are staged.
-  void copy_from_host(const Tensor& dst, const void* src) override {
-    size_t n = dst.nbytes();
-    const char* from = static_cast<const char*>(src);
-    char* to = static_cast<char*>(dst.buffer->data());
-    for (size_t off = 0; off < n; off += kStagingBytes) {
-      size_t chunk = std::min(kStagingBytes, n - off);
-      int i = staging_.next;
-      staging_.next ^= 1;
-      check_cuda(*st_, cudaEventSynchronize(staging_.done[i]), "upload");
-      std::memcpy(staging_.buf[i], from + off, chunk);
-      check_cuda(*st_, cudaMemcpyAsync(to + off, staging_.buf[i], chunk, cudaMemcpyHostToDevice, st_->stream),
-                 "upload");
-      check_cuda(*st_, cudaEventRecord(staging_.done[i], st_->stream), "upload");
-    }
-  }
-
+  void copy_from_host(const Tensor& dst, const void* src) override { staging_.upload(dst.buffer->data(), src, dst.nbytes()); }
   void fill_zero(const Tensor& t) override {
     if (t.nbytes()) check_cuda(*st_, cudaMemsetAsync(t.buffer->data(), 0, t.nbytes(), st_->stream), "zeros");
   }
-
-  // Device -> pinned (chunk by chunk, waiting for each) -> dst, converting f16/bf16 on the host.
-  void to_host_converted(const Tensor& t, void* dst) override {
-    size_t n = t.nbytes(), es = dtype_size(t.dtype);
-    const char* from = static_cast<const char*>(t.buffer->data());
-    if (n == 0) {
-      sync("download");
-      return;
-    }
-    size_t step_bytes = kStagingBytes / 4 * 4;
-    for (size_t off = 0; off < n; off += step_bytes) {
-      size_t chunk = std::min(step_bytes, n - off);
-      check_cuda(*st_, cudaEventSynchronize(staging_.done[0]), "download");
-      check_cuda(*st_, cudaMemcpyAsync(staging_.buf[0], from + off, chunk, cudaMemcpyDeviceToHost, st_->stream),
-                 "download");
-      sync("download");
-      if (t.dtype == DType::F32 || t.dtype == DType::I32)
-        std::memcpy(static_cast<char*>(dst) + off, staging_.buf[0], chunk);
-      else
-        cpu::to_f32(staging_.buf[0], t.dtype, 0, static_cast<int64_t>(chunk / es),
-                    static_cast<float*>(dst) + off / es);
-    }
-  }
-
+  void to_host_converted(const Tensor& t, void* dst) override { staging_.download(t, dst); }
   // Waits for the stream, then reports a device-side index error if a kernel found one.
-  void sync(const char* op) {
-    check_cuda(*st_, cudaStreamSynchronize(st_->stream), op);
-    cuda::DeviceStatus& s = *st_->status_host;
-    if (!s.flag) return;
-    cuda::DeviceStatus f = s;
-    s.flag = 0;
-    const char* tail = " (found on the device; reported at the next synchronising call, and that op's output is "
-                       "unspecified)";
-    switch (static_cast<cuda::StatusOp>(f.op)) {
-      case cuda::StatusOp::WriteKvSlot:
-        WEFT_FAIL("writeKv", "slots[", f.index, "] = ", f.value, " is out of range (need 0 <= slot < ", f.limit, ")", tail);
-      case cuda::StatusOp::WriteKvPosition:
-        WEFT_FAIL("writeKv", "positions[", f.index, "] = ", f.value, " is out of range (need 0 <= position < ", f.limit,
-                  ")", tail);
-      case cuda::StatusOp::AttentionSlot:
-        WEFT_FAIL("attention", "slots[", f.index, "] = ", f.value, " is out of range (need 0 <= slot < ", f.limit, ")",
-                  tail);
-      case cuda::StatusOp::AttentionPosition:
-        WEFT_FAIL("attention", "positions[", f.index, "] = ", f.value, " is out of range (need 0 <= position < ",
-                  f.limit, ")", tail);
-      case cuda::StatusOp::RopePosition:
-        WEFT_FAIL("rope", "positions[", f.index, "] = ", f.value, " is negative", tail);
-      case cuda::StatusOp::GatherRow:
-        WEFT_FAIL("gatherRows", "rows[", f.index, "] = ", f.value, " is out of range (need 0 <= row < ", f.limit, ")",
-                  tail);
-      case cuda::StatusOp::ExpertRepeat:
-        WEFT_FAIL("expertMatmul", "experts[", f.index, "] chooses expert ", f.value,
-                  " more than once (a token's experts must be distinct)", tail);
-      case cuda::StatusOp::SampleArgs:
-        WEFT_FAIL("sampleTensor", "row ", f.index, " has a NaN temperature, topK < 0, or topP / uniform outside [0, 1]",
-                  tail);
-      case cuda::StatusOp::SampleNan:
-        WEFT_FAIL("sampleTensor", "logits row ", f.index, " holds NaN", tail);
-      default:
-        WEFT_FAIL("synchronize", "unknown device status ", f.op);
-    }
-  }
+  void sync(const char* op) { cuda::synchronize(*st_, op); }
 
-  // ---- steps and graphs
+  // ---- steps and graphs (graphs.h)
 
-  void on_begin_step() override {
-    if (!arena_) {
-      void* base = nullptr;
-      cudaError_t e = cudaMalloc(&base, arena_bytes_);
-      if (e != cudaSuccess) {
-        cudaGetLastError();
-        WEFT_FAIL("beginStep", "cannot allocate the step arena of ", arena_bytes_, " bytes (EngineOptions.arenaBytes): ",
-                  cudaGetErrorString(e));
-      }
-      arena_ = std::make_shared<ArenaMemory>();
-      arena_->base = base;
-      arena_->size = arena_bytes_;
-      arena_->st = st_;
-    }
-    // Start above the memory of every live graph.
-    size_t floor = 0;
-    regions_.erase(std::remove_if(regions_.begin(), regions_.end(),
-                                  [](const std::weak_ptr<GraphRegion>& r) { return r.expired(); }),
-                   regions_.end());
-    for (auto& w : regions_)
-      if (auto r = w.lock()) floor = std::max(floor, r->end);
-    used_ = floor;
-  }
-
-  void on_capture_begin() override {
-    sync("captureBegin");
-    capture_region_ = std::make_shared<GraphRegion>();
-    check_cuda(*st_, cudaStreamBeginCapture(st_->stream, cudaStreamCaptureModeRelaxed), "captureBegin");
-    std::lock_guard<std::mutex> lock(st_->deferred_mutex);
-    st_->capturing = true;
-  }
-
-  std::shared_ptr<Graph> on_capture_end() override {
-    {
-      std::lock_guard<std::mutex> lock(st_->deferred_mutex);
-      st_->capturing = false;
-      for (void* p : st_->deferred_frees) cudaFreeAsync(p, st_->stream);
-      st_->deferred_frees.clear();
-    }
-    std::shared_ptr<GraphRegion> region = std::move(capture_region_);
-    region->end = used_;
-    regions_.push_back(region);
-    cudaGraph_t graph = nullptr;
-    cudaError_t e = cudaStreamEndCapture(st_->stream, &graph);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      WEFT_FAIL("captureEnd", "the capture failed: CUDA error ", cudaGetErrorString(e),
-                " (an op in it synchronised, allocated or copied from the host, or an error happened inside it)");
-    }
-    cudaGraphExec_t exec = nullptr;
-    e = cudaGraphInstantiateWithFlags(&exec, graph, 0);
-    cudaGraphDestroy(graph);
-    check_cuda(*st_, e, "captureEnd", " (instantiating the graph)");
-    return std::make_shared<CudaGraph>(exec, st_, std::move(region));
-  }
-
-  void on_replay(const Graph& graph) override {
-    check_cuda(*st_, cudaGraphLaunch(static_cast<const CudaGraph&>(graph).exec(), st_->stream), "replay");
-  }
+  void on_begin_step() override { arena_.begin_step(); }
+  void on_capture_begin() override { graphs_.begin(); }
+  std::shared_ptr<Graph> on_capture_end() override { return graphs_.end(); }
+  void on_replay(const Graph& graph) override { graphs_.replay(graph); }
 
   // ---- ops
 
@@ -389,7 +121,7 @@ class CudaBackend final : public Backend {
       fill_zero(out);
       return;
     }
-    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(st_->stream);
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
       matmul_->run(x.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), x.dim(0), w.dim(0), x.dim(1));
     } catch (const Error& e) {
@@ -449,7 +181,7 @@ class CudaBackend final : public Backend {
     const char* op = gated ? "siluMulExpertMatmul" : "expertMatmul";
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2), P = T * k;
     if (P == 0 || N == 0) return;
-    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(st_->stream);
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     const bool per_pair = x.dim(0) == P;
     if (gated && !cuda::Matmul::fuses_silu_mul(T, K, w.dtype)) {  // the product first, then the plain op
       Tensor hidden = empty(DType::F32, {x.dim(0), K});
@@ -483,7 +215,7 @@ class CudaBackend final : public Backend {
       run_matmul(hidden, w, out);
       return;
     }
-    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(st_->stream);
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
       matmul_->run(gate_up.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, true);
     } catch (const Error& e) {
@@ -572,13 +304,17 @@ class CudaBackend final : public Backend {
     return s.str();
   }
 
-  std::shared_ptr<DeviceState> st_;
-  size_t arena_bytes_;
-  std::shared_ptr<ArenaMemory> arena_;
-  size_t used_ = 0;
-  std::vector<std::weak_ptr<GraphRegion>> regions_;
-  std::shared_ptr<GraphRegion> capture_region_;
-  Staging staging_;
+  static std::shared_ptr<DeviceState> open(const CudaOptions& o) {
+    auto st = std::make_shared<DeviceState>();
+    st->poison = o.poison;
+    cuda::open_device(*st, o.device, "createEngine");
+    return st;
+  }
+
+  std::shared_ptr<DeviceState> st_;  // first: destroyed last
+  cuda::StepArena arena_;
+  cuda::Staging staging_;
+  cuda::GraphCapture graphs_;
   std::unique_ptr<cuda::Matmul> matmul_;
 };
 

@@ -3,18 +3,12 @@
 
 #include <algorithm>
 
-#include "../error.h"
-#include "bandwidth.cuh"
+#include "cuda/bandwidth.cuh"
+#include "error.h"
 
 namespace weft::cuda {
 
 namespace {
-
-#define WEFT_BW_CHECK(call)                                                                              \
-  do {                                                                                                   \
-    cudaError_t err_ = (call);                                                                           \
-    if (err_ != cudaSuccess) WEFT_FAIL("measure_read_bandwidth", #call, " failed: ", cudaGetErrorString(err_)); \
-  } while (0)
 
 // Grid-stride 16-byte loads, 4 in flight per thread; the xor of everything is written per block so the
 // loads cannot be dropped.
@@ -40,12 +34,14 @@ __global__ void __launch_bounds__(512) read_kernel(const uint4* __restrict__ p, 
 
 }  // namespace
 
-double measure_read_bandwidth(size_t bytes, int iterations, cudaStream_t stream) {
-  WEFT_CHECK(bytes >= 16 && iterations >= 1, "measure_read_bandwidth", "bytes ", bytes, " iterations ", iterations);
+double measure_read_bandwidth(const Ctx& ctx, size_t bytes, int iterations) {
+  const char* op = "measureBandwidth";
+  cudaStream_t stream = ctx.stream;
+  WEFT_CHECK(bytes >= 16 && iterations >= 1, op, "bytes ", bytes, " iterations ", iterations);
   const size_t n = bytes / 16;
   int dev = 0, sms = 0;
-  WEFT_BW_CHECK(cudaGetDevice(&dev));
-  WEFT_BW_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  check_cuda(ctx.st, cudaGetDevice(&dev), op);
+  check_cuda(ctx.st, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), op);
   const int grid = sms * 4;
   uint4* buf = nullptr;
   uint32_t* out = nullptr;
@@ -58,22 +54,22 @@ double measure_read_bandwidth(size_t bytes, int iterations, cudaStream_t stream)
     if (e1) cudaEventDestroy(e1);
   };
   try {
-    WEFT_BW_CHECK(cudaMalloc(&buf, n * 16));
-    WEFT_BW_CHECK(cudaMalloc(&out, grid * sizeof(uint32_t)));
-    WEFT_BW_CHECK(cudaMemsetAsync(buf, 0x5a, n * 16, stream));  // not zeros
-    WEFT_BW_CHECK(cudaMemsetAsync(out, 0, grid * sizeof(uint32_t), stream));
-    WEFT_BW_CHECK(cudaEventCreate(&e0));
-    WEFT_BW_CHECK(cudaEventCreate(&e1));
+    check_cuda(ctx.st, cudaMalloc(&buf, n * 16), op);
+    check_cuda(ctx.st, cudaMalloc(&out, grid * sizeof(uint32_t)), op);
+    check_cuda(ctx.st, cudaMemsetAsync(buf, 0x5a, n * 16, stream), op);  // not zeros
+    check_cuda(ctx.st, cudaMemsetAsync(out, 0, grid * sizeof(uint32_t), stream), op);
+    check_cuda(ctx.st, cudaEventCreate(&e0), op);
+    check_cuda(ctx.st, cudaEventCreate(&e1), op);
     read_kernel<<<grid, 512, 0, stream>>>(buf, n, out);  // warm-up
-    WEFT_BW_CHECK(cudaGetLastError());
+    check_cuda(ctx.st, cudaGetLastError(), op);
     for (int it = 0; it < iterations; ++it) {
-      WEFT_BW_CHECK(cudaEventRecord(e0, stream));
+      check_cuda(ctx.st, cudaEventRecord(e0, stream), op);
       read_kernel<<<grid, 512, 0, stream>>>(buf, n, out);
-      WEFT_BW_CHECK(cudaGetLastError());
-      WEFT_BW_CHECK(cudaEventRecord(e1, stream));
-      WEFT_BW_CHECK(cudaEventSynchronize(e1));
+      check_cuda(ctx.st, cudaGetLastError(), op);
+      check_cuda(ctx.st, cudaEventRecord(e1, stream), op);
+      check_cuda(ctx.st, cudaEventSynchronize(e1), op);
       float ms = 0.f;
-      WEFT_BW_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      check_cuda(ctx.st, cudaEventElapsedTime(&ms, e0, e1), op);
       best_ms = std::min(best_ms, static_cast<double>(ms));
     }
   } catch (...) {

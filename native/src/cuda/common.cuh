@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <initializer_list>
+#include <string>
 
 #include "cuda/device.h"
 #include "error.h"
@@ -12,7 +13,7 @@
 
 namespace weft::cuda {
 
-// ---- launch checks
+// ---- launch checks (through fail_cuda, device.h: the one CUDA error path)
 
 // A named tensor for error messages: "x [3, 64] f32".
 struct Named {
@@ -20,13 +21,14 @@ struct Named {
   const Tensor& t;
 };
 
-// Throws "<op>: CUDA error <text> (x [3, 64] f32, w [128, 64] bf16)"; a sticky error also marks the engine dead.
-[[noreturn]] void fail_cuda(const Ctx& ctx, const char* op, cudaError_t e, std::initializer_list<Named> args);
+// " (x [3, 64] f32, w [128, 64] bf16)", or "" for no tensors.
+std::string describe(std::initializer_list<Named> args);
 
-// After a launch: cudaGetLastError, thrown as above.
+// After a launch: cudaGetLastError through fail_cuda, "<op>: CUDA error <text> (x [3, 64] f32, ...)"; a sticky
+// error also marks the engine dead.
 inline void check_launch(const Ctx& ctx, const char* op, std::initializer_list<Named> args) {
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) fail_cuda(ctx, op, e, args);
+  if (e != cudaSuccess) fail_cuda(ctx.st, op, e, describe(args));
 }
 
 inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {

@@ -1,11 +1,11 @@
-#include "cublas-loader.h"
+#include "cuda/cublas-loader.h"
 
 #include <dlfcn.h>
 
 #include <mutex>
 #include <string>
 
-#include "../error.h"
+#include "error.h"
 
 namespace weft::cuda::cublas {
 
@@ -28,7 +28,6 @@ Api load() {
   bind(lib, "cublasDestroy_v2", &a.destroy);
   bind(lib, "cublasSetStream_v2", &a.set_stream);
   bind(lib, "cublasSetWorkspace_v2", &a.set_workspace);
-  bind(lib, "cublasSetMathMode", &a.set_math_mode);
   bind(lib, "cublasGemmEx", &a.gemm_ex);
   return a;  // the library stays loaded for the life of the process
 }

@@ -1,7 +1,7 @@
 // Run-time loader for the few cuBLAS entry points weft uses (no cuBLAS header or import library at build time).
 //
 // dlopen("libcublas.so.13"), falling back to "libcublas.so"; prototypes and enum values are declared here and
-// match cuBLAS 13 (cublas_api.h): cublasOperation_t, cublasComputeType_t, cublasGemmAlgo_t, cublasMath_t.
+// match cuBLAS 13 (cublas_api.h): cublasOperation_t, cublasComputeType_t, cublasGemmAlgo_t.
 // cudaDataType comes from the CUDA runtime's own library_types.h.
 #pragma once
 #include <cstddef>
@@ -20,14 +20,12 @@ enum ComputeType : int {
   COMPUTE_32F_PEDANTIC = 69,
 };
 enum GemmAlgo : int { GEMM_DEFAULT = -1 };
-enum MathMode : int { DEFAULT_MATH = 0, PEDANTIC_MATH = 2 };
 
 struct Api {
   Status (*create)(Handle*);
   Status (*destroy)(Handle);
   Status (*set_stream)(Handle, cudaStream_t);
   Status (*set_workspace)(Handle, void*, size_t);
-  Status (*set_math_mode)(Handle, int);
   Status (*gemm_ex)(Handle, int transa, int transb, int m, int n, int k, const void* alpha, const void* A,
                     cudaDataType Atype, int lda, const void* B, cudaDataType Btype, int ldb, const void* beta,
                     void* C, cudaDataType Ctype, int ldc, int computeType, int algo);

@@ -53,8 +53,7 @@ void launch_combine_experts(const Ctx& ctx, const Tensor& y, const Tensor& weigh
 void launch_scatter_rows(const Ctx& ctx, const float* src, const int32_t* rows, int64_t R, int64_t N, float* out) {
   if (R == 0 || N == 0) return;
   scatter_rows<<<static_cast<unsigned>(R), 256, 0, ctx.stream>>>(src, rows, N, out);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) fail_cuda(ctx, "expertMatmul", e, {});
+  check_launch(ctx, "expertMatmul", {});
 }
 
 }  // namespace weft::cuda

@@ -1,4 +1,4 @@
-// Mixture-of-experts ops around the expert GEMV (matmul.cu): routeTopK, combineExperts, and the row scatter of
+// Mixture-of-experts ops around the expert GEMV (expert-gemv.cu): routeTopK, combineExperts, and the row scatter of
 // expertMatmul's grouped (prefill) path. Launchers check the launch and throw weft::Error.
 #pragma once
 

@@ -1,7 +1,7 @@
-// Sampling on the device, the CPU rule of cpu/ops.cc (sample) without sorting the vocabulary.
+// Sampling on the device: the rule of sample-rule.h (shared with the CPU backend) without sorting the vocabulary.
 //
 // Greedy rows (temperature <= 0) are the argmax with the lowest index on ties: exactly the CPU's answer.
-// Other rows: z = logit / temperature (fp32, -0 made +0), p = z == max ? 1 : exp(z - max) in double. The CPU
+// Other rows: z = sample_z (fp32, -0 made +0), p = sample_weight (exp(z - max) in double). The CPU
 // sorts by (z descending, index ascending) and keeps a prefix; every prefix of that order is a set
 //   {z > tau} + {the first n indices with z == tau}
 // for a threshold value tau, so the kernel finds the prefixes by threshold search instead of sorting:
@@ -19,6 +19,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/sample.cuh"
+#include "sample-rule.h"
 
 namespace weft::cuda {
 namespace {
@@ -57,10 +58,8 @@ struct Row {
   uint32_t tau_k = 0, tau_p = 0;
   int cut_k, cut_p;
 
-  __device__ float z(int i) const { return logits[i] / temperature + 0.0f; }
-  __device__ double p_of(float zi) const {
-    return zi == z_max ? 1.0 : exp(static_cast<double>(zi) - static_cast<double>(z_max));
-  }
+  __device__ float z(int i) const { return sample_z(logits[i], temperature); }
+  __device__ double p_of(float zi) const { return sample_weight(zi, z_max); }
   __device__ bool kept_k(uint32_t key, int i) const { return key > tau_k || (key == tau_k && i <= cut_k); }
   __device__ bool kept(uint32_t key, int i) const {
     return kept_k(key, i) && (key > tau_p || (key == tau_p && i <= cut_p));
@@ -210,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
   ArgMax top = ReduceArg(sh.cub.reduce_arg).Reduce(best, ArgMaxOp());
   if (threadIdx.x == 0) sh.result = top.i;
   __syncthreads();
-  if (!(row.temperature > 0)) {
+  if (sample_greedy(row.temperature)) {
     if (threadIdx.x == 0) out[r] = sh.result;
     return;
   }
@@ -273,7 +272,7 @@ __global__ void __launch_bounds__(kThreads)
   ScanDouble(sh.cub.scan_double).ExclusiveSum(local, before, total);
   if (threadIdx.x == 0) sh.result = -1;
   __syncthreads();
-  double threshold = static_cast<double>(u) * total;
+  double threshold = sample_threshold(u, total);
   if (local > 0 && before <= threshold && before + local > threshold) {
     double cumulative = before;
     int pick = last;

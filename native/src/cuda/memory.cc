@@ -1,0 +1,179 @@
+#include "cuda/memory.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/convert.h"
+#include "error.h"
+
+namespace weft::cuda {
+namespace {
+
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+class DeviceBuffer final : public Buffer {
+ public:
+  DeviceBuffer(size_t bytes, void* ptr, std::shared_ptr<DeviceState> st) : Buffer(bytes), ptr_(ptr), st_(std::move(st)) {}
+  ~DeviceBuffer() override {
+    if (!ptr_) return;
+    cudaSetDevice(st_->device);
+    std::lock_guard<std::mutex> lock(st_->deferred_mutex);
+    if (st_->capturing)
+      st_->deferred_frees.push_back(ptr_);
+    else
+      cudaFreeAsync(ptr_, st_->stream);
+  }
+  void* data() const override { return ptr_; }
+
+ private:
+  void* ptr_;
+  std::shared_ptr<DeviceState> st_;
+};
+
+}  // namespace
+
+// The arena's device memory.
+struct StepArena::Memory {
+  void* base = nullptr;
+  size_t size = 0;
+  std::shared_ptr<DeviceState> st;
+  ~Memory() {
+    if (!base) return;
+    cudaSetDevice(st->device);
+    cudaStreamSynchronize(st->stream);
+    cudaFree(base);
+  }
+};
+
+namespace {
+
+class ArenaBuffer final : public Buffer {
+ public:
+  ArenaBuffer(size_t bytes, uint64_t step, void* ptr, std::shared_ptr<const void> arena,
+              std::shared_ptr<GraphRegion> region)
+      : Buffer(bytes, step), ptr_(ptr), arena_(std::move(arena)), region_(std::move(region)) {}
+  void* data() const override { return ptr_; }
+
+ private:
+  void* ptr_;
+  std::shared_ptr<const void> arena_;
+  std::shared_ptr<GraphRegion> region_;
+};
+
+}  // namespace
+
+std::shared_ptr<Buffer> allocate_persistent(const std::shared_ptr<DeviceState>& st, const Tensor& t) {
+  size_t bytes = t.nbytes();
+  void* ptr = nullptr;
+  if (bytes) {
+    cudaError_t e = cudaMallocAsync(&ptr, bytes, st->stream);
+    if (e != cudaSuccess) {
+      size_t free = 0, total = 0;
+      cudaGetLastError();
+      cudaMemGetInfo(&free, &total);
+      fail_cuda(st.get(), "allocate", e,
+                detail::concat(" (cannot allocate ", bytes, " bytes for a ", t.shape, ' ', dtype_name(t.dtype),
+                               " tensor; ", free, " of ", total, " bytes free on device ", st->device, ")"));
+    }
+  }
+  return std::make_shared<DeviceBuffer>(bytes, ptr, st);
+}
+
+void set_capturing(DeviceState& st, bool capturing) {
+  std::lock_guard<std::mutex> lock(st.deferred_mutex);
+  st.capturing = capturing;
+  if (capturing) return;
+  for (void* p : st.deferred_frees) cudaFreeAsync(p, st.stream);
+  st.deferred_frees.clear();
+}
+
+void StepArena::begin_step() {
+  if (!memory_) {
+    void* base = nullptr;
+    cudaError_t e = cudaMalloc(&base, bytes_);
+    if (e != cudaSuccess)
+      fail_cuda(st_.get(), "beginStep", e,
+                detail::concat(" (cannot allocate the step arena of ", bytes_, " bytes, EngineOptions.arenaBytes)"));
+    memory_ = std::make_shared<Memory>();
+    memory_->base = base;
+    memory_->size = bytes_;
+    memory_->st = st_;
+  }
+  // Start above the memory of every live graph.
+  size_t floor = 0;
+  regions_.erase(std::remove_if(regions_.begin(), regions_.end(),
+                                [](const std::weak_ptr<GraphRegion>& r) { return r.expired(); }),
+                 regions_.end());
+  for (auto& w : regions_)
+    if (auto r = w.lock()) floor = std::max(floor, r->end);
+  used_ = floor;
+}
+
+std::shared_ptr<Buffer> StepArena::allocate(const Tensor& t, uint64_t step, std::shared_ptr<GraphRegion> region) {
+  size_t bytes = t.nbytes(), need = align_up(bytes);
+  if (used_ + need > memory_->size)
+    WEFT_FAIL("stepArena", "the step arena is exhausted: a ", t.shape, ' ', dtype_name(t.dtype), " tensor needs ",
+              bytes, " bytes, ", used_, " of ", memory_->size, " bytes are in use (raise EngineOptions.arenaBytes, "
+              "or make fewer tensors per step)");
+  void* ptr = static_cast<char*>(memory_->base) + used_;
+  used_ += need;
+  return std::make_shared<ArenaBuffer>(bytes, step, ptr, memory_, std::move(region));
+}
+
+void StepArena::close_region(const std::shared_ptr<GraphRegion>& region) {
+  region->end = used_;
+  regions_.push_back(region);
+}
+
+Staging::Staging(DeviceState& st) : st_(st) {
+  for (int i = 0; i < 2; ++i) {
+    check_cuda(st_, cudaHostAlloc(&buf_[i], kBytes, cudaHostAllocDefault), "createEngine");
+    check_cuda(st_, cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming), "createEngine");
+  }
+}
+
+Staging::~Staging() {
+  cudaSetDevice(st_.device);
+  for (int i = 0; i < 2; ++i) {
+    if (buf_[i]) cudaFreeHost(buf_[i]);
+    if (done_[i]) cudaEventDestroy(done_[i]);
+  }
+}
+
+void Staging::upload(void* dst, const void* src, size_t n) {
+  const char* from = static_cast<const char*>(src);
+  char* to = static_cast<char*>(dst);
+  for (size_t off = 0; off < n; off += kBytes) {
+    size_t chunk = std::min(kBytes, n - off);
+    int i = next_;
+    next_ ^= 1;
+    check_cuda(st_, cudaEventSynchronize(done_[i]), "upload");
+    std::memcpy(buf_[i], from + off, chunk);
+    check_cuda(st_, cudaMemcpyAsync(to + off, buf_[i], chunk, cudaMemcpyHostToDevice, st_.stream), "upload");
+    check_cuda(st_, cudaEventRecord(done_[i], st_.stream), "upload");
+  }
+}
+
+void Staging::download(const Tensor& t, void* dst) {
+  size_t n = t.nbytes(), es = dtype_size(t.dtype);
+  const char* from = static_cast<const char*>(t.buffer->data());
+  if (n == 0) {
+    synchronize(st_, "download");
+    return;
+  }
+  size_t step_bytes = kBytes / 4 * 4;
+  for (size_t off = 0; off < n; off += step_bytes) {
+    size_t chunk = std::min(step_bytes, n - off);
+    check_cuda(st_, cudaEventSynchronize(done_[0]), "download");
+    check_cuda(st_, cudaMemcpyAsync(buf_[0], from + off, chunk, cudaMemcpyDeviceToHost, st_.stream), "download");
+    synchronize(st_, "download");
+    if (t.dtype == DType::F32 || t.dtype == DType::I32)
+      std::memcpy(static_cast<char*>(dst) + off, buf_[0], chunk);
+    else
+      cpu::to_f32(buf_[0], t.dtype, 0, static_cast<int64_t>(chunk / es), static_cast<float*>(dst) + off / es);
+  }
+}
+
+}  // namespace weft::cuda
