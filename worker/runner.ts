@@ -18,6 +18,11 @@ import { WeftError } from '../core/errors.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
 
+/** Today's cache layout, one block per slot: token t is its own sequence row, whose one block is its slot. */
+function oneBlockPerSlot(ops: Ops, slots: readonly number[]): Pick<StepIndex, 'tokenSeq' | 'kvBlockTable'> {
+  return { tokenSeq: int32Tensor(ops, slots.map((_, t) => t)), kvBlockTable: int32Tensor(ops, slots, [slots.length, 1]) };
+}
+
 interface DecodeGraph {
   readonly bucket: number;
   readonly graph: Graph;
@@ -160,7 +165,7 @@ export class StepRunner {
     try {
       const step: StepIndex = {
         tokenIds: int32Tensor(ops, batch.tokens),
-        slots: int32Tensor(ops, batch.slots),
+        ...oneBlockPerSlot(ops, batch.slots),
         positions: int32Tensor(ops, batch.positions),
         logitRows: int32Tensor(ops, batch.logitRows),
       };
@@ -191,7 +196,7 @@ export class StepRunner {
     const writeInt = (t: Tensor, values: number[]): void => ops.write(t, new Uint8Array(Int32Array.from(values).buffer));
     const writeFloat = (t: Tensor, values: number[]): void => ops.write(t, new Uint8Array(Float32Array.from(values).buffer));
     writeInt(graph.inputs.tokenIds, pad(batch.tokens, 0));
-    writeInt(graph.inputs.slots, pad(batch.slots, this.paddingSlot));
+    writeInt(graph.inputs.kvBlockTable, pad(batch.slots, this.paddingSlot)); // [bucket, 1]; tokenSeq stays 0..bucket-1
     writeInt(graph.inputs.positions, pad(batch.positions, 0));
     writeFloat(graph.inputs.temperature, pad(sample.temperature, 0));
     writeInt(graph.inputs.topK, pad(sample.topK, 0));
@@ -211,7 +216,7 @@ export class StepRunner {
     const rows = Array.from({ length: bucket }, (_, i) => i);
     const inputs = {
       tokenIds: int32Tensor(ops, rows.map(() => 0)),
-      slots: int32Tensor(ops, rows.map(() => this.paddingSlot)),
+      ...oneBlockPerSlot(ops, rows.map(() => this.paddingSlot)),
       positions: int32Tensor(ops, rows.map(() => 0)),
       logitRows: int32Tensor(ops, rows),
       temperature: float32Tensor(ops, rows.map(() => 0)),
