@@ -47,7 +47,7 @@ void check_indices(const char* op, const char* name, const char* what, const Ten
 // of the cache. Entries no token reaches are not read, so they may hold anything (e.g. -1 for none).
 KvBlockTable checked_kv_table(const char* op, const Tensor& k_cache, const Tensor& token_seq, const Tensor& table,
                               const Tensor& positions, bool whole_prefix) {
-  KvBlockTable kv{table.data<int32_t>(), table.dim(1), k_cache.dim(2), k_cache.dim(1)};
+  KvBlockTable kv = KvBlockTable::of(k_cache, table);
   check_indices(op, "tokenSeq", "sequence", token_seq, table.dim(0), "kvBlockTable", table);
   const int32_t* seq = token_seq.data<int32_t>();
   const int32_t* pos = positions.data<int32_t>();
@@ -56,10 +56,10 @@ KvBlockTable checked_kv_table(const char* op, const Tensor& k_cache, const Tenso
                "kvBlockTable ", table, " of blocks of ", kv.block_size, " positions (need 0 <= position < ",
                kv.capacity(), ")");
     for (int64_t j = whole_prefix ? 0 : pos[t] / kv.block_size; j <= pos[t] / kv.block_size; ++j) {
-      const int32_t block = kv.table[seq[t] * kv.max_blocks + j];
-      WEFT_CHECK(block >= 0 && block < k_cache.dim(0), op, "kvBlockTable[", seq[t], "][", j, "] = ", block,
+      const int32_t block = kv.block_id(seq[t], j);
+      WEFT_CHECK(block >= 0 && block < kv.n_blocks, op, "kvBlockTable[", seq[t], "][", j, "] = ", block,
                  " (a block of tokenSeq[", t, "] = ", seq[t], ") is out of range for kCache ", k_cache,
-                 " (need 0 <= block < ", k_cache.dim(0), ")");
+                 " (need 0 <= block < ", kv.n_blocks, ")");
     }
   }
   return kv;

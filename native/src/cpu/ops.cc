@@ -117,15 +117,13 @@ void rope(float* out, const float* x, const int32_t* positions, const float* inv
 
 void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const KvBlockTable& kv,
               const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
-  for (int64_t t = 0; t < T; ++t) {
-    const int32_t block = kv.block_of(token_seq[t], positions[t]);
+  for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < kv.n_kv; ++h) {
-      int64_t dst = kv.row(block, h, positions[t]) * hd;  // [nBlocks, nKv, B, hd]
-      int64_t src = (t * kv.n_kv + h) * hd;              // [T, nKv * hd]
+      int64_t dst = kv.row_of(token_seq[t], h, positions[t]) * hd;  // [nBlocks, nKv, B, hd]
+      int64_t src = (t * kv.n_kv + h) * hd;                        // [T, nKv * hd]
       std::memcpy(k_cache + dst, k + src, static_cast<size_t>(hd) * sizeof(float));
       std::memcpy(v_cache + dst, v + src, static_cast<size_t>(hd) * sizeof(float));
     }
-  }
 }
 
 void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* positions,
@@ -139,11 +137,11 @@ void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const 
       cos_a[j] = std::cos(angle);
       sin_a[j] = std::sin(angle);
     }
-    const int32_t block = kv.block_of(token_seq[t], positions[t]);
     const float* row = qkv + t * width;
     for (int64_t h = 0; h < n_heads + n_kv; ++h) {  // q heads, then k heads: rotated
       const float* xh = row + h * hd;
-      float* oh = h < n_heads ? q + (t * n_heads + h) * hd : k_cache + kv.row(block, h - n_heads, positions[t]) * hd;
+      float* oh = h < n_heads ? q + (t * n_heads + h) * hd
+                              : k_cache + kv.row_of(token_seq[t], h - n_heads, positions[t]) * hd;
       for (int64_t j = 0; j < half; ++j) {
         float x1 = xh[j], x2 = xh[j + half];
         oh[j] = x1 * cos_a[j] - x2 * sin_a[j];
@@ -151,7 +149,7 @@ void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const 
       }
     }
     for (int64_t h = 0; h < n_kv; ++h)  // v heads: copied
-      std::memcpy(v_cache + kv.row(block, h, positions[t]) * hd, row + (n_heads + n_kv + h) * hd,
+      std::memcpy(v_cache + kv.row_of(token_seq[t], h, positions[t]) * hd, row + (n_heads + n_kv + h) * hd,
                   static_cast<size_t>(hd) * sizeof(float));
   }
 }
@@ -169,7 +167,7 @@ void attention(ThreadPool& pool, float* out, const float* q, const float* k_cach
     for (int64_t i = begin; i < end; ++i) {
       int64_t t = i / n_heads, h = i % n_heads;
       int64_t len = positions[t] + 1;  // positions 0..positions[t]; later ones are not read
-      for (int64_t p = 0; p < len; ++p) rows[p] = kv.row(kv.block_of(token_seq[t], p), h / group, p) * hd;
+      for (int64_t p = 0; p < len; ++p) rows[p] = kv.row_of(token_seq[t], h / group, p) * hd;
       const float* qh = q + (t * n_heads + h) * hd;
       float max_score = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < len; ++p) {
