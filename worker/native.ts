@@ -57,8 +57,13 @@ export interface Graph {
 }
 
 /**
- * Shapes: T tokens, H hidden, K/N matmul in/out features, S cache slots, C positions per slot, hd head
- * dimension, R rows, V vocabulary columns. All arithmetic is fp32; f16/bf16 weights are converted as read.
+ * Shapes: T tokens, H hidden, K/N matmul in/out features, hd head dimension, R rows, V vocabulary columns.
+ * The KV cache is a pool of blocks, caches [nBlocks, nKv, B, hd] f32 (B positions per block), addressed
+ * through tokenSeq [T] i32 (each token's row of the table) and kvBlockTable [S, maxBlocksPerSeq] i32
+ * (physical block ids; block j of a sequence holds its positions [j B, (j + 1) B)): token t's position p
+ * lives in block kvBlockTable[tokenSeq[t]][p / B], row p % B. One block per sequence (B = maxContext) is
+ * the case maxBlocksPerSeq = 1. CPU checks: tokenSeq < S, position < maxBlocksPerSeq * B, and each table entry
+ * an op reaches < nBlocks (entries no token reaches are not read); CUDA reports them on the device. All arithmetic is fp32; f16/bf16 weights are converted as read.
  */
 export interface Engine {
   readonly backend: 'cpu' | 'cuda';
@@ -78,16 +83,17 @@ export interface Engine {
   /** x [T, nHeads * headDim] f32, positions [T] i32 (>= 0), invFreq [headDim / 2] f32 -> rotated x (HF rotate_half per head). */
   rope(x: Tensor, positions: Tensor, invFreq: Tensor, headDim: number): Tensor;
   /**
-   * In place: kCache[slots[t], h, positions[t], :] = k[t, h*hd:(h+1)*hd], likewise vCache from v.
-   * Caches [S, nKv, C, hd] f32; k, v [T, nKv * hd] f32; slots, positions [T] i32 (checked: slot < S, position < C).
+   * In place: the cache row of (tokenSeq[t], positions[t]), kv head h = k[t, h*hd:(h+1)*hd], likewise vCache
+   * from v. Caches [nBlocks, nKv, B, hd] f32; k, v [T, nKv * hd] f32; tokenSeq, positions [T] i32;
+   * kvBlockTable [S, maxBlocksPerSeq] i32.
    */
-  writeKv(kCache: Tensor, vCache: Tensor, k: Tensor, v: Tensor, slots: Tensor, positions: Tensor): void;
+  writeKv(kCache: Tensor, vCache: Tensor, k: Tensor, v: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor): void;
   /**
    * q [T, nHeads * hd] f32 -> [T, nHeads * hd] f32. Query t, head h attends over kv head h / (nHeads / nKv) of
-   * slot slots[t], cache positions 0..positions[t] inclusive; softmax(q.k * scale) in fp32. nKv, hd, C come
-   * from the cache shape; nHeads % nKv must be 0.
+   * its sequence (row tokenSeq[t] of kvBlockTable), positions 0..positions[t] inclusive, each row read through
+   * the table; softmax(q.k * scale) in fp32. nKv, B, hd come from the cache shape; nHeads % nKv must be 0.
    */
-  attention(q: Tensor, kCache: Tensor, vCache: Tensor, slots: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
+  attention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
   /**
    * Fused residual add and RMSNorm, one kernel: x, y [T, H] f32, weight [H] f32|f16|bf16 ->
    * `{ sum: x + y, normed: rmsNorm(x + y, weight, eps) }`, both [T, H] f32, equal to `add` then `rmsNorm`.
@@ -96,11 +102,12 @@ export interface Engine {
   /**
    * Fused rope and KV write, one kernel, out of a fused q/k/v projection: qkv [T, (nHeads + 2 nKv) hd] f32
    * (nHeads q heads, then nKv k heads, then nKv v heads), positions [T] i32, invFreq [hd / 2] f32, caches
-   * [S, nKv, C, hd] f32, slots [T] i32 -> q [T, nHeads * hd] f32 = rope(q heads). In place: kCache and vCache
-   * get rope(k heads) and the v heads at (slots[t], h, positions[t]). Equals `sliceCols` x 3, `rope` of q and k,
-   * then `writeKv`; nKv and hd come from the cache shape, and the same index checks apply.
+   * [nBlocks, nKv, B, hd] f32, tokenSeq [T] i32, kvBlockTable [S, maxBlocksPerSeq] i32 -> q [T, nHeads * hd]
+   * f32 = rope(q heads). In place: the cache rows of (tokenSeq[t], positions[t]) get rope(k heads) and the v
+   * heads. Equals `sliceCols` x 3, `rope` of q and k, then `writeKv`; nKv, B and hd come from the cache
+   * shape, and the same index checks apply.
    */
-  qkvRope(qkv: Tensor, positions: Tensor, invFreq: Tensor, kCache: Tensor, vCache: Tensor, slots: Tensor, nHeads: number): Tensor;
+  qkvRope(qkv: Tensor, positions: Tensor, invFreq: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, nHeads: number): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
   /** gateUp [T, 2F] f32 -> [T, F] f32 = silu(gateUp[:, :F]) * gateUp[:, F:]. */

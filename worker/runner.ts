@@ -13,7 +13,7 @@
  */
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { checkKvPositions } from '../core/step-batch.ts';
-import type { KvCacheLayout } from '../core/kv-block-table.ts';
+import { maxBlocksPerSequence, type KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
 import type { RankModel } from './models/registry.ts';
@@ -31,14 +31,22 @@ interface HostIndex {
 
 /**
  * The wire batch as the step index the native ops read: the one place this conversion happens (eager steps,
- * chunks and graph inputs all come through here). This build's kernels address the cache as
- * [block, position] with one block per sequence (kvBlockSize >= maxContext, checked by the runner), so a
- * token's slot is the block of its sequence that holds its position.
+ * chunks and graph inputs all come through here). The ragged table rows are padded to a fixed width,
+ * maxBlocksPerSequence, so a graph's table tensor keeps its shape; padded entries lie past every position
+ * a token of that row reaches, and no kernel reads them.
  */
 export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<keyof StepIndex, HostIndex> {
-  const slots = batch.tokenSeq.map((s, t) => batch.kvBlockTable[s]![Math.floor(batch.positions[t]! / kv.kvBlockSize)]!);
+  const width = maxBlocksPerSequence(kv);
+  const table = new Int32Array(batch.kvBlockTable.length * width).fill(kv.paddingBlock ?? 0);
+  batch.kvBlockTable.forEach((blocks, s) => table.set(blocks, s * width));
   const vector = (values: readonly number[]): HostIndex => ({ values: Int32Array.from(values), shape: [values.length] });
-  return { tokenIds: vector(batch.tokens), slots: vector(slots), positions: vector(batch.positions), logitRows: vector(batch.logitRows) };
+  return {
+    tokenIds: vector(batch.tokens),
+    positions: vector(batch.positions),
+    tokenSeq: vector(batch.tokenSeq),
+    kvBlockTable: { values: table, shape: [batch.kvBlockTable.length, width] },
+    logitRows: vector(batch.logitRows),
+  };
 }
 
 function uploadIndex(ops: Ops, arrays: Record<keyof StepIndex, HostIndex>): StepIndex {
@@ -96,8 +104,6 @@ export class StepRunner {
     const shape = rankModel.model.kvCache[0]?.k.shape ?? [];
     if (shape[0] !== kv.kvBlocks || shape[2] !== kv.kvBlockSize)
       throw new WeftError('WEFT_BAD_REQUEST', `the model's KV cache is [${shape.join(', ')}], the layout says ${kv.kvBlocks} blocks of ${kv.kvBlockSize} positions`);
-    if (kv.kvBlockSize < kv.maxContext)
-      throw new WeftError('WEFT_BAD_REQUEST', `KV blocks of ${kv.kvBlockSize} positions for a context of ${kv.maxContext}: this build's attention reads one block per sequence`);
     this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
     if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
     this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? 4 * 2 ** 30) : Number.MAX_SAFE_INTEGER);

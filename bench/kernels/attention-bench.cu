@@ -86,7 +86,7 @@ int main() {
     Tensor q = dev(DType::F32, {T, int64_t(c.nH) * hd}), kc = dev(DType::F32, {1, c.nKv, C, hd}),
            vc = dev(DType::F32, {1, c.nKv, C, hd}), o_new = dev(DType::F32, {T, int64_t(c.nH) * hd}),
            o_ref = dev(DType::F32, {T, int64_t(c.nH) * hd}), slots = dev(DType::I32, {T}),
-           pos = dev(DType::I32, {T});
+           pos = dev(DType::I32, {T}), table = dev(DType::I32, {1, 1});  // slots: tokenSeq, all sequence 0 in block 0
     fill<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1);
     fill<<<1024, 256, 0, stream>>>(kc.data<float>(), kc.numel(), 2);
     fill<<<1024, 256, 0, stream>>>(vc.data<float>(), vc.numel(), 3);
@@ -96,9 +96,10 @@ int main() {
     for (int t = 0; t < T; ++t) hp[t] = t;
     CK(cudaMemcpy(slots.data<int32_t>(), hs.data(), T * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(pos.data<int32_t>(), hp.data(), T * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(table.data<int32_t>(), 0, 4));
     const float scale = 1.0f / std::sqrt(float(hd));
-    auto run_new = [&] { wc::launch_attention(ctx, q, kc, vc, slots, pos, c.nH, scale, o_new, nullptr, prop.multiProcessorCount); };
-    auto run_ref = [&] { wc::detail::launch_attention_prefill_fp32(ctx, q, kc, vc, slots, pos, c.nH, scale, o_ref); };
+    auto run_new = [&] { wc::launch_attention(ctx, q, kc, vc, slots, table, pos, c.nH, scale, o_new, nullptr, prop.multiProcessorCount); };
+    auto run_ref = [&] { wc::detail::launch_attention_prefill_fp32(ctx, q, kc, vc, slots, table, pos, c.nH, scale, o_ref); };
     auto time = [&](auto&& f) {
       for (int i = 0; i < 3; ++i) f();
       std::vector<float> ms;

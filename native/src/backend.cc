@@ -208,38 +208,42 @@ Tensor Backend::rope(const Tensor& x, const Tensor& positions, const Tensor& inv
 }
 
 namespace {
-// Shared by writeKv and attention: caches [S, nKv, C, hd] f32 of one shape; slots, positions [T] i32.
-void check_cache(const char* op, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
-                 const Tensor& positions, int64_t n_tokens) {
-  need(op, {"kCache", k_cache}, 4, "[S, nKv, C, hd]", kF32);
-  need(op, {"vCache", v_cache}, 4, "[S, nKv, C, hd]", kF32);
+// Shared by writeKv, attention and qkvRope: caches [nBlocks, nKv, B, hd] f32 of one shape, B >= 1; tokenSeq and
+// positions [T] i32; kvBlockTable [S, maxBlocksPerSeq] i32.
+void check_cache(const char* op, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                 const Tensor& kv_block_table, const Tensor& positions, int64_t n_tokens) {
+  need(op, {"kCache", k_cache}, 4, "[nBlocks, nKv, B, hd]", kF32);
+  need(op, {"vCache", v_cache}, 4, "[nBlocks, nKv, B, hd]", kF32);
   WEFT_CHECK(k_cache.shape == v_cache.shape, op, Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache},
              " must have the same shape");
-  need(op, {"slots", slots}, 1, "[T]", kI32);
+  WEFT_CHECK(k_cache.dim(2) >= 1, op, Arg{"kCache", k_cache}, " has blocks of ", k_cache.dim(2),
+             " positions (need a block size B >= 1)");
+  need(op, {"tokenSeq", token_seq}, 1, "[T]", kI32);
+  need(op, {"kvBlockTable", kv_block_table}, 2, "[S, maxBlocksPerSeq]", kI32);
   need(op, {"positions", positions}, 1, "[T]", kI32);
-  WEFT_CHECK(slots.dim(0) == n_tokens && positions.dim(0) == n_tokens, op, Arg{"slots", slots}, " and ",
+  WEFT_CHECK(token_seq.dim(0) == n_tokens && positions.dim(0) == n_tokens, op, Arg{"tokenSeq", token_seq}, " and ",
              Arg{"positions", positions}, " must both be [", n_tokens, "] (one per token)");
 }
 }  // namespace
 
 void Backend::write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                       const Tensor& slots, const Tensor& positions) {
+                       const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) {
   const char* op = "writeKv";
   need(op, {"k", k}, 2, "[T, nKv * hd]", kF32);
   need(op, {"v", v}, 2, "[T, nKv * hd]", kF32);
   WEFT_CHECK(k.shape == v.shape, op, Arg{"k", k}, " and ", Arg{"v", v}, " must have the same shape");
-  check_cache(op, k_cache, v_cache, slots, positions, k.dim(0));
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, k.dim(0));
   int64_t kv_width = k_cache.dim(1) * k_cache.dim(3);
   WEFT_CHECK(k.dim(1) == kv_width, op, Arg{"k", k}, " does not match ", Arg{"kCache", k_cache}, " (expected k [T, ",
              kv_width, "] = [T, nKv * hd])");
-  run_write_kv(k_cache, v_cache, k, v, slots, positions);
+  run_write_kv(k_cache, v_cache, k, v, token_seq, kv_block_table, positions);
 }
 
-Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
-                          const Tensor& positions, int64_t n_heads, float scale) {
+Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                          const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale) {
   const char* op = "attention";
   need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
-  check_cache(op, k_cache, v_cache, slots, positions, q.dim(0));
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, q.dim(0));
   int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
   WEFT_CHECK(n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads,
              " must be a positive multiple of nKv = ", n_kv, " (from ", Arg{"kCache", k_cache}, ")");
@@ -247,7 +251,7 @@ Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& 
              Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
   WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
   Tensor out = empty(DType::F32, q.shape);
-  run_attention(q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+  run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   return out;
 }
 
@@ -266,10 +270,11 @@ Backend::SumAndNormed Backend::add_rms_norm(const Tensor& x, const Tensor& y, co
 }
 
 Tensor Backend::qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
-                         const Tensor& v_cache, const Tensor& slots, int64_t n_heads) {
+                         const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                         int64_t n_heads) {
   const char* op = "qkvRope";
   need(op, {"qkv", qkv}, 2, "[T, (nHeads + 2 nKv) hd]", kF32);
-  check_cache(op, k_cache, v_cache, slots, positions, qkv.dim(0));
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, qkv.dim(0));
   need(op, {"invFreq", inv_freq}, 1, "[hd / 2]", kF32);
   int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
   WEFT_CHECK(hd > 0 && hd % 2 == 0, op, Arg{"kCache", k_cache}, " has head dimension ", hd,
@@ -281,7 +286,7 @@ Tensor Backend::qkv_rope(const Tensor& qkv, const Tensor& positions, const Tenso
   WEFT_CHECK(inv_freq.dim(0) == hd / 2, op, Arg{"invFreq", inv_freq}, " does not match ", Arg{"kCache", k_cache},
              " (expected invFreq [", hd / 2, "])");
   Tensor q = empty(DType::F32, {qkv.dim(0), n_heads * hd});
-  run_qkv_rope(qkv, positions, inv_freq, k_cache, v_cache, slots, q);
+  run_qkv_rope(qkv, positions, inv_freq, k_cache, v_cache, token_seq, kv_block_table, q);
   return q;
 }
 

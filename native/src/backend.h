@@ -3,12 +3,13 @@
 // The public methods are the ops as the binding calls them. Each one (backend.cc, shared by every backend)
 // checks the shapes and dtypes of all its arguments, allocates the output with empty(), and calls the
 // backend's protected run_* kernel, so a backend only implements kernels on arguments already known to fit.
-// Checks that need tensor *values* (slot, position and row indices held in i32 tensors) belong to the
-// backend: the CPU backend reads them before computing; a device backend checks them on the device.
+// Checks that need tensor *values* (sequence, block, position and row indices held in i32 tensors) belong to
+// the backend: the CPU backend reads them before computing; a device backend checks them on the device.
 //
 // All arithmetic is fp32; f16/bf16 weights are converted as they are read. Shapes in comments use T for
-// tokens, H for hidden size, K/N for matmul input/output features, S for cache slots, C for cache
-// positions per slot, hd for head dimension.
+// tokens, H for hidden size, K/N for matmul input/output features, hd for head dimension, and for the KV
+// cache (kv-block-table.h): nBlocks blocks of B positions, S sequence rows of kvBlockTable, M =
+// maxBlocksPerSeq blocks per row.
 #pragma once
 
 #include <cstdint>
@@ -96,13 +97,16 @@ class Backend {
   Tensor add(const Tensor& a, const Tensor& b);
   // x [T, nH * hd] f32, positions [T] i32, inv_freq [hd / 2] f32 -> rotated x (HF rotate_half per head).
   Tensor rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim);
-  // In place: k_cache[slots[t], h, positions[t], :] = k[t, h * hd : (h + 1) * hd]; likewise v.
-  // caches [S, nKv, C, hd] f32; k, v [T, nKv * hd] f32; slots, positions [T] i32.
+  // The KV ops address the cache through a block table (kv-block-table.h): caches [nBlocks, nKv, B, hd] f32,
+  // token_seq [T] i32 (each token's row of the table), kv_block_table [S, M] i32 (physical block ids),
+  // positions [T] i32. Token t's position p lives in block kv_block_table[token_seq[t]][p / B], row p % B.
+  // In place: the cache row of (token t, kv head h) = k[t, h * hd : (h + 1) * hd]; likewise v. k, v [T, nKv * hd].
   void write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                const Tensor& slots, const Tensor& positions);
-  // q [T, nH * hd] f32 -> [T, nH * hd] f32: query t attends over cache positions 0..positions[t] of slot slots[t].
-  Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
-                   const Tensor& positions, int64_t n_heads, float scale);
+                const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions);
+  // q [T, nH * hd] f32 -> [T, nH * hd] f32: query t attends over positions 0..positions[t] of its sequence,
+  // each key and value row read through the table.
+  Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                   const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale);
   // ---- fused ops (one kernel each on CUDA; each equals the composition of the separate ops it names)
   // x, y [T, H] f32, weight [H] float -> {sum = x + y, normed = rms_norm(sum, weight, eps)}, both [T, H] f32:
   // the residual add and the next norm in one pass.
@@ -110,11 +114,11 @@ class Backend {
     Tensor sum, normed;
   };
   SumAndNormed add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps);
-  // qkv [T, (nH + 2 nKv) hd] f32 (q heads, then k heads, then v heads), caches [S, nKv, C, hd] f32, slots and
-  // positions [T] i32, inv_freq [hd / 2] f32 -> q [T, nH * hd] f32 = rope(q part); in place: the cache rows
-  // (slots[t], h, positions[t]) get rope(k part) and the v part. Equals sliceCols x 3, rope x 2 and writeKv.
+  // qkv [T, (nH + 2 nKv) hd] f32 (q heads, then k heads, then v heads), positions [T] i32, inv_freq [hd / 2]
+  // f32, caches, token_seq and kv_block_table as write_kv -> q [T, nH * hd] f32 = rope(q part); in place: the
+  // cache rows of (token t, kv head h) get rope(k part) and the v part. Equals sliceCols x 3, rope x 2 and writeKv.
   Tensor qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
-                  const Tensor& v_cache, const Tensor& slots, int64_t n_heads);
+                  const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table, int64_t n_heads);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
   // gate_up [T, 2F] f32 -> [T, F] f32: silu(gate) * up.
@@ -182,14 +186,16 @@ class Backend {
   virtual void run_rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
                         const Tensor& out) = 0;
   virtual void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                            const Tensor& slots, const Tensor& positions) = 0;
-  virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
-                             const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) = 0;
+                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) = 0;
+  virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                             const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                             const Tensor& out) = 0;
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                                 const Tensor& normed) = 0;
   virtual void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
-                            const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, const Tensor& q) = 0;
+                            const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                            const Tensor& kv_block_table, const Tensor& q) = 0;
   virtual void run_silu_mul(const Tensor& gate_up, const Tensor& out) = 0;
   virtual void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) = 0;
   virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;

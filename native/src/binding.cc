@@ -316,7 +316,7 @@ Napi::Value EngineHandle::WriteKv(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "writeKv", [&]() -> Napi::Value {
     Args a(info, "writeKv", this);
     backend_->write_kv(a.tensor(0, "kCache"), a.tensor(1, "vCache"), a.tensor(2, "k"), a.tensor(3, "v"),
-                       a.tensor(4, "slots"), a.tensor(5, "positions"));
+                       a.tensor(4, "tokenSeq"), a.tensor(5, "kvBlockTable"), a.tensor(6, "positions"));
     return info.Env().Undefined();
   });
 }
@@ -325,8 +325,9 @@ Napi::Value EngineHandle::Attention(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "attention", [&] {
     Args a(info, "attention", this);
     return Wrap(info.Env(), backend_->attention(a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"),
-                                                a.tensor(3, "slots"), a.tensor(4, "positions"),
-                                                a.integer(5, "nHeads"), static_cast<float>(a.number(6, "scale"))));
+                                                a.tensor(3, "tokenSeq"), a.tensor(4, "kvBlockTable"),
+                                                a.tensor(5, "positions"), a.integer(6, "nHeads"),
+                                                static_cast<float>(a.number(7, "scale"))));
   });
 }
 
@@ -354,8 +355,8 @@ Napi::Value EngineHandle::QkvRope(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "qkvRope", [&] {
     Args a(info, "qkvRope", this);
     return Wrap(info.Env(), backend_->qkv_rope(a.tensor(0, "qkv"), a.tensor(1, "positions"), a.tensor(2, "invFreq"),
-                                               a.tensor(3, "kCache"), a.tensor(4, "vCache"), a.tensor(5, "slots"),
-                                               a.integer(6, "nHeads")));
+                                               a.tensor(3, "kCache"), a.tensor(4, "vCache"), a.tensor(5, "tokenSeq"),
+                                               a.tensor(6, "kvBlockTable"), a.integer(7, "nHeads")));
   });
 }
 

@@ -9,7 +9,9 @@
 // results exact; elementwise fp32 1e-6; reductions over a row (rmsNorm, matmul over K = 4096, logSoftmax)
 // 1e-5 (matmul over 8 tokens with f16/bf16 weights, x rounded for the tensor cores: 2e-3); attention: decode
 // (T <= 64: fp32 softmax over up to 2048 positions, split-K merge) 1e-4, prefill (T > 64: f16 tensor cores)
-// 1e-3, derived in check_attention.
+// 1e-3, derived in check_attention. The KV ops run on one block per sequence (kvBlockTable [S, 1]) and on paged
+// caches (check_paged: blocks of B = 16, 7, 64 positions scattered through the pool), where the kernels must also
+// equal their one-block results bit for bit when the capacities match (same rows, same order).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -253,6 +255,17 @@ void check_matmul(Rng& rng) {
     }
 }
 
+// kvBlockTable [rows.size() / per_seq, per_seq] i32.
+Tensor up_table(Backend& b, const std::vector<int32_t>& rows, int64_t per_seq) {
+  return b.upload(rows.data(), rows.size() * 4, DType::I32, {static_cast<int64_t>(rows.size()) / per_seq, per_seq});
+}
+// One block per sequence: row s of the table is block s ([S, 1]).
+Tensor one_block_table(Backend& b, int64_t S) {
+  std::vector<int32_t> rows(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) rows[s] = static_cast<int32_t>(s);
+  return up_table(b, rows, 1);
+}
+
 // Caches [S, nKv, C, hd] with random contents on both backends.
 struct Caches {
   Tensor kc, vc, kg, vg;
@@ -277,7 +290,7 @@ void check_attention(Rng& rng) {
     std::string sh = "T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) +
                      "x128 C=2048 " + c.kind;
     Caches caches = make_caches(rng, S, c.nKv, C, hd);
-    std::vector<int32_t> slots(c.T), pos(c.T);
+    std::vector<int32_t> slots(c.T), pos(c.T);  // slots: each token's sequence row, one block each
     for (int64_t t = 0; t < c.T; ++t) {
       if (!std::strcmp(c.kind, "decode")) {
         slots[t] = rng.below(S);
@@ -299,17 +312,19 @@ void check_attention(Rng& rng) {
     run_case("writeKv", sh, [&] {
       if (!unique) return;
       Shape ks{c.T, c.nKv * hd};
-      cpu->write_kv(caches.kc, caches.vc, up(*cpu, k, ks), up(*cpu, v, ks), up_i(*cpu, slots), up_i(*cpu, pos));
-      gpu->write_kv(caches.kg, caches.vg, up(*gpu, k, ks), up(*gpu, v, ks), up_i(*gpu, slots), up_i(*gpu, pos));
+      cpu->write_kv(caches.kc, caches.vc, up(*cpu, k, ks), up(*cpu, v, ks), up_i(*cpu, slots), one_block_table(*cpu, S),
+                    up_i(*cpu, pos));
+      gpu->write_kv(caches.kg, caches.vg, up(*gpu, k, ks), up(*gpu, v, ks), up_i(*gpu, slots), one_block_table(*gpu, S),
+                    up_i(*gpu, pos));
       compare("writeKv", sh, down(*gpu, caches.kg), down(*cpu, caches.kc), 0);
       compare("writeKv", sh + " v", down(*gpu, caches.vg), down(*cpu, caches.vc), 0);
     });
     run_case("attention", sh, [&] {
       Shape qs{c.T, c.nH * hd};
-      auto want = down(*cpu, cpu->attention(up(*cpu, q, qs), caches.kc, caches.vc, up_i(*cpu, slots), up_i(*cpu, pos),
-                                            c.nH, scale));
-      auto got = down(*gpu, gpu->attention(up(*gpu, q, qs), caches.kg, caches.vg, up_i(*gpu, slots), up_i(*gpu, pos),
-                                           c.nH, scale));
+      auto want = down(*cpu, cpu->attention(up(*cpu, q, qs), caches.kc, caches.vc, up_i(*cpu, slots),
+                                            one_block_table(*cpu, S), up_i(*cpu, pos), c.nH, scale));
+      auto got = down(*gpu, gpu->attention(up(*gpu, q, qs), caches.kg, caches.vg, up_i(*gpu, slots),
+                                           one_block_table(*gpu, S), up_i(*gpu, pos), c.nH, scale));
       // Decode (T <= 64) runs in fp32: 1e-4. Prefill (T > 64) runs on tensor cores with q * scale * log2(e), k, v
       // and the softmax weights p rounded to f16 (11 significant bits, relative error <= 2^-12 each). An output
       // row is a p-weighted mean of v rows, so v's and p's roundings add at most 2 * 2^-12 = 4.9e-4 of max|v|;
@@ -319,6 +334,85 @@ void check_attention(Rng& rng) {
       compare("attention", sh, got, want, c.T > 64 ? 1e-3 : 1e-4);
     });
   }
+}
+
+// Paged caches: the logical contents of one-block caches [S, nKv, C, hd] laid out in blocks of B positions,
+// scattered and out of order in a pool with spare blocks. Attention (decode, prefill, ragged; tensor-core and
+// fp32 prefill kernels) and writeKv against the CPU, and attention against the one-block layout: exact where the
+// capacity ceil(C / B) * B equals C (the kernels then see the same shapes and read the same rows in order).
+void check_paged(Rng& rng) {
+  const int64_t S = 3, C = 2048;
+  struct Cfg {
+    int64_t T, nH, nKv, hd;
+    const char* kind;  // "decode": sequence t % S at random positions; "prefill": one sequence after 1000 positions;
+                       // "ragged": two sequences in one batch
+  };
+  for (Cfg c : {Cfg{1, 32, 8, 128, "decode"}, Cfg{8, 32, 8, 128, "decode"}, Cfg{64, 32, 8, 128, "decode"},
+                Cfg{300, 32, 8, 128, "prefill"}, Cfg{300, 32, 8, 64, "ragged"}, Cfg{100, 16, 4, 96, "ragged"}})
+    for (int64_t B : {int64_t{16}, int64_t{7}, int64_t{64}}) {
+      const int64_t per_seq = (C + B - 1) / B, n_blocks = S * per_seq + 3, hd = c.hd;
+      std::string sh = "T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) + "x" +
+                       std::to_string(hd) + " B=" + std::to_string(B) + " " + c.kind;
+      run_case("paged", sh, [&] {
+        auto k = rng.floats(S * c.nKv * C * hd), v = rng.floats(S * c.nKv * C * hd);
+        // Block ids: a seeded shuffle of the pool; the last 3 are spare (never in the table).
+        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
+        std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        std::vector<float> pk(static_cast<size_t>(n_blocks * c.nKv * B * hd)), pv(pk.size());
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t h = 0; h < c.nKv; ++h)
+            for (int64_t p = 0; p < C; ++p) {
+              int64_t from = ((s * c.nKv + h) * C + p) * hd;
+              int64_t to = ((rows[s * per_seq + p / B] * c.nKv + h) * B + p % B) * hd;
+              std::copy(k.begin() + from, k.begin() + from + hd, pk.begin() + to);
+              std::copy(v.begin() + from, v.begin() + from + hd, pv.begin() + to);
+            }
+        std::vector<int32_t> seq(c.T), pos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) {
+          if (!std::strcmp(c.kind, "decode")) {
+            seq[t] = static_cast<int32_t>(t % S);
+            pos[t] = t == 0 ? C - 1 : (t == 1 ? 0 : rng.below(C));
+          } else if (!std::strcmp(c.kind, "prefill")) {
+            seq[t] = 2;
+            pos[t] = static_cast<int32_t>(1000 + t);
+          } else {
+            seq[t] = t < c.T / 3 ? 1 : 0;
+            pos[t] = static_cast<int32_t>(t < c.T / 3 ? t : 500 + t);
+          }
+        }
+        auto q = rng.floats(c.T * c.nH * hd);
+        const float scale = 1.0f / std::sqrt(float(hd));
+        Shape ps{n_blocks, c.nKv, B, hd}, os{S, c.nKv, C, hd};
+        auto attend = [&](Backend& b, const std::vector<float>& kc, const std::vector<float>& vc, const Shape& cs,
+                          const Tensor& table) {
+          return down(b, b.attention(up(b, q, {c.T, c.nH * hd}), up(b, kc, cs), up(b, vc, cs), up_i(b, seq), table,
+                                     up_i(b, pos), c.nH, scale));
+        };
+        auto got = attend(*gpu, pk, pv, ps, up_table(*gpu, rows, per_seq));
+        compare("paged attention", sh, got, attend(*cpu, pk, pv, ps, up_table(*cpu, rows, per_seq)),
+                c.T > 64 ? 1e-3 : 1e-4);
+        if (per_seq * B == C)
+          compare("paged attention", sh + " vs 1 block", got, attend(*gpu, k, v, os, one_block_table(*gpu, S)), 0, 0,
+                  "vs one block per sequence on cuda");
+        // writeKv into the paged pool: distinct (sequence, position) pairs, spare blocks untouched.
+        std::vector<int32_t> wpos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) wpos[t] = static_cast<int32_t>((t / S) * 5 + 3);
+        auto kt = rng.floats(c.T * c.nKv * hd), vt = rng.floats(c.T * c.nKv * hd);
+        auto written = [&](Backend& b) {
+          Tensor kc = up(b, pk, ps), vc = up(b, pv, ps);
+          std::vector<int32_t> wseq(c.T);
+          for (int64_t t = 0; t < c.T; ++t) wseq[t] = static_cast<int32_t>(t % S);
+          b.write_kv(kc, vc, up(b, kt, {c.T, c.nKv * hd}), up(b, vt, {c.T, c.nKv * hd}), up_i(b, wseq),
+                     up_table(b, rows, per_seq), up_i(b, wpos));
+          return std::make_pair(down(b, kc), down(b, vc));
+        };
+        auto wg = written(*gpu), wc = written(*cpu);
+        compare("paged writeKv", sh, wg.first, wc.first, 0);
+        compare("paged writeKv", sh + " v", wg.second, wc.second, 0);
+      });
+    }
 }
 
 // The fused ops against the CPU, and against the separate CUDA ops they replace (same arithmetic: exact).
@@ -366,7 +460,7 @@ void check_fused(Rng& rng) {
       auto f = inv_freq(hd);
       auto run = [&](Backend& b, const Tensor& kc, const Tensor& vc) {
         return down(b, b.qkv_rope(up(b, qkv, {c.T, width}), up_i(b, pos), up(b, f, {hd / 2}), kc, vc, up_i(b, slots),
-                                  c.nH));
+                                  one_block_table(b, S), c.nH));
       };
       auto gq = run(*gpu, fused.kg, fused.vg), cq = run(*cpu, fused.kc, fused.vc);
       compare("qkvRope q", sh, gq, cq, 1e-5);
@@ -377,7 +471,7 @@ void check_fused(Rng& rng) {
       int64_t q_end = c.nH * hd, k_end = q_end + c.nKv * hd;
       Tensor q = gpu->rope(gpu->slice_cols(x, 0, q_end), p, fr, hd);
       gpu->write_kv(sep_k, sep_v, gpu->rope(gpu->slice_cols(x, q_end, k_end), p, fr, hd),
-                    gpu->slice_cols(x, k_end, width), sl, p);
+                    gpu->slice_cols(x, k_end, width), sl, one_block_table(*gpu, S), p);
       compare("qkvRope vs cuda", sh, gq, down(*gpu, q), 0, 0, "q vs sliceCols + rope");
       compare("qkvRope vs cuda", sh + " k", down(*gpu, fused.kg), down(*gpu, sep_k), 0, 0, "kCache vs rope + writeKv");
       compare("qkvRope vs cuda", sh + " v", down(*gpu, fused.vg), down(*gpu, sep_v), 0, 0, "vCache vs writeKv");
@@ -468,39 +562,47 @@ void check_random() {
   }
 }
 
-// A decode step captured once, replayed after write() of new positions, equals eager CPU results. fused: the
-// step uses qkvRope and addRmsNorm instead of sliceCols, rope, writeKv, add and rmsNorm.
-void check_graph(Rng& rng, bool fused) {
+// A decode step captured once, replayed after write() of new positions and a new kvBlockTable, equals eager CPU
+// results. fused: the step uses qkvRope and addRmsNorm instead of sliceCols, rope, writeKv, add and rmsNorm. B:
+// positions per block (C: one block per sequence; smaller: paged, each step moving the sequences' blocks).
+void check_graph(Rng& rng, bool fused, int64_t B) {
   const int64_t S = 4, nKv = 8, nH = 32, C = 2048, hd = 128, T = 8, H = 4096;
-  std::string sh = std::string("T=8 32/8x128 C=2048") + (fused ? " fused" : "");
+  const int64_t per_seq = C / B, n_blocks = S * per_seq;
+  std::string sh = std::string("T=8 32/8x128 C=2048 B=") + std::to_string(B) + (fused ? " fused" : "");
+  // Step `step`'s table: the pool's blocks in a rotation by step * 5 (step 0: block i at index i).
+  auto blocks = [&](int step) {
+    std::vector<int32_t> rows(static_cast<size_t>(n_blocks));
+    for (int64_t i = 0; i < n_blocks; ++i) rows[i] = static_cast<int32_t>((i + step * 5) % n_blocks);
+    return rows;
+  };
   try {
-    Caches caches = make_caches(rng, S, nKv, C, hd);
+    Caches caches = make_caches(rng, n_blocks, nKv, B, hd);
     auto w = rng.floats(H), f = inv_freq(hd);
     auto qkv_w = rng.floats((nH + 2 * nKv) * hd * H, -0.05f, 0.05f);
     auto x0 = rng.floats(T * H);
     auto make_inputs = [&](Backend& b) {
-      std::vector<int32_t> slot0(T), pos0(T);  // distinct (slot, position) pairs: no write races
+      std::vector<int32_t> seq(T), pos0(T);  // distinct (sequence, position) pairs: no write races
       for (int64_t t = 0; t < T; ++t) {
-        slot0[t] = static_cast<int32_t>(t % S);
+        seq[t] = static_cast<int32_t>(t % S);
         pos0[t] = static_cast<int32_t>(t);
       }
-      return std::vector<Tensor>{up(b, x0, {T, H}), up_i(b, slot0), up_i(b, pos0),
+      return std::vector<Tensor>{up(b, x0, {T, H}), up_table(b, blocks(0), per_seq), up_i(b, pos0),
                                  up_narrow(b, qkv_w, {(nH + 2 * nKv) * hd, H}, DType::BF16), up(b, w, {H}),
-                                 up(b, f, {hd / 2})};
+                                 up(b, f, {hd / 2}), up_i(b, seq)};
     };
     auto forward = [&](Backend& b, const std::vector<Tensor>& in, const Tensor& kc, const Tensor& vc) {
       if (fused) {
         Backend::SumAndNormed h = b.add_rms_norm(in[0], in[0], in[4], 1e-5f);
-        Tensor q = b.qkv_rope(b.matmul(h.normed, in[3]), in[2], in[5], kc, vc, in[1], nH);
-        return b.attention(q, kc, vc, in[1], in[2], nH, 1.0f / std::sqrt(float(hd)));
+        Tensor q = b.qkv_rope(b.matmul(h.normed, in[3]), in[2], in[5], kc, vc, in[6], in[1], nH);
+        return b.attention(q, kc, vc, in[6], in[1], in[2], nH, 1.0f / std::sqrt(float(hd)));
       }
       Tensor h = b.rms_norm(in[0], in[4], 1e-5f);
       Tensor qkv = b.matmul(h, in[3]);
       Tensor q = b.rope(b.slice_cols(qkv, 0, nH * hd), in[2], in[5], hd);
       Tensor k = b.rope(b.slice_cols(qkv, nH * hd, (nH + nKv) * hd), in[2], in[5], hd);
       Tensor v = b.slice_cols(qkv, (nH + nKv) * hd, (nH + 2 * nKv) * hd);
-      b.write_kv(kc, vc, k, v, in[1], in[2]);
-      return b.attention(q, kc, vc, in[1], in[2], nH, 1.0f / std::sqrt(float(hd)));
+      b.write_kv(kc, vc, k, v, in[6], in[1], in[2]);
+      return b.attention(q, kc, vc, in[6], in[1], in[2], nH, 1.0f / std::sqrt(float(hd)));
     };
     auto gin = make_inputs(*gpu), cin = make_inputs(*cpu);
     gpu->begin_step();
@@ -513,18 +615,15 @@ void check_graph(Rng& rng, bool fused) {
     gpu->end_step();
     forward(*cpu, cin, caches.kc, caches.vc);  // the GPU warm-up's cache writes (the capture runs nothing)
     for (int step = 0; step < 3; ++step) {
-      std::vector<int32_t> slots(T), pos(T);
-      for (int64_t t = 0; t < T; ++t) {
-        slots[t] = static_cast<int32_t>(t % S);
-        pos[t] = static_cast<int32_t>(100 * step + 7 * t + (t < S ? 0 : 1000));
-      }
+      std::vector<int32_t> table = blocks(step + 1), pos(T);
+      for (int64_t t = 0; t < T; ++t) pos[t] = static_cast<int32_t>(100 * step + 7 * t + (t < S ? 0 : 1000));
       gpu->begin_step();
-      gpu->write(gin[1], slots.data(), T * 4);
+      gpu->write(gin[1], table.data(), table.size() * 4);
       gpu->write(gin[2], pos.data(), T * 4);
       gpu->replay(*graph);
       auto got = down(*gpu, out);
       gpu->end_step();
-      cpu->write(cin[1], slots.data(), T * 4);
+      cpu->write(cin[1], table.data(), table.size() * 4);
       cpu->write(cin[2], pos.data(), T * 4);
       auto want = down(*cpu, forward(*cpu, cin, caches.kc, caches.vc));
       compare("graph replay", sh + " step " + std::to_string(step), got, want, 1e-4);
@@ -558,16 +657,23 @@ void check_errors() {
     gpu->end_step();
     gpu->check_usable("add", "a", a);
   });
-  expect("writeKv slot on device", "writeKv: slots[0] = 9 is out of range", [&] {
+  expect("writeKv block on device", "writeKv: the KV block of token 0 (kvBlockTable[tokenSeq[0]][positions[0] / B]) = 9 "
+         "is out of range", [&] {
     Tensor kc = gpu->zeros(DType::F32, {2, 1, 4, 4});
     gpu->write_kv(kc, kc, up(*gpu, std::vector<float>(4, 1), {1, 4}), up(*gpu, std::vector<float>(4, 1), {1, 4}),
-                  up_i(*gpu, {9}), up_i(*gpu, {0}));
+                  up_i(*gpu, {0}), up_table(*gpu, {9}, 1), up_i(*gpu, {0}));
     gpu->synchronize();
   });
-  expect("qkvRope slot on device", "writeKv: slots[0] = 9 is out of range", [&] {
+  expect("qkvRope sequence on device", "writeKv: tokenSeq[0] = 9 is out of range", [&] {
     Tensor kc = gpu->zeros(DType::F32, {2, 1, 4, 4});
     gpu->qkv_rope(up(*gpu, std::vector<float>(12, 1), {1, 12}), up_i(*gpu, {0}), up(*gpu, std::vector<float>(2, 1), {2}),
-                  kc, kc, up_i(*gpu, {9}), 1);
+                  kc, kc, up_i(*gpu, {9}), one_block_table(*gpu, 2), 1);
+    gpu->synchronize();
+  });
+  expect("attention block on device", "attention: a KV block read by token 0", [&] {
+    Tensor kc = gpu->zeros(DType::F32, {2, 1, 4, 4});
+    gpu->attention(up(*gpu, std::vector<float>(4, 1), {1, 4}), kc, kc, up_i(*gpu, {0}), up_table(*gpu, {0, -1}, 2),
+                   up_i(*gpu, {5}), 1, 0.5f);
     gpu->synchronize();
   });
   expect("upload during capture", "not allowed during graph capture", [&] {
@@ -611,11 +717,13 @@ int main() {
   check_matmul(rng);
   check_moe(rng);
   check_attention(rng);
+  check_paged(rng);
   check_softmax_sample(rng);
   check_random();
   check_fused(rng);
-  check_graph(rng, false);
-  check_graph(rng, true);
+  check_graph(rng, false, 2048);
+  check_graph(rng, true, 2048);
+  check_graph(rng, true, 16);
   check_errors();
   auto mi = gpu->memory_info();
   int failed = 0;

@@ -23,6 +23,10 @@ const ints = (n: number, below: number): Int32Array => Int32Array.from({ length:
 const bytesOf = (a: Float32Array | Int32Array | Uint16Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 const f32 = (e: Engine, v: Float32Array, shape: number[]): Tensor => e.upload(bytesOf(v), 'f32', shape);
 const i32 = (e: Engine, v: Int32Array): Tensor => e.upload(bytesOf(v), 'i32', [v.length]);
+/** kvBlockTable [S, perSeq] i32. */
+const table = (e: Engine, v: Int32Array, perSeq: number): Tensor => e.upload(bytesOf(v), 'i32', [v.length / perSeq, perSeq]);
+/** One block per sequence: sequence s owns block s of B = maxContext positions ([S, 1]). */
+const identityTable = (e: Engine, S: number): Tensor => table(e, Int32Array.from({ length: S }, (_, s) => s), 1);
 const bf16 = (e: Engine, v: Float32Array, shape: number[]): Tensor =>
   e.upload(bytesOf(Uint16Array.from(new Uint32Array(v.buffer, v.byteOffset, v.length), (b) => b >>> 16)), 'bf16', shape);
 const get = (e: Engine, t: Tensor): Float32Array => e.download(t) as Float32Array;
@@ -128,19 +132,63 @@ test('writeKv and attention: decode (split-K), prefill and ragged batches, GQA 3
     const k = randoms(T * nKv * hd), v = randoms(T * nKv * hd), q = randoms(T * nH * hd);
     const what = `T=${T} ${nH}/${nKv} ${kind}`;
     if (kind !== 'decode') { // decode batches may repeat (slot, position): the write order would be unspecified
-      gpu.writeKv(cg.k, cg.v, f32(gpu, k, [T, nKv * hd]), f32(gpu, v, [T, nKv * hd]), i32(gpu, slots), i32(gpu, pos));
-      cpu.writeKv(cc.k, cc.v, f32(cpu, k, [T, nKv * hd]), f32(cpu, v, [T, nKv * hd]), i32(cpu, slots), i32(cpu, pos));
+      gpu.writeKv(cg.k, cg.v, f32(gpu, k, [T, nKv * hd]), f32(gpu, v, [T, nKv * hd]), i32(gpu, slots), identityTable(gpu, S), i32(gpu, pos));
+      cpu.writeKv(cc.k, cc.v, f32(cpu, k, [T, nKv * hd]), f32(cpu, v, [T, nKv * hd]), i32(cpu, slots), identityTable(cpu, S), i32(cpu, pos));
       assertNear(get(gpu, cg.k), get(cpu, cc.k), 0, `writeKv k ${what}`);
       assertNear(get(gpu, cg.v), get(cpu, cc.v), 0, `writeKv v ${what}`);
     }
     const att = (e: Engine, c: { k: Tensor; v: Tensor }) =>
-      get(e, e.attention(f32(e, q, [T, nH * hd]), c.k, c.v, i32(e, slots), i32(e, pos), nH, 1 / Math.sqrt(hd)));
+      get(e, e.attention(f32(e, q, [T, nH * hd]), c.k, c.v, i32(e, slots), identityTable(e, S), i32(e, pos), nH, 1 / Math.sqrt(hd)));
     // Decode (T <= 64) runs in fp32: 1e-4. Prefill (T > 64) runs on tensor cores with q * scale * log2(e), k, v
     // and the softmax weights p rounded to f16 (11 significant bits, relative error <= 2^-12 each): v's and p's
     // roundings add at most 2 * 2^-12 = 4.9e-4 of max|v| to an output (a p-weighted mean of v rows), the scores'
     // ~1e-4 relative in p. Measured on an H100 (ops-check.cc, 2026-11-23): 2.4e-4 to 3.9e-4 of max|out|, so
     // 1e-3 leaves 2.5x margin; bf16 operands (8 significant bits) would be 8x worse.
     assertNear(att(gpu, cg), att(cpu, cc), T > 64 ? 1e-3 : 1e-4, `attention ${what}`);
+  }
+});
+
+test('paged KV cache: blocks of B = 16, 7, 64 and maxContext scattered in the pool; decode and prefill equal the CPU and the one-block layout', { skip }, () => {
+  const S = 3, C = 2048, hd = 128, nH = 32, nKv = 8, scale = 1 / Math.sqrt(hd);
+  const k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd); // one block per sequence [S, nKv, C, hd]
+  const oneBlock = (e: Engine) => ({ k: f32(e, k0, [S, nKv, C, hd]), v: f32(e, v0, [S, nKv, C, hd]), table: identityTable(e, S) });
+  for (const B of [16, 7, 64, C]) {
+    const perSeq = Math.ceil(C / B), nBlocks = S * perSeq + 1; // one spare block
+    const blockIds = Int32Array.from([...Array(nBlocks).keys()].sort(() => rand() - 0.5).slice(0, S * perSeq)); // scattered, out of order
+    // The same logical cache in the paged layout (block j of sequence s holds its positions [j B, (j + 1) B)).
+    const pk = new Float32Array(nBlocks * nKv * B * hd), pv = new Float32Array(nBlocks * nKv * B * hd);
+    for (let s = 0; s < S; s++)
+      for (let h = 0; h < nKv; h++)
+        for (let p = 0; p < C; p++) {
+          const from = ((s * nKv + h) * C + p) * hd, to = ((blockIds[s * perSeq + Math.floor(p / B)]! * nKv + h) * B + (p % B)) * hd;
+          pk.set(k0.subarray(from, from + hd), to);
+          pv.set(v0.subarray(from, from + hd), to);
+        }
+    const paged = (e: Engine) => ({ k: f32(e, pk, [nBlocks, nKv, B, hd]), v: f32(e, pv, [nBlocks, nKv, B, hd]), table: table(e, blockIds, perSeq) });
+    for (const T of [1, 8, 300]) {
+      const seq = Int32Array.from({ length: T }, (_, t) => t % S);
+      const pos = Int32Array.from({ length: T }, (_, t) => (t === 0 ? C - 1 : t === 1 ? 0 : Math.floor(rand() * C)));
+      const q = randoms(T * nH * hd);
+      const att = (e: Engine, c: { k: Tensor; v: Tensor; table: Tensor }) =>
+        get(e, e.attention(f32(e, q, [T, nH * hd]), c.k, c.v, i32(e, seq), c.table, i32(e, pos), nH, scale));
+      const got = att(gpu, paged(gpu)), what = `B=${B} T=${T}`;
+      assertNear(got, att(cpu, paged(cpu)), T > 64 ? 1e-3 : 1e-4, `paged attention vs cpu ${what}`);
+      // The kernels read the same rows in the same order whatever the layout: exact where the capacity matches.
+      if (perSeq * B === C) assert.deepEqual(got, att(gpu, oneBlock(gpu)), `paged attention equals one block per sequence ${what}`);
+      // Writes: (sequence, position) pairs must not repeat (the write order would be unspecified).
+      const width = (nH + 2 * nKv) * hd, k = randoms(T * nKv * hd), v = randoms(T * nKv * hd), qkv = randoms(T * width);
+      const at = (offset: number): Int32Array => Int32Array.from({ length: T }, (_, t) => Math.floor(t / S) * 5 + offset);
+      const inv = Float32Array.from({ length: hd / 2 }, (_, j) => 1 / 10000 ** ((2 * j) / hd));
+      const written = (e: Engine) => {
+        const c = paged(e);
+        e.writeKv(c.k, c.v, f32(e, k, [T, nKv * hd]), f32(e, v, [T, nKv * hd]), i32(e, seq), c.table, i32(e, at(3)));
+        e.qkvRope(f32(e, qkv, [T, width]), i32(e, at(4)), f32(e, inv, [hd / 2]), c.k, c.v, i32(e, seq), c.table, nH);
+        return { k: get(e, c.k), v: get(e, c.v) };
+      };
+      const wg = written(gpu), wc = written(cpu);
+      assertNear(wg.k, wc.k, 1e-5, `paged writeKv + qkvRope kCache ${what}`);
+      assertNear(wg.v, wc.v, 0, `paged writeKv + qkvRope vCache ${what}`);
+    }
   }
 });
 
@@ -163,7 +211,7 @@ test('fused addRmsNorm and qkvRope equal the CPU, and the separate CUDA ops bit 
     const pos = Int32Array.from({ length: T }, (_, t) => (t === 1 ? C - 1 : (7 * t + 3) % C));
     const run = (e: Engine) => {
       const k = f32(e, k0, [S, nKv, C, hd]), v = f32(e, v0, [S, nKv, C, hd]);
-      const q = e.qkvRope(f32(e, qkv, [T, width]), i32(e, pos), f32(e, inv, [hd / 2]), k, v, i32(e, slots), nH);
+      const q = e.qkvRope(f32(e, qkv, [T, width]), i32(e, pos), f32(e, inv, [hd / 2]), k, v, i32(e, slots), identityTable(e, S), nH);
       return { q: get(e, q), k: get(e, k), v: get(e, v) };
     };
     const g = run(gpu), c = run(cpu);
@@ -173,7 +221,7 @@ test('fused addRmsNorm and qkvRope equal the CPU, and the separate CUDA ops bit 
     const k = f32(gpu, k0, [S, nKv, C, hd]), v = f32(gpu, v0, [S, nKv, C, hd]);
     const xt = f32(gpu, qkv, [T, width]), p = i32(gpu, pos), fr = f32(gpu, inv, [hd / 2]), sl = i32(gpu, slots);
     const q = gpu.rope(gpu.sliceCols(xt, 0, nH * hd), p, fr, hd);
-    gpu.writeKv(k, v, gpu.rope(gpu.sliceCols(xt, nH * hd, (nH + nKv) * hd), p, fr, hd), gpu.sliceCols(xt, (nH + nKv) * hd, width), sl, p);
+    gpu.writeKv(k, v, gpu.rope(gpu.sliceCols(xt, nH * hd, (nH + nKv) * hd), p, fr, hd), gpu.sliceCols(xt, (nH + nKv) * hd, width), sl, identityTable(gpu, S), p);
     assertNear(g.q, get(gpu, q), 0, `qkvRope q vs sliceCols + rope on cuda ${what}`);
     assertNear(g.k, get(gpu, k), 0, `qkvRope kCache vs rope + writeKv on cuda ${what}`);
     assertNear(g.v, get(gpu, v), 0, `qkvRope vCache vs writeKv on cuda ${what}`);
@@ -294,20 +342,22 @@ for (const fused of [false, true]) test(`a captured decode step replayed after w
   const setup = (e: Engine) => ({
     k: f32(e, k0, [S, nKv, C, hd]), v: f32(e, v0, [S, nKv, C, hd]), x: f32(e, x, [T, H]), w: bf16(e, w, [(nH + 2 * nKv) * hd, H]),
     norm: f32(e, norm, [H]), inv: f32(e, inv, [hd / 2]),
-    slots: i32(e, Int32Array.from({ length: T }, (_, t) => t % S)), pos: i32(e, Int32Array.from({ length: T }, (_, t) => t)),
+    // Token t is sequence row t; its one block (today's slot) is rewritten between replays.
+    tokenSeq: i32(e, Int32Array.from({ length: T }, (_, t) => t)),
+    slots: table(e, Int32Array.from({ length: T }, (_, t) => t % S), 1), pos: i32(e, Int32Array.from({ length: T }, (_, t) => t)),
   });
   type Setup = ReturnType<typeof setup>;
   const forward = (e: Engine, s: Setup): Tensor => {
     if (fused) {
       const h = e.addRmsNorm(s.x, s.x, s.norm, 1e-5);
-      const q = e.qkvRope(e.matmul(h.normed, s.w), s.pos, s.inv, s.k, s.v, s.slots, nH);
-      return e.attention(q, s.k, s.v, s.slots, s.pos, nH, 1 / Math.sqrt(hd));
+      const q = e.qkvRope(e.matmul(h.normed, s.w), s.pos, s.inv, s.k, s.v, s.tokenSeq, s.slots, nH);
+      return e.attention(q, s.k, s.v, s.tokenSeq, s.slots, s.pos, nH, 1 / Math.sqrt(hd));
     }
     const qkv = e.matmul(e.rmsNorm(s.x, s.norm, 1e-5), s.w);
     const q = e.rope(e.sliceCols(qkv, 0, nH * hd), s.pos, s.inv, hd);
     const k = e.rope(e.sliceCols(qkv, nH * hd, (nH + nKv) * hd), s.pos, s.inv, hd);
-    e.writeKv(s.k, s.v, k, e.sliceCols(qkv, (nH + nKv) * hd, (nH + 2 * nKv) * hd), s.slots, s.pos);
-    return e.attention(q, s.k, s.v, s.slots, s.pos, nH, 1 / Math.sqrt(hd));
+    e.writeKv(s.k, s.v, k, e.sliceCols(qkv, (nH + nKv) * hd, (nH + 2 * nKv) * hd), s.tokenSeq, s.slots, s.pos);
+    return e.attention(q, s.k, s.v, s.tokenSeq, s.slots, s.pos, nH, 1 / Math.sqrt(hd));
   };
   const sg = setup(gpu), sc = setup(cpu);
   const result = gpu.zeros('f32', [T, nH * hd]);
@@ -337,11 +387,13 @@ for (const fused of [false, true]) test(`a captured decode step replayed after w
   graph.dispose();
 });
 
-test('device errors are thrown, not fatal: bad slots at the next sync, stale tensors, capture rules', { skip }, () => {
+test('device errors are thrown, not fatal: bad KV blocks at the next sync, stale tensors, capture rules', { skip }, () => {
   const kc = gpu.zeros('f32', [2, 1, 4, 4]);
   const one = f32(gpu, new Float32Array(4).fill(1), [1, 4]);
-  gpu.writeKv(kc, kc, one, one, i32(gpu, Int32Array.from([9])), i32(gpu, Int32Array.from([0])));
-  assert.throws(() => gpu.synchronize(), /writeKv: slots\[0\] = 9 is out of range \(need 0 <= slot < 2\)/);
+  gpu.writeKv(kc, kc, one, one, i32(gpu, Int32Array.from([0])), table(gpu, Int32Array.from([9]), 1), i32(gpu, Int32Array.from([0])));
+  assert.throws(() => gpu.synchronize(), /writeKv: the KV block of token 0 \(kvBlockTable\[tokenSeq\[0\]\]\[positions\[0\] \/ B\]\) = 9 is out of range \(need 0 <= block < 2\)/);
+  gpu.writeKv(kc, kc, one, one, i32(gpu, Int32Array.from([1])), table(gpu, Int32Array.from([0]), 1), i32(gpu, Int32Array.from([0])));
+  assert.throws(() => gpu.synchronize(), /writeKv: tokenSeq\[0\] = 1 is out of range \(need 0 <= sequence < 1\)/);
   gpu.beginStep();
   const a = gpu.add(one, one);
   gpu.beginStep();

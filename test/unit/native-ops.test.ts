@@ -20,6 +20,8 @@ const randoms = (rand: () => number, n: number, lo = -1, hi = 1): Float32Array =
 const bytesOf = (a: Float32Array | Int32Array | Uint16Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 const f32 = (e: Engine, values: Float32Array, shape: number[]): Tensor => e.upload(bytesOf(values), 'f32', shape);
 const i32 = (e: Engine, values: number[]): Tensor => e.upload(bytesOf(Int32Array.from(values)), 'i32', [values.length]);
+/** A kvBlockTable [rows.length, maxBlocksPerSeq] i32 from its rows (of equal lengths). */
+const table = (e: Engine, rows: number[][]): Tensor => e.upload(bytesOf(Int32Array.from(rows.flat())), 'i32', [rows.length, rows[0]?.length ?? 0]);
 const get = (e: Engine, t: Tensor): Float32Array => e.download(t) as Float32Array;
 
 /** bf16 by round-to-nearest-even of the f32 bits, and its exact f32 value. */
@@ -278,61 +280,49 @@ test('qkvRope equals sliceCols x 3, rope of q and k, and writeKv, exactly (GQA a
   for (const [nHeads, nKv] of [[4, 2], [3, 3], [2, 1]] as const) {
     const S = 3, C = 9, hd = 8, base = 10000;
     const invFreq = f32(engine, Float32Array.from({ length: hd / 2 }, (_, j) => 1 / base ** ((2 * j) / hd)), [hd / 2]);
-    const slots = i32(engine, [2, 0, 2, 1, 0]), positions = i32(engine, [0, 8, 3, 5, 7]);
+    const tokenSeq = i32(engine, [2, 0, 2, 1, 0]), positions = i32(engine, [0, 8, 3, 5, 7]);
+    const blocks = table(engine, [[1], [2], [0]]); // one block per sequence, not in sequence order
     const T = 5, width = (nHeads + 2 * nKv) * hd;
     const qkv = f32(engine, randoms(rand, T * width), [T, width]);
     const cache0 = randoms(rand, S * nKv * C * hd);
     const caches = () => ({ k: f32(engine, cache0, [S, nKv, C, hd]), v: f32(engine, cache0, [S, nKv, C, hd]) });
     const fused = caches(), separate = caches();
-    const q = engine.qkvRope(qkv, positions, invFreq, fused.k, fused.v, slots, nHeads);
+    const q = engine.qkvRope(qkv, positions, invFreq, fused.k, fused.v, tokenSeq, blocks, nHeads);
     assert.deepEqual(q.shape, [T, nHeads * hd]);
     const qEnd = nHeads * hd, kEnd = qEnd + nKv * hd;
     const wantQ = engine.rope(engine.sliceCols(qkv, 0, qEnd), positions, invFreq, hd);
     const k = engine.rope(engine.sliceCols(qkv, qEnd, kEnd), positions, invFreq, hd);
-    engine.writeKv(separate.k, separate.v, k, engine.sliceCols(qkv, kEnd, width), slots, positions);
+    engine.writeKv(separate.k, separate.v, k, engine.sliceCols(qkv, kEnd, width), tokenSeq, blocks, positions);
     const what = `${nHeads}/${nKv}`;
     assert.deepEqual(get(engine, q), get(engine, wantQ), `q ${what}`);
     assert.deepEqual(get(engine, fused.k), get(engine, separate.k), `kCache ${what}`);
     assert.deepEqual(get(engine, fused.v), get(engine, separate.v), `vCache ${what}`);
   }
-  const c = engine.zeros('f32', [2, 2, 4, 8]), inv = engine.zeros('f32', [4]);
+  const c = engine.zeros('f32', [2, 2, 4, 8]), inv = engine.zeros('f32', [4]), one = table(engine, [[0], [1]]);
   const qkv = engine.zeros('f32', [1, (4 + 2 * 2) * 8]);
-  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [0]), 3), /qkvRope: qkv \[1, 64\] f32 does not match nHeads = 3 and kCache \[2, 2, 4, 8\] f32 \(expected qkv \[T, 56\]/);
-  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), engine.zeros('f32', [3]), c, c, i32(engine, [0]), 4), /qkvRope: invFreq \[3\] f32 does not match kCache \[2, 2, 4, 8\] f32 \(expected invFreq \[4\]\)/);
-  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0, 1]), inv, c, c, i32(engine, [0, 1]), 4), /qkvRope: slots \[2\] i32 and positions \[2\] i32 must both be \[1\]/);
-  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [4]), inv, c, c, i32(engine, [0]), 4), /qkvRope: positions\[0\] = 4 is out of range for kCache \[2, 2, 4, 8\] f32 \(need 0 <= position < 4\)/);
-  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [-1]), 4), /qkvRope: slots\[0\] = -1 is out of range/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [0]), one, 3), /qkvRope: qkv \[1, 64\] f32 does not match nHeads = 3 and kCache \[2, 2, 4, 8\] f32 \(expected qkv \[T, 56\]/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), engine.zeros('f32', [3]), c, c, i32(engine, [0]), one, 4), /qkvRope: invFreq \[3\] f32 does not match kCache \[2, 2, 4, 8\] f32 \(expected invFreq \[4\]\)/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0, 1]), inv, c, c, i32(engine, [0, 1]), one, 4), /qkvRope: tokenSeq \[2\] i32 and positions \[2\] i32 must both be \[1\]/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [4]), inv, c, c, i32(engine, [0]), one, 4), /qkvRope: positions\[0\] = 4 is out of range for kvBlockTable \[2, 1\] i32 of blocks of 4 positions \(need 0 <= position < 4\)/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [-1]), one, 4), /qkvRope: tokenSeq\[0\] = -1 is out of range for kvBlockTable \[2, 1\] i32 \(need 0 <= sequence < 2\)/);
+  assertNativeError(() => engine.qkvRope(qkv, i32(engine, [0]), inv, c, c, i32(engine, [1]), table(engine, [[0], [2]]), 4), /qkvRope: kvBlockTable\[1\]\[0\] = 2 \(a block of tokenSeq\[0\] = 1\) is out of range for kCache \[2, 2, 4, 8\] f32 \(need 0 <= block < 2\)/);
 });
 
-test('writeKv and attention: GQA, several slots, garbage beyond each position is ignored', () => {
-  const rand = prng(9);
-  const S = 3, nKv = 2, C = 8, hd = 4, nHeads = 4, scale = 1 / Math.sqrt(hd);
-  // Every cache entry starts as NaN: reading anything that was not written poisons the output.
-  const nan = new Float32Array(S * nKv * C * hd).fill(NaN);
-  const kCache = f32(engine, nan, [S, nKv, C, hd]);
-  const vCache = f32(engine, nan, [S, nKv, C, hd]);
-  // Prefill: slot 2 gets positions 0..4, slot 0 gets positions 0..2 (one batch of 8 tokens).
-  const slots = [2, 2, 2, 2, 2, 0, 0, 0];
-  const positions = [0, 1, 2, 3, 4, 0, 1, 2];
-  const T = slots.length;
-  const k = randoms(rand, T * nKv * hd), v = randoms(rand, T * nKv * hd), q = randoms(rand, T * nHeads * hd);
-  engine.writeKv(kCache, vCache, f32(engine, k, [T, nKv * hd]), f32(engine, v, [T, nKv * hd]), i32(engine, slots), i32(engine, positions));
-
-  const kc = get(engine, kCache);
-  for (let t = 0; t < T; t++)
-    for (let h = 0; h < nKv; h++)
-      for (let d = 0; d < hd; d++) assert.equal(kc[((slots[t]! * nKv + h) * C + positions[t]!) * hd + d], k[(t * nKv + h) * hd + d]);
-  assert.ok(Number.isNaN(kc[((1 * nKv + 0) * C + 0) * hd]!), 'slot 1 untouched');
-  assert.ok(Number.isNaN(kc[((2 * nKv + 1) * C + 5) * hd]!), 'slot 2 position 5 untouched');
-
-  const out = engine.attention(f32(engine, q, [T, nHeads * hd]), kCache, vCache, i32(engine, slots), i32(engine, positions), nHeads, scale);
-  assert.deepEqual(out.shape, [T, nHeads * hd]);
-  // Reference from the written k/v (token u of the same slot with position <= positions[t]).
-  const want = new Float64Array(T * nHeads * hd), mag = new Float64Array(T * nHeads * hd);
+/**
+ * Attention in double from a batch's own keys and values: query t attends to the tokens u of its sequence with
+ * positions[u] <= positions[t] (every position up to the query's is in the batch); plus Σ p·|v| per output
+ * for the tolerance.
+ */
+function refAttention(
+  q: Float32Array, k: Float32Array, v: Float32Array, seq: readonly number[], positions: readonly number[],
+  nHeads: number, nKv: number, hd: number, scale: number,
+): { out: Float64Array; mag: Float64Array } {
+  const T = seq.length;
+  const out = new Float64Array(T * nHeads * hd), mag = new Float64Array(T * nHeads * hd);
   for (let t = 0; t < T; t++)
     for (let h = 0; h < nHeads; h++) {
       const kvh = Math.floor(h / (nHeads / nKv));
-      const keys = [...Array(T).keys()].filter((u) => slots[u] === slots[t] && positions[u]! <= positions[t]!);
+      const keys = [...Array(T).keys()].filter((u) => seq[u] === seq[t] && positions[u]! <= positions[t]!);
       const scores = keys.map((u) => {
         let s = 0;
         for (let d = 0; d < hd; d++) s += q[(t * nHeads + h) * hd + d]! * k[(u * nKv + kvh) * hd + d]!;
@@ -348,35 +338,108 @@ test('writeKv and attention: GQA, several slots, garbage beyond each position is
           o += (e[i]! / z) * vu;
           m2 += (e[i]! / z) * Math.abs(vu);
         });
-        want[(t * nHeads + h) * hd + d] = o;
+        out[(t * nHeads + h) * hd + d] = o;
         mag[(t * nHeads + h) * hd + d] = m2;
       }
     }
-  const got = get(engine, out);
-  assertClose(got, want, (i) => 1e-5 * mag[i]! + 1e-7, 'attention'); // 1e-5 · Σ p·|v|
+  return { out, mag };
+}
 
-  // Decode step: one more token for slot 2 at position 5, then attention for it alone.
+test('writeKv and attention, one block per sequence: GQA, several sequences, garbage beyond each position is ignored', () => {
+  const rand = prng(9);
+  const S = 3, nKv = 2, C = 8, hd = 4, nHeads = 4, scale = 1 / Math.sqrt(hd);
+  // Every cache entry starts as NaN: reading anything that was not written poisons the output.
+  const nan = new Float32Array(S * nKv * C * hd).fill(NaN);
+  const kCache = f32(engine, nan, [S, nKv, C, hd]);
+  const vCache = f32(engine, nan, [S, nKv, C, hd]);
+  const blocks = table(engine, [[0], [1], [2]]); // sequence s owns block s, of B = C positions
+  // Prefill: sequence 2 gets positions 0..4, sequence 0 gets positions 0..2 (one batch of 8 tokens).
+  const seq = [2, 2, 2, 2, 2, 0, 0, 0];
+  const positions = [0, 1, 2, 3, 4, 0, 1, 2];
+  const T = seq.length;
+  const k = randoms(rand, T * nKv * hd), v = randoms(rand, T * nKv * hd), q = randoms(rand, T * nHeads * hd);
+  engine.writeKv(kCache, vCache, f32(engine, k, [T, nKv * hd]), f32(engine, v, [T, nKv * hd]), i32(engine, seq), blocks, i32(engine, positions));
+
+  const kc = get(engine, kCache);
+  for (let t = 0; t < T; t++)
+    for (let h = 0; h < nKv; h++)
+      for (let d = 0; d < hd; d++) assert.equal(kc[((seq[t]! * nKv + h) * C + positions[t]!) * hd + d], k[(t * nKv + h) * hd + d]);
+  assert.ok(Number.isNaN(kc[((1 * nKv + 0) * C + 0) * hd]!), 'block 1 untouched');
+  assert.ok(Number.isNaN(kc[((2 * nKv + 1) * C + 5) * hd]!), 'block 2 position 5 untouched');
+
+  const out = engine.attention(f32(engine, q, [T, nHeads * hd]), kCache, vCache, i32(engine, seq), blocks, i32(engine, positions), nHeads, scale);
+  assert.deepEqual(out.shape, [T, nHeads * hd]);
+  const want = refAttention(q, k, v, seq, positions, nHeads, nKv, hd, scale);
+  assertClose(get(engine, out), want.out, (i) => 1e-5 * want.mag[i]! + 1e-7, 'attention'); // 1e-5 · Σ p·|v|
+
+  // Decode step: one more token for sequence 2 at position 5, then attention for it alone.
   const k1 = randoms(rand, nKv * hd), v1 = randoms(rand, nKv * hd), q1 = randoms(rand, nHeads * hd);
-  engine.writeKv(kCache, vCache, f32(engine, k1, [1, nKv * hd]), f32(engine, v1, [1, nKv * hd]), i32(engine, [2]), i32(engine, [5]));
-  const one = get(engine, engine.attention(f32(engine, q1, [1, nHeads * hd]), kCache, vCache, i32(engine, [2]), i32(engine, [5]), nHeads, scale));
+  engine.writeKv(kCache, vCache, f32(engine, k1, [1, nKv * hd]), f32(engine, v1, [1, nKv * hd]), i32(engine, [2]), blocks, i32(engine, [5]));
+  const one = get(engine, engine.attention(f32(engine, q1, [1, nHeads * hd]), kCache, vCache, i32(engine, [2]), blocks, i32(engine, [5]), nHeads, scale));
   assert.ok(one.every(Number.isFinite), 'decode attention reads only positions 0..5');
 
+  const k1t = f32(engine, k1, [1, nKv * hd]), v1t = f32(engine, v1, [1, nKv * hd]);
+  assertNativeError(() => engine.writeKv(kCache, vCache, k1t, v1t, i32(engine, [3]), blocks, i32(engine, [0])), /writeKv: tokenSeq\[0\] = 3 is out of range for kvBlockTable \[3, 1\] i32 \(need 0 <= sequence < 3\)/);
+  assertNativeError(() => engine.writeKv(kCache, vCache, k1t, v1t, i32(engine, [0]), blocks, i32(engine, [8])), /writeKv: positions\[0\] = 8 is out of range for kvBlockTable \[3, 1\] i32 of blocks of 8 positions \(need 0 <= position < 8\)/);
+  assertNativeError(() => engine.writeKv(kCache, vCache, k1t, v1t, i32(engine, [0]), i32(engine, [0, 1, 2]), i32(engine, [0])), /writeKv: kvBlockTable must be \[S, maxBlocksPerSeq\] i32 \(got \[3\] i32\)/);
+  assertNativeError(() => engine.writeKv(kCache, vCache, k1t, v1t, f32(engine, new Float32Array(1), [1]), blocks, i32(engine, [0])), /writeKv: tokenSeq must be \[T\] i32 \(got \[1\] f32\)/);
+  assertNativeError(() => engine.attention(f32(engine, q1, [1, nHeads * hd]), kCache, vCache, i32(engine, [1]), table(engine, [[0], [-1], [2]]), i32(engine, [0]), nHeads, scale), /attention: kvBlockTable\[1\]\[0\] = -1 \(a block of tokenSeq\[0\] = 1\) is out of range for kCache \[3, 2, 8, 4\] f32 \(need 0 <= block < 3\)/);
+  assertNativeError(() => engine.attention(f32(engine, q1, [1, nHeads * hd]), kCache, vCache, i32(engine, [0]), blocks, i32(engine, [0]), 3, scale), /attention: nHeads = 3 must be a positive multiple of nKv = 2/);
   assertNativeError(
-    () => engine.writeKv(kCache, vCache, f32(engine, k1, [1, nKv * hd]), f32(engine, v1, [1, nKv * hd]), i32(engine, [3]), i32(engine, [0])),
-    /writeKv: slots\[0\] = 3 is out of range for kCache \[3, 2, 8, 4\] f32 \(need 0 <= slot < 3\)/,
-  );
-  assertNativeError(
-    () => engine.writeKv(kCache, vCache, f32(engine, k1, [1, nKv * hd]), f32(engine, v1, [1, nKv * hd]), i32(engine, [0]), i32(engine, [8])),
-    /writeKv: positions\[0\] = 8 is out of range for kCache \[3, 2, 8, 4\] f32 \(need 0 <= position < 8\)/,
-  );
-  assertNativeError(
-    () => engine.attention(f32(engine, q1, [1, nHeads * hd]), kCache, vCache, i32(engine, [0]), i32(engine, [0]), 3, scale),
-    /attention: nHeads = 3 must be a positive multiple of nKv = 2/,
-  );
-  assertNativeError(
-    () => engine.attention(f32(engine, q1, [2, 8]), kCache, vCache, i32(engine, [0, 0]), i32(engine, [0, 1]), nHeads, scale),
+    () => engine.attention(f32(engine, q1, [2, 8]), kCache, vCache, i32(engine, [0, 0]), blocks, i32(engine, [0, 1]), nHeads, scale),
     /attention: q \[2, 8\] f32 does not match nHeads = 4 and kCache \[3, 2, 8, 4\] f32 \(expected q \[T, 16\]\)/,
   );
+});
+
+test('paged KV cache: blocks of B = 4, 16, 7 and maxContext, scattered and out of order in the pool, equal one block per sequence exactly (GQA)', () => {
+  const rand = prng(12);
+  const maxContext = 20, nKv = 2, nHeads = 6, hd = 8, scale = 1 / Math.sqrt(hd);
+  const lengths = [20, 13, 1]; // tokens per sequence: full, several blocks with a partial one, one position
+  const S = lengths.length;
+  // One prefill batch of every position of every sequence, in shuffled order.
+  const order = lengths.flatMap((n, s) => Array.from({ length: n }, (_, p) => [s, p] as const)).sort(() => rand() - 0.5);
+  const seq = order.map(([s]) => s), positions = order.map(([, p]) => p), T = order.length;
+  const k = randoms(rand, T * nKv * hd), v = randoms(rand, T * nKv * hd), q = randoms(rand, T * nHeads * hd);
+  const width = (nHeads + 2 * nKv) * hd;
+  const qkv = randoms(rand, T * width);
+  const invFreq = f32(engine, Float32Array.from({ length: hd / 2 }, (_, j) => 1 / 10000 ** ((2 * j) / hd)), [hd / 2]);
+  const shape = (nBlocks: number, B: number): number[] => [nBlocks, nKv, B, hd];
+
+  /** writeKv, attention, then qkvRope (new k/v) and attention again, in a pool of nBlocks blocks of B positions. */
+  const run = (nBlocks: number, B: number, rows: number[][]) => {
+    const nan = new Float32Array(nBlocks * nKv * B * hd).fill(NaN); // blocks no sequence owns stay NaN
+    const kCache = f32(engine, nan, shape(nBlocks, B)), vCache = f32(engine, nan, shape(nBlocks, B));
+    const blocks = table(engine, rows), tokenSeq = i32(engine, seq), pos = i32(engine, positions);
+    engine.writeKv(kCache, vCache, f32(engine, k, [T, nKv * hd]), f32(engine, v, [T, nKv * hd]), tokenSeq, blocks, pos);
+    const kc = get(engine, kCache);
+    const attended = get(engine, engine.attention(f32(engine, q, [T, nHeads * hd]), kCache, vCache, tokenSeq, blocks, pos, nHeads, scale));
+    const rq = get(engine, engine.qkvRope(f32(engine, qkv, [T, width]), pos, invFreq, kCache, vCache, tokenSeq, blocks, nHeads));
+    const roped = get(engine, engine.attention(f32(engine, rq, [T, nHeads * hd]), kCache, vCache, tokenSeq, blocks, pos, nHeads, scale));
+    return { kc, attended, rq, roped };
+  };
+
+  const oneBlock = run(S, maxContext, lengths.map((_, s) => [s]));
+  const want = refAttention(q, k, v, seq, positions, nHeads, nKv, hd, scale);
+  assertClose(oneBlock.attended, want.out, (i) => 1e-5 * want.mag[i]! + 1e-7, 'one block per sequence vs reference');
+  for (const B of [4, 16, 7, maxContext]) {
+    const perSeq = Math.ceil(maxContext / B);
+    const used = lengths.map((n) => Math.ceil(n / B));
+    const nBlocks = used.reduce((a, b) => a + b, 0) + 2; // two spare blocks nobody owns
+    const pool = [...Array(nBlocks).keys()].sort(() => rand() - 0.5); // scattered, out of order
+    let next = 0;
+    // Entries past a sequence's length are -1: no token reaches them, so they are never read.
+    const rows = used.map((n) => Array.from({ length: perSeq }, (_, j) => (j < n ? pool[next++]! : -1)));
+    const paged = run(nBlocks, B, rows);
+    for (let t = 0; t < T; t++) {
+      const block = rows[seq[t]!]![Math.floor(positions[t]! / B)]!;
+      const row = ((block * nKv + 1) * B + (positions[t]! % B)) * hd; // kv head 1
+      assert.deepEqual([...paged.kc.subarray(row, row + hd)], [...k.subarray((t * nKv + 1) * hd, (t * nKv + 2) * hd)], `B = ${B}: token ${t} written to block ${block}`);
+    }
+    for (const spare of pool.slice(next)) assert.ok(Number.isNaN(paged.kc[spare * nKv * B * hd]!), `B = ${B}: spare block ${spare} untouched`);
+    assert.deepEqual(paged.attended, oneBlock.attended, `B = ${B}: attention equals the one-block layout`);
+    assert.deepEqual(paged.rq, oneBlock.rq, `B = ${B}: qkvRope q`);
+    assert.deepEqual(paged.roped, oneBlock.roped, `B = ${B}: attention after qkvRope equals the one-block layout`);
+  }
 });
 
 test('sliceCols, concatCols, gatherRows', () => {

@@ -52,14 +52,16 @@ test('a step run in chunks equals the step run whole', async () => {
   assert.ok(maxAbsDiff(fb, fa) < 1e-5, `full log-probs differ by ${maxAbsDiff(fb, fa)}`);
 });
 
-test('the step index: each token\'s slot is its sequence\'s block; batches outside the KV layout are refused', async () => {
+test('the step index: tokens name their sequence\'s row of a padded block table; batches outside the KV layout are refused', async () => {
   // the cuda layout (a padding block, 2) on the cpu engine: no graphs, but the padding block is still never a sequence's
   const kv = kvCacheLayout({ kvSlots: 2, maxContext: 16, device: 'cuda' });
   const { engine, model } = await tinyModel(kv);
   const runner = new StepRunner(engine, soloCollectives(), model, kv);
   const batch = { tokens: [5, 6, 7], positions: [0, 1, 9], tokenSeq: [1, 1, 0], kvBlockTable: [[0], [1]], logitRows: [1, 2], sample: { temperature: [0, 0], topK: [0, 0], topP: [1, 1], uniform: [0, 0] } };
   const index = stepIndexArrays(batch, kv);
-  assert.deepEqual(Array.from(index.slots.values), [1, 1, 0]);
+  assert.deepEqual(Array.from(index.tokenSeq.values), [1, 1, 0]);
+  assert.deepEqual(Array.from(index.kvBlockTable.values), [0, 1]);
+  assert.deepEqual(index.kvBlockTable.shape, [2, 1]);
   assert.deepEqual(Array.from(index.positions.values), [0, 1, 9]);
   assert.deepEqual(index.tokenIds.shape, [3]);
   assert.equal((await runner.step(batch)).tokens!.length, 2);
@@ -69,4 +71,28 @@ test('the step index: each token\'s slot is its sequence\'s block; batches outsi
   await assert.rejects(runner.step({ ...batch, positions: [0, 1, 16] }), refused(/batch token 2: position 16 is past the context of 16/));
   await assert.rejects(runner.step({ ...batch, tokenSeq: [1, 1, 2] }), refused(/batch token 2: position 9 is past the 0 KV blocks/));
   assert.throws(() => new StepRunner(engine, soloCollectives(), model, { ...kv, kvBlocks: 4 }), refused(/KV cache is \[3, \d+, 16, \d+\], the layout says 4 blocks of 16 positions/));
+});
+
+test('a paged KV layout (blocks of 4, scattered over the pool) gives the same log-probs as one block per sequence', async () => {
+  const prompt = readReference('llama-tiny').prompts[2]!.slice(0, 13);
+  const score = (kv: KvCacheLayout, tables: number[][]) => async () => {
+    const { engine, model } = await tinyModel(kv);
+    const runner = new StepRunner(engine, soloCollectives(), model, kv);
+    // two sequences in one step: the prompt, and its first 6 tokens (the same positions, other blocks)
+    const second = prompt.slice(0, 6);
+    const rows = prompt.map((_, i) => i).slice(0, -1);
+    const result = await runner.step({
+      tokens: [...prompt, ...second],
+      positions: [...prompt.map((_, i) => i), ...second.map((_, i) => i)],
+      tokenSeq: [...prompt.map(() => 0), ...second.map(() => 1)],
+      kvBlockTable: tables,
+      logitRows: [...rows, prompt.length + 4],
+      scoreIds: [...rows.map((r) => prompt[r + 1]!), second[5]!],
+    });
+    return result.logprobs!;
+  };
+  const oneBlock = await score(kvCacheLayout({ kvSlots: 2, maxContext: 16, device: 'cpu' }), [[1], [0]])();
+  // 16 positions in blocks of 4: 4 blocks per sequence, out of order in a pool of 9 (blocks 0 and 5 unused)
+  const paged = await score({ kvSlots: 2, maxContext: 16, kvBlockSize: 4, kvBlocks: 9, paddingBlock: null }, [[7, 2, 8, 4], [3, 6]])();
+  assert.ok(maxAbsDiff(paged, oneBlock) < 1e-6, `paged log-probs differ by ${maxAbsDiff(paged, oneBlock)}`);
 });

@@ -30,7 +30,7 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly norm: Tensor; // [hidden]
   readonly lmHead: Tensor; // [vocabPerRank, hidden]
   readonly invFreq: Tensor; // [headDim / 2] f32, RoPE frequencies after scaling
-  readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [kvSlots, nKvHeadsPerRank, maxContext, headDim] f32
+  readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [nBlocks, nKvHeadsPerRank, B, headDim] f32 (StepIndex)
 }
 
 /** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts. */
@@ -42,9 +42,9 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
   const layer = model.layers[layerIndex]!;
   const cache = model.kvCache[layerIndex]!;
   const qkv = ops.matmul(x, layer.wqkv); // [T, (nH + 2 nKv) hd]
-  // One kernel: q = rope(q heads); the cache gets rope(k heads) and the v heads at (slot, position).
-  const q = ops.qkvRope(qkv, step.positions, model.invFreq, cache.k, cache.v, step.slots, nHeadsPerRank);
-  const attended = ops.attention(q, cache.k, cache.v, step.slots, step.positions, nHeadsPerRank, 1 / Math.sqrt(headDim));
+  // One kernel: q = rope(q heads); the cache gets rope(k heads) and the v heads at each token's block row.
+  const q = ops.qkvRope(qkv, step.positions, model.invFreq, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, nHeadsPerRank);
+  const attended = ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, 1 / Math.sqrt(headDim));
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }
 

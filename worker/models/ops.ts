@@ -8,9 +8,9 @@ import type { Engine, Tensor } from '../native.ts';
 export type Ops = Engine;
 export type { Tensor };
 
-export function int32Tensor(ops: Ops, values: readonly number[] | Int32Array): Tensor {
+export function int32Tensor(ops: Ops, values: readonly number[] | Int32Array, shape: number[] = [values.length]): Tensor {
   const array = values instanceof Int32Array ? values : Int32Array.from(values);
-  return ops.upload(new Uint8Array(array.buffer, array.byteOffset, array.byteLength), 'i32', [array.length]);
+  return ops.upload(new Uint8Array(array.buffer, array.byteOffset, array.byteLength), 'i32', shape);
 }
 
 export function float32Tensor(ops: Ops, values: readonly number[] | Float32Array, shape: number[] = [values.length]): Tensor {
@@ -18,10 +18,17 @@ export function float32Tensor(ops: Ops, values: readonly number[] | Float32Array
   return ops.upload(new Uint8Array(array.buffer, array.byteOffset, array.byteLength), 'f32', shape);
 }
 
-/** The per-step index tensors every layer reads: which cache slot and position each batch token has. */
+/**
+ * The per-step index tensors every layer reads. The KV cache per layer is a pool of blocks, k and v
+ * [nBlocks, nKvHeadsPerRank, B, headDim] f32 (B positions per block, the caches' dim 2); a sequence owns a
+ * list of blocks, one row of `kvBlockTable`: block j of the sequence holds its positions [j B, (j + 1) B), so
+ * token t's position p lives in block kvBlockTable[tokenSeq[t]][p / B], row p % B. One block per sequence
+ * (B = maxContext, a table [S, 1]) is the special case; a paged cache changes only the allocator.
+ */
 export interface StepIndex {
   readonly tokenIds: Tensor; // [T] i32
-  readonly slots: Tensor; // [T] i32
   readonly positions: Tensor; // [T] i32
+  readonly tokenSeq: Tensor; // [T] i32: the row of kvBlockTable of each token's sequence
+  readonly kvBlockTable: Tensor; // [S, maxBlocksPerSeq] i32: physical block ids per sequence
   readonly logitRows: Tensor; // [R] i32: batch rows whose logits the step returns
 }

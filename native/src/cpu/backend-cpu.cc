@@ -12,6 +12,7 @@
 #include "cpu/ops.h"
 #include "cpu/thread-pool.h"
 #include "error.h"
+#include "kv-block-table.h"
 #include "moe-route.h"
 
 namespace weft {
@@ -32,13 +33,36 @@ class HostBuffer final : public Buffer {
   void* data_;
 };
 
-// "writeKv: slots[2] = 9 is out of range for kCache [8, 2, 16, 4] f32 (need 0 <= slot < 8)"
+// "gatherRows: rows[2] = 9 is out of range for x [8, 16] f32 (need 0 <= row < 8)"
 void check_indices(const char* op, const char* name, const char* what, const Tensor& idx, int64_t limit,
                    const char* against_name, const Tensor& against) {
   const int32_t* v = idx.data<int32_t>();
   for (int64_t i = 0; i < idx.numel(); ++i)
     WEFT_CHECK(v[i] >= 0 && v[i] < limit, op, name, "[", i, "] = ", v[i], " is out of range for ", against_name, " ",
                against, " (need 0 <= ", what, " < ", limit, ")");
+}
+
+// The KV ops' index checks: tokenSeq rows in the table, positions within maxBlocksPerSeq * B, and every table
+// entry the op reaches (the block of each position written; with whole_prefix, every block up to it) a block
+// of the cache. Entries no token reaches are not read, so they may hold anything (e.g. -1 for none).
+KvBlockTable checked_kv_table(const char* op, const Tensor& k_cache, const Tensor& token_seq, const Tensor& table,
+                              const Tensor& positions, bool whole_prefix) {
+  KvBlockTable kv = KvBlockTable::of(k_cache, table);
+  check_indices(op, "tokenSeq", "sequence", token_seq, table.dim(0), "kvBlockTable", table);
+  const int32_t* seq = token_seq.data<int32_t>();
+  const int32_t* pos = positions.data<int32_t>();
+  for (int64_t t = 0; t < positions.numel(); ++t) {
+    WEFT_CHECK(pos[t] >= 0 && pos[t] < kv.capacity(), op, "positions[", t, "] = ", pos[t], " is out of range for ",
+               "kvBlockTable ", table, " of blocks of ", kv.block_size, " positions (need 0 <= position < ",
+               kv.capacity(), ")");
+    for (int64_t j = whole_prefix ? 0 : pos[t] / kv.block_size; j <= pos[t] / kv.block_size; ++j) {
+      const int32_t block = kv.block_id(seq[t], j);
+      WEFT_CHECK(block >= 0 && block < kv.n_blocks, op, "kvBlockTable[", seq[t], "][", j, "] = ", block,
+                 " (a block of tokenSeq[", t, "] = ", seq[t], ") is out of range for kCache ", k_cache,
+                 " (need 0 <= block < ", kv.n_blocks, ")");
+    }
+  }
+  return kv;
 }
 
 class CpuBackend final : public Backend {
@@ -89,20 +113,17 @@ class CpuBackend final : public Backend {
     cpu::rope(out.data<float>(), x.data<float>(), pos, inv_freq.data<float>(), x.dim(0), x.dim(1), head_dim);
   }
   void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                    const Tensor& slots, const Tensor& positions) override {
-    check_indices("writeKv", "slots", "slot", slots, k_cache.dim(0), "kCache", k_cache);
-    check_indices("writeKv", "positions", "position", positions, k_cache.dim(2), "kCache", k_cache);
-    cpu::write_kv(k_cache.data<float>(), v_cache.data<float>(), k.data<float>(), v.data<float>(),
-                  slots.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(1), k_cache.dim(2),
-                  k_cache.dim(3));
+                    const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) override {
+    KvBlockTable kv = checked_kv_table("writeKv", k_cache, token_seq, kv_block_table, positions, false);
+    cpu::write_kv(k_cache.data<float>(), v_cache.data<float>(), k.data<float>(), v.data<float>(), kv,
+                  token_seq.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(3));
   }
-  void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
-                     const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) override {
-    check_indices("attention", "slots", "slot", slots, k_cache.dim(0), "kCache", k_cache);
-    check_indices("attention", "positions", "position", positions, k_cache.dim(2), "kCache", k_cache);
-    cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.data<float>(), v_cache.data<float>(),
-                   slots.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads, k_cache.dim(1),
-                   k_cache.dim(2), k_cache.dim(3), scale);
+  void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                     const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                     const Tensor& out) override {
+    KvBlockTable kv = checked_kv_table("attention", k_cache, token_seq, kv_block_table, positions, true);
+    cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), kv,
+                   token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads, k_cache.dim(3), scale);
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
@@ -110,12 +131,12 @@ class CpuBackend final : public Backend {
                       weight.buffer->data(), weight.dtype, x.dim(0), x.dim(1), eps);
   }
   void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
-                    const Tensor& v_cache, const Tensor& slots, const Tensor& q) override {
-    check_indices("qkvRope", "slots", "slot", slots, k_cache.dim(0), "kCache", k_cache);
-    check_indices("qkvRope", "positions", "position", positions, k_cache.dim(2), "kCache", k_cache);
+                    const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                    const Tensor& q) override {
+    KvBlockTable kv = checked_kv_table("qkvRope", k_cache, token_seq, kv_block_table, positions, false);
     cpu::qkv_rope(q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), qkv.data<float>(),
-                  positions.data<int32_t>(), inv_freq.data<float>(), slots.data<int32_t>(), qkv.dim(0),
-                  q.dim(1) / k_cache.dim(3), k_cache.dim(1), k_cache.dim(2), k_cache.dim(3));
+                  positions.data<int32_t>(), inv_freq.data<float>(), kv, token_seq.data<int32_t>(), qkv.dim(0),
+                  q.dim(1) / k_cache.dim(3), k_cache.dim(3));
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     if (dst.nbytes()) std::memcpy(dst.buffer->data(), src.buffer->data(), dst.nbytes());

@@ -116,21 +116,21 @@ void rope(float* out, const float* x, const int32_t* positions, const float* inv
   }
 }
 
-void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const int32_t* slots,
-              const int32_t* positions, int64_t T, int64_t n_kv, int64_t C, int64_t hd) {
+void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const KvBlockTable& kv,
+              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < n_kv; ++h) {
-      int64_t dst = ((slots[t] * n_kv + h) * C + positions[t]) * hd;  // [S, nKv, C, hd]
-      int64_t src = (t * n_kv + h) * hd;                             // [T, nKv * hd]
+    for (int64_t h = 0; h < kv.n_kv; ++h) {
+      int64_t dst = kv.row_of(token_seq[t], h, positions[t]) * hd;  // [nBlocks, nKv, B, hd]
+      int64_t src = (t * kv.n_kv + h) * hd;                        // [T, nKv * hd]
       std::memcpy(k_cache + dst, k + src, static_cast<size_t>(hd) * sizeof(float));
       std::memcpy(v_cache + dst, v + src, static_cast<size_t>(hd) * sizeof(float));
     }
 }
 
 void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* positions,
-              const float* inv_freq, const int32_t* slots, int64_t T, int64_t n_heads, int64_t n_kv, int64_t C,
+              const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T, int64_t n_heads,
               int64_t hd) {
-  int64_t half = hd / 2, width = (n_heads + 2 * n_kv) * hd;
+  const int64_t n_kv = kv.n_kv, half = hd / 2, width = (n_heads + 2 * n_kv) * hd;
   std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half));
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < half; ++j) {
@@ -142,7 +142,7 @@ void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const 
     for (int64_t h = 0; h < n_heads + n_kv; ++h) {  // q heads, then k heads: rotated
       const float* xh = row + h * hd;
       float* oh = h < n_heads ? q + (t * n_heads + h) * hd
-                              : k_cache + ((slots[t] * n_kv + (h - n_heads)) * C + positions[t]) * hd;
+                              : k_cache + kv.row_of(token_seq[t], h - n_heads, positions[t]) * hd;
       for (int64_t j = 0; j < half; ++j) {
         float x1 = xh[j], x2 = xh[j + half];
         oh[j] = x1 * cos_a[j] - x2 * sin_a[j];
@@ -150,29 +150,29 @@ void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const 
       }
     }
     for (int64_t h = 0; h < n_kv; ++h)  // v heads: copied
-      std::memcpy(v_cache + ((slots[t] * n_kv + h) * C + positions[t]) * hd, row + (n_heads + n_kv + h) * hd,
+      std::memcpy(v_cache + kv.row_of(token_seq[t], h, positions[t]) * hd, row + (n_heads + n_kv + h) * hd,
                   static_cast<size_t>(hd) * sizeof(float));
   }
 }
 
 void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,
-               const int32_t* slots, const int32_t* positions, int64_t T, int64_t n_heads, int64_t n_kv, int64_t C,
-               int64_t hd, float scale) {
-  int64_t group = n_heads / n_kv;  // query heads per kv head (GQA)
+               const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
+               int64_t n_heads, int64_t hd, float scale) {
+  int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
   int64_t longest = 1;
   for (int64_t t = 0; t < T; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
   int64_t grain = std::max<int64_t>(1, 32768 / (2 * longest * hd));
   pool.parallel_for(T * n_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(static_cast<size_t>(C));
+    std::vector<float> score(static_cast<size_t>(longest));
+    std::vector<int64_t> rows(static_cast<size_t>(longest));  // cache row of each position (once per key row)
     for (int64_t i = begin; i < end; ++i) {
       int64_t t = i / n_heads, h = i % n_heads;
-      int64_t len = positions[t] + 1;  // cache positions 0..positions[t]; later ones are not read
+      int64_t len = positions[t] + 1;  // positions 0..positions[t]; later ones are not read
+      for (int64_t p = 0; p < len; ++p) rows[p] = kv.row_of(token_seq[t], h / group, p) * hd;
       const float* qh = q + (t * n_heads + h) * hd;
-      const float* kh = k_cache + (slots[t] * n_kv + h / group) * C * hd;
-      const float* vh = v_cache + (slots[t] * n_kv + h / group) * C * hd;
       float max_score = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < len; ++p) {
-        score[p] = dot(qh, kh + p * hd, hd) * scale;
+        score[p] = dot(qh, k_cache + rows[p], hd) * scale;
         max_score = std::max(max_score, score[p]);
       }
       double denom = 0;
@@ -183,7 +183,7 @@ void attention(ThreadPool& pool, float* out, const float* q, const float* k_cach
       float* oh = out + (t * n_heads + h) * hd;
       std::fill(oh, oh + hd, 0.0f);
       for (int64_t p = 0; p < len; ++p)
-        for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * vh[p * hd + d];
+        for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * v_cache[rows[p] + d];
       float inv_denom = static_cast<float>(1.0 / denom);
       for (int64_t d = 0; d < hd; ++d) oh[d] *= inv_denom;
     }

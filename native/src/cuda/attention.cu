@@ -4,43 +4,50 @@
 #include <algorithm>
 
 #include "cuda/attention.cuh"
+#include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
 namespace {
 
 // ---- query tokens
 
-// True when query token t's slot and position are inside the cache; otherwise false, and the reporting thread
-// files the device report (thrown at the next synchronising call).
-__device__ __forceinline__ bool token_in_range(int t, int slot, int pos, int S, int C, DeviceStatus* status,
-                                               bool reporter) {
-  const bool bad_slot = slot < 0 || slot >= S;
-  if (!bad_slot && pos >= 0 && pos < C) return true;
-  if (reporter)
-    report(status, bad_slot ? StatusOp::AttentionSlot : StatusOp::AttentionPosition, t, bad_slot ? slot : pos,
-           bad_slot ? S : C);
-  return false;
-}
-
-// Prefill tiles: thread i < BQ reads the slot and position of query t0 + i into shared memory. Tokens past T or
-// out of range are done from the start; an out-of-range token's output row is zero.
-__device__ __forceinline__ void load_tile_tokens(int BQ, int t0, int T, const int32_t* slots, const int32_t* positions,
-                                                 int S, int C, int nH, int h, int hd, float* out, DeviceStatus* status,
-                                                 int* tok_slot, int* tok_pos, int* tok_done) {
+// Prefill tiles: thread i < BQ reads the sequence row and position of query t0 + i into shared memory. Tokens
+// past T or out of range are done from the start; an out-of-range token's output row is zero.
+__device__ __forceinline__ void load_tile_tokens(int BQ, int t0, int T, const KvBlockTable& kv,
+                                                 const int32_t* token_seq, const int32_t* positions, int nH, int h,
+                                                 int hd, float* out, DeviceStatus* status, int* tok_seq, int* tok_pos,
+                                                 int* tok_done) {
   const int i = threadIdx.x;
   if (i >= BQ) return;
-  int t = t0 + i, slot = -1, pos = -1;
+  int t = t0 + i, seq = -1, pos = -1;
   if (t < T) {
-    slot = slots[t];
+    seq = token_seq[t];
     pos = positions[t];
-    if (!token_in_range(t, slot, pos, S, C, status, h == 0)) {
+    if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, h == 0)) {
       for (int d = 0; d < hd; ++d) out[(size_t(t) * nH + h) * hd + d] = 0;
-      slot = -1;
+      seq = -1;
     }
   }
-  tok_slot[i] = slot;
+  tok_seq[i] = seq;
   tok_pos[i] = pos;
-  tok_done[i] = slot < 0;
+  tok_done[i] = seq < 0;
+}
+
+// Prefill tiles: thread 0 picks the sequence the next pass serves (that of the first token not done, or -1),
+// the keys it needs (up to the largest position of its tokens in the tile) and a token of it (for reports).
+__device__ __forceinline__ void next_pass(int BQ, int t0, const int* tok_seq, const int* tok_pos, const int* tok_done,
+                                          int* cur_seq, int* cur_tok, int* kv_end) {
+  if (threadIdx.x != 0) return;
+  int seq = -1, end = 0, tok = 0;
+  for (int i = 0; i < BQ; ++i)
+    if (!tok_done[i] && (seq < 0 || tok_seq[i] == seq)) {
+      if (seq < 0) tok = t0 + i;
+      seq = tok_seq[i];
+      end = max(end, tok_pos[i] + 1);
+    }
+  *cur_seq = seq;
+  *cur_tok = tok;
+  *kv_end = end;
 }
 
 // ---- decode: split-K
@@ -54,11 +61,14 @@ struct DecodePlan {
   size_t smem;
 };
 
+// C: the positions a sequence can hold (maxBlocksPerSeq * B).
 DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_t hd, int num_sms) {
   int P = 256;
   // Enough blocks for about two waves when the batch is small, partitions of at least 64 positions.
   while (P > 64 && T * n_kv * ((C + P - 1) / P) < 2 * num_sms) P /= 2;
-  auto smem = [&](int p) { return static_cast<size_t>(group * hd + group * p) * sizeof(float); };
+  auto smem = [&](int p) {  // key row offsets, then q rows and scores
+    return static_cast<size_t>(p) * sizeof(int64_t) + static_cast<size_t>(group * hd + group * p) * sizeof(float);
+  };
   while (P > 16 && smem(P) > 48 * 1024) P /= 2;
   return {P, static_cast<int>((C + P - 1) / P), smem(P)};
 }
@@ -66,39 +76,38 @@ DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_
 // grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum).
 __global__ void __launch_bounds__(kDecodeThreads)
     attention_decode_partial(const float* __restrict__ q, const float* __restrict__ k_cache,
-                             const float* __restrict__ v_cache, const int32_t* __restrict__ slots,
-                             const int32_t* __restrict__ positions, int S, int nH, int n_kv, int C, int hd, int P,
-                             int n_part, float scale, float* __restrict__ part_out, float* __restrict__ part_ml,
-                             DeviceStatus* status) {
+                             const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                             const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part, float scale,
+                             float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status) {
   pdl_trigger();
+  const int n_kv = static_cast<int>(kv.n_kv);
   int c = blockIdx.x, t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
-  int slot = slots[t], pos = positions[t];
-  if (!token_in_range(t, slot, pos, S, C, status, c == 0 && g == 0 && threadIdx.x == 0)) return;
+  int seq = token_seq[t], pos = positions[t];
+  if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, c == 0 && g == 0 && threadIdx.x == 0)) return;
   int len = pos + 1, p0 = c * P;
   if (p0 >= len) return;
   int np = min(P, len - p0);
   int group = nH / n_kv, h_first = g * group;
   extern __shared__ float smem[];
-  float* qs = smem;                // [group][hd]
-  float* sc = smem + group * hd;   // [group][P]: scores, then exp(score - max)
+  int64_t* rows = reinterpret_cast<int64_t*>(smem);  // [P]: each key row's offset in the cache, via the table
+  float* qs = smem + 2 * P;                           // [group][hd]
+  float* sc = qs + group * hd;                        // [group][P]: scores, then exp(score - max)
+  for (int i = threadIdx.x; i < np; i += blockDim.x) rows[i] = kv_read_row(kv, t, seq, g, p0 + i, status) * hd;
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t(t) * nH + h_first) * hd + i];
   __syncthreads();
 
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  size_t head_base = (size_t(slot) * n_kv + g) * C;
-  const float* kb = k_cache + (head_base + p0) * hd;
-  const float* vb = v_cache + (head_base + p0) * hd;
   for (int i = warp; i < np; i += warps) {
-    const float* kr = kb + size_t(i) * hd;
+    const float* kr = k_cache + rows[i];
     for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
       float acc[kHeadChunk];
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
       for (int d = lane; d < hd; d += 32) {
-        float kv = kr[d];
+        float kv_d = kr[d];
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j)
-          if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d] * kv;
+          if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d] * kv_d;
       }
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) {
@@ -135,7 +144,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
 #pragma unroll 4
       for (int i = 0; i < np; ++i) {
-        float vv = vb[size_t(i) * hd + d];
+        float vv = v_cache[rows[i] + d];
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j)
           if (h0 + j < group) acc[j] += sc[(h0 + j) * P + i] * vv;
@@ -148,15 +157,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
 }
 
 // grid (T * nH): merge the partitions of one (token, head) in partition order.
-__global__ void attention_decode_merge(const int32_t* __restrict__ slots, const int32_t* __restrict__ positions,
-                                       int S, int nH, int C, int hd, int P, int n_part,
+__global__ void attention_decode_merge(KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                                       const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part,
                                        const float* __restrict__ part_out, const float* __restrict__ part_ml,
                                        float* __restrict__ out) {
   pdl_trigger();
   int th = blockIdx.x, t = th / nH;
-  int slot = slots[t], pos = positions[t];
+  int seq = token_seq[t], pos = positions[t];
   float* o = out + size_t(th) * hd;
-  if (slot < 0 || slot >= S || pos < 0 || pos >= C) {  // reported by the partial kernel
+  if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) {  // reported by the partial kernel
     for (int d = threadIdx.x; d < hd; d += blockDim.x) o[d] = 0;
     return;
   }
@@ -185,8 +194,11 @@ __global__ void attention_decode_merge(const int32_t* __restrict__ slots, const 
 //     from the rows' positions, online softmax in f32 registers with exp2, P (f16) reused in registers as the
 //     A operand of O += P V (V fragments by ldmatrix.trans).
 // A block needs ceil((max position + 1) / 64) key tiles; a warp skips the tiles past its own largest position
-// and masks only the tiles that reach past its smallest. Tokens of a tile using several slots (ragged batches)
-// are served one slot per pass, like the fp32 kernel. The grid runs the last (longest) query tiles first.
+// and masks only the tiles that reach past its smallest. Tokens of a tile from several sequences (ragged
+// batches) are served one sequence per pass, like the fp32 kernel. The grid runs the last (longest) query tiles
+// first. Key rows are found through the KV block table once per row and tile: the offsets of tile j + 2 are
+// loaded (table read, one division) while tile j computes and stored in a double buffer at the barrier that
+// ends it, so fetching a tile reads its row offsets from shared memory.
 //
 // f16, not bf16, for the operands: q, k, v and p of Llama-class models are far inside f16's range (|x| <
 // 65504; conversions saturate rather than overflow), and its 11-bit significand is 8x finer than bf16's, which
@@ -251,9 +263,9 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
 template <int HD>
 __global__ void __launch_bounds__(kFaThreads, 2)
     attention_prefill_mma(const float* __restrict__ q, const float* __restrict__ k_cache,
-                          const float* __restrict__ v_cache, const int32_t* __restrict__ slots,
-                          const int32_t* __restrict__ positions, int T, int S, int nH, int n_kv, int C, float qscale,
-                          float* __restrict__ out, DeviceStatus* status) {
+                          const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                          const int32_t* __restrict__ positions, int T, int nH, float qscale, float* __restrict__ out,
+                          DeviceStatus* status) {
   using L = FaLayout<HD>;
   constexpr int LD = L::kLd;
   constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
@@ -266,14 +278,15 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   float* stage = reinterpret_cast<float*>(fa_smem);                 // [2][kFaBK][HD] f32: K, V
   __half* kh = reinterpret_cast<__half*>(fa_smem + L::kStage);    // [kFaBK][LD]; the Q tile first
   __half* vh = kh + kFaBK * LD;                                     // [kFaBK][LD]
-  __shared__ int tok_slot[kFaBQ], tok_pos[kFaBQ], tok_done[kFaBQ];
-  __shared__ int cur_slot, kv_end;
+  __shared__ int tok_seq[kFaBQ], tok_pos[kFaBQ], tok_done[kFaBQ];
+  __shared__ int cur_seq, cur_tok, kv_end;
+  __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (floats) of the key rows of tiles j and j + 1
 
-  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kFaBQ, g = h / (nH / n_kv);
+  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kFaBQ, g = h / (nH / static_cast<int>(kv.n_kv));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gr = lane >> 2, tq = lane & 3;  // fragment row (and row + 8), thread of the quad
 
-  load_tile_tokens(kFaBQ, t0, T, slots, positions, S, C, nH, h, HD, out, status, tok_slot, tok_pos, tok_done);
+  load_tile_tokens(kFaBQ, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
   // Q tile (scaled, f16) -> kh -> A fragments in registers.
   for (int c = tid; c < kFaBQ * CPR; c += kFaThreads) {
     int row = c / CPR, col = (c % CPR) * 4, t = t0 + row;
@@ -295,21 +308,13 @@ __global__ void __launch_bounds__(kFaThreads, 2)
 
   for (;;) {
     __syncthreads();  // also: every warp has its Q fragments before kh is overwritten
-    if (tid == 0) {
-      cur_slot = -1;
-      kv_end = 0;
-      for (int i = 0; i < kFaBQ; ++i)
-        if (!tok_done[i] && (cur_slot < 0 || tok_slot[i] == cur_slot)) {
-          cur_slot = tok_slot[i];
-          kv_end = max(kv_end, tok_pos[i] + 1);
-        }
-    }
+    next_pass(kFaBQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
     __syncthreads();
-    const int slot = cur_slot, end = kv_end;
-    if (slot < 0) break;
+    const int seq = cur_seq, end = kv_end;
+    if (seq < 0) break;
     const int r0 = warp * 16 + gr, r1 = r0 + 8;
-    const int pos0 = !tok_done[r0] && tok_slot[r0] == slot ? tok_pos[r0] : -1;
-    const int pos1 = !tok_done[r1] && tok_slot[r1] == slot ? tok_pos[r1] : -1;
+    const int pos0 = !tok_done[r0] && tok_seq[r0] == seq ? tok_pos[r0] : -1;
+    const int pos1 = !tok_done[r1] && tok_seq[r1] == seq ? tok_pos[r1] : -1;
     int wmin = min(pos0, pos1), wmax = max(pos0, pos1);
 #pragma unroll
     for (int o = 16; o >= 4; o >>= 1) {
@@ -317,16 +322,19 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
     }
 
-    const float* kb = k_cache + (size_t(slot) * n_kv + g) * C * HD;
-    const float* vb = v_cache + (size_t(slot) * n_kv + g) * C * HD;
-    auto fetch = [&](int kv0) {
+    // Thread tid < kFaBK: the cache offset of key row tid of the tile at kv0 (0 past end: not fetched).
+    auto tile_row = [&](int kv0) -> int64_t {
+      const int p = kv0 + tid;
+      return p < end ? kv_read_row(kv, cur_tok, seq, g, p, status) * HD : 0;
+    };
+    auto fetch = [&](int kv0, const int64_t* rows) {
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
-        int c = i * kFaThreads + tid;
-        bool in = kv0 + c / CPR < end;
-        size_t off = in ? size_t(kv0) * HD + size_t(c) * 4 : 0;
-        cp_async16(smem_u32(stage + c * 4), kb + off, in ? 16 : 0);
-        cp_async16(smem_u32(stage + kFaBK * HD + c * 4), vb + off, in ? 16 : 0);
+        int c = i * kFaThreads + tid, row = c / CPR;
+        bool in = kv0 + row < end;
+        int64_t off = in ? rows[row] + (c % CPR) * 4 : 0;
+        cp_async16(smem_u32(stage + c * 4), k_cache + off, in ? 16 : 0);
+        cp_async16(smem_u32(stage + kFaBK * HD + c * 4), v_cache + off, in ? 16 : 0);
       }
       cp_async_commit();
     };
@@ -348,12 +356,19 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;  // l: this thread's partial row sums
     const int n_tiles = (end + kFaBK - 1) / kFaBK;
 
-    fetch(0);
+    if (tid < kFaBK) {
+      tile_rows[0][tid] = tile_row(0);
+      tile_rows[1][tid] = tile_row(kFaBK);
+    }
+    __syncthreads();
+    fetch(0, tile_rows[0]);
     convert();
     __syncthreads();
     for (int j = 0; j < n_tiles; ++j) {
       const int kv0 = j * kFaBK;
-      if (j + 1 < n_tiles) fetch(kv0 + kFaBK);
+      if (j + 1 < n_tiles) fetch(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
+      // Tile j + 2's row offsets: the table is read now, stored after this tile (its buffer held tile j's rows).
+      const int64_t row_after_next = tid < kFaBK && j + 2 < n_tiles ? tile_row(kv0 + 2 * kFaBK) : 0;
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
         float s[NS][4];
 #pragma unroll
@@ -367,7 +382,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
             mma_f16(s[2 * np], qf[kk], b[0], b[1]);
             mma_f16(s[2 * np + 1], qf[kk], b[2], b[3]);
           }
-        if (kv0 + kFaBK - 1 > wmin) {  // causal mask (also: rows of other slots, keys past end)
+        if (kv0 + kFaBK - 1 > wmin) {  // causal mask (also: rows of other sequences, keys past end)
 #pragma unroll
           for (int n = 0; n < NS; ++n)
 #pragma unroll
@@ -421,8 +436,9 @@ __global__ void __launch_bounds__(kFaThreads, 2)
           }
       }
       if (j + 1 < n_tiles) {
-        __syncthreads();  // every warp is done with kh, vh
+        __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
         convert();
+        if (tid < kFaBK) tile_rows[j & 1][tid] = row_after_next;
         __syncthreads();
       }
     }
@@ -445,21 +461,22 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
     }
     __syncthreads();
-    if (tid < kFaBQ && !tok_done[tid] && tok_slot[tid] == slot) tok_done[tid] = 1;
+    if (tid < kFaBQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
   }
 }
 
 template <int HD>
 void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                        const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) {
+                        const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                        int64_t n_heads, float scale, const Tensor& out) {
   int T = static_cast<int>(q.dim(0));
   auto kernel = attention_prefill_mma<HD>;
   constexpr size_t smem = FaLayout<HD>::kBytes;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ));
   kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), slots.data<int32_t>(), positions.data<int32_t>(),
-      T, int(k_cache.dim(0)), int(n_heads), int(k_cache.dim(1)), int(k_cache.dim(2)), scale * 1.4426950408889634f,
+      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
+      token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f,
       out.data<float>(), ctx.status);
 }
 
@@ -473,21 +490,22 @@ constexpr int kRowThreads = kPrefillThreads / kBQ;
 template <int MAXJ, int BK>
 __global__ void __launch_bounds__(kPrefillThreads)
     attention_prefill(const float* __restrict__ q, const float* __restrict__ k_cache,
-                      const float* __restrict__ v_cache, const int32_t* __restrict__ slots,
-                      const int32_t* __restrict__ positions, int T, int S, int nH, int n_kv, int C, int hd,
-                      float scale, float* __restrict__ out, DeviceStatus* status) {
+                      const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                      const int32_t* __restrict__ positions, int T, int nH, int hd, float scale,
+                      float* __restrict__ out, DeviceStatus* status) {
   extern __shared__ float smem[];
   const int ld = hd + 1;  // padded rows: no bank conflicts across the rows a warp reads
   float* qs = smem;                 // [kBQ][ld]
   float* ks = qs + kBQ * ld;        // [BK][ld]
   float* vs = ks + BK * ld;         // [BK][hd]
   float* ps = vs + BK * hd;         // [kBQ][BK]
-  __shared__ int tok_slot[kBQ], tok_pos[kBQ], tok_done[kBQ];
-  __shared__ int cur_slot, kv_end;
+  __shared__ int tok_seq[kBQ], tok_pos[kBQ], tok_done[kBQ];
+  __shared__ int cur_seq, cur_tok, kv_end;
+  __shared__ int64_t tile_rows[BK];  // cache offsets (floats) of the tile's key rows, via the block table
 
-  int t0 = blockIdx.x * kBQ, h = blockIdx.y, g = h / (nH / n_kv);
+  int t0 = blockIdx.x * kBQ, h = blockIdx.y, g = h / (nH / static_cast<int>(kv.n_kv));
   int tid = threadIdx.x, r = tid / kRowThreads, l8 = tid % kRowThreads;
-  load_tile_tokens(kBQ, t0, T, slots, positions, S, C, nH, h, hd, out, status, tok_slot, tok_pos, tok_done);
+  load_tile_tokens(kBQ, t0, T, kv, token_seq, positions, nH, h, hd, out, status, tok_seq, tok_pos, tok_done);
   for (int i = tid; i < kBQ * hd; i += blockDim.x) {
     int row = i / hd, d = i % hd, t = t0 + row;
     qs[row * ld + d] = t < T ? q[(size_t(t) * nH + h) * hd + d] : 0.0f;
@@ -495,33 +513,25 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
   for (;;) {
     __syncthreads();
-    if (tid == 0) {
-      cur_slot = -1;
-      kv_end = 0;
-      for (int i = 0; i < kBQ; ++i)
-        if (!tok_done[i] && (cur_slot < 0 || tok_slot[i] == cur_slot)) {
-          cur_slot = tok_slot[i];
-          kv_end = max(kv_end, tok_pos[i] + 1);
-        }
-    }
+    next_pass(kBQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
     __syncthreads();
-    if (cur_slot < 0) break;
-    bool active = !tok_done[r] && tok_slot[r] == cur_slot;
+    if (cur_seq < 0) break;
+    bool active = !tok_done[r] && tok_seq[r] == cur_seq;
     int my_pos = tok_pos[r];
     float m_i = -INFINITY, l_i = 0;
     float o[MAXJ];
 #pragma unroll
     for (int j = 0; j < MAXJ; ++j) o[j] = 0;
-    const float* kb = k_cache + (size_t(cur_slot) * n_kv + g) * C * hd;
-    const float* vb = v_cache + (size_t(cur_slot) * n_kv + g) * C * hd;
 
     for (int kv0 = 0; kv0 < kv_end; kv0 += BK) {
+      __syncthreads();
+      if (tid < BK && kv0 + tid < kv_end) tile_rows[tid] = kv_read_row(kv, cur_tok, cur_seq, g, kv0 + tid, status) * hd;
       __syncthreads();
       for (int i = tid; i < BK * hd; i += blockDim.x) {
         int row = i / hd, d = i % hd;
         bool in = kv0 + row < kv_end;
-        ks[row * ld + d] = in ? kb[size_t(kv0) * hd + i] : 0.0f;
-        vs[row * hd + d] = in ? vb[size_t(kv0) * hd + i] : 0.0f;
+        ks[row * ld + d] = in ? k_cache[tile_rows[row] + d] : 0.0f;
+        vs[row * hd + d] = in ? v_cache[tile_rows[row] + d] : 0.0f;
       }
       __syncthreads();
       float s[BK / kRowThreads];
@@ -570,62 +580,68 @@ __global__ void __launch_bounds__(kPrefillThreads)
       }
     }
     __syncthreads();
-    if (tid < kBQ && !tok_done[tid] && tok_slot[tid] == cur_slot) tok_done[tid] = 1;
+    if (tid < kBQ && !tok_done[tid] && tok_seq[tid] == cur_seq) tok_done[tid] = 1;
   }
 }
 
 template <int MAXJ, int BK>
 void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                    const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) {
+                    const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
+                    float scale, const Tensor& out) {
   int hd = static_cast<int>(k_cache.dim(3)), T = static_cast<int>(q.dim(0));
   size_t smem = static_cast<size_t>(kBQ * (hd + 1) + BK * (hd + 1) + BK * hd + kBQ * BK) * sizeof(float);
   auto kernel = attention_prefill<MAXJ, BK>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   dim3 grid((T + kBQ - 1) / kBQ, static_cast<unsigned>(n_heads));
   kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), slots.data<int32_t>(), positions.data<int32_t>(),
-      T, int(k_cache.dim(0)), int(n_heads), int(k_cache.dim(1)), int(k_cache.dim(2)), hd, scale, out.data<float>(),
+      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
+      token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), hd, scale, out.data<float>(),
       ctx.status);
 }
 
 }  // namespace
 
-int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, int64_t n_heads, int num_sms) {
+int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
+                                 int64_t n_heads, int num_sms) {
   int64_t T = q.dim(0);
   if (T > kDecodeMaxTokens) return 0;
   int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
-  DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, k_cache.dim(2), hd, num_sms);
+  DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, kv_block_table.dim(1) * k_cache.dim(2), hd, num_sms);
   return T * n_heads * plan.n_part * (hd + 2);
 }
 
 namespace detail {
 void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                   const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale,
-                                   const Tensor& out) {
+                                   const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                   int64_t n_heads, float scale, const Tensor& out) {
   int64_t hd = k_cache.dim(3);
   if (hd <= 64)
-    launch_prefill<8, 32>(ctx, q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+    launch_prefill<8, 32>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   else if (hd <= 128)
-    launch_prefill<16, 32>(ctx, q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+    launch_prefill<16, 32>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   else if (hd <= 256)
-    launch_prefill<32, 16>(ctx, q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+    launch_prefill<32, 16>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   else
     WEFT_FAIL("attention", "headDim ", hd, " is over 256, the most the cuda prefill kernel takes (", q, ", ", k_cache,
               ")");
   check_launch(ctx, "attention",
-               {Named{"q", q}, Named{"kCache", k_cache}, Named{"slots", slots}, Named{"positions", positions}});
+               {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
+                Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}});
 }
 }  // namespace detail
 
 void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                      const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale, const Tensor& out,
-                      float* scratch, int num_sms) {
-  int64_t T = q.dim(0), S = k_cache.dim(0), n_kv = k_cache.dim(1), C = k_cache.dim(2), hd = k_cache.dim(3);
+                      const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
+                      float scale, const Tensor& out, float* scratch, int num_sms) {
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  int64_t T = q.dim(0), n_kv = k_cache.dim(1), C = kv.capacity(), hd = k_cache.dim(3);
   if (T == 0 || hd == 0) return;
-  auto args = {Named{"q", q}, Named{"kCache", k_cache}, Named{"slots", slots}, Named{"positions", positions}};
-  WEFT_CHECK(C > 0 && S > 0, "attention", "kCache ", k_cache, " has no positions to attend to");
+  auto args = {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
+               Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}};
+  WEFT_CHECK(C > 0 && kv.n_blocks > 0 && kv.n_seqs > 0, "attention", "kCache ", k_cache, " and kvBlockTable ",
+             kv_block_table, " have no positions to attend to");
   WEFT_CHECK(C < (int64_t{1} << 31) && T * n_heads < (int64_t{1} << 31), "attention", "shapes too large (", q, ", ",
-             k_cache, ")");
+             k_cache, ", ", kv_block_table, ")");
   if (T <= kDecodeMaxTokens) {
     int64_t group = n_heads / n_kv;
     DecodePlan plan = decode_plan(T, n_kv, group, C, hd, num_sms);
@@ -635,23 +651,23 @@ void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, co
     float* part_ml = scratch + T * n_heads * plan.n_part * hd;
     dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv));
     attention_decode_partial<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(
-        q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), slots.data<int32_t>(),
-        positions.data<int32_t>(), int(S), int(n_heads), int(n_kv), int(C), int(hd), plan.P, plan.n_part, scale,
-        part_out, part_ml, ctx.status);
+        q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), kv, token_seq.data<int32_t>(),
+        positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, scale, part_out, part_ml, ctx.status);
     check_launch(ctx, "attention", args);
     attention_decode_merge<<<static_cast<unsigned>(T * n_heads), 128, 0, ctx.stream>>>(
-        slots.data<int32_t>(), positions.data<int32_t>(), int(S), int(n_heads), int(C), int(hd), plan.P, plan.n_part,
+        kv, token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part,
         part_out, part_ml, out.data<float>());
     check_launch(ctx, "attention", args);
     return;
   }
   WEFT_CHECK((T + kFaBQ - 1) / kFaBQ <= 65535, "attention", "too many query tokens (", q, ")");
   if (hd == 128)
-    launch_prefill_mma<128>(ctx, q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+    launch_prefill_mma<128>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   else if (hd == 64)
-    launch_prefill_mma<64>(ctx, q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+    launch_prefill_mma<64>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   else
-    detail::launch_attention_prefill_fp32(ctx, q, k_cache, v_cache, slots, positions, n_heads, scale, out);
+    detail::launch_attention_prefill_fp32(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads,
+                                          scale, out);
   check_launch(ctx, "attention", args);
 }
 

@@ -1,14 +1,17 @@
-// attention: q [T, nH * hd] over caches [S, nKv, C, hd] f32; slots and positions are read on the device, so
-// a captured graph stays valid as they change. Two kernels, chosen by T (a shape):
-//  - decode (T <= kDecodeMaxTokens): split-K flash-decoding. The cache length C is cut into partitions of P
+// attention: q [T, nH * hd] over caches [nBlocks, nKv, B, hd] f32 addressed through tokenSeq [T] and
+// kvBlockTable [S, maxBlocksPerSeq] (kv-block-table.h); tokenSeq, the table and positions are read on the
+// device, so a captured graph stays valid as they change. Each kernel looks a key row's block up once per row
+// (and tile), never per element, so any B >= 1 works and one block per sequence runs as fast as before. C below
+// is a sequence's capacity, maxBlocksPerSeq * B. Two kernels, chosen by T (a shape):
+//  - decode (T <= kDecodeMaxTokens): split-K flash-decoding. The sequence length C is cut into partitions of P
 //    positions (P from the shapes only); one block per (token, kv head, partition) serves the whole GQA group
 //    of query heads from one read of its K/V rows; partitions past a token's length exit at once; a second
 //    kernel merges the partitions (max / sum / partial output, in a fixed order: same bits every replay).
 //  - prefill (larger T): FlashAttention-2 on tensor cores (mma.sync m16n8k16, f16 operands, f32 softmax and
 //    accumulators) for head dims 64 and 128: blocks of 64 query tokens x one head, K/V tiles of 64 positions
 //    fetched (cp.async) while the previous one is used, converted to f16 once per block; causal through
-//    positions; a tile whose tokens use several slots runs once per slot. Other head dims (<= 256): the same
-//    plan on CUDA cores in fp32 (tiles of 16 query tokens). Results differ from the fp32 CPU reference by the
+//    positions; a tile whose tokens belong to several sequences runs once per sequence. Other head dims
+//    (<= 256): the same plan on CUDA cores in fp32 (tiles of 16 query tokens). Results differ from the fp32 CPU reference by the
 //    f16 rounding of q, k, v and p (about 1e-4 to 1e-3 of max|out|; attention-bench.cu, ops-check.cc).
 #pragma once
 
@@ -19,18 +22,19 @@ namespace weft::cuda {
 constexpr int64_t kDecodeMaxTokens = 64;
 
 // Floats of device scratch the launch needs (0 for the prefill kernel).
-int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, int64_t n_heads, int num_sms);
+int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
+                                 int64_t n_heads, int num_sms);
 
 void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                      const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale, const Tensor& out,
-                      float* scratch, int num_sms);
+                      const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
+                      float scale, const Tensor& out, float* scratch, int num_sms);
 
 namespace detail {
 // The fp32 CUDA-core prefill kernel whatever the head dim (the fallback above; bench/kernels/attention-bench.cu
 // compares against it).
 void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                   const Tensor& slots, const Tensor& positions, int64_t n_heads, float scale,
-                                   const Tensor& out);
+                                   const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                   int64_t n_heads, float scale, const Tensor& out);
 }  // namespace detail
 
 }  // namespace weft::cuda

@@ -135,14 +135,15 @@ class CudaBackend final : public Backend {
     cuda::launch_rope(ctx(), x, positions, inv_freq, head_dim, out);
   }
   void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                    const Tensor& slots, const Tensor& positions) override {
-    cuda::launch_write_kv(ctx(), k_cache, v_cache, k, v, slots, positions);
+                    const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) override {
+    cuda::launch_write_kv(ctx(), k_cache, v_cache, k, v, token_seq, kv_block_table, positions);
   }
-  void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
-                     const Tensor& positions, int64_t n_heads, float scale, const Tensor& out) override {
-    int64_t floats = cuda::attention_scratch_floats(q, k_cache, n_heads, st_->num_sms);
+  void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                     const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                     const Tensor& out) override {
+    int64_t floats = cuda::attention_scratch_floats(q, k_cache, kv_block_table, n_heads, st_->num_sms);
     Tensor scratch = floats ? empty(DType::F32, {floats}) : Tensor{};
-    cuda::launch_attention(ctx(), q, k_cache, v_cache, slots, positions, n_heads, scale, out,
+    cuda::launch_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out,
                            floats ? scratch.data<float>() : nullptr, st_->num_sms);
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
@@ -150,8 +151,9 @@ class CudaBackend final : public Backend {
     cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed);
   }
   void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
-                    const Tensor& v_cache, const Tensor& slots, const Tensor& q) override {
-    cuda::launch_qkv_rope(ctx(), qkv, positions, inv_freq, k_cache, v_cache, slots, q);
+                    const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                    const Tensor& q) override {
+    cuda::launch_qkv_rope(ctx(), qkv, positions, inv_freq, k_cache, v_cache, token_seq, kv_block_table, q);
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     if (dst.nbytes())

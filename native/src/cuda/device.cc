@@ -88,17 +88,24 @@ void synchronize(DeviceState& st, const char* op) {
   const char* tail = " (found on the device; reported at the next synchronising call, and that op's output is "
                      "unspecified)";
   switch (static_cast<StatusOp>(f.op)) {
-    case StatusOp::WriteKvSlot:
-      WEFT_FAIL("writeKv", "slots[", f.index, "] = ", f.value, " is out of range (need 0 <= slot < ", f.limit, ")", tail);
+    case StatusOp::WriteKvSeq:
+      WEFT_FAIL("writeKv", "tokenSeq[", f.index, "] = ", f.value, " is out of range (need 0 <= sequence < ", f.limit,
+                ")", tail);
     case StatusOp::WriteKvPosition:
       WEFT_FAIL("writeKv", "positions[", f.index, "] = ", f.value, " is out of range (need 0 <= position < ", f.limit,
                 ")", tail);
-    case StatusOp::AttentionSlot:
-      WEFT_FAIL("attention", "slots[", f.index, "] = ", f.value, " is out of range (need 0 <= slot < ", f.limit, ")",
-                tail);
+    case StatusOp::WriteKvBlock:
+      WEFT_FAIL("writeKv", "the KV block of token ", f.index, " (kvBlockTable[tokenSeq[", f.index, "]][positions[",
+                f.index, "] / B]) = ", f.value, " is out of range (need 0 <= block < ", f.limit, ")", tail);
+    case StatusOp::AttentionSeq:
+      WEFT_FAIL("attention", "tokenSeq[", f.index, "] = ", f.value, " is out of range (need 0 <= sequence < ",
+                f.limit, ")", tail);
     case StatusOp::AttentionPosition:
       WEFT_FAIL("attention", "positions[", f.index, "] = ", f.value, " is out of range (need 0 <= position < ",
                 f.limit, ")", tail);
+    case StatusOp::AttentionBlock:
+      WEFT_FAIL("attention", "a KV block read by token ", f.index, " (kvBlockTable[tokenSeq[", f.index,
+                "]][...]) = ", f.value, " is out of range (need 0 <= block < ", f.limit, ")", tail);
     case StatusOp::RopePosition:
       WEFT_FAIL("rope", "positions[", f.index, "] = ", f.value, " is negative", tail);
     case StatusOp::GatherRow:

@@ -15,15 +15,17 @@ namespace weft::cuda {
 // Which check failed on the device (DeviceStatus::op).
 enum class StatusOp : int {
   None = 0,
-  WriteKvSlot,
+  WriteKvSeq,  // tokenSeq outside the kvBlockTable's rows (writeKv, qkvRope)
   WriteKvPosition,
-  AttentionSlot,
+  AttentionSeq,
   AttentionPosition,
   RopePosition,
   GatherRow,
   ExpertRepeat,
   SampleArgs,
   SampleNan,
+  WriteKvBlock,    // a kvBlockTable entry outside the cache's blocks
+  AttentionBlock,
 };
 
 // In mapped pinned host memory: kernels write it directly, the host reads it after a stream sync.

@@ -1,11 +1,14 @@
 // addRmsNorm: one block per row. Rows with H % 4 == 0 and up to 8 float4 per thread (H <= 32768) keep the sum
 // in registers between the two passes; other rows re-read it. Sum of squares in double, as rmsNorm.
 // qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
-// fp32(position * invFreq[j]) and full-precision sincosf, as rope. Bad slots/positions skip the cache write
-// and are reported on the device (as writeKv's; a negative position as rope's).
+// fp32(position * invFreq[j]) and full-precision sincosf, as rope. The k and v rows are found through the KV
+// block table once per block; bad sequence rows, positions and table entries skip the cache write and are
+// reported on the device (as writeKv's; a negative position as rope's).
 #include "cuda/fused-layer.cuh"
 
 #include <algorithm>
+
+#include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
 namespace {
@@ -90,9 +93,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
                          const float* __restrict__ inv_freq, float* __restrict__ k_cache, float* __restrict__ v_cache,
-                         const int32_t* __restrict__ slots, float* __restrict__ q, int64_t n_heads, int64_t n_kv,
-                         int64_t S, int64_t C, int64_t hd, DeviceStatus* status) {
-  const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+                         KvBlockTable kv, const int32_t* __restrict__ token_seq, float* __restrict__ q,
+                         int64_t n_heads, int64_t hd, DeviceStatus* status) {
+  const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
   const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
   const int32_t pos = positions[t];
   float* oh;
@@ -100,18 +103,10 @@ __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restric
     if (pos < 0 && h == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
     oh = q + (t * n_heads + h) * hd;
   } else {
-    const int32_t slot = slots[t];
-    const bool first = h == n_heads && threadIdx.x == 0;
-    if (slot < 0 || slot >= S) {
-      if (first) report(status, StatusOp::WriteKvSlot, t, slot, S);
-      return;
-    }
-    if (pos < 0 || pos >= C) {
-      if (first) report(status, StatusOp::WriteKvPosition, t, pos, C);
-      return;
-    }
-    int64_t kv = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
-    int64_t dst = ((slot * n_kv + kv) * C + pos) * hd;
+    const int64_t kv_head = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
+    const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
+    if (row < 0) return;
+    const int64_t dst = row * hd;
     if (h >= n_heads + n_kv) {  // a v head: copied
       for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) v_cache[dst + d] = xh[d];
       return;
@@ -163,16 +158,19 @@ void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const
 }
 
 void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
-                     const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, const Tensor& q) {
+                     const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                     const Tensor& kv_block_table, const Tensor& q) {
   const int64_t T = qkv.dim(0), hd = k_cache.dim(3), n_kv = k_cache.dim(1), n_heads = q.dim(1) / hd;
   if (T == 0) return;
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv));
   const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
   qkv_rope<<<grid, threads, 0, ctx.stream>>>(qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(),
-                                             k_cache.data<float>(), v_cache.data<float>(), slots.data<int32_t>(),
-                                             q.data<float>(), n_heads, n_kv, k_cache.dim(0), k_cache.dim(2), hd,
-                                             ctx.status);
-  check_launch(ctx, "qkvRope", {{"qkv", qkv}, {"kCache", k_cache}, {"slots", slots}, {"positions", positions}});
+                                             k_cache.data<float>(), v_cache.data<float>(),
+                                             KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
+                                             q.data<float>(), n_heads, hd, ctx.status);
+  check_launch(ctx, "qkvRope",
+               {{"qkv", qkv}, {"kCache", k_cache}, {"tokenSeq", token_seq}, {"kvBlockTable", kv_block_table},
+                {"positions", positions}});
 }
 
 }  // namespace weft::cuda

@@ -11,7 +11,9 @@ namespace weft::cuda {
 
 void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const Tensor& weight, float eps,
                          const Tensor& sum, const Tensor& normed);
+// caches [nBlocks, nKv, B, hd], token_seq [T], kv_block_table [S, maxBlocksPerSeq] (kv-block-table.h).
 void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
-                     const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, const Tensor& q);
+                     const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                     const Tensor& kv_block_table, const Tensor& q);
 
 }  // namespace weft::cuda

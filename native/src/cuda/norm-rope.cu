@@ -1,7 +1,10 @@
 // rmsNorm: one block per row, the sum of squares in double (as the CPU), warp-shuffle reduction.
 // rope: one thread per rotated pair; angle = fp32(position * invFreq), sincosf in full precision.
-// writeKv: one block per (token, kv head); bad slots/positions are skipped and reported on the device.
+// writeKv: one block per (token, kv head), the cache row found through the block table once per block; bad
+// sequence rows, positions and table entries are skipped and reported on the device.
 #include "cuda/norm-rope.cuh"
+
+#include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
 namespace {
@@ -42,20 +45,13 @@ __global__ void rope(const float* __restrict__ x, const int32_t* __restrict__ po
 }
 
 __global__ void write_kv(float* __restrict__ k_cache, float* __restrict__ v_cache, const float* __restrict__ k,
-                         const float* __restrict__ v, const int32_t* __restrict__ slots,
-                         const int32_t* __restrict__ positions, int64_t S, int64_t n_kv, int64_t C, int64_t hd,
-                         DeviceStatus* status) {
-  int64_t t = blockIdx.x, h = blockIdx.y;
-  int32_t slot = slots[t], pos = positions[t];
-  if (slot < 0 || slot >= S) {
-    if (h == 0 && threadIdx.x == 0) report(status, StatusOp::WriteKvSlot, t, slot, S);
-    return;
-  }
-  if (pos < 0 || pos >= C) {
-    if (h == 0 && threadIdx.x == 0) report(status, StatusOp::WriteKvPosition, t, pos, C);
-    return;
-  }
-  int64_t dst = ((slot * n_kv + h) * C + pos) * hd, src = (t * n_kv + h) * hd;
+                         const float* __restrict__ v, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                         const int32_t* __restrict__ positions, int64_t hd, DeviceStatus* status) {
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const int32_t seq = token_seq[t], pos = positions[t];
+  const int64_t row = kv_write_row(kv, t, seq, pos, h, status, h == 0 && threadIdx.x == 0);
+  if (row < 0) return;
+  const int64_t dst = row * hd, src = (t * kv.n_kv + h) * hd;
   for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
     k_cache[dst + d] = k[src + d];
     v_cache[dst + d] = v[src + d];
@@ -83,14 +79,17 @@ void launch_rope(const Ctx& ctx, const Tensor& x, const Tensor& positions, const
 }
 
 void launch_write_kv(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                     const Tensor& slots, const Tensor& positions) {
+                     const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) {
   int64_t T = k.dim(0), n_kv = k_cache.dim(1);
   if (T == 0 || n_kv == 0) return;
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_kv));
   write_kv<<<grid, 128, 0, ctx.stream>>>(k_cache.data<float>(), v_cache.data<float>(), k.data<float>(),
-                                         v.data<float>(), slots.data<int32_t>(), positions.data<int32_t>(),
-                                         k_cache.dim(0), n_kv, k_cache.dim(2), k_cache.dim(3), ctx.status);
-  check_launch(ctx, "writeKv", {{"kCache", k_cache}, {"k", k}, {"slots", slots}, {"positions", positions}});
+                                         v.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
+                                         token_seq.data<int32_t>(), positions.data<int32_t>(), k_cache.dim(3),
+                                         ctx.status);
+  check_launch(ctx, "writeKv",
+               {{"kCache", k_cache}, {"k", k}, {"tokenSeq", token_seq}, {"kvBlockTable", kv_block_table},
+                {"positions", positions}});
 }
 
 }  // namespace weft::cuda

@@ -8,7 +8,8 @@ namespace weft::cuda {
 void launch_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& weight, float eps, const Tensor& out);
 void launch_rope(const Ctx& ctx, const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
                  const Tensor& out);
+// caches [nBlocks, nKv, B, hd], token_seq [T], kv_block_table [S, maxBlocksPerSeq] (kv-block-table.h).
 void launch_write_kv(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
-                     const Tensor& slots, const Tensor& positions);
+                     const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions);
 
 }  // namespace weft::cuda

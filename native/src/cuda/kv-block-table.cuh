@@ -1,0 +1,57 @@
+// Device side of the KV block table (kv-block-table.h): the range checks every KV kernel makes before it
+// touches the cache. A bad index is reported (thrown at the next synchronising call) and the access skipped
+// or redirected to block 0, so a bad table never makes the device fault.
+#pragma once
+
+#include "cuda/common.cuh"
+#include "kv-block-table.h"
+
+namespace weft::cuda {
+
+// kv_token_in_range's `write`: which op's StatusOps a bad index is reported as.
+constexpr bool kKvWrite = true, kKvRead = false;
+
+#ifdef __CUDACC__
+// True when token t's sequence row is in the table and its position within the row's capacity; otherwise false,
+// and the reporter files the report (as writeKv's when `write`, else as attention's).
+__device__ __forceinline__ bool kv_token_in_range(const KvBlockTable& kv, int64_t t, int seq, int pos, bool write,
+                                                  DeviceStatus* status, bool reporter) {
+  const bool bad_seq = seq < 0 || seq >= kv.n_seqs;
+  if (!bad_seq && pos >= 0 && pos < kv.capacity()) return true;
+  const StatusOp op = bad_seq ? (write ? StatusOp::WriteKvSeq : StatusOp::AttentionSeq)
+                              : (write ? StatusOp::WriteKvPosition : StatusOp::AttentionPosition);
+  if (reporter) report(status, op, t, bad_seq ? seq : pos, bad_seq ? kv.n_seqs : kv.capacity());
+  return false;
+}
+
+// Block j of sequence row seq (in range), or -1 when the table entry is outside the pool (reported).
+__device__ __forceinline__ int64_t kv_block_checked(const KvBlockTable& kv, int64_t t, int seq, int64_t j,
+                                                    StatusOp op, DeviceStatus* status, bool reporter) {
+  const int32_t block = kv.block_id(seq, j);
+  if (block >= 0 && block < kv.n_blocks) return block;
+  if (reporter) report(status, op, t, block, kv.n_blocks);
+  return -1;
+}
+
+// The cache row token t writes for kv head h, or -1 (reported by the reporter) when its sequence row, position
+// or table entry is out of range.
+__device__ __forceinline__ int64_t kv_write_row(const KvBlockTable& kv, int64_t t, int seq, int pos, int64_t h,
+                                                DeviceStatus* status, bool reporter) {
+  if (!kv_token_in_range(kv, t, seq, pos, kKvWrite, status, reporter)) return -1;
+  const int64_t j = pos / kv.block_size;
+  const int64_t block = kv_block_checked(kv, t, seq, j, StatusOp::WriteKvBlock, status, reporter);
+  return block < 0 ? -1 : kv.row(block, h, pos - j * kv.block_size);
+}
+
+// The cache row of token t's (in range) position pos, kv head h, for a read: a bad table entry is reported and
+// the read goes to row 0 (the op's output is then unspecified, as the report says).
+// 32-bit division: attention checks capacity < 2^31 on the host.
+__device__ __forceinline__ int64_t kv_read_row(const KvBlockTable& kv, int64_t t, int seq, int64_t h, int pos,
+                                               DeviceStatus* status) {
+  const int B = static_cast<int>(kv.block_size), j = pos / B;
+  const int64_t block = kv_block_checked(kv, t, seq, j, StatusOp::AttentionBlock, status, true);
+  return block < 0 ? 0 : kv.row(block, h, pos - j * B);
+}
+#endif
+
+}  // namespace weft::cuda
