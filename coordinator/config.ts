@@ -104,7 +104,10 @@ function resolve(context: Context, read: (key: OptionKey, decl: Declaration) => 
     if (config[key] !== undefined) continue;
     const fallback = defaultIn(decl, context);
     if (fallback !== undefined) config[key] = typeof fallback === 'function' ? (fallback as (c: Record<string, unknown>) => unknown)(config) : fallback;
-    else if (decl.required) throw new WeftError('WEFT_BAD_REQUEST', `${nameIn(key, decl, context)}${decl.arg ? ` ${decl.arg}` : ''} is required`);
+    else if (decl.required) {
+      const named = nameIn(key, decl, context);
+      throw new WeftError('WEFT_BAD_REQUEST', `${named === decl.flag && decl.arg ? `${named} ${decl.arg}` : named} is required`);
+    }
   }
   for (const check of CROSS_CHECKS) {
     const problem = check.uses.includes(context) ? check.problem(config) : null;

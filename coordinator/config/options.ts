@@ -87,7 +87,7 @@ export const OPTIONS = {
   curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
   maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
   requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: integer(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
-  recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
+  recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, defaultHelp: 'false (true in serve and serve())', help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
   maxRecoveries: { type: integer(1), default: 3, help: 'failed re-form attempts in a row before the cluster gives up', uses: ['cluster'] },
 
   // the worker group, as the coordinator sees it
@@ -97,7 +97,7 @@ export const OPTIONS = {
   workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
   workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
   heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: integer(100), default: 30_000, defaultIn: { serve: 5000 }, defaultHelp: '5000 (30000 in startCluster)', help: 'a worker silent this long is declared dead', uses: ['serve', 'cluster'] },
-  joinTimeoutMs: { type: integer(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
+  joinTimeoutMs: { type: integer(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
   workerStderr: { type: oneOf('tail', 'inherit'), env: 'WEFT_WORKER_STDERR', default: 'tail', help: "'inherit' echoes spawned workers' stderr; 'tail' keeps its last lines for error messages", uses: ['generate', 'score', 'serve'] },
   ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker'] },
 

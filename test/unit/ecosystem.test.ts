@@ -5,7 +5,8 @@ import { buildEcosystem, CONFIG_EXIT_CODE, type EcosystemConfig } from '../../de
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { OPTIONS, commandConfig } from '../../coordinator/config.ts';
+import { commandConfig } from '../../coordinator/config.ts';
+import { flagsOf } from '../helpers/cli.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'weft-ecosystem-'));
 writeFileSync(join(dir, 'worker.secret'), 's3cret\n');
@@ -17,17 +18,6 @@ const base: EcosystemConfig = {
   weftBin: '/opt/weft/bin/weft.js',
   gpus: [2, 3],
   serve: { modelDir: '/models/target', tp: 2, device: 'cuda', host: '127.0.0.1', rpcPort: 5555, httpPort: 8000, workerPort: 6000, kvSlots: 8 },
-};
-
-/** The flags of an app, as the process it starts would read them (bin/weft.js, then the command and its flags). */
-const flagsOf = (args: readonly string[]): Record<string, string | true> => {
-  const flags: Record<string, string | true> = {};
-  for (let i = 2; i < args.length; i++) {
-    const key = Object.entries(OPTIONS).find(([, d]) => 'flag' in d && d.flag === args[i])?.[0] ?? assert.fail(`undeclared flag ${args[i]}`);
-    if (args[i + 1] === undefined || args[i + 1]!.startsWith('--')) flags[key] = true;
-    else flags[key] = args[++i]!;
-  }
-  return flags;
 };
 
 test('one fork-mode app per rank, pinned to its GPU, plus the coordinator; config errors stop restarts', () => {
@@ -43,7 +33,7 @@ test('one fork-mode app per rank, pinned to its GPU, plus the coordinator; confi
 test('the argv written for each process reads back as the options it was built from', () => {
   const { apps } = buildEcosystem(base);
   assert.deepEqual(apps.map((a) => a.args.slice(0, 2)), [['/opt/weft/bin/weft.js', 'serve'], ['/opt/weft/bin/weft.js', 'worker'], ['/opt/weft/bin/weft.js', 'worker']]);
-  const serve = commandConfig('serve', flagsOf(apps[0]!.args), {});
+  const serve = commandConfig('serve', flagsOf(apps[0]!.args.slice(2)), {});
   assert.equal(serve.modelDir, '/models/target');
   assert.equal(serve.tp, 2);
   assert.equal(serve.device, 'cuda');
@@ -51,7 +41,7 @@ test('the argv written for each process reads back as the options it was built f
   assert.equal(serve.workers, 'external');
   assert.equal(serve.workerPort, 6000);
   assert.equal(serve.workerSecret, 's3cret', 'the coordinator reads the secret file');
-  const worker = commandConfig('worker', flagsOf(apps[2]!.args), {});
+  const worker = commandConfig('worker', flagsOf(apps[2]!.args.slice(2)), {});
   assert.deepEqual([worker.coordinator, worker.rank, worker.world, worker.workerSecret], ['tcp://127.0.0.1:6000', 1, 2, 's3cret']);
 });
 
