@@ -7,7 +7,7 @@ import { Command, Option } from 'commander';
 import { startCluster, type Cluster, type ClusterOptions } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
 import { exitCodeFor, isWeftError } from '../core/errors.ts';
-import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, workerStartOf, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
+import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
 
 const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   generate: 'generate text from a prompt',
@@ -153,6 +153,7 @@ function buildProgram(): Command {
     process.stdout.write(JSON.stringify(writeCurveDir(config.out)) + '\n');
   });
   command(program, 'worker', async (config) => {
+    useNcclEnvironment();
     const { runWorker } = (await import(WORKER_ENTRY)) as WorkerEntry;
     process.exitCode = await runWorker(workerStartOf(config));
   });

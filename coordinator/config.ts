@@ -182,9 +182,8 @@ export function argvFor<C extends CommandName>(command: C, values: Partial<Confi
     const fallback = defaultIn(decl, command);
     const text = decl.type.toText(value);
     if (typeof fallback !== 'function' && fallback !== undefined && decl.type.toText(fallback) === text) continue;
-    if (decl.type.expected === 'true or false') {
-      if (value === true) argv.push(decl.flag);
-    } else argv.push(decl.flag, text);
+    if (decl.arg !== undefined) argv.push(decl.flag, text);
+    else if (value === true) argv.push(decl.flag); // a switch: given or not
   }
   return argv;
 }
@@ -207,6 +206,11 @@ let processEnvironmentValue: ProcessEnvironment | null = null;
 /** This process's environment options, read and checked once. */
 export function processEnvironment(): ProcessEnvironment {
   return (processEnvironmentValue ??= readEnvironment(process.env));
+}
+
+/** Turn NVLS off in this process too (a worker started by hand, not through workerEnvironment). */
+export function useNcclEnvironment(): void {
+  Object.assign(process.env, NCCL_ENVIRONMENT);
 }
 
 /** The environment of a spawned worker: this process's, NVLS off, and the group's secret (never on argv). */
