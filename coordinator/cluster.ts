@@ -19,47 +19,51 @@ import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { WeftError } from '../core/errors.ts';
+import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
 import { KvBlockTable, kvCacheLayout } from '../core/kv-block-table.ts';
 
+/**
+ * What startCluster takes. Each option's default and check is its declaration in config/options.ts (the README
+ * lists them); a value that does not fit is refused with WEFT_BAD_REQUEST naming the field.
+ */
 export interface ClusterOptions {
   /** Hugging Face model directory (config.json, safetensors, tokenizer.json). */
   readonly modelDir: string;
-  /** Tensor-parallel degree: the number of worker processes. Defaults to 1. */
+  /** Tensor-parallel degree: the number of worker processes. */
   readonly tp?: number;
-  /** Mixtral: split whole experts across the ranks instead of cutting every expert (see PlanOptions). Defaults to false. */
+  /** Mixtral: split whole experts across the ranks instead of cutting every expert (see PlanOptions). */
   readonly expertParallel?: boolean;
-  /** Defaults to 'cpu'. */
   readonly device?: 'cpu' | 'cuda';
-  /** Sequences that can hold a KV cache at once. Defaults to 4. */
+  /** Sequences that can hold a KV cache at once. */
   readonly kvSlots?: number;
-  /** Cap on the context length (KV cache size per sequence). Defaults to the model's, at most 4096. */
+  /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** CPU threads per worker. Defaults to the machine's cores divided among the ranks. */
   readonly threads?: number;
-  /** A silent worker is declared dead after this long. Defaults to 30000 ms. */
+  /** A silent worker is declared dead after this long, in ms. */
   readonly heartbeatTimeoutMs?: number;
-  /** Every rank must have joined within this. Defaults to 60000 ms. */
+  /** Every rank must have joined within this, in ms. */
   readonly joinTimeoutMs?: number;
-  /** 'spawn': start the workers as child processes (the default); 'external': wait for `weft worker` processes (pm2). */
+  /** 'spawn': start the workers as child processes; 'external': wait for `weft worker` processes (pm2). */
   readonly workers?: 'spawn' | 'external';
-  /** Host and port of the socket workers connect to. Defaults to 127.0.0.1 and a free port. */
+  /** Host and port of the socket workers connect to (port 0: a free one). */
   readonly workerHost?: string;
   readonly workerPort?: number;
   /** Shared secret external workers present in hello. Defaults to none (spawned workers get a random one). */
   readonly workerSecret?: string;
-  /** Re-form the worker group after a fault instead of failing for good. Defaults to false. */
+  /** Re-form the worker group after a fault instead of failing for good. */
   readonly recover?: boolean;
-  /** Failed re-form attempts in a row before the cluster gives up. Defaults to 3. */
+  /** Failed re-form attempts in a row before the cluster gives up. */
   readonly maxRecoveries?: number;
-  /** Requests waiting for a KV slot at most; more are refused with WEFT_BUSY. Defaults to 64. */
+  /** Requests waiting for a KV slot at most; more are refused with WEFT_BUSY. */
   readonly maxQueue?: number;
-  /** Deadline of every request from submission, in ms; 0 for none. Defaults to 0. */
+  /** Deadline of every request from submission, in ms; 0 for none. */
   readonly requestTimeoutMs?: number;
   /**
    * Speculative decoding: a draft model sharing the target's vocabulary, run by its own worker group (its own
    * processes and TP degree); it proposes `k` tokens per round, which the target verifies in one forward.
-   * Defaults to none; `tp` defaults to 1 and `k` to 4.
+   * `gpus` defaults to the target's first GPUs, `tp` to their count.
    */
   readonly draft?: { readonly modelDir: string; readonly tp?: number; readonly k?: number; readonly gpus?: readonly number[] };
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
@@ -68,6 +72,9 @@ export interface ClusterOptions {
 }
 
 export type ClusterState = 'loading' | 'ready' | 'recovering' | 'failed' | 'closed';
+
+/** A cluster's options once checked and resolved, with the caller's hooks. */
+type ClusterSettings = ConfigOf<'cluster'> & Pick<ClusterOptions, 'onProgress' | 'onStateChange' | 'observer'>;
 
 export interface GenerateRequest {
   /** Text prompt, encoded with the model's tokenizer (BOS added). */
@@ -140,7 +147,7 @@ export class Cluster {
     readonly plan: ShardPlan,
     readonly tokenizer: WeftTokenizer,
     readonly maxContext: number,
-    private readonly options: ClusterOptions,
+    private readonly options: ClusterSettings,
     private readonly initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>,
     groupStarting: Promise<WorkerGroup>,
     private readonly draft: DraftSide | null,
@@ -150,7 +157,7 @@ export class Cluster {
     this.scheduler = new Scheduler(
       {
         kvCache: new KvBlockTable(kvLayout),
-        maxQueue: options.maxQueue ?? 64,
+        maxQueue: options.maxQueue,
         step: (batch) => this.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),
         onStepFailure: (err) => this.onFault(err),
@@ -163,55 +170,51 @@ export class Cluster {
   }
 
   /** Check the model and start loading it; `cluster.ready` resolves when every rank has its weights. */
-  static async open(options: ClusterOptions): Promise<Cluster> {
+  static async open(given: ClusterOptions): Promise<Cluster> {
+    const { onProgress, onStateChange, observer } = given;
+    const options: ClusterSettings = { ...apiConfig('cluster', given), onProgress, onStateChange, observer };
     const spec = readModelSpec(options.modelDir);
-    const tp = options.tp ?? 1;
-    const plan = planShards(spec, tp, { expertParallel: options.expertParallel ?? false });
+    const { tp, device, kvSlots, threads } = options;
+    const plan = planShards(spec, tp, { expertParallel: options.expertParallel });
     const tokenizer = loadTokenizer(options.modelDir);
-    const device = options.device ?? 'cpu';
     if (!existsSync(join(options.modelDir, 'model.safetensors')) && !existsSync(join(options.modelDir, 'model.safetensors.index.json')))
       throw new WeftError('WEFT_BAD_WEIGHTS', `${options.modelDir} has neither model.safetensors nor model.safetensors.index.json`);
-    const draftSpec = options.draft ? readModelSpec(options.draft.modelDir) : null;
+    const draftSpec = options.draftModelDir !== undefined ? readModelSpec(options.draftModelDir) : null;
     if (draftSpec && draftSpec.vocabSize !== spec.vocabSize)
       throw new WeftError('WEFT_BAD_MODEL', `the draft model's vocabulary (${draftSpec.vocabSize} tokens) differs from the target's (${spec.vocabSize}): speculative decoding needs the same vocabulary`);
-    const draftPlan = draftSpec ? planShards(draftSpec, options.draft?.tp ?? 1) : null;
-    const draftK = options.draft?.k ?? 4;
-    if (options.draft?.gpus && draftPlan && options.draft.gpus.length !== draftPlan.tp)
-      throw new WeftError('WEFT_BAD_REQUEST', `the draft lists ${options.draft.gpus.length} GPUs for a draft TP degree of ${draftPlan.tp}: give one GPU per draft rank`);
-    if (options.draft && (!Number.isInteger(draftK) || draftK < 1 || draftK > 16)) throw new WeftError('WEFT_BAD_REQUEST', `speculate k must be an integer in [1, 16], got ${draftK}`);
-    const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext ?? 4096);
-    const kvSlots = options.kvSlots ?? 4;
-    const threads = options.threads ?? Math.max(1, Math.floor(availableParallelism() / tp));
+    // draftTp and speculateK are set whenever draftModelDir is (their declarations need it)
+    const draftPlan = draftSpec ? planShards(draftSpec, options.draftTp!) : null;
+    const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext);
     const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, threads };
     let cluster: Cluster | null = null;
     const group = WorkerGroup.bind({
       world: tp,
-      spawnLocal: (options.workers ?? 'spawn') === 'spawn',
-      ...(options.workerHost !== undefined && { bindHost: options.workerHost }),
-      ...(options.workerPort !== undefined && { port: options.workerPort }),
+      spawnLocal: options.workers === 'spawn',
+      bindHost: options.workerHost,
+      port: options.workerPort,
       ...(options.workerSecret !== undefined && { secret: options.workerSecret }),
-      ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
-      ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
-      ...(options.onProgress && { onProgress: options.onProgress }),
+      heartbeatTimeoutMs: options.heartbeatTimeoutMs,
+      joinTimeoutMs: options.joinTimeoutMs,
+      ...(onProgress && { onProgress }),
       onFailure: (err) => cluster?.onFault(err),
     });
     await group; // a port already in use fails here, before the cluster exists
     let draft: DraftSide | null = null;
-    if (options.draft && draftSpec && draftPlan) {
+    if (options.draftModelDir !== undefined && draftSpec && draftPlan) {
       const draftGroup = WorkerGroup.bind({
         world: draftPlan.tp,
         spawnLocal: true,
         label: 'draft worker',
         // by default the draft shares the target's first GPUs, within what memory they have left
-        devices: options.draft.gpus ?? Array.from({ length: draftPlan.tp }, (_, r) => r),
-        ...(options.heartbeatTimeoutMs !== undefined && { heartbeatTimeoutMs: options.heartbeatTimeoutMs }),
-        ...(options.joinTimeoutMs !== undefined && { joinTimeoutMs: options.joinTimeoutMs }),
+        devices: options.draftGpus ?? Array.from({ length: draftPlan.tp }, (_, r) => r),
+        heartbeatTimeoutMs: options.heartbeatTimeoutMs,
+        joinTimeoutMs: options.joinTimeoutMs,
         // a dead draft costs speed, not requests: decoding goes on with the target alone
         onFailure: (err) => cluster?.speculative?.disableDraft(err),
       });
       await draftGroup;
-      const draftInit = { ...initCommand, modelDir: options.draft.modelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
-      draft = { spec: draftSpec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: draftK };
+      const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
+      draft = { spec: draftSpec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: options.speculateK! };
     }
     cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group, draft);
     return cluster;
@@ -278,7 +281,7 @@ export class Cluster {
     this.recovering = true;
     this.scheduler.pause();
     this.setState('recovering', `re-forming the worker group after: ${cause.message}`);
-    const attempts = this.options.maxRecoveries ?? 3;
+    const attempts = this.options.maxRecoveries;
     let last = cause;
     try {
       for (let attempt = 1; attempt <= attempts; attempt++) {

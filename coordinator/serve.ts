@@ -9,18 +9,21 @@ import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { Cluster, type ClusterOptions, type ClusterState } from './cluster.ts';
 import { WeftError } from '../core/errors.ts';
+import { apiConfig } from './config.ts';
 import { RpcServer, isLoopback } from './api/server.ts';
 import { HttpGateway } from './api/http.ts';
 import { ChatTemplate } from './chat-template.ts';
 import { WeftMetrics } from './metrics.ts';
 import type { CurveServerKeys } from './api/protocol.ts';
 
+/** What serve() takes besides the cluster's options; defaults and checks as declared in config/options.ts. */
 export interface ServeOptions extends ClusterOptions {
-  /** Defaults to 127.0.0.1 (RPC and HTTP). */
+  /** Interface RPC and HTTP bind. */
   readonly host?: string;
-  /** 0 picks a free port. Defaults to 0 here; the CLI defaults to 5555 and 8000. */
+  /** 0 picks a free port (the default here; the CLI's are 5555 and 8000). */
   readonly rpcPort?: number;
   readonly httpPort?: number;
+  /** Bearer token HTTP clients must send; required with CURVE keys unless host is loopback. */
   readonly apiKey?: string;
   readonly curve?: CurveServerKeys;
 }
@@ -33,19 +36,19 @@ export interface RunningServer {
 }
 
 export async function serve(options: ServeOptions): Promise<RunningServer> {
-  const host = options.host ?? '127.0.0.1';
-  if (!isLoopback(host) && (!options.curve || !options.apiKey))
+  const { host, rpcPort, httpPort, apiKey, recover } = apiConfig('server', options);
+  if (!isLoopback(host) && (!options.curve || !apiKey))
     throw new WeftError('WEFT_BAD_REQUEST', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
   const chatTemplate = ChatTemplate.load(options.modelDir);
   let metrics: WeftMetrics | null = null;
-  const cluster = await Cluster.open({ recover: true, ...options, observer: { ...forward(() => metrics) } });
+  const cluster = await Cluster.open({ ...options, recover, observer: { ...forward(() => metrics) } });
   metrics = new WeftMetrics(cluster.info().name);
   metrics.attach(cluster);
   let rpc: RpcServer | null = null;
   let http: HttpGateway | null = null;
   try {
-    rpc = await RpcServer.start(cluster, { host, port: options.rpcPort ?? 0, ...(options.curve && { curve: options.curve }) });
-    http = await HttpGateway.start(cluster, { host, port: options.httpPort ?? 0, chatTemplate, metrics, ...(options.apiKey !== undefined && { apiKey: options.apiKey }) });
+    rpc = await RpcServer.start(cluster, { host, port: rpcPort, ...(options.curve && { curve: options.curve }) });
+    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate, metrics, ...(apiKey !== undefined && { apiKey }) });
   } catch (err) {
     await rpc?.close();
     await cluster.close();

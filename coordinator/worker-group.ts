@@ -9,10 +9,10 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { fileURLToPath } from 'node:url';
 import { WeftError } from '../core/errors.ts';
 import type { Command, CommandBody, CommandResult, InitCommand, StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { WorkerClient, alive, type RankStatus } from './worker-client.ts';
+import { WEFT_BIN, argvFor, processEnvironment, workerEnvironment } from './config.ts';
 
 export type { RankStatus } from './worker-client.ts';
 
@@ -45,14 +45,6 @@ export interface WorkerGroupOptions {
 /** What `init` needs from the caller; the group adds the collective root, the NCCL id and each rank's device. */
 export type InitSettings = Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot' | 'ncclId' | 'deviceIndex'>;
 
-const weftBin = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
-/** The env var spawned workers read their secret from (never on the command line, where `ps` shows it). */
-export const WORKER_SECRET_ENV = 'WEFT_WORKER_SECRET';
-
-/** Everything this module reads from the environment, in one place, so that the configuration module can supply it instead. */
-function environment(): { readonly inherited: NodeJS.ProcessEnv; readonly echoWorkerStderr: boolean } {
-  return { inherited: process.env, echoWorkerStderr: process.env.WEFT_WORKER_STDERR === 'inherit' };
-}
 
 /** A spawned rank: its process and the last lines it wrote to stderr, quoted when it dies. */
 interface SpawnedRank {
@@ -108,16 +100,15 @@ export class WorkerGroup {
   }
 
   private spawnRank(rank: number): void {
-    const { inherited, echoWorkerStderr } = environment();
-    const args = [weftBin, 'worker', '--coordinator', this.endpoint, '--rank', String(rank), '--world', String(this.options.world), '--parent-pid', String(process.pid)];
+    const args = [WEFT_BIN, ...argvFor('worker', { coordinator: this.endpoint, rank, world: this.options.world, parentPid: process.pid })];
     const child = spawn(process.execPath, args, {
       stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...inherited, NCCL_NVLS_ENABLE: '0', ...(this.secret !== null && { [WORKER_SECRET_ENV]: this.secret }) },
+      env: workerEnvironment(this.secret),
     });
     const spawned: SpawnedRank = { child, stderrTail: [] };
     this.spawned[rank] = spawned;
     child.stderr?.setEncoding('utf8').on('data', (chunk: string) => {
-      if (echoWorkerStderr) process.stderr.write(chunk);
+      if (processEnvironment().workerStderr === 'inherit') process.stderr.write(chunk);
       spawned.stderrTail.push(...chunk.split('\n').filter((line) => line.trim()));
       spawned.stderrTail.splice(0, Math.max(0, spawned.stderrTail.length - 5));
     });

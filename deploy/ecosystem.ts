@@ -2,39 +2,28 @@
  * The pm2 ecosystem of one weft cluster (ecosystem.md 4.1): a coordinator (`weft serve --workers external`)
  * and one worker app per rank, each pinned to its GPU with CUDA_VISIBLE_DEVICES, in fork mode, with its own log
  * files and a restart policy. One `namespace` per cluster, so deleting the namespace stops exactly this cluster.
+ * Every process's argv is written from its options by config.ts (argvFor), the flags they were declared with.
  * Pure: builds the object; launch.ts writes and starts it.
  */
 import { join } from 'node:path';
 import { EXIT_CONFIG } from '../core/errors.ts';
+import { NCCL_ENVIRONMENT, argvFor, type ConfigOf } from '../coordinator/config.ts';
 
 export interface EcosystemConfig {
   /** cluster name: apps are weft-<name>-coordinator and weft-<name>-rank-<r> */
   readonly name: string;
-  /** absolute model directory */
-  readonly modelDir: string;
-  readonly tp: number;
-  readonly device: 'cpu' | 'cuda';
-  /** GPU index per rank (CUDA_VISIBLE_DEVICES), or null on the CPU */
-  readonly gpus: readonly number[] | null;
-  readonly host: string;
-  readonly rpcPort: number;
-  readonly httpPort: number;
-  /** where the coordinator's worker socket listens (127.0.0.1) */
-  readonly workerPort: number;
   /** the cluster's directory: logs/, worker.secret */
   readonly dir: string;
   /** node binary and bin/weft.js, absolute */
   readonly node: string;
   readonly weftBin: string;
-  readonly threads?: number;
-  readonly kvSlots?: number;
-  readonly maxContext?: number;
-  readonly maxQueue?: number;
+  /** GPU index per rank (CUDA_VISIBLE_DEVICES), or null on the CPU */
+  readonly gpus: readonly number[] | null;
   /**
-   * Speculative decoding: the draft model and the GPU of each draft rank. The coordinator spawns the draft
-   * workers as its own children (a dead draft turns speculation off; the cluster keeps serving).
+   * The coordinator's `weft serve` options (absolute model paths); it waits for the workers on `workerPort`
+   * (127.0.0.1). A draft's workers are the coordinator's own children (a dead draft turns speculation off).
    */
-  readonly draft?: { readonly modelDir: string; readonly gpus: readonly number[] | null; readonly tp: number };
+  readonly serve: Partial<ConfigOf<'serve'>> & Pick<ConfigOf<'serve'>, 'modelDir' | 'tp' | 'workerPort'>;
 }
 
 export interface Pm2App {
@@ -86,32 +75,13 @@ export function buildEcosystem(config: EcosystemConfig): { apps: Pm2App[] } {
     merge_logs: true,
     env: { WEFT_CLUSTER: config.name, NODE_ENV: 'production', ...env },
   });
-  const optional = (flag: string, value: number | undefined): string[] => (value === undefined ? [] : [flag, String(value)]);
-  const coordinator = shared(
-    'coordinator',
-    [
-      'serve',
-      ...['--model', config.modelDir, '--tp', String(config.tp), '--device', config.device],
-      ...['--host', config.host, '--rpc-port', String(config.rpcPort), '--http-port', String(config.httpPort)],
-      ...['--workers', 'external', '--worker-port', String(config.workerPort), '--worker-secret-file', secretFile],
-      ...optional('--kv-slots', config.kvSlots),
-      ...optional('--max-context', config.maxContext),
-      ...optional('--max-queue', config.maxQueue),
-      ...optional('--threads', config.threads),
-      ...(config.draft ? ['--draft', config.draft.modelDir, '--draft-tp', String(config.draft.tp)] : []),
-      ...(config.draft?.gpus ? ['--draft-gpus', config.draft.gpus.join(',')] : []),
-    ],
-    {},
-  );
-  const workers = Array.from({ length: config.tp }, (_, rank) =>
-    shared(
-      `rank-${rank}`,
-      ['worker', '--coordinator', `tcp://127.0.0.1:${config.workerPort}`, '--rank', String(rank), '--world', String(config.tp), '--secret-file', secretFile],
-      {
-        WEFT_RANK: String(rank),
-        ...(config.gpus ? { CUDA_VISIBLE_DEVICES: String(config.gpus[rank]), NCCL_DEBUG: 'WARN', NCCL_NVLS_ENABLE: '0' } : { CUDA_VISIBLE_DEVICES: '' }),
-      },
-    ),
+  const { tp, workerPort } = config.serve;
+  const coordinator = shared('coordinator', argvFor('serve', { ...config.serve, workers: 'external', workerSecretFile: secretFile }), {});
+  const workers = Array.from({ length: tp }, (_, rank) =>
+    shared(`rank-${rank}`, argvFor('worker', { coordinator: `tcp://127.0.0.1:${workerPort}`, rank, world: tp, workerSecretFile: secretFile }), {
+      WEFT_RANK: String(rank),
+      ...(config.gpus ? { CUDA_VISIBLE_DEVICES: String(config.gpus[rank]), NCCL_DEBUG: 'WARN', ...NCCL_ENVIRONMENT } : { CUDA_VISIBLE_DEVICES: '' }),
+    }),
   );
   return { apps: [coordinator, ...workers] };
 }

@@ -8,35 +8,15 @@
 import { mkdirSync, writeFileSync, readFileSync, existsSync, statSync, openSync, readSync, closeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
-import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import pm2 from 'pm2';
 import { WeftError } from '../core/errors.ts';
-import { buildEcosystem, type EcosystemConfig } from './ecosystem.ts';
+import { buildEcosystem } from './ecosystem.ts';
+import { WEFT_BIN, type ConfigOf } from '../coordinator/config.ts';
 
-export interface LaunchOptions {
-  readonly name: string;
-  readonly model: string;
-  readonly tp: number;
-  readonly device: 'cpu' | 'cuda';
-  readonly gpus?: readonly number[];
-  readonly draft?: string;
-  /** GPU of each draft rank; the draft's TP degree is their count. Defaults to [gpus[0]]. */
-  readonly draftGpus?: readonly number[];
-  readonly host: string;
-  readonly rpcPort: number;
-  readonly httpPort: number;
-  readonly workerPort: number;
-  readonly threads?: number;
-  readonly kvSlots?: number;
-  readonly maxContext?: number;
-  readonly maxQueue?: number;
-  /** give up waiting for /health after this. Defaults to 600000 ms. */
-  readonly waitTimeoutMs?: number;
-  readonly log?: (line: string) => void;
-}
+/** A launched cluster: its name and the home its files live under ($WEFT_HOME). */
+export type ClusterRef = Pick<ConfigOf<'status'>, 'name' | 'home'>;
 
 interface ClusterRecord {
   name: string;
@@ -48,11 +28,8 @@ interface ClusterRecord {
   apps: { name: string; out: string; err: string }[];
 }
 
-const weftBin = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
-
-export function clusterDir(name: string): string {
-  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) throw new WeftError('WEFT_BAD_REQUEST', `--name "${name}": letters, digits, '_', '.', '-' only`);
-  return join(process.env.WEFT_HOME ?? join(homedir(), '.weft'), name);
+export function clusterDir(cluster: ClusterRef): string {
+  return join(cluster.home, cluster.name);
 }
 
 async function freePort(): Promise<number> {
@@ -77,47 +54,38 @@ async function withPm2<T>(run: (api: typeof pm2) => Promise<T>): Promise<T> {
 }
 const p2 = <T>(fn: (cb: (err: Error | null, value: T) => void) => void): Promise<T> => new Promise((res, rej) => fn((err, v) => (err ? rej(err) : res(v))));
 
-function readRecord(name: string): ClusterRecord {
-  const path = join(clusterDir(name), 'cluster.json');
-  if (!existsSync(path)) throw new WeftError('WEFT_BAD_REQUEST', `no cluster named "${name}" was launched (${path} is missing)`);
+function readRecord(cluster: ClusterRef): ClusterRecord {
+  const path = join(clusterDir(cluster), 'cluster.json');
+  if (!existsSync(path)) throw new WeftError('WEFT_BAD_REQUEST', `no cluster named "${cluster.name}" was launched (${path} is missing)`);
   return JSON.parse(readFileSync(path, 'utf8')) as ClusterRecord;
 }
 
-export async function launch(options: LaunchOptions): Promise<ClusterRecord> {
-  const log = options.log ?? ((line: string) => process.stderr.write(line + '\n'));
-  const gpus = options.device === 'cuda' ? (options.gpus ?? Array.from({ length: options.tp }, (_, i) => i)) : null;
-  if (gpus && gpus.length !== options.tp) throw new WeftError('WEFT_BAD_REQUEST', `--gpus lists ${gpus.length} GPUs for --tp ${options.tp}: give one GPU per rank`);
-  const dir = clusterDir(options.name);
+export async function launch(config: ConfigOf<'launch'>, log = (line: string): void => void process.stderr.write(line + '\n')): Promise<ClusterRecord> {
+  const { name, tp } = config;
+  const gpus = config.device === 'cuda' ? (config.gpus ?? Array.from({ length: tp }, (_, i) => i)) : null;
+  const dir = clusterDir(config);
   mkdirSync(join(dir, 'logs'), { recursive: true, mode: 0o700 });
   writeFileSync(join(dir, 'worker.secret'), randomBytes(24).toString('hex'), { mode: 0o600 });
-  const config: EcosystemConfig = {
-    name: options.name,
-    modelDir: resolve(options.model),
-    tp: options.tp,
-    device: options.device,
-    gpus,
-    host: options.host,
-    rpcPort: options.rpcPort || (await freePort()),
-    httpPort: options.httpPort || (await freePort()),
-    workerPort: options.workerPort || (await freePort()),
+  const rpcPort = config.rpcPort || (await freePort());
+  const httpPort = config.httpPort || (await freePort());
+  const workerPort = config.workerPort || (await freePort());
+  const { device, host, kvSlots, maxContext, maxQueue, threads } = config;
+  const ecosystem = buildEcosystem({
+    name,
     dir,
     node: process.execPath,
-    weftBin,
-    ...(options.threads !== undefined && { threads: options.threads }),
-    ...(options.kvSlots !== undefined && { kvSlots: options.kvSlots }),
-    ...(options.maxContext !== undefined && { maxContext: options.maxContext }),
-    ...(options.maxQueue !== undefined && { maxQueue: options.maxQueue }),
-    ...(options.draft !== undefined && { draft: draftConfig(options, gpus) }),
-  };
-  const ecosystem = buildEcosystem(config);
-  const ecosystemPath = join(dir, `weft-${options.name}.ecosystem.config.cjs`);
+    weftBin: WEFT_BIN,
+    gpus,
+    serve: { modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, workerPort, kvSlots, maxContext, maxQueue, threads, ...draftOptions(config, gpus) },
+  });
+  const ecosystemPath = join(dir, `weft-${name}.ecosystem.config.cjs`);
   writeFileSync(ecosystemPath, `// written by weft launch; start by hand with: pm2 start ${ecosystemPath}\nmodule.exports = ${JSON.stringify(ecosystem, null, 2)};\n`, { mode: 0o600 });
-  const loopback = ['127.0.0.1', '0.0.0.0', '::', ''].includes(options.host) ? '127.0.0.1' : options.host;
+  const loopback = ['127.0.0.1', '0.0.0.0', '::', ''].includes(host) ? '127.0.0.1' : host;
   const record: ClusterRecord = {
-    name: options.name,
-    namespace: `weft-${options.name}`,
-    http: `http://${loopback}:${config.httpPort}`,
-    rpc: `tcp://${loopback}:${config.rpcPort}`,
+    name,
+    namespace: `weft-${name}`,
+    http: `http://${loopback}:${httpPort}`,
+    rpc: `tcp://${loopback}:${rpcPort}`,
     ecosystem: ecosystemPath,
     dir,
     apps: ecosystem.apps.map((a) => ({ name: a.name, out: a.out_file, err: a.error_file })),
@@ -126,10 +94,10 @@ export async function launch(options: LaunchOptions): Promise<ClusterRecord> {
   log(`weft: starting ${ecosystem.apps.length} processes under pm2 (namespace ${record.namespace}); ecosystem ${ecosystemPath}`);
   await withPm2(async (api) => {
     const existing = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
-    if (existing.some((p) => p.name?.startsWith(`${record.namespace}-`))) throw new WeftError('WEFT_BAD_REQUEST', `cluster "${options.name}" is already running; weft stop --name ${options.name} first`);
+    if (existing.some((p) => p.name?.startsWith(`${record.namespace}-`))) throw new WeftError('WEFT_BAD_REQUEST', `cluster "${name}" is already running; weft stop --name ${name} first`);
     await p2((cb) => api.start(ecosystem as unknown as pm2.StartOptions, cb));
   });
-  await waitReady(record, options.waitTimeoutMs ?? 600_000, log);
+  await waitReady(record, config.waitTimeoutMs, log);
   return record;
 }
 
@@ -166,8 +134,8 @@ export interface AppStatus {
   uptimeS: number;
 }
 
-export async function status(name: string): Promise<{ apps: AppStatus[]; health: unknown }> {
-  const record = readRecord(name);
+export async function status(cluster: ClusterRef): Promise<{ apps: AppStatus[]; health: unknown }> {
+  const record = readRecord(cluster);
   const apps = await withPm2(async (api) => {
     const list = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
     return list
@@ -191,8 +159,8 @@ export async function status(name: string): Promise<{ apps: AppStatus[]; health:
 }
 
 /** The last `lines` lines of each process's logs. */
-export function logs(name: string, lines: number): string {
-  const record = readRecord(name);
+export function logs(cluster: ClusterRef, lines: number): string {
+  const record = readRecord(cluster);
   const tail = (path: string): string => {
     if (!existsSync(path)) return '';
     const size = statSync(path).size;
@@ -210,8 +178,8 @@ export function logs(name: string, lines: number): string {
 }
 
 /** Delete the cluster's processes, wait until they are gone, and stop the pm2 daemon when it has nothing else. */
-export async function stop(name: string): Promise<{ stopped: string[] }> {
-  const record = readRecord(name);
+export async function stop(cluster: ClusterRef): Promise<{ stopped: string[] }> {
+  const record = readRecord(cluster);
   let killDaemon = false;
   const stopped = await withPm2(async (api) => {
     const list = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
@@ -239,7 +207,8 @@ export async function stop(name: string): Promise<{ stopped: string[] }> {
 }
 
 /** The draft group: its model, and one GPU per draft rank (default: the target's first GPU), or none on the CPU. */
-function draftConfig(options: LaunchOptions, gpus: readonly number[] | null): NonNullable<EcosystemConfig['draft']> {
-  const draftGpus = gpus ? (options.draftGpus ?? [gpus[0]!]) : null;
-  return { modelDir: resolve(options.draft!), gpus: draftGpus, tp: draftGpus?.length ?? 1 };
+function draftOptions(config: ConfigOf<'launch'>, gpus: readonly number[] | null) {
+  if (config.draftModelDir === undefined) return {};
+  const draftGpus = gpus ? (config.draftGpus ?? [gpus[0]!]) : undefined;
+  return { draftModelDir: resolve(config.draftModelDir), draftTp: draftGpus?.length ?? 1, ...(draftGpus && { draftGpus }) };
 }

@@ -24,6 +24,8 @@ export interface WorkerOptions {
   coordinatorTimeoutMs: number;
   /** the group's shared secret, sent in hello (spawned workers get it in WEFT_WORKER_SECRET) */
   secret?: string;
+  /** the NCCL shared library cuda groups of several ranks load */
+  ncclLibrary: string;
 }
 
 const HEARTBEAT_MS = 500;
@@ -37,7 +39,7 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
     outbox.send([encode(message)]).catch(() => undefined); // the coordinator may be gone; the watchdog handles that
   };
   const hub = rank === 0 && world > 1 ? await bindCollectiveHub(options.collectiveHost) : null;
-  const state = new WorkerState(rank, world, hub?.socket ?? null, (bytesRead, bytesTotal) =>
+  const state = new WorkerState(rank, world, hub?.socket ?? null, options.ncclLibrary, (bytesRead, bytesTotal) =>
     post({ v: PROTOCOL_VERSION, type: 'progress', rank, bytesRead, bytesTotal }),
   );
 
@@ -100,7 +102,7 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
       if (message.type === 'init') serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
       else if (message.type === 'step') serve(message.id, async () => ({ command: 'step', result: await state.step(message.batch) }));
       // rank 0 makes its group's NCCL id: the coordinator never loads NCCL, and a missing library fails here, named
-      else if (message.type === 'ncclId') serve(message.id, async () => ({ command: 'ncclId', result: { ncclId: loadNccl().getUniqueId() } }));
+      else if (message.type === 'ncclId') serve(message.id, async () => ({ command: 'ncclId', result: { ncclId: loadNccl(options.ncclLibrary).getUniqueId() } }));
       else if (message.type === 'shutdown') stop(0);
       else if (message.type === 'ping' && message.session !== undefined) {
         session ??= message.session;

@@ -22,6 +22,8 @@ export class WorkerState {
     readonly rank: number,
     readonly world: number,
     private readonly hub: zmq.Router | null,
+    /** the NCCL shared library cuda groups of several ranks load */
+    private readonly ncclLibrary: string,
     private readonly onProgress: (bytesRead: number, bytesTotal: number) => void,
   ) {}
 
@@ -47,7 +49,7 @@ export class WorkerState {
     if (this.world === 1) return soloCollectives();
     if (command.device === 'cuda') {
       if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
-      return NcclCollectives.create(engine, this.rank, this.world, command.ncclId);
+      return NcclCollectives.create(engine, this.rank, this.world, command.ncclId, { library: this.ncclLibrary });
     }
     return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot);
   }

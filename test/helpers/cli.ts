@@ -1,6 +1,7 @@
 /** Run the real `weft` command as a child process and collect what it prints. */
 import { spawn } from 'node:child_process';
 import { WEFT_BIN, processesMentioning } from './fixtures.ts';
+import { OPTIONS, type CommandLineValues } from '../../coordinator/config.ts';
 
 export interface CliResult {
   code: number | null;
@@ -28,4 +29,15 @@ export function runWeft(args: string[], options: { timeoutMs?: number; env?: Nod
       resolve({ code, signal, stdout, stderr, leftover: processesMentioning(`--parent-pid\0${child.pid}\0`) });
     });
   });
+}
+
+/** The option values an argv (after the command name) gives, by declared key, as commander would hand them over. */
+export function flagsOf(args: readonly string[]): CommandLineValues {
+  const flags: Record<string, string | true> = {};
+  for (let i = 0; i < args.length; i++) {
+    const key = Object.entries(OPTIONS).find(([, decl]) => 'flag' in decl && decl.flag === args[i])?.[0];
+    if (key === undefined) throw new Error(`${args[i]} is not a declared flag`);
+    flags[key] = 'arg' in OPTIONS[key as keyof typeof OPTIONS] ? args[++i]! : true;
+  }
+  return flags;
 }

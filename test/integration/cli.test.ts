@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { runWeft, type CliResult } from '../helpers/cli.ts';
+import { declarationsOf, type CommandName } from '../../coordinator/config.ts';
 
 const llama = fixtureDir('llama-tiny');
 const reference = readReference('llama-tiny');
@@ -129,6 +130,14 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
     assert.equal(result.code, 1, 'a bad request is not a configuration error');
   });
 
+  test('a bad option value names the option and the value, before any worker starts', async () => {
+    const result = await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--tp', 'two']);
+    assertCleanFailure(result, /^weft: WEFT_BAD_REQUEST: --tp must be an integer >= 1, got "two"$/);
+    assert.equal(result.code, 1);
+    const fromEnv = await runWeft(['serve', '--model', llama, '--rpc-port', '0', '--http-port', '0'], { env: { WEFT_WORKER_STDERR: 'loud' } });
+    assertCleanFailure(fromEnv, /WEFT_WORKER_STDERR must be one of tail, inherit, got "loud"/);
+  });
+
   test('invalid sampling parameters', async () => {
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--temperature', '-1']), /temperature/);
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-p', '0']), /top.?p/i);
@@ -136,4 +145,15 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-k', '100000']), /top.?k/i);
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt-ids', '1,2,x']), /entry 2/);
   });
+});
+
+test("each command's help lists exactly its declared flags", async () => {
+  const commands: CommandName[] = ['generate', 'score', 'serve', 'launch', 'status', 'logs', 'stop', 'keygen', 'worker'];
+  for (const command of commands) {
+    const help = await runWeft([command, '--help']);
+    assert.equal(help.code, 0, help.stderr);
+    const offered = [...help.stdout.matchAll(/^ {2}(--[a-z][a-z0-9-]*)/gm)].map((m) => m[1]).filter((flag) => flag !== '--help');
+    const declared = declarationsOf(command).flatMap(([, decl]) => (decl.flag === undefined ? [] : [decl.flag]));
+    assert.deepEqual(offered.sort(), declared.sort(), command);
+  }
 });

@@ -2,33 +2,51 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { buildEcosystem, CONFIG_EXIT_CODE, type EcosystemConfig } from '../../deploy/ecosystem.ts';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { commandConfig } from '../../coordinator/config.ts';
+import { flagsOf } from '../helpers/cli.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'weft-ecosystem-'));
+writeFileSync(join(dir, 'worker.secret'), 's3cret\n');
 
 const base: EcosystemConfig = {
   name: 'c1',
-  modelDir: '/models/target',
-  tp: 2,
-  device: 'cuda',
-  gpus: [2, 3],
-  host: '127.0.0.1',
-  rpcPort: 5555,
-  httpPort: 8000,
-  workerPort: 6000,
-  dir: '/tmp/weft/c1',
+  dir,
   node: '/usr/bin/node',
   weftBin: '/opt/weft/bin/weft.js',
+  gpus: [2, 3],
+  serve: { modelDir: '/models/target', tp: 2, device: 'cuda', host: '127.0.0.1', rpcPort: 5555, httpPort: 8000, workerPort: 6000, kvSlots: 8 },
 };
 
 test('one fork-mode app per rank, pinned to its GPU, plus the coordinator; config errors stop restarts', () => {
   const { apps } = buildEcosystem(base);
   assert.deepEqual(apps.map((a) => a.name), ['weft-c1-coordinator', 'weft-c1-rank-0', 'weft-c1-rank-1']);
   assert.deepEqual(apps.slice(1).map((a) => a.env.CUDA_VISIBLE_DEVICES), ['2', '3']);
+  assert.ok(apps.slice(1).every((a) => a.env.NCCL_NVLS_ENABLE === '0'));
   assert.ok(apps.every((a) => a.exec_mode === 'fork' && a.namespace === 'weft-c1' && a.stop_exit_codes.includes(CONFIG_EXIT_CODE)));
   assert.equal(CONFIG_EXIT_CODE, 78);
   assert.ok(!apps[0]!.args.includes('--draft'));
 });
 
+test('the argv written for each process reads back as the options it was built from', () => {
+  const { apps } = buildEcosystem(base);
+  assert.deepEqual(apps.map((a) => a.args.slice(0, 2)), [['/opt/weft/bin/weft.js', 'serve'], ['/opt/weft/bin/weft.js', 'worker'], ['/opt/weft/bin/weft.js', 'worker']]);
+  const serve = commandConfig('serve', flagsOf(apps[0]!.args.slice(2)), {});
+  assert.equal(serve.modelDir, '/models/target');
+  assert.equal(serve.tp, 2);
+  assert.equal(serve.device, 'cuda');
+  assert.equal(serve.kvSlots, 8);
+  assert.equal(serve.workers, 'external');
+  assert.equal(serve.workerPort, 6000);
+  assert.equal(serve.workerSecret, 's3cret', 'the coordinator reads the secret file');
+  const worker = commandConfig('worker', flagsOf(apps[2]!.args.slice(2)), {});
+  assert.deepEqual([worker.coordinator, worker.rank, worker.world, worker.workerSecret], ['tcp://127.0.0.1:6000', 1, 2, 's3cret']);
+});
+
 test('a draft model reaches the coordinator with its TP degree and GPUs', () => {
-  const { apps } = buildEcosystem({ ...base, draft: { modelDir: '/models/draft', gpus: [4], tp: 1 } });
+  const { apps } = buildEcosystem({ ...base, serve: { ...base.serve, draftModelDir: '/models/draft', draftGpus: [4], draftTp: 1 } });
   const args = apps[0]!.args;
   const after = (flag: string): string | undefined => args[args.indexOf(flag) + 1];
   assert.equal(after('--draft'), '/models/draft');

@@ -225,11 +225,9 @@ test('a cuda group whose rank 0 cannot load NCCL fails its init with the load er
 test('a worker answers ncclId with the id its NCCL library makes', async () => {
   const lib = join(mkdtempSync(join(tmpdir(), 'weft-fake-nccl-')), 'libfake-nccl.so');
   execFileSync('cc', ['-shared', '-fPIC', '-O1', '-o', lib, join(FIXTURES, '..', 'fake-nccl', 'fake-nccl.c')]);
-  const previous = process.env.WEFT_NCCL_LIBRARY;
-  process.env.WEFT_NCCL_LIBRARY = lib; // runWorker runs in this process
   const router = new zmq.Router({ linger: 0 });
   await router.bind('tcp://127.0.0.1:*');
-  const worker = runWorker({ coordinator: router.lastEndpoint!, rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 30_000 });
+  const worker = runWorker({ coordinator: router.lastEndpoint!, rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 30_000, ncclLibrary: lib });
   const receive = async (): Promise<WorkerMessage> => {
     for (;;) {
       const [, frame] = await router.receive();
@@ -248,8 +246,6 @@ test('a worker answers ncclId with the id its NCCL library makes', async () => {
   } finally {
     await command({ v, type: 'shutdown' });
     assert.equal(await worker, 0, 'the worker exits when told to');
-    if (previous === undefined) delete process.env.WEFT_NCCL_LIBRARY;
-    else process.env.WEFT_NCCL_LIBRARY = previous;
     router.close();
   }
 });

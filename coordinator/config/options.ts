@@ -1,0 +1,118 @@
+/**
+ * Every option weft takes, declared once: its flag, its environment variable (where one makes sense), its kind
+ * of value, its default, its help, and where it is used (CLI commands, and `cluster` for startCluster options,
+ * `server` for serve() options). The CLI, startCluster, `weft serve`, the pm2 ecosystem of `weft launch` and the
+ * README's option table are all made from this table; a new option is one entry here.
+ */
+import { availableParallelism, homedir } from 'node:os';
+import { join } from 'node:path';
+import { finite, flag, idList, integer, matching, oneOf, text, type ValueType } from './values.ts';
+
+export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker';
+/** Where options enter in code: startCluster / Cluster.open, and serve(). */
+export type ApiContext = 'cluster' | 'server';
+export type Context = CommandName | ApiContext;
+
+/** A default computed from the other options (already resolved, in table order). */
+export type Resolved = Readonly<Record<string, unknown>>;
+export type Derive<T> = (config: Resolved) => T;
+
+export interface OptionDeclaration<T> {
+  /** absent: the option is set by environment variable or in code only */
+  readonly flag?: `--${string}`;
+  /** the placeholder of its value in help ("N", "DIR"); absent for a switch */
+  readonly arg?: string;
+  readonly type: ValueType<T>;
+  readonly default?: T | Derive<T>;
+  /** where a context's default differs from `default` */
+  readonly defaultIn?: Partial<Record<Context, T | Derive<T>>>;
+  /** how help and README describe a derived default */
+  readonly defaultHelp?: string;
+  readonly env?: `WEFT_${string}`;
+  readonly help: string;
+  readonly uses: readonly Context[];
+  readonly required?: true;
+  /** meaningful only with this other option: left unset without it, refused if given without it */
+  readonly needs?: string;
+  /** its name in ClusterOptions, where that differs from the key */
+  readonly field?: string;
+}
+
+const CLUSTER = ['generate', 'score', 'serve', 'cluster'] as const;
+const LAUNCHED = ['launch', 'status', 'logs', 'stop'] as const;
+const port = integer(0, 65535);
+const threadsFor = (ranks: unknown): number => Math.max(1, Math.floor(availableParallelism() / (ranks as number)));
+
+// `satisfies` checks each entry; `any` lets each entry keep its own value type (ConfigOf reads it back).
+export const OPTIONS = {
+  // the model and its split
+  modelDir: { flag: '--model', arg: 'DIR', type: text, help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch'], required: true },
+  tp: {
+    flag: '--tp', arg: 'N', type: integer(1), default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
+    help: 'tensor-parallel degree (worker processes)', uses: [...CLUSTER, 'launch'],
+  },
+  device: { flag: '--device', arg: 'cpu|cuda', type: oneOf('cpu', 'cuda'), default: 'cpu', defaultIn: { launch: 'cuda' }, defaultHelp: 'cpu (launch: cuda)', help: 'compute backend', uses: [...CLUSTER, 'launch'] },
+  gpus: { flag: '--gpus', arg: 'LIST', type: idList, defaultHelp: '0..N-1', help: 'GPU index per rank, e.g. 0,1,2,3', uses: ['launch'] },
+  expertParallel: { flag: '--expert-parallel', type: flag, default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
+  maxContext: { flag: '--max-context', arg: 'N', type: integer(1), default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
+  kvSlots: { flag: '--kv-slots', arg: 'N', type: integer(1), default: 4, help: 'sequences with a KV cache at once', uses: [...CLUSTER, 'launch'] },
+  threads: { flag: '--threads', arg: 'N', type: integer(1), default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
+
+  // speculative decoding
+  draftModelDir: { flag: '--draft', arg: 'DIR', type: text, help: 'draft model (same vocabulary) for speculative decoding', uses: [...CLUSTER, 'launch'], field: 'draft.modelDir' },
+  draftTp: {
+    flag: '--draft-tp', arg: 'N', type: integer(1), default: (c: Resolved) => (c.draftGpus as number[] | undefined)?.length ?? 1, defaultHelp: 'one per --draft-gpus entry, else 1',
+    help: "the draft model's tensor-parallel degree", uses: CLUSTER, needs: 'draftModelDir', field: 'draft.tp',
+  },
+  draftGpus: { flag: '--draft-gpus', arg: 'LIST', type: idList, defaultHelp: "the target's first GPUs", help: 'GPU of each draft rank', uses: [...CLUSTER, 'launch'], needs: 'draftModelDir', field: 'draft.gpus' },
+  speculateK: { flag: '--speculate-k', arg: 'K', type: integer(1, 16), default: 4, help: 'draft tokens proposed per round', uses: CLUSTER, needs: 'draftModelDir', field: 'draft.k' },
+
+  // generate and score
+  prompt: { flag: '--prompt', arg: 'TEXT', type: text, help: 'text prompt (encoded with the model tokenizer, BOS added)', uses: ['generate'] },
+  promptIds: { flag: '--prompt-ids', arg: 'IDS', type: idList, help: 'comma-separated prompt token ids', uses: ['generate'] },
+  maxNewTokens: { flag: '--max-new-tokens', arg: 'N', type: integer(1), default: 16, help: 'tokens to generate at most', uses: ['generate'] },
+  temperature: { flag: '--temperature', arg: 'T', type: finite, default: 0, help: 'sampling temperature; 0 is greedy', uses: ['generate'] },
+  topK: { flag: '--top-k', arg: 'K', type: integer(0), default: 0, help: 'keep the k most likely tokens (0: off)', uses: ['generate'] },
+  topP: { flag: '--top-p', arg: 'P', type: finite, default: 1, help: 'nucleus sampling threshold', uses: ['generate'] },
+  seed: { flag: '--seed', arg: 'S', type: integer(0), help: 'random seed (same seed, same tokens)', uses: ['generate'] },
+  ignoreEos: { flag: '--ignore-eos', type: flag, default: false, help: 'keep generating past EOS', uses: ['generate'] },
+  ids: { flag: '--ids', arg: 'IDS', type: idList, help: 'comma-separated token ids to score', uses: ['score'], required: true },
+  json: { flag: '--json', type: flag, default: false, help: 'print one JSON object instead of text', uses: ['generate', 'score', 'status'] },
+
+  // serving
+  host: { flag: '--host', arg: 'HOST', type: text, default: '127.0.0.1', help: 'interface RPC and HTTP bind (non-loopback needs --curve-dir and --api-key)', uses: ['serve', 'launch', 'server'] },
+  rpcPort: { flag: '--rpc-port', arg: 'PORT', type: port, default: 0, defaultIn: { serve: 5555, launch: 5555 }, defaultHelp: '5555 (0 in serve())', help: 'RPC (ZeroMQ ROUTER) port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
+  httpPort: { flag: '--http-port', arg: 'PORT', type: port, default: 0, defaultIn: { serve: 8000, launch: 8000 }, defaultHelp: '8000 (0 in serve())', help: 'HTTP port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
+  apiKey: { flag: '--api-key', arg: 'TOKEN', type: text, env: 'WEFT_API_KEY', help: 'bearer token HTTP clients must send', uses: ['serve', 'server'] },
+  curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
+  maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
+  requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: integer(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
+  recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, defaultHelp: 'false (true in serve and serve())', help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
+  maxRecoveries: { type: integer(1), default: 3, help: 'failed re-form attempts in a row before the cluster gives up', uses: ['cluster'] },
+
+  // the worker group, as the coordinator sees it
+  workers: { flag: '--workers', arg: 'spawn|external', type: oneOf('spawn', 'external'), default: 'spawn', help: 'spawn the workers, or wait for external ones (pm2)', uses: ['serve', 'cluster'] },
+  workerHost: { type: text, default: '127.0.0.1', help: 'host the socket workers connect to binds', uses: ['cluster'] },
+  workerPort: { flag: '--worker-port', arg: 'PORT', type: port, default: 0, help: 'port workers connect to (127.0.0.1); 0 picks a free one', uses: ['serve', 'launch', 'cluster'] },
+  workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
+  workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
+  heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: integer(100), default: 30_000, defaultIn: { serve: 5000 }, defaultHelp: '5000 (30000 in startCluster)', help: 'a worker silent this long is declared dead', uses: ['serve', 'cluster'] },
+  joinTimeoutMs: { type: integer(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
+  workerStderr: { type: oneOf('tail', 'inherit'), env: 'WEFT_WORKER_STDERR', default: 'tail', help: "'inherit' echoes spawned workers' stderr; 'tail' keeps its last lines for error messages", uses: ['generate', 'score', 'serve'] },
+  ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker'] },
+
+  // one worker rank
+  coordinator: { flag: '--coordinator', arg: 'ENDPOINT', type: matching(/^tcp:\/\/.+:\d+$/, 'tcp://HOST:PORT'), help: 'coordinator endpoint, tcp://HOST:PORT', uses: ['worker'], required: true },
+  rank: { flag: '--rank', arg: 'R', type: integer(0), help: 'this worker rank', uses: ['worker'], required: true },
+  world: { flag: '--world', arg: 'N', type: integer(1), help: 'ranks in the group', uses: ['worker'], required: true },
+  parentPid: { flag: '--parent-pid', arg: 'PID', type: integer(1), help: 'exit when this process is gone', uses: ['worker'] },
+  collectiveHost: { flag: '--collective-host', arg: 'HOST', type: text, default: '127.0.0.1', help: 'interface the rank-0 collective hub binds', uses: ['worker'] },
+  coordinatorTimeoutMs: { flag: '--coordinator-timeout', arg: 'MS', type: integer(1), default: 15_000, help: 'exit when the coordinator is silent this long', uses: ['worker'] },
+
+  // clusters under pm2
+  name: { flag: '--name', arg: 'NAME', type: matching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' (64 at most)"), default: 'default', help: 'cluster name (pm2 namespace weft-<name>)', uses: LAUNCHED },
+  home: { type: text, env: 'WEFT_HOME', default: () => join(homedir(), '.weft'), defaultHelp: '~/.weft', help: "where launched clusters keep their files (<home>/<name>)", uses: LAUNCHED },
+  waitTimeoutMs: { flag: '--wait-timeout', arg: 'MS', type: integer(1), default: 600_000, help: 'give up waiting for readiness after this', uses: ['launch'] },
+  lines: { flag: '--lines', arg: 'N', type: integer(1), default: 50, help: 'lines per process', uses: ['logs'] },
+  out: { flag: '--out', arg: 'DIR', type: text, help: 'directory to write', uses: ['keygen'], required: true },
+} as const satisfies Record<string, OptionDeclaration<any>>;
