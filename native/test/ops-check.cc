@@ -255,6 +255,36 @@ void check_matmul(Rng& rng) {
     }
 }
 
+// The GEMV at the widths of a 7B decode step (bf16 weights, 1 and 8 tokens): q/k/v, o, gate/up, the LM head,
+// and the down projection formed from [gate | up] (K = 11008), where the split over K and the cluster size
+// differ from the 4096-square case above.
+void check_matmul_7b_shapes(Rng& rng) {
+  struct Shape2 {
+    int64_t N, K;
+    bool gated;
+  };
+  for (Shape2 s : {Shape2{12288, 4096, false}, Shape2{4096, 4096, false}, Shape2{22016, 4096, false},
+                   Shape2{32000, 4096, false}, Shape2{4096, 11008, true}})
+    for (int64_t T : {1, 8}) {
+      std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " bf16";
+      const char* op = s.gated ? "siluMulMatmul" : "matmul";
+      run_case(op, sh, [&] {
+        auto w = rng.floats(s.N * s.K);
+        if (s.gated) {
+          auto gate_up = rng.floats(T * 2 * s.K, -4, 4);
+          compare(op, sh,
+                  down(*gpu, gpu->silu_mul_matmul(up(*gpu, gate_up, {T, 2 * s.K}), up_narrow(*gpu, w, {s.N, s.K}, DType::BF16))),
+                  down(*cpu, cpu->silu_mul_matmul(up(*cpu, gate_up, {T, 2 * s.K}), up_narrow(*cpu, w, {s.N, s.K}, DType::BF16))),
+                  1e-5);
+        } else {
+          auto x = rng.floats(T * s.K);
+          compare(op, sh, down(*gpu, gpu->matmul(up(*gpu, x, {T, s.K}), up_narrow(*gpu, w, {s.N, s.K}, DType::BF16))),
+                  down(*cpu, cpu->matmul(up(*cpu, x, {T, s.K}), up_narrow(*cpu, w, {s.N, s.K}, DType::BF16))), 1e-5);
+        }
+      });
+    }
+}
+
 // kvBlockTable [rows.size() / per_seq, per_seq] i32.
 Tensor up_table(Backend& b, const std::vector<int32_t>& rows, int64_t per_seq) {
   return b.upload(rows.data(), rows.size() * 4, DType::I32, {static_cast<int64_t>(rows.size()) / per_seq, per_seq});
@@ -715,6 +745,7 @@ int main() {
   Rng rng(20261123);
   check_elementwise(rng);
   check_matmul(rng);
+  check_matmul_7b_shapes(rng);
   check_moe(rng);
   check_attention(rng);
   check_paged(rng);

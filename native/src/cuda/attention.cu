@@ -472,7 +472,9 @@ void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, 
   int T = static_cast<int>(q.dim(0));
   auto kernel = attention_prefill_mma<HD>;
   constexpr size_t smem = FaLayout<HD>::kBytes;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention", " (cudaFuncSetAttribute)");
   dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ));
   kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
       q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
@@ -591,7 +593,9 @@ void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, cons
   int hd = static_cast<int>(k_cache.dim(3)), T = static_cast<int>(q.dim(0));
   size_t smem = static_cast<size_t>(kBQ * (hd + 1) + BK * (hd + 1) + BK * hd + kBQ * BK) * sizeof(float);
   auto kernel = attention_prefill<MAXJ, BK>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention", " (cudaFuncSetAttribute)");
   dim3 grid((T + kBQ - 1) / kBQ, static_cast<unsigned>(n_heads));
   kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
       q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
