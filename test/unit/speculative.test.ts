@@ -134,3 +134,37 @@ test('a round builds its draft and verify steps over the sequence\'s KV blocks (
     checkKvPositions(batch, kv.kvBlockSize);
   }
 });
+
+test('samplingDistribution keeps the tokens and weights the native sampler draws from (one rule, native/src/sample-rule.h)', async () => {
+  const { createEngine } = await import('../../worker/native.ts');
+  const engine = createEngine({ backend: 'cpu', threads: 1 });
+  const rng = new SeededRng(11);
+  const vocab = 40;
+  const shapes = [
+    { temperature: 1, topK: 0, topP: 1 },
+    { temperature: 0.7, topK: 5, topP: 1 },
+    { temperature: 1.3, topK: 0, topP: 0.6 },
+    { temperature: 0.9, topK: 12, topP: 0.8 },
+    { temperature: 0, topK: 0, topP: 1 },
+  ];
+  const uniforms = Array.from({ length: 64 }, (_, i) => (i + 0.5) / 64);
+  for (const shape of shapes) {
+    // a few exact ties, so the order among equal logits (lower index first) is exercised too
+    const logits = Float32Array.from({ length: vocab }, (_, i) => (i % 7 === 3 ? 1.25 : 3 * (rng.nextUniform() - 0.5)));
+    const distribution = samplingDistribution(logits, shape);
+    // the native rule walks the kept candidates by probability (ties: lower index), not by index
+    const order = Array.from(distribution.keys()).filter((i) => distribution[i]! > 0).sort((a, b) => distribution[b]! - distribution[a]! || a - b);
+    const expected = uniforms.map((u) => {
+      let cumulative = 0;
+      for (const i of order) if ((cumulative += distribution[i]!) > u) return i;
+      return order[order.length - 1]!;
+    });
+    const rows = uniforms.length;
+    const logitRows = new Float32Array(rows * vocab);
+    for (let r = 0; r < rows; r++) logitRows.set(logits, r * vocab);
+    const tensor = engine.upload(new Uint8Array(logitRows.buffer), 'f32', [rows, vocab]);
+    const perRow = (value: number): Float32Array => new Float32Array(rows).fill(value);
+    const drawn = engine.sample(tensor, perRow(shape.temperature), new Int32Array(rows).fill(shape.topK), perRow(shape.topP), Float32Array.from(uniforms));
+    assert.deepEqual(Array.from(drawn), expected, `shape ${JSON.stringify(shape)}`);
+  }
+});
