@@ -30,6 +30,14 @@ void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, co
                       float scale, const Tensor& out, float* scratch, int num_sms);
 
 namespace detail {
+// The two halves launch_attention picks between (attention-decode.cu, attention-prefill.cu), after its checks.
+int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms);
+void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                             const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                             int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms);
+void launch_attention_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                              int64_t n_heads, float scale, const Tensor& out);
 // The fp32 CUDA-core prefill kernel whatever the head dim (the fallback above; bench/kernels/attention-bench.cu
 // compares against it).
 void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

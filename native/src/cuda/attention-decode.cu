@@ -1,0 +1,177 @@
+// Decode attention: split-K flash-decoding over the KV block table (attention.cuh has the plan). Scores are
+// dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max).
+#include <algorithm>
+
+#include "cuda/attention.cuh"
+#include "cuda/kv-block-table.cuh"
+
+namespace weft::cuda {
+namespace {
+
+// ---- decode: split-K
+
+constexpr int kDecodeThreads = 128;  // 4 warps
+constexpr int kHeadChunk = 8;        // query heads accumulated in registers at once
+
+struct DecodePlan {
+  int P;       // positions per partition
+  int n_part;  // ceil(C / P)
+  size_t smem;
+};
+
+// C: the positions a sequence can hold (maxBlocksPerSeq * B).
+DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_t hd, int num_sms) {
+  int P = 256;
+  // Enough blocks for about two waves when the batch is small, partitions of at least 64 positions.
+  while (P > 64 && T * n_kv * ((C + P - 1) / P) < 2 * num_sms) P /= 2;
+  auto smem = [&](int p) {  // key row offsets, then q rows and scores
+    return static_cast<size_t>(p) * sizeof(int64_t) + static_cast<size_t>(group * hd + group * p) * sizeof(float);
+  };
+  while (P > 16 && smem(P) > 48 * 1024) P /= 2;
+  return {P, static_cast<int>((C + P - 1) / P), smem(P)};
+}
+
+// grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum).
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_decode_partial(const float* __restrict__ q, const float* __restrict__ k_cache,
+                             const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                             const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part, float scale,
+                             float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status) {
+  pdl_trigger();
+  const int n_kv = static_cast<int>(kv.n_kv);
+  int c = blockIdx.x, t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
+  int seq = token_seq[t], pos = positions[t];
+  if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, c == 0 && g == 0 && threadIdx.x == 0)) return;
+  int len = pos + 1, p0 = c * P;
+  if (p0 >= len) return;
+  int np = min(P, len - p0);
+  int group = nH / n_kv, h_first = g * group;
+  extern __shared__ float smem[];
+  int64_t* rows = reinterpret_cast<int64_t*>(smem);  // [P]: each key row's offset in the cache, via the table
+  float* qs = smem + 2 * P;                           // [group][hd]
+  float* sc = qs + group * hd;                        // [group][P]: scores, then exp(score - max)
+  for (int i = threadIdx.x; i < np; i += blockDim.x) rows[i] = kv_read_row(kv, t, seq, g, p0 + i, status) * hd;
+  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t(t) * nH + h_first) * hd + i];
+  __syncthreads();
+
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int i = warp; i < np; i += warps) {
+    const float* kr = k_cache + rows[i];
+    for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
+      float acc[kHeadChunk];
+#pragma unroll
+      for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
+      for (int d = lane; d < hd; d += 32) {
+        float kv_d = kr[d];
+#pragma unroll
+        for (int j = 0; j < kHeadChunk; ++j)
+          if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d] * kv_d;
+      }
+#pragma unroll
+      for (int j = 0; j < kHeadChunk; ++j) {
+        float s = warp_sum(acc[j]);
+        if (lane == 0 && h0 + j < group) sc[(h0 + j) * P + i] = s * scale;
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int h = warp; h < group; h += warps) {
+    float m = -INFINITY;
+    for (int i = lane; i < np; i += 32) m = fmaxf(m, sc[h * P + i]);
+    m = warp_max(m);
+    float l = 0;
+    for (int i = lane; i < np; i += 32) {
+      float e = expf(sc[h * P + i] - m);
+      sc[h * P + i] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      size_t r = (size_t(t) * nH + h_first + h) * n_part + c;
+      part_ml[2 * r] = m;
+      part_ml[2 * r + 1] = l;
+    }
+  }
+  __syncthreads();
+
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
+      float acc[kHeadChunk];
+#pragma unroll
+      for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
+#pragma unroll 4
+      for (int i = 0; i < np; ++i) {
+        float vv = v_cache[rows[i] + d];
+#pragma unroll
+        for (int j = 0; j < kHeadChunk; ++j)
+          if (h0 + j < group) acc[j] += sc[(h0 + j) * P + i] * vv;
+      }
+#pragma unroll
+      for (int j = 0; j < kHeadChunk; ++j)
+        if (h0 + j < group) part_out[((size_t(t) * nH + h_first + h0 + j) * n_part + c) * hd + d] = acc[j];
+    }
+  }
+}
+
+// grid (T * nH): merge the partitions of one (token, head) in partition order.
+__global__ void attention_decode_merge(KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                                       const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part,
+                                       const float* __restrict__ part_out, const float* __restrict__ part_ml,
+                                       float* __restrict__ out) {
+  pdl_trigger();
+  int th = blockIdx.x, t = th / nH;
+  int seq = token_seq[t], pos = positions[t];
+  float* o = out + size_t(th) * hd;
+  if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) {  // reported by the partial kernel
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) o[d] = 0;
+    return;
+  }
+  int n_valid = (pos + 1 + P - 1) / P;
+  const float* ml = part_ml + size_t(th) * n_part * 2;
+  float M = -INFINITY;
+  for (int c = 0; c < n_valid; ++c) M = fmaxf(M, ml[2 * c]);
+  float L = 0;
+  for (int c = 0; c < n_valid; ++c) L += expf(ml[2 * c] - M) * ml[2 * c + 1];
+  float inv_L = 1.0f / L;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float acc = 0;
+    for (int c = 0; c < n_valid; ++c) acc += expf(ml[2 * c] - M) * part_out[(size_t(th) * n_part + c) * hd + d];
+    o[d] = acc * inv_L;
+  }
+}
+
+}  // namespace
+
+namespace detail {
+int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms) {
+  DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, hd, num_sms);
+  return T * n_heads * plan.n_part * (hd + 2);
+}
+
+void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                             const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                             int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms) {
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  int64_t T = q.dim(0), n_kv = k_cache.dim(1), C = kv.capacity(), hd = k_cache.dim(3);
+  auto args = {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
+               Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}};
+  int64_t group = n_heads / n_kv;
+  DecodePlan plan = decode_plan(T, n_kv, group, C, hd, num_sms);
+  WEFT_CHECK(plan.smem <= 48 * 1024, "attention", "a GQA group of ", group, " heads of ", hd,
+             " dims does not fit the decode kernel's shared memory (", q, ", ", k_cache, ")");
+  float* part_out = scratch;
+  float* part_ml = scratch + T * n_heads * plan.n_part * hd;
+  dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv));
+  attention_decode_partial<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(
+      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), kv, token_seq.data<int32_t>(),
+      positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, scale, part_out, part_ml, ctx.status);
+  check_launch(ctx, "attention", args);
+  attention_decode_merge<<<static_cast<unsigned>(T * n_heads), 128, 0, ctx.stream>>>(
+      kv, token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part,
+      part_out, part_ml, out.data<float>());
+  check_launch(ctx, "attention", args);
+}
+}  // namespace detail
+
+}  // namespace weft::cuda

@@ -1,0 +1,512 @@
+// Prefill attention: FlashAttention-2 on tensor cores for head dims 64 and 128, tiled fp32 on CUDA cores for
+// the others, both reading the cache through the KV block table (attention.cuh has the plan). Scores are
+// dot(q, k) * scale as in the CPU; softmax in fp32 (the tensor-core kernel: exp2 of log2-scaled scores).
+#include <algorithm>
+
+#include "cuda/attention.cuh"
+#include "cuda/kv-block-table.cuh"
+
+namespace weft::cuda {
+namespace {
+
+// ---- query tokens
+
+// Prefill tiles: thread i < BQ reads the sequence row and position of query t0 + i into shared memory. Tokens
+// past T or out of range are done from the start; an out-of-range token's output row is zero.
+__device__ __forceinline__ void load_tile_tokens(int BQ, int t0, int T, const KvBlockTable& kv,
+                                                 const int32_t* token_seq, const int32_t* positions, int nH, int h,
+                                                 int hd, float* out, DeviceStatus* status, int* tok_seq, int* tok_pos,
+                                                 int* tok_done) {
+  const int i = threadIdx.x;
+  if (i >= BQ) return;
+  int t = t0 + i, seq = -1, pos = -1;
+  if (t < T) {
+    seq = token_seq[t];
+    pos = positions[t];
+    if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, h == 0)) {
+      for (int d = 0; d < hd; ++d) out[(size_t(t) * nH + h) * hd + d] = 0;
+      seq = -1;
+    }
+  }
+  tok_seq[i] = seq;
+  tok_pos[i] = pos;
+  tok_done[i] = seq < 0;
+}
+
+// Prefill tiles: thread 0 picks the sequence the next pass serves (that of the first token not done, or -1),
+// the keys it needs (up to the largest position of its tokens in the tile) and a token of it (for reports).
+__device__ __forceinline__ void next_pass(int BQ, int t0, const int* tok_seq, const int* tok_pos, const int* tok_done,
+                                          int* cur_seq, int* cur_tok, int* kv_end) {
+  if (threadIdx.x != 0) return;
+  int seq = -1, end = 0, tok = 0;
+  for (int i = 0; i < BQ; ++i)
+    if (!tok_done[i] && (seq < 0 || tok_seq[i] == seq)) {
+      if (seq < 0) tok = t0 + i;
+      seq = tok_seq[i];
+      end = max(end, tok_pos[i] + 1);
+    }
+  *cur_seq = seq;
+  *cur_tok = tok;
+  *kv_end = end;
+}
+
+// ---- prefill: tensor-core flash attention (FlashAttention-2 on mma.sync m16n8k16, f16 operands, f32 accumulators)
+//
+// Block = 64 query tokens x one query head, 4 warps of 16 query rows each. Per key tile of 64 positions:
+//   - the next tile's K and V rows (f32 in the cache) are fetched by cp.async into an f32 staging area while the
+//     warps compute on the current one; each thread then converts the chunks it fetched itself to f16 in two
+//     padded tiles (16 B row pad: ldmatrix without bank conflicts), so each cache element is converted once per
+//     block and the staging area needs no second buffer;
+//   - S = Q K^T on mma (Q, pre-multiplied by scale * log2(e), stays in registers as A fragments), causal mask
+//     from the rows' positions, online softmax in f32 registers with exp2, P (f16) reused in registers as the
+//     A operand of O += P V (V fragments by ldmatrix.trans).
+// A block needs ceil((max position + 1) / 64) key tiles; a warp skips the tiles past its own largest position
+// and masks only the tiles that reach past its smallest. Tokens of a tile from several sequences (ragged
+// batches) are served one sequence per pass, like the fp32 kernel. The grid runs the last (longest) query tiles
+// first. Key rows are found through the KV block table once per row and tile: the offsets of tile j + 2 are
+// loaded (table read, one division) while tile j computes and stored in a double buffer at the barrier that
+// ends it, so fetching a tile reads its row offsets from shared memory.
+//
+// f16, not bf16, for the operands: q, k, v and p of Llama-class models are far inside f16's range (|x| <
+// 65504; conversions saturate rather than overflow), and its 11-bit significand is 8x finer than bf16's, which
+// is what bounds the logit error. tf32 would keep the f32 range but halves the mma rate and cannot feed the
+// S accumulators back as the P operand without shuffles.
+
+constexpr int kFaBQ = 64;  // query tokens per block
+constexpr int kFaBK = 64;  // keys per tile
+constexpr int kFaThreads = 128;
+
+template <int HD>
+struct FaLayout {
+  static constexpr int kLd = HD + 8;                                          // f16 elements per tile row
+  static constexpr size_t kStage = size_t{2} * kFaBK * HD * sizeof(float);   // K then V, f32
+  static constexpr size_t kHalfTile = size_t{kFaBK} * kLd * sizeof(__half);  // Q (at first), K, V tiles
+  static constexpr size_t kBytes = kStage + 2 * kHalfTile;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes global -> shared; src_bytes 0 fills zeros (rows past the keys in use: a poisoned cache row must not
+// reach P V as NaN * 0).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+// c += a b, m16n8k16, f16 inputs, f32 accumulators.
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// (lo, hi) -> f16x2, round to nearest, saturating at +-65504 (NaN stays NaN).
+__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e).
+template <int HD>
+__global__ void __launch_bounds__(kFaThreads, 2)
+    attention_prefill_mma(const float* __restrict__ q, const float* __restrict__ k_cache,
+                          const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                          const int32_t* __restrict__ positions, int T, int nH, float qscale, float* __restrict__ out,
+                          DeviceStatus* status) {
+  using L = FaLayout<HD>;
+  constexpr int LD = L::kLd;
+  constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
+  constexpr int NO = HD / 8;                             // n8 tiles of O
+  constexpr int NS = kFaBK / 8;                          // n8 tiles of S
+  constexpr int CPR = HD / 4;                            // 16-byte chunks per f32 row
+  constexpr int CH = kFaBK * CPR / kFaThreads;           // chunks per thread per K (or V) tile
+  static_assert(HD % 16 == 0 && (kFaBK * CPR) % kFaThreads == 0, "tile shape");
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  float* stage = reinterpret_cast<float*>(fa_smem);                 // [2][kFaBK][HD] f32: K, V
+  __half* kh = reinterpret_cast<__half*>(fa_smem + L::kStage);    // [kFaBK][LD]; the Q tile first
+  __half* vh = kh + kFaBK * LD;                                     // [kFaBK][LD]
+  __shared__ int tok_seq[kFaBQ], tok_pos[kFaBQ], tok_done[kFaBQ];
+  __shared__ int cur_seq, cur_tok, kv_end;
+  __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (floats) of the key rows of tiles j and j + 1
+
+  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kFaBQ, g = h / (nH / static_cast<int>(kv.n_kv));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gr = lane >> 2, tq = lane & 3;  // fragment row (and row + 8), thread of the quad
+
+  load_tile_tokens(kFaBQ, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
+  // Q tile (scaled, f16) -> kh -> A fragments in registers.
+  for (int c = tid; c < kFaBQ * CPR; c += kFaThreads) {
+    int row = c / CPR, col = (c % CPR) * 4, t = t0 + row;
+    float4 x = make_float4(0, 0, 0, 0);
+    if (t < T) x = *reinterpret_cast<const float4*>(q + (size_t(t) * nH + h) * HD + col);
+    *reinterpret_cast<uint2*>(kh + row * LD + col) =
+        make_uint2(pack_f16(x.x * qscale, x.y * qscale), pack_f16(x.z * qscale, x.w * qscale));
+  }
+  __syncthreads();
+  uint32_t qf[KT][4];
+  {
+    const uint32_t a = smem_u32(kh + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * (lane >> 4));
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], a + kk * 16 * sizeof(__half));
+  }
+  // ldmatrix lane addresses: K (B of Q K^T, non-transposed) and V (B of P V, transposed).
+  const uint32_t k_addr = smem_u32(kh + ((lane & 7) + 8 * (lane >> 4)) * LD + 8 * ((lane >> 3) & 1));
+  const uint32_t v_addr = smem_u32(vh + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * (lane >> 4));
+
+  for (;;) {
+    __syncthreads();  // also: every warp has its Q fragments before kh is overwritten
+    next_pass(kFaBQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
+    __syncthreads();
+    const int seq = cur_seq, end = kv_end;
+    if (seq < 0) break;
+    const int r0 = warp * 16 + gr, r1 = r0 + 8;
+    const int pos0 = !tok_done[r0] && tok_seq[r0] == seq ? tok_pos[r0] : -1;
+    const int pos1 = !tok_done[r1] && tok_seq[r1] == seq ? tok_pos[r1] : -1;
+    int wmin = min(pos0, pos1), wmax = max(pos0, pos1);
+#pragma unroll
+    for (int o = 16; o >= 4; o >>= 1) {
+      wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
+      wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+    }
+
+    // Thread tid < kFaBK: the cache offset of key row tid of the tile at kv0 (0 past end: not fetched).
+    auto tile_row = [&](int kv0) -> int64_t {
+      const int p = kv0 + tid;
+      return p < end ? kv_read_row(kv, cur_tok, seq, g, p, status) * HD : 0;
+    };
+    auto fetch = [&](int kv0, const int64_t* rows) {
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+        int c = i * kFaThreads + tid, row = c / CPR;
+        bool in = kv0 + row < end;
+        int64_t off = in ? rows[row] + (c % CPR) * 4 : 0;
+        cp_async16(smem_u32(stage + c * 4), k_cache + off, in ? 16 : 0);
+        cp_async16(smem_u32(stage + kFaBK * HD + c * 4), v_cache + off, in ? 16 : 0);
+      }
+      cp_async_commit();
+    };
+    auto convert = [&]() {  // the chunks this thread fetched: no barrier needed between them
+      cp_async_wait_all();
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+        int c = i * kFaThreads + tid, row = c / CPR, col = (c % CPR) * 4;
+        float4 x = *reinterpret_cast<const float4*>(stage + c * 4);
+        float4 y = *reinterpret_cast<const float4*>(stage + kFaBK * HD + c * 4);
+        *reinterpret_cast<uint2*>(kh + row * LD + col) = make_uint2(pack_f16(x.x, x.y), pack_f16(x.z, x.w));
+        *reinterpret_cast<uint2*>(vh + row * LD + col) = make_uint2(pack_f16(y.x, y.y), pack_f16(y.z, y.w));
+      }
+    };
+
+    float o_acc[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;  // l: this thread's partial row sums
+    const int n_tiles = (end + kFaBK - 1) / kFaBK;
+
+    if (tid < kFaBK) {
+      tile_rows[0][tid] = tile_row(0);
+      tile_rows[1][tid] = tile_row(kFaBK);
+    }
+    __syncthreads();
+    fetch(0, tile_rows[0]);
+    convert();
+    __syncthreads();
+    for (int j = 0; j < n_tiles; ++j) {
+      const int kv0 = j * kFaBK;
+      if (j + 1 < n_tiles) fetch(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
+      // Tile j + 2's row offsets: the table is read now, stored after this tile (its buffer held tile j's rows).
+      const int64_t row_after_next = tid < kFaBK && j + 2 < n_tiles ? tile_row(kv0 + 2 * kFaBK) : 0;
+      if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
+        float s[NS][4];
+#pragma unroll
+        for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+          for (int np = 0; np < NS / 2; ++np) {
+            uint32_t b[4];
+            ldmatrix_x4(b, k_addr + (np * 16 * LD + kk * 16) * sizeof(__half));
+            mma_f16(s[2 * np], qf[kk], b[0], b[1]);
+            mma_f16(s[2 * np + 1], qf[kk], b[2], b[3]);
+          }
+        if (kv0 + kFaBK - 1 > wmin) {  // causal mask (also: rows of other sequences, keys past end)
+#pragma unroll
+          for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1)) s[n][e] = -INFINITY;
+        }
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+#pragma unroll
+        for (int o = 1; o <= 2; o <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+        }
+        // A row with no key yet keeps max -inf: subtract 0 instead, so that exp2(-inf - base) = 0, not NaN.
+        const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
+        const float alpha0 = fast_exp2(m0 - base0), alpha1 = fast_exp2(m1 - base1);
+        m0 = mx0;
+        m1 = mx1;
+        float rs0 = 0, rs1 = 0;
+        uint32_t pf[NS / 2][4];
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          float p0 = fast_exp2(s[n][0] - base0), p1 = fast_exp2(s[n][1] - base0);
+          float p2 = fast_exp2(s[n][2] - base1), p3 = fast_exp2(s[n][3] - base1);
+          rs0 += p0 + p1;
+          rs1 += p2 + p3;
+          pf[n / 2][(n & 1) * 2] = pack_f16(p0, p1);
+          pf[n / 2][(n & 1) * 2 + 1] = pack_f16(p2, p3);
+        }
+        l0 = l0 * alpha0 + rs0;
+        l1 = l1 * alpha1 + rs1;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o_acc[n][0] *= alpha0;
+          o_acc[n][1] *= alpha0;
+          o_acc[n][2] *= alpha1;
+          o_acc[n][3] *= alpha1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; ++kk)
+#pragma unroll
+          for (int dn = 0; dn < NO / 2; ++dn) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half));
+            mma_f16(o_acc[2 * dn], pf[kk], b[0], b[1]);
+            mma_f16(o_acc[2 * dn + 1], pf[kk], b[2], b[3]);
+          }
+      }
+      if (j + 1 < n_tiles) {
+        __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
+        convert();
+        if (tid < kFaBK) tile_rows[j & 1][tid] = row_after_next;
+        __syncthreads();
+      }
+    }
+
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    }
+    if (pos0 >= 0) {
+      float inv = 1.0f / l0;
+      float* o = out + (size_t(t0 + r0) * nH + h) * HD + 2 * tq;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][0] * inv, o_acc[n][1] * inv);
+    }
+    if (pos1 >= 0) {
+      float inv = 1.0f / l1;
+      float* o = out + (size_t(t0 + r1) * nH + h) * HD + 2 * tq;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
+    }
+    __syncthreads();
+    if (tid < kFaBQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+  }
+}
+
+template <int HD>
+void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                        int64_t n_heads, float scale, const Tensor& out) {
+  int T = static_cast<int>(q.dim(0));
+  auto kernel = attention_prefill_mma<HD>;
+  constexpr size_t smem = FaLayout<HD>::kBytes;
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention", " (cudaFuncSetAttribute)");
+  dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ));
+  kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
+      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
+      token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f,
+      out.data<float>(), ctx.status);
+}
+
+// ---- prefill fallback for head dims other than 64 and 128: tiled flash attention on CUDA cores, fp32
+
+constexpr int kBQ = 16;               // query tokens per tile
+constexpr int kPrefillThreads = 128;  // 8 threads per query row
+constexpr int kRowThreads = kPrefillThreads / kBQ;
+
+// grid (ceil(T / kBQ), nH). MAXJ = head-dim elements per thread (hd <= 8 * MAXJ); BK = keys per tile.
+template <int MAXJ, int BK>
+__global__ void __launch_bounds__(kPrefillThreads)
+    attention_prefill(const float* __restrict__ q, const float* __restrict__ k_cache,
+                      const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                      const int32_t* __restrict__ positions, int T, int nH, int hd, float scale,
+                      float* __restrict__ out, DeviceStatus* status) {
+  extern __shared__ float smem[];
+  const int ld = hd + 1;  // padded rows: no bank conflicts across the rows a warp reads
+  float* qs = smem;                 // [kBQ][ld]
+  float* ks = qs + kBQ * ld;        // [BK][ld]
+  float* vs = ks + BK * ld;         // [BK][hd]
+  float* ps = vs + BK * hd;         // [kBQ][BK]
+  __shared__ int tok_seq[kBQ], tok_pos[kBQ], tok_done[kBQ];
+  __shared__ int cur_seq, cur_tok, kv_end;
+  __shared__ int64_t tile_rows[BK];  // cache offsets (floats) of the tile's key rows, via the block table
+
+  int t0 = blockIdx.x * kBQ, h = blockIdx.y, g = h / (nH / static_cast<int>(kv.n_kv));
+  int tid = threadIdx.x, r = tid / kRowThreads, l8 = tid % kRowThreads;
+  load_tile_tokens(kBQ, t0, T, kv, token_seq, positions, nH, h, hd, out, status, tok_seq, tok_pos, tok_done);
+  for (int i = tid; i < kBQ * hd; i += blockDim.x) {
+    int row = i / hd, d = i % hd, t = t0 + row;
+    qs[row * ld + d] = t < T ? q[(size_t(t) * nH + h) * hd + d] : 0.0f;
+  }
+
+  for (;;) {
+    __syncthreads();
+    next_pass(kBQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
+    __syncthreads();
+    if (cur_seq < 0) break;
+    bool active = !tok_done[r] && tok_seq[r] == cur_seq;
+    int my_pos = tok_pos[r];
+    float m_i = -INFINITY, l_i = 0;
+    float o[MAXJ];
+#pragma unroll
+    for (int j = 0; j < MAXJ; ++j) o[j] = 0;
+
+    for (int kv0 = 0; kv0 < kv_end; kv0 += BK) {
+      __syncthreads();
+      if (tid < BK && kv0 + tid < kv_end) tile_rows[tid] = kv_read_row(kv, cur_tok, cur_seq, g, kv0 + tid, status) * hd;
+      __syncthreads();
+      for (int i = tid; i < BK * hd; i += blockDim.x) {
+        int row = i / hd, d = i % hd;
+        bool in = kv0 + row < kv_end;
+        ks[row * ld + d] = in ? k_cache[tile_rows[row] + d] : 0.0f;
+        vs[row * hd + d] = in ? v_cache[tile_rows[row] + d] : 0.0f;
+      }
+      __syncthreads();
+      float s[BK / kRowThreads];
+      float m_tile = -INFINITY;
+#pragma unroll
+      for (int jj = 0; jj < BK / kRowThreads; ++jj) {
+        int kc = l8 + kRowThreads * jj, p = kv0 + kc;
+        float dot = 0;
+        for (int d = 0; d < hd; ++d) dot += qs[r * ld + d] * ks[kc * ld + d];
+        s[jj] = active && p <= my_pos && p < kv_end ? dot * scale : -INFINITY;
+        m_tile = fmaxf(m_tile, s[jj]);
+      }
+#pragma unroll
+      for (int o8 = kRowThreads / 2; o8 > 0; o8 >>= 1) m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, o8));
+      float m_new = fmaxf(m_i, m_tile);
+      float alpha = m_i == -INFINITY ? 0.0f : expf(m_i - m_new);
+      float l_tile = 0;
+#pragma unroll
+      for (int jj = 0; jj < BK / kRowThreads; ++jj) {
+        float p = s[jj] == -INFINITY ? 0.0f : expf(s[jj] - m_new);
+        ps[r * BK + l8 + kRowThreads * jj] = p;
+        l_tile += p;
+      }
+#pragma unroll
+      for (int o8 = kRowThreads / 2; o8 > 0; o8 >>= 1) l_tile += __shfl_xor_sync(0xffffffffu, l_tile, o8);
+      l_i = l_i * alpha + l_tile;
+      m_i = m_new;
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < MAXJ; ++j) {
+        int d = l8 + kRowThreads * j;
+        if (d < hd) {
+          float acc = o[j] * alpha;
+          for (int kc = 0; kc < BK; ++kc) acc += ps[r * BK + kc] * vs[kc * hd + d];
+          o[j] = acc;
+        }
+      }
+    }
+    if (active) {
+      float inv_l = 1.0f / l_i;
+      size_t base = (size_t(t0 + r) * nH + h) * hd;
+#pragma unroll
+      for (int j = 0; j < MAXJ; ++j) {
+        int d = l8 + kRowThreads * j;
+        if (d < hd) out[base + d] = o[j] * inv_l;
+      }
+    }
+    __syncthreads();
+    if (tid < kBQ && !tok_done[tid] && tok_seq[tid] == cur_seq) tok_done[tid] = 1;
+  }
+}
+
+template <int MAXJ, int BK>
+void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                    const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
+                    float scale, const Tensor& out) {
+  int hd = static_cast<int>(k_cache.dim(3)), T = static_cast<int>(q.dim(0));
+  size_t smem = static_cast<size_t>(kBQ * (hd + 1) + BK * (hd + 1) + BK * hd + kBQ * BK) * sizeof(float);
+  auto kernel = attention_prefill<MAXJ, BK>;
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention", " (cudaFuncSetAttribute)");
+  dim3 grid((T + kBQ - 1) / kBQ, static_cast<unsigned>(n_heads));
+  kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
+      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
+      token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), hd, scale, out.data<float>(),
+      ctx.status);
+}
+
+}  // namespace
+
+namespace detail {
+void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                   const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                   int64_t n_heads, float scale, const Tensor& out) {
+  int64_t hd = k_cache.dim(3);
+  if (hd <= 64)
+    launch_prefill<8, 32>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+  else if (hd <= 128)
+    launch_prefill<16, 32>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+  else if (hd <= 256)
+    launch_prefill<32, 16>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+  else
+    WEFT_FAIL("attention", "headDim ", hd, " is over 256, the most the cuda prefill kernel takes (", q, ", ", k_cache,
+              ")");
+  check_launch(ctx, "attention",
+               {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
+                Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}});
+}
+
+void launch_attention_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                              int64_t n_heads, float scale, const Tensor& out) {
+  int64_t T = q.dim(0), hd = k_cache.dim(3);
+  WEFT_CHECK((T + kFaBQ - 1) / kFaBQ <= 65535, "attention", "too many query tokens (", q, ")");
+  if (hd == 128)
+    launch_prefill_mma<128>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+  else if (hd == 64)
+    launch_prefill_mma<64>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+  else
+    launch_attention_prefill_fp32(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale,
+                                  out);
+  check_launch(ctx, "attention",
+               {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
+                Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}});
+}
+}  // namespace detail
+
+}  // namespace weft::cuda
