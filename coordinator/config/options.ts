@@ -92,6 +92,10 @@ export const OPTIONS = {
     flag: '--cors-origins', arg: 'LIST', type: nameList, env: 'WEFT_CORS_ORIGINS', defaultHelp: 'none',
     help: 'browser origins (scheme://host:port) allowed to call HTTP, with CORS headers; * allows every origin', uses: ['serve', 'server'],
   },
+  clientTimeoutMs: {
+    flag: '--client-timeout', arg: 'MS', type: milliseconds(100), default: 10_000,
+    help: "an HTTP request's headers and body must arrive within this; slower clients get 408 and are closed", uses: ['serve', 'server'],
+  },
   curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
   maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
   requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: milliseconds(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
