@@ -26,6 +26,12 @@ export interface ServeOptions extends ClusterOptions {
   /** Bearer token HTTP clients must send; required with CURVE keys unless host is loopback. */
   readonly apiKey?: string;
   readonly curve?: CurveServerKeys;
+  /** Host header names HTTP answers besides loopback ones and `host`; ['*'] answers every name. */
+  readonly allowedHosts?: readonly string[];
+  /** Browser origins allowed to call HTTP (CORS); ['*'] allows every origin; none by default. */
+  readonly corsOrigins?: readonly string[];
+  /** An HTTP request's headers and body must arrive within this (default 10 s). */
+  readonly clientTimeoutMs?: number;
 }
 
 export interface RunningServer {
@@ -36,7 +42,7 @@ export interface RunningServer {
 }
 
 export async function serve(options: ServeOptions): Promise<RunningServer> {
-  const { host, rpcPort, httpPort, apiKey, recover } = apiConfig('server', options);
+  const { host, rpcPort, httpPort, apiKey, recover, allowedHosts, corsOrigins, clientTimeoutMs } = apiConfig('server', options);
   if (!isLoopback(host) && (!options.curve || !apiKey))
     throw new WeftError('WEFT_BAD_REQUEST', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
   const chatTemplate = ChatTemplate.load(options.modelDir);
@@ -48,7 +54,7 @@ export async function serve(options: ServeOptions): Promise<RunningServer> {
   let http: HttpGateway | null = null;
   try {
     rpc = await RpcServer.start(cluster, { host, port: rpcPort, ...(options.curve && { curve: options.curve }) });
-    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate, metrics, ...(apiKey !== undefined && { apiKey }) });
+    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate, metrics, clientTimeoutMs, ...(apiKey !== undefined && { apiKey }), ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }) });
   } catch (err) {
     await rpc?.close();
     await cluster.close();

@@ -8,7 +8,7 @@
  * no `[DONE]`). A full queue is 503 with `retry-after`. A client that disconnects cancels its request, which
  * frees its KV slot. Bodies are capped (413), header and request timeouts are explicit, and with a bearer token
  * every route but the public ones (`/health`, `/live`) needs it (compared in constant time). Binding anywhere but
- * loopback requires the token.
+ * loopback requires the token. Host, Origin, content-type and slow-client checks: http-guards.ts.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
@@ -19,6 +19,7 @@ import type { Cluster } from '../cluster.ts';
 import type { ChatTemplate } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
+import { HttpError, RequestGuards, answerClientError, requireJson, slowClientLimits } from './http-guards.ts';
 
 export interface HttpGatewayOptions {
   /** Defaults to 127.0.0.1. */
@@ -31,6 +32,12 @@ export interface HttpGatewayOptions {
   readonly metrics: WeftMetrics;
   /** Defaults to 4 MiB. */
   readonly maxBodyBytes?: number;
+  /** Host names answered besides loopback ones and `host`; '*' answers all (see http-guards.ts) */
+  readonly allowedHosts?: readonly string[];
+  /** browser origins allowed (CORS); '*' allows all; none by default */
+  readonly corsOrigins?: readonly string[];
+  /** a request's headers and body must arrive within this, else the connection closes. Defaults to 10 s. */
+  readonly clientTimeoutMs?: number;
 }
 
 type Handler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
@@ -47,19 +54,8 @@ const STATUS: Partial<Record<string, number>> = {
   WEFT_TIMEOUT: 504,
 };
 
-class HttpError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-    readonly param: string | null = null,
-  ) {
-    super(message);
-  }
-}
-
 function errorBody(err: unknown): { status: number; body: { error: { message: string; type: string; param: string | null; code: string } } } {
-  if (err instanceof HttpError) return { status: err.status, body: { error: { message: err.message, type: err.status < 500 ? 'invalid_request_error' : 'server_error', param: err.param, code: err.code } } };
+  if (err instanceof HttpError) return { status: err.status, body: err.body() };
   const code = isWeftError(err) ? err.code : 'WEFT_INTERNAL';
   const status = STATUS[code] ?? 500;
   const type = status < 500 ? 'invalid_request_error' : code === 'WEFT_BUSY' ? 'overloaded_error' : 'server_error';
@@ -75,12 +71,13 @@ function sendJson(res: ServerResponse, status: number, body: unknown, headers: R
 function sendError(res: ServerResponse, err: unknown): void {
   const { status, body } = errorBody(err);
   if (res.headersSent) return void res.end();
-  sendJson(res, status, body, status === 503 ? { 'retry-after': '1' } : {});
+  sendJson(res, status, body, { ...(err instanceof HttpError && err.headers), ...(status === 503 && { 'retry-after': '1' }) });
 }
 
 const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
 
 async function readJson(req: IncomingMessage, limit: number): Promise<unknown> {
+  requireJson(req);
   const declared = Number(req.headers['content-length'] ?? 0);
   if (declared > limit) throw new HttpError(413, 'body_too_large', `the request body is ${declared} bytes; the limit is ${limit}`);
   const chunks: Buffer[] = [];
@@ -201,25 +198,38 @@ export class HttpGateway {
     if (!isLoopback(host) && !options.apiKey) throw new WeftError('WEFT_BAD_REQUEST', `binding HTTP to ${host} (not loopback) needs a bearer token (--api-key or WEFT_API_KEY)`);
     const routes = buildRoutes(cluster, options);
     const expected = options.apiKey !== undefined ? digest(`Bearer ${options.apiKey}`) : null;
-    const server = createServer({ headersTimeout: 10_000, requestTimeout: 60_000, maxHeaderSize: 16 * 1024 }, (req, res) => {
+    const guards = new RequestGuards({ host, ...(options.allowedHosts && { allowedHosts: options.allowedHosts }), ...(options.corsOrigins && { corsOrigins: options.corsOrigins }) });
+    const server = createServer(slowClientLimits(options.clientTimeoutMs ?? 10_000), (req, res) => {
       const path = (req.url ?? '/').split('?')[0];
       const key = `${req.method} ${path}`;
       const handler = routes.get(key);
+      const methods = [...routes.keys()].filter((k) => k.endsWith(` ${path}`)).map((k) => k.split(' ')[0]!);
+      try {
+        guards.admit(req, res);
+      } catch (err) {
+        req.resume();
+        return sendError(res, err);
+      }
+      if (req.method === 'OPTIONS' && methods.length > 0) {
+        req.resume();
+        return guards.preflight(req, res, methods);
+      }
       if (expected && !PUBLIC_ROUTES.includes(key) && !timingSafeEqual(digest(String(req.headers.authorization ?? '')), expected)) {
         req.resume();
         return sendJson(res, 401, { error: { message: 'missing or wrong bearer token', type: 'authentication_error', param: null, code: 'unauthorized' } });
       }
       if (!handler) {
         req.resume();
-        const known = [...routes.keys()].some((k) => k.endsWith(` ${path}`));
-        return sendError(res, new HttpError(known ? 405 : 404, known ? 'method_not_allowed' : 'not_found', `${known ? 'method not allowed' : 'no route'}: ${key}`));
+        const known = methods.length > 0;
+        const allow = { allow: [...methods, 'OPTIONS'].join(', ') };
+        return sendError(res, new HttpError(known ? 405 : 404, known ? 'method_not_allowed' : 'not_found', `${known ? 'method not allowed' : 'no route'}: ${key}`, null, known ? allow : {}));
       }
       handler(req, res).catch((err) => {
         req.resume();
         sendError(res, err);
       });
     });
-    server.on('clientError', (_err, socket) => socket.destroy());
+    server.on('clientError', answerClientError);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(options.port ?? 0, host, () => resolve());

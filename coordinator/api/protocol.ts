@@ -11,6 +11,7 @@
 import { z } from 'zod';
 import { WeftError } from '../../core/errors.ts';
 import { decode } from '../../core/wire.ts';
+import { MAX_TIMER_MS } from '../config/values.ts';
 
 export const RPC_VERSION = 1;
 /** Frames larger than this disconnect the peer before anything is allocated (ZeroMQ maxMessageSize). */
@@ -26,7 +27,7 @@ const generateSchema = z
     prompt: z.string().max(1 << 20).optional(),
     promptIds: z.array(z.number().int().nonnegative()).max(1 << 20).optional(),
     sampling: z.record(z.string(), z.unknown()).optional(),
-    timeoutMs: z.number().int().positive().optional(),
+    timeoutMs: z.number().int().positive().max(MAX_TIMER_MS, `must be at most ${MAX_TIMER_MS} ms (2^31-1, the longest a timer can wait)`).optional(),
   })
   .strict();
 
@@ -52,14 +53,23 @@ export type RpcResponse =
 /** Read one client frame. On failure the error carries the request id when one could be read. */
 export function parseRpcRequest(frame: Buffer): RpcRequest {
   const value = decode(frame); // pre-scanned inside decode
+  const version = (value as { v?: unknown } | null)?.v;
+  // another version's frame may mean other things by the same fields: refuse it before reading any of them
+  if (typeof value === 'object' && value !== null && typeof version === 'number' && version !== RPC_VERSION)
+    throw withRequestId(new WeftError('WEFT_PROTOCOL', `protocol version v = ${version} is not supported; this server speaks v = ${RPC_VERSION}`), value);
   const parsed = requestSchema.safeParse(value);
   if (parsed.success) return parsed.data;
   const issue = parsed.error.issues[0];
   const where = issue?.path.length ? ` at ${issue.path.join('.')}` : '';
-  const err = new WeftError('WEFT_PROTOCOL', `invalid request${where}: ${issue?.message ?? 'unknown problem'}`) as WeftError & { requestId?: number };
+  throw withRequestId(new WeftError('WEFT_PROTOCOL', `invalid request${where}: ${issue?.message ?? 'unknown problem'}`), value);
+}
+
+/** The error, carrying the frame's request id when it has a valid one (so the answer reaches the right request). */
+function withRequestId(err: WeftError, value: unknown): WeftError & { requestId?: number } {
+  const tagged = err as WeftError & { requestId?: number };
   const maybeId = (value as { id?: unknown } | null)?.id;
-  if (typeof value === 'object' && value !== null && id.safeParse(maybeId).success) err.requestId = maybeId as number;
-  throw err;
+  if (typeof value === 'object' && value !== null && id.safeParse(maybeId).success) tagged.requestId = maybeId as number;
+  return tagged;
 }
 
 const responseSchema = z.union([

@@ -6,7 +6,7 @@
  */
 import { availableParallelism, homedir } from 'node:os';
 import { join } from 'node:path';
-import { finite, flag, idList, integer, matching, oneOf, text, type ValueType } from './values.ts';
+import { finite, flag, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
 export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker';
 /** Where options enter in code: startCluster / Cluster.open, and serve(). */
@@ -84,9 +84,21 @@ export const OPTIONS = {
   rpcPort: { flag: '--rpc-port', arg: 'PORT', type: port, default: 0, defaultIn: { serve: 5555, launch: 5555 }, defaultHelp: '5555 (0 in serve())', help: 'RPC (ZeroMQ ROUTER) port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
   httpPort: { flag: '--http-port', arg: 'PORT', type: port, default: 0, defaultIn: { serve: 8000, launch: 8000 }, defaultHelp: '8000 (0 in serve())', help: 'HTTP port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
   apiKey: { flag: '--api-key', arg: 'TOKEN', type: text, env: 'WEFT_API_KEY', help: 'bearer token HTTP clients must send', uses: ['serve', 'server'] },
+  allowedHosts: {
+    flag: '--allowed-hosts', arg: 'LIST', type: nameList, env: 'WEFT_ALLOWED_HOSTS', defaultHelp: 'localhost, 127.0.0.1, [::1] and the --host address',
+    help: 'Host header names HTTP answers besides the default ones (any port); * answers every name (against DNS rebinding)', uses: ['serve', 'server'],
+  },
+  corsOrigins: {
+    flag: '--cors-origins', arg: 'LIST', type: nameList, env: 'WEFT_CORS_ORIGINS', defaultHelp: 'none',
+    help: 'browser origins (scheme://host:port) allowed to call HTTP, with CORS headers; * allows every origin', uses: ['serve', 'server'],
+  },
+  clientTimeoutMs: {
+    flag: '--client-timeout', arg: 'MS', type: milliseconds(100), default: 10_000,
+    help: "an HTTP request's headers and body must arrive within this; slower clients get 408 and are closed", uses: ['serve', 'server'],
+  },
   curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
   maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
-  requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: integer(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
+  requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: milliseconds(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
   recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, defaultHelp: 'false (true in serve and serve())', help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
   maxRecoveries: { type: integer(1), default: 3, help: 'failed re-form attempts in a row before the cluster gives up', uses: ['cluster'] },
 
@@ -96,8 +108,8 @@ export const OPTIONS = {
   workerPort: { flag: '--worker-port', arg: 'PORT', type: port, default: 0, help: 'port workers connect to (127.0.0.1); 0 picks a free one', uses: ['serve', 'launch', 'cluster'] },
   workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
   workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
-  heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: integer(100), default: 30_000, defaultIn: { serve: 5000 }, defaultHelp: '5000 (30000 in startCluster)', help: 'a worker silent this long is declared dead', uses: ['serve', 'cluster'] },
-  joinTimeoutMs: { type: integer(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
+  heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: milliseconds(100), default: 30_000, defaultIn: { serve: 5000 }, defaultHelp: '5000 (30000 in startCluster)', help: 'a worker silent this long is declared dead', uses: ['serve', 'cluster'] },
+  joinTimeoutMs: { type: milliseconds(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
   workerStderr: { type: oneOf('tail', 'inherit'), env: 'WEFT_WORKER_STDERR', default: 'tail', help: "'inherit' echoes spawned workers' stderr; 'tail' keeps its last lines for error messages", uses: ['generate', 'score', 'serve'] },
   ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker'] },
 
@@ -107,12 +119,12 @@ export const OPTIONS = {
   world: { flag: '--world', arg: 'N', type: integer(1), help: 'ranks in the group', uses: ['worker'], required: true },
   parentPid: { flag: '--parent-pid', arg: 'PID', type: integer(1), help: 'exit when this process is gone', uses: ['worker'] },
   collectiveHost: { flag: '--collective-host', arg: 'HOST', type: text, default: '127.0.0.1', help: 'interface the rank-0 collective hub binds', uses: ['worker'] },
-  coordinatorTimeoutMs: { flag: '--coordinator-timeout', arg: 'MS', type: integer(1), default: 15_000, help: 'exit when the coordinator is silent this long', uses: ['worker'] },
+  coordinatorTimeoutMs: { flag: '--coordinator-timeout', arg: 'MS', type: milliseconds(1), default: 15_000, help: 'exit when the coordinator is silent this long', uses: ['worker'] },
 
   // clusters under pm2
   name: { flag: '--name', arg: 'NAME', type: matching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' (64 at most)"), default: 'default', help: 'cluster name (pm2 namespace weft-<name>)', uses: LAUNCHED },
   home: { type: text, env: 'WEFT_HOME', default: () => join(homedir(), '.weft'), defaultHelp: '~/.weft', help: "where launched clusters keep their files (<home>/<name>)", uses: LAUNCHED },
-  waitTimeoutMs: { flag: '--wait-timeout', arg: 'MS', type: integer(1), default: 600_000, help: 'give up waiting for readiness after this', uses: ['launch'] },
+  waitTimeoutMs: { flag: '--wait-timeout', arg: 'MS', type: milliseconds(1), default: 600_000, help: 'give up waiting for readiness after this', uses: ['launch'] },
   lines: { flag: '--lines', arg: 'N', type: integer(1), default: 50, help: 'lines per process', uses: ['logs'] },
   out: { flag: '--out', arg: 'DIR', type: text, help: 'directory to write', uses: ['keygen'], required: true },
 } as const satisfies Record<string, OptionDeclaration<any>>;

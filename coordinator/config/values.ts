@@ -23,6 +23,15 @@ export function integer(min: number, max = Number.MAX_SAFE_INTEGER): ValueType<n
   return { expected, check, fromText: (text) => check(/^\s*-?\d+\s*$/.test(text) ? Number(text) : NaN), toText: String };
 }
 
+/** The longest a Node timer can wait (2^31-1 ms, about 24.8 days): setTimeout fires at once for anything longer. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** A duration in ms that a timer waits: an integer from `min` up to MAX_TIMER_MS, which the message names. */
+export function milliseconds(min: number): ValueType<number> {
+  const inRange = integer(min, MAX_TIMER_MS);
+  return { ...inRange, expected: `an integer number of ms in [${min}, ${MAX_TIMER_MS}] (2^31-1, the longest a timer can wait)` };
+}
+
 export const finite: ValueType<number> = {
   expected: 'a finite number',
   check: (value) => (typeof value === 'number' && Number.isFinite(value) ? value : fail()),
@@ -55,6 +64,18 @@ export function oneOf<const C extends string>(...choices: C[]): ValueType<C> {
   const check = (value: unknown): C => (choices.includes(value as C) ? (value as C) : fail());
   return { expected: `one of ${choices.join(', ')}`, check, fromText: check, toText: (value) => value };
 }
+
+/** Comma-separated non-empty strings (host names, origins), trimmed and lower-cased: both are case-insensitive. */
+export const nameList: ValueType<readonly string[]> = {
+  expected: 'a comma-separated list of non-empty names',
+  check: (value) => {
+    if (!Array.isArray(value)) fail();
+    const bad = value.findIndex((name) => typeof name !== 'string' || name.trim() === '' || name.includes(','));
+    return bad < 0 ? (value as string[]).map((name) => name.trim().toLowerCase()) : fail(`entry ${bad} is ${JSON.stringify(value[bad])}`);
+  },
+  fromText: (t) => nameList.check(t.split(',')),
+  toText: (value) => value.join(','),
+};
 
 /** Comma-separated non-negative integers: token ids, GPU indices. */
 export const idList: ValueType<readonly number[]> = {

@@ -26,7 +26,7 @@ describe('weft serve with 1 KV slot, a queue of 1, a bearer token and a chat tem
   let dir: string;
   let server: ServeProcess;
   let client: WeftClient;
-  const auth = { authorization: `Bearer ${TOKEN}` };
+  const auth = { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' };
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), 'weft-chat-'));
     cpSync(fixtureDir('llama-tiny'), dir, { recursive: true });

@@ -16,6 +16,8 @@ import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { startServe, readSse, type ServeProcess } from './serve-helpers.ts';
 
 const reference = readReference('llama-tiny');
+/** JSON routes need this content type (415 otherwise). */
+const JSON_TYPE = { 'content-type': 'application/json' };
 
 async function collect(events: AsyncIterable<GenerationEvent>): Promise<{ tokens: number[]; text: string; done: Extract<GenerationEvent, { type: 'done' }> | null }> {
   const tokens: number[] = [];
@@ -88,6 +90,7 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
     const http = new AbortController();
     const res = await fetch(`${server.http}/v1/completions`, {
       method: 'POST',
+      headers: JSON_TYPE,
       body: JSON.stringify({ prompt: reference.prompts[1], max_tokens: 200, ignore_eos: true, stream: true }),
       signal: http.signal,
     });
@@ -100,12 +103,12 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
 
   test('/v1/completions streams SSE chunks, usage and [DONE]; same text as the non-streamed answer', async () => {
     const body = { model: 'llama-tiny', prompt: reference.prompts[2], max_tokens: 8, temperature: 0, ignore_eos: true };
-    const plain = await fetch(`${server.http}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const plain = await fetch(`${server.http}/v1/completions`, { method: 'POST', headers: JSON_TYPE, body: JSON.stringify(body) });
     assert.equal(plain.status, 200);
     const json = (await plain.json()) as { choices: { text: string; finish_reason: string }[]; usage: { prompt_tokens: number; completion_tokens: number } };
     assert.equal(json.choices[0]!.finish_reason, 'length');
     assert.deepEqual(json.usage, { prompt_tokens: 40, completion_tokens: 8, total_tokens: 48 });
-    const res = await fetch(`${server.http}/v1/completions`, { method: 'POST', body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }) });
+    const res = await fetch(`${server.http}/v1/completions`, { method: 'POST', headers: JSON_TYPE, body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }) });
     assert.equal(res.headers.get('content-type'), 'text/event-stream');
     const events = await readSse(res);
     assert.equal(events.at(-1), '[DONE]');
@@ -124,12 +127,12 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
       [JSON.stringify({ prompt: 'x', model: 'gpt-4' }), 404, /not served here/],
       [JSON.stringify({ prompt: [999999] }), 400, /token id at index 0 must be an integer in \[0, 512\)/],
     ] as const) {
-      const r = await fetch(`${server.http}/v1/completions`, { method: 'POST', body: payload });
+      const r = await fetch(`${server.http}/v1/completions`, { method: 'POST', headers: JSON_TYPE, body: payload });
       const err = (await r.json()) as { error: { message: string; type: string } };
       assert.equal(r.status, status, err.error.message);
       assert.match(err.error.message, pattern);
     }
-    const chat = await fetch(`${server.http}/v1/chat/completions`, { method: 'POST', body: JSON.stringify({ messages: [{ role: 'user', content: 'hi' }] }) });
+    const chat = await fetch(`${server.http}/v1/chat/completions`, { method: 'POST', headers: JSON_TYPE, body: JSON.stringify({ messages: [{ role: 'user', content: 'hi' }] }) });
     assert.equal(chat.status, 400);
     assert.match(((await chat.json()) as { error: { message: string } }).error.message, /no chat_template/);
     const metrics = await (await fetch(`${server.http}/metrics`)).text();

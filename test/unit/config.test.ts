@@ -65,6 +65,25 @@ test('a bad value is refused where it enters, naming the option and the value', 
   assert.throws(() => apiConfig('cluster', { modelDir: '' }), refused(/^modelDir must be a non-empty string/));
 });
 
+test('timeouts past 2^31-1 ms (where a Node timer fires at once) are refused, naming the limit', () => {
+  const limit = /must be an integer number of ms in \[0, 2147483647\] \(2\^31-1, the longest a timer can wait\)/;
+  assert.throws(() => commandConfig('serve', { modelDir: '/m', requestTimeoutMs: '2147483648' }, {}), refused(new RegExp(`^--request-timeout ${limit.source}, got "2147483648"$`)));
+  assert.throws(() => apiConfig('cluster', { ...model, requestTimeoutMs: 2 ** 31 }), refused(new RegExp(`^requestTimeoutMs ${limit.source}`)));
+  assert.throws(() => apiConfig('cluster', { ...model, heartbeatTimeoutMs: 1e12 }), refused(/^heartbeatTimeoutMs must be .*\[100, 2147483647\]/));
+  assert.equal(commandConfig('serve', { modelDir: '/m', requestTimeoutMs: '2147483647' }, {}).requestTimeoutMs, 2 ** 31 - 1);
+});
+
+test('--allowed-hosts and --cors-origins: comma lists (lower-cased, trimmed), mirrored by WEFT_ALLOWED_HOSTS / WEFT_CORS_ORIGINS', () => {
+  const serve = commandConfig('serve', { modelDir: '/m', allowedHosts: 'Weft.Internal, *' }, { WEFT_CORS_ORIGINS: 'http://App.example:3000,https://b.example' });
+  assert.deepEqual(serve.allowedHosts, ['weft.internal', '*']);
+  assert.deepEqual(serve.corsOrigins, ['http://app.example:3000', 'https://b.example']);
+  assert.deepEqual(commandConfig('serve', { modelDir: '/m' }, { WEFT_ALLOWED_HOSTS: 'a.example' }).allowedHosts, ['a.example']);
+  assert.deepEqual([commandConfig('serve', { modelDir: '/m' }, {}).allowedHosts, commandConfig('serve', { modelDir: '/m' }, {}).corsOrigins], [undefined, undefined]);
+  assert.deepEqual(apiConfig('server', { corsOrigins: ['*'] }).corsOrigins, ['*']);
+  assert.throws(() => commandConfig('serve', { modelDir: '/m', allowedHosts: 'a.example,,b' }, {}), refused(/^--allowed-hosts must be a comma-separated list of non-empty names, got "a\.example,,b" \(entry 1 is ""\)$/));
+  assert.throws(() => apiConfig('server', { allowedHosts: 'a.example' }), refused(/^allowedHosts must be a comma-separated list/));
+});
+
 test('required options, options that need another, and checks across options', () => {
   assert.throws(() => commandConfig('generate', { prompt: 'hi' }, {}), refused(/^--model DIR is required$/));
   assert.throws(() => apiConfig('cluster', {}), refused(/^modelDir is required$/));
