@@ -101,14 +101,14 @@ export class WorkerClient {
     /** where the workers connect */
     readonly endpoint: string,
   ) {
-    this.peers = new WorkerPeers(router, options.world, requireSecret(options.secret, `the ${options.label} group`), options.label);
+    this.peers = new WorkerPeers(router, options.world, options.secret, options.label);
     this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
     this.timer = setInterval(() => this.watch(), PING_MS);
     void this.receiveLoop();
   }
 
   static async bind(options: WorkerClientOptions): Promise<WorkerClient> {
-    requireSecret(options.secret, `the ${options.label} group`);
+    requireSecret(options.secret, `the ${options.label} group`); // before anything is bound
     // no handover: a connection that asks for a routing id already in use is ignored, never given the other's messages
     const router = new zmq.Router({ mandatory: true, linger: 0, maxMessageSize: 64 << 20, sendTimeout: 5000 });
     await router.bind(`tcp://${options.bindHost}:${options.port || '*'}`);
@@ -222,7 +222,7 @@ export class WorkerClient {
     const state = this.ranks[rank]!;
     const previous = state.pid;
     if (previous !== null && previous !== hello.pid && this.failure === null && this.holderAlive(rank)) {
-      this.peers.refuse(connection.routingId, `refused a second connection for ${label} rank ${rank} (pid ${hello.pid}): the rank is held by pid ${previous}, which is alive`);
+      this.peers.refuse(connection.routingId, `refused a second connection for ${label} rank ${rank} (pid ${hello.pid}): the rank is held by pid ${previous}, which ${state.local ? 'is alive' : 'runs on another host (presumed alive until its heartbeats stop)'}`);
       return;
     }
     if (hello.world !== world) {

@@ -31,11 +31,18 @@ export interface ProvenConnection {
 
 /** Connections that said hello and were challenged, at most this many (the oldest is forgotten first). */
 const MAX_PENDING = 256;
+/** Connections remembered as challenged and not proven; past this the set starts over. */
+const MAX_CHALLENGED = 4096;
 
 export class WorkerPeers {
   private readonly outbox: SendQueue;
   /** challenged connections, by routing id (hex) */
   private readonly pending = new Map<string, ProvenConnection>();
+  /**
+   * Connections challenged and not proven: each gets one challenge, so a stranger that never reads cannot fill its
+   * pipe and make the socket's sends (step batches among them) wait on it.
+   */
+  private readonly challenged = new Set<string>();
   /** the connection each rank is bound to */
   private readonly bound: (ProvenConnection | null)[];
   private readonly refusals = new RefusalLog((line) => process.stderr.write(`weft: ${line}\n`));
@@ -103,6 +110,7 @@ export class WorkerPeers {
       this.refuse(pending.routingId, `refused a connection claiming ${this.label} rank ${rank} (pid ${pid}): expected its auth message, got ${message?.type ?? 'an invalid message'}`);
       return null;
     }
+    this.challenged.delete(name); // proven: it may prove itself again after the client forgets it (a re-formed group)
     return { kind: 'proven', connection: pending };
   }
 
@@ -117,6 +125,9 @@ export class WorkerPeers {
     }
     if (message.type !== 'hello') return this.refuse(routingId, `dropped a ${message.type} message for rank ${message.rank} from connection ${name}, which has not proven the group secret`);
     if (message.rank >= this.world) return this.refuse(routingId, `refused a hello for ${this.label} rank ${message.rank} (pid ${message.pid}): the group has ${this.world} ranks`);
+    if (this.challenged.has(name)) return this.refuse(routingId, `dropped another hello from connection ${name}, which was challenged once and did not prove the group secret`);
+    if (this.challenged.size >= MAX_CHALLENGED) this.challenged.clear();
+    this.challenged.add(name);
     const nonce = newNonce();
     const auth = FrameAuth.derive(this.secret, 'control', 'server', Buffer.from(message.nonce, 'hex'), nonce, frames[0]!);
     if (this.pending.size >= MAX_PENDING) this.pending.delete(this.pending.keys().next().value!);

@@ -74,8 +74,8 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
     if (link.established) stop(1, `lost its authenticated connection to coordinator ${options.coordinator}, exiting (a restarted coordinator is joined by a fresh process)`);
   });
 
-  // A worker serves one coordinator instance. When another one pings (the coordinator restarted), this process
-  // exits so that its supervisor (pm2) starts it fresh and it joins the new coordinator with a new hello.
+  // A worker serves one coordinator instance: its connection is authenticated for that one (a restarted coordinator
+  // drops the connection, and the worker exits above). A ping naming another session ends it the same way.
   let session: string | null = null;
 
   // Commands run strictly in order; pings are answered at once, even while a command is running.

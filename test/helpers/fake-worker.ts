@@ -14,6 +14,10 @@ export interface FakeRankOptions {
   readonly pid?: number;
   /** a fixed routing id (the old `rank-N` scheme): the coordinator must not care */
   readonly routingId?: string;
+  /** sent in hello: this host's name makes the coordinator watch the pid */
+  readonly hostname?: string;
+  /** how long a receive waits. Defaults to 5000 ms. */
+  readonly receiveTimeoutMs?: number;
 }
 
 export class FakeRank {
@@ -29,7 +33,7 @@ export class FakeRank {
     private readonly secret: string,
     private readonly options: FakeRankOptions = {},
   ) {
-    this.socket = new zmq.Dealer({ linger: 0, receiveTimeout: 5000, ...(options.routingId !== undefined && { routingId: options.routingId }) });
+    this.socket = new zmq.Dealer({ linger: 0, receiveTimeout: options.receiveTimeoutMs ?? 5000, ...(options.routingId !== undefined && { routingId: options.routingId }) });
     this.socket.connect(endpoint);
   }
 
@@ -43,7 +47,7 @@ export class FakeRank {
   /** Run the handshake (again, on the same connection, after the coordinator forgot it). */
   async handshake(): Promise<void> {
     const nonce = newNonce();
-    const hello = encode({ v, type: 'hello', rank: this.rank, world: this.world, pid: this.options.pid ?? process.pid, collectiveEndpoint: `tcp://127.0.0.1:${7000 + this.rank}`, nonce: nonce.toString('hex') });
+    const hello = encode({ v, type: 'hello', rank: this.rank, world: this.world, pid: this.options.pid ?? process.pid, collectiveEndpoint: `tcp://127.0.0.1:${7000 + this.rank}`, nonce: nonce.toString('hex'), ...(this.options.hostname !== undefined && { hostname: this.options.hostname }) });
     await this.socket.send(hello);
     const frames = await this.socket.receive();
     this.received.push(frames);

@@ -11,7 +11,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { PROTOCOL_VERSION, decode, encode } from '../../core/wire.ts';
@@ -277,6 +277,23 @@ test('a worker answers ncclId with the id its NCCL library makes, and obeys only
   }
 });
 
+test('G4: a worker whose authenticated connection drops exits at once, saying why (the session cannot be resumed)', async () => {
+  const router = new zmq.Router({ linger: 0 });
+  await router.bind('tcp://127.0.0.1:*');
+  await capturingStderr(async (logged) => {
+    const worker = runWorker({ coordinator: router.lastEndpoint!, rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 60_000, ncclLibrary: 'x', secret: SECRET });
+    const coordinator = await fakeCoordinator(router);
+    assert.equal((await coordinator.receive()).type, 'auth');
+    await coordinator.send({ v, type: 'ping', session: 'one' }); // the coordinator proves itself
+    await new Promise((r) => setTimeout(r, 200));
+    const closedAt = Date.now();
+    router.close(); // the coordinator is gone
+    assert.equal(await worker, 1);
+    assert.ok(Date.now() - closedAt < 3000, `exited ${Date.now() - closedAt} ms after the connection dropped (its timeout is 60 s)`);
+    assert.match(logged.join(''), /weft worker rank 0: lost its authenticated connection to coordinator tcp:\/\/127\.0\.0\.1:\d+, exiting/);
+  });
+});
+
 test('a worker without the group secret refuses to start, naming what to set', async () => {
   await assert.rejects(
     runWorker({ coordinator: 'tcp://127.0.0.1:1', rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 1000, ncclLibrary: 'x' }),
@@ -291,7 +308,7 @@ test('G11: connections that have not proven the secret get no command and move n
   await capturingStderr(async (logged) => {
     const { client, rank } = await clientWithOneRank(faults);
     // the old scheme's routing id, without a hello: replies and heartbeats as rank 0
-    const oldName = new FakeRank(client.endpoint, 0, 1, SECRET, { routingId: 'rank-0' });
+    const oldName = new FakeRank(client.endpoint, 0, 1, SECRET, { routingId: 'rank-0', receiveTimeoutMs: 500 });
     // a plausible hello with a wrong secret
     const wrongSecret = await FakeRank.join(client.endpoint, 0, 1, 'not-the-group-secret!');
     const rogues = [oldName, wrongSecret];
@@ -312,6 +329,18 @@ test('G11: connections that have not proven the secret get no command and move n
       await rank.socket.send([frame, realMac]); // the same frames again on the real connection: a replay
       await new Promise((r) => setTimeout(r, 300));
       assert.equal(faults.length, 0, 'no rogue could fail the client');
+      // hellos again and again on one connection: one challenge (a stranger that never reads cannot fill its pipe)
+      for (let i = 0; i < 5; i++) await oldName.socket.send(encode({ v, type: 'hello', rank: 0, world: 1, pid: 1, collectiveEndpoint: null, nonce }));
+      await new Promise((r) => setTimeout(r, 300));
+      for (;;) {
+        try {
+          oldName.received.push(await oldName.socket.receive());
+        } catch {
+          break; // nothing more within its receive timeout
+        }
+        if (oldName.received.length > 5) break;
+      }
+      assert.equal(oldName.received.length, 1, 'one challenge per connection');
       for (const rogue of rogues) {
         for (const frames of rogue.received) assert.equal(parseCoordinatorMessage(decode(frames[0]!)).type, 'challenge', 'a rogue gets a challenge at most');
       }
@@ -334,7 +363,7 @@ test('G11: a second connection proving the secret for a rank held by a live proc
     const { client, rank } = await clientWithOneRank(faults);
     const second = await FakeRank.join(client.endpoint, 0, 1, SECRET, { pid: process.ppid });
     try {
-      assert.ok(await waitFor(() => /refused a second connection for worker rank 0 \(pid \d+\): the rank is held by pid \d+, which is alive/.test(logged.join('')), 3000), logged.join(''));
+      assert.ok(await waitFor(() => /refused a second connection for worker rank 0 \(pid \d+\): the rank is held by pid \d+, which runs on another host \(presumed alive until its heartbeats stop\)/.test(logged.join('')), 3000), logged.join(''));
       const reply = client.request(0, { type: 'ncclId' });
       const { id } = (await rank.next()) as { id: number };
       await rank.send({ v, type: 'reply', rank: 0, id, command: 'ncclId', result: { ncclId } });
@@ -347,4 +376,22 @@ test('G11: a second connection proving the secret for a rank held by a live proc
       await client.close(async () => undefined);
     }
   });
+});
+
+test('a proven connection for a rank whose local process is gone takes the rank: the rank restarted, the client fails naming both pids', async () => {
+  const gone = execFileSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
+  const faults: Error[] = [];
+  const client = await WorkerClient.bind({ world: 1, bindHost: '127.0.0.1', port: 0, heartbeatTimeoutMs: 30_000, secret: SECRET, label: 'worker', childPid: () => undefined, onFailure: (err) => faults.push(err) });
+  const first = await FakeRank.join(client.endpoint, 0, 1, SECRET, { pid: Number(gone), hostname: hostname() });
+  try {
+    await client.join(5000);
+    const restarted = await FakeRank.join(client.endpoint, 0, 1, SECRET, { hostname: hostname() });
+    assert.ok(await waitFor(() => faults.length > 0, 3000), 'the client failed');
+    assert.match(faults[0]!.message, new RegExp(`^worker rank 0 (restarted \\(pid ${gone} is gone, pid ${process.pid} took its place\\)|\\(pid ${gone}\\) is gone)$`));
+    assert.equal(client.status()[0]!.pid, process.pid, 'the new process holds the rank');
+    restarted.close();
+  } finally {
+    first.close();
+    await client.close(async () => undefined);
+  }
 });

@@ -70,6 +70,8 @@ export class CpuCollectives implements Collectives {
   /** the hub: connections by routing id (hex), and the joined peer of each rank */
   private readonly hubPeers = new Map<string, HubPeer>();
   private readonly routes: (HubPeer | null)[];
+  /** connections the hub challenged: one challenge each, so a stranger that never reads cannot fill its pipe */
+  private readonly challenged = new Set<string>();
   /** a peer: its handshake with the hub */
   private readonly nonce = newNonce();
   private hubAuth: FrameAuth | null = null;
@@ -181,6 +183,9 @@ export class CpuCollectives implements Collectives {
     if (!peer && tag?.equals(HELLO) && body.length === 3 && second?.byteLength === 4 && third?.byteLength === NONCE_BYTES) {
       const claimed = second.readUInt32LE(0);
       if (claimed < 1 || claimed >= this.world) return this.refuse(name, `hub: refused a hello for rank ${claimed}: the peers of a group of ${this.world} are ranks 1-${this.world - 1}`);
+      if (this.challenged.has(name)) return this.refuse(name, `hub: dropped another hello from connection ${name}, which was challenged once`);
+      if (this.challenged.size >= 4 * MAX_PENDING) this.challenged.clear();
+      this.challenged.add(name);
       const nonce = newNonce();
       const auth = FrameAuth.derive(this.secret, 'collective', 'server', third, nonce, Buffer.concat([second, third]));
       const pending = [...this.hubPeers].filter(([, p]) => !p.joined);
