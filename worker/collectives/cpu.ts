@@ -110,19 +110,13 @@ export class CpuCollectives implements Collectives {
     const welcomed = new Promise<boolean>((resolve) => (this.welcomed = () => resolve(true)));
     let timer: NodeJS.Timeout | undefined;
     const timedOut = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), this.peerTimeoutMs)));
-    await this.sendQueue.send([HELLO, this.rankFrame(), this.nonce]);
+    this.sendQueue.send([HELLO, u32Frame(this.rank), this.nonce]).catch(() => undefined); // a hub that never answers times out below
     const joined = await Promise.race([welcomed, timedOut]);
     clearTimeout(timer);
     if (!joined) {
       this.close();
       throw new WeftError('WEFT_TIMEOUT', `rank ${this.rank}: the collective hub at ${endpoint} did not welcome this rank within ${this.peerTimeoutMs} ms (rank 0 is gone, or its group secret differs)`);
     }
-  }
-
-  private rankFrame(rank = this.rank): Buffer {
-    const frame = Buffer.alloc(4);
-    frame.writeUInt32LE(rank, 0);
-    return frame;
   }
 
   prepare(plan: CollectivePlan): void {
@@ -206,7 +200,7 @@ export class CpuCollectives implements Collectives {
       if (this.hubAuth.open(body, frames.at(-1))) this.arrived(0, body);
       else this.refuse('hub', 'dropped a message from the hub without a valid MAC');
     } else if (!this.hubAuth && tag?.equals(CHALLENGE) && second?.byteLength === NONCE_BYTES && frames.length === 2) {
-      this.hubAuth = FrameAuth.derive(this.secret, 'collective', 'client', this.nonce, second, Buffer.concat([this.rankFrame(), this.nonce]));
+      this.hubAuth = FrameAuth.derive(this.secret, 'collective', 'client', this.nonce, second, Buffer.concat([u32Frame(this.rank), this.nonce]));
       this.sendQueue.send([AUTH, this.hubAuth.seal([AUTH])]).catch(() => undefined); // the hub gone: joinHub times out
     } else if (this.hubAuth && tag?.equals(WELCOME) && frames.length === 2 && this.hubAuth.open([tag], second)) {
       this.welcomed?.();
@@ -254,7 +248,7 @@ export class CpuCollectives implements Collectives {
   }
 
   private seqFrame(seq: number): Buffer {
-    return this.rankFrame(seq >>> 0);
+    return u32Frame(seq >>> 0);
   }
 
   /** The other ranks: the hub waits for them. */
@@ -342,6 +336,12 @@ export class CpuCollectives implements Collectives {
     for (const wake of this.waiters.values()) wake();
     this.socket.close();
   }
+}
+
+function u32Frame(value: number): Buffer {
+  const frame = Buffer.alloc(4);
+  frame.writeUInt32LE(value, 0);
+  return frame;
 }
 
 function concatFloat32(parts: Float32Array[]): Float32Array {
