@@ -1,22 +1,26 @@
 /**
  * The coordinator's connection to the ranks of one worker group: the ROUTER socket they connect to, their hello
- * (checked against the group's shared secret), heartbeats both ways, and commands sent to one rank with its typed
+ * (proven with the group's shared secret), heartbeats both ways, and commands sent to one rank with its typed
  * reply awaited. It neither starts nor stops processes: coordinator/worker-group.ts does, through this.
  *
  * The first fault (a pid gone, a silent rank, a rank that restarted, an error reply, an invalid message from a
- * rank that said hello) fails the client: every pending and later request rejects with an error naming the rank,
- * until the group re-forms and calls `reset`.
+ * rank that proved itself) fails the client: every pending and later request rejects with an error naming the
+ * rank, until the group re-forms and calls `reset`.
  *
- * Workers authenticate with the group's shared secret in their hello (compared in constant time); until a rank
- * has said a valid hello nothing else it sends is read. The secret travels only over the coordinator's own
- * socket, which binds to loopback unless told otherwise.
+ * Every message is authenticated (coordinator/worker-peers.ts): a rank is its connection that proved the group
+ * secret, never a routing id; commands (step batches among them) go only to such a connection. A second proven
+ * connection for a rank whose process is alive is refused and logged. Silence is measured on a clock that stops
+ * while this process's event loop stalls (core/loop-clock.ts), so a stall here is never blamed on a worker.
  */
-import { randomBytes, createHash, timingSafeEqual } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import * as zmq from 'zeromq';
-import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../core/wire.ts';
+import { PROTOCOL_VERSION } from '../core/wire.ts';
 import { WeftError, type WeftErrorCode } from '../core/errors.ts';
-import { parseWorkerMessage, type Command, type CommandBody, type CommandResult, type CoordinatorMessage, type WorkerMessage } from '../core/worker-protocol.ts';
+import { requireSecret } from '../core/frame-auth.ts';
+import { ResponsiveClock } from '../core/loop-clock.ts';
+import type { Command, CommandBody, CommandResult, CoordinatorMessage, WorkerMessage } from '../core/worker-protocol.ts';
+import { WorkerPeers, type ProvenConnection } from './worker-peers.ts';
 
 export interface WorkerClientOptions {
   readonly world: number;
@@ -26,8 +30,8 @@ export interface WorkerClientOptions {
   readonly port: number;
   /** a rank silent this long is declared dead */
   readonly heartbeatTimeoutMs: number;
-  /** shared secret workers must present in hello; null: none */
-  readonly secret: string | null;
+  /** the group's shared secret, which every worker proves on connecting and every message is authenticated with */
+  readonly secret: string;
   /** what errors call these processes ('worker', 'draft worker') */
   readonly label: string;
   /** pid of the child process this coordinator spawned for a rank, if it is running: its exit is watched there */
@@ -46,10 +50,11 @@ export interface RankStatus {
 }
 
 interface RankConnection {
-  /** set by a valid hello: until then nothing else from this rank is read */
+  /** set when a connection proved itself for this rank: until then nothing from this rank is read */
   pid: number | null;
   /** the worker runs on this host, so its pid can be watched and killed */
   local: boolean;
+  /** on `clock`: when the rank was last heard from */
   lastSeen: number;
   collectiveEndpoint: string | null;
   bytesRead: number;
@@ -65,11 +70,6 @@ interface PendingRequest {
 
 const PING_MS = 1000;
 
-const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
-function secretsEqual(given: string | undefined, expected: string): boolean {
-  return given !== undefined && timingSafeEqual(digest(given), digest(expected));
-}
-
 /** Whether process `pid` exists (EPERM: it does, owned by someone else). */
 export function alive(pid: number): boolean {
   try {
@@ -81,8 +81,10 @@ export function alive(pid: number): boolean {
 }
 
 export class WorkerClient {
-  private readonly outbox: SendQueue;
+  private readonly peers: WorkerPeers;
   private readonly ranks: RankConnection[];
+  /** time this process's event loop was responsive: silences are measured on it */
+  private readonly clock = new ResponsiveClock(PING_MS);
   private readonly pending = new Map<number, PendingRequest>();
   /** names this coordinator instance in pings: a worker that sees another one exits (and is restarted) */
   private readonly session = randomBytes(8).toString('hex');
@@ -99,14 +101,16 @@ export class WorkerClient {
     /** where the workers connect */
     readonly endpoint: string,
   ) {
-    this.outbox = new SendQueue(router);
+    this.peers = new WorkerPeers(router, options.world, options.secret, options.label);
     this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
     this.timer = setInterval(() => this.watch(), PING_MS);
     void this.receiveLoop();
   }
 
   static async bind(options: WorkerClientOptions): Promise<WorkerClient> {
-    const router = new zmq.Router({ handover: true, mandatory: true, linger: 0, maxMessageSize: 64 << 20, sendTimeout: 5000 });
+    requireSecret(options.secret, `the ${options.label} group`); // before anything is bound
+    // no handover: a connection that asks for a routing id already in use is ignored, never given the other's messages
+    const router = new zmq.Router({ mandatory: true, linger: 0, maxMessageSize: 64 << 20, sendTimeout: 5000 });
     await router.bind(`tcp://${options.bindHost}:${options.port || '*'}`);
     return new WorkerClient(options, router, router.lastEndpoint ?? '');
   }
@@ -157,23 +161,20 @@ export class WorkerClient {
 
   private async receiveLoop(): Promise<void> {
     try {
-      for await (const [identity, frame, ...extra] of this.router) {
-        let message: WorkerMessage;
-        try {
-          if (extra.length > 0) throw new WeftError('WEFT_PROTOCOL', `expected one frame, got ${1 + extra.length}`);
-          message = parseWorkerMessage(decode(frame ?? Buffer.alloc(0)));
-        } catch (err) {
-          this.invalidMessage(String(identity), err as Error);
+      for await (const [routingId, ...frames] of this.router) {
+        const arrival = this.peers.receive(routingId!, frames);
+        if (arrival === null) continue;
+        if (arrival.kind === 'proven') {
+          this.admit(arrival.connection);
           continue;
         }
-        const state = this.ranks[message.rank];
-        if (!state || String(identity) !== `rank-${message.rank}`) continue; // a peer claiming a rank it does not own
-        if (message.type === 'hello') {
-          this.hello(message, state);
+        const state = this.ranks[arrival.rank]!;
+        if (arrival.kind === 'invalid') {
+          this.fail('WEFT_PROTOCOL', `${this.options.label} rank ${arrival.rank}: ${arrival.error.message}`);
           continue;
         }
-        if (state.pid === null) continue; // not authenticated (no valid hello yet)
-        state.lastSeen = Date.now();
+        const { message } = arrival;
+        state.lastSeen = this.clock.now();
         if (message.type === 'progress') {
           state.bytesRead = message.bytesRead;
           state.bytesTotal = message.bytesTotal;
@@ -185,13 +186,6 @@ export class WorkerClient {
     } catch (err) {
       if (!this.closing) this.fail('WEFT_PROTOCOL', `coordinator socket failed: ${(err as Error).message}`);
     }
-  }
-
-  /** A message that fails to decode or validate: a fault when it comes from a rank that said hello, else dropped. */
-  private invalidMessage(identity: string, err: Error): void {
-    const rank = /^rank-(\d+)$/.exec(identity)?.[1];
-    if (rank !== undefined && this.ranks[Number(rank)]?.pid != null) this.fail('WEFT_PROTOCOL', `${this.options.label} rank ${rank}: ${err.message}`);
-    else process.stderr.write(`weft: dropped a message from a worker connection: ${err.message}\n`);
   }
 
   /** Settle the request a reply answers: resolve it, or fail the client (an error reply, a mismatched one). */
@@ -216,43 +210,66 @@ export class WorkerClient {
     }
   }
 
-  private hello(message: Extract<WorkerMessage, { type: 'hello' }>, state: RankConnection): void {
-    const { rank } = message;
-    const { label, world, secret } = this.options;
-    if (secret !== null && !secretsEqual(message.secret, secret)) {
-      process.stderr.write(`weft: refused a hello for rank ${rank} (pid ${message.pid}): wrong or missing worker secret\n`);
-      return;
-    }
-    if (message.world !== world) {
-      this.fail('WEFT_PROTOCOL', `${label} rank ${rank} was started for ${message.world} ranks, the group has ${world}`);
-      return;
-    }
+  /**
+   * A connection proved the secret for `hello.rank`: it becomes that rank, unless the rank is held by another
+   * process that is alive while the group runs (then it is refused and logged). A proven claim for a rank whose
+   * process is gone is the rank restarted (pm2): while the group runs that is a fault, the group re-forms.
+   */
+  private admit(connection: ProvenConnection): void {
+    const { hello } = connection;
+    const { rank } = hello;
+    const { label, world } = this.options;
+    const state = this.ranks[rank]!;
     const previous = state.pid;
-    Object.assign(state, { pid: message.pid, collectiveEndpoint: message.collectiveEndpoint, lastSeen: Date.now(), bytesRead: 0, bytesTotal: 0 });
-    state.local = message.hostname === hostname() || this.options.childPid(rank) === message.pid;
+    if (previous !== null && previous !== hello.pid && this.failure === null && this.holderAlive(rank)) {
+      this.peers.refuse(connection.routingId, `refused a second connection for ${label} rank ${rank} (pid ${hello.pid}): the rank is held by pid ${previous}, which ${state.local ? 'is alive' : 'runs on another host (presumed alive until its heartbeats stop)'}`);
+      return;
+    }
+    if (hello.world !== world) {
+      this.fail('WEFT_PROTOCOL', `${label} rank ${rank} was started for ${hello.world} ranks, the group has ${world}`);
+      return;
+    }
+    this.peers.bind(rank, connection);
+    Object.assign(state, { pid: hello.pid, collectiveEndpoint: hello.collectiveEndpoint, lastSeen: this.clock.now(), bytesRead: 0, bytesTotal: 0 });
+    state.local = hello.hostname === hostname() || this.options.childPid(rank) === hello.pid;
+    // the coordinator's first authenticated message: the worker learns that this end knows the secret too
+    this.ping(rank);
     // a rank that says hello again while the group runs has restarted and lost its weights and KV cache
-    if (previous !== null && previous !== message.pid && !this.joinWaiter) {
-      this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} restarted (pid ${previous} is gone, pid ${message.pid} took its place)`);
+    if (previous !== null && previous !== hello.pid && !this.joinWaiter) {
+      this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} restarted (pid ${previous} is gone, pid ${hello.pid} took its place)`);
       return;
     }
     if (this.allJoined()) this.joinWaiter?.();
   }
 
+  /** Whether the process holding a rank may still be running (a remote one cannot be checked: assumed so). */
+  private holderAlive(rank: number): boolean {
+    const state = this.ranks[rank]!;
+    return state.pid !== null && (!state.local || alive(state.pid));
+  }
+
+  private ping(rank: number): void {
+    this.post(rank, { v: PROTOCOL_VERSION, type: 'ping', session: this.session }).catch(() => undefined);
+  }
+
   /** Ping every rank and declare silent or vanished ones dead. */
   private watch(): void {
+    this.clock.probe(); // first: a stall that just ended is not silence of the workers (their messages are still unread)
     if (this.failure || this.closing) return;
-    const now = Date.now();
+    const now = this.clock.now();
     const { label, heartbeatTimeoutMs } = this.options;
     this.ranks.forEach((state, rank) => {
       if (state.pid === null) return;
+      const silent = Math.round(now - state.lastSeen);
       if (state.local && this.options.childPid(rank) === undefined && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) is gone`);
-      else if (now - state.lastSeen > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat for ${now - state.lastSeen} ms`);
-      else this.post(rank, { v: PROTOCOL_VERSION, type: 'ping', session: this.session }).catch(() => undefined);
+      else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat for ${silent} ms while this coordinator was responsive`);
+      else this.ping(rank);
     });
   }
 
+  /** Send to a rank's authenticated connection (rejects when it has none). */
   private post(rank: number, message: CoordinatorMessage): Promise<void> {
-    return this.outbox.send([`rank-${rank}`, encode(message)]);
+    return this.peers.send(rank, message);
   }
 
   /** Fail the client (the first fault wins): pending and later requests reject with this error. */
@@ -276,7 +293,7 @@ export class WorkerClient {
 
   /** Ask every rank to exit (re-forming, closing); unreachable ones are left to the caller. */
   async shutdownAll(): Promise<void> {
-    await Promise.all(this.ranks.map((_, rank) => this.post(rank, { v: PROTOCOL_VERSION, type: 'shutdown' }).catch(() => undefined)));
+    await Promise.all(this.ranks.map((_, rank) => (this.peers.isBound(rank) ? this.post(rank, { v: PROTOCOL_VERSION, type: 'shutdown' }).catch(() => undefined) : undefined)));
   }
 
   /**
@@ -285,7 +302,9 @@ export class WorkerClient {
    */
   reset(stalePids: readonly (number | null)[]): void {
     this.ranks.forEach((state, rank) => {
-      if (state.pid === null || state.pid === stalePids[rank]) Object.assign(state, { pid: null, collectiveEndpoint: null });
+      if (state.pid !== null && state.pid !== stalePids[rank]) return;
+      Object.assign(state, { pid: null, collectiveEndpoint: null });
+      this.peers.release(rank);
     });
     this.failure = null;
   }

@@ -10,6 +10,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { WeftError } from '../core/errors.ts';
+import { requireSecret } from '../core/frame-auth.ts';
 import type { Command, CommandBody, CommandResult, InitCommand, StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { WorkerClient, alive, type RankStatus } from './worker-client.ts';
 import { WEFT_BIN, argvFor, processEnvironment, workerEnvironment } from './config.ts';
@@ -28,7 +29,10 @@ export interface WorkerGroupOptions {
   readonly heartbeatTimeoutMs?: number;
   /** all ranks must have said hello within this. Defaults to 60000 ms. */
   readonly joinTimeoutMs?: number;
-  /** shared secret workers must present in hello. Defaults to a random one for spawned workers, none otherwise. */
+  /**
+   * The group's shared secret: workers prove it on connecting, and every message both ways is authenticated with
+   * it. Spawned workers get a random one by default; external workers need one (at least 16 characters).
+   */
   readonly secret?: string;
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;
   /** called once per fault, with the error that failed the group */
@@ -55,7 +59,7 @@ interface SpawnedRank {
 export class WorkerGroup {
   private readonly spawned: (SpawnedRank | null)[];
   private readonly label: string;
-  private readonly secret: string | null;
+  private readonly secret: string;
   private closing = false;
   /** children this group stopped on purpose (re-forming): their exit is not a fault */
   private readonly stopped = new WeakSet<ChildProcess>();
@@ -64,7 +68,8 @@ export class WorkerGroup {
   private constructor(private readonly options: WorkerGroupOptions) {
     this.spawned = Array.from({ length: options.world }, () => null);
     this.label = options.label ?? 'worker';
-    this.secret = options.secret ?? (options.spawnLocal ? randomBytes(24).toString('hex') : null);
+    const secret = options.secret ?? (options.spawnLocal ? randomBytes(24).toString('hex') : undefined);
+    this.secret = requireSecret(secret, `the ${this.label} group`);
   }
 
   /** Bind the socket and spawn the local ranks; `join()` waits for their hello. */

@@ -4,6 +4,10 @@
  * `type`. The commands (`init`, `step`, `ncclId`) carry an `id`; the worker answers each with a `reply` holding
  * the same id, the command's name and its typed result, or with an `error` holding the id. Plain data only: no
  * classes, functions or method names travel.
+ *
+ * A connection opens with the handshake of core/frame-auth.ts: the worker's `hello` (its claim and a nonce), the
+ * coordinator's `challenge` (its nonce), the worker's `auth`. Those two first messages are one frame each; every
+ * later message, both ways, is [message, MAC] and is read only when the MAC is right.
  */
 import { z } from 'zod';
 import type { ModelSpec } from './model-spec.ts';
@@ -19,6 +23,8 @@ const nonNegInt = int.nonnegative();
 const checkedObject = <T>() => z.custom<T>((value) => typeof value === 'object' && value !== null && !Array.isArray(value), 'expected an object');
 /** ncclUniqueId: 128 opaque bytes */
 const ncclIdSchema = z.custom<Uint8Array>((value) => value instanceof Uint8Array, 'expected bytes').refine((id) => id.byteLength === 128, 'an NCCL unique id is 128 bytes');
+/** a handshake nonce: NONCE_BYTES (16) random bytes, as hex */
+const nonceSchema = z.string().regex(/^[0-9a-f]{32}$/, 'expected 32 hex digits');
 
 const initCommandSchema = z
   .object({
@@ -43,6 +49,8 @@ const initCommandSchema = z
 export type InitCommand = z.infer<typeof initCommandSchema>;
 
 const coordinatorMessageSchema = z.discriminatedUnion('type', [
+  /** the handshake's second message (unauthenticated): the coordinator's nonce for this connection */
+  z.object({ v: int, type: z.literal('challenge'), nonce: nonceSchema }).strict(),
   initCommandSchema,
   z.object({ v: int, type: z.literal('step'), id: nonNegInt, batch: stepBatchSchema }).strict(),
   /** asks rank 0 for a fresh NCCL unique id: NCCL's bootstrap root then lives in the rank that joins first */
@@ -70,7 +78,7 @@ const replySchema = <C extends Command>(command: C) =>
   z.object({ v: int, type: z.literal('reply'), rank: nonNegInt, id: nonNegInt, command: z.literal(command), result: resultSchemas[command] }).strict();
 
 const workerMessageSchema = z.discriminatedUnion('type', [
-  /** `secret`: the group's shared secret, when the coordinator has one; `hostname`: lets a coordinator on the same host watch the pid */
+  /** a claim, proven only by the `auth` that follows: `nonce` is the worker's for this connection; `hostname` lets a coordinator on the same host watch the pid */
   z
     .object({
       v: int,
@@ -78,11 +86,13 @@ const workerMessageSchema = z.discriminatedUnion('type', [
       rank: nonNegInt,
       world: int.positive(),
       pid: int.positive(),
-      collectiveEndpoint: z.string().nullable(),
-      secret: z.string().max(256).optional(),
+      collectiveEndpoint: z.string().max(256).nullable(),
+      nonce: nonceSchema,
       hostname: z.string().max(256).optional(),
     })
     .strict(),
+  /** the handshake's third message, the first with a MAC: the worker knows the group secret */
+  z.object({ v: int, type: z.literal('auth'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('heartbeat'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('progress'), rank: nonNegInt, bytesRead: nonNegInt, bytesTotal: nonNegInt }).strict(),
   z.discriminatedUnion('command', [replySchema('init'), replySchema('step'), replySchema('ncclId')]),
@@ -90,6 +100,7 @@ const workerMessageSchema = z.discriminatedUnion('type', [
 ]);
 export type WorkerMessage = z.infer<typeof workerMessageSchema>;
 export type WorkerReply = Extract<WorkerMessage, { type: 'reply' }>;
+export type WorkerHello = Extract<WorkerMessage, { type: 'hello' }>;
 /** A reply as the worker builds it, before `v`, `rank` and `id` are added. */
 export type ReplyBody = DistributiveOmit<WorkerReply, 'v' | 'type' | 'rank' | 'id'>;
 

@@ -1,13 +1,18 @@
 /**
- * Worker process entry: connect to the coordinator, say hello, then serve commands in order until told to
- * shut down. Heartbeats go out while commands run; the worker exits on its own when the coordinator stops
- * pinging or its parent process is gone, so a dead coordinator never leaves workers behind.
+ * Worker process entry: connect to the coordinator, prove the group secret (worker/coordinator-link.ts), then
+ * serve commands in order until told to shut down. Heartbeats go out while commands run; the worker exits on its
+ * own when the coordinator stops pinging, its authenticated connection drops (a new one would have to prove itself
+ * again, and this process's state belongs to the old one) or its parent process is gone, so a dead coordinator
+ * never leaves workers behind.
  */
 import * as zmq from 'zeromq';
 import { hostname } from 'node:os';
-import { PROTOCOL_VERSION, SendQueue, decode, encode } from '../core/wire.ts';
+import { PROTOCOL_VERSION } from '../core/wire.ts';
 import { isWeftError } from '../core/errors.ts';
-import { parseCoordinatorMessage, type ReplyBody, type WorkerMessage } from '../core/worker-protocol.ts';
+import { requireSecret } from '../core/frame-auth.ts';
+import { ResponsiveClock } from '../core/loop-clock.ts';
+import type { ReplyBody, WorkerMessage } from '../core/worker-protocol.ts';
+import { CoordinatorLink } from './coordinator-link.ts';
 import { bindCollectiveHub } from './collectives/cpu.ts';
 import { loadNccl } from './collectives/nccl.ts';
 import { WorkerState } from './worker.ts';
@@ -22,7 +27,7 @@ export interface WorkerOptions {
   collectiveHost: string;
   /** exit when the coordinator is silent this long */
   coordinatorTimeoutMs: number;
-  /** the group's shared secret, sent in hello (spawned workers get it in WEFT_WORKER_SECRET) */
+  /** the group's shared secret, proven on connecting and authenticating every message (spawned workers get it in WEFT_WORKER_SECRET); required */
   secret?: string;
   /** the NCCL shared library cuda groups of several ranks load */
   ncclLibrary: string;
@@ -32,28 +37,32 @@ const HEARTBEAT_MS = 500;
 
 export async function runWorker(options: WorkerOptions): Promise<number> {
   const { rank, world } = options;
-  const socket = new zmq.Dealer({ routingId: `rank-${rank}`, linger: 0, maxMessageSize: 1 << 30 });
+  const secret = requireSecret(options.secret, `weft worker rank ${rank}`);
+  // no routing id: the coordinator's ROUTER assigns one; what makes this connection rank `rank` is the handshake
+  const socket = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30 });
   socket.connect(options.coordinator);
-  const outbox = new SendQueue(socket);
-  const post = (message: WorkerMessage): void => {
-    outbox.send([encode(message)]).catch(() => undefined); // the coordinator may be gone; the watchdog handles that
-  };
+  const log = (line: string): void => void process.stderr.write(`weft worker rank ${rank}: ${line}\n`);
   const hub = rank === 0 && world > 1 ? await bindCollectiveHub(options.collectiveHost) : null;
+  const link = new CoordinatorLink(socket, secret, { rank, world, pid: process.pid, collectiveEndpoint: hub?.endpoint ?? null, hostname: hostname() }, log);
+  const post = (message: WorkerMessage): void => link.post(message);
   const state = new WorkerState(rank, world, hub?.socket ?? null, options.ncclLibrary, (bytesRead, bytesTotal) =>
-    post({ v: PROTOCOL_VERSION, type: 'progress', rank, bytesRead, bytesTotal }),
+    post({ v: PROTOCOL_VERSION, type: 'progress', rank, bytesRead, bytesTotal }), secret,
   );
 
-  let lastHeard = Date.now();
+  // the coordinator's silence is measured on a clock that stops while this process stalls (a long step)
+  const clock = new ResponsiveClock(HEARTBEAT_MS);
+  let lastHeard = clock.now();
   let exitCode: number | null = null;
   const stop = (code: number, why?: string): void => {
     if (exitCode !== null) return;
-    if (why) process.stderr.write(`weft worker rank ${rank}: ${why}\n`);
+    if (why) log(why);
     exitCode = code;
     socket.close();
   };
   const timer = setInterval(() => {
+    clock.probe();
     post({ v: PROTOCOL_VERSION, type: 'heartbeat', rank });
-    if (Date.now() - lastHeard > options.coordinatorTimeoutMs) stop(1, `coordinator ${options.coordinator} silent for ${options.coordinatorTimeoutMs} ms, exiting`);
+    if (clock.now() - lastHeard > options.coordinatorTimeoutMs) stop(1, `coordinator ${options.coordinator} silent for ${options.coordinatorTimeoutMs} ms, exiting`);
     if (options.parentPid !== undefined && process.ppid !== options.parentPid) stop(1, `parent process ${options.parentPid} is gone, exiting`);
     // a collective that failed asynchronously leaves this rank unable to step: exit, so the group re-forms
     const collectiveError = state.collectiveError();
@@ -61,19 +70,12 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   }, HEARTBEAT_MS);
   process.once('SIGTERM', () => stop(0));
   process.once('SIGINT', () => stop(0));
-
-  post({
-    v: PROTOCOL_VERSION,
-    type: 'hello',
-    rank,
-    world,
-    pid: process.pid,
-    collectiveEndpoint: hub?.endpoint ?? null,
-    hostname: hostname(),
-    ...(options.secret !== undefined && { secret: options.secret }),
+  socket.events.on('disconnect', () => {
+    if (link.established) stop(1, `lost its authenticated connection to coordinator ${options.coordinator}, exiting (a restarted coordinator is joined by a fresh process)`);
   });
-  // A worker serves one coordinator instance. When another one pings (the coordinator restarted), this process
-  // exits so that its supervisor (pm2) starts it fresh and it joins the new coordinator with a new hello.
+
+  // A worker serves one coordinator instance: its connection is authenticated for that one (a restarted coordinator
+  // drops the connection, and the worker exits above). A ping naming another session ends it the same way.
   let session: string | null = null;
 
   // Commands run strictly in order; pings are answered at once, even while a command is running.
@@ -90,15 +92,10 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   };
 
   try {
-    for await (const [frame] of socket) {
-      lastHeard = Date.now();
-      let message;
-      try {
-        message = parseCoordinatorMessage(decode(frame ?? Buffer.alloc(0)));
-      } catch (err) {
-        process.stderr.write(`weft worker rank ${rank}: dropped ${(err as Error).message}\n`);
-        continue;
-      }
+    for await (const frames of socket) {
+      const message = link.receive(frames);
+      if (message === null) continue;
+      lastHeard = clock.now();
       if (message.type === 'init') serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
       else if (message.type === 'step') serve(message.id, async () => ({ command: 'step', result: await state.step(message.batch) }));
       // rank 0 makes its group's NCCL id: the coordinator never loads NCCL, and a missing library fails here, named

@@ -25,6 +25,8 @@ export class WorkerState {
     /** the NCCL shared library cuda groups of several ranks load */
     private readonly ncclLibrary: string,
     private readonly onProgress: (bytesRead: number, bytesTotal: number) => void,
+    /** the group's shared secret: CPU collective peers prove it to rank 0's hub */
+    private readonly secret: string,
   ) {}
 
   async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
@@ -51,7 +53,7 @@ export class WorkerState {
       if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
       return NcclCollectives.create(engine, this.rank, this.world, command.ncclId, { library: this.ncclLibrary });
     }
-    return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot);
+    return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot, { secret: this.secret });
   }
 
   async step(batch: StepBatch): Promise<StepResult> {

@@ -39,6 +39,8 @@ export function soloImplementation(): Implementation {
   };
 }
 
+export const HUB_SECRET = 'collectives-contract-secret';
+
 /** The ZeroMQ hub with `world` ranks in this process, over loopback TCP. */
 export function cpuHubImplementation(world: number): Implementation {
   return {
@@ -48,7 +50,7 @@ export function cpuHubImplementation(world: number): Implementation {
       const engine = cpuEngine();
       const hub = await bindCollectiveHub('127.0.0.1');
       const ranks = await Promise.all(
-        Array.from({ length: world }, (_, r) => CpuCollectives.create(engine, r, world, r === 0 ? hub.socket : null, hub.endpoint, { peerTimeoutMs })),
+        Array.from({ length: world }, (_, r) => CpuCollectives.create(engine, r, world, r === 0 ? hub.socket : null, hub.endpoint, { secret: HUB_SECRET, peerTimeoutMs })),
       );
       const closed = new Set<number>();
       const close = (r: number) => {

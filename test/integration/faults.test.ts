@@ -1,7 +1,8 @@
 /**
  * Faults: a worker SIGKILLed in the middle of a generation fails the request within seconds with an error
  * naming the rank (and, with `recover`, the group re-forms and serves again); a SIGKILLed coordinator leaves no
- * workers behind.
+ * workers behind; a SIGSTOPped worker is declared dead by the heartbeat deadline, but a stall of the coordinator's
+ * own event loop is not blamed on the workers.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -76,7 +77,7 @@ test('a coordinator killed with SIGKILL leaves no worker behind', async () => {
   assert.ok(await waitFor(() => processesMentioning(marker).length === 0, 20_000), `workers still alive: ${processesMentioning(marker).join(', ')}`);
 });
 
-test('a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, naming the rank', async () => {
+test('G2: a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, naming the rank', async () => {
   const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1, heartbeatTimeoutMs: 1500 });
   try {
     const events = cluster.generate({ promptIds: readReference(model).prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
@@ -87,6 +88,29 @@ test('a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, naming
     await cluster.close(); // SIGKILL reaches a stopped process
   }
   assert.ok(await waitFor(() => processesMentioning(`--parent-pid\0${process.pid}\0`).length === 0, 5000), 'no worker left behind');
+});
+
+test('G2: a coordinator event-loop stall of twice the heartbeat timeout is not blamed on a worker: no re-form, the stream completes', async () => {
+  const heartbeatTimeoutMs = 1500;
+  const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1, heartbeatTimeoutMs, recover: true });
+  try {
+    const reference = readReference(model);
+    const pids = cluster.workerPids();
+    const events = cluster.generate({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 60, ignoreEos: true } });
+    assert.equal((await events.next()).done, false);
+    await new Promise((r) => setTimeout(r, 1200)); // heartbeats and pings flowing, a check or two done
+    const blockedAt = Date.now();
+    while (Date.now() - blockedAt < 2 * heartbeatTimeoutMs); // the coordinator's only thread, busy: nothing is read
+    let tokens: number[] = [];
+    for (let e = await events.next(); !e.done; e = await events.next()) if (e.value.type === 'done') tokens = e.value.tokens;
+    assert.deepEqual(tokens.slice(0, 24), reference.greedy[0], 'the stream completed with the reference tokens');
+    await new Promise((r) => setTimeout(r, 2500)); // past another deadline after the stall
+    assert.equal(cluster.stats().reforms, 0, `no re-form (${cluster.stats().detail})`);
+    assert.equal(cluster.state, 'ready');
+    assert.deepEqual(cluster.workerPids(), pids, 'the same worker processes');
+  } finally {
+    await cluster.close();
+  }
 });
 
 test('a draft worker killed during speculative decoding costs no request: decoding goes on with the target alone', async () => {

@@ -2,14 +2,16 @@
  * The coordinator ↔ worker protocol: every message of both directions survives the wire (encode, decode, parse)
  * unchanged; malformed ones are refused with a WEFT_PROTOCOL error saying where. Then the two ends of the socket:
  * the coordinator's WorkerClient against fake ranks (a bad reply fails the request with an error naming the
- * rank, and the coordinator goes on), the group relaying rank 0's NCCL id, and a real worker (runWorker, in this
- * process) answering `ncclId` from a stand-in NCCL, or with the load error when there is none.
+ * rank, and the coordinator goes on; connections that have not proven the group secret, or replay another's
+ * frames, or claim a rank held by a live process, are refused and logged), the group relaying rank 0's NCCL id,
+ * and a real worker (runWorker, in this process) answering `ncclId` from a stand-in NCCL, or with the load error
+ * when there is none, and obeying only messages with a valid MAC.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { PROTOCOL_VERSION, decode, encode } from '../../core/wire.ts';
@@ -17,12 +19,16 @@ import { isWeftError } from '../../core/errors.ts';
 import { readModelSpec } from '../../core/model-spec.ts';
 import { planShards } from '../../core/shard-plan.ts';
 import { parseCoordinatorMessage, parseWorkerMessage, type CoordinatorMessage, type WorkerMessage } from '../../core/worker-protocol.ts';
+import { FrameAuth, newNonce } from '../../core/frame-auth.ts';
 import { WorkerClient } from '../../coordinator/worker-client.ts';
 import { WorkerGroup } from '../../coordinator/worker-group.ts';
 import { runWorker } from '../../worker/main.ts';
-import { FIXTURES, fixtureDir } from '../helpers/fixtures.ts';
+import { FIXTURES, fixtureDir, waitFor } from '../helpers/fixtures.ts';
+import { FakeRank } from '../helpers/fake-worker.ts';
 
 const v = PROTOCOL_VERSION;
+const SECRET = 'worker-protocol-test-secret';
+const nonce = '0123456789abcdef0123456789abcdef';
 const spec = readModelSpec(fixtureDir('llama-tiny'));
 const plan = planShards(spec, 2);
 const ncclId = Uint8Array.from({ length: 128 }, (_, i) => (i * 7) & 0xff);
@@ -30,6 +36,7 @@ const batch = { tokens: [5, 6], positions: [3, 0], tokenSeq: [0, 1], kvBlockTabl
 const settings = { modelDir: '/models/tiny', spec, plan, device: 'cuda' as const, kvSlots: 4, maxContext: 64, threads: 1 };
 
 const coordinatorMessages: CoordinatorMessage[] = [
+  { v, type: 'challenge', nonce },
   { v, type: 'init', id: 1, ...settings, device: 'cpu', collectiveRoot: 'tcp://127.0.0.1:5000' },
   { v, type: 'init', id: 2, ...settings, collectiveRoot: '', ncclId, deviceIndex: 1 },
   { v, type: 'step', id: 3, batch },
@@ -41,8 +48,9 @@ const coordinatorMessages: CoordinatorMessage[] = [
 ];
 
 const workerMessages: WorkerMessage[] = [
-  { v, type: 'hello', rank: 1, world: 2, pid: 4242, collectiveEndpoint: null, secret: 's3cret', hostname: 'node-a' },
-  { v, type: 'hello', rank: 0, world: 2, pid: 4241, collectiveEndpoint: 'tcp://127.0.0.1:5000' },
+  { v, type: 'hello', rank: 1, world: 2, pid: 4242, collectiveEndpoint: null, nonce, hostname: 'node-a' },
+  { v, type: 'hello', rank: 0, world: 2, pid: 4241, collectiveEndpoint: 'tcp://127.0.0.1:5000', nonce },
+  { v, type: 'auth', rank: 1 },
   { v, type: 'heartbeat', rank: 0 },
   { v, type: 'progress', rank: 1, bytesRead: 10, bytesTotal: 100 },
   { v, type: 'reply', rank: 0, id: 1, command: 'init', result: { bytesLoaded: 123456 } },
@@ -59,7 +67,7 @@ const sameMessage = (actual: unknown, expected: unknown): void => assert.deepEqu
 test('every message of both directions round-trips through encode, decode and parse unchanged', () => {
   for (const message of coordinatorMessages) sameMessage(parseCoordinatorMessage(decode(encode(message))), message);
   for (const message of workerMessages) sameMessage(parseWorkerMessage(decode(encode(message))), message);
-  const parsed = parseWorkerMessage(decode(encode(workerMessages[6])));
+  const parsed = parseWorkerMessage(decode(encode(workerMessages[7])));
   assert.ok(parsed.type === 'reply' && parsed.command === 'step');
   assert.equal(parsed.result.logprobs?.[1], -Infinity, 'a log-prob of -Infinity is a value, not an error');
 });
@@ -78,37 +86,33 @@ test('malformed messages are refused with a WEFT_PROTOCOL error saying where', (
   refused(parseWorkerMessage, { v, type: 'reply', rank: 0, id: 5, command: 'ncclId', result: { ncclId: new Uint8Array(127) } }, /NCCL unique id is 128 bytes/);
   refused(parseWorkerMessage, { v, type: 'reply', rank: 0, id: 3, ok: true, result: {} }, /at command/);
   refused(parseWorkerMessage, { v, type: 'error', rank: 0, id: 3, error: { code: 'WEFT_NATIVE' } }, /at error\.message/);
-  refused(parseWorkerMessage, { v, type: 'hello', rank: -1, world: 2, pid: 1, collectiveEndpoint: null }, /at rank/);
+  refused(parseWorkerMessage, { v, type: 'hello', rank: -1, world: 2, pid: 1, collectiveEndpoint: null, nonce }, /at rank/);
+  refused(parseWorkerMessage, { v, type: 'hello', rank: 0, world: 2, pid: 1, collectiveEndpoint: null, nonce: 'XYZ' }, /at nonce: expected 32 hex digits/);
+  refused(parseWorkerMessage, { v, type: 'hello', rank: 0, world: 2, pid: 1, collectiveEndpoint: null, nonce, secret: 's3cret' }, /Unrecognized key: "secret"/);
+  refused(parseCoordinatorMessage, { v, type: 'challenge' }, /at nonce/);
   refused(parseCoordinatorMessage, { v, type: 'step', id: 3, batch: { ...batch, tokenSeq: [0] } }, /equal lengths/);
   refused(parseCoordinatorMessage, { v, type: 'init', id: 1, ...settings, collectiveRoot: '', spec: [] }, /at spec: expected an object/);
   refused(parseCoordinatorMessage, { v, type: 'ncclId', id: 5, rank: 0 }, /Unrecognized key: "rank"/);
   refused(parseCoordinatorMessage, { v, type: 'eval', id: 5 }, /at type/);
 });
 
-/** A fake rank on a Dealer socket: says hello, then lets the test read commands (pings skipped) and answer. */
-async function fakeRank(endpoint: string, rank: number, world: number, secret: string) {
-  const socket = new zmq.Dealer({ routingId: `rank-${rank}`, linger: 0 });
-  socket.connect(endpoint);
-  const send = (message: unknown): Promise<void> => socket.send(encode(message));
-  await send({ v, type: 'hello', rank, world, pid: process.pid, collectiveEndpoint: `tcp://127.0.0.1:${7000 + rank}`, secret });
-  return {
-    send,
-    async next(): Promise<CoordinatorMessage> {
-      for (;;) {
-        const [frame] = await socket.receive();
-        const message = parseCoordinatorMessage(decode(frame!));
-        if (message.type !== 'ping') return message;
-      }
-    },
-    close: () => socket.close(),
-  };
-}
-
 async function clientWithOneRank(faults: Error[]) {
-  const client = await WorkerClient.bind({ world: 1, bindHost: '127.0.0.1', port: 0, heartbeatTimeoutMs: 30_000, secret: 'key', label: 'worker', childPid: () => undefined, onFailure: (err) => faults.push(err) });
-  const rank = await fakeRank(client.endpoint, 0, 1, 'key');
+  const client = await WorkerClient.bind({ world: 1, bindHost: '127.0.0.1', port: 0, heartbeatTimeoutMs: 30_000, secret: SECRET, label: 'worker', childPid: () => undefined, onFailure: (err) => faults.push(err) });
+  const rank = await FakeRank.join(client.endpoint, 0, 1, SECRET);
   await client.join(5000);
   return { client, rank };
+}
+
+/** Collect what is written to stderr while `run` runs. */
+async function capturingStderr<T>(run: (logged: string[]) => Promise<T>): Promise<T> {
+  const logged: string[] = [];
+  const write = process.stderr.write.bind(process.stderr);
+  process.stderr.write = ((chunk: string) => logged.push(String(chunk)) > 0) as typeof process.stderr.write;
+  try {
+    return await run(logged);
+  } finally {
+    process.stderr.write = write;
+  }
 }
 
 const protocolError = (pattern: RegExp) => (err: unknown) => isWeftError(err) && err.code === 'WEFT_PROTOCOL' && pattern.test(err.message);
@@ -125,7 +129,7 @@ test('a step reply with a bad shape fails the request with an error naming the r
     assert.equal(faults.length, 1, 'the fault was reported once');
     await assert.rejects(client.request(0, { type: 'ncclId' }), protocolError(/rank 0/), 'a failed client refuses new requests with the same error');
     client.reset([process.pid]);
-    await rank.send({ v, type: 'hello', rank: 0, world: 1, pid: process.pid, collectiveEndpoint: null, secret: 'key' });
+    await rank.handshake(); // the client forgot the connection: it proves itself again
     await client.join(5000);
     const again = client.request(0, { type: 'ncclId' });
     const second = await rank.next();
@@ -140,10 +144,7 @@ test('a step reply with a bad shape fails the request with an error naming the r
 test('a reply of the wrong command fails the request; a reply to an id never sent is dropped with a log line', async () => {
   const faults: Error[] = [];
   const { client, rank } = await clientWithOneRank(faults);
-  const logged: string[] = [];
-  const write = process.stderr.write.bind(process.stderr);
-  process.stderr.write = ((chunk: string) => logged.push(String(chunk)) > 0) as typeof process.stderr.write;
-  try {
+  await capturingStderr(async (logged) => {
     const reply = client.request(0, { type: 'step', batch });
     const { id } = (await rank.next()) as { id: number };
     await rank.send({ v, type: 'reply', rank: 0, id: id + 100, command: 'step', result: { tokens: [1] } });
@@ -156,11 +157,10 @@ test('a reply of the wrong command fails the request; a reply to an id never sen
     const next = (await rank.next()) as { id: number };
     await rank.send({ v, type: 'reply', rank: 0, id: next.id, command: 'init', result: { bytesLoaded: 1 } });
     await assert.rejects(init, protocolError(new RegExp(`worker rank 0 answered request ${next.id} \\(step to rank 0\\) with a init reply`)));
-  } finally {
-    process.stderr.write = write;
+  }).finally(async () => {
     rank.close();
     await client.close(async () => undefined);
-  }
+  });
 });
 
 test('an error reply fails the request with its code and the rank; a stranger sending garbage is only dropped', async () => {
@@ -183,8 +183,8 @@ test('an error reply fails the request with its code and the rank; a stranger se
 });
 
 test('a cuda group of two asks rank 0 for the NCCL id, then sends it to every rank in init', async () => {
-  const group = await WorkerGroup.bind({ world: 2, spawnLocal: false, secret: 'key', joinTimeoutMs: 5000 });
-  const ranks = await Promise.all([0, 1].map((r) => fakeRank(group.endpoint, r, 2, 'key')));
+  const group = await WorkerGroup.bind({ world: 2, spawnLocal: false, secret: SECRET, joinTimeoutMs: 5000 });
+  const ranks = await Promise.all([0, 1].map((r) => FakeRank.join(group.endpoint, r, 2, SECRET)));
   try {
     await group.join();
     const initDone = group.init(settings);
@@ -222,30 +222,176 @@ test('a cuda group whose rank 0 cannot load NCCL fails its init with the load er
   }
 });
 
-test('a worker answers ncclId with the id its NCCL library makes', async () => {
-  const lib = join(mkdtempSync(join(tmpdir(), 'weft-fake-nccl-')), 'libfake-nccl.so');
-  execFileSync('cc', ['-shared', '-fPIC', '-O1', '-o', lib, join(FIXTURES, '..', 'fake-nccl', 'fake-nccl.c')]);
-  const router = new zmq.Router({ linger: 0 });
-  await router.bind('tcp://127.0.0.1:*');
-  const worker = runWorker({ coordinator: router.lastEndpoint!, rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 30_000, ncclLibrary: lib });
+/** The coordinator's end of one worker's handshake, by hand: a bare Router, the worker's hello, a challenge. */
+async function fakeCoordinator(router: zmq.Router) {
+  const [routingId, helloFrame] = await router.receive();
+  const hello = parseWorkerMessage(decode(helloFrame!));
+  assert.ok(hello.type === 'hello', `the worker opens with its hello, got ${hello.type}`);
+  const coordinatorNonce = newNonce();
+  const auth = FrameAuth.derive(SECRET, 'control', 'server', Buffer.from(hello.nonce, 'hex'), coordinatorNonce, helloFrame!);
+  await router.send([routingId!, encode({ v, type: 'challenge', nonce: coordinatorNonce.toString('hex') })]);
   const receive = async (): Promise<WorkerMessage> => {
     for (;;) {
-      const [, frame] = await router.receive();
+      const [, frame, mac] = await router.receive();
+      assert.ok(auth.open([frame!], mac), 'every worker message after the challenge has a valid MAC');
       const message = parseWorkerMessage(decode(frame!));
       if (message.type !== 'heartbeat') return message;
     }
   };
-  const command = (message: CoordinatorMessage): Promise<void> => router.send(['rank-0', encode(message)]);
+  const sealed = (message: CoordinatorMessage): Buffer[] => {
+    const frame = encode(message);
+    return [frame, auth.seal([frame])];
+  };
+  return { routingId: routingId!, receive, sealed, send: (message: CoordinatorMessage) => router.send([routingId!, ...sealed(message)]) };
+}
+
+test('a worker answers ncclId with the id its NCCL library makes, and obeys only messages with a valid MAC', async () => {
+  const lib = join(mkdtempSync(join(tmpdir(), 'weft-fake-nccl-')), 'libfake-nccl.so');
+  execFileSync('cc', ['-shared', '-fPIC', '-O1', '-o', lib, join(FIXTURES, '..', 'fake-nccl', 'fake-nccl.c')]);
+  const router = new zmq.Router({ linger: 0 });
+  await router.bind('tcp://127.0.0.1:*');
+  const worker = runWorker({ coordinator: router.lastEndpoint!, rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 30_000, ncclLibrary: lib, secret: SECRET });
+  let exited = false;
+  void worker.finally(() => (exited = true));
+  const coordinator = await fakeCoordinator(router);
   try {
-    assert.equal((await receive()).type, 'hello');
-    await command({ v, type: 'ncclId', id: 2 });
-    const made = await receive();
+    assert.deepEqual((await coordinator.receive()).type, 'auth', 'the worker proves the secret');
+    await coordinator.send({ v, type: 'ncclId', id: 2 });
+    const made = await coordinator.receive();
     assert.ok(made.type === 'reply' && made.command === 'ncclId' && made.id === 2, JSON.stringify(made));
     // the stand-in library's id: byte i is 0 where i % 5 == 0, else i * 7
     assert.deepEqual(Array.from(made.result.ncclId.slice(0, 6)), [0, 7, 14, 21, 28, 0]);
+    await capturingStderr(async (logged) => {
+      const shutdown = encode({ v, type: 'shutdown' });
+      const [, replayedMac] = coordinator.sealed({ v, type: 'ping' });
+      await router.send([coordinator.routingId, shutdown]); // no MAC
+      await router.send([coordinator.routingId, shutdown, Buffer.alloc(40)]); // a made-up MAC
+      await router.send([coordinator.routingId, shutdown, replayedMac!]); // another message's MAC
+      assert.ok(!(await waitFor(() => exited, 1500)), 'the worker did not obey a shutdown without a valid MAC');
+      assert.match(logged.join(''), /weft worker rank 0: dropped a message from the coordinator without a valid MAC/);
+    });
   } finally {
-    await command({ v, type: 'shutdown' });
+    await coordinator.send({ v, type: 'shutdown' });
     assert.equal(await worker, 0, 'the worker exits when told to');
     router.close();
+  }
+});
+
+test('G4: a worker whose authenticated connection drops exits at once, saying why (the session cannot be resumed)', async () => {
+  const router = new zmq.Router({ linger: 0 });
+  await router.bind('tcp://127.0.0.1:*');
+  await capturingStderr(async (logged) => {
+    const worker = runWorker({ coordinator: router.lastEndpoint!, rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 60_000, ncclLibrary: 'x', secret: SECRET });
+    const coordinator = await fakeCoordinator(router);
+    assert.equal((await coordinator.receive()).type, 'auth');
+    await coordinator.send({ v, type: 'ping', session: 'one' }); // the coordinator proves itself
+    await new Promise((r) => setTimeout(r, 200));
+    const closedAt = Date.now();
+    router.close(); // the coordinator is gone
+    assert.equal(await worker, 1);
+    assert.ok(Date.now() - closedAt < 3000, `exited ${Date.now() - closedAt} ms after the connection dropped (its timeout is 60 s)`);
+    assert.match(logged.join(''), /weft worker rank 0: lost its authenticated connection to coordinator tcp:\/\/127\.0\.0\.1:\d+, exiting/);
+  });
+});
+
+test('a worker without the group secret refuses to start, naming what to set', async () => {
+  await assert.rejects(
+    runWorker({ coordinator: 'tcp://127.0.0.1:1', rank: 0, world: 1, collectiveHost: '127.0.0.1', coordinatorTimeoutMs: 1000, ncclLibrary: 'x' }),
+    (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && /--worker-secret-file PATH or WEFT_WORKER_SECRET/.test(err.message),
+  );
+  await assert.rejects(WorkerGroup.bind({ world: 2, spawnLocal: false }), (err: unknown) => isWeftError(err) && /the worker group needs the group's shared secret/.test(err.message));
+  await assert.rejects(WorkerGroup.bind({ world: 2, spawnLocal: false, secret: 'short' }), (err: unknown) => isWeftError(err) && /5 characters, at least 16/.test(err.message));
+});
+
+test('G11: connections that have not proven the secret get no command and move nothing; each is refused and logged', async () => {
+  const faults: Error[] = [];
+  await capturingStderr(async (logged) => {
+    const { client, rank } = await clientWithOneRank(faults);
+    // the old scheme's routing id, without a hello: replies and heartbeats as rank 0
+    const oldName = new FakeRank(client.endpoint, 0, 1, SECRET, { routingId: 'rank-0', receiveTimeoutMs: 500 });
+    // a plausible hello with a wrong secret
+    const wrongSecret = await FakeRank.join(client.endpoint, 0, 1, 'not-the-group-secret!');
+    const rogues = [oldName, wrongSecret];
+    try {
+      const reply = client.request(0, { type: 'step', batch });
+      const { id } = (await rank.next()) as { id: number };
+      const forged = { v, type: 'reply', rank: 0, id, command: 'step', result: { tokens: [666] } };
+      await oldName.socket.send(encode(forged));
+      await oldName.socket.send([encode(forged), Buffer.alloc(40)]);
+      await wrongSecret.send(forged);
+      // the real rank's own frames, replayed from another connection and on its own
+      const frame = encode({ v, type: 'reply', rank: 0, id, command: 'step', result: { tokens: [17, 4] } });
+      const realMac = (rank as unknown as { auth: FrameAuth }).auth.seal([frame]);
+      await oldName.socket.send([frame, realMac]);
+      await new Promise((r) => setTimeout(r, 300));
+      await rank.socket.send([frame, realMac]);
+      assert.deepEqual(await reply, { tokens: [17, 4] }, 'only the real rank answered the request');
+      await rank.socket.send([frame, realMac]); // the same frames again on the real connection: a replay
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(faults.length, 0, 'no rogue could fail the client');
+      // hellos again and again on one connection: one challenge (a stranger that never reads cannot fill its pipe)
+      for (let i = 0; i < 5; i++) await oldName.socket.send(encode({ v, type: 'hello', rank: 0, world: 1, pid: 1, collectiveEndpoint: null, nonce }));
+      await new Promise((r) => setTimeout(r, 300));
+      for (;;) {
+        try {
+          oldName.received.push(await oldName.socket.receive());
+        } catch {
+          break; // nothing more within its receive timeout
+        }
+        if (oldName.received.length > 5) break;
+      }
+      assert.equal(oldName.received.length, 1, 'one challenge per connection');
+      for (const rogue of rogues) {
+        for (const frames of rogue.received) assert.equal(parseCoordinatorMessage(decode(frames[0]!)).type, 'challenge', 'a rogue gets a challenge at most');
+      }
+      const log = logged.join('');
+      assert.match(log, /refused a connection claiming worker rank 0 \(pid \d+, connection [0-9a-f]+\): its proof does not match the group secret/);
+      assert.match(log, /dropped a reply message for rank 0 from connection [0-9a-f]+, which has not proven the group secret/);
+      assert.match(log, /dropped a message on worker rank 0's connection without a valid MAC/, 'the replay on the real connection');
+      assert.equal(client.status()[0]!.pid, process.pid, 'rank 0 is still the real one');
+    } finally {
+      rogues.forEach((r) => r.close());
+      rank.close();
+      await client.close(async () => undefined);
+    }
+  });
+});
+
+test('G11: a second connection proving the secret for a rank held by a live process is refused and logged', async () => {
+  const faults: Error[] = [];
+  await capturingStderr(async (logged) => {
+    const { client, rank } = await clientWithOneRank(faults);
+    const second = await FakeRank.join(client.endpoint, 0, 1, SECRET, { pid: process.ppid });
+    try {
+      assert.ok(await waitFor(() => /refused a second connection for worker rank 0 \(pid \d+\): the rank is held by pid \d+, which runs on another host \(presumed alive until its heartbeats stop\)/.test(logged.join('')), 3000), logged.join(''));
+      const reply = client.request(0, { type: 'ncclId' });
+      const { id } = (await rank.next()) as { id: number };
+      await rank.send({ v, type: 'reply', rank: 0, id, command: 'ncclId', result: { ncclId } });
+      await reply;
+      assert.equal(second.received.length, 1, 'the second connection got its challenge and nothing after');
+      assert.equal(faults.length, 0);
+    } finally {
+      second.close();
+      rank.close();
+      await client.close(async () => undefined);
+    }
+  });
+});
+
+test('a proven connection for a rank whose local process is gone takes the rank: the rank restarted, the client fails naming both pids', async () => {
+  const gone = execFileSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
+  const faults: Error[] = [];
+  const client = await WorkerClient.bind({ world: 1, bindHost: '127.0.0.1', port: 0, heartbeatTimeoutMs: 30_000, secret: SECRET, label: 'worker', childPid: () => undefined, onFailure: (err) => faults.push(err) });
+  const first = await FakeRank.join(client.endpoint, 0, 1, SECRET, { pid: Number(gone), hostname: hostname() });
+  try {
+    await client.join(5000);
+    const restarted = await FakeRank.join(client.endpoint, 0, 1, SECRET, { hostname: hostname() });
+    assert.ok(await waitFor(() => faults.length > 0, 3000), 'the client failed');
+    assert.match(faults[0]!.message, new RegExp(`^worker rank 0 (restarted \\(pid ${gone} is gone, pid ${process.pid} took its place\\)|\\(pid ${gone}\\) is gone)$`));
+    assert.equal(client.status()[0]!.pid, process.pid, 'the new process holds the rank');
+    restarted.close();
+  } finally {
+    first.close();
+    await client.close(async () => undefined);
   }
 });

@@ -2,15 +2,21 @@
  * CPU collectives over ZeroMQ: rank 0 is a hub (ROUTER), the other ranks connect to it (DEALER). A
  * collective is numbered by its position in the sequence every rank issues; non-root ranks send their
  * piece, the hub combines the pieces in rank order (so the result is the same on every rank and every run)
- * and sends it back. Frames: [sequence u32 LE, float32 payload, (gather only) column counts as u32].
+ * and sends it back. Frames: [sequence u32 LE, float32 payload, (gather only) column counts as u32, MAC].
  * Waits are bounded: a peer that is gone or stalled fails the collective (naming the ranks that did not
  * answer) instead of holding the group forever, and the group stays failed (`asyncError`).
+ *
+ * The hub trusts no routing id: a peer proves the group secret first (core/frame-auth.ts: [hello, rank u32 LE,
+ * nonce] → [challenge, nonce] → [auth, MAC] → [welcome, MAC]), and every piece both ways carries a MAC. Until then
+ * nothing it sends is read and nothing is sent to it; a second peer for a rank that joined is refused; refusals
+ * are logged once per peer.
  */
 import * as zmq from 'zeromq';
 import type { Engine, Tensor } from '../native.ts';
 import { preparedWidths, type CollectivePlan, type Collectives } from './collectives.ts';
 import { SendQueue, float32Bytes, toFloat32 } from '../../core/wire.ts';
 import { WeftError } from '../../core/errors.ts';
+import { FrameAuth, NONCE_BYTES, RefusalLog, newNonce, peerName, requireSecret } from '../../core/frame-auth.ts';
 
 interface Piece {
   rank: number;
@@ -27,11 +33,28 @@ export async function bindCollectiveHub(host: string): Promise<{ socket: zmq.Rou
 }
 
 export interface CpuCollectivesOptions {
-  /** How long a rank waits for its peers in one collective before failing it. Defaults to 60 s: ranks run the same work between collectives, so a wait this long means a peer is gone. */
+  /** The group's shared secret, which the peers prove to the hub and every piece is authenticated with. */
+  readonly secret: string;
+  /** How long a rank waits for its peers in one collective (and for the hub's welcome) before failing it. Defaults to 60 s: ranks run the same work between collectives, so a wait this long means a peer is gone. */
   readonly peerTimeoutMs?: number;
 }
 
 const DEFAULT_PEER_TIMEOUT_MS = 60_000;
+/** The handshake's frames start with these tags (a piece starts with its 4-byte sequence number). */
+const HELLO = Buffer.from('weft.hello');
+const CHALLENGE = Buffer.from('weft.challenge');
+const AUTH = Buffer.from('weft.auth');
+const WELCOME = Buffer.from('weft.welcome');
+/** Peers that said hello and were challenged, at most this many (the oldest is forgotten first). */
+const MAX_PENDING = 256;
+
+/** A connection to the hub: challenged, then (`joined`) the rank it proved itself as. */
+interface HubPeer {
+  readonly routingId: Buffer;
+  readonly rank: number;
+  readonly auth: FrameAuth;
+  joined: boolean;
+}
 
 export class CpuCollectives implements Collectives {
   private sequence = 0;
@@ -43,6 +66,16 @@ export class CpuCollectives implements Collectives {
   private readonly inbox = new Map<number, Piece[]>();
   private readonly waiters = new Map<number, () => void>();
   private closed = false;
+  private readonly refusals = new RefusalLog((line) => process.stderr.write(`weft worker rank ${this.rank}: collective ${line}\n`));
+  /** the hub: connections by routing id (hex), and the joined peer of each rank */
+  private readonly hubPeers = new Map<string, HubPeer>();
+  private readonly routes: (HubPeer | null)[];
+  /** connections the hub challenged: one challenge each, so a stranger that never reads cannot fill its pipe */
+  private readonly challenged = new Set<string>();
+  /** a peer: its handshake with the hub */
+  private readonly nonce = newNonce();
+  private hubAuth: FrameAuth | null = null;
+  private welcomed: (() => void) | null = null;
 
   private constructor(
     private readonly engine: Engine,
@@ -50,20 +83,40 @@ export class CpuCollectives implements Collectives {
     readonly world: number,
     private readonly socket: zmq.Router | zmq.Dealer,
     private readonly peerTimeoutMs: number,
+    private readonly secret: string,
   ) {
     this.sendQueue = new SendQueue(socket);
+    this.routes = Array.from({ length: world }, () => null);
     void this.receiveLoop();
   }
 
-  static async create(engine: Engine, rank: number, world: number, hub: zmq.Router | null, rootEndpoint: string, options: CpuCollectivesOptions = {}): Promise<CpuCollectives> {
+  static async create(engine: Engine, rank: number, world: number, hub: zmq.Router | null, rootEndpoint: string, options: CpuCollectivesOptions): Promise<CpuCollectives> {
     const timeout = options.peerTimeoutMs ?? DEFAULT_PEER_TIMEOUT_MS;
+    const secret = requireSecret(options.secret, `collectives of rank ${rank}`);
     if (rank === 0) {
       if (!hub) throw new WeftError('WEFT_PROTOCOL', 'rank 0 needs its collective hub socket');
-      return new CpuCollectives(engine, rank, world, hub, timeout);
+      return new CpuCollectives(engine, rank, world, hub, timeout, secret);
     }
-    const dealer = new zmq.Dealer({ linger: 0, routingId: `rank-${rank}`, maxMessageSize: 1 << 30 });
+    // no routing id: the hub knows this peer by the rank it proves, never by a name it could be given by anyone
+    const dealer = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30 });
     dealer.connect(rootEndpoint);
-    return new CpuCollectives(engine, rank, world, dealer, timeout);
+    const comm = new CpuCollectives(engine, rank, world, dealer, timeout, secret);
+    await comm.joinHub(rootEndpoint);
+    return comm;
+  }
+
+  /** A peer: say hello to the hub and wait for its welcome (the handshake itself runs in the receive loop). */
+  private async joinHub(endpoint: string): Promise<void> {
+    const welcomed = new Promise<boolean>((resolve) => (this.welcomed = () => resolve(true)));
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), this.peerTimeoutMs)));
+    this.sendQueue.send([HELLO, u32Frame(this.rank), this.nonce]).catch(() => undefined); // a hub that never answers times out below
+    const joined = await Promise.race([welcomed, timedOut]);
+    clearTimeout(timer);
+    if (!joined) {
+      this.close();
+      throw new WeftError('WEFT_TIMEOUT', `rank ${this.rank}: the collective hub at ${endpoint} did not welcome this rank within ${this.peerTimeoutMs} ms (rank 0 is gone, or its group secret differs)`);
+    }
   }
 
   prepare(plan: CollectivePlan): void {
@@ -84,17 +137,9 @@ export class CpuCollectives implements Collectives {
   private async receiveLoop(): Promise<void> {
     try {
       for await (const frames of this.socket) {
-        // The hub sees [identity, seq, payload, extra]; a dealer sees [seq, payload, extra].
-        const body = this.rank === 0 ? frames.slice(1) : frames;
-        const identity = this.rank === 0 ? String(frames[0]) : 'rank-0';
-        const [seqFrame, payloadFrame] = body;
-        if (!seqFrame || !payloadFrame || seqFrame.byteLength !== 4) continue;
-        const seq = seqFrame.readUInt32LE(0);
-        const piece = { rank: Number(identity.replace('rank-', '')), payload: toFloat32(payloadFrame), extra: body[2] };
-        const list = this.inbox.get(seq) ?? [];
-        list.push(piece);
-        this.inbox.set(seq, list);
-        this.waiters.get(seq)?.();
+        // The hub sees [routing id, ...frames]; a peer sees the frames.
+        if (this.rank === 0) this.hubReceive(frames[0]!, frames.slice(1));
+        else this.peerReceive(frames);
       }
     } catch (err) {
       if (!this.closed) {
@@ -102,6 +147,78 @@ export class CpuCollectives implements Collectives {
         for (const wake of this.waiters.values()) wake();
       }
     }
+  }
+
+  private refuse(peer: string, why: string): void {
+    this.refusals.refuse(peer, why);
+  }
+
+  /** The hub: a joined peer's piece (MAC checked), or a step of a handshake; anything else is dropped and logged. */
+  private hubReceive(routingId: Buffer, body: Buffer[]): void {
+    const name = peerName(routingId);
+    const peer = this.hubPeers.get(name);
+    if (peer?.joined) {
+      const frames = body.slice(0, -1);
+      if (peer.auth.open(frames, body.at(-1))) this.arrived(peer.rank, frames);
+      else this.refuse(name, `hub: dropped a message on rank ${peer.rank}'s connection without a valid MAC`);
+      return;
+    }
+    const [tag, second, third] = body;
+    if (peer && tag?.equals(AUTH) && body.length === 2) {
+      this.hubPeers.delete(name);
+      if (!peer.auth.open([tag], second)) return this.refuse(name, `hub: refused a peer claiming rank ${peer.rank} (connection ${name}): its proof does not match the group secret`);
+      if (this.routes[peer.rank]) return this.refuse(name, `hub: refused a second peer for rank ${peer.rank} (connection ${name}): rank ${peer.rank} already joined`);
+      peer.joined = true;
+      this.hubPeers.set(name, peer);
+      this.routes[peer.rank] = peer;
+      this.sendQueue.send([routingId, WELCOME, peer.auth.seal([WELCOME])]).catch(() => undefined); // a peer that left fails its collectives
+      return;
+    }
+    if (!peer && tag?.equals(HELLO) && body.length === 3 && second?.byteLength === 4 && third?.byteLength === NONCE_BYTES) {
+      const claimed = second.readUInt32LE(0);
+      if (claimed < 1 || claimed >= this.world) return this.refuse(name, `hub: refused a hello for rank ${claimed}: the peers of a group of ${this.world} are ranks 1-${this.world - 1}`);
+      if (this.challenged.has(name)) return this.refuse(name, `hub: dropped another hello from connection ${name}, which was challenged once`);
+      if (this.challenged.size >= 4 * MAX_PENDING) this.challenged.clear();
+      this.challenged.add(name);
+      const nonce = newNonce();
+      const auth = FrameAuth.derive(this.secret, 'collective', 'server', third, nonce, Buffer.concat([second, third]));
+      const pending = [...this.hubPeers].filter(([, p]) => !p.joined);
+      if (pending.length >= MAX_PENDING) this.hubPeers.delete(pending[0]![0]);
+      this.hubPeers.set(name, { routingId, rank: claimed, auth, joined: false });
+      this.sendQueue.send([routingId, CHALLENGE, nonce]).catch(() => undefined); // a stranger that left: nothing to do
+      return;
+    }
+    if (peer) this.hubPeers.delete(name);
+    this.refuse(name, `hub: dropped a message (${body.length} frames) from connection ${name}, which has not proven the group secret`);
+  }
+
+  /** A peer: the hub's challenge and welcome, then its pieces (MAC checked). */
+  private peerReceive(frames: Buffer[]): void {
+    const [tag, second] = frames;
+    if (this.welcomed === null && this.hubAuth) {
+      const body = frames.slice(0, -1);
+      if (this.hubAuth.open(body, frames.at(-1))) this.arrived(0, body);
+      else this.refuse('hub', 'dropped a message from the hub without a valid MAC');
+    } else if (!this.hubAuth && tag?.equals(CHALLENGE) && second?.byteLength === NONCE_BYTES && frames.length === 2) {
+      this.hubAuth = FrameAuth.derive(this.secret, 'collective', 'client', this.nonce, second, Buffer.concat([u32Frame(this.rank), this.nonce]));
+      this.sendQueue.send([AUTH, this.hubAuth.seal([AUTH])]).catch(() => undefined); // the hub gone: joinHub times out
+    } else if (this.hubAuth && tag?.equals(WELCOME) && frames.length === 2 && this.hubAuth.open([tag], second)) {
+      this.welcomed?.();
+      this.welcomed = null;
+    } else {
+      this.refuse('hub', `dropped a message (${frames.length} frames) from the hub before its welcome`);
+    }
+  }
+
+  /** A piece of rank `from`, authenticated: [seq, payload, extra]. */
+  private arrived(from: number, body: Buffer[]): void {
+    const [seqFrame, payloadFrame] = body;
+    if (!seqFrame || !payloadFrame || seqFrame.byteLength !== 4) return;
+    const seq = seqFrame.readUInt32LE(0);
+    const list = this.inbox.get(seq) ?? [];
+    list.push({ rank: from, payload: toFloat32(payloadFrame), extra: body[2] });
+    this.inbox.set(seq, list);
+    this.waiters.get(seq)?.();
   }
 
   /** Wait until the pieces of `from` (ranks) with this sequence number have arrived, at most peerTimeoutMs. */
@@ -131,9 +248,7 @@ export class CpuCollectives implements Collectives {
   }
 
   private seqFrame(seq: number): Buffer {
-    const frame = Buffer.alloc(4);
-    frame.writeUInt32LE(seq >>> 0, 0);
-    return frame;
+    return u32Frame(seq >>> 0);
   }
 
   /** The other ranks: the hub waits for them. */
@@ -141,9 +256,16 @@ export class CpuCollectives implements Collectives {
     return Array.from({ length: this.world - 1 }, (_, i) => i + 1);
   }
 
-  private async send(what: string, to: number, frames: Array<Buffer | Uint8Array | string>): Promise<void> {
+  /** Send a piece to rank `to` (from the hub) or to the hub, with its MAC. */
+  private async send(what: string, to: number, frames: Uint8Array[]): Promise<void> {
     try {
-      await this.sendQueue.send(frames);
+      if (this.rank === 0) {
+        const peer = this.routes[to];
+        if (!peer) throw new Error('it has not joined');
+        await this.sendQueue.send([peer.routingId, ...frames, peer.auth.seal(frames)]);
+      } else {
+        await this.sendQueue.send([...frames, this.hubAuth!.seal(frames)]);
+      }
     } catch (err) {
       this.fail('WEFT_WORKER_DIED', `rank ${this.rank}: ${what}: cannot send to rank ${to} (${(err as Error).message})`);
     }
@@ -163,7 +285,7 @@ export class CpuCollectives implements Collectives {
         if (piece.payload.length !== sum.length) this.fail('WEFT_PROTOCOL', `${what}: rank ${piece.rank} sent ${piece.payload.length} values, rank 0 has ${sum.length}`);
         for (let i = 0; i < sum.length; i++) sum[i]! += piece.payload[i]!;
       }
-      for (const piece of pieces) await this.send(what, piece.rank, [`rank-${piece.rank}`, this.seqFrame(seq), float32Bytes(sum)]);
+      for (const piece of pieces) await this.send(what, piece.rank, [this.seqFrame(seq), float32Bytes(sum)]);
     } else {
       await this.send(what, 0, [this.seqFrame(seq), float32Bytes(mine)]);
       const [reply] = await this.collect(what, seq, [0]);
@@ -190,7 +312,7 @@ export class CpuCollectives implements Collectives {
       const widths = Buffer.alloc(4 * this.world);
       pieces.forEach((p, r) => widths.writeUInt32LE(p.length / rows, 4 * r));
       const all = concatFloat32(pieces);
-      for (const piece of received) await this.send(what, piece.rank, [`rank-${piece.rank}`, this.seqFrame(seq), float32Bytes(all), widths]);
+      for (const piece of received) await this.send(what, piece.rank, [this.seqFrame(seq), float32Bytes(all), widths]);
     } else {
       await this.send(what, 0, [this.seqFrame(seq), float32Bytes(mine)]);
       const [reply] = await this.collect(what, seq, [0]);
@@ -214,6 +336,12 @@ export class CpuCollectives implements Collectives {
     for (const wake of this.waiters.values()) wake();
     this.socket.close();
   }
+}
+
+function u32Frame(value: number): Buffer {
+  const frame = Buffer.alloc(4);
+  frame.writeUInt32LE(value, 0);
+  return frame;
 }
 
 function concatFloat32(parts: Float32Array[]): Float32Array {
