@@ -50,7 +50,7 @@ export interface ClusterOptions {
   /** Host and port of the socket workers connect to (port 0: a free one). */
   readonly workerHost?: string;
   readonly workerPort?: number;
-  /** Shared secret external workers present in hello. Defaults to none (spawned workers get a random one). */
+  /** Shared secret (16 characters or more) external workers prove in their handshake; required with external workers. Spawned workers get a random one. */
   readonly workerSecret?: string;
   /** Re-form the worker group after a fault instead of failing for good. */
   readonly recover?: boolean;
