@@ -65,15 +65,21 @@ export class ChatTemplate {
     return chat;
   }
 
-  /** Renders a 4-message conversation; throws WEFT_BAD_MODEL when that fails or takes longer than LOAD_BUDGET_MS. */
+  /**
+   * Renders a 4-message conversation twice; throws WEFT_BAD_MODEL when that fails or the faster render takes
+   * longer than LOAD_BUDGET_MS (the faster one: the first also pays for compiling, and start-up is busy).
+   */
   probe(): void {
-    const started = performance.now();
-    try {
-      this.render(PROBE);
-    } catch (err) {
-      throw new WeftError('WEFT_BAD_MODEL', `${this.path}: chat_template fails on a 4-message probe: ${(err as Error).message}`);
+    let ms = Infinity;
+    for (let round = 0; round < 2 && ms > LOAD_BUDGET_MS / 10; round++) {
+      const started = performance.now();
+      try {
+        this.render(PROBE);
+      } catch (err) {
+        throw new WeftError('WEFT_BAD_MODEL', `${this.path}: chat_template fails on a 4-message probe: ${(err as Error).message}`);
+      }
+      ms = Math.min(ms, performance.now() - started);
     }
-    const ms = performance.now() - started;
     if (ms > LOAD_BUDGET_MS) throw new WeftError('WEFT_BAD_MODEL', `${this.path}: chat_template took ${ms.toFixed(0)} ms to render a 4-message probe (budget ${LOAD_BUDGET_MS} ms); refusing it`);
   }
 
