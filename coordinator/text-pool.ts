@@ -212,12 +212,16 @@ export class TextPool {
     this.threads.add(thread);
     let crash: Error | null = null;
     return new Promise<boolean>((resolve, reject) => {
+      let loading = true;
       const startFailed = (err: Error): void => {
+        if (!loading) return; // the thread said why already; its exit adds nothing
+        loading = false;
         this.startFailure = err;
         reject(err);
       };
       worker.on('message', (message: TextThreadMessage) => {
         if (message.type === 'ready') {
+          loading = false;
           thread.ready = true;
           this.startFailure = null;
           worker.unref();

@@ -4,6 +4,8 @@
  * runs too long. Errors go back as {code, message} (WeftError's fields) so they keep their code across.
  */
 import { parentPort, workerData } from 'node:worker_threads';
+import { readlinkSync } from 'node:fs';
+import { constants, setPriority } from 'node:os';
 import { WeftError, isWeftError } from '../core/errors.ts';
 import { loadTokenizer, type WeftTokenizer } from './tokenizer.ts';
 import { ChatTemplate } from './chat-template.ts';
@@ -37,6 +39,20 @@ function run(tokenizer: WeftTokenizer, chat: ChatTemplate | null, call: TextCall
   }
 }
 
+/**
+ * Below the event loop's priority: on a machine with few cores a busy text thread (a long prompt, a template
+ * running to its budget) then takes a core from the event loop only when the loop does not need it. Linux gives
+ * each thread its own nice value (setpriority on the thread's id); elsewhere this does nothing.
+ */
+function lowerPriority(): void {
+  try {
+    setPriority(Number(readlinkSync('/proc/thread-self').split('/').pop()), constants.priority.PRIORITY_BELOW_NORMAL);
+  } catch {
+    // not Linux: the thread keeps the process's priority
+  }
+}
+
+lowerPriority();
 try {
   const data = workerData as TextThreadData;
   const tokenizer = loadTokenizer(data.modelDir);
