@@ -6,13 +6,19 @@
  * States: loading → ready ⇄ recovering, and failed / closed. With `recover`, a worker fault ends the running
  * requests with the error naming the rank, the group re-forms (every rank restarted and initialised again) and
  * queued requests run once it is ready; after `maxRecoveries` failed attempts in a row the cluster is failed.
+ *
+ * Text work (tokenizing prompts, rendering the chat template, decoding long id lists) runs in the text threads
+ * (text-pool.ts), never on the event loop; a text longer than the context could hold is refused before any of
+ * it (tokenizer.ts, maxTextChars). Decoding the streamed tokens stays here: a bounded tail per token, tens of µs.
  */
 import { join, basename, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { existsSync } from 'node:fs';
 import { readModelSpec, type ModelSpec } from '../core/model-spec.ts';
 import { planShards, type ShardPlan } from '../core/shard-plan.ts';
-import { loadTokenizer, type WeftTokenizer } from './tokenizer.ts';
+import { loadTokenizer, type DecodeOptions, type EncodeOptions, type WeftTokenizer } from './tokenizer.ts';
+import { TextPool } from './text-pool.ts';
+import type { ChatMessage, ChatPrompter } from './chat-template.ts';
 import { parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
@@ -60,6 +66,12 @@ export interface ClusterOptions {
   readonly maxQueue?: number;
   /** Deadline of every request from submission, in ms; 0 for none. */
   readonly requestTimeoutMs?: number;
+  /** Threads that tokenize and render chat templates, off the event loop. */
+  readonly textThreads?: number;
+  /** Time one tokenization or template render may take, in ms; its thread is then stopped (WEFT_TIMEOUT). */
+  readonly textBudgetMs?: number;
+  /** Load the model's chat template (`cluster.chatTemplate`); one that breaks or is slow on a probe is refused (WEFT_BAD_MODEL). */
+  readonly chatTemplate?: boolean;
   /**
    * Speculative decoding: a draft model sharing the target's vocabulary, run by its own worker group (its own
    * processes and TP degree); it proposes `k` tokens per round, which the target verifies in one forward.
@@ -74,7 +86,7 @@ export interface ClusterOptions {
 export type ClusterState = 'loading' | 'ready' | 'recovering' | 'failed' | 'closed';
 
 /** A cluster's options once checked and resolved, with the caller's hooks. */
-type ClusterSettings = ConfigOf<'cluster'> & Pick<ClusterOptions, 'onProgress' | 'onStateChange' | 'observer'>;
+type ClusterSettings = ConfigOf<'cluster'> & Pick<ClusterOptions, 'onProgress' | 'onStateChange' | 'observer' | 'chatTemplate'>;
 
 export interface GenerateRequest {
   /** Text prompt, encoded with the model's tokenizer (BOS added). */
@@ -141,6 +153,8 @@ export class Cluster {
   private reformCount = 0;
   /** resolves when the cluster first becomes ready; rejects if it never does */
   readonly ready: Promise<void>;
+  /** The model's chat template (with the `chatTemplate` option), rendered and tokenized in the text threads; null when there is none. */
+  readonly chatTemplate: ChatPrompter | null;
 
   private constructor(
     readonly spec: ModelSpec,
@@ -151,7 +165,9 @@ export class Cluster {
     private readonly initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>,
     groupStarting: Promise<WorkerGroup>,
     private readonly draft: DraftSide | null,
+    private readonly text: TextPool,
   ) {
+    this.chatTemplate = text.hasChatTemplate ? { promptIds: (messages) => this.chatPromptIds(messages) } : null;
     const kvLayout = kvCacheLayout(initCommand); // the workers derive the same from their init command
     this.speculative = draft ? new SpeculativeExecutor(draft.k, kvLayout, (batch) => draft.group!.step(batch), (batch) => this.group.step(batch)) : null;
     this.scheduler = new Scheduler(
@@ -171,8 +187,8 @@ export class Cluster {
 
   /** Check the model and start loading it; `cluster.ready` resolves when every rank has its weights. */
   static async open(given: ClusterOptions): Promise<Cluster> {
-    const { onProgress, onStateChange, observer } = given;
-    const options: ClusterSettings = { ...apiConfig('cluster', given), onProgress, onStateChange, observer };
+    const { onProgress, onStateChange, observer, chatTemplate } = given;
+    const options: ClusterSettings = { ...apiConfig('cluster', given), onProgress, onStateChange, observer, chatTemplate };
     const spec = readModelSpec(options.modelDir);
     const { tp, device, kvSlots, threads } = options;
     const plan = planShards(spec, tp, { expertParallel: options.expertParallel });
@@ -186,6 +202,15 @@ export class Cluster {
     const draftPlan = draftSpec ? planShards(draftSpec, options.draftTp!) : null;
     const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext);
     const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, threads };
+    // the text threads load while the workers start; a template they refuse ends the start-up
+    const textStarting = TextPool.start({
+      modelDir: options.modelDir,
+      threads: options.textThreads,
+      budgetMs: options.textBudgetMs,
+      maxQueue: options.maxQueue,
+      chatTemplate: options.chatTemplate === true,
+    });
+    textStarting.catch(() => undefined);
     let cluster: Cluster | null = null;
     const group = WorkerGroup.bind({
       world: tp,
@@ -198,7 +223,7 @@ export class Cluster {
       ...(onProgress && { onProgress }),
       onFailure: (err) => cluster?.onFault(err),
     });
-    await group; // a port already in use fails here, before the cluster exists
+    const [text] = await Cluster.allStarted([textStarting, group] as const); // a port already in use fails here, before the cluster exists
     let draft: DraftSide | null = null;
     if (options.draftModelDir !== undefined && draftSpec && draftPlan) {
       const draftGroup = WorkerGroup.bind({
@@ -212,12 +237,21 @@ export class Cluster {
         // a dead draft costs speed, not requests: decoding goes on with the target alone
         onFailure: (err) => cluster?.speculative?.disableDraft(err),
       });
-      await draftGroup;
+      await Cluster.allStarted([draftGroup, group, Promise.resolve(text)] as const);
       const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
       draft = { spec: draftSpec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: options.speculateK! };
     }
-    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group, draft);
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group, draft, text);
     return cluster;
+  }
+
+  /** Waits for every start; when one fails, closes those that started and throws its error. */
+  private static async allStarted<T extends readonly Promise<{ close(): Promise<void> }>[]>(starts: T): Promise<{ -readonly [K in keyof T]: Awaited<T[K]> }> {
+    const results = await Promise.allSettled(starts);
+    const failed = results.find((r) => r.status === 'rejected');
+    if (!failed) return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as { -readonly [K in keyof T]: Awaited<T[K]> };
+    await Promise.all(results.flatMap((r) => (r.status === 'fulfilled' ? [r.value.close()] : [])));
+    throw failed.reason;
   }
 
   /** Check the model, start every worker and load the weights; resolves when the cluster is ready. */
@@ -310,20 +344,53 @@ export class Cluster {
     }
   }
 
-  private promptIds(request: GenerateRequest): number[] {
+  private async promptIds(request: GenerateRequest): Promise<number[]> {
     if ((request.prompt === undefined) === (request.promptIds === undefined))
       throw new WeftError('WEFT_BAD_REQUEST', 'give exactly one of prompt (text) and promptIds (token ids)');
-    const ids = request.prompt !== undefined ? this.tokenizer.encode(request.prompt) : request.promptIds;
+    const ids = request.prompt !== undefined ? await this.tokenizeWithin(request.prompt, 'the prompt', { maxTokens: this.maxContext }) : request.promptIds;
     return validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
   }
 
+  /** A text longer than the context could hold is refused before any tokenizer work. */
+  private checkTextLength(what: string, chars: number): void {
+    const limit = this.tokenizer.maxTextChars(this.maxContext);
+    if (chars > limit)
+      throw new WeftError(
+        'WEFT_BAD_REQUEST',
+        `${what} is ${chars} characters long; the limit is ${limit} characters (a context of ${this.maxContext} tokens × ${this.tokenizer.charsPerToken} characters a token at most)`,
+      );
+  }
+
+  private async tokenizeWithin(text: string, what: string, options: EncodeOptions & { maxTokens?: number }): Promise<number[]> {
+    if (typeof text !== 'string') throw new WeftError('WEFT_BAD_REQUEST', `text to encode must be a string, got ${typeof text}`);
+    this.checkTextLength(what, text.length);
+    return this.text.encode(text, options);
+  }
+
+  /** Token ids of `text` (BOS added unless `addBos` is false), in a text thread; refused when longer than the context could hold. */
+  tokenize(text: string, options: EncodeOptions = {}): Promise<number[]> {
+    return this.tokenizeWithin(text, 'the text', options);
+  }
+
+  /** The text of `ids` (special tokens dropped unless `skipSpecial` is false), in a text thread. */
+  detokenize(ids: readonly number[], options: DecodeOptions = {}): Promise<string> {
+    return this.text.decode(ids, options);
+  }
+
+  /** The chat template's prompt ids for `messages`; refused before rendering when the messages are longer than the context could hold. */
+  private async chatPromptIds(messages: readonly ChatMessage[]): Promise<number[]> {
+    this.checkTextLength(`the chat (${messages.length} messages)`, messages.reduce((sum, m) => sum + m.role.length + m.content.length, 0));
+    return this.text.chatPromptIds(messages, { maxChars: this.tokenizer.maxTextChars(this.maxContext), maxTokens: this.maxContext });
+  }
+
   /**
-   * Queue a generation; throws at once on a bad request (WEFT_BAD_REQUEST), a full queue (WEFT_BUSY) or a
-   * failed cluster. Its events end with `done`, or with an error (worker fault, timeout, cancel).
+   * Queue a generation once its prompt is tokenized; rejects on a bad request (WEFT_BAD_REQUEST), a full queue
+   * (WEFT_BUSY) or a failed cluster. Its events end with `done`, or with an error (worker fault, timeout, cancel).
    */
-  submit(request: GenerateRequest, options: RequestOptions = {}): GenerationHandle {
-    if (this.stateValue === 'closed') throw new WeftError('WEFT_CLOSED', 'the cluster is closed');
-    const promptIds = this.promptIds(request);
+  async submit(request: GenerateRequest, options: RequestOptions = {}): Promise<GenerationHandle> {
+    this.checkOpen();
+    const promptIds = await this.promptIds(request);
+    this.checkOpen(); // it may have closed while the prompt was tokenized
     const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
@@ -339,7 +406,7 @@ export class Cluster {
 
   /** Stream a generation: token events, then one `done` event with the totals. Leaving the loop cancels it. */
   async *generate(request: GenerateRequest, options: RequestOptions = {}): AsyncGenerator<GenerationEvent> {
-    const handle = this.submit(request, options);
+    const handle = await this.submit(request, options);
     try {
       yield* handle.events;
     } finally {
@@ -347,9 +414,13 @@ export class Cluster {
     }
   }
 
+  private checkOpen(): void {
+    if (this.stateValue === 'closed') throw new WeftError('WEFT_CLOSED', 'the cluster is closed');
+  }
+
   /** Log-probabilities of each token of `ids` given the ones before it, in one forward pass. */
   async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number } = {}): Promise<ScoreResult> {
-    if (this.stateValue === 'closed') throw new WeftError('WEFT_CLOSED', 'the cluster is closed');
+    this.checkOpen();
     const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined);
@@ -391,7 +462,7 @@ export class Cluster {
     if (this.stateValue === 'closed') return;
     this.setState('closed', 'the cluster was closed');
     this.scheduler.failAll(new WeftError('WEFT_CLOSED', 'the cluster was closed'));
-    await Promise.all([this.group?.close(), this.draft?.group?.close()]);
+    await Promise.all([this.group?.close(), this.draft?.group?.close(), this.text.close()]);
   }
 
   /** Speculative decoding counters (rounds, proposed and accepted draft tokens, time in each model), and the draft fault that turned it off, if any. */

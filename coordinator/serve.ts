@@ -2,7 +2,7 @@
  * `weft serve`: the coordinator as a long-running server. The RPC socket and the HTTP gateway open first (so
  * `/health` answers 503 with the per-rank load progress while the weights load), then the cluster loads, and
  * `/health` turns 200. A worker fault re-forms the group; after too many failed attempts the process exits
- * non-zero so its supervisor can restart it.
+ * non-zero so its supervisor can restart it. The cluster's text threads (tokenizer, chat template) close with it.
  */
 import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -12,7 +12,6 @@ import { WeftError } from '../core/errors.ts';
 import { apiConfig } from './config.ts';
 import { RpcServer, isLoopback } from './api/server.ts';
 import { HttpGateway } from './api/http.ts';
-import { ChatTemplate } from './chat-template.ts';
 import { WeftMetrics } from './metrics.ts';
 import type { CurveServerKeys } from './api/protocol.ts';
 
@@ -45,16 +44,16 @@ export async function serve(options: ServeOptions): Promise<RunningServer> {
   const { host, rpcPort, httpPort, apiKey, recover, allowedHosts, corsOrigins, clientTimeoutMs } = apiConfig('server', options);
   if (!isLoopback(host) && (!options.curve || !apiKey))
     throw new WeftError('WEFT_BAD_REQUEST', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
-  const chatTemplate = ChatTemplate.load(options.modelDir);
   let metrics: WeftMetrics | null = null;
-  const cluster = await Cluster.open({ ...options, recover, observer: { ...forward(() => metrics) } });
+  // the chat template is loaded (and probed) in the cluster's text threads, where a slow one cannot stall this loop
+  const cluster = await Cluster.open({ ...options, recover, chatTemplate: true, observer: { ...forward(() => metrics) } });
   metrics = new WeftMetrics(cluster.info().name);
   metrics.attach(cluster);
   let rpc: RpcServer | null = null;
   let http: HttpGateway | null = null;
   try {
     rpc = await RpcServer.start(cluster, { host, port: rpcPort, ...(options.curve && { curve: options.curve }) });
-    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate, metrics, clientTimeoutMs, ...(apiKey !== undefined && { apiKey }), ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }) });
+    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate: cluster.chatTemplate, metrics, clientTimeoutMs, ...(apiKey !== undefined && { apiKey }), ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }) });
   } catch (err) {
     await rpc?.close();
     await cluster.close();

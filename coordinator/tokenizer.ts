@@ -17,6 +17,9 @@
  *   (tokenizers.js would apply it whenever the config does not mention it; transformers ≥ 4.45 does not.)
  *   This also keeps the stream decoder's output prefix-stable.
  * - `skipSpecial` defaults to true in both `decode` and the stream decoder (text shown to users).
+ * - A text is refused before any tokenizer work when it is longer than `maxTextChars(maxTokens)`: it could not
+ *   encode into `maxTokens` tokens (see there). Servers run `encode` and long `decode`s in the text threads
+ *   (text-pool.ts); the stream decoder's `push` stays on the event loop: it decodes a bounded tail, tens of µs.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -48,15 +51,37 @@ export interface WeftTokenizer {
   /** ids the tokenizer knows: 1 + the largest id of the vocabulary and added tokens (config.json's vocab_size, the logits width, may be larger) */
   readonly vocabSize: number;
   /**
+   * The most characters of text a prompt of `maxTokens` tokens can hold: `maxTokens` × `charsPerToken`, where
+   * charsPerToken is the longest spelling in the vocabulary (added tokens included), at least
+   * MIN_CHARS_PER_TOKEN. Why it is a bound: a byte-level BPE token spells one vocabulary character per byte
+   * and a SentencePiece piece one per character (byte-fallback pieces, `<0x41>`, spell more than they hold),
+   * while every UTF-16 unit of a text is at least one UTF-8 byte; so no token covers more of the text than its
+   * spelling is long. The floor leaves room for normalizers that join characters (NFC/NFKC compose a few into one).
+   */
+  maxTextChars(maxTokens: number): number;
+  /** The characters-per-token factor of `maxTextChars`. */
+  readonly charsPerToken: number;
+  /**
    * Streaming detokenizer: feed ids one at a time, get the text that is now final. Multi-byte UTF-8
    * characters split across tokens are held back while the decoded tail ends in U+FFFD; decoders that
    * depend on context (e.g. SentencePiece's leading-space strip) see the previous token too.
-   * Concatenating every `push` and the final `flush` gives `decode(allIds, options)`.
+   * Concatenating every `push` and the final `flush` gives `decode(allIds, options)` for text that is valid
+   * UTF-8; a run of more than MAX_HELD_IDS ids that stays invalid is emitted as it is (U+FFFD included).
    */
   createStreamDecoder(options?: DecodeOptions): StreamDecoder;
 }
 
 type Json = Record<string, unknown>;
+
+/** The floor of charsPerToken (see maxTextChars): generous for byte-level BPE vocabularies. */
+export const MIN_CHARS_PER_TOKEN = 32;
+/**
+ * The stream decoder holds back ids while their text ends in U+FFFD (an incomplete UTF-8 character). A
+ * character is at most 4 bytes and every token at least one, so a longer held-back run is invalid UTF-8 for
+ * good (a model can emit lone continuation bytes): it is then emitted as it is, which keeps each push's decode
+ * bounded instead of growing with the run.
+ */
+const MAX_HELD_IDS = 8;
 
 function readJson(path: string, required: boolean): Json | null {
   let text: string;
@@ -100,15 +125,21 @@ class HfTokenizer implements WeftTokenizer {
   readonly bosTokenId: number | null;
   readonly eosTokenIds: readonly number[];
   readonly vocabSize: number;
+  readonly charsPerToken: number;
   readonly #tok: Tokenizer;
   readonly #addBosDefault: boolean;
 
-  constructor(tok: Tokenizer, bos: number | null, eos: number[], vocabSize: number, addBosDefault: boolean) {
+  constructor(tok: Tokenizer, bos: number | null, eos: number[], vocabSize: number, addBosDefault: boolean, longestSpelling: number) {
     this.#tok = tok;
     this.bosTokenId = bos;
     this.eosTokenIds = Object.freeze([...eos]);
     this.vocabSize = vocabSize;
     this.#addBosDefault = addBosDefault;
+    this.charsPerToken = Math.max(MIN_CHARS_PER_TOKEN, longestSpelling);
+  }
+
+  maxTextChars(maxTokens: number): number {
+    return maxTokens * this.charsPerToken;
   }
 
   encode(text: string, options: EncodeOptions = {}): number[] {
@@ -144,7 +175,8 @@ class HfTokenizer implements WeftTokenizer {
         ids.push(id);
         const prefixText = decode(prefix, read);
         const text = decode(prefix, ids.length);
-        if (text.length > prefixText.length && !text.endsWith('\uFFFD')) {
+        const complete = text.length > prefixText.length && !text.endsWith('\uFFFD');
+        if (complete || ids.length - read > MAX_HELD_IDS) {
           const out = text.slice(prefixText.length);
           // keep just the context that produced the emitted text (bounded memory for long streams)
           ids = ids.slice(read);
@@ -189,7 +221,11 @@ export function loadTokenizer(modelDir: string): WeftTokenizer {
   }
 
   let maxId = -1;
-  for (const id of tok.get_vocab(true).values()) if (id > maxId) maxId = id;
+  let longestSpelling = 0;
+  for (const [spelling, id] of tok.get_vocab(true)) {
+    if (id > maxId) maxId = id;
+    if (spelling.length > longestSpelling) longestSpelling = spelling.length;
+  }
   const vocabSize = maxId + 1;
   if (vocabSize <= 0) throw new WeftError('WEFT_BAD_MODEL', `${tokPath} has an empty vocabulary`);
 
@@ -215,5 +251,5 @@ export function loadTokenizer(modelDir: string): WeftTokenizer {
       throw new WeftError('WEFT_BAD_MODEL', `${modelDir}: ${what} token id ${id} is outside the tokenizer's vocabulary of ${vocabSize} ids`);
 
   const addBosDefault = bos !== null && tokCfg.add_bos_token !== false;
-  return new HfTokenizer(tok, bos, [...eos].sort((a, b) => a - b), vocabSize, addBosDefault);
+  return new HfTokenizer(tok, bos, [...eos].sort((a, b) => a - b), vocabSize, addBosDefault, longestSpelling);
 }

@@ -16,7 +16,7 @@ import type { AddressInfo } from 'node:net';
 import { z } from 'zod';
 import { WeftError, isWeftError } from '../../core/errors.ts';
 import type { Cluster } from '../cluster.ts';
-import type { ChatTemplate } from '../chat-template.ts';
+import type { ChatPrompter } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
 import { HttpError, RequestGuards, answerClientError, requireJson, slowClientLimits } from './http-guards.ts';
@@ -28,7 +28,8 @@ export interface HttpGatewayOptions {
   readonly port?: number;
   /** bearer token; required unless host is loopback */
   readonly apiKey?: string;
-  readonly chatTemplate: ChatTemplate | null;
+  /** the model's chat template (cluster.chatTemplate): rendered and tokenized off the event loop */
+  readonly chatTemplate: ChatPrompter | null;
   readonly metrics: WeftMetrics;
   /** Defaults to 4 MiB. */
   readonly maxBodyBytes?: number;
@@ -274,7 +275,7 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
   );
   routes.set('POST /tokenize', async (req, res) => {
     const body = parseBody(z.object({ prompt: z.string() }).loose(), await readJson(req, limit));
-    sendJson(res, 200, { tokens: cluster.tokenizer.encode(body.prompt) });
+    sendJson(res, 200, { tokens: await cluster.tokenize(body.prompt) });
   });
   routes.set('POST /v1/completions', async (req, res) => {
     const body = parseBody(completionSchema, await readJson(req, limit));
@@ -290,8 +291,7 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     refuseUnsupported(body);
     if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; use /v1/completions with a prompt`);
     const messages = body.messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
-    const text = options.chatTemplate.render(messages);
-    await complete(cluster, req, res, body, { promptIds: cluster.tokenizer.encode(text, { addBos: false }) }, 'chat.completion', modelName);
+    await complete(cluster, req, res, body, { promptIds: await options.chatTemplate.promptIds(messages) }, 'chat.completion', modelName);
   });
   return routes;
 }
@@ -318,7 +318,7 @@ async function complete(
   const matcher = new StopMatcher(stops.filter((s) => s.length > 0));
   const abort = new AbortController();
   res.on('close', () => abort.abort());
-  const handle = cluster.submit({ ...request, sampling }, { signal: abort.signal }); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
+  const handle = await cluster.submit({ ...request, sampling }, { signal: abort.signal }); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
   const id = `${object === 'chat.completion' ? 'chatcmpl' : 'cmpl'}-${randomBytes(12).toString('hex')}`;
   const created = Math.floor(Date.now() / 1000);
   const chat = object === 'chat.completion';

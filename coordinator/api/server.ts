@@ -77,8 +77,8 @@ async function startZap(keys: readonly string[]): Promise<void> {
 
 export class RpcServer {
   private readonly outbox: SendQueue;
-  /** running generations by client identity (hex) and request id */
-  private readonly streams = new Map<string, GenerationHandle>();
+  /** generations by client identity (hex) and request id: their handle once the prompt is tokenized, and a cancel before that */
+  private readonly streams = new Map<string, { handle: GenerationHandle | null; readonly abort: AbortController }>();
   private closed = false;
 
   private constructor(
@@ -119,7 +119,7 @@ export class RpcServer {
   /** A client we cannot write to: cancel its work. */
   private dropClient(identity: Buffer): void {
     const prefix = `${identity.toString('hex')}:`;
-    for (const [key, handle] of this.streams) if (key.startsWith(prefix)) handle.cancel();
+    for (const [key, stream] of this.streams) if (key.startsWith(prefix)) RpcServer.cancel(stream);
   }
 
   private async receiveLoop(): Promise<void> {
@@ -151,9 +151,11 @@ export class RpcServer {
     switch (request.type) {
       case 'generate':
         return this.generate(identity, key, request);
-      case 'cancel':
-        this.streams.get(key)?.cancel();
-        return reply({ cancelled: this.streams.has(key) });
+      case 'cancel': {
+        const stream = this.streams.get(key);
+        if (stream) RpcServer.cancel(stream);
+        return reply({ cancelled: stream !== undefined });
+      }
       case 'score': {
         this.cluster
           .score(request.ids, { full: request.full === true })
@@ -170,23 +172,35 @@ export class RpcServer {
       case 'stats':
         return reply(this.cluster.stats());
       case 'tokenize':
-        return reply({ ids: this.cluster.tokenizer.encode(request.text) });
+        this.cluster
+          .tokenize(request.text)
+          .then((ids) => reply({ ids }))
+          .catch((err) => this.error(identity, request.id, err));
+        return;
     }
+  }
+
+  /** Cancel a generation; one still being tokenized is cancelled as soon as it is submitted. */
+  private static cancel(stream: { handle: GenerationHandle | null; abort: AbortController }): void {
+    if (stream.handle) stream.handle.cancel();
+    else stream.abort.abort();
   }
 
   private generate(identity: Buffer, key: string, request: Extract<RpcRequest, { type: 'generate' }>): void {
     if (this.streams.has(key)) throw new WeftError('WEFT_BAD_REQUEST', `request id ${request.id} is already running on this connection`);
-    const handle = this.cluster.submit(
-      {
-        ...(request.prompt !== undefined && { prompt: request.prompt }),
-        ...(request.promptIds !== undefined && { promptIds: request.promptIds }),
-        ...(request.sampling !== undefined && { sampling: request.sampling }),
-      },
-      request.timeoutMs !== undefined ? { timeoutMs: request.timeoutMs } : {},
-    );
-    this.streams.set(key, handle);
+    const stream = { handle: null as GenerationHandle | null, abort: new AbortController() };
+    this.streams.set(key, stream);
     void (async () => {
       try {
+        const handle = await this.cluster.submit(
+          {
+            ...(request.prompt !== undefined && { prompt: request.prompt }),
+            ...(request.promptIds !== undefined && { promptIds: request.promptIds }),
+            ...(request.sampling !== undefined && { sampling: request.sampling }),
+          },
+          { signal: stream.abort.signal, ...(request.timeoutMs !== undefined && { timeoutMs: request.timeoutMs }) },
+        );
+        stream.handle = handle;
         for await (const event of handle.events) {
           if (event.type === 'token') this.send(identity, { v: RPC_VERSION, type: 'token', id: request.id, token: event.token, text: event.text });
           else {
@@ -205,7 +219,7 @@ export class RpcServer {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const handle of this.streams.values()) handle.cancel();
+    for (const stream of this.streams.values()) RpcServer.cancel(stream);
     this.router.close();
     if (this.usesZap) stopZap();
   }

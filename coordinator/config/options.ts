@@ -99,6 +99,8 @@ export const OPTIONS = {
   curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
   maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
   requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: milliseconds(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
+  textThreads: { flag: '--text-threads', arg: 'N', type: integer(1, 64), default: 2, help: 'threads that tokenize and render chat templates, off the event loop', uses: ['serve', 'cluster'] },
+  textBudgetMs: { flag: '--text-budget', arg: 'MS', type: milliseconds(1), default: 10_000, help: 'time one tokenization or chat-template render may take; its thread is then stopped', uses: ['serve', 'cluster'] },
   recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, defaultHelp: 'false (true in serve and serve())', help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
   maxRecoveries: { type: integer(1), default: 3, help: 'failed re-form attempts in a row before the cluster gives up', uses: ['cluster'] },
 

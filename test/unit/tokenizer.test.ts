@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, readdirSync, writeFileSync, copyFileSync, rm
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadTokenizer, type WeftTokenizer } from '../../coordinator/tokenizer.ts';
+import { loadTokenizer, MIN_CHARS_PER_TOKEN, type WeftTokenizer } from '../../coordinator/tokenizer.ts';
 import { isWeftError } from '../../core/errors.ts';
 
 const fixturesDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'hf-tiny');
@@ -69,9 +69,38 @@ for (const model of models) {
     // a literal special token in the text is the special token, as in HF
     assert.deepEqual(tok.encode('</s>', { addBos: false }), [cfg.eos_token_id]);
   });
+
+  test(`${model}: maxTextChars bounds what a number of tokens can spell (the prompt cap before tokenizing)`, () => {
+    const tok = loadTokenizer(dir);
+    assert.ok(tok.charsPerToken >= MIN_CHARS_PER_TOKEN);
+    assert.equal(tok.maxTextChars(512), 512 * tok.charsPerToken);
+    // the worst texts for the bound: each of the longest tokens repeated, and runs of one character
+    const spellings = Array.from({ length: tok.vocabSize }, (_, id) => tok.decode([id], { skipSpecial: false }));
+    const longest = [...spellings].sort((a, b) => b.length - a.length).slice(0, 20);
+    assert.ok(longest[0]!.length <= tok.charsPerToken, `longest token ${JSON.stringify(longest[0])}`);
+    const texts = [...ref.text.map((r) => r.text), ...longest.map((t) => t.repeat(50)), ' '.repeat(5000), '\n'.repeat(5000), 'a'.repeat(5000), '🦙'.repeat(500)];
+    for (const text of texts) {
+      const ids = tok.encode(text, { addBos: false });
+      assert.ok(text.length <= tok.maxTextChars(ids.length), `${JSON.stringify(text.slice(0, 40))}: ${text.length} characters in ${ids.length} tokens`);
+    }
+  });
 }
 
 const base = join(fixturesDir, 'llama-tiny');
+
+test('stream decoder: a run of invalid UTF-8 is not held back without end (each push decodes a bounded tail)', () => {
+  const tok = loadTokenizer(base);
+  const lone = Array.from({ length: tok.vocabSize }, (_, id) => id).find((id) => tok.decode([id]) === '\uFFFD')!;
+  assert.notEqual(lone, undefined, 'a token that is one byte of an incomplete UTF-8 sequence');
+  const dec = tok.createStreamDecoder();
+  const pieces = Array.from({ length: 100 }, () => dec.push(lone));
+  let held = 0;
+  for (const piece of pieces) {
+    held = piece === '' ? held + 1 : 0;
+    assert.ok(held <= 8, 'at most 8 ids held back');
+  }
+  assert.equal((pieces.join('') + dec.flush()).length, tok.decode(Array(100).fill(lone)).length);
+});
 
 test('stream decoder: multi-byte characters split across tokens concatenate to the full decode', () => {
   const tok = loadTokenizer(base);
