@@ -351,6 +351,11 @@ export class Cluster {
     return validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
   }
 
+  /** The longest text (prompt, chat) this cluster tokenizes: its context × the most characters one token spells. */
+  get maxTextChars(): number {
+    return this.tokenizer.maxTextChars(this.maxContext);
+  }
+
   /** A text longer than the context could hold is refused before any tokenizer work. */
   private checkTextLength(what: string, chars: number): void {
     const limit = this.tokenizer.maxTextChars(this.maxContext);

@@ -77,15 +77,21 @@ function sendError(res: ServerResponse, err: unknown): void {
 
 const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
 
-async function readJson(req: IncomingMessage, limit: number): Promise<unknown> {
+/** The most bytes a request body may have, and why (said in the refusal). */
+interface BodyLimit {
+  readonly bytes: number;
+  readonly why: string;
+}
+
+async function readJson(req: IncomingMessage, { bytes: limit, why }: BodyLimit): Promise<unknown> {
   requireJson(req);
   const declared = Number(req.headers['content-length'] ?? 0);
-  if (declared > limit) throw new HttpError(413, 'body_too_large', `the request body is ${declared} bytes; the limit is ${limit}`);
+  if (declared > limit) throw new HttpError(413, 'body_too_large', `the request body is ${declared} bytes; the limit is ${limit}${why}`);
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req as AsyncIterable<Buffer>) {
     size += chunk.length;
-    if (size > limit) throw new HttpError(413, 'body_too_large', `the request body is over the limit of ${limit} bytes`);
+    if (size > limit) throw new HttpError(413, 'body_too_large', `the request body is over the limit of ${limit} bytes${why}`);
     chunks.push(chunk);
   }
   try {
@@ -254,7 +260,14 @@ export class HttpGateway {
 }
 
 function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string, Handler> {
-  const limit = options.maxBodyBytes ?? 4 << 20;
+  // A body that could hold no prompt the context allows is refused from its length, before it is read or parsed
+  // (parsing megabytes of JSON would stall this event loop): 6 bytes per character (a JSON \uXXXX escape) of the
+  // longest text the cluster tokenizes, plus 64 KiB for the other fields, and never over 4 MiB.
+  const textBound = Math.min(4 << 20, 6 * cluster.maxTextChars + (64 << 10));
+  const limit: BodyLimit =
+    options.maxBodyBytes !== undefined
+      ? { bytes: options.maxBodyBytes, why: '' }
+      : { bytes: textBound, why: textBound < 4 << 20 ? ` (6 bytes for each of the ${cluster.maxTextChars} characters a prompt may have, plus 64 KiB)` : '' };
   const modelName = cluster.info().name;
   const checkModel = (model: string | undefined): void => {
     if (model !== undefined && model !== modelName) throw new HttpError(404, 'model_not_found', `model "${model}" is not served here; this server serves "${modelName}"`, 'model');
