@@ -351,10 +351,12 @@ export class Cluster {
           process.stderr.write(`weft: the draft group is back; speculative decoding resumes\n`);
           return;
         } catch (err) {
+          if (this.state === 'closed') return; // the cluster was closed meanwhile
           last = err as Error;
           process.stderr.write(`weft: re-forming the draft group failed (attempt ${attempt} of ${attempts}): ${last.message}\n`);
         }
-        await new Promise((r) => setTimeout(r, 1000 * attempt)); // a fault that repeats at once (memory) gets time to clear
+        // a fault that repeats at once (memory still held) gets time to clear
+        if (attempt < attempts) await new Promise((r) => setTimeout(r, 1000 * attempt));
       }
       process.stderr.write(`weft: speculative decoding stays off: the draft group could not be re-formed after ${attempts} attempts\n`);
     } finally {
