@@ -6,7 +6,7 @@
 import { Command, Option } from 'commander';
 import { startCluster, type Cluster, type ClusterOptions } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
-import { exitCodeFor, isWeftError } from '../core/errors.ts';
+import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
 import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
 
 const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
@@ -34,10 +34,24 @@ function command<C extends CommandName>(program: Command, name: C, run: (config:
     flagged.push([key, option]);
   }
   cmd.action(async () => {
-    processEnvironment(); // a bad WEFT_* variable fails here, before anything starts
     const flags = Object.fromEntries(flagged.map(([key, option]) => [key, cmd.getOptionValue(option.attributeName()) as string | true | undefined]));
-    await run(commandConfig(name, flags));
+    let config: ConfigOf<C>;
+    try {
+      processEnvironment(); // a bad WEFT_* variable fails here, before anything starts
+      config = commandConfig(name, flags);
+    } catch (err) {
+      throw asConfigError(err);
+    }
+    await run(config);
   });
+}
+
+/**
+ * A flag or WEFT_* variable that does not fit is the operator's configuration, not a client's request: it
+ * exits with EXIT_CONFIG so that pm2 does not restart a process that would fail the same way.
+ */
+function asConfigError(err: unknown): unknown {
+  return isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' ? new WeftError('WEFT_BAD_CONFIG', err.message, { cause: err }) : err;
 }
 
 async function withCluster<T>(config: ConfigOf<'generate' | 'score'>, run: (cluster: Cluster) => Promise<T>): Promise<T> {
@@ -108,16 +122,17 @@ async function serveCommand(config: ConfigOf<'serve'>): Promise<void> {
     onStateChange: (state, detail) => emit({ event: 'state', state, detail }),
   });
   emit({ event: 'listening', rpc: server.rpcEndpoint, http: server.httpUrl, model: server.cluster.info().name, tp: config.tp });
-  const exitCode = await new Promise<number>((resolve) => {
-    process.once('SIGINT', () => resolve(0));
-    process.once('SIGTERM', () => resolve(0));
-    server.cluster.ready.catch(() => resolve(1));
-    const watch = setInterval(() => server.cluster.state === 'failed' && resolve(1), 500);
+  // null: stopped by a signal; else the fault that ends the server (main prints it and picks the exit code)
+  const fault = await new Promise<unknown>((resolve) => {
+    process.once('SIGINT', () => resolve(null));
+    process.once('SIGTERM', () => resolve(null));
+    server.cluster.ready.catch((err: unknown) => resolve(err));
+    const watch = setInterval(() => server.cluster.state === 'failed' && resolve(new WeftError('WEFT_WORKER_DIED', server.cluster.stats().detail)), 500);
     watch.unref();
   });
-  emit({ event: 'stopping', exitCode });
+  emit({ event: 'stopping', exitCode: fault === null ? 0 : exitCodeFor(fault) });
   await server.close();
-  process.exitCode = exitCode;
+  if (fault !== null) throw fault;
 }
 
 /** What the worker entry module exports; loaded by path, the way a coordinator spawns it, never imported. */

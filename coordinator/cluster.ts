@@ -10,6 +10,9 @@
  * Text work (tokenizing prompts, rendering the chat template, decoding long id lists) runs in the text threads
  * (text-pool.ts), never on the event loop; a text longer than the context could hold is refused before any of
  * it (tokenizer.ts, maxTextChars). Decoding the streamed tokens stays here: a bounded tail per token, tens of µs.
+ *
+ * A draft group's fault costs no request: decoding goes on with the target alone while the draft group re-forms
+ * in the background (at most `maxRecoveries` attempts), and speculation resumes once it is back.
  */
 import { join, basename, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
@@ -24,7 +27,7 @@ import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
-import { WeftError } from '../core/errors.ts';
+import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
 import { KvBlockTable, kvCacheLayout } from '../core/kv-block-table.ts';
@@ -151,6 +154,10 @@ export class Cluster {
   private detail = 'loading weights';
   private recovering = false;
   private reformCount = 0;
+  private draftReforming = false;
+  private draftReformCount = 0;
+  /** the last draft fault, kept after the draft group is back (speculationStats reports it) */
+  private lastDraftFault: Error | null = null;
   /** resolves when the cluster first becomes ready; rejects if it never does */
   readonly ready: Promise<void>;
   /** The model's chat template (with the `chatTemplate` option), rendered and tokenized in the text threads; null when there is none. */
@@ -223,7 +230,11 @@ export class Cluster {
       ...(onProgress && { onProgress }),
       onFailure: (err) => cluster?.onFault(err),
     });
-    const [text] = await Cluster.allStarted([textStarting, group] as const); // a port already in use fails here, before the cluster exists
+    // a port already in use fails here, before the cluster exists
+    const groupListening = group.catch((err: unknown) => {
+      throw listenError(err, `tcp://${options.workerHost}:${options.workerPort}`, 'workers');
+    });
+    const [text] = await Cluster.allStarted([textStarting, groupListening] as const);
     let draft: DraftSide | null = null;
     if (options.draftModelDir !== undefined && draftSpec && draftPlan) {
       const draftGroup = WorkerGroup.bind({
@@ -234,8 +245,7 @@ export class Cluster {
         devices: options.draftGpus ?? Array.from({ length: draftPlan.tp }, (_, r) => r),
         heartbeatTimeoutMs: options.heartbeatTimeoutMs,
         joinTimeoutMs: options.joinTimeoutMs,
-        // a dead draft costs speed, not requests: decoding goes on with the target alone
-        onFailure: (err) => cluster?.speculative?.disableDraft(err),
+        onFailure: (err) => cluster?.onDraftFault(err),
       });
       await Cluster.allStarted([draftGroup, group, Promise.resolve(text)] as const);
       const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
@@ -284,7 +294,8 @@ export class Cluster {
       await Promise.all([this.group.join(), this.draft?.group?.join()]);
       await Promise.all([this.group.init(this.initCommand), this.draft?.group?.init(this.draft.initCommand)]);
     } catch (err) {
-      if (!this.options.recover || this.stateValue === 'closed') {
+      // a configuration error (weights, model) fails the same way on every attempt: no re-form
+      if (!this.options.recover || this.stateValue === 'closed' || exitCodeFor(err) === EXIT_CONFIG) {
         this.setState('failed', (err as Error).message);
         this.scheduler.failAll(err as Error);
         throw err;
@@ -323,13 +334,17 @@ export class Cluster {
         try {
           await this.group.reform();
           await this.group.init(this.initCommand);
-          if (this.draft?.group) {
+          // a draft re-forming on its own is left to finish; otherwise its cache is stale (or it is dead): rebuild it too
+          if (this.draft?.group && !this.draftReforming) {
             await this.draft.group.reform();
             await this.draft.group.init(this.draft.initCommand);
+            this.speculative!.enableDraft();
           }
           this.reformCount++;
           this.setState('ready', `serving again after re-forming the group (${cause.message})`);
           this.scheduler.resume();
+          const draftFault = this.speculative?.draftError;
+          if (draftFault) void this.reformDraft(draftFault); // the draft died while the target re-formed
           return;
         } catch (err) {
           last = err as Error;
@@ -341,6 +356,47 @@ export class Cluster {
       this.scheduler.failAll(fatal);
     } finally {
       this.recovering = false;
+    }
+  }
+
+  /** A draft fault costs speed, not requests: rounds go on with the target alone while the draft group re-forms. */
+  private onDraftFault(err: Error): void {
+    this.lastDraftFault = err;
+    this.speculative?.disableDraft(err);
+    // while loading, bringUp fails on it; while recovering, recover() re-forms the draft afterwards
+    if (this.stateValue === 'ready') void this.reformDraft(err);
+  }
+
+  /** Re-form the draft group in the background, `maxRecoveries` attempts at most; speculation resumes once it is back. */
+  private async reformDraft(cause: Error): Promise<void> {
+    const draft = this.draft;
+    if (!draft?.group || this.draftReforming) return;
+    this.draftReforming = true;
+    const attempts = this.options.maxRecoveries;
+    let last = cause;
+    try {
+      for (let attempt = 1; attempt <= attempts; attempt++) {
+        // closed, or the target group is re-forming: recover() re-forms the draft group with it
+        if (this.stateValue === 'closed' || this.recovering) return;
+        process.stderr.write(`weft: re-forming the draft group (attempt ${attempt} of ${attempts}) after: ${last.message}\n`);
+        try {
+          await draft.group.reform();
+          await draft.group.init(draft.initCommand);
+          this.draftReformCount++;
+          this.speculative!.enableDraft();
+          process.stderr.write(`weft: the draft group is back; speculative decoding resumes\n`);
+          return;
+        } catch (err) {
+          if (this.state === 'closed') return; // the cluster was closed meanwhile
+          last = err as Error;
+          process.stderr.write(`weft: re-forming the draft group failed (attempt ${attempt} of ${attempts}): ${last.message}\n`);
+        }
+        // a fault that repeats at once (memory still held) gets time to clear
+        if (attempt < attempts) await new Promise((r) => setTimeout(r, 1000 * attempt));
+      }
+      process.stderr.write(`weft: speculative decoding stays off: the draft group could not be re-formed after ${attempts} attempts\n`);
+    } finally {
+      this.draftReforming = false;
     }
   }
 
@@ -470,9 +526,14 @@ export class Cluster {
     await Promise.all([this.group?.close(), this.draft?.group?.close(), this.text.close()]);
   }
 
-  /** Speculative decoding counters (rounds, proposed and accepted draft tokens, time in each model), and the draft fault that turned it off, if any. */
-  speculationStats(): (SpeculationStats & { draftError: string | null }) | null {
-    return this.speculative ? { ...this.speculative.stats, draftError: this.speculative.draftError?.message ?? null } : null;
+  /**
+   * Speculative decoding counters (rounds, proposed and accepted draft tokens, time in each model); whether the
+   * draft is proposing now, the last draft fault (kept after the group is back) and how often it re-formed.
+   */
+  speculationStats(): (SpeculationStats & { draftActive: boolean; draftError: string | null; draftReforms: number }) | null {
+    if (!this.speculative) return null;
+    const draftError = (this.speculative.draftError ?? this.lastDraftFault)?.message ?? null;
+    return { ...this.speculative.stats, draftActive: this.speculative.draftError === null, draftError, draftReforms: this.draftReformCount };
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -8,7 +8,7 @@ import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { Cluster, type ClusterOptions, type ClusterState } from './cluster.ts';
-import { WeftError } from '../core/errors.ts';
+import { WeftError, listenError } from '../core/errors.ts';
 import { apiConfig } from './config.ts';
 import { RpcServer, isLoopback } from './api/server.ts';
 import { HttpGateway } from './api/http.ts';
@@ -43,7 +43,7 @@ export interface RunningServer {
 export async function serve(options: ServeOptions): Promise<RunningServer> {
   const { host, rpcPort, httpPort, apiKey, recover, allowedHosts, corsOrigins, clientTimeoutMs } = apiConfig('server', options);
   if (!isLoopback(host) && (!options.curve || !apiKey))
-    throw new WeftError('WEFT_BAD_REQUEST', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
+    throw new WeftError('WEFT_BAD_CONFIG', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
   let metrics: WeftMetrics | null = null;
   // the chat template is loaded (and probed) in the cluster's text threads, where a slow one cannot stall this loop
   const cluster = await Cluster.open({ ...options, recover, chatTemplate: true, observer: { ...forward(() => metrics) } });
@@ -52,8 +52,13 @@ export async function serve(options: ServeOptions): Promise<RunningServer> {
   let rpc: RpcServer | null = null;
   let http: HttpGateway | null = null;
   try {
-    rpc = await RpcServer.start(cluster, { host, port: rpcPort, ...(options.curve && { curve: options.curve }) });
-    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate: cluster.chatTemplate, metrics, clientTimeoutMs, ...(apiKey !== undefined && { apiKey }), ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }) });
+    const at = (scheme: string, port: number): string => `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`;
+    rpc = await RpcServer.start(cluster, { host, port: rpcPort, ...(options.curve && { curve: options.curve }) }).catch((err: unknown) => {
+      throw listenError(err, at('tcp', rpcPort), 'RPC');
+    });
+    http = await HttpGateway.start(cluster, { host, port: httpPort, chatTemplate: cluster.chatTemplate, metrics, clientTimeoutMs, ...(apiKey !== undefined && { apiKey }), ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }) }).catch((err: unknown) => {
+      throw listenError(err, at('http', httpPort), 'HTTP');
+    });
   } catch (err) {
     await rpc?.close();
     await cluster.close();
@@ -94,7 +99,7 @@ export function readCurveDir(dir: string): CurveServerKeys {
       throw new Error('server.json must hold {publicKey, secretKey} as 40-character Z85 strings');
     return { publicKey: server.publicKey, secretKey: server.secretKey, allowedClientKeys };
   } catch (err) {
-    throw new WeftError('WEFT_BAD_REQUEST', `cannot read CURVE keys from ${dir}: ${(err as Error).message}`);
+    throw new WeftError('WEFT_BAD_CONFIG', `cannot read CURVE keys from ${dir}: ${(err as Error).message}`);
   }
 }
 

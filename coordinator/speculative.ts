@@ -137,9 +137,9 @@ export interface RoundSequence {
  * cache need no undo: the next round writes over them, and attention reads only positions it wrote.
  */
 export class SpeculativeExecutor {
-  private readonly drafts = new WeakMap<SequenceState, DraftState>();
+  private drafts = new WeakMap<SequenceState, DraftState>();
   readonly stats: SpeculationStats = { rounds: 0, proposed: 0, accepted: 0, emitted: 0, draftSeconds: 0, targetSeconds: 0 };
-  /** Set when the draft group failed: rounds go on with the target alone (k = 0), so no request fails for it. */
+  /** Set while the draft group is down: rounds go on with the target alone (k = 0), so no request fails for it. */
   private draftFault: Error | null = null;
 
   constructor(
@@ -241,10 +241,16 @@ export class SpeculativeExecutor {
   disableDraft(err: Error): void {
     if (this.draftFault) return;
     this.draftFault = err;
-    process.stderr.write(`weft: speculative decoding is off from now on, the draft failed: ${err.message}\n`);
+    process.stderr.write(`weft: speculative decoding is off until the draft group is back, the draft failed: ${err.message}\n`);
   }
 
-  /** The draft-group fault that turned speculation off, if any. */
+  /** The draft group is back with an empty KV cache: propose again, every sequence's draft fed from its start. */
+  enableDraft(): void {
+    this.drafts = new WeakMap();
+    this.draftFault = null;
+  }
+
+  /** The draft-group fault that turned speculation off, while it is off. */
   get draftError(): Error | null {
     return this.draftFault;
   }

@@ -139,6 +139,8 @@ export class WorkerGroup {
     await this.client.shutdownAll();
     // wait for the old processes to be gone; kill the ones that do not listen (a hung worker)
     await Promise.all(this.spawned.map((_, rank) => this.stopRank(rank, graceMs)));
+    // closed while the old ranks stopped: spawning now would leave processes nobody closes
+    if (this.closing) throw new WeftError('WEFT_CLOSED', `the ${this.label} group was closed while re-forming`);
     this.client.reset(stalePids);
     this.spawnAll();
     await this.join();

@@ -8,6 +8,8 @@ export type WeftErrorCode =
   | 'WEFT_BAD_WEIGHTS' // safetensors file missing, truncated, wrong dtype or shape
   | 'WEFT_BAD_SHARD' // the tensor-parallel degree cannot split this model
   | 'WEFT_BAD_REQUEST' // prompt too long, bad sampling parameters, bad ids
+  | 'WEFT_BAD_CONFIG' // an option, environment variable or key file the operator gave is invalid
+  | 'WEFT_ADDRESS_IN_USE' // a socket weft must listen on is taken by another process
   | 'WEFT_WORKER_DIED' // a worker process exited or stopped answering
   | 'WEFT_WORKER_ERROR' // a worker reported an error while running a command
   | 'WEFT_PROTOCOL' // malformed or unexpected control-plane message
@@ -36,9 +38,27 @@ export function isWeftError(err: unknown): err is WeftError {
  */
 export const EXIT_CONFIG = 78;
 
-const CONFIG_CODES: ReadonlySet<string> = new Set(['WEFT_BAD_MODEL', 'WEFT_UNSUPPORTED_MODEL', 'WEFT_BAD_WEIGHTS', 'WEFT_BAD_SHARD']);
+/**
+ * A busy port counts as configuration: it stays busy across restarts (pm2 restarts a process only after the old
+ * one has exited, and weft's sockets reuse addresses), so restarting in a loop cannot free it.
+ */
+const CONFIG_CODES: ReadonlySet<string> = new Set(['WEFT_BAD_MODEL', 'WEFT_UNSUPPORTED_MODEL', 'WEFT_BAD_WEIGHTS', 'WEFT_BAD_SHARD', 'WEFT_BAD_CONFIG', 'WEFT_ADDRESS_IN_USE']);
 
 /** The exit code for an error that ends a command: EXIT_CONFIG for configuration errors, 1 otherwise. */
 export function exitCodeFor(err: unknown): number {
   return isWeftError(err) && CONFIG_CODES.has(err.code) ? EXIT_CONFIG : 1;
+}
+
+/**
+ * A failed bind or listen as an error naming the socket (`what`: RPC, HTTP, workers) and its endpoint; Node and
+ * ZeroMQ both say only "address already in use". Errors that are not about the address pass through unchanged.
+ */
+export function listenError(err: unknown, endpoint: string, what: string): unknown {
+  const code = (err as { code?: unknown } | null)?.code;
+  const message = err instanceof Error ? err.message : String(err);
+  if (code === 'EADDRINUSE' || /address already in use/i.test(message))
+    return new WeftError('WEFT_ADDRESS_IN_USE', `cannot listen on ${endpoint} (${what}): address already in use`, { cause: err });
+  if (code === 'EADDRNOTAVAIL' || code === 'EACCES' || /cannot assign requested address|permission denied/i.test(message))
+    return new WeftError('WEFT_BAD_CONFIG', `cannot listen on ${endpoint} (${what}): ${message}`, { cause: err });
+  return err;
 }

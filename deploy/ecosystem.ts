@@ -21,7 +21,7 @@ export interface EcosystemConfig {
   readonly gpus: readonly number[] | null;
   /**
    * The coordinator's `weft serve` options (absolute model paths); it waits for the workers on `workerPort`
-   * (127.0.0.1). A draft's workers are the coordinator's own children (a dead draft turns speculation off).
+   * (127.0.0.1). A draft's workers are the coordinator's own children (a dead draft group re-forms in the background).
    */
   readonly serve: Partial<ConfigOf<'serve'>> & Pick<ConfigOf<'serve'>, 'modelDir' | 'tp' | 'workerPort'>;
 }

@@ -2,7 +2,9 @@
  * `weft launch | status | logs | stop`: a cluster under pm2. launch writes the ecosystem file (and a 0600
  * shared secret for the workers) into the cluster's directory, $WEFT_HOME/<name> (default ~/.weft/<name>),
  * starts it through pm2's programmatic API and waits until `/health` answers 200, printing each rank's load
- * progress meanwhile. stop deletes the cluster's pm2 namespace, waits until every process is gone, and stops the
+ * progress meanwhile. A coordinator that exits during start-up (a bad model, a busy port) ends the wait at once
+ * with its own `weft: CODE: message` line, and the cluster's processes are deleted (so too after the timeout).
+ * stop deletes the cluster's pm2 namespace, waits until every process is gone, and stops the
  * pm2 daemon when nothing else runs under it. pm2 is loaded only here, never by WeftClient.
  */
 import { mkdirSync, writeFileSync, readFileSync, existsSync, statSync, openSync, readSync, closeSync } from 'node:fs';
@@ -11,7 +13,7 @@ import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import pm2 from 'pm2';
-import { WeftError } from '../core/errors.ts';
+import { EXIT_CONFIG, WeftError, type WeftErrorCode } from '../core/errors.ts';
 import { buildEcosystem } from './ecosystem.ts';
 import { WEFT_BIN, type ConfigOf } from '../coordinator/config.ts';
 
@@ -96,16 +98,52 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
     const existing = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
     if (existing.some((p) => p.name?.startsWith(`${record.namespace}-`))) throw new WeftError('WEFT_BAD_REQUEST', `cluster "${name}" is already running; weft stop --name ${name} first`);
     await p2((cb) => api.start(ecosystem as unknown as pm2.StartOptions, cb));
+    // one pm2 connection for the whole launch: pm2's client crashes when it reconnects right after a disconnect
+    try {
+      await waitReady(record, config.waitTimeoutMs, log, () => coordinatorExit(api, record));
+    } catch (err) {
+      log(`weft: ${name} did not start; deleting its pm2 processes`);
+      await deleteCluster(api, record).catch((stopErr: unknown) => log(`weft: could not delete the processes of ${name}: ${(stopErr as Error).message}`));
+      throw err;
+    }
   });
-  await waitReady(record, config.waitTimeoutMs, log);
   return record;
 }
 
-/** Poll /health until 200, printing per-rank load progress; fail if the deadline passes. */
-async function waitReady(record: ClusterRecord, timeoutMs: number, log: (line: string) => void): Promise<void> {
+/** pm2 states of a process that runs (or is being started); any other one means it exited. */
+const RUNNING_STATES: ReadonlySet<string> = new Set(['online', 'launching']);
+
+/**
+ * The coordinator's start-up failure, if it has exited: pm2 holds it stopped (exit 78), errored, or has
+ * restarted it. The error is its own last `weft: CODE: message` line, read from its pm2 log.
+ */
+async function coordinatorExit(api: typeof pm2, record: ClusterRecord): Promise<WeftError | null> {
+  const name = `${record.namespace}-coordinator`;
+  const [app] = await p2<pm2.ProcessDescription[]>((cb) => api.describe(name, cb));
+  const env = app?.pm2_env;
+  // pm2 7 reports an app it will not restart (a stop exit code) as 'waiting restart' when a restart delay is set
+  if (!env || (RUNNING_STATES.has(env.status ?? '') && (env.restart_time ?? 0) === 0)) return null;
+  const exitCode = (env as { exit_code?: number }).exit_code;
+  const how = `the coordinator of "${record.name}" exited during start-up${exitCode !== undefined ? ` with code ${exitCode}` : ''}`;
+  // pm2 writes the log from the process's pipe: the last line can land just after the exit is reported
+  const errLog = record.apps.find((a) => a.name === name)!.err;
+  for (let tries = 0; tries < 10; tries++) {
+    const line = tailLines(errLog, 50).reverse().find((l) => /weft: WEFT_[A-Z_]+: /.test(l));
+    const [, code, message] = /weft: (WEFT_[A-Z_]+): (.*)$/.exec(line ?? '') ?? [];
+    if (code !== undefined) return new WeftError(code as WeftErrorCode, `${message} (${how})`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  const last = tailLines(errLog, 1)[0];
+  return new WeftError(exitCode === EXIT_CONFIG ? 'WEFT_BAD_CONFIG' : 'WEFT_WORKER_DIED', `${how}${last ? `; its last line: ${last}` : ''}; see weft logs --name ${record.name}`);
+}
+
+/** Poll /health until 200, printing per-rank load progress; fail if the coordinator exits or the deadline passes. */
+async function waitReady(record: ClusterRecord, timeoutMs: number, log: (line: string) => void, exited: () => Promise<WeftError | null>): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let lastLine = '';
   while (Date.now() < deadline) {
+    const failure = await exited();
+    if (failure) throw failure;
     try {
       const res = await fetch(`${record.http}/health`, { signal: AbortSignal.timeout(2000) });
       const body = (await res.json()) as { status: string; ranks?: { rank: number; bytesRead: number; bytesTotal: number; joined: boolean }[] };
@@ -158,52 +196,57 @@ export async function status(cluster: ClusterRef): Promise<{ apps: AppStatus[]; 
   return { apps, health };
 }
 
+/** The last `lines` non-empty lines of a log file (read from its last 256 KiB); none when it is missing. */
+function tailLines(path: string, lines: number): string[] {
+  if (!existsSync(path)) return [];
+  const size = statSync(path).size;
+  const length = Math.min(size, 256 * 1024);
+  const buffer = Buffer.alloc(length);
+  const fd = openSync(path, 'r');
+  try {
+    readSync(fd, buffer, 0, length, size - length);
+  } finally {
+    closeSync(fd);
+  }
+  return buffer.toString('utf8').split('\n').filter(Boolean).slice(-lines);
+}
+
 /** The last `lines` lines of each process's logs. */
 export function logs(cluster: ClusterRef, lines: number): string {
   const record = readRecord(cluster);
-  const tail = (path: string): string => {
-    if (!existsSync(path)) return '';
-    const size = statSync(path).size;
-    const length = Math.min(size, 256 * 1024);
-    const buffer = Buffer.alloc(length);
-    const fd = openSync(path, 'r');
-    try {
-      readSync(fd, buffer, 0, length, size - length);
-    } finally {
-      closeSync(fd);
-    }
-    return buffer.toString('utf8').split('\n').filter(Boolean).slice(-lines).join('\n');
-  };
+  const tail = (path: string): string => tailLines(path, lines).join('\n');
   return record.apps.map((app) => `==> ${app.name} <==\n${[tail(app.out), tail(app.err)].filter(Boolean).join('\n')}`).join('\n\n') + '\n';
 }
 
-/** Delete the cluster's processes, wait until they are gone, and stop the pm2 daemon when it has nothing else. */
+/** Stop a launched cluster: its processes deleted and gone, and the pm2 daemon too when it has nothing else. */
 export async function stop(cluster: ClusterRef): Promise<{ stopped: string[] }> {
   const record = readRecord(cluster);
-  let killDaemon = false;
-  const stopped = await withPm2(async (api) => {
-    const list = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
-    const ours = list.filter((p) => p.name?.startsWith(`${record.namespace}-`));
-    const pids = ours.map((p) => p.pid ?? 0).filter((pid) => pid > 0);
-    if (ours.length > 0) await p2((cb) => api.delete(record.namespace, cb));
-    const deadline = Date.now() + 20_000;
-    const alive = (pid: number): boolean => {
-      try {
-        process.kill(pid, 0);
-        return true;
-      } catch {
-        return false;
-      }
-    };
-    while (pids.some(alive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    for (const pid of pids.filter(alive)) process.kill(pid, 'SIGKILL');
-    killDaemon = list.length === ours.length;
-    if (killDaemon) await p2((cb) => api.killDaemon(cb as (err: Error | null, v: unknown) => void));
-    return ours.map((p) => p.name ?? '');
-  });
-  // pm2's client can keep a socket to the daemon it just killed: never let it hold this process open
-  if (killDaemon) setTimeout(() => process.exit(), 2000).unref();
-  return { stopped };
+  return withPm2((api) => deleteCluster(api, record));
+}
+
+/** Delete a cluster's pm2 namespace, wait until its processes are gone, and stop the daemon when it has nothing else. */
+async function deleteCluster(api: typeof pm2, record: ClusterRecord): Promise<{ stopped: string[] }> {
+  const list = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
+  const ours = list.filter((p) => p.name?.startsWith(`${record.namespace}-`));
+  const pids = ours.map((p) => p.pid ?? 0).filter((pid) => pid > 0);
+  if (ours.length > 0) await p2((cb) => api.delete(record.namespace, cb));
+  const deadline = Date.now() + 20_000;
+  const alive = (pid: number): boolean => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  while (pids.some(alive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  for (const pid of pids.filter(alive)) process.kill(pid, 'SIGKILL');
+  if (list.length === ours.length) {
+    await p2((cb) => api.killDaemon(cb as (err: Error | null, v: unknown) => void));
+    // pm2's client can keep a socket to the daemon it just killed: never let it hold this process open
+    setTimeout(() => process.exit(), 2000).unref();
+  }
+  return { stopped: ours.map((p) => p.name ?? '') };
 }
 
 /** The draft group: its model, and one GPU per draft rank (default: the target's first GPU), or none on the CPU. */

@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { cpSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createServer, type AddressInfo } from 'node:net';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { runWeft, type CliResult } from '../helpers/cli.ts';
 import { declarationsOf, type CommandName } from '../../coordinator/config.ts';
@@ -130,12 +131,13 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
     assert.equal(result.code, 1, 'a bad request is not a configuration error');
   });
 
-  test('a bad option value names the option and the value, before any worker starts', async () => {
+  test('a bad option value names the option and the value, before any worker starts; exit 78', async () => {
     const result = await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--tp', 'two']);
-    assertCleanFailure(result, /^weft: WEFT_BAD_REQUEST: --tp must be an integer >= 1, got "two"$/);
-    assert.equal(result.code, 1);
+    assertCleanFailure(result, /^weft: WEFT_BAD_CONFIG: --tp must be an integer >= 1, got "two"$/);
+    assert.equal(result.code, 78, 'a flag the operator set is configuration: pm2 must not restart it');
     const fromEnv = await runWeft(['serve', '--model', llama, '--rpc-port', '0', '--http-port', '0'], { env: { WEFT_WORKER_STDERR: 'loud' } });
-    assertCleanFailure(fromEnv, /WEFT_WORKER_STDERR must be one of tail, inherit, got "loud"/);
+    assertCleanFailure(fromEnv, /^weft: WEFT_BAD_CONFIG: WEFT_WORKER_STDERR must be one of tail, inherit, got "loud"/);
+    assert.equal(fromEnv.code, 78);
   });
 
   test('invalid sampling parameters', async () => {
@@ -144,6 +146,47 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-k', '-3']), /top-k/);
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-k', '100000']), /top.?k/i);
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt-ids', '1,2,x']), /entry 2/);
+  });
+});
+
+describe('weft serve: configuration errors exit 78 (EX_CONFIG, in pm2 stop_exit_codes) with one line', () => {
+  let scratch: string;
+  before(() => {
+    scratch = mkdtempSync(join(tmpdir(), 'weft-cli-serve-'));
+  });
+  after(() => rmSync(scratch, { recursive: true, force: true }));
+  const serveArgs = (model: string, ...more: string[]): string[] => ['serve', '--model', model, '--tp', '2', '--threads', '1', ...more];
+
+  test('truncated weights: the worker error, no re-form attempts', async () => {
+    const dir = join(scratch, 'truncated');
+    cpSync(llama, dir, { recursive: true });
+    const file = join(dir, 'model.safetensors');
+    truncateSync(file, Math.floor(statSync(file).size / 2));
+    const result = await runWeft(serveArgs(dir, '--rpc-port', '0', '--http-port', '0'));
+    assertCleanFailure(result, /^weft: WEFT_BAD_WEIGHTS: .*(truncat|past the end|end of)/i);
+    assert.equal(result.code, 78);
+  });
+
+  test('a non-loopback --host without CURVE keys and an API key', async () => {
+    const result = await runWeft(serveArgs(llama, '--host', '0.0.0.0', '--rpc-port', '0', '--http-port', '0'));
+    assertCleanFailure(result, /^weft: WEFT_BAD_CONFIG: serving on 0\.0\.0\.0 \(not loopback\) needs CURVE keys/);
+    assert.equal(result.code, 78);
+  });
+
+  test('a busy RPC or HTTP port names the socket and its endpoint', async () => {
+    const busy = createServer();
+    await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
+    const { port } = busy.address() as AddressInfo;
+    try {
+      const rpc = await runWeft(serveArgs(llama, '--rpc-port', String(port), '--http-port', '0'));
+      assertCleanFailure(rpc, new RegExp(`^weft: WEFT_ADDRESS_IN_USE: cannot listen on tcp://127\\.0\\.0\\.1:${port} \\(RPC\\): address already in use$`));
+      assert.equal(rpc.code, 78);
+      const http = await runWeft(serveArgs(llama, '--rpc-port', '0', '--http-port', String(port)));
+      assertCleanFailure(http, new RegExp(`^weft: WEFT_ADDRESS_IN_USE: cannot listen on http://127\\.0\\.0\\.1:${port} \\(HTTP\\): address already in use$`));
+      assert.equal(http.code, 78);
+    } finally {
+      busy.close();
+    }
   });
 });
 

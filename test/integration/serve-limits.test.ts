@@ -121,7 +121,7 @@ describe('weft serve with 1 KV slot, a queue of 1, a bearer token and a chat tem
 
 test('serving beyond loopback without CURVE keys and a token is refused before any worker starts', async () => {
   const result = await runWeft(['serve', '--model', fixtureDir('llama-tiny'), '--host', '0.0.0.0', '--rpc-port', '0', '--http-port', '0'], { timeoutMs: 30_000 });
-  assert.equal(result.code, 1);
-  assert.match(result.stderr, /^weft: WEFT_BAD_REQUEST: serving on 0\.0\.0\.0 \(not loopback\) needs CURVE keys/);
+  assert.equal(result.code, 78);
+  assert.match(result.stderr, /^weft: WEFT_BAD_CONFIG: serving on 0\.0\.0\.0 \(not loopback\) needs CURVE keys/);
   assert.deepEqual(result.leftover, []);
 });

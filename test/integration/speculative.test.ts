@@ -8,12 +8,14 @@
  *   Temperature 0.4 and top-k 4 keep 16 cells; chi-square with 15 degrees of freedom at significance 0.001
  *   (critical 37.70). Measured once with the residual replaced by p (a wrong rule): chi-square 98.4, so the
  *   test tells; with the right rule it read 22.5. test/unit/speculative.test.ts keeps a wrong rule failing.
+ * - A dead draft (reliability goal G3): the request in flight ends with the target's greedy tokens, the draft
+ *   group re-forms in the background and a later request speculates again.
  */
 import { describe, test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
 import { samplingDistribution } from '../../coordinator/speculative.ts';
-import { fixtureDir, readReference } from '../helpers/fixtures.ts';
+import { fixtureDir, readReference, waitFor } from '../helpers/fixtures.ts';
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -97,5 +99,32 @@ test('sampling with speculation follows the target distribution (chi-square, 15 
   } finally {
     await cluster.close();
     rmSync(draftDir, { recursive: true, force: true });
+  }
+});
+
+test('a killed draft worker: the stream completes with greedy tokens, the draft group re-forms within 30 s and speculation resumes (G3)', async () => {
+  const reference = readReference('llama-tiny');
+  const cluster = await startCluster({ modelDir: fixtureDir('llama-tiny'), threads: 1, draft: { modelDir: fixtureDir('llama-tiny-bf16'), k: 2 } });
+  try {
+    const events = cluster.generate({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
+    assert.equal((await events.next()).done, false);
+    const [, draftPid] = cluster.workerPids(); // target rank 0, then draft rank 0
+    const killedAt = performance.now();
+    process.kill(draftPid!, 'SIGKILL');
+    let tokens: number[] = [];
+    for (let e = await events.next(); !e.done; e = await events.next()) if (e.value.type === 'done') tokens = e.value.tokens;
+    assert.equal(tokens.length, 200, 'the request in flight finished');
+    assert.deepEqual(tokens.slice(0, 24), reference.greedy[0], "the target's greedy output");
+    assert.match(cluster.speculationStats()!.draftError ?? '', /draft worker rank 0/, 'the fault was noticed and named');
+    assert.ok(await waitFor(() => cluster.speculationStats()!.draftActive, 30_000), 'the draft group is back within 30 s');
+    const stats = cluster.speculationStats()!;
+    console.log(`# draft group back ${((performance.now() - killedAt) / 1000).toFixed(1)} s after the kill`);
+    assert.equal(stats.draftReforms, 1);
+    assert.notEqual(cluster.workerPids()[1], draftPid, 'a new draft process');
+    const proposedBefore = stats.proposed;
+    assert.deepEqual(await generate(cluster, reference.prompts[1]!, { maxNewTokens: 24, ignoreEos: true }), reference.greedy[1], 'greedy after the re-form');
+    assert.ok(cluster.speculationStats()!.proposed > proposedBefore, 'the later request speculates again');
+  } finally {
+    await cluster.close();
   }
 });
