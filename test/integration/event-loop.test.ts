@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { WeftClient } from '../../coordinator/api/client.ts';
 import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
-import { startServe, type ServeProcess } from './serve-helpers.ts';
+import { startServe, stopCleanly, type ServeProcess } from './serve-helpers.ts';
 
 const reference = readReference('llama-tiny');
 /** Each message's content, a user's after a loop over (its length)² that prints nothing: instant on short messages, about a minute on 3000 characters. */
@@ -104,9 +104,7 @@ describe('the event loop while 4 streams decode (TP=2) and text attacks arrive o
   });
   after(async () => {
     await client?.close();
-    const { code, leftover } = await server.stop();
-    assert.equal(code, 0, `exit code; stderr: ${server.stderr()}`);
-    assert.deepEqual(leftover, [], 'no worker left behind after SIGTERM');
+    await stopCleanly(server);
     rmSync(dir, { recursive: true, force: true });
   });
 

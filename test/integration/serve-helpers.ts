@@ -1,4 +1,5 @@
 /** Start `weft serve` as a real child process on free ports, wait for /health 200, and stop it cleanly. */
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { WEFT_BIN, processesMentioning, waitFor } from '../helpers/fixtures.ts';
@@ -63,4 +64,11 @@ export async function readSse(res: Response): Promise<string[]> {
       if (!line) throw new Error(`SSE block without data: ${JSON.stringify(block)}`);
       return line.slice('data: '.length);
     });
+}
+
+/** SIGTERM the server: it exits 0 and leaves no worker behind. */
+export async function stopCleanly(server: ServeProcess): Promise<void> {
+  const { code, leftover } = await server.stop();
+  assert.equal(code, 0, `exit code; stderr: ${server.stderr()}`);
+  assert.deepEqual(leftover, [], 'no worker left behind after SIGTERM');
 }

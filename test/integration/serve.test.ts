@@ -13,7 +13,7 @@ import { WeftClient } from '../../coordinator/api/client.ts';
 import { isWeftError } from '../../core/errors.ts';
 import type { GenerationEvent } from '../../coordinator/generate.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
-import { startServe, readSse, type ServeProcess } from './serve-helpers.ts';
+import { startServe, stopCleanly, readSse, type ServeProcess } from './serve-helpers.ts';
 
 const reference = readReference('llama-tiny');
 /** JSON routes need this content type (415 otherwise). */
@@ -41,9 +41,7 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
   });
   after(async () => {
     await client?.close();
-    const { code, leftover } = await server.stop();
-    assert.equal(code, 0, `exit code; stderr: ${server.stderr()}`);
-    assert.deepEqual(leftover, [], 'no worker left behind after SIGTERM');
+    await stopCleanly(server);
   });
 
   test('WeftClient streams the greedy tokens of Hugging Face; info, health, stats answer', async () => {
