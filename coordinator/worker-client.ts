@@ -68,7 +68,10 @@ interface PendingRequest {
   reject(err: Error): void;
 }
 
-const PING_MS = 1000;
+/** How often silences are checked: detection comes at most this late after a rank's deadline. */
+const WATCH_MS = 250;
+/** Ranks are pinged every this many checks (once a second). */
+const PING_EVERY = 4;
 
 /** Whether process `pid` exists (EPERM: it does, owned by someone else). */
 export function alive(pid: number): boolean {
@@ -84,7 +87,8 @@ export class WorkerClient {
   private readonly peers: WorkerPeers;
   private readonly ranks: RankConnection[];
   /** time this process's event loop was responsive: silences are measured on it */
-  private readonly clock = new ResponsiveClock(PING_MS);
+  private readonly clock = new ResponsiveClock(WATCH_MS);
+  private watchTicks = 0;
   private readonly pending = new Map<number, PendingRequest>();
   /** names this coordinator instance in pings: a worker that sees another one exits (and is restarted) */
   private readonly session = randomBytes(8).toString('hex');
@@ -103,7 +107,7 @@ export class WorkerClient {
   ) {
     this.peers = new WorkerPeers(router, options.world, options.secret, options.label);
     this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
-    this.timer = setInterval(() => this.watch(), PING_MS);
+    this.timer = setInterval(() => this.watch(), WATCH_MS);
     void this.receiveLoop();
   }
 
@@ -258,12 +262,13 @@ export class WorkerClient {
     if (this.failure || this.closing) return;
     const now = this.clock.now();
     const { label, heartbeatTimeoutMs } = this.options;
+    const pingNow = this.watchTicks++ % PING_EVERY === 0;
     this.ranks.forEach((state, rank) => {
       if (state.pid === null) return;
       const silent = Math.round(now - state.lastSeen);
       if (state.local && this.options.childPid(rank) === undefined && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) is gone`);
       else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat for ${silent} ms while this coordinator was responsive`);
-      else this.ping(rank);
+      else if (pingNow) this.ping(rank);
     });
   }
 

@@ -22,7 +22,7 @@ test('defaults depend on where an option is used', () => {
   assert.deepEqual([generate.tp, generate.device, generate.kvSlots, generate.maxContext, generate.maxNewTokens, generate.temperature, generate.seed], [1, 'cpu', 4, 4096, 16, 0, undefined]);
   assert.ok(Number.isInteger(generate.threads) && generate.threads >= 1);
   const serve = commandConfig('serve', { modelDir: '/m' }, {});
-  assert.deepEqual([serve.rpcPort, serve.httpPort, serve.heartbeatTimeoutMs, serve.recover, serve.joinTimeoutMs], [5555, 8000, 5000, true, 60_000]);
+  assert.deepEqual([serve.rpcPort, serve.httpPort, serve.heartbeatTimeoutMs, serve.recover, serve.joinTimeoutMs], [5555, 8000, 4000, true, 60_000]);
   assert.equal(commandConfig('serve', { modelDir: '/m', workers: 'external', workerPort: '7000' }, {}).joinTimeoutMs, 120_000);
   const cluster = apiConfig('cluster', model);
   assert.deepEqual([cluster.heartbeatTimeoutMs, cluster.recover, cluster.maxQueue, cluster.workers], [30_000, false, 64, 'spawn']);
