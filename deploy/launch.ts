@@ -71,14 +71,17 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
   const rpcPort = config.rpcPort || (await freePort());
   const httpPort = config.httpPort || (await freePort());
   const workerPort = config.workerPort || (await freePort());
-  const { device, host, kvSlots, maxContext, maxQueue, threads } = config;
+  const { device, host, kvSlots, maxContext, maxQueue, threads, allowedHosts, corsOrigins } = config;
   const ecosystem = buildEcosystem({
     name,
     dir,
     node: process.execPath,
     weftBin: WEFT_BIN,
     gpus,
-    serve: { modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, workerPort, kvSlots, maxContext, maxQueue, threads, ...draftOptions(config, gpus) },
+    serve: {
+      modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, workerPort, kvSlots, maxContext, maxQueue, threads,
+      ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }), ...draftOptions(config, gpus),
+    },
   });
   const ecosystemPath = join(dir, `weft-${name}.ecosystem.config.cjs`);
   writeFileSync(ecosystemPath, `// written by weft launch; start by hand with: pm2 start ${ecosystemPath}\nmodule.exports = ${JSON.stringify(ecosystem, null, 2)};\n`, { mode: 0o600 });

@@ -86,11 +86,11 @@ export const OPTIONS = {
   apiKey: { flag: '--api-key', arg: 'TOKEN', type: text, env: 'WEFT_API_KEY', help: 'bearer token HTTP clients must send', uses: ['serve', 'server'] },
   allowedHosts: {
     flag: '--allowed-hosts', arg: 'LIST', type: nameList, env: 'WEFT_ALLOWED_HOSTS', defaultHelp: 'localhost, 127.0.0.1, [::1] and the --host address',
-    help: 'Host header names HTTP answers besides the default ones (any port); * answers every name (against DNS rebinding)', uses: ['serve', 'server'],
+    help: 'Host header names HTTP answers besides the default ones (any port); * answers every name (against DNS rebinding)', uses: ['serve', 'server', 'launch'],
   },
   corsOrigins: {
     flag: '--cors-origins', arg: 'LIST', type: nameList, env: 'WEFT_CORS_ORIGINS', defaultHelp: 'none',
-    help: 'browser origins (scheme://host:port) allowed to call HTTP, with CORS headers; * allows every origin', uses: ['serve', 'server'],
+    help: 'browser origins (scheme://host:port) allowed to call HTTP, with CORS headers; * allows every origin', uses: ['serve', 'server', 'launch'],
   },
   clientTimeoutMs: {
     flag: '--client-timeout', arg: 'MS', type: milliseconds(100), default: 10_000,

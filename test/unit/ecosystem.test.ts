@@ -54,3 +54,12 @@ test('a draft model reaches the coordinator with its TP degree and GPUs', () => 
   assert.equal(after('--draft-gpus'), '4');
   assert.equal(apps.length, 3, "draft workers are the coordinator's children, not pm2 apps");
 });
+
+test('the HTTP allow-lists given to weft launch reach the coordinator it writes', () => {
+  const { apps } = buildEcosystem({ ...base, serve: { ...base.serve, allowedHosts: ['weft.example.org'], corsOrigins: ['https://app.example.org'] } });
+  const serve = commandConfig('serve', flagsOf(apps[0]!.args.slice(2)), {});
+  assert.deepEqual(serve.allowedHosts, ['weft.example.org']);
+  assert.deepEqual(serve.corsOrigins, ['https://app.example.org']);
+  const launch = commandConfig('launch', flagsOf(['--model', '/m', '--allowed-hosts', 'a.example,b.example']), {});
+  assert.deepEqual(launch.allowedHosts, ['a.example', 'b.example']);
+});
