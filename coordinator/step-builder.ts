@@ -3,7 +3,7 @@
  * verify steps): append each sequence's tokens with its KV blocks, ask for the logit rows wanted, build.
  * Positions are checked against the blocks here, before anything is sent.
  */
-import { checkKvPositions, type StepBatch } from '../core/step-batch.ts';
+import { checkKvPosition, type StepBatch } from '../core/step-batch.ts';
 import { WeftError } from '../core/errors.ts';
 
 /** How one logit row is sampled: the sequence's sampling parameters and its next uniform. */
@@ -56,11 +56,11 @@ export class StepBatchBuilder {
   append(blocks: readonly number[], tokens: readonly number[], position: number): number {
     const seq = this.kvBlockTable.length;
     const first = this.tokens.length;
-    const positions = tokens.map((_, i) => position + i);
-    checkKvPositions({ positions, tokenSeq: positions.map(() => 0), kvBlockTable: [[...blocks]] }, this.kvBlockSize);
+    // positions run consecutively, so the last one is the one that can pass the blocks
+    if (tokens.length > 0) checkKvPosition(first + tokens.length - 1, position + tokens.length - 1, seq, blocks.length, this.kvBlockSize);
     this.kvBlockTable.push([...blocks]);
     this.tokens.push(...tokens);
-    this.positions.push(...positions);
+    this.positions.push(...tokens.map((_, i) => position + i));
     this.tokenSeq.push(...tokens.map(() => seq));
     return first;
   }

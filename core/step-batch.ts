@@ -51,12 +51,17 @@ export const stepBatchSchema = z
   });
 export type StepBatch = z.infer<typeof stepBatchSchema>;
 
+/** Refuse batch token `t` at `position` when its sequence (row `row`) owns only `blocks` blocks of `kvBlockSize` positions. */
+export function checkKvPosition(t: number, position: number, row: number, blocks: number, kvBlockSize: number): void {
+  if (position >= blocks * kvBlockSize)
+    throw new WeftError('WEFT_BAD_REQUEST', `batch token ${t}: position ${position} is past the ${blocks} KV blocks of ${kvBlockSize} positions its sequence (row ${row}) owns`);
+}
+
 /** Refuse a token whose position lies past its sequence's blocks of `kvBlockSize` positions. */
 export function checkKvPositions(batch: Pick<StepBatch, 'positions' | 'tokenSeq' | 'kvBlockTable'>, kvBlockSize: number): void {
   batch.positions.forEach((position, t) => {
-    const blocks = batch.kvBlockTable[batch.tokenSeq[t]!]?.length ?? 0;
-    if (position >= blocks * kvBlockSize)
-      throw new WeftError('WEFT_BAD_REQUEST', `batch token ${t}: position ${position} is past the ${blocks} KV blocks of ${kvBlockSize} positions its sequence (row ${batch.tokenSeq[t]}) owns`);
+    const row = batch.tokenSeq[t]!;
+    checkKvPosition(t, position, row, batch.kvBlockTable[row]?.length ?? 0, kvBlockSize);
   });
 }
 

@@ -50,7 +50,7 @@ export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<key
 }
 
 function uploadIndex(ops: Ops, arrays: Record<keyof StepIndex, HostIndex>): StepIndex {
-  const entries = Object.entries(arrays).map(([key, { values, shape }]) => [key, ops.upload(bytesOf(values), 'i32', shape)]);
+  const entries = Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(ops, values, shape)]);
   return Object.fromEntries(entries) as unknown as StepIndex;
 }
 
