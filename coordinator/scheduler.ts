@@ -11,6 +11,11 @@
  *   once: a new sequence overwrites them from position 0, and attention only reads positions it wrote.
  * - A failed step (a worker fault) ends every running sequence with that error; queued requests stay queued
  *   while the cluster re-forms (`pause`/`resume`), each still bounded by its deadline.
+ * - Scheduling ahead: while a step runs, the next one is already sent (`scheduleAhead`): each decoding sequence
+ *   is fed the token the running step draws for it on the workers (StepBatch.feed), so the devices never wait
+ *   for the coordinator between steps. A sequence whose token budget ends with the running step is left out; one
+ *   that stops on EOS or a stop token costs the next step's work for its row, whose token is dropped (a finished
+ *   sequence takes no more tokens); cancellation frees its blocks at once as before.
  */
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { WeftError } from '../core/errors.ts';
@@ -90,6 +95,8 @@ export interface SchedulerOptions {
   /** tokens in one step at most, when more than one prompt is waiting. Defaults to 2048. */
   readonly maxBatchTokens?: number;
   readonly step: (batch: StepBatch) => Promise<StepResult>;
+  /** send the next step before the running one's tokens are back (fed on the workers). Defaults to true. */
+  readonly scheduleAhead?: boolean;
   /** speculative decoding: decode steps become draft-and-verify rounds (prefill and scoring are unchanged) */
   readonly speculative?: SpeculativeExecutor;
   /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
@@ -118,8 +125,15 @@ interface ScoreJob extends JobBase {
 }
 type Job = GenerateJob | ScoreJob;
 
+/** One step: rows[i] owns logit row i of the batch (a score job owns them all). */
+type StepWork = { readonly kind: 'step'; readonly batch: StepBatch; readonly rows: Job[] };
 /** The next thing to run: one step, or a speculative round over decoding sequences. */
-type Work = { readonly kind: 'step'; readonly batch: StepBatch; readonly rows: Job[] } | { readonly kind: 'speculate'; readonly rows: GenerateJob[]; readonly executor: SpeculativeExecutor };
+type Work = StepWork | { readonly kind: 'speculate'; readonly rows: GenerateJob[]; readonly executor: SpeculativeExecutor };
+/** A step sent to the workers whose answer is not back yet. */
+interface InFlight {
+  readonly work: StepWork;
+  readonly result: Promise<StepResult>;
+}
 
 /** Positions a job's first step writes: what admission must find room for. */
 function firstStepTokens(job: Job): number {
@@ -243,22 +257,46 @@ export class Scheduler {
   }
 
   private async loop(): Promise<void> {
-    while (!this.paused) {
-      this.admit();
-      const work = this.schedule();
-      if (!work) return;
-      try {
+    let inFlight: InFlight | null = null;
+    while (inFlight || !this.paused) {
+      if (!inFlight) {
+        this.admit();
+        const work = this.schedule();
+        if (!work) return;
         if (work.kind === 'speculate') {
-          const produced = await work.executor.round(work.rows.map((job) => ({ seq: job.seq, blocks: this.kv.blocks(job.kv!) })));
-          work.rows.forEach((job, row) => this.emit(job, produced[row]!));
+          try {
+            const produced = await work.executor.round(work.rows.map((job) => ({ seq: job.seq, blocks: this.kv.blocks(job.kv!) })));
+            work.rows.forEach((job, row) => this.emit(job, produced[row]!));
+          } catch (err) {
+            this.stepFailed(err as Error);
+          }
           continue;
         }
-        this.update(work, await this.options.step(work.batch));
-      } catch (err) {
-        this.failRunning(err as Error);
-        this.options.onStepFailure?.(err as Error);
+        inFlight = this.send(work);
       }
+      if (!this.paused) this.admit();
+      const next: StepWork | null = this.paused ? null : this.scheduleAhead(inFlight.work);
+      const sentNext: InFlight | null = next ? this.send(next) : null;
+      try {
+        this.update(inFlight.work, await inFlight.result);
+      } catch (err) {
+        this.stepFailed(err as Error); // the step sent after it fails with the same group; its rows end here too
+        inFlight = null;
+        continue;
+      }
+      inFlight = sentNext;
     }
+  }
+
+  private send(work: StepWork): InFlight {
+    const result = this.options.step(work.batch);
+    result.catch(() => {}); // awaited later (a failure is handled there); not an unhandled rejection meanwhile
+    return { work, result };
+  }
+
+  private stepFailed(err: Error): void {
+    this.failRunning(err);
+    this.options.onStepFailure?.(err);
   }
 
   /** Give KV blocks to queued jobs, first come first served (one that does not fit yet holds the line). */
@@ -299,19 +337,58 @@ export class Scheduler {
       const rows = decoding.filter((job) => this.cover(job, Math.min(this.kv.layout.maxContext, job.seq.position + job.seq.input.length + executor.k)));
       return rows.length ? { kind: 'speculate', rows, executor } : this.schedule();
     }
-    const budget = this.options.maxBatchTokens ?? 2048;
     const rows: GenerateJob[] = [...decoding];
-    let tokens = decoding.length;
-    for (const job of prefilling) {
-      if (rows.length > decoding.length && tokens + job.seq.input.length > budget) break;
-      rows.push(job);
-      tokens += job.seq.input.length;
-    }
+    this.joinPrompts(rows, prefilling, decoding.length);
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
     const stepRows = rows.filter((job) => this.cover(job, job.seq.position + job.seq.input.length));
     if (stepRows.length === 0) return this.schedule();
     for (const { seq, kv } of stepRows) builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
     return { kind: 'step', batch: builder.build(), rows: stepRows };
+  }
+
+  /** Add waiting prompts to `rows` (which hold `tokens` tokens) while the step's token budget allows, at least one. */
+  private joinPrompts(rows: GenerateJob[], prompts: readonly GenerateJob[], tokens: number): void {
+    const budget = this.options.maxBatchTokens ?? 2048;
+    const before = rows.length;
+    for (const job of prompts) {
+      if (rows.length > before && tokens + job.seq.input.length > budget) break;
+      rows.push(job);
+      tokens += job.seq.input.length;
+    }
+  }
+
+  /**
+   * The step after `prev`, built while `prev` runs: each of its sequences that goes on is fed the token `prev`
+   * draws for it (logit row i of prev belongs to prev.rows[i]), and waiting prompts join as in schedule(). None
+   * while a score job or speculative decoding runs (they need the tokens on the host first).
+   */
+  private scheduleAhead(prev: StepWork): StepWork | null {
+    if (this.options.scheduleAhead === false) return null;
+    const executor = this.options.speculative;
+    if ((executor && !executor.draftError) || [...this.running].some((job) => job.kind === 'score')) return null;
+    const fed = new Set<Job>(prev.rows);
+    const maxContext = this.kv.layout.maxContext;
+    const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
+    const rows: GenerateJob[] = [];
+    prev.rows.forEach((job, fromRow) => {
+      if (job.kind !== 'generate' || job.finished) return;
+      const { seq } = job;
+      const position = seq.position + seq.input.length; // where prev's draw goes
+      // a sequence whose token budget or context ends with prev's draw gets no further step
+      if (seq.generated.length + 1 >= seq.params.maxNewTokens || position >= maxContext) return;
+      if (!this.cover(job, position + 1)) return;
+      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()));
+      rows.push(job);
+    });
+    const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);
+    const prompts: GenerateJob[] = [];
+    this.joinPrompts(prompts, waiting, rows.length);
+    for (const job of prompts.filter((j) => this.cover(j, j.seq.position + j.seq.input.length))) {
+      builder.appendSampled(this.kv.blocks(job.kv!), job.seq.input, job.seq.position, sampledWith(job.seq.params, job.seq.nextUniform()));
+      rows.push(job);
+    }
+    if (rows.length === 0) return null;
+    return { kind: 'step', batch: builder.build(), rows };
   }
 
   private scoreStep(job: ScoreJob): Work | null {
@@ -328,7 +405,7 @@ export class Scheduler {
     return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job] };
   }
 
-  private update(work: { readonly batch: StepBatch; readonly rows: readonly Job[] }, result: StepResult): void {
+  private update(work: StepWork, result: StepResult): void {
     const first = work.rows[0];
     if (first?.kind === 'score') {
       if (first.finished) return;

@@ -36,6 +36,7 @@ export class StepBatchBuilder {
   private readonly logitRows: number[] = []; // [R]
   private readonly samples: RowSampling[] = []; // [R] or none
   private readonly scoreIds: number[] = []; // [R] or none
+  private readonly feed: number[] = []; // [T]: -1, or the previous step's logit row the token is drawn at
 
   /** `kvBlockSize`: positions per KV block, as the cluster's layout has it */
   constructor(private readonly kvBlockSize: number) {}
@@ -62,7 +63,18 @@ export class StepBatchBuilder {
     this.tokens.push(...tokens);
     this.positions.push(...tokens.map((_, i) => position + i));
     this.tokenSeq.push(...tokens.map(() => seq));
+    this.feed.push(...tokens.map(() => -1));
     return first;
+  }
+
+  /**
+   * Append one token of a sequence that is not known yet: the one the previous step draws at its logit row
+   * `fromRow` (StepBatch.feed), fed at `position`; and sample the token that follows it.
+   */
+  appendFed(blocks: readonly number[], fromRow: number, position: number, sample: RowSampling): void {
+    const first = this.append(blocks, [0], position);
+    this.feed[first] = fromRow;
+    this.logits(first, { sample });
   }
 
   /** Append one sequence's tokens and sample the token that follows its last one. */
@@ -95,6 +107,7 @@ export class StepBatchBuilder {
       };
     if (this.scoreIds.length) batch.scoreIds = this.scoreIds;
     if (options.fullLogprobs) batch.fullLogprobs = true;
+    if (this.feed.some((from) => from >= 0)) batch.feed = this.feed;
     return batch;
   }
 }

@@ -36,6 +36,12 @@ export const stepBatchSchema = z
     scoreIds: z.array(nonNegInt).optional(),
     /** return the whole log-softmax rows [logitRows, vocab] as float32 bytes */
     fullLogprobs: z.boolean().optional(),
+    /**
+     * [T] where each token comes from: -1 = tokens[t]; r >= 0 = the token this rank's previous step sampled for
+     * its logit row r (tokens[t] is then a placeholder). Every rank runs the steps in the order sent and draws the
+     * same tokens, so the coordinator can send a decode step before the previous step's tokens are back.
+     */
+    feed: z.array(int.min(-1)).optional(),
   })
   .strict()
   .superRefine((b, ctx) => {
@@ -48,6 +54,7 @@ export const stepBatchSchema = z
     if (b.sample && [b.sample.temperature, b.sample.topK, b.sample.topP, b.sample.uniform].some((a) => a.length !== n))
       ctx.addIssue({ code: 'custom', message: 'sample arrays must have one entry per logit row' });
     if (b.scoreIds && b.scoreIds.length !== n) ctx.addIssue({ code: 'custom', message: 'scoreIds must have one entry per logit row' });
+    if (b.feed && b.feed.length !== b.tokens.length) ctx.addIssue({ code: 'custom', message: `feed must have one entry per token (${b.feed.length} for ${b.tokens.length} tokens)` });
   });
 export type StepBatch = z.infer<typeof stepBatchSchema>;
 

@@ -11,7 +11,7 @@ import { PROTOCOL_VERSION } from '../core/wire.ts';
 import { isWeftError } from '../core/errors.ts';
 import { requireSecret } from '../core/frame-auth.ts';
 import { ResponsiveClock } from '../core/loop-clock.ts';
-import type { ReplyBody, WorkerMessage } from '../core/worker-protocol.ts';
+import type { ReplyBody, StepBatch, WorkerMessage } from '../core/worker-protocol.ts';
 import { CoordinatorLink } from './coordinator-link.ts';
 import { bindCollectiveHub } from './collectives/cpu.ts';
 import { loadNccl } from './collectives/nccl.ts';
@@ -78,16 +78,31 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   // drops the connection, and the worker exits above). A ping naming another session ends it the same way.
   let session: string | null = null;
 
-  // Commands run strictly in order; pings are answered at once, even while a command is running.
+  // Commands start strictly in order; pings are answered at once, even while a command is running. A step's
+  // command is done once it is queued on the device: the next step is queued behind it while it runs, and its
+  // reply goes out when its answer is back (`answer`).
   let commands: Promise<void> = Promise.resolve();
+  const reply = async (id: number, answer: () => Promise<ReplyBody>): Promise<void> => {
+    try {
+      post({ v: PROTOCOL_VERSION, type: 'reply', rank, id, ...(await answer()) });
+    } catch (err) {
+      const code = isWeftError(err) ? err.code : 'WEFT_NATIVE';
+      post({ v: PROTOCOL_VERSION, type: 'error', rank, id, error: { code, message: (err as Error).message } });
+    }
+  };
   const serve = (id: number, run: () => Promise<ReplyBody>): void => {
+    commands = commands.then(() => reply(id, run));
+  };
+  const serveStep = (id: number, batch: StepBatch): void => {
     commands = commands.then(async () => {
+      let launched: Promise<ReplyBody>;
       try {
-        post({ v: PROTOCOL_VERSION, type: 'reply', rank, id, ...(await run()) });
+        const { result } = await state.launch(batch);
+        launched = result.then((answer) => ({ command: 'step', result: answer }));
       } catch (err) {
-        const code = isWeftError(err) ? err.code : 'WEFT_NATIVE';
-        post({ v: PROTOCOL_VERSION, type: 'error', rank, id, error: { code, message: (err as Error).message } });
+        launched = Promise.reject(err);
       }
+      void reply(id, () => launched);
     });
   };
 
@@ -97,7 +112,7 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
       if (message === null) continue;
       lastHeard = clock.now();
       if (message.type === 'init') serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
-      else if (message.type === 'step') serve(message.id, async () => ({ command: 'step', result: await state.step(message.batch) }));
+      else if (message.type === 'step') serveStep(message.id, message.batch);
       // rank 0 makes its group's NCCL id: the coordinator never loads NCCL, and a missing library fails here, named
       else if (message.type === 'ncclId') serve(message.id, async () => ({ command: 'ncclId', result: { ncclId: loadNccl(options.ncclLibrary).getUniqueId() } }));
       else if (message.type === 'shutdown') stop(0);

@@ -71,6 +71,12 @@ export interface Engine {
   upload(bytes: Uint8Array, dtype: DType, shape: number[]): Tensor;
   /** A copy: f32/f16/bf16 as Float32Array (converted), i32 as Int32Array. */
   download(t: Tensor): Float32Array | Int32Array;
+  /**
+   * download without waiting: the copy is queued behind the work queued so far and the promise resolves when it
+   * has landed, so the caller may queue the next step meanwhile (cuda; the cpu backend copies at once). Device-side
+   * index errors reject it as they would fail download.
+   */
+  downloadAsync(t: Tensor): Promise<Float32Array | Int32Array>;
   zeros(dtype: DType, shape: number[]): Tensor;
   /** table [Vr, H] f32|f16|bf16, ids [T] i32 -> [T, H] f32; ids outside [vocabStart, vocabStart + Vr) give zero rows (vocab-parallel). */
   embedding(table: Tensor, ids: Tensor, vocabStart: number): Tensor;
@@ -110,6 +116,11 @@ export interface Engine {
   qkvRope(qkv: Tensor, positions: Tensor, invFreq: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, nHeads: number): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
+  /**
+   * In place: ids[i] = from[i] < 0 ? ids[i] : src[from[i]]; ids, from [N] i32, src [M] i32. A step's tokens taken
+   * from those the previous step sampled, on the device. Capturable; from[i] >= M is an error (cuda: at the next sync).
+   */
+  feedTokens(ids: Tensor, from: Tensor, src: Tensor): void;
   /** gateUp [T, 2F] f32 -> [T, F] f32 = silu(gateUp[:, :F]) * gateUp[:, F:]. */
   siluMul(gateUp: Tensor): Tensor;
   /**

@@ -10,6 +10,12 @@
  *
  * The KV cache's sizes come explicitly (KvCacheLayout, derived from the init command); the wire batch's block
  * table becomes the native ops' index tensors in one function, `stepIndexArrays`.
+ *
+ * Steps are launched, not waited for: `launch` queues a step on the device and returns; its result settles when
+ * the answer is back on the host. A decode graph step leaves the tokens it drew in `sampled` on the device, and
+ * the next step's tokens can come from there (StepBatch.feed) without a trip through the host, so the worker can
+ * queue step k + 1 while step k still runs. Every rank samples (the logits are gathered on every rank, and the
+ * sampling inputs are the same), so every rank can feed its own next step.
  */
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { checkKvPositions } from '../core/step-batch.ts';
@@ -22,6 +28,7 @@ import type { Graph } from './native.ts';
 import { WeftError } from '../core/errors.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
+const MAX_GRAPH_BATCH = 8;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -59,9 +66,22 @@ const bytesOf = (values: Int32Array | Float32Array): Uint8Array => new Uint8Arra
 interface DecodeGraph {
   readonly bucket: number;
   readonly graph: Graph;
-  readonly inputs: StepIndex & { temperature: Tensor; topK: Tensor; topP: Tensor; uniform: Tensor };
-  readonly tokens: Tensor; // [bucket] i32, persistent: the graph's last node copies the sampled ids here
+  /** the graph's persistent inputs, rewritten before each replay; feedFrom [bucket] i32 is StepBatch.feed (-1: tokenIds) */
+  readonly inputs: StepIndex & { feedFrom: Tensor; temperature: Tensor; topK: Tensor; topP: Tensor; uniform: Tensor };
+  /** [max bucket] i32: row i of the draw goes to sampled[i] for i < bucket (-1 beyond) */
+  readonly keepRows: Tensor;
 }
+
+/** A launched step: queued on the device; `result` settles once its answer is on the host. */
+export interface LaunchedStep {
+  readonly result: Promise<StepResult>;
+}
+
+/**
+ * Where the tokens the last sampled step drew are, for the tokens fed from them: on the host (eager steps, which
+ * wait for their answer anyway) or the first `rows` entries of the runner's `sampled` tensor (graph steps).
+ */
+type LastSampled = { readonly where: 'host'; readonly tokens: readonly number[] } | { readonly where: 'device'; readonly rows: number } | null;
 
 export interface RunnerOptions {
   /** capture decode steps into CUDA graphs (cuda backend only). Defaults to true on cuda. */
@@ -89,6 +109,9 @@ export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: 
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
+  /** [max bucket] i32, persistent: each decode graph's last node stores the tokens it drew here */
+  private readonly sampled: Tensor | null;
+  private last: LastSampled = null;
   /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
   readonly maxStepTokens: number;
 
@@ -107,14 +130,58 @@ export class StepRunner {
     this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
     if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
     this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? 4 * 2 ** 30) : Number.MAX_SAFE_INTEGER);
+    this.sampled = this.useGraphs ? ops.zeros('i32', [MAX_GRAPH_BATCH]) : null;
   }
 
+  /** Run one step and wait for its answer. */
   async step(batch: StepBatch): Promise<StepResult> {
+    return (await this.launch(batch)).result;
+  }
+
+  /**
+   * Queue one step. Launches must not overlap (the caller awaits each before the next: a forward awaits its
+   * collectives); results may be awaited in any order later. Rank 0 answers with what the batch asked for,
+   * the other ranks with {} once their step is done.
+   */
+  async launch(batch: StepBatch): Promise<LaunchedStep> {
     this.check(batch);
     const bucket = this.graphBucket(batch);
     if (bucket !== null) return this.replayDecode(batch, bucket);
-    if (batch.tokens.length <= this.maxStepTokens) return this.eager(batch);
-    return this.chunked(batch);
+    const onHost = this.feedOnHost(batch);
+    const result = onHost.tokens.length <= this.maxStepTokens ? await this.eager(onHost) : await this.chunked(onHost);
+    this.last = onHost.sample && result.tokens ? { where: 'host', tokens: result.tokens } : null;
+    if (this.comm.rank !== 0) return { result: Promise.resolve({}) };
+    return { result: Promise.resolve(result) };
+  }
+
+  /**
+   * The batch's tokens and where each comes from for a graph step: a token fed from a graph step's draw stays on
+   * the device (`feedFrom` >= 0, its token a placeholder); one fed from an eager step's draw is filled in here.
+   */
+  private splitFeed(batch: StepBatch): { tokens: number[]; feedFrom: number[] } {
+    const tokens = [...batch.tokens];
+    const feedFrom = batch.tokens.map(() => -1);
+    batch.feed?.forEach((from, t) => {
+      if (from < 0) return;
+      const last = this.last;
+      const rows = last === null ? 0 : last.where === 'host' ? last.tokens.length : last.rows;
+      if (from >= rows) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${t} is fed from logit row ${from} of the previous step, which drew ${rows} token${rows === 1 ? '' : 's'}`);
+      if (last!.where === 'host') tokens[t] = last!.tokens[from]!;
+      else feedFrom[t] = from;
+    });
+    return { tokens, feedFrom };
+  }
+
+  /** The batch with every fed token filled in on the host (eager steps): a draw left on the device is downloaded. */
+  private feedOnHost(batch: StepBatch): StepBatch {
+    if (!batch.feed) return batch;
+    const { feed: _feed, ...rest } = batch;
+    const { tokens, feedFrom } = this.splitFeed(batch);
+    if (feedFrom.some((from) => from >= 0)) {
+      const drawn = this.ops.download(this.sampled!);
+      feedFrom.forEach((from, t) => from >= 0 && (tokens[t] = drawn[from]!));
+    }
+    return { ...rest, tokens };
   }
 
   /**
@@ -205,12 +272,13 @@ export class StepRunner {
     try {
       const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
-      if (this.comm.rank !== 0) return {};
       const result: StepResult = {};
+      // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step
       if (batch.sample) {
         const { temperature, topK, topP, uniform } = batch.sample;
         result.tokens = Array.from(ops.sample(logits, Float32Array.from(temperature), Int32Array.from(topK), Float32Array.from(topP), Float32Array.from(uniform)));
       }
+      if (this.comm.rank !== 0) return result;
       if (batch.scoreIds) result.logprobs = Array.from(ops.logprobs(logits, Int32Array.from(batch.scoreIds)));
       if (batch.fullLogprobs) {
         const rows = ops.download(ops.logSoftmax(logits)) as Float32Array;
@@ -240,42 +308,54 @@ export class StepRunner {
     };
   }
 
-  private async replayDecode(batch: StepBatch, bucket: number): Promise<StepResult> {
+  private async replayDecode(batch: StepBatch, bucket: number): Promise<LaunchedStep> {
     const graph = this.graphs.get(bucket) ?? (await this.capture(bucket));
     const { ops } = this;
-    const padded = this.padToBucket(batch, bucket);
+    const n = batch.tokens.length;
+    const { tokens, feedFrom } = this.splitFeed(batch);
+    const padded = this.padToBucket({ ...batch, tokens }, bucket);
     const index = stepIndexArrays(padded, this.kv);
     // logitRows stay the graph's own (every row, in order: graphBucket admits nothing else)
     for (const key of Object.keys(index) as (keyof StepIndex)[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
+    ops.write(graph.inputs.feedFrom, bytesOf(Int32Array.from({ length: bucket }, (_, i) => feedFrom[i] ?? -1)));
     const { temperature, topK, topP, uniform } = padded.sample;
     ops.write(graph.inputs.temperature, bytesOf(Float32Array.from(temperature)));
     ops.write(graph.inputs.topK, bytesOf(Int32Array.from(topK)));
     ops.write(graph.inputs.topP, bytesOf(Float32Array.from(topP)));
     ops.write(graph.inputs.uniform, bytesOf(Float32Array.from(uniform)));
     ops.replay(graph.graph);
-    if (this.comm.rank !== 0) {
-      ops.synchronize();
-      return {};
-    }
-    return { tokens: Array.from(ops.download(graph.tokens)).slice(0, batch.tokens.length) };
+    this.last = { where: 'device', rows: n };
+    // queued behind the replay: the copy holds this step's draw even after the next step overwrites `sampled`
+    const drawn = ops.downloadAsync(this.sampled!);
+    if (this.comm.rank !== 0) return { result: drawn.then(() => ({})) };
+    return { result: drawn.then((values) => ({ tokens: Array.from(values.subarray(0, n)) })) };
   }
 
-  /** Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). */
+  /**
+   * Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). The graph
+   * begins by taking its fed tokens from `sampled` and ends by storing its draw there.
+   */
   private async capture(bucket: number): Promise<DecodeGraph> {
     const { ops } = this;
+    const sampled = this.sampled!;
+    // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
+    if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
     // every row a padding row until the first replay writes the real ones
     const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
       ...uploadIndex(ops, stepIndexArrays(padded, this.kv)),
+      feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
       temperature: float32Tensor(ops, padded.sample.temperature),
       topK: int32Tensor(ops, padded.sample.topK),
       topP: float32Tensor(ops, padded.sample.topP),
       uniform: float32Tensor(ops, padded.sample.uniform),
     };
-    const tokens = ops.zeros('i32', [bucket]);
+    // sampled[i] = the draw of row i, for the bucket's rows
+    const keepRows = int32Tensor(ops, Array.from({ length: sampled.shape[0]! }, (_, i) => (i < bucket ? i : -1)));
     const run = async (): Promise<void> => {
+      ops.feedTokens(inputs.tokenIds, inputs.feedFrom, sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, inputs);
-      ops.copy(tokens, ops.sampleTensor(logits, inputs.temperature, inputs.topK, inputs.topP, inputs.uniform));
+      ops.feedTokens(sampled, keepRows, ops.sampleTensor(logits, inputs.temperature, inputs.topK, inputs.topP, inputs.uniform));
     };
     ops.beginStep();
     try {
@@ -295,7 +375,7 @@ export class StepRunner {
     } finally {
       ops.endStep();
     }
-    const decodeGraph = { bucket, graph, inputs, tokens };
+    const decodeGraph = { bucket, graph, inputs, keepRows };
     this.graphs.set(bucket, decodeGraph);
     return decodeGraph;
   }

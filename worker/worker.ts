@@ -4,13 +4,13 @@
  */
 import type * as zmq from 'zeromq';
 import { createEngine, type Engine } from './native.ts';
-import type { InitCommand, StepBatch, StepResult } from '../core/worker-protocol.ts';
+import type { InitCommand, StepBatch } from '../core/worker-protocol.ts';
 import { soloCollectives, type Collectives } from './collectives/collectives.ts';
 import { CpuCollectives } from './collectives/cpu.ts';
 import { NcclCollectives } from './collectives/nccl.ts';
 import { loadShard } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
-import { StepRunner } from './runner.ts';
+import { StepRunner, type LaunchedStep } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout } from '../core/kv-block-table.ts';
 
@@ -56,9 +56,10 @@ export class WorkerState {
     return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot, { secret: this.secret });
   }
 
-  async step(batch: StepBatch): Promise<StepResult> {
+  /** Queue the step on this rank's device; its result settles when the answer is on the host (worker/runner.ts). */
+  async launch(batch: StepBatch): Promise<LaunchedStep> {
     if (!this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} got a step before init`);
-    return this.runner.step(batch);
+    return this.runner.launch(batch);
   }
 
   /** An asynchronous collective failure (NCCL reports a dead peer or a network error here), polled by the heartbeat. */

@@ -3,6 +3,7 @@
 #include "backend.h"
 
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 
 #include "error.h"
@@ -139,6 +140,30 @@ Tensor Backend::upload(const void* bytes, size_t n_bytes, DType dtype, const Sha
 void Backend::download(const Tensor& t, void* dst) {
   no_capture("download", "it waits for the device");
   to_host_converted(t, dst);
+}
+
+std::unique_ptr<PendingDownload> Backend::download_async(const Tensor& t) {
+  no_capture("downloadAsync", "a graph would replay the copy into a host buffer");
+  return start_download(t);
+}
+
+namespace {
+// The host backend's download_async: the values are copied at once and handed over at finish().
+class ImmediateDownload final : public PendingDownload {
+ public:
+  explicit ImmediateDownload(std::vector<uint32_t> values) : values_(std::move(values)) {}
+  void wait() override {}
+  void finish(void* dst) override { std::memcpy(dst, values_.data(), values_.size() * sizeof(uint32_t)); }
+
+ private:
+  std::vector<uint32_t> values_;  // numel f32 or i32 words
+};
+}  // namespace
+
+std::unique_ptr<PendingDownload> Backend::start_download(const Tensor& t) {
+  std::vector<uint32_t> values(static_cast<size_t>(t.numel()));
+  to_host_converted(t, values.data());
+  return std::make_unique<ImmediateDownload>(std::move(values));
 }
 
 Tensor Backend::zeros(DType dtype, const Shape& shape) {
@@ -294,6 +319,15 @@ void Backend::copy(const Tensor& dst, const Tensor& src) {
   WEFT_CHECK(dst.dtype == src.dtype && dst.shape == src.shape, "copy", Arg{"dst", dst}, " and ", Arg{"src", src},
              " must have the same dtype and shape");
   run_copy(dst, src);
+}
+
+void Backend::feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) {
+  const char* op = "feedTokens";
+  need(op, {"ids", ids}, 1, "[N]", kI32);
+  need(op, {"from", from}, 1, "[N]", kI32);
+  need(op, {"src", src}, 1, "[M]", kI32);
+  WEFT_CHECK(from.dim(0) == ids.dim(0), op, Arg{"from", from}, " must have one entry per id of ", Arg{"ids", ids});
+  if (ids.dim(0) > 0) run_feed_tokens(ids, from, src);
 }
 
 Tensor Backend::silu_mul(const Tensor& gate_up) {

@@ -32,6 +32,16 @@ struct MemoryInfo {
   double total;
 };
 
+// A download in flight (Backend::download_async): the copy was queued behind the work queued before it, so the
+// engine may go on queueing work; wait() blocks until the bytes landed (on any thread, touching no JS) and
+// finish() writes them to dst (on the calling thread, after wait; it reports device-side errors as download does).
+class PendingDownload {
+ public:
+  virtual ~PendingDownload() = default;
+  virtual void wait() = 0;
+  virtual void finish(void* dst) = 0;  // dst as download's: numel floats or int32
+};
+
 // Per-row sampling parameters, host arrays of length R (see Backend::sample).
 struct SampleArgs {
   const float* temperature;
@@ -84,6 +94,9 @@ class Backend {
   Tensor random_uniform(DType dtype, const Shape& shape, uint64_t seed, float scale);
   Tensor upload(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape);  // n_bytes == numel * size
   void download(const Tensor& t, void* dst);  // dst: numel floats (f32/f16/bf16 converted) or numel int32
+  // download without waiting here: the copy is ordered after the work queued so far and lands while later work
+  // is queued (the decode pipeline: step k's tokens come back while step k + 1 runs). The CPU backend copies at once.
+  std::unique_ptr<PendingDownload> download_async(const Tensor& t);
   Tensor zeros(DType dtype, const Shape& shape);
 
   // ---- ops; each returns a new tensor unless it says "in place"
@@ -121,6 +134,10 @@ class Backend {
                   const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table, int64_t n_heads);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
+  // In place: ids[i] = from[i] < 0 ? ids[i] : src[from[i]], with ids [N], from [N] and src [M] i32; from[i] >= M is
+  // an error (the CPU throws, CUDA reports it at the next synchronising call). How a step's tokens come from the
+  // tokens the previous step sampled without passing through the host (worker/runner.ts).
+  void feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src);
   // gate_up [T, 2F] f32 -> [T, F] f32: silu(gate) * up.
   Tensor silu_mul(const Tensor& gate_up);
   // gate_up [T, 2K] f32, w [N, K] float -> [T, N] f32 = matmul(silu_mul(gate_up), w); on CUDA up to 8 tokens
@@ -178,6 +195,8 @@ class Backend {
   virtual void copy_from_host(const Tensor& dst, const void* src) = 0;  // raw bytes, dst.nbytes()
   virtual void fill_zero(const Tensor& t) = 0;
   virtual void to_host_converted(const Tensor& t, void* dst) = 0;  // see download
+  // Default: a download made at once, held until finish() (what a host backend needs).
+  virtual std::unique_ptr<PendingDownload> start_download(const Tensor& t);
 
   virtual void run_embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) = 0;
   virtual void run_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) = 0;
@@ -191,6 +210,7 @@ class Backend {
                              const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
                              const Tensor& out) = 0;
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
+  virtual void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) = 0;
   virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                                 const Tensor& normed) = 0;
   virtual void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,

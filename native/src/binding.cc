@@ -171,6 +171,8 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::WriteKv>("writeKv"),
                          InstanceMethod<&EngineHandle::Attention>("attention"),
                          InstanceMethod<&EngineHandle::Copy>("copy"),
+                         InstanceMethod<&EngineHandle::DownloadAsync>("downloadAsync"),
+                         InstanceMethod<&EngineHandle::FeedTokens>("feedTokens"),
                          InstanceMethod<&EngineHandle::AddRmsNorm>("addRmsNorm"),
                          InstanceMethod<&EngineHandle::QkvRope>("qkvRope"),
                          InstanceMethod<&EngineHandle::SiluMul>("siluMul"),
@@ -265,6 +267,71 @@ Napi::Value EngineHandle::Download(const Napi::CallbackInfo& info) {
     auto out = Napi::Float32Array::New(info.Env(), n);
     backend_->download(t, out.Data());
     return out;
+  });
+}
+
+namespace {
+// downloadAsync's promise: the wait runs on a thread of the JS thread pool, the copy into a fresh typed array
+// (and the device-status check) back on the JS thread.
+class DownloadWorker final : public Napi::AsyncWorker {
+ public:
+  DownloadWorker(Napi::Env env, std::shared_ptr<Backend> owner, std::unique_ptr<PendingDownload> pending, DType dtype,
+                 size_t numel)
+      : Napi::AsyncWorker(env, "weft.downloadAsync"),
+        owner_(std::move(owner)),
+        pending_(std::move(pending)),
+        dtype_(dtype),
+        numel_(numel),
+        deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override { pending_->wait(); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    try {
+      if (dtype_ == DType::I32) {
+        auto out = Napi::Int32Array::New(env, numel_);
+        pending_->finish(out.Data());
+        deferred_.Resolve(out);
+      } else {
+        auto out = Napi::Float32Array::New(env, numel_);
+        pending_->finish(out.Data());
+        deferred_.Resolve(out);
+      }
+    } catch (const weft::Error& e) {
+      deferred_.Reject(to_js_error(env, e).Value());
+    } catch (const std::exception& e) {
+      deferred_.Reject(to_js_error(env, weft::Error("downloadAsync", e.what())).Value());
+    }
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  std::shared_ptr<Backend> owner_;  // declared first: outlives pending_, which may hold a slot of its staging
+  std::unique_ptr<PendingDownload> pending_;
+  DType dtype_;
+  size_t numel_;
+  Napi::Promise::Deferred deferred_;
+};
+}  // namespace
+
+Napi::Value EngineHandle::DownloadAsync(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "downloadAsync", [&]() -> Napi::Value {
+    Tensor t = Args(info, "downloadAsync", this).tensor(0, "t");
+    auto* worker = new DownloadWorker(info.Env(), backend_, backend_->download_async(t), t.dtype,
+                                      static_cast<size_t>(t.numel()));
+    Napi::Promise promise = worker->promise();
+    worker->Queue();  // deletes itself after OnOK / OnError
+    return promise;
+  });
+}
+
+Napi::Value EngineHandle::FeedTokens(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "feedTokens", [&]() -> Napi::Value {
+    Args a(info, "feedTokens", this);
+    backend_->feed_tokens(a.tensor(0, "ids"), a.tensor(1, "from"), a.tensor(2, "src"));
+    return info.Env().Undefined();
   });
 }
 

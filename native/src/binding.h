@@ -68,6 +68,8 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
 
   Napi::Value Upload(const Napi::CallbackInfo& info);
   Napi::Value Download(const Napi::CallbackInfo& info);
+  Napi::Value DownloadAsync(const Napi::CallbackInfo& info);
+  Napi::Value FeedTokens(const Napi::CallbackInfo& info);
   Napi::Value Zeros(const Napi::CallbackInfo& info);
   Napi::Value Embedding(const Napi::CallbackInfo& info);
   Napi::Value RmsNorm(const Napi::CallbackInfo& info);

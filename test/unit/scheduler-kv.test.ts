@@ -23,7 +23,7 @@ async function drain(events: AsyncIterable<GenerationEvent>): Promise<number[]> 
   for await (const e of events) if (e.type === 'token') tokens.push(e.token);
   return tokens;
 }
-/** A step function that answers position + 10 at every logit row, recording each batch. */
+/** A step function that answers position + 10 at every logit row (fed tokens need no value), recording each batch. */
 function recordingStep(batches: StepBatch[]): (batch: StepBatch) => Promise<{ tokens: number[] }> {
   return async (batch) => {
     batches.push(batch);
@@ -35,7 +35,8 @@ function recordingStep(batches: StepBatch[]): (batch: StepBatch) => Promise<{ to
 test('paged: admission waits for free blocks, sequences grow block by block, every block comes back', async () => {
   const kvCache = paged(3, 4);
   const batches: StepBatch[] = [];
-  const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches) });
+  // one step at a time, so that the order of blocks is exact (scheduling ahead: the next test)
+  const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches), scheduleAhead: false });
   const a = scheduler.submitGenerate(sequence([1, 2, 3], 6)); // positions 0..7: two blocks by the end
   const b = scheduler.submitGenerate(sequence([1, 2, 3, 4, 5], 2)); // two blocks from the start
   const c = scheduler.submitGenerate(sequence([1, 2, 3, 4, 5, 6], 1)); // two blocks: waits for b's
@@ -56,6 +57,43 @@ test('paged: admission waits for free blocks, sequences grow block by block, eve
     const blocks = batch.kvBlockTable.flat();
     assert.equal(new Set(blocks).size, blocks.length, `a block served two sequences in one step: ${JSON.stringify(batch.kvBlockTable)}`);
   }
+  assert.equal(kvCache.sequences, 0);
+  assert.equal(kvCache.blocksFree, 4);
+});
+
+test('paged, scheduling ahead: decode steps are fed from the step before, tokens and blocks as one step at a time', async () => {
+  const kvCache = paged(3, 4);
+  const batches: StepBatch[] = [];
+  const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches) });
+  const a = scheduler.submitGenerate(sequence([1, 2, 3], 6));
+  const b = scheduler.submitGenerate(sequence([1, 2, 3, 4, 5], 2));
+  const c = scheduler.submitGenerate(sequence([1, 2, 3, 4, 5, 6], 1));
+  const [ta, tb, tc] = await Promise.all([drain(a.events), drain(b.events), drain(c.events)]);
+  assert.deepEqual(ta, [12, 13, 14, 15, 16, 17]);
+  assert.deepEqual(tb, [14, 15]);
+  assert.deepEqual(tc, [15]);
+  // a's second to sixth tokens were fed on the workers; b's token budget ends with its second token, so no step
+  // is sent past it (no overshoot for a known budget)
+  const fed = batches.filter((batch) => batch.feed?.some((from) => from >= 0));
+  assert.ok(fed.length >= 4, `expected fed decode steps, got ${JSON.stringify(batches.map((x) => x.feed ?? null))}`);
+  // a fed token continues the sequence whose row it names in the step before: same first block, next position
+  batches.forEach((batch, i) =>
+    batch.feed?.forEach((from, t) => {
+      if (from < 0) return;
+      const prev = batches[i - 1]!;
+      const prevToken = prev.logitRows[from]!;
+      assert.equal(batch.positions[t], prev.positions[prevToken]! + 1, `step ${i} token ${t}`);
+      assert.equal(batch.kvBlockTable[batch.tokenSeq[t]!]![0], prev.kvBlockTable[prev.tokenSeq[prevToken]!]![0], `step ${i} token ${t}`);
+    }),
+  );
+  for (const batch of batches) {
+    assert.deepEqual(stepBatchSchema.parse(batch), batch);
+    checkKvPositions(batch, B);
+    const blocks = batch.kvBlockTable.flat();
+    assert.equal(new Set(blocks).size, blocks.length, `a block served two sequences in one step: ${JSON.stringify(batch.kvBlockTable)}`);
+  }
+  // every sampled row: a (6 tokens) + b (2) + c (1), none past a token budget
+  assert.equal(batches.reduce((n, batch) => n + batch.logitRows.length, 0), 9);
   assert.equal(kvCache.sequences, 0);
   assert.equal(kvCache.blocksFree, 4);
 });

@@ -141,6 +141,15 @@ class CpuBackend final : public Backend {
   void run_copy(const Tensor& dst, const Tensor& src) override {
     if (dst.nbytes()) std::memcpy(dst.buffer->data(), src.buffer->data(), dst.nbytes());
   }
+  void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) override {
+    int32_t* out = ids.data<int32_t>();
+    const int32_t* f = from.data<int32_t>();
+    for (int64_t i = 0; i < ids.dim(0); ++i) {
+      WEFT_CHECK(f[i] < src.dim(0), "feedTokens", "from[", i, "] = ", f[i], " is out of range (src holds ", src.dim(0),
+                 " tokens)");
+      if (f[i] >= 0) out[i] = src.data<int32_t>()[f[i]];
+    }
+  }
   void run_silu_mul(const Tensor& gate_up, const Tensor& out) override {
     cpu::silu_mul(out.data<float>(), gate_up.data<float>(), out.dim(0), out.dim(1));
   }

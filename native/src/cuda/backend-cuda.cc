@@ -95,6 +95,10 @@ class CudaBackend final : public Backend {
     if (t.nbytes()) check_cuda(*st_, cudaMemsetAsync(t.buffer->data(), 0, t.nbytes(), st_->stream), "zeros");
   }
   void to_host_converted(const Tensor& t, void* dst) override { staging_.download(t, dst); }
+  std::unique_ptr<PendingDownload> start_download(const Tensor& t) override {
+    std::unique_ptr<PendingDownload> queued = staging_.download_async(t);
+    return queued ? std::move(queued) : Backend::start_download(t);  // too large, or every slot held: at once
+  }
   // Waits for the stream, then reports a device-side index error if a kernel found one.
   void sync(const char* op) { cuda::synchronize(*st_, op); }
 
@@ -160,6 +164,9 @@ class CudaBackend final : public Backend {
       check_cuda(*st_, cudaMemcpyAsync(dst.buffer->data(), src.buffer->data(), dst.nbytes(), cudaMemcpyDeviceToDevice,
                                        st_->stream),
                  "copy");
+  }
+  void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) override {
+    cuda::launch_feed_tokens(ctx(), ids, from, src);
   }
   void run_silu_mul(const Tensor& gate_up, const Tensor& out) override { cuda::launch_silu_mul(ctx(), gate_up, out); }
   void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) override {

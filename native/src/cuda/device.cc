@@ -81,6 +81,10 @@ std::string describe(std::initializer_list<Named> args) {
 
 void synchronize(DeviceState& st, const char* op) {
   check_cuda(st, cudaStreamSynchronize(st.stream), op);
+  check_status(st);
+}
+
+void check_status(DeviceState& st) {
   DeviceStatus& s = *st.status_host;
   if (!s.flag) return;
   DeviceStatus f = s;
@@ -119,6 +123,9 @@ void synchronize(DeviceState& st, const char* op) {
                 tail);
     case StatusOp::SampleNan:
       WEFT_FAIL("sampleTensor", "logits row ", f.index, " holds NaN", tail);
+    case StatusOp::FeedTokens:
+      WEFT_FAIL("feedTokens", "from[", f.index, "] = ", f.value, " is out of range (src holds ", f.limit, " tokens)",
+                tail);
     default:
       WEFT_FAIL("synchronize", "unknown device status ", f.op);
   }

@@ -26,6 +26,7 @@ enum class StatusOp : int {
   SampleNan,
   WriteKvBlock,    // a kvBlockTable entry outside the cache's blocks
   AttentionBlock,
+  FeedTokens,      // feedTokens: a from index past src
 };
 
 // In mapped pinned host memory: kernels write it directly, the host reads it after a stream sync.
@@ -79,6 +80,9 @@ inline void check_cuda(DeviceState& st, cudaError_t e, const char* op, const cha
   if (e != cudaSuccess) fail_cuda(&st, op, e, detail);
 }
 
+// Throws what a kernel reported in the status word since the last check (and clears it); call after the
+// reporting work completed (a stream sync, or an event recorded after it).
+void check_status(DeviceState& st);
 // Waits for the stream (check_cuda), then throws a device-side index error if a kernel reported one.
 void synchronize(DeviceState& st, const char* op);
 

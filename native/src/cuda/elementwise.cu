@@ -44,6 +44,16 @@ __global__ void gather_rows(const E* __restrict__ x, int64_t T, int64_t N, const
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) out[r * N + n] = ok ? x[row * N + n] : E{};
 }
 
+// One thread per id: a handful of tokens per step.
+__global__ void feed_tokens(int32_t* __restrict__ ids, const int32_t* __restrict__ from, int64_t n,
+                            const int32_t* __restrict__ src, int64_t m, DeviceStatus* status) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int32_t f = from[i];
+    if (f >= m) report(status, StatusOp::FeedTokens, i, f, m);
+    else if (f >= 0) ids[i] = src[f];
+  }
+}
+
 template <typename W>
 __global__ void embedding(const W* __restrict__ table, int64_t Vr, int64_t H, const int32_t* __restrict__ ids,
                           int64_t vocab_start, float* __restrict__ out) {
@@ -106,6 +116,13 @@ void launch_gather_rows(const Ctx& ctx, const Tensor& x, const Tensor& rows, con
     gather_rows<uint32_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint32_t>(), x.dim(0), x.dim(1),
                                                           rows.data<int32_t>(), out.data<uint32_t>(), ctx.status);
   check_launch(ctx, "gatherRows", {{"x", x}, {"rows", rows}});
+}
+
+void launch_feed_tokens(const Ctx& ctx, const Tensor& ids, const Tensor& from, const Tensor& src) {
+  const int64_t n = ids.dim(0);
+  feed_tokens<<<blocks_for(n, 128), 128, 0, ctx.stream>>>(ids.data<int32_t>(), from.data<int32_t>(), n,
+                                                           src.data<int32_t>(), src.dim(0), ctx.status);
+  check_launch(ctx, "feedTokens", {{"ids", ids}, {"from", from}, {"src", src}});
 }
 
 void launch_embedding(const Ctx& ctx, const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) {

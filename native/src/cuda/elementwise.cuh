@@ -13,6 +13,8 @@ void launch_copy_cols(const Ctx& ctx, const char* op, const Tensor& x, int64_t x
                       int64_t out_col, int64_t n_cols);
 void launch_gather_rows(const Ctx& ctx, const Tensor& x, const Tensor& rows, const Tensor& out);
 void launch_embedding(const Ctx& ctx, const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out);
+// ids[i] = from[i] < 0 ? ids[i] : src[from[i]] (feedTokens); a from index past src is reported on the device.
+void launch_feed_tokens(const Ctx& ctx, const Tensor& ids, const Tensor& from, const Tensor& src);
 void launch_random_uniform(const Ctx& ctx, const Tensor& out, uint64_t seed, float scale);
 
 }  // namespace weft::cuda

@@ -128,10 +128,15 @@ void StepArena::close_region(const std::shared_ptr<GraphRegion>& region) {
 }
 
 Staging::Staging(DeviceState& st) : st_(st) {
+  const char* op = "createEngine";
   for (int i = 0; i < 2; ++i) {
-    check_cuda(st_, cudaHostAlloc(&buf_[i], kBytes, cudaHostAllocDefault), "createEngine");
-    check_cuda(st_, cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming), "createEngine");
+    check_cuda(st_, cudaHostAlloc(&buf_[i], kBytes, cudaHostAllocDefault), op);
+    check_cuda(st_, cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming), op);
   }
+  check_cuda(st_, cudaHostAlloc(reinterpret_cast<void**>(&small_), kSmallSlots * kSmallBytes, cudaHostAllocDefault), op);
+  for (cudaEvent_t& e : small_done_) check_cuda(st_, cudaEventCreateWithFlags(&e, cudaEventDisableTiming), op);
+  check_cuda(st_, cudaHostAlloc(reinterpret_cast<void**>(&slots_), kSlots * kSlotBytes, cudaHostAllocDefault), op);
+  for (cudaEvent_t& e : slot_done_) check_cuda(st_, cudaEventCreateWithFlags(&e, cudaEventDisableTiming), op);
 }
 
 Staging::~Staging() {
@@ -140,9 +145,25 @@ Staging::~Staging() {
     if (buf_[i]) cudaFreeHost(buf_[i]);
     if (done_[i]) cudaEventDestroy(done_[i]);
   }
+  if (small_) cudaFreeHost(small_);
+  if (slots_) cudaFreeHost(slots_);
+  for (cudaEvent_t e : small_done_)
+    if (e) cudaEventDestroy(e);
+  for (cudaEvent_t e : slot_done_)
+    if (e) cudaEventDestroy(e);
 }
 
 void Staging::upload(void* dst, const void* src, size_t n) {
+  if (n <= kSmallBytes) {
+    const int i = small_next_;
+    small_next_ = (small_next_ + 1) % kSmallSlots;
+    char* slot = small_ + static_cast<size_t>(i) * kSmallBytes;
+    check_cuda(st_, cudaEventSynchronize(small_done_[i]), "upload");
+    std::memcpy(slot, src, n);
+    check_cuda(st_, cudaMemcpyAsync(dst, slot, n, cudaMemcpyHostToDevice, st_.stream), "upload");
+    check_cuda(st_, cudaEventRecord(small_done_[i], st_.stream), "upload");
+    return;
+  }
   const char* from = static_cast<const char*>(src);
   char* to = static_cast<char*>(dst);
   for (size_t off = 0; off < n; off += kBytes) {
@@ -174,6 +195,49 @@ void Staging::download(const Tensor& t, void* dst) {
     else
       cpu::to_f32(buf_[0], t.dtype, 0, static_cast<int64_t>(chunk / es), static_cast<float*>(dst) + off / es);
   }
+}
+
+// A download into a held slot: waited for on any thread, finished (status checked, copied, converted) on the
+// engine's thread, and the slot given back when it goes.
+class SlotDownload final : public PendingDownload {
+ public:
+  SlotDownload(Staging& staging, int slot, DType dtype, int64_t numel)
+      : staging_(staging), slot_(slot), dtype_(dtype), numel_(numel) {}
+  ~SlotDownload() override { staging_.slot_held_[slot_] = false; }
+  void wait() override {
+    cudaSetDevice(staging_.st_.device);  // a thread of the JS thread pool
+    waited_ = cudaEventSynchronize(staging_.slot_done_[slot_]);
+  }
+  void finish(void* dst) override {
+    if (waited_ != cudaSuccess) fail_cuda(&staging_.st_, "downloadAsync", waited_, "");
+    check_status(staging_.st_);
+    const char* from = staging_.slots_ + static_cast<size_t>(slot_) * Staging::kSlotBytes;
+    if (dtype_ == DType::F32 || dtype_ == DType::I32)
+      std::memcpy(dst, from, static_cast<size_t>(numel_) * 4);
+    else
+      cpu::to_f32(from, dtype_, 0, numel_, static_cast<float*>(dst));
+  }
+
+ private:
+  Staging& staging_;
+  int slot_;
+  DType dtype_;
+  int64_t numel_;
+  cudaError_t waited_ = cudaErrorNotReady;
+};
+
+std::unique_ptr<PendingDownload> Staging::download_async(const Tensor& t) {
+  const size_t n = t.nbytes();
+  if (n == 0 || n > kSlotBytes) return nullptr;
+  for (int i = 0; i < kSlots; ++i) {
+    if (slot_held_[i]) continue;
+    char* slot = slots_ + static_cast<size_t>(i) * kSlotBytes;
+    check_cuda(st_, cudaMemcpyAsync(slot, t.buffer->data(), n, cudaMemcpyDeviceToHost, st_.stream), "downloadAsync");
+    check_cuda(st_, cudaEventRecord(slot_done_[i], st_.stream), "downloadAsync");
+    slot_held_[i] = true;
+    return std::make_unique<SlotDownload>(*this, i, t.dtype, t.numel());
+  }
+  return nullptr;
 }
 
 }  // namespace weft::cuda

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "backend.h"  // PendingDownload
 #include "cuda/device.h"
 #include "tensor.h"
 
@@ -47,10 +48,17 @@ class StepArena {
 };
 
 // Pinned host staging: two upload buffers used in turn (an event says when a buffer's last copy ran); the
-// first one also carries downloads.
+// first one also carries downloads. Small uploads (a step's index and sampling inputs) go through a ring of
+// kSmallSlots slots instead, so that writing the next step's inputs while earlier steps are queued waits only
+// for the copy made kSmallSlots uploads ago, not for the queued work. Asynchronous downloads (download_async)
+// land in slots of their own, held until the download is finished.
 class Staging {
  public:
   static constexpr size_t kBytes = size_t{16} << 20;  // each buffer; also the download chunk
+  static constexpr size_t kSmallBytes = 4096;         // an upload up to this size takes a small slot
+  static constexpr int kSmallSlots = 64;
+  static constexpr size_t kSlotBytes = 64 << 10;      // an asynchronous download up to this size takes a slot
+  static constexpr int kSlots = 16;
 
   explicit Staging(DeviceState& st);
   ~Staging();
@@ -60,12 +68,21 @@ class Staging {
   void upload(void* dst, const void* src, size_t n);
   // Device -> pinned (chunk by chunk, waiting for each) -> dst, converting f16/bf16 to f32 on the host.
   void download(const Tensor& t, void* dst);
+  // The copy of t into a free slot, queued now; null when t is larger than a slot or every slot is held.
+  std::unique_ptr<PendingDownload> download_async(const Tensor& t);
 
  private:
+  friend class SlotDownload;
   DeviceState& st_;
   void* buf_[2] = {nullptr, nullptr};
   cudaEvent_t done_[2] = {nullptr, nullptr};
   int next_ = 0;
+  char* small_ = nullptr;  // [kSmallSlots][kSmallBytes] pinned
+  cudaEvent_t small_done_[kSmallSlots] = {};
+  int small_next_ = 0;
+  char* slots_ = nullptr;  // [kSlots][kSlotBytes] pinned
+  cudaEvent_t slot_done_[kSlots] = {};
+  bool slot_held_[kSlots] = {};
 };
 
 }  // namespace weft::cuda
