@@ -15,6 +15,7 @@ import { StepRunner, stepIndexArrays } from '../../worker/runner.ts';
 import { kvCacheLayout, type KvCacheLayout } from '../../core/kv-block-table.ts';
 import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
+import { feedScenario } from '../helpers/feed-scenario.ts';
 
 async function tinyModel(kv: KvCacheLayout) {
   const dir = fixtureDir('llama-tiny');
@@ -95,4 +96,24 @@ test('a paged KV layout (blocks of 4, scattered over the pool) gives the same lo
   // 16 positions in blocks of 4: 4 blocks per sequence, out of order in a pool of 9 (blocks 0 and 5 unused)
   const paged = await score({ kvSlots: 2, maxContext: 16, kvBlockSize: 4, kvBlocks: 9, paddingBlock: null }, [[7, 2, 8, 4], [3, 6]])();
   assert.ok(maxAbsDiff(paged, oneBlock) < 1e-6, `paged log-probs differ by ${maxAbsDiff(paged, oneBlock)}`);
+});
+
+test('decode steps fed from the step before, launched without waiting, draw the tokens of the same steps with every token given', async () => {
+  const kv = kvCacheLayout({ kvSlots: 4, maxContext: 32, device: 'cpu' });
+  const a = await tinyModel(kv);
+  const b = await tinyModel(kv);
+  const { fed, given } = await feedScenario(new StepRunner(a.engine, soloCollectives(), a.model, kv), new StepRunner(b.engine, soloCollectives(), b.model, kv));
+  assert.deepEqual(fed, given);
+  assert.equal(fed.flat().length, 18);
+});
+
+test('a token fed from a row the previous step did not draw is refused, naming both', async () => {
+  const kv = kvCacheLayout({ kvSlots: 2, maxContext: 16, device: 'cpu' });
+  const { engine, model } = await tinyModel(kv);
+  const runner = new StepRunner(engine, soloCollectives(), model, kv);
+  const refused = (pattern: RegExp) => (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && pattern.test(err.message);
+  const step = (feed: number[], position: number) => ({ tokens: [1], positions: [position], tokenSeq: [0], kvBlockTable: [[0]], logitRows: [0], feed, sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } });
+  await assert.rejects(runner.step(step([0], 0)), refused(/batch token 0 is fed from logit row 0 of the previous step, which drew 0 tokens/));
+  await runner.step(step([-1], 0));
+  await assert.rejects(runner.step(step([1], 1)), refused(/batch token 0 is fed from logit row 1 of the previous step, which drew 1 token$/));
 });
