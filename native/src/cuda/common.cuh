@@ -65,6 +65,26 @@ __device__ inline void report(DeviceStatus* s, StatusOp op, long long index, lon
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
+// Launches a short kernel of the decode path as a programmatic dependent of the kernel before it: its blocks are
+// placed while that kernel runs (once every block of it called pdl_trigger), so the launch latency between the
+// two, a few microseconds each in a graph of ~300 kernels, overlaps. The kernel must call pdl_wait() before its
+// first read of anything written before it, and every thread runs it (so that the kernel ends only after the one
+// before it: a kernel after it waits for it alone). Checked afterwards with check_launch.
+template <typename... Params, typename... Args>
+void launch_pdl(const Ctx& ctx, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = ctx.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 // ---- loads
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

@@ -37,6 +37,7 @@ template <typename E>
 __global__ void gather_rows(const E* __restrict__ x, int64_t T, int64_t N, const int32_t* __restrict__ rows,
                             E* __restrict__ out, DeviceStatus* status) {
   pdl_trigger();
+  pdl_wait();
   int64_t r = blockIdx.x;
   int32_t row = rows[r];
   bool ok = row >= 0 && row < T;
@@ -47,6 +48,8 @@ __global__ void gather_rows(const E* __restrict__ x, int64_t T, int64_t N, const
 // One thread per id: a handful of tokens per step.
 __global__ void feed_tokens(int32_t* __restrict__ ids, const int32_t* __restrict__ from, int64_t n,
                             const int32_t* __restrict__ src, int64_t m, DeviceStatus* status) {
+  pdl_trigger();
+  pdl_wait();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int32_t f = from[i];
     if (f >= m) report(status, StatusOp::FeedTokens, i, f, m);
@@ -57,6 +60,8 @@ __global__ void feed_tokens(int32_t* __restrict__ ids, const int32_t* __restrict
 template <typename W>
 __global__ void embedding(const W* __restrict__ table, int64_t Vr, int64_t H, const int32_t* __restrict__ ids,
                           int64_t vocab_start, float* __restrict__ out) {
+  pdl_trigger();
+  pdl_wait();
   int64_t t = blockIdx.x;
   int64_t row = static_cast<int64_t>(ids[t]) - vocab_start;
   bool in = row >= 0 && row < Vr;
@@ -110,18 +115,18 @@ void launch_gather_rows(const Ctx& ctx, const Tensor& x, const Tensor& rows, con
   if (R == 0 || x.dim(1) == 0) return;
   unsigned blocks = static_cast<unsigned>(R);
   if (dtype_size(x.dtype) == 2)
-    gather_rows<uint16_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint16_t>(), x.dim(0), x.dim(1),
-                                                          rows.data<int32_t>(), out.data<uint16_t>(), ctx.status);
+    launch_pdl(ctx, gather_rows<uint16_t>, blocks, 256, 0, x.data<uint16_t>(), x.dim(0), x.dim(1),
+               rows.data<int32_t>(), out.data<uint16_t>(), ctx.status);
   else
-    gather_rows<uint32_t><<<blocks, 256, 0, ctx.stream>>>(x.data<uint32_t>(), x.dim(0), x.dim(1),
-                                                          rows.data<int32_t>(), out.data<uint32_t>(), ctx.status);
+    launch_pdl(ctx, gather_rows<uint32_t>, blocks, 256, 0, x.data<uint32_t>(), x.dim(0), x.dim(1),
+               rows.data<int32_t>(), out.data<uint32_t>(), ctx.status);
   check_launch(ctx, "gatherRows", {{"x", x}, {"rows", rows}});
 }
 
 void launch_feed_tokens(const Ctx& ctx, const Tensor& ids, const Tensor& from, const Tensor& src) {
   const int64_t n = ids.dim(0);
-  feed_tokens<<<blocks_for(n, 128), 128, 0, ctx.stream>>>(ids.data<int32_t>(), from.data<int32_t>(), n,
-                                                           src.data<int32_t>(), src.dim(0), ctx.status);
+  launch_pdl(ctx, feed_tokens, blocks_for(n, 128), 128, 0, ids.data<int32_t>(), from.data<int32_t>(), n,
+             src.data<int32_t>(), src.dim(0), ctx.status);
   check_launch(ctx, "feedTokens", {{"ids", ids}, {"from", from}, {"src", src}});
 }
 
@@ -129,9 +134,9 @@ void launch_embedding(const Ctx& ctx, const Tensor& table, const Tensor& ids, in
   int64_t T = ids.dim(0);
   if (T == 0 || table.dim(1) == 0) return;
   WEFT_DISPATCH_FLOAT(table.dtype, W,
-                      embedding<W><<<static_cast<unsigned>(T), 256, 0, ctx.stream>>>(
-                          static_cast<const W*>(table.buffer->data()), table.dim(0), table.dim(1),
-                          ids.data<int32_t>(), vocab_start, out.data<float>()));
+                      launch_pdl(ctx, embedding<W>, static_cast<unsigned>(T), 256, 0,
+                                 static_cast<const W*>(table.buffer->data()), table.dim(0), table.dim(1),
+                                 ids.data<int32_t>(), vocab_start, out.data<float>()));
   check_launch(ctx, "embedding", {{"table", table}, {"ids", ids}});
 }
 

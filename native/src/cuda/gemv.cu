@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   constexpr int S = kStages;
   constexpr int V = R * TT;
   extern __shared__ float4 smem[];
+  pdl_trigger();  // the kernel after it may be placed now (it waits for this one to finish before reading)
 
   const int C = p.C;
   const int c = C > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;

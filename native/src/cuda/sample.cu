@@ -173,6 +173,8 @@ __global__ void __launch_bounds__(kThreads)
     sample_rows(const float* __restrict__ logits, int V, const float* __restrict__ temperature,
                 const int32_t* __restrict__ top_k, const float* __restrict__ top_p,
                 const float* __restrict__ uniform, int32_t* __restrict__ out, DeviceStatus* status) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ Shared sh;
   int r = blockIdx.x;
   Row row;
@@ -304,9 +306,9 @@ void launch_sample(const Ctx& ctx, const char* op, const Tensor& logits, const T
   int64_t R = logits.dim(0), V = logits.dim(1);
   if (R == 0) return;
   WEFT_CHECK(V < (int64_t{1} << 31), op, "logits ", logits, " has too many columns");
-  sample_rows<<<static_cast<unsigned>(R), kThreads, 0, ctx.stream>>>(
-      logits.data<float>(), static_cast<int>(V), temperature.data<float>(), top_k.data<int32_t>(),
-      top_p.data<float>(), uniform.data<float>(), out.data<int32_t>(), ctx.status);
+  launch_pdl(ctx, sample_rows, static_cast<unsigned>(R), kThreads, 0, logits.data<float>(), static_cast<int>(V),
+             temperature.data<float>(), top_k.data<int32_t>(), top_p.data<float>(), uniform.data<float>(),
+             out.data<int32_t>(), ctx.status);
   check_launch(ctx, op, {{"logits", logits}});
 }
 
