@@ -111,3 +111,39 @@ test('paged: a sequence the pool cannot grow ends with WEFT_BUSY and gives its b
   await assert.rejects(scheduler.submitScore(Array.from({ length: 17 }, (_, i) => i), false), (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && /17 tokens exceeds the KV cache's context of 16/.test(err.message));
   scheduler.failAll(new Error('closed'));
 });
+
+test('scheduling ahead: a stop token costs at most one step for its row and no token after it; a cancel frees blocks at once and sends nothing more', async () => {
+  const kvCache = paged(2, 8);
+  const batches: StepBatch[] = [];
+  const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches) });
+  // recordingStep draws position + 10: a stop token of 15 ends `a` at position 5, its third token
+  const stopping = (() => {
+    const params = parseSamplingParams({ maxNewTokens: 10, stopTokenIds: [15], seed: 1 }, { maxContext: 16, promptLength: 3, vocabSize: 100 });
+    return new SequenceState([1, 2, 3], params, [], { push: (id) => `<${id}>`, flush: () => '' });
+  })();
+  const a = scheduler.submitGenerate(stopping);
+  const b = scheduler.submitGenerate(sequence([1, 2, 3], 10));
+  const seen: number[] = [];
+  const bEvents = (async () => {
+    for await (const e of b.events) {
+      if (e.type !== 'token') continue;
+      seen.push(e.token);
+      if (seen.length === 3) {
+        const before = kvCache.blocksFree;
+        b.cancel();
+        assert.ok(kvCache.blocksFree > before, 'a cancelled sequence gives its blocks back at once');
+      }
+    }
+  })();
+  const bCancelled = assert.rejects(bEvents, (err: unknown) => isWeftError(err) && err.code === 'WEFT_CANCELLED');
+  const aTokens = await drain(a.events);
+  await bCancelled;
+  assert.deepEqual(aTokens, [12, 13, 14]); // the stop token ends it without a token event
+  assert.deepEqual(seen, [12, 13, 14]);
+  // a's rows: the prompt (position 2) and positions 3..5, plus at most one step past its stop token (position 6)
+  const aBlock = batches[0]!.kvBlockTable[0]![0];
+  const aRows = batches.flatMap((batch) => batch.positions.filter((_, t) => batch.kvBlockTable[batch.tokenSeq[t]!]![0] === aBlock));
+  assert.ok(Math.max(...aRows) <= 6, `a ran to position ${Math.max(...aRows)}`);
+  assert.equal(kvCache.sequences, 0);
+  assert.equal(kvCache.blocksFree, 8);
+});
