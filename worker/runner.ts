@@ -61,6 +61,9 @@ function uploadIndex(ops: Ops, arrays: Record<keyof StepIndex, HostIndex>): Step
   return Object.fromEntries(entries) as unknown as StepIndex;
 }
 
+/** feedTokens' `from` that copies the first `rows` of a draw into a tensor of `size` tokens: [0, 1, .., rows - 1, -1, ..]. */
+const keepFirst = (rows: number, size: number): number[] => Array.from({ length: size }, (_, i) => (i < rows ? i : -1));
+
 const bytesOf = (values: Int32Array | Float32Array): Uint8Array => new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
 
 interface DecodeGraph {
@@ -109,8 +112,8 @@ export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: 
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
-  /** [max bucket] i32, persistent: each decode graph's last node stores the tokens it drew here */
-  private readonly sampled: Tensor | null;
+  /** [max(max bucket, kvBlocks)] i32, persistent: the last step that drew on the device left its tokens here */
+  private readonly sampled: Tensor;
   private last: LastSampled = null;
   /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
   readonly maxStepTokens: number;
@@ -130,7 +133,8 @@ export class StepRunner {
     this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
     if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
     this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? 4 * 2 ** 30) : Number.MAX_SAFE_INTEGER);
-    this.sampled = this.useGraphs ? ops.zeros('i32', [MAX_GRAPH_BATCH]) : null;
+    // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait)
+    this.sampled = ops.zeros('i32', [Math.max(MAX_GRAPH_BATCH, kv.kvBlocks)]);
   }
 
   /** Run one step and wait for its answer. */
@@ -147,6 +151,11 @@ export class StepRunner {
     this.check(batch);
     const bucket = this.graphBucket(batch);
     if (bucket !== null) return this.replayDecode(batch, bucket);
+    if (this.drawsOnDevice(batch)) {
+      const { tokens, feedFrom } = this.splitFeed(batch);
+      const { feed: _feed, ...rest } = batch;
+      return this.eagerAhead({ ...rest, tokens }, feedFrom);
+    }
     const onHost = this.feedOnHost(batch);
     const result = onHost.tokens.length <= this.maxStepTokens ? await this.eager(onHost) : await this.chunked(onHost);
     this.last = onHost.sample && result.tokens ? { where: 'host', tokens: result.tokens } : null;
@@ -154,9 +163,42 @@ export class StepRunner {
     return { result: Promise.resolve(result) };
   }
 
+  /** An eager step that only samples, in one piece, its draw small enough for `sampled`: it need not be waited for. */
+  private drawsOnDevice(batch: StepBatch): boolean {
+    return !!batch.sample && !batch.scoreIds && !batch.fullLogprobs && batch.tokens.length <= this.maxStepTokens && batch.logitRows.length <= this.sampled.shape[0]!;
+  }
+
   /**
-   * The batch's tokens and where each comes from for a graph step: a token fed from a graph step's draw stays on
-   * the device (`feedFrom` >= 0, its token a placeholder); one fed from an eager step's draw is filled in here.
+   * The eager step of drawsOnDevice: fed tokens taken on the device, the draw left in `sampled` for the next step
+   * and its download queued, so the step is queued without a wait (as a graph step is).
+   */
+  private async eagerAhead(batch: StepBatch, feedFrom: readonly number[]): Promise<LaunchedStep> {
+    const { ops, sampled } = this;
+    ops.beginStep();
+    try {
+      const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
+      if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
+      const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
+      const { temperature, topK, topP, uniform } = batch.sample!;
+      const drawn = ops.sampleTensor(logits, float32Tensor(ops, temperature), int32Tensor(ops, topK), float32Tensor(ops, topP), float32Tensor(ops, uniform));
+      const rows = batch.logitRows.length;
+      ops.feedTokens(sampled, int32Tensor(ops, keepFirst(rows, sampled.shape[0]!)), drawn);
+      this.last = { where: 'device', rows };
+      return this.answer(ops.downloadAsync(drawn), rows);
+    } finally {
+      ops.endStep();
+    }
+  }
+
+  /** Rank 0 answers with the first `rows` tokens of a queued download; the other ranks with {} once it landed. */
+  private answer(drawn: Promise<Float32Array | Int32Array>, rows: number): LaunchedStep {
+    if (this.comm.rank !== 0) return { result: drawn.then(() => ({})) };
+    return { result: drawn.then((values) => ({ tokens: Array.from(values.subarray(0, rows)) })) };
+  }
+
+  /**
+   * The batch's tokens and where each comes from: a token fed from a draw left on the device stays there
+   * (`feedFrom` >= 0, its token a placeholder); one fed from a draw on the host is filled in here.
    */
   private splitFeed(batch: StepBatch): { tokens: number[]; feedFrom: number[] } {
     const tokens = [...batch.tokens];
@@ -178,7 +220,7 @@ export class StepRunner {
     const { feed: _feed, ...rest } = batch;
     const { tokens, feedFrom } = this.splitFeed(batch);
     if (feedFrom.some((from) => from >= 0)) {
-      const drawn = this.ops.download(this.sampled!);
+      const drawn = this.ops.download(this.sampled);
       feedFrom.forEach((from, t) => from >= 0 && (tokens[t] = drawn[from]!));
     }
     return { ...rest, tokens };
@@ -326,9 +368,7 @@ export class StepRunner {
     ops.replay(graph.graph);
     this.last = { where: 'device', rows: n };
     // queued behind the replay: the copy holds this step's draw even after the next step overwrites `sampled`
-    const drawn = ops.downloadAsync(this.sampled!);
-    if (this.comm.rank !== 0) return { result: drawn.then(() => ({})) };
-    return { result: drawn.then((values) => ({ tokens: Array.from(values.subarray(0, n)) })) };
+    return this.answer(ops.downloadAsync(this.sampled), n);
   }
 
   /**
@@ -337,7 +377,7 @@ export class StepRunner {
    */
   private async capture(bucket: number): Promise<DecodeGraph> {
     const { ops } = this;
-    const sampled = this.sampled!;
+    const { sampled } = this;
     // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
     if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
     // every row a padding row until the first replay writes the real ones
@@ -351,7 +391,7 @@ export class StepRunner {
       uniform: float32Tensor(ops, padded.sample.uniform),
     };
     // sampled[i] = the draw of row i, for the bucket's rows
-    const keepRows = int32Tensor(ops, Array.from({ length: sampled.shape[0]! }, (_, i) => (i < bucket ? i : -1)));
+    const keepRows = int32Tensor(ops, keepFirst(bucket, sampled.shape[0]!));
     const run = async (): Promise<void> => {
       ops.feedTokens(inputs.tokenIds, inputs.feedFrom, sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, inputs);
