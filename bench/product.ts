@@ -5,8 +5,9 @@
  *   node --import tsx bench/product.ts --model /tmp/llama-2-7b --name llama-2-7b --new-tokens 256 --concurrency 8,64 \
  *     [--bandwidth GBS] [--in-process decode.log] [--anchor gptfast.jsonl] [--out bench-product.jsonl]
  *
- * - generate: one `weft generate --json` process, a 5-token prompt (ids, BOS first), EOS ignored; its own
- *   decode tok/s and TTFT (a fresh process: the first decode step's graph capture is inside its figure).
+ * - generate: one `weft generate --json` process, a 5-token prompt (ids, BOS first), EOS ignored, --max-context
+ *   as bench/decode.ts sizes its KV cache; its own decode tok/s and TTFT (a fresh process: the first decode
+ *   step's graph capture is inside its figure).
  * - serve: one `weft serve` process on free ports (--kv-slots = the largest concurrency), per concurrency C one
  *   untimed warm-up round, then C streams at once from node's fetch; tok/s = generated tokens / the phase's wall
  *   time (prefills and ramp included), TTFT = the median time to a stream's first text; "steady" = chunks per
@@ -59,6 +60,8 @@ const bytes = stepBytes(spec, planShards(spec, 1), 0);
 // BOS, then fixed ids spread over the vocabulary: the same prompt for every path and run
 const promptIds = [spec.bosTokenId ?? 0, ...Array.from({ length: promptTokens - 1 }, (_, i) => Math.floor(((i + 1) * spec.vocabSize) / (promptTokens + 1)))];
 const meanContext = promptTokens + newTokens / 2;
+// the KV cache per sequence that bench/decode.ts gives its in-process runs (what a run needs, and a little)
+const maxContext = promptTokens + newTokens + 16;
 
 function commandLine(file: string, args: string[]): string | null {
   const result = spawnSync(file, args, { encoding: 'utf8' });
@@ -110,7 +113,7 @@ function readAnchor(file: string): void {
 
 async function measureGenerate(): Promise<void> {
   const started = performance.now();
-  const args = ['--model', modelDir, '--device', opts.device, '--prompt-ids', promptIds.join(','), '--max-new-tokens', String(newTokens), '--ignore-eos', ...extraArgs];
+  const args = ['--model', modelDir, '--device', opts.device, '--prompt-ids', promptIds.join(','), '--max-new-tokens', String(newTokens), '--ignore-eos', '--max-context', String(maxContext), ...extraArgs];
   const figures = await runGenerate(args, timeoutMs);
   if (figures.tokens !== newTokens) throw new Error(`weft generate made ${figures.tokens} tokens, not ${newTokens}`);
   rows.push({ model, batch: 1, path: 'generate', tokensPerS: figures.decodeTokensPerS, ttftMs: figures.timeToFirstTokenS * 1000, floorMs: floorOf(1), anchorTokensPerS: null, loadS: figures.processS });
@@ -120,7 +123,7 @@ async function measureGenerate(): Promise<void> {
 async function measureServe(): Promise<void> {
   const started = performance.now();
   const slots = Math.max(...concurrency);
-  const args = ['--model', modelDir, '--device', opts.device, '--kv-slots', String(slots), '--max-queue', String(2 * slots), '--max-context', String(promptTokens + newTokens + 16), ...extraArgs];
+  const args = ['--model', modelDir, '--device', opts.device, '--kv-slots', String(slots), '--max-queue', String(2 * slots), '--max-context', String(maxContext), ...extraArgs];
   const server = await startServe(args, timeoutMs);
   console.log(`serve: ready at ${server.url} in ${server.readyS.toFixed(1)} s`);
   let failure: unknown = null;
