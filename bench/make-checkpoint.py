@@ -14,7 +14,7 @@ the preset is bench/presets.ts's config, read through node so that the two never
   synthetic words " w<ID>" (ASCII, so every generated id decodes to visible text) that fill every other id.
   No merges: text encodes to one id per byte, which round-trips; the benchmarks send token ids.
 Weights: N(0, 0.02) (norm weights 1.0) so activations stay finite. Each tensor is a slice, at a random offset, of
-one 64 Mi-element random pool: writing is disk speed (13.5 GB in about a minute), and a bandwidth-bound decode
+one random pool of 64 Mi elements: writing is disk speed (13.5 GB in about a minute), and a bandwidth-bound decode
 reads the same bytes whatever the values. `--tiny` keeps the vocabulary but shrinks every other dimension (hidden
 64, 2 layers), for a CPU smoke test.
 """
@@ -159,12 +159,17 @@ def check_tokenizer(out_dir, c):
         from tokenizers import Tokenizer
     except ImportError:
         return 'not checked (no tokenizers package)'
-    tok = Tokenizer.from_file(os.path.join(out_dir, 'tokenizer.json'))
+    # a warning, not a failure: what the benchmarks need is that weft's tokenizer (JavaScript) loads it
     text = 'The quick brown fox, 42 times.'
-    ids = tok.encode(text, add_special_tokens=False).ids
-    if tok.decode(ids) != text or tok.get_vocab_size(with_added_tokens=True) != c['vocab_size']:
-        sys.exit(f'make-checkpoint: the tokenizer does not round-trip {text!r} or has {tok.get_vocab_size()} ids, not {c["vocab_size"]}')
-    return f'round-trips ({len(ids)} ids)'
+    try:
+        tok = Tokenizer.from_file(os.path.join(out_dir, 'tokenizer.json'))
+        ids = tok.encode(text, add_special_tokens=False).ids
+        back, size = tok.decode(ids), tok.get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # noqa: BLE001 (any failure of the package is reported the same way)
+        return f'WARNING: the tokenizers package cannot use it: {err}'
+    if back != text or size != c['vocab_size']:
+        return f'WARNING: tokenizers decodes {text!r} as {back!r} and counts {size} ids, not {c["vocab_size"]}'
+    return f'round-trips in the tokenizers package ({len(ids)} ids)'
 
 
 def main():
@@ -180,9 +185,9 @@ def main():
     c = hf_config(preset_config(a.preset), a.layers, a.tiny)
     os.makedirs(a.out_dir, exist_ok=True)
     rng = np.random.default_rng(a.seed)
-    pool = bf16_bits(rng.standard_normal(POOL_ELEMENTS, dtype=np.float32) * 0.02)
-
     tensors = tensor_shapes(c)
+    pool_elements = min(POOL_ELEMENTS, max(int(np.prod(s)) for _, s in tensors))
+    pool = bf16_bits(rng.standard_normal(pool_elements, dtype=np.float32) * 0.02)
     shards, size, limit = [[]], 0, a.shard_gb * 1e9
     for name, shape in tensors:
         nbytes = 2 * int(np.prod(shape))

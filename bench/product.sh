@@ -14,7 +14,7 @@
 #   --new-tokens N      tokens generated per sequence on every path (default 200)
 #   --concurrency LIST  concurrent streams against weft serve (default 8,64)
 #   --samples N         gpt-fast runs timed after its compile (median; default 3)
-#   --quick             64 new tokens, concurrency 8, one gpt-fast sample, no torch bandwidth probe
+#   --quick             defaults of 64 new tokens, concurrency 8, one gpt-fast sample; no torch bandwidth probe
 #   --no-anchor         skip gpt-fast
 #   --device cpu        a dry run of this script without a GPU: --tiny checkpoints (bench/decode.ts keeps the
 #                       preset's shape: name a cut one, e.g. --presets llama-2-7b:1), no floors, no anchor
@@ -26,14 +26,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-presets=llama-2-7b new_tokens=200 concurrency=8,64 samples=3 quick=0 anchor=1 keep=0 device=cuda out="${OUT:-.}/bench-product.jsonl"
+presets=llama-2-7b new_tokens='' concurrency='' samples='' quick=0 anchor=1 keep=0 device=cuda out="${OUT:-.}/bench-product.jsonl"
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --presets) presets="$2"; shift 2 ;;
     --new-tokens) new_tokens="$2"; shift 2 ;;
     --concurrency) concurrency="$2"; shift 2 ;;
     --samples) samples="$2"; shift 2 ;;
-    --quick) quick=1; new_tokens=64; concurrency=8; samples=1; shift ;;
+    --quick) quick=1; shift ;;
     --no-anchor) anchor=0; shift ;;
     --keep) keep=1; shift ;;
     --device) device="$2"; shift 2 ;;
@@ -41,6 +41,9 @@ while [ "$#" -gt 0 ]; do
     *) echo "product.sh: unknown argument $1 (see the header of bench/product.sh)" >&2; exit 2 ;;
   esac
 done
+# --quick changes the defaults only: a value given on the command line wins
+if [ "$quick" = 1 ]; then : "${new_tokens:=64}" "${concurrency:=8}" "${samples:=1}"; fi
+: "${new_tokens:=200}" "${concurrency:=8,64}" "${samples:=3}"
 work="${WEFT_BENCH_DIR:-/tmp/weft-bench}"
 mkdir -p "$work"
 run_rows="$work/run.jsonl"
