@@ -95,12 +95,13 @@ for entry in ${presets//,/ }; do
   layer_args=(${layers:+--layers "$layers"})
 
   stage "$label: checkpoint"
-  if [ -f "$ckpt/.complete" ]; then
-    echo "reusing $ckpt"
+  made_by="make-checkpoint.py --preset $preset ${layer_args[*]} ${tiny_args[*]}"
+  if [ "$(cat "$ckpt/.complete" 2>/dev/null)" = "$made_by" ]; then
+    echo "reusing $ckpt ($made_by)"
   else
     rm -rf "$ckpt"
     python3 bench/make-checkpoint.py "$ckpt" --preset "$preset" "${layer_args[@]}" "${tiny_args[@]}"
-    touch "$ckpt/.complete"
+    echo "$made_by" >"$ckpt/.complete"
   fi
   done_stage
 
@@ -138,13 +139,6 @@ done
 cat "$run_rows" >>"$out"
 echo
 echo "== all: $(wc -l <"$run_rows") rows appended to $out in $(since "$total_t0")"
-node - "$run_rows" <<'JS'
-const rows = require('node:fs').readFileSync(process.argv[2], 'utf8').trim().split('\n').map((l) => JSON.parse(l));
-const f = (x, d) => (x === null || x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(d));
-console.log(`\n${rows[0]?.gpu}, commit ${String(rows[0]?.commit).slice(0, 12)}, read bandwidth ${f(rows[0]?.bandwidthGBs, 0)} GB/s\n`);
-console.log('| model | batch | path | tok/s | floor ms | % of floor | x gpt-fast |');
-console.log('|---|---|---|---|---|---|---|');
-for (const r of rows)
-  console.log(`| ${r.model} | ${r.batch} | ${r.path} | ${f(r.tokensPerS, 1)} | ${f(r.floorMs, 3)} | ${r.floorMs === null ? '-' : f((r.floorMs * r.tokensPerS) / (r.batch * 10), 1)} | ${r.anchorTokensPerS ? f(r.tokensPerS / r.anchorTokensPerS, 3) : '-'} |`);
-JS
+echo
+node --import tsx bench/product-table.ts "$run_rows"
 [ "$failed" = 0 ] || { echo "product.sh: a stage failed (see above)" >&2; exit 1; }

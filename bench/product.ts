@@ -2,7 +2,7 @@
  * The product path's speed, beside its floor: the real `weft generate` (batch 1) and `weft serve` (N concurrent
  * streaming completions) on a model directory, as users run them:
  *
- *   node --import tsx bench/product.ts --model /tmp/llama-2-7b --name llama-2-7b --new-tokens 256 --concurrency 8,64 \
+ *   node --import tsx bench/product.ts --model /tmp/llama-2-7b --name llama-2-7b --new-tokens 200 --concurrency 8,64 \
  *     [--bandwidth GBS] [--in-process decode.log] [--anchor gptfast.jsonl] [--out bench-product.jsonl]
  *
  * - generate: one `weft generate --json` process, a 5-token prompt (ids, BOS first), EOS ignored, --max-context
@@ -26,9 +26,9 @@ import { readModelSpec } from '../core/model-spec.ts';
 import { planShards } from '../core/shard-plan.ts';
 import { concurrentStreams, runGenerate, startServe } from './product-serve.ts';
 import { floorMs, stepBytes } from './step-bytes.ts';
+import { productTable, type ProductPath, type ProductRow } from './product-table.ts';
 
-type Path = 'generate' | 'serve' | 'in-process' | 'gpt-fast';
-const PATH_ORDER: readonly Path[] = ['in-process', 'generate', 'serve', 'gpt-fast'];
+const PATH_ORDER: readonly ProductPath[] = ['in-process', 'generate', 'serve', 'gpt-fast'];
 
 const list = (s: string): number[] => s.split(',').map((x) => x.trim()).filter(Boolean).map(Number);
 const opts = new Command('bench-product')
@@ -36,7 +36,7 @@ const opts = new Command('bench-product')
   .option('--name <label>', 'model label in the rows (default: the directory name)')
   .option('--device <d>', 'cpu or cuda', 'cuda')
   .option('--prompt-tokens <n>', 'prompt length in tokens, BOS first', '5')
-  .option('--new-tokens <n>', 'tokens generated per sequence', '256')
+  .option('--new-tokens <n>', 'tokens generated per sequence', '200')
   .option('--concurrency <list>', 'concurrent streams against weft serve; empty: no serve run', '8,64')
   .option('--no-generate', 'skip weft generate')
   .option('--bandwidth <GBs>', 'read bandwidth for the floors (default: weft\'s probe; none on the CPU)')
@@ -76,21 +76,9 @@ function measureBandwidth(): number {
   return (JSON.parse(out.trim().split('\n').at(-1)!) as { bandwidthGBs: number }).bandwidthGBs;
 }
 
-interface Row {
-  model: string;
-  batch: number;
-  path: Path;
-  tokensPerS: number;
-  ttftMs: number | null;
-  floorMs: number;
-  anchorTokensPerS: number | null;
-  /** serve: decode rate while every stream was decoding */
-  steadyTokensPerS?: number;
-  /** generate and serve: seconds from the process start to ready (weights loaded) */
-  loadS?: number;
-}
-const rows: Row[] = [];
-const floorOf = (batch: number): number => floorMs(bytes.bytesPerStep(batch, meanContext), bandwidthGBs);
+const rows: ProductRow[] = [];
+// null without a bandwidth (the CPU)
+const floorOf = (batch: number): number | null => (Number.isFinite(bandwidthGBs) ? floorMs(bytes.bytesPerStep(batch, meanContext), bandwidthGBs) : null);
 const elapsed = (since: number): string => `${((performance.now() - since) / 1000).toFixed(1)} s`;
 
 function readInProcess(file: string): void {
@@ -98,7 +86,7 @@ function readInProcess(file: string): void {
   if (json === undefined) throw new Error(`${file} holds no bench/decode.ts result line`);
   const result = JSON.parse(json) as { rows: { batch: number; prompt: number; ttftMs: number; tokensPerS: number; bytesPerStep: number }[] };
   for (const r of result.rows.filter((r) => r.prompt === promptTokens))
-    rows.push({ model, batch: r.batch, path: 'in-process', tokensPerS: r.tokensPerS, ttftMs: r.ttftMs, floorMs: floorMs(r.bytesPerStep, bandwidthGBs), anchorTokensPerS: null });
+    rows.push({ model, batch: r.batch, path: 'in-process', tokensPerS: r.tokensPerS, ttftMs: r.ttftMs, floorMs: Number.isFinite(bandwidthGBs) ? floorMs(r.bytesPerStep, bandwidthGBs) : null, anchorTokensPerS: null });
 }
 
 function readAnchor(file: string): void {
@@ -149,17 +137,12 @@ function report(): void {
   const anchorAt = new Map(rows.filter((r) => r.path === 'gpt-fast').map((r) => [r.batch, r.tokensPerS]));
   const date = new Date().toISOString();
   rows.sort((a, b) => a.batch - b.batch || PATH_ORDER.indexOf(a.path) - PATH_ORDER.indexOf(b.path));
-  const fixed = (x: number | null | undefined, digits: number): string => (x === null || x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits));
-  console.log(`\n${model} on ${gpu}, commit ${commit.slice(0, 12)}, prompt ${promptTokens}, ${newTokens} new tokens, read bandwidth ${fixed(bandwidthGBs, 0)} GB/s\n`);
-  console.log('| model | batch | path | tok/s | steady tok/s | TTFT ms | floor ms | % of floor | x gpt-fast |');
-  console.log('|---|---|---|---|---|---|---|---|---|');
   for (const row of rows) {
     row.anchorTokensPerS = anchorAt.get(row.batch) ?? null;
-    const ofFloor = (row.floorMs * row.tokensPerS) / (row.batch * 1000); // floor / measured step time
-    const ratio = row.anchorTokensPerS ? row.tokensPerS / row.anchorTokensPerS : null;
-    console.log(`| ${row.model} | ${row.batch} | ${row.path} | ${fixed(row.tokensPerS, 1)} | ${fixed(row.steadyTokensPerS, 1)} | ${fixed(row.ttftMs, 1)} | ${fixed(row.floorMs, 3)} | ${fixed(ofFloor * 100, 1)} | ${fixed(ratio, 3)} |`);
     appendFileSync(opts.out, JSON.stringify({ date, gpu, commit, ...row, device: opts.device, promptTokens, newTokens, bandwidthGBs: Number.isFinite(bandwidthGBs) ? bandwidthGBs : null }) + '\n');
   }
+  console.log(`\n${model} on ${gpu}, commit ${commit.slice(0, 12)}, prompt ${promptTokens}, ${newTokens} new tokens, read bandwidth ${Number.isFinite(bandwidthGBs) ? bandwidthGBs.toFixed(0) : '-'} GB/s\n`);
+  console.log(productTable(rows));
 }
 
 const started = performance.now();
