@@ -11,13 +11,13 @@
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
 import { planShards } from '../core/shard-plan.ts';
-import { shardLayout } from '../worker/weights/load-shard.ts';
 import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { kvCacheLayout, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { presetSpec } from './presets.ts';
+import { floorMs as stepFloorMs, stepBytes } from './step-bytes.ts';
 
 const list = (s: string): string[] => s.split(',').map((x) => x.trim()).filter(Boolean);
 const program = new Command('bench-decode')
@@ -71,19 +71,7 @@ for (const name of list(opts.models)) {
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device }); // one block per sequence
   const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
-  // Weight bytes one decode step reads: everything but the embedding table (B rows of it, negligible).
-  const elementBytes = spec.dtype === 'f32' ? 4 : 2;
-  const weightBytes = shardLayout(spec, plan, rank)
-    .filter((t) => t.name !== 'embed' && t.aliasOf === null)
-    .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0)
-    + (spec.tieWordEmbeddings ? spec.vocabSize * spec.hidden * elementBytes : 0);
-  // Mixtral reads only the experts its router picks: nExpertsPerToken of nExperts per layer and token
-  // (batch 1; a batch reads the union of its rows' choices, at most all of them).
-  const expertBytes = shardLayout(spec, plan, rank)
-    .filter((t) => t.name.includes('.experts.'))
-    .reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * elementBytes, 0);
-  const activeWeightBytes = (batch: number): number =>
-    weightBytes - expertBytes + (spec.nExperts ? expertBytes * Math.min(1, (batch * spec.nExpertsPerToken) / spec.nExperts) : 0);
+  const bytes = stepBytes(spec, plan, rank);
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1) });
 
@@ -113,9 +101,8 @@ for (const name of list(opts.models)) {
       // GPU time of the decode graph alone, no host work
       const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN;
       const meanContext = prompt + 2 + newTokens / 2;
-      const kvBytes = spec.nLayers * batch * meanContext * plan.nKvHeadsPerRank * spec.headDim * 4 * 2; // fp32 K and V
-      const bytesPerStep = activeWeightBytes(batch) + kvBytes;
-      const floorMs = (bytesPerStep / (bandwidthGBs * 1e9)) * 1e3;
+      const bytesPerStep = bytes.bytesPerStep(batch, meanContext);
+      const floorMs = stepFloorMs(bytesPerStep, bandwidthGBs);
       const row = { model: label, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
       rows.push(row);
       console.log(

@@ -1,0 +1,62 @@
+/**
+ * The product benchmark's own machinery on the CPU: bench/make-checkpoint.py writes a directory weft loads (its
+ * tokenizer has exactly the preset's vocabulary and round-trips text; its shapes are the preset's), and
+ * bench/product.ts times the real `weft generate` and `weft serve` processes, writes its rows and leaves no process.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fixtureDir, processesMentioning } from '../helpers/fixtures.ts';
+import { loadTokenizer } from '../../coordinator/tokenizer.ts';
+import { readModelSpec } from '../../core/model-spec.ts';
+import { presetSpec } from '../../bench/presets.ts';
+
+const hasNumpy = spawnSync('python3', ['-c', 'import numpy'], { stdio: 'ignore' }).status === 0;
+
+describe('bench/product', () => {
+  test('make-checkpoint.py --tiny: the preset\'s vocabulary, a round-tripping tokenizer, the preset\'s layout', { skip: !hasNumpy && 'python3 with numpy is not installed' }, () => {
+    const dir = mkdtempSync(join(tmpdir(), 'weft-ckpt-'));
+    try {
+      const made = spawnSync('python3', ['bench/make-checkpoint.py', dir, '--preset', 'llama-3-8b', '--tiny', '--shard-gb', '0.01'], { encoding: 'utf8' });
+      assert.equal(made.status, 0, made.stderr);
+      const tokenizer = loadTokenizer(dir);
+      assert.equal(tokenizer.vocabSize, 128256);
+      assert.equal(tokenizer.bosTokenId, 128000);
+      assert.deepEqual(tokenizer.eosTokenIds, [128001]);
+      const text = 'The quick brown fox, 42 times. ü€';
+      assert.equal(tokenizer.decode(tokenizer.encode(text)), text);
+      assert.equal(tokenizer.decode([5000, 128001, 127999]), ' w5000 w127999');
+      const tiny = { hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 128, num_hidden_layers: 2, head_dim: 16 };
+      assert.deepEqual(readModelSpec(dir), presetSpec('llama-3-8b', tiny));
+      assert.ok(JSON.parse(readFileSync(join(dir, 'model.safetensors.index.json'), 'utf8')).weight_map['lm_head.weight']);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('product.ts on the CPU: generate and serve rows, the server stopped with nothing left', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'weft-product-'));
+    try {
+      const out = join(dir, 'rows.jsonl');
+      const model = join(dir, 'llama-tiny'); // a path of this test alone, to look for processes by
+      cpSync(fixtureDir('llama-tiny'), model, { recursive: true });
+      const run = spawnSync(process.execPath, ['--import', 'tsx', 'bench/product.ts', '--model', model, '--device', 'cpu', '--new-tokens', '8', '--concurrency', '2', '--bandwidth', '100', '--out', out], { encoding: 'utf8', timeout: 60_000 });
+      assert.equal(run.status, 0, run.stderr + run.stdout);
+      assert.match(run.stdout, /serve: stopped, exit code 0, no process left/);
+      const rows = readFileSync(out, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+      assert.deepEqual(rows.map((r) => [r.path, r.batch]), [['generate', 1], ['serve', 2]]);
+      for (const row of rows) {
+        assert.equal(row.model, 'llama-tiny');
+        assert.ok((row.tokensPerS as number) > 0 && (row.ttftMs as number) > 0, JSON.stringify(row));
+        assert.ok((row.floorMs as number) > 0, 'a floor at the given bandwidth');
+        for (const key of ['date', 'gpu', 'commit', 'anchorTokensPerS']) assert.ok(key in row, `${key} in ${JSON.stringify(row)}`);
+      }
+      assert.deepEqual(processesMentioning(model), [], 'no weft process left');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
