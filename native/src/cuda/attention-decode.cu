@@ -1,5 +1,6 @@
 // Decode attention: split-K flash-decoding over the KV block table (attention.cuh has the plan). Scores are
-// dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max).
+// dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max). The cache is f32 or bf16, widened
+// to f32 as it is loaded; each K/V element is read once per kv head, for the whole GQA group.
 #include <algorithm>
 
 #include "cuda/attention.cuh"
@@ -31,10 +32,14 @@ DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_
   return {P, static_cast<int>((C + P - 1) / P), smem(P)};
 }
 
-// grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum).
+// grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum). KV: the
+// cache's element type (f32 or bf16); VEC: key elements per lane and load (2 when hd is even: 8-byte f32 or
+// 4-byte bf16 loads; the same lanes sum the same elements for both types, so a bf16 cache gives the f32 cache's
+// result bit for bit when it holds the same values).
+template <typename KV, int VEC>
 __global__ void __launch_bounds__(kDecodeThreads)
-    attention_decode_partial(const float* __restrict__ q, const float* __restrict__ k_cache,
-                             const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+    attention_decode_partial(const float* __restrict__ q, const KV* __restrict__ k_cache,
+                             const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                              const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part, float scale,
                              float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status) {
   pdl_trigger();
@@ -56,16 +61,19 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   for (int i = warp; i < np; i += warps) {
-    const float* kr = k_cache + rows[i];
+    const KV* kr = k_cache + rows[i];
     for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
       float acc[kHeadChunk];
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
-      for (int d = lane; d < hd; d += 32) {
-        float kv_d = kr[d];
+      for (int d = lane * VEC; d < hd; d += 32 * VEC) {
+        float kv_d[VEC];
+        load_kv(kr + d, kv_d);
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j)
-          if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d] * kv_d;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d + e] * kv_d[e];
       }
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) {
@@ -102,7 +110,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
 #pragma unroll 4
       for (int i = 0; i < np; ++i) {
-        float vv = v_cache[rows[i] + d];
+        float vv = to_f32(v_cache[rows[i] + d]);
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j)
           if (h0 + j < group) acc[j] += sc[(h0 + j) * P + i] * vv;
@@ -163,9 +171,18 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv));
-  attention_decode_partial<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), kv, token_seq.data<int32_t>(),
-      positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, scale, part_out, part_ml, ctx.status);
+  auto partial = [&](auto kernel, const auto* k, const auto* v) {
+    kernel<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
+                                                            positions.data<int32_t>(), int(n_heads), int(hd), plan.P,
+                                                            plan.n_part, scale, part_out, part_ml, ctx.status);
+  };
+  WEFT_DISPATCH_KV(k_cache.dtype, KV, {
+    const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
+    if (hd % 2 == 0)
+      partial(attention_decode_partial<KV, 2>, k, v);
+    else
+      partial(attention_decode_partial<KV, 1>, k, v);
+  });
   check_launch(ctx, "attention", args);
   attention_decode_merge<<<static_cast<unsigned>(T * n_heads), 128, 0, ctx.stream>>>(
       kv, token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part,
