@@ -67,13 +67,16 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
       for (int d = lane * VEC; d < hd; d += 32 * VEC) {
-        float kv_d[VEC];
-        load_kv(kr + d, kv_d);
+        float k_d[VEC];
+        load_as_f32(kr + d, k_d);
 #pragma unroll
-        for (int j = 0; j < kHeadChunk; ++j)
+        for (int j = 0; j < kHeadChunk; ++j) {
+          if (h0 + j >= group) continue;
+          float q_d[VEC];  // one 8-byte shared load for VEC = 2: lanes read consecutive pairs, no bank conflict
+          load_as_f32(qs + (h0 + j) * hd + d, q_d);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d + e] * kv_d[e];
+          for (int e = 0; e < VEC; ++e) acc[j] += q_d[e] * k_d[e];
+        }
       }
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) {

@@ -27,15 +27,16 @@ constexpr bool kKvWrite = true, kKvRead = false;
 __device__ __forceinline__ void store_kv(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_kv(__nv_bfloat16* p, float v) { *p = __ushort_as_bfloat16(f32_to_bf16_rn(v)); }
 
-// VEC consecutive cache elements as f32 (one load of 4 * VEC or 2 * VEC bytes; p aligned to it).
-__device__ __forceinline__ void load_kv(const float* p, float (&f)[1]) { f[0] = *p; }
-__device__ __forceinline__ void load_kv(const __nv_bfloat16* p, float (&f)[1]) { f[0] = to_f32(*p); }
-__device__ __forceinline__ void load_kv(const float* p, float (&f)[2]) {
+// VEC consecutive elements (of the cache, or f32 in shared memory) as f32: one load of 4 * VEC or 2 * VEC
+// bytes, p aligned to it.
+__device__ __forceinline__ void load_as_f32(const float* p, float (&f)[1]) { f[0] = *p; }
+__device__ __forceinline__ void load_as_f32(const __nv_bfloat16* p, float (&f)[1]) { f[0] = to_f32(*p); }
+__device__ __forceinline__ void load_as_f32(const float* p, float (&f)[2]) {
   const float2 x = *reinterpret_cast<const float2*>(p);
   f[0] = x.x;
   f[1] = x.y;
 }
-__device__ __forceinline__ void load_kv(const __nv_bfloat16* p, float (&f)[2]) {
+__device__ __forceinline__ void load_as_f32(const __nv_bfloat16* p, float (&f)[2]) {
   const uint32_t x = *reinterpret_cast<const uint32_t*>(p);  // element 0 in the low half (little-endian)
   f[0] = __uint_as_float(x << 16);
   f[1] = __uint_as_float(x & 0xffff0000u);
