@@ -92,6 +92,7 @@ test('malformed messages are refused with a WEFT_PROTOCOL error saying where', (
   refused(parseCoordinatorMessage, { v, type: 'challenge' }, /at nonce/);
   refused(parseCoordinatorMessage, { v, type: 'step', id: 3, batch: { ...batch, tokenSeq: [0] } }, /equal lengths/);
   refused(parseCoordinatorMessage, { v, type: 'init', id: 1, ...settings, collectiveRoot: '', spec: [] }, /at spec: expected an object/);
+  refused(parseCoordinatorMessage, { v, type: 'init', id: 1, ...settings, collectiveRoot: '', kvDtype: 'auto' }, /at kvDtype/);
   refused(parseCoordinatorMessage, { v, type: 'ncclId', id: 5, rank: 0 }, /Unrecognized key: "rank"/);
   refused(parseCoordinatorMessage, { v, type: 'eval', id: 5 }, /at type/);
 });
