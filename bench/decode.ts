@@ -5,8 +5,8 @@
  *
  * In one run: the device's read bandwidth, then per model × prompt length × batch: time to first token
  * (prefill of one sequence plus its first sampled token), decode step time and tokens/s (CUDA graphs),
- * the bytes one decode step must read (weights + the KV cache it attends over) and the fraction of the
- * bandwidth floor reached. Ends with one JSON line.
+ * the bytes one decode step must read (weights + the KV cache it attends over, at the cache's element size:
+ * --kv-dtype, bf16 on cuda by default) and the fraction of the bandwidth floor reached. Ends with one JSON line.
  */
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
@@ -15,7 +15,7 @@ import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from 
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
-import { kvCacheLayout, type KvCacheLayout } from '../core/kv-block-table.ts';
+import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { presetSpec } from './presets.ts';
 import { floorMs as stepFloorMs, stepBytes } from './step-bytes.ts';
 
@@ -27,17 +27,20 @@ const program = new Command('bench-decode')
   .option('--new-tokens <n>', 'decode steps timed', '200')
   .option('--layers <n>', 'override the layer count (a cut model that fits)')
   .option('--device <d>', 'cpu or cuda', 'cuda')
+  .option('--kv-dtype <t>', "KV cache element type: auto (bf16 on cuda, f32 on cpu), f32 or bf16", 'auto')
   .option('--profile-prefill <n>', 'also time the host side of each engine call in one prefill of n tokens')
   .option('--profile-sync', 'with --profile-prefill: synchronise after every call, so each time is that call\'s device time', false)
   .option('--tp <n>', 'run one rank\'s shard of a plan for n ranks on this GPU, all-reduces skipped (per-rank work of tensor or expert parallelism)', '1')
   .option('--rank <r>', 'with --tp: which rank\'s shard', '0')
   .option('--expert-parallel', 'with --tp: whole experts per rank (Mixtral)', false)
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
 const newTokens = Number(opts.newTokens);
+if (!['auto', 'f32', 'bf16'].includes(opts.kvDtype)) program.error(`--kv-dtype must be auto, f32 or bf16 (got ${opts.kvDtype})`);
+const kvDtype = resolveKvDtype(opts.kvDtype as KvDtypeOption, opts.device);
 
 // A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
 const arenaBytes = 16 * 2 ** 30;
@@ -47,6 +50,7 @@ console.log(`device read bandwidth: ${bandwidthGBs.toFixed(0)} GB/s`);
 
 interface Row {
   model: string;
+  kvDtype: KvDtype;
   batch: number;
   prompt: number;
   ttftMs: number;
@@ -68,10 +72,10 @@ for (const name of list(opts.models)) {
   const label = tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name;
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
-  const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device }); // one block per sequence
-  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
+  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
-  const bytes = stepBytes(spec, plan, rank);
+  const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1) });
 
@@ -103,10 +107,10 @@ for (const name of list(opts.models)) {
       const meanContext = prompt + 2 + newTokens / 2;
       const bytesPerStep = bytes.bytesPerStep(batch, meanContext);
       const floorMs = stepFloorMs(bytesPerStep, bandwidthGBs);
-      const row = { model: label, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
+      const row = { model: label, kvDtype, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
       rows.push(row);
       console.log(
-        `${label.padEnd(12)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
+        `${label.padEnd(12)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
           `${row.tokensPerS.toFixed(1)} tok/s, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
       );
     }
@@ -157,4 +161,4 @@ async function profilePrefill(model: RankModel, kv: KvCacheLayout, n: number, vo
   console.log(`prefill of ${n} tokens: ${wall.toFixed(1)} ms wall; ${opts.profileSync ? `device time per engine call (each includes a synchronize, ${(syncMs * 1e3).toFixed(1)} us when idle)` : 'host time per engine call'}:`);
   for (const [name, { calls, ms }] of rows.slice(0, 20)) console.log(`  ${name.padEnd(32)} ${String(calls).padStart(5)} calls ${ms.toFixed(2).padStart(9)} ms ${((ms / calls) * 1e3).toFixed(1).padStart(8)} us/call`);
 }
-console.log(JSON.stringify({ bench: 'decode', device: opts.device, bandwidthGBs, newTokens, rows }));
+console.log(JSON.stringify({ bench: 'decode', device: opts.device, kvDtype, bandwidthGBs, newTokens, rows }));

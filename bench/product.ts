@@ -26,6 +26,7 @@ import { readModelSpec } from '../core/model-spec.ts';
 import { planShards } from '../core/shard-plan.ts';
 import { concurrentStreams, runGenerate, startServe } from './product-serve.ts';
 import { floorMs, stepBytes } from './step-bytes.ts';
+import { kvDtypeBytes, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { productTable, type ProductPath, type ProductRow } from './product-table.ts';
 
 const PATH_ORDER: readonly ProductPath[] = ['in-process', 'generate', 'serve', 'gpt-fast'];
@@ -42,11 +43,12 @@ const opts = new Command('bench-product')
   .option('--bandwidth <GBs>', 'read bandwidth for the floors (default: weft\'s probe; none on the CPU)')
   .option('--in-process <file>', 'bench/decode.ts output whose rows (at --prompt-tokens) join the table')
   .option('--anchor <file>', 'run_gptfast.py JSON lines whose figures join the table')
+  .option('--kv-dtype <d>', 'the weft commands\' KV cache (auto: bf16 on cuda, f32 on cpu), also the floors\' KV bytes', 'auto')
   .option('--weft-args <args>', 'extra flags for both weft commands, space-separated', '')
   .option('--timeout-s <n>', 'limit on each weft process start (weights load) and run', '600')
   .option('--out <file>', 'JSON lines appended here', 'bench-product.jsonl')
   .parse()
-  .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; promptTokens: string; newTokens: string; concurrency: string; generate: boolean; bandwidth?: string; inProcess?: string; anchor?: string; weftArgs: string; timeoutS: string; out: string }>();
+  .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; promptTokens: string; newTokens: string; concurrency: string; generate: boolean; kvDtype: string; bandwidth?: string; inProcess?: string; anchor?: string; weftArgs: string; timeoutS: string; out: string }>();
 
 const modelDir = resolve(opts.model);
 const model = opts.name ?? basename(modelDir);
@@ -54,9 +56,10 @@ const promptTokens = Number(opts.promptTokens);
 const newTokens = Number(opts.newTokens);
 const concurrency = list(opts.concurrency);
 const timeoutMs = Number(opts.timeoutS) * 1000;
-const extraArgs = opts.weftArgs.split(/\s+/).filter(Boolean);
+const kvDtype = resolveKvDtype(opts.kvDtype as KvDtypeOption, opts.device);
+const extraArgs = ['--kv-dtype', kvDtype, ...opts.weftArgs.split(/\s+/).filter(Boolean)];
 const spec = readModelSpec(modelDir);
-const bytes = stepBytes(spec, planShards(spec, 1), 0);
+const bytes = stepBytes(spec, planShards(spec, 1), 0, kvDtypeBytes(kvDtype));
 // BOS, then fixed ids spread over the vocabulary: the same prompt for every path and run
 const promptIds = [spec.bosTokenId ?? 0, ...Array.from({ length: promptTokens - 1 }, (_, i) => Math.floor(((i + 1) * spec.vocabSize) / (promptTokens + 1)))];
 const meanContext = promptTokens + newTokens / 2;

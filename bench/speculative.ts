@@ -42,7 +42,7 @@ const plan = planShards(spec, 1);
 const maxContext = promptLength + newTokens + k + 64; // + the 53 positions stepSeconds uses in block 1
 // block 0: the sequence, 1: step timing (and on cuda 2: padding rows of the decode graphs)
 const kv = kvCacheLayout({ kvSlots: 2, maxContext, device: opts.device });
-const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, 11), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, 11), kv);
 const draftLayers = Number(opts.draftLayers);
 // Random weights give a random draft: --tail-scale shrinks what the layers past the draft add to the
 // residual stream, which sets the acceptance rate (a synthetic knob for checking the speedup model).

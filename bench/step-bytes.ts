@@ -7,9 +7,6 @@ import type { ModelSpec } from '../core/model-spec.ts';
 import type { ShardPlan } from '../core/shard-plan.ts';
 import { shardLayout } from '../worker/weights/load-shard.ts';
 
-/** Bytes per K or V element in the KV cache: fp32 today. */
-export const KV_ELEMENT_BYTES = 4;
-
 export interface StepBytes {
   /** every weight of the rank but the embedding table (a step reads B rows of it, negligible) */
   readonly weightBytes: number;
@@ -23,7 +20,8 @@ export interface StepBytes {
   bytesPerStep(batch: number, context: number): number;
 }
 
-export function stepBytes(spec: ModelSpec, plan: ShardPlan, rank: number, kvElementBytes = KV_ELEMENT_BYTES): StepBytes {
+/** `kvElementBytes`: bytes per K or V element of the cache (core/kv-block-table.ts kvDtypeBytes). */
+export function stepBytes(spec: ModelSpec, plan: ShardPlan, rank: number, kvElementBytes: number): StepBytes {
   const elementBytes = spec.dtype === 'f32' ? 4 : 2;
   const tensorBytes = (t: { shape: readonly number[] }): number => t.shape.reduce((a, b) => a * b, 1) * elementBytes;
   const layout = shardLayout(spec, plan, rank);

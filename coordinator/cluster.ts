@@ -30,7 +30,7 @@ import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
-import { KvBlockTable, kvCacheLayout } from '../core/kv-block-table.ts';
+import { KvBlockTable, kvCacheLayout, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 
 /**
  * What startCluster takes. Each option's default and check is its declaration in config/options.ts (the README
@@ -46,6 +46,8 @@ export interface ClusterOptions {
   readonly device?: 'cpu' | 'cuda';
   /** Sequences that can hold a KV cache at once. */
   readonly kvSlots?: number;
+  /** The KV cache's element type; 'auto' (the default) is bf16 on cuda, f32 on cpu. */
+  readonly kvDtype?: KvDtypeOption;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** CPU threads per worker. Defaults to the machine's cores divided among the ranks. */
@@ -208,7 +210,7 @@ export class Cluster {
     // draftTp and speculateK are set whenever draftModelDir is (their declarations need it)
     const draftPlan = draftSpec ? planShards(draftSpec, options.draftTp!) : null;
     const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext);
-    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, threads };
+    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), threads };
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,

@@ -11,7 +11,25 @@
  */
 import { WeftError } from './errors.ts';
 
-/** The sizes both processes derive from the init command: the cache's shape and how sequences use it. */
+/**
+ * The KV cache's element type. bf16 halves the bytes decode attention reads; it is written rounded to nearest
+ * even and read back into f32 arithmetic (the native KV ops), so only the stored values lose precision.
+ */
+export type KvDtype = 'f32' | 'bf16';
+/** What `--kv-dtype` takes: `auto` is bf16 on cuda (where the cache's bytes bound long-context decode) and f32 on cpu (the fp32 reference). */
+export type KvDtypeOption = KvDtype | 'auto';
+
+export function resolveKvDtype(option: KvDtypeOption, device: 'cpu' | 'cuda'): KvDtype {
+  if (option !== 'auto') return option;
+  return device === 'cuda' ? 'bf16' : 'f32';
+}
+
+/** Bytes per cache element. */
+export function kvDtypeBytes(dtype: KvDtype): number {
+  return dtype === 'bf16' ? 2 : 4;
+}
+
+/** The sizes both processes derive from the init command: the cache's shape, its element type and how sequences use it. */
 export interface KvCacheLayout {
   /** sequences that hold a KV cache at once */
   readonly kvSlots: number;
@@ -23,13 +41,16 @@ export interface KvCacheLayout {
   readonly kvBlocks: number;
   /** the block that padding rows of CUDA graph batches write to, never given to a sequence; null: none */
   readonly paddingBlock: number | null;
+  /** the caches' element type */
+  readonly kvDtype: KvDtype;
 }
 
 /**
  * One block of `maxContext` positions per sequence, `kvSlots` of them; on CUDA one more block at the end for
- * the padding rows of graph batches (decode batches are padded up to a captured graph's size).
+ * the padding rows of graph batches (decode batches are padded up to a captured graph's size). The element
+ * type is the init command's `kvDtype` (`auto` when absent: bf16 on cuda, f32 on cpu).
  */
-export function kvCacheLayout(init: { readonly kvSlots: number; readonly maxContext: number; readonly device: 'cpu' | 'cuda' }): KvCacheLayout {
+export function kvCacheLayout(init: { readonly kvSlots: number; readonly maxContext: number; readonly device: 'cpu' | 'cuda'; readonly kvDtype?: KvDtypeOption }): KvCacheLayout {
   const padding = init.device === 'cuda';
   return {
     kvSlots: init.kvSlots,
@@ -37,6 +58,7 @@ export function kvCacheLayout(init: { readonly kvSlots: number; readonly maxCont
     kvBlockSize: init.maxContext,
     kvBlocks: init.kvSlots + (padding ? 1 : 0),
     paddingBlock: padding ? init.kvSlots : null,
+    kvDtype: resolveKvDtype(init.kvDtype ?? 'auto', init.device),
   };
 }
 

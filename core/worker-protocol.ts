@@ -37,6 +37,8 @@ const initCommandSchema = z
     device: z.enum(['cpu', 'cuda']),
     kvSlots: int.positive(),
     maxContext: int.positive(),
+    /** the KV cache's element type, resolved by the coordinator (never 'auto') */
+    kvDtype: z.enum(['f32', 'bf16']),
     threads: int.positive(),
     /** where rank 0's collective hub listens (CPU collectives) */
     collectiveRoot: z.string(),

@@ -71,7 +71,7 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
   const rpcPort = config.rpcPort || (await freePort());
   const httpPort = config.httpPort || (await freePort());
   const workerPort = config.workerPort || (await freePort());
-  const { device, host, kvSlots, maxContext, maxQueue, threads, allowedHosts, corsOrigins } = config;
+  const { device, host, kvSlots, kvDtype, maxContext, maxQueue, threads, allowedHosts, corsOrigins } = config;
   const ecosystem = buildEcosystem({
     name,
     dir,
@@ -79,7 +79,7 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
     weftBin: WEFT_BIN,
     gpus,
     serve: {
-      modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, workerPort, kvSlots, maxContext, maxQueue, threads,
+      modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, workerPort, kvSlots, kvDtype, maxContext, maxQueue, threads,
       ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }), ...draftOptions(config, gpus),
     },
   });

@@ -58,7 +58,8 @@ export interface Graph {
 
 /**
  * Shapes: T tokens, H hidden, K/N matmul in/out features, hd head dimension, R rows, V vocabulary columns.
- * The KV cache is a pool of blocks, caches [nBlocks, nKv, B, hd] f32 (B positions per block), addressed
+ * The KV cache is a pool of blocks, caches [nBlocks, nKv, B, hd] f32, or bf16 (written rounded to nearest even,
+ * read into f32 arithmetic; k and v caches of one dtype), B positions per block, addressed
  * through tokenSeq [T] i32 (each token's row of the table) and kvBlockTable [S, maxBlocksPerSeq] i32
  * (physical block ids; block j of a sequence holds its positions [j B, (j + 1) B)): token t's position p
  * lives in block kvBlockTable[tokenSeq[t]][p / B], row p % B. One block per sequence (B = maxContext) is

@@ -41,7 +41,7 @@ export class WorkerState {
     });
     // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
     const kv = kvCacheLayout(command);
-    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), kv);
     this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model, kv);
     return { bytesLoaded };

@@ -56,6 +56,10 @@ export const OPTIONS = {
   expertParallel: { flag: '--expert-parallel', type: flag, default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
   maxContext: { flag: '--max-context', arg: 'N', type: integer(1), default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
   kvSlots: { flag: '--kv-slots', arg: 'N', type: integer(1), default: 4, help: 'sequences with a KV cache at once', uses: [...CLUSTER, 'launch'] },
+  kvDtype: {
+    flag: '--kv-dtype', arg: 'auto|f32|bf16', type: oneOf('auto', 'f32', 'bf16'), default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
+    help: "the KV cache's element type (bf16 halves the bytes decode attention reads; arithmetic stays fp32)", uses: [...CLUSTER, 'launch'],
+  },
   threads: { flag: '--threads', arg: 'N', type: integer(1), default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 
   // speculative decoding

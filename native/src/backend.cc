@@ -233,12 +233,15 @@ Tensor Backend::rope(const Tensor& x, const Tensor& positions, const Tensor& inv
 }
 
 namespace {
-// Shared by writeKv, attention and qkvRope: caches [nBlocks, nKv, B, hd] f32 of one shape, B >= 1; tokenSeq and
-// positions [T] i32; kvBlockTable [S, maxBlocksPerSeq] i32.
+// Shared by writeKv, attention and qkvRope: caches [nBlocks, nKv, B, hd] of one shape and one dtype, f32 or bf16
+// (the cache's storage; arithmetic stays f32), B >= 1; tokenSeq and positions [T] i32; kvBlockTable [S,
+// maxBlocksPerSeq] i32.
 void check_cache(const char* op, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                  const Tensor& kv_block_table, const Tensor& positions, int64_t n_tokens) {
-  need(op, {"kCache", k_cache}, 4, "[nBlocks, nKv, B, hd]", kF32);
-  need(op, {"vCache", v_cache}, 4, "[nBlocks, nKv, B, hd]", kF32);
+  need(op, {"kCache", k_cache}, 4, "[nBlocks, nKv, B, hd]", kAny);
+  need(op, {"vCache", v_cache}, 4, "[nBlocks, nKv, B, hd]", kAny);
+  WEFT_CHECK(k_cache.dtype == v_cache.dtype && (k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16), op,
+             Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache}, " must both be f32 or both bf16");
   WEFT_CHECK(k_cache.shape == v_cache.shape, op, Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache},
              " must have the same shape");
   WEFT_CHECK(k_cache.dim(2) >= 1, op, Arg{"kCache", k_cache}, " has blocks of ", k_cache.dim(2),

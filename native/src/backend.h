@@ -110,7 +110,8 @@ class Backend {
   Tensor add(const Tensor& a, const Tensor& b);
   // x [T, nH * hd] f32, positions [T] i32, inv_freq [hd / 2] f32 -> rotated x (HF rotate_half per head).
   Tensor rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim);
-  // The KV ops address the cache through a block table (kv-block-table.h): caches [nBlocks, nKv, B, hd] f32,
+  // The KV ops address the cache through a block table (kv-block-table.h): caches [nBlocks, nKv, B, hd], both f32
+  // or both bf16 (written rounded to nearest even, bf16-round.h; every read widens to f32 and computes as f32),
   // token_seq [T] i32 (each token's row of the table), kv_block_table [S, M] i32 (physical block ids),
   // positions [T] i32. Token t's position p lives in block kv_block_table[token_seq[t]][p / B], row p % B.
   // In place: the cache row of (token t, kv head h) = k[t, h * hd : (h + 1) * hd]; likewise v. k, v [T, nKv * hd].

@@ -1,6 +1,6 @@
 // How the KV cache is addressed, shared by the CPU and CUDA backends so both read and write the same rows.
 //
-// Caches per layer are k, v [nBlocks, nKv, B, hd] f32: a pool of blocks of B positions each. A sequence owns
+// Caches per layer are k, v [nBlocks, nKv, B, hd] f32 or bf16: a pool of blocks of B positions each. A sequence owns
 // a list of blocks, one row of kvBlockTable [S, maxBlocksPerSeq] i32: block j of the sequence in row s is
 // table[s][j] and holds its positions [j B, (j + 1) B). Token t of a batch belongs to row tokenSeq[t]. The
 // layout of one block per sequence (nBlocks = slots, B = maxContext, table [[slot]]) is the special case
@@ -26,7 +26,7 @@ struct KvBlockTable {
 
   // Block j of sequence row seq (j = pos / B: one division per key row, not per element).
   WEFT_HD int32_t block_id(int64_t seq, int64_t j) const { return table[seq * max_blocks + j]; }
-  // The cache row (in units of hd floats) of kv head h, row `offset` (= pos - j B) of physical block `block`.
+  // The cache row (in units of hd elements) of kv head h, row `offset` (= pos - j B) of physical block `block`.
   WEFT_HD int64_t row(int64_t block, int64_t h, int64_t offset) const { return (block * n_kv + h) * block_size + offset; }
   // The cache row of position pos of sequence row seq, kv head h (indices known to be in range).
   WEFT_HD int64_t row_of(int64_t seq, int64_t h, int64_t pos) const {

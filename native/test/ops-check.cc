@@ -11,7 +11,8 @@
 // (T <= 64: fp32 softmax over up to 2048 positions, split-K merge) 1e-4, prefill (T > 64: f16 tensor cores)
 // 1e-3, derived in check_attention. The KV ops run on one block per sequence (kvBlockTable [S, 1]) and on paged
 // caches (check_paged: blocks of B = 16, 7, 64 positions scattered through the pool), where the kernels must also
-// equal their one-block results bit for bit when the capacities match (same rows, same order).
+// equal their one-block results bit for bit when the capacities match (same rows, same order). bf16 caches
+// (check_kv_bf16, check_graph): equal to f32 caches holding the same bf16 values, bit for bit.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,9 +20,11 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend.h"
+#include "bf16-round.h"
 #include "error.h"
 
 using namespace weft;
@@ -296,14 +299,14 @@ Tensor one_block_table(Backend& b, int64_t S) {
   return up_table(b, rows, 1);
 }
 
-// Caches [S, nKv, C, hd] with random contents on both backends.
+// Caches [S, nKv, C, hd] of dtype d (f32 or bf16) with random contents on both backends.
 struct Caches {
   Tensor kc, vc, kg, vg;
 };
-Caches make_caches(Rng& rng, int64_t S, int64_t nKv, int64_t C, int64_t hd) {
+Caches make_caches(Rng& rng, int64_t S, int64_t nKv, int64_t C, int64_t hd, DType d = DType::F32) {
   auto k = rng.floats(S * nKv * C * hd), v = rng.floats(S * nKv * C * hd);
   Shape s{S, nKv, C, hd};
-  return {up(*cpu, k, s), up(*cpu, v, s), up(*gpu, k, s), up(*gpu, v, s)};
+  return {up_narrow(*cpu, k, s, d), up_narrow(*cpu, v, s, d), up_narrow(*gpu, k, s, d), up_narrow(*gpu, v, s, d)};
 }
 
 void check_attention(Rng& rng) {
@@ -443,6 +446,101 @@ void check_paged(Rng& rng) {
         compare("paged writeKv", sh + " v", wg.second, wc.second, 0);
       });
     }
+}
+
+// bf16 KV caches through a paged table (blocks of B = 16, scattered): writeKv and qkvRope store the f32 path's
+// values rounded to nearest even (bf16-round.h) and attention (decode split-K; prefill on tensor cores for hd 64
+// and 128, the fp32 kernel for hd 96) reads them as f32. Against the same CUDA op on an f32 cache that holds the
+// bf16-rounded values: exact (the kernels convert each element to the same f32 and sum in the same order).
+// Against the CPU on bf16 caches: the f32 bounds of check_attention, and for qkvRope's kCache one bf16 step
+// (2^-7 of the value: where the CPU's and CUDA's rotated k differ by an f32 rounding, the nearest bf16 may differ).
+void check_kv_bf16(Rng& rng) {
+  const int64_t S = 3, C = 512, B = 16, per_seq = C / B, n_blocks = S * per_seq + 2;
+  struct Cfg {
+    int64_t T, nH, nKv, hd;
+    const char* kind;  // "decode": sequence t % S at random positions; "prefill": one sequence after 200 positions
+  };
+  auto rounded = [](std::vector<float> v) {  // f32 -> the f32 value of its bf16, nearest even
+    for (float& x : v) {
+      uint32_t b = static_cast<uint32_t>(f32_to_bf16_rn(x)) << 16;
+      std::memcpy(&x, &b, 4);
+    }
+    return v;
+  };
+  for (Cfg c : {Cfg{1, 32, 8, 128, "decode"}, Cfg{8, 32, 8, 128, "decode"}, Cfg{64, 32, 32, 128, "decode"},
+                Cfg{5, 16, 4, 96, "decode"}, Cfg{300, 32, 8, 128, "prefill"}, Cfg{200, 16, 4, 64, "prefill"},
+                Cfg{100, 16, 4, 96, "prefill"}}) {
+    const int64_t hd = c.hd, width = (c.nH + 2 * c.nKv) * hd;
+    std::string sh = "T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) + "x" +
+                     std::to_string(hd) + " B=16 " + c.kind;
+    run_case("kv bf16", sh, [&] {
+      std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+      for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+      for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
+      std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq), seq(c.T), pos(c.T);
+      for (int64_t t = 0; t < c.T; ++t) {
+        const bool decode = !std::strcmp(c.kind, "decode");
+        seq[t] = decode ? static_cast<int32_t>(t % S) : 1;
+        pos[t] = decode ? (t == 0 ? static_cast<int32_t>(C - 1) : rng.below(C)) : static_cast<int32_t>(200 + t);
+      }
+      const Shape cs{n_blocks, c.nKv, B, hd};
+      const auto k0 = rng.floats(n_blocks * c.nKv * B * hd), v0 = rng.floats(n_blocks * c.nKv * B * hd);
+      const auto k0r = rounded(k0), v0r = rounded(v0);
+      auto q = rng.floats(c.T * c.nH * hd), qkv = rng.floats(c.T * width), f = inv_freq(static_cast<int>(hd));
+      const float scale = 1.0f / std::sqrt(float(hd));
+      // caches: bf16 ones hold bf16(k0), bf16(v0) (up_narrow truncates; k0r is already bf16, so exactly those)
+      auto caches = [&](Backend& b, DType d) { return std::make_pair(up_narrow(b, k0r, cs, d), up_narrow(b, v0r, cs, d)); };
+      auto attend = [&](Backend& b, const std::pair<Tensor, Tensor>& kv) {
+        return down(b, b.attention(up(b, q, {c.T, c.nH * hd}), kv.first, kv.second, up_i(b, seq),
+                                   up_table(b, rows, per_seq), up_i(b, pos), c.nH, scale));
+      };
+      const double rtol = c.T > 64 ? 1e-3 : 1e-4;
+      auto gb = caches(*gpu, DType::BF16), gf = caches(*gpu, DType::F32), cb = caches(*cpu, DType::BF16);
+      auto got = attend(*gpu, gb);
+      compare("kv bf16 attention", sh, got, attend(*gpu, gf), 0, 0, "vs f32 cache of bf16 values on cuda");
+      compare("kv bf16 attention", sh, got, attend(*cpu, cb), rtol, 0, "vs cpu, bf16 cache");
+      // writeKv (distinct rows: positions t / S * 5 + 3 of sequence t % S) of f32 values that are not bf16
+      std::vector<int32_t> wseq(c.T), wpos(c.T);
+      for (int64_t t = 0; t < c.T; ++t) {
+        wseq[t] = static_cast<int32_t>(t % S);
+        wpos[t] = static_cast<int32_t>((t / S) * 5 % C);
+      }
+      auto kt = rng.floats(c.T * c.nKv * hd), vt = rng.floats(c.T * c.nKv * hd);
+      auto write = [&](Backend& b, const std::pair<Tensor, Tensor>& kv, const std::vector<float>& kw,
+                       const std::vector<float>& vw) {
+        b.write_kv(kv.first, kv.second, up(b, kw, {c.T, c.nKv * hd}), up(b, vw, {c.T, c.nKv * hd}), up_i(b, wseq),
+                   up_table(b, rows, per_seq), up_i(b, wpos));
+        return std::make_pair(down(b, kv.first), down(b, kv.second));
+      };
+      auto wg = write(*gpu, gb, kt, vt), wf = write(*gpu, gf, rounded(kt), rounded(vt)), wc = write(*cpu, cb, kt, vt);
+      compare("kv bf16 writeKv", sh, wg.first, wf.first, 0, 0, "vs f32 cache given bf16-rounded k");
+      compare("kv bf16 writeKv", sh + " v", wg.second, wf.second, 0, 0, "vs f32 cache given bf16-rounded v");
+      compare("kv bf16 writeKv", sh, wg.first, wc.first, 0, 0, "vs cpu, bf16 cache");
+      // qkvRope at the query positions (distinct (sequence, position) pairs in "prefill"; decode may repeat a
+      // pair, so it writes at wpos): q exact vs the f32 cache's run; the caches as the f32 run's, rounded
+      const std::vector<int32_t>& qpos = !std::strcmp(c.kind, "decode") ? wpos : pos;
+      const std::vector<int32_t>& qseq = !std::strcmp(c.kind, "decode") ? wseq : seq;
+      auto rope = [&](Backend& b, const std::pair<Tensor, Tensor>& kv) {
+        auto qo = down(b, b.qkv_rope(up(b, qkv, {c.T, width}), up_i(b, qpos), up(b, f, {hd / 2}), kv.first, kv.second,
+                                     up_i(b, qseq), up_table(b, rows, per_seq), c.nH));
+        return std::make_tuple(qo, down(b, kv.first), down(b, kv.second));
+      };
+      auto [qg, kg, vg] = rope(*gpu, gb);
+      auto [qf, kf, vf] = rope(*gpu, gf);
+      auto [qc, kc, vc] = rope(*cpu, cb);
+      compare("kv bf16 qkvRope q", sh, qg, qf, 0, 0, "vs f32 cache on cuda");
+      compare("kv bf16 qkvRope k", sh, kg, rounded(kf), 0, 0, "vs f32 cache on cuda, rounded");
+      compare("kv bf16 qkvRope v", sh, vg, rounded(vf), 0, 0, "vs f32 cache on cuda, rounded");
+      compare("kv bf16 qkvRope k", sh, kg, kc, 1.0 / 128, 0, "vs cpu, bf16 cache");
+      compare("kv bf16 qkvRope v", sh, vg, vc, 0, 0, "vs cpu, bf16 cache");
+      // and attention after those writes, on both cache types (the f32 one now holds f32 values: bf16 rounded)
+      auto wf2 = caches(*gpu, DType::F32);
+      gpu->write(wf2.first, kg.data(), kg.size() * 4);
+      gpu->write(wf2.second, vg.data(), vg.size() * 4);
+      compare("kv bf16 attention", sh + " after writes", attend(*gpu, gb), attend(*gpu, wf2), 0, 0,
+              "vs f32 cache of the same values on cuda");
+    });
+  }
 }
 
 // The fused ops against the CPU, and against the separate CUDA ops they replace (same arithmetic: exact).
@@ -594,11 +692,14 @@ void check_random() {
 
 // A decode step captured once, replayed after write() of new positions and a new kvBlockTable, equals eager CPU
 // results. fused: the step uses qkvRope and addRmsNorm instead of sliceCols, rope, writeKv, add and rmsNorm. B:
-// positions per block (C: one block per sequence; smaller: paged, each step moving the sequences' blocks).
-void check_graph(Rng& rng, bool fused, int64_t B) {
+// positions per block (C: one block per sequence; smaller: paged, each step moving the sequences' blocks). kv:
+// the caches' dtype; with bf16 the final caches may differ from the CPU's by one bf16 step (2^-7 of a value)
+// where the rotated k differs by an f32 rounding across a rounding boundary.
+void check_graph(Rng& rng, bool fused, int64_t B, DType kv = DType::F32) {
   const int64_t S = 4, nKv = 8, nH = 32, C = 2048, hd = 128, T = 8, H = 4096;
   const int64_t per_seq = C / B, n_blocks = S * per_seq;
-  std::string sh = std::string("T=8 32/8x128 C=2048 B=") + std::to_string(B) + (fused ? " fused" : "");
+  std::string sh = std::string("T=8 32/8x128 C=2048 B=") + std::to_string(B) + (fused ? " fused" : "") +
+                   (kv == DType::BF16 ? " kv bf16" : "");
   // Step `step`'s table: the pool's blocks in a rotation by step * 5 (step 0: block i at index i).
   auto blocks = [&](int step) {
     std::vector<int32_t> rows(static_cast<size_t>(n_blocks));
@@ -606,7 +707,7 @@ void check_graph(Rng& rng, bool fused, int64_t B) {
     return rows;
   };
   try {
-    Caches caches = make_caches(rng, n_blocks, nKv, B, hd);
+    Caches caches = make_caches(rng, n_blocks, nKv, B, hd, kv);
     auto w = rng.floats(H), f = inv_freq(hd);
     auto qkv_w = rng.floats((nH + 2 * nKv) * hd * H, -0.05f, 0.05f);
     auto x0 = rng.floats(T * H);
@@ -658,7 +759,7 @@ void check_graph(Rng& rng, bool fused, int64_t B) {
       auto want = down(*cpu, forward(*cpu, cin, caches.kc, caches.vc));
       compare("graph replay", sh + " step " + std::to_string(step), got, want, 1e-4);
     }
-    compare("graph kCache", sh, down(*gpu, caches.kg), down(*cpu, caches.kc), 1e-5);
+    compare("graph kCache", sh, down(*gpu, caches.kg), down(*cpu, caches.kc), kv == DType::BF16 ? 1.0 / 128 : 1e-5);
   } catch (const std::exception& e) {
     try {
       gpu->end_step();
@@ -749,12 +850,15 @@ int main() {
   check_moe(rng);
   check_attention(rng);
   check_paged(rng);
+  check_kv_bf16(rng);
   check_softmax_sample(rng);
   check_random();
   check_fused(rng);
   check_graph(rng, false, 2048);
   check_graph(rng, true, 2048);
   check_graph(rng, true, 16);
+  check_graph(rng, true, 16, DType::BF16);
+  check_graph(rng, false, 2048, DType::BF16);
   check_errors();
   auto mi = gpu->memory_info();
   int failed = 0;

@@ -10,9 +10,9 @@ import { isWeftError } from '../../core/errors.ts';
 const weftError = (code: string, pattern: RegExp) => (err: unknown) => isWeftError(err) && err.code === code && pattern.test(err.message);
 
 test('kvCacheLayout: one block of maxContext per sequence; on cuda one more block, for padding', () => {
-  assert.deepEqual(kvCacheLayout({ kvSlots: 4, maxContext: 512, device: 'cpu' }), { kvSlots: 4, maxContext: 512, kvBlockSize: 512, kvBlocks: 4, paddingBlock: null });
+  assert.deepEqual(kvCacheLayout({ kvSlots: 4, maxContext: 512, device: 'cpu' }), { kvSlots: 4, maxContext: 512, kvBlockSize: 512, kvBlocks: 4, paddingBlock: null, kvDtype: 'f32' });
   const cuda = kvCacheLayout({ kvSlots: 4, maxContext: 512, device: 'cuda' });
-  assert.deepEqual(cuda, { kvSlots: 4, maxContext: 512, kvBlockSize: 512, kvBlocks: 5, paddingBlock: 4 });
+  assert.deepEqual(cuda, { kvSlots: 4, maxContext: 512, kvBlockSize: 512, kvBlocks: 5, paddingBlock: 4, kvDtype: 'bf16' });
   assert.equal(maxBlocksPerSequence(cuda), 1);
   assert.equal(blocksFor(0, 16), 0);
   assert.equal(blocksFor(16, 16), 1);
@@ -53,14 +53,14 @@ test('refusals: past the context, an unknown or freed sequence, a padding block 
   kv.free(a);
   assert.throws(() => kv.blocks(a), weftError('WEFT_BAD_REQUEST', /KV sequence 0 holds no blocks/));
   assert.throws(() => kv.free(a), weftError('WEFT_BAD_REQUEST', /holds no blocks/));
-  const bad: KvCacheLayout = { kvSlots: 2, maxContext: 32, kvBlockSize: 32, kvBlocks: 2, paddingBlock: 2 };
+  const bad: KvCacheLayout = { kvSlots: 2, maxContext: 32, kvBlockSize: 32, kvBlocks: 2, paddingBlock: 2, kvDtype: 'f32' };
   assert.throws(() => new KvBlockTable(bad), weftError('WEFT_BAD_REQUEST', /padding block 2 is outside the 2 KV blocks/));
   assert.throws(() => new KvBlockTable({ ...bad, paddingBlock: null, kvBlockSize: 0 }), weftError('WEFT_BAD_REQUEST', /kvBlockSize must be a positive integer/));
 });
 
 test('paged: small blocks from a shared pool; sequences grow block by block until the pool is full', () => {
   // 8 blocks of 16 positions for up to 4 sequences of 64 positions: the sizes of a paged cache
-  const layout: KvCacheLayout = { kvSlots: 4, maxContext: 64, kvBlockSize: 16, kvBlocks: 9, paddingBlock: 8 };
+  const layout: KvCacheLayout = { kvSlots: 4, maxContext: 64, kvBlockSize: 16, kvBlocks: 9, paddingBlock: 8, kvDtype: 'bf16' };
   assert.equal(maxBlocksPerSequence(layout), 4);
   const kv = new KvBlockTable(layout);
   const a = kv.allocate(20); // 2 blocks

@@ -265,7 +265,7 @@ describe('model families as tables', () => {
     const spec = readModelSpec(dir);
     const plan = planShards(spec, 2);
     const noUpload = { upload: () => assert.fail('uploaded a tensor that does not match the layout') } as unknown as Ops;
-    const build = (weights: Map<string, HostTensor>) => buildRankModel(noUpload, spec, plan, 1, hostWeights(noUpload, 1, weights), { kvBlocks: 1, kvBlockSize: 8 });
+    const build = (weights: Map<string, HostTensor>) => buildRankModel(noUpload, spec, plan, 1, hostWeights(noUpload, 1, weights), { kvBlocks: 1, kvBlockSize: 8, kvDtype: 'f32' });
     const wrongFormat = await loadShard(dir, spec, plan, 1);
     wrongFormat.set('embed', { ...wrongFormat.get('embed')!, format: { kind: 'dense', dtype: 'f16' } });
     assert.throws(() => build(wrongFormat), weftError('WEFT_BAD_WEIGHTS', /^rank 1: tensor embed is f16 \[256, 64\], the layout expects f32 \[256, 64\]$/));
@@ -282,7 +282,7 @@ describe('model families as tables', () => {
     const spec = readModelSpec(dir);
     const plan = planShards(spec, 2);
     const engine = createEngine({ backend: 'cpu', threads: 1 });
-    const built = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: 3, kvBlockSize: 40 });
+    const built = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: 3, kvBlockSize: 40, kvDtype: 'f32' });
     assert.equal(built.model.kvCache.length, spec.nLayers);
     for (const { k, v } of built.model.kvCache) {
       assert.deepEqual(k.shape, [3, plan.nKvHeadsPerRank, 40, spec.headDim]);

@@ -22,7 +22,7 @@ async function tinyModel(kv: KvCacheLayout) {
   const spec = readModelSpec(dir);
   const plan = planShards(spec, 1);
   const engine = createEngine({ backend: 'cpu', threads: 1 });
-  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), kv);
   return { engine, spec, model };
 }
 
@@ -94,7 +94,7 @@ test('a paged KV layout (blocks of 4, scattered over the pool) gives the same lo
   };
   const oneBlock = await score(kvCacheLayout({ kvSlots: 2, maxContext: 16, device: 'cpu' }), [[1], [0]])();
   // 16 positions in blocks of 4: 4 blocks per sequence, out of order in a pool of 9 (blocks 0 and 5 unused)
-  const paged = await score({ kvSlots: 2, maxContext: 16, kvBlockSize: 4, kvBlocks: 9, paddingBlock: null }, [[7, 2, 8, 4], [3, 6]])();
+  const paged = await score({ kvSlots: 2, maxContext: 16, kvBlockSize: 4, kvBlocks: 9, paddingBlock: null, kvDtype: 'f32' }, [[7, 2, 8, 4], [3, 6]])();
   assert.ok(maxAbsDiff(paged, oneBlock) < 1e-6, `paged log-probs differ by ${maxAbsDiff(paged, oneBlock)}`);
 });
 

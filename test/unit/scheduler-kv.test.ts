@@ -13,7 +13,7 @@ import { checkKvPositions, stepBatchSchema, type StepBatch } from '../../core/st
 import { isWeftError } from '../../core/errors.ts';
 
 const B = 4;
-const paged = (kvSlots: number, kvBlocks: number): KvBlockTable => new KvBlockTable({ kvSlots, maxContext: 16, kvBlockSize: B, kvBlocks, paddingBlock: null });
+const paged = (kvSlots: number, kvBlocks: number): KvBlockTable => new KvBlockTable({ kvSlots, maxContext: 16, kvBlockSize: B, kvBlocks, paddingBlock: null, kvDtype: 'f32' });
 function sequence(prompt: number[], maxNewTokens: number): SequenceState {
   const params = parseSamplingParams({ maxNewTokens, ignoreEos: true, seed: 1 }, { maxContext: 16, promptLength: prompt.length, vocabSize: 100 });
   return new SequenceState(prompt, params, [], { push: (id) => `<${id}>`, flush: () => '' });

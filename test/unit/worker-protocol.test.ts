@@ -33,7 +33,7 @@ const spec = readModelSpec(fixtureDir('llama-tiny'));
 const plan = planShards(spec, 2);
 const ncclId = Uint8Array.from({ length: 128 }, (_, i) => (i * 7) & 0xff);
 const batch = { tokens: [5, 6], positions: [3, 0], tokenSeq: [0, 1], kvBlockTable: [[0], [1]], logitRows: [0, 1], sample: { temperature: [0, 0.7], topK: [0, 40], topP: [1, 0.9], uniform: [0.1, 0.5] } };
-const settings = { modelDir: '/models/tiny', spec, plan, device: 'cuda' as const, kvSlots: 4, maxContext: 64, threads: 1 };
+const settings = { modelDir: '/models/tiny', spec, plan, device: 'cuda' as const, kvSlots: 4, maxContext: 64, kvDtype: 'bf16' as const, threads: 1 };
 
 const coordinatorMessages: CoordinatorMessage[] = [
   { v, type: 'challenge', nonce },
@@ -92,6 +92,7 @@ test('malformed messages are refused with a WEFT_PROTOCOL error saying where', (
   refused(parseCoordinatorMessage, { v, type: 'challenge' }, /at nonce/);
   refused(parseCoordinatorMessage, { v, type: 'step', id: 3, batch: { ...batch, tokenSeq: [0] } }, /equal lengths/);
   refused(parseCoordinatorMessage, { v, type: 'init', id: 1, ...settings, collectiveRoot: '', spec: [] }, /at spec: expected an object/);
+  refused(parseCoordinatorMessage, { v, type: 'init', id: 1, ...settings, collectiveRoot: '', kvDtype: 'auto' }, /at kvDtype/);
   refused(parseCoordinatorMessage, { v, type: 'ncclId', id: 5, rank: 0 }, /Unrecognized key: "rank"/);
   refused(parseCoordinatorMessage, { v, type: 'eval', id: 5 }, /at type/);
 });

@@ -30,7 +30,7 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly norm: Tensor; // [hidden]
   readonly lmHead: Tensor; // [vocabPerRank, hidden]
   readonly invFreq: Tensor; // [headDim / 2] f32, RoPE frequencies after scaling
-  readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [nBlocks, nKvHeadsPerRank, B, headDim] f32 (StepIndex)
+  readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [nBlocks, nKvHeadsPerRank, B, headDim] f32|bf16 (StepIndex)
 }
 
 /** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts. */

@@ -2,13 +2,14 @@
  * The model families weft runs, and the rank-local model built from one: lookup by Hugging Face architecture,
  * then the family's layout table walked once to take every weight (each checked against the layout's shape
  * and format before it reaches the engine). Norms are kept as stored (the engine reads any float dtype). The
- * KV cache is allocated here, once: `kvBlocks` blocks of `kvBlockSize` positions (core/kv-block-table.ts).
+ * KV cache is allocated here, once: `kvBlocks` blocks of `kvBlockSize` positions of `kvDtype` (core/kv-block-table.ts).
  */
 import type { ModelSpec } from '../../core/model-spec.ts';
 import { ropeInvFreq } from '../../core/model-spec.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
 import { dense, denseDType, formatBytes, formatName, sameFormat } from '../../core/weight-format.ts';
 import { WeftError } from '../../core/errors.ts';
+import type { KvCacheLayout } from '../../core/kv-block-table.ts';
 import type { CollectivePlan } from '../collectives/collectives.ts';
 import type { HostTensor, ShardTensor } from '../weights/layout.ts';
 import type { LayoutContext, ModelFamily } from './family.ts';
@@ -27,12 +28,11 @@ export interface RankModel {
   readonly collectivePlan: CollectivePlan;
 }
 
-export interface BuildOptions {
-  /** KV blocks per layer (core/kv-block-table.ts: today one per sequence, plus a padding block on CUDA) */
-  readonly kvBlocks: number;
-  /** positions one block holds */
-  readonly kvBlockSize: number;
-}
+/**
+ * The KV cache's sizes and element type (a KvCacheLayout serves): `kvBlocks` blocks per layer (core/kv-block-table.ts:
+ * today one per sequence, plus a padding block on CUDA) of `kvBlockSize` positions.
+ */
+export type BuildOptions = Pick<KvCacheLayout, 'kvBlocks' | 'kvBlockSize' | 'kvDtype'>;
 
 /** Gives the engine tensor for one tensor of the rank's layout (its name, shape and expected format). */
 export type WeightSource = (expected: ShardTensor) => Tensor;
@@ -113,7 +113,7 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
     norm: weight('norm'),
     lmHead: weight('lmHead'),
     invFreq: float32Tensor(ops, ropeInvFreq(spec)),
-    kvCache: layers.map(() => ({ k: ops.zeros('f32', cacheShape), v: ops.zeros('f32', cacheShape) })),
+    kvCache: layers.map(() => ({ k: ops.zeros(options.kvDtype, cacheShape), v: ops.zeros(options.kvDtype, cacheShape) })),
   };
   const collectivePlan = { gatherWidths: plan.ranks.map((r) => r.vocab.end - r.vocab.start) };
   return { model, feedForward: family.feedForward, collectivePlan };

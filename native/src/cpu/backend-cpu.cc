@@ -115,15 +115,16 @@ class CpuBackend final : public Backend {
   void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
                     const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) override {
     KvBlockTable kv = checked_kv_table("writeKv", k_cache, token_seq, kv_block_table, positions, false);
-    cpu::write_kv(k_cache.data<float>(), v_cache.data<float>(), k.data<float>(), v.data<float>(), kv,
-                  token_seq.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(3));
+    cpu::write_kv(k_cache.buffer->data(), v_cache.buffer->data(), k_cache.dtype, k.data<float>(), v.data<float>(),
+                  kv, token_seq.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(3));
   }
   void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                      const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
                      const Tensor& out) override {
     KvBlockTable kv = checked_kv_table("attention", k_cache, token_seq, kv_block_table, positions, true);
-    cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), kv,
-                   token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads, k_cache.dim(3), scale);
+    cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
+                   k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,
+                   k_cache.dim(3), scale);
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
@@ -134,7 +135,7 @@ class CpuBackend final : public Backend {
                     const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
                     const Tensor& q) override {
     KvBlockTable kv = checked_kv_table("qkvRope", k_cache, token_seq, kv_block_table, positions, false);
-    cpu::qkv_rope(q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), qkv.data<float>(),
+    cpu::qkv_rope(q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(), k_cache.dtype, qkv.data<float>(),
                   positions.data<int32_t>(), inv_freq.data<float>(), kv, token_seq.data<int32_t>(), qkv.dim(0),
                   q.dim(1) / k_cache.dim(3), k_cache.dim(3));
   }

@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "bf16-round.h"
 #include "cpu/convert.h"
 #include "random-hash.h"
 #include "sample-rule.h"
@@ -26,6 +27,24 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float tail = 0;
   for (; i < n; ++i) tail += a[i] * b[i];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// HF rotate_half of one head: pairs (j, j + half), not (2j, 2j + 1).
+inline void rotate_half(float* out, const float* x, const float* cos_a, const float* sin_a, int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    float x1 = x[j], x2 = x[j + half];
+    out[j] = x1 * cos_a[j] - x2 * sin_a[j];
+    out[j + half] = x2 * cos_a[j] + x1 * sin_a[j];
+  }
+}
+
+// cos and sin of position * inv_freq[j], j < half: the angle in fp32, as HF's inv_freq @ position_ids.
+inline void rope_angles(int32_t position, const float* inv_freq, int64_t half, float* cos_a, float* sin_a) {
+  for (int64_t j = 0; j < half; ++j) {
+    float angle = static_cast<float>(position) * inv_freq[j];
+    cos_a[j] = std::cos(angle);
+    sin_a[j] = std::sin(angle);
+  }
 }
 
 }  // namespace
@@ -99,71 +118,80 @@ void rope(float* out, const float* x, const int32_t* positions, const float* inv
   int64_t half = head_dim / 2;
   std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half));
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < half; ++j) {
-      float angle = static_cast<float>(positions[t]) * inv_freq[j];  // fp32, as HF's inv_freq @ position_ids
-      cos_a[j] = std::cos(angle);
-      sin_a[j] = std::sin(angle);
-    }
-    for (int64_t h = 0; h < width / head_dim; ++h) {
-      const float* xh = x + t * width + h * head_dim;
-      float* oh = out + t * width + h * head_dim;
-      for (int64_t j = 0; j < half; ++j) {  // rotate_half: pairs (j, j + half), not (2j, 2j + 1)
-        float x1 = xh[j], x2 = xh[j + half];
-        oh[j] = x1 * cos_a[j] - x2 * sin_a[j];
-        oh[j + half] = x2 * cos_a[j] + x1 * sin_a[j];
-      }
-    }
+    rope_angles(positions[t], inv_freq, half, cos_a.data(), sin_a.data());
+    for (int64_t h = 0; h < width / head_dim; ++h)
+      rotate_half(out + t * width + h * head_dim, x + t * width + h * head_dim, cos_a.data(), sin_a.data(), half);
   }
 }
 
-void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const KvBlockTable& kv,
-              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
+namespace {
+
+// The KV cache's rows: f32, or bf16 (uint16_t bits) written rounded to nearest even (bf16-round.h) and read
+// exactly, so that every read converts to f32 and the arithmetic is the f32 path's.
+inline void store_row(float* dst, const float* src, int64_t n) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+}
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16_rn(src[i]);
+}
+// A row as f32: an f32 row in place, a bf16 row widened into buf.
+inline const float* load_row(const float* src, int64_t, float*) { return src; }
+inline const float* load_row(const uint16_t* src, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
+  return buf;
+}
+
+// Runs f with a value of the cache's element type: float for f32, uint16_t for bf16 (backend.cc checked it).
+template <typename F>
+void with_kv_type(DType kv_dtype, F&& f) {
+  if (kv_dtype == DType::BF16)
+    f(uint16_t{});
+  else
+    f(float{});
+}
+
+template <typename KV>
+void write_kv_typed(KV* k_cache, KV* v_cache, const float* k, const float* v, const KvBlockTable& kv,
+                    const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < kv.n_kv; ++h) {
       int64_t dst = kv.row_of(token_seq[t], h, positions[t]) * hd;  // [nBlocks, nKv, B, hd]
       int64_t src = (t * kv.n_kv + h) * hd;                        // [T, nKv * hd]
-      std::memcpy(k_cache + dst, k + src, static_cast<size_t>(hd) * sizeof(float));
-      std::memcpy(v_cache + dst, v + src, static_cast<size_t>(hd) * sizeof(float));
+      store_row(k_cache + dst, k + src, hd);
+      store_row(v_cache + dst, v + src, hd);
     }
 }
 
-void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* positions,
-              const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T, int64_t n_heads,
-              int64_t hd) {
+template <typename KV>
+void qkv_rope_typed(float* q, KV* k_cache, KV* v_cache, const float* qkv, const int32_t* positions,
+                    const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T,
+                    int64_t n_heads, int64_t hd) {
   const int64_t n_kv = kv.n_kv, half = hd / 2, width = (n_heads + 2 * n_kv) * hd;
-  std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half));
+  std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half)), k_row(static_cast<size_t>(hd));
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < half; ++j) {
-      float angle = static_cast<float>(positions[t]) * inv_freq[j];  // as rope
-      cos_a[j] = std::cos(angle);
-      sin_a[j] = std::sin(angle);
-    }
+    rope_angles(positions[t], inv_freq, half, cos_a.data(), sin_a.data());
     const float* row = qkv + t * width;
-    for (int64_t h = 0; h < n_heads + n_kv; ++h) {  // q heads, then k heads: rotated
-      const float* xh = row + h * hd;
-      float* oh = h < n_heads ? q + (t * n_heads + h) * hd
-                              : k_cache + kv.row_of(token_seq[t], h - n_heads, positions[t]) * hd;
-      for (int64_t j = 0; j < half; ++j) {
-        float x1 = xh[j], x2 = xh[j + half];
-        oh[j] = x1 * cos_a[j] - x2 * sin_a[j];
-        oh[j + half] = x2 * cos_a[j] + x1 * sin_a[j];
-      }
+    for (int64_t h = 0; h < n_heads; ++h)  // q heads: rotated
+      rotate_half(q + (t * n_heads + h) * hd, row + h * hd, cos_a.data(), sin_a.data(), half);
+    for (int64_t h = 0; h < n_kv; ++h) {  // k heads: rotated, then stored; v heads: stored
+      const int64_t dst = kv.row_of(token_seq[t], h, positions[t]) * hd;
+      rotate_half(k_row.data(), row + (n_heads + h) * hd, cos_a.data(), sin_a.data(), half);
+      store_row(k_cache + dst, k_row.data(), hd);
+      store_row(v_cache + dst, row + (n_heads + n_kv + h) * hd, hd);
     }
-    for (int64_t h = 0; h < n_kv; ++h)  // v heads: copied
-      std::memcpy(v_cache + kv.row_of(token_seq[t], h, positions[t]) * hd, row + (n_heads + n_kv + h) * hd,
-                  static_cast<size_t>(hd) * sizeof(float));
   }
 }
 
-void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,
-               const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
-               int64_t n_heads, int64_t hd, float scale) {
+template <typename KV>
+void attention_typed(ThreadPool& pool, float* out, const float* q, const KV* k_cache, const KV* v_cache,
+                     const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
+                     int64_t n_heads, int64_t hd, float scale) {
   int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
   int64_t longest = 1;
   for (int64_t t = 0; t < T; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
   int64_t grain = std::max<int64_t>(1, 32768 / (2 * longest * hd));
   pool.parallel_for(T * n_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(static_cast<size_t>(longest));
+    std::vector<float> score(static_cast<size_t>(longest)), row_buf(static_cast<size_t>(hd));
     std::vector<int64_t> rows(static_cast<size_t>(longest));  // cache row of each position (once per key row)
     for (int64_t i = begin; i < end; ++i) {
       int64_t t = i / n_heads, h = i % n_heads;
@@ -172,7 +200,7 @@ void attention(ThreadPool& pool, float* out, const float* q, const float* k_cach
       const float* qh = q + (t * n_heads + h) * hd;
       float max_score = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < len; ++p) {
-        score[p] = dot(qh, k_cache + rows[p], hd) * scale;
+        score[p] = dot(qh, load_row(k_cache + rows[p], hd, row_buf.data()), hd) * scale;
         max_score = std::max(max_score, score[p]);
       }
       double denom = 0;
@@ -182,11 +210,43 @@ void attention(ThreadPool& pool, float* out, const float* q, const float* k_cach
       }
       float* oh = out + (t * n_heads + h) * hd;
       std::fill(oh, oh + hd, 0.0f);
-      for (int64_t p = 0; p < len; ++p)
-        for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * v_cache[rows[p] + d];
+      for (int64_t p = 0; p < len; ++p) {
+        const float* vr = load_row(v_cache + rows[p], hd, row_buf.data());
+        for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * vr[d];
+      }
       float inv_denom = static_cast<float>(1.0 / denom);
       for (int64_t d = 0; d < hd; ++d) oh[d] *= inv_denom;
     }
+  });
+}
+
+}  // namespace
+
+void write_kv(void* k_cache, void* v_cache, DType kv_dtype, const float* k, const float* v, const KvBlockTable& kv,
+              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
+  with_kv_type(kv_dtype, [&](auto tag) {
+    using KV = decltype(tag);
+    write_kv_typed(static_cast<KV*>(k_cache), static_cast<KV*>(v_cache), k, v, kv, token_seq, positions, T, hd);
+  });
+}
+
+void qkv_rope(float* q, void* k_cache, void* v_cache, DType kv_dtype, const float* qkv, const int32_t* positions,
+              const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T, int64_t n_heads,
+              int64_t hd) {
+  with_kv_type(kv_dtype, [&](auto tag) {
+    using KV = decltype(tag);
+    qkv_rope_typed(q, static_cast<KV*>(k_cache), static_cast<KV*>(v_cache), qkv, positions, inv_freq, kv, token_seq,
+                   T, n_heads, hd);
+  });
+}
+
+void attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache, DType kv_dtype,
+               const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
+               int64_t n_heads, int64_t hd, float scale) {
+  with_kv_type(kv_dtype, [&](auto tag) {
+    using KV = decltype(tag);
+    attention_typed(pool, out, q, static_cast<const KV*>(k_cache), static_cast<const KV*>(v_cache), kv, token_seq,
+                    positions, T, n_heads, hd, scale);
   });
 }
 

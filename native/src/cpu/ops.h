@@ -33,20 +33,21 @@ void add_rms_norm(float* sum, float* normed, const float* x, const float* y, con
 void rope(float* out, const float* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t width,
           int64_t head_dim);
 
-// The KV ops: caches [nBlocks, nKv, B, hd] addressed through kv (kv-block-table.h); token_seq, positions [T].
+// The KV ops: caches [nBlocks, nKv, B, hd] of kv_dtype (f32, or bf16: written rounded to nearest even,
+// bf16-round.h, and widened to f32 as read) addressed through kv (kv-block-table.h); token_seq, positions [T].
 // k, v [T, nKv * hd] into the cache rows of (token_seq[t], positions[t]).
-void write_kv(float* k_cache, float* v_cache, const float* k, const float* v, const KvBlockTable& kv,
+void write_kv(void* k_cache, void* v_cache, DType kv_dtype, const float* k, const float* v, const KvBlockTable& kv,
               const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd);
 
 // qkv [T, (nH + 2 nKv) hd] -> q [T, nH * hd] = rope(q heads); the caches get rope(k heads) and the v heads at
 // the rows of (token_seq[t], positions[t]) (rope and write_kv in one loop).
-void qkv_rope(float* q, float* k_cache, float* v_cache, const float* qkv, const int32_t* positions,
+void qkv_rope(float* q, void* k_cache, void* v_cache, DType kv_dtype, const float* qkv, const int32_t* positions,
               const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T, int64_t n_heads,
               int64_t hd);
 
 // out, q [T, nH * hd]; query t attends over positions 0..positions[t] of sequence row token_seq[t]; threaded
 // over T x nH.
-void attention(ThreadPool& pool, float* out, const float* q, const float* k_cache, const float* v_cache,
+void attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache, DType kv_dtype,
                const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
                int64_t n_heads, int64_t hd, float scale);
 

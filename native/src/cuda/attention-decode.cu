@@ -1,5 +1,6 @@
 // Decode attention: split-K flash-decoding over the KV block table (attention.cuh has the plan). Scores are
-// dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max).
+// dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max). The cache is f32 or bf16, widened
+// to f32 as it is loaded; each K/V element is read once per kv head, for the whole GQA group.
 #include <algorithm>
 
 #include "cuda/attention.cuh"
@@ -19,22 +20,39 @@ struct DecodePlan {
   size_t smem;
 };
 
+// Cache elements per load: pairs when hd is even (8-byte f32, 4-byte bf16 loads), else single elements.
+int elements_per_load(int64_t hd) { return hd % 2 == 0 ? 2 : 1; }
+
+// The value pass gives each thread one load slot of a row (VEC elements); when a row has fewer slots (hd / VEC)
+// than the block has threads, the threads split the rows into R groups, so that every thread loads, and the R
+// partial sums are added in group order at the end. R = 1 when the slots fill the block.
+__host__ __device__ __forceinline__ int value_row_groups(int hd, int vec) {
+  const int slots = hd / vec;
+  return slots >= kDecodeThreads ? 1 : kDecodeThreads / slots;
+}
+
 // C: the positions a sequence can hold (maxBlocksPerSeq * B).
 DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_t hd, int num_sms) {
   int P = 256;
   // Enough blocks for about two waves when the batch is small, partitions of at least 64 positions.
   while (P > 64 && T * n_kv * ((C + P - 1) / P) < 2 * num_sms) P /= 2;
-  auto smem = [&](int p) {  // key row offsets, then q rows and scores
-    return static_cast<size_t>(p) * sizeof(int64_t) + static_cast<size_t>(group * hd + group * p) * sizeof(float);
+  const int R = value_row_groups(static_cast<int>(hd), elements_per_load(hd));
+  auto smem = [&](int p) {  // key row offsets, q rows, scores, then the value pass's partial sums when R > 1
+    return static_cast<size_t>(p) * sizeof(int64_t) +
+           static_cast<size_t>(group * hd + group * p + (R > 1 ? R * kHeadChunk * hd : 0)) * sizeof(float);
   };
   while (P > 16 && smem(P) > 48 * 1024) P /= 2;
   return {P, static_cast<int>((C + P - 1) / P), smem(P)};
 }
 
-// grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum).
+// grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum). KV: the
+// cache's element type (f32 or bf16); VEC: elements per load of a key or value row (elements_per_load; the same
+// threads sum the same elements in the same order for both types, so a bf16 cache gives the f32 cache's result
+// bit for bit when it holds the same values).
+template <typename KV, int VEC>
 __global__ void __launch_bounds__(kDecodeThreads)
-    attention_decode_partial(const float* __restrict__ q, const float* __restrict__ k_cache,
-                             const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+    attention_decode_partial(const float* __restrict__ q, const KV* __restrict__ k_cache,
+                             const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                              const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part, float scale,
                              float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status) {
   pdl_trigger();
@@ -50,22 +68,29 @@ __global__ void __launch_bounds__(kDecodeThreads)
   int64_t* rows = reinterpret_cast<int64_t*>(smem);  // [P]: each key row's offset in the cache, via the table
   float* qs = smem + 2 * P;                           // [group][hd]
   float* sc = qs + group * hd;                        // [group][P]: scores, then exp(score - max)
+  float* partial = sc + group * P;                    // [R][kHeadChunk][hd]: the value pass's sums, R > 1
   for (int i = threadIdx.x; i < np; i += blockDim.x) rows[i] = kv_read_row(kv, t, seq, g, p0 + i, status) * hd;
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t(t) * nH + h_first) * hd + i];
   __syncthreads();
 
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   for (int i = warp; i < np; i += warps) {
-    const float* kr = k_cache + rows[i];
+    const KV* kr = k_cache + rows[i];
     for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
       float acc[kHeadChunk];
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
-      for (int d = lane; d < hd; d += 32) {
-        float kv_d = kr[d];
+      for (int d = lane * VEC; d < hd; d += 32 * VEC) {
+        float k_d[VEC];
+        load_as_f32(kr + d, k_d);
 #pragma unroll
-        for (int j = 0; j < kHeadChunk; ++j)
-          if (h0 + j < group) acc[j] += qs[(h0 + j) * hd + d] * kv_d;
+        for (int j = 0; j < kHeadChunk; ++j) {
+          if (h0 + j >= group) continue;
+          float q_d[VEC];  // one 8-byte shared load for VEC = 2: lanes read consecutive pairs, no bank conflict
+          load_as_f32(qs + (h0 + j) * hd + d, q_d);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[j] += q_d[e] * k_d[e];
+        }
       }
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) {
@@ -95,21 +120,49 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
   __syncthreads();
 
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
-      float acc[kHeadChunk];
+  // Values: thread slot `slot` of row group r loads elements [slot VEC, (slot + 1) VEC) of rows r, r + R, ...
+  const int slots = hd / VEC, R = value_row_groups(hd, VEC);
+  const int r = R > 1 ? threadIdx.x / slots : 0, first_slot = R > 1 ? threadIdx.x % slots : threadIdx.x;
+  const int slot_step = R > 1 ? slots : blockDim.x;  // R > 1: one slot per thread
+  for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
+    for (int slot = first_slot; r < R && slot < slots; slot += slot_step) {
+      float acc[kHeadChunk][VEC];
 #pragma unroll
-      for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
+      for (int j = 0; j < kHeadChunk; ++j)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = 0;
 #pragma unroll 4
-      for (int i = 0; i < np; ++i) {
-        float vv = v_cache[rows[i] + d];
+      for (int i = r; i < np; i += R) {
+        float v_d[VEC];
+        load_as_f32(v_cache + rows[i] + slot * VEC, v_d);
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j)
-          if (h0 + j < group) acc[j] += sc[(h0 + j) * P + i] * vv;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e)
+            if (h0 + j < group) acc[j][e] += sc[(h0 + j) * P + i] * v_d[e];
       }
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j)
-        if (h0 + j < group) part_out[((size_t(t) * nH + h_first + h0 + j) * n_part + c) * hd + d] = acc[j];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const int d = slot * VEC + e;
+          if (h0 + j >= group) continue;
+          if (R > 1)
+            partial[(r * kHeadChunk + j) * hd + d] = acc[j][e];
+          else
+            part_out[((size_t(t) * nH + h_first + h0 + j) * n_part + c) * hd + d] = acc[j][e];
+        }
+    }
+    if (R > 1) {  // block-uniform: add the row groups' sums in order
+      __syncthreads();
+      for (int x = threadIdx.x; x < kHeadChunk * hd; x += blockDim.x) {
+        const int j = x / hd, d = x % hd;
+        if (h0 + j >= group) continue;
+        float sum = 0;
+        for (int rr = 0; rr < R; ++rr) sum += partial[(rr * kHeadChunk + j) * hd + d];
+        part_out[((size_t(t) * nH + h_first + h0 + j) * n_part + c) * hd + d] = sum;
+      }
+      __syncthreads();  // before the next chunk of heads overwrites `partial`
     }
   }
 }
@@ -163,9 +216,18 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv));
-  attention_decode_partial<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), kv, token_seq.data<int32_t>(),
-      positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, scale, part_out, part_ml, ctx.status);
+  auto partial = [&](auto kernel, const auto* k, const auto* v) {
+    kernel<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
+                                                            positions.data<int32_t>(), int(n_heads), int(hd), plan.P,
+                                                            plan.n_part, scale, part_out, part_ml, ctx.status);
+  };
+  WEFT_DISPATCH_KV(k_cache.dtype, KV, {
+    const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
+    if (elements_per_load(hd) == 2)
+      partial(attention_decode_partial<KV, 2>, k, v);
+    else
+      partial(attention_decode_partial<KV, 1>, k, v);
+  });
   check_launch(ctx, "attention", args);
   attention_decode_merge<<<static_cast<unsigned>(T * n_heads), 128, 0, ctx.stream>>>(
       kv, token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part,

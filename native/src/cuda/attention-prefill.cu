@@ -2,6 +2,7 @@
 // the others, both reading the cache through the KV block table (attention.cuh has the plan). Scores are
 // dot(q, k) * scale as in the CPU; softmax in fp32 (the tensor-core kernel: exp2 of log2-scaled scores).
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/attention.cuh"
 #include "cuda/kv-block-table.cuh"
@@ -53,10 +54,12 @@ __device__ __forceinline__ void next_pass(int BQ, int t0, const int* tok_seq, co
 // ---- prefill: tensor-core flash attention (FlashAttention-2 on mma.sync m16n8k16, f16 operands, f32 accumulators)
 //
 // Block = 64 query tokens x one query head, 4 warps of 16 query rows each. Per key tile of 64 positions:
-//   - the next tile's K and V rows (f32 in the cache) are fetched by cp.async into an f32 staging area while the
-//     warps compute on the current one; each thread then converts the chunks it fetched itself to f16 in two
-//     padded tiles (16 B row pad: ldmatrix without bank conflicts), so each cache element is converted once per
-//     block and the staging area needs no second buffer;
+//   - the next tile's K and V rows (f32 or bf16 in the cache) are fetched by cp.async, 16-byte chunks, into a
+//     staging area of the cache's type while the warps compute on the current one; each thread then converts
+//     the chunks it fetched itself to f16 in two padded tiles (16 B row pad: ldmatrix without bank conflicts),
+//     so each cache element is converted once per block and the staging area needs no second buffer. A bf16
+//     value goes through its exact f32, so a bf16 cache gives the f32 cache's result bit for bit when the two
+//     hold the same values;
 //   - S = Q K^T on mma (Q, pre-multiplied by scale * log2(e), stays in registers as A fragments), causal mask
 //     from the rows' positions, online softmax in f32 registers with exp2, P (f16) reused in registers as the
 //     A operand of O += P V (V fragments by ldmatrix.trans).
@@ -76,10 +79,11 @@ constexpr int kFaBQ = 64;  // query tokens per block
 constexpr int kFaBK = 64;  // keys per tile
 constexpr int kFaThreads = 128;
 
-template <int HD>
+template <int HD, typename KV>
 struct FaLayout {
   static constexpr int kLd = HD + 8;                                          // f16 elements per tile row
-  static constexpr size_t kStage = size_t{2} * kFaBK * HD * sizeof(float);   // K then V, f32
+  static constexpr int kChunk = 16 / sizeof(KV);                             // cache elements per 16-byte chunk
+  static constexpr size_t kStage = size_t{2} * kFaBK * HD * sizeof(KV);      // K then V, the cache's type
   static constexpr size_t kHalfTile = size_t{kFaBK} * kLd * sizeof(__half);  // Q (at first), K, V tiles
   static constexpr size_t kBytes = kStage + 2 * kHalfTile;
 };
@@ -120,34 +124,47 @@ __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
   asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+// One staged 16-byte chunk of cache elements -> f16 at dst (8-byte aligned for f32's 4, 16 for bf16's 8).
+__device__ __forceinline__ void chunk_to_f16(const float* src, __half* dst) {
+  const float4 x = *reinterpret_cast<const float4*>(src);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack_f16(x.x, x.y), pack_f16(x.z, x.w));
+}
+__device__ __forceinline__ void chunk_to_f16(const __nv_bfloat16* src, __half* dst) {
+  const uint4 x = *reinterpret_cast<const uint4*>(src);
+  auto lo = [](uint32_t u) { return __uint_as_float(u << 16); };
+  auto hi = [](uint32_t u) { return __uint_as_float(u & 0xffff0000u); };
+  *reinterpret_cast<uint4*>(dst) = make_uint4(pack_f16(lo(x.x), hi(x.x)), pack_f16(lo(x.y), hi(x.y)),
+                                              pack_f16(lo(x.z), hi(x.z)), pack_f16(lo(x.w), hi(x.w)));
+}
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
 
-// grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e).
-template <int HD>
+// grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16.
+template <int HD, typename KV>
 __global__ void __launch_bounds__(kFaThreads, 2)
-    attention_prefill_mma(const float* __restrict__ q, const float* __restrict__ k_cache,
-                          const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+    attention_prefill_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
+                          const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                           const int32_t* __restrict__ positions, int T, int nH, float qscale, float* __restrict__ out,
                           DeviceStatus* status) {
-  using L = FaLayout<HD>;
+  using L = FaLayout<HD, KV>;
   constexpr int LD = L::kLd;
   constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
   constexpr int NO = HD / 8;                             // n8 tiles of O
   constexpr int NS = kFaBK / 8;                          // n8 tiles of S
-  constexpr int CPR = HD / 4;                            // 16-byte chunks per f32 row
+  constexpr int EC = L::kChunk;                          // cache elements per 16-byte chunk
+  constexpr int CPR = HD / EC;                           // 16-byte chunks per cache row
   constexpr int CH = kFaBK * CPR / kFaThreads;           // chunks per thread per K (or V) tile
   static_assert(HD % 16 == 0 && (kFaBK * CPR) % kFaThreads == 0, "tile shape");
   extern __shared__ __align__(16) unsigned char fa_smem[];
-  float* stage = reinterpret_cast<float*>(fa_smem);                 // [2][kFaBK][HD] f32: K, V
+  KV* stage = reinterpret_cast<KV*>(fa_smem);                       // [2][kFaBK][HD] of KV: K, V
   __half* kh = reinterpret_cast<__half*>(fa_smem + L::kStage);    // [kFaBK][LD]; the Q tile first
   __half* vh = kh + kFaBK * LD;                                     // [kFaBK][LD]
   __shared__ int tok_seq[kFaBQ], tok_pos[kFaBQ], tok_done[kFaBQ];
   __shared__ int cur_seq, cur_tok, kv_end;
-  __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (floats) of the key rows of tiles j and j + 1
+  __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (elements) of the key rows of tiles j and j + 1
 
   const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kFaBQ, g = h / (nH / static_cast<int>(kv.n_kv));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -155,8 +172,8 @@ __global__ void __launch_bounds__(kFaThreads, 2)
 
   load_tile_tokens(kFaBQ, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
   // Q tile (scaled, f16) -> kh -> A fragments in registers.
-  for (int c = tid; c < kFaBQ * CPR; c += kFaThreads) {
-    int row = c / CPR, col = (c % CPR) * 4, t = t0 + row;
+  for (int c = tid; c < kFaBQ * HD / 4; c += kFaThreads) {
+    int row = c / (HD / 4), col = (c % (HD / 4)) * 4, t = t0 + row;
     float4 x = make_float4(0, 0, 0, 0);
     if (t < T) x = *reinterpret_cast<const float4*>(q + (size_t(t) * nH + h) * HD + col);
     *reinterpret_cast<uint2*>(kh + row * LD + col) =
@@ -199,9 +216,9 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       for (int i = 0; i < CH; ++i) {
         int c = i * kFaThreads + tid, row = c / CPR;
         bool in = kv0 + row < end;
-        int64_t off = in ? rows[row] + (c % CPR) * 4 : 0;
-        cp_async16(smem_u32(stage + c * 4), k_cache + off, in ? 16 : 0);
-        cp_async16(smem_u32(stage + kFaBK * HD + c * 4), v_cache + off, in ? 16 : 0);
+        int64_t off = in ? rows[row] + (c % CPR) * EC : 0;
+        cp_async16(smem_u32(stage + c * EC), k_cache + off, in ? 16 : 0);
+        cp_async16(smem_u32(stage + kFaBK * HD + c * EC), v_cache + off, in ? 16 : 0);
       }
       cp_async_commit();
     };
@@ -209,11 +226,9 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       cp_async_wait_all();
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
-        int c = i * kFaThreads + tid, row = c / CPR, col = (c % CPR) * 4;
-        float4 x = *reinterpret_cast<const float4*>(stage + c * 4);
-        float4 y = *reinterpret_cast<const float4*>(stage + kFaBK * HD + c * 4);
-        *reinterpret_cast<uint2*>(kh + row * LD + col) = make_uint2(pack_f16(x.x, x.y), pack_f16(x.z, x.w));
-        *reinterpret_cast<uint2*>(vh + row * LD + col) = make_uint2(pack_f16(y.x, y.y), pack_f16(y.z, y.w));
+        int c = i * kFaThreads + tid, row = c / CPR, col = (c % CPR) * EC;
+        chunk_to_f16(stage + c * EC, kh + row * LD + col);
+        chunk_to_f16(stage + kFaBK * HD + c * EC, vh + row * LD + col);
       }
     };
 
@@ -332,19 +347,19 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   }
 }
 
-template <int HD>
+template <int HD, typename KV>
 void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                         const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                         int64_t n_heads, float scale, const Tensor& out) {
   int T = static_cast<int>(q.dim(0));
-  auto kernel = attention_prefill_mma<HD>;
-  constexpr size_t smem = FaLayout<HD>::kBytes;
+  auto kernel = attention_prefill_mma<HD, KV>;
+  constexpr size_t smem = FaLayout<HD, KV>::kBytes;
   if (smem > 48 * 1024)
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention", " (cudaFuncSetAttribute)");
   dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ));
   kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
+      q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),
       token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f,
       out.data<float>(), ctx.status);
 }
@@ -355,11 +370,12 @@ constexpr int kBQ = 16;               // query tokens per tile
 constexpr int kPrefillThreads = 128;  // 8 threads per query row
 constexpr int kRowThreads = kPrefillThreads / kBQ;
 
-// grid (ceil(T / kBQ), nH). MAXJ = head-dim elements per thread (hd <= 8 * MAXJ); BK = keys per tile.
-template <int MAXJ, int BK>
+// grid (ceil(T / kBQ), nH). MAXJ = head-dim elements per thread (hd <= 8 * MAXJ); BK = keys per tile; KV: the
+// cache's element type (f32 or bf16, widened as the tile is loaded).
+template <int MAXJ, int BK, typename KV>
 __global__ void __launch_bounds__(kPrefillThreads)
-    attention_prefill(const float* __restrict__ q, const float* __restrict__ k_cache,
-                      const float* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+    attention_prefill(const float* __restrict__ q, const KV* __restrict__ k_cache,
+                      const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                       const int32_t* __restrict__ positions, int T, int nH, int hd, float scale,
                       float* __restrict__ out, DeviceStatus* status) {
   extern __shared__ float smem[];
@@ -370,7 +386,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   float* ps = vs + BK * hd;         // [kBQ][BK]
   __shared__ int tok_seq[kBQ], tok_pos[kBQ], tok_done[kBQ];
   __shared__ int cur_seq, cur_tok, kv_end;
-  __shared__ int64_t tile_rows[BK];  // cache offsets (floats) of the tile's key rows, via the block table
+  __shared__ int64_t tile_rows[BK];  // cache offsets (elements) of the tile's key rows, via the block table
 
   int t0 = blockIdx.x * kBQ, h = blockIdx.y, g = h / (nH / static_cast<int>(kv.n_kv));
   int tid = threadIdx.x, r = tid / kRowThreads, l8 = tid % kRowThreads;
@@ -399,8 +415,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
       for (int i = tid; i < BK * hd; i += blockDim.x) {
         int row = i / hd, d = i % hd;
         bool in = kv0 + row < kv_end;
-        ks[row * ld + d] = in ? k_cache[tile_rows[row] + d] : 0.0f;
-        vs[row * hd + d] = in ? v_cache[tile_rows[row] + d] : 0.0f;
+        ks[row * ld + d] = in ? to_f32(k_cache[tile_rows[row] + d]) : 0.0f;
+        vs[row * hd + d] = in ? to_f32(v_cache[tile_rows[row] + d]) : 0.0f;
       }
       __syncthreads();
       float s[BK / kRowThreads];
@@ -459,15 +475,17 @@ void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, cons
                     float scale, const Tensor& out) {
   int hd = static_cast<int>(k_cache.dim(3)), T = static_cast<int>(q.dim(0));
   size_t smem = static_cast<size_t>(kBQ * (hd + 1) + BK * (hd + 1) + BK * hd + kBQ * BK) * sizeof(float);
-  auto kernel = attention_prefill<MAXJ, BK>;
-  if (smem > 48 * 1024)
-    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "attention", " (cudaFuncSetAttribute)");
-  dim3 grid((T + kBQ - 1) / kBQ, static_cast<unsigned>(n_heads));
-  kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<float>(), v_cache.data<float>(), KvBlockTable::of(k_cache, kv_block_table),
-      token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), hd, scale, out.data<float>(),
-      ctx.status);
+  WEFT_DISPATCH_KV(k_cache.dtype, KV, {
+    auto kernel = attention_prefill<MAXJ, BK, KV>;
+    if (smem > 48 * 1024)
+      check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                 "attention", " (cudaFuncSetAttribute)");
+    dim3 grid((T + kBQ - 1) / kBQ, static_cast<unsigned>(n_heads));
+    kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
+        q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),
+        token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), hd, scale, out.data<float>(),
+        ctx.status);
+  });
 }
 
 }  // namespace
@@ -496,10 +514,16 @@ void launch_attention_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_c
                               int64_t n_heads, float scale, const Tensor& out) {
   int64_t T = q.dim(0), hd = k_cache.dim(3);
   WEFT_CHECK((T + kFaBQ - 1) / kFaBQ <= 65535, "attention", "too many query tokens (", q, ")");
+  auto mma = [&](auto head_dim) {
+    constexpr int HD = decltype(head_dim)::value;
+    WEFT_DISPATCH_KV(k_cache.dtype, KV,
+                     launch_prefill_mma<HD, KV>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions,
+                                                n_heads, scale, out));
+  };
   if (hd == 128)
-    launch_prefill_mma<128>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+    mma(std::integral_constant<int, 128>{});
   else if (hd == 64)
-    launch_prefill_mma<64>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+    mma(std::integral_constant<int, 64>{});
   else
     launch_attention_prefill_fp32(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale,
                                   out);

@@ -1,4 +1,4 @@
-// attention: q [T, nH * hd] over caches [nBlocks, nKv, B, hd] f32 addressed through tokenSeq [T] and
+// attention: q [T, nH * hd] over caches [nBlocks, nKv, B, hd] f32 or bf16 addressed through tokenSeq [T] and
 // kvBlockTable [S, maxBlocksPerSeq] (kv-block-table.h); tokenSeq, the table and positions are read on the
 // device, so a captured graph stays valid as they change. Each kernel looks a key row's block up once per row
 // (and tile), never per element, so any B >= 1 works and one block per sequence runs as fast as before. C below

@@ -3,7 +3,7 @@
 // qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
 // fp32(position * invFreq[j]) and full-precision sincosf, as rope. The k and v rows are found through the KV
 // block table once per block; bad sequence rows, positions and table entries skip the cache write and are
-// reported on the device (as writeKv's; a negative position as rope's).
+// reported on the device (as writeKv's; a negative position as rope's). f32 or bf16 caches, written as writeKv.
 #include "cuda/fused-layer.cuh"
 
 #include <algorithm>
@@ -91,35 +91,41 @@ __global__ void __launch_bounds__(kMaxThreads)
     normed[row + i] = __fmul_rn(__fmul_rn(sum[row + i], inv_rms), to_f32(weight[i]));
 }
 
+// Rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements).
+template <typename O>
+__device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const float* __restrict__ inv_freq,
+                                            int32_t pos, int64_t half, O* __restrict__ oh) {
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    float s, c;
+    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
+    float x1 = xh[j], x2 = xh[j + half];
+    store_kv(oh + j, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+    store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+  }
+}
+
+template <typename KV>
 __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
-                         const float* __restrict__ inv_freq, float* __restrict__ k_cache, float* __restrict__ v_cache,
+                         const float* __restrict__ inv_freq, KV* __restrict__ k_cache, KV* __restrict__ v_cache,
                          KvBlockTable kv, const int32_t* __restrict__ token_seq, float* __restrict__ q,
                          int64_t n_heads, int64_t hd, DeviceStatus* status) {
   const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
   const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
   const int32_t pos = positions[t];
-  float* oh;
   if (h < n_heads) {
     if (pos < 0 && h == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
-    oh = q + (t * n_heads + h) * hd;
-  } else {
-    const int64_t kv_head = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
-    const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
-    if (row < 0) return;
-    const int64_t dst = row * hd;
-    if (h >= n_heads + n_kv) {  // a v head: copied
-      for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) v_cache[dst + d] = xh[d];
-      return;
-    }
-    oh = k_cache + dst;
+    rotate_head(xh, inv_freq, pos, half, q + (t * n_heads + h) * hd);
+    return;
   }
-  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-    float s, c;
-    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
-    float x1 = xh[j], x2 = xh[j + half];
-    oh[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-    oh[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+  const int64_t kv_head = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
+  const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
+  if (row < 0) return;
+  const int64_t dst = row * hd;
+  if (h >= n_heads + n_kv) {  // a v head: copied
+    for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) store_kv(v_cache + dst + d, xh[d]);
+    return;
   }
+  rotate_head(xh, inv_freq, pos, half, k_cache + dst);
 }
 
 template <typename W>
@@ -164,10 +170,11 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
   if (T == 0) return;
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv));
   const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
-  qkv_rope<<<grid, threads, 0, ctx.stream>>>(qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(),
-                                             k_cache.data<float>(), v_cache.data<float>(),
-                                             KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
-                                             q.data<float>(), n_heads, hd, ctx.status);
+  WEFT_DISPATCH_KV(k_cache.dtype, KV,
+                   qkv_rope<KV><<<grid, threads, 0, ctx.stream>>>(
+                       qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(), k_cache.data<KV>(),
+                       v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
+                       q.data<float>(), n_heads, hd, ctx.status));
   check_launch(ctx, "qkvRope",
                {{"qkv", qkv}, {"kCache", k_cache}, {"tokenSeq", token_seq}, {"kvBlockTable", kv_block_table},
                 {"positions", positions}});

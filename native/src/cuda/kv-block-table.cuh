@@ -1,8 +1,10 @@
 // Device side of the KV block table (kv-block-table.h): the range checks every KV kernel makes before it
 // touches the cache. A bad index is reported (thrown at the next synchronising call) and the access skipped
-// or redirected to block 0, so a bad table never makes the device fault.
+// or redirected to block 0, so a bad table never makes the device fault. Also the cache's element types: f32,
+// or bf16 written by the rounding rule both backends share (bf16-round.h) and widened to f32 as read.
 #pragma once
 
+#include "bf16-round.h"
 #include "cuda/common.cuh"
 #include "kv-block-table.h"
 
@@ -12,6 +14,34 @@ namespace weft::cuda {
 constexpr bool kKvWrite = true, kKvRead = false;
 
 #ifdef __CUDACC__
+// Runs `body` with KV bound to the cache's element type (backend.cc allows f32 and bf16 only).
+#define WEFT_DISPATCH_KV(dtype, KV, ...)         \
+  if ((dtype) == ::weft::DType::BF16) {         \
+    using KV = __nv_bfloat16;                   \
+    __VA_ARGS__;                                \
+  } else {                                      \
+    using KV = float;                           \
+    __VA_ARGS__;                                \
+  }
+
+__device__ __forceinline__ void store_kv(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_kv(__nv_bfloat16* p, float v) { *p = __ushort_as_bfloat16(f32_to_bf16_rn(v)); }
+
+// VEC consecutive elements (of the cache, or f32 in shared memory) as f32: one load of 4 * VEC or 2 * VEC
+// bytes, p aligned to it.
+__device__ __forceinline__ void load_as_f32(const float* p, float (&f)[1]) { f[0] = *p; }
+__device__ __forceinline__ void load_as_f32(const __nv_bfloat16* p, float (&f)[1]) { f[0] = to_f32(*p); }
+__device__ __forceinline__ void load_as_f32(const float* p, float (&f)[2]) {
+  const float2 x = *reinterpret_cast<const float2*>(p);
+  f[0] = x.x;
+  f[1] = x.y;
+}
+__device__ __forceinline__ void load_as_f32(const __nv_bfloat16* p, float (&f)[2]) {
+  const uint32_t x = *reinterpret_cast<const uint32_t*>(p);  // element 0 in the low half (little-endian)
+  f[0] = __uint_as_float(x << 16);
+  f[1] = __uint_as_float(x & 0xffff0000u);
+}
+
 // True when token t's sequence row is in the table and its position within the row's capacity; otherwise false,
 // and the reporter files the report (as writeKv's when `write`, else as attention's).
 __device__ __forceinline__ bool kv_token_in_range(const KvBlockTable& kv, int64_t t, int seq, int pos, bool write,
