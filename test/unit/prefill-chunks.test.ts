@@ -62,6 +62,35 @@ test('the worker\'s arena: the whole prefill where the device has room beside th
   assert.ok(between > DEFAULT_ARENA_BYTES && between < wanted && between <= 9 * GiB, `${between}`);
 });
 
+test('the runner runs a long step as those chunks', async () => {
+  const dir = fixtureDir('llama-tiny');
+  const spec = readModelSpec(dir);
+  const plan = planShards(spec, 1);
+  const kv = kvCacheLayout({ kvSlots: 1, maxContext: 64, device: 'cpu' });
+  const engine = createEngine({ backend: 'cpu', threads: 1 });
+  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  const stepTokens: number[] = []; // tokens of each forward, from the ids its embedding reads
+  const seen = observed(engine, (method, args) => method === 'embedding' && stepTokens.push((args[1] as Tensor).shape[0]!));
+  const rows = [...Array(30).keys()];
+  await new StepRunner(seen, soloCollectives(), model, kv, { maxStepTokens: 7 }).step({ tokens: rows, positions: rows, tokenSeq: rows.map(() => 0), kvBlockTable: [[0]], logitRows: [29], sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } });
+  assert.deepEqual(stepTokens, [6, 6, 6, 6, 6]);
+});
+
+/** The engine with `seen` called after each of its calls. */
+function observed(engine: Engine, seen: (method: string, args: unknown[], result: unknown) => unknown): Engine {
+  return new Proxy(engine, {
+    get(target, key, receiver) {
+      const value = Reflect.get(target, key, receiver) as unknown;
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        const result = (value as (...a: unknown[]) => unknown).apply(target, args);
+        seen(String(key), args, result);
+        return result;
+      };
+    },
+  });
+}
+
 /** Bytes of every tensor the engine hands out (op outputs, uploads) while `run` goes. */
 async function bytesMade(engine: Engine, run: (counted: Engine) => Promise<unknown>): Promise<number> {
   let bytes = 0;
@@ -71,18 +100,7 @@ async function bytesMade(engine: Engine, run: (counted: Engine) => Promise<unkno
       bytes += t.shape.reduce((a, b) => a * b, 1) * (t.dtype === 'f16' || t.dtype === 'bf16' ? 2 : 4);
     } else if (value && typeof value === 'object' && !ArrayBuffer.isView(value)) Object.values(value).forEach(count);
   };
-  const counted = new Proxy(engine, {
-    get(target, key, receiver) {
-      const value = Reflect.get(target, key, receiver) as unknown;
-      if (typeof value !== 'function') return value;
-      return (...args: unknown[]) => {
-        const result = (value as (...a: unknown[]) => unknown).apply(target, args);
-        count(result);
-        return result;
-      };
-    },
-  });
-  await run(counted);
+  await run(observed(engine, (_method, _args, result) => count(result)));
   return bytes;
 }
 
