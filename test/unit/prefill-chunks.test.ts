@@ -62,13 +62,19 @@ test('the worker\'s arena: the whole prefill where the device has room beside th
   assert.ok(between > DEFAULT_ARENA_BYTES && between < wanted && between <= 9 * GiB, `${between}`);
 });
 
-test('the runner runs a long step as those chunks', async () => {
-  const dir = fixtureDir('llama-tiny');
+/** An hf-tiny model on a one-thread CPU engine, with a KV cache of one 64-position sequence. */
+async function tinyModel(fixture: string) {
+  const dir = fixtureDir(fixture);
   const spec = readModelSpec(dir);
   const plan = planShards(spec, 1);
   const kv = kvCacheLayout({ kvSlots: 1, maxContext: 64, device: 'cpu' });
   const engine = createEngine({ backend: 'cpu', threads: 1 });
   const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  return { spec, plan, kv, engine, model };
+}
+
+test('the runner runs a long step as those chunks', async () => {
+  const { kv, engine, model } = await tinyModel('llama-tiny');
   const stepTokens: number[] = []; // tokens of each forward, from the ids its embedding reads
   const seen = observed(engine, (method, args) => method === 'embedding' && stepTokens.push((args[1] as Tensor).shape[0]!));
   const rows = [...Array(30).keys()];
@@ -106,12 +112,7 @@ async function bytesMade(engine: Engine, run: (counted: Engine) => Promise<unkno
 
 for (const fixture of ['llama-tiny', 'mixtral-tiny']) {
   test(`the arena estimate covers what a step of ${fixture} makes, every row a logit row`, async () => {
-    const dir = fixtureDir(fixture);
-    const spec = readModelSpec(dir);
-    const plan = planShards(spec, 1);
-    const kv = kvCacheLayout({ kvSlots: 1, maxContext: 64, device: 'cpu' });
-    const engine = createEngine({ backend: 'cpu', threads: 1 });
-    const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+    const { spec, plan, kv, engine, model } = await tinyModel(fixture);
     const T = 48;
     const rows = [...Array(T).keys()];
     const batch = { tokens: rows.map((i) => (i * 7) % spec.vocabSize), positions: rows, tokenSeq: rows.map(() => 0), kvBlockTable: [[0]], logitRows: rows, fullLogprobs: true };
