@@ -26,6 +26,8 @@ import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
 import { WeftError } from '../core/errors.ts';
+import type { ModelSpec } from '../core/model-spec.ts';
+import type { ShardPlan } from '../core/shard-plan.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
 const MAX_GRAPH_BATCH = 8;
@@ -89,24 +91,75 @@ type LastSampled = { readonly where: 'host'; readonly tokens: readonly number[] 
 export interface RunnerOptions {
   /** capture decode steps into CUDA graphs (cuda backend only). Defaults to true on cuda. */
   readonly graphs?: boolean;
-  /** the engine's step arena in bytes (cuda), to size prefill chunks. Defaults to 4 GiB, the engine's default. */
+  /** the engine's step arena in bytes (cuda), to size prefill chunks. Defaults to DEFAULT_ARENA_BYTES, the engine's default. */
   readonly arenaBytes?: number;
   /** override the chunk size of long eager steps (tests). Defaults to what the arena holds (cuda), unlimited on cpu. */
   readonly maxStepTokens?: number;
 }
 
+/** The sizes a step's intermediates follow. */
+type StepSpec = Pick<ModelSpec, 'nLayers' | 'hidden' | 'headDim' | 'vocabSize' | 'nExpertsPerToken'>;
+type StepPlan = Pick<ShardPlan, 'nHeadsPerRank' | 'nKvHeadsPerRank' | 'ffnPerRank'>;
+
+/** Tokens a prefill step takes whole by default: the CUDA worker sizes its step arena for this many. */
+export const PREFILL_STEP_TOKENS = 1024;
+
+/** The step arena's default size (the engine's, EngineOptions.arenaBytes). */
+export const DEFAULT_ARENA_BYTES = 4 * 2 ** 30;
+
+/** Of the arena, what one step's tensors may fill: the rest is left to the decode graphs' reserved regions. */
+const ARENA_FILL = 0.85;
+
 /**
- * Tokens one eager step may hold so that its intermediates fit the step arena: a generous count of the
- * fp32 activations one token leaves per layer (norms, residuals, fused q/k/v and its parts, attention,
- * gate/up and their product; with experts, that for each of its k pairs plus the rows grouped by expert),
- * plus one logits row per token.
+ * Step-arena bytes one token of an eager step takes, counted from what the forward allocates per layer in
+ * f32: q/k/v, q after rope, the attention output, the o and down projections and their all-reduces, the two
+ * addRmsNorm pairs and their bf16 copies of the normed rows, gate/up and the SwiGLU product (with experts,
+ * for each of its k pairs, plus the rows grouped by expert); then three vocabulary rows (the rank's logits,
+ * the gathered logits, log-softmax) as if every token were a logit row.
  */
-export function maxStepTokens(spec: { nLayers: number; hidden: number; headDim: number; vocabSize: number; nExpertsPerToken: number }, plan: { nHeadsPerRank: number; nKvHeadsPerRank: number; ffnPerRank: number }, arenaBytes: number): number {
+export function stepBytesPerToken(spec: StepSpec, plan: StepPlan): number {
   const qkvWidth = (plan.nHeadsPerRank + 2 * plan.nKvHeadsPerRank) * spec.headDim;
+  const qWidth = plan.nHeadsPerRank * spec.headDim;
   const ffnWidth = spec.nExpertsPerToken > 0 ? spec.nExpertsPerToken * (6 * plan.ffnPerRank + 3 * spec.hidden) : 3 * plan.ffnPerRank;
-  const perTokenPerLayer = 4 * (10 * spec.hidden + 3 * qkvWidth + ffnWidth);
-  const perToken = spec.nLayers * perTokenPerLayer + 2 * 4 * spec.vocabSize;
-  return Math.max(1, Math.floor((0.8 * arenaBytes) / perToken));
+  const perLayer = 4 * (qkvWidth + 2 * qWidth + 9 * spec.hidden + ffnWidth);
+  return spec.nLayers * perLayer + 3 * 4 * spec.vocabSize;
+}
+
+/** Tokens one eager step may hold so that its intermediates fit a step arena of `arenaBytes`. */
+export function maxStepTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number): number {
+  return Math.max(1, Math.floor((ARENA_FILL * arenaBytes) / stepBytesPerToken(spec, plan)));
+}
+
+/** The step arena that takes `tokens` tokens in one step, and never less than the engine's default. */
+export function stepArenaBytes(spec: StepSpec, plan: StepPlan, tokens: number): number {
+  const bytes = Math.ceil((tokens * stepBytesPerToken(spec, plan)) / ARENA_FILL);
+  return Math.max(DEFAULT_ARENA_BYTES, Math.ceil(bytes / 2 ** 20) * 2 ** 20);
+}
+
+/**
+ * The step arena a CUDA worker asks for: a PREFILL_STEP_TOKENS-token prompt in one step when the device's free
+ * memory before loading (`freeBytes`) holds it beside the rank's weights and KV cache (`residentBytes`) with a
+ * tenth to spare; else what that leaves, and never less than the engine's default.
+ */
+export function workerArenaBytes(spec: StepSpec, plan: StepPlan, freeBytes: number, residentBytes: number): number {
+  const room = Math.floor((0.9 * (freeBytes - residentBytes)) / 2 ** 20) * 2 ** 20;
+  return Math.max(DEFAULT_ARENA_BYTES, Math.min(stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS), room));
+}
+
+/**
+ * A step of `tokens` tokens as the fewest chunks of at most `maxTokens`, of near-equal length (the longer ones
+ * first): 1024 over a limit of 951 is 512 + 512, not 951 + 73, so no chunk runs at a small matrix size.
+ */
+export function chunkRanges(tokens: number, maxTokens: number): { start: number; end: number }[] {
+  const chunks = Math.ceil(tokens / maxTokens);
+  const base = Math.floor(tokens / chunks), longer = tokens % chunks;
+  const ranges: { start: number; end: number }[] = [];
+  for (let i = 0, start = 0; i < chunks; i++) {
+    const end = start + base + (i < longer ? 1 : 0);
+    ranges.push({ start, end });
+    start = end;
+  }
+  return ranges;
 }
 
 export class StepRunner {
@@ -132,7 +185,7 @@ export class StepRunner {
       throw new WeftError('WEFT_BAD_REQUEST', `the model's KV cache is [${shape.join(', ')}], the layout says ${kv.kvBlocks} blocks of ${kv.kvBlockSize} positions`);
     this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
     if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
-    this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? 4 * 2 ** 30) : Number.MAX_SAFE_INTEGER);
+    this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? DEFAULT_ARENA_BYTES) : Number.MAX_SAFE_INTEGER);
     // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait)
     this.sampled = ops.zeros('i32', [Math.max(MAX_GRAPH_BATCH, kv.kvBlocks)]);
   }
@@ -236,8 +289,7 @@ export class StepRunner {
     const tokens: number[] = [];
     const logprobs: number[] = [];
     const full = new Float32Array(batch.fullLogprobs && this.comm.rank === 0 ? batch.logitRows.length * vocab : 0);
-    for (let start = 0; start < batch.tokens.length; start += this.maxStepTokens) {
-      const end = Math.min(start + this.maxStepTokens, batch.tokens.length);
+    for (const { start, end } of chunkRanges(batch.tokens.length, this.maxStepTokens)) {
       const mine = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
       // A chunk nobody wants logits from still runs (its keys and values are needed); it asks for its last row.
       const rows = mine.length ? mine : [-1];

@@ -8,11 +8,11 @@ import type { InitCommand, StepBatch } from '../core/worker-protocol.ts';
 import { soloCollectives, type Collectives } from './collectives/collectives.ts';
 import { CpuCollectives } from './collectives/cpu.ts';
 import { NcclCollectives } from './collectives/nccl.ts';
-import { loadShard } from './weights/load-shard.ts';
+import { loadShard, shardBytes } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
-import { StepRunner, type LaunchedStep } from './runner.ts';
+import { StepRunner, workerArenaBytes, type LaunchedStep } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
-import { kvCacheLayout } from '../core/kv-block-table.ts';
+import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
 
 export class WorkerState {
   private comm: Collectives | null = null;
@@ -32,19 +32,29 @@ export class WorkerState {
   async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
     if (this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
     if (command.plan.tp !== this.world) throw new WeftError('WEFT_PROTOCOL', `plan is for ${command.plan.tp} ranks, this worker was started for ${this.world}`);
-    const engine = createEngine({ backend: command.device, threads: command.threads, device: command.deviceIndex ?? 0 });
+    const device = command.deviceIndex ?? 0;
+    // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
+    const kv = kvCacheLayout(command);
+    // CUDA: the step arena is fixed when the engine is made, so a first engine only reads the free memory
+    const arenaBytes = command.device === 'cuda' ? this.arenaBytes(command, kv, createEngine({ backend: 'cuda', device }).memoryInfo().free) : undefined;
+    const engine = createEngine({ backend: command.device, threads: command.threads, device, arenaBytes });
     this.comm = await this.joinCollectives(engine, command);
     let bytesLoaded = 0;
     const weights = await loadShard(command.modelDir, command.spec, command.plan, this.rank, (read, total) => {
       bytesLoaded = read;
       this.onProgress(read, total);
     });
-    // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
-    const kv = kvCacheLayout(command);
     const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), kv);
     this.comm.prepare(model.collectivePlan);
-    this.runner = new StepRunner(engine, this.comm, model, kv);
+    this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes });
     return { bytesLoaded };
+  }
+
+  /** The step arena for a whole PREFILL_STEP_TOKENS-token prompt where the memory left beside the weights and the KV cache allows. */
+  private arenaBytes(command: InitCommand, kv: KvCacheLayout, freeBytes: number): number {
+    const { spec, plan } = command;
+    const kvBytes = spec.nLayers * 2 * kv.kvBlocks * plan.nKvHeadsPerRank * kv.kvBlockSize * spec.headDim * kvDtypeBytes(kv.kvDtype);
+    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes);
   }
 
   private async joinCollectives(engine: Engine, command: InitCommand): Promise<Collectives> {

@@ -28,7 +28,7 @@ const engine = createEngine({ backend: 'cuda', arenaBytes: 16 * 2 ** 30 });
 const spec = presetSpec(opts.model, {});
 const plan = planShards(spec, 1, {});
 const kv = kvCacheLayout({ kvSlots: batch, maxContext: prompt + 16, device: 'cuda' });
-const model = buildRankModel(engine, spec, plan, 0, randomWeights(engine, 7), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+const model = buildRankModel(engine, spec, plan, 0, randomWeights(engine, 7), kv);
 const runner = new StepRunner(engine, soloCollectives(), model, kv);
 const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
 const rows = [...Array(batch).keys()];

@@ -94,7 +94,7 @@ TensorHandle::TensorHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Te
       Napi::PropertyDescriptor::Value("dtype", Napi::String::New(env, dtype_name(tensor_.dtype)), napi_enumerable),
       Napi::PropertyDescriptor::Value("shape", shape, napi_enumerable),
   });
-  accounted_bytes_ = static_cast<int64_t>(tensor_.nbytes());
+  accounted_bytes_ = tensor_.buffer && tensor_.buffer->freed_on_release() ? static_cast<int64_t>(tensor_.nbytes()) : 0;
   Napi::MemoryManagement::AdjustExternalMemory(env, accounted_bytes_);
 }
 

@@ -37,7 +37,7 @@ class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
   std::shared_ptr<Backend> owner_;
   Tensor tensor_;
   napi_env env_;
-  int64_t accounted_bytes_ = 0;  // reported to V8 as external memory, so large tensors prompt a GC
+  int64_t accounted_bytes_ = 0;  // reported to V8 as external memory (when a release frees it), so large tensors prompt a GC
 };
 
 // A captured graph (engine.captureEnd()); freed when collected or disposed.

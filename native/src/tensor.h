@@ -70,6 +70,10 @@ class Buffer {
   virtual void* data() const = 0;
   size_t bytes() const { return bytes_; }
   uint64_t step() const { return step_; }
+  // Whether dropping the last handle frees memory. A step arena's buffers do not (the next step reuses the
+  // arena whatever the handles do), so the binding does not report them to V8 as external memory: if it did,
+  // a long prefill's gigabytes of intermediates would set off a garbage collection every few ops.
+  virtual bool freed_on_release() const { return true; }
 
  private:
   size_t bytes_;

@@ -288,6 +288,45 @@ void check_matmul_7b_shapes(Rng& rng) {
     }
 }
 
+// Prefill matmul inputs written in the weight dtype by their producer (rmsNorm, addRmsNorm: a copy beside the
+// f32 rows; siluMulMatmul: the product only in that dtype): the products must equal, bit for bit, the matmul
+// of the same f32 rows uploaded afresh (cast by a separate kernel). Also: the copy is not used after the rows
+// are overwritten in place (write, copy), nor when the norm's weight dtype differs from the matrix's.
+void check_prefill_inputs(Rng& rng) {
+  const int64_t H = 4096, N = 1024;
+  for (int64_t T : {9, 64, 300})
+    for (DType wd : {DType::BF16, DType::F16, DType::F32}) {
+      std::string sh = "T=" + std::to_string(T) + " K=4096 N=1024 " + dtype_name(wd);
+      run_case("prefill inputs", sh, [&] {
+        auto x = rng.floats(T * H, -3, 3), y = rng.floats(T * H, -3, 3), g = rng.floats(H, 0.5, 1.5);
+        Tensor w = up_narrow(*gpu, rng.floats(N * H), {N, H}, wd), norm_w = up_narrow(*gpu, g, {H}, wd);
+        // the matmul of x's f32 values in a fresh tensor: no 16-bit copy, the cast path
+        auto plain = [&](const Tensor& rows, const Tensor& m) {
+          return down(*gpu, gpu->matmul(up(*gpu, down(*gpu, rows), rows.shape), m));
+        };
+        Tensor normed = gpu->rms_norm(up(*gpu, x, {T, H}), norm_w, 1e-5f);
+        compare("rmsNorm -> matmul", sh, down(*gpu, gpu->matmul(normed, w)), plain(normed, w), 0, 0, "vs cast");
+        Backend::SumAndNormed r = gpu->add_rms_norm(up(*gpu, x, {T, H}), up(*gpu, y, {T, H}), norm_w, 1e-5f);
+        compare("addRmsNorm -> matmul", sh, down(*gpu, gpu->matmul(r.normed, w)), plain(r.normed, w), 0, 0, "vs cast");
+        auto gate_up = rng.floats(T * 2 * H, -4, 4);
+        Tensor gu = up(*gpu, gate_up, {T, 2 * H});
+        compare("siluMulMatmul", sh, down(*gpu, gpu->silu_mul_matmul(gu, w)),
+                down(*gpu, gpu->matmul(gpu->silu_mul(gu), w)), 0, 0, "vs siluMul + matmul");
+        gpu->write(normed, y.data(), y.size() * 4);
+        compare("write -> matmul", sh, down(*gpu, gpu->matmul(normed, w)), plain(up(*gpu, y, {T, H}), w), 0, 0,
+                "rows rewritten: no stale copy");
+        gpu->copy(r.normed, up(*gpu, x, {T, H}));
+        compare("copy -> matmul", sh, down(*gpu, gpu->matmul(r.normed, w)), plain(up(*gpu, x, {T, H}), w), 0, 0,
+                "rows rewritten: no stale copy");
+        if (wd == DType::F32) return;
+        DType other_dtype = wd == DType::BF16 ? DType::F16 : DType::BF16;
+        Tensor other = gpu->rms_norm(up(*gpu, x, {T, H}), up_narrow(*gpu, g, {H}, other_dtype), 1e-5f);
+        compare("rmsNorm -> matmul", sh, down(*gpu, gpu->matmul(other, w)), plain(other, w), 0, 0,
+                "norm weight in the other 16-bit dtype: cast");
+      });
+    }
+}
+
 // kvBlockTable [rows.size() / per_seq, per_seq] i32.
 Tensor up_table(Backend& b, const std::vector<int32_t>& rows, int64_t per_seq) {
   return b.upload(rows.data(), rows.size() * 4, DType::I32, {static_cast<int64_t>(rows.size()) / per_seq, per_seq});
@@ -847,6 +886,7 @@ int main() {
   check_elementwise(rng);
   check_matmul(rng);
   check_matmul_7b_shapes(rng);
+  check_prefill_inputs(rng);
   check_moe(rng);
   check_attention(rng);
   check_paged(rng);

@@ -34,7 +34,7 @@ async function cudaRunner(name: string): Promise<StepRunner> {
   const plan = planShards(spec, 1);
   const kv = kvCacheLayout({ kvSlots: 4, maxContext: 32, device: 'cuda' });
   const engine = createEngine({ backend: 'cuda', arenaBytes: 256 << 20 });
-  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), { kvBlocks: kv.kvBlocks, kvBlockSize: kv.kvBlockSize });
+  const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), kv);
   return new StepRunner(engine, soloCollectives(), model, kv);
 }
 

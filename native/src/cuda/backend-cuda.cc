@@ -90,7 +90,10 @@ class CudaBackend final : public Backend {
     if (st_->poison && !capturing() && t.nbytes())
       check_cuda(*st_, cudaMemsetAsync(t.buffer->data(), 0xff, t.nbytes(), st_->stream), "poison");
   }
-  void copy_from_host(const Tensor& dst, const void* src) override { staging_.upload(dst.buffer->data(), src, dst.nbytes()); }
+  void copy_from_host(const Tensor& dst, const void* src) override {
+    half_copies_.drop(dst);  // written in place: a 16-bit copy of its old values would be stale
+    staging_.upload(dst.buffer->data(), src, dst.nbytes());
+  }
   void fill_zero(const Tensor& t) override {
     if (t.nbytes()) check_cuda(*st_, cudaMemsetAsync(t.buffer->data(), 0, t.nbytes(), st_->stream), "zeros");
   }
@@ -104,7 +107,10 @@ class CudaBackend final : public Backend {
 
   // ---- steps and graphs (graphs.h)
 
-  void on_begin_step() override { arena_.begin_step(); }
+  void on_begin_step() override {
+    half_copies_.clear();  // first: the copies hold their tensors' arena regions
+    arena_.begin_step();
+  }
   void on_capture_begin() override { graphs_.begin(); }
   std::shared_ptr<Graph> on_capture_end() override { return graphs_.end(); }
   void on_replay(const Graph& graph) override { graphs_.replay(graph); }
@@ -117,7 +123,14 @@ class CudaBackend final : public Backend {
     cuda::launch_embedding(ctx(), table, ids, vocab_start, out);
   }
   void run_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
-    cuda::launch_rms_norm(ctx(), x, weight, eps, out);
+    cuda::launch_rms_norm(ctx(), x, weight, eps, out, half_copy_for(out, weight));
+  }
+  // Prefill steps (rows past the GEMV's): a norm's output also in its weight's dtype (f16/bf16, as the model's
+  // matrices are stored), which the matmul that reads it takes instead of casting (HalfCopies, gemm.cuh). Step
+  // memory only (the copies are dropped at the next step). Null otherwise.
+  const Tensor* half_copy_for(const Tensor& out, const Tensor& weight) {
+    if (!in_step() || out.dim(0) <= cuda::Matmul::kGemvMaxTokens || weight.dtype == DType::F32) return nullptr;
+    return &half_copies_.add(out, empty(weight.dtype, out.shape));
   }
   void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
     if (x.dim(0) == 0 || w.dim(0) == 0) return;
@@ -127,7 +140,9 @@ class CudaBackend final : public Backend {
     }
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
-      matmul_->run(x.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), x.dim(0), w.dim(0), x.dim(1));
+      const Tensor* x_half = x.dim(0) > cuda::Matmul::kGemvMaxTokens ? half_copies_.find(x, w.dtype) : nullptr;
+      matmul_->run(x.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), x.dim(0), w.dim(0), x.dim(1), false,
+                   x_half ? x_half->buffer->data() : nullptr);
     } catch (const Error& e) {
       throw Error("matmul", std::string(e.what()) + " (x " + to_string(x) + ", w " + to_string(w) + ")");
     }
@@ -152,7 +167,7 @@ class CudaBackend final : public Backend {
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
-    cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed);
+    cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed, half_copy_for(normed, weight));
   }
   void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
                     const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
@@ -160,6 +175,7 @@ class CudaBackend final : public Backend {
     cuda::launch_qkv_rope(ctx(), qkv, positions, inv_freq, k_cache, v_cache, token_seq, kv_block_table, q);
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
+    half_copies_.drop(dst);
     if (dst.nbytes())
       check_cuda(*st_, cudaMemcpyAsync(dst.buffer->data(), src.buffer->data(), dst.nbytes(), cudaMemcpyDeviceToDevice,
                                        st_->stream),
@@ -218,15 +234,19 @@ class CudaBackend final : public Backend {
   void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) override {
     const int64_t T = gate_up.dim(0), N = w.dim(0), K = w.dim(1);
     if (T == 0 || N == 0) return;
-    if (!cuda::Matmul::fuses_silu_mul(T, K, w.dtype)) {  // prefill: the product, then cuBLAS
-      Tensor hidden = empty(DType::F32, {T, K});
+    const bool fused = cuda::Matmul::fuses_silu_mul(T, K, w.dtype);
+    Tensor hidden;  // unfused (prefill): the product first, in w's dtype where cuBLAS reads it (no cast pass)
+    if (!fused) {
+      hidden = empty(T > cuda::Matmul::kGemvMaxTokens ? w.dtype : DType::F32, {T, K});
       cuda::launch_silu_mul(ctx(), gate_up, hidden);
-      run_matmul(hidden, w, out);
-      return;
+      if (hidden.dtype == DType::F32) return run_matmul(hidden, w, out);
     }
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
-      matmul_->run(gate_up.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, true);
+      if (fused)
+        matmul_->run(gate_up.data<float>(), w.buffer->data(), w.dtype, out.data<float>(), T, N, K, true);
+      else
+        matmul_->run(nullptr, w.buffer->data(), w.dtype, out.data<float>(), T, N, K, false, hidden.buffer->data());
     } catch (const Error& e) {
       throw Error("siluMulMatmul", std::string(e.what()) + " (gateUp " + to_string(gate_up) + ", w " + to_string(w) + ")");
     }
@@ -325,6 +345,7 @@ class CudaBackend final : public Backend {
   cuda::Staging staging_;
   cuda::GraphCapture graphs_;
   std::unique_ptr<cuda::Matmul> matmul_;
+  cuda::HalfCopies half_copies_;
 };
 
 }  // namespace

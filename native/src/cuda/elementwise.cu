@@ -14,12 +14,14 @@ __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b
     out[i] = a[i] + b[i];
 }
 
-__global__ void silu_mul_f32(const float* __restrict__ gate_up, float* __restrict__ out, int64_t T, int64_t F) {
+// out in f32, or in f16/bf16 (rounded to nearest) as a prefill GEMM's input (siluMulMatmul).
+template <typename O>
+__global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out, int64_t T, int64_t F) {
   pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * F; i += int64_t{gridDim.x} * blockDim.x) {
     int64_t t = i / F, f = i % F;
     float g = gate_up[t * 2 * F + f], u = gate_up[t * 2 * F + F + f];
-    out[i] = __fmul_rn(g / (1.0f + expf(-g)), u);
+    out[i] = from_f32<O>(__fmul_rn(g / (1.0f + expf(-g)), u));
   }
 }
 
@@ -91,8 +93,9 @@ void launch_add(const Ctx& ctx, const Tensor& a, const Tensor& b, const Tensor& 
 
 void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out) {
   if (out.numel() == 0) return;
-  silu_mul_f32<<<blocks_for(out.numel(), 256), 256, 0, ctx.stream>>>(gate_up.data<float>(), out.data<float>(),
-                                                                      out.dim(0), out.dim(1));
+  WEFT_DISPATCH_FLOAT(out.dtype, O,
+                      silu_mul<O><<<blocks_for(out.numel(), 256), 256, 0, ctx.stream>>>(
+                          gate_up.data<float>(), out.data<O>(), out.dim(0), out.dim(1)));
   check_launch(ctx, "siluMul", {{"gateUp", gate_up}});
 }
 

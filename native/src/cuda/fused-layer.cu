@@ -1,5 +1,6 @@
 // addRmsNorm: one block per row. Rows with H % 4 == 0 and up to 8 float4 per thread (H <= 32768) keep the sum
-// in registers between the two passes; other rows re-read it. Sum of squares in double, as rmsNorm.
+// in registers between the two passes; other rows re-read it. Sum of squares in double, as rmsNorm. When given
+// normed_w, the normed rows are also written there in the weight's dtype (a prefill GEMM's input, gemm.cuh).
 // qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
 // fp32(position * invFreq[j]) and full-precision sincosf, as rope. The k and v rows are found through the KV
 // block table once per block; bad sequence rows, positions and table entries skip the cache write and are
@@ -38,12 +39,20 @@ template <>
 struct Load4<float> {
   __device__ static float4 at(const float* w, int64_t i) { return reinterpret_cast<const float4*>(w)[i]; }
 };
+template <typename W>
+__device__ __forceinline__ void store4(W* p, int64_t i, float4 v) {  // elements 4i .. 4i + 3
+  p[4 * i] = from_f32<W>(v.x);
+  p[4 * i + 1] = from_f32<W>(v.y);
+  p[4 * i + 2] = from_f32<W>(v.z);
+  p[4 * i + 3] = from_f32<W>(v.w);
+}
 
 // kPer float4 per thread, held in registers; blockDim.x * kPer >= H / 4.
 template <typename W, int kPer>
 __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_vec(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
-                     float* __restrict__ sum, float* __restrict__ normed, int64_t H, float eps) {
+                     float* __restrict__ sum, float* __restrict__ normed, W* __restrict__ normed_w, int64_t H,
+                     float eps) {
   pdl_trigger();
   const int64_t n4 = H / 4, row = blockIdx.x * H;
   const float4* x4 = reinterpret_cast<const float4*>(x + row);
@@ -67,8 +76,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
     if (i < n4) {
       float4 w = Load4<W>::at(weight, i);
-      o4[i] = {__fmul_rn(__fmul_rn(s[k].x, inv_rms), w.x), __fmul_rn(__fmul_rn(s[k].y, inv_rms), w.y),
-               __fmul_rn(__fmul_rn(s[k].z, inv_rms), w.z), __fmul_rn(__fmul_rn(s[k].w, inv_rms), w.w)};
+      float4 o = {__fmul_rn(__fmul_rn(s[k].x, inv_rms), w.x), __fmul_rn(__fmul_rn(s[k].y, inv_rms), w.y),
+                  __fmul_rn(__fmul_rn(s[k].z, inv_rms), w.z), __fmul_rn(__fmul_rn(s[k].w, inv_rms), w.w)};
+      o4[i] = o;
+      if (normed_w) store4(normed_w + row, i, o);
     }
   }
 }
@@ -77,7 +88,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename W>
 __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_any(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
-                     float* sum, float* __restrict__ normed, int64_t H, float eps) {
+                     float* sum, float* __restrict__ normed, W* __restrict__ normed_w, int64_t H, float eps) {
   pdl_trigger();
   const int64_t row = blockIdx.x * H;
   double ss = 0;
@@ -87,8 +98,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     ss += static_cast<double>(s) * s;
   }
   float inv_rms = inv_rms_of(block_sum(ss), H, eps);
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x)
-    normed[row + i] = __fmul_rn(__fmul_rn(sum[row + i], inv_rms), to_f32(weight[i]));
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    float o = __fmul_rn(__fmul_rn(sum[row + i], inv_rms), to_f32(weight[i]));
+    normed[row + i] = o;
+    if (normed_w) normed_w[row + i] = from_f32<W>(o);
+  }
 }
 
 // Rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements).
@@ -130,13 +144,13 @@ __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restric
 
 template <typename W>
 void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y, const W* weight, float eps,
-                               const Tensor& sum, const Tensor& normed) {
+                               const Tensor& sum, const Tensor& normed, W* normed_w) {
   const int64_t T = x.dim(0), H = x.dim(1), n4 = H / 4;
   const unsigned blocks = static_cast<unsigned>(T);
   auto vec = [&](auto kernel, int per) {
     int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((n4 + per - 1) / per + 31) / 32 * 32));
     kernel<<<blocks, threads, 0, ctx.stream>>>(x.data<float>(), y.data<float>(), weight, sum.data<float>(),
-                                               normed.data<float>(), H, eps);
+                                               normed.data<float>(), normed_w, H, eps);
   };
   const bool aligned = H % 4 == 0;  // tensors start 256-byte aligned (arena and cudaMallocAsync)
   if (aligned && n4 <= kMaxThreads)
@@ -149,17 +163,20 @@ void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y,
     vec(add_rms_norm_vec<W, 8>, 8);
   else
     add_rms_norm_any<W><<<blocks, kMaxThreads, 0, ctx.stream>>>(x.data<float>(), y.data<float>(), weight,
-                                                                sum.data<float>(), normed.data<float>(), H, eps);
+                                                                sum.data<float>(), normed.data<float>(), normed_w,
+                                                                H, eps);
 }
 
 }  // namespace
 
 void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const Tensor& weight, float eps,
-                         const Tensor& sum, const Tensor& normed) {
+                         const Tensor& sum, const Tensor& normed, const Tensor* normed_w) {
   if (x.numel() == 0) return;
+  WEFT_CHECK(!normed_w || (normed_w->dtype == weight.dtype && normed_w->shape == normed.shape), "addRmsNorm",
+             "the copy of the normed rows must have their shape and the weight's dtype, ", dtype_name(weight.dtype));
   WEFT_DISPATCH_FLOAT(weight.dtype, W,
                       launch_add_rms_norm_typed<W>(ctx, x, y, static_cast<const W*>(weight.buffer->data()), eps, sum,
-                                                   normed));
+                                                   normed, normed_w ? normed_w->data<W>() : nullptr));
   check_launch(ctx, "addRmsNorm", {{"x", x}, {"y", y}, {"weight", weight}});
 }
 

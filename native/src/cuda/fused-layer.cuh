@@ -9,8 +9,9 @@
 
 namespace weft::cuda {
 
+// normed_w (optional, [T, H] in weight's dtype): the normed rows also written there, rounded to nearest.
 void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const Tensor& weight, float eps,
-                         const Tensor& sum, const Tensor& normed);
+                         const Tensor& sum, const Tensor& normed, const Tensor* normed_w = nullptr);
 // caches [nBlocks, nKv, B, hd], token_seq [T], kv_block_table [S, maxBlocksPerSeq] (kv-block-table.h).
 void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,
                      const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,

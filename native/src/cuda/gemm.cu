@@ -6,8 +6,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <type_traits>
 
+#include "cuda/common.cuh"  // from_f32
 #include "error.h"
 
 namespace weft::cuda {
@@ -19,10 +19,8 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 template <typename WT>
 __global__ void cast_kernel(const float* __restrict__ x, WT* __restrict__ dst, size_t n) {
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    if constexpr (sizeof(WT) == 2 && std::is_same_v<WT, __half>) dst[i] = __float2half_rn(x[i]);
-    else dst[i] = __float2bfloat16_rn(x[i]);
-  }
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
+    dst[i] = from_f32<WT>(x[i]);
 }
 
 }  // namespace
@@ -52,16 +50,25 @@ void Gemm::ensure_cublas() {
   check_cublas(a.set_stream(handle_, stream_), "cublasSetStream");
 }
 
-void Gemm::run(const float* x, const void* w, DType dt, float* y, int T, int N, int K) {
+void Gemm::run(const float* x, const void* x_half, const void* w, DType dt, float* y, int T, int N, int K) {
   ensure_cublas();
   const cublas::Api& a = cublas::api();
   const float alpha = 1.f, beta = 0.f;
   if (dt == DType::F32) {
+    WEFT_CHECK(!x_half, "matmul", "x in a 16-bit dtype cannot meet f32 weights");
     check_cublas(a.gemm_ex(handle_, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, CUDA_R_32F, K, x, CUDA_R_32F, K,
                            &beta, y, CUDA_R_32F, N, cublas::COMPUTE_32F_PEDANTIC, cublas::GEMM_DEFAULT),
                  "cublasGemmEx");
     return;
   }
+  const cudaDataType type = dt == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  if (!x_half) x_half = cast(x, dt, T, K);
+  check_cublas(a.gemm_ex(handle_, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, type, K, x_half, type, K, &beta, y,
+                         CUDA_R_32F, N, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT),
+               "cublasGemmEx");
+}
+
+const void* Gemm::cast(const float* x, DType dt, int T, int K) {
   const size_t n = static_cast<size_t>(T) * K;
   const size_t need = n * 2;
   if (need > cast_bytes_) {
@@ -77,18 +84,12 @@ void Gemm::run(const float* x, const void* w, DType dt, float* y, int T, int N, 
     cast_bytes_ = need;
   }
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, static_cast<size_t>(sms_) * 8));
-  cudaDataType type;
-  if (dt == DType::BF16) {
+  if (dt == DType::BF16)
     cast_kernel<<<blocks, 256, 0, stream_>>>(x, static_cast<__nv_bfloat16*>(cast_buf_), n);
-    type = CUDA_R_16BF;
-  } else {
+  else
     cast_kernel<<<blocks, 256, 0, stream_>>>(x, static_cast<__half*>(cast_buf_), n);
-    type = CUDA_R_16F;
-  }
   check_cuda(st_, cudaGetLastError(), "matmul");
-  check_cublas(a.gemm_ex(handle_, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, type, K, cast_buf_, type, K, &beta,
-                         y, CUDA_R_32F, N, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT),
-               "cublasGemmEx");
+  return cast_buf_;
 }
 
 }  // namespace weft::cuda

@@ -1,12 +1,16 @@
 // weft::cuda::Gemm: y [T, N] f32 = x [T, K] f32 @ w [N, K]^T for prefill (T > 8) through cuBLAS, loaded at run
 // time (cublas-loader.h). Not capturable when it must grow its cast buffer. Throws weft::Error.
+// weft::cuda::HalfCopies: prefill GEMM inputs that their producer also wrote in the weight dtype (no cast).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <memory>
+#include <unordered_map>
+
 #include "cuda/cublas-loader.h"
 #include "cuda/device.h"
-#include "tensor.h"  // weft::DType
+#include "tensor.h"  // weft::DType, weft::Tensor
 
 namespace weft::cuda {
 
@@ -16,12 +20,14 @@ class Gemm {  // one per engine; owns the cuBLAS handle, its workspace and the c
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
-  // bf16/f16 weights: x is cast to the weight dtype, then a tensor-core GEMM with fp32 output and compute;
-  // f32 weights: a full-fp32 GEMM (pedantic, no TF32).
-  void run(const float* x, const void* w, DType w_dtype, float* y, int T, int N, int K);
+  // bf16/f16 weights: x is cast to the weight dtype (unless x_half, x already in it, is given), then a
+  // tensor-core GEMM with fp32 output and compute; f32 weights: a full-fp32 GEMM (pedantic, no TF32; x_half null).
+  void run(const float* x, const void* x_half, const void* w, DType w_dtype, float* y, int T, int N, int K);
 
  private:
   void ensure_cublas();
+  // x [T, K] f32 cast to dt (bf16/f16) into the cast buffer, grown first if needed (a sync; refused while capturing).
+  const void* cast(const float* x, DType dt, int T, int K);
   // A failed cuBLAS call: through fail_cuda when the CUDA context is gone, else "matmul: <call> failed: <status>".
   void check_cublas(cublas::Status status, const char* call);
 
@@ -32,6 +38,33 @@ class Gemm {  // one per engine; owns the cuBLAS handle, its workspace and the c
   void* workspace_ = nullptr;
   void* cast_buf_ = nullptr;  // x cast to bf16/f16
   size_t cast_bytes_ = 0;
+};
+
+// Prefill matmul inputs in the weight dtype, written by the kernel that writes the f32 tensor (the norms) so
+// that the matmul reading it skips the cast pass: an f32 write, an f32 read and a launch fewer per input.
+// Same bytes as the cast (round to nearest), so the same products. Keyed by the f32 tensor's buffer, held
+// until the next step (step memory is not reused before); an in-place write to that buffer drops its copy.
+class HalfCopies {
+ public:
+  const Tensor& add(const Tensor& x, Tensor half) {
+    Entry& entry = entries_[x.buffer.get()];
+    entry = Entry{x.buffer, std::move(half)};
+    return entry.half;
+  }
+  // x's copy in `dtype`, or null.
+  const Tensor* find(const Tensor& x, DType dtype) const {
+    auto it = entries_.find(x.buffer.get());
+    return it != entries_.end() && it->second.half.dtype == dtype ? &it->second.half : nullptr;
+  }
+  void drop(const Tensor& x) { entries_.erase(x.buffer.get()); }
+  void clear() { entries_.clear(); }
+
+ private:
+  struct Entry {
+    std::shared_ptr<Buffer> x;  // keeps the key's address from being reused while the entry lives
+    Tensor half;                // x [T, K] f16|bf16
+  };
+  std::unordered_map<const Buffer*, Entry> entries_;
 };
 
 }  // namespace weft::cuda

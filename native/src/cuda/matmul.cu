@@ -5,7 +5,8 @@
 
 namespace weft::cuda {
 
-void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated) {
+void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated,
+                 const void* x_half) {
   WEFT_CHECK(!gated || fuses_silu_mul(T, K, w_dtype), "matmul", "the fused siluMul GEMV takes 1..", kGemvMaxTokens,
              " tokens and K a multiple of the weight vector, not T = ", T, ", K = ", K);
   WEFT_CHECK(w_dtype == DType::F32 || w_dtype == DType::F16 || w_dtype == DType::BF16, "matmul",
@@ -17,9 +18,10 @@ void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t
     check_cuda(st_, cudaMemsetAsync(y, 0, static_cast<size_t>(T) * N * sizeof(float), stream_), "matmul");
     return;
   }
+  WEFT_CHECK(x || (x_half && T > kGemvMaxTokens), "matmul", "x [", T, ", ", K, "] is missing in f32 (the GEMV reads it)");
   const int t = static_cast<int>(T), n = static_cast<int>(N), k = static_cast<int>(K);
   if (T <= kGemvMaxTokens) gemv_.run(x, w, w_dtype, y, t, n, k, gated);
-  else gemm_.run(x, w, w_dtype, y, t, n, k);
+  else gemm_.run(x, x_half, w, w_dtype, y, t, n, k);
 }
 
 }  // namespace weft::cuda

@@ -20,8 +20,10 @@ class Matmul {  // one per engine
   explicit Matmul(const Ctx& ctx) : gemv_(ctx.st, ctx.stream), gemm_(ctx.st, ctx.stream), stream_(ctx.stream), st_(ctx.st) {}
   // y [T, N] f32 = x [T, K] f32 @ w [N, K]^T. Capturable in a CUDA graph for T <= 8 (no allocation, no sync on
   // that path). Throws weft::Error on failure. gated: x is [T, 2K] ([gate | up] rows) and the product reads
-  // silu(gate) * up as it loads x (siluMulMatmul); only where fuses_silu_mul() says so.
-  void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated = false);
+  // silu(gate) * up as it loads x (siluMulMatmul); only where fuses_silu_mul() says so. x_half: x [T, K] already
+  // in w's dtype (f16/bf16), which the GEMM (T > 8) reads instead of casting x (x may then be null).
+  void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated = false,
+           const void* x_half = nullptr);
   static bool fuses_silu_mul(int64_t T, int64_t K, DType w_dtype) { return Gemv::fuses_silu_mul(T, K, w_dtype); }
   // The expert GEMV (Gemv::run_experts), T <= 8 tokens. Capturable.
   void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,

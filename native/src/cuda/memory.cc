@@ -55,6 +55,7 @@ class ArenaBuffer final : public Buffer {
               std::shared_ptr<GraphRegion> region)
       : Buffer(bytes, step), ptr_(ptr), arena_(std::move(arena)), region_(std::move(region)) {}
   void* data() const override { return ptr_; }
+  bool freed_on_release() const override { return false; }
 
  private:
   void* ptr_;
