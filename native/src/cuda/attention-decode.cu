@@ -56,6 +56,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
                              const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part, float scale,
                              float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status) {
   pdl_trigger();
+  pdl_wait();
   const int n_kv = static_cast<int>(kv.n_kv);
   int c = blockIdx.x, t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
   int seq = token_seq[t], pos = positions[t];
@@ -173,6 +174,7 @@ __global__ void attention_decode_merge(KvBlockTable kv, const int32_t* __restric
                                        const float* __restrict__ part_out, const float* __restrict__ part_ml,
                                        float* __restrict__ out) {
   pdl_trigger();
+  pdl_wait();
   int th = blockIdx.x, t = th / nH;
   int seq = token_seq[t], pos = positions[t];
   float* o = out + size_t(th) * hd;
@@ -217,9 +219,9 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv));
   auto partial = [&](auto kernel, const auto* k, const auto* v) {
-    kernel<<<grid, kDecodeThreads, plan.smem, ctx.stream>>>(q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
-                                                            positions.data<int32_t>(), int(n_heads), int(hd), plan.P,
-                                                            plan.n_part, scale, part_out, part_ml, ctx.status);
+    launch_pdl(ctx, kernel, grid, kDecodeThreads, plan.smem, q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
+               positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, scale, part_out, part_ml,
+               ctx.status);
   };
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
     const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
@@ -229,7 +231,7 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
       partial(attention_decode_partial<KV, 1>, k, v);
   });
   check_launch(ctx, "attention", args);
-  attention_decode_merge<<<static_cast<unsigned>(T * n_heads), 128, 0, ctx.stream>>>(
+  launch_pdl(ctx, attention_decode_merge, static_cast<unsigned>(T * n_heads), 128, 0,
       kv, token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part,
       part_out, part_ml, out.data<float>());
   check_launch(ctx, "attention", args);

@@ -54,6 +54,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                      float* __restrict__ sum, float* __restrict__ normed, W* __restrict__ normed_w, int64_t H,
                      float eps) {
   pdl_trigger();
+  pdl_wait();
   const int64_t n4 = H / 4, row = blockIdx.x * H;
   const float4* x4 = reinterpret_cast<const float4*>(x + row);
   const float4* y4 = reinterpret_cast<const float4*>(y + row);
@@ -90,6 +91,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_any(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
                      float* sum, float* __restrict__ normed, W* __restrict__ normed_w, int64_t H, float eps) {
   pdl_trigger();
+  pdl_wait();
   const int64_t row = blockIdx.x * H;
   double ss = 0;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
@@ -123,6 +125,8 @@ __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restric
                          const float* __restrict__ inv_freq, KV* __restrict__ k_cache, KV* __restrict__ v_cache,
                          KvBlockTable kv, const int32_t* __restrict__ token_seq, float* __restrict__ q,
                          int64_t n_heads, int64_t hd, DeviceStatus* status) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
   const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
   const int32_t pos = positions[t];
@@ -149,8 +153,8 @@ void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y,
   const unsigned blocks = static_cast<unsigned>(T);
   auto vec = [&](auto kernel, int per) {
     int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((n4 + per - 1) / per + 31) / 32 * 32));
-    kernel<<<blocks, threads, 0, ctx.stream>>>(x.data<float>(), y.data<float>(), weight, sum.data<float>(),
-                                               normed.data<float>(), normed_w, H, eps);
+    launch_pdl(ctx, kernel, blocks, threads, 0, x.data<float>(), y.data<float>(), weight, sum.data<float>(),
+               normed.data<float>(), normed_w, H, eps);
   };
   const bool aligned = H % 4 == 0;  // tensors start 256-byte aligned (arena and cudaMallocAsync)
   if (aligned && n4 <= kMaxThreads)
@@ -162,9 +166,8 @@ void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y,
   else if (aligned && n4 <= 8 * kMaxThreads)
     vec(add_rms_norm_vec<W, 8>, 8);
   else
-    add_rms_norm_any<W><<<blocks, kMaxThreads, 0, ctx.stream>>>(x.data<float>(), y.data<float>(), weight,
-                                                                sum.data<float>(), normed.data<float>(), normed_w,
-                                                                H, eps);
+    launch_pdl(ctx, add_rms_norm_any<W>, blocks, kMaxThreads, 0, x.data<float>(), y.data<float>(), weight,
+               sum.data<float>(), normed.data<float>(), normed_w, H, eps);
 }
 
 }  // namespace
@@ -188,7 +191,7 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv));
   const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
   WEFT_DISPATCH_KV(k_cache.dtype, KV,
-                   qkv_rope<KV><<<grid, threads, 0, ctx.stream>>>(
+                   launch_pdl(ctx, qkv_rope<KV>, grid, threads, 0,
                        qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(), k_cache.data<KV>(),
                        v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
                        q.data<float>(), n_heads, hd, ctx.status));

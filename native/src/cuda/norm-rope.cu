@@ -17,6 +17,7 @@ template <typename W>
 __global__ void rms_norm(const float* __restrict__ x, const W* __restrict__ weight, float* __restrict__ out,
                          W* __restrict__ out_w, int64_t H, float eps) {
   pdl_trigger();
+  pdl_wait();
   const float* xr = x + blockIdx.x * H;
   double sum = 0;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
@@ -74,7 +75,7 @@ void launch_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& weight, floa
   WEFT_CHECK(!out_w || (out_w->dtype == weight.dtype && out_w->shape == out.shape), "rmsNorm",
              "the copy of the rows must have their shape and the weight's dtype, ", dtype_name(weight.dtype));
   WEFT_DISPATCH_FLOAT(weight.dtype, W,
-                      rms_norm<W><<<static_cast<unsigned>(x.dim(0)), kNormThreads, 0, ctx.stream>>>(
+                      launch_pdl(ctx, rms_norm<W>, static_cast<unsigned>(x.dim(0)), kNormThreads, 0,
                           x.data<float>(), static_cast<const W*>(weight.buffer->data()), out.data<float>(),
                           out_w ? out_w->data<W>() : nullptr, x.dim(1), eps));
   check_launch(ctx, "rmsNorm", {{"x", x}, {"weight", weight}});
