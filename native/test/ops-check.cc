@@ -796,7 +796,10 @@ void check_graph(Rng& rng, bool fused, int64_t B, DType kv = DType::F32) {
       cpu->write(cin[1], table.data(), table.size() * 4);
       cpu->write(cin[2], pos.data(), T * 4);
       auto want = down(*cpu, forward(*cpu, cin, caches.kc, caches.vc));
-      compare("graph replay", sh + " step " + std::to_string(step), got, want, 1e-4);
+      // bf16 caches: a key the GPU rotates from a differently summed q/k/v product can round to the neighbouring
+      // bf16 value (the kCache check below allows one bf16 step, 2^-7), and the attention output inherits that
+      // step through its scores: the same one-step bound, not f32's 1e-4.
+      compare("graph replay", sh + " step " + std::to_string(step), got, want, kv == DType::BF16 ? 1.0 / 128 : 1e-4);
     }
     compare("graph kCache", sh, down(*gpu, caches.kg), down(*cpu, caches.kc), kv == DType::BF16 ? 1.0 / 128 : 1e-5);
   } catch (const std::exception& e) {
