@@ -1,9 +1,10 @@
 /**
- * The pm2 ecosystem of one weft cluster (ecosystem.md 4.1): a coordinator (`weft serve --workers external`)
- * reached over an ipc:// socket in the cluster's private socket directory, and one worker app per rank, each pinned to its GPU with CUDA_VISIBLE_DEVICES, in fork mode, with its own log
- * files and a restart policy. One `namespace` per cluster, so deleting the namespace stops exactly this cluster.
- * Every process's argv is written from its options by config.ts (argvFor), the flags they were declared with.
- * Pure: builds the object; launch.ts writes and starts it.
+ * The pm2 ecosystem of one weft cluster (ecosystem.md 4.1): a coordinator (`weft serve --workers external`),
+ * reached over an ipc:// socket in the cluster's private socket directory, and one worker app per rank, each
+ * pinned to its GPU with CUDA_VISIBLE_DEVICES, in fork mode, with its own log files and a restart policy. One
+ * `namespace` per cluster, so deleting the namespace stops exactly this cluster. Every process's argv is
+ * written from its options by config.ts (argvFor), the flags they were declared with. Pure: builds the object;
+ * launch.ts writes and starts it.
  */
 import { join } from 'node:path';
 import { EXIT_CONFIG, WeftError } from '../core/errors.ts';

@@ -74,8 +74,8 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
   const rpcPort = config.rpcPort || (await freePort());
   const httpPort = config.httpPort || (await freePort());
   // the workers reach the coordinator over ipc:// in a fresh private directory (a fixed --worker-port: tcp:// on loopback)
-  const socketDir = config.workerPort ? null : makeSocketDir();
-  const workerPort = config.workerPort || undefined;
+  const { workerPort } = config;
+  const socketDir = workerPort ? null : makeSocketDir();
   const { device, host, kvSlots, maxContext, maxQueue, threads, allowedHosts, corsOrigins } = config;
   const ecosystem = buildEcosystem({
     name,
