@@ -61,6 +61,10 @@ export interface ClusterOptions {
   /** Host and port of the socket workers connect to (port 0: a free one). */
   readonly workerHost?: string;
   readonly workerPort?: number;
+  /** Directory (mode 0700) of the workers' ipc:// socket, used on loopback with no fixed port; default: a fresh one, removed on close. */
+  readonly workerSocketDir?: string;
+  /** Directory of the worker socket's CURVE keys (made when missing); required when workerHost is not loopback. */
+  readonly workerCurveDir?: string;
   /** Shared secret (16 characters or more) external workers prove in their handshake; required with external workers. Spawned workers get a random one. */
   readonly workerSecret?: string;
   /** Re-form the worker group after a fault instead of failing for good. */
@@ -226,6 +230,8 @@ export class Cluster {
       spawnLocal: options.workers === 'spawn',
       bindHost: options.workerHost,
       port: options.workerPort,
+      ...(options.workerSocketDir !== undefined && { socketDir: options.workerSocketDir }),
+      ...(options.workerCurveDir !== undefined && { curveDir: options.workerCurveDir }),
       ...(options.workerSecret !== undefined && { secret: options.workerSecret }),
       heartbeatTimeoutMs: options.heartbeatTimeoutMs,
       joinTimeoutMs: options.joinTimeoutMs,

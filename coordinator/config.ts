@@ -4,11 +4,12 @@
  * an option given in code), applies the defaults and returns a frozen object. It also writes values back: the
  * argv of a worker or coordinator process, and the environment a spawned worker gets.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { WeftError } from '../core/errors.ts';
 import { OPTIONS, type CommandName, type Context, type OptionDeclaration } from './config/options.ts';
 import { InvalidValue, type ValueType } from './config/values.ts';
+import { parseWorkerCurveKeys, type WorkerCurveKeys } from '../core/transport.ts';
 
 export { OPTIONS, type CommandName, type Context } from './config/options.ts';
 
@@ -30,6 +31,8 @@ export const WEFT_BIN = fileURLToPath(new URL('../bin/weft.js', import.meta.url)
 export const WORKER_ENTRY = new URL('../worker/main.ts', import.meta.url).href;
 /** The variable a spawned worker reads its secret from (never argv, where `ps` shows it). */
 export const WORKER_SECRET_ENV = OPTIONS.workerSecret.env;
+/** The variable a spawned worker reads its CURVE keys from (JSON: the coordinator's public key, the workers' pair). */
+export const WORKER_CURVE_ENV = OPTIONS.workerCurve.env;
 /** Set for every process that may use NCCL: NVLink multicast (NVLS) stays off in weft. */
 export const NCCL_ENVIRONMENT: Readonly<Record<string, string>> = Object.freeze({ NCCL_NVLS_ENABLE: '0' });
 
@@ -70,7 +73,7 @@ export function describeDefault(decl: Declaration, context?: Context): string | 
 /** Checks that involve more than one option, by where they apply. */
 const CROSS_CHECKS: readonly { readonly uses: readonly Context[]; problem(c: Record<string, unknown>): string | null }[] = [
   { uses: ['generate'], problem: (c) => (c.prompt === undefined && c.promptIds === undefined ? 'give --prompt or --prompt-ids' : null) },
-  { uses: ['serve'], problem: (c) => (c.workers === 'external' && !c.workerPort ? '--workers external needs a fixed --worker-port' : null) },
+  { uses: ['serve'], problem: (c) => (c.workers === 'external' && !c.workerPort && c.workerSocketDir === undefined ? '--workers external needs a fixed --worker-port or --worker-socket-dir' : null) },
   { uses: ['worker'], problem: (c) => ((c.rank as number) >= (c.world as number) ? `--rank ${c.rank} must be below --world ${c.world}` : null) },
   {
     uses: ['generate', 'score', 'serve', 'cluster'],
@@ -119,14 +122,22 @@ function resolve(context: Context, read: (key: OptionKey, decl: Declaration) => 
 /** The raw values commander parsed, by option key: strings, or `true` for a switch that was given. */
 export type CommandLineValues = Readonly<Partial<Record<OptionKey, string | true>>>;
 
+/** Options whose value a file flag gives instead (read here): the file wins over the option's variable. */
+const FROM_FILE: Partial<Record<OptionKey, { readonly key: OptionKey; readonly flag: string; readonly privateFile: boolean }>> = {
+  workerSecret: { key: 'workerSecretFile', flag: OPTIONS.workerSecretFile.flag, privateFile: false },
+  workerCurve: { key: 'workerCurveFile', flag: OPTIONS.workerCurveFile.flag, privateFile: true },
+};
+
 /**
  * A command's configuration from its flags and the environment: a flag wins over its variable, and a variable
- * over the default. `--worker-secret-file` wins over WEFT_WORKER_SECRET and is read here.
+ * over the default. `--worker-secret-file` wins over WEFT_WORKER_SECRET and `--worker-curve-file` over
+ * WEFT_WORKER_CURVE; both are read here.
  */
 export function commandConfig<C extends CommandName>(command: C, flags: CommandLineValues, env: NodeJS.ProcessEnv = process.env): ConfigOf<C> {
-  const secretFile = flags.workerSecretFile;
   return resolve(command, (key, decl) => {
-    if (key === 'workerSecret' && typeof secretFile === 'string') return { value: readSecretFile(secretFile), from: `the file ${secretFile}`, isText: true };
+    const fromFile = FROM_FILE[key];
+    const file = fromFile && flags[fromFile.key];
+    if (fromFile && typeof file === 'string') return { value: readOptionFile(file, fromFile.flag, fromFile.privateFile), from: `the file ${file}`, isText: true };
     const flagged = flags[key];
     if (decl.flag !== undefined && flagged !== undefined) return flagged === true ? { value: true, from: decl.flag, isText: false } : { value: flagged, from: decl.flag, isText: true };
     const variable = decl.env === undefined ? undefined : env[decl.env];
@@ -134,12 +145,17 @@ export function commandConfig<C extends CommandName>(command: C, flags: CommandL
   }) as ConfigOf<C>;
 }
 
-function readSecretFile(path: string): string {
+/** A file option's text; a private one (keys) must not be readable by other users. */
+function readOptionFile(path: string, flagName: string, privateFile: boolean): string {
+  let text: string;
   try {
-    return readFileSync(path, 'utf8').trim();
+    text = readFileSync(path, 'utf8').trim();
   } catch (err) {
-    throw new WeftError('WEFT_BAD_REQUEST', `cannot read --worker-secret-file ${path}: ${(err as Error).message}`);
+    throw new WeftError('WEFT_BAD_REQUEST', `cannot read ${flagName} ${path}: ${(err as Error).message}`);
   }
+  const mode = statSync(path).mode & 0o777;
+  if (privateFile && (mode & 0o077) !== 0) throw new WeftError('WEFT_BAD_CONFIG', `${flagName} ${path} has mode ${mode.toString(8)}: other users can read its keys; chmod 600 it`);
+  return text;
 }
 
 /** Options given in code (startCluster, serve()), each checked against its declaration; the environment is not read. */
@@ -213,9 +229,15 @@ export function useNcclEnvironment(): void {
   Object.assign(process.env, NCCL_ENVIRONMENT);
 }
 
-/** The environment of a spawned worker: this process's, NVLS off, and the group's secret (never on argv). */
-export function workerEnvironment(secret: string | null): NodeJS.ProcessEnv {
-  return { ...process.env, ...NCCL_ENVIRONMENT, ...(secret !== null && { [WORKER_SECRET_ENV]: secret }) };
+/** The environment of a spawned worker: this process's, NVLS off, the group's secret and CURVE keys (never on argv). */
+export function workerEnvironment(secret: string | null, curve?: WorkerCurveKeys): NodeJS.ProcessEnv {
+  return {
+    ...process.env,
+    ...NCCL_ENVIRONMENT,
+    ...(secret !== null && { [WORKER_SECRET_ENV]: secret }),
+    // undefined: a variable this process has is not passed on (spawn leaves it out)
+    [WORKER_CURVE_ENV]: curve !== undefined ? JSON.stringify(curve) : undefined,
+  };
 }
 
 /** What `weft worker` hands the worker entry's runWorker (worker/main.ts WorkerOptions, checked in a test). */
@@ -227,10 +249,16 @@ export interface WorkerStart {
   readonly collectiveHost: string;
   readonly coordinatorTimeoutMs: number;
   readonly secret?: string;
+  readonly curve?: WorkerCurveKeys;
   readonly ncclLibrary: string;
 }
 
 export function workerStartOf(config: ConfigOf<'worker'>): WorkerStart {
-  const { coordinator, rank, world, collectiveHost, coordinatorTimeoutMs, ncclLibrary, parentPid, workerSecret } = config;
-  return { coordinator, rank, world, collectiveHost, coordinatorTimeoutMs, ncclLibrary, ...(parentPid !== undefined && { parentPid }), ...(workerSecret !== undefined && { secret: workerSecret }) };
+  const { coordinator, rank, world, collectiveHost, coordinatorTimeoutMs, ncclLibrary, parentPid, workerSecret, workerCurve } = config;
+  return {
+    coordinator, rank, world, collectiveHost, coordinatorTimeoutMs, ncclLibrary,
+    ...(parentPid !== undefined && { parentPid }),
+    ...(workerSecret !== undefined && { secret: workerSecret }),
+    ...(workerCurve !== undefined && { curve: parseWorkerCurveKeys(workerCurve, `the worker's CURVE keys (--worker-curve-file or ${WORKER_CURVE_ENV})`) }),
+  };
 }

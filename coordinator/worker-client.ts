@@ -7,27 +7,34 @@
  * rank that proved itself) fails the client: every pending and later request rejects with an error naming the
  * rank, until the group re-forms and calls `reset`.
  *
- * Every message is authenticated (coordinator/worker-peers.ts): a rank is its connection that proved the group
- * secret, never a routing id; commands (step batches among them) go only to such a connection. A second proven
- * connection for a rank whose process is alive is refused and logged. Silence is measured on a clock that stops
+ * The socket is ipc:// in a private directory for workers on this host, tcp:// with CURVE across hosts
+ * (coordinator/worker-transport.ts), so what crosses it is confidential. Every message is authenticated
+ * (coordinator/worker-peers.ts): a rank is its connection that proved the group secret, never a routing id;
+ * commands (step batches among them) go only to such a connection. A second proven connection for a rank whose
+ * process is alive is refused and logged. Silence is measured on a clock that stops
  * while this process's event loop stalls (core/loop-clock.ts), so a stall here is never blamed on a worker.
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
-import * as zmq from 'zeromq';
+import type * as zmq from 'zeromq';
 import { PROTOCOL_VERSION } from '../core/wire.ts';
 import { WeftError, type WeftErrorCode } from '../core/errors.ts';
 import { requireSecret } from '../core/frame-auth.ts';
 import { ResponsiveClock } from '../core/loop-clock.ts';
 import type { Command, CommandBody, CommandResult, CoordinatorMessage, WorkerMessage } from '../core/worker-protocol.ts';
 import { WorkerPeers, type ProvenConnection } from './worker-peers.ts';
+import { bindWorkerSocket, type GroupCurveKeys } from './worker-transport.ts';
 
 export interface WorkerClientOptions {
   readonly world: number;
-  /** host the ROUTER binds */
+  /** host the ROUTER binds (loopback with port 0: an ipc:// socket, coordinator/worker-transport.ts) */
   readonly bindHost: string;
-  /** port the ROUTER binds; 0 picks a free one */
+  /** port the ROUTER binds; 0 picks a free one (or ipc:// on loopback) */
   readonly port: number;
+  /** the directory of the ipc:// socket; default: a fresh one of mode 0700, removed on close */
+  readonly socketDir?: string;
+  /** the group's CURVE keys: required when bindHost is not loopback */
+  readonly curve?: GroupCurveKeys;
   /** a rank silent this long is declared dead */
   readonly heartbeatTimeoutMs: number;
   /** the group's shared secret, which every worker proves on connecting and every message is authenticated with */
@@ -104,6 +111,8 @@ export class WorkerClient {
     private readonly router: zmq.Router,
     /** where the workers connect */
     readonly endpoint: string,
+    /** removes the socket's file and directory once the router closed */
+    private readonly release: () => void,
   ) {
     this.peers = new WorkerPeers(router, options.world, options.secret, options.label);
     this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
@@ -113,10 +122,8 @@ export class WorkerClient {
 
   static async bind(options: WorkerClientOptions): Promise<WorkerClient> {
     requireSecret(options.secret, `the ${options.label} group`); // before anything is bound
-    // no handover: a connection that asks for a routing id already in use is ignored, never given the other's messages
-    const router = new zmq.Router({ mandatory: true, linger: 0, maxMessageSize: 64 << 20, sendTimeout: 5000 });
-    await router.bind(`tcp://${options.bindHost}:${options.port || '*'}`);
-    return new WorkerClient(options, router, router.lastEndpoint ?? '');
+    const { router, endpoint, release } = await bindWorkerSocket(options);
+    return new WorkerClient(options, router, endpoint, release);
   }
 
   /** Wait until every rank has said hello (rejects on a fault or after `timeoutMs`). */
@@ -343,5 +350,6 @@ export class WorkerClient {
     await this.shutdownAll();
     await drain();
     this.router.close();
+    this.release();
   }
 }

@@ -14,6 +14,7 @@ import { requireSecret } from '../core/frame-auth.ts';
 import type { Command, CommandBody, CommandResult, InitCommand, StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { WorkerClient, alive, type RankStatus } from './worker-client.ts';
 import { WEFT_BIN, argvFor, processEnvironment, workerEnvironment } from './config.ts';
+import { readWorkerCurveDir, type GroupCurveKeys } from './worker-transport.ts';
 
 export type { RankStatus } from './worker-client.ts';
 
@@ -23,8 +24,15 @@ export interface WorkerGroupOptions {
   readonly spawnLocal: boolean;
   /** host the ROUTER binds. Defaults to 127.0.0.1. */
   readonly bindHost?: string;
-  /** port the ROUTER binds; 0 picks a free one. Defaults to 0. */
+  /** port the ROUTER binds; 0 picks a free one (on loopback: no port, an ipc:// socket). Defaults to 0. */
   readonly port?: number;
+  /** directory of the ipc:// socket (made, mode 0700, when missing). Defaults to a fresh one, removed on close. */
+  readonly socketDir?: string;
+  /**
+   * Directory of the group's CURVE keys (coordinator/worker-transport.ts; made when empty): required when bindHost
+   * is not loopback. Spawned workers get their keys in WEFT_WORKER_CURVE.
+   */
+  readonly curveDir?: string;
   /** a rank silent this long is declared dead. Defaults to 30000 ms. */
   readonly heartbeatTimeoutMs?: number;
   /** all ranks must have said hello within this. Defaults to 60000 ms. */
@@ -60,6 +68,7 @@ export class WorkerGroup {
   private readonly spawned: (SpawnedRank | null)[];
   private readonly label: string;
   private readonly secret: string;
+  private readonly curve: GroupCurveKeys | undefined;
   private closing = false;
   /** children this group stopped on purpose (re-forming): their exit is not a fault */
   private readonly stopped = new WeakSet<ChildProcess>();
@@ -70,6 +79,7 @@ export class WorkerGroup {
     this.label = options.label ?? 'worker';
     const secret = options.secret ?? (options.spawnLocal ? randomBytes(24).toString('hex') : undefined);
     this.secret = requireSecret(secret, `the ${this.label} group`);
+    this.curve = options.curveDir !== undefined ? readWorkerCurveDir(options.curveDir) : undefined;
   }
 
   /** Bind the socket and spawn the local ranks; `join()` waits for their hello. */
@@ -79,6 +89,8 @@ export class WorkerGroup {
       world: options.world,
       bindHost: options.bindHost ?? '127.0.0.1',
       port: options.port ?? 0,
+      ...(options.socketDir !== undefined && { socketDir: options.socketDir }),
+      ...(group.curve && { curve: group.curve }),
       heartbeatTimeoutMs: options.heartbeatTimeoutMs ?? 30_000,
       secret: group.secret,
       label: group.label,
@@ -108,7 +120,7 @@ export class WorkerGroup {
     const args = [WEFT_BIN, ...argvFor('worker', { coordinator: this.endpoint, rank, world: this.options.world, parentPid: process.pid })];
     const child = spawn(process.execPath, args, {
       stdio: ['ignore', 'ignore', 'pipe'],
-      env: workerEnvironment(this.secret),
+      env: workerEnvironment(this.secret, this.curve?.worker),
     });
     const spawned: SpawnedRank = { child, stderrTail: [] };
     this.spawned[rank] = spawned;

@@ -1,13 +1,15 @@
 /**
- * The pm2 ecosystem of one weft cluster (ecosystem.md 4.1): a coordinator (`weft serve --workers external`)
- * and one worker app per rank, each pinned to its GPU with CUDA_VISIBLE_DEVICES, in fork mode, with its own log
- * files and a restart policy. One `namespace` per cluster, so deleting the namespace stops exactly this cluster.
- * Every process's argv is written from its options by config.ts (argvFor), the flags they were declared with.
- * Pure: builds the object; launch.ts writes and starts it.
+ * The pm2 ecosystem of one weft cluster (ecosystem.md 4.1): a coordinator (`weft serve --workers external`),
+ * reached over an ipc:// socket in the cluster's private socket directory, and one worker app per rank, each
+ * pinned to its GPU with CUDA_VISIBLE_DEVICES, in fork mode, with its own log files and a restart policy. One
+ * `namespace` per cluster, so deleting the namespace stops exactly this cluster. Every process's argv is
+ * written from its options by config.ts (argvFor), the flags they were declared with. Pure: builds the object;
+ * launch.ts writes and starts it.
  */
 import { join } from 'node:path';
-import { EXIT_CONFIG } from '../core/errors.ts';
+import { EXIT_CONFIG, WeftError } from '../core/errors.ts';
 import { NCCL_ENVIRONMENT, argvFor, type ConfigOf } from '../coordinator/config.ts';
+import { workerEndpointIn } from '../coordinator/worker-transport.ts';
 
 export interface EcosystemConfig {
   /** cluster name: apps are weft-<name>-coordinator and weft-<name>-rank-<r> */
@@ -20,10 +22,13 @@ export interface EcosystemConfig {
   /** GPU index per rank (CUDA_VISIBLE_DEVICES), or null on the CPU */
   readonly gpus: readonly number[] | null;
   /**
-   * The coordinator's `weft serve` options (absolute model paths); it waits for the workers on `workerPort`
-   * (127.0.0.1). A draft's workers are the coordinator's own children (a dead draft group re-forms in the background).
+   * The coordinator's `weft serve` options (absolute model paths); it waits for the workers on an ipc:// socket in
+   * `socketDir`, or on tcp://127.0.0.1:`workerPort` when `socketDir` is null. A draft's workers are the
+   * coordinator's own children (a dead draft group re-forms in the background).
    */
-  readonly serve: Partial<ConfigOf<'serve'>> & Pick<ConfigOf<'serve'>, 'modelDir' | 'tp' | 'workerPort'>;
+  readonly serve: Partial<ConfigOf<'serve'>> & Pick<ConfigOf<'serve'>, 'modelDir' | 'tp'>;
+  /** the directory (mode 0700) of the workers' ipc:// socket, which launch made and stop removes; null: tcp:// on workerPort */
+  readonly socketDir: string | null;
 }
 
 export interface Pm2App {
@@ -76,9 +81,13 @@ export function buildEcosystem(config: EcosystemConfig): { apps: Pm2App[] } {
     env: { WEFT_CLUSTER: config.name, NODE_ENV: 'production', ...env },
   });
   const { tp, workerPort } = config.serve;
-  const coordinator = shared('coordinator', argvFor('serve', { ...config.serve, workers: 'external', workerSecretFile: secretFile }), {});
+  const { socketDir } = config;
+  if (socketDir === null && !workerPort) throw new WeftError('WEFT_BAD_REQUEST', 'an ecosystem needs a socket directory or a fixed worker port');
+  const endpoint = socketDir !== null ? workerEndpointIn(socketDir) : `tcp://127.0.0.1:${workerPort}`;
+  const serve = { ...config.serve, workers: 'external' as const, workerSecretFile: secretFile, ...(socketDir !== null && { workerSocketDir: socketDir }) };
+  const coordinator = shared('coordinator', argvFor('serve', serve), {});
   const workers = Array.from({ length: tp }, (_, rank) =>
-    shared(`rank-${rank}`, argvFor('worker', { coordinator: `tcp://127.0.0.1:${workerPort}`, rank, world: tp, workerSecretFile: secretFile }), {
+    shared(`rank-${rank}`, argvFor('worker', { coordinator: endpoint, rank, world: tp, workerSecretFile: secretFile }), {
       WEFT_RANK: String(rank),
       ...(config.gpus ? { CUDA_VISIBLE_DEVICES: String(config.gpus[rank]), NCCL_DEBUG: 'WARN', ...NCCL_ENVIRONMENT } : { CUDA_VISIBLE_DEVICES: '' }),
     }),

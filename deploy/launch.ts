@@ -7,7 +7,7 @@
  * stop deletes the cluster's pm2 namespace, waits until every process is gone, and stops the
  * pm2 daemon when nothing else runs under it. pm2 is loaded only here, never by WeftClient.
  */
-import { mkdirSync, writeFileSync, readFileSync, existsSync, statSync, openSync, readSync, closeSync } from 'node:fs';
+import { mkdirSync, writeFileSync, readFileSync, existsSync, statSync, openSync, readSync, closeSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
@@ -16,6 +16,7 @@ import pm2 from 'pm2';
 import { EXIT_CONFIG, WeftError, type WeftErrorCode } from '../core/errors.ts';
 import { buildEcosystem } from './ecosystem.ts';
 import { WEFT_BIN, type ConfigOf } from '../coordinator/config.ts';
+import { makeSocketDir } from '../core/transport.ts';
 
 /** A launched cluster: its name and the home its files live under ($WEFT_HOME). */
 export type ClusterRef = Pick<ConfigOf<'status'>, 'name' | 'home'>;
@@ -27,6 +28,8 @@ interface ClusterRecord {
   rpc: string;
   ecosystem: string;
   dir: string;
+  /** the workers' socket directory (removed when the cluster is deleted), or null for tcp:// */
+  socketDir: string | null;
   apps: { name: string; out: string; err: string }[];
 }
 
@@ -70,7 +73,9 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
   writeFileSync(join(dir, 'worker.secret'), randomBytes(24).toString('hex'), { mode: 0o600 });
   const rpcPort = config.rpcPort || (await freePort());
   const httpPort = config.httpPort || (await freePort());
-  const workerPort = config.workerPort || (await freePort());
+  // the workers reach the coordinator over ipc:// in a fresh private directory (a fixed --worker-port: tcp:// on loopback)
+  const { workerPort } = config;
+  const socketDir = workerPort ? null : makeSocketDir();
   const { device, host, kvSlots, kvDtype, maxContext, maxQueue, threads, allowedHosts, corsOrigins } = config;
   const ecosystem = buildEcosystem({
     name,
@@ -78,8 +83,9 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
     node: process.execPath,
     weftBin: WEFT_BIN,
     gpus,
+    socketDir,
     serve: {
-      modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, workerPort, kvSlots, kvDtype, maxContext, maxQueue, threads,
+      modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, ...(workerPort && { workerPort }), kvSlots, kvDtype, maxContext, maxQueue, threads,
       ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }), ...draftOptions(config, gpus),
     },
   });
@@ -93,13 +99,17 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
     rpc: `tcp://${loopback}:${rpcPort}`,
     ecosystem: ecosystemPath,
     dir,
+    socketDir,
     apps: ecosystem.apps.map((a) => ({ name: a.name, out: a.out_file, err: a.error_file })),
   };
   writeFileSync(join(dir, 'cluster.json'), JSON.stringify(record, null, 2) + '\n', { mode: 0o600 });
   log(`weft: starting ${ecosystem.apps.length} processes under pm2 (namespace ${record.namespace}); ecosystem ${ecosystemPath}`);
   await withPm2(async (api) => {
     const existing = await p2<pm2.ProcessDescription[]>((cb) => api.list(cb));
-    if (existing.some((p) => p.name?.startsWith(`${record.namespace}-`))) throw new WeftError('WEFT_BAD_REQUEST', `cluster "${name}" is already running; weft stop --name ${name} first`);
+    if (existing.some((p) => p.name?.startsWith(`${record.namespace}-`))) {
+      if (socketDir) rmSync(socketDir, { recursive: true, force: true });
+      throw new WeftError('WEFT_BAD_REQUEST', `cluster "${name}" is already running; weft stop --name ${name} first`);
+    }
     await p2((cb) => api.start(ecosystem as unknown as pm2.StartOptions, cb));
     // one pm2 connection for the whole launch: pm2's client crashes when it reconnects right after a disconnect
     try {
@@ -244,6 +254,7 @@ async function deleteCluster(api: typeof pm2, record: ClusterRecord): Promise<{ 
   };
   while (pids.some(alive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
   for (const pid of pids.filter(alive)) process.kill(pid, 'SIGKILL');
+  if (record.socketDir) rmSync(record.socketDir, { recursive: true, force: true });
   if (list.length === ours.length) {
     await p2((cb) => api.killDaemon(cb as (err: Error | null, v: unknown) => void));
     // pm2's client can keep a socket to the daemon it just killed: never let it hold this process open

@@ -10,6 +10,7 @@ import { hostname } from 'node:os';
 import { PROTOCOL_VERSION } from '../core/wire.ts';
 import { isWeftError } from '../core/errors.ts';
 import { requireSecret } from '../core/frame-auth.ts';
+import { WORKER_CURVE_OPTION, curveClient, type WorkerCurveKeys } from '../core/transport.ts';
 import { ResponsiveClock } from '../core/loop-clock.ts';
 import type { ReplyBody, StepBatch, WorkerMessage } from '../core/worker-protocol.ts';
 import { CoordinatorLink } from './coordinator-link.ts';
@@ -18,7 +19,7 @@ import { loadNccl } from './collectives/nccl.ts';
 import { WorkerState } from './worker.ts';
 
 export interface WorkerOptions {
-  coordinator: string; // tcp://host:port
+  coordinator: string; // tcp://host:port or ipc:///path
   rank: number;
   world: number;
   /** exit when this process is no longer our parent (local workers) */
@@ -29,6 +30,8 @@ export interface WorkerOptions {
   coordinatorTimeoutMs: number;
   /** the group's shared secret, proven on connecting and authenticating every message (spawned workers get it in WEFT_WORKER_SECRET); required */
   secret?: string;
+  /** the group's CURVE keys (WEFT_WORKER_CURVE, --worker-curve-file): required for a tcp:// coordinator that is not loopback */
+  curve?: WorkerCurveKeys;
   /** the NCCL shared library cuda groups of several ranks load */
   ncclLibrary: string;
 }
@@ -39,14 +42,14 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   const { rank, world } = options;
   const secret = requireSecret(options.secret, `weft worker rank ${rank}`);
   // no routing id: the coordinator's ROUTER assigns one; what makes this connection rank `rank` is the handshake
-  const socket = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30 });
+  const socket = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30, ...curveClient(options.coordinator, options.curve, options.curve?.serverKey, WORKER_CURVE_OPTION) });
   socket.connect(options.coordinator);
   const log = (line: string): void => void process.stderr.write(`weft worker rank ${rank}: ${line}\n`);
-  const hub = rank === 0 && world > 1 ? await bindCollectiveHub(options.collectiveHost) : null;
+  const hub = rank === 0 && world > 1 ? await bindCollectiveHub(options.collectiveHost, { coordinator: options.coordinator, ...(options.curve && { curve: options.curve }) }) : null;
   const link = new CoordinatorLink(socket, secret, { rank, world, pid: process.pid, collectiveEndpoint: hub?.endpoint ?? null, hostname: hostname() }, log);
   const post = (message: WorkerMessage): void => link.post(message);
   const state = new WorkerState(rank, world, hub?.socket ?? null, options.ncclLibrary, (bytesRead, bytesTotal) =>
-    post({ v: PROTOCOL_VERSION, type: 'progress', rank, bytesRead, bytesTotal }), secret,
+    post({ v: PROTOCOL_VERSION, type: 'progress', rank, bytesRead, bytesTotal }), secret, options.curve,
   );
 
   // the coordinator's silence is measured on a clock that stops while this process stalls (a long step)

@@ -13,6 +13,7 @@ import { buildRankModel, hostWeights } from './models/registry.ts';
 import { StepRunner, workerArenaBytes, type LaunchedStep } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
+import type { WorkerCurveKeys } from '../core/transport.ts';
 
 export class WorkerState {
   private comm: Collectives | null = null;
@@ -27,6 +28,8 @@ export class WorkerState {
     private readonly onProgress: (bytesRead: number, bytesTotal: number) => void,
     /** the group's shared secret: CPU collective peers prove it to rank 0's hub */
     private readonly secret: string,
+    /** the group's CURVE keys: CPU collective peers reach a tcp:// hub with them */
+    private readonly curve?: WorkerCurveKeys,
   ) {}
 
   async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
@@ -63,7 +66,7 @@ export class WorkerState {
       if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
       return NcclCollectives.create(engine, this.rank, this.world, command.ncclId, { library: this.ncclLibrary });
     }
-    return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot, { secret: this.secret });
+    return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot, { secret: this.secret, ...(this.curve && { curve: this.curve }) });
   }
 
   /** Queue the step on this rank's device; its result settles when the answer is on the host (worker/runner.ts). */

@@ -110,8 +110,21 @@ export const OPTIONS = {
 
   // the worker group, as the coordinator sees it
   workers: { flag: '--workers', arg: 'spawn|external', type: oneOf('spawn', 'external'), default: 'spawn', help: 'spawn the workers, or wait for external ones (pm2)', uses: ['serve', 'cluster'] },
-  workerHost: { type: text, default: '127.0.0.1', help: 'host the socket workers connect to binds', uses: ['cluster'] },
-  workerPort: { flag: '--worker-port', arg: 'PORT', type: port, default: 0, help: 'port workers connect to (127.0.0.1); 0 picks a free one', uses: ['serve', 'launch', 'cluster'] },
+  workerHost: {
+    flag: '--worker-host', arg: 'HOST', type: text, default: '127.0.0.1', uses: ['serve', 'cluster'],
+    help: 'host the socket workers connect to binds; one that is not loopback is tcp:// with CURVE and needs --worker-curve-dir',
+  },
+  workerPort: { flag: '--worker-port', arg: 'PORT', type: port, default: 0, help: 'tcp:// port workers connect to; 0 on loopback: an ipc:// socket instead (a free port elsewhere)', uses: ['serve', 'launch', 'cluster'] },
+  workerSocketDir: {
+    flag: '--worker-socket-dir', arg: 'DIR', type: text, defaultHelp: 'a fresh weft-XXXXXX in $XDG_RUNTIME_DIR or the temp dir', uses: ['serve', 'cluster'],
+    help: "directory (mode 0700, this user's) of the workers' ipc:// socket, whose permissions keep other local users out (a fresh one is removed on close)",
+  },
+  workerCurveDir: {
+    flag: '--worker-curve-dir', arg: 'DIR', type: text, uses: ['serve', 'cluster'],
+    help: "the worker socket's CURVE keys: coordinator.json and worker.json (made, mode 0600, when missing); required when --worker-host is not loopback",
+  },
+  workerCurveFile: { flag: '--worker-curve-file', arg: 'PATH', type: text, help: "this worker's CURVE keys (worker.json of the coordinator's --worker-curve-dir, mode 0600); required for a coordinator that is not loopback", uses: ['worker'] },
+  workerCurve: { type: text, env: 'WEFT_WORKER_CURVE', help: "this worker's CURVE keys as JSON when no --worker-curve-file is given (spawned workers get them here)", uses: ['worker'] },
   workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
   workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
   heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: milliseconds(100), default: 30_000, defaultIn: { serve: 4000 }, defaultHelp: '4000 (30000 in startCluster)', help: 'a worker silent this long is declared dead (checked every 250 ms, so within 5 s at the default)', uses: ['serve', 'cluster'] },
@@ -120,11 +133,11 @@ export const OPTIONS = {
   ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker'] },
 
   // one worker rank
-  coordinator: { flag: '--coordinator', arg: 'ENDPOINT', type: matching(/^tcp:\/\/.+:\d+$/, 'tcp://HOST:PORT'), help: 'coordinator endpoint, tcp://HOST:PORT', uses: ['worker'], required: true },
+  coordinator: { flag: '--coordinator', arg: 'ENDPOINT', type: matching(/^(tcp:\/\/.+:\d+|ipc:\/\/\/.+)$/, 'tcp://HOST:PORT or ipc:///PATH'), help: 'coordinator endpoint, tcp://HOST:PORT or ipc:///PATH', uses: ['worker'], required: true },
   rank: { flag: '--rank', arg: 'R', type: integer(0), help: 'this worker rank', uses: ['worker'], required: true },
   world: { flag: '--world', arg: 'N', type: integer(1), help: 'ranks in the group', uses: ['worker'], required: true },
   parentPid: { flag: '--parent-pid', arg: 'PID', type: integer(1), help: 'exit when this process is gone', uses: ['worker'] },
-  collectiveHost: { flag: '--collective-host', arg: 'HOST', type: text, default: '127.0.0.1', help: 'interface the rank-0 collective hub binds', uses: ['worker'] },
+  collectiveHost: { flag: '--collective-host', arg: 'HOST', type: text, default: '127.0.0.1', help: "interface the rank-0 collective hub binds (an ipc:// coordinator: the hub is ipc:// in its directory); not loopback: CURVE keys are required", uses: ['worker'] },
   coordinatorTimeoutMs: { flag: '--coordinator-timeout', arg: 'MS', type: milliseconds(1), default: 15_000, help: 'exit when the coordinator is silent this long', uses: ['worker'] },
 
   // clusters under pm2

@@ -9,13 +9,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:net';
-import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import * as zmq from 'zeromq';
 import { startCluster } from '../../coordinator/cluster.ts';
 import { PROTOCOL_VERSION, decode, encode } from '../../core/wire.ts';
 import { parseCoordinatorMessage } from '../../core/worker-protocol.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { FakeRank } from '../helpers/fake-worker.ts';
+import { listen, listeningPorts } from '../helpers/sockets.ts';
 
 const v = PROTOCOL_VERSION;
 const model = 'llama-tiny';
@@ -27,38 +27,6 @@ async function freePort(): Promise<number> {
   const { port } = server.address() as { port: number };
   await new Promise((resolve) => server.close(resolve));
   return port;
-}
-
-/** The TCP ports process `pid` listens on (rank 0's only listener is its collective hub). */
-function listeningPorts(pid: number): number[] {
-  const inodes = new Set<string>();
-  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      const inode = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1];
-      if (inode) inodes.add(inode);
-    } catch {
-      // closed meanwhile
-    }
-  }
-  return readFileSync('/proc/net/tcp', 'utf8')
-    .split('\n')
-    .slice(1)
-    .map((line) => line.trim().split(/\s+/))
-    .filter((f) => f[3] === '0A' && inodes.has(f[9] ?? ''))
-    .map((f) => parseInt(f[1]!.split(':')[1]!, 16));
-}
-
-/** Everything a rogue socket receives, until it is closed. */
-function listen(socket: zmq.Dealer, into: Buffer[][]): void {
-  void (async () => {
-    while (!socket.closed) {
-      try {
-        into.push(await socket.receive());
-      } catch {
-        // a receive timeout (keep listening) or the socket closed (the loop ends)
-      }
-    }
-  })();
 }
 
 const u32 = (n: number): Buffer => {

@@ -7,7 +7,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -46,6 +46,10 @@ test('launch, survive a SIGKILLed worker, stop with nothing left', async () => {
       const ecosystem = readFileSync(ready.ecosystem, 'utf8');
       assert.match(ecosystem, /"name": "weft-itest-rank-1"/);
       assert.match(ecosystem, /"CUDA_VISIBLE_DEVICES": ""/);
+      // the workers reach the coordinator over ipc:// in a private directory, which stop removes
+      const { socketDir } = JSON.parse(readFileSync(join(home, 'weft', 'itest', 'cluster.json'), 'utf8')) as { socketDir: string };
+      assert.equal((statSync(socketDir).mode & 0o777).toString(8), '700');
+      assert.ok(ecosystem.includes(`"ipc://${socketDir}/worker.sock"`), 'the workers are given the ipc:// endpoint');
 
       const status = JSON.parse((await weft(['status', '--name', 'itest', '--json'])).stdout) as { apps: { name: string; pid: number; status: string; restarts: number }[] };
       assert.deepEqual(status.apps.map((a) => [a.name, a.status]), [['weft-itest-coordinator', 'online'], ['weft-itest-rank-0', 'online'], ['weft-itest-rank-1', 'online']]);
@@ -85,6 +89,7 @@ test('launch, survive a SIGKILLed worker, stop with nothing left', async () => {
       const stopped = await weft(['stop', '--name', 'itest']);
       assert.equal(stopped.code, 0, stopped.stderr);
       assert.ok(await waitFor(() => processesMentioning(home).length === 0, 10_000), `left behind: ${processesMentioning(home).join(', ')}`);
+      assert.ok(!existsSync(socketDir), `stop removed ${socketDir}`);
     } finally {
       await client?.close();
     }
@@ -111,5 +116,7 @@ test('a coordinator that cannot start (missing model directory) fails launch wit
     assert.equal(late.code, 1, late.stderr);
     assert.match(late.stderr.trim().split('\n').at(-1)!, /^weft: WEFT_TIMEOUT: cluster "broken" was not ready within 300 ms/);
     assert.ok(await waitFor(() => processesMentioning(home).length === 0, 10_000), `left behind after the timeout: ${processesMentioning(home).join(', ')}`);
+    const { socketDir } = JSON.parse(readFileSync(join(home, 'weft', 'broken', 'cluster.json'), 'utf8')) as { socketDir: string };
+    assert.ok(!existsSync(socketDir), `a launch that failed removed ${socketDir}`);
   });
 });

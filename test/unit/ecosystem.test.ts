@@ -17,6 +17,7 @@ const base: EcosystemConfig = {
   node: '/usr/bin/node',
   weftBin: '/opt/weft/bin/weft.js',
   gpus: [2, 3],
+  socketDir: null,
   serve: { modelDir: '/models/target', tp: 2, device: 'cuda', host: '127.0.0.1', rpcPort: 5555, httpPort: 8000, workerPort: 6000, kvSlots: 8 },
 };
 
@@ -43,6 +44,15 @@ test('the argv written for each process reads back as the options it was built f
   assert.equal(serve.workerSecret, 's3cret', 'the coordinator reads the secret file');
   const worker = commandConfig('worker', flagsOf(apps[2]!.args.slice(2)), {});
   assert.deepEqual([worker.coordinator, worker.rank, worker.world, worker.workerSecret], ['tcp://127.0.0.1:6000', 1, 2, 's3cret']);
+});
+
+test("by default the workers reach the coordinator over ipc:// in the cluster's socket directory", () => {
+  const { apps } = buildEcosystem({ ...base, socketDir: '/run/user/1000/weft-abc123', serve: { ...base.serve, workerPort: undefined } });
+  const serve = commandConfig('serve', flagsOf(apps[0]!.args.slice(2)), {});
+  assert.equal(serve.workerSocketDir, '/run/user/1000/weft-abc123');
+  assert.equal(serve.workerPort, 0, 'no TCP port');
+  for (const app of apps.slice(1)) assert.equal(commandConfig('worker', flagsOf(app.args.slice(2)), {}).coordinator, 'ipc:///run/user/1000/weft-abc123/worker.sock');
+  assert.throws(() => buildEcosystem({ ...base, serve: { ...base.serve, workerPort: undefined } }), /a socket directory or a fixed worker port/);
 });
 
 test('a draft model reaches the coordinator with its TP degree and GPUs', () => {

@@ -6,7 +6,8 @@
  * Waits are bounded: a peer that is gone or stalled fails the collective (naming the ranks that did not
  * answer) instead of holding the group forever, and the group stays failed (`asyncError`).
  *
- * The hub trusts no routing id: a peer proves the group secret first (core/frame-auth.ts: [hello, rank u32 LE,
+ * The hub is ipc:// in the cluster's private socket directory, or tcp:// with CURVE across hosts
+ * (core/transport.ts), so pieces are confidential. The hub trusts no routing id: a peer proves the group secret first (core/frame-auth.ts: [hello, rank u32 LE,
  * nonce] → [challenge, nonce] → [auth, MAC] → [welcome, MAC]), and every piece both ways carries a MAC. Until then
  * nothing it sends is read and nothing is sent to it; a second peer for a rank that joined is refused; refusals
  * are logged once per peer.
@@ -17,6 +18,7 @@ import { preparedWidths, type CollectivePlan, type Collectives } from './collect
 import { SendQueue, float32Bytes, toFloat32 } from '../../core/wire.ts';
 import { WeftError } from '../../core/errors.ts';
 import { FrameAuth, NONCE_BYTES, RefusalLog, newNonce, peerName, requireSecret } from '../../core/frame-auth.ts';
+import { WORKER_CURVE_OPTION, curveClient, curveServer, ipcDirOf, ipcEndpoint, type WorkerCurveKeys } from '../../core/transport.ts';
 
 interface Piece {
   rank: number;
@@ -25,16 +27,24 @@ interface Piece {
   extra: Buffer | undefined;
 }
 
-/** Bind the hub socket on rank 0 before the group forms, so its endpoint can be handed to the others. */
-export async function bindCollectiveHub(host: string): Promise<{ socket: zmq.Router; endpoint: string }> {
-  const socket = new zmq.Router({ linger: 0, mandatory: true, maxMessageSize: 1 << 30 });
-  await socket.bind(`tcp://${host}:*`);
-  return { socket, endpoint: socket.lastEndpoint ?? '' };
+/**
+ * Bind the hub socket on rank 0 before the group forms, so its endpoint can be handed to the others: ipc:// in the
+ * coordinator's socket directory (mode 0700) when the coordinator is reached over ipc://, else tcp:// on `host`,
+ * with CURVE (the workers' key pair) when the group has keys; required when `host` is not loopback.
+ */
+export async function bindCollectiveHub(host: string, { coordinator, curve }: { coordinator?: string; curve?: WorkerCurveKeys } = {}): Promise<{ socket: zmq.Router; endpoint: string }> {
+  const dir = coordinator === undefined ? null : ipcDirOf(coordinator);
+  const address = dir !== null ? ipcEndpoint(dir, `hub-${process.pid}.sock`) : `tcp://${host}:*`;
+  const socket = new zmq.Router({ linger: 0, mandatory: true, maxMessageSize: 1 << 30, ...curveServer(address, curve?.secretKey, WORKER_CURVE_OPTION) });
+  await socket.bind(address);
+  return { socket, endpoint: socket.lastEndpoint ?? address };
 }
 
 export interface CpuCollectivesOptions {
   /** The group's shared secret, which the peers prove to the hub and every piece is authenticated with. */
   readonly secret: string;
+  /** The group's CURVE keys: a peer reaches a tcp:// hub with them (the hub serves with the workers' pair). */
+  readonly curve?: WorkerCurveKeys;
   /** How long a rank waits for its peers in one collective (and for the hub's welcome) before failing it. Defaults to 60 s: ranks run the same work between collectives, so a wait this long means a peer is gone. */
   readonly peerTimeoutMs?: number;
 }
@@ -98,7 +108,7 @@ export class CpuCollectives implements Collectives {
       return new CpuCollectives(engine, rank, world, hub, timeout, secret);
     }
     // no routing id: the hub knows this peer by the rank it proves, never by a name it could be given by anyone
-    const dealer = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30 });
+    const dealer = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30, ...curveClient(rootEndpoint, options.curve, options.curve?.publicKey, WORKER_CURVE_OPTION) });
     dealer.connect(rootEndpoint);
     const comm = new CpuCollectives(engine, rank, world, dealer, timeout, secret);
     await comm.joinHub(rootEndpoint);
