@@ -85,8 +85,11 @@ test('the event loop stays free while a thread tokenizes a 1 MB text', async () 
     const tookMs = performance.now() - started;
     clearInterval(ticker);
     assert.ok(ids.length > 200_000);
-    // the same work on this thread takes about a second (tokenizer.ts: ~2 µs a character)
-    assert.ok(worstLagMs < 150, `the event loop lagged ${worstLagMs.toFixed(0)} ms while the thread worked ${tookMs.toFixed(0)} ms`);
+    // the same work on this thread takes about a second (tokenizer.ts: ~2 µs a character), and blocks the loop for
+    // all of it; on a loaded CI machine the thread's work stretches (8 s seen) and timer lag grows with the load, so
+    // the bound is 150 ms or an eighth of the work, whichever is more: far below the whole work either way
+    const boundMs = Math.max(150, tookMs / 8);
+    assert.ok(worstLagMs < boundMs, `the event loop lagged ${worstLagMs.toFixed(0)} ms while the thread worked ${tookMs.toFixed(0)} ms (bound ${boundMs.toFixed(0)} ms)`);
   });
 });
 
