@@ -107,13 +107,15 @@ async function score(config: ConfigOf<'score'>): Promise<void> {
 async function serveCommand(config: ConfigOf<'serve'>): Promise<void> {
   const { serve, readCurveDir } = await import('./serve.ts');
   const emit = (event: Record<string, unknown>): void => void process.stdout.write(JSON.stringify(event) + '\n');
-  const { host, rpcPort, httpPort, apiKey, curveDir, allowedHosts, corsOrigins, clientTimeoutMs } = config;
+  const { host, rpcPort, httpPort, apiKey, curveDir, allowedHosts, corsOrigins, clientTimeoutMs, logIntervalSeconds, logFormat } = config;
   const server = await serve({
     ...(clusterOptionsOf(config) as unknown as ClusterOptions),
     host,
     rpcPort,
     httpPort,
     clientTimeoutMs,
+    logIntervalSeconds,
+    logFormat,
     ...(apiKey !== undefined && { apiKey }),
     ...(curveDir !== undefined && { curve: readCurveDir(curveDir) }),
     ...(allowedHosts !== undefined && { allowedHosts }),

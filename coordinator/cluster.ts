@@ -139,6 +139,9 @@ export interface ClusterStats {
   readonly running: number;
   readonly kvSlotsUsed: number;
   readonly kvSlots: number;
+  /** KV blocks held by sequences, of `kvBlocks` (the pool, without the padding block) */
+  readonly kvBlocksUsed: number;
+  readonly kvBlocks: number;
   readonly reforms: number;
   readonly ranks: RankStatus[];
 }
@@ -517,6 +520,8 @@ export class Cluster {
       running: this.scheduler.active,
       kvSlotsUsed: this.scheduler.slotsInUse,
       kvSlots: this.initCommand.kvSlots,
+      kvBlocksUsed: this.scheduler.kvBlocksInUse,
+      kvBlocks: this.scheduler.kvBlocks,
       reforms: this.reformCount,
       ranks: this.group?.status() ?? [],
     };

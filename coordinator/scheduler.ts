@@ -81,8 +81,10 @@ export interface ScoreOutput {
 
 /** Hooks for metrics; every one optional. */
 export interface SchedulerObserver {
-  firstToken?(seconds: number): void;
-  tokens?(count: number): void;
+  /** a sequence's first token, `seconds` after submission; its prompt of `promptTokens` is then computed */
+  firstToken?(seconds: number, promptTokens: number): void;
+  /** `sequence` identifies the request (per-token gaps are measured per sequence) */
+  tokens?(count: number, sequence: object): void;
   finished?(outcome: 'stop' | 'length' | 'error' | 'cancelled' | 'timeout', seconds: number): void;
   rejected?(reason: 'busy'): void;
 }
@@ -144,7 +146,8 @@ function firstStepTokens(job: Job): number {
 export interface GenerationHandle {
   readonly promptTokens: number;
   readonly events: AsyncIterable<GenerationEvent>;
-  cancel(reason?: Error): void;
+  /** `outcome` 'stop': the caller ended it on a stop string (a normal end, not a cancellation) */
+  cancel(reason?: Error, outcome?: 'cancelled' | 'stop'): void;
 }
 
 export class Scheduler {
@@ -170,12 +173,19 @@ export class Scheduler {
   get slotsInUse(): number {
     return this.kv.sequences;
   }
+  /** KV blocks held by sequences, of `kvBlocks` they can hold */
+  get kvBlocksInUse(): number {
+    return this.kv.blocksInUse;
+  }
+  get kvBlocks(): number {
+    return this.kv.blocksInUse + this.kv.blocksFree;
+  }
 
   /** Queue a generation. Throws WEFT_BUSY when the queue is full. */
   submitGenerate(seq: SequenceState, timeoutMs?: number): GenerationHandle {
     const job: GenerateJob = { kind: 'generate', seq, events: new Channel(), kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
     this.enqueue(job, timeoutMs);
-    return { promptTokens: seq.promptIds.length, events: job.events, cancel: (reason) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), 'cancelled') };
+    return { promptTokens: seq.promptIds.length, events: job.events, cancel: (reason, outcome) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), outcome ?? 'cancelled') };
   }
 
   /** Queue a scoring pass. Throws WEFT_BUSY when the queue is full. */
@@ -223,7 +233,7 @@ export class Scheduler {
   }
 
   /** Finish a job early (error, cancel, timeout): free its blocks, tell its consumer. Idempotent. */
-  private end(job: Job, err: Error, outcome: 'error' | 'cancelled' | 'timeout'): void {
+  private end(job: Job, err: Error, outcome: 'error' | 'cancelled' | 'timeout' | 'stop'): void {
     if (job.finished) return;
     this.release(job);
     this.options.observer?.finished?.(outcome, (performance.now() - job.enqueuedAt) / 1000);
@@ -432,8 +442,8 @@ export class Scheduler {
       if (job.finished) return; // cancelled while the step ran, or done with tokens to spare
       const wasFirst = job.seq.firstTokenAt === null;
       const events = job.seq.accept(token);
-      if (wasFirst) observer?.firstToken?.((job.seq.firstTokenAt! - job.enqueuedAt) / 1000);
-      observer?.tokens?.(1);
+      if (wasFirst) observer?.firstToken?.((job.seq.firstTokenAt! - job.enqueuedAt) / 1000, job.seq.promptIds.length);
+      observer?.tokens?.(1, job.seq);
       for (const event of events) {
         job.events.push(event);
         if (event.type === 'done') {

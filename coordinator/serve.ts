@@ -13,6 +13,7 @@ import { apiConfig } from './config.ts';
 import { RpcServer, isLoopback } from './api/server.ts';
 import { HttpGateway } from './api/http.ts';
 import { WeftMetrics } from './metrics.ts';
+import { startServerLog, type LogFormat } from './server-log.ts';
 import type { CurveServerKeys } from './api/protocol.ts';
 
 /** What serve() takes besides the cluster's options; defaults and checks as declared in config/options.ts. */
@@ -31,6 +32,9 @@ export interface ServeOptions extends ClusterOptions {
   readonly corsOrigins?: readonly string[];
   /** An HTTP request's headers and body must arrive within this (default 10 s). */
   readonly clientTimeoutMs?: number;
+  /** Seconds between server log lines on stderr (server-log.ts); 0, the default here: none. */
+  readonly logIntervalSeconds?: number;
+  readonly logFormat?: LogFormat;
 }
 
 export interface RunningServer {
@@ -41,7 +45,7 @@ export interface RunningServer {
 }
 
 export async function serve(options: ServeOptions): Promise<RunningServer> {
-  const { host, rpcPort, httpPort, apiKey, recover, allowedHosts, corsOrigins, clientTimeoutMs } = apiConfig('server', options);
+  const { host, rpcPort, httpPort, apiKey, recover, allowedHosts, corsOrigins, clientTimeoutMs, logIntervalSeconds, logFormat } = apiConfig('server', options);
   if (!isLoopback(host) && (!options.curve || !apiKey))
     throw new WeftError('WEFT_BAD_CONFIG', `serving on ${host} (not loopback) needs CURVE keys for RPC (--curve-dir) and a bearer token for HTTP (--api-key or WEFT_API_KEY)`);
   let metrics: WeftMetrics | null = null;
@@ -65,11 +69,13 @@ export async function serve(options: ServeOptions): Promise<RunningServer> {
     throw err;
   }
   const [r, h] = [rpc, http];
+  const stopLog = startServerLog(cluster, metrics, logIntervalSeconds, logFormat, (line) => void process.stderr.write(line));
   return {
     cluster,
     rpcEndpoint: r.endpoint,
     httpUrl: h.url,
     async close() {
+      stopLog();
       await h.close();
       await r.close();
       await cluster.close();
@@ -80,8 +86,8 @@ export async function serve(options: ServeOptions): Promise<RunningServer> {
 /** The metrics observer exists only once the cluster is open; forward to it lazily. */
 function forward(get: () => WeftMetrics | null): NonNullable<ClusterOptions['observer']> {
   return {
-    firstToken: (s) => get()?.observer.firstToken?.(s),
-    tokens: (n) => get()?.observer.tokens?.(n),
+    firstToken: (s, p) => get()?.observer.firstToken?.(s, p),
+    tokens: (n, sequence) => get()?.observer.tokens?.(n, sequence),
     finished: (o, s) => get()?.observer.finished?.(o, s),
     rejected: (r) => get()?.observer.rejected?.(r),
   };

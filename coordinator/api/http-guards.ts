@@ -131,11 +131,13 @@ function describeClientError(err: NodeJS.ErrnoException): HttpError {
 const LINGER_MS = 500;
 
 /** node:http 'clientError': answer in HTTP (no dropped socket), then close; nothing is written after a response began. */
-export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex, onAnswer?: (status: number) => void): void {
   const started = (socket as Duplex & { _httpMessage?: ServerResponse })._httpMessage?.headersSent === true;
-  if (err.code === 'ECONNRESET' || !socket.writable || started) return void socket.destroy();
+  // a client that hung up (reset, or closed before its request was complete) is not answered
+  if (err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || !socket.writable || started) return void socket.destroy();
   const refusal = describeClientError(err);
   const text = JSON.stringify(refusal.body());
   socket.end(`HTTP/1.1 ${refusal.status} ${STATUS_CODES[refusal.status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`);
   setTimeout(() => socket.destroy(), LINGER_MS).unref();
+  onAnswer?.(refusal.status);
 }

@@ -13,6 +13,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { z } from 'zod';
 import { WeftError, isWeftError } from '../../core/errors.ts';
 import type { Cluster } from '../cluster.ts';
@@ -207,6 +208,7 @@ export class HttpGateway {
     const expected = options.apiKey !== undefined ? digest(`Bearer ${options.apiKey}`) : null;
     const guards = new RequestGuards({ host, ...(options.allowedHosts && { allowedHosts: options.allowedHosts }), ...(options.corsOrigins && { corsOrigins: options.corsOrigins }) });
     const server = createServer(slowClientLimits(options.clientTimeoutMs ?? 10_000), (req, res) => {
+      res.once('finish', () => options.metrics.httpAnswered(res.statusCode));
       const path = (req.url ?? '/').split('?')[0];
       const key = `${req.method} ${path}`;
       const handler = routes.get(key);
@@ -236,7 +238,7 @@ export class HttpGateway {
         sendError(res, err);
       });
     });
-    server.on('clientError', answerClientError);
+    server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => answerClientError(err, socket, (status) => options.metrics.httpAnswered(status)));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(options.port ?? 0, host, () => resolve());
@@ -356,7 +358,7 @@ async function complete(
         usage.completion_tokens++;
         if (stopped) {
           finish = 'stop';
-          handle.cancel(new WeftError('WEFT_CANCELLED', 'stop string reached'));
+          handle.cancel(new WeftError('WEFT_CANCELLED', 'stop string reached'), 'stop');
           break;
         }
       } else {

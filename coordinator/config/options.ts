@@ -107,6 +107,11 @@ export const OPTIONS = {
   textBudgetMs: { flag: '--text-budget', arg: 'MS', type: milliseconds(1), default: 10_000, help: 'time one tokenization or chat-template render may take; its thread is then stopped', uses: ['serve', 'cluster'] },
   recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, defaultHelp: 'false (true in serve and serve())', help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
   maxRecoveries: { type: integer(1), default: 3, help: 'failed re-form attempts in a row before the cluster gives up', uses: ['cluster'] },
+  logIntervalSeconds: {
+    flag: '--log-interval', arg: 'S', type: integer(0, 86_400), env: 'WEFT_LOG_INTERVAL', default: 10, defaultIn: { server: 0 }, defaultHelp: '10 (0 in serve())',
+    help: 'seconds between server log lines (running, waiting, tok/s, KV usage; only after activity) on stderr; 0: none', uses: ['serve', 'server'],
+  },
+  logFormat: { flag: '--log-format', arg: 'text|json', type: oneOf('text', 'json'), env: 'WEFT_LOG_FORMAT', default: 'text', help: 'server log lines as text, or one JSON object a line', uses: ['serve', 'server'] },
 
   // the worker group, as the coordinator sees it
   workers: { flag: '--workers', arg: 'spawn|external', type: oneOf('spawn', 'external'), default: 'spawn', help: 'spawn the workers, or wait for external ones (pm2)', uses: ['serve', 'cluster'] },
