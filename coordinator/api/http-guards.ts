@@ -9,9 +9,11 @@
  * - Slow clients: a request's headers and body must arrive within the client deadline (10 s by default), and a
  *   request the parser refuses (a header over 16 KiB, Transfer-Encoding with Content-Length, a timeout) gets an
  *   HTTP answer in the OpenAI error shape before the socket closes.
+ * - Request ids: every answer carries `x-request-id`, the client's own when it sent a sane one (requestIdOf).
  */
 import { STATUS_CODES, type IncomingMessage, type ServerOptions, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
+import { randomUUID } from 'node:crypto';
 
 /** An answer other than success, in the OpenAI error shape `{"error": {message, type, param, code}}`. */
 export class HttpError extends Error {
@@ -81,7 +83,7 @@ export class RequestGuards {
     if (!this.anyOrigin && !this.origins.has(origin.trim().toLowerCase()))
       throw new HttpError(403, 'origin_not_allowed', `requests from the browser origin "${origin}" are refused (allow it with --cors-origins)`);
     res.setHeader('access-control-allow-origin', origin);
-    res.setHeader('access-control-expose-headers', 'retry-after');
+    res.setHeader('access-control-expose-headers', 'retry-after, x-request-id');
     res.setHeader('vary', 'origin');
   }
 
@@ -105,6 +107,15 @@ export function requireJson(req: IncomingMessage): void {
   const type = req.headers['content-type'];
   if (type?.split(';')[0]!.trim().toLowerCase() !== 'application/json')
     throw new HttpError(415, 'unsupported_media_type', `the request body must be sent as content-type: application/json, got ${type === undefined ? 'no content-type' : `"${type}"`}`);
+}
+
+/** A client's x-request-id is echoed when it is short printable ASCII without spaces; any other gets a fresh one. */
+const SANE_REQUEST_ID = /^[\x21-\x7e]{1,128}$/;
+
+/** The id this request's answer (and any log line about it) carries: the client's `x-request-id`, or a fresh one. */
+export function requestIdOf(req: IncomingMessage): string {
+  const given = req.headers['x-request-id'];
+  return typeof given === 'string' && SANE_REQUEST_ID.test(given) ? given : randomUUID();
 }
 
 /** Largest request head (request line and headers) read; larger ones get 431. */
@@ -137,7 +148,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex, on
   if (err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || !socket.writable || started) return void socket.destroy();
   const refusal = describeClientError(err);
   const text = JSON.stringify(refusal.body());
-  socket.end(`HTTP/1.1 ${refusal.status} ${STATUS_CODES[refusal.status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`);
+  socket.end(`HTTP/1.1 ${refusal.status} ${STATUS_CODES[refusal.status]}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nx-request-id: ${randomUUID()}\r\nconnection: close\r\n\r\n${text}`);
   setTimeout(() => socket.destroy(), LINGER_MS).unref();
   onAnswer?.(refusal.status);
 }

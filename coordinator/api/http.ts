@@ -1,6 +1,6 @@
 /**
  * The HTTP gateway (node:http), following the OpenAI convention: `/v1/completions`, `/v1/chat/completions`
- * (SSE streaming: `data: {json}\n\n` chunks, then `data: [DONE]`), `/v1/models`, plus `/health` (200 when
+ * (SSE streaming: `data: {json}\n\n` chunks, then `data: [DONE]`), `/v1/models`, `/v1/models/{model}`, plus `/health` (200 when
  * every rank serves, else 503 with the load progress), `/live` (always 200), Prometheus `/metrics` and
  * `/tokenize`.
  *
@@ -8,7 +8,9 @@
  * no `[DONE]`). A full queue is 503 with `retry-after`. A client that disconnects cancels its request, which
  * frees its KV slot. Bodies are capped (413), header and request timeouts are explicit, and with a bearer token
  * every route but the public ones (`/health`, `/live`) needs it (compared in constant time). Binding anywhere but
- * loopback requires the token. Host, Origin, content-type and slow-client checks: http-guards.ts.
+ * loopback requires the token. Host, Origin, content-type and slow-client checks: http-guards.ts. Which body
+ * fields are accepted: openai-request.ts. Every answer carries `x-request-id`; OPTIONS on a route (or `*`) is 204
+ * with Allow.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
@@ -20,7 +22,8 @@ import type { Cluster } from '../cluster.ts';
 import type { ChatPrompter } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
-import { HttpError, RequestGuards, answerClientError, requireJson, slowClientLimits } from './http-guards.ts';
+import { HttpError, RequestGuards, answerClientError, requestIdOf, requireJson, slowClientLimits } from './http-guards.ts';
+import { chatSchema, completionSchema, parseBody, refuseUnsupported, samplingOf, stopsOf, type CommonBody } from './openai-request.ts';
 
 export interface HttpGatewayOptions {
   /** Defaults to 127.0.0.1. */
@@ -41,6 +44,12 @@ export interface HttpGatewayOptions {
   /** a request's headers and body must arrive within this, else the connection closes. Defaults to 10 s. */
   readonly clientTimeoutMs?: number;
 }
+
+/** `/v1/models/{model}`: the one route with a parameter (the model id, URL-encoded). */
+const MODEL_PREFIX = '/v1/models/';
+const MODEL_ROUTE = `${MODEL_PREFIX}{model}`;
+/** The route a request path belongs to: itself, or MODEL_ROUTE for a model's path. */
+const routePath = (path: string): string => (path.startsWith(MODEL_PREFIX) && path.length > MODEL_PREFIX.length ? MODEL_ROUTE : path);
 
 type Handler = (req: IncomingMessage, res: ServerResponse) => Promise<void>;
 
@@ -70,8 +79,19 @@ function sendJson(res: ServerResponse, status: number, body: unknown, headers: R
   res.end(text);
 }
 
+/**
+ * A failure of the server's own (5xx, a full queue aside) is logged on stderr with its request id, so a client's
+ * report (which carries the x-request-id header) finds its log line.
+ */
+function logFailure(res: ServerResponse, status: number, body: ReturnType<typeof errorBody>['body']): void {
+  if (status < 500 || body.error.code === 'WEFT_BUSY') return;
+  const req = res.req as IncomingMessage | undefined;
+  process.stderr.write(`weft: HTTP ${status} ${req?.method ?? ''} ${(req?.url ?? '').split('?')[0]} x-request-id=${String(res.getHeader('x-request-id'))}: ${body.error.code}: ${body.error.message}\n`);
+}
+
 function sendError(res: ServerResponse, err: unknown): void {
   const { status, body } = errorBody(err);
+  logFailure(res, status, body);
   if (res.headersSent) return void res.end();
   sendJson(res, status, body, { ...(err instanceof HttpError && err.headers), ...(status === 503 && { 'retry-after': '1' }) });
 }
@@ -100,65 +120,6 @@ async function readJson(req: IncomingMessage, { bytes: limit, why }: BodyLimit):
   } catch (err) {
     throw new HttpError(400, 'invalid_json', `the request body is not valid JSON: ${(err as Error).message}`);
   }
-}
-
-const tokenIds = z.array(z.number().int().nonnegative()).min(1);
-const common = {
-  model: z.string().optional(),
-  max_tokens: z.number().int().min(1).nullish(),
-  max_completion_tokens: z.number().int().min(1).nullish(),
-  temperature: z.number().nullish(),
-  top_p: z.number().nullish(),
-  top_k: z.number().int().nullish(),
-  seed: z.number().int().nullish(),
-  stop: z.union([z.string(), z.array(z.string()).max(8)]).nullish(),
-  stop_token_ids: z.array(z.number().int()).nullish(),
-  ignore_eos: z.boolean().nullish(),
-  stream: z.boolean().nullish(),
-  stream_options: z.object({ include_usage: z.boolean().nullish() }).loose().nullish(),
-  n: z.number().int().nullish(),
-  best_of: z.number().int().nullish(),
-  logprobs: z.union([z.boolean(), z.number()]).nullish(),
-  top_logprobs: z.number().nullish(),
-  presence_penalty: z.number().nullish(),
-  frequency_penalty: z.number().nullish(),
-  response_format: z.unknown().optional(),
-  chat_template: z.unknown().optional(),
-  chat_template_kwargs: z.unknown().optional(),
-  tools: z.unknown().optional(),
-};
-const completionSchema = z.object({ ...common, prompt: z.union([z.string(), tokenIds, z.array(z.string()).length(1), z.array(tokenIds).length(1)]), echo: z.boolean().nullish() }).loose();
-const contentPart = z.object({ type: z.literal('text'), text: z.string() }).loose();
-const chatSchema = z
-  .object({
-    ...common,
-    messages: z.array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart), z.null()]) }).loose()).min(1),
-  })
-  .loose();
-type CommonBody = z.infer<typeof completionSchema> | z.infer<typeof chatSchema>;
-
-function parseBody<T>(schema: z.ZodType<T>, value: unknown): T {
-  const parsed = schema.safeParse(value);
-  if (parsed.success) return parsed.data;
-  const issue = parsed.error.issues[0];
-  const param = issue?.path.join('.') || null;
-  throw new HttpError(400, 'invalid_request', `${param ?? 'body'}: ${issue?.message ?? 'invalid'}`, param);
-}
-
-/** Fields weft does not implement are refused by name, never ignored. */
-function refuseUnsupported(body: CommonBody): void {
-  const refuse = (param: string, why: string): never => {
-    throw new HttpError(400, 'unsupported', `${param}: ${why}`, param);
-  };
-  if (body.n !== undefined && body.n !== null && body.n !== 1) refuse('n', 'only n = 1 is supported');
-  if (body.best_of !== undefined && body.best_of !== null && body.best_of > 1) refuse('best_of', 'is not supported; use n = 1');
-  if (body.logprobs) refuse('logprobs', 'is not supported yet (use the RPC score call)');
-  if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
-  if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
-  if (body.response_format !== undefined && body.response_format !== null) refuse('response_format', 'structured output is not supported yet');
-  if (body.tools !== undefined && body.tools !== null) refuse('tools', 'tool calling is not supported');
-  if (body.chat_template !== undefined || body.chat_template_kwargs !== undefined) refuse('chat_template', 'templates come from the model directory, never from requests');
-  if ('echo' in body && body.echo) refuse('echo', 'is not supported yet');
 }
 
 /** Holds back text that may be the start of a stop string; ends the text at the first stop string. */
@@ -209,10 +170,12 @@ export class HttpGateway {
     const guards = new RequestGuards({ host, ...(options.allowedHosts && { allowedHosts: options.allowedHosts }), ...(options.corsOrigins && { corsOrigins: options.corsOrigins }) });
     const server = createServer(slowClientLimits(options.clientTimeoutMs ?? 10_000), (req, res) => {
       res.once('finish', () => options.metrics.httpAnswered(res.statusCode));
-      const path = (req.url ?? '/').split('?')[0];
+      res.setHeader('x-request-id', requestIdOf(req));
+      const path = routePath((req.url ?? '/').split('?')[0]!);
       const key = `${req.method} ${path}`;
       const handler = routes.get(key);
-      const methods = [...routes.keys()].filter((k) => k.endsWith(` ${path}`)).map((k) => k.split(' ')[0]!);
+      // `OPTIONS *` asks about the server as a whole: every method it answers somewhere
+      const methods = [...new Set([...routes.keys()].filter((k) => (path === '*' && req.method === 'OPTIONS') || k.endsWith(` ${path}`)).map((k) => k.split(' ')[0]!))];
       try {
         guards.admit(req, res);
       } catch (err) {
@@ -250,7 +213,7 @@ export class HttpGateway {
 
   /** Registered routes, as "METHOD /path" (tests enumerate them for the auth check). */
   static routes(): string[] {
-    return ['GET /health', 'GET /live', 'GET /metrics', 'GET /v1/models', 'POST /v1/completions', 'POST /v1/chat/completions', 'POST /tokenize'];
+    return ['GET /health', 'GET /live', 'GET /metrics', 'GET /v1/models', `GET ${MODEL_ROUTE}`, 'POST /v1/completions', 'POST /v1/chat/completions', 'POST /tokenize'];
   }
 
   async close(): Promise<void> {
@@ -285,9 +248,19 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     res.writeHead(200, { 'content-type': options.metrics.registry.contentType });
     res.end(text);
   });
-  routes.set('GET /v1/models', async (_req, res) =>
-    sendJson(res, 200, { object: 'list', data: [{ id: modelName, object: 'model', created: 0, owned_by: 'weft', max_model_len: cluster.maxContext }] }),
-  );
+  const model = { id: modelName, object: 'model', created: 0, owned_by: 'weft', max_model_len: cluster.maxContext };
+  routes.set('GET /v1/models', async (_req, res) => sendJson(res, 200, { object: 'list', data: [model] }));
+  routes.set(`GET ${MODEL_ROUTE}`, async (req, res) => {
+    const raw = (req.url ?? '').split('?')[0]!.slice(MODEL_PREFIX.length);
+    let id = raw;
+    try {
+      id = decodeURIComponent(raw);
+    } catch {
+      // not valid percent-encoding: the raw text is named in the 404
+    }
+    checkModel(id);
+    sendJson(res, 200, model);
+  });
   routes.set('POST /tokenize', async (req, res) => {
     const body = parseBody(z.object({ prompt: z.string() }).loose(), await readJson(req, limit));
     sendJson(res, 200, { tokens: await cluster.tokenize(body.prompt) });
@@ -298,7 +271,7 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     refuseUnsupported(body);
     const prompt = Array.isArray(body.prompt) && body.prompt.length === 1 && typeof body.prompt[0] !== 'number' ? body.prompt[0]! : body.prompt;
     const request = typeof prompt === 'string' ? { prompt } : { promptIds: prompt as number[] };
-    await complete(cluster, req, res, body, request, 'text_completion', modelName);
+    await complete(cluster, req, res, body, request, samplingOf(body, null, cluster.maxContext), modelName);
   });
   routes.set('POST /v1/chat/completions', async (req, res) => {
     const body = parseBody(chatSchema, await readJson(req, limit));
@@ -306,7 +279,8 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     refuseUnsupported(body);
     if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; use /v1/completions with a prompt`);
     const messages = body.messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
-    await complete(cluster, req, res, body, { promptIds: await options.chatTemplate.promptIds(messages) }, 'chat.completion', modelName);
+    const promptIds = await options.chatTemplate.promptIds(messages);
+    await complete(cluster, req, res, body, { promptIds }, samplingOf(body, promptIds.length, cluster.maxContext), modelName);
   });
   return routes;
 }
@@ -317,20 +291,11 @@ async function complete(
   res: ServerResponse,
   body: CommonBody,
   request: { prompt: string } | { promptIds: number[] },
-  object: 'text_completion' | 'chat.completion',
+  sampling: Record<string, unknown>,
   modelName: string,
 ): Promise<void> {
-  const sampling: Record<string, unknown> = {
-    maxNewTokens: body.max_completion_tokens ?? body.max_tokens ?? 16,
-    temperature: body.temperature ?? 1,
-    topP: body.top_p ?? 1,
-    ...(body.top_k !== undefined && body.top_k !== null && { topK: Math.max(0, body.top_k) }),
-    ...(body.seed !== undefined && body.seed !== null && { seed: body.seed >>> 0 }),
-    ...(body.stop_token_ids && { stopTokenIds: body.stop_token_ids }),
-    ...(body.ignore_eos && { ignoreEos: true }),
-  };
-  const stops = body.stop === undefined || body.stop === null ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop;
-  const matcher = new StopMatcher(stops.filter((s) => s.length > 0));
+  const object = 'messages' in body ? 'chat.completion' : 'text_completion';
+  const matcher = new StopMatcher(stopsOf(body));
   const abort = new AbortController();
   res.on('close', () => abort.abort());
   const handle = await cluster.submit({ ...request, sampling }, { signal: abort.signal }); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
@@ -372,7 +337,9 @@ async function complete(
   } catch (err) {
     if (abort.signal.aborted) return; // the client left
     if (!stream) throw err;
-    write(errorBody(err).body);
+    const { status, body: failure } = errorBody(err);
+    logFailure(res, status, failure);
+    write(failure);
     res.end();
     return;
   }

@@ -1,0 +1,135 @@
+/**
+ * What the OpenAI routes accept, field by field, and how a body becomes sampling parameters.
+ *
+ * Every field a body may carry is declared below; any other one (a typo such as `temprature`, or a field weft
+ * does not implement such as `repetition_penalty` or `min_p`) is a 400 naming it, never silently ignored. Of the
+ * declared ones: most are implemented; vLLM's extras `top_k`, `ignore_eos` and `stop_token_ids` are implemented;
+ * `user` and `safety_identifier` (end-user tags for OpenAI's abuse monitoring) are accepted and change nothing;
+ * the rest (`n`, `best_of`, `logprobs`, penalties, `logit_bias`, `response_format`, `tools`, `store`, `suffix`,
+ * `echo`, a request-supplied chat template) are accepted only with the value that means "off", else a 400 naming
+ * them (refuseUnsupported).
+ */
+import { z } from 'zod';
+import { HttpError } from './http-guards.ts';
+
+/** Completions without `max_tokens` generate this many tokens, as OpenAI's and vLLM's /v1/completions do. */
+export const COMPLETION_DEFAULT_MAX_TOKENS = 16;
+
+const tokenIds = z.array(z.number().int().nonnegative()).min(1);
+const common = {
+  model: z.string().optional(),
+  max_tokens: z.number().int().min(1).nullish(),
+  max_completion_tokens: z.number().int().min(1).nullish(),
+  temperature: z.number().nullish(),
+  top_p: z.number().nullish(),
+  seed: z.number().int().nullish(),
+  stop: z.union([z.string(), z.array(z.string()).max(8)]).nullish(),
+  stream: z.boolean().nullish(),
+  stream_options: z.object({ include_usage: z.boolean().nullish() }).strict().nullish(),
+  // vLLM's extras that weft implements
+  top_k: z.number().int().nullish(),
+  ignore_eos: z.boolean().nullish(),
+  stop_token_ids: z.array(z.number().int()).nullish(),
+  // accepted, change nothing: tags OpenAI uses for abuse monitoring
+  user: z.string().nullish(),
+  safety_identifier: z.string().nullish(),
+  // accepted only when "off" (refuseUnsupported)
+  n: z.number().int().nullish(),
+  logprobs: z.union([z.boolean(), z.number()]).nullish(),
+  presence_penalty: z.number().nullish(),
+  frequency_penalty: z.number().nullish(),
+  logit_bias: z.record(z.string(), z.number()).nullish(),
+};
+export const completionSchema = z
+  .object({
+    ...common,
+    prompt: z.union([z.string(), tokenIds, z.array(z.string()).length(1), z.array(tokenIds).length(1)]),
+    best_of: z.number().int().nullish(),
+    echo: z.boolean().nullish(),
+    suffix: z.string().nullish(),
+  })
+  .strict();
+const contentPart = z.object({ type: z.literal('text'), text: z.string() }).loose();
+export const chatSchema = z
+  .object({
+    ...common,
+    messages: z.array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart), z.null()]) }).loose()).min(1),
+    top_logprobs: z.number().nullish(),
+    response_format: z.unknown().optional(),
+    tools: z.unknown().optional(),
+    tool_choice: z.unknown().optional(),
+    store: z.boolean().nullish(),
+    chat_template: z.unknown().optional(),
+    chat_template_kwargs: z.unknown().optional(),
+  })
+  .strict();
+export type CompletionBody = z.infer<typeof completionSchema>;
+export type ChatBody = z.infer<typeof chatSchema>;
+export type CommonBody = CompletionBody | ChatBody;
+
+/** The body as `schema` reads it; fields it does not declare are refused all at once, by name. */
+export function parseBody<T>(schema: z.ZodType<T>, value: unknown): T {
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const unknown = parsed.error.issues.flatMap((i) => (i.code === 'unrecognized_keys' ? i.keys.map((k) => [...i.path, k].join('.')) : []));
+  if (unknown.length > 0)
+    throw new HttpError(400, 'unsupported_parameter', `unrecognized request field${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')}: weft does not implement ${unknown.length > 1 ? 'them' : 'it'} (README, "Serving", lists the fields it accepts)`, unknown[0]!);
+  const issue = parsed.error.issues[0];
+  const param = issue?.path.join('.') || null;
+  throw new HttpError(400, 'invalid_request', `${param ?? 'body'}: ${issue?.message ?? 'invalid'}`, param);
+}
+
+const isSet = (value: unknown): boolean => value !== undefined && value !== null;
+
+/** Declared fields weft does not implement are refused by name unless they hold the value that means "off". */
+export function refuseUnsupported(body: CommonBody): void {
+  const refuse = (param: string, why: string): never => {
+    throw new HttpError(400, 'unsupported_value', `${param}: ${why}`, param);
+  };
+  if (isSet(body.n) && body.n !== 1) refuse('n', 'only n = 1 is supported');
+  if (body.logprobs) refuse('logprobs', 'is not supported yet (use the RPC score call)');
+  if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
+  if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
+  if (body.logit_bias && Object.keys(body.logit_bias).length > 0) refuse('logit_bias', 'is not supported');
+  if ('prompt' in body) {
+    if (isSet(body.best_of) && body.best_of! > 1) refuse('best_of', 'is not supported; use n = 1');
+    if (body.echo) refuse('echo', 'is not supported yet');
+    if (body.suffix) refuse('suffix', 'is not supported');
+    return;
+  }
+  if (body.top_logprobs) refuse('top_logprobs', 'is not supported yet');
+  const format = body.response_format as { type?: unknown } | null | undefined;
+  if (isSet(format) && format!.type !== 'text') refuse('response_format', 'structured output is not supported yet (only {"type": "text"})');
+  if (isSet(body.tools) && !(Array.isArray(body.tools) && body.tools.length === 0)) refuse('tools', 'tool calling is not supported');
+  if (isSet(body.tool_choice) && body.tool_choice !== 'none' && body.tool_choice !== 'auto') refuse('tool_choice', 'tool calling is not supported');
+  if (body.store) refuse('store', 'weft stores no completions');
+  if (body.chat_template !== undefined || body.chat_template_kwargs !== undefined) refuse('chat_template', 'templates come from the model directory, never from requests');
+}
+
+/**
+ * The sampling parameters of a body. Without `max_tokens` (or `max_completion_tokens`) a chat runs to the end of
+ * the context (`maxContext` minus the prompt), as OpenAI and vLLM do; a completion stops after 16 tokens.
+ */
+export function samplingOf(body: CommonBody, chatPromptLength: number | null, maxContext: number): Record<string, unknown> {
+  let maxNewTokens = body.max_completion_tokens ?? body.max_tokens ?? COMPLETION_DEFAULT_MAX_TOKENS;
+  if (chatPromptLength !== null && !isSet(body.max_completion_tokens) && !isSet(body.max_tokens)) {
+    maxNewTokens = maxContext - chatPromptLength;
+    if (maxNewTokens < 1)
+      throw new HttpError(400, 'context_length_exceeded', `the messages are ${chatPromptLength} tokens, which fill the context of ${maxContext} tokens (--max-context): no room for an answer`, 'messages');
+  }
+  return {
+    maxNewTokens,
+    temperature: body.temperature ?? 1,
+    topP: body.top_p ?? 1,
+    ...(isSet(body.top_k) && { topK: Math.max(0, body.top_k!) }),
+    ...(isSet(body.seed) && { seed: body.seed! >>> 0 }),
+    ...(body.stop_token_ids && { stopTokenIds: body.stop_token_ids }),
+    ...(body.ignore_eos && { ignoreEos: true }),
+  };
+}
+
+/** The stop strings of a body (empty ones dropped). */
+export function stopsOf(body: CommonBody): string[] {
+  const stops = !isSet(body.stop) ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop!;
+  return stops.filter((s) => s.length > 0);
+}
