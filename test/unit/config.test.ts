@@ -148,7 +148,8 @@ test('every flag and WEFT_ variable the README names for running weft is declare
   const readme = readFileSync(README, 'utf8');
   // the sections on running weft (the build and test sections name build variables)
   const running = readme.slice(readme.indexOf('## Run it'), readme.indexOf('## On GPUs')).replace(readmeTable(readme)!, '');
-  const flags = new Set(Object.values(OPTIONS).flatMap((d) => ('flag' in d ? [d.flag as string] : [])));
+  // the declared flags, and the one the program itself has (coordinator/cli.ts)
+  const flags = new Set([...Object.values(OPTIONS).flatMap((d) => ('flag' in d ? [d.flag as string] : [])), '--version']);
   const variables = new Set(Object.values(OPTIONS).flatMap((d) => ('env' in d ? [d.env as string] : [])));
   const named = [...running.matchAll(/(?<![\w-])--[a-z][a-z0-9-]*/g)].map((m) => m[0]);
   assert.ok(named.length > 20, 'the sections were found');
