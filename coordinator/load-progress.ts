@@ -21,7 +21,7 @@ export class LoadProgress {
   /** bytes read and bytes to read, by rank */
   private readonly ranks = new Map<number, { read: number; total: number }>();
   private startedAt: number | null = null;
-  private drawnAt = 0;
+  private drawnAt = -Infinity;
   private drawnFraction = 0;
   /** a plain line or a bar has been written since the load started */
   private shown = false;
@@ -57,12 +57,12 @@ export class LoadProgress {
   done(): void {
     if (this.startedAt !== null && this.shown) {
       const seconds = ((this.now() - this.startedAt) / 1000).toFixed(1);
-      this.out.write(`${this.out.isTTY ? '\r' : ''}weft: loaded ${mib(this.totals().read)} MiB of weights on ${this.ranks.size} ranks in ${seconds} s${this.out.isTTY ? '\x1b[K' : ''}\n`);
+      this.out.write(`${this.out.isTTY ? '\r' : ''}weft: loaded ${mib(this.totals().read)} MiB of weights on ${this.ranks.size} rank${this.ranks.size === 1 ? '' : 's'} in ${seconds} s${this.out.isTTY ? '\x1b[K' : ''}\n`);
     }
     this.ranks.clear();
     this.startedAt = null;
     this.shown = false;
-    this.drawnAt = 0;
+    this.drawnAt = -Infinity;
     this.drawnFraction = 0;
   }
 

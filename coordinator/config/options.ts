@@ -143,7 +143,7 @@ export const OPTIONS = {
   coordinatorTimeoutMs: { flag: '--coordinator-timeout', arg: 'MS', type: milliseconds(1), default: 15_000, help: 'exit when the coordinator is silent this long', uses: ['worker'] },
 
   // clusters under pm2
-  name: { flag: '--name', arg: 'NAME', type: matching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' (64 at most)"), default: 'default', help: 'cluster name (pm2 namespace weft-<name>)', uses: LAUNCHED },
+  name: { flag: '--name', arg: 'NAME', type: matching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' (64 at most)"), default: 'default', help: 'cluster name (pm2 namespace weft-<name>); status without it shows the one cluster running', uses: LAUNCHED },
   home: { type: text, env: 'WEFT_HOME', default: () => join(homedir(), '.weft'), defaultHelp: '~/.weft', help: "where launched clusters keep their files (<home>/<name>)", uses: LAUNCHED },
   waitTimeoutMs: { flag: '--wait-timeout', arg: 'MS', type: milliseconds(1), default: 600_000, help: 'give up waiting for readiness after this', uses: ['launch'] },
   lines: { flag: '--lines', arg: 'N', type: integer(1), default: 50, help: 'lines per process', uses: ['logs'] },
