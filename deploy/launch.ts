@@ -2,8 +2,9 @@
  * `weft launch | status | logs | stop`: a cluster under pm2. launch writes the ecosystem file (and a 0600
  * shared secret for the workers) into the cluster's directory, $WEFT_HOME/<name> (default ~/.weft/<name>),
  * starts it through pm2's programmatic API and waits until `/health` answers 200, showing the ranks' load
- * progress meanwhile (coordinator/load-progress.ts). A coordinator that exits during start-up (a bad model, a busy port) ends the wait at once
- * with its own `weft: CODE: message` line, and the cluster's processes are deleted (so too after the timeout).
+ * progress meanwhile (coordinator/load-progress.ts). A coordinator that exits during start-up (a bad model, a
+ * busy port) ends the wait at once with its own `weft: CODE: message` line, and the cluster's processes are
+ * deleted (so too after the timeout). status without a name finds the one cluster running.
  * stop deletes the cluster's pm2 namespace, waits until every process is gone, and stops the
  * pm2 daemon when nothing else runs under it. pm2 is loaded only here, never by WeftClient.
  */
