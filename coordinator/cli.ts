@@ -3,11 +3,13 @@
  * the options config.ts declares for it. Every failure ends in a non-zero exit and one line on stderr
  * (`weft: CODE: message`); results go to stdout (`--json`: one JSON object).
  */
+import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { startCluster, type Cluster, type ClusterOptions } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
 import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
-import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
+import { LoadProgress } from './load-progress.ts';
+import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandLineValues, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
 
 const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   generate: 'generate text from a prompt',
@@ -21,8 +23,14 @@ const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   worker: 'run one worker rank (started by the coordinator, or by hand to join one)',
 };
 
-/** A command whose flags are its declared options; `run` gets them checked, with the environment and defaults. */
-function command<C extends CommandName>(program: Command, name: C, run: (config: ConfigOf<C>) => Promise<void>): void {
+/** The version package.json gives, for `weft --version`. */
+const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+
+/**
+ * A command whose flags are its declared options; `run` gets them checked, with the environment and defaults,
+ * and the flags as given (to tell a flag left out from one given at its default).
+ */
+function command<C extends CommandName>(program: Command, name: C, run: (config: ConfigOf<C>, flags: CommandLineValues) => Promise<void>): void {
   const cmd = program.command(name).description(DESCRIPTIONS[name]);
   const flagged: [string, Option][] = [];
   for (const [key, decl] of declarationsOf(name)) {
@@ -34,7 +42,7 @@ function command<C extends CommandName>(program: Command, name: C, run: (config:
     flagged.push([key, option]);
   }
   cmd.action(async () => {
-    const flags = Object.fromEntries(flagged.map(([key, option]) => [key, cmd.getOptionValue(option.attributeName()) as string | true | undefined]));
+    const flags: CommandLineValues = Object.fromEntries(flagged.map(([key, option]) => [key, cmd.getOptionValue(option.attributeName()) as string | true | undefined]));
     let config: ConfigOf<C>;
     try {
       processEnvironment(); // a bad WEFT_* variable fails here, before anything starts
@@ -42,7 +50,7 @@ function command<C extends CommandName>(program: Command, name: C, run: (config:
     } catch (err) {
       throw asConfigError(err);
     }
-    await run(config);
+    await run(config, flags);
   });
 }
 
@@ -54,8 +62,15 @@ function asConfigError(err: unknown): unknown {
   return isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' ? new WeftError('WEFT_BAD_CONFIG', err.message, { cause: err }) : err;
 }
 
+/** startCluster's onProgress, drawn on stderr (a bar on a terminal, plain lines in a log); done() when the load ends. */
+function loadProgress(config: ConfigOf<'generate' | 'score' | 'serve'>): { progress: LoadProgress; onProgress: NonNullable<ClusterOptions['onProgress']> } {
+  const progress = new LoadProgress(process.stderr, config.tp);
+  return { progress, onProgress: (rank, bytesRead, bytesTotal) => progress.update(rank, bytesRead, bytesTotal) };
+}
+
 async function withCluster<T>(config: ConfigOf<'generate' | 'score'>, run: (cluster: Cluster) => Promise<T>): Promise<T> {
-  const cluster = await startCluster(clusterOptionsOf(config) as unknown as ClusterOptions);
+  const { progress, onProgress } = loadProgress(config);
+  const cluster = await startCluster({ ...(clusterOptionsOf(config) as unknown as ClusterOptions), onProgress }).finally(() => progress.done());
   const stop = (): void => void cluster.close().finally(() => process.exit(130));
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
@@ -108,6 +123,7 @@ async function serveCommand(config: ConfigOf<'serve'>): Promise<void> {
   const { serve, readCurveDir } = await import('./serve.ts');
   const emit = (event: Record<string, unknown>): void => void process.stdout.write(JSON.stringify(event) + '\n');
   const { host, rpcPort, httpPort, apiKey, curveDir, allowedHosts, corsOrigins, clientTimeoutMs, logIntervalSeconds, logFormat } = config;
+  const { progress, onProgress } = loadProgress(config);
   const server = await serve({
     ...(clusterOptionsOf(config) as unknown as ClusterOptions),
     host,
@@ -120,9 +136,12 @@ async function serveCommand(config: ConfigOf<'serve'>): Promise<void> {
     ...(curveDir !== undefined && { curve: readCurveDir(curveDir) }),
     ...(allowedHosts !== undefined && { allowedHosts }),
     ...(corsOrigins !== undefined && { corsOrigins }),
-    onProgress: () => undefined,
-    onStateChange: (state, detail) => emit({ event: 'state', state, detail }),
-  });
+    onProgress,
+    onStateChange: (state, detail) => {
+      if (state !== 'loading' && state !== 'recovering') progress.done();
+      emit({ event: 'state', state, detail });
+    },
+  }).finally(() => progress.done());
   emit({ event: 'listening', rpc: server.rpcEndpoint, http: server.httpUrl, model: server.cluster.info().name, tp: config.tp });
   // null: stopped by a signal; else the fault that ends the server (main prints it and picks the exit code)
   const fault = await new Promise<unknown>((resolve) => {
@@ -143,7 +162,7 @@ interface WorkerEntry {
 }
 
 function buildProgram(): Command {
-  const program = new Command('weft').description('tensor-parallel LLM inference').exitOverride().showHelpAfterError(false);
+  const program = new Command('weft').description('tensor-parallel LLM inference').version(VERSION, '-V, --version', 'print the version').exitOverride().showHelpAfterError(false);
   program.configureOutput({ writeErr: (text) => process.stderr.write(text.startsWith('error:') ? `weft: ${text}` : text) });
   command(program, 'generate', generate);
   command(program, 'score', score);
@@ -153,10 +172,13 @@ function buildProgram(): Command {
     const record = await launch(config);
     process.stdout.write(JSON.stringify({ event: 'ready', name: record.name, http: record.http, rpc: record.rpc, ecosystem: record.ecosystem }) + '\n');
   });
-  command(program, 'status', async (config) => {
-    const { status } = await import('../deploy/launch.ts');
-    const result = await status(config);
-    if (config.json) return void process.stdout.write(JSON.stringify(result) + '\n');
+  command(program, 'status', async (config, flags) => {
+    const { status, onlyRunningCluster } = await import('../deploy/launch.ts');
+    // without --name: the one cluster running, whatever its name
+    const name = flags.name === undefined ? await onlyRunningCluster(config.home) : config.name;
+    const result = await status({ ...config, name });
+    if (config.json) return void process.stdout.write(JSON.stringify({ name, ...result }) + '\n');
+    process.stdout.write(`cluster ${name}\n`);
     for (const app of result.apps) process.stdout.write(`${app.name.padEnd(32)} ${app.status.padEnd(10)} pid ${String(app.pid).padEnd(8)} restarts ${app.restarts}  up ${app.uptimeS}s\n`);
     process.stdout.write(`health: ${JSON.stringify(result.health)}\n`);
   });

@@ -22,7 +22,7 @@ import { planShards, type ShardPlan } from '../core/shard-plan.ts';
 import { loadTokenizer, type DecodeOptions, type EncodeOptions, type WeftTokenizer } from './tokenizer.ts';
 import { TextPool } from './text-pool.ts';
 import type { ChatMessage, ChatPrompter } from './chat-template.ts';
-import { parseSamplingParams, validatePromptIds } from './sampling-params.ts';
+import { contextName, parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
@@ -414,8 +414,13 @@ export class Cluster {
   private async promptIds(request: GenerateRequest): Promise<number[]> {
     if ((request.prompt === undefined) === (request.promptIds === undefined))
       throw new WeftError('WEFT_BAD_REQUEST', 'give exactly one of prompt (text) and promptIds (token ids)');
-    const ids = request.prompt !== undefined ? await this.tokenizeWithin(request.prompt, 'the prompt', { maxTokens: this.maxContext }) : request.promptIds;
-    return validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
+    const ids = request.prompt !== undefined ? await this.tokenizeWithin(request.prompt, 'the prompt', { maxTokens: this.maxContext, contextName: this.contextName }) : request.promptIds;
+    return validatePromptIds(ids, this.spec.vocabSize, this.maxContext, this.contextName);
+  }
+
+  /** How messages name the context limit: the --max-context cap when it is what binds, else the model's own. */
+  private get contextName(): string {
+    return contextName(this.maxContext, this.options.maxContext === this.maxContext);
   }
 
   /** The longest text (prompt, chat) this cluster tokenizes: its context × the most characters one token spells. */
@@ -433,7 +438,7 @@ export class Cluster {
       );
   }
 
-  private async tokenizeWithin(text: string, what: string, options: EncodeOptions & { maxTokens?: number }): Promise<number[]> {
+  private async tokenizeWithin(text: string, what: string, options: EncodeOptions & { maxTokens?: number; contextName?: string }): Promise<number[]> {
     if (typeof text !== 'string') throw new WeftError('WEFT_BAD_REQUEST', `text to encode must be a string, got ${typeof text}`);
     this.checkTextLength(what, text.length);
     return this.text.encode(text, options);
@@ -452,7 +457,7 @@ export class Cluster {
   /** The chat template's prompt ids for `messages`; refused before rendering when the messages are longer than the context could hold. */
   private async chatPromptIds(messages: readonly ChatMessage[]): Promise<number[]> {
     this.checkTextLength(`the chat (${messages.length} messages)`, messages.reduce((sum, m) => sum + m.role.length + m.content.length, 0));
-    return this.text.chatPromptIds(messages, { maxChars: this.tokenizer.maxTextChars(this.maxContext), maxTokens: this.maxContext });
+    return this.text.chatPromptIds(messages, { maxChars: this.tokenizer.maxTextChars(this.maxContext), maxTokens: this.maxContext, contextName: this.contextName });
   }
 
   /**
@@ -463,7 +468,7 @@ export class Cluster {
     this.checkOpen();
     const promptIds = await this.promptIds(request);
     this.checkOpen(); // it may have closed while the prompt was tokenized
-    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
+    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);
@@ -493,7 +498,7 @@ export class Cluster {
   /** Log-probabilities of each token of `ids` given the ones before it, in one forward pass. */
   async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number } = {}): Promise<ScoreResult> {
     this.checkOpen();
-    const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext);
+    const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext, this.contextName);
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined);
   }

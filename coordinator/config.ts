@@ -73,10 +73,11 @@ export function describeDefault(decl: Declaration, context?: Context): string | 
 /** Checks that involve more than one option, by where they apply. */
 const CROSS_CHECKS: readonly { readonly uses: readonly Context[]; problem(c: Record<string, unknown>): string | null }[] = [
   { uses: ['generate'], problem: (c) => (c.prompt === undefined && c.promptIds === undefined ? 'give --prompt or --prompt-ids' : null) },
+  { uses: ['generate'], problem: (c) => (c.prompt !== undefined && c.promptIds !== undefined ? '--prompt and --prompt-ids were both given: give one of them' : null) },
   { uses: ['serve'], problem: (c) => (c.workers === 'external' && !c.workerPort && c.workerSocketDir === undefined ? '--workers external needs a fixed --worker-port or --worker-socket-dir' : null) },
   { uses: ['worker'], problem: (c) => ((c.rank as number) >= (c.world as number) ? `--rank ${c.rank} must be below --world ${c.world}` : null) },
   {
-    uses: ['generate', 'score', 'serve', 'cluster'],
+    uses: ['generate', 'serve', 'cluster'],
     problem: (c) => {
       const gpus = c.draftGpus as readonly number[] | undefined;
       return gpus && gpus.length !== c.draftTp ? `the draft lists ${gpus.length} GPUs for a draft TP degree of ${c.draftTp}: give one GPU per draft rank` : null;
@@ -122,7 +123,7 @@ function resolve(context: Context, read: (key: OptionKey, decl: Declaration) => 
 /** The raw values commander parsed, by option key: strings, or `true` for a switch that was given. */
 export type CommandLineValues = Readonly<Partial<Record<OptionKey, string | true>>>;
 
-/** Options whose value a file flag gives instead (read here): the file wins over the option's variable. */
+/** Options whose value a file flag (or that flag's variable) gives instead, read here: the file wins over the option's variable. */
 const FROM_FILE: Partial<Record<OptionKey, { readonly key: OptionKey; readonly flag: string; readonly privateFile: boolean }>> = {
   workerSecret: { key: 'workerSecretFile', flag: OPTIONS.workerSecretFile.flag, privateFile: false },
   workerCurve: { key: 'workerCurveFile', flag: OPTIONS.workerCurveFile.flag, privateFile: true },
@@ -130,19 +131,25 @@ const FROM_FILE: Partial<Record<OptionKey, { readonly key: OptionKey; readonly f
 
 /**
  * A command's configuration from its flags and the environment: a flag wins over its variable, and a variable
- * over the default. `--worker-secret-file` wins over WEFT_WORKER_SECRET and `--worker-curve-file` over
- * WEFT_WORKER_CURVE; both are read here.
+ * over the default. `--worker-secret-file` (or WEFT_WORKER_SECRET_FILE) wins over WEFT_WORKER_SECRET and
+ * `--worker-curve-file` over WEFT_WORKER_CURVE; both files are read here.
  */
 export function commandConfig<C extends CommandName>(command: C, flags: CommandLineValues, env: NodeJS.ProcessEnv = process.env): ConfigOf<C> {
   return resolve(command, (key, decl) => {
     const fromFile = FROM_FILE[key];
-    const file = fromFile && flags[fromFile.key];
+    const file = fromFile && (flags[fromFile.key] ?? given(OPTIONS[fromFile.key], env));
     if (fromFile && typeof file === 'string') return { value: readOptionFile(file, fromFile.flag, fromFile.privateFile), from: `the file ${file}`, isText: true };
     const flagged = flags[key];
     if (decl.flag !== undefined && flagged !== undefined) return flagged === true ? { value: true, from: decl.flag, isText: false } : { value: flagged, from: decl.flag, isText: true };
-    const variable = decl.env === undefined ? undefined : env[decl.env];
-    return variable === undefined || variable === '' ? undefined : { value: variable, from: decl.env!, isText: true };
+    const variable = given(decl, env);
+    return variable === undefined ? undefined : { value: variable, from: decl.env!, isText: true };
   }) as ConfigOf<C>;
+}
+
+/** The value of an option's environment mirror; an empty variable is unset. */
+function given(decl: Declaration, env: NodeJS.ProcessEnv): string | undefined {
+  const variable = decl.env === undefined ? undefined : env[decl.env];
+  return variable === '' ? undefined : variable;
 }
 
 /** A file option's text; a private one (keys) must not be readable by other users. */
@@ -202,6 +209,16 @@ export function argvFor<C extends CommandName>(command: C, values: Partial<Confi
     else if (value === true) argv.push(decl.flag); // a switch: given or not
   }
   return argv;
+}
+
+/** The environment mirrors of these options' flags (WEFT_TP for tp, ...): an option without a flag or a mirror has none. */
+export function flagMirrors(keys: Iterable<string>): string[] {
+  const mirrors = new Set<string>();
+  for (const key of keys) {
+    const decl = (OPTIONS as Record<string, Declaration>)[key];
+    if (decl?.flag !== undefined && decl.env !== undefined) mirrors.add(decl.env);
+  }
+  return [...mirrors];
 }
 
 /** The options read only from the environment (no flag), for this process. */

@@ -28,8 +28,10 @@ export interface SamplingParams {
 }
 
 export interface SamplingLimits {
-  /** the model's context length (prompt + generated tokens) */
+  /** the context length (prompt + generated tokens): the model's own, or the --max-context cap when smaller */
   maxContext: number;
+  /** how messages name that limit (contextName); default: the model's context */
+  contextName?: string;
   /** tokens in the prompt, BOS included; must be >= 1 */
   promptLength: number;
   /** width of the logits (the model's vocab_size) */
@@ -148,7 +150,7 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     stopTokenIds: p.stopTokenIds ?? [...SAMPLING_DEFAULTS.stopTokenIds],
   };
 
-  const { maxContext, promptLength, vocabSize } = limits;
+  const { maxContext, promptLength, vocabSize, contextName: limitName = contextName(maxContext, false) } = limits;
   if (params.topK > vocabSize)
     throw bad(`sampling parameter ${nameOf('topK')} must be <= the vocabulary size ${vocabSize} (0 = off), got ${params.topK}`);
   params.stopTokenIds.forEach((id, i) => {
@@ -159,19 +161,27 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     throw bad(`the prompt must hold at least one token, got ${show(promptLength)}`);
   if (promptLength + params.maxNewTokens > maxContext)
     throw bad(
-      `prompt of ${promptLength} tokens plus ${nameOf('maxNewTokens')} ${params.maxNewTokens} exceeds the model's context of ${maxContext} tokens`,
+      `prompt of ${promptLength} tokens plus ${nameOf('maxNewTokens')} ${params.maxNewTokens} exceeds ${limitName}`,
     );
   return params;
 }
 
 /**
- * Checks a prompt given as token ids: a non-empty array of integers in [0, vocabSize), at most
- * `maxContext` long. Returns a copy; throws WeftError WEFT_BAD_REQUEST naming the first bad index.
+ * How a message names the context limit: the operator's --max-context cap (`maxContext` in startCluster) when
+ * that is what binds, else the model's own context, so that a refused prompt says which to change.
  */
-export function validatePromptIds(ids: unknown, vocabSize: number, maxContext: number): number[] {
+export function contextName(maxContext: number, capped: boolean): string {
+  return capped ? `the --max-context cap of ${maxContext} tokens` : `the model's context of ${maxContext} tokens`;
+}
+
+/**
+ * Checks a prompt given as token ids: a non-empty array of integers in [0, vocabSize), at most
+ * `maxContext` long (named by `limitName`). Returns a copy; throws WeftError WEFT_BAD_REQUEST naming the first bad index.
+ */
+export function validatePromptIds(ids: unknown, vocabSize: number, maxContext: number, limitName = contextName(maxContext, false)): number[] {
   if (!Array.isArray(ids)) throw bad(`prompt token ids must be an array, got ${show(ids)}`);
   if (ids.length === 0) throw bad('prompt token ids must not be empty');
-  if (ids.length > maxContext) throw bad(`prompt of ${ids.length} tokens exceeds the model's context of ${maxContext} tokens`);
+  if (ids.length > maxContext) throw bad(`prompt of ${ids.length} tokens exceeds ${limitName}`);
   const out = new Array<number>(ids.length);
   for (let i = 0; i < ids.length; i++) {
     const id: unknown = ids[i];

@@ -17,11 +17,11 @@ import { WeftError, type WeftErrorCode } from '../core/errors.ts';
 import { LOAD_BUDGET_MS, type ChatMessage } from './chat-template.ts';
 import type { DecodeOptions, EncodeOptions } from './tokenizer.ts';
 
-/** What a thread is asked to do. `maxTokens`: refuse a result longer than the context. */
+/** What a thread is asked to do. `maxTokens`: refuse a result longer than the context (`contextName` names it). */
 export type TextCall =
-  | { readonly op: 'encode'; readonly text: string; readonly addBos?: boolean; readonly maxTokens?: number }
+  | { readonly op: 'encode'; readonly text: string; readonly addBos?: boolean; readonly maxTokens?: number; readonly contextName?: string }
   | { readonly op: 'decode'; readonly ids: readonly number[]; readonly skipSpecial?: boolean }
-  | { readonly op: 'chat'; readonly messages: readonly ChatMessage[]; readonly maxChars: number; readonly maxTokens?: number }
+  | { readonly op: 'chat'; readonly messages: readonly ChatMessage[]; readonly maxChars: number; readonly maxTokens?: number; readonly contextName?: string }
   | { readonly op: 'probe' };
 
 /** The thread's workerData. */
@@ -115,7 +115,7 @@ export class TextPool {
   }
 
   /** Token ids of `text`; with `maxTokens`, refused (WEFT_BAD_REQUEST) when there are more. */
-  async encode(text: string, options: EncodeOptions & { maxTokens?: number } = {}): Promise<number[]> {
+  async encode(text: string, options: EncodeOptions & { maxTokens?: number; contextName?: string } = {}): Promise<number[]> {
     const ids = await this.run({ op: 'encode', text, ...options }, this.options.budgetMs, `tokenizing a text of ${text.length} characters`);
     return Array.from(ids as Int32Array);
   }
@@ -125,7 +125,7 @@ export class TextPool {
   }
 
   /** The chat template rendered for `messages` (output capped at `maxChars`), encoded without an added BOS. */
-  async chatPromptIds(messages: readonly ChatMessage[], limits: { maxChars: number; maxTokens?: number }): Promise<number[]> {
+  async chatPromptIds(messages: readonly ChatMessage[], limits: { maxChars: number; maxTokens?: number; contextName?: string }): Promise<number[]> {
     const ids = await this.run({ op: 'chat', messages, ...limits }, this.options.budgetMs, `rendering the chat template for ${messages.length} messages`);
     return Array.from(ids as Int32Array);
   }

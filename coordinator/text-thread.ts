@@ -9,6 +9,7 @@ import { constants, setPriority } from 'node:os';
 import { WeftError, isWeftError } from '../core/errors.ts';
 import { loadTokenizer, type WeftTokenizer } from './tokenizer.ts';
 import { ChatTemplate } from './chat-template.ts';
+import { contextName } from './sampling-params.ts';
 import type { TextCall, TextThreadData, TextThreadMessage } from './text-pool.ts';
 
 const port = parentPort!;
@@ -19,20 +20,20 @@ const failure = (err: unknown): { code: string; message: string } => ({
 });
 
 /** Token ids, refused when there are more than the context holds (the message validatePromptIds gives). */
-function fitting(ids: number[], maxTokens: number | undefined): Int32Array {
-  if (maxTokens !== undefined && ids.length > maxTokens) throw new WeftError('WEFT_BAD_REQUEST', `prompt of ${ids.length} tokens exceeds the model's context of ${maxTokens} tokens`);
+function fitting(ids: number[], maxTokens: number | undefined, limitName: string | undefined): Int32Array {
+  if (maxTokens !== undefined && ids.length > maxTokens) throw new WeftError('WEFT_BAD_REQUEST', `prompt of ${ids.length} tokens exceeds ${limitName ?? contextName(maxTokens, false)}`);
   return Int32Array.from(ids);
 }
 
 function run(tokenizer: WeftTokenizer, chat: ChatTemplate | null, call: TextCall): string | Int32Array | null {
   switch (call.op) {
     case 'encode':
-      return fitting(tokenizer.encode(call.text, call.addBos === undefined ? {} : { addBos: call.addBos }), call.maxTokens);
+      return fitting(tokenizer.encode(call.text, call.addBos === undefined ? {} : { addBos: call.addBos }), call.maxTokens, call.contextName);
     case 'decode':
       return tokenizer.decode(call.ids, call.skipSpecial === undefined ? {} : { skipSpecial: call.skipSpecial });
     case 'chat':
       if (!chat) throw new WeftError('WEFT_BAD_REQUEST', 'the model has no chat template');
-      return fitting(tokenizer.encode(chat.render(call.messages, call.maxChars), { addBos: false }), call.maxTokens);
+      return fitting(tokenizer.encode(chat.render(call.messages, call.maxChars), { addBos: false }), call.maxTokens, call.contextName);
     case 'probe':
       chat?.probe();
       return null;

@@ -8,7 +8,7 @@
  */
 import { join } from 'node:path';
 import { EXIT_CONFIG, WeftError } from '../core/errors.ts';
-import { NCCL_ENVIRONMENT, argvFor, type ConfigOf } from '../coordinator/config.ts';
+import { NCCL_ENVIRONMENT, argvFor, declarationsOf, flagMirrors, type ConfigOf } from '../coordinator/config.ts';
 import { workerEndpointIn } from '../coordinator/worker-transport.ts';
 
 export interface EcosystemConfig {
@@ -85,7 +85,10 @@ export function buildEcosystem(config: EcosystemConfig): { apps: Pm2App[] } {
   if (socketDir === null && !workerPort) throw new WeftError('WEFT_BAD_REQUEST', 'an ecosystem needs a socket directory or a fixed worker port');
   const endpoint = socketDir !== null ? workerEndpointIn(socketDir) : `tcp://127.0.0.1:${workerPort}`;
   const serve = { ...config.serve, workers: 'external' as const, workerSecretFile: secretFile, ...(socketDir !== null && { workerSocketDir: socketDir }) };
-  const coordinator = shared('coordinator', argvFor('serve', serve), {});
+  // launch resolved these options, and the worker socket (pm2 hands the coordinator launch's environment): their
+  // mirrors must not override the argv, which leaves values at their default out
+  const resolved = flagMirrors([...declarationsOf('launch').map(([key]) => key), ...Object.keys(serve), 'workerSocketDir']);
+  const coordinator = shared('coordinator', argvFor('serve', serve), Object.fromEntries(resolved.map((variable) => [variable, ''])));
   const workers = Array.from({ length: tp }, (_, rank) =>
     shared(`rank-${rank}`, argvFor('worker', { coordinator: endpoint, rank, world: tp, workerSecretFile: secretFile }), {
       WEFT_RANK: String(rank),

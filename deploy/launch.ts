@@ -1,13 +1,14 @@
 /**
  * `weft launch | status | logs | stop`: a cluster under pm2. launch writes the ecosystem file (and a 0600
  * shared secret for the workers) into the cluster's directory, $WEFT_HOME/<name> (default ~/.weft/<name>),
- * starts it through pm2's programmatic API and waits until `/health` answers 200, printing each rank's load
- * progress meanwhile. A coordinator that exits during start-up (a bad model, a busy port) ends the wait at once
- * with its own `weft: CODE: message` line, and the cluster's processes are deleted (so too after the timeout).
+ * starts it through pm2's programmatic API and waits until `/health` answers 200, showing the ranks' load
+ * progress meanwhile (coordinator/load-progress.ts). A coordinator that exits during start-up (a bad model, a
+ * busy port) ends the wait at once with its own `weft: CODE: message` line, and the cluster's processes are
+ * deleted (so too after the timeout). status without a name finds the one cluster running.
  * stop deletes the cluster's pm2 namespace, waits until every process is gone, and stops the
  * pm2 daemon when nothing else runs under it. pm2 is loaded only here, never by WeftClient.
  */
-import { mkdirSync, writeFileSync, readFileSync, existsSync, statSync, openSync, readSync, closeSync, rmSync } from 'node:fs';
+import { mkdirSync, writeFileSync, readFileSync, readdirSync, existsSync, statSync, openSync, readSync, closeSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
@@ -17,6 +18,7 @@ import { EXIT_CONFIG, WeftError, type WeftErrorCode } from '../core/errors.ts';
 import { buildEcosystem } from './ecosystem.ts';
 import { WEFT_BIN, type ConfigOf } from '../coordinator/config.ts';
 import { makeSocketDir } from '../core/transport.ts';
+import { LoadProgress, type ProgressOut } from '../coordinator/load-progress.ts';
 
 /** A launched cluster: its name and the home its files live under ($WEFT_HOME). */
 export type ClusterRef = Pick<ConfigOf<'status'>, 'name' | 'home'>;
@@ -65,7 +67,11 @@ function readRecord(cluster: ClusterRef): ClusterRecord {
   return JSON.parse(readFileSync(path, 'utf8')) as ClusterRecord;
 }
 
-export async function launch(config: ConfigOf<'launch'>, log = (line: string): void => void process.stderr.write(line + '\n')): Promise<ClusterRecord> {
+export async function launch(
+  config: ConfigOf<'launch'>,
+  log = (line: string): void => void process.stderr.write(line + '\n'),
+  progressOut: ProgressOut = process.stderr,
+): Promise<ClusterRecord> {
   const { name, tp } = config;
   const gpus = config.device === 'cuda' ? (config.gpus ?? Array.from({ length: tp }, (_, i) => i)) : null;
   const dir = clusterDir(config);
@@ -113,7 +119,7 @@ export async function launch(config: ConfigOf<'launch'>, log = (line: string): v
     await p2((cb) => api.start(ecosystem as unknown as pm2.StartOptions, cb));
     // one pm2 connection for the whole launch: pm2's client crashes when it reconnects right after a disconnect
     try {
-      await waitReady(record, config.waitTimeoutMs, log, () => coordinatorExit(api, record));
+      await waitReady(record, config.waitTimeoutMs, log, () => coordinatorExit(api, record), progressOut);
     } catch (err) {
       log(`weft: ${name} did not start; deleting its pm2 processes`);
       await deleteCluster(api, record).catch((stopErr: unknown) => log(`weft: could not delete the processes of ${name}: ${(stopErr as Error).message}`));
@@ -150,31 +156,50 @@ async function coordinatorExit(api: typeof pm2, record: ClusterRecord): Promise<
   return new WeftError(exitCode === EXIT_CONFIG ? 'WEFT_BAD_CONFIG' : 'WEFT_WORKER_DIED', `${how}${last ? `; its last line: ${last}` : ''}; see weft logs --name ${record.name}`);
 }
 
-/** Poll /health until 200, printing per-rank load progress; fail if the coordinator exits or the deadline passes. */
-async function waitReady(record: ClusterRecord, timeoutMs: number, log: (line: string) => void, exited: () => Promise<WeftError | null>): Promise<void> {
+/** Poll /health until 200, showing the ranks' load progress; fail if the coordinator exits or the deadline passes. */
+async function waitReady(record: ClusterRecord, timeoutMs: number, log: (line: string) => void, exited: () => Promise<WeftError | null>, progressOut: ProgressOut): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  let lastLine = '';
-  while (Date.now() < deadline) {
-    const failure = await exited();
-    if (failure) throw failure;
-    try {
-      const res = await fetch(`${record.http}/health`, { signal: AbortSignal.timeout(2000) });
-      const body = (await res.json()) as { status: string; ranks?: { rank: number; bytesRead: number; bytesTotal: number; joined: boolean }[] };
-      if (res.status === 200) {
-        log(`weft: ${record.name} is ready: HTTP ${record.http}, RPC ${record.rpc}`);
-        return;
+  const progress = new LoadProgress(progressOut, record.apps.length - 1);
+  let listening = true;
+  try {
+    while (Date.now() < deadline) {
+      const failure = await exited();
+      if (failure) throw failure;
+      try {
+        const res = await fetch(`${record.http}/health`, { signal: AbortSignal.timeout(2000) });
+        const body = (await res.json()) as { status: string; ranks?: { rank: number; bytesRead: number; bytesTotal: number; joined: boolean }[] };
+        if (res.status === 200) {
+          progress.done();
+          log(`weft: ${record.name} is ready: HTTP ${record.http}, RPC ${record.rpc}`);
+          return;
+        }
+        listening = true;
+        for (const r of body.ranks ?? []) if (r.joined) progress.update(r.rank, r.bytesRead, r.bytesTotal);
+      } catch {
+        if (listening) log('weft: waiting for the coordinator to listen');
+        listening = false;
       }
-      const ranks = (body.ranks ?? []).map((r) => `rank ${r.rank} ${r.joined ? `${(r.bytesRead / 2 ** 20).toFixed(1)}/${(r.bytesTotal / 2 ** 20).toFixed(1)} MiB` : 'starting'}`);
-      const line = `weft: ${body.status}: ${ranks.join(', ')}`;
-      if (line !== lastLine) log(line);
-      lastLine = line;
-    } catch {
-      if (lastLine !== 'starting') log('weft: waiting for the coordinator to listen');
-      lastLine = 'starting';
+      await new Promise((r) => setTimeout(r, 250));
     }
-    await new Promise((r) => setTimeout(r, 250));
+  } finally {
+    progress.done();
   }
   throw new WeftError('WEFT_TIMEOUT', `cluster "${record.name}" was not ready within ${timeoutMs} ms; see weft logs --name ${record.name}`);
+}
+
+/**
+ * The name of the one launched cluster (under `home`) with processes in pm2, for `weft status` without --name;
+ * none or several are refused, the latter naming them. pm2 is asked only when some cluster was launched.
+ */
+export async function onlyRunningCluster(home: string): Promise<string> {
+  const launched = existsSync(home) ? readdirSync(home).sort().filter((name) => existsSync(join(home, name, 'cluster.json'))).map((name) => readRecord({ name, home })) : [];
+  const running = launched.length === 0 ? [] : await withPm2(async (api) => {
+    const names = new Set((await p2<pm2.ProcessDescription[]>((cb) => api.list(cb))).map((p) => p.name));
+    return launched.filter((record) => record.apps.some((app) => names.has(app.name))).map((record) => record.name);
+  });
+  if (running.length === 1) return running[0]!;
+  if (running.length === 0) throw new WeftError('WEFT_BAD_REQUEST', `no launched cluster is running (none under pm2 from ${home}); start one with weft launch`);
+  throw new WeftError('WEFT_BAD_REQUEST', `${running.length} clusters are running: ${running.join(', ')}; name one with --name`);
 }
 
 export interface AppStatus {

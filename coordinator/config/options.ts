@@ -39,6 +39,8 @@ export interface OptionDeclaration<T> {
 }
 
 const CLUSTER = ['generate', 'score', 'serve', 'cluster'] as const;
+/** where a draft model applies: scoring reads the target's log-probabilities alone */
+const SPECULATING = ['generate', 'serve', 'cluster'] as const;
 const LAUNCHED = ['launch', 'status', 'logs', 'stop'] as const;
 const port = integer(0, 65535);
 const threadsFor = (ranks: unknown): number => Math.max(1, Math.floor(availableParallelism() / (ranks as number)));
@@ -46,30 +48,30 @@ const threadsFor = (ranks: unknown): number => Math.max(1, Math.floor(availableP
 // `satisfies` checks each entry; `any` lets each entry keep its own value type (ConfigOf reads it back).
 export const OPTIONS = {
   // the model and its split
-  modelDir: { flag: '--model', arg: 'DIR', type: text, help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch'], required: true },
+  modelDir: { flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch'], required: true },
   tp: {
-    flag: '--tp', arg: 'N', type: integer(1), default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
+    flag: '--tp', arg: 'N', type: integer(1), env: 'WEFT_TP', default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
     help: 'tensor-parallel degree (worker processes)', uses: [...CLUSTER, 'launch'],
   },
-  device: { flag: '--device', arg: 'cpu|cuda', type: oneOf('cpu', 'cuda'), default: 'cpu', defaultIn: { launch: 'cuda' }, defaultHelp: 'cpu (launch: cuda)', help: 'compute backend', uses: [...CLUSTER, 'launch'] },
+  device: { flag: '--device', arg: 'cpu|cuda', type: oneOf('cpu', 'cuda'), env: 'WEFT_DEVICE', default: 'cpu', defaultIn: { launch: 'cuda' }, defaultHelp: 'cpu (launch: cuda)', help: 'compute backend', uses: [...CLUSTER, 'launch'] },
   gpus: { flag: '--gpus', arg: 'LIST', type: idList, defaultHelp: '0..N-1', help: 'GPU index per rank, e.g. 0,1,2,3', uses: ['launch'] },
-  expertParallel: { flag: '--expert-parallel', type: flag, default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
-  maxContext: { flag: '--max-context', arg: 'N', type: integer(1), default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
-  kvSlots: { flag: '--kv-slots', arg: 'N', type: integer(1), default: 4, help: 'sequences with a KV cache at once', uses: [...CLUSTER, 'launch'] },
+  expertParallel: { flag: '--expert-parallel', type: flag, env: 'WEFT_EXPERT_PARALLEL', default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
+  maxContext: { flag: '--max-context', arg: 'N', type: integer(1), env: 'WEFT_MAX_CONTEXT', default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
+  kvSlots: { flag: '--kv-slots', arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: 4, help: 'sequences with a KV cache at once', uses: [...CLUSTER, 'launch'] },
   kvDtype: {
-    flag: '--kv-dtype', arg: 'auto|f32|bf16', type: oneOf('auto', 'f32', 'bf16'), default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
+    flag: '--kv-dtype', arg: 'auto|f32|bf16', type: oneOf('auto', 'f32', 'bf16'), env: 'WEFT_KV_DTYPE', default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
     help: "the KV cache's element type (bf16 halves the bytes decode attention reads; arithmetic stays fp32)", uses: [...CLUSTER, 'launch'],
   },
-  threads: { flag: '--threads', arg: 'N', type: integer(1), default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
+  threads: { flag: '--threads', arg: 'N', type: integer(1), env: 'WEFT_THREADS', default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 
   // speculative decoding
-  draftModelDir: { flag: '--draft', arg: 'DIR', type: text, help: 'draft model (same vocabulary) for speculative decoding', uses: [...CLUSTER, 'launch'], field: 'draft.modelDir' },
+  draftModelDir: { flag: '--draft', arg: 'DIR', type: text, env: 'WEFT_DRAFT', help: 'draft model (same vocabulary) for speculative decoding', uses: [...SPECULATING, 'launch'], field: 'draft.modelDir' },
   draftTp: {
-    flag: '--draft-tp', arg: 'N', type: integer(1), default: (c: Resolved) => (c.draftGpus as number[] | undefined)?.length ?? 1, defaultHelp: 'one per --draft-gpus entry, else 1',
-    help: "the draft model's tensor-parallel degree", uses: CLUSTER, needs: 'draftModelDir', field: 'draft.tp',
+    flag: '--draft-tp', arg: 'N', type: integer(1), env: 'WEFT_DRAFT_TP', default: (c: Resolved) => (c.draftGpus as number[] | undefined)?.length ?? 1, defaultHelp: 'one per --draft-gpus entry, else 1',
+    help: "the draft model's tensor-parallel degree", uses: SPECULATING, needs: 'draftModelDir', field: 'draft.tp',
   },
-  draftGpus: { flag: '--draft-gpus', arg: 'LIST', type: idList, defaultHelp: "the target's first GPUs", help: 'GPU of each draft rank', uses: [...CLUSTER, 'launch'], needs: 'draftModelDir', field: 'draft.gpus' },
-  speculateK: { flag: '--speculate-k', arg: 'K', type: integer(1, 16), default: 4, help: 'draft tokens proposed per round', uses: CLUSTER, needs: 'draftModelDir', field: 'draft.k' },
+  draftGpus: { flag: '--draft-gpus', arg: 'LIST', type: idList, env: 'WEFT_DRAFT_GPUS', defaultHelp: "the target's first GPUs", help: 'GPU of each draft rank', uses: [...SPECULATING, 'launch'], needs: 'draftModelDir', field: 'draft.gpus' },
+  speculateK: { flag: '--speculate-k', arg: 'K', type: integer(1, 16), env: 'WEFT_SPECULATE_K', default: 4, help: 'draft tokens proposed per round', uses: SPECULATING, needs: 'draftModelDir', field: 'draft.k' },
 
   // generate and score
   prompt: { flag: '--prompt', arg: 'TEXT', type: text, help: 'text prompt (encoded with the model tokenizer, BOS added)', uses: ['generate'] },
@@ -84,9 +86,9 @@ export const OPTIONS = {
   json: { flag: '--json', type: flag, default: false, help: 'print one JSON object instead of text', uses: ['generate', 'score', 'status'] },
 
   // serving
-  host: { flag: '--host', arg: 'HOST', type: text, default: '127.0.0.1', help: 'interface RPC and HTTP bind (non-loopback needs --curve-dir and --api-key)', uses: ['serve', 'launch', 'server'] },
-  rpcPort: { flag: '--rpc-port', arg: 'PORT', type: port, default: 0, defaultIn: { serve: 5555, launch: 5555 }, defaultHelp: '5555 (0 in serve())', help: 'RPC (ZeroMQ ROUTER) port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
-  httpPort: { flag: '--http-port', arg: 'PORT', type: port, default: 0, defaultIn: { serve: 8000, launch: 8000 }, defaultHelp: '8000 (0 in serve())', help: 'HTTP port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
+  host: { flag: '--host', arg: 'HOST', type: text, env: 'WEFT_HOST', default: '127.0.0.1', help: 'interface RPC and HTTP bind (non-loopback needs --curve-dir and --api-key)', uses: ['serve', 'launch', 'server'] },
+  rpcPort: { flag: '--rpc-port', arg: 'PORT', type: port, env: 'WEFT_RPC_PORT', default: 0, defaultIn: { serve: 5555, launch: 5555 }, defaultHelp: '5555 (0 in serve())', help: 'RPC (ZeroMQ ROUTER) port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
+  httpPort: { flag: '--http-port', arg: 'PORT', type: port, env: 'WEFT_HTTP_PORT', default: 0, defaultIn: { serve: 8000, launch: 8000 }, defaultHelp: '8000 (0 in serve())', help: 'HTTP port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
   apiKey: { flag: '--api-key', arg: 'TOKEN', type: text, env: 'WEFT_API_KEY', help: 'bearer token HTTP clients must send', uses: ['serve', 'server'] },
   allowedHosts: {
     flag: '--allowed-hosts', arg: 'LIST', type: nameList, env: 'WEFT_ALLOWED_HOSTS', defaultHelp: 'localhost, 127.0.0.1, [::1] and the --host address',
@@ -97,14 +99,14 @@ export const OPTIONS = {
     help: 'browser origins (scheme://host:port) allowed to call HTTP, with CORS headers; * allows every origin', uses: ['serve', 'server', 'launch'],
   },
   clientTimeoutMs: {
-    flag: '--client-timeout', arg: 'MS', type: milliseconds(100), default: 10_000,
+    flag: '--client-timeout', arg: 'MS', type: milliseconds(100), env: 'WEFT_CLIENT_TIMEOUT', default: 10_000,
     help: "an HTTP request's headers and body must arrive within this; slower clients get 408 and are closed", uses: ['serve', 'server'],
   },
-  curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
-  maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
-  requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: milliseconds(0), default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
-  textThreads: { flag: '--text-threads', arg: 'N', type: integer(1, 64), default: 2, help: 'threads that tokenize and render chat templates, off the event loop', uses: ['serve', 'cluster'] },
-  textBudgetMs: { flag: '--text-budget', arg: 'MS', type: milliseconds(1), default: 10_000, help: 'time one tokenization or chat-template render may take; its thread is then stopped', uses: ['serve', 'cluster'] },
+  curveDir: { flag: '--curve-dir', arg: 'DIR', type: text, env: 'WEFT_CURVE_DIR', help: 'CURVE keys for the RPC socket (server.json, clients.txt; see weft keygen)', uses: ['serve'] },
+  maxQueue: { flag: '--max-queue', arg: 'N', type: integer(0), env: 'WEFT_MAX_QUEUE', default: 64, help: 'requests waiting for a KV slot at most; more get "busy"', uses: ['serve', 'launch', 'cluster'] },
+  requestTimeoutMs: { flag: '--request-timeout', arg: 'MS', type: milliseconds(0), env: 'WEFT_REQUEST_TIMEOUT', default: 0, help: 'deadline of every request (0: none)', uses: ['serve', 'cluster'] },
+  textThreads: { flag: '--text-threads', arg: 'N', type: integer(1, 64), env: 'WEFT_TEXT_THREADS', default: 2, help: 'threads that tokenize and render chat templates, off the event loop', uses: ['serve', 'cluster'] },
+  textBudgetMs: { flag: '--text-budget', arg: 'MS', type: milliseconds(1), env: 'WEFT_TEXT_BUDGET', default: 10_000, help: 'time one tokenization or chat-template render may take; its thread is then stopped', uses: ['serve', 'cluster'] },
   recover: { type: flag, default: false, defaultIn: { serve: true, server: true }, defaultHelp: 'false (true in serve and serve())', help: 're-form the worker group after a fault instead of failing for good', uses: ['serve', 'cluster', 'server'] },
   maxRecoveries: { type: integer(1), default: 3, help: 'failed re-form attempts in a row before the cluster gives up', uses: ['cluster'] },
   logIntervalSeconds: {
@@ -114,25 +116,25 @@ export const OPTIONS = {
   logFormat: { flag: '--log-format', arg: 'text|json', type: oneOf('text', 'json'), env: 'WEFT_LOG_FORMAT', default: 'text', help: 'server log lines as text, or one JSON object a line', uses: ['serve', 'server'] },
 
   // the worker group, as the coordinator sees it
-  workers: { flag: '--workers', arg: 'spawn|external', type: oneOf('spawn', 'external'), default: 'spawn', help: 'spawn the workers, or wait for external ones (pm2)', uses: ['serve', 'cluster'] },
+  workers: { flag: '--workers', arg: 'spawn|external', type: oneOf('spawn', 'external'), env: 'WEFT_WORKERS', default: 'spawn', help: 'spawn the workers, or wait for external ones (pm2)', uses: ['serve', 'cluster'] },
   workerHost: {
-    flag: '--worker-host', arg: 'HOST', type: text, default: '127.0.0.1', uses: ['serve', 'cluster'],
+    flag: '--worker-host', arg: 'HOST', type: text, env: 'WEFT_WORKER_HOST', default: '127.0.0.1', uses: ['serve', 'cluster'],
     help: 'host the socket workers connect to binds; one that is not loopback is tcp:// with CURVE and needs --worker-curve-dir',
   },
-  workerPort: { flag: '--worker-port', arg: 'PORT', type: port, default: 0, help: 'tcp:// port workers connect to; 0 on loopback: an ipc:// socket instead (a free port elsewhere)', uses: ['serve', 'launch', 'cluster'] },
+  workerPort: { flag: '--worker-port', arg: 'PORT', type: port, env: 'WEFT_WORKER_PORT', default: 0, help: 'tcp:// port workers connect to; 0 on loopback: an ipc:// socket instead (a free port elsewhere)', uses: ['serve', 'launch', 'cluster'] },
   workerSocketDir: {
-    flag: '--worker-socket-dir', arg: 'DIR', type: text, defaultHelp: 'a fresh weft-XXXXXX in $XDG_RUNTIME_DIR or the temp dir', uses: ['serve', 'cluster'],
+    flag: '--worker-socket-dir', arg: 'DIR', type: text, env: 'WEFT_WORKER_SOCKET_DIR', defaultHelp: 'a fresh weft-XXXXXX in $XDG_RUNTIME_DIR or the temp dir', uses: ['serve', 'cluster'],
     help: "directory (mode 0700, this user's) of the workers' ipc:// socket, whose permissions keep other local users out (a fresh one is removed on close)",
   },
   workerCurveDir: {
-    flag: '--worker-curve-dir', arg: 'DIR', type: text, uses: ['serve', 'cluster'],
+    flag: '--worker-curve-dir', arg: 'DIR', type: text, env: 'WEFT_WORKER_CURVE_DIR', uses: ['serve', 'cluster'],
     help: "the worker socket's CURVE keys: coordinator.json and worker.json (made, mode 0600, when missing); required when --worker-host is not loopback",
   },
   workerCurveFile: { flag: '--worker-curve-file', arg: 'PATH', type: text, help: "this worker's CURVE keys (worker.json of the coordinator's --worker-curve-dir, mode 0600); required for a coordinator that is not loopback", uses: ['worker'] },
   workerCurve: { type: text, env: 'WEFT_WORKER_CURVE', help: "this worker's CURVE keys as JSON when no --worker-curve-file is given (spawned workers get them here)", uses: ['worker'] },
-  workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
+  workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, env: 'WEFT_WORKER_SECRET_FILE', help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
   workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
-  heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: milliseconds(100), default: 30_000, defaultIn: { serve: 4000 }, defaultHelp: '4000 (30000 in startCluster)', help: 'a worker silent this long is declared dead (checked every 250 ms, so within 5 s at the default)', uses: ['serve', 'cluster'] },
+  heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: milliseconds(100), env: 'WEFT_HEARTBEAT_TIMEOUT', default: 30_000, defaultIn: { serve: 4000 }, defaultHelp: '4000 (30000 in startCluster)', help: 'a worker silent this long is declared dead (checked every 250 ms, so within 5 s at the default)', uses: ['serve', 'cluster'] },
   joinTimeoutMs: { type: milliseconds(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
   workerStderr: { type: oneOf('tail', 'inherit'), env: 'WEFT_WORKER_STDERR', default: 'tail', help: "'inherit' echoes spawned workers' stderr; 'tail' keeps its last lines for error messages", uses: ['generate', 'score', 'serve'] },
   ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker'] },
@@ -146,7 +148,7 @@ export const OPTIONS = {
   coordinatorTimeoutMs: { flag: '--coordinator-timeout', arg: 'MS', type: milliseconds(1), default: 15_000, help: 'exit when the coordinator is silent this long', uses: ['worker'] },
 
   // clusters under pm2
-  name: { flag: '--name', arg: 'NAME', type: matching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' (64 at most)"), default: 'default', help: 'cluster name (pm2 namespace weft-<name>)', uses: LAUNCHED },
+  name: { flag: '--name', arg: 'NAME', type: matching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/, "letters, digits, '_', '.', '-' (64 at most)"), default: 'default', help: 'cluster name (pm2 namespace weft-<name>); status without it shows the one cluster running', uses: LAUNCHED },
   home: { type: text, env: 'WEFT_HOME', default: () => join(homedir(), '.weft'), defaultHelp: '~/.weft', help: "where launched clusters keep their files (<home>/<name>)", uses: LAUNCHED },
   waitTimeoutMs: { flag: '--wait-timeout', arg: 'MS', type: milliseconds(1), default: 600_000, help: 'give up waiting for readiness after this', uses: ['launch'] },
   lines: { flag: '--lines', arg: 'N', type: integer(1), default: 50, help: 'lines per process', uses: ['logs'] },

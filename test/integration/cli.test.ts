@@ -8,7 +8,8 @@ import { cpSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync,
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer, type AddressInfo } from 'node:net';
-import { fixtureDir, readReference } from '../helpers/fixtures.ts';
+import { spawnSync } from 'node:child_process';
+import { WEFT_BIN, fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { runWeft, type CliResult } from '../helpers/cli.ts';
 import { declarationsOf, type CommandName } from '../../coordinator/config.ts';
 
@@ -40,6 +41,7 @@ describe('weft generate / score', () => {
     const result = await runWeft(['generate', '--model', llama, '--prompt', 'hello world', '--max-new-tokens', '5']);
     assert.equal(result.code, 0, result.stderr);
     assert.ok(result.stdout.endsWith('\n'));
+    assert.equal(result.stderr, '', 'off a terminal, a load that ends within 2 s shows no progress lines');
     // reference greedy 0 hits EOS (id 1) as its third token: without --ignore-eos generation stops there
     const stopped = await runWeft(['generate', '--model', llama, '--prompt-ids', prompt0, '--max-new-tokens', '10', '--json']);
     const out = JSON.parse(stopped.stdout) as { tokens: number[]; finishReason: string };
@@ -127,8 +129,23 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
   test('a prompt longer than the context', async () => {
     const ids = Array.from({ length: 600 }, (_, i) => 2 + (i % 400)).join(',');
     const result = await runWeft(['generate', '--model', llama, '--prompt-ids', ids]);
-    assertCleanFailure(result, /WEFT_BAD_REQUEST.*600.*512/);
+    assertCleanFailure(result, /WEFT_BAD_REQUEST: prompt of 600 tokens exceeds the model's context of 512 tokens$/);
     assert.equal(result.code, 1, 'a bad request is not a configuration error');
+    // the --max-context cap (here from its variable) is named when it is what limits
+    const hundred = ids.split(',').slice(0, 100).join(',');
+    const capped = await runWeft(['generate', '--model', llama, '--prompt-ids', hundred], { env: { WEFT_MAX_CONTEXT: '64' } });
+    assertCleanFailure(capped, /WEFT_BAD_REQUEST: prompt of 100 tokens exceeds the --max-context cap of 64 tokens$/);
+    const room = await runWeft(['generate', '--model', llama, '--prompt-ids', hundred, '--max-context', '512', '--max-new-tokens', '2', '--json'], { env: { WEFT_MAX_CONTEXT: '64' } });
+    assert.equal(room.code, 0, `the flag wins over WEFT_MAX_CONTEXT: ${room.stderr}`);
+  });
+
+  test('--prompt and --prompt-ids together are refused naming both; a bad WEFT_* value names the variable; exit 78', async () => {
+    const both = await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--prompt-ids', '1,2']);
+    assertCleanFailure(both, /^weft: WEFT_BAD_CONFIG: --prompt and --prompt-ids were both given: give one of them$/);
+    assert.equal(both.code, 78);
+    const badEnv = await runWeft(['generate', '--model', llama, '--prompt', 'hi'], { env: { WEFT_TP: 'two' } });
+    assertCleanFailure(badEnv, /^weft: WEFT_BAD_CONFIG: WEFT_TP must be an integer >= 1, got "two"$/);
+    assert.equal(badEnv.code, 78);
   });
 
   test('a bad option value names the option and the value, before any worker starts; exit 78', async () => {
@@ -190,6 +207,35 @@ describe('weft serve: configuration errors exit 78 (EX_CONFIG, in pm2 stop_exit_
   });
 });
 
+test('weft --version and -V print the version of package.json', async () => {
+  const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  for (const flag of ['--version', '-V']) {
+    const result = await runWeft([flag]);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(result.stdout, `${version}\n`);
+  }
+});
+
+test('weft status without --name and no cluster running says so', async () => {
+  const home = mkdtempSync(join(tmpdir(), 'weft-cli-status-'));
+  try {
+    const result = await runWeft(['status'], { env: { WEFT_HOME: home } });
+    assertCleanFailure(result, new RegExp(`^weft: WEFT_BAD_REQUEST: no launched cluster is running \\(none under pm2 from ${home}\\); start one with weft launch$`));
+    assert.equal(result.code, 1);
+  } finally {
+    rmSync(home, { recursive: true, force: true });
+  }
+});
+
+test('on a terminal, weft generate draws the load progress bar and its closing line', { skip: spawnSync('script', ['--version']).status !== 0 && 'no script(1) to give it a terminal' }, () => {
+  // script(1) runs the command on a pseudo-terminal; its output is the terminal's (stdout and stderr together)
+  const command = [process.execPath, WEFT_BIN, 'generate', '--model', llama, '--tp', '2', '--prompt-ids', prompt0, '--max-new-tokens', '2'].map((arg) => `'${arg}'`).join(' ');
+  const result = spawnSync('script', ['-qec', command, '/dev/null'], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(result.status, 0, result.stdout);
+  assert.match(result.stdout, /\rweft: loading weights \[[#.]{30}\] +\d+% [\d.]+\/[\d.]+ MiB, [12]\/2 ranks/);
+  assert.match(result.stdout, /\rweft: loaded [\d.]+ MiB of weights on 2 ranks in [\d.]+ s\x1b\[K\r?\n/);
+});
+
 test("each command's help lists exactly its declared flags", async () => {
   const commands: CommandName[] = ['generate', 'score', 'serve', 'launch', 'status', 'logs', 'stop', 'keygen', 'worker'];
   for (const command of commands) {
@@ -198,5 +244,6 @@ test("each command's help lists exactly its declared flags", async () => {
     const offered = [...help.stdout.matchAll(/^ {2}(--[a-z][a-z0-9-]*)/gm)].map((m) => m[1]).filter((flag) => flag !== '--help');
     const declared = declarationsOf(command).flatMap(([, decl]) => (decl.flag === undefined ? [] : [decl.flag]));
     assert.deepEqual(offered.sort(), declared.sort(), command);
+    if (command === 'score') assert.ok(!help.stdout.includes('--draft') && !help.stdout.includes('--speculate-k'), 'a draft model does not apply to scoring');
   }
 });

@@ -7,7 +7,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -83,6 +83,22 @@ test('launch, survive a SIGKILLed worker, stop with nothing left', async () => {
       assert.notEqual(after.apps[2]!.pid, victim, 'pm2 restarted the killed worker');
       assert.ok(after.apps[2]!.restarts >= 1);
       assert.match((await weft(['logs', '--name', 'itest', '--lines', '20'])).stdout, /re-forming the worker group after: worker rank 1/);
+
+      // without --name: the one cluster running (a launched one no longer in pm2 does not count); several: their names
+      const record = JSON.parse(readFileSync(join(home, 'weft', 'itest', 'cluster.json'), 'utf8')) as { apps: { name: string }[] };
+      const fakeRecord = (name: string, apps: { name: string }[]): void => {
+        mkdirSync(join(home, 'weft', name));
+        writeFileSync(join(home, 'weft', name, 'cluster.json'), JSON.stringify({ ...record, name, apps }));
+      };
+      fakeRecord('gone', [{ name: 'weft-gone-coordinator' }]);
+      const only = await weft(['status', '--json']);
+      assert.equal(only.code, 0, only.stderr);
+      assert.equal((JSON.parse(only.stdout) as { name: string }).name, 'itest');
+      fakeRecord('twin', record.apps); // a record whose processes pm2 runs: a second running cluster
+      const several = await weft(['status']);
+      assert.equal(several.code, 1);
+      assert.equal(several.stderr, 'weft: WEFT_BAD_REQUEST: 2 clusters are running: itest, twin; name one with --name\n');
+      rmSync(join(home, 'weft', 'twin'), { recursive: true });
 
       await client.close();
       client = null;

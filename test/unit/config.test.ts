@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { OPTIONS, apiConfig, argvFor, clusterOptionsOf, commandConfig, readEnvironment, workerEnvironment, workerStartOf } from '../../coordinator/config.ts';
+import { OPTIONS, apiConfig, argvFor, clusterOptionsOf, commandConfig, declarationsOf, flagMirrors, readEnvironment, workerEnvironment, workerStartOf } from '../../coordinator/config.ts';
 import { README, optionsTable, readmeTable } from '../../coordinator/config/readme.ts';
 import { isWeftError } from '../../core/errors.ts';
 import type { WorkerOptions } from '../../worker/main.ts';
@@ -42,6 +42,26 @@ test('an environment mirror sets an option when its flag is absent; the flag win
   assert.equal(readEnvironment({}).ncclLibrary, 'libnccl.so.2');
 });
 
+test('every flag of weft serve has an environment mirror: it sets the option, the flag wins, a bad value names the variable', () => {
+  const flagged = declarationsOf('serve').filter(([, decl]) => decl.flag !== undefined);
+  assert.deepEqual(flagged.filter(([, decl]) => decl.env === undefined).map(([key]) => key), []);
+  const env = { WEFT_TP: '2', WEFT_HTTP_PORT: '9000', WEFT_EXPERT_PARALLEL: '1', WEFT_DRAFT: '/d', WEFT_REQUEST_TIMEOUT: '500', WEFT_WORKERS: 'external', WEFT_WORKER_PORT: '7001' };
+  const serve = commandConfig('serve', { modelDir: '/m' }, env);
+  assert.deepEqual([serve.tp, serve.httpPort, serve.expertParallel, serve.draftModelDir, serve.requestTimeoutMs, serve.workers, serve.workerPort], [2, 9000, true, '/d', 500, 'external', 7001]);
+  assert.equal(commandConfig('serve', { modelDir: '/m', tp: '4' }, env).tp, 4, 'the flag wins');
+  assert.equal(commandConfig('serve', {}, { WEFT_MODEL: '/from-env' }).modelDir, '/from-env', 'a required option can come from its variable');
+  assert.throws(() => commandConfig('serve', { modelDir: '/m' }, { WEFT_TP: 'two' }), refused(/^WEFT_TP must be an integer >= 1, got "two"$/));
+  assert.throws(() => commandConfig('serve', { modelDir: '/m' }, { WEFT_HTTP_PORT: '99999' }), refused(/^WEFT_HTTP_PORT must be an integer in \[0, 65535\], got "99999"$/));
+  assert.doesNotThrow(() => commandConfig('serve', { modelDir: '/m', tp: '1' }, { WEFT_TP: 'two' }), 'a variable the flag overrides is not read');
+  assert.deepEqual(flagMirrors(['tp', 'apiKey', 'home', 'recover']), ['WEFT_TP', 'WEFT_API_KEY'], 'mirrors of flags only');
+});
+
+test('--prompt and --prompt-ids together are refused, naming both; score takes no draft model', () => {
+  assert.throws(() => commandConfig('generate', { modelDir: '/m', prompt: 'hi', promptIds: '1,2' }, {}), refused(/^--prompt and --prompt-ids were both given: give one of them$/));
+  assert.deepEqual(declarationsOf('score').filter(([key]) => key.startsWith('draft') || key === 'speculateK'), []);
+  assert.ok(declarationsOf('generate').some(([key]) => key === 'draftModelDir'));
+});
+
 test('the worker secret: the file wins over WEFT_WORKER_SECRET', () => {
   const file = join(mkdtempSync(join(tmpdir(), 'weft-config-')), 'secret');
   writeFileSync(file, 'from-file\n');
@@ -49,6 +69,7 @@ test('the worker secret: the file wins over WEFT_WORKER_SECRET', () => {
   assert.equal(commandConfig('worker', base, { WEFT_WORKER_SECRET: 'from-env' }).workerSecret, 'from-env');
   assert.equal(commandConfig('worker', { ...base, workerSecretFile: file }, { WEFT_WORKER_SECRET: 'from-env' }).workerSecret, 'from-file');
   assert.throws(() => commandConfig('worker', { ...base, workerSecretFile: `${file}.missing` }, {}), refused(/--worker-secret-file .*missing/));
+  assert.equal(commandConfig('worker', base, { WEFT_WORKER_SECRET_FILE: file, WEFT_WORKER_SECRET: 'from-env' }).workerSecret, 'from-file', 'so does the file its variable names');
 });
 
 test('a bad value is refused where it enters, naming the option and the value', () => {
@@ -148,7 +169,8 @@ test('every flag and WEFT_ variable the README names for running weft is declare
   const readme = readFileSync(README, 'utf8');
   // the sections on running weft (the build and test sections name build variables)
   const running = readme.slice(readme.indexOf('## Run it'), readme.indexOf('## On GPUs')).replace(readmeTable(readme)!, '');
-  const flags = new Set(Object.values(OPTIONS).flatMap((d) => ('flag' in d ? [d.flag as string] : [])));
+  // the declared flags, and the one the program itself has (coordinator/cli.ts)
+  const flags = new Set([...Object.values(OPTIONS).flatMap((d) => ('flag' in d ? [d.flag as string] : [])), '--version']);
   const variables = new Set(Object.values(OPTIONS).flatMap((d) => ('env' in d ? [d.env as string] : [])));
   const named = [...running.matchAll(/(?<![\w-])--[a-z][a-z0-9-]*/g)].map((m) => m[0]);
   assert.ok(named.length > 20, 'the sections were found');

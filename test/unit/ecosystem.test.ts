@@ -73,3 +73,12 @@ test('the HTTP allow-lists given to weft launch reach the coordinator it writes'
   const launch = commandConfig('launch', flagsOf(['--model', '/m', '--allowed-hosts', 'a.example,b.example']), {});
   assert.deepEqual(launch.allowedHosts, ['a.example', 'b.example']);
 });
+
+test("launch's environment reaches the coordinator (pm2 passes it on) only for the serve options launch does not take", () => {
+  const { apps } = buildEcosystem(base);
+  // pm2 starts each app with the launching process's environment, the app's env laid over it
+  const launcherEnv = { WEFT_MAX_CONTEXT: '128', WEFT_TP: '4', WEFT_WORKER_SOCKET_DIR: '/tmp/elsewhere', WEFT_API_KEY: 'k', WEFT_REQUEST_TIMEOUT: '900' };
+  const serve = commandConfig('serve', flagsOf(apps[0]!.args.slice(2)), { ...launcherEnv, ...apps[0]!.env });
+  assert.deepEqual([serve.maxContext, serve.tp, serve.workerSocketDir], [4096, 2, undefined], 'what launch resolved is not overridden by a variable');
+  assert.deepEqual([serve.apiKey, serve.requestTimeoutMs], ['k', 900], 'a serve option launch has no flag for comes from the environment');
+});

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseSamplingParams, validatePromptIds, type SamplingParams } from '../../coordinator/sampling-params.ts';
+import { contextName, parseSamplingParams, validatePromptIds, type SamplingParams } from '../../coordinator/sampling-params.ts';
 import { isWeftError } from '../../core/errors.ts';
 
 const limits = { maxContext: 512, promptLength: 10, vocabSize: 512 };
@@ -118,6 +118,13 @@ test('promptLength + maxNewTokens <= maxContext', () => {
     () => parse({ max_new_tokens: 16 }, { ...limits, promptLength: 600 }),
     "prompt of 600 tokens plus max_new_tokens 16 exceeds the model's context of 512 tokens",
   );
+});
+
+test('a context the --max-context cap limits is named as that cap', () => {
+  const capped = { ...limits, maxContext: 64, contextName: contextName(64, true) };
+  rejects(() => parse({}, { ...capped, promptLength: 60 }), 'prompt of 60 tokens plus maxNewTokens 16 exceeds the --max-context cap of 64 tokens');
+  rejects(() => validatePromptIds(new Array<number>(65).fill(3), 512, 64, contextName(64, true)), 'prompt of 65 tokens exceeds the --max-context cap of 64 tokens');
+  rejects(() => validatePromptIds(new Array<number>(65).fill(3), 512, 64), "prompt of 65 tokens exceeds the model's context of 64 tokens");
 });
 
 test('stopTokenIds: integers in [0, vocabSize)', () => {

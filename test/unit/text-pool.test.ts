@@ -61,6 +61,8 @@ test('encode, decode and chat give what the tokenizer and template give on this 
       assert.deepEqual(await pool.chatPromptIds(messages, { maxChars: 1000 }), tokenizer.encode(rendered, { addBos: false }));
       await assert.rejects(pool.chatPromptIds(messages, { maxChars: 10 }), weftError('WEFT_BAD_REQUEST', /is \d+ characters long; the limit is 10/));
       await assert.rejects(pool.encode(text, { maxTokens: 3 }), weftError('WEFT_BAD_REQUEST', /prompt of \d+ tokens exceeds the model's context of 3 tokens/));
+      const capped = { maxTokens: 3, contextName: 'the --max-context cap of 3 tokens' };
+      await assert.rejects(pool.chatPromptIds(messages, { maxChars: 1000, ...capped }), weftError('WEFT_BAD_REQUEST', /prompt of \d+ tokens exceeds the --max-context cap of 3 tokens$/));
       await assert.rejects(pool.decode([5, 100_000]), weftError('WEFT_BAD_REQUEST', /token id 100000 at index 1/));
       assert.deepEqual(await Promise.all([1, 2, 3, 4].map((n) => pool.encode('x'.repeat(n)))), [1, 2, 3, 4].map((n) => tokenizer.encode('x'.repeat(n))));
       assert.deepEqual(pool.threadIds(), threads, 'errors are answers: no thread was replaced');
