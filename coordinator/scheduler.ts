@@ -350,10 +350,16 @@ export class Scheduler {
     const rows: GenerateJob[] = [...decoding];
     this.joinPrompts(rows, prefilling, decoding.length);
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
-    const stepRows = rows.filter((job) => this.cover(job, job.seq.position + job.seq.input.length));
+    const stepRows = this.appendInputs(builder, rows);
     if (stepRows.length === 0) return this.schedule();
-    for (const { seq, kv } of stepRows) builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
     return { kind: 'step', batch: builder.build(), rows: stepRows };
+  }
+
+  /** Append each job's known input, sampling the token after it, where its blocks can grow to hold it; returns those appended. */
+  private appendInputs(builder: StepBatchBuilder, jobs: readonly GenerateJob[]): GenerateJob[] {
+    const covered = jobs.filter((job) => this.cover(job, job.seq.position + job.seq.input.length));
+    for (const { seq, kv } of covered) builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+    return covered;
   }
 
   /** Add waiting prompts to `rows` (which hold `tokens` tokens) while the step's token budget allows, at least one. */
@@ -393,10 +399,7 @@ export class Scheduler {
     const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);
     const prompts: GenerateJob[] = [];
     this.joinPrompts(prompts, waiting, rows.length);
-    for (const job of prompts.filter((j) => this.cover(j, j.seq.position + j.seq.input.length))) {
-      builder.appendSampled(this.kv.blocks(job.kv!), job.seq.input, job.seq.position, sampledWith(job.seq.params, job.seq.nextUniform()));
-      rows.push(job);
-    }
+    rows.push(...this.appendInputs(builder, prompts));
     if (rows.length === 0) return null;
     return { kind: 'step', batch: builder.build(), rows };
   }

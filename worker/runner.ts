@@ -30,7 +30,7 @@ import type { ModelSpec } from '../core/model-spec.ts';
 import type { ShardPlan } from '../core/shard-plan.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
-const MAX_GRAPH_BATCH = 8;
+const MAX_GRAPH_BATCH = GRAPH_BUCKETS[GRAPH_BUCKETS.length - 1]!;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -428,8 +428,7 @@ export class StepRunner {
    * begins by taking its fed tokens from `sampled` and ends by storing its draw there.
    */
   private async capture(bucket: number): Promise<DecodeGraph> {
-    const { ops } = this;
-    const { sampled } = this;
+    const { ops, sampled } = this;
     // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
     if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
     // every row a padding row until the first replay writes the real ones
