@@ -10,6 +10,7 @@ import type { SpeculationStats } from './speculative.ts';
 import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
 import { LoadProgress } from './load-progress.ts';
 import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandLineValues, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
+import { DEFAULT_MODEL_DIR } from './config/options.ts';
 
 const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   generate: 'generate text from a prompt',
@@ -50,6 +51,8 @@ function command<C extends CommandName>(program: Command, name: C, run: (config:
     } catch (err) {
       throw asConfigError(err);
     }
+    if ((config as { modelDir?: string }).modelDir === DEFAULT_MODEL_DIR && flags.modelDir === undefined)
+      process.stderr.write(`weft: no --model given: using the built-in State of the Union model (${DEFAULT_MODEL_DIR})\n`);
     await run(config, flags);
   });
 }

@@ -6,6 +6,7 @@
  */
 import { availableParallelism, homedir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { finite, flag, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
 export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker';
@@ -38,6 +39,12 @@ export interface OptionDeclaration<T> {
   readonly field?: string;
 }
 
+/**
+ * The model the commands run when no --model is given: an 11 M parameter Llama trained on the State of the Union
+ * addresses (models/README.md), shipped in the repository and the package. Code that embeds weft names its model.
+ */
+export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('../../models/sotu-llama', import.meta.url));
+
 const CLUSTER = ['generate', 'score', 'serve', 'cluster'] as const;
 /** where a draft model applies: scoring reads the target's log-probabilities alone */
 const SPECULATING = ['generate', 'serve', 'cluster'] as const;
@@ -48,7 +55,11 @@ const threadsFor = (ranks: unknown): number => Math.max(1, Math.floor(availableP
 // `satisfies` checks each entry; `any` lets each entry keep its own value type (ConfigOf reads it back).
 export const OPTIONS = {
   // the model and its split
-  modelDir: { flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch'], required: true },
+  modelDir: {
+    flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch'], required: true,
+    defaultIn: { generate: DEFAULT_MODEL_DIR, score: DEFAULT_MODEL_DIR, serve: DEFAULT_MODEL_DIR, launch: DEFAULT_MODEL_DIR },
+    defaultHelp: 'the built-in models/sotu-llama (required in startCluster)',
+  },
   tp: {
     flag: '--tp', arg: 'N', type: integer(1), env: 'WEFT_TP', default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
     help: 'tensor-parallel degree (worker processes)', uses: [...CLUSTER, 'launch'],
