@@ -18,6 +18,7 @@ import { createEngine, nativeInfo } from '../../worker/native.ts';
 import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { DEFAULT_MODEL_DIR } from '../../coordinator/config/options.ts';
 import { FIXTURE_MODELS, fixtureDir, maxAbsDiff, readReference, referenceLogprobs } from '../helpers/fixtures.ts';
 
 function gpuSkipReason(): string | false {
@@ -47,17 +48,20 @@ async function greedy(cluster: Cluster, promptIds: number[], n: number): Promise
 const KV_BF16_BUDGET = 0.03;
 const wideDir = process.env.WEFT_WIDE_FIXTURE;
 const weightsBudget = (name: string): number => (name.endsWith('bf16') ? 0.05 : 1e-3);
-const models: Array<{ name: string; dir: string; kvDtype: 'f32' | 'bf16'; tolerance: number }> = [
+/** The built-in default model (bf16 weights) and its reference, what transformers computed on its files. */
+const SOTU_REFERENCE = fileURLToPath(new URL('../fixtures/sotu-llama/', import.meta.url));
+const models: Array<{ name: string; dir: string; referenceDir: string; kvDtype: 'f32' | 'bf16'; tolerance: number }> = [
   ...FIXTURE_MODELS.flatMap((name) => [
-    { name, dir: fixtureDir(name), kvDtype: 'bf16' as const, tolerance: weightsBudget(name) + KV_BF16_BUDGET },
-    ...(name.endsWith('bf16') ? [] : [{ name, dir: fixtureDir(name), kvDtype: 'f32' as const, tolerance: weightsBudget(name) }]),
+    { name, dir: fixtureDir(name), referenceDir: name, kvDtype: 'bf16' as const, tolerance: weightsBudget(name) + KV_BF16_BUDGET },
+    ...(name.endsWith('bf16') ? [] : [{ name, dir: fixtureDir(name), referenceDir: name, kvDtype: 'f32' as const, tolerance: weightsBudget(name) }]),
   ]),
-  ...(wideDir && existsSync(join(wideDir, 'config.json')) ? [{ name: 'wide-bf16', dir: wideDir, kvDtype: 'bf16' as const, tolerance: 0.05 + KV_BF16_BUDGET }] : []),
+  { name: 'sotu-llama', dir: DEFAULT_MODEL_DIR, referenceDir: SOTU_REFERENCE, kvDtype: 'bf16', tolerance: 0.05 + KV_BF16_BUDGET },
+  ...(wideDir && existsSync(join(wideDir, 'config.json')) ? [{ name: 'wide-bf16', dir: wideDir, referenceDir: wideDir, kvDtype: 'bf16' as const, tolerance: 0.05 + KV_BF16_BUDGET }] : []),
 ];
 
-for (const { name, dir, kvDtype, tolerance } of models) {
+for (const { name, dir, referenceDir, kvDtype, tolerance } of models) {
   describe(`${name} (KV ${kvDtype}) on CUDA matches Hugging Face`, { skip }, () => {
-    const reference = readReference(name === 'wide-bf16' ? dir : name);
+    const reference = readReference(referenceDir);
     let cluster: Cluster;
     before(async () => {
       cluster = await startCluster({ modelDir: dir, tp: 1, device: 'cuda', kvDtype });
@@ -66,7 +70,7 @@ for (const { name, dir, kvDtype, tolerance } of models) {
 
     test(`log-probs within ${tolerance}`, async () => {
       for (let i = 0; i < reference.prompts.length; i++) {
-        const expected = await referenceLogprobs(name === 'wide-bf16' ? dir : name, i);
+        const expected = await referenceLogprobs(referenceDir, i);
         const { full } = await cluster.score(reference.prompts[i]!, { full: true });
         full!.forEach((row, r) => {
           const err = maxAbsDiff(row, expected[r]!);
@@ -106,6 +110,29 @@ describe('speculative decoding on CUDA', { skip }, () => {
       const reference = readReference('llama-tiny');
       for (let i = 0; i < reference.prompts.length; i++) assert.deepEqual(await greedy(cluster, reference.prompts[i]!, 24), reference.greedy[i], `prompt ${i}`);
       assert.ok(cluster.speculationStats()!.proposed > 0);
+    } finally {
+      await cluster.close();
+    }
+  });
+});
+
+describe('speculative decoding on CUDA with the shipped draft', { skip }, () => {
+  test("greedy output equals the default model's own, and over a fifth of the proposals are accepted", async () => {
+    const options = { modelDir: DEFAULT_MODEL_DIR, device: 'cuda' as const, kvDtype: 'f32' as const };
+    const plain = await startCluster(options);
+    const prompts = readReference(SOTU_REFERENCE).prompts;
+    const own: number[][] = [];
+    try {
+      for (const prompt of prompts) own.push(await greedy(plain, prompt, 48));
+    } finally {
+      await plain.close();
+    }
+    const cluster = await startCluster({ ...options, draft: { modelDir: fileURLToPath(new URL('../../models/sotu-llama-draft/', import.meta.url)), k: 4 } });
+    try {
+      for (let i = 0; i < prompts.length; i++) assert.deepEqual(await greedy(cluster, prompts[i]!, 48), own[i], `prompt ${i}`);
+      const stats = cluster.speculationStats()!;
+      console.log(`# sotu-llama-draft on CUDA: ${stats.accepted} of ${stats.proposed} proposals accepted`);
+      assert.ok(stats.accepted / stats.proposed > 0.2, `acceptance ${stats.accepted}/${stats.proposed}`);
     } finally {
       await cluster.close();
     }
