@@ -5,11 +5,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { OPTIONS, apiConfig, argvFor, clusterOptionsOf, commandConfig, declarationsOf, flagMirrors, readEnvironment, workerEnvironment, workerStartOf } from '../../coordinator/config.ts';
 import { README, optionsTable, readmeTable } from '../../coordinator/config/readme.ts';
+import { DEFAULT_MODEL_DIR } from '../../coordinator/config/options.ts';
 import { isWeftError } from '../../core/errors.ts';
 import type { WorkerOptions } from '../../worker/main.ts';
 import { flagsOf } from '../helpers/cli.ts';
@@ -106,7 +107,10 @@ test('--allowed-hosts and --cors-origins: comma lists (lower-cased, trimmed), mi
 });
 
 test('required options, options that need another, and checks across options', () => {
-  assert.throws(() => commandConfig('generate', { prompt: 'hi' }, {}), refused(/^--model DIR is required$/));
+  // the commands fall back on the built-in model; code that embeds weft names its model
+  for (const command of ['generate', 'score', 'serve', 'launch'] as const)
+    assert.equal(commandConfig(command, command === 'generate' ? { prompt: 'hi' } : command === 'score' ? { ids: '1,2' } : {}, {}).modelDir, DEFAULT_MODEL_DIR, command);
+  assert.ok(existsSync(join(DEFAULT_MODEL_DIR, 'model.safetensors')), 'the built-in model ships');
   assert.throws(() => apiConfig('cluster', {}), refused(/^modelDir is required$/));
   assert.throws(() => commandConfig('generate', { modelDir: '/m' }, {}), refused(/--prompt or --prompt-ids/));
   assert.throws(() => commandConfig('generate', { modelDir: '/m', prompt: 'hi', draftTp: '2' }, {}), refused(/^--draft-tp is only used with --draft$/));
