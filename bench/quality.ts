@@ -12,14 +12,10 @@
  * the tokens before it in its window. `--set` and `--baseline` take ClusterOptions fields (KEY=VALUE, numbers
  * and booleans parsed); the KL compares the full next-token distributions on the first `--kl-windows` windows.
  */
-import { readFileSync } from 'node:fs';
 import { Command } from 'commander';
 import { startCluster, type Cluster, type ClusterOptions } from '../coordinator/cluster.ts';
-import { loadTokenizer } from '../coordinator/tokenizer.ts';
+import { WINDOW, heldOutWindows, meanNll } from './perplexity.ts';
 import { DEFAULT_MODEL_DIR } from '../coordinator/config/options.ts';
-
-const WINDOW = 512;
-const HELD_OUT = new URL('../models/recipe/heldout.jsonl', import.meta.url);
 
 const opts = new Command('bench-quality')
   .option('--model <dir>', 'model directory', DEFAULT_MODEL_DIR)
@@ -43,17 +39,6 @@ function fields(pairs: readonly string[]): Record<string, unknown> {
   );
 }
 
-function heldOutWindows(modelDir: string): number[][] {
-  const tokenizer = loadTokenizer(modelDir);
-  const eos = tokenizer.eosTokenIds[0]!;
-  const stream: number[] = [];
-  for (const line of readFileSync(HELD_OUT, 'utf8').split('\n').filter(Boolean))
-    stream.push(...tokenizer.encode((JSON.parse(line) as { text: string }).text, { addBos: true }), eos);
-  const windows: number[][] = [];
-  for (let start = 0; start < stream.length - 1; start += WINDOW) windows.push(stream.slice(start, start + WINDOW + 1));
-  return windows;
-}
-
 async function open(extra: Record<string, unknown>): Promise<Cluster> {
   const options = { modelDir: opts.model, device: opts.device, tp: Number(opts.tp), maxContext: WINDOW + 1, ...extra } as ClusterOptions;
   return startCluster(options);
@@ -61,14 +46,8 @@ async function open(extra: Record<string, unknown>): Promise<Cluster> {
 
 async function perplexity(cluster: Cluster, windows: readonly number[][]): Promise<{ meanNll: number; perplexity: number; tokens: number; seconds: number }> {
   const started = performance.now();
-  let nll = 0;
-  let tokens = 0;
-  for (const window of windows) {
-    const { logprobs } = await cluster.score(window);
-    for (const lp of logprobs.slice(1)) nll -= lp!;
-    tokens += window.length - 1;
-  }
-  return { meanNll: nll / tokens, perplexity: Math.exp(nll / tokens), tokens, seconds: (performance.now() - started) / 1000 };
+  const { meanNll: nll, tokens } = await meanNll(cluster, windows);
+  return { meanNll: nll, perplexity: Math.exp(nll), tokens, seconds: (performance.now() - started) / 1000 };
 }
 
 /** Every position's next-token log-probs for each window (the last position predicts past the window: dropped). */

@@ -14,6 +14,7 @@ import { ChatTemplate } from '../../coordinator/chat-template.ts';
 import { DEFAULT_MODEL_DIR } from '../../coordinator/config/options.ts';
 import { maxAbsDiff, readReference, referenceLogprobs, type Reference } from '../helpers/fixtures.ts';
 import { runWeft } from '../helpers/cli.ts';
+import { heldOutWindows, meanNll } from '../../bench/perplexity.ts';
 
 const REFERENCE_DIR = fileURLToPath(new URL('../fixtures/sotu-llama/', import.meta.url));
 const DRAFT_DIR = fileURLToPath(new URL('../../models/sotu-llama-draft/', import.meta.url));
@@ -29,18 +30,6 @@ async function greedy(cluster: Cluster, promptIds: readonly number[], maxNewToke
   for await (const event of cluster.generate({ promptIds: [...promptIds], sampling: { maxNewTokens, ignoreEos } }))
     if (event.type === 'done') return event.tokens;
   throw new Error('generate ended without a done event');
-}
-
-/** Mean negative log-likelihood of every window's tokens but its first, as models/recipe/train.py defines it. */
-async function meanNll(cluster: Cluster, windows: readonly number[][]): Promise<{ nll: number; tokens: number }> {
-  let nll = 0;
-  let tokens = 0;
-  for (const window of windows) {
-    const { logprobs } = await cluster.score(window);
-    for (const lp of logprobs.slice(1)) nll -= lp!;
-    tokens += window.length - 1;
-  }
-  return { nll: nll / tokens, tokens };
 }
 
 test('the tokenizer and chat template give the ids transformers gives', () => {
@@ -73,7 +62,9 @@ for (const tp of [1, 2]) {
     });
 
     test('held-out perplexity of the first test windows equals what transformers gives', async () => {
-      const { nll, tokens } = await meanNll(cluster, reference.perplexity.windows);
+      // the windows bench/quality.ts scores are the ones the recipe scored
+      assert.deepEqual(heldOutWindows(DEFAULT_MODEL_DIR).slice(0, reference.perplexity.windows.length), reference.perplexity.windows);
+      const { meanNll: nll, tokens } = await meanNll(cluster, reference.perplexity.windows);
       assert.equal(tokens, reference.perplexity.predicted_tokens);
       assert.ok(Math.abs(nll - reference.perplexity.mean_nll) < 1e-4, `mean NLL ${nll} vs ${reference.perplexity.mean_nll}`);
     });
