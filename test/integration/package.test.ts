@@ -103,7 +103,7 @@ describe('the packed package, installed into an empty folder', () => {
     app = join(dir, 'app');
     mkdirSync(app);
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'weft-consumer', private: true, type: 'module' }));
-    const installed = run('npm', ['install', '--prefer-offline', '--ignore-scripts', '--no-audit', '--no-fund', '--loglevel=error', join(dir, tarball)], app, 300_000);
+    const installed = run('npm', ['install', '--prefer-offline', '--fetch-retries=1', '--fetch-timeout=60000', '--ignore-scripts', '--no-audit', '--no-fund', '--loglevel=error', join(dir, tarball)], app, 300_000);
     if (installed.status !== 0 && OFFLINE.test(installed.output)) {
       skip = `the package registry cannot be reached for the tarball's dependencies (${installed.output.match(OFFLINE)![0]})`;
       return;
