@@ -1,7 +1,7 @@
 #!/usr/bin/env node
-// The `weft` command. In the repository it runs the TypeScript sources through tsx (a development dependency),
-// so the CLI, the workers it spawns and the GPU bundle run the same files with no build step. The installed
-// package ships no sources: there it runs the JavaScript that `npm run build` compiled into dist/, without tsx.
+// The `weft` command. In the repository it runs the TypeScript sources through tsx, so the CLI, the workers it
+// spawns and the GPU bundle run the same files with no build step. The installed package ships no sources:
+// there it runs the JavaScript that `npm run build` compiled into dist/, without tsx.
 import { existsSync } from 'node:fs';
 
 const source = new URL('../coordinator/cli.ts', import.meta.url);
