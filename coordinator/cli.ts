@@ -9,6 +9,7 @@ import { startCluster, type Cluster, type ClusterOptions } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
 import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
 import { LoadProgress } from './load-progress.ts';
+import { PACKAGE_ROOT } from './package-layout.ts';
 import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandLineValues, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
 import { DEFAULT_MODEL_DIR } from './config/options.ts';
 
@@ -25,7 +26,7 @@ const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
 };
 
 /** The version package.json gives, for `weft --version`. */
-const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+const VERSION = (JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 'utf8')) as { version: string }).version;
 
 /**
  * A command whose flags are its declared options; `run` gets them checked, with the environment and defaults,

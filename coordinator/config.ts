@@ -10,6 +10,7 @@ import { WeftError } from '../core/errors.ts';
 import { OPTIONS, type CommandName, type Context, type OptionDeclaration } from './config/options.ts';
 import { InvalidValue, type ValueType } from './config/values.ts';
 import { parseWorkerCurveKeys, type WorkerCurveKeys } from '../core/transport.ts';
+import { PACKAGE_ROOT, moduleUrl } from './package-layout.ts';
 
 export { OPTIONS, type CommandName, type Context } from './config/options.ts';
 
@@ -26,9 +27,9 @@ const declarations = Object.entries(OPTIONS) as [OptionKey, Declaration][];
 export const declarationsOf = (context: Context): [OptionKey, Declaration][] => declarations.filter(([, d]) => d.uses.includes(context));
 
 /** bin/weft.js: what a coordinator spawns (`weft worker`) and what pm2 runs. */
-export const WEFT_BIN = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
+export const WEFT_BIN = fileURLToPath(new URL('bin/weft.js', PACKAGE_ROOT));
 /** The worker process's entry module, loaded by `weft worker`: the one edge from the coordinator into worker/. */
-export const WORKER_ENTRY = new URL('../worker/main.ts', import.meta.url).href;
+export const WORKER_ENTRY = moduleUrl('../worker/main');
 /** The variable a spawned worker reads its secret from (never argv, where `ps` shows it). */
 export const WORKER_SECRET_ENV = OPTIONS.workerSecret.env;
 /** The variable a spawned worker reads its CURVE keys from (JSON: the coordinator's public key, the workers' pair). */

@@ -16,6 +16,7 @@ import { Worker } from 'node:worker_threads';
 import { WeftError, type WeftErrorCode } from '../core/errors.ts';
 import { LOAD_BUDGET_MS, type ChatMessage } from './chat-template.ts';
 import type { DecodeOptions, EncodeOptions } from './tokenizer.ts';
+import { RUNS_SOURCES, moduleUrl } from './package-layout.ts';
 
 /** What a thread is asked to do. `maxTokens`: refuse a result longer than the context (`contextName` names it). */
 export type TextCall =
@@ -54,11 +55,12 @@ export interface TextPoolOptions {
 /** A probe render the thread has not finished by then is stopped (it is refused after LOAD_BUDGET_MS when it finishes; this bounds one that never does). */
 const PROBE_DEADLINE_MS = 5 * LOAD_BUDGET_MS;
 
-// The thread runs TypeScript like the rest of weft: tsx is registered in it first (a second registration,
-// under `node --import tsx`, is harmless).
-const TSX_API = import.meta.resolve('tsx/esm/api');
-const THREAD_ENTRY = new URL('./text-thread.ts', import.meta.url).href;
-const BOOT = `import(${JSON.stringify(TSX_API)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(THREAD_ENTRY)}); });`;
+// From the sources the thread runs TypeScript like the rest of weft: tsx is registered in it first (a second
+// registration, under `node --import tsx`, is harmless). The compiled package loads its JavaScript as it is.
+const THREAD_ENTRY = JSON.stringify(moduleUrl('./text-thread'));
+const BOOT = RUNS_SOURCES
+  ? `import(${JSON.stringify(import.meta.resolve('tsx/esm/api'))}).then((tsx) => { tsx.register(); return import(${THREAD_ENTRY}); });`
+  : `import(${THREAD_ENTRY});`;
 
 interface Job {
   readonly id: number;

@@ -4,7 +4,7 @@
  *
  * @example
  * ```ts
- * import { WeftClient } from 'weft';
+ * import { WeftClient } from '@weft-ai/weft';
  * await using weft = await WeftClient.connect({ endpoint: 'tcp://127.0.0.1:5555' });
  * for await (const event of weft.generate({ prompt: 'Once upon a time', sampling: { maxNewTokens: 32 } }, { signal })) {
  *   if (event.type === 'token') process.stdout.write(event.text);
