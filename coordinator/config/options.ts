@@ -7,6 +7,7 @@
 import { availableParallelism, homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { PACKAGE_ROOT } from '../package-layout.ts';
 import { finite, flag, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
 export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker';
@@ -43,7 +44,7 @@ export interface OptionDeclaration<T> {
  * The model the commands run when no --model is given: an 11 M parameter Llama trained on the State of the Union
  * addresses (models/README.md), shipped in the repository and the package. Code that embeds weft names its model.
  */
-export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('../../models/sotu-llama', import.meta.url));
+export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('models/sotu-llama', PACKAGE_ROOT));
 
 const CLUSTER = ['generate', 'score', 'serve', 'cluster'] as const;
 /** where a draft model applies: scoring reads the target's log-probabilities alone */

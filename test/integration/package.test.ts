@@ -17,6 +17,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 
+const SOTU_REFERENCE = fileURLToPath(new URL('../fixtures/sotu-llama/', import.meta.url));
+
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { name: string; version: string; dependencies: Record<string, string>; devDependencies: Record<string, string> };
 const ADDON = join(ROOT, 'native', 'build', 'weft.node');
@@ -130,7 +132,7 @@ describe('the packed package, installed into an empty folder', () => {
     const files = filesUnder(installedPackage());
     const sources = files.filter((f) => f.endsWith('.ts') && !f.endsWith('.d.ts'));
     assert.deepEqual(sources, [], 'no .ts sources');
-    for (const f of ['package.json', 'bin/weft.js', 'dist/coordinator/index.js', 'dist/coordinator/index.d.ts', 'dist/worker/main.js', 'dist/coordinator/text-thread.js', 'native/build.mjs', 'native/CMakeLists.txt'])
+    for (const f of ['package.json', 'bin/weft.js', 'dist/coordinator/index.js', 'dist/coordinator/index.d.ts', 'dist/worker/main.js', 'dist/coordinator/text-thread.js', 'native/build.mjs', 'native/CMakeLists.txt', 'models/sotu-llama/model.safetensors', 'models/sotu-llama-draft/tokenizer.json'])
       assert.ok(files.includes(f), `${f} is in the package`);
     const nativeSources = files.filter((f) => f.startsWith('native/src/')).map((f) => f.slice('native/src/'.length));
     assert.deepEqual(nativeSources, filesUnder(join(ROOT, 'native', 'src')), 'every native source (the install script builds the addon from them)');
@@ -234,5 +236,10 @@ describe('the packed package, installed into an empty folder', () => {
     const r = run(bin, ['generate', '--model', fixtureDir('llama-tiny'), '--tp', '2', '--prompt-ids', reference.prompts[0]!.join(','), '--max-new-tokens', '6', '--ignore-eos', '--json'], app, 90_000);
     assert.equal(r.status, 0, r.output);
     assert.deepEqual((JSON.parse(r.stdout) as { tokens: number[] }).tokens, reference.greedy[0]!.slice(0, 6));
+    // without --model: the built-in model, from the package's own models/
+    const builtIn = run(bin, ['generate', '--prompt', 'The state of the Union is', '--max-new-tokens', '6', '--json'], app, 90_000);
+    assert.equal(builtIn.status, 0, builtIn.output);
+    assert.match(builtIn.output, /node_modules\/@weft-ai\/weft\/models\/sotu-llama/);
+    assert.deepEqual((JSON.parse(builtIn.stdout) as { tokens: number[] }).tokens, readReference(SOTU_REFERENCE).greedy[0]!.slice(0, 6));
   });
 });
