@@ -18,7 +18,7 @@ import { WeftError } from '../../core/errors.ts';
 export type HandleExchange = (mine: Uint8Array) => Promise<Uint8Array[]>;
 
 export interface SharedGpuOptions {
-  /** How long a barrier waits for a peer before failing the group. Defaults to 60 s, as the CPU hub. */
+  /** How long a barrier waits for a peer before failing the group. Defaults to 15 s: ranks run the same work between collectives, and a barrier that waits spins a kernel on the shared GPU. */
   readonly peerTimeoutMs?: number;
   /** Where the regions live; 'auto' (the default): device IPC, else /dev/shm when any rank cannot map its peers' device memory. */
   readonly memory?: SharedGpuMemory | 'auto';
@@ -28,7 +28,7 @@ export interface SharedGpuOptions {
   readonly log?: (line: string) => void;
 }
 
-const DEFAULT_PEER_TIMEOUT_MS = 60_000;
+const DEFAULT_PEER_TIMEOUT_MS = 15_000;
 const DEFAULT_DATA_BYTES = 16 << 20;
 
 /** A rank's answer in a round of the set-up: its bytes, or why it failed. */

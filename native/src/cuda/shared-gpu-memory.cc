@@ -33,8 +33,18 @@ class DeviceIpcMemory final : public ExchangeMemory {
  public:
   DeviceIpcMemory(int64_t bytes, const char* op) {
     check_call(cudaMalloc(&local_, static_cast<size_t>(bytes)), op, "cudaMalloc (exchange region)");
-    check_call(cudaMemset(local_, 0, static_cast<size_t>(bytes)), op, "cudaMemset (exchange region)");
-    check_call(cudaIpcGetMemHandle(&handle_, local_), op, "cudaIpcGetMemHandle");
+    // the legacy stream does not order the engine's non-blocking stream: the zeros land before anyone reads them
+    cudaError_t e = cudaMemset(local_, 0, static_cast<size_t>(bytes));
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    const char* call = "cudaMemset (exchange region)";
+    if (e == cudaSuccess) {
+      e = cudaIpcGetMemHandle(&handle_, local_);
+      call = "cudaIpcGetMemHandle";
+    }
+    if (e != cudaSuccess) {
+      cudaFree(local_);
+      fail_call(op, call, e);
+    }
   }
   ~DeviceIpcMemory() override {
     for (void* p : peers_) cudaIpcCloseMemHandle(p);

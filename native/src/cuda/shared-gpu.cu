@@ -125,7 +125,12 @@ class Group final : public SharedGpuGroup {
     std::memset(status_host_, 0, sizeof(GroupStatus));
     check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&status_dev_), status_host_, 0), op,
           "cudaHostGetDevicePointer (group status)");
-    memory_ = make_exchange_memory(kind, kHeaderBytes + data_floats_ * 4, op);
+    try {
+      memory_ = make_exchange_memory(kind, kHeaderBytes + data_floats_ * 4, op);
+    } catch (...) {
+      cudaFreeHost(status_host_);
+      throw;
+    }
     set_peer(rank_, memory_->local());
   }
   ~Group() override {
