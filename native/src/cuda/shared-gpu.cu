@@ -132,6 +132,12 @@ class Group final : public SharedGpuGroup {
       throw;
     }
     set_peer(rank_, memory_->local());
+    // load the kernels now: with lazy loading the first launch would load them, maybe inside a graph capture
+    cudaFuncAttributes attributes;
+    check(cudaFuncGetAttributes(&attributes, barrier_kernel), op, "cudaFuncGetAttributes");
+    check(cudaFuncGetAttributes(&attributes, copy_kernel), op, "cudaFuncGetAttributes");
+    check(cudaFuncGetAttributes(&attributes, reduce_kernel), op, "cudaFuncGetAttributes");
+    check(cudaFuncGetAttributes(&attributes, gather_kernel), op, "cudaFuncGetAttributes");
   }
   ~Group() override {
     cudaSetDevice(device_);
