@@ -81,9 +81,9 @@ __global__ void copy_kernel(float* dst, const float* src, int64_t n) {
 // out[i] = data[0][i] + data[1][i] + ... in rank order: every rank adds the same values in the same order.
 __global__ void reduce_kernel(float* out, Peers peers, int world, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    // __ldcg: past L1, which does not see the other processes' writes
-    float sum = __ldcg(peers.data[0] + i);
-    for (int r = 1; r < world; ++r) sum += __ldcg(peers.data[r] + i);
+    // __ldcv: fetched again, never from L1 (blind to the other processes' writes) nor a cached host-memory line
+    float sum = __ldcv(peers.data[0] + i);
+    for (int r = 1; r < world; ++r) sum += __ldcv(peers.data[r] + i);
     out[i] = sum;
   }
 }
@@ -100,7 +100,7 @@ __global__ void gather_kernel(float* out, Peers peers, Columns cols, int world, 
     int r = 0;
     while (r + 1 < world && c >= cols.offset[r + 1]) ++r;
     int64_t local = c - cols.offset[r];
-    out[i] = __ldcg(peers.data[r] + t * cols.width[r] + local);
+    out[i] = __ldcv(peers.data[r] + t * cols.width[r] + local);
   }
 }
 
