@@ -234,6 +234,8 @@ export interface SharedGpuGroup {
   handle(): Uint8Array;
   /** Maps the peers' regions (every rank's handle, in rank order). Throws naming the CUDA call that refused. */
   connect(handles: Uint8Array[]): void;
+  /** Every rank has connected: this rank's handle may go (a /dev/shm file is unlinked, so a killed process leaves none). */
+  peersConnected(): void;
   /** In place: x [count] f32 = the sum over the ranks, added in rank order. */
   allReduce(x: bigint, count: number, stream: bigint): void;
   /** x [rows, widths[rank]] f32 -> out [rows, sum(widths)] f32 (out made by the caller). */

@@ -19,6 +19,7 @@ class SharedGpuGroupHandle : public Napi::ObjectWrap<SharedGpuGroupHandle> {
                        {
                            InstanceMethod<&SharedGpuGroupHandle::Handle>("handle"),
                            InstanceMethod<&SharedGpuGroupHandle::Connect>("connect"),
+                           InstanceMethod<&SharedGpuGroupHandle::PeersConnected>("peersConnected"),
                            InstanceMethod<&SharedGpuGroupHandle::AllReduce>("allReduce"),
                            InstanceMethod<&SharedGpuGroupHandle::AllGatherCols>("allGatherCols"),
                            InstanceMethod<&SharedGpuGroupHandle::Status>("status"),
@@ -80,6 +81,13 @@ class SharedGpuGroupHandle : public Napi::ObjectWrap<SharedGpuGroupHandle> {
         handles.emplace_back(bytes.Data(), bytes.Data() + bytes.ElementLength());
       }
       group(op).connect(handles);
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value PeersConnected(const Napi::CallbackInfo& info) {
+    return guard(info.Env(), "sharedGpuPeersConnected", [&]() -> Napi::Value {
+      group("sharedGpuPeersConnected").peers_connected();
       return info.Env().Undefined();
     });
   }

@@ -43,6 +43,8 @@ class SharedGpuGroup {
   // Maps every peer's region (handles in rank order; this rank's own entry is ignored). Throws naming the call
   // that failed (cudaIpcOpenMemHandle, cudaHostRegister) and the CUDA error string.
   virtual void connect(const std::vector<std::vector<uint8_t>>& handles) = 0;
+  // Every rank has connected: this rank's handle is no longer needed (ExchangeMemory::unlink_name).
+  virtual void peers_connected() = 0;
   // In place: x [count] f32 = the element-wise sum over the ranks, in rank order.
   virtual void all_reduce(uint64_t x, int64_t count, uint64_t stream) = 0;
   // x [rows, widths[rank]] f32 -> out [rows, sum(widths)] f32, the ranks' columns side by side in rank order.

@@ -133,7 +133,7 @@ const RANK_SCRIPT = fileURLToPath(new URL('./shared-gpu-rank.ts', import.meta.ur
  * ready; rejects with the first rank's failure (a host that refuses CUDA IPC: the message names the call).
  */
 export async function openSharedGpuGroup(options: SharedGpuGroupOptions, peerTimeoutMs = 60_000): Promise<{ ranks: ProxyCollectives[]; engine: Engine; memory: string }> {
-  const { world, memory, mode, dataBytes = 16 << 20 } = options;
+  const { world, memory, mode, dataBytes = 4 << 20 } = options;
   const processes = Array.from({ length: world }, (_, r) => new RankProcess(
     spawn(process.execPath, ['--import', 'tsx', RANK_SCRIPT, String(r), String(world), memory, String(peerTimeoutMs), String(dataBytes), mode], { stdio: ['pipe', 'pipe', 'pipe'] }),
   ));

@@ -22,14 +22,14 @@ export interface SharedGpuOptions {
   readonly peerTimeoutMs?: number;
   /** Where the regions live; 'auto' (the default): device IPC, else /dev/shm when any rank cannot map its peers' device memory. */
   readonly memory?: SharedGpuMemory | 'auto';
-  /** Bytes of each rank's data area; larger collectives run in chunks. Defaults to 16 MiB. */
+  /** Bytes of each rank's data area; larger collectives run in chunks. Defaults to 4 MiB (a container's /dev/shm may hold 64 MiB in all). */
   readonly dataBytes?: number;
   /** Where a fallback to /dev/shm is reported (the worker's stderr). */
   readonly log?: (line: string) => void;
 }
 
 const DEFAULT_PEER_TIMEOUT_MS = 15_000;
-const DEFAULT_DATA_BYTES = 16 << 20;
+const DEFAULT_DATA_BYTES = 4 << 20;
 
 /** A rank's answer in a round of the set-up: its bytes, or why it failed. */
 interface Outcome {
@@ -93,7 +93,10 @@ export class SharedGpuCollectives implements Collectives {
       }
       // every rank learns whether every rank could map its peers, so that all of them move on together
       const failure = handles.failure ?? (await round(exchange, connected)).failure;
-      if (failure === null) return new SharedGpuCollectives(engine, group!, rank, world, kind, peerTimeoutMs);
+      if (failure === null) {
+        group!.peersConnected();
+        return new SharedGpuCollectives(engine, group!, rank, world, kind, peerTimeoutMs);
+      }
       group?.close();
       return failure;
     };

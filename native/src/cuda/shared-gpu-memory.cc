@@ -83,20 +83,30 @@ class HostShmMemory final : public ExchangeMemory {
     int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     WEFT_CHECK(fd >= 0, op, "shm_open(", name_, ") failed: ", std::strerror(errno));
     owner_ = true;
-    if (ftruncate(fd, static_cast<off_t>(bytes_)) != 0) {
-      int err = errno;
+    // the pages are reserved now: a full /dev/shm fails here, not as a SIGBUS when a kernel first writes
+    if (int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes_)); err != 0) {
       close(fd);
-      shm_unlink(name_.c_str());
-      WEFT_FAIL(op, "ftruncate(", name_, ", ", bytes_, ") failed: ", std::strerror(err));
+      unlink_name();
+      WEFT_FAIL(op, "posix_fallocate(", name_, ", ", bytes_, " bytes) failed: ", std::strerror(err),
+                " (is /dev/shm large enough?)");
     }
-    local_ = map(fd, bytes_, op);  // a fresh file reads as zeros
+    try {
+      local_ = map(fd, bytes_, op);  // a fresh file reads as zeros
+    } catch (...) {
+      unlink_name();
+      throw;
+    }
   }
   ~HostShmMemory() override {
     for (auto& m : maps_) {
       cudaHostUnregister(m.host);
       munmap(m.host, m.bytes);
     }
+    unlink_name();
+  }
+  void unlink_name() override {
     if (owner_) shm_unlink(name_.c_str());
+    owner_ = false;
   }
   void* local() const override { return local_; }
   std::vector<uint8_t> handle() const override { return {name_.begin(), name_.end()}; }

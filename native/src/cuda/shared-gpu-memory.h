@@ -22,6 +22,9 @@ class ExchangeMemory {
   // Maps a peer's region (its handle()); the device pointer stays valid while this object lives. Throws
   // "<op>: <call> failed: CUDA error <text>" naming the CUDA call that refused.
   virtual void* open_peer(const std::vector<uint8_t>& handle, const char* op) = 0;
+  // Every peer has mapped this region: its name may go (a /dev/shm file is unlinked, so that a killed process
+  // leaves none behind; the mappings stay).
+  virtual void unlink_name() {}
 };
 
 // A region of `bytes` on the current device. Throws naming the call that failed.

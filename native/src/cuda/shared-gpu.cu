@@ -158,6 +158,8 @@ class Group final : public SharedGpuGroup {
     connected_ = true;
   }
 
+  void peers_connected() override { memory_->unlink_name(); }
+
   void all_reduce(uint64_t x, int64_t count, uint64_t stream) override {
     const char* op = "sharedGpuAllReduce";
     cudaStream_t s = begin(op, stream);
