@@ -22,7 +22,7 @@ struct alignas(128) RegionHeader {
 constexpr int64_t kHeaderBytes = 256;
 static_assert(sizeof(RegionHeader) <= kHeaderBytes, "header too large");
 
-// In mapped pinned host memory: the host reads it without a sync.
+// In mapped pinned host memory: the host reads it without a sync (the flag is written last).
 struct GroupStatus {
   int failed;
   int peer;
@@ -59,12 +59,15 @@ __global__ void barrier_kernel(RegionHeader* self, Peers peers, int rank, int wo
     while (arrived.load(::cuda::std::memory_order_acquire) < target) {
       if (s->failed) return;
       if (global_ns() - start > timeout_ns) {
-        if (atomicCAS(&status->failed, 0, 1) == 0) {
+        // the group's kernels run one after another on one stream: one writer, the fields before the flag
+        if (!s->failed) {
           s->peer = r;
           s->collective = static_cast<long long>(self->collectives) - 1;
           s->op = op;
+          __threadfence_system();
+          s->failed = 1;
+          __threadfence_system();
         }
-        __threadfence_system();
         return;
       }
       __nanosleep(256);
