@@ -50,6 +50,8 @@ export interface ClusterOptions {
   readonly kvDtype?: KvDtypeOption;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
+  /** How cuda ranks combine tensors: 'auto' (the default: NCCL with a GPU per rank, else shared-gpu), 'nccl' or 'shared-gpu' (several ranks on one GPU). */
+  readonly collectives?: 'auto' | 'nccl' | 'shared-gpu';
   /** CPU threads per worker. Defaults to the machine's cores divided among the ranks. */
   readonly threads?: number;
   /** A silent worker is declared dead after this long, in ms. */
@@ -217,7 +219,7 @@ export class Cluster {
     // draftTp and speculateK are set whenever draftModelDir is (their declarations need it)
     const draftPlan = draftSpec ? planShards(draftSpec, options.draftTp!) : null;
     const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext);
-    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), threads };
+    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), threads, collectives: options.collectives };
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,

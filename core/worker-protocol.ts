@@ -44,6 +44,8 @@ const initCommandSchema = z
     collectiveRoot: z.string(),
     /** the group's NCCL communicator (cuda groups of more than one rank): made by rank 0 (`ncclId`), relayed to all */
     ncclId: ncclIdSchema.optional(),
+    /** how cuda ranks combine tensors (worker/collectives/choose.ts). Defaults to 'auto'. */
+    collectives: z.enum(['auto', 'nccl', 'shared-gpu']).optional(),
     /** CUDA device ordinal this rank uses, among the devices its process sees. Defaults to 0. */
     deviceIndex: nonNegInt.optional(),
   })

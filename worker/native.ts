@@ -221,9 +221,36 @@ export interface NativeInfo {
   version: string;
 }
 
+/** Where a shared-GPU group's exchange regions live: device memory shared through CUDA IPC, or a /dev/shm file. */
+export type SharedGpuMemory = 'device-ipc' | 'host-shm';
+
+/**
+ * One rank of a group of processes sharing one GPU (native/src/shared-gpu.h; worker/collectives/shared-gpu.ts
+ * drives it). Device addresses and the stream are an engine's `devicePointer` and `streamHandle`; every call
+ * queues kernels on that stream (capturable) and returns at once. CUDA builds only: elsewhere the constructor throws.
+ */
+export interface SharedGpuGroup {
+  /** This rank's exchange region for its peers: a CUDA IPC handle (64 bytes) or a /dev/shm file name. */
+  handle(): Uint8Array;
+  /** Maps the peers' regions (every rank's handle, in rank order). Throws naming the CUDA call that refused. */
+  connect(handles: Uint8Array[]): void;
+  /** Every rank has connected: this rank's handle may go (a /dev/shm file is unlinked, so a killed process leaves none). */
+  peersConnected(): void;
+  /** In place: x [count] f32 = the sum over the ranks, added in rank order. */
+  allReduce(x: bigint, count: number, stream: bigint): void;
+  /** x [rows, widths[rank]] f32 -> out [rows, sum(widths)] f32 (out made by the caller). */
+  allGatherCols(x: bigint, out: bigint, rows: number, widths: Int32Array, stream: bigint): void;
+  /** The group's first failure as the device recorded it: a peer that did not arrive within the timeout. */
+  status(): { failed: boolean; peer: number; collective: number; op: 'allReduce' | 'allGatherCols' | '' };
+  /** Waits for the device, unmaps the peers' regions and frees this rank's; later calls throw. */
+  close(): void;
+}
+
 interface NativeAddon {
   Engine: new (options: EngineOptions) => Engine;
   nativeInfo(): NativeInfo;
+  SharedGpuGroup: new (device: number, rank: number, world: number, dataBytes: number, timeoutMs: number, memory: SharedGpuMemory) => SharedGpuGroup;
+  cudaDeviceCount(): number;
 }
 
 /** Relative to this file: worker/native.ts in the source tree, dist/worker/native.js when compiled. */
@@ -283,4 +310,15 @@ export function createEngine(options: EngineOptions): Engine {
 /** Build facts of the native addon (loads it if needed). */
 export function nativeInfo(): NativeInfo {
   return load().nativeInfo();
+}
+
+/** Opens rank `rank` of a shared-GPU group on CUDA device `device`; its data area holds `dataBytes` (larger collectives run in chunks). */
+export function openSharedGpuGroup(options: { device: number; rank: number; world: number; dataBytes: number; timeoutMs: number; memory: SharedGpuMemory }): SharedGpuGroup {
+  const { device, rank, world, dataBytes, timeoutMs, memory } = options;
+  return new (load().SharedGpuGroup)(device, rank, world, dataBytes, timeoutMs, memory);
+}
+
+/** The CUDA devices this process sees; 0 on a build without CUDA or a host without a GPU. */
+export function cudaDeviceCount(): number {
+  return load().cudaDeviceCount();
 }

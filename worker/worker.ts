@@ -3,11 +3,14 @@
  * engine, this rank's collectives, its model and the step runner.
  */
 import type * as zmq from 'zeromq';
-import { createEngine, type Engine } from './native.ts';
+import { hostname } from 'node:os';
+import { createEngine, cudaDeviceCount, type Engine } from './native.ts';
 import type { InitCommand, StepBatch } from '../core/worker-protocol.ts';
 import { soloCollectives, type Collectives } from './collectives/collectives.ts';
 import { CpuCollectives } from './collectives/cpu.ts';
 import { NcclCollectives } from './collectives/nccl.ts';
+import { SharedGpuCollectives, exchangeOver, type HandleExchange } from './collectives/shared-gpu.ts';
+import { chooseCollectives, type CollectivesPlan } from './collectives/choose.ts';
 import { loadShard, shardBytes } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
 import { StepRunner, workerArenaBytes, type LaunchedStep } from './runner.ts';
@@ -17,6 +20,8 @@ import type { WorkerCurveKeys } from '../core/transport.ts';
 
 export class WorkerState {
   private comm: Collectives | null = null;
+  /** shared-gpu: the CPU hub the ranks traded their handles through (closed with the group) */
+  private handleHub: Collectives | null = null;
   private runner: StepRunner | null = null;
 
   constructor(
@@ -35,13 +40,19 @@ export class WorkerState {
   async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
     if (this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
     if (command.plan.tp !== this.world) throw new WeftError('WEFT_PROTOCOL', `plan is for ${command.plan.tp} ranks, this worker was started for ${this.world}`);
-    const device = command.deviceIndex ?? 0;
+    const collectivesPlan = chooseCollectives(command.collectives ?? 'auto', {
+      device: command.device,
+      world: this.world,
+      deviceIndex: command.deviceIndex ?? 0,
+      visibleDevices: command.device === 'cuda' ? cudaDeviceCount() : 0,
+    });
+    const device = collectivesPlan.deviceIndex;
     // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
     const kv = kvCacheLayout(command);
     // CUDA: the step arena is fixed when the engine is made, so a first engine only reads the free memory
     const arenaBytes = command.device === 'cuda' ? this.arenaBytes(command, kv, createEngine({ backend: 'cuda', device }).memoryInfo().free) : undefined;
     const engine = createEngine({ backend: command.device, threads: command.threads, device, arenaBytes });
-    this.comm = await this.joinCollectives(engine, command);
+    this.comm = await this.joinCollectives(engine, command, collectivesPlan);
     let bytesLoaded = 0;
     const weights = await loadShard(command.modelDir, command.spec, command.plan, this.rank, (read, total) => {
       bytesLoaded = read;
@@ -60,13 +71,33 @@ export class WorkerState {
     return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes);
   }
 
-  private async joinCollectives(engine: Engine, command: InitCommand): Promise<Collectives> {
-    if (this.world === 1) return soloCollectives();
-    if (command.device === 'cuda') {
-      if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
-      return NcclCollectives.create(engine, this.rank, this.world, command.ncclId, { library: this.ncclLibrary });
+  private async joinCollectives(engine: Engine, command: InitCommand, plan: CollectivesPlan): Promise<Collectives> {
+    if (plan.kind === 'solo') return soloCollectives();
+    if (plan.kind === 'cpu') return this.joinHub(engine, command);
+    if (plan.kind !== 'nccl') {
+      const hubEngine = createEngine({ backend: 'cpu', threads: 1 });
+      this.handleHub = await this.joinHub(hubEngine, command);
+      const exchange = exchangeOver(this.handleHub, hubEngine);
+      if (await this.oneHost(exchange, plan.kind === 'shared-gpu')) {
+        const log = (line: string): void => void process.stderr.write(`weft worker rank ${this.rank}: ${line}\n`);
+        return SharedGpuCollectives.create(engine, plan.deviceIndex, this.rank, this.world, exchange, { log });
+      }
     }
+    if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
+    return NcclCollectives.create(engine, this.rank, this.world, command.ncclId, { library: this.ncclLibrary });
+  }
+
+  private joinHub(engine: Engine, command: InitCommand): Promise<Collectives> {
     return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot, { secret: this.secret, ...(this.curve && { curve: this.curve }) });
+  }
+
+  /** Whether every rank runs on this host (shared-gpu needs that); `required`: throw, naming the hosts, when not. */
+  private async oneHost(exchange: HandleExchange, required: boolean): Promise<boolean> {
+    const hosts = (await exchange(Buffer.from(hostname()))).map((bytes) => Buffer.from(bytes).toString());
+    const other = hosts.findIndex((host) => host !== hosts[this.rank]);
+    if (other < 0) return true;
+    if (required) throw new WeftError('WEFT_BAD_REQUEST', `rank ${this.rank}: --collectives shared-gpu needs every rank on one host, but rank ${other} runs on ${hosts[other]} and rank ${this.rank} on ${hosts[this.rank]} (use --collectives nccl)`);
+    return false;
   }
 
   /** Queue the step on this rank's device; its result settles when the answer is on the host (worker/runner.ts). */
@@ -75,12 +106,13 @@ export class WorkerState {
     return this.runner.launch(batch);
   }
 
-  /** An asynchronous collective failure (NCCL reports a dead peer or a network error here), polled by the heartbeat. */
+  /** An asynchronous collective failure (NCCL or shared-gpu report a dead peer here), polled by the heartbeat. */
   collectiveError(): string | null {
     return this.comm?.asyncError() ?? null;
   }
 
   close(): void {
     this.comm?.close();
+    this.handleHub?.close();
   }
 }

@@ -74,6 +74,10 @@ export const OPTIONS = {
     flag: '--kv-dtype', arg: 'auto|f32|bf16', type: oneOf('auto', 'f32', 'bf16'), env: 'WEFT_KV_DTYPE', default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
     help: "the KV cache's element type (bf16 halves the bytes decode attention reads; arithmetic stays fp32)", uses: [...CLUSTER, 'launch'],
   },
+  collectives: {
+    flag: '--collectives', arg: 'auto|nccl|shared-gpu', type: oneOf('auto', 'nccl', 'shared-gpu'), env: 'WEFT_COLLECTIVES', default: 'auto',
+    defaultHelp: 'auto: NCCL when there is a GPU per rank, else shared-gpu', help: 'how cuda ranks combine tensors: NCCL, or shared-gpu for several ranks on one GPU (CUDA IPC, else /dev/shm)', uses: [...CLUSTER, 'launch'],
+  },
   threads: { flag: '--threads', arg: 'N', type: integer(1), env: 'WEFT_THREADS', default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 
   // speculative decoding

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "js-args.h"
+#include "shared-gpu-binding.h"
 
 #ifndef WEFT_VERSION
 #define WEFT_VERSION "0.0.0"
@@ -659,6 +660,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   data->graph_class = Napi::Persistent(GraphHandle::Define(env));
   exports.Set("Engine", EngineHandle::Define(env));
   exports.Set("nativeInfo", Napi::Function::New<nativeInfo>(env, "nativeInfo"));
+  InitSharedGpu(env, exports);
   return exports;
 }
 

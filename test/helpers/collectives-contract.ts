@@ -1,8 +1,9 @@
 /**
  * The contract every Collectives implementation keeps, written once as a function of an implementation and
- * registered by test/unit/collectives.test.ts (every implementation this machine has) and
- * test/gpu/collectives.test.ts (NCCL). A group's ranks all live in this process: each case runs the same
- * collective on every rank at once and checks every rank's result.
+ * registered by test/unit/collectives.test.ts (every implementation this machine has),
+ * test/gpu/collectives.test.ts (NCCL) and test/gpu/shared-gpu.test.ts (ranks in processes of their own on one GPU,
+ * behind proxies: test/gpu/shared-gpu-group.ts). Each case runs the same collective on every rank at once and
+ * checks every rank's result.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -24,6 +25,8 @@ export interface Implementation {
   readonly name: string;
   /** why it cannot run on this machine, or false */
   readonly skip: string | false;
+  /** Which rank a survivor names when `dead` is gone: the rank it waits on. Defaults to the hub's (rank 0 waits on the dead rank, the others on rank 0). */
+  readonly waitsOn?: (rank: number, dead: number) => number;
   open(options: { peerTimeoutMs?: number }): Promise<CollectiveGroup>;
 }
 
@@ -176,8 +179,9 @@ export function collectiveContract(impl: Implementation): void {
         assert.ok(Date.now() - started < 20 * peerTimeoutMs, `failed within ${Date.now() - started} ms`);
         outcomes.forEach((o, r) => {
           assert.equal(o.status, 'rejected', `rank ${r} must fail`);
-          // The hub names the rank that did not answer; the others name the hub they wait on.
-          assert.match(String((o as PromiseRejectedResult).reason), new RegExp(`rank ${r}: allReduce #0: no answer from rank ${r === 0 ? dead : 0} within ${peerTimeoutMs} ms`));
+          // The hub names the rank that did not answer; the others name the hub they wait on (impl.waitsOn).
+          const waitedOn = impl.waitsOn?.(r, dead) ?? (r === 0 ? dead : 0);
+          assert.match(String((o as PromiseRejectedResult).reason), new RegExp(`rank ${r}: allReduce #0: no answer from rank ${waitedOn} within ${peerTimeoutMs} ms`));
         });
         assert.match(survivors[0]!.asyncError() ?? '', new RegExp(`no answer from rank ${dead}`), 'the failure stays visible to the heartbeat');
       } finally {
