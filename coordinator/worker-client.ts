@@ -79,6 +79,8 @@ interface PendingRequest {
 const WATCH_MS = 250;
 /** Ranks are pinged every this many checks (once a second). */
 const PING_EVERY = 4;
+/** The receive loop reads for at most about this long before it lets the event loop turn. */
+const RECEIVE_SLICE_MS = 5;
 
 /** Whether process `pid` exists (EPERM: it does, owned by someone else). */
 export function alive(pid: number): boolean {
@@ -171,8 +173,15 @@ export class WorkerClient {
   }
 
   private async receiveLoop(): Promise<void> {
+    let slice = performance.now();
     try {
       for await (const [routingId, ...frames] of this.router) {
+        // a burst of queued messages is read without leaving the microtask queue: past a slice, let timers and
+        // other sockets run (a stranger flooding this socket must not delay the rest of the coordinator)
+        if (performance.now() - slice > RECEIVE_SLICE_MS) {
+          await new Promise((resolve) => setImmediate(resolve));
+          slice = performance.now();
+        }
         const arrival = this.peers.receive(routingId!, frames);
         if (arrival === null) continue;
         if (arrival.kind === 'proven') {
