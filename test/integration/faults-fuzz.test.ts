@@ -15,6 +15,7 @@ import { readFileSync } from 'node:fs';
 import * as zmq from 'zeromq';
 import { pack, unpack } from 'msgpackr';
 import { WeftClient } from '../../coordinator/api/client.ts';
+import { prng } from '../helpers/random.ts';
 import { fixtureDir, processesMentioning, readReference } from '../helpers/fixtures.ts';
 import { argOf } from '../helpers/sockets.ts';
 import { startServe, stopCleanly, type ServeProcess } from './serve-helpers.ts';
@@ -22,16 +23,6 @@ import { startServe, stopCleanly, type ServeProcess } from './serve-helpers.ts';
 const reference = readReference('llama-tiny');
 const FRAMES = 10_000;
 
-/** A seeded generator (mulberry32): the corpus is the same on every run. */
-function randomSource(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** A random msgpack-able value, nested at most `depth` deep. */
 function randomValue(random: () => number, depth: number): unknown {
@@ -52,7 +43,7 @@ function randomValue(random: () => number, depth: number): unknown {
 
 /** 10,000 frames: the named adversarial ones, wrong-shaped messages of `types`, truncated ones, random bytes and random values. */
 function corpus(types: readonly string[], seed: number): Buffer[] {
-  const random = randomSource(seed);
+  const random = prng(seed);
   const named = [
     Buffer.from([0xdd, 0xff, 0xff, 0xff, 0xff]), // array32 declaring 2^32-1 elements
     Buffer.from(Buffer.alloc(24_000 * 3).map((_, i) => [0xdc, 0x00, 0x01][i % 3]!)), // 24,000 nested array16 headers

@@ -11,6 +11,7 @@ import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
 import { Agent, request as httpRequest } from 'node:http';
 import { WeftClient } from '../../coordinator/api/client.ts';
+import { prng } from '../helpers/random.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { startServe, stopCleanly } from './serve-helpers.ts';
 
@@ -129,16 +130,6 @@ test('G7: 200 slowloris connections (trickled headers, unfinished bodies) are cl
   }
 });
 
-/** A seeded generator (mulberry32): the malformed bodies are the same on every run. */
-function randomSource(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** One malformed body for `route`: random bytes, a truncated or byte-flipped valid body, wrong types, deep nesting. */
 function malformedBody(random: () => number, route: string): string {
@@ -175,7 +166,7 @@ test('G7: 10,000 malformed bodies on the JSON routes: a 4xx in the OpenAI error 
   const server = await startServe(['--model', fixtureDir('llama-tiny'), '--tp', '1']);
   const agent = new Agent({ keepAlive: true, maxSockets: 8 });
   try {
-    const random = randomSource(7);
+    const random = prng(7);
     const routes = ['/v1/completions', '/v1/chat/completions', '/tokenize'];
     const statuses = new Map<number, number>();
     const started = Date.now();
