@@ -151,9 +151,11 @@ export class WorkerGroup {
   async reform(graceMs = 3000): Promise<void> {
     if (this.closing) throw new WeftError('WEFT_CLOSED', `the ${this.label} group is closed`);
     this.client.fail('WEFT_WORKER_DIED', 'the group is being re-formed'); // a no-op when it already failed
+    const pidsBefore = this.spawned.map((_, rank) => this.client.pid(rank));
     const rejoined = await this.client.rejoinAll(graceMs);
-    const restarting = rejoined.flatMap((ok, rank) => (ok ? [] : [rank]));
-    const stalePids = rejoined.map((ok, rank) => (ok ? null : this.client.pid(rank)));
+    // a rank whose new process (restarted by its supervisor) proved itself meanwhile is not stopped: it is fresh
+    const restarting = rejoined.flatMap((ok, rank) => (ok || this.client.pid(rank) !== pidsBefore[rank] ? [] : [rank]));
+    const stalePids = pidsBefore.map((pid, rank) => (restarting.includes(rank) ? pid : null));
     // a rank still running after the grace did not answer it: hung, killed at once (a remote one is only asked)
     await this.client.shutdownAll(restarting);
     await Promise.all(restarting.map((rank) => this.stopRank(rank, 0)));
