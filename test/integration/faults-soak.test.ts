@@ -1,6 +1,6 @@
 /**
  * G9, the soak: 64 concurrent streams against a real `weft serve --tp 2` (CPU, tiny model), each client starting
- * its next request when one ends, for WEFT_SOAK_SECONDS (45 by default; the goal's run is 600). A client-side
+ * its next request when one ends, for WEFT_SOAK_SECONDS (30 by default; the goal's run is 600). A client-side
  * ledger checks that every request ends in exactly one `done` or error, and that no error is other than overload;
  * RSS of the coordinator and of each worker is sampled every 2 s and its slope after the first third (warm-up) is
  * fitted; the coordinator's open FDs are the same at the end as after warm-up; every KV block is free at the end;
@@ -16,7 +16,7 @@ import { fixtureDir, processesMentioning, readReference } from '../helpers/fixtu
 import { startServe, stopCleanly } from './serve-helpers.ts';
 
 const STREAMS = 64;
-const SECONDS = Number(process.env.WEFT_SOAK_SECONDS ?? 45);
+const SECONDS = Number(process.env.WEFT_SOAK_SECONDS ?? 30);
 const reference = readReference('llama-tiny');
 
 const rssMiB = (pid: number): number => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) / 1024;
