@@ -86,20 +86,25 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
 
   /**
    * Leave the broken group at once, not behind the running command: a collective waiting on the dead peer fails
-   * now, which ends that command; the reply follows it, with rank 0's new hub.
+   * now, which ends that command. In order after it: leave again (an init that was running, a fault while loading,
+   * may have set up what the first left), bind rank 0's new hub, and reply with it.
    */
-  const rejoin = async (id: number): Promise<void> => {
+  const rejoin = (id: number): void => {
     if (device === 'cuda') return stop(0, 'leaving the re-forming group: a CUDA rank rejoins as a new process');
-    let next: Awaited<ReturnType<typeof bindHub>>;
-    try {
-      next = await bindHub();
-    } catch (err) {
-      return stop(1, `could not bind a new collective hub to rejoin the group: ${(err as Error).message}`);
-    }
-    hub?.socket.close(); // closed with the collectives too, unless the group never initialised
-    hub = next;
-    state.leave(hub?.socket ?? null);
-    serve(id, async () => ({ command: 'rejoin', result: { collectiveEndpoint: hub?.endpoint ?? null } }));
+    state.leave(null);
+    serve(id, async () => {
+      state.leave(null);
+      hub?.socket.close(); // closed with the collectives too, unless the group never initialised
+      hub = null;
+      try {
+        hub = await bindHub();
+      } catch (err) {
+        stop(1, `could not bind a new collective hub to rejoin the group: ${(err as Error).message}`);
+        throw err;
+      }
+      state.leave(hub?.socket ?? null);
+      return { command: 'rejoin', result: { collectiveEndpoint: hub?.endpoint ?? null } };
+    });
   };
 
   // A worker serves one coordinator instance: its connection is authenticated for that one (a restarted coordinator
@@ -142,7 +147,7 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
       if (message.type === 'init') {
         device = message.device;
         serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
-      } else if (message.type === 'rejoin') void rejoin(message.id);
+      } else if (message.type === 'rejoin') rejoin(message.id);
       else if (message.type === 'step') serveStep(message.id, message.batch);
       // rank 0 makes its group's NCCL id: the coordinator never loads NCCL, and a missing library fails here, named
       else if (message.type === 'ncclId') serve(message.id, async () => ({ command: 'ncclId', result: { ncclId: loadNccl(options.ncclLibrary).getUniqueId() } }));
