@@ -79,6 +79,8 @@ interface PendingRequest {
 const WATCH_MS = 250;
 /** Ranks are pinged every this many checks (once a second). */
 const PING_EVERY = 4;
+/** The receive loop reads for at most about this long before it lets the event loop turn. */
+const RECEIVE_SLICE_MS = 5;
 
 /** Whether process `pid` exists (EPERM: it does, owned by someone else). */
 export function alive(pid: number): boolean {
@@ -171,8 +173,15 @@ export class WorkerClient {
   }
 
   private async receiveLoop(): Promise<void> {
+    let slice = performance.now();
     try {
       for await (const [routingId, ...frames] of this.router) {
+        // a burst of queued messages is read without leaving the microtask queue: past a slice, let timers and
+        // other sockets run (a stranger flooding this socket must not delay the rest of the coordinator)
+        if (performance.now() - slice > RECEIVE_SLICE_MS) {
+          await new Promise((resolve) => setImmediate(resolve));
+          slice = performance.now();
+        }
         const arrival = this.peers.receive(routingId!, frames);
         if (arrival === null) continue;
         if (arrival.kind === 'proven') {
@@ -303,14 +312,52 @@ export class WorkerClient {
     });
   }
 
-  /** Ask every rank to exit (re-forming, closing); unreachable ones are left to the caller. */
-  async shutdownAll(): Promise<void> {
-    await Promise.all(this.ranks.map((_, rank) => (this.peers.isBound(rank) ? this.post(rank, { v: PROTOCOL_VERSION, type: 'shutdown' }).catch(() => undefined) : undefined)));
+  /** Ask every rank to exit (closing), or those of `ranks` (re-forming); unreachable ones are left to the caller. */
+  async shutdownAll(ranks: readonly number[] = this.ranks.map((_, rank) => rank)): Promise<void> {
+    await Promise.all(ranks.map((rank) => (this.peers.isBound(rank) ? this.post(rank, { v: PROTOCOL_VERSION, type: 'shutdown' }).catch(() => undefined) : undefined)));
+  }
+
+  /**
+   * The group re-forms after a fault (the client has failed): ask every rank whose process runs to rejoin it in
+   * that process (it leaves the broken group: collectives closed, model dropped; rank 0 binds a new collective
+   * hub). Resolves, by rank, whether it answered within `timeoutMs`; a rank that is gone, hung, or exits instead
+   * (a CUDA rank) did not, and is the group's to restart.
+   */
+  rejoinAll(timeoutMs: number): Promise<boolean[]> {
+    return Promise.all(this.ranks.map((_, rank) => this.rejoin(rank, timeoutMs)));
+  }
+
+  private async rejoin(rank: number, timeoutMs: number): Promise<boolean> {
+    const state = this.ranks[rank]!;
+    const { pid } = state;
+    if (pid === null || !this.peers.isBound(rank) || (state.local && !alive(pid))) return false;
+    const id = this.nextId++;
+    let watch: NodeJS.Timeout | undefined;
+    const answered = new Promise<boolean>((resolve) => {
+      const accept = (result: unknown): void => {
+        state.collectiveEndpoint = (result as CommandResult<'rejoin'>).collectiveEndpoint;
+        resolve(true);
+      };
+      // a failed client rejects nothing more, so this entry is settled by the reply or the watch alone
+      this.pending.set(id, { rank, command: 'rejoin', resolve: accept, reject: () => resolve(false) });
+      const deadline = Date.now() + timeoutMs;
+      watch = setInterval(() => {
+        if (Date.now() > deadline || state.pid !== pid || (state.local && !alive(pid))) resolve(false);
+      }, 50);
+    });
+    this.post(rank, { v: PROTOCOL_VERSION, type: 'rejoin', id }).catch(() => undefined); // unreachable: the watch ends it
+    try {
+      return await answered;
+    } finally {
+      clearInterval(watch);
+      this.pending.delete(id);
+    }
   }
 
   /**
    * After the group stopped its processes: forget the ranks still holding a pid from `stalePids` (a supervised
-   * rank that already said hello again keeps its new one) and clear the failure, ready for a new `join`.
+   * rank that already said hello again keeps its new one, a rank that rejoined has null there and keeps its
+   * process) and clear the failure, ready for a new `join`.
    */
   reset(stalePids: readonly (number | null)[]): void {
     this.ranks.forEach((state, rank) => {

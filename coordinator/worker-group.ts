@@ -3,9 +3,10 @@
  * broadcast to every rank with all replies awaited, over its WorkerClient (socket, hello, heartbeats, replies).
  *
  * The first fault (a process exit here, or one the client sees) fails the group: every pending and later call
- * rejects with an error naming the rank. `reform()` then rebuilds it: every rank is stopped (spawned ones are
- * killed and spawned again; supervised ones, under pm2, are told to exit and their supervisor starts them again),
- * all ranks must say hello again, and the caller sends `init` again.
+ * rejects with an error naming the rank. `reform()` then rebuilds it around the survivors: a rank whose process
+ * answers keeps it and rejoins (its collectives and model are rebuilt by the next `init`); the dead or hung ones
+ * are stopped and started again (spawned ones here; supervised ones, under pm2, by their supervisor), they say
+ * hello again, and the caller sends `init` again to every rank.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -112,8 +113,9 @@ export class WorkerGroup {
     return this.client.join(this.options.joinTimeoutMs ?? 60_000);
   }
 
+  /** Spawn every local rank not running (all at first; after a re-form, the ones that did not rejoin). */
   private spawnAll(): void {
-    if (this.options.spawnLocal) for (let rank = 0; rank < this.options.world; rank++) this.spawnRank(rank);
+    if (this.options.spawnLocal) for (let rank = 0; rank < this.options.world; rank++) if (!this.spawned[rank]) this.spawnRank(rank);
   }
 
   private spawnRank(rank: number): void {
@@ -140,17 +142,23 @@ export class WorkerGroup {
   }
 
   /**
-   * Rebuild a failed group: stop every rank (survivors too: their collectives point at the dead peer), start
-   * them again (spawned: here; supervised: their supervisor restarts them after they exit), and wait for every
-   * hello. The caller then sends `init` again.
+   * Rebuild a failed group around the ranks that survived it: each rank whose process answers `rejoin` within
+   * `graceMs` leaves the broken group and keeps its process; the others (dead, hung, or a CUDA rank, which exits
+   * instead) are stopped (killed when they do not listen) and started again (spawned: here; supervised: their
+   * supervisor restarts them after they exit). Resolves when every rank has said hello; the caller then sends
+   * `init` again, to every rank.
    */
   async reform(graceMs = 3000): Promise<void> {
     if (this.closing) throw new WeftError('WEFT_CLOSED', `the ${this.label} group is closed`);
     this.client.fail('WEFT_WORKER_DIED', 'the group is being re-formed'); // a no-op when it already failed
-    const stalePids = this.spawned.map((_, rank) => this.client.pid(rank));
-    await this.client.shutdownAll();
-    // wait for the old processes to be gone; kill the ones that do not listen (a hung worker)
-    await Promise.all(this.spawned.map((_, rank) => this.stopRank(rank, graceMs)));
+    const pidsBefore = this.spawned.map((_, rank) => this.client.pid(rank));
+    const rejoined = await this.client.rejoinAll(graceMs);
+    // a rank whose new process (restarted by its supervisor) proved itself meanwhile is not stopped: it is fresh
+    const restarting = rejoined.flatMap((ok, rank) => (ok || this.client.pid(rank) !== pidsBefore[rank] ? [] : [rank]));
+    const stalePids = pidsBefore.map((pid, rank) => (restarting.includes(rank) ? pid : null));
+    // a rank still running after the grace did not answer it: hung, killed at once (a remote one is only asked)
+    await this.client.shutdownAll(restarting);
+    await Promise.all(restarting.map((rank) => this.stopRank(rank, 0)));
     // closed while the old ranks stopped: spawning now would leave processes nobody closes
     if (this.closing) throw new WeftError('WEFT_CLOSED', `the ${this.label} group was closed while re-forming`);
     this.client.reset(stalePids);

@@ -1,7 +1,7 @@
 /**
  * Coordinator ↔ worker control messages: one union per direction, each message type derived from its zod
  * schema, every message validated on receipt on both sides. Every message carries `v` (protocol version) and
- * `type`. The commands (`init`, `step`, `ncclId`) carry an `id`; the worker answers each with a `reply` holding
+ * `type`. The commands (`init`, `step`, `ncclId`, `rejoin`) carry an `id`; the worker answers each with a `reply` holding
  * the same id, the command's name and its typed result, or with an `error` holding the id. Plain data only: no
  * classes, functions or method names travel.
  *
@@ -59,6 +59,8 @@ const coordinatorMessageSchema = z.discriminatedUnion('type', [
   z.object({ v: int, type: z.literal('step'), id: nonNegInt, batch: stepBatchSchema }).strict(),
   /** asks rank 0 for a fresh NCCL unique id: NCCL's bootstrap root then lives in the rank that joins first */
   z.object({ v: int, type: z.literal('ncclId'), id: nonNegInt }).strict(),
+  /** the group re-forms around this rank: it leaves the broken group (collectives closed, model dropped) and keeps its process; `init` follows */
+  z.object({ v: int, type: z.literal('rejoin'), id: nonNegInt }).strict(),
   /** `session` names the coordinator instance: a worker that sees it change knows its coordinator restarted */
   z.object({ v: int, type: z.literal('ping'), session: z.string().max(64).optional() }).strict(),
   z.object({ v: int, type: z.literal('shutdown') }).strict(),
@@ -70,6 +72,8 @@ const resultSchemas = {
   init: z.object({ bytesLoaded: nonNegInt }).strict(),
   step: stepResultSchema,
   ncclId: z.object({ ncclId: ncclIdSchema }).strict(),
+  /** rank 0 binds a new collective hub to rejoin with (its old one closed with its collectives); null on the others */
+  rejoin: z.object({ collectiveEndpoint: z.string().max(256).nullable() }).strict(),
 };
 export type Command = keyof typeof resultSchemas;
 export type CommandResult<C extends Command> = z.infer<(typeof resultSchemas)[C]>;
@@ -99,7 +103,7 @@ const workerMessageSchema = z.discriminatedUnion('type', [
   z.object({ v: int, type: z.literal('auth'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('heartbeat'), rank: nonNegInt }).strict(),
   z.object({ v: int, type: z.literal('progress'), rank: nonNegInt, bytesRead: nonNegInt, bytesTotal: nonNegInt }).strict(),
-  z.discriminatedUnion('command', [replySchema('init'), replySchema('step'), replySchema('ncclId')]),
+  z.discriminatedUnion('command', [replySchema('init'), replySchema('step'), replySchema('ncclId'), replySchema('rejoin')]),
   z.object({ v: int, type: z.literal('error'), rank: nonNegInt, id: nonNegInt, error: z.object({ code: z.string(), message: z.string() }).strict() }).strict(),
 ]);
 export type WorkerMessage = z.infer<typeof workerMessageSchema>;

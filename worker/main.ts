@@ -12,7 +12,7 @@ import { isWeftError } from '../core/errors.ts';
 import { requireSecret } from '../core/frame-auth.ts';
 import { WORKER_CURVE_OPTION, curveClient, type WorkerCurveKeys } from '../core/transport.ts';
 import { ResponsiveClock } from '../core/loop-clock.ts';
-import type { ReplyBody, StepBatch, WorkerMessage } from '../core/worker-protocol.ts';
+import type { InitCommand, ReplyBody, StepBatch, WorkerMessage } from '../core/worker-protocol.ts';
 import { CoordinatorLink } from './coordinator-link.ts';
 import { bindCollectiveHub } from './collectives/cpu.ts';
 import { loadNccl } from './collectives/nccl.ts';
@@ -45,12 +45,18 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   const socket = new zmq.Dealer({ linger: 0, maxMessageSize: 1 << 30, ...curveClient(options.coordinator, options.curve, options.curve?.serverKey, WORKER_CURVE_OPTION) });
   socket.connect(options.coordinator);
   const log = (line: string): void => void process.stderr.write(`weft worker rank ${rank}: ${line}\n`);
-  const hub = rank === 0 && world > 1 ? await bindCollectiveHub(options.collectiveHost, { coordinator: options.coordinator, ...(options.curve && { curve: options.curve }) }) : null;
+  const bindHub = (): Promise<{ socket: zmq.Router; endpoint: string }> | null =>
+    rank === 0 && world > 1 ? bindCollectiveHub(options.collectiveHost, { coordinator: options.coordinator, ...(options.curve && { curve: options.curve }) }) : null;
+  let hub = await bindHub();
   const link = new CoordinatorLink(socket, secret, { rank, world, pid: process.pid, collectiveEndpoint: hub?.endpoint ?? null, hostname: hostname() }, log);
   const post = (message: WorkerMessage): void => link.post(message);
   const state = new WorkerState(rank, world, hub?.socket ?? null, options.ncclLibrary, (bytesRead, bytesTotal) =>
     post({ v: PROTOCOL_VERSION, type: 'progress', rank, bytesRead, bytesTotal }), secret, options.curve,
   );
+
+  // the backend of the last init: a CUDA rank leaves a re-forming group by exiting (its communicator's abort
+  // waits for the decode graphs that hold it), a CPU rank rejoins it in this process
+  let device: InitCommand['device'] | null = null;
 
   // the coordinator's silence is measured on a clock that stops while this process stalls (a long step)
   const clock = new ResponsiveClock(HEARTBEAT_MS);
@@ -67,8 +73,9 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
     post({ v: PROTOCOL_VERSION, type: 'heartbeat', rank });
     if (clock.now() - lastHeard > options.coordinatorTimeoutMs) stop(1, `coordinator ${options.coordinator} silent for ${options.coordinatorTimeoutMs} ms, exiting`);
     if (options.parentPid !== undefined && process.ppid !== options.parentPid) stop(1, `parent process ${options.parentPid} is gone, exiting`);
-    // a collective that failed asynchronously leaves this rank unable to step: exit, so the group re-forms
-    const collectiveError = state.collectiveError();
+    // an NCCL communicator that failed asynchronously leaves this rank unable to step: exit, so the group re-forms
+    // (a CPU collective's failure fails the step that met it, and the group re-forms around this process)
+    const collectiveError = device === 'cuda' ? state.collectiveError() : null;
     if (collectiveError) stop(1, `NCCL reported an asynchronous error: ${collectiveError}`);
   }, HEARTBEAT_MS);
   process.once('SIGTERM', () => stop(0));
@@ -76,6 +83,29 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
   socket.events.on('disconnect', () => {
     if (link.established) stop(1, `lost its authenticated connection to coordinator ${options.coordinator}, exiting (a restarted coordinator is joined by a fresh process)`);
   });
+
+  /**
+   * Leave the broken group at once, not behind the running command: a collective waiting on the dead peer fails
+   * now, which ends that command. In order after it: leave again (an init that was running, a fault while loading,
+   * may have set up what the first left), bind rank 0's new hub, and reply with it.
+   */
+  const rejoin = (id: number): void => {
+    if (device === 'cuda') return stop(0, 'leaving the re-forming group: a CUDA rank rejoins as a new process');
+    state.leave(null);
+    serve(id, async () => {
+      state.leave(null);
+      hub?.socket.close(); // closed with the collectives too, unless the group never initialised
+      hub = null;
+      try {
+        hub = await bindHub();
+      } catch (err) {
+        stop(1, `could not bind a new collective hub to rejoin the group: ${(err as Error).message}`);
+        throw err;
+      }
+      state.leave(hub?.socket ?? null);
+      return { command: 'rejoin', result: { collectiveEndpoint: hub?.endpoint ?? null } };
+    });
+  };
 
   // A worker serves one coordinator instance: its connection is authenticated for that one (a restarted coordinator
   // drops the connection, and the worker exits above). A ping naming another session ends it the same way.
@@ -114,7 +144,10 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
       const message = link.receive(frames);
       if (message === null) continue;
       lastHeard = clock.now();
-      if (message.type === 'init') serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
+      if (message.type === 'init') {
+        device = message.device;
+        serve(message.id, async () => ({ command: 'init', result: await state.init(message) }));
+      } else if (message.type === 'rejoin') rejoin(message.id);
       else if (message.type === 'step') serveStep(message.id, message.batch);
       // rank 0 makes its group's NCCL id: the coordinator never loads NCCL, and a missing library fails here, named
       else if (message.type === 'ncclId') serve(message.id, async () => ({ command: 'ncclId', result: { ncclId: loadNccl(options.ncclLibrary).getUniqueId() } }));

@@ -27,7 +27,7 @@ export class WorkerState {
   constructor(
     readonly rank: number,
     readonly world: number,
-    private readonly hub: zmq.Router | null,
+    private hub: zmq.Router | null,
     /** the NCCL shared library cuda groups of several ranks load */
     private readonly ncclLibrary: string,
     private readonly onProgress: (bytesRead: number, bytesTotal: number) => void,
@@ -109,6 +109,17 @@ export class WorkerState {
   /** An asynchronous collective failure (NCCL or shared-gpu report a dead peer here), polled by the heartbeat. */
   collectiveError(): string | null {
     return this.comm?.asyncError() ?? null;
+  }
+
+  /**
+   * Leave a group that re-forms around this process: the collectives close (a wait on a dead peer fails at once,
+   * ending the step in progress) and the model goes; `init` follows, rank 0's collectives on `hub`, bound anew.
+   */
+  leave(hub: zmq.Router | null): void {
+    this.close();
+    this.comm = null;
+    this.runner = null;
+    this.hub = hub;
   }
 
   close(): void {

@@ -7,9 +7,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { cpSync, existsSync, mkdtempSync, rmSync, truncateSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { startCluster } from '../../coordinator/cluster.ts';
 import { isWeftError } from '../../core/errors.ts';
 import { WEFT_BIN, fixtureDir, processesMentioning, readReference, waitFor } from '../helpers/fixtures.ts';
+import { startServe } from './serve-helpers.ts';
 
 const model = 'llama-tiny';
 
@@ -43,7 +47,7 @@ test('a worker killed during generation fails the request, naming the rank, with
   assert.deepEqual(processesMentioning(`--parent-pid\0${process.pid}\0`), [], 'no worker left behind');
 });
 
-test('with recover, a killed worker fails only its request: the group re-forms on new processes and serves again', async () => {
+test('with recover, a killed worker fails only its request: the group re-forms around the survivor (same pid) and serves again', async () => {
   const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1, recover: true });
   try {
     const reference = readReference(model);
@@ -54,7 +58,8 @@ test('with recover, a killed worker fails only its request: the group re-forms o
     await assert.rejects(drain(events), (err: unknown) => isWeftError(err) && err.code === 'WEFT_WORKER_DIED' && /rank 1/.test(err.message));
     assert.ok(await waitFor(() => cluster.stats().reforms === 1 && cluster.state === 'ready', 30_000), `re-formed: ${cluster.stats().detail}`);
     const after = cluster.workerPids();
-    assert.ok(after.every((pid) => !before.includes(pid)), `every rank runs in a new process (${before} → ${after})`);
+    assert.equal(after[0], before[0], `rank 0 survived and rejoined in its process (${before} → ${after})`);
+    assert.notEqual(after[1], before[1], 'rank 1 runs in a new process');
     let tokens: number[] = [];
     for await (const e of cluster.generate({ promptIds: reference.prompts[1]!, sampling: { maxNewTokens: 24, ignoreEos: true } })) if (e.type === 'done') tokens = e.tokens;
     assert.deepEqual(tokens, reference.greedy[1], 'the re-formed group gives the reference output');
@@ -64,7 +69,7 @@ test('with recover, a killed worker fails only its request: the group re-forms o
   assert.ok(await waitFor(() => processesMentioning(`--parent-pid\0${process.pid}\0`).length === 0, 5000), 'no worker left behind');
 });
 
-test('a coordinator killed with SIGKILL leaves no worker behind', async () => {
+test('G4: a coordinator killed with SIGKILL leaves no worker behind within 20 s (goal 10 s)', async (t) => {
   const child = spawn(process.execPath, [WEFT_BIN, 'generate', '--model', fixtureDir(model), '--tp', '2', '--prompt', 'hi', '--max-new-tokens', '400', '--ignore-eos'], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -72,9 +77,11 @@ test('a coordinator killed with SIGKILL leaves no worker behind', async () => {
   assert.ok(await waitFor(() => processesMentioning(marker).length === 2, 30_000), 'both workers started');
   assert.equal(child.exitCode, null, 'the coordinator is still generating when it is killed');
   child.kill('SIGKILL');
+  const killedAt = Date.now();
   // Workers watch their parent once per heartbeat (500 ms); the reliability goal (G4) gives them 10 s. Exiting takes 4-8 s
   // on a 2-core machine at load average 15 (measured while six test suites ran), so the bound is twice G4's.
   assert.ok(await waitFor(() => processesMentioning(marker).length === 0, 20_000), `workers still alive: ${processesMentioning(marker).join(', ')}`);
+  t.diagnostic(`G4 measured: the last worker gone ${Date.now() - killedAt} ms after the coordinator's SIGKILL`);
 });
 
 test('G2: a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, naming the rank', async () => {
@@ -88,6 +95,49 @@ test('G2: a hung worker (SIGSTOP) is declared dead by the heartbeat deadline, na
     await cluster.close(); // SIGKILL reaches a stopped process
   }
   assert.ok(await waitFor(() => processesMentioning(`--parent-pid\0${process.pid}\0`).length === 0, 5000), 'no worker left behind');
+});
+
+test('G2 then G1: with recover, a hung rank (SIGSTOP) is declared dead, killed and replaced; the survivor keeps its process; the reference output follows', async () => {
+  const cluster = await startCluster({ modelDir: fixtureDir(model), tp: 2, threads: 1, heartbeatTimeoutMs: 1500, recover: true });
+  try {
+    const reference = readReference(model);
+    const events = cluster.generate({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 200, ignoreEos: true } });
+    assert.equal((await events.next()).done, false);
+    const before = cluster.workerPids();
+    process.kill(before[1]!, 'SIGSTOP');
+    await failsNamingRank1(events, /heartbeat/);
+    assert.ok(await waitFor(() => cluster.stats().reforms === 1 && cluster.state === 'ready', 30_000), `re-formed: ${cluster.stats().detail}`);
+    const after = cluster.workerPids();
+    assert.equal(after[0], before[0], 'rank 0 rejoined in its process');
+    assert.notEqual(after[1], before[1], 'rank 1 runs in a new process');
+    assert.ok(await waitFor(() => !existsSync(`/proc/${before[1]}`), 5000), 'the hung process was killed');
+    let tokens: number[] = [];
+    for await (const e of cluster.generate({ promptIds: reference.prompts[1]!, sampling: { maxNewTokens: 24, ignoreEos: true } })) if (e.type === 'done') tokens = e.tokens;
+    assert.deepEqual(tokens, reference.greedy[1]);
+  } finally {
+    await cluster.close();
+  }
+});
+
+test('G5: a group that cannot re-form (its weights truncated after start) ends weft serve with a non-zero exit after its attempts, no worker left', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'weft-g5-'));
+  cpSync(fixtureDir(model), dir, { recursive: true });
+  const server = await startServe(['--model', dir, '--tp', '2']);
+  try {
+    const exited = new Promise<number | null>((resolve) => server.child.once('exit', (code) => resolve(code)));
+    const marker = `--parent-pid\0${server.child.pid}\0`;
+    truncateSync(join(dir, 'model.safetensors'), 1000);
+    const killedAt = Date.now();
+    process.kill(processesMentioning(marker)[0]!, 'SIGKILL');
+    const code = await exited;
+    t.diagnostic(`G5 measured: exit code ${code} ${Date.now() - killedAt} ms after the fault`);
+    assert.ok(code !== null && code !== 0, `exit code ${code}`);
+    assert.match(server.stderr(), /could not be re-formed after 3 attempts/);
+    assert.ok(await waitFor(() => processesMentioning(marker).length === 0, 10_000), 'no worker left behind');
+  } finally {
+    if (server.child.exitCode === null) await server.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('G2: a coordinator event-loop stall of twice the heartbeat timeout is not blamed on a worker: no re-form, the stream completes', async () => {

@@ -81,6 +81,7 @@ test('launch, survive a SIGKILLed worker, stop with nothing left', async () => {
       const after = JSON.parse((await weft(['status', '--name', 'itest', '--json'])).stdout) as typeof status;
       assert.equal(after.apps[0]!.pid, coordinatorPid, 'the coordinator was not restarted');
       assert.notEqual(after.apps[2]!.pid, victim, 'pm2 restarted the killed worker');
+      assert.equal(after.apps[1]!.pid, status.apps[1]!.pid, 'rank 0 rejoined the re-formed group in its process (G1)');
       assert.ok(after.apps[2]!.restarts >= 1);
       assert.match((await weft(['logs', '--name', 'itest', '--lines', '20'])).stdout, /re-forming the worker group after: worker rank 1/);
 

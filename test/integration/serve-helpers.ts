@@ -22,7 +22,11 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): P
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const listening = await new Promise<{ rpc: string; http: string }>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`weft serve did not listen within 30 s: ${stderr}`)), 30_000);
+    // one that does not come up is killed: left running, it would keep the test process alive
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`weft serve did not listen within 60 s: ${stderr}`));
+    }, 60_000);
     void exited.then((code) => reject(new Error(`weft serve exited with ${code}: ${stderr}`)));
     createInterface({ input: child.stdout! }).on('line', (line) => {
       const event = JSON.parse(line) as { event: string; rpc: string; http: string };
@@ -36,7 +40,10 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): P
   for (;;) {
     const res = await fetch(`${listening.http}/health`).catch(() => null);
     if (res?.status === 200) break;
-    if (Date.now() > deadline) throw new Error(`not ready within 60 s: ${stderr}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`not ready within 60 s: ${stderr}`);
+    }
     await new Promise((r) => setTimeout(r, 100));
   }
   return {

@@ -49,7 +49,7 @@ test('a local cluster: worker socket and collective hub are ipc:// in a 0700 dir
     const stat = statSync(dir);
     assert.equal((stat.mode & 0o777).toString(8), '700', 'only this user can open the socket directory');
     assert.equal(stat.uid, process.getuid!());
-    assert.deepEqual(readdirSync(dir).sort(), [`hub-${rank0}.sock`, 'worker.sock'], "rank 0's hub lives in the same directory");
+    assert.deepEqual(readdirSync(dir).sort(), [`hub-${rank0}-0.sock`, 'worker.sock'], "rank 0's hub lives in the same directory");
     assert.ok(readdirSync(dir).every((name) => lstatSync(join(dir, name)).isSocket()));
     for (const pid of [process.pid, rank0, rank1]) assert.deepEqual(listeningPorts(pid), [], `pid ${pid} listens on no TCP port`);
     await assertReference(cluster);

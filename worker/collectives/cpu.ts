@@ -27,6 +27,9 @@ interface Piece {
   extra: Buffer | undefined;
 }
 
+/** Hubs this process bound (a rank 0 that rejoins a re-formed group binds a new one). */
+let hubsBound = 0;
+
 /**
  * Bind the hub socket on rank 0 before the group forms, so its endpoint can be handed to the others: ipc:// in the
  * coordinator's socket directory (mode 0700) when the coordinator is reached over ipc://, else tcp:// on `host`,
@@ -34,7 +37,8 @@ interface Piece {
  */
 export async function bindCollectiveHub(host: string, { coordinator, curve }: { coordinator?: string; curve?: WorkerCurveKeys } = {}): Promise<{ socket: zmq.Router; endpoint: string }> {
   const dir = coordinator === undefined ? null : ipcDirOf(coordinator);
-  const address = dir !== null ? ipcEndpoint(dir, `hub-${process.pid}.sock`) : `tcp://${host}:*`;
+  // a new name per hub: the socket of a hub closed before (a re-formed group) unlinks its own file as it closes
+  const address = dir !== null ? ipcEndpoint(dir, `hub-${process.pid}-${hubsBound++}.sock`) : `tcp://${host}:*`;
   const socket = new zmq.Router({ linger: 0, mandatory: true, maxMessageSize: 1 << 30, ...curveServer(address, curve?.secretKey, WORKER_CURVE_OPTION) });
   await socket.bind(address);
   return { socket, endpoint: socket.lastEndpoint ?? address };
