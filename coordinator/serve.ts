@@ -90,6 +90,7 @@ function forward(get: () => WeftMetrics | null): NonNullable<ClusterOptions['obs
     tokens: (n, sequence) => get()?.observer.tokens?.(n, sequence),
     finished: (o, s) => get()?.observer.finished?.(o, s),
     rejected: (r) => get()?.observer.rejected?.(r),
+    preempted: () => get()?.observer.preempted?.(),
   };
 }
 

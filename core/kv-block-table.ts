@@ -5,9 +5,9 @@
  * each step batch carries the lists of its sequences (StepBatch.kvBlockTable), the worker's kernels read
  * through them.
  *
- * Today's layout (`kvCacheLayout`) is the special case of one block of `maxContext` positions per sequence.
- * A paged cache (small blocks from a shared pool) is a change of the sizes there and of the policy here
- * (`allocate`, `grow`): the batch, the runner and the kernels stay as they are.
+ * A paged layout (`kvCacheLayout` with a `kvBlockSize`) is small blocks from one pool of `kvCacheTokens`
+ * positions shared by every sequence; without one it is one block of `maxContext` positions per sequence. The
+ * batch, the runner and the kernels read both alike; what a full pool means (preemption) is the scheduler's.
  */
 import { WeftError } from './errors.ts';
 
@@ -31,7 +31,7 @@ export function kvDtypeBytes(dtype: KvDtype): number {
 
 /** The sizes both processes derive from the init command: the cache's shape, its element type and how sequences use it. */
 export interface KvCacheLayout {
-  /** sequences that hold a KV cache at once */
+  /** sequences that hold KV blocks at once at most (the pool, not this, is what costs memory) */
   readonly kvSlots: number;
   /** positions one sequence can hold */
   readonly maxContext: number;
@@ -46,18 +46,53 @@ export interface KvCacheLayout {
 }
 
 /**
- * One block of `maxContext` positions per sequence, `kvSlots` of them; on CUDA one more block at the end for
- * the padding rows of graph batches (decode batches are padded up to a captured graph's size). The element
- * type is the init command's `kvDtype` (`auto` when absent: bf16 on cuda, f32 on cpu).
+ * The pool of a paged cache when none is given: the positions of this many full-context sequences, the memory
+ * the cache took when it was one block per sequence and `--kv-slots` defaulted to 4.
  */
-export function kvCacheLayout(init: { readonly kvSlots: number; readonly maxContext: number; readonly device: 'cpu' | 'cuda'; readonly kvDtype?: KvDtypeOption }): KvCacheLayout {
+export const DEFAULT_KV_CACHE_SEQUENCES = 4;
+
+/** The sizes of a KV cache, as the init command gives them. */
+export interface KvCacheSizes {
+  readonly kvSlots: number;
+  readonly maxContext: number;
+  readonly device: 'cpu' | 'cuda';
+  readonly kvDtype?: KvDtypeOption;
+  /** positions per block; absent: one block of `maxContext` positions per sequence (kvSlots of them) */
+  readonly kvBlockSize?: number;
+  /** positions of the paged pool (rounded down to whole blocks); absent: kvSlots × maxContext */
+  readonly kvCacheTokens?: number;
+}
+
+/**
+ * Paged (`kvBlockSize` given): blocks of that many positions, `kvCacheTokens / kvBlockSize` of them shared by
+ * every sequence; a pool that cannot hold one full-context sequence is refused. Else one block of `maxContext`
+ * positions per sequence, `kvSlots` of them. On CUDA one more block at the end for the padding rows of graph
+ * batches (decode batches are padded up to a captured graph's size). The element type is `kvDtype` (`auto`
+ * when absent: bf16 on cuda, f32 on cpu).
+ */
+export function kvCacheLayout(init: KvCacheSizes): KvCacheLayout {
+  const { kvSlots, maxContext, kvBlockSize } = init;
   const padding = init.device === 'cuda';
+  let blockSize = maxContext;
+  let poolBlocks = kvSlots;
+  if (kvBlockSize !== undefined) {
+    if (!Number.isInteger(kvBlockSize) || kvBlockSize < 1) throw new WeftError('WEFT_BAD_CONFIG', `the KV block size must be a positive integer, got ${kvBlockSize}`);
+    const poolTokens = init.kvCacheTokens ?? kvSlots * maxContext;
+    blockSize = kvBlockSize;
+    poolBlocks = Math.floor(poolTokens / kvBlockSize);
+    const needed = blocksFor(maxContext, kvBlockSize);
+    if (poolBlocks < needed)
+      throw new WeftError(
+        'WEFT_BAD_CONFIG',
+        `a KV cache of ${poolTokens} positions (${poolBlocks} blocks of ${kvBlockSize}) cannot hold one sequence of the context of ${maxContext} positions (${needed} blocks); give --kv-cache-tokens ${needed * kvBlockSize} or more, or a smaller --max-context`,
+      );
+  }
   return {
-    kvSlots: init.kvSlots,
-    maxContext: init.maxContext,
-    kvBlockSize: init.maxContext,
-    kvBlocks: init.kvSlots + (padding ? 1 : 0),
-    paddingBlock: padding ? init.kvSlots : null,
+    kvSlots,
+    maxContext,
+    kvBlockSize: blockSize,
+    kvBlocks: poolBlocks + (padding ? 1 : 0),
+    paddingBlock: padding ? poolBlocks : null,
     kvDtype: resolveKvDtype(init.kvDtype ?? 'auto', init.device),
   };
 }
@@ -109,6 +144,11 @@ export class KvBlockTable {
   /** Refuse, at once, a sequence that could never be held (longer than a sequence's context). */
   checkFits(tokens: number): void {
     if (tokens > this.layout.maxContext) throw new WeftError('WEFT_BAD_REQUEST', `a sequence of ${tokens} tokens exceeds the KV cache's context of ${this.layout.maxContext} tokens`);
+  }
+
+  /** Whether the sequence's blocks can cover its first `tokens` positions now (growing by what is free). */
+  canGrow(id: KvSequenceId, tokens: number): boolean {
+    return tokens <= this.layout.maxContext && blocksFor(tokens, this.layout.kvBlockSize) - this.listOf(id).length <= this.freeBlocks.length;
   }
 
   /** Whether a new sequence of `tokens` positions fits now (a free sequence and enough free blocks). */
