@@ -52,6 +52,8 @@ export interface ClusterOptions {
   readonly kvBlockSize?: number;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
+  /** Share the KV blocks of prompt prefixes already computed. Defaults to true; off with a draft model. */
+  readonly prefixCaching?: boolean;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** CPU threads per worker. Defaults to the machine's cores divided among the ranks. */
@@ -193,6 +195,7 @@ export class Cluster {
     this.scheduler = new Scheduler(
       {
         kvCache: new KvBlockTable(kvLayout),
+        prefixCaching: options.prefixCaching && !draft, // a draft would need the prefix in its own cache too
         maxQueue: options.maxQueue,
         step: (batch) => this.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),

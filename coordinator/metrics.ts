@@ -46,6 +46,8 @@ export class WeftMetrics {
   private readonly finished: Counter<'model_name' | 'finished_reason'>;
   private readonly rejected: Counter<'model_name' | 'reason'>;
   private readonly preemptions: Counter<'model_name'>;
+  private readonly prefixQueries: Counter<'model_name'>;
+  private readonly prefixHits: Counter<'model_name'>;
   private readonly tokenTotals = { prompt: 0, generation: 0 };
   /** when each running sequence's last token came (performance.now() ms), for the per-token gaps */
   private readonly lastTokenAt = new WeakMap<object, number>();
@@ -96,6 +98,10 @@ export class WeftMetrics {
     this.rejected = new Counter({ name: 'weft_requests_rejected_total', help: 'Requests refused: busy (a full queue) or a 4xx HTTP answer by its reason.', labelNames: ['model_name', 'reason'], registers });
     this.preemptions = new Counter({ name: 'weft_num_preemptions_total', help: 'Running sequences preempted (their KV blocks taken back, recomputed later) because the KV cache was full.', labelNames, registers });
     this.preemptions.inc(this.labels, 0);
+    this.prefixQueries = new Counter({ name: 'weft_prefix_cache_queries_total', help: 'Prompt tokens looked up in the prefix cache (the hit rate is hits / queries).', labelNames, registers });
+    this.prefixHits = new Counter({ name: 'weft_prefix_cache_hits_total', help: 'Prompt tokens found computed in the prefix cache (their prefill skipped).', labelNames, registers });
+    this.prefixQueries.inc(this.labels, 0);
+    this.prefixHits.inc(this.labels, 0);
     for (const reason of ['stop', 'length', 'abort']) this.finished.inc({ ...this.labels, finished_reason: reason }, 0);
     this.rejected.inc({ ...this.labels, reason: 'busy' }, 0);
     collectDefaultMetrics({ register: this.registry });
@@ -139,6 +145,10 @@ export class WeftMetrics {
     },
     rejected: (reason) => this.rejected.inc({ ...this.labels, reason }),
     preempted: () => this.preemptions.inc(this.labels),
+    prefixCache: (queried, hit) => {
+      this.prefixQueries.inc(this.labels, queried);
+      this.prefixHits.inc(this.labels, hit);
+    },
   };
 
   /** An HTTP answer was sent: a 4xx counts as a rejected request with its reason. */

@@ -95,6 +95,8 @@ export interface SchedulerObserver {
   rejected?(reason: 'busy'): void;
   /** a running sequence gave its KV blocks back to be recomputed later (the pool was full) */
   preempted?(): void;
+  /** a generation was admitted with prefix caching: `queried` tokens looked up, `hit` of them found computed */
+  prefixCache?(queried: number, hit: number): void;
 }
 
 export interface SchedulerOptions {
@@ -107,6 +109,8 @@ export interface SchedulerOptions {
   readonly step: (batch: StepBatch) => Promise<StepResult>;
   /** send the next step before the running one's tokens are back (fed on the workers). Defaults to true. */
   readonly scheduleAhead?: boolean;
+  /** share the KV blocks of prompt prefixes already computed (core/kv-block-table.ts); not with `speculative` */
+  readonly prefixCaching?: boolean;
   /** speculative decoding: decode steps become draft-and-verify rounds (prefill and scoring are unchanged) */
   readonly speculative?: SpeculativeExecutor;
   /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
@@ -241,6 +245,7 @@ export class Scheduler {
 
   /** End every running sequence with `err` and free its blocks (their KV is gone with the failed group). */
   failRunning(err: Error): void {
+    this.kv.forgetCached();
     for (const job of [...this.running]) this.end(job, err, 'error');
   }
 
@@ -331,8 +336,17 @@ export class Scheduler {
   private admit(): void {
     while (this.queue.length > 0 && this.kv.canAllocate(this.admissionTokens(this.queue[0]!))) {
       const job = this.queue.shift()!;
-      job.kv = this.kv.allocate(firstStepTokens(job));
       this.running.add(job);
+      if (job.kind !== 'generate' || !this.options.prefixCaching) {
+        job.kv = this.kv.allocate(firstStepTokens(job));
+        continue;
+      }
+      // a queued generation is at position 0 (new, or preempted): its input is all its tokens
+      const { id, cached } = this.kv.allocatePrefix(job.seq.input);
+      job.kv = id;
+      this.options.observer?.prefixCache?.(job.seq.input.length, cached);
+      job.seq.position = cached;
+      job.seq.input = job.seq.input.slice(cached);
     }
   }
 
@@ -413,8 +427,17 @@ export class Scheduler {
   /** Append each job's known input, sampling the token after it, where its blocks can grow to hold it; returns those appended. */
   private appendInputs(builder: StepBatchBuilder, jobs: readonly GenerateJob[], held: Set<Job>): GenerateJob[] {
     const covered = this.covered(jobs, held, (job) => job.seq.position + job.seq.input.length);
-    for (const { seq, kv } of covered) builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+    for (const job of covered) {
+      const { seq, kv } = job;
+      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+      this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
+    }
     return covered;
+  }
+
+  /** Prefix caching: register the job's full blocks among its first `written` positions, which sent steps write. */
+  private registerWritten(job: GenerateJob, written: number): void {
+    if (this.options.prefixCaching && job.kv !== null) this.kv.registerFull(job.kv, written, () => [...job.seq.promptIds, ...job.seq.generated]);
   }
 
   /** Add waiting prompts to `rows` (which hold `tokens` tokens) while the step's token budget allows, at least one. */
@@ -507,6 +530,7 @@ export class Scheduler {
       for (const event of events) {
         job.events.push(event);
         if (event.type === 'done') {
+          this.registerWritten(job, job.seq.position); // every position before its last token went out in a step
           this.release(job);
           this.options.speculative?.release(job.seq);
           observer?.finished?.(event.finishReason, (performance.now() - job.enqueuedAt) / 1000);

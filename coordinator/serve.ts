@@ -91,6 +91,7 @@ function forward(get: () => WeftMetrics | null): NonNullable<ClusterOptions['obs
     finished: (o, s) => get()?.observer.finished?.(o, s),
     rejected: (r) => get()?.observer.rejected?.(r),
     preempted: () => get()?.observer.preempted?.(),
+    prefixCache: (q, h) => get()?.observer.prefixCache?.(q, h),
   };
 }
 

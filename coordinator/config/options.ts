@@ -81,6 +81,10 @@ export const OPTIONS = {
     flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',
     help: 'positions the paged KV cache holds, shared by all sequences (its memory: layers × 2 × KV heads × head size × dtype bytes each); at least one full context', uses: [...CLUSTER, 'launch'],
   },
+  prefixCaching: {
+    flag: '--prefix-caching', arg: 'true|false', type: flag, env: 'WEFT_PREFIX_CACHING', default: true,
+    help: 'share the KV blocks of prompt prefixes already computed (off with a --draft model)', uses: [...CLUSTER, 'launch'],
+  },
   threads: { flag: '--threads', arg: 'N', type: integer(1), env: 'WEFT_THREADS', default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 
   // speculative decoding

@@ -27,7 +27,7 @@ const spec = readModelSpec(dir);
 const plan = planShards(spec, 1);
 
 /** A scheduler over an in-process runner of the tiny model with the given KV sizes; steps run one after another. */
-async function tinyScheduler(sizes: Omit<KvCacheSizes, 'maxContext' | 'device'>) {
+async function tinyScheduler(sizes: Omit<KvCacheSizes, 'maxContext' | 'device'>, prefixCaching = false) {
   const kv = kvCacheLayout({ ...sizes, maxContext: MAX_CONTEXT, device: 'cpu' });
   const engine = createEngine({ backend: 'cpu', threads: 1 });
   const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), kv);
@@ -40,8 +40,10 @@ async function tinyScheduler(sizes: Omit<KvCacheSizes, 'maxContext' | 'device'>)
   };
   const kvCache = new KvBlockTable(kv);
   let preempted = 0;
-  const scheduler = new Scheduler({ kvCache, maxQueue: 64, step, observer: { preempted: () => preempted++ } });
-  return { scheduler, kvCache, preemptions: () => preempted };
+  const prefix = { queried: 0, hit: 0 };
+  const observer = { preempted: () => preempted++, prefixCache: (queried: number, hit: number) => ((prefix.queried += queried), (prefix.hit += hit)) };
+  const scheduler = new Scheduler({ kvCache, maxQueue: 64, step, prefixCaching, observer });
+  return { scheduler, kvCache, preemptions: () => preempted, prefix };
 }
 
 interface Request {
@@ -101,12 +103,38 @@ test('paged layouts (blocks of 16 and 5, ragged lengths) draw the tokens and giv
 test('a full pool preempts instead of failing: every stream gets exactly the tokens of an unpreempted run', async () => {
   const batch = requests(30); // up to 51 positions each: 11 to 13 blocks of 4, seven sequences, a pool of 16
   const expected = await run((await tinyScheduler({ kvSlots: batch.length })).scheduler, batch);
-  for (const kvBlockSize of [4, 16]) {
-    const paged = await tinyScheduler({ kvSlots: batch.length, kvBlockSize, kvCacheTokens: MAX_CONTEXT });
-    assert.deepEqual(await run(paged.scheduler, batch), expected, `blocks of ${kvBlockSize}`);
+  for (const [kvBlockSize, prefixCaching] of [[4, false], [16, false], [4, true]] as const) {
+    const paged = await tinyScheduler({ kvSlots: batch.length, kvBlockSize, kvCacheTokens: MAX_CONTEXT }, prefixCaching);
+    assert.deepEqual(await run(paged.scheduler, batch), expected, `blocks of ${kvBlockSize}, prefix caching ${prefixCaching}`);
     assert.ok(paged.preemptions() > 0, `blocks of ${kvBlockSize}: a pool of one context preempts`);
     assert.equal(paged.scheduler.preemptions, paged.preemptions());
     assert.equal(paged.kvCache.blocksInUse, 0, 'every block came back');
-    console.log(`# blocks of ${kvBlockSize}, a pool of ${MAX_CONTEXT} positions, ${batch.length} streams: ${paged.preemptions()} preemptions`);
+    console.log(`# blocks of ${kvBlockSize}, a pool of ${MAX_CONTEXT} positions, ${batch.length} streams, prefix caching ${prefixCaching}: ${paged.preemptions()} preemptions, ${paged.prefix.hit} of ${paged.prefix.queried} prompt tokens cached`);
+  }
+});
+
+test('prefix caching: prompts sharing a prefix reuse its blocks, and a hit draws the tokens of a miss', async () => {
+  const text = reference.prompts[2]!;
+  const shared = text.slice(0, 18); // a "system prompt": 4 full blocks of 4, 1 of 16
+  const batch: Request[] = [1, 2, 3, 6, 0].map((extra, i) => ({
+    prompt: [...shared, ...text.slice(20 + i, 20 + i + extra)],
+    sampling: i % 2 === 0 ? { maxNewTokens: 12, ignoreEos: true } : { maxNewTokens: 12, ignoreEos: true, temperature: 0.9, seed: 7 + i },
+  }));
+  const expected = await run((await tinyScheduler({ kvSlots: batch.length })).scheduler, batch);
+  for (const kvBlockSize of [4, 16]) {
+    const cache = await tinyScheduler({ kvSlots: batch.length, kvBlockSize, kvCacheTokens: 8 * MAX_CONTEXT }, true);
+    // the first computes the shared prefix (a miss); the others, sent after it, find its blocks
+    const [first] = await run(cache.scheduler, batch.slice(0, 1));
+    assert.equal(cache.prefix.hit, 0, 'the first is a miss');
+    const rest = await run(cache.scheduler, batch.slice(1));
+    assert.deepEqual([first, ...rest], expected, `blocks of ${kvBlockSize}: a hit gives the tokens of a miss`);
+    const full = Math.floor(shared.length / kvBlockSize) * kvBlockSize;
+    assert.ok(cache.prefix.hit >= (batch.length - 1) * full - kvBlockSize, `blocks of ${kvBlockSize}: ${cache.prefix.hit} tokens hit`);
+    // the same requests again: their prompts (and generated tokens, registered at the end) are cached
+    const hitBefore = cache.prefix.hit;
+    assert.deepEqual(await run(cache.scheduler, batch), expected, `blocks of ${kvBlockSize}, again`);
+    assert.ok(cache.prefix.hit > hitBefore);
+    assert.equal(cache.kvCache.blocksInUse, 0, 'shared blocks come back when their last sequence ends');
+    console.log(`# prefix caching, blocks of ${kvBlockSize}: ${cache.prefix.hit} of ${cache.prefix.queried} prompt tokens hit`);
   }
 });
