@@ -10,6 +10,8 @@
  *   (its prompt and the tokens it drew so far, prefilled again; its random stream goes on where it was, so it draws
  *   the tokens it would have drawn). An older sequence is never preempted for a younger one, so the oldest always
  *   goes on and nothing ping-pongs; when nothing can be preempted the sequence waits, skipping the step.
+ * - Prefix caching (`prefixCaching`): a generation admitted shares the computed blocks its tokens begin with and
+ *   starts at the first position after them; the full blocks of each step built are registered as it is sent.
  * - A step carries one decode token for every running sequence plus the whole prompt of newly admitted ones
  *   (while `maxBatchTokens` allows; at least one prompt per step), one logit row per sequence. Scoring runs as
  *   its own step between them.
@@ -337,7 +339,8 @@ export class Scheduler {
     while (this.queue.length > 0 && this.kv.canAllocate(this.admissionTokens(this.queue[0]!))) {
       const job = this.queue.shift()!;
       this.running.add(job);
-      if (job.kind !== 'generate' || !this.options.prefixCaching) {
+      // a speculative round would take a matched prompt's rest for decode input: no prefix caching with it
+      if (job.kind !== 'generate' || !this.options.prefixCaching || this.options.speculative) {
         job.kv = this.kv.allocate(firstStepTokens(job));
         continue;
       }
@@ -437,7 +440,7 @@ export class Scheduler {
 
   /** Prefix caching: register the job's full blocks among its first `written` positions, which sent steps write. */
   private registerWritten(job: GenerateJob, written: number): void {
-    if (this.options.prefixCaching && job.kv !== null) this.kv.registerFull(job.kv, written, () => [...job.seq.promptIds, ...job.seq.generated]);
+    if (this.options.prefixCaching && !this.options.speculative && job.kv !== null) this.kv.registerFull(job.kv, written, () => [...job.seq.promptIds, ...job.seq.generated]);
   }
 
   /** Add waiting prompts to `rows` (which hold `tokens` tokens) while the step's token budget allows, at least one. */
