@@ -83,7 +83,7 @@ export const OPTIONS = {
   },
   prefixCaching: {
     flag: '--prefix-caching', arg: 'true|false', type: flag, env: 'WEFT_PREFIX_CACHING', default: true,
-    help: 'share the KV blocks of prompt prefixes already computed (off with a --draft model)', uses: [...CLUSTER, 'launch'],
+    help: 'share the KV blocks of prompt prefixes already computed (off with a draft model)', uses: [...CLUSTER, 'launch'],
   },
   threads: { flag: '--threads', arg: 'N', type: integer(1), env: 'WEFT_THREADS', default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 
