@@ -18,6 +18,7 @@ import { Scheduler } from '../../coordinator/scheduler.ts';
 import { SequenceState, type GenerationEvent } from '../../coordinator/generate.ts';
 import { parseSamplingParams } from '../../coordinator/sampling-params.ts';
 import type { StepBatch } from '../../core/worker-protocol.ts';
+import { WeftMetrics } from '../../coordinator/metrics.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
 
 const MAX_CONTEXT = 64;
@@ -137,4 +138,14 @@ test('prefix caching: prompts sharing a prefix reuse its blocks, and a hit draws
     assert.equal(cache.kvCache.blocksInUse, 0, 'shared blocks come back when their last sequence ends');
     console.log(`# prefix caching, blocks of ${kvBlockSize}: ${cache.prefix.hit} of ${cache.prefix.queried} prompt tokens hit`);
   }
+});
+
+test('metrics: preemptions and prefix-cache lookups are counted under their vLLM names', async () => {
+  const metrics = new WeftMetrics('m');
+  const value = async (name: string) => Number(new RegExp(`^${name}\\{model_name="m"\\} (\\S+)$`, 'm').exec(await metrics.text())?.[1]);
+  assert.deepEqual([await value('weft_num_preemptions_total'), await value('weft_prefix_cache_queries_total'), await value('weft_prefix_cache_hits_total')], [0, 0, 0]);
+  metrics.observer.preempted!();
+  metrics.observer.prefixCache!(20, 16);
+  metrics.observer.prefixCache!(5, 0);
+  assert.deepEqual([await value('weft_num_preemptions_total'), await value('weft_prefix_cache_queries_total'), await value('weft_prefix_cache_hits_total')], [1, 25, 16]);
 });
