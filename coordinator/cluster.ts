@@ -30,7 +30,7 @@ import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
-import { KvBlockTable, kvCacheLayout, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
+import { DEFAULT_KV_CACHE_SEQUENCES, KvBlockTable, kvCacheLayout, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 
 /**
  * What startCluster takes. Each option's default and check is its declaration in config/options.ts (the README
@@ -44,10 +44,16 @@ export interface ClusterOptions {
   /** Mixtral: split whole experts across the ranks instead of cutting every expert (see PlanOptions). */
   readonly expertParallel?: boolean;
   readonly device?: 'cpu' | 'cuda';
-  /** Sequences that can hold a KV cache at once. */
+  /** Sequences that hold KV blocks at once at most (16 on cpu, 64 on cuda by default). */
   readonly kvSlots?: number;
   /** The KV cache's element type; 'auto' (the default) is bf16 on cuda, f32 on cpu. */
   readonly kvDtype?: KvDtypeOption;
+  /** Positions per KV block of the paged cache. Defaults to 16. */
+  readonly kvBlockSize?: number;
+  /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
+  readonly kvCacheTokens?: number;
+  /** Share the KV blocks of prompt prefixes already computed. Defaults to true; off with a draft model. */
+  readonly prefixCaching?: boolean;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** How cuda ranks combine tensors: 'auto' (the default: NCCL with a GPU per rank, else shared-gpu), 'nccl' or 'shared-gpu' (several ranks on one GPU). */
@@ -191,6 +197,7 @@ export class Cluster {
     this.scheduler = new Scheduler(
       {
         kvCache: new KvBlockTable(kvLayout),
+        prefixCaching: options.prefixCaching && !draft, // a draft would need the prefix in its own cache too
         maxQueue: options.maxQueue,
         step: (batch) => this.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),
@@ -219,7 +226,9 @@ export class Cluster {
     // draftTp and speculateK are set whenever draftModelDir is (their declarations need it)
     const draftPlan = draftSpec ? planShards(draftSpec, options.draftTp!) : null;
     const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext);
-    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), threads, collectives: options.collectives };
+    const kvCache = { kvBlockSize: options.kvBlockSize, kvCacheTokens: options.kvCacheTokens ?? DEFAULT_KV_CACHE_SEQUENCES * maxContext };
+    const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), ...kvCache, threads, collectives: options.collectives };
+    kvCacheLayout(initCommand); // a pool too small for one sequence is refused before anything starts
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,

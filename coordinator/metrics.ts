@@ -45,6 +45,9 @@ export class WeftMetrics {
   private readonly generated: Counter<'model_name'>;
   private readonly finished: Counter<'model_name' | 'finished_reason'>;
   private readonly rejected: Counter<'model_name' | 'reason'>;
+  private readonly preemptions: Counter<'model_name'>;
+  private readonly prefixQueries: Counter<'model_name'>;
+  private readonly prefixHits: Counter<'model_name'>;
   private readonly tokenTotals = { prompt: 0, generation: 0 };
   /** when each running sequence's last token came (performance.now() ms), for the per-token gaps */
   private readonly lastTokenAt = new WeakMap<object, number>();
@@ -93,6 +96,12 @@ export class WeftMetrics {
     this.generated = new Counter({ name: 'weft_generation_tokens_total', help: 'Generated tokens.', labelNames, registers });
     this.finished = new Counter({ name: 'weft_request_success_total', help: 'Finished requests by finished_reason: stop, length, abort (cancelled or timed out), error (a worker fault).', labelNames: ['model_name', 'finished_reason'], registers });
     this.rejected = new Counter({ name: 'weft_requests_rejected_total', help: 'Requests refused: busy (a full queue) or a 4xx HTTP answer by its reason.', labelNames: ['model_name', 'reason'], registers });
+    this.preemptions = new Counter({ name: 'weft_num_preemptions_total', help: 'Running sequences preempted (their KV blocks taken back, recomputed later) because the KV cache was full.', labelNames, registers });
+    this.preemptions.inc(this.labels, 0);
+    this.prefixQueries = new Counter({ name: 'weft_prefix_cache_queries_total', help: 'Prompt tokens looked up in the prefix cache (the hit rate is hits / queries).', labelNames, registers });
+    this.prefixHits = new Counter({ name: 'weft_prefix_cache_hits_total', help: 'Prompt tokens found computed in the prefix cache (their prefill skipped).', labelNames, registers });
+    this.prefixQueries.inc(this.labels, 0);
+    this.prefixHits.inc(this.labels, 0);
     for (const reason of ['stop', 'length', 'abort']) this.finished.inc({ ...this.labels, finished_reason: reason }, 0);
     this.rejected.inc({ ...this.labels, reason: 'busy' }, 0);
     collectDefaultMetrics({ register: this.registry });
@@ -135,6 +144,11 @@ export class WeftMetrics {
       this.e2e.observe(this.labels, seconds);
     },
     rejected: (reason) => this.rejected.inc({ ...this.labels, reason }),
+    preempted: () => this.preemptions.inc(this.labels),
+    prefixCache: (queried, hit) => {
+      this.prefixQueries.inc(this.labels, queried);
+      this.prefixHits.inc(this.labels, hit);
+    },
   };
 
   /** An HTTP answer was sent: a 4xx counts as a rejected request with its reason. */

@@ -1,9 +1,17 @@
 /**
  * Continuous batching over the KV cache: `schedule` → `execute` → `update`, one step at a time.
  *
- * - Admission: a request waits in a bounded FIFO queue until the KV allocator (core/kv-block-table.ts) can hold
- *   its first step; a full queue refuses at once with WEFT_BUSY, so memory stays bounded. Before each step a
- *   sequence's blocks grow to cover the positions the step writes.
+ * - Admission: a request waits in a bounded FIFO queue until the KV allocator (core/kv-block-table.ts) has a
+ *   free sequence and blocks for its prompt and the first token after it; a full queue refuses at once with
+ *   WEFT_BUSY, so memory stays bounded. Before each step a sequence's blocks grow to cover the positions the
+ *   step writes.
+ * - Preemption: when the pool cannot grow a sequence, the most recently admitted sequence admitted after it that
+ *   no sent or half-built step holds gives its blocks back and returns to the queue's front, to be recomputed
+ *   (its prompt and the tokens it drew so far, prefilled again; its random stream goes on where it was, so it draws
+ *   the tokens it would have drawn). An older sequence is never preempted for a younger one, so the oldest always
+ *   goes on and nothing ping-pongs; when nothing can be preempted the sequence waits, skipping the step.
+ * - Prefix caching (`prefixCaching`): a generation admitted shares the computed blocks its tokens begin with and
+ *   starts at the first position after them; the full blocks of each step built are registered as it is sent.
  * - A step carries one decode token for every running sequence plus the whole prompt of newly admitted ones
  *   (while `maxBatchTokens` allows; at least one prompt per step), one logit row per sequence. Scoring runs as
  *   its own step between them.
@@ -87,6 +95,10 @@ export interface SchedulerObserver {
   tokens?(count: number, sequence: object): void;
   finished?(outcome: 'stop' | 'length' | 'error' | 'cancelled' | 'timeout', seconds: number): void;
   rejected?(reason: 'busy'): void;
+  /** a running sequence gave its KV blocks back to be recomputed later (the pool was full) */
+  preempted?(): void;
+  /** a generation was admitted with prefix caching: `queried` tokens looked up, `hit` of them found computed */
+  prefixCache?(queried: number, hit: number): void;
 }
 
 export interface SchedulerOptions {
@@ -99,6 +111,8 @@ export interface SchedulerOptions {
   readonly step: (batch: StepBatch) => Promise<StepResult>;
   /** send the next step before the running one's tokens are back (fed on the workers). Defaults to true. */
   readonly scheduleAhead?: boolean;
+  /** share the KV blocks of prompt prefixes already computed (core/kv-block-table.ts); not with `speculative` */
+  readonly prefixCaching?: boolean;
   /** speculative decoding: decode steps become draft-and-verify rounds (prefill and scoring are unchanged) */
   readonly speculative?: SpeculativeExecutor;
   /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
@@ -137,7 +151,7 @@ interface InFlight {
   readonly result: Promise<StepResult>;
 }
 
-/** Positions a job's first step writes: what admission must find room for. */
+/** Positions a job's first step writes. */
 function firstStepTokens(job: Job): number {
   return job.kind === 'generate' ? job.seq.position + job.seq.input.length : job.ids.length;
 }
@@ -157,6 +171,7 @@ export class Scheduler {
   private looping = false;
   private paused: boolean;
   private fatal: Error | null = null;
+  private preemptionCount = 0;
 
   constructor(private readonly options: SchedulerOptions, startPaused = false) {
     this.kv = options.kvCache;
@@ -180,6 +195,15 @@ export class Scheduler {
   get kvBlocks(): number {
     return this.kv.blocksInUse + this.kv.blocksFree;
   }
+  /** sequences preempted (to be recomputed) since the start */
+  get preemptions(): number {
+    return this.preemptionCount;
+  }
+
+  /** What admission finds room for: a generation's first step and the token after it (its first decode step). */
+  private admissionTokens(job: Job): number {
+    return Math.min(this.kv.layout.maxContext, firstStepTokens(job) + (job.kind === 'generate' ? 1 : 0));
+  }
 
   /** Queue a generation. Throws WEFT_BUSY when the queue is full. */
   submitGenerate(seq: SequenceState, timeoutMs?: number): GenerationHandle {
@@ -201,7 +225,7 @@ export class Scheduler {
     this.kv.checkFits(firstStepTokens(job));
     if (!this.paused) this.admit();
     // the job would wait (paused, others waiting before it, or no room now) and the queue is full
-    if (this.queue.length >= this.options.maxQueue && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(firstStepTokens(job)))) {
+    if (this.queue.length >= this.options.maxQueue && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(this.admissionTokens(job)))) {
       this.options.observer?.rejected?.('busy');
       throw new WeftError('WEFT_BUSY', `the server is busy: ${this.running.size} requests running and ${this.queue.length} queued (the queue holds ${this.options.maxQueue}); retry later`);
     }
@@ -223,6 +247,7 @@ export class Scheduler {
 
   /** End every running sequence with `err` and free its blocks (their KV is gone with the failed group). */
   failRunning(err: Error): void {
+    this.kv.forgetCached();
     for (const job of [...this.running]) this.end(job, err, 'error');
   }
 
@@ -311,25 +336,57 @@ export class Scheduler {
 
   /** Give KV blocks to queued jobs, first come first served (one that does not fit yet holds the line). */
   private admit(): void {
-    while (this.queue.length > 0 && this.kv.canAllocate(firstStepTokens(this.queue[0]!))) {
+    while (this.queue.length > 0 && this.kv.canAllocate(this.admissionTokens(this.queue[0]!))) {
       const job = this.queue.shift()!;
-      job.kv = this.kv.allocate(firstStepTokens(job));
       this.running.add(job);
+      // a speculative round would take a matched prompt's rest for decode input: no prefix caching with it
+      if (job.kind !== 'generate' || !this.options.prefixCaching || this.options.speculative) {
+        job.kv = this.kv.allocate(firstStepTokens(job));
+        continue;
+      }
+      // a queued generation is at position 0 (new, or preempted): its input is all its tokens
+      const { id, cached } = this.kv.allocatePrefix(job.seq.input);
+      job.kv = id;
+      this.options.observer?.prefixCache?.(job.seq.input.length, cached);
+      job.seq.position = cached;
+      job.seq.input = job.seq.input.slice(cached);
     }
   }
 
   /**
-   * Grow the job's blocks to hold its first `tokens` positions before a step writes them; a job the pool cannot
-   * grow (only a shared pool of small blocks can run out) ends with WEFT_BUSY. Returns whether it may run.
+   * Grow the job's blocks to hold its first `tokens` positions before a step writes them. When the pool is
+   * short, preempt younger generations that `held` (the rows of the step in flight and of the one being built)
+   * does not name, the youngest first; when none is left the job waits. Returns whether it may run.
    */
-  private cover(job: Job, tokens: number): boolean {
-    try {
-      this.kv.grow(job.kv!, tokens);
-      return true;
-    } catch (err) {
-      this.end(job, err as Error, 'error');
-      return false;
+  private cover(job: GenerateJob, tokens: number, held: ReadonlySet<Job>): boolean {
+    while (!this.kv.canGrow(job.kv!, tokens)) {
+      const running = [...this.running];
+      const victim = running
+        .slice(running.indexOf(job) + 1)
+        .reverse()
+        .find((other): other is GenerateJob => other.kind === 'generate' && !held.has(other));
+      if (!victim) return false;
+      this.preempt(victim);
     }
+    this.kv.grow(job.kv!, tokens);
+    return true;
+  }
+
+  /**
+   * Take a generation's blocks back and queue it first, to be recomputed: its prompt becomes what it has so far
+   * (prompt and drawn tokens), fed from position 0. Its random stream is untouched: the caller makes sure no step
+   * holds a row of it, so every uniform it took went to a token already drawn.
+   */
+  private preempt(job: GenerateJob): void {
+    this.running.delete(job);
+    this.kv.free(job.kv!);
+    job.kv = null;
+    this.options.speculative?.release(job.seq); // the draft's cache went with the blocks
+    job.seq.input = [...job.seq.promptIds, ...job.seq.generated];
+    job.seq.position = 0;
+    this.queue.unshift(job);
+    this.preemptionCount++;
+    this.options.observer?.preempted?.();
   }
 
   /** Build the next step: a score job alone, else every decoding sequence plus the prompts that fit. */
@@ -344,22 +401,46 @@ export class Scheduler {
     // after a draft fault (executor.draftError) decoding goes back to plain steps
     if (executor && !executor.draftError && prefilling.length === 0) {
       // a round writes up to k proposals past the sequence's input, within its context
-      const rows = decoding.filter((job) => this.cover(job, Math.min(this.kv.layout.maxContext, job.seq.position + job.seq.input.length + executor.k)));
-      return rows.length ? { kind: 'speculate', rows, executor } : this.schedule();
+      const rows = this.covered(decoding, new Set(), (job) => Math.min(this.kv.layout.maxContext, job.seq.position + job.seq.input.length + executor.k));
+      // none: the oldest decoding sequence can always preempt the younger ones, so only a full slot list of waiting ones is left
+      return rows.length ? { kind: 'speculate', rows, executor } : null;
     }
     const rows: GenerateJob[] = [...decoding];
     this.joinPrompts(rows, prefilling, decoding.length);
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
-    const stepRows = this.appendInputs(builder, rows);
-    if (stepRows.length === 0) return this.schedule();
+    const stepRows = this.appendInputs(builder, rows, new Set());
+    if (stepRows.length === 0) return null; // nothing in flight and nothing fits: cannot happen with a pool of one full context
     return { kind: 'step', batch: builder.build(), rows: stepRows };
   }
 
+  /**
+   * Of `jobs`, in order, those still running whose blocks cover `tokens(job)` positions (preempting where
+   * needed); `held` (jobs a sent step holds) grows by each one taken, so a later job cannot preempt it.
+   */
+  private covered(jobs: readonly GenerateJob[], held: Set<Job>, tokens: (job: GenerateJob) => number): GenerateJob[] {
+    const taken: GenerateJob[] = [];
+    for (const job of jobs) {
+      if (!this.running.has(job) || !this.cover(job, tokens(job), held)) continue; // preempted by one before it, or waiting
+      held.add(job);
+      taken.push(job);
+    }
+    return taken;
+  }
+
   /** Append each job's known input, sampling the token after it, where its blocks can grow to hold it; returns those appended. */
-  private appendInputs(builder: StepBatchBuilder, jobs: readonly GenerateJob[]): GenerateJob[] {
-    const covered = jobs.filter((job) => this.cover(job, job.seq.position + job.seq.input.length));
-    for (const { seq, kv } of covered) builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+  private appendInputs(builder: StepBatchBuilder, jobs: readonly GenerateJob[], held: Set<Job>): GenerateJob[] {
+    const covered = this.covered(jobs, held, (job) => job.seq.position + job.seq.input.length);
+    for (const job of covered) {
+      const { seq, kv } = job;
+      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+      this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
+    }
     return covered;
+  }
+
+  /** Prefix caching: register the job's full blocks among its first `written` positions, which sent steps write. */
+  private registerWritten(job: GenerateJob, written: number): void {
+    if (this.options.prefixCaching && !this.options.speculative && job.kv !== null) this.kv.registerFull(job.kv, written, () => [...job.seq.promptIds, ...job.seq.generated]);
   }
 
   /** Add waiting prompts to `rows` (which hold `tokens` tokens) while the step's token budget allows, at least one. */
@@ -383,6 +464,7 @@ export class Scheduler {
     const executor = this.options.speculative;
     if ((executor && !executor.draftError) || [...this.running].some((job) => job.kind === 'score')) return null;
     const fed = new Set<Job>(prev.rows);
+    const held = new Set<Job>(prev.rows); // prev's rows are in flight: never preempted while it runs
     const maxContext = this.kv.layout.maxContext;
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
     const rows: GenerateJob[] = [];
@@ -392,14 +474,15 @@ export class Scheduler {
       const position = seq.position + seq.input.length; // where prev's draw goes
       // a sequence whose token budget or context ends with prev's draw gets no further step
       if (seq.generated.length + 1 >= seq.params.maxNewTokens || position >= maxContext) return;
-      if (!this.cover(job, position + 1)) return;
+      // one that must wait for blocks gets prev's draw on the host and joins a later step with it
+      if (!this.cover(job, position + 1, held)) return;
       builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()));
       rows.push(job);
     });
     const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);
     const prompts: GenerateJob[] = [];
     this.joinPrompts(prompts, waiting, rows.length);
-    rows.push(...this.appendInputs(builder, prompts));
+    rows.push(...this.appendInputs(builder, prompts, held));
     if (rows.length === 0) return null;
     return { kind: 'step', batch: builder.build(), rows };
   }
@@ -450,6 +533,7 @@ export class Scheduler {
       for (const event of events) {
         job.events.push(event);
         if (event.type === 'done') {
+          this.registerWritten(job, job.seq.position); // every position before its last token went out in a step
           this.release(job);
           this.options.speculative?.release(job.seq);
           observer?.finished?.(event.finishReason, (performance.now() - job.enqueuedAt) / 1000);

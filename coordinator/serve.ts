@@ -90,6 +90,8 @@ function forward(get: () => WeftMetrics | null): NonNullable<ClusterOptions['obs
     tokens: (n, sequence) => get()?.observer.tokens?.(n, sequence),
     finished: (o, s) => get()?.observer.finished?.(o, s),
     rejected: (r) => get()?.observer.rejected?.(r),
+    preempted: () => get()?.observer.preempted?.(),
+    prefixCache: (q, h) => get()?.observer.prefixCache?.(q, h),
   };
 }
 

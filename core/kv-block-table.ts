@@ -5,10 +5,11 @@
  * each step batch carries the lists of its sequences (StepBatch.kvBlockTable), the worker's kernels read
  * through them.
  *
- * Today's layout (`kvCacheLayout`) is the special case of one block of `maxContext` positions per sequence.
- * A paged cache (small blocks from a shared pool) is a change of the sizes there and of the policy here
- * (`allocate`, `grow`): the batch, the runner and the kernels stay as they are.
+ * A paged layout (`kvCacheLayout` with a `kvBlockSize`) is small blocks from one pool of `kvCacheTokens`
+ * positions shared by every sequence; without one it is one block of `maxContext` positions per sequence. The
+ * batch, the runner and the kernels read both alike; what a full pool means (preemption) is the scheduler's.
  */
+import { createHash } from 'node:crypto';
 import { WeftError } from './errors.ts';
 
 /**
@@ -31,7 +32,7 @@ export function kvDtypeBytes(dtype: KvDtype): number {
 
 /** The sizes both processes derive from the init command: the cache's shape, its element type and how sequences use it. */
 export interface KvCacheLayout {
-  /** sequences that hold a KV cache at once */
+  /** sequences that hold KV blocks at once at most (the pool, not this, is what costs memory) */
   readonly kvSlots: number;
   /** positions one sequence can hold */
   readonly maxContext: number;
@@ -46,18 +47,53 @@ export interface KvCacheLayout {
 }
 
 /**
- * One block of `maxContext` positions per sequence, `kvSlots` of them; on CUDA one more block at the end for
- * the padding rows of graph batches (decode batches are padded up to a captured graph's size). The element
- * type is the init command's `kvDtype` (`auto` when absent: bf16 on cuda, f32 on cpu).
+ * The pool of a paged cache when none is given: the positions of this many full-context sequences, the memory
+ * the cache took when it was one block per sequence and `--kv-slots` defaulted to 4.
  */
-export function kvCacheLayout(init: { readonly kvSlots: number; readonly maxContext: number; readonly device: 'cpu' | 'cuda'; readonly kvDtype?: KvDtypeOption }): KvCacheLayout {
+export const DEFAULT_KV_CACHE_SEQUENCES = 4;
+
+/** The sizes of a KV cache, as the init command gives them. */
+export interface KvCacheSizes {
+  readonly kvSlots: number;
+  readonly maxContext: number;
+  readonly device: 'cpu' | 'cuda';
+  readonly kvDtype?: KvDtypeOption;
+  /** positions per block; absent: one block of `maxContext` positions per sequence (kvSlots of them) */
+  readonly kvBlockSize?: number;
+  /** positions of the paged pool (rounded down to whole blocks); absent: kvSlots × maxContext */
+  readonly kvCacheTokens?: number;
+}
+
+/**
+ * Paged (`kvBlockSize` given): blocks of that many positions, `kvCacheTokens / kvBlockSize` of them shared by
+ * every sequence; a pool that cannot hold one full-context sequence is refused. Else one block of `maxContext`
+ * positions per sequence, `kvSlots` of them. On CUDA one more block at the end for the padding rows of graph
+ * batches (decode batches are padded up to a captured graph's size). The element type is `kvDtype` (`auto`
+ * when absent: bf16 on cuda, f32 on cpu).
+ */
+export function kvCacheLayout(init: KvCacheSizes): KvCacheLayout {
+  const { kvSlots, maxContext, kvBlockSize } = init;
   const padding = init.device === 'cuda';
+  let blockSize = maxContext;
+  let poolBlocks = kvSlots;
+  if (kvBlockSize !== undefined) {
+    if (!Number.isInteger(kvBlockSize) || kvBlockSize < 1) throw new WeftError('WEFT_BAD_CONFIG', `the KV block size must be a positive integer, got ${kvBlockSize}`);
+    const poolTokens = init.kvCacheTokens ?? kvSlots * maxContext;
+    blockSize = kvBlockSize;
+    poolBlocks = Math.floor(poolTokens / kvBlockSize);
+    const needed = blocksFor(maxContext, kvBlockSize);
+    if (poolBlocks < needed)
+      throw new WeftError(
+        'WEFT_BAD_CONFIG',
+        `a KV cache of ${poolTokens} positions (${poolBlocks} blocks of ${kvBlockSize}) cannot hold one sequence of the context of ${maxContext} positions (${needed} blocks); give --kv-cache-tokens ${needed * kvBlockSize} or more, or a smaller --max-context`,
+      );
+  }
   return {
-    kvSlots: init.kvSlots,
-    maxContext: init.maxContext,
-    kvBlockSize: init.maxContext,
-    kvBlocks: init.kvSlots + (padding ? 1 : 0),
-    paddingBlock: padding ? init.kvSlots : null,
+    kvSlots,
+    maxContext,
+    kvBlockSize: blockSize,
+    kvBlocks: poolBlocks + (padding ? 1 : 0),
+    paddingBlock: padding ? poolBlocks : null,
     kvDtype: resolveKvDtype(init.kvDtype ?? 'auto', init.device),
   };
 }
@@ -78,10 +114,25 @@ export type KvSequenceId = number;
 /**
  * The allocator: a pool of blocks (every block but the padding block), at most `kvSlots` sequences. Blocks
  * are handed out in the order they came back, so the first sequences get blocks 0, 1, 2...
+ *
+ * Prefix caching: a full block written by a step already sent can be registered under the hash of its tokens
+ * and of every token before it (a hash chain, `registerFull`), since its K/V depend on nothing else. A new
+ * sequence (`allocatePrefix`) shares the registered blocks its first tokens match instead of computing them.
+ * Blocks count their sequences; one no sequence holds is free, but keeps its registration (and can be shared
+ * again) until it is handed out afresh. Steps run in the order they are sent, so a block registered by a sent
+ * step holds its K/V before any later step reads it; shared blocks are only read (a sequence writes from its
+ * first unmatched position on, the start of a block).
  */
 export class KvBlockTable {
-  private readonly freeBlocks: number[];
-  private readonly owned = new Map<KvSequenceId, number[]>();
+  /** blocks no sequence holds, oldest first (a Set keeps insertion order and deletes in O(1)) */
+  private readonly freeBlocks: Set<number>;
+  private readonly poolBlocks: number;
+  /** sequences holding each block */
+  private readonly refs: Int32Array;
+  private readonly owned = new Map<KvSequenceId, { blocks: number[]; hashes: string[] }>();
+  /** registered full blocks: the hash chain up to and including a block's tokens → the block, and back */
+  private readonly cached = new Map<string, number>();
+  private readonly hashOf = new Map<number, string>();
   private nextId: KvSequenceId = 0;
 
   constructor(readonly layout: KvCacheLayout) {
@@ -89,21 +140,21 @@ export class KvBlockTable {
     if (!Number.isInteger(kvBlockSize) || kvBlockSize < 1) throw new WeftError('WEFT_BAD_REQUEST', `kvBlockSize must be a positive integer, got ${kvBlockSize}`);
     if (paddingBlock !== null && (paddingBlock < 0 || paddingBlock >= kvBlocks))
       throw new WeftError('WEFT_BAD_REQUEST', `padding block ${paddingBlock} is outside the ${kvBlocks} KV blocks`);
-    this.freeBlocks = Array.from({ length: kvBlocks }, (_, b) => b).filter((b) => b !== paddingBlock);
+    this.freeBlocks = new Set(Array.from({ length: kvBlocks }, (_, b) => b).filter((b) => b !== paddingBlock));
+    this.poolBlocks = this.freeBlocks.size;
+    this.refs = new Int32Array(kvBlocks);
   }
 
   /** Sequences holding blocks now. */
   get sequences(): number {
     return this.owned.size;
   }
-  /** Blocks owned by sequences now. */
+  /** Blocks held by sequences now (a shared block once). */
   get blocksInUse(): number {
-    let n = 0;
-    for (const blocks of this.owned.values()) n += blocks.length;
-    return n;
+    return this.poolBlocks - this.freeBlocks.size;
   }
   get blocksFree(): number {
-    return this.freeBlocks.length;
+    return this.freeBlocks.size;
   }
 
   /** Refuse, at once, a sequence that could never be held (longer than a sequence's context). */
@@ -111,20 +162,72 @@ export class KvBlockTable {
     if (tokens > this.layout.maxContext) throw new WeftError('WEFT_BAD_REQUEST', `a sequence of ${tokens} tokens exceeds the KV cache's context of ${this.layout.maxContext} tokens`);
   }
 
+  /** Whether the sequence's blocks can cover its first `tokens` positions now (growing by what is free). */
+  canGrow(id: KvSequenceId, tokens: number): boolean {
+    return tokens <= this.layout.maxContext && blocksFor(tokens, this.layout.kvBlockSize) - this.listOf(id).length <= this.freeBlocks.size;
+  }
+
   /** Whether a new sequence of `tokens` positions fits now (a free sequence and enough free blocks). */
   canAllocate(tokens: number): boolean {
-    return tokens <= this.layout.maxContext && this.owned.size < this.layout.kvSlots && blocksFor(tokens, this.layout.kvBlockSize) <= this.freeBlocks.length;
+    return tokens <= this.layout.maxContext && this.owned.size < this.layout.kvSlots && blocksFor(tokens, this.layout.kvBlockSize) <= this.freeBlocks.size;
   }
 
   /** A new sequence with blocks for its first `tokens` positions. Throws WEFT_BUSY when the pool cannot hold it now. */
   allocate(tokens: number): KvSequenceId {
     this.checkFits(tokens);
     if (!this.canAllocate(tokens))
-      throw new WeftError('WEFT_BUSY', `the KV cache is full: ${this.owned.size} of ${this.layout.kvSlots} sequences, ${this.freeBlocks.length} free blocks for ${blocksFor(tokens, this.layout.kvBlockSize)} needed`);
+      throw new WeftError('WEFT_BUSY', `the KV cache is full: ${this.owned.size} of ${this.layout.kvSlots} sequences, ${this.freeBlocks.size} free blocks for ${blocksFor(tokens, this.layout.kvBlockSize)} needed`);
     const id = this.nextId++;
-    this.owned.set(id, []);
+    this.owned.set(id, { blocks: [], hashes: [] });
     this.grow(id, tokens);
     return id;
+  }
+
+  /**
+   * A new sequence with blocks for `ids`, sharing the registered blocks that hold its first tokens (whole
+   * blocks, short of its last token: a step must compute that one's logits). `cached`: the positions shared.
+   */
+  allocatePrefix(ids: readonly number[]): { id: KvSequenceId; cached: number } {
+    const id = this.allocate(0);
+    const entry = this.owned.get(id)!;
+    const B = this.layout.kvBlockSize;
+    for (let j = 0; j < Math.floor((ids.length - 1) / B); j++) {
+      const hash = chainHash(entry.hashes[j - 1], ids.slice(j * B, (j + 1) * B));
+      const block = this.cached.get(hash);
+      if (block === undefined) break;
+      this.freeBlocks.delete(block); // when no sequence held it
+      this.refs[block] = this.refs[block]! + 1;
+      entry.blocks.push(block);
+      entry.hashes.push(hash);
+    }
+    const cached = entry.blocks.length * B;
+    this.grow(id, ids.length);
+    return { id, cached };
+  }
+
+  /**
+   * Register the sequence's full blocks among its first `written` positions (written by steps already sent),
+   * `ids()` being its tokens from position 0 (called only when a block is new to register).
+   */
+  registerFull(id: KvSequenceId, written: number, ids: () => readonly number[]): void {
+    const { blocks, hashes } = this.entryOf(id);
+    const full = Math.min(blocks.length, Math.floor(written / this.layout.kvBlockSize));
+    if (full <= hashes.length) return;
+    const tokens = ids();
+    const B = this.layout.kvBlockSize;
+    for (let j = hashes.length; j < full; j++) {
+      const hash = chainHash(hashes[j - 1], tokens.slice(j * B, (j + 1) * B));
+      hashes.push(hash);
+      if (this.cached.has(hash) || this.hashOf.has(blocks[j]!)) continue; // the same tokens in another block already
+      this.cached.set(hash, blocks[j]!);
+      this.hashOf.set(blocks[j]!, hash);
+    }
+  }
+
+  /** Forget every registration (the workers' caches were lost: a re-formed group starts empty). */
+  forgetCached(): void {
+    this.cached.clear();
+    this.hashOf.clear();
   }
 
   /**
@@ -136,14 +239,29 @@ export class KvBlockTable {
     this.checkFits(tokens);
     const more = blocksFor(tokens, this.layout.kvBlockSize) - blocks.length;
     if (more <= 0) return;
-    if (more > this.freeBlocks.length)
-      throw new WeftError('WEFT_BUSY', `the KV cache is full: sequence ${id} needs ${more} more blocks for ${tokens} tokens, ${this.freeBlocks.length} are free`);
-    blocks.push(...this.freeBlocks.splice(0, more));
+    if (more > this.freeBlocks.size)
+      throw new WeftError('WEFT_BUSY', `the KV cache is full: sequence ${id} needs ${more} more blocks for ${tokens} tokens, ${this.freeBlocks.size} are free`);
+    const taken: number[] = [];
+    for (const block of this.freeBlocks) if (taken.push(block) === more) break;
+    for (const block of taken) {
+      this.freeBlocks.delete(block);
+      this.refs[block] = 1;
+      // handed out afresh: whatever it held is about to be overwritten
+      const hash = this.hashOf.get(block);
+      if (hash !== undefined) {
+        this.cached.delete(hash);
+        this.hashOf.delete(block);
+      }
+      blocks.push(block);
+    }
   }
 
   /** Give the sequence's blocks back to the pool. */
   free(id: KvSequenceId): void {
-    this.freeBlocks.push(...this.listOf(id));
+    for (const block of this.listOf(id)) {
+      this.refs[block] = this.refs[block]! - 1;
+      if (this.refs[block] === 0) this.freeBlocks.add(block);
+    }
     this.owned.delete(id);
   }
 
@@ -153,8 +271,17 @@ export class KvBlockTable {
   }
 
   private listOf(id: KvSequenceId): number[] {
-    const blocks = this.owned.get(id);
-    if (!blocks) throw new WeftError('WEFT_BAD_REQUEST', `KV sequence ${id} holds no blocks (never allocated, or freed)`);
-    return blocks;
+    return this.entryOf(id).blocks;
   }
+
+  private entryOf(id: KvSequenceId): { blocks: number[]; hashes: string[] } {
+    const entry = this.owned.get(id);
+    if (!entry) throw new WeftError('WEFT_BAD_REQUEST', `KV sequence ${id} holds no blocks (never allocated, or freed)`);
+    return entry;
+  }
+}
+
+/** The hash chain of a full block: its tokens and the hash of the block before it (none for the first). */
+function chainHash(parent: string | undefined, tokens: readonly number[]): string {
+  return createHash('sha256').update(parent ?? '').update(Int32Array.from(tokens)).digest('base64');
 }

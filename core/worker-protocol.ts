@@ -39,6 +39,9 @@ const initCommandSchema = z
     maxContext: int.positive(),
     /** the KV cache's element type, resolved by the coordinator (never 'auto') */
     kvDtype: z.enum(['f32', 'bf16']),
+    /** a paged KV cache: positions per block and the pool's positions (core/kv-block-table.ts); absent: one block per sequence */
+    kvBlockSize: int.positive().optional(),
+    kvCacheTokens: int.positive().optional(),
     threads: int.positive(),
     /** where rank 0's collective hub listens (CPU collectives) */
     collectiveRoot: z.string(),

@@ -165,7 +165,7 @@ export function chunkRanges(tokens: number, maxTokens: number): { start: number;
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
-  /** [max(max bucket, kvBlocks)] i32, persistent: the last step that drew on the device left its tokens here */
+  /** [max(max bucket, kvSlots)] i32, persistent: the last step that drew on the device left its tokens here */
   private readonly sampled: Tensor;
   private last: LastSampled = null;
   /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
@@ -187,7 +187,7 @@ export class StepRunner {
     if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
     this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? DEFAULT_ARENA_BYTES) : Number.MAX_SAFE_INTEGER);
     // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait)
-    this.sampled = ops.zeros('i32', [Math.max(MAX_GRAPH_BATCH, kv.kvBlocks)]);
+    this.sampled = ops.zeros('i32', [Math.max(MAX_GRAPH_BATCH, kv.kvSlots)]);
   }
 
   /** Run one step and wait for its answer. */

@@ -69,7 +69,10 @@ export const OPTIONS = {
   gpus: { flag: '--gpus', arg: 'LIST', type: idList, defaultHelp: '0..N-1', help: 'GPU index per rank, e.g. 0,1,2,3', uses: ['launch'] },
   expertParallel: { flag: '--expert-parallel', type: flag, env: 'WEFT_EXPERT_PARALLEL', default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
   maxContext: { flag: '--max-context', arg: 'N', type: integer(1), env: 'WEFT_MAX_CONTEXT', default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
-  kvSlots: { flag: '--kv-slots', arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: 4, help: 'sequences with a KV cache at once', uses: [...CLUSTER, 'launch'] },
+  kvSlots: {
+    flag: '--kv-slots', arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: (c: Resolved) => (c.device === 'cuda' ? 64 : 16), defaultHelp: '16 on cpu, 64 on cuda',
+    help: 'sequences running at once at most (each costs only a row of block table; the KV pool is --kv-cache-tokens)', uses: [...CLUSTER, 'launch'],
+  },
   kvDtype: {
     flag: '--kv-dtype', arg: 'auto|f32|bf16', type: oneOf('auto', 'f32', 'bf16'), env: 'WEFT_KV_DTYPE', default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
     help: "the KV cache's element type (bf16 halves the bytes decode attention reads; arithmetic stays fp32)", uses: [...CLUSTER, 'launch'],
@@ -77,6 +80,15 @@ export const OPTIONS = {
   collectives: {
     flag: '--collectives', arg: 'auto|nccl|shared-gpu', type: oneOf('auto', 'nccl', 'shared-gpu'), env: 'WEFT_COLLECTIVES', default: 'auto',
     defaultHelp: 'auto: NCCL when there is a GPU per rank, else shared-gpu', help: 'how cuda ranks combine tensors: NCCL, or shared-gpu for several ranks on one GPU (CUDA IPC, else /dev/shm)', uses: [...CLUSTER, 'launch'],
+  },
+  kvBlockSize: { flag: '--kv-block-size', arg: 'N', type: integer(1, 4096), env: 'WEFT_KV_BLOCK_SIZE', default: 16, help: 'positions per block of the paged KV cache', uses: [...CLUSTER, 'launch'] },
+  kvCacheTokens: {
+    flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',
+    help: 'positions the paged KV cache holds, shared by all sequences (its memory: layers × 2 × KV heads × head size × dtype bytes each); at least one full context', uses: [...CLUSTER, 'launch'],
+  },
+  prefixCaching: {
+    flag: '--prefix-caching', arg: 'true|false', type: flag, env: 'WEFT_PREFIX_CACHING', default: true,
+    help: 'share the KV blocks of prompt prefixes already computed (off with a draft model)', uses: [...CLUSTER, 'launch'],
   },
   threads: { flag: '--threads', arg: 'N', type: integer(1), env: 'WEFT_THREADS', default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 

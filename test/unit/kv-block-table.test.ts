@@ -87,3 +87,29 @@ test('paged: small blocks from a shared pool; sequences grow block by block unti
   assert.equal(kv.blocksFree, 4);
   assert.equal(kv.blocksInUse, 4);
 });
+
+test('kvCacheLayout, paged: blocks of kvBlockSize from a pool of kvCacheTokens (whole blocks), the padding block after them; a pool short of one context is refused', () => {
+  const cpu = kvCacheLayout({ kvSlots: 16, maxContext: 512, device: 'cpu', kvBlockSize: 16, kvCacheTokens: 2048 + 15 });
+  assert.deepEqual(cpu, { kvSlots: 16, maxContext: 512, kvBlockSize: 16, kvBlocks: 128, paddingBlock: null, kvDtype: 'f32' });
+  assert.equal(maxBlocksPerSequence(cpu), 32);
+  const cuda = kvCacheLayout({ kvSlots: 64, maxContext: 500, device: 'cuda', kvBlockSize: 16, kvCacheTokens: 512 });
+  assert.deepEqual([cuda.kvBlocks, cuda.paddingBlock, maxBlocksPerSequence(cuda)], [33, 32, 32]);
+  assert.equal(kvCacheLayout({ kvSlots: 3, maxContext: 64, device: 'cpu', kvBlockSize: 5 }).kvBlocks, 38, 'no pool given: kvSlots full contexts');
+  assert.throws(
+    () => kvCacheLayout({ kvSlots: 4, maxContext: 512, device: 'cpu', kvBlockSize: 16, kvCacheTokens: 500 }),
+    weftError('WEFT_BAD_CONFIG', /a KV cache of 500 positions \(31 blocks of 16\) cannot hold one sequence of the context of 512 positions \(32 blocks\); give --kv-cache-tokens 512/),
+  );
+  assert.throws(() => kvCacheLayout({ kvSlots: 4, maxContext: 512, device: 'cpu', kvBlockSize: 0 }), weftError('WEFT_BAD_CONFIG', /block size must be a positive integer, got 0/));
+  const kv = new KvBlockTable(cuda);
+  const a = kv.allocate(500);
+  assert.ok(!kv.blocks(a).includes(32), 'the padding block is never handed out');
+  assert.equal(kv.canGrow(a, 500), true);
+  assert.equal(kv.canAllocate(1), false);
+  kv.free(a);
+  const b = kv.allocate(16);
+  assert.equal(kv.canGrow(b, 500), true);
+  assert.equal(kv.canGrow(b, 501), false, 'past the context');
+  kv.allocate(16 * 30);
+  assert.equal(kv.canGrow(b, 32), true, 'one block left');
+  assert.equal(kv.canGrow(b, 33), false);
+});

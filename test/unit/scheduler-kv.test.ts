@@ -98,18 +98,34 @@ test('paged, scheduling ahead: decode steps are fed from the step before, tokens
   assert.equal(kvCache.blocksFree, 4);
 });
 
-test('paged: a sequence the pool cannot grow ends with WEFT_BUSY and gives its blocks back; one past the context is refused at once', async () => {
-  const kvCache = paged(2, 2);
-  const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep([]) });
-  // both need a second block for position 4, in the same step: a asks first and finds none; its block goes to b
-  const a = scheduler.submitGenerate(sequence([1, 2, 3], 4));
-  const b = scheduler.submitGenerate(sequence([1, 2, 3], 4));
-  await assert.rejects(drain(a.events), (err: unknown) => isWeftError(err) && err.code === 'WEFT_BUSY' && /sequence 0 needs 1 more blocks for 5 tokens, 0 are free/.test(err.message));
-  assert.deepEqual(await drain(b.events), [12, 13, 14, 15]);
-  assert.equal(kvCache.sequences, 0);
-  assert.equal(kvCache.blocksFree, 2);
-  await assert.rejects(scheduler.submitScore(Array.from({ length: 17 }, (_, i) => i), false), (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && /17 tokens exceeds the KV cache's context of 16/.test(err.message));
-  scheduler.failAll(new Error('closed'));
+test('paged: a sequence the pool cannot grow preempts a younger one, which is recomputed with the same tokens; one past the context is refused at once', async () => {
+  for (const scheduleAhead of [false, true]) {
+    const kvCache = paged(2, 2);
+    const batches: StepBatch[] = [];
+    let preempted = 0;
+    const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches), scheduleAhead, observer: { preempted: () => preempted++ } });
+    // both need a second block for position 4 and the pool has two: a (the older) takes b's, b waits in the queue
+    const a = scheduler.submitGenerate(sequence([1, 2, 3], 4));
+    const b = scheduler.submitGenerate(sequence([1, 2, 3], 4));
+    const [ta, tb] = await Promise.all([drain(a.events), drain(b.events)]);
+    assert.deepEqual(ta, [12, 13, 14, 15]);
+    assert.deepEqual(tb, [12, 13, 14, 15], 'the recomputed sequence goes on with the tokens of an unpreempted run');
+    assert.equal(preempted, 1);
+    assert.equal(scheduler.preemptions, 1);
+    // b's recompute: its prompt and the tokens it had, from position 0, sampling the token after them
+    const recompute = batches.find((batch) => batch.kvBlockTable.length === 1 && batch.tokens.length > 3)!;
+    assert.deepEqual(recompute.tokens.slice(0, 3), [1, 2, 3]);
+    assert.deepEqual(recompute.positions, recompute.tokens.map((_, i) => i));
+    for (const batch of batches) {
+      checkKvPositions(batch, B);
+      const blocks = batch.kvBlockTable.flat();
+      assert.equal(new Set(blocks).size, blocks.length, `a block served two sequences in one step: ${JSON.stringify(batch.kvBlockTable)}`);
+    }
+    assert.equal(kvCache.sequences, 0);
+    assert.equal(kvCache.blocksFree, 2);
+    await assert.rejects(scheduler.submitScore(Array.from({ length: 17 }, (_, i) => i), false), (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && /17 tokens exceeds the KV cache's context of 16/.test(err.message));
+    scheduler.failAll(new Error('closed'));
+  }
 });
 
 test('scheduling ahead: a stop token costs at most one step for its row and no token after it; a cancel frees blocks at once and sends nothing more', async () => {
