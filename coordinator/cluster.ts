@@ -17,7 +17,7 @@
 import { join, basename, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { existsSync } from 'node:fs';
-import { readModelSpec, type ModelSpec } from '../core/model-spec.ts';
+import { readModelSpec, withQuantizeAtLoad, type ModelSpec } from '../core/model-spec.ts';
 import { planShards, type ShardPlan } from '../core/shard-plan.ts';
 import { loadTokenizer, type DecodeOptions, type EncodeOptions, type WeftTokenizer } from './tokenizer.ts';
 import { TextPool } from './text-pool.ts';
@@ -205,7 +205,7 @@ export class Cluster {
   static async open(given: ClusterOptions): Promise<Cluster> {
     const { onProgress, onStateChange, observer, chatTemplate } = given;
     const options: ClusterSettings = { ...apiConfig('cluster', given), onProgress, onStateChange, observer, chatTemplate };
-    const spec = readModelSpec(options.modelDir);
+    const spec = withQuantizeAtLoad(readModelSpec(options.modelDir), options.quantize, options.groupSize);
     const { tp, device, kvSlots, threads } = options;
     const plan = planShards(spec, tp, { expertParallel: options.expertParallel });
     const tokenizer = loadTokenizer(options.modelDir);
