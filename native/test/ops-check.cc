@@ -288,6 +288,72 @@ void check_matmul_7b_shapes(Rng& rng) {
     }
 }
 
+// Quantized weights (upload_quantized) at 7B widths: the CUDA GEMV that dequantizes as it reads (T = 1, 2, 8,
+// 16) and the dequantize-then-GEMM path (T = 64) against the CPU, which dequantizes each row into fp32 first.
+// int8 per channel and in groups of 128, int4 in groups of 128 and 32; codes uniform over their range, scales
+// ~1 / (sqrt(K) * qmax) so outputs are O(1). The GEMV differs from the CPU only in summation order (one scale per
+// 16-byte vector), 1e-5 of the scale; the GEMM reads bf16 weights and bf16 x, 2e-3 as for the dense GEMM.
+struct QuantPair {
+  Tensor cpu_w, gpu_w;
+};
+QuantPair upload_quant_pair(Rng& rng, DType dt, int64_t N, int64_t K, int64_t group) {
+  const int64_t S = K / group;
+  std::vector<uint8_t> q(static_cast<size_t>(dt == DType::I4 ? N * K / 2 : N * K));
+  for (auto& b : q) b = static_cast<uint8_t>(rng.next() >> 56);
+  std::vector<uint16_t> scales(static_cast<size_t>(N * S));
+  const float typical = 1.0f / (std::sqrt(static_cast<float>(K)) * (dt == DType::I4 ? 7.0f : 127.0f));
+  for (auto& s : scales) {
+    float v = typical * rng.uniform(0.5f, 1.5f);
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    s = static_cast<uint16_t>(bits >> 16);
+  }
+  auto pair = [&](Backend& b) {
+    Tensor sc = b.upload(scales.data(), scales.size() * 2, DType::BF16, {N, S});
+    return b.upload_quantized(q.data(), q.size(), dt, {N, K}, sc);
+  };
+  return {pair(*cpu), pair(*gpu)};
+}
+
+void check_quant_matmul(Rng& rng) {
+  struct Case {
+    DType dt;
+    int64_t group;  // 0: per channel
+  };
+  struct Shape2 {
+    int64_t N, K;
+    bool gated;
+  };
+  for (Case c : {Case{DType::I8, 0}, Case{DType::I8, 128}, Case{DType::I4, 128}, Case{DType::I4, 32}})
+    for (Shape2 s : {Shape2{12288, 4096, false}, Shape2{4096, 4096, false}, Shape2{22016, 4096, false},
+                     Shape2{4096, 11008, true}}) {
+      const int64_t group = c.group ? c.group : s.K;
+      QuantPair w;
+      try {
+        w = upload_quant_pair(rng, c.dt, s.N, s.K, group);
+      } catch (const std::exception& e) {
+        fail_row("uploadQuantized", dtype_name(c.dt), e.what());
+        continue;
+      }
+      for (int64_t T : {1, 2, 8, 16, 64}) {
+        const char* op = s.gated ? "siluMulMatmul" : "matmul";
+        std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " " +
+                         dtype_name(c.dt) + " g" + (c.group ? std::to_string(c.group) : std::string("K"));
+        run_case(op, sh, [&] {
+          const double rtol = T > 16 ? 2e-3 : 1e-5;
+          auto x = rng.floats(T * (s.gated ? 2 : 1) * s.K, s.gated ? -4 : -1, s.gated ? 4 : 1);
+          const Shape xs{T, (s.gated ? 2 : 1) * s.K};
+          if (s.gated)
+            compare(op, sh, down(*gpu, gpu->silu_mul_matmul(up(*gpu, x, xs), w.gpu_w)),
+                    down(*cpu, cpu->silu_mul_matmul(up(*cpu, x, xs), w.cpu_w)), rtol);
+          else
+            compare(op, sh, down(*gpu, gpu->matmul(up(*gpu, x, xs), w.gpu_w)),
+                    down(*cpu, cpu->matmul(up(*cpu, x, xs), w.cpu_w)), rtol);
+        });
+      }
+    }
+}
+
 // Prefill matmul inputs written in the weight dtype by their producer (rmsNorm, addRmsNorm: a copy beside the
 // f32 rows; siluMulMatmul: the product only in that dtype): the products must equal, bit for bit, the matmul
 // of the same f32 rows uploaded afresh (cast by a separate kernel). Also: the copy is not used after the rows
@@ -889,6 +955,7 @@ int main() {
   check_elementwise(rng);
   check_matmul(rng);
   check_matmul_7b_shapes(rng);
+  check_quant_matmul(rng);
   check_prefill_inputs(rng);
   check_moe(rng);
   check_attention(rng);

@@ -15,6 +15,7 @@
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
+#include "cuda/gemv-quant.cuh"
 #include "cuda/graphs.h"
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
@@ -133,6 +134,7 @@ class CudaBackend final : public Backend {
     return &half_copies_.add(out, empty(weight.dtype, out.shape));
   }
   void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    if (is_quantized(w.dtype)) return run_quant_matmul(x, w, out, false);
     if (x.dim(0) == 0 || w.dim(0) == 0) return;
     if (x.dim(1) == 0) {
       fill_zero(out);
@@ -232,6 +234,7 @@ class CudaBackend final : public Backend {
     cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}, {"experts", experts}});
   }
   void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) override {
+    if (is_quantized(w.dtype)) return run_quant_matmul(gate_up, w, out, true);
     const int64_t T = gate_up.dim(0), N = w.dim(0), K = w.dim(1);
     if (T == 0 || N == 0) return;
     const bool fused = cuda::Matmul::fuses_silu_mul(T, K, w.dtype);
@@ -251,6 +254,44 @@ class CudaBackend final : public Backend {
       throw Error("siluMulMatmul", std::string(e.what()) + " (gateUp " + to_string(gate_up) + ", w " + to_string(w) + ")");
     }
     cuda::check_launch(ctx(), "siluMulMatmul", {{"gateUp", gate_up}, {"w", w}});
+  }
+  // ---- quantized weights (gemv-quant.cuh): up to 16 tokens the GEMV dequantizes as it reads; longer steps
+  // dequantize w into the bf16 scratch (sized at upload for the largest weight) and run the GEMM on it.
+  void on_quantized_weight(const Tensor& w) override {
+    WEFT_CHECK(w.rank() == 2, "uploadQuantized", "quantized expert weights (w ", to_string(w),
+               ") are not supported on the cuda backend yet; run a quantized Mixtral on the cpu backend");
+    const size_t need = static_cast<size_t>(w.numel()) * 2;
+    if (!dequant_scratch_.buffer || dequant_scratch_.nbytes() < need)
+      dequant_scratch_ = empty_persistent(DType::BF16, {w.numel()});
+  }
+  void run_quant_matmul(const Tensor& x, const Tensor& w, const Tensor& out, bool gated) {
+    const char* op = gated ? "siluMulMatmul" : "matmul";
+    const int64_t T = x.dim(0), N = w.dim(0), K = w.dim(1);
+    if (T == 0 || N == 0) return;
+    WEFT_CHECK(w.rank() == 2 && N <= INT32_MAX && K <= INT32_MAX, op, "w ", to_string(w), " is out of range");
+    const cuda::QuantMatrix q{w.buffer->data(), w.scales->data<uint16_t>(), w.dtype, static_cast<int>(w.group())};
+    try {
+      if (T <= cuda::kQuantGemvMaxTokens) {
+        cuda::quant_gemv(ctx(), x.data<float>(), q, out.data<float>(), static_cast<int>(T), static_cast<int>(N),
+                         static_cast<int>(K), gated);
+      } else {
+        if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
+        void* dense = dequant_scratch_.buffer->data();
+        cuda::dequantize_bf16(ctx(), q, dense, N, K);
+        if (gated) {
+          Tensor hidden = empty(DType::BF16, {T, K});  // the product in bf16, where cuBLAS reads it
+          cuda::launch_silu_mul(ctx(), x, hidden);
+          matmul_->run(nullptr, dense, DType::BF16, out.data<float>(), T, N, K, false, hidden.buffer->data());
+        } else {
+          const Tensor* x_half = half_copies_.find(x, DType::BF16);
+          matmul_->run(x.data<float>(), dense, DType::BF16, out.data<float>(), T, N, K, false,
+                       x_half ? x_half->buffer->data() : nullptr);
+        }
+      }
+    } catch (const Error& e) {
+      throw Error(op, std::string(e.what()) + " (x " + to_string(x) + ", w " + to_string(w) + ")");
+    }
+    cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}});
   }
   void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
     cuda::launch_combine_experts(ctx(), y, weights, out);
@@ -345,6 +386,7 @@ class CudaBackend final : public Backend {
   cuda::Staging staging_;
   cuda::GraphCapture graphs_;
   std::unique_ptr<cuda::Matmul> matmul_;
+  Tensor dequant_scratch_;  // [max numel of a quantized weight] bf16, persistent (run_quant_matmul, T > 16)
   cuda::HalfCopies half_copies_;
 };
 
