@@ -48,6 +48,10 @@ export interface ClusterOptions {
   readonly kvSlots?: number;
   /** The KV cache's element type; 'auto' (the default) is bf16 on cuda, f32 on cpu. */
   readonly kvDtype?: KvDtypeOption;
+  /** Weight-only quantization of a dense checkpoint's projections, done by each rank as it loads them. */
+  readonly quantize?: 'int8' | 'int4';
+  /** With quantize: input columns per scale ('128', or 'channel': one per output row); 128 for int4, channel for int8. */
+  readonly groupSize?: string;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** CPU threads per worker. Defaults to the machine's cores divided among the ranks. */

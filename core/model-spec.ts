@@ -157,8 +157,10 @@ export function parseModelConfig(
     nExpertsPerToken,
     bosTokenId: f.optional('bos_token_id') === undefined ? null : f.int('bos_token_id', 0),
     eosTokenIds: readEos(f),
-    quantization: readQuantization(f, projectionWidths({ hidden, nHeads, headDim, ffnDim: f.int('intermediate_size') })),
   };
+  // absent for a dense checkpoint (the spec of every model weft read before quantization is unchanged)
+  const quantization = readQuantization(f, projectionWidths(spec));
+  if (quantization !== null) return { ...spec, quantization };
   return spec;
 }
 

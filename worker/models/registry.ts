@@ -76,19 +76,22 @@ function uploadQuantized(ops: Ops, format: QuantizedFormat, shape: readonly numb
   return ops.uploadQuantized(data, format.kind === 'int8' ? 'i8' : 'i4', [...shape], scalesTensor);
 }
 
-/** The one check before the native upload: shape, format and byte count against what the layout expects. */
+/** The one check before the native upload: shape, format and byte counts (values, scales) against what the layout expects. */
 function checkHostTensor(rank: number, expected: ShardTensor, host: HostTensor): void {
   const sameShape = host.shape.length === expected.shape.length && host.shape.every((d, i) => d === expected.shape[i]);
-  const scalesBytes = expected.format.kind === 'dense' ? 0 : scalesShape(expected.format, expected.shape).reduce((a, d) => a * d, 1) * 2;
-  if (!sameShape || !sameFormat(host.format, expected.format) || (host.scales?.byteLength ?? 0) !== scalesBytes) {
+  if (!sameShape || !sameFormat(host.format, expected.format)) {
     throw new WeftError(
       'WEFT_BAD_WEIGHTS',
-      `rank ${rank}: tensor ${expected.name} is ${formatName(host.format)} [${host.shape.join(', ')}] with ${host.scales?.byteLength ?? 0} bytes of scales, the layout expects ${formatName(expected.format)} [${expected.shape.join(', ')}] with ${scalesBytes}`,
+      `rank ${rank}: tensor ${expected.name} is ${formatName(host.format)} [${host.shape.join(', ')}], the layout expects ${formatName(expected.format)} [${expected.shape.join(', ')}]`,
     );
   }
   const bytes = formatBytes(expected.format, expected.shape, expected.name);
   if (host.data.byteLength !== bytes) {
     throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} holds ${host.data.byteLength} bytes, its ${formatName(expected.format)} [${expected.shape.join(', ')}] takes ${bytes}`);
+  }
+  const scalesBytes = expected.format.kind === 'dense' ? 0 : scalesShape(expected.format, expected.shape).reduce((a, d) => a * d, 1) * 2;
+  if ((host.scales?.byteLength ?? 0) !== scalesBytes) {
+    throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} has ${host.scales?.byteLength ?? 0} bytes of scales, its ${formatName(expected.format)} [${expected.shape.join(', ')}] takes ${scalesBytes}`);
   }
 }
 
