@@ -1,6 +1,6 @@
 /**
  * Quantized weights on CUDA against the CPU backend (which multiplies by the dequantized fp32 values): hf-tiny
- * models (their narrow widths take the scalar kernels) and, when the GPU host made it (WEFT_WIDE_FIXTURE=DIR,
+ * models, Mixtral's experts included (int8 per channel takes the vector GEMV; their narrow int4 groups the scalar one) and, when the GPU host made it (WEFT_WIDE_FIXTURE=DIR,
  * make-wide-fixture.py), the wide model at int8 per channel and int4 in groups of 128 (the vector GEMV, and the
  * dequantize-then-GEMM path for prompts over 16 tokens). f32 KV caches on both, so only the matrix products
  * differ. Skips, saying why, without a CUDA build or a GPU.
@@ -48,6 +48,8 @@ const cases: { name: string; dir: string; quantize: 'int8' | 'int4'; groupSize: 
   { name: 'llama-tiny', dir: fixtureDir('llama-tiny'), quantize: 'int8', groupSize: 'channel', tp: 1 },
   { name: 'llama-tiny', dir: fixtureDir('llama-tiny'), quantize: 'int4', groupSize: '4', tp: 1 },
   { name: 'llama3-tiny', dir: fixtureDir('llama3-tiny'), quantize: 'int4', groupSize: '16', tp: 1 },
+  { name: 'mixtral-tiny', dir: fixtureDir('mixtral-tiny'), quantize: 'int8', groupSize: 'channel', tp: 1 },
+  { name: 'mixtral-tiny', dir: fixtureDir('mixtral-tiny'), quantize: 'int4', groupSize: '8', tp: 1 },
   ...(wide ? ([
     { name: 'wide', dir: wide, quantize: 'int8', groupSize: 'channel', tp: 1 },
     { name: 'wide', dir: wide, quantize: 'int4', groupSize: '128', tp: 1 },

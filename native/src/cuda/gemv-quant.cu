@@ -10,6 +10,8 @@
 //   - x is staged in shared memory as fp32 in chunks of K ([TT][VW / 4][nvec] float4, split so a warp's float4
 //     reads are contiguous), all rows of the block reusing it; gated rows stage silu(gate) * up.
 //   - The R x TT sums of a warp are reduced over its lanes with shuffles, once (a warp's rows span all of K).
+//   - Expert rows (expertMatmul at decode): a grid row of blocks per held expert, as in gemv.cu; a block reads
+//     only the pairs routed to its expert, and experts nobody chose are not read.
 //   Fallback (K or the group not a multiple of the vector's columns, misaligned pointers): one warp per row,
 //   scalar loads.
 #include "cuda/gemv-quant.cuh"
@@ -55,6 +57,12 @@ struct Params {
   float* y;
   int T, N, K, group, gated;
   int chunk_vecs;  // vectors of K per staged chunk
+  // Expert mode (experts != nullptr): q and scales hold gridDim.y experts [El][N][...] and blockIdx.y is the
+  // block's expert; its "tokens" are the pairs routed to it (at most TT, in pair order): x row pair / topk (or
+  // pair, per_pair_x), y row pair. y rows of pairs routed elsewhere are left as they are (zeroed before).
+  const int32_t* experts;
+  int n_pairs, topk, per_pair_x, expert_start;
+  DeviceStatus* status;
 };
 
 // Grid: ceil(N / (8 R)) blocks of 256 threads. Dynamic shared memory: the x chunk [TT][H][chunk_vecs] float4.
@@ -64,17 +72,45 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(const Params p) {
   constexpr int H = VW / 4;           // float4 of x per vector
   extern __shared__ float4 xs[];
   pdl_trigger();
-  pdl_wait();  // x comes from the kernel before
+  pdl_wait();  // x (and the routing) come from the kernels before
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ int x_row[TT], y_row[TT], n_tokens;
+  if (p.experts) {
+    const int e = static_cast<int>(blockIdx.y) + p.expert_start;
+    if (warp == 0) {
+      int m = 0;
+      for (int base = 0; base < p.n_pairs; base += 32) {
+        const int q = base + lane;
+        const bool hit = q < p.n_pairs && p.experts[q] == e;
+        const unsigned mask = __ballot_sync(0xffffffffu, hit);
+        const int slot = m + __popc(mask & ((1u << lane) - 1));
+        if (hit && slot < TT) {
+          y_row[slot] = q;
+          x_row[slot] = p.per_pair_x ? q : q / p.topk;
+        }
+        m += __popc(mask);
+      }
+      __syncwarp();
+      if (lane == 0) {
+        if (m > TT) report(p.status, StatusOp::ExpertRepeat, y_row[0] / p.topk, e, TT);  // a token chose e twice
+        n_tokens = min(m, TT);
+      }
+    }
+    __syncthreads();
+    if (n_tokens == 0) return;  // an expert no pair chose: its weights are never read
+  }
+  const int T = p.experts ? n_tokens : p.T;
   const int row0 = (blockIdx.x * kWarps + warp) * R;
   const int KV = p.K / VW;  // vectors per row
   const size_t row_bytes = static_cast<size_t>(p.K) / (INT4 ? 2 : 1);
   const int S = p.K / p.group;  // scales per row
+  const uint8_t* q_base = p.q + static_cast<size_t>(blockIdx.y) * p.N * row_bytes;
+  const uint16_t* scales = p.scales + static_cast<size_t>(blockIdx.y) * p.N * S;
   const uint4* wrow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    wrow[r] = reinterpret_cast<const uint4*>(p.q + static_cast<size_t>(min(row0 + r, p.N - 1)) * row_bytes);
+    wrow[r] = reinterpret_cast<const uint4*>(q_base + static_cast<size_t>(min(row0 + r, p.N - 1)) * row_bytes);
 
   float acc[R][TT];
 #pragma unroll
@@ -89,8 +125,9 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(const Params p) {
       const int t = i / (H * nvec), f = i - t * (H * nvec);
       const int v = f / H, h = f - v * H;
       float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t < p.T) {
-        const float* xr = p.x + static_cast<size_t>(t) * (p.gated ? 2 * p.K : p.K) + (c0 + v) * VW + h * 4;
+      if (t < T) {
+        const int xt = p.experts ? x_row[t] : t;
+        const float* xr = p.x + static_cast<size_t>(xt) * (p.gated ? 2 * p.K : p.K) + (c0 + v) * VW + h * 4;
         val = *reinterpret_cast<const float4*>(xr);
         if (p.gated) {
           const float4 up = *reinterpret_cast<const float4*>(xr + p.K);
@@ -142,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(const Params p) {
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const float scale = bf16_bits_to_f32(__ldg(p.scales + static_cast<size_t>(min(row0 + r, p.N - 1)) * S + g));
+          const float scale = bf16_bits_to_f32(__ldg(scales + static_cast<size_t>(min(row0 + r, p.N - 1)) * S + g));
 #pragma unroll
           for (int t = 0; t < TT; ++t) acc[r][t] = fmaf(scale, part[r][t], acc[r][t]);
         }
@@ -157,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(const Params p) {
       float s = acc[r][t];
 #pragma unroll
       for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0 && t < p.T && row0 + r < p.N) p.y[static_cast<size_t>(t) * p.N + row0 + r] = s;
+      if (lane == 0 && t < T && row0 + r < p.N) p.y[static_cast<size_t>(p.experts ? y_row[t] : t) * p.N + row0 + r] = s;
     }
   }
 }
@@ -187,6 +224,25 @@ __global__ void quant_gemv_scalar_kernel(const float* __restrict__ x, const Quan
   }
 }
 
+// Expert fallback: one warp per (row, pair), grid (ceil(N / 8), n_pairs); pairs of experts not held are skipped.
+__global__ void quant_expert_gemv_scalar_kernel(const float* __restrict__ x, const QuantMatrix w, float* __restrict__ y,
+                                                const int32_t* __restrict__ experts, int topk, int per_pair_x,
+                                                int expert_start, int n_local, int N, int K, int gated) {
+  pdl_trigger();
+  pdl_wait();
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int q = blockIdx.y;
+  const int local = experts[q] - expert_start;
+  if (row >= N || local < 0 || local >= n_local) return;
+  const float* xr = x + static_cast<size_t>(per_pair_x ? q : q / topk) * (gated ? 2 * K : K);
+  float s = 0.f;
+  for (int k = lane; k < K; k += 32)
+    s = fmaf(quant_value(w, static_cast<size_t>(local) * N + row, K, k), gated ? silu_times(xr[k], xr[K + k]) : xr[k], s);
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) y[static_cast<size_t>(q) * N + row] = s;
+}
+
 // out [N, K] bf16: one thread per (row, 8 columns).
 __global__ void dequantize_kernel(const QuantMatrix w, __nv_bfloat16* __restrict__ out, int64_t N, int K) {
   const int64_t per_row = K / 8;
@@ -208,7 +264,7 @@ __global__ void dequantize_scalar_kernel(const QuantMatrix w, __nv_bfloat16* __r
 }
 
 template <bool INT4, int TT>
-void launch(const Ctx& ctx, const Params& p) {
+void launch(const Ctx& ctx, const Params& p, int n_experts) {
   constexpr int R = TT >= 16 ? 2 : 4;
   constexpr int VW = INT4 ? 32 : 16;
   const size_t smem = static_cast<size_t>(TT) * p.chunk_vecs * VW * sizeof(float);
@@ -218,19 +274,43 @@ void launch(const Ctx& ctx, const Params& p) {
                "matmul", " (cudaFuncSetAttribute)");
     attribute_set = true;
   }
-  const dim3 grid((p.N + kWarps * R - 1) / (kWarps * R));
+  const dim3 grid((p.N + kWarps * R - 1) / (kWarps * R), n_experts);
   launch_pdl(ctx, quant_gemv_kernel<INT4, TT, R>, grid, dim3(kThreads), smem, p);
 }
 
 template <bool INT4>
-void dispatch(const Ctx& ctx, int TT, const Params& p) {
+void dispatch(const Ctx& ctx, int TT, const Params& p, int n_experts) {
   switch (TT) {
-    case 1: return launch<INT4, 1>(ctx, p);
-    case 2: return launch<INT4, 2>(ctx, p);
-    case 4: return launch<INT4, 4>(ctx, p);
-    case 8: return launch<INT4, 8>(ctx, p);
-    default: return launch<INT4, 16>(ctx, p);
+    case 1: return launch<INT4, 1>(ctx, p, n_experts);
+    case 2: return launch<INT4, 2>(ctx, p, n_experts);
+    case 4: return launch<INT4, 4>(ctx, p, n_experts);
+    case 8: return launch<INT4, 8>(ctx, p, n_experts);
+    default: return launch<INT4, 16>(ctx, p, n_experts);
   }
+}
+
+// The vector kernel, dense (ex null) or expert rows; false when the shape or pointers need the scalar kernel.
+bool launch_vector(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated,
+                   const ExpertRows* ex) {
+  if (!quant_gemv_vector_ok(x, w, K)) return false;
+  const int TT = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : T <= 8 ? 8 : 16;
+  const int vw = w.dtype == DType::I4 ? 32 : 16;
+  // Chunk: about kChunkBytes of x, at least one step of the warp (32 vectors), whole K when it fits.
+  const int per_chunk = std::max(32, static_cast<int>(kChunkBytes / (static_cast<size_t>(TT) * vw * sizeof(float))));
+  Params p{x, static_cast<const uint8_t*>(w.q), w.scales, y, T, N, K, w.group, gated ? 1 : 0,
+           std::min(per_chunk, K / vw), nullptr, 0, 1, 0, 0, nullptr};
+  if (ex) {
+    p.experts = ex->experts;
+    p.n_pairs = ex->n_pairs;
+    p.topk = ex->topk;
+    p.per_pair_x = ex->per_pair_x;
+    p.expert_start = ex->expert_start;
+    p.status = ex->status;
+  }
+  const int n_experts = ex ? ex->n_local : 1;
+  if (w.dtype == DType::I4) dispatch<true>(ctx, TT, p, n_experts);
+  else dispatch<false>(ctx, TT, p, n_experts);
+  return true;
 }
 
 }  // namespace
@@ -246,18 +326,21 @@ void quant_gemv(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, 
              " tokens, not ", T);
   WEFT_CHECK(w.dtype == DType::I8 || w.dtype == DType::I4, "matmul", "w dtype ", dtype_name(w.dtype), " is not quantized");
   if (N == 0) return;
-  if (!quant_gemv_vector_ok(x, w, K)) {
-    launch_pdl(ctx, quant_gemv_scalar_kernel, dim3((N + 7) / 8), dim3(256), 0, x, w, y, T, N, K, gated ? 1 : 0);
-    return;
-  }
-  const int TT = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : T <= 8 ? 8 : 16;
-  const int vw = w.dtype == DType::I4 ? 32 : 16;
-  // Chunk: about kChunkBytes of x, at least one step of the warp (32 vectors), whole K when it fits.
-  const int per_chunk = std::max(32, static_cast<int>(kChunkBytes / (static_cast<size_t>(TT) * vw * sizeof(float))));
-  const Params p{x, static_cast<const uint8_t*>(w.q), w.scales, y, T, N, K, w.group, gated ? 1 : 0,
-                 std::min(per_chunk, K / vw)};
-  if (w.dtype == DType::I4) dispatch<true>(ctx, TT, p);
-  else dispatch<false>(ctx, TT, p);
+  if (launch_vector(ctx, x, w, y, T, N, K, gated, nullptr)) return;
+  launch_pdl(ctx, quant_gemv_scalar_kernel, dim3((N + 7) / 8), dim3(256), 0, x, w, y, T, N, K, gated ? 1 : 0);
+}
+
+void quant_expert_gemv(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
+                       const ExpertRows& ex, bool gated) {
+  WEFT_CHECK(T >= 1 && T <= kQuantGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
+             kQuantGemvMaxTokens, " tokens, not ", T);
+  WEFT_CHECK(ex.n_local <= 65535, "expertMatmul", ex.n_local, " experts are out of range");
+  // Rows of pairs this rank's experts do not serve stay zero; the kernels write the others.
+  check_cuda(ctx.st, cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), ctx.stream), "expertMatmul");
+  if (N == 0 || ex.n_pairs == 0 || ex.n_local == 0) return;
+  if (launch_vector(ctx, x, w, y, T, N, K, gated, &ex)) return;
+  launch_pdl(ctx, quant_expert_gemv_scalar_kernel, dim3((N + 7) / 8, ex.n_pairs), dim3(256), 0, x, w, y, ex.experts,
+             ex.topk, ex.per_pair_x, ex.expert_start, ex.n_local, N, K, gated ? 1 : 0);
 }
 
 void dequantize_bf16(const Ctx& ctx, const QuantMatrix& w, void* out, int64_t N, int64_t K) {

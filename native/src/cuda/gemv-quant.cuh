@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/device.h"
+#include "cuda/gemv.cuh"  // ExpertRows
 #include "tensor.h"  // weft::DType
 
 namespace weft::cuda {
@@ -30,6 +31,12 @@ bool quant_gemv_vector_ok(const float* x, const QuantMatrix& w, int K);
 // y [T, N] = x @ dequant(w)^T, 1 <= T <= 16; gated: x is [T, 2K] ([gate | up] rows) and the product reads
 // silu(gate) * up as it stages x. Capturable (no allocation, no sync). Throws weft::Error.
 void quant_gemv(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated);
+
+// The expert GEMV of expertMatmul / siluMulExpertMatmul over quantized experts w [El, N, K] (QuantMatrix of the
+// first expert; experts follow each other), 1 <= T <= 16 tokens: y [n_pairs, N], each chosen expert's weights read
+// once for all of its pairs, rows of pairs routed to experts not in w zero. Capturable.
+void quant_expert_gemv(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
+                       const ExpertRows& ex, bool gated);
 
 // out [N, K] bf16 = dequant(w) (q * scale in fp32, rounded to nearest even): the GEMM's weight for T > 16.
 void dequantize_bf16(const Ctx& ctx, const QuantMatrix& w, void* out, int64_t N, int64_t K);
