@@ -73,11 +73,6 @@ void rms_norm(float* out, const float* x, const void* weight, DType weight_dtype
   }
 }
 
-void matmul(ThreadPool& pool, float* out, const float* x, const void* w, DType w_dtype, int64_t T, int64_t K,
-            int64_t N) {
-  matmul(pool, out, x, WeightRows{w, w_dtype, nullptr, 0}, T, K, N);
-}
-
 void matmul(ThreadPool& pool, float* out, const float* x, const WeightRows& w, int64_t T, int64_t K, int64_t N) {
   int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, T * K));  // ~64K multiply-adds per chunk
   const bool widen = w.dtype != DType::F32;

@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 
 #include "cuda/common.cuh"
+#include "cuda/expert-slots.cuh"
 #include "error.h"
 
 namespace weft::cuda {
@@ -78,25 +79,7 @@ __global__ void __launch_bounds__(kThreads) quant_gemv_kernel(const Params p) {
   __shared__ int x_row[TT], y_row[TT], n_tokens;
   if (p.experts) {
     const int e = static_cast<int>(blockIdx.y) + p.expert_start;
-    if (warp == 0) {
-      int m = 0;
-      for (int base = 0; base < p.n_pairs; base += 32) {
-        const int q = base + lane;
-        const bool hit = q < p.n_pairs && p.experts[q] == e;
-        const unsigned mask = __ballot_sync(0xffffffffu, hit);
-        const int slot = m + __popc(mask & ((1u << lane) - 1));
-        if (hit && slot < TT) {
-          y_row[slot] = q;
-          x_row[slot] = p.per_pair_x ? q : q / p.topk;
-        }
-        m += __popc(mask);
-      }
-      __syncwarp();
-      if (lane == 0) {
-        if (m > TT) report(p.status, StatusOp::ExpertRepeat, y_row[0] / p.topk, e, TT);  // a token chose e twice
-        n_tokens = min(m, TT);
-      }
-    }
+    if (warp == 0) expert_slots<TT>(p.experts, p.n_pairs, p.topk, p.per_pair_x, e, lane, x_row, y_row, n_tokens, p.status);
     __syncthreads();
     if (n_tokens == 0) return;  // an expert no pair chose: its weights are never read
   }
