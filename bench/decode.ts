@@ -11,6 +11,7 @@
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
 import { planShards } from '../core/shard-plan.ts';
+import { withQuantizeAtLoad } from '../core/model-spec.ts';
 import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
@@ -33,14 +34,18 @@ const program = new Command('bench-decode')
   .option('--tp <n>', 'run one rank\'s shard of a plan for n ranks on this GPU, all-reduces skipped (per-rank work of tensor or expert parallelism)', '1')
   .option('--rank <r>', 'with --tp: which rank\'s shard', '0')
   .option('--expert-parallel', 'with --tp: whole experts per rank (Mixtral)', false)
+  .option('--quantize <list>', 'weight formats to run, each model in turn: none (the preset dtype), int8 (per channel), int4', 'none')
+  .option('--group-size <n>', 'int4 columns per scale (int8 is per output channel)', '128')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
 const newTokens = Number(opts.newTokens);
 if (!['auto', 'f32', 'bf16'].includes(opts.kvDtype)) program.error(`--kv-dtype must be auto, f32 or bf16 (got ${opts.kvDtype})`);
 const kvDtype = resolveKvDtype(opts.kvDtype as KvDtypeOption, opts.device);
+const quantizations = list(opts.quantize);
+for (const q of quantizations) if (!['none', 'int8', 'int4'].includes(q)) program.error(`--quantize takes none, int8 and int4 (got ${q})`);
 
 // A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
 const arenaBytes = 16 * 2 ** 30;
@@ -50,6 +55,7 @@ console.log(`device read bandwidth: ${bandwidthGBs.toFixed(0)} GB/s`);
 
 interface Row {
   model: string;
+  weights: string;
   kvDtype: KvDtype;
   batch: number;
   prompt: number;
@@ -66,10 +72,13 @@ const rows: Row[] = [];
 const rng = new SeededRng(1234);
 const randomIds = (n: number, vocab: number): number[] => Array.from({ length: n }, () => rng.nextUint32() % vocab);
 
-for (const name of list(opts.models)) {
-  const spec = presetSpec(name, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
+for (const name of list(opts.models)) for (const quantize of quantizations) {
+  const preset = presetSpec(name, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
+  // int8 per output channel, int4 in groups (gpt-fast's choices); random codes, as the dense path has random weights
+  const spec = quantize === 'none' ? preset : withQuantizeAtLoad(preset, quantize as 'int8' | 'int4', quantize === 'int4' ? opts.groupSize : 'channel');
+  const weights = quantize === 'none' ? spec.dtype : quantize === 'int4' ? `int4-g${opts.groupSize}` : 'int8';
   const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
-  const label = tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name;
+  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`);
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
@@ -107,10 +116,10 @@ for (const name of list(opts.models)) {
       const meanContext = prompt + 2 + newTokens / 2;
       const bytesPerStep = bytes.bytesPerStep(batch, meanContext);
       const floorMs = stepFloorMs(bytesPerStep, bandwidthGBs);
-      const row = { model: label, kvDtype, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
+      const row = { model: label, weights, kvDtype, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
       rows.push(row);
       console.log(
-        `${label.padEnd(12)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
+        `${label.padEnd(20)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
           `${row.tokensPerS.toFixed(1)} tok/s, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
       );
     }

@@ -5,7 +5,8 @@
  */
 import type { ModelSpec } from '../core/model-spec.ts';
 import type { ShardPlan } from '../core/shard-plan.ts';
-import { shardLayout } from '../worker/weights/load-shard.ts';
+import { shardLayout, type ShardTensor } from '../worker/weights/load-shard.ts';
+import { storedBytes } from '../core/weight-format.ts';
 
 export interface StepBytes {
   /** every weight of the rank but the embedding table (a step reads B rows of it, negligible) */
@@ -23,7 +24,8 @@ export interface StepBytes {
 /** `kvElementBytes`: bytes per K or V element of the cache (core/kv-block-table.ts kvDtypeBytes). */
 export function stepBytes(spec: ModelSpec, plan: ShardPlan, rank: number, kvElementBytes: number): StepBytes {
   const elementBytes = spec.dtype === 'f32' ? 4 : 2;
-  const tensorBytes = (t: { shape: readonly number[] }): number => t.shape.reduce((a, b) => a * b, 1) * elementBytes;
+  // quantized projections: their values and scales (storedBytes); dense tensors at the checkpoint's dtype
+  const tensorBytes = (t: ShardTensor): number => (t.format.kind === 'dense' ? t.shape.reduce((a, b) => a * b, 1) * elementBytes : storedBytes(t.format, t.shape, t.name));
   const layout = shardLayout(spec, plan, rank);
   const weightBytes = layout.filter((t) => t.name !== 'embed' && t.aliasOf === null).reduce((sum, t) => sum + tensorBytes(t), 0)
     + (spec.tieWordEmbeddings ? spec.vocabSize * spec.hidden * elementBytes : 0);

@@ -23,6 +23,7 @@ const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   stop: 'stop a launched cluster: no process left behind',
   keygen: 'write CURVE keys for the RPC socket: server.json, client.json, clients.txt (mode 0600)',
   worker: 'run one worker rank (started by the coordinator, or by hand to join one)',
+  quantize: 'write a weight-only int8 or int4 copy of a dense checkpoint (safetensors and config.json)',
 };
 
 /** The version package.json gives, for `weft --version`. */
@@ -197,6 +198,10 @@ function buildProgram(): Command {
   command(program, 'keygen', async (config) => {
     const { writeCurveDir } = await import('./serve.ts');
     process.stdout.write(JSON.stringify(writeCurveDir(config.out)) + '\n');
+  });
+  command(program, 'quantize', async (config) => {
+    const { quantizeCheckpoint } = await import('./quantize.ts');
+    process.stdout.write(JSON.stringify(await quantizeCheckpoint(config)) + '\n');
   });
   command(program, 'worker', async (config) => {
     useNcclEnvironment();

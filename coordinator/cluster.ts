@@ -17,7 +17,7 @@
 import { join, basename, resolve } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { existsSync } from 'node:fs';
-import { readModelSpec, type ModelSpec } from '../core/model-spec.ts';
+import { readModelSpec, withQuantizeAtLoad, type ModelSpec } from '../core/model-spec.ts';
 import { planShards, type ShardPlan } from '../core/shard-plan.ts';
 import { loadTokenizer, type DecodeOptions, type EncodeOptions, type WeftTokenizer } from './tokenizer.ts';
 import { TextPool } from './text-pool.ts';
@@ -54,6 +54,10 @@ export interface ClusterOptions {
   readonly kvCacheTokens?: number;
   /** Share the KV blocks of prompt prefixes already computed. Defaults to true; off with a draft model. */
   readonly prefixCaching?: boolean;
+  /** Weight-only quantization of a dense checkpoint's projections, done by each rank as it loads them. */
+  readonly quantize?: 'int8' | 'int4';
+  /** With quantize: input columns per scale ('128', or 'channel': one per output row); 128 for int4, channel for int8. */
+  readonly groupSize?: string;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** How cuda ranks combine tensors: 'auto' (the default: NCCL with a GPU per rank, else shared-gpu), 'nccl' or 'shared-gpu' (several ranks on one GPU). */
@@ -214,7 +218,7 @@ export class Cluster {
   static async open(given: ClusterOptions): Promise<Cluster> {
     const { onProgress, onStateChange, observer, chatTemplate } = given;
     const options: ClusterSettings = { ...apiConfig('cluster', given), onProgress, onStateChange, observer, chatTemplate };
-    const spec = readModelSpec(options.modelDir);
+    const spec = withQuantizeAtLoad(readModelSpec(options.modelDir), options.quantize, options.groupSize);
     const { tp, device, kvSlots, threads } = options;
     const plan = planShards(spec, tp, { expertParallel: options.expertParallel });
     const tokenizer = loadTokenizer(options.modelDir);

@@ -6,7 +6,7 @@ import { readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { WeftError } from './errors.ts';
 import { peekStoredDType } from './safetensors.ts';
-import type { WeightDType } from './weight-format.ts';
+import { GROUP_SIZES, groupProblems, workingGroupSizes, type WeightDType, type WeightQuantization } from './weight-format.ts';
 
 export type { WeightDType };
 export type RopeScaling =
@@ -24,6 +24,8 @@ export interface ModelSpec {
   readonly nExperts: number; // 0 for dense models
   readonly nExpertsPerToken: number; // 0 for dense models
   readonly bosTokenId: number | null; readonly eosTokenIds: readonly number[];
+  /** Weight-only int8/int4 projections (config.json's `quantization` block, or `--quantize`); absent or null: dense */
+  readonly quantization?: WeightQuantization | null;
 }
 
 /**
@@ -156,6 +158,9 @@ export function parseModelConfig(
     bosTokenId: f.optional('bos_token_id') === undefined ? null : f.int('bos_token_id', 0),
     eosTokenIds: readEos(f),
   };
+  // absent for a dense checkpoint (the spec of every model weft read before quantization is unchanged)
+  const quantization = readQuantization(f, projectionWidths(spec));
+  if (quantization !== null) return { ...spec, quantization };
   return spec;
 }
 
@@ -234,6 +239,57 @@ function readDType(f: Fields, stored: (() => WeightDType | undefined) | undefine
     f.unsupported(`${key} ${describe(value)} is not supported; weft loads ${Object.keys(TORCH_DTYPES).join(', ')}`);
   }
   return dtype;
+}
+
+/**
+ * The `quantization` block weft writes (`weft quantize`): {"format": "int8" | "int4", "bits": 8 | 4, "group_size":
+ * 32 | 64 | 128 | 256, or -1 for one scale per output channel, "scales_dtype": "bfloat16"}. Null when absent.
+ * `widths` are the projections' input widths, which the group size must divide.
+ */
+function readQuantization(f: Fields, widths: Record<string, number>): WeightQuantization | null {
+  const block = f.optional('quantization');
+  if (block === undefined) return null;
+  if (typeof block !== 'object' || Array.isArray(block)) f.bad(`field "quantization" must be an object, got ${describe(block)}`);
+  const q = new Fields(block as Record<string, unknown>, f.source, 'quantization.');
+  const format = q.optional('format');
+  if (format !== 'int8' && format !== 'int4') q.bad(`field "quantization.format" must be "int8" or "int4", got ${describe(format)}`);
+  const kind = format as 'int8' | 'int4';
+  const bits = q.int('bits');
+  if (bits !== (format === 'int8' ? 8 : 4)) q.bad(`field "quantization.bits" is ${bits} but format ${format} has ${format === 'int8' ? 8 : 4}`);
+  const group = q.optional('group_size');
+  if (group !== -1 && !(Number.isSafeInteger(group) && (group as number) >= 2 && (group as number) % 2 === 0)) {
+    q.bad(`field "quantization.group_size" must be an even group size (${GROUP_SIZES.join(', ')} are usual) or -1 (per output channel), got ${describe(group)}`);
+  }
+  const scales = q.optional('scales_dtype') ?? 'bfloat16';
+  if (scales !== 'bfloat16') q.unsupported(`field "quantization.scales_dtype" ${describe(scales)} is not supported (bfloat16 only)`);
+  const quantization: WeightQuantization = { kind, groupSize: group === -1 ? 'channel' : (group as number), atLoad: false };
+  const problem = quantizationProblem(quantization, widths);
+  if (problem !== null) q.bad(problem);
+  return quantization;
+}
+
+/** The input widths of a model's projections, unsplit (each must hold whole groups). */
+function projectionWidths(spec: Pick<ModelSpec, 'hidden' | 'nHeads' | 'headDim' | 'ffnDim'>): Record<string, number> {
+  return { hidden: spec.hidden, attention_output: spec.nHeads * spec.headDim, mlp_down: spec.ffnDim };
+}
+
+function quantizationProblem(q: Pick<WeightQuantization, 'kind' | 'groupSize'>, widths: Record<string, number>): string | null {
+  const problems = groupProblems(q, widths);
+  return problems.length === 0 ? null : `${q.kind} quantization does not fit the model: ${problems.join('; ')} (group sizes that fit: ${workingGroupSizes(q.kind, widths)})`;
+}
+
+/**
+ * The spec of a dense checkpoint whose projections each rank quantizes as it loads them (`--quantize`); `kind`
+ * undefined leaves it as it is. Refused (WEFT_BAD_MODEL) for a checkpoint already quantized, or a group size the
+ * projections' widths do not divide.
+ */
+export function withQuantizeAtLoad(spec: ModelSpec, kind: WeightQuantization['kind'] | undefined, groupSize: string | number = kind === 'int4' ? 128 : 'channel'): ModelSpec {
+  if (kind === undefined) return spec;
+  if (spec.quantization) throw new WeftError('WEFT_BAD_MODEL', `--quantize ${kind}: the checkpoint is already quantized (${spec.quantization.kind}); load it without --quantize`);
+  const quantization: WeightQuantization = { kind, groupSize: groupSize === 'channel' ? 'channel' : Number(groupSize), atLoad: true };
+  const problem = quantizationProblem(quantization, projectionWidths(spec));
+  if (problem !== null) throw new WeftError('WEFT_BAD_MODEL', `--quantize ${kind} --group-size ${groupSize}: ${problem}`);
+  return { ...spec, quantization };
 }
 
 function readEos(f: Fields): number[] {

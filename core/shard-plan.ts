@@ -5,6 +5,7 @@
  */
 import { WeftError } from './errors.ts';
 import type { ModelSpec } from './model-spec.ts';
+import { groupProblems, workingGroupSizes } from './weight-format.ts';
 
 export interface Range { readonly start: number; readonly end: number } // [start, end)
 export interface RankShard {
@@ -87,6 +88,13 @@ function splitProblems(spec: ModelSpec, tp: number, expertParallel = false): str
     problems.push(`${spec.nKvHeads} kv heads cannot be replicated evenly over ${tp} ranks (${tp} is not a multiple of ${spec.nKvHeads})`);
   }
   if (!expertParallel && spec.ffnDim % tp !== 0) problems.push(`intermediate size ${spec.ffnDim} does not divide by ${tp} (remainder ${spec.ffnDim % tp})`);
+  const q = spec.quantization;
+  if (q && spec.nHeads % tp === 0 && (expertParallel || spec.ffnDim % tp === 0)) {
+    // The row-parallel projections (o, down) split their input columns: each rank's share must hold whole groups.
+    const widths = { o_proj: (spec.nHeads / tp) * spec.headDim, [spec.nExperts > 0 ? 'experts w2' : 'down_proj']: expertParallel ? spec.ffnDim : spec.ffnDim / tp };
+    const wrong = groupProblems(q, widths);
+    if (wrong.length > 0) problems.push(`per rank ${wrong.join('; ')} (${q.kind} group sizes that work at tp=${tp}: ${workingGroupSizes(q.kind, widths)})`);
+  }
   const perRank = Math.ceil(spec.vocabSize / tp);
   const empty = Array.from({ length: tp }, (_, r) => r).filter((r) => vocabRange(spec.vocabSize, tp, r).end === vocabRange(spec.vocabSize, tp, r).start);
   if (empty.length > 0) {

@@ -14,16 +14,30 @@ export interface DenseFormat {
 }
 
 /**
- * Grouped integer quantization: the slot quantized projections will fill, declared so that every place that
- * handles a format already has to say what it does with one. Nothing produces it yet, and every consumer
- * refuses it (`denseDType`, `formatBytes`). Intended meaning: w [N, K] holds int8 values, or int4 packed two
- * per byte along K, and a scales tensor [N, K / groupSize] of `scales` beside it (the family's layout names
- * both); value = q * scale of its group.
+ * Weight-only integer quantization of a projection [N, K] (or stacked experts [El, N, K]): int8 values [N, K], or
+ * int4 packed two per byte along K ([N, K / 2] bytes: byte j holds column 2j in its low nibble and 2j + 1 in its
+ * high nibble, each as the unsigned code value + 8, values -8..7), and scales [N, K / groupSize] of `scales`
+ * beside it; value = q * scale of its group. Symmetric: scale = max |w| of the group / 127 (int8) or / 7 (int4),
+ * rounded to the scales' dtype first, q = round(w / scale) clamped to -127..127 or -8..7. `groupSize` counts
+ * columns of the tensor the format describes; 'channel' is one group spanning each row (scales [N, 1]).
  */
 export interface QuantizedFormat {
   readonly kind: 'int8' | 'int4';
-  readonly groupSize: number;
+  readonly groupSize: number | 'channel';
   readonly scales: WeightDType;
+}
+
+/** The group sizes a grouped checkpoint may use (along K; 'channel' is the other choice). */
+export const GROUP_SIZES: readonly number[] = [32, 64, 128, 256];
+
+/**
+ * A model's quantization (ModelSpec.quantization): what its projections are, and whether the checkpoint holds
+ * them quantized (config.json's `quantization` block) or dense, quantized by each rank as it loads (`--quantize`).
+ */
+export interface WeightQuantization {
+  readonly kind: 'int8' | 'int4';
+  readonly groupSize: number | 'channel';
+  readonly atLoad: boolean;
 }
 
 export type WeightFormat = DenseFormat | QuantizedFormat;
@@ -40,7 +54,14 @@ export function dtypeBytes(dtype: WeightDType): number {
 
 /** 'bf16' for a dense format; 'int4 (groups of 128, bf16 scales)' for a quantized one. For messages. */
 export function formatName(format: WeightFormat): string {
-  return format.kind === 'dense' ? format.dtype : `${format.kind} (groups of ${format.groupSize}, ${format.scales} scales)`;
+  if (format.kind === 'dense') return format.dtype;
+  const groups = format.groupSize === 'channel' ? 'per channel' : `groups of ${format.groupSize}`;
+  return `${format.kind} (${groups}, ${format.scales} scales)`;
+}
+
+/** The format of a quantized projection, bf16 scales. */
+export function quantizedFormat(q: Pick<WeightQuantization, 'kind' | 'groupSize'>): QuantizedFormat {
+  return { kind: q.kind, groupSize: q.groupSize, scales: 'bf16' };
 }
 
 export function sameFormat(a: WeightFormat, b: WeightFormat): boolean {
@@ -53,7 +74,42 @@ export function denseDType(format: WeightFormat, what: string): WeightDType {
   return format.dtype;
 }
 
-/** Bytes a tensor of this format and shape occupies in host memory. */
+/** Bytes a tensor of this format and shape occupies in host memory (a quantized one's values; scales apart). */
 export function formatBytes(format: WeightFormat, shape: readonly number[], what: string): number {
-  return shape.reduce((a, d) => a * d, 1) * dtypeBytes(denseDType(format, what));
+  const numel = shape.reduce((a, d) => a * d, 1);
+  if (format.kind === 'int8') return numel;
+  if (format.kind === 'int4') return numel / 2;
+  return numel * dtypeBytes(denseDType(format, what));
+}
+
+/** Scales [..., N, K / groupSize] of a quantized tensor [..., N, K] (one column per row for 'channel'). */
+export function scalesShape(format: QuantizedFormat, shape: readonly number[]): number[] {
+  const k = shape.at(-1)!;
+  return [...shape.slice(0, -1), format.groupSize === 'channel' ? 1 : k / format.groupSize];
+}
+
+/** Bytes of the values and of the scales of a tensor: what a rank reads and holds for it. */
+export function storedBytes(format: WeightFormat, shape: readonly number[], what: string): number {
+  const values = formatBytes(format, shape, what);
+  if (format.kind === 'dense') return values;
+  return values + scalesShape(format, shape).reduce((a, d) => a * d, 1) * dtypeBytes(format.scales);
+}
+
+/**
+ * Why a grouped quantization cannot take these input widths (the K of each projection as one rank holds it,
+ * named): a group must lie inside one rank's columns, and int4 needs an even K. Empty when it fits.
+ */
+export function groupProblems(q: Pick<WeightQuantization, 'kind' | 'groupSize'>, widths: Readonly<Record<string, number>>): string[] {
+  const problems: string[] = [];
+  for (const [name, k] of Object.entries(widths)) {
+    if (q.groupSize !== 'channel' && k % q.groupSize !== 0) problems.push(`${name} has ${k} input columns, not a multiple of group size ${q.groupSize}`);
+    else if (q.kind === 'int4' && k % 2 !== 0) problems.push(`${name} has ${k} input columns, odd (int4 packs two per byte)`);
+  }
+  return problems;
+}
+
+/** The group sizes (GROUP_SIZES, then 'channel') whose groups fit these widths, for refusals. */
+export function workingGroupSizes(kind: WeightQuantization['kind'], widths: Readonly<Record<string, number>>): string {
+  const sizes = [...GROUP_SIZES, 'channel' as const].filter((groupSize) => groupProblems({ kind, groupSize }, widths).length === 0);
+  return sizes.length > 0 ? sizes.join(', ') : 'none';
 }

@@ -22,7 +22,7 @@ export type DType = 'f32' | 'f16' | 'bf16' | 'i32';
 
 /** An opaque native tensor handle. `dtype` and `shape` are read-only copies of the native values. */
 export interface Tensor {
-  readonly dtype: DType;
+  readonly dtype: DType | 'i8' | 'i4'; // i8, i4: a quantized weight (uploadQuantized)
   readonly shape: readonly number[];
   /**
    * Frees the storage now. Without it the storage is freed after garbage collection, and Node runs the
@@ -70,6 +70,12 @@ export interface Engine {
   readonly backend: 'cpu' | 'cuda';
   /** Little-endian raw bytes; `bytes.length` must equal numel * element size. */
   upload(bytes: Uint8Array, dtype: DType, shape: number[]): Tensor;
+  /**
+   * A quantized weight for matmul, siluMulMatmul and the expert matmuls: w [N, K] or [El, N, K] as int8 values
+   * ('i8', numel bytes) or int4 codes value + 8 two per byte along K, the even column in the low nibble ('i4',
+   * numel / 2 bytes), and `scales` [..., N, K / group] bf16 (uploaded before): w = q * scale of its column's group.
+   */
+  uploadQuantized(bytes: Uint8Array, dtype: 'i8' | 'i4', shape: number[], scales: Tensor): Tensor;
   /** A copy: f32/f16/bf16 as Float32Array (converted), i32 as Int32Array. */
   download(t: Tensor): Float32Array | Int32Array;
   /**
@@ -83,7 +89,7 @@ export interface Engine {
   embedding(table: Tensor, ids: Tensor, vocabStart: number): Tensor;
   /** x [T, H] f32, weight [H] f32|f16|bf16 -> [T, H] f32 = x / sqrt(mean(x^2) + eps) * weight (HF LlamaRMSNorm, all fp32). */
   rmsNorm(x: Tensor, weight: Tensor, eps: number): Tensor;
-  /** x [T, K] f32, w [N, K] f32|f16|bf16 -> [T, N] f32 = x @ w^T. */
+  /** x [T, K] f32, w [N, K] f32|f16|bf16 or quantized (uploadQuantized) -> [T, N] f32 = x @ w^T. */
   matmul(x: Tensor, w: Tensor): Tensor;
   /** a, b: same shape, f32. */
   add(a: Tensor, b: Tensor): Tensor;

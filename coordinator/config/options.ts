@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { PACKAGE_ROOT } from '../package-layout.ts';
 import { finite, flag, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
-export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker';
+export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker' | 'quantize';
 /** Where options enter in code: startCluster / Cluster.open, and serve(). */
 export type ApiContext = 'cluster' | 'server';
 export type Context = CommandName | ApiContext;
@@ -57,9 +57,9 @@ const threadsFor = (ranks: unknown): number => Math.max(1, Math.floor(availableP
 export const OPTIONS = {
   // the model and its split
   modelDir: {
-    flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch'], required: true,
+    flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch', 'quantize'], required: true,
     defaultIn: { generate: DEFAULT_MODEL_DIR, score: DEFAULT_MODEL_DIR, serve: DEFAULT_MODEL_DIR, launch: DEFAULT_MODEL_DIR },
-    defaultHelp: 'the built-in models/sotu-llama (required in startCluster)',
+    defaultHelp: 'the built-in models/sotu-llama (required in startCluster and quantize)',
   },
   tp: {
     flag: '--tp', arg: 'N', type: integer(1), env: 'WEFT_TP', default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
@@ -89,6 +89,16 @@ export const OPTIONS = {
   prefixCaching: {
     flag: '--prefix-caching', arg: 'true|false', type: flag, env: 'WEFT_PREFIX_CACHING', default: true,
     help: 'share the KV blocks of prompt prefixes already computed (off with a draft model)', uses: [...CLUSTER, 'launch'],
+  },
+  quantize: {
+    flag: '--quantize', arg: 'int8|int4', type: oneOf('int8', 'int4'), env: 'WEFT_QUANTIZE', uses: [...CLUSTER, 'launch'],
+    help: "quantize a dense checkpoint's projections as each rank loads them (weight-only; see weft quantize to write one)",
+  },
+  format: { flag: '--format', arg: 'int8|int4', type: oneOf('int8', 'int4'), help: 'weight-only quantization to write', uses: ['quantize'], required: true },
+  groupSize: {
+    flag: '--group-size', arg: '32|64|128|256|channel', type: matching(/^([1-9]\d*[02468]|[2468]|channel)$/, "an even number of columns (32, 64, 128, 256 usual) or 'channel'"), env: 'WEFT_GROUP_SIZE', uses: [...CLUSTER, 'launch', 'quantize'],
+    default: (c: Resolved) => (c.quantize === 'int4' || c.format === 'int4' ? '128' : 'channel'), defaultHelp: '128 for int4, channel (one scale per output row) for int8',
+    help: 'input columns per quantization scale',
   },
   threads: { flag: '--threads', arg: 'N', type: integer(1), env: 'WEFT_THREADS', default: (c: Resolved) => threadsFor(c.tp), defaultHelp: 'the cores divided among the ranks', help: 'CPU threads per worker', uses: [...CLUSTER, 'launch'] },
 
@@ -180,5 +190,5 @@ export const OPTIONS = {
   home: { type: text, env: 'WEFT_HOME', default: () => join(homedir(), '.weft'), defaultHelp: '~/.weft', help: "where launched clusters keep their files (<home>/<name>)", uses: LAUNCHED },
   waitTimeoutMs: { flag: '--wait-timeout', arg: 'MS', type: milliseconds(1), default: 600_000, help: 'give up waiting for readiness after this', uses: ['launch'] },
   lines: { flag: '--lines', arg: 'N', type: integer(1), default: 50, help: 'lines per process', uses: ['logs'] },
-  out: { flag: '--out', arg: 'DIR', type: text, help: 'directory to write', uses: ['keygen'], required: true },
+  out: { flag: '--out', arg: 'DIR', type: text, help: 'directory to write', uses: ['keygen', 'quantize'], required: true },
 } as const satisfies Record<string, OptionDeclaration<any>>;

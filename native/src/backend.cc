@@ -24,6 +24,7 @@ const std::initializer_list<DType> kAny = {};
 const std::initializer_list<DType> kF32 = {DType::F32};
 const std::initializer_list<DType> kI32 = {DType::I32};
 const std::initializer_list<DType> kFloat = {DType::F32, DType::F16, DType::BF16};
+const std::initializer_list<DType> kWeight = {DType::F32, DType::F16, DType::BF16, DType::I8, DType::I4};
 
 std::string dtypes_text(std::initializer_list<DType> dtypes) {
   if (dtypes.size() == 0) return "";
@@ -34,7 +35,7 @@ std::string dtypes_text(std::initializer_list<DType> dtypes) {
 
 // Check rank and dtype: "rmsNorm: x must be [T, H] f32 (got [3, 4, 5] f32)".
 void need(const char* op, const Arg& a, size_t rank, const char* pattern, std::initializer_list<DType> dtypes) {
-  bool dtype_ok = dtypes.size() == 0;
+  bool dtype_ok = dtypes.size() == 0 && !is_quantized(a.t.dtype);  // a quantized weight is only ever a matmul's w
   for (DType d : dtypes) dtype_ok = dtype_ok || a.t.dtype == d;
   WEFT_CHECK(a.t.rank() == rank && dtype_ok, op, a.name, " must be ", pattern, dtypes_text(dtypes), " (got ", a.t,
              ")");
@@ -137,13 +138,42 @@ Tensor Backend::upload(const void* bytes, size_t n_bytes, DType dtype, const Sha
   return t;
 }
 
+Tensor Backend::upload_quantized(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape,
+                                 const Tensor& scales) {
+  const char* op = "uploadQuantized";
+  no_capture(op, "a graph would replay a copy of a host buffer");
+  check_shape(op, shape);
+  WEFT_CHECK(is_quantized(dtype), op, "dtype must be 'i8' or 'i4' (got '", dtype_name(dtype), "')");
+  WEFT_CHECK(shape.size() == 2 || shape.size() == 3, op, "shape ", shape, " must be [N, K] or [El, N, K]");
+  const int64_t K = shape.back();
+  WEFT_CHECK(K > 0 && (dtype == DType::I8 || K % 2 == 0), op, "shape ", shape, " needs K >= 1", dtype == DType::I4 ? " and even (two int4 per byte)" : "");
+  WEFT_CHECK(scales.dtype == DType::BF16 && scales.rank() == shape.size(), op, Arg{"scales", scales}, " must be bf16 of rank ", shape.size());
+  const int64_t S = scales.shape.back();
+  bool lead_ok = true;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) lead_ok = lead_ok && scales.shape[i] == shape[i];
+  WEFT_CHECK(lead_ok && S >= 1 && K % S == 0 && (dtype == DType::I8 || (K / S) % 2 == 0), op, Arg{"scales", scales},
+             " does not fit w ", shape, ' ', dtype_name(dtype), " (expected [..., N, K / group] with the group dividing K",
+             dtype == DType::I4 ? " and even)" : ")");
+  WEFT_CHECK(scales.buffer->step() == kPersistent, op, Arg{"scales", scales}, " must be persistent (uploaded outside a step)");
+  Tensor t{dtype, shape, nullptr};
+  WEFT_CHECK(n_bytes == t.nbytes(), op, "bytes has length ", n_bytes, " but w ", shape, ' ', dtype_name(dtype), " needs ",
+             t.nbytes(), " bytes");
+  t = empty_persistent(dtype, shape);
+  copy_from_host(t, bytes);
+  t.scales = std::make_shared<const Tensor>(scales);
+  on_quantized_weight(t);
+  return t;
+}
+
 void Backend::download(const Tensor& t, void* dst) {
   no_capture("download", "it waits for the device");
+  WEFT_CHECK(!is_quantized(t.dtype), "download", "t ", t, " is a quantized weight (only matmuls read it)");
   to_host_converted(t, dst);
 }
 
 std::unique_ptr<PendingDownload> Backend::download_async(const Tensor& t) {
   no_capture("downloadAsync", "a graph would replay the copy into a host buffer");
+  WEFT_CHECK(!is_quantized(t.dtype), "downloadAsync", "t ", t, " is a quantized weight (only matmuls read it)");
   return start_download(t);
 }
 
@@ -198,7 +228,7 @@ Tensor Backend::rms_norm(const Tensor& x, const Tensor& weight, float eps) {
 Tensor Backend::matmul(const Tensor& x, const Tensor& w) {
   const char* op = "matmul";
   need(op, {"x", x}, 2, "[T, K]", kF32);
-  need(op, {"w", w}, 2, "[N, K]", kFloat);
+  need(op, {"w", w}, 2, "[N, K]", kWeight);
   WEFT_CHECK(w.dim(1) == x.dim(1), op, Arg{"x", x}, " and ", Arg{"w", w}, " do not match (expected w [N, ",
              x.dim(1), "])");
   Tensor out = empty(DType::F32, {x.dim(0), w.dim(0)});
@@ -319,6 +349,7 @@ Tensor Backend::qkv_rope(const Tensor& qkv, const Tensor& positions, const Tenso
 }
 
 void Backend::copy(const Tensor& dst, const Tensor& src) {
+  WEFT_CHECK(!is_quantized(dst.dtype), "copy", Arg{"dst", dst}, " is a quantized weight (only matmuls read it)");
   WEFT_CHECK(dst.dtype == src.dtype && dst.shape == src.shape, "copy", Arg{"dst", dst}, " and ", Arg{"src", src},
              " must have the same dtype and shape");
   run_copy(dst, src);
@@ -345,7 +376,7 @@ Tensor Backend::silu_mul(const Tensor& gate_up) {
 Tensor Backend::silu_mul_matmul(const Tensor& gate_up, const Tensor& w) {
   const char* op = "siluMulMatmul";
   need(op, {"gateUp", gate_up}, 2, "[T, 2K]", kF32);
-  need(op, {"w", w}, 2, "[N, K]", kFloat);
+  need(op, {"w", w}, 2, "[N, K]", kWeight);
   WEFT_CHECK(2 * w.dim(1) == gate_up.dim(1), op, Arg{"gateUp", gate_up}, " and ", Arg{"w", w},
              " do not match (expected w [N, ", gate_up.dim(1) / 2, "] and an even number of gateUp columns)");
   Tensor out = empty(DType::F32, {gate_up.dim(0), w.dim(0)});
@@ -412,7 +443,7 @@ Tensor Backend::silu_mul_expert_matmul(const Tensor& gate_up, const Tensor& w, c
 Tensor Backend::checked_expert_matmul(const char* op, const Tensor& x, const Tensor& w, const Tensor& experts,
                                       int64_t expert_start, bool gated) {
   need(op, {gated ? "gateUp" : "x", x}, 2, gated ? "[X, 2K]" : "[X, K]", kF32);
-  need(op, {"w", w}, 3, "[El, N, K]", kFloat);
+  need(op, {"w", w}, 3, "[El, N, K]", kWeight);
   need(op, {"experts", experts}, 2, "[T, k]", kI32);
   const int64_t T = experts.dim(0), k = experts.dim(1);
   const Arg xa{gated ? "gateUp" : "x", x};

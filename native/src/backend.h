@@ -93,6 +93,11 @@ class Backend {
   // (random-hash.h), so no host data is made or copied.
   Tensor random_uniform(DType dtype, const Shape& shape, uint64_t seed, float scale);
   Tensor upload(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape);  // n_bytes == numel * size
+  // A quantized weight: w [N, K] or [El, N, K] of dtype I8 (int8 values) or I4 (codes value + 8, two per byte
+  // along K, the even column in the low nibble; n_bytes == numel / 2), and scales [..., N, K / group] bf16, a
+  // persistent tensor (uploaded before), group even for I4. matmul, siluMulMatmul and the expert matmuls take it
+  // as w and compute with w = q * scale of the column's group.
+  Tensor upload_quantized(const void* bytes, size_t n_bytes, DType dtype, const Shape& shape, const Tensor& scales);
   void download(const Tensor& t, void* dst);  // dst: numel floats (f32/f16/bf16 converted) or numel int32
   // download without waiting here: the copy is ordered after the work queued so far and lands while later work
   // is queued (the decode pipeline: step k's tokens come back while step k + 1 runs). The CPU backend copies at once.
@@ -104,7 +109,7 @@ class Backend {
   Tensor embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start);
   // x [T, H] f32, weight [H] float -> [T, H] f32: x / sqrt(mean(x^2) + eps) * weight.
   Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps);
-  // x [T, K] f32, w [N, K] float -> [T, N] f32 = x @ w^T.
+  // x [T, K] f32, w [N, K] float or quantized (upload_quantized) -> [T, N] f32 = x @ w^T.
   Tensor matmul(const Tensor& x, const Tensor& w);
   // a, b same shape f32.
   Tensor add(const Tensor& a, const Tensor& b);
@@ -187,6 +192,7 @@ class Backend {
   virtual Tensor empty(DType dtype, const Shape& shape) = 0;
   virtual Tensor empty_persistent(DType dtype, const Shape& shape) = 0;
   virtual void on_begin_step() {}
+  virtual void on_quantized_weight(const Tensor& /*w*/) {}  // a weight upload_quantized made (outside a capture)
   virtual void on_capture_begin();
   virtual std::shared_ptr<Graph> on_capture_end();
   virtual void on_replay(const Graph& graph);

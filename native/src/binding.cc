@@ -162,6 +162,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
   return DefineClass(env, "Engine",
                      {
                          InstanceMethod<&EngineHandle::Upload>("upload"),
+                         InstanceMethod<&EngineHandle::UploadQuantized>("uploadQuantized"),
                          InstanceMethod<&EngineHandle::Download>("download"),
                          InstanceMethod<&EngineHandle::Zeros>("zeros"),
                          InstanceMethod<&EngineHandle::Embedding>("embedding"),
@@ -253,6 +254,20 @@ Napi::Value EngineHandle::Upload(const Napi::CallbackInfo& info) {
     Args a(info, "upload", this);
     auto bytes = a.uint8_array(0, "bytes");
     return Wrap(info.Env(), backend_->upload(bytes.data, bytes.length, a.dtype(1, "dtype"), a.shape(2, "shape")));
+  });
+}
+
+// uploadQuantized(bytes, 'i8' | 'i4', shape, scales): Backend::upload_quantized.
+Napi::Value EngineHandle::UploadQuantized(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "uploadQuantized", [&] {
+    Args a(info, "uploadQuantized", this);
+    auto bytes = a.uint8_array(0, "bytes");
+    Napi::Value kind = a[1];
+    const std::string k = kind.IsString() ? kind.As<Napi::String>().Utf8Value() : "";
+    WEFT_CHECK(k == "i8" || k == "i4", "uploadQuantized", "dtype must be 'i8' or 'i4' (got ",
+               kind.IsString() ? "'" + k + "'" : describe(kind), ")");
+    return Wrap(info.Env(), backend_->upload_quantized(bytes.data, bytes.length, k == "i8" ? DType::I8 : DType::I4,
+                                                       a.shape(2, "shape"), a.tensor(3, "scales")));
   });
 }
 

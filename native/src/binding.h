@@ -67,6 +67,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value Wrap(Napi::Env env, Tensor tensor) const;
 
   Napi::Value Upload(const Napi::CallbackInfo& info);
+  Napi::Value UploadQuantized(const Napi::CallbackInfo& info);
   Napi::Value Download(const Napi::CallbackInfo& info);
   Napi::Value DownloadAsync(const Napi::CallbackInfo& info);
   Napi::Value FeedTokens(const Napi::CallbackInfo& info);

@@ -15,9 +15,14 @@
 
 namespace weft {
 
-enum class DType : uint8_t { F32, F16, BF16, I32 };
+// I8 and I4 are quantized weights only (Backend::upload_quantized): int8 values, or int4 codes packed two per
+// byte along K (low nibble the even column, code = value + 8); they carry their scales (Tensor::scales).
+enum class DType : uint8_t { F32, F16, BF16, I32, I8, I4 };
 
-inline size_t dtype_size(DType d) { return d == DType::F16 || d == DType::BF16 ? 2 : 4; }
+// Bytes per element; I4 packs two elements in a byte (Tensor::nbytes counts it).
+inline size_t dtype_size(DType d) {
+  return d == DType::F16 || d == DType::BF16 ? 2 : d == DType::I8 || d == DType::I4 ? 1 : 4;
+}
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -25,6 +30,8 @@ inline const char* dtype_name(DType d) {
     case DType::F16: return "f16";
     case DType::BF16: return "bf16";
     case DType::I32: return "i32";
+    case DType::I8: return "i8";
+    case DType::I4: return "i4";
   }
   return "?";
 }
@@ -38,7 +45,8 @@ inline bool parse_dtype(std::string_view s, DType* out) {
   return true;
 }
 
-inline bool is_float(DType d) { return d != DType::I32; }
+inline bool is_float(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
+inline bool is_quantized(DType d) { return d == DType::I8 || d == DType::I4; }
 
 using Shape = std::vector<int64_t>;
 
@@ -84,9 +92,16 @@ struct Tensor {
   DType dtype = DType::F32;
   Shape shape;
   std::shared_ptr<Buffer> buffer;
+  // Quantized weights (I8, I4) only: [..., N, K / group] bf16, the scale of each group of `group` columns of
+  // a row (value = q * scale); a persistent tensor of the same backend.
+  std::shared_ptr<const Tensor> scales;
 
   int64_t numel() const { return weft::numel(shape); }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  size_t nbytes() const {
+    return dtype == DType::I4 ? static_cast<size_t>(numel() + 1) / 2 : static_cast<size_t>(numel()) * dtype_size(dtype);
+  }
+  // Columns per scale of a quantized weight (K / scales' last dimension).
+  int64_t group() const { return shape.back() / scales->shape.back(); }
   int64_t dim(size_t i) const { return shape[i]; }
   size_t rank() const { return shape.size(); }
   // Typed view of the buffer; only the owning backend dereferences it.

@@ -288,6 +288,103 @@ void check_matmul_7b_shapes(Rng& rng) {
     }
 }
 
+// Quantized weights (upload_quantized) at 7B widths: the CUDA GEMV that dequantizes as it reads (T = 1, 2, 8,
+// 16) and the dequantize-then-GEMM path (T = 64) against the CPU, which dequantizes each row into fp32 first.
+// int8 per channel and in groups of 128, int4 in groups of 128 and 32; codes uniform over their range, scales
+// ~1 / (sqrt(K) * qmax) so outputs are O(1). The GEMV differs from the CPU only in summation order (one scale per
+// 16-byte vector), 1e-5 of the scale; the GEMM reads bf16 weights and bf16 x, 2e-3 as for the dense GEMM.
+struct QuantPair {
+  Tensor cpu_w, gpu_w;
+};
+QuantPair upload_quant_pair(Rng& rng, DType dt, int64_t N, int64_t K, int64_t group, int64_t El = 0) {
+  const int64_t S = K / group, M = El ? El * N : N;  // El > 0: stacked experts [El, N, K]
+  std::vector<uint8_t> q(static_cast<size_t>(dt == DType::I4 ? M * K / 2 : M * K));
+  for (auto& b : q) b = static_cast<uint8_t>(rng.next() >> 56);
+  std::vector<uint16_t> scales(static_cast<size_t>(M * S));
+  const float typical = 1.0f / (std::sqrt(static_cast<float>(K)) * (dt == DType::I4 ? 7.0f : 127.0f));
+  for (auto& s : scales) {
+    float v = typical * rng.uniform(0.5f, 1.5f);
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    s = static_cast<uint16_t>(bits >> 16);
+  }
+  auto pair = [&](Backend& b) {
+    Tensor sc = b.upload(scales.data(), scales.size() * 2, DType::BF16, El ? Shape{El, N, S} : Shape{N, S});
+    return b.upload_quantized(q.data(), q.size(), dt, El ? Shape{El, N, K} : Shape{N, K}, sc);
+  };
+  return {pair(*cpu), pair(*gpu)};
+}
+
+void check_quant_matmul(Rng& rng) {
+  struct Case {
+    DType dt;
+    int64_t group;  // 0: per channel
+  };
+  struct Shape2 {
+    int64_t N, K;
+    bool gated;
+  };
+  for (Case c : {Case{DType::I8, 0}, Case{DType::I8, 128}, Case{DType::I4, 128}, Case{DType::I4, 32}})
+    for (Shape2 s : {Shape2{12288, 4096, false}, Shape2{4096, 4096, false}, Shape2{22016, 4096, false},
+                     Shape2{4096, 11008, true}}) {
+      const int64_t group = c.group ? c.group : s.K;
+      QuantPair w;
+      try {
+        w = upload_quant_pair(rng, c.dt, s.N, s.K, group);
+      } catch (const std::exception& e) {
+        fail_row("uploadQuantized", dtype_name(c.dt), e.what());
+        continue;
+      }
+      for (int64_t T : {1, 2, 8, 16, 64}) {
+        const char* op = s.gated ? "siluMulMatmul" : "matmul";
+        std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " " +
+                         dtype_name(c.dt) + " g" + (c.group ? std::to_string(c.group) : std::string("K"));
+        run_case(op, sh, [&] {
+          const double rtol = T > 16 ? 2e-3 : 1e-5;
+          auto x = rng.floats(T * (s.gated ? 2 : 1) * s.K, s.gated ? -4 : -1, s.gated ? 4 : 1);
+          const Shape xs{T, (s.gated ? 2 : 1) * s.K};
+          if (s.gated)
+            compare(op, sh, down(*gpu, gpu->silu_mul_matmul(up(*gpu, x, xs), w.gpu_w)),
+                    down(*cpu, cpu->silu_mul_matmul(up(*cpu, x, xs), w.cpu_w)), rtol);
+          else
+            compare(op, sh, down(*gpu, gpu->matmul(up(*gpu, x, xs), w.gpu_w)),
+                    down(*cpu, cpu->matmul(up(*cpu, x, xs), w.cpu_w)), rtol);
+        });
+      }
+    }
+}
+
+// Quantized experts (Mixtral): the expert GEMV (T <= 16, routing on the device) and the grouped path (T = 64,
+// each expert dequantized to bf16 for the GEMM) against the CPU, per token and per pair, gated and not.
+void check_quant_moe(Rng& rng) {
+  const int64_t E = 8, k = 2, El = 4, start = 2, N = 1024, K = 4096;
+  for (DType dt : {DType::I8, DType::I4}) {
+    const int64_t group = dt == DType::I4 ? 128 : K;
+    QuantPair w;
+    try {
+      w = upload_quant_pair(rng, dt, N, K, group, El);
+    } catch (const std::exception& e) {
+      fail_row("uploadQuantized", "experts", e.what());
+      continue;
+    }
+    for (int64_t T : {1, 2, 8, 16, 64}) {
+      std::string sh = "T=" + std::to_string(T) + " K=4096 N=1024 El=4 " + dtype_name(dt);
+      run_case("quantExperts", sh, [&] {
+        auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K), gate_up = rng.floats(T * 2 * K, -4, 4);
+        const double rtol = T > 16 ? 2e-3 : 1e-5;
+        auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
+          Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
+          Tensor x = up(b, xv, {rows_x, static_cast<int64_t>(xv.size()) / rows_x});
+          return down(b, gated ? b.silu_mul_expert_matmul(x, wq, experts, start) : b.expert_matmul(x, wq, experts, start));
+        };
+        compare("expertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, false, xp, T * k), run(*cpu, w.cpu_w, false, xp, T * k), rtol);
+        compare("siluMulExpertMatmul", sh + " x/token", run(*gpu, w.gpu_w, true, gate_up, T),
+                run(*cpu, w.cpu_w, true, gate_up, T), rtol);
+      });
+    }
+  }
+}
+
 // Prefill matmul inputs written in the weight dtype by their producer (rmsNorm, addRmsNorm: a copy beside the
 // f32 rows; siluMulMatmul: the product only in that dtype): the products must equal, bit for bit, the matmul
 // of the same f32 rows uploaded afresh (cast by a separate kernel). Also: the copy is not used after the rows
@@ -889,6 +986,8 @@ int main() {
   check_elementwise(rng);
   check_matmul(rng);
   check_matmul_7b_shapes(rng);
+  check_quant_matmul(rng);
+  check_quant_moe(rng);
   check_prefill_inputs(rng);
   check_moe(rng);
   check_attention(rng);

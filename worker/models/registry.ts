@@ -7,7 +7,8 @@
 import type { ModelSpec } from '../../core/model-spec.ts';
 import { ropeInvFreq } from '../../core/model-spec.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
-import { dense, denseDType, formatBytes, formatName, sameFormat } from '../../core/weight-format.ts';
+import { dense, denseDType, formatBytes, formatName, quantizedFormat, sameFormat, scalesShape, type QuantizedFormat } from '../../core/weight-format.ts';
+import { bf16Bits } from '../../core/weight-quantize.ts';
 import { WeftError } from '../../core/errors.ts';
 import type { KvCacheLayout } from '../../core/kv-block-table.ts';
 import type { CollectivePlan } from '../collectives/collectives.ts';
@@ -47,13 +48,14 @@ export function familyOf(spec: Pick<ModelSpec, 'architecture'>): ModelFamily {
   return family;
 }
 
-/** Rank `rank`'s slices and the formats its tensors take (today every tensor in the checkpoint's dtype). */
+/** Rank `rank`'s slices and the formats its tensors take: the checkpoint's dtype, projections quantized if the spec says so. */
 export function layoutContext(spec: ModelSpec, plan: ShardPlan, rank: number): LayoutContext {
   const shard = plan.ranks[rank];
   if (!Number.isInteger(rank) || shard === undefined || shard.rank !== rank) {
     throw new WeftError('WEFT_BAD_SHARD', `rank ${rank} is not in the shard plan (tp=${plan.tp}: ranks 0..${plan.tp - 1})`);
   }
-  return { spec, shard, matrixFormat: dense(spec.dtype), denseFormat: dense(spec.dtype) };
+  const matrixFormat = spec.quantization ? quantizedFormat(spec.quantization) : dense(spec.dtype);
+  return { spec, shard, matrixFormat, denseFormat: dense(spec.dtype) };
 }
 
 /** Weights read from the checkpoint (loadShard), uploaded one by one; each host copy is dropped once uploaded. */
@@ -63,11 +65,18 @@ export function hostWeights(ops: Ops, rank: number, weights: Map<string, HostTen
     if (!host) throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} was not loaded`);
     checkHostTensor(rank, expected, host);
     weights.delete(expected.name);
-    return ops.upload(host.data, denseDType(host.format, expected.name), [...host.shape]);
+    if (host.format.kind === 'dense') return ops.upload(host.data, denseDType(host.format, expected.name), [...host.shape]);
+    return uploadQuantized(ops, host.format, host.shape, host.data, host.scales!);
   };
 }
 
-/** The one check before the native upload: shape, format and byte count against what the layout expects. */
+/** A quantized weight: its bf16 scales, then its values holding them (the scales tensor lives as long as the weight). */
+function uploadQuantized(ops: Ops, format: QuantizedFormat, shape: readonly number[], data: Uint8Array, scales: Uint8Array): Tensor {
+  const scalesTensor = ops.upload(scales, format.scales, scalesShape(format, shape));
+  return ops.uploadQuantized(data, format.kind === 'int8' ? 'i8' : 'i4', [...shape], scalesTensor);
+}
+
+/** The one check before the native upload: shape, format and byte counts (values, scales) against what the layout expects. */
 function checkHostTensor(rank: number, expected: ShardTensor, host: HostTensor): void {
   const sameShape = host.shape.length === expected.shape.length && host.shape.every((d, i) => d === expected.shape[i]);
   if (!sameShape || !sameFormat(host.format, expected.format)) {
@@ -80,16 +89,41 @@ function checkHostTensor(rank: number, expected: ShardTensor, host: HostTensor):
   if (host.data.byteLength !== bytes) {
     throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} holds ${host.data.byteLength} bytes, its ${formatName(expected.format)} [${expected.shape.join(', ')}] takes ${bytes}`);
   }
+  const scalesBytes = expected.format.kind === 'dense' ? 0 : scalesShape(expected.format, expected.shape).reduce((a, d) => a * d, 1) * 2;
+  if ((host.scales?.byteLength ?? 0) !== scalesBytes) {
+    throw new WeftError('WEFT_BAD_WEIGHTS', `rank ${rank}: tensor ${expected.name} has ${host.scales?.byteLength ?? 0} bytes of scales, its ${formatName(expected.format)} [${expected.shape.join(', ')}] takes ${scalesBytes}`);
+  }
 }
 
 /** Random weights of the real shapes and formats, made on the device (benchmarks need no checkpoint). */
 export function randomWeights(ops: Ops, seed: number): WeightSource {
   let counter = 0;
   return ({ name, shape, format }) => {
+    if (format.kind !== 'dense') return randomQuantized(ops, format, shape, seed + counter++);
     const isNorm = shape.length === 1;
     // Norm weights near 1 and matrices with unit-scale rows keep activations finite over many layers.
     return ops.randomUniform(denseDType(format, name), [...shape], seed + counter++, isNorm ? 1 : 1 / Math.sqrt(shape.at(-1) ?? 1));
   };
+}
+
+/**
+ * Random codes (uniform over every code) with one scale per tensor, so dequantized rows have unit-scale norms as
+ * the dense random weights do. Made on the host (no device op makes integer codes); a xorshift stream per seed.
+ */
+function randomQuantized(ops: Ops, format: QuantizedFormat, shape: readonly number[], seed: number): Tensor {
+  const data = new Uint8Array(formatBytes(format, shape, 'random'));
+  const words = new Uint32Array(data.buffer, 0, data.length >> 2);
+  let x = (seed * 2654435761 + 1) >>> 0 || 1;
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = x >>> 0;
+  }
+  const k = shape.at(-1)!;
+  const scaleBits = bf16Bits(1 / Math.sqrt(k) / (format.kind === 'int8' ? 127 : 7));
+  const scales = new Uint16Array(scalesShape(format, shape).reduce((a, d) => a * d, 1)).fill(scaleBits);
+  return uploadQuantized(ops, format, shape, data, new Uint8Array(scales.buffer));
 }
 
 export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank: number, take: WeightSource, options: BuildOptions): RankModel {

@@ -29,6 +29,8 @@ export interface HostTensor {
   readonly format: WeightFormat;
   readonly shape: readonly number[];
   readonly data: Uint8Array;
+  /** A quantized tensor's scales, raw bf16 [..., N, K / group] (scalesShape); null for a dense one. */
+  readonly scales: Uint8Array | null;
 }
 
 export function tensor(name: string, shape: number[], format: WeightFormat, sources: SourceSlice[]): ShardTensor {

@@ -8,7 +8,8 @@ import { WeftError } from '../../core/errors.ts';
 import type { ModelSpec } from '../../core/model-spec.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
 import { weftDType, WeightFiles } from '../../core/safetensors.ts';
-import { denseDType, formatBytes } from '../../core/weight-format.ts';
+import { dense, denseDType, formatBytes, scalesShape, storedBytes, type QuantizedFormat } from '../../core/weight-format.ts';
+import { quantizeMatrix, scalesName, toFloat32 } from '../../core/weight-quantize.ts';
 import { familyOf, layoutContext } from '../models/registry.ts';
 import type { HostTensor, ShardTensor, SourceSlice } from './layout.ts';
 
@@ -21,11 +22,46 @@ export function shardLayout(spec: ModelSpec, plan: ShardPlan, rank: number): Sha
   return familyOf(spec).layout(layoutContext(spec, plan, rank));
 }
 
-/** Bytes of tensor data rank `rank` reads (aliases counted once): the total for progress reports. */
+/** Bytes of tensor data rank `rank` holds (aliases counted once, scales included): the total for progress reports. */
 export function shardBytes(spec: ModelSpec, plan: ShardPlan, rank: number): number {
   return shardLayout(spec, plan, rank)
     .filter((t) => t.aliasOf === null)
-    .reduce((sum, t) => sum + formatBytes(t.format, t.shape, t.name), 0);
+    .reduce((sum, t) => sum + storedBytes(t.format, t.shape, t.name), 0);
+}
+
+/**
+ * How one layout tensor is read: the checkpoint slices of its values and, quantized, of its scales, each with
+ * the stored dtype it must have. A dense tensor reads as itself; one quantized at load reads the dense
+ * checkpoint (spec.dtype) and is quantized after; a quantized checkpoint's int4 values are [N, K / 2] bytes (so
+ * column ranges halve) and its scales [N, K / group] bf16 beside each `.weight` as `.scales`.
+ */
+interface ReadPlan {
+  readonly values: readonly SourceSlice[];
+  readonly valuesDType: string; // safetensors dtype: 'BF16', 'I8', 'U8', ...
+  readonly scales: readonly SourceSlice[];
+  readonly quantizeAtLoad: QuantizedFormat | null;
+}
+
+const STORED: Record<string, string> = { f32: 'F32', f16: 'F16', bf16: 'BF16' };
+
+function readPlan(spec: ModelSpec, t: ShardTensor): ReadPlan {
+  const format = t.format;
+  if (format.kind === 'dense') return { values: t.sources, valuesDType: STORED[format.dtype]!, scales: [], quantizeAtLoad: null };
+  if (spec.quantization?.atLoad) return { values: t.sources, valuesDType: STORED[spec.dtype]!, scales: [], quantizeAtLoad: format };
+  const int4 = format.kind === 'int4';
+  const values = t.sources.map((s): SourceSlice => {
+    if (!int4) return s;
+    const [n, k] = s.hfShape as [number, number];
+    return { ...s, hfShape: [n, k / 2], range: s.cut === 'cols' ? { start: s.range!.start / 2, end: s.range!.end / 2 } : s.range };
+  });
+  const scales = t.sources.map((s): SourceSlice => {
+    const shape = scalesShape(format, s.hfShape);
+    const base = { hfName: scalesName(s.hfName), hfShape: shape };
+    if (s.cut !== 'cols') return { ...base, cut: s.cut, range: s.range };
+    if (format.groupSize === 'channel') return { ...base, cut: 'all', range: null }; // one scale per row, every rank
+    return { ...base, cut: 'cols', range: { start: s.range!.start / format.groupSize, end: s.range!.end / format.groupSize } };
+  });
+  return { values, valuesDType: int4 ? 'U8' : 'I8', scales, quantizeAtLoad: null };
 }
 
 /**
@@ -57,26 +93,30 @@ export async function loadShard(
   };
   const files = await WeightFiles.open(dir, { onRead });
   try {
-    for (const t of layout) for (const s of t.sources) checkSource(files, t, s);
+    const plans = new Map(layout.map((t) => [t.name, readPlan(spec, t)]));
+    for (const t of layout) {
+      const plan = plans.get(t.name)!;
+      for (const s of plan.values) checkSource(files, t, s, plan.valuesDType, spec);
+      for (const s of plan.scales) checkSource(files, t, s, 'BF16', spec);
+    }
     const weights = new Map<string, HostTensor>();
     for (const t of layout) {
       if (t.aliasOf !== null) {
         weights.set(t.name, weights.get(t.aliasOf)!);
         continue;
       }
-      const bytes = formatBytes(t.format, t.shape, t.name);
-      // Not zero-filled: the reads below overwrite every byte (checked).
-      const data = new Uint8Array(Buffer.allocUnsafeSlow(bytes).buffer, 0, bytes);
-      let offset = 0;
-      for (const s of t.sources) {
-        const part =
-          s.cut === 'rows' ? await files.readRows(s.hfName, s.range!.start, s.range!.end, data, offset)
-          : s.cut === 'cols' ? await files.readColumns(s.hfName, s.range!.start, s.range!.end, data, offset)
-          : await files.readAll(s.hfName, data, offset);
-        offset += part.length;
+      const plan = plans.get(t.name)!;
+      const readFormat = plan.quantizeAtLoad ? dense(spec.dtype) : t.format;
+      const data = await readParts(files, t.name, plan.values, formatBytes(readFormat, t.shape, t.name));
+      if (plan.quantizeAtLoad) {
+        const k = t.shape.at(-1)!;
+        const q = quantizeMatrix(toFloat32(data, spec.dtype), data.length / dtypeBytesOf(spec.dtype) / k, k, plan.quantizeAtLoad);
+        weights.set(t.name, { format: t.format, shape: t.shape, data: q.data, scales: q.scales });
+      } else {
+        const scalesBytes = t.format.kind === 'dense' ? 0 : scalesShape(t.format, t.shape).reduce((a, d) => a * d, 1) * 2;
+        const scales = plan.scales.length > 0 ? await readParts(files, t.name, plan.scales, scalesBytes) : null;
+        weights.set(t.name, { format: t.format, shape: t.shape, data, scales });
       }
-      if (offset !== bytes) throw new Error(`loadShard: ${t.name} read ${offset} of ${bytes} bytes`); // unreachable
-      weights.set(t.name, { format: t.format, shape: t.shape, data });
       if (bytesRead > reported) report();
     }
     return weights;
@@ -85,19 +125,43 @@ export async function loadShard(
   }
 }
 
-function checkSource(files: WeightFiles, t: ShardTensor, s: SourceSlice): void {
+/** The concatenated bytes of `parts` (along dim 0). Not zero-filled: the reads overwrite every byte (checked). */
+async function readParts(files: WeightFiles, name: string, parts: readonly SourceSlice[], bytes: number): Promise<Uint8Array> {
+  const data = new Uint8Array(Buffer.allocUnsafeSlow(bytes).buffer, 0, bytes);
+  let offset = 0;
+  for (const s of parts) {
+    const part =
+      s.cut === 'rows' ? await files.readRows(s.hfName, s.range!.start, s.range!.end, data, offset)
+      : s.cut === 'cols' ? await files.readColumns(s.hfName, s.range!.start, s.range!.end, data, offset)
+      : await files.readAll(s.hfName, data, offset);
+    offset += part.length;
+  }
+  if (offset !== bytes) throw new Error(`loadShard: ${name} read ${offset} of ${bytes} bytes`); // unreachable
+  return data;
+}
+
+function dtypeBytesOf(dtype: ModelSpec['dtype']): number {
+  return dtype === 'f32' ? 4 : 2;
+}
+
+function checkSource(files: WeightFiles, t: ShardTensor, s: SourceSlice, stored: string, spec: ModelSpec): void {
   const where = `${files.dir} (${files.fileNames.join(', ')})`;
   const entry = files.tensor(s.hfName);
   if (entry === undefined) {
     const hint = s.hfName === 'lm_head.weight' ? '; if the LM head is tied to the embedding, config.json should say tie_word_embeddings: true' : '';
     throw new WeftError('WEFT_BAD_WEIGHTS', `${where}: tensor "${s.hfName}" (for weft's ${t.name}) is missing${hint}`);
   }
-  const dtype = weftDType(entry);
-  const expected = denseDType(t.format, t.name);
-  if (dtype !== expected) {
-    throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${s.hfName}" is ${entry.dtype} but config.json declares ${expected} (weft does not convert weights)`);
+  if (t.format.kind === 'dense' || spec.quantization?.atLoad) {
+    const dtype = weftDType(entry);
+    const expected = t.format.kind === 'dense' ? denseDType(t.format, t.name) : spec.dtype;
+    if (dtype !== expected) {
+      throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${s.hfName}" is ${entry.dtype} but config.json declares ${expected} (weft does not convert weights)`);
+    }
+  } else if (entry.dtype !== stored) {
+    throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${s.hfName}" is ${entry.dtype} but config.json's quantization block (${t.format.kind}) stores it as ${stored}`);
   }
   if (entry.shape.length !== s.hfShape.length || entry.shape.some((d, i) => d !== s.hfShape[i])) {
-    throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${s.hfName}" has shape [${entry.shape.join(', ')}], expected [${s.hfShape.join(', ')}] from config.json`);
+    const what = t.format.kind === 'dense' || spec.quantization?.atLoad ? 'config.json' : `config.json (${t.format.kind}, group size ${t.format.groupSize})`;
+    throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${s.hfName}" has shape [${entry.shape.join(', ')}], expected [${s.hfShape.join(', ')}] from ${what}`);
   }
 }

@@ -100,7 +100,7 @@ class CpuBackend final : public Backend {
     cpu::rms_norm(out.data<float>(), x.data<float>(), weight.buffer->data(), weight.dtype, x.dim(0), x.dim(1), eps);
   }
   void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
-    cpu::matmul(pool_, out.data<float>(), x.data<float>(), w.buffer->data(), w.dtype, x.dim(0), x.dim(1), w.dim(0));
+    cpu::matmul(pool_, out.data<float>(), x.data<float>(), cpu::WeightRows::of(w), x.dim(0), x.dim(1), w.dim(0));
   }
   void run_add(const Tensor& a, const Tensor& b, const Tensor& out) override {
     cpu::add(out.data<float>(), a.data<float>(), b.data<float>(), a.numel());
@@ -200,8 +200,7 @@ class CpuBackend final : public Backend {
         else
           std::memcpy(xs.data() + r * K, x.data<float>() + row * K, static_cast<size_t>(K) * sizeof(float));
       }
-      const uint8_t* we = static_cast<const uint8_t*>(w.buffer->data()) + e * N * K * static_cast<int64_t>(dtype_size(w.dtype));
-      cpu::matmul(pool_, ys.data(), xs.data(), we, w.dtype, R, K, N);
+      cpu::matmul(pool_, ys.data(), xs.data(), cpu::WeightRows::of(w, e), R, K, N);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(out.data<float>() + pairs[r] * N, ys.data() + r * N, static_cast<size_t>(N) * sizeof(float));
     }
@@ -210,7 +209,7 @@ class CpuBackend final : public Backend {
     const int64_t T = gate_up.dim(0), K = w.dim(1);
     std::vector<float> hidden(static_cast<size_t>(T * K));
     cpu::silu_mul(hidden.data(), gate_up.data<float>(), T, K);
-    cpu::matmul(pool_, out.data<float>(), hidden.data(), w.buffer->data(), w.dtype, T, K, w.dim(0));
+    cpu::matmul(pool_, out.data<float>(), hidden.data(), cpu::WeightRows::of(w), T, K, w.dim(0));
   }
   void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
     cpu::combine_experts(out.data<float>(), y.data<float>(), weights.data<float>(), weights.dim(0), weights.dim(1),

@@ -73,18 +73,18 @@ void rms_norm(float* out, const float* x, const void* weight, DType weight_dtype
   }
 }
 
-void matmul(ThreadPool& pool, float* out, const float* x, const void* w, DType w_dtype, int64_t T, int64_t K,
-            int64_t N) {
+void matmul(ThreadPool& pool, float* out, const float* x, const WeightRows& w, int64_t T, int64_t K, int64_t N) {
   int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, T * K));  // ~64K multiply-adds per chunk
+  const bool widen = w.dtype != DType::F32;
   pool.parallel_for(N, grain, [&](int64_t n_begin, int64_t n_end) {
-    // A narrow weight row is widened once and reused for all T tokens.
-    std::vector<float> row(w_dtype == DType::F32 ? 0 : static_cast<size_t>(K));
+    // A narrow or quantized weight row is widened once and reused for all T tokens.
+    std::vector<float> row(widen ? static_cast<size_t>(K) : 0);
     for (int64_t n = n_begin; n < n_end; ++n) {
       const float* wn;
-      if (w_dtype == DType::F32) {
-        wn = static_cast<const float*>(w) + n * K;
+      if (!widen) {
+        wn = static_cast<const float*>(w.data) + n * K;
       } else {
-        to_f32(w, w_dtype, n * K, K, row.data());
+        weight_row_f32(w, n, K, row.data());
         wn = row.data();
       }
       for (int64_t t = 0; t < T; ++t) out[t * N + n] = dot(x + t * K, wn, K);

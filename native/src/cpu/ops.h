@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "backend.h"
+#include "cpu/quant.h"
 #include "cpu/thread-pool.h"
 #include "kv-block-table.h"
 #include "tensor.h"
@@ -19,9 +20,9 @@ void embedding(float* out, const void* table, DType table_dtype, int64_t Vr, int
 // out [T, H] = x / sqrt(mean(x^2) + eps) * weight[H].
 void rms_norm(float* out, const float* x, const void* weight, DType weight_dtype, int64_t T, int64_t H, float eps);
 
-// out [T, N] = x [T, K] @ w [N, K]^T, threaded over N.
-void matmul(ThreadPool& pool, float* out, const float* x, const void* w, DType w_dtype, int64_t T, int64_t K,
-            int64_t N);
+// out [T, N] = x [T, K] @ w [N, K]^T over any weight (dense or quantized, quant.h), each row widened to fp32
+// once; threaded over N.
+void matmul(ThreadPool& pool, float* out, const float* x, const WeightRows& w, int64_t T, int64_t K, int64_t N);
 
 void add(float* out, const float* a, const float* b, int64_t n);
 

@@ -15,6 +15,7 @@
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
+#include "cuda/gemv-quant.cuh"
 #include "cuda/graphs.h"
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
@@ -133,6 +134,7 @@ class CudaBackend final : public Backend {
     return &half_copies_.add(out, empty(weight.dtype, out.shape));
   }
   void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    if (is_quantized(w.dtype)) return run_quant_matmul(x, w, out, false);
     if (x.dim(0) == 0 || w.dim(0) == 0) return;
     if (x.dim(1) == 0) {
       fill_zero(out);
@@ -207,6 +209,14 @@ class CudaBackend final : public Backend {
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2), P = T * k;
     if (P == 0 || N == 0) return;
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
+    if (is_quantized(w.dtype)) {
+      try {
+        run_quant_expert_matmul(x, w, experts, expert_start, gated, out);
+      } catch (const Error& e) {
+        throw Error(op, std::string(e.what()) + " (x " + to_string(x) + ", w " + to_string(w) + ", experts " + to_string(experts) + ")");
+      }
+      return cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}, {"experts", experts}});
+    }
     const bool per_pair = x.dim(0) == P;
     if (gated && !cuda::Matmul::fuses_silu_mul(T, K, w.dtype)) {  // the product first, then the plain op
       Tensor hidden = empty(DType::F32, {x.dim(0), K});
@@ -232,6 +242,7 @@ class CudaBackend final : public Backend {
     cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}, {"experts", experts}});
   }
   void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) override {
+    if (is_quantized(w.dtype)) return run_quant_matmul(gate_up, w, out, true);
     const int64_t T = gate_up.dim(0), N = w.dim(0), K = w.dim(1);
     if (T == 0 || N == 0) return;
     const bool fused = cuda::Matmul::fuses_silu_mul(T, K, w.dtype);
@@ -251,6 +262,69 @@ class CudaBackend final : public Backend {
       throw Error("siluMulMatmul", std::string(e.what()) + " (gateUp " + to_string(gate_up) + ", w " + to_string(w) + ")");
     }
     cuda::check_launch(ctx(), "siluMulMatmul", {{"gateUp", gate_up}, {"w", w}});
+  }
+  // ---- quantized weights (gemv-quant.cuh): up to 16 tokens the GEMV dequantizes as it reads; longer steps
+  // dequantize w into the bf16 scratch (sized at upload for the largest weight) and run the GEMM on it.
+  void on_quantized_weight(const Tensor& w) override {
+    const int64_t matrix = w.dim(w.rank() - 2) * w.shape.back();  // one expert's [N, K] for stacked experts
+    if (!dequant_scratch_.buffer || dequant_scratch_.numel() < matrix) dequant_scratch_ = empty_persistent(DType::BF16, {matrix});
+  }
+  static cuda::QuantMatrix quant_matrix(const Tensor& w, int64_t expert = 0) {
+    const int64_t N = w.dim(w.rank() - 2), K = w.shape.back(), S = w.scales->shape.back();
+    const size_t row_bytes = static_cast<size_t>(w.dtype == DType::I4 ? K / 2 : K);
+    return {static_cast<const uint8_t*>(w.buffer->data()) + expert * N * row_bytes, w.scales->data<uint16_t>() + expert * N * S,
+            w.dtype, static_cast<int>(w.group())};
+  }
+  // Quantized experts: up to 16 tokens the expert GEMV on the device (capturable); longer steps are grouped by
+  // expert on the host (grouped_expert_matmul), each expert dequantized into the scratch for the GEMM.
+  void run_quant_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
+                               bool gated, const Tensor& out) {
+    const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2), P = T * k;
+    if (P == 0 || N == 0) return;
+    const bool per_pair = x.dim(0) == P;
+    WEFT_CHECK(N <= INT32_MAX && K <= INT32_MAX, gated ? "siluMulExpertMatmul" : "expertMatmul", "w ", to_string(w), " is out of range");
+    if (T <= cuda::kQuantGemvMaxTokens) {
+      const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
+                                static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
+                                st_->status_dev};
+      cuda::quant_expert_gemv(ctx(), x.data<float>(), quant_matrix(w), out.data<float>(), static_cast<int>(T),
+                              static_cast<int>(N), static_cast<int>(K), ex, gated);
+      return;
+    }
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
+    if (!gated) return grouped_expert_matmul(x, w, experts, expert_start, per_pair, out);
+    Tensor hidden = empty(DType::F32, {x.dim(0), K});
+    cuda::launch_silu_mul(ctx(), x, hidden);
+    grouped_expert_matmul(hidden, w, experts, expert_start, per_pair, out);
+  }
+  void run_quant_matmul(const Tensor& x, const Tensor& w, const Tensor& out, bool gated) {
+    const char* op = gated ? "siluMulMatmul" : "matmul";
+    const int64_t T = x.dim(0), N = w.dim(0), K = w.dim(1);
+    if (T == 0 || N == 0) return;
+    WEFT_CHECK(w.rank() == 2 && N <= INT32_MAX && K <= INT32_MAX, op, "w ", to_string(w), " is out of range");
+    const cuda::QuantMatrix q = quant_matrix(w);
+    try {
+      if (T <= cuda::kQuantGemvMaxTokens) {
+        cuda::quant_gemv(ctx(), x.data<float>(), q, out.data<float>(), static_cast<int>(T), static_cast<int>(N),
+                         static_cast<int>(K), gated);
+      } else {
+        if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
+        void* dense = dequant_scratch_.buffer->data();
+        cuda::dequantize_bf16(ctx(), q, dense, N, K);
+        if (gated) {
+          Tensor hidden = empty(DType::BF16, {T, K});  // the product in bf16, where cuBLAS reads it
+          cuda::launch_silu_mul(ctx(), x, hidden);
+          matmul_->run(nullptr, dense, DType::BF16, out.data<float>(), T, N, K, false, hidden.buffer->data());
+        } else {
+          const Tensor* x_half = half_copies_.find(x, DType::BF16);
+          matmul_->run(x.data<float>(), dense, DType::BF16, out.data<float>(), T, N, K, false,
+                       x_half ? x_half->buffer->data() : nullptr);
+        }
+      }
+    } catch (const Error& e) {
+      throw Error(op, std::string(e.what()) + " (x " + to_string(x) + ", w " + to_string(w) + ")");
+    }
+    cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}});
   }
   void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
     cuda::launch_combine_experts(ctx(), y, weights, out);
@@ -320,8 +394,14 @@ class CudaBackend final : public Backend {
     for (int64_t e = 0; e < El; ++e) {
       const int64_t rows = static_cast<int64_t>(by_expert[e].size());
       if (rows == 0) continue;
-      matmul_->run(xs.data<float>() + first * K, static_cast<const uint8_t*>(w.buffer->data()) + e * expert_bytes,
-                   w.dtype, ys.data<float>() + first * N, rows, N, K);
+      if (is_quantized(w.dtype)) {  // this expert dequantized into the scratch, then the same product
+        cuda::dequantize_bf16(ctx(), quant_matrix(w, e), dequant_scratch_.buffer->data(), N, K);
+        matmul_->run(xs.data<float>() + first * K, dequant_scratch_.buffer->data(), DType::BF16,
+                     ys.data<float>() + first * N, rows, N, K);
+      } else {
+        matmul_->run(xs.data<float>() + first * K, static_cast<const uint8_t*>(w.buffer->data()) + e * expert_bytes,
+                     w.dtype, ys.data<float>() + first * N, rows, N, K);
+      }
       first += rows;
     }
     cuda::launch_scatter_rows(ctx(), ys.data<float>(), order_t.data<int32_t>(), R, N, out.data<float>());
@@ -345,6 +425,7 @@ class CudaBackend final : public Backend {
   cuda::Staging staging_;
   cuda::GraphCapture graphs_;
   std::unique_ptr<cuda::Matmul> matmul_;
+  Tensor dequant_scratch_;  // [max numel of a quantized weight] bf16, persistent (run_quant_matmul, T > 16)
   cuda::HalfCopies half_copies_;
 };
 

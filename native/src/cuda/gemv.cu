@@ -26,6 +26,7 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/expert-slots.cuh"
 #include "error.h"
 
 namespace cg = cooperative_groups;
@@ -160,26 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   if (p.experts) {
     pdl_wait();  // the routing comes from the kernel before: nothing can be read ahead of it
     const int e = static_cast<int>(blockIdx.y) + p.expert_start;
-    if (warp == 0) {
-      int m = 0;
-      for (int base = 0; base < p.n_pairs; base += 32) {
-        const int q = base + lane;
-        const bool hit = q < p.n_pairs && p.experts[q] == e;
-        const unsigned mask = __ballot_sync(0xffffffffu, hit);
-        const int slot = m + __popc(mask & ((1u << lane) - 1));
-        if (hit && slot < TT) {
-          y_row[slot] = q;
-          x_row[slot] = p.per_pair_x ? q : q / p.topk;
-        }
-        m += __popc(mask);
-      }
-      __syncwarp();
-      if (lane == 0) {
-        // More pairs than token slots happens only when a token chose this expert twice.
-        if (m > TT) report(p.status, StatusOp::ExpertRepeat, y_row[0] / p.topk, e, TT);
-        n_tokens = min(m, TT);
-      }
-    }
+    if (warp == 0) expert_slots<TT>(p.experts, p.n_pairs, p.topk, p.per_pair_x, e, lane, x_row, y_row, n_tokens, p.status);
     if (blockIdx.y == 0 && c == 0) {  // rows of pairs routed to experts w does not hold are zero
       for (int i = threadIdx.x; i < p.n_pairs * rows; i += kThreads) {
         const int q = i / rows, local = p.experts[q] - p.expert_start;
