@@ -292,7 +292,10 @@ void check_matmul_7b_shapes(Rng& rng) {
 // 16) and the dequantize-then-GEMM path (T = 64) against the CPU, which dequantizes each row into fp32 first.
 // int8 per channel and in groups of 128, int4 in groups of 128 and 32; codes uniform over their range, scales
 // ~1 / (sqrt(K) * qmax) so outputs are O(1). The GEMV differs from the CPU only in summation order (one scale per
-// 16-byte vector), 1e-5 of the scale; the GEMM reads bf16 weights and bf16 x, 2e-3 as for the dense GEMM.
+// 16-byte vector), 1e-5 of the scale. The GEMM path rounds x to bf16 as the dense GEMM does (2e-3 there) and also
+// each dequantized weight, which the CPU keeps in fp32: two independent roundings of the same size, so the error
+// grows by about sqrt(2) (measured on the H200: up to 1.25x the dense 2e-3), hence kQuantGemmRtol = 3e-3.
+constexpr double kQuantGemmRtol = 3e-3;
 struct QuantPair {
   Tensor cpu_w, gpu_w;
 };
@@ -340,7 +343,7 @@ void check_quant_matmul(Rng& rng) {
         std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " " +
                          dtype_name(c.dt) + " g" + (c.group ? std::to_string(c.group) : std::string("K"));
         run_case(op, sh, [&] {
-          const double rtol = T > 16 ? 2e-3 : 1e-5;
+          const double rtol = T > 16 ? kQuantGemmRtol : 1e-5;
           auto x = rng.floats(T * (s.gated ? 2 : 1) * s.K, s.gated ? -4 : -1, s.gated ? 4 : 1);
           const Shape xs{T, (s.gated ? 2 : 1) * s.K};
           if (s.gated)
@@ -371,7 +374,7 @@ void check_quant_moe(Rng& rng) {
       std::string sh = "T=" + std::to_string(T) + " K=4096 N=1024 El=4 " + dtype_name(dt);
       run_case("quantExperts", sh, [&] {
         auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K), gate_up = rng.floats(T * 2 * K, -4, 4);
-        const double rtol = T > 16 ? 2e-3 : 1e-5;
+        const double rtol = T > 16 ? kQuantGemmRtol : 1e-5;
         auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
           Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
           Tensor x = up(b, xv, {rows_x, static_cast<int64_t>(xv.size()) / rows_x});
