@@ -14,7 +14,7 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { createEngine, nativeInfo } from '../../worker/native.ts';
+import { gpuSkipReason } from '../helpers/cluster.ts';
 import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -22,15 +22,6 @@ import { DEFAULT_MODEL_DIR } from '../../coordinator/config/options.ts';
 import { FIXTURE_MODELS, fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { assertGreedyMatches, assertLogprobsMatch, greedy } from './hf-agreement.ts';
 
-function gpuSkipReason(): string | false {
-  if (!nativeInfo().cuda) return 'weft was built without CUDA (WEFT_CUDA=1 node native/build.mjs)';
-  try {
-    createEngine({ backend: 'cuda' });
-    return false;
-  } catch (err) {
-    return `no usable GPU: ${(err as Error).message}`;
-  }
-}
 const skip = gpuSkipReason();
 if (skip) console.log(`# GPU suite skipped: ${skip}`);
 

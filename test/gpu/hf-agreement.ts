@@ -6,11 +6,9 @@
 import assert from 'node:assert/strict';
 import type { Cluster } from '../../coordinator/cluster.ts';
 import { maxAbsDiff, readReference, referenceLogprobs } from '../helpers/fixtures.ts';
+import { greedy } from '../helpers/cluster.ts';
 
-export async function greedy(cluster: Cluster, promptIds: number[], n: number): Promise<number[]> {
-  for await (const event of cluster.generate({ promptIds, sampling: { maxNewTokens: n, ignoreEos: true } })) if (event.type === 'done') return event.tokens;
-  return [];
-}
+export { greedy };
 
 /** Every prompt's log-probs (cluster.score, full rows) within `tolerance` of HF's, at every position. */
 export async function assertLogprobsMatch(cluster: Cluster, model: string, tolerance: number): Promise<void> {

@@ -12,18 +12,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { startCluster, type ClusterOptions } from '../../coordinator/cluster.ts';
-import { createEngine, nativeInfo } from '../../worker/native.ts';
+import { gpuSkipReason } from '../helpers/cluster.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
 
-function gpuSkipReason(): string | false {
-  if (!nativeInfo().cuda) return 'weft was built without CUDA (WEFT_CUDA=1 node native/build.mjs)';
-  try {
-    createEngine({ backend: 'cuda' });
-    return false;
-  } catch (err) {
-    return `no usable GPU: ${(err as Error).message}`;
-  }
-}
 const skip = gpuSkipReason();
 const TOLERANCE = 0.05;
 

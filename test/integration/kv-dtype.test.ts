@@ -3,6 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { startCluster } from '../../coordinator/cluster.ts';
+import { greedy } from '../helpers/cluster.ts';
 import { fixtureDir, maxAbsDiff, readReference, referenceLogprobs } from '../helpers/fixtures.ts';
 
 test('a cluster with --kv-dtype bf16: the worker allocates bf16 caches; log-probs within 0.03 of Hugging Face, greedy tokens equal', async () => {
@@ -21,10 +22,7 @@ test('a cluster with --kv-dtype bf16: the worker allocates bf16 caches; log-prob
       full!.forEach((row, r) => (worst = Math.max(worst, maxAbsDiff(row, expected[r]!))));
       assert.ok(worst < 0.03, `prompt ${i}: max abs log-prob error ${worst}`);
       assert.ok(worst > 1e-3, `prompt ${i}: error ${worst} is as small as f32 KV's; did the worker get bf16 caches?`);
-      let tokens: number[] = [];
-      for await (const event of cluster.generate({ promptIds: reference.prompts[i]!, sampling: { maxNewTokens: 24, ignoreEos: true } }))
-        if (event.type === 'done') tokens = event.tokens;
-      assert.deepEqual(tokens, reference.greedy[i], `prompt ${i}`);
+      assert.deepEqual(await greedy(cluster, reference.prompts[i]!, 24), reference.greedy[i], `prompt ${i}`);
     }
   } finally {
     await cluster.close();

@@ -7,6 +7,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
+import { greedy } from '../helpers/cluster.ts';
 import { FIXTURE_MODELS, fixtureDir, maxAbsDiff, readReference, referenceLogprobs } from '../helpers/fixtures.ts';
 
 const LOGPROB_TOLERANCE = 1e-3;
@@ -42,10 +43,7 @@ for (const model of FIXTURE_MODELS) {
 
         test('greedy tokens identical', async () => {
           for (let i = 0; i < reference.prompts.length; i++) {
-            let tokens: number[] = [];
-            for await (const event of cluster.generate({ promptIds: reference.prompts[i]!, sampling: { maxNewTokens: 24, ignoreEos: true } }))
-              if (event.type === 'done') tokens = event.tokens;
-            assert.deepEqual(tokens, reference.greedy[i], `prompt ${i}`);
+            assert.deepEqual(await greedy(cluster, reference.prompts[i]!, 24), reference.greedy[i], `prompt ${i}`);
           }
         });
       });
@@ -65,10 +63,7 @@ describe('mixtral-tiny with expert parallelism (whole experts per rank) matches 
           const expected = await referenceLogprobs('mixtral-tiny', i);
           const { full } = await cluster.score(reference.prompts[i]!, { full: true });
           full!.forEach((row, r) => assert.ok(maxAbsDiff(row, expected[r]!) < LOGPROB_TOLERANCE, `prompt ${i} position ${r}`));
-          let tokens: number[] = [];
-          for await (const event of cluster.generate({ promptIds: reference.prompts[i]!, sampling: { maxNewTokens: 24, ignoreEos: true } }))
-            if (event.type === 'done') tokens = event.tokens;
-          assert.deepEqual(tokens, reference.greedy[i], `prompt ${i}`);
+          assert.deepEqual(await greedy(cluster, reference.prompts[i]!, 24), reference.greedy[i], `prompt ${i}`);
         }
       } finally {
         await cluster.close();

@@ -14,6 +14,7 @@ import { ChatTemplate } from '../../coordinator/chat-template.ts';
 import { DEFAULT_MODEL_DIR } from '../../coordinator/config/options.ts';
 import { maxAbsDiff, readReference, referenceLogprobs, type Reference } from '../helpers/fixtures.ts';
 import { runWeft } from '../helpers/cli.ts';
+import { greedy } from '../helpers/cluster.ts';
 import { heldOutWindows, meanNll } from '../../bench/perplexity.ts';
 
 const REFERENCE_DIR = fileURLToPath(new URL('../fixtures/sotu-llama/', import.meta.url));
@@ -25,12 +26,6 @@ interface SotuReference extends Reference {
   chat: { messages: { role: string; content: string }[]; prompt_ids: number[]; greedy_ids: number[]; greedy_text: string };
 }
 const reference = readReference(REFERENCE_DIR) as SotuReference;
-
-async function greedy(cluster: Cluster, promptIds: readonly number[], maxNewTokens: number, ignoreEos = true): Promise<number[]> {
-  for await (const event of cluster.generate({ promptIds: [...promptIds], sampling: { maxNewTokens, ignoreEos } }))
-    if (event.type === 'done') return event.tokens;
-  throw new Error('generate ended without a done event');
-}
 
 test('the tokenizer and chat template give the ids transformers gives', () => {
   const tokenizer = loadTokenizer(DEFAULT_MODEL_DIR);
