@@ -2,10 +2,11 @@
  * The quality yardstick of approximate techniques (quantized weights or KV, sparse attention): held-out
  * perplexity of a model on the State of the Union addresses after 2010 (models/recipe/heldout.jsonl, never
  * trained on), and, against a baseline run of the same model, the mean next-token KL divergence and how often
- * the two agree on the most likely next token.
+ * the two agree on the most likely next token, and how many greedy tokens they share from the same prompts.
  *
  *   node --import tsx bench/quality.ts                                     # the default model, CPU
  *   node --import tsx bench/quality.ts --device cuda --set kvDtype=bf16 --baseline kvDtype=f32
+ *   node --import tsx bench/quality.ts --device cuda --set quantize=int4   # int4 g128 against bf16 weights
  *
  * The perplexity protocol is models/recipe/train.py's: the addresses in order, each as BOS + text + EOS, one
  * stream cut into windows of 513 tokens that overlap by one; every token but a window's first is predicted from
@@ -25,9 +26,11 @@ const opts = new Command('bench-quality')
   .option('--kl-windows <n>', 'windows compared with the baseline, full distributions (0: no baseline run)', '4')
   .option('--set <kv...>', 'ClusterOptions of the measured run, KEY=VALUE', [])
   .option('--baseline <kv...>', 'ClusterOptions of the baseline run, KEY=VALUE', [])
+  .option('--greedy-tokens <n>', 'greedy tokens compared with the baseline per prompt', '256')
+  .option('--greedy-prompts <n>', 'greedy prompts: the first 32 tokens of the first windows', '4')
   .option('--json', 'one JSON line')
   .parse()
-  .opts<{ model: string; device: 'cpu' | 'cuda'; tp: string; windows: string; klWindows: string; set: string[]; baseline: string[]; json?: boolean }>();
+  .opts<{ model: string; device: 'cpu' | 'cuda'; tp: string; windows: string; klWindows: string; set: string[]; baseline: string[]; greedyTokens: string; greedyPrompts: string; json?: boolean }>();
 
 function fields(pairs: readonly string[]): Record<string, unknown> {
   return Object.fromEntries(
@@ -80,29 +83,47 @@ function compare(base: Float32Array[][], measured: Float32Array[][]): { meanKl: 
   return { meanKl: kl / positions, top1Agreement: agree / positions, positions };
 }
 
+/** Greedy continuations of each prompt, for agreement with the baseline's. */
+async function greedyRuns(cluster: Cluster, prompts: readonly number[][]): Promise<number[][]> {
+  const out: number[][] = [];
+  for (const prompt of prompts)
+    for await (const event of cluster.generate({ promptIds: prompt, sampling: { maxNewTokens: Number(opts.greedyTokens), ignoreEos: true } }))
+      if (event.type === 'done') out.push(event.tokens);
+  return out;
+}
+
+/** Tokens equal position by position, in all and before each prompt's first difference. */
+function greedyAgreement(base: number[][], measured: number[][]): { greedyAgreement: number; greedyUntilFirstDifference: number[] } {
+  const equal = measured.flat().filter((t, i) => t === base.flat()[i]).length;
+  const untilFirst = measured.map((tokens, p) => {
+    let i = 0;
+    while (i < tokens.length && tokens[i] === base[p]![i]) i++;
+    return i;
+  });
+  return { greedyAgreement: equal / Math.max(1, measured.flat().length), greedyUntilFirstDifference: untilFirst };
+}
+
+async function measure(options: Record<string, unknown>, windows: readonly number[][], klWindows: readonly number[][], prompts: readonly number[][]) {
+  const cluster = await open(options);
+  try {
+    return { ...(await perplexity(cluster, windows)), rows: await distributions(cluster, klWindows), greedy: await greedyRuns(cluster, prompts) };
+  } finally {
+    await cluster.close();
+  }
+}
+
 const all = heldOutWindows(opts.model);
 const windows = Number(opts.windows) > 0 ? all.slice(0, Number(opts.windows)) : all;
-const klWindows = all.slice(0, Number(opts.klWindows));
+const compared = opts.baseline.length + opts.set.length > 0;
+const klWindows = compared ? all.slice(0, Number(opts.klWindows)) : [];
+const prompts = compared ? all.slice(0, Number(opts.greedyPrompts)).map((w) => w.slice(0, 32)) : [];
 const set = fields(opts.set);
-const measuredCluster = await open(set);
-let result: Record<string, unknown>;
-try {
-  const measured = await perplexity(measuredCluster, windows);
-  result = { model: opts.model, device: opts.device, tp: Number(opts.tp), set, windows: windows.length, ...measured };
-  if (klWindows.length > 0 && opts.baseline.length + opts.set.length > 0) {
-    const measuredRows = await distributions(measuredCluster, klWindows);
-    await measuredCluster.close();
-    const baseline = fields(opts.baseline);
-    const baseCluster = await open(baseline);
-    try {
-      const baseRows = await distributions(baseCluster, klWindows);
-      result = { ...result, baseline, baselinePerplexity: (await perplexity(baseCluster, windows)).perplexity, ...compare(baseRows, measuredRows) };
-    } finally {
-      await baseCluster.close();
-    }
-  }
-} finally {
-  await measuredCluster.close();
+const { rows, greedy, ...measured } = await measure(set, windows, klWindows, prompts);
+let result: Record<string, unknown> = { model: opts.model, device: opts.device, tp: Number(opts.tp), set, windows: windows.length, ...measured };
+if (compared) {
+  const baseline = fields(opts.baseline);
+  const base = await measure(baseline, windows, klWindows, prompts);
+  result = { ...result, baseline, baselinePerplexity: base.perplexity, ...compare(base.rows, rows), ...greedyAgreement(base.greedy, greedy) };
 }
 if (opts.json) console.log(JSON.stringify(result));
 else for (const [key, value] of Object.entries(result)) console.log(`${key.padEnd(20)} ${typeof value === 'object' ? JSON.stringify(value) : value}`);
