@@ -195,7 +195,9 @@ export class WorkerGroup {
   async init(settings: InitSettings): Promise<void> {
     const collectiveRoot = this.client.collectiveEndpoint(0) ?? '';
     // A GPU group forms a new NCCL communicator each time it (re)forms: rank 0 makes a fresh unique id every init.
-    const ncclId = settings.device === 'cuda' && this.options.world > 1 ? (await this.client.request(0, { type: 'ncclId' })).ncclId : undefined;
+    // shared-gpu, when asked for by name, needs no NCCL (a host may have none); `auto` lets each rank choose, so it gets an id
+    const needsNccl = settings.device === 'cuda' && this.options.world > 1 && settings.collectives !== 'shared-gpu';
+    const ncclId = needsNccl ? (await this.client.request(0, { type: 'ncclId' })).ncclId : undefined;
     const deviceIndex = (rank: number): number => this.options.devices?.[rank] ?? (this.options.spawnLocal ? rank : 0);
     await this.broadcast<'init'>((rank) => ({ ...settings, type: 'init', collectiveRoot, deviceIndex: deviceIndex(rank), ...(ncclId && { ncclId }) }));
   }
