@@ -73,10 +73,10 @@ export async function runWorker(options: WorkerOptions): Promise<number> {
     post({ v: PROTOCOL_VERSION, type: 'heartbeat', rank });
     if (clock.now() - lastHeard > options.coordinatorTimeoutMs) stop(1, `coordinator ${options.coordinator} silent for ${options.coordinatorTimeoutMs} ms, exiting`);
     if (options.parentPid !== undefined && process.ppid !== options.parentPid) stop(1, `parent process ${options.parentPid} is gone, exiting`);
-    // an NCCL communicator that failed asynchronously leaves this rank unable to step: exit, so the group re-forms
+    // CUDA collectives (NCCL, shared-gpu) that failed asynchronously leave this rank unable to step: exit, so the group re-forms
     // (a CPU collective's failure fails the step that met it, and the group re-forms around this process)
     const collectiveError = device === 'cuda' ? state.collectiveError() : null;
-    if (collectiveError) stop(1, `NCCL reported an asynchronous error: ${collectiveError}`);
+    if (collectiveError) stop(1, `the collectives reported an asynchronous error: ${collectiveError}`);
   }, HEARTBEAT_MS);
   process.once('SIGTERM', () => stop(0));
   process.once('SIGINT', () => stop(0));
