@@ -19,11 +19,12 @@ import type { Duplex } from 'node:stream';
 import { z } from 'zod';
 import { WeftError, isWeftError } from '../../core/errors.ts';
 import type { Cluster } from '../cluster.ts';
+import type { GenerationHandle } from '../scheduler.ts';
 import type { ChatPrompter } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
 import { HttpError, RequestGuards, answerClientError, requestIdOf, requireJson, slowClientLimits } from './http-guards.ts';
-import { chatSchema, completionSchema, parseBody, refuseUnsupported, samplingOf, stopsOf, type CommonBody } from './openai-request.ts';
+import { chatSchema, choicesOf, completionSchema, parseBody, promptsOf, refuseUnsupported, samplingOf, stopsOf, type Choice, type CommonBody } from './openai-request.ts';
 
 export interface HttpGatewayOptions {
   /** Defaults to 127.0.0.1. */
@@ -269,9 +270,7 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     const body = parseBody(completionSchema, await readJson(req, limit));
     checkModel(body.model);
     refuseUnsupported(body);
-    const prompt = Array.isArray(body.prompt) && body.prompt.length === 1 && typeof body.prompt[0] !== 'number' ? body.prompt[0]! : body.prompt;
-    const request = typeof prompt === 'string' ? { prompt } : { promptIds: prompt as number[] };
-    await complete(cluster, req, res, body, request, samplingOf(body, null, cluster.maxContext), modelName);
+    await complete(cluster, req, res, body, choicesOf(promptsOf(body), body.n ?? 1, samplingOf(body, null, cluster.maxContext)), modelName);
   });
   routes.set('POST /v1/chat/completions', async (req, res) => {
     const body = parseBody(chatSchema, await readJson(req, limit));
@@ -280,61 +279,81 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; use /v1/completions with a prompt`);
     const messages = body.messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
     const promptIds = await options.chatTemplate.promptIds(messages);
-    await complete(cluster, req, res, body, { promptIds }, samplingOf(body, promptIds.length, cluster.maxContext), modelName);
+    await complete(cluster, req, res, body, choicesOf([{ promptIds }], body.n ?? 1, samplingOf(body, promptIds.length, cluster.maxContext)), modelName);
   });
   return routes;
 }
 
-async function complete(
-  cluster: Cluster,
-  req: IncomingMessage,
-  res: ServerResponse,
-  body: CommonBody,
-  request: { prompt: string } | { promptIds: number[] },
-  sampling: Record<string, unknown>,
-  modelName: string,
-): Promise<void> {
+/** What one choice ended with. */
+interface ChoiceResult {
+  text: string;
+  finish: string;
+  completionTokens: number;
+  promptTokens: number;
+}
+
+/**
+ * Runs a request's choices (each a sequence of its own) and answers with all of them: as one JSON body, or as SSE
+ * chunks tagged with each choice's index, interleaved as tokens come. A choice the cluster refuses at submission
+ * (a full queue, a prompt too long) fails the request before any header, and the choices already submitted are
+ * cancelled; a failure while streaming ends the stream with one error event.
+ */
+async function complete(cluster: Cluster, req: IncomingMessage, res: ServerResponse, body: CommonBody, choices: readonly Choice[], modelName: string): Promise<void> {
   const object = 'messages' in body ? 'chat.completion' : 'text_completion';
-  const matcher = new StopMatcher(stopsOf(body));
   const abort = new AbortController();
   res.on('close', () => abort.abort());
-  const handle = await cluster.submit({ ...request, sampling }, { signal: abort.signal }); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
+  const handles: GenerationHandle[] = [];
+  try {
+    for (const c of choices) handles.push(await cluster.submit({ ...c.request, sampling: c.sampling }, { signal: abort.signal })); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
+  } catch (err) {
+    for (const h of handles) h.cancel();
+    throw err;
+  }
   const id = `${object === 'chat.completion' ? 'chatcmpl' : 'cmpl'}-${randomBytes(12).toString('hex')}`;
   const created = Math.floor(Date.now() / 1000);
   const chat = object === 'chat.completion';
-  const choice = (text: string, finish: string | null): Record<string, unknown> =>
-    chat ? { index: 0, delta: text === '' && finish === null ? { role: 'assistant', content: '' } : finish ? {} : { content: text }, logprobs: null, finish_reason: finish } : { index: 0, text, logprobs: null, finish_reason: finish };
+  const choice = (index: number, text: string, finish: string | null): Record<string, unknown> =>
+    chat ? { index, delta: text === '' && finish === null ? { role: 'assistant', content: '' } : finish ? {} : { content: text }, logprobs: null, finish_reason: finish } : { index, text, logprobs: null, finish_reason: finish };
   const chunkObject = chat ? 'chat.completion.chunk' : 'text_completion';
   const stream = body.stream === true;
   const write = (data: unknown): void => void res.write(`data: ${JSON.stringify(data)}\n\n`);
+  const chunk = (index: number, text: string, finish: string | null): void => write({ id, object: chunkObject, created, model: modelName, choices: [choice(index, text, finish)] });
   if (stream) {
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', 'x-accel-buffering': 'no', connection: 'keep-alive' });
-    if (chat) write({ id, object: chunkObject, created, model: modelName, choices: [choice('', null)] });
+    if (chat) for (const c of choices) chunk(c.index, '', null);
   }
-  let text = '';
-  let finish: string = 'length';
-  let usage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
-  try {
+  const run = async (c: Choice, handle: GenerationHandle): Promise<ChoiceResult> => {
+    const matcher = new StopMatcher(stopsOf(body));
+    const result: ChoiceResult = { text: '', finish: 'length', completionTokens: 0, promptTokens: 0 };
     for await (const event of handle.events) {
       if (event.type === 'token') {
         const { text: piece, stopped } = matcher.push(event.text);
-        text += piece;
-        if (stream && piece) write({ id, object: chunkObject, created, model: modelName, choices: [choice(piece, null)] });
-        usage.completion_tokens++;
+        result.text += piece;
+        if (stream && piece) chunk(c.index, piece, null);
+        result.completionTokens++;
         if (stopped) {
-          finish = 'stop';
+          result.finish = 'stop';
           handle.cancel(new WeftError('WEFT_CANCELLED', 'stop string reached'), 'stop');
           break;
         }
       } else {
         const rest = matcher.flush();
-        text += rest;
-        if (stream && rest) write({ id, object: chunkObject, created, model: modelName, choices: [choice(rest, null)] });
-        finish = event.finishReason;
-        usage = { prompt_tokens: event.promptTokens, completion_tokens: event.tokens.length, total_tokens: event.promptTokens + event.tokens.length };
+        result.text += rest;
+        if (stream && rest) chunk(c.index, rest, null);
+        result.finish = event.finishReason;
+        result.completionTokens = event.tokens.length;
+        result.promptTokens = event.promptTokens;
       }
     }
+    if (result.promptTokens === 0) result.promptTokens = handle.promptTokens;
+    if (stream) chunk(c.index, '', result.finish);
+    return result;
+  };
+  let results: ChoiceResult[];
+  try {
+    results = await Promise.all(choices.map((c, i) => run(c, handles[i]!)));
   } catch (err) {
+    for (const h of handles) h.cancel();
     if (abort.signal.aborted) return; // the client left
     if (!stream) throw err;
     const { status, body: failure } = errorBody(err);
@@ -343,13 +362,18 @@ async function complete(
     res.end();
     return;
   }
-  if (usage.prompt_tokens === 0) usage = { prompt_tokens: handle.promptTokens, completion_tokens: usage.completion_tokens, total_tokens: handle.promptTokens + usage.completion_tokens };
+  // each prompt's tokens count once, however many samples continue it (as OpenAI counts)
+  const n = choices.length / new Set(choices.map((c) => c.request)).size;
+  const promptTokens = results.filter((_, i) => i % n === 0).reduce((sum, r) => sum + r.promptTokens, 0);
+  const completionTokens = results.reduce((sum, r) => sum + r.completionTokens, 0);
+  const usage = { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens };
   if (stream) {
-    write({ id, object: chunkObject, created, model: modelName, choices: [choice('', finish)] });
     if (body.stream_options?.include_usage) write({ id, object: chunkObject, created, model: modelName, choices: [], usage });
     res.end('data: [DONE]\n\n');
     return;
   }
-  const message = chat ? { index: 0, message: { role: 'assistant', content: text }, logprobs: null, finish_reason: finish } : { index: 0, text, logprobs: null, finish_reason: finish };
-  sendJson(res, 200, { id, object, created, model: modelName, choices: [message], usage });
+  const answers = choices.map((c, i) =>
+    chat ? { index: c.index, message: { role: 'assistant', content: results[i]!.text }, logprobs: null, finish_reason: results[i]!.finish } : { index: c.index, text: results[i]!.text, logprobs: null, finish_reason: results[i]!.finish },
+  );
+  sendJson(res, 200, { id, object, created, model: modelName, choices: answers, usage });
 }

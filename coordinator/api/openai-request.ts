@@ -3,9 +3,10 @@
  *
  * Every field a body may carry is declared below; any other one (a typo such as `temprature`, or a field weft
  * does not implement such as `repetition_penalty` or `min_p`) is a 400 naming it, never silently ignored. Of the
- * declared ones: most are implemented; vLLM's extras `top_k`, `ignore_eos` and `stop_token_ids` are implemented;
+ * declared ones: most are implemented (`n` and a list of prompts too: independent sequences, see choicesOf); vLLM's
+ * extras `top_k`, `ignore_eos` and `stop_token_ids` are implemented;
  * `user` and `safety_identifier` (end-user tags for OpenAI's abuse monitoring) are accepted and change nothing;
- * the rest (`n`, `best_of`, `logprobs`, penalties, `logit_bias`, `response_format`, `tools`, `store`, `suffix`,
+ * the rest (`best_of`, `logprobs`, penalties, `logit_bias`, `response_format`, `tools`, `store`, `suffix`,
  * `echo`, a request-supplied chat template) are accepted only with the value that means "off", else a 400 naming
  * them (refuseUnsupported).
  */
@@ -33,8 +34,8 @@ const common = {
   // accepted, change nothing: tags OpenAI uses for abuse monitoring
   user: z.string().nullish(),
   safety_identifier: z.string().nullish(),
+  n: z.number().int().min(1).nullish(),
   // accepted only when "off" (refuseUnsupported)
-  n: z.number().int().nullish(),
   logprobs: z.union([z.boolean(), z.number()]).nullish(),
   presence_penalty: z.number().nullish(),
   frequency_penalty: z.number().nullish(),
@@ -43,7 +44,7 @@ const common = {
 export const completionSchema = z
   .object({
     ...common,
-    prompt: z.union([z.string(), tokenIds, z.array(z.string()).length(1), z.array(tokenIds).length(1)]),
+    prompt: z.union([z.string(), tokenIds, z.array(z.string()).min(1), z.array(tokenIds).min(1)]),
     best_of: z.number().int().nullish(),
     echo: z.boolean().nullish(),
     suffix: z.string().nullish(),
@@ -86,13 +87,12 @@ export function refuseUnsupported(body: CommonBody): void {
   const refuse = (param: string, why: string): never => {
     throw new HttpError(400, 'unsupported_value', `${param}: ${why}`, param);
   };
-  if (isSet(body.n) && body.n !== 1) refuse('n', 'only n = 1 is supported');
   if (body.logprobs) refuse('logprobs', 'is not supported yet (use the RPC score call)');
   if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
   if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
   if (body.logit_bias && Object.keys(body.logit_bias).length > 0) refuse('logit_bias', 'is not supported');
   if ('prompt' in body) {
-    if (isSet(body.best_of) && body.best_of! > 1) refuse('best_of', 'is not supported; use n = 1');
+    if (isSet(body.best_of) && body.best_of! !== (body.n ?? 1)) refuse('best_of', 'is not supported (it ranks samples by log-probability, which weft does not return yet); use n');
     if (body.echo) refuse('echo', 'is not supported yet');
     if (body.suffix) refuse('suffix', 'is not supported');
     return;
@@ -132,4 +132,40 @@ export function samplingOf(body: CommonBody, chatPromptLength: number | null, ma
 export function stopsOf(body: CommonBody): string[] {
   const stops = !isSet(body.stop) ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop!;
   return stops.filter((s) => s.length > 0);
+}
+
+/** The most choices one request may ask for (n times the prompts): each is a sequence of its own in the scheduler. */
+export const MAX_CHOICES = 64;
+
+/** One choice of a request: the prompt it continues and its sampling (a seed of its own when the request has one). */
+export interface Choice {
+  readonly index: number;
+  readonly request: { prompt: string } | { promptIds: number[] };
+  readonly sampling: Record<string, unknown>;
+}
+
+/**
+ * The choices of a request, in OpenAI's order: for each prompt, `n` samples (index = prompt * n + sample). Each is
+ * an independent sequence; with a `seed`, sample j of every prompt draws from seed + j, so that the n samples differ
+ * and a repeated request gives the same choices. A list of one prompt is that prompt.
+ */
+export function choicesOf(prompts: readonly ({ prompt: string } | { promptIds: number[] })[], n: number, sampling: Record<string, unknown>): Choice[] {
+  const count = prompts.length * n;
+  if (count > MAX_CHOICES)
+    throw new HttpError(400, 'invalid_request', `${prompts.length} prompt${prompts.length > 1 ? 's' : ''} x n = ${n} asks for ${count} choices; at most ${MAX_CHOICES} per request`, prompts.length > 1 ? 'prompt' : 'n');
+  return prompts.flatMap((request, p) =>
+    Array.from({ length: n }, (_, j) => ({
+      index: p * n + j,
+      request,
+      sampling: typeof sampling.seed === 'number' ? { ...sampling, seed: (sampling.seed + j) >>> 0 } : sampling,
+    })),
+  );
+}
+
+/** The prompts of a completions body: a text, token ids, or a list of either. */
+export function promptsOf(body: CompletionBody): ({ prompt: string } | { promptIds: number[] })[] {
+  const prompt = body.prompt;
+  if (typeof prompt === 'string') return [{ prompt }];
+  if (typeof prompt[0] === 'number') return [{ promptIds: prompt as number[] }];
+  return (prompt as (string | number[])[]).map((p) => (typeof p === 'string' ? { prompt: p } : { promptIds: p }));
 }

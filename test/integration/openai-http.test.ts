@@ -19,7 +19,7 @@ interface OpenAiError {
   error: { message: string; type: string; param: string | null; code: string | null };
 }
 interface Completion {
-  choices: { text?: string; message?: { role: string; content: string }; finish_reason: string }[];
+  choices: { index: number; text?: string; message?: { role: string; content: string }; finish_reason: string }[];
   usage: { prompt_tokens: number; completion_tokens: number; total_tokens: number };
 }
 
@@ -51,6 +51,42 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     assert.deepEqual([error.type, error.param, error.code], ['invalid_request_error', 'model', 'model_not_found']);
     assert.match(error.message, /"gpt-4o" is not served here/);
     assert.equal((await fetch(`${http}/v1/models/${encodeURIComponent('org/a model')}`)).status, 404, 'an encoded id is read decoded');
+  });
+
+  test('n samples and lists of prompts: one choice each in OpenAI order, each what its own request gives; streamed chunks carry their index', async () => {
+    const complete = async (body: Record<string, unknown>): Promise<Completion> => {
+      const res = await post('/v1/completions', { max_tokens: 8, ignore_eos: true, ...body });
+      const json = (await res.json()) as Completion;
+      assert.equal(res.status, 200, JSON.stringify(json));
+      return json;
+    };
+    const [p0, p1] = [reference.prompts[0]!, reference.prompts[1]!];
+    // n = 3 with a seed: sample j draws from seed + j, so each equals a request of its own with that seed
+    const three = await complete({ prompt: p0, n: 3, temperature: 0.9, seed: 5 });
+    assert.deepEqual(three.choices.map((c) => c.index), [0, 1, 2]);
+    for (let j = 0; j < 3; j++) assert.equal(three.choices[j]!.text, (await complete({ prompt: p0, temperature: 0.9, seed: 5 + j })).choices[0]!.text, `sample ${j}`);
+    assert.ok(new Set(three.choices.map((c) => c.text)).size > 1, 'the samples differ');
+    assert.deepEqual(three.usage, { prompt_tokens: p0.length, completion_tokens: 24, total_tokens: p0.length + 24 }, 'the prompt counted once');
+    // two prompts x n = 2, greedy: index = prompt * n + sample
+    const four = await complete({ prompt: [p0, p1], n: 2, temperature: 0 });
+    const alone = [(await complete({ prompt: p0, temperature: 0 })).choices[0]!.text, (await complete({ prompt: p1, temperature: 0 })).choices[0]!.text];
+    assert.deepEqual(four.choices.map((c) => [c.index, c.text]), [[0, alone[0]], [1, alone[0]], [2, alone[1]], [3, alone[1]]]);
+    assert.equal(four.usage.prompt_tokens, p0.length + p1.length);
+    // streamed: every chunk names its choice; each choice's pieces add up to its text and it ends with a finish_reason
+    const res = await post('/v1/completions', { prompt: p0, n: 3, temperature: 0.9, seed: 5, max_tokens: 8, ignore_eos: true, stream: true });
+    const events = (await res.text()).split('\n\n').filter(Boolean);
+    assert.equal(events.at(-1), 'data: [DONE]');
+    const texts = ['', '', ''];
+    const finished: string[] = [];
+    for (const event of events.slice(0, -1)) {
+      const chunk = JSON.parse(event.slice('data: '.length)) as { choices: { index: number; text: string; finish_reason: string | null }[] };
+      for (const c of chunk.choices) {
+        texts[c.index] += c.text;
+        if (c.finish_reason) finished[c.index] = c.finish_reason;
+      }
+    }
+    assert.deepEqual(texts, three.choices.map((c) => c.text));
+    assert.deepEqual(finished, ['length', 'length', 'length']);
   });
 
   test('chat without max_tokens runs to the end of the context; a completion stops after 16 tokens', async () => {

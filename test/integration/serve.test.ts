@@ -121,7 +121,8 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
     for (const [payload, status, pattern] of [
       ['{not json', 400, /not valid JSON/],
       [JSON.stringify({ prompt: 'x', max_tokens: -1 }), 400, /max_tokens/],
-      [JSON.stringify({ prompt: 'x', n: 2 }), 400, /only n = 1/],
+      [JSON.stringify({ prompt: 'x', n: 0 }), 400, /^n: /],
+      [JSON.stringify({ prompt: ['a', 'b'], n: 40 }), 400, /asks for 80 choices; at most 64/],
       [JSON.stringify({ prompt: 'x', model: 'gpt-4' }), 404, /not served here/],
       [JSON.stringify({ prompt: [999999] }), 400, /token id at index 0 must be an integer in \[0, 512\)/],
     ] as const) {
