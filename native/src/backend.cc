@@ -155,7 +155,7 @@ Tensor Backend::upload_quantized(const void* bytes, size_t n_bytes, DType dtype,
              " does not fit w ", shape, ' ', dtype_name(dtype), " (expected [..., N, K / group] with the group dividing K",
              dtype == DType::I4 ? " and even)" : ")");
   WEFT_CHECK(scales.buffer->step() == kPersistent, op, Arg{"scales", scales}, " must be persistent (uploaded outside a step)");
-  Tensor t{dtype, shape, nullptr};
+  Tensor t{dtype, shape, nullptr, nullptr};
   WEFT_CHECK(n_bytes == t.nbytes(), op, "bytes has length ", n_bytes, " but w ", shape, ' ', dtype_name(dtype), " needs ",
              t.nbytes(), " bytes");
   t = empty_persistent(dtype, shape);

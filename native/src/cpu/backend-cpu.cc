@@ -74,7 +74,7 @@ class CpuBackend final : public Backend {
   Tensor empty(DType dtype, const Shape& shape) override { return make(dtype, shape, in_step() ? step() : kPersistent); }
   Tensor empty_persistent(DType dtype, const Shape& shape) override { return make(dtype, shape, kPersistent); }
   Tensor make(DType dtype, const Shape& shape, uint64_t step) {
-    Tensor t{dtype, shape, nullptr};
+    Tensor t{dtype, shape, nullptr, nullptr};
     t.buffer = std::make_shared<HostBuffer>(t.nbytes(), step);
     return t;
   }

@@ -74,14 +74,14 @@ class CudaBackend final : public Backend {
 
   Tensor empty(DType dtype, const Shape& shape) override {
     if (!in_step()) return empty_persistent(dtype, shape);
-    Tensor t{dtype, shape, nullptr};
+    Tensor t{dtype, shape, nullptr, nullptr};
     t.buffer = capturing() ? arena_.allocate(t, kGraphOwned, graphs_.region()) : arena_.allocate(t, step(), nullptr);
     poison(t);
     return t;
   }
   Tensor empty_persistent(DType dtype, const Shape& shape) override {
     no_capture("allocate", "persistent memory cannot be allocated while capturing");
-    Tensor t{dtype, shape, nullptr};
+    Tensor t{dtype, shape, nullptr, nullptr};
     t.buffer = cuda::allocate_persistent(st_, t);
     poison(t);
     return t;
