@@ -363,8 +363,7 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
     return;
   }
   // each prompt's tokens count once, however many samples continue it (as OpenAI counts)
-  const n = choices.length / new Set(choices.map((c) => c.request)).size;
-  const promptTokens = results.filter((_, i) => i % n === 0).reduce((sum, r) => sum + r.promptTokens, 0);
+  const promptTokens = results.filter((_, i) => choices[i]!.sample === 0).reduce((sum, r) => sum + r.promptTokens, 0);
   const completionTokens = results.reduce((sum, r) => sum + r.completionTokens, 0);
   const usage = { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens };
   if (stream) {

@@ -140,6 +140,8 @@ export const MAX_CHOICES = 64;
 /** One choice of a request: the prompt it continues and its sampling (a seed of its own when the request has one). */
 export interface Choice {
   readonly index: number;
+  /** which of its prompt's n samples it is (0: the first) */
+  readonly sample: number;
   readonly request: { prompt: string } | { promptIds: number[] };
   readonly sampling: Record<string, unknown>;
 }
@@ -156,6 +158,7 @@ export function choicesOf(prompts: readonly ({ prompt: string } | { promptIds: n
   return prompts.flatMap((request, p) =>
     Array.from({ length: n }, (_, j) => ({
       index: p * n + j,
+      sample: j,
       request,
       sampling: typeof sampling.seed === 'number' ? { ...sampling, seed: (sampling.seed + j) >>> 0 } : sampling,
     })),

@@ -30,7 +30,7 @@ def greedy(model, ids, n, stop=None):
     return out
 
 
-def write_reference(model_dir, ref_dir, tok, test_windows, chat_template):
+def write_reference(model_dir, ref_dir, tok, test_windows):
     torch.backends.cuda.matmul.allow_tf32 = False
     os.makedirs(ref_dir, exist_ok=True)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to('cuda').eval()

@@ -20,7 +20,6 @@ Seeds are fixed; on one H200 the whole recipe takes a few minutes.
 """
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -170,7 +169,7 @@ def main():
     except ImportError as err:  # the curve is in train-log.json either way
         print(f'no loss.png: {err}', flush=True)
     from reference import write_reference
-    write_reference(os.path.join(args.out, 'sotu-llama'), os.path.join(args.out, 'reference'), tok, windows(test_ids), CHAT_TEMPLATE)
+    write_reference(os.path.join(args.out, 'sotu-llama'), os.path.join(args.out, 'reference'), tok, windows(test_ids))
 
 
 if __name__ == '__main__':

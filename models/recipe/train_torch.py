@@ -1,6 +1,5 @@
 """Training and evaluation for train.py (torch + transformers): one Llama, trained on random windows of the
 training stream mixed with chat examples, the checkpoint with the best validation loss kept and saved in bf16."""
-import json
 import math
 import os
 import shutil

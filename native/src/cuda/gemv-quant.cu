@@ -282,14 +282,7 @@ bool launch_vector(const Ctx& ctx, const float* x, const QuantMatrix& w, float* 
   const int per_chunk = std::max(32, static_cast<int>(kChunkBytes / (static_cast<size_t>(TT) * vw * sizeof(float))));
   Params p{x, static_cast<const uint8_t*>(w.q), w.scales, y, T, N, K, w.group, gated ? 1 : 0,
            std::min(per_chunk, K / vw), nullptr, 0, 1, 0, 0, nullptr};
-  if (ex) {
-    p.experts = ex->experts;
-    p.n_pairs = ex->n_pairs;
-    p.topk = ex->topk;
-    p.per_pair_x = ex->per_pair_x;
-    p.expert_start = ex->expert_start;
-    p.status = ex->status;
-  }
+  if (ex) set_expert_rows(p, *ex);
   const int n_experts = ex ? ex->n_local : 1;
   if (w.dtype == DType::I4) dispatch<true>(ctx, TT, p, n_experts);
   else dispatch<false>(ctx, TT, p, n_experts);

@@ -511,14 +511,7 @@ bool Gemv::launch_vector(const float* x, const void* w, DType dt, float* y, int 
   const int groups_per_cluster = (ngroups + G - 1) / G;
   G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
   GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr, gated ? 1 : 0};
-  if (ex) {
-    p.experts = ex->experts;
-    p.n_pairs = ex->n_pairs;
-    p.topk = ex->topk;
-    p.per_pair_x = ex->per_pair_x;
-    p.expert_start = ex->expert_start;
-    p.status = ex->status;
-  }
+  if (ex) set_expert_rows(p, *ex);
   const dim3 grid(G * C, ex ? ex->n_local : 1);
   cudaError_t e;
   switch (dt) {

@@ -21,6 +21,17 @@ struct ExpertRows {
   DeviceStatus* status;    // where a repeated expert is reported
 };
 
+// Copies the routing of `ex` into a GEMV's kernel parameters (the dense and the quantized GEMV name them alike).
+template <class Params>
+inline void set_expert_rows(Params& p, const ExpertRows& ex) {
+  p.experts = ex.experts;
+  p.n_pairs = ex.n_pairs;
+  p.topk = ex.topk;
+  p.per_pair_x = ex.per_pair_x;
+  p.expert_start = ex.expert_start;
+  p.status = ex.status;
+}
+
 // How the vector kernel is launched. The defaults are weft's (measured on H100: bench/RESULTS.md); only the
 // kernel benchmark (bench/kernels/matmul-bench.cu) passes others, to compare.
 struct GemvTuning {
