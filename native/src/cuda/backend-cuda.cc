@@ -283,15 +283,15 @@ class CudaBackend final : public Backend {
     if (P == 0 || N == 0) return;
     const bool per_pair = x.dim(0) == P;
     WEFT_CHECK(N <= INT32_MAX && K <= INT32_MAX, gated ? "siluMulExpertMatmul" : "expertMatmul", "w ", to_string(w), " is out of range");
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     if (T <= cuda::kQuantGemvMaxTokens) {
       const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
                                 static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
                                 st_->status_dev};
-      cuda::quant_expert_gemv(ctx(), x.data<float>(), quant_matrix(w), out.data<float>(), static_cast<int>(T),
+      cuda::quant_expert_gemv(ctx(), matmul_->gemv(), x.data<float>(), quant_matrix(w), out.data<float>(), static_cast<int>(T),
                               static_cast<int>(N), static_cast<int>(K), ex, gated);
       return;
     }
-    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     if (!gated) return grouped_expert_matmul(x, w, experts, expert_start, per_pair, out);
     Tensor hidden = empty(DType::F32, {x.dim(0), K});
     cuda::launch_silu_mul(ctx(), x, hidden);
@@ -303,12 +303,12 @@ class CudaBackend final : public Backend {
     if (T == 0 || N == 0) return;
     WEFT_CHECK(w.rank() == 2 && N <= INT32_MAX && K <= INT32_MAX, op, "w ", to_string(w), " is out of range");
     const cuda::QuantMatrix q = quant_matrix(w);
+    if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
       if (T <= cuda::kQuantGemvMaxTokens) {
-        cuda::quant_gemv(ctx(), x.data<float>(), q, out.data<float>(), static_cast<int>(T), static_cast<int>(N),
+        cuda::quant_gemv(ctx(), matmul_->gemv(), x.data<float>(), q, out.data<float>(), static_cast<int>(T), static_cast<int>(N),
                          static_cast<int>(K), gated);
       } else {
-        if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
         void* dense = dequant_scratch_.buffer->data();
         cuda::dequantize_bf16(ctx(), q, dense, N, K);
         if (gated) {

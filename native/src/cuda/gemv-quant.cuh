@@ -8,35 +8,25 @@
 #include <cstdint>
 
 #include "cuda/device.h"
-#include "cuda/gemv.cuh"  // ExpertRows
+#include "cuda/gemv.cuh"  // Gemv, ExpertRows, QuantMatrix
 #include "tensor.h"  // weft::DType
 
 namespace weft::cuda {
 
-// A quantized matrix [N, K] as the kernels read it: int8 values [N, K] (I8) or int4 codes value + 8, two per byte
-// along K, the even column in the low nibble (I4, [N, K / 2] bytes); bf16 scales [N, K / group].
-struct QuantMatrix {
-  const void* q;
-  const uint16_t* scales;  // bf16 bits
-  DType dtype;             // I8 | I4
-  int group;               // columns per scale
-};
-
 constexpr int kQuantGemvMaxTokens = 16;
 
-// Whether the quantized GEMV's vector kernel takes this shape: 16-byte loads that stay inside one group (K and
-// the group multiples of 16 int8 / 32 int4 columns) and aligned pointers. Otherwise the scalar kernel runs.
-bool quant_gemv_vector_ok(const float* x, const QuantMatrix& w, int K);
-
 // y [T, N] = x @ dequant(w)^T, 1 <= T <= 16; gated: x is [T, 2K] ([gate | up] rows) and the product reads
-// silu(gate) * up as it stages x. Capturable (no allocation, no sync). Throws weft::Error.
-void quant_gemv(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated);
+// silu(gate) * up as it stages x. gemv's vector kernel runs it (Gemv::run_quant: a ring of asynchronous copies, K
+// split over a cluster, the weights requested before the kernel before ends), 9..16 tokens in two passes; shapes
+// it refuses take a scalar kernel. Capturable (no allocation, no sync). Throws weft::Error.
+void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
+                bool gated);
 
 // The expert GEMV of expertMatmul / siluMulExpertMatmul over quantized experts w [El, N, K] (QuantMatrix of the
 // first expert; experts follow each other), 1 <= T <= 16 tokens: y [n_pairs, N], each chosen expert's weights read
 // once for all of its pairs, rows of pairs routed to experts not in w zero. Capturable.
-void quant_expert_gemv(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
-                       const ExpertRows& ex, bool gated);
+void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N,
+                       int K, const ExpertRows& ex, bool gated);
 
 // out [N, K] bf16 = dequant(w) (q * scale in fp32, rounded to nearest even): the GEMM's weight for T > 16.
 void dequantize_bf16(const Ctx& ctx, const QuantMatrix& w, void* out, int64_t N, int64_t K);

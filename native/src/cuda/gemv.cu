@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/expert-slots.cuh"
@@ -42,7 +43,15 @@ constexpr int kMaxCluster = 8;
 constexpr size_t kMaxXSlice = 64 * 1024;   // target bytes of x per block
 constexpr size_t kMaxPart = 16 * 1024;     // bytes of partial sums per block (cluster path)
 
+// Quantized weights (gemv.cuh QuantMatrix) as kernel tags: a 16-byte vector holds 16 int8 or 32 int4 weights, all
+// inside one group, so it takes one scale: its products are summed in fp32, then multiplied by the scale.
+struct QInt8 {};
+struct QInt4 {};
+template <typename WT> constexpr bool kQuantized = std::is_same_v<WT, QInt8> || std::is_same_v<WT, QInt4>;
+
 template <typename WT> struct VecOf { static constexpr int value = 16 / sizeof(WT); };
+template <> struct VecOf<QInt8> { static constexpr int value = 16; };
+template <> struct VecOf<QInt4> { static constexpr int value = 32; };
 
 // Four weights of a 16-byte vector (half h) as floats.
 template <typename WT>
@@ -69,6 +78,24 @@ template <>
 __device__ __forceinline__ void unpack4<float>(const uint4& u, int, float (&f)[4]) {
   f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
   f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+
+// int8: byte b as the float 2^23 + (b + 128) (one byte permute into 0x4B0000uu, the sign bit flipped first), minus
+// 2^23 + 128: exact, and cheaper than an int-to-float conversion, which runs at a fraction of the FMA rate.
+template <>
+__device__ __forceinline__ void unpack4<QInt8>(const uint4& u, int h, float (&f)[4]) {
+  const uint32_t word = (&u.x)[h] ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | i)) - 8388736.0f;
+}
+
+// int4: code c (value + 8) as the float 2^23 + c, minus 2^23 + 8; sub-vector h holds columns 4h .. 4h + 3, the
+// even column in the low nibble.
+template <>
+__device__ __forceinline__ void unpack4<QInt4>(const uint4& u, int h, float (&f)[4]) {
+  const uint32_t word = (&u.x)[h >> 1] >> ((h & 1) * 16);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 0xfu)) - 8388616.0f;
 }
 
 // silu(g) * u exactly as siluMul computes it (elementwise.cu), so the fused product equals the two ops.
@@ -117,17 +144,26 @@ struct GemvParams {
   DeviceStatus* status;
   // Gated (siluMulMatmul): x rows are [gate | up], 2K wide, and the block stages silu(gate) * up as its x.
   int gated;
+  // Quantized w (QInt8 | QInt4): bf16 scales [El][N][K / group].
+  const uint16_t* scales;
+  int group;
 };
 
 constexpr int kStages = 4;   // cp.async ring depth per warp (kStages - 1 stages in flight while computing)
-// Shared-memory ring of a block for U 16-byte steps per row per stage.
+// Shared-memory ring of a block for U 16-byte steps per row per stage; quantized weights add a ring of the 4-byte
+// words holding each vector's bf16 scale (the same slots, 4 bytes each).
 __host__ __device__ constexpr size_t ring_bytes(int U) { return static_cast<size_t>(kWarps) * kStages * kRows * U * 32 * 16; }
+__host__ __device__ constexpr size_t scale_ring_bytes(int U, bool quantized) { return quantized ? ring_bytes(U) / 4 : 0; }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(d), "l"(gmem_src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(gmem_src) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
@@ -144,6 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   constexpr int R = kRows;
   constexpr int S = kStages;
   constexpr int V = R * TT;
+  constexpr bool Q = kQuantized<WT>;
   extern __shared__ float4 smem[];
   pdl_trigger();  // the kernel after it may be placed now (it waits for this one to finish before reading)
 
@@ -184,23 +221,33 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   const int nitems = my_groups * nchunks;
 
   uint4* ring = reinterpret_cast<uint4*>(smem) + static_cast<size_t>(warp) * S * R * U * 32;
-  float4* xs = smem + ring_bytes(U) / 16;
+  uint32_t* scale_ring = reinterpret_cast<uint32_t*>(smem + ring_bytes(U) / 16) + static_cast<size_t>(warp) * S * R * U * 32;
+  float4* xs = smem + (ring_bytes(U) + scale_ring_bytes(U, Q)) / 16;
   float* part = reinterpret_cast<float*>(xs + TT * H * p.nv_slice);
   const uint4* wbase = reinterpret_cast<const uint4*>(p.w) + static_cast<size_t>(blockIdx.y) * p.N * KV + v0;
+  // Quantized: the scale of (row, vector v) is element scale_row0 + row * n_groups + (v0 + v) * VEC / group of
+  // the bf16 scales, read as the aligned 4-byte word holding it (cp.async copies 4 bytes at least).
+  const int n_groups = Q ? p.K / p.group : 0;
+  const size_t scale_row0 = (static_cast<size_t>(blockIdx.y) * p.N + row0) * n_groups;
+  const auto scale_index = [&](int row, int v) { return scale_row0 + static_cast<size_t>(row) * n_groups + (v0 + v) * VEC / p.group; };
 
   auto issue = [&](int item) {
     if (item < nitems) {
       const int k = item / nchunks, ch = item - k * nchunks;
       const int group = warp + k * kWarps;
       uint4* slot = ring + (item % S) * (R * U * 32);
+      uint32_t* scale_slot = scale_ring + (item % S) * (R * U * 32);
 #pragma unroll
       for (int j = 0; j < U; ++j) {
         const int v = (ch * U + j) * 32 + lane;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const int row = group * R + r;
-          if (v < nv && row < rows)
+          if (v < nv && row < rows) {
             cp_async16(slot + (r * U + j) * 32 + lane, wbase + static_cast<size_t>(row0 + row) * KV + v);
+            if constexpr (Q)
+              cp_async4(scale_slot + (r * U + j) * 32 + lane, reinterpret_cast<const uint32_t*>(p.scales) + (scale_index(row, v) >> 1));
+          }
         }
       }
     }
@@ -232,6 +279,29 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
   }
   __syncthreads();
 
+  // sums[r * TT + t] += the products of the R rows' vectors wv (vector index v) with the TT tokens' x.
+  const auto accumulate = [&](const uint4 (&wv)[R], int v, float (&sums)[V]) {
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      float wf[R][4];
+#pragma unroll
+      for (int r = 0; r < R; ++r) unpack4<WT>(wv[r], h, wf[r]);
+#pragma unroll
+      for (int t = 0; t < TT; ++t) {
+        const float4 xv = xs[(t * H + h) * p.nv_slice + v];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float s = sums[r * TT + t];
+          s = fmaf(wf[r][0], xv.x, s);
+          s = fmaf(wf[r][1], xv.y, s);
+          s = fmaf(wf[r][2], xv.z, s);
+          s = fmaf(wf[r][3], xv.w, s);
+          sums[r * TT + t] = s;
+        }
+      }
+    }
+  };
+
   float acc[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i] = 0.f;
@@ -239,6 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
     issue(item + S - 1);
     cp_async_wait<S - 1>();
     const int k = item / nchunks, ch = item - k * nchunks;
+    const int group = warp + k * kWarps;
     const uint4* slot = ring + (item % S) * (R * U * 32);
 #pragma unroll
     for (int j = 0; j < U; ++j) {
@@ -247,30 +318,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const GemvParams p) {
         uint4 wv[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) wv[r] = slot[(r * U + j) * 32 + lane];  // rows >= rows: stale, never stored
+        if constexpr (Q) {
+          float part[V];
 #pragma unroll
-        for (int h = 0; h < H; ++h) {
-          float wf[R][4];
+          for (int i = 0; i < V; ++i) part[i] = 0.f;
+          accumulate(wv, v, part);
+          const uint32_t* scale_slot = scale_ring + (item % S) * (R * U * 32);
 #pragma unroll
-          for (int r = 0; r < R; ++r) unpack4<WT>(wv[r], h, wf[r]);
+          for (int r = 0; r < R; ++r) {
+            const uint32_t word = scale_slot[(r * U + j) * 32 + lane];
+            const float scale = __uint_as_float(scale_index(group * R + r, v) & 1 ? word & 0xffff0000u : word << 16);
 #pragma unroll
-          for (int t = 0; t < TT; ++t) {
-            const float4 xv = xs[(t * H + h) * p.nv_slice + v];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              float s = acc[r * TT + t];
-              s = fmaf(wf[r][0], xv.x, s);
-              s = fmaf(wf[r][1], xv.y, s);
-              s = fmaf(wf[r][2], xv.z, s);
-              s = fmaf(wf[r][3], xv.w, s);
-              acc[r * TT + t] = s;
-            }
+            for (int t = 0; t < TT; ++t) acc[r * TT + t] = fmaf(scale, part[r * TT + t], acc[r * TT + t]);
           }
+        } else {
+          accumulate(wv, v, acc);
         }
       }
     }
     if (ch != nchunks - 1) continue;
 
-    const int group = warp + k * kWarps;
     warp_reduce_scatter<V>(acc, lane);
     constexpr int kPerLane = V >= 32 ? V / 32 : 1;
 #pragma unroll
@@ -367,6 +434,18 @@ void set_gemv_attributes_all(DeviceState* st, size_t max_smem) {
   set_gemv_attributes<WT, 8>(st, max_smem);
 }
 
+// Calls f with the kernel tag of a weight dtype (f32, f16, bf16, I8, I4) as a value of that type.
+template <typename F>
+decltype(auto) with_weight_tag(DType dt, F&& f) {
+  switch (dt) {
+    case DType::BF16: return f(__nv_bfloat16{});
+    case DType::F16: return f(__half{});
+    case DType::I8: return f(QInt8{});
+    case DType::I4: return f(QInt4{});
+    default: return f(float{});
+  }
+}
+
 // Clusters of C blocks with `smem` bytes each that fit on the device at once (0 if none).
 template <typename WT, int TT, int U>
 int active_clusters(DeviceState* st, int C, size_t smem) {
@@ -436,9 +515,12 @@ cudaError_t dispatch_gemv(int TT, int U, const GemvParams& p, dim3 grid, size_t 
 
 }  // namespace
 
+int gemv_vector_width(DType dt) {
+  return with_weight_tag(dt, [](auto tag) { return VecOf<decltype(tag)>::value; });
+}
+
 bool gemv_vector_ok(const float* x, const void* w, DType dt, int K) {
-  const int vec = dt == DType::F32 ? 4 : 8;
-  return K % vec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  return K % gemv_vector_width(dt) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
 }
 
 bool Gemv::fuses_silu_mul(int64_t T, int64_t K, DType w_dtype) {
@@ -453,6 +535,8 @@ Gemv::Gemv(DeviceState* st, cudaStream_t stream) : st_(st), stream_(stream) {
   set_gemv_attributes_all<__nv_bfloat16>(st_, max_smem_);
   set_gemv_attributes_all<__half>(st_, max_smem_);
   set_gemv_attributes_all<float>(st_, max_smem_);
+  set_gemv_attributes_all<QInt8>(st_, max_smem_);
+  set_gemv_attributes_all<QInt4>(st_, max_smem_);
 }
 
 int Gemv::clusters_at_once(DType dt, int TT, int U, int C, size_t smem) {
@@ -461,11 +545,7 @@ int Gemv::clusters_at_once(DType dt, int TT, int U, int C, size_t smem) {
     if (std::equal(key, key + 5, o.key)) return o.n;
   int n = 0;
   const size_t rounded = static_cast<size_t>(key[4]) * 1024;
-  switch (dt) {
-    case DType::BF16: n = dispatch_active_clusters<__nv_bfloat16>(st_, TT, U, C, rounded); break;
-    case DType::F16: n = dispatch_active_clusters<__half>(st_, TT, U, C, rounded); break;
-    default: n = dispatch_active_clusters<float>(st_, TT, U, C, rounded); break;
-  }
+  n = with_weight_tag(dt, [&](auto tag) { return dispatch_active_clusters<decltype(tag)>(st_, TT, U, C, rounded); });
   occupancy_.push_back(Occupancy{{key[0], key[1], key[2], key[3], key[4]}, n});
   return n;
 }
@@ -473,8 +553,12 @@ int Gemv::clusters_at_once(DType dt, int TT, int U, int C, size_t smem) {
 // ex == nullptr: y [T, N] = x [T, K] @ w^T. Otherwise expert rows: T is the token count (each expert gets at
 // most T pairs), a grid row of blocks per expert in w.
 bool Gemv::launch_vector(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex,
-                         bool gated, const GemvTuning& tuning) {
-  const int vec = dt == DType::F32 ? 4 : 8;
+                         bool gated, const GemvTuning& tuning, const uint16_t* scales, int group) {
+  const bool quantized = dt == DType::I8 || dt == DType::I4;
+  const int vec = gemv_vector_width(dt);
+  // A quantized vector must lie inside one group, and the scales are read as aligned 4-byte words.
+  if (quantized && (group <= 0 || group % vec != 0 || K % group != 0 || reinterpret_cast<uintptr_t>(scales) % 4 != 0))
+    return false;
   const int TT = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8;
   const int KV = K / vec;
   auto slice_vecs = [&](int c) { return (KV + c - 1) / c; };
@@ -489,11 +573,12 @@ bool Gemv::launch_vector(const float* x, const void* w, DType dt, float* y, int 
     while (C < kMaxCluster && xbytes(C) > kMaxXSlice) C *= 2;
     if (TT >= 4 && K > 8192) C = kMaxCluster;
   }
-  const int U = tuning.u > 0 ? tuning.u : 2;
+  // Quantized: one step per stage by default, so the rings (and the scale ring beside them) leave room for x.
+  const int U = tuning.u > 0 ? tuning.u : quantized ? 1 : 2;
   const int ngroups = (N + kRows - 1) / kRows;
   const int max_groups = static_cast<int>(kMaxPart / (static_cast<size_t>(kRows) * TT * 4));
   const size_t part_bytes = C > 1 ? static_cast<size_t>(std::min(max_groups, ngroups)) * kRows * TT * 4 : 0;
-  const size_t smem = ring_bytes(U) + xbytes(C) + part_bytes;
+  const size_t smem = ring_bytes(U) + scale_ring_bytes(U, quantized) + xbytes(C) + part_bytes;
   const size_t static_smem = 1024;  // room for the kernel's own __shared__ row maps (allow_max_smem)
   if (!gemv_vector_ok(x, w, dt, K) || smem + static_smem > max_smem_) return false;
   // One wave of clusters (as many as fit at once), rows split evenly; more waves only when the partial sums of
@@ -510,18 +595,26 @@ bool Gemv::launch_vector(const float* x, const void* w, DType dt, float* y, int 
   int G = std::min(ngroups, active * waves);
   const int groups_per_cluster = (ngroups + G - 1) / G;
   G = (ngroups + groups_per_cluster - 1) / groups_per_cluster;
-  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr, gated ? 1 : 0};
+  GemvParams p{x, w, y, T, N, K, C, slice_vecs(C), groups_per_cluster * kRows, nullptr, 0, 1, 0, 0, nullptr,
+               gated ? 1 : 0, scales, group};
   if (ex) set_expert_rows(p, *ex);
   const dim3 grid(G * C, ex ? ex->n_local : 1);
-  cudaError_t e;
-  switch (dt) {
-    case DType::BF16: e = dispatch_gemv<__nv_bfloat16>(TT, U, p, grid, smem, tuning.pdl, stream_); break;
-    case DType::F16: e = dispatch_gemv<__half>(TT, U, p, grid, smem, tuning.pdl, stream_); break;
-    default: e = dispatch_gemv<float>(TT, U, p, grid, smem, tuning.pdl, stream_); break;
-  }
+  const cudaError_t e = with_weight_tag(
+      dt, [&](auto tag) { return dispatch_gemv<decltype(tag)>(TT, U, p, grid, smem, tuning.pdl, stream_); });
   check_cuda(st_, e, "matmul", " (cudaLaunchKernelEx)");
   check_cuda(st_, cudaGetLastError(), "matmul");
   return true;
+}
+
+bool Gemv::run_quant(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated,
+                     const GemvTuning& tuning) {
+  return T >= 1 && T <= kMaxTokens && launch_vector(x, w.q, w.dtype, y, T, N, K, nullptr, gated, tuning, w.scales, w.group);
+}
+
+bool Gemv::run_quant_experts(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, const ExpertRows& ex,
+                             bool gated) {
+  return T >= 1 && T <= kMaxTokens &&
+         launch_vector(x, w.q, w.dtype, y, T, N, K, &ex, gated, GemvTuning{}, w.scales, w.group);
 }
 
 void Gemv::run(const float* x, const void* w, DType dt, float* y, int T, int N, int K, bool gated,

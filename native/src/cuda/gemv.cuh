@@ -21,6 +21,16 @@ struct ExpertRows {
   DeviceStatus* status;    // where a repeated expert is reported
 };
 
+// A quantized matrix [N, K] (backend.h upload_quantized) as the kernels read it: int8 values [N, K] (I8) or int4
+// codes value + 8, two per byte along K, the even column in the low nibble (I4, [N, K / 2] bytes); bf16 scales
+// [N, K / group]. Stacked experts follow each other.
+struct QuantMatrix {
+  const void* q;
+  const uint16_t* scales;  // bf16 bits
+  DType dtype;             // I8 | I4
+  int group;               // columns per scale
+};
+
 // Copies the routing of `ex` into a GEMV's kernel parameters (the dense and the quantized GEMV name them alike).
 template <class Params>
 inline void set_expert_rows(Params& p, const ExpertRows& ex) {
@@ -37,7 +47,7 @@ inline void set_expert_rows(Params& p, const ExpertRows& ex) {
 struct GemvTuning {
   int cluster = 0;  // K splits per thread-block cluster, 1..8; 0: chosen from the shape
   int waves = 0;    // at least this many waves of clusters; 0: as few as the partial sums allow
-  int u = 0;        // 16-byte steps per row per ring stage, 1 or 2; 0: 2
+  int u = 0;        // 16-byte steps per row per ring stage, 1 or 2; 0: 2 (1 for quantized weights)
   bool pdl = true;  // launch as a programmatic dependent of the kernel before (pdl_wait, common.cuh)
 };
 
@@ -54,13 +64,21 @@ class Gemv {  // one per engine: device limits and an occupancy cache
   // expert's weights are read once for all of its pairs; experts nobody chose are not read.
   void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
                    const ExpertRows& ex, bool gated);
+  // The same for quantized weights (gemv-quant.cuh): the vector kernel dequantizes each 16-byte vector (16 int8 or
+  // 32 int4 weights, inside one group) as it reads it. False when the shape or pointers need quant_gemv's
+  // scalar kernel (K or the group not a multiple of the vector, misaligned pointers, x too large).
+  bool run_quant(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated,
+                 const GemvTuning& tuning = GemvTuning{});
+  bool run_quant_experts(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, const ExpertRows& ex,
+                         bool gated);
   // Whether the gated GEMV takes this shape: 1..8 tokens and K a multiple of the 16-byte weight vector.
   static bool fuses_silu_mul(int64_t T, int64_t K, DType w_dtype);
 
  private:
   // The vector kernel, dense (ex null) or expert rows; false when the shape or pointers need a scalar fallback.
+  // scales/group: a quantized w (dt I8 | I4), else null/0.
   bool launch_vector(const float* x, const void* w, DType dt, float* y, int T, int N, int K, const ExpertRows* ex,
-                     bool gated, const GemvTuning& tuning);
+                     bool gated, const GemvTuning& tuning, const uint16_t* scales = nullptr, int group = 0);
   int clusters_at_once(DType dt, int TT, int U, int C, size_t smem);
 
   DeviceState* st_;
@@ -75,5 +93,7 @@ class Gemv {  // one per engine: device limits and an occupancy cache
 
 // 16-byte vectors and aligned pointers: what the vector kernel reads.
 bool gemv_vector_ok(const float* x, const void* w, DType dt, int K);
+// Weights per 16-byte vector of a weight dtype: 4 f32, 8 f16/bf16, 16 int8, 32 int4.
+int gemv_vector_width(DType dt);
 
 }  // namespace weft::cuda

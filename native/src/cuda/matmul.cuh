@@ -25,6 +25,7 @@ class Matmul {  // one per engine
   void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated = false,
            const void* x_half = nullptr);
   static bool fuses_silu_mul(int64_t T, int64_t K, DType w_dtype) { return Gemv::fuses_silu_mul(T, K, w_dtype); }
+  Gemv& gemv() { return gemv_; }  // the quantized GEMV (gemv-quant.cuh) runs on the same kernel and limits
   // The expert GEMV (Gemv::run_experts), T <= 8 tokens. Capturable.
   void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
                    const ExpertRows& ex, bool gated = false) {
