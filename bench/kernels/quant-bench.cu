@@ -123,8 +123,8 @@ int main(int argc, char** argv) {
   const std::vector<int> tokens = quick ? std::vector<int>{1, 8} : std::vector<int>{1, 2, 4, 8, 16};
   int failures = 0;
   double total_q[16] = {}, total_bf16[16] = {};  // batch-1 layer sums per format (wqkv + wo + w13 + w2)
-  std::printf("%-11s %-10s %3s %9s %8s %6s %9s %7s  %s\n", "shape", "format", "T", "ms", "GB/s", "%bw", "bf16 ms",
-              "speedup", "sweep best (C,U: ms)");
+  std::printf("%-11s %-10s %3s %9s %8s %6s %9s %7s %9s  %s\n", "shape", "format", "T", "ms", "GB/s", "%bw", "bf16 ms",
+              "speedup", "ring ms", "sweep best (C,U: ms)");
   for (const Shape& sh : shapes) {
     if (!only_shape.empty() && only_shape != sh.name) continue;
     const size_t x_elems = static_cast<size_t>(16) * sh.K * (sh.gated ? 2 : 1);
@@ -191,6 +191,12 @@ int main(int argc, char** argv) {
           bf16_ms = median_ms(stream, bf16_copies, [&](int c) {
             matmul.run(x, wb[c], DType::BF16, y, T, sh.N, sh.K, sh.gated);
           });
+        // gemv.cu's ring kernel where the register kernel runs by default (one token): the two side by side.
+        double ring_ms = NAN;
+        if (T == 1)
+          ring_ms = median_ms(stream, copies, [&](int c) {
+            wc::quant_gemv(ctx, matmul.gemv(), x, ws[c], y, T, sh.N, sh.K, sh.gated, wc::QuantGemvPath::Ring);
+          });
         std::string best = "-";
         if (sweep && T <= wc::Gemv::kMaxTokens) {
           double best_ms = 1e30;
@@ -214,8 +220,8 @@ int main(int argc, char** argv) {
           total_bf16[fi] += bf16_ms;
         }
         const double gbs = bytes / (ms * 1e6);
-        std::printf("%-11s %-10s %3d %9.4f %8.0f %5.1f%% %9.4f %6.2fx  %s%s\n", sh.name, f.name, T, ms, gbs,
-                    100 * gbs / bw, bf16_ms, bf16_ms / ms, best.c_str(), ok ? "" : "  CHECK FAILED");
+        std::printf("%-11s %-10s %3d %9.4f %8.0f %5.1f%% %9.4f %6.2fx %9.4f  %s%s\n", sh.name, f.name, T, ms, gbs,
+                    100 * gbs / bw, bf16_ms, bf16_ms / ms, ring_ms, best.c_str(), ok ? "" : "  CHECK FAILED");
         if (!ok) std::printf("  relative error %.3g\n", rel);
       }
       for (auto& w : ws) {

@@ -19,8 +19,10 @@ constexpr int kQuantGemvMaxTokens = 16;
 // silu(gate) * up as it stages x. gemv's vector kernel runs it (Gemv::run_quant: a ring of asynchronous copies, K
 // split over a cluster, the weights requested before the kernel before ends), 9..16 tokens in two passes; shapes
 // it refuses take a scalar kernel. Capturable (no allocation, no sync). Throws weft::Error.
+// path: Auto (weft's choice), or Ring to run gemv.cu's kernel where the register kernel would (the benchmark).
+enum class QuantGemvPath { Auto, Ring };
 void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
-                bool gated);
+                bool gated, QuantGemvPath path = QuantGemvPath::Auto);
 
 // The expert GEMV of expertMatmul / siluMulExpertMatmul over quantized experts w [El, N, K] (QuantMatrix of the
 // first expert; experts follow each other), 1 <= T <= 16 tokens: y [n_pairs, N], each chosen expert's weights read
