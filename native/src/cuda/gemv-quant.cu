@@ -97,27 +97,34 @@ constexpr int kDirectRows = 2;                 // rows per warp
 constexpr int kDirectSteps = 8;                // 16-byte vectors per row loaded before the first is used
 constexpr size_t kDirectMaxX = 48 * 1024;      // bytes of x (one token, f32) a block stages
 
-// int8: byte b as the float 2^23 + (b + 128) (a byte permute into 0x4B0000uu, sign bit flipped), minus 2^23 + 128;
-// int4: code c as 2^23 + c, minus 2^23 + 8. Exact; cheaper than an int-to-float conversion.
-template <bool INT4>
+// The register kernel's weight formats: bf16 (no scales; the benchmark's comparison with gemv.cu), int8, int4.
+enum class Format { BF16, I8, I4 };
+template <Format F> constexpr int kVectorWeights = F == Format::BF16 ? 8 : F == Format::I8 ? 16 : 32;
+
+// Weight i of a 16-byte vector as a float. int8: byte b as the float 2^23 + (b + 128) (a byte permute into
+// 0x4B0000uu, sign bit flipped), minus 2^23 + 128; int4: code c as 2^23 + c, minus 2^23 + 8. Exact; cheaper than
+// an int-to-float conversion.
+template <Format F>
 __device__ __forceinline__ float weight_of(const uint4& u, int i) {
-  const uint32_t word = (&u.x)[INT4 ? i >> 3 : i >> 2];
-  if constexpr (INT4) return __uint_as_float(0x4B000000u | ((word >> (4 * (i & 7))) & 0xfu)) - 8388616.0f;
+  const uint32_t word = (&u.x)[i * 4 / kVectorWeights<F>];
+  if constexpr (F == Format::BF16) return __uint_as_float(i & 1 ? word & 0xffff0000u : word << 16);
+  else if constexpr (F == Format::I4) return __uint_as_float(0x4B000000u | ((word >> (4 * (i & 7))) & 0xfu)) - 8388616.0f;
   else return __uint_as_float(__byte_perm(word ^ 0x80808080u, 0x4B000000u, 0x7650u | (i & 3))) - 8388736.0f;
 }
 
 // y [1, N] = x [1, K] @ dequant(w)^T (gated: x = silu(gate) * up of a [1, 2K] row). Grid ceil(N / 16) blocks of
 // 256 threads; dynamic shared memory: x [K] f32. K a multiple of the vector (lanes past a row's end load nothing).
-template <bool INT4>
+template <Format F>
 __global__ void __launch_bounds__(kDirectWarps * 32, 2) quant_gemv_direct_kernel(const float* __restrict__ x, const QuantMatrix w,
                                                                               float* __restrict__ y, int N, int K, int gated) {
-  constexpr int VW = INT4 ? 32 : 16;  // weights per vector
+  constexpr int VW = kVectorWeights<F>;
+  constexpr bool kScaled = F != Format::BF16;
   constexpr int R = kDirectRows, U = kDirectSteps;
   extern __shared__ float4 xs4[];
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * kDirectWarps + warp) * R;
-  const int KV = K / VW, n_groups = K / w.group;
+  const int KV = K / VW, n_groups = kScaled ? K / w.group : 0;
   const uint4* wrow[R];
   const uint16_t* srow[R];
 #pragma unroll
@@ -135,7 +142,8 @@ __global__ void __launch_bounds__(kDirectWarps * 32, 2) quant_gemv_direct_kernel
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         wv[r][j] = v < KV ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-        sc[r][j] = v < KV ? __uint_as_float(static_cast<uint32_t>(__ldg(srow[r] + v * VW / w.group)) << 16) : 0.f;
+        if constexpr (kScaled)
+          sc[r][j] = v < KV ? __uint_as_float(static_cast<uint32_t>(__ldg(srow[r] + v * VW / w.group)) << 16) : 0.f;
       }
     }
   };
@@ -162,14 +170,14 @@ __global__ void __launch_bounds__(kDirectWarps * 32, 2) quant_gemv_direct_kernel
         const float4 xv = xs4[v * (VW / 4) + h];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          part[r] = fmaf(weight_of<INT4>(wv[r][j], 4 * h), xv.x, part[r]);
-          part[r] = fmaf(weight_of<INT4>(wv[r][j], 4 * h + 1), xv.y, part[r]);
-          part[r] = fmaf(weight_of<INT4>(wv[r][j], 4 * h + 2), xv.z, part[r]);
-          part[r] = fmaf(weight_of<INT4>(wv[r][j], 4 * h + 3), xv.w, part[r]);
+          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h), xv.x, part[r]);
+          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h + 1), xv.y, part[r]);
+          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h + 2), xv.z, part[r]);
+          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h + 3), xv.w, part[r]);
         }
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = fmaf(sc[r][j], part[r], acc[r]);
+      for (int r = 0; r < R; ++r) acc[r] = kScaled ? fmaf(sc[r][j], part[r], acc[r]) : acc[r] + part[r];
     }
     if (s0 + U * 32 < KV) load(s0 + U * 32);
   }
@@ -182,22 +190,25 @@ __global__ void __launch_bounds__(kDirectWarps * 32, 2) quant_gemv_direct_kernel
   }
 }
 
-// Whether the register kernel takes this call: one token, 16-byte vectors inside one group, aligned pointers, x
-// within kDirectMaxX.
-bool direct_ok(const float* x, const QuantMatrix& w, int T, int K) {
-  const int vw = w.dtype == DType::I4 ? 32 : 16;
-  return T == 1 && K % vw == 0 && w.group % vw == 0 && static_cast<size_t>(K) * sizeof(float) <= kDirectMaxX &&
-         reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w.q) % 16 == 0;
+}  // namespace
+
+bool gemv_register_kernel(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated) {
+  const int vw = w.dtype == DType::I4 ? 32 : w.dtype == DType::I8 ? 16 : 8;
+  const bool scaled = w.dtype == DType::I8 || w.dtype == DType::I4;
+  if (!(T == 1 && (scaled || w.dtype == DType::BF16) && K % vw == 0 && (!scaled || w.group % vw == 0) &&
+        static_cast<size_t>(K) * sizeof(float) <= kDirectMaxX && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(w.q) % 16 == 0))
+    return false;
+  const dim3 grid((N + kDirectWarps * kDirectRows - 1) / (kDirectWarps * kDirectRows)), block(kDirectWarps * 32);
+  const size_t smem = static_cast<size_t>(K) * sizeof(float);
+  const int g = gated ? 1 : 0;
+  if (w.dtype == DType::I4) launch_pdl(ctx, quant_gemv_direct_kernel<Format::I4>, grid, block, smem, x, w, y, N, K, g);
+  else if (w.dtype == DType::I8) launch_pdl(ctx, quant_gemv_direct_kernel<Format::I8>, grid, block, smem, x, w, y, N, K, g);
+  else launch_pdl(ctx, quant_gemv_direct_kernel<Format::BF16>, grid, block, smem, x, w, y, N, K, g);
+  return true;
 }
 
-void launch_direct(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int N, int K, bool gated) {
-  const dim3 grid((N + kDirectWarps * kDirectRows - 1) / (kDirectWarps * kDirectRows));
-  const size_t smem = static_cast<size_t>(K) * sizeof(float);
-  if (w.dtype == DType::I4)
-    launch_pdl(ctx, quant_gemv_direct_kernel<true>, grid, dim3(kDirectWarps * 32), smem, x, w, y, N, K, gated ? 1 : 0);
-  else
-    launch_pdl(ctx, quant_gemv_direct_kernel<false>, grid, dim3(kDirectWarps * 32), smem, x, w, y, N, K, gated ? 1 : 0);
-}
+namespace {
 
 // Runs `pass(t0, n)` over tokens [0, T) in passes of at most Gemv::kMaxTokens; false if a pass was refused.
 template <typename Pass>
@@ -215,7 +226,7 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
              " tokens, not ", T);
   WEFT_CHECK(w.dtype == DType::I8 || w.dtype == DType::I4, "matmul", "w dtype ", dtype_name(w.dtype), " is not quantized");
   if (N == 0) return;
-  if (path != QuantGemvPath::Ring && direct_ok(x, w, T, K)) return launch_direct(ctx, x, w, y, N, K, gated);
+  if (path != QuantGemvPath::Ring && gemv_register_kernel(ctx, x, w, y, T, N, K, gated)) return;
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
   // A refusal depends on the shape and pointers alone, so it comes on the first pass, before anything is written.
   if (in_passes(T, [&](int t0, int n) { return gemv.run_quant(x + t0 * x_width, w, y + static_cast<size_t>(t0) * N, n, N, K, gated); }))
