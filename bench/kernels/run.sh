@@ -8,7 +8,7 @@ out=${BUILD_DIR:-/tmp/weft-bench}
 mkdir -p "$out"
 src=native/src/cuda
 nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I native/src -Xptxas -v \
-  bench/kernels/matmul-bench.cu $src/matmul.cu $src/gemv.cu $src/expert-gemv.cu $src/gemm.cu $src/bandwidth.cu \
+  bench/kernels/matmul-bench.cu $src/matmul.cu $src/gemv.cu $src/gemv-one-token.cu $src/expert-gemv.cu $src/gemm.cu $src/bandwidth.cu \
   $src/cublas-loader.cu $src/device.cc \
   -o "$out/matmul-bench" -ldl 2> "$out/ptxas.txt" || { cat "$out/ptxas.txt"; exit 1; }
 [ -n "${BUILD_ONLY:-}" ] || "$out/matmul-bench" "$@"

@@ -122,6 +122,10 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { retu
     }                                          \
   }
 
+// silu(g) * u with one rounding rule everywhere it is formed (siluMul and the GEMVs that fuse it), so a fused
+// product equals the two separate ops bit for bit.
+__device__ __forceinline__ float silu_times(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

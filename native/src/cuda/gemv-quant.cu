@@ -1,9 +1,5 @@
 // The quantized GEMV's entry points and dequantization (gemv-quant.cuh).
-//   - One token (decode at batch 1), x within kDirectMaxX: the register kernel here. Each warp owns 2 rows; lane l
-//     loads vectors l, l + 32, ... of both rows (16 bytes each, with their scales) straight into registers, 8 per
-//     row at a time, so nothing passes through shared memory but x. Measured on H200 (bench/RESULTS.md): gemv.cu's
-//     ring kernel, DRAM-bound on bf16, is bound by its shared-memory traffic and issue rate on int8/int4, whose
-//     bytes carry 2-4x the weights.
+//   - One int8 token (decode at batch 1): gemv_one_token (gemv-one-token.cu), the weights straight into registers.
 //   - Otherwise gemv.cu's vector kernel (Gemv::run_quant): each 16-byte vector (16 int8 or 32 int4 weights, inside
 //     one group) is unpacked with exponent tricks, its products summed in fp32 and multiplied by the group's scale.
 //     It takes up to Gemv::kMaxTokens tokens; 9..16 tokens run as two halves, each reading the weights once (at 16
@@ -18,15 +14,13 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/gemv-one-token.cuh"
 #include "error.h"
 
 namespace weft::cuda {
 namespace {
 
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
-
-// silu(g) * u exactly as siluMul computes it (elementwise.cu), so the fused product equals the two ops.
-__device__ __forceinline__ float silu_times(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
 
 __device__ __forceinline__ float quant_value(const QuantMatrix& w, size_t row, int K, int k) {
   const float scale = bf16_bits_to_f32(w.scales[row * (K / w.group) + k / w.group]);
@@ -92,124 +86,6 @@ __global__ void dequantize_scalar_kernel(const QuantMatrix w, __nv_bfloat16* __r
     out[i] = __float2bfloat16_rn(quant_value(w, static_cast<size_t>(i / K), K, static_cast<int>(i % K)));
 }
 
-constexpr int kDirectWarps = 8;
-constexpr int kDirectRows = 2;                 // rows per warp
-constexpr int kDirectSteps = 8;                // 16-byte vectors per row loaded before the first is used
-constexpr size_t kDirectMaxX = 48 * 1024;      // bytes of x (one token, f32) a block stages
-
-// The register kernel's weight formats: bf16 (no scales; the benchmark's comparison with gemv.cu), int8, int4.
-enum class Format { BF16, I8, I4 };
-template <Format F> constexpr int kVectorWeights = F == Format::BF16 ? 8 : F == Format::I8 ? 16 : 32;
-
-// Weight i of a 16-byte vector as a float. int8: byte b as the float 2^23 + (b + 128) (a byte permute into
-// 0x4B0000uu, sign bit flipped), minus 2^23 + 128; int4: code c as 2^23 + c, minus 2^23 + 8. Exact; cheaper than
-// an int-to-float conversion.
-template <Format F>
-__device__ __forceinline__ float weight_of(const uint4& u, int i) {
-  const uint32_t word = (&u.x)[i * 4 / kVectorWeights<F>];
-  if constexpr (F == Format::BF16) return __uint_as_float(i & 1 ? word & 0xffff0000u : word << 16);
-  else if constexpr (F == Format::I4) return __uint_as_float(0x4B000000u | ((word >> (4 * (i & 7))) & 0xfu)) - 8388616.0f;
-  else return __uint_as_float(__byte_perm(word ^ 0x80808080u, 0x4B000000u, 0x7650u | (i & 3))) - 8388736.0f;
-}
-
-// y [1, N] = x [1, K] @ dequant(w)^T (gated: x = silu(gate) * up of a [1, 2K] row). Grid ceil(N / 16) blocks of
-// 256 threads; dynamic shared memory: x [K] f32. K a multiple of the vector (lanes past a row's end load nothing).
-template <Format F>
-__global__ void __launch_bounds__(kDirectWarps * 32, 2) quant_gemv_direct_kernel(const float* __restrict__ x, const QuantMatrix w,
-                                                                              float* __restrict__ y, int N, int K, int gated) {
-  constexpr int VW = kVectorWeights<F>;
-  constexpr bool kScaled = F != Format::BF16;
-  constexpr int R = kDirectRows, U = kDirectSteps;
-  extern __shared__ float4 xs4[];
-  pdl_trigger();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = (blockIdx.x * kDirectWarps + warp) * R;
-  const int KV = K / VW, n_groups = kScaled ? K / w.group : 0;
-  const uint4* wrow[R];
-  const uint16_t* srow[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, N - 1);  // rows past N read row N - 1 and are not stored
-    wrow[r] = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w.q) + static_cast<size_t>(row) * KV * 16);
-    srow[r] = w.scales + static_cast<size_t>(row) * n_groups;
-  }
-  uint4 wv[R][U];
-  float sc[R][U];
-  const auto load = [&](int s0) {
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      const int v = s0 + j * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        wv[r][j] = v < KV ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-        if constexpr (kScaled)
-          sc[r][j] = v < KV ? __uint_as_float(static_cast<uint32_t>(__ldg(srow[r] + v * VW / w.group)) << 16) : 0.f;
-      }
-    }
-  };
-  load(0);     // the weights do not depend on the kernel before: requested before waiting for it
-  pdl_wait();  // x comes from the kernel before
-  for (int i = threadIdx.x; i < K / 4; i += kDirectWarps * 32) {
-    float4 v = reinterpret_cast<const float4*>(x)[i];
-    if (gated) {
-      const float4 up = reinterpret_cast<const float4*>(x + K)[i];
-      v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
-    }
-    xs4[i] = v;
-  }
-  __syncthreads();
-  float acc[R] = {};
-  for (int s0 = 0; s0 < KV; s0 += U * 32) {
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      const int v = s0 + j * 32 + lane;
-      if (v >= KV) break;
-      float part[R] = {};
-#pragma unroll
-      for (int h = 0; h < VW / 4; ++h) {
-        const float4 xv = xs4[v * (VW / 4) + h];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h), xv.x, part[r]);
-          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h + 1), xv.y, part[r]);
-          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h + 2), xv.z, part[r]);
-          part[r] = fmaf(weight_of<F>(wv[r][j], 4 * h + 3), xv.w, part[r]);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = kScaled ? fmaf(sc[r][j], part[r], acc[r]) : acc[r] + part[r];
-    }
-    if (s0 + U * 32 < KV) load(s0 + U * 32);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float s = acc[r];
-#pragma unroll
-    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0 && row0 + r < N) y[row0 + r] = s;
-  }
-}
-
-}  // namespace
-
-bool gemv_register_kernel(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated) {
-  const int vw = w.dtype == DType::I4 ? 32 : w.dtype == DType::I8 ? 16 : 8;
-  const bool scaled = w.dtype == DType::I8 || w.dtype == DType::I4;
-  if (!(T == 1 && (scaled || w.dtype == DType::BF16) && K % vw == 0 && (!scaled || w.group % vw == 0) &&
-        static_cast<size_t>(K) * sizeof(float) <= kDirectMaxX && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-        reinterpret_cast<uintptr_t>(w.q) % 16 == 0))
-    return false;
-  const dim3 grid((N + kDirectWarps * kDirectRows - 1) / (kDirectWarps * kDirectRows)), block(kDirectWarps * 32);
-  const size_t smem = static_cast<size_t>(K) * sizeof(float);
-  const int g = gated ? 1 : 0;
-  if (w.dtype == DType::I4) launch_pdl(ctx, quant_gemv_direct_kernel<Format::I4>, grid, block, smem, x, w, y, N, K, g);
-  else if (w.dtype == DType::I8) launch_pdl(ctx, quant_gemv_direct_kernel<Format::I8>, grid, block, smem, x, w, y, N, K, g);
-  else launch_pdl(ctx, quant_gemv_direct_kernel<Format::BF16>, grid, block, smem, x, w, y, N, K, g);
-  return true;
-}
-
-namespace {
-
 // Runs `pass(t0, n)` over tokens [0, T) in passes of at most Gemv::kMaxTokens; false if a pass was refused.
 template <typename Pass>
 bool in_passes(int T, Pass&& pass) {
@@ -226,7 +102,8 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
              " tokens, not ", T);
   WEFT_CHECK(w.dtype == DType::I8 || w.dtype == DType::I4, "matmul", "w dtype ", dtype_name(w.dtype), " is not quantized");
   if (N == 0) return;
-  if (path != QuantGemvPath::Ring && gemv_register_kernel(ctx, x, w, y, T, N, K, gated)) return;
+  if (path != QuantGemvPath::Ring && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated))
+    return;
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
   // A refusal depends on the shape and pointers alone, so it comes on the first pass, before anything is written.
   if (in_passes(T, [&](int t0, int n) { return gemv.run_quant(x + t0 * x_width, w, y + static_cast<size_t>(t0) * N, n, N, K, gated); }))

@@ -19,11 +19,7 @@ constexpr int kQuantGemvMaxTokens = 16;
 // silu(gate) * up as it stages x. gemv's vector kernel runs it (Gemv::run_quant: a ring of asynchronous copies, K
 // split over a cluster, the weights requested before the kernel before ends), 9..16 tokens in two passes; shapes
 // it refuses take a scalar kernel. Capturable (no allocation, no sync). Throws weft::Error.
-// The one-token register kernel (gemv-quant.cu) for int8, int4 or (w.dtype BF16, scales unused) bf16 weights; false
-// when it does not take the call (T != 1, K beyond its x buffer or not a multiple of the vector, misaligned).
-bool gemv_register_kernel(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated);
-
-// path: Auto (weft's choice), or Ring to run gemv.cu's kernel where the register kernel would (the benchmark).
+// path: Auto (weft's choice), or Ring to run gemv.cu's kernel where gemv_one_token would (the benchmark).
 enum class QuantGemvPath { Auto, Ring };
 void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
                 bool gated, QuantGemvPath path = QuantGemvPath::Auto);

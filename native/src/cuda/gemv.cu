@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/gemv-one-token.cuh"
 #include "cuda/expert-slots.cuh"
 #include "error.h"
 
@@ -97,9 +98,6 @@ __device__ __forceinline__ void unpack4<QInt4>(const uint4& u, int h, float (&f)
 #pragma unroll
   for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 0xfu)) - 8388616.0f;
 }
-
-// silu(g) * u exactly as siluMul computes it (elementwise.cu), so the fused product equals the two ops.
-__device__ __forceinline__ float silu_times(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
 
 // Reduce-scatter of V partial sums over the 32 lanes of a warp. Afterwards, for V >= 32, lane l holds the
 // full sums of indices l*(V/32) + i in a[i], i < V/32; for V < 32 lane l holds index l >> (5 - log2 V) in a[0].
@@ -619,6 +617,8 @@ bool Gemv::run_quant_experts(const float* x, const QuantMatrix& w, float* y, int
 
 void Gemv::run(const float* x, const void* w, DType dt, float* y, int T, int N, int K, bool gated,
                const GemvTuning& tuning) {
+  if (T == 1 && tuning.one_token && gemv_one_token(Ctx{st_, stream_, nullptr}, x, w, dt, nullptr, 0, y, N, K, gated))
+    return;
   if (launch_vector(x, w, dt, y, T, N, K, nullptr, gated, tuning)) return;
   const bool vector_ok = gemv_vector_ok(x, w, dt, K);
   if (gated && !(vector_ok && T > 1))

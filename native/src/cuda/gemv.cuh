@@ -49,6 +49,7 @@ struct GemvTuning {
   int waves = 0;    // at least this many waves of clusters; 0: as few as the partial sums allow
   int u = 0;        // 16-byte steps per row per ring stage, 1 or 2; 0: 2 (1 for quantized weights)
   bool pdl = true;  // launch as a programmatic dependent of the kernel before (pdl_wait, common.cuh)
+  bool one_token = true;  // one bf16 token: gemv_one_token's register kernel where it takes the call; false: the ring
 };
 
 class Gemv {  // one per engine: device limits and an occupancy cache

@@ -1,0 +1,22 @@
+// weft::cuda::gemv_one_token: y [1, N] f32 = x [1, K] f32 @ w [N, K]^T for one token (decode at batch 1), w bf16 or
+// int8 with bf16 scales per group (gemv.cuh QuantMatrix), the weights loaded straight into registers
+// (gemv-one-token.cu). Gemv::run (bf16) and quant_gemv (int8) call it first for one token.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/device.h"
+#include "tensor.h"  // weft::DType
+
+namespace weft::cuda {
+
+// w: bf16 [N, K] (scales null) or int8 [N, K] with scales [N, K / group]. gated: x is [1, 2K] ([gate | up]) and the
+// product reads silu(gate) * up. False (nothing launched) when the kernel does not take the call: another dtype, K
+// not a multiple of the 16-byte vector or of the group, x beyond its buffer (K > 16384), misaligned pointers.
+// Capturable (no allocation, no sync).
+bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+                    float* y, int N, int K, bool gated);
+
+}  // namespace weft::cuda
