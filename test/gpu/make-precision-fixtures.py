@@ -68,7 +68,8 @@ def write_checkpoint(d, seed, family, c):
     save_file(sd, os.path.join(d, 'model.safetensors'), metadata={'format': 'pt'})
     config_class = MixtralConfig if family == 'mixtral' else LlamaConfig
     config = config_class(**c).to_dict()
-    config['dtype'] = config['torch_dtype'] = 'bfloat16'
+    config.pop('torch_dtype', None)  # transformers 5 writes `dtype`; weft reads either
+    config['dtype'] = 'bfloat16'
     config['architectures'] = ['MixtralForCausalLM' if family == 'mixtral' else 'LlamaForCausalLM']
     with open(os.path.join(d, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2, default=str)
