@@ -3,12 +3,16 @@
  * along its intermediate dimension, so a layer costs one all-reduce and all ranks work on every token; or,
  * with expert parallelism, whole experts split across ranks, and the same all-reduce adds the ranks' parts.
  * The router follows Hugging Face: softmax over all experts in fp32, top-k, weights renormalised to sum 1.
+ * Its logits are computed in fp32 too, the weight held in f32 whatever the checkpoint stores (it is tiny): with
+ * a 16-bit weight, a prefill step's product would round x to it first (tensor cores), and where two experts'
+ * logits nearly tie that rounding alone flips the choice, moving that token's output far more than any other
+ * rounding of the layer does.
  */
 import type { AttentionWeights, FeedForward } from './llama.ts';
 import type { Tensor } from './ops.ts';
 
 export interface MixtralLayer extends AttentionWeights {
-  readonly router: Tensor; // [nExperts, hidden]
+  readonly router: Tensor; // [nExperts, hidden] f32 (widened at load from a bf16/f16 checkpoint)
   readonly experts: {
     readonly w13: Tensor; // [nHeld, 2 expertFfnPerRank, hidden]: each held expert's gate rows, then its up rows
     readonly w2: Tensor; // [nHeld, hidden, expertFfnPerRank]

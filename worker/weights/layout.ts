@@ -4,7 +4,7 @@
  * (worker/models/*-family.ts); loadShard and the model builder walk it without knowing the family.
  */
 import type { Range } from '../../core/shard-plan.ts';
-import type { WeightFormat } from '../../core/weight-format.ts';
+import { dense, type WeightDType, type WeightFormat } from '../../core/weight-format.ts';
 
 /** Where one part of a weft tensor comes from: a whole HF tensor, a row range, or a column range of a matrix. */
 export interface SourceSlice {
@@ -22,6 +22,8 @@ export interface ShardTensor {
   readonly sources: readonly SourceSlice[];
   /** Same bytes as another tensor of the shard (tied LM head = embedding rows); read once, shared. */
   readonly aliasOf: string | null;
+  /** The checkpoint's dtype when it is narrower than `format` (f32): the values are widened at load, exactly. */
+  readonly widenedFrom?: WeightDType;
 }
 
 /** One tensor's bytes in host memory, raw little-endian, as loaded for one rank. */
@@ -35,6 +37,15 @@ export interface HostTensor {
 
 export function tensor(name: string, shape: number[], format: WeightFormat, sources: SourceSlice[]): ShardTensor {
   return { name, shape, format, sources, aliasOf: null };
+}
+/**
+ * A dense tensor held in f32 whatever the checkpoint stores (bf16 and f16 values widen exactly): for small
+ * tensors whose products must not round their input to 16 bits, the Mixtral router (a near-tie of two experts'
+ * logits flips the routing on a rounding).
+ */
+export function widenedToF32(t: ShardTensor): ShardTensor {
+  if (t.format.kind !== 'dense' || t.format.dtype === 'f32') return t;
+  return { ...t, format: dense('f32'), widenedFrom: t.format.dtype };
 }
 export function whole(hfName: string, hfShape: number[]): SourceSlice {
   return { hfName, hfShape, cut: 'all', range: null };

@@ -8,7 +8,7 @@ import { WeftError } from '../../core/errors.ts';
 import type { ModelSpec } from '../../core/model-spec.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
 import { weftDType, WeightFiles } from '../../core/safetensors.ts';
-import { dense, denseDType, formatBytes, scalesShape, storedBytes, type QuantizedFormat } from '../../core/weight-format.ts';
+import { dense, denseDType, formatBytes, scalesShape, storedBytes, type QuantizedFormat, type WeightDType } from '../../core/weight-format.ts';
 import { quantizeMatrix, scalesName, toFloat32 } from '../../core/weight-quantize.ts';
 import { familyOf, layoutContext } from '../models/registry.ts';
 import type { HostTensor, ShardTensor, SourceSlice } from './layout.ts';
@@ -46,7 +46,7 @@ const STORED: Record<string, string> = { f32: 'F32', f16: 'F16', bf16: 'BF16' };
 
 function readPlan(spec: ModelSpec, t: ShardTensor): ReadPlan {
   const format = t.format;
-  if (format.kind === 'dense') return { values: t.sources, valuesDType: STORED[format.dtype]!, scales: [], quantizeAtLoad: null };
+  if (format.kind === 'dense') return { values: t.sources, valuesDType: STORED[t.widenedFrom ?? format.dtype]!, scales: [], quantizeAtLoad: null };
   if (spec.quantization?.atLoad) return { values: t.sources, valuesDType: STORED[spec.dtype]!, scales: [], quantizeAtLoad: format };
   const int4 = format.kind === 'int4';
   const values = t.sources.map((s): SourceSlice => {
@@ -106,8 +106,10 @@ export async function loadShard(
         continue;
       }
       const plan = plans.get(t.name)!;
-      const readFormat = plan.quantizeAtLoad ? dense(spec.dtype) : t.format;
-      const data = await readParts(files, t.name, plan.values, formatBytes(readFormat, t.shape, t.name));
+      const readFormat = plan.quantizeAtLoad ? dense(spec.dtype) : t.widenedFrom ? dense(t.widenedFrom) : t.format;
+      const read = await readParts(files, t.name, plan.values, formatBytes(readFormat, t.shape, t.name));
+      const data = t.widenedFrom ? widen(read, t.widenedFrom) : read;
+      bytesRead += data.length - read.length; // progress counts the bytes held (shardBytes), widened ones included
       if (plan.quantizeAtLoad) {
         const k = t.shape.at(-1)!;
         const q = quantizeMatrix(toFloat32(data, spec.dtype), data.length / dtypeBytesOf(spec.dtype) / k, k, plan.quantizeAtLoad);
@@ -140,6 +142,12 @@ async function readParts(files: WeightFiles, name: string, parts: readonly Sourc
   return data;
 }
 
+/** bf16 or f16 values as f32 bytes (exact). */
+function widen(data: Uint8Array, from: WeightDType): Uint8Array {
+  const values = toFloat32(data, from);
+  return new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+}
+
 function dtypeBytesOf(dtype: ModelSpec['dtype']): number {
   return dtype === 'f32' ? 4 : 2;
 }
@@ -153,7 +161,7 @@ function checkSource(files: WeightFiles, t: ShardTensor, s: SourceSlice, stored:
   }
   if (t.format.kind === 'dense' || spec.quantization?.atLoad) {
     const dtype = weftDType(entry);
-    const expected = t.format.kind === 'dense' ? denseDType(t.format, t.name) : spec.dtype;
+    const expected = t.format.kind === 'dense' ? (t.widenedFrom ?? denseDType(t.format, t.name)) : spec.dtype;
     if (dtype !== expected) {
       throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${s.hfName}" is ${entry.dtype} but config.json declares ${expected} (weft does not convert weights)`);
     }
