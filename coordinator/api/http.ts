@@ -392,7 +392,7 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
       }
     }
     if (result.promptTokens === 0) result.promptTokens = handle.promptTokens;
-    if (stream) chunk(c.index, '', result.finish);
+    send('', result.finish); // with the log-probs of tokens whose text was held back (part of a character, a stop string's start)
     return result;
   };
   let results: ChoiceResult[];
