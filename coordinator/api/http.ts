@@ -25,7 +25,7 @@ import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
 import { HttpError, RequestGuards, answerClientError, requestIdOf, requireJson, slowClientLimits } from './http-guards.ts';
 import { chatSchema, choicesOf, completionSchema, logprobRequestOf, parseBody, promptsOf, refuseUnsupported, samplingOf, stopsOf, type Choice, type CommonBody, type LogprobRequest } from './openai-request.ts';
-import { LogprobWriter, cumulativeLogprob, type LoggedToken, type TokenText } from './openai-logprobs.ts';
+import { LogprobWriter, answered, echoesOf, mergeLogprobs, type LoggedToken, type TokenText } from './openai-logprobs.ts';
 
 export interface HttpGatewayOptions {
   /** Defaults to 127.0.0.1. */
@@ -297,29 +297,6 @@ interface ChoiceResult {
   tokens: LoggedToken[];
 }
 
-/** What echo puts before a prompt's choices: its text, and its tokens with their log-probs when asked. */
-interface Echo {
-  readonly text: string;
-  readonly tokens: LoggedToken[] | null;
-}
-
-/** The echo of each prompt (by the index of its first choice), scored when log-probs are asked. */
-async function echoesOf(cluster: Cluster, choices: readonly Choice[], top: number | null): Promise<Map<Choice['request'], Echo>> {
-  const echoes = new Map<Choice['request'], Echo>();
-  for (const { request } of choices) {
-    if (echoes.has(request)) continue;
-    const text = 'prompt' in request ? request.prompt : await cluster.detokenize(request.promptIds);
-    if (top === null) {
-      echoes.set(request, { text, tokens: null });
-      continue;
-    }
-    const ids = 'prompt' in request ? await cluster.tokenize(request.prompt) : request.promptIds;
-    const scored = await cluster.score(ids, { topLogprobs: top });
-    echoes.set(request, { text, tokens: ids.map((token, i) => ({ token, logprob: scored.top?.[i] ?? null })) });
-  }
-  return echoes;
-}
-
 /**
  * Runs a request's choices (each a sequence of its own) and answers with all of them: as one JSON body, or as SSE
  * chunks tagged with each choice's index, interleaved as tokens come. A choice the cluster refuses at submission
@@ -417,7 +394,7 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
     res.end('data: [DONE]\n\n');
     return;
   }
-  const answers = answered(choices, results, body.n ?? 1).map(({ choice: c, result: r, index }) => {
+  const answers = answered(choices, results, asked.samples, body.n ?? 1).map(({ choice: c, result: r, index }) => {
     const echo = echoes?.get(c.request);
     const writer = writerOf();
     const echoed = writer && echo?.tokens ? writer.write(echo.tokens) : null; // first: text_offset runs on into the answer
@@ -428,25 +405,4 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
       : { index, text: (echo?.text ?? '') + r.text, logprobs: merged, finish_reason: r.finish };
   });
   sendJson(res, 200, { id, object, created, model: modelName, choices: answers, usage });
-}
-
-/**
- * The choices answered: all of them, or with best_of (more samples per prompt than n) each prompt's n samples of
- * the highest cumulative log-prob, best first, numbered prompt * n + rank as OpenAI numbers them.
- */
-function answered(choices: readonly Choice[], results: readonly ChoiceResult[], n: number): { choice: Choice; result: ChoiceResult; index: number }[] {
-  const all = choices.map((choice, i) => ({ choice, result: results[i]!, index: choice.index }));
-  const perPrompt = choices.filter((c) => c.request === choices[0]!.request).length;
-  if (perPrompt === n) return all;
-  const out: { choice: Choice; result: ChoiceResult; index: number }[] = [];
-  for (let p = 0; p < all.length / perPrompt; p++) {
-    const ranked = all.slice(p * perPrompt, (p + 1) * perPrompt).sort((a, b) => cumulativeLogprob(b.result.tokens) - cumulativeLogprob(a.result.tokens) || a.index - b.index);
-    ranked.slice(0, n).forEach((entry, rank) => out.push({ ...entry, index: p * n + rank }));
-  }
-  return out;
-}
-
-/** Two legacy (completions) logprobs objects as one: the echoed prompt's, then the answer's. */
-function mergeLogprobs(first: Record<string, unknown>, second: Record<string, unknown>): Record<string, unknown> {
-  return Object.fromEntries(Object.keys(first).map((key) => [key, [...(first[key] as unknown[]), ...(second[key] as unknown[])]]));
 }

@@ -4,8 +4,11 @@
  * Each choice writes its tokens through one LogprobWriter, so a streamed answer's chunks continue the text
  * offsets where the previous chunk ended. The values are the log-softmax of the model's raw logits (before
  * temperature, top-k and top-p), as vLLM's default; a token's text is its id decoded alone (special tokens kept).
+ * Also here: what `echo` puts first (echoesOf) and which samples `best_of` answers (answered).
  */
 import type { TokenLogprob } from '../generate.ts';
+import type { Cluster } from '../cluster.ts';
+import type { Choice } from './openai-request.ts';
 
 /** One token of an answer with its log-probs; null for the prompt's first token (nothing predicts it). */
 export interface LoggedToken {
@@ -61,3 +64,46 @@ export class LogprobWriter {
 
 /** Sum of the tokens' log-probs: how best_of ranks its samples. */
 export const cumulativeLogprob = (tokens: readonly LoggedToken[]): number => tokens.reduce((sum, t) => sum + (t.logprob?.logprob ?? 0), 0);
+
+/** What echo puts before a prompt's choices: its text, and its tokens with their log-probs when asked. */
+export interface Echo {
+  readonly text: string;
+  readonly tokens: LoggedToken[] | null;
+}
+
+/** The echo of each prompt (keyed by the request its choices share), its tokens scored when log-probs are asked. */
+export async function echoesOf(cluster: Cluster, choices: readonly Choice[], top: number | null): Promise<Map<Choice['request'], Echo>> {
+  const echoes = new Map<Choice['request'], Echo>();
+  for (const { request } of choices) {
+    if (echoes.has(request)) continue;
+    const text = 'prompt' in request ? request.prompt : await cluster.detokenize(request.promptIds);
+    if (top === null) {
+      echoes.set(request, { text, tokens: null });
+      continue;
+    }
+    const ids = 'prompt' in request ? await cluster.tokenize(request.prompt) : request.promptIds;
+    const scored = await cluster.score(ids, { topLogprobs: top });
+    echoes.set(request, { text, tokens: ids.map((token, i) => ({ token, logprob: scored.top?.[i] ?? null })) });
+  }
+  return echoes;
+}
+
+/**
+ * The choices answered: all of them, or with best_of (more samples per prompt than n) each prompt's n samples of
+ * the highest cumulative log-prob, best first, numbered prompt * n + rank as OpenAI numbers them.
+ */
+export function answered<R extends { readonly tokens: readonly LoggedToken[] }>(choices: readonly Choice[], results: readonly R[], perPrompt: number, n: number): { choice: Choice; result: R; index: number }[] {
+  const all = choices.map((choice, i) => ({ choice, result: results[i]!, index: choice.index }));
+  if (perPrompt === n) return all;
+  const out: { choice: Choice; result: R; index: number }[] = [];
+  for (let p = 0; p < all.length / perPrompt; p++) {
+    const ranked = all.slice(p * perPrompt, (p + 1) * perPrompt).sort((a, b) => cumulativeLogprob(b.result.tokens) - cumulativeLogprob(a.result.tokens) || a.index - b.index);
+    ranked.slice(0, n).forEach((entry, rank) => out.push({ ...entry, index: p * n + rank }));
+  }
+  return out;
+}
+
+/** Two legacy (completions) logprobs objects as one: the echoed prompt's, then the answer's. */
+export function mergeLogprobs(first: Record<string, unknown>, second: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(Object.keys(first).map((key) => [key, [...(first[key] as unknown[]), ...(second[key] as unknown[])]]));
+}
