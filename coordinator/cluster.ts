@@ -24,10 +24,11 @@ import { TextPool } from './text-pool.ts';
 import type { ChatMessage, ChatPrompter } from './chat-template.ts';
 import { contextName, parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
-import { SequenceState, type GenerationEvent } from './generate.ts';
+import { SequenceState, type GenerationEvent, type TokenLogprob } from './generate.ts';
 import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
+import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
 import { DEFAULT_KV_CACHE_SEQUENCES, KvBlockTable, kvCacheLayout, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
@@ -130,6 +131,8 @@ export interface ScoreResult {
   readonly logprobs: (number | null)[];
   /** with `full`: the log-softmax row for every position, [ids.length][vocab] */
   readonly full?: Float32Array[];
+  /** with `topLogprobs`: per token (entry 0 null), its log-prob and that many most likely alternatives */
+  readonly top?: (TokenLogprob | null)[];
 }
 
 export interface ModelInfo {
@@ -484,6 +487,9 @@ export class Cluster {
     const promptIds = await this.promptIds(request);
     this.checkOpen(); // it may have closed while the prompt was tokenized
     const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
+    // a verify step's log-probs are the draft round's, not one sampled row's: not wired through the round
+    if (params.logprobs !== undefined && this.speculative)
+      throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft-model); serve without a draft model to get log-probs');
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);
@@ -511,11 +517,14 @@ export class Cluster {
   }
 
   /** Log-probabilities of each token of `ids` given the ones before it, in one forward pass. */
-  async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number } = {}): Promise<ScoreResult> {
+  async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number; topLogprobs?: number } = {}): Promise<ScoreResult> {
     this.checkOpen();
     const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext, this.contextName);
+    const top = options.topLogprobs;
+    if (top !== undefined && !(Number.isInteger(top) && top >= 0 && top <= MAX_TOP_LOGPROBS))
+      throw new WeftError('WEFT_BAD_REQUEST', `score: topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${top}`);
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
-    return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined);
+    return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined, top ?? null);
   }
 
   info(): ModelInfo {

@@ -5,15 +5,33 @@
  * seed gives the same tokens on any TP degree, backend and batch mix.
  */
 import type { SamplingParams } from './sampling-params.ts';
+import type { TokenLogprobs } from '../core/step-batch.ts';
 import { SeededRng } from './rng.ts';
 
 export type FinishReason = 'stop' | 'length';
+
+/**
+ * A token's log-prob and its most likely alternatives (highest first, ties to the lower id), as the log-softmax
+ * of the model's raw logits: before temperature, top-k and top-p, so they rate the model, not the sampler.
+ */
+export interface TokenLogprob {
+  readonly logprob: number;
+  readonly top: readonly { readonly token: number; readonly logprob: number }[];
+}
+
+/** A step's TokenLogprobs (parallel arrays) as a TokenLogprob; alternatives past the vocabulary (id -1) dropped. */
+export function tokenLogprobOf(wire: TokenLogprobs): TokenLogprob {
+  const top = wire.topIds.flatMap((token, j) => (token >= 0 ? [{ token, logprob: wire.topLogprobs[j]! }] : []));
+  return { logprob: wire.logprob, top };
+}
 
 export interface GeneratedToken {
   readonly type: 'token';
   readonly token: number;
   /** text that became final with this token (may be empty while a multi-byte character is incomplete) */
   readonly text: string;
+  /** with SamplingParams.logprobs: this token's log-prob and alternatives */
+  readonly logprobs?: TokenLogprob;
 }
 
 export interface GenerationDone {
@@ -26,6 +44,8 @@ export interface GenerationDone {
   readonly timeToFirstTokenS: number;
   /** decode tokens per second after the first token */
   readonly decodeTokensPerS: number;
+  /** with SamplingParams.logprobs: one per token of `tokens` (the stop token's included) */
+  readonly logprobs?: TokenLogprob[];
 }
 
 export type GenerationEvent = GeneratedToken | GenerationDone;
@@ -39,6 +59,8 @@ export class SequenceState {
   /** tokens already in the KV cache (the position of input[0]) */
   position = 0;
   readonly generated: number[] = [];
+  /** [generated] with SamplingParams.logprobs, else empty */
+  private readonly logprobs: TokenLogprob[] = [];
   private text = '';
   readonly startedAt = performance.now();
   firstTokenAt: number | null = null;
@@ -59,16 +81,18 @@ export class SequenceState {
     return this.rng.nextUniform();
   }
 
-  /** Take a sampled token; returns the events it produces (a token, and `done` when the sequence ends). */
-  accept(token: number): GenerationEvent[] {
+  /** Take a sampled token (and its log-probs, when asked for); returns the events it produces (a token, and `done` when the sequence ends). */
+  accept(token: number, logprobs: TokenLogprobs | null = null): GenerationEvent[] {
     if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
     this.position += this.input.length;
     this.input = [token];
     this.generated.push(token);
+    const logprob = this.params.logprobs !== undefined && logprobs ? tokenLogprobOf(logprobs) : null;
+    if (logprob) this.logprobs.push(logprob);
     if (this.stopIds.has(token)) return [this.finish('stop')];
     const piece = this.decoder.push(token);
     this.text += piece;
-    const events: GenerationEvent[] = [{ type: 'token', token, text: piece }];
+    const events: GenerationEvent[] = [{ type: 'token', token, text: piece, ...(logprob && { logprobs: logprob }) }];
     if (this.generated.length >= this.params.maxNewTokens) events.push(this.finish('length'));
     return events;
   }
@@ -86,6 +110,7 @@ export class SequenceState {
       promptTokens: this.promptIds.length,
       timeToFirstTokenS: (firstTokenAt - this.startedAt) / 1000,
       decodeTokensPerS: n > 1 && decodeSeconds > 0 ? (n - 1) / decodeSeconds : 0,
+      ...(this.params.logprobs !== undefined && { logprobs: [...this.logprobs] }),
     };
   }
 }

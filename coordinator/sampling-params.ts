@@ -3,12 +3,13 @@
  * WEFT_BAD_REQUEST whose message names the field (as the caller spelled it) and the offending value.
  *
  * Field names: the camelCase names of {@link SamplingParams}, or their snake_case spellings
- * (`top_k`, `top_p`, `max_new_tokens`, `ignore_eos`, `stop_token_ids`); giving both spellings of one field
+ * (`top_k`, `top_p`, `max_new_tokens`, `ignore_eos`, `stop_token_ids`, `top_logprobs`); giving both spellings of one field
  * is an error, and so is any other key. A field that is `undefined` or `null` takes its default.
  */
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { WeftError } from '../core/errors.ts';
+import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
 
 export interface SamplingParams {
   /** softmax temperature; 0 means greedy (argmax). Default **0 (greedy)**. Finite, in [0, 100]. */
@@ -25,6 +26,11 @@ export interface SamplingParams {
   ignoreEos: boolean;
   /** extra ids that end generation (the id is emitted, then generation stops). Default []. Integers in [0, vocabSize). */
   stopTokenIds: number[];
+  /**
+   * return each sampled token's log-prob and this many most likely alternatives (GeneratedToken.logprobs): the
+   * log-softmax of the model's raw logits, before temperature, top-k and top-p. Default: absent (none). Integer in [0, 20].
+   */
+  logprobs?: number;
 }
 
 export interface SamplingLimits {
@@ -56,6 +62,7 @@ const SPELLINGS = {
   maxNewTokens: ['maxNewTokens', 'max_new_tokens'],
   ignoreEos: ['ignoreEos', 'ignore_eos'],
   stopTokenIds: ['stopTokenIds', 'stop_token_ids'],
+  logprobs: ['logprobs', 'top_logprobs'],
 } as const satisfies Record<keyof SamplingParams, readonly string[]>;
 type Field = keyof typeof SPELLINGS;
 
@@ -74,6 +81,7 @@ const schema = z.strictObject({
   maxNewTokens: integer(' >= 1').min(1, { error: 'must be >= 1' }).optional(),
   ignoreEos: z.boolean({ error: 'must be a boolean' }).optional(),
   stopTokenIds: z.array(integer(''), { error: 'must be an array of token ids' }).optional(),
+  logprobs: integer(' in [0, 20]').min(0, { error: 'must be in [0, 20]' }).max(MAX_TOP_LOGPROBS, { error: 'must be in [0, 20]' }).optional(),
 });
 
 function show(value: unknown): string {
@@ -99,7 +107,7 @@ function randomSeed(): number {
 /**
  * Validates `input` (an object of sampling fields, or undefined/null for all defaults) against the model
  * and prompt in `limits`, filling defaults: temperature 0 (greedy), topK 0 (off), topP 1, seed random,
- * maxNewTokens 16, ignoreEos false, stopTokenIds []. Throws WeftError WEFT_BAD_REQUEST.
+ * maxNewTokens 16, ignoreEos false, stopTokenIds [], no logprobs. Throws WeftError WEFT_BAD_REQUEST.
  */
 export function parseSamplingParams(input: unknown, limits: SamplingLimits): SamplingParams {
   if (input !== undefined && input !== null && (typeof input !== 'object' || Array.isArray(input)))
@@ -148,6 +156,7 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     maxNewTokens: p.maxNewTokens ?? SAMPLING_DEFAULTS.maxNewTokens,
     ignoreEos: p.ignoreEos ?? SAMPLING_DEFAULTS.ignoreEos,
     stopTokenIds: p.stopTokenIds ?? [...SAMPLING_DEFAULTS.stopTokenIds],
+    ...(p.logprobs !== undefined && { logprobs: p.logprobs }),
   };
 
   const { maxContext, promptLength, vocabSize, contextName: limitName = contextName(maxContext, false) } = limits;

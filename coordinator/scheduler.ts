@@ -27,7 +27,8 @@
  */
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
 import { WeftError } from '../core/errors.ts';
-import type { GenerationEvent, SequenceState } from './generate.ts';
+import { tokenLogprobOf, type GenerationEvent, type SequenceState, type TokenLogprob } from './generate.ts';
+import type { TokenLogprobs } from '../core/step-batch.ts';
 import { toFloat32 } from '../core/wire.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
 import type { KvBlockTable, KvSequenceId } from '../core/kv-block-table.ts';
@@ -85,6 +86,8 @@ export class Channel<T> implements AsyncIterable<T> {
 export interface ScoreOutput {
   logprobs: (number | null)[];
   full?: Float32Array[];
+  /** with `topLogprobs`: per token (entry 0 null), its log-prob and that many most likely alternatives */
+  top?: (TokenLogprob | null)[];
 }
 
 /** Hooks for metrics; every one optional. */
@@ -136,6 +139,8 @@ interface ScoreJob extends JobBase {
   readonly kind: 'score';
   readonly ids: readonly number[];
   readonly full: boolean;
+  /** alternatives per token to return (ScoreOutput.top); null: none */
+  readonly topLogprobs: number | null;
   resolve(result: ScoreOutput): void;
   reject(err: Error): void;
 }
@@ -212,10 +217,10 @@ export class Scheduler {
     return { promptTokens: seq.promptIds.length, events: job.events, cancel: (reason, outcome) => this.end(job, reason ?? new WeftError('WEFT_CANCELLED', 'the request was cancelled'), outcome ?? 'cancelled') };
   }
 
-  /** Queue a scoring pass. Throws WEFT_BUSY when the queue is full. */
-  submitScore(ids: readonly number[], full: boolean, timeoutMs?: number): Promise<ScoreOutput> {
+  /** Queue a scoring pass (with `topLogprobs` alternatives per token). Throws WEFT_BUSY when the queue is full. */
+  submitScore(ids: readonly number[], full: boolean, timeoutMs?: number, topLogprobs: number | null = null): Promise<ScoreOutput> {
     return new Promise((resolve, reject) => {
-      const job: ScoreJob = { kind: 'score', ids, full, resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
+      const job: ScoreJob = { kind: 'score', ids, full, topLogprobs, resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
       this.enqueue(job, timeoutMs);
     });
   }
@@ -432,7 +437,7 @@ export class Scheduler {
     const covered = this.covered(jobs, held, (job) => job.seq.position + job.seq.input.length);
     for (const job of covered) {
       const { seq, kv } = job;
-      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null);
       this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
     }
     return covered;
@@ -476,7 +481,7 @@ export class Scheduler {
       if (seq.generated.length + 1 >= seq.params.maxNewTokens || position >= maxContext) return;
       // one that must wait for blocks gets prev's draw on the host and joins a later step with it
       if (!this.cover(job, position + 1, held)) return;
-      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()));
+      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null);
       rows.push(job);
     });
     const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);
@@ -497,7 +502,7 @@ export class Scheduler {
     }
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
     const start = builder.append(this.kv.blocks(job.kv!), job.ids, 0);
-    for (const r of rows) builder.logits(start + r, { scoreId: job.ids[r + 1] ?? 0 });
+    for (const r of rows) builder.logits(start + r, { scoreId: job.ids[r + 1] ?? 0, topLogprobs: job.topLogprobs });
     return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job] };
   }
 
@@ -507,27 +512,28 @@ export class Scheduler {
       if (first.finished) return;
       this.release(first);
       const logprobs = [null, ...(result.logprobs ?? []).slice(0, first.ids.length - 1)];
-      if (!first.full || !result.fullLogprobs) return first.resolve({ logprobs });
+      const top = result.tokenLogprobs && { top: [null, ...result.tokenLogprobs.slice(0, first.ids.length - 1).map((t) => (t ? tokenLogprobOf(t) : null))] };
+      if (!first.full || !result.fullLogprobs) return first.resolve({ logprobs, ...top });
       const flat = toFloat32(result.fullLogprobs);
       const n = work.batch.logitRows.length;
       const vocab = flat.length / n;
-      return first.resolve({ logprobs, full: Array.from({ length: n }, (_, r) => flat.slice(r * vocab, (r + 1) * vocab)) });
+      return first.resolve({ logprobs, ...top, full: Array.from({ length: n }, (_, r) => flat.slice(r * vocab, (r + 1) * vocab)) });
     }
     work.rows.forEach((job, row) => {
       if (job.finished || job.kind !== 'generate') return; // cancelled while the step ran
       const token = result.tokens?.[row];
       if (token === undefined) return this.end(job, new WeftError('WEFT_PROTOCOL', `step returned no token for row ${row}`), 'error');
-      this.emit(job, [token]);
+      this.emit(job, [token], [result.tokenLogprobs?.[row] ?? null]);
     });
   }
 
-  /** Hand a sequence the tokens one step or round produced, in order, until it finishes. */
-  private emit(job: GenerateJob, tokens: readonly number[]): void {
+  /** Hand a sequence the tokens one step or round produced (with their log-probs, when asked), in order, until it finishes. */
+  private emit(job: GenerateJob, tokens: readonly number[], logprobs: readonly (TokenLogprobs | null)[] = []): void {
     const observer = this.options.observer;
-    for (const token of tokens) {
+    for (const [i, token] of tokens.entries()) {
       if (job.finished) return; // cancelled while the step ran, or done with tokens to spare
       const wasFirst = job.seq.firstTokenAt === null;
-      const events = job.seq.accept(token);
+      const events = job.seq.accept(token, logprobs[i] ?? null);
       if (wasFirst) observer?.firstToken?.((job.seq.firstTokenAt! - job.enqueuedAt) / 1000, job.seq.promptIds.length);
       observer?.tokens?.(1, job.seq);
       for (const event of events) {

@@ -26,6 +26,8 @@ export const GREEDY: RowSampling = { temperature: 0, topK: 0, topP: 1, uniform: 
 export interface LogitRequest {
   readonly sample?: RowSampling;
   readonly scoreId?: number;
+  /** the log-prob of the row's token and of this many alternatives (StepBatch.topLogprobs); absent or null: none */
+  readonly topLogprobs?: number | null;
 }
 
 export class StepBatchBuilder {
@@ -37,6 +39,7 @@ export class StepBatchBuilder {
   private readonly samples: RowSampling[] = []; // [R] or none
   private readonly scoreIds: number[] = []; // [R] or none
   private readonly feed: number[] = []; // [T]: -1, or the previous step's logit row the token is drawn at
+  private readonly topLogprobs: number[] = []; // [R]: -1, or the alternatives a row's log-probs come with
 
   /** `kvBlockSize`: positions per KV block, as the cluster's layout has it */
   constructor(private readonly kvBlockSize: number) {}
@@ -71,16 +74,16 @@ export class StepBatchBuilder {
    * Append one token of a sequence that is not known yet: the one the previous step draws at its logit row
    * `fromRow` (StepBatch.feed), fed at `position`; and sample the token that follows it.
    */
-  appendFed(blocks: readonly number[], fromRow: number, position: number, sample: RowSampling): void {
+  appendFed(blocks: readonly number[], fromRow: number, position: number, sample: RowSampling, topLogprobs: number | null = null): void {
     const first = this.append(blocks, [0], position);
     this.feed[first] = fromRow;
-    this.logits(first, { sample });
+    this.logits(first, { sample, topLogprobs });
   }
 
-  /** Append one sequence's tokens and sample the token that follows its last one. */
-  appendSampled(blocks: readonly number[], tokens: readonly number[], position: number, sample: RowSampling): void {
+  /** Append one sequence's tokens and sample the token that follows its last one (with its log-probs when `topLogprobs` is set). */
+  appendSampled(blocks: readonly number[], tokens: readonly number[], position: number, sample: RowSampling, topLogprobs: number | null = null): void {
     const first = this.append(blocks, tokens, position);
-    this.logits(first + tokens.length - 1, { sample });
+    this.logits(first + tokens.length - 1, { sample, topLogprobs });
   }
 
   /** Ask for the logits of batch row `row`; the answer comes in the order rows were asked for. */
@@ -89,6 +92,7 @@ export class StepBatchBuilder {
     this.logitRows.push(row);
     if (request.sample) this.samples.push(request.sample);
     if (request.scoreId !== undefined) this.scoreIds.push(request.scoreId);
+    this.topLogprobs.push(request.topLogprobs ?? -1);
   }
 
   /** The batch. Every logit row is sampled or none is, and likewise scored. */
@@ -108,6 +112,7 @@ export class StepBatchBuilder {
     if (this.scoreIds.length) batch.scoreIds = this.scoreIds;
     if (options.fullLogprobs) batch.fullLogprobs = true;
     if (this.feed.some((from) => from >= 0)) batch.feed = this.feed;
+    if (this.topLogprobs.some((k) => k >= 0)) batch.topLogprobs = this.topLogprobs;
     return batch;
   }
 }

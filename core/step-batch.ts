@@ -7,6 +7,8 @@ import { WeftError } from './errors.ts';
 
 const int = z.number().int();
 const nonNegInt = int.nonnegative();
+/** The most alternatives a row may ask for (StepBatch.topLogprobs): OpenAI's top_logprobs limit. */
+export const MAX_TOP_LOGPROBS = 20;
 
 /**
  * One forward step over a ragged batch: token t is fed at `positions[t]` of the sequence that owns row
@@ -37,6 +39,12 @@ export const stepBatchSchema = z
     /** return the whole log-softmax rows [logitRows, vocab] as float32 bytes */
     fullLogprobs: z.boolean().optional(),
     /**
+     * [logitRows] per logit row: -1, nothing; k in [0, MAX_TOP_LOGPROBS], the log-prob of the row's token (the one
+     * sampled, else scoreIds[r]) and of its k most likely alternatives (StepResult.tokenLogprobs). Rows at -1 cost
+     * nothing; the raw logits' log-softmax, before temperature, top-k and top-p.
+     */
+    topLogprobs: z.array(int.min(-1).max(MAX_TOP_LOGPROBS)).optional(),
+    /**
      * [T] where each token comes from: -1 = tokens[t]; r >= 0 = the token this rank's previous step sampled for
      * its logit row r (tokens[t] is then a placeholder). Every rank runs the steps in the order sent and draws the
      * same tokens, so the coordinator can send a decode step before the previous step's tokens are back.
@@ -55,6 +63,8 @@ export const stepBatchSchema = z
       ctx.addIssue({ code: 'custom', message: 'sample arrays must have one entry per logit row' });
     if (b.scoreIds && b.scoreIds.length !== n) ctx.addIssue({ code: 'custom', message: 'scoreIds must have one entry per logit row' });
     if (b.feed && b.feed.length !== b.tokens.length) ctx.addIssue({ code: 'custom', message: `feed must have one entry per token (${b.feed.length} for ${b.tokens.length} tokens)` });
+    if (b.topLogprobs && b.topLogprobs.length !== n) ctx.addIssue({ code: 'custom', message: 'topLogprobs must have one entry per logit row' });
+    if (b.topLogprobs && !b.sample && !b.scoreIds) ctx.addIssue({ code: 'custom', message: 'topLogprobs needs sampled or scored rows (their tokens are the ones it rates)' });
   });
 export type StepBatch = z.infer<typeof stepBatchSchema>;
 
@@ -72,6 +82,17 @@ export function checkKvPositions(batch: Pick<StepBatch, 'positions' | 'tokenSeq'
   });
 }
 
+const logprob = z.custom<number>((value) => typeof value === 'number', 'expected a number');
+/** One token's log-prob and its k most likely alternatives (highest first, ties to the lower id). */
+export const tokenLogprobsSchema = z
+  .object({
+    logprob,
+    topIds: z.array(int.min(-1)), // [k] token ids (-1: none, the vocabulary ran out)
+    topLogprobs: z.array(logprob), // [k]
+  })
+  .strict();
+export type TokenLogprobs = z.infer<typeof tokenLogprobsSchema>;
+
 /** What a rank answers to a step: rank 0 fills what the batch asked for (per logit row), the other ranks answer `{}`. */
 export const stepResultSchema = z
   .object({
@@ -81,6 +102,8 @@ export const stepResultSchema = z
     logprobs: z.array(z.custom<number>((value) => typeof value === 'number', 'expected a number')).optional(),
     /** float32 [logitRows, vocab], little-endian */
     fullLogprobs: z.custom<Uint8Array>((value) => value instanceof Uint8Array, 'expected bytes').optional(),
+    /** [logitRows] what StepBatch.topLogprobs asked for, null for rows that asked nothing */
+    tokenLogprobs: z.array(tokenLogprobsSchema.nullable()).optional(),
   })
   .strict();
 export type StepResult = z.infer<typeof stepResultSchema>;

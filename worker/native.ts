@@ -165,6 +165,13 @@ export interface Engine {
   /** logits [R, V] f32, ids [R] (each < V) -> [R] log_softmax(logits[r])[ids[r]]. */
   logprobs(logits: Tensor, ids: Int32Array): Float32Array;
   /**
+   * logits [R, V] f32, rows [Q] i32 (each < R), ids [R] i32, 0 <= k <= 20 -> [Q, 1 + 2k] f32: for logit row
+   * r = rows[q], log_softmax(logits[r])[ids[r]], then the k most likely ids (as floats, exact), then their
+   * log-probs; highest first, ties to the lower id (id -1 and -Infinity past a row's numbers). The raw logits'
+   * log-softmax (no temperature, top-k or top-p). On the device, so `ids` may be sampleTensor's draw; capturable.
+   */
+  topLogprobs(logits: Tensor, rows: Tensor, ids: Tensor, k: number): Tensor;
+  /**
    * logits [R, V] f32 (no NaN) and per-row arrays of length R -> [R] token ids. Per row: temperature <= 0 is
    * argmax (lowest index on ties). Otherwise z = logits / temperature; candidates sorted by z descending, ties
    * by lower index; topK > 0 keeps the first topK; p = softmax over kept (double, max subtracted); topP < 1

@@ -18,6 +18,7 @@
  * sampling inputs are the same), so every rank can feed its own next step.
  */
 import type { StepBatch, StepResult } from '../core/worker-protocol.ts';
+import { logprobAsks, readTokenLogprobs, type LogprobAsks } from './token-logprobs.ts';
 import { checkKvPositions } from '../core/step-batch.ts';
 import { maxBlocksPerSequence, type KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
@@ -75,6 +76,9 @@ interface DecodeGraph {
   readonly inputs: StepIndex & { feedFrom: Tensor; temperature: Tensor; topK: Tensor; topP: Tensor; uniform: Tensor };
   /** [max bucket] i32: row i of the draw goes to sampled[i] for i < bucket (-1 beyond) */
   readonly keepRows: Tensor;
+  /** graph-owned outputs of the captured run, rewritten by each replay: logits [bucket, vocab] f32, the draw [bucket] i32 */
+  readonly logits: Tensor;
+  readonly drawn: Tensor;
 }
 
 /** A launched step: queued on the device; `result` settles once its answer is on the host. */
@@ -237,16 +241,31 @@ export class StepRunner {
       const rows = batch.logitRows.length;
       ops.feedTokens(sampled, int32Tensor(ops, keepFirst(rows, sampled.shape[0]!)), drawn);
       this.last = { where: 'device', rows };
-      return this.answer(ops.downloadAsync(drawn), rows);
+      return this.answer(ops.downloadAsync(drawn), rows, this.queueLogprobs(batch, logits, drawn));
     } finally {
       ops.endStep();
     }
   }
 
-  /** Rank 0 answers with the first `rows` tokens of a queued download; the other ranks with {} once it landed. */
-  private answer(drawn: Promise<Float32Array | Int32Array>, rows: number): LaunchedStep {
+  /**
+   * Rank 0's log-probs of the rows that ask (StepBatch.topLogprobs) of `logits` [R, vocab] at `ids` [R] i32 (a draw
+   * on the device), downloaded behind the step; null when no row asks or on the other ranks. Inside a step.
+   */
+  private queueLogprobs(batch: StepBatch, logits: Tensor, ids: Tensor): { asks: LogprobAsks; values: Promise<Float32Array | Int32Array> } | null {
+    const asks = this.comm.rank === 0 ? logprobAsks(batch) : null;
+    if (!asks) return null;
+    return { asks, values: this.ops.downloadAsync(this.ops.topLogprobs(logits, int32Tensor(this.ops, asks.rows), ids, asks.k)) };
+  }
+
+  /**
+   * Rank 0 answers with the first `rows` tokens of a queued download (and the log-probs asked for); the other
+   * ranks with {} once it landed.
+   */
+  private answer(drawn: Promise<Float32Array | Int32Array>, rows: number, logprobs: ReturnType<StepRunner['queueLogprobs']> = null): LaunchedStep {
     if (this.comm.rank !== 0) return { result: drawn.then(() => ({})) };
-    return { result: drawn.then((values) => ({ tokens: Array.from(values.subarray(0, rows)) })) };
+    const tokens = drawn.then((values) => Array.from(values.subarray(0, rows)));
+    if (!logprobs) return { result: tokens.then((t) => ({ tokens: t })) };
+    return { result: Promise.all([tokens, logprobs.values]).then(([t, values]) => ({ tokens: t, tokenLogprobs: readTokenLogprobs(values as Float32Array, logprobs.asks, rows) })) };
   }
 
   /**
@@ -288,6 +307,7 @@ export class StepRunner {
     // What each logit row (by its index in batch.logitRows) produced, filled chunk by chunk.
     const tokens: number[] = [];
     const logprobs: number[] = [];
+    const tokenLogprobs: StepResult['tokenLogprobs'] & {} = batch.topLogprobs ? batch.logitRows.map(() => null) : [];
     const full = new Float32Array(batch.fullLogprobs && this.comm.rank === 0 ? batch.logitRows.length * vocab : 0);
     for (const { start, end } of chunkRanges(batch.tokens.length, this.maxStepTokens)) {
       const mine = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
@@ -305,6 +325,7 @@ export class StepRunner {
         }),
         ...(batch.scoreIds && { scoreIds: take(batch.scoreIds) }),
         ...(batch.fullLogprobs && { fullLogprobs: true }),
+        ...(batch.topLogprobs && { topLogprobs: rows.map((i) => (i < 0 ? -1 : batch.topLogprobs![i]!)) }),
       };
       const result = await this.eager(chunk);
       if (!mine.length) continue;
@@ -312,12 +333,14 @@ export class StepRunner {
       mine.forEach((i, k) => {
         if (result.tokens) tokens[i] = result.tokens[k]!;
         if (result.logprobs) logprobs[i] = result.logprobs[k]!;
+        if (result.tokenLogprobs) tokenLogprobs[i] = result.tokenLogprobs[k]!;
         if (rowsFull) full.set(rowsFull.subarray(k * vocab, (k + 1) * vocab), i * vocab);
       });
     }
     return {
       ...(tokens.length && { tokens }),
       ...(logprobs.length && { logprobs }),
+      ...(tokenLogprobs.length && this.comm.rank === 0 && { tokenLogprobs }),
       ...(full.length && { fullLogprobs: new Uint8Array(full.buffer) }),
     };
   }
@@ -374,6 +397,12 @@ export class StepRunner {
       }
       if (this.comm.rank !== 0) return result;
       if (batch.scoreIds) result.logprobs = Array.from(ops.logprobs(logits, Int32Array.from(batch.scoreIds)));
+      const asks = logprobAsks(batch);
+      if (asks) {
+        const ids = int32Tensor(ops, result.tokens ?? batch.scoreIds!);
+        const values = ops.download(ops.topLogprobs(logits, int32Tensor(ops, asks.rows), ids, asks.k)) as Float32Array;
+        result.tokenLogprobs = readTokenLogprobs(values, asks, batch.logitRows.length);
+      }
       if (batch.fullLogprobs) {
         const rows = ops.download(ops.logSoftmax(logits)) as Float32Array;
         result.fullLogprobs = new Uint8Array(rows.buffer, rows.byteOffset, rows.byteLength);
@@ -420,7 +449,15 @@ export class StepRunner {
     ops.replay(graph.graph);
     this.last = { where: 'device', rows: n };
     // queued behind the replay: the copy holds this step's draw even after the next step overwrites `sampled`
-    return this.answer(ops.downloadAsync(this.sampled), n);
+    const draw = ops.downloadAsync(this.sampled);
+    // log-probs, when a row asks, run after the replay on its graph-owned logits and draw (the next replay comes later on the stream)
+    if (!batch.topLogprobs?.some((k) => k >= 0)) return this.answer(draw, n);
+    ops.beginStep();
+    try {
+      return this.answer(draw, n, this.queueLogprobs(batch, graph.logits, graph.drawn));
+    } finally {
+      ops.endStep();
+    }
   }
 
   /**
@@ -443,10 +480,12 @@ export class StepRunner {
     };
     // sampled[i] = the draw of row i, for the bucket's rows
     const keepRows = int32Tensor(ops, keepFirst(bucket, sampled.shape[0]!));
-    const run = async (): Promise<void> => {
+    const run = async (): Promise<{ logits: Tensor; drawn: Tensor }> => {
       ops.feedTokens(inputs.tokenIds, inputs.feedFrom, sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, inputs);
-      ops.feedTokens(sampled, keepRows, ops.sampleTensor(logits, inputs.temperature, inputs.topK, inputs.topP, inputs.uniform));
+      const drawn = ops.sampleTensor(logits, inputs.temperature, inputs.topK, inputs.topP, inputs.uniform);
+      ops.feedTokens(sampled, keepRows, drawn);
+      return { logits, drawn };
     };
     ops.beginStep();
     try {
@@ -456,17 +495,18 @@ export class StepRunner {
     }
     ops.beginStep();
     let graph: Graph;
+    let outputs: { logits: Tensor; drawn: Tensor };
     try {
       ops.captureBegin();
       try {
-        await run();
+        outputs = await run();
       } finally {
         graph = ops.captureEnd();
       }
     } finally {
       ops.endStep();
     }
-    const decodeGraph = { bucket, graph, inputs, keepRows };
+    const decodeGraph = { bucket, graph, inputs, keepRows, ...outputs! };
     this.graphs.set(bucket, decodeGraph);
     return decodeGraph;
   }

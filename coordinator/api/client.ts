@@ -15,7 +15,7 @@ import * as zmq from 'zeromq';
 import { encode, SendQueue } from '../../core/wire.ts';
 import { WeftError, type WeftErrorCode } from '../../core/errors.ts';
 import { Channel } from '../scheduler.ts';
-import type { GenerationEvent } from '../generate.ts';
+import type { GenerationEvent, TokenLogprob } from '../generate.ts';
 import type { ClusterStats, GenerateRequest, ModelInfo } from '../cluster.ts';
 import { RPC_MAX_MESSAGE_BYTES, RPC_VERSION, parseRpcResponse, type CurveClientKeys, type RpcResponse } from './protocol.ts';
 
@@ -136,7 +136,7 @@ export class WeftClient {
       signal?.addEventListener('abort', onAbort, { once: true });
       await this.outbox.send([encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...(options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs }) })]);
       for await (const message of channel) {
-        if (message.type === 'token') yield { type: 'token', token: message.token, text: message.text };
+        if (message.type === 'token') yield { type: 'token', token: message.token, text: message.text, ...(message.logprobs && { logprobs: message.logprobs }) };
         else if (message.type === 'done') {
           finished = true;
           yield { type: 'done', ...(message.result as Omit<Extract<GenerationEvent, { type: 'done' }>, 'type'>) };
@@ -153,9 +153,28 @@ export class WeftClient {
     }
   }
 
-  /** Log-probabilities of each token given the ones before it (entry 0 is null). */
-  async score(ids: readonly number[]): Promise<{ logprobs: (number | null)[] }> {
-    return this.call({ type: 'score', ids: [...ids] });
+  /**
+   * Log-probabilities of each token given the ones before it (entry 0 is null); with `topLogprobs` k, `top` holds
+   * each token's log-prob and its k most likely alternatives (entry 0 null).
+   */
+  async score(ids: readonly number[], options: { topLogprobs?: number } = {}): Promise<{ logprobs: (number | null)[]; top?: (TokenLogprob | null)[] }> {
+    return this.call({ type: 'score', ids: [...ids], ...(options.topLogprobs !== undefined && { topLogprobs: options.topLogprobs }) });
+  }
+
+  /**
+   * `n` independent samples of one request, generated at once (each its own sequence; with a seed, sample j draws
+   * from seed + j, as the OpenAI routes do): each sample's done event, in order. Each sample's stream is one
+   * generate request, so any of them failing rejects the whole.
+   */
+  async generateN(request: GenerateRequest, n: number, options: ClientRequestOptions = {}): Promise<Extract<GenerationEvent, { type: 'done' }>[]> {
+    if (!Number.isInteger(n) || n < 1) throw new WeftError('WEFT_BAD_REQUEST', `n must be an integer >= 1, got ${n}`);
+    const seed = request.sampling?.seed;
+    const sample = async (j: number): Promise<Extract<GenerationEvent, { type: 'done' }>> => {
+      const sampling = typeof seed === 'number' ? { ...request.sampling, seed: (seed + j) >>> 0 } : request.sampling;
+      for await (const event of this.generate({ ...request, ...(sampling && { sampling }) }, options)) if (event.type === 'done') return event;
+      throw new WeftError('WEFT_PROTOCOL', 'the generation ended without a done event');
+    };
+    return Promise.all(Array.from({ length: n }, (_, j) => sample(j)));
   }
 
   info(): Promise<ModelInfo> {

@@ -24,7 +24,8 @@ import type { ChatPrompter } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
 import { HttpError, RequestGuards, answerClientError, requestIdOf, requireJson, slowClientLimits } from './http-guards.ts';
-import { chatSchema, choicesOf, completionSchema, parseBody, promptsOf, refuseUnsupported, samplingOf, stopsOf, type Choice, type CommonBody } from './openai-request.ts';
+import { chatSchema, choicesOf, completionSchema, logprobRequestOf, parseBody, promptsOf, refuseUnsupported, samplingOf, stopsOf, type Choice, type CommonBody, type LogprobRequest } from './openai-request.ts';
+import { LogprobWriter, answered, echoesOf, mergeLogprobs, type LoggedToken, type TokenText } from './openai-logprobs.ts';
 
 export interface HttpGatewayOptions {
   /** Defaults to 127.0.0.1. */
@@ -270,16 +271,18 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     const body = parseBody(completionSchema, await readJson(req, limit));
     checkModel(body.model);
     refuseUnsupported(body);
-    await complete(cluster, req, res, body, choicesOf(promptsOf(body), body.n ?? 1, samplingOf(body, null, cluster.maxContext)), modelName);
+    const asked = logprobRequestOf(body);
+    await complete(cluster, req, res, body, choicesOf(promptsOf(body), asked.samples, samplingOf(body, null, cluster.maxContext, asked)), modelName, asked);
   });
   routes.set('POST /v1/chat/completions', async (req, res) => {
     const body = parseBody(chatSchema, await readJson(req, limit));
     checkModel(body.model);
     refuseUnsupported(body);
+    const asked = logprobRequestOf(body);
     if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; use /v1/completions with a prompt`);
     const messages = body.messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
     const promptIds = await options.chatTemplate.promptIds(messages);
-    await complete(cluster, req, res, body, choicesOf([{ promptIds }], body.n ?? 1, samplingOf(body, promptIds.length, cluster.maxContext)), modelName);
+    await complete(cluster, req, res, body, choicesOf([{ promptIds }], asked.samples, samplingOf(body, promptIds.length, cluster.maxContext, asked)), modelName, asked);
   });
   return routes;
 }
@@ -290,18 +293,22 @@ interface ChoiceResult {
   finish: string;
   completionTokens: number;
   promptTokens: number;
+  /** the tokens drawn, with their log-probs when the request asked (or best_of ranks) */
+  tokens: LoggedToken[];
 }
 
 /**
  * Runs a request's choices (each a sequence of its own) and answers with all of them: as one JSON body, or as SSE
  * chunks tagged with each choice's index, interleaved as tokens come. A choice the cluster refuses at submission
  * (a full queue, a prompt too long) fails the request before any header, and the choices already submitted are
- * cancelled; a failure while streaming ends the stream with one error event.
+ * cancelled; a failure while streaming ends the stream with one error event. With best_of, each prompt's samples
+ * are ranked by cumulative log-prob and its n best answered (never streamed: logprobRequestOf refuses it).
  */
-async function complete(cluster: Cluster, req: IncomingMessage, res: ServerResponse, body: CommonBody, choices: readonly Choice[], modelName: string): Promise<void> {
+async function complete(cluster: Cluster, req: IncomingMessage, res: ServerResponse, body: CommonBody, choices: readonly Choice[], modelName: string, asked: LogprobRequest): Promise<void> {
   const object = 'messages' in body ? 'chat.completion' : 'text_completion';
   const abort = new AbortController();
   res.on('close', () => abort.abort());
+  const echoes = asked.echo ? await echoesOf(cluster, choices, asked.top) : null; // before any header: a refusal is a plain error
   const handles: GenerationHandle[] = [];
   try {
     for (const c of choices) handles.push(await cluster.submit({ ...c.request, sampling: c.sampling }, { signal: abort.signal })); // throws WEFT_BUSY / WEFT_BAD_REQUEST before any header
@@ -312,24 +319,38 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
   const id = `${object === 'chat.completion' ? 'chatcmpl' : 'cmpl'}-${randomBytes(12).toString('hex')}`;
   const created = Math.floor(Date.now() / 1000);
   const chat = object === 'chat.completion';
-  const choice = (index: number, text: string, finish: string | null): Record<string, unknown> =>
-    chat ? { index, delta: text === '' && finish === null ? { role: 'assistant', content: '' } : finish ? {} : { content: text }, logprobs: null, finish_reason: finish } : { index, text, logprobs: null, finish_reason: finish };
+  const tokenText: TokenText = (token) => cluster.tokenizer.decode([token], { skipSpecial: false });
+  // one writer per choice: text_offset runs from 0 through the echoed prompt's tokens and on through the answer's
+  const writerOf = (): LogprobWriter | null => (asked.top === null ? null : new LogprobWriter(chat, tokenText));
+  const choice = (index: number, text: string, finish: string | null, logprobs: Record<string, unknown> | null): Record<string, unknown> =>
+    chat ? { index, delta: text === '' && finish === null ? { role: 'assistant', content: '' } : finish ? {} : { content: text }, logprobs, finish_reason: finish } : { index, text, logprobs, finish_reason: finish };
   const chunkObject = chat ? 'chat.completion.chunk' : 'text_completion';
   const stream = body.stream === true;
   const write = (data: unknown): void => void res.write(`data: ${JSON.stringify(data)}\n\n`);
-  const chunk = (index: number, text: string, finish: string | null): void => write({ id, object: chunkObject, created, model: modelName, choices: [choice(index, text, finish)] });
+  const chunk = (index: number, text: string, finish: string | null, logprobs: Record<string, unknown> | null = null): void =>
+    write({ id, object: chunkObject, created, model: modelName, choices: [choice(index, text, finish, logprobs)] });
   if (stream) {
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', 'x-accel-buffering': 'no', connection: 'keep-alive' });
     if (chat) for (const c of choices) chunk(c.index, '', null);
   }
   const run = async (c: Choice, handle: GenerationHandle): Promise<ChoiceResult> => {
     const matcher = new StopMatcher(stopsOf(body));
-    const result: ChoiceResult = { text: '', finish: 'length', completionTokens: 0, promptTokens: 0 };
+    const result: ChoiceResult = { text: '', finish: 'length', completionTokens: 0, promptTokens: 0, tokens: [] };
+    const writer = stream ? writerOf() : null;
+    const echo = echoes?.get(c.request);
+    if (stream && echo) chunk(c.index, echo.text, null, writer && echo.tokens ? writer.write(echo.tokens) : null);
+    let unsent = 0; // result.tokens not yet in a streamed chunk
+    const send = (text: string, finish: string | null = null): void => {
+      if (!stream || (!text && finish === null)) return;
+      chunk(c.index, text, finish, writer ? writer.write(result.tokens.slice(unsent)) : null);
+      unsent = result.tokens.length;
+    };
     for await (const event of handle.events) {
       if (event.type === 'token') {
         const { text: piece, stopped } = matcher.push(event.text);
         result.text += piece;
-        if (stream && piece) chunk(c.index, piece, null);
+        if (event.logprobs) result.tokens.push({ token: event.token, logprob: event.logprobs });
+        send(piece);
         result.completionTokens++;
         if (stopped) {
           result.finish = 'stop';
@@ -339,14 +360,16 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
       } else {
         const rest = matcher.flush();
         result.text += rest;
-        if (stream && rest) chunk(c.index, rest, null);
+        send(rest);
         result.finish = event.finishReason;
         result.completionTokens = event.tokens.length;
         result.promptTokens = event.promptTokens;
+        // best_of ranks by every token drawn, the stop token's included
+        if (event.logprobs) result.tokens = event.tokens.map((token, i) => ({ token, logprob: event.logprobs![i] ?? null }));
       }
     }
     if (result.promptTokens === 0) result.promptTokens = handle.promptTokens;
-    if (stream) chunk(c.index, '', result.finish);
+    send('', result.finish); // with the log-probs of tokens whose text was held back (part of a character, a stop string's start)
     return result;
   };
   let results: ChoiceResult[];
@@ -362,7 +385,7 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
     res.end();
     return;
   }
-  // each prompt's tokens count once, however many samples continue it (as OpenAI counts)
+  // each prompt's tokens count once, however many samples continue it (as OpenAI counts); every sample best_of drew counts
   const promptTokens = results.filter((_, i) => choices[i]!.sample === 0).reduce((sum, r) => sum + r.promptTokens, 0);
   const completionTokens = results.reduce((sum, r) => sum + r.completionTokens, 0);
   const usage = { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens };
@@ -371,8 +394,15 @@ async function complete(cluster: Cluster, req: IncomingMessage, res: ServerRespo
     res.end('data: [DONE]\n\n');
     return;
   }
-  const answers = choices.map((c, i) =>
-    chat ? { index: c.index, message: { role: 'assistant', content: results[i]!.text }, logprobs: null, finish_reason: results[i]!.finish } : { index: c.index, text: results[i]!.text, logprobs: null, finish_reason: results[i]!.finish },
-  );
+  const answers = answered(choices, results, asked.samples, body.n ?? 1).map(({ choice: c, result: r, index }) => {
+    const echo = echoes?.get(c.request);
+    const writer = writerOf();
+    const echoed = writer && echo?.tokens ? writer.write(echo.tokens) : null; // first: text_offset runs on into the answer
+    const drawn = writer && writer.write(r.tokens.slice(0, r.completionTokens));
+    const merged = echoed && drawn ? mergeLogprobs(echoed, drawn) : drawn;
+    return chat
+      ? { index, message: { role: 'assistant', content: r.text }, logprobs: merged, finish_reason: r.finish }
+      : { index, text: (echo?.text ?? '') + r.text, logprobs: merged, finish_reason: r.finish };
+  });
   sendJson(res, 200, { id, object, created, model: modelName, choices: answers, usage });
 }

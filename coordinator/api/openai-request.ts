@@ -3,15 +3,16 @@
  *
  * Every field a body may carry is declared below; any other one (a typo such as `temprature`, or a field weft
  * does not implement such as `repetition_penalty` or `min_p`) is a 400 naming it, never silently ignored. Of the
- * declared ones: most are implemented (`n` and a list of prompts too: independent sequences, see choicesOf); vLLM's
- * extras `top_k`, `ignore_eos` and `stop_token_ids` are implemented;
- * `user` and `safety_identifier` (end-user tags for OpenAI's abuse monitoring) are accepted and change nothing;
- * the rest (`best_of`, `logprobs`, penalties, `logit_bias`, `response_format`, `tools`, `store`, `suffix`,
- * `echo`, a request-supplied chat template) are accepted only with the value that means "off", else a 400 naming
- * them (refuseUnsupported).
+ * declared ones: most are implemented (`n` and a list of prompts too: independent sequences, see choicesOf;
+ * `logprobs`, `top_logprobs`, `echo` and `best_of`: see logprobRequestOf); vLLM's extras `top_k`, `ignore_eos` and
+ * `stop_token_ids` are implemented; `user` and `safety_identifier` (end-user tags for OpenAI's abuse monitoring)
+ * are accepted and change nothing; the rest (penalties, `logit_bias`, `response_format`, `tools`, `store`,
+ * `suffix`, a request-supplied chat template) are accepted only with the value that means "off", else a 400
+ * naming them (refuseUnsupported).
  */
 import { z } from 'zod';
 import { HttpError } from './http-guards.ts';
+import { MAX_TOP_LOGPROBS } from '../../core/step-batch.ts';
 
 /** Completions without `max_tokens` generate this many tokens, as OpenAI's and vLLM's /v1/completions do. */
 export const COMPLETION_DEFAULT_MAX_TOKENS = 16;
@@ -35,8 +36,9 @@ const common = {
   user: z.string().nullish(),
   safety_identifier: z.string().nullish(),
   n: z.number().int().min(1).nullish(),
-  // accepted only when "off" (refuseUnsupported)
+  // completions: an integer in [0, 5]; chat: a boolean (logprobRequestOf)
   logprobs: z.union([z.boolean(), z.number()]).nullish(),
+  // accepted only when "off" (refuseUnsupported)
   presence_penalty: z.number().nullish(),
   frequency_penalty: z.number().nullish(),
   logit_bias: z.record(z.string(), z.number()).nullish(),
@@ -87,17 +89,13 @@ export function refuseUnsupported(body: CommonBody): void {
   const refuse = (param: string, why: string): never => {
     throw new HttpError(400, 'unsupported_value', `${param}: ${why}`, param);
   };
-  if (body.logprobs) refuse('logprobs', 'is not supported yet (use the RPC score call)');
   if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
   if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
   if (body.logit_bias && Object.keys(body.logit_bias).length > 0) refuse('logit_bias', 'is not supported');
   if ('prompt' in body) {
-    if (isSet(body.best_of) && body.best_of! !== (body.n ?? 1)) refuse('best_of', 'is not supported (it ranks samples by log-probability, which weft does not return yet); use n');
-    if (body.echo) refuse('echo', 'is not supported yet');
     if (body.suffix) refuse('suffix', 'is not supported');
     return;
   }
-  if (body.top_logprobs) refuse('top_logprobs', 'is not supported yet');
   const format = body.response_format as { type?: unknown } | null | undefined;
   if (isSet(format) && format!.type !== 'text') refuse('response_format', 'structured output is not supported yet (only {"type": "text"})');
   if (isSet(body.tools) && !(Array.isArray(body.tools) && body.tools.length === 0)) refuse('tools', 'tool calling is not supported');
@@ -110,7 +108,7 @@ export function refuseUnsupported(body: CommonBody): void {
  * The sampling parameters of a body. Without `max_tokens` (or `max_completion_tokens`) a chat runs to the end of
  * the context (`maxContext` minus the prompt), as OpenAI and vLLM do; a completion stops after 16 tokens.
  */
-export function samplingOf(body: CommonBody, chatPromptLength: number | null, maxContext: number): Record<string, unknown> {
+export function samplingOf(body: CommonBody, chatPromptLength: number | null, maxContext: number, logprobs: LogprobRequest = logprobRequestOf(body)): Record<string, unknown> {
   let maxNewTokens = body.max_completion_tokens ?? body.max_tokens ?? COMPLETION_DEFAULT_MAX_TOKENS;
   if (chatPromptLength !== null && !isSet(body.max_completion_tokens) && !isSet(body.max_tokens)) {
     maxNewTokens = maxContext - chatPromptLength;
@@ -125,7 +123,51 @@ export function samplingOf(body: CommonBody, chatPromptLength: number | null, ma
     ...(isSet(body.seed) && { seed: body.seed! >>> 0 }),
     ...(body.stop_token_ids && { stopTokenIds: body.stop_token_ids }),
     ...(body.ignore_eos && { ignoreEos: true }),
+    ...(logprobs.samplingLogprobs !== null && { logprobs: logprobs.samplingLogprobs }),
   };
+}
+
+/** Completions' `logprobs` at most (OpenAI's legacy limit); chat's `top_logprobs` goes to MAX_TOP_LOGPROBS. */
+export const MAX_COMPLETION_LOGPROBS = 5;
+
+/** What a body asks of log-probs. */
+export interface LogprobRequest {
+  /** alternatives per token to answer with; null: no log-probs in the answer */
+  readonly top: number | null;
+  /** completions' `echo`: the prompt comes back before the text (with its log-probs when `top` is set) */
+  readonly echo: boolean;
+  /** samples drawn per prompt: `best_of` (the `n` with the highest cumulative log-prob are answered), else `n` */
+  readonly samples: number;
+  /** SamplingParams.logprobs: `top`, or 0 when only best_of's ranking needs them; null: none */
+  readonly samplingLogprobs: number | null;
+}
+
+/**
+ * The log-prob fields of a body, checked: completions' `logprobs` an integer in [0, 5], `echo`, `best_of` >= n
+ * (not with `stream`, as OpenAI refuses); chat's `logprobs` a boolean and `top_logprobs` in [0, 20] (only with
+ * `logprobs: true`). A bad value is a 400 naming its field.
+ */
+export function logprobRequestOf(body: CommonBody): LogprobRequest {
+  const refuse = (param: string, why: string): never => {
+    throw new HttpError(400, 'invalid_value', `${param}: ${why}`, param);
+  };
+  const n = body.n ?? 1;
+  if ('prompt' in body) {
+    const k = body.logprobs;
+    if (isSet(k) && (typeof k !== 'number' || !Number.isInteger(k) || k < 0 || k > MAX_COMPLETION_LOGPROBS))
+      refuse('logprobs', `must be an integer in [0, ${MAX_COMPLETION_LOGPROBS}] for completions (the number of alternatives per token), got ${JSON.stringify(k)}`);
+    const samples = body.best_of ?? n;
+    if (!Number.isInteger(samples) || samples < n) refuse('best_of', `must be an integer >= n (${n}), got ${samples}`);
+    if (samples > n && body.stream) refuse('best_of', `cannot be streamed (best_of ${samples} > n ${n} ranks whole samples); set stream to false`);
+    const top = isSet(k) ? (k as number) : null;
+    return { top, echo: body.echo === true, samples, samplingLogprobs: top ?? (samples > n ? 0 : null) };
+  }
+  if (isSet(body.logprobs) && typeof body.logprobs !== 'boolean') refuse('logprobs', `must be a boolean for chat completions (top_logprobs sets the alternatives), got ${JSON.stringify(body.logprobs)}`);
+  const top = body.top_logprobs;
+  if (isSet(top) && (!Number.isInteger(top) || top! < 0 || top! > MAX_TOP_LOGPROBS)) refuse('top_logprobs', `must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${top}`);
+  if (isSet(top) && top! > 0 && body.logprobs !== true) refuse('top_logprobs', 'needs logprobs: true');
+  const k = body.logprobs === true ? (top ?? 0) : null;
+  return { top: k, echo: false, samples: n, samplingLogprobs: k };
 }
 
 /** The stop strings of a body (empty ones dropped). */

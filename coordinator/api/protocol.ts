@@ -5,13 +5,16 @@
  *
  * Client → server: generate | score | cancel | info | health | stats | tokenize.
  * Server → client: token (streamed) and done, or result, or error {code, message} (id null when the frame could
- * not be read at all). Plain data only; every frame is pre-scanned (msgpack-guard.ts), decoded, then checked
+ * not be read at all). With `sampling.logprobs` k, each token carries its log-prob and k alternatives, and done
+ * all of them (`logprobs`); `n` samples are n generate requests (each its own seed). Plain data only; every frame is pre-scanned (msgpack-guard.ts), decoded, then checked
  * against the schemas below.
  */
 import { z } from 'zod';
 import { WeftError } from '../../core/errors.ts';
 import { decode } from '../../core/wire.ts';
+import type { TokenLogprob } from '../generate.ts';
 import { MAX_TIMER_MS } from '../config/values.ts';
+import { MAX_TOP_LOGPROBS } from '../../core/step-batch.ts';
 
 export const RPC_VERSION = 1;
 /** Frames larger than this disconnect the peer before anything is allocated (ZeroMQ maxMessageSize). */
@@ -33,7 +36,16 @@ const generateSchema = z
 
 const requestSchema = z.discriminatedUnion('type', [
   generateSchema,
-  z.object({ ...base, type: z.literal('score'), ids: z.array(z.number().int().nonnegative()).max(1 << 20), full: z.boolean().optional() }).strict(),
+  z
+    .object({
+      ...base,
+      type: z.literal('score'),
+      ids: z.array(z.number().int().nonnegative()).max(1 << 20),
+      full: z.boolean().optional(),
+      /** per token, its log-prob and this many most likely alternatives (`top` in the result) */
+      topLogprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).optional(),
+    })
+    .strict(),
   z.object({ ...base, type: z.literal('cancel') }).strict(),
   z.object({ ...base, type: z.literal('info') }).strict(),
   z.object({ ...base, type: z.literal('health') }).strict(),
@@ -45,7 +57,7 @@ export type RpcRequest = z.infer<typeof requestSchema>;
 export type RpcGenerateRequest = z.infer<typeof generateSchema>;
 
 export type RpcResponse =
-  | { v: number; type: 'token'; id: number; token: number; text: string }
+  | { v: number; type: 'token'; id: number; token: number; text: string; logprobs?: TokenLogprob }
   | { v: number; type: 'done'; id: number; result: Record<string, unknown> }
   | { v: number; type: 'result'; id: number; result: unknown }
   | { v: number; type: 'error'; id: number | null; code: string; message: string };
@@ -72,8 +84,14 @@ function withRequestId(err: WeftError, value: unknown): WeftError & { requestId?
   return tagged;
 }
 
+const logprob = z.custom<number>((value) => typeof value === 'number', 'expected a number'); // -Infinity included
+/** A streamed token's log-prob and alternatives (SamplingParams.logprobs). */
+const tokenLogprobSchema = z
+  .object({ logprob, top: z.array(z.object({ token: z.number().int(), logprob }).strict()) })
+  .strict();
+
 const responseSchema = z.union([
-  z.object({ v: z.number(), type: z.literal('token'), id, token: z.number().int(), text: z.string() }).strict(),
+  z.object({ v: z.number(), type: z.literal('token'), id, token: z.number().int(), text: z.string(), logprobs: tokenLogprobSchema.optional() }).strict(),
   z.object({ v: z.number(), type: z.literal('done'), id, result: z.record(z.string(), z.unknown()) }).strict(),
   z.object({ v: z.number(), type: z.literal('result'), id, result: z.unknown() }).strict(),
   z.object({ v: z.number(), type: z.literal('error'), id: id.nullable(), code: z.string(), message: z.string() }).strict(),

@@ -158,8 +158,8 @@ export class RpcServer {
       }
       case 'score': {
         this.cluster
-          .score(request.ids, { full: request.full === true })
-          .then((r) => reply({ logprobs: r.logprobs, ...(r.full && { full: r.full.map((row) => new Uint8Array(row.buffer, row.byteOffset, row.byteLength)) }) }))
+          .score(request.ids, { full: request.full === true, ...(request.topLogprobs !== undefined && { topLogprobs: request.topLogprobs }) })
+          .then((r) => reply({ logprobs: r.logprobs, ...(r.top && { top: r.top }), ...(r.full && { full: r.full.map((row) => new Uint8Array(row.buffer, row.byteOffset, row.byteLength)) }) }))
           .catch((err) => this.error(identity, request.id, err));
         return;
       }
@@ -202,7 +202,7 @@ export class RpcServer {
         );
         stream.handle = handle;
         for await (const event of handle.events) {
-          if (event.type === 'token') this.send(identity, { v: RPC_VERSION, type: 'token', id: request.id, token: event.token, text: event.text });
+          if (event.type === 'token') this.send(identity, { v: RPC_VERSION, type: 'token', id: request.id, token: event.token, text: event.text, ...(event.logprobs && { logprobs: event.logprobs }) });
           else {
             const { type: _type, ...result } = event;
             this.send(identity, { v: RPC_VERSION, type: 'done', id: request.id, result });

@@ -504,6 +504,20 @@ void Backend::logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, f
   run_logprobs(logits, ids, out);
 }
 
+Tensor Backend::top_logprobs(const Tensor& logits, const Tensor& rows, const Tensor& ids, int64_t k) {
+  const char* op = "topLogprobs";
+  need(op, {"logits", logits}, 2, "[R, V]", kF32);
+  need(op, {"rows", rows}, 1, "[Q]", kI32);
+  need(op, {"ids", ids}, 1, "[R]", kI32);
+  WEFT_CHECK(ids.dim(0) == logits.dim(0), op, Arg{"ids", ids}, " must have one id per row of ", Arg{"logits", logits});
+  WEFT_CHECK(k >= 0 && k <= 20, op, "k = ", k, " must be in [0, 20]");
+  WEFT_CHECK(logits.dim(1) <= (int64_t{1} << 24), op, Arg{"logits", logits},
+             " is wider than 2^24 columns: its ids would not be exact as f32");
+  Tensor out = empty(DType::F32, {rows.dim(0), 1 + 2 * k});
+  run_top_logprobs(logits, rows, ids, k, out);
+  return out;
+}
+
 void Backend::sample(const Tensor& logits, const SampleArgs& a, size_t n_rows, int32_t* out) {
   const char* op = "sample";
   no_capture(op, "it returns host values; use sampleTensor");

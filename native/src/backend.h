@@ -178,6 +178,11 @@ class Backend {
   Tensor log_softmax(const Tensor& logits);
   // logits [R, V] f32, ids[R] host -> out[R] host: log_softmax(logits[r])[ids[r]].
   void logprobs(const Tensor& logits, const int32_t* ids, size_t n_ids, float* out);
+  // logits [R, V] f32, rows [Q] i32 (each < R), ids [R] i32, 0 <= k <= 20 -> [Q, 1 + 2k] f32: for row r = rows[q],
+  // log_softmax(logits[r])[ids[r]], then the k most likely ids (as floats: exact, V <= 2^24), then their
+  // log-probs, highest first, ties to the lower id (id -1, -inf when the row has fewer than k numbers). On the
+  // device, so the ids may be a draw that never came to the host (sampleTensor's output). Capturable.
+  Tensor top_logprobs(const Tensor& logits, const Tensor& rows, const Tensor& ids, int64_t k);
   // logits [R, V] f32, args arrays of n_rows (must equal R) -> out[R] host token ids; rule in cpu/ops.cc.
   void sample(const Tensor& logits, const SampleArgs& args, size_t n_rows, int32_t* out);
   // The same rule with every argument a tensor ([R] f32 temperature, i32 topK, f32 topP, f32 uniform), so
@@ -235,6 +240,8 @@ class Backend {
   virtual void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) = 0;
   virtual void run_log_softmax(const Tensor& logits, const Tensor& out) = 0;
   virtual void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) = 0;
+  virtual void run_top_logprobs(const Tensor& logits, const Tensor& rows, const Tensor& ids, int64_t k,
+                                const Tensor& out) = 0;
   virtual void run_sample(const Tensor& logits, const SampleArgs& args, int32_t* out) = 0;
 
   // The value checks of sample (NaN temperature, topK >= 0, topP and uniform in [0, 1]).

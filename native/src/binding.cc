@@ -188,6 +188,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::SiluMulExpertMatmul>("siluMulExpertMatmul"),
                          InstanceMethod<&EngineHandle::LogSoftmax>("logSoftmax"),
                          InstanceMethod<&EngineHandle::Logprobs>("logprobs"),
+                         InstanceMethod<&EngineHandle::TopLogprobs>("topLogprobs"),
                          InstanceMethod<&EngineHandle::Sample>("sample"),
                          InstanceMethod<&EngineHandle::SampleTensor>("sampleTensor"),
                          InstanceMethod<&EngineHandle::RandomUniform>("randomUniform"),
@@ -527,6 +528,14 @@ Napi::Value EngineHandle::Logprobs(const Napi::CallbackInfo& info) {
     auto result = Napi::Float32Array::New(info.Env(), ids.length);
     backend_->logprobs(logits, ids.data, ids.length, result.Data());
     return result;
+  });
+}
+
+Napi::Value EngineHandle::TopLogprobs(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "topLogprobs", [&] {
+    Args a(info, "topLogprobs", this);
+    return Wrap(info.Env(), backend_->top_logprobs(a.tensor(0, "logits"), a.tensor(1, "rows"), a.tensor(2, "ids"),
+                                                   a.integer(3, "k")));
   });
 }
 

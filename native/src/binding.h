@@ -93,6 +93,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value SiluMulExpertMatmul(const Napi::CallbackInfo& info);
   Napi::Value LogSoftmax(const Napi::CallbackInfo& info);
   Napi::Value Logprobs(const Napi::CallbackInfo& info);
+  Napi::Value TopLogprobs(const Napi::CallbackInfo& info);
   Napi::Value Sample(const Napi::CallbackInfo& info);
   Napi::Value SampleTensor(const Napi::CallbackInfo& info);
   Napi::Value RandomUniform(const Napi::CallbackInfo& info);

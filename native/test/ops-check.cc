@@ -973,6 +973,38 @@ void check_errors() {
 
 }  // namespace
 
+// topLogprobs: CUDA vs the CPU reference, ties at the top (the lower id first) and a row asked for twice.
+void check_top_logprobs(Rng& rng) {
+  for (int64_t V : {50, 32000, 128256}) {
+    const int64_t R = 6, k = 20;
+    std::string sh = "R=6 Q=4 k=20 V=" + std::to_string(V);
+    auto l = rng.floats(R * V, -12, 12);
+    l[1 * V + 9] = 25;
+    l[1 * V + 4] = 25;
+    std::vector<int32_t> rows = {5, 1, 0, 1}, ids(R);
+    for (auto& i : ids) i = rng.below(static_cast<int>(V));
+    run_case("topLogprobs", sh, [&] {
+      auto g = down(*gpu, gpu->top_logprobs(up(*gpu, l, {R, V}), up_i(*gpu, rows), up_i(*gpu, ids), k));
+      auto c = down(*cpu, cpu->top_logprobs(up(*cpu, l, {R, V}), up_i(*cpu, rows), up_i(*cpu, ids), k));
+      // the ids exactly, the log-probs (column 0 and the last k) as logSoftmax's
+      std::vector<int32_t> g_ids, c_ids;
+      std::vector<float> g_lp, c_lp;
+      for (size_t i = 0; i < g.size() && i < c.size(); ++i) {
+        const int64_t col = static_cast<int64_t>(i) % (1 + 2 * k);
+        if (col >= 1 && col <= k) {
+          g_ids.push_back(static_cast<int32_t>(g[i]));
+          c_ids.push_back(static_cast<int32_t>(c[i]));
+        } else {
+          g_lp.push_back(g[i]);
+          c_lp.push_back(c[i]);
+        }
+      }
+      compare_i("topLogprobs ids", sh, g_ids, c_ids);
+      compare("topLogprobs", sh, g_lp, c_lp, 1e-5);
+    });
+  }
+}
+
 int main() {
   auto t0 = std::chrono::steady_clock::now();
   try {
@@ -997,6 +1029,7 @@ int main() {
   check_paged(rng);
   check_kv_bf16(rng);
   check_softmax_sample(rng);
+  check_top_logprobs(rng);
   check_random();
   check_fused(rng);
   check_graph(rng, false, 2048);

@@ -218,6 +218,16 @@ class CpuBackend final : public Backend {
   void run_log_softmax(const Tensor& logits, const Tensor& out) override {
     cpu::log_softmax(out.data<float>(), logits.data<float>(), logits.dim(0), logits.dim(1));
   }
+  void run_top_logprobs(const Tensor& logits, const Tensor& rows, const Tensor& ids, int64_t k,
+                        const Tensor& out) override {
+    check_indices("topLogprobs", "rows", "row", rows, logits.dim(0), "logits", logits);
+    const int32_t* r = rows.data<int32_t>();
+    for (int64_t q = 0; q < rows.numel(); ++q)
+      WEFT_CHECK(ids.data<int32_t>()[r[q]] >= 0 && ids.data<int32_t>()[r[q]] < logits.dim(1), "topLogprobs", "ids[",
+                 r[q], "] = ", ids.data<int32_t>()[r[q]], " is out of range for logits ", logits, " (need 0 <= id < ",
+                 logits.dim(1), ")");
+    cpu::top_logprobs(out.data<float>(), logits.data<float>(), r, ids.data<int32_t>(), rows.numel(), logits.dim(1), k);
+  }
   void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) override {
     cpu::logprobs(out, logits.data<float>(), ids, logits.dim(0), logits.dim(1));
   }

@@ -281,7 +281,6 @@ void combine_experts(float* out, const float* y, const float* weights, int64_t T
     }
 }
 
-namespace {
 // log(sum(exp(row - max))) and max, for a stable log-softmax.
 void log_sum_exp(const float* row, int64_t V, float* max_out, float* log_sum_out) {
   float m = -std::numeric_limits<float>::infinity();
@@ -291,7 +290,6 @@ void log_sum_exp(const float* row, int64_t V, float* max_out, float* log_sum_out
   *max_out = m;
   *log_sum_out = static_cast<float>(std::log(sum));
 }
-}  // namespace
 
 void log_softmax(float* out, const float* logits, int64_t R, int64_t V) {
   for (int64_t r = 0; r < R; ++r) {

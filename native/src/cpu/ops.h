@@ -67,6 +67,12 @@ void combine_experts(float* out, const float* y, const float* weights, int64_t T
 void log_softmax(float* out, const float* logits, int64_t R, int64_t V);
 void logprobs(float* out, const float* logits, const int32_t* ids, int64_t R, int64_t V);
 void sample(int32_t* out, const float* logits, const SampleArgs& args, int64_t R, int64_t V);
+// max and log(sum(exp(row - max))) of one row of V, the sum in double (log_softmax's denominator).
+void log_sum_exp(const float* row, int64_t V, float* max_out, float* log_sum_out);
+// out [Q, 1 + 2k] per row r = rows[q] of logits [R, V] (cpu/logprobs.cc): log p(ids[r]), then the k most likely
+// ids (as floats), then their log-probs; highest first, ties to the lower id.
+void top_logprobs(float* out, const float* logits, const int32_t* rows, const int32_t* ids, int64_t Q, int64_t V,
+                  int64_t k);
 
 // out [n] of dtype (f32/f16/bf16) = uniform_value(seed, i, scale) (random-hash.h), narrow dtypes toward zero.
 void random_uniform(void* out, DType dtype, int64_t n, uint64_t seed, float scale);

@@ -23,6 +23,7 @@
 #include "cuda/norm-rope.cuh"
 #include "cuda/sample.cuh"
 #include "cuda/softmax.cuh"
+#include "cuda/logprobs.cuh"
 #include "error.h"
 
 namespace weft {
@@ -331,6 +332,10 @@ class CudaBackend final : public Backend {
   }
   void run_log_softmax(const Tensor& logits, const Tensor& out) override {
     cuda::launch_log_softmax(ctx(), logits, out);
+  }
+  void run_top_logprobs(const Tensor& logits, const Tensor& rows, const Tensor& ids, int64_t k,
+                        const Tensor& out) override {
+    cuda::launch_top_logprobs(ctx(), logits, rows, ids, k, out);
   }
   void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) override {
     int64_t R = logits.dim(0);
