@@ -22,6 +22,7 @@ import { checkKvPositions } from '../core/step-batch.ts';
 import { maxBlocksPerSequence, type KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
+import { withPrefixGroups } from './prefix-groups.ts';
 import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
@@ -31,6 +32,9 @@ import type { ShardPlan } from '../core/shard-plan.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
 const MAX_GRAPH_BATCH = GRAPH_BUCKETS[GRAPH_BUCKETS.length - 1]!;
+
+/** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts). */
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -44,7 +48,7 @@ interface HostIndex {
  * maxBlocksPerSequence, so a graph's table tensor keeps its shape; padded entries lie past every position
  * a token of that row reaches, and no kernel reads them.
  */
-export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<keyof StepIndex, HostIndex> {
+export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<IndexKey, HostIndex> {
   const width = maxBlocksPerSequence(kv);
   const table = new Int32Array(batch.kvBlockTable.length * width).fill(kv.paddingBlock ?? 0);
   batch.kvBlockTable.forEach((blocks, s) => table.set(blocks, s * width));
@@ -58,7 +62,7 @@ export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<key
   };
 }
 
-function uploadIndex(ops: Ops, arrays: Record<keyof StepIndex, HostIndex>): StepIndex {
+function uploadIndex(ops: Ops, arrays: Record<IndexKey, HostIndex>): StepIndex {
   const entries = Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(ops, values, shape)]);
   return Object.fromEntries(entries) as unknown as StepIndex;
 }
@@ -229,7 +233,7 @@ export class StepRunner {
     const { ops, sampled } = this;
     ops.beginStep();
     try {
-      const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv.kvBlockSize);
       if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const { temperature, topK, topP, uniform } = batch.sample!;
@@ -364,7 +368,7 @@ export class StepRunner {
     const { ops } = this;
     ops.beginStep();
     try {
-      const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv.kvBlockSize);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const result: StepResult = {};
       // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step
@@ -410,7 +414,7 @@ export class StepRunner {
     const padded = this.padToBucket({ ...batch, tokens }, bucket);
     const index = stepIndexArrays(padded, this.kv);
     // logitRows stay the graph's own (every row, in order: graphBucket admits nothing else)
-    for (const key of Object.keys(index) as (keyof StepIndex)[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
+    for (const key of Object.keys(index) as IndexKey[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
     ops.write(graph.inputs.feedFrom, bytesOf(Int32Array.from({ length: bucket }, (_, i) => feedFrom[i] ?? -1)));
     const { temperature, topK, topP, uniform } = padded.sample;
     ops.write(graph.inputs.temperature, bytesOf(Float32Array.from(temperature)));

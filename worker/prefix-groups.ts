@@ -1,0 +1,54 @@
+/**
+ * Prefix groups of a decode step, for bifurcated decode attention (Engine.attentionBifurcated): tokens whose
+ * sequences' block-table rows begin with the same physical blocks (the n samples of one prompt, forked by
+ * coordinator/sample-group.ts, or sequences sharing cached prompt blocks) read those blocks once per step for
+ * the whole group. Found from the table alone, so the coordinator sends nothing new and every rank finds the
+ * same groups.
+ */
+import type { StepBatch } from '../core/step-batch.ts';
+import { int32Tensor, type Ops, type StepIndex } from './models/ops.ts';
+
+/** Tokens a step may hold to use the bifurcated kernel: the decode kernel's limit (cuda/attention.cuh kDecodeMaxTokens). */
+export const MAX_BIFURCATED_TOKENS = 64;
+
+/** The op's descriptors: tokenGroup [T] i32 (-1: none), groupShared [G] i32 (positions shared by group g). */
+export interface PrefixGroupArrays {
+  readonly tokenGroup: Int32Array;
+  readonly groupShared: Int32Array;
+}
+
+/**
+ * The groups of a decode step (one token per sequence row, at most MAX_BIFURCATED_TOKENS), or null when it has
+ * none or is not such a step. A group is two or more tokens whose rows begin with the same blocks; it shares
+ * those whole blocks, cut to what every member's position reaches (a member attends to its own positions only).
+ */
+export function prefixGroupArrays(batch: Pick<StepBatch, 'positions' | 'tokenSeq' | 'kvBlockTable'>, kvBlockSize: number): PrefixGroupArrays | null {
+  const T = batch.tokenSeq.length;
+  if (T < 2 || T > MAX_BIFURCATED_TOKENS || new Set(batch.tokenSeq).size !== T) return null;
+  const byFirstBlock = new Map<number, number[]>(); // first block -> tokens
+  batch.tokenSeq.forEach((seq, t) => {
+    const first = batch.kvBlockTable[seq]![0]!;
+    byFirstBlock.set(first, [...(byFirstBlock.get(first) ?? []), t]);
+  });
+  const tokenGroup = new Int32Array(T).fill(-1);
+  const groupShared: number[] = [];
+  for (const members of byFirstBlock.values()) {
+    if (members.length < 2) continue;
+    const rows = members.map((t) => batch.kvBlockTable[batch.tokenSeq[t]!]!);
+    let common = 0;
+    while (rows.every((row) => common < row.length && row[common] === rows[0]![common])) common++;
+    const reach = Math.min(...members.map((t) => batch.positions[t]! + 1));
+    const shared = Math.min(common, Math.floor(reach / kvBlockSize)) * kvBlockSize;
+    if (shared === 0) continue;
+    for (const t of members) tokenGroup[t] = groupShared.length;
+    groupShared.push(shared);
+  }
+  return groupShared.length ? { tokenGroup, groupShared: Int32Array.from(groupShared) } : null;
+}
+
+/** The step index with the batch's prefix groups uploaded, when it has any (models/llama.ts then attends bifurcated). */
+export function withPrefixGroups(ops: Ops, step: StepIndex, batch: StepBatch, kvBlockSize: number): StepIndex {
+  const groups = prefixGroupArrays(batch, kvBlockSize);
+  if (!groups) return step;
+  return { ...step, prefixGroups: { tokenGroup: int32Tensor(ops, groups.tokenGroup), groupShared: int32Tensor(ops, groups.groupShared) } };
+}
