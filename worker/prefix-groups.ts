@@ -6,7 +6,7 @@
  * same groups.
  */
 import type { StepBatch } from '../core/step-batch.ts';
-import { int32Tensor, type Ops, type StepIndex } from './models/ops.ts';
+import { int32Tensor, type Ops, type PrefixGroups, type StepIndex } from './models/ops.ts';
 
 /** Tokens a step may hold to use the bifurcated kernel: the decode kernel's limit (cuda/attention.cuh kDecodeMaxTokens). */
 export const MAX_BIFURCATED_TOKENS = 64;
@@ -51,4 +51,20 @@ export function withPrefixGroups(ops: Ops, step: StepIndex, batch: StepBatch, kv
   const groups = prefixGroupArrays(batch, kvBlockSize);
   if (!groups) return step;
   return { ...step, prefixGroups: { tokenGroup: int32Tensor(ops, groups.tokenGroup), groupShared: int32Tensor(ops, groups.groupShared) } };
+}
+
+/** A decode graph's descriptors for `bucket` rows (no groups until written): persistent, rewritten before each replay. */
+export function prefixGroupTensors(ops: Ops, bucket: number): PrefixGroups {
+  return { tokenGroup: int32Tensor(ops, new Int32Array(bucket).fill(-1)), groupShared: int32Tensor(ops, new Int32Array(bucket)) };
+}
+
+/** Write a step's groups into a graph's descriptors: its tokens first (padding rows of no group), unused group slots shared 0. */
+export function writePrefixGroups(ops: Ops, tensors: PrefixGroups, groups: PrefixGroupArrays): void {
+  const bucket = tensors.tokenGroup.shape[0]!;
+  const tokenGroup = new Int32Array(bucket).fill(-1);
+  tokenGroup.set(groups.tokenGroup);
+  const groupShared = new Int32Array(bucket);
+  groupShared.set(groups.groupShared);
+  ops.write(tensors.tokenGroup, new Uint8Array(tokenGroup.buffer));
+  ops.write(tensors.groupShared, new Uint8Array(groupShared.buffer));
 }

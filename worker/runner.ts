@@ -6,7 +6,9 @@
  * CUDA graphs: one graph per batch bucket (1, 2, 4, 8), captured the first time that bucket is needed and
  * replayed after writing the step's inputs (the step index, sampling parameters) into the graph's persistent
  * input tensors. Kernels read positions from device memory, so the graph stays valid as sequences grow. Rows
- * that pad a batch up to its bucket are sequences of their own in the layout's padding block.
+ * that pad a batch up to its bucket are sequences of their own in the layout's padding block. A decode step whose
+ * sequences share leading KV blocks (prefix groups: the samples of one prompt, prefix-groups.ts) runs a graph of
+ * its own per bucket, whose attention is bifurcated and whose group descriptors are inputs too.
  *
  * The KV cache's sizes come explicitly (KvCacheLayout, derived from the init command); the wire batch's block
  * table becomes the native ops' index tensors in one function, `stepIndexArrays`.
@@ -22,7 +24,7 @@ import { checkKvPositions } from '../core/step-batch.ts';
 import { maxBlocksPerSequence, type KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
-import { withPrefixGroups } from './prefix-groups.ts';
+import { prefixGroupArrays, prefixGroupTensors, withPrefixGroups, writePrefixGroups } from './prefix-groups.ts';
 import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
@@ -168,6 +170,8 @@ export function chunkRanges(tokens: number, maxTokens: number): { start: number;
 
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
+  /** decode graphs of steps with prefix groups: their attention is bifurcated (prefix-groups.ts), one per bucket */
+  private readonly groupedGraphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
   /** [max(max bucket, kvSlots)] i32, persistent: the last step that drew on the device left its tokens here */
   private readonly sampled: Tensor;
@@ -407,7 +411,8 @@ export class StepRunner {
   }
 
   private async replayDecode(batch: StepBatch, bucket: number): Promise<LaunchedStep> {
-    const graph = this.graphs.get(bucket) ?? (await this.capture(bucket));
+    const groups = prefixGroupArrays(batch, this.kv.kvBlockSize);
+    const graph = (groups ? this.groupedGraphs : this.graphs).get(bucket) ?? (await this.capture(bucket, groups !== null));
     const { ops } = this;
     const n = batch.tokens.length;
     const { tokens, feedFrom } = this.splitFeed(batch);
@@ -421,6 +426,7 @@ export class StepRunner {
     ops.write(graph.inputs.topK, bytesOf(Int32Array.from(topK)));
     ops.write(graph.inputs.topP, bytesOf(Float32Array.from(topP)));
     ops.write(graph.inputs.uniform, bytesOf(Float32Array.from(uniform)));
+    if (groups && graph.inputs.prefixGroups) writePrefixGroups(ops, graph.inputs.prefixGroups, groups);
     ops.replay(graph.graph);
     this.last = { where: 'device', rows: n };
     // queued behind the replay: the copy holds this step's draw even after the next step overwrites `sampled`
@@ -431,7 +437,7 @@ export class StepRunner {
    * Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). The graph
    * begins by taking its fed tokens from `sampled` and ends by storing its draw there.
    */
-  private async capture(bucket: number): Promise<DecodeGraph> {
+  private async capture(bucket: number, grouped = false): Promise<DecodeGraph> {
     const { ops, sampled } = this;
     // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
     if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
@@ -439,6 +445,7 @@ export class StepRunner {
     const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
       ...uploadIndex(ops, stepIndexArrays(padded, this.kv)),
+      ...(grouped && { prefixGroups: prefixGroupTensors(ops, bucket) }),
       feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
       temperature: float32Tensor(ops, padded.sample.temperature),
       topK: int32Tensor(ops, padded.sample.topK),
@@ -471,7 +478,7 @@ export class StepRunner {
       ops.endStep();
     }
     const decodeGraph = { bucket, graph, inputs, keepRows };
-    this.graphs.set(bucket, decodeGraph);
+    (grouped ? this.groupedGraphs : this.graphs).set(bucket, decodeGraph);
     return decodeGraph;
   }
 }

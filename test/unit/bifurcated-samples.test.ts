@@ -128,9 +128,10 @@ test('two samples of one prompt are independent draws of the model (chi-square, 
         return Promise.all([0, 1].map((j) => drain(scheduler.submitGenerate(sequence(seed + j, 1)).events)));
       }),
     );
-    for (const [[a], [b]] of pairs) {
-      counts[a! * V + b!]!++;
-      same[a! * V + a!]!++;
+    for (const pair of pairs) {
+      const a = pair[0]![0]!, b = pair[1]![0]!;
+      counts[a * V + b]!++;
+      same[a * V + a]!++;
     }
   }
   const chi = (observed: Float64Array): number => {

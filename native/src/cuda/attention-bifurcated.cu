@@ -43,7 +43,9 @@ __device__ __forceinline__ int group_of(const int32_t* token_group, int t, int G
   return g >= 0 && g < G ? g : -1;
 }
 __device__ __forceinline__ int shared_of(const int32_t* group_shared, int g, int64_t capacity) {
-  return g < 0 ? 0 : static_cast<int>(max(int64_t{0}, min<int64_t>(group_shared[g], capacity)));
+  if (g < 0) return 0;
+  const int64_t shared = group_shared[g];
+  return static_cast<int>(shared < 0 ? 0 : (shared > capacity ? capacity : shared));
 }
 
 // The 8 partial sums of a lane reduced over the warp, transposed: afterwards lane l holds, in acc[0], the whole
