@@ -70,8 +70,9 @@ __device__ __forceinline__ float warp_sum8(float (&acc)[kRows], int lane) {
 // its first member's row; else task = token t over [shared(t), positions[t] + 1). The rows of a task are its
 // members x the kv head's GQA heads (prefix) or the kv head's GQA heads (private); a block takes kRowTile of them.
 // part_out [T * nH, slots_a + slots_b, hd], part_ml [T * nH, slots_a + slots_b, 2] (max, sum); chunk c of a
-// task is slot c (prefix) or slots_a + c (private).
-template <typename KV, int VEC>
+// task is slot c (prefix) or slots_a + c (private). VEC: elements per load (2 for an even hd); ITERS: loads of
+// VEC elements per lane to cover a row, ceil(hd / (32 VEC)).
+template <typename KV, int VEC, int ITERS>
 __global__ void __launch_bounds__(kThreads)
     bifurcated_partial(bool prefix, const float* __restrict__ q, const KV* __restrict__ k_cache,
                        const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
@@ -139,33 +140,51 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // Scores: a warp per key row, loaded once into registers, against every row of the tile.
-  constexpr int kIters = kMaxHeadDim / (32 * VEC);
+  // Scores: a warp per key row against every row of the tile. Lane l holds elements (it * 32 + l) * VEC .. + VEC
+  // of every query row in registers (loaded once) and of the key row, so the products need no shared memory.
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  for (int i = warp; i < np; i += warps) {
-    float k_reg[kIters][VEC];
+  float q_reg[kRowTile][ITERS][VEC];
 #pragma unroll
-    for (int it = 0; it < kIters; ++it) {
+  for (int r = 0; r < kRowTile; ++r)
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
       const int d = (it * 32 + lane) * VEC;
-      if (d < hd) load_as_f32(k_cache + rows[i] + d, k_reg[it]);
+      if (d < hd) load_as_f32(qs + r * hd + d, q_reg[r][it]);
 #pragma unroll
       for (int e = 0; e < VEC; ++e)
-        if (d >= hd) k_reg[it][e] = 0;
+        if (d >= hd) q_reg[r][it][e] = 0;  // and k_reg's element there is 0 too
     }
-    for (int r0 = 0; r0 < n_rows; r0 += kRows) {
+  // key rows a warp apart: the next one's load is issued before this one's products (two loads in flight)
+  auto load_key = [&](int i, float (&k_reg)[ITERS][VEC]) {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int d = (it * 32 + lane) * VEC;
+      if (d < hd && i < np) load_as_f32(k_cache + rows[i] + d, k_reg[it]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        if (d >= hd || i >= np) k_reg[it][e] = 0;
+    }
+  };
+  float k_next[ITERS][VEC];
+  load_key(warp, k_next);
+  for (int i = warp; i < np; i += warps) {
+    float k_reg[ITERS][VEC];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) k_reg[it][e] = k_next[it][e];
+    load_key(i + warps, k_next);
+#pragma unroll
+    for (int r0 = 0; r0 < kRowTile; r0 += kRows) {
+      if (r0 >= n_rows) break;  // block-uniform
       float acc[kRows];
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
         acc[j] = 0;
 #pragma unroll
-        for (int it = 0; it < kIters; ++it) {
-          const int d = (it * 32 + lane) * VEC;
-          if (d >= hd) continue;
-          float q_d[VEC];
-          load_as_f32(qs + (r0 + j) * hd + d, q_d);
+        for (int it = 0; it < ITERS; ++it)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[j] += q_d[e] * k_reg[it][e];
-        }
+          for (int e = 0; e < VEC; ++e) acc[j] += q_reg[r0 + j][it][e] * k_reg[it][e];
       }
       const float s = warp_sum8(acc, lane);
       const int r = r0 + ((lane >> 2) & 7);
@@ -204,8 +223,25 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kRows; ++j)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[j][e] = 0;
-#pragma unroll 4
-      for (int i = 0; i < np; ++i) {
+      // four positions at a time: one 16-byte read of each row's weights (P and i are multiples of 4)
+      int i = 0;
+      for (; i + 4 <= np; i += 4) {
+        float v_d[4][VEC];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) load_as_f32(v_cache + rows[i + u] + s * VEC, v_d[u]);
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+          const float4 w = *reinterpret_cast<const float4*>(sc + (r0 + j) * P + i);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            acc[j][e] += w.x * v_d[0][e];
+            acc[j][e] += w.y * v_d[1][e];
+            acc[j][e] += w.z * v_d[2][e];
+            acc[j][e] += w.w * v_d[3][e];
+          }
+        }
+      }
+      for (; i < np; ++i) {
         float v_d[VEC];
         load_as_f32(v_cache + rows[i] + s * VEC, v_d);
 #pragma unroll
@@ -301,10 +337,16 @@ void launch_attention_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& 
   };
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
     const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
-    if (hd % 2 == 0)
-      partial(bifurcated_partial<KV, 2>, k, v);
+    if (hd % 2 == 1)
+      partial(bifurcated_partial<KV, 1, kMaxHeadDim / 32>, k, v);
+    else if (hd <= 64)
+      partial(bifurcated_partial<KV, 2, 1>, k, v);
+    else if (hd <= 128)
+      partial(bifurcated_partial<KV, 2, 2>, k, v);
+    else if (hd <= 192)
+      partial(bifurcated_partial<KV, 2, 3>, k, v);
     else
-      partial(bifurcated_partial<KV, 1>, k, v);
+      partial(bifurcated_partial<KV, 2, 4>, k, v);
   });
   check_launch(ctx, op, args);
   launch_pdl(ctx, bifurcated_merge, static_cast<unsigned>(T * n_heads), 128, 0, kv, token_seq.data<int32_t>(),
