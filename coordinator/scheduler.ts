@@ -229,8 +229,9 @@ export class Scheduler {
     if (this.fatal) throw this.fatal;
     this.kv.checkFits(firstStepTokens(job));
     if (!this.paused) this.admit();
-    // the job would wait (paused, others waiting before it, or no room now) and the queue is full
-    if (this.queue.length >= this.options.maxQueue && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(this.admissionTokens(job)))) {
+    // the job would wait (paused, others waiting before it, or no room now) and the queue is full; a sample that
+    // waits for its group's prompt to go out (the next step sends it: sample-group.ts) is not refused
+    if (this.queue.length >= this.options.maxQueue && this.samplePlan(job) !== 'wait' && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(this.admissionTokens(job)))) {
       this.options.observer?.rejected?.('busy');
       throw new WeftError('WEFT_BUSY', `the server is busy: ${this.running.size} requests running and ${this.queue.length} queued (the queue holds ${this.options.maxQueue}); retry later`);
     }

@@ -80,6 +80,13 @@ test('n samples of one prompt: one prefill, the others fork its blocks and recom
   assert.equal(second!.tokens.length, 1 + 3 * 2, 'the leader\'s decode token and each sample\'s 2 tail tokens');
 });
 
+test('samples waiting for their group\'s prompt to go out are not refused by a full queue (--max-queue 0)', async () => {
+  const kvCache = pool(8, 32);
+  const scheduler = new Scheduler({ kvCache, maxQueue: 0, step: drawingStep([], UNIFORM_100) });
+  const tokens = await Promise.all([1, 2, 3, 4].map((seed) => drain(scheduler.submitGenerate(sequence(seed, 3)).events)));
+  for (const got of tokens) assert.equal(got.length, 3);
+});
+
 test('a preempted or cancelled member: the others go on with their tokens, the blocks all come back', async () => {
   const seeds = [7, 8, 9];
   const expected = await Promise.all(
