@@ -6,6 +6,7 @@
  * same groups.
  */
 import type { StepBatch } from '../core/step-batch.ts';
+import type { KvCacheLayout } from '../core/kv-block-table.ts';
 import { int32Tensor, type Ops, type PrefixGroups, type StepIndex } from './models/ops.ts';
 
 /** Tokens a step may hold to use the bifurcated kernel: the decode kernel's limit (cuda/attention.cuh kDecodeMaxTokens). */
@@ -17,14 +18,19 @@ export interface PrefixGroupArrays {
   readonly groupShared: Int32Array;
 }
 
+/** Cache element types the bifurcated kernels read (quantized caches, with their scales, are not wired in yet). */
+const BIFURCATED_KV_DTYPES: readonly string[] = ['f32', 'bf16'];
+
 /**
  * The groups of a decode step (one token per sequence row, at most MAX_BIFURCATED_TOKENS), or null when it has
- * none or is not such a step. A group is two or more tokens whose rows begin with the same blocks; it shares
- * those whole blocks, cut to what every member's position reaches (a member attends to its own positions only).
+ * none or is not such a step, or the cache's type is not one the kernels read. A group is two or more tokens
+ * whose rows begin with the same blocks; it shares those whole blocks, cut to what every member's position
+ * reaches (a member attends to its own positions only).
  */
-export function prefixGroupArrays(batch: Pick<StepBatch, 'positions' | 'tokenSeq' | 'kvBlockTable'>, kvBlockSize: number): PrefixGroupArrays | null {
+export function prefixGroupArrays(batch: Pick<StepBatch, 'positions' | 'tokenSeq' | 'kvBlockTable'>, kv: Pick<KvCacheLayout, 'kvBlockSize' | 'kvDtype'>): PrefixGroupArrays | null {
   const T = batch.tokenSeq.length;
-  if (T < 2 || T > MAX_BIFURCATED_TOKENS || new Set(batch.tokenSeq).size !== T) return null;
+  if (T < 2 || T > MAX_BIFURCATED_TOKENS || !BIFURCATED_KV_DTYPES.includes(kv.kvDtype) || new Set(batch.tokenSeq).size !== T) return null;
+  const kvBlockSize = kv.kvBlockSize;
   const byFirstBlock = new Map<number, number[]>(); // first block -> tokens
   batch.tokenSeq.forEach((seq, t) => {
     const first = batch.kvBlockTable[seq]![0]!;
@@ -47,8 +53,8 @@ export function prefixGroupArrays(batch: Pick<StepBatch, 'positions' | 'tokenSeq
 }
 
 /** The step index with the batch's prefix groups uploaded, when it has any (models/llama.ts then attends bifurcated). */
-export function withPrefixGroups(ops: Ops, step: StepIndex, batch: StepBatch, kvBlockSize: number): StepIndex {
-  const groups = prefixGroupArrays(batch, kvBlockSize);
+export function withPrefixGroups(ops: Ops, step: StepIndex, batch: StepBatch, kv: KvCacheLayout): StepIndex {
+  const groups = prefixGroupArrays(batch, kv);
   if (!groups) return step;
   return { ...step, prefixGroups: { tokenGroup: int32Tensor(ops, groups.tokenGroup), groupShared: int32Tensor(ops, groups.groupShared) } };
 }

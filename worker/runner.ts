@@ -237,7 +237,7 @@ export class StepRunner {
     const { ops, sampled } = this;
     ops.beginStep();
     try {
-      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv.kvBlockSize);
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv);
       if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const { temperature, topK, topP, uniform } = batch.sample!;
@@ -372,7 +372,7 @@ export class StepRunner {
     const { ops } = this;
     ops.beginStep();
     try {
-      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv.kvBlockSize);
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const result: StepResult = {};
       // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step
@@ -411,7 +411,7 @@ export class StepRunner {
   }
 
   private async replayDecode(batch: StepBatch, bucket: number): Promise<LaunchedStep> {
-    const groups = prefixGroupArrays(batch, this.kv.kvBlockSize);
+    const groups = prefixGroupArrays(batch, this.kv);
     const graph = (groups ? this.groupedGraphs : this.graphs).get(bucket) ?? (await this.capture(bucket, groups !== null));
     const { ops } = this;
     const n = batch.tokens.length;

@@ -326,6 +326,9 @@ Tensor Backend::attention_bifurcated(const Tensor& q, const Tensor& k_cache, con
   WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
              Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
   WEFT_CHECK(hd <= 256, op, "head dim ", hd, " is over the 256 the bifurcated kernels hold (", Arg{"kCache", k_cache}, ")");
+  // the seam for quantized caches: the kernels' K and V loads (cuda/attention-bifurcated.cuh) take their scales
+  WEFT_CHECK(k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16, op, Arg{"kCache", k_cache},
+             ": the bifurcated kernels read f32 and bf16 caches only");
   WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
   need(op, {"tokenGroup", token_group}, 1, "[T]", kI32);
   need(op, {"groupShared", group_shared}, 1, "[G]", kI32);

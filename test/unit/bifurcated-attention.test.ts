@@ -18,6 +18,7 @@ const get = (t: Tensor): Float32Array => engine.download(t) as Float32Array;
 const randoms = (rand: () => number, n: number): Float32Array => Float32Array.from({ length: n }, () => 2 * rand() - 1);
 
 const B = 4;
+const KV = { kvBlockSize: B, kvDtype: 'f32' } as const;
 const nKv = 2;
 const hd = 8;
 const scale = 1 / Math.sqrt(hd);
@@ -120,11 +121,11 @@ test('prefix groups of a decode step: tokens whose rows begin with the same bloc
       [8],
     ],
   };
-  assert.deepEqual(prefixGroupArrays(batch, B), { tokenGroup: Int32Array.from([0, 0, -1, 0, -1]), groupShared: Int32Array.from([8]) });
+  assert.deepEqual(prefixGroupArrays(batch, KV), { tokenGroup: Int32Array.from([0, 0, -1, 0, -1]), groupShared: Int32Array.from([8]) });
   // a member at position 6 reaches one whole block of the two its row shares
-  assert.deepEqual(prefixGroupArrays({ ...batch, positions: [9, 13, 6, 6, 2] }, B)?.groupShared, Int32Array.from([4]));
+  assert.deepEqual(prefixGroupArrays({ ...batch, positions: [9, 13, 6, 6, 2] }, KV)?.groupShared, Int32Array.from([4]));
   // nothing shared, a prefill (several tokens of one row), a single token: none
-  assert.equal(prefixGroupArrays({ ...batch, kvBlockTable: [[0], [1], [2], [3], [4]] }, B), null);
-  assert.equal(prefixGroupArrays({ ...batch, tokenSeq: [0, 0, 1, 3, 4] }, B), null);
-  assert.equal(prefixGroupArrays({ tokenSeq: [0], positions: [9], kvBlockTable: [[0, 1, 2]] }, B), null);
+  assert.equal(prefixGroupArrays({ ...batch, kvBlockTable: [[0], [1], [2], [3], [4]] }, KV), null);
+  assert.equal(prefixGroupArrays({ ...batch, tokenSeq: [0, 0, 1, 3, 4] }, KV), null);
+  assert.equal(prefixGroupArrays({ tokenSeq: [0], positions: [9], kvBlockTable: [[0, 1, 2]] }, KV), null);
 });
