@@ -31,15 +31,19 @@ export interface SampleMember {
 export type SamplePlan = 'wait' | { readonly from: KvSequenceId; readonly shared: number };
 
 export class SampleGroups {
-  /** positions of each sequence written by steps already sent (its prompt going out), beyond seq.position */
-  private readonly written = new WeakMap<SequenceState, number>();
+  /**
+   * positions of each sequence written by steps already sent (its prompt going out), beyond seq.position, and
+   * the blocks they went to (a preempted sequence's count ends with the blocks it gave back)
+   */
+  private readonly written = new WeakMap<SequenceState, { readonly kv: KvSequenceId; readonly upTo: number }>();
   private readonly keys = new WeakMap<readonly number[], string>();
 
   constructor(private readonly kv: KvBlockTable) {}
 
-  /** A step was sent that writes the sequence's positions before `upTo`. */
-  wrote(seq: SequenceState, upTo: number): void {
-    this.written.set(seq, Math.max(upTo, this.written.get(seq) ?? 0));
+  /** A step was sent that writes the sequence's positions before `upTo` into its blocks `kv`. */
+  wrote(seq: SequenceState, kv: KvSequenceId, upTo: number): void {
+    const before = this.written.get(seq);
+    this.written.set(seq, { kv, upTo: before?.kv === kv ? Math.max(upTo, before.upTo) : upTo });
   }
 
   /**
@@ -57,7 +61,8 @@ export class SampleGroups {
     for (const other of running) {
       if (!('seq' in other) || other.seq === seq || other.kv === null || other.finished) continue;
       if (other.seq.promptIds.length !== seq.promptIds.length || this.keyOf(other.seq.promptIds) !== key) continue;
-      const written = Math.max(other.seq.position, this.written.get(other.seq) ?? 0);
+      const sent = this.written.get(other.seq);
+      const written = Math.max(other.seq.position, sent?.kv === other.kv ? sent.upTo : 0);
       if (written >= shareable) return { from: other.kv, shared: shareable };
       wait = true;
     }

@@ -455,7 +455,7 @@ export class Scheduler {
       const { seq, kv } = job;
       builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
       this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
-      this.sampleGroups?.wrote(seq, seq.position + seq.input.length);
+      this.sampleGroups?.wrote(seq, kv!, seq.position + seq.input.length);
     }
     return covered;
   }
