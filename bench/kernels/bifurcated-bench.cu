@@ -164,12 +164,17 @@ int main() {
         Tensor q = dev(DType::F32, {n, sh.nH * kHd}), out = dev(DType::F32, {n, sh.nH * kHd}),
                ref = dev(DType::F32, {n, sh.nH * kHd});
         fill_f32<<<256, 256>>>(q.data<float>(), q.numel(), 7);
+        // the plain kernel is the split-K decode half of launch_attention (n <= 64 tokens), called directly
+        auto plain_floats = [&](const Setup& s) {
+          return wc::detail::attention_decode_scratch_floats(n, sh.nH, sh.nKv, s.table.dim(1) * kBlock, kHd,
+                                                             prop.multiProcessorCount);
+        };
         double bif_ms, plain_ms, bif_floor, plain_floor, rel;
         bool nan = false;
         {
           Setup s = make_setup(n, m, sh.nKv, true, 100);
           Tensor scratch = dev(DType::F32, {wc::attention_bifurcated_scratch_floats(q, s.k[0], s.table, sh.nH, prop.multiProcessorCount)});
-          Tensor plain_scratch = dev(DType::F32, {std::max<int64_t>(1, wc::attention_scratch_floats(q, s.k[0], s.table, sh.nH, prop.multiProcessorCount))});
+          Tensor plain_scratch = dev(DType::F32, {plain_floats(s)});
           auto bif = [&](int64_t l) {
             const size_t i = static_cast<size_t>(l) % s.k.size();
             wc::launch_attention_bifurcated(ctx, q, s.k[i], s.v[i], s.seq, s.table, s.pos, s.group, s.shared, sh.nH,
@@ -177,8 +182,8 @@ int main() {
           };
           bif_ms = step_ms(bif);
           bif_floor = kLayers * double(s.bytes_per_layer) / (gbps * 1e6);
-          wc::launch_attention(ctx, q, s.k[0], s.v[0], s.seq, s.table, s.pos, sh.nH, scale, ref,
-                               plain_scratch.data<float>(), prop.multiProcessorCount);
+          wc::detail::launch_attention_decode(ctx, q, s.k[0], s.v[0], s.seq, s.table, s.pos, sh.nH, scale, ref,
+                                              plain_scratch.data<float>(), prop.multiProcessorCount);
           bif(0);
           CK(cudaStreamSynchronize(stream));
           std::vector<float> a(q.numel()), b(q.numel());
@@ -194,11 +199,11 @@ int main() {
         }
         {
           Setup s = make_setup(n, m, sh.nKv, false, 200);
-          Tensor scratch = dev(DType::F32, {std::max<int64_t>(1, wc::attention_scratch_floats(q, s.k[0], s.table, sh.nH, prop.multiProcessorCount))});
+          Tensor scratch = dev(DType::F32, {plain_floats(s)});
           plain_ms = step_ms([&](int64_t l) {
             const size_t i = static_cast<size_t>(l) % s.k.size();
-            wc::launch_attention(ctx, q, s.k[i], s.v[i], s.seq, s.table, s.pos, sh.nH, scale, out,
-                                 scratch.data<float>(), prop.multiProcessorCount);
+            wc::detail::launch_attention_decode(ctx, q, s.k[i], s.v[i], s.seq, s.table, s.pos, sh.nH, scale, out,
+                                                scratch.data<float>(), prop.multiProcessorCount);
           });
           plain_floor = kLayers * double(s.bytes_per_layer) / (gbps * 1e6);
         }
