@@ -33,6 +33,7 @@ import { toFloat32 } from '../core/wire.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
 import type { KvBlockTable, KvSequenceId } from '../core/kv-block-table.ts';
 import { StepBatchBuilder, sampledWith } from './step-builder.ts';
+import { SampleGroups, type SamplePlan } from './sample-group.ts';
 
 /** A single-consumer async queue of events that ends with `close()` or `fail(err)`. */
 export class Channel<T> implements AsyncIterable<T> {
@@ -116,6 +117,8 @@ export interface SchedulerOptions {
   readonly scheduleAhead?: boolean;
   /** share the KV blocks of prompt prefixes already computed (core/kv-block-table.ts); not with `speculative` */
   readonly prefixCaching?: boolean;
+  /** generations of one prompt prefill it once and share its KV blocks (coordinator/sample-group.ts); not with `speculative`. Defaults to true. */
+  readonly sampleGroups?: boolean;
   /** speculative decoding: decode steps become draft-and-verify rounds (prefill and scoring are unchanged) */
   readonly speculative?: SpeculativeExecutor;
   /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
@@ -177,10 +180,12 @@ export class Scheduler {
   private paused: boolean;
   private fatal: Error | null = null;
   private preemptionCount = 0;
+  private readonly sampleGroups: SampleGroups | null;
 
   constructor(private readonly options: SchedulerOptions, startPaused = false) {
     this.kv = options.kvCache;
     this.paused = startPaused;
+    this.sampleGroups = options.sampleGroups !== false && !options.speculative ? new SampleGroups(this.kv) : null;
   }
 
   get waiting(): number {
@@ -229,8 +234,9 @@ export class Scheduler {
     if (this.fatal) throw this.fatal;
     this.kv.checkFits(firstStepTokens(job));
     if (!this.paused) this.admit();
-    // the job would wait (paused, others waiting before it, or no room now) and the queue is full
-    if (this.queue.length >= this.options.maxQueue && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(this.admissionTokens(job)))) {
+    // the job would wait (paused, others waiting before it, or no room now) and the queue is full; a sample that
+    // waits for its group's prompt to go out (the next step sends it: sample-group.ts) is not refused
+    if (this.queue.length >= this.options.maxQueue && this.samplePlan(job) !== 'wait' && (this.paused || this.queue.length > 0 || !this.kv.canAllocate(this.admissionTokens(job)))) {
       this.options.observer?.rejected?.('busy');
       throw new WeftError('WEFT_BUSY', `the server is busy: ${this.running.size} requests running and ${this.queue.length} queued (the queue holds ${this.options.maxQueue}); retry later`);
     }
@@ -341,9 +347,14 @@ export class Scheduler {
 
   /** Give KV blocks to queued jobs, first come first served (one that does not fit yet holds the line). */
   private admit(): void {
-    while (this.queue.length > 0 && this.kv.canAllocate(this.admissionTokens(this.queue[0]!))) {
+    while (this.queue.length > 0 && this.admissible(this.queue[0]!)) {
       const job = this.queue.shift()!;
       this.running.add(job);
+      const sample = this.samplePlan(job);
+      if (job.kind === 'generate' && sample && sample !== 'wait') {
+        job.kv = this.sampleGroups!.fork(job.seq, sample);
+        continue;
+      }
       // a speculative round would take a matched prompt's rest for decode input: no prefix caching with it
       if (job.kind !== 'generate' || !this.options.prefixCaching || this.options.speculative) {
         job.kv = this.kv.allocate(firstStepTokens(job));
@@ -356,6 +367,16 @@ export class Scheduler {
       job.seq.position = cached;
       job.seq.input = job.seq.input.slice(cached);
     }
+  }
+
+  /** Sample groups: whether the queue's head can be admitted now (a fork needs blocks only past the shared ones). */
+  private admissible(job: Job): boolean {
+    const sample = this.samplePlan(job);
+    return sample !== 'wait' && this.kv.canAllocate(this.admissionTokens(job) - (sample?.shared ?? 0));
+  }
+
+  private samplePlan(job: Job): SamplePlan | null {
+    return job.kind === 'generate' && this.sampleGroups ? this.sampleGroups.plan(job.seq, this.running) : null;
   }
 
   /**
@@ -439,6 +460,7 @@ export class Scheduler {
       const { seq, kv } = job;
       builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null);
       this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
+      this.sampleGroups?.wrote(seq, kv!, seq.position + seq.input.length);
     }
     return covered;
   }

@@ -206,6 +206,25 @@ export class KvBlockTable {
   }
 
   /**
+   * A new sequence sharing `parent`'s blocks that hold its first `tokens` positions, whole blocks only: each
+   * shared block counts one more sequence, and the new one writes from the first position after them, in blocks
+   * of its own (grow). How the n samples of one prompt share its KV (coordinator/sample-group.ts); the parent's
+   * last, partly filled block is not shared, its positions are recomputed by the new sequence. `shared`: the
+   * positions shared (a multiple of kvBlockSize). Throws WEFT_BUSY when no sequence is free.
+   */
+  fork(parent: KvSequenceId, tokens: number): { id: KvSequenceId; shared: number } {
+    const from = this.listOf(parent);
+    const count = Math.min(from.length, Math.floor(Math.max(0, tokens) / this.layout.kvBlockSize));
+    const id = this.allocate(0);
+    const blocks = this.listOf(id);
+    for (const block of from.slice(0, count)) {
+      this.refs[block] = this.refs[block]! + 1;
+      blocks.push(block);
+    }
+    return { id, shared: count * this.layout.kvBlockSize };
+  }
+
+  /**
    * Register the sequence's full blocks among its first `written` positions (written by steps already sent),
    * `ids()` being its tokens from position 0 (called only when a block is new to register).
    */

@@ -108,6 +108,15 @@ export interface Engine {
    */
   attention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
   /**
+   * Bifurcated decode attention: equals `attention` with the same arguments, but tokens whose sequences share
+   * their leading KV blocks (the samples of one prompt) read them once for the whole group. tokenGroup [T] i32:
+   * token t's prefix group, -1 for none; groupShared [G] i32: group g's members share positions
+   * [0, groupShared[g]) (0: an unused slot), read through the table row of its first member; each member then
+   * attends over its own positions groupShared[g]..positions[t]. Needs groupShared[g] <= positions[t] + 1 for
+   * each member and the members' rows holding the same blocks there (checked on the CPU). hd <= 256.
+   */
+  attentionBifurcated(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, tokenGroup: Tensor, groupShared: Tensor, nHeads: number, scale: number): Tensor;
+  /**
    * Fused residual add and RMSNorm, one kernel: x, y [T, H] f32, weight [H] f32|f16|bf16 ->
    * `{ sum: x + y, normed: rmsNorm(x + y, weight, eps) }`, both [T, H] f32, equal to `add` then `rmsNorm`.
    */

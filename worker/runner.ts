@@ -6,7 +6,9 @@
  * CUDA graphs: one graph per batch bucket (1, 2, 4, 8), captured the first time that bucket is needed and
  * replayed after writing the step's inputs (the step index, sampling parameters) into the graph's persistent
  * input tensors. Kernels read positions from device memory, so the graph stays valid as sequences grow. Rows
- * that pad a batch up to its bucket are sequences of their own in the layout's padding block.
+ * that pad a batch up to its bucket are sequences of their own in the layout's padding block. A decode step whose
+ * sequences share leading KV blocks (prefix groups: the samples of one prompt, prefix-groups.ts) runs a graph of
+ * its own per bucket, whose attention is bifurcated and whose group descriptors are inputs too.
  *
  * The KV cache's sizes come explicitly (KvCacheLayout, derived from the init command); the wire batch's block
  * table becomes the native ops' index tensors in one function, `stepIndexArrays`.
@@ -23,6 +25,7 @@ import { checkKvPositions } from '../core/step-batch.ts';
 import { maxBlocksPerSequence, type KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
+import { prefixGroupArrays, prefixGroupTensors, withPrefixGroups, writePrefixGroups } from './prefix-groups.ts';
 import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
@@ -32,6 +35,9 @@ import type { ShardPlan } from '../core/shard-plan.ts';
 
 export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
 const MAX_GRAPH_BATCH = GRAPH_BUCKETS[GRAPH_BUCKETS.length - 1]!;
+
+/** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts). */
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -45,7 +51,7 @@ interface HostIndex {
  * maxBlocksPerSequence, so a graph's table tensor keeps its shape; padded entries lie past every position
  * a token of that row reaches, and no kernel reads them.
  */
-export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<keyof StepIndex, HostIndex> {
+export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<IndexKey, HostIndex> {
   const width = maxBlocksPerSequence(kv);
   const table = new Int32Array(batch.kvBlockTable.length * width).fill(kv.paddingBlock ?? 0);
   batch.kvBlockTable.forEach((blocks, s) => table.set(blocks, s * width));
@@ -59,7 +65,7 @@ export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<key
   };
 }
 
-function uploadIndex(ops: Ops, arrays: Record<keyof StepIndex, HostIndex>): StepIndex {
+function uploadIndex(ops: Ops, arrays: Record<IndexKey, HostIndex>): StepIndex {
   const entries = Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(ops, values, shape)]);
   return Object.fromEntries(entries) as unknown as StepIndex;
 }
@@ -168,6 +174,8 @@ export function chunkRanges(tokens: number, maxTokens: number): { start: number;
 
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
+  /** decode graphs of steps with prefix groups: their attention is bifurcated (prefix-groups.ts), one per bucket */
+  private readonly groupedGraphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
   /** [max(max bucket, kvSlots)] i32, persistent: the last step that drew on the device left its tokens here */
   private readonly sampled: Tensor;
@@ -233,7 +241,7 @@ export class StepRunner {
     const { ops, sampled } = this;
     ops.beginStep();
     try {
-      const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv);
       if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const { temperature, topK, topP, uniform } = batch.sample!;
@@ -387,7 +395,7 @@ export class StepRunner {
     const { ops } = this;
     ops.beginStep();
     try {
-      const step = uploadIndex(ops, stepIndexArrays(batch, this.kv));
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const result: StepResult = {};
       // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step
@@ -432,20 +440,22 @@ export class StepRunner {
   }
 
   private async replayDecode(batch: StepBatch, bucket: number): Promise<LaunchedStep> {
-    const graph = this.graphs.get(bucket) ?? (await this.capture(bucket));
+    const groups = prefixGroupArrays(batch, this.kv);
+    const graph = (groups ? this.groupedGraphs : this.graphs).get(bucket) ?? (await this.capture(bucket, groups !== null));
     const { ops } = this;
     const n = batch.tokens.length;
     const { tokens, feedFrom } = this.splitFeed(batch);
     const padded = this.padToBucket({ ...batch, tokens }, bucket);
     const index = stepIndexArrays(padded, this.kv);
     // logitRows stay the graph's own (every row, in order: graphBucket admits nothing else)
-    for (const key of Object.keys(index) as (keyof StepIndex)[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
+    for (const key of Object.keys(index) as IndexKey[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
     ops.write(graph.inputs.feedFrom, bytesOf(Int32Array.from({ length: bucket }, (_, i) => feedFrom[i] ?? -1)));
     const { temperature, topK, topP, uniform } = padded.sample;
     ops.write(graph.inputs.temperature, bytesOf(Float32Array.from(temperature)));
     ops.write(graph.inputs.topK, bytesOf(Int32Array.from(topK)));
     ops.write(graph.inputs.topP, bytesOf(Float32Array.from(topP)));
     ops.write(graph.inputs.uniform, bytesOf(Float32Array.from(uniform)));
+    if (groups && graph.inputs.prefixGroups) writePrefixGroups(ops, graph.inputs.prefixGroups, groups);
     ops.replay(graph.graph);
     this.last = { where: 'device', rows: n };
     // queued behind the replay: the copy holds this step's draw even after the next step overwrites `sampled`
@@ -464,7 +474,7 @@ export class StepRunner {
    * Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). The graph
    * begins by taking its fed tokens from `sampled` and ends by storing its draw there.
    */
-  private async capture(bucket: number): Promise<DecodeGraph> {
+  private async capture(bucket: number, grouped = false): Promise<DecodeGraph> {
     const { ops, sampled } = this;
     // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
     if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
@@ -472,6 +482,7 @@ export class StepRunner {
     const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
       ...uploadIndex(ops, stepIndexArrays(padded, this.kv)),
+      ...(grouped && { prefixGroups: prefixGroupTensors(ops, bucket) }),
       feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
       temperature: float32Tensor(ops, padded.sample.temperature),
       topK: int32Tensor(ops, padded.sample.topK),
@@ -507,7 +518,7 @@ export class StepRunner {
       ops.endStep();
     }
     const decodeGraph = { bucket, graph, inputs, keepRows, ...outputs! };
-    this.graphs.set(bucket, decodeGraph);
+    (grouped ? this.groupedGraphs : this.graphs).set(bucket, decodeGraph);
     return decodeGraph;
   }
 }

@@ -313,6 +313,33 @@ Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& 
   return out;
 }
 
+Tensor Backend::attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                     const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                     const Tensor& token_group, const Tensor& group_shared, int64_t n_heads,
+                                     float scale) {
+  const char* op = "attentionBifurcated";
+  need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, q.dim(0));
+  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
+  WEFT_CHECK(n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads,
+             " must be a positive multiple of nKv = ", n_kv, " (from ", Arg{"kCache", k_cache}, ")");
+  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
+             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
+  WEFT_CHECK(hd <= 256, op, "head dim ", hd, " is over the 256 the bifurcated kernels hold (", Arg{"kCache", k_cache}, ")");
+  // the seam for quantized caches: the kernels' K and V loads (cuda/attention-bifurcated.cuh) take their scales
+  WEFT_CHECK(k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16, op, Arg{"kCache", k_cache},
+             ": the bifurcated kernels read f32 and bf16 caches only");
+  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
+  need(op, {"tokenGroup", token_group}, 1, "[T]", kI32);
+  need(op, {"groupShared", group_shared}, 1, "[G]", kI32);
+  WEFT_CHECK(token_group.dim(0) == q.dim(0), op, Arg{"tokenGroup", token_group}, " must be [", q.dim(0),
+             "] (one per token)");
+  Tensor out = empty(DType::F32, q.shape);
+  run_attention_bifurcated(q, k_cache, v_cache, token_seq, kv_block_table, positions, token_group, group_shared,
+                           n_heads, scale, out);
+  return out;
+}
+
 Backend::SumAndNormed Backend::add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps) {
   const char* op = "addRmsNorm";
   need(op, {"x", x}, 2, "[T, H]", kF32);

@@ -126,6 +126,16 @@ class Backend {
   // each key and value row read through the table.
   Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                    const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale);
+  // Bifurcated decode attention (prefix groups): equals attention() over the same arguments, but tokens whose
+  // sequences share their leading KV blocks (n samples of one prompt) read those blocks once for the whole group.
+  // token_group [T] i32: token t's group, or -1 for none; group_shared [G] i32: group g's members share their
+  // positions [0, group_shared[g]) (0: an unused slot), read through the table row of its first member (lowest
+  // t); each member attends over them and then over its own positions group_shared[g]..positions[t]. Needs
+  // group_shared[g] <= positions[t] + 1 for every member and the members' rows holding the same blocks there
+  // (the CPU checks both; CUDA assumes them). Fixed-capacity descriptors, so a graph can capture it. hd <= 256.
+  Tensor attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                              const Tensor& kv_block_table, const Tensor& positions, const Tensor& token_group,
+                              const Tensor& group_shared, int64_t n_heads, float scale);
   // ---- fused ops (one kernel each on CUDA; each equals the composition of the separate ops it names)
   // x, y [T, H] f32, weight [H] float -> {sum = x + y, normed = rms_norm(sum, weight, eps)}, both [T, H] f32:
   // the residual add and the next norm in one pass.
@@ -221,6 +231,11 @@ class Backend {
   virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                              const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
                              const Tensor& out) = 0;
+  virtual void run_attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                        const Tensor& token_seq, const Tensor& kv_block_table,
+                                        const Tensor& positions, const Tensor& token_group,
+                                        const Tensor& group_shared, int64_t n_heads, float scale,
+                                        const Tensor& out) = 0;
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) = 0;
   virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,

@@ -172,6 +172,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::Rope>("rope"),
                          InstanceMethod<&EngineHandle::WriteKv>("writeKv"),
                          InstanceMethod<&EngineHandle::Attention>("attention"),
+                         InstanceMethod<&EngineHandle::AttentionBifurcated>("attentionBifurcated"),
                          InstanceMethod<&EngineHandle::Copy>("copy"),
                          InstanceMethod<&EngineHandle::DownloadAsync>("downloadAsync"),
                          InstanceMethod<&EngineHandle::FeedTokens>("feedTokens"),
@@ -412,6 +413,17 @@ Napi::Value EngineHandle::Attention(const Napi::CallbackInfo& info) {
                                                 a.tensor(3, "tokenSeq"), a.tensor(4, "kvBlockTable"),
                                                 a.tensor(5, "positions"), a.integer(6, "nHeads"),
                                                 static_cast<float>(a.number(7, "scale"))));
+  });
+}
+
+Napi::Value EngineHandle::AttentionBifurcated(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "attentionBifurcated", [&] {
+    Args a(info, "attentionBifurcated", this);
+    return Wrap(info.Env(), backend_->attention_bifurcated(
+                                a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"), a.tensor(3, "tokenSeq"),
+                                a.tensor(4, "kvBlockTable"), a.tensor(5, "positions"), a.tensor(6, "tokenGroup"),
+                                a.tensor(7, "groupShared"), a.integer(8, "nHeads"),
+                                static_cast<float>(a.number(9, "scale"))));
   });
 }
 

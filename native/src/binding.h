@@ -79,6 +79,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value Rope(const Napi::CallbackInfo& info);
   Napi::Value WriteKv(const Napi::CallbackInfo& info);
   Napi::Value Attention(const Napi::CallbackInfo& info);
+  Napi::Value AttentionBifurcated(const Napi::CallbackInfo& info);
   Napi::Value Copy(const Napi::CallbackInfo& info);
   Napi::Value AddRmsNorm(const Napi::CallbackInfo& info);
   Napi::Value QkvRope(const Napi::CallbackInfo& info);

@@ -1005,6 +1005,53 @@ void check_top_logprobs(Rng& rng) {
   }
 }
 
+// Bifurcated decode attention: n samples whose table rows begin with the same m_blocks blocks of B = 16 (the
+// prompt), each with private blocks of its own (ragged continuations of 1..100 positions), and a token of no group
+// with a context of its own; GQA 32/8, MHA 32/32, hd 128, 64 and 96 (96: 48 pair slots a row, so the value pass
+// splits the query rows among thread groups), f32 and bf16 caches, up to 32 samples (prefix row tiles of 16). Against the CPU reference and against the CUDA plain paged attention: both fp32
+// reductions over the same terms in another order, so the decode bound, 1e-4.
+void check_attention_bifurcated(Rng& rng) {
+  const int64_t B = 16;
+  struct Cfg {
+    int64_t n, nH, nKv, hd, m_blocks;
+    DType kv;
+  };
+  for (Cfg c : {Cfg{4, 32, 8, 128, 64, DType::F32}, Cfg{16, 32, 8, 128, 64, DType::BF16}, Cfg{16, 32, 32, 128, 32, DType::BF16},
+                Cfg{3, 8, 8, 64, 5, DType::F32}, Cfg{5, 16, 4, 96, 9, DType::BF16}, Cfg{32, 32, 8, 128, 16, DType::BF16}}) {
+    const int64_t T = c.n + 1, width = c.m_blocks + 100 / B + 2, hd = c.hd;
+    const int64_t n_blocks = c.m_blocks + T * width + 1;
+    std::string sh = "n=" + std::to_string(c.n) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) + "x" +
+                     std::to_string(hd) + " m=" + std::to_string(c.m_blocks * B) + (c.kv == DType::BF16 ? " bf16" : " f32");
+    run_case("attnBifurcated", sh, [&] {
+      // rows: members share blocks 0 .. m_blocks - 1, then blocks of their own; the lone token owns all of its row
+      std::vector<int32_t> rows(static_cast<size_t>(T * width)), seq(T), pos(T), group(T, 0);
+      int32_t next = static_cast<int32_t>(c.m_blocks);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t j = 0; j < width; ++j)
+          rows[t * width + j] = t < c.n && j < c.m_blocks ? static_cast<int32_t>(j) : next++;
+        seq[t] = static_cast<int32_t>(t);
+        pos[t] = static_cast<int32_t>(c.m_blocks * B + rng.below(100));  // 1..100 positions past the prefix
+      }
+      group[c.n] = -1;
+      pos[c.n] = static_cast<int32_t>(rng.below(static_cast<int>(width * B)));
+      std::vector<int32_t> shared{static_cast<int32_t>(c.m_blocks * B), 0};  // a second, unused slot
+      Shape cs{n_blocks, c.nKv, B, hd}, qs{T, c.nH * hd};
+      auto k = rng.floats(n_blocks * c.nKv * B * hd), v = rng.floats(n_blocks * c.nKv * B * hd), q = rng.floats(T * c.nH * hd);
+      const float scale = 1.0f / std::sqrt(float(hd));
+      auto attend = [&](Backend& b, bool bifurcated) {
+        Tensor kc = up_narrow(b, k, cs, c.kv), vc = up_narrow(b, v, cs, c.kv), table = up_table(b, rows, width);
+        Tensor out = bifurcated ? b.attention_bifurcated(up(b, q, qs), kc, vc, up_i(b, seq), table, up_i(b, pos),
+                                                         up_i(b, group), up_i(b, shared), c.nH, scale)
+                                : b.attention(up(b, q, qs), kc, vc, up_i(b, seq), table, up_i(b, pos), c.nH, scale);
+        return down(b, out);
+      };
+      auto got = attend(*gpu, true);
+      compare("attnBifurcated", sh, got, attend(*cpu, true), 1e-4, 0, "vs cpu");
+      compare("attnBifurcated", sh + " plain", got, attend(*gpu, false), 1e-4, 0, "vs cuda plain paged");
+    });
+  }
+}
+
 int main() {
   auto t0 = std::chrono::steady_clock::now();
   try {
@@ -1038,6 +1085,7 @@ int main() {
   check_graph(rng, true, 16, DType::BF16);
   check_graph(rng, false, 2048, DType::BF16);
   check_errors();
+  check_attention_bifurcated(rng);
   auto mi = gpu->memory_info();
   int failed = 0;
   std::printf("%-20s %-34s %12s %12s  %s\n", "op", "shape", "max err", "bound", "result");

@@ -44,7 +44,9 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
   const qkv = ops.matmul(x, layer.wqkv); // [T, (nH + 2 nKv) hd]
   // One kernel: q = rope(q heads); the cache gets rope(k heads) and the v heads at each token's block row.
   const q = ops.qkvRope(qkv, step.positions, model.invFreq, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, nHeadsPerRank);
-  const attended = ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, 1 / Math.sqrt(headDim));
+  const attended = step.prefixGroups
+    ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, 1 / Math.sqrt(headDim))
+    : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, 1 / Math.sqrt(headDim));
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }
 

@@ -31,4 +31,12 @@ export interface StepIndex {
   readonly tokenSeq: Tensor; // [T] i32: the row of kvBlockTable of each token's sequence
   readonly kvBlockTable: Tensor; // [S, maxBlocksPerSeq] i32: physical block ids per sequence
   readonly logitRows: Tensor; // [R] i32: batch rows whose logits the step returns
+  /** decode steps whose sequences share leading KV blocks: attention reads them once per group (worker/prefix-groups.ts) */
+  readonly prefixGroups?: PrefixGroups;
+}
+
+/** Engine.attentionBifurcated's descriptors. */
+export interface PrefixGroups {
+  readonly tokenGroup: Tensor; // [T] i32: each token's group, -1 for none
+  readonly groupShared: Tensor; // [G] i32: positions [0, groupShared[g]) group g's members share
 }

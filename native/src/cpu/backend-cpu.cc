@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "cpu/attention-bifurcated.h"
 #include "cpu/convert.h"
 #include "cpu/ops.h"
 #include "cpu/thread-pool.h"
@@ -125,6 +126,18 @@ class CpuBackend final : public Backend {
     cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
                    k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,
                    k_cache.dim(3), scale);
+  }
+  void run_attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                                const Tensor& kv_block_table, const Tensor& positions, const Tensor& token_group,
+                                const Tensor& group_shared, int64_t n_heads, float scale, const Tensor& out) override {
+    const char* op = "attentionBifurcated";
+    KvBlockTable kv = checked_kv_table(op, k_cache, token_seq, kv_block_table, positions, true);
+    cpu::check_prefix_groups(op, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), token_group.data<int32_t>(),
+                             q.dim(0), group_shared.data<int32_t>(), group_shared.dim(0));
+    cpu::attention_bifurcated(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(),
+                              v_cache.buffer->data(), k_cache.dtype, kv, token_seq.data<int32_t>(),
+                              positions.data<int32_t>(), token_group.data<int32_t>(), group_shared.data<int32_t>(),
+                              q.dim(0), n_heads, k_cache.dim(3), scale);
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {

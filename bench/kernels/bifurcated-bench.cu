@@ -1,0 +1,228 @@
+// Standalone benchmark of bifurcated decode attention (weft::cuda::launch_attention_bifurcated) on seed 000's
+// grid: n samples of one prompt of m positions, each 64 positions past it; ms per decode step of attention over
+// 32 layers for (a) the bifurcated op on a table whose rows share the prompt's blocks and (b) the plain paged
+// kernel over the same n sequences without sharing (each its own copy of the prompt), beside the byte floor of
+// each (bytes the step must read / the measured read bandwidth). Build and run with nvcc alone, from the
+// repository root:
+//   bench/kernels/bifurcated-run.sh
+// Shapes: Llama-2-7B (MHA, 32 heads of 128) and Llama-3-8B (GQA, 32 query / 8 kv heads of 128); bf16 caches in
+// blocks of 16; m in {2K, 8K, 16K, 32K}; n in {1, 4, 16, 32} (n = 1: a group of one). Each layer has caches of
+// its own (up to 32 distinct, never fewer than make 512 MiB, so the L2 holds none), the 32 calls of a step
+// cycle through them; CUDA events, median of 5 steps after 2 warm-ups. The bifurcated result is checked against
+// the plain kernel on the shared table (norm-wise error, as ops-check). Exit 1 on an error over 1e-4, a NaN, or
+// a device report; the issue's bars (8K, n = 16: <= 1.3x the n = 1 step, >= 3x faster than unshared) are printed.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "cuda/attention-bifurcated.cuh"
+#include "cuda/attention.cuh"
+#include "cuda/bandwidth.cuh"
+
+using namespace weft;
+namespace wc = weft::cuda;
+
+#define CK(call)                                                                                   \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess) {                                                                       \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                                \
+    }                                                                                              \
+  } while (0)
+
+namespace {
+
+constexpr int64_t kBlock = 16, kPrivate = 64, kLayers = 32, kHd = 128;
+
+struct DevBuffer : Buffer {
+  void* p = nullptr;
+  explicit DevBuffer(size_t bytes) : Buffer(bytes) { CK(cudaMalloc(&p, bytes)); }
+  ~DevBuffer() override { cudaFree(p); }
+  void* data() const override { return p; }
+};
+Tensor dev(DType d, Shape s) {
+  Tensor t;
+  t.dtype = d;
+  t.shape = s;
+  t.buffer = std::make_shared<DevBuffer>(std::max<size_t>(t.nbytes(), 4));
+  return t;
+}
+Tensor dev_i(const std::vector<int32_t>& v, Shape s) {
+  Tensor t = dev(DType::I32, s);
+  CK(cudaMemcpy(t.data<int32_t>(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+  return t;
+}
+
+// Random bf16 in [-1, 1) (as bits), or f32 for q.
+__global__ void fill_bf16(uint16_t* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t v = seed * 0x9e3779b97f4a7c15ull + i;
+    v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33;
+    const float f = (uint32_t(v) >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    p[i] = static_cast<uint16_t>(__float_as_uint(f) >> 16);
+  }
+}
+__global__ void fill_f32(float* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t v = seed * 0x9e3779b97f4a7c15ull + i;
+    v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33;
+    p[i] = (uint32_t(v) >> 8) * (2.0f / 16777216.0f) - 1.0f;
+  }
+}
+
+// A decode step's inputs: the block table of n sequences, shared (rows begin with the prompt's blocks) or not
+// (each row its own blocks), and per-layer caches of the blocks used.
+struct Setup {
+  std::vector<Tensor> k, v;  // per distinct layer [blocks, nKv, 16, 128] bf16
+  Tensor table, seq, pos, group, shared;
+  int64_t bytes_per_layer;  // K and V bytes the step reads per layer
+};
+
+Setup make_setup(int64_t n, int64_t m, int64_t n_kv, bool sharing, uint64_t seed) {
+  const int64_t len = m + kPrivate, width = (len + kBlock - 1) / kBlock, prompt_blocks = m / kBlock;
+  std::vector<int32_t> rows(static_cast<size_t>(n * width)), seq(n), pos(n), group(n, sharing ? 0 : -1);
+  int32_t next = sharing ? static_cast<int32_t>(prompt_blocks) : 0;
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t j = 0; j < width; ++j) rows[s * width + j] = sharing && j < prompt_blocks ? static_cast<int32_t>(j) : next++;
+    seq[s] = static_cast<int32_t>(s);
+    pos[s] = static_cast<int32_t>(len - 1);
+  }
+  const int64_t blocks = next, layer_bytes = 2 * blocks * n_kv * kBlock * kHd * 2;
+  const int64_t distinct = std::min<int64_t>(kLayers, std::max<int64_t>(2, ((int64_t{512} << 20) + layer_bytes - 1) / layer_bytes));
+  Setup s;
+  for (int64_t l = 0; l < distinct; ++l)
+    for (auto* caches : {&s.k, &s.v}) {
+      Tensor t = dev(DType::BF16, {blocks, n_kv, kBlock, kHd});
+      fill_bf16<<<2048, 256>>>(static_cast<uint16_t*>(t.buffer->data()), t.numel(), seed + 2 * l + (caches == &s.v));
+      caches->push_back(t);
+    }
+  s.table = dev_i(rows, {n, width});
+  s.seq = dev_i(seq, {n});
+  s.pos = dev_i(pos, {n});
+  s.group = dev_i(group, {n});
+  s.shared = dev_i({static_cast<int32_t>(m)}, {1});
+  // bytes a step must read: the shared prompt once and the private positions (bifurcated), or every row whole
+  s.bytes_per_layer = 2 * n_kv * kHd * 2 * (sharing ? m + n * kPrivate : n * len);
+  return s;
+}
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t stream;
+  CK(cudaStreamCreate(&stream));
+  wc::DeviceStatus* status;
+  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
+  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
+  wc::Ctx ctx{nullptr, stream, status};
+  const double gbps = wc::measure_read_bandwidth(ctx, size_t{1} << 30, 10);
+  std::printf("device: %s, %d SMs; read bandwidth %.0f GB/s (1 GiB, best of 10)\n", prop.name, prop.multiProcessorCount, gbps);
+  std::printf("ms per decode step of attention over %lld layers, bf16 KV, %lld private positions per sample\n",
+              static_cast<long long>(kLayers), static_cast<long long>(kPrivate));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  auto step_ms = [&](auto&& layer) {
+    auto step = [&] {
+      for (int64_t l = 0; l < kLayers; ++l) layer(l);
+    };
+    for (int i = 0; i < 2; ++i) step();
+    std::vector<float> ms;
+    for (int i = 0; i < 5; ++i) {
+      CK(cudaEventRecord(e0, stream));
+      step();
+      CK(cudaEventRecord(e1, stream));
+      CK(cudaEventSynchronize(e1));
+      float t;
+      CK(cudaEventElapsedTime(&t, e0, e1));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return static_cast<double>(ms[ms.size() / 2]);
+  };
+  bool ok = true;
+  std::printf("%-10s %6s %3s %9s %9s %9s %9s %8s %8s %9s\n", "model", "m", "n", "bif ms", "floor", "plain ms", "floor",
+              "vs n=1", "speedup", "rel err");
+  struct Shape2 {
+    const char* name;
+    int64_t nH, nKv;
+  };
+  for (Shape2 sh : {Shape2{"7B MHA", 32, 32}, Shape2{"L3-8B GQA", 32, 8}})
+    for (int64_t m : {int64_t{2048}, int64_t{8192}, int64_t{16384}, int64_t{32768}}) {
+      double n1_ms = 0;
+      for (int64_t n : {int64_t{1}, int64_t{4}, int64_t{16}, int64_t{32}}) {
+        const float scale = 1.0f / std::sqrt(float(kHd));
+        Tensor q = dev(DType::F32, {n, sh.nH * kHd}), out = dev(DType::F32, {n, sh.nH * kHd}),
+               ref = dev(DType::F32, {n, sh.nH * kHd});
+        fill_f32<<<256, 256>>>(q.data<float>(), q.numel(), 7);
+        // the plain kernel is the split-K decode half of launch_attention (n <= 64 tokens), called directly
+        auto plain_floats = [&](const Setup& s) {
+          return wc::detail::attention_decode_scratch_floats(n, sh.nH, sh.nKv, s.table.dim(1) * kBlock, kHd,
+                                                             prop.multiProcessorCount);
+        };
+        double bif_ms, plain_ms, bif_floor, plain_floor, rel;
+        bool nan = false;
+        {
+          Setup s = make_setup(n, m, sh.nKv, true, 100);
+          Tensor scratch = dev(DType::F32, {wc::attention_bifurcated_scratch_floats(q, s.k[0], s.table, sh.nH, prop.multiProcessorCount)});
+          Tensor plain_scratch = dev(DType::F32, {plain_floats(s)});
+          auto bif = [&](int64_t l) {
+            const size_t i = static_cast<size_t>(l) % s.k.size();
+            wc::launch_attention_bifurcated(ctx, q, s.k[i], s.v[i], s.seq, s.table, s.pos, s.group, s.shared, sh.nH,
+                                            scale, out, scratch.data<float>(), prop.multiProcessorCount);
+          };
+          bif_ms = step_ms(bif);
+          bif_floor = kLayers * double(s.bytes_per_layer) / (gbps * 1e6);
+          wc::detail::launch_attention_decode(ctx, q, s.k[0], s.v[0], s.seq, s.table, s.pos, sh.nH, scale, ref,
+                                              plain_scratch.data<float>(), prop.multiProcessorCount);
+          bif(0);
+          CK(cudaStreamSynchronize(stream));
+          std::vector<float> a(q.numel()), b(q.numel());
+          CK(cudaMemcpy(a.data(), out.data<float>(), a.size() * 4, cudaMemcpyDeviceToHost));
+          CK(cudaMemcpy(b.data(), ref.data<float>(), b.size() * 4, cudaMemcpyDeviceToHost));
+          double scl = 0, err = 0;
+          for (size_t i = 0; i < a.size(); ++i) {
+            nan |= std::isnan(a[i]) || std::isnan(b[i]);
+            scl = std::max(scl, std::fabs(double(b[i])));
+            err = std::max(err, std::fabs(double(a[i]) - b[i]));
+          }
+          rel = err / scl;
+        }
+        {
+          Setup s = make_setup(n, m, sh.nKv, false, 200);
+          Tensor scratch = dev(DType::F32, {plain_floats(s)});
+          plain_ms = step_ms([&](int64_t l) {
+            const size_t i = static_cast<size_t>(l) % s.k.size();
+            wc::detail::launch_attention_decode(ctx, q, s.k[i], s.v[i], s.seq, s.table, s.pos, sh.nH, scale, out,
+                                                scratch.data<float>(), prop.multiProcessorCount);
+          });
+          plain_floor = kLayers * double(s.bytes_per_layer) / (gbps * 1e6);
+        }
+        if (n == 1) n1_ms = plain_ms;  // the n = 1 step: the plain kernel (a request of one sample forms no group)
+        std::printf("%-10s %6lld %3lld %9.3f %9.3f %9.3f %9.3f %7.2fx %7.1fx %9.2e%s\n", sh.name,
+                    static_cast<long long>(m), static_cast<long long>(n), bif_ms, bif_floor, plain_ms, plain_floor,
+                    bif_ms / n1_ms, plain_ms / bif_ms, rel, nan ? "  NaN!" : (rel > 1e-4 ? "  FAIL" : ""));
+        ok &= !nan && rel <= 1e-4;
+        if (m == 8192 && n == 16)
+          std::printf("  bar (8K, n = 16): %.2fx the n = 1 step (<= 1.3: %s), %.1fx faster than unshared (>= 3: %s)\n",
+                      bif_ms / n1_ms, bif_ms / n1_ms <= 1.3 ? "met" : "NOT met", plain_ms / bif_ms,
+                      plain_ms / bif_ms >= 3 ? "met" : "NOT met");
+      }
+    }
+  wc::DeviceStatus hs;
+  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
+  if (hs.flag) {
+    std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
+    ok = false;
+  }
+  return ok ? 0 : 1;
+}
