@@ -490,7 +490,7 @@ export class Cluster {
     this.checkOpen();
     const promptIds = await this.promptIds(request);
     this.checkOpen(); // it may have closed while the prompt was tokenized
-    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
+    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize, attention: { sparq: this.initCommand.sparq ?? null, spec: this.spec, device: this.initCommand.device } });
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);

@@ -432,7 +432,7 @@ export class Scheduler {
     const covered = this.covered(jobs, held, (job) => job.seq.position + job.seq.input.length);
     for (const job of covered) {
       const { seq, kv } = job;
-      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()));
+      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.attention);
       this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
     }
     return covered;
@@ -476,7 +476,7 @@ export class Scheduler {
       if (seq.generated.length + 1 >= seq.params.maxNewTokens || position >= maxContext) return;
       // one that must wait for blocks gets prev's draw on the host and joins a later step with it
       if (!this.cover(job, position + 1, held)) return;
-      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()));
+      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()), seq.params.attention);
       rows.push(job);
     });
     const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);

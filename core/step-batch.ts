@@ -42,8 +42,8 @@ export const stepBatchSchema = z
      * same tokens, so the coordinator can send a decode step before the previous step's tokens are back.
      */
     feed: z.array(int.min(-1)).optional(),
-    /** [T] SparQ's r and k per token (core/sparq.ts), for a cluster that keeps SparQ's state; absent: its setting */
-    sparq: z.object({ r: z.array(int.positive()), k: z.array(int.positive()) }).strict().optional(),
+    /** [T] SparQ's r and k per token (core/sparq.ts), for a cluster that keeps SparQ's state; 0 or absent: its setting */
+    sparq: z.object({ r: z.array(nonNegInt), k: z.array(nonNegInt) }).strict().optional(),
   })
   .strict()
   .superRefine((b, ctx) => {

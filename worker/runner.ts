@@ -57,8 +57,8 @@ export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout, sparq: Spar
     kvBlockTable: { values: table, shape: [batch.kvBlockTable.length, width] },
     logitRows: vector(batch.logitRows),
     // SparQ per token: the batch's, else the cluster's setting (a model without SparQ state never reads them)
-    sparqR: vector(batch.sparq?.r ?? batch.tokens.map(() => sparq.r)),
-    sparqK: vector(batch.sparq?.k ?? batch.tokens.map(() => sparq.k)),
+    sparqR: vector(batch.sparq?.r.map((r) => r || sparq.r) ?? batch.tokens.map(() => sparq.r)),
+    sparqK: vector(batch.sparq?.k.map((k) => k || sparq.k) ?? batch.tokens.map(() => sparq.k)),
   };
 }
 
