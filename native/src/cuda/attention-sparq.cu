@@ -9,7 +9,7 @@ namespace {
 
 constexpr int kChunk = 256;        // positions per block of the scores and keys kernels (one per thread)
 constexpr int kSelectThreads = 1024;
-constexpr int kRowsPerPart = 64;   // selected rows per partition of the gather
+constexpr int kRowsPerPart = 32;   // selected rows per partition of the gather (8 per warp: latency-bound loads)
 constexpr int kGatherThreads = 128;
 constexpr int kMaxHd = 256;
 constexpr size_t kKeysInSharedMax = 160 * 1024;  // keys of longer sequences stay in global memory (L2)
@@ -251,9 +251,15 @@ __global__ void __launch_bounds__(kSelectThreads) sparq_select(KvBlockTable kv, 
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < len; p += blockDim.x) {
-      const unsigned u = __float_as_uint(keys[p]);
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255], 1);
+    // Most keys share their high bytes (one exponent range), so a warp's lanes that hit one bin add once: whole
+    // warps run every iteration, and the lowest lane of each group of equal bins adds the group's count.
+    for (int p0 = 0; p0 < len; p0 += blockDim.x) {
+      const int p = p0 + threadIdx.x;
+      const unsigned u = p < len ? __float_as_uint(keys[p]) : 0u;
+      const bool counted = p < len && (u & mask) == prefix;
+      const unsigned bin = counted ? (u >> shift) & 255 : 256 + (threadIdx.x & 31);  // uncounted lanes: unique
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (counted && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
     }
     __syncthreads();
     if (threadIdx.x == 0) {  // the bin holding the remaining-th largest, counting from the top
@@ -373,6 +379,7 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const float* __re
       float acc[kSparqMaxGroup];
 #pragma unroll
       for (int h = 0; h < kSparqMaxGroup; ++h) acc[h] = 0;
+#pragma unroll 4
       for (int i = 0; i < np; ++i) {
         const float vd = to_f32(v_cache[row_off[i] + d]);
 #pragma unroll
@@ -445,7 +452,7 @@ __global__ void sparq_append(KV* __restrict__ k_t, float* __restrict__ v_sum, co
 }
 
 unsigned grid_x(int64_t parts, int64_t units, int num_sms) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(parts, 8 * num_sms / std::max<int64_t>(units, 1))));
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(parts, 16 * num_sms / std::max<int64_t>(units, 1))));
 }
 
 }  // namespace
