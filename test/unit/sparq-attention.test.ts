@@ -177,3 +177,20 @@ test('sparqAttention and sparqAppend refuse what they cannot serve, naming the v
   const wrongT = engine.zeros(s.dtype, [b.nBlocks, s.nKv, s.B, s.hd]);
   assert.throws(() => engine.sparqAppend(wrongT, b.vSum, b.kc, b.vc, i32([0]), b.table, i32([0])), /kT .* does not match .*\[nBlocks, nKv, hd, B\]/);
 });
+
+test('sparqAppend after a rollback: rewriting a block\'s rows remakes its V sum from the new rows (nothing accumulates)', () => {
+  const s: Setup = { nKv: 1, group: 2, hd: 8, B: 4, lens: [12], dtype: 'f32' };
+  const b = build(s, 6);
+  // rewrite positions 4..7 (block 1 of the sequence) with new values, as a sequence does after rejected tokens
+  const v = Float32Array.from({ length: 4 * s.hd }, (_, i) => i / 10);
+  const k = Float32Array.from({ length: 4 * s.hd }, (_, i) => -i / 10);
+  const seq = i32([0, 0, 0, 0]), pos = i32([4, 5, 6, 7]);
+  engine.writeKv(b.kc, b.vc, f32(k, [4, s.hd]), f32(v, [4, s.hd]), seq, b.table, pos);
+  engine.sparqAppend(b.kT, b.vSum, b.kc, b.vc, seq, b.table, pos);
+  const block = b.rows[0]![1]!;
+  const sums = get(b.vSum).subarray(block * s.hd, (block + 1) * s.hd);
+  const want = Array.from({ length: s.hd }, (_, d) => [0, 1, 2, 3].reduce((a, o) => a + v[o * s.hd + d]!, 0));
+  assert.ok(maxAbsDiff(sums, want) <= 1e-6, `${[...sums]} vs ${want}`);
+  const kT = get(b.kT);
+  for (let o = 0; o < 4; o++) for (let d = 0; d < s.hd; d++) assert.equal(kT[(block * s.hd + d) * s.B + o], k[o * s.hd + d]);
+});
