@@ -29,6 +29,7 @@ import { Scheduler, type GenerationHandle, type SchedulerObserver } from './sche
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
+import { checkSparqSetting } from '../core/sparq.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
 import { DEFAULT_KV_CACHE_SEQUENCES, KvBlockTable, kvCacheLayout, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
@@ -51,6 +52,10 @@ export interface ClusterOptions {
   readonly kvDtype?: KvDtypeOption;
   /** Positions per KV block of the paged cache. Defaults to 16. */
   readonly kvBlockSize?: number;
+  /** Decode attention: 'dense' (the default) or 'sparq' (approximate, with sparqR columns and sparqK rows; core/sparq.ts). */
+  readonly attention?: 'dense' | 'sparq';
+  readonly sparqR?: number;
+  readonly sparqK?: number;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
   /** Share the KV blocks of prompt prefixes already computed. Defaults to true; off with a draft model. */
@@ -236,6 +241,8 @@ export class Cluster {
     const kvCache = { kvBlockSize: options.kvBlockSize, kvCacheTokens: options.kvCacheTokens ?? DEFAULT_KV_CACHE_SEQUENCES * maxContext };
     const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), ...kvCache, threads, collectives: options.collectives };
     kvCacheLayout(initCommand); // a pool too small for one sequence is refused before anything starts
+    const sparq = options.attention === 'sparq' ? { r: options.sparqR, k: options.sparqK } : undefined;
+    if (sparq) checkSparqSetting(sparq, spec, device, 'WEFT_BAD_CONFIG'); // refused before anything starts
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,
@@ -280,7 +287,7 @@ export class Cluster {
       const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
       draft = { spec: draftSpec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: options.speculateK! };
     }
-    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, initCommand, group, draft, text);
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, sparq ? { ...initCommand, sparq } : initCommand, group, draft, text); // the draft attends densely
     return cluster;
   }
 
@@ -486,7 +493,7 @@ export class Cluster {
     this.checkOpen();
     const promptIds = await this.promptIds(request);
     this.checkOpen(); // it may have closed while the prompt was tokenized
-    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize });
+    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize, attention: { sparq: this.initCommand.sparq ?? null, spec: this.spec, device: this.initCommand.device } });
     // a verify step's log-probs are the draft round's, not one sampled row's: not wired through the round
     if (params.logprobs !== undefined && this.speculative)
       throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft-model); serve without a draft model to get log-probs');

@@ -10,6 +10,8 @@ import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { WeftError } from '../core/errors.ts';
 import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
+import { checkSparqSetting, type SparqSetting } from '../core/sparq.ts';
+import type { ModelSpec } from '../core/model-spec.ts';
 
 export interface SamplingParams {
   /** softmax temperature; 0 means greedy (argmax). Default **0 (greedy)**. Finite, in [0, 100]. */
@@ -31,7 +33,36 @@ export interface SamplingParams {
    * log-softmax of the model's raw logits, before temperature, top-k and top-p. Default: absent (none). Integer in [0, 20].
    */
   logprobs?: number;
+  /** decode attention of this request (an extension): absent, the cluster's; see {@link AttentionRequest}. */
+  attention?: AttentionRequest;
 }
+
+// ---- SparQ per request (core/sparq.ts): `attention: { mode: 'sparq', r?, k? }` or `{ mode: 'dense' }`
+/** 'dense': exact attention; 'sparq': r and k (each defaulting to the cluster's --sparq-r / --sparq-k). */
+export type AttentionRequest = { readonly mode: 'dense' } | ({ readonly mode: 'sparq' } & SparqSetting);
+/** What a cluster serves: its SparQ setting when it keeps SparQ's state (--attention sparq), else null. */
+export interface AttentionLimits {
+  readonly sparq: SparqSetting | null;
+  readonly spec: Pick<ModelSpec, 'headDim' | 'nHeads' | 'nKvHeads'>;
+  readonly device: 'cpu' | 'cuda';
+}
+const attentionSchema = z.strictObject({
+  mode: z.enum(['dense', 'sparq'], { error: "mode must be 'dense' or 'sparq'" }),
+  r: z.number().int({ error: 'r must be an integer' }).optional(),
+  k: z.number().int({ error: 'k must be an integer' }).optional(),
+});
+/** The request's attention against what the cluster serves: refused (WEFT_BAD_REQUEST) when it cannot. */
+function resolveAttention(given: z.infer<typeof attentionSchema>, limits: AttentionLimits | undefined): AttentionRequest {
+  if (given.mode === 'dense') {
+    if (given.r !== undefined || given.k !== undefined) throw bad('sampling parameter attention: r and k apply to mode sparq only');
+    return { mode: 'dense' };
+  }
+  if (!limits?.sparq) throw bad('sampling parameter attention: this cluster attends densely; SparQ requests need a cluster started with --attention sparq');
+  const setting = { r: given.r ?? limits.sparq.r, k: given.k ?? limits.sparq.k };
+  checkSparqSetting(setting, limits.spec, limits.device);
+  return { mode: 'sparq', ...setting };
+}
+// ---- end SparQ per request
 
 export interface SamplingLimits {
   /** the context length (prompt + generated tokens): the model's own, or the --max-context cap when smaller */
@@ -42,6 +73,8 @@ export interface SamplingLimits {
   promptLength: number;
   /** width of the logits (the model's vocab_size) */
   vocabSize: number;
+  /** what attention the cluster serves; absent: dense only */
+  attention?: AttentionLimits;
 }
 
 export const SAMPLING_DEFAULTS = Object.freeze({
@@ -63,6 +96,7 @@ const SPELLINGS = {
   ignoreEos: ['ignoreEos', 'ignore_eos'],
   stopTokenIds: ['stopTokenIds', 'stop_token_ids'],
   logprobs: ['logprobs', 'top_logprobs'],
+  attention: ['attention'],
 } as const satisfies Record<keyof SamplingParams, readonly string[]>;
 type Field = keyof typeof SPELLINGS;
 
@@ -82,6 +116,7 @@ const schema = z.strictObject({
   ignoreEos: z.boolean({ error: 'must be a boolean' }).optional(),
   stopTokenIds: z.array(integer(''), { error: 'must be an array of token ids' }).optional(),
   logprobs: integer(' in [0, 20]').min(0, { error: 'must be in [0, 20]' }).max(MAX_TOP_LOGPROBS, { error: 'must be in [0, 20]' }).optional(),
+  attention: attentionSchema.optional(),
 });
 
 function show(value: unknown): string {
@@ -157,6 +192,7 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     ignoreEos: p.ignoreEos ?? SAMPLING_DEFAULTS.ignoreEos,
     stopTokenIds: p.stopTokenIds ?? [...SAMPLING_DEFAULTS.stopTokenIds],
     ...(p.logprobs !== undefined && { logprobs: p.logprobs }),
+    ...(p.attention && { attention: resolveAttention(p.attention, limits.attention) }),
   };
 
   const { maxContext, promptLength, vocabSize, contextName: limitName = contextName(maxContext, false) } = limits;

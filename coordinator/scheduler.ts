@@ -458,7 +458,7 @@ export class Scheduler {
     const covered = this.covered(jobs, held, (job) => job.seq.position + job.seq.input.length);
     for (const job of covered) {
       const { seq, kv } = job;
-      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null);
+      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, seq.params.attention);
       this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
       this.sampleGroups?.wrote(seq, kv!, seq.position + seq.input.length);
     }
@@ -503,7 +503,7 @@ export class Scheduler {
       if (seq.generated.length + 1 >= seq.params.maxNewTokens || position >= maxContext) return;
       // one that must wait for blocks gets prev's draw on the host and joins a later step with it
       if (!this.cover(job, position + 1, held)) return;
-      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null);
+      builder.appendFed(this.kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, seq.params.attention);
       rows.push(job);
     });
     const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);

@@ -179,7 +179,7 @@ export class SpeculativeExecutor {
     const firstRow: number[] = [];
     rows.forEach(({ seq, blocks }, r) => {
       const input = [...seq.input, ...proposals[r]!];
-      const start = builder.append(blocks, input, seq.position);
+      const start = builder.append(blocks, input, seq.position, seq.params.attention); // SparQ: a selection per verified token
       firstRow.push(builder.logitRowCount);
       // greedy rows: the target's argmax; sampled rows use the log-probs
       for (let i = seq.input.length - 1; i < input.length; i++) builder.logits(start + i, { sample: GREEDY });

@@ -5,6 +5,8 @@
  */
 import { checkKvPosition, type StepBatch } from '../core/step-batch.ts';
 import { WeftError } from '../core/errors.ts';
+import { DENSE_TOKEN } from '../core/sparq.ts';
+import type { AttentionRequest } from './sampling-params.ts';
 
 /** How one logit row is sampled: the sequence's sampling parameters and its next uniform. */
 export interface RowSampling {
@@ -40,6 +42,7 @@ export class StepBatchBuilder {
   private readonly scoreIds: number[] = []; // [R] or none
   private readonly feed: number[] = []; // [T]: -1, or the previous step's logit row the token is drawn at
   private readonly topLogprobs: number[] = []; // [R]: -1, or the alternatives a row's log-probs come with
+  private readonly sparq = { r: [] as number[], k: [] as number[] }; // [T] each: a request's SparQ r and k, 0: the cluster's
 
   /** `kvBlockSize`: positions per KV block, as the cluster's layout has it */
   constructor(private readonly kvBlockSize: number) {}
@@ -57,7 +60,7 @@ export class StepBatchBuilder {
    * Append one sequence's `tokens`, fed at positions `position`, `position + 1`...; `blocks` is the sequence's
    * block list. Returns the batch index of its first token. Refuses positions past the blocks.
    */
-  append(blocks: readonly number[], tokens: readonly number[], position: number): number {
+  append(blocks: readonly number[], tokens: readonly number[], position: number, attention?: AttentionRequest): number {
     const seq = this.kvBlockTable.length;
     const first = this.tokens.length;
     // positions run consecutively, so the last one is the one that can pass the blocks
@@ -67,6 +70,9 @@ export class StepBatchBuilder {
     this.positions.push(...tokens.map((_, i) => position + i));
     this.tokenSeq.push(...tokens.map(() => seq));
     this.feed.push(...tokens.map(() => -1));
+    const setting = attention === undefined ? { r: 0, k: 0 } : attention.mode === 'dense' ? DENSE_TOKEN : attention;
+    this.sparq.r.push(...tokens.map(() => setting.r));
+    this.sparq.k.push(...tokens.map(() => setting.k));
     return first;
   }
 
@@ -74,15 +80,15 @@ export class StepBatchBuilder {
    * Append one token of a sequence that is not known yet: the one the previous step draws at its logit row
    * `fromRow` (StepBatch.feed), fed at `position`; and sample the token that follows it.
    */
-  appendFed(blocks: readonly number[], fromRow: number, position: number, sample: RowSampling, topLogprobs: number | null = null): void {
-    const first = this.append(blocks, [0], position);
+  appendFed(blocks: readonly number[], fromRow: number, position: number, sample: RowSampling, topLogprobs: number | null = null, attention?: AttentionRequest): void {
+    const first = this.append(blocks, [0], position, attention);
     this.feed[first] = fromRow;
     this.logits(first, { sample, topLogprobs });
   }
 
   /** Append one sequence's tokens and sample the token that follows its last one (with its log-probs when `topLogprobs` is set). */
-  appendSampled(blocks: readonly number[], tokens: readonly number[], position: number, sample: RowSampling, topLogprobs: number | null = null): void {
-    const first = this.append(blocks, tokens, position);
+  appendSampled(blocks: readonly number[], tokens: readonly number[], position: number, sample: RowSampling, topLogprobs: number | null = null, attention?: AttentionRequest): void {
+    const first = this.append(blocks, tokens, position, attention);
     this.logits(first + tokens.length - 1, { sample, topLogprobs });
   }
 
@@ -113,6 +119,7 @@ export class StepBatchBuilder {
     if (options.fullLogprobs) batch.fullLogprobs = true;
     if (this.feed.some((from) => from >= 0)) batch.feed = this.feed;
     if (this.topLogprobs.some((k) => k >= 0)) batch.topLogprobs = this.topLogprobs;
+    if (this.sparq.k.some((k) => k !== 0)) batch.sparq = this.sparq; // some request chose its attention
     return batch;
   }
 }

@@ -50,6 +50,8 @@ export const stepBatchSchema = z
      * same tokens, so the coordinator can send a decode step before the previous step's tokens are back.
      */
     feed: z.array(int.min(-1)).optional(),
+    /** [T] SparQ's r and k per token (core/sparq.ts), for a cluster that keeps SparQ's state; 0 or absent: its setting */
+    sparq: z.object({ r: z.array(nonNegInt), k: z.array(nonNegInt) }).strict().optional(),
   })
   .strict()
   .superRefine((b, ctx) => {
@@ -62,6 +64,7 @@ export const stepBatchSchema = z
     if (b.sample && [b.sample.temperature, b.sample.topK, b.sample.topP, b.sample.uniform].some((a) => a.length !== n))
       ctx.addIssue({ code: 'custom', message: 'sample arrays must have one entry per logit row' });
     if (b.scoreIds && b.scoreIds.length !== n) ctx.addIssue({ code: 'custom', message: 'scoreIds must have one entry per logit row' });
+    if (b.sparq && (b.sparq.r.length !== b.tokens.length || b.sparq.k.length !== b.tokens.length)) ctx.addIssue({ code: 'custom', message: 'sparq r and k must have one entry per token' });
     if (b.feed && b.feed.length !== b.tokens.length) ctx.addIssue({ code: 'custom', message: `feed must have one entry per token (${b.feed.length} for ${b.tokens.length} tokens)` });
     if (b.topLogprobs && b.topLogprobs.length !== n) ctx.addIssue({ code: 'custom', message: 'topLogprobs must have one entry per logit row' });
     if (b.topLogprobs && !b.sample && !b.scoreIds) ctx.addIssue({ code: 'custom', message: 'topLogprobs needs sampled or scored rows (their tokens are the ones it rates)' });

@@ -51,6 +51,8 @@ const initCommandSchema = z
     collectives: z.enum(['auto', 'nccl', 'shared-gpu']).optional(),
     /** CUDA device ordinal this rank uses, among the devices its process sees. Defaults to 0. */
     deviceIndex: nonNegInt.optional(),
+    /** --attention sparq: keep SparQ's state and attend with this r and k (core/sparq.ts); absent: dense attention */
+    sparq: z.object({ r: int.positive(), k: int.positive() }).strict().optional(),
   })
   .strict();
 export type InitCommand = z.infer<typeof initCommandSchema>;

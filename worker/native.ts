@@ -130,6 +130,19 @@ export interface Engine {
    * shape, and the same index checks apply.
    */
   qkvRope(qkv: Tensor, positions: Tensor, invFreq: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, nHeads: number): Tensor;
+  /**
+   * SparQ's state update, after `qkvRope` wrote the step's rows: kT [nBlocks, nKv, hd, B] (the caches' dtype) gets
+   * each token's K row transposed within its block; vSum [nBlocks, nKv, hd] f32 gets a block's V row sum when the
+   * block's last row is written. Same index checks as `writeKv`. Capturable.
+   */
+  sparqAppend(kT: Tensor, vSum: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor): void;
+  /**
+   * SparQ approximate attention, as `attention` but per token t with sparqR [T] i32 columns (1..hd) and sparqK [T]
+   * i32 rows (>= 1): the r largest |q| components (summed over the GQA group) score every position, the k best
+   * positions get exact attention, blended with the mean of V by the approximate mass they hold. A token of length
+   * <= its k gets the exact attention. Algorithm: native/src/cuda/attention-sparq.cuh.
+   */
+  sparqAttention(q: Tensor, kCache: Tensor, vCache: Tensor, kT: Tensor, vSum: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, sparqR: Tensor, sparqK: Tensor, nHeads: number, scale: number): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
   /**

@@ -30,6 +30,7 @@ import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
 import { WeftError } from '../core/errors.ts';
+import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
 import type { ModelSpec } from '../core/model-spec.ts';
 import type { ShardPlan } from '../core/shard-plan.ts';
 
@@ -51,7 +52,7 @@ interface HostIndex {
  * maxBlocksPerSequence, so a graph's table tensor keeps its shape; padded entries lie past every position
  * a token of that row reaches, and no kernel reads them.
  */
-export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<IndexKey, HostIndex> {
+export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout, sparq: SparqSetting = DENSE_TOKEN): Record<IndexKey, HostIndex> {
   const width = maxBlocksPerSequence(kv);
   const table = new Int32Array(batch.kvBlockTable.length * width).fill(kv.paddingBlock ?? 0);
   batch.kvBlockTable.forEach((blocks, s) => table.set(blocks, s * width));
@@ -62,6 +63,9 @@ export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout): Record<Ind
     tokenSeq: vector(batch.tokenSeq),
     kvBlockTable: { values: table, shape: [batch.kvBlockTable.length, width] },
     logitRows: vector(batch.logitRows),
+    // SparQ per token: the batch's, else the cluster's setting (a model without SparQ state never reads them)
+    sparqR: vector(batch.sparq?.r.map((r) => r || sparq.r) ?? batch.tokens.map(() => sparq.r)),
+    sparqK: vector(batch.sparq?.k.map((k) => k || sparq.k) ?? batch.tokens.map(() => sparq.k)),
   };
 }
 
@@ -241,7 +245,7 @@ export class StepRunner {
     const { ops, sampled } = this;
     ops.beginStep();
     try {
-      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv);
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
       if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const { temperature, topK, topP, uniform } = batch.sample!;
@@ -334,6 +338,7 @@ export class StepRunner {
         ...(batch.scoreIds && { scoreIds: take(batch.scoreIds) }),
         ...(batch.fullLogprobs && { fullLogprobs: true }),
         ...(batch.topLogprobs && { topLogprobs: rows.map((i) => (i < 0 ? -1 : batch.topLogprobs![i]!)) }),
+        ...(batch.sparq && { sparq: { r: batch.sparq.r.slice(start, end), k: batch.sparq.k.slice(start, end) } }),
       };
       const result = await this.eager(chunk);
       if (!mine.length) continue;
@@ -395,7 +400,7 @@ export class StepRunner {
     const { ops } = this;
     ops.beginStep();
     try {
-      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv)), batch, this.kv);
+      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const result: StepResult = {};
       // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step
@@ -436,6 +441,7 @@ export class StepRunner {
       kvBlockTable: pad(batch.kvBlockTable, () => [this.kv.paddingBlock!]),
       logitRows: pad(batch.logitRows, (i) => i),
       sample: { temperature: pad(sample.temperature, () => 0), topK: pad(sample.topK, () => 0), topP: pad(sample.topP, () => 1), uniform: pad(sample.uniform, () => 0) },
+      ...(batch.sparq && { sparq: { r: pad(batch.sparq.r, () => DENSE_TOKEN.r), k: pad(batch.sparq.k, () => DENSE_TOKEN.k) } }),
     };
   }
 
@@ -446,7 +452,7 @@ export class StepRunner {
     const n = batch.tokens.length;
     const { tokens, feedFrom } = this.splitFeed(batch);
     const padded = this.padToBucket({ ...batch, tokens }, bucket);
-    const index = stepIndexArrays(padded, this.kv);
+    const index = stepIndexArrays(padded, this.kv, this.rankModel.model.sparq?.setting);
     // logitRows stay the graph's own (every row, in order: graphBucket admits nothing else)
     for (const key of Object.keys(index) as IndexKey[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
     ops.write(graph.inputs.feedFrom, bytesOf(Int32Array.from({ length: bucket }, (_, i) => feedFrom[i] ?? -1)));
@@ -481,7 +487,7 @@ export class StepRunner {
     // every row a padding row until the first replay writes the real ones
     const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
-      ...uploadIndex(ops, stepIndexArrays(padded, this.kv)),
+      ...uploadIndex(ops, stepIndexArrays(padded, this.kv, this.rankModel.model.sparq?.setting)),
       ...(grouped && { prefixGroups: prefixGroupTensors(ops, bucket) }),
       feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
       temperature: float32Tensor(ops, padded.sample.temperature),

@@ -16,6 +16,7 @@ import { buildRankModel, hostWeights } from './models/registry.ts';
 import { StepRunner, workerArenaBytes, type LaunchedStep } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
+import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from './models/sparq.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
 
 export class WorkerState {
@@ -58,9 +59,11 @@ export class WorkerState {
       bytesLoaded = read;
       this.onProgress(read, total);
     });
-    const model = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), kv);
+    const built = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), kv);
+    // --attention sparq: SparQ's state beside the cache, and steps of at most the tokens its kernels serve
+    const model = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
     this.comm.prepare(model.collectivePlan);
-    this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes });
+    this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes, ...(command.sparq && engine.backend === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
     return { bytesLoaded };
   }
 
@@ -68,7 +71,8 @@ export class WorkerState {
   private arenaBytes(command: InitCommand, kv: KvCacheLayout, freeBytes: number): number {
     const { spec, plan } = command;
     const kvBytes = spec.nLayers * 2 * kv.kvBlocks * plan.nKvHeadsPerRank * kv.kvBlockSize * spec.headDim * kvDtypeBytes(kv.kvDtype);
-    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes);
+    const sparqBytes = command.sparq ? spec.nLayers * sparqBytesPerLayer(spec, plan.nKvHeadsPerRank, kv, kvDtypeBytes(kv.kvDtype)) : 0;
+    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes + sparqBytes);
   }
 
   private async joinCollectives(engine: Engine, command: InitCommand, plan: CollectivesPlan): Promise<Collectives> {

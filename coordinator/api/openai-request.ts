@@ -32,6 +32,8 @@ const common = {
   top_k: z.number().int().nullish(),
   ignore_eos: z.boolean().nullish(),
   stop_token_ids: z.array(z.number().int()).nullish(),
+  // weft's extension: { mode: 'dense' | 'sparq', r?, k? }, checked with the sampling parameters (sampling-params.ts)
+  attention: z.unknown().optional(),
   // accepted, change nothing: tags OpenAI uses for abuse monitoring
   user: z.string().nullish(),
   safety_identifier: z.string().nullish(),
@@ -124,6 +126,7 @@ export function samplingOf(body: CommonBody, chatPromptLength: number | null, ma
     ...(body.stop_token_ids && { stopTokenIds: body.stop_token_ids }),
     ...(body.ignore_eos && { ignoreEos: true }),
     ...(logprobs.samplingLogprobs !== null && { logprobs: logprobs.samplingLogprobs }),
+    ...(body.attention !== undefined && { attention: body.attention }),
   };
 }
 

@@ -375,6 +375,53 @@ Tensor Backend::qkv_rope(const Tensor& qkv, const Tensor& positions, const Tenso
   return q;
 }
 
+namespace {
+// SparQ's state beside caches [nBlocks, nKv, B, hd]: kT [nBlocks, nKv, hd, B] of the caches' dtype, vSum
+// [nBlocks, nKv, hd] f32.
+void check_sparq_state(const char* op, const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache) {
+  need(op, {"kT", k_t}, 4, "[nBlocks, nKv, hd, B]", kAny);
+  need(op, {"vSum", v_sum}, 3, "[nBlocks, nKv, hd]", kF32);
+  const Shape want_t{k_cache.dim(0), k_cache.dim(1), k_cache.dim(3), k_cache.dim(2)};
+  WEFT_CHECK(k_t.dtype == k_cache.dtype && k_t.shape == want_t, op, Arg{"kT", k_t}, " does not match ",
+             Arg{"kCache", k_cache}, " (expected the same dtype and [nBlocks, nKv, hd, B])");
+  const Shape want_sum{k_cache.dim(0), k_cache.dim(1), k_cache.dim(3)};
+  WEFT_CHECK(v_sum.shape == want_sum, op, Arg{"vSum", v_sum}, " does not match ", Arg{"kCache", k_cache},
+             " (expected [nBlocks, nKv, hd])");
+}
+}  // namespace
+
+void Backend::sparq_append(const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache, const Tensor& v_cache,
+                           const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) {
+  const char* op = "sparqAppend";
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, token_seq.dim(0));
+  check_sparq_state(op, k_t, v_sum, k_cache);
+  run_sparq_append(k_t, v_sum, k_cache, v_cache, token_seq, kv_block_table, positions);
+}
+
+Tensor Backend::sparq_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_t,
+                                const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
+                                const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k,
+                                int64_t n_heads, float scale) {
+  const char* op = "sparqAttention";
+  need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, q.dim(0));
+  check_sparq_state(op, k_t, v_sum, k_cache);
+  need(op, {"sparqR", sparq_r}, 1, "[T]", kI32);
+  need(op, {"sparqK", sparq_k}, 1, "[T]", kI32);
+  WEFT_CHECK(sparq_r.dim(0) == q.dim(0) && sparq_k.dim(0) == q.dim(0), op, Arg{"sparqR", sparq_r}, " and ",
+             Arg{"sparqK", sparq_k}, " must both be [", q.dim(0), "] (one per token)");
+  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
+  WEFT_CHECK(n_heads > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads, " must be a positive multiple of nKv = ",
+             n_kv, " (from ", Arg{"kCache", k_cache}, ")");
+  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
+             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
+  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
+  Tensor out = empty(DType::F32, q.shape);
+  run_sparq_attention(q, k_cache, v_cache, k_t, v_sum, token_seq, kv_block_table, positions, sparq_r, sparq_k,
+                      n_heads, scale, out);
+  return out;
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   WEFT_CHECK(!is_quantized(dst.dtype), "copy", Arg{"dst", dst}, " is a quantized weight (only matmuls read it)");
   WEFT_CHECK(dst.dtype == src.dtype && dst.shape == src.shape, "copy", Arg{"dst", dst}, " and ", Arg{"src", src},

@@ -148,6 +148,18 @@ class Backend {
   // cache rows of (token t, kv head h) get rope(k part) and the v part. Equals sliceCols x 3, rope x 2 and writeKv.
   Tensor qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
                   const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table, int64_t n_heads);
+  // ---- SparQ approximate decode attention (cuda/attention-sparq.cuh states the algorithm). Its state beside the
+  // caches: kT [nBlocks, nKv, hd, B] (K transposed within each block, the caches' dtype) and vSum [nBlocks, nKv, hd]
+  // f32 (the sum of each full block's V rows). In place, after qkv_rope wrote the tokens' rows: kT gets each
+  // token's K row; a block's vSum is remade from the V cache when its last row (B - 1) is written.
+  void sparq_append(const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache, const Tensor& v_cache,
+                    const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions);
+  // As attention, approximated per token t: sparqR [T], sparqK [T] i32 its r (columns, 1..hd) and k (rows, >= 1);
+  // a token whose length positions[t] + 1 is at most its k gets the exact (dense) attention.
+  Tensor sparq_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_t,
+                         const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
+                         const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k, int64_t n_heads,
+                         float scale);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
   // In place: ids[i] = from[i] < 0 ? ids[i] : src[from[i]], with ids [N], from [N] and src [M] i32; from[i] >= M is
@@ -236,6 +248,12 @@ class Backend {
                                         const Tensor& positions, const Tensor& token_group,
                                         const Tensor& group_shared, int64_t n_heads, float scale,
                                         const Tensor& out) = 0;
+  virtual void run_sparq_append(const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache, const Tensor& v_cache,
+                                const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) = 0;
+  virtual void run_sparq_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_t,
+                                   const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
+                                   const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k,
+                                   int64_t n_heads, float scale, const Tensor& out) = 0;
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) = 0;
   virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,

@@ -178,6 +178,8 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::FeedTokens>("feedTokens"),
                          InstanceMethod<&EngineHandle::AddRmsNorm>("addRmsNorm"),
                          InstanceMethod<&EngineHandle::QkvRope>("qkvRope"),
+                         InstanceMethod<&EngineHandle::SparqAppend>("sparqAppend"),
+                         InstanceMethod<&EngineHandle::SparqAttention>("sparqAttention"),
                          InstanceMethod<&EngineHandle::SiluMul>("siluMul"),
                          InstanceMethod<&EngineHandle::SliceCols>("sliceCols"),
                          InstanceMethod<&EngineHandle::ConcatCols>("concatCols"),
@@ -453,6 +455,26 @@ Napi::Value EngineHandle::QkvRope(const Napi::CallbackInfo& info) {
     return Wrap(info.Env(), backend_->qkv_rope(a.tensor(0, "qkv"), a.tensor(1, "positions"), a.tensor(2, "invFreq"),
                                                a.tensor(3, "kCache"), a.tensor(4, "vCache"), a.tensor(5, "tokenSeq"),
                                                a.tensor(6, "kvBlockTable"), a.integer(7, "nHeads")));
+  });
+}
+
+Napi::Value EngineHandle::SparqAppend(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "sparqAppend", [&]() -> Napi::Value {
+    Args a(info, "sparqAppend", this);
+    backend_->sparq_append(a.tensor(0, "kT"), a.tensor(1, "vSum"), a.tensor(2, "kCache"), a.tensor(3, "vCache"),
+                           a.tensor(4, "tokenSeq"), a.tensor(5, "kvBlockTable"), a.tensor(6, "positions"));
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::SparqAttention(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "sparqAttention", [&] {
+    Args a(info, "sparqAttention", this);
+    return Wrap(info.Env(), backend_->sparq_attention(
+                                a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"), a.tensor(3, "kT"),
+                                a.tensor(4, "vSum"), a.tensor(5, "tokenSeq"), a.tensor(6, "kvBlockTable"),
+                                a.tensor(7, "positions"), a.tensor(8, "sparqR"), a.tensor(9, "sparqK"),
+                                a.integer(10, "nHeads"), static_cast<float>(a.number(11, "scale"))));
   });
 }
 

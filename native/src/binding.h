@@ -83,6 +83,8 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value Copy(const Napi::CallbackInfo& info);
   Napi::Value AddRmsNorm(const Napi::CallbackInfo& info);
   Napi::Value QkvRope(const Napi::CallbackInfo& info);
+  Napi::Value SparqAppend(const Napi::CallbackInfo& info);
+  Napi::Value SparqAttention(const Napi::CallbackInfo& info);
   Napi::Value SiluMul(const Napi::CallbackInfo& info);
   Napi::Value SliceCols(const Napi::CallbackInfo& info);
   Napi::Value ConcatCols(const Napi::CallbackInfo& info);

@@ -1052,6 +1052,64 @@ void check_attention_bifurcated(Rng& rng) {
   }
 }
 
+// SparQ (cuda/attention-sparq.cuh): sparqAppend's transposed K exact and its block V sums at 1e-6; sparqAttention
+// against the CPU reference at the decode bound 1e-4 (on tie-free random data the selections are the same, so only
+// the fp32 summation order differs), on paged caches (scattered blocks, partial last blocks), GQA groups of 1, 4
+// and 8, f32 and bf16, with one token per sequence plus three of one sequence (speculative verification: a
+// selection per token), r and k per token, and k >= length (the exact path) against the dense kernel at 1e-4.
+void check_sparq(Rng& rng) {
+  struct Case {
+    int64_t nKv, group, hd, B;
+    std::vector<int32_t> lens;
+    DType d;
+  };
+  for (const Case& c : {Case{4, 1, 128, 64, {700, 1000, 65}, DType::BF16}, Case{2, 4, 128, 16, {1500, 333}, DType::F32},
+                        Case{1, 8, 64, 32, {2048}, DType::BF16}}) {
+    const int64_t S = static_cast<int64_t>(c.lens.size()), hd = c.hd, nH = c.nKv * c.group;
+    int64_t per_seq = 0;
+    for (int32_t l : c.lens) per_seq = std::max<int64_t>(per_seq, (l + c.B - 1) / c.B);
+    const int64_t n_blocks = S * per_seq + 3;
+    std::vector<int32_t> table_rows(S * per_seq), seq_all, pos_all;
+    for (int64_t i = 0; i < S * per_seq; ++i) table_rows[i] = static_cast<int32_t>((i * 7 + 2) % n_blocks);  // scattered
+    for (int64_t s = 0; s < S; ++s)
+      for (int32_t p = 0; p < c.lens[s]; ++p) seq_all.push_back(int32_t(s)), pos_all.push_back(p);
+    const std::string sh = "nKv " + std::to_string(c.nKv) + " group " + std::to_string(c.group) + " hd " +
+                           std::to_string(hd) + " B " + std::to_string(c.B) + (c.d == DType::BF16 ? " bf16" : " f32");
+    Caches caches = make_caches(rng, n_blocks, c.nKv, c.B, hd, c.d);
+    // decode tokens: the last position of each sequence, then three more of sequence 0 (a verification step)
+    std::vector<int32_t> seq, pos, r, k;
+    for (int64_t s = 0; s < S; ++s) seq.push_back(int32_t(s)), pos.push_back(c.lens[s] - 1);
+    for (int32_t back : {4, 3, 2}) seq.push_back(0), pos.push_back(c.lens[0] - back);
+    const int64_t T = static_cast<int64_t>(seq.size());
+    for (int64_t t = 0; t < T; ++t) r.push_back(t % 2 ? int32_t(hd / 8) : int32_t(hd / 4)), k.push_back(t % 2 ? 64 : 100);
+    auto q = rng.floats(T * nH * hd);
+    run_case("sparq", sh, [&] {
+      auto state = [&](Backend& b, const Tensor& kc, const Tensor& vc) {
+        Tensor kt = b.zeros(c.d, {n_blocks, c.nKv, hd, c.B}), vs = b.zeros(DType::F32, {n_blocks, c.nKv, hd});
+        b.sparq_append(kt, vs, kc, vc, up_i(b, seq_all), up_table(b, table_rows, per_seq), up_i(b, pos_all));
+        return std::make_pair(kt, vs);
+      };
+      auto sc = state(*cpu, caches.kc, caches.vc), sg = state(*gpu, caches.kg, caches.vg);
+      compare("sparqAppend kT", sh, down(*gpu, sg.first), down(*cpu, sc.first), 0);
+      compare("sparqAppend vSum", sh, down(*gpu, sg.second), down(*cpu, sc.second), 1e-6);
+      const float scale = 1.0f / std::sqrt(float(hd));
+      auto attend = [&](Backend& b, const Tensor& kc, const Tensor& vc, const std::pair<Tensor, Tensor>& st,
+                        const std::vector<int32_t>& kk) {
+        return down(b, b.sparq_attention(up(b, q, {T, nH * hd}), kc, vc, st.first, st.second, up_i(b, seq),
+                                         up_table(b, table_rows, per_seq), up_i(b, pos), up_i(b, r), up_i(b, kk), nH,
+                                         scale));
+      };
+      compare("sparqAttention", sh, attend(*gpu, caches.kg, caches.vg, sg, k), attend(*cpu, caches.kc, caches.vc, sc, k),
+              1e-4);
+      const std::vector<int32_t> exact(static_cast<size_t>(T), 1 << 30);
+      const auto dense = down(*gpu, gpu->attention(up(*gpu, q, {T, nH * hd}), caches.kg, caches.vg, up_i(*gpu, seq),
+                                                   up_table(*gpu, table_rows, per_seq), up_i(*gpu, pos), nH, scale));
+      compare("sparqAttention", sh + " k>=len", attend(*gpu, caches.kg, caches.vg, sg, exact), dense, 1e-4, 0,
+              "vs dense on cuda");
+    });
+  }
+}
+
 int main() {
   auto t0 = std::chrono::steady_clock::now();
   try {
@@ -1084,6 +1142,7 @@ int main() {
   check_graph(rng, true, 16);
   check_graph(rng, true, 16, DType::BF16);
   check_graph(rng, false, 2048, DType::BF16);
+  check_sparq(rng);
   check_errors();
   check_attention_bifurcated(rng);
   auto mi = gpu->memory_info();

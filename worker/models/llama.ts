@@ -7,6 +7,7 @@ import type { ModelSpec } from '../../core/model-spec.ts';
 import type { RankShard, ShardPlan } from '../../core/shard-plan.ts';
 import type { Collectives } from '../collectives/collectives.ts';
 import type { Ops, StepIndex, Tensor } from './ops.ts';
+import { sparqAttention, type SparqState } from './sparq.ts';
 
 export interface AttentionWeights {
   readonly attnNorm: Tensor; // [hidden]
@@ -31,6 +32,7 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly lmHead: Tensor; // [vocabPerRank, hidden]
   readonly invFreq: Tensor; // [headDim / 2] f32, RoPE frequencies after scaling
   readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [nBlocks, nKvHeadsPerRank, B, headDim] f32|bf16 (StepIndex)
+  readonly sparq?: SparqState; // with --attention sparq: the transposed K and V block sums beside kvCache (sparq.ts)
 }
 
 /** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts. */
@@ -44,9 +46,14 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
   const qkv = ops.matmul(x, layer.wqkv); // [T, (nH + 2 nKv) hd]
   // One kernel: q = rope(q heads); the cache gets rope(k heads) and the v heads at each token's block row.
   const q = ops.qkvRope(qkv, step.positions, model.invFreq, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, nHeadsPerRank);
-  const attended = step.prefixGroups
-    ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, 1 / Math.sqrt(headDim))
-    : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, 1 / Math.sqrt(headDim));
+  const scale = 1 / Math.sqrt(headDim);
+  // Dense attention; SparQ's approximation (each token with its r and k) when the model keeps SparQ's state; or, for
+  // decode steps whose sequences share leading blocks, the bifurcated kernel that reads those blocks once per group.
+  const attended = model.sparq
+    ? sparqAttention(ops, model.sparq, layerIndex, cache, q, step, nHeadsPerRank, scale)
+    : step.prefixGroups
+      ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, scale)
+      : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale);
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }
 

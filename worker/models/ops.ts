@@ -31,6 +31,8 @@ export interface StepIndex {
   readonly tokenSeq: Tensor; // [T] i32: the row of kvBlockTable of each token's sequence
   readonly kvBlockTable: Tensor; // [S, maxBlocksPerSeq] i32: physical block ids per sequence
   readonly logitRows: Tensor; // [R] i32: batch rows whose logits the step returns
+  readonly sparqR: Tensor; // [T] i32: SparQ's r per token (read only by a model with SparQ state; core/sparq.ts)
+  readonly sparqK: Tensor; // [T] i32: SparQ's k per token (2^30: exact)
   /** decode steps whose sequences share leading KV blocks: attention reads them once per group (worker/prefix-groups.ts) */
   readonly prefixGroups?: PrefixGroups;
 }

@@ -156,6 +156,7 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
 /** Free every tensor the model holds now (device memory is not something the garbage collector sees). */
 export function disposeRankModel({ model }: RankModel): void {
   const tensors: Tensor[] = [model.embed, model.norm, model.lmHead, model.invFreq, ...model.kvCache.flatMap((c) => [c.k, c.v])];
+  tensors.push(...(model.sparq?.layers.flatMap((l) => [l.kT, l.vSum]) ?? []));
   const isTensor = (value: unknown): value is Tensor => typeof (value as Tensor | null)?.dispose === 'function';
   for (const layer of model.layers) {
     for (const value of Object.values(layer)) {

@@ -139,6 +139,30 @@ class CpuBackend final : public Backend {
                               positions.data<int32_t>(), token_group.data<int32_t>(), group_shared.data<int32_t>(),
                               q.dim(0), n_heads, k_cache.dim(3), scale);
   }
+  void run_sparq_append(const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) override {
+    KvBlockTable kv = checked_kv_table("sparqAppend", k_cache, token_seq, kv_block_table, positions, false);
+    cpu::sparq_append(k_t.buffer->data(), v_sum.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
+                      k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), token_seq.dim(0),
+                      k_cache.dim(3));
+  }
+  // The dense attention for every token first: the tokens SparQ serves exactly (length <= k) keep it bit for bit.
+  void run_sparq_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_t,
+                           const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
+                           const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k, int64_t n_heads,
+                           float scale, const Tensor& out) override {
+    run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+    KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+    for (int64_t t = 0; t < q.dim(0); ++t) {
+      const int32_t r = sparq_r.data<int32_t>()[t], k = sparq_k.data<int32_t>()[t];
+      WEFT_CHECK(r >= 1 && r <= k_cache.dim(3) && k >= 1, "sparqAttention", "token ", t, ": r = ", r, ", k = ", k,
+                 " (need 1 <= r <= headDim = ", k_cache.dim(3), " and k >= 1)");
+    }
+    cpu::sparq_attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
+                         k_t.buffer->data(), v_sum.data<float>(), k_cache.dtype, kv, token_seq.data<int32_t>(),
+                         positions.data<int32_t>(), sparq_r.data<int32_t>(), sparq_k.data<int32_t>(), q.dim(0),
+                         n_heads, k_cache.dim(3), scale);
+  }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
     cpu::add_rms_norm(sum.data<float>(), normed.data<float>(), x.data<float>(), y.data<float>(),

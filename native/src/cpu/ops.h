@@ -52,6 +52,16 @@ void attention(ThreadPool& pool, float* out, const float* q, const void* k_cache
                const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
                int64_t n_heads, int64_t hd, float scale);
 
+// SparQ (cpu/attention-sparq.cc; the algorithm in cuda/attention-sparq.cuh): out for the tokens whose length
+// exceeds their k (the others are left as they are); k_t [nBlocks, nKv, hd, B] of kv_dtype, v_sum [nBlocks, nKv, hd].
+void sparq_attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache,
+                     const void* k_t, const float* v_sum, DType kv_dtype, const KvBlockTable& kv,
+                     const int32_t* token_seq, const int32_t* positions, const int32_t* sparq_r,
+                     const int32_t* sparq_k, int64_t T, int64_t n_heads, int64_t hd, float scale);
+// Copies each token's K cache rows into k_t, and remakes a block's V sum when its last row is written.
+void sparq_append(void* k_t, float* v_sum, const void* k_cache, const void* v_cache, DType kv_dtype,
+                  const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd);
+
 // gate_up [T, 2F] -> out [T, F].
 void silu_mul(float* out, const float* gate_up, int64_t T, int64_t F);
 

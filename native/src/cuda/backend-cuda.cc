@@ -11,6 +11,7 @@
 #include "backend.h"
 #include "cuda/attention-bifurcated.cuh"
 #include "cuda/attention.cuh"
+#include "cuda/attention-sparq.cuh"
 #include "cuda/bandwidth.cuh"
 #include "cuda/common.cuh"
 #include "cuda/device.h"
@@ -185,6 +186,18 @@ class CudaBackend final : public Backend {
                     const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
                     const Tensor& q) override {
     cuda::launch_qkv_rope(ctx(), qkv, positions, inv_freq, k_cache, v_cache, token_seq, kv_block_table, q);
+  }
+  void run_sparq_append(const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) override {
+    cuda::launch_sparq_append(ctx(), k_t, v_sum, k_cache, v_cache, token_seq, kv_block_table, positions);
+  }
+  void run_sparq_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_t,
+                           const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
+                           const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k, int64_t n_heads,
+                           float scale, const Tensor& out) override {
+    Tensor scratch = empty(DType::F32, {cuda::sparq_scratch_floats(q, k_cache, kv_block_table, n_heads, st_->num_sms)});
+    cuda::launch_sparq_attention(ctx(), q, k_cache, v_cache, k_t, v_sum, token_seq, kv_block_table, positions, sparq_r,
+                                 sparq_k, n_heads, scale, out, scratch.data<float>(), st_->num_sms);
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     half_copies_.drop(dst);
