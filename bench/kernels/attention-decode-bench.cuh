@@ -104,7 +104,7 @@ int decode_bench(int argc, char** argv) {
           Tensor q = dev(DType::F32, {batch, int64_t(m.nH) * m.hd}), out = dev(DType::F32, {batch, int64_t(m.nH) * m.hd});
           Tensor seq = dev(DType::I32, {batch}), pos = dev(DType::I32, {batch}), table = dev(DType::I32, {batch, per_seq});
           fill<<<256, 256, 0, stream>>>(q.data<float>(), q.numel(), 7);
-          std::vector<int32_t> hs(batch), hp(batch, context - 1), ht(size_t(n_blocks));
+          std::vector<int32_t> hs(batch), hp(batch, context - 1), ht(static_cast<size_t>(n_blocks));
           for (int b = 0; b < batch; ++b) hs[b] = b;
           for (int64_t i = 0; i < n_blocks; ++i) ht[i] = int32_t(i);
           CK(cudaMemcpy(seq.data<int32_t>(), hs.data(), hs.size() * 4, cudaMemcpyHostToDevice));
