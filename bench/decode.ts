@@ -28,7 +28,7 @@ const program = new Command('bench-decode')
   .option('--new-tokens <n>', 'decode steps timed', '200')
   .option('--layers <n>', 'override the layer count (a cut model that fits)')
   .option('--device <d>', 'cpu or cuda', 'cuda')
-  .option('--kv-dtype <t>', "KV cache element type: auto (bf16 on cuda, f32 on cpu), f32 or bf16", 'auto')
+  .option('--kv-dtype <t>', "KV cache element type: auto (bf16 on cuda, f32 on cpu), f32, bf16, fp8 or int8", 'auto')
   .option('--profile-prefill <n>', 'also time the host side of each engine call in one prefill of n tokens')
   .option('--profile-sync', 'with --profile-prefill: synchronise after every call, so each time is that call\'s device time', false)
   .option('--tp <n>', 'run one rank\'s shard of a plan for n ranks on this GPU, all-reduces skipped (per-rank work of tensor or expert parallelism)', '1')
@@ -42,7 +42,7 @@ const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
 const newTokens = Number(opts.newTokens);
-if (!['auto', 'f32', 'bf16'].includes(opts.kvDtype)) program.error(`--kv-dtype must be auto, f32 or bf16 (got ${opts.kvDtype})`);
+if (!['auto', 'f32', 'bf16', 'fp8', 'int8'].includes(opts.kvDtype)) program.error(`--kv-dtype must be auto, f32, bf16, fp8 or int8 (got ${opts.kvDtype})`);
 const kvDtype = resolveKvDtype(opts.kvDtype as KvDtypeOption, opts.device);
 const quantizations = list(opts.quantize);
 for (const q of quantizations) if (!['none', 'int8', 'int4'].includes(q)) program.error(`--quantize takes none, int8 and int4 (got ${q})`);
@@ -84,7 +84,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
   const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
-  const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype));
+  const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1) });
 

@@ -243,6 +243,9 @@ export class Cluster {
     kvCacheLayout(initCommand); // a pool too small for one sequence is refused before anything starts
     const sparq = options.attention === 'sparq' ? { r: options.sparqR, k: options.sparqK } : undefined;
     if (sparq) checkSparqSetting(sparq, spec, device, 'WEFT_BAD_CONFIG'); // refused before anything starts
+    // SparQ's kernels read f32 and bf16 caches; fp8/int8 codes with their scales are not wired into its passes yet
+    if (sparq && (initCommand.kvDtype === 'fp8' || initCommand.kvDtype === 'int8'))
+      throw new WeftError('WEFT_BAD_CONFIG', `--attention sparq reads f32 or bf16 KV caches, not --kv-dtype ${initCommand.kvDtype}; use --kv-dtype bf16 with SparQ`);
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,

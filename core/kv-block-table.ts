@@ -14,9 +14,12 @@ import { WeftError } from './errors.ts';
 
 /**
  * The KV cache's element type. bf16 halves the bytes decode attention reads; it is written rounded to nearest
- * even and read back into f32 arithmetic (the native KV ops), so only the stored values lose precision.
+ * even and read back into f32 arithmetic (the native KV ops), so only the stored values lose precision. fp8
+ * (e4m3) and int8 halve them again: 1-byte codes with one f32 scale per (position, kv head) row, quantized as
+ * the row is written and dequantized as it is read (native/src/kv-quant.h).
  */
-export type KvDtype = 'f32' | 'bf16';
+export type KvDtype = 'f32' | 'bf16' | 'fp8' | 'int8';
+export const KV_DTYPES: readonly KvDtype[] = ['f32', 'bf16', 'fp8', 'int8'];
 /** What `--kv-dtype` takes: `auto` is bf16 on cuda (where the cache's bytes bound long-context decode) and f32 on cpu (the fp32 reference). */
 export type KvDtypeOption = KvDtype | 'auto';
 
@@ -25,9 +28,21 @@ export function resolveKvDtype(option: KvDtypeOption, device: 'cpu' | 'cuda'): K
   return device === 'cuda' ? 'bf16' : 'f32';
 }
 
-/** Bytes per cache element. */
-export function kvDtypeBytes(dtype: KvDtype): number {
+/** Bytes of one f32 scale per cache row (position, kv head) of the 1-byte dtypes. */
+const KV_SCALE_BYTES = 4;
+
+/**
+ * Bytes per cache element; for fp8 and int8 with `headDim` given, the row's scale spread over its `headDim`
+ * elements (1 + 4 / headDim), so that elements x bytes is what the cache takes. Without `headDim`, the code's byte alone.
+ */
+export function kvDtypeBytes(dtype: KvDtype, headDim?: number): number {
+  if (dtype === 'fp8' || dtype === 'int8') return 1 + (headDim === undefined ? 0 : KV_SCALE_BYTES / headDim);
   return dtype === 'bf16' ? 2 : 4;
+}
+
+/** The native engine's dtype of a cache (what `zeros` takes: a 1-byte dtype makes the cache with its scales). */
+export function kvNativeDtype(dtype: KvDtype): 'f32' | 'bf16' | 'fp8' | 'i8' {
+  return dtype === 'int8' ? 'i8' : dtype;
 }
 
 /** The sizes both processes derive from the init command: the cache's shape, its element type and how sequences use it. */

@@ -38,7 +38,7 @@ const initCommandSchema = z
     kvSlots: int.positive(),
     maxContext: int.positive(),
     /** the KV cache's element type, resolved by the coordinator (never 'auto') */
-    kvDtype: z.enum(['f32', 'bf16']),
+    kvDtype: z.enum(['f32', 'bf16', 'fp8', 'int8']),
     /** a paged KV cache: positions per block and the pool's positions (core/kv-block-table.ts); absent: one block per sequence */
     kvBlockSize: int.positive().optional(),
     kvCacheTokens: int.positive().optional(),

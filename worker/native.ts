@@ -18,7 +18,7 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export type DType = 'f32' | 'f16' | 'bf16' | 'i32';
+export type DType = 'f32' | 'f16' | 'bf16' | 'i32' | 'fp8' | 'i8'; // fp8, i8: KV caches only (zeros)
 
 /** An opaque native tensor handle. `dtype` and `shape` are read-only copies of the native values. */
 export interface Tensor {

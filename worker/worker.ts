@@ -70,8 +70,8 @@ export class WorkerState {
   /** The step arena for a whole PREFILL_STEP_TOKENS-token prompt where the memory left beside the weights and the KV cache allows. */
   private arenaBytes(command: InitCommand, kv: KvCacheLayout, freeBytes: number): number {
     const { spec, plan } = command;
-    const kvBytes = spec.nLayers * 2 * kv.kvBlocks * plan.nKvHeadsPerRank * kv.kvBlockSize * spec.headDim * kvDtypeBytes(kv.kvDtype);
-    const sparqBytes = command.sparq ? spec.nLayers * sparqBytesPerLayer(spec, plan.nKvHeadsPerRank, kv, kvDtypeBytes(kv.kvDtype)) : 0;
+    const kvBytes = spec.nLayers * 2 * kv.kvBlocks * plan.nKvHeadsPerRank * kv.kvBlockSize * spec.headDim * kvDtypeBytes(kv.kvDtype, spec.headDim);
+    const sparqBytes = command.sparq ? spec.nLayers * sparqBytesPerLayer(spec, plan.nKvHeadsPerRank, kv, kvDtypeBytes(kv.kvDtype, spec.headDim)) : 0;
     return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes + sparqBytes);
   }
 

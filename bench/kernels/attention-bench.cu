@@ -1,12 +1,13 @@
-// Standalone benchmark of weft::cuda prefill attention (the tensor-core flash-attention kernel that
-// launch_attention takes for T > 64 and head dims 64 / 128) against the fp32 CUDA-core kernel it replaced
-// (detail::launch_attention_prefill_fp32, still the fallback for other head dims). Build and run with nvcc
-// alone, from the repository root:
-//   bench/kernels/attention-run.sh
-// Per case: one sequence in slot 0 at positions 0..T-1 (a fresh causal prompt), random q / k / v in [-1, 1),
-// output poisoned with NaN first; times with CUDA events (3 warm-ups, median of 20 runs), TFLOP/s with the
-// causal count 2 * 2 * T^2 / 2 * hd * heads; error = max |new - fp32| / max |fp32| (norm-wise, as ops-check).
-// Exit 1 when an error is over 1e-3 or the output has a NaN.
+// Standalone benchmarks of weft::cuda attention. Build and run with nvcc alone, from the repository root:
+//   bench/kernels/attention-run.sh            # prefill
+//   bench/kernels/attention-run.sh decode     # decode, KV bf16 / fp8 / int8
+// prefill: the tensor-core flash-attention kernel that launch_attention takes for T > 64 and head dims 64 / 128,
+// against the fp32 CUDA-core kernel it replaced (detail::launch_attention_prefill_fp32, still the fallback for
+// other head dims). Per case: one sequence in slot 0 at positions 0..T-1 (a fresh causal prompt), random q / k /
+// v in [-1, 1), output poisoned with NaN first; times with CUDA events (3 warm-ups, median of 20 runs), TFLOP/s
+// with the causal count 2 * 2 * T^2 / 2 * hd * heads; error = max |new - fp32| / max |fp32| (norm-wise, as
+// ops-check). Exit 1 when an error is over 1e-3 or the output has a NaN.
+// decode: attention-decode-bench.cuh.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cuda/attention.cuh"
@@ -60,7 +62,11 @@ __global__ void poison(float* p, size_t n) {
 
 }  // namespace
 
-int main() {
+#include "attention-decode-bench.cuh"
+
+namespace {
+
+int prefill_bench() {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -143,4 +149,11 @@ int main() {
     ok = false;
   }
   return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "decode") return decode_bench(argc - 2, argv + 2);
+  return prefill_bench();
 }

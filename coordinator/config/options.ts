@@ -74,8 +74,8 @@ export const OPTIONS = {
     help: 'sequences running at once at most (each costs only a row of block table; the KV pool is --kv-cache-tokens)', uses: [...CLUSTER, 'launch'],
   },
   kvDtype: {
-    flag: '--kv-dtype', arg: 'auto|f32|bf16', type: oneOf('auto', 'f32', 'bf16'), env: 'WEFT_KV_DTYPE', default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
-    help: "the KV cache's element type (bf16 halves the bytes decode attention reads; arithmetic stays fp32)", uses: [...CLUSTER, 'launch'],
+    flag: '--kv-dtype', arg: 'auto|f32|bf16|fp8|int8', type: oneOf('auto', 'f32', 'bf16', 'fp8', 'int8'), env: 'WEFT_KV_DTYPE', default: 'auto', defaultHelp: 'auto: bf16 on cuda, f32 on cpu',
+    help: "the KV cache's element type (bf16 halves the bytes decode attention reads, fp8 e4m3 and int8 with a scale per position and kv head halve them again; arithmetic stays fp32)", uses: [...CLUSTER, 'launch'],
   },
   collectives: {
     flag: '--collectives', arg: 'auto|nccl|shared-gpu', type: oneOf('auto', 'nccl', 'shared-gpu'), env: 'WEFT_COLLECTIVES', default: 'auto',

@@ -5,8 +5,10 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <vector>
 
 #include "error.h"
+#include "kv-quant.h"
 
 namespace weft {
 namespace {
@@ -130,6 +132,8 @@ Tensor Backend::upload(const void* bytes, size_t n_bytes, DType dtype, const Sha
   no_capture("upload", "a graph would replay a copy of a host buffer; upload before captureBegin(), or write() "
              "a persistent tensor before replay");
   check_shape("upload", shape);
+  WEFT_CHECK(!is_quantized(dtype) && dtype != DType::FP8, "upload", "dtype '", dtype_name(dtype),
+             "' is a quantized type (a weight goes through uploadQuantized, a KV cache is made by zeros)");
   size_t expected = static_cast<size_t>(numel(shape)) * dtype_size(dtype);
   WEFT_CHECK(n_bytes == expected, "upload", "bytes has length ", n_bytes, " but shape ", shape, ' ',
              dtype_name(dtype), " needs ", numel(shape), " x ", dtype_size(dtype), " = ", expected, " bytes");
@@ -167,12 +171,14 @@ Tensor Backend::upload_quantized(const void* bytes, size_t n_bytes, DType dtype,
 
 void Backend::download(const Tensor& t, void* dst) {
   no_capture("download", "it waits for the device");
+  if (t.is_kv_quantized()) return download_kv_dequantized(t, static_cast<float*>(dst));
   WEFT_CHECK(!is_quantized(t.dtype), "download", "t ", t, " is a quantized weight (only matmuls read it)");
   to_host_converted(t, dst);
 }
 
 std::unique_ptr<PendingDownload> Backend::download_async(const Tensor& t) {
   no_capture("downloadAsync", "a graph would replay the copy into a host buffer");
+  WEFT_CHECK(!t.is_kv_quantized(), "downloadAsync", "t ", t, " is a quantized KV cache (download gives its values)");
   WEFT_CHECK(!is_quantized(t.dtype), "downloadAsync", "t ", t, " is a quantized weight (only matmuls read it)");
   return start_download(t);
 }
@@ -198,9 +204,33 @@ std::unique_ptr<PendingDownload> Backend::start_download(const Tensor& t) {
 
 Tensor Backend::zeros(DType dtype, const Shape& shape) {
   check_shape("zeros", shape);
+  if (dtype == DType::FP8 || dtype == DType::I8) return zeros_kv_quantized(dtype, shape);
   Tensor t = empty(dtype, shape);
   fill_zero(t);
   return t;
+}
+
+// A 1-byte KV cache [nBlocks, nKv, B, hd] of zero codes and its zero scales [nBlocks, nKv, B] f32 (kv-quant.h).
+Tensor Backend::zeros_kv_quantized(DType dtype, const Shape& shape) {
+  WEFT_CHECK(shape.size() == 4 && shape[3] % 4 == 0, "zeros", "an ", dtype_name(dtype), " tensor is a KV cache ",
+             "[nBlocks, nKv, B, hd] with hd a multiple of 4 (got ", shape, ")");
+  Tensor t = empty(dtype, shape);
+  fill_zero(t);
+  t.scales = std::make_shared<const Tensor>(zeros(DType::F32, {shape[0], shape[1], shape[2]}));
+  return t;
+}
+
+// The values a quantized KV cache holds, code * scale per element as every read sees them: the codes come back
+// as raw bytes (an i32 view of the buffer: hd is a multiple of 4) and the scales as f32.
+void Backend::download_kv_dequantized(const Tensor& t, float* dst) {
+  const int64_t n = t.numel(), hd = t.shape.back();
+  std::vector<uint8_t> codes(static_cast<size_t>(n));
+  std::vector<float> scales(static_cast<size_t>(t.scales->numel()));
+  if (n > 0) to_host_converted(Tensor{DType::I32, {n / 4}, t.buffer, nullptr}, codes.data());
+  if (n > 0) to_host_converted(*t.scales, scales.data());
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = t.dtype == DType::FP8 ? kv_dequantize(codes[i], scales[i / hd])
+                                   : kv_dequantize(static_cast<int8_t>(codes[i]), scales[i / hd]);
 }
 
 Tensor Backend::embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start) {
@@ -264,14 +294,16 @@ Tensor Backend::rope(const Tensor& x, const Tensor& positions, const Tensor& inv
 
 namespace {
 // Shared by writeKv, attention and qkvRope: caches [nBlocks, nKv, B, hd] of one shape and one dtype, f32 or bf16
-// (the cache's storage; arithmetic stays f32), B >= 1; tokenSeq and positions [T] i32; kvBlockTable [S,
-// maxBlocksPerSeq] i32.
+// (the cache's storage; arithmetic stays f32), or fp8 / i8 made by zeros (with their scales, kv-quant.h), B >= 1;
+// tokenSeq and positions [T] i32; kvBlockTable [S, maxBlocksPerSeq] i32.
 void check_cache(const char* op, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                  const Tensor& kv_block_table, const Tensor& positions, int64_t n_tokens) {
-  need(op, {"kCache", k_cache}, 4, "[nBlocks, nKv, B, hd]", kAny);
-  need(op, {"vCache", v_cache}, 4, "[nBlocks, nKv, B, hd]", kAny);
-  WEFT_CHECK(k_cache.dtype == v_cache.dtype && (k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16), op,
-             Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache}, " must both be f32 or both bf16");
+  for (const Arg& c : {Arg{"kCache", k_cache}, Arg{"vCache", v_cache}})  // need(kAny) would refuse i8
+    WEFT_CHECK(c.t.rank() == 4, op, c.name, " must be [nBlocks, nKv, B, hd] (got ", c.t, ")");
+  const bool quantized = k_cache.is_kv_quantized() && v_cache.is_kv_quantized();
+  WEFT_CHECK(k_cache.dtype == v_cache.dtype && (k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16 || quantized), op,
+             Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache}, " must both be f32 or both bf16 (or both fp8 or "
+             "both i8 KV caches made by zeros)");
   WEFT_CHECK(k_cache.shape == v_cache.shape, op, Arg{"kCache", k_cache}, " and ", Arg{"vCache", v_cache},
              " must have the same shape");
   WEFT_CHECK(k_cache.dim(2) >= 1, op, Arg{"kCache", k_cache}, " has blocks of ", k_cache.dim(2),
@@ -387,6 +419,8 @@ void check_sparq_state(const char* op, const Tensor& k_t, const Tensor& v_sum, c
   const Shape want_sum{k_cache.dim(0), k_cache.dim(1), k_cache.dim(3)};
   WEFT_CHECK(v_sum.shape == want_sum, op, Arg{"vSum", v_sum}, " does not match ", Arg{"kCache", k_cache},
              " (expected [nBlocks, nKv, hd])");
+  WEFT_CHECK(k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16, op, Arg{"kCache", k_cache},
+             ": the SparQ kernels read f32 and bf16 caches only");
 }
 }  // namespace
 
@@ -424,6 +458,7 @@ Tensor Backend::sparq_attention(const Tensor& q, const Tensor& k_cache, const Te
 
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   WEFT_CHECK(!is_quantized(dst.dtype), "copy", Arg{"dst", dst}, " is a quantized weight (only matmuls read it)");
+  WEFT_CHECK(dst.dtype != DType::FP8, "copy", Arg{"dst", dst}, " is a quantized KV cache (only the KV ops use it)");
   WEFT_CHECK(dst.dtype == src.dtype && dst.shape == src.shape, "copy", Arg{"dst", dst}, " and ", Arg{"src", src},
              " must have the same dtype and shape");
   run_copy(dst, src);

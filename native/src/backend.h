@@ -231,6 +231,9 @@ class Backend {
   virtual void to_host_converted(const Tensor& t, void* dst) = 0;  // see download
   // Default: a download made at once, held until finish() (what a host backend needs).
   virtual std::unique_ptr<PendingDownload> start_download(const Tensor& t);
+  // The 1-byte KV caches (kv-quant.h): zeros of FP8 or I8 makes one with its scales; download dequantizes it.
+  Tensor zeros_kv_quantized(DType dtype, const Shape& shape);
+  void download_kv_dequantized(const Tensor& t, float* dst);
 
   virtual void run_embedding(const Tensor& table, const Tensor& ids, int64_t vocab_start, const Tensor& out) = 0;
   virtual void run_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) = 0;

@@ -1,6 +1,7 @@
 // How the KV cache is addressed, shared by the CPU and CUDA backends so both read and write the same rows.
 //
-// Caches per layer are k, v [nBlocks, nKv, B, hd] f32 or bf16: a pool of blocks of B positions each. A sequence owns
+// Caches per layer are k, v [nBlocks, nKv, B, hd] f32 or bf16, or fp8 / i8 codes whose scales [nBlocks, nKv, B] f32
+// are indexed by the same row (row(), below; kv-quant.h): a pool of blocks of B positions each. A sequence owns
 // a list of blocks, one row of kvBlockTable [S, maxBlocksPerSeq] i32: block j of the sequence in row s is
 // table[s][j] and holds its positions [j B, (j + 1) B). Token t of a batch belongs to row tokenSeq[t]. The
 // layout of one block per sequence (nBlocks = slots, B = maxContext, table [[slot]]) is the special case

@@ -17,11 +17,12 @@ namespace weft {
 
 // I8 and I4 are quantized weights only (Backend::upload_quantized): int8 values, or int4 codes packed two per
 // byte along K (low nibble the even column, code = value + 8); they carry their scales (Tensor::scales).
-enum class DType : uint8_t { F32, F16, BF16, I32, I8, I4 };
+// FP8 (e4m3) and I8 are also the 1-byte KV caches, which carry f32 scales, one per cache row (kv-quant.h).
+enum class DType : uint8_t { F32, F16, BF16, I32, I8, I4, FP8 };
 
 // Bytes per element; I4 packs two elements in a byte (Tensor::nbytes counts it).
 inline size_t dtype_size(DType d) {
-  return d == DType::F16 || d == DType::BF16 ? 2 : d == DType::I8 || d == DType::I4 ? 1 : 4;
+  return d == DType::F16 || d == DType::BF16 ? 2 : d == DType::I8 || d == DType::I4 || d == DType::FP8 ? 1 : 4;
 }
 
 inline const char* dtype_name(DType d) {
@@ -32,6 +33,7 @@ inline const char* dtype_name(DType d) {
     case DType::I32: return "i32";
     case DType::I8: return "i8";
     case DType::I4: return "i4";
+    case DType::FP8: return "fp8";
   }
   return "?";
 }
@@ -41,6 +43,8 @@ inline bool parse_dtype(std::string_view s, DType* out) {
   else if (s == "f16") *out = DType::F16;
   else if (s == "bf16") *out = DType::BF16;
   else if (s == "i32") *out = DType::I32;
+  else if (s == "fp8") *out = DType::FP8;  // KV caches only (Backend::zeros), like "i8"
+  else if (s == "i8") *out = DType::I8;
   else return false;
   return true;
 }
@@ -97,6 +101,12 @@ struct Tensor {
   std::shared_ptr<const Tensor> scales;
 
   int64_t numel() const { return weft::numel(shape); }
+  // A 1-byte KV cache (FP8 or I8 codes with f32 scales [nBlocks, nKv, B]; kv-quant.h), not a quantized weight.
+  bool is_kv_quantized() const {
+    return (dtype == DType::FP8 || dtype == DType::I8) && scales && scales->dtype == DType::F32;
+  }
+  // Its scales [nBlocks, nKv, B] f32 when it is one, else null (the KV kernels take both kinds of cache).
+  float* kv_scales() const { return is_kv_quantized() ? scales->data<float>() : nullptr; }
   size_t nbytes() const {
     return dtype == DType::I4 ? static_cast<size_t>(numel() + 1) / 2 : static_cast<size_t>(numel()) * dtype_size(dtype);
   }

@@ -1108,6 +1108,103 @@ void check_sparq(Rng& rng) {
               "vs dense on cuda");
     });
   }
+    });
+  }
+}
+
+// fp8 and int8 KV caches (kv-quant.h) through a paged table (blocks of 16, scattered). writeKv: the CUDA cache
+// holds the CPU cache's bytes, codes and scales alike (one rounding rule; e4m3 by the hardware conversion on
+// CUDA, by f32_to_e4m3 on the CPU). qkvRope: v rows byte for byte as the CPU's; k rows byte for byte as the CPU's
+// writeKv of CUDA's own rope of k (the CPU's and CUDA's rotations may differ by an f32 rounding, then by a code).
+// attention reads the codes directly: prefill (tensor cores for hd 64 and 128, the fp32 kernel for 96) exactly as
+// over an f32 cache of the dequantized values, decode (scales folded per row) within 1e-5 of it; against the CPU,
+// the f32 bounds of check_attention.
+void check_kv_quant(Rng& rng) {
+  const int64_t S = 3, C = 512, B = 16, per_seq = C / B, n_blocks = S * per_seq + 2;
+  struct Cfg {
+    int64_t T, nH, nKv, hd;
+    bool decode;  // sequence t % S at random positions, else one sequence after 200 positions
+  };
+  for (DType dtype : {DType::FP8, DType::I8})
+    for (Cfg c : {Cfg{1, 32, 8, 128, true}, Cfg{8, 32, 32, 128, true}, Cfg{64, 32, 8, 128, true},
+                  Cfg{5, 16, 4, 96, true}, Cfg{8, 8, 8, 64, true}, Cfg{300, 32, 8, 128, false},
+                  Cfg{200, 16, 4, 64, false}, Cfg{100, 16, 4, 96, false}}) {
+      const int64_t hd = c.hd, width = (c.nH + 2 * c.nKv) * hd;
+      std::string sh = std::string(dtype_name(dtype)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) +
+                       "/" + std::to_string(c.nKv) + "x" + std::to_string(hd) + (c.decode ? " decode" : " prefill");
+      run_case("kv quant", sh, [&] {
+        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
+        const std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        const Shape cs{n_blocks, c.nKv, B, hd};
+        auto table = [&](Backend& b) { return up_table(b, rows, per_seq); };
+        // every position of every sequence written once, magnitudes over two decades (rows of unlike scales)
+        std::vector<int32_t> all_seq(S * C), all_pos(S * C);
+        for (int64_t i = 0; i < S * C; ++i) {
+          all_seq[i] = static_cast<int32_t>(i / C);
+          all_pos[i] = static_cast<int32_t>(i % C);
+        }
+        auto spread = [&](int64_t n) {
+          auto v = rng.floats(static_cast<size_t>(n));
+          for (float& x : v) x *= std::pow(10.0f, rng.uniform(-1, 1));
+          return v;
+        };
+        const auto kw = spread(S * C * c.nKv * hd), vw = spread(S * C * c.nKv * hd);
+        auto fill = [&](Backend& b) {
+          auto kv = std::make_pair(b.zeros(dtype, cs), b.zeros(dtype, cs));
+          b.write_kv(kv.first, kv.second, up(b, kw, {S * C, c.nKv * hd}), up(b, vw, {S * C, c.nKv * hd}),
+                     up_i(b, all_seq), table(b), up_i(b, all_pos));
+          return kv;
+        };
+        auto raw = [](Backend& b, const Tensor& t) {  // the codes as words, and the scales
+          return std::make_pair(down_i(b, Tensor{DType::I32, {t.numel() / 4}, t.buffer, nullptr}), down(b, *t.scales));
+        };
+        auto same_bytes = [&](const std::string& what, Backend& b1, const Tensor& t1, Backend& b2, const Tensor& t2) {
+          auto r1 = raw(b1, t1), r2 = raw(b2, t2);
+          compare_i("kv quant " + what, sh, r1.first, r2.first, "codes, byte for byte");
+          compare("kv quant " + what, sh, r1.second, r2.second, 0, 0, "scales, bit for bit");
+        };
+        auto gq = fill(*gpu), cq = fill(*cpu);
+        same_bytes("writeKv k", *gpu, gq.first, *cpu, cq.first);
+        same_bytes("writeKv v", *gpu, gq.second, *cpu, cq.second);
+
+        std::vector<int32_t> seq(c.T), pos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) {
+          seq[t] = c.decode ? static_cast<int32_t>(t % S) : 1;
+          pos[t] = c.decode ? (t == 0 ? static_cast<int32_t>(C - 1) : rng.below(C)) : static_cast<int32_t>(200 + t);
+        }
+        const auto q = rng.floats(c.T * c.nH * hd);
+        const float scale = 1.0f / std::sqrt(float(hd));
+        auto attend = [&](Backend& b, const std::pair<Tensor, Tensor>& kv) {
+          return down(b, b.attention(up(b, q, {c.T, c.nH * hd}), kv.first, kv.second, up_i(b, seq), table(b),
+                                     up_i(b, pos), c.nH, scale));
+        };
+        auto dequantized = std::make_pair(up(*gpu, down(*gpu, gq.first), cs), up(*gpu, down(*gpu, gq.second), cs));
+        const auto got = attend(*gpu, gq);
+        compare("kv quant attention", sh, got, attend(*gpu, dequantized), c.decode ? 1e-5 : 0, 0,
+                "vs f32 cache of the dequantized values on cuda");
+        compare("kv quant attention", sh, got, attend(*cpu, cq), c.T > 64 ? 1e-3 : 1e-4, 0, "vs cpu, same cache");
+
+        // qkvRope at distinct (sequence, position) pairs
+        std::vector<int32_t> wseq(c.T), wpos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) {
+          wseq[t] = static_cast<int32_t>(t % S);
+          wpos[t] = static_cast<int32_t>((t / S) * 5 % C);
+        }
+        const auto qkv = rng.floats(c.T * width), f = inv_freq(static_cast<int>(hd));
+        gpu->qkv_rope(up(*gpu, qkv, {c.T, width}), up_i(*gpu, wpos), up(*gpu, f, {hd / 2}), gq.first, gq.second,
+                      up_i(*gpu, wseq), table(*gpu), c.nH);
+        const Tensor qkv_g = up(*gpu, qkv, {c.T, width});
+        const auto k_rot = down(*gpu, gpu->rope(gpu->slice_cols(qkv_g, c.nH * hd, (c.nH + c.nKv) * hd), up_i(*gpu, wpos),
+                                                up(*gpu, f, {hd / 2}), hd));
+        const auto v_rows = down(*gpu, gpu->slice_cols(qkv_g, (c.nH + c.nKv) * hd, width));
+        cpu->write_kv(cq.first, cq.second, up(*cpu, k_rot, {c.T, c.nKv * hd}), up(*cpu, v_rows, {c.T, c.nKv * hd}),
+                      up_i(*cpu, wseq), table(*cpu), up_i(*cpu, wpos));
+        same_bytes("qkvRope k", *gpu, gq.first, *cpu, cq.first);
+        same_bytes("qkvRope v", *gpu, gq.second, *cpu, cq.second);
+      });
+    }
 }
 
 int main() {
@@ -1133,6 +1230,7 @@ int main() {
   check_attention(rng);
   check_paged(rng);
   check_kv_bf16(rng);
+  check_kv_quant(rng);
   check_softmax_sample(rng);
   check_top_logprobs(rng);
   check_random();

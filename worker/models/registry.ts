@@ -10,7 +10,7 @@ import type { ShardPlan } from '../../core/shard-plan.ts';
 import { dense, denseDType, formatBytes, formatName, quantizedFormat, sameFormat, scalesShape, type QuantizedFormat } from '../../core/weight-format.ts';
 import { bf16Bits } from '../../core/weight-quantize.ts';
 import { WeftError } from '../../core/errors.ts';
-import type { KvCacheLayout } from '../../core/kv-block-table.ts';
+import { kvNativeDtype, type KvCacheLayout } from '../../core/kv-block-table.ts';
 import type { CollectivePlan } from '../collectives/collectives.ts';
 import type { HostTensor, ShardTensor } from '../weights/layout.ts';
 import type { LayoutContext, ModelFamily } from './family.ts';
@@ -147,7 +147,7 @@ export function buildRankModel(ops: Ops, spec: ModelSpec, plan: ShardPlan, rank:
     norm: weight('norm'),
     lmHead: weight('lmHead'),
     invFreq: float32Tensor(ops, ropeInvFreq(spec)),
-    kvCache: layers.map(() => ({ k: ops.zeros(options.kvDtype, cacheShape), v: ops.zeros(options.kvDtype, cacheShape) })),
+    kvCache: layers.map(() => ({ k: ops.zeros(kvNativeDtype(options.kvDtype), cacheShape), v: ops.zeros(kvNativeDtype(options.kvDtype), cacheShape) })),
   };
   const collectivePlan = { gatherWidths: plan.ranks.map((r) => r.vocab.end - r.vocab.start) };
   return { model, feedForward: family.feedForward, collectivePlan };

@@ -117,7 +117,8 @@ class CpuBackend final : public Backend {
                     const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) override {
     KvBlockTable kv = checked_kv_table("writeKv", k_cache, token_seq, kv_block_table, positions, false);
     cpu::write_kv(k_cache.buffer->data(), v_cache.buffer->data(), k_cache.dtype, k.data<float>(), v.data<float>(),
-                  kv, token_seq.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(3));
+                  kv, token_seq.data<int32_t>(), positions.data<int32_t>(), k.dim(0), k_cache.dim(3),
+                  k_cache.kv_scales(), v_cache.kv_scales());
   }
   void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                      const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
@@ -125,7 +126,7 @@ class CpuBackend final : public Backend {
     KvBlockTable kv = checked_kv_table("attention", k_cache, token_seq, kv_block_table, positions, true);
     cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
                    k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,
-                   k_cache.dim(3), scale);
+                   k_cache.dim(3), scale, k_cache.kv_scales(), v_cache.kv_scales());
   }
   void run_attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                                 const Tensor& kv_block_table, const Tensor& positions, const Tensor& token_group,
@@ -174,7 +175,7 @@ class CpuBackend final : public Backend {
     KvBlockTable kv = checked_kv_table("qkvRope", k_cache, token_seq, kv_block_table, positions, false);
     cpu::qkv_rope(q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(), k_cache.dtype, qkv.data<float>(),
                   positions.data<int32_t>(), inv_freq.data<float>(), kv, token_seq.data<int32_t>(), qkv.dim(0),
-                  q.dim(1) / k_cache.dim(3), k_cache.dim(3));
+                  q.dim(1) / k_cache.dim(3), k_cache.dim(3), k_cache.kv_scales(), v_cache.kv_scales());
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     if (dst.nbytes()) std::memcpy(dst.buffer->data(), src.buffer->data(), dst.nbytes());

@@ -8,10 +8,12 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "bf16-round.h"
 #include "cpu/convert.h"
+#include "kv-quant.h"
 #include "random-hash.h"
 #include "sample-rule.h"
 
@@ -126,46 +128,75 @@ void rope(float* out, const float* x, const int32_t* positions, const float* inv
 
 namespace {
 
-// The KV cache's rows: f32, or bf16 (uint16_t bits) written rounded to nearest even (bf16-round.h) and read
-// exactly, so that every read converts to f32 and the arithmetic is the f32 path's.
-inline void store_row(float* dst, const float* src, int64_t n) {
-  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
-}
-inline void store_row(uint16_t* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16_rn(src[i]);
-}
-// A row as f32: an f32 row in place, a bf16 row widened into buf.
-inline const float* load_row(const float* src, int64_t, float*) { return src; }
-inline const float* load_row(const uint16_t* src, int64_t n, float* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(src[i]);
-  return buf;
-}
+// The KV cache's rows, by row index (kv-block-table.h, in units of hd elements): f32, bf16 (uint16_t bits) written
+// rounded to nearest even (bf16-round.h) and read exactly, or 1-byte codes (uint8_t e4m3, int8_t int8) with one
+// scale per row (kv-quant.h) read as code * scale. Every read converts to f32 and the arithmetic is the f32 path's.
+template <typename KV>
+struct KvRows {
+  KV* cache;      // [rows, hd]
+  float* scales;  // [rows] for the 1-byte codes, else null
+  int64_t hd;
 
-// Runs f with a value of the cache's element type: float for f32, uint16_t for bf16 (backend.cc checked it).
+  void store(int64_t row, const float* src) const {
+    KV* dst = cache + row * hd;
+    if constexpr (std::is_same_v<KV, float>)
+      std::memcpy(dst, src, static_cast<size_t>(hd) * sizeof(float));
+    else if constexpr (std::is_same_v<KV, uint16_t>)
+      for (int64_t i = 0; i < hd; ++i) dst[i] = f32_to_bf16_rn(src[i]);
+    else
+      scales[row] = kv_quantize_row(src, hd, dst);
+  }
+  // The row as f32: an f32 row in place, others widened into buf.
+  const float* load(int64_t row, float* buf) const {
+    const KV* src = cache + row * hd;
+    if constexpr (std::is_same_v<KV, float>) {
+      return src;
+    } else if constexpr (std::is_same_v<KV, uint16_t>) {
+      for (int64_t i = 0; i < hd; ++i) buf[i] = bf16_to_f32(src[i]);
+    } else {
+      const float scale = scales[row];
+      for (int64_t i = 0; i < hd; ++i) buf[i] = kv_dequantize(src[i], scale);
+    }
+    return buf;
+  }
+};
+
+// Runs f with the k and v caches as KvRows of their element type: float for f32, uint16_t for bf16, uint8_t for
+// fp8, int8_t for i8 (backend.cc checked it).
 template <typename F>
-void with_kv_type(DType kv_dtype, F&& f) {
+void with_kv_rows(DType kv_dtype, const void* k_cache, const void* v_cache, const float* k_scales,
+                  const float* v_scales, int64_t hd, F&& f) {
+  auto run = [&](auto tag) {
+    using KV = decltype(tag);
+    f(KvRows<KV>{static_cast<KV*>(const_cast<void*>(k_cache)), const_cast<float*>(k_scales), hd},
+      KvRows<KV>{static_cast<KV*>(const_cast<void*>(v_cache)), const_cast<float*>(v_scales), hd});
+  };
   if (kv_dtype == DType::BF16)
-    f(uint16_t{});
+    run(uint16_t{});
+  else if (kv_dtype == DType::FP8)
+    run(uint8_t{});
+  else if (kv_dtype == DType::I8)
+    run(int8_t{});
   else
-    f(float{});
+    run(float{});
 }
 
 template <typename KV>
-void write_kv_typed(KV* k_cache, KV* v_cache, const float* k, const float* v, const KvBlockTable& kv,
-                    const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
+void write_kv_typed(const KvRows<KV>& k_rows, const KvRows<KV>& v_rows, const float* k, const float* v,
+                    const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < kv.n_kv; ++h) {
-      int64_t dst = kv.row_of(token_seq[t], h, positions[t]) * hd;  // [nBlocks, nKv, B, hd]
-      int64_t src = (t * kv.n_kv + h) * hd;                        // [T, nKv * hd]
-      store_row(k_cache + dst, k + src, hd);
-      store_row(v_cache + dst, v + src, hd);
+      int64_t dst = kv.row_of(token_seq[t], h, positions[t]);  // [nBlocks, nKv, B] rows of hd
+      int64_t src = (t * kv.n_kv + h) * hd;                   // [T, nKv * hd]
+      k_rows.store(dst, k + src);
+      v_rows.store(dst, v + src);
     }
 }
 
 template <typename KV>
-void qkv_rope_typed(float* q, KV* k_cache, KV* v_cache, const float* qkv, const int32_t* positions,
-                    const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T,
-                    int64_t n_heads, int64_t hd) {
+void qkv_rope_typed(float* q, const KvRows<KV>& k_rows, const KvRows<KV>& v_rows, const float* qkv,
+                    const int32_t* positions, const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq,
+                    int64_t T, int64_t n_heads, int64_t hd) {
   const int64_t n_kv = kv.n_kv, half = hd / 2, width = (n_heads + 2 * n_kv) * hd;
   std::vector<float> cos_a(static_cast<size_t>(half)), sin_a(static_cast<size_t>(half)), k_row(static_cast<size_t>(hd));
   for (int64_t t = 0; t < T; ++t) {
@@ -174,18 +205,18 @@ void qkv_rope_typed(float* q, KV* k_cache, KV* v_cache, const float* qkv, const 
     for (int64_t h = 0; h < n_heads; ++h)  // q heads: rotated
       rotate_half(q + (t * n_heads + h) * hd, row + h * hd, cos_a.data(), sin_a.data(), half);
     for (int64_t h = 0; h < n_kv; ++h) {  // k heads: rotated, then stored; v heads: stored
-      const int64_t dst = kv.row_of(token_seq[t], h, positions[t]) * hd;
+      const int64_t dst = kv.row_of(token_seq[t], h, positions[t]);
       rotate_half(k_row.data(), row + (n_heads + h) * hd, cos_a.data(), sin_a.data(), half);
-      store_row(k_cache + dst, k_row.data(), hd);
-      store_row(v_cache + dst, row + (n_heads + n_kv + h) * hd, hd);
+      k_rows.store(dst, k_row.data());
+      v_rows.store(dst, row + (n_heads + n_kv + h) * hd);
     }
   }
 }
 
 template <typename KV>
-void attention_typed(ThreadPool& pool, float* out, const float* q, const KV* k_cache, const KV* v_cache,
-                     const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
-                     int64_t n_heads, int64_t hd, float scale) {
+void attention_typed(ThreadPool& pool, float* out, const float* q, const KvRows<KV>& k_rows,
+                     const KvRows<KV>& v_rows, const KvBlockTable& kv, const int32_t* token_seq,
+                     const int32_t* positions, int64_t T, int64_t n_heads, int64_t hd, float scale) {
   int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
   int64_t longest = 1;
   for (int64_t t = 0; t < T; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
@@ -196,11 +227,11 @@ void attention_typed(ThreadPool& pool, float* out, const float* q, const KV* k_c
     for (int64_t i = begin; i < end; ++i) {
       int64_t t = i / n_heads, h = i % n_heads;
       int64_t len = positions[t] + 1;  // positions 0..positions[t]; later ones are not read
-      for (int64_t p = 0; p < len; ++p) rows[p] = kv.row_of(token_seq[t], h / group, p) * hd;
+      for (int64_t p = 0; p < len; ++p) rows[p] = kv.row_of(token_seq[t], h / group, p);
       const float* qh = q + (t * n_heads + h) * hd;
       float max_score = -std::numeric_limits<float>::infinity();
       for (int64_t p = 0; p < len; ++p) {
-        score[p] = dot(qh, load_row(k_cache + rows[p], hd, row_buf.data()), hd) * scale;
+        score[p] = dot(qh, k_rows.load(rows[p], row_buf.data()), hd) * scale;
         max_score = std::max(max_score, score[p]);
       }
       double denom = 0;
@@ -211,7 +242,7 @@ void attention_typed(ThreadPool& pool, float* out, const float* q, const KV* k_c
       float* oh = out + (t * n_heads + h) * hd;
       std::fill(oh, oh + hd, 0.0f);
       for (int64_t p = 0; p < len; ++p) {
-        const float* vr = load_row(v_cache + rows[p], hd, row_buf.data());
+        const float* vr = v_rows.load(rows[p], row_buf.data());
         for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * vr[d];
       }
       float inv_denom = static_cast<float>(1.0 / denom);
@@ -223,30 +254,26 @@ void attention_typed(ThreadPool& pool, float* out, const float* q, const KV* k_c
 }  // namespace
 
 void write_kv(void* k_cache, void* v_cache, DType kv_dtype, const float* k, const float* v, const KvBlockTable& kv,
-              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd) {
-  with_kv_type(kv_dtype, [&](auto tag) {
-    using KV = decltype(tag);
-    write_kv_typed(static_cast<KV*>(k_cache), static_cast<KV*>(v_cache), k, v, kv, token_seq, positions, T, hd);
+              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd, float* k_scales,
+              float* v_scales) {
+  with_kv_rows(kv_dtype, k_cache, v_cache, k_scales, v_scales, hd, [&](const auto& k_rows, const auto& v_rows) {
+    write_kv_typed(k_rows, v_rows, k, v, kv, token_seq, positions, T, hd);
   });
 }
 
 void qkv_rope(float* q, void* k_cache, void* v_cache, DType kv_dtype, const float* qkv, const int32_t* positions,
               const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T, int64_t n_heads,
-              int64_t hd) {
-  with_kv_type(kv_dtype, [&](auto tag) {
-    using KV = decltype(tag);
-    qkv_rope_typed(q, static_cast<KV*>(k_cache), static_cast<KV*>(v_cache), qkv, positions, inv_freq, kv, token_seq,
-                   T, n_heads, hd);
+              int64_t hd, float* k_scales, float* v_scales) {
+  with_kv_rows(kv_dtype, k_cache, v_cache, k_scales, v_scales, hd, [&](const auto& k_rows, const auto& v_rows) {
+    qkv_rope_typed(q, k_rows, v_rows, qkv, positions, inv_freq, kv, token_seq, T, n_heads, hd);
   });
 }
 
 void attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache, DType kv_dtype,
                const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
-               int64_t n_heads, int64_t hd, float scale) {
-  with_kv_type(kv_dtype, [&](auto tag) {
-    using KV = decltype(tag);
-    attention_typed(pool, out, q, static_cast<const KV*>(k_cache), static_cast<const KV*>(v_cache), kv, token_seq,
-                    positions, T, n_heads, hd, scale);
+               int64_t n_heads, int64_t hd, float scale, const float* k_scales, const float* v_scales) {
+  with_kv_rows(kv_dtype, k_cache, v_cache, k_scales, v_scales, hd, [&](const auto& k_rows, const auto& v_rows) {
+    attention_typed(pool, out, q, k_rows, v_rows, kv, token_seq, positions, T, n_heads, hd, scale);
   });
 }
 

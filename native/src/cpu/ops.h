@@ -35,22 +35,25 @@ void rope(float* out, const float* x, const int32_t* positions, const float* inv
           int64_t head_dim);
 
 // The KV ops: caches [nBlocks, nKv, B, hd] of kv_dtype (f32, or bf16: written rounded to nearest even,
-// bf16-round.h, and widened to f32 as read) addressed through kv (kv-block-table.h); token_seq, positions [T].
+// bf16-round.h, and widened to f32 as read; or fp8 / i8 codes with k_scales, v_scales [nBlocks, nKv, B] f32,
+// kv-quant.h) addressed through kv (kv-block-table.h); token_seq, positions [T].
 // k, v [T, nKv * hd] into the cache rows of (token_seq[t], positions[t]).
 void write_kv(void* k_cache, void* v_cache, DType kv_dtype, const float* k, const float* v, const KvBlockTable& kv,
-              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd);
+              const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd, float* k_scales = nullptr,
+              float* v_scales = nullptr);
 
 // qkv [T, (nH + 2 nKv) hd] -> q [T, nH * hd] = rope(q heads); the caches get rope(k heads) and the v heads at
 // the rows of (token_seq[t], positions[t]) (rope and write_kv in one loop).
 void qkv_rope(float* q, void* k_cache, void* v_cache, DType kv_dtype, const float* qkv, const int32_t* positions,
               const float* inv_freq, const KvBlockTable& kv, const int32_t* token_seq, int64_t T, int64_t n_heads,
-              int64_t hd);
+              int64_t hd, float* k_scales = nullptr, float* v_scales = nullptr);
 
 // out, q [T, nH * hd]; query t attends over positions 0..positions[t] of sequence row token_seq[t]; threaded
 // over T x nH.
 void attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache, DType kv_dtype,
                const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T,
-               int64_t n_heads, int64_t hd, float scale);
+               int64_t n_heads, int64_t hd, float scale, const float* k_scales = nullptr,
+               const float* v_scales = nullptr);
 
 // SparQ (cpu/attention-sparq.cc; the algorithm in cuda/attention-sparq.cuh): out for the tokens whose length
 // exceeds their k (the others are left as they are); k_t [nBlocks, nKv, hd, B] of kv_dtype, v_sum [nBlocks, nKv, hd].

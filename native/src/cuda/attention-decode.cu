@@ -1,6 +1,9 @@
 // Decode attention: split-K flash-decoding over the KV block table (attention.cuh has the plan). Scores are
 // dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max). The cache is f32 or bf16, widened
-// to f32 as it is loaded; each K/V element is read once per kv head, for the whole GQA group.
+// to f32 as it is loaded, or fp8 / int8 codes whose row scales are folded in once per row rather than per
+// element: a key's into its score (dot(q, codes) * scale * k_scale), a value's into its softmax weight
+// (exp(score - max) * v_scale; the sum of the weights is taken before). Each K/V element is read once per kv
+// head, for the whole GQA group.
 #include <algorithm>
 
 #include "cuda/attention.cuh"
@@ -24,8 +27,11 @@ struct DecodePlan {
   size_t smem;
 };
 
-// Cache elements per load: pairs when hd is even (8-byte f32, 4-byte bf16 loads), else single elements.
+// Cache elements per load: pairs when hd is even (8-byte f32, 4-byte bf16 loads, 2-byte fp8 / int8 loads of the
+// value pass), else single elements. The key pass of the 1-byte caches loads 4 codes (hd % 4 == 0, backend.cc):
+// a warp then reads 128 bytes of a row at once.
 int elements_per_load(int64_t hd) { return hd % 2 == 0 ? 2 : 1; }
+constexpr int kQuantKeyVec = 4;
 
 // The value pass gives each thread one load slot of a row (VEC elements); when a row has fewer slots (hd / VEC)
 // than the block has threads, the threads split the rows into R groups, so that every thread loads, and the R
@@ -35,30 +41,36 @@ __host__ __device__ __forceinline__ int value_row_groups(int hd, int vec) {
   return slots >= kDecodeThreads ? 1 : kDecodeThreads / slots;
 }
 
-// C: the positions a sequence can hold (maxBlocksPerSeq * B).
-DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_t hd, int num_sms) {
+// C: the positions a sequence can hold (maxBlocksPerSeq * B). quantized: a 1-byte cache (its rows' k and v
+// scales take 2 P floats more of shared memory).
+DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_t hd, int num_sms, bool quantized) {
   int P = 256;
   // Enough blocks for about two waves when the batch is small, partitions of at least 64 positions.
   while (P > 64 && T * n_kv * ((C + P - 1) / P) < 2 * num_sms) P /= 2;
   const int R = value_row_groups(static_cast<int>(hd), elements_per_load(hd));
-  auto smem = [&](int p) {  // key row offsets, q rows, scores, then the value pass's partial sums when R > 1
+  auto smem = [&](int p) {  // key row offsets, q rows, scores, the value pass's partial sums when R > 1, scales
     return static_cast<size_t>(p) * sizeof(int64_t) +
-           static_cast<size_t>(group * hd + group * p + (R > 1 ? R * kHeadChunk * hd : 0)) * sizeof(float);
+           static_cast<size_t>(group * hd + group * p + (R > 1 ? R * kHeadChunk * hd : 0) + (quantized ? 2 * p : 0)) *
+               sizeof(float);
   };
   while (P > 16 && smem(P) > 48 * 1024) P /= 2;
   return {P, static_cast<int>((C + P - 1) / P), smem(P)};
 }
 
 // grid (n_part, T * n_kv). part_out [T * nH, n_part, hd], part_ml [T * nH, n_part, 2] (max, sum). KV: the
-// cache's element type (f32 or bf16); VEC: elements per load of a key or value row (elements_per_load; the same
-// threads sum the same elements in the same order for both types, so a bf16 cache gives the f32 cache's result
-// bit for bit when it holds the same values).
+// cache's element type (f32, bf16, or the 1-byte codes with k_scales, v_scales [rows]); VEC: elements per load of
+// a key or value row (elements_per_load; the same threads sum the same elements in the same order for f32 and
+// bf16, so a bf16 cache gives the f32 cache's result bit for bit when it holds the same values). The key pass of
+// the 1-byte caches loads kQuantKeyVec codes.
 template <typename KV, int VEC>
 __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks)
     attention_decode_partial(const float* __restrict__ q, const KV* __restrict__ k_cache,
                              const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                              const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part, float scale,
-                             float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status) {
+                             float* __restrict__ part_out, float* __restrict__ part_ml, DeviceStatus* status,
+                             const float* __restrict__ k_scales, const float* __restrict__ v_scales) {
+  constexpr bool quantized = kKvQuantized<KV>;
+  constexpr int KVEC = quantized ? kQuantKeyVec : VEC;
   pdl_trigger();
   pdl_wait();
   const int n_kv = static_cast<int>(kv.n_kv);
@@ -74,7 +86,17 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks)
   float* qs = smem + 2 * P;                           // [group][hd]
   float* sc = qs + group * hd;                        // [group][P]: scores, then exp(score - max)
   float* partial = sc + group * P;                    // [R][kHeadChunk][hd]: the value pass's sums, R > 1
-  for (int i = threadIdx.x; i < np; i += blockDim.x) rows[i] = kv_read_row(kv, t, seq, g, p0 + i, status) * hd;
+  const int R = value_row_groups(hd, VEC);
+  float* k_row_scale = partial + (R > 1 ? R * kHeadChunk * hd : 0);  // [P] quantized only: each row's k scale
+  float* v_row_scale = k_row_scale + P;                               // [P] and v scale
+  for (int i = threadIdx.x; i < np; i += blockDim.x) {
+    const int64_t row = kv_read_row(kv, t, seq, g, p0 + i, status);
+    rows[i] = row * hd;
+    if constexpr (quantized) {
+      k_row_scale[i] = k_scales[row];
+      v_row_scale[i] = v_scales[row];
+    }
+  }
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t(t) * nH + h_first) * hd + i];
   __syncthreads();
 
@@ -85,22 +107,24 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks)
       float acc[kHeadChunk];
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) acc[j] = 0;
-      for (int d = lane * VEC; d < hd; d += 32 * VEC) {
-        float k_d[VEC];
+      for (int d = lane * KVEC; d < hd; d += 32 * KVEC) {
+        float k_d[KVEC];
         load_as_f32(kr + d, k_d);
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j) {
           if (h0 + j >= group) continue;
-          float q_d[VEC];  // one 8-byte shared load for VEC = 2: lanes read consecutive pairs, no bank conflict
+          float q_d[KVEC];  // one 8-byte shared load for VEC = 2: lanes read consecutive pairs, no bank conflict
           load_as_f32(qs + (h0 + j) * hd + d, q_d);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[j] += q_d[e] * k_d[e];
+          for (int e = 0; e < KVEC; ++e) acc[j] += q_d[e] * k_d[e];
         }
       }
+      float row_scale = scale;
+      if constexpr (quantized) row_scale = scale * k_row_scale[i];
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) {
         float s = warp_sum(acc[j]);
-        if (lane == 0 && h0 + j < group) sc[(h0 + j) * P + i] = s * scale;
+        if (lane == 0 && h0 + j < group) sc[(h0 + j) * P + i] = s * row_scale;
       }
     }
   }
@@ -113,7 +137,7 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks)
     float l = 0;
     for (int i = lane; i < np; i += 32) {
       float e = expf(sc[h * P + i] - m);
-      sc[h * P + i] = e;
+      sc[h * P + i] = quantized ? e * v_row_scale[i] : e;
       l += e;
     }
     l = warp_sum(l);
@@ -126,7 +150,7 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks)
   __syncthreads();
 
   // Values: thread slot `slot` of row group r loads elements [slot VEC, (slot + 1) VEC) of rows r, r + R, ...
-  const int slots = hd / VEC, R = value_row_groups(hd, VEC);
+  const int slots = hd / VEC;
   const int r = R > 1 ? threadIdx.x / slots : 0, first_slot = R > 1 ? threadIdx.x % slots : threadIdx.x;
   const int slot_step = R > 1 ? slots : blockDim.x;  // R > 1: one slot per thread
   for (int h0 = 0; h0 < group; h0 += kHeadChunk) {
@@ -203,8 +227,9 @@ __global__ void attention_decode_merge(KvBlockTable kv, const int32_t* __restric
 }  // namespace
 
 namespace detail {
-int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms) {
-  DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, hd, num_sms);
+int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms,
+                                        bool quantized) {
+  DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, hd, num_sms, quantized);
   return T * n_heads * plan.n_part * (hd + 2);
 }
 
@@ -216,7 +241,7 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   auto args = {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
                Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}};
   int64_t group = n_heads / n_kv;
-  DecodePlan plan = decode_plan(T, n_kv, group, C, hd, num_sms);
+  DecodePlan plan = decode_plan(T, n_kv, group, C, hd, num_sms, k_cache.is_kv_quantized());
   WEFT_CHECK(plan.smem <= 48 * 1024, "attention", "a GQA group of ", group, " heads of ", hd,
              " dims does not fit the decode kernel's shared memory (", q, ", ", k_cache, ")");
   float* part_out = scratch;
@@ -225,9 +250,9 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   auto partial = [&](auto kernel, const auto* k, const auto* v) {
     launch_pdl(ctx, kernel, grid, kDecodeThreads, plan.smem, q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
                positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, scale, part_out, part_ml,
-               ctx.status);
+               ctx.status, k_cache.kv_scales(), v_cache.kv_scales());
   };
-  WEFT_DISPATCH_KV(k_cache.dtype, KV, {
+  WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV, {
     const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
     if (elements_per_load(hd) == 2)
       partial(attention_decode_partial<KV, 2>, k, v);

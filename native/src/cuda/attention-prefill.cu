@@ -136,19 +136,38 @@ __device__ __forceinline__ void chunk_to_f16(const __nv_bfloat16* src, __half* d
   *reinterpret_cast<uint4*>(dst) = make_uint4(pack_f16(lo(x.x), hi(x.x)), pack_f16(lo(x.y), hi(x.y)),
                                               pack_f16(lo(x.z), hi(x.z)), pack_f16(lo(x.w), hi(x.w)));
 }
+// 16 staged 1-byte codes of one row -> their values (code * the row's scale, f32) -> f16 at dst (32-byte
+// aligned): the f32 cache's conversion of the same values, so the two give the same tiles.
+template <typename KV>
+__device__ __forceinline__ void chunk_to_f16(const KV* src, __half* dst, float row_scale) {
+  const uint4 x = *reinterpret_cast<const uint4*>(src);
+  const uint32_t words[4] = {x.x, x.y, x.z, x.w};
+  uint32_t packed[8];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float f[4];
+    codes_as_f32(words[w], src, f);
+    packed[2 * w] = pack_f16(__fmul_rn(f[0], row_scale), __fmul_rn(f[1], row_scale));
+    packed[2 * w + 1] = pack_f16(__fmul_rn(f[2], row_scale), __fmul_rn(f[3], row_scale));
+  }
+  reinterpret_cast<uint4*>(dst)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+  reinterpret_cast<uint4*>(dst)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+}
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
 
-// grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16.
+// grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16, or the
+// 1-byte codes with k_scales, v_scales [rows] (16 codes a chunk, dequantized as they are converted to f16).
 template <int HD, typename KV>
 __global__ void __launch_bounds__(kFaThreads, 2)
     attention_prefill_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
                           const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                           const int32_t* __restrict__ positions, int T, int nH, float qscale, float* __restrict__ out,
-                          DeviceStatus* status) {
+                          DeviceStatus* status, const float* __restrict__ k_scales,
+                          const float* __restrict__ v_scales) {
   using L = FaLayout<HD, KV>;
   constexpr int LD = L::kLd;
   constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
@@ -222,13 +241,19 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       }
       cp_async_commit();
     };
-    auto convert = [&]() {  // the chunks this thread fetched: no barrier needed between them
+    auto convert = [&](int kv0, const int64_t* rows) {  // the chunks this thread fetched: no barrier between them
       cp_async_wait_all();
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
         int c = i * kFaThreads + tid, row = c / CPR, col = (c % CPR) * EC;
-        chunk_to_f16(stage + c * EC, kh + row * LD + col);
-        chunk_to_f16(stage + kFaBK * HD + c * EC, vh + row * LD + col);
+        if constexpr (kKvQuantized<KV>) {  // a row past end was zero-filled: its scale 0 keeps it 0
+          const bool in = kv0 + row < end;
+          chunk_to_f16(stage + c * EC, kh + row * LD + col, in ? k_scales[rows[row] / HD] : 0.0f);
+          chunk_to_f16(stage + kFaBK * HD + c * EC, vh + row * LD + col, in ? v_scales[rows[row] / HD] : 0.0f);
+        } else {
+          chunk_to_f16(stage + c * EC, kh + row * LD + col);
+          chunk_to_f16(stage + kFaBK * HD + c * EC, vh + row * LD + col);
+        }
       }
     };
 
@@ -244,7 +269,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     }
     __syncthreads();
     fetch(0, tile_rows[0]);
-    convert();
+    convert(0, tile_rows[0]);
     __syncthreads();
     for (int j = 0; j < n_tiles; ++j) {
       const int kv0 = j * kFaBK;
@@ -319,7 +344,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       }
       if (j + 1 < n_tiles) {
         __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
-        convert();
+        convert(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
         if (tid < kFaBK) tile_rows[j & 1][tid] = row_after_next;
         __syncthreads();
       }
@@ -361,7 +386,7 @@ void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, 
   kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
       q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),
       token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f,
-      out.data<float>(), ctx.status);
+      out.data<float>(), ctx.status, k_cache.kv_scales(), v_cache.kv_scales());
 }
 
 // ---- prefill fallback for head dims other than 64 and 128: tiled flash attention on CUDA cores, fp32
@@ -371,13 +396,15 @@ constexpr int kPrefillThreads = 128;  // 8 threads per query row
 constexpr int kRowThreads = kPrefillThreads / kBQ;
 
 // grid (ceil(T / kBQ), nH). MAXJ = head-dim elements per thread (hd <= 8 * MAXJ); BK = keys per tile; KV: the
-// cache's element type (f32 or bf16, widened as the tile is loaded).
+// cache's element type (f32 or bf16, widened as the tile is loaded; or the 1-byte codes with k_scales, v_scales
+// [rows], code * scale as the tile is loaded).
 template <int MAXJ, int BK, typename KV>
 __global__ void __launch_bounds__(kPrefillThreads)
     attention_prefill(const float* __restrict__ q, const KV* __restrict__ k_cache,
                       const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                       const int32_t* __restrict__ positions, int T, int nH, int hd, float scale,
-                      float* __restrict__ out, DeviceStatus* status) {
+                      float* __restrict__ out, DeviceStatus* status, const float* __restrict__ k_scales,
+                      const float* __restrict__ v_scales) {
   extern __shared__ float smem[];
   const int ld = hd + 1;  // padded rows: no bank conflicts across the rows a warp reads
   float* qs = smem;                 // [kBQ][ld]
@@ -387,6 +414,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   __shared__ int tok_seq[kBQ], tok_pos[kBQ], tok_done[kBQ];
   __shared__ int cur_seq, cur_tok, kv_end;
   __shared__ int64_t tile_rows[BK];  // cache offsets (elements) of the tile's key rows, via the block table
+  __shared__ float tile_k_scale[BK], tile_v_scale[BK];  // the 1-byte caches: those rows' scales
 
   int t0 = blockIdx.x * kBQ, h = blockIdx.y, g = h / (nH / static_cast<int>(kv.n_kv));
   int tid = threadIdx.x, r = tid / kRowThreads, l8 = tid % kRowThreads;
@@ -410,13 +438,21 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
     for (int kv0 = 0; kv0 < kv_end; kv0 += BK) {
       __syncthreads();
-      if (tid < BK && kv0 + tid < kv_end) tile_rows[tid] = kv_read_row(kv, cur_tok, cur_seq, g, kv0 + tid, status) * hd;
+      if (tid < BK && kv0 + tid < kv_end) {
+        const int64_t row = kv_read_row(kv, cur_tok, cur_seq, g, kv0 + tid, status);
+        tile_rows[tid] = row * hd;
+        if constexpr (kKvQuantized<KV>) {
+          tile_k_scale[tid] = k_scales[row];
+          tile_v_scale[tid] = v_scales[row];
+        }
+      }
       __syncthreads();
       for (int i = tid; i < BK * hd; i += blockDim.x) {
         int row = i / hd, d = i % hd;
         bool in = kv0 + row < kv_end;
-        ks[row * ld + d] = in ? to_f32(k_cache[tile_rows[row] + d]) : 0.0f;
-        vs[row * hd + d] = in ? to_f32(v_cache[tile_rows[row] + d]) : 0.0f;
+        const float k_scale = kKvQuantized<KV> ? tile_k_scale[row] : 1.0f, v_scale = kKvQuantized<KV> ? tile_v_scale[row] : 1.0f;
+        ks[row * ld + d] = in ? kv_value(k_cache[tile_rows[row] + d], k_scale) : 0.0f;
+        vs[row * hd + d] = in ? kv_value(v_cache[tile_rows[row] + d], v_scale) : 0.0f;
       }
       __syncthreads();
       float s[BK / kRowThreads];
@@ -475,7 +511,7 @@ void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, cons
                     float scale, const Tensor& out) {
   int hd = static_cast<int>(k_cache.dim(3)), T = static_cast<int>(q.dim(0));
   size_t smem = static_cast<size_t>(kBQ * (hd + 1) + BK * (hd + 1) + BK * hd + kBQ * BK) * sizeof(float);
-  WEFT_DISPATCH_KV(k_cache.dtype, KV, {
+  WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV, {
     auto kernel = attention_prefill<MAXJ, BK, KV>;
     if (smem > 48 * 1024)
       check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -484,7 +520,7 @@ void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, cons
     kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
         q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),
         token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), hd, scale, out.data<float>(),
-        ctx.status);
+        ctx.status, k_cache.kv_scales(), v_cache.kv_scales());
   });
 }
 
@@ -516,7 +552,7 @@ void launch_attention_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_c
   WEFT_CHECK((T + kFaBQ - 1) / kFaBQ <= 65535, "attention", "too many query tokens (", q, ")");
   auto mma = [&](auto head_dim) {
     constexpr int HD = decltype(head_dim)::value;
-    WEFT_DISPATCH_KV(k_cache.dtype, KV,
+    WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
                      launch_prefill_mma<HD, KV>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions,
                                                 n_heads, scale, out));
   };

@@ -10,7 +10,7 @@ int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const T
   int64_t T = q.dim(0);
   if (T > kDecodeMaxTokens) return 0;
   return detail::attention_decode_scratch_floats(T, n_heads, k_cache.dim(1), kv_block_table.dim(1) * k_cache.dim(2),
-                                                 k_cache.dim(3), num_sms);
+                                                 k_cache.dim(3), num_sms, k_cache.is_kv_quantized());
 }
 
 void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

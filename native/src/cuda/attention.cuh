@@ -1,4 +1,5 @@
-// attention: q [T, nH * hd] over caches [nBlocks, nKv, B, hd] f32 or bf16 addressed through tokenSeq [T] and
+// attention: q [T, nH * hd] over caches [nBlocks, nKv, B, hd] f32 or bf16, or fp8 / int8 codes with their row
+// scales (kv-quant.h; dequantized in registers, never in memory), addressed through tokenSeq [T] and
 // kvBlockTable [S, maxBlocksPerSeq] (kv-block-table.h); tokenSeq, the table and positions are read on the
 // device, so a captured graph stays valid as they change. Each kernel looks a key row's block up once per row
 // (and tile), never per element, so any B >= 1 works and one block per sequence runs as fast as before. C below
@@ -31,7 +32,9 @@ void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, co
 
 namespace detail {
 // The two halves launch_attention picks between (attention-decode.cu, attention-prefill.cu), after its checks.
-int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms);
+// quantized: a 1-byte KV cache (fp8 or int8 with its scales).
+int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms,
+                                        bool quantized);
 void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                              const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                              int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms);

@@ -4,7 +4,8 @@
 // qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
 // fp32(position * invFreq[j]) and full-precision sincosf, as rope. The k and v rows are found through the KV
 // block table once per block; bad sequence rows, positions and table entries skip the cache write and are
-// reported on the device (as writeKv's; a negative position as rope's). f32 or bf16 caches, written as writeKv.
+// reported on the device (as writeKv's; a negative position as rope's). Caches written as writeKv writes them
+// (fp8 / int8: a rotated k row goes through shared memory, then the block quantizes it).
 #include "cuda/fused-layer.cuh"
 
 #include <algorithm>
@@ -124,7 +125,8 @@ template <typename KV>
 __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
                          const float* __restrict__ inv_freq, KV* __restrict__ k_cache, KV* __restrict__ v_cache,
                          KvBlockTable kv, const int32_t* __restrict__ token_seq, float* __restrict__ q,
-                         int64_t n_heads, int64_t hd, DeviceStatus* status) {
+                         int64_t n_heads, int64_t hd, DeviceStatus* status, float* __restrict__ k_scales,
+                         float* __restrict__ v_scales) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
@@ -139,11 +141,22 @@ __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restric
   const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
   if (row < 0) return;
   const int64_t dst = row * hd;
-  if (h >= n_heads + n_kv) {  // a v head: copied
-    for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) store_kv(v_cache + dst + d, xh[d]);
-    return;
+  if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]; shared memory: the rotated k row [hd] f32
+    extern __shared__ float k_rotated[];
+    const bool v_head = h >= n_heads + n_kv;
+    if (!v_head) {
+      rotate_head(xh, inv_freq, pos, half, k_rotated);
+      __syncthreads();
+    }
+    store_kv_row_quantized(v_head ? xh : k_rotated, hd, (v_head ? v_cache : k_cache) + dst,
+                           (v_head ? v_scales : k_scales) + row);
+  } else {
+    if (h >= n_heads + n_kv) {  // a v head: copied
+      for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) store_kv(v_cache + dst + d, xh[d]);
+      return;
+    }
+    rotate_head(xh, inv_freq, pos, half, k_cache + dst);
   }
-  rotate_head(xh, inv_freq, pos, half, k_cache + dst);
 }
 
 template <typename W>
@@ -190,11 +203,12 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
   if (T == 0) return;
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv));
   const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
-  WEFT_DISPATCH_KV(k_cache.dtype, KV,
-                   launch_pdl(ctx, qkv_rope<KV>, grid, threads, 0,
+  const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(hd) * sizeof(float) : 0;
+  WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
+                   launch_pdl(ctx, qkv_rope<KV>, grid, threads, smem,
                        qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(), k_cache.data<KV>(),
                        v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
-                       q.data<float>(), n_heads, hd, ctx.status));
+                       q.data<float>(), n_heads, hd, ctx.status, k_cache.kv_scales(), v_cache.kv_scales()));
   check_launch(ctx, "qkvRope",
                {{"qkv", qkv}, {"kCache", k_cache}, {"tokenSeq", token_seq}, {"kvBlockTable", kv_block_table},
                 {"positions", positions}});
