@@ -5,6 +5,7 @@
  * block's V row sum, so the mean of V costs a 1/kvBlockSize share of the V reads and follows shared prefix blocks).
  * Both are kept by `sparqAppend` after qkvRope wrote the step's rows.
  */
+import { WeftError } from '../../core/errors.ts';
 import { checkSparqSetting, type SparqSetting } from '../../core/sparq.ts';
 import type { ModelSpec } from '../../core/model-spec.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
@@ -22,8 +23,11 @@ export const SPARQ_MAX_STEP_TOKENS = 64;
 export function allocateSparqState(ops: Ops, spec: ModelSpec, plan: ShardPlan, kv: Pick<KvCacheLayout, 'kvBlocks' | 'kvBlockSize' | 'kvDtype'>, setting: SparqSetting): SparqState {
   checkSparqSetting(setting, spec, ops.backend, 'WEFT_BAD_CONFIG');
   const nKv = plan.nKvHeadsPerRank;
+  // the transposed K has the cache's element type: f32 or bf16 (cluster.ts refuses SparQ with an fp8/int8 cache)
+  if (kv.kvDtype !== 'f32' && kv.kvDtype !== 'bf16') throw new WeftError('WEFT_BAD_CONFIG', `SparQ reads f32 or bf16 KV caches, not ${kv.kvDtype}`);
+  const kvDtype = kv.kvDtype;
   const layers = Array.from({ length: spec.nLayers }, () => ({
-    kT: ops.zeros(kv.kvDtype, [kv.kvBlocks, nKv, spec.headDim, kv.kvBlockSize]),
+    kT: ops.zeros(kvDtype, [kv.kvBlocks, nKv, spec.headDim, kv.kvBlockSize]),
     vSum: ops.zeros('f32', [kv.kvBlocks, nKv, spec.headDim]),
   }));
   return { setting, layers };
