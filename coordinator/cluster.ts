@@ -25,7 +25,7 @@ import type { ChatMessage, ChatPrompter } from './chat-template.ts';
 import { contextName, parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
-import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
+import { Scheduler, checkMaxNumBatchedTokens, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
@@ -52,6 +52,8 @@ export interface ClusterOptions {
   readonly kvBlockSize?: number;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
+  /** Tokens one step carries at most: decode tokens first, then prompt chunks (at least kvSlots). Defaults to 1024, or kvSlots when larger. */
+  readonly maxNumBatchedTokens?: number;
   /** Share the KV blocks of prompt prefixes already computed. Defaults to true; off with a draft model. */
   readonly prefixCaching?: boolean;
   /** Weight-only quantization of a dense checkpoint's projections, done by each rank as it loads them. */
@@ -203,6 +205,7 @@ export class Cluster {
         kvCache: new KvBlockTable(kvLayout),
         prefixCaching: options.prefixCaching && !draft, // a draft would need the prefix in its own cache too
         maxQueue: options.maxQueue,
+        maxNumBatchedTokens: options.maxNumBatchedTokens,
         step: (batch) => this.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),
         onStepFailure: (err) => this.onFault(err),
@@ -233,6 +236,7 @@ export class Cluster {
     const kvCache = { kvBlockSize: options.kvBlockSize, kvCacheTokens: options.kvCacheTokens ?? DEFAULT_KV_CACHE_SEQUENCES * maxContext };
     const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), ...kvCache, threads, collectives: options.collectives };
     kvCacheLayout(initCommand); // a pool too small for one sequence is refused before anything starts
+    checkMaxNumBatchedTokens(options.maxNumBatchedTokens, kvSlots); // and a step budget below the decode rows
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,
