@@ -196,7 +196,7 @@ export interface GenerationHandle {
 export class Scheduler {
   private readonly queue: Job[] = [];
   private readonly running = new Set<Job>();
-  private readonly kv: KvBlockTable;
+  private kv: KvBlockTable;
   private looping = false;
   private paused: boolean;
   private fatal: Error | null = null;
@@ -267,6 +267,16 @@ export class Scheduler {
     this.queue.push(job);
     if (!this.paused) this.admit();
     this.kick();
+  }
+
+  /**
+   * Take a new KV allocator (the workers sized their pool at load, from a memory fraction) while no sequence
+   * holds blocks: before the first resume, or once a failed group's sequences have ended.
+   */
+  replaceKvCache(kvCache: KvBlockTable): void {
+    if (this.running.size > 0 || this.kv.sequences > 0) throw new WeftError('WEFT_PROTOCOL', `the KV allocator cannot be replaced while ${this.running.size} sequences run`);
+    checkMaxNumBatchedTokens(this.tokenBudget, kvCache.layout.kvSlots);
+    this.kv = kvCache;
   }
 
   /** Stop starting steps (the cluster is loading or re-forming); queued requests wait. */

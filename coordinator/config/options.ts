@@ -8,7 +8,7 @@ import { availableParallelism, homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PACKAGE_ROOT } from '../package-layout.ts';
-import { finite, flag, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
+import { finite, flag, fraction, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
 export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker' | 'quantize';
 /** Where options enter in code: startCluster / Cluster.open, and serve(). */
@@ -85,6 +85,10 @@ export const OPTIONS = {
   kvCacheTokens: {
     flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',
     help: 'positions the paged KV cache holds, shared by all sequences (its memory: layers × 2 × KV heads × head size × dtype bytes each); at least one full context', uses: [...CLUSTER, 'launch'],
+  },
+  gpuMemoryFraction: {
+    flag: '--gpu-memory-fraction', arg: 'F', type: fraction, env: 'WEFT_GPU_MEMORY_FRACTION', default: 0.9,
+    help: "cuda: of each GPU's memory, what weft may use (vLLM's gpu_memory_utilization); the paged KV pool is what it leaves after the weights and the step arena, unless --kv-cache-tokens is given (not with --draft: the draft shares the GPUs)", uses: [...CLUSTER, 'launch'],
   },
   maxNumBatchedTokens: {
     flag: '--max-num-batched-tokens', arg: 'N', type: integer(1), env: 'WEFT_MAX_NUM_BATCHED_TOKENS', default: (c: Resolved) => Math.max(1024, c.kvSlots as number), defaultHelp: '1024, or --kv-slots when larger',
