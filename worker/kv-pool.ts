@@ -2,8 +2,10 @@
  * Sizing a CUDA rank's paged KV pool from a fraction of its device's memory (--gpu-memory-fraction, vLLM's
  * gpu_memory_utilization): of `fraction × total` bytes, what the device already had in use before this rank
  * allocated anything (other processes, this rank's CUDA context), the rank's weights, its step arena and a
- * reserve are taken off; the pool is the rest, in whole blocks. A fraction that leaves less than one sequence of
- * the full context is refused, naming every term.
+ * reserve are taken off; the pool is the rest, in whole blocks, and never more than `kvSlots` full contexts (all
+ * the sequences can use: a small model does not take the whole device). Ranks sharing one device divide the
+ * fraction among them. A fraction that leaves less than one sequence of the full context is refused, naming
+ * every term.
  */
 import { WeftError } from '../core/errors.ts';
 import { blocksFor } from '../core/kv-block-table.ts';
@@ -27,6 +29,8 @@ export interface KvPoolMemory {
   readonly kvBytesPerToken: number;
   readonly kvBlockSize: number;
   readonly maxContext: number;
+  /** sequences at once at most: the pool never exceeds this many full contexts */
+  readonly kvSlots: number;
 }
 
 /** The bytes the fraction leaves for the pool (negative when it leaves nothing). */
@@ -51,5 +55,5 @@ export function kvPoolTokens(m: KvPoolMemory): number {
       `--gpu-memory-fraction ${m.fraction} of ${GiB(m.totalBytes)} leaves ${GiB(Math.max(0, bytes))} for the KV cache (in use before loading ${GiB(m.totalBytes - m.freeBytes)}, weights ${GiB(m.weightBytes)}, step arena ${GiB(m.arenaBytes)}, reserve ${GiB(KV_POOL_RESERVE_BYTES)}), less than one sequence of the context of ${m.maxContext} positions (${GiB(needed)}); raise the fraction, lower --max-context, or give --kv-cache-tokens`,
     );
   }
-  return blocks * m.kvBlockSize;
+  return Math.min(blocks, m.kvSlots * blocksFor(m.maxContext, m.kvBlockSize)) * m.kvBlockSize;
 }

@@ -50,7 +50,9 @@ export class WorkerState {
     const device = collectivesPlan.deviceIndex;
     // CUDA: the step arena is fixed when the engine is made, so a first engine only reads the memory
     const memory = command.device === 'cuda' ? createEngine({ backend: 'cuda', device }).memoryInfo() : null;
-    const sized = memory && this.sizeByFraction(command, memory);
+    // ranks that share a GPU (shared-gpu: rank r on GPU r mod count) divide the fraction among them
+    const ranksOnDevice = collectivesPlan.kind === 'shared-gpu' || collectivesPlan.kind === 'shared-gpu-if-one-host' ? Math.ceil(this.world / Math.max(1, cudaDeviceCount())) : 1;
+    const sized = memory && this.sizeByFraction(command, memory, ranksOnDevice);
     // the coordinator derives the same layout for its allocator (from the pool this rank reports, when sized here); on CUDA it has a padding block for graph batches
     const kv = sized?.kv ?? kvCacheLayout(command);
     const arenaBytes = sized?.arenaBytes ?? (memory ? this.arenaBytes(command, kv, memory.free) : undefined);
@@ -72,15 +74,16 @@ export class WorkerState {
    * what the fraction leaves beside the weights and one full-context sequence of KV; the pool is the rest
    * (worker/kv-pool.ts). Null when the pool is given.
    */
-  private sizeByFraction(command: InitCommand, memory: { free: number; total: number }): { kv: KvCacheLayout; arenaBytes: number; kvCacheTokens: number } | null {
-    const { gpuMemoryFraction: fraction, kvBlockSize, spec, plan, maxContext } = command;
+  private sizeByFraction(command: InitCommand, memory: { free: number; total: number }, ranksOnDevice: number): { kv: KvCacheLayout; arenaBytes: number; kvCacheTokens: number } | null {
+    const { kvBlockSize, spec, plan, maxContext, kvSlots } = command;
+    const fraction = command.gpuMemoryFraction === undefined ? undefined : command.gpuMemoryFraction / ranksOnDevice;
     if (fraction === undefined || kvBlockSize === undefined || command.kvCacheTokens !== undefined) return null;
     const kvBytesPerToken = this.kvBytesPerToken(command);
     const weightBytes = shardBytes(spec, plan, this.rank);
     const share = Math.floor(fraction * memory.total) - (memory.total - memory.free);
     const leftAside = weightBytes + minKvPoolBytes({ kvBytesPerToken, kvBlockSize, maxContext }) + KV_POOL_RESERVE_BYTES;
     const arenaBytes = workerArenaBytes(spec, plan, share, leftAside, graphArenaTokens(maxGraphBatch(spec, command.kvSlots)));
-    const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, kvBytesPerToken, kvBlockSize, maxContext });
+    const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, kvBytesPerToken, kvBlockSize, maxContext, kvSlots });
     return { kv: kvCacheLayout({ ...command, kvCacheTokens }), arenaBytes, kvCacheTokens };
   }
 

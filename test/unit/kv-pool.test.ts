@@ -21,6 +21,7 @@ const h200: KvPoolMemory = {
   kvBytesPerToken: 32 * 2 * 32 * 128 * 2,
   kvBlockSize: 16,
   maxContext: 4096,
+  kvSlots: 256,
 };
 
 test('the pool is the fraction less what is in use, the weights, the arena and the reserve, in whole blocks', () => {
@@ -36,6 +37,9 @@ test('the pool is the fraction less what is in use, the weights, the arena and t
   assert.ok(kvPoolTokens({ ...h200, fraction: 0.5 }) < tokens);
   assert.equal(kvPoolTokens({ ...h200, freeBytes: 129.5 * GiB }), kvPoolTokens({ ...h200, fraction: 0.9 - 10 / 140 }));
   assert.equal(minKvPoolBytes(h200), 4096 * h200.kvBytesPerToken);
+  // a small model takes no more than its sequences can use: kvSlots full contexts
+  assert.equal(kvPoolTokens({ ...h200, kvBytesPerToken: 4096, weightBytes: 0.1 * GiB, arenaBytes: 4 * GiB }), 256 * 4096);
+  assert.equal(kvPoolTokens({ ...h200, kvSlots: 3, maxContext: 1000 }), 3 * 1008);
 });
 
 test('a fraction that leaves less than one full-context sequence is refused, naming the terms', () => {
