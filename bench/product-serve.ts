@@ -145,18 +145,28 @@ export async function streamCompletion(url: string, promptIds: readonly number[]
 export interface ConcurrentFigures {
   /** generated tokens / wall time from the first request sent to the last stream ended */
   readonly tokensPerS: number;
-  /** median time to the first streamed text */
+  /** median and 99th-percentile time to the first streamed text */
   readonly p50TtftMs: number;
+  readonly p99TtftMs: number;
   /** chunks per second while every stream was decoding (after the last first token, before the first stream ended) */
   readonly steadyTokensPerS: number;
   readonly tokens: number;
   readonly wallS: number;
 }
 
-/** `concurrency` streams at once; figures of the whole phase and of its steady part. */
-export async function concurrentStreams(url: string, promptIds: readonly number[], maxTokens: number, concurrency: number): Promise<ConcurrentFigures> {
+/** The `q` quantile of ascending `sorted` (nearest rank below). */
+function percentile(sorted: readonly number[], q: number): number {
+  return sorted[Math.floor((sorted.length - 1) * q)]!;
+}
+
+/**
+ * `concurrency` streams at once; figures of the whole phase and of its steady part. `promptIds`: one prompt for
+ * every stream, or stream i's prompt (distinct prompts: no stream finds another's in the prefix cache).
+ */
+export async function concurrentStreams(url: string, promptIds: readonly number[] | ((stream: number) => readonly number[]), maxTokens: number, concurrency: number): Promise<ConcurrentFigures> {
   const started = performance.now();
-  const streams = await Promise.all(Array.from({ length: concurrency }, () => streamCompletion(url, promptIds, maxTokens)));
+  const promptOf = typeof promptIds === 'function' ? promptIds : () => promptIds;
+  const streams = await Promise.all(Array.from({ length: concurrency }, (_, i) => streamCompletion(url, promptOf(i), maxTokens)));
   const ended = Math.max(...streams.map((s) => s.endedAt));
   const tokens = streams.reduce((sum, s) => sum + s.tokens, 0);
   const ttfts = streams.map((s) => (s.chunkAt[0] ?? NaN) - s.sentAt).sort((a, b) => a - b);
@@ -165,7 +175,8 @@ export async function concurrentStreams(url: string, promptIds: readonly number[
   const steadyChunks = streams.reduce((sum, s) => sum + s.chunkAt.filter((t) => t > steadyFrom && t <= steadyTo).length, 0);
   return {
     tokensPerS: tokens / ((ended - started) / 1000),
-    p50TtftMs: ttfts[Math.floor((ttfts.length - 1) / 2)]!,
+    p50TtftMs: percentile(ttfts, 0.5),
+    p99TtftMs: percentile(ttfts, 0.99),
     steadyTokensPerS: steadyTo > steadyFrom ? steadyChunks / ((steadyTo - steadyFrom) / 1000) : NaN,
     tokens,
     wallS: (ended - started) / 1000,

@@ -15,6 +15,11 @@
 #   --concurrency LIST  concurrent streams against weft serve (default 8,64)
 #   --samples N         gpt-fast runs timed after its compile (median; default 3)
 #   --quick             defaults of 64 new tokens, concurrency 8, one gpt-fast sample; no torch bandwidth probe
+#   --scale             serving at scale: `weft serve` alone (no in-process, generate or gpt-fast rows), 64 and 256
+#                       concurrent streams of 512 prompt tokens (a prompt of its own each) + 256 new tokens, under
+#                       --gpu-memory-fraction 0.95; TTFT p50/p99 and each batch's decode-step roofline (weights + KV
+#                       at the mean context over the read bandwidth, FLOPs over the tensor-core rate). llama-2-7b on
+#                       an H200: about 3 minutes, the checkpoint included
 #   --no-anchor         skip gpt-fast
 #   --device cpu        a dry run of this script without a GPU: --tiny checkpoints (bench/decode.ts keeps the
 #                       preset's shape: name a cut one, e.g. --presets llama-2-7b:1), no floors, no anchor
@@ -26,7 +31,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-presets=llama-2-7b new_tokens='' concurrency='' samples='' quick=0 anchor=1 keep=0 device=cuda out="${OUT:-.}/bench-product.jsonl"
+presets=llama-2-7b new_tokens='' concurrency='' samples='' quick=0 scale=0 anchor=1 keep=0 device=cuda out="${OUT:-.}/bench-product.jsonl"
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --presets) presets="$2"; shift 2 ;;
@@ -34,6 +39,7 @@ while [ "$#" -gt 0 ]; do
     --concurrency) concurrency="$2"; shift 2 ;;
     --samples) samples="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
+    --scale) scale=1; anchor=0; shift ;;
     --no-anchor) anchor=0; shift ;;
     --keep) keep=1; shift ;;
     --device) device="$2"; shift 2 ;;
@@ -43,6 +49,7 @@ while [ "$#" -gt 0 ]; do
 done
 # --quick changes the defaults only: a value given on the command line wins
 if [ "$quick" = 1 ]; then : "${new_tokens:=64}" "${concurrency:=8}" "${samples:=1}"; fi
+if [ "$scale" = 1 ]; then : "${new_tokens:=256}" "${concurrency:=64,256}"; fi
 : "${new_tokens:=200}" "${concurrency:=8,64}" "${samples:=3}"
 work="${WEFT_BENCH_DIR:-/tmp/weft-bench}"
 mkdir -p "$work"
@@ -105,15 +112,20 @@ for entry in ${presets//,/ }; do
   fi
   done_stage
 
-  stage "$label: weft in-process (bench/decode.ts)"
   in_process_args=()
-  if node --import tsx bench/decode.ts --models "$preset" "${layer_args[@]}" --batches 1,8 --prompts 5 --new-tokens "$new_tokens" --device "$device" | tee "$work/$label.decode.log"; then
-    in_process_args=(--in-process "$work/$label.decode.log")
+  scale_args=()
+  if [ "$scale" = 1 ]; then
+    scale_args=(--no-generate --serve-prompt-tokens 512 --weft-args "--gpu-memory-fraction 0.95")
   else
-    echo "bench/decode.ts failed; the table goes on without the in-process rows" >&2
-    failed=1
+    stage "$label: weft in-process (bench/decode.ts)"
+    if node --import tsx bench/decode.ts --models "$preset" "${layer_args[@]}" --batches 1,8 --prompts 5 --new-tokens "$new_tokens" --device "$device" | tee "$work/$label.decode.log"; then
+      in_process_args=(--in-process "$work/$label.decode.log")
+    else
+      echo "bench/decode.ts failed; the table goes on without the in-process rows" >&2
+      failed=1
+    fi
+    done_stage
   fi
-  done_stage
 
   anchor_args=()
   name="$(gptfast_name "$preset")"
@@ -131,7 +143,7 @@ for entry in ${presets//,/ }; do
 
   stage "$label: weft generate and weft serve (bench/product.ts)"
   node --import tsx bench/product.ts --model "$ckpt" --name "$label" --device "$device" --new-tokens "$new_tokens" --concurrency "$concurrency" \
-    "${bandwidth_args[@]}" "${in_process_args[@]}" "${anchor_args[@]}" --out "$run_rows" || failed=1
+    "${bandwidth_args[@]}" "${in_process_args[@]}" "${anchor_args[@]}" "${scale_args[@]}" --out "$run_rows" || failed=1
   done_stage
   [ "$keep" = 1 ] || rm -rf "$ckpt"
 done

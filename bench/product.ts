@@ -17,6 +17,10 @@
  * Floor: the bytes a decode step reads (bench/step-bytes.ts) at the mean context of the run, at the read
  * bandwidth (--bandwidth, else weft's probe in a child process; none on the CPU). Each row is appended to --out
  * as one JSON line; a markdown table ends the run.
+ * - serving at scale (--serve-prompt-tokens): each serve stream gets a prompt of its own of that length (no
+ *   prefix-cache hits between streams or rounds); its row adds TTFT p99 and the roofline of one decode step of
+ *   that batch: the weights and the KV at the mean context over the read bandwidth, the FLOPs over the tensor-core
+ *   rate (--tensor-tflops), the floor the larger of the two, set beside the steady step time (batch / steady tok/s).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { appendFileSync, readFileSync } from 'node:fs';
@@ -37,6 +41,8 @@ const opts = new Command('bench-product')
   .option('--name <label>', 'model label in the rows (default: the directory name)')
   .option('--device <d>', 'cpu or cuda', 'cuda')
   .option('--prompt-tokens <n>', 'prompt length in tokens, BOS first', '5')
+  .option('--serve-prompt-tokens <n>', 'prompt length of each serve stream, a prompt of its own each (default: --prompt-tokens, one prompt for all)')
+  .option('--tensor-tflops <n>', 'dense bf16 tensor-core rate for the compute floor (default 989, an H200\'s; none on the CPU)')
   .option('--new-tokens <n>', 'tokens generated per sequence', '200')
   .option('--concurrency <list>', 'concurrent streams against weft serve; empty: no serve run', '8,64')
   .option('--no-generate', 'skip weft generate')
@@ -48,7 +54,7 @@ const opts = new Command('bench-product')
   .option('--timeout-s <n>', 'limit on each weft process start (weights load) and run', '600')
   .option('--out <file>', 'JSON lines appended here', 'bench-product.jsonl')
   .parse()
-  .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; promptTokens: string; newTokens: string; concurrency: string; generate: boolean; kvDtype: string; bandwidth?: string; inProcess?: string; anchor?: string; weftArgs: string; timeoutS: string; out: string }>();
+  .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; promptTokens: string; servePromptTokens?: string; tensorTflops?: string; newTokens: string; concurrency: string; generate: boolean; kvDtype: string; bandwidth?: string; inProcess?: string; anchor?: string; weftArgs: string; timeoutS: string; out: string }>();
 
 const modelDir = resolve(opts.model);
 const model = opts.name ?? basename(modelDir);
@@ -65,6 +71,34 @@ const promptIds = [spec.bosTokenId ?? 0, ...Array.from({ length: promptTokens - 
 const meanContext = promptTokens + newTokens / 2;
 // the KV cache per sequence that bench/decode.ts gives its in-process runs (what a run needs, and a little)
 const maxContext = promptTokens + newTokens + 16;
+const servePromptTokens = opts.servePromptTokens === undefined ? null : Number(opts.servePromptTokens);
+const serveMeanContext = (servePromptTokens ?? promptTokens) + newTokens / 2;
+const tensorTflops = opts.tensorTflops ? Number(opts.tensorTflops) : opts.device === 'cuda' ? 989 : NaN;
+/** Serve stream `stream`'s prompt in round `round`: BOS, then ids of its own (a fixed stride through the vocabulary). */
+const servePrompt = (round: number) => (stream: number): number[] => [
+  spec.bosTokenId ?? 0,
+  ...Array.from({ length: servePromptTokens! - 1 }, (_, i) => 1 + ((round * 1_000_003 + stream * 7919 + i * 104_729) % (spec.vocabSize - 1))),
+];
+
+/** FLOPs of one decode step of `batch` sequences at `context` positions: the projections (2 per weight and row; experts: those a token uses) and attention (QK and PV). */
+function stepFlops(batch: number, context: number): number {
+  const { hidden, nLayers, nHeads, nKvHeads, headDim, ffnDim, vocabSize, nExpertsPerToken } = spec;
+  const attentionWeights = hidden * (2 * nHeads + 2 * nKvHeads) * headDim;
+  const ffnWeights = 3 * hidden * ffnDim * Math.max(1, nExpertsPerToken);
+  return 2 * batch * (nLayers * (attentionWeights + ffnWeights) + vocabSize * hidden) + 4 * batch * context * nLayers * nHeads * headDim;
+}
+
+/** A serve row at scale: TTFT p99 and the decode step's roofline. */
+interface ScaleFigures {
+  p99TtftMs: number;
+  servePromptTokens: number;
+  memoryFloorMs: number | null;
+  computeFloorMs: number | null;
+  /** the measured step (batch / steady tok/s) and the floor's share of it */
+  stepMs: number;
+  floorShare: number | null;
+}
+const scaleRows: (ProductRow & ScaleFigures)[] = [];
 
 function commandLine(file: string, args: string[]): string | null {
   const result = spawnSync(file, args, { encoding: 'utf8' });
@@ -114,18 +148,30 @@ async function measureGenerate(): Promise<void> {
 async function measureServe(): Promise<void> {
   const started = performance.now();
   const slots = Math.max(...concurrency);
-  const args = ['--model', modelDir, '--device', opts.device, '--kv-slots', String(slots), '--max-queue', String(2 * slots), '--max-context', String(maxContext), ...extraArgs];
+  const serveContext = servePromptTokens === null ? maxContext : servePromptTokens + newTokens + 16;
+  const args = ['--model', modelDir, '--device', opts.device, '--kv-slots', String(slots), '--max-queue', String(2 * slots), '--max-context', String(serveContext), ...extraArgs];
   const server = await startServe(args, timeoutMs);
   console.log(`serve: ready at ${server.url} in ${server.readyS.toFixed(1)} s`);
   let failure: unknown = null;
   try {
-    for (const c of concurrency) {
+    for (const [round, c] of concurrency.entries()) {
       const phase = performance.now();
-      await concurrentStreams(server.url, promptIds, Math.min(16, newTokens), c); // warm-up: graph capture, first-use allocations
-      const f = await concurrentStreams(server.url, promptIds, newTokens, c);
+      // warm-up: graph capture, first-use allocations (prompts of their own, so the timed round finds none cached)
+      await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round), Math.min(16, newTokens), c);
+      const f = await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round + 1), newTokens, c);
       if (f.tokens !== c * newTokens) throw new Error(`serve x${c} generated ${f.tokens} tokens, not ${c * newTokens}`);
-      rows.push({ model, batch: c, path: 'serve', tokensPerS: f.tokensPerS, ttftMs: f.p50TtftMs, floorMs: floorOf(c), anchorTokensPerS: null, steadyTokensPerS: f.steadyTokensPerS, loadS: server.readyS });
-      console.log(`serve x${c}: ${f.tokensPerS.toFixed(1)} tok/s (steady ${f.steadyTokensPerS.toFixed(1)}), p50 TTFT ${f.p50TtftMs.toFixed(1)} ms, ${f.tokens} tokens in ${f.wallS.toFixed(2)} s (stage ${elapsed(phase)})`);
+      const row: ProductRow = { model, batch: c, path: 'serve', tokensPerS: f.tokensPerS, ttftMs: f.p50TtftMs, floorMs: floorOf(c), anchorTokensPerS: null, steadyTokensPerS: f.steadyTokensPerS, loadS: server.readyS };
+      if (servePromptTokens !== null) {
+        const memoryFloorMs = Number.isFinite(bandwidthGBs) ? floorMs(bytes.bytesPerStep(c, serveMeanContext), bandwidthGBs) : null;
+        const computeFloorMs = Number.isFinite(tensorTflops) ? (stepFlops(c, serveMeanContext) / (tensorTflops * 1e12)) * 1e3 : null;
+        const floor = memoryFloorMs === null ? null : Math.max(memoryFloorMs, computeFloorMs ?? 0);
+        const stepMs = (c / f.steadyTokensPerS) * 1e3;
+        row.floorMs = floor;
+        const scaled = { ...row, p99TtftMs: f.p99TtftMs, servePromptTokens, memoryFloorMs, computeFloorMs, stepMs, floorShare: floor === null ? null : floor / stepMs };
+        scaleRows.push(scaled);
+        rows.push(scaled); // its JSON line carries the roofline too
+      } else rows.push(row);
+      console.log(`serve x${c}: ${f.tokensPerS.toFixed(1)} tok/s (steady ${f.steadyTokensPerS.toFixed(1)}), TTFT p50 ${f.p50TtftMs.toFixed(1)} ms p99 ${f.p99TtftMs.toFixed(1)} ms, ${f.tokens} tokens in ${f.wallS.toFixed(2)} s (stage ${elapsed(phase)})`);
     }
   } catch (err) {
     failure = err;
@@ -146,6 +192,12 @@ function report(): void {
   }
   console.log(`\n${model} on ${gpu}, commit ${commit.slice(0, 12)}, prompt ${promptTokens}, ${newTokens} new tokens, read bandwidth ${Number.isFinite(bandwidthGBs) ? bandwidthGBs.toFixed(0) : '-'} GB/s\n`);
   console.log(productTable(rows));
+  if (scaleRows.length === 0) return;
+  const fixed = (x: number | null, digits: number): string => (x === null || !Number.isFinite(x) ? '-' : x.toFixed(digits));
+  console.log(`\nserving at scale: prompts of ${servePromptTokens} tokens (one each), ${newTokens} new; roofline of one decode step at the mean context of ${serveMeanContext} (read ${fixed(bandwidthGBs, 0)} GB/s, tensor cores ${fixed(tensorTflops, 0)} TFLOP/s)\n`);
+  console.log('| batch | tok/s | steady tok/s | TTFT p50 ms | TTFT p99 ms | step ms | memory floor ms | compute floor ms | floor / step |\n|---|---|---|---|---|---|---|---|---|');
+  for (const r of scaleRows)
+    console.log(`| ${r.batch} | ${fixed(r.tokensPerS, 0)} | ${fixed(r.steadyTokensPerS ?? null, 0)} | ${fixed(r.ttftMs, 0)} | ${fixed(r.p99TtftMs, 0)} | ${fixed(r.stepMs, 2)} | ${fixed(r.memoryFloorMs, 2)} | ${fixed(r.computeFloorMs, 2)} | ${r.floorShare === null || !Number.isFinite(r.floorShare) ? '-' : `${(100 * r.floorShare).toFixed(0)}%`} |`);
 }
 
 const started = performance.now();

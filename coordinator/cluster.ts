@@ -25,7 +25,7 @@ import type { ChatMessage, ChatPrompter } from './chat-template.ts';
 import { contextName, parseSamplingParams, validatePromptIds } from './sampling-params.ts';
 import { WorkerGroup, type RankStatus } from './worker-group.ts';
 import { SequenceState, type GenerationEvent, type TokenLogprob } from './generate.ts';
-import { Scheduler, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
+import { Scheduler, checkMaxNumBatchedTokens, type GenerationHandle, type SchedulerObserver } from './scheduler.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
@@ -58,6 +58,10 @@ export interface ClusterOptions {
   readonly sparqK?: number;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
+  /** cuda: the share of each GPU's memory weft may use; the KV pool is what the weights and step arena leave (unless kvCacheTokens). Defaults to 0.9. */
+  readonly gpuMemoryFraction?: number;
+  /** Tokens one step carries at most: decode tokens first, then prompt chunks (at least kvSlots). Defaults to 1024, or kvSlots when larger. */
+  readonly maxNumBatchedTokens?: number;
   /** Share the KV blocks of prompt prefixes already computed. Defaults to true; off with a draft model. */
   readonly prefixCaching?: boolean;
   /** Weight-only quantization of a dense checkpoint's projections, done by each rank as it loads them. */
@@ -198,7 +202,7 @@ export class Cluster {
     readonly tokenizer: WeftTokenizer,
     readonly maxContext: number,
     private readonly options: ClusterSettings,
-    private readonly initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>,
+    private initCommand: Omit<InitCommand, 'v' | 'type' | 'id' | 'collectiveRoot'>,
     groupStarting: Promise<WorkerGroup>,
     private readonly draft: DraftSide | null,
     private readonly text: TextPool,
@@ -211,6 +215,7 @@ export class Cluster {
         kvCache: new KvBlockTable(kvLayout),
         prefixCaching: options.prefixCaching && !draft, // a draft would need the prefix in its own cache too
         maxQueue: options.maxQueue,
+        maxNumBatchedTokens: options.maxNumBatchedTokens,
         step: (batch) => this.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),
         onStepFailure: (err) => this.onFault(err),
@@ -238,7 +243,11 @@ export class Cluster {
     // draftTp and speculateK are set whenever draftModelDir is (their declarations need it)
     const draftPlan = draftSpec ? planShards(draftSpec, options.draftTp!) : null;
     const maxContext = Math.min(spec.maxContext, draftSpec?.maxContext ?? Infinity, options.maxContext);
-    const kvCache = { kvBlockSize: options.kvBlockSize, kvCacheTokens: options.kvCacheTokens ?? DEFAULT_KV_CACHE_SEQUENCES * maxContext };
+    // cuda: a pool not given is sized by each rank from --gpu-memory-fraction (not beside a draft, which shares the GPUs and needs the same pool)
+    const byFraction = device === 'cuda' && options.kvCacheTokens === undefined && options.draftModelDir === undefined;
+    const kvCache = byFraction
+      ? { kvBlockSize: options.kvBlockSize, gpuMemoryFraction: options.gpuMemoryFraction }
+      : { kvBlockSize: options.kvBlockSize, kvCacheTokens: options.kvCacheTokens ?? DEFAULT_KV_CACHE_SEQUENCES * maxContext };
     const initCommand = { modelDir: options.modelDir, spec, plan, device, kvSlots, maxContext, kvDtype: resolveKvDtype(options.kvDtype, device), ...kvCache, threads, collectives: options.collectives };
     kvCacheLayout(initCommand); // a pool too small for one sequence is refused before anything starts
     const sparq = options.attention === 'sparq' ? { r: options.sparqR, k: options.sparqK } : undefined;
@@ -246,6 +255,7 @@ export class Cluster {
     // SparQ's kernels read f32 and bf16 caches; fp8/int8 codes with their scales are not wired into its passes yet
     if (sparq && (initCommand.kvDtype === 'fp8' || initCommand.kvDtype === 'int8'))
       throw new WeftError('WEFT_BAD_CONFIG', `--attention sparq reads f32 or bf16 KV caches, not --kv-dtype ${initCommand.kvDtype}; use --kv-dtype bf16 with SparQ`);
+    checkMaxNumBatchedTokens(options.maxNumBatchedTokens, kvSlots); // and a step budget below the decode rows
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,
@@ -331,7 +341,7 @@ export class Cluster {
     try {
       if (this.draft) this.draft.group = await this.draft.groupStarting;
       await Promise.all([this.group.join(), this.draft?.group?.join()]);
-      await Promise.all([this.group.init(this.initCommand), this.draft?.group?.init(this.draft.initCommand)]);
+      await Promise.all([this.initGroup(), this.draft?.group?.init(this.draft.initCommand)]);
     } catch (err) {
       // a configuration error (weights, model) fails the same way on every attempt: no re-form
       if (!this.options.recover || this.stateValue === 'closed' || exitCodeFor(err) === EXIT_CONFIG) {
@@ -346,6 +356,19 @@ export class Cluster {
     }
     this.setState('ready', `serving ${this.info().name} on ${this.plan.tp} ranks`);
     this.scheduler.resume();
+  }
+
+  /**
+   * Initialise the target group. A pool the ranks sized from gpuMemoryFraction becomes the cluster's: the
+   * smallest any rank made (a rank with more leaves the rest unused), given in tokens from then on (re-forms
+   * allocate the same), and the scheduler's allocator is made for it.
+   */
+  private async initGroup(): Promise<void> {
+    const kvCacheTokens = await this.group.init(this.initCommand);
+    if (kvCacheTokens === undefined) return;
+    const { gpuMemoryFraction: _sized, ...rest } = this.initCommand;
+    this.initCommand = { ...rest, kvCacheTokens };
+    this.scheduler.replaceKvCache(new KvBlockTable(kvCacheLayout(this.initCommand)));
   }
 
   /** A worker fault: fail the running requests, then re-form (with `recover`) or fail for good. */
@@ -372,7 +395,7 @@ export class Cluster {
         if (this.stateValue === 'closed') return;
         try {
           await this.group.reform();
-          await this.group.init(this.initCommand);
+          await this.initGroup();
           // a draft re-forming on its own is left to finish; otherwise its cache is stale (or it is dead): rebuild it too
           if (this.draft?.group && !this.draftReforming) {
             await this.draft.group.reform();

@@ -12,9 +12,12 @@
  *   goes on and nothing ping-pongs; when nothing can be preempted the sequence waits, skipping the step.
  * - Prefix caching (`prefixCaching`): a generation admitted shares the computed blocks its tokens begin with and
  *   starts at the first position after them; the full blocks of each step built are registered as it is sent.
- * - A step carries one decode token for every running sequence plus the whole prompt of newly admitted ones
- *   (while `maxBatchTokens` allows; at least one prompt per step), one logit row per sequence. Scoring runs as
- *   its own step between them.
+ * - Chunked prefill: a step carries at most `maxNumBatchedTokens` tokens (vLLM's max_num_batched_tokens): one
+ *   decode token for every running sequence first (the budget is at least `kvSlots`, so they always fit), then
+ *   the prompts waiting, in admission order, each whole where it fits, else the chunk that fills the budget (the
+ *   rest follows in the next steps, so a long prompt never stalls the running streams). A sequence's last chunk
+ *   samples the token after it; a chunk before it asks for no logit row (a step with none asks for one nobody
+ *   owns). Scoring runs as its own step between them.
  * - Cancellation (AbortSignal, a closed stream, a cancel message) and the per-request deadline free the blocks at
  *   once: a new sequence overwrites them from position 0, and attention only reads positions it wrote.
  * - A failed step (a worker fault) ends every running sequence with that error; queued requests stay queued
@@ -32,7 +35,7 @@ import type { TokenLogprobs } from '../core/step-batch.ts';
 import { toFloat32 } from '../core/wire.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
 import type { KvBlockTable, KvSequenceId } from '../core/kv-block-table.ts';
-import { StepBatchBuilder, sampledWith } from './step-builder.ts';
+import { GREEDY, StepBatchBuilder, sampledWith } from './step-builder.ts';
 import { SampleGroups, type SamplePlan } from './sample-group.ts';
 
 /** A single-consumer async queue of events that ends with `close()` or `fail(err)`. */
@@ -110,8 +113,8 @@ export interface SchedulerOptions {
   readonly kvCache: KvBlockTable;
   /** requests waiting for the KV cache at most; one more is refused with WEFT_BUSY */
   readonly maxQueue: number;
-  /** tokens in one step at most, when more than one prompt is waiting. Defaults to 2048. */
-  readonly maxBatchTokens?: number;
+  /** tokens one step carries at most (decode rows first, then prompt chunks); at least the KV cache's kvSlots. Defaults to defaultMaxNumBatchedTokens. */
+  readonly maxNumBatchedTokens?: number;
   readonly step: (batch: StepBatch) => Promise<StepResult>;
   /** send the next step before the running one's tokens are back (fed on the workers). Defaults to true. */
   readonly scheduleAhead?: boolean;
@@ -149,14 +152,40 @@ interface ScoreJob extends JobBase {
 }
 type Job = GenerateJob | ScoreJob;
 
-/** One step: rows[i] owns logit row i of the batch (a score job owns them all). */
-type StepWork = { readonly kind: 'step'; readonly batch: StepBatch; readonly rows: Job[] };
+/**
+ * One step: rows[i] owns logit row i of the batch (a score job owns them all; null: a row nobody owns, asked for
+ * because a step of prompt chunks alone needs one); `chunked`: the sequences it feeds a prompt chunk that samples nothing.
+ */
+type StepWork = { readonly kind: 'step'; readonly batch: StepBatch; readonly rows: (Job | null)[]; readonly chunked: readonly GenerateJob[] };
 /** The next thing to run: one step, or a speculative round over decoding sequences. */
 type Work = StepWork | { readonly kind: 'speculate'; readonly rows: GenerateJob[]; readonly executor: SpeculativeExecutor };
 /** A step sent to the workers whose answer is not back yet. */
 interface InFlight {
   readonly work: StepWork;
   readonly result: Promise<StepResult>;
+}
+
+/**
+ * The step token budget when none is given: a 1024-token step is one the CUDA worker's step arena holds whole
+ * (worker/runner.ts, PREFILL_STEP_TOKENS), large enough that prefill runs at full matrix size, small enough that
+ * the running streams wait at most one such step per token; and never below `kvSlots` (every decode row fits).
+ */
+export const DEFAULT_MAX_NUM_BATCHED_TOKENS = 1024;
+export function defaultMaxNumBatchedTokens(kvSlots: number): number {
+  return Math.max(DEFAULT_MAX_NUM_BATCHED_TOKENS, kvSlots);
+}
+
+/** Refuse a step token budget that cannot carry one decode token for each of `kvSlots` running sequences. */
+export function checkMaxNumBatchedTokens(budget: number, kvSlots: number): void {
+  if (!Number.isInteger(budget) || budget < 1)
+    throw new WeftError('WEFT_BAD_CONFIG', `--max-num-batched-tokens must be a positive integer, got ${budget}`);
+  if (budget < kvSlots)
+    throw new WeftError('WEFT_BAD_CONFIG', `--max-num-batched-tokens ${budget} is below --kv-slots ${kvSlots}: a step must carry one decode token for every running sequence; give at least ${kvSlots}, or fewer --kv-slots`);
+}
+
+/** Decode rows (one token to feed) before prompts and their chunks, each group in its order. */
+function decodeFirst(jobs: readonly GenerateJob[]): GenerateJob[] {
+  return [...jobs.filter((job) => job.seq.input.length === 1), ...jobs.filter((job) => job.seq.input.length !== 1)];
 }
 
 /** Positions a job's first step writes. */
@@ -175,17 +204,21 @@ export interface GenerationHandle {
 export class Scheduler {
   private readonly queue: Job[] = [];
   private readonly running = new Set<Job>();
-  private readonly kv: KvBlockTable;
+  private kv: KvBlockTable;
   private looping = false;
   private paused: boolean;
   private fatal: Error | null = null;
   private preemptionCount = 0;
   private readonly sampleGroups: SampleGroups | null;
+  /** tokens one step carries at most */
+  private readonly tokenBudget: number;
 
   constructor(private readonly options: SchedulerOptions, startPaused = false) {
     this.kv = options.kvCache;
     this.paused = startPaused;
     this.sampleGroups = options.sampleGroups !== false && !options.speculative ? new SampleGroups(this.kv) : null;
+    this.tokenBudget = options.maxNumBatchedTokens ?? defaultMaxNumBatchedTokens(this.kv.layout.kvSlots);
+    checkMaxNumBatchedTokens(this.tokenBudget, this.kv.layout.kvSlots);
   }
 
   get waiting(): number {
@@ -245,6 +278,16 @@ export class Scheduler {
     this.queue.push(job);
     if (!this.paused) this.admit();
     this.kick();
+  }
+
+  /**
+   * Take a new KV allocator (the workers sized their pool at load, from a memory fraction) while no sequence
+   * holds blocks: before the first resume, or once a failed group's sequences have ended.
+   */
+  replaceKvCache(kvCache: KvBlockTable): void {
+    if (this.running.size > 0 || this.kv.sequences > 0) throw new WeftError('WEFT_PROTOCOL', `the KV allocator cannot be replaced while ${this.running.size} sequences run`);
+    checkMaxNumBatchedTokens(this.tokenBudget, kvCache.layout.kvSlots);
+    this.kv = kvCache;
   }
 
   /** Stop starting steps (the cluster is loading or re-forming); queued requests wait. */
@@ -415,14 +458,15 @@ export class Scheduler {
     this.options.observer?.preempted?.();
   }
 
-  /** Build the next step: a score job alone, else every decoding sequence plus the prompts that fit. */
+  /** Build the next step: a score job alone, else every decoding sequence plus the prompt chunks that fit. */
   private schedule(): Work | null {
     const score = [...this.running].find((j): j is ScoreJob => j.kind === 'score');
     if (score) return this.scoreStep(score);
     const gens = [...this.running].filter((j): j is GenerateJob => j.kind === 'generate');
     if (gens.length === 0) return null;
-    const decoding = gens.filter((j) => j.seq.position > 0);
-    const prefilling = gens.filter((j) => j.seq.position === 0);
+    // a sequence part way through its prompt's chunks is still prefilling
+    const decoding = gens.filter((j) => j.seq.position > 0 && j.seq.input.length === 1);
+    const prefilling = gens.filter((j) => !decoding.includes(j));
     const executor = this.options.speculative;
     // after a draft fault (executor.draftError) decoding goes back to plain steps
     if (executor && !executor.draftError && prefilling.length === 0) {
@@ -431,12 +475,22 @@ export class Scheduler {
       // none: the oldest decoding sequence can always preempt the younger ones, so only a full slot list of waiting ones is left
       return rows.length ? { kind: 'speculate', rows, executor } : null;
     }
-    const rows: GenerateJob[] = [...decoding];
-    this.joinPrompts(rows, prefilling, decoding.length);
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
-    const stepRows = this.appendInputs(builder, rows, new Set());
-    if (stepRows.length === 0) return null; // nothing in flight and nothing fits: cannot happen with a pool of one full context
-    return { kind: 'step', batch: builder.build(), rows: stepRows };
+    const rows: (Job | null)[] = [];
+    const chunked: GenerateJob[] = [];
+    this.appendInputs(builder, decodeFirst(gens), new Set(), rows, chunked);
+    // nothing in flight and nothing fits: cannot happen with a pool of one full context
+    return this.stepWork(builder, rows, chunked);
+  }
+
+  /** The step built, with a row nobody owns when only prompt chunks are in it; null when it is empty. */
+  private stepWork(builder: StepBatchBuilder, rows: (Job | null)[], chunked: readonly GenerateJob[]): StepWork | null {
+    if (builder.size === 0) return null;
+    if (builder.logitRowCount === 0) {
+      builder.logits(builder.size - 1, { sample: GREEDY });
+      rows.push(null);
+    }
+    return { kind: 'step', batch: builder.build(), rows, chunked };
   }
 
   /**
@@ -453,16 +507,35 @@ export class Scheduler {
     return taken;
   }
 
-  /** Append each job's known input, sampling the token after it, where its blocks can grow to hold it; returns those appended. */
-  private appendInputs(builder: StepBatchBuilder, jobs: readonly GenerateJob[], held: Set<Job>): GenerateJob[] {
-    const covered = this.covered(jobs, held, (job) => job.seq.position + job.seq.input.length);
-    for (const job of covered) {
-      const { seq, kv } = job;
-      builder.appendSampled(this.kv.blocks(kv!), seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, seq.params.attention);
-      this.registerWritten(job, seq.position + seq.input.length); // the step is sent as soon as it is built
-      this.sampleGroups?.wrote(seq, kv!, seq.position + seq.input.length);
+  /**
+   * Append `jobs`' known inputs, in order, while the step's token budget lasts and their blocks can grow to hold
+   * them: a whole input samples the token after it (its job owns the logit row, in `rows`); an input longer than
+   * the budget left gives the chunk that fits, taken off its input at once (the step is sent as soon as it is
+   * built, and steps run in the order sent), its job listed in `chunked`. `held` grows by each job appended.
+   */
+  private appendInputs(builder: StepBatchBuilder, jobs: readonly GenerateJob[], held: Set<Job>, rows: (Job | null)[], chunked: GenerateJob[]): void {
+    for (const job of jobs) {
+      const room = this.tokenBudget - builder.size;
+      if (room <= 0) return;
+      const { seq } = job;
+      const take = Math.min(seq.input.length, room);
+      // preempted by one before it, or waiting for blocks
+      if (!this.running.has(job) || !this.cover(job, seq.position + take, held)) continue;
+      held.add(job);
+      const written = seq.position + take;
+      const blocks = this.kv.blocks(job.kv!);
+      if (take === seq.input.length) {
+        builder.appendSampled(blocks, seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, seq.params.attention);
+        rows.push(job);
+      } else {
+        builder.append(blocks, seq.input.slice(0, take), seq.position, seq.params.attention);
+        seq.position += take;
+        seq.input = seq.input.slice(take);
+        chunked.push(job);
+      }
+      this.registerWritten(job, written);
+      this.sampleGroups?.wrote(seq, job.kv!, written);
     }
-    return covered;
   }
 
   /** Prefix caching: register the job's full blocks among its first `written` positions, which sent steps write. */
@@ -470,33 +543,25 @@ export class Scheduler {
     if (this.options.prefixCaching && !this.options.speculative && job.kv !== null) this.kv.registerFull(job.kv, written, () => [...job.seq.promptIds, ...job.seq.generated]);
   }
 
-  /** Add waiting prompts to `rows` (which hold `tokens` tokens) while the step's token budget allows, at least one. */
-  private joinPrompts(rows: GenerateJob[], prompts: readonly GenerateJob[], tokens: number): void {
-    const budget = this.options.maxBatchTokens ?? 2048;
-    const before = rows.length;
-    for (const job of prompts) {
-      if (rows.length > before && tokens + job.seq.input.length > budget) break;
-      rows.push(job);
-      tokens += job.seq.input.length;
-    }
-  }
-
   /**
    * The step after `prev`, built while `prev` runs: each of its sequences that goes on is fed the token `prev`
-   * draws for it (logit row i of prev belongs to prev.rows[i]), and waiting prompts join as in schedule(). None
-   * while a score job or speculative decoding runs (they need the tokens on the host first).
+   * draws for it (logit row i of prev belongs to prev.rows[i]), and the other sequences join as in schedule()
+   * (decode rows, then prompt chunks, within the token budget). None while a score job or speculative decoding
+   * runs (they need the tokens on the host first).
    */
   private scheduleAhead(prev: StepWork): StepWork | null {
     if (this.options.scheduleAhead === false) return null;
     const executor = this.options.speculative;
     if ((executor && !executor.draftError) || [...this.running].some((job) => job.kind === 'score')) return null;
-    const fed = new Set<Job>(prev.rows);
-    const held = new Set<Job>(prev.rows); // prev's rows are in flight: never preempted while it runs
+    const fed = new Set<Job | null>(prev.rows);
+    // prev's sequences are in flight: never preempted while it runs
+    const held = new Set<Job>([...prev.rows.filter((job): job is Job => job !== null), ...prev.chunked]);
     const maxContext = this.kv.layout.maxContext;
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
-    const rows: GenerateJob[] = [];
+    const rows: (Job | null)[] = [];
+    const chunked: GenerateJob[] = [];
     prev.rows.forEach((job, fromRow) => {
-      if (job.kind !== 'generate' || job.finished) return;
+      if (!job || job.kind !== 'generate' || job.finished) return;
       const { seq } = job;
       const position = seq.position + seq.input.length; // where prev's draw goes
       // a sequence whose token budget or context ends with prev's draw gets no further step
@@ -507,11 +572,8 @@ export class Scheduler {
       rows.push(job);
     });
     const waiting = [...this.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);
-    const prompts: GenerateJob[] = [];
-    this.joinPrompts(prompts, waiting, rows.length);
-    rows.push(...this.appendInputs(builder, prompts, held));
-    if (rows.length === 0) return null;
-    return { kind: 'step', batch: builder.build(), rows };
+    this.appendInputs(builder, decodeFirst(waiting), held, rows, chunked);
+    return this.stepWork(builder, rows, chunked);
   }
 
   private scoreStep(job: ScoreJob): Work | null {
@@ -525,7 +587,7 @@ export class Scheduler {
     const builder = new StepBatchBuilder(this.kv.layout.kvBlockSize);
     const start = builder.append(this.kv.blocks(job.kv!), job.ids, 0);
     for (const r of rows) builder.logits(start + r, { scoreId: job.ids[r + 1] ?? 0, topLogprobs: job.topLogprobs });
-    return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job] };
+    return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job], chunked: [] };
   }
 
   private update(work: StepWork, result: StepResult): void {
@@ -542,7 +604,7 @@ export class Scheduler {
       return first.resolve({ logprobs, ...top, full: Array.from({ length: n }, (_, r) => flat.slice(r * vocab, (r + 1) * vocab)) });
     }
     work.rows.forEach((job, row) => {
-      if (job.finished || job.kind !== 'generate') return; // cancelled while the step ran
+      if (!job || job.finished || job.kind !== 'generate') return; // nobody's row, or cancelled while the step ran
       const token = result.tokens?.[row];
       if (token === undefined) return this.end(job, new WeftError('WEFT_PROTOCOL', `step returned no token for row ${row}`), 'error');
       this.emit(job, [token], [result.tokenLogprobs?.[row] ?? null]);

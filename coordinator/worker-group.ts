@@ -192,14 +192,17 @@ export class WorkerGroup {
     return Promise.all(this.spawned.map((_, rank) => this.client.request(rank, build(rank))));
   }
 
-  async init(settings: InitSettings): Promise<void> {
+  /** Initialise every rank; returns the smallest KV pool (positions) the ranks sized from gpuMemoryFraction, if they did. */
+  async init(settings: InitSettings): Promise<number | undefined> {
     const collectiveRoot = this.client.collectiveEndpoint(0) ?? '';
     // A GPU group forms a new NCCL communicator each time it (re)forms: rank 0 makes a fresh unique id every init.
     // shared-gpu, when asked for by name, needs no NCCL (a host may have none); `auto` lets each rank choose, so it gets an id
     const needsNccl = settings.device === 'cuda' && this.options.world > 1 && settings.collectives !== 'shared-gpu';
     const ncclId = needsNccl ? (await this.client.request(0, { type: 'ncclId' })).ncclId : undefined;
     const deviceIndex = (rank: number): number => this.options.devices?.[rank] ?? (this.options.spawnLocal ? rank : 0);
-    await this.broadcast<'init'>((rank) => ({ ...settings, type: 'init', collectiveRoot, deviceIndex: deviceIndex(rank), ...(ncclId && { ncclId }) }));
+    const replies = await this.broadcast<'init'>((rank) => ({ ...settings, type: 'init', collectiveRoot, deviceIndex: deviceIndex(rank), ...(ncclId && { ncclId }) }));
+    const pools = replies.flatMap((reply) => (reply.kvCacheTokens === undefined ? [] : [reply.kvCacheTokens]));
+    return pools.length ? Math.min(...pools) : undefined;
   }
 
   /** One step on every rank; rank 0 answers with the result. */

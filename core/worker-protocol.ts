@@ -42,6 +42,8 @@ const initCommandSchema = z
     /** a paged KV cache: positions per block and the pool's positions (core/kv-block-table.ts); absent: one block per sequence */
     kvBlockSize: int.positive().optional(),
     kvCacheTokens: int.positive().optional(),
+    /** cuda, paged: size the pool (kvCacheTokens absent) from this fraction of the device's memory; the reply names the pool made */
+    gpuMemoryFraction: z.number().gt(0).lte(1).optional(),
     threads: int.positive(),
     /** where rank 0's collective hub listens (CPU collectives) */
     collectiveRoot: z.string(),
@@ -74,7 +76,7 @@ export type CoordinatorMessage = z.infer<typeof coordinatorMessageSchema>;
 
 /** What each command answers: the one table both the worker's replies and the coordinator's checks come from. */
 const resultSchemas = {
-  init: z.object({ bytesLoaded: nonNegInt }).strict(),
+  init: z.object({ bytesLoaded: nonNegInt, /** the paged pool's positions, when gpuMemoryFraction sized it */ kvCacheTokens: int.positive().optional() }).strict(),
   step: stepResultSchema,
   ncclId: z.object({ ncclId: ncclIdSchema }).strict(),
   /** rank 0 binds a new collective hub to rejoin with (its old one closed with its collectives); null on the others */

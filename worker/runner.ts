@@ -2,11 +2,13 @@
  * A Step command → the model's forward over the ragged batch → sampled tokens or log-probs. Every rank runs
  * the forward (the collectives need all of them); only rank 0 turns logits into the answer.
  *
- * On the CUDA backend, decode steps (one sampled token per sequence, up to `maxGraphBatch` sequences) run as
- * CUDA graphs: one graph per batch bucket (1, 2, 4, 8), captured the first time that bucket is needed and
- * replayed after writing the step's inputs (the step index, sampling parameters) into the graph's persistent
- * input tensors. Kernels read positions from device memory, so the graph stays valid as sequences grow. Rows
- * that pad a batch up to its bucket are sequences of their own in the layout's padding block. A decode step whose
+ * On the CUDA backend, decode steps (one sampled token per sequence, up to the largest bucket the layout's
+ * kvSlots need, 256 at most) run as CUDA graphs: one graph per batch bucket (GRAPH_BUCKETS), captured the first
+ * time that bucket is needed and replayed after writing the step's inputs (the step index, sampling parameters)
+ * into the graph's persistent input tensors. Kernels read positions from device memory, so the graph stays valid
+ * as sequences grow. Rows that pad a batch up to its bucket are sequences of their own in the layout's padding
+ * block. Above 8 rows the projections run on the cuBLAS GEMM (its workspace is fixed at creation, and the warm-up
+ * run before each capture sizes its buffers, so nothing is allocated while capturing). A decode step whose
  * sequences share leading KV blocks (prefix groups: the samples of one prompt, prefix-groups.ts) runs a graph of
  * its own per bucket, whose attention is bifurcated and whose group descriptors are inputs too.
  *
@@ -34,8 +36,40 @@ import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
 import type { ModelSpec } from '../core/model-spec.ts';
 import type { ShardPlan } from '../core/shard-plan.ts';
 
-export const GRAPH_BUCKETS = [1, 2, 4, 8] as const;
-const MAX_GRAPH_BATCH = GRAPH_BUCKETS[GRAPH_BUCKETS.length - 1]!;
+/**
+ * Decode batch sizes captured as graphs; a batch runs padded up to the next one. Powers of two to 128: up to
+ * there a 7B-class decode step reads its weights in the time its FLOPs take several times over (an H200 does
+ * about 200 bf16 FLOPs per byte), so padding rows cost only their small per-row work. Past 128 the GEMMs turn
+ * compute-bound, so padding costs time in proportion: 192 halves the worst padding between 128 and 256.
+ */
+export const GRAPH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256] as const;
+
+/** With experts, graphs stop at 8 rows: above that the expert matmuls group their rows on the host (not capturable). */
+const EXPERTS_MAX_GRAPH_BATCH = 8;
+
+/**
+ * The largest decode graph a layout of `kvSlots` sequences uses: the bucket that holds them all (the last at
+ * most; 8 with experts), and smaller where the graphs' regions would take more than half of the `arenaTokens` a
+ * step arena holds (the rest is for eager steps); larger batches then run eagerly.
+ */
+export function maxGraphBatch(spec: Pick<ModelSpec, 'nExpertsPerToken'>, kvSlots: number, arenaTokens = Infinity): number {
+  const rows = spec.nExpertsPerToken > 0 ? Math.min(kvSlots, EXPERTS_MAX_GRAPH_BATCH) : kvSlots;
+  const wanted = GRAPH_BUCKETS.find((bucket) => bucket >= rows) ?? GRAPH_BUCKETS[GRAPH_BUCKETS.length - 1]!;
+  const fits = GRAPH_BUCKETS.filter((bucket) => bucket <= wanted && graphArenaTokens(bucket) <= arenaTokens / 2);
+  return fits.at(-1) ?? 0;
+}
+
+/** The bucket a decode batch of `rows` sequences runs in, with graphs up to `maxBatch` rows; null: it runs eagerly. */
+export function graphBucketFor(rows: number, maxBatch: number): number | null {
+  if (rows < 1) return null;
+  const bucket = GRAPH_BUCKETS.find((b) => b >= rows) ?? null;
+  return bucket !== null && bucket <= maxBatch ? bucket : null;
+}
+
+/** Rows of every decode graph up to `maxBatch`: each keeps its step's tensors in the step arena while it lives. */
+export function graphArenaTokens(maxBatch: number): number {
+  return GRAPH_BUCKETS.filter((bucket) => bucket <= maxBatch).reduce((sum, bucket) => sum + bucket, 0);
+}
 
 /** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts). */
 type IndexKey = Exclude<keyof StepIndex, 'prefixGroups'>;
@@ -121,7 +155,7 @@ export const PREFILL_STEP_TOKENS = 1024;
 /** The step arena's default size (the engine's, EngineOptions.arenaBytes). */
 export const DEFAULT_ARENA_BYTES = 4 * 2 ** 30;
 
-/** Of the arena, what one step's tensors may fill: the rest is left to the decode graphs' reserved regions. */
+/** Of the arena, what the steps' tensors (one eager step and the decode graphs' regions) may fill: the rest is headroom for what the count leaves out. */
 const ARENA_FILL = 0.85;
 
 /**
@@ -139,14 +173,22 @@ export function stepBytesPerToken(spec: StepSpec, plan: StepPlan): number {
   return spec.nLayers * perLayer + 3 * 4 * spec.vocabSize;
 }
 
-/** Tokens one eager step may hold so that its intermediates fit a step arena of `arenaBytes`. */
-export function maxStepTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number): number {
-  return Math.max(1, Math.floor((ARENA_FILL * arenaBytes) / stepBytesPerToken(spec, plan)));
+/**
+ * Tokens one eager step may hold so that its intermediates fit a step arena of `arenaBytes` beside the regions
+ * of decode graphs of `graphTokens` rows in all (graphArenaTokens).
+ */
+export function maxStepTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number, graphTokens = 0): number {
+  return Math.max(1, arenaTokens(spec, plan, arenaBytes) - graphTokens);
 }
 
-/** The step arena that takes `tokens` tokens in one step, and never less than the engine's default. */
-export function stepArenaBytes(spec: StepSpec, plan: StepPlan, tokens: number): number {
-  const bytes = Math.ceil((tokens * stepBytesPerToken(spec, plan)) / ARENA_FILL);
+/** Step tokens (eager steps and graph regions together) a step arena of `arenaBytes` holds. */
+function arenaTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number): number {
+  return Math.floor((ARENA_FILL * arenaBytes) / stepBytesPerToken(spec, plan));
+}
+
+/** The step arena that takes `tokens` tokens in one step (beside graphs of `graphTokens` rows), and never less than the engine's default. */
+export function stepArenaBytes(spec: StepSpec, plan: StepPlan, tokens: number, graphTokens = 0): number {
+  const bytes = Math.ceil(((tokens + graphTokens) * stepBytesPerToken(spec, plan)) / ARENA_FILL);
   return Math.max(DEFAULT_ARENA_BYTES, Math.ceil(bytes / 2 ** 20) * 2 ** 20);
 }
 
@@ -155,9 +197,9 @@ export function stepArenaBytes(spec: StepSpec, plan: StepPlan, tokens: number): 
  * memory before loading (`freeBytes`) holds it beside the rank's weights and KV cache (`residentBytes`) with a
  * tenth to spare; else what that leaves, and never less than the engine's default.
  */
-export function workerArenaBytes(spec: StepSpec, plan: StepPlan, freeBytes: number, residentBytes: number): number {
+export function workerArenaBytes(spec: StepSpec, plan: StepPlan, freeBytes: number, residentBytes: number, graphTokens = 0): number {
   const room = Math.floor((0.9 * (freeBytes - residentBytes)) / 2 ** 20) * 2 ** 20;
-  return Math.max(DEFAULT_ARENA_BYTES, Math.min(stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS), room));
+  return Math.max(DEFAULT_ARENA_BYTES, Math.min(stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, graphTokens), room));
 }
 
 /**
@@ -181,6 +223,8 @@ export class StepRunner {
   /** decode graphs of steps with prefix groups: their attention is bifurcated (prefix-groups.ts), one per bucket */
   private readonly groupedGraphs = new Map<number, DecodeGraph>();
   private readonly useGraphs: boolean;
+  /** the largest decode batch that runs as a graph (0 without graphs) */
+  readonly maxGraphBatch: number;
   /** [max(max bucket, kvSlots)] i32, persistent: the last step that drew on the device left its tokens here */
   private readonly sampled: Tensor;
   private last: LastSampled = null;
@@ -201,9 +245,14 @@ export class StepRunner {
       throw new WeftError('WEFT_BAD_REQUEST', `the model's KV cache is [${shape.join(', ')}], the layout says ${kv.kvBlocks} blocks of ${kv.kvBlockSize} positions`);
     this.useGraphs = ops.backend === 'cuda' && (options.graphs ?? true);
     if (this.useGraphs && kv.paddingBlock === null) throw new WeftError('WEFT_BAD_REQUEST', 'CUDA graph steps need a KV padding block for the rows that pad a batch; the layout has none');
-    this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, options.arenaBytes ?? DEFAULT_ARENA_BYTES) : Number.MAX_SAFE_INTEGER);
-    // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait)
-    this.sampled = ops.zeros('i32', [Math.max(MAX_GRAPH_BATCH, kv.kvSlots)]);
+    const arenaBytes = options.arenaBytes ?? DEFAULT_ARENA_BYTES;
+    // a step cap (SparQ's kernels take 64 tokens: a bucket) bounds the graphs too
+    const graphRows = Math.min(kv.kvSlots, options.maxStepTokens ?? Infinity);
+    this.maxGraphBatch = this.useGraphs ? maxGraphBatch(spec, graphRows, arenaTokens(spec, plan, arenaBytes)) : 0;
+    const graphTokens = graphArenaTokens(this.maxGraphBatch);
+    this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, arenaBytes, graphTokens) : Number.MAX_SAFE_INTEGER);
+    // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait); 8 at least, as before
+    this.sampled = ops.zeros('i32', [Math.max(8, this.maxGraphBatch, kv.kvSlots)]);
   }
 
   /** Run one step and wait for its answer. */
@@ -393,7 +442,7 @@ export class StepRunner {
     const n = batch.tokens.length;
     if (batch.logitRows.length !== n || batch.logitRows.some((r, i) => r !== i)) return null;
     if (batch.kvBlockTable.length !== n || batch.tokenSeq.some((s, i) => s !== i)) return null;
-    return GRAPH_BUCKETS.find((b) => b >= n) ?? null;
+    return graphBucketFor(n, this.maxGraphBatch);
   }
 
   private async eager(batch: StepBatch): Promise<StepResult> {

@@ -13,11 +13,12 @@ import { SharedGpuCollectives, exchangeOver, type HandleExchange } from './colle
 import { chooseCollectives, type CollectivesPlan } from './collectives/choose.ts';
 import { loadShard, shardBytes } from './weights/load-shard.ts';
 import { buildRankModel, hostWeights } from './models/registry.ts';
-import { StepRunner, workerArenaBytes, type LaunchedStep } from './runner.ts';
+import { StepRunner, graphArenaTokens, maxGraphBatch, workerArenaBytes, type LaunchedStep } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from './models/sparq.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
+import { KV_POOL_RESERVE_BYTES, kvPoolTokens, minKvPoolBytes } from './kv-pool.ts';
 
 export class WorkerState {
   private comm: Collectives | null = null;
@@ -38,7 +39,7 @@ export class WorkerState {
     private readonly curve?: WorkerCurveKeys,
   ) {}
 
-  async init(command: InitCommand): Promise<{ bytesLoaded: number }> {
+  async init(command: InitCommand): Promise<{ bytesLoaded: number; kvCacheTokens?: number }> {
     if (this.runner) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank} is already initialised`);
     if (command.plan.tp !== this.world) throw new WeftError('WEFT_PROTOCOL', `plan is for ${command.plan.tp} ranks, this worker was started for ${this.world}`);
     const collectivesPlan = chooseCollectives(command.collectives ?? 'auto', {
@@ -48,10 +49,14 @@ export class WorkerState {
       visibleDevices: command.device === 'cuda' ? cudaDeviceCount() : 0,
     });
     const device = collectivesPlan.deviceIndex;
-    // the coordinator derives the same layout for its allocator; on CUDA it has a padding block for graph batches
-    const kv = kvCacheLayout(command);
-    // CUDA: the step arena is fixed when the engine is made, so a first engine only reads the free memory
-    const arenaBytes = command.device === 'cuda' ? this.arenaBytes(command, kv, createEngine({ backend: 'cuda', device }).memoryInfo().free) : undefined;
+    // CUDA: the step arena is fixed when the engine is made, so a first engine only reads the memory
+    const memory = command.device === 'cuda' ? createEngine({ backend: 'cuda', device }).memoryInfo() : null;
+    // ranks that share a GPU (shared-gpu: rank r on GPU r mod count) divide the fraction among them
+    const ranksOnDevice = collectivesPlan.kind === 'shared-gpu' || collectivesPlan.kind === 'shared-gpu-if-one-host' ? Math.ceil(this.world / Math.max(1, cudaDeviceCount())) : 1;
+    const sized = memory && this.sizeByFraction(command, memory, ranksOnDevice);
+    // the coordinator derives the same layout for its allocator (from the pool this rank reports, when sized here); on CUDA it has a padding block for graph batches
+    const kv = sized?.kv ?? kvCacheLayout(command);
+    const arenaBytes = sized?.arenaBytes ?? (memory ? this.arenaBytes(command, kv, memory.free) : undefined);
     const engine = createEngine({ backend: command.device, threads: command.threads, device, arenaBytes });
     this.comm = await this.joinCollectives(engine, command, collectivesPlan);
     let bytesLoaded = 0;
@@ -64,15 +69,47 @@ export class WorkerState {
     const model = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
     this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes, ...(command.sparq && engine.backend === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
-    return { bytesLoaded };
+    return { bytesLoaded, ...(sized && { kvCacheTokens: sized.kvCacheTokens }) };
   }
 
-  /** The step arena for a whole PREFILL_STEP_TOKENS-token prompt where the memory left beside the weights and the KV cache allows. */
+  /**
+   * A paged pool not given in tokens, with gpuMemoryFraction: the step arena as arenaBytes() would ask, within
+   * what the fraction leaves beside the weights and one full-context sequence of KV; the pool is the rest
+   * (worker/kv-pool.ts). Null when the pool is given.
+   */
+  private sizeByFraction(command: InitCommand, memory: { free: number; total: number }, ranksOnDevice: number): { kv: KvCacheLayout; arenaBytes: number; kvCacheTokens: number } | null {
+    const { kvBlockSize, spec, plan, maxContext, kvSlots } = command;
+    const fraction = command.gpuMemoryFraction === undefined ? undefined : command.gpuMemoryFraction / ranksOnDevice;
+    if (fraction === undefined || kvBlockSize === undefined || command.kvCacheTokens !== undefined) return null;
+    const kvBytesPerToken = this.kvBytesPerToken(command);
+    const weightBytes = shardBytes(spec, plan, this.rank);
+    const share = Math.floor(fraction * memory.total) - (memory.total - memory.free);
+    const leftAside = weightBytes + minKvPoolBytes({ kvBytesPerToken, kvBlockSize, maxContext }) + KV_POOL_RESERVE_BYTES;
+    const arenaBytes = workerArenaBytes(spec, plan, share, leftAside, graphArenaTokens(maxGraphBatch(spec, command.kvSlots)));
+    const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, kvBytesPerToken, kvBlockSize, maxContext, kvSlots });
+    return { kv: kvCacheLayout({ ...command, kvCacheTokens }), arenaBytes, kvCacheTokens };
+  }
+
+  /**
+   * Bytes one KV position takes on this rank: layers × (k, v) × its KV heads × head size × element bytes (scales
+   * included), plus SparQ's transposed K and V block sums when it is on (worker/models/sparq.ts).
+   */
+  private kvBytesPerToken(command: InitCommand): number {
+    const { spec, plan } = command;
+    const elementBytes = kvDtypeBytes(command.kvDtype, spec.headDim);
+    const blockSize = command.kvBlockSize ?? command.maxContext; // kvCacheLayout's block: one context when not paged
+    const sparq = command.sparq ? (spec.nLayers * sparqBytesPerLayer(spec, plan.nKvHeadsPerRank, { kvBlocks: 1, kvBlockSize: blockSize }, elementBytes)) / blockSize : 0;
+    return spec.nLayers * 2 * plan.nKvHeadsPerRank * spec.headDim * elementBytes + sparq;
+  }
+
+  /**
+   * The step arena for a whole PREFILL_STEP_TOKENS-token step and the regions of the decode graphs of every
+   * bucket up to the layout's kvSlots, where the memory left beside the weights and the KV cache allows.
+   */
   private arenaBytes(command: InitCommand, kv: KvCacheLayout, freeBytes: number): number {
     const { spec, plan } = command;
-    const kvBytes = spec.nLayers * 2 * kv.kvBlocks * plan.nKvHeadsPerRank * kv.kvBlockSize * spec.headDim * kvDtypeBytes(kv.kvDtype, spec.headDim);
-    const sparqBytes = command.sparq ? spec.nLayers * sparqBytesPerLayer(spec, plan.nKvHeadsPerRank, kv, kvDtypeBytes(kv.kvDtype, spec.headDim)) : 0;
-    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes + sparqBytes);
+    const kvBytes = kv.kvBlocks * kv.kvBlockSize * this.kvBytesPerToken(command); // SparQ's state included
+    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes, graphArenaTokens(maxGraphBatch(spec, kv.kvSlots)));
   }
 
   private async joinCollectives(engine: Engine, command: InitCommand, plan: CollectivesPlan): Promise<Collectives> {

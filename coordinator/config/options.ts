@@ -8,7 +8,7 @@ import { availableParallelism, homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PACKAGE_ROOT } from '../package-layout.ts';
-import { finite, flag, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
+import { finite, flag, fraction, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
 export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker' | 'quantize';
 /** Where options enter in code: startCluster / Cluster.open, and serve(). */
@@ -70,7 +70,7 @@ export const OPTIONS = {
   expertParallel: { flag: '--expert-parallel', type: flag, env: 'WEFT_EXPERT_PARALLEL', default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
   maxContext: { flag: '--max-context', arg: 'N', type: integer(1), env: 'WEFT_MAX_CONTEXT', default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
   kvSlots: {
-    flag: '--kv-slots', arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: (c: Resolved) => (c.device === 'cuda' ? 64 : 16), defaultHelp: '16 on cpu, 64 on cuda',
+    flag: '--kv-slots', arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: (c: Resolved) => (c.device === 'cuda' ? 256 : 16), defaultHelp: '16 on cpu, 256 on cuda',
     help: 'sequences running at once at most (each costs only a row of block table; the KV pool is --kv-cache-tokens)', uses: [...CLUSTER, 'launch'],
   },
   kvDtype: {
@@ -91,6 +91,14 @@ export const OPTIONS = {
   kvCacheTokens: {
     flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',
     help: 'positions the paged KV cache holds, shared by all sequences (its memory: layers × 2 × KV heads × head size × dtype bytes each); at least one full context', uses: [...CLUSTER, 'launch'],
+  },
+  gpuMemoryFraction: {
+    flag: '--gpu-memory-fraction', arg: 'F', type: fraction, env: 'WEFT_GPU_MEMORY_FRACTION', default: 0.9,
+    help: "cuda: of each GPU's memory, what weft may use (vLLM's gpu_memory_utilization); the paged KV pool is what it leaves after the weights and the step arena (at most --kv-slots full contexts; ranks sharing a GPU divide it), unless --kv-cache-tokens is given (not beside a draft model, which shares the GPUs)", uses: [...CLUSTER, 'launch'],
+  },
+  maxNumBatchedTokens: {
+    flag: '--max-num-batched-tokens', arg: 'N', type: integer(1), env: 'WEFT_MAX_NUM_BATCHED_TOKENS', default: (c: Resolved) => Math.max(1024, c.kvSlots as number), defaultHelp: '1024, or --kv-slots when larger',
+    help: "tokens one step carries at most: every running sequence's decode token first, then prompt chunks fill the rest (a longer prompt is split across steps); at least --kv-slots", uses: [...CLUSTER, 'launch'],
   },
   prefixCaching: {
     flag: '--prefix-caching', arg: 'true|false', type: flag, env: 'WEFT_PREFIX_CACHING', default: true,

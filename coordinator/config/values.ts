@@ -39,6 +39,14 @@ export const finite: ValueType<number> = {
   toText: String,
 };
 
+/** A fraction of a whole: a number in (0, 1]. */
+export const fraction: ValueType<number> = {
+  expected: 'a number in (0, 1]',
+  check: (value) => (typeof value === 'number' && value > 0 && value <= 1 ? value : fail()),
+  fromText: (text) => fraction.check(text.trim() === '' ? NaN : Number(text)),
+  toText: String,
+};
+
 export const text: ValueType<string> = {
   expected: 'a non-empty string',
   check: (value) => (typeof value === 'string' && value !== '' ? value : fail()),

@@ -22,7 +22,7 @@ test('defaults depend on where an option is used', () => {
   const generate = commandConfig('generate', { modelDir: '/m', prompt: 'hi' }, {});
   assert.deepEqual([generate.tp, generate.device, generate.kvSlots, generate.maxContext, generate.maxNewTokens, generate.temperature, generate.seed], [1, 'cpu', 16, 4096, 16, 0, undefined]);
   // a sequence costs a block-table row, the KV pool is what costs memory: more slots where batches pay (cuda)
-  assert.deepEqual([generate.kvBlockSize, generate.kvCacheTokens, commandConfig('generate', { modelDir: '/m', prompt: 'hi', device: 'cuda' }, {}).kvSlots], [16, undefined, 64]);
+  assert.deepEqual([generate.kvBlockSize, generate.kvCacheTokens, commandConfig('generate', { modelDir: '/m', prompt: 'hi', device: 'cuda' }, {}).kvSlots], [16, undefined, 256]);
   assert.ok(Number.isInteger(generate.threads) && generate.threads >= 1);
   const serve = commandConfig('serve', { modelDir: '/m' }, {});
   assert.deepEqual([serve.rpcPort, serve.httpPort, serve.heartbeatTimeoutMs, serve.recover, serve.joinTimeoutMs], [5555, 8000, 4000, true, 60_000]);

@@ -29,6 +29,7 @@ Gemm::~Gemm() {
   if (handle_) cublas::api().destroy(handle_);
   if (workspace_) cudaFree(workspace_);
   if (cast_buf_) cudaFree(cast_buf_);
+  for (void* p : retired_casts_) cudaFree(p);
 }
 
 void Gemm::check_cublas(cublas::Status status, const char* call) {
@@ -77,11 +78,14 @@ const void* Gemm::cast(const float* x, DType dt, int T, int K) {
     WEFT_CHECK(cs == cudaStreamCaptureStatusNone, "matmul",
                "x [", T, ", ", K, "] needs a larger cast buffer while the stream is being captured; run it once before capture");
     check_cuda(st_, cudaStreamSynchronize(stream_), "matmul");
-    if (cast_buf_) check_cuda(st_, cudaFree(cast_buf_), "matmul");
+    // A decode graph captured above 8 rows reads the old buffer at every replay: it stays until the Gemm goes.
+    // Doubling at least bounds what is kept so to the size of the last buffer.
+    if (cast_buf_) retired_casts_.push_back(cast_buf_);
+    const size_t bytes = std::max(need, 2 * cast_bytes_);
     cast_buf_ = nullptr;
     cast_bytes_ = 0;
-    check_cuda(st_, cudaMalloc(&cast_buf_, need), "matmul", " (the cast buffer of x)");
-    cast_bytes_ = need;
+    check_cuda(st_, cudaMalloc(&cast_buf_, bytes), "matmul", " (the cast buffer of x)");
+    cast_bytes_ = bytes;
   }
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, static_cast<size_t>(sms_) * 8));
   if (dt == DType::BF16)

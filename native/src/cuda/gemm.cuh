@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <unordered_map>
+#include <vector>
 
 #include "cuda/cublas-loader.h"
 #include "cuda/device.h"
@@ -38,6 +39,7 @@ class Gemm {  // one per engine; owns the cuBLAS handle, its workspace and the c
   void* workspace_ = nullptr;
   void* cast_buf_ = nullptr;  // x cast to bf16/f16
   size_t cast_bytes_ = 0;
+  std::vector<void*> retired_casts_;  // cast buffers outgrown, kept for the graphs captured with them
 };
 
 // Prefill matmul inputs in the weight dtype, written by the kernel that writes the f32 tensor (the norms) so

@@ -1,0 +1,71 @@
+/**
+ * --gpu-memory-fraction: a CUDA rank's KV pool is what the fraction of its device leaves after the memory
+ * already in use, the weights, the step arena and a reserve (worker/kv-pool.ts); fractions that make no sense,
+ * or leave less than one full-context sequence, are refused naming the terms.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { KV_POOL_RESERVE_BYTES, kvPoolBytes, kvPoolTokens, minKvPoolBytes, type KvPoolMemory } from '../../worker/kv-pool.ts';
+import { commandConfig } from '../../coordinator/config.ts';
+import { parseCoordinatorMessage, parseWorkerMessage } from '../../core/worker-protocol.ts';
+import { PROTOCOL_VERSION as v } from '../../core/wire.ts';
+
+const GiB = 2 ** 30;
+// Llama-2-7B on one H200: 32 layers × k, v × 32 KV heads × 128 × bf16 = 512 KiB a position
+const h200: KvPoolMemory = {
+  fraction: 0.9,
+  totalBytes: 140 * GiB,
+  freeBytes: 139.5 * GiB,
+  weightBytes: 12.6 * GiB,
+  arenaBytes: 24 * GiB,
+  kvBytesPerToken: 32 * 2 * 32 * 128 * 2,
+  kvBlockSize: 16,
+  maxContext: 4096,
+  kvSlots: 256,
+};
+
+test('the pool is the fraction less what is in use, the weights, the arena and the reserve, in whole blocks', () => {
+  const bytes = 0.9 * 140 * GiB - 0.5 * GiB - 12.6 * GiB - 24 * GiB - KV_POOL_RESERVE_BYTES;
+  assert.ok(Math.abs(kvPoolBytes(h200) - bytes) < 1);
+  const tokens = kvPoolTokens(h200);
+  assert.equal(tokens % 16, 0);
+  assert.ok(tokens * h200.kvBytesPerToken <= bytes && (tokens + 16) * h200.kvBytesPerToken > bytes);
+  // about 234 streams of 512 + 256 positions at once (the 256-stream bench gives 0.95)
+  assert.ok(tokens >= 230 * 768 && tokens < 240 * 768, `${tokens} positions`);
+  assert.ok(kvPoolTokens({ ...h200, fraction: 0.95 }) >= 250 * 768);
+  // a lower fraction leaves a smaller pool; memory others hold comes off it
+  assert.ok(kvPoolTokens({ ...h200, fraction: 0.5 }) < tokens);
+  assert.equal(kvPoolTokens({ ...h200, freeBytes: 129.5 * GiB }), kvPoolTokens({ ...h200, fraction: 0.9 - 10 / 140 }));
+  assert.equal(minKvPoolBytes(h200), 4096 * h200.kvBytesPerToken);
+  // a small model takes no more than its sequences can use: kvSlots full contexts
+  assert.equal(kvPoolTokens({ ...h200, kvBytesPerToken: 4096, weightBytes: 0.1 * GiB, arenaBytes: 4 * GiB }), 256 * 4096);
+  assert.equal(kvPoolTokens({ ...h200, kvSlots: 3, maxContext: 1000 }), 3 * 1008);
+});
+
+test('a fraction that leaves less than one full-context sequence is refused, naming the terms', () => {
+  const refused = (m: KvPoolMemory, pattern: RegExp) => assert.throws(() => kvPoolTokens(m), (err: Error & { code?: string }) => err.code === 'WEFT_BAD_CONFIG' && pattern.test(err.message), pattern.source);
+  refused({ ...h200, fraction: 0.25 }, /--gpu-memory-fraction 0.25 of 140.00 GiB leaves 0.00 GiB for the KV cache .*weights 12.60 GiB, step arena 24.00 GiB.*context of 4096 positions \(2.00 GiB\)/);
+  // another process holds most of the device
+  refused({ ...h200, freeBytes: 40 * GiB }, /in use before loading 100.00 GiB/);
+  // exactly one context is enough
+  const oneContext = { ...h200, fraction: (0.5 * GiB + 12.6 * GiB + 24 * GiB + KV_POOL_RESERVE_BYTES + minKvPoolBytes(h200)) / (140 * GiB) + 1e-9 };
+  assert.equal(kvPoolTokens(oneContext), 4096);
+});
+
+test('--gpu-memory-fraction takes a number in (0, 1], 0.9 by default', () => {
+  assert.equal(commandConfig('serve', {}, {}).gpuMemoryFraction, 0.9);
+  assert.equal(commandConfig('serve', { gpuMemoryFraction: '0.5' }, {}).gpuMemoryFraction, 0.5);
+  assert.equal(commandConfig('serve', {}, { WEFT_GPU_MEMORY_FRACTION: '1' }).gpuMemoryFraction, 1);
+  for (const bad of ['0', '1.5', '-0.2', 'most', ''])
+    assert.throws(() => commandConfig('serve', { gpuMemoryFraction: bad }, {}), /--gpu-memory-fraction.*a number in \(0, 1\]/, bad);
+});
+
+test('the init command carries the fraction and the reply the pool sized from it', () => {
+  const init = { v, type: 'init', id: 1, modelDir: '/m', spec: {}, plan: {}, device: 'cuda', kvSlots: 256, maxContext: 4096, kvDtype: 'bf16', kvBlockSize: 16, threads: 1, collectiveRoot: '' };
+  assert.equal((parseCoordinatorMessage({ ...init, gpuMemoryFraction: 0.9 }) as { gpuMemoryFraction?: number }).gpuMemoryFraction, 0.9);
+  assert.throws(() => parseCoordinatorMessage({ ...init, gpuMemoryFraction: 0 }));
+  assert.throws(() => parseCoordinatorMessage({ ...init, gpuMemoryFraction: 1.01 }));
+  const reply = { v, type: 'reply', rank: 0, id: 1, command: 'init', result: { bytesLoaded: 10, kvCacheTokens: 196608 } };
+  assert.deepEqual(parseWorkerMessage(reply), reply);
+  assert.throws(() => parseWorkerMessage({ ...reply, result: { bytesLoaded: 10, kvCacheTokens: 0 } }));
+});
