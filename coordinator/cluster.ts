@@ -522,7 +522,7 @@ export class Cluster {
     const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize, attention: { sparq: this.initCommand.sparq ?? null, spec: this.spec, device: this.initCommand.device } });
     // a verify step's log-probs are the draft round's, not one sampled row's: not wired through the round
     if (params.logprobs !== undefined && this.speculative)
-      throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft-model); serve without a draft model to get log-probs');
+      throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft); serve without a draft model to get log-probs');
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);

@@ -1108,8 +1108,6 @@ void check_sparq(Rng& rng) {
               "vs dense on cuda");
     });
   }
-    });
-  }
 }
 
 // fp8 and int8 KV caches (kv-quant.h) through a paged table (blocks of 16, scattered). writeKv: the CUDA cache
