@@ -4,6 +4,7 @@
 #   bench/kernels/attention-run.sh              # prefill: tensor cores against the fp32 kernel
 #   bench/kernels/attention-run.sh decode       # decode: KV bf16 / fp8 / int8, batch 1 and 8, contexts 2K-32K
 #   bench/kernels/attention-run.sh decode 8192  # the same up to 8K positions
+# BUILD_ONLY=1 compiles without running (no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${BUILD_DIR:-/tmp/weft-bench}
@@ -22,4 +23,4 @@ for i in "${!pids[@]}"; do wait "${pids[$i]}" || { cat "$out/$(basename "${srcs[
 cat "$out"/*.ptxas > "$out/attention-ptxas.txt"
 [ "$failed" = 0 ] || exit 1
 nvcc -gencode arch=compute_90a,code=sm_90a "${objs[@]}" -o "$out/attention-bench"
-"$out/attention-bench" "$@"
+[ -n "${BUILD_ONLY:-}" ] || "$out/attention-bench" "$@"

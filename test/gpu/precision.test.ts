@@ -105,12 +105,16 @@ for (const name of models) {
         assert.ok(ours.max <= hf.max, `max |delta| ${ours.max} exceeds HF bf16's ${hf.max}`);
       });
 
-      test('greedy tokens (decode through CUDA graphs) equal HF fp32 wherever HF bf16 equals it', () => {
+      // A divergence is allowed only at a near tie: where fp32's top-2 log-prob gap is below HF bf16's own largest
+      // deviation from fp32 on these prompts, a bf16 forward can land on either side (HF's did elsewhere).
+      test('greedy tokens (decode through CUDA graphs) equal HF fp32 wherever HF bf16 equals it, but at near ties', () => {
         reference.prompts.forEach((_, i) => {
           const expected = reference.fp32.greedy[i]!;
           const n = agreeing(reference.bf16.greedy[i]!, expected);
           const j = agreeing(weftGreedy[i]!, expected);
-          assert.ok(j >= n, `prompt ${i} token ${j}: ours ${weftGreedy[i]![j]}, HF fp32 ${expected[j]} (its top-2 log-prob gap there ${reference.fp32.greedyGap[i]![j]}), HF bf16 agrees up to token ${n}`);
+          const gap = reference.fp32.greedyGap[i]![j]!;
+          assert.ok(j >= n || gap < hf.max, `prompt ${i} token ${j}: ours ${weftGreedy[i]![j]}, HF fp32 ${expected[j]} (its top-2 log-prob gap there ${gap}, HF bf16's max deviation ${hf.max}), HF bf16 agrees up to token ${n}`);
+          if (j < n) console.log(`# ${name} TP ${tp}: prompt ${i} leaves HF fp32 at token ${j}, a near tie (fp32 top-2 gap ${gap.toFixed(4)} < HF bf16's max deviation ${hf.max.toFixed(4)})`);
         });
       });
     });

@@ -2,7 +2,7 @@
  * SparQ on CUDA, end to end on the default model (6 query / 2 KV heads, head dim 64; f32 KV so that CPU and CUDA
  * hold the same cache values): with k past the context every token takes the exact path through the SparQ kernels
  * (decode through graphs, prefill in steps of 64 tokens) and must give the dense cluster's greedy tokens and
- * log-probs within the decode tolerance; at r = 16, k = 64 the CUDA kernels must reproduce the CPU reference's
+ * the CPU's dense log-probs within 1e-3; at r = 16, k = 64 the CUDA kernels must reproduce the CPU reference's
  * mean NLL over a 500-token window within 0.01 nats (the selections match except at near-ties, whose effect is
  * small and averages out), and a dense request on that cluster must give the dense cluster's tokens.
  * Skips, saying why, without a CUDA build or a GPU.
@@ -33,12 +33,15 @@ const meanNll = (logprobs: readonly (number | null)[]): number => -logprobs.slic
 
 test('SparQ on CUDA: exact past the context, the CPU reference at r 16 k 64, dense per request', { skip }, async () => {
   const prompt = window.slice(0, 32);
-  const dense = await run({}, async (c) => ({ tokens: await greedy(c, prompt, 64), scores: (await c.score(window, { full: true })).full! }));
+  const dense = await run({}, async (c) => ({ tokens: await greedy(c, prompt, 64) }));
+  // The exact reference is the CPU's dense fp32 attention: CUDA's dense prefill of the 500-token window runs the
+  // f16 tensor-core kernel (measured 0.055 apart on full log-softmax rows), SparQ's exact path the fp32 one.
+  const exact = await run({ device: 'cpu' }, async (c) => (await c.score(window, { full: true })).full!);
   await run({ attention: 'sparq', sparqR: 8, sparqK: 4096 }, async (c) => {
     assert.deepEqual(await greedy(c, prompt, 64), dense.tokens);
     const full = (await c.score(window, { full: true })).full!;
-    const worst = Math.max(...full.map((row, i) => maxAbsDiff(row, dense.scores[i]!)));
-    assert.ok(worst < 1e-3, `k past the context: max abs log-prob diff ${worst} against dense`);
+    const worst = Math.max(...full.map((row, i) => maxAbsDiff(row, exact[i]!)));
+    assert.ok(worst < 1e-3, `k past the context: max abs log-prob diff ${worst} against the CPU's dense attention`);
   });
   const cpu = await run({ device: 'cpu', attention: 'sparq', sparqR: 16, sparqK: 64 }, async (c) => meanNll((await c.score(window)).logprobs));
   await run({ attention: 'sparq', sparqR: 16, sparqK: 64 }, async (c) => {
