@@ -167,7 +167,7 @@ int main() {
         // the plain kernel is the split-K decode half of launch_attention (n <= 64 tokens), called directly
         auto plain_floats = [&](const Setup& s) {
           return wc::detail::attention_decode_scratch_floats(n, sh.nH, sh.nKv, s.table.dim(1) * kBlock, kHd,
-                                                             prop.multiProcessorCount);
+                                                             prop.multiProcessorCount, false);  // bf16 KV
         };
         double bif_ms, plain_ms, bif_floor, plain_floor, rel;
         bool nan = false;
