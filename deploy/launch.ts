@@ -92,7 +92,7 @@ export async function launch(
     socketDir,
     serve: {
       modelDir: resolve(config.modelDir), tp, device, host, rpcPort, httpPort, ...(workerPort && { workerPort }), kvSlots, kvDtype, maxContext, maxQueue, threads,
-      ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }), ...draftOptions(config, gpus),
+      ...(allowedHosts && { allowedHosts }), ...(corsOrigins && { corsOrigins }), ...draftOptions(config, gpus), ...servingKnobs(config),
     },
   });
   const ecosystemPath = join(dir, `weft-${name}.ecosystem.config.cjs`);
@@ -289,6 +289,12 @@ async function deleteCluster(api: typeof pm2, record: ClusterRecord): Promise<{ 
 }
 
 /** The draft group: its model, and one GPU per draft rank (default: the target's first GPU), or none on the CPU. */
+/** The KV pool, step budget and attention options launch takes, passed to the coordinator's serve flags as given. */
+export const LAUNCH_SERVING_KNOBS = ['kvCacheTokens', 'gpuMemoryFraction', 'maxNumBatchedTokens', 'attention', 'sparqR', 'sparqK'] as const;
+export function servingKnobs(config: Pick<ConfigOf<'launch'>, (typeof LAUNCH_SERVING_KNOBS)[number]>): Partial<Pick<ConfigOf<'launch'>, (typeof LAUNCH_SERVING_KNOBS)[number]>> {
+  return Object.fromEntries(LAUNCH_SERVING_KNOBS.flatMap((key) => (config[key] === undefined ? [] : [[key, config[key]]])));
+}
+
 function draftOptions(config: ConfigOf<'launch'>, gpus: readonly number[] | null) {
   if (config.draftModelDir === undefined) return {};
   const draftGpus = gpus ? (config.draftGpus ?? [gpus[0]!]) : undefined;

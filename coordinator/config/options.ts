@@ -82,11 +82,11 @@ export const OPTIONS = {
     defaultHelp: 'auto: NCCL when there is a GPU per rank, else shared-gpu', help: 'how cuda ranks combine tensors: NCCL, or shared-gpu for several ranks on one GPU (CUDA IPC, else /dev/shm)', uses: [...CLUSTER, 'launch'],
   },
   attention: {
-    flag: '--attention', arg: 'dense|sparq', type: oneOf('dense', 'sparq'), env: 'WEFT_ATTENTION', default: 'dense', uses: [...CLUSTER],
+    flag: '--attention', arg: 'dense|sparq', type: oneOf('dense', 'sparq'), env: 'WEFT_ATTENTION', default: 'dense', uses: [...CLUSTER, 'launch'],
     help: 'decode attention: exact, or SparQ (approximate: r query components pick the key columns that score every position, the k best positions get exact attention; see --sparq-r, --sparq-k)',
   },
-  sparqR: { flag: '--sparq-r', arg: 'R', type: integer(1), env: 'WEFT_SPARQ_R', default: 16, help: "with --attention sparq: query components scored per head (1 to the model's head dimension; 1/8 of it moves 1/16 of K)", uses: [...CLUSTER] },
-  sparqK: { flag: '--sparq-k', arg: 'K', type: integer(1), env: 'WEFT_SPARQ_K', default: 128, help: 'with --attention sparq: positions attended exactly per head; sequences no longer than K are attended exactly', uses: [...CLUSTER] },
+  sparqR: { flag: '--sparq-r', arg: 'R', type: integer(1), env: 'WEFT_SPARQ_R', default: 16, help: "with --attention sparq: query components scored per head (1 to the model's head dimension; 1/8 of it moves 1/16 of K)", uses: [...CLUSTER, 'launch'] },
+  sparqK: { flag: '--sparq-k', arg: 'K', type: integer(1), env: 'WEFT_SPARQ_K', default: 128, help: 'with --attention sparq: positions attended exactly per head; sequences no longer than K are attended exactly', uses: [...CLUSTER, 'launch'] },
   kvBlockSize: { flag: '--kv-block-size', arg: 'N', type: integer(1, 4096), env: 'WEFT_KV_BLOCK_SIZE', default: 16, help: 'positions per block of the paged KV cache', uses: [...CLUSTER, 'launch'] },
   kvCacheTokens: {
     flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',

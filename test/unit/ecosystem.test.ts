@@ -82,3 +82,13 @@ test("launch's environment reaches the coordinator (pm2 passes it on) only for t
   assert.deepEqual([serve.maxContext, serve.tp, serve.workerSocketDir], [4096, 2, undefined], 'what launch resolved is not overridden by a variable');
   assert.deepEqual([serve.apiKey, serve.requestTimeoutMs], ['k', 900], 'a serve option launch has no flag for comes from the environment');
 });
+
+test("launch's KV pool, step budget and attention options reach the coordinator's serve flags", async () => {
+  const { servingKnobs, LAUNCH_SERVING_KNOBS } = await import('../../deploy/launch.ts');
+  const launchConfig = commandConfig('launch', flagsOf(['--model', '/m', '--kv-cache-tokens', '4096', '--gpu-memory-fraction', '0.5', '--max-num-batched-tokens', '2048', '--attention', 'sparq', '--sparq-r', '8', '--sparq-k', '64']), {});
+  const knobs = servingKnobs(launchConfig);
+  assert.deepEqual(Object.keys(knobs).sort(), [...LAUNCH_SERVING_KNOBS].sort());
+  const { apps } = buildEcosystem({ ...base, serve: { ...base.serve, ...knobs } });
+  const serve = commandConfig('serve', flagsOf(apps[0]!.args.slice(2)), {});
+  assert.deepEqual([serve.kvCacheTokens, serve.gpuMemoryFraction, serve.maxNumBatchedTokens, serve.attention, serve.sparqR, serve.sparqK], [4096, 0.5, 2048, 'sparq', 8, 64]);
+});
