@@ -14,7 +14,7 @@
 import * as zmq from 'zeromq';
 import { encode, SendQueue } from '../../core/wire.ts';
 import { WeftError, type WeftErrorCode } from '../../core/errors.ts';
-import { Channel } from '../scheduler.ts';
+import { Channel } from '../channel.ts';
 import type { GenerationEvent, TokenLogprob } from '../generate.ts';
 import type { ClusterStats, GenerateRequest, ModelInfo } from '../cluster.ts';
 import { RPC_MAX_MESSAGE_BYTES, RPC_VERSION, parseRpcResponse, type CurveClientKeys, type RpcResponse } from './protocol.ts';
