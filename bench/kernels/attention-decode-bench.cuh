@@ -1,6 +1,6 @@
 // Decode attention alone (split-K, attention-decode.cu) over paged KV caches of bf16, fp8 and int8: batch 1 and 8,
 // contexts 2K to 32K, the Llama-2-7B shape (32 heads, 32 KV heads, hd 128) and the Llama-3-8B shape (32 / 8).
-// Included by attention-bench.cu (its dev(), CK, fill); run as `attention-bench decode [max context]`.
+// Included by attention-bench.cu (bench-device.cuh's dev(), CK and uniform, its fill); run as `attention-bench decode [max context]`.
 //
 // Each sequence holds `context` positions in blocks of 16 (a block table of consecutive blocks per sequence);
 // the query of sequence b is at position context - 1. Bytes per launch = what one layer's decode must read:
@@ -13,14 +13,13 @@ namespace {
 
 __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t v = (seed * 0x9e3779b97f4a7c15ull + i) * 0xff51afd7ed558ccdull;
-    p[i] = __float2bfloat16((uint32_t(v >> 40) & 0xffff) * (2.0f / 65536.0f) - 1.0f);
+    p[i] = __float2bfloat16(bench::uniform(seed, i));
   }
 }
 // Valid codes of either 1-byte type: e4m3 with the top exponent bit pattern 1111 avoided (no NaN), any int8.
 __global__ void fill_codes(uint8_t* p, size_t n, uint64_t seed, uint8_t mask) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = uint8_t(((seed * 0x9e3779b97f4a7c15ull + i) * 0xff51afd7ed558ccdull) >> 56) & mask;
+    p[i] = uint8_t(weft::splitmix64(weft::splitmix64(seed) ^ i) >> 56) & mask;
 }
 __global__ void fill_value(float* p, size_t n, float value) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = value;

@@ -24,36 +24,17 @@
 #include "cuda/attention-bifurcated.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/bandwidth.cuh"
+#include "bench-device.cuh"
 
 using namespace weft;
 namespace wc = weft::cuda;
 
-#define CK(call)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
-
 namespace {
+
+using bench::dev;
 
 constexpr int64_t kBlock = 16, kPrivate = 64, kLayers = 32, kHd = 128;
 
-struct DevBuffer : Buffer {
-  void* p = nullptr;
-  explicit DevBuffer(size_t bytes) : Buffer(bytes) { CK(cudaMalloc(&p, bytes)); }
-  ~DevBuffer() override { cudaFree(p); }
-  void* data() const override { return p; }
-};
-Tensor dev(DType d, Shape s) {
-  Tensor t;
-  t.dtype = d;
-  t.shape = s;
-  t.buffer = std::make_shared<DevBuffer>(std::max<size_t>(t.nbytes(), 4));
-  return t;
-}
 Tensor dev_i(const std::vector<int32_t>& v, Shape s) {
   Tensor t = dev(DType::I32, s);
   CK(cudaMemcpy(t.data<int32_t>(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
@@ -63,17 +44,12 @@ Tensor dev_i(const std::vector<int32_t>& v, Shape s) {
 // Random bf16 in [-1, 1) (as bits), or f32 for q.
 __global__ void fill_bf16(uint16_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t v = seed * 0x9e3779b97f4a7c15ull + i;
-    v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33;
-    const float f = (uint32_t(v) >> 8) * (2.0f / 16777216.0f) - 1.0f;
-    p[i] = static_cast<uint16_t>(__float_as_uint(f) >> 16);
+    p[i] = static_cast<uint16_t>(__float_as_uint(bench::uniform(seed, i)) >> 16);
   }
 }
 __global__ void fill_f32(float* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t v = seed * 0x9e3779b97f4a7c15ull + i;
-    v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33;
-    p[i] = (uint32_t(v) >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    p[i] = bench::uniform(seed, i);
   }
 }
 

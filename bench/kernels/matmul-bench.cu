@@ -25,18 +25,10 @@
 #include "cuda/cublas-loader.h"
 #include "cuda/matmul.cuh"
 #include "error.h"
+#include "bench-device.cuh"
 
 using weft::DType;
 namespace wc = weft::cuda;
-
-#define CK(call)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 __device__ __forceinline__ uint32_t hash32(uint64_t v) {
   v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33; v *= 0xc4ceb9fe1a85ec53ull; v ^= v >> 33;

@@ -21,35 +21,23 @@
 #include "cuda/gemv-quant.cuh"
 #include "cuda/matmul.cuh"
 #include "error.h"
+#include "bench-device.cuh"
 
 using weft::DType;
 namespace wc = weft::cuda;
 
-#define CK(call)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
-
-__device__ __forceinline__ uint32_t hash32(uint64_t v) {
-  v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33; v *= 0xc4ceb9fe1a85ec53ull; v ^= v >> 33;
-  return static_cast<uint32_t>(v);
-}
 // Random bytes (the int8 values or int4 code pairs), scales in [0.5, 1.5) / 64 as bf16, x in [-1, 1).
 __global__ void fill_bytes(uint8_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    p[i] = static_cast<uint8_t>(hash32(seed + i));
+    p[i] = static_cast<uint8_t>(weft::splitmix64(weft::splitmix64(seed) ^ i));
 }
 __global__ void fill_scales(__nv_bfloat16* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    p[i] = __float2bfloat16_rn((0.5f + (hash32(seed + i) >> 8) / 16777216.0f) / 64.0f);
+    p[i] = __float2bfloat16_rn((1.0f + 0.5f * bench::uniform(seed, i)) / 64.0f);
 }
 __global__ void fill_floats(float* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    p[i] = (hash32(seed + i) >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    p[i] = bench::uniform(seed, i);
 }
 // ref [T, N]: one warp per output, double accumulation of q * scale * x (gated: x = silu(gate) * up).
 __global__ void ref_kernel(const float* x, wc::QuantMatrix w, double* ref, int T, int N, int K, int gated) {

@@ -21,46 +21,21 @@
 
 #include "cuda/attention-sparq.cuh"
 #include "cuda/attention.cuh"
+#include "bench-device.cuh"
 
 using namespace weft;
 namespace wc = weft::cuda;
 
-#define CK(call)                                                                                   \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                \
-    }                                                                                              \
-  } while (0)
-
 namespace {
 
-struct DevBuffer : Buffer {
-  void* p = nullptr;
-  explicit DevBuffer(size_t bytes) : Buffer(bytes) { CK(cudaMalloc(&p, bytes)); }
-  ~DevBuffer() override { cudaFree(p); }
-  void* data() const override { return p; }
-};
-Tensor dev(DType d, Shape s) {
-  Tensor t;
-  t.dtype = d;
-  t.shape = s;
-  t.buffer = std::make_shared<DevBuffer>(t.nbytes());
-  return t;
-}
+using bench::dev;
 
-__device__ float hash_uniform(uint64_t seed, size_t i) {
-  uint64_t v = seed * 0x9e3779b97f4a7c15ull + i;
-  v ^= v >> 33; v *= 0xff51afd7ed558ccdull; v ^= v >> 33; v *= 0xc4ceb9fe1a85ec53ull; v ^= v >> 33;
-  return (uint32_t(v) >> 8) * (2.0f / 16777216.0f) - 1.0f;
-}
 // Values in [-1, 1); the first `heavy` of every hd components scaled by 4 (trained models' q and k have a few
 // large components, which is what SparQ's column choice exploits).
 template <typename E>
 __global__ void fill(E* p, size_t n, uint64_t seed, int hd, int heavy) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    float x = hash_uniform(seed, i) * (int(i % hd) < heavy ? 4.0f : 1.0f);
+    float x = bench::uniform(seed, i) * (int(i % hd) < heavy ? 4.0f : 1.0f);
     if constexpr (sizeof(E) == 2) p[i] = __float2bfloat16_rn(x); else p[i] = x;
   }
 }
