@@ -31,6 +31,7 @@ constexpr int kMaxRowLanes = 16;    // lanes that share one row
 constexpr int kMaxPartition = 1024; // positions per block at most: their row indices (and scales) stay in shared memory
 // About this many blocks resident per SM is what the plan aims the grid at (smem allows 4 for bf16, head dim 128).
 constexpr int kBlocksPerSm = 4;
+static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -377,6 +378,8 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   const bool quantized = k_cache.is_kv_quantized();
   const DecodePlan plan =
       decode_plan(T, n_kv, n_heads / n_kv, C, hd, dtype_size(k_cache.dtype), num_sms, quantized);
+  WEFT_CHECK(plan.smem <= 227 * 1024, "attention", "a GQA group of ", n_heads / n_kv, " heads of ", hd,
+             " dims does not fit the decode kernel's shared memory (", q, ", ", k_cache, ")");
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv * plan.n_head_chunks));
