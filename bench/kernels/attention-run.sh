@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${BUILD_DIR:-/tmp/weft-bench}
 mkdir -p "$out"
-srcs=(bench/kernels/attention-bench.cu native/src/cuda/attention.cu native/src/cuda/attention-decode.cu
+srcs=(bench/kernels/attention-bench.cu native/src/cuda/attention.cu native/src/cuda/attention-decode.cu native/src/cuda/attention-decode-mma.cu
       native/src/cuda/attention-prefill.cu native/src/cuda/device.cc)
 pids=() objs=()
 for src in "${srcs[@]}"; do

@@ -16,75 +16,35 @@
 // bit; a paged cache equals a one-block cache of the same capacity (the plan depends on shapes only).
 #include <algorithm>
 
-#include "cuda/attention.cuh"
-#include "cuda/kv-block-table.cuh"
+#include "cuda/attention-decode.cuh"
 
 namespace weft::cuda {
 namespace {
+using namespace decode;
 
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kWarps = kThreads / 32;
-constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
-constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
-constexpr int kChunk = 8;           // cache elements a lane reads at a time (16 bytes of bf16)
-constexpr int kMaxRowLanes = 16;    // lanes that share one row
-constexpr int kMaxPartition = 1024; // positions per block at most: their row indices (and scales) stay in shared memory
-// About this many blocks resident per SM is what the plan aims the grid at (smem allows 4 for bf16, head dim 128).
-constexpr int kBlocksPerSm = 4;
-static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
+constexpr int kChunk = 8;         // cache elements a lane reads at a time (16 bytes of bf16)
+constexpr int kMaxRowLanes = 16;  // lanes that share one row
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct DecodePlan {
-  int P;               // positions per partition, a multiple of kTileRows
-  int n_part;          // ceil(C / P)
-  int head_chunk;      // HC: query heads a block holds in registers (1, 2, 4 or 8)
-  int n_head_chunks;   // ceil(group / HC): blocks per (token, kv head, partition)
-  int row_lanes;       // RL: lanes per row, a power of two covering hd / kChunk chunks (at most 16)
-  int chunks_per_lane; // CPL: 1, or 2 for head dims over 128
-  size_t stage_bytes;  // the K and V tiles of all stages (reused for the final reduction)
+// The CUDA-core kernel's lanes and shared memory for a plan.
+struct CoreLayout {
+  int row_lanes;        // RL: lanes per row, a power of two covering hd / kChunk chunks (at most 16)
+  int chunks_per_lane;  // CPL: 1, or 2 for head dims over 128
+  size_t stage_bytes;   // the K and V tiles of all stages (reused for the final reduction)
   size_t smem;
 };
 
-DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int64_t hd, size_t kv_bytes, int num_sms,
-                       bool quantized) {
-  DecodePlan p{};
-  p.head_chunk = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
-  p.n_head_chunks = static_cast<int>(ceil_div(group, p.head_chunk));
+CoreLayout core_layout(const DecodePlan& plan, int64_t hd, size_t kv_bytes, bool quantized) {
+  CoreLayout l{};
   const int64_t chunks = hd / kChunk;
-  p.row_lanes = 1;
-  while (p.row_lanes < kMaxRowLanes && p.row_lanes < chunks) p.row_lanes *= 2;
-  p.chunks_per_lane = static_cast<int>(ceil_div(chunks, p.row_lanes));
-  const int64_t units = T * n_kv * p.n_head_chunks;
-  const int64_t parts_wanted = std::max<int64_t>(1, ceil_div(int64_t{kBlocksPerSm} * num_sms, units));
-  const int64_t tiles = ceil_div(C, kTileRows);
-  const int64_t tiles_per_part = std::clamp<int64_t>(ceil_div(tiles, parts_wanted), 1, kMaxPartition / kTileRows);
-  p.P = static_cast<int>(tiles_per_part * kTileRows);
-  p.n_part = static_cast<int>(ceil_div(C, p.P));
-  p.stage_bytes = std::max<size_t>(size_t{kStages} * 2 * kTileRows * hd * kv_bytes,
-                                   size_t{kWarps} * p.head_chunk * hd * sizeof(float));
-  p.smem = p.stage_bytes + size_t(p.P) * sizeof(int32_t) + (quantized ? 2 * size_t(p.P) * sizeof(float) : 0) +
-           size_t(p.head_chunk) * (kTileRows + 1) * sizeof(float);
-  return p;
+  l.row_lanes = 1;
+  while (l.row_lanes < kMaxRowLanes && l.row_lanes < chunks) l.row_lanes *= 2;
+  l.chunks_per_lane = static_cast<int>(ceil_div(chunks, l.row_lanes));
+  l.stage_bytes = std::max<size_t>(size_t{kStages} * 2 * kTileRows * hd * kv_bytes,
+                                   size_t{kWarps} * plan.head_chunk * hd * sizeof(float));
+  l.smem = l.stage_bytes + size_t(plan.P) * sizeof(int32_t) + (quantized ? 2 * size_t(plan.P) * sizeof(float) : 0) +
+           size_t(plan.head_chunk) * (kTileRows + 1) * sizeof(float);
+  return l;
 }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// `bytes` (16 or 8) global -> shared; src_bytes 0 fills zeros (rows past the partition: a poisoned cache row must
-// not reach P V as NaN * 0).
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src, bool in) {
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0)
-                 : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 8 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // kChunk consecutive cache elements in shared memory as f32 (codes as their values before the row scale).
 __device__ __forceinline__ void chunk_as_f32(const float* p, float (&f)[kChunk]) {
@@ -134,14 +94,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kHeadsPerWarp = (HC + kWarps - 1) / kWarps;
   pdl_trigger();
   pdl_wait();
-  const int n_kv = static_cast<int>(kv.n_kv);
-  const int c = blockIdx.x, t = blockIdx.y / (n_kv * n_hc), g = blockIdx.y / n_hc % n_kv, hc = blockIdx.y % n_hc;
-  const int seq = token_seq[t], pos = positions[t];
-  if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, c == 0 && g == 0 && hc == 0 && threadIdx.x == 0)) return;
-  const int len = pos + 1, p0 = c * P;
-  if (p0 >= len) return;
-  const int np = min(P, len - p0);
-  const int group = nH / n_kv, h_first = g * group + hc * HC, nh = min(HC, group - hc * HC);
+  DecodeUnit u;
+  if (!decode_unit(kv, token_seq, positions, nH, P, n_hc, HC, status, u)) return;
+  const int np = u.np, nh = u.nh;
 
   extern __shared__ __align__(16) unsigned char smem[];
   const int tile_elems = kTileRows * hd;
@@ -151,16 +106,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sc = row_scales + (quantized ? 2 * P : 0);                // [HC][kTileRows] scores, then weights
   float* alpha = sc + HC * kTileRows;                              // [HC] this tile's rescale of the sums
   float* reduce = reinterpret_cast<float*>(smem);                  // [kWarps][HC][hd] at the end (over tiles)
-
-  for (int i = threadIdx.x; i < np; i += kThreads) {
-    const int64_t row = kv_read_row(kv, t, seq, g, p0 + i, status);
-    rows[i] = static_cast<int32_t>(row);
-    if constexpr (quantized) {
-      row_scales[i] = k_scales[row];
-      row_scales[P + i] = v_scales[row];
-    }
-  }
-  __syncthreads();
+  load_partition_rows<quantized>(kv, u, status, k_scales, v_scales, rows, row_scales, row_scales + P);
 
   // Tile `it` into its stage: rows past the partition are zeros.
   constexpr int kCopyBytes = sizeof(KV) == 1 ? 8 : 16;  // a code row is hd bytes: a multiple of 8
@@ -189,7 +135,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int h = 0; h < HC; ++h)
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
-        qr[j][h][e] = d0 < hd && h < nh ? q[(size_t(t) * nH + h_first + h) * hd + d0 + e] : 0.0f;
+        qr[j][h][e] = d0 < hd && h < nh ? q[(size_t(u.t) * nH + u.h_first + h) * hd + d0 + e] : 0.0f;
         acc[j][h][e] = 0;
       }
   }
@@ -240,22 +186,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // Online softmax, one warp per head (lane = row): the new max, the rescale of what was summed before, the
-    // weights of this tile (times the value row's scale for codes).
-#pragma unroll
-    for (int i = 0; i < kHeadsPerWarp; ++i) {
-      const int h = warp + i * kWarps;
-      if (h >= nh) continue;
-      const bool in = lane < nr;
-      const float s = in ? sc[h * kTileRows + lane] : -INFINITY;
-      const float m_new = fmaxf(m_run[i], warp_max(s));
-      const float e = in ? expf(s - m_new) : 0.0f;
-      const float a = expf(m_run[i] - m_new);  // 0 on the first tile (m_run = -inf)
-      l_run[i] = l_run[i] * a + warp_sum(e);
-      m_run[i] = m_new;
-      sc[h * kTileRows + lane] = quantized && in ? e * row_scales[P + r0 + lane] : e;
-      if (lane == 0) alpha[h] = a;
-    }
+    softmax_tile(sc, alpha, quantized ? row_scales + P + r0 : nullptr, nh, nr, m_run, l_run);
     __syncthreads();
 
     // Values: the same lanes and chunks as the keys; each row group sums its rows, added up after the last tile.
@@ -311,44 +242,72 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += reduce[(w * HC + h) * hd + d];
-    part_out[((size_t(t) * nH + h_first + h) * n_part + c) * hd + d] = sum;
+    part_out[((size_t(u.t) * nH + u.h_first + h) * n_part + u.c) * hd + d] = sum;
   }
-#pragma unroll
-  for (int i = 0; i < kHeadsPerWarp; ++i) {
-    const int h = warp + i * kWarps;
-    if (h < nh && lane == 0) {
-      const size_t r = (size_t(t) * nH + h_first + h) * n_part + c;
-      part_ml[2 * r] = m_run[i];
-      part_ml[2 * r + 1] = l_run[i];
-    }
-  }
+  store_partition_ml(u, nH, n_part, m_run, l_run, part_ml);
 }
 
-// grid (T * nH): merge the partitions of one (token, head) in partition order.
-__global__ void attention_decode_merge(KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                                       const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part,
-                                       const float* __restrict__ part_out, const float* __restrict__ part_ml,
-                                       float* __restrict__ out) {
+// grid (T * nH), kThreads threads, n_part floats of shared memory: merge the partitions of one (token, head).
+// Each partition's weight exp(m_c - M) / L first, then the warps take every kWarps-th partition (four dims a
+// lane, loads independent of each other so that many are in flight) and add their sums in warp order.
+__global__ void __launch_bounds__(kThreads)
+    attention_decode_merge(KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                           const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part,
+                           const float* __restrict__ part_out, const float* __restrict__ part_ml,
+                           float* __restrict__ out) {
   pdl_trigger();
   pdl_wait();
-  int th = blockIdx.x, t = th / nH;
-  int seq = token_seq[t], pos = positions[t];
+  extern __shared__ float weights[];  // [n_part], then [kWarps][hd] sums
+  __shared__ float block_red[kWarps];
+  const int th = blockIdx.x, t = th / nH, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int seq = token_seq[t], pos = positions[t];
   float* o = out + size_t(th) * hd;
   if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) {  // reported by the partial kernel
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) o[d] = 0;
+    for (int d = threadIdx.x; d < hd; d += kThreads) o[d] = 0;
     return;
   }
-  int n_valid = (pos + 1 + P - 1) / P;
+  const int n_valid = (pos + 1 + P - 1) / P;
   const float* ml = part_ml + size_t(th) * n_part * 2;
-  float M = -INFINITY;
-  for (int c = 0; c < n_valid; ++c) M = fmaxf(M, ml[2 * c]);
-  float L = 0;
-  for (int c = 0; c < n_valid; ++c) L += expf(ml[2 * c] - M) * ml[2 * c + 1];
-  float inv_L = 1.0f / L;
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float acc = 0;
-    for (int c = 0; c < n_valid; ++c) acc += expf(ml[2 * c] - M) * part_out[(size_t(th) * n_part + c) * hd + d];
-    o[d] = acc * inv_L;
+  auto block_reduce = [&](float v, bool is_max) {
+    v = is_max ? warp_max(v) : warp_sum(v);
+    if (lane == 0) block_red[warp] = v;
+    __syncthreads();
+    float r = block_red[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, block_red[w]) : r + block_red[w];
+    __syncthreads();
+    return r;
+  };
+  float m = -INFINITY;
+  for (int c = threadIdx.x; c < n_valid; c += kThreads) m = fmaxf(m, ml[2 * c]);
+  const float M = block_reduce(m, true);
+  float l = 0;
+  for (int c = threadIdx.x; c < n_valid; c += kThreads) {
+    const float e = expf(ml[2 * c] - M);
+    weights[c] = e;
+    l += e * ml[2 * c + 1];
+  }
+  const float inv_L = 1.0f / block_reduce(l, false);  // its barrier also publishes the weights
+
+  float* sums = weights + n_part;  // [kWarps][hd]
+  const float4* part4 = reinterpret_cast<const float4*>(part_out + size_t(th) * n_part * hd);
+  const int hd4 = hd / 4;
+  for (int d4 = lane; d4 < hd4; d4 += 32) {
+    float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll 8
+    for (int c = warp; c < n_valid; c += kWarps) {
+      const float w = weights[c];
+      const float4 x = part4[size_t(c) * hd4 + d4];
+      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+    }
+    reinterpret_cast<float4*>(sums + warp * hd)[d4] = acc;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < hd; d += kThreads) {
+    float sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += sums[w * hd + d];
+    o[d] = sum * inv_L;
   }
 }
 
@@ -359,7 +318,7 @@ int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv
                                         bool quantized) {
   // The partitions depend on the shapes and the SM count alone (not on the element size), so f32 and bf16 caches
   // sum in the same order.
-  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, hd, 1, num_sms, quantized);
+  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms);
   return T * n_heads * plan.n_part * (hd + 2);
 }
 
@@ -376,20 +335,32 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   WEFT_CHECK(kv.n_blocks * n_kv * kv.block_size < (int64_t{1} << 31), "attention", "a cache of over 2^31 rows (",
              k_cache, ")");
   const bool quantized = k_cache.is_kv_quantized();
-  const DecodePlan plan =
-      decode_plan(T, n_kv, n_heads / n_kv, C, hd, dtype_size(k_cache.dtype), num_sms, quantized);
-  WEFT_CHECK(plan.smem <= 227 * 1024, "attention", "a GQA group of ", n_heads / n_kv, " heads of ", hd,
+  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms);
+  const CoreLayout layout = core_layout(plan, hd, dtype_size(k_cache.dtype), quantized);
+  WEFT_CHECK(layout.smem <= 227 * 1024, "attention", "a GQA group of ", n_heads / n_kv, " heads of ", hd,
              " dims does not fit the decode kernel's shared memory (", q, ", ", k_cache, ")");
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
+  auto launch_merge = [&] {
+    launch_pdl(ctx, attention_decode_merge, static_cast<unsigned>(T * n_heads), kThreads,
+               (plan.n_part + kWarps * hd) * sizeof(float), kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
+               int(n_heads), int(hd), plan.P, plan.n_part, part_out, part_ml, out.data<float>());
+    check_launch(ctx, "attention", args);
+  };
   dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv * plan.n_head_chunks));
+  if (decode::launch_decode_partial_mma(ctx, plan, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads,
+                                        scale, part_out, part_ml)) {
+    check_launch(ctx, "attention", args);
+    launch_merge();
+    return;
+  }
   auto partial = [&](auto kernel, const auto* k, const auto* v) {
-    if (plan.smem > 48 * 1024)
-      check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem)),
+    if (layout.smem > 48 * 1024)
+      check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.smem)),
                  "attention", " (cudaFuncSetAttribute)");
-    launch_pdl(ctx, kernel, grid, kThreads, plan.smem, q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
+    launch_pdl(ctx, kernel, grid, kThreads, layout.smem, q.data<float>(), k, v, kv, token_seq.data<int32_t>(),
                positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part, plan.n_head_chunks,
-               plan.row_lanes, plan.stage_bytes, scale, part_out, part_ml, ctx.status, k_cache.kv_scales(),
+               layout.row_lanes, layout.stage_bytes, scale, part_out, part_ml, ctx.status, k_cache.kv_scales(),
                v_cache.kv_scales());
   };
   auto by_heads = [&](auto cpl, const auto* k, const auto* v) {
@@ -404,16 +375,13 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   };
   WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV, {
     const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
-    if (plan.chunks_per_lane == 1)
+    if (layout.chunks_per_lane == 1)
       by_heads(std::integral_constant<int, 1>{}, k, v);
     else
       by_heads(std::integral_constant<int, 2>{}, k, v);
   });
   check_launch(ctx, "attention", args);
-  launch_pdl(ctx, attention_decode_merge, static_cast<unsigned>(T * n_heads), 128, 0,
-      kv, token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), int(hd), plan.P, plan.n_part,
-      part_out, part_ml, out.data<float>());
-  check_launch(ctx, "attention", args);
+  launch_merge();
 }
 }  // namespace detail
 

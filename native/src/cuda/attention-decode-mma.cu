@@ -1,0 +1,322 @@
+// Decode attention on tensor cores: the partition plan, KV tiles and merge of attention-decode.cu, with the two
+// products on mma.sync m16n8k16. Why: on CUDA cores a GQA group of g heads costs g FMAs per cache element for the
+// scores and g more for the values, plus a conversion per element; at H200's bandwidth that is more than the SMs
+// issue, so 1-byte caches ran no faster than bf16 (bench/RESULTS.md). Here the block's heads (up to 8) are the rows
+// of a 16-row query tile: each warp's mma covers 8 cache rows x 16 dims for all of them.
+//   - Scores: warp w takes rows 8w .. 8w + 7 of the 32-row tile, K fragments by ldmatrix from the padded tile.
+//   - Values: warp w takes a quarter of the head dim, V fragments by ldmatrix.trans, the weights as the A operand.
+//   - The softmax between them is the CUDA-core kernel's (one warp per head, one lane per row).
+// Operands: a bf16 cache is used as stored (bf16 mma); fp8 and int8 codes are converted in shared memory to f16,
+// which holds them exactly (f16 mma), their row scales folded into the scores and weights as on CUDA cores.
+// Precision: the query and the weights are split into two 16-bit parts, x = hi + lo (each rounded to nearest), and
+// both are multiplied by the exact cache values with f32 accumulation, so the operands carry about 16 (bf16) or 22
+// (f16) significant bits instead of 8 or 11: the outputs stay within the f32 kernel's bound against the CPU.
+#include "cuda/attention-decode.cuh"
+
+namespace weft::cuda::decode {
+namespace {
+
+constexpr int kHeadRows = 8;  // query heads a block serves at most (the plan's head chunk): rows 0-7 of the tile
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+// c += a b for a 16 x 16 A whose rows 8-15 are zero (a1 = a3 = 0): a0 holds (row g, cols 2t, 2t + 1), a2 the same
+// row at cols 2t + 8, 2t + 9 (g = lane / 4, t = lane % 4). BF16: bf16 operands, else f16.
+template <bool BF16>
+__device__ __forceinline__ void mma_top_rows(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  if constexpr (BF16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// (x0, x1) as a pair of 16-bit operands hi and the pair of what rounding left, lo (element 0 in the low half).
+template <bool BF16>
+__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    const float2 hf = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+    hi = *reinterpret_cast<const uint32_t*>(&h);
+    lo = *reinterpret_cast<const uint32_t*>(&l);
+  } else {
+    const __half2 h = __floats2half2_rn(x0, x1);
+    const float2 hf = __half22float2(h);
+    const __half2 l = __floats2half2_rn(x0 - hf.x, x1 - hf.y);
+    hi = *reinterpret_cast<const uint32_t*>(&h);
+    lo = *reinterpret_cast<const uint32_t*>(&l);
+  }
+}
+
+// 16 staged codes -> 16 f16 values of the codes (exact), at dst (16-byte aligned).
+__device__ __forceinline__ void codes_to_f16(const __nv_fp8_e4m3*, uint4 x, __half* dst) {
+  const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] & 0xffffu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] >> 16), __NV_E4M3);
+    h[2 * i] = uint32_t(lo.x) | (uint32_t(lo.y) << 16);
+    h[2 * i + 1] = uint32_t(hi.x) | (uint32_t(hi.y) << 16);
+  }
+  reinterpret_cast<uint4*>(dst)[0] = make_uint4(h[0], h[1], h[2], h[3]);
+  reinterpret_cast<uint4*>(dst)[1] = make_uint4(h[4], h[5], h[6], h[7]);
+}
+// int8: byte b (sign bit flipped: b + 128) under the f16 exponent of 1024 is the f16 1024 + b + 128; minus 1152
+// (one hsub2 per pair) it is b, exactly.
+__device__ __forceinline__ void codes_to_f16(const int8_t*, uint4 x, __half* dst) {
+  const uint32_t w[4] = {x.x ^ 0x80808080u, x.y ^ 0x80808080u, x.z ^ 0x80808080u, x.w ^ 0x80808080u};
+  const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));  // 1152
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = __byte_perm(w[i], 0x64646464u, 0x4140u), hi = __byte_perm(w[i], 0x64646464u, 0x4342u);
+    const __half2 a = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);
+    const __half2 b = __hsub2(*reinterpret_cast<const __half2*>(&hi), bias);
+    h[2 * i] = *reinterpret_cast<const uint32_t*>(&a);
+    h[2 * i + 1] = *reinterpret_cast<const uint32_t*>(&b);
+  }
+  reinterpret_cast<uint4*>(dst)[0] = make_uint4(h[0], h[1], h[2], h[3]);
+  reinterpret_cast<uint4*>(dst)[1] = make_uint4(h[4], h[5], h[6], h[7]);
+}
+
+// Shared memory of the kernel for a cache of KV, head dim HD and P positions a partition.
+template <typename KV, int HD>
+struct MmaLayout {
+  static constexpr bool kCodes = kKvQuantized<KV>;
+  static constexpr int kLd = HD + 8;  // operand tile row stride (elements): 16-byte pad, ldmatrix without conflicts
+  static constexpr size_t kOperandTile = size_t(kTileRows) * kLd * 2;  // bytes of one K or V operand tile
+  // bf16: the stages are the operand tiles; codes: stages of hd-byte rows, converted into one K and one V tile.
+  static constexpr size_t kStageBytes = kCodes ? size_t(kStages) * 2 * kTileRows * HD : kStages * 2 * kOperandTile;
+  static constexpr size_t kOperandBytes = kCodes ? 2 * kOperandTile : 0;
+  static size_t bytes(int P) {
+    return kStageBytes + kOperandBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) +
+           size_t(kHeadRows) * (kTileRows + 1) * sizeof(float);
+  }
+};
+
+// grid (n_part, T * n_kv * n_hc); partials as attention_decode_partial (attention-decode.cu) writes them.
+template <typename KV, int HD>
+__global__ void __launch_bounds__(kThreads)
+    attention_decode_partial_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
+                                 const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                                 const int32_t* __restrict__ positions, int nH, int P, int n_part, int n_hc,
+                                 int head_chunk, float scale, float* __restrict__ part_out,
+                                 float* __restrict__ part_ml, DeviceStatus* status, const float* __restrict__ k_scales,
+                                 const float* __restrict__ v_scales) {
+  using L = MmaLayout<KV, HD>;
+  constexpr bool kCodes = L::kCodes, kBf16 = !kCodes;
+  using Op = std::conditional_t<kBf16, __nv_bfloat16, __half>;
+  constexpr int LD = L::kLd, KSTEPS = HD / 16, NT = HD / 32;  // NT: n8 tiles of the output per warp
+  constexpr int kHeadsPerWarp = kHeadRows / kWarps;
+  static_assert(HD % 64 == 0 && kTileRows == 4 * 8, "four warps of 8 score rows; output quarters of 16 dims or more");
+  pdl_trigger();
+  pdl_wait();
+  DecodeUnit u;
+  if (!decode_unit(kv, token_seq, positions, nH, P, n_hc, head_chunk, status, u)) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* stages = smem;
+  Op* operands = reinterpret_cast<Op*>(smem + L::kStageBytes);  // codes: [K, V][kTileRows][LD] f16
+  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes + L::kOperandBytes);  // [P]
+  float* k_row_scales = reinterpret_cast<float*>(rows + P);      // codes: [P]
+  float* v_row_scales = k_row_scales + (kCodes ? P : 0);         // codes: [P]
+  float* sc = v_row_scales + (kCodes ? P : 0);                   // [kHeadRows][kTileRows] scores, then weights
+  float* alpha = sc + kHeadRows * kTileRows;                     // [kHeadRows]
+  load_partition_rows<kCodes>(kv, u, status, k_scales, v_scales, rows, k_row_scales, v_row_scales);
+
+  // Tile `it` into its stage (rows past the partition are zeros): bf16 rows straight into the padded operand
+  // layout, code rows as they are.
+  constexpr int kCopyElems = 16 / sizeof(KV), kCopiesPerRow = HD / kCopyElems;
+  constexpr int kStageRowElems = kCodes ? HD : LD;
+  auto stage_k = [&](int it) {
+    return reinterpret_cast<KV*>(stages) + size_t(it % kStages) * 2 * kTileRows * kStageRowElems;
+  };
+  auto issue = [&](int it) {
+    KV* kt = stage_k(it);
+    KV* vt = kt + kTileRows * kStageRowElems;
+    const int r0 = it * kTileRows;
+    for (int x = threadIdx.x; x < kTileRows * kCopiesPerRow; x += kThreads) {
+      const int r = x / kCopiesPerRow, e = (x % kCopiesPerRow) * kCopyElems;
+      const bool in = r0 + r < u.np;
+      const size_t off = (in ? size_t(rows[r0 + r]) * HD : 0) + e;
+      copy_async<16>(kt + r * kStageRowElems + e, k_cache + off, in);
+      copy_async<16>(vt + r * kStageRowElems + e, v_cache + off, in);
+    }
+  };
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  // The query's A fragments (head g of the chunk; heads past nh are zero), hi and lo parts.
+  uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
+  {
+    const float* qrow = q + (size_t(u.t) * nH + u.h_first + g) * HD;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float2 x = make_float2(0, 0);
+        if (g < u.nh) x = *reinterpret_cast<const float2*>(qrow + ks * 16 + half * 8 + 2 * tq);
+        split_pair<kBf16>(x.x, x.y, qa_hi[ks][half], qa_lo[ks][half]);
+      }
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+  float m_run[kHeadsPerWarp], l_run[kHeadsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kHeadsPerWarp; ++i) m_run[i] = -INFINITY, l_run[i] = 0;
+
+  const int n_tiles = static_cast<int>(ceil_div(u.np, kTileRows));
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) issue(s);
+    copy_async_commit();
+  }
+  for (int it = 0; it < n_tiles; ++it) {
+    copy_async_wait<kStages - 2>();
+    __syncthreads();  // tile `it` landed; the stage (and operand tiles) tile it - 1 used are free again
+    if (it + kStages - 1 < n_tiles) issue(it + kStages - 1);
+    copy_async_commit();
+    const int r0 = it * kTileRows, nr = min(kTileRows, u.np - r0);
+    const Op* kt;
+    const Op* vt;
+    if constexpr (kCodes) {
+      const KV* staged = stage_k(it);
+      for (int x = threadIdx.x; x < 2 * kTileRows * HD / 16; x += kThreads) {
+        const int row = x / (HD / 16), e = (x % (HD / 16)) * 16;  // row over the K tile then the V tile
+        codes_to_f16(staged, *reinterpret_cast<const uint4*>(staged + size_t(row) * HD + e),
+                     operands + size_t(row) * LD + e);
+      }
+      __syncthreads();
+      kt = operands;
+      vt = operands + kTileRows * LD;
+    } else {
+      kt = reinterpret_cast<const Op*>(stage_k(it));
+      vt = kt + kTileRows * LD;
+    }
+
+    // Scores of rows 8 warp .. 8 warp + 7 for the block's heads.
+    float s4[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ks += 2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, kt + (8 * warp + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8);
+      mma_top_rows<kBf16>(s4, qa_hi[ks][0], qa_hi[ks][1], b[0], b[1]);
+      mma_top_rows<kBf16>(s4, qa_lo[ks][0], qa_lo[ks][1], b[0], b[1]);
+      mma_top_rows<kBf16>(s4, qa_hi[ks + 1][0], qa_hi[ks + 1][1], b[2], b[3]);
+      mma_top_rows<kBf16>(s4, qa_lo[ks + 1][0], qa_lo[ks + 1][1], b[2], b[3]);
+    }
+    if (g < u.nh) {
+      const int r = 8 * warp + 2 * tq;
+      float s0 = s4[0] * scale, s1 = s4[1] * scale;
+      if constexpr (kCodes) {
+        if (r0 + r < u.np) s0 *= k_row_scales[r0 + r];
+        if (r0 + r + 1 < u.np) s1 *= k_row_scales[r0 + r + 1];
+      }
+      sc[g * kTileRows + r] = s0;
+      sc[g * kTileRows + r + 1] = s1;
+    }
+    __syncthreads();
+    softmax_tile(sc, alpha, kCodes ? v_row_scales + r0 : nullptr, u.nh, nr, m_run, l_run);
+    __syncthreads();
+
+    // Values: this warp's quarter of the head dim, over the tile's 32 rows as two k16 steps.
+    const float a = g < u.nh ? alpha[g] : 0.0f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] *= a, o[n][1] *= a;
+#pragma unroll
+    for (int ks = 0; ks < kTileRows / 16; ++ks) {
+      float2 p0 = make_float2(0, 0), p1 = make_float2(0, 0);
+      if (g < u.nh) {
+        p0 = *reinterpret_cast<const float2*>(sc + g * kTileRows + ks * 16 + 2 * tq);
+        p1 = *reinterpret_cast<const float2*>(sc + g * kTileRows + ks * 16 + 8 + 2 * tq);
+      }
+      uint32_t pa_hi0, pa_lo0, pa_hi2, pa_lo2;
+      split_pair<kBf16>(p0.x, p0.y, pa_hi0, pa_lo0);
+      split_pair<kBf16>(p1.x, p1.y, pa_hi2, pa_lo2);
+#pragma unroll
+      for (int n = 0; n < NT; n += 2) {
+        const int col = warp * (HD / 4) + n * 8;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col + (lane >> 4) * 8);
+        mma_top_rows<kBf16>(o[n], pa_hi0, pa_hi2, b[0], b[1]);
+        mma_top_rows<kBf16>(o[n], pa_lo0, pa_lo2, b[0], b[1]);
+        mma_top_rows<kBf16>(o[n + 1], pa_hi0, pa_hi2, b[2], b[3]);
+        mma_top_rows<kBf16>(o[n + 1], pa_lo0, pa_lo2, b[2], b[3]);
+      }
+    }
+  }
+  copy_async_wait<0>();
+
+  if (g < u.nh) {
+    float* out = part_out + ((size_t(u.t) * nH + u.h_first + g) * n_part + u.c) * HD + warp * (HD / 4) + 2 * tq;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) *reinterpret_cast<float2*>(out + n * 8) = make_float2(o[n][0], o[n][1]);
+  }
+  store_partition_ml(u, nH, n_part, m_run, l_run, part_ml);
+}
+
+template <typename KV, int HD>
+void launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                const Tensor& token_seq, const KvBlockTable& kv, const Tensor& positions, int64_t n_heads, float scale,
+                float* part_out, float* part_ml) {
+  auto kernel = attention_decode_partial_mma<KV, HD>;
+  const size_t smem = MmaLayout<KV, HD>::bytes(plan.P);
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention", " (cudaFuncSetAttribute)");
+  const dim3 grid(plan.n_part, static_cast<unsigned>(q.dim(0) * kv.n_kv * plan.n_head_chunks));
+  launch_pdl(ctx, kernel, grid, kThreads, smem, q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv,
+             token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), plan.P, plan.n_part,
+             plan.n_head_chunks, plan.head_chunk, scale, part_out, part_ml, ctx.status, k_cache.kv_scales(),
+             v_cache.kv_scales());
+}
+
+}  // namespace
+
+bool launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
+                               const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                               const Tensor& positions, int64_t n_heads, float scale, float* part_out, float* part_ml) {
+  const int64_t hd = k_cache.dim(3);
+  if (k_cache.dtype == DType::F32 || plan.head_chunk > kHeadRows || (hd != 64 && hd != 128 && hd != 256)) return false;
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  auto by_dim = [&](auto kv_tag) {
+    using KV = decltype(kv_tag);
+    if (hd == 64)
+      launch_mma<KV, 64>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out, part_ml);
+    else if (hd == 128)
+      launch_mma<KV, 128>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out, part_ml);
+    else
+      launch_mma<KV, 256>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out, part_ml);
+  };
+  if (k_cache.dtype == DType::BF16)
+    by_dim(__nv_bfloat16{});
+  else if (k_cache.dtype == DType::FP8)
+    by_dim(__nv_fp8_e4m3{});
+  else if (k_cache.dtype == DType::I8)
+    by_dim(int8_t{});
+  else
+    return false;
+  return true;
+}
+
+}  // namespace weft::cuda::decode

@@ -1,0 +1,158 @@
+// Shared by the two decode attention kernels (attention-decode.cu on CUDA cores, attention-decode-mma.cu on tensor
+// cores): the partition plan, which both follow so that the scratch they need and the merge are the same, and the
+// asynchronous copies of the KV tiles. Only for .cu files.
+#pragma once
+
+#include <algorithm>
+
+#include "cuda/attention.cuh"
+#include "cuda/kv-block-table.cuh"
+
+namespace weft::cuda {
+namespace decode {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
+constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
+constexpr int kMaxPartition = 1024; // positions per block at most: their row indices (and scales) stay in shared memory
+// About this many blocks resident per SM is what the plan aims the grid at (smem allows 4 for bf16, head dim 128).
+constexpr int kBlocksPerSm = 4;
+static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The partitions of a launch; they depend on the shapes and the SM count alone (not on the element type or the
+// kernel), so every cache type sums in the same order and needs the same scratch.
+struct DecodePlan {
+  int P;              // positions per partition, a multiple of kTileRows
+  int n_part;         // ceil(C / P)
+  int head_chunk;     // HC: query heads one block serves (1, 2, 4 or 8)
+  int n_head_chunks;  // ceil(group / HC): blocks per (token, kv head, partition)
+};
+
+inline DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int num_sms) {
+  DecodePlan p{};
+  p.head_chunk = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  p.n_head_chunks = static_cast<int>(ceil_div(group, p.head_chunk));
+  const int64_t units = T * n_kv * p.n_head_chunks;
+  const int64_t parts_wanted = std::max<int64_t>(1, ceil_div(int64_t{kBlocksPerSm} * num_sms, units));
+  const int64_t tiles = ceil_div(C, kTileRows);
+  const int64_t tiles_per_part = std::clamp<int64_t>(ceil_div(tiles, parts_wanted), 1, kMaxPartition / kTileRows);
+  p.P = static_cast<int>(tiles_per_part * kTileRows);
+  p.n_part = static_cast<int>(ceil_div(C, p.P));
+  return p;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// `bytes` (16 or 8) global -> shared; src_bytes 0 fills zeros (rows past the partition: a poisoned cache row must
+// not reach P V as NaN * 0).
+template <int BYTES>
+__device__ __forceinline__ void copy_async(void* dst, const void* src, bool in) {
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 8 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// ---- the steps both kernels share (device side)
+
+// What one block of the partial kernels serves: token t's partition c of positions, kv head g, and the chunk of
+// its GQA group's heads [h_first, h_first + nh).
+struct DecodeUnit {
+  int c, t, g, seq, p0, np, h_first, nh;
+};
+
+// The block's unit for grid (n_part, T * n_kv * n_hc); false when the block has nothing to do (its partition is
+// past the token's position, or the token is out of range: reported once).
+__device__ __forceinline__ bool decode_unit(const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions,
+                                            int nH, int P, int n_hc, int head_chunk, DeviceStatus* status,
+                                            DecodeUnit& u) {
+  const int n_kv = static_cast<int>(kv.n_kv);
+  u.c = blockIdx.x;
+  u.t = blockIdx.y / (n_kv * n_hc);
+  u.g = blockIdx.y / n_hc % n_kv;
+  const int hc = blockIdx.y % n_hc;
+  u.seq = token_seq[u.t];
+  const int pos = positions[u.t];
+  if (!kv_token_in_range(kv, u.t, u.seq, pos, kKvRead, status, u.c == 0 && u.g == 0 && hc == 0 && threadIdx.x == 0))
+    return false;
+  u.p0 = u.c * P;
+  if (u.p0 > pos) return false;
+  u.np = min(P, pos + 1 - u.p0);
+  const int group = nH / n_kv;
+  u.h_first = u.g * group + hc * head_chunk;
+  u.nh = min(head_chunk, group - hc * head_chunk);
+  return true;
+}
+
+// rows [np]: each position's cache row; for codes also k_row_scales, v_row_scales [np]. Ends with a barrier.
+template <bool QUANTIZED>
+__device__ __forceinline__ void load_partition_rows(const KvBlockTable& kv, const DecodeUnit& u, DeviceStatus* status,
+                                                    const float* k_scales, const float* v_scales, int32_t* rows,
+                                                    float* k_row_scales, float* v_row_scales) {
+  for (int i = threadIdx.x; i < u.np; i += blockDim.x) {
+    const int64_t row = kv_read_row(kv, u.t, u.seq, u.g, u.p0 + i, status);
+    rows[i] = static_cast<int32_t>(row);
+    if constexpr (QUANTIZED) {
+      k_row_scales[i] = k_scales[row];
+      v_row_scales[i] = v_scales[row];
+    }
+  }
+  __syncthreads();
+}
+
+// One tile's online softmax, one warp per head (lane = row of the tile): sc [heads][kTileRows] holds the scores of
+// rows < nr and becomes the weights exp(score - max) (times the value row's scale when v_row_scales is given);
+// alpha[h] the rescale of what was summed before (0 on the first tile, m_run = -inf). Call between barriers.
+template <int HEADS_PER_WARP>
+__device__ __forceinline__ void softmax_tile(float* sc, float* alpha, const float* v_row_scales, int nh, int nr,
+                                             float (&m_run)[HEADS_PER_WARP], float (&l_run)[HEADS_PER_WARP]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < HEADS_PER_WARP; ++i) {
+    const int h = warp + i * kWarps;
+    if (h >= nh) continue;
+    const bool in = lane < nr;
+    const float s = in ? sc[h * kTileRows + lane] : -INFINITY;
+    const float m_new = fmaxf(m_run[i], warp_max(s));
+    const float e = in ? expf(s - m_new) : 0.0f;
+    const float a = expf(m_run[i] - m_new);
+    l_run[i] = l_run[i] * a + warp_sum(e);
+    m_run[i] = m_new;
+    sc[h * kTileRows + lane] = v_row_scales != nullptr && in ? e * v_row_scales[lane] : e;
+    if (lane == 0) alpha[h] = a;
+  }
+}
+
+// The partition's max and sum of each head, from the warp that ran its softmax.
+template <int HEADS_PER_WARP>
+__device__ __forceinline__ void store_partition_ml(const DecodeUnit& u, int nH, int n_part,
+                                                   const float (&m_run)[HEADS_PER_WARP],
+                                                   const float (&l_run)[HEADS_PER_WARP], float* part_ml) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < HEADS_PER_WARP; ++i) {
+    const int h = warp + i * kWarps;
+    if (h < u.nh && lane == 0) {
+      const size_t r = (size_t(u.t) * nH + u.h_first + h) * n_part + u.c;
+      part_ml[2 * r] = m_run[i];
+      part_ml[2 * r + 1] = l_run[i];
+    }
+  }
+}
+
+// The tensor-core kernel (attention-decode-mma.cu) for bf16, fp8 and int8 caches of head dims 64, 128 and 256; false
+// when it does not take the cache (the CUDA-core kernel then runs). Partials as attention_decode_partial writes them.
+bool launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
+                               const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                               const Tensor& positions, int64_t n_heads, float scale, float* part_out, float* part_ml);
+}  // namespace decode
+}  // namespace weft::cuda
