@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
   pdl_trigger();
   pdl_wait();
   DecodeUnit u;
-  if (!decode_unit(kv, token_seq, positions, nH, P, n_hc, head_chunk, status, u)) return;
+  if (!decode_unit(kv, token_seq, positions, nH, n_part, n_hc, head_chunk, status, u)) return;
 
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* stages = smem;

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads)
   pdl_trigger();
   pdl_wait();
   DecodeUnit u;
-  if (!decode_unit(kv, token_seq, positions, nH, P, n_hc, HC, status, u)) return;
+  if (!decode_unit(kv, token_seq, positions, nH, n_part, n_hc, HC, status, u)) return;
   const int np = u.np, nh = u.nh;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -252,12 +252,12 @@ __global__ void __launch_bounds__(kThreads)
 // lane, loads independent of each other so that many are in flight) and add their sums in warp order.
 __global__ void __launch_bounds__(kThreads)
     attention_decode_merge(KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                           const int32_t* __restrict__ positions, int nH, int hd, int P, int n_part,
+                           const int32_t* __restrict__ positions, int nH, int hd, int n_part,
                            const float* __restrict__ part_out, const float* __restrict__ part_ml,
                            float* __restrict__ out) {
   pdl_trigger();
   pdl_wait();
-  extern __shared__ float weights[];  // [n_part], then [kWarps][hd] sums
+  extern __shared__ float weights[];  // [n_part] (rounded up to float4s), then [kWarps][hd] sums
   __shared__ float block_red[kWarps];
   const int th = blockIdx.x, t = th / nH, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int seq = token_seq[t], pos = positions[t];
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int d = threadIdx.x; d < hd; d += kThreads) o[d] = 0;
     return;
   }
-  const int n_valid = (pos + 1 + P - 1) / P;
+  const int rows_each = partition_rows(pos, n_part), n_valid = (pos + rows_each) / rows_each;
   const float* ml = part_ml + size_t(th) * n_part * 2;
   auto block_reduce = [&](float v, bool is_max) {
     v = is_max ? warp_max(v) : warp_sum(v);
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float inv_L = 1.0f / block_reduce(l, false);  // its barrier also publishes the weights
 
-  float* sums = weights + n_part;  // [kWarps][hd]
+  float* sums = weights + (n_part + 3) / 4 * 4;  // [kWarps][hd], float4-aligned
   const float4* part4 = reinterpret_cast<const float4*>(part_out + size_t(th) * n_part * hd);
   const int hd4 = hd / 4;
   for (int d4 = lane; d4 < hd4; d4 += 32) {
@@ -343,8 +343,8 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   auto launch_merge = [&] {
     launch_pdl(ctx, attention_decode_merge, static_cast<unsigned>(T * n_heads), kThreads,
-               (plan.n_part + kWarps * hd) * sizeof(float), kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
-               int(n_heads), int(hd), plan.P, plan.n_part, part_out, part_ml, out.data<float>());
+               ((plan.n_part + 3) / 4 * 4 + kWarps * hd) * sizeof(float), kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
+               int(n_heads), int(hd), plan.n_part, part_out, part_ml, out.data<float>());
     check_launch(ctx, "attention", args);
   };
   dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv * plan.n_head_chunks));

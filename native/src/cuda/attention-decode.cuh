@@ -16,17 +16,22 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
 constexpr int kMaxPartition = 1024; // positions per block at most: their row indices (and scales) stay in shared memory
-// About this many blocks resident per SM is what the plan aims the grid at (smem allows 4 for bf16, head dim 128).
-constexpr int kBlocksPerSm = 4;
+// Blocks resident per SM the plan assumes (the tensor-core kernel's shared memory allows 3 at head dim 128), and
+// what a block's start costs (its row lookups) in tiles' worth of time.
+constexpr int kBlocksPerSm = 3;
+constexpr int kBlockStartTiles = 2;
 static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The partitions of a launch; they depend on the shapes and the SM count alone (not on the element type or the
-// kernel), so every cache type sums in the same order and needs the same scratch.
+// The partitions of a launch: n_part per (token, kv head, head chunk), from the shapes and the SM count alone
+// (not the element type or the kernel), so every cache type sums in the same order and needs the same scratch. A
+// token's positions 0 .. pos are cut into n_part partitions of the same whole number of tiles (partition_rows), so
+// a short sequence in a large cache still spreads over every block. n_part is the count that makes the grid's
+// rounds of resident blocks times the tiles each block reads (plus its start) smallest at the full capacity.
 struct DecodePlan {
-  int P;              // positions per partition, a multiple of kTileRows
-  int n_part;         // ceil(C / P)
+  int P;              // positions per partition at the full capacity C: the most a block reads
+  int n_part;         // partitions per (token, kv head, head chunk)
   int head_chunk;     // HC: query heads one block serves (1, 2, 4 or 8)
   int n_head_chunks;  // ceil(group / HC): blocks per (token, kv head, partition)
 };
@@ -35,13 +40,22 @@ inline DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C,
   DecodePlan p{};
   p.head_chunk = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
   p.n_head_chunks = static_cast<int>(ceil_div(group, p.head_chunk));
-  const int64_t units = T * n_kv * p.n_head_chunks;
-  const int64_t parts_wanted = std::max<int64_t>(1, ceil_div(int64_t{kBlocksPerSm} * num_sms, units));
-  const int64_t tiles = ceil_div(C, kTileRows);
-  const int64_t tiles_per_part = std::clamp<int64_t>(ceil_div(tiles, parts_wanted), 1, kMaxPartition / kTileRows);
-  p.P = static_cast<int>(tiles_per_part * kTileRows);
-  p.n_part = static_cast<int>(ceil_div(C, p.P));
+  const int64_t units = T * n_kv * p.n_head_chunks, tiles = ceil_div(C, kTileRows);
+  const int64_t slots = int64_t{kBlocksPerSm} * num_sms;
+  const int64_t n_min = ceil_div(tiles, kMaxPartition / kTileRows), n_max = std::max(n_min, std::min<int64_t>(tiles, 1024));
+  int64_t best = n_min, best_cost = INT64_MAX;
+  for (int64_t n = n_min; n <= n_max; ++n) {
+    const int64_t cost = ceil_div(units * n, slots) * (ceil_div(tiles, n) + kBlockStartTiles);
+    if (cost < best_cost) best = n, best_cost = cost;
+  }
+  p.n_part = static_cast<int>(best);
+  p.P = static_cast<int>(ceil_div(tiles, best) * kTileRows);
   return p;
+}
+
+// Positions per partition for a token at position pos: whole tiles, the same for all n_part partitions.
+__host__ __device__ __forceinline__ int partition_rows(int pos, int n_part) {
+  return static_cast<int>(ceil_div(ceil_div(pos + 1, kTileRows), n_part) * kTileRows);
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -73,7 +87,7 @@ struct DecodeUnit {
 // The block's unit for grid (n_part, T * n_kv * n_hc); false when the block has nothing to do (its partition is
 // past the token's position, or the token is out of range: reported once).
 __device__ __forceinline__ bool decode_unit(const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions,
-                                            int nH, int P, int n_hc, int head_chunk, DeviceStatus* status,
+                                            int nH, int n_part, int n_hc, int head_chunk, DeviceStatus* status,
                                             DecodeUnit& u) {
   const int n_kv = static_cast<int>(kv.n_kv);
   u.c = blockIdx.x;
@@ -84,9 +98,10 @@ __device__ __forceinline__ bool decode_unit(const KvBlockTable& kv, const int32_
   const int pos = positions[u.t];
   if (!kv_token_in_range(kv, u.t, u.seq, pos, kKvRead, status, u.c == 0 && u.g == 0 && hc == 0 && threadIdx.x == 0))
     return false;
-  u.p0 = u.c * P;
+  const int rows_each = partition_rows(pos, n_part);
+  u.p0 = u.c * rows_each;
   if (u.p0 > pos) return false;
-  u.np = min(P, pos + 1 - u.p0);
+  u.np = min(rows_each, pos + 1 - u.p0);
   const int group = nH / n_kv;
   u.h_first = u.g * group + hc * head_chunk;
   u.nh = min(head_chunk, group - hc * head_chunk);
