@@ -67,100 +67,79 @@ __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uin
   }
 }
 
-// 16 staged codes -> 16 f16 values of the codes (exact), at dst (16-byte aligned).
-__device__ __forceinline__ void codes_to_f16(const __nv_fp8_e4m3*, uint4 x, __half* dst) {
-  const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-  uint32_t h[8];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] & 0xffffu), __NV_E4M3);
-    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] >> 16), __NV_E4M3);
-    h[2 * i] = uint32_t(lo.x) | (uint32_t(lo.y) << 16);
-    h[2 * i + 1] = uint32_t(hi.x) | (uint32_t(hi.y) << 16);
-  }
-  reinterpret_cast<uint4*>(dst)[0] = make_uint4(h[0], h[1], h[2], h[3]);
-  reinterpret_cast<uint4*>(dst)[1] = make_uint4(h[4], h[5], h[6], h[7]);
+// Two staged codes (element 0 in the low byte) -> the f16 pair of their values, exact: e4m3 by the hardware
+// conversion; int8 with the sign bit flipped (b + 128) under the f16 exponent of 1024 is 1024 + b + 128, and one
+// hsub2 of 1152 leaves b.
+__device__ __forceinline__ uint32_t codes_to_f16x2(const __nv_fp8_e4m3*, uint32_t two) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+  return uint32_t(h.x) | (uint32_t(h.y) << 16);
 }
-// int8: byte b (sign bit flipped: b + 128) under the f16 exponent of 1024 is the f16 1024 + b + 128; minus 1152
-// (one hsub2 per pair) it is b, exactly.
-__device__ __forceinline__ void codes_to_f16(const int8_t*, uint4 x, __half* dst) {
-  const uint32_t w[4] = {x.x ^ 0x80808080u, x.y ^ 0x80808080u, x.z ^ 0x80808080u, x.w ^ 0x80808080u};
-  const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));  // 1152
-  uint32_t h[8];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = __byte_perm(w[i], 0x64646464u, 0x4140u), hi = __byte_perm(w[i], 0x64646464u, 0x4342u);
-    const __half2 a = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);
-    const __half2 b = __hsub2(*reinterpret_cast<const __half2*>(&hi), bias);
-    h[2 * i] = *reinterpret_cast<const uint32_t*>(&a);
-    h[2 * i + 1] = *reinterpret_cast<const uint32_t*>(&b);
-  }
-  reinterpret_cast<uint4*>(dst)[0] = make_uint4(h[0], h[1], h[2], h[3]);
-  reinterpret_cast<uint4*>(dst)[1] = make_uint4(h[4], h[5], h[6], h[7]);
+__device__ __forceinline__ uint32_t codes_to_f16x2(const int8_t*, uint32_t two) {
+  const uint32_t biased = __byte_perm(two ^ 0x8080u, 0x6464u, 0x4140u);
+  const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&biased), __float2half2_rn(1152.0f));
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Shared memory of the kernel for a cache of KV, head dim HD and P positions a partition.
+// Tiles and shared memory for a cache of KV and head dim HD. bf16: tiles of 32 rows in three stages, the staged
+// rows (16-byte padded) are the mma operands, fragments by ldmatrix. Codes: tiles of 64 rows (the same bytes a
+// step as bf16's 32) in two stages, the fragments read from the staged codes (16-byte padded rows: no bank
+// conflicts) and converted in registers.
 template <typename KV, int HD>
-struct MmaLayout {
+struct MmaTiles {
   static constexpr bool kCodes = kKvQuantized<KV>;
-  static constexpr int kLd = HD + 8;  // operand tile row stride (elements): 16-byte pad, ldmatrix without conflicts
-  static constexpr size_t kOperandTile = size_t(kTileRows) * kLd * 2;  // bytes of one K or V operand tile
-  // bf16: the stages are the operand tiles; codes: stages of hd-byte rows, converted into one K and one V tile.
-  static constexpr size_t kStageBytes = kCodes ? size_t(kStages) * 2 * kTileRows * HD : kStages * 2 * kOperandTile;
-  static constexpr size_t kOperandBytes = kCodes ? 2 * kOperandTile : 0;
+  static constexpr int kRows = kCodes ? 64 : 32;
+  static constexpr int kStages = kCodes ? 2 : 3;
+  static constexpr int kLd = HD + 16 / sizeof(KV);  // staged row stride, elements
+  static constexpr size_t kStageBytes = size_t(kStages) * 2 * kRows * kLd * sizeof(KV);
   static size_t bytes(int P) {
-    return kStageBytes + kOperandBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) +
-           size_t(kHeadRows) * (kTileRows + 1) * sizeof(float);
+    return kStageBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) +
+           size_t(kHeadRows) * (kRows + 1) * sizeof(float);
   }
 };
 
 // grid (n_part, T * n_kv * n_hc); partials as attention_decode_partial (attention-decode.cu) writes them.
 template <typename KV, int HD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
     attention_decode_partial_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
                                  const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                                  const int32_t* __restrict__ positions, int nH, int P, int n_part, int n_hc,
                                  int head_chunk, float scale, float* __restrict__ part_out,
                                  float* __restrict__ part_ml, DeviceStatus* status, const float* __restrict__ k_scales,
                                  const float* __restrict__ v_scales) {
-  using L = MmaLayout<KV, HD>;
+  using L = MmaTiles<KV, HD>;
   constexpr bool kCodes = L::kCodes, kBf16 = !kCodes;
-  using Op = std::conditional_t<kBf16, __nv_bfloat16, __half>;
-  constexpr int LD = L::kLd, KSTEPS = HD / 16, NT = HD / 32;  // NT: n8 tiles of the output per warp
+  constexpr int TR = L::kRows, S = L::kStages, LD = L::kLd;
+  constexpr int KSTEPS = HD / 16, NT = HD / 32;  // NT: n8 tiles of the output per warp (a quarter of HD)
+  constexpr int kScoreTiles = TR / 32;           // n8 tiles of scores per warp
   constexpr int kHeadsPerWarp = kHeadRows / kWarps;
-  static_assert(HD % 64 == 0 && kTileRows == 4 * 8, "four warps of 8 score rows; output quarters of 16 dims or more");
+  static_assert(HD % 64 == 0, "output quarters of 16 dims or more");
   pdl_trigger();
   pdl_wait();
   DecodeUnit u;
   if (!decode_unit(kv, token_seq, positions, nH, n_part, n_hc, head_chunk, status, u)) return;
 
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* stages = smem;
-  Op* operands = reinterpret_cast<Op*>(smem + L::kStageBytes);  // codes: [K, V][kTileRows][LD] f16
-  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes + L::kOperandBytes);  // [P]
-  float* k_row_scales = reinterpret_cast<float*>(rows + P);      // codes: [P]
-  float* v_row_scales = k_row_scales + (kCodes ? P : 0);         // codes: [P]
-  float* sc = v_row_scales + (kCodes ? P : 0);                   // [kHeadRows][kTileRows] scores, then weights
-  float* alpha = sc + kHeadRows * kTileRows;                     // [kHeadRows]
+  KV* stages = reinterpret_cast<KV*>(smem);                         // [S][K, V][TR][LD]
+  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);  // [P]
+  float* k_row_scales = reinterpret_cast<float*>(rows + P);          // codes: [P]
+  float* v_row_scales = k_row_scales + (kCodes ? P : 0);             // codes: [P]
+  float* sc = v_row_scales + (kCodes ? P : 0);                       // [kHeadRows][TR] scores, then weights
+  float* alpha = sc + kHeadRows * TR;                                // [kHeadRows]
   load_partition_rows<kCodes>(kv, u, status, k_scales, v_scales, rows, k_row_scales, v_row_scales);
 
-  // Tile `it` into its stage (rows past the partition are zeros): bf16 rows straight into the padded operand
-  // layout, code rows as they are.
+  // Tile `it` into its stage, 16-byte copies (rows past the partition are zeros).
   constexpr int kCopyElems = 16 / sizeof(KV), kCopiesPerRow = HD / kCopyElems;
-  constexpr int kStageRowElems = kCodes ? HD : LD;
-  auto stage_k = [&](int it) {
-    return reinterpret_cast<KV*>(stages) + size_t(it % kStages) * 2 * kTileRows * kStageRowElems;
-  };
+  auto stage_k = [&](int it) { return stages + size_t(it % S) * 2 * TR * LD; };
   auto issue = [&](int it) {
     KV* kt = stage_k(it);
-    KV* vt = kt + kTileRows * kStageRowElems;
-    const int r0 = it * kTileRows;
-    for (int x = threadIdx.x; x < kTileRows * kCopiesPerRow; x += kThreads) {
+    KV* vt = kt + TR * LD;
+    const int r0 = it * TR;
+    for (int x = threadIdx.x; x < TR * kCopiesPerRow; x += kThreads) {
       const int r = x / kCopiesPerRow, e = (x % kCopiesPerRow) * kCopyElems;
       const bool in = r0 + r < u.np;
       const size_t off = (in ? size_t(rows[r0 + r]) * HD : 0) + e;
-      copy_async<16>(kt + r * kStageRowElems + e, k_cache + off, in);
-      copy_async<16>(vt + r * kStageRowElems + e, v_cache + off, in);
+      copy_async<16>(kt + r * LD + e, k_cache + off, in);
+      copy_async<16>(vt + r * LD + e, v_cache + off, in);
     }
   };
 
@@ -185,70 +164,68 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kHeadsPerWarp; ++i) m_run[i] = -INFINITY, l_run[i] = 0;
 
-  const int n_tiles = static_cast<int>(ceil_div(u.np, kTileRows));
+  const int n_tiles = static_cast<int>(ceil_div(u.np, TR));
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < S - 1; ++s) {
     if (s < n_tiles) issue(s);
     copy_async_commit();
   }
   for (int it = 0; it < n_tiles; ++it) {
-    copy_async_wait<kStages - 2>();
-    __syncthreads();  // tile `it` landed; the stage (and operand tiles) tile it - 1 used are free again
-    if (it + kStages - 1 < n_tiles) issue(it + kStages - 1);
+    copy_async_wait<S - 2>();
+    __syncthreads();  // tile `it` landed; the stage tile it - 1 used is free again
+    if (it + S - 1 < n_tiles) issue(it + S - 1);
     copy_async_commit();
-    const int r0 = it * kTileRows, nr = min(kTileRows, u.np - r0);
-    const Op* kt;
-    const Op* vt;
-    if constexpr (kCodes) {
-      const KV* staged = stage_k(it);
-      for (int x = threadIdx.x; x < 2 * kTileRows * HD / 16; x += kThreads) {
-        const int row = x / (HD / 16), e = (x % (HD / 16)) * 16;  // row over the K tile then the V tile
-        codes_to_f16(staged, *reinterpret_cast<const uint4*>(staged + size_t(row) * HD + e),
-                     operands + size_t(row) * LD + e);
-      }
-      __syncthreads();
-      kt = operands;
-      vt = operands + kTileRows * LD;
-    } else {
-      kt = reinterpret_cast<const Op*>(stage_k(it));
-      vt = kt + kTileRows * LD;
-    }
+    const int r0 = it * TR, nr = min(TR, u.np - r0);
+    const KV* kt = stage_k(it);
+    const KV* vt = kt + TR * LD;
 
-    // Scores of rows 8 warp .. 8 warp + 7 for the block's heads.
-    float s4[4] = {0, 0, 0, 0};
+    // Scores of rows 8 warp + 32 j .. + 7 for the block's heads; hi and lo parts in separate accumulators (two
+    // independent mma chains).
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ks += 2) {
-      uint32_t b[4];
-      ldmatrix_x4(b, kt + (8 * warp + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8);
-      mma_top_rows<kBf16>(s4, qa_hi[ks][0], qa_hi[ks][1], b[0], b[1]);
-      mma_top_rows<kBf16>(s4, qa_lo[ks][0], qa_lo[ks][1], b[0], b[1]);
-      mma_top_rows<kBf16>(s4, qa_hi[ks + 1][0], qa_hi[ks + 1][1], b[2], b[3]);
-      mma_top_rows<kBf16>(s4, qa_lo[ks + 1][0], qa_lo[ks + 1][1], b[2], b[3]);
-    }
-    if (g < u.nh) {
-      const int r = 8 * warp + 2 * tq;
-      float s0 = s4[0] * scale, s1 = s4[1] * scale;
-      if constexpr (kCodes) {
-        if (r0 + r < u.np) s0 *= k_row_scales[r0 + r];
-        if (r0 + r + 1 < u.np) s1 *= k_row_scales[r0 + r + 1];
+    for (int j = 0; j < kScoreTiles; ++j) {
+      const int rb = 32 * j + 8 * warp;
+      float s_hi[4] = {0, 0, 0, 0}, s_lo[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ks += 2) {
+        uint32_t b[4];
+        if constexpr (kCodes) {
+          const KV* row = kt + (rb + g) * LD + ks * 16 + 2 * tq;
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            b[i] = codes_to_f16x2(kt, *reinterpret_cast<const uint16_t*>(row + 8 * i));
+        } else {
+          ldmatrix_x4(b, kt + (rb + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8);
+        }
+        mma_top_rows<kBf16>(s_hi, qa_hi[ks][0], qa_hi[ks][1], b[0], b[1]);
+        mma_top_rows<kBf16>(s_lo, qa_lo[ks][0], qa_lo[ks][1], b[0], b[1]);
+        mma_top_rows<kBf16>(s_hi, qa_hi[ks + 1][0], qa_hi[ks + 1][1], b[2], b[3]);
+        mma_top_rows<kBf16>(s_lo, qa_lo[ks + 1][0], qa_lo[ks + 1][1], b[2], b[3]);
       }
-      sc[g * kTileRows + r] = s0;
-      sc[g * kTileRows + r + 1] = s1;
+      if (g < u.nh) {
+        const int r = rb + 2 * tq;
+        float s0 = (s_hi[0] + s_lo[0]) * scale, s1 = (s_hi[1] + s_lo[1]) * scale;
+        if constexpr (kCodes) {
+          if (r0 + r < u.np) s0 *= k_row_scales[r0 + r];
+          if (r0 + r + 1 < u.np) s1 *= k_row_scales[r0 + r + 1];
+        }
+        sc[g * TR + r] = s0;
+        sc[g * TR + r + 1] = s1;
+      }
     }
     __syncthreads();
-    softmax_tile(sc, alpha, kCodes ? v_row_scales + r0 : nullptr, u.nh, nr, m_run, l_run);
+    softmax_tile<TR>(sc, alpha, kCodes ? v_row_scales + r0 : nullptr, u.nh, nr, m_run, l_run);
     __syncthreads();
 
-    // Values: this warp's quarter of the head dim, over the tile's 32 rows as two k16 steps.
+    // Values: this warp's quarter of the head dim, over the tile's rows as k16 steps.
     const float a = g < u.nh ? alpha[g] : 0.0f;
 #pragma unroll
     for (int n = 0; n < NT; ++n) o[n][0] *= a, o[n][1] *= a;
 #pragma unroll
-    for (int ks = 0; ks < kTileRows / 16; ++ks) {
+    for (int ks = 0; ks < TR / 16; ++ks) {
       float2 p0 = make_float2(0, 0), p1 = make_float2(0, 0);
       if (g < u.nh) {
-        p0 = *reinterpret_cast<const float2*>(sc + g * kTileRows + ks * 16 + 2 * tq);
-        p1 = *reinterpret_cast<const float2*>(sc + g * kTileRows + ks * 16 + 8 + 2 * tq);
+        p0 = *reinterpret_cast<const float2*>(sc + g * TR + ks * 16 + 2 * tq);
+        p1 = *reinterpret_cast<const float2*>(sc + g * TR + ks * 16 + 8 + 2 * tq);
       }
       uint32_t pa_hi0, pa_lo0, pa_hi2, pa_lo2;
       split_pair<kBf16>(p0.x, p0.y, pa_hi0, pa_lo0);
@@ -257,7 +234,17 @@ __global__ void __launch_bounds__(kThreads)
       for (int n = 0; n < NT; n += 2) {
         const int col = warp * (HD / 4) + n * 8;
         uint32_t b[4];
-        ldmatrix_x4_trans(b, vt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col + (lane >> 4) * 8);
+        if constexpr (kCodes) {
+          // b[0], b[1]: rows 2t, 2t + 1 and 2t + 8, 2t + 9 of the step at column col + g; b[2], b[3] at col + 8 + g.
+          const unsigned char* v8 = reinterpret_cast<const unsigned char*>(vt + (ks * 16 + 2 * tq) * LD + col + g);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const unsigned char* p = v8 + (i & 1) * 8 * LD + (i >> 1) * 8;
+            b[i] = codes_to_f16x2(vt, uint32_t(p[0]) | (uint32_t(p[LD]) << 8));
+          }
+        } else {
+          ldmatrix_x4_trans(b, vt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col + (lane >> 4) * 8);
+        }
         mma_top_rows<kBf16>(o[n], pa_hi0, pa_hi2, b[0], b[1]);
         mma_top_rows<kBf16>(o[n], pa_lo0, pa_lo2, b[0], b[1]);
         mma_top_rows<kBf16>(o[n + 1], pa_hi0, pa_hi2, b[2], b[3]);
@@ -280,7 +267,7 @@ void launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const T
                 const Tensor& token_seq, const KvBlockTable& kv, const Tensor& positions, int64_t n_heads, float scale,
                 float* part_out, float* part_ml) {
   auto kernel = attention_decode_partial_mma<KV, HD>;
-  const size_t smem = MmaLayout<KV, HD>::bytes(plan.P);
+  const size_t smem = MmaTiles<KV, HD>::bytes(plan.P);
   if (smem > 48 * 1024)
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention", " (cudaFuncSetAttribute)");

@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    softmax_tile(sc, alpha, quantized ? row_scales + P + r0 : nullptr, nh, nr, m_run, l_run);
+    softmax_tile<kTileRows>(sc, alpha, quantized ? row_scales + P + r0 : nullptr, nh, nr, m_run, l_run);
     __syncthreads();
 
     // Values: the same lanes and chunks as the keys; each row group sums its rows, added up after the last tile.

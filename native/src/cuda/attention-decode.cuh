@@ -15,10 +15,11 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
-constexpr int kMaxPartition = 1024; // positions per block at most: their row indices (and scales) stay in shared memory
-// Blocks resident per SM the plan assumes (the tensor-core kernel's shared memory allows 3 at head dim 128), and
+constexpr int kMaxPartition = 896;  // positions per block at most: their row indices (and scales) stay in shared memory
+// Blocks resident per SM the plan assumes (the tensor-core kernel's shared memory and registers allow 4 at head dim
+// 128 with partitions of at most kMaxPartition positions), and
 // what a block's start costs (its row lookups) in tiles' worth of time.
-constexpr int kBlocksPerSm = 3;
+constexpr int kBlocksPerSm = 4;
 constexpr int kBlockStartTiles = 2;
 static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
 
@@ -124,25 +125,36 @@ __device__ __forceinline__ void load_partition_rows(const KvBlockTable& kv, cons
   __syncthreads();
 }
 
-// One tile's online softmax, one warp per head (lane = row of the tile): sc [heads][kTileRows] holds the scores of
-// rows < nr and becomes the weights exp(score - max) (times the value row's scale when v_row_scales is given);
-// alpha[h] the rescale of what was summed before (0 on the first tile, m_run = -inf). Call between barriers.
-template <int HEADS_PER_WARP>
+// One tile's online softmax, one warp per head (lane l takes rows l, l + 32, ...): sc [heads][TILE_ROWS] holds the
+// scores of rows < nr and becomes the weights exp(score - max) (times the value row's scale when v_row_scales is
+// given); alpha[h] the rescale of what was summed before (0 on the first tile, m_run = -inf). Between barriers.
+template <int TILE_ROWS, int HEADS_PER_WARP>
 __device__ __forceinline__ void softmax_tile(float* sc, float* alpha, const float* v_row_scales, int nh, int nr,
                                              float (&m_run)[HEADS_PER_WARP], float (&l_run)[HEADS_PER_WARP]) {
+  constexpr int kRowsPerLane = TILE_ROWS / 32;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
   for (int i = 0; i < HEADS_PER_WARP; ++i) {
     const int h = warp + i * kWarps;
     if (h >= nh) continue;
-    const bool in = lane < nr;
-    const float s = in ? sc[h * kTileRows + lane] : -INFINITY;
-    const float m_new = fmaxf(m_run[i], warp_max(s));
-    const float e = in ? expf(s - m_new) : 0.0f;
+    float s[kRowsPerLane], tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kRowsPerLane; ++j) {
+      s[j] = lane + 32 * j < nr ? sc[h * TILE_ROWS + lane + 32 * j] : -INFINITY;
+      tile_max = fmaxf(tile_max, s[j]);
+    }
+    const float m_new = fmaxf(m_run[i], warp_max(tile_max));
+    float sum = 0;
+#pragma unroll
+    for (int j = 0; j < kRowsPerLane; ++j) {
+      const int r = lane + 32 * j;
+      const float e = r < nr ? expf(s[j] - m_new) : 0.0f;
+      sum += e;
+      sc[h * TILE_ROWS + r] = v_row_scales != nullptr && r < nr ? e * v_row_scales[r] : e;
+    }
     const float a = expf(m_run[i] - m_new);
-    l_run[i] = l_run[i] * a + warp_sum(e);
+    l_run[i] = l_run[i] * a + warp_sum(sum);
     m_run[i] = m_new;
-    sc[h * kTileRows + lane] = v_row_scales != nullptr && in ? e * v_row_scales[lane] : e;
     if (lane == 0) alpha[h] = a;
   }
 }
