@@ -1,19 +1,18 @@
-// Decode attention: split-K flash-decoding over the KV block table (attention.cuh has the plan). Scores are
-// dot(q, k) * scale as in the CPU; softmax in fp32 with exp of (score - max). The cache is f32 or bf16, widened
-// to f32 as it is read, or fp8 / int8 codes whose row scales are folded in once per row rather than per element:
-// a key's into its score (dot(q, codes) * scale * k_scale), a value's into its softmax weight
-// (exp(score - max) * v_scale; the sum of the weights is taken before). Each K/V element is read once per kv
-// head, for the whole GQA group.
+// Decode attention on CUDA cores, and the launch of both decode kernels (attention-decode.cuh has the plan, the
+// tensor-core kernel is attention-decode-mma.cu and runs wherever it takes the cache). Scores are dot(q, k) * scale
+// as in the CPU; softmax in fp32 with exp of (score - max). The cache is f32 or bf16, widened to f32 as it is read,
+// or fp8 / int8 codes whose row scales are folded in once per row rather than per element: a key's into its score
+// (dot(q, codes) * scale * k_scale), a value's into its softmax weight (exp(score - max) * v_scale; the sum of the
+// weights is taken before). Each K/V element is read once per kv head, for the whole GQA group.
 //
 // Why it is shaped this way: at batch 1 and long contexts decode attention is a stream of KV bytes, so the kernel
-// is built to keep many bytes in flight. A block takes one (token, kv head, partition of P positions); its 128
-// threads copy tiles of 32 key rows and 32 value rows into shared memory with cp.async, three tiles in flight, and
-// use each tile while the next two arrive. Sixteen lanes share a key row (8 elements each, one 16-byte read of
-// bf16), so a warp covers two rows per step with the query held in registers; the running max and sum of each
-// head live in the registers of one warp (online softmax across tiles). The partitions are merged by a second
-// kernel in partition order, so the result does not depend on the schedule: same bits every replay. f32 and bf16
-// caches are read with the same element order, so a bf16 cache equals an f32 cache of the same values bit for
-// bit; a paged cache equals a one-block cache of the same capacity (the plan depends on shapes only).
+// is built to keep many bytes in flight. A block takes one (token, kv head, partition); its 128 threads copy tiles
+// of 32 key rows and 32 value rows into shared memory with cp.async, three tiles in flight, and use each tile while
+// the next two arrive. Sixteen lanes share a key row (8 elements each, one 16-byte read of bf16), so a warp covers
+// two rows per step with the query held in registers; the running max and sum of each head live in the registers
+// of one warp (online softmax across tiles). The partitions are merged by a second kernel in partition order, so
+// the result does not depend on the schedule: same bits every replay. A paged cache equals a one-block cache of
+// the same capacity (the plan depends on shapes only).
 #include <algorithm>
 
 #include "cuda/attention-decode.cuh"

@@ -4,10 +4,13 @@
 // device, so a captured graph stays valid as they change. Each kernel looks a key row's block up once per row
 // (and tile), never per element, so any B >= 1 works and one block per sequence runs as fast as before. C below
 // is a sequence's capacity, maxBlocksPerSeq * B. Two kernels, chosen by T (a shape):
-//  - decode (T <= kDecodeMaxTokens): split-K flash-decoding. The sequence length C is cut into partitions of P
-//    positions (P from the shapes only); one block per (token, kv head, partition) serves the whole GQA group
-//    of query heads from one read of its K/V rows; partitions past a token's length exit at once; a second
-//    kernel merges the partitions (max / sum / partial output, in a fixed order: same bits every replay).
+//  - decode (T <= kDecodeMaxTokens): split-K flash-decoding (attention-decode.cuh has the plan). Each token's
+//    positions are cut into the same number of partitions of whole 32-row tiles (the count from the shapes only);
+//    one block per (token, kv head, partition) serves the whole GQA group of query heads from one read of its K/V
+//    rows, which stream through shared memory by cp.async while the previous tile is used; a second kernel merges
+//    the partitions (max / sum / partial output, in a fixed order: same bits every replay). bf16, fp8 and int8
+//    caches at head dims 64, 128 and 256 run on tensor cores (attention-decode-mma.cu), f32 caches and other head
+//    dims (multiples of 8) on CUDA cores (attention-decode.cu).
 //  - prefill (larger T): FlashAttention-2 on tensor cores (mma.sync m16n8k16, f16 operands, f32 softmax and
 //    accumulators) for head dims 64 and 128: blocks of 64 query tokens x one head, K/V tiles of 64 positions
 //    fetched (cp.async) while the previous one is used, converted to f16 once per block; causal through
