@@ -1,11 +1,13 @@
 // Bifurcated attention's prefix on tensor cores (flash-decoding over a group's shared positions): a block takes
 // one (group, kv head, chunk of P shared positions) and up to 64 of the group's query rows (members x the kv
 // head's GQA heads, the tile's rows past them zero and ignored), and walks the chunk's K/V tiles of 64 positions
-// once for all of them with the tiles of mma-tile.cuh: cp.async into a staging area while the warps compute on
-// the f16 tiles of the one before, S = Q K^T on mma, online softmax in f32 registers (exp2), O += P V on mma.
-// Rows beat positions for warps: the block's 4 warps hold RT = 1, 2 or 4 row tiles of 16 (the batch's tokens x
-// GQA heads bound the rows on the host) and split each K/V tile's positions KS = 4 / RT ways, so a group of a
-// few rows (MHA: one row per member) still keeps every warp's tensor cores busy; the KS partials of a row are
+// once for all of them with the tiles of mma-tile.cuh: cp.async into staging areas while the warps compute on
+// the f16 tiles of the one before (a bf16 cache: two areas, so that two tiles are in flight while one computes;
+// the kernel is meant to be bound by bytes), S = Q K^T on mma, online softmax in f32 registers (exp2), O += P V
+// on mma.
+// Warps go to rows first, then to positions: the block's 4 warps hold RT = 1, 2 or 4 row tiles of 16 (the
+// batch's tokens x GQA heads bound the rows on the host) and split each K/V tile's positions KS = 4 / RT ways, so
+// a group of few rows (MHA: one row per member) still keeps every warp's tensor cores busy; the KS partials of a row are
 // merged in shared memory at the end. The chunk's partial (max, sum, unnormalized out) goes to the slot the fp32
 // prefix kernel would write, in natural-log units, so the merge kernel takes both.
 #include <type_traits>
@@ -23,12 +25,23 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int HD, typename KV>
 using Layout = KvTileLayout<HD, kBK, KV>;
 
+// Staging areas: two for a bf16 cache (99 KB of tiles at hd 128: two blocks an SM, each with two tiles in
+// flight), one for f32 (99 KB already).
+template <typename KV>
+constexpr int kStages = sizeof(KV) == 2 ? 2 : 1;
+
+// Dynamic shared memory: the staging areas, the f16 tiles, key row offsets [P] i64, the group's members [T].
+template <int HD, typename KV>
+size_t smem_for(int P, int64_t T) {
+  using L = Layout<HD, KV>;
+  return kStages<KV> * L::kStage + 2 * L::kHalfTile + size_t(P) * sizeof(int64_t) + size_t(T) * sizeof(int32_t);
+}
+
 // grid (n_row_blocks * slots, G * n_kv): block (rb + n_row_blocks * c, task * n_kv + g) takes group `task`'s
 // rows rb * 16 RT .. + 16 RT over chunk c, positions [c P, min(c P + P, shared)) read through the first member's
-// table row. qscale = scale * log2(e). smem: Layout's tiles, key row offsets [P] i64, the group's members [T].
-// Three blocks an SM for a bf16 cache (67 KB of tiles at hd 128, 168 registers: no spills), two for f32 (99 KB).
+// table row. qscale = scale * log2(e). smem as smem_for.
 template <int HD, int KS, typename KV>
-__global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, 2)
     prefix_mma(const float* __restrict__ q, const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
                KvBlockTable kv, const int32_t* __restrict__ token_seq, const int32_t* __restrict__ token_group,
                const int32_t* __restrict__ group_shared, int T, int G, int nH, int P, int n_row_blocks, int n_slots,
@@ -40,11 +53,12 @@ __global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
   constexpr int RT = kWarps / KS, ROWS = 16 * RT;  // row tiles and query rows of the block
   constexpr int KW = kBK / KS, NS = KW / 8;        // positions of a tile per warp, its n8 tiles of S
   extern __shared__ __align__(16) unsigned char smem[];
-  KV* stage = reinterpret_cast<KV*>(smem);                     // [2][kBK][HD] of KV: K, V
-  __half* kh = reinterpret_cast<__half*>(smem + L::kStage);  // [kBK][LD]; the Q tile first
-  __half* vh = kh + kBK * LD;                                  // [kBK][LD]
-  int64_t* rows = reinterpret_cast<int64_t*>(smem + L::kBytes);  // [P]: the chunk's key row offsets (elements)
-  int* members = reinterpret_cast<int*>(rows + P);               // [T]
+  constexpr int S = kStages<KV>;
+  KV* stage = reinterpret_cast<KV*>(smem);  // [S][2][kBK][HD] of KV: K, V; tile j in area j % S
+  __half* kh = reinterpret_cast<__half*>(smem + S * L::kStage);  // [kBK][LD]; the Q tile first
+  __half* vh = kh + kBK * LD;                                      // [kBK][LD]
+  int64_t* rows = reinterpret_cast<int64_t*>(vh + kBK * LD);      // [P]: the chunk's key row offsets (elements)
+  int* members = reinterpret_cast<int*>(rows + P);                 // [T]
   __shared__ int row_th[ROWS];  // (token * nH + head) of each row, -1 past the group's rows
   __shared__ int n_members;
 
@@ -68,7 +82,19 @@ __global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
     row_th[r] = r < n_rows ? members[x / group] * nH + g * group + x % group : -1;
   }
   __syncthreads();
-  fetch_kv_tile<HD, kBK, kThreads>(stage, k_cache, v_cache, rows, np, tid);
+  // Tile j's K and V rows: fetched into area j % S (each thread fetches and converts the same chunks of every
+  // tile, so an area is free for the thread once it converted the tile before: no barrier), converted to kh, vh
+  // with the tiles fetched after it still in flight.
+  const int n_tiles = ceil_div(np, kBK);
+  auto fetch = [&](int j) {
+    fetch_kv_tile<HD, kBK, kThreads>(stage + (j % S) * (2 * kBK * HD), k_cache, v_cache, rows + j * kBK,
+                                     np - j * kBK, tid);
+  };
+  auto convert = [&](int j) {
+    convert_kv_tile<HD, kBK, kThreads>(stage + (j % S) * (2 * kBK * HD), kh, vh, rows + j * kBK, np - j * kBK,
+                                       nullptr, nullptr, tid, j + 1 < min(n_tiles, j + S));
+  };
+  for (int j = 0; j < S && j < n_tiles; ++j) fetch(j);
 
   // Q tile (scaled, f16) -> kh -> each warp's A fragments of its row tile, while tile 0 is in flight.
   for (int i = tid; i < ROWS * HD / 4; i += kThreads) {
@@ -83,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
     for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], a + kk * 16 * sizeof(__half));
   }
   __syncthreads();  // every warp has its Q fragments before kh is overwritten
-  convert_kv_tile<HD, kBK, kThreads>(stage, kh, vh, rows, np, nullptr, nullptr, tid);
+  convert(0);
   __syncthreads();
 
   const uint32_t k_addr = k_frag_addr<LD>(kh + ks * KW * LD, lane), v_addr = v_frag_addr<LD>(vh + ks * KW * LD, lane);
@@ -92,10 +118,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
 #pragma unroll
   for (int n = 0; n < NO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;  // log2 units; l: this thread's partial row sums
-  const int n_tiles = ceil_div(np, kBK);
   for (int j = 0; j < n_tiles; ++j) {
-    const int kv0 = j * kBK, first = kv0 + ks * KW;  // the tile's and the warp's first position in the chunk
-    if (j + 1 < n_tiles) fetch_kv_tile<HD, kBK, kThreads>(stage, k_cache, v_cache, rows + kv0 + kBK, np - kv0 - kBK, tid);
+    const int first = j * kBK + ks * KW;  // the warp's first position of the tile in the chunk
+    if (j + S < n_tiles) fetch(j + S);
     if (active && first < np) {
       float s[NS][4];
       mma_qk<KT, NS, LD>(s, qf, k_addr);
@@ -111,14 +136,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
       mma_pv<NS, NO, LD>(o_acc, pf, v_addr);
     }
     if (j + 1 < n_tiles) {
-      __syncthreads();  // every warp is done with kh, vh (and every thread has issued the next fetch)
-      convert_kv_tile<HD, kBK, kThreads>(stage, kh, vh, rows + kv0 + kBK, np - kv0 - kBK, nullptr, nullptr, tid);
+      __syncthreads();  // every warp is done with kh, vh
+      convert(j + 1);
       __syncthreads();
     }
   }
 
   if constexpr (KS > 1) {
-    // The row tile's KS partials -> warp ks = 0. The staging area is free: the last convert waited for every
+    // The row tile's KS partials -> warp ks = 0. The staging areas are free: the last convert waited for every
     // copy and a barrier followed it. Layout [(KS - 1) RT][NO * 4 + 4][32]: lane-major, no bank conflicts.
     constexpr int kPart = (NO * 4 + 4) * 32;
     static_assert((KS - 1) * RT * kPart * sizeof(float) <= L::kStage, "partials fit the staging area");
@@ -176,11 +201,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(KV) == 2 ? 3 : 2)
       part_ml[2 * x + 1] = half ? l1 : l0;
     }
   }
-}
-
-template <int HD, typename KV>
-size_t smem_for(int P, int64_t T) {
-  return Layout<HD, KV>::kBytes + size_t(P) * sizeof(int64_t) + size_t(T) * sizeof(int32_t);
 }
 
 template <int HD, int KS, typename KV>

@@ -39,6 +39,13 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits for this thread's cp.async groups but the newest one (when `but_newest`) or for all of them.
+__device__ __forceinline__ void cp_async_wait(bool but_newest) {
+  if (but_newest)
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else
+    cp_async_wait_all();
+}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -127,14 +134,16 @@ __device__ __forceinline__ void fetch_kv_tile(KV* stage, const KV* __restrict__ 
 }
 
 // The chunks thread tid fetched with fetch_kv_tile (same rows, n_in) -> f16 tiles kh, vh [BK][kLd], once they
-// have landed; k_scales, v_scales [rows]: the 1-byte caches' row scales (unused otherwise).
+// have landed (newer_in_flight: the thread fetched one more tile since, which may stay in flight); k_scales,
+// v_scales [rows]: the 1-byte caches' row scales (unused otherwise).
 template <int HD, int BK, int THREADS, typename KV>
 __device__ __forceinline__ void convert_kv_tile(const KV* stage, __half* kh, __half* vh, const int64_t* rows,
                                                 int n_in, const float* __restrict__ k_scales,
-                                                const float* __restrict__ v_scales, int tid) {
+                                                const float* __restrict__ v_scales, int tid,
+                                                bool newer_in_flight = false) {
   using L = KvTileLayout<HD, BK, KV>;
   constexpr int EC = L::kChunk, CPR = HD / EC, CH = BK * CPR / THREADS, LD = L::kLd;
-  cp_async_wait_all();
+  cp_async_wait(newer_in_flight);
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
     int c = i * THREADS + tid, row = c / CPR, col = (c % CPR) * EC;
