@@ -2,15 +2,18 @@
 // grid: n samples of one prompt of m positions, each 64 positions past it; ms per decode step of attention over
 // 32 layers for (a) the bifurcated op on a table whose rows share the prompt's blocks and (b) the plain paged
 // kernel over the same n sequences without sharing (each its own copy of the prompt), beside the byte floor of
-// each (bytes the step must read / the measured read bandwidth). Build and run with nvcc alone, from the
+// each (bytes the step must read / the measured read bandwidth); and the prefix kernel alone (the shared prompt's
+// K and V, read once per group: tensor cores for head dim 128), its ms per step and achieved GB/s beside the
+// measured read bandwidth, which say whether it is bound by bytes. Build and run with nvcc alone, from the
 // repository root:
 //   bench/kernels/bifurcated-run.sh
 // Shapes: Llama-2-7B (MHA, 32 heads of 128) and Llama-3-8B (GQA, 32 query / 8 kv heads of 128); bf16 caches in
 // blocks of 16; m in {2K, 8K, 16K, 32K}; n in {1, 4, 16, 32} (n = 1: a group of one). Each layer has caches of
 // its own (up to 32 distinct, never fewer than make 512 MiB, so the L2 holds none), the 32 calls of a step
 // cycle through them; CUDA events, median of 5 steps after 2 warm-ups. The bifurcated result is checked against
-// the plain kernel on the shared table (norm-wise error, as ops-check). Exit 1 on an error over 1e-4, a NaN, or
-// a device report; the issue's bars (8K, n = 16: <= 1.3x the n = 1 step, >= 3x faster than unshared) are printed.
+// the plain kernel on the shared table (norm-wise error, as ops-check). Exit 1 on an error over 1e-3 (the
+// tensor-core prefix rounds q, k, v and p to f16: the prefill kernel's bound in ops-check), a NaN, or a device
+// report; the issue's bars (8K, n = 16: <= 1.3x the n = 1 step, >= 3x faster than unshared) are printed.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -59,6 +62,7 @@ struct Setup {
   std::vector<Tensor> k, v;  // per distinct layer [blocks, nKv, 16, 128] bf16
   Tensor table, seq, pos, group, shared;
   int64_t bytes_per_layer;  // K and V bytes the step reads per layer
+  int64_t prefix_bytes_per_layer;  // of which the shared prompt's (sharing), read once
 };
 
 Setup make_setup(int64_t n, int64_t m, int64_t n_kv, bool sharing, uint64_t seed) {
@@ -86,6 +90,7 @@ Setup make_setup(int64_t n, int64_t m, int64_t n_kv, bool sharing, uint64_t seed
   s.shared = dev_i({static_cast<int32_t>(m)}, {1});
   // bytes a step must read: the shared prompt once and the private positions (bifurcated), or every row whole
   s.bytes_per_layer = 2 * n_kv * kHd * 2 * (sharing ? m + n * kPrivate : n * len);
+  s.prefix_bytes_per_layer = sharing ? 2 * n_kv * kHd * 2 * m : 0;
   return s;
 }
 
@@ -102,8 +107,9 @@ int main() {
   wc::Ctx ctx{nullptr, stream, status};
   const double gbps = wc::measure_read_bandwidth(ctx, size_t{1} << 30, 10);
   std::printf("device: %s, %d SMs; read bandwidth %.0f GB/s (1 GiB, best of 10)\n", prop.name, prop.multiProcessorCount, gbps);
-  std::printf("ms per decode step of attention over %lld layers, bf16 KV, %lld private positions per sample\n",
-              static_cast<long long>(kLayers), static_cast<long long>(kPrivate));
+  std::printf("ms per decode step of attention over %lld layers, bf16 KV, %lld private positions per sample; pfx: the\n"
+              "prefix kernel alone, its GB/s = the prompt's K and V bytes / its time (bytes-bound near %.0f)\n",
+              static_cast<long long>(kLayers), static_cast<long long>(kPrivate), gbps);
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
@@ -126,8 +132,8 @@ int main() {
     return static_cast<double>(ms[ms.size() / 2]);
   };
   bool ok = true;
-  std::printf("%-10s %6s %3s %9s %9s %9s %9s %8s %8s %9s\n", "model", "m", "n", "bif ms", "floor", "plain ms", "floor",
-              "vs n=1", "speedup", "rel err");
+  std::printf("%-10s %6s %3s %9s %9s %9s %9s %8s %8s %9s %9s %9s\n", "model", "m", "n", "bif ms", "floor", "plain ms",
+              "floor", "vs n=1", "speedup", "rel err", "pfx ms", "pfx GB/s");
   struct Shape2 {
     const char* name;
     int64_t nH, nKv;
@@ -145,7 +151,7 @@ int main() {
           return wc::detail::attention_decode_scratch_floats(n, sh.nH, sh.nKv, s.table.dim(1) * kBlock, kHd,
                                                              prop.multiProcessorCount, false);  // bf16 KV
         };
-        double bif_ms, plain_ms, bif_floor, plain_floor, rel;
+        double bif_ms, plain_ms, bif_floor, plain_floor, rel, prefix_ms, prefix_gbps;
         bool nan = false;
         {
           Setup s = make_setup(n, m, sh.nKv, true, 100);
@@ -158,6 +164,13 @@ int main() {
           };
           bif_ms = step_ms(bif);
           bif_floor = kLayers * double(s.bytes_per_layer) / (gbps * 1e6);
+          prefix_ms = step_ms([&](int64_t l) {
+            const size_t i = static_cast<size_t>(l) % s.k.size();
+            wc::detail::launch_attention_bifurcated_prefix(ctx, q, s.k[i], s.v[i], s.seq, s.table, s.pos, s.group,
+                                                           s.shared, sh.nH, scale, scratch.data<float>(),
+                                                           prop.multiProcessorCount);
+          });
+          prefix_gbps = kLayers * double(s.prefix_bytes_per_layer) / (prefix_ms * 1e6);
           wc::detail::launch_attention_decode(ctx, q, s.k[0], s.v[0], s.seq, s.table, s.pos, sh.nH, scale, ref,
                                               plain_scratch.data<float>(), prop.multiProcessorCount);
           bif(0);
@@ -184,10 +197,11 @@ int main() {
           plain_floor = kLayers * double(s.bytes_per_layer) / (gbps * 1e6);
         }
         if (n == 1) n1_ms = plain_ms;  // the n = 1 step: the plain kernel (a request of one sample forms no group)
-        std::printf("%-10s %6lld %3lld %9.3f %9.3f %9.3f %9.3f %7.2fx %7.1fx %9.2e%s\n", sh.name,
+        std::printf("%-10s %6lld %3lld %9.3f %9.3f %9.3f %9.3f %7.2fx %7.1fx %9.2e %9.3f %9.0f%s\n", sh.name,
                     static_cast<long long>(m), static_cast<long long>(n), bif_ms, bif_floor, plain_ms, plain_floor,
-                    bif_ms / n1_ms, plain_ms / bif_ms, rel, nan ? "  NaN!" : (rel > 1e-4 ? "  FAIL" : ""));
-        ok &= !nan && rel <= 1e-4;
+                    bif_ms / n1_ms, plain_ms / bif_ms, rel, prefix_ms, prefix_gbps,
+                    nan ? "  NaN!" : (rel > 1e-3 ? "  FAIL" : ""));
+        ok &= !nan && rel <= 1e-3;
         if (m == 8192 && n == 16)
           std::printf("  bar (8K, n = 16): %.2fx the n = 1 step (<= 1.3: %s), %.1fx faster than unshared (>= 3: %s)\n",
                       bif_ms / n1_ms, bif_ms / n1_ms <= 1.3 ? "met" : "NOT met", plain_ms / bif_ms,

@@ -4,7 +4,9 @@
 // shared lengths, table, positions) were rewritten. Then through weft: 4 samples (a decode graph of its own with
 // the bifurcated op) and 12 (past the graphs' 8 rows: eager steps) of one prompt, greedy, each the one greedy
 // sequence. Run on a GPU host:  node --import tsx --test test/gpu/bifurcated.test.ts
-// Bound 1e-4 of max|out| (norm-wise, as ops-check's decode attention): fp32 reductions in another order.
+// Bound 1e-4 of max|out| (norm-wise, as ops-check's decode attention): fp32 reductions in another order; 1e-3 for
+// head dims 64 and 128, whose prefix runs on f16 tensor cores (cuda/attention-bifurcated-prefix.cu: q, k, v and
+// the softmax weights rounded to f16, as the prefill kernel, whose bound in ops-check this is).
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine, type Engine, type Tensor } from '../../worker/native.ts';
@@ -72,11 +74,14 @@ function attend(e: Engine, x: Inputs, nH: number, nKv: number, hd: number, dtype
   return e.download(out) as Float32Array;
 }
 
-function assertNormClose(got: Float32Array, want: Float32Array, what: string): void {
+/** The bound for a head dim: the tensor-core prefix's (hd 64, 128) or the fp32 kernels'. */
+const boundFor = (hd: number): number => (hd === 64 || hd === 128 ? 1e-3 : 1e-4);
+
+function assertNormClose(got: Float32Array, want: Float32Array, bound: number, what: string): void {
   const scale = want.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
   let err = 0;
   for (let i = 0; i < want.length; i++) err = Math.max(err, Math.abs(got[i]! - want[i]!));
-  assert.ok(err <= 1e-4 * scale, `${what}: max error ${err} over 1e-4 of max|out| ${scale}`);
+  assert.ok(err <= bound * scale, `${what}: max error ${err} over ${bound} of max|out| ${scale}`);
 }
 
 describe('bifurcated decode attention on CUDA', { skip }, () => {
@@ -91,8 +96,8 @@ describe('bifurcated decode attention on CUDA', { skip }, () => {
       const cpu = createEngine({ backend: 'cpu' });
       const x = inputs(n * 1000 + hd, n, nH, nKv, hd, promptBlocks);
       const got = attend(cuda, x, nH, nKv, hd, dtype, true);
-      assertNormClose(got, attend(cpu, x, nH, nKv, hd, dtype, true), 'vs the CPU');
-      assertNormClose(got, attend(cuda, x, nH, nKv, hd, dtype, false), 'vs the plain CUDA kernel');
+      assertNormClose(got, attend(cpu, x, nH, nKv, hd, dtype, true), boundFor(hd), 'vs the CPU');
+      assertNormClose(got, attend(cuda, x, nH, nKv, hd, dtype, false), boundFor(hd), 'vs the plain CUDA kernel');
     });
 
   test('captured in a graph, it follows descriptors rewritten before each replay', () => {
@@ -120,7 +125,7 @@ describe('bifurcated decode attention on CUDA', { skip }, () => {
       e.write(tokenGroup, bytesOf(now.tokenGroup));
       e.write(groupShared, bytesOf(now.groupShared));
       e.replay(graph);
-      assertNormClose(e.download(result) as Float32Array, attend(cpu, now, nH, nKv, hd, 'bf16', true), `replay ${JSON.stringify(Object.keys(change))}`);
+      assertNormClose(e.download(result) as Float32Array, attend(cpu, now, nH, nKv, hd, 'bf16', true), boundFor(hd), `replay ${JSON.stringify(Object.keys(change))}`);
     }
   });
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "cuda/attention-bifurcated.cuh"
+#include "cuda/attention-bifurcated-prefix.cuh"
 #include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
@@ -20,7 +21,9 @@ struct Plan {
   size_t smem;
 };
 
-__host__ __device__ inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+using bifurcated::ceil_div;
+using bifurcated::group_of;
+using bifurcated::shared_of;
 
 // smem: key row offsets [P] i64, q rows [kRowTile][hd], scores [kRowTile][P], the rows' (token, head) [kRowTile],
 // the group's members [T] (prefix blocks).
@@ -35,17 +38,6 @@ Plan plan_for(int64_t T, int64_t n_kv, int64_t C, int64_t hd, int num_sms) {
   while (P > 64 && T * n_kv * ceil_div(C, P) < 2 * num_sms) P /= 2;
   while (P > 16 && smem_bytes(P, hd, T) > 48 * 1024) P /= 2;
   return {P, ceil_div(C, P), ceil_div(C, P), smem_bytes(P, hd, T)};
-}
-
-// A token's group, -1 for none or an index outside the descriptors; and the positions its group shares.
-__device__ __forceinline__ int group_of(const int32_t* token_group, int t, int G) {
-  const int g = token_group[t];
-  return g >= 0 && g < G ? g : -1;
-}
-__device__ __forceinline__ int shared_of(const int32_t* group_shared, int g, int64_t capacity) {
-  if (g < 0) return 0;
-  const int64_t shared = group_shared[g];
-  return static_cast<int>(shared < 0 ? 0 : (shared > capacity ? capacity : shared));
 }
 
 // The 8 partial sums of a lane reduced over the warp, transposed: afterwards lane l holds, in acc[0], the whole
@@ -99,12 +91,7 @@ __global__ void __launch_bounds__(kThreads)
     lo = c * P;
     if (shared <= 0 || lo >= shared) return;
     __shared__ int n_members;
-    if (threadIdx.x == 0) {
-      int n = 0;
-      for (int t = 0; t < T; ++t)
-        if (group_of(token_group, t, G) == task) members[n++] = t;
-      n_members = n;
-    }
+    bifurcated::find_members(token_group, T, G, task, members, &n_members);
     __syncthreads();
     if (n_members == 0) return;
     reporter_t = members[0];
@@ -302,10 +289,14 @@ int64_t attention_bifurcated_scratch_floats(const Tensor& q, const Tensor& k_cac
   return T * n_heads * (plan.slots_a + plan.slots_b) * (hd + 2);
 }
 
-void launch_attention_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                 const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                                 const Tensor& token_group, const Tensor& group_shared, int64_t n_heads, float scale,
-                                 const Tensor& out, float* scratch, int num_sms) {
+namespace {
+
+// The partial kernels (the prefix alone when !with_private: a benchmark's view of it), then the merge into out
+// (none when out is null).
+void launch_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                       const Tensor& token_group, const Tensor& group_shared, int64_t n_heads, float scale,
+                       const Tensor* out, float* scratch, int num_sms, bool with_private) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int64_t T = q.dim(0), n_kv = k_cache.dim(1), C = kv.capacity(), hd = k_cache.dim(3), G = group_shared.dim(0);
   if (T == 0 || hd == 0) return;
@@ -322,18 +313,24 @@ void launch_attention_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& 
   const int group = static_cast<int>(n_heads / n_kv), n_slots = plan.slots_a + plan.slots_b;
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * n_slots * hd;
-  // prefix tiles: a group's rows are at most every token x the GQA heads; private tiles: the GQA heads
+  // head dims 64 and 128: the prefix on tensor cores (attention-bifurcated-prefix.cu); others on CUDA cores
+  const bool prefix_mma = bifurcated::prefix_mma_takes(hd);
+  if (G > 0 && prefix_mma)
+    bifurcated::launch_prefix_mma(ctx, q, k_cache, v_cache, token_seq, kv_block_table, token_group, group_shared,
+                                  n_heads, scale, plan.P, plan.slots_a, n_slots, part_out, part_ml);
+  // fp32 prefix tiles: a group's rows are at most every token x the GQA heads; private tiles: the GQA heads
   const int tiles_a = ceil_div(T * group, kRowTile), tiles_b = ceil_div(group, kRowTile);
   auto partial = [&](auto kernel, const auto* k, const auto* v) {
-    if (G > 0)
+    if (G > 0 && !prefix_mma)
       launch_pdl(ctx, kernel, dim3(tiles_a * plan.slots_a, static_cast<unsigned>(G * n_kv)), kThreads, plan.smem, true,
                  q.data<float>(), k, v, kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
                  token_group.data<int32_t>(), group_shared.data<int32_t>(), int(T), int(G), int(n_heads), int(hd),
                  plan.P, tiles_a, plan.slots_a, n_slots, scale, part_out, part_ml, ctx.status);
-    launch_pdl(ctx, kernel, dim3(tiles_b * plan.slots_b, static_cast<unsigned>(T * n_kv)), kThreads, plan.smem, false,
-               q.data<float>(), k, v, kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
-               token_group.data<int32_t>(), group_shared.data<int32_t>(), int(T), int(G), int(n_heads), int(hd),
-               plan.P, tiles_b, plan.slots_a, n_slots, scale, part_out, part_ml, ctx.status);
+    if (with_private)
+      launch_pdl(ctx, kernel, dim3(tiles_b * plan.slots_b, static_cast<unsigned>(T * n_kv)), kThreads, plan.smem,
+                 false, q.data<float>(), k, v, kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
+                 token_group.data<int32_t>(), group_shared.data<int32_t>(), int(T), int(G), int(n_heads), int(hd),
+                 plan.P, tiles_b, plan.slots_a, n_slots, scale, part_out, part_ml, ctx.status);
   };
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
     const KV *k = k_cache.data<KV>(), *v = v_cache.data<KV>();
@@ -349,10 +346,31 @@ void launch_attention_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& 
       partial(bifurcated_partial<KV, 2, 4>, k, v);
   });
   check_launch(ctx, op, args);
+  if (!out) return;
   launch_pdl(ctx, bifurcated_merge, static_cast<unsigned>(T * n_heads), 128, 0, kv, token_seq.data<int32_t>(),
              positions.data<int32_t>(), token_group.data<int32_t>(), group_shared.data<int32_t>(), int(G),
-             int(n_heads), int(hd), plan.P, plan.slots_a, n_slots, part_out, part_ml, out.data<float>());
+             int(n_heads), int(hd), plan.P, plan.slots_a, n_slots, part_out, part_ml, out->data<float>());
   check_launch(ctx, op, args);
 }
+
+}  // namespace
+
+void launch_attention_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                 const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                 const Tensor& token_group, const Tensor& group_shared, int64_t n_heads, float scale,
+                                 const Tensor& out, float* scratch, int num_sms) {
+  launch_bifurcated(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, token_group, group_shared,
+                    n_heads, scale, &out, scratch, num_sms, true);
+}
+
+namespace detail {
+void launch_attention_bifurcated_prefix(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                        const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                        const Tensor& token_group, const Tensor& group_shared, int64_t n_heads,
+                                        float scale, float* scratch, int num_sms) {
+  launch_bifurcated(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, token_group, group_shared,
+                    n_heads, scale, nullptr, scratch, num_sms, false);
+}
+}  // namespace detail
 
 }  // namespace weft::cuda

@@ -6,6 +6,7 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/kv-block-table.cuh"
+#include "cuda/mma-tile.cuh"
 
 namespace weft::cuda {
 namespace {
@@ -80,84 +81,7 @@ constexpr int kFaBK = 64;  // keys per tile
 constexpr int kFaThreads = 128;
 
 template <int HD, typename KV>
-struct FaLayout {
-  static constexpr int kLd = HD + 8;                                          // f16 elements per tile row
-  static constexpr int kChunk = 16 / sizeof(KV);                             // cache elements per 16-byte chunk
-  static constexpr size_t kStage = size_t{2} * kFaBK * HD * sizeof(KV);      // K then V, the cache's type
-  static constexpr size_t kHalfTile = size_t{kFaBK} * kLd * sizeof(__half);  // Q (at first), K, V tiles
-  static constexpr size_t kBytes = kStage + 2 * kHalfTile;
-};
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global -> shared; src_bytes 0 fills zeros (rows past the keys in use: a poisoned cache row must not
-// reach P V as NaN * 0).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-// c += a b, m16n8k16, f16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// (lo, hi) -> f16x2, round to nearest, saturating at +-65504 (NaN stays NaN).
-__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-// One staged 16-byte chunk of cache elements -> f16 at dst (8-byte aligned for f32's 4, 16 for bf16's 8).
-__device__ __forceinline__ void chunk_to_f16(const float* src, __half* dst) {
-  const float4 x = *reinterpret_cast<const float4*>(src);
-  *reinterpret_cast<uint2*>(dst) = make_uint2(pack_f16(x.x, x.y), pack_f16(x.z, x.w));
-}
-__device__ __forceinline__ void chunk_to_f16(const __nv_bfloat16* src, __half* dst) {
-  const uint4 x = *reinterpret_cast<const uint4*>(src);
-  auto lo = [](uint32_t u) { return __uint_as_float(u << 16); };
-  auto hi = [](uint32_t u) { return __uint_as_float(u & 0xffff0000u); };
-  *reinterpret_cast<uint4*>(dst) = make_uint4(pack_f16(lo(x.x), hi(x.x)), pack_f16(lo(x.y), hi(x.y)),
-                                              pack_f16(lo(x.z), hi(x.z)), pack_f16(lo(x.w), hi(x.w)));
-}
-// 16 staged 1-byte codes of one row -> their values (code * the row's scale, f32) -> f16 at dst (32-byte
-// aligned): the f32 cache's conversion of the same values, so the two give the same tiles.
-template <typename KV>
-__device__ __forceinline__ void chunk_to_f16(const KV* src, __half* dst, float row_scale) {
-  const uint4 x = *reinterpret_cast<const uint4*>(src);
-  const uint32_t words[4] = {x.x, x.y, x.z, x.w};
-  uint32_t packed[8];
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    float f[4];
-    codes_as_f32(words[w], src, f);
-    packed[2 * w] = pack_f16(__fmul_rn(f[0], row_scale), __fmul_rn(f[1], row_scale));
-    packed[2 * w + 1] = pack_f16(__fmul_rn(f[2], row_scale), __fmul_rn(f[3], row_scale));
-  }
-  reinterpret_cast<uint4*>(dst)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-  reinterpret_cast<uint4*>(dst)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-}
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+using FaLayout = KvTileLayout<HD, kFaBK, KV>;
 
 // grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16, or the
 // 1-byte codes with k_scales, v_scales [rows] (16 codes a chunk, dequantized as they are converted to f16).
@@ -173,10 +97,6 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
   constexpr int NO = HD / 8;                             // n8 tiles of O
   constexpr int NS = kFaBK / 8;                          // n8 tiles of S
-  constexpr int EC = L::kChunk;                          // cache elements per 16-byte chunk
-  constexpr int CPR = HD / EC;                           // 16-byte chunks per cache row
-  constexpr int CH = kFaBK * CPR / kFaThreads;           // chunks per thread per K (or V) tile
-  static_assert(HD % 16 == 0 && (kFaBK * CPR) % kFaThreads == 0, "tile shape");
   extern __shared__ __align__(16) unsigned char fa_smem[];
   KV* stage = reinterpret_cast<KV*>(fa_smem);                       // [2][kFaBK][HD] of KV: K, V
   __half* kh = reinterpret_cast<__half*>(fa_smem + L::kStage);    // [kFaBK][LD]; the Q tile first
@@ -193,21 +113,18 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   // Q tile (scaled, f16) -> kh -> A fragments in registers.
   for (int c = tid; c < kFaBQ * HD / 4; c += kFaThreads) {
     int row = c / (HD / 4), col = (c % (HD / 4)) * 4, t = t0 + row;
-    float4 x = make_float4(0, 0, 0, 0);
-    if (t < T) x = *reinterpret_cast<const float4*>(q + (size_t(t) * nH + h) * HD + col);
-    *reinterpret_cast<uint2*>(kh + row * LD + col) =
-        make_uint2(pack_f16(x.x * qscale, x.y * qscale), pack_f16(x.z * qscale, x.w * qscale));
+    q4_to_f16(t < T ? q + (size_t(t) * nH + h) * HD + col : nullptr, qscale, kh + row * LD + col);
   }
   __syncthreads();
   uint32_t qf[KT][4];
   {
-    const uint32_t a = smem_u32(kh + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * (lane >> 4));
+    const uint32_t a = a_frag_addr<LD>(kh + warp * 16 * LD, lane);
 #pragma unroll
     for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], a + kk * 16 * sizeof(__half));
   }
   // ldmatrix lane addresses: K (B of Q K^T, non-transposed) and V (B of P V, transposed).
-  const uint32_t k_addr = smem_u32(kh + ((lane & 7) + 8 * (lane >> 4)) * LD + 8 * ((lane >> 3) & 1));
-  const uint32_t v_addr = smem_u32(vh + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * (lane >> 4));
+  const uint32_t k_addr = k_frag_addr<LD>(kh, lane);
+  const uint32_t v_addr = v_frag_addr<LD>(vh, lane);
 
   for (;;) {
     __syncthreads();  // also: every warp has its Q fragments before kh is overwritten
@@ -231,30 +148,10 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       return p < end ? kv_read_row(kv, cur_tok, seq, g, p, status) * HD : 0;
     };
     auto fetch = [&](int kv0, const int64_t* rows) {
-#pragma unroll
-      for (int i = 0; i < CH; ++i) {
-        int c = i * kFaThreads + tid, row = c / CPR;
-        bool in = kv0 + row < end;
-        int64_t off = in ? rows[row] + (c % CPR) * EC : 0;
-        cp_async16(smem_u32(stage + c * EC), k_cache + off, in ? 16 : 0);
-        cp_async16(smem_u32(stage + kFaBK * HD + c * EC), v_cache + off, in ? 16 : 0);
-      }
-      cp_async_commit();
+      fetch_kv_tile<HD, kFaBK, kFaThreads>(stage, k_cache, v_cache, rows, end - kv0, tid);
     };
     auto convert = [&](int kv0, const int64_t* rows) {  // the chunks this thread fetched: no barrier between them
-      cp_async_wait_all();
-#pragma unroll
-      for (int i = 0; i < CH; ++i) {
-        int c = i * kFaThreads + tid, row = c / CPR, col = (c % CPR) * EC;
-        if constexpr (kKvQuantized<KV>) {  // a row past end was zero-filled: its scale 0 keeps it 0
-          const bool in = kv0 + row < end;
-          chunk_to_f16(stage + c * EC, kh + row * LD + col, in ? k_scales[rows[row] / HD] : 0.0f);
-          chunk_to_f16(stage + kFaBK * HD + c * EC, vh + row * LD + col, in ? v_scales[rows[row] / HD] : 0.0f);
-        } else {
-          chunk_to_f16(stage + c * EC, kh + row * LD + col);
-          chunk_to_f16(stage + kFaBK * HD + c * EC, vh + row * LD + col);
-        }
-      }
+      convert_kv_tile<HD, kFaBK, kFaThreads>(stage, kh, vh, rows, end - kv0, k_scales, v_scales, tid);
     };
 
     float o_acc[NO][4];
@@ -278,17 +175,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       const int64_t row_after_next = tid < kFaBK && j + 2 < n_tiles ? tile_row(kv0 + 2 * kFaBK) : 0;
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
         float s[NS][4];
-#pragma unroll
-        for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk)
-#pragma unroll
-          for (int np = 0; np < NS / 2; ++np) {
-            uint32_t b[4];
-            ldmatrix_x4(b, k_addr + (np * 16 * LD + kk * 16) * sizeof(__half));
-            mma_f16(s[2 * np], qf[kk], b[0], b[1]);
-            mma_f16(s[2 * np + 1], qf[kk], b[2], b[3]);
-          }
+        mma_qk<KT, NS, LD>(s, qf, k_addr);
         if (kv0 + kFaBK - 1 > wmin) {  // causal mask (also: rows of other sequences, keys past end)
 #pragma unroll
           for (int n = 0; n < NS; ++n)
@@ -296,51 +183,9 @@ __global__ void __launch_bounds__(kFaThreads, 2)
             for (int e = 0; e < 4; ++e)
               if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1)) s[n][e] = -INFINITY;
         }
-        float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-          mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-#pragma unroll
-        for (int o = 1; o <= 2; o <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
-        }
-        // A row with no key yet keeps max -inf: subtract 0 instead, so that exp2(-inf - base) = 0, not NaN.
-        const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
-        const float alpha0 = fast_exp2(m0 - base0), alpha1 = fast_exp2(m1 - base1);
-        m0 = mx0;
-        m1 = mx1;
-        float rs0 = 0, rs1 = 0;
         uint32_t pf[NS / 2][4];
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          float p0 = fast_exp2(s[n][0] - base0), p1 = fast_exp2(s[n][1] - base0);
-          float p2 = fast_exp2(s[n][2] - base1), p3 = fast_exp2(s[n][3] - base1);
-          rs0 += p0 + p1;
-          rs1 += p2 + p3;
-          pf[n / 2][(n & 1) * 2] = pack_f16(p0, p1);
-          pf[n / 2][(n & 1) * 2 + 1] = pack_f16(p2, p3);
-        }
-        l0 = l0 * alpha0 + rs0;
-        l1 = l1 * alpha1 + rs1;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-          o_acc[n][0] *= alpha0;
-          o_acc[n][1] *= alpha0;
-          o_acc[n][2] *= alpha1;
-          o_acc[n][3] *= alpha1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < NS / 2; ++kk)
-#pragma unroll
-          for (int dn = 0; dn < NO / 2; ++dn) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half));
-            mma_f16(o_acc[2 * dn], pf[kk], b[0], b[1]);
-            mma_f16(o_acc[2 * dn + 1], pf[kk], b[2], b[3]);
-          }
+        softmax_step<NS, NO>(s, m0, m1, l0, l1, o_acc, pf);
+        mma_pv<NS, NO, LD>(o_acc, pf, v_addr);
       }
       if (j + 1 < n_tiles) {
         __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
