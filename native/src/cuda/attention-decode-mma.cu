@@ -18,19 +18,6 @@ namespace {
 
 constexpr int kHeadRows = 8;  // query heads a block serves at most (the plan's head chunk): rows 0-7 of the tile
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
 // c += a b for a 16 x 16 A whose rows 8-15 are zero (a1 = a3 = 0): a0 holds (row g, cols 2t, 2t + 1), a2 the same
 // row at cols 2t + 8, 2t + 9 (g = lane / 4, t = lane % 4). BF16: bf16 operands, else f16.
 template <bool BF16>
@@ -138,8 +125,8 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
       const int r = x / kCopiesPerRow, e = (x % kCopiesPerRow) * kCopyElems;
       const bool in = r0 + r < u.np;
       const size_t off = (in ? size_t(rows[r0 + r]) * HD : 0) + e;
-      copy_async<16>(kt + r * LD + e, k_cache + off, in);
-      copy_async<16>(vt + r * LD + e, v_cache + off, in);
+      cp_async16(smem_u32(kt + r * LD + e), k_cache + off, in ? 16 : 0);
+      cp_async16(smem_u32(vt + r * LD + e), v_cache + off, in ? 16 : 0);
     }
   };
 
@@ -168,13 +155,13 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
     if (s < n_tiles) issue(s);
-    copy_async_commit();
+    cp_async_commit();
   }
   for (int it = 0; it < n_tiles; ++it) {
-    copy_async_wait<S - 2>();
+    cp_async_wait(S - 2 > 0);
     __syncthreads();  // tile `it` landed; the stage tile it - 1 used is free again
     if (it + S - 1 < n_tiles) issue(it + S - 1);
-    copy_async_commit();
+    cp_async_commit();
     const int r0 = it * TR, nr = min(TR, u.np - r0);
     const KV* kt = stage_k(it);
     const KV* vt = kt + TR * LD;
@@ -194,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
           for (int i = 0; i < 4; ++i)
             b[i] = codes_to_f16x2(kt, *reinterpret_cast<const uint16_t*>(row + 8 * i));
         } else {
-          ldmatrix_x4(b, kt + (rb + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8);
+          ldmatrix_x4(b, smem_u32(kt + (rb + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8));
         }
         mma_top_rows<kBf16>(s_hi, qa_hi[ks][0], qa_hi[ks][1], b[0], b[1]);
         mma_top_rows<kBf16>(s_lo, qa_lo[ks][0], qa_lo[ks][1], b[0], b[1]);
@@ -243,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
             b[i] = codes_to_f16x2(vt, uint32_t(p[0]) | (uint32_t(p[LD]) << 8));
           }
         } else {
-          ldmatrix_x4_trans(b, vt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col + (lane >> 4) * 8);
+          ldmatrix_x4_trans(b, smem_u32(vt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col + (lane >> 4) * 8));
         }
         mma_top_rows<kBf16>(o[n], pa_hi0, pa_hi2, b[0], b[1]);
         mma_top_rows<kBf16>(o[n], pa_lo0, pa_lo2, b[0], b[1]);
@@ -252,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
       }
     }
   }
-  copy_async_wait<0>();
+  cp_async_wait_all();
 
   if (g < u.nh) {
     float* out = part_out + ((size_t(u.t) * nH + u.h_first + g) * n_part + u.c) * HD + warp * (HD / 4) + 2 * tq;

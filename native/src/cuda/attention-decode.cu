@@ -119,8 +119,13 @@ __global__ void __launch_bounds__(kThreads)
       const int r = x / copies_per_row, e = (x % copies_per_row) * kCopyElems;
       const bool in = r0 + r < np;
       const size_t off = (in ? size_t(rows[r0 + r]) * hd : 0) + e;
-      copy_async<kCopyBytes>(kt + r * hd + e, k_cache + off, in);
-      copy_async<kCopyBytes>(vt + r * hd + e, v_cache + off, in);
+      if constexpr (kCopyBytes == 16) {
+        cp_async16(smem_u32(kt + r * hd + e), k_cache + off, in ? 16 : 0);
+        cp_async16(smem_u32(vt + r * hd + e), v_cache + off, in ? 16 : 0);
+      } else {
+        cp_async8(smem_u32(kt + r * hd + e), k_cache + off, in);
+        cp_async8(smem_u32(vt + r * hd + e), v_cache + off, in);
+      }
     }
   };
 
@@ -146,13 +151,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_tiles) issue(s);
-    copy_async_commit();
+    cp_async_commit();
   }
   for (int it = 0; it < n_tiles; ++it) {
-    copy_async_wait<kStages - 2>();
+    cp_async_wait(kStages - 2 > 0);
     __syncthreads();  // tile `it` landed for every thread; the stage tile it - 1 used is free again
     if (it + kStages - 1 < n_tiles) issue(it + kStages - 1);
-    copy_async_commit();
+    cp_async_commit();
     const KV* kt = tiles + size_t(it % kStages) * 2 * tile_elems;
     const KV* vt = kt + tile_elems;
     const int r0 = it * kTileRows, nr = min(kTileRows, np - r0);
@@ -213,7 +218,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  copy_async_wait<0>();
+  cp_async_wait_all();
   __syncthreads();  // every tile used: the stages become the reduction buffer
 
   // The row groups' sums: first the ones inside a warp (lanes RL, 2 RL, ... apart), then the warps in order.

@@ -1,12 +1,13 @@
 // Shared by the two decode attention kernels (attention-decode.cu on CUDA cores, attention-decode-mma.cu on tensor
 // cores): the partition plan, which both follow so that the scratch they need and the merge are the same, and the
-// asynchronous copies of the KV tiles. Only for .cu files.
+// steps they share (the block's unit, its row lookups, the online softmax of a tile). Only for .cu files.
 #pragma once
 
 #include <algorithm>
 
 #include "cuda/attention.cuh"
 #include "cuda/kv-block-table.cuh"
+#include "cuda/mma-tile.cuh"
 
 namespace weft::cuda {
 namespace decode {
@@ -59,23 +60,11 @@ __host__ __device__ __forceinline__ int partition_rows(int pos, int n_part) {
   return static_cast<int>(ceil_div(ceil_div(pos + 1, kTileRows), n_part) * kTileRows);
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+// 8 bytes global -> shared, zeros when !in: the rows of 1-byte codes whose head dim is not a multiple of 16 (the
+// CUDA-core kernel; 16-byte copies are mma-tile.cuh's cp_async16).
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool in) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 8 : 0) : "memory");
 }
-// `bytes` (16 or 8) global -> shared; src_bytes 0 fills zeros (rows past the partition: a poisoned cache row must
-// not reach P V as NaN * 0).
-template <int BYTES>
-__device__ __forceinline__ void copy_async(void* dst, const void* src, bool in) {
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 16 : 0)
-                 : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(in ? 8 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // ---- the steps both kernels share (device side)
 
