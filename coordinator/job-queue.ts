@@ -34,7 +34,7 @@ export class JobQueue {
   /** jobs holding KV blocks, in the order they were admitted (preemption takes the youngest) */
   readonly running = new Set<Job>();
   private kvTable: KvBlockTable;
-  private readonly groups: SampleGroups | null;
+  private groups: SampleGroups | null;
 
   constructor(kvCache: KvBlockTable, private readonly options: JobQueueOptions) {
     this.kvTable = kvCache;
@@ -49,9 +49,10 @@ export class JobQueue {
     return this.groups;
   }
 
-  /** Take a new KV allocator while no sequence holds blocks. */
+  /** Take a new KV allocator while no sequence holds blocks (the sample groups' records went with the old one). */
   replaceKvCache(kvCache: KvBlockTable): void {
     this.kvTable = kvCache;
+    this.groups = this.options.sampleGroups ? new SampleGroups(kvCache) : null;
   }
 
   /**
