@@ -112,11 +112,12 @@ export interface StreamTiming {
   readonly tokens: number;
 }
 
-/** One streaming /v1/completions request of token ids, greedy, EOS ignored. */
-export async function streamCompletion(url: string, promptIds: readonly number[], maxTokens: number): Promise<StreamTiming> {
+/** One streaming /v1/completions request of token ids, greedy, EOS ignored; aborted when not done within `timeoutMs`. */
+export async function streamCompletion(url: string, promptIds: readonly number[], maxTokens: number, timeoutMs: number): Promise<StreamTiming> {
   const sentAt = performance.now();
   const response = await fetch(`${url}/v1/completions`, {
     method: 'POST',
+    signal: AbortSignal.timeout(timeoutMs),
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify({ prompt: promptIds, max_tokens: maxTokens, temperature: 0, ignore_eos: true, stream: true, stream_options: { include_usage: true } }),
   });
@@ -160,13 +161,14 @@ function percentile(sorted: readonly number[], q: number): number {
 }
 
 /**
- * `concurrency` streams at once; figures of the whole phase and of its steady part. `promptIds`: one prompt for
- * every stream, or stream i's prompt (distinct prompts: no stream finds another's in the prefix cache).
+ * `concurrency` streams at once, each within `timeoutMs`; figures of the whole phase and of its steady part.
+ * `promptIds`: one prompt for every stream, or stream i's prompt (distinct prompts: no stream finds another's in
+ * the prefix cache).
  */
-export async function concurrentStreams(url: string, promptIds: readonly number[] | ((stream: number) => readonly number[]), maxTokens: number, concurrency: number): Promise<ConcurrentFigures> {
+export async function concurrentStreams(url: string, promptIds: readonly number[] | ((stream: number) => readonly number[]), maxTokens: number, concurrency: number, timeoutMs: number): Promise<ConcurrentFigures> {
   const started = performance.now();
   const promptOf = typeof promptIds === 'function' ? promptIds : () => promptIds;
-  const streams = await Promise.all(Array.from({ length: concurrency }, (_, i) => streamCompletion(url, promptOf(i), maxTokens)));
+  const streams = await Promise.all(Array.from({ length: concurrency }, (_, i) => streamCompletion(url, promptOf(i), maxTokens, timeoutMs)));
   const ended = Math.max(...streams.map((s) => s.endedAt));
   const tokens = streams.reduce((sum, s) => sum + s.tokens, 0);
   const ttfts = streams.map((s) => (s.chunkAt[0] ?? NaN) - s.sentAt).sort((a, b) => a - b);

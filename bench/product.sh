@@ -17,12 +17,19 @@
 #   --quick             defaults of 64 new tokens, concurrency 8, one gpt-fast sample; no torch bandwidth probe
 #   --scale             serving at scale: `weft serve` alone (no in-process, generate or gpt-fast rows), 64 and 256
 #                       concurrent streams of 512 prompt tokens (a prompt of its own each) + 256 new tokens, under
-#                       --gpu-memory-fraction 0.95; TTFT p50/p99 and each batch's decode-step roofline (weights + KV
-#                       at the mean context over the read bandwidth, FLOPs over the tensor-core rate). llama-2-7b on
-#                       an H200: about 3 minutes, the checkpoint included
+#                       --gpu-memory-fraction 0.95; TTFT p50/p99 and each batch's decode-step roofline (the bytes of
+#                       the weights and of the KV at the mean context over the read bandwidth, the FLOPs over the
+#                       tensor-core rate). llama-2-7b on an H200: about 3 to 4 minutes after the addon build (probe,
+#                       a 13.5 GB checkpoint in about a minute, serve load, per batch an untimed and a timed round)
+#   --serve-prompt-tokens N  with --scale, each stream's prompt length (default 512)
+#   --bandwidth GBS     read bandwidth for the floors instead of weft's probe (with --device cpu: floors at that figure)
+#   --tensor-tflops N   tensor-core rate for --scale's compute floor (default: bench/product.ts's, an H200's on cuda)
 #   --no-anchor         skip gpt-fast
 #   --device cpu        a dry run of this script without a GPU: --tiny checkpoints (bench/decode.ts keeps the
-#                       preset's shape: name a cut one, e.g. --presets llama-2-7b:1), no floors, no anchor
+#                       preset's shape: name a cut one, e.g. --presets llama-2-7b:1), no floors (unless --bandwidth),
+#                       no anchor. The scale path's smoke run, every stage once in a minute:
+#                       bash bench/product.sh --scale --device cpu --concurrency 2,4 --new-tokens 24 \
+#                         --serve-prompt-tokens 40 --bandwidth 20 --tensor-tflops 1
 #   --keep              keep the checkpoints (reused by a later run while the machine stays); default: removed
 #   --out FILE          JSON lines appended (default $OUT/bench-product.jsonl on a device run, where $OUT comes back;
 #                       else ./bench-product.jsonl); bench/results.jsonl is curated by hand from it
@@ -32,6 +39,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 presets=llama-2-7b new_tokens='' concurrency='' samples='' quick=0 scale=0 anchor=1 keep=0 device=cuda out="${OUT:-.}/bench-product.jsonl"
+serve_prompt_tokens=512 bandwidth='' tensor_tflops=''
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --presets) presets="$2"; shift 2 ;;
@@ -40,6 +48,9 @@ while [ "$#" -gt 0 ]; do
     --samples) samples="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
     --scale) scale=1; anchor=0; shift ;;
+    --serve-prompt-tokens) serve_prompt_tokens="$2"; shift 2 ;;
+    --bandwidth) bandwidth="$2"; shift 2 ;;
+    --tensor-tflops) tensor_tflops="$2"; shift 2 ;;
     --no-anchor) anchor=0; shift ;;
     --keep) keep=1; shift ;;
     --device) device="$2"; shift 2 ;;
@@ -79,18 +90,19 @@ if [ "$anchor" = 1 ] && [ ! -f .anchors/gpt-fast/generate.py ]; then
   anchor=0
 fi
 
-tiny_args=() bandwidth_args=()
+tiny_args=() floor_args=()
 if [ "$device" = cpu ]; then
   tiny_args=(--tiny)
   anchor=0
-else
+elif [ -z "$bandwidth" ]; then
   stage "read bandwidth"
   bandwidth="$(node --import tsx bench/bandwidth.ts | tail -1 | sed 's/.*"bandwidthGBs":\([0-9.]*\).*/\1/')"
-  bandwidth_args=(--bandwidth "$bandwidth")
   echo "weft's probe: $bandwidth GB/s"
   if [ "$quick" = 0 ] && [ "$anchor" = 1 ]; then python3 bench/anchor/bw.py || echo "(torch bandwidth probe failed)"; fi
   done_stage
 fi
+[ -n "$bandwidth" ] && floor_args=(--bandwidth "$bandwidth")
+[ -n "$tensor_tflops" ] && floor_args+=(--tensor-tflops "$tensor_tflops")
 
 for entry in ${presets//,/ }; do
   preset="${entry%%:*}"
@@ -115,7 +127,7 @@ for entry in ${presets//,/ }; do
   in_process_args=()
   scale_args=()
   if [ "$scale" = 1 ]; then
-    scale_args=(--no-generate --serve-prompt-tokens 512 --weft-args "--gpu-memory-fraction 0.95")
+    scale_args=(--no-generate --serve-prompt-tokens "$serve_prompt_tokens" --weft-args "--gpu-memory-fraction 0.95")
   else
     stage "$label: weft in-process (bench/decode.ts)"
     if node --import tsx bench/decode.ts --models "$preset" "${layer_args[@]}" --batches 1,8 --prompts 5 --new-tokens "$new_tokens" --device "$device" | tee "$work/$label.decode.log"; then
@@ -143,7 +155,7 @@ for entry in ${presets//,/ }; do
 
   stage "$label: weft generate and weft serve (bench/product.ts)"
   node --import tsx bench/product.ts --model "$ckpt" --name "$label" --device "$device" --new-tokens "$new_tokens" --concurrency "$concurrency" \
-    "${bandwidth_args[@]}" "${in_process_args[@]}" "${anchor_args[@]}" "${scale_args[@]}" --out "$run_rows" || failed=1
+    "${floor_args[@]}" "${in_process_args[@]}" "${anchor_args[@]}" "${scale_args[@]}" --out "$run_rows" || failed=1
   done_stage
   [ "$keep" = 1 ] || rm -rf "$ckpt"
 done

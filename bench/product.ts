@@ -19,8 +19,9 @@
  * as one JSON line; a markdown table ends the run.
  * - serving at scale (--serve-prompt-tokens): each serve stream gets a prompt of its own of that length (no
  *   prefix-cache hits between streams or rounds); its row adds TTFT p99 and the roofline of one decode step of
- *   that batch: the weights and the KV at the mean context over the read bandwidth, the FLOPs over the tensor-core
- *   rate (--tensor-tflops), the floor the larger of the two, set beside the steady step time (batch / steady tok/s).
+ *   that batch: the bytes of the weights and of the KV at the mean context over the read bandwidth, the FLOPs over
+ *   the tensor-core rate (--tensor-tflops), the floor the larger of the two, set beside the steady step time
+ *   (batch / steady tok/s).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { appendFileSync, readFileSync } from 'node:fs';
@@ -51,7 +52,7 @@ const opts = new Command('bench-product')
   .option('--anchor <file>', 'run_gptfast.py JSON lines whose figures join the table')
   .option('--kv-dtype <d>', 'the weft commands\' KV cache (auto: bf16 on cuda, f32 on cpu), also the floors\' KV bytes', 'auto')
   .option('--weft-args <args>', 'extra flags for both weft commands, space-separated', '')
-  .option('--timeout-s <n>', 'limit on each weft process start (weights load) and run', '600')
+  .option('--timeout-s <n>', 'limit on each weft process start (weights load) and run, and on each serve stream', '600')
   .option('--out <file>', 'JSON lines appended here', 'bench-product.jsonl')
   .parse()
   .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; promptTokens: string; servePromptTokens?: string; tensorTflops?: string; newTokens: string; concurrency: string; generate: boolean; kvDtype: string; bandwidth?: string; inProcess?: string; anchor?: string; weftArgs: string; timeoutS: string; out: string }>();
@@ -92,6 +93,10 @@ function stepFlops(batch: number, context: number): number {
 interface ScaleFigures {
   p99TtftMs: number;
   servePromptTokens: number;
+  /** what one decode step of the batch at the mean context reads (weights, KV) and computes */
+  weightBytes: number;
+  kvBytes: number;
+  flops: number;
   memoryFloorMs: number | null;
   computeFloorMs: number | null;
   /** the measured step (batch / steady tok/s) and the floor's share of it */
@@ -149,7 +154,9 @@ async function measureServe(): Promise<void> {
   const started = performance.now();
   const slots = Math.max(...concurrency);
   const serveContext = servePromptTokens === null ? maxContext : servePromptTokens + newTokens + 16;
-  const args = ['--model', modelDir, '--device', opts.device, '--kv-slots', String(slots), '--max-queue', String(2 * slots), '--max-context', String(serveContext), ...extraArgs];
+  // cpu: a pool of every slot's full context, as a cuda rank sizes it from --gpu-memory-fraction at most (the cpu's default is 4 contexts)
+  const cpuPool = opts.device === 'cpu' ? ['--kv-cache-tokens', String(slots * serveContext)] : [];
+  const args = ['--model', modelDir, '--device', opts.device, '--kv-slots', String(slots), '--max-queue', String(2 * slots), '--max-context', String(serveContext), ...cpuPool, ...extraArgs];
   const server = await startServe(args, timeoutMs);
   console.log(`serve: ready at ${server.url} in ${server.readyS.toFixed(1)} s`);
   let failure: unknown = null;
@@ -157,17 +164,20 @@ async function measureServe(): Promise<void> {
     for (const [round, c] of concurrency.entries()) {
       const phase = performance.now();
       // warm-up: graph capture, first-use allocations (prompts of their own, so the timed round finds none cached)
-      await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round), Math.min(16, newTokens), c);
-      const f = await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round + 1), newTokens, c);
+      await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round), Math.min(16, newTokens), c, timeoutMs);
+      const f = await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round + 1), newTokens, c, timeoutMs);
       if (f.tokens !== c * newTokens) throw new Error(`serve x${c} generated ${f.tokens} tokens, not ${c * newTokens}`);
       const row: ProductRow = { model, batch: c, path: 'serve', tokensPerS: f.tokensPerS, ttftMs: f.p50TtftMs, floorMs: floorOf(c), anchorTokensPerS: null, steadyTokensPerS: f.steadyTokensPerS, loadS: server.readyS };
       if (servePromptTokens !== null) {
-        const memoryFloorMs = Number.isFinite(bandwidthGBs) ? floorMs(bytes.bytesPerStep(c, serveMeanContext), bandwidthGBs) : null;
-        const computeFloorMs = Number.isFinite(tensorTflops) ? (stepFlops(c, serveMeanContext) / (tensorTflops * 1e12)) * 1e3 : null;
+        const weightBytes = bytes.activeWeightBytes(c);
+        const kvBytes = bytes.kvBytes(c, serveMeanContext);
+        const flops = stepFlops(c, serveMeanContext);
+        const memoryFloorMs = Number.isFinite(bandwidthGBs) ? floorMs(weightBytes + kvBytes, bandwidthGBs) : null;
+        const computeFloorMs = Number.isFinite(tensorTflops) ? (flops / (tensorTflops * 1e12)) * 1e3 : null;
         const floor = memoryFloorMs === null ? null : Math.max(memoryFloorMs, computeFloorMs ?? 0);
         const stepMs = (c / f.steadyTokensPerS) * 1e3;
         row.floorMs = floor;
-        const scaled = { ...row, p99TtftMs: f.p99TtftMs, servePromptTokens, memoryFloorMs, computeFloorMs, stepMs, floorShare: floor === null ? null : floor / stepMs };
+        const scaled = { ...row, p99TtftMs: f.p99TtftMs, servePromptTokens, weightBytes, kvBytes, flops, memoryFloorMs, computeFloorMs, stepMs, floorShare: floor === null ? null : floor / stepMs };
         scaleRows.push(scaled);
         rows.push(scaled); // its JSON line carries the roofline too
       } else rows.push(row);
@@ -188,16 +198,19 @@ function report(): void {
   rows.sort((a, b) => a.batch - b.batch || PATH_ORDER.indexOf(a.path) - PATH_ORDER.indexOf(b.path));
   for (const row of rows) {
     row.anchorTokensPerS = anchorAt.get(row.batch) ?? null;
-    appendFileSync(opts.out, JSON.stringify({ date, gpu, commit, ...row, device: opts.device, promptTokens, newTokens, bandwidthGBs: Number.isFinite(bandwidthGBs) ? bandwidthGBs : null }) + '\n');
+    // a serve row at scale ran prompts of its own length
+    const rowPromptTokens = row.path === 'serve' && servePromptTokens !== null ? servePromptTokens : promptTokens;
+    appendFileSync(opts.out, JSON.stringify({ date, gpu, commit, ...row, device: opts.device, promptTokens: rowPromptTokens, newTokens, bandwidthGBs: Number.isFinite(bandwidthGBs) ? bandwidthGBs : null, tensorTflops: Number.isFinite(tensorTflops) ? tensorTflops : null }) + '\n');
   }
-  console.log(`\n${model} on ${gpu}, commit ${commit.slice(0, 12)}, prompt ${promptTokens}, ${newTokens} new tokens, read bandwidth ${Number.isFinite(bandwidthGBs) ? bandwidthGBs.toFixed(0) : '-'} GB/s\n`);
+  const prompts = servePromptTokens === null ? `prompt ${promptTokens}` : `serve prompts ${servePromptTokens}${opts.generate || opts.inProcess || opts.anchor ? `, other paths' prompt ${promptTokens}` : ''}`;
+  console.log(`\n${model} on ${gpu}, commit ${commit.slice(0, 12)}, ${prompts}, ${newTokens} new tokens, read bandwidth ${Number.isFinite(bandwidthGBs) ? bandwidthGBs.toFixed(0) : '-'} GB/s\n`);
   console.log(productTable(rows));
   if (scaleRows.length === 0) return;
   const fixed = (x: number | null, digits: number): string => (x === null || !Number.isFinite(x) ? '-' : x.toFixed(digits));
   console.log(`\nserving at scale: prompts of ${servePromptTokens} tokens (one each), ${newTokens} new; roofline of one decode step at the mean context of ${serveMeanContext} (read ${fixed(bandwidthGBs, 0)} GB/s, tensor cores ${fixed(tensorTflops, 0)} TFLOP/s)\n`);
-  console.log('| batch | tok/s | steady tok/s | TTFT p50 ms | TTFT p99 ms | step ms | memory floor ms | compute floor ms | floor / step |\n|---|---|---|---|---|---|---|---|---|');
+  console.log('| batch | tok/s | steady tok/s | TTFT p50 ms | TTFT p99 ms | step ms | weights GB | KV GB | TFLOP | memory floor ms | compute floor ms | floor / step |\n|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of scaleRows)
-    console.log(`| ${r.batch} | ${fixed(r.tokensPerS, 0)} | ${fixed(r.steadyTokensPerS ?? null, 0)} | ${fixed(r.ttftMs, 0)} | ${fixed(r.p99TtftMs, 0)} | ${fixed(r.stepMs, 2)} | ${fixed(r.memoryFloorMs, 2)} | ${fixed(r.computeFloorMs, 2)} | ${r.floorShare === null || !Number.isFinite(r.floorShare) ? '-' : `${(100 * r.floorShare).toFixed(0)}%`} |`);
+    console.log(`| ${r.batch} | ${fixed(r.tokensPerS, 0)} | ${fixed(r.steadyTokensPerS ?? null, 0)} | ${fixed(r.ttftMs, 0)} | ${fixed(r.p99TtftMs, 0)} | ${fixed(r.stepMs, 2)} | ${fixed(r.weightBytes / 1e9, 2)} | ${fixed(r.kvBytes / 1e9, 2)} | ${fixed(r.flops / 1e12, 2)} | ${fixed(r.memoryFloorMs, 2)} | ${fixed(r.computeFloorMs, 2)} | ${r.floorShare === null || !Number.isFinite(r.floorShare) ? '-' : `${(100 * r.floorShare).toFixed(0)}%`} |`);
 }
 
 const started = performance.now();

@@ -59,4 +59,30 @@ describe('bench/product', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  test('product.ts at scale (--serve-prompt-tokens): a prompt of its own per stream, TTFT p99 and the decode step\'s roofline in the row and the table', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'weft-product-scale-'));
+    try {
+      const out = join(dir, 'rows.jsonl');
+      const model = join(dir, 'llama-tiny');
+      cpSync(fixtureDir('llama-tiny'), model, { recursive: true });
+      const args = ['--model', model, '--device', 'cpu', '--no-generate', '--serve-prompt-tokens', '24', '--new-tokens', '16', '--concurrency', '2,3', '--bandwidth', '100', '--tensor-tflops', '1', '--out', out];
+      const run = spawnSync(process.execPath, ['--import', 'tsx', 'bench/product.ts', ...args], { encoding: 'utf8', timeout: 60_000 });
+      assert.equal(run.status, 0, run.stderr + run.stdout);
+      assert.match(run.stdout, /serving at scale: prompts of 24 tokens/);
+      const rows = readFileSync(out, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, number>);
+      assert.deepEqual(rows.map((r) => [r.path, r.batch, r.promptTokens]), [['serve', 2, 24], ['serve', 3, 24]]);
+      for (const row of rows) {
+        assert.ok(row.p99TtftMs! >= row.ttftMs!, JSON.stringify(row));
+        assert.ok(row.weightBytes! > 0 && row.kvBytes! > 0 && row.flops! > 0, JSON.stringify(row));
+        assert.equal(row.memoryFloorMs, ((row.weightBytes! + row.kvBytes!) / 100e9) * 1e3);
+        assert.equal(row.computeFloorMs, (row.flops! / 1e12) * 1e3);
+        assert.equal(row.floorMs, Math.max(row.memoryFloorMs!, row.computeFloorMs!));
+      }
+      assert.ok(rows[1]!.kvBytes! > rows[0]!.kvBytes! && rows[1]!.flops! > rows[0]!.flops!, 'a larger batch reads more KV and computes more');
+      assert.deepEqual(processesMentioning(model), [], 'no weft process left');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

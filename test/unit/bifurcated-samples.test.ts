@@ -80,6 +80,18 @@ test('n samples of one prompt: one prefill, the others fork its blocks and recom
   assert.equal(second!.tokens.length, 1 + 3 * 2, 'the leader\'s decode token and each sample\'s 2 tail tokens');
 });
 
+test('after the KV allocator is replaced (a pool sized at load), samples fork from the new one', async () => {
+  const batches: StepBatch[] = [];
+  const scheduler = new Scheduler({ kvCache: pool(8, 8), maxQueue: 8, step: drawingStep(batches, UNIFORM_100) }, true);
+  const kvCache = pool(8, 32);
+  scheduler.replaceKvCache(kvCache);
+  scheduler.resume();
+  const tokens = await Promise.all([40, 41, 42, 43].map((seed) => drain(scheduler.submitGenerate(sequence(seed, 6)).events)));
+  for (const got of tokens) assert.equal(got.length, 6);
+  assert.equal(batches[1]!.tokens.length, 1 + 3 * 2, 'the three samples forked the leader\'s prompt blocks');
+  assert.equal(kvCache.blocksInUse, 0, 'every block came back to the new pool');
+});
+
 test('samples waiting for their group\'s prompt to go out are not refused by a full queue (--max-queue 0)', async () => {
   const kvCache = pool(8, 32);
   const scheduler = new Scheduler({ kvCache, maxQueue: 0, step: drawingStep([], UNIFORM_100) });
