@@ -23,7 +23,7 @@ export const SPARQ_MAX_STEP_TOKENS = 64;
 export function allocateSparqState(ops: Ops, spec: ModelSpec, plan: ShardPlan, kv: Pick<KvCacheLayout, 'kvBlocks' | 'kvBlockSize' | 'kvDtype'>, setting: SparqSetting): SparqState {
   checkSparqSetting(setting, spec, ops.backend, 'WEFT_BAD_CONFIG');
   const nKv = plan.nKvHeadsPerRank;
-  // the transposed K has the cache's element type: f32 or bf16 (cluster.ts refuses SparQ with an fp8/int8 cache)
+  // the transposed K has the cache's element type: f32 or bf16 (cluster-plan.ts refuses SparQ with an fp8/int8 cache)
   if (kv.kvDtype !== 'f32' && kv.kvDtype !== 'bf16') throw new WeftError('WEFT_BAD_CONFIG', `SparQ reads f32 or bf16 KV caches, not ${kv.kvDtype}`);
   const kvDtype = kv.kvDtype;
   const layers = Array.from({ length: spec.nLayers }, () => ({
