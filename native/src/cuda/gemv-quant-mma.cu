@@ -57,7 +57,7 @@ struct QuantMmaParams {
 
 __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"  // issued where written
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -329,10 +329,15 @@ struct Plan {
   size_t smem = 0;
 };
 
-int sm_count() {
-  static int counts[64] = {};
+constexpr int kMaxDevices = 64;
+int current_device() {
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  return cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < kMaxDevices ? dev : 0;
+}
+
+int sm_count() {
+  static int counts[kMaxDevices] = {};
+  const int dev = current_device();
   if (counts[dev] == 0 && cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     counts[dev] = 132;
   return counts[dev];
@@ -373,12 +378,13 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
 
 template <bool kInt4, int NT, int U>
 cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
-  static bool attribute_set = false;  // per instantiation: x and the partial sums may pass the default 48 KiB
-  if (!attribute_set) {
+  static bool attribute_set[kMaxDevices] = {};  // per instantiation and device: x and the partial sums may pass 48 KiB
+  const int dev = current_device();
+  if (!attribute_set[dev]) {
     const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, NT, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(kMaxSmemBytes));
     if (e != cudaSuccess) return e;
-    attribute_set = true;
+    attribute_set[dev] = true;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(pl.blocks);
