@@ -14,8 +14,10 @@
 //   - Unpack: int8 byte b ^ 0x80 into the low byte of f16 0x64uu = 1024 + b + 128 (one byte permute per pair),
 //     minus 1152; int4 (w & 0x000f000f) | 0x64006400 = 1024 + c, minus 1032, and the high nibbles
 //     (w & 0x00f000f0) | 0x64006400 = 1024 + 16 c, times 1/16 minus 72. All exact.
-//   - Scales: a chunk lies inside one group (int8 group % 64, int4 group % 128), so its mma sums (fp32) are
-//     multiplied by the two rows' bf16 scales once, in fp32.
+//   - Scales: where a chunk lies inside one group (int8 group % 64, int4 group % 128), its mma sums (fp32) are
+//     multiplied by the two rows' bf16 scales once, in fp32. Smaller groups (int8 16 or 32, int4 32 or 64: each
+//     lane's 16 bytes still inside one group) multiply the unpacked f16 pairs by the lane's scales in f16 before
+//     the mma (one more f16x2 op per pair, and each weight rounded to f16: relative 2^-11).
 //   - K is split over a cluster of C blocks (partial sums summed through distributed shared memory in a fixed
 //     order, as gemv.cu does: deterministic, no atomics); a block's 8 warps take its tiles round-robin.
 //   - 9..16 tokens: two n-tiles of 8 share each dequantized fragment (the weights are read once).
@@ -52,7 +54,7 @@ struct QuantMmaParams {
   int chunks_per_slice;
   int tiles_per_block;     // 16-row tiles of a block (and of its cluster)
   int x_stride;            // halves per token row of the staged x
-  float chunks_per_group_inv;  // 1 / (group / columns per chunk)
+  float vectors_per_group_inv;  // 1 / (group / columns per lane vector): a lane vector is 16 int8 or 32 int4
 };
 
 __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
@@ -66,6 +68,11 @@ __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
 __device__ __forceinline__ uint32_t sub_f16x2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ uint32_t mul_f16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
   return d;
 }
 __device__ __forceinline__ uint32_t fma_f16x2(uint32_t a, uint32_t b, uint32_t c) {
@@ -117,7 +124,7 @@ __device__ __forceinline__ uint4 pack_x(const float (&v)[8]) {
 // unit (l, t) of a chunk at halves (4 l + t) * 8 so that a quad's loads are 64 contiguous bytes; x_stride = 32 mod
 // 64 halves so that the two token rows of a load phase use different banks), then (C > 1) partial sums
 // [tiles_per_block * 16][8 NT] f32.
-template <bool kInt4, int NT, int U>
+template <bool kInt4, bool kSmallGroup, int NT, int U>
 __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaParams p) {
   constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
   constexpr int kLoads = kCols / 32;       // 16-byte x loads per lane per chunk
@@ -164,7 +171,8 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
     const uint8_t* base = p.w + static_cast<size_t>(chunk) * kChunkBytes + t * 16;
     w_lo[j] = load_stream(base + r_lo * row_bytes);
     w_hi[j] = load_stream(base + r_hi * row_bytes);
-    const int gi = n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk) + 0.5f) * p.chunks_per_group_inv);
+    // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
+    const int gi = n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
     sc[j] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
             static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
     ++load_item;
@@ -238,6 +246,14 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
     return reinterpret_cast<const uint4*>(xs + static_cast<size_t>(tok) * p.x_stride + chl * kCols)[l * 4 + t];
   };
   const auto compute = [&](int j) {
+    // Small groups: this lane's two scales as f16 pairs, multiplied into every unpacked pair.
+    uint32_t s2_lo = 0, s2_hi = 0;
+    if constexpr (kSmallGroup) {
+      const __half2 lo2 = __float2half2_rn(__uint_as_float(sc[j] << 16)), hi2 = __float2half2_rn(__uint_as_float(sc[j] & 0xffff0000u));
+      s2_lo = *reinterpret_cast<const uint32_t*>(&lo2);
+      s2_hi = *reinterpret_cast<const uint32_t*>(&hi2);
+    }
+    const auto scaled = [&](uint32_t pair, uint32_t s2) { return kSmallGroup ? mul_f16x2(pair, s2) : pair; };
     float part_acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -253,6 +269,11 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
         unpack_int4((&w_lo[j].x)[l], lo);
         unpack_int4((&w_hi[j].x)[l], hi);
 #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          lo[i] = scaled(lo[i], s2_lo);
+          hi[i] = scaled(hi[i], s2_hi);
+        }
+#pragma unroll
         for (int n = 0; n < NT; ++n) {
           mma_16816(part_acc[n], lo[0], hi[0], lo[1], hi[1], xb[n].x, xb[n].y);
           mma_16816(part_acc[n], lo[2], hi[2], lo[3], hi[3], xb[n].z, xb[n].w);
@@ -263,13 +284,18 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
           uint32_t lo01, lo23, hi01, hi23;
           unpack_int8((&w_lo[j].x)[2 * l + s], lo01, lo23);
           unpack_int8((&w_hi[j].x)[2 * l + s], hi01, hi23);
+          lo01 = scaled(lo01, s2_lo);
+          lo23 = scaled(lo23, s2_lo);
+          hi01 = scaled(hi01, s2_hi);
+          hi23 = scaled(hi23, s2_hi);
 #pragma unroll
           for (int n = 0; n < NT; ++n)
             mma_16816(part_acc[n], lo01, hi01, lo23, hi23, s ? xb[n].z : xb[n].x, s ? xb[n].w : xb[n].y);
         }
       }
     }
-    const float s_lo = __uint_as_float(sc[j] << 16), s_hi = __uint_as_float(sc[j] & 0xffff0000u);
+    const float s_lo = kSmallGroup ? 1.f : __uint_as_float(sc[j] << 16);
+    const float s_hi = kSmallGroup ? 1.f : __uint_as_float(sc[j] & 0xffff0000u);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       acc[n][0] = fmaf(s_lo, part_acc[n][0], acc[n][0]);
@@ -376,12 +402,12 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
   return best;
 }
 
-template <bool kInt4, int NT, int U>
+template <bool kInt4, bool kSmallGroup, int NT, int U>
 cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
   static bool attribute_set[kMaxDevices] = {};  // per instantiation and device: x and the partial sums may pass 48 KiB
   const int dev = current_device();
   if (!attribute_set[dev]) {
-    const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, NT, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kSmallGroup, NT, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(kMaxSmemBytes));
     if (e != cudaSuccess) return e;
     attribute_set[dev] = true;
@@ -400,13 +426,16 @@ cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream
   attr[1].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
   cfg.attrs = attr;
   cfg.numAttrs = 2;
-  return cudaLaunchKernelEx(&cfg, quant_mma_kernel<kInt4, NT, U>, p);
+  return cudaLaunchKernelEx(&cfg, quant_mma_kernel<kInt4, kSmallGroup, NT, U>, p);
 }
 
 template <bool kInt4>
-cudaError_t dispatch(int T, int depth, const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
-  if (T > 8) return launch<kInt4, 2, 4>(p, pl, pdl, stream);
-  return depth == 4 ? launch<kInt4, 1, 4>(p, pl, pdl, stream) : launch<kInt4, 1, 8>(p, pl, pdl, stream);
+cudaError_t dispatch(int T, int depth, bool small_group, const QuantMmaParams& p, const Plan& pl, bool pdl,
+                     cudaStream_t stream) {
+  if (small_group)
+    return T > 8 ? launch<kInt4, true, 2, 4>(p, pl, pdl, stream) : launch<kInt4, true, 1, 8>(p, pl, pdl, stream);
+  if (T > 8) return launch<kInt4, false, 2, 4>(p, pl, pdl, stream);
+  return depth == 4 ? launch<kInt4, false, 1, 4>(p, pl, pdl, stream) : launch<kInt4, false, 1, 8>(p, pl, pdl, stream);
 }
 
 }  // namespace
@@ -414,8 +443,9 @@ cudaError_t dispatch(int T, int depth, const QuantMmaParams& p, const Plan& pl, 
 bool quant_gemv_mma_takes(const QuantMatrix& w, int T, int N, int K, const QuantMmaTuning& tuning) {
   const bool int4 = w.dtype == DType::I4;
   if (!(int4 || w.dtype == DType::I8) || T < 1 || T > kQuantMmaMaxTokens || N < 1 || K < 1) return false;
-  const int cols = int4 ? 128 : 64;
-  if (w.group <= 0 || w.group % cols != 0 || K % w.group != 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0) return false;
+  const int cols = int4 ? 128 : 64, vec = cols / 4;  // a chunk's columns, a lane vector's
+  if (w.group <= 0 || w.group % vec != 0 || K % w.group != 0 || K % cols != 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
+    return false;
   return plan_for(int4, T, N, K, tuning.cluster).C > 0;
 }
 
@@ -424,13 +454,14 @@ bool quant_gemv_mma(const Ctx& ctx, const float* x, const QuantMatrix& w, float*
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || !quant_gemv_mma_takes(w, T, N, K, tuning)) return false;
   const bool int4 = w.dtype == DType::I4;
   const Plan pl = plan_for(int4, T, N, K, tuning.cluster);
-  const int cols = int4 ? 128 : 64;
+  const int cols = int4 ? 128 : 64, vec = cols / 4;
   const QuantMmaParams p{x, static_cast<const uint8_t*>(w.q), w.scales, y, T, N, K, w.group, gated ? 1 : 0, pl.C,
                          pl.chunks_per_slice, pl.tiles_per_block, pl.x_stride,
-                         static_cast<float>(cols) / static_cast<float>(w.group)};
+                         static_cast<float>(vec) / static_cast<float>(w.group)};
   const int depth = tuning.depth == 4 ? 4 : 8;
-  const cudaError_t e = int4 ? dispatch<true>(T, depth, p, pl, tuning.pdl, ctx.stream)
-                             : dispatch<false>(T, depth, p, pl, tuning.pdl, ctx.stream);
+  const bool small_group = w.group % cols != 0;  // the scales go into the f16 weights (gemv-quant-mma.cuh)
+  const cudaError_t e = int4 ? dispatch<true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
+                             : dispatch<false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream);
   check_cuda(ctx.st, e, "matmul", " (quantized tensor-core GEMV launch)");
   check_cuda(ctx.st, cudaGetLastError(), "matmul");
   return true;

@@ -1,7 +1,7 @@
 // weft::cuda quantized GEMV on tensor cores (gemv-quant-mma.cu): y [T, N] f32 = x [T, K] f32 @ dequant(w)^T for
 // 1..16 tokens, the weights dequantized in registers into f16 (exact: int8 and int4 values are small integers) and
-// multiplied with mma.sync m16n8k16 against x rounded to f16, fp32 accumulation, one scale per (row, group) applied
-// in fp32. quant_gemv (gemv-quant.cuh) calls it first; it reads the checkpoint's layout as it is (no repack).
+// multiplied with mma.sync m16n8k16 against x rounded to f16, fp32 accumulation, the (row, group) scales applied
+// to fp32 sums (or, for groups smaller than a chunk, to the f16 weights). quant_gemv (gemv-quant.cuh) calls it first; it reads the checkpoint's layout as it is (no repack).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,14 +17,16 @@ constexpr int kQuantMmaMaxTokens = 16;
 // others, to compare.
 struct QuantMmaTuning {
   int cluster = 0;  // K splits per thread-block cluster: 1, 2, 4 or 8; 0: chosen from the shape
-  int depth = 0;    // 64-byte row chunks each warp keeps in flight: 4 or 8; 0: 8 (4 for 9..16 tokens)
+  int depth = 0;    // 64-byte row chunks each warp keeps in flight: 4 or 8; 0: 8 (4 for 9..16 tokens; small groups 8)
   bool pdl = true;  // launch as a programmatic dependent of the kernel before (common.cuh)
 };
 
-// Whether the kernel takes the shape: int8 with the group a multiple of 64 columns (per channel: K % 64 == 0),
-// int4 with the group a multiple of 128, K a multiple of the group, 1..16 tokens, 16-byte aligned w, and x's K
-// slice within shared memory (quant_gemv_mma also needs x 16-byte aligned). (int4 in groups of 32 or 64 does not: a tensor-core
-// step would span groups; those take gemv.cu's kernel.)
+// Whether the kernel takes the shape: int8 or int4, the group a multiple of a lane's 16-byte vector (16 int8 or
+// 32 int4 columns) and K a multiple of the group and of a chunk (64 int8 or 128 int4 columns), 1..16 tokens,
+// 16-byte aligned w, and x's K slice within shared memory (quant_gemv_mma also needs x 16-byte aligned).
+// Groups of a whole chunk or more (int8 per channel, % 64; int4 % 128) scale fp32 sums; smaller ones scale the f16
+// weights before the mma (each weight rounded to f16 once more: relative 2^-11; dequantized weights below 2^-14
+// in magnitude, i.e. scales below ~6e-5, are f16 subnormals: absolute error <= 2^-25).
 bool quant_gemv_mma_takes(const QuantMatrix& w, int T, int N, int K, const QuantMmaTuning& tuning = QuantMmaTuning{});
 
 // y [T, N] = x @ dequant(w)^T (gated: x is [T, 2K] [gate | up] rows and the product reads silu(gate) * up), or
