@@ -6,7 +6,7 @@
 // each timed with CUDA events (median of 50 after warm-up, rotating weight copies so the weights never sit in L2)
 // as ms and TB/s of weight + scale bytes, beside the bf16 GEMV's ms and TB/s; and each checked against a
 // double-accumulation reference of the dequantized weights: max |y - ref| / max |ref| (old within 1e-5, new within
-// 1e-3: x rounded to f16). --sweep also times the new kernel at each cluster size and depth it takes.
+// 2e-3: x rounded to f16, and for groups smaller than its chunk the scaled weights too). --sweep also times the new kernel at each cluster size and depth it takes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -184,7 +184,7 @@ int main(int argc, char** argv) {
         const bool has_new = wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K);
         const double old_err = check(wc::QuantGemvPath::Legacy);
         const double new_err = has_new ? check(wc::QuantGemvPath::Mma) : NAN;
-        const bool ok = old_err <= 1e-5 && (!has_new || new_err <= 1e-3);
+        const bool ok = old_err <= 1e-5 && (!has_new || new_err <= 2e-3);
         failures += !ok;
 
         const double old_ms = median_ms(stream, copies, [&](int c) { run_path(c, wc::QuantGemvPath::Legacy); });

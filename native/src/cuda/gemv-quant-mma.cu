@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
   const int C = p.C;
   const int c = C > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
   const int tile0 = (blockIdx.x / C) * p.tiles_per_block;
-  const int nchunks = p.K / kCols;
+  const int nchunks = (p.K + kCols - 1) / kCols;  // the last one may be partial (K % 16 or % 32 lane vectors)
   const int ch0 = c * p.chunks_per_slice;
   const int nch = max(0, min(p.chunks_per_slice, nchunks - ch0));
   const int ntiles = max(0, min(p.tiles_per_block, (p.N + 15) / 16 - tile0));
@@ -169,12 +169,19 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
     const int r_lo = min(load_tile * 16 + g, p.N - 1), r_hi = min(load_tile * 16 + g + 8, p.N - 1);  // past N: not stored
     const int chunk = ch0 + load_ch;
     const uint8_t* base = p.w + static_cast<size_t>(chunk) * kChunkBytes + t * 16;
-    w_lo[j] = load_stream(base + r_lo * row_bytes);
-    w_hi[j] = load_stream(base + r_hi * row_bytes);
-    // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
-    const int gi = n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
-    sc[j] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
-            static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
+    // A lane vector past K (a partial last chunk, which only groups smaller than a chunk allow, so the zero scale
+    // multiplies this lane's weights alone): x is zero there.
+    if ((chunk * 4 + t) * (kCols / 4) >= p.K) {
+      w_lo[j] = w_hi[j] = make_uint4(0, 0, 0, 0);
+      sc[j] = 0;
+    } else {
+      w_lo[j] = load_stream(base + r_lo * row_bytes);
+      w_hi[j] = load_stream(base + r_hi * row_bytes);
+      // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
+      const int gi = n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
+      sc[j] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
+              static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
+    }
     ++load_item;
     if (++load_ch == nch) {
       load_ch = 0;
@@ -191,11 +198,14 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
     for (int i = threadIdx.x; i < T * units_per_token; i += kThreads) {
       const int tok = i / units_per_token, u = i - tok * units_per_token;
       const int chunk = u / kUnits, unit = u - chunk * kUnits;
-      const float* xr = p.x + static_cast<size_t>(tok) * (p.gated ? 2 * p.K : p.K) + (ch0 * kCols + u * 8);
-      float v[8];
-      *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
-      *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
-      if (p.gated) {
+      const int col = ch0 * kCols + u * 8;
+      const float* xr = p.x + static_cast<size_t>(tok) * (p.gated ? 2 * p.K : p.K) + col;
+      float v[8] = {};  // columns past K (a partial last chunk): zero
+      if (col < p.K) {
+        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
+        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
+      }
+      if (p.gated && col < p.K) {
         float up[8];
         *reinterpret_cast<float4*>(up) = *reinterpret_cast<const float4*>(xr + p.K);
         *reinterpret_cast<float4*>(up + 4) = *reinterpret_cast<const float4*>(xr + p.K + 4);
@@ -373,7 +383,7 @@ int sm_count() {
 // items (ceil(tiles per block / 8) x chunks per slice) plus staging its share of x and, split, of the reduction.
 // Ties go to the smaller split. C = 0 in the answer: nothing fits.
 Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
-  const int cols = int4 ? 128 : 64, nchunks = K / cols, ntiles = (N + 15) / 16, TT = T <= 8 ? 8 : 16;
+  const int cols = int4 ? 128 : 64, nchunks = (K + cols - 1) / cols, ntiles = (N + 15) / 16, TT = T <= 8 ? 8 : 16;
   const int slots = 2 * sm_count();
   Plan best;
   double best_cost = 1e30;
@@ -444,8 +454,7 @@ bool quant_gemv_mma_takes(const QuantMatrix& w, int T, int N, int K, const Quant
   const bool int4 = w.dtype == DType::I4;
   if (!(int4 || w.dtype == DType::I8) || T < 1 || T > kQuantMmaMaxTokens || N < 1 || K < 1) return false;
   const int cols = int4 ? 128 : 64, vec = cols / 4;  // a chunk's columns, a lane vector's
-  if (w.group <= 0 || w.group % vec != 0 || K % w.group != 0 || K % cols != 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
-    return false;
+  if (w.group <= 0 || w.group % vec != 0 || K % w.group != 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0) return false;
   return plan_for(int4, T, N, K, tuning.cluster).C > 0;
 }
 

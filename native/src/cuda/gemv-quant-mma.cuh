@@ -22,8 +22,8 @@ struct QuantMmaTuning {
 };
 
 // Whether the kernel takes the shape: int8 or int4, the group a multiple of a lane's 16-byte vector (16 int8 or
-// 32 int4 columns) and K a multiple of the group and of a chunk (64 int8 or 128 int4 columns), 1..16 tokens,
-// 16-byte aligned w, and x's K slice within shared memory (quant_gemv_mma also needs x 16-byte aligned).
+// 32 int4 columns) and K a multiple of the group, 1..16 tokens, 16-byte aligned w, and x's K slice within shared
+// memory (quant_gemv_mma also needs x 16-byte aligned). Shapes it refuses take gemv.cu's kernels (quant_gemv).
 // Groups of a whole chunk or more (int8 per channel, % 64; int4 % 128) scale fp32 sums; smaller ones scale the f16
 // weights before the mma (each weight rounded to f16 once more: relative 2^-11; dequantized weights below 2^-14
 // in magnitude, i.e. scales below ~6e-5, are f16 subnormals: absolute error <= 2^-25).

@@ -1,7 +1,7 @@
 // The quantized GEMV's entry points and dequantization (gemv-quant.cuh).
-//   - 1..16 tokens, K % 64 (int8) or % 128 (int4), groups of whole 16-byte vectors: quant_gemv_mma
+//   - 1..16 tokens, groups of whole 16-byte vectors (16 int8 or 32 int4 columns): quant_gemv_mma
 //     (gemv-quant-mma.cu), the weights dequantized to f16 in registers for tensor cores; the kernels below take
-//     every other shape.
+//     every other shape (x too long for its shared memory, misaligned pointers, other groups).
 //   - One int8 token (decode at batch 1): gemv_one_token (gemv-one-token.cu), the weights straight into registers.
 //   - Otherwise gemv.cu's vector kernel (Gemv::run_quant): each 16-byte vector (16 int8 or 32 int4 weights, inside
 //     one group) is unpacked with exponent tricks, its products summed in fp32 and multiplied by the group's scale.

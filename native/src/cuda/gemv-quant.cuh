@@ -17,7 +17,7 @@ constexpr int kQuantGemvMaxTokens = 16;
 
 // y [T, N] = x @ dequant(w)^T, 1 <= T <= 16; gated: x is [T, 2K] ([gate | up] rows) and the product reads
 // silu(gate) * up as it stages x. The tensor-core kernel runs it where it takes the shape (quant_gemv_mma,
-// gemv-quant-mma.cuh: K % 64 for int8, % 128 for int4; x rounded to f16); otherwise gemv's vector kernel
+// gemv-quant-mma.cuh: groups of whole 16-byte vectors; x rounded to f16); otherwise gemv's vector kernel
 // (Gemv::run_quant: a ring of asynchronous copies, K split over a cluster, the weights requested before the kernel
 // before ends), 9..16 tokens in two passes; shapes it refuses take a scalar kernel. Capturable (no allocation, no
 // sync). Throws weft::Error.
