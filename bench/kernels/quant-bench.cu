@@ -1,10 +1,12 @@
 // Standalone benchmark of weft's quantized GEMV (gemv-quant.cuh: int8 per channel, int4 in groups) beside the bf16
 // GEMV of the same shape, on the Llama-2-7B decode shapes. Build and run: bench/kernels/quant-run.sh (nvcc only).
 //   quant-bench [--quick] [--sweep] [--only SHAPE FORMAT T]   (e.g. --only wqkv int8 1, for a profiler)
-// Per (shape, format, T): checks the output against a double-accumulation reference of the dequantized weights,
-// times with CUDA events (median of 50 after warm-up, rotating weight copies so the weights never sit in L2), and
-// prints GB/s of weight + scale bytes, % of the measured read bandwidth, the bf16 GEMV's time and the speedup over
-// it (issue 17's per-kernel ratio). --sweep also times each cluster size and ring depth the kernel takes.
+// Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 token, else
+// gemv.cu's ring kernel) and the tensor-core kernel ("new": gemv-quant-mma.cu; "-" where it refuses the shape),
+// each timed with CUDA events (median of 50 after warm-up, rotating weight copies so the weights never sit in L2)
+// as ms and TB/s of weight + scale bytes, beside the bf16 GEMV's ms and TB/s; and each checked against a
+// double-accumulation reference of the dequantized weights: max |y - ref| / max |ref| (old within 1e-5, new within
+// 2e-3: x rounded to f16, and for groups smaller than its chunk the scaled weights too). --sweep also times the new kernel at each cluster size and depth it takes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "cuda/bandwidth.cuh"
+#include "cuda/gemv-quant-mma.cuh"
 #include "cuda/gemv-quant.cuh"
 #include "cuda/matmul.cuh"
 #include "error.h"
@@ -80,6 +83,20 @@ static double median_ms(cudaStream_t s, int copies, const std::function<void(int
   return ms[ms.size() / 2];
 }
 
+// max |got - want| / max |want| (a non-finite output counts as an error of 1e30).
+static double max_rel_err(const float* y, const double* ref, size_t n) {
+  std::vector<float> got(n);
+  std::vector<double> want(n);
+  CK(cudaMemcpy(got.data(), y, n * 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(want.data(), ref, n * 8, cudaMemcpyDeviceToHost));
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < n; ++i) {
+    err = std::max(err, std::isfinite(got[i]) ? std::fabs(got[i] - want[i]) : 1e30);
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  return err / std::max(scale, 1e-30);
+}
+
 int main(int argc, char** argv) {
   bool quick = false, sweep = false;
   std::string only_shape, only_format;
@@ -109,10 +126,12 @@ int main(int argc, char** argv) {
   struct Format { const char* name; DType dt; int group; };  // group 0: per channel (K)
   const std::vector<Format> formats = {{"int8", DType::I8, 0}, {"int4 g128", DType::I4, 128}, {"int4 g32", DType::I4, 32}};
   const std::vector<int> tokens = quick ? std::vector<int>{1, 8} : std::vector<int>{1, 2, 4, 8, 16};
+  constexpr int kTs = 17;
   int failures = 0;
-  double total_q[16] = {}, total_bf16[16] = {};  // batch-1 layer sums per format (wqkv + wo + w13 + w2)
-  std::printf("%-11s %-10s %3s %9s %8s %6s %9s %7s %9s  %s\n", "shape", "format", "T", "ms", "GB/s", "%bw", "bf16 ms",
-              "speedup", "ring ms", "sweep best (C,U: ms)");
+  // Layer sums (wqkv + wo + w13 + w2) per format and T: old, new (old where new refuses), bf16.
+  double total_old[3][kTs] = {}, total_new[3][kTs] = {}, total_bf16[3][kTs] = {};
+  std::printf("%-11s %-10s %3s %9s %6s %9s %6s %9s %6s %8s %8s %9s %9s  %s\n", "shape", "format", "T", "old ms", "TB/s",
+              "new ms", "TB/s", "bf16 ms", "TB/s", "new/bf16", "new/old", "old err", "new err", "sweep best (C,depth: ms)");
   for (const Shape& sh : shapes) {
     if (!only_shape.empty() && only_shape != sh.name) continue;
     const size_t x_elems = static_cast<size_t>(16) * sh.K * (sh.gated ? 2 : 1);
@@ -151,78 +170,58 @@ int main(int argc, char** argv) {
       }
       for (int T : tokens) {
         if (only_t && T != only_t) continue;
-        // Check: the dequantized product in double against the kernel's.
-        CK(cudaMemsetAsync(y, 0xff, static_cast<size_t>(T) * sh.N * 4, stream));
-        wc::quant_gemv(ctx, matmul.gemv(), x, ws[0], y, T, sh.N, sh.K, sh.gated);
-        ref_kernel<<<static_cast<unsigned>((static_cast<size_t>(T) * sh.N * 32 + 255) / 256), 256, 0, stream>>>(
-            x, ws[0], ref, T, sh.N, sh.K, sh.gated);
-        CK(cudaStreamSynchronize(stream));
-        std::vector<float> got(static_cast<size_t>(T) * sh.N);
-        std::vector<double> want(got.size());
-        CK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
-        CK(cudaMemcpy(want.data(), ref, want.size() * 8, cudaMemcpyDeviceToHost));
-        double num = 0, den = 0;
-        for (size_t i = 0; i < got.size(); ++i) {
-          const double d = std::isfinite(got[i]) ? got[i] - want[i] : 1e30;
-          num += d * d;
-          den += want[i] * want[i];
-        }
-        const double rel = std::sqrt(num / std::max(den, 1e-30));
-        const bool ok = rel < 1e-5;
+        const size_t outs = static_cast<size_t>(T) * sh.N;
+        ref_kernel<<<static_cast<unsigned>((outs * 32 + 255) / 256), 256, 0, stream>>>(x, ws[0], ref, T, sh.N, sh.K, sh.gated);
+        const auto run_path = [&](int c, wc::QuantGemvPath path) {
+          wc::quant_gemv(ctx, matmul.gemv(), x, ws[c], y, T, sh.N, sh.K, sh.gated, path);
+        };
+        const auto check = [&](wc::QuantGemvPath path) {
+          CK(cudaMemsetAsync(y, 0xff, outs * 4, stream));
+          run_path(0, path);
+          CK(cudaStreamSynchronize(stream));
+          return max_rel_err(y, ref, outs);
+        };
+        const bool has_new = wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K);
+        const double old_err = check(wc::QuantGemvPath::Legacy);
+        const double new_err = has_new ? check(wc::QuantGemvPath::Mma) : NAN;
+        const bool ok = old_err <= 1e-5 && (!has_new || new_err <= 2e-3);
         failures += !ok;
 
-        const double ms = median_ms(stream, copies, [&](int c) {
-          wc::quant_gemv(ctx, matmul.gemv(), x, ws[c], y, T, sh.N, sh.K, sh.gated);
-        });
+        const double old_ms = median_ms(stream, copies, [&](int c) { run_path(c, wc::QuantGemvPath::Legacy); });
+        const double new_ms =
+            has_new ? median_ms(stream, copies, [&](int c) { run_path(c, wc::QuantGemvPath::Mma); }) : NAN;
         double bf16_ms = NAN;
         if (T <= wc::Gemv::kMaxTokens)
           bf16_ms = median_ms(stream, bf16_copies, [&](int c) {
             matmul.run(x, wb[c], DType::BF16, y, T, sh.N, sh.K, sh.gated);
           });
-        // gemv.cu's ring kernel where the register kernel runs by default (one token): the two side by side.
-        double ring_ms = NAN;
-        if (T == 1)
-          ring_ms = median_ms(stream, copies, [&](int c) {
-            wc::quant_gemv(ctx, matmul.gemv(), x, ws[c], y, T, sh.N, sh.K, sh.gated, wc::QuantGemvPath::Ring);
-          });
-        // gemv.cu's ring kernel on the bf16 weights, where weft runs gemv_one_token (one token).
-        double bf16_ring_ms = NAN;
-        if (T == 1) {
-          wc::GemvTuning ring;
-          ring.one_token = false;
-          bf16_ring_ms = median_ms(stream, bf16_copies, [&](int c) {
-            matmul.gemv().run(x, wb[c], DType::BF16, y, 1, sh.N, sh.K, sh.gated, ring);
-          });
-        }
         std::string best = "-";
-        if (sweep && T <= wc::Gemv::kMaxTokens) {
+        if (sweep && has_new) {
           double best_ms = 1e30;
           for (int C : {1, 2, 4, 8})
-            for (int U : {1, 2}) {
-              wc::GemvTuning tuning;
+            for (int depth : {4, 8}) {
+              wc::QuantMmaTuning tuning;
               tuning.cluster = C;
-              tuning.u = U;
-              if (!matmul.gemv().run_quant(x, ws[0], y, T, sh.N, sh.K, sh.gated, tuning)) continue;
+              tuning.depth = depth;
+              if (!wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K, tuning)) continue;
               const double t = median_ms(stream, copies, [&](int c) {
-                matmul.gemv().run_quant(x, ws[c], y, T, sh.N, sh.K, sh.gated, tuning);
+                wc::quant_gemv_mma(ctx, x, ws[c], y, T, sh.N, sh.K, sh.gated, tuning);
               });
               if (t < best_ms) {
                 best_ms = t;
-                best = std::to_string(C) + "," + std::to_string(U) + ": " + std::to_string(t).substr(0, 6);
+                best = std::to_string(C) + "," + std::to_string(depth) + ": " + std::to_string(t).substr(0, 6);
               }
             }
         }
-        if (T == 1 && std::strcmp(sh.name, "lm_head") != 0) {
-          total_q[fi] += ms;
-          total_bf16[fi] += bf16_ms;
+        if (T < kTs && std::strcmp(sh.name, "lm_head") != 0) {
+          total_old[fi][T] += old_ms;
+          total_new[fi][T] += has_new ? new_ms : old_ms;
+          total_bf16[fi][T] += bf16_ms;
         }
-        const double gbs = bytes / (ms * 1e6);
-        std::printf("%-11s %-10s %3d %9.4f %8.0f %5.1f%% %9.4f %6.2fx %9.4f  %s%s\n", sh.name, f.name, T, ms, gbs,
-                    100 * gbs / bw, bf16_ms, bf16_ms / ms, ring_ms, best.c_str(), ok ? "" : "  CHECK FAILED");
-        if (T == 1 && fi == 0)
-          std::printf("%-11s %-10s %3d %9.4f %8.0f %5.1f%% %9s %7s %9.4f\n", sh.name, "bf16", T, bf16_ms,
-                      bf16_bytes / (bf16_ms * 1e6), 100 * bf16_bytes / (bf16_ms * 1e6) / bw, "", "", bf16_ring_ms);
-        if (!ok) std::printf("  relative error %.3g\n", rel);
+        const auto tbs = [](double b, double ms) { return b / (ms * 1e9); };
+        std::printf("%-11s %-10s %3d %9.4f %6.2f %9.4f %6.2f %9.4f %6.2f %7.2fx %7.2fx %9.2g %9.2g  %s%s\n", sh.name, f.name,
+                    T, old_ms, tbs(bytes, old_ms), new_ms, tbs(bytes, new_ms), bf16_ms, tbs(bf16_bytes, bf16_ms),
+                    bf16_ms / new_ms, old_ms / new_ms, old_err, new_err, best.c_str(), ok ? "" : "  CHECK FAILED");
       }
       for (auto& w : ws) {
         CK(cudaFree(const_cast<void*>(w.q)));
@@ -234,10 +233,13 @@ int main(int argc, char** argv) {
     CK(cudaFree(y));
     CK(cudaFree(ref));
   }
-  std::printf("\nbatch 1, one Llama-2-7B layer's four GEMVs (wqkv + wo + w13 + w2):\n");
+  std::printf("\none Llama-2-7B layer's four GEMVs (wqkv + wo + w13 + w2), ms (new: old where it refuses):\n");
   for (size_t fi = 0; fi < formats.size(); ++fi)
-    std::printf("  %-10s %.4f ms, bf16 %.4f ms: %.2fx\n", formats[fi].name, total_q[fi], total_bf16[fi],
-                total_bf16[fi] / total_q[fi]);
+    for (int T : tokens)
+      if (T < kTs && total_old[fi][T] > 0)
+        std::printf("  %-10s T=%-2d old %.4f, new %.4f, bf16 %.4f: new %.2fx bf16, %.2fx old\n", formats[fi].name, T,
+                    total_old[fi][T], total_new[fi][T], total_bf16[fi][T], total_bf16[fi][T] / total_new[fi][T],
+                    total_old[fi][T] / total_new[fi][T]);
   std::printf("%s\n", failures ? "CHECKS FAILED" : "all checks passed");
   return failures ? 1 : 0;
 }

@@ -292,11 +292,23 @@ void check_matmul_7b_shapes(Rng& rng) {
 // Quantized weights (upload_quantized) at 7B widths: the CUDA GEMV that dequantizes as it reads (T = 1, 2, 8,
 // 16) and the dequantize-then-GEMM path (T = 64) against the CPU, which dequantizes each row into fp32 first.
 // int8 per channel and in groups of 128, int4 in groups of 128 and 32; codes uniform over their range, scales
-// ~1 / (sqrt(K) * qmax) so outputs are O(1). The GEMV differs from the CPU only in summation order (one scale per
-// 16-byte vector), 1e-5 of the scale. The GEMM path rounds x to bf16 as the dense GEMM does (2e-3 there) and also
-// each dequantized weight, which the CPU keeps in fp32: two independent roundings of the same size, so the error
+// ~1 / (sqrt(K) * qmax) so outputs are O(1). The GEMV runs on tensor cores with x rounded to f16 (quant_rtol).
+// The GEMM path rounds x to bf16 as the dense GEMM does (2e-3 there) and also each dequantized weight, which the CPU keeps in fp32: two independent roundings of the same size, so the error
 // grows by about sqrt(2) (measured on the H200: up to 1.25x the dense 2e-3), hence kQuantGemmRtol = 3e-3.
 constexpr double kQuantGemmRtol = 3e-3;
+// The GEMV on tensor cores (gemv-quant-mma.cuh: T <= 16, groups of whole 16-byte vectors, 16 int8 or 32 int4
+// columns; K up to 16384 at 16 tokens) rounds x to f16: a relative error up to 2^-11 per element (rms 2^-11 / sqrt(3) = 2.8e-4),
+// independent per term, with the products exact in fp32, so the output's error is ~3e-4 of its scale. Groups
+// smaller than its 64-byte chunk (int8 g16/g32 or K % 64 != 0, int4 g32/g64) round each scaled weight to f16 as
+// well: ~sqrt(2) more (up to 5.2e-4 in a Python emulation of the kernel's arithmetic). The bounds: 1e-3 and 2e-3.
+// The other shapes run gemv.cu's kernels (x in fp32): 1e-5.
+constexpr double kQuantMmaRtol = 1e-3, kQuantMmaSmallGroupRtol = 2e-3;
+double quant_rtol(DType dt, int64_t K, int64_t group, int64_t T) {
+  if (T > 16) return kQuantGemmRtol;
+  const bool int4 = dt == DType::I4;
+  if (group % (int4 ? 32 : 16) != 0 || K > 16384) return 1e-5;
+  return group % (int4 ? 128 : 64) == 0 ? kQuantMmaRtol : kQuantMmaSmallGroupRtol;
+}
 struct QuantPair {
   Tensor cpu_w, gpu_w;
 };
@@ -344,7 +356,7 @@ void check_quant_matmul(Rng& rng) {
         std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " " +
                          dtype_name(c.dt) + " g" + (c.group ? std::to_string(c.group) : std::string("K"));
         run_case(op, sh, [&] {
-          const double rtol = T > 16 ? kQuantGemmRtol : 1e-5;
+          const double rtol = quant_rtol(c.dt, s.K, group, T);
           auto x = rng.floats(T * (s.gated ? 2 : 1) * s.K, s.gated ? -4 : -1, s.gated ? 4 : 1);
           const Shape xs{T, (s.gated ? 2 : 1) * s.K};
           if (s.gated)
@@ -1215,6 +1227,57 @@ void check_kv_quant(Rng& rng) {
     }
 }
 
+// The quantized GEMV at every token count 1..16 (gemv-quant-mma.cu for int8 per channel and int4 g128: one
+// n-tile of 8 tokens up to 8, two from 9; rows not a multiple of its 16-row tile), the gated form, activations
+// beyond f16's range (|x| up to 2e5: the kernel rescales x per token by a power of two), groups smaller than its
+// chunk (scales in the f16 weights; K % 64 != 0 for int8, % 128 for int4: a partial last chunk), and shapes it
+// leaves to gemv.cu's kernels (groups not of whole 16-byte vectors; x too long for its shared memory at 16
+// tokens), against the CPU. Tolerances: quant_rtol.
+void check_quant_gemv_tokens(Rng& rng) {
+  struct Case {
+    DType dt;
+    int64_t group, N, K;  // group 0: per channel
+    bool gated;
+    float x_range;
+    std::vector<int64_t> tokens;
+  };
+  std::vector<int64_t> all;
+  for (int64_t T = 1; T <= 16; ++T) all.push_back(T);
+  const std::vector<Case> cases = {
+      {DType::I8, 0, 1000, 2048, false, 1, all},          {DType::I4, 128, 1000, 2048, false, 1, all},
+      {DType::I8, 0, 520, 1408, true, 4, {1, 5, 8, 9, 16}}, {DType::I4, 128, 520, 1408, true, 4, {1, 5, 8, 9, 16}},
+      {DType::I8, 0, 256, 2048, false, 2e5f, {1, 3, 12}},   {DType::I4, 128, 256, 2048, false, 2e5f, {1, 3, 12}},
+      {DType::I8, 64, 7, 1024, false, 1, {1, 4, 16}},       {DType::I8, 32, 100, 1024, false, 1, {1, 8, 16}},
+      {DType::I4, 32, 1000, 2048, false, 1, {1, 7, 8, 9, 16}}, {DType::I4, 64, 300, 1408, true, 4, {2, 8, 13}},
+      {DType::I8, 0, 64, 4128, false, 1, {1, 8, 16}},       {DType::I4, 64, 64, 4160, false, 1, {1, 8, 16}},
+      {DType::I8, 0, 1000, 1376, true, 4, {1, 8, 16}},      {DType::I8, 0, 64, 4104, false, 1, {1, 8}},
+      {DType::I4, 16, 64, 4112, false, 1, {1, 8}},          {DType::I8, 0, 64, 20480, false, 1, {16}}};
+  for (const Case& c : cases) {
+    const int64_t group = c.group ? c.group : c.K;
+    QuantPair w;
+    try {
+      w = upload_quant_pair(rng, c.dt, c.N, c.K, group);
+    } catch (const std::exception& e) {
+      fail_row("uploadQuantized", dtype_name(c.dt), e.what());
+      continue;
+    }
+    for (int64_t T : c.tokens) {
+      const char* op = c.gated ? "siluMulMatmul" : "matmul";
+      std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + " " +
+                       dtype_name(c.dt) + " g" + (c.group ? std::to_string(c.group) : std::string("K")) +
+                       (c.x_range > 1e3f ? " |x|<2e5" : "");
+      run_case(op, sh, [&] {
+        auto x = rng.floats(T * (c.gated ? 2 : 1) * c.K, -c.x_range, c.x_range);
+        const Shape xs{T, (c.gated ? 2 : 1) * c.K};
+        const auto run = [&](Backend& b, const Tensor& wq) {
+          return down(b, c.gated ? b.silu_mul_matmul(up(b, x, xs), wq) : b.matmul(up(b, x, xs), wq));
+        };
+        compare(op, sh, run(*gpu, w.gpu_w), run(*cpu, w.cpu_w), quant_rtol(c.dt, c.K, group, T));
+      });
+    }
+  }
+}
+
 int main() {
   auto t0 = std::chrono::steady_clock::now();
   try {
@@ -1233,6 +1296,7 @@ int main() {
   check_matmul_7b_shapes(rng);
   check_quant_matmul(rng);
   check_quant_moe(rng);
+  check_quant_gemv_tokens(rng);
   check_prefill_inputs(rng);
   check_moe(rng);
   check_attention(rng);

@@ -1,4 +1,7 @@
 // The quantized GEMV's entry points and dequantization (gemv-quant.cuh).
+//   - 1..16 tokens, groups of whole 16-byte vectors (16 int8 or 32 int4 columns): quant_gemv_mma
+//     (gemv-quant-mma.cu), the weights dequantized to f16 in registers for tensor cores; the kernels below take
+//     every other shape (x too long for its shared memory, misaligned pointers, other groups).
 //   - One int8 token (decode at batch 1): gemv_one_token (gemv-one-token.cu), the weights straight into registers.
 //   - Otherwise gemv.cu's vector kernel (Gemv::run_quant): each 16-byte vector (16 int8 or 32 int4 weights, inside
 //     one group) is unpacked with exponent tricks, its products summed in fp32 and multiplied by the group's scale.
@@ -15,6 +18,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/gemv-one-token.cuh"
+#include "cuda/gemv-quant-mma.cuh"
 #include "error.h"
 
 namespace weft::cuda {
@@ -102,6 +106,7 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
              " tokens, not ", T);
   WEFT_CHECK(w.dtype == DType::I8 || w.dtype == DType::I4, "matmul", "w dtype ", dtype_name(w.dtype), " is not quantized");
   if (N == 0) return;
+  if ((path == QuantGemvPath::Auto || path == QuantGemvPath::Mma) && quant_gemv_mma(ctx, x, w, y, T, N, K, gated)) return;
   if (path != QuantGemvPath::Ring && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated))
     return;
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);

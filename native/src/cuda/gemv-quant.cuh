@@ -16,11 +16,15 @@ namespace weft::cuda {
 constexpr int kQuantGemvMaxTokens = 16;
 
 // y [T, N] = x @ dequant(w)^T, 1 <= T <= 16; gated: x is [T, 2K] ([gate | up] rows) and the product reads
-// silu(gate) * up as it stages x. gemv's vector kernel runs it (Gemv::run_quant: a ring of asynchronous copies, K
-// split over a cluster, the weights requested before the kernel before ends), 9..16 tokens in two passes; shapes
-// it refuses take a scalar kernel. Capturable (no allocation, no sync). Throws weft::Error.
-// path: Auto (weft's choice), or Ring to run gemv.cu's kernel where gemv_one_token would (the benchmark).
-enum class QuantGemvPath { Auto, Ring };
+// silu(gate) * up as it stages x. The tensor-core kernel runs it where it takes the shape (quant_gemv_mma,
+// gemv-quant-mma.cuh: groups of whole 16-byte vectors; x rounded to f16); otherwise gemv's vector kernel
+// (Gemv::run_quant: a ring of asynchronous copies, K split over a cluster, the weights requested before the kernel
+// before ends), 9..16 tokens in two passes; shapes it refuses take a scalar kernel. Capturable (no allocation, no
+// sync). Throws weft::Error.
+// path: Auto (weft's choice); for the benchmark: Legacy (what ran before the tensor-core kernel: gemv_one_token for
+// one int8 token, else gemv.cu's kernel), Ring (gemv.cu's kernel where gemv_one_token would run), Mma (the
+// tensor-core kernel, Legacy where it refuses).
+enum class QuantGemvPath { Auto, Ring, Legacy, Mma };
 void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
                 bool gated, QuantGemvPath path = QuantGemvPath::Auto);
 

@@ -1,0 +1,421 @@
+// quant_gemv_mma (gemv-quant-mma.cuh): the quantized GEMV on tensor cores, for 1..16 tokens.
+//   Why: the fp32 kernels (gemv.cu, gemv-one-token.cu) spend ~3 instructions per weight (unpack, subtract, FMA per
+//   token) and are bound by instruction issue, not bytes (bench/RESULTS.md: int4 read at ~0.85 TB/s). Here a lane
+//   turns two weights into an f16 pair with one or two logic ops and one f16x2 subtract, and one mma.sync
+//   m16n8k16 takes 256 weights x 8 tokens: ~50 instructions per 16 bytes of int4 for any T <= 8, ~28 for int8.
+//   - Work item: a 16-row tile x one 64-byte chunk of each row (64 int8 or 128 int4 columns). Lane (g = lane / 4,
+//     t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into registers (no
+//     shared-memory ring); each warp keeps `depth` items in flight, reloading a slot as soon as it is consumed.
+//   - The A fragment wants 4 columns per row per step at k slots {2t, 2t+1, 2t+8, 2t+9}; which physical columns
+//     fill them is free as long as B (x) agrees, so each lane feeds its own 16 bytes: int8 word s (columns
+//     16t + 4s .. +3) is one step; int4 word i (columns 32t + 8i .. +7) two steps, as the f16 pairs the magic-number
+//     unpack yields: (c0, c4), (c1, c5) | (c2, c6), (c3, c7). The block stages x (f16) in that order, so each
+//     lane's B fragments are 16-byte shared loads, and lanes past T load nothing.
+//   - Unpack: int8 byte b ^ 0x80 into the low byte of f16 0x64uu = 1024 + b + 128 (one byte permute per pair),
+//     minus 1152; int4 (w & 0x000f000f) | 0x64006400 = 1024 + c, minus 1032, and the high nibbles
+//     (w & 0x00f000f0) | 0x64006400 = 1024 + 16 c, times 1/16 minus 72. All exact.
+//   - Scales: where a chunk lies inside one group (int8 group % 64, int4 group % 128), its mma sums (fp32) are
+//     multiplied by the two rows' bf16 scales once, in fp32. Smaller groups (int8 16 or 32, int4 32 or 64: each
+//     lane's 16 bytes still inside one group) multiply the unpacked f16 pairs by the lane's scales in f16 before
+//     the mma (one more f16x2 op per pair, and each weight rounded to f16: relative 2^-11).
+//   - K is split over a cluster of C blocks (partial sums summed through distributed shared memory in a fixed
+//     order, as gemv.cu does: deterministic, no atomics); a block's 8 warps take its tiles round-robin.
+//   - 9..16 tokens: two n-tiles of 8 share each dequantized fragment (the weights are read once).
+//   - K need only be a multiple of the lane vector: a partial last chunk loads zero words past K (their x is zero).
+#include "cuda/gemv-quant-mma.cuh"
+
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "cuda/common.cuh"
+#include "cuda/gemv-quant-mma-fragments.cuh"
+#include "error.h"
+
+namespace cg = cooperative_groups;
+
+namespace weft::cuda {
+namespace {
+
+using namespace quant_mma;  // the fragment helpers (gemv-quant-mma-fragments.cuh)
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunkBytes = 64;             // bytes of a row per work item (4 lanes x 16)
+constexpr size_t kMaxXBytes = 64 * 1024;    // staged x (f16) per block
+constexpr size_t kMaxPartBytes = 64 * 1024; // partial sums per block (cluster path)
+constexpr size_t kMaxSmemBytes = 100 * 1024; // x and partial sums: two blocks a SM
+constexpr int kMaxClusterSize = 8;
+
+struct QuantMmaParams {
+  const float* x;          // [T, K] or gated [T, 2K]
+  const uint8_t* w;        // [N, K] int8 or [N, K / 2] int4 codes
+  const uint16_t* scales;  // [N, K / group] bf16 bits
+  float* y;                // [T, N]
+  int T, N, K, group, gated;
+  int C;                   // cluster size: K slices
+  int chunks_per_slice;
+  int tiles_per_block;     // 16-row tiles of a block (and of its cluster)
+  int x_stride;            // halves per token row of the staged x
+  float vectors_per_group_inv;  // 1 / (group / columns per lane vector): a lane vector is 16 int8 or 32 int4
+};
+
+// Grid: C * G blocks, cluster (C, 1, 1); block b: K slice b % C (chunks [c * cps, ...)), tiles
+// [(b / C) * tiles_per_block, ...). Dynamic shared memory: x [T][x_stride] f16 (the block's K slice, chunk by chunk,
+// unit (l, t) of a chunk at halves (4 l + t) * 8 so that a quad's loads are 64 contiguous bytes; x_stride = 32 mod
+// 64 halves so that the two token rows of a load phase use different banks), then (C > 1) partial sums
+// [tiles_per_block * 16][8 NT] f32.
+template <bool kInt4, bool kSmallGroup, int NT, int U>
+__global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaParams p) {
+  constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
+  constexpr int kLoads = kCols / 32;       // 16-byte x loads per lane per chunk
+  constexpr int kUnits = kCols / 8;        // 8-column units per chunk
+  constexpr int TT = 8 * NT;
+  extern __shared__ uint4 smem[];
+  __shared__ float x_scale[TT], x_unscale[TT];
+  __shared__ unsigned x_absmax[TT];
+  __shared__ int x_out_of_range;
+  pdl_trigger();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int C = p.C;
+  const int c = C > 1 ? static_cast<int>(cg::this_cluster().block_rank()) : 0;
+  const int tile0 = (blockIdx.x / C) * p.tiles_per_block;
+  const int nchunks = (p.K + kCols - 1) / kCols;  // the last one may be partial (K % 16 or % 32 lane vectors)
+  const int ch0 = c * p.chunks_per_slice;
+  const int nch = max(0, min(p.chunks_per_slice, nchunks - ch0));
+  const int ntiles = max(0, min(p.tiles_per_block, (p.N + 15) / 16 - tile0));
+  const int my_tiles = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
+  const int nitems = my_tiles * nch;
+  const size_t row_bytes = kInt4 ? p.K / 2 : p.K;
+  const int n_groups = p.K / p.group;
+  const int T = p.T;
+
+  __half* xs = reinterpret_cast<__half*>(smem);
+  float* part = reinterpret_cast<float*>(smem) + static_cast<size_t>(T) * p.x_stride / 2;
+
+  if (threadIdx.x < TT) {
+    x_scale[threadIdx.x] = 1.f;
+    x_unscale[threadIdx.x] = 1.f;
+    x_absmax[threadIdx.x] = 0u;
+  }
+  if (threadIdx.x == 0) x_out_of_range = 0;
+
+  // Slot j: rows g and g + 8 of a tile, 16 bytes each, and their bf16 scales (low: row g, high: row g + 8).
+  uint4 w_lo[U], w_hi[U];
+  uint32_t sc[U];
+  int load_tile = tile0 + warp, load_ch = 0, load_item = 0;
+  const auto load = [&](int j) {
+    if (load_item >= nitems) return;
+    const int r_lo = min(load_tile * 16 + g, p.N - 1), r_hi = min(load_tile * 16 + g + 8, p.N - 1);  // past N: not stored
+    const int chunk = ch0 + load_ch;
+    const uint8_t* base = p.w + static_cast<size_t>(chunk) * kChunkBytes + t * 16;
+    // A lane vector past K (a partial last chunk, which only groups smaller than a chunk allow, so the zero scale
+    // multiplies this lane's weights alone): x is zero there.
+    if ((chunk * 4 + t) * (kCols / 4) >= p.K) {
+      w_lo[j] = w_hi[j] = make_uint4(0, 0, 0, 0);
+      sc[j] = 0;
+    } else {
+      w_lo[j] = load_stream(base + r_lo * row_bytes);
+      w_hi[j] = load_stream(base + r_hi * row_bytes);
+      // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
+      const int gi = n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
+      sc[j] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
+              static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
+    }
+    ++load_item;
+    if (++load_ch == nch) {
+      load_ch = 0;
+      load_tile += kWarps;
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < U; ++j) load(j);  // the weights do not depend on the kernel before
+  pdl_wait();                           // x does
+
+  // Stage x (silu(gate) * up when gated) as f16 in the lanes' order; flags values beyond f16's range.
+  const int units_per_token = nch * kUnits;
+  const auto stage = [&](bool rescaled) {
+    for (int i = threadIdx.x; i < T * units_per_token; i += kThreads) {
+      const int tok = i / units_per_token, u = i - tok * units_per_token;
+      const int chunk = u / kUnits, unit = u - chunk * kUnits;
+      const int col = ch0 * kCols + u * 8;
+      const float* xr = p.x + static_cast<size_t>(tok) * (p.gated ? 2 * p.K : p.K) + col;
+      float v[8] = {};  // columns past K (a partial last chunk): zero
+      if (col < p.K) {
+        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
+        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
+      }
+      if (p.gated && col < p.K) {
+        float up[8];
+        *reinterpret_cast<float4*>(up) = *reinterpret_cast<const float4*>(xr + p.K);
+        *reinterpret_cast<float4*>(up + 4) = *reinterpret_cast<const float4*>(xr + p.K + 4);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = silu_times(v[e], up[e]);
+      }
+      float m = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        m = fmaxf(m, fabsf(v[e]));
+        v[e] *= x_scale[tok];
+      }
+      if (!rescaled && m > 65504.f) x_out_of_range = 1;
+      if (rescaled) atomicMax(&x_absmax[tok], __float_as_uint(m));  // non-negative floats order as their bits
+      const int l = unit % kLoads, tq = unit / kLoads;  // this unit feeds lane quad position tq, load l
+      reinterpret_cast<uint4*>(xs + static_cast<size_t>(tok) * p.x_stride + chunk * kCols)[l * 4 + tq] = pack_x<kInt4>(v);
+    }
+  };
+  __syncthreads();  // the flags above are set
+  stage(false);
+  __syncthreads();
+  if (x_out_of_range) {  // rare: per token, a power of two that brings the slice's largest |x| below 2^15
+    stage(true);         // (x_scale is still 1: this pass only measures)
+    __syncthreads();
+    if (threadIdx.x < T) {
+      int e = 0;
+      frexpf(__uint_as_float(x_absmax[threadIdx.x]), &e);  // absmax < 2^e
+      if (e > 15 && e < 255) {
+        x_scale[threadIdx.x] = ldexpf(1.f, 15 - e);
+        x_unscale[threadIdx.x] = ldexpf(1.f, e - 15);
+      }
+    }
+    __syncthreads();
+    stage(true);
+    __syncthreads();
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  int tile = tile0 + warp, ch = 0;
+  // The B fragments of chunk `chl` for n-tile n: this lane's token g + 8n, or zeros past T.
+  const auto load_x = [&](int chl, int n, int l) {
+    const int tok = g + 8 * n;
+    if (tok >= T) return make_uint4(0, 0, 0, 0);
+    return reinterpret_cast<const uint4*>(xs + static_cast<size_t>(tok) * p.x_stride + chl * kCols)[l * 4 + t];
+  };
+  const auto compute = [&](int j) {
+    // Small groups: this lane's two scales as f16 pairs, multiplied into every unpacked pair.
+    uint32_t s2_lo = 0, s2_hi = 0;
+    if constexpr (kSmallGroup) {
+      const __half2 lo2 = __float2half2_rn(__uint_as_float(sc[j] << 16)), hi2 = __float2half2_rn(__uint_as_float(sc[j] & 0xffff0000u));
+      s2_lo = *reinterpret_cast<const uint32_t*>(&lo2);
+      s2_hi = *reinterpret_cast<const uint32_t*>(&hi2);
+    }
+    const auto scaled = [&](uint32_t pair, uint32_t s2) { return kSmallGroup ? mul_f16x2(pair, s2) : pair; };
+    float part_acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part_acc[n][e] = 0.f;
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      uint4 xb[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) xb[n] = load_x(ch, n, l);
+      if constexpr (kInt4) {  // word l of the 16 bytes: two steps
+        uint32_t lo[4], hi[4];
+        unpack_int4((&w_lo[j].x)[l], lo);
+        unpack_int4((&w_hi[j].x)[l], hi);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          lo[i] = scaled(lo[i], s2_lo);
+          hi[i] = scaled(hi[i], s2_hi);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          mma_16816(part_acc[n], lo[0], hi[0], lo[1], hi[1], xb[n].x, xb[n].y);
+          mma_16816(part_acc[n], lo[2], hi[2], lo[3], hi[3], xb[n].z, xb[n].w);
+        }
+      } else {  // words 2l and 2l + 1: one step each
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          uint32_t lo01, lo23, hi01, hi23;
+          unpack_int8((&w_lo[j].x)[2 * l + s], lo01, lo23);
+          unpack_int8((&w_hi[j].x)[2 * l + s], hi01, hi23);
+          lo01 = scaled(lo01, s2_lo);
+          lo23 = scaled(lo23, s2_lo);
+          hi01 = scaled(hi01, s2_hi);
+          hi23 = scaled(hi23, s2_hi);
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+            mma_16816(part_acc[n], lo01, hi01, lo23, hi23, s ? xb[n].z : xb[n].x, s ? xb[n].w : xb[n].y);
+        }
+      }
+    }
+    const float s_lo = kSmallGroup ? 1.f : __uint_as_float(sc[j] << 16);
+    const float s_hi = kSmallGroup ? 1.f : __uint_as_float(sc[j] & 0xffff0000u);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = fmaf(s_lo, part_acc[n][0], acc[n][0]);
+      acc[n][1] = fmaf(s_lo, part_acc[n][1], acc[n][1]);
+      acc[n][2] = fmaf(s_hi, part_acc[n][2], acc[n][2]);
+      acc[n][3] = fmaf(s_hi, part_acc[n][3], acc[n][3]);
+    }
+    if (++ch < nch) return;
+    // The tile's slice is done. acc[n][e]: row g (e < 2) or g + 8, token 8n + 2t + (e & 1).
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tok = 8 * n + 2 * t + (e & 1), row = tile * 16 + g + (e >> 1) * 8;
+        const float v = acc[n][e] * x_unscale[tok];
+        if (C == 1) {
+          if (tok < T && row < p.N) p.y[static_cast<size_t>(tok) * p.N + row] = v;
+        } else {
+          part[(row - tile0 * 16) * TT + tok] = v;
+        }
+        acc[n][e] = 0.f;
+      }
+    ch = 0;
+    tile += kWarps;
+  };
+
+  for (int base = 0; base < nitems; base += U) {
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (base + j < nitems) {
+        compute(j);
+        load(j);  // item base + j + U into the slot just consumed
+      }
+    }
+  }
+
+  if (C > 1) {
+    if (nch == 0)  // an empty K slice (K / 64 or K / 128 chunks < C * chunks_per_slice): its partial sums are zero
+      for (int i = threadIdx.x; i < ntiles * 16 * TT; i += kThreads) part[i] = 0.f;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    for (int idx = threadIdx.x * C + c; idx < ntiles * 16 * TT; idx += kThreads * C) {
+      const int tok = idx % TT, row = tile0 * 16 + idx / TT;
+      if (tok >= T || row >= p.N) continue;
+      float s = 0.f;
+      for (int q = 0; q < C; ++q) s += cluster.map_shared_rank(part, q)[idx];
+      p.y[static_cast<size_t>(tok) * p.N + row] = s;
+    }
+    cluster.sync();
+  }
+}
+
+// ---- launch
+
+struct Plan {
+  int C = 0, chunks_per_slice = 0, tiles_per_block = 0, blocks = 0, x_stride = 0;
+  size_t smem = 0;
+};
+
+constexpr int kMaxDevices = 64;
+int current_device() {
+  int dev = 0;
+  return cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < kMaxDevices ? dev : 0;
+}
+
+int sm_count() {
+  static int counts[kMaxDevices] = {};
+  const int dev = current_device();
+  if (counts[dev] == 0 && cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    counts[dev] = 132;
+  return counts[dev];
+}
+
+// The cluster size (K split) with the least modelled time: one wave of 2 blocks per SM; a warp's time is its
+// items (ceil(tiles per block / 8) x chunks per slice) plus staging its share of x and, split, of the reduction.
+// Ties go to the smaller split. C = 0 in the answer: nothing fits.
+Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
+  const int cols = int4 ? 128 : 64, nchunks = (K + cols - 1) / cols, ntiles = (N + 15) / 16, TT = T <= 8 ? 8 : 16;
+  const int slots = 2 * sm_count();
+  Plan best;
+  double best_cost = 1e30;
+  for (int C = 1; C <= kMaxClusterSize; C *= 2) {
+    if ((forced_cluster > 0 && C != forced_cluster) || C > nchunks) continue;
+    Plan pl;
+    pl.C = C;
+    pl.chunks_per_slice = (nchunks + C - 1) / C;
+    pl.x_stride = (pl.chunks_per_slice * cols + 63) / 64 * 64 + 32;
+    const size_t x_bytes = static_cast<size_t>(T) * pl.x_stride * 2;
+    int G = std::max(1, slots / C);
+    pl.tiles_per_block = (ntiles + G - 1) / G;
+    G = (ntiles + pl.tiles_per_block - 1) / pl.tiles_per_block;
+    pl.blocks = G * C;
+    const size_t part_bytes = C > 1 ? static_cast<size_t>(pl.tiles_per_block) * 16 * TT * 4 : 0;
+    if (x_bytes > kMaxXBytes || part_bytes > kMaxPartBytes || x_bytes + part_bytes > kMaxSmemBytes) continue;
+    pl.smem = x_bytes + part_bytes;
+    const double cost = static_cast<double>((pl.tiles_per_block + kWarps - 1) / kWarps) * pl.chunks_per_slice +
+                        static_cast<double>(T) * pl.chunks_per_slice * cols / 2048.0 +
+                        (C > 1 ? static_cast<double>(pl.tiles_per_block) * 16 * TT / kThreads : 0.0);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = pl;
+    }
+  }
+  return best;
+}
+
+template <bool kInt4, bool kSmallGroup, int NT, int U>
+cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
+  static bool attribute_set[kMaxDevices] = {};  // per instantiation and device: x and the partial sums may pass 48 KiB
+  const int dev = current_device();
+  if (!attribute_set[dev]) {
+    const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kSmallGroup, NT, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(kMaxSmemBytes));
+    if (e != cudaSuccess) return e;
+    attribute_set[dev] = true;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(pl.blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = pl.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = pl.C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 2;
+  return cudaLaunchKernelEx(&cfg, quant_mma_kernel<kInt4, kSmallGroup, NT, U>, p);
+}
+
+template <bool kInt4>
+cudaError_t dispatch(int T, int depth, bool small_group, const QuantMmaParams& p, const Plan& pl, bool pdl,
+                     cudaStream_t stream) {
+  if (small_group)
+    return T > 8 ? launch<kInt4, true, 2, 4>(p, pl, pdl, stream) : launch<kInt4, true, 1, 8>(p, pl, pdl, stream);
+  if (T > 8) return launch<kInt4, false, 2, 4>(p, pl, pdl, stream);
+  return depth == 4 ? launch<kInt4, false, 1, 4>(p, pl, pdl, stream) : launch<kInt4, false, 1, 8>(p, pl, pdl, stream);
+}
+
+}  // namespace
+
+bool quant_gemv_mma_takes(const QuantMatrix& w, int T, int N, int K, const QuantMmaTuning& tuning) {
+  const bool int4 = w.dtype == DType::I4;
+  if (!(int4 || w.dtype == DType::I8) || T < 1 || T > kQuantMmaMaxTokens || N < 1 || K < 1) return false;
+  const int cols = int4 ? 128 : 64, vec = cols / 4;  // a chunk's columns, a lane vector's
+  if (w.group <= 0 || w.group % vec != 0 || K % w.group != 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0) return false;
+  return plan_for(int4, T, N, K, tuning.cluster).C > 0;
+}
+
+bool quant_gemv_mma(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated,
+                    const QuantMmaTuning& tuning) {
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || !quant_gemv_mma_takes(w, T, N, K, tuning)) return false;
+  const bool int4 = w.dtype == DType::I4;
+  const Plan pl = plan_for(int4, T, N, K, tuning.cluster);
+  const int cols = int4 ? 128 : 64, vec = cols / 4;
+  const QuantMmaParams p{x, static_cast<const uint8_t*>(w.q), w.scales, y, T, N, K, w.group, gated ? 1 : 0, pl.C,
+                         pl.chunks_per_slice, pl.tiles_per_block, pl.x_stride,
+                         static_cast<float>(vec) / static_cast<float>(w.group)};
+  const int depth = tuning.depth == 4 ? 4 : 8;
+  const bool small_group = w.group % cols != 0;  // the scales go into the f16 weights (gemv-quant-mma.cuh)
+  const cudaError_t e = int4 ? dispatch<true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
+                             : dispatch<false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream);
+  check_cuda(ctx.st, e, "matmul", " (quantized tensor-core GEMV launch)");
+  check_cuda(ctx.st, cudaGetLastError(), "matmul");
+  return true;
+}
+
+}  // namespace weft::cuda
