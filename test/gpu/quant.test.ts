@@ -5,7 +5,8 @@
  * dequantize-then-GEMM path for prompts over 16 tokens). f32 KV caches on both, so only the matrix products
  * differ. Skips, saying why, without a CUDA build or a GPU.
  *
- * Tolerance: up to 16 tokens the GEMV accumulates in fp32 (summation order only, ~1e-5); a longer prompt's
+ * Tolerance: up to 16 tokens the GEMV runs on f16 tensor cores with x rounded to f16 (gemv-quant-mma.cu, ~3e-4 of
+ * the output's scale, fp32 accumulation); a longer prompt's
  * products run on bf16 tensor cores with the weights and activations rounded to bf16, as the dense bf16 path
  * does (test/gpu/e2e.test.ts: 0.05 on log-probs). 0.05 bounds both.
  */
