@@ -30,6 +30,7 @@ import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { EXIT_CONFIG, WeftError, exitCodeFor, listenError } from '../core/errors.ts';
 import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
 import { checkSparqSetting } from '../core/sparq.ts';
+import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
 import { apiConfig, type ConfigOf } from './config.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
 import { DEFAULT_KV_CACHE_SEQUENCES, KvBlockTable, kvCacheLayout, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
@@ -56,6 +57,8 @@ export interface ClusterOptions {
   readonly attention?: 'dense' | 'sparq';
   readonly sparqR?: number;
   readonly sparqK?: number;
+  /** Attention of prompt steps: 'exact' (the default), or SageAttention-style 'int8' / 'fp8' (core/prefill-attention.ts). */
+  readonly prefillAttention?: PrefillAttention;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
   /** cuda: the share of each GPU's memory weft may use; the KV pool is what the weights and step arena leave (unless kvCacheTokens). Defaults to 0.9. */
@@ -255,6 +258,8 @@ export class Cluster {
     // SparQ's kernels read f32 and bf16 caches; fp8/int8 codes with their scales are not wired into its passes yet
     if (sparq && (initCommand.kvDtype === 'fp8' || initCommand.kvDtype === 'int8'))
       throw new WeftError('WEFT_BAD_CONFIG', `--attention sparq reads f32 or bf16 KV caches, not --kv-dtype ${initCommand.kvDtype}; use --kv-dtype bf16 with SparQ`);
+    const prefillAttention = options.prefillAttention ?? 'exact';
+    checkPrefillAttention(prefillAttention, spec, device, options.attention); // refused before anything starts
     checkMaxNumBatchedTokens(options.maxNumBatchedTokens, kvSlots); // and a step budget below the decode rows
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
@@ -300,7 +305,7 @@ export class Cluster {
       const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftSpec, plan: draftPlan, threads: Math.max(1, Math.floor(availableParallelism() / draftPlan.tp)) };
       draft = { spec: draftSpec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: options.speculateK! };
     }
-    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, sparq ? { ...initCommand, sparq } : initCommand, group, draft, text); // the draft attends densely
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, { ...initCommand, ...(sparq && { sparq }), ...(prefillAttention !== 'exact' && { prefillAttention }) }, group, draft, text); // the draft attends densely
     return cluster;
   }
 
