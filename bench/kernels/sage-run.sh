@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 out=${BUILD_DIR:-/tmp/weft-bench}
 mkdir -p "$out"
 srcs=(bench/kernels/sage-bench.cu native/src/cuda/attention.cu native/src/cuda/attention-decode.cu
-      native/src/cuda/attention-prefill.cu native/src/cuda/attention-sage.cu native/src/cuda/device.cc)
+      native/src/cuda/attention-prefill.cu native/src/cuda/attention-sage.cu
+      native/src/cuda/attention-sage-prepass.cu native/src/cuda/device.cc)
 pids=() objs=()
 for src in "${srcs[@]}"; do
   objs+=("$out/$(basename "$src").o")

@@ -91,4 +91,16 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: 2^-inf = 0
 }
 
 
+// The largest x over the block (every thread calls it; red: one float per warp in shared memory).
+__device__ __forceinline__ float block_max(float x, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  __syncthreads();  // red may still be read by an earlier call
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+  __syncthreads();
+  x = red[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) x = fmaxf(x, red[w]);
+  return x;
+}
+
 }  // namespace weft::cuda

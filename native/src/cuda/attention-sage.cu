@@ -1,8 +1,6 @@
-// Quantized prefill attention (attention-sage.cuh states the algorithm; cpu/attention-sage.cc is the reference).
-// Four launches: the sequences' ends, partial K sums over spans of 512 positions, the K means, then one block
-// per (sequence, kv head, 64 positions) that writes int8 smoothed K with its scale and the V operand; then the
-// tensor-core kernel over that scratch. The pre-pass reads each cache row twice (sums, quantize); the main kernel
-// reads 1-byte K (and 1-byte V in fp8 mode) instead of the cache's rows and converts nothing in its loop.
+// Quantized prefill attention (attention-sage.cuh states the algorithm; cpu/attention-sage.cc is the reference):
+// the pre-pass (attention-sage-prepass.cu) writes int8 smoothed K and the V operand, then the tensor-core kernel
+// here reads 1-byte K (and 1-byte V in fp8 mode) instead of the cache's rows and converts nothing in its loop.
 #include <algorithm>
 #include <type_traits>
 
@@ -14,198 +12,10 @@
 namespace weft::cuda {
 namespace {
 
-constexpr int kSpanRows = 512;  // positions per partial K sum
-constexpr int kSumThreads = 256;
+using detail::SageScratch;
 constexpr int kThreads = 128;
 constexpr int kB = kSageBlock;
 constexpr float kLog2e = 1.4426950408889634f;
-
-// Byte offsets of the scratch's parts (each 256-aligned), for S table rows, G kv heads, capacity C, head dim hd.
-struct SageScratch {
-  int64_t nb, cp, spans;                                           // 64-position blocks, padded capacity, spans
-  int64_t seq_end, sums, mean, k_scale, v_scale, k8, v, total;    // offsets (bytes)
-  static SageScratch of(int64_t S, int64_t G, int64_t C, int64_t hd, bool fp8) {
-    SageScratch s{};
-    s.nb = (C + kB - 1) / kB;
-    s.cp = s.nb * kB;
-    s.spans = (C + kSpanRows - 1) / kSpanRows;
-    int64_t at = 0;
-    auto take = [&](int64_t bytes) {
-      const int64_t off = at;
-      at += (bytes + 255) / 256 * 256;
-      return off;
-    };
-    s.seq_end = take(S * 4);                     // [S] i32
-    s.sums = take(S * G * s.spans * hd * 4);     // [S, G, spans, hd] f32
-    s.mean = take(S * G * hd * 4);               // [S, G, hd] f32
-    s.k_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32
-    s.v_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32 (fp8 mode)
-    s.k8 = take(S * G * s.cp * hd);              // [S, G, cp, hd] i8
-    s.v = take(S * G * s.cp * hd * (fp8 ? 1 : 2));  // [S, G, cp, hd] f16, or [S, G, nb, hd, 64] e4m3
-    s.total = at;
-    return s;
-  }
-};
-
-// ---- pre-pass
-
-__global__ void sage_seq_end(KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                             const int32_t* __restrict__ positions, int T, int* __restrict__ seq_end) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= T) return;
-  const int seq = token_seq[t], pos = positions[t];
-  if (seq >= 0 && seq < kv.n_seqs && pos >= 0 && pos < kv.capacity()) atomicMax(&seq_end[seq], pos + 1);
-}
-
-// grid (spans, G, S): sums[s, g, span, :] = the K rows of span (warp w takes rows w, w + 8, ...; then the warps
-// in order), the order the CPU reference sums in.
-template <int HD, typename KV>
-__global__ void __launch_bounds__(kSumThreads)
-    sage_key_sums(const KV* __restrict__ k_cache, const float* __restrict__ k_scales, KvBlockTable kv,
-                  const int* __restrict__ seq_end, int spans, float* __restrict__ sums, DeviceStatus* status) {
-  constexpr int VEC = HD / 32, WARPS = kSumThreads / 32;
-  __shared__ float part[WARPS][HD];
-  const int span = blockIdx.x, g = blockIdx.y, s = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int end = seq_end[s], p0 = span * kSpanRows, p1 = min(end, p0 + kSpanRows);
-  if (p0 >= end) return;
-  float acc[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) acc[i] = 0;
-  for (int p = p0 + warp; p < p1; p += WARPS) {
-    const int64_t row = kv_read_row(kv, 0, s, g, p, status);
-    float sc = 1.0f;
-    if constexpr (kKvQuantized<KV>) sc = k_scales[row];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], kv_value(k_cache[row * HD + lane * VEC + i], sc));
-  }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) part[warp][lane * VEC + i] = acc[i];
-  __syncthreads();
-  for (int d = threadIdx.x; d < HD; d += kSumThreads) {
-    float x = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) x = __fadd_rn(x, part[w][d]);
-    sums[((int64_t(s) * gridDim.y + g) * spans + span) * HD + d] = x;
-  }
-}
-
-// grid (G, S), hd threads: mean[s, g, :] = (the spans' sums, in order) / end_s.
-__global__ void sage_key_mean(const float* __restrict__ sums, const int* __restrict__ seq_end, int spans, int hd,
-                              float* __restrict__ mean) {
-  const int g = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
-  const int end = seq_end[s];
-  if (end == 0) return;
-  const int64_t sg = int64_t(s) * gridDim.x + g;
-  float x = 0;
-  for (int i = 0; i < (end + kSpanRows - 1) / kSpanRows; ++i) x = __fadd_rn(x, sums[(sg * spans + i) * hd + d]);
-  mean[sg * hd + d] = __fdiv_rn(x, static_cast<float>(end));
-}
-
-__device__ __forceinline__ float block_max(float x, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  __syncthreads();  // red may still be read by an earlier call
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
-  __syncthreads();
-  x = red[0];
-  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) x = fmaxf(x, red[w]);
-  return x;
-}
-
-// The e4m3 slot of position r (0..63) of a tile in the transposed V tile: within each 32 positions, the order in
-// which the S accumulators of a thread quad become the A operand of m16n8k32 (slot 4 tq + i holds position
-// 2 tq + (i & 1) + 8 (i >> 1), slot 16 + 4 tq + i the same plus 16), so P needs no shuffles.
-__device__ __forceinline__ int fp8_slot(int r) {
-  const int c = r & 31, u = c & 15;
-  return (r & ~31) + (c & 16) + 4 * ((u & 7) >> 1) + 2 * (u >> 3) + (u & 1);
-}
-
-// grid (nb, G, S): block j of (s, g): int8 of K - mean with its scale; V as f16 rows, or e4m3 with its scale,
-// transposed ([hd][64 slots]). Rows past end_s are zero.
-template <int HD, typename KV, bool FP8>
-__global__ void __launch_bounds__(kThreads)
-    sage_quantize_kv(const KV* __restrict__ k_cache, const KV* __restrict__ v_cache, const float* __restrict__ k_scales,
-                     const float* __restrict__ v_scales, KvBlockTable kv, const int* __restrict__ seq_end,
-                     const float* __restrict__ mean, int nb, int cp, int8_t* __restrict__ k8,
-                     float* __restrict__ k_scale_out, unsigned char* __restrict__ v_out,
-                     float* __restrict__ v_scale_out, DeviceStatus* status) {
-  constexpr int CPR = HD / 8, CH = kB * CPR / kThreads;  // 8-element chunks per row, per thread
-  static_assert(kThreads % CPR == 0, "a thread's chunks share their columns");
-  __shared__ int64_t rows[kB];
-  __shared__ float k_rs[kB], v_rs[kB], red[kThreads / 32];
-  const int j = blockIdx.x, g = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
-  const int end = seq_end[s], p0 = j * kB;
-  if (p0 >= end) return;
-  const int64_t sg = int64_t(s) * gridDim.y + g;
-  if (tid < kB) {
-    const int p = p0 + tid;
-    const int64_t row = p < end ? kv_read_row(kv, 0, s, g, p, status) : -1;
-    rows[tid] = row;
-    if constexpr (kKvQuantized<KV>) {
-      k_rs[tid] = row >= 0 ? k_scales[row] : 0.0f;
-      v_rs[tid] = row >= 0 ? v_scales[row] : 0.0f;
-    } else {
-      k_rs[tid] = v_rs[tid] = 1.0f;
-    }
-  }
-  __syncthreads();
-  const int col = (tid % CPR) * 8;
-  float x[CH][8];
-  float amax = 0;
-#pragma unroll
-  for (int i = 0; i < CH; ++i) {
-    const int r = (i * kThreads + tid) / CPR;
-    const int64_t row = rows[r];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      x[i][e] = row >= 0 ? __fsub_rn(kv_value(k_cache[row * HD + col + e], k_rs[r]), mean[sg * HD + col + e]) : 0.0f;
-      amax = fmaxf(amax, fabsf(x[i][e]));
-    }
-  }
-  KvRowScale sc = kv_row_scale(block_max(amax, red), kInt8Max);
-#pragma unroll
-  for (int i = 0; i < CH; ++i) {
-    const int r = (i * kThreads + tid) / CPR;
-    uint32_t w[2] = {0, 0};
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      w[e >> 2] |= uint32_t(uint8_t(f32_to_int8_code(__fmul_rn(x[i][e], sc.inv)))) << (8 * (e & 3));
-    *reinterpret_cast<uint2*>(k8 + (sg * cp + p0 + r) * HD + col) = make_uint2(w[0], w[1]);
-  }
-  if (tid == 0) k_scale_out[sg * nb + j] = sc.scale;
-
-  amax = 0;
-#pragma unroll
-  for (int i = 0; i < CH; ++i) {
-    const int r = (i * kThreads + tid) / CPR;
-    const int64_t row = rows[r];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      x[i][e] = row >= 0 ? kv_value(v_cache[row * HD + col + e], v_rs[r]) : 0.0f;
-      amax = fmaxf(amax, fabsf(x[i][e]));
-    }
-  }
-  if constexpr (FP8) {
-    sc = kv_row_scale(block_max(amax, red), kFp8Max);
-    unsigned char* tile = v_out + (sg * nb + j) * HD * kB;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const int slot = fp8_slot((i * kThreads + tid) / CPR);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) tile[(col + e) * kB + slot] = f32_to_e4m3(__fmul_rn(x[i][e], sc.inv));
-    }
-    if (tid == 0) v_scale_out[sg * nb + j] = sc.scale;
-  } else {
-    __half* vh = reinterpret_cast<__half*>(v_out);
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const int r = (i * kThreads + tid) / CPR;
-      *reinterpret_cast<uint4*>(vh + (sg * cp + p0 + r) * HD + col) =
-          make_uint4(pack_f16(x[i][0], x[i][1]), pack_f16(x[i][2], x[i][3]), pack_f16(x[i][4], x[i][5]),
-                     pack_f16(x[i][6], x[i][7]));
-    }
-  }
-}
 
 // ---- the tensor-core kernel
 
@@ -481,28 +291,15 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
                  const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
                  float scale, const Tensor& out, unsigned char* scratch) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
-  const int T = static_cast<int>(q.dim(0)), S = static_cast<int>(kv.n_seqs), G = static_cast<int>(kv.n_kv);
-  const SageScratch sc = SageScratch::of(S, G, kv.capacity(), HD, FP8);
-  int* seq_end = reinterpret_cast<int*>(scratch + sc.seq_end);
-  float* sums = reinterpret_cast<float*>(scratch + sc.sums);
-  float* mean = reinterpret_cast<float*>(scratch + sc.mean);
+  const int T = static_cast<int>(q.dim(0));
+  const SageScratch sc = SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), HD, FP8);
   float* k_scale = reinterpret_cast<float*>(scratch + sc.k_scale);
   float* v_scale = reinterpret_cast<float*>(scratch + sc.v_scale);
   int8_t* k8 = reinterpret_cast<int8_t*>(scratch + sc.k8);
   unsigned char* v_op = scratch + sc.v;
-  const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp), spans = static_cast<int>(sc.spans);
+  const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp);
 
-  check_cuda(ctx.st, cudaMemsetAsync(seq_end, 0, size_t(S) * sizeof(int), ctx.stream), "sageAttention", " (memset)");
-  sage_seq_end<<<blocks_for(T, 256), 256, 0, ctx.stream>>>(kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
-                                                          T, seq_end);
-  WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV, {
-    sage_key_sums<HD, KV><<<dim3(spans, G, S), kSumThreads, 0, ctx.stream>>>(
-        k_cache.data<KV>(), k_cache.kv_scales(), kv, seq_end, spans, sums, ctx.status);
-    sage_key_mean<<<dim3(G, S), HD, 0, ctx.stream>>>(sums, seq_end, spans, HD, mean);
-    sage_quantize_kv<HD, KV, FP8><<<dim3(nb, G, S), kThreads, 0, ctx.stream>>>(
-        k_cache.data<KV>(), v_cache.data<KV>(), k_cache.kv_scales(), v_cache.kv_scales(), kv, seq_end, mean, nb, cp,
-        k8, k_scale, v_op, v_scale, ctx.status);
-  });
+  detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch);
   auto kernel = sage_attention_mma<HD, FP8>;
   constexpr size_t smem = SageLayout<HD, FP8>::kBytes;
   if (smem > 48 * 1024)

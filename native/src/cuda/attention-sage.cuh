@@ -34,4 +34,40 @@ void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cach
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                            int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch);
 
+namespace detail {
+// Byte offsets of the scratch's parts (each 256-aligned), for S table rows, G kv heads, capacity C, head dim hd.
+struct SageScratch {
+  static constexpr int64_t kSpanRows = 512;  // positions per partial K sum of the pre-pass
+  int64_t nb, cp, spans;                                           // 64-position blocks, padded capacity, spans
+  int64_t seq_end, sums, mean, k_scale, v_scale, k8, v, total;    // offsets (bytes)
+  static SageScratch of(int64_t S, int64_t G, int64_t C, int64_t hd, bool fp8) {
+    SageScratch s{};
+    s.nb = (C + kSageBlock - 1) / kSageBlock;
+    s.cp = s.nb * kSageBlock;
+    s.spans = (C + kSpanRows - 1) / kSpanRows;
+    int64_t at = 0;
+    auto take = [&](int64_t bytes) {
+      const int64_t off = at;
+      at += (bytes + 255) / 256 * 256;
+      return off;
+    };
+    s.seq_end = take(S * 4);                     // [S] i32
+    s.sums = take(S * G * s.spans * hd * 4);     // [S, G, spans, hd] f32
+    s.mean = take(S * G * hd * 4);               // [S, G, hd] f32
+    s.k_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32
+    s.v_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32 (fp8 mode)
+    s.k8 = take(S * G * s.cp * hd);              // [S, G, cp, hd] i8
+    s.v = take(S * G * s.cp * hd * (fp8 ? 1 : 2));  // [S, G, cp, hd] f16, or [S, G, nb, hd, 64] e4m3
+    s.total = at;
+    return s;
+  }
+};
+
+// The pre-pass (attention-sage-prepass.cu): the sequences' ends, the K means, int8 K with its scales and the V
+// operand, written into scratch at the offsets of sc.
+void launch_sage_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                         const Tensor& kv_block_table, const Tensor& positions, bool fp8, const SageScratch& sc,
+                         unsigned char* scratch);
+}  // namespace detail
+
 }  // namespace weft::cuda
