@@ -17,6 +17,7 @@ import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
+import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
 import { presetSpec } from './presets.ts';
 import { floorMs as stepFloorMs, stepBytes } from './step-bytes.ts';
 
@@ -36,8 +37,9 @@ const program = new Command('bench-decode')
   .option('--expert-parallel', 'with --tp: whole experts per rank (Mixtral)', false)
   .option('--quantize <list>', 'weight formats to run, each model in turn: none (the preset dtype), int8 (per channel), int4', 'none')
   .option('--group-size <n>', 'int4 columns per scale (int8 is per output channel)', '128')
+  .option('--prefill-attention <mode>', 'attention of the prompt steps: exact, or quantized int8 / fp8 (core/prefill-attention.ts)', 'exact')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -46,6 +48,8 @@ if (!['auto', 'f32', 'bf16', 'fp8', 'int8'].includes(opts.kvDtype)) program.erro
 const kvDtype = resolveKvDtype(opts.kvDtype as KvDtypeOption, opts.device);
 const quantizations = list(opts.quantize);
 for (const q of quantizations) if (!['none', 'int8', 'int4'].includes(q)) program.error(`--quantize takes none, int8 and int4 (got ${q})`);
+if (!['exact', 'int8', 'fp8'].includes(opts.prefillAttention)) program.error(`--prefill-attention must be exact, int8 or fp8 (got ${opts.prefillAttention})`);
+const prefillAttention = opts.prefillAttention as PrefillAttention;
 
 // A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
 const arenaBytes = 16 * 2 ** 30;
@@ -78,11 +82,13 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const spec = quantize === 'none' ? preset : withQuantizeAtLoad(preset, quantize as 'int8' | 'int4', quantize === 'int4' ? opts.groupSize : 'channel');
   const weights = quantize === 'none' ? spec.dtype : quantize === 'int4' ? `int4-g${opts.groupSize}` : 'int8';
   const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
-  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`);
+  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`);
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + newTokens + 16;
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
-  const model = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
+  const built = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
+  checkPrefillAttention(prefillAttention, spec, opts.device);
+  const model = prefillAttention === 'exact' ? built : { ...built, model: { ...built.model, prefillAttention } };
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
   const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });

@@ -9,6 +9,7 @@ import { readModelSpec, withQuantizeAtLoad, type ModelSpec } from '../core/model
 import { planShards, type ShardPlan } from '../core/shard-plan.ts';
 import { WeftError } from '../core/errors.ts';
 import { checkSparqSetting } from '../core/sparq.ts';
+import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
 import { DEFAULT_KV_CACHE_SEQUENCES, kvCacheLayout, resolveKvDtype } from '../core/kv-block-table.ts';
 import { loadTokenizer, type WeftTokenizer } from './tokenizer.ts';
 import { checkMaxNumBatchedTokens } from './step-composer.ts';
@@ -23,6 +24,8 @@ export interface ClusterPlan {
   /** the target ranks' init command, without the SparQ setting (the draft attends densely) */
   readonly initCommand: GroupInitCommand;
   readonly sparq: { readonly r: number; readonly k: number } | undefined;
+  /** the prompt steps' attention (the draft's stays exact) */
+  readonly prefillAttention: PrefillAttention;
   /** the draft model, with draftModelDir */
   readonly draft: { readonly spec: ModelSpec; readonly plan: ShardPlan } | null;
 }
@@ -53,8 +56,10 @@ export function planCluster(options: ClusterSettings): ClusterPlan {
   // SparQ's kernels read f32 and bf16 caches; fp8/int8 codes with their scales are not wired into its passes yet
   if (sparq && (initCommand.kvDtype === 'fp8' || initCommand.kvDtype === 'int8'))
     throw new WeftError('WEFT_BAD_CONFIG', `--attention sparq reads f32 or bf16 KV caches, not --kv-dtype ${initCommand.kvDtype}; use --kv-dtype bf16 with SparQ`);
+  const prefillAttention = options.prefillAttention ?? 'exact';
+  checkPrefillAttention(prefillAttention, spec, device, options.attention); // refused before anything starts
   checkMaxNumBatchedTokens(options.maxNumBatchedTokens, kvSlots); // and a step budget below the decode rows
-  return { spec, plan, tokenizer, maxContext, initCommand, sparq, draft: draftSpec && draftPlan ? { spec: draftSpec, plan: draftPlan } : null };
+  return { spec, plan, tokenizer, maxContext, initCommand, sparq, prefillAttention, draft: draftSpec && draftPlan ? { spec: draftSpec, plan: draftPlan } : null };
 }
 
 /** Waits for every start; when one fails, closes those that started and throws its error. */

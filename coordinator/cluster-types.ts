@@ -5,6 +5,7 @@
 import type { ModelSpec } from '../core/model-spec.ts';
 import type { InitCommand } from '../core/worker-protocol.ts';
 import type { KvDtypeOption } from '../core/kv-block-table.ts';
+import type { PrefillAttention } from '../core/prefill-attention.ts';
 import type { TokenLogprob } from './generate.ts';
 import type { RankStatus, WorkerGroup } from './worker-group.ts';
 import type { SchedulerObserver } from './scheduler.ts';
@@ -32,6 +33,8 @@ export interface ClusterOptions {
   readonly attention?: 'dense' | 'sparq';
   readonly sparqR?: number;
   readonly sparqK?: number;
+  /** Attention of prompt steps: 'exact' (the default), or SageAttention-style 'int8' / 'fp8' (core/prefill-attention.ts). */
+  readonly prefillAttention?: PrefillAttention;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
   /** cuda: the share of each GPU's memory weft may use; the KV pool is what the weights and step arena leave (unless kvCacheTokens). Defaults to 0.9. */

@@ -75,7 +75,7 @@ export class Cluster {
   static async open(given: ClusterOptions): Promise<Cluster> {
     const { onProgress, onStateChange, observer, chatTemplate } = given;
     const options: ClusterSettings = { ...apiConfig('cluster', given), onProgress, onStateChange, observer, chatTemplate };
-    const { spec, plan, tokenizer, maxContext, initCommand, sparq, draft: draftModel } = planCluster(options);
+    const { spec, plan, tokenizer, maxContext, initCommand, sparq, prefillAttention, draft: draftModel } = planCluster(options);
     // the text threads load while the workers start; a template they refuse ends the start-up
     const textStarting = TextPool.start({
       modelDir: options.modelDir,
@@ -120,7 +120,7 @@ export class Cluster {
       const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftModel.spec, plan: draftModel.plan, threads: Math.max(1, Math.floor(availableParallelism() / draftModel.plan.tp)) };
       draft = { spec: draftModel.spec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: options.speculateK! };
     }
-    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, sparq ? { ...initCommand, sparq } : initCommand, group, draft, text); // the draft attends densely
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, { ...initCommand, ...(sparq && { sparq }), ...(prefillAttention !== 'exact' && { prefillAttention }) }, group, draft, text); // the draft attends densely and exactly
     return cluster;
   }
 

@@ -55,6 +55,8 @@ const initCommandSchema = z
     deviceIndex: nonNegInt.optional(),
     /** --attention sparq: keep SparQ's state and attend with this r and k (core/sparq.ts); absent: dense attention */
     sparq: z.object({ r: int.positive(), k: int.positive() }).strict().optional(),
+    /** --prefill-attention int8|fp8: prompt steps attend through sageAttention (core/prefill-attention.ts); absent: exact */
+    prefillAttention: z.enum(['int8', 'fp8']).optional(),
   })
   .strict();
 export type InitCommand = z.infer<typeof initCommandSchema>;

@@ -290,7 +290,7 @@ async function deleteCluster(api: typeof pm2, record: ClusterRecord): Promise<{ 
 
 /** The draft group: its model, and one GPU per draft rank (default: the target's first GPU), or none on the CPU. */
 /** The KV pool, step budget and attention options launch takes, passed to the coordinator's serve flags as given. */
-export const LAUNCH_SERVING_KNOBS = ['kvCacheTokens', 'gpuMemoryFraction', 'maxNumBatchedTokens', 'attention', 'sparqR', 'sparqK'] as const;
+export const LAUNCH_SERVING_KNOBS = ['kvCacheTokens', 'gpuMemoryFraction', 'maxNumBatchedTokens', 'attention', 'sparqR', 'sparqK', 'prefillAttention'] as const;
 export function servingKnobs(config: Pick<ConfigOf<'launch'>, (typeof LAUNCH_SERVING_KNOBS)[number]>): Partial<Pick<ConfigOf<'launch'>, (typeof LAUNCH_SERVING_KNOBS)[number]>> {
   return Object.fromEntries(LAUNCH_SERVING_KNOBS.flatMap((key) => (config[key] === undefined ? [] : [[key, config[key]]])));
 }

@@ -143,6 +143,13 @@ export interface Engine {
    * <= its k gets the exact attention. Algorithm: native/src/cuda/attention-sparq.cuh.
    */
   sparqAttention(q: Tensor, kCache: Tensor, vCache: Tensor, kT: Tensor, vSum: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, sparqR: Tensor, sparqK: Tensor, nHeads: number, scale: number): Tensor;
+  /**
+   * SageAttention-style quantized prefill attention (--prefill-attention): as `attention`, with Q and the K rows
+   * (less their mean per sequence and kv head) in int8 per block of 64 rows, and P V in f16 (pv 'f16') or e4m3
+   * (pv 'fp8'). Steps of at most 64 tokens and decode batches (one token per sequence) get `attention` itself.
+   * cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh.
+   */
+  sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8'): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
   /**

@@ -66,7 +66,9 @@ export class WorkerState {
     });
     const built = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), kv);
     // --attention sparq: SparQ's state beside the cache, and steps of at most the tokens its kernels serve
-    const model = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
+    const sparqModel = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
+    // --prefill-attention int8|fp8: prompt steps attend through sageAttention (the coordinator checked the model)
+    const model = command.prefillAttention ? { ...sparqModel, model: { ...sparqModel.model, prefillAttention: command.prefillAttention } } : sparqModel;
     this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes, ...(command.sparq && engine.backend === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
     return { bytesLoaded, ...(sized && { kvCacheTokens: sized.kvCacheTokens }) };

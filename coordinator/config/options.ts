@@ -87,6 +87,10 @@ export const OPTIONS = {
   },
   sparqR: { flag: '--sparq-r', arg: 'R', type: integer(1), env: 'WEFT_SPARQ_R', default: 16, help: "with --attention sparq: query components scored per head (1 to the model's head dimension; 1/8 of it moves 1/16 of K)", uses: [...CLUSTER, 'launch'] },
   sparqK: { flag: '--sparq-k', arg: 'K', type: integer(1), env: 'WEFT_SPARQ_K', default: 128, help: 'with --attention sparq: positions attended exactly per head; sequences no longer than K are attended exactly', uses: [...CLUSTER, 'launch'] },
+  prefillAttention: {
+    flag: '--prefill-attention', arg: 'exact|int8|fp8', type: oneOf('exact', 'int8', 'fp8'), env: 'WEFT_PREFILL_ATTENTION', default: 'exact', uses: [...CLUSTER, 'launch'],
+    help: 'attention of prompt steps (more than 64 tokens): exact, or SageAttention-style quantized (approximate: int8 Q K^T with K smoothed by its mean, P V in f16, or in fp8 e4m3 with fp8); decode is unchanged',
+  },
   kvBlockSize: { flag: '--kv-block-size', arg: 'N', type: integer(1, 4096), env: 'WEFT_KV_BLOCK_SIZE', default: 16, help: 'positions per block of the paged KV cache', uses: [...CLUSTER, 'launch'] },
   kvCacheTokens: {
     flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',

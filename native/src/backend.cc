@@ -456,6 +456,26 @@ Tensor Backend::sparq_attention(const Tensor& q, const Tensor& k_cache, const Te
   return out;
 }
 
+Tensor Backend::sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                               const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                               DType pv) {
+  const char* op = "sageAttention";
+  WEFT_CHECK(pv == DType::F16 || pv == DType::FP8, op, "pv must be f16 or fp8 (got ", dtype_name(pv), ")");
+  need(op, {"kvBlockTable", kv_block_table}, 2, "[S, maxBlocksPerSeq]", kI32);
+  need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
+  const int64_t T = q.dim(0);
+  if (T < kSageMinTokens || T == kv_block_table.dim(0))  // the exact path checks the rest
+    return attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale);
+  check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, T);
+  const int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
+  WEFT_CHECK(n_heads > 0 && n_heads % n_kv == 0 && q.dim(1) == n_heads * hd && std::isfinite(scale), op, Arg{"q", q},
+             ", nHeads = ", n_heads, " and scale = ", scale, " do not fit ", Arg{"kCache", k_cache},
+             " (need nHeads a positive multiple of nKv, q [T, nHeads * hd], a finite scale)");
+  Tensor out = empty(DType::F32, q.shape);
+  run_sage_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, pv, out);
+  return out;
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   WEFT_CHECK(!is_quantized(dst.dtype), "copy", Arg{"dst", dst}, " is a quantized weight (only matmuls read it)");
   WEFT_CHECK(dst.dtype != DType::FP8, "copy", Arg{"dst", dst}, " is a quantized KV cache (only the KV ops use it)");

@@ -160,6 +160,13 @@ class Backend {
                          const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
                          const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k, int64_t n_heads,
                          float scale);
+  // ---- quantized prefill attention, SageAttention-style (cuda/attention-sage.cuh states the algorithm): as
+  // attention, with Q and the mean-smoothed K in int8 per 64-row block and P V in f16 (pv F16) or e4m3 (pv FP8).
+  // Steps of fewer than kSageMinTokens tokens (the CUDA decode kernel's) and decode batches (one token per
+  // sequence) get attention() itself: decode is untouched. hd 64 or 128 on cuda.
+  static constexpr int64_t kSageMinTokens = 65;
+  Tensor sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                        const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
   // In place: ids[i] = from[i] < 0 ? ids[i] : src[from[i]], with ids [N], from [N] and src [M] i32; from[i] >= M is
@@ -257,6 +264,9 @@ class Backend {
                                    const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
                                    const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k,
                                    int64_t n_heads, float scale, const Tensor& out) = 0;
+  virtual void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                  const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                  int64_t n_heads, float scale, DType pv, const Tensor& out) = 0;
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) = 0;
   virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,

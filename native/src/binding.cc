@@ -180,6 +180,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::QkvRope>("qkvRope"),
                          InstanceMethod<&EngineHandle::SparqAppend>("sparqAppend"),
                          InstanceMethod<&EngineHandle::SparqAttention>("sparqAttention"),
+                         InstanceMethod<&EngineHandle::SageAttention>("sageAttention"),
                          InstanceMethod<&EngineHandle::SiluMul>("siluMul"),
                          InstanceMethod<&EngineHandle::SliceCols>("sliceCols"),
                          InstanceMethod<&EngineHandle::ConcatCols>("concatCols"),
@@ -475,6 +476,16 @@ Napi::Value EngineHandle::SparqAttention(const Napi::CallbackInfo& info) {
                                 a.tensor(4, "vSum"), a.tensor(5, "tokenSeq"), a.tensor(6, "kvBlockTable"),
                                 a.tensor(7, "positions"), a.tensor(8, "sparqR"), a.tensor(9, "sparqK"),
                                 a.integer(10, "nHeads"), static_cast<float>(a.number(11, "scale"))));
+  });
+}
+
+Napi::Value EngineHandle::SageAttention(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "sageAttention", [&] {
+    Args a(info, "sageAttention", this);
+    return Wrap(info.Env(), backend_->sage_attention(a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"),
+                                                     a.tensor(3, "tokenSeq"), a.tensor(4, "kvBlockTable"),
+                                                     a.tensor(5, "positions"), a.integer(6, "nHeads"),
+                                                     static_cast<float>(a.number(7, "scale")), a.dtype(8, "pv")));
   });
 }
 

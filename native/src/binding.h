@@ -85,6 +85,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value QkvRope(const Napi::CallbackInfo& info);
   Napi::Value SparqAppend(const Napi::CallbackInfo& info);
   Napi::Value SparqAttention(const Napi::CallbackInfo& info);
+  Napi::Value SageAttention(const Napi::CallbackInfo& info);
   Napi::Value SiluMul(const Napi::CallbackInfo& info);
   Napi::Value SliceCols(const Napi::CallbackInfo& info);
   Napi::Value ConcatCols(const Napi::CallbackInfo& info);

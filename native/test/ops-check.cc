@@ -1276,6 +1276,66 @@ void check_quant_gemv_tokens(Rng& rng) {
       });
     }
   }
+
+// Quantized prefill attention (cuda/attention-sage.cuh): CUDA against the CPU reference, which quantizes the same
+// way (the same K means, codes and scales: the int32 scores agree exactly), so they differ by exp2's rounding and
+// the order of the tensor cores' f32 sums, plus a rare flip of one P rounding (f16: 2^-11 relative of one weight;
+// e4m3: 2^-4): bounds 2e-4 (f16 P V) and 1e-3 (e4m3) of max|out|. And against the exact kernel, as a sanity
+// bound on the approximation at inputs in [-1, 1] (the CPU unit test measures it: test/unit/sage-attention.test.ts).
+// Paged bf16 / fp8 caches, K with a common offset (what the smoothing removes), GQA, chunked and ragged steps.
+void check_sage(Rng& rng) {
+  const int64_t S = 3, C = 1024, B = 16, per_seq = C / B, n_blocks = S * per_seq + 2;
+  struct Cfg {
+    int64_t T, nH, nKv, hd;
+    DType kv;
+    const char* kind;  // "chunk": sequence 1 after 200 cached positions; "causal": a fresh prompt; "ragged": two
+  };
+  for (Cfg c : {Cfg{300, 32, 8, 128, DType::BF16, "chunk"}, Cfg{200, 32, 32, 128, DType::BF16, "causal"},
+                Cfg{300, 16, 4, 64, DType::BF16, "ragged"}, Cfg{130, 32, 8, 128, DType::FP8, "chunk"}})
+    for (DType pv : {DType::F16, DType::FP8}) {
+      const int64_t hd = c.hd;
+      std::string sh = std::string(dtype_name(c.kv)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" +
+                       std::to_string(c.nKv) + "x" + std::to_string(hd) + " " + c.kind + " pv " + dtype_name(pv);
+      run_case("sageAttention", sh, [&] {
+        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
+        const std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        const Shape cs{n_blocks, c.nKv, B, hd};
+        std::vector<int32_t> all_seq(S * C), all_pos(S * C);
+        for (int64_t i = 0; i < S * C; ++i) {
+          all_seq[i] = static_cast<int32_t>(i / C);
+          all_pos[i] = static_cast<int32_t>(i % C);
+        }
+        auto kw = rng.floats(S * C * c.nKv * hd);
+        for (size_t i = 0; i < kw.size(); ++i) kw[i] += 2.0f * static_cast<float>(i % 3);  // a common offset per channel
+        const auto vw = rng.floats(S * C * c.nKv * hd);
+        auto fill = [&](Backend& b) {
+          auto kv = std::make_pair(b.zeros(c.kv, cs), b.zeros(c.kv, cs));
+          b.write_kv(kv.first, kv.second, up(b, kw, {S * C, c.nKv * hd}), up(b, vw, {S * C, c.nKv * hd}),
+                     up_i(b, all_seq), up_table(b, rows, per_seq), up_i(b, all_pos));
+          return kv;
+        };
+        auto gq = fill(*gpu), cq = fill(*cpu);
+        std::vector<int32_t> seq(c.T), pos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) {
+          const bool first = !std::strcmp(c.kind, "ragged") && t < 100;
+          seq[t] = !std::strcmp(c.kind, "causal") ? 0 : (first ? 0 : 1);
+          pos[t] = static_cast<int32_t>(!std::strcmp(c.kind, "causal") || first ? t : 200 + t);
+        }
+        const auto q = rng.floats(c.T * c.nH * hd);
+        const float scale = 1.0f / std::sqrt(float(hd));
+        auto attend = [&](Backend& b, const std::pair<Tensor, Tensor>& kv, bool sage) {
+          Tensor qt = up(b, q, {c.T, c.nH * hd}), ts = up_i(b, seq), table = up_table(b, rows, per_seq), ps = up_i(b, pos);
+          return down(b, sage ? b.sage_attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale, pv)
+                              : b.attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale));
+        };
+        const auto got = attend(*gpu, gq, true);
+        compare("sageAttention", sh, got, attend(*cpu, cq, true), pv == DType::FP8 ? 1e-3 : 2e-4, 0, "vs cpu");
+        compare("sageAttention", sh, got, attend(*gpu, gq, false), 0, pv == DType::FP8 ? 0.08 : 0.02,
+                "vs exact on cuda");
+      });
+    }
 }
 
 int main() {
@@ -1315,6 +1375,7 @@ int main() {
   check_sparq(rng);
   check_errors();
   check_attention_bifurcated(rng);
+  check_sage(rng);
   auto mi = gpu->memory_info();
   int failed = 0;
   std::printf("%-20s %-34s %12s %12s  %s\n", "op", "shape", "max err", "bound", "result");

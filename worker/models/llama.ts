@@ -8,6 +8,7 @@ import type { RankShard, ShardPlan } from '../../core/shard-plan.ts';
 import type { Collectives } from '../collectives/collectives.ts';
 import type { Ops, StepIndex, Tensor } from './ops.ts';
 import { sparqAttention, type SparqState } from './sparq.ts';
+import { sagePvType, type PrefillAttention } from '../../core/prefill-attention.ts';
 
 export interface AttentionWeights {
   readonly attnNorm: Tensor; // [hidden]
@@ -33,6 +34,7 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly invFreq: Tensor; // [headDim / 2] f32, RoPE frequencies after scaling
   readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [nBlocks, nKvHeadsPerRank, B, headDim] f32|bf16 (StepIndex)
   readonly sparq?: SparqState; // with --attention sparq: the transposed K and V block sums beside kvCache (sparq.ts)
+  readonly prefillAttention?: Exclude<PrefillAttention, 'exact'>; // --prefill-attention int8|fp8: steps of prompts attend through sageAttention
 }
 
 /** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts. */
@@ -53,7 +55,9 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
     ? sparqAttention(ops, model.sparq, layerIndex, cache, q, step, nHeadsPerRank, scale)
     : step.prefixGroups
       ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, scale)
-      : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale);
+      : model.prefillAttention // quantized for prompt steps; the engine keeps decode batches and short steps exact
+        ? ops.sageAttention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale, sagePvType(model.prefillAttention))
+        : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale);
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }
 

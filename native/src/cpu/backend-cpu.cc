@@ -164,6 +164,14 @@ class CpuBackend final : public Backend {
                          positions.data<int32_t>(), sparq_r.data<int32_t>(), sparq_k.data<int32_t>(), q.dim(0),
                          n_heads, k_cache.dim(3), scale);
   }
+  void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                          const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
+                          const Tensor& out) override {
+    KvBlockTable kv = checked_kv_table("sageAttention", k_cache, token_seq, kv_block_table, positions, true);
+    cpu::sage_attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
+                        k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,
+                        k_cache.dim(3), scale, pv == DType::FP8, k_cache.kv_scales(), v_cache.kv_scales());
+  }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
     cpu::add_rms_norm(sum.data<float>(), normed.data<float>(), x.data<float>(), y.data<float>(),

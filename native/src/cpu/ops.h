@@ -64,6 +64,12 @@ void sparq_attention(ThreadPool& pool, float* out, const float* q, const void* k
 // Copies each token's K cache rows into k_t, and remakes a block's V sum when its last row is written.
 void sparq_append(void* k_t, float* v_sum, const void* k_cache, const void* v_cache, DType kv_dtype,
                   const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd);
+// SageAttention-style quantized attention (cpu/attention-sage.cc; the algorithm in cuda/attention-sage.cuh): out for
+// every token, P V in e4m3 when fp8, else f16.
+void sage_attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache,
+                    DType kv_dtype, const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions,
+                    int64_t T, int64_t n_heads, int64_t hd, float scale, bool fp8, const float* k_scales = nullptr,
+                    const float* v_scales = nullptr);
 
 // gate_up [T, 2F] -> out [T, F].
 void silu_mul(float* out, const float* gate_up, int64_t T, int64_t F);

@@ -6,51 +6,11 @@
 
 #include "cuda/attention.cuh"
 #include "cuda/kv-block-table.cuh"
+#include "cuda/attention-query-tiles.cuh"
 #include "cuda/mma-tile.cuh"
 
 namespace weft::cuda {
 namespace {
-
-// ---- query tokens
-
-// Prefill tiles: thread i < BQ reads the sequence row and position of query t0 + i into shared memory. Tokens
-// past T or out of range are done from the start; an out-of-range token's output row is zero.
-__device__ __forceinline__ void load_tile_tokens(int BQ, int t0, int T, const KvBlockTable& kv,
-                                                 const int32_t* token_seq, const int32_t* positions, int nH, int h,
-                                                 int hd, float* out, DeviceStatus* status, int* tok_seq, int* tok_pos,
-                                                 int* tok_done) {
-  const int i = threadIdx.x;
-  if (i >= BQ) return;
-  int t = t0 + i, seq = -1, pos = -1;
-  if (t < T) {
-    seq = token_seq[t];
-    pos = positions[t];
-    if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, h == 0)) {
-      for (int d = 0; d < hd; ++d) out[(size_t(t) * nH + h) * hd + d] = 0;
-      seq = -1;
-    }
-  }
-  tok_seq[i] = seq;
-  tok_pos[i] = pos;
-  tok_done[i] = seq < 0;
-}
-
-// Prefill tiles: thread 0 picks the sequence the next pass serves (that of the first token not done, or -1),
-// the keys it needs (up to the largest position of its tokens in the tile) and a token of it (for reports).
-__device__ __forceinline__ void next_pass(int BQ, int t0, const int* tok_seq, const int* tok_pos, const int* tok_done,
-                                          int* cur_seq, int* cur_tok, int* kv_end) {
-  if (threadIdx.x != 0) return;
-  int seq = -1, end = 0, tok = 0;
-  for (int i = 0; i < BQ; ++i)
-    if (!tok_done[i] && (seq < 0 || tok_seq[i] == seq)) {
-      if (seq < 0) tok = t0 + i;
-      seq = tok_seq[i];
-      end = max(end, tok_pos[i] + 1);
-    }
-  *cur_seq = seq;
-  *cur_tok = tok;
-  *kv_end = end;
-}
 
 // ---- prefill: tensor-core flash attention (FlashAttention-2 on mma.sync m16n8k16, f16 operands, f32 accumulators)
 //

@@ -12,6 +12,7 @@
 #include "cuda/attention-bifurcated.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/attention-sparq.cuh"
+#include "cuda/attention-sage.cuh"
 #include "cuda/bandwidth.cuh"
 #include "cuda/common.cuh"
 #include "cuda/device.h"
@@ -113,6 +114,7 @@ class CudaBackend final : public Backend {
 
   void on_begin_step() override {
     half_copies_.clear();  // first: the copies hold their tensors' arena regions
+    sage_scratch_ = Tensor{};  // likewise
     arena_.begin_step();
   }
   void on_capture_begin() override { graphs_.begin(); }
@@ -177,6 +179,21 @@ class CudaBackend final : public Backend {
                                                                                   st_->num_sms)});
     cuda::launch_attention_bifurcated(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, token_group,
                                       group_shared, n_heads, scale, out, scratch.data<float>(), st_->num_sms);
+  }
+  // Quantized prefill attention: one scratch per step, made at its first layer and reused by the others (the
+  // stream orders them), dropped at the next step. While capturing, or where the scratch would pass
+  // kSageMaxScratchBytes (many long sequences in one step), the exact kernel runs instead.
+  void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                          const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
+                          const Tensor& out) override {
+    static_assert(Backend::kSageMinTokens == cuda::kDecodeMaxTokens + 1, "Sage takes the prefill kernel's steps");
+    const bool fp8 = pv == DType::FP8;
+    const int64_t bytes = cuda::sage_scratch_bytes(q, k_cache, kv_block_table, fp8);
+    if (capturing() || bytes > cuda::kSageMaxScratchBytes)
+      return run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+    if (!sage_scratch_.buffer || sage_scratch_.numel() < bytes) sage_scratch_ = empty(DType::I8, {bytes});
+    cuda::launch_sage_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, fp8,
+                                out, sage_scratch_.buffer->data());
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
@@ -452,6 +469,7 @@ class CudaBackend final : public Backend {
   cuda::Staging staging_;
   cuda::GraphCapture graphs_;
   std::unique_ptr<cuda::Matmul> matmul_;
+  Tensor sage_scratch_;  // run_sage_attention's bytes, step memory: dropped at each step's start
   Tensor dequant_scratch_;  // [max numel of a quantized weight] bf16, persistent (run_quant_matmul, T > 16)
   cuda::HalfCopies half_copies_;
 };

@@ -1,0 +1,146 @@
+// Standalone benchmark of the quantized prefill attention (cuda/attention-sage.cuh) against the exact tensor-core
+// prefill kernel (launch_attention for T > 64). Build and run with nvcc alone, from the repository root:
+//   bench/kernels/sage-run.sh
+// One layer of Llama-2-7B (32 query and 32 kv heads) and Llama-3-8B (32 / 8), head dim 128, bf16 caches (weft's
+// cuda default) holding one sequence in one block: a fresh causal prompt of T = 4K, 8K, 16K, 32K tokens attended
+// in one step, and the last 1K-token chunk of a 32K prompt (--max-num-batched-tokens 1024, the default). Random q,
+// k, v in [-1, 1), k plus a per-channel offset (what the smoothing removes); outputs poisoned with NaN first.
+// Times with CUDA events (2 warm-ups, median of 7 runs; int8 and fp8 include their pre-pass); TFLOP/s with the
+// causal count 2 * 2 * T * (keys before it) * hd * heads; error = max and mean |sage - exact| over the output
+// (inputs in [-1, 1): |out| < 1). Exit 1 on a NaN or a device report. About 10 s of GPU time on an H200.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "bench-device.cuh"
+#include "cuda/attention-sage.cuh"
+#include "cuda/attention.cuh"
+
+using namespace weft;
+namespace wc = weft::cuda;
+
+namespace {
+
+using bench::dev;
+
+__global__ void fill_f32(float* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = bench::uniform(seed, i);
+}
+// bf16 cache values in [-1, 1) plus `offset` * (channel % 3) (hd = 128 channels per row).
+__global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed, float offset) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2bfloat16(bench::uniform(seed, i) + offset * float((i % 128) % 3));
+}
+__global__ void poison(float* p, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __int_as_float(0x7fc00000);
+}
+
+struct Case {
+  const char* model;
+  int nKv, T, first;  // T query tokens at positions first..first + T - 1
+};
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  cudaStream_t stream;
+  CK(cudaStreamCreate(&stream));
+  wc::DeviceStatus* status;
+  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
+  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
+  wc::Ctx ctx{nullptr, stream, status};
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  const int nH = 32, hd = 128;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  bool ok = true;
+  std::printf("%-11s %6s %6s %9s %7s | %9s %7s %6s %9s %9s | %9s %7s %6s %9s %9s\n", "model", "T", "keys", "exact ms",
+              "TFLOP/s", "int8 ms", "TFLOP/s", "x", "max err", "mean err", "fp8 ms", "TFLOP/s", "x", "max err",
+              "mean err");
+  std::vector<Case> cases;
+  for (const char* model : {"llama-2-7b", "llama-3-8b"}) {
+    const int nKv = model[6] == '2' ? 32 : 8;
+    for (int T : {4096, 8192, 16384, 32768}) cases.push_back({model, nKv, T, 0});
+    cases.push_back({model, nKv, 1024, 32768 - 1024});
+  }
+  for (const Case& c : cases) {
+    const int T = c.T, C = c.first + c.T;
+    Tensor q = dev(DType::F32, {T, int64_t(nH) * hd}), kc = dev(DType::BF16, {1, c.nKv, C, hd}),
+           vc = dev(DType::BF16, {1, c.nKv, C, hd}), slots = dev(DType::I32, {T}), pos = dev(DType::I32, {T}),
+           table = dev(DType::I32, {1, 1});
+    Tensor outs[3] = {dev(DType::F32, q.shape), dev(DType::F32, q.shape), dev(DType::F32, q.shape)};
+    fill_f32<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1);
+    fill_bf16<<<1024, 256, 0, stream>>>(kc.data<__nv_bfloat16>(), kc.numel(), 2, 2.0f);
+    fill_bf16<<<1024, 256, 0, stream>>>(vc.data<__nv_bfloat16>(), vc.numel(), 3, 0.0f);
+    for (Tensor& o : outs) poison<<<1024, 256, 0, stream>>>(o.data<float>(), o.numel());
+    std::vector<int32_t> hs(T, 0), hp(T);
+    for (int t = 0; t < T; ++t) hp[t] = c.first + t;
+    CK(cudaMemcpy(slots.data<int32_t>(), hs.data(), T * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(pos.data<int32_t>(), hp.data(), T * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(table.data<int32_t>(), 0, 4));
+    void* scratch;
+    CK(cudaMalloc(&scratch, wc::sage_scratch_bytes(q, kc, table, false)));  // the f16 V operand's is the larger
+    auto run = [&](int which) {
+      if (which == 0)
+        wc::launch_attention(ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], nullptr, prop.multiProcessorCount);
+      else
+        wc::launch_sage_attention(ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch);
+    };
+    auto time = [&](int which) {
+      for (int i = 0; i < 2; ++i) run(which);
+      std::vector<float> ms;
+      for (int i = 0; i < 7; ++i) {
+        CK(cudaEventRecord(e0, stream));
+        run(which);
+        CK(cudaEventRecord(e1, stream));
+        CK(cudaEventSynchronize(e1));
+        float m;
+        CK(cudaEventElapsedTime(&m, e0, e1));
+        ms.push_back(m);
+      }
+      std::sort(ms.begin(), ms.end());
+      return ms[ms.size() / 2];
+    };
+    float ms[3];
+    for (int w = 0; w < 3; ++w) ms[w] = time(w);
+    CK(cudaStreamSynchronize(stream));
+    std::vector<float> host[3];
+    for (int w = 0; w < 3; ++w) {
+      host[w].resize(q.numel());
+      CK(cudaMemcpy(host[w].data(), outs[w].data<float>(), host[w].size() * 4, cudaMemcpyDeviceToHost));
+    }
+    double max_err[3] = {0, 0, 0}, mean_err[3] = {0, 0, 0};
+    bool nan = false;
+    for (int w = 1; w < 3; ++w) {
+      for (size_t i = 0; i < host[0].size(); ++i) {
+        nan |= std::isnan(host[0][i]) || std::isnan(host[w][i]);
+        const double e = std::fabs(double(host[w][i]) - host[0][i]);
+        max_err[w] = std::max(max_err[w], e);
+        mean_err[w] += e;
+      }
+      mean_err[w] /= double(host[0].size());
+    }
+    const double flops = 2.0 * 2.0 * double(T) * (c.first + (T + 1) / 2.0) * hd * nH;
+    std::printf("%-11s %6d %6d %9.3f %7.1f | %9.3f %7.1f %5.2fx %9.2e %9.2e | %9.3f %7.1f %5.2fx %9.2e %9.2e%s\n",
+                c.model, T, C, ms[0], flops / ms[0] / 1e9, ms[1], flops / ms[1] / 1e9, ms[0] / ms[1], max_err[1],
+                mean_err[1], ms[2], flops / ms[2] / 1e9, ms[0] / ms[2], max_err[2], mean_err[2], nan ? "  NaN!" : "");
+    ok &= !nan;
+    CK(cudaFree(scratch));
+  }
+  wc::DeviceStatus hs;
+  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
+  if (hs.flag) {
+    std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
+    ok = false;
+  }
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,352 @@
+// Quantized prefill attention (attention-sage.cuh states the algorithm; cpu/attention-sage.cc is the reference):
+// the pre-pass (attention-sage-prepass.cu) writes int8 smoothed K and the V operand, then the tensor-core kernel
+// here reads 1-byte K (and 1-byte V in fp8 mode) instead of the cache's rows and converts nothing in its loop.
+#include <algorithm>
+#include <type_traits>
+
+#include "cuda/attention-query-tiles.cuh"
+#include "cuda/attention-sage.cuh"
+#include "cuda/attention.cuh"
+#include "cuda/kv-block-table.cuh"
+
+namespace weft::cuda {
+namespace {
+
+using detail::SageScratch;
+constexpr int kThreads = 128;
+constexpr int kB = kSageBlock;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- the tensor-core kernel
+
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+// c += a b, m16n8k32, s8 inputs, s32 accumulators.
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// c += a b, m16n8k32, e4m3 inputs, f32 accumulators (sm_89+).
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four f32 -> e4m3 (round to nearest even, saturating: f32_to_e4m3's rule), x0 in the low byte.
+__device__ __forceinline__ uint32_t pack_e4m3(float x0, float x1, float x2, float x3) {
+  uint16_t lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
+  return uint32_t(lo) | (uint32_t(hi) << 16);
+}
+
+template <int HD, bool FP8>
+struct SageLayout {
+  static constexpr int kLdK = HD + 16;                          // bytes per K row (ldmatrix without bank conflicts)
+  static constexpr int kLdV = FP8 ? kB + 16 : (HD + 8) * 2;     // bytes per V row: [hd][64 slots] e4m3, [64][hd] f16
+  static constexpr int kVRows = FP8 ? HD : kB;
+  static constexpr size_t kK = size_t{kB} * kLdK;
+  static constexpr size_t kV = size_t{kVRows} * kLdV;
+  static constexpr size_t kBytes = 2 * (kK + kV);               // two stages of each
+};
+
+// grid (nH, ceil(T / 64)), 4 warps of 16 query rows; the plan of attention-prefill.cu's tensor-core kernel.
+template <int HD, bool FP8>
+__global__ void __launch_bounds__(kThreads, 2)
+    sage_attention_mma(const float* __restrict__ q, const int8_t* __restrict__ k8,
+                       const unsigned char* __restrict__ v_op, const float* __restrict__ k_scale,
+                       const float* __restrict__ v_scale, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                       const int32_t* __restrict__ positions, int T, int nH, int nb, int cp, float qscale,
+                       float* __restrict__ out, DeviceStatus* status) {
+  using L = SageLayout<HD, FP8>;
+  constexpr int KT = HD / 32, NO = HD / 8, NS = kB / 8;
+  constexpr int KCH = kB * HD / 16 / kThreads;                         // 16-byte chunks per thread: K tile
+  constexpr int VCH = int(size_t{kB} * HD * (FP8 ? 1 : 2) / 16 / kThreads);  // and V tile
+  constexpr int VCPR = FP8 ? kB / 16 : HD * 2 / 16;                    // chunks per V tile row
+  extern __shared__ __align__(16) unsigned char sage_smem[];
+  __shared__ int tok_seq[kB], tok_pos[kB], tok_done[kB];
+  __shared__ int cur_seq, cur_tok, kv_end;
+  __shared__ float red[kThreads / 32];
+  auto k_tile = [&](int buf) { return sage_smem + buf * L::kK; };
+  auto v_tile = [&](int buf) { return sage_smem + 2 * L::kK + buf * L::kV; };
+
+  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kB, G = static_cast<int>(kv.n_kv), g = h / (nH / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, tq = lane & 3;
+
+  load_tile_tokens(kB, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
+  // Q: one scale for the block's 64 rows of head h; int8 codes -> k_tile(0) -> A fragments.
+  float sq;
+  {
+    constexpr int QV = kB * HD / 4 / kThreads;
+    float4 x[QV];
+    float amax = 0;
+#pragma unroll
+    for (int i = 0; i < QV; ++i) {
+      const int c = i * kThreads + tid, row = c / (HD / 4), col = (c % (HD / 4)) * 4, t = t0 + row;
+      x[i] = t < T ? *reinterpret_cast<const float4*>(q + (size_t(t) * nH + h) * HD + col) : make_float4(0, 0, 0, 0);
+      amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x[i].x), fabsf(x[i].y)), fmaxf(fabsf(x[i].z), fabsf(x[i].w))));
+    }
+    const KvRowScale s = kv_row_scale(block_max(amax, red), kInt8Max);
+    sq = s.scale;
+#pragma unroll
+    for (int i = 0; i < QV; ++i) {
+      const int c = i * kThreads + tid, row = c / (HD / 4), col = (c % (HD / 4)) * 4;
+      auto code = [&](float v) { return uint32_t(uint8_t(f32_to_int8_code(__fmul_rn(v, s.inv)))); };
+      *reinterpret_cast<uint32_t*>(k_tile(0) + row * L::kLdK + col) =
+          code(x[i].x) | (code(x[i].y) << 8) | (code(x[i].z) << 16) | (code(x[i].w) << 24);
+    }
+  }
+  __syncthreads();
+  uint32_t qf[KT][4];
+  {
+    const uint32_t a = smem_u32(k_tile(0) + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * L::kLdK + 16 * (lane >> 4));
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], a + kk * 32);
+  }
+  // ldmatrix lane offsets: K and transposed-e4m3 V (B operands, n rows of 16-byte halves), f16 V (transposed).
+  const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 16 * ((lane >> 3) & 1);
+  const uint32_t k_off = b_row * L::kLdK + b_col;
+  const uint32_t v_off = FP8 ? b_row * L::kLdV + b_col
+                             : (((lane & 7) + 8 * ((lane >> 3) & 1)) * (HD + 8) + 8 * (lane >> 4)) * 2;
+
+  for (;;) {
+    __syncthreads();  // also: every warp has its Q fragments before k_tile(0) is overwritten
+    next_pass(kB, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
+    __syncthreads();
+    const int seq = cur_seq, end = kv_end;
+    if (seq < 0) break;
+    const int64_t sg = int64_t(seq) * G + g;
+    const int r0 = warp * 16 + gr, r1 = r0 + 8;
+    const int pos0 = !tok_done[r0] && tok_seq[r0] == seq ? tok_pos[r0] : -1;
+    const int pos1 = !tok_done[r1] && tok_seq[r1] == seq ? tok_pos[r1] : -1;
+    int wmin = min(pos0, pos1), wmax = max(pos0, pos1);
+#pragma unroll
+    for (int o = 16; o >= 4; o >>= 1) {
+      wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
+      wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+    }
+    auto fetch = [&](int j, int buf) {
+      const int8_t* ks = k8 + (sg * cp + int64_t(j) * kB) * HD;
+      const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
+#pragma unroll
+      for (int i = 0; i < KCH; ++i) {
+        const int c = i * kThreads + tid;
+        cp_async16(smem_u32(k_tile(buf) + (c / (HD / 16)) * L::kLdK + (c % (HD / 16)) * 16), ks + c * 16, 16);
+      }
+#pragma unroll
+      for (int i = 0; i < VCH; ++i) {
+        const int c = i * kThreads + tid;
+        cp_async16(smem_u32(v_tile(buf) + (c / VCPR) * L::kLdV + (c % VCPR) * 16), vs + c * 16, 16);
+      }
+      cp_async_commit();
+    };
+
+    float o_acc[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0, c_prev = 1.0f;  // c: fp8 mode's o_acc unit
+    const int n_tiles = (end + kB - 1) / kB;
+    fetch(0, 0);
+    for (int j = 0; j < n_tiles; ++j) {
+      const int kv0 = j * kB, buf = j & 1;
+      if (j + 1 < n_tiles) {
+        fetch(j + 1, buf ^ 1);
+        cp_async_wait_one();
+      } else {
+        cp_async_wait_all();
+      }
+      __syncthreads();
+      if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
+        const uint32_t kb = smem_u32(k_tile(buf)) + k_off, vb = smem_u32(v_tile(buf)) + v_off;
+        int si[NS][4];
+#pragma unroll
+        for (int n = 0; n < NS; ++n) si[n][0] = si[n][1] = si[n][2] = si[n][3] = 0;
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+          for (int np = 0; np < NS / 2; ++np) {
+            uint32_t b[4];
+            ldmatrix_x4(b, kb + np * 16 * L::kLdK + kk * 32);
+            mma_s8(si[2 * np], qf[kk], b[0], b[1]);
+            mma_s8(si[2 * np + 1], qf[kk], b[2], b[3]);
+          }
+        const float f = __fmul_rn(__fmul_rn(sq, k_scale[sg * nb + j]), qscale);
+        float s[NS][4];
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[n][e] = kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1) ? -INFINITY : __fmul_rn(float(si[n][e]), f);
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+#pragma unroll
+        for (int o = 1; o <= 2; o <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
+        }
+        // A row with no key yet keeps max -inf: subtract 0 instead, so that exp2(-inf - base) = 0, not NaN.
+        const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
+        float alpha0 = fast_exp2(m0 - base0), alpha1 = fast_exp2(m1 - base1);
+        m0 = mx0;
+        m1 = mx1;
+        float rs0 = 0, rs1 = 0;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+          s[n][0] = fast_exp2(s[n][0] - base0);
+          s[n][1] = fast_exp2(s[n][1] - base0);
+          s[n][2] = fast_exp2(s[n][2] - base1);
+          s[n][3] = fast_exp2(s[n][3] - base1);
+          rs0 += s[n][0] + s[n][1];
+          rs1 += s[n][2] + s[n][3];
+        }
+        l0 = l0 * alpha0 + rs0;
+        l1 = l1 * alpha1 + rs1;
+        if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
+          const float vs = v_scale[sg * nb + j], c = (vs > 0 ? vs : 1.0f) * (1.0f / kFp8Max), ratio = c_prev / c;
+          c_prev = c;
+          alpha0 *= ratio;
+          alpha1 *= ratio;
+        }
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o_acc[n][0] *= alpha0;
+          o_acc[n][1] *= alpha0;
+          o_acc[n][2] *= alpha1;
+          o_acc[n][3] *= alpha1;
+        }
+        if constexpr (FP8) {
+          uint32_t pa[2][4];
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk) {
+            const int n = 4 * kk;
+            auto p = [&](int nn, int e) { return s[n + nn][e] * kFp8Max; };
+            pa[kk][0] = pack_e4m3(p(0, 0), p(0, 1), p(1, 0), p(1, 1));
+            pa[kk][1] = pack_e4m3(p(0, 2), p(0, 3), p(1, 2), p(1, 3));
+            pa[kk][2] = pack_e4m3(p(2, 0), p(2, 1), p(3, 0), p(3, 1));
+            pa[kk][3] = pack_e4m3(p(2, 2), p(2, 3), p(3, 2), p(3, 3));
+          }
+#pragma unroll
+          for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+            for (int dp = 0; dp < NO / 2; ++dp) {
+              uint32_t b[4];
+              ldmatrix_x4(b, vb + dp * 16 * L::kLdV + kk * 32);
+              mma_e4m3(o_acc[2 * dp], pa[kk], b[0], b[1]);
+              mma_e4m3(o_acc[2 * dp + 1], pa[kk], b[2], b[3]);
+            }
+        } else {
+          uint32_t pf[NS / 2][4];
+#pragma unroll
+          for (int n = 0; n < NS; ++n) {
+            pf[n / 2][(n & 1) * 2] = pack_f16(s[n][0], s[n][1]);
+            pf[n / 2][(n & 1) * 2 + 1] = pack_f16(s[n][2], s[n][3]);
+          }
+#pragma unroll
+          for (int kk = 0; kk < NS / 2; ++kk)
+#pragma unroll
+            for (int dn = 0; dn < NO / 2; ++dn) {
+              uint32_t b[4];
+              ldmatrix_x4_trans(b, vb + (kk * 16 * (HD + 8) + dn * 16) * 2);
+              mma_f16(o_acc[2 * dn], pf[kk], b[0], b[1]);
+              mma_f16(o_acc[2 * dn + 1], pf[kk], b[2], b[3]);
+            }
+        }
+      }
+      __syncthreads();  // every warp is done with this stage before the next fetch overwrites it
+    }
+
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    }
+    const float unit = FP8 ? c_prev : 1.0f;
+    if (pos0 >= 0) {
+      const float inv = unit / l0;
+      float* o = out + (size_t(t0 + r0) * nH + h) * HD + 2 * tq;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][0] * inv, o_acc[n][1] * inv);
+    }
+    if (pos1 >= 0) {
+      const float inv = unit / l1;
+      float* o = out + (size_t(t0 + r1) * nH + h) * HD + 2 * tq;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
+    }
+    __syncthreads();
+    if (tid < kB && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+  }
+}
+
+template <int HD, bool FP8>
+void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                 const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
+                 float scale, const Tensor& out, unsigned char* scratch) {
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  const int T = static_cast<int>(q.dim(0));
+  const SageScratch sc = SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), HD, FP8);
+  float* k_scale = reinterpret_cast<float*>(scratch + sc.k_scale);
+  float* v_scale = reinterpret_cast<float*>(scratch + sc.v_scale);
+  int8_t* k8 = reinterpret_cast<int8_t*>(scratch + sc.k8);
+  unsigned char* v_op = scratch + sc.v;
+  const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp);
+
+  detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch);
+  auto kernel = sage_attention_mma<HD, FP8>;
+  constexpr size_t smem = SageLayout<HD, FP8>::kBytes;
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "sageAttention", " (cudaFuncSetAttribute)");
+  dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kB - 1) / kB));
+  kernel<<<grid, kThreads, smem, ctx.stream>>>(q.data<float>(), k8, v_op, k_scale, v_scale, kv,
+                                                token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads),
+                                                nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
+}
+
+}  // namespace
+
+int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8) {
+  (void)q;
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  return SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), k_cache.dim(3), fp8).total;
+}
+
+void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch) {
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  const int64_t T = q.dim(0), hd = k_cache.dim(3);
+  if (T == 0 || hd == 0) return;
+  WEFT_CHECK(kv.capacity() > 0 && kv.n_blocks > 0 && kv.n_seqs > 0, "sageAttention", "kCache ", k_cache,
+             " and kvBlockTable ", kv_block_table, " have no positions to attend to");
+  WEFT_CHECK(kv.capacity() < (int64_t{1} << 31) && T * n_heads < (int64_t{1} << 31) && (T + kB - 1) / kB <= 65535 &&
+                 kv.n_seqs <= 65535 && sage_scratch_bytes(q, k_cache, kv_block_table, fp8) < (int64_t{1} << 31),
+             "sageAttention", "shapes too large (", q, ", ", k_cache, ", ", kv_block_table, ")");
+  WEFT_CHECK(sage_head_dim_supported(hd), "sageAttention", "headDim ", hd,
+             " is not one the cuda kernels take (64 or 128) (", k_cache, ")");
+  auto* bytes = static_cast<unsigned char*>(scratch);
+  auto run = [&](auto head_dim, auto fp8_mode) {
+    launch_sage<decltype(head_dim)::value, decltype(fp8_mode)::value>(ctx, q, k_cache, v_cache, token_seq,
+                                                                       kv_block_table, positions, n_heads, scale, out,
+                                                                       bytes);
+  };
+  using H64 = std::integral_constant<int, 64>;
+  using H128 = std::integral_constant<int, 128>;
+  if (hd == 128)
+    fp8 ? run(H128{}, std::true_type{}) : run(H128{}, std::false_type{});
+  else
+    fp8 ? run(H64{}, std::true_type{}) : run(H64{}, std::false_type{});
+  check_launch(ctx, "sageAttention",
+               {Named{"q", q}, Named{"kCache", k_cache}, Named{"tokenSeq", token_seq},
+                Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}});
+}
+
+}  // namespace weft::cuda

@@ -1,0 +1,73 @@
+// SageAttention-style quantized prefill attention (opt-in: --prefill-attention int8|fp8). The algorithm, which
+// the CPU reference (cpu/attention-sage.cc) defines and these kernels follow, per query head h of kv head g:
+//  1. smoothing: per (sequence s, kv head g) the mean of K over the positions [0, end_s) the step attends to
+//     (end_s = 1 + the largest position of s's tokens in the step) is subtracted from every K row. Exact under
+//     softmax: it shifts each score of a query row by the same q . mean.
+//  2. int8 per block (kv-quant.h's rule: amax, scale = amax / 127, code = round-half-even(x * 127 / amax)): Q
+//     per (block of 64 query tokens of the step, head), the smoothed K per (s, g, block of 64 positions).
+//  3. scores in log2 units: s = i32(Q8 . K8) * ((sq * sk) * scale * log2(e)); online softmax in f32 over key
+//     tiles of 64 positions aligned with the K blocks, causal through positions.
+//  4. P V: int8 mode, P and V rounded to f16; fp8 mode, V as e4m3 codes with one scale per (s, g, 64-position
+//     block) (amax / 448) and P as e4m3(p * 448); f32 accumulation either way; out = sum / (sum of unrounded p).
+// CUDA: a pre-pass writes end_s, the K means, int8 K and the V operand (f16 rows, or e4m3 transposed per tile)
+// into one scratch (a sequence's positions contiguous, so the main kernel needs no block table); the main kernel
+// is attention-prefill.cu's FlashAttention-2 plan with mma.sync m16n8k32 s8 for Q K^T and m16n8k16 f16 (int8
+// mode) or m16n8k32 e4m3 (fp8 mode) for P V, both tiles double-buffered by cp.async. Head dims 64 and 128.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace weft::cuda {
+
+constexpr int kSageBlock = 64;  // query tokens per Q scale, positions per K (and V) scale: the kernels' tiles
+// The scratch a call may take (a step's sequences x their capacity): larger calls attend exactly (backend-cuda.cc).
+constexpr int64_t kSageMaxScratchBytes = int64_t{512} << 20;
+
+inline bool sage_head_dim_supported(int64_t hd) { return hd == 64 || hd == 128; }
+
+// Bytes of device scratch launch_sage_attention needs (q, the caches' shape and the table's).
+int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8);
+
+// q [T, nH * hd] f32 -> out [T, nH * hd] f32 over caches [nBlocks, nKv, B, hd] of any KV dtype; fp8 picks the P V
+// operand type (e4m3, else f16). scratch: sage_scratch_bytes of device memory, 256-byte aligned.
+void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch);
+
+namespace detail {
+// Byte offsets of the scratch's parts (each 256-aligned), for S table rows, G kv heads, capacity C, head dim hd.
+struct SageScratch {
+  static constexpr int64_t kSpanRows = 512;  // positions per partial K sum of the pre-pass
+  int64_t nb, cp, spans;                                           // 64-position blocks, padded capacity, spans
+  int64_t seq_end, sums, mean, k_scale, v_scale, k8, v, total;    // offsets (bytes)
+  static SageScratch of(int64_t S, int64_t G, int64_t C, int64_t hd, bool fp8) {
+    SageScratch s{};
+    s.nb = (C + kSageBlock - 1) / kSageBlock;
+    s.cp = s.nb * kSageBlock;
+    s.spans = (C + kSpanRows - 1) / kSpanRows;
+    int64_t at = 0;
+    auto take = [&](int64_t bytes) {
+      const int64_t off = at;
+      at += (bytes + 255) / 256 * 256;
+      return off;
+    };
+    s.seq_end = take(S * 4);                     // [S] i32
+    s.sums = take(S * G * s.spans * hd * 4);     // [S, G, spans, hd] f32
+    s.mean = take(S * G * hd * 4);               // [S, G, hd] f32
+    s.k_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32
+    s.v_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32 (fp8 mode)
+    s.k8 = take(S * G * s.cp * hd);              // [S, G, cp, hd] i8
+    s.v = take(S * G * s.cp * hd * (fp8 ? 1 : 2));  // [S, G, cp, hd] f16, or [S, G, nb, hd, 64] e4m3
+    s.total = at;
+    return s;
+  }
+};
+
+// The pre-pass (attention-sage-prepass.cu): the sequences' ends, the K means, int8 K with its scales and the V
+// operand, written into scratch at the offsets of sc.
+void launch_sage_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                         const Tensor& kv_block_table, const Tensor& positions, bool fp8, const SageScratch& sc,
+                         unsigned char* scratch);
+}  // namespace detail
+
+}  // namespace weft::cuda

@@ -1,0 +1,62 @@
+// --prefill-attention int8|fp8 per cluster (core/prefill-attention.ts): refused with the values named where it cannot
+// apply; a CPU cluster at tp 2 (GQA fixture: 8 query heads, 2 KV heads, head dim 16) started with it scores a
+// prompt longer than 64 tokens (one prompt step, quantized) within a stated tolerance of the exact cluster,
+// a prompt of at most 64 tokens exactly as it (steps that short stay exact), and decodes the same greedy tokens.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
+import { commandConfig } from '../../coordinator/config.ts';
+import { flagsOf } from '../helpers/cli.ts';
+import { checkPrefillAttention } from '../../core/prefill-attention.ts';
+import { fixtureDir } from '../helpers/fixtures.ts';
+
+test('checkPrefillAttention: cuda head dims 64 and 128 only, not beside SparQ; exact and the cpu take any model', () => {
+  assert.throws(() => checkPrefillAttention('int8', { headDim: 96 }, 'cuda'), /--prefill-attention int8 on cuda serves head dimensions 64 and 128; this model has 96/);
+  assert.throws(() => checkPrefillAttention('fp8', { headDim: 128 }, 'cuda', 'sparq'), /--prefill-attention fp8 does not combine with --attention sparq/);
+  checkPrefillAttention('fp8', { headDim: 128 }, 'cuda');
+  checkPrefillAttention('int8', { headDim: 16 }, 'cpu');
+  checkPrefillAttention('exact', { headDim: 96 }, 'cuda', 'sparq');
+});
+
+test('--prefill-attention parses exact, int8 and fp8 (default exact) and refuses other values', () => {
+  assert.equal(commandConfig('serve', flagsOf(['--model', '/m']), {}).prefillAttention, 'exact');
+  assert.equal(commandConfig('serve', flagsOf(['--model', '/m', '--prefill-attention', 'fp8']), {}).prefillAttention, 'fp8');
+  assert.equal(commandConfig('serve', flagsOf(['--model', '/m']), { WEFT_PREFILL_ATTENTION: 'int8' }).prefillAttention, 'int8');
+  assert.throws(() => commandConfig('serve', flagsOf(['--model', '/m', '--prefill-attention', 'int4']), {}), /prefill-attention/);
+});
+
+async function withCluster<T>(options: Record<string, unknown>, body: (cluster: Cluster) => Promise<T>): Promise<T> {
+  const cluster = await startCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 2, threads: 1, ...options });
+  try {
+    return await body(cluster);
+  } finally {
+    await cluster.close();
+  }
+}
+
+const prompt = (n: number) => Array.from({ length: n }, (_, i) => (i * 37 + 11) % 200);
+const logprobs = async (cluster: Cluster, n: number) => (await cluster.score(prompt(n))).logprobs;
+const greedy = async (cluster: Cluster) => {
+  for await (const event of cluster.generate({ promptIds: prompt(100), sampling: { maxNewTokens: 12, ignoreEos: true } })) if (event.type === 'done') return event.tokens;
+  throw new Error('no done event');
+};
+
+// The prompt's log-probs (down to -8.6 on this model, head dim 16). Measured: int8 max 0.039 and mean 0.0087,
+// fp8 max 0.15 and mean 0.034; about 2x that is allowed.
+const LOGPROB_TOLERANCE = { int8: { max: 0.08, mean: 0.02 }, fp8: { max: 0.3, mean: 0.07 } } as const;
+
+test('a cluster with --prefill-attention int8 / fp8 (tp 2, GQA): near exact on a long prompt, exact on a short one, same greedy tokens', async () => {
+  const exact = await withCluster({}, async (c) => ({ long: await logprobs(c, 100), short: await logprobs(c, 40), tokens: await greedy(c) }));
+  for (const mode of ['int8', 'fp8'] as const) {
+    const sage = await withCluster({ prefillAttention: mode }, async (c) => ({ long: await logprobs(c, 100), short: await logprobs(c, 40), tokens: await greedy(c) }));
+    assert.deepEqual(sage.short, exact.short, `${mode}: a 40-token prompt is one step of <= 64 tokens, attended exactly`);
+    const deviations = sage.long.map((lp, i) => Math.abs((lp ?? 0) - (exact.long[i] ?? 0))); // null: the first token
+    const max = Math.max(...deviations), mean = deviations.reduce((a, d) => a + d, 0) / deviations.length;
+    assert.ok(max > 0 && max <= LOGPROB_TOLERANCE[mode].max && mean <= LOGPROB_TOLERANCE[mode].mean, `${mode}: log-prob deviation max ${max}, mean ${mean}`);
+    assert.deepEqual(sage.tokens, exact.tokens, `${mode}: greedy tokens after a 100-token prompt`);
+  }
+});
+
+test('a cluster refuses --prefill-attention beside --attention sparq before it starts', async () => {
+  await assert.rejects(startCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 1, threads: 1, prefillAttention: 'int8', attention: 'sparq', sparqR: 2, sparqK: 8 }), /does not combine with --attention sparq/);
+});
