@@ -1276,6 +1276,7 @@ void check_quant_gemv_tokens(Rng& rng) {
       });
     }
   }
+}
 
 // Quantized prefill attention (cuda/attention-sage.cuh): CUDA against the CPU reference, which quantizes the same
 // way (the same K means, codes and scales: the int32 scores agree exactly), so they differ by exp2's rounding and
