@@ -1281,7 +1281,8 @@ void check_quant_gemv_tokens(Rng& rng) {
 // Quantized prefill attention (cuda/attention-sage.cuh): CUDA against the CPU reference, which quantizes the same
 // way (the same K means, codes and scales: the int32 scores agree exactly), so they differ by exp2's rounding and
 // the order of the tensor cores' f32 sums, plus a rare flip of one P rounding (f16: 2^-11 relative of one weight;
-// e4m3: 2^-4): bounds 2e-4 (f16 P V) and 1e-3 (e4m3) of max|out|. And against the exact kernel, as a sanity
+// e4m3: 2^-4): bounds 2e-4 (f16 P V) and 2e-3 (e4m3: H200 measured 1.5e-3 of max|out| on the chunked case, one
+// weight's flip) of max|out|. And against the exact kernel, as a sanity
 // bound on the approximation at inputs in [-1, 1] (the CPU unit test measures it: test/unit/sage-attention.test.ts).
 // Paged bf16 / fp8 caches, K with a common offset (what the smoothing removes), GQA, chunked and ragged steps.
 void check_sage(Rng& rng) {
@@ -1332,7 +1333,7 @@ void check_sage(Rng& rng) {
                               : b.attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale));
         };
         const auto got = attend(*gpu, gq, true);
-        compare("sageAttention", sh, got, attend(*cpu, cq, true), pv == DType::FP8 ? 1e-3 : 2e-4, 0, "vs cpu");
+        compare("sageAttention", sh, got, attend(*cpu, cq, true), pv == DType::FP8 ? 2e-3 : 2e-4, 0, "vs cpu");
         compare("sageAttention", sh, got, attend(*gpu, gq, false), 0, pv == DType::FP8 ? 0.08 : 0.02,
                 "vs exact on cuda");
       });
