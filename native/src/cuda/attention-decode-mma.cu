@@ -151,17 +151,7 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
 #pragma unroll
   for (int i = 0; i < kHeadsPerWarp; ++i) m_run[i] = -INFINITY, l_run[i] = 0;
 
-  const int n_tiles = static_cast<int>(ceil_div(u.np, TR));
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < n_tiles) issue(s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait(S - 2 > 0);
-    __syncthreads();  // tile `it` landed; the stage tile it - 1 used is free again
-    if (it + S - 1 < n_tiles) issue(it + S - 1);
-    cp_async_commit();
+  stream_tiles<S>(static_cast<int>(ceil_div(u.np, TR)), issue, [&](int it) {
     const int r0 = it * TR, nr = min(TR, u.np - r0);
     const KV* kt = stage_k(it);
     const KV* vt = kt + TR * LD;
@@ -238,8 +228,7 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
         mma_top_rows<kBf16>(o[n + 1], pa_lo0, pa_lo2, b[2], b[3]);
       }
     }
-  }
-  cp_async_wait_all();
+  });
 
   if (g < u.nh) {
     float* out = part_out + ((size_t(u.t) * nH + u.h_first + g) * n_part + u.c) * HD + warp * (HD / 4) + 2 * tq;

@@ -147,17 +147,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kHeadsPerWarp; ++i) m_run[i] = -INFINITY, l_run[i] = 0;
 
-  const int n_tiles = static_cast<int>(ceil_div(np, kTileRows));
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) issue(s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait(kStages - 2 > 0);
-    __syncthreads();  // tile `it` landed for every thread; the stage tile it - 1 used is free again
-    if (it + kStages - 1 < n_tiles) issue(it + kStages - 1);
-    cp_async_commit();
+  stream_tiles<kStages>(static_cast<int>(ceil_div(np, kTileRows)), issue, [&](int it) {
     const KV* kt = tiles + size_t(it % kStages) * 2 * tile_elems;
     const KV* vt = kt + tile_elems;
     const int r0 = it * kTileRows, nr = min(kTileRows, np - r0);
@@ -217,8 +207,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-  }
-  cp_async_wait_all();
+  });
   __syncthreads();  // every tile used: the stages become the reduction buffer
 
   // The row groups' sums: first the ones inside a warp (lanes RL, 2 RL, ... apart), then the warps in order.

@@ -148,6 +148,26 @@ __device__ __forceinline__ void softmax_tile(float* sc, float* alpha, const floa
   }
 }
 
+// The tiles of a partition through shared memory, STAGES - 1 of them in flight: issue(it) starts tile it's copies,
+// use(it) runs on tile it once every thread's copies of it have landed. A tile's stage is refilled only after the
+// barrier that follows every thread's use of it. Ends with no copy in flight.
+template <int STAGES, typename Issue, typename Use>
+__device__ __forceinline__ void stream_tiles(int n_tiles, Issue issue, Use use) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_tiles) issue(s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait(STAGES - 2 > 0);
+    __syncthreads();  // tile `it` landed for every thread; the stage tile it - 1 used is free again
+    if (it + STAGES - 1 < n_tiles) issue(it + STAGES - 1);
+    cp_async_commit();
+    use(it);
+  }
+  cp_async_wait_all();
+}
+
 // The partition's max and sum of each head, from the warp that ran its softmax.
 template <int HEADS_PER_WARP>
 __device__ __forceinline__ void store_partition_ml(const DecodeUnit& u, int nH, int n_part,
