@@ -28,16 +28,6 @@ namespace {
 
 using bench::dev;
 
-__global__ void fill(float* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    p[i] = bench::uniform(seed, i);
-  }
-}
-__global__ void poison(float* p, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = __int_as_float(0x7fc00000);
-}
-
 }  // namespace
 
 #include "attention-decode-bench.cuh"
@@ -45,18 +35,11 @@ __global__ void poison(float* p, size_t n) {
 namespace {
 
 int prefill_bench() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-  cudaStream_t stream;
-  CK(cudaStreamCreate(&stream));
-  wc::DeviceStatus* status;
-  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
-  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
-  wc::Ctx ctx{nullptr, stream, status};
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  bench::Device device;
+  const cudaStream_t stream = device.stream;
+  const wc::Ctx ctx = device.ctx;
+  const int sms = device.prop.multiProcessorCount;
+  std::printf("device: %s, %d SMs\n", device.prop.name, sms);
 
   struct Case {
     int T, nH, nKv, hd;
@@ -71,61 +54,32 @@ int prefill_bench() {
            vc = dev(DType::F32, {1, c.nKv, C, hd}), o_new = dev(DType::F32, {T, int64_t(c.nH) * hd}),
            o_ref = dev(DType::F32, {T, int64_t(c.nH) * hd}), slots = dev(DType::I32, {T}),
            pos = dev(DType::I32, {T}), table = dev(DType::I32, {1, 1});  // slots: tokenSeq, all sequence 0 in block 0
-    fill<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1);
-    fill<<<1024, 256, 0, stream>>>(kc.data<float>(), kc.numel(), 2);
-    fill<<<1024, 256, 0, stream>>>(vc.data<float>(), vc.numel(), 3);
-    poison<<<1024, 256, 0, stream>>>(o_new.data<float>(), o_new.numel());
-    poison<<<1024, 256, 0, stream>>>(o_ref.data<float>(), o_ref.numel());
+    bench::fill_f32<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1);
+    bench::fill_f32<<<1024, 256, 0, stream>>>(kc.data<float>(), kc.numel(), 2);
+    bench::fill_f32<<<1024, 256, 0, stream>>>(vc.data<float>(), vc.numel(), 3);
+    bench::poison<<<1024, 256, 0, stream>>>(o_new.data<float>(), o_new.numel());
+    bench::poison<<<1024, 256, 0, stream>>>(o_ref.data<float>(), o_ref.numel());
     std::vector<int32_t> hs(T, 0), hp(T);
     for (int t = 0; t < T; ++t) hp[t] = t;
-    CK(cudaMemcpy(slots.data<int32_t>(), hs.data(), T * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(pos.data<int32_t>(), hp.data(), T * 4, cudaMemcpyHostToDevice));
+    bench::upload_i32(slots, hs);
+    bench::upload_i32(pos, hp);
     CK(cudaMemset(table.data<int32_t>(), 0, 4));
     const float scale = 1.0f / std::sqrt(float(hd));
-    auto run_new = [&] { wc::launch_attention(ctx, q, kc, vc, slots, table, pos, c.nH, scale, o_new, nullptr, prop.multiProcessorCount); };
+    auto run_new = [&] { wc::launch_attention(ctx, q, kc, vc, slots, table, pos, c.nH, scale, o_new, nullptr, sms); };
     auto run_ref = [&] { wc::detail::launch_attention_prefill_fp32(ctx, q, kc, vc, slots, table, pos, c.nH, scale, o_ref); };
-    auto time = [&](auto&& f) {
-      for (int i = 0; i < 3; ++i) f();
-      std::vector<float> ms;
-      for (int i = 0; i < 20; ++i) {
-        CK(cudaEventRecord(e0, stream));
-        f();
-        CK(cudaEventRecord(e1, stream));
-        CK(cudaEventSynchronize(e1));
-        float m;
-        CK(cudaEventElapsedTime(&m, e0, e1));
-        ms.push_back(m);
-      }
-      std::sort(ms.begin(), ms.end());
-      return ms[ms.size() / 2];
-    };
     run_new();
     run_ref();
     CK(cudaStreamSynchronize(stream));
-    std::vector<float> a(q.numel()), b(q.numel());
-    CK(cudaMemcpy(a.data(), o_new.data<float>(), a.size() * 4, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(b.data(), o_ref.data<float>(), b.size() * 4, cudaMemcpyDeviceToHost));
-    double scl = 0, err = 0;
     bool nan = false;
-    for (size_t i = 0; i < a.size(); ++i) {
-      nan |= std::isnan(a[i]) || std::isnan(b[i]);
-      scl = std::max(scl, std::fabs(double(b[i])));
-      err = std::max(err, std::fabs(double(a[i]) - b[i]));
-    }
-    double rel = err / scl;
-    float t_new = time(run_new), t_ref = time(run_ref);
+    double rel = bench::rel_err(bench::download(o_new), bench::download(o_ref), nan);
+    float t_new = device.median_ms(3, 20, run_new), t_ref = device.median_ms(3, 20, run_ref);
     double flops = 2.0 * 2.0 * double(T) * T / 2 * hd * c.nH;
     std::printf("%6d %4d/%-2d %4d %10.4f %8.1f %10.4f %8.1f %7.1fx %9.2e%s\n", T, c.nH, c.nKv, hd, t_new,
                 flops / t_new / 1e9, t_ref, flops / t_ref / 1e9, t_ref / t_new, rel,
                 nan ? "  NaN!" : (rel > 1e-3 ? "  FAIL" : ""));
     ok &= !nan && rel <= 1e-3;
   }
-  wc::DeviceStatus hs;
-  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
-  if (hs.flag) {
-    std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
-    ok = false;
-  }
+  ok &= device.status_ok();
   return ok ? 0 : 1;
 }
 

@@ -1,6 +1,6 @@
 // Decode attention alone (split-K, attention-decode.cu) over paged KV caches of bf16, fp8 and int8: batch 1 and 8,
 // contexts 2K to 32K, the Llama-2-7B shape (32 heads, 32 KV heads, hd 128) and the Llama-3-8B shape (32 / 8).
-// Included by attention-bench.cu (bench-device.cuh's dev(), CK and uniform, its fill); run as `attention-bench decode [max context]`.
+// Included by attention-bench.cu (bench-device.cuh: dev(), CK, Device, the fills); run as `attention-bench decode [max context]`.
 //
 // Each sequence holds `context` positions in blocks of 16 (a block table of consecutive blocks per sequence);
 // the query of sequence b is at position context - 1. Bytes per launch = what one layer's decode must read:
@@ -11,29 +11,21 @@
 
 namespace {
 
-__global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    p[i] = __float2bfloat16(bench::uniform(seed, i));
-  }
-}
 // Valid codes of either 1-byte type: e4m3 with the top exponent bit pattern 1111 avoided (no NaN), any int8.
 __global__ void fill_codes(uint8_t* p, size_t n, uint64_t seed, uint8_t mask) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = uint8_t(weft::splitmix64(weft::splitmix64(seed) ^ i) >> 56) & mask;
-}
-__global__ void fill_value(float* p, size_t n, float value) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = value;
 }
 
 // A cache [nBlocks, nKv, 16, hd] of `d` with random contents (and its scales for the 1-byte types).
 Tensor decode_cache(DType d, int64_t n_blocks, int64_t n_kv, int64_t hd, uint64_t seed, cudaStream_t stream) {
   Tensor t = dev(d, {n_blocks, n_kv, 16, hd});
   if (d == DType::BF16) {
-    fill_bf16<<<1024, 256, 0, stream>>>(t.data<__nv_bfloat16>(), t.numel(), seed);
+    bench::fill_bf16<<<1024, 256, 0, stream>>>(t.data<__nv_bfloat16>(), t.numel(), seed);
   } else {
     fill_codes<<<1024, 256, 0, stream>>>(t.data<uint8_t>(), t.numel(), seed, d == DType::FP8 ? 0xf7 : 0xff);
     auto scales = std::make_shared<Tensor>(dev(DType::F32, {n_blocks, n_kv, 16}));
-    fill_value<<<1024, 256, 0, stream>>>(scales->data<float>(), scales->numel(), d == DType::FP8 ? 1.0f / 448 : 1.0f / 127);
+    bench::fill_value<<<1024, 256, 0, stream>>>(scales->data<float>(), scales->numel(), d == DType::FP8 ? 1.0f / 448 : 1.0f / 127);
     t.scales = scales;
   }
   CK(cudaGetLastError());
@@ -63,18 +55,11 @@ double copy_bandwidth(size_t bytes, cudaStream_t stream, cudaEvent_t e0, cudaEve
 
 int decode_bench(int argc, char** argv) {
   const int max_context = argc > 0 ? std::atoi(argv[0]) : 32768;
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  cudaStream_t stream;
-  CK(cudaStreamCreate(&stream));
-  wc::DeviceStatus* status;
-  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
-  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
-  wc::Ctx ctx{nullptr, stream, status};
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  const double copy_gbs = copy_bandwidth(size_t{2} << 30, stream, e0, e1);
+  bench::Device device;
+  const cudaDeviceProp& prop = device.prop;
+  const cudaStream_t stream = device.stream;
+  const wc::Ctx ctx = device.ctx;
+  const double copy_gbs = copy_bandwidth(size_t{2} << 30, stream, device.e0, device.e1);
   const size_t l2 = size_t(prop.l2CacheSize);
   std::printf("device: %s, %d SMs, L2 %zu MiB; copy bandwidth %.0f GB/s (cudaMemcpy D2D, read + write)\n", prop.name,
               prop.multiProcessorCount, l2 >> 20, copy_gbs);
@@ -102,13 +87,13 @@ int decode_bench(int argc, char** argv) {
           }
           Tensor q = dev(DType::F32, {batch, int64_t(m.nH) * m.hd}), out = dev(DType::F32, {batch, int64_t(m.nH) * m.hd});
           Tensor seq = dev(DType::I32, {batch}), pos = dev(DType::I32, {batch}), table = dev(DType::I32, {batch, per_seq});
-          fill<<<256, 256, 0, stream>>>(q.data<float>(), q.numel(), 7);
+          bench::fill_f32<<<256, 256, 0, stream>>>(q.data<float>(), q.numel(), 7);
           std::vector<int32_t> hs(batch), hp(batch, context - 1), ht(static_cast<size_t>(n_blocks));
           for (int b = 0; b < batch; ++b) hs[b] = b;
           for (int64_t i = 0; i < n_blocks; ++i) ht[i] = int32_t(i);
-          CK(cudaMemcpy(seq.data<int32_t>(), hs.data(), hs.size() * 4, cudaMemcpyHostToDevice));
-          CK(cudaMemcpy(pos.data<int32_t>(), hp.data(), hp.size() * 4, cudaMemcpyHostToDevice));
-          CK(cudaMemcpy(table.data<int32_t>(), ht.data(), ht.size() * 4, cudaMemcpyHostToDevice));
+          bench::upload_i32(seq, hs);
+          bench::upload_i32(pos, hp);
+          bench::upload_i32(table, ht);
           const int64_t scratch_floats = wc::attention_scratch_floats(q, k[0], table, m.nH, prop.multiProcessorCount);
           float* scratch;
           CK(cudaMalloc(&scratch, size_t(scratch_floats) * 4));
@@ -117,21 +102,8 @@ int decode_bench(int argc, char** argv) {
               wc::launch_attention(ctx, q, k[l], v[l], seq, table, pos, m.nH, 1.0f / std::sqrt(float(m.hd)), out,
                                    scratch, prop.multiProcessorCount);
           };
-          for (int i = 0; i < 3; ++i) sweep();
-          std::vector<float> ms;
-          for (int i = 0; i < 10; ++i) {
-            CK(cudaEventRecord(e0, stream));
-            sweep();
-            CK(cudaEventRecord(e1, stream));
-            CK(cudaEventSynchronize(e1));
-            float t;
-            CK(cudaEventElapsedTime(&t, e0, e1));
-            ms.push_back(t);
-          }
-          std::sort(ms.begin(), ms.end());
-          const double us = 1e3 * ms[ms.size() / 2] / layers, gbs = layer_bytes / (us * 1e3);
-          std::vector<float> o(size_t(out.numel()));
-          CK(cudaMemcpy(o.data(), out.data<float>(), o.size() * 4, cudaMemcpyDeviceToHost));
+          const double us = 1e3 * device.median_ms(3, 10, sweep) / layers, gbs = layer_bytes / (us * 1e3);
+          const std::vector<float> o = bench::download(out);
           const bool finite = std::all_of(o.begin(), o.end(), [](float x) { return std::isfinite(x); });
           ok &= finite;
           if (d == DType::BF16) bf16_us = us;
@@ -142,12 +114,7 @@ int decode_bench(int argc, char** argv) {
           CK(cudaFree(scratch));
         }
       }
-  wc::DeviceStatus hs;
-  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
-  if (hs.flag) {
-    std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
-    ok = false;
-  }
+  ok &= device.status_ok();
   return ok ? 0 : 1;
 }
 

@@ -1,15 +1,21 @@
 // What the standalone kernel benchmarks share (bench/kernels/*-bench.cu, built with nvcc alone): the CUDA error
-// check, device tensors for the backend's kernels, and random values from weft's own counter-based generator
-// (random-hash.h), so no bench carries a hash of its own.
+// check, device tensors for the backend's kernels, random values from weft's own counter-based generator
+// (random-hash.h), so no bench carries a hash of its own, the fills built on them, the device / stream / status /
+// events every bench opens, its median timing loop, and the norm-wise comparison of two outputs.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cuda_bf16.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <vector>
 
+#include "cuda/device.h"
 #include "random-hash.h"
 #include "tensor.h"
 
@@ -42,5 +48,97 @@ inline weft::Tensor dev(weft::DType d, weft::Shape s) {
 
 // Element i of stream `seed`, uniform in [-1, 1).
 __device__ __forceinline__ float uniform(uint64_t seed, size_t i) { return weft::uniform_value(seed, i, 1.0f); }
+
+// Fills, grid-stride over n elements: uniform(seed, i) as f32 or rounded to bf16; a quiet NaN (outputs poisoned
+// before a kernel writes them); one value.
+__global__ void fill_f32(float* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = uniform(seed, i);
+}
+__global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2bfloat16(uniform(seed, i));
+}
+__global__ void poison(float* p, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __int_as_float(0x7fc00000);
+}
+__global__ void fill_value(float* p, size_t n, float value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = value;
+}
+
+// Host i32 values into device tensor t (t holds v.size() of them at least).
+inline void upload_i32(const weft::Tensor& t, const std::vector<int32_t>& v) {
+  CK(cudaMemcpy(t.data<int32_t>(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+}
+
+// A device tensor's f32 contents on the host (after the stream's work is done).
+inline std::vector<float> download(const weft::Tensor& t) {
+  std::vector<float> host(size_t(t.numel()));
+  CK(cudaMemcpy(host.data(), t.data<float>(), host.size() * 4, cudaMemcpyDeviceToHost));
+  return host;
+}
+
+// max |got - ref| / max |ref| (norm-wise, as ops-check); `nan` is set when either holds a NaN.
+inline double rel_err(const std::vector<float>& got, const std::vector<float>& ref, bool& nan) {
+  double scl = 0, err = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    nan |= std::isnan(got[i]) || std::isnan(ref[i]);
+    scl = std::max(scl, std::fabs(double(ref[i])));
+    err = std::max(err, std::fabs(double(got[i]) - ref[i]));
+  }
+  return err / scl;
+}
+
+// Device 0 as a bench opens it: its properties, a stream, a zeroed status word the kernels report into, the
+// launch context over them, and two events for timing.
+struct Device {
+  cudaDeviceProp prop;
+  cudaStream_t stream;
+  weft::cuda::DeviceStatus* status;
+  weft::cuda::Ctx ctx;
+  cudaEvent_t e0, e1;
+
+  explicit Device(unsigned stream_flags = cudaStreamDefault) {
+    CK(cudaGetDeviceProperties(&prop, 0));
+    CK(cudaStreamCreateWithFlags(&stream, stream_flags));
+    CK(cudaMalloc(&status, sizeof(weft::cuda::DeviceStatus)));
+    CK(cudaMemset(status, 0, sizeof(weft::cuda::DeviceStatus)));
+    ctx = weft::cuda::Ctx{nullptr, stream, status};
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+  }
+
+  // ms of one call of f on the stream: `warmups` untimed calls, then the median of `runs` timed one by one.
+  template <typename F>
+  float median_ms(int warmups, int runs, F&& f) {
+    for (int i = 0; i < warmups; ++i) f();
+    std::vector<float> ms;
+    for (int i = 0; i < runs; ++i) {
+      CK(cudaEventRecord(e0, stream));
+      f();
+      CK(cudaEventRecord(e1, stream));
+      CK(cudaEventSynchronize(e1));
+      float m;
+      CK(cudaEventElapsedTime(&m, e0, e1));
+      ms.push_back(m);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+
+  // False, after printing what it says, when a kernel reported a failure into the status word (with its value
+  // where the bench prints that too).
+  bool status_ok(bool print_value = false) const {
+    weft::cuda::DeviceStatus hs;
+    CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
+    if (!hs.flag) return true;
+    if (print_value)
+      std::printf("device status reported op %d index %lld value %lld\n", hs.op, hs.index, hs.value);
+    else
+      std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
+    return false;
+  }
+};
 
 }  // namespace bench

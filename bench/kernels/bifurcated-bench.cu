@@ -40,19 +40,14 @@ constexpr int64_t kBlock = 16, kPrivate = 64, kLayers = 32, kHd = 128;
 
 Tensor dev_i(const std::vector<int32_t>& v, Shape s) {
   Tensor t = dev(DType::I32, s);
-  CK(cudaMemcpy(t.data<int32_t>(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+  bench::upload_i32(t, v);
   return t;
 }
 
-// Random bf16 in [-1, 1) (as bits), or f32 for q.
+// Random bf16 in [-1, 1) (as bits, truncated; q is bench::fill_f32's).
 __global__ void fill_bf16(uint16_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     p[i] = static_cast<uint16_t>(__float_as_uint(bench::uniform(seed, i)) >> 16);
-  }
-}
-__global__ void fill_f32(float* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    p[i] = bench::uniform(seed, i);
   }
 }
 
@@ -97,39 +92,19 @@ Setup make_setup(int64_t n, int64_t m, int64_t n_kv, bool sharing, uint64_t seed
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  cudaStream_t stream;
-  CK(cudaStreamCreate(&stream));
-  wc::DeviceStatus* status;
-  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
-  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
-  wc::Ctx ctx{nullptr, stream, status};
+  bench::Device device;
+  const cudaDeviceProp& prop = device.prop;
+  const cudaStream_t stream = device.stream;
+  const wc::Ctx ctx = device.ctx;
   const double gbps = wc::measure_read_bandwidth(ctx, size_t{1} << 30, 10);
   std::printf("device: %s, %d SMs; read bandwidth %.0f GB/s (1 GiB, best of 10)\n", prop.name, prop.multiProcessorCount, gbps);
   std::printf("ms per decode step of attention over %lld layers, bf16 KV, %lld private positions per sample; pfx: the\n"
               "prefix kernel alone, its GB/s = the prompt's K and V bytes / its time (bytes-bound near %.0f)\n",
               static_cast<long long>(kLayers), static_cast<long long>(kPrivate), gbps);
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   auto step_ms = [&](auto&& layer) {
-    auto step = [&] {
+    return static_cast<double>(device.median_ms(2, 5, [&] {
       for (int64_t l = 0; l < kLayers; ++l) layer(l);
-    };
-    for (int i = 0; i < 2; ++i) step();
-    std::vector<float> ms;
-    for (int i = 0; i < 5; ++i) {
-      CK(cudaEventRecord(e0, stream));
-      step();
-      CK(cudaEventRecord(e1, stream));
-      CK(cudaEventSynchronize(e1));
-      float t;
-      CK(cudaEventElapsedTime(&t, e0, e1));
-      ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return static_cast<double>(ms[ms.size() / 2]);
+    }));
   };
   bool ok = true;
   std::printf("%-10s %6s %3s %9s %9s %9s %9s %8s %8s %9s %9s %9s\n", "model", "m", "n", "bif ms", "floor", "plain ms",
@@ -145,7 +120,7 @@ int main() {
         const float scale = 1.0f / std::sqrt(float(kHd));
         Tensor q = dev(DType::F32, {n, sh.nH * kHd}), out = dev(DType::F32, {n, sh.nH * kHd}),
                ref = dev(DType::F32, {n, sh.nH * kHd});
-        fill_f32<<<256, 256>>>(q.data<float>(), q.numel(), 7);
+        bench::fill_f32<<<256, 256>>>(q.data<float>(), q.numel(), 7);
         // the plain kernel is the split-K decode half of launch_attention (n <= 64 tokens), called directly
         auto plain_floats = [&](const Setup& s) {
           return wc::detail::attention_decode_scratch_floats(n, sh.nH, sh.nKv, s.table.dim(1) * kBlock, kHd,
@@ -175,16 +150,7 @@ int main() {
                                               plain_scratch.data<float>(), prop.multiProcessorCount);
           bif(0);
           CK(cudaStreamSynchronize(stream));
-          std::vector<float> a(q.numel()), b(q.numel());
-          CK(cudaMemcpy(a.data(), out.data<float>(), a.size() * 4, cudaMemcpyDeviceToHost));
-          CK(cudaMemcpy(b.data(), ref.data<float>(), b.size() * 4, cudaMemcpyDeviceToHost));
-          double scl = 0, err = 0;
-          for (size_t i = 0; i < a.size(); ++i) {
-            nan |= std::isnan(a[i]) || std::isnan(b[i]);
-            scl = std::max(scl, std::fabs(double(b[i])));
-            err = std::max(err, std::fabs(double(a[i]) - b[i]));
-          }
-          rel = err / scl;
+          rel = bench::rel_err(bench::download(out), bench::download(ref), nan);
         }
         {
           Setup s = make_setup(n, m, sh.nKv, false, 200);
@@ -208,11 +174,6 @@ int main() {
                       plain_ms / bif_ms >= 3 ? "met" : "NOT met");
       }
     }
-  wc::DeviceStatus hs;
-  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
-  if (hs.flag) {
-    std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
-    ok = false;
-  }
+  ok &= device.status_ok();
   return ok ? 0 : 1;
 }

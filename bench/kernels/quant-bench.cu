@@ -29,7 +29,8 @@
 using weft::DType;
 namespace wc = weft::cuda;
 
-// Random bytes (the int8 values or int4 code pairs), scales in [0.5, 1.5) / 64 as bf16, x in [-1, 1).
+// Random bytes (the int8 values or int4 code pairs), scales in [0.5, 1.5) / 64 as bf16; x in [-1, 1) is
+// bench::fill_f32's.
 __global__ void fill_bytes(uint8_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
     p[i] = static_cast<uint8_t>(weft::splitmix64(weft::splitmix64(seed) ^ i));
@@ -37,10 +38,6 @@ __global__ void fill_bytes(uint8_t* p, size_t n, uint64_t seed) {
 __global__ void fill_scales(__nv_bfloat16* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
     p[i] = __float2bfloat16_rn((1.0f + 0.5f * bench::uniform(seed, i)) / 64.0f);
-}
-__global__ void fill_floats(float* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    p[i] = bench::uniform(seed, i);
 }
 // ref [T, N]: one warp per output, double accumulation of q * scale * x (gated: x = silu(gate) * up).
 __global__ void ref_kernel(const float* x, wc::QuantMatrix w, double* ref, int T, int N, int K, int gated) {
@@ -140,7 +137,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&x, x_elems * 4));
     CK(cudaMalloc(&y, static_cast<size_t>(16) * sh.N * 4));
     CK(cudaMalloc(&ref, static_cast<size_t>(16) * sh.N * 8));
-    fill_floats<<<1024, 256, 0, stream>>>(x, x_elems, 7);
+    bench::fill_f32<<<1024, 256, 0, stream>>>(x, x_elems, 7);
     // bf16 weights of the shape, for the ratio.
     const size_t bf16_bytes = static_cast<size_t>(sh.N) * sh.K * 2;
     const int bf16_copies = static_cast<int>(std::max<size_t>(2, (size_t{400} << 20) / bf16_bytes + 1));

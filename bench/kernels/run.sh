@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Build and run the matmul benchmark with nvcc alone (run from the repository root):
+# Build and run the matmul benchmark with nvcc alone (run from the repository root); the sources compile in
+# parallel, ptxas's register and spill report lands in $BUILD_DIR/ptxas.txt:
 #   bench/kernels/run.sh [--quick] [--sweep] [--no-pdl] [--json PATH]
 # BUILD_ONLY=1 compiles without running (no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${BUILD_DIR:-/tmp/weft-bench}
-mkdir -p "$out"
+. bench/kernels/build-bench.sh
 src=native/src/cuda
-nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I native/src -Xptxas -v \
-  bench/kernels/matmul-bench.cu $src/matmul.cu $src/gemv.cu $src/gemv-one-token.cu $src/expert-gemv.cu $src/gemm.cu $src/bandwidth.cu \
-  $src/cublas-loader.cu $src/device.cc \
-  -o "$out/matmul-bench" -ldl 2> "$out/ptxas.txt" || { cat "$out/ptxas.txt"; exit 1; }
+build_bench matmul-bench ptxas.txt bench/kernels/matmul-bench.cu $src/matmul.cu $src/gemv.cu $src/gemv-one-token.cu \
+  $src/expert-gemv.cu $src/gemm.cu $src/bandwidth.cu $src/cublas-loader.cu $src/device.cc -- -ldl
 [ -n "${BUILD_ONLY:-}" ] || "$out/matmul-bench" "$@"

@@ -26,18 +26,10 @@ namespace {
 
 using bench::dev;
 
-__global__ void fill_f32(float* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = bench::uniform(seed, i);
-}
 // bf16 cache values in [-1, 1) plus `offset` * (channel % 3) (hd = 128 channels per row).
 __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed, float offset) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = __float2bfloat16(bench::uniform(seed, i) + offset * float((i % 128) % 3));
-}
-__global__ void poison(float* p, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    p[i] = __int_as_float(0x7fc00000);
 }
 
 struct Case {
@@ -48,18 +40,10 @@ struct Case {
 }  // namespace
 
 int main() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-  cudaStream_t stream;
-  CK(cudaStreamCreate(&stream));
-  wc::DeviceStatus* status;
-  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
-  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
-  wc::Ctx ctx{nullptr, stream, status};
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+  bench::Device device;
+  const cudaStream_t stream = device.stream;
+  const int sms = device.prop.multiProcessorCount;
+  std::printf("device: %s, %d SMs\n", device.prop.name, sms);
   const int nH = 32, hd = 128;
   const float scale = 1.0f / std::sqrt(float(hd));
   bool ok = true;
@@ -78,46 +62,28 @@ int main() {
            vc = dev(DType::BF16, {1, c.nKv, C, hd}), slots = dev(DType::I32, {T}), pos = dev(DType::I32, {T}),
            table = dev(DType::I32, {1, 1});
     Tensor outs[3] = {dev(DType::F32, q.shape), dev(DType::F32, q.shape), dev(DType::F32, q.shape)};
-    fill_f32<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1);
+    bench::fill_f32<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1);
     fill_bf16<<<1024, 256, 0, stream>>>(kc.data<__nv_bfloat16>(), kc.numel(), 2, 2.0f);
     fill_bf16<<<1024, 256, 0, stream>>>(vc.data<__nv_bfloat16>(), vc.numel(), 3, 0.0f);
-    for (Tensor& o : outs) poison<<<1024, 256, 0, stream>>>(o.data<float>(), o.numel());
+    for (Tensor& o : outs) bench::poison<<<1024, 256, 0, stream>>>(o.data<float>(), o.numel());
     std::vector<int32_t> hs(T, 0), hp(T);
     for (int t = 0; t < T; ++t) hp[t] = c.first + t;
-    CK(cudaMemcpy(slots.data<int32_t>(), hs.data(), T * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(pos.data<int32_t>(), hp.data(), T * 4, cudaMemcpyHostToDevice));
+    bench::upload_i32(slots, hs);
+    bench::upload_i32(pos, hp);
     CK(cudaMemset(table.data<int32_t>(), 0, 4));
     void* scratch;
     CK(cudaMalloc(&scratch, wc::sage_scratch_bytes(q, kc, table, false)));  // the f16 V operand's is the larger
     auto run = [&](int which) {
       if (which == 0)
-        wc::launch_attention(ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], nullptr, prop.multiProcessorCount);
+        wc::launch_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], nullptr, sms);
       else
-        wc::launch_sage_attention(ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch);
-    };
-    auto time = [&](int which) {
-      for (int i = 0; i < 2; ++i) run(which);
-      std::vector<float> ms;
-      for (int i = 0; i < 7; ++i) {
-        CK(cudaEventRecord(e0, stream));
-        run(which);
-        CK(cudaEventRecord(e1, stream));
-        CK(cudaEventSynchronize(e1));
-        float m;
-        CK(cudaEventElapsedTime(&m, e0, e1));
-        ms.push_back(m);
-      }
-      std::sort(ms.begin(), ms.end());
-      return ms[ms.size() / 2];
+        wc::launch_sage_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch);
     };
     float ms[3];
-    for (int w = 0; w < 3; ++w) ms[w] = time(w);
+    for (int w = 0; w < 3; ++w) ms[w] = device.median_ms(2, 7, [&] { run(w); });
     CK(cudaStreamSynchronize(stream));
     std::vector<float> host[3];
-    for (int w = 0; w < 3; ++w) {
-      host[w].resize(q.numel());
-      CK(cudaMemcpy(host[w].data(), outs[w].data<float>(), host[w].size() * 4, cudaMemcpyDeviceToHost));
-    }
+    for (int w = 0; w < 3; ++w) host[w] = bench::download(outs[w]);
     double max_err[3] = {0, 0, 0}, mean_err[3] = {0, 0, 0};
     bool nan = false;
     for (int w = 1; w < 3; ++w) {
@@ -136,11 +102,6 @@ int main() {
     ok &= !nan;
     CK(cudaFree(scratch));
   }
-  wc::DeviceStatus hs;
-  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
-  if (hs.flag) {
-    std::printf("device status reported op %d index %lld\n", hs.op, hs.index);
-    ok = false;
-  }
+  ok &= device.status_ok();
   return ok ? 0 : 1;
 }

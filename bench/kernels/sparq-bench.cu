@@ -40,9 +40,7 @@ __global__ void fill(E* p, size_t n, uint64_t seed, int hd, int heavy) {
   }
 }
 
-void upload_i32(const Tensor& t, const std::vector<int32_t>& v) {
-  CK(cudaMemcpy(t.data<int32_t>(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
-}
+using bench::upload_i32;
 
 }  // namespace
 
@@ -50,20 +48,13 @@ int main(int argc, char** argv) {
   int B = 64;
   for (int i = 1; i + 1 < argc; ++i)
     if (!std::strcmp(argv[i], "--block")) B = std::atoi(argv[i + 1]);
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  const int sms = prop.multiProcessorCount;
+  bench::Device device(cudaStreamNonBlocking);
+  const cudaStream_t stream = device.stream;
+  const wc::Ctx ctx = device.ctx;
+  const cudaEvent_t e0 = device.e0, e1 = device.e1;
+  const int sms = device.prop.multiProcessorCount;
   std::printf("device: %s, %d SMs; bf16 KV, blocks of %d positions, batch 1, decode attention of one layer\n",
-              prop.name, sms, B);
-  cudaStream_t stream;
-  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  wc::DeviceStatus* status;
-  CK(cudaMalloc(&status, sizeof(wc::DeviceStatus)));
-  CK(cudaMemset(status, 0, sizeof(wc::DeviceStatus)));
-  wc::Ctx ctx{nullptr, stream, status};
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
+              device.prop.name, sms, B);
   constexpr int kPerGraph = 10;
   auto time_graph = [&](const std::function<void()>& f) {
     cudaGraph_t graph;
@@ -135,9 +126,7 @@ int main(int argc, char** argv) {
       dense();
       sparq();
       CK(cudaStreamSynchronize(stream));
-      std::vector<float> a(q.numel()), b(q.numel());
-      CK(cudaMemcpy(a.data(), o_dense.data<float>(), a.size() * 4, cudaMemcpyDeviceToHost));
-      CK(cudaMemcpy(b.data(), o_sparq.data<float>(), b.size() * 4, cudaMemcpyDeviceToHost));
+      const std::vector<float> a = bench::download(o_dense), b = bench::download(o_sparq);
       double scl = 0, err = 0;
       for (size_t i = 0; i < a.size(); ++i) {
         scl = std::max(scl, std::fabs(double(a[i])));
@@ -157,11 +146,6 @@ int main(int argc, char** argv) {
                   t_dense / t[0], t[1], t_dense / t[1], rel, rel > 1e-3 ? "  FAIL" : "");
     }
   }
-  wc::DeviceStatus hs;
-  CK(cudaMemcpy(&hs, status, sizeof hs, cudaMemcpyDeviceToHost));
-  if (hs.flag) {
-    std::printf("device status reported op %d index %lld value %lld\n", hs.op, hs.index, hs.value);
-    ok = false;
-  }
+  ok &= device.status_ok(true);
   return ok ? 0 : 1;
 }

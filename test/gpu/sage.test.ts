@@ -8,7 +8,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { gpuSkipReason, greedy } from '../helpers/cluster.ts';
-import { startCluster, type Cluster, type ClusterOptions } from '../../coordinator/cluster.ts';
+import { withCluster } from '../helpers/with-cluster.ts';
+import type { Cluster, ClusterOptions } from '../../coordinator/cluster.ts';
 import { DEFAULT_MODEL_DIR } from '../../coordinator/config/options.ts';
 import { heldOutWindows } from '../../bench/perplexity.ts';
 
@@ -17,14 +18,8 @@ if (skip) console.log(`# GPU suite skipped: ${skip}`);
 
 const window = heldOutWindows(DEFAULT_MODEL_DIR)[0]!.slice(0, 500);
 
-async function run<T>(options: Partial<ClusterOptions>, body: (cluster: Cluster) => Promise<T>): Promise<T> {
-  const cluster = await startCluster({ modelDir: DEFAULT_MODEL_DIR, device: 'cuda', kvDtype: 'f32', ...options });
-  try {
-    return await body(cluster);
-  } finally {
-    await cluster.close();
-  }
-}
+const run = <T>(options: Partial<ClusterOptions>, body: (cluster: Cluster) => Promise<T>): Promise<T> =>
+  withCluster({ modelDir: DEFAULT_MODEL_DIR, device: 'cuda', kvDtype: 'f32', ...options }, body);
 
 const logprobsOf = async (c: Cluster) => (await c.score(window)).logprobs.slice(1) as number[];
 const meanNll = (logprobs: readonly number[]): number => -logprobs.reduce((a, x) => a + x, 0) / logprobs.length;

@@ -9,6 +9,7 @@ import { commandConfig } from '../../coordinator/config.ts';
 import { flagsOf } from '../helpers/cli.ts';
 import { checkPrefillAttention } from '../../core/prefill-attention.ts';
 import { fixtureDir } from '../helpers/fixtures.ts';
+import { withCluster } from '../helpers/with-cluster.ts';
 
 test('checkPrefillAttention: cuda head dims 64 and 128 only, not beside SparQ; exact and the cpu take any model', () => {
   assert.throws(() => checkPrefillAttention('int8', { headDim: 96 }, 'cuda'), /--prefill-attention int8 on cuda serves head dimensions 64 and 128; this model has 96/);
@@ -25,14 +26,8 @@ test('--prefill-attention parses exact, int8 and fp8 (default exact) and refuses
   assert.throws(() => commandConfig('serve', flagsOf(['--model', '/m', '--prefill-attention', 'int4']), {}), /prefill-attention/);
 });
 
-async function withCluster<T>(options: Record<string, unknown>, body: (cluster: Cluster) => Promise<T>): Promise<T> {
-  const cluster = await startCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 2, threads: 1, ...options });
-  try {
-    return await body(cluster);
-  } finally {
-    await cluster.close();
-  }
-}
+const withTinyCluster = <T>(options: Record<string, unknown>, body: (cluster: Cluster) => Promise<T>): Promise<T> =>
+  withCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 2, threads: 1, ...options }, body);
 
 const prompt = (n: number) => Array.from({ length: n }, (_, i) => (i * 37 + 11) % 200);
 const logprobs = async (cluster: Cluster, n: number) => (await cluster.score(prompt(n))).logprobs;
@@ -46,9 +41,9 @@ const greedy = async (cluster: Cluster) => {
 const LOGPROB_TOLERANCE = { int8: { max: 0.08, mean: 0.02 }, fp8: { max: 0.3, mean: 0.07 } } as const;
 
 test('a cluster with --prefill-attention int8 / fp8 (tp 2, GQA): near exact on a long prompt, exact on a short one, same greedy tokens', async () => {
-  const exact = await withCluster({}, async (c) => ({ long: await logprobs(c, 100), short: await logprobs(c, 40), tokens: await greedy(c) }));
+  const exact = await withTinyCluster({}, async (c) => ({ long: await logprobs(c, 100), short: await logprobs(c, 40), tokens: await greedy(c) }));
   for (const mode of ['int8', 'fp8'] as const) {
-    const sage = await withCluster({ prefillAttention: mode }, async (c) => ({ long: await logprobs(c, 100), short: await logprobs(c, 40), tokens: await greedy(c) }));
+    const sage = await withTinyCluster({ prefillAttention: mode }, async (c) => ({ long: await logprobs(c, 100), short: await logprobs(c, 40), tokens: await greedy(c) }));
     assert.deepEqual(sage.short, exact.short, `${mode}: a 40-token prompt is one step of <= 64 tokens, attended exactly`);
     const deviations = sage.long.map((lp, i) => Math.abs((lp ?? 0) - (exact.long[i] ?? 0))); // null: the first token
     const max = Math.max(...deviations), mean = deviations.reduce((a, d) => a + d, 0) / deviations.length;

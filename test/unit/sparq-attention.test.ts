@@ -4,15 +4,13 @@
 // rounding (1e-5) elsewhere, approaches dense as r -> hd and k -> length, and refuses settings it cannot serve.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createEngine, type Tensor } from '../../worker/native.ts';
+import { createEngine } from '../../worker/native.ts';
+import { engineIo } from '../helpers/engine-io.ts';
 import { maxAbsDiff } from '../helpers/fixtures.ts';
 import { prng } from '../helpers/random.ts';
 
 const engine = createEngine({ backend: 'cpu', threads: 2 });
-const bytesOf = (a: Float32Array | Int32Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
-const f32 = (values: Float32Array, shape: number[]): Tensor => engine.upload(bytesOf(values), 'f32', shape);
-const i32 = (values: readonly number[], shape = [values.length]): Tensor => engine.upload(bytesOf(Int32Array.from(values)), 'i32', shape);
-const get = (t: Tensor): Float32Array => engine.download(t) as Float32Array;
+const { f32, i32, get } = engineIo(engine);
 
 interface Setup {
   nKv: number;

@@ -4,11 +4,12 @@
 // exactly where every sequence is no longer than k, differs where it is longer, and serves a dense request exactly.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
+import type { Cluster } from '../../coordinator/cluster.ts';
 import { parseSamplingParams } from '../../coordinator/sampling-params.ts';
 import { StepBatchBuilder, GREEDY } from '../../coordinator/step-builder.ts';
 import { DENSE_TOKEN } from '../../core/sparq.ts';
 import { fixtureDir, maxAbsDiff } from '../helpers/fixtures.ts';
+import { withCluster } from '../helpers/with-cluster.ts';
 
 const spec = { headDim: 16, nHeads: 8, nKvHeads: 2 };
 const limits = (sparq: { r: number; k: number } | null, device: 'cpu' | 'cuda' = 'cpu') => ({ maxContext: 64, promptLength: 4, vocabSize: 100, attention: { sparq, spec, device } });
@@ -38,14 +39,8 @@ test('the step builder carries each token\'s r and k (0: the cluster\'s), and no
   assert.deepEqual(mixed.build().sparq, { r: [4, 4, 0, DENSE_TOKEN.r], k: [8, 8, 0, DENSE_TOKEN.k] });
 });
 
-async function withCluster<T>(options: Record<string, unknown>, body: (cluster: Cluster) => Promise<T>): Promise<T> {
-  const cluster = await startCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 2, threads: 1, ...options });
-  try {
-    return await body(cluster);
-  } finally {
-    await cluster.close();
-  }
-}
+const withTinyCluster = <T>(options: Record<string, unknown>, body: (cluster: Cluster) => Promise<T>): Promise<T> =>
+  withCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 2, threads: 1, ...options }, body);
 
 const prompt = Array.from({ length: 40 }, (_, i) => (i * 37 + 11) % 200);
 const scores = (cluster: Cluster) => cluster.score(prompt, { full: true }).then((r) => r.full!);
@@ -55,12 +50,12 @@ const tokens = async (cluster: Cluster, sampling: Record<string, unknown>) => {
 };
 
 test('a cluster with --attention sparq (tp 2, GQA): exact below k, approximate past it, dense per request', async () => {
-  const dense = await withCluster({}, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}) }));
-  const exact = await withCluster({ attention: 'sparq', sparqR: 2, sparqK: 64 }, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}), denseTokens: await tokens(c, { attention: { mode: 'dense' } }) }));
+  const dense = await withTinyCluster({}, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}) }));
+  const exact = await withTinyCluster({ attention: 'sparq', sparqR: 2, sparqK: 64 }, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}), denseTokens: await tokens(c, { attention: { mode: 'dense' } }) }));
   exact.scores.forEach((row, i) => assert.deepEqual(row, dense.scores[i], `position ${i}: every length <= k = 64 is attended exactly`));
   assert.deepEqual(exact.tokens, dense.tokens);
   assert.deepEqual(exact.denseTokens, dense.tokens);
-  await withCluster({ attention: 'sparq', sparqR: 4, sparqK: 8 }, async (c) => {
+  await withTinyCluster({ attention: 'sparq', sparqR: 4, sparqK: 8 }, async (c) => {
     const approx = await scores(c);
     const early = Math.max(...approx.slice(0, 8).map((row, i) => maxAbsDiff(row, dense.scores[i]!)));
     const late = Math.max(...approx.slice(8).map((row, i) => maxAbsDiff(row, dense.scores[i + 8]!)));
@@ -69,5 +64,5 @@ test('a cluster with --attention sparq (tp 2, GQA): exact below k, approximate p
     assert.deepEqual(await tokens(c, { attention: { mode: 'dense' } }), dense.tokens, 'a dense request on a SparQ cluster');
     await assert.rejects(tokens(c, { attention: { mode: 'sparq', r: 32 } }), /SparQ r = 32 must be an integer from 1 to the model's head dimension 16/);
   });
-  await assert.rejects(withCluster({ attention: 'sparq', sparqR: 17 }, async () => {}), /SparQ r = 17/);
+  await assert.rejects(withTinyCluster({ attention: 'sparq', sparqR: 17 }, async () => {}), /SparQ r = 17/);
 });
