@@ -1,0 +1,31 @@
+// The launch of the GEMV kernels that split K over a thread-block cluster (gemv.cu, gemv-quant-mma.cu): clusters
+// of C blocks along x, as programmatic dependents. Included by .cu files only.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace weft::cuda {
+
+// Launches kernel(p): grid blocks of `threads` with smem bytes of dynamic shared memory each, in clusters of C
+// blocks along x, as a programmatic dependent of the kernel before it when pdl (common.cuh, pdl_wait).
+template <typename Params>
+cudaError_t launch_in_clusters(void (*kernel)(Params), const Params& p, dim3 grid, int threads, size_t smem, int C,
+                               bool pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 2;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
+}  // namespace weft::cuda
