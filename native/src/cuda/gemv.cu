@@ -448,19 +448,9 @@ decltype(auto) with_weight_tag(DType dt, F&& f) {
 // Clusters of C blocks with `smem` bytes each that fit on the device at once (0 if none).
 template <typename WT, int TT, int U>
 int active_clusters(DeviceState* st, int C, size_t smem) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(C * 64);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const ClusterLaunchConfig launch(dim3(C * 64), kThreads, smem, C);
   int n = 0;
-  check_cuda(st, cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT, U>, &cfg), "matmul",
+  check_cuda(st, cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT, U>, &launch.cfg), "matmul",
              " (cudaOccupancyMaxActiveClusters)");
   return n;
 }
