@@ -409,13 +409,21 @@ Napi::Value EngineHandle::WriteKv(const Napi::CallbackInfo& info) {
   });
 }
 
+namespace {
+// call(attention's arguments): q, kCache, vCache, tokenSeq, kvBlockTable, positions, nHeads, scale, which
+// sageAttention's start with.
+template <typename Call>
+auto with_attention_args(const Args& a, Call&& call) {
+  return call(a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"), a.tensor(3, "tokenSeq"),
+              a.tensor(4, "kvBlockTable"), a.tensor(5, "positions"), a.integer(6, "nHeads"),
+              static_cast<float>(a.number(7, "scale")));
+}
+}  // namespace
+
 Napi::Value EngineHandle::Attention(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "attention", [&] {
     Args a(info, "attention", this);
-    return Wrap(info.Env(), backend_->attention(a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"),
-                                                a.tensor(3, "tokenSeq"), a.tensor(4, "kvBlockTable"),
-                                                a.tensor(5, "positions"), a.integer(6, "nHeads"),
-                                                static_cast<float>(a.number(7, "scale"))));
+    return Wrap(info.Env(), with_attention_args(a, [&](auto&&... args) { return backend_->attention(args...); }));
   });
 }
 
@@ -482,10 +490,9 @@ Napi::Value EngineHandle::SparqAttention(const Napi::CallbackInfo& info) {
 Napi::Value EngineHandle::SageAttention(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "sageAttention", [&] {
     Args a(info, "sageAttention", this);
-    return Wrap(info.Env(), backend_->sage_attention(a.tensor(0, "q"), a.tensor(1, "kCache"), a.tensor(2, "vCache"),
-                                                     a.tensor(3, "tokenSeq"), a.tensor(4, "kvBlockTable"),
-                                                     a.tensor(5, "positions"), a.integer(6, "nHeads"),
-                                                     static_cast<float>(a.number(7, "scale")), a.dtype(8, "pv")));
+    return Wrap(info.Env(), with_attention_args(a, [&](auto&&... args) {
+                  return backend_->sage_attention(args..., a.dtype(8, "pv"));
+                }));
   });
 }
 

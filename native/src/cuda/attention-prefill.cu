@@ -92,15 +92,8 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     __syncthreads();
     const int seq = cur_seq, end = kv_end;
     if (seq < 0) break;
-    const int r0 = warp * 16 + gr, r1 = r0 + 8;
-    const int pos0 = !tok_done[r0] && tok_seq[r0] == seq ? tok_pos[r0] : -1;
-    const int pos1 = !tok_done[r1] && tok_seq[r1] == seq ? tok_pos[r1] : -1;
-    int wmin = min(pos0, pos1), wmax = max(pos0, pos1);
-#pragma unroll
-    for (int o = 16; o >= 4; o >>= 1) {
-      wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
-      wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
-    }
+    const PassRows rows = pass_rows(warp, gr, seq, tok_seq, tok_pos, tok_done);
+    const int pos0 = rows.pos0, pos1 = rows.pos1, wmin = rows.wmin, wmax = rows.wmax;
 
     // Thread tid < kFaBK: the cache offset of key row tid of the tile at kv0 (0 past end: not fetched).
     auto tile_row = [&](int kv0) -> int64_t {
@@ -155,25 +148,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       }
     }
 
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-    }
-    if (pos0 >= 0) {
-      float inv = 1.0f / l0;
-      float* o = out + (size_t(t0 + r0) * nH + h) * HD + 2 * tq;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][0] * inv, o_acc[n][1] * inv);
-    }
-    if (pos1 >= 0) {
-      float inv = 1.0f / l1;
-      float* o = out + (size_t(t0 + r1) * nH + h) * HD + 2 * tq;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
-    }
-    __syncthreads();
-    if (tid < kFaBQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+    finish_pass<HD>(o_acc, l0, l1, 1.0f, rows, tq, kFaBQ, t0, nH, h, seq, tok_seq, tok_done, out);
   }
 }
 
@@ -184,9 +159,7 @@ void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, 
   int T = static_cast<int>(q.dim(0));
   auto kernel = attention_prefill_mma<HD, KV>;
   constexpr size_t smem = FaLayout<HD, KV>::kBytes;
-  if (smem > 48 * 1024)
-    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "attention", " (cudaFuncSetAttribute)");
+  allow_dynamic_smem(ctx, kernel, smem, "attention");
   dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ));
   kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
       q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),
@@ -318,9 +291,7 @@ void launch_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, cons
   size_t smem = static_cast<size_t>(kBQ * (hd + 1) + BK * (hd + 1) + BK * hd + kBQ * BK) * sizeof(float);
   WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV, {
     auto kernel = attention_prefill<MAXJ, BK, KV>;
-    if (smem > 48 * 1024)
-      check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "attention", " (cudaFuncSetAttribute)");
+    allow_dynamic_smem(ctx, kernel, smem, "attention");
     dim3 grid((T + kBQ - 1) / kBQ, static_cast<unsigned>(n_heads));
     kernel<<<grid, kPrefillThreads, smem, ctx.stream>>>(
         q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),

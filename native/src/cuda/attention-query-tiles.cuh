@@ -1,12 +1,22 @@
 // Device helpers of the prefill attention kernels (attention-prefill.cu, attention-sage.cu) beside mma-tile.cuh's
-// tensor-core tiles: the query tiles' token bookkeeping (one sequence per pass) and a block-wide max.
-// Header-only (__forceinline__), included by .cu files only.
+// tensor-core tiles: the query tiles' token bookkeeping (one sequence per pass: its rows in the mma fragments,
+// its end) and a block-wide max; and their launchers' shared-memory opt-in.
+// Header-only, included by .cu files only.
 #pragma once
 
 #include "cuda/kv-block-table.cuh"
 #include "cuda/mma-tile.cuh"
 
 namespace weft::cuda {
+
+// Lets `kernel` take smem bytes of dynamic shared memory (more than 48 KiB needs the opt-in); op names the call
+// in the error.
+template <typename Kernel>
+void allow_dynamic_smem(const Ctx& ctx, Kernel kernel, size_t smem, const char* op) {
+  if (smem > 48 * 1024)
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), op,
+               " (cudaFuncSetAttribute)");
+}
 
 // ---- query tokens
 
@@ -47,6 +57,54 @@ __device__ __forceinline__ void next_pass(int BQ, int t0, const int* tok_seq, co
   *cur_seq = seq;
   *cur_tok = tok;
   *kv_end = end;
+}
+
+// The rows of a pass held by the mma fragments of warp `warp`, lane row gr: r0 = 16 warp + gr and r1 = r0 + 8 of
+// the tile, their positions (-1: done, or not of sequence seq) and the least and largest of those over the warp.
+struct PassRows {
+  int r0, r1, pos0, pos1, wmin, wmax;
+};
+__device__ __forceinline__ PassRows pass_rows(int warp, int gr, int seq, const int* tok_seq, const int* tok_pos,
+                                              const int* tok_done) {
+  const int r0 = warp * 16 + gr, r1 = r0 + 8;
+  const int pos0 = !tok_done[r0] && tok_seq[r0] == seq ? tok_pos[r0] : -1;
+  const int pos1 = !tok_done[r1] && tok_seq[r1] == seq ? tok_pos[r1] : -1;
+  int wmin = min(pos0, pos1), wmax = max(pos0, pos1);
+#pragma unroll
+  for (int o = 16; o >= 4; o >>= 1) {
+    wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
+    wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+  }
+  return {r0, r1, pos0, pos1, wmin, wmax};
+}
+
+// The end of a pass over a tile of BQ query tokens from t0, head h of nH: the rows of O in the fragments (o_acc,
+// PassRows rows, quad thread tq) times unit / (their sums: the quad's partial sums l0, l1 added) -> out, for
+// the rows the pass served; then the tokens of sequence seq are done.
+template <int HD, int NO>
+__device__ __forceinline__ void finish_pass(const float (&o_acc)[NO][4], float l0, float l1, float unit,
+                                            const PassRows& rows, int tq, int BQ, int t0, int nH, int h, int seq,
+                                            const int* tok_seq, int* tok_done, float* out) {
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+  }
+  if (rows.pos0 >= 0) {
+    const float inv = unit / l0;
+    float* o = out + (size_t(t0 + rows.r0) * nH + h) * HD + 2 * tq;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][0] * inv, o_acc[n][1] * inv);
+  }
+  if (rows.pos1 >= 0) {
+    const float inv = unit / l1;
+    float* o = out + (size_t(t0 + rows.r1) * nH + h) * HD + 2 * tq;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
+  }
+  __syncthreads();
+  const int tid = threadIdx.x;
+  if (tid < BQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
 }
 
 // The largest x over the block (every thread calls it; red: one float per warp in shared memory).

@@ -111,16 +111,22 @@ __global__ void __launch_bounds__(kThreads)
   const int col = (tid % CPR) * 8;
   float x[CH][8];
   float amax = 0;
+  // x = value(row, r, e) of the thread's chunks (0 past end_s), amax = their largest |x|.
+  auto load = [&](auto value) {
 #pragma unroll
-  for (int i = 0; i < CH; ++i) {
-    const int r = (i * kThreads + tid) / CPR;
-    const int64_t row = rows[r];
+    for (int i = 0; i < CH; ++i) {
+      const int r = (i * kThreads + tid) / CPR;
+      const int64_t row = rows[r];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      x[i][e] = row >= 0 ? __fsub_rn(kv_value(k_cache[row * HD + col + e], k_rs[r]), mean[sg * HD + col + e]) : 0.0f;
-      amax = fmaxf(amax, fabsf(x[i][e]));
+      for (int e = 0; e < 8; ++e) {
+        x[i][e] = row >= 0 ? value(row, r, e) : 0.0f;
+        amax = fmaxf(amax, fabsf(x[i][e]));
+      }
     }
-  }
+  };
+  load([&](int64_t row, int r, int e) {
+    return __fsub_rn(kv_value(k_cache[row * HD + col + e], k_rs[r]), mean[sg * HD + col + e]);
+  });
   KvRowScale sc = kv_row_scale(block_max(amax, red), kInt8Max);
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
@@ -134,16 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) k_scale_out[sg * nb + j] = sc.scale;
 
   amax = 0;
-#pragma unroll
-  for (int i = 0; i < CH; ++i) {
-    const int r = (i * kThreads + tid) / CPR;
-    const int64_t row = rows[r];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      x[i][e] = row >= 0 ? kv_value(v_cache[row * HD + col + e], v_rs[r]) : 0.0f;
-      amax = fmaxf(amax, fabsf(x[i][e]));
-    }
-  }
+  load([&](int64_t row, int r, int e) { return kv_value(v_cache[row * HD + col + e], v_rs[r]); });
   if constexpr (FP8) {
     sc = kv_row_scale(block_max(amax, red), kFp8Max);
     unsigned char* tile = v_out + (sg * nb + j) * HD * kB;

@@ -19,23 +19,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- the tensor-core kernel
 
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 // c += a b, m16n8k32, s8 inputs, s32 accumulators.
-__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+WEFT_DEFINE_MMA_M16N8(mma_s8, "m16n8k32.row.col.s32.s8.s8.s32", int, "r")
 // c += a b, m16n8k32, e4m3 inputs, f32 accumulators (sm_89+).
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+WEFT_DEFINE_MMA_M16N8(mma_e4m3, "m16n8k32.row.col.f32.e4m3.e4m3.f32", float, "f")
 // Four f32 -> e4m3 (round to nearest even, saturating: f32_to_e4m3's rule), x0 in the low byte.
 __device__ __forceinline__ uint32_t pack_e4m3(float x0, float x1, float x2, float x3) {
   uint16_t lo, hi;
@@ -120,15 +107,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int seq = cur_seq, end = kv_end;
     if (seq < 0) break;
     const int64_t sg = int64_t(seq) * G + g;
-    const int r0 = warp * 16 + gr, r1 = r0 + 8;
-    const int pos0 = !tok_done[r0] && tok_seq[r0] == seq ? tok_pos[r0] : -1;
-    const int pos1 = !tok_done[r1] && tok_seq[r1] == seq ? tok_pos[r1] : -1;
-    int wmin = min(pos0, pos1), wmax = max(pos0, pos1);
-#pragma unroll
-    for (int o = 16; o >= 4; o >>= 1) {
-      wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
-      wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
-    }
+    const PassRows rows = pass_rows(warp, gr, seq, tok_seq, tok_pos, tok_done);
+    const int pos0 = rows.pos0, pos1 = rows.pos1, wmax = rows.wmax;
     auto fetch = [&](int j, int buf) {
       const int8_t* ks = k8 + (sg * cp + int64_t(j) * kB) * HD;
       const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
@@ -155,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int kv0 = j * kB, buf = j & 1;
       if (j + 1 < n_tiles) {
         fetch(j + 1, buf ^ 1);
-        cp_async_wait_one();
+        cp_async_wait(true);
       } else {
         cp_async_wait_all();
       }
@@ -165,15 +145,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         int si[NS][4];
 #pragma unroll
         for (int n = 0; n < NS; ++n) si[n][0] = si[n][1] = si[n][2] = si[n][3] = 0;
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk)
-#pragma unroll
-          for (int np = 0; np < NS / 2; ++np) {
-            uint32_t b[4];
-            ldmatrix_x4(b, kb + np * 16 * L::kLdK + kk * 32);
-            mma_s8(si[2 * np], qf[kk], b[0], b[1]);
-            mma_s8(si[2 * np + 1], qf[kk], b[2], b[3]);
-          }
+        mma_tile_pairs<KT, NS / 2, false, mma_s8>(si, qf,
+                                                  [&](int kk, int np) { return kb + np * 16 * L::kLdK + kk * 32; });
         const float f = __fmul_rn(__fmul_rn(sq, k_scale[sg * nb + j]), qscale);
         float s[NS][4];
 #pragma unroll
@@ -181,47 +154,19 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
             s[n][e] = kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1) ? -INFINITY : __fmul_rn(float(si[n][e]), f);
-        float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-          mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-#pragma unroll
-        for (int o = 1; o <= 2; o <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o));
-        }
-        // A row with no key yet keeps max -inf: subtract 0 instead, so that exp2(-inf - base) = 0, not NaN.
-        const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
-        float alpha0 = fast_exp2(m0 - base0), alpha1 = fast_exp2(m1 - base1);
-        m0 = mx0;
-        m1 = mx1;
-        float rs0 = 0, rs1 = 0;
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-          s[n][0] = fast_exp2(s[n][0] - base0);
-          s[n][1] = fast_exp2(s[n][1] - base0);
-          s[n][2] = fast_exp2(s[n][2] - base1);
-          s[n][3] = fast_exp2(s[n][3] - base1);
-          rs0 += s[n][0] + s[n][1];
-          rs1 += s[n][2] + s[n][3];
-        }
-        l0 = l0 * alpha0 + rs0;
-        l1 = l1 * alpha1 + rs1;
+        const SoftmaxRows st = softmax_weights(s, m0, m1, l0, l1, [](int) {});  // s becomes the weights P
+        m0 = st.m0;
+        m1 = st.m1;
+        l0 = st.l0;
+        l1 = st.l1;
+        float alpha0 = st.alpha0, alpha1 = st.alpha1;
         if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
           const float vs = v_scale[sg * nb + j], c = (vs > 0 ? vs : 1.0f) * (1.0f / kFp8Max), ratio = c_prev / c;
           c_prev = c;
           alpha0 *= ratio;
           alpha1 *= ratio;
         }
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-          o_acc[n][0] *= alpha0;
-          o_acc[n][1] *= alpha0;
-          o_acc[n][2] *= alpha1;
-          o_acc[n][3] *= alpha1;
-        }
+        scale_o_rows(o_acc, alpha0, alpha1);
         if constexpr (FP8) {
           uint32_t pa[2][4];
 #pragma unroll
@@ -233,15 +178,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             pa[kk][2] = pack_e4m3(p(2, 0), p(2, 1), p(3, 0), p(3, 1));
             pa[kk][3] = pack_e4m3(p(2, 2), p(2, 3), p(3, 2), p(3, 3));
           }
-#pragma unroll
-          for (int kk = 0; kk < 2; ++kk)
-#pragma unroll
-            for (int dp = 0; dp < NO / 2; ++dp) {
-              uint32_t b[4];
-              ldmatrix_x4(b, vb + dp * 16 * L::kLdV + kk * 32);
-              mma_e4m3(o_acc[2 * dp], pa[kk], b[0], b[1]);
-              mma_e4m3(o_acc[2 * dp + 1], pa[kk], b[2], b[3]);
-            }
+          mma_tile_pairs<2, NO / 2, false, mma_e4m3>(o_acc, pa,
+                                                     [&](int kk, int dp) { return vb + dp * 16 * L::kLdV + kk * 32; });
         } else {
           uint32_t pf[NS / 2][4];
 #pragma unroll
@@ -249,40 +187,13 @@ __global__ void __launch_bounds__(kThreads, 2)
             pf[n / 2][(n & 1) * 2] = pack_f16(s[n][0], s[n][1]);
             pf[n / 2][(n & 1) * 2 + 1] = pack_f16(s[n][2], s[n][3]);
           }
-#pragma unroll
-          for (int kk = 0; kk < NS / 2; ++kk)
-#pragma unroll
-            for (int dn = 0; dn < NO / 2; ++dn) {
-              uint32_t b[4];
-              ldmatrix_x4_trans(b, vb + (kk * 16 * (HD + 8) + dn * 16) * 2);
-              mma_f16(o_acc[2 * dn], pf[kk], b[0], b[1]);
-              mma_f16(o_acc[2 * dn + 1], pf[kk], b[2], b[3]);
-            }
+          mma_pv<NS, NO, HD + 8>(o_acc, pf, vb);
         }
       }
       __syncthreads();  // every warp is done with this stage before the next fetch overwrites it
     }
 
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-    }
-    const float unit = FP8 ? c_prev : 1.0f;
-    if (pos0 >= 0) {
-      const float inv = unit / l0;
-      float* o = out + (size_t(t0 + r0) * nH + h) * HD + 2 * tq;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][0] * inv, o_acc[n][1] * inv);
-    }
-    if (pos1 >= 0) {
-      const float inv = unit / l1;
-      float* o = out + (size_t(t0 + r1) * nH + h) * HD + 2 * tq;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
-    }
-    __syncthreads();
-    if (tid < kB && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+    finish_pass<HD>(o_acc, l0, l1, FP8 ? c_prev : 1.0f, rows, tq, kB, t0, nH, h, seq, tok_seq, tok_done, out);
   }
 }
 
@@ -302,9 +213,7 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
   detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch);
   auto kernel = sage_attention_mma<HD, FP8>;
   constexpr size_t smem = SageLayout<HD, FP8>::kBytes;
-  if (smem > 48 * 1024)
-    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "sageAttention", " (cudaFuncSetAttribute)");
+  allow_dynamic_smem(ctx, kernel, smem, "sageAttention");
   dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kB - 1) / kB));
   kernel<<<grid, kThreads, smem, ctx.stream>>>(q.data<float>(), k8, v_op, k_scale, v_scale, kv,
                                                 token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads),

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 
+#include "cuda/cluster-split.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemv-quant-mma-fragments.cuh"
 #include "error.h"
@@ -364,21 +365,8 @@ cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream
     if (e != cudaSuccess) return e;
     attribute_set[dev] = true;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(pl.blocks);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = pl.smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = pl.C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 2;
-  return cudaLaunchKernelEx(&cfg, quant_mma_kernel<kInt4, kSmallGroup, NT, U>, p);
+  return launch_in_clusters(quant_mma_kernel<kInt4, kSmallGroup, NT, U>, p, dim3(pl.blocks), kThreads, pl.smem, pl.C,
+                            pdl, stream);
 }
 
 template <bool kInt4>

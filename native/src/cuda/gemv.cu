@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cuda/cluster-split.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/expert-slots.cuh"
@@ -447,19 +448,9 @@ decltype(auto) with_weight_tag(DType dt, F&& f) {
 // Clusters of C blocks with `smem` bytes each that fit on the device at once (0 if none).
 template <typename WT, int TT, int U>
 int active_clusters(DeviceState* st, int C, size_t smem) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(C * 64);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const ClusterLaunchConfig launch(dim3(C * 64), kThreads, smem, C);
   int n = 0;
-  check_cuda(st, cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT, U>, &cfg), "matmul",
+  check_cuda(st, cudaOccupancyMaxActiveClusters(&n, gemv_kernel<WT, TT, U>, &launch.cfg), "matmul",
              " (cudaOccupancyMaxActiveClusters)");
   return n;
 }
@@ -480,21 +471,7 @@ int dispatch_active_clusters(DeviceState* st, int TT, int U, int C, size_t smem)
 
 template <typename WT, int TT, int U>
 cudaError_t launch_gemv(const GemvParams& p, dim3 grid, size_t smem, bool pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = p.C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 2;
-  return cudaLaunchKernelEx(&cfg, gemv_kernel<WT, TT, U>, p);
+  return launch_in_clusters(gemv_kernel<WT, TT, U>, p, grid, kThreads, smem, p.C, pdl, stream);
 }
 
 template <typename WT, int U>

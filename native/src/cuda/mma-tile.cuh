@@ -58,14 +58,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr)
                : "memory");
 }
+// Defines NAME(c, a, b0, b1): c += a b by one mma.sync.aligned.SHAPE_TYPES (an m16n8 shape: A four registers,
+// B two, the accumulators c four of ACC, asm constraint "+" CONSTRAINT).
+#define WEFT_DEFINE_MMA_M16N8(NAME, SHAPE_TYPES, ACC, CONSTRAINT)                                              \
+  __device__ __forceinline__ void NAME(ACC (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {      \
+    asm volatile("mma.sync.aligned." SHAPE_TYPES " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "            \
+                 "{%0, %1, %2, %3};\n"                                                                       \
+                 : "+" CONSTRAINT(c[0]), "+" CONSTRAINT(c[1]), "+" CONSTRAINT(c[2]), "+" CONSTRAINT(c[3])     \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                             \
+  }
 // c += a b, m16n8k16, f16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+WEFT_DEFINE_MMA_M16N8(mma_f16, "m16n8k16.row.col.f32.f16.f16.f32", float, "f")
 // (lo, hi) -> f16x2, round to nearest, saturating at +-65504 (NaN stays NaN).
 __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
   uint32_t r;
@@ -173,29 +176,46 @@ __device__ __forceinline__ uint32_t v_frag_addr(const __half* tile, int lane) {
   return a_frag_addr<LD>(tile, lane);
 }
 
+// c[2 n], c[2 n + 1] += a[kk] B for the KT k steps kk and the NP pairs n of n8 tiles, B the fragments one
+// ldmatrix_x4 (.trans when TRANS) loads at the shared address b_addr(kk, n); MMA: an m16n8 mma.sync.
+template <int KT, int NP, bool TRANS, auto MMA, typename Acc, typename BAddr>
+__device__ __forceinline__ void mma_tile_pairs(Acc (&c)[2 * NP][4], const uint32_t (&a)[KT][4], BAddr b_addr) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk)
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      uint32_t b[4];
+      if constexpr (TRANS)
+        ldmatrix_x4_trans(b, b_addr(kk, n));
+      else
+        ldmatrix_x4(b, b_addr(kk, n));
+      MMA(c[2 * n], a[kk], b[0], b[1]);
+      MMA(c[2 * n + 1], a[kk], b[2], b[3]);
+    }
+}
+
 // s = Q K^T for 16 query rows (qf: A fragments over KT k16 steps of the head dim) and 8 * NS keys from k_addr.
 template <int KT, int NS, int LD>
 __device__ __forceinline__ void mma_qk(float (&s)[NS][4], const uint32_t (&qf)[KT][4], uint32_t k_addr) {
   static_assert(NS % 2 == 0, "keys in steps of 16");
 #pragma unroll
   for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-#pragma unroll
-  for (int kk = 0; kk < KT; ++kk)
-#pragma unroll
-    for (int np = 0; np < NS / 2; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, k_addr + (np * 16 * LD + kk * 16) * sizeof(__half));
-      mma_f16(s[2 * np], qf[kk], b[0], b[1]);
-      mma_f16(s[2 * np + 1], qf[kk], b[2], b[3]);
-    }
+  mma_tile_pairs<KT, NS / 2, false, mma_f16>(
+      s, qf, [&](int kk, int np) { return k_addr + (np * 16 * LD + kk * 16) * sizeof(__half); });
 }
 
-// One online-softmax step over scores s (log2 units; -inf masked) of the thread's rows gr (elements 0, 1) and
-// gr + 8 (2, 3): running maxes m0, m1 (quad-uniform), the thread's partial sums l0, l1 and O rescaled, the
-// weights 2^(s - max) as f16 A fragments pf for O += P V.
-template <int NS, int NO>
-__device__ __forceinline__ void softmax_step(float (&s)[NS][4], float& m0, float& m1, float& l0, float& l1,
-                                             float (&o_acc)[NO][4], uint32_t (&pf)[NS / 2][4]) {
+// The online softmax of a thread's rows gr (elements 0, 1) and gr + 8 (2, 3) after a step: running maxes m0, m1
+// (quad-uniform), the thread's partial sums l0, l1, and alpha0, alpha1, the factors the step rescaled the sums by
+// (the rows of O are to be rescaled by the same).
+struct SoftmaxRows {
+  float m0, m1, l0, l1, alpha0, alpha1;
+};
+// One online-softmax step over scores s (log2 units; -inf masked), in place: s becomes the weights 2^(s - max)
+// (weights(n) is called once s[n] holds them); m0, m1, l0, l1: the rows' state before the step. The state is
+// passed by value so that the callers' copies are never address-taken (the kernels' code stays as it was).
+template <int NS, typename Weights>
+__device__ __forceinline__ SoftmaxRows softmax_weights(float (&s)[NS][4], float m0, float m1, float l0, float l1,
+                                                       Weights&& weights) {
   float mx0 = m0, mx1 = m1;
 #pragma unroll
   for (int n = 0; n < NS; ++n) {
@@ -210,20 +230,25 @@ __device__ __forceinline__ void softmax_step(float (&s)[NS][4], float& m0, float
   // A row with no key yet keeps max -inf: subtract 0 instead, so that exp2(-inf - base) = 0, not NaN.
   const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
   const float alpha0 = fast_exp2(m0 - base0), alpha1 = fast_exp2(m1 - base1);
-  m0 = mx0;
-  m1 = mx1;
   float rs0 = 0, rs1 = 0;
 #pragma unroll
   for (int n = 0; n < NS; ++n) {
-    float p0 = fast_exp2(s[n][0] - base0), p1 = fast_exp2(s[n][1] - base0);
-    float p2 = fast_exp2(s[n][2] - base1), p3 = fast_exp2(s[n][3] - base1);
-    rs0 += p0 + p1;
-    rs1 += p2 + p3;
-    pf[n / 2][(n & 1) * 2] = pack_f16(p0, p1);
-    pf[n / 2][(n & 1) * 2 + 1] = pack_f16(p2, p3);
+    s[n][0] = fast_exp2(s[n][0] - base0);
+    s[n][1] = fast_exp2(s[n][1] - base0);
+    s[n][2] = fast_exp2(s[n][2] - base1);
+    s[n][3] = fast_exp2(s[n][3] - base1);
+    rs0 += s[n][0] + s[n][1];
+    rs1 += s[n][2] + s[n][3];
+    weights(n);
   }
   l0 = l0 * alpha0 + rs0;
   l1 = l1 * alpha1 + rs1;
+  return {mx0, mx1, l0, l1, alpha0, alpha1};
+}
+
+// The rows gr (elements 0, 1) and gr + 8 (2, 3) of O times alpha0, alpha1.
+template <int NO>
+__device__ __forceinline__ void scale_o_rows(float (&o_acc)[NO][4], float alpha0, float alpha1) {
 #pragma unroll
   for (int n = 0; n < NO; ++n) {
     o_acc[n][0] *= alpha0;
@@ -233,18 +258,26 @@ __device__ __forceinline__ void softmax_step(float (&s)[NS][4], float& m0, float
   }
 }
 
+// softmax_weights with the state updated in place, O rescaled and the weights as f16 A fragments pf for O += P V.
+template <int NS, int NO>
+__device__ __forceinline__ void softmax_step(float (&s)[NS][4], float& m0, float& m1, float& l0, float& l1,
+                                             float (&o_acc)[NO][4], uint32_t (&pf)[NS / 2][4]) {
+  const SoftmaxRows rows = softmax_weights(s, m0, m1, l0, l1, [&](int n) {
+    pf[n / 2][(n & 1) * 2] = pack_f16(s[n][0], s[n][1]);
+    pf[n / 2][(n & 1) * 2 + 1] = pack_f16(s[n][2], s[n][3]);
+  });
+  m0 = rows.m0;
+  m1 = rows.m1;
+  l0 = rows.l0;
+  l1 = rows.l1;
+  scale_o_rows(o_acc, rows.alpha0, rows.alpha1);
+}
+
 // o_acc += P V: pf the weights of 8 * NS keys (A fragments), V's from v_addr, NO n8 tiles of the head dim.
 template <int NS, int NO, int LD>
 __device__ __forceinline__ void mma_pv(float (&o_acc)[NO][4], const uint32_t (&pf)[NS / 2][4], uint32_t v_addr) {
-#pragma unroll
-  for (int kk = 0; kk < NS / 2; ++kk)
-#pragma unroll
-    for (int dn = 0; dn < NO / 2; ++dn) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half));
-      mma_f16(o_acc[2 * dn], pf[kk], b[0], b[1]);
-      mma_f16(o_acc[2 * dn + 1], pf[kk], b[2], b[3]);
-    }
+  mma_tile_pairs<NS / 2, NO / 2, true, mma_f16>(
+      o_acc, pf, [&](int kk, int dn) { return v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half); });
 }
 
 }  // namespace weft::cuda
