@@ -329,9 +329,6 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
              k_cache, ")");
   const bool quantized = k_cache.is_kv_quantized();
   const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms);
-  const CoreLayout layout = core_layout(plan, hd, dtype_size(k_cache.dtype), quantized);
-  WEFT_CHECK(layout.smem <= 227 * 1024, "attention", "a GQA group of ", n_heads / n_kv, " heads of ", hd,
-             " dims does not fit the decode kernel's shared memory (", q, ", ", k_cache, ")");
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   auto launch_merge = [&] {
@@ -340,13 +337,17 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
                int(n_heads), int(hd), plan.n_part, part_out, part_ml, out.data<float>());
     check_launch(ctx, "attention", args);
   };
-  dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv * plan.n_head_chunks));
   if (decode::launch_decode_partial_mma(ctx, plan, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads,
                                         scale, part_out, part_ml)) {
     check_launch(ctx, "attention", args);
     launch_merge();
     return;
   }
+  // The CUDA-core kernel: f32 caches and the head dims the tensor-core kernel does not take.
+  const CoreLayout layout = core_layout(plan, hd, dtype_size(k_cache.dtype), quantized);
+  WEFT_CHECK(layout.smem <= 227 * 1024, "attention", "a GQA group of ", n_heads / n_kv, " heads of ", hd,
+             " dims does not fit the decode kernel's shared memory (", q, ", ", k_cache, ")");
+  dim3 grid(plan.n_part, static_cast<unsigned>(T * n_kv * plan.n_head_chunks));
   auto partial = [&](auto kernel, const auto* k, const auto* v) {
     if (layout.smem > 48 * 1024)
       check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.smem)),
