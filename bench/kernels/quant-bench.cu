@@ -98,9 +98,10 @@ static double max_rel_err(const float* y, const double* ref, size_t n) {
 
 // The one-token table (the end of every run; alone with --one-token): per shape and format (bf16, int8 per channel,
 // int4 g128) at T = 1, the previous kernel (gemv_one_token's batched kernel for bf16 and int8; the tensor-core
-// kernel for int4, which weft ran there) beside the streaming kernel, ms and GB/s of weight + scale bytes, and the
-// streaming kernel's max |y - ref| / max |ref| (quantized: the double reference; bf16: the batched kernel, both
-// fp32 sums), bound 1e-5. With sweep, also each rows-per-task choice (1, 2, 4).
+// kernel for int4, which weft ran there) beside the streaming kernel (weft's for int8 and int4; bf16 stays on the
+// batched one), ms and GB/s of weight + scale bytes, and the streaming kernel's max |y - ref| / max |ref|
+// (quantized: the double reference; bf16: the batched kernel, both fp32 sums), bound 1e-5. With sweep, also each
+// rows-per-task choice (1, 2, 4).
 static int one_token_table(const wc::Ctx& ctx, cudaStream_t stream, double bw, bool sweep) {
   struct Shape { const char* name; int N, K; bool gated; };
   const Shape shapes[] = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 22016, 4096, false},
@@ -143,7 +144,8 @@ static int one_token_table(const wc::Ctx& ctx, cudaStream_t stream, double bw, b
         }
         ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(s), f.dt, group};
       }
-      const auto run_new = [&](int c, const wc::OneTokenTuning& tuning) {
+      const auto run_new = [&](int c, wc::OneTokenTuning tuning) {
+        tuning.kernel = wc::OneTokenKernel::Streaming;
         const wc::QuantMatrix& w = ws[c];
         if (!wc::gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, sh.N, sh.K, sh.gated, tuning)) {
           std::fprintf(stderr, "gemv_one_token refused %s %s\n", sh.name, f.name);
@@ -153,7 +155,7 @@ static int one_token_table(const wc::Ctx& ctx, cudaStream_t stream, double bw, b
       const auto run_prev = [&](int c, float* out) {
         const wc::QuantMatrix& w = ws[c];
         wc::OneTokenTuning batched;
-        batched.batched = true;
+        batched.kernel = wc::OneTokenKernel::Batched;
         if (f.dt == DType::I4) wc::quant_gemv_mma(ctx, x, w, out, 1, sh.N, sh.K, sh.gated);
         else if (!wc::gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, out, sh.N, sh.K, sh.gated, batched)) std::exit(2);
       };

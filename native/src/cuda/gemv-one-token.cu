@@ -1,20 +1,20 @@
 // gemv_one_token (gemv-one-token.cuh): the one-token GEMV with the weights loaded straight into registers.
-//   - Streaming (weft's): a grid of at most 2 blocks a SM; each warp takes tasks of R rows x all of K in turn
-//     (task t, t + warps in the grid, ...). Lane l reads vectors l, l + 32, ... of each of the task's rows (16
+//   - Streaming (int8 and int4): a grid of at most 2 blocks a SM; each warp takes tasks of R rows x all of K in
+//     turn (task t, t + warps in the grid, ...). Lane l reads vectors l, l + 32, ... of each of the task's rows (16
 //     bytes: 8 bf16, 16 int8 or 32 int4 weights) into a ring of U register slots a row: the slot just used is
-//     refilled at once with the vector U ahead, across task boundaries, so U vectors a row stay in flight while
-//     the lane computes (the batched kernel below requested its next 8 only after using all 8, and had each block
-//     stage x for 16 rows).
+//     refilled at once with the vector U ahead, across task boundaries, so U vectors a row stay in flight while the
+//     lane computes (the batched kernel requests its next 8 only after using all 8, and each of its blocks stages x
+//     for 16 rows).
 //   - x (or silu(gate) * up) is staged once per block in shared memory as f32, after the first weights were
-//     requested (they do not depend on the kernel before: programmatic dependent launch, common.cuh), and stored
-//     sub-vector-major (xs4[h * KV + v]: the h-th 4 columns of vector v), so the 32 lanes' reads of one sub-vector
-//     are consecutive (the vector-major order cost 2-8 way bank conflicts).
-//   - Products are summed in fp32; int8 per output channel (the group is the row) scales each row's sum once at
-//     the end, smaller groups each vector's sum.
-//   - Batched (the kernel before, kept for bench/kernels/quant-bench.cu): 2 rows a warp, grid ceil(N / 16), bf16
-//     and int8 only.
-//   Measured on H200 (bench/RESULTS.md): the batched kernel took 12% less time than gemv.cu's ring kernel over a
-//   Llama-2-7B layer's bf16 GEMVs at one token, 4-15% on int8. gemv.cu keeps 2..8 tokens, f32/f16 weights and the
+//     requested (they do not depend on the kernel before: programmatic dependent launch, common.cuh); the
+//     streaming kernel stores it sub-vector-major (xs4[h * KV + v]: the h-th 4 columns of vector v), so the 32
+//     lanes' reads of one sub-vector are consecutive (vector-major, they were 2-8 way bank conflicts).
+//   - Products are summed in fp32 from exact weights; int8 per output channel (the group is the row) scales each
+//     row's sum once at its end, smaller groups each vector's sum.
+//   - Batched (bf16, and int8 in groups that are not a power of two of vectors): 2 rows a warp, grid ceil(N / 16).
+//   Measured on H200 (bench/kernels/quant-run.sh --one-token, 2026-12-02): a Llama-2-7B layer's four GEMVs at one
+//   token, int8 per channel 0.138 -> 0.099 ms (batched -> streaming), int4 g128 0.117 -> 0.094 ms (tensor cores ->
+//   streaming); bf16 0.135 ms batched, 0-6% slower a shape streaming. gemv.cu keeps 2..8 tokens, f32/f16 weights and the
 //   expert GEMVs.
 #include "cuda/gemv-one-token.cuh"
 
@@ -34,12 +34,13 @@ constexpr size_t kMaxX = 64 * 1024;       // bytes of x (one token, f32) a block
 enum class Format { BF16, I8, I4 };
 template <Format F> constexpr int kVectorWeights = F == Format::BF16 ? 8 : F == Format::I8 ? 16 : 32;
 
-__device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
 
 // Weights 4h .. 4h + 3 of a 16-byte vector as floats, exact. bf16: the f32 of the same high bits. int8: byte b as
-// the float 2^23 + (b + 128) (a byte permute into 0x4B0000uu, the sign bit flipped), minus 2^23 + 128: cheaper
-// than an int-to-float conversion. int4: code c (value + 8) as the float 2^23 + c, minus 2^23 + 8, the even column
-// in the low nibble (gemv.cuh QuantMatrix).
+// the float 2^23 + (b + 128) (a byte permute into 0x4B0000uu, the sign bit flipped), minus 2^23 + 128: cheaper than
+// an int-to-float conversion.
 template <Format F>
 __device__ __forceinline__ void weights4(const uint4& u, int h, float (&f)[4]) {
   if constexpr (F == Format::BF16) {
@@ -48,15 +49,28 @@ __device__ __forceinline__ void weights4(const uint4& u, int h, float (&f)[4]) {
     f[1] = __uint_as_float(a & 0xffff0000u);
     f[2] = __uint_as_float(b << 16);
     f[3] = __uint_as_float(b & 0xffff0000u);
-  } else if constexpr (F == Format::I8) {
+  } else {
     const uint32_t word = (&u.x)[h] ^ 0x80808080u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | i)) - 8388736.0f;
-  } else {
-    const uint32_t word = (&u.x)[h >> 1] >> ((h & 1) * 16);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(0x4B000000u | ((word >> (4 * i)) & 0xfu)) - 8388616.0f;
   }
+}
+
+// int4 word (columns c .. c + 7, code = value + 8, the even column in each byte's low nibble: gemv.cuh
+// QuantMatrix) as four f16 pairs, exact: (c, c + 4), (c + 1, c + 5), (c + 2, c + 6), (c + 3, c + 7). A low nibble
+// masked under 0x6400 is 1024 + code, minus 1032; a high one 1024 + 16 code, times 1/16 minus 72 (as
+// gemv-quant-mma-fragments.cuh). Most of the work is f16x2 arithmetic and f16-to-f32 conversions, which leave the
+// integer pipe (half the FMA pipe's rate) to the masks: on H200 11-17% faster than a shift, mask and subtraction
+// per weight in f32 (quant-run.sh --one-token).
+__device__ __forceinline__ void int4_pairs(uint32_t word, float2 (&p)[4]) {
+  const uint32_t shifted = word >> 8;
+  const uint32_t b[4] = {(word & 0x000f000fu) | 0x64006400u, (word & 0x00f000f0u) | 0x64006400u,
+                         (shifted & 0x000f000fu) | 0x64006400u, (shifted & 0x00f000f0u) | 0x64006400u};
+  const __half2 h1032 = __float2half2_rn(1032.f), h16th = __float2half2_rn(0.0625f), hm72 = __float2half2_rn(-72.f);
+  p[0] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032));
+  p[1] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72));
+  p[2] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032));
+  p[3] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72));
 }
 
 // f(integral_constant<int, s>) for s = S .. U - 1 in order, until one returns true (then true): the ring's slots
@@ -135,19 +149,40 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
     constexpr int s = decltype(slot)::value;
     const int v = cj * 32 + lane;
     if (v < KV) {
-      float part[R] = {};
+      float part[R] = {};  // int4, and int8 in groups: the vector's sums, scaled apart
+      if constexpr (F == Format::I4) {
 #pragma unroll
-      for (int h = 0; h < H; ++h) {
-        const float4 xv = xs4[h * KV + v];
+        for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7
+          const float4 xa = xs4[2 * i * KV + v], xb = xs4[(2 * i + 1) * KV + v];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float f[4];
-          weights4<F>(wv[r][s], h, f);
-          float& t = kVectorScale ? part[r] : acc[r];
-          t = fmaf(f[0], xv.x, t);
-          t = fmaf(f[1], xv.y, t);
-          t = fmaf(f[2], xv.z, t);
-          t = fmaf(f[3], xv.w, t);
+          for (int r = 0; r < R; ++r) {
+            float2 p[4];
+            int4_pairs((&wv[r][s].x)[i], p);
+            float& t = kVectorScale ? part[r] : acc[r];
+            t = fmaf(p[0].x, xa.x, t);
+            t = fmaf(p[1].x, xa.y, t);
+            t = fmaf(p[2].x, xa.z, t);
+            t = fmaf(p[3].x, xa.w, t);
+            t = fmaf(p[0].y, xb.x, t);
+            t = fmaf(p[1].y, xb.y, t);
+            t = fmaf(p[2].y, xb.z, t);
+            t = fmaf(p[3].y, xb.w, t);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+          const float4 xv = xs4[h * KV + v];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float f[4];
+            weights4<F>(wv[r][s], h, f);
+            float& t = kVectorScale ? part[r] : acc[r];
+            t = fmaf(f[0], xv.x, t);
+            t = fmaf(f[1], xv.y, t);
+            t = fmaf(f[2], xv.z, t);
+            t = fmaf(f[3], xv.w, t);
+          }
         }
       }
       if constexpr (kVectorScale)
@@ -297,7 +332,8 @@ void launch_streaming(const Ctx& ctx, const float* x, const void* w, const uint1
              static_cast<size_t>(K) * sizeof(float), x, w, scales, group_shift, y, N, K, gated ? 1 : 0);
 }
 
-// weft's rows and ring depth per format (bench/RESULTS.md), or the tuning's.
+// 2 rows a task (ring depth 8) for every format, or the tuning's: on H200 rows 1 and 4 moved a layer's sum by
+// 2-9% either way, no choice winning every shape (quant-run.sh --one-token --sweep).
 template <Format F, bool kRowScale>
 void dispatch_streaming(const Ctx& ctx, const OneTokenTuning& tuning, const float* x, const void* w,
                         const uint16_t* scales, int group_shift, float* y, int N, int K, bool gated) {
@@ -339,7 +375,11 @@ bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype
     return false;
   const bool row_scale = !bf16 && group == K;
   const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
-  if (tuning.batched || group_shift < 0) {  // the batched kernel: bf16 and int8 in any group of whole vectors
+  // weft's: bf16 on the batched kernel (on H200 the streaming one took 0-6% longer a shape: quant-run.sh --one-token),
+  // int8 and int4 streaming where it takes the group.
+  const bool batched = tuning.kernel == OneTokenKernel::Batched ||
+                       (tuning.kernel == OneTokenKernel::Weft && bf16) || group_shift < 0;
+  if (batched) {  // bf16, and int8 in any group of whole vectors
     if (int4) return false;
     if (int8) launch_batched<Format::I8>(ctx, x, w, scales, group, y, N, K, gated);
     else launch_batched<Format::BF16>(ctx, x, w, nullptr, 0, y, N, K, gated);

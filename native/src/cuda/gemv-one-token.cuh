@@ -12,16 +12,19 @@
 
 namespace weft::cuda {
 
-// How the kernel is launched. The defaults are weft's; only bench/kernels/quant-bench.cu passes others, to compare.
+// Which kernel runs (gemv-one-token.cu). Weft: weft's choice (bf16 batched, int8 and int4 streaming); the others
+// only for bench/kernels/quant-bench.cu, to compare.
+enum class OneTokenKernel { Weft, Batched, Streaming };
 struct OneTokenTuning {
-  bool batched = false;  // the kernel before the streaming one (bf16 and int8 only)
-  int rows = 0;          // streaming: rows a task, 1, 2 or 4 (ring depth 16, 8, 4); 0: weft's
+  OneTokenKernel kernel = OneTokenKernel::Weft;
+  int rows = 0;  // streaming: rows a task, 1, 2 or 4 (ring depth 16, 8, 4); 0: 2
 };
 
 // w: bf16 [N, K] (scales null), int8 [N, K] or int4 [N, K / 2] (QuantMatrix's codes) with scales [N, K / group].
 // gated: x is [1, 2K] ([gate | up]) and the product reads silu(gate) * up. False (nothing launched) when the kernel
 // does not take the call: another dtype, K not a multiple of the 16-byte vector or of the group, an int4 group
-// other than K or a power of two of whole vectors, x beyond its buffer (K > 16384), misaligned pointers.
+// other than K or a power of two of whole vectors (int8 in such groups: the batched kernel), x beyond its buffer
+// (K > 16384), misaligned pointers.
 // Capturable (no allocation, no sync).
 bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                     float* y, int N, int K, bool gated, const OneTokenTuning& tuning = OneTokenTuning{});
