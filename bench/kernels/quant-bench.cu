@@ -2,7 +2,7 @@
 // GEMV of the same shape, on the Llama-2-7B decode shapes. Build and run: bench/kernels/quant-run.sh (nvcc only).
 //   quant-bench [--quick] [--sweep] [--only SHAPE FORMAT T]   (e.g. --only wqkv int8 1, for a profiler)
 //   quant-bench --one-token [--sweep]   (the one-token table alone: see one_token_table)
-// Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 token, else
+// Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 or int4 token, else
 // gemv.cu's ring kernel) and the tensor-core kernel ("new": gemv-quant-mma.cu; "-" where it refuses the shape),
 // each timed with CUDA events (median of 50 after warm-up, rotating weight copies so the weights never sit in L2)
 // as ms and TB/s of weight + scale bytes, beside the bf16 GEMV's ms and TB/s; and each checked against a
