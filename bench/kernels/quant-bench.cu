@@ -1,7 +1,8 @@
 // Standalone benchmark of weft's quantized GEMV (gemv-quant.cuh: int8 per channel, int4 in groups) beside the bf16
 // GEMV of the same shape, on the Llama-2-7B decode shapes. Build and run: bench/kernels/quant-run.sh (nvcc only).
 //   quant-bench [--quick] [--sweep] [--only SHAPE FORMAT T]   (e.g. --only wqkv int8 1, for a profiler)
-// Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 token, else
+//   quant-bench --one-token [--sweep]   (the one-token table alone: see one_token_table)
+// Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 or int4 token, else
 // gemv.cu's ring kernel) and the tensor-core kernel ("new": gemv-quant-mma.cu; "-" where it refuses the shape),
 // each timed with CUDA events (median of 50 after warm-up, rotating weight copies so the weights never sit in L2)
 // as ms and TB/s of weight + scale bytes, beside the bf16 GEMV's ms and TB/s; and each checked against a
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "cuda/bandwidth.cuh"
+#include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant-mma.cuh"
 #include "cuda/gemv-quant.cuh"
 #include "cuda/matmul.cuh"
@@ -94,13 +96,132 @@ static double max_rel_err(const float* y, const double* ref, size_t n) {
   return err / std::max(scale, 1e-30);
 }
 
+// The one-token table (the end of every run; alone with --one-token): per shape and format (bf16, int8 per channel,
+// int4 g128) at T = 1, the previous kernel (gemv_one_token's batched kernel for bf16 and int8; the tensor-core
+// kernel for int4, which weft ran there) beside the streaming kernel (weft's for int8 and int4; bf16 stays on the
+// batched one), ms and GB/s of weight + scale bytes, and the streaming kernel's max |y - ref| / max |ref|
+// (quantized: the double reference; bf16: the batched kernel, both fp32 sums), bound 1e-5. With sweep, also each
+// rows-per-task choice (1, 2, 4).
+static int one_token_table(const wc::Ctx& ctx, cudaStream_t stream, double bw, bool sweep) {
+  struct Shape { const char* name; int N, K; bool gated; };
+  const Shape shapes[] = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 22016, 4096, false},
+                          {"w2 (gated)", 4096, 11008, true}, {"lm_head", 32000, 4096, false}};
+  struct Format { const char* name; DType dt; int group; };  // group 0: per channel
+  const Format formats[] = {{"bf16", DType::BF16, 0}, {"int8", DType::I8, 0}, {"int4 g128", DType::I4, 128}};
+  int failures = 0;
+  double layer_prev[3] = {}, layer_new[3] = {}, layer_bytes[3] = {};
+  std::printf("\none token (T = 1): the previous kernel (bf16/int8: batched one-token kernel; int4: tensor cores) "
+              "beside the streaming one-token kernel (read bandwidth %.0f GB/s)\n", bw);
+  std::printf("%-11s %-10s %9s %7s %9s %7s %8s %9s  %s\n", "shape", "format", "prev ms", "GB/s", "new ms", "GB/s",
+              "new/prev", "new err", sweep ? "rows 1 / 2 / 4 ms" : "");
+  for (const Shape& sh : shapes) {
+    const size_t x_elems = static_cast<size_t>(sh.K) * (sh.gated ? 2 : 1);
+    float *x, *y, *y_prev;
+    double* ref;
+    CK(cudaMalloc(&x, x_elems * 4));
+    CK(cudaMalloc(&y, static_cast<size_t>(sh.N) * 4));
+    CK(cudaMalloc(&y_prev, static_cast<size_t>(sh.N) * 4));
+    CK(cudaMalloc(&ref, static_cast<size_t>(sh.N) * 8));
+    bench::fill_f32<<<1024, 256, 0, stream>>>(x, x_elems, 7);
+    for (size_t fi = 0; fi < 3; ++fi) {
+      const Format& f = formats[fi];
+      const bool quant = f.dt != DType::BF16;
+      const int group = f.group ? f.group : sh.K;
+      const size_t wbytes = static_cast<size_t>(sh.N) * sh.K * (f.dt == DType::BF16 ? 2 : 1) / (f.dt == DType::I4 ? 2 : 1);
+      const size_t n_scales = quant ? static_cast<size_t>(sh.N) * (sh.K / group) : 0;
+      const size_t bytes = wbytes + n_scales * 2;
+      const int copies = static_cast<int>(std::max<size_t>(2, (size_t{400} << 20) / bytes + 1));
+      std::vector<wc::QuantMatrix> ws(copies);
+      for (int c = 0; c < copies; ++c) {
+        void* q;
+        void* s = nullptr;
+        CK(cudaMalloc(&q, wbytes));
+        if (f.dt == DType::BF16) bench::fill_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(q), wbytes / 2, 5 + c);
+        else fill_bytes<<<1024, 256, 0, stream>>>(static_cast<uint8_t*>(q), wbytes, 11 + c);
+        if (quant) {
+          CK(cudaMalloc(&s, n_scales * 2));
+          fill_scales<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(s), n_scales, 13 + c);
+        }
+        ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(s), f.dt, group};
+      }
+      const auto run_new = [&](int c, wc::OneTokenTuning tuning) {
+        tuning.kernel = wc::OneTokenKernel::Streaming;
+        const wc::QuantMatrix& w = ws[c];
+        if (!wc::gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, sh.N, sh.K, sh.gated, tuning)) {
+          std::fprintf(stderr, "gemv_one_token refused %s %s\n", sh.name, f.name);
+          std::exit(2);
+        }
+      };
+      const auto run_prev = [&](int c, float* out) {
+        const wc::QuantMatrix& w = ws[c];
+        wc::OneTokenTuning batched;
+        batched.kernel = wc::OneTokenKernel::Batched;
+        if (f.dt == DType::I4) wc::quant_gemv_mma(ctx, x, w, out, 1, sh.N, sh.K, sh.gated);
+        else if (!wc::gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, out, sh.N, sh.K, sh.gated, batched)) std::exit(2);
+      };
+      // The check: the streaming kernel against the reference.
+      CK(cudaMemsetAsync(y, 0xff, static_cast<size_t>(sh.N) * 4, stream));
+      run_new(0, wc::OneTokenTuning{});
+      double err;
+      if (quant) {
+        ref_kernel<<<static_cast<unsigned>((static_cast<size_t>(sh.N) * 32 + 255) / 256), 256, 0, stream>>>(x, ws[0], ref, 1, sh.N, sh.K, sh.gated);
+        CK(cudaStreamSynchronize(stream));
+        err = max_rel_err(y, ref, sh.N);
+      } else {
+        run_prev(0, y_prev);
+        CK(cudaStreamSynchronize(stream));
+        std::vector<float> a(sh.N), b(sh.N);
+        CK(cudaMemcpy(a.data(), y, sh.N * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(b.data(), y_prev, sh.N * 4, cudaMemcpyDeviceToHost));
+        bool nan = false;
+        err = bench::rel_err(a, b, nan);
+        if (nan) err = 1e30;
+      }
+      const bool ok = err <= 1e-5;
+      failures += !ok;
+      const double prev_ms = median_ms(stream, copies, [&](int c) { run_prev(c, y_prev); });
+      const double new_ms = median_ms(stream, copies, [&](int c) { run_new(c, wc::OneTokenTuning{}); });
+      std::string rows = "";
+      if (sweep)
+        for (int r : {1, 2, 4}) {
+          wc::OneTokenTuning t;
+          t.rows = r;
+          rows += std::to_string(median_ms(stream, copies, [&](int c) { run_new(c, t); })).substr(0, 6) + (r < 4 ? " / " : "");
+        }
+      if (std::strcmp(sh.name, "lm_head") != 0) {
+        layer_prev[fi] += prev_ms;
+        layer_new[fi] += new_ms;
+        layer_bytes[fi] += bytes;
+      }
+      std::printf("%-11s %-10s %9.4f %7.0f %9.4f %7.0f %7.2fx %9.2g  %s%s\n", sh.name, f.name, prev_ms, bytes / (prev_ms * 1e6),
+                  new_ms, bytes / (new_ms * 1e6), prev_ms / new_ms, err, rows.c_str(), ok ? "" : "  CHECK FAILED");
+      for (auto& w : ws) {
+        CK(cudaFree(const_cast<void*>(w.q)));
+        if (w.scales) CK(cudaFree(const_cast<uint16_t*>(w.scales)));
+      }
+    }
+    CK(cudaFree(x));
+    CK(cudaFree(y));
+    CK(cudaFree(y_prev));
+    CK(cudaFree(ref));
+  }
+  std::printf("\none Llama-2-7B layer's four GEMVs at one token (wqkv + wo + w13 + w2):\n");
+  std::printf("| format | previous ms | GB/s | streaming ms | GB/s | speedup | floor ms at %.0f GB/s |\n|---|---|---|---|---|---|---|\n", bw);
+  for (size_t fi = 0; fi < 3; ++fi)
+    std::printf("| %s | %.4f | %.0f | %.4f | %.0f | %.2fx | %.4f |\n", formats[fi].name, layer_prev[fi],
+                layer_bytes[fi] / (layer_prev[fi] * 1e6), layer_new[fi], layer_bytes[fi] / (layer_new[fi] * 1e6),
+                layer_prev[fi] / layer_new[fi], layer_bytes[fi] / (bw * 1e6));
+  return failures;
+}
+
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false;
+  bool quick = false, sweep = false, one_token_only = false;
   std::string only_shape, only_format;
   int only_t = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    else if (!std::strcmp(argv[i], "--one-token")) one_token_only = true;
     else if (!std::strcmp(argv[i], "--only") && i + 3 < argc) {
       only_shape = argv[++i];
       only_format = argv[++i];
@@ -115,6 +236,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, read bandwidth %.0f GB/s\n", prop.name, bw);
+  if (one_token_only) return one_token_table(ctx, stream, bw, sweep) ? 1 : 0;
 
   struct Shape { const char* name; int N, K; bool gated; };
   const std::vector<Shape> shapes = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false},
@@ -237,6 +359,7 @@ int main(int argc, char** argv) {
         std::printf("  %-10s T=%-2d old %.4f, new %.4f, bf16 %.4f: new %.2fx bf16, %.2fx old\n", formats[fi].name, T,
                     total_old[fi][T], total_new[fi][T], total_bf16[fi][T], total_bf16[fi][T] / total_new[fi][T],
                     total_old[fi][T] / total_new[fi][T]);
+  if (only_shape.empty()) failures += one_token_table(ctx, stream, bw, sweep);
   std::printf("%s\n", failures ? "CHECKS FAILED" : "all checks passed");
   return failures ? 1 : 0;
 }

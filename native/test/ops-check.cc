@@ -303,9 +303,14 @@ constexpr double kQuantGemmRtol = 3e-3;
 // well: ~sqrt(2) more (up to 5.2e-4 in a Python emulation of the kernel's arithmetic). The bounds: 1e-3 and 2e-3.
 // The other shapes run gemv.cu's kernels (x in fp32): 1e-5.
 constexpr double kQuantMmaRtol = 1e-3, kQuantMmaSmallGroupRtol = 2e-3;
+// One token where gemv-one-token.cu takes the group (whole 16-byte vectors, a power of two of them or the row, K <=
+// 16384): exact weights times fp32 x, summed in fp32, as the CPU does: 1e-5.
 double quant_rtol(DType dt, int64_t K, int64_t group, int64_t T) {
   if (T > 16) return kQuantGemmRtol;
   const bool int4 = dt == DType::I4;
+  const int64_t vectors = group / (int4 ? 32 : 16);
+  if (T == 1 && group % (int4 ? 32 : 16) == 0 && K <= 16384 && (group == K || (vectors & (vectors - 1)) == 0))
+    return 1e-5;
   if (group % (int4 ? 32 : 16) != 0 || K > 16384) return 1e-5;
   return group % (int4 ? 128 : 64) == 0 ? kQuantMmaRtol : kQuantMmaSmallGroupRtol;
 }
@@ -1278,6 +1283,55 @@ void check_quant_gemv_tokens(Rng& rng) {
   }
 }
 
+// The one-token GEMV (gemv-one-token.cu: bf16 on its batched kernel, int8 and int4 on the streaming one, int8 in
+// groups of 3 vectors on the batched one) at N of 1, below a warp's 2-row task and a block's 16 rows, odd and past
+// a block's (rows past N read row N - 1 and store nothing), K whose vectors leave lanes idle in a row's last ring
+// item (1376: 86 int8 / 43 int4 vectors), the gated form, int8 and int4 per channel and in groups, against the
+// CPU: exact weights times fp32 x summed in fp32 on both, 1e-5.
+void check_one_token_matmul(Rng& rng) {
+  struct Case {
+    DType dt;
+    int64_t group;  // 0: per channel; bf16: none
+  };
+  struct Shape2 {
+    int64_t N, K;
+    bool gated;
+  };
+  for (Case c : {Case{DType::BF16, 0}, Case{DType::I8, 0}, Case{DType::I8, 64}, Case{DType::I8, 48}, Case{DType::I4, 0},
+                 Case{DType::I4, 128}, Case{DType::I4, 32}})
+    for (Shape2 s : {Shape2{1, 4096, false}, Shape2{7, 1376, true}, Shape2{15, 4128, false}, Shape2{17, 11008, true},
+                     Shape2{1001, 4096, false}, Shape2{4099, 1376, true}}) {
+      const int64_t group = c.group ? c.group : s.K;
+      if (s.K % group != 0) continue;
+      const char* op = s.gated ? "siluMulMatmul" : "matmul";
+      std::string sh = "T=1 K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " " + dtype_name(c.dt) +
+                       (c.dt == DType::BF16 ? std::string() : " g" + (c.group ? std::to_string(c.group) : std::string("K")));
+      QuantPair q;  // quantized weights are uploaded outside a step (persistent scales)
+      if (c.dt != DType::BF16) {
+        try {
+          q = upload_quant_pair(rng, c.dt, s.N, s.K, group);
+        } catch (const std::exception& e) {
+          fail_row("uploadQuantized", dtype_name(c.dt), e.what());
+          continue;
+        }
+      }
+      run_case(op, sh, [&] {
+        Tensor gw = q.gpu_w, cw = q.cpu_w;
+        if (c.dt == DType::BF16) {
+          auto w = rng.floats(s.N * s.K);
+          gw = up_narrow(*gpu, w, {s.N, s.K}, DType::BF16);
+          cw = up_narrow(*cpu, w, {s.N, s.K}, DType::BF16);
+        }
+        auto x = rng.floats((s.gated ? 2 : 1) * s.K, s.gated ? -4 : -1, s.gated ? 4 : 1);
+        const Shape xs{1, (s.gated ? 2 : 1) * s.K};
+        const auto run = [&](Backend& b, const Tensor& w) {
+          return down(b, s.gated ? b.silu_mul_matmul(up(b, x, xs), w) : b.matmul(up(b, x, xs), w));
+        };
+        compare(op, sh, run(*gpu, gw), run(*cpu, cw), 1e-5);
+      });
+    }
+}
+
 // Quantized prefill attention (cuda/attention-sage.cuh): CUDA against the CPU reference, which quantizes the same
 // way (the same K means, codes and scales: the int32 scores agree exactly), so they differ by exp2's rounding and
 // the order of the tensor cores' f32 sums, plus a rare flip of one P rounding (f16: 2^-11 relative of one weight;
@@ -1359,6 +1413,7 @@ int main() {
   check_quant_matmul(rng);
   check_quant_moe(rng);
   check_quant_gemv_tokens(rng);
+  check_one_token_matmul(rng);
   check_prefill_inputs(rng);
   check_moe(rng);
   check_attention(rng);

@@ -1,13 +1,25 @@
 // gemv_one_token (gemv-one-token.cuh): the one-token GEMV with the weights loaded straight into registers.
-//   - Each warp owns 2 rows; lane l loads vectors l, l + 32, ... of both rows (16 bytes each: 8 bf16 or 16 int8
-//     weights, with the int8 group's bf16 scale) into registers, 8 vectors a row at a time, so nothing but x
-//     passes through shared memory; 16 warps a SM keep ~128 KiB of weights in flight.
+//   - Streaming (int8 and int4): a grid of at most 2 blocks a SM; each warp takes tasks of R rows x all of K in
+//     turn (task t, t + warps in the grid, ...). Lane l reads vectors l, l + 32, ... of each of the task's rows (16
+//     bytes: 8 bf16, 16 int8 or 32 int4 weights) into a ring of U register slots a row: the slot just used is
+//     refilled at once with the vector U ahead, across task boundaries, so U vectors a row stay in flight while the
+//     lane computes (the batched kernel requests its next 8 only after using all 8, and each of its blocks stages x
+//     for 16 rows).
 //   - x (or silu(gate) * up) is staged once per block in shared memory as f32, after the first weights were
-//     requested (they do not depend on the kernel before: programmatic dependent launch, common.cuh).
-//   - Products are summed in fp32 per vector; int8 vectors are multiplied by their scale once.
-//   Measured on H200 (bench/RESULTS.md): 12% less time than gemv.cu's ring kernel over a Llama-2-7B layer's bf16
-//   GEMVs at one token, 4-15% on int8. gemv.cu keeps 2..8 tokens, f32/f16 weights, int4 and the expert GEMVs.
+//     requested (they do not depend on the kernel before: programmatic dependent launch, common.cuh); the
+//     streaming kernel stores it sub-vector-major (xs4[h * KV + v]: the h-th 4 columns of vector v), so the 32
+//     lanes' reads of one sub-vector are consecutive (vector-major, they were 2-8 way bank conflicts).
+//   - Products are summed in fp32 from exact weights; int8 per output channel (the group is the row) scales each
+//     row's sum once at its end, smaller groups each vector's sum.
+//   - Batched (bf16, and int8 in groups that are not a power of two of vectors): 2 rows a warp, grid ceil(N / 16).
+//   Measured on H200 (bench/kernels/quant-run.sh --one-token, 2026-12-02): a Llama-2-7B layer's four GEMVs at one
+//   token, int8 per channel 0.138 -> 0.099 ms (batched -> streaming), int4 g128 0.117 -> 0.094 ms (tensor cores ->
+//   streaming); bf16 0.135 ms batched, 0-6% slower a shape streaming. gemv.cu keeps 2..8 tokens, f32/f16 weights and the
+//   expert GEMVs.
 #include "cuda/gemv-one-token.cuh"
+
+#include <algorithm>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "error.h"
@@ -15,17 +27,195 @@
 namespace weft::cuda {
 namespace {
 
-constexpr int kDirectWarps = 8;
-constexpr int kDirectRows = 2;                 // rows per warp
-constexpr int kDirectSteps = 8;                // 16-byte vectors per row loaded before the first is used
-constexpr size_t kDirectMaxX = 64 * 1024;      // bytes of x (one token, f32) a block stages: K <= 16384
+constexpr int kWarps = 8;
+constexpr int kBlocksPerSm = 2;           // 16 warps a SM, so at most 128 registers a thread
+constexpr size_t kMaxX = 64 * 1024;       // bytes of x (one token, f32) a block stages: K <= 16384
 
-enum class Format { BF16, I8 };
-template <Format F> constexpr int kVectorWeights = F == Format::BF16 ? 8 : 16;
+enum class Format { BF16, I8, I4 };
+template <Format F> constexpr int kVectorWeights = F == Format::BF16 ? 8 : F == Format::I8 ? 16 : 32;
 
-// Weight i of a 16-byte vector as a float. int8: byte b as the float 2^23 + (b + 128) (a byte permute into
-// 0x4B0000uu, sign bit flipped), minus 2^23 + 128: exact, and cheaper than an int-to-float conversion. (int4 is
-// not taken: unpacking a nibble at a time made this kernel 1.4x slower than gemv.cu's on H200.)
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+
+// Weights 4h .. 4h + 3 of a 16-byte vector as floats, exact. bf16: the f32 of the same high bits. int8: byte b as
+// the float 2^23 + (b + 128) (a byte permute into 0x4B0000uu, the sign bit flipped), minus 2^23 + 128: cheaper than
+// an int-to-float conversion.
+template <Format F>
+__device__ __forceinline__ void weights4(const uint4& u, int h, float (&f)[4]) {
+  if constexpr (F == Format::BF16) {
+    const uint32_t a = (&u.x)[2 * h], b = (&u.x)[2 * h + 1];
+    f[0] = __uint_as_float(a << 16);
+    f[1] = __uint_as_float(a & 0xffff0000u);
+    f[2] = __uint_as_float(b << 16);
+    f[3] = __uint_as_float(b & 0xffff0000u);
+  } else {
+    const uint32_t word = (&u.x)[h] ^ 0x80808080u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | i)) - 8388736.0f;
+  }
+}
+
+// int4 word (columns c .. c + 7, code = value + 8, the even column in each byte's low nibble: gemv.cuh
+// QuantMatrix) as four f16 pairs, exact: (c, c + 4), (c + 1, c + 5), (c + 2, c + 6), (c + 3, c + 7). A low nibble
+// masked under 0x6400 is 1024 + code, minus 1032; a high one 1024 + 16 code, times 1/16 minus 72 (as
+// gemv-quant-mma-fragments.cuh). Most of the work is f16x2 arithmetic and f16-to-f32 conversions, which leave the
+// integer pipe (half the FMA pipe's rate) to the masks: on H200 11-17% faster than a shift, mask and subtraction
+// per weight in f32 (quant-run.sh --one-token).
+__device__ __forceinline__ void int4_pairs(uint32_t word, float2 (&p)[4]) {
+  const uint32_t shifted = word >> 8;
+  const uint32_t b[4] = {(word & 0x000f000fu) | 0x64006400u, (word & 0x00f000f0u) | 0x64006400u,
+                         (shifted & 0x000f000fu) | 0x64006400u, (shifted & 0x00f000f0u) | 0x64006400u};
+  const __half2 h1032 = __float2half2_rn(1032.f), h16th = __float2half2_rn(0.0625f), hm72 = __float2half2_rn(-72.f);
+  p[0] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032));
+  p[1] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72));
+  p[2] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032));
+  p[3] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72));
+}
+
+// f(integral_constant<int, s>) for s = S .. U - 1 in order, until one returns true (then true): the ring's slots
+// as compile-time indices, which a plain unrolled loop around an early exit did not always give (the ring then
+// went to local memory).
+template <int S, int U, typename Step>
+__device__ __forceinline__ bool every_slot(Step& f) {
+  if constexpr (S == U) return false;
+  else return f(std::integral_constant<int, S>{}) || every_slot<S + 1, U>(f);
+}
+
+// y [1, N] = x [1, K] @ dequant(w)^T (gated: x = silu(gate) * up of a [1, 2K] row), the streaming kernel (header
+// comment). R rows a task, U ring slots a row; kRowScale: one scale a row (the group is K), else one a vector
+// (group_shift = log2 of the vectors a group). Dynamic shared memory: x [K] f32, sub-vector-major. K a multiple of
+// the vector (lanes past a row's end load nothing); rows past N read row N - 1 and store nothing.
+template <Format F, int R, int U, bool kRowScale>
+__global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
+    gemv_one_token_streaming_kernel(const float* __restrict__ x, const void* __restrict__ w,
+                                    const uint16_t* __restrict__ scales, int group_shift, float* __restrict__ y,
+                                    int N, int K, int gated) {
+  constexpr int VW = kVectorWeights<F>, H = VW / 4;
+  constexpr bool kVectorScale = F != Format::BF16 && !kRowScale;
+  extern __shared__ float4 xs4[];
+  pdl_trigger();
+  const int lane = threadIdx.x & 31;
+  const int KV = K / VW, L = (KV + 31) / 32;  // vectors a row; ring items a lane per task
+  const int n_tasks = (N + R - 1) / R, stride = gridDim.x * kWarps, first = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  const int n_groups = kVectorScale ? KV >> group_shift : 1;
+  const uint4* w4 = static_cast<const uint4*>(w);
+
+  uint4 wv[R][U];
+  float sc[R][kVectorScale ? U : 1];
+  int lt = first, lj = 0;  // the next item to request: task lt, item lj (vector lj * 32 + lane of each row)
+  const auto request = [&](int s) {
+    const int v = lj * 32 + lane;
+    const bool ok = lt < n_tasks && v < KV;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const size_t row = static_cast<size_t>(min(lt * R + r, N - 1));
+      wv[r][s] = ok ? __ldg(w4 + row * KV + v) : make_uint4(0, 0, 0, 0);
+      if constexpr (kVectorScale)
+        sc[r][s] = ok ? bf16_bits_to_f32(__ldg(scales + row * n_groups + (v >> group_shift))) : 0.f;
+    }
+    if (++lj == L) {
+      lj = 0;
+      lt += stride;
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < U; ++s) request(s);  // the weights do not depend on the kernel before: requested first
+
+  pdl_wait();  // x comes from the kernel before
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  for (int i = threadIdx.x; i < K / 4; i += kWarps * 32) {
+    float4 v = x4[i];
+    if (gated) {
+      const float4 up = x4[K / 4 + i];
+      v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
+    }
+    xs4[(i % H) * KV + i / H] = v;
+  }
+  __syncthreads();
+
+  int ct = first, cj = 0;  // the item to use next
+  if (ct >= n_tasks) return;
+  float acc[R] = {}, rs[R];
+  const auto row_scales = [&] {
+    if constexpr (kRowScale)
+#pragma unroll
+      for (int r = 0; r < R; ++r) rs[r] = bf16_bits_to_f32(__ldg(scales + min(ct * R + r, N - 1)));
+  };
+  row_scales();
+  // One ring item: use slot s, refill it, and at a task's last item store its rows; true once the warp's tasks
+  // are done. Slots are compile-time indices (every_slot), so the ring stays in registers.
+  const auto step = [&](auto slot) {
+    constexpr int s = decltype(slot)::value;
+    const int v = cj * 32 + lane;
+    if (v < KV) {
+      float part[R] = {};  // int4, and int8 in groups: the vector's sums, scaled apart
+      if constexpr (F == Format::I4) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7
+          const float4 xa = xs4[2 * i * KV + v], xb = xs4[(2 * i + 1) * KV + v];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float2 p[4];
+            int4_pairs((&wv[r][s].x)[i], p);
+            float& t = kVectorScale ? part[r] : acc[r];
+            t = fmaf(p[0].x, xa.x, t);
+            t = fmaf(p[1].x, xa.y, t);
+            t = fmaf(p[2].x, xa.z, t);
+            t = fmaf(p[3].x, xa.w, t);
+            t = fmaf(p[0].y, xb.x, t);
+            t = fmaf(p[1].y, xb.y, t);
+            t = fmaf(p[2].y, xb.z, t);
+            t = fmaf(p[3].y, xb.w, t);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+          const float4 xv = xs4[h * KV + v];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float f[4];
+            weights4<F>(wv[r][s], h, f);
+            float& t = kVectorScale ? part[r] : acc[r];
+            t = fmaf(f[0], xv.x, t);
+            t = fmaf(f[1], xv.y, t);
+            t = fmaf(f[2], xv.z, t);
+            t = fmaf(f[3], xv.w, t);
+          }
+        }
+      }
+      if constexpr (kVectorScale)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(sc[r][s], part[r], acc[r]);
+    }
+    request(s);  // the slot just used takes the item U ahead
+    if (++cj < L) return false;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float t = acc[r];
+#pragma unroll
+      for (int o = 16; o; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+      if (kRowScale) t *= rs[r];
+      if (lane == 0 && ct * R + r < N) y[ct * R + r] = t;
+      acc[r] = 0.f;
+    }
+    cj = 0;
+    ct += stride;
+    if (ct >= n_tasks) return true;
+    row_scales();
+    return false;
+  };
+  while (!every_slot<0, U>(step)) {
+  }
+}
+
+// ---- the batched kernel (the one before; bench only)
+
+constexpr int kBatchedRows = 2;   // rows per warp
+constexpr int kBatchedSteps = 8;  // 16-byte vectors per row loaded before the first is used
+
+// Weight i of a 16-byte vector as a float (bf16 or int8, as weights4).
 template <Format F>
 __device__ __forceinline__ float weight_of(const uint4& u, int i) {
   const uint32_t word = (&u.x)[i * 4 / kVectorWeights<F>];
@@ -33,20 +223,19 @@ __device__ __forceinline__ float weight_of(const uint4& u, int i) {
   else return __uint_as_float(__byte_perm(word ^ 0x80808080u, 0x4B000000u, 0x7650u | (i & 3))) - 8388736.0f;
 }
 
-// y [1, N] = x [1, K] @ dequant(w)^T (gated: x = silu(gate) * up of a [1, 2K] row). Grid ceil(N / 16) blocks of
-// 256 threads; dynamic shared memory: x [K] f32. K a multiple of the vector (lanes past a row's end load nothing).
-// Rows past N read row N - 1 and store nothing.
+// Grid ceil(N / 16) blocks of 256 threads; dynamic shared memory: x [K] f32. 2 rows a warp, 8 vectors a row
+// requested, all used, then the next 8 requested.
 template <Format F>
-__global__ void __launch_bounds__(kDirectWarps * 32, 2) gemv_one_token_kernel(const float* __restrict__ x, const void* __restrict__ w,
-                                                                           const uint16_t* __restrict__ scales, int group,
-                                                                           float* __restrict__ y, int N, int K, int gated) {
+__global__ void __launch_bounds__(kWarps * 32, 2) gemv_one_token_batched_kernel(const float* __restrict__ x, const void* __restrict__ w,
+                                                                              const uint16_t* __restrict__ scales, int group,
+                                                                              float* __restrict__ y, int N, int K, int gated) {
   constexpr int VW = kVectorWeights<F>;
   constexpr bool kScaled = F != Format::BF16;
-  constexpr int R = kDirectRows, U = kDirectSteps;
+  constexpr int R = kBatchedRows, U = kBatchedSteps;
   extern __shared__ float4 xs4[];
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = (blockIdx.x * kDirectWarps + warp) * R;
+  const int row0 = (blockIdx.x * kWarps + warp) * R;
   const int KV = K / VW, n_groups = kScaled ? K / group : 0;
   const uint4* wrow[R];
   const uint16_t* srow[R];
@@ -70,9 +259,9 @@ __global__ void __launch_bounds__(kDirectWarps * 32, 2) gemv_one_token_kernel(co
       }
     }
   };
-  load(0);     // the weights do not depend on the kernel before: requested before waiting for it
-  pdl_wait();  // x comes from the kernel before
-  for (int i = threadIdx.x; i < K / 4; i += kDirectWarps * 32) {
+  load(0);
+  pdl_wait();
+  for (int i = threadIdx.x; i < K / 4; i += kWarps * 32) {
     float4 v = reinterpret_cast<const float4*>(x)[i];
     if (gated) {
       const float4 up = reinterpret_cast<const float4*>(x + K)[i];
@@ -113,34 +302,94 @@ __global__ void __launch_bounds__(kDirectWarps * 32, 2) gemv_one_token_kernel(co
   }
 }
 
-template <Format F>
-void launch(const Ctx& ctx, const float* x, const void* w, const uint16_t* scales, int group, float* y, int N, int K,
-            bool gated) {
-  static bool attribute_set = false;  // per instantiation: x may take up to kDirectMaxX (above the default 48 KiB)
-  if (!attribute_set) {
-    check_cuda(ctx.st, cudaFuncSetAttribute(gemv_one_token_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kDirectMaxX)),
-               "matmul", " (cudaFuncSetAttribute)");
-    attribute_set = true;
+// ---- launchers
+
+int sm_count() {
+  static int count = 0;  // one device per process in the bench; the engine's device is the current one
+  int dev = 0;
+  if (count == 0 && (cudaGetDevice(&dev) != cudaSuccess ||
+                     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess))
+    count = 132;
+  return count;
+}
+
+template <typename Kernel>
+void allow_x_smem(const Ctx& ctx, Kernel* kernel, bool& done) {  // x may take up to kMaxX (above the default 48 KiB)
+  if (done) return;
+  check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxX)),
+             "matmul", " (cudaFuncSetAttribute)");
+  done = true;
+}
+
+template <Format F, int R, int U, bool kRowScale>
+void launch_streaming(const Ctx& ctx, const float* x, const void* w, const uint16_t* scales, int group_shift, float* y,
+                      int N, int K, bool gated) {
+  static bool smem_set = false;  // per instantiation
+  allow_x_smem(ctx, gemv_one_token_streaming_kernel<F, R, U, kRowScale>, smem_set);
+  const int64_t blocks = ((N + R - 1) / R + kWarps - 1) / kWarps;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, static_cast<int64_t>(kBlocksPerSm) * sm_count())));
+  launch_pdl(ctx, gemv_one_token_streaming_kernel<F, R, U, kRowScale>, grid, dim3(kWarps * 32),
+             static_cast<size_t>(K) * sizeof(float), x, w, scales, group_shift, y, N, K, gated ? 1 : 0);
+}
+
+// 2 rows a task (ring depth 8) for every format, or the tuning's: on H200 rows 1 and 4 moved a layer's sum by
+// 2-9% either way, no choice winning every shape (quant-run.sh --one-token --sweep).
+template <Format F, bool kRowScale>
+void dispatch_streaming(const Ctx& ctx, const OneTokenTuning& tuning, const float* x, const void* w,
+                        const uint16_t* scales, int group_shift, float* y, int N, int K, bool gated) {
+  const int rows = tuning.rows ? tuning.rows : 2;
+  switch (rows) {
+    case 1: return launch_streaming<F, 1, 16, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated);
+    case 4: return launch_streaming<F, 4, 4, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated);
+    default: return launch_streaming<F, 2, 8, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated);
   }
-  const dim3 grid((N + kDirectWarps * kDirectRows - 1) / (kDirectWarps * kDirectRows)), block(kDirectWarps * 32);
-  launch_pdl(ctx, gemv_one_token_kernel<F>, grid, block, static_cast<size_t>(K) * sizeof(float), x, w, scales, group,
-             y, N, K, gated ? 1 : 0);
+}
+
+template <Format F>
+void launch_batched(const Ctx& ctx, const float* x, const void* w, const uint16_t* scales, int group, float* y, int N,
+                    int K, bool gated) {
+  static bool smem_set = false;
+  allow_x_smem(ctx, gemv_one_token_batched_kernel<F>, smem_set);
+  const dim3 grid((N + kWarps * kBatchedRows - 1) / (kWarps * kBatchedRows)), block(kWarps * 32);
+  launch_pdl(ctx, gemv_one_token_batched_kernel<F>, grid, block, static_cast<size_t>(K) * sizeof(float), x, w, scales,
+             group, y, N, K, gated ? 1 : 0);
+}
+
+int log2_exact(int v) {  // log2 of a power of two, else -1
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
 }
 
 }  // namespace
 
 bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-                    float* y, int N, int K, bool gated) {
-  const bool int8 = w_dtype == DType::I8;
-  if (!(int8 || w_dtype == DType::BF16)) return false;
-  const int vw = int8 ? 16 : 8;
-  if (K % vw != 0 || (int8 && (group <= 0 || group % vw != 0 || K % group != 0)) ||
-      static_cast<size_t>(K) * sizeof(float) > kDirectMaxX || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning) {
+  const bool bf16 = w_dtype == DType::BF16, int8 = w_dtype == DType::I8, int4 = w_dtype == DType::I4;
+  if (!(bf16 || int8 || int4)) return false;
+  const int vw = bf16 ? 8 : int8 ? 16 : 32;
+  if (K <= 0 || K % vw != 0 || (!bf16 && (group <= 0 || group % vw != 0 || K % group != 0)) ||
+      static_cast<size_t>(K) * sizeof(float) > kMaxX || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(w) % 16 != 0 || N <= 0)
     return false;
-  if (int8) launch<Format::I8>(ctx, x, w, scales, group, y, N, K, gated);
-  else launch<Format::BF16>(ctx, x, w, nullptr, 0, y, N, K, gated);
+  const bool row_scale = !bf16 && group == K;
+  const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
+  // weft's: bf16 on the batched kernel (on H200 the streaming one took 0-6% longer a shape: quant-run.sh --one-token),
+  // int8 and int4 streaming where it takes the group.
+  const bool batched = tuning.kernel == OneTokenKernel::Batched ||
+                       (tuning.kernel == OneTokenKernel::Weft && bf16) || group_shift < 0;
+  if (batched) {  // bf16, and int8 in any group of whole vectors
+    if (int4) return false;
+    if (int8) launch_batched<Format::I8>(ctx, x, w, scales, group, y, N, K, gated);
+    else launch_batched<Format::BF16>(ctx, x, w, nullptr, 0, y, N, K, gated);
+    return true;
+  }
+  if (bf16) dispatch_streaming<Format::BF16, false>(ctx, tuning, x, w, nullptr, 0, y, N, K, gated);
+  else if (int8 && row_scale) dispatch_streaming<Format::I8, true>(ctx, tuning, x, w, scales, 0, y, N, K, gated);
+  else if (int8) dispatch_streaming<Format::I8, false>(ctx, tuning, x, w, scales, group_shift, y, N, K, gated);
+  else if (row_scale) dispatch_streaming<Format::I4, true>(ctx, tuning, x, w, scales, 0, y, N, K, gated);
+  else dispatch_streaming<Format::I4, false>(ctx, tuning, x, w, scales, group_shift, y, N, K, gated);
   return true;
 }
 

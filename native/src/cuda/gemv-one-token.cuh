@@ -1,6 +1,6 @@
-// weft::cuda::gemv_one_token: y [1, N] f32 = x [1, K] f32 @ w [N, K]^T for one token (decode at batch 1), w bf16 or
-// int8 with bf16 scales per group (gemv.cuh QuantMatrix), the weights loaded straight into registers
-// (gemv-one-token.cu). Gemv::run (bf16) and quant_gemv (int8) call it first for one token.
+// weft::cuda::gemv_one_token: y [1, N] f32 = x [1, K] f32 @ w [N, K]^T for one token (decode at batch 1), w bf16,
+// int8 or int4 with bf16 scales per group (gemv.cuh QuantMatrix), the weights loaded straight into registers
+// (gemv-one-token.cu). Gemv::run (bf16) and quant_gemv (int8, int4) call it first for one token.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,11 +12,21 @@
 
 namespace weft::cuda {
 
-// w: bf16 [N, K] (scales null) or int8 [N, K] with scales [N, K / group]. gated: x is [1, 2K] ([gate | up]) and the
-// product reads silu(gate) * up. False (nothing launched) when the kernel does not take the call: another dtype, K
-// not a multiple of the 16-byte vector or of the group, x beyond its buffer (K > 16384), misaligned pointers.
+// Which kernel runs (gemv-one-token.cu). Weft: weft's choice (bf16 batched, int8 and int4 streaming); the others
+// only for bench/kernels/quant-bench.cu, to compare.
+enum class OneTokenKernel { Weft, Batched, Streaming };
+struct OneTokenTuning {
+  OneTokenKernel kernel = OneTokenKernel::Weft;
+  int rows = 0;  // streaming: rows a task, 1, 2 or 4 (ring depth 16, 8, 4); 0: 2
+};
+
+// w: bf16 [N, K] (scales null), int8 [N, K] or int4 [N, K / 2] (QuantMatrix's codes) with scales [N, K / group].
+// gated: x is [1, 2K] ([gate | up]) and the product reads silu(gate) * up. False (nothing launched) when the kernel
+// does not take the call: another dtype, K not a multiple of the 16-byte vector or of the group, an int4 group
+// other than K or a power of two of whole vectors (int8 in such groups: the batched kernel), x beyond its buffer
+// (K > 16384), misaligned pointers.
 // Capturable (no allocation, no sync).
 bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-                    float* y, int N, int K, bool gated);
+                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning = OneTokenTuning{});
 
 }  // namespace weft::cuda
