@@ -1335,8 +1335,9 @@ void check_one_token_matmul(Rng& rng) {
 // Quantized prefill attention (cuda/attention-sage.cuh): CUDA against the CPU reference, which quantizes the same
 // way (the same K means, codes and scales: the int32 scores agree exactly), so they differ by exp2's rounding and
 // the order of the tensor cores' f32 sums, plus a rare flip of one P rounding (f16: 2^-11 relative of one weight;
-// e4m3: 2^-4): bounds 2e-4 (f16 P V) and 2e-3 (e4m3: H200 measured 1.5e-3 of max|out| on the chunked case, one
-// weight's flip) of max|out|. And against the exact kernel, as a sanity
+// e4m3: 2^-4): bounds 2e-4 (f16 P V) and 1e-2 (e4m3) of max|out|. H200 measured 1.5e-3 and, on other random inputs
+// of the same case, 3.7e-3 (a flip of a larger weight): a few flips fit under 1e-2; a wrong tile, scale or code
+// costs O(1). And against the exact kernel, as a sanity
 // bound on the approximation at inputs in [-1, 1] (the CPU unit test measures it: test/unit/sage-attention.test.ts).
 // Paged bf16 / fp8 caches, K with a common offset (what the smoothing removes), GQA, chunked and ragged steps.
 void check_sage(Rng& rng) {
@@ -1387,7 +1388,7 @@ void check_sage(Rng& rng) {
                               : b.attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale));
         };
         const auto got = attend(*gpu, gq, true);
-        compare("sageAttention", sh, got, attend(*cpu, cq, true), pv == DType::FP8 ? 2e-3 : 2e-4, 0, "vs cpu");
+        compare("sageAttention", sh, got, attend(*cpu, cq, true), pv == DType::FP8 ? 1e-2 : 2e-4, 0, "vs cpu");
         compare("sageAttention", sh, got, attend(*gpu, gq, false), 0, pv == DType::FP8 ? 0.08 : 0.02,
                 "vs exact on cuda");
       });
