@@ -210,12 +210,13 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
   }
 }
 
-// ---- the batched kernel (the one before; bench only)
+// ---- the batched kernel (weft's for bf16 and for int8 in groups the streaming kernel does not take)
 
 constexpr int kBatchedRows = 2;   // rows per warp
 constexpr int kBatchedSteps = 8;  // 16-byte vectors per row loaded before the first is used
 
-// Weight i of a 16-byte vector as a float (bf16 or int8, as weights4).
+// Weight i of a 16-byte vector as a float (bf16 or int8, as weights4; kept as it was, so the bf16 product path's
+// code stays what was measured).
 template <Format F>
 __device__ __forceinline__ float weight_of(const uint4& u, int i) {
   const uint32_t word = (&u.x)[i * 4 / kVectorWeights<F>];
@@ -304,8 +305,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_one_token_batched_kernel(
 
 // ---- launchers
 
-int sm_count() {
-  static int count = 0;  // one device per process in the bench; the engine's device is the current one
+// The engine's SM count (DeviceState); the bench runs without an engine and asks its current device once.
+int sm_count(const Ctx& ctx) {
+  if (ctx.st && ctx.st->num_sms > 0) return ctx.st->num_sms;
+  static int count = 0;
   int dev = 0;
   if (count == 0 && (cudaGetDevice(&dev) != cudaSuccess ||
                      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess))
@@ -327,7 +330,7 @@ void launch_streaming(const Ctx& ctx, const float* x, const void* w, const uint1
   static bool smem_set = false;  // per instantiation
   allow_x_smem(ctx, gemv_one_token_streaming_kernel<F, R, U, kRowScale>, smem_set);
   const int64_t blocks = ((N + R - 1) / R + kWarps - 1) / kWarps;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, static_cast<int64_t>(kBlocksPerSm) * sm_count())));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, static_cast<int64_t>(kBlocksPerSm) * sm_count(ctx))));
   launch_pdl(ctx, gemv_one_token_streaming_kernel<F, R, U, kRowScale>, grid, dim3(kWarps * 32),
              static_cast<size_t>(K) * sizeof(float), x, w, scales, group_shift, y, N, K, gated ? 1 : 0);
 }
