@@ -1232,6 +1232,62 @@ void check_kv_quant(Rng& rng) {
     }
 }
 
+// Decode attention at long contexts (attention-decode-mma.cu): up to 16384 positions, so that a token's positions
+// spread over tens of partitions, each read by the four warps of a block in turn, and merged by the partitions' last
+// block (its ticket); a token at position 5 fits one partition (written directly). bf16, fp8 and int8 caches,
+// paged (B = 16, scattered), head dims 64 (GQA 8: a head chunk of 8), 128 (MHA and GQA 4) and 256. Against the CPU
+// at check_attention's decode bound (1e-4), against an f32 cache of the same values on CUDA (the CUDA-core kernel
+// and the merge kernel) at 1e-5, and a second launch gives the same bits (the tickets were reset).
+void check_attention_decode_long(Rng& rng) {
+  const int64_t S = 2, C = 16384, B = 16, per_seq = C / B, n_blocks = S * per_seq + 3;
+  struct Cfg {
+    int64_t T, nH, nKv, hd;
+  };
+  for (DType dtype : {DType::BF16, DType::FP8, DType::I8})
+    for (Cfg c : {Cfg{1, 32, 8, 128}, Cfg{3, 32, 32, 128}, Cfg{2, 8, 2, 256}, Cfg{4, 16, 2, 64}}) {
+      const int64_t hd = c.hd;
+      std::string sh = std::string(dtype_name(dtype)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) +
+                       "/" + std::to_string(c.nKv) + "x" + std::to_string(hd) + " C=16384 B=16";
+      run_case("decode attention long", sh, [&] {
+        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
+        const std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        const Shape cs{n_blocks, c.nKv, B, hd};
+        auto table = [&](Backend& b) { return up_table(b, rows, per_seq); };
+        const auto kw = rng.floats(S * C * c.nKv * hd), vw = rng.floats(S * C * c.nKv * hd);
+        auto fill = [&](Backend& b) {  // every position of both sequences, through writeKv (codes quantized there)
+          std::vector<int32_t> all_seq(S * C), all_pos(S * C);
+          for (int64_t i = 0; i < S * C; ++i) {
+            all_seq[i] = static_cast<int32_t>(i / C);
+            all_pos[i] = static_cast<int32_t>(i % C);
+          }
+          auto kv = std::make_pair(b.zeros(dtype, cs), b.zeros(dtype, cs));
+          b.write_kv(kv.first, kv.second, up(b, kw, {S * C, c.nKv * hd}), up(b, vw, {S * C, c.nKv * hd}),
+                     up_i(b, all_seq), table(b), up_i(b, all_pos));
+          return kv;
+        };
+        std::vector<int32_t> seq(c.T), pos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) {
+          seq[t] = static_cast<int32_t>(t % S);
+          pos[t] = t == 0 ? static_cast<int32_t>(C - 1) : t == 1 ? 5 : static_cast<int32_t>(C / 2 + rng.below(C / 2));
+        }
+        const auto q = rng.floats(c.T * c.nH * hd);
+        const float scale = 1.0f / std::sqrt(float(hd));
+        auto attend = [&](Backend& b, const std::pair<Tensor, Tensor>& kv) {
+          return down(b, b.attention(up(b, q, {c.T, c.nH * hd}), kv.first, kv.second, up_i(b, seq), table(b),
+                                     up_i(b, pos), c.nH, scale));
+        };
+        auto gk = fill(*gpu), ck = fill(*cpu);
+        const auto got = attend(*gpu, gk);
+        compare("decode attention long", sh, attend(*gpu, gk), got, 0, 0, "second launch, same bits");
+        auto values = std::make_pair(up(*gpu, down(*gpu, gk.first), cs), up(*gpu, down(*gpu, gk.second), cs));
+        compare("decode attention long", sh, got, attend(*gpu, values), 1e-5, 0, "vs f32 cache of the same values");
+        compare("decode attention long", sh, got, attend(*cpu, ck), 1e-4, 0, "vs cpu, same cache");
+      });
+    }
+}
+
 // The quantized GEMV at every token count 1..16 (gemv-quant-mma.cu for int8 per channel and int4 g128: one
 // n-tile of 8 tokens up to 8, two from 9; rows not a multiple of its 16-row tile), the gated form, activations
 // beyond f16's range (|x| up to 2e5: the kernel rescales x per token by a power of two), groups smaller than its
@@ -1421,6 +1477,7 @@ int main() {
   check_paged(rng);
   check_kv_bf16(rng);
   check_kv_quant(rng);
+  check_attention_decode_long(rng);
   check_softmax_sample(rng);
   check_top_logprobs(rng);
   check_random();

@@ -1,39 +1,59 @@
-// Decode attention on tensor cores: the partition plan, KV tiles and merge of attention-decode.cu, with the two
-// products on mma.sync m16n8k16. Why: on CUDA cores a GQA group of g heads costs g FMAs per cache element for the
-// scores and g more for the values, plus a conversion per element; at H200's bandwidth that is more than the SMs
-// issue, so 1-byte caches ran no faster than bf16 (bench/RESULTS.md). Here the block's heads (up to 8) are the rows
-// of a 16-row query tile: each warp's mma covers 8 cache rows x 16 dims for all of them.
-//   - Scores: warp w takes rows 8w .. 8w + 7 of the 32-row tile, K fragments by ldmatrix from the padded tile.
-//   - Values: warp w takes a quarter of the head dim, V fragments by ldmatrix.trans, the weights as the A operand.
-//   - The softmax between them is the CUDA-core kernel's (one warp per head, one lane per row).
-// Operands: a bf16 cache is used as stored (bf16 mma); fp8 and int8 codes are converted in shared memory to f16,
-// which holds them exactly (f16 mma), their row scales folded into the scores and weights as on CUDA cores.
-// Precision: the query and the weights are split into two 16-bit parts, x = hi + lo (each rounded to nearest), and
-// both are multiplied by the exact cache values with f32 accumulation, so the operands carry about 16 (bf16) or 22
-// (f16) significant bits instead of 8 or 11: the outputs stay within the f32 kernel's bound against the CPU.
+// Decode attention on tensor cores: the partition plan of attention-decode.cuh, the two products on mma.sync
+// m16n8k16. Why tensor cores: on CUDA cores a GQA group of g heads costs g FMAs per cache element for the scores and
+// g more for the values, plus a conversion per element; at H200's bandwidth that is more than the SMs issue
+// (bench/RESULTS.md). The block's heads (up to 8) are the rows 0-7 of a 16-row A operand.
+//
+// Why each warp streams its own tiles: with the block's four warps sharing every tile, each tile cost a fixed chain
+// of waits (copy, scores, barrier, softmax, barrier, values, barrier) that no other work of the block hid, so a tile
+// of half the bytes (fp8, int8) took the same time as bf16's, and batch 1 ran at 16-75% of the copy bandwidth
+// (RESULTS.md, session 6). Here warp w of a block takes the tiles w, w + 4, ... of the block's partition, each tile
+// through its own cp.async ring of 3 stages in shared memory (4 KiB of K and 4 KiB of V a tile: 16 rows of bf16 at
+// head dim 128, 32 rows of codes), and runs the scores, an online softmax in registers (the scores' accumulator
+// layout is the values' A operand layout: no shared-memory round trip) and the values with no barrier but its own
+// __syncwarp. The four warps' maxes, sums and outputs are combined once, at the end, in shared memory.
+//
+// The merge: a block writes its partition's partial (as the CUDA-core kernel does), then takes a ticket; the last
+// block of a (token, kv head, head chunk) to finish merges all of its partitions in partition order (so the bits
+// do not depend on which block is last) and resets the ticket. That saves the merge kernel's launch and the grid
+// boundary between the two. A token whose position has one partition is written directly.
+//
+// Operands: a bf16 cache is used as stored (bf16 mma), fp8 and int8 codes are converted to f16 in registers (exact),
+// their row scales folded into the scores and the weights once per row. The codes' fragments are loaded by ldmatrix
+// as if they were 16-bit pairs: a key fragment then holds dims 4t .. 4t + 3 of a row (the query's fragment is loaded
+// in the same order), a value fragment two dims of two rows (the output's dims come out in the same permuted order
+// and are put back when written).
+// Precision: the query and the weights are split into two 16-bit parts, x = hi + lo (each rounded to nearest), carried
+// in the A operand's rows 0-7 (hi) and 8-15 (lo), so one mma multiplies both by the exact cache values with f32
+// accumulation: the operands carry about 16 (bf16) or 22 (f16) significant bits instead of 8 or 11, and the outputs
+// stay within the f32 kernel's bound against the CPU.
 #include "cuda/attention-decode.cuh"
 
 namespace weft::cuda::decode {
+
+// One ticket per grid row (token, kv head, head chunk): zero when the module loads, and zero again after every launch
+// (the merging block resets its own). Launches on one stream are ordered (each kernel's pdl_wait waits for the one
+// before it), so one array serves them all.
+__device__ unsigned int g_merge_tickets[kMaxMergeTickets];
+
 namespace {
 
-constexpr int kHeadRows = 8;  // query heads a block serves at most (the plan's head chunk): rows 0-7 of the tile
+constexpr int kHeadRows = 8;  // query heads a block serves at most (the plan's head chunk): rows 0-7 of the A operand
 
-// c += a b for a 16 x 16 A whose rows 8-15 are zero (a1 = a3 = 0): a0 holds (row g, cols 2t, 2t + 1), a2 the same
-// row at cols 2t + 8, 2t + 9 (g = lane / 4, t = lane % 4). BF16: bf16 operands, else f16.
+// c += a b, m16n8k16, f32 accumulators; BF16: bf16 operands, else f16. a = (a0, a1, a2, a3) as the m16n8k16 A fragment.
 template <bool BF16>
-__device__ __forceinline__ void mma_top_rows(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
   if constexpr (BF16)
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
   else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
 // (x0, x1) as a pair of 16-bit operands hi and the pair of what rounding left, lo (element 0 in the low half).
@@ -53,38 +73,67 @@ __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uin
     lo = *reinterpret_cast<const uint32_t*>(&l);
   }
 }
+// The A fragment of the pairs (x0, x1) at k = 2t, 2t + 1 and (x2, x3) at k = 2t + 8, 2t + 9: hi parts in row g, lo
+// parts in row g + 8.
+template <bool BF16>
+__device__ __forceinline__ uint4 split_fragment(float x0, float x1, float x2, float x3) {
+  uint4 a;
+  split_pair<BF16>(x0, x1, a.x, a.y);
+  split_pair<BF16>(x2, x3, a.z, a.w);
+  return a;
+}
 
-// Two staged codes (element 0 in the low byte) -> the f16 pair of their values, exact: e4m3 by the hardware
-// conversion; int8 with the sign bit flipped (b + 128) under the f16 exponent of 1024 is 1024 + b + 128, and one
-// hsub2 of 1152 leaves b.
-__device__ __forceinline__ uint32_t codes_to_f16x2(const __nv_fp8_e4m3*, uint32_t two) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+// Bytes I and J of a word of four codes -> the f16 pair of their values (byte I in the low half), exact: e4m3 by the
+// hardware conversion (cvt.rn.f16x2.e4m3x2); int8 with the sign bit flipped (b + 128) under the f16 exponent of
+// 1024 is 1024 + b + 128, and one hsub2 of 1152 leaves b.
+template <int I, int J>
+__device__ __forceinline__ uint32_t codes_to_f16x2(const __nv_fp8_e4m3*, uint32_t w) {
+  const uint32_t two = (I == 0 && J == 1) ? w : (I == 2 && J == 3) ? w >> 16 : __byte_perm(w, 0, I | (J << 4));
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
   return uint32_t(h.x) | (uint32_t(h.y) << 16);
 }
-__device__ __forceinline__ uint32_t codes_to_f16x2(const int8_t*, uint32_t two) {
-  const uint32_t biased = __byte_perm(two ^ 0x8080u, 0x6464u, 0x4140u);
+template <int I, int J>
+__device__ __forceinline__ uint32_t codes_to_f16x2(const int8_t*, uint32_t w) {
+  const uint32_t biased = __byte_perm(w ^ 0x80808080u, 0x64646464u, I | (4 << 4) | (J << 8) | (4 << 12));
   const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&biased), __float2half2_rn(1152.0f));
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Tiles and shared memory for a cache of KV and head dim HD. bf16: tiles of 32 rows in three stages, the staged
-// rows (16-byte padded) are the mma operands, fragments by ldmatrix. Codes: tiles of 64 rows (the same bytes a
-// step as bf16's 32) in two stages, the fragments read from the staged codes (16-byte padded rows: no bank
-// conflicts) and converted in registers.
+// A warp's tiles for a cache of KV and head dim HD: rows of 4 KiB of K (and of V) a tile, 16 to 64 of them, in
+// kStages stages (2 where a tile is larger: head dim 256 in bf16). Rows are stored unpadded, their 16-byte chunks
+// swizzled (chunk c of row r at c ^ f(r)) so that the 8 rows an ldmatrix reads lie in distinct banks.
 template <typename KV, int HD>
-struct MmaTiles {
+struct WarpTiles {
   static constexpr bool kCodes = kKvQuantized<KV>;
-  static constexpr int kRows = kCodes ? 64 : 32;
-  static constexpr int kStages = kCodes ? 2 : 3;
-  static constexpr int kLd = HD + 16 / sizeof(KV);  // staged row stride, elements
-  static constexpr size_t kStageBytes = size_t(kStages) * 2 * kRows * kLd * sizeof(KV);
+  static constexpr int kRowBytes = HD * int(sizeof(KV));
+  static constexpr int kChunks = kRowBytes / 16;  // 16-byte chunks a row: 4 to 32
+  static constexpr int kRows = std::min(64, std::max(16, 4096 / kRowBytes));
+  static constexpr int kTileBytes = kRows * kRowBytes;  // the K (or V) rows of a tile
+  static constexpr int kStages = kTileBytes > 4096 ? 2 : 3;
+  static constexpr size_t kWarpBytes = size_t(kStages) * 2 * kTileBytes;
+  static constexpr size_t kStageBytes = kWarps * kWarpBytes;
+  static constexpr size_t kQBytes = size_t(HD / 16) * 32 * sizeof(uint4);  // the query's A fragments
+  static_assert(kChunks >= 4 && (kRows * kChunks) % 32 == 0 && kRows % 16 == 0, "tile shape");
+  // Each warp's results ([kHeadRows][HD] outputs, then the maxes and sums) fit in its own stages.
+  static_assert(size_t(kHeadRows) * (HD + 2) * sizeof(float) <= kWarpBytes, "warp results");
   static size_t bytes(int P) {
-    return kStageBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) +
-           size_t(kHeadRows) * (kRows + 1) * sizeof(float);
+    return kStageBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) + kQBytes +
+           sizeof(int);
+  }
+  // The merging block's weights [kHeadRows][n_part], sums [kWarps][kHeadRows][HD] and 1 / sums [kHeadRows], over
+  // the stages.
+  static bool merge_fits(int n_part) {
+    return (size_t(kHeadRows) * n_part + size_t(kWarps) * kHeadRows * HD + kHeadRows) * sizeof(float) <= kStageBytes;
+  }
+  // Byte offset of chunk c of row r in a tile.
+  static __device__ __forceinline__ uint32_t at(int r, int c) {
+    const int f = kChunks >= 8 ? (r & 7) : ((r >> 1) & 3);
+    return uint32_t(r * kRowBytes + 16 * (c ^ f));
   }
 };
 
-// grid (n_part, T * n_kv * n_hc); partials as attention_decode_partial (attention-decode.cu) writes them.
+// grid (n_part, T * n_kv * n_hc), kThreads threads. Partials as attention_decode_partial (attention-decode.cu) writes
+// them; out (nullptr: partials only, the merge kernel follows) [T * nH, HD]: the merged output.
 template <typename KV, int HD>
 __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
     attention_decode_partial_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
@@ -92,194 +141,330 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
                                  const int32_t* __restrict__ positions, int nH, int P, int n_part, int n_hc,
                                  int head_chunk, float scale, float* __restrict__ part_out,
                                  float* __restrict__ part_ml, DeviceStatus* status, const float* __restrict__ k_scales,
-                                 const float* __restrict__ v_scales) {
-  using L = MmaTiles<KV, HD>;
+                                 const float* __restrict__ v_scales, float* __restrict__ out) {
+  using L = WarpTiles<KV, HD>;
   constexpr bool kCodes = L::kCodes, kBf16 = !kCodes;
-  constexpr int TR = L::kRows, S = L::kStages, LD = L::kLd;
-  constexpr int KSTEPS = HD / 16, NT = HD / 32;  // NT: n8 tiles of the output per warp (a quarter of HD)
-  constexpr int kScoreTiles = TR / 32;           // n8 tiles of scores per warp
-  constexpr int kHeadsPerWarp = kHeadRows / kWarps;
-  static_assert(HD % 64 == 0, "output quarters of 16 dims or more");
+  constexpr int WR = L::kRows, S = L::kStages, CH = L::kChunks;
+  constexpr int KS = HD / 16, NJ = WR / 8, NO = HD / 8;  // k16 steps of the head dim, n8 tiles of keys and of dims
   pdl_trigger();
   pdl_wait();
   DecodeUnit u;
-  if (!decode_unit(kv, token_seq, positions, nH, n_part, n_hc, head_chunk, status, u)) return;
+  if (!decode_unit(kv, token_seq, positions, nH, n_part, n_hc, head_chunk, status, u)) {
+    // Partition 0 of every token in range has work: here its token is out of range (reported); its output is zeros.
+    if (out != nullptr && blockIdx.x == 0) {
+      const int n_kv = static_cast<int>(kv.n_kv), group = nH / n_kv, t = blockIdx.y / (n_kv * n_hc);
+      const int g = blockIdx.y / n_hc % n_kv, hc = blockIdx.y % n_hc;
+      const int h0 = g * group + hc * head_chunk, nh = min(head_chunk, group - hc * head_chunk);
+      for (int x = threadIdx.x; x < nh * HD; x += kThreads) out[(size_t(t) * nH + h0) * HD + x] = 0;
+    }
+    return;
+  }
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  KV* stages = reinterpret_cast<KV*>(smem);                         // [S][K, V][TR][LD]
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* stages = smem;                                       // [kWarps][S][K, V][WR rows]
   int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);  // [P]
-  float* k_row_scales = reinterpret_cast<float*>(rows + P);          // codes: [P]
-  float* v_row_scales = k_row_scales + (kCodes ? P : 0);             // codes: [P]
-  float* sc = v_row_scales + (kCodes ? P : 0);                       // [kHeadRows][TR] scores, then weights
-  float* alpha = sc + kHeadRows * TR;                                // [kHeadRows]
-  load_partition_rows<kCodes>(kv, u, status, k_scales, v_scales, rows, k_row_scales, v_row_scales);
+  float* k_row_scales = reinterpret_cast<float*>(rows + P);           // codes: [P]
+  float* v_row_scales = k_row_scales + (kCodes ? P : 0);              // codes: [P]
+  uint4* qf = reinterpret_cast<uint4*>(v_row_scales + (kCodes ? P : 0));  // [KS][32 lanes]
+  int* last_flag = reinterpret_cast<int*>(qf + KS * 32);
 
-  // Tile `it` into its stage, 16-byte copies (rows past the partition are zeros).
-  constexpr int kCopyElems = 16 / sizeof(KV), kCopiesPerRow = HD / kCopyElems;
-  auto stage_k = [&](int it) { return stages + size_t(it % S) * 2 * TR * LD; };
-  auto issue = [&](int it) {
-    KV* kt = stage_k(it);
-    KV* vt = kt + TR * LD;
-    const int r0 = it * TR;
-    for (int x = threadIdx.x; x < TR * kCopiesPerRow; x += kThreads) {
-      const int r = x / kCopiesPerRow, e = (x % kCopiesPerRow) * kCopyElems;
+  // The query's A fragments, hi and lo parts, head g of the chunk (heads past nh are zero). For codes, lane t's key
+  // fragment holds dims 4t .. 4t + 3 of its k16 step: the query's pairs at k = 2t and 2t + 8 are taken the same way.
+  for (int x = threadIdx.x; x < KS * 32; x += kThreads) {
+    const int ks = x / 32, g = (x % 32) >> 2, tq = x & 3;
+    float4 v = make_float4(0, 0, 0, 0);
+    if (g < u.nh) {
+      const float* qrow = q + (size_t(u.t) * nH + u.h_first + g) * HD + ks * 16;
+      if constexpr (kCodes) {
+        v = *reinterpret_cast<const float4*>(qrow + 4 * tq);
+      } else {
+        const float2 a = *reinterpret_cast<const float2*>(qrow + 2 * tq), b = *reinterpret_cast<const float2*>(qrow + 8 + 2 * tq);
+        v = make_float4(a.x, a.y, b.x, b.y);
+      }
+    }
+    qf[x] = split_fragment<kBf16>(v.x, v.y, v.z, v.w);
+  }
+  load_partition_rows<kCodes>(kv, u, status, k_scales, v_scales, rows, k_row_scales, v_row_scales);  // + barrier
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  unsigned char* mine = stages + warp * L::kWarpBytes;
+  const int n_tiles = static_cast<int>(ceil_div(u.np, WR));
+  const int my_tiles = warp < n_tiles ? (n_tiles - 1 - warp) / kWarps + 1 : 0;
+  auto k_tile = [&](int i) { return mine + (i % S) * 2 * L::kTileBytes; };
+  // This warp's tile i (the block's tile warp + 4 i) into its stage; rows past the partition are zeros.
+  auto issue = [&](int i) {
+    unsigned char* kt = k_tile(i);
+    unsigned char* vt = kt + L::kTileBytes;
+    const int r0 = (warp + i * kWarps) * WR;
+#pragma unroll
+    for (int k = 0; k < WR * CH / 32; ++k) {
+      const int x = lane + 32 * k, r = x / CH, c = x % CH;
       const bool in = r0 + r < u.np;
-      const size_t off = (in ? size_t(rows[r0 + r]) * HD : 0) + e;
-      cp_async16(smem_u32(kt + r * LD + e), k_cache + off, in ? 16 : 0);
-      cp_async16(smem_u32(vt + r * LD + e), v_cache + off, in ? 16 : 0);
+      const size_t off = (in ? size_t(rows[r0 + r]) * L::kRowBytes : 0) + 16 * c;
+      cp_async16(smem_u32(kt + L::at(r, c)), reinterpret_cast<const unsigned char*>(k_cache) + off, in ? 16 : 0);
+      cp_async16(smem_u32(vt + L::at(r, c)), reinterpret_cast<const unsigned char*>(v_cache) + off, in ? 16 : 0);
     }
   };
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  // The query's A fragments (head g of the chunk; heads past nh are zero), hi and lo parts.
-  uint32_t qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
-  {
-    const float* qrow = q + (size_t(u.t) * nH + u.h_first + g) * HD;
+  float o[NO][4];  // rows g: the hi parts' sums of head g, rows g + 8: the lo parts'
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks)
+  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+  float m_run = -INFINITY, l_run = 0;  // head g's running max (the same in the quad) and this lane's part of the sum
+
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float2 x = make_float2(0, 0);
-        if (g < u.nh) x = *reinterpret_cast<const float2*>(qrow + ks * 16 + half * 8 + 2 * tq);
-        split_pair<kBf16>(x.x, x.y, qa_hi[ks][half], qa_lo[ks][half]);
-      }
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < my_tiles) issue(s);
+    cp_async_commit();
   }
-  float o[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
-  float m_run[kHeadsPerWarp], l_run[kHeadsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kHeadsPerWarp; ++i) m_run[i] = -INFINITY, l_run[i] = 0;
+  for (int i = 0; i < my_tiles; ++i) {
+    cp_async_wait(S - 2 > 0);
+    __syncwarp();  // tile i landed for every lane; the stage tile i - 1 used is free again
+    if (i + S - 1 < my_tiles) issue(i + S - 1);
+    cp_async_commit();
+    const unsigned char* kt = k_tile(i);
+    const unsigned char* vt = kt + L::kTileBytes;
+    const int r0 = (warp + i * kWarps) * WR, nr = min(WR, u.np - r0);
 
-  stream_tiles<S>(static_cast<int>(ceil_div(u.np, TR)), issue, [&](int it) {
-    const int r0 = it * TR, nr = min(TR, u.np - r0);
-    const KV* kt = stage_k(it);
-    const KV* vt = kt + TR * LD;
-
-    // Scores of rows 8 warp + 32 j .. + 7 for the block's heads; hi and lo parts in separate accumulators (two
-    // independent mma chains).
+    // Scores of the tile's keys 8 j + 2t, 8 j + 2t + 1 for head g: s[j][0, 1] the hi parts, s[j][2, 3] the lo parts.
+    float s[NJ][4];
 #pragma unroll
-    for (int j = 0; j < kScoreTiles; ++j) {
-      const int rb = 32 * j + 8 * warp;
-      float s_hi[4] = {0, 0, 0, 0}, s_lo[4] = {0, 0, 0, 0};
+    for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+    if constexpr (kBf16) {
 #pragma unroll
-      for (int ks = 0; ks < KSTEPS; ks += 2) {
-        uint32_t b[4];
-        if constexpr (kCodes) {
-          const KV* row = kt + (rb + g) * LD + ks * 16 + 2 * tq;
+      for (int ks = 0; ks < KS; ks += 2) {
+        const uint4 qa = qf[ks * 32 + lane], qb = qf[(ks + 1) * 32 + lane];
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            b[i] = codes_to_f16x2(kt, *reinterpret_cast<const uint16_t*>(row + 8 * i));
-        } else {
-          ldmatrix_x4(b, smem_u32(kt + (rb + (lane & 7)) * LD + ks * 16 + (lane >> 3) * 8));
+        for (int j = 0; j < NJ; ++j) {
+          uint32_t b[4];  // b[0], b[1]: step ks; b[2], b[3]: step ks + 1
+          ldmatrix_x4(b, smem_u32(kt + L::at(8 * j + (lane & 7), 2 * ks + (lane >> 3))));
+          mma16<true>(s[j], qa, b[0], b[1]);
+          mma16<true>(s[j], qb, b[2], b[3]);
         }
-        mma_top_rows<kBf16>(s_hi, qa_hi[ks][0], qa_hi[ks][1], b[0], b[1]);
-        mma_top_rows<kBf16>(s_lo, qa_lo[ks][0], qa_lo[ks][1], b[0], b[1]);
-        mma_top_rows<kBf16>(s_hi, qa_hi[ks + 1][0], qa_hi[ks + 1][1], b[2], b[3]);
-        mma_top_rows<kBf16>(s_lo, qa_lo[ks + 1][0], qa_lo[ks + 1][1], b[2], b[3]);
       }
-      if (g < u.nh) {
-        const int r = rb + 2 * tq;
-        float s0 = (s_hi[0] + s_lo[0]) * scale, s1 = (s_hi[1] + s_lo[1]) * scale;
-        if constexpr (kCodes) {
-          if (r0 + r < u.np) s0 *= k_row_scales[r0 + r];
-          if (r0 + r + 1 < u.np) s1 *= k_row_scales[r0 + r + 1];
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < KS; ks += 4) {
+        uint4 qa[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) qa[m] = qf[(ks + m) * 32 + lane];
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          uint32_t b[4];  // b[m]: dims 16 (ks + m) + 4t .. + 3 of key 8 j + g
+          ldmatrix_x4(b, smem_u32(kt + L::at(8 * j + (lane & 7), ks + (lane >> 3))));
+#pragma unroll
+          for (int m = 0; m < 4; ++m)
+            mma16<false>(s[j], qa[m], codes_to_f16x2<0, 1>(k_cache, b[m]), codes_to_f16x2<2, 3>(k_cache, b[m]));
         }
-        sc[g * TR + r] = s0;
-        sc[g * TR + r + 1] = s1;
       }
     }
-    __syncthreads();
-    softmax_tile<TR>(sc, alpha, kCodes ? v_row_scales + r0 : nullptr, u.nh, nr, m_run, l_run);
-    __syncthreads();
 
-    // Values: this warp's quarter of the head dim, over the tile's rows as k16 steps.
-    const float a = g < u.nh ? alpha[g] : 0.0f;
+    // Online softmax of head g over the tile (the quad of lanes 4g .. 4g + 3 holds its keys): p = exp(s - max).
+    float p[NJ][2], tile_max = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) o[n][0] *= a, o[n][1] *= a;
+    for (int j = 0; j < NJ; ++j)
 #pragma unroll
-    for (int ks = 0; ks < TR / 16; ++ks) {
-      float2 p0 = make_float2(0, 0), p1 = make_float2(0, 0);
-      if (g < u.nh) {
-        p0 = *reinterpret_cast<const float2*>(sc + g * TR + ks * 16 + 2 * tq);
-        p1 = *reinterpret_cast<const float2*>(sc + g * TR + ks * 16 + 8 + 2 * tq);
+      for (int e = 0; e < 2; ++e) {
+        const int r = 8 * j + 2 * tq + e;
+        float x = (s[j][e] + s[j][2 + e]) * scale;
+        if constexpr (kCodes) x *= r < nr ? k_row_scales[r0 + r] : 0.0f;
+        p[j][e] = r < nr ? x : -INFINITY;
+        tile_max = fmaxf(tile_max, p[j][e]);
       }
-      uint32_t pa_hi0, pa_lo0, pa_hi2, pa_lo2;
-      split_pair<kBf16>(p0.x, p0.y, pa_hi0, pa_lo0);
-      split_pair<kBf16>(p1.x, p1.y, pa_hi2, pa_lo2);
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float m_new = fmaxf(m_run, tile_max), alpha = expf(m_run - m_new);
+    float sum = 0;
 #pragma unroll
-      for (int n = 0; n < NT; n += 2) {
-        const int col = warp * (HD / 4) + n * 8;
-        uint32_t b[4];
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        p[j][e] = expf(p[j][e] - m_new);
+        sum += p[j][e];
         if constexpr (kCodes) {
-          // b[0], b[1]: rows 2t, 2t + 1 and 2t + 8, 2t + 9 of the step at column col + g; b[2], b[3] at col + 8 + g.
-          const unsigned char* v8 = reinterpret_cast<const unsigned char*>(vt + (ks * 16 + 2 * tq) * LD + col + g);
+          const int r = 8 * j + 2 * tq + e;
+          p[j][e] *= r < nr ? v_row_scales[r0 + r] : 0.0f;  // the value row's scale, after the sum
+        }
+      }
+    l_run = l_run * alpha + sum;
+    m_run = m_new;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const unsigned char* p = v8 + (i & 1) * 8 * LD + (i >> 1) * 8;
-            b[i] = codes_to_f16x2(vt, uint32_t(p[0]) | (uint32_t(p[LD]) << 8));
+    for (int n = 0; n < NO; ++n) o[n][0] *= alpha, o[n][1] *= alpha, o[n][2] *= alpha, o[n][3] *= alpha;
+
+    // Values: k16 steps of the tile's keys; the weights of keys 16 kk + 2t, + 1 (n8 tile 2 kk) and 16 kk + 8 + 2t, + 1
+    // (tile 2 kk + 1) are the A fragment as they stand.
+#pragma unroll
+    for (int kk = 0; kk < WR / 16; ++kk) {
+      const uint4 a = split_fragment<kBf16>(p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]);
+      const int vr = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;  // this lane's ldmatrix row
+      if constexpr (kBf16) {
+#pragma unroll
+        for (int n = 0; n < NO; n += 2) {  // dims 8 n .. 8 n + 15
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, smem_u32(vt + L::at(vr, n + (lane >> 4))));
+          mma16<true>(o[n], a, b[0], b[1]);
+          mma16<true>(o[n + 1], a, b[2], b[3]);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < CH; c += 2) {  // 16-byte chunks c, c + 1: dims 16 c .. 16 c + 31
+          // b[0], b[1]: keys 2t, 2t + 1 (and 2t + 8, 2t + 9) at dims 16 c + 2g, + 1; b[2], b[3] the same at chunk c + 1.
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, smem_u32(vt + L::at(vr, c + (lane >> 4))));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {  // n8 tile 2 (c + h): the even dims of chunk c + h, 2 (c + h) + 1: the odd
+            mma16<false>(o[2 * (c + h)], a, codes_to_f16x2<0, 2>(v_cache, b[2 * h]),
+                         codes_to_f16x2<0, 2>(v_cache, b[2 * h + 1]));
+            mma16<false>(o[2 * (c + h) + 1], a, codes_to_f16x2<1, 3>(v_cache, b[2 * h]),
+                         codes_to_f16x2<1, 3>(v_cache, b[2 * h + 1]));
           }
-        } else {
-          ldmatrix_x4_trans(b, smem_u32(vt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + col + (lane >> 4) * 8));
         }
-        mma_top_rows<kBf16>(o[n], pa_hi0, pa_hi2, b[0], b[1]);
-        mma_top_rows<kBf16>(o[n], pa_lo0, pa_lo2, b[0], b[1]);
-        mma_top_rows<kBf16>(o[n + 1], pa_hi0, pa_hi2, b[2], b[3]);
-        mma_top_rows<kBf16>(o[n + 1], pa_lo0, pa_lo2, b[2], b[3]);
       }
     }
-  });
-
-  if (g < u.nh) {
-    float* out = part_out + ((size_t(u.t) * nH + u.h_first + g) * n_part + u.c) * HD + warp * (HD / 4) + 2 * tq;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) *reinterpret_cast<float2*>(out + n * 8) = make_float2(o[n][0], o[n][1]);
   }
-  store_partition_ml(u, nH, n_part, m_run, l_run, part_ml);
+  cp_async_wait_all();
+  __syncwarp();  // every lane's copies landed: the warp's stages hold its results now
+
+  // This warp's outputs (hi + lo) of head g, its max and sum, into its own stages.
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  float* res = reinterpret_cast<float*>(mine);  // [kHeadRows][HD], then max [kHeadRows], sum [kHeadRows]
+#pragma unroll
+  for (int n = 0; n < NO; ++n) {
+    // bf16: dims 8 n + 2t, + 1. Codes: n8 tile n = 2 c + odd holds dims 16 c + 4t + odd and 16 c + 4t + 2 + odd.
+    const int d0 = kBf16 ? 8 * n + 2 * tq : 16 * (n / 2) + 4 * tq + (n & 1), step = kBf16 ? 1 : 2;
+    res[g * HD + d0] = o[n][0] + o[n][2];
+    res[g * HD + d0 + step] = o[n][1] + o[n][3];
+  }
+  if (tq == 0) {
+    res[kHeadRows * HD + g] = m_run;
+    res[kHeadRows * HD + kHeadRows + g] = l_run;
+  }
+  __syncthreads();
+
+  // The block's partition: the warps combined in order (a warp with no tile has max -inf and adds nothing).
+  const bool direct = out != nullptr && u.p0 + u.np > positions[u.t] && u.c == 0;  // one partition: no merge
+  auto warp_res = [&](int w) { return reinterpret_cast<const float*>(stages + w * L::kWarpBytes); };
+  for (int x = threadIdx.x; x < u.nh * HD; x += kThreads) {
+    const int h = x / HD, d = x % HD;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, warp_res(w)[kHeadRows * HD + h]);
+    float sum_o = 0, sum_l = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float e = expf(warp_res(w)[kHeadRows * HD + h] - M);
+      sum_o += e * warp_res(w)[h * HD + d];
+      sum_l += e * warp_res(w)[kHeadRows * HD + kHeadRows + h];
+    }
+    const size_t r = (size_t(u.t) * nH + u.h_first + h);
+    if (direct) {
+      out[r * HD + d] = sum_o / sum_l;
+    } else {
+      part_out[(r * n_part + u.c) * HD + d] = sum_o;
+      if (d == 0) part_ml[2 * (r * n_part + u.c)] = M, part_ml[2 * (r * n_part + u.c) + 1] = sum_l;
+    }
+  }
+  if (direct || out == nullptr) return;
+
+  // The ticket: the last block of this grid row to get here merges its n_valid partitions.
+  const int pos = positions[u.t], rows_each = partition_rows(pos, n_part), n_valid = (pos + rows_each) / rows_each;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned ticket = atomicAdd(&g_merge_tickets[blockIdx.y], 1u);
+    *last_flag = ticket == unsigned(n_valid - 1);
+    if (*last_flag) g_merge_tickets[blockIdx.y] = 0;
+  }
+  __syncthreads();
+  if (!*last_flag) return;
+  __threadfence();
+
+  float* weights = reinterpret_cast<float*>(stages);       // [kHeadRows][n_part]
+  float* sums = weights + size_t(kHeadRows) * n_part;       // [kWarps][kHeadRows][HD]
+  float* inv_l = sums + size_t(kWarps) * kHeadRows * HD;    // [kHeadRows]
+  for (int h = warp; h < u.nh; h += kWarps) {
+    const float* ml = part_ml + (size_t(u.t) * nH + u.h_first + h) * n_part * 2;
+    float m = -INFINITY;
+    for (int c = lane; c < n_valid; c += 32) m = fmaxf(m, __ldcg(ml + 2 * c));
+    m = warp_max(m);
+    float l = 0;
+    for (int c = lane; c < n_valid; c += 32) {
+      const float e = expf(__ldcg(ml + 2 * c) - m);
+      weights[h * n_part + c] = e;
+      l += e * __ldcg(ml + 2 * c + 1);
+    }
+    l = warp_sum(l);
+    if (lane == 0) inv_l[h] = 1.0f / l;
+  }
+  __syncthreads();
+  // Warp w sums the partitions w, w + 4, ... (four dims a lane), then the warps' sums are added in order.
+  for (int h = 0; h < u.nh; ++h) {
+    const float4* part4 = reinterpret_cast<const float4*>(part_out + (size_t(u.t) * nH + u.h_first + h) * n_part * HD);
+    for (int d4 = lane; d4 < HD / 4; d4 += 32) {
+      float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll 4
+      for (int c = warp; c < n_valid; c += kWarps) {
+        const float w = weights[h * n_part + c];
+        const float4 x = __ldcg(part4 + size_t(c) * (HD / 4) + d4);
+        acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+      }
+      *reinterpret_cast<float4*>(sums + (warp * kHeadRows + h) * HD + 4 * d4) = acc;
+    }
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < u.nh * HD; x += kThreads) {
+    const int h = x / HD, d = x % HD;
+    float sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += sums[(w * kHeadRows + h) * HD + d];
+    out[(size_t(u.t) * nH + u.h_first + h) * HD + d] = sum * inv_l[h];
+  }
 }
 
 template <typename KV, int HD>
-void launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                const Tensor& token_seq, const KvBlockTable& kv, const Tensor& positions, int64_t n_heads, float scale,
-                float* part_out, float* part_ml) {
+MmaLaunch launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
+                     const Tensor& v_cache, const Tensor& token_seq, const KvBlockTable& kv, const Tensor& positions,
+                     int64_t n_heads, float scale, float* part_out, float* part_ml, float* out) {
+  using L = WarpTiles<KV, HD>;
   auto kernel = attention_decode_partial_mma<KV, HD>;
-  const size_t smem = MmaTiles<KV, HD>::bytes(plan.P);
+  const size_t smem = L::bytes(plan.P);
   if (smem > 48 * 1024)
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention", " (cudaFuncSetAttribute)");
-  const dim3 grid(plan.n_part, static_cast<unsigned>(q.dim(0) * kv.n_kv * plan.n_head_chunks));
-  launch_pdl(ctx, kernel, grid, kThreads, smem, q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv,
-             token_seq.data<int32_t>(), positions.data<int32_t>(), int(n_heads), plan.P, plan.n_part,
-             plan.n_head_chunks, plan.head_chunk, scale, part_out, part_ml, ctx.status, k_cache.kv_scales(),
-             v_cache.kv_scales());
+  const int64_t grid_rows = q.dim(0) * kv.n_kv * plan.n_head_chunks;
+  const bool merge = grid_rows <= kMaxMergeTickets && L::merge_fits(plan.n_part);
+  launch_pdl(ctx, kernel, dim3(plan.n_part, static_cast<unsigned>(grid_rows)), kThreads, smem, q.data<float>(),
+             k_cache.data<KV>(), v_cache.data<KV>(), kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
+             int(n_heads), plan.P, plan.n_part, plan.n_head_chunks, plan.head_chunk, scale, part_out, part_ml,
+             ctx.status, k_cache.kv_scales(), v_cache.kv_scales(), merge ? out : nullptr);
+  return merge ? MmaLaunch::kMerged : MmaLaunch::kPartials;
 }
 
 }  // namespace
 
-bool launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
-                               const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
-                               const Tensor& positions, int64_t n_heads, float scale, float* part_out, float* part_ml) {
+MmaLaunch launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
+                                    const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                                    const Tensor& positions, int64_t n_heads, float scale, float* part_out,
+                                    float* part_ml, float* out) {
   const int64_t hd = k_cache.dim(3);
-  if (k_cache.dtype == DType::F32 || plan.head_chunk > kHeadRows || (hd != 64 && hd != 128 && hd != 256)) return false;
+  if (k_cache.dtype == DType::F32 || plan.head_chunk > kHeadRows || (hd != 64 && hd != 128 && hd != 256))
+    return MmaLaunch::kNotTaken;
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   auto by_dim = [&](auto kv_tag) {
     using KV = decltype(kv_tag);
     if (hd == 64)
-      launch_mma<KV, 64>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out, part_ml);
-    else if (hd == 128)
-      launch_mma<KV, 128>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out, part_ml);
-    else
-      launch_mma<KV, 256>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out, part_ml);
+      return launch_mma<KV, 64>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out,
+                                part_ml, out);
+    if (hd == 128)
+      return launch_mma<KV, 128>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out,
+                                 part_ml, out);
+    return launch_mma<KV, 256>(ctx, plan, q, k_cache, v_cache, token_seq, kv, positions, n_heads, scale, part_out,
+                               part_ml, out);
   };
-  if (k_cache.dtype == DType::BF16)
-    by_dim(__nv_bfloat16{});
-  else if (k_cache.dtype == DType::FP8)
-    by_dim(__nv_fp8_e4m3{});
-  else if (k_cache.dtype == DType::I8)
-    by_dim(int8_t{});
-  else
-    return false;
-  return true;
+  if (k_cache.dtype == DType::BF16) return by_dim(__nv_bfloat16{});
+  if (k_cache.dtype == DType::FP8) return by_dim(__nv_fp8_e4m3{});
+  if (k_cache.dtype == DType::I8) return by_dim(int8_t{});
+  return MmaLaunch::kNotTaken;
 }
 
 }  // namespace weft::cuda::decode

@@ -337,10 +337,12 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
                int(n_heads), int(hd), plan.n_part, part_out, part_ml, out.data<float>());
     check_launch(ctx, "attention", args);
   };
-  if (decode::launch_decode_partial_mma(ctx, plan, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads,
-                                        scale, part_out, part_ml)) {
+  const MmaLaunch mma = decode::launch_decode_partial_mma(ctx, plan, q, k_cache, v_cache, token_seq, kv_block_table,
+                                                          positions, n_heads, scale, part_out, part_ml,
+                                                          out.data<float>());
+  if (mma != MmaLaunch::kNotTaken) {
     check_launch(ctx, "attention", args);
-    launch_merge();
+    if (mma == MmaLaunch::kPartials) launch_merge();
     return;
   }
   // The CUDA-core kernel: f32 caches and the head dims the tensor-core kernel does not take.

@@ -17,10 +17,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
 constexpr int kMaxPartition = 896;  // positions per block at most: their row indices (and scales) stay in shared memory
-// Blocks resident per SM the plan assumes (the tensor-core kernel's shared memory and registers allow 4 at head dim
-// 128 with partitions of at most kMaxPartition positions), and
+// Blocks resident per SM the plan assumes (the tensor-core kernel's shared memory, ~110 KiB a block at head dims up
+// to 128 with partitions of at most kMaxPartition positions, allows 2), and
 // what a block's start costs (its row lookups) in tiles' worth of time.
-constexpr int kBlocksPerSm = 4;
+constexpr int kBlocksPerSm = 2;
 constexpr int kBlockStartTiles = 2;
 static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
 
@@ -193,10 +193,17 @@ __device__ __forceinline__ void store_partition_ml(const DecodeUnit& u, int nH, 
   }
 }
 
-// The tensor-core kernel (attention-decode-mma.cu) for bf16, fp8 and int8 caches of head dims 64, 128 and 256; false
-// when it does not take the cache (the CUDA-core kernel then runs). Partials as attention_decode_partial writes them.
-bool launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
-                               const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
-                               const Tensor& positions, int64_t n_heads, float scale, float* part_out, float* part_ml);
+// What launch_decode_partial_mma did: nothing (the CUDA-core kernel then runs), the partials (the merge kernel is
+// to run), or the whole attention (its blocks merged the partitions themselves).
+enum class MmaLaunch { kNotTaken, kPartials, kMerged };
+
+// The tensor-core kernel (attention-decode-mma.cu) for bf16, fp8 and int8 caches of head dims 64, 128 and 256.
+// Partials as attention_decode_partial writes them; where the grid has at most kMaxMergeTickets rows, the last
+// block of each (token, kv head, head chunk) to finish also merges its partitions into out.
+constexpr int kMaxMergeTickets = 1 << 16;
+MmaLaunch launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, const Tensor& k_cache,
+                                    const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
+                                    const Tensor& positions, int64_t n_heads, float scale, float* part_out,
+                                    float* part_ml, float* out);
 }  // namespace decode
 }  // namespace weft::cuda
