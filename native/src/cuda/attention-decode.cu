@@ -11,8 +11,9 @@
 // the next two arrive. Sixteen lanes share a key row (8 elements each, one 16-byte read of bf16), so a warp covers
 // two rows per step with the query held in registers; the running max and sum of each head live in the registers
 // of one warp (online softmax across tiles). The partitions are merged by a second kernel in partition order, so
-// the result does not depend on the schedule: same bits every replay. A paged cache equals a one-block cache of
-// the same capacity (the plan depends on shapes only).
+// the result does not depend on the schedule: same bits every replay (the tensor-core kernel merges them in its
+// last block instead, in the same order, and needs the merge kernel only where its tickets do not reach). A paged
+// cache equals a one-block cache of the same capacity (the plan depends on shapes only).
 #include <algorithm>
 
 #include "cuda/attention-decode.cuh"
