@@ -1244,7 +1244,7 @@ void check_attention_decode_long(Rng& rng) {
     int64_t T, nH, nKv, hd;
   };
   for (DType dtype : {DType::BF16, DType::FP8, DType::I8})
-    for (Cfg c : {Cfg{1, 32, 8, 128}, Cfg{3, 32, 32, 128}, Cfg{2, 8, 2, 256}, Cfg{4, 16, 2, 64}}) {
+    for (Cfg c : {Cfg{1, 32, 8, 128}, Cfg{3, 16, 16, 128}, Cfg{2, 8, 2, 256}, Cfg{4, 16, 2, 64}}) {
       const int64_t hd = c.hd;
       std::string sh = std::string(dtype_name(dtype)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) +
                        "/" + std::to_string(c.nKv) + "x" + std::to_string(hd) + " C=16384 B=16";
@@ -1477,7 +1477,6 @@ int main() {
   check_paged(rng);
   check_kv_bf16(rng);
   check_kv_quant(rng);
-  check_attention_decode_long(rng);
   check_softmax_sample(rng);
   check_top_logprobs(rng);
   check_random();
@@ -1491,6 +1490,7 @@ int main() {
   check_errors();
   check_attention_bifurcated(rng);
   check_sage(rng);
+  check_attention_decode_long(rng);  // last: the checks before it draw the same random inputs as before
   auto mi = gpu->memory_info();
   int failed = 0;
   std::printf("%-20s %-34s %12s %12s  %s\n", "op", "shape", "max err", "bound", "result");
