@@ -38,6 +38,10 @@ __device__ unsigned int g_merge_tickets[kMaxMergeTickets];
 namespace {
 
 constexpr int kHeadRows = 8;  // query heads a block serves at most (the plan's head chunk): rows 0-7 of the A operand
+// Codes: the weights p * (value row's scale) are taken 2^8 times larger into their f16 parts, and the outputs 2^8
+// smaller (exact): a row scale of about 1e-3 (values near 1) put most weights below f16's normal range (6.1e-5),
+// where the hi/lo split keeps only 2^-25 of absolute precision (about 2e-5 of max|out| at 16K positions in fp8).
+constexpr float kCodeWeightScale = 256.0f;
 
 // c += a b, m16n8k16, f32 accumulators; BF16: bf16 operands, else f16. a = (a0, a1, a2, a3) as the m16n8k16 A fragment.
 template <bool BF16>
@@ -282,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
         sum += p[j][e];
         if constexpr (kCodes) {
           const int r = 8 * j + 2 * tq + e;
-          p[j][e] *= r < nr ? v_row_scales[r0 + r] : 0.0f;  // the value row's scale, after the sum
+          p[j][e] *= r < nr ? v_row_scales[r0 + r] * kCodeWeightScale : 0.0f;  // the value row's scale, after the sum
         }
       }
     l_run = l_run * alpha + sum;
@@ -332,8 +336,9 @@ __global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
   for (int n = 0; n < NO; ++n) {
     // bf16: dims 8 n + 2t, + 1. Codes: n8 tile n = 2 c + odd holds dims 16 c + 4t + odd and 16 c + 4t + 2 + odd.
     const int d0 = kBf16 ? 8 * n + 2 * tq : 16 * (n / 2) + 4 * tq + (n & 1), step = kBf16 ? 1 : 2;
-    res[g * HD + d0] = o[n][0] + o[n][2];
-    res[g * HD + d0 + step] = o[n][1] + o[n][3];
+    const float unscale = kBf16 ? 1.0f : 1.0f / kCodeWeightScale;
+    res[g * HD + d0] = (o[n][0] + o[n][2]) * unscale;
+    res[g * HD + d0 + step] = (o[n][1] + o[n][3]) * unscale;
   }
   if (tq == 0) {
     res[kHeadRows * HD + g] = m_run;
