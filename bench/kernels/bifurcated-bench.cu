@@ -130,7 +130,7 @@ int main() {
         bool nan = false;
         {
           Setup s = make_setup(n, m, sh.nKv, true, 100);
-          Tensor scratch = dev(DType::F32, {wc::attention_bifurcated_scratch_floats(q, s.k[0], s.table, sh.nH, prop.multiProcessorCount)});
+          Tensor scratch = dev(DType::F32, {wc::attention_bifurcated_scratch_floats(q, s.k[0], s.table, s.shared, sh.nH, prop.multiProcessorCount)});
           Tensor plain_scratch = dev(DType::F32, {plain_floats(s)});
           auto bif = [&](int64_t l) {
             const size_t i = static_cast<size_t>(l) % s.k.size();

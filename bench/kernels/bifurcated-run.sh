@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/kernels/build-bench.sh
 build_bench bifurcated-bench bifurcated-ptxas.txt bench/kernels/bifurcated-bench.cu \
-  native/src/cuda/attention-bifurcated.cu native/src/cuda/attention-bifurcated-prefix.cu \
+  native/src/cuda/attention-bifurcated.cu native/src/cuda/attention-bifurcated-mma.cu \
   native/src/cuda/attention-decode.cu native/src/cuda/attention-decode-mma.cu \
   native/src/cuda/bandwidth.cu native/src/cuda/device.cc
 [ -n "${BUILD_ONLY:-}" ] || "$out/bifurcated-bench" "$@"

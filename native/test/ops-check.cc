@@ -1026,41 +1026,56 @@ void check_top_logprobs(Rng& rng) {
   }
 }
 
-// Bifurcated decode attention: n samples whose table rows begin with the same m_blocks blocks of B = 16 (the
-// prompt), each with private blocks of its own (ragged continuations of 1..100 positions), and a token of no group
-// with a context of its own; GQA 32/8, MHA 32/32, hd 128, 64 and 96 (96: 48 pair slots a row, so the value pass
-// splits the query rows among thread groups), f32 and bf16 caches, up to 32 samples (prefix row tiles of 16). Against the CPU reference and against the CUDA plain paged attention: both fp32
-// reductions over the same terms in another order, so the decode bound, 1e-4.
-// Head dims 64 and 128 take the prefix on tensor cores (cuda/attention-bifurcated-prefix.cu), which rounds
-// q * scale, k, v and the softmax weights to f16 exactly as the prefill kernel does: the prefill's bound, 1e-3
-// (check_attention derives it). Its row tiles: 1 (MHA n = 8: positions split 4 ways among the warps), 2 (GQA
-// 4 x 6 = 24 rows, hd 64 bf16: a row tile partly past the group's rows), 4 (64 and 128 rows).
+// Bifurcated decode attention: n samples in `groups` groups (sample t in group t % groups), the table rows of a
+// group beginning with the same m_blocks blocks of B = 16 (its prompt; groupShared = m_blocks B - cut: a prefix
+// that ends inside a block and inside a 32-row tile), each with private blocks of its own (ragged continuations of
+// 1..priv positions: priv 1000 gives a private range of many tiles cut into several partitions), and a token of no
+// group with a context of its own (its private range is all of it); GQA 32/8, MHA 32/32, 8/2, hd 128, 64 and 96
+// (96: 48 pair slots a row, so the value pass splits the query rows among thread groups), f32 and bf16 caches, up
+// to 32 samples; a group of one (n = 1). Against the CPU reference and against the CUDA plain paged attention.
+// f32 caches and head dims other than 64 and 128 run on CUDA cores (attention-bifurcated.cu): fp32 reductions
+// over the same terms in another order, the decode bound, 1e-4. bf16 at head dims 64 and 128 runs on tensor cores
+// (attention-bifurcated-mma.cu), whose f16 operands round q, k, v and the softmax weights as the prefill kernel
+// does: the prefill's bound, 1e-3 (check_attention derives it). Its row tiles MT (16 MT query rows a block, from
+// T x the GQA heads): 1 (MHA n <= 15, n = 1), 2 (MHA n = 16 with the lone token: 17 rows; 8/2 n = 6: 28 rows, a
+// row tile partly past the group's rows), 4 (GQA 17 x 4 rows and more: chunks of 64 rows; with 4 groups most
+// chunks hold no rows).
 void check_attention_bifurcated(Rng& rng) {
   const int64_t B = 16;
   struct Cfg {
     int64_t n, nH, nKv, hd, m_blocks;
     DType kv;
+    int64_t groups = 1, cut = 0, priv = 100;
   };
-  for (Cfg c : {Cfg{4, 32, 8, 128, 64, DType::F32}, Cfg{16, 32, 8, 128, 64, DType::BF16}, Cfg{16, 32, 32, 128, 32, DType::BF16},
-                Cfg{3, 8, 8, 64, 5, DType::F32}, Cfg{5, 16, 4, 96, 9, DType::BF16}, Cfg{32, 32, 8, 128, 16, DType::BF16},
-                Cfg{8, 32, 32, 128, 40, DType::BF16}, Cfg{6, 8, 2, 64, 21, DType::BF16}}) {
-    const int64_t T = c.n + 1, width = c.m_blocks + 100 / B + 2, hd = c.hd;
-    const int64_t n_blocks = c.m_blocks + T * width + 1;
+  for (Cfg c : {Cfg{4, 32, 8, 128, 64, DType::F32}, Cfg{16, 32, 8, 128, 64, DType::BF16},
+                Cfg{16, 32, 32, 128, 32, DType::BF16}, Cfg{3, 8, 8, 64, 5, DType::F32}, Cfg{5, 16, 4, 96, 9, DType::BF16},
+                Cfg{32, 32, 8, 128, 16, DType::BF16}, Cfg{8, 32, 32, 128, 40, DType::BF16},
+                Cfg{6, 8, 2, 64, 21, DType::BF16}, Cfg{1, 32, 32, 128, 37, DType::BF16, 1, 7},
+                Cfg{1, 32, 8, 128, 20, DType::BF16, 1, 0, 1000}, Cfg{12, 32, 8, 128, 23, DType::BF16, 4, 9},
+                Cfg{7, 16, 16, 64, 11, DType::BF16, 2, 3, 1000}, Cfg{9, 32, 32, 128, 3, DType::BF16, 3, 15}}) {
+    const int64_t T = c.n + 1, hd = c.hd, priv_blocks = (c.priv + B - 1) / B;
+    const int64_t width = c.m_blocks + priv_blocks + 2;
+    const int64_t n_blocks = c.groups * c.m_blocks + T * width + 1;
     std::string sh = "n=" + std::to_string(c.n) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) + "x" +
-                     std::to_string(hd) + " m=" + std::to_string(c.m_blocks * B) + (c.kv == DType::BF16 ? " bf16" : " f32");
+                     std::to_string(hd) + " m=" + std::to_string(c.m_blocks * B - c.cut) +
+                     (c.groups > 1 ? " g=" + std::to_string(c.groups) : "") +
+                     (c.priv != 100 ? " priv<=" + std::to_string(c.priv) : "") + (c.kv == DType::BF16 ? " bf16" : " f32");
     run_case("attnBifurcated", sh, [&] {
-      // rows: members share blocks 0 .. m_blocks - 1, then blocks of their own; the lone token owns all of its row
-      std::vector<int32_t> rows(static_cast<size_t>(T * width)), seq(T), pos(T), group(T, 0);
-      int32_t next = static_cast<int32_t>(c.m_blocks);
+      // rows: group k's members share blocks k m_blocks .. + m_blocks - 1, then blocks of their own; the lone token
+      // owns all of its row
+      std::vector<int32_t> rows(static_cast<size_t>(T * width)), seq(T), pos(T), group(T);
+      int32_t next = static_cast<int32_t>(c.groups * c.m_blocks);
       for (int64_t t = 0; t < T; ++t) {
+        group[t] = static_cast<int32_t>(t % c.groups);
         for (int64_t j = 0; j < width; ++j)
-          rows[t * width + j] = t < c.n && j < c.m_blocks ? static_cast<int32_t>(j) : next++;
+          rows[t * width + j] = t < c.n && j < c.m_blocks ? static_cast<int32_t>(group[t] * c.m_blocks + j) : next++;
         seq[t] = static_cast<int32_t>(t);
-        pos[t] = static_cast<int32_t>(c.m_blocks * B + rng.below(100));  // 1..100 positions past the prefix
+        pos[t] = static_cast<int32_t>(c.m_blocks * B + rng.below(static_cast<int>(c.priv)));  // 1..priv past the blocks
       }
       group[c.n] = -1;
       pos[c.n] = static_cast<int32_t>(rng.below(static_cast<int>(width * B)));
-      std::vector<int32_t> shared{static_cast<int32_t>(c.m_blocks * B), 0};  // a second, unused slot
+      std::vector<int32_t> shared(static_cast<size_t>(c.groups), static_cast<int32_t>(c.m_blocks * B - c.cut));
+      shared.push_back(0);  // an unused slot
       Shape cs{n_blocks, c.nKv, B, hd}, qs{T, c.nH * hd};
       auto k = rng.floats(n_blocks * c.nKv * B * hd), v = rng.floats(n_blocks * c.nKv * B * hd), q = rng.floats(T * c.nH * hd);
       const float scale = 1.0f / std::sqrt(float(hd));
@@ -1072,7 +1087,8 @@ void check_attention_bifurcated(Rng& rng) {
         return down(b, out);
       };
       auto got = attend(*gpu, true);
-      const double bound = hd == 64 || hd == 128 ? 1e-3 : 1e-4;  // the tensor-core prefix: the prefill's bound
+      const bool mma = c.kv == DType::BF16 && (hd == 64 || hd == 128);  // tensor cores: the prefill's bound
+      const double bound = mma ? 1e-3 : 1e-4;
       compare("attnBifurcated", sh, got, attend(*cpu, true), bound, 0, "vs cpu");
       compare("attnBifurcated", sh + " plain", got, attend(*gpu, false), bound, 0, "vs cuda plain paged");
     });

@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "cuda/attention-bifurcated.cuh"
-#include "cuda/attention-bifurcated-prefix.cuh"
+#include "cuda/attention-bifurcated-mma.cuh"
 #include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
@@ -283,8 +283,10 @@ __global__ void bifurcated_merge(KvBlockTable kv, const int32_t* __restrict__ to
 }  // namespace
 
 int64_t attention_bifurcated_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
-                                            int64_t n_heads, int num_sms) {
+                                            const Tensor& group_shared, int64_t n_heads, int num_sms) {
   const int64_t T = q.dim(0), hd = k_cache.dim(3), C = kv_block_table.dim(1) * k_cache.dim(2);
+  if (bifurcated::mma_takes(k_cache.dtype, hd))
+    return bifurcated::mma_scratch_floats(T, group_shared.dim(0), n_heads, k_cache.dim(1), C, hd, num_sms);
   const Plan plan = plan_for(T, k_cache.dim(1), C, hd, num_sms);
   return T * n_heads * (plan.slots_a + plan.slots_b) * (hd + 2);
 }
@@ -307,21 +309,22 @@ void launch_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, c
              " have no positions to attend to");
   WEFT_CHECK(C < (int64_t{1} << 31) && T * n_heads < (int64_t{1} << 31), op, "shapes too large (", q, ", ", k_cache,
              ", ", kv_block_table, ")");
+  if (bifurcated::mma_takes(k_cache.dtype, hd)) {
+    bifurcated::launch_mma(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, token_group, group_shared,
+                           n_heads, scale, out, scratch, num_sms, with_private);
+    check_launch(ctx, op, args);
+    return;
+  }
   const Plan plan = plan_for(T, n_kv, C, hd, num_sms);
   WEFT_CHECK(plan.smem <= 48 * 1024, op, "a batch of ", T, " tokens with heads of ", hd,
              " dims does not fit the kernel's shared memory (", q, ", ", k_cache, ")");
   const int group = static_cast<int>(n_heads / n_kv), n_slots = plan.slots_a + plan.slots_b;
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * n_slots * hd;
-  // head dims 64 and 128: the prefix on tensor cores (attention-bifurcated-prefix.cu); others on CUDA cores
-  const bool prefix_mma = bifurcated::prefix_mma_takes(hd);
-  if (G > 0 && prefix_mma)
-    bifurcated::launch_prefix_mma(ctx, q, k_cache, v_cache, token_seq, kv_block_table, token_group, group_shared,
-                                  n_heads, scale, plan.P, plan.slots_a, n_slots, part_out, part_ml);
-  // fp32 prefix tiles: a group's rows are at most every token x the GQA heads; private tiles: the GQA heads
+  // prefix tiles: a group's rows are at most every token x the GQA heads; private tiles: the GQA heads
   const int tiles_a = ceil_div(T * group, kRowTile), tiles_b = ceil_div(group, kRowTile);
   auto partial = [&](auto kernel, const auto* k, const auto* v) {
-    if (G > 0 && !prefix_mma)
+    if (G > 0)
       launch_pdl(ctx, kernel, dim3(tiles_a * plan.slots_a, static_cast<unsigned>(G * n_kv)), kThreads, plan.smem, true,
                  q.data<float>(), k, v, kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
                  token_group.data<int32_t>(), group_shared.data<int32_t>(), int(T), int(G), int(n_heads), int(hd),

@@ -22,7 +22,7 @@ namespace weft::cuda {
 
 // Floats of device scratch the launch needs: the partials of both kinds for every (token, head).
 int64_t attention_bifurcated_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
-                                            int64_t n_heads, int num_sms);
+                                            const Tensor& group_shared, int64_t n_heads, int num_sms);
 
 // Arguments as Backend::attention_bifurcated (checked there); scratch of attention_bifurcated_scratch_floats.
 void launch_attention_bifurcated(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

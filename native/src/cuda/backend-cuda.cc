@@ -175,8 +175,8 @@ class CudaBackend final : public Backend {
   void run_attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                                 const Tensor& kv_block_table, const Tensor& positions, const Tensor& token_group,
                                 const Tensor& group_shared, int64_t n_heads, float scale, const Tensor& out) override {
-    Tensor scratch = empty(DType::F32, {cuda::attention_bifurcated_scratch_floats(q, k_cache, kv_block_table, n_heads,
-                                                                                  st_->num_sms)});
+    Tensor scratch = empty(DType::F32, {cuda::attention_bifurcated_scratch_floats(q, k_cache, kv_block_table,
+                                                                                  group_shared, n_heads, st_->num_sms)});
     cuda::launch_attention_bifurcated(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, token_group,
                                       group_shared, n_heads, scale, out, scratch.data<float>(), st_->num_sms);
   }

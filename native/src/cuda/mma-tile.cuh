@@ -1,5 +1,5 @@
 // Tensor-core attention tiles (mma.sync m16n8k16, f16 operands, f32 accumulators), shared by the prefill kernel
-// (attention-prefill.cu) and the bifurcated prefix kernel (attention-bifurcated-prefix.cu):
+// (attention-prefill.cu), the bifurcated kernel (attention-bifurcated-mma.cu) and others:
 //  - a tile of BK key and value rows of the paged cache (row offsets found through the block table by the
 //    caller) fetched by cp.async, 16-byte chunks, into a staging area of the cache's type, then converted by
 //    each thread (the chunks it fetched itself: no barrier between) to f16 in two padded tiles (16 B row pad:
@@ -86,6 +86,11 @@ __device__ __forceinline__ void chunk_to_f16(const __nv_bfloat16* src, __half* d
   auto hi = [](uint32_t u) { return __uint_as_float(u & 0xffff0000u); };
   *reinterpret_cast<uint4*>(dst) = make_uint4(pack_f16(lo(x.x), hi(x.x)), pack_f16(lo(x.y), hi(x.y)),
                                               pack_f16(lo(x.z), hi(x.z)), pack_f16(lo(x.w), hi(x.w)));
+}
+// Two bf16 (element 0 in the low half) -> the f16 pair of the same values (exact in f16's normal range; a
+// fragment of a bf16 cache loaded by ldmatrix, converted in registers: attention-bifurcated-mma.cu).
+__device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t x) {
+  return pack_f16(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
 }
 // 16 staged 1-byte codes of one row -> their values (code * the row's scale, f32) -> f16 at dst (32-byte
 // aligned): the f32 cache's conversion of the same values, so the two give the same tiles.

@@ -1,6 +1,6 @@
-// The prefix kernels' common ground (attention-bifurcated.cu holds the plan, the private and merge kernels and
-// the fp32 prefix kernel; attention-bifurcated-prefix.cu the tensor-core one): how a token's group and its
-// shared positions are read, how a block finds a group's members, and the tensor-core prefix launch.
+// The bifurcated kernels' common ground (attention-bifurcated.cu holds the fp32 CUDA-core kernels and picks;
+// attention-bifurcated-mma.cu the tensor-core ones): how a token's group and its shared positions are read, how a
+// block finds a group's members, and the tensor-core launch.
 #pragma once
 
 #include "cuda/kv-block-table.cuh"
@@ -36,18 +36,18 @@ __device__ __forceinline__ void find_members(const int32_t* token_group, int T, 
   if (lane == 0) *n_members = n;
 }
 
-// Whether the tensor-core prefix kernel takes a cache of this head dim (and f32 or bf16 elements).
-inline bool prefix_mma_takes(int64_t hd) { return hd == 64 || hd == 128; }
+// Whether the tensor-core kernels (attention-bifurcated-mma.cu) take the cache: bf16 at head dims 64 and 128.
+inline bool mma_takes(DType kv_dtype, int64_t hd) { return kv_dtype == DType::BF16 && (hd == 64 || hd == 128); }
 
-// Dynamic shared memory of the tensor-core prefix kernel for chunks of P positions and a batch of T tokens.
-size_t prefix_mma_smem(int64_t hd, DType kv_dtype, int P, int64_t T);
+// Floats of scratch the tensor-core kernels need (their partials of every (token, head)).
+int64_t mma_scratch_floats(int64_t T, int64_t G, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms);
 
-// The tensor-core prefix kernel over groups 0..G-1 (prefix_mma_takes(hd)): every group's shared positions in
-// chunks of P, chunk c's partial of each of its rows to slot c of part_out [T * nH, n_slots, hd] and part_ml
-// [T * nH, n_slots, 2] (max, sum: the fp32 prefix kernel's partials). Arguments as launch_attention_bifurcated.
-void launch_prefix_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                       const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& token_group,
-                       const Tensor& group_shared, int64_t n_heads, float scale, int P, int slots_a, int n_slots,
-                       float* part_out, float* part_ml);
+// Bifurcated attention on tensor cores (mma_takes): the partial kernel (the prefix blocks alone when !with_private:
+// a benchmark's view of them), then the merge into out (none when out is null). Arguments as
+// launch_attention_bifurcated.
+void launch_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                const Tensor& kv_block_table, const Tensor& positions, const Tensor& token_group,
+                const Tensor& group_shared, int64_t n_heads, float scale, const Tensor* out, float* scratch,
+                int num_sms, bool with_private);
 
 }  // namespace weft::cuda::bifurcated
