@@ -5,7 +5,7 @@
 // the bifurcated op) and 12 (past the graphs' 8 rows: eager steps) of one prompt, greedy, each the one greedy
 // sequence. Run on a GPU host:  node --import tsx --test test/gpu/bifurcated.test.ts
 // Bound 1e-4 of max|out| (norm-wise, as ops-check's decode attention): fp32 reductions in another order; 1e-3 for
-// head dims 64 and 128, whose prefix runs on f16 tensor cores (cuda/attention-bifurcated-prefix.cu: q, k, v and
+// head dims 64 and 128, whose bf16 caches run on f16 tensor cores (cuda/attention-bifurcated-mma.cu: q, k, v and
 // the softmax weights rounded to f16, as the prefill kernel, whose bound in ops-check this is).
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';

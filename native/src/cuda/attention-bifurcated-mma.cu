@@ -26,19 +26,27 @@ using decode::kThreads;
 using decode::kWarps;
 constexpr int kTileRows = decode::kTileRows;  // 32 positions a tile
 constexpr int kStages = decode::kStages;      // three tiles in flight
-constexpr int kScoreLd = kTileRows + 8;       // score row stride (floats): the fragments' float2 stores without bank conflicts
+constexpr int kScoreLd = kTileRows + 4;       // score row stride (floats): the softmax's float4 reads without bank conflicts
 constexpr int kMaxPrivateParts = 8;
 
 using bf16 = __nv_bfloat16;
 
-// Shared memory: the stages [kStages][K, V][kTileRows][kLd] bf16, the scores [16 MT][kScoreLd], the rows' rescale
-// [16 MT] and (token * nH + head) [16 MT], the group's members [T].
+// Shared memory: the stages [kStages][K, V][kTileRows][kLd] bf16, the scores [16 MT][kScoreLd] (the group's
+// members [T] before the first tile), the rows' rescale [16 MT] and (token * nH + head) [16 MT]. At head dim 128:
+// 57 KB for MT = 2, so that 4 blocks fit an SM as the plan assumes; MT = 4 fits 3 (the plan counts them).
 template <int HD>
 struct MmaTiles {
   static constexpr int kLd = HD + 8;  // 16-byte pad: ldmatrix without bank conflicts
   static constexpr size_t kStageBytes = size_t(kStages) * 2 * kTileRows * kLd * sizeof(bf16);
+  __host__ __device__ static size_t score_floats(int mt, int64_t T) {
+    return size_t(16 * mt) * kScoreLd > size_t(T) ? size_t(16 * mt) * kScoreLd : size_t(T);
+  }
   static size_t bytes(int mt, int64_t T) {
-    return kStageBytes + size_t(16 * mt) * (kScoreLd + 2) * sizeof(float) + size_t(T) * sizeof(int32_t);
+    return kStageBytes + (score_floats(mt, T) + size_t(16 * mt) * 2) * sizeof(float);
+  }
+  // Blocks an SM holds: its 228 KB of shared memory, 1 KB of each block's reserved; at most the registers' 4.
+  static int blocks_per_sm(int mt, int64_t T) {
+    return static_cast<int>(std::min<size_t>(decode::kBlocksPerSm, size_t{228 * 1024} / (bytes(mt, T) + 1024)));
   }
 };
 
@@ -51,7 +59,7 @@ struct MmaTasks {
 // grid (blocks_a + T n_kv n_rc_b n_part_b); part_out [T nH][n_part_a + n_part_b][HD], part_ml [..][2]: prefix
 // partition c in slot c, private partition c in slot n_part_a + c.
 template <int HD, int MT>
-__global__ void __launch_bounds__(kThreads, decode::kBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, HD == 128 && MT == 4 ? 3 : decode::kBlocksPerSm)  // blocks_per_sm's
     bifurcated_partial_mma(const float* __restrict__ q, const bf16* __restrict__ k_cache,
                            const bf16* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                            const int32_t* __restrict__ positions, const int32_t* __restrict__ token_group,
@@ -69,9 +77,9 @@ __global__ void __launch_bounds__(kThreads, decode::kBlocksPerSm)
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* stages = reinterpret_cast<bf16*>(smem);
   float* sc = reinterpret_cast<float*>(smem + MmaTiles<HD>::kStageBytes);  // [ROWS][kScoreLd]
-  float* alpha = sc + ROWS * kScoreLd;                                      // [ROWS]
+  int* members = reinterpret_cast<int*>(sc);                                // [T], before the first tile
+  float* alpha = sc + MmaTiles<HD>::score_floats(MT, T);                   // [ROWS]
   int* row_th = reinterpret_cast<int*>(alpha + ROWS);                       // [ROWS]
-  int* members = row_th + ROWS;                                             // [T]
   __shared__ int n_members;
 
   const int n_kv = static_cast<int>(kv.n_kv), group = nH / n_kv, tid = threadIdx.x;
@@ -126,32 +134,36 @@ __global__ void __launch_bounds__(kThreads, decode::kBlocksPerSm)
   const int B = static_cast<int>(kv.block_size), cr = tid / CPR, ce = (tid % CPR) * 8;
   const int32_t* table_row = kv.table + int64_t(seq) * kv.max_blocks;
   int32_t blk[PASSES];
-  auto lookup = [&](int it) {
+  // f(k, i, j, o) for the thread's rows of tile it: i the row in the partition, position p0 + i = j B + o (one
+  // division a tile).
+  auto rows_of = [&](int it, auto&& f) {
+    int i = it * kTileRows + cr, j = (p0 + i) / B, o = p0 + i - j * B;
 #pragma unroll
-    for (int k = 0; k < PASSES; ++k) {
-      const int r = it * kTileRows + cr + RPP * k;
-      blk[k] = r < np ? table_row[(p0 + r) / B] : 0;
+    for (int k = 0; k < PASSES; ++k, i += RPP) {
+      f(k, i, j, o);
+      for (o += RPP; o >= B; o -= B) ++j;
     }
+  };
+  auto lookup = [&](int it) {
+    rows_of(it, [&](int k, int i, int j, int) { blk[k] = i < np ? table_row[j] : 0; });
   };
   auto stage_k = [&](int it) { return stages + size_t(it % kStages) * 2 * kTileRows * LD; };
   auto issue = [&](int it) {
     bf16* kt = stage_k(it);
     bf16* vt = kt + kTileRows * LD;
-#pragma unroll
-    for (int k = 0; k < PASSES; ++k) {
-      const int r = cr + RPP * k, i = it * kTileRows + r;
+    rows_of(it, [&](int k, int i, int, int o) {
+      const int r = cr + RPP * k;
       const bool in = i < np;
       int64_t off = 0;
       if (in) {
-        const int p = p0 + i;
         if (blk[k] >= 0 && blk[k] < kv.n_blocks)
-          off = kv.row(blk[k], g, p - p / B * B) * HD;
+          off = kv.row(blk[k], g, o) * HD;
         else  // a bad table entry: reported, the row read from row 0
           report(status, StatusOp::AttentionBlock, t_rep, blk[k], kv.n_blocks);
       }
       cp_async16(smem_u32(kt + r * LD + ce), k_cache + off + ce, in ? 16 : 0);
       cp_async16(smem_u32(vt + r * LD + ce), v_cache + off + ce, in ? 16 : 0);
-    }
+    });
     lookup(it + 1);
   };
   lookup(0);
@@ -392,23 +404,23 @@ int64_t partitions(int64_t units, int64_t tiles, int64_t slots, int64_t n_max) {
 // From the shapes alone (the groups' sizes and lengths are on the device): a group holds at most every token, so
 // 16 MT >= its rows T x the GQA heads up to 64 (more: chunks of 64); the prefix units are the groups' chunks, at
 // least one a group.
-MmaPlan mma_plan(int64_t T, int64_t G, int64_t n_kv, int64_t group, int64_t C, int num_sms) {
-  thread_local int64_t last_key[6] = {-1, -1, -1, -1, -1, -1};
+MmaPlan mma_plan(int64_t T, int64_t G, int64_t n_kv, int64_t group, int64_t C, int64_t hd, int num_sms) {
+  thread_local int64_t last_key[7] = {-1, -1, -1, -1, -1, -1, -1};
   thread_local MmaPlan last{};
-  const int64_t key[6] = {T, G, n_kv, group, C, num_sms};
-  if (std::equal(key, key + 6, last_key)) return last;
+  const int64_t key[7] = {T, G, n_kv, group, C, hd, num_sms};
+  if (std::equal(key, key + 7, last_key)) return last;
   MmaPlan p{};
   const int64_t rows_max = T * group;
   p.mt = rows_max <= 16 ? 1 : rows_max <= 32 ? 2 : 4;
   const int64_t rows = 16 * p.mt, tiles = decode::ceil_div(C, kTileRows);
-  const int64_t slots = int64_t{decode::kBlocksPerSm} * num_sms;
+  const int64_t slots = int64_t{hd == 64 ? MmaTiles<64>::blocks_per_sm(p.mt, T) : MmaTiles<128>::blocks_per_sm(p.mt, T)} * num_sms;
   const int64_t n_rc_a = decode::ceil_div(rows_max, rows), n_rc_b = decode::ceil_div(group, rows);
   const int64_t units_a = n_kv * std::max(std::min(G, T), n_rc_a), units_b = T * n_kv * n_rc_b;
   const int64_t n_part_a = partitions(units_a, tiles, slots, 1024), n_part_b = partitions(units_b, tiles, slots, kMaxPrivateParts);
   const int64_t blocks_a = G * n_kv * n_rc_a * n_part_a;
   p.tasks = {int(n_part_a), int(n_rc_a), int(n_part_b), int(n_rc_b), int(blocks_a)};
   p.blocks = blocks_a + T * n_kv * n_rc_b * n_part_b;
-  std::copy(key, key + 6, last_key);
+  std::copy(key, key + 7, last_key);
   last = p;
   return p;
 }
@@ -433,7 +445,7 @@ void launch_partial(const Ctx& ctx, const MmaPlan& plan, int64_t blocks, const T
 }  // namespace
 
 int64_t mma_scratch_floats(int64_t T, int64_t G, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms) {
-  const MmaPlan plan = mma_plan(T, G, n_kv, n_heads / n_kv, C, num_sms);
+  const MmaPlan plan = mma_plan(T, G, n_kv, n_heads / n_kv, C, hd, num_sms);
   return T * n_heads * (plan.tasks.n_part_a + plan.tasks.n_part_b) * (hd + 2);
 }
 
@@ -443,7 +455,7 @@ void launch_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Te
                 int num_sms, bool with_private) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int64_t T = q.dim(0), n_kv = k_cache.dim(1), G = group_shared.dim(0), hd = k_cache.dim(3);
-  const MmaPlan plan = mma_plan(T, G, n_kv, n_heads / n_kv, kv.capacity(), num_sms);
+  const MmaPlan plan = mma_plan(T, G, n_kv, n_heads / n_kv, kv.capacity(), hd, num_sms);
   const int n_slots = plan.tasks.n_part_a + plan.tasks.n_part_b;
   WEFT_CHECK(plan.blocks < (int64_t{1} << 31) && MmaTiles<128>::bytes(plan.mt, T) <= 227 * 1024,
              "attentionBifurcated", "a batch of ", T, " tokens is too large for the tensor-core kernel (", q, ", ",

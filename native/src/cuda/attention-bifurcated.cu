@@ -1,5 +1,7 @@
-// Bifurcated decode attention: prefix, private and merge kernels (attention-bifurcated.cuh has the plan). Scores
-// are dot(q, k) * scale, softmax partials in fp32 with exp(score - max), as attention-decode.cu.
+// Bifurcated decode attention on CUDA cores in fp32 (f32 caches, and head dims the tensor-core kernels of
+// attention-bifurcated-mma.cu do not take): prefix, private and merge kernels, and the launch that picks between the
+// two (attention-bifurcated.cuh). Scores are dot(q, k) * scale, softmax partials in fp32 with exp(score - max), as
+// attention-decode.cu.
 #include <algorithm>
 
 #include "cuda/attention-bifurcated.cuh"

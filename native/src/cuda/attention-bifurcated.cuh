@@ -1,19 +1,18 @@
 // Bifurcated decode attention (Backend::attention_bifurcated): the tokens of a prefix group (the n samples of
 // one prompt, whose table rows begin with the same blocks) read the shared positions once per step for the whole
-// group. Three kernels, as the split-K decode kernel (attention-decode.cu) but over two kinds of task:
-//  - prefix: one block per (group, kv head, chunk of P shared positions, tile of query rows) loads each key and
-//    value row of the chunk once and scores it against every member x GQA head of the tile: for head dims 64 and
-//    128 on tensor cores (attention-bifurcated-prefix.cu: f16 operands, f32 accumulators, up to 64 rows a block),
-//    for the others on CUDA cores in fp32 (kRowTile rows);
-//  - private: one block per (token, kv head, chunk) over the token's own positions groupShared..positions[t]
-//    (every position for a token of no group);
-//  - merge: per (token, head) the partials of both, in a fixed order (prefix chunks, then private ones), by
-//    their log-sum-exp. The private and merge kernels and the fp32 prefix equal the CPU reference up to
-//    summation order; the tensor-core prefix rounds q * scale, k, v and the softmax weights to f16, as the
-//    prefill kernel does (ops-check's bound for it is the prefill's).
-// Caches f32 or bf16 (WEFT_DISPATCH_KV). Quantized caches (int8/fp8, with scales) enter where the K and V rows
-// are loaded: the one `load_as_f32` in each pass of bifurcated_partial, the scales convert_kv_tile takes
-// (mma-tile.cuh) in the tensor-core prefix.
+// group. As the split-K decode kernel, over two kinds of task, then a merge:
+//  - prefix: a block per (group, kv head, tile of query rows, part of the shared positions) loads each key and
+//    value row once and scores it against every member x GQA head of the tile;
+//  - private: a block per (token, kv head, part of its own positions groupShared..positions[t]; every position for
+//    a token of no group);
+//  - merge: per (token, head) the partials of both, in a fixed order (prefix parts, then private ones), by their
+//    log-sum-exp.
+// bf16 caches at head dims 64 and 128 run on tensor cores (attention-bifurcated-mma.cu: both kinds of task in one
+// kernel on the decode kernel's plan and tiles; f16 operands, f32 accumulators: within the prefill's bound, 1e-3,
+// in ops-check); f32 caches and other head dims on CUDA cores in fp32 (attention-bifurcated.cu: the CPU
+// reference up to summation order). Quantized caches (int8/fp8, with scales) would enter where the K and V rows are
+// loaded: the one `load_as_f32` in each pass of bifurcated_partial, and the tensor-core kernel's staged tiles (as
+// attention-decode-mma.cu converts codes).
 #pragma once
 
 #include "cuda/common.cuh"
