@@ -7,8 +7,9 @@
 //  - private: (token, kv head, chunk of its GQA heads, partition of its own positions groupShared..positions[t];
 //    every position for a token of no group): the plain kernel's block, with the token's heads as the rows.
 // Partitions: a range's positions are cut into the plan's count of partitions of whole 32-row tiles
-// (decode::partition_rows), the count chosen by decode_plan's cost (rounds of kBlocksPerSm resident blocks times
-// the tiles each reads, plus its start) at the full capacity; the private count at most kMaxPrivateParts, since a
+// (decode::partition_rows), the count chosen by decode_plan's cost (rounds of resident blocks, kBlocksPerSm an SM
+// or what the variant's registers and shared memory leave, times the tiles each reads, plus its start) at the
+// full capacity; the private count at most kMaxPrivateParts, since a
 // short continuation leaves the rest of them empty. The table is looked up a tile ahead by the threads that copy
 // the rows (no per-partition row list), so a partition may be of any length.
 // Per tile of 32 positions (three stages in flight, cp.async): S = Q K^T on mma.sync m16n8k16 (warp w: M tile
@@ -31,9 +32,13 @@ constexpr int kMaxPrivateParts = 8;
 
 using bf16 = __nv_bfloat16;
 
+// Blocks an SM holds by registers (the launch bounds): at head dim 128, MT = 4's o and q fragments take 166
+// registers a thread, so 3; else decode's 4.
+__host__ __device__ constexpr int register_blocks(int hd, int mt) { return hd == 128 && mt == 4 ? 3 : decode::kBlocksPerSm; }
+
 // Shared memory: the stages [kStages][K, V][kTileRows][kLd] bf16, the scores [16 MT][kScoreLd] (the group's
 // members [T] before the first tile), the rows' rescale [16 MT] and (token * nH + head) [16 MT]. At head dim 128:
-// 57 KB for MT = 2, so that 4 blocks fit an SM as the plan assumes; MT = 4 fits 3 (the plan counts them).
+// 57 KB for MT = 2, so that 4 blocks fit an SM; 61 KB for MT = 4 (3 blocks, as its registers).
 template <int HD>
 struct MmaTiles {
   static constexpr int kLd = HD + 8;  // 16-byte pad: ldmatrix without bank conflicts
@@ -44,9 +49,9 @@ struct MmaTiles {
   static size_t bytes(int mt, int64_t T) {
     return kStageBytes + (score_floats(mt, T) + size_t(16 * mt) * 2) * sizeof(float);
   }
-  // Blocks an SM holds: its 228 KB of shared memory, 1 KB of each block's reserved; at most the registers' 4.
+  // Blocks an SM holds: its 228 KB of shared memory, 1 KB of each block's reserved; at most register_blocks.
   static int blocks_per_sm(int mt, int64_t T) {
-    return static_cast<int>(std::min<size_t>(decode::kBlocksPerSm, size_t{228 * 1024} / (bytes(mt, T) + 1024)));
+    return static_cast<int>(std::min<size_t>(register_blocks(HD, mt), size_t{228 * 1024} / (bytes(mt, T) + 1024)));
   }
 };
 
@@ -59,7 +64,7 @@ struct MmaTasks {
 // grid (blocks_a + T n_kv n_rc_b n_part_b); part_out [T nH][n_part_a + n_part_b][HD], part_ml [..][2]: prefix
 // partition c in slot c, private partition c in slot n_part_a + c.
 template <int HD, int MT>
-__global__ void __launch_bounds__(kThreads, HD == 128 && MT == 4 ? 3 : decode::kBlocksPerSm)  // blocks_per_sm's
+__global__ void __launch_bounds__(kThreads, register_blocks(HD, MT))
     bifurcated_partial_mma(const float* __restrict__ q, const bf16* __restrict__ k_cache,
                            const bf16* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                            const int32_t* __restrict__ positions, const int32_t* __restrict__ token_group,
