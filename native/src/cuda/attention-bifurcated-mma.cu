@@ -418,7 +418,9 @@ MmaPlan mma_plan(int64_t T, int64_t G, int64_t n_kv, int64_t group, int64_t C, i
   const int64_t rows_max = T * group;
   p.mt = rows_max <= 16 ? 1 : rows_max <= 32 ? 2 : 4;
   const int64_t rows = 16 * p.mt, tiles = decode::ceil_div(C, kTileRows);
-  const int64_t slots = int64_t{hd == 64 ? MmaTiles<64>::blocks_per_sm(p.mt, T) : MmaTiles<128>::blocks_per_sm(p.mt, T)} * num_sms;
+  // at least one block an SM: a batch too large for the shared memory (none fit) is refused by launch_mma's check,
+  // not by a division by zero here
+  const int64_t slots = std::max<int64_t>(1, hd == 64 ? MmaTiles<64>::blocks_per_sm(p.mt, T) : MmaTiles<128>::blocks_per_sm(p.mt, T)) * num_sms;
   const int64_t n_rc_a = decode::ceil_div(rows_max, rows), n_rc_b = decode::ceil_div(group, rows);
   const int64_t units_a = n_kv * std::max(std::min(G, T), n_rc_a), units_b = T * n_kv * n_rc_b;
   const int64_t n_part_a = partitions(units_a, tiles, slots, 1024), n_part_b = partitions(units_b, tiles, slots, kMaxPrivateParts);
