@@ -1097,17 +1097,23 @@ void check_attention_bifurcated(Rng& rng) {
 
 // SparQ (cuda/attention-sparq.cuh): sparqAppend's transposed K exact and its block V sums at 1e-6; sparqAttention
 // against the CPU reference at the decode bound 1e-4 (on tie-free random data the selections are the same, so only
-// the fp32 summation order differs), on paged caches (scattered blocks, partial last blocks), GQA groups of 1, 4
-// and 8, f32 and bf16, with one token per sequence plus three of one sequence (speculative verification: a
-// selection per token), r and k per token, and k >= length (the exact path) against the dense kernel at 1e-4.
+// the fp32 summation order differs), on paged caches (scattered blocks, partial last blocks, blocks of 6: the
+// select's position-by-position path), GQA groups of 1, 2, 3, 4 and 8 (the kernels keep 1, 4 or 8 heads), head
+// dims 64, 96 (the gather's strided lanes) and 128, f32 and bf16, odd lengths up to 5001 (slices of the select's
+// cluster in several kT blocks each), k not a power of two, with one token per sequence plus three of one sequence
+// (speculative verification: a selection per token), r and k per token, a short sequence within its k in the
+// same batch, and k >= length (the exact path) against the dense kernel at 1e-4.
 void check_sparq(Rng& rng) {
   struct Case {
     int64_t nKv, group, hd, B;
     std::vector<int32_t> lens;
     DType d;
+    int32_t k_even = 100, k_odd = 64;  // k of the even and odd tokens
   };
   for (const Case& c : {Case{4, 1, 128, 64, {700, 1000, 65}, DType::BF16}, Case{2, 4, 128, 16, {1500, 333}, DType::F32},
-                        Case{1, 8, 64, 32, {2048}, DType::BF16}}) {
+                        Case{1, 8, 64, 32, {2048}, DType::BF16}, Case{2, 4, 64, 64, {5001, 4097, 37}, DType::BF16, 333, 1001},
+                        Case{3, 2, 96, 16, {999, 130}, DType::BF16, 77, 129}, Case{2, 1, 128, 6, {1201, 50}, DType::F32, 150, 61},
+                        Case{1, 3, 128, 64, {3001}, DType::F32, 500, 257}}) {
     const int64_t S = static_cast<int64_t>(c.lens.size()), hd = c.hd, nH = c.nKv * c.group;
     int64_t per_seq = 0;
     for (int32_t l : c.lens) per_seq = std::max<int64_t>(per_seq, (l + c.B - 1) / c.B);
@@ -1124,7 +1130,7 @@ void check_sparq(Rng& rng) {
     for (int64_t s = 0; s < S; ++s) seq.push_back(int32_t(s)), pos.push_back(c.lens[s] - 1);
     for (int32_t back : {4, 3, 2}) seq.push_back(0), pos.push_back(c.lens[0] - back);
     const int64_t T = static_cast<int64_t>(seq.size());
-    for (int64_t t = 0; t < T; ++t) r.push_back(t % 2 ? int32_t(hd / 8) : int32_t(hd / 4)), k.push_back(t % 2 ? 64 : 100);
+    for (int64_t t = 0; t < T; ++t) r.push_back(t % 2 ? int32_t(hd / 8) : int32_t(hd / 4)), k.push_back(t % 2 ? c.k_odd : c.k_even);
     auto q = rng.floats(T * nH * hd);
     run_case("sparq", sh, [&] {
       auto state = [&](Backend& b, const Tensor& kc, const Tensor& vc) {

@@ -1,57 +1,85 @@
-// SparQ decode attention: the five kernels attention-sparq.cuh lists, and the append of its state.
+// SparQ decode attention: the two kernels attention-sparq.cuh lists, and the append of its state.
+//
+// Where the time of a step goes at 32K (Llama-2-7B, r/k 1/8: r = 16 columns, k = 2048 rows) is bytes only if the
+// fixed costs are small: the r columns of kT are 33.5 MB and the k rows of K and V 33.5 MB, ~16 us at copy
+// bandwidth. So: one cluster of kCluster blocks per (token, kv head) holds the whole selection in its shared
+// memory (each block a slice of the positions: its logits, keys, a share of the V mean), exchanges what the
+// selection needs between the blocks (softmax maxima and sums, radix histograms, counts, alpha) through
+// distributed shared memory, and writes only the selected positions; the gather splits those rows over many
+// blocks, and its last block per (token, kv head) merges the partitions. Two launches, no logits or keys in
+// global memory (unless the slice outgrows shared memory), no single block walking all positions.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "cuda/attention-sparq.cuh"
+#include "cuda/cluster-split.cuh"
 #include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
 namespace {
 
-constexpr int kChunk = 256;        // positions per block of the scores and keys kernels (one per thread)
-constexpr int kSelectThreads = 1024;
-constexpr int kRowsPerPart = 32;   // selected rows per partition of the gather (8 per warp: latency-bound loads)
-constexpr int kGatherThreads = 128;
+namespace cg = cooperative_groups;
+
+constexpr int kCluster = 8;           // select blocks per (token, kv head): a portable cluster size
+constexpr int kSelectThreads = 512;
+constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kPosPerThread = 4;      // consecutive positions a thread scores: one 8- or 16-byte load per column
+constexpr int kColsInFlight = 8;      // columns whose loads a thread issues before it uses them
+constexpr int kGatherThreads = 256;
+constexpr int kGatherWarps = kGatherThreads / 32;
+constexpr int kMinPartRows = 64;      // selected rows a gather block takes at least
 constexpr int kMaxHd = 256;
-constexpr size_t kKeysInSharedMax = 160 * 1024;  // keys of longer sequences stay in global memory (L2)
+constexpr size_t kSliceInSharedMax = 160 * 1024;  // bytes of a select block's logits and keys kept in shared memory
 
 // The scratch, carved in this order (4-byte elements).
 struct SparqScratch {
-  float* logits;    // [T, nH, C]: step 2's logits
-  float* chunk_ml;  // [T, nH, nChunks, 2]: max and sum of exp(logit - max) per chunk
-  float* keys;      // [T, nKv, C]: the group's key per position
-  int32_t* rows;    // [T, nKv, C]: the selected positions, ascending
-  int32_t* n_rows;  // [T, nKv]: how many (len when exact, 0 for a bad token)
-  float* alpha;     // [T, nH]
-  float* part_out;  // [T, nH, nParts, hd]
-  float* part_ml;   // [T, nH, nParts, 2]
-  float* part_v;    // [T, nKv, nParts, hd]: partial sums of V for the mean
+  int32_t* rows;     // [T, nKv, C]: the selected positions, ascending
+  int32_t* n_rows;   // [T, nKv]: how many (len when exact, 0 for a bad token)
+  uint32_t* done;    // [T, nKv]: gather blocks finished (zeroed by the select)
+  float* alpha;      // [T, nH]
+  float* v_mean;     // [T, nKv, hd]
+  float* part_ml;    // [T, nH, gx, 2]: max and sum of exp(score - max) per partition
+  float* part_out;   // [T, nH, gx, hd]: the exp-weighted V sums per partition
+  float* slices;     // [T, nKv, kCluster, sliceFloats] when the slices are not in shared memory, else unused
 };
 
 struct SparqShape {
-  int64_t T, nH, nKv, C, hd, n_chunks, n_parts;
+  int64_t T, nH, nKv, C, hd, group;
+  int64_t slice;    // positions a select block holds at most: ceil(C / kCluster), rounded up to kPosPerThread
+  int64_t gx;       // gather blocks (and partitions at most) per (token, kv head)
+  bool slices_in_shared;
+  __host__ __device__ int64_t slice_floats() const { return (group + 1) * slice; }  // logits [group][slice], then keys [slice]
   int64_t floats() const {
-    return T * nH * C + T * nH * n_chunks * 2 + 2 * T * nKv * C + T * nKv + T * nH + T * nH * n_parts * (hd + 2) +
-           T * nKv * n_parts * hd;
+    return T * nKv * C + 2 * T * nKv + T * nH + T * nKv * hd + T * nH * gx * (hd + 2) +
+           (slices_in_shared ? 0 : T * nKv * kCluster * slice_floats());
   }
   SparqScratch carve(float* s) const {
     SparqScratch x;
-    x.logits = s, s += T * nH * C;
-    x.chunk_ml = s, s += T * nH * n_chunks * 2;
-    x.keys = s, s += T * nKv * C;
     x.rows = reinterpret_cast<int32_t*>(s), s += T * nKv * C;
     x.n_rows = reinterpret_cast<int32_t*>(s), s += T * nKv;
+    x.done = reinterpret_cast<uint32_t*>(s), s += T * nKv;
     x.alpha = s, s += T * nH;
-    x.part_out = s, s += T * nH * n_parts * hd;
-    x.part_ml = s, s += T * nH * n_parts * 2;
-    x.part_v = s;
+    x.v_mean = s, s += T * nKv * hd;
+    x.part_ml = s, s += T * nH * gx * 2;
+    x.part_out = s, s += T * nH * gx * hd;
+    x.slices = s;
     return x;
   }
 };
 
-SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
-  const int64_t C = kv_block_table.dim(1) * k_cache.dim(2);
-  return {q.dim(0), n_heads, k_cache.dim(1), C, k_cache.dim(3), (C + kChunk - 1) / kChunk,
-          (C + kRowsPerPart - 1) / kRowsPerPart};
+SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads,
+                    int num_sms) {
+  SparqShape sh;
+  sh.T = q.dim(0), sh.nH = n_heads, sh.nKv = k_cache.dim(1), sh.C = kv_block_table.dim(1) * k_cache.dim(2);
+  sh.hd = k_cache.dim(3), sh.group = n_heads / std::max<int64_t>(sh.nKv, 1);
+  sh.slice = ((sh.C + kCluster - 1) / kCluster + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
+  // ~3 gather blocks a SM over all (token, kv head) units, each with one partition of the rows
+  const int64_t units = std::max<int64_t>(1, sh.T * sh.nKv);
+  sh.gx = std::max<int64_t>(1, std::min<int64_t>((sh.C + kMinPartRows - 1) / kMinPartRows,
+                                                 (3 * int64_t(num_sms) + units - 1) / units));
+  sh.slices_in_shared = size_t(sh.slice_floats()) * 4 <= kSliceInSharedMax;
+  return sh;
 }
 
 struct TokenArgs {
@@ -61,20 +89,65 @@ __device__ __forceinline__ TokenArgs token_args(const int32_t* sparq_r, const in
   return {min(max(sparq_r[t], 1), hd), max(sparq_k[t], 1)};
 }
 
-// Block-wide max / sum over blockDim.x threads (a multiple of 32); `red` is 32 floats of shared memory.
-template <bool kMax>
-__device__ float block_reduce(float v, float* red) {
-  v = kMax ? warp_max(v) : warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float x = kMax ? -INFINITY : 0.0f;
-  for (int w = 0; w < warps; ++w) x = kMax ? fmaxf(x, red[w]) : x + red[w];
-  return x;
+// E consecutive cache elements as loaded (raw), widened to f32 where used: bf16 two to a word.
+template <typename KV, int E>
+struct Chunk {
+  static constexpr int kBytes = E * int(sizeof(KV));
+  static constexpr int kWords = (kBytes + 3) / 4;
+  uint32_t w[kWords];
+  __device__ __forceinline__ float at(int e) const {
+    if constexpr (sizeof(KV) == 4) return __uint_as_float(w[e]);
+    else return __uint_as_float((e & 1) ? (w[e >> 1] & 0xffff0000u) : (w[e >> 1] << 16));
+  }
+};
+
+__device__ __forceinline__ uint32_t raw_bits(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ uint32_t raw_bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+// Elements p[0..E) in one (or two 16-byte) loads; p aligned to E elements.
+template <typename KV, int E>
+__device__ __forceinline__ void load_contiguous(const KV* p, Chunk<KV, E>& c) {
+  constexpr int kBytes = Chunk<KV, E>::kBytes;
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      c.w[4 * i] = v.x, c.w[4 * i + 1] = v.y, c.w[4 * i + 2] = v.z, c.w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (kBytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    c.w[0] = v.x, c.w[1] = v.y;
+  } else if constexpr (kBytes == 4) {
+    c.w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    c.w[0] = *reinterpret_cast<const uint16_t*>(p);
+  }
 }
 
-// Exclusive prefix count of `flag` over the block in thread order; *total gets the block's count.
+// A lane's E elements of a row of hd: lane * E + e when the row is exactly 32 E long (contiguous), else
+// lane + 32 e (strided, those past hd zero).
+template <typename KV, int E>
+__device__ __forceinline__ void load_lane(const KV* row, int lane, int hd, bool contiguous, Chunk<KV, E>& c) {
+  if (contiguous) {
+    load_contiguous<KV, E>(row + lane * E, c);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < Chunk<KV, E>::kWords; ++i) c.w[i] = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = lane + 32 * e;
+    if (d >= hd) continue;
+    if constexpr (sizeof(KV) == 4) c.w[e] = raw_bits(row[d]);
+    else c.w[e >> 1] |= raw_bits(row[d]) << (16 * (e & 1));
+  }
+}
+__device__ __forceinline__ int lane_index(int lane, int e, int E, bool contiguous) {
+  return contiguous ? lane * E + e : lane + 32 * e;
+}
+
+// Exclusive prefix count of `flag` over the block in thread order; *total gets the block's count. Every thread
+// of the block calls it.
 __device__ int block_exclusive_count(bool flag, int* warp_counts, int* total) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const unsigned ballot = __ballot_sync(0xffffffffu, flag);
@@ -90,343 +163,527 @@ __device__ int block_exclusive_count(bool flag, int* warp_counts, int* total) {
   return before + __popc(ballot & ((1u << lane) - 1));
 }
 
-// Step 1 into shared memory: cols[0..r) ascending, and c_h per head (coef). q_s [group][hd] loaded; rank [hd].
-__device__ void select_columns(const float* q_s, int group, int hd, int r, float scale, float* abs_q, int* rank,
-                               int* cols, float* coef) {
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float a = 0;
-    for (int h = 0; h < group; ++h) a += fabsf(q_s[h * hd + d]);
-    abs_q[d] = a;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    int above = 0;  // components ranked before d: larger, or equal at a lower index
-    for (int j = 0; j < hd; ++j) above += abs_q[j] > abs_q[d] || (abs_q[j] == abs_q[d] && j < d);
-    rank[d] = above;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    if (rank[d] >= r) continue;
-    int slot = 0;  // selected components below d: d's place in ascending order
-    for (int j = 0; j < d; ++j) slot += rank[j] < r;
-    cols[slot] = d;
-  }
-  __syncthreads();
-  for (int h = threadIdx.x; h < group; h += blockDim.x) {
-    float all = 0, kept = 0;
-    for (int d = 0; d < hd; ++d) all += fabsf(q_s[h * hd + d]);
-    for (int i = 0; i < r; ++i) kept += fabsf(q_s[h * hd + cols[i]]);
-    coef[h] = kept > 0 ? scale * sqrtf(all / kept) : scale;
-  }
-  __syncthreads();
-}
-
-// grid (gx, T * nKv), kChunk threads: step 2 over chunks blockIdx.x, blockIdx.x + gx, ...
-template <typename KV>
-__global__ void __launch_bounds__(kChunk) sparq_scores(const float* __restrict__ q, const KV* __restrict__ k_t,
-                                                       KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                                                       const int32_t* __restrict__ positions,
-                                                       const int32_t* __restrict__ sparq_r,
-                                                       const int32_t* __restrict__ sparq_k, int nH, int hd,
-                                                       float scale, SparqShape sh, SparqScratch x,
-                                                       DeviceStatus* status) {
-  pdl_trigger();
-  pdl_wait();
-  const int n_kv = static_cast<int>(kv.n_kv), t = blockIdx.y / n_kv, g = blockIdx.y % n_kv, group = nH / n_kv;
-  const int seq = token_seq[t], pos = positions[t];
-  if (!kv_token_in_range(kv, t, seq, pos, kKvRead, status, blockIdx.x == 0 && g == 0 && threadIdx.x == 0)) return;
-  const TokenArgs a = token_args(sparq_r, sparq_k, t, hd);
-  const int len = pos + 1, B = static_cast<int>(kv.block_size);
-  if (len <= a.k) return;
-  __shared__ float q_s[kSparqMaxGroup * kMaxHd], abs_q[kMaxHd], coef[kSparqMaxGroup], red[32];
-  __shared__ int cols[kMaxHd], rank[kMaxHd];
-  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q_s[i] = q[(size_t(t) * nH + g * group) * hd + i];
-  __syncthreads();
-  select_columns(q_s, group, hd, a.r, scale, abs_q, rank, cols, coef);
-  const int n_valid = (len + kChunk - 1) / kChunk;
-  for (int c = blockIdx.x; c < n_valid; c += gridDim.x) {
-    const int p = c * kChunk + threadIdx.x;
-    float acc[kSparqMaxGroup];
+// Per head h < G, the block's max (kMax) or sum of v[h] into out[h]; red is [warps][G] of shared memory.
+template <int G, bool kMax>
+__device__ void block_reduce_heads(float (&v)[G], float (*red)[G], float* out, int group) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
 #pragma unroll
-    for (int h = 0; h < kSparqMaxGroup; ++h) acc[h] = 0;
-    if (p < len) {
-      const int j = p / B;
-      const int64_t block = kv_block_checked(kv, t, seq, j, StatusOp::AttentionBlock, status, true);
-      const KV* col0 = k_t + ((max(block, int64_t(0)) * n_kv + g) * hd) * B + (p - j * B);  // [nBlocks, nKv, hd, B]
-      for (int i = 0; i < a.r; ++i) {
-        const int d = cols[i];
-        const float kd = to_f32(col0[size_t(d) * B]);
-#pragma unroll
-        for (int h = 0; h < kSparqMaxGroup; ++h)
-          if (h < group) acc[h] += q_s[h * hd + d] * kd;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < kSparqMaxGroup; ++h) {  // unrolled so that acc stays in registers; group is block-uniform
-      if (h >= group) break;
-      const float logit = p < len ? acc[h] * coef[h] : -INFINITY;
-      const size_t th = size_t(t) * nH + g * group + h;
-      if (p < len) x.logits[th * sh.C + p] = logit;
-      const float m = block_reduce<true>(logit, red);
-      const float l = block_reduce<false>(p < len ? expf(logit - m) : 0.0f, red);
-      if (threadIdx.x == 0) {
-        x.chunk_ml[(th * sh.n_chunks + c) * 2] = m;
-        x.chunk_ml[(th * sh.n_chunks + c) * 2 + 1] = l;
-      }
-    }
-  }
-}
-
-// The log of the softmax denominator of head th's logits over len positions, from the per-chunk max and sum.
-__device__ float head_lse(const SparqShape& sh, const SparqScratch& x, size_t th, int len) {
-  const int n_valid = (len + kChunk - 1) / kChunk;
-  const float* ml = x.chunk_ml + th * sh.n_chunks * 2;
-  float m = -INFINITY, z = 0;
-  for (int c = 0; c < n_valid; ++c) m = fmaxf(m, ml[2 * c]);
-  for (int c = 0; c < n_valid; ++c) z += expf(ml[2 * c] - m) * ml[2 * c + 1];
-  return m + logf(z);
-}
-
-// grid (gx, T * nKv), kChunk threads: key[p] = sum over the group of exp(logit - lse).
-__global__ void __launch_bounds__(kChunk) sparq_keys(KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                                                     const int32_t* __restrict__ positions,
-                                                     const int32_t* __restrict__ sparq_r,
-                                                     const int32_t* __restrict__ sparq_k, int nH, int hd,
-                                                     SparqShape sh, SparqScratch x) {
-  pdl_trigger();
-  pdl_wait();
-  const int n_kv = static_cast<int>(kv.n_kv), t = blockIdx.y / n_kv, g = blockIdx.y % n_kv, group = nH / n_kv;
-  const int seq = token_seq[t], pos = positions[t];
-  if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) return;  // reported by sparq_scores
-  const int len = pos + 1;
-  if (len <= token_args(sparq_r, sparq_k, t, hd).k) return;
-  __shared__ float lse[kSparqMaxGroup];
-  const size_t th0 = size_t(t) * nH + g * group;
-  if (threadIdx.x < group) lse[threadIdx.x] = head_lse(sh, x, th0 + threadIdx.x, len);
-  __syncthreads();
-  const int n_valid = (len + kChunk - 1) / kChunk;
-  for (int c = blockIdx.x; c < n_valid; c += gridDim.x) {
-    const int p = c * kChunk + threadIdx.x;
-    if (p >= len) continue;
-    float key = 0;
-    for (int h = 0; h < group; ++h) key += expf(x.logits[(th0 + h) * sh.C + p] - lse[h]);
-    x.keys[(size_t(t) * n_kv + g) * sh.C + p] = key;
-  }
-}
-
-// grid (T * nKv), kSelectThreads threads: the k positions of largest key (ties to the lower index) in index
-// order, and alpha per head. Keys are >= 0, so their bit patterns order as they do.
-__global__ void __launch_bounds__(kSelectThreads) sparq_select(KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                                                                const int32_t* __restrict__ positions,
-                                                                const int32_t* __restrict__ sparq_r,
-                                                                const int32_t* __restrict__ sparq_k, int nH, int hd,
-                                                                SparqShape sh, SparqScratch x, int keys_in_shared) {
-  pdl_trigger();
-  pdl_wait();
-  const int n_kv = static_cast<int>(kv.n_kv), t = blockIdx.x / n_kv, g = blockIdx.x % n_kv, group = nH / n_kv;
-  const int seq = token_seq[t], pos = positions[t];
-  const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * nH + g * group;
-  int32_t* rows = x.rows + tg * sh.C;
-  if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) {
-    if (threadIdx.x == 0) x.n_rows[tg] = 0;
-    return;
-  }
-  const int len = pos + 1, k = token_args(sparq_r, sparq_k, t, hd).k;
-  if (len <= k) {  // exact
-    for (int p = threadIdx.x; p < len; p += blockDim.x) rows[p] = p;
-    if (threadIdx.x < group) x.alpha[th0 + threadIdx.x] = 1.0f;
-    if (threadIdx.x == 0) x.n_rows[tg] = len;
-    return;
-  }
-  extern __shared__ float keys_s[];
-  __shared__ int hist[256], warp_counts[32];
-  __shared__ unsigned prefix_s, remaining_s;
-  __shared__ float lse[kSparqMaxGroup], red[32][kSparqMaxGroup];
-  const float* keys_g = x.keys + tg * sh.C;
-  const float* keys = keys_in_shared ? keys_s : keys_g;
-  if (keys_in_shared)
-    for (int p = threadIdx.x; p < len; p += blockDim.x) keys_s[p] = keys_g[p];
-  if (threadIdx.x < group) lse[threadIdx.x] = head_lse(sh, x, th0 + threadIdx.x, len);
-  unsigned prefix = 0, mask = 0, remaining = k;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    // Most keys share their high bytes (one exponent range), so a warp's lanes that hit one bin add once: whole
-    // warps run every iteration, and the lowest lane of each group of equal bins adds the group's count.
-    for (int p0 = 0; p0 < len; p0 += blockDim.x) {
-      const int p = p0 + threadIdx.x;
-      const unsigned u = p < len ? __float_as_uint(keys[p]) : 0u;
-      const bool counted = p < len && (u & mask) == prefix;
-      const unsigned bin = counted ? (u >> shift) & 255 : 256 + (threadIdx.x & 31);  // uncounted lanes: unique
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      if (counted && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {  // the bin holding the remaining-th largest, counting from the top
-      unsigned above = 0;
-      int b = 255;
-      for (; b > 0 && above + hist[b] < remaining; --b) above += hist[b];
-      prefix_s = prefix | (unsigned(b) << shift);
-      remaining_s = remaining - above;
-    }
-    __syncthreads();
-    prefix = prefix_s, remaining = remaining_s, mask |= 255u << shift;
-  }
-  // prefix is the k-th largest key; take every larger key and the first `remaining` equal ones.
-  float alpha[kSparqMaxGroup];
-#pragma unroll
-  for (int h = 0; h < kSparqMaxGroup; ++h) alpha[h] = 0;
-  int eq_before = 0, taken = 0;
-  for (int p0 = 0; p0 < len; p0 += blockDim.x) {
-    const int p = p0 + threadIdx.x;
-    const unsigned u = p < len ? __float_as_uint(keys[p]) : 0u;
-    const bool eq = p < len && u == prefix;
-    int eq_total, take_total;
-    const int eq_rank = eq_before + block_exclusive_count(eq, warp_counts, &eq_total);
-    const bool take = p < len && (u > prefix || (eq && unsigned(eq_rank) < remaining));
-    const int slot = taken + block_exclusive_count(take, warp_counts, &take_total);
-    if (take) {
-      rows[slot] = p;
-#pragma unroll
-      for (int h = 0; h < kSparqMaxGroup; ++h)
-        if (h < group) alpha[h] += expf(x.logits[(th0 + h) * sh.C + p] - lse[h]);
-    }
-    eq_before += eq_total, taken += take_total;
-  }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-  for (int h = 0; h < kSparqMaxGroup; ++h) {
-    const float s = warp_sum(alpha[h]);
-    if (lane == 0 && h < group) red[warp][h] = s;
+  for (int h = 0; h < G; ++h) {
+    const float s = kMax ? warp_max(v[h]) : warp_sum(v[h]);
+    if (lane == 0) red[warp][h] = s;
   }
   __syncthreads();
   if (threadIdx.x < group) {
-    float s = 0;
-    for (int w = 0; w < int(blockDim.x >> 5); ++w) s += red[w][threadIdx.x];
-    x.alpha[th0 + threadIdx.x] = s;
+    float s = kMax ? -INFINITY : 0.0f;
+    for (int w = 0; w < warps; ++w) s = kMax ? fmaxf(s, red[w][threadIdx.x]) : s + red[w][threadIdx.x];
+    out[threadIdx.x] = s;
   }
-  if (threadIdx.x == 0) x.n_rows[tg] = k;
+  __syncthreads();
 }
 
-// grid (gx, T * nKv), kGatherThreads threads: per partition of kRowsPerPart selected rows, the max, sum and
-// exp-weighted V sum per head (split-K decode over the rows), and a share of the V sums for the mean.
 template <typename KV>
-__global__ void __launch_bounds__(kGatherThreads) sparq_gather(const float* __restrict__ q,
-                                                               const KV* __restrict__ k_cache,
-                                                               const KV* __restrict__ v_cache,
-                                                               const float* __restrict__ v_sum, KvBlockTable kv,
-                                                               const int32_t* __restrict__ token_seq,
-                                                               const int32_t* __restrict__ positions, int nH, int hd,
-                                                               float scale, SparqShape sh, SparqScratch x,
-                                                               DeviceStatus* status) {
-  pdl_trigger();
-  pdl_wait();
-  const int n_kv = static_cast<int>(kv.n_kv), t = blockIdx.y / n_kv, g = blockIdx.y % n_kv, group = nH / n_kv;
-  const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * nH + g * group;
-  const int n = x.n_rows[tg];
-  if (n == 0) return;
-  const int seq = token_seq[t], len = positions[t] + 1, B = static_cast<int>(kv.block_size);
-  const int n_parts = (n + kRowsPerPart - 1) / kRowsPerPart;
-  __shared__ float q_s[kSparqMaxGroup * kMaxHd], sc[kSparqMaxGroup][kRowsPerPart];
-  __shared__ int64_t row_off[kRowsPerPart];
-  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q_s[i] = q[th0 * hd + i];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const int full = len / B;
-  for (int c = blockIdx.x; c < n_parts; c += gridDim.x) {
-    const int i0 = c * kRowsPerPart, np = min(kRowsPerPart, n - i0);
-    __syncthreads();
-    for (int i = threadIdx.x; i < np; i += blockDim.x)
-      row_off[i] = kv_read_row(kv, t, seq, g, x.rows[tg * sh.C + i0 + i], status) * hd;
-    __syncthreads();
-    for (int i = warp; i < np; i += warps) {
-      const KV* kr = k_cache + row_off[i];
-      float acc[kSparqMaxGroup];
-#pragma unroll
-      for (int h = 0; h < kSparqMaxGroup; ++h) acc[h] = 0;
-      for (int d = lane; d < hd; d += 32) {
-        const float kd = to_f32(kr[d]);
-#pragma unroll
-        for (int h = 0; h < kSparqMaxGroup; ++h)
-          if (h < group) acc[h] += q_s[h * hd + d] * kd;
-      }
-#pragma unroll
-      for (int h = 0; h < kSparqMaxGroup; ++h) {
-        const float s = warp_sum(acc[h]);
-        if (lane == 0 && h < group) sc[h][i] = s * scale;
-      }
-    }
-    __syncthreads();
-    for (int h = warp; h < group; h += warps) {
-      float m = -INFINITY;
-      for (int i = lane; i < np; i += 32) m = fmaxf(m, sc[h][i]);
-      m = warp_max(m);
-      float l = 0;
-      for (int i = lane; i < np; i += 32) {
-        const float e = expf(sc[h][i] - m);
-        sc[h][i] = e;
-        l += e;
-      }
-      l = warp_sum(l);
-      if (lane == 0) {
-        x.part_ml[((th0 + h) * sh.n_parts + c) * 2] = m;
-        x.part_ml[((th0 + h) * sh.n_parts + c) * 2 + 1] = l;
-      }
-    }
-    __syncthreads();
-    // full blocks [b0, b1) of the V mean are this partition's share; partition 0 also takes the partial block
-    const int per = (full + n_parts - 1) / n_parts, b0 = min(full, c * per), b1 = min(full, b0 + per);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-      float acc[kSparqMaxGroup];
-#pragma unroll
-      for (int h = 0; h < kSparqMaxGroup; ++h) acc[h] = 0;
-#pragma unroll 4
-      for (int i = 0; i < np; ++i) {
-        const float vd = to_f32(v_cache[row_off[i] + d]);
-#pragma unroll
-        for (int h = 0; h < kSparqMaxGroup; ++h)
-          if (h < group) acc[h] += sc[h][i] * vd;
-      }
-      for (int h = 0; h < group; ++h) x.part_out[((th0 + h) * sh.n_parts + c) * hd + d] = acc[h];
-      if (n == len) continue;  // exact: no mean
-      float vs = 0;
-      for (int j = b0; j < b1; ++j) vs += v_sum[(int64_t(kv.block_id(seq, j)) * n_kv + g) * hd + d];
-      if (c == 0)
-        for (int p = full * B; p < len; ++p) vs += to_f32(v_cache[kv_read_row(kv, t, seq, g, p, status) * hd + d]);
-      x.part_v[(tg * sh.n_parts + c) * hd + d] = vs;
-    }
-  }
-}
+struct SelectArgs {
+  const float* q;
+  const KV* k_t;
+  const KV* v_cache;
+  const float* v_sum;
+  KvBlockTable kv;
+  const int32_t* token_seq;
+  const int32_t* positions;
+  const int32_t* sparq_r;
+  const int32_t* sparq_k;
+  int nH, hd;
+  float scale;
+  SparqShape sh;
+  SparqScratch x;
+  DeviceStatus* status;
+};
 
-// grid (T * nH): merge the partitions of one (token, head), then the V-mean blend, in partition order.
-__global__ void sparq_merge(const int32_t* __restrict__ positions, int nH, int n_kv, int hd, SparqShape sh,
-                            SparqScratch x, float* __restrict__ out) {
+// grid (T * nKv * kCluster), clusters of kCluster along x, kSelectThreads threads; G >= the group (heads kept in
+// registers). Cluster (t, g) does steps 1-3 and the V mean for token t, kv head g; block `rank` of it owns
+// positions [rank S, rank S + S) (S = ceil(len / kCluster) rounded up to kPosPerThread), and of the V mean the
+// full blocks that start in its slice and the partial block's rows in it.
+template <typename KV, int G>
+__global__ void __launch_bounds__(kSelectThreads, G <= 4 ? 2 : 1) sparq_select(const __grid_constant__ SelectArgs<KV> a) {
   pdl_trigger();
   pdl_wait();
-  const int th = blockIdx.x, t = th / nH, g = (th % nH) / (nH / n_kv);
-  const size_t tg = size_t(t) * n_kv + g;
-  const int n = x.n_rows[tg], len = positions[t] + 1;
-  float* o = out + size_t(th) * hd;
-  if (n == 0) {  // a bad token (reported)
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) o[d] = 0;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank()), tid = threadIdx.x, lane = tid & 31;
+  const int n_kv = static_cast<int>(a.kv.n_kv), unit = blockIdx.x / kCluster, t = unit / n_kv, g = unit % n_kv;
+  const int group = a.nH / n_kv, hd = a.hd, B = static_cast<int>(a.kv.block_size);
+  const int64_t C = a.sh.C, slice = a.sh.slice;
+  const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * a.nH + size_t(g) * group;
+  const SparqScratch x = a.x;
+  const int seq = a.token_seq[t], pos = a.positions[t];
+  if (rank == 0 && tid == 0) x.done[tg] = 0;
+  // every block of the cluster takes the same branch, so none returns while another reads its shared memory
+  if (!kv_token_in_range(a.kv, t, seq, pos, kKvRead, a.status, rank == 0 && g == 0 && tid == 0)) {
+    if (rank == 0 && tid == 0) x.n_rows[tg] = 0;
     return;
   }
-  const int n_parts = (n + kRowsPerPart - 1) / kRowsPerPart;
-  const float* ml = x.part_ml + size_t(th) * sh.n_parts * 2;
-  float M = -INFINITY, L = 0;
-  for (int c = 0; c < n_parts; ++c) M = fmaxf(M, ml[2 * c]);
-  for (int c = 0; c < n_parts; ++c) L += expf(ml[2 * c] - M) * ml[2 * c + 1];
-  const float inv_L = 1.0f / L, alpha = x.alpha[th];
-  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-    float acc = 0;
-    for (int c = 0; c < n_parts; ++c) acc += expf(ml[2 * c] - M) * x.part_out[(size_t(th) * sh.n_parts + c) * hd + d];
-    const float y = acc * inv_L;
-    if (n == len) {
-      o[d] = y;
-      continue;
+  const TokenArgs ta = token_args(a.sparq_r, a.sparq_k, t, hd);
+  const int len = pos + 1, r = ta.r;
+  if (len <= ta.k) {  // exact: the gather reads positions 0..len-1 directly
+    if (rank == 0 && tid == 0) x.n_rows[tg] = len;
+    if (rank == 0 && tid < group) x.alpha[th0 + tid] = 1.0f;
+    return;
+  }
+
+  // ---- step 1 (every block alike): columns, their q values [G][r] and c_h
+  __shared__ float q_s[G * kMaxHd], colq[G * kMaxHd], abs_q[kMaxHd], coef[G], lse[G];
+  __shared__ int cols[kMaxHd], warp_counts[32];
+  __shared__ float red[kSelectWarps][G];
+  for (int i = tid; i < group * hd; i += blockDim.x) q_s[i] = a.q[th0 * hd + i];
+  __syncthreads();
+  for (int d = tid; d < hd; d += blockDim.x) {
+    float s = 0;
+    for (int h = 0; h < group; ++h) s += fabsf(q_s[h * hd + d]);
+    abs_q[d] = s;
+  }
+  __syncthreads();
+  bool col_taken = false;  // hd <= kMaxHd < kSelectThreads: one component per thread
+  if (tid < hd) {
+    int above = 0;  // components ranked before tid: larger, or equal at a lower index
+    const float mine = abs_q[tid];
+    for (int j = 0; j < hd; ++j) above += abs_q[j] > mine || (abs_q[j] == mine && j < tid);
+    col_taken = above < r;
+  }
+  int n_cols;
+  const int col_slot = block_exclusive_count(col_taken, warp_counts, &n_cols);
+  if (col_taken) cols[col_slot] = tid;
+  __syncthreads();
+  for (int i = tid; i < group * r; i += blockDim.x) colq[i] = q_s[(i / r) * hd + cols[i % r]];
+  if (tid < group) {
+    float all = 0, kept = 0;
+    for (int d = 0; d < hd; ++d) all += fabsf(q_s[tid * hd + d]);
+    for (int i = 0; i < r; ++i) kept += fabsf(q_s[tid * hd + cols[i]]);
+    coef[tid] = kept > 0 ? a.scale * sqrtf(all / kept) : a.scale;
+  }
+  __syncthreads();
+
+  // ---- step 2 over the slice: logits into logit_b [group][slice], the block's max and sum per head
+  extern __shared__ float slice_smem[];
+  float* buf = a.sh.slices_in_shared ? slice_smem : x.slices + (tg * kCluster + rank) * a.sh.slice_floats();
+  float* logit_b = buf;
+  float* key_b = buf + group * slice;
+  const int per = (len + kCluster - 1) / kCluster, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
+  const int s0 = min(len, rank * S), s1 = min(len, s0 + S), ns = s1 - s0;
+  const bool vec = B % kPosPerThread == 0;  // a thread's positions share a block of kT and 8 or 16 bytes of it
+  float m_t[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) m_t[h] = -INFINITY;
+  for (int base = s0 + tid * kPosPerThread; base < s1; base += blockDim.x * kPosPerThread) {
+    float acc[G][kPosPerThread];
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+#pragma unroll
+      for (int e = 0; e < kPosPerThread; ++e) acc[h][e] = 0;
+    if (vec) {
+      const int j = base / B;
+      const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
+      const KV* col0 = a.k_t + ((max(block, int64_t(0)) * n_kv + g) * hd) * B + (base - j * B);  // [nBlocks, nKv, hd, B]
+      for (int i0 = 0; i0 < r; i0 += kColsInFlight) {
+        Chunk<KV, kPosPerThread> kc[kColsInFlight];
+#pragma unroll
+        for (int u = 0; u < kColsInFlight; ++u)
+          if (i0 + u < r) load_contiguous<KV, kPosPerThread>(col0 + size_t(cols[i0 + u]) * B, kc[u]);
+#pragma unroll
+        for (int u = 0; u < kColsInFlight; ++u) {
+          if (i0 + u >= r) break;
+#pragma unroll
+          for (int h = 0; h < G; ++h) {
+            if (h >= group) break;
+            const float qv = colq[h * r + i0 + u];
+#pragma unroll
+            for (int e = 0; e < kPosPerThread; ++e) acc[h][e] += qv * kc[u].at(e);
+          }
+        }
+      }
+    } else {  // blocks of a size not a multiple of kPosPerThread: each position on its own
+      const KV* col0[kPosPerThread];
+#pragma unroll
+      for (int e = 0; e < kPosPerThread; ++e) {
+        const int p = min(base + e, s1 - 1), j = p / B;
+        const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
+        col0[e] = a.k_t + ((max(block, int64_t(0)) * n_kv + g) * hd) * B + (p - j * B);
+      }
+      for (int i = 0; i < r; ++i) {
+        const int d = cols[i];
+#pragma unroll
+        for (int e = 0; e < kPosPerThread; ++e) {
+          const float kd = to_f32(col0[e][size_t(d) * B]);
+#pragma unroll
+          for (int h = 0; h < G; ++h)
+            if (h < group) acc[h][e] += colq[h * r + i] * kd;
+        }
+      }
     }
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      if (h >= group) break;
+#pragma unroll
+      for (int e = 0; e < kPosPerThread; ++e) {
+        if (base + e >= s1) break;
+        const float logit = acc[h][e] * coef[h];
+        logit_b[h * slice + (base + e - s0)] = logit;
+        m_t[h] = fmaxf(m_t[h], logit);
+      }
+    }
+  }
+  __shared__ float block_m[G], block_l[G];  // read by the cluster
+  block_reduce_heads<G, true>(m_t, red, block_m, group);
+  float l_t[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) l_t[h] = 0;
+  for (int base = s0 + tid * kPosPerThread; base < s1; base += blockDim.x * kPosPerThread)
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      if (h >= group) break;
+      for (int e = 0; e < kPosPerThread && base + e < s1; ++e)
+        l_t[h] += expf(logit_b[h * slice + (base + e - s0)] - block_m[h]);
+    }
+  block_reduce_heads<G, false>(l_t, red, block_l, group);
+
+  // ---- the slice's share of the V sum: full blocks that start in it (from vSum), the partial block's rows in it
+  __shared__ float v_part[kSelectThreads], block_v[kMaxHd];  // block_v is read by the cluster
+  {
+    const int n_sub = blockDim.x / hd, d = tid % hd, sub = tid / hd, full = len / B;
     float vs = 0;
-    for (int c = 0; c < n_parts; ++c) vs += x.part_v[(tg * sh.n_parts + c) * hd + d];
-    o[d] = alpha * y + (1 - alpha) * (vs / float(len));
+    if (sub < n_sub) {
+      const int j0 = (s0 + B - 1) / B, j1 = min(full, (s1 + B - 1) / B);
+      for (int j = j0 + sub; j < j1; j += n_sub) {
+        const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
+        if (block >= 0) vs += a.v_sum[(block * n_kv + g) * hd + d];
+      }
+      for (int p = max(s0, full * B) + sub; p < s1; p += n_sub)
+        vs += to_f32(a.v_cache[kv_read_row(a.kv, t, seq, g, p, a.status) * hd + d]);
+    }
+    v_part[tid] = vs;
+    __syncthreads();
+    if (tid < hd) {
+      float s = 0;
+      for (int i = 0; i < n_sub; ++i) s += v_part[i * hd + tid];
+      block_v[tid] = s;
+    }
+  }
+  cluster.sync();  // (1) block_m, block_l, block_v of every block
+
+  // ---- the log-sum-exp per head over all positions (every block alike: the same reads in the same order)
+  if (tid < group) {
+    float M = -INFINITY;
+    for (int b = 0; b < kCluster; ++b) M = fmaxf(M, cluster.map_shared_rank(block_m, b)[tid]);
+    double z = 0;
+    for (int b = 0; b < kCluster; ++b) {
+      const float m = cluster.map_shared_rank(block_m, b)[tid];
+      if (m != -INFINITY) z += double(expf(m - M)) * double(cluster.map_shared_rank(block_l, b)[tid]);
+    }
+    lse[tid] = M + static_cast<float>(log(z));
+  }
+  __syncthreads();
+
+  // ---- step 3: keys, then the k-th largest by a radix select over the cluster (keys >= 0: bits order as values)
+  for (int i = tid; i < ns; i += blockDim.x) {
+    float key = 0;
+    for (int h = 0; h < group; ++h) key += expf(logit_b[h * slice + i] - lse[h]);
+    key_b[i] = key;
+  }
+  __syncthreads();
+  __shared__ unsigned hist[2][256];  // read by the cluster; pass p fills hist[p & 1]
+  __shared__ unsigned total[256], sel_prefix, sel_remaining;
+  unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(ta.k);
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    unsigned* h = hist[pass & 1];  // free: every block read it before it arrived at the previous pass's barrier
+    for (int i = tid; i < 256; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+    // Keys cluster in a few bins, so a warp's lanes that hit one bin add once (whole warps run every iteration).
+    for (int i0 = 0; i0 < ns; i0 += blockDim.x) {
+      const int i = i0 + tid;
+      const unsigned u = i < ns ? __float_as_uint(key_b[i]) : 0u;
+      const bool counted = i < ns && (u & mask) == prefix;
+      const unsigned bin = counted ? (u >> shift) & 255 : 256 + lane;  // uncounted lanes: bins of their own
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (counted && lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
+    }
+    cluster.sync();  // (2-5) this pass's histograms
+    if (tid < 256) {
+      unsigned s = 0;
+      for (int b = 0; b < kCluster; ++b) s += cluster.map_shared_rank(h, b)[tid];
+      total[tid] = s;
+    }
+    __syncthreads();
+    if (tid < 32) {  // lane L holds bins [248 - 8L, 256 - 8L); the bin where the count from the top reaches remaining
+      unsigned own = 0;
+      for (int b = 0; b < 8; ++b) own += total[255 - 8 * lane - b];
+      unsigned upto = own;  // inclusive prefix over lanes, from the top bins down
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned v = __shfl_up_sync(0xffffffffu, upto, o);
+        if (lane >= o) upto += v;
+      }
+      unsigned above = upto - own;
+      if (above < remaining && remaining <= upto) {
+        for (int b = 0; b < 8; ++b) {
+          const int bin = 255 - 8 * lane - b;
+          if (above + total[bin] >= remaining) {
+            sel_prefix = prefix | (unsigned(bin) << shift);
+            sel_remaining = remaining - above;
+            break;
+          }
+          above += total[bin];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = sel_prefix, remaining = sel_remaining, mask |= 255u << shift;
+  }
+  // prefix is the k-th largest key: take every larger key and the first `remaining` equal ones, in position order
+  __shared__ int block_counts[2];  // keys above and equal to it in the slice; read by the cluster
+  {
+    int gt = 0, eq = 0;
+    for (int i = tid; i < ns; i += blockDim.x) {
+      const unsigned u = __float_as_uint(key_b[i]);
+      gt += u > prefix, eq += u == prefix;
+    }
+    gt = __reduce_add_sync(0xffffffffu, gt), eq = __reduce_add_sync(0xffffffffu, eq);
+    __shared__ int warp_gt[kSelectWarps], warp_eq[kSelectWarps];
+    if (lane == 0) warp_gt[tid >> 5] = gt, warp_eq[tid >> 5] = eq;
+    __syncthreads();
+    if (tid == 0) {
+      int n_gt = 0, n_eq = 0;
+      for (int w = 0; w < int(blockDim.x >> 5); ++w) n_gt += warp_gt[w], n_eq += warp_eq[w];
+      block_counts[0] = n_gt, block_counts[1] = n_eq;
+    }
+  }
+  cluster.sync();  // (6) block_counts
+  __shared__ int base_taken, base_eq;
+  if (tid == 0) {
+    int taken = 0, eq_before = 0;
+    for (int b = 0; b < rank; ++b) {
+      const int* c = cluster.map_shared_rank(block_counts, b);
+      taken += c[0] + min(max(int(remaining) - eq_before, 0), c[1]);
+      eq_before += c[1];
+    }
+    base_taken = taken, base_eq = eq_before;
+  }
+  __syncthreads();
+  int32_t* rows = x.rows + tg * C;
+  float al[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) al[h] = 0;
+  int eq_before = base_eq, taken = base_taken;
+  for (int i0 = 0; i0 < ns; i0 += blockDim.x) {
+    const int i = i0 + tid;
+    const unsigned u = i < ns ? __float_as_uint(key_b[i]) : 0u;
+    const bool eq = i < ns && u == prefix;
+    int eq_total, take_total;
+    const int eq_rank = eq_before + block_exclusive_count(eq, warp_counts, &eq_total);
+    const bool take = i < ns && (u > prefix || (eq && unsigned(eq_rank) < remaining));
+    const int slot = taken + block_exclusive_count(take, warp_counts, &take_total);
+    if (take) {
+      rows[slot] = s0 + i;
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+        if (h < group) al[h] += expf(logit_b[h * slice + i] - lse[h]);
+    }
+    eq_before += eq_total, taken += take_total;
+  }
+  __shared__ float block_alpha[G];  // read by the cluster
+  block_reduce_heads<G, false>(al, red, block_alpha, group);
+  cluster.sync();  // (7) block_alpha
+  if (rank == 0) {
+    if (tid < group) {
+      float s = 0;
+      for (int b = 0; b < kCluster; ++b) s += cluster.map_shared_rank(block_alpha, b)[tid];
+      x.alpha[th0 + tid] = s;
+    }
+    for (int d = tid; d < hd; d += blockDim.x) {
+      float s = 0;
+      for (int b = 0; b < kCluster; ++b) s += cluster.map_shared_rank(block_v, b)[d];
+      x.v_mean[tg * hd + d] = s / float(len);
+    }
+    if (tid == 0) x.n_rows[tg] = ta.k;
+  }
+  cluster.sync();  // (8) rank 0 done reading the others' shared memory before they exit
+}
+
+template <typename KV>
+struct GatherArgs {
+  const float* q;
+  const KV* k_cache;
+  const KV* v_cache;
+  KvBlockTable kv;
+  const int32_t* token_seq;
+  const int32_t* positions;
+  int nH, hd;
+  float scale;
+  SparqShape sh;
+  SparqScratch x;
+  DeviceStatus* status;
+  float* out;
+};
+
+// grid (gx, T * nKv), kGatherThreads threads, dynamic shared memory [warps][group][hd] f32; G >= the group, a row
+// of hd is E elements a lane (E = hd / 32 contiguous, else strided). Steps 4-5: block c takes partition c of the
+// n selected rows of (t, g) (wr rows a warp, wr sized so that the gx blocks cover them) and writes its max, sum
+// and exp-weighted V sum per head; the last block of (t, g) to finish merges the partitions and blends with the
+// V mean.
+template <typename KV, int G, int E>
+__global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_constant__ GatherArgs<KV> a) {
+  constexpr int R = 16 / sizeof(KV);  // rows a warp loads (K and V) before it uses them; divides 32
+  pdl_trigger();
+  pdl_wait();
+  const int n_kv = static_cast<int>(a.kv.n_kv), t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
+  const int group = a.nH / n_kv, hd = a.hd, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * a.nH + size_t(g) * group;
+  const SparqScratch x = a.x;
+  const int64_t P = gridDim.x;
+  const int n = x.n_rows[tg];
+  if (n == 0) {  // a bad token (reported): zeros
+    if (blockIdx.x == 0)
+      for (int i = tid; i < group * hd; i += blockDim.x) a.out[th0 * hd + i] = 0;
+    return;
+  }
+  const int seq = a.token_seq[t], len = a.positions[t] + 1;
+  const bool exact = n == len, contiguous = hd == 32 * E;
+  const int per_warp = (n + int(gridDim.x) * kGatherWarps - 1) / (int(gridDim.x) * kGatherWarps);
+  const int wr = (per_warp + R - 1) / R * R, part_rows = wr * kGatherWarps, n_parts = (n + part_rows - 1) / part_rows;
+  const int c = blockIdx.x;
+  extern __shared__ float warp_out[];  // [warps][group][hd]
+  __shared__ float warp_m[kGatherWarps][G], warp_l[kGatherWarps][G];
+  if (c < n_parts) {
+    float qr[G][E];
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int d = lane_index(lane, e, E, contiguous);
+        qr[h][e] = h < group && d < hd ? a.q[(th0 + h) * hd + d] : 0.0f;
+      }
+    const int i_begin = c * part_rows + warp * wr, i_end = min(n, i_begin + wr);
+    float m[G], l[G], o[G][E];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      m[h] = -INFINITY, l[h] = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) o[h][e] = 0;
+    }
+    int64_t off = 0;  // lane i: the cache offset of row i of the current 32
+    for (int i0 = i_begin; i0 < i_end; i0 += R) {  // warp-uniform
+      if (((i0 - i_begin) & 31) == 0) {
+        const int i = i0 + lane;
+        if (i < i_end) off = kv_read_row(a.kv, t, seq, g, exact ? i : x.rows[tg * a.sh.C + i], a.status) * hd;
+      }
+      Chunk<KV, E> kc[R], vc[R];
+#pragma unroll
+      for (int u = 0; u < R; ++u) {
+        const int64_t row = __shfl_sync(0xffffffffu, off, (i0 - i_begin + u) & 31);
+        if (i0 + u < i_end) {
+          load_lane<KV, E>(a.k_cache + row, lane, hd, contiguous, kc[u]);
+          load_lane<KV, E>(a.v_cache + row, lane, hd, contiguous, vc[u]);
+        } else {  // past the warp's rows: zeros, so that their weight 0 times V stays 0
+#pragma unroll
+          for (int w = 0; w < Chunk<KV, E>::kWords; ++w) kc[u].w[w] = 0, vc[u].w[w] = 0;
+        }
+      }
+      float s[G][R];  // scores, then weights
+#pragma unroll
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          float dot = 0;
+#pragma unroll
+          for (int e = 0; e < E; ++e) dot += qr[h][e] * kc[u].at(e);
+          dot = warp_sum(dot);
+          s[h][u] = i0 + u < i_end ? dot * a.scale : -INFINITY;
+        }
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float m_new = m[h];
+#pragma unroll
+        for (int u = 0; u < R; ++u) m_new = fmaxf(m_new, s[h][u]);  // finite: row i0 exists
+        const float corr = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
+        l[h] *= corr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) o[h][e] *= corr;
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+          s[h][u] = i0 + u < i_end ? expf(s[h][u] - m_new) : 0.0f;
+          l[h] += s[h][u];
+        }
+        m[h] = m_new;
+      }
+#pragma unroll
+      for (int u = 0; u < R; ++u)
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float v = vc[u].at(e);
+#pragma unroll
+          for (int h = 0; h < G; ++h) o[h][e] += s[h][u] * v;
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      if (h >= group) break;
+      if (lane == 0) warp_m[warp][h] = m[h], warp_l[warp][h] = l[h];
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int d = lane_index(lane, e, E, contiguous);
+        if (d < hd) warp_out[(warp * group + h) * hd + d] = o[h][e];
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < group * hd; i += blockDim.x) {  // the warps of the partition, in warp order
+      const int h = i / hd, d = i % hd;
+      float M = -INFINITY;
+      for (int w = 0; w < kGatherWarps; ++w) M = fmaxf(M, warp_m[w][h]);
+      float L = 0, O = 0;
+      for (int w = 0; w < kGatherWarps; ++w) {
+        if (warp_m[w][h] == -INFINITY) continue;  // a warp past the rows
+        const float f = expf(warp_m[w][h] - M);
+        L += f * warp_l[w][h];
+        O += f * warp_out[(w * group + h) * hd + d];
+      }
+      x.part_out[((th0 + h) * P + c) * hd + d] = O;
+      if (d == 0) {
+        x.part_ml[((th0 + h) * P + c) * 2] = M;
+        x.part_ml[((th0 + h) * P + c) * 2 + 1] = L;
+      }
+    }
+  }
+  // the last block of (t, g) to finish merges (the others' partitions are visible after their fences)
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(&x.done[tg], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  __shared__ float merge_m[G], merge_inv_l[G];
+  if (warp < group) {
+    const float* ml = x.part_ml + (th0 + warp) * P * 2;
+    float M = -INFINITY;
+    for (int p = lane; p < n_parts; p += 32) M = fmaxf(M, __ldcg(ml + 2 * p));
+    M = warp_max(M);
+    float L = 0;
+    for (int p = lane; p < n_parts; p += 32) L += expf(__ldcg(ml + 2 * p) - M) * __ldcg(ml + 2 * p + 1);
+    L = warp_sum(L);
+    if (lane == 0) merge_m[warp] = M, merge_inv_l[warp] = 1.0f / L;
+  }
+  __syncthreads();
+  for (int i = tid; i < group * hd; i += blockDim.x) {
+    const int h = i / hd, d = i % hd;
+    const float* ml = x.part_ml + (th0 + h) * P * 2;
+    const float* po = x.part_out + (th0 + h) * P * hd + d;
+    float acc = 0;
+    for (int p = 0; p < n_parts; ++p) acc += expf(__ldcg(ml + 2 * p) - merge_m[h]) * __ldcg(po + size_t(p) * hd);
+    const float y = acc * merge_inv_l[h];
+    if (exact) {
+      a.out[(th0 + h) * hd + d] = y;
+    } else {
+      const float alpha = x.alpha[th0 + h];
+      a.out[(th0 + h) * hd + d] = alpha * y + (1 - alpha) * x.v_mean[tg * hd + d];
+    }
   }
 }
 
@@ -451,15 +708,42 @@ __global__ void sparq_append(KV* __restrict__ k_t, float* __restrict__ v_sum, co
   }
 }
 
-unsigned grid_x(int64_t parts, int64_t units, int num_sms) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(parts, 16 * num_sms / std::max<int64_t>(units, 1))));
+// The heads a select or gather instantiation keeps in registers: 1 (MHA), 4 (groups of 2-4), 8 (5-8).
+int heads_kept(int64_t group) { return group == 1 ? 1 : group <= 4 ? 4 : 8; }
+
+template <typename KV, int G>
+void launch_select(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
+  const size_t smem = sh.slices_in_shared ? size_t(sh.slice_floats()) * sizeof(float) : 0;
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(sparq_select<KV, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t e = launch_in_clusters(sparq_select<KV, G>, args, dim3(unsigned(sh.T * sh.nKv * kCluster)),
+                                           kSelectThreads, smem, kCluster, true, ctx.stream);
+  if (e != cudaSuccess) fail_cuda(ctx.st, "sparqAttention", e, " (the select's cluster launch)");
+}
+
+template <typename KV, int G, int E>
+void launch_gather(const Ctx& ctx, const GatherArgs<KV>& args, const SparqShape& sh) {
+  const size_t smem = size_t(kGatherWarps) * sh.group * sh.hd * sizeof(float);
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(sparq_gather<KV, G, E>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  launch_pdl(ctx, sparq_gather<KV, G, E>, dim3(unsigned(sh.gx), unsigned(sh.T * sh.nKv)), kGatherThreads, smem, args);
+}
+
+template <typename KV, int G>
+void launch_gather_hd(const Ctx& ctx, const GatherArgs<KV>& args, const SparqShape& sh) {
+  if (sh.hd <= 64)
+    launch_gather<KV, G, 2>(ctx, args, sh);
+  else if (sh.hd <= 128)
+    launch_gather<KV, G, 4>(ctx, args, sh);
+  else
+    launch_gather<KV, G, 8>(ctx, args, sh);
 }
 
 }  // namespace
 
 int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads,
-                             int /*num_sms*/) {
-  return shape_of(q, k_cache, kv_block_table, n_heads).floats();
+                             int num_sms) {
+  return shape_of(q, k_cache, kv_block_table, n_heads, num_sms).floats();
 }
 
 void launch_sparq_append(const Ctx& ctx, const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache,
@@ -482,43 +766,34 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
                             const Tensor& sparq_k, int64_t n_heads, float scale, const Tensor& out, float* scratch,
                             int num_sms) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
-  const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads);
+  const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads, num_sms);
   auto args = {Named{"q", q}, Named{"kCache", k_cache}, Named{"kvBlockTable", kv_block_table}};
-  const int64_t group = n_heads / sh.nKv;
   WEFT_CHECK(sh.T <= kSparqMaxTokens, "sparqAttention", "serves at most ", kSparqMaxTokens, " tokens a step (got ",
              sh.T, "; longer steps take the dense attention)");
-  WEFT_CHECK(group <= kSparqMaxGroup && sh.hd <= kMaxHd, "sparqAttention", "supports GQA groups of at most ",
-             kSparqMaxGroup, " query heads and head dims of at most ", kMaxHd, " (got ", group, " and ", sh.hd, ")");
+  WEFT_CHECK(sh.group <= kSparqMaxGroup && sh.hd <= kMaxHd, "sparqAttention", "supports GQA groups of at most ",
+             kSparqMaxGroup, " query heads and head dims of at most ", kMaxHd, " (got ", sh.group, " and ", sh.hd,
+             ")");
   WEFT_CHECK(sh.C < (int64_t(1) << 31), "sparqAttention", "a sequence capacity of ", sh.C, " positions is too large");
   if (sh.T == 0) return;
   const SparqScratch x = sh.carve(scratch);
-  const unsigned units = static_cast<unsigned>(sh.T * sh.nKv);
   const int32_t *seq = token_seq.data<int32_t>(), *pos = positions.data<int32_t>();
   const int32_t *r = sparq_r.data<int32_t>(), *k = sparq_k.data<int32_t>();
+  const int G = heads_kept(sh.group);
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
-    launch_pdl(ctx, sparq_scores<KV>, dim3(grid_x(sh.n_chunks, units, num_sms), units), kChunk, 0, q.data<float>(),
-               k_t.data<KV>(), kv, seq, pos, r, k, int(n_heads), int(sh.hd), scale, sh, x, ctx.status);
+    const SelectArgs<KV> sel{q.data<float>(), k_t.data<KV>(), v_cache.data<KV>(), v_sum.data<float>(), kv, seq, pos,
+                             r, k, int(n_heads), int(sh.hd), scale, sh, x, ctx.status};
+    if (G == 1) launch_select<KV, 1>(ctx, sel, sh);
+    else if (G == 4) launch_select<KV, 4>(ctx, sel, sh);
+    else launch_select<KV, 8>(ctx, sel, sh);
   });
   check_launch(ctx, "sparqAttention", args);
-  launch_pdl(ctx, sparq_keys, dim3(grid_x(sh.n_chunks, units, num_sms), units), kChunk, 0, kv, seq, pos, r, k,
-             int(n_heads), int(sh.hd), sh, x);
-  check_launch(ctx, "sparqAttention", args);
-  const size_t keys_bytes = size_t(sh.C) * sizeof(float);
-  const int in_shared = keys_bytes <= kKeysInSharedMax;
-  const size_t smem = in_shared ? keys_bytes : 0;
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(sparq_select, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  launch_pdl(ctx, sparq_select, units, kSelectThreads, smem, kv, seq, pos, r, k, int(n_heads), int(sh.hd), sh, x,
-             in_shared);
-  check_launch(ctx, "sparqAttention", args);
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
-    launch_pdl(ctx, sparq_gather<KV>, dim3(grid_x(sh.n_parts, units, num_sms), units), kGatherThreads, 0,
-               q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), v_sum.data<float>(), kv, seq, pos,
-               int(n_heads), int(sh.hd), scale, sh, x, ctx.status);
+    const GatherArgs<KV> gat{q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv, seq, pos, int(n_heads),
+                             int(sh.hd), scale, sh, x, ctx.status, out.data<float>()};
+    if (G == 1) launch_gather_hd<KV, 1>(ctx, gat, sh);
+    else if (G == 4) launch_gather_hd<KV, 4>(ctx, gat, sh);
+    else launch_gather_hd<KV, 8>(ctx, gat, sh);
   });
-  check_launch(ctx, "sparqAttention", args);
-  launch_pdl(ctx, sparq_merge, static_cast<unsigned>(sh.T * n_heads), 128, 0, pos, int(n_heads), int(sh.nKv),
-             int(sh.hd), sh, x, out.data<float>());
   check_launch(ctx, "sparqAttention", args);
 }
 

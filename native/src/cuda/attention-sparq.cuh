@@ -19,10 +19,12 @@
 // (speculative verification) each get their own selection over their own length.
 //
 // Kernels (batch of at most kSparqMaxTokens tokens; every length is read on the device, so a captured graph
-// stays valid): scores (step 2's logits and per-chunk max / sum), keys (the group's key per position), select
-// (radix select of the k-th largest key, then the rows in index order, and alpha), gather (steps 4 and the
-// V-mean sums, split over the rows like split-K decode), merge (partitions, then step 5). The CPU reference is
-// cpu/attention-sparq.cc; ops-check.cc compares the two.
+// stays valid): select, one thread-block cluster per (token, kv head) whose blocks each own a slice of the
+// positions: steps 1-3 with the logits and keys in shared memory, the softmax normalizers, the radix select of
+// the k-th largest key (histograms summed over the cluster), the rows in index order, alpha, and the V mean;
+// gather, the selected rows split over many blocks like split-K decode (step 4), the last block of each (token,
+// kv head) merging the partitions and blending (step 5). The CPU reference is cpu/attention-sparq.cc;
+// ops-check.cc compares the two.
 #pragma once
 
 #include "cuda/common.cuh"
