@@ -25,7 +25,6 @@ constexpr int kCluster = 8;           // select blocks per (token, kv head): a p
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kPosPerThread = 4;      // consecutive positions a thread scores: one 8- or 16-byte load per column
-constexpr int kColsInFlight = 8;      // columns whose loads a thread issues before it uses them
 constexpr int kGatherThreads = 256;
 constexpr int kGatherWarps = kGatherThreads / 32;
 constexpr int kMinPartRows = 64;      // selected rows a gather block takes at least
@@ -204,7 +203,7 @@ struct SelectArgs {
 // positions [rank S, rank S + S) (S = ceil(len / kCluster) rounded up to kPosPerThread), and of the V mean the
 // full blocks that start in its slice and the partial block's rows in it.
 template <typename KV, int G>
-__global__ void __launch_bounds__(kSelectThreads, G <= 4 ? 2 : 1) sparq_select(const __grid_constant__ SelectArgs<KV> a) {
+__global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(const __grid_constant__ SelectArgs<KV> a) {
   pdl_trigger();
   pdl_wait();
   cg::cluster_group cluster = cg::this_cluster();
@@ -269,6 +268,8 @@ __global__ void __launch_bounds__(kSelectThreads, G <= 4 ? 2 : 1) sparq_select(c
   const int per = (len + kCluster - 1) / kCluster, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
   const int s0 = min(len, rank * S), s1 = min(len, s0 + S), ns = s1 - s0;
   const bool vec = B % kPosPerThread == 0;  // a thread's positions share a block of kT and 8 or 16 bytes of it
+  // columns whose loads a thread issues before it uses them (MHA: 2 blocks a SM, so half as many in registers)
+  constexpr int kColsInFlight = (G == 1 ? 16 : 32) / sizeof(KV);
   float m_t[G];
 #pragma unroll
   for (int h = 0; h < G; ++h) m_t[h] = -INFINITY;
@@ -344,25 +345,44 @@ __global__ void __launch_bounds__(kSelectThreads, G <= 4 ? 2 : 1) sparq_select(c
     }
   block_reduce_heads<G, false>(l_t, red, block_l, group);
 
-  // ---- the slice's share of the V sum: full blocks that start in it (from vSum), the partial block's rows in it
-  __shared__ float v_part[kSelectThreads], block_v[kMaxHd];  // block_v is read by the cluster
+  // ---- the slice's share of the V sum: full blocks that start in it (from vSum), the partial block's rows in it.
+  // Lanes take 4 components (one 16-byte load of vSum) when hd allows, so that one round of loads covers the slice.
+  __shared__ float4 v_part[kSelectThreads];
+  __shared__ float block_v[kMaxHd];  // read by the cluster
   {
-    const int n_sub = blockDim.x / hd, d = tid % hd, sub = tid / hd, full = len / B;
-    float vs = 0;
+    const int vw = hd % 4 == 0 ? 4 : 1, lanes = hd / vw, n_sub = blockDim.x / lanes, dv = tid % lanes,
+              sub = tid / lanes, full = len / B;
+    float vs[4] = {0, 0, 0, 0};
     if (sub < n_sub) {
       const int j0 = (s0 + B - 1) / B, j1 = min(full, (s1 + B - 1) / B);
+#pragma unroll 4
       for (int j = j0 + sub; j < j1; j += n_sub) {
         const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
-        if (block >= 0) vs += a.v_sum[(block * n_kv + g) * hd + d];
+        if (block < 0) continue;
+        const float* src = a.v_sum + (block * n_kv + g) * hd + dv * vw;
+        if (vw == 4) {
+          const float4 v = *reinterpret_cast<const float4*>(src);
+          vs[0] += v.x, vs[1] += v.y, vs[2] += v.z, vs[3] += v.w;
+        } else {
+          vs[0] += src[0];
+        }
       }
-      for (int p = max(s0, full * B) + sub; p < s1; p += n_sub)
-        vs += to_f32(a.v_cache[kv_read_row(a.kv, t, seq, g, p, a.status) * hd + d]);
+      for (int p = max(s0, full * B) + sub; p < s1; p += n_sub) {
+        const KV* src = a.v_cache + kv_read_row(a.kv, t, seq, g, p, a.status) * hd + dv * vw;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (c < vw) vs[c] += to_f32(src[c]);
+      }
     }
-    v_part[tid] = vs;
+    v_part[tid] = make_float4(vs[0], vs[1], vs[2], vs[3]);
     __syncthreads();
     if (tid < hd) {
+      const int c = tid % vw, lane_of = tid / vw;
       float s = 0;
-      for (int i = 0; i < n_sub; ++i) s += v_part[i * hd + tid];
+      for (int i = 0; i < n_sub; ++i) {
+        const float4 v = v_part[i * lanes + lane_of];
+        s += c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
+      }
       block_v[tid] = s;
     }
   }
