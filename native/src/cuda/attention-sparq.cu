@@ -260,7 +260,9 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
   }
   __syncthreads();
 
-  // ---- step 2 over the slice: logits into logit_b [group][slice], the block's max and sum per head
+  // ---- step 2 over the slice: logits into logit_b [group][slice], the block's max and sum per head. Products and
+  // sums rounded one by one in the CPU reference's order (no FMA contraction), so that the logits, and with them the
+  // selections, are the CPU's bit for bit (the keys then differ only by the exponentials' and normalizers' last bits).
   extern __shared__ float slice_smem[];
   float* buf = a.sh.slices_in_shared ? slice_smem : x.slices + (tg * kCluster + rank) * a.sh.slice_floats();
   float* logit_b = buf;
@@ -296,7 +298,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
             if (h >= group) break;
             const float qv = colq[h * r + i0 + u];
 #pragma unroll
-            for (int e = 0; e < kPosPerThread; ++e) acc[h][e] += qv * kc[u].at(e);
+            for (int e = 0; e < kPosPerThread; ++e) acc[h][e] = __fadd_rn(acc[h][e], __fmul_rn(qv, kc[u].at(e)));
           }
         }
       }
@@ -315,7 +317,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
           const float kd = to_f32(col0[e][size_t(d) * B]);
 #pragma unroll
           for (int h = 0; h < G; ++h)
-            if (h < group) acc[h][e] += colq[h * r + i] * kd;
+            if (h < group) acc[h][e] = __fadd_rn(acc[h][e], __fmul_rn(colq[h * r + i], kd));
         }
       }
     }
