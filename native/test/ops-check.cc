@@ -1100,23 +1100,27 @@ void check_attention_bifurcated(Rng& rng) {
 // the fp32 summation order differs), on paged caches (scattered blocks, partial last blocks, blocks of 6: the
 // select's position-by-position path), GQA groups of 1, 2, 3, 4 and 8 (the kernels keep 1, 4 or 8 heads), head
 // dims 64, 96 (the gather's strided lanes) and 128, f32 and bf16, odd lengths up to 5001 (slices of the select's
-// cluster in several kT blocks each), k not a power of two, with one token per sequence plus three of one sequence
-// (speculative verification: a selection per token), r and k per token, a short sequence within its k in the
-// same batch, and k >= length (the exact path) against the dense kernel at 1e-4.
+// cluster in several kT blocks each), a capacity of 40960 (the slices too large for shared memory), k not a power
+// of two, with one token per sequence plus three of one sequence (speculative verification: a selection per
+// token), r and k per token, a short sequence within its k in the same batch, and k >= length (the exact path)
+// against the dense kernel at 1e-4.
 void check_sparq(Rng& rng) {
   struct Case {
     int64_t nKv, group, hd, B;
     std::vector<int32_t> lens;
     DType d;
     int32_t k_even = 100, k_odd = 64;  // k of the even and odd tokens
+    int64_t capacity = 0;              // positions a sequence row holds at least (the select's slices size by it)
   };
   for (const Case& c : {Case{4, 1, 128, 64, {700, 1000, 65}, DType::BF16}, Case{2, 4, 128, 16, {1500, 333}, DType::F32},
                         Case{1, 8, 64, 32, {2048}, DType::BF16}, Case{2, 4, 64, 64, {5001, 4097, 37}, DType::BF16, 333, 1001},
                         Case{3, 2, 96, 16, {999, 130}, DType::BF16, 77, 129}, Case{2, 1, 128, 6, {1201, 50}, DType::F32, 150, 61},
-                        Case{1, 3, 128, 64, {3001}, DType::F32, 500, 257}}) {
+                        Case{1, 3, 128, 64, {3001}, DType::F32, 500, 257},
+                        Case{1, 8, 64, 64, {3000}, DType::F32, 300, 129, 40960}}) {  // slices in global memory
     const int64_t S = static_cast<int64_t>(c.lens.size()), hd = c.hd, nH = c.nKv * c.group;
     int64_t per_seq = 0;
     for (int32_t l : c.lens) per_seq = std::max<int64_t>(per_seq, (l + c.B - 1) / c.B);
+    per_seq = std::max<int64_t>(per_seq, (c.capacity + c.B - 1) / c.B);
     const int64_t n_blocks = S * per_seq + 3;
     std::vector<int32_t> table_rows(S * per_seq), seq_all, pos_all;
     for (int64_t i = 0; i < S * per_seq; ++i) table_rows[i] = static_cast<int32_t>((i * 7 + 2) % n_blocks);  // scattered
