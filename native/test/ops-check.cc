@@ -1100,10 +1100,11 @@ void check_attention_bifurcated(Rng& rng) {
 // the fp32 summation order differs), on paged caches (scattered blocks, partial last blocks, blocks of 6: the
 // select's position-by-position path), GQA groups of 1, 2, 3, 4 and 8 (the kernels keep 1, 4 or 8 heads), head
 // dims 64, 96 (the gather's strided lanes) and 128, f32 and bf16, odd lengths up to 5001 (slices of the select's
-// cluster in several kT blocks each), a capacity of 40960 (the slices too large for shared memory), k not a power
-// of two, with one token per sequence plus three of one sequence (speculative verification: a selection per
-// token), r and k per token, a short sequence within its k in the same batch, and k >= length (the exact path)
-// against the dense kernel at 1e-4.
+// cluster in several kT blocks each), capacities of 16384 (slices under 48 KB that need the opt-in beside the
+// select's static shared memory) and 40960 (the slices too large for shared memory), k not a power of two, with one
+// token per sequence plus three of one sequence (speculative verification: a selection per token), r and k per
+// token, a short sequence within its k in the same batch, and k >= length (the exact path) against the dense kernel
+// at 1e-4.
 void check_sparq(Rng& rng) {
   struct Case {
     int64_t nKv, group, hd, B;
@@ -1115,7 +1116,7 @@ void check_sparq(Rng& rng) {
   for (const Case& c : {Case{4, 1, 128, 64, {700, 1000, 65}, DType::BF16}, Case{2, 4, 128, 16, {1500, 333}, DType::F32},
                         Case{1, 8, 64, 32, {2048}, DType::BF16}, Case{2, 4, 64, 64, {5001, 4097, 37}, DType::BF16, 333, 1001},
                         Case{3, 2, 96, 16, {999, 130}, DType::BF16, 77, 129}, Case{2, 1, 128, 6, {1201, 50}, DType::F32, 150, 61},
-                        Case{1, 3, 128, 64, {3001}, DType::F32, 500, 257},
+                        Case{1, 3, 128, 64, {3001}, DType::F32, 500, 257, 16384},  // 32 KB of slices, 23 KB static
                         Case{1, 8, 64, 64, {3000}, DType::F32, 300, 129, 40960}}) {  // slices in global memory
     const int64_t S = static_cast<int64_t>(c.lens.size()), hd = c.hd, nH = c.nKv * c.group;
     int64_t per_seq = 0;
