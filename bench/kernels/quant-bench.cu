@@ -2,6 +2,7 @@
 // GEMV of the same shape, on the Llama-2-7B decode shapes. Build and run: bench/kernels/quant-run.sh (nvcc only).
 //   quant-bench [--quick] [--sweep] [--only SHAPE FORMAT T]   (e.g. --only wqkv int8 1, for a profiler)
 //   quant-bench --one-token [--sweep]   (the one-token table alone: see one_token_table)
+//   quant-bench --split                 (bf16 batches 1-8: the GEMV against cuBLAS on split x, split_table)
 // Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 or int4 token, else
 // gemv.cu's ring kernel) and the tensor-core kernel ("new": gemv-quant-mma.cu; "-" where it refuses the shape),
 // each timed with CUDA events (median of 50 after warm-up, rotating weight copies so the weights never sit in L2)
@@ -214,14 +215,75 @@ static int one_token_table(const wc::Ctx& ctx, cudaStream_t stream, double bw, b
   return failures;
 }
 
+// --split: bf16 decode batches, gemv.cu's GEMV against cuBLAS on split x (Gemm::run_split, which Matmul takes where
+// split_pays), on one Llama-2-7B layer's four products; each pair's outputs compared (both hold x to
+// ~2^-17, so they agree to ~1e-6 of max|y|).
+static int split_table(cudaStream_t stream, wc::Matmul& matmul, double bw) {
+  struct Shape { const char* name; int N, K; bool gated; };
+  const Shape shapes[] = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 22016, 4096, false},
+                          {"w2 (gated)", 4096, 11008, true}};
+  const int tokens[] = {1, 2, 3, 4, 5, 6, 8};
+  double layer_gemv[9] = {}, layer_split[9] = {}, layer_bytes = 0;
+  int failures = 0;
+  std::printf("\nbf16 decode batches: gemv.cu's GEMV against cuBLAS on split x (Gemm::run_split), ms\n");
+  std::printf("%-11s %2s %9s %7s %9s %7s %8s %9s\n", "shape", "T", "gemv ms", "TB/s", "split ms", "TB/s", "gemv/split", "rel diff");
+  for (const Shape& sh : shapes) {
+    const size_t bytes = static_cast<size_t>(sh.N) * sh.K * 2;
+    layer_bytes += bytes;
+    const int copies = static_cast<int>(std::max<size_t>(2, (size_t{400} << 20) / bytes + 1));
+    std::vector<void*> ws(copies);
+    for (int c = 0; c < copies; ++c) {
+      CK(cudaMalloc(&ws[c], bytes));
+      bench::fill_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(ws[c]), bytes / 2, 21 + c);
+    }
+    const size_t x_elems = static_cast<size_t>(8) * sh.K * (sh.gated ? 2 : 1);
+    float *x, *ya, *yb;
+    CK(cudaMalloc(&x, x_elems * 4));
+    CK(cudaMalloc(&ya, static_cast<size_t>(8) * sh.N * 4));
+    CK(cudaMalloc(&yb, static_cast<size_t>(8) * sh.N * 4));
+    bench::fill_f32<<<1024, 256, 0, stream>>>(x, x_elems, 9);
+    for (int T : tokens) {
+      const auto gemv = [&](int c, float* y) { matmul.gemv().run(x, ws[c], DType::BF16, y, T, sh.N, sh.K, sh.gated); };
+      const auto split = [&](int c, float* y) { matmul.gemm().run_split(x, ws[c], y, T, sh.N, sh.K, sh.gated); };
+      gemv(0, ya);
+      split(0, yb);
+      CK(cudaStreamSynchronize(stream));
+      const size_t outs = static_cast<size_t>(T) * sh.N;
+      std::vector<float> a(outs), b(outs);
+      CK(cudaMemcpy(a.data(), ya, outs * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(b.data(), yb, outs * 4, cudaMemcpyDeviceToHost));
+      bool nan = false;
+      const double diff = bench::rel_err(b, a, nan);
+      const bool ok = !nan && diff <= 1e-5;
+      failures += !ok;
+      const double g = median_ms(stream, copies, [&](int c) { gemv(c, ya); });
+      const double sp = median_ms(stream, copies, [&](int c) { split(c, yb); });
+      layer_gemv[T] += g;
+      layer_split[T] += sp;
+      std::printf("%-11s %2d %9.4f %7.2f %9.4f %7.2f %9.2fx %9.2g%s\n", sh.name, T, g, bytes / (g * 1e9), sp,
+                  bytes / (sp * 1e9), g / sp, diff, ok ? "" : "  CHECK FAILED");
+    }
+    for (void* p : ws) CK(cudaFree(p));
+    CK(cudaFree(x));
+    CK(cudaFree(ya));
+    CK(cudaFree(yb));
+  }
+  std::printf("\none Llama-2-7B layer's four bf16 products (floor %.4f ms at %.0f GB/s):\n| T | gemv ms | split ms | gemv/split |\n|---|---|---|---|\n",
+              layer_bytes / (bw * 1e6), bw);
+  for (int T : tokens)
+    std::printf("| %d | %.4f | %.4f | %.2fx |\n", T, layer_gemv[T], layer_split[T], layer_gemv[T] / layer_split[T]);
+  return failures;
+}
+
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false, one_token_only = false;
+  bool quick = false, sweep = false, one_token_only = false, split_only = false;
   std::string only_shape, only_format;
   int only_t = 0;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--sweep")) sweep = true;
     else if (!std::strcmp(argv[i], "--one-token")) one_token_only = true;
+    else if (!std::strcmp(argv[i], "--split")) split_only = true;
     else if (!std::strcmp(argv[i], "--only") && i + 3 < argc) {
       only_shape = argv[++i];
       only_format = argv[++i];
@@ -237,6 +299,7 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, read bandwidth %.0f GB/s\n", prop.name, bw);
   if (one_token_only) return one_token_table(ctx, stream, bw, sweep) ? 1 : 0;
+  if (split_only) return split_table(stream, matmul, bw) ? 1 : 0;
 
   struct Shape { const char* name; int N, K; bool gated; };
   const std::vector<Shape> shapes = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false},

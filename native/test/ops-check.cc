@@ -1170,7 +1170,7 @@ void check_sparq(Rng& rng) {
 // writeKv of CUDA's own rope of k (the CPU's and CUDA's rotations may differ by an f32 rounding, then by a code).
 // attention reads the codes directly: prefill (tensor cores for hd 64 and 128, the fp32 kernel for 96) exactly as
 // over an f32 cache of the dequantized values, decode (scales folded per row) within 1e-5 of it; against the CPU,
-// the f32 bounds of check_attention.
+// check_attention's f32 bounds (prefill 2e-3: below).
 void check_kv_quant(Rng& rng) {
   const int64_t S = 3, C = 512, B = 16, per_seq = C / B, n_blocks = S * per_seq + 2;
   struct Cfg {
@@ -1236,7 +1236,11 @@ void check_kv_quant(Rng& rng) {
         const auto got = attend(*gpu, gq);
         compare("kv quant attention", sh, got, attend(*gpu, dequantized), c.decode ? 1e-5 : 0, 0,
                 "vs f32 cache of the dequantized values on cuda");
-        compare("kv quant attention", sh, got, attend(*cpu, cq), c.T > 64 ? 1e-3 : 1e-4, 0, "vs cpu, same cache");
+        // Prefill against the CPU: 2e-3, not the bf16 cache's 1e-3. The tensor-core prefill rounds each dequantized
+        // value (code x scale, over two decades here) to f16, a rounding a bf16 cache's values never take; measured on
+        // H200 at 2.67e-3 absolute against max|out| 2.51 (1.06e-3), int8 T=200 16/4x64, with the kernel equal to
+        // its run over an f32 cache of the same values.
+        compare("kv quant attention", sh, got, attend(*cpu, cq), c.T > 64 ? 2e-3 : 1e-4, 0, "vs cpu, same cache");
 
         // qkvRope at distinct (sequence, position) pairs
         std::vector<int32_t> wseq(c.T), wpos(c.T);
@@ -1478,6 +1482,31 @@ void check_sage(Rng& rng) {
     }
 }
 
+// bf16 weights at 3..8 tokens (Matmul::split_pays: the smaller matrices from 5) take cuBLAS on x split into bf16
+// hi + lo rows (gemm.cuh run_split): the GEMV's 1e-5 against the CPU (hi + lo hold x to ~2^-17), gated and not,
+// odd N and K, the 7B down projection and qkv.
+void check_matmul_split(Rng& rng) {
+  struct Shape2 {
+    int64_t N, K;
+    bool gated;
+  };
+  for (Shape2 s : {Shape2{333, 1000, false}, Shape2{4097, 4104, true}, Shape2{4096, 11008, true}, Shape2{12288, 4096, false}})
+    for (int64_t T : {3, 4, 5, 8}) {
+      std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " bf16";
+      const char* op = s.gated ? "siluMulMatmul" : "matmul";
+      run_case(op, sh, [&] {
+        auto w = rng.floats(s.N * s.K);
+        auto x = rng.floats(T * s.K * (s.gated ? 2 : 1), -4, 4);
+        const Shape xs{T, s.gated ? 2 * s.K : s.K};
+        auto product = [&](Backend& b) {
+          return s.gated ? down(b, b.silu_mul_matmul(up(b, x, xs), up_narrow(b, w, {s.N, s.K}, DType::BF16)))
+                         : down(b, b.matmul(up(b, x, xs), up_narrow(b, w, {s.N, s.K}, DType::BF16)));
+        };
+        compare(op, sh, product(*gpu), product(*cpu), 1e-5);
+      });
+    }
+}
+
 int main() {
   auto t0 = std::chrono::steady_clock::now();
   try {
@@ -1518,6 +1547,7 @@ int main() {
   check_attention_bifurcated(rng);
   check_sage(rng);
   check_attention_decode_long(rng);  // last: the checks before it draw the same random inputs as before
+  check_matmul_split(rng);
   auto mi = gpu->memory_info();
   int failed = 0;
   std::printf("%-20s %-34s %12s %12s  %s\n", "op", "shape", "max err", "bound", "result");

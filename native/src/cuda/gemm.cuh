@@ -24,11 +24,19 @@ class Gemm {  // one per engine; owns the cuBLAS handle, its workspace and the c
   // bf16/f16 weights: x is cast to the weight dtype (unless x_half, x already in it, is given), then a
   // tensor-core GEMM with fp32 output and compute; f32 weights: a full-fp32 GEMM (pedantic, no TF32; x_half null).
   void run(const float* x, const void* x_half, const void* w, DType w_dtype, float* y, int T, int N, int K);
+  // Decode batches on bf16 weights (Matmul routes 3..8 tokens here where split_pays): x (gated: [T, 2K], silu(gate) *
+  // up as siluMul forms it) split into bf16 hi + lo rows, one GEMM over the 2T rows, y = hi + lo products. The
+  // split holds x to ~2^-17 relative, so the GEMV's 1e-5 holds where a single bf16 rounding would give 2e-3. Reads
+  // the weights once, as the GEMV; capturable once a first run has sized its buffers.
+  void run_split(const float* x, const void* w, float* y, int T, int N, int K, bool gated);
 
  private:
   void ensure_cublas();
   // x [T, K] f32 cast to dt (bf16/f16) into the cast buffer, grown first if needed (a sync; refused while capturing).
   const void* cast(const float* x, DType dt, int T, int K);
+  // Grows *buf to hold `need` bytes (a sync; refused while capturing: `what` names it), keeping the old buffer for
+  // the graphs captured with it.
+  void grow(void** buf, size_t* bytes, size_t need, const char* what);
   // A failed cuBLAS call: through fail_cuda when the CUDA context is gone, else "matmul: <call> failed: <status>".
   void check_cublas(cublas::Status status, const char* call);
 
@@ -39,7 +47,9 @@ class Gemm {  // one per engine; owns the cuBLAS handle, its workspace and the c
   void* workspace_ = nullptr;
   void* cast_buf_ = nullptr;  // x cast to bf16/f16
   size_t cast_bytes_ = 0;
-  std::vector<void*> retired_casts_;  // cast buffers outgrown, kept for the graphs captured with them
+  void* split_out_ = nullptr;  // run_split's products of the hi and lo rows, [2T, N] f32
+  size_t split_out_bytes_ = 0;
+  std::vector<void*> retired_;  // buffers outgrown, kept for the graphs captured with them
 };
 
 // Prefill matmul inputs in the weight dtype, written by the kernel that writes the f32 tensor (the norms) so

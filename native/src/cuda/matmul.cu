@@ -1,4 +1,5 @@
-// Matmul::run (matmul.cuh): the argument checks, then the GEMV for T <= 8 tokens or the cuBLAS GEMM above.
+// Matmul::run (matmul.cuh): the argument checks, then the GEMV for T <= 8 tokens (bf16 where split_pays: cuBLAS on
+// split x) or the cuBLAS GEMM above.
 #include "cuda/matmul.cuh"
 
 #include "error.h"
@@ -20,7 +21,8 @@ void Matmul::run(const float* x, const void* w, DType w_dtype, float* y, int64_t
   }
   WEFT_CHECK(x || (x_half && T > kGemvMaxTokens), "matmul", "x [", T, ", ", K, "] is missing in f32 (the GEMV reads it)");
   const int t = static_cast<int>(T), n = static_cast<int>(N), k = static_cast<int>(K);
-  if (T <= kGemvMaxTokens) gemv_.run(x, w, w_dtype, y, t, n, k, gated);
+  if (w_dtype == DType::BF16 && split_pays(T, N, K)) gemm_.run_split(x, w, y, t, n, k, gated);
+  else if (T <= kGemvMaxTokens) gemv_.run(x, w, w_dtype, y, t, n, k, gated);
   else gemm_.run(x, x_half, w, w_dtype, y, t, n, k);
 }
 

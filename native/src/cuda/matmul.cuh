@@ -1,5 +1,6 @@
 // weft::cuda::Matmul: y [T, N] f32 = x [T, K] f32 @ w [N, K]^T (w in f32, f16 or bf16), the backend's matrix
-// product: the GEMV kernels for decode (T <= 8, gemv.cuh) and cuBLAS for prefill (gemm.cuh).
+// product: the GEMV kernels for decode (T <= 8, gemv.cuh; bf16 from 3 tokens cuBLAS on split x) and cuBLAS for
+// prefill (gemm.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +17,14 @@ namespace weft::cuda {
 class Matmul {  // one per engine
  public:
   static constexpr int kGemvMaxTokens = Gemv::kMaxTokens;  // up to this many tokens the GEMV kernels run
+  // bf16 weights from 3 tokens take cuBLAS on split x instead (Gemm::run_split) where it pays: measured on H200
+  // (bench/kernels/quant-run.sh --split), a Llama-2-7B layer's four products took 0.172-0.174 ms split at every T
+  // against the GEMV's 0.131 / 0.149 / 0.183 / 0.187 / 0.230 ms at T = 1 / 2 / 3 / 4 / 8; per shape, the 4096 x 4096
+  // projection only from 5 tokens (0.022 against 0.026 ms split at T = 3), the larger ones from 3.
+  static constexpr int kSplitGemmFromTokens = 3;
+  static bool split_pays(int64_t T, int64_t N, int64_t K) {
+    return T >= kSplitGemmFromTokens && T <= kGemvMaxTokens && (T >= 5 || N * K >= (int64_t{1} << 25));
+  }
 
   explicit Matmul(const Ctx& ctx) : gemv_(ctx.st, ctx.stream), gemm_(ctx.st, ctx.stream), stream_(ctx.stream), st_(ctx.st) {}
   // y [T, N] f32 = x [T, K] f32 @ w [N, K]^T. Capturable in a CUDA graph for T <= 8 (no allocation, no sync on
@@ -25,6 +34,7 @@ class Matmul {  // one per engine
   void run(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K, bool gated = false,
            const void* x_half = nullptr);
   static bool fuses_silu_mul(int64_t T, int64_t K, DType w_dtype) { return Gemv::fuses_silu_mul(T, K, w_dtype); }
+  Gemm& gemm() { return gemm_; }  // the kernel benchmark compares run_split with the GEMV
   Gemv& gemv() { return gemv_; }  // the quantized GEMV (gemv-quant.cuh) runs on the same kernel and limits
   // The expert GEMV (Gemv::run_experts), T <= 8 tokens. Capturable.
   void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
