@@ -56,27 +56,6 @@ Tensor f32_values(const Tensor& c, cudaStream_t stream) {
   return t;
 }
 
-// GB/s of cudaMemcpy device to device over `bytes` (read + write), best of 10.
-double copy_bandwidth(size_t bytes, cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1) {
-  void *a, *b;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMemsetAsync(a, 1, bytes, stream));
-  float best = 1e30f;
-  for (int i = 0; i < 11; ++i) {
-    CK(cudaEventRecord(e0, stream));
-    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
-    CK(cudaEventRecord(e1, stream));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i > 0) best = std::min(best, ms);
-  }
-  CK(cudaFree(a));
-  CK(cudaFree(b));
-  return 2.0 * double(bytes) / (best * 1e6);
-}
-
 // Exactness at the shapes the timed sweep does not reach: head dims 64 (GQA 8), 128 (MHA) and 256, tokens at
 // positions 0, 5 and random ones (one partition, written directly; several, merged by the last block), paged
 // blocks in reverse order. Each against the CUDA-core kernel over an f32 cache of the same values (1e-5), and a
@@ -133,7 +112,7 @@ int decode_bench(int argc, char** argv) {
   const cudaDeviceProp& prop = device.prop;
   const cudaStream_t stream = device.stream;
   const wc::Ctx ctx = device.ctx;
-  const double copy_gbs = copy_bandwidth(size_t{2} << 30, stream, device.e0, device.e1);
+  const double copy_gbs = device.copy_bandwidth(size_t{2} << 30);
   const size_t l2 = size_t(prop.l2CacheSize);
   std::printf("device: %s, %d SMs, L2 %zu MiB; copy bandwidth %.0f GB/s (cudaMemcpy D2D, read + write)\n", prop.name,
               prop.multiProcessorCount, l2 >> 20, copy_gbs);

@@ -127,6 +127,28 @@ struct Device {
     return ms[ms.size() / 2];
   }
 
+  // GB/s of cudaMemcpy device to device over `bytes` (read + write), best of 10 after one warm-up: the "copy
+  // bandwidth" the attention benches state their kernels against.
+  double copy_bandwidth(size_t bytes) {
+    void *a, *b;
+    CK(cudaMalloc(&a, bytes));
+    CK(cudaMalloc(&b, bytes));
+    CK(cudaMemsetAsync(a, 1, bytes, stream));
+    float best = 1e30f;
+    for (int i = 0; i < 11; ++i) {
+      CK(cudaEventRecord(e0, stream));
+      CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
+      CK(cudaEventRecord(e1, stream));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i > 0) best = std::min(best, ms);
+    }
+    CK(cudaFree(a));
+    CK(cudaFree(b));
+    return 2.0 * double(bytes) / (best * 1e6);
+  }
+
   // False, after printing what it says, when a kernel reported a failure into the status word (with its value
   // where the bench prints that too).
   bool status_ok(bool print_value = false) const {

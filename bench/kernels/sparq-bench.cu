@@ -52,27 +52,6 @@ __global__ void fill(E* p, size_t n, uint64_t seed, int hd, int heavy) {
   }
 }
 
-// GB/s of cudaMemcpy device to device over `bytes` (read + write), best of 10 after one warm-up.
-double copy_bandwidth(size_t bytes, cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1) {
-  void *a, *b;
-  CK(cudaMalloc(&a, bytes));
-  CK(cudaMalloc(&b, bytes));
-  CK(cudaMemsetAsync(a, 1, bytes, stream));
-  float best = 1e30f;
-  for (int i = 0; i < 11; ++i) {
-    CK(cudaEventRecord(e0, stream));
-    CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream));
-    CK(cudaEventRecord(e1, stream));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i > 0) best = std::min(best, ms);
-  }
-  CK(cudaFree(a));
-  CK(cudaFree(b));
-  return 2.0 * double(bytes) / (best * 1e6);
-}
-
 // A device tensor's bytes on the host, as 16-bit words (bf16) or f32.
 template <typename E>
 std::vector<E> download_raw(const Tensor& t) {
@@ -97,7 +76,7 @@ int main(int argc, char** argv) {
   const wc::Ctx ctx = device.ctx;
   const int sms = device.prop.multiProcessorCount;
   const size_t l2 = size_t(device.prop.l2CacheSize);
-  const double copy_gbs = copy_bandwidth(size_t{2} << 30, stream, device.e0, device.e1);
+  const double copy_gbs = device.copy_bandwidth(size_t{2} << 30);
   std::printf("device: %s, %d SMs, L2 %zu MiB, copy bandwidth %.0f GB/s; bf16 KV, blocks of %d positions, batch 1, "
               "decode attention of one layer (us), bytes floor in parentheses\n",
               device.prop.name, sms, l2 >> 20, copy_gbs, B);
