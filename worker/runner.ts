@@ -407,10 +407,11 @@ export class StepRunner {
     };
   }
 
-  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`. */
-  timeGraphReplay(bucket: number, iterations: number): number {
-    const graph = this.graphs.get(bucket);
-    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no decode graph for batch bucket ${bucket} yet`);
+  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`; grouped: the
+   * bucket's graph for steps with prefix groups (bifurcated attention). */
+  timeGraphReplay(bucket: number, iterations: number, grouped = false): number {
+    const graph = (grouped ? this.groupedGraphs : this.graphs).get(bucket);
+    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no ${grouped ? 'prefix-group ' : ''}decode graph for batch bucket ${bucket} yet`);
     this.ops.synchronize();
     const started = performance.now();
     for (let i = 0; i < iterations; i++) this.ops.replay(graph.graph);
