@@ -446,6 +446,16 @@ void check_prefill_inputs(Rng& rng) {
 }
 
 // kvBlockTable [rows.size() / per_seq, per_seq] i32.
+// Block ids for `count` table entries: the first `count` of a seeded shuffle of the pool's n_blocks (the others
+// spare, never in a table), so the tables are scattered and out of order.
+std::vector<int32_t> scattered_blocks(Rng& rng, int64_t n_blocks, int64_t count) {
+  std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
+  for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
+  for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
+  ids.resize(static_cast<size_t>(count));
+  return ids;
+}
+
 Tensor up_table(Backend& b, const std::vector<int32_t>& rows, int64_t per_seq) {
   return b.upload(rows.data(), rows.size() * 4, DType::I32, {static_cast<int64_t>(rows.size()) / per_seq, per_seq});
 }
@@ -545,11 +555,7 @@ void check_paged(Rng& rng) {
                        std::to_string(hd) + " B=" + std::to_string(B) + " " + c.kind;
       run_case("paged", sh, [&] {
         auto k = rng.floats(S * c.nKv * C * hd), v = rng.floats(S * c.nKv * C * hd);
-        // Block ids: a seeded shuffle of the pool; the last 3 are spare (never in the table).
-        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
-        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
-        std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        std::vector<int32_t> rows = scattered_blocks(rng, n_blocks, S * per_seq);
         std::vector<float> pk(static_cast<size_t>(n_blocks * c.nKv * B * hd)), pv(pk.size());
         for (int64_t s = 0; s < S; ++s)
           for (int64_t h = 0; h < c.nKv; ++h)
@@ -633,10 +639,7 @@ void check_kv_bf16(Rng& rng) {
     std::string sh = "T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" + std::to_string(c.nKv) + "x" +
                      std::to_string(hd) + " B=16 " + c.kind;
     run_case("kv bf16", sh, [&] {
-      std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-      for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
-      for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
-      std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq), seq(c.T), pos(c.T);
+      std::vector<int32_t> rows = scattered_blocks(rng, n_blocks, S * per_seq), seq(c.T), pos(c.T);
       for (int64_t t = 0; t < c.T; ++t) {
         const bool decode = !std::strcmp(c.kind, "decode");
         seq[t] = decode ? static_cast<int32_t>(t % S) : 1;
@@ -1185,10 +1188,7 @@ void check_kv_quant(Rng& rng) {
       std::string sh = std::string(dtype_name(dtype)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) +
                        "/" + std::to_string(c.nKv) + "x" + std::to_string(hd) + (c.decode ? " decode" : " prefill");
       run_case("kv quant", sh, [&] {
-        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
-        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
-        const std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        const std::vector<int32_t> rows = scattered_blocks(rng, n_blocks, S * per_seq);
         const Shape cs{n_blocks, c.nKv, B, hd};
         auto table = [&](Backend& b) { return up_table(b, rows, per_seq); };
         // every position of every sequence written once, magnitudes over two decades (rows of unlike scales)
@@ -1280,10 +1280,7 @@ void check_attention_decode_long(Rng& rng) {
       std::string sh = std::string(dtype_name(dtype)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) +
                        "/" + std::to_string(c.nKv) + "x" + std::to_string(hd) + " C=16384 B=16";
       run_case("decode attention long", sh, [&] {
-        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
-        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
-        const std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        const std::vector<int32_t> rows = scattered_blocks(rng, n_blocks, S * per_seq);
         const Shape cs{n_blocks, c.nKv, B, hd};
         auto table = [&](Backend& b) { return up_table(b, rows, per_seq); };
         const auto kw = rng.floats(S * C * c.nKv * hd), vw = rng.floats(S * C * c.nKv * hd);
@@ -1441,10 +1438,7 @@ void check_sage(Rng& rng) {
       std::string sh = std::string(dtype_name(c.kv)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" +
                        std::to_string(c.nKv) + "x" + std::to_string(hd) + " " + c.kind + " pv " + dtype_name(pv);
       run_case("sageAttention", sh, [&] {
-        std::vector<int32_t> ids(static_cast<size_t>(n_blocks));
-        for (int64_t i = 0; i < n_blocks; ++i) ids[i] = static_cast<int32_t>(i);
-        for (int64_t i = n_blocks - 1; i > 0; --i) std::swap(ids[i], ids[rng.below(static_cast<int>(i + 1))]);
-        const std::vector<int32_t> rows(ids.begin(), ids.begin() + S * per_seq);
+        const std::vector<int32_t> rows = scattered_blocks(rng, n_blocks, S * per_seq);
         const Shape cs{n_blocks, c.nKv, B, hd};
         std::vector<int32_t> all_seq(S * C), all_pos(S * C);
         for (int64_t i = 0; i < S * C; ++i) {
