@@ -333,7 +333,7 @@ __global__ void bifurcated_merge_mma(KvBlockTable kv, const int32_t* __restrict_
   pdl_wait();
   extern __shared__ float weights[];  // [n_part_a + n_part_b] (rounded up to float4s), then [kWarps][hd] sums
   __shared__ float block_red[kWarps];
-  const int th = blockIdx.x, t = th / nH, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int th = blockIdx.x, t = th / nH;
   const int seq = token_seq[t], pos = positions[t], n_slots = n_part_a + n_part_b;
   float* o = out + size_t(th) * hd;
   if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) {  // reported by the partial kernel
@@ -344,48 +344,8 @@ __global__ void bifurcated_merge_mma(KvBlockTable kv, const int32_t* __restrict_
   const int n_a = shared > 0 ? ceil_div(shared, decode::partition_rows(shared - 1, n_part_a)) : 0;
   const int n_b = len > 0 ? ceil_div(len, decode::partition_rows(len - 1, n_part_b)) : 0;
   const int n_valid = n_a + n_b;
-  auto slot_of = [&](int k) { return k < n_a ? k : n_part_a + k - n_a; };
-  const float* ml = part_ml + size_t(th) * n_slots * 2;
-  auto block_reduce = [&](float v, bool is_max) {
-    v = is_max ? warp_max(v) : warp_sum(v);
-    if (lane == 0) block_red[warp] = v;
-    __syncthreads();
-    float r = block_red[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, block_red[w]) : r + block_red[w];
-    __syncthreads();
-    return r;
-  };
-  float m = -INFINITY;
-  for (int k = threadIdx.x; k < n_valid; k += kThreads) m = fmaxf(m, ml[2 * slot_of(k)]);
-  const float M = block_reduce(m, true);
-  float l = 0;
-  for (int k = threadIdx.x; k < n_valid; k += kThreads) {
-    const float e = expf(ml[2 * slot_of(k)] - M);
-    weights[k] = e;
-    l += e * ml[2 * slot_of(k) + 1];
-  }
-  const float inv_L = 1.0f / block_reduce(l, false);  // its barrier also publishes the weights
-
-  float* sums = weights + (n_slots + 3) / 4 * 4;  // [kWarps][hd], float4-aligned
-  const float4* part4 = reinterpret_cast<const float4*>(part_out + size_t(th) * n_slots * hd);
-  const int hd4 = hd / 4;
-  for (int d4 = lane; d4 < hd4; d4 += 32) {
-    float4 acc = make_float4(0, 0, 0, 0);
-    for (int k = warp; k < n_valid; k += kWarps) {
-      const float w = weights[k];
-      const float4 x = part4[size_t(slot_of(k)) * hd4 + d4];
-      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
-    }
-    reinterpret_cast<float4*>(sums + warp * hd)[d4] = acc;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < hd; d += kThreads) {
-    float sum = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += sums[w * hd + d];
-    o[d] = sum * inv_L;
-  }
+  decode::merge_partitions(part_ml + size_t(th) * n_slots * 2, part_out + size_t(th) * n_slots * hd, n_slots, n_valid, hd,
+                           [=](int k) { return k < n_a ? k : n_part_a + k - n_a; }, weights, block_red, o);
 }
 
 // The launch's shape: M tiles a block (MT), its tasks, and the partitions of both kinds.

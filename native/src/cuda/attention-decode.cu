@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
   pdl_wait();
   extern __shared__ float weights[];  // [n_part] (rounded up to float4s), then [kWarps][hd] sums
   __shared__ float block_red[kWarps];
-  const int th = blockIdx.x, t = th / nH, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int th = blockIdx.x, t = th / nH;
   const int seq = token_seq[t], pos = positions[t];
   float* o = out + size_t(th) * hd;
   if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) {  // reported by the partial kernel
@@ -261,48 +261,8 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const int rows_each = partition_rows(pos, n_part), n_valid = (pos + rows_each) / rows_each;
-  const float* ml = part_ml + size_t(th) * n_part * 2;
-  auto block_reduce = [&](float v, bool is_max) {
-    v = is_max ? warp_max(v) : warp_sum(v);
-    if (lane == 0) block_red[warp] = v;
-    __syncthreads();
-    float r = block_red[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, block_red[w]) : r + block_red[w];
-    __syncthreads();
-    return r;
-  };
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < n_valid; c += kThreads) m = fmaxf(m, ml[2 * c]);
-  const float M = block_reduce(m, true);
-  float l = 0;
-  for (int c = threadIdx.x; c < n_valid; c += kThreads) {
-    const float e = expf(ml[2 * c] - M);
-    weights[c] = e;
-    l += e * ml[2 * c + 1];
-  }
-  const float inv_L = 1.0f / block_reduce(l, false);  // its barrier also publishes the weights
-
-  float* sums = weights + (n_part + 3) / 4 * 4;  // [kWarps][hd], float4-aligned
-  const float4* part4 = reinterpret_cast<const float4*>(part_out + size_t(th) * n_part * hd);
-  const int hd4 = hd / 4;
-  for (int d4 = lane; d4 < hd4; d4 += 32) {
-    float4 acc = make_float4(0, 0, 0, 0);
-#pragma unroll 8
-    for (int c = warp; c < n_valid; c += kWarps) {
-      const float w = weights[c];
-      const float4 x = part4[size_t(c) * hd4 + d4];
-      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
-    }
-    reinterpret_cast<float4*>(sums + warp * hd)[d4] = acc;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < hd; d += kThreads) {
-    float sum = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += sums[w * hd + d];
-    o[d] = sum * inv_L;
-  }
+  merge_partitions(part_ml + size_t(th) * n_part * 2, part_out + size_t(th) * n_part * hd, n_part, n_valid, hd,
+                   [](int k) { return k; }, weights, block_red, o);
 }
 
 }  // namespace

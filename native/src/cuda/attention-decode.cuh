@@ -205,5 +205,58 @@ MmaLaunch launch_decode_partial_mma(const Ctx& ctx, const DecodePlan& plan, cons
                                     const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
                                     const Tensor& positions, int64_t n_heads, float scale, float* part_out,
                                     float* part_ml, float* out);
+// The merge of one (token, head)'s partitions by their log-sum-exp, a block of kThreads: partition k < n_valid sits in
+// slot slot_of(k) of part_out [slots][hd] and part_ml [slots][2] (its max m and sum l); o [hd] = the partitions'
+// outputs weighted by exp(m_k - M) l_k, over L = their sum. Each weight first, then the warps take every kWarps-th
+// partition (four dims a lane, loads independent of each other so that many are in flight) and add their sums in
+// warp order: a fixed order, the same bits every replay. weights: shared memory for the slots (rounded up to float4s)
+// and then [kWarps][hd] sums; block_red: kWarps floats of shared memory.
+template <class SlotOf>
+__device__ __forceinline__ void merge_partitions(const float* part_ml, const float* part_out, int slots, int n_valid, int hd,
+                                                 SlotOf slot_of, float* weights, float* block_red, float* o) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  auto block_reduce = [&](float v, bool is_max) {
+    v = is_max ? warp_max(v) : warp_sum(v);
+    if (lane == 0) block_red[warp] = v;
+    __syncthreads();
+    float r = block_red[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) r = is_max ? fmaxf(r, block_red[w]) : r + block_red[w];
+    __syncthreads();
+    return r;
+  };
+  float m = -INFINITY;
+  for (int k = threadIdx.x; k < n_valid; k += kThreads) m = fmaxf(m, part_ml[2 * slot_of(k)]);
+  const float M = block_reduce(m, true);
+  float l = 0;
+  for (int k = threadIdx.x; k < n_valid; k += kThreads) {
+    const float e = expf(part_ml[2 * slot_of(k)] - M);
+    weights[k] = e;
+    l += e * part_ml[2 * slot_of(k) + 1];
+  }
+  const float inv_L = 1.0f / block_reduce(l, false);  // its barrier also publishes the weights
+
+  float* sums = weights + (slots + 3) / 4 * 4;  // [kWarps][hd], float4-aligned
+  const float4* part4 = reinterpret_cast<const float4*>(part_out);
+  const int hd4 = hd / 4;
+  for (int d4 = lane; d4 < hd4; d4 += 32) {
+    float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll 8
+    for (int k = warp; k < n_valid; k += kWarps) {
+      const float w = weights[k];
+      const float4 x = part4[size_t(slot_of(k)) * hd4 + d4];
+      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+    }
+    reinterpret_cast<float4*>(sums + warp * hd)[d4] = acc;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < hd; d += kThreads) {
+    float sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += sums[w * hd + d];
+    o[d] = sum * inv_L;
+  }
+}
+
 }  // namespace decode
 }  // namespace weft::cuda
