@@ -241,9 +241,8 @@ __global__ void __launch_bounds__(kThreads)
   store_partition_ml(u, nH, n_part, m_run, l_run, part_ml);
 }
 
-// grid (T * nH), kThreads threads, n_part floats of shared memory: merge the partitions of one (token, head).
-// Each partition's weight exp(m_c - M) / L first, then the warps take every kWarps-th partition (four dims a
-// lane, loads independent of each other so that many are in flight) and add their sums in warp order.
+// grid (T * nH), kThreads threads, n_part floats of shared memory: merge the partitions of one (token, head)
+// (merge_partitions, attention-decode.cuh).
 __global__ void __launch_bounds__(kThreads)
     attention_decode_merge(KvBlockTable kv, const int32_t* __restrict__ token_seq,
                            const int32_t* __restrict__ positions, int nH, int hd, int n_part,
