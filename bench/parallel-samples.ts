@@ -73,7 +73,7 @@ for (const name of opts.models.split(',')) {
       for (let i = 0; i < newTokens; i++) await decode(prompt + 2 + i);
       const stepMs = (performance.now() - started) / newTokens;
       const bucket = [1, 2, 4, 8, 16, 32, 64].find((b) => b >= n)!;
-      const replayMs = cuda ? runner.timeGraphReplay(bucket, 30, n > 1) : NaN;
+      const replayMs = cuda ? runner.timeGraphReplay(bucket, 30, n > 1 ? 1 : 0) : NaN; // one group: one slot
       const own = 2 + newTokens / 2; // each sample's mean continuation over the timed steps
       const stepBytesRead = bytes.activeWeightBytes(n) + bytes.kvBytes(1, prompt) + bytes.kvBytes(n, own);
       const floor = floorMs(stepBytesRead, bandwidthGBs);

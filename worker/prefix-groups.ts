@@ -7,6 +7,7 @@
  */
 import type { StepBatch } from '../core/step-batch.ts';
 import type { KvCacheLayout } from '../core/kv-block-table.ts';
+import { WeftError } from '../core/errors.ts';
 import { int32Tensor, type Ops, type PrefixGroups, type StepIndex } from './models/ops.ts';
 
 /** Tokens a step may hold to use the bifurcated kernel: the decode kernel's limit (cuda/attention.cuh kDecodeMaxTokens). */
@@ -59,17 +60,31 @@ export function withPrefixGroups(ops: Ops, step: StepIndex, batch: StepBatch, kv
   return { ...step, prefixGroups: { tokenGroup: int32Tensor(ops, groups.tokenGroup), groupShared: int32Tensor(ops, groups.groupShared) } };
 }
 
-/** A decode graph's descriptors for `bucket` rows (no groups until written): persistent, rewritten before each replay. */
-export function prefixGroupTensors(ops: Ops, bucket: number): PrefixGroups {
-  return { tokenGroup: int32Tensor(ops, new Int32Array(bucket).fill(-1)), groupShared: int32Tensor(ops, new Int32Array(bucket)) };
+/**
+ * The group slots of the decode graph a step with `groups` prefix groups runs in: the next power of two, at most
+ * the bucket. The CUDA kernel sizes its prefix partitions from the slot count (its plan comes from shapes alone,
+ * fixed when the graph is captured), so a graph with a slot per row would split one group's prompt 16 ways less
+ * than it could at bucket 16: measured on H200, 8K prompt, 16 samples, 22.1 ms a step (Llama-2-7B) with 16 slots,
+ * about what 16 unshared sequences cost. One graph per (bucket, slots) used.
+ */
+export function groupSlots(groups: number, bucket: number): number {
+  let slots = 1;
+  while (slots < groups) slots *= 2;
+  return Math.min(slots, bucket);
+}
+
+/** A decode graph's descriptors for `bucket` rows and `slots` groups (none until written): persistent, rewritten before each replay. */
+export function prefixGroupTensors(ops: Ops, bucket: number, slots: number): PrefixGroups {
+  return { tokenGroup: int32Tensor(ops, new Int32Array(bucket).fill(-1)), groupShared: int32Tensor(ops, new Int32Array(slots)) };
 }
 
 /** Write a step's groups into a graph's descriptors: its tokens first (padding rows of no group), unused group slots shared 0. */
 export function writePrefixGroups(ops: Ops, tensors: PrefixGroups, groups: PrefixGroupArrays): void {
-  const bucket = tensors.tokenGroup.shape[0]!;
+  const bucket = tensors.tokenGroup.shape[0]!, slots = tensors.groupShared.shape[0]!;
+  if (groups.groupShared.length > slots) throw new WeftError('WEFT_BAD_REQUEST', `a step of ${groups.groupShared.length} prefix groups in a graph of ${slots} group slots`);
   const tokenGroup = new Int32Array(bucket).fill(-1);
   tokenGroup.set(groups.tokenGroup);
-  const groupShared = new Int32Array(bucket);
+  const groupShared = new Int32Array(slots);
   groupShared.set(groups.groupShared);
   ops.write(tensors.tokenGroup, new Uint8Array(tokenGroup.buffer));
   ops.write(tensors.groupShared, new Uint8Array(groupShared.buffer));

@@ -27,7 +27,7 @@ import { checkKvPositions } from '../core/step-batch.ts';
 import { maxBlocksPerSequence, type KvCacheLayout } from '../core/kv-block-table.ts';
 import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
-import { prefixGroupArrays, prefixGroupTensors, withPrefixGroups, writePrefixGroups } from './prefix-groups.ts';
+import { groupSlots, prefixGroupArrays, prefixGroupTensors, withPrefixGroups, writePrefixGroups } from './prefix-groups.ts';
 import type { RankModel } from './models/registry.ts';
 import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
@@ -220,8 +220,9 @@ export function chunkRanges(tokens: number, maxTokens: number): { start: number;
 
 export class StepRunner {
   private readonly graphs = new Map<number, DecodeGraph>();
-  /** decode graphs of steps with prefix groups: their attention is bifurcated (prefix-groups.ts), one per bucket */
-  private readonly groupedGraphs = new Map<number, DecodeGraph>();
+  /** decode graphs of steps with prefix groups: their attention is bifurcated (prefix-groups.ts), one per bucket and
+   * count of group slots (groupSlots), keyed `${bucket}/${slots}` */
+  private readonly groupedGraphs = new Map<string, DecodeGraph>();
   private readonly useGraphs: boolean;
   /** the largest decode batch that runs as a graph (0 without graphs) */
   readonly maxGraphBatch: number;
@@ -407,11 +408,11 @@ export class StepRunner {
     };
   }
 
-  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`; grouped: the
-   * bucket's graph for steps with prefix groups (bifurcated attention). */
-  timeGraphReplay(bucket: number, iterations: number, grouped = false): number {
-    const graph = (grouped ? this.groupedGraphs : this.graphs).get(bucket);
-    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no ${grouped ? 'prefix-group ' : ''}decode graph for batch bucket ${bucket} yet`);
+  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`; groupSlots: the
+   * bucket's graph for steps with that many prefix-group slots (bifurcated attention). */
+  timeGraphReplay(bucket: number, iterations: number, groupSlots = 0): number {
+    const graph = groupSlots ? this.groupedGraphs.get(`${bucket}/${groupSlots}`) : this.graphs.get(bucket);
+    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no ${groupSlots ? `prefix-group (${groupSlots} slots) ` : ''}decode graph for batch bucket ${bucket} yet`);
     this.ops.synchronize();
     const started = performance.now();
     for (let i = 0; i < iterations; i++) this.ops.replay(graph.graph);
@@ -497,7 +498,8 @@ export class StepRunner {
 
   private async replayDecode(batch: StepBatch, bucket: number): Promise<LaunchedStep> {
     const groups = prefixGroupArrays(batch, this.kv);
-    const graph = (groups ? this.groupedGraphs : this.graphs).get(bucket) ?? (await this.capture(bucket, groups !== null));
+    const slots = groups ? groupSlots(groups.groupShared.length, bucket) : 0;
+    const graph = (slots ? this.groupedGraphs.get(`${bucket}/${slots}`) : this.graphs.get(bucket)) ?? (await this.capture(bucket, slots));
     const { ops } = this;
     const n = batch.tokens.length;
     const { tokens, feedFrom } = this.splitFeed(batch);
@@ -530,7 +532,7 @@ export class StepRunner {
    * Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). The graph
    * begins by taking its fed tokens from `sampled` and ends by storing its draw there.
    */
-  private async capture(bucket: number, grouped = false): Promise<DecodeGraph> {
+  private async capture(bucket: number, groupSlots = 0): Promise<DecodeGraph> {
     const { ops, sampled } = this;
     // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
     if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
@@ -538,7 +540,7 @@ export class StepRunner {
     const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
       ...uploadIndex(ops, stepIndexArrays(padded, this.kv, this.rankModel.model.sparq?.setting)),
-      ...(grouped && { prefixGroups: prefixGroupTensors(ops, bucket) }),
+      ...(groupSlots > 0 && { prefixGroups: prefixGroupTensors(ops, bucket, groupSlots) }),
       feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
       temperature: float32Tensor(ops, padded.sample.temperature),
       topK: int32Tensor(ops, padded.sample.topK),
@@ -574,7 +576,8 @@ export class StepRunner {
       ops.endStep();
     }
     const decodeGraph = { bucket, graph, inputs, keepRows, ...outputs! };
-    (grouped ? this.groupedGraphs : this.graphs).set(bucket, decodeGraph);
+    if (groupSlots) this.groupedGraphs.set(`${bucket}/${groupSlots}`, decodeGraph);
+    else this.graphs.set(bucket, decodeGraph);
     return decodeGraph;
   }
 }

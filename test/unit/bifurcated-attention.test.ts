@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine, type Tensor } from '../../worker/native.ts';
-import { prefixGroupArrays } from '../../worker/prefix-groups.ts';
+import { groupSlots, prefixGroupArrays, prefixGroupTensors, writePrefixGroups } from '../../worker/prefix-groups.ts';
 import { prng } from '../helpers/random.ts';
 
 const engine = createEngine({ backend: 'cpu', threads: 2 });
@@ -128,4 +128,18 @@ test('prefix groups of a decode step: tokens whose rows begin with the same bloc
   assert.equal(prefixGroupArrays({ ...batch, kvBlockTable: [[0], [1], [2], [3], [4]] }, KV), null);
   assert.equal(prefixGroupArrays({ ...batch, tokenSeq: [0, 0, 1, 3, 4] }, KV), null);
   assert.equal(prefixGroupArrays({ tokenSeq: [0], positions: [9], kvBlockTable: [[0, 1, 2]] }, KV), null);
+});
+
+test('a decode graph holds its groups in a power of two of slots, at most the bucket, and refuses a step with more', () => {
+  assert.deepEqual([1, 2, 3, 4, 5, 9].map((groups) => groupSlots(groups, 8)), [1, 2, 4, 4, 8, 8]);
+  assert.equal(groupSlots(3, 2), 2);
+  const tensors = prefixGroupTensors(engine, 4, 2);
+  assert.deepEqual(tensors.groupShared.shape, [2]);
+  writePrefixGroups(engine, tensors, { tokenGroup: Int32Array.from([1, 0, 1]), groupShared: Int32Array.from([8]) });
+  assert.deepEqual([...(engine.download(tensors.tokenGroup) as Int32Array)], [1, 0, 1, -1]);
+  assert.deepEqual([...(engine.download(tensors.groupShared) as Int32Array)], [8, 0]);
+  assert.throws(
+    () => writePrefixGroups(engine, tensors, { tokenGroup: Int32Array.from([0, 1, 2]), groupShared: Int32Array.from([4, 4, 4]) }),
+    /a step of 3 prefix groups in a graph of 2 group slots/,
+  );
 });
