@@ -63,9 +63,9 @@ export function withPrefixGroups(ops: Ops, step: StepIndex, batch: StepBatch, kv
 /**
  * The group slots of the decode graph a step with `groups` prefix groups runs in: the next power of two, at most
  * the bucket. The CUDA kernel sizes its prefix partitions from the slot count (its plan comes from shapes alone,
- * fixed when the graph is captured), so a graph with a slot per row would split one group's prompt 16 ways less
- * than it could at bucket 16: measured on H200, 8K prompt, 16 samples, 22.1 ms a step (Llama-2-7B) with 16 slots,
- * about what 16 unshared sequences cost. One graph per (bucket, slots) used.
+ * fixed when the graph is captured): with a slot per row, one group's prompt got the few long partitions planned
+ * for 16 groups' work. Measured on H200, 8K prompt, 16 samples, Llama-2-7B: 22.1 ms a step with 16 slots, about
+ * what 16 unshared sequences cost. One graph per (bucket, slots) used.
  */
 export function groupSlots(groups: number, bucket: number): number {
   let slots = 1;
