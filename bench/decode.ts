@@ -14,7 +14,7 @@ import { planShards } from '../core/shard-plan.ts';
 import { withQuantizeAtLoad } from '../core/model-spec.ts';
 import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
-import { StepRunner } from '../worker/runner.ts';
+import { GRAPH_BUCKETS, StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
@@ -116,7 +116,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
       const started = performance.now();
       for (let i = 0; i < newTokens; i++) await decode(prompt + 2 + i);
       const stepMs = (performance.now() - started) / newTokens;
-      const bucket = [1, 2, 4, 8].find((b) => b >= batch)!;
+      const bucket = GRAPH_BUCKETS.find((b) => b >= batch)!;
       // GPU time of the decode graph alone, no host work
       const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN;
       const meanContext = prompt + 2 + newTokens / 2;

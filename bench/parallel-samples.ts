@@ -16,7 +16,7 @@ import { createEngine } from '../worker/native.ts';
 import { planShards } from '../core/shard-plan.ts';
 import { buildRankModel, disposeRankModel, randomWeights } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
-import { StepRunner } from '../worker/runner.ts';
+import { GRAPH_BUCKETS, StepRunner } from '../worker/runner.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { blocksFor, kvCacheLayout, kvDtypeBytes, resolveKvDtype } from '../core/kv-block-table.ts';
 import { presetSpec } from './presets.ts';
@@ -72,7 +72,7 @@ for (const name of opts.models.split(',')) {
       const started = performance.now();
       for (let i = 0; i < newTokens; i++) await decode(prompt + 2 + i);
       const stepMs = (performance.now() - started) / newTokens;
-      const bucket = [1, 2, 4, 8, 16, 32, 64].find((b) => b >= n)!;
+      const bucket = GRAPH_BUCKETS.find((b) => b >= n)!;
       const replayMs = cuda ? runner.timeGraphReplay(bucket, 30, n > 1 ? 1 : 0) : NaN; // one group: one slot
       const own = 2 + newTokens / 2; // each sample's mean continuation over the timed steps
       const stepBytesRead = bytes.activeWeightBytes(n) + bytes.kvBytes(1, prompt) + bytes.kvBytes(n, own);

@@ -408,11 +408,11 @@ export class StepRunner {
     };
   }
 
-  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`; groupSlots: the
+  /** Benchmarks: the GPU time of one decode graph replay (no host work), in ms, over `iterations`; slots: the
    * bucket's graph for steps with that many prefix-group slots (bifurcated attention). */
-  timeGraphReplay(bucket: number, iterations: number, groupSlots = 0): number {
-    const graph = groupSlots ? this.groupedGraphs.get(`${bucket}/${groupSlots}`) : this.graphs.get(bucket);
-    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no ${groupSlots ? `prefix-group (${groupSlots} slots) ` : ''}decode graph for batch bucket ${bucket} yet`);
+  timeGraphReplay(bucket: number, iterations: number, slots = 0): number {
+    const graph = slots ? this.groupedGraphs.get(`${bucket}/${slots}`) : this.graphs.get(bucket);
+    if (!graph) throw new WeftError('WEFT_BAD_REQUEST', `no ${slots ? `prefix-group (${slots} slots) ` : ''}decode graph for batch bucket ${bucket} yet`);
     this.ops.synchronize();
     const started = performance.now();
     for (let i = 0; i < iterations; i++) this.ops.replay(graph.graph);
@@ -532,7 +532,7 @@ export class StepRunner {
    * Capture the decode graph of one bucket: a warm-up run first (first-use work stays out of the graph). The graph
    * begins by taking its fed tokens from `sampled` and ends by storing its draw there.
    */
-  private async capture(bucket: number, groupSlots = 0): Promise<DecodeGraph> {
+  private async capture(bucket: number, slots = 0): Promise<DecodeGraph> {
     const { ops, sampled } = this;
     // the warm-up overwrites `sampled`: a draw still waiting there to be fed comes to the host first
     if (this.last?.where === 'device') this.last = { where: 'host', tokens: Array.from(ops.download(sampled).subarray(0, this.last.rows)) };
@@ -540,7 +540,7 @@ export class StepRunner {
     const padded = this.padToBucket({ tokens: [], positions: [], tokenSeq: [], kvBlockTable: [], logitRows: [] }, bucket);
     const inputs = {
       ...uploadIndex(ops, stepIndexArrays(padded, this.kv, this.rankModel.model.sparq?.setting)),
-      ...(groupSlots > 0 && { prefixGroups: prefixGroupTensors(ops, bucket, groupSlots) }),
+      ...(slots > 0 && { prefixGroups: prefixGroupTensors(ops, bucket, slots) }),
       feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
       temperature: float32Tensor(ops, padded.sample.temperature),
       topK: int32Tensor(ops, padded.sample.topK),
@@ -576,7 +576,7 @@ export class StepRunner {
       ops.endStep();
     }
     const decodeGraph = { bucket, graph, inputs, keepRows, ...outputs! };
-    if (groupSlots) this.groupedGraphs.set(`${bucket}/${groupSlots}`, decodeGraph);
+    if (slots) this.groupedGraphs.set(`${bucket}/${slots}`, decodeGraph);
     else this.graphs.set(bucket, decodeGraph);
     return decodeGraph;
   }

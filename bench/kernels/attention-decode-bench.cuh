@@ -164,16 +164,8 @@ int decode_bench(int argc, char** argv) {
           };
           const double us = 1e3 * device.median_ms(3, 10, sweep) / layers, gbs = layer_bytes / (us * 1e3);
           const std::vector<float> o = bench::download(out);
-          cudaGraph_t graph;
-          cudaGraphExec_t exec;
-          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
-          sweep();
-          CK(cudaStreamEndCapture(stream, &graph));
-          CK(cudaGraphInstantiate(&exec, graph, 0));
-          const double gus = 1e3 * device.median_ms(3, 10, [&] { CK(cudaGraphLaunch(exec, stream)); }) / layers;
+          const double gus = 1e3 * device.graph_median_ms(3, 10, sweep) / layers;
           const std::vector<float> og = bench::download(out);
-          CK(cudaGraphExecDestroy(exec));
-          CK(cudaGraphDestroy(graph));
           // Against the CUDA-core kernel (and the merge kernel) over an f32 cache of the same values, layer l - 1:
           // within ops-check's 1e-5 of max|out| (check_kv_bf16, check_kv_quant).
           double err;

@@ -127,6 +127,22 @@ struct Device {
     return ms[ms.size() / 2];
   }
 
+  // ms of one replay of f captured as a CUDA graph on the stream (relaxed capture: launchers may set kernel
+  // attributes on first use): median_ms of the replays.
+  template <typename F>
+  float graph_median_ms(int warmups, int runs, F&& f) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    f();
+    CK(cudaStreamEndCapture(stream, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    const float ms = median_ms(warmups, runs, [&] { CK(cudaGraphLaunch(exec, stream)); });
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    return ms;
+  }
+
   // GB/s of cudaMemcpy device to device over `bytes` (read + write), best of 10 after one warm-up: the "copy
   // bandwidth" the attention benches state their kernels against.
   double copy_bandwidth(size_t bytes) {

@@ -83,26 +83,7 @@ int main(int argc, char** argv) {
   cpu::ThreadPool pool(8);
   constexpr int kRuns = 15;
   auto time_graph = [&](int calls, const std::function<void()>& f) {  // us per call
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    f();
-    CK(cudaStreamEndCapture(stream, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
-    std::vector<float> ms;
-    for (int i = 0; i < 3 + kRuns; ++i) {
-      CK(cudaEventRecord(device.e0, stream));
-      CK(cudaGraphLaunch(exec, stream));
-      CK(cudaEventRecord(device.e1, stream));
-      CK(cudaEventSynchronize(device.e1));
-      float m;
-      CK(cudaEventElapsedTime(&m, device.e0, device.e1));
-      if (i >= 3) ms.push_back(m);
-    }
-    CK(cudaGraphExecDestroy(exec));
-    CK(cudaGraphDestroy(graph));
-    std::sort(ms.begin(), ms.end());
-    return 1e3 * ms[ms.size() / 2] / calls;
+    return 1e3 * device.graph_median_ms(3, kRuns, f) / calls;
   };
 
   struct Model {
