@@ -1316,6 +1316,38 @@ void check_attention_decode_long(Rng& rng) {
     }
 }
 
+// Decode batches past kDecodeMaxTokens (cuda/attention.cuh takes_decode_kernel): T tokens, one per sequence row
+// (T == S, as a decode step of T sequences), run on the decode kernel, so they meet its bound, 1e-4, against the
+// CPU; the prefill kernel's f16 operands are 2.4e-4 to 3.9e-4 off (check_attention), so this bound also tells which
+// kernel ran. bf16 caches (tensor cores) and f32 (CUDA cores); GQA 4 at head dim 128 and MHA at 64; random
+// positions in each sequence's one block.
+void check_attention_decode_batch(Rng& rng) {
+  struct Cfg {
+    int64_t T, nH, nKv, hd, C;
+  };
+  for (DType dtype : {DType::BF16, DType::F32})
+    for (Cfg c : {Cfg{200, 32, 8, 128, 256}, Cfg{130, 16, 16, 64, 192}}) {
+      std::string sh = std::string(dtype_name(dtype)) + " T=S=" + std::to_string(c.T) + " " + std::to_string(c.nH) +
+                       "/" + std::to_string(c.nKv) + "x" + std::to_string(c.hd) + " C=" + std::to_string(c.C);
+      run_case("decode batch attention", sh, [&] {
+        Caches caches = make_caches(rng, c.T, c.nKv, c.C, c.hd, dtype);
+        std::vector<int32_t> seq(c.T), pos(c.T);
+        for (int64_t t = 0; t < c.T; ++t) {
+          seq[t] = static_cast<int32_t>(t);
+          pos[t] = t == 0 ? static_cast<int32_t>(c.C - 1) : t == 1 ? 0 : rng.below(c.C);
+        }
+        const auto q = rng.floats(c.T * c.nH * c.hd);
+        const Shape qs{c.T, c.nH * c.hd};
+        const float scale = 1.0f / std::sqrt(float(c.hd));
+        auto want = down(*cpu, cpu->attention(up(*cpu, q, qs), caches.kc, caches.vc, up_i(*cpu, seq),
+                                              one_block_table(*cpu, c.T), up_i(*cpu, pos), c.nH, scale));
+        auto got = down(*gpu, gpu->attention(up(*gpu, q, qs), caches.kg, caches.vg, up_i(*gpu, seq),
+                                             one_block_table(*gpu, c.T), up_i(*gpu, pos), c.nH, scale));
+        compare("decode batch attention", sh, got, want, 1e-4);
+      });
+    }
+}
+
 // The quantized GEMV at every token count 1..16 (gemv-quant-mma.cu for int8 per channel and int4 g128: one
 // n-tile of 8 tokens up to 8, two from 9; rows not a multiple of its 16-row tile), the gated form, activations
 // beyond f16's range (|x| up to 2e5: the kernel rescales x per token by a power of two), groups smaller than its
@@ -1542,6 +1574,7 @@ int main() {
   check_sage(rng);
   check_attention_decode_long(rng);  // last: the checks before it draw the same random inputs as before
   check_matmul_split(rng);
+  check_attention_decode_batch(rng);
   auto mi = gpu->memory_info();
   int failed = 0;
   std::printf("%-20s %-34s %12s %12s  %s\n", "op", "shape", "max err", "bound", "result");

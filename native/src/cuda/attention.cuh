@@ -4,14 +4,14 @@
 // device, so a captured graph stays valid as they change. Each kernel looks a key row's block up once per row
 // (and tile), never per element, so any B >= 1 works and one block per sequence runs as fast as before. C below
 // is a sequence's capacity, maxBlocksPerSeq * B. Two kernels, chosen by T (a shape):
-//  - decode (T <= kDecodeMaxTokens): split-K flash-decoding (attention-decode.cuh has the plan). Each token's
+//  - decode (T <= kDecodeMaxTokens, or a decode batch: takes_decode_kernel): split-K flash-decoding (attention-decode.cuh has the plan). Each token's
 //    positions are cut into the same number of partitions of whole 32-row tiles (the count from the shapes only);
 //    one block per (token, kv head, partition) serves the whole GQA group of query heads from one read of its K/V
 //    rows, which stream through shared memory by cp.async while the previous tile is used; a second kernel merges
 //    the partitions (max / sum / partial output, in a fixed order: same bits every replay). bf16, fp8 and int8
 //    caches at head dims 64, 128 and 256 run on tensor cores (attention-decode-mma.cu), f32 caches and other head
 //    dims (multiples of 8) on CUDA cores (attention-decode.cu).
-//  - prefill (larger T): FlashAttention-2 on tensor cores (mma.sync m16n8k16, f16 operands, f32 softmax and
+//  - prefill (the other steps): FlashAttention-2 on tensor cores (mma.sync m16n8k16, f16 operands, f32 softmax and
 //    accumulators) for head dims 64 and 128: blocks of 64 query tokens x one head, K/V tiles of 64 positions
 //    fetched (cp.async) while the previous one is used, converted to f16 once per block; causal through
 //    positions; a tile whose tokens belong to several sequences runs once per sequence. Other head dims
@@ -24,6 +24,16 @@
 namespace weft::cuda {
 
 constexpr int64_t kDecodeMaxTokens = 64;
+
+// Whether a step of T query tokens over a table of S sequence rows runs on the decode kernel: up to
+// kDecodeMaxTokens tokens, or a decode batch of any size (one table row per token, as a decode step of S
+// sequences has: a graph's padding rows are sequences of their own). The prefill kernel serves a 64-token tile's
+// sequences one pass each, so 256 decode tokens would be 4 tiles a head, each walking 64 sequences' keys in turn;
+// the decode kernel gives every token its own blocks. Either kernel is exact for any batch: this is a speed
+// choice. The bound on T * n_heads keeps the decode grid's rows (T * nKv * head chunks) within a grid's 65535.
+inline bool takes_decode_kernel(int64_t T, int64_t S, int64_t n_heads) {
+  return T <= kDecodeMaxTokens || (T == S && T * n_heads <= 65535);
+}
 
 // Floats of device scratch the launch needs (0 for the prefill kernel).
 int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,

@@ -115,10 +115,18 @@ class CudaBackend final : public Backend {
   void on_begin_step() override {
     half_copies_.clear();  // first: the copies hold their tensors' arena regions
     sage_scratch_ = Tensor{};  // likewise
+    attention_scratch_ = Tensor{};
     arena_.begin_step();
   }
-  void on_capture_begin() override { graphs_.begin(); }
-  std::shared_ptr<Graph> on_capture_end() override { return graphs_.end(); }
+  // A graph's attention partials are its own (in its arena region), made by its first layer
+  void on_capture_begin() override {
+    attention_scratch_ = Tensor{};
+    graphs_.begin();
+  }
+  std::shared_ptr<Graph> on_capture_end() override {
+    attention_scratch_ = Tensor{};
+    return graphs_.end();
+  }
   void on_replay(const Graph& graph) override { graphs_.replay(graph); }
 
   // ---- ops
@@ -168,7 +176,12 @@ class CudaBackend final : public Backend {
                      const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
                      const Tensor& out) override {
     int64_t floats = cuda::attention_scratch_floats(q, k_cache, kv_block_table, n_heads, st_->num_sms);
-    Tensor scratch = floats ? empty(DType::F32, {floats}) : Tensor{};
+    // One scratch for a step's layers (the stream orders them), grown when a layer needs more: a 256-token decode
+    // batch at a 32K context needs ~1.3 GB of partials, which every layer making its own would take 32 times
+    // (outside a step, each call its own)
+    Tensor scratch = in_step() ? attention_scratch_ : Tensor{};
+    if (floats > 0 && (!scratch.buffer || scratch.numel() < floats)) scratch = empty(DType::F32, {floats});
+    if (in_step()) attention_scratch_ = scratch;
     cuda::launch_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out,
                            floats ? scratch.data<float>() : nullptr, st_->num_sms);
   }
@@ -470,6 +483,7 @@ class CudaBackend final : public Backend {
   cuda::GraphCapture graphs_;
   std::unique_ptr<cuda::Matmul> matmul_;
   Tensor sage_scratch_;  // run_sage_attention's bytes, step memory: dropped at each step's start
+  Tensor attention_scratch_;  // run_attention's decode partials, step memory: dropped at each step's start and capture
   Tensor dequant_scratch_;  // [max numel of a quantized weight] bf16, persistent (run_quant_matmul, T > 16)
   cuda::HalfCopies half_copies_;
 };
