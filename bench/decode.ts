@@ -4,7 +4,8 @@
  *   node --import tsx bench/decode.ts --models llama-2-7b,llama-3-8b --batches 1,8 --prompts 5,1024 --new-tokens 200
  *
  * In one run: the device's read bandwidth, then per model × prompt length × batch: time to first token
- * (prefill of one sequence plus its first sampled token), decode step time and tokens/s (CUDA graphs),
+ * (prefill of one sequence plus its first sampled token), decode step time and tokens/s (CUDA graphs; steps
+ * queued ahead as the worker runs them, and each awaited in turn: bench/decode-steps.ts),
  * the bytes one decode step must read (weights + the KV cache it attends over, at the cache's element size:
  * --kv-dtype, bf16 on cuda by default) and the fraction of the bandwidth floor reached. Ends with one JSON line.
  */
@@ -15,6 +16,7 @@ import { withQuantizeAtLoad } from '../core/model-spec.ts';
 import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { GRAPH_BUCKETS, StepRunner } from '../worker/runner.ts';
+import { aheadStepMs, serialStepMs } from './decode-steps.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
@@ -64,7 +66,9 @@ interface Row {
   batch: number;
   prompt: number;
   ttftMs: number;
+  /** per step, queued ahead (the reported figure); serialStepMs: each awaited in turn */
   stepMs: number;
+  serialStepMs: number;
   replayMs: number;
   tokensPerS: number;
   bytesPerStep: number;
@@ -84,7 +88,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
   const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`);
   const maxBatch = Math.max(...batches);
-  const maxContext = Math.max(...prompts) + newTokens + 16;
+  const maxContext = Math.max(...prompts) + 2 * newTokens + 16; // two untimed steps, newTokens serial, newTokens ahead
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
   const built = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
   checkPrefillAttention(prefillAttention, spec, opts.device);
@@ -106,26 +110,21 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
         if (b === 0) ttftMs = performance.now() - started;
         last.push(result.tokens![0]!);
       }
-      const decode = async (position: number): Promise<void> => {
-        const rows = [...Array(batch).keys()]; // sequence b in block b
-        const result = await runner.step({ tokens: last, positions: Array(batch).fill(position), tokenSeq: rows, kvBlockTable: rows.map((b) => [b]), logitRows: rows, sample: greedy(batch) });
-        last = result.tokens!;
-      };
-      await decode(prompt); // captures this bucket's graph on first use
-      await decode(prompt + 1);
-      const started = performance.now();
-      for (let i = 0; i < newTokens; i++) await decode(prompt + 2 + i);
-      const stepMs = (performance.now() - started) / newTokens;
+      const seqs = [...Array(batch).keys()]; // sequence b in block b
+      const decodeAt = (position: number) => ({ positions: Array(batch).fill(position), tokenSeq: seqs, kvBlockTable: seqs.map((b) => [b]), logitRows: seqs, sample: greedy(batch) });
+      ({ tokens: last } = await serialStepMs(runner, decodeAt, last, prompt, 2)); // the first captures this bucket's graph
+      const serial = await serialStepMs(runner, decodeAt, last, prompt + 2, newTokens);
+      const stepMs = await aheadStepMs(runner, decodeAt, batch, prompt + 2 + newTokens, newTokens);
       const bucket = GRAPH_BUCKETS.find((b) => b >= batch)!;
       // GPU time of the decode graph alone, no host work
       const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN;
-      const meanContext = prompt + 2 + newTokens / 2;
+      const meanContext = prompt + 2 + 1.5 * newTokens; // over the steps timed ahead
       const bytesPerStep = bytes.bytesPerStep(batch, meanContext);
       const floorMs = stepFloorMs(bytesPerStep, bandwidthGBs);
-      const row = { model: label, weights, kvDtype, batch, prompt, ttftMs, stepMs, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
+      const row = { model: label, weights, kvDtype, batch, prompt, ttftMs, stepMs, serialStepMs: serial.ms, replayMs, tokensPerS: (batch * 1000) / stepMs, bytesPerStep, floorMs, fractionOfFloor: floorMs / stepMs, achievedGBs: bytesPerStep / (stepMs * 1e6) };
       rows.push(row);
       console.log(
-        `${label.padEnd(20)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms (graph alone ${replayMs.toFixed(3)}), ` +
+        `${label.padEnd(20)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms ahead (serial ${serial.ms.toFixed(3)}, graph alone ${replayMs.toFixed(3)}), ` +
           `${row.tokensPerS.toFixed(1)} tok/s, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
       );
     }

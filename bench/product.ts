@@ -71,7 +71,7 @@ const bytes = stepBytes(spec, planShards(spec, 1), 0, kvDtypeBytes(kvDtype));
 const promptIds = [spec.bosTokenId ?? 0, ...Array.from({ length: promptTokens - 1 }, (_, i) => Math.floor(((i + 1) * spec.vocabSize) / (promptTokens + 1)))];
 const meanContext = promptTokens + newTokens / 2;
 // the KV cache per sequence that bench/decode.ts gives its in-process runs (what a run needs, and a little)
-const maxContext = promptTokens + newTokens + 16;
+const maxContext = promptTokens + 2 * newTokens + 16;
 const servePromptTokens = opts.servePromptTokens === undefined ? null : Number(opts.servePromptTokens);
 const serveMeanContext = (servePromptTokens ?? promptTokens) + newTokens / 2;
 const tensorTflops = opts.tensorTflops ? Number(opts.tensorTflops) : opts.device === 'cuda' ? 989 : NaN;
