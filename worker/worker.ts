@@ -12,7 +12,7 @@ import { NcclCollectives } from './collectives/nccl.ts';
 import { SharedGpuCollectives, exchangeOver, type HandleExchange } from './collectives/shared-gpu.ts';
 import { chooseCollectives, type CollectivesPlan } from './collectives/choose.ts';
 import { loadShard, shardBytes } from './weights/load-shard.ts';
-import { buildRankModel, hostWeights } from './models/registry.ts';
+import { buildRankModel, uploadWeights } from './models/registry.ts';
 import { StepRunner, graphArenaTokens, maxGraphBatch, workerArenaBytes, type LaunchedStep } from './runner.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
@@ -64,7 +64,7 @@ export class WorkerState {
       bytesLoaded = read;
       this.onProgress(read, total);
     });
-    const built = buildRankModel(engine, command.spec, command.plan, this.rank, hostWeights(engine, this.rank, weights), kv);
+    const built = buildRankModel(engine, command.spec, command.plan, this.rank, await uploadWeights(engine, command.spec, command.plan, this.rank, weights), kv);
     // --attention sparq: SparQ's state beside the cache, and steps of at most the tokens its kernels serve
     const sparqModel = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
     // --prefill-attention int8|fp8: prompt steps attend through sageAttention (the coordinator checked the model)

@@ -7,7 +7,7 @@ import { after, describe, it } from 'node:test';
 import { type ModelSpec, readModelSpec, SUPPORTED_ARCHITECTURES } from '../../core/model-spec.ts';
 import { planShards, type RankShard } from '../../core/shard-plan.ts';
 import { type HostTensor, loadShard, shardBytes, shardLayout } from '../../worker/weights/load-shard.ts';
-import { buildRankModel, FAMILIES, familyOf, hostWeights } from '../../worker/models/registry.ts';
+import { buildRankModel, FAMILIES, familyOf, hostWeights, uploadWeights } from '../../worker/models/registry.ts';
 import type { Ops } from '../../worker/models/ops.ts';
 import { createEngine } from '../../worker/native.ts';
 import { weftError, readTensors, writeTensors, type RawTensor } from '../helpers/safetensors-files.ts';
@@ -275,6 +275,39 @@ describe('model families as tables', () => {
     const quantized = await loadShard(dir, spec, plan, 1);
     quantized.set('embed', { ...quantized.get('embed')!, format: { kind: 'int4', groupSize: 32, scales: 'f16' } });
     assert.throws(() => build(quantized), weftError('WEFT_BAD_WEIGHTS', /tensor embed is int4 \(groups of 32, f16 scales\) \[256, 64\], the layout expects f32/));
+  });
+
+  it('uploadWeights (the worker\'s): the tensors hostWeights gives, with the event loop served between uploads', async () => {
+    const dir = fixture('mixtral-tiny');
+    const spec = readModelSpec(dir);
+    const plan = planShards(spec, 2);
+    const engine = createEngine({ backend: 'cpu', threads: 1 });
+    const events: string[] = [];
+    const counting = new Proxy(engine, { get: (target, key) => (key === 'upload' ? (...args: Parameters<typeof engine.upload>) => (events.push('upload'), target.upload(...args)) : Reflect.get(target, key)) });
+    const kvOptions = { kvBlocks: 1, kvBlockSize: 8, kvDtype: 'f32' } as const;
+    const weights = await loadShard(dir, spec, plan, 1);
+    setImmediate(() => events.push('turn'));
+    const uploaded = buildRankModel(engine, spec, plan, 1, await uploadWeights(counting, spec, plan, 1, weights), kvOptions);
+    assert.equal(events.indexOf('turn'), 1, 'the loop waited for more than one tensor\'s upload');
+    assert.equal(events.filter((e) => e === 'upload').length, shardLayout(spec, plan, 1).filter((t) => t.aliasOf === null).length);
+    const reference = buildRankModel(engine, spec, plan, 1, hostWeights(engine, 1, await loadShard(dir, spec, plan, 1)), kvOptions);
+    for (const key of ['embed', 'norm', 'lmHead'] as const) assert.deepEqual(engine.download(uploaded.model[key]), engine.download(reference.model[key]), key);
+    // every tensor of every layer, nested ones (a layer's experts) too
+    type Download = Parameters<typeof engine.download>[0];
+    const tensorsOf = (value: unknown, at: string): [string, Download][] => {
+      if (value === null || typeof value !== 'object') return [];
+      const v = value as { shape?: unknown; dtype?: unknown };
+      if (Array.isArray(v.shape) && typeof v.dtype === 'string') return [[at, value as Download]];
+      return Object.entries(value).flatMap(([k, inner]) => tensorsOf(inner, `${at}.${k}`));
+    };
+    const got = new Map(tensorsOf(uploaded.model.layers, 'layers'));
+    const want = tensorsOf(reference.model.layers, 'layers');
+    assert.ok(want.length >= 4 * spec.nLayers);
+    for (const [name, t] of want) assert.deepEqual(engine.download(got.get(name)!), engine.download(t), name);
+    // a tensor the layout wants and the checkpoint lacks is still named, now before anything is built
+    const missing = await loadShard(dir, spec, plan, 1);
+    missing.delete('norm');
+    await assert.rejects(uploadWeights(engine, spec, plan, 1, missing), weftError('WEFT_BAD_WEIGHTS', /^rank 1: tensor norm was not loaded$/));
   });
 
   it('the KV cache is kvBlocks blocks of kvBlockSize positions per layer', async () => {
