@@ -162,12 +162,11 @@ function percentile(sorted: readonly number[], q: number): number {
 
 /**
  * `concurrency` streams at once, each within `timeoutMs`; figures of the whole phase and of its steady part.
- * `promptIds`: one prompt for every stream, or stream i's prompt (distinct prompts: no stream finds another's in
- * the prefix cache).
+ * `promptOf(i)`: stream i's prompt (distinct prompts: no stream finds another's in the prefix cache, and their
+ * tokens differ).
  */
-export async function concurrentStreams(url: string, promptIds: readonly number[] | ((stream: number) => readonly number[]), maxTokens: number, concurrency: number, timeoutMs: number): Promise<ConcurrentFigures> {
+export async function concurrentStreams(url: string, promptOf: (stream: number) => readonly number[], maxTokens: number, concurrency: number, timeoutMs: number): Promise<ConcurrentFigures> {
   const started = performance.now();
-  const promptOf = typeof promptIds === 'function' ? promptIds : () => promptIds;
   const streams = await Promise.all(Array.from({ length: concurrency }, (_, i) => streamCompletion(url, promptOf(i), maxTokens, timeoutMs)));
   const ended = Math.max(...streams.map((s) => s.endedAt));
   const tokens = streams.reduce((sum, s) => sum + s.tokens, 0);

@@ -9,7 +9,9 @@
  *   as bench/decode.ts sizes its KV cache; its own decode tok/s and TTFT (a fresh process: the first decode
  *   step's graph capture is inside its figure).
  * - serve: one `weft serve` process on free ports (--kv-slots = the largest concurrency), per concurrency C one
- *   untimed warm-up round, then C streams at once from node's fetch; tok/s = generated tokens / the phase's wall
+ *   untimed warm-up round, then C streams at once from node's fetch, each stream and round a prompt of its own (of
+ *   --prompt-tokens; identical streams would draw identical tokens, and a mixture of experts' steps would then read
+ *   only the experts one token picks: Mixtral's 8 streams ran 1.53x its in-process batch of 8); tok/s = generated tokens / the phase's wall
  *   time (prefills and ramp included), TTFT = the median time to a stream's first text; "steady" = chunks per
  *   second while all C streams were decoding. The server is stopped with SIGTERM and no process of it may remain.
  * - in-process and gpt-fast rows come from files: bench/decode.ts's output (its last JSON line) and
@@ -17,8 +19,8 @@
  * Floor: the bytes a decode step reads (bench/step-bytes.ts) at the mean context of the run, at the read
  * bandwidth (--bandwidth, else weft's probe in a child process; none on the CPU). Each row is appended to --out
  * as one JSON line; a markdown table ends the run.
- * - serving at scale (--serve-prompt-tokens): each serve stream gets a prompt of its own of that length (no
- *   prefix-cache hits between streams or rounds); its row adds TTFT p99 and the roofline of one decode step of
+ * - serving at scale (--serve-prompt-tokens): the serve streams' prompts are of that length (no prefix-cache hits
+ *   between streams or rounds); its row adds TTFT p99 and the roofline of one decode step of
  *   that batch: the bytes of the weights and of the KV at the mean context over the read bandwidth, the FLOPs over
  *   the tensor-core rate (--tensor-tflops), the floor the larger of the two, set beside the steady step time
  *   (batch / steady tok/s).
@@ -78,7 +80,7 @@ const tensorTflops = opts.tensorTflops ? Number(opts.tensorTflops) : opts.device
 /** Serve stream `stream`'s prompt in round `round`: BOS, then ids of its own (a fixed stride through the vocabulary). */
 const servePrompt = (round: number) => (stream: number): number[] => [
   spec.bosTokenId ?? 0,
-  ...Array.from({ length: servePromptTokens! - 1 }, (_, i) => 1 + ((round * 1_000_003 + stream * 7919 + i * 104_729) % (spec.vocabSize - 1))),
+  ...Array.from({ length: (servePromptTokens ?? promptTokens) - 1 }, (_, i) => 1 + ((round * 1_000_003 + stream * 7919 + i * 104_729) % (spec.vocabSize - 1))),
 ];
 
 /** FLOPs of one decode step of `batch` sequences at `context` positions: the projections (2 per weight and row; experts: those a token uses) and attention (QK and PV). */
@@ -164,8 +166,8 @@ async function measureServe(): Promise<void> {
     for (const [round, c] of concurrency.entries()) {
       const phase = performance.now();
       // warm-up: graph capture, first-use allocations (prompts of their own, so the timed round finds none cached)
-      await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round), Math.min(16, newTokens), c, timeoutMs);
-      const f = await concurrentStreams(server.url, servePromptTokens === null ? promptIds : servePrompt(2 * round + 1), newTokens, c, timeoutMs);
+      await concurrentStreams(server.url, servePrompt(2 * round), Math.min(16, newTokens), c, timeoutMs);
+      const f = await concurrentStreams(server.url, servePrompt(2 * round + 1), newTokens, c, timeoutMs);
       if (f.tokens !== c * newTokens) throw new Error(`serve x${c} generated ${f.tokens} tokens, not ${c * newTokens}`);
       const row: ProductRow = { model, batch: c, path: 'serve', tokensPerS: f.tokensPerS, ttftMs: f.p50TtftMs, floorMs: floorOf(c), anchorTokensPerS: null, steadyTokensPerS: f.steadyTokensPerS, loadS: server.readyS };
       if (servePromptTokens !== null) {
