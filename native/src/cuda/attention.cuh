@@ -5,7 +5,8 @@
 // (and tile), never per element, so any B >= 1 works and one block per sequence runs as fast as before. C below
 // is a sequence's capacity, maxBlocksPerSeq * B. Two kernels, chosen by the step's shape (takes_decode_kernel):
 //  - decode (T <= kDecodeMaxTokens, or a decode batch of any size): split-K flash-decoding (attention-decode.cuh
-//    has the plan). Each token's positions are cut into the same number of partitions of whole 32-row tiles (the count from the shapes only);
+//    has the plan). Each token's positions are cut into the same number of partitions of whole 32-row tiles (the
+//    count from the shapes only);
 //    one block per (token, kv head, partition) serves the whole GQA group of query heads from one read of its K/V
 //    rows, which stream through shared memory by cp.async while the previous tile is used; a second kernel merges
 //    the partitions (max / sum / partial output, in a fixed order: same bits every replay). bf16, fp8 and int8
