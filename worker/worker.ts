@@ -13,7 +13,8 @@ import { SharedGpuCollectives, exchangeOver, type HandleExchange } from './colle
 import { chooseCollectives, type CollectivesPlan } from './collectives/choose.ts';
 import { loadShard, shardBytes } from './weights/load-shard.ts';
 import { buildRankModel, uploadWeights } from './models/registry.ts';
-import { StepRunner, graphArenaTokens, maxGraphBatch, workerArenaBytes, type LaunchedStep } from './runner.ts';
+import { StepRunner, type LaunchedStep } from './runner.ts';
+import { graphArenaTokens, maxGraphBatch, workerArenaBytes } from './step-sizes.ts';
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from './models/sparq.ts';

@@ -13,7 +13,7 @@ import { checkKvPositions, stepBatchSchema, type StepBatch } from '../../core/st
 import { readModelSpec } from '../../core/model-spec.ts';
 import { planShards } from '../../core/shard-plan.ts';
 import { commandConfig } from '../../coordinator/config.ts';
-import { GRAPH_BUCKETS, graphArenaTokens, graphBucketFor, maxGraphBatch, maxStepTokens, stepArenaBytes, stepBytesPerToken, workerArenaBytes, PREFILL_STEP_TOKENS } from '../../worker/runner.ts';
+import { GRAPH_BUCKETS, graphArenaTokens, graphBucketFor, maxGraphBatch, maxStepTokens, stepArenaBytes, stepBytesPerToken, workerArenaBytes, PREFILL_STEP_TOKENS } from '../../worker/step-sizes.ts';
 import { runRequests, tinyScheduler, type TinyRequest } from '../helpers/tiny-scheduler.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 
