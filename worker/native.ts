@@ -253,6 +253,11 @@ export interface Engine {
   memoryInfo(): { free: number; total: number };
   /** CUDA: read-only streaming bandwidth in GB/s over `bytes`, best of `iterations`. CPU: throws. */
   measureBandwidth(bytes: number, iterations: number): number;
+  /**
+   * Benchmarks: CUDA, wait for the queued work, then start (true) or stop (false) a profiler's collection, so that
+   * `ncu --profile-from-start off` times only the kernels in between (bench/kernels/profile-step.sh). CPU: no-op.
+   */
+  profileRange(on: boolean): void;
 }
 
 /** What the loaded binary was built with. */

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Summarise an ncu CSV (--csv --page raw with gpu__time_duration.sum) of bench/kernels/step-profile.ts: the kernels
-of the last decode step (after the last sampling kernel but one), grouped by kernel name, in ms and share.
+of its profiler range (one decode step's graph replay), grouped by kernel name, in ms and share.
 
     python3 bench/kernels/ncu-summary.py ncu.csv
 """
@@ -23,10 +23,7 @@ for r in reader:
     rows.append((f"{name} grid {grid}" if grid else name, d))
 if not rows:
     sys.exit("ncu-summary: no kernel rows")
-unit = "ns"
-samples = [i for i, (n, _) in enumerate(rows) if "sample" in n.lower()]
-start = samples[-2] + 1 if len(samples) >= 2 else 0
-step = rows[start:]
+step = rows
 groups = OrderedDict()
 for n, d in step:
     grid = n.rsplit(" grid ", 1)[1] if " grid " in n else ""
@@ -36,7 +33,7 @@ for n, d in step:
     g[0] += 1
     g[1] += d
 total = sum(d for _, d in step)
-print(f"kernels in the last step: {len(step)}, sum of kernel times {total / 1e6:.3f} ms (serialised by ncu, no overlap)")
+print(f"kernels in the step: {len(step)}, sum of kernel times {total / 1e6:.3f} ms (serialised by ncu, no overlap)")
 print("| kernel | calls | total ms | per call us | share |")
 print("|---|---|---|---|---|")
 for k, (c, d) in sorted(groups.items(), key=lambda kv: -kv[1][1]):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Kernel-by-kernel device times of one decode step (its CUDA graph's replay), with Nsight Compute on the GPU host:
+# Kernel-by-kernel device times of one decode step (its CUDA graph's replay, the profiler range of step-profile.ts),
+# with Nsight Compute on the GPU host:
 #   bash deploy/gpu-host.sh bash bench/kernels/profile-step.sh [MODEL] [BATCH] [PROMPT]
 # ncu serialises kernels (programmatic dependent launch overlaps nothing under it), so the sum is an upper bound
 # on the graph's time and the table says where the time goes, not the step time. Leaves ncu-<model>-b<batch>.csv
@@ -11,7 +12,7 @@ NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head 
 CSV="${OUT:-.}/ncu-$MODEL-b$BATCH.csv"
 REP="$(mktemp -d)/step"
 "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum,launch__grid_size \
-  --kernel-name 'regex:^(?!random).*' -o "$REP" \
+  --profile-from-start off -o "$REP" \
   node --import tsx bench/kernels/step-profile.ts --model "$MODEL" --batch "$BATCH" --prompt "$PROMPT" 2>&1 | tail -3
 "$NCU" --import "$REP.ncu-rep" --csv --page raw --metrics gpu__time_duration.sum,launch__grid_size >"$CSV"
 python3 bench/kernels/ncu-summary.py "$CSV"

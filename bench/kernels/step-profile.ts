@@ -4,8 +4,8 @@
  *   ncu --csv ... node --import tsx bench/kernels/step-profile.ts --model llama-2-7b --batch 1 --prompt 5
  *
  * Random weights on the device, one prefill per sequence, then two decode steps: the first captures the batch's
- * CUDA graph (an eager warm-up run, then the capture), the second replays it. The replay's kernels are the ones
- * after the last sampling kernel but one (bench/kernels/ncu-summary.py picks them).
+ * CUDA graph (an eager warm-up run, then the capture), the second replays it inside a profiler range
+ * (Engine.profileRange), so `ncu --profile-from-start off` times the replay's kernels alone.
  */
 import { Command } from 'commander';
 import { createEngine } from '../../worker/native.ts';
@@ -34,7 +34,9 @@ const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).f
 const rows = [...Array(batch).keys()];
 for (const b of rows)
   await runner.step({ tokens: Array.from({ length: prompt }, (_, i) => (i * 7 + b) % spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[b]], logitRows: [prompt - 1], sample: greedy(1) });
-for (const position of [prompt, prompt + 1])
-  await runner.step({ tokens: rows.map(() => 1), positions: rows.map(() => position), tokenSeq: rows, kvBlockTable: rows.map((b) => [b]), logitRows: rows, sample: greedy(batch) });
-engine.synchronize();
+const decode = (position: number) => runner.step({ tokens: rows.map(() => 1), positions: rows.map(() => position), tokenSeq: rows, kvBlockTable: rows.map((b) => [b]), logitRows: rows, sample: greedy(batch) });
+await decode(prompt);
+engine.profileRange(true);
+await decode(prompt + 1);
+engine.profileRange(false);
 console.log(`step-profile: ${opts.model} batch ${batch} prompt ${prompt}: done`);

@@ -84,6 +84,9 @@ class Backend {
   virtual void synchronize() {}                       // waits for the engine's queued work
   virtual MemoryInfo memory_info() = 0;
   virtual double measure_bandwidth(size_t bytes, int iterations);  // GB/s (cuda)
+  // cuda: waits for queued work, then starts (on) or stops a profiler's collection (cudaProfilerStart/Stop), so
+  // that `ncu --profile-from-start off` sees only the work in between; cpu: nothing to collect, a no-op
+  virtual void profile_range(bool /*on*/) {}
 
   // ---- memory
   // Overwrites t's contents with n_bytes (== t.nbytes()) raw bytes, ordered after queued work (a later

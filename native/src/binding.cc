@@ -207,6 +207,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::Synchronize>("synchronize"),
                          InstanceMethod<&EngineHandle::MemoryInfo>("memoryInfo"),
                          InstanceMethod<&EngineHandle::MeasureBandwidth>("measureBandwidth"),
+                         InstanceMethod<&EngineHandle::ProfileRange>("profileRange"),
                      });
 }
 
@@ -724,6 +725,15 @@ Napi::Value EngineHandle::MeasureBandwidth(const Napi::CallbackInfo& info) {
                ", ", iterations, ")");
     return Napi::Number::New(info.Env(), backend_->measure_bandwidth(static_cast<size_t>(bytes),
                                                                       static_cast<int>(iterations)));
+  });
+}
+
+Napi::Value EngineHandle::ProfileRange(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "profileRange", [&]() -> Napi::Value {
+    Args a(info, "profileRange", this);
+    WEFT_TYPE_CHECK(a[0].IsBoolean(), "profileRange", "on must be a boolean (got ", describe(a[0]), ")");
+    backend_->profile_range(a[0].As<Napi::Boolean>().Value());
+    return info.Env().Undefined();
   });
 }
 

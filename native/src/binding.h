@@ -112,6 +112,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value Synchronize(const Napi::CallbackInfo& info);
   Napi::Value MemoryInfo(const Napi::CallbackInfo& info);
   Napi::Value MeasureBandwidth(const Napi::CallbackInfo& info);
+  Napi::Value ProfileRange(const Napi::CallbackInfo& info);
 
   std::shared_ptr<Backend> backend_;
 };

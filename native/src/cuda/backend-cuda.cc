@@ -1,6 +1,7 @@
 // CudaBackend: the op table (each run_* calls one launcher of an op file) over the engine's device
 // (device.h: stream, status word, the CUDA error path), memory (memory.h: persistent tensors, the step arena,
 // pinned staging) and graphs (graphs.h: capture and replay).
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -66,6 +67,11 @@ class CudaBackend final : public Backend {
     size_t free = 0, total = 0;
     check_cuda(*st_, cudaMemGetInfo(&free, &total), "memoryInfo");
     return {static_cast<double>(free), static_cast<double>(total)};
+  }
+  void profile_range(bool on) override {
+    no_capture("profileRange", "it waits for the device");
+    sync("profileRange");
+    check_cuda(*st_, on ? cudaProfilerStart() : cudaProfilerStop(), "profileRange");
   }
   double measure_bandwidth(size_t bytes, int iterations) override {
     no_capture("measureBandwidth", "it allocates and waits");
