@@ -748,6 +748,9 @@ test('graphs and device handles need the cuda backend', () => {
   assertNativeError(() => e.devicePointer(e.zeros('f32', [1])), /devicePointer: needs the cuda backend/);
   assertNativeError(() => e.streamHandle(), /streamHandle: needs the cuda backend/);
   assertNativeError(() => e.measureBandwidth(1 << 20, 1), /measureBandwidth: needs the cuda backend/);
+  e.profileRange(true); // nothing for a profiler to collect on the CPU: a no-op either way
+  e.profileRange(false);
+  assertNativeError(() => e.profileRange(1 as never), /profileRange: on must be a boolean \(got number 1\)/, TypeError);
   e.synchronize();
   const m = e.memoryInfo();
   assert.ok(m.total >= m.free && m.free >= 0, `memoryInfo ${JSON.stringify(m)}`);
