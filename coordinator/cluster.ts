@@ -15,7 +15,7 @@ import type { ShardPlan } from '../core/shard-plan.ts';
 import type { DecodeOptions, EncodeOptions, WeftTokenizer } from './tokenizer.ts';
 import { TextPool } from './text-pool.ts';
 import type { ChatMessage, ChatPrompter } from './chat-template.ts';
-import { contextName, parseSamplingParams, validatePromptIds } from './sampling-params.ts';
+import { contextName, parseSamplingParams, parseScoreAttention, validatePromptIds, type AttentionLimits } from './sampling-params.ts';
 import { WorkerGroup } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle } from './scheduler.ts';
@@ -197,7 +197,7 @@ export class Cluster {
     this.checkOpen();
     const promptIds = await this.promptIds(request);
     this.checkOpen(); // it may have closed while the prompt was tokenized
-    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize, attention: { sparq: this.lifecycle.initCommand.sparq ?? null, spec: this.spec, device: this.lifecycle.initCommand.device } });
+    const params = parseSamplingParams(request.sampling ?? {}, { maxContext: this.maxContext, contextName: this.contextName, promptLength: promptIds.length, vocabSize: this.spec.vocabSize, attention: this.attentionLimits() });
     // a verify step's log-probs are the draft round's, not one sampled row's: not wired through the round
     if (params.logprobs !== undefined && this.speculative)
       throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft); serve without a draft model to get log-probs');
@@ -227,15 +227,24 @@ export class Cluster {
     if (this.lifecycle.state === 'closed') throw new WeftError('WEFT_CLOSED', 'the cluster is closed');
   }
 
-  /** Log-probabilities of each token of `ids` given the ones before it, in one forward pass. */
-  async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number; topLogprobs?: number } = {}): Promise<ScoreResult> {
+  /**
+   * Log-probabilities of each token of `ids` given the ones before it, in one forward pass; `attention`: as
+   * generate's sampling parameter (SparQ or dense for this request), else the cluster's.
+   */
+  async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number; topLogprobs?: number; attention?: unknown } = {}): Promise<ScoreResult> {
     this.checkOpen();
     const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext, this.contextName);
     const top = options.topLogprobs;
     if (top !== undefined && !(Number.isInteger(top) && top >= 0 && top <= MAX_TOP_LOGPROBS))
       throw new WeftError('WEFT_BAD_REQUEST', `score: topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${top}`);
+    const attention = options.attention === undefined ? undefined : parseScoreAttention(options.attention, this.attentionLimits());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
-    return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined, top ?? null);
+    return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined, top ?? null, attention);
+  }
+
+  /** What per-request attention this cluster serves (sampling-params.ts AttentionLimits). */
+  private attentionLimits(): AttentionLimits {
+    return { sparq: this.lifecycle.initCommand.sparq ?? null, spec: this.spec, device: this.lifecycle.initCommand.device };
   }
 
   info(): ModelInfo {

@@ -51,16 +51,22 @@ const attentionSchema = z.strictObject({
   r: z.number().int({ error: 'r must be an integer' }).optional(),
   k: z.number().int({ error: 'k must be an integer' }).optional(),
 });
-/** The request's attention against what the cluster serves: refused (WEFT_BAD_REQUEST) when it cannot. */
-function resolveAttention(given: z.infer<typeof attentionSchema>, limits: AttentionLimits | undefined): AttentionRequest {
+/** The request's attention against what the cluster serves: refused (WEFT_BAD_REQUEST, naming `what`) when it cannot. */
+function resolveAttention(given: z.infer<typeof attentionSchema>, limits: AttentionLimits | undefined, what = 'sampling parameter attention'): AttentionRequest {
   if (given.mode === 'dense') {
-    if (given.r !== undefined || given.k !== undefined) throw bad('sampling parameter attention: r and k apply to mode sparq only');
+    if (given.r !== undefined || given.k !== undefined) throw bad(`${what}: r and k apply to mode sparq only`);
     return { mode: 'dense' };
   }
-  if (!limits?.sparq) throw bad('sampling parameter attention: this cluster attends densely; SparQ requests need a cluster started with --attention sparq');
+  if (!limits?.sparq) throw bad(`${what}: this cluster attends densely; SparQ requests need a cluster started with --attention sparq`);
   const setting = { r: given.r ?? limits.sparq.r, k: given.k ?? limits.sparq.k };
   checkSparqSetting(setting, limits.spec, limits.device);
   return { mode: 'sparq', ...setting };
+}
+/** A score request's `attention` (the sampling parameter's form), checked as generate's is. */
+export function parseScoreAttention(input: unknown, limits: AttentionLimits): AttentionRequest {
+  const parsed = attentionSchema.safeParse(input);
+  if (!parsed.success) throw bad(`score: attention ${parsed.error.issues.map((i) => i.message).join('; ')} (got ${JSON.stringify(input)})`);
+  return resolveAttention(parsed.data, limits, 'score: attention');
 }
 // ---- end SparQ per request
 

@@ -8,6 +8,7 @@ import type { KvSequenceId } from '../core/kv-block-table.ts';
 import type { GenerationEvent, SequenceState, TokenLogprob } from './generate.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
 import type { Channel } from './channel.ts';
+import type { AttentionRequest } from './sampling-params.ts';
 
 export interface ScoreOutput {
   logprobs: (number | null)[];
@@ -48,6 +49,8 @@ export interface ScoreJob extends JobBase {
   readonly full: boolean;
   /** alternatives per token to return (ScoreOutput.top); null: none */
   readonly topLogprobs: number | null;
+  /** the attention its tokens take (SparQ per request); absent: the cluster's */
+  readonly attention?: AttentionRequest;
   resolve(result: ScoreOutput): void;
   reject(err: Error): void;
 }

@@ -29,6 +29,7 @@ import { Preemption } from './preemption.ts';
 import { StepComposer, checkMaxNumBatchedTokens, defaultMaxNumBatchedTokens } from './step-composer.ts';
 import { scoreOutput, scoreStep } from './score-step.ts';
 import type { GenerateJob, Job, ScoreJob, ScoreOutput, SchedulerObserver, StepWork, Work } from './scheduler-jobs.ts';
+import type { AttentionRequest } from './sampling-params.ts';
 
 export type { ScoreOutput, SchedulerObserver } from './scheduler-jobs.ts';
 export { DEFAULT_MAX_NUM_BATCHED_TOKENS, checkMaxNumBatchedTokens, defaultMaxNumBatchedTokens } from './step-composer.ts';
@@ -120,9 +121,9 @@ export class Scheduler {
   }
 
   /** Queue a scoring pass (with `topLogprobs` alternatives per token). Throws WEFT_BUSY when the queue is full. */
-  submitScore(ids: readonly number[], full: boolean, timeoutMs?: number, topLogprobs: number | null = null): Promise<ScoreOutput> {
+  submitScore(ids: readonly number[], full: boolean, timeoutMs?: number, topLogprobs: number | null = null, attention?: AttentionRequest): Promise<ScoreOutput> {
     return new Promise((resolve, reject) => {
-      const job: ScoreJob = { kind: 'score', ids, full, topLogprobs, resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
+      const job: ScoreJob = { kind: 'score', ids, full, topLogprobs, ...(attention && { attention }), resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
       this.enqueue(job, timeoutMs);
     });
   }

@@ -15,7 +15,7 @@ export function scoreStep(job: ScoreJob, kv: KvBlockTable): StepWork | null {
   const rows = job.full ? positions : positions.slice(0, -1);
   if (rows.length === 0) return null;
   const builder = new StepBatchBuilder(kv.layout.kvBlockSize);
-  const start = builder.append(kv.blocks(job.kv!), job.ids, 0);
+  const start = builder.append(kv.blocks(job.kv!), job.ids, 0, job.attention);
   for (const r of rows) builder.logits(start + r, { scoreId: job.ids[r + 1] ?? 0, topLogprobs: job.topLogprobs });
   return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job], chunked: [] };
 }

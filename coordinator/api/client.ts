@@ -155,10 +155,11 @@ export class WeftClient {
 
   /**
    * Log-probabilities of each token given the ones before it (entry 0 is null); with `topLogprobs` k, `top` holds
-   * each token's log-prob and its k most likely alternatives (entry 0 null).
+   * each token's log-prob and its k most likely alternatives (entry 0 null). `attention`: SparQ or dense for this
+   * request, as generate's sampling parameter.
    */
-  async score(ids: readonly number[], options: { topLogprobs?: number } = {}): Promise<{ logprobs: (number | null)[]; top?: (TokenLogprob | null)[] }> {
-    return this.call({ type: 'score', ids: [...ids], ...(options.topLogprobs !== undefined && { topLogprobs: options.topLogprobs }) });
+  async score(ids: readonly number[], options: { topLogprobs?: number; attention?: { mode: 'dense' } | { mode: 'sparq'; r?: number; k?: number } } = {}): Promise<{ logprobs: (number | null)[]; top?: (TokenLogprob | null)[] }> {
+    return this.call({ type: 'score', ids: [...ids], ...(options.topLogprobs !== undefined && { topLogprobs: options.topLogprobs }), ...(options.attention && { attention: options.attention }) });
   }
 
   /**

@@ -44,6 +44,8 @@ const requestSchema = z.discriminatedUnion('type', [
       full: z.boolean().optional(),
       /** per token, its log-prob and this many most likely alternatives (`top` in the result) */
       topLogprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).optional(),
+      /** `{ mode: 'dense' }` or `{ mode: 'sparq', r?, k? }`, as generate's sampling parameter (the cluster checks it) */
+      attention: z.unknown().optional(),
     })
     .strict(),
   z.object({ ...base, type: z.literal('cancel') }).strict(),

@@ -158,7 +158,7 @@ export class RpcServer {
       }
       case 'score': {
         this.cluster
-          .score(request.ids, { full: request.full === true, ...(request.topLogprobs !== undefined && { topLogprobs: request.topLogprobs }) })
+          .score(request.ids, { full: request.full === true, ...(request.topLogprobs !== undefined && { topLogprobs: request.topLogprobs }), ...(request.attention !== undefined && { attention: request.attention }) })
           .then((r) => reply({ logprobs: r.logprobs, ...(r.top && { top: r.top }), ...(r.full && { full: r.full.map((row) => new Uint8Array(row.buffer, row.byteOffset, row.byteLength)) }) }))
           .catch((err) => this.error(identity, request.id, err));
         return;

@@ -1,9 +1,9 @@
 /**
  * SparQ on CUDA, end to end on the default model (6 query / 2 KV heads, head dim 64; f32 KV so that CPU and CUDA
  * hold the same cache values): with k past the context every token takes the exact path through the SparQ kernels
- * (decode through graphs, prefill in steps of 64 tokens) and must give the dense cluster's greedy tokens and
- * the CPU's dense log-probs within 1e-3; at r = 16, k = 64 the CUDA kernels must reproduce the CPU reference's
- * mean NLL over a 500-token window within 0.01 nats (the selections match except at near-ties, whose effect is
+ * (decode through graphs, prefill in steps of 64 tokens) and must give the dense cluster's greedy tokens and, on
+ * full log-softmax rows, the log-probs of the same cluster's dense score (the same steps) within 1e-3; at r = 16,
+ * k = 64 the CUDA kernels must reproduce the CPU reference's mean NLL over a 500-token window within 0.01 nats (the selections match except at near-ties, whose effect is
  * small and averages out), and a dense request on that cluster must give the dense cluster's tokens.
  * Skips, saying why, without a CUDA build or a GPU.
  */
@@ -26,21 +26,22 @@ const run = <T>(options: Partial<ClusterOptions>, body: (cluster: Cluster) => Pr
 
 const meanNll = (logprobs: readonly (number | null)[]): number => -logprobs.slice(1).reduce<number>((a, x) => a + x!, 0) / (logprobs.length - 1);
 
-// Known failure (H200, 2026-12-02): with k past the context the full log-softmax rows on CUDA are 0.065 from the CPU's
-// dense ones (0.055 from CUDA's dense), against the 1e-3 asked; the kernel check (weft_ops_check, k >= len against
-// the dense kernel at 1e-4) passes, so the gap is in the end-to-end path (prefill in 64-token steps). Open: issue 20.
-const todo = 'SparQ end to end on CUDA is 0.065 from dense on full log-softmax rows with k past the context (issue 20)';
+// Known failure (H200, 2026-12-02), against the CPU's dense log-probs: 0.065 on full log-softmax rows (CUDA's dense
+// cluster 0.055), against the 1e-3 asked; the kernel check (weft_ops_check, k >= len against the dense kernel at
+// 1e-4) passes. Read from the code since, not yet run: CUDA's GEMMs take x in bf16 past the GEMV's 8 tokens (the
+// CPU keeps f32), and this model's weights are bf16, so any CUDA prompt step is that far from the CPU whatever the
+// attention. The reference is now the same cluster's dense score (a score's own attention): the same 64-token
+// steps, so the same GEMM inputs, with dense attention. Open until a GPU run passes it: issue 20.
+const todo = 'SparQ end to end on CUDA against the same cluster\'s dense score: not yet run on a GPU (issue 20)';
 test('SparQ on CUDA: exact past the context, the CPU reference at r 16 k 64, dense per request', { skip, todo }, async () => {
   const prompt = window.slice(0, 32);
   const dense = await run({}, async (c) => ({ tokens: await greedy(c, prompt, 64) }));
-  // The exact reference is the CPU's dense fp32 attention: CUDA's dense prefill of the 500-token window runs the
-  // f16 tensor-core kernel (measured 0.055 apart on full log-softmax rows), SparQ's exact path the fp32 one.
-  const exact = await run({ device: 'cpu' }, async (c) => (await c.score(window, { full: true })).full!);
   await run({ attention: 'sparq', sparqR: 8, sparqK: 4096 }, async (c) => {
     assert.deepEqual(await greedy(c, prompt, 64), dense.tokens);
+    const exact = (await c.score(window, { full: true, attention: { mode: 'dense' } })).full!;
     const full = (await c.score(window, { full: true })).full!;
     const worst = Math.max(...full.map((row, i) => maxAbsDiff(row, exact[i]!)));
-    assert.ok(worst < 1e-3, `k past the context: max abs log-prob diff ${worst} against the CPU's dense attention`);
+    assert.ok(worst < 1e-3, `k past the context: max abs log-prob diff ${worst} against the same steps' dense attention`);
   });
   const cpu = await run({ device: 'cpu', attention: 'sparq', sparqR: 16, sparqK: 64 }, async (c) => meanNll((await c.score(window)).logprobs));
   await run({ attention: 'sparq', sparqR: 16, sparqK: 64 }, async (c) => {

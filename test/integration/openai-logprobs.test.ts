@@ -107,6 +107,9 @@ describe('log-probs through weft serve and the openai npm client', { skip }, () 
     for (let i = 1; i < prompt.length; i++) close(lp.token_logprobs[i]!, hf[i - 1]![prompt[i]!]!, 1e-3, `prompt token ${i} vs transformers`);
     const scored = await rpc.score(prompt);
     for (let i = 1; i < prompt.length; i++) close(lp.token_logprobs[i]!, scored.logprobs[i]!, 1e-5, `prompt token ${i} vs weft score`);
+    // a score's own attention travels over RPC: dense is this cluster's, SparQ is refused by name
+    assert.deepEqual((await rpc.score(prompt, { attention: { mode: 'dense' } })).logprobs, scored.logprobs);
+    await assert.rejects(rpc.score(prompt, { attention: { mode: 'sparq' } }), /score: attention: this cluster attends densely/);
     const plain = (await client.completions.create({ model: MODEL, prompt, max_tokens: 2, temperature: 0, ignore_eos: true })).choices[0]!;
     assert.ok(answer.text.endsWith(plain.text) && answer.text.length > plain.text.length, `echoed: ${JSON.stringify(answer.text)}`);
   });

@@ -43,14 +43,17 @@ const withTinyCluster = <T>(options: Record<string, unknown>, body: (cluster: Cl
   withCluster({ modelDir: fixtureDir('llama3-tiny'), tp: 2, threads: 1, ...options }, body);
 
 const prompt = Array.from({ length: 40 }, (_, i) => (i * 37 + 11) % 200);
-const scores = (cluster: Cluster) => cluster.score(prompt, { full: true }).then((r) => r.full!);
+const scores = (cluster: Cluster, attention?: unknown) => cluster.score(prompt, { full: true, ...(attention !== undefined && { attention }) }).then((r) => r.full!);
 const tokens = async (cluster: Cluster, sampling: Record<string, unknown>) => {
   for await (const event of cluster.generate({ promptIds: prompt.slice(0, 8), sampling: { maxNewTokens: 24, ignoreEos: true, ...sampling } })) if (event.type === 'done') return event.tokens;
   throw new Error('no done event');
 };
 
 test('a cluster with --attention sparq (tp 2, GQA): exact below k, approximate past it, dense per request', async () => {
-  const dense = await withTinyCluster({}, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}) }));
+  const dense = await withTinyCluster({}, async (c) => {
+    await assert.rejects(scores(c, { mode: 'sparq' }), /score: attention: this cluster attends densely; SparQ requests need a cluster started with --attention sparq/);
+    return { scores: await scores(c), tokens: await tokens(c, {}) };
+  });
   const exact = await withTinyCluster({ attention: 'sparq', sparqR: 2, sparqK: 64 }, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}), denseTokens: await tokens(c, { attention: { mode: 'dense' } }) }));
   exact.scores.forEach((row, i) => assert.deepEqual(row, dense.scores[i], `position ${i}: every length <= k = 64 is attended exactly`));
   assert.deepEqual(exact.tokens, dense.tokens);
@@ -62,6 +65,11 @@ test('a cluster with --attention sparq (tp 2, GQA): exact below k, approximate p
     assert.equal(early, 0, 'positions 0..7 (length <= k = 8) are exact');
     assert.ok(late > 1e-4, `past k the log-probs move (max abs diff ${late})`);
     assert.deepEqual(await tokens(c, { attention: { mode: 'dense' } }), dense.tokens, 'a dense request on a SparQ cluster');
+    // scoring takes a request's attention too: dense, or SparQ with a k past the prompt, gives the dense rows
+    (await scores(c, { mode: 'dense' })).forEach((row, i) => assert.deepEqual(row, dense.scores[i], `dense score, position ${i}`));
+    (await scores(c, { mode: 'sparq', k: 64 })).forEach((row, i) => assert.deepEqual(row, dense.scores[i], `score at k = 64, position ${i}`));
+    await assert.rejects(scores(c, { mode: 'sparq', r: 32 }), /SparQ r = 32 must be an integer from 1 to the model's head dimension 16/);
+    await assert.rejects(scores(c, { mode: 'fast' }), /score: attention mode must be 'dense' or 'sparq'/);
     await assert.rejects(tokens(c, { attention: { mode: 'sparq', r: 32 } }), /SparQ r = 32 must be an integer from 1 to the model's head dimension 16/);
   });
   await assert.rejects(withTinyCluster({ attention: 'sparq', sparqR: 17 }, async () => {}), /SparQ r = 17/);
