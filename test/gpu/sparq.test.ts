@@ -3,8 +3,8 @@
  * hold the same cache values): with k past the context every token takes the exact path through the SparQ kernels
  * (decode through graphs, prefill in steps of 64 tokens) and must give the dense cluster's greedy tokens and, on
  * full log-softmax rows, the log-probs of the same cluster's dense score (the same steps) within 1e-3; at r = 16,
- * k = 64 the CUDA kernels must reproduce the CPU reference's mean NLL over a 500-token window within 0.01 nats (the selections match except at near-ties, whose effect is
- * small and averages out), and a dense request on that cluster must give the dense cluster's tokens.
+ * k = 64 the CUDA kernels must reproduce the CPU reference's mean NLL over a 500-token window within 0.01 nats (the
+ * selections match except at near-ties, whose effect is small and averages out), and a dense request on that cluster must give the dense cluster's tokens.
  * Skips, saying why, without a CUDA build or a GPU.
  */
 import { test } from 'node:test';
