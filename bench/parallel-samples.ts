@@ -8,8 +8,8 @@
  * in blocks of its own, so the runner finds the prefix group from the table (worker/prefix-groups.ts) and the step
  * runs bifurcated attention, as `weft serve` does for a request with n samples. Per model x prompt x n: ms per step
  * (each step awaited before the next; each queued ahead of the last one's answer, as the worker runs them:
- * bench/decode-steps.ts; and the graph replay alone), tok/s (ahead), the bytes the step must read (the weights, the prompt's K
- * and V once, each sample's own) and the floor at the probe's bandwidth; the ratio of each step to n = 1's (the
+ * bench/decode-steps.ts; and the graph replay alone), tok/s (ahead), the bytes the step must read (the weights,
+ * the prompt's K and V once, each sample's own) and the floor at the probe's bandwidth; the ratio of each step to n = 1's (the
  * issue's bar at 8K and n = 16: <= 1.3x), per way. Ends with one JSON line.
  */
 import { Command } from 'commander';

@@ -10,9 +10,9 @@
  *   step's graph capture is inside its figure).
  * - serve: one `weft serve` process on free ports (--kv-slots = the largest concurrency), per concurrency C one
  *   untimed warm-up round, then C streams at once from node's fetch, each stream and round a prompt of its own (of
- *   --prompt-tokens; identical streams would draw identical tokens, and a mixture of experts' steps would then read
- *   only the experts one token picks: Mixtral's 8 streams ran 1.53x its in-process batch of 8); tok/s = generated tokens / the phase's wall
- *   time (prefills and ramp included), TTFT = the median time to a stream's first text; "steady" = chunks per
+ *   --prompt-tokens; identical streams draw identical tokens, and a mixture of experts' steps then read only the
+ *   experts one token picks: Mixtral's 8 identical streams ran 1.53x its in-process batch of 8); tok/s = generated
+ *   tokens / the phase's wall time (prefills and ramp included), TTFT = the median time to a stream's first text; "steady" = chunks per
  *   second while all C streams were decoding. The server is stopped with SIGTERM and no process of it may remain.
  * - in-process and gpt-fast rows come from files: bench/decode.ts's output (its last JSON line) and
  *   bench/anchor/run_gptfast.py's JSON lines, measured in the same call by bench/product.sh.
