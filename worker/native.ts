@@ -164,6 +164,12 @@ export interface Engine {
    * On CUDA up to 8 tokens it is one GEMV that forms silu(gate) * up as it loads x: no intermediate tensor.
    */
   siluMulMatmul(gateUp: Tensor, w: Tensor): Tensor;
+  /**
+   * x [T, K] f32, w [2F, K] (gate rows, then up rows; any matmul weight) -> [T, F] f32 = `siluMul(matmul(x, w))`,
+   * SwiGLU's two products and their product. On CUDA one token is one GEMV whose warps each sum a gate row and its
+   * up row and store silu(gate) * up: the down projection then reads a finished input.
+   */
+  matmulSiluMul(x: Tensor, w: Tensor): Tensor;
   /** x [T, N] (any dtype) -> [T, end - start] copy, same dtype. */
   sliceCols(x: Tensor, start: number, end: number): Tensor;
   /** xs[i] [T, Ni], all one dtype (f32 in models) -> [T, sum Ni]. */

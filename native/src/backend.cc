@@ -513,6 +513,17 @@ Tensor Backend::silu_mul_matmul(const Tensor& gate_up, const Tensor& w) {
   return out;
 }
 
+Tensor Backend::matmul_silu_mul(const Tensor& x, const Tensor& w) {
+  const char* op = "matmulSiluMul";
+  need(op, {"x", x}, 2, "[T, K]", kF32);
+  need(op, {"w", w}, 2, "[2F, K]", kWeight);
+  WEFT_CHECK(w.dim(1) == x.dim(1) && w.dim(0) % 2 == 0, op, Arg{"x", x}, " and ", Arg{"w", w},
+             " do not match (expected w [2F, ", x.dim(1), "]: gate rows, then up rows)");
+  Tensor out = empty(DType::F32, {x.dim(0), w.dim(0) / 2});
+  run_matmul_silu_mul(x, w, out);
+  return out;
+}
+
 Tensor Backend::slice_cols(const Tensor& x, int64_t start, int64_t end) {
   const char* op = "sliceCols";
   need(op, {"x", x}, 2, "[T, N]", kAny);

@@ -181,6 +181,10 @@ class Backend {
   // gate_up [T, 2K] f32, w [N, K] float -> [T, N] f32 = matmul(silu_mul(gate_up), w); on CUDA up to 8 tokens
   // one GEMV that forms silu(gate) * up as it loads x (no intermediate, one kernel fewer).
   Tensor silu_mul_matmul(const Tensor& gate_up, const Tensor& w);
+  // x [T, K] f32, w [2F, K] (gate rows, then up rows; any matmul weight) -> [T, F] f32 = silu_mul(matmul(x, w)),
+  // SwiGLU's gate and up products and their product; on CUDA one token is one GEMV that sums gate row f and up row
+  // F + f in one warp and stores silu(gate) * up (no [T, 2F] intermediate, and the down projection reads a finished x).
+  Tensor matmul_silu_mul(const Tensor& x, const Tensor& w);
   // x [T, N] any dtype -> [T, end - start] same dtype.
   Tensor slice_cols(const Tensor& x, int64_t start, int64_t end);
   // xs[i] [T, Ni], one dtype -> [T, sum Ni].
@@ -286,6 +290,7 @@ class Backend {
   virtual void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
                                  bool gated, const Tensor& out) = 0;
   virtual void run_silu_mul_matmul(const Tensor& gate_up, const Tensor& w, const Tensor& out) = 0;
+  virtual void run_matmul_silu_mul(const Tensor& x, const Tensor& w, const Tensor& out) = 0;
   virtual void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) = 0;
   virtual void run_log_softmax(const Tensor& logits, const Tensor& out) = 0;
   virtual void run_logprobs(const Tensor& logits, const int32_t* ids, float* out) = 0;

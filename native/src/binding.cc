@@ -189,6 +189,7 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::ExpertMatmul>("expertMatmul"),
                          InstanceMethod<&EngineHandle::CombineExperts>("combineExperts"),
                          InstanceMethod<&EngineHandle::SiluMulMatmul>("siluMulMatmul"),
+                         InstanceMethod<&EngineHandle::MatmulSiluMul>("matmulSiluMul"),
                          InstanceMethod<&EngineHandle::SiluMulExpertMatmul>("siluMulExpertMatmul"),
                          InstanceMethod<&EngineHandle::LogSoftmax>("logSoftmax"),
                          InstanceMethod<&EngineHandle::Logprobs>("logprobs"),
@@ -548,6 +549,13 @@ Napi::Value EngineHandle::SiluMulMatmul(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "siluMulMatmul", [&] {
     Args a(info, "siluMulMatmul", this);
     return Wrap(info.Env(), backend_->silu_mul_matmul(a.tensor(0, "gateUp"), a.tensor(1, "w")));
+  });
+}
+
+Napi::Value EngineHandle::MatmulSiluMul(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "matmulSiluMul", [&] {
+    Args a(info, "matmulSiluMul", this);
+    return Wrap(info.Env(), backend_->matmul_silu_mul(a.tensor(0, "x"), a.tensor(1, "w")));
   });
 }
 

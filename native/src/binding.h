@@ -94,6 +94,7 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value ExpertMatmul(const Napi::CallbackInfo& info);
   Napi::Value CombineExperts(const Napi::CallbackInfo& info);
   Napi::Value SiluMulMatmul(const Napi::CallbackInfo& info);
+  Napi::Value MatmulSiluMul(const Napi::CallbackInfo& info);
   Napi::Value SiluMulExpertMatmul(const Napi::CallbackInfo& info);
   Napi::Value LogSoftmax(const Napi::CallbackInfo& info);
   Napi::Value Logprobs(const Napi::CallbackInfo& info);

@@ -14,6 +14,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
 import { prng } from '../helpers/random.ts';
+import { quantizeMatrix } from '../../core/weight-quantize.ts';
 
 const seed = Date.now() & 0xffff; // fresh inputs each run; failures print the seed
 const rand = prng(seed);
@@ -106,6 +107,38 @@ test('matmul, K = 4096, f32 and bf16 weights', { skip }, () => {
     assertNear(g, c, T > 8 ? 2e-3 : 1e-5, `siluMulMatmul T=${T}`);
     const separate = get(gpu, gpu.matmul(gpu.siluMul(f32(gpu, gateUp, [T, 2 * H])), bf16(gpu, w, [N, H])));
     if (T <= 8) assert.deepEqual(g, separate, `siluMulMatmul T=${T} equals siluMul + matmul on CUDA`);
+  }
+});
+
+// One token pairs each gate row with its up row in one warp (gemv_one_token_silu_pairs): each sum is the GEMV's own,
+// so up to 8 tokens it equals CUDA's matmul then siluMul bit for bit. Against the CPU (which multiplies a quantized
+// weight by its dequantized values): bf16, int8 per channel and int4 in groups of 128. Where the products take x
+// rounded (bf16 GEMM past 8 tokens, the quantized f16 tensor-core GEMV from 2 tokens) each is within 2e-3 of its
+// scale, so silu(gate) * up within ~4e-3 of max|gate| max|up|, a few times max|silu(gate) up| here: 1e-2.
+test('matmulSiluMul: bf16, int8 and int4 weights, SwiGLU of the two products', { skip }, () => {
+  const F = 1536;
+  const wf = randoms(2 * F * H);
+  const formats = [
+    { name: 'bf16', weight: (e: Engine) => bf16(e, wf, [2 * F, H]), rtol: (T: number) => (T > 8 ? 1e-2 : 1e-5) },
+    ...(['int8', 'int4'] as const).map((kind) => {
+      const q = quantizeMatrix(wf, 2 * F, H, { kind, groupSize: kind === 'int8' ? 'channel' : 128 });
+      const groups = kind === 'int8' ? 1 : H / 128;
+      return {
+        name: kind,
+        weight: (e: Engine) => e.uploadQuantized(q.data, kind === 'int8' ? 'i8' : 'i4', [2 * F, H], e.upload(q.scales, 'bf16', [2 * F, groups])),
+        rtol: (T: number) => (T === 1 ? 1e-5 : 1e-2),
+      };
+    }),
+  ];
+  for (const f of formats) {
+    const wg = f.weight(gpu), wc = f.weight(cpu);
+    for (const T of Ts) {
+      const x = randoms(T * H);
+      const g = get(gpu, gpu.matmulSiluMul(f32(gpu, x, [T, H]), wg));
+      assertNear(g, get(cpu, cpu.matmulSiluMul(f32(cpu, x, [T, H]), wc)), f.rtol(T), `matmulSiluMul ${f.name} T=${T}`);
+      const separate = get(gpu, gpu.siluMul(gpu.matmul(f32(gpu, x, [T, H]), wg)));
+      if (T <= 8) assert.deepEqual(g, separate, `matmulSiluMul ${f.name} T=${T} equals matmul + siluMul on CUDA`);
+    }
   }
 });
 

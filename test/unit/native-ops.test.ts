@@ -556,6 +556,18 @@ test('siluMulMatmul equals siluMul then matmul', () => {
   assertNativeError(() => engine.siluMulMatmul(gateUp, f32(engine, randoms(rand, N * 2 * K), [N, 2 * K])), /siluMulMatmul: gateUp \[3, 80\] f32 and w \[6, 80\] f32 do not match \(expected w \[N, 40\]/);
 });
 
+test('matmulSiluMul equals siluMul of matmul', () => {
+  const rand = prng(15);
+  const T = 3, K = 40, F = 6;
+  const x = f32(engine, randoms(rand, T * K, -2, 2), [T, K]);
+  const w = f32(engine, randoms(rand, 2 * F * K), [2 * F, K]);
+  const fused = engine.matmulSiluMul(x, w);
+  assert.deepEqual(fused.shape, [T, F]);
+  assert.deepEqual(get(engine, fused), get(engine, engine.siluMul(engine.matmul(x, w))));
+  assertNativeError(() => engine.matmulSiluMul(x, f32(engine, randoms(rand, 5 * K), [5, K])), /matmulSiluMul: x \[3, 40\] f32 and w \[5, 40\] f32 do not match \(expected w \[2F, 40\]: gate rows, then up rows\)/);
+  assertNativeError(() => engine.matmulSiluMul(x, f32(engine, randoms(rand, 2 * F * 8), [2 * F, 8])), /matmulSiluMul: x \[3, 40\] f32 and w \[12, 8\] f32 do not match/);
+});
+
 test('logSoftmax and logprobs, stable for large logits', () => {
   const rand = prng(11);
   const R = 3, V = 1000;

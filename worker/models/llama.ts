@@ -62,8 +62,8 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
 }
 
 export const denseFeedForward: FeedForward<DenseFeedForward> = async (ops, comm, layer, x) => {
-  const gateUp = ops.matmul(x, layer.w13); // [T, 2 ffnPerRank]
-  return comm.allReduce(ops.siluMulMatmul(gateUp, layer.w2)); // w2 (silu(gate) * up), the product formed as it is read
+  const hidden = ops.matmulSiluMul(x, layer.w13); // silu(x gate^T) * (x up^T): [T, ffnPerRank]
+  return comm.allReduce(ops.matmul(hidden, layer.w2));
 };
 
 /**

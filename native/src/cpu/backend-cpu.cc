@@ -257,6 +257,12 @@ class CpuBackend final : public Backend {
     cpu::silu_mul(hidden.data(), gate_up.data<float>(), T, K);
     cpu::matmul(pool_, out.data<float>(), hidden.data(), cpu::WeightRows::of(w), T, K, w.dim(0));
   }
+  void run_matmul_silu_mul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    const int64_t T = x.dim(0), F = out.dim(1);
+    std::vector<float> gate_up(static_cast<size_t>(T * 2 * F));
+    cpu::matmul(pool_, gate_up.data(), x.data<float>(), cpu::WeightRows::of(w), T, x.dim(1), 2 * F);
+    cpu::silu_mul(out.data<float>(), gate_up.data(), T, F);
+  }
   void run_combine_experts(const Tensor& y, const Tensor& weights, const Tensor& out) override {
     cpu::combine_experts(out.data<float>(), y.data<float>(), weights.data<float>(), weights.dim(0), weights.dim(1),
                          y.dim(1));

@@ -19,6 +19,7 @@
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
+#include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant.cuh"
 #include "cuda/graphs.h"
 #include "cuda/matmul.cuh"
@@ -143,14 +144,14 @@ class CudaBackend final : public Backend {
     cuda::launch_embedding(ctx(), table, ids, vocab_start, out);
   }
   void run_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
-    cuda::launch_rms_norm(ctx(), x, weight, eps, out, half_copy_for(out, weight));
+    cuda::launch_rms_norm(ctx(), x, weight, eps, out, half_copy_for(out, weight.dtype));
   }
   // Prefill steps (rows past the GEMV's): a norm's output also in its weight's dtype (f16/bf16, as the model's
   // matrices are stored), which the matmul that reads it takes instead of casting (HalfCopies, gemm.cuh). Step
   // memory only (the copies are dropped at the next step). Null otherwise.
-  const Tensor* half_copy_for(const Tensor& out, const Tensor& weight) {
-    if (!in_step() || out.dim(0) <= cuda::Matmul::kGemvMaxTokens || weight.dtype == DType::F32) return nullptr;
-    return &half_copies_.add(out, empty(weight.dtype, out.shape));
+  const Tensor* half_copy_for(const Tensor& out, DType dtype) {
+    if (!in_step() || out.dim(0) <= cuda::Matmul::kGemvMaxTokens || dtype == DType::F32) return nullptr;
+    return &half_copies_.add(out, empty(dtype, out.shape));
   }
   void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
     if (is_quantized(w.dtype)) return run_quant_matmul(x, w, out, false);
@@ -216,7 +217,7 @@ class CudaBackend final : public Backend {
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
-    cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed, half_copy_for(normed, weight));
+    cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed, half_copy_for(normed, weight.dtype));
   }
   void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
                     const Tensor& v_cache, const Tensor& token_seq, const Tensor& kv_block_table,
@@ -321,6 +322,28 @@ class CudaBackend final : public Backend {
       throw Error("siluMulMatmul", std::string(e.what()) + " (gateUp " + to_string(gate_up) + ", w " + to_string(w) + ")");
     }
     cuda::check_launch(ctx(), "siluMulMatmul", {{"gateUp", gate_up}, {"w", w}});
+  }
+  // One token: gemv_one_token_silu_pairs (bf16, int8, int4). Otherwise the product [T, 2F], then silu(gate) * up;
+  // a prefill step also writes the down projection's 16-bit input in the same pass (half_copy_for; a quantized
+  // down projection's GEMM reads bf16).
+  void run_matmul_silu_mul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    const int64_t T = x.dim(0), F = out.dim(1), K = x.dim(1);
+    if (T == 0 || F == 0) return;
+    const bool quant = is_quantized(w.dtype);
+    if (T == 1 && F <= INT32_MAX / 2 && K <= INT32_MAX) {
+      const cuda::QuantMatrix q = quant ? quant_matrix(w) : cuda::QuantMatrix{w.buffer->data(), nullptr, w.dtype, 0};
+      if (cuda::gemv_one_token_silu_pairs(ctx(), x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
+                                          static_cast<int>(F), static_cast<int>(K))) {
+        cuda::check_launch(ctx(), "matmulSiluMul", {{"x", x}, {"w", w}});
+        return;
+      }
+    }
+    Tensor gate_up = empty(DType::F32, {T, 2 * F});
+    run_matmul(x, w, gate_up);
+    if (const Tensor* half = half_copy_for(out, quant ? DType::BF16 : w.dtype))
+      cuda::launch_silu_mul(ctx(), gate_up, out, *half);
+    else
+      cuda::launch_silu_mul(ctx(), gate_up, out);
   }
   // ---- quantized weights (gemv-quant.cuh): up to 16 tokens the GEMV dequantizes as it reads; longer steps
   // dequantize w into the bf16 scratch (sized at upload for the largest weight) and run the GEMM on it.

@@ -85,21 +85,25 @@ __device__ __forceinline__ bool every_slot(Step& f) {
 // y [1, N] = x [1, K] @ dequant(w)^T (gated: x = silu(gate) * up of a [1, 2K] row), the streaming kernel (header
 // comment). R rows a task, U ring slots a row; kRowScale: one scale a row (the group is K), else one a vector
 // (group_shift = log2 of the vectors a group). Dynamic shared memory: x [K] f32, sub-vector-major. K a multiple of
-// the vector (lanes past a row's end load nothing); rows past N read row N - 1 and store nothing.
+// the vector (lanes past a row's end load nothing); rows past N read row N - 1 and store nothing. pairs: w is
+// [2N, K] (gate rows, then up rows), R is 2, task t takes rows t and N + t and stores y[t] = silu(gate) * up.
 template <Format F, int R, int U, bool kRowScale>
 __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
     gemv_one_token_streaming_kernel(const float* __restrict__ x, const void* __restrict__ w,
                                     const uint16_t* __restrict__ scales, int group_shift, float* __restrict__ y,
-                                    int N, int K, int gated) {
+                                    int N, int K, int gated, int pairs) {
   constexpr int VW = kVectorWeights<F>, H = VW / 4;
   constexpr bool kVectorScale = F != Format::BF16 && !kRowScale;
   extern __shared__ float4 xs4[];
   pdl_trigger();
   const int lane = threadIdx.x & 31;
   const int KV = K / VW, L = (KV + 31) / 32;  // vectors a row; ring items a lane per task
-  const int n_tasks = (N + R - 1) / R, stride = gridDim.x * kWarps, first = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  const int n_tasks = pairs ? N : (N + R - 1) / R, stride = gridDim.x * kWarps, first = blockIdx.x * kWarps + (threadIdx.x >> 5);
   const int n_groups = kVectorScale ? KV >> group_shift : 1;
   const uint4* w4 = static_cast<const uint4*>(w);
+  const auto row_of = [&](int task, int r) -> size_t {
+    return pairs ? static_cast<size_t>(min(task, N - 1)) + static_cast<size_t>(r) * N : min(task * R + r, N - 1);
+  };
 
   uint4 wv[R][U];
   float sc[R][kVectorScale ? U : 1];
@@ -109,7 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
     const bool ok = lt < n_tasks && v < KV;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const size_t row = static_cast<size_t>(min(lt * R + r, N - 1));
+      const size_t row = row_of(lt, r);
       wv[r][s] = ok ? __ldg(w4 + row * KV + v) : make_uint4(0, 0, 0, 0);
       if constexpr (kVectorScale)
         sc[r][s] = ok ? bf16_bits_to_f32(__ldg(scales + row * n_groups + (v >> group_shift))) : 0.f;
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
   const auto row_scales = [&] {
     if constexpr (kRowScale)
 #pragma unroll
-      for (int r = 0; r < R; ++r) rs[r] = bf16_bits_to_f32(__ldg(scales + min(ct * R + r, N - 1)));
+      for (int r = 0; r < R; ++r) rs[r] = bf16_bits_to_f32(__ldg(scales + row_of(ct, r)));
   };
   row_scales();
   // One ring item: use slot s, refill it, and at a task's last item store its rows; true once the warp's tasks
@@ -191,15 +195,18 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
     }
     request(s);  // the slot just used takes the item U ahead
     if (++cj < L) return false;
+    float sums[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float t = acc[r];
 #pragma unroll
       for (int o = 16; o; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
       if (kRowScale) t *= rs[r];
-      if (lane == 0 && ct * R + r < N) y[ct * R + r] = t;
+      sums[r] = t;
+      if (!pairs && lane == 0 && ct * R + r < N) y[ct * R + r] = t;
       acc[r] = 0.f;
     }
+    if (pairs && lane == 0) y[ct] = silu_times(sums[0], sums[R - 1]);
     cj = 0;
     ct += stride;
     if (ct >= n_tasks) return true;
@@ -224,9 +231,9 @@ __device__ __forceinline__ float weight_of(const uint4& u, int i) {
   else return __uint_as_float(__byte_perm(word ^ 0x80808080u, 0x4B000000u, 0x7650u | (i & 3))) - 8388736.0f;
 }
 
-// Grid ceil(N / 16) blocks of 256 threads; dynamic shared memory: x [K] f32. 2 rows a warp, 8 vectors a row
-// requested, all used, then the next 8 requested.
-template <Format F>
+// Grid ceil(N / 16) blocks of 256 threads (pairs: ceil(N / 8)); dynamic shared memory: x [K] f32. 2 rows a warp,
+// 8 vectors a row requested, all used, then the next 8 requested. pairs as the streaming kernel's.
+template <Format F, bool kPairs>
 __global__ void __launch_bounds__(kWarps * 32, 2) gemv_one_token_batched_kernel(const float* __restrict__ x, const void* __restrict__ w,
                                                                               const uint16_t* __restrict__ scales, int group,
                                                                               float* __restrict__ y, int N, int K, int gated) {
@@ -236,13 +243,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_one_token_batched_kernel(
   extern __shared__ float4 xs4[];
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = (blockIdx.x * kWarps + warp) * R;
+  const int task = blockIdx.x * kWarps + warp, row0 = task * R;
   const int KV = K / VW, n_groups = kScaled ? K / group : 0;
   const uint4* wrow[R];
   const uint16_t* srow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, N - 1);  // rows past N read row N - 1 and are not stored
+    // rows past N read row N - 1 and are not stored
+    const int row = kPairs ? min(task, N - 1) + r * N : min(row0 + r, N - 1);  // 2N <= INT32_MAX
     wrow[r] = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w) + static_cast<size_t>(row) * KV * 16);
     srow[r] = scales + static_cast<size_t>(row) * n_groups;
   }
@@ -294,13 +302,16 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_one_token_batched_kernel(
     }
     if (s0 + U * 32 < KV) load(s0 + U * 32);
   }
+  float sums[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     float s = acc[r];
 #pragma unroll
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0 && row0 + r < N) y[row0 + r] = s;
+    sums[r] = s;
+    if (!kPairs && lane == 0 && row0 + r < N) y[row0 + r] = s;
   }
+  if (kPairs && lane == 0 && task < N) y[task] = silu_times(sums[0], sums[R - 1]);
 }
 
 // ---- launchers
@@ -326,36 +337,38 @@ void allow_x_smem(const Ctx& ctx, Kernel* kernel, bool& done) {  // x may take u
 
 template <Format F, int R, int U, bool kRowScale>
 void launch_streaming(const Ctx& ctx, const float* x, const void* w, const uint16_t* scales, int group_shift, float* y,
-                      int N, int K, bool gated) {
+                      int N, int K, bool gated, bool pairs) {
   static bool smem_set = false;  // per instantiation
   allow_x_smem(ctx, gemv_one_token_streaming_kernel<F, R, U, kRowScale>, smem_set);
-  const int64_t blocks = ((N + R - 1) / R + kWarps - 1) / kWarps;
+  const int64_t blocks = ((pairs ? N : (N + R - 1) / R) + kWarps - 1) / kWarps;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, static_cast<int64_t>(kBlocksPerSm) * sm_count(ctx))));
   launch_pdl(ctx, gemv_one_token_streaming_kernel<F, R, U, kRowScale>, grid, dim3(kWarps * 32),
-             static_cast<size_t>(K) * sizeof(float), x, w, scales, group_shift, y, N, K, gated ? 1 : 0);
+             static_cast<size_t>(K) * sizeof(float), x, w, scales, group_shift, y, N, K, gated ? 1 : 0, pairs ? 1 : 0);
 }
 
 // 2 rows a task (ring depth 8) for every format, or the tuning's: on H200 rows 1 and 4 moved a layer's sum by
-// 2-9% either way, no choice winning every shape (quant-run.sh --one-token --sweep).
+// 2-9% either way, no choice winning every shape (quant-run.sh --one-token --sweep). Pairs take 2.
 template <Format F, bool kRowScale>
 void dispatch_streaming(const Ctx& ctx, const OneTokenTuning& tuning, const float* x, const void* w,
-                        const uint16_t* scales, int group_shift, float* y, int N, int K, bool gated) {
-  const int rows = tuning.rows ? tuning.rows : 2;
+                        const uint16_t* scales, int group_shift, float* y, int N, int K, bool gated, bool pairs) {
+  const int rows = tuning.rows && !pairs ? tuning.rows : 2;
   switch (rows) {
-    case 1: return launch_streaming<F, 1, 16, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated);
-    case 4: return launch_streaming<F, 4, 4, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated);
-    default: return launch_streaming<F, 2, 8, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated);
+    case 1: return launch_streaming<F, 1, 16, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated, false);
+    case 4: return launch_streaming<F, 4, 4, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated, false);
+    default: return launch_streaming<F, 2, 8, kRowScale>(ctx, x, w, scales, group_shift, y, N, K, gated, pairs);
   }
 }
 
 template <Format F>
 void launch_batched(const Ctx& ctx, const float* x, const void* w, const uint16_t* scales, int group, float* y, int N,
-                    int K, bool gated) {
-  static bool smem_set = false;
-  allow_x_smem(ctx, gemv_one_token_batched_kernel<F>, smem_set);
-  const dim3 grid((N + kWarps * kBatchedRows - 1) / (kWarps * kBatchedRows)), block(kWarps * 32);
-  launch_pdl(ctx, gemv_one_token_batched_kernel<F>, grid, block, static_cast<size_t>(K) * sizeof(float), x, w, scales,
-             group, y, N, K, gated ? 1 : 0);
+                    int K, bool gated, bool pairs) {
+  static bool smem_set[2] = {};
+  const auto kernel = pairs ? gemv_one_token_batched_kernel<F, true> : gemv_one_token_batched_kernel<F, false>;
+  allow_x_smem(ctx, kernel, smem_set[pairs]);
+  const int rows_a_block = kWarps * (pairs ? 1 : kBatchedRows);
+  const dim3 grid((N + rows_a_block - 1) / rows_a_block), block(kWarps * 32);
+  launch_pdl(ctx, kernel, grid, block, static_cast<size_t>(K) * sizeof(float), x, w, scales, group, y, N, K,
+             gated ? 1 : 0);
 }
 
 int log2_exact(int v) {  // log2 of a power of two, else -1
@@ -365,16 +378,15 @@ int log2_exact(int v) {  // log2 of a power of two, else -1
   return s;
 }
 
-}  // namespace
-
-bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning) {
+// gemv_one_token and gemv_one_token_silu_pairs: N outputs, of N rows (or of N pairs of rows).
+bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+               float* y, int N, int K, bool gated, bool pairs, const OneTokenTuning& tuning) {
   const bool bf16 = w_dtype == DType::BF16, int8 = w_dtype == DType::I8, int4 = w_dtype == DType::I4;
   if (!(bf16 || int8 || int4)) return false;
   const int vw = bf16 ? 8 : int8 ? 16 : 32;
   if (K <= 0 || K % vw != 0 || (!bf16 && (group <= 0 || group % vw != 0 || K % group != 0)) ||
       static_cast<size_t>(K) * sizeof(float) > kMaxX || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(w) % 16 != 0 || N <= 0)
+      reinterpret_cast<uintptr_t>(w) % 16 != 0 || N <= 0 || (pairs && (gated || N > INT32_MAX / 2)))
     return false;
   const bool row_scale = !bf16 && group == K;
   const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
@@ -384,16 +396,28 @@ bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype
                        (tuning.kernel == OneTokenKernel::Weft && bf16) || group_shift < 0;
   if (batched) {  // bf16, and int8 in any group of whole vectors
     if (int4) return false;
-    if (int8) launch_batched<Format::I8>(ctx, x, w, scales, group, y, N, K, gated);
-    else launch_batched<Format::BF16>(ctx, x, w, nullptr, 0, y, N, K, gated);
+    if (int8) launch_batched<Format::I8>(ctx, x, w, scales, group, y, N, K, gated, pairs);
+    else launch_batched<Format::BF16>(ctx, x, w, nullptr, 0, y, N, K, gated, pairs);
     return true;
   }
-  if (bf16) dispatch_streaming<Format::BF16, false>(ctx, tuning, x, w, nullptr, 0, y, N, K, gated);
-  else if (int8 && row_scale) dispatch_streaming<Format::I8, true>(ctx, tuning, x, w, scales, 0, y, N, K, gated);
-  else if (int8) dispatch_streaming<Format::I8, false>(ctx, tuning, x, w, scales, group_shift, y, N, K, gated);
-  else if (row_scale) dispatch_streaming<Format::I4, true>(ctx, tuning, x, w, scales, 0, y, N, K, gated);
-  else dispatch_streaming<Format::I4, false>(ctx, tuning, x, w, scales, group_shift, y, N, K, gated);
+  if (bf16) dispatch_streaming<Format::BF16, false>(ctx, tuning, x, w, nullptr, 0, y, N, K, gated, pairs);
+  else if (int8 && row_scale) dispatch_streaming<Format::I8, true>(ctx, tuning, x, w, scales, 0, y, N, K, gated, pairs);
+  else if (int8) dispatch_streaming<Format::I8, false>(ctx, tuning, x, w, scales, group_shift, y, N, K, gated, pairs);
+  else if (row_scale) dispatch_streaming<Format::I4, true>(ctx, tuning, x, w, scales, 0, y, N, K, gated, pairs);
+  else dispatch_streaming<Format::I4, false>(ctx, tuning, x, w, scales, group_shift, y, N, K, gated, pairs);
   return true;
+}
+
+}  // namespace
+
+bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning) {
+  return one_token(ctx, x, w, w_dtype, scales, group, y, N, K, gated, false, tuning);
+}
+
+bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                               int group, float* y, int F, int K, const OneTokenTuning& tuning) {
+  return one_token(ctx, x, w, w_dtype, scales, group, y, F, K, false, true, tuning);
 }
 
 }  // namespace weft::cuda
