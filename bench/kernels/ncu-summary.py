@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Summarise an ncu CSV (--csv --page raw with gpu__time_duration.sum) of bench/kernels/step-profile.ts: the kernels
-of its profiler range (one decode step's graph replay), grouped by kernel name, in ms and share.
+of its profiler range (one decode step's graph replay), grouped by kernel name, in ms and share. Durations are
+converted from the unit ncu names in the row under the header (ns, us or ms; it chooses by size).
 
     python3 bench/kernels/ncu-summary.py ncu.csv
 """
@@ -12,13 +13,18 @@ rows = []
 with open(sys.argv[1], newline="") as f:
     lines = [l for l in f if l.startswith('"')]
 reader = csv.DictReader(lines)
+NS_PER = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
+scale = 1.0
 for r in reader:
     name = r.get("Kernel Name") or r.get("Function Name") or ""
     dur = r.get("gpu__time_duration.sum", "")
+    if dur in NS_PER:  # the units row
+        scale = NS_PER[dur]
+        continue
     try:
-        d = float(dur.replace(",", ""))
+        d = float(dur.replace(",", "")) * scale  # ns
     except ValueError:
-        continue  # the units row
+        continue
     grid = r.get("launch__grid_size", "").replace(",", "")
     rows.append((f"{name} grid {grid}" if grid else name, d))
 if not rows:

