@@ -25,7 +25,7 @@
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
 #include "cuda/moe.cuh"
-#include "cuda/norm-rope.cuh"
+#include "cuda/rope-write-kv.cuh"
 #include "cuda/sample.cuh"
 #include "cuda/softmax.cuh"
 #include "cuda/logprobs.cuh"

@@ -83,6 +83,20 @@ __global__ void embedding(const W* __restrict__ table, int64_t Vr, int64_t H, co
   int64_t t = blockIdx.x;
   int64_t row = static_cast<int64_t>(ids[t]) - vocab_start;
   bool in = row >= 0 && row < Vr;
+  constexpr int kVec = 16 / sizeof(W);  // elements of a 16-byte load
+  if (H % kVec == 0) {  // 16-byte rows (tables and tensors start 256-byte aligned): each thread's loads all in flight
+    const uint4* src = reinterpret_cast<const uint4*>(table + (in ? row : 0) * H);
+    float4* dst = reinterpret_cast<float4*>(out + t * H);
+#pragma unroll 4
+    for (int64_t v = threadIdx.x; v < H / kVec; v += blockDim.x) {
+      const uint4 u = in ? src[v] : make_uint4(0, 0, 0, 0);
+      const W* e = reinterpret_cast<const W*>(&u);
+#pragma unroll
+      for (int i = 0; i < kVec; i += 4)
+        dst[v * (kVec / 4) + i / 4] = make_float4(to_f32(e[i]), to_f32(e[i + 1]), to_f32(e[i + 2]), to_f32(e[i + 3]));
+    }
+    return;
+  }
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) out[t * H + h] = in ? to_f32(table[row * H + h]) : 0.0f;
 }
 

@@ -1,6 +1,7 @@
-// addRmsNorm: one block per row. Rows with H % 4 == 0 and up to 8 float4 per thread (H <= 32768) keep the sum
-// in registers between the two passes; other rows re-read it. Sum of squares in double, as rmsNorm. When given
-// normed_w, the normed rows are also written there in the weight's dtype (a prefill GEMM's input, gemm.cuh).
+// addRmsNorm and rmsNorm (the same kernels without y and sum): one block per row. Rows with H % 4 == 0 and up to 8
+// float4 per thread (H <= 32768) keep the sum in registers between the two passes, every load of a thread issued
+// before the first is used; other rows re-read it. Sum of squares in double, as the CPU. When given normed_w, the
+// normed rows are also written there in the weight's dtype (a prefill GEMM's input, gemm.cuh).
 // qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
 // fp32(position * invFreq[j]) and full-precision sincosf, as rope. The k and v rows are found through the KV
 // block table once per block; bad sequence rows, positions and table entries skip the cache write and are
@@ -48,7 +49,7 @@ __device__ __forceinline__ void store4(W* p, int64_t i, float4 v) {  // elements
   p[4 * i + 3] = from_f32<W>(v.w);
 }
 
-// kPer float4 per thread, held in registers; blockDim.x * kPer >= H / 4.
+// kPer float4 per thread, held in registers; blockDim.x * kPer >= H / 4. y and sum null: rmsNorm of x.
 template <typename W, int kPer>
 __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_vec(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
@@ -58,8 +59,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   pdl_wait();
   const int64_t n4 = H / 4, row = blockIdx.x * H;
   const float4* x4 = reinterpret_cast<const float4*>(x + row);
-  const float4* y4 = reinterpret_cast<const float4*>(y + row);
-  float4* s4 = reinterpret_cast<float4*>(sum + row);
+  const float4* y4 = y ? reinterpret_cast<const float4*>(y + row) : nullptr;
+  float4* s4 = sum ? reinterpret_cast<float4*>(sum + row) : nullptr;
   float4* o4 = reinterpret_cast<float4*>(normed + row);
   float4 s[kPer];
   double ss = 0;
@@ -67,8 +68,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int k = 0; k < kPer; ++k) {
     int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
     if (i < n4) {
-      s[k] = add4(x4[i], y4[i]);
-      s4[i] = s[k];
+      s[k] = y4 ? add4(x4[i], y4[i]) : x4[i];
+      if (s4) s4[i] = s[k];
       ss += sq4(s[k]);
     }
   }
@@ -86,7 +87,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Any H: the sum goes to memory in pass 1 and is read back (by the thread that wrote it) in pass 2.
+// Any H: the sum goes to memory in pass 1 and is read back (by the thread that wrote it) in pass 2 (x itself where
+// y and sum are null: rmsNorm).
 template <typename W>
 __global__ void __launch_bounds__(kMaxThreads)
     add_rms_norm_any(const float* __restrict__ x, const float* __restrict__ y, const W* __restrict__ weight,
@@ -96,13 +98,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t row = blockIdx.x * H;
   double ss = 0;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-    float s = x[row + i] + y[row + i];
-    sum[row + i] = s;
+    float s = y ? x[row + i] + y[row + i] : x[row + i];
+    if (sum) sum[row + i] = s;
     ss += static_cast<double>(s) * s;
   }
   float inv_rms = inv_rms_of(block_sum(ss), H, eps);
+  const float* summed = sum ? sum : x;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-    float o = __fmul_rn(__fmul_rn(sum[row + i], inv_rms), to_f32(weight[i]));
+    float o = __fmul_rn(__fmul_rn(summed[row + i], inv_rms), to_f32(weight[i]));
     normed[row + i] = o;
     if (normed_w) normed_w[row + i] = from_f32<W>(o);
   }
@@ -159,15 +162,15 @@ __global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restric
   }
 }
 
+// y and sum null: rmsNorm.
 template <typename W>
-void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y, const W* weight, float eps,
-                               const Tensor& sum, const Tensor& normed, W* normed_w) {
-  const int64_t T = x.dim(0), H = x.dim(1), n4 = H / 4;
+void launch_add_rms_norm_typed(const Ctx& ctx, int64_t T, int64_t H, const float* x, const float* y, const W* weight,
+                               float eps, float* sum, float* normed, W* normed_w) {
+  const int64_t n4 = H / 4;
   const unsigned blocks = static_cast<unsigned>(T);
   auto vec = [&](auto kernel, int per) {
     int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((n4 + per - 1) / per + 31) / 32 * 32));
-    launch_pdl(ctx, kernel, blocks, threads, 0, x.data<float>(), y.data<float>(), weight, sum.data<float>(),
-               normed.data<float>(), normed_w, H, eps);
+    launch_pdl(ctx, kernel, blocks, threads, 0, x, y, weight, sum, normed, normed_w, H, eps);
   };
   const bool aligned = H % 4 == 0;  // tensors start 256-byte aligned (arena and cudaMallocAsync)
   if (aligned && n4 <= kMaxThreads)
@@ -179,8 +182,7 @@ void launch_add_rms_norm_typed(const Ctx& ctx, const Tensor& x, const Tensor& y,
   else if (aligned && n4 <= 8 * kMaxThreads)
     vec(add_rms_norm_vec<W, 8>, 8);
   else
-    launch_pdl(ctx, add_rms_norm_any<W>, blocks, kMaxThreads, 0, x.data<float>(), y.data<float>(), weight,
-               sum.data<float>(), normed.data<float>(), normed_w, H, eps);
+    launch_pdl(ctx, add_rms_norm_any<W>, blocks, kMaxThreads, 0, x, y, weight, sum, normed, normed_w, H, eps);
 }
 
 }  // namespace
@@ -191,9 +193,22 @@ void launch_add_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& y, const
   WEFT_CHECK(!normed_w || (normed_w->dtype == weight.dtype && normed_w->shape == normed.shape), "addRmsNorm",
              "the copy of the normed rows must have their shape and the weight's dtype, ", dtype_name(weight.dtype));
   WEFT_DISPATCH_FLOAT(weight.dtype, W,
-                      launch_add_rms_norm_typed<W>(ctx, x, y, static_cast<const W*>(weight.buffer->data()), eps, sum,
-                                                   normed, normed_w ? normed_w->data<W>() : nullptr));
+                      launch_add_rms_norm_typed<W>(ctx, x.dim(0), x.dim(1), x.data<float>(), y.data<float>(),
+                                                   static_cast<const W*>(weight.buffer->data()), eps, sum.data<float>(),
+                                                   normed.data<float>(), normed_w ? normed_w->data<W>() : nullptr));
   check_launch(ctx, "addRmsNorm", {{"x", x}, {"y", y}, {"weight", weight}});
+}
+
+void launch_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& weight, float eps, const Tensor& out,
+                     const Tensor* out_w) {
+  if (x.numel() == 0) return;
+  WEFT_CHECK(!out_w || (out_w->dtype == weight.dtype && out_w->shape == out.shape), "rmsNorm",
+             "the copy of the rows must have their shape and the weight's dtype, ", dtype_name(weight.dtype));
+  WEFT_DISPATCH_FLOAT(weight.dtype, W,
+                      launch_add_rms_norm_typed<W>(ctx, x.dim(0), x.dim(1), x.data<float>(), nullptr,
+                                                   static_cast<const W*>(weight.buffer->data()), eps, nullptr,
+                                                   out.data<float>(), out_w ? out_w->data<W>() : nullptr));
+  check_launch(ctx, "rmsNorm", {{"x", x}, {"weight", weight}});
 }
 
 void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq,

@@ -193,10 +193,19 @@ __global__ void __launch_bounds__(kThreads)
   // Argmax (greedy) and a NaN check in one pass.
   ArgMax best{-INFINITY, 0x7fffffff};
   int nan = 0;
-  for (int i = threadIdx.x; i < V; i += kThreads) {
-    float v = row.logits[i];
+  const auto see = [&](float v, int i) {
     nan |= isnan(v);
     if (v > best.v || (v == best.v && i < best.i)) best = {v, i};
+  };
+  if (V % 4 == 0) {  // 16-byte rows: float4 loads, several in flight (one block reads the whole vocabulary)
+    const float4* l4 = reinterpret_cast<const float4*>(row.logits);
+#pragma unroll 4
+    for (int j = threadIdx.x; j < V / 4; j += kThreads) {
+      const float4 v = l4[j];
+      see(v.x, 4 * j), see(v.y, 4 * j + 1), see(v.z, 4 * j + 2), see(v.w, 4 * j + 3);
+    }
+  } else {
+    for (int i = threadIdx.x; i < V; i += kThreads) see(row.logits[i], i);
   }
   nan = ReduceInt(sh.cub.reduce_int).Sum(nan);
   if (threadIdx.x == 0) sh.remaining = nan;

@@ -1,38 +1,14 @@
-// rmsNorm: one block per row, the sum of squares in double (as the CPU), warp-shuffle reduction; optionally
-// the rows also in the weight's dtype (a prefill GEMM's input, gemm.cuh).
 // rope: one thread per rotated pair; angle = fp32(position * invFreq), sincosf in full precision.
 // writeKv: one block per (token, kv head), the cache row found through the block table once per block; bad
 // sequence rows, positions and table entries are skipped and reported on the device. f32 or bf16 caches
 // (kv-block-table.cuh: bf16 rounded to nearest even, as the CPU), or fp8 / int8 codes with a scale per row
 // (the block quantizes its row: kv-quant.h's rule, as the CPU).
-#include "cuda/norm-rope.cuh"
+#include "cuda/rope-write-kv.cuh"
 
 #include "cuda/kv-block-table.cuh"
 
 namespace weft::cuda {
 namespace {
-
-constexpr int kNormThreads = 256;
-
-template <typename W>
-__global__ void rms_norm(const float* __restrict__ x, const W* __restrict__ weight, float* __restrict__ out,
-                         W* __restrict__ out_w, int64_t H, float eps) {
-  pdl_trigger();
-  pdl_wait();
-  const float* xr = x + blockIdx.x * H;
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
-  sum = block_sum(sum);
-  float mean_sq = H > 0 ? static_cast<float>(sum / static_cast<double>(H)) : 0.0f;
-  float inv_rms = 1.0f / sqrtf(mean_sq + eps);
-  float* o = out + blockIdx.x * H;
-  W* o_w = out_w ? out_w + blockIdx.x * H : nullptr;
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-    float v = __fmul_rn(__fmul_rn(xr[i], inv_rms), to_f32(weight[i]));
-    o[i] = v;
-    if (o_w) o_w[i] = from_f32<W>(v);
-  }
-}
 
 __global__ void rope(const float* __restrict__ x, const int32_t* __restrict__ positions,
                      const float* __restrict__ inv_freq, float* __restrict__ out, int64_t T, int64_t width,
@@ -75,18 +51,6 @@ __global__ void write_kv(KV* __restrict__ k_cache, KV* __restrict__ v_cache, con
 }
 
 }  // namespace
-
-void launch_rms_norm(const Ctx& ctx, const Tensor& x, const Tensor& weight, float eps, const Tensor& out,
-                     const Tensor* out_w) {
-  if (x.dim(0) == 0) return;
-  WEFT_CHECK(!out_w || (out_w->dtype == weight.dtype && out_w->shape == out.shape), "rmsNorm",
-             "the copy of the rows must have their shape and the weight's dtype, ", dtype_name(weight.dtype));
-  WEFT_DISPATCH_FLOAT(weight.dtype, W,
-                      launch_pdl(ctx, rms_norm<W>, static_cast<unsigned>(x.dim(0)), kNormThreads, 0,
-                          x.data<float>(), static_cast<const W*>(weight.buffer->data()), out.data<float>(),
-                          out_w ? out_w->data<W>() : nullptr, x.dim(1), eps));
-  check_launch(ctx, "rmsNorm", {{"x", x}, {"weight", weight}});
-}
 
 void launch_rope(const Ctx& ctx, const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int64_t head_dim,
                  const Tensor& out) {
