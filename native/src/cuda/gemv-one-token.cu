@@ -11,7 +11,8 @@
 //     lanes' reads of one sub-vector are consecutive (vector-major, they were 2-8 way bank conflicts).
 //   - Products are summed in fp32 from exact weights; int8 per output channel (the group is the row) scales each
 //     row's sum once at its end, smaller groups each vector's sum.
-//   - Batched (bf16, and int8 in groups that are not a power of two of vectors): 2 rows a warp, grid ceil(N / 16).
+//   - Batched (bf16 rows over 8 KiB, and int8 in groups that are not a power of two of vectors): 2 rows a warp, grid
+//     ceil(N / 16). bf16 rows of up to 8 KiB: gemv-rows-tma.cu.
 //   Measured on H200 (bench/kernels/quant-run.sh --one-token, 2026-12-02): a Llama-2-7B layer's four GEMVs at one
 //   token, int8 per channel 0.138 -> 0.099 ms (batched -> streaming), int4 g128 0.117 -> 0.094 ms (tensor cores ->
 //   streaming); bf16 0.135 ms batched, 0-6% slower a shape streaming. gemv.cu keeps 2..8 tokens, f32/f16 weights and the
@@ -22,6 +23,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/gemv-rows-tma.cuh"
 #include "error.h"
 
 namespace weft::cuda {
@@ -390,8 +392,11 @@ bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, con
     return false;
   const bool row_scale = !bf16 && group == K;
   const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
-  // weft's: bf16 on the batched kernel (on H200 the streaming one took 0-6% longer a shape: quant-run.sh --one-token),
-  // int8 and int4 streaming where it takes the group.
+  // weft's: bf16 rows of up to 8 KiB streamed by bulk copies (gemv-rows-tma.cu: 6% less than the batched kernel on a
+  // Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the streaming one took 0-6% longer a shape:
+  // quant-run.sh --one-token), int8 and int4 streaming where it takes the group.
+  if (bf16 && !gated && tuning.kernel == OneTokenKernel::Weft && gemv_rows_tma(ctx, x, w, y, N, K, pairs, sm_count(ctx)))
+    return true;
   const bool batched = tuning.kernel == OneTokenKernel::Batched ||
                        (tuning.kernel == OneTokenKernel::Weft && bf16) || group_shift < 0;
   if (batched) {  // bf16, and int8 in any group of whole vectors

@@ -1,0 +1,154 @@
+// gemv_rows_tma (gemv-rows-tma.cuh): the one-token bf16 GEMV with each block's rows streamed into shared memory by
+// bulk asynchronous copies (TMA).
+//   - One block a SM (256 threads, ~208 KiB of shared memory at K = 4096) takes a contiguous run of rows, 8 rows a
+//     stage, in a ring of up to 4 stages. Thread 0 issues a stage's rows as one or two bulk copies that complete on
+//     the stage's mbarrier; the ring's first stages are issued before the block waits for the kernel before it (the
+//     weights do not depend on it: programmatic dependent launch, common.cuh), a stage is issued again as soon as
+//     every warp has read it. So a SM keeps up to 192 KiB of weights in flight with one instruction a 32 KiB.
+//   - Warp w sums stage row w: lane l reads 16-byte vectors l, l + 32, ... of the row from shared memory (512
+//     contiguous bytes a warp: no bank conflict) against x, staged once per block as f32, sub-vector-major as the
+//     register kernels stage it (gemv-one-token.cu). The sum of a row is in fp32 over exact weights, in the same
+//     lane order whichever rows share its stage, so a pair's gate and up sums equal the plain GEMV's.
+//   - Pairs (matmulSiluMul): a stage is 4 gate rows and their 4 up rows (two copies); warps w and w + 4 sum a pair,
+//     which is stored as silu(gate) * up.
+//   Measured on H200 (bench/kernels/gemv-layer-bench.cu: 32 Llama-2-7B layers' bf16 GEMVs in one graph,
+//   2026-12-02): wqkv 27.1 -> 24.9 us, wo 11.3 -> 10.1, w13 44.9 -> 42.9 against the batched register kernel
+//   (w2, K = 11008, 25.1 -> 24.6 with 2-row stages: K > 4096 stays on the register kernels).
+#include "cuda/gemv-rows-tma.cuh"
+
+#include <algorithm>
+
+#include "cuda/common.cuh"
+
+namespace weft::cuda {
+namespace {
+
+constexpr int kThreads = 256, kWarps = 8;
+constexpr int kStageRows = kWarps;       // a warp a row
+constexpr int kMaxStages = 4;
+constexpr int kMaxRowBytes = 8 * 1024;   // K <= 4096: a stage of 8 rows is at most 64 KiB
+constexpr size_t kSmemBytes = 220 * 1024;
+constexpr uint32_t kCopyBytes = 32 * 1024;  // the most one bulk copy moves here
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem_u32(bar)));
+}
+__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), completing on bar.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  for (uint32_t o = 0; o < bytes; o += kCopyBytes)
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_u32(static_cast<char*>(dst) + o)), "l"(static_cast<const char*>(src) + o),
+                 "r"(min(kCopyBytes, bytes - o)), "r"(smem_u32(bar)) : "memory");
+}
+
+// y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ w^T. Block b: outputs [b rpb, (b + 1) rpb).
+// Dynamic shared memory: x [K] f32 (x_bytes, rounded to 128), then stages stages of 8 rows.
+template <bool kPairs>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemv_rows_tma_kernel(const float* __restrict__ x, const uint16_t* __restrict__ w, float* __restrict__ y, int N,
+                         int K, int rpb, int stages, int x_bytes) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ alignas(8) uint64_t full[kMaxStages];
+  __shared__ float pair_sums[kWarps];
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KV = K / 8;
+  constexpr int kOutsPerStage = kPairs ? kStageRows / 2 : kStageRows;
+  const int out0 = blockIdx.x * rpb, outs = min(rpb, N - out0), n_stages = (outs + kOutsPerStage - 1) / kOutsPerStage;
+  const size_t row_bytes = static_cast<size_t>(K) * 2, stage_bytes = kStageRows * row_bytes;
+  float4* xs4 = reinterpret_cast<float4*>(smem);
+  unsigned char* ring = smem + x_bytes;
+  const auto issue = [&](int it) {  // thread 0: outputs out0 + it kOutsPerStage .. into stage it % stages
+    const int s = it % stages, o0 = out0 + it * kOutsPerStage, n = min(kOutsPerStage, out0 + outs - o0);
+    const uint32_t bytes = static_cast<uint32_t>(n * row_bytes);
+    mbar_expect_bytes(&full[s], kPairs ? 2 * bytes : bytes);
+    unsigned char* dst = ring + s * stage_bytes;
+    bulk_copy(dst, w + static_cast<size_t>(o0) * K, bytes, &full[s]);
+    if (kPairs) bulk_copy(dst + kOutsPerStage * row_bytes, w + (static_cast<size_t>(N) + o0) * K, bytes, &full[s]);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&full[s]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int it = 0; it < min(stages, n_stages); ++it) issue(it);
+  }
+  pdl_wait();  // x comes from the kernel before
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  for (int i = threadIdx.x; i < K / 4; i += kThreads) xs4[(i % 2) * KV + i / 2] = x4[i];
+  __syncthreads();  // x staged; the barriers' init seen by every thread
+  // Warp w's row in a stage: w (pairs: gate rows 0-3, their up rows 4-7, so output w % 4).
+  const int out_in_stage = kPairs ? warp % kOutsPerStage : warp;
+  for (int it = 0; it < n_stages; ++it) {
+    const int s = it % stages, o = it * kOutsPerStage + out_in_stage;
+    mbar_wait(&full[s], (it / stages) & 1);
+    float acc = 0.f;
+    if (o < outs) {
+      const uint4* wr = reinterpret_cast<const uint4*>(ring + s * stage_bytes + warp * row_bytes);
+#pragma unroll 4
+      for (int v = lane; v < KV; v += 32) {
+        const uint4 u = wr[v];
+        const float4 xa = xs4[v], xb = xs4[KV + v];
+        acc = fmaf(__uint_as_float(u.x << 16), xa.x, acc);
+        acc = fmaf(__uint_as_float(u.x & 0xffff0000u), xa.y, acc);
+        acc = fmaf(__uint_as_float(u.y << 16), xa.z, acc);
+        acc = fmaf(__uint_as_float(u.y & 0xffff0000u), xa.w, acc);
+        acc = fmaf(__uint_as_float(u.z << 16), xb.x, acc);
+        acc = fmaf(__uint_as_float(u.z & 0xffff0000u), xb.y, acc);
+        acc = fmaf(__uint_as_float(u.w << 16), xb.z, acc);
+        acc = fmaf(__uint_as_float(u.w & 0xffff0000u), xb.w, acc);
+      }
+    }
+    acc = warp_sum(acc);
+    if (!kPairs && lane == 0 && o < outs) y[out0 + o] = acc;
+    if (kPairs && lane == 0) pair_sums[warp] = acc;
+    __syncthreads();  // every warp is done with stage s (and pair_sums is written)
+    if (kPairs && threadIdx.x < kOutsPerStage && it * kOutsPerStage + static_cast<int>(threadIdx.x) < outs)
+      y[out0 + it * kOutsPerStage + threadIdx.x] = silu_times(pair_sums[threadIdx.x], pair_sums[threadIdx.x + kOutsPerStage]);
+    if (threadIdx.x == 0 && it + stages < n_stages) {
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the warps' reads of the stage before the copy's writes
+      issue(it + stages);
+    }
+    if (kPairs) __syncthreads();  // pair_sums is read before the next stage writes it
+  }
+}
+
+template <bool kPairs>
+void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, int K, int sms) {
+  static bool smem_set = false;  // per instantiation
+  if (!smem_set) {
+    check_cuda(ctx.st, cudaFuncSetAttribute(gemv_rows_tma_kernel<kPairs>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kSmemBytes)),
+               "matmul", " (cudaFuncSetAttribute)");
+    smem_set = true;
+  }
+  const size_t row_bytes = static_cast<size_t>(K) * 2, stage_bytes = kStageRows * row_bytes;
+  const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
+  const int stages = static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes) / stage_bytes));
+  constexpr int outs_per_stage = kPairs ? kStageRows / 2 : kStageRows;
+  int rpb = (N + sms - 1) / sms;
+  rpb = (rpb + outs_per_stage - 1) / outs_per_stage * outs_per_stage;
+  const unsigned grid = static_cast<unsigned>((N + rpb - 1) / rpb);
+  launch_pdl(ctx, gemv_rows_tma_kernel<kPairs>, dim3(grid), dim3(kThreads), x_bytes + stages * stage_bytes, x, w, y,
+             N, K, rpb, stages, static_cast<int>(x_bytes));
+}
+
+}  // namespace
+
+bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms) {
+  if (N <= 0 || K <= 0 || K % 8 != 0 || static_cast<size_t>(K) * 2 > kMaxRowBytes || (pairs && N > INT32_MAX / 2) ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
+    return false;
+  if (pairs) launch<true>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms);
+  else launch<false>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms);
+  return true;
+}
+
+}  // namespace weft::cuda
