@@ -7,8 +7,10 @@
 //     every warp has read it. So a SM keeps up to 192 KiB of weights in flight with one instruction a 32 KiB.
 //   - Warp w sums stage row w: lane l reads 16-byte vectors l, l + 32, ... of the row from shared memory (512
 //     contiguous bytes a warp: no bank conflict) against x, staged once per block as f32, sub-vector-major as the
-//     register kernels stage it (gemv-one-token.cu). The sum of a row is in fp32 over exact weights, in the same
-//     lane order whichever rows share its stage, so a pair's gate and up sums equal the plain GEMV's.
+//     register kernels stage it (gemv-one-token.cu). The sum of a row is in fp32 over exact weights, each vector's
+//     8 products summed and then added, lanes in order and the warp's shuffle tree last: the batched register
+//     kernel's order, so a row's sum is the same bits on either kernel (a gated GEMV at one token still runs
+//     there) and a pair's gate and up sums equal the plain GEMV's.
 //   - Pairs (matmulSiluMul): a stage is 4 gate rows and their 4 up rows (two copies); warps w and w + 4 sum a pair,
 //     which is stored as silu(gate) * up.
 //   Measured on H200 (bench/kernels/gemv-layer-bench.cu: 32 Llama-2-7B layers' bf16 GEMVs in one graph,
@@ -96,14 +98,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int v = lane; v < KV; v += 32) {
         const uint4 u = wr[v];
         const float4 xa = xs4[v], xb = xs4[KV + v];
-        acc = fmaf(__uint_as_float(u.x << 16), xa.x, acc);
-        acc = fmaf(__uint_as_float(u.x & 0xffff0000u), xa.y, acc);
-        acc = fmaf(__uint_as_float(u.y << 16), xa.z, acc);
-        acc = fmaf(__uint_as_float(u.y & 0xffff0000u), xa.w, acc);
-        acc = fmaf(__uint_as_float(u.z << 16), xb.x, acc);
-        acc = fmaf(__uint_as_float(u.z & 0xffff0000u), xb.y, acc);
-        acc = fmaf(__uint_as_float(u.w << 16), xb.z, acc);
-        acc = fmaf(__uint_as_float(u.w & 0xffff0000u), xb.w, acc);
+        float part = 0.f;  // the vector's 8 products, then added: the batched register kernel's order, bit for bit
+        part = fmaf(__uint_as_float(u.x << 16), xa.x, part);
+        part = fmaf(__uint_as_float(u.x & 0xffff0000u), xa.y, part);
+        part = fmaf(__uint_as_float(u.y << 16), xa.z, part);
+        part = fmaf(__uint_as_float(u.y & 0xffff0000u), xa.w, part);
+        part = fmaf(__uint_as_float(u.z << 16), xb.x, part);
+        part = fmaf(__uint_as_float(u.z & 0xffff0000u), xb.y, part);
+        part = fmaf(__uint_as_float(u.w << 16), xb.z, part);
+        part = fmaf(__uint_as_float(u.w & 0xffff0000u), xb.w, part);
+        acc += part;
       }
     }
     acc = warp_sum(acc);
