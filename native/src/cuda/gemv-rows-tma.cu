@@ -144,11 +144,23 @@ void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, 
              N, K, rpb, stages, static_cast<int>(x_bytes));
 }
 
+// Hopper's bulk copies and ~220 KiB of shared memory a block; asked once (a process drives one kind of GPU).
+bool device_takes_it() {
+  static const bool takes = [] {
+    int dev = 0, smem = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+           static_cast<size_t>(smem) >= kSmemBytes + 1024;
+  }();
+  return takes;
+}
+
 }  // namespace
 
 bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms) {
   if (N <= 0 || K <= 0 || K % 8 != 0 || static_cast<size_t>(K) * 2 > kMaxRowBytes || (pairs && N > INT32_MAX / 2) ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0 || !device_takes_it())
     return false;
   if (pairs) launch<true>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms);
   else launch<false>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms);

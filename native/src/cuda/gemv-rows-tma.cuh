@@ -10,7 +10,7 @@
 namespace weft::cuda {
 
 // False (nothing launched) where it does not take the shape: K not a multiple of 8 or over 4096, misaligned
-// pointers. sms: the SM count (one block a SM). Capturable.
+// pointers, a GPU before Hopper or with less shared memory a block. sms: the SM count (one block a SM). Capturable.
 bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms);
 
 }  // namespace weft::cuda
