@@ -14,7 +14,10 @@
 #   --new-tokens N      tokens generated per sequence on every path (default 200)
 #   --concurrency LIST  concurrent streams against weft serve (default 8,64)
 #   --samples N         gpt-fast runs timed after its compile (median; default 3)
-#   --quick             defaults of 64 new tokens, concurrency 8, one gpt-fast sample; no torch bandwidth probe
+#   --quick             defaults of 64 new tokens and concurrency 8; no torch bandwidth probe. gpt-fast still takes
+#                       its 3 samples (a sample is under a second; one alone gave 187 tok/s where 3 at 200 tokens
+#                       gave 199-205 on the same H200). Its tok/s counts its prefill, weft's generate row decode
+#                       steps alone: at 64 new tokens and a 5-token prompt that favours weft by ~2-3%
 #   --scale             serving at scale: `weft serve` alone (no in-process, generate or gpt-fast rows), 64 and 256
 #                       concurrent streams of 512 prompt tokens (a prompt of its own each) + 256 new tokens, under
 #                       --gpu-memory-fraction 0.95; TTFT p50/p99 and each batch's decode-step roofline (the bytes of
@@ -59,7 +62,7 @@ while [ "$#" -gt 0 ]; do
   esac
 done
 # --quick changes the defaults only: a value given on the command line wins
-if [ "$quick" = 1 ]; then : "${new_tokens:=64}" "${concurrency:=8}" "${samples:=1}"; fi
+if [ "$quick" = 1 ]; then : "${new_tokens:=64}" "${concurrency:=8}"; fi
 if [ "$scale" = 1 ]; then : "${new_tokens:=256}" "${concurrency:=64,256}"; fi
 : "${new_tokens:=200}" "${concurrency:=8,64}" "${samples:=3}"
 work="${WEFT_BENCH_DIR:-/tmp/weft-bench}"
