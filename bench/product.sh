@@ -16,8 +16,8 @@
 #   --samples N         gpt-fast runs timed after its compile (median; default 3)
 #   --quick             defaults of 64 new tokens and concurrency 8; no torch bandwidth probe. gpt-fast still takes
 #                       its 3 samples (a sample is under a second; one alone gave 187 tok/s where 3 at 200 tokens
-#                       gave 199-205 on the same H200). Its tok/s counts its prefill, weft's generate row decode
-#                       steps alone: at 64 new tokens and a 5-token prompt that favours weft by ~2-3%
+#                       gave 199-205 on the same H200). Its tok/s is its new tokens over its whole generate() (the
+#                       5-token prefill and 63 steps), weft's generate row its decode steps alone: under 1% apart
 #   --scale             serving at scale: `weft serve` alone (no in-process, generate or gpt-fast rows), 64 and 256
 #                       concurrent streams of 512 prompt tokens (a prompt of its own each) + 256 new tokens, under
 #                       --gpu-memory-fraction 0.95; TTFT p50/p99 and each batch's decode-step roofline (the bytes of
