@@ -11,6 +11,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
 import { prng } from '../helpers/random.ts';
+import { quantizeMatrix } from '../../core/weight-quantize.ts';
 
 // ---- helpers
 
@@ -566,6 +567,13 @@ test('matmulSiluMul equals siluMul of matmul', () => {
   assert.deepEqual(get(engine, fused), get(engine, engine.siluMul(engine.matmul(x, w))));
   assertNativeError(() => engine.matmulSiluMul(x, f32(engine, randoms(rand, 5 * K), [5, K])), /matmulSiluMul: x \[3, 40\] f32 and w \[5, 40\] f32 do not match \(expected w \[2F, 40\]: gate rows, then up rows\)/);
   assertNativeError(() => engine.matmulSiluMul(x, f32(engine, randoms(rand, 2 * F * 8), [2 * F, 8])), /matmulSiluMul: x \[3, 40\] f32 and w \[12, 8\] f32 do not match/);
+  // A quantized w13 (int8 per row, int4 in groups of 8): the same two products, whatever the weight's format.
+  for (const format of [{ kind: 'int8', groupSize: 'channel' }, { kind: 'int4', groupSize: 8 }] as const) {
+    const q = quantizeMatrix(randoms(rand, 2 * F * K), 2 * F, K, format);
+    const scales = engine.upload(q.scales, 'bf16', [2 * F, format.groupSize === 'channel' ? 1 : K / 8]);
+    const wq = engine.uploadQuantized(q.data, format.kind === 'int8' ? 'i8' : 'i4', [2 * F, K], scales);
+    assert.deepEqual(get(engine, engine.matmulSiluMul(x, wq)), get(engine, engine.siluMul(engine.matmul(x, wq))), format.kind);
+  }
 });
 
 test('logSoftmax and logprobs, stable for large logits', () => {
