@@ -14,30 +14,18 @@ __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b
     out[i] = a[i] + b[i];
 }
 
-// out in f32, or in f16/bf16 (rounded to nearest) as a prefill GEMM's input (siluMulMatmul).
-template <typename O>
-__global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out, int64_t T, int64_t F) {
-  pdl_trigger();
-  pdl_wait();
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * F; i += int64_t{gridDim.x} * blockDim.x) {
-    int64_t t = i / F, f = i % F;
-    float g = gate_up[t * 2 * F + f], u = gate_up[t * 2 * F + F + f];
-    out[i] = from_f32<O>(silu_times(g, u));
-  }
-}
-
-// matmulSiluMul's pass over a product of many rows: out in f32 and half, the same values in the dtype of the prefill
-// GEMM that reads them next (HalfCopies), from one read of gate_up.
-template <typename H>
-__global__ void silu_mul_with_copy(const float* __restrict__ gate_up, float* __restrict__ out, H* __restrict__ half,
-                                   int64_t T, int64_t F) {
+// out in f32, or in f16/bf16 (rounded to nearest) as a prefill GEMM's input (siluMulMatmul); half (when given) the
+// same values again in its 16-bit type, from the one read of gate_up (matmulSiluMul's copy for the next GEMM).
+template <typename O, typename H = O>
+__global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out, H* __restrict__ half, int64_t T,
+                         int64_t F) {
   pdl_trigger();
   pdl_wait();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * F; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = i / F, f = i % F;
     const float v = silu_times(gate_up[t * 2 * F + f], gate_up[t * 2 * F + F + f]);
-    out[i] = v;
-    half[i] = from_f32<H>(v);
+    out[i] = from_f32<O>(v);
+    if (half) half[i] = from_f32<H>(v);
   }
 }
 
@@ -125,14 +113,15 @@ void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out) {
   if (out.numel() == 0) return;
   WEFT_DISPATCH_FLOAT(out.dtype, O,
                       launch_pdl(ctx, silu_mul<O>, dim3(blocks_for(out.numel(), 256)), dim3(256), 0,
-                                 gate_up.data<float>(), out.data<O>(), out.dim(0), out.dim(1)));
+                                 gate_up.data<float>(), out.data<O>(), static_cast<O*>(nullptr), out.dim(0),
+                                 out.dim(1)));
   check_launch(ctx, "siluMul", {{"gateUp", gate_up}});
 }
 
 void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out, const Tensor& half) {
   if (out.numel() == 0) return;
   WEFT_DISPATCH_FLOAT(half.dtype, H,
-                      launch_pdl(ctx, silu_mul_with_copy<H>, dim3(blocks_for(out.numel(), 256)), dim3(256), 0,
+                      launch_pdl(ctx, silu_mul<float, H>, dim3(blocks_for(out.numel(), 256)), dim3(256), 0,
                                  gate_up.data<float>(), out.data<float>(), half.data<H>(), out.dim(0), out.dim(1)));
   check_launch(ctx, "siluMul", {{"gateUp", gate_up}});
 }

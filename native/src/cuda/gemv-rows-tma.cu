@@ -32,7 +32,6 @@ constexpr int kMaxRowBytes = 8 * 1024;   // K <= 4096: a stage of 8 rows is at m
 constexpr size_t kSmemBytes = 220 * 1024;
 constexpr uint32_t kCopyBytes = 32 * 1024;  // the most one bulk copy moves here
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar) {
   asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem_u32(bar)));
 }

@@ -29,9 +29,6 @@ struct KvTileLayout {
   static constexpr size_t kBytes = kStage + 2 * kHalfTile;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 // 16 bytes global -> shared; src_bytes 0 fills zeros (rows past the keys in use: a poisoned cache row must not
 // reach P V as NaN * 0).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
