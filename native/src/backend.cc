@@ -65,6 +65,7 @@ void Backend::begin_step() {
 
 void Backend::end_step() {
   WEFT_CHECK(!capturing_, "endStep", "a graph capture is open; call captureEnd() first");
+  on_end_step();
   in_step_ = false;
 }
 

@@ -68,6 +68,9 @@ class Backend {
   void check_usable(const char* op, const char* name, const Tensor& t) const;
   // Throws "engine is dead after ..." once a sticky device error happened (cuda).
   virtual void check_alive(const char* /*op*/) const {}
+  // Before an op called from JS reads or writes t (after check_usable): the CUDA backend launches here the
+  // one-token addRmsNorm it holds back for the GEMV that reads its normed row, when another op touches its tensors.
+  virtual void before_use(const char* /*op*/, const char* /*name*/, const Tensor& /*t*/) {}
 
   // ---- graphs (cuda; the CPU backend throws "graphs need the cuda backend"). Capture happens inside a
   // step; ops then record instead of run, and must not synchronise, allocate persistent memory or copy
@@ -233,6 +236,7 @@ class Backend {
   virtual Tensor empty(DType dtype, const Shape& shape) = 0;
   virtual Tensor empty_persistent(DType dtype, const Shape& shape) = 0;
   virtual void on_begin_step() {}
+  virtual void on_end_step() {}
   virtual void on_quantized_weight(const Tensor& /*w*/) {}  // a weight upload_quantized made (outside a capture)
   virtual void on_capture_begin();
   virtual std::shared_ptr<Graph> on_capture_end();

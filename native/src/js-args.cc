@@ -69,7 +69,10 @@ Tensor Args::tensor_value(Napi::Value value, const std::string& name) const {
   WEFT_CHECK(!handle->disposed(), op_, name, " ", handle->tensor(), " was disposed");
   WEFT_CHECK(engine_ == nullptr || handle->owner() == engine_->backend().get(), op_, name, " ", handle->tensor(),
              " belongs to a different engine (download and upload it to move it)");
-  if (engine_ != nullptr) engine_->backend()->check_usable(op_, name.c_str(), handle->tensor());
+  if (engine_ != nullptr) {
+    engine_->backend()->check_usable(op_, name.c_str(), handle->tensor());
+    engine_->backend()->before_use(op_, name.c_str(), handle->tensor());
+  }
   return handle->tensor();
 }
 

@@ -261,6 +261,45 @@ test('fused addRmsNorm and qkvRope equal the CPU, and the separate CUDA ops bit 
   }
 });
 
+// In a step, a one-token addRmsNorm is held back and the bf16 GEMV that reads its normed row makes the row itself
+// (backend-cuda.cc HeldNorm): the products, sum and normed must be those of the norm launched on its own (forced
+// here by reading normed first), and equal the CPU. Any other use of its tensors launches it.
+test('a one-token addRmsNorm held for the bf16 GEMV that reads it equals the norm launched first, bit for bit', { skip }, () => {
+  for (const [K, N, normDType] of [[4096, 4096, 'bf16'], [4096, 1000, 'f32'], [2048, 520, 'bf16'], [1000, 24, 'bf16']] as const) {
+    const x = randoms(K, -3, 3), y = randoms(K, -3, 3), nw = randoms(K, 0.5, 1.5), w = randoms(2 * N * K, -0.05, 0.05);
+    const what = `K=${K} N=${N} norm weight ${normDType}`;
+    const run = (e: Engine, normFirst: boolean, pairs: boolean) => {
+      const weight = normDType === 'bf16' ? bf16(e, nw, [K]) : f32(e, nw, [K]);
+      const wt = bf16(e, w.subarray(0, (pairs ? 2 : 1) * N * K), [(pairs ? 2 : 1) * N, K]);
+      const h = e.addRmsNorm(f32(e, x, [1, K]), f32(e, y, [1, K]), weight, 1e-5);
+      const normed = normFirst ? get(e, h.normed) : undefined;
+      const out = pairs ? e.matmulSiluMul(h.normed, wt) : e.matmul(h.normed, wt);
+      return { out: get(e, out), sum: get(e, h.sum), normed: normed ?? get(e, h.normed) };
+    };
+    for (const pairs of [false, true]) {
+      const op = pairs ? 'matmulSiluMul' : 'matmul';
+      gpu.beginStep();
+      const held = run(gpu, false, pairs), first = run(gpu, true, pairs);
+      gpu.endStep();
+      const c = run(cpu, false, pairs);
+      assertNear(held.out, first.out, 0, `${op} of a held norm vs the norm launched first, ${what}`);
+      assertNear(held.sum, first.sum, 0, `sum of a held norm, ${what}`);
+      assertNear(held.normed, first.normed, 0, `normed of a held norm, ${what}`);
+      assertNear(held.normed, c.normed, 1e-5, `normed of a held norm vs the CPU, ${what}`);
+      assertNear(held.out, c.out, 1e-5, `${op} of a held norm vs the CPU, ${what}`);
+    }
+  }
+  // held, then launched by the next addRmsNorm (one is held at a time); read by another op (add) after
+  gpu.beginStep();
+  const x = randoms(H, -3, 3), y = randoms(H, -3, 3), nw = randoms(H, 0.5, 1.5);
+  const hs = [0, 1].map(() => gpu.addRmsNorm(f32(gpu, x, [1, H]), f32(gpu, y, [1, H]), bf16(gpu, nw, [H]), 1e-5));
+  const sumPlusZero = get(gpu, gpu.add(hs[0]!.sum, f32(gpu, new Float32Array(H), [1, H])));
+  const ref = cpu.addRmsNorm(f32(cpu, x, [1, H]), f32(cpu, y, [1, H]), bf16(cpu, nw, [H]), 1e-5);
+  assertNear(sumPlusZero, get(cpu, ref.sum), 0, 'sum of a held norm read by add');
+  assertNear(get(gpu, hs[1]!.normed), get(cpu, ref.normed), 1e-5, 'normed of the second norm (the first launched when the second was held)');
+  gpu.endStep();
+});
+
 test('logSoftmax, logprobs, greedy sample and sampleTensor equal the CPU', { skip }, () => {
   for (const V of [50, 32000, 128256]) {
     const R = 8, l = randoms(R * V, -12, 12);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "backend.h"
@@ -21,6 +22,7 @@
 #include "cuda/fused-layer.cuh"
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant.cuh"
+#include "cuda/gemv-rows-tma.cuh"
 #include "cuda/graphs.h"
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
@@ -120,6 +122,7 @@ class CudaBackend final : public Backend {
   // ---- steps and graphs (graphs.h)
 
   void on_begin_step() override {
+    held_norm_.reset();  // an earlier step's (end_step launched it; this is only after an error between)
     half_copies_.clear();  // first: the copies hold their tensors' arena regions
     sage_scratch_ = Tensor{};  // likewise
     attention_scratch_ = Tensor{};
@@ -127,12 +130,62 @@ class CudaBackend final : public Backend {
   }
   // A graph's attention partials are its own (in its arena region), made by its first layer
   void on_capture_begin() override {
+    release_held_norm();  // outside the graph, where it was asked for
     attention_scratch_ = Tensor{};
     graphs_.begin();
   }
   std::shared_ptr<Graph> on_capture_end() override {
+    release_held_norm();  // inside the graph, still capturing
     attention_scratch_ = Tensor{};
     return graphs_.end();
+  }
+  void on_end_step() override { release_held_norm(); }
+
+  // ---- the held-back addRmsNorm. A one-token addRmsNorm in a step is not launched at once: the one-token bf16 GEMV
+  // that reads its normed row next makes that row itself and writes sum and normed (gemv-rows-tma.cuh
+  // AddRmsNormInput), which saves a kernel and its dependent launch on the decode step's critical path, twice a
+  // layer. Any other use of its tensors launches it first, as do the end of a step and of a capture: ops see the
+  // same values either way.
+  struct HeldNorm {
+    Tensor x, y, weight, sum, normed;
+    float eps;
+    bool touches(const Tensor& t) const {
+      for (const Tensor* held : {&x, &y, &weight, &sum, &normed})
+        if (held->buffer == t.buffer) return true;
+      return false;
+    }
+  };
+  std::optional<HeldNorm> held_norm_;
+
+  void release_held_norm() {
+    if (!held_norm_) return;
+    const HeldNorm n = std::move(*held_norm_);
+    held_norm_.reset();
+    cuda::launch_add_rms_norm(ctx(), n.x, n.y, n.weight, n.eps, n.sum, n.normed);
+  }
+  void before_use(const char* op, const char* name, const Tensor& t) override {
+    if (!held_norm_ || !held_norm_->touches(t)) return;
+    const bool gemv_input = (std::strcmp(op, "matmul") == 0 || std::strcmp(op, "matmulSiluMul") == 0) &&
+                            std::strcmp(name, "x") == 0 && t.buffer == held_norm_->normed.buffer;
+    if (!gemv_input) release_held_norm();  // the matmul decides (norm_into_gemv)
+  }
+  // The matmul of x = the held norm's normed row: true where the GEMV made it (and the norm is done), else the
+  // norm is launched and the matmul goes on as usual.
+  bool norm_into_gemv(const Tensor& x, const Tensor& w, const Tensor& out, bool pairs) {
+    if (!held_norm_ || x.buffer != held_norm_->normed.buffer) return false;
+    const HeldNorm& n = *held_norm_;
+    const int64_t N = out.dim(1), K = x.dim(1);
+    const cuda::AddRmsNormInput norm{n.y.data<float>(), n.weight.buffer->data(), n.weight.dtype == DType::BF16,
+                                     n.eps, n.sum.data<float>(), n.normed.data<float>()};
+    if (w.dtype == DType::BF16 && x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX &&
+        cuda::gemv_rows_tma(ctx(), n.x.data<float>(), w.buffer->data(), out.data<float>(), static_cast<int>(N),
+                            static_cast<int>(K), pairs, st_->num_sms, &norm)) {
+      held_norm_.reset();
+      cuda::check_launch(ctx(), pairs ? "matmulSiluMul" : "matmul", {{"x", x}, {"w", w}});
+      return true;
+    }
+    release_held_norm();
+    return false;
   }
   void on_replay(const Graph& graph) override { graphs_.replay(graph); }
 
@@ -154,6 +207,7 @@ class CudaBackend final : public Backend {
     return &half_copies_.add(out, empty(dtype, out.shape));
   }
   void run_matmul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    if (norm_into_gemv(x, w, out, false)) return;
     if (is_quantized(w.dtype)) return run_quant_matmul(x, w, out, false);
     if (x.dim(0) == 0 || w.dim(0) == 0) return;
     if (x.dim(1) == 0) {
@@ -217,6 +271,11 @@ class CudaBackend final : public Backend {
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
+    release_held_norm();  // one held at a time
+    if (in_step() && x.dim(0) == 1 && (weight.dtype == DType::BF16 || weight.dtype == DType::F32)) {
+      held_norm_ = HeldNorm{x, y, weight, sum, normed, eps};
+      return;
+    }
     cuda::launch_add_rms_norm(ctx(), x, y, weight, eps, sum, normed, half_copy_for(normed, weight.dtype));
   }
   void run_qkv_rope(const Tensor& qkv, const Tensor& positions, const Tensor& inv_freq, const Tensor& k_cache,
@@ -327,6 +386,7 @@ class CudaBackend final : public Backend {
   // a prefill step also writes the down projection's 16-bit input in the same pass (half_copy_for; a quantized
   // down projection's GEMM reads bf16).
   void run_matmul_silu_mul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    if (norm_into_gemv(x, w, out, true)) return;
     const int64_t T = x.dim(0), F = out.dim(1), K = x.dim(1);
     if (T == 0 || F == 0) return;
     const bool quant = is_quantized(w.dtype);

@@ -12,35 +12,13 @@
 #include <algorithm>
 
 #include "cuda/kv-block-table.cuh"
+#include "cuda/rms-norm.cuh"
 
 namespace weft::cuda {
 namespace {
 
 constexpr int kMaxThreads = 1024;
 
-
-__device__ __forceinline__ float inv_rms_of(double sum_sq, int64_t H, float eps) {
-  float mean_sq = H > 0 ? static_cast<float>(sum_sq / static_cast<double>(H)) : 0.0f;
-  return 1.0f / sqrtf(mean_sq + eps);
-}
-
-// x + y, element by element, and the same for a float4.
-__device__ __forceinline__ float4 add4(float4 a, float4 b) { return {a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w}; }
-__device__ __forceinline__ double sq4(float4 s) {
-  return static_cast<double>(s.x) * s.x + static_cast<double>(s.y) * s.y + static_cast<double>(s.z) * s.z +
-         static_cast<double>(s.w) * s.w;
-}
-
-template <typename W>
-struct Load4 {
-  __device__ static float4 at(const W* w, int64_t i) {  // elements 4i .. 4i + 3
-    return {to_f32(w[4 * i]), to_f32(w[4 * i + 1]), to_f32(w[4 * i + 2]), to_f32(w[4 * i + 3])};
-  }
-};
-template <>
-struct Load4<float> {
-  __device__ static float4 at(const float* w, int64_t i) { return reinterpret_cast<const float4*>(w)[i]; }
-};
 template <typename W>
 __device__ __forceinline__ void store4(W* p, int64_t i, float4 v) {  // elements 4i .. 4i + 3
   p[4 * i] = from_f32<W>(v.x);
@@ -79,8 +57,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
     if (i < n4) {
       float4 w = Load4<W>::at(weight, i);
-      float4 o = {__fmul_rn(__fmul_rn(s[k].x, inv_rms), w.x), __fmul_rn(__fmul_rn(s[k].y, inv_rms), w.y),
-                  __fmul_rn(__fmul_rn(s[k].z, inv_rms), w.z), __fmul_rn(__fmul_rn(s[k].w, inv_rms), w.w)};
+      float4 o = normed4(s[k], inv_rms, w);
       o4[i] = o;
       if (normed_w) store4(normed_w + row, i, o);
     }

@@ -13,6 +13,9 @@
 //     there) and a pair's gate and up sums equal the plain GEMV's.
 //   - Pairs (matmulSiluMul): a stage is 4 gate rows and their 4 up rows (two copies); warps w and w + 4 sum a pair,
 //     which is stored as silu(gate) * up.
+//   - A deferred addRmsNorm as the input (AddRmsNormInput): each block makes the normed row itself from the residual
+//     and the branch output while its first stages are in flight, in place of a kernel of its own before the GEMV
+//     (a one-block kernel and a dependent launch on the critical path, twice a layer).
 //   Measured on H200 (bench/kernels/gemv-layer-bench.cu: 32 Llama-2-7B layers' bf16 GEMVs in one graph,
 //   2026-12-02): wqkv 27.1 -> 24.9 us, wo 11.3 -> 10.1, w13 44.9 -> 42.9 against the batched register kernel
 //   (w2, K = 11008, 25.1 -> 24.6 with 2-row stages: K > 4096 stays on the register kernels).
@@ -21,6 +24,7 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/rms-norm.cuh"
 
 namespace weft::cuda {
 namespace {
@@ -52,12 +56,61 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                  "r"(min(kCopyBytes, bytes - o)), "r"(smem_u32(bar)) : "memory");
 }
 
+// Stages x in shared memory as f32, sub-vector-major as the register kernels stage it (gemv-one-token.cu): float4 i
+// of x at xs4[(i % 2) KV + i / 2].
+__device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* xs4, int K) {
+  const int KV = K / 8;
+  for (int i = threadIdx.x; i < K / 4; i += kThreads) xs4[(i % 2) * KV + i / 2] = x4[i];
+}
+
+// Stages addRmsNorm's normed row of x and norm.y instead, and writes this block's share of sum and normed (float4 i
+// where i % gridDim.x is the block). addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu,
+// K / 4 threads rounded up to a warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here
+// plays its threads t + 256 j, j < 4, in the same trees, so inv_rms and every normed value are that kernel's bits.
+template <typename W>
+__device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K) {
+  constexpr int kPlays = 1024 / kThreads;
+  __shared__ double warp_sums[32];
+  __shared__ float inv_rms;
+  const int n4 = K / 4, KV = K / 8, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float4* y4 = reinterpret_cast<const float4*>(norm.y);
+  float4 s[kPlays];
+#pragma unroll
+  for (int j = 0; j < kPlays; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    double sq = 0.0;
+    if (i < n4) {
+      s[j] = add4(x4[i], y4[i]);
+      sq = sq4(s[j]);
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) warp_sums[warp + j * kWarps] = sq;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const double total = warp_sum(warp_sums[lane]);
+    if (lane == 0) inv_rms = inv_rms_of(total, K, norm.eps);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPlays; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    if (i >= n4) continue;
+    const float4 o = normed4(s[j], inv_rms, Load4<W>::at(static_cast<const W*>(norm.weight), i));
+    xs4[(i % 2) * KV + i / 2] = o;
+    if (i % gridDim.x == blockIdx.x) {
+      reinterpret_cast<float4*>(norm.sum)[i] = s[j];
+      reinterpret_cast<float4*>(norm.normed)[i] = o;
+    }
+  }
+}
+
 // y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ w^T. Block b: outputs [b rpb, (b + 1) rpb).
 // Dynamic shared memory: x [K] f32 (x_bytes, rounded to 128), then stages stages of 8 rows.
 template <bool kPairs>
 __global__ void __launch_bounds__(kThreads, 1)
     gemv_rows_tma_kernel(const float* __restrict__ x, const uint16_t* __restrict__ w, float* __restrict__ y, int N,
-                         int K, int rpb, int stages, int x_bytes) {
+                         int K, int rpb, int stages, int x_bytes, AddRmsNormInput norm) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ alignas(8) uint64_t full[kMaxStages];
   __shared__ float pair_sums[kWarps];
@@ -81,9 +134,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int it = 0; it < min(stages, n_stages); ++it) issue(it);
   }
-  pdl_wait();  // x comes from the kernel before
+  pdl_wait();  // x (or norm.y) comes from the kernel before
   const float4* x4 = reinterpret_cast<const float4*>(x);
-  for (int i = threadIdx.x; i < K / 4; i += kThreads) xs4[(i % 2) * KV + i / 2] = x4[i];
+  if (!norm.y) stage_x(x4, xs4, K);
+  else if (norm.weight_bf16) stage_add_rms_norm<__nv_bfloat16>(x4, norm, xs4, K);
+  else stage_add_rms_norm<float>(x4, norm, xs4, K);
   __syncthreads();  // x staged; the barriers' init seen by every thread
   // Warp w's row in a stage: w (pairs: gate rows 0-3, their up rows 4-7, so output w % 4).
   const int out_in_stage = kPairs ? warp % kOutsPerStage : warp;
@@ -124,7 +179,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <bool kPairs>
-void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, int K, int sms) {
+void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, int K, int sms,
+            const AddRmsNormInput& norm) {
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(gemv_rows_tma_kernel<kPairs>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -140,7 +196,7 @@ void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, 
   rpb = (rpb + outs_per_stage - 1) / outs_per_stage * outs_per_stage;
   const unsigned grid = static_cast<unsigned>((N + rpb - 1) / rpb);
   launch_pdl(ctx, gemv_rows_tma_kernel<kPairs>, dim3(grid), dim3(kThreads), x_bytes + stages * stage_bytes, x, w, y,
-             N, K, rpb, stages, static_cast<int>(x_bytes));
+             N, K, rpb, stages, static_cast<int>(x_bytes), norm);
 }
 
 // Hopper's bulk copies and ~220 KiB of shared memory a block; asked once (a process drives one kind of GPU).
@@ -157,12 +213,17 @@ bool device_takes_it() {
 
 }  // namespace
 
-bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms) {
+bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms,
+                   const AddRmsNormInput* norm) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (N <= 0 || K <= 0 || K % 8 != 0 || static_cast<size_t>(K) * 2 > kMaxRowBytes || (pairs && N > INT32_MAX / 2) ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0 || !device_takes_it())
+      !aligned(x) || !aligned(w) || !device_takes_it())
     return false;
-  if (pairs) launch<true>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms);
-  else launch<false>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms);
+  if (norm && !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) && aligned(norm->weight)))
+    return false;
+  const AddRmsNormInput plain{};
+  if (pairs) launch<true>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms, norm ? *norm : plain);
+  else launch<false>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms, norm ? *norm : plain);
   return true;
 }
 
