@@ -263,8 +263,8 @@ test('fused addRmsNorm and qkvRope equal the CPU, and the separate CUDA ops bit 
 
 // In a step, a one-token addRmsNorm is held back and the bf16 GEMV that reads its normed row makes the row itself
 // (backend-cuda.cc HeldNorm): the products, sum and normed must be those of the norm launched on its own (forced
-// here by reading normed first), and equal the CPU. Any other use of its tensors launches it. At K = 11008 the GEMV
-// takes its rows in chunks and does not take the norm (it is launched first).
+// here by reading normed first), and equal the CPU. Any other use of its tensors launches it, as does a GEMV that
+// cannot take it (K = 11008: over the bulk-copy kernel's 4096 columns).
 test('a one-token addRmsNorm held for the bf16 GEMV that reads it equals the norm launched first, bit for bit', { skip }, () => {
   for (const [K, N, normDType] of [[4096, 4096, 'bf16'], [4096, 1000, 'f32'], [2048, 520, 'bf16'], [1000, 24, 'bf16'], [11008, 264, 'bf16']] as const) {
     const x = randoms(K, -3, 3), y = randoms(K, -3, 3), nw = randoms(K, 0.5, 1.5), w = randoms(2 * N * K, -0.05, 0.05);

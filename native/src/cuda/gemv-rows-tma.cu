@@ -32,10 +32,7 @@ namespace {
 constexpr int kThreads = 256, kWarps = 8;
 constexpr int kStageRows = kWarps;       // a warp a row
 constexpr int kMaxStages = 4;
-constexpr int kWholeRowsK = 4096;        // up to this K a stage holds whole rows (at most 64 KiB: 8 of 8 KiB)
-constexpr int kChunk = 2048;             // longer rows come in chunks of this many columns (stages of 32 KiB)
-constexpr int kMaxK = 16384;             // x [K] f32 (64 KiB) and two stages fit
-constexpr int kMaxNormK = 1024 / kThreads * kThreads * 4;  // stage_add_rms_norm plays addRmsNorm's one-float4 threads
+constexpr int kMaxRowBytes = 8 * 1024;   // K <= 4096: a stage of 8 rows is at most 64 KiB
 constexpr size_t kSmemBytes = 220 * 1024;
 constexpr uint32_t kCopyBytes = 32 * 1024;  // the most one bulk copy moves here
 
@@ -109,41 +106,28 @@ __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNo
 }
 
 // y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ w^T. Block b: outputs [b rpb, (b + 1) rpb).
-// Dynamic shared memory: x [K] f32 (x_bytes, rounded to 128), then stages stages of 8 rows of chunk columns.
-// Rows longer than kWholeRowsK (the down projection's) come in chunks of kChunk: stage it holds chunk it % n_chunks of
-// row group it / n_chunks, and a warp's sum runs on over the chunks of its row. A lane's vectors stay l, l + 32, ...
-// in order (kChunk / 8 is a multiple of 32), so the sum is the same bits as in one piece.
+// Dynamic shared memory: x [K] f32 (x_bytes, rounded to 128), then stages stages of 8 rows.
 template <bool kPairs>
 __global__ void __launch_bounds__(kThreads, 1)
     gemv_rows_tma_kernel(const float* __restrict__ x, const uint16_t* __restrict__ w, float* __restrict__ y, int N,
-                         int K, int chunk, int rpb, int stages, int x_bytes, AddRmsNormInput norm) {
+                         int K, int rpb, int stages, int x_bytes, AddRmsNormInput norm) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ alignas(8) uint64_t full[kMaxStages];
   __shared__ float pair_sums[kWarps];
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KV = K / 8;
   constexpr int kOutsPerStage = kPairs ? kStageRows / 2 : kStageRows;
-  const int out0 = blockIdx.x * rpb, outs = min(rpb, N - out0), n_groups = (outs + kOutsPerStage - 1) / kOutsPerStage;
-  const int n_chunks = (K + chunk - 1) / chunk, n_stages = n_groups * n_chunks;  // the last chunk may be shorter
-  const size_t chunk_bytes = static_cast<size_t>(chunk) * 2, stage_bytes = kStageRows * chunk_bytes;
+  const int out0 = blockIdx.x * rpb, outs = min(rpb, N - out0), n_stages = (outs + kOutsPerStage - 1) / kOutsPerStage;
+  const size_t row_bytes = static_cast<size_t>(K) * 2, stage_bytes = kStageRows * row_bytes;
   float4* xs4 = reinterpret_cast<float4*>(smem);
   unsigned char* ring = smem + x_bytes;
-  const auto issue = [&](int it) {  // thread 0: chunk it % n_chunks of outputs out0 + (it / n_chunks) kOutsPerStage ..
-    const int s = it % stages, o0 = out0 + (it / n_chunks) * kOutsPerStage, n = min(kOutsPerStage, out0 + outs - o0);
-    const int c0 = (it % n_chunks) * chunk;
-    const uint32_t bytes = static_cast<uint32_t>(min(chunk, K - c0)) * 2;  // a row's chunk
-    mbar_expect_bytes(&full[s], (kPairs ? 2 : 1) * n * bytes);
+  const auto issue = [&](int it) {  // thread 0: outputs out0 + it kOutsPerStage .. into stage it % stages
+    const int s = it % stages, o0 = out0 + it * kOutsPerStage, n = min(kOutsPerStage, out0 + outs - o0);
+    const uint32_t bytes = static_cast<uint32_t>(n * row_bytes);
+    mbar_expect_bytes(&full[s], kPairs ? 2 * bytes : bytes);
     unsigned char* dst = ring + s * stage_bytes;
-    if (n_chunks == 1) {  // whole rows: the stage's rows are contiguous in w
-      bulk_copy(dst, w + static_cast<size_t>(o0) * K, n * bytes, &full[s]);
-      if (kPairs) bulk_copy(dst + kOutsPerStage * chunk_bytes, w + (static_cast<size_t>(N) + o0) * K, n * bytes, &full[s]);
-      return;
-    }
-    for (int r = 0; r < n; ++r) {
-      bulk_copy(dst + r * chunk_bytes, w + static_cast<size_t>(o0 + r) * K + c0, bytes, &full[s]);
-      if (kPairs)
-        bulk_copy(dst + (kOutsPerStage + r) * chunk_bytes, w + (static_cast<size_t>(N) + o0 + r) * K + c0, bytes, &full[s]);
-    }
+    bulk_copy(dst, w + static_cast<size_t>(o0) * K, bytes, &full[s]);
+    if (kPairs) bulk_copy(dst + kOutsPerStage * row_bytes, w + (static_cast<size_t>(N) + o0) * K, bytes, &full[s]);
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&full[s]);
@@ -158,17 +142,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();  // x staged; the barriers' init seen by every thread
   // Warp w's row in a stage: w (pairs: gate rows 0-3, their up rows 4-7, so output w % 4).
   const int out_in_stage = kPairs ? warp % kOutsPerStage : warp;
-  float acc = 0.f;
   for (int it = 0; it < n_stages; ++it) {
-    const int s = it % stages, group = it / n_chunks, c = it % n_chunks, o = group * kOutsPerStage + out_in_stage;
+    const int s = it % stages, o = it * kOutsPerStage + out_in_stage;
     mbar_wait(&full[s], (it / stages) & 1);
+    float acc = 0.f;
     if (o < outs) {
-      const uint4* wr = reinterpret_cast<const uint4*>(ring + s * stage_bytes + warp * chunk_bytes);
-      const int v0 = c * (chunk / 8), vn = min(chunk, K - c * chunk) / 8;  // the chunk's first vector, its vectors
+      const uint4* wr = reinterpret_cast<const uint4*>(ring + s * stage_bytes + warp * row_bytes);
 #pragma unroll 4
-      for (int v = lane; v < vn; v += 32) {
+      for (int v = lane; v < KV; v += 32) {
         const uint4 u = wr[v];
-        const float4 xa = xs4[v0 + v], xb = xs4[KV + v0 + v];
+        const float4 xa = xs4[v], xb = xs4[KV + v];
         float part = 0.f;  // the vector's 8 products, then added: the batched register kernel's order, bit for bit
         part = fmaf(__uint_as_float(u.x << 16), xa.x, part);
         part = fmaf(__uint_as_float(u.x & 0xffff0000u), xa.y, part);
@@ -181,30 +164,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         acc += part;
       }
     }
-    const bool row_done = c == n_chunks - 1;
-    if (row_done) {
-      acc = warp_sum(acc);
-      if (!kPairs && lane == 0 && o < outs) y[out0 + o] = acc;
-      if (kPairs && lane == 0) pair_sums[warp] = acc;
-    }
+    acc = warp_sum(acc);
+    if (!kPairs && lane == 0 && o < outs) y[out0 + o] = acc;
+    if (kPairs && lane == 0) pair_sums[warp] = acc;
     __syncthreads();  // every warp is done with stage s (and pair_sums is written)
-    if (kPairs && row_done && threadIdx.x < kOutsPerStage && group * kOutsPerStage + static_cast<int>(threadIdx.x) < outs)
-      y[out0 + group * kOutsPerStage + threadIdx.x] =
-          silu_times(pair_sums[threadIdx.x], pair_sums[threadIdx.x + kOutsPerStage]);
+    if (kPairs && threadIdx.x < kOutsPerStage && it * kOutsPerStage + static_cast<int>(threadIdx.x) < outs)
+      y[out0 + it * kOutsPerStage + threadIdx.x] = silu_times(pair_sums[threadIdx.x], pair_sums[threadIdx.x + kOutsPerStage]);
     if (threadIdx.x == 0 && it + stages < n_stages) {
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the warps' reads of the stage before the copy's writes
       issue(it + stages);
     }
-    if (row_done) acc = 0.f;
-    if (kPairs && row_done) __syncthreads();  // pair_sums is read before the next stage writes it
+    if (kPairs) __syncthreads();  // pair_sums is read before the next stage writes it
   }
-}
-
-size_t x_bytes_for(int K) { return (static_cast<size_t>(K) * 4 + 127) / 128 * 128; }
-int chunk_for(int K) { return K <= kWholeRowsK ? K : kChunk; }
-int stages_for(int K) {  // stages of 8 rows of chunk_for(K) columns beside x
-  const size_t stage_bytes = kStageRows * static_cast<size_t>(chunk_for(K)) * 2;
-  return static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes_for(K)) / stage_bytes));
 }
 
 template <bool kPairs>
@@ -217,14 +188,15 @@ void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, 
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
-  const int stages = stages_for(K);
-  const size_t x_bytes = x_bytes_for(K), stage_bytes = kStageRows * static_cast<size_t>(chunk_for(K)) * 2;
+  const size_t row_bytes = static_cast<size_t>(K) * 2, stage_bytes = kStageRows * row_bytes;
+  const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
+  const int stages = static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes) / stage_bytes));
   constexpr int outs_per_stage = kPairs ? kStageRows / 2 : kStageRows;
   int rpb = (N + sms - 1) / sms;
   rpb = (rpb + outs_per_stage - 1) / outs_per_stage * outs_per_stage;
   const unsigned grid = static_cast<unsigned>((N + rpb - 1) / rpb);
   launch_pdl(ctx, gemv_rows_tma_kernel<kPairs>, dim3(grid), dim3(kThreads), x_bytes + stages * stage_bytes, x, w, y,
-             N, K, chunk_for(K), rpb, stages, static_cast<int>(x_bytes), norm);
+             N, K, rpb, stages, static_cast<int>(x_bytes), norm);
 }
 
 // Hopper's bulk copies and ~220 KiB of shared memory a block; asked once (a process drives one kind of GPU).
@@ -244,10 +216,10 @@ bool device_takes_it() {
 bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms,
                    const AddRmsNormInput* norm) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (N <= 0 || K <= 0 || K % 8 != 0 || K > kMaxK || stages_for(K) < 2 || (pairs && N > INT32_MAX / 2) ||
+  if (N <= 0 || K <= 0 || K % 8 != 0 || static_cast<size_t>(K) * 2 > kMaxRowBytes || (pairs && N > INT32_MAX / 2) ||
       !aligned(x) || !aligned(w) || !device_takes_it())
     return false;
-  if (norm && !(K <= kMaxNormK && aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) && aligned(norm->weight)))
+  if (norm && !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) && aligned(norm->weight)))
     return false;
   const AddRmsNormInput plain{};
   if (pairs) launch<true>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms, norm ? *norm : plain);
