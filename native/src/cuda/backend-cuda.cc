@@ -144,8 +144,8 @@ class CudaBackend final : public Backend {
   // ---- the held-back addRmsNorm. A one-token addRmsNorm in a step is not launched at once: the one-token bf16 GEMV
   // that reads its normed row next makes that row itself and writes sum and normed (gemv-rows-tma.cuh
   // AddRmsNormInput), which saves a kernel and its dependent launch on the decode step's critical path, twice a
-  // layer. Any other use of its tensors launches it first, as do the end of a step and of a capture: ops see the
-  // same values either way.
+  // layer. Any other use of its tensors launches it first, as do a replay and the end of a step or a capture: ops
+  // see the same values either way.
   struct HeldNorm {
     Tensor x, y, weight, sum, normed;
     float eps;
@@ -187,7 +187,10 @@ class CudaBackend final : public Backend {
     release_held_norm();
     return false;
   }
-  void on_replay(const Graph& graph) override { graphs_.replay(graph); }
+  void on_replay(const Graph& graph) override {
+    release_held_norm();  // a replay may rewrite its inputs (tensors the graph owns)
+    graphs_.replay(graph);
+  }
 
   // ---- ops
 
