@@ -18,7 +18,9 @@
 //     (a one-block kernel and a dependent launch on the critical path, twice a layer).
 //   Measured on H200 (bench/kernels/gemv-layer-bench.cu: 32 Llama-2-7B layers' bf16 GEMVs in one graph,
 //   2026-12-02): wqkv 27.1 -> 24.9 us, wo 11.3 -> 10.1, w13 44.9 -> 42.9 against the batched register kernel
-//   (w2, K = 11008, 25.1 -> 24.6 with 2-row stages: K > 4096 stays on the register kernels).
+//   (w2, K = 11008, 25.1 -> 24.6 with 2-row stages, and 35.4 in chunks of 2048 columns, 8 copies a stage: K > 4096
+//   stays on the register kernels). Two blocks a SM (128 threads, 112 KiB, so the next GEMV's block is resident
+//   early) took the layer from 104.4 to 118.9 us: the bytes in flight a SM matter more.
 #include "cuda/gemv-rows-tma.cuh"
 
 #include <algorithm>
