@@ -1,18 +1,21 @@
-// The bf16 one-token GEMVs as a decode step runs them: 32 Llama-2-7B layers' wqkv, wo, w13 and w2 (plain: the step's
-// SwiGLU product comes finished from matmulSiluMul), each layer its own weights (13 GB, so nothing stays in L2),
-// launched with programmatic dependent launch and captured in one CUDA graph; the replay's median per layer, beside
-// the floor (bytes / measured read bandwidth), and each shape alone (32 launches of it). Kernels: weft's choice
-// (gemv-rows-tma.cu for rows of up to 8 KiB, else the batched register kernel), the batched and the streaming
+// The one-token GEMVs as a decode step runs them: 32 Llama-2-7B layers' wqkv, wo, w13 (SwiGLU pairs, as matmulSiluMul
+// runs them) and w2 (plain: the step's SwiGLU product comes finished), each layer its own weights (13 GB in bf16, so
+// nothing stays in L2), launched with programmatic dependent launch and captured in one CUDA graph; the replay's
+// median per layer, beside the floor (bytes / measured read bandwidth), and each shape alone (32 launches of it).
+// Weights bf16, int8 (one scale a row) or int4 (groups of 128), random codes and scales. Kernels: weft's choice
+// (gemv-rows-tma.cu where it takes the shape, else the register kernels), the batched (bf16) and the streaming
 // register kernels (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task). Each kernel's outputs of layer 0 are
-// checked against the batched kernel's (max |y - ref| / max |ref|). The cache-hint, staging and occupancy variants
-// of bench/RESULTS.md (session 10) were an experimental copy of the streaming kernel in this file at d9916e1.
-// Build and run: bench/kernels/gemv-layer-run.sh (nvcc only).
+// checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
+// cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
+// streaming kernel in this file at d9916e1.
+// Build and run: bench/kernels/gemv-layer-run.sh [bf16|int8|int4]... (nvcc only).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -24,25 +27,43 @@
 using weft::DType;
 namespace wc = weft::cuda;
 
-int main() {
-  bench::Device dev(cudaStreamNonBlocking);
+// Scales uniform in [2^-8, 2^-7): positive, and small enough that int8/int4 products stay near bf16's range.
+__global__ void fill_scales(uint16_t* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const __nv_bfloat16 b = __float2bfloat16((1.5f + 0.5f * bench::uniform(seed, i)) / 256.f);
+    p[i] = *reinterpret_cast<const uint16_t*>(&b);
+  }
+}
+
+int run_format(bench::Device& dev, double bw, const char* format) {
   const wc::Ctx& ctx = dev.ctx;
   cudaStream_t stream = dev.stream;
-  const double bw = wc::measure_read_bandwidth(ctx, size_t{1} << 30, 10);
-  std::printf("%s, read bandwidth %.0f GB/s\n", dev.prop.name, bw);
-  struct Shape { const char* name; int N, K; };
-  const Shape shapes[] = {{"wqkv", 12288, 4096}, {"wo", 4096, 4096}, {"w13", 22016, 4096}, {"w2", 4096, 11008}};
+  const DType dt = std::strcmp(format, "int8") == 0 ? DType::I8 : std::strcmp(format, "int4") == 0 ? DType::I4 : DType::BF16;
+  const bool quant = dt != DType::BF16;
+  struct Shape { const char* name; int N, K; bool pairs; };  // pairs: N outputs of 2N rows
+  const Shape shapes[] = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 11008, 4096, true},
+                          {"w2", 4096, 11008, false}};
   const int layers = 32;
-  std::vector<void*> ws[4];
+  const auto group_of = [&](const Shape& sh) { return dt == DType::I8 ? sh.K : dt == DType::I4 ? 128 : 0; };
+  std::vector<void*> ws[4], ss[4];
   size_t layer_bytes = 0;
   for (int s = 0; s < 4; ++s) {
-    const size_t bytes = static_cast<size_t>(shapes[s].N) * shapes[s].K * 2;
-    layer_bytes += bytes;
+    const Shape& sh = shapes[s];
+    const size_t rows = static_cast<size_t>(sh.N) * (sh.pairs ? 2 : 1);
+    const size_t bytes = rows * sh.K * (dt == DType::BF16 ? 2 : 1) / (dt == DType::I4 ? 2 : 1);
+    const size_t n_scales = quant ? rows * (sh.K / group_of(sh)) : 0;
+    layer_bytes += bytes + n_scales * 2;
     for (int l = 0; l < layers; ++l) {
       void* p;
       CK(cudaMalloc(&p, bytes));
-      bench::fill_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(p), bytes / 2, 100 * s + l);
+      bench::fill_bf16<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(p), bytes / 2, 100 * s + l);  // any bits are codes
       ws[s].push_back(p);
+      void* q = nullptr;
+      if (quant) {
+        CK(cudaMalloc(&q, n_scales * 2));
+        fill_scales<<<256, 256, 0, stream>>>(static_cast<uint16_t*>(q), n_scales, 1000 + 100 * s + l);
+      }
+      ss[s].push_back(q);
     }
   }
   float *x, *y;
@@ -53,16 +74,19 @@ int main() {
 
   struct Kernel { std::string name; wc::OneTokenTuning tuning; };
   const auto tuned = [](wc::OneTokenKernel k, int rows) { wc::OneTokenTuning t; t.kernel = k; t.rows = rows; return t; };
-  const std::vector<Kernel> kernels = {
-      {"weft (bulk-copy rows where K <= 4096)", wc::OneTokenTuning{}},
-      {"batched register", tuned(wc::OneTokenKernel::Batched, 0)},
-      {"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)},
-      {"streaming register, 2 rows", tuned(wc::OneTokenKernel::Streaming, 2)},
-      {"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)},
-  };
+  std::vector<Kernel> kernels = {{"weft (bulk-copy rows where they take the shape)", wc::OneTokenTuning{}}};
+  if (!quant) kernels.push_back({"batched register", tuned(wc::OneTokenKernel::Batched, 0)});
+  kernels.push_back({"streaming register, 2 rows", tuned(wc::OneTokenKernel::Streaming, 2)});
+  kernels.push_back({"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)});
+  kernels.push_back({"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)});
+  const Kernel& reference = kernels[1];
   const auto run = [&](const Kernel& k, int s, int l) {
-    if (!wc::gemv_one_token(ctx, x, ws[s][l], DType::BF16, nullptr, 0, ys[s], shapes[s].N, shapes[s].K, false, k.tuning)) {
-      std::fprintf(stderr, "gemv_one_token refused %s\n", shapes[s].name);
+    const Shape& sh = shapes[s];
+    const uint16_t* sc = static_cast<const uint16_t*>(ss[s][l]);
+    const bool ok = sh.pairs ? wc::gemv_one_token_silu_pairs(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, k.tuning)
+                             : wc::gemv_one_token(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, false, k.tuning);
+    if (!ok) {
+      std::fprintf(stderr, "gemv_one_token refused %s (%s)\n", sh.name, format);
       std::exit(2);
     }
   };
@@ -75,9 +99,9 @@ int main() {
     return got;
   };
   std::vector<float> ref[4];
-  for (int s = 0; s < 4; ++s) ref[s] = outputs(kernels[1], s);
+  for (int s = 0; s < 4; ++s) ref[s] = outputs(reference, s);
 
-  std::printf("floor per layer %.1f us (%.1f MB at %.0f GB/s)\n", layer_bytes / (bw * 1e3), layer_bytes / 1e6, bw);
+  std::printf("\n%s: floor per layer %.1f us (%.1f MB at %.0f GB/s)\n", format, layer_bytes / (bw * 1e3), layer_bytes / 1e6, bw);
   std::printf("| kernel | layer us | TB/s | %% of floor | wqkv us | wo us | w13 us | w2 us | max rel err |\n"
               "|---|---|---|---|---|---|---|---|---|\n");
   for (const Kernel& k : kernels) {
@@ -105,5 +129,22 @@ int main() {
                 layer_bytes / (all * 1e6), 100.0 * layer_bytes / (bw * 1e3) / all, alone[0], alone[1], alone[2],
                 alone[3], err);
   }
+  for (int s = 0; s < 4; ++s)
+    for (int l = 0; l < layers; ++l) {
+      CK(cudaFree(ws[s][l]));
+      if (ss[s][l]) CK(cudaFree(ss[s][l]));
+    }
+  CK(cudaFree(x));
+  CK(cudaFree(y));
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  bench::Device dev(cudaStreamNonBlocking);
+  const double bw = wc::measure_read_bandwidth(dev.ctx, size_t{1} << 30, 10);
+  std::printf("%s, read bandwidth %.0f GB/s\n", dev.prop.name, bw);
+  if (argc < 2) return run_format(dev, bw, "bf16");
+  for (int a = 1; a < argc; ++a)
+    if (run_format(dev, bw, argv[a]) != 0) return 1;
   return 0;
 }

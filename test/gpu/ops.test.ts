@@ -261,17 +261,30 @@ test('fused addRmsNorm and qkvRope equal the CPU, and the separate CUDA ops bit 
   }
 });
 
-// In a step, a one-token addRmsNorm is held back and the bf16 GEMV that reads its normed row makes the row itself
-// (backend-cuda.cc HeldNorm): the products, sum and normed must be those of the norm launched on its own (forced
-// here by reading normed first), and equal the CPU. Any other use of its tensors launches it, as does a GEMV that
-// cannot take it (K = 11008: over the bulk-copy kernel's 4096 columns).
-test('a one-token addRmsNorm held for the bf16 GEMV that reads it equals the norm launched first, bit for bit', { skip }, () => {
-  for (const [K, N, normDType] of [[4096, 4096, 'bf16'], [4096, 1000, 'f32'], [2048, 520, 'bf16'], [1000, 24, 'bf16'], [11008, 264, 'bf16']] as const) {
+// In a step, a one-token addRmsNorm is held back and the one-token GEMV that reads its normed row makes the row
+// itself (backend-cuda.cc HeldNorm), for bf16, int8 (per channel) and int4 (groups of 128) weights: the products,
+// sum and normed must be those of the norm launched on its own (forced here by reading normed first), and equal the
+// CPU. Any other use of its tensors launches it, as does a GEMV that cannot take it (K = 11008: over the 4096
+// columns the norm is made for).
+test('a one-token addRmsNorm held for the GEMV that reads it equals the norm launched first, bit for bit', { skip }, () => {
+  const cases = [[4096, 4096, 'bf16', 'bf16'], [4096, 1000, 'f32', 'bf16'], [2048, 520, 'bf16', 'bf16'], [1000, 24, 'bf16', 'bf16'],
+    [11008, 264, 'bf16', 'bf16'], [4096, 1000, 'bf16', 'int8'], [2048, 520, 'f32', 'int4'], [4096, 1000, 'bf16', 'int4'],
+    [11008, 264, 'bf16', 'int8']] as const;
+  for (const [K, N, normDType, format] of cases) {
     const x = randoms(K, -3, 3), y = randoms(K, -3, 3), nw = randoms(K, 0.5, 1.5), w = randoms(2 * N * K, -0.05, 0.05);
-    const what = `K=${K} N=${N} norm weight ${normDType}`;
+    const what = `K=${K} N=${N} norm weight ${normDType}, ${format} weights`;
+    const quantized = [1, 2].map((copies) =>
+      format === 'bf16' ? undefined : quantizeMatrix(w.subarray(0, copies * N * K), copies * N, K, { kind: format, groupSize: format === 'int8' ? 'channel' : 128 }));
+    const weights = (e: Engine, pairs: boolean): Tensor => {
+      const rows = (pairs ? 2 : 1) * N, q = quantized[pairs ? 1 : 0];
+      if (!q) return bf16(e, w.subarray(0, rows * K), [rows, K]);
+      const groups = format === 'int8' ? 1 : K / 128;
+      return e.uploadQuantized(q.data, format === 'int8' ? 'i8' : 'i4', [rows, K], e.upload(q.scales, 'bf16', [rows, groups]));
+    };
+    const gpuWeights = [weights(gpu, false), weights(gpu, true)]; // quantized scales are uploaded outside a step
     const run = (e: Engine, normFirst: boolean, pairs: boolean) => {
       const weight = normDType === 'bf16' ? bf16(e, nw, [K]) : f32(e, nw, [K]);
-      const wt = bf16(e, w.subarray(0, (pairs ? 2 : 1) * N * K), [(pairs ? 2 : 1) * N, K]);
+      const wt = e === gpu ? gpuWeights[pairs ? 1 : 0]! : weights(e, pairs);
       const h = e.addRmsNorm(f32(e, x, [1, K]), f32(e, y, [1, K]), weight, 1e-5);
       const normed = normFirst ? get(e, h.normed) : undefined;
       const out = pairs ? e.matmulSiluMul(h.normed, wt) : e.matmul(h.normed, wt);

@@ -141,7 +141,7 @@ class CudaBackend final : public Backend {
   }
   void on_end_step() override { release_held_norm(); }
 
-  // ---- the held-back addRmsNorm. A one-token addRmsNorm in a step is not launched at once: the one-token bf16 GEMV
+  // ---- the held-back addRmsNorm. A one-token addRmsNorm in a step is not launched at once: the one-token GEMV
   // that reads its normed row next makes that row itself and writes sum and normed (gemv-rows-tma.cuh
   // AddRmsNormInput), which saves a kernel and its dependent launch on the decode step's critical path, twice a
   // layer. Any other use of its tensors launches it first, as do a replay and the end of a step or a capture: ops
@@ -177,9 +177,10 @@ class CudaBackend final : public Backend {
     const int64_t N = out.dim(1), K = x.dim(1);
     const cuda::AddRmsNormInput norm{n.y.data<float>(), n.weight.buffer->data(), n.weight.dtype == DType::BF16,
                                      n.eps, n.sum.data<float>(), n.normed.data<float>()};
-    if (w.dtype == DType::BF16 && x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX &&
-        cuda::gemv_rows_tma(ctx(), n.x.data<float>(), w.buffer->data(), out.data<float>(), static_cast<int>(N),
-                            static_cast<int>(K), pairs, st_->num_sms, &norm)) {
+    const cuda::QuantMatrix q = gemv_weights(w);
+    if (x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX &&
+        cuda::gemv_rows_tma(ctx(), n.x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
+                            static_cast<int>(N), static_cast<int>(K), pairs, st_->num_sms, &norm)) {
       held_norm_.reset();
       cuda::check_launch(ctx(), pairs ? "matmulSiluMul" : "matmul", {{"x", x}, {"w", w}});
       return true;
@@ -394,7 +395,7 @@ class CudaBackend final : public Backend {
     if (T == 0 || F == 0) return;
     const bool quant = is_quantized(w.dtype);
     if (T == 1 && F <= INT32_MAX / 2 && K <= INT32_MAX) {
-      const cuda::QuantMatrix q = quant ? quant_matrix(w) : cuda::QuantMatrix{w.buffer->data(), nullptr, w.dtype, 0};
+      const cuda::QuantMatrix q = gemv_weights(w);
       if (cuda::gemv_one_token_silu_pairs(ctx(), x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
                                           static_cast<int>(F), static_cast<int>(K))) {
         cuda::check_launch(ctx(), "matmulSiluMul", {{"x", x}, {"w", w}});
@@ -419,6 +420,10 @@ class CudaBackend final : public Backend {
     const size_t row_bytes = static_cast<size_t>(w.dtype == DType::I4 ? K / 2 : K);
     return {static_cast<const uint8_t*>(w.buffer->data()) + expert * N * row_bytes, w.scales->data<uint16_t>() + expert * N * S,
             w.dtype, static_cast<int>(w.group())};
+  }
+  // Any one-token GEMV's weights: quantized as above, bf16/f32 with no scales.
+  static cuda::QuantMatrix gemv_weights(const Tensor& w) {
+    return is_quantized(w.dtype) ? quant_matrix(w) : cuda::QuantMatrix{w.buffer->data(), nullptr, w.dtype, 0};
   }
   // Quantized experts: up to 16 tokens the expert GEMV on the device (capturable); longer steps are grouped by
   // expert on the host (grouped_expert_matmul), each expert dequantized into the scratch for the GEMM.

@@ -24,6 +24,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/gemv-rows-tma.cuh"
+#include "cuda/gemv-weight-vectors.cuh"
 #include "error.h"
 
 namespace weft::cuda {
@@ -32,48 +33,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kBlocksPerSm = 2;           // 16 warps a SM, so at most 128 registers a thread
 constexpr size_t kMaxX = 64 * 1024;       // bytes of x (one token, f32) a block stages: K <= 16384
-
-enum class Format { BF16, I8, I4 };
-template <Format F> constexpr int kVectorWeights = F == Format::BF16 ? 8 : F == Format::I8 ? 16 : 32;
-
-__device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) {
-  return __uint_as_float(static_cast<uint32_t>(b) << 16);
-}
-
-// Weights 4h .. 4h + 3 of a 16-byte vector as floats, exact. bf16: the f32 of the same high bits. int8: byte b as
-// the float 2^23 + (b + 128) (a byte permute into 0x4B0000uu, the sign bit flipped), minus 2^23 + 128: cheaper than
-// an int-to-float conversion.
-template <Format F>
-__device__ __forceinline__ void weights4(const uint4& u, int h, float (&f)[4]) {
-  if constexpr (F == Format::BF16) {
-    const uint32_t a = (&u.x)[2 * h], b = (&u.x)[2 * h + 1];
-    f[0] = __uint_as_float(a << 16);
-    f[1] = __uint_as_float(a & 0xffff0000u);
-    f[2] = __uint_as_float(b << 16);
-    f[3] = __uint_as_float(b & 0xffff0000u);
-  } else {
-    const uint32_t word = (&u.x)[h] ^ 0x80808080u;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7650u | i)) - 8388736.0f;
-  }
-}
-
-// int4 word (columns c .. c + 7, code = value + 8, the even column in each byte's low nibble: gemv.cuh
-// QuantMatrix) as four f16 pairs, exact: (c, c + 4), (c + 1, c + 5), (c + 2, c + 6), (c + 3, c + 7). A low nibble
-// masked under 0x6400 is 1024 + code, minus 1032; a high one 1024 + 16 code, times 1/16 minus 72 (as
-// gemv-quant-mma-fragments.cuh). Most of the work is f16x2 arithmetic and f16-to-f32 conversions, which leave the
-// integer pipe (half the FMA pipe's rate) to the masks: on H200 11-17% faster than a shift, mask and subtraction
-// per weight in f32 (quant-run.sh --one-token).
-__device__ __forceinline__ void int4_pairs(uint32_t word, float2 (&p)[4]) {
-  const uint32_t shifted = word >> 8;
-  const uint32_t b[4] = {(word & 0x000f000fu) | 0x64006400u, (word & 0x00f000f0u) | 0x64006400u,
-                         (shifted & 0x000f000fu) | 0x64006400u, (shifted & 0x00f000f0u) | 0x64006400u};
-  const __half2 h1032 = __float2half2_rn(1032.f), h16th = __float2half2_rn(0.0625f), hm72 = __float2half2_rn(-72.f);
-  p[0] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032));
-  p[1] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72));
-  p[2] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032));
-  p[3] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72));
-}
 
 // f(integral_constant<int, s>) for s = S .. U - 1 in order, until one returns true (then true): the ring's slots
 // as compile-time indices, which a plain unrolled loop around an early exit did not always give (the ring then
@@ -155,27 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
     constexpr int s = decltype(slot)::value;
     const int v = cj * 32 + lane;
     if (v < KV) {
-      float part[R] = {};  // int4, and int8 in groups: the vector's sums, scaled apart
-      if constexpr (F == Format::I4) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7
-          const float4 xa = xs4[2 * i * KV + v], xb = xs4[(2 * i + 1) * KV + v];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float2 p[4];
-            int4_pairs((&wv[r][s].x)[i], p);
-            float& t = kVectorScale ? part[r] : acc[r];
-            t = fmaf(p[0].x, xa.x, t);
-            t = fmaf(p[1].x, xa.y, t);
-            t = fmaf(p[2].x, xa.z, t);
-            t = fmaf(p[3].x, xa.w, t);
-            t = fmaf(p[0].y, xb.x, t);
-            t = fmaf(p[1].y, xb.y, t);
-            t = fmaf(p[2].y, xb.z, t);
-            t = fmaf(p[3].y, xb.w, t);
-          }
-        }
-      } else {
+      if constexpr (F == Format::BF16) {
 #pragma unroll
         for (int h = 0; h < H; ++h) {
           const float4 xv = xs4[h * KV + v];
@@ -183,17 +122,18 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
           for (int r = 0; r < R; ++r) {
             float f[4];
             weights4<F>(wv[r][s], h, f);
-            float& t = kVectorScale ? part[r] : acc[r];
-            t = fmaf(f[0], xv.x, t);
-            t = fmaf(f[1], xv.y, t);
-            t = fmaf(f[2], xv.z, t);
-            t = fmaf(f[3], xv.w, t);
+            acc[r] = fmaf(f[0], xv.x, acc[r]);
+            acc[r] = fmaf(f[1], xv.y, acc[r]);
+            acc[r] = fmaf(f[2], xv.z, acc[r]);
+            acc[r] = fmaf(f[3], xv.w, acc[r]);
           }
         }
-      }
-      if constexpr (kVectorScale)
+      } else {
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = fmaf(sc[r][s], part[r], acc[r]);
+        for (int r = 0; r < R; ++r)  // int4, and int8 in groups: each vector's sum scaled into the row's
+          if constexpr (kVectorScale) acc[r] = fmaf(sc[r][s], dot_vector<F>(wv[r][s], xs4, KV, v, 0.f), acc[r]);
+          else acc[r] = dot_vector<F>(wv[r][s], xs4, KV, v, acc[r]);
+      }
     }
     request(s);  // the slot just used takes the item U ahead
     if (++cj < L) return false;
@@ -392,10 +332,11 @@ bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, con
     return false;
   const bool row_scale = !bf16 && group == K;
   const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
-  // weft's: bf16 rows of up to 8 KiB streamed by bulk copies (gemv-rows-tma.cu: 6% less than the batched kernel on a
-  // Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the streaming one took 0-6% longer a shape:
-  // quant-run.sh --one-token), int8 and int4 streaming where it takes the group.
-  if (bf16 && !gated && tuning.kernel == OneTokenKernel::Weft && gemv_rows_tma(ctx, x, w, y, N, K, pairs, sm_count(ctx)))
+  // weft's: rows streamed by bulk copies where they take the shape (gemv-rows-tma.cu: bf16 6% less than the batched
+  // kernel on a Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the streaming one took 0-6%
+  // longer a shape: quant-run.sh --one-token), other int8 and int4 streaming where it takes the group.
+  if (!gated && tuning.kernel == OneTokenKernel::Weft &&
+      gemv_rows_tma(ctx, x, w, w_dtype, bf16 ? nullptr : scales, bf16 ? 0 : group, y, N, K, pairs, sm_count(ctx)))
     return true;
   const bool batched = tuning.kernel == OneTokenKernel::Batched ||
                        (tuning.kernel == OneTokenKernel::Weft && bf16) || group_shift < 0;

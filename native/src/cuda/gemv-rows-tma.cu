@@ -1,24 +1,25 @@
-// gemv_rows_tma (gemv-rows-tma.cuh): the one-token bf16 GEMV with each block's rows streamed into shared memory by
-// bulk asynchronous copies (TMA).
-//   - One block a SM (256 threads, ~208 KiB of shared memory at K = 4096) takes a contiguous run of rows, 8 rows a
-//     stage, in a ring of up to 4 stages. Thread 0 issues a stage's rows as one or two bulk copies that complete on
-//     the stage's mbarrier; the ring's first stages are issued before the block waits for the kernel before it (the
+// gemv_rows_tma (gemv-rows-tma.cuh): the one-token GEMV (bf16, int8 or int4 weights) with each block's rows streamed
+// into shared memory by bulk asynchronous copies (TMA).
+//   - One block a SM (256 threads, up to 220 KiB of shared memory) takes a contiguous run of rows, 8 M rows a stage
+//     (M = 1 for bf16 and rows over 4 KiB, 2 for rows over 2 KiB, else 4: a stage of ~64 KiB), in a ring of 2-4
+//     stages. Thread 0 issues a stage's rows (and, scaled a group, their scales) as bulk copies that complete on the
+//     stage's mbarrier; the ring's first stages are issued before the block waits for the kernel before it (the
 //     weights do not depend on it: programmatic dependent launch, common.cuh), a stage is issued again as soon as
 //     every warp has read it. So a SM keeps up to 192 KiB of weights in flight with one instruction a 32 KiB.
-//   - Warp w sums stage row w: lane l reads 16-byte vectors l, l + 32, ... of the row from shared memory (512
+//   - Warp w sums stage rows w + 8 m: lane l reads 16-byte vectors l, l + 32, ... of a row from shared memory (512
 //     contiguous bytes a warp: no bank conflict) against x, staged once per block as f32, sub-vector-major as the
-//     register kernels stage it (gemv-one-token.cu). The sum of a row is in fp32 over exact weights, each vector's
-//     8 products summed and then added, lanes in order and the warp's shuffle tree last: the batched register
-//     kernel's order, so a row's sum is the same bits on either kernel (a gated GEMV at one token still runs
-//     there) and a pair's gate and up sums equal the plain GEMV's.
-//   - Pairs (matmulSiluMul): a stage is 4 gate rows and their 4 up rows (two copies); warps w and w + 4 sum a pair,
-//     which is stored as silu(gate) * up.
+//     register kernels stage it (gemv-weight-vectors.cuh). Sums are fp32 over exact weights in the register kernels'
+//     orders, so a row's sum is the same bits on either kernel: bf16 as the batched kernel (each vector's 8 products
+//     summed, then added; a gated GEMV at one token still runs there), int8/int4 as the streaming kernel (one chain a
+//     row scaled at its end, or each vector's chain scaled into the row's); lanes in order, the warp's shuffle tree last.
+//   - Pairs (matmulSiluMul): a stage is 4 M gate rows and their 4 M up rows; a pair's two sums meet in shared memory
+//     and are stored as silu(gate) * up.
 //   - A deferred addRmsNorm as the input (AddRmsNormInput): each block makes the normed row itself from the residual
 //     and the branch output while its first stages are in flight, in place of a kernel of its own before the GEMV
 //     (a one-block kernel and a dependent launch on the critical path, twice a layer).
 //   Measured on H200 (bench/kernels/gemv-layer-bench.cu: 32 Llama-2-7B layers' bf16 GEMVs in one graph,
 //   2026-12-02): wqkv 27.1 -> 24.9 us, wo 11.3 -> 10.1, w13 44.9 -> 42.9 against the batched register kernel
-//   (w2, K = 11008, 25.1 -> 24.6 with 2-row stages, and 35.4 in chunks of 2048 columns, 8 copies a stage: K > 4096
+//   (w2, K = 11008, 25.1 -> 24.6 with 2-row stages, and 35.4 in chunks of 2048 columns, 8 copies a stage: bf16 K > 4096
 //   stays on the register kernels). Two blocks a SM (128 threads, 112 KiB, so the next GEMV's block is resident
 //   early) took the layer from 104.4 to 118.9 us: the bytes in flight a SM matter more.
 #include "cuda/gemv-rows-tma.cuh"
@@ -26,17 +27,18 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/gemv-weight-vectors.cuh"
 #include "cuda/rms-norm.cuh"
 
 namespace weft::cuda {
 namespace {
 
 constexpr int kThreads = 256, kWarps = 8;
-constexpr int kStageRows = kWarps;       // a warp a row
 constexpr int kMaxStages = 4;
-constexpr int kMaxRowBytes = 8 * 1024;   // K <= 4096: a stage of 8 rows is at most 64 KiB
 constexpr size_t kSmemBytes = 220 * 1024;
 constexpr uint32_t kCopyBytes = 32 * 1024;  // the most one bulk copy moves here
+constexpr int kMaxBf16RowBytes = 8 * 1024;  // bf16 K <= 4096 (longer rows lost to the register kernel, header)
+constexpr int kMaxNormK = 4096;             // stage_add_rms_norm plays addRmsNorm's <= 1024 threads
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar) {
   asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem_u32(bar)));
@@ -58,23 +60,24 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                  "r"(min(kCopyBytes, bytes - o)), "r"(smem_u32(bar)) : "memory");
 }
 
-// Stages x in shared memory as f32, sub-vector-major as the register kernels stage it (gemv-one-token.cu): float4 i
-// of x at xs4[(i % 2) KV + i / 2].
+// Stages x in shared memory as f32, sub-vector-major (gemv-weight-vectors.cuh): float4 i of x at xs4[(i % H) KV + i / H],
+// H float4s a weight vector.
+template <int H>
 __device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* xs4, int K) {
-  const int KV = K / 8;
-  for (int i = threadIdx.x; i < K / 4; i += kThreads) xs4[(i % 2) * KV + i / 2] = x4[i];
+  const int KV = K / (4 * H);
+  for (int i = threadIdx.x; i < K / 4; i += kThreads) xs4[(i % H) * KV + i / H] = x4[i];
 }
 
 // Stages addRmsNorm's normed row of x and norm.y instead, and writes this block's share of sum and normed (float4 i
 // where i % gridDim.x is the block). addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu,
 // K / 4 threads rounded up to a warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here
 // plays its threads t + 256 j, j < 4, in the same trees, so inv_rms and every normed value are that kernel's bits.
-template <typename W>
+template <int H, typename W>
 __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K) {
-  constexpr int kPlays = 1024 / kThreads;
+  constexpr int kPlays = kMaxNormK / 4 / kThreads;
   __shared__ double warp_sums[32];
   __shared__ float inv_rms;
-  const int n4 = K / 4, KV = K / 8, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n4 = K / 4, KV = K / (4 * H), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float4* y4 = reinterpret_cast<const float4*>(norm.y);
   float4 s[kPlays];
 #pragma unroll
@@ -99,7 +102,7 @@ __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNo
     const int i = threadIdx.x + j * kThreads;
     if (i >= n4) continue;
     const float4 o = normed4(s[j], inv_rms, Load4<W>::at(static_cast<const W*>(norm.weight), i));
-    xs4[(i % 2) * KV + i / 2] = o;
+    xs4[(i % H) * KV + i / H] = o;
     if (i % gridDim.x == blockIdx.x) {
       reinterpret_cast<float4*>(norm.sum)[i] = s[j];
       reinterpret_cast<float4*>(norm.normed)[i] = o;
@@ -107,98 +110,156 @@ __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNo
   }
 }
 
-// y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ w^T. Block b: outputs [b rpb, (b + 1) rpb).
-// Dynamic shared memory: x [K] f32 (x_bytes, rounded to 128), then stages stages of 8 rows.
-template <bool kPairs>
+// The kernel's shape beyond the template: weights w [N or 2N, K] in format F with bf16 scales [rows, n_groups]
+// (quantized; group_shift = log2 of the vectors a group), rpb outputs a block, stages ring stages of stage_bytes
+// (the rows, then their scales where scaled a vector), x_bytes of x before the ring.
+struct RowsLaunch {
+  const void* w;
+  const uint16_t* scales;
+  int n_groups, group_shift, N, K, rpb, stages, x_bytes, stage_bytes;
+};
+
+// y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ dequant(w)^T. Block b: outputs [b rpb, (b + 1)
+// rpb), M rows a warp a stage (8 M rows a stage; pairs: 4 M gate rows, then their 4 M up rows). kRowScale: one scale
+// a row, applied to its sum; otherwise quantized rows scale each vector's sum (bf16: none).
+template <Format F, int M, bool kPairs, bool kRowScale>
 __global__ void __launch_bounds__(kThreads, 1)
-    gemv_rows_tma_kernel(const float* __restrict__ x, const uint16_t* __restrict__ w, float* __restrict__ y, int N,
-                         int K, int rpb, int stages, int x_bytes, AddRmsNormInput norm) {
+    gemv_rows_tma_kernel(const float* __restrict__ x, float* __restrict__ y, RowsLaunch p, AddRmsNormInput norm) {
+  constexpr int VW = kVectorWeights<F>, H = VW / 4;
+  constexpr int kRows = kWarps * M, kOuts = kPairs ? kRows / 2 : kRows;
+  constexpr bool kVectorScale = F != Format::BF16 && !kRowScale;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ alignas(8) uint64_t full[kMaxStages];
-  __shared__ float pair_sums[kWarps];
+  __shared__ float pair_sums[kPairs ? kRows : 1];
   pdl_trigger();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, KV = K / 8;
-  constexpr int kOutsPerStage = kPairs ? kStageRows / 2 : kStageRows;
-  const int out0 = blockIdx.x * rpb, outs = min(rpb, N - out0), n_stages = (outs + kOutsPerStage - 1) / kOutsPerStage;
-  const size_t row_bytes = static_cast<size_t>(K) * 2, stage_bytes = kStageRows * row_bytes;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, N = p.N, K = p.K, KV = K / VW;
+  const int out0 = blockIdx.x * p.rpb, outs = min(p.rpb, N - out0), n_stages = (outs + kOuts - 1) / kOuts;
+  const size_t row_bytes = static_cast<size_t>(KV) * 16, scale_row_bytes = static_cast<size_t>(p.n_groups) * 2;
   float4* xs4 = reinterpret_cast<float4*>(smem);
-  unsigned char* ring = smem + x_bytes;
-  const auto issue = [&](int it) {  // thread 0: outputs out0 + it kOutsPerStage .. into stage it % stages
-    const int s = it % stages, o0 = out0 + it * kOutsPerStage, n = min(kOutsPerStage, out0 + outs - o0);
-    const uint32_t bytes = static_cast<uint32_t>(n * row_bytes);
-    mbar_expect_bytes(&full[s], kPairs ? 2 * bytes : bytes);
-    unsigned char* dst = ring + s * stage_bytes;
-    bulk_copy(dst, w + static_cast<size_t>(o0) * K, bytes, &full[s]);
-    if (kPairs) bulk_copy(dst + kOutsPerStage * row_bytes, w + (static_cast<size_t>(N) + o0) * K, bytes, &full[s]);
+  unsigned char* ring = smem + p.x_bytes;
+  const unsigned char* w = static_cast<const unsigned char*>(p.w);
+  const auto issue = [&](int it) {  // thread 0: outputs out0 + it kOuts .. into stage it % stages
+    const int s = it % p.stages, o0 = out0 + it * kOuts, n = min(kOuts, out0 + outs - o0);
+    const uint32_t bytes = static_cast<uint32_t>(n * row_bytes), scale_bytes = kVectorScale ? n * scale_row_bytes : 0;
+    mbar_expect_bytes(&full[s], (kPairs ? 2 : 1) * (bytes + scale_bytes));
+    unsigned char* dst = ring + static_cast<size_t>(s) * p.stage_bytes;
+    unsigned char* dst_scales = dst + kRows * row_bytes;
+    bulk_copy(dst, w + o0 * row_bytes, bytes, &full[s]);
+    if (kVectorScale) bulk_copy(dst_scales, p.scales + o0 * static_cast<size_t>(p.n_groups), scale_bytes, &full[s]);
+    if (kPairs) {
+      bulk_copy(dst + kOuts * row_bytes, w + (static_cast<size_t>(N) + o0) * row_bytes, bytes, &full[s]);
+      if (kVectorScale)
+        bulk_copy(dst_scales + kOuts * scale_row_bytes, p.scales + (static_cast<size_t>(N) + o0) * p.n_groups,
+                  scale_bytes, &full[s]);
+    }
   };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) mbar_init(&full[s]);
+    for (int s = 0; s < p.stages; ++s) mbar_init(&full[s]);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int it = 0; it < min(stages, n_stages); ++it) issue(it);
+    for (int it = 0; it < min(p.stages, n_stages); ++it) issue(it);
   }
   pdl_wait();  // x (or norm.y) comes from the kernel before
   const float4* x4 = reinterpret_cast<const float4*>(x);
-  if (!norm.y) stage_x(x4, xs4, K);
-  else if (norm.weight_bf16) stage_add_rms_norm<__nv_bfloat16>(x4, norm, xs4, K);
-  else stage_add_rms_norm<float>(x4, norm, xs4, K);
+  if (!norm.y) stage_x<H>(x4, xs4, K);
+  else if (norm.weight_bf16) stage_add_rms_norm<H, __nv_bfloat16>(x4, norm, xs4, K);
+  else stage_add_rms_norm<H, float>(x4, norm, xs4, K);
   __syncthreads();  // x staged; the barriers' init seen by every thread
-  // Warp w's row in a stage: w (pairs: gate rows 0-3, their up rows 4-7, so output w % 4).
-  const int out_in_stage = kPairs ? warp % kOutsPerStage : warp;
   for (int it = 0; it < n_stages; ++it) {
-    const int s = it % stages, o = it * kOutsPerStage + out_in_stage;
-    mbar_wait(&full[s], (it / stages) & 1);
-    float acc = 0.f;
-    if (o < outs) {
-      const uint4* wr = reinterpret_cast<const uint4*>(ring + s * stage_bytes + warp * row_bytes);
-#pragma unroll 4
-      for (int v = lane; v < KV; v += 32) {
-        const uint4 u = wr[v];
-        const float4 xa = xs4[v], xb = xs4[KV + v];
-        float part = 0.f;  // the vector's 8 products, then added: the batched register kernel's order, bit for bit
-        part = fmaf(__uint_as_float(u.x << 16), xa.x, part);
-        part = fmaf(__uint_as_float(u.x & 0xffff0000u), xa.y, part);
-        part = fmaf(__uint_as_float(u.y << 16), xa.z, part);
-        part = fmaf(__uint_as_float(u.y & 0xffff0000u), xa.w, part);
-        part = fmaf(__uint_as_float(u.z << 16), xb.x, part);
-        part = fmaf(__uint_as_float(u.z & 0xffff0000u), xb.y, part);
-        part = fmaf(__uint_as_float(u.w << 16), xb.z, part);
-        part = fmaf(__uint_as_float(u.w & 0xffff0000u), xb.w, part);
-        acc += part;
+    const int s = it % p.stages, first_out = it * kOuts, n = min(kOuts, outs - first_out);
+    // Warp w's stage rows are w + 8 m; a pair's gate row is out j, its up row out j - kOuts.
+    bool valid[M];
+    float row_scale[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int j = warp + kWarps * m, out = kPairs && j >= kOuts ? j - kOuts : j;
+      valid[m] = out < n;
+      if constexpr (kRowScale) {  // asked before the wait, so its latency hides behind the stage's copy
+        const size_t row = static_cast<size_t>(out0 + first_out + out) + (kPairs && j >= kOuts ? N : 0);
+        row_scale[m] = valid[m] ? bf16_bits_to_f32(__ldg(p.scales + row)) : 0.f;
       }
     }
-    acc = warp_sum(acc);
-    if (!kPairs && lane == 0 && o < outs) y[out0 + o] = acc;
-    if (kPairs && lane == 0) pair_sums[warp] = acc;
+    mbar_wait(&full[s], (it / p.stages) & 1);
+    const unsigned char* stage = ring + static_cast<size_t>(s) * p.stage_bytes;
+    const uint16_t* stage_scales = reinterpret_cast<const uint16_t*>(stage + kRows * row_bytes);
+    float acc[M] = {};
+#pragma unroll(M == 1 ? 4 : 1)
+    for (int v = lane; v < KV; v += 32) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (!valid[m]) continue;
+        const int j = warp + kWarps * m;
+        const uint4 u = reinterpret_cast<const uint4*>(stage + j * row_bytes)[v];
+        if constexpr (F == Format::BF16) {
+          const float4 xa = xs4[v], xb = xs4[KV + v];
+          float part = 0.f;  // the vector's 8 products, then added: the batched register kernel's order, bit for bit
+          part = fmaf(__uint_as_float(u.x << 16), xa.x, part);
+          part = fmaf(__uint_as_float(u.x & 0xffff0000u), xa.y, part);
+          part = fmaf(__uint_as_float(u.y << 16), xa.z, part);
+          part = fmaf(__uint_as_float(u.y & 0xffff0000u), xa.w, part);
+          part = fmaf(__uint_as_float(u.z << 16), xb.x, part);
+          part = fmaf(__uint_as_float(u.z & 0xffff0000u), xb.y, part);
+          part = fmaf(__uint_as_float(u.w << 16), xb.z, part);
+          part = fmaf(__uint_as_float(u.w & 0xffff0000u), xb.w, part);
+          acc[m] += part;
+        } else if constexpr (kRowScale) {
+          acc[m] = dot_vector<F>(u, xs4, KV, v, acc[m]);  // the streaming kernel's order (gemv-one-token.cu)
+        } else {
+          const float scale = bf16_bits_to_f32(stage_scales[j * p.n_groups + (v >> p.group_shift)]);
+          acc[m] = fmaf(scale, dot_vector<F>(u, xs4, KV, v, 0.f), acc[m]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const int j = warp + kWarps * m;
+      float t = warp_sum(acc[m]);
+      if constexpr (kRowScale) t *= row_scale[m];
+      if (!kPairs && lane == 0 && valid[m]) y[out0 + first_out + j] = t;
+      if (kPairs && lane == 0) pair_sums[j] = t;
+    }
     __syncthreads();  // every warp is done with stage s (and pair_sums is written)
-    if (kPairs && threadIdx.x < kOutsPerStage && it * kOutsPerStage + static_cast<int>(threadIdx.x) < outs)
-      y[out0 + it * kOutsPerStage + threadIdx.x] = silu_times(pair_sums[threadIdx.x], pair_sums[threadIdx.x + kOutsPerStage]);
-    if (threadIdx.x == 0 && it + stages < n_stages) {
+    if (kPairs && static_cast<int>(threadIdx.x) < n)
+      y[out0 + first_out + threadIdx.x] = silu_times(pair_sums[threadIdx.x], pair_sums[threadIdx.x + kOuts]);
+    if (threadIdx.x == 0 && it + p.stages < n_stages) {
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the warps' reads of the stage before the copy's writes
-      issue(it + stages);
+      issue(it + p.stages);
     }
     if (kPairs) __syncthreads();  // pair_sums is read before the next stage writes it
   }
 }
 
-template <bool kPairs>
-void launch(const Ctx& ctx, const float* x, const uint16_t* w, float* y, int N, int K, int sms,
-            const AddRmsNormInput& norm) {
+template <Format F, int M, bool kPairs, bool kRowScale>
+void launch(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const AddRmsNormInput& norm, int smem) {
+  const auto kernel = gemv_rows_tma_kernel<F, M, kPairs, kRowScale>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
-    check_cuda(ctx.st, cudaFuncSetAttribute(gemv_rows_tma_kernel<kPairs>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(kSmemBytes)),
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
-  const size_t row_bytes = static_cast<size_t>(K) * 2, stage_bytes = kStageRows * row_bytes;
-  const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
-  const int stages = static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes) / stage_bytes));
-  constexpr int outs_per_stage = kPairs ? kStageRows / 2 : kStageRows;
-  int rpb = (N + sms - 1) / sms;
-  rpb = (rpb + outs_per_stage - 1) / outs_per_stage * outs_per_stage;
-  const unsigned grid = static_cast<unsigned>((N + rpb - 1) / rpb);
-  launch_pdl(ctx, gemv_rows_tma_kernel<kPairs>, dim3(grid), dim3(kThreads), x_bytes + stages * stage_bytes, x, w, y,
-             N, K, rpb, stages, static_cast<int>(x_bytes), norm);
+  const unsigned grid = static_cast<unsigned>((p.N + p.rpb - 1) / p.rpb);
+  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), x, y, p, norm);
+}
+
+template <Format F, int M>
+void launch_rows(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const AddRmsNormInput& norm, int smem,
+                 bool pairs, bool row_scale) {
+  if (pairs) {
+    if (row_scale) launch<F, M, true, true>(ctx, x, y, p, norm, smem);
+    else launch<F, M, true, false>(ctx, x, y, p, norm, smem);
+  } else {
+    if (row_scale) launch<F, M, false, true>(ctx, x, y, p, norm, smem);
+    else launch<F, M, false, false>(ctx, x, y, p, norm, smem);
+  }
+}
+
+template <Format F>
+void launch_format(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const AddRmsNormInput& norm, int smem,
+                   int m, bool pairs, bool row_scale) {
+  if (m == 4) launch_rows<F, 4>(ctx, x, y, p, norm, smem, pairs, row_scale);
+  else if (m == 2) launch_rows<F, 2>(ctx, x, y, p, norm, smem, pairs, row_scale);
+  else launch_rows<F, 1>(ctx, x, y, p, norm, smem, pairs, row_scale);
 }
 
 // Hopper's bulk copies and ~220 KiB of shared memory a block; asked once (a process drives one kind of GPU).
@@ -213,19 +274,54 @@ bool device_takes_it() {
   return takes;
 }
 
+int log2_exact(int v) {  // log2 of a power of two, else -1
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
 }  // namespace
 
-bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, float* y, int N, int K, bool pairs, int sms,
-                   const AddRmsNormInput* norm) {
+bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+                   float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (N <= 0 || K <= 0 || K % 8 != 0 || static_cast<size_t>(K) * 2 > kMaxRowBytes || (pairs && N > INT32_MAX / 2) ||
-      !aligned(x) || !aligned(w) || !device_takes_it())
+  const bool bf16 = w_dtype == DType::BF16, int8 = w_dtype == DType::I8;
+  if (!(bf16 || int8 || w_dtype == DType::I4)) return false;
+  const int vw = bf16 ? 8 : int8 ? 16 : 32;
+  if (N <= 0 || K <= 0 || K % vw != 0 || (pairs && N > INT32_MAX / 2) || !aligned(x) || !aligned(w) ||
+      !device_takes_it())
     return false;
-  if (norm && !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) && aligned(norm->weight)))
+  const size_t row_bytes = static_cast<size_t>(K / vw) * 16;
+  if (bf16 && row_bytes > kMaxBf16RowBytes) return false;
+  // Quantized: one scale a row (group K), or one a group of a power of two of vectors whose rows' scales are whole
+  // 16-byte runs (a bulk copy's unit: the number of groups a multiple of 8).
+  const bool row_scale = !bf16 && group == K;
+  const int n_groups = bf16 || row_scale ? 0 : (group > 0 && K % group == 0 ? K / group : -1);
+  const int group_shift = n_groups > 0 && group % vw == 0 ? log2_exact(group / vw) : -1;
+  if (!bf16 && !row_scale && (n_groups % 8 != 0 || group_shift < 0 || !scales || !aligned(scales))) return false;
+  if (row_scale && !scales) return false;
+  if (norm && (K > kMaxNormK || !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) &&
+                                  aligned(norm->weight))))
     return false;
+  // Rows a warp a stage: a stage of ~64 KiB of short quantized rows takes 8 M rows.
+  const int m = bf16 || row_bytes > 4096 ? 1 : row_bytes > 2048 ? 2 : 4;
+  const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
+  const size_t stage_bytes = static_cast<size_t>(kWarps * m) * (row_bytes + static_cast<size_t>(n_groups > 0 ? n_groups : 0) * 2);
+  const int stages = x_bytes >= kSmemBytes ? 0 : static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes) / stage_bytes));
+  if (stages < 2) return false;  // a row too long to double-buffer: the register kernels
+  const int outs_granule = pairs ? kWarps / 2 : kWarps;
+  int rpb = (N + sms - 1) / sms;
+  rpb = (rpb + outs_granule - 1) / outs_granule * outs_granule;
+  const RowsLaunch p{w, scales, n_groups, std::max(group_shift, 0), N, K, rpb, stages, static_cast<int>(x_bytes),
+                     static_cast<int>(stage_bytes)};
   const AddRmsNormInput plain{};
-  if (pairs) launch<true>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms, norm ? *norm : plain);
-  else launch<false>(ctx, x, static_cast<const uint16_t*>(w), y, N, K, sms, norm ? *norm : plain);
+  const AddRmsNormInput& in = norm ? *norm : plain;
+  const int smem = static_cast<int>(x_bytes + stages * stage_bytes);
+  if (bf16 && pairs) launch<Format::BF16, 1, true, false>(ctx, x, y, p, in, smem);
+  else if (bf16) launch<Format::BF16, 1, false, false>(ctx, x, y, p, in, smem);
+  else if (int8) launch_format<Format::I8>(ctx, x, y, p, in, smem, m, pairs, row_scale);
+  else launch_format<Format::I4>(ctx, x, y, p, in, smem, m, pairs, row_scale);
   return true;
 }
 
