@@ -1,18 +1,18 @@
 // gemv_rows_tma (gemv-rows-tma.cuh): the one-token GEMV (bf16, int8 or int4 weights) with each block's rows streamed
 // into shared memory by bulk asynchronous copies (TMA).
-//   - One block a SM (256 threads, up to 220 KiB of shared memory) takes a contiguous run of rows, 8 M rows a stage
-//     (M = 1 for bf16 and rows over 4 KiB, 2 for rows over 2 KiB, else 4: a stage of ~64 KiB), in a ring of 2-4
-//     stages. Thread 0 issues a stage's rows (and, scaled a group, their scales) as bulk copies that complete on the
+//   - One block a SM (8 warps for bf16, 16 for int8/int4; up to 220 KiB of shared memory) takes a contiguous run of
+//     rows, M rows a warp a stage (M = 1 for bf16 and for quantized rows over 2 KiB, 2 over 1 KiB, else 4: a stage of
+//     ~64 KiB at K = 4096), in a ring of 2-4 stages. Thread 0 issues a stage's rows (and, scaled a group, their scales) as bulk copies that complete on the
 //     stage's mbarrier; the ring's first stages are issued before the block waits for the kernel before it (the
 //     weights do not depend on it: programmatic dependent launch, common.cuh), a stage is issued again as soon as
 //     every warp has read it. So a SM keeps up to 192 KiB of weights in flight with one instruction a 32 KiB.
-//   - Warp w sums stage rows w + 8 m: lane l reads 16-byte vectors l, l + 32, ... of a row from shared memory (512
+//   - Warp w of W sums stage rows w + W m: lane l reads 16-byte vectors l, l + 32, ... of a row from shared memory (512
 //     contiguous bytes a warp: no bank conflict) against x, staged once per block as f32, sub-vector-major as the
 //     register kernels stage it (gemv-weight-vectors.cuh). Sums are fp32 over exact weights in the register kernels'
 //     orders, so a row's sum is the same bits on either kernel: bf16 as the batched kernel (each vector's 8 products
 //     summed, then added; a gated GEMV at one token still runs there), int8/int4 as the streaming kernel (one chain a
 //     row scaled at its end, or each vector's chain scaled into the row's); lanes in order, the warp's shuffle tree last.
-//   - Pairs (matmulSiluMul): a stage is 4 M gate rows and their 4 M up rows; a pair's two sums meet in shared memory
+//   - Pairs (matmulSiluMul): a stage is W M / 2 gate rows and their up rows; a pair's two sums meet in shared memory
 //     and are stored as silu(gate) * up.
 //   - A deferred addRmsNorm as the input (AddRmsNormInput): each block makes the normed row itself from the residual
 //     and the branch output while its first stages are in flight, in place of a kernel of its own before the GEMV
@@ -33,7 +33,8 @@
 namespace weft::cuda {
 namespace {
 
-constexpr int kThreads = 256, kWarps = 8;
+// Warps a block: 8 for bf16; 16 for int8/int4, whose dequantization takes issue slots that 8 warps leave idle.
+template <Format F> constexpr int kWarpsOf = F == Format::BF16 ? 8 : 16;
 constexpr int kMaxStages = 4;
 constexpr size_t kSmemBytes = 220 * 1024;
 constexpr uint32_t kCopyBytes = 32 * 1024;  // the most one bulk copy moves here
@@ -65,16 +66,16 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
 template <int H>
 __device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* xs4, int K) {
   const int KV = K / (4 * H);
-  for (int i = threadIdx.x; i < K / 4; i += kThreads) xs4[(i % H) * KV + i / H] = x4[i];
+  for (int i = threadIdx.x; i < K / 4; i += blockDim.x) xs4[(i % H) * KV + i / H] = x4[i];
 }
 
 // Stages addRmsNorm's normed row of x and norm.y instead, and writes this block's share of sum and normed (float4 i
 // where i % gridDim.x is the block). addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu,
 // K / 4 threads rounded up to a warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here
-// plays its threads t + 256 j, j < 4, in the same trees, so inv_rms and every normed value are that kernel's bits.
-template <int H, typename W>
+// plays its threads t + kThreads j in the same trees, so inv_rms and every normed value are that kernel's bits.
+template <int kWarps, int H, typename W>
 __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K) {
-  constexpr int kPlays = kMaxNormK / 4 / kThreads;
+  constexpr int kThreads = kWarps * 32, kPlays = kMaxNormK / 4 / kThreads;
   __shared__ double warp_sums[32];
   __shared__ float inv_rms;
   const int n4 = K / 4, KV = K / (4 * H), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -120,12 +121,12 @@ struct RowsLaunch {
 };
 
 // y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ dequant(w)^T. Block b: outputs [b rpb, (b + 1)
-// rpb), M rows a warp a stage (8 M rows a stage; pairs: 4 M gate rows, then their 4 M up rows). kRowScale: one scale
+// rpb), M rows a warp a stage (pairs: the stage's gate rows, then their up rows). kRowScale: one scale
 // a row, applied to its sum; otherwise quantized rows scale each vector's sum (bf16: none).
 template <Format F, int M, bool kPairs, bool kRowScale>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
     gemv_rows_tma_kernel(const float* __restrict__ x, float* __restrict__ y, RowsLaunch p, AddRmsNormInput norm) {
-  constexpr int VW = kVectorWeights<F>, H = VW / 4;
+  constexpr int VW = kVectorWeights<F>, H = VW / 4, kWarps = kWarpsOf<F>;
   constexpr int kRows = kWarps * M, kOuts = kPairs ? kRows / 2 : kRows;
   constexpr bool kVectorScale = F != Format::BF16 && !kRowScale;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -161,8 +162,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   pdl_wait();  // x (or norm.y) comes from the kernel before
   const float4* x4 = reinterpret_cast<const float4*>(x);
   if (!norm.y) stage_x<H>(x4, xs4, K);
-  else if (norm.weight_bf16) stage_add_rms_norm<H, __nv_bfloat16>(x4, norm, xs4, K);
-  else stage_add_rms_norm<H, float>(x4, norm, xs4, K);
+  else if (norm.weight_bf16) stage_add_rms_norm<kWarps, H, __nv_bfloat16>(x4, norm, xs4, K);
+  else stage_add_rms_norm<kWarps, H, float>(x4, norm, xs4, K);
   __syncthreads();  // x staged; the barriers' init seen by every thread
   for (int it = 0; it < n_stages; ++it) {
     const int s = it % p.stages, first_out = it * kOuts, n = min(kOuts, outs - first_out);
@@ -239,7 +240,7 @@ void launch(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const
     smem_set = true;
   }
   const unsigned grid = static_cast<unsigned>((p.N + p.rpb - 1) / p.rpb);
-  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), x, y, p, norm);
+  launch_pdl(ctx, kernel, dim3(grid), dim3(kWarpsOf<F> * 32), static_cast<size_t>(smem), x, y, p, norm);
 }
 
 template <Format F, int M>
@@ -304,13 +305,14 @@ bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype,
   if (norm && (K > kMaxNormK || !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) &&
                                   aligned(norm->weight))))
     return false;
-  // Rows a warp a stage: a stage of ~64 KiB of short quantized rows takes 8 M rows.
-  const int m = bf16 || row_bytes > 4096 ? 1 : row_bytes > 2048 ? 2 : 4;
+  // Rows a warp a stage (M): a stage of ~64 KiB of short quantized rows takes M rows a warp.
+  const int warps = bf16 ? 8 : 16;
+  const int m = bf16 || row_bytes > 2048 ? 1 : row_bytes > 1024 ? 2 : 4;
   const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
-  const size_t stage_bytes = static_cast<size_t>(kWarps * m) * (row_bytes + static_cast<size_t>(n_groups > 0 ? n_groups : 0) * 2);
+  const size_t stage_bytes = static_cast<size_t>(warps * m) * (row_bytes + static_cast<size_t>(n_groups > 0 ? n_groups : 0) * 2);
   const int stages = x_bytes >= kSmemBytes ? 0 : static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes) / stage_bytes));
   if (stages < 2) return false;  // a row too long to double-buffer: the register kernels
-  const int outs_granule = pairs ? kWarps / 2 : kWarps;
+  const int outs_granule = pairs ? 4 : 8;
   int rpb = (N + sms - 1) / sms;
   rpb = (rpb + outs_granule - 1) / outs_granule * outs_granule;
   const RowsLaunch p{w, scales, n_groups, std::max(group_shift, 0), N, K, rpb, stages, static_cast<int>(x_bytes),
