@@ -129,10 +129,11 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSm)
           }
         }
       } else {
+        const XVector<F> xv(xs4, KV, v);
 #pragma unroll
         for (int r = 0; r < R; ++r)  // int4, and int8 in groups: each vector's sum scaled into the row's
-          if constexpr (kVectorScale) acc[r] = fmaf(sc[r][s], dot_vector<F>(wv[r][s], xs4, KV, v, 0.f), acc[r]);
-          else acc[r] = dot_vector<F>(wv[r][s], xs4, KV, v, acc[r]);
+          if constexpr (kVectorScale) acc[r] = fmaf(sc[r][s], dot_vector<F>(wv[r][s], xv, 0.f), acc[r]);
+          else acc[r] = dot_vector<F>(wv[r][s], xv, acc[r]);
       }
     }
     request(s);  // the slot just used takes the item U ahead

@@ -1,6 +1,6 @@
-// gemv_rows_tma (gemv-rows-tma.cuh): the one-token GEMV (bf16, int8 or int4 weights) with each block's rows streamed
+// gemv_rows_tma (gemv-rows-tma.cuh): the one-token GEMV (bf16 or int4 weights) with each block's rows streamed
 // into shared memory by bulk asynchronous copies (TMA).
-//   - One block a SM (8 warps for bf16, 16 for int8/int4; up to 220 KiB of shared memory) takes a contiguous run of
+//   - One block a SM (8 warps for bf16, 16 for int4; up to 220 KiB of shared memory) takes a contiguous run of
 //     rows, M rows a warp a stage (M = 1 for bf16 and for quantized rows over 2 KiB, 2 over 1 KiB, else 4: a stage of
 //     ~64 KiB at K = 4096), in a ring of 2-4 stages. Thread 0 issues a stage's rows (and, scaled a group, their scales) as bulk copies that complete on the
 //     stage's mbarrier; the ring's first stages are issued before the block waits for the kernel before it (the
@@ -10,7 +10,7 @@
 //     contiguous bytes a warp: no bank conflict) against x, staged once per block as f32, sub-vector-major as the
 //     register kernels stage it (gemv-weight-vectors.cuh). Sums are fp32 over exact weights in the register kernels'
 //     orders, so a row's sum is the same bits on either kernel: bf16 as the batched kernel (each vector's 8 products
-//     summed, then added; a gated GEMV at one token still runs there), int8/int4 as the streaming kernel (one chain a
+//     summed, then added; a gated GEMV at one token still runs there), int4 as the streaming kernel (one chain a
 //     row scaled at its end, or each vector's chain scaled into the row's); lanes in order, the warp's shuffle tree last.
 //   - Pairs (matmulSiluMul): a stage is W M / 2 gate rows and their up rows; a pair's two sums meet in shared memory
 //     and are stored as silu(gate) * up.
@@ -33,7 +33,8 @@
 namespace weft::cuda {
 namespace {
 
-// Warps a block: 8 for bf16; 16 for int8/int4, whose dequantization takes issue slots that 8 warps leave idle.
+// Warps a block: 8 for bf16; 16 for int4, whose dequantization takes issue slots that 8 warps leave idle (a
+// Llama-2-7B layer's int4 GEMVs 66.8 us against 72.2 with 8 warps, gemv-layer-run.sh int4).
 template <Format F> constexpr int kWarpsOf = F == Format::BF16 ? 8 : 16;
 constexpr int kMaxStages = 4;
 constexpr size_t kSmemBytes = 220 * 1024;
@@ -185,12 +186,11 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
     float acc[M] = {};
 #pragma unroll(M == 1 ? 4 : 1)
     for (int v = lane; v < KV; v += 32) {
+      if constexpr (F == Format::BF16) {
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        if (!valid[m]) continue;
-        const int j = warp + kWarps * m;
-        const uint4 u = reinterpret_cast<const uint4*>(stage + j * row_bytes)[v];
-        if constexpr (F == Format::BF16) {
+        for (int m = 0; m < M; ++m) {
+          if (!valid[m]) continue;
+          const uint4 u = reinterpret_cast<const uint4*>(stage + (warp + kWarps * m) * row_bytes)[v];
           const float4 xa = xs4[v], xb = xs4[KV + v];
           float part = 0.f;  // the vector's 8 products, then added: the batched register kernel's order, bit for bit
           part = fmaf(__uint_as_float(u.x << 16), xa.x, part);
@@ -202,11 +202,20 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
           part = fmaf(__uint_as_float(u.w << 16), xb.z, part);
           part = fmaf(__uint_as_float(u.w & 0xffff0000u), xb.w, part);
           acc[m] += part;
-        } else if constexpr (kRowScale) {
-          acc[m] = dot_vector<F>(u, xs4, KV, v, acc[m]);  // the streaming kernel's order (gemv-one-token.cu)
-        } else {
-          const float scale = bf16_bits_to_f32(stage_scales[j * p.n_groups + (v >> p.group_shift)]);
-          acc[m] = fmaf(scale, dot_vector<F>(u, xs4, KV, v, 0.f), acc[m]);
+        }
+      } else {
+        const XVector<F> xv(xs4, KV, v);  // once for the warp's M rows
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (!valid[m]) continue;
+          const int j = warp + kWarps * m;
+          const uint4 u = reinterpret_cast<const uint4*>(stage + j * row_bytes)[v];
+          if constexpr (kRowScale) {
+            acc[m] = dot_vector<F>(u, xv, acc[m]);  // the streaming kernel's order (gemv-one-token.cu)
+          } else {
+            const float scale = bf16_bits_to_f32(stage_scales[j * p.n_groups + (v >> p.group_shift)]);
+            acc[m] = fmaf(scale, dot_vector<F>(u, xv, 0.f), acc[m]);
+          }
         }
       }
     }
@@ -287,9 +296,11 @@ int log2_exact(int v) {  // log2 of a power of two, else -1
 bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                    float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool bf16 = w_dtype == DType::BF16, int8 = w_dtype == DType::I8;
-  if (!(bf16 || int8 || w_dtype == DType::I4)) return false;
-  const int vw = bf16 ? 8 : int8 ? 16 : 32;
+  // int8 stays on the streaming register kernel: a Llama-2-7B layer's int8 GEMVs took 73.0 us there against 77.6
+  // here with 16 warps and 83.3 with 8 (gemv-layer-run.sh int8, H200).
+  const bool bf16 = w_dtype == DType::BF16;
+  if (!(bf16 || w_dtype == DType::I4)) return false;
+  const int vw = bf16 ? 8 : 32;
   if (N <= 0 || K <= 0 || K % vw != 0 || (pairs && N > INT32_MAX / 2) || !aligned(x) || !aligned(w) ||
       !device_takes_it())
     return false;
@@ -322,7 +333,6 @@ bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype,
   const int smem = static_cast<int>(x_bytes + stages * stage_bytes);
   if (bf16 && pairs) launch<Format::BF16, 1, true, false>(ctx, x, y, p, in, smem);
   else if (bf16) launch<Format::BF16, 1, false, false>(ctx, x, y, p, in, smem);
-  else if (int8) launch_format<Format::I8>(ctx, x, y, p, in, smem, m, pairs, row_scale);
   else launch_format<Format::I4>(ctx, x, y, p, in, smem, m, pairs, row_scale);
   return true;
 }

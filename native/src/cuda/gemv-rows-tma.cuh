@@ -1,6 +1,7 @@
 // weft::cuda::gemv_rows_tma: y [1, N] f32 = x [1, K] f32 @ dequant(w) [N, K]^T for one token, each block's rows
 // streamed into shared memory by bulk asynchronous copies (gemv-rows-tma.cu); gemv_one_token's first choice. w bf16
-// (rows of up to 8 KiB: K <= 4096), or int8 / int4 with bf16 scales [rows, K / group] (gemv.cuh QuantMatrix).
+// (rows of up to 8 KiB: K <= 4096) or int4 with bf16 scales [rows, K / group] (gemv.cuh QuantMatrix; int8 is the
+// streaming register kernel's, gemv-rows-tma.cu says why).
 // pairs: w is [2N, K] (gate rows, then up rows) and y[f] = silu(gate f) * up f.
 #pragma once
 
@@ -25,8 +26,8 @@ struct AddRmsNormInput {
   float* normed;  // [K], the GEMV's input
 };
 
-// False (nothing launched) where it does not take the shape: K not a multiple of the 16-byte vector, bf16 rows over
-// 8 KiB, quantized rows too long for two stages with x (int8 K > ~12K), a group that is neither K nor a power of two
+// False (nothing launched) where it does not take the call: another dtype, K not a multiple of the 16-byte vector,
+// bf16 rows over 8 KiB, int4 rows too long for two stages with x (K > ~12K), a group that is neither K nor a power of two
 // of vectors with a multiple of 8 groups a row, a norm with K > 4096, misaligned pointers, a GPU before Hopper or with
 // less shared memory a block. scales/group: quantized w only (null/0 for bf16). sms: the SM count (one block a SM).
 // norm: x is the residual row and the GEMV reads addRmsNorm's normed row (null: x as it is). Capturable.

@@ -4,6 +4,8 @@
 // (KV vectors a row), so 32 lanes reading one sub-vector of consecutive vectors touch consecutive words.
 #pragma once
 
+#include <cuda_fp16.h>
+
 #include <cstdint>
 
 namespace weft::cuda {
@@ -33,47 +35,66 @@ __device__ __forceinline__ void weights4(const uint4& u, int h, float (&f)[4]) {
   }
 }
 
-// int4 word (columns c .. c + 7, code = value + 8, the even column in each byte's low nibble: gemv.cuh QuantMatrix)
-// as eight floats, exact, without a conversion instruction: nibble j of a word masked under 0x4B000000 is the float
-// 2^23 + 16^j code (exact while the nibble stays in the mantissa's 23 bits, so nibbles 5-7 come from the word shifted
-// right by 12), and one fmaf by 16^-j less (2^23 16^-j + 8) gives code - 8 exactly. One mask and one fmaf a weight: on H200 the f16-pair
-// conversion before it (two f16x2 ops and eight f16-to-f32 conversions a word, the conversions at a quarter of the
-// FMA rate) held a Llama-2-7B layer's int4 GEMVs at ~70 us against a 23 us floor (gemv-layer-run.sh int4).
-__device__ __forceinline__ void int4_weights(uint32_t word, float (&f)[8]) {
-  const uint32_t shifted = word >> 12;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int n = j < 5 ? j : j - 3;  // the nibble's place in its source
-    const float scale = 1.0f / static_cast<float>(1u << (4 * n));
-    const float v = __uint_as_float(0x4B000000u | ((j < 5 ? word : shifted) & (0xFu << (4 * n))));
-    f[j] = fmaf(v, scale, -(8388608.0f * scale + 8.0f));
-  }
+// int4 word (columns c .. c + 7, code = value + 8, the even column in each byte's low nibble: gemv.cuh
+// QuantMatrix) as four f16 pairs, exact: (c, c + 4), (c + 1, c + 5), (c + 2, c + 6), (c + 3, c + 7). A low nibble
+// masked under 0x6400 is 1024 + code, minus 1032; a high one 1024 + 16 code, times 1/16 minus 72 (as
+// gemv-quant-mma-fragments.cuh); each mask and its 0x6400 is one lop3 (ptxas made two of it). The f16x2 arithmetic and
+// the f16-to-f32 conversions leave the integer pipe, the busiest (ncu), to the masks: on H200 a Llama-2-7B layer's
+// int4 GEMVs took 66.8 us this way against 71.7 with each nibble masked under 2^23 as a float and one fmaf a weight
+// (gemv-layer-run.sh int4).
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t mask_under_0x6400(uint32_t word) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(word), "n"(kMask), "n"(0x64006400u));  // (a & b) | c
+  return out;
+}
+__device__ __forceinline__ void int4_pairs(uint32_t word, float2 (&p)[4]) {
+  const uint32_t shifted = word >> 8;
+  const uint32_t b[4] = {mask_under_0x6400<0x000f000fu>(word), mask_under_0x6400<0x00f000f0u>(word),
+                         mask_under_0x6400<0x000f000fu>(shifted), mask_under_0x6400<0x00f000f0u>(shifted)};
+  const __half2 h1032 = __float2half2_rn(1032.f), h16th = __float2half2_rn(0.0625f), hm72 = __float2half2_rn(-72.f);
+  p[0] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032));
+  p[1] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72));
+  p[2] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032));
+  p[3] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72));
 }
 
-// t + the products of quantized vector v (u: int8 or int4 codes, unscaled) with x, fmaf after fmaf in column order
-// (int8) or in int4_weights' order; the caller scales the sum (per vector or per row).
+// x's four float4s for weight vector v (16 int8 or 32 int4 weights: H = 4 or 8), loaded once for all the rows a warp
+// sums against them.
 template <Format F>
-__device__ __forceinline__ float dot_vector(const uint4& u, const float4* xs4, int KV, int v, float t) {
+struct XVector {
+  static constexpr int H = kVectorWeights<F> / 4;
+  float4 h[H];
+  __device__ __forceinline__ XVector(const float4* xs4, int KV, int v) {
+#pragma unroll
+    for (int i = 0; i < H; ++i) h[i] = xs4[i * KV + v];
+  }
+};
+
+// t + the products of quantized vector u (int8 or int4 codes, unscaled) with x, fmaf after fmaf in column order
+// (int8) or in int4_pairs' order; the caller scales the sum (per vector or per row).
+template <Format F>
+__device__ __forceinline__ float dot_vector(const uint4& u, const XVector<F>& x, float t) {
   static_assert(F != Format::BF16, "bf16 rows sum their own way (gemv-one-token.cu, gemv-rows-tma.cu)");
   if constexpr (F == Format::I4) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i + 7
-      const float4 xa = xs4[2 * i * KV + v], xb = xs4[(2 * i + 1) * KV + v];
-      float f[8];
-      int4_weights((&u.x)[i], f);
-      t = fmaf(f[0], xa.x, t);
-      t = fmaf(f[1], xa.y, t);
-      t = fmaf(f[2], xa.z, t);
-      t = fmaf(f[3], xa.w, t);
-      t = fmaf(f[4], xb.x, t);
-      t = fmaf(f[5], xb.y, t);
-      t = fmaf(f[6], xb.z, t);
-      t = fmaf(f[7], xb.w, t);
+      const float4 xa = x.h[2 * i], xb = x.h[2 * i + 1];
+      float2 p[4];
+      int4_pairs((&u.x)[i], p);
+      t = fmaf(p[0].x, xa.x, t);
+      t = fmaf(p[1].x, xa.y, t);
+      t = fmaf(p[2].x, xa.z, t);
+      t = fmaf(p[3].x, xa.w, t);
+      t = fmaf(p[0].y, xb.x, t);
+      t = fmaf(p[1].y, xb.y, t);
+      t = fmaf(p[2].y, xb.z, t);
+      t = fmaf(p[3].y, xb.w, t);
     }
   } else {
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
-      const float4 xv = xs4[h * KV + v];
+      const float4 xv = x.h[h];
       float f[4];
       weights4<F>(u, h, f);
       t = fmaf(f[0], xv.x, t);
