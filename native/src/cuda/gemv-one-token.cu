@@ -1,5 +1,5 @@
 // gemv_one_token (gemv-one-token.cuh): the one-token GEMV with the weights loaded straight into registers.
-//   - Streaming (int8 and int4): a grid of at most 2 blocks a SM; each warp takes tasks of R rows x all of K in
+//   - Streaming (int8, and int4 rows gemv-rows-tma.cu does not take): a grid of at most 2 blocks a SM; each warp takes tasks of R rows x all of K in
 //     turn (task t, t + warps in the grid, ...). Lane l reads vectors l, l + 32, ... of each of the task's rows (16
 //     bytes: 8 bf16, 16 int8 or 32 int4 weights) into a ring of U register slots a row: the slot just used is
 //     refilled at once with the vector U ahead, across task boundaries, so U vectors a row stay in flight while the
@@ -12,7 +12,8 @@
 //   - Products are summed in fp32 from exact weights; int8 per output channel (the group is the row) scales each
 //     row's sum once at its end, smaller groups each vector's sum.
 //   - Batched (bf16 rows over 8 KiB, and int8 in groups that are not a power of two of vectors): 2 rows a warp, grid
-//     ceil(N / 16). bf16 rows of up to 8 KiB: gemv-rows-tma.cu.
+//     ceil(N / 16). bf16 rows of up to 8 KiB and most int4 rows: gemv-rows-tma.cu. A vector's products are
+//     gemv-weight-vectors.cuh's, shared with it.
 //   Measured on H200 (bench/kernels/quant-run.sh --one-token, 2026-12-02): a Llama-2-7B layer's four GEMVs at one
 //   token, int8 per channel 0.138 -> 0.099 ms (batched -> streaming), int4 g128 0.117 -> 0.094 ms (tensor cores ->
 //   streaming); bf16 0.135 ms batched, 0-6% slower a shape streaming. gemv.cu keeps 2..8 tokens, f32/f16 weights and the

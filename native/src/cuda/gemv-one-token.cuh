@@ -12,8 +12,8 @@
 
 namespace weft::cuda {
 
-// Which kernel runs (gemv-one-token.cu). Weft: weft's choice (bf16 rows of up to 8 KiB gemv-rows-tma.cu's, other bf16
-// batched, int8 and int4 streaming); the others only for bench/kernels/quant-bench.cu, to compare.
+// Which kernel runs (gemv-one-token.cu). Weft: weft's choice (bf16 rows of up to 8 KiB and int4 rows gemv-rows-tma.cu's
+// where it takes them, other bf16 batched, int8 and other int4 streaming); the others only for bench/kernels/quant-bench.cu, to compare.
 enum class OneTokenKernel { Weft, Batched, Streaming };
 struct OneTokenTuning {
   OneTokenKernel kernel = OneTokenKernel::Weft;
