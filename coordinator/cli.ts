@@ -23,7 +23,7 @@ const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   stop: 'stop a launched cluster: no process left behind',
   keygen: 'write CURVE keys for the RPC socket: server.json, client.json, clients.txt (mode 0600)',
   worker: 'run one worker rank (started by the coordinator, or by hand to join one)',
-  quantize: 'write a weight-only int8 or int4 copy of a dense checkpoint (safetensors and config.json)',
+  quantize: 'write a weight-only int8 or int4 copy of a dense checkpoint, or convert a GPTQ/AWQ one (safetensors and config.json)',
 };
 
 /** The version package.json gives, for `weft --version`. */

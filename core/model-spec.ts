@@ -196,7 +196,10 @@ function refuseUnsupportedFeatures(f: Fields, architecture: string): void {
   const quant = f.optional('quantization_config');
   if (quant !== undefined) {
     const method = (quant as { quant_method?: unknown }).quant_method;
-    f.unsupported(`quantized checkpoints are not supported (quantization_config.quant_method ${describe(method)}); use f32, f16 or bf16 weights`);
+    if (method === 'gptq' || method === 'awq') {
+      f.unsupported(`quantization_config: ${method} checkpoints are read by conversion: \`weft quantize --model DIR --out NEW_DIR\` writes it in weft's int4/int8 format once (4-bit GPTQ without act-order, AWQ gemm), then load NEW_DIR`);
+    }
+    f.unsupported(`quantized checkpoints are not supported (quantization_config.quant_method ${describe(method)}); use f32, f16 or bf16 weights, or weft quantize`);
   }
 }
 

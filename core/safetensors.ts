@@ -293,6 +293,17 @@ export class WeightFiles {
     return this.files.reduce((sum, f) => sum + f.bytesRead, 0);
   }
 
+  /** Every tensor's name. */
+  get names(): string[] {
+    return [...this.byName.keys()];
+  }
+
+  /** The names of the tensors in one of `fileNames`, in the file's order. */
+  namesInFile(fileName: string): string[] {
+    const file = this.files.find((f) => path.relative(this.dir, f.header.file) === fileName);
+    return file ? [...file.header.tensors.values()].sort((a, b) => a.begin - b.begin).map((e) => e.name).filter((n) => this.byName.has(n)) : [];
+  }
+
   has(name: string): boolean {
     return this.byName.has(name);
   }
@@ -393,4 +404,45 @@ export function peekStoredDType(dir: string): string | undefined {
   } finally {
     if (fd !== undefined) closeSync(fd);
   }
+}
+
+/** A tensor to write: its bytes are asked for once, in order, after the header (so each may be computed then). */
+export interface TensorToWrite {
+  readonly name: string;
+  readonly dtype: string; // as stored: 'BF16', 'I8', 'U8', ...
+  readonly shape: readonly number[];
+  readonly bytes: () => Promise<Uint8Array>;
+}
+
+/**
+ * Writes `tensors` to `file` in order (header first, data 8-byte aligned after it); returns the data bytes written.
+ * Throws when a tensor's bytes are not what its dtype and shape say.
+ */
+export async function writeSafetensorsFile(file: string, tensors: readonly TensorToWrite[]): Promise<number> {
+  const header: Record<string, unknown> = { __metadata__: { format: 'pt' } };
+  let offset = 0;
+  const sizes: number[] = [];
+  for (const t of tensors) {
+    const size = (t.shape.reduce((a, d) => a * d, 1) * DTYPE_BITS[t.dtype]!) / 8;
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + size] };
+    sizes.push(size);
+    offset += size;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const padded = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, 0x20)]);
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(padded.length));
+  const handle = await open(file, 'w');
+  try {
+    await handle.write(length);
+    await handle.write(padded);
+    for (const [i, t] of tensors.entries()) {
+      const bytes = await t.bytes();
+      if (bytes.length !== sizes[i]) throw new Error(`writeSafetensorsFile: ${t.name} has ${bytes.length} bytes, ${t.dtype} [${t.shape.join(', ')}] needs ${sizes[i]}`);
+      await handle.write(bytes);
+    }
+  } finally {
+    await handle.close();
+  }
+  return offset;
 }

@@ -107,7 +107,7 @@ export function bf16Value(bits: number): number {
   return f32[0]!;
 }
 
-function f16Value(h: number): number {
+export function f16Value(h: number): number {
   const sign = h & 0x8000 ? -1 : 1;
   const e = (h >> 10) & 0x1f;
   const m = h & 0x3ff;

@@ -112,7 +112,10 @@ export const OPTIONS = {
     flag: '--quantize', arg: 'int8|int4', type: oneOf('int8', 'int4'), env: 'WEFT_QUANTIZE', uses: [...CLUSTER, 'launch'],
     help: "quantize a dense checkpoint's projections as each rank loads them (weight-only; see weft quantize to write one)",
   },
-  format: { flag: '--format', arg: 'int8|int4', type: oneOf('int8', 'int4'), help: 'weight-only quantization to write', uses: ['quantize'], required: true },
+  format: {
+    flag: '--format', arg: 'int8|int4', type: oneOf('int8', 'int4'), uses: ['quantize'],
+    help: "weight-only quantization to write (required for a dense checkpoint; a GPTQ/AWQ one converts to int4 if symmetric, else int8)",
+  },
   groupSize: {
     flag: '--group-size', arg: '32|64|128|256|channel', type: matching(/^([1-9]\d*[02468]|[2468]|channel)$/, "an even number of columns (32, 64, 128, 256 usual) or 'channel'"), env: 'WEFT_GROUP_SIZE', uses: [...CLUSTER, 'launch', 'quantize'],
     default: (c: Resolved) => (c.quantize === 'int4' || c.format === 'int4' ? '128' : 'channel'), defaultHelp: '128 for int4, channel (one scale per output row) for int8',

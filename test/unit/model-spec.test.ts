@@ -97,7 +97,8 @@ describe('readModelSpec refusals', () => {
       [llamaWith({ rope_scaling: { type: 'dynamic', factor: 2 } }), /rope_scaling\.rope_type "dynamic" is not supported/],
       [{ ...config('llama-tiny-bf16'), rope_parameters: { rope_theta: 1e4, rope_type: 'longrope' } }, /rope_parameters\.rope_type "longrope" is not supported/],
       [llamaWith({ torch_dtype: 'float8_e4m3fn' }), /torch_dtype "float8_e4m3fn" is not supported; weft loads float32, float16, bfloat16/],
-      [llamaWith({ quantization_config: { quant_method: 'awq' } }), /quantized checkpoints are not supported \(quantization_config\.quant_method "awq"\)/],
+      [llamaWith({ quantization_config: { quant_method: 'awq' } }), /quantization_config: awq checkpoints are read by conversion: `weft quantize --model DIR --out NEW_DIR`/],
+      [llamaWith({ quantization_config: { quant_method: 'bitsandbytes' } }), /quantized checkpoints are not supported \(quantization_config\.quant_method "bitsandbytes"\)/],
       [llamaWith({ partial_rotary_factor: 0.5 }), /partial_rotary_factor 0\.5 is not supported/],
     ];
     for (const [cfg, pattern] of cases) {
