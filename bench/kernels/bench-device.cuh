@@ -59,6 +59,15 @@ __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = __float2bfloat16(uniform(seed, i));
 }
+// Quantization scales as bf16 bits, uniform in [2^-8, 2^-7): positive, and small enough that int8/int4 products stay
+// near bf16's range.
+__global__ void fill_scales(uint16_t* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const __nv_bfloat16 b = __float2bfloat16((1.5f + 0.5f * uniform(seed, i)) / 256.f);
+    p[i] = *reinterpret_cast<const uint16_t*>(&b);
+  }
+}
+
 __global__ void poison(float* p, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = __int_as_float(0x7fc00000);

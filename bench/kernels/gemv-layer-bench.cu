@@ -27,14 +27,6 @@
 using weft::DType;
 namespace wc = weft::cuda;
 
-// Scales uniform in [2^-8, 2^-7): positive, and small enough that int8/int4 products stay near bf16's range.
-__global__ void fill_scales(uint16_t* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const __nv_bfloat16 b = __float2bfloat16((1.5f + 0.5f * bench::uniform(seed, i)) / 256.f);
-    p[i] = *reinterpret_cast<const uint16_t*>(&b);
-  }
-}
-
 int run_format(bench::Device& dev, double bw, const char* format) {
   const wc::Ctx& ctx = dev.ctx;
   cudaStream_t stream = dev.stream;
@@ -61,7 +53,7 @@ int run_format(bench::Device& dev, double bw, const char* format) {
       void* q = nullptr;
       if (quant) {
         CK(cudaMalloc(&q, n_scales * 2));
-        fill_scales<<<256, 256, 0, stream>>>(static_cast<uint16_t*>(q), n_scales, 1000 + 100 * s + l);
+        bench::fill_scales<<<256, 256, 0, stream>>>(static_cast<uint16_t*>(q), n_scales, 1000 + 100 * s + l);
       }
       ss[s].push_back(q);
     }

@@ -122,11 +122,11 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { retu
     }                                          \
   }
 
-// silu(g) * u with one rounding rule everywhere it is formed (siluMul and the GEMVs that fuse it), so a fused
-// product equals the two separate ops bit for bit.
 // A shared-memory pointer as the 32-bit address PTX's shared-state instructions take (cp.async, mbarrier, ldmatrix).
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
+// silu(g) * u with one rounding rule everywhere it is formed (siluMul and the GEMVs that fuse it), so a fused
+// product equals the two separate ops bit for bit.
 __device__ __forceinline__ float silu_times(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
 
 __device__ __forceinline__ float warp_sum(float v) {

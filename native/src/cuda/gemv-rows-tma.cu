@@ -26,6 +26,7 @@
 
 #include <algorithm>
 
+#include "cuda/bulk-copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemv-weight-vectors.cuh"
 #include "cuda/rms-norm.cuh"
@@ -38,29 +39,8 @@ namespace {
 template <Format F> constexpr int kWarpsOf = F == Format::BF16 ? 8 : 16;
 constexpr int kMaxStages = 4;
 constexpr size_t kSmemBytes = 220 * 1024;
-constexpr uint32_t kCopyBytes = 32 * 1024;  // the most one bulk copy moves here
 constexpr int kMaxBf16RowBytes = 8 * 1024;  // bf16 K <= 4096 (longer rows lost to the register kernel, header)
 constexpr int kMaxNormK = 4096;             // stage_add_rms_norm plays addRmsNorm's <= 1024 threads
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem_u32(bar)));
-}
-__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-}
-// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), completing on bar.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  for (uint32_t o = 0; o < bytes; o += kCopyBytes)
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smem_u32(static_cast<char*>(dst) + o)), "l"(static_cast<const char*>(src) + o),
-                 "r"(min(kCopyBytes, bytes - o)), "r"(smem_u32(bar)) : "memory");
-}
 
 // Stages x in shared memory as f32, sub-vector-major (gemv-weight-vectors.cuh): float4 i of x at xs4[(i % H) KV + i / H],
 // H float4s a weight vector.
@@ -157,7 +137,7 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < p.stages; ++s) mbar_init(&full[s]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
     for (int it = 0; it < min(p.stages, n_stages); ++it) issue(it);
   }
   pdl_wait();  // x (or norm.y) comes from the kernel before
@@ -231,7 +211,7 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
     if (kPairs && static_cast<int>(threadIdx.x) < n)
       y[out0 + first_out + threadIdx.x] = silu_times(pair_sums[threadIdx.x], pair_sums[threadIdx.x + kOuts]);
     if (threadIdx.x == 0 && it + p.stages < n_stages) {
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the warps' reads of the stage before the copy's writes
+      reads_before_copies();
       issue(it + p.stages);
     }
     if (kPairs) __syncthreads();  // pair_sums is read before the next stage writes it
