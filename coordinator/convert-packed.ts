@@ -1,16 +1,18 @@
 /**
  * `weft quantize` on a GPTQ or AWQ checkpoint (config.json's quantization_config): the same checkpoint in weft's
- * quantized format, which `--model` loads like any other (core/packed-int4.ts says how each packing is read). Every
+ * quantized format written once (loading the packed checkpoint converts it at every load instead), which `--model`
+ * loads like any other (core/packed-int4.ts says how each packing is read). Every
  * projection's `qweight`, `qzeros`, `scales` (and GPTQ's `g_idx`) become `<p>.weight` and `<p>.scales` in the
- * shard file that held `<p>.qweight`; every other tensor is copied as stored. Symmetric checkpoints (every zero
- * point 8) become int4, others int8 in the same groups: both exact but for the scales' rounding to bf16.
+ * shard file that held `<p>.qweight`; every other tensor is copied as stored. Symmetric checkpoints (GPTQ's
+ * sym: every zero point 8) become int4, others int8 in the same groups, as loading them does: both exact but for the
+ * scales' rounding to bf16.
  */
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { WeftError } from '../core/errors.ts';
 import { parseModelConfig, readModelSpec } from '../core/model-spec.ts';
-import { isSymmetric, readPackedInt4Config, toWeftMatrix, unpackInt4, type PackedInt4Config, type PackedTensors } from '../core/packed-int4.ts';
+import { checkGroupIndex, isSymmetric, packedShapes, readPackedInt4Config, toWeftMatrix, unpackInt4, type PackedInt4Config, type PackedTensors } from '../core/packed-int4.ts';
 import { WeightFiles, writeSafetensorsFile, type TensorToWrite } from '../core/safetensors.ts';
 import { isProjection } from '../core/weight-quantize.ts';
 import { finishCheckpoint, quantizationBlock, type QuantizeOptions, type QuantizeSummary } from './checkpoint-files.ts';
@@ -49,6 +51,21 @@ export async function convertPackedCheckpoint(options: QuantizeOptions, packing:
         if (!files.has(`${p}.${part}`)) throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.${part} is missing (${p}.qweight has no ${part} beside it)`);
       }
     }
+    // Shapes and group indices first, so a checkpoint weft cannot read leaves no output behind.
+    for (const p of prefixes) {
+      const [q0, q1] = files.tensor(`${p}.qweight`)!.shape as [number, number];
+      const [n, k] = packing.method === 'gptq' ? [q1, q0 * 8] : [q1 * 8, q0];
+      for (const [part, shape] of Object.entries(packedShapes(packing, n, k))) {
+        const entry = files.tensor(`${p}.${part}`)!;
+        if (entry.shape.length !== 2 || entry.shape[0] !== shape[0] || entry.shape[1] !== shape[1]) {
+          throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.${part}: shape [${entry.shape.join(', ')}], expected [${shape.join(', ')}] beside ${p}.qweight [${q0}, ${q1}] (${packing.method}, group size ${packing.groupSize})`);
+        }
+      }
+      if (files.has(`${p}.g_idx`)) {
+        const entry = files.tensor(`${p}.g_idx`)!;
+        checkGroupIndex(p, { bytes: await files.readAll(`${p}.g_idx`), dtype: entry.dtype, shape: entry.shape }, k, packing.groupSize === 'channel' ? k : packing.groupSize);
+      }
+    }
     const read = async (p: string): Promise<PackedTensors> => {
       const tensor = async (name: string) => {
         const entry = files.tensor(name)!;
@@ -58,20 +75,12 @@ export async function convertPackedCheckpoint(options: QuantizeOptions, packing:
       return { qweight: await tensor(`${p}.qweight`), qzeros: await tensor(`${p}.qzeros`), scales: await tensor(`${p}.scales`), ...(gIdx ? { gIdx } : {}) };
     };
 
-    // One kind for the whole model (ModelSpec.quantization): int4 only if every projection is symmetric.
-    let symmetric = true;
-    let group = 0;
-    for (const p of prefixes) {
-      const m = unpackInt4(p, await read(p), packing);
-      symmetric &&= isSymmetric(m);
-      group = m.k / m.groups;
-    }
-    const kind = options.format ?? (symmetric ? 'int4' : 'int8');
-    if (kind === 'int4' && !symmetric) {
+    // The format loading the checkpoint gives (core/model-spec.ts): int4 where config.json says symmetric.
+    const kind = options.format ?? (packing.symmetric ? 'int4' : 'int8');
+    if (kind === 'int4' && !packing.symmetric) {
       throw new WeftError('WEFT_UNSUPPORTED_MODEL', `${modelDir}: the ${packing.method} checkpoint has zero points other than 8 (asymmetric), which weft's int4 cannot hold exactly; leave out --format int4 to write int8 in the same groups (exact), or quantize the dense model`);
     }
-    const groupSize = packing.groupSize === 'channel' ? ('channel' as const) : group;
-
+    const groupSize = packing.groupSize;
     await mkdir(out, { recursive: true });
     const packedNames = new Set(prefixes.flatMap((p) => PACKED_PARTS.map((part) => `${p}.${part}`)));
     let bytesIn = 0;
@@ -92,6 +101,9 @@ export async function convertPackedCheckpoint(options: QuantizeOptions, packing:
         const once = () =>
           (converted ??= read(p).then((t) => {
             const m = unpackInt4(p, t, packing);
+            if (kind === 'int4' && !isSymmetric(m)) {
+              throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.qzeros: zero points other than 8 in a checkpoint config.json calls symmetric (sym: true)`);
+            }
             return { n: m.n, k: m.k, groups: m.groups, ...toWeftMatrix(m, kind) };
           }));
         const [q0, q1] = entry.shape as [number, number];

@@ -5,6 +5,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { WeftError } from './errors.ts';
+import { readPackedInt4Config } from './packed-int4.ts';
 import { peekStoredDType } from './safetensors.ts';
 import { GROUP_SIZES, groupProblems, workingGroupSizes, type WeightDType, type WeightQuantization } from './weight-format.ts';
 
@@ -195,11 +196,10 @@ function refuseUnsupportedFeatures(f: Fields, architecture: string): void {
   if (partial !== undefined && partial !== 1) f.unsupported(`partial_rotary_factor ${describe(partial)} is not supported (only 1)`);
   const quant = f.optional('quantization_config');
   if (quant !== undefined) {
-    const method = (quant as { quant_method?: unknown }).quant_method;
-    if (method === 'gptq' || method === 'awq') {
-      f.unsupported(`quantization_config: ${method} checkpoints are read by conversion: \`weft quantize --model DIR --out NEW_DIR\` writes it in weft's int4/int8 format once (4-bit GPTQ without act-order, AWQ gemm), then load NEW_DIR`);
+    const method = (quant as { quant_method?: unknown } | null)?.quant_method;
+    if (method !== 'gptq' && method !== 'awq') {
+      f.unsupported(`quantized checkpoints are not supported (quantization_config.quant_method ${describe(method)}); weft reads 4-bit gptq and awq ones, and f32, f16 or bf16 weights`);
     }
-    f.unsupported(`quantized checkpoints are not supported (quantization_config.quant_method ${describe(method)}); use f32, f16 or bf16 weights, or weft quantize`);
   }
 }
 
@@ -251,6 +251,16 @@ function readDType(f: Fields, stored: (() => WeightDType | undefined) | undefine
  */
 function readQuantization(f: Fields, widths: Record<string, number>): WeightQuantization | null {
   const block = f.optional('quantization');
+  const packedBlock = f.optional('quantization_config');
+  if (packedBlock !== undefined) {
+    if (block !== undefined) f.bad('both "quantization" (weft\'s) and "quantization_config" (gptq/awq) are set');
+    // GPTQ/AWQ: converted as each rank loads its projections (worker/weights/read-packed.ts), int4 where symmetric
+    const packed = readPackedInt4Config(packedBlock, f.source);
+    const quantization: WeightQuantization = { kind: packed.symmetric ? 'int4' : 'int8', groupSize: packed.groupSize, atLoad: false, packed };
+    const problem = quantizationProblem(quantization, widths);
+    if (problem !== null) f.bad(`quantization_config: ${problem}`);
+    return quantization;
+  }
   if (block === undefined) return null;
   if (typeof block !== 'object' || Array.isArray(block)) f.bad(`field "quantization" must be an object, got ${describe(block)}`);
   const q = new Fields(block as Record<string, unknown>, f.source, 'quantization.');

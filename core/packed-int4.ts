@@ -1,6 +1,7 @@
 /**
  * The 4-bit checkpoints users download (GPTQ without act-order, AWQ "gemm") read into weft's quantized format
- * (core/weight-format.ts), for `weft quantize` to convert (coordinator/convert-packed.ts). Both store, per
+ * (core/weight-format.ts): as each rank loads them (worker/weights/read-packed.ts), or once by `weft quantize`
+ * (coordinator/convert-packed.ts). Both store, per
  * projection `<p>`, 4-bit codes q and zero points z packed eight to an int32, and f16 scales s, one per group of
  * input columns and output row: w = (q - z) s.
  *   - GPTQ: `<p>.qweight` [K / 8, N] (word r of column n holds input columns 8r .. 8r + 7, lowest nibble first),
@@ -12,16 +13,11 @@
  * same groups (exact, twice the bytes). The scales are rounded from f16 to weft's bf16 (relative 2^-9 at most).
  */
 import { WeftError } from './errors.ts';
+import type { PackedInt4Config } from './weight-format.ts';
 import type { QuantizedMatrix } from './weight-quantize.ts';
-import { bf16Bits, f16Value } from './weight-quantize.ts';
 
-export interface PackedInt4Config {
-  readonly method: 'gptq' | 'awq';
-  /** input columns per group; 'channel' (group_size -1): one group spans K */
-  readonly groupSize: number | 'channel';
-  /** added to a stored zero point (GPTQ v1 stores z - 1) */
-  readonly zeroOffset: 0 | 1;
-}
+export type { PackedInt4Config };
+import { bf16Bits, f16Value } from './weight-quantize.ts';
 
 /** config.json's quantization_config → what the converter needs; refuses what it cannot convert exactly, by field. */
 export function readPackedInt4Config(quant: unknown, source: string): PackedInt4Config {
@@ -32,7 +28,7 @@ export function readPackedInt4Config(quant: unknown, source: string): PackedInt4
   const q = quant as Record<string, unknown>;
   const method = q.quant_method;
   if (method !== 'gptq' && method !== 'awq') return bad(`quant_method ${JSON.stringify(method)} is not one weft converts (gptq, awq)`);
-  if (q.bits !== 4) return bad(`bits ${JSON.stringify(q.bits)}: weft converts 4-bit ${method} checkpoints`);
+  if (q.bits !== 4) return bad(`bits ${JSON.stringify(q.bits)}: weft reads 4-bit ${method} checkpoints`);
   const group = q.group_size;
   if (group !== -1 && !(typeof group === 'number' && Number.isSafeInteger(group) && group >= 8 && group % 8 === 0)) {
     return bad(`group_size ${JSON.stringify(group)} must be -1 or a multiple of 8`);
@@ -41,11 +37,17 @@ export function readPackedInt4Config(quant: unknown, source: string): PackedInt4
     const version = typeof q.version === 'string' ? q.version.toLowerCase() : 'gemm';
     if (version !== 'gemm') return bad(`version ${JSON.stringify(q.version)}: weft reads AWQ's "gemm" packing only`);
     if (q.zero_point === false) return bad('zero_point false is not supported (AWQ without zero points)');
-    return { method, groupSize: group === -1 ? 'channel' : (group as number), zeroOffset: 0 };
+    return { method, groupSize: group === -1 ? 'channel' : (group as number), zeroOffset: 0, symmetric: false };
   }
   const format = q.checkpoint_format ?? 'gptq';
   if (format !== 'gptq' && format !== 'gptq_v2') return bad(`checkpoint_format ${JSON.stringify(format)} is not gptq or gptq_v2`);
-  return { method, groupSize: group === -1 ? 'channel' : (group as number), zeroOffset: format === 'gptq' ? 1 : 0 };
+  return { method, groupSize: group === -1 ? 'channel' : (group as number), zeroOffset: format === 'gptq' ? 1 : 0, symmetric: q.sym !== false };
+}
+
+/** The stored shapes of a projection [N, K]'s packed tensors (I32 codes and zeros, F16 scales). */
+export function packedShapes(config: PackedInt4Config, n: number, k: number): { qweight: number[]; qzeros: number[]; scales: number[] } {
+  const groups = config.groupSize === 'channel' ? 1 : k / config.groupSize;
+  return { qweight: config.method === 'gptq' ? [k / 8, n] : [k, n / 8], qzeros: [groups, n / 8], scales: [groups, n] };
 }
 
 /** A projection's tensors as stored (little-endian bytes) with their shapes. */
@@ -97,15 +99,7 @@ export function unpackInt4(prefix: string, t: PackedTensors, config: PackedInt4C
   const qweight = words(t.qweight.bytes);
   const qzeros = words(t.qzeros.bytes);
   const scales = new Uint16Array(Uint8Array.from(t.scales.bytes).buffer);
-  if (t.gIdx) {
-    if (t.gIdx.dtype !== 'I32' || t.gIdx.shape.length !== 1 || t.gIdx.shape[0] !== k) fail('g_idx', `dtype ${t.gIdx.dtype} shape ${shape(t.gIdx.shape)}, expected I32 [${k}]`);
-    const gIdx = words(t.gIdx.bytes);
-    for (let c = 0; c < k; c++) {
-      if (gIdx[c] !== Math.floor(c / group)) {
-        fail('g_idx', `column ${c} is in group ${gIdx[c]}, not ${Math.floor(c / group)}: act-order (desc_act) groups are not contiguous columns, which weft's are; quantize the model without act-order`);
-      }
-    }
-  }
+  if (t.gIdx) checkGroupIndex(prefix, t.gIdx, k, group);
   const nibble = (word: number, i: number) => (word >>> (4 * i)) & 0xf;
   const codes = new Uint8Array(n * k);
   for (let row = 0; row < n; row++) {
@@ -123,6 +117,20 @@ export function unpackInt4(prefix: string, t: PackedTensors, config: PackedInt4C
     }
   }
   return { n, k, groups, codes, zeros, scalesF16 };
+}
+
+/** GPTQ's g_idx [K] must put column c in group c / group: weft's groups are contiguous columns (no act-order). */
+export function checkGroupIndex(prefix: string, gIdx: { readonly bytes: Uint8Array; readonly dtype: string; readonly shape: readonly number[] }, k: number, group: number): void {
+  const fail = (why: string): never => {
+    throw new WeftError('WEFT_BAD_WEIGHTS', `${prefix}.g_idx: ${why}`);
+  };
+  if (gIdx.dtype !== 'I32' || gIdx.shape.length !== 1 || gIdx.shape[0] !== k) fail(`dtype ${gIdx.dtype} shape [${gIdx.shape.join(', ')}], expected I32 [${k}]`);
+  const groups = new Int32Array(Uint8Array.from(gIdx.bytes).buffer);
+  for (let c = 0; c < k; c++) {
+    if (groups[c] !== Math.floor(c / group)) {
+      fail(`column ${c} is in group ${groups[c]}, not ${Math.floor(c / group)}: act-order (desc_act) groups are not contiguous columns, which weft's are; quantize the model without act-order`);
+    }
+  }
 }
 
 /** Whether every zero point is 8: the projection is weft's symmetric int4 as it stands. */

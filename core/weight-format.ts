@@ -38,6 +38,19 @@ export interface WeightQuantization {
   readonly kind: 'int8' | 'int4';
   readonly groupSize: number | 'channel';
   readonly atLoad: boolean;
+  /** A GPTQ/AWQ checkpoint (config.json's quantization_config): its packed tensors become `kind` as each rank loads them */
+  readonly packed?: PackedInt4Config;
+}
+
+/** How a GPTQ or AWQ checkpoint packs its 4-bit projections (core/packed-int4.ts reads them). */
+export interface PackedInt4Config {
+  readonly method: 'gptq' | 'awq';
+  /** input columns per group; 'channel' (group_size -1): one group spans K */
+  readonly groupSize: number | 'channel';
+  /** added to a stored zero point (GPTQ v1 stores z - 1) */
+  readonly zeroOffset: 0 | 1;
+  /** GPTQ's sym: every zero point is 8, so the projections are int4 as they stand */
+  readonly symmetric: boolean;
 }
 
 export type WeightFormat = DenseFormat | QuantizedFormat;

@@ -1,12 +1,13 @@
-// GPTQ and AWQ checkpoints through `weft quantize` (coordinator/convert-packed.ts), on the CPU backend. The test packs
+// GPTQ and AWQ checkpoints loaded directly (worker/weights/read-packed.ts) and through `weft quantize`
+// (coordinator/convert-packed.ts), on the CPU backend. The test packs
 // llama-tiny's projections itself, from the formats' definitions (GPTQ: qweight [K / 8, N], input column 8r + i in
 // nibble i of word r; qzeros [G, N / 8] storing z - 1 in checkpoint format v1; AWQ gemm: qweight [K, N / 8] and
 // qzeros, output row 8c + ORDER[i] in nibble i, ORDER = 0 2 4 6 1 3 5 7; scales [G, N] f16), and writes the dense
-// model those codes stand for, w = (q - z) * s with s rounded from f16 to bf16 (weft's scales). The converted
-// checkpoint must score every position as that dense model at tp 1 and 2, symmetric GPTQ as int4 and asymmetric AWQ
-// as int8; checkpoints it cannot convert exactly are refused naming the tensor or field.
+// model those codes stand for, w = (q - z) * s with s rounded from f16 to bf16 (weft's scales). Loaded or converted,
+// the checkpoint must score every position as that dense model at tp 1 and 2, symmetric GPTQ as int4 and asymmetric
+// AWQ as int8; checkpoints weft cannot read exactly are refused naming the tensor or field.
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
@@ -136,8 +137,12 @@ async function logprobs(modelDir: string, tp: number, prompt: number[]): Promise
 }
 
 for (const c of [{ method: 'gptq', symmetric: true, kind: 'int4' }, { method: 'awq', symmetric: false, kind: 'int8' }] as const) {
-  test(`${c.method} ${c.symmetric ? 'symmetric' : 'asymmetric'} 4-bit converts to ${c.kind} and scores as the dense model its codes stand for (tp 1, 2)`, async () => {
+  test(`${c.method} ${c.symmetric ? 'symmetric' : 'asymmetric'} 4-bit, loaded as ${c.kind} and converted by weft quantize, scores as the dense model its codes stand for (tp 1, 2)`, async () => {
     const packed = writePacked(path.join(tmp, `${c.method}-${c.symmetric}`), c.method, c.symmetric);
+    const spec = readModelSpec(packed);
+    assert.equal(spec.quantization?.kind, c.kind);
+    assert.equal(spec.quantization?.groupSize, GROUP);
+    assert.equal(spec.quantization?.packed?.method, c.method);
     const out = `${packed}-weft`;
     const summary = await quantizeCheckpoint({ modelDir: packed, out, groupSize: 'channel' });
     assert.equal(summary.format, c.kind);
@@ -146,17 +151,21 @@ for (const c of [{ method: 'gptq', symmetric: true, kind: 'int4' }, { method: 'a
     assert.deepEqual(readModelSpec(out).quantization, { kind: c.kind, groupSize: GROUP, atLoad: false });
     const prompt = readReference('llama-tiny').prompts[0]!;
     for (const tp of [1, 2]) {
-      const got = await logprobs(out, tp, prompt);
       const want = await logprobs(`${packed}-dense`, tp, prompt);
-      const worst = Math.max(...got.map((row, r) => maxAbsDiff(row, want[r]!)));
-      assert.ok(worst <= 1e-5, `tp ${tp}: max abs log-prob difference ${worst}`);
+      for (const [how, dir] of [['loaded', packed], ['converted', out]] as const) {
+        const got = await logprobs(dir, tp, prompt);
+        const worst = Math.max(...got.map((row, r) => maxAbsDiff(row, want[r]!)));
+        assert.ok(worst <= 1e-5, `${how}, tp ${tp}: max abs log-prob difference ${worst}`);
+      }
     }
   });
 }
 
-test('packed checkpoints weft cannot convert exactly are refused, naming the tensor or field', async () => {
-  const refuse = async (name: string, dir: string, pattern: RegExp, format?: 'int8' | 'int4') =>
-    assert.rejects(quantizeCheckpoint({ modelDir: dir, out: `${dir}-weft`, groupSize: 'channel', ...(format ? { format } : {}) }), pattern, name);
+test('packed checkpoints weft cannot read exactly are refused, converted or loaded, naming the tensor or field', async () => {
+  const refuse = async (name: string, dir: string, pattern: RegExp, format?: 'int8' | 'int4') => {
+    await assert.rejects(quantizeCheckpoint({ modelDir: dir, out: `${dir}-weft`, groupSize: 'channel', ...(format ? { format } : {}) }), pattern, name);
+    assert.equal(existsSync(`${dir}-weft`), false, `${name}: refused before anything is written`);
+  };
   const gIdxPermuted = (ts: RawTensor[]) => ts.map((t) => {
     if (!t.name.endsWith('layers.1.mlp.down_proj.g_idx')) return t;
     const g = new Int32Array(Uint8Array.from(t.bytes).buffer);
@@ -167,12 +176,16 @@ test('packed checkpoints weft cannot convert exactly are refused, naming the ten
     /model\.layers\.1\.mlp\.down_proj\.g_idx: column 0 is in group 1, not 0: act-order/);
   await refuse('no qzeros', writePacked(path.join(tmp, 'no-zeros'), 'awq', false, (ts) => ts.filter((t) => !t.name.endsWith('layers.0.self_attn.k_proj.qzeros'))),
     /model\.layers\.0\.self_attn\.k_proj\.qzeros is missing/);
-  await refuse('bits 8', writePacked(path.join(tmp, 'bits-8'), 'gptq', true, undefined, { bits: 8 }), /quantization_config bits 8: weft converts 4-bit gptq/);
+  await refuse('bits 8', writePacked(path.join(tmp, 'bits-8'), 'gptq', true, undefined, { bits: 8 }), /quantization_config bits 8: weft reads 4-bit gptq/);
   await refuse('awq gemv', writePacked(path.join(tmp, 'gemv'), 'awq', false, undefined, { version: 'gemv' }), /version "gemv": weft reads AWQ's "gemm" packing only/);
   await refuse('int4 of an asymmetric one', writePacked(path.join(tmp, 'asym-int4'), 'awq', false), /zero points other than 8 \(asymmetric\)/, 'int4');
   const shrunk = (ts: RawTensor[]) => ts.map((t) => (t.name.endsWith('layers.0.mlp.up_proj.scales') ? { ...t, shape: [t.shape[0]! * 2, t.shape[1]! / 2] } : t));
   await refuse('scales shape', writePacked(path.join(tmp, 'scales-shape'), 'gptq', true, shrunk),
     /model\.layers\.0\.mlp\.up_proj\.scales: shape \[16, 88\], expected \[8, 176\]/);
-  // loading one directly says how to convert it
-  assert.throws(() => readModelSpec(path.join(tmp, 'asym-int4')), /quantization_config: awq checkpoints are read by conversion: `weft quantize/);
+  // the same refusals when a cluster loads one
+  await assert.rejects(startCluster({ modelDir: path.join(tmp, 'act-order'), threads: 1 }), /down_proj\.g_idx: column 0 is in group 1, not 0: act-order/);
+  await assert.rejects(startCluster({ modelDir: path.join(tmp, 'scales-shape'), threads: 1 }), /tensor "model\.layers\.0\.mlp\.up_proj\.scales" has shape \[16, 88\], expected \[8, 176\]/);
+  assert.throws(() => readModelSpec(path.join(tmp, 'bits-8')), /quantization_config bits 8: weft reads 4-bit gptq checkpoints/);
+  const notSymmetric = writePacked(path.join(tmp, 'sym-lies'), 'gptq', false, undefined, { sym: true });
+  await assert.rejects(startCluster({ modelDir: notSymmetric, threads: 1 }), /model\.layers\.0\.self_attn\.q_proj\.qzeros: zero points other than 8 in a checkpoint config\.json calls symmetric/);
 });

@@ -97,8 +97,9 @@ describe('readModelSpec refusals', () => {
       [llamaWith({ rope_scaling: { type: 'dynamic', factor: 2 } }), /rope_scaling\.rope_type "dynamic" is not supported/],
       [{ ...config('llama-tiny-bf16'), rope_parameters: { rope_theta: 1e4, rope_type: 'longrope' } }, /rope_parameters\.rope_type "longrope" is not supported/],
       [llamaWith({ torch_dtype: 'float8_e4m3fn' }), /torch_dtype "float8_e4m3fn" is not supported; weft loads float32, float16, bfloat16/],
-      [llamaWith({ quantization_config: { quant_method: 'awq' } }), /quantization_config: awq checkpoints are read by conversion: `weft quantize --model DIR --out NEW_DIR`/],
-      [llamaWith({ quantization_config: { quant_method: 'bitsandbytes' } }), /quantized checkpoints are not supported \(quantization_config\.quant_method "bitsandbytes"\)/],
+      [llamaWith({ quantization_config: { quant_method: 'awq' } }), /quantization_config bits undefined: weft reads 4-bit awq checkpoints/],
+      [llamaWith({ quantization_config: { quant_method: 'gptq', bits: 4, group_size: 8, checkpoint_format: 'marlin' } }), /quantization_config checkpoint_format "marlin" is not gptq or gptq_v2/],
+      [llamaWith({ quantization_config: { quant_method: 'bitsandbytes' } }), /quantized checkpoints are not supported \(quantization_config\.quant_method "bitsandbytes"\); weft reads 4-bit gptq and awq/],
       [llamaWith({ partial_rotary_factor: 0.5 }), /partial_rotary_factor 0\.5 is not supported/],
     ];
     for (const [cfg, pattern] of cases) {

@@ -12,6 +12,7 @@ import { dense, denseDType, formatBytes, scalesShape, storedBytes, type Quantize
 import { quantizeMatrix, scalesName, toFloat32 } from '../../core/weight-quantize.ts';
 import { familyOf, layoutContext } from '../models/registry.ts';
 import type { HostTensor, ShardTensor, SourceSlice } from './layout.ts';
+import { checkPackedSource, readPacked } from './read-packed.ts';
 
 export type { HostTensor, ShardTensor, SourceSlice };
 
@@ -85,7 +86,7 @@ export async function loadShard(
   let reported = 0;
   const report = () => {
     reported = bytesRead;
-    onProgress?.(bytesRead, bytesTotal);
+    onProgress?.(Math.min(bytesRead, bytesTotal), bytesTotal); // a GPTQ/AWQ rank reads whole packed tensors
   };
   const onRead = (n: number) => {
     bytesRead += n;
@@ -94,7 +95,13 @@ export async function loadShard(
   const files = await WeightFiles.open(dir, { onRead });
   try {
     const plans = new Map(layout.map((t) => [t.name, readPlan(spec, t)]));
+    const packing = spec.quantization?.packed;
+    const packed = (t: ShardTensor) => packing !== undefined && t.format.kind !== 'dense';
     for (const t of layout) {
+      if (packed(t)) {
+        for (const s of t.sources) checkPackedSource(files, t, s, packing!);
+        continue;
+      }
       const plan = plans.get(t.name)!;
       for (const s of plan.values) checkSource(files, t, s, plan.valuesDType, spec);
       for (const s of plan.scales) checkSource(files, t, s, 'BF16', spec);
@@ -103,6 +110,12 @@ export async function loadShard(
     for (const t of layout) {
       if (t.aliasOf !== null) {
         weights.set(t.name, weights.get(t.aliasOf)!);
+        continue;
+      }
+      if (packed(t)) {
+        const { data, scales } = await readPacked(files, t, t.format as QuantizedFormat, packing!);
+        weights.set(t.name, { format: t.format, shape: t.shape, data, scales });
+        if (bytesRead > reported) report();
         continue;
       }
       const plan = plans.get(t.name)!;

@@ -1,0 +1,78 @@
+/**
+ * A GPTQ/AWQ checkpoint's projections as one rank loads them (ModelSpec.quantization.packed): each source matrix's
+ * packed tensors are read whole, unpacked into weft's int4 or int8 format (core/packed-int4.ts), and the rank's rows
+ * or columns (with their scales) cut from that, so the layout table and the shard plan serve it unchanged.
+ */
+import { WeftError } from '../../core/errors.ts';
+import { isSymmetric, packedShapes, toWeftMatrix, unpackInt4, type PackedInt4Config } from '../../core/packed-int4.ts';
+import type { WeightFiles } from '../../core/safetensors.ts';
+import type { QuantizedFormat } from '../../core/weight-format.ts';
+import type { ShardTensor, SourceSlice } from './layout.ts';
+
+const prefixOf = (s: SourceSlice) => s.hfName.replace(/\.weight$/, '');
+
+/** Every packed tensor a source needs is there with the shape its [N, K] implies (before any data is read). */
+export function checkPackedSource(files: WeightFiles, t: ShardTensor, s: SourceSlice, packing: PackedInt4Config): void {
+  const [n, k] = s.hfShape as [number, number];
+  const expected = packedShapes(packing, n, k);
+  for (const [part, shape] of Object.entries(expected)) {
+    const name = `${prefixOf(s)}.${part}`;
+    const entry = files.tensor(name);
+    if (entry === undefined) throw new WeftError('WEFT_BAD_WEIGHTS', `${files.dir}: tensor "${name}" (for weft's ${t.name}, a ${packing.method} checkpoint) is missing`);
+    if (entry.shape.length !== shape.length || entry.shape.some((d, i) => d !== shape[i])) {
+      throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${name}" has shape [${entry.shape.join(', ')}], expected [${shape.join(', ')}] for a [${n}, ${k}] projection (${packing.method}, group size ${packing.groupSize})`);
+    }
+  }
+}
+
+/** The rank's part of `t`: its sources unpacked and cut, concatenated along dim 0, values then scales. */
+export async function readPacked(files: WeightFiles, t: ShardTensor, format: QuantizedFormat, packing: PackedInt4Config): Promise<{ data: Uint8Array; scales: Uint8Array }> {
+  const dataParts: Uint8Array[] = [];
+  const scaleParts: Uint8Array[] = [];
+  for (const s of t.sources) {
+    const p = prefixOf(s);
+    const read = async (part: string) => {
+      const entry = files.tensor(`${p}.${part}`)!;
+      return { bytes: await files.readAll(`${p}.${part}`), dtype: entry.dtype, shape: entry.shape };
+    };
+    const gIdx = files.has(`${p}.g_idx`) ? await read('g_idx') : undefined;
+    const m = unpackInt4(p, { qweight: await read('qweight'), qzeros: await read('qzeros'), scales: await read('scales'), ...(gIdx ? { gIdx } : {}) }, packing);
+    if (format.kind === 'int4' && !isSymmetric(m)) {
+      throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.qzeros: zero points other than 8 in a checkpoint config.json calls symmetric (sym: true); weft reads it as int4`);
+    }
+    const full = toWeftMatrix(m, format.kind);
+    const rowBytes = format.kind === 'int4' ? m.k / 2 : m.k;
+    const group = m.k / m.groups;
+    if (s.cut === 'all') {
+      dataParts.push(full.data);
+      scaleParts.push(full.scales);
+    } else if (s.cut === 'rows') {
+      const { start, end } = s.range!;
+      dataParts.push(full.data.subarray(start * rowBytes, end * rowBytes));
+      scaleParts.push(full.scales.subarray(start * m.groups * 2, end * m.groups * 2));
+    } else {
+      // columns [start, end) of every row; a group never straddles two ranks (the shard plan checks the widths)
+      const { start, end } = s.range!;
+      const perByte = format.kind === 'int4' ? 2 : 1;
+      const [g0, g1] = m.groups === 1 ? [0, 1] : [start / group, end / group];
+      const data = new Uint8Array((m.n * (end - start)) / perByte);
+      const scales = new Uint8Array(m.n * (g1 - g0) * 2);
+      for (let r = 0; r < m.n; r++) {
+        data.set(full.data.subarray(r * rowBytes + start / perByte, r * rowBytes + end / perByte), (r * (end - start)) / perByte);
+        scales.set(full.scales.subarray((r * m.groups + g0) * 2, (r * m.groups + g1) * 2), r * (g1 - g0) * 2);
+      }
+      dataParts.push(data);
+      scaleParts.push(scales);
+    }
+  }
+  const concat = (parts: Uint8Array[]) => {
+    const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+    let offset = 0;
+    for (const part of parts) {
+      out.set(part, offset);
+      offset += part.length;
+    }
+    return out;
+  };
+  return { data: concat(dataParts), scales: concat(scaleParts) };
+}
