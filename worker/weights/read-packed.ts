@@ -65,14 +65,5 @@ export async function readPacked(files: WeightFiles, t: ShardTensor, format: Qua
       scaleParts.push(scales);
     }
   }
-  const concat = (parts: Uint8Array[]) => {
-    const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
-    let offset = 0;
-    for (const part of parts) {
-      out.set(part, offset);
-      offset += part.length;
-    }
-    return out;
-  };
-  return { data: concat(dataParts), scales: concat(scaleParts) };
+  return { data: Buffer.concat(dataParts), scales: Buffer.concat(scaleParts) };
 }
