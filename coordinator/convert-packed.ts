@@ -12,7 +12,7 @@ import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { WeftError } from '../core/errors.ts';
 import { parseModelConfig, readModelSpec } from '../core/model-spec.ts';
-import { checkGroupIndex, isSymmetric, packedShapes, readPackedInt4Config, toWeftMatrix, unpackInt4, type PackedInt4Config, type PackedTensors } from '../core/packed-int4.ts';
+import { checkGroupIndex, checkPackedShapes, isSymmetric, readPackedInt4Config, toWeftMatrix, unpackInt4, type PackedInt4Config, type PackedTensors } from '../core/packed-int4.ts';
 import { WeightFiles, writeSafetensorsFile, type TensorToWrite } from '../core/safetensors.ts';
 import { isProjection } from '../core/weight-quantize.ts';
 import { finishCheckpoint, quantizationBlock, type QuantizeOptions, type QuantizeSummary } from './checkpoint-files.ts';
@@ -47,20 +47,12 @@ export async function convertPackedCheckpoint(options: QuantizeOptions, packing:
       if (!isProjection(`${p}.weight`)) {
         throw new WeftError('WEFT_UNSUPPORTED_MODEL', `${p}.qweight: weft quantizes the attention and MLP projections only; ${p} must be stored dense`);
       }
-      for (const part of ['qzeros', 'scales'] as const) {
-        if (!files.has(`${p}.${part}`)) throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.${part} is missing (${p}.qweight has no ${part} beside it)`);
-      }
     }
     // Shapes and group indices first, so a checkpoint weft cannot read leaves no output behind.
     for (const p of prefixes) {
       const [q0, q1] = files.tensor(`${p}.qweight`)!.shape as [number, number];
       const [n, k] = packing.method === 'gptq' ? [q1, q0 * 8] : [q1 * 8, q0];
-      for (const [part, shape] of Object.entries(packedShapes(packing, n, k))) {
-        const entry = files.tensor(`${p}.${part}`)!;
-        if (entry.shape.length !== 2 || entry.shape[0] !== shape[0] || entry.shape[1] !== shape[1]) {
-          throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.${part}: shape [${entry.shape.join(', ')}], expected [${shape.join(', ')}] beside ${p}.qweight [${q0}, ${q1}] (${packing.method}, group size ${packing.groupSize})`);
-        }
-      }
+      checkPackedShapes(p, packing, n, k, files, `from ${p}.qweight [${q0}, ${q1}]`);
       if (files.has(`${p}.g_idx`)) {
         const entry = files.tensor(`${p}.g_idx`)!;
         checkGroupIndex(p, { bytes: await files.readAll(`${p}.g_idx`), dtype: entry.dtype, shape: entry.shape }, k, packing.groupSize === 'channel' ? k : packing.groupSize);

@@ -13,6 +13,7 @@
  * same groups (exact, twice the bytes). The scales are rounded from f16 to weft's bf16 (relative 2^-9 at most).
  */
 import { WeftError } from './errors.ts';
+import type { WeightFiles } from './safetensors.ts';
 import type { PackedInt4Config } from './weight-format.ts';
 import type { QuantizedMatrix } from './weight-quantize.ts';
 
@@ -48,6 +49,21 @@ export function readPackedInt4Config(quant: unknown, source: string): PackedInt4
 export function packedShapes(config: PackedInt4Config, n: number, k: number): { qweight: number[]; qzeros: number[]; scales: number[] } {
   const groups = config.groupSize === 'channel' ? 1 : k / config.groupSize;
   return { qweight: config.method === 'gptq' ? [k / 8, n] : [k, n / 8], qzeros: [groups, n / 8], scales: [groups, n] };
+}
+
+/**
+ * Throws WEFT_BAD_WEIGHTS naming the first of `<prefix>`'s packed tensors (qweight, qzeros, scales) that is missing
+ * from `files` or not the shape a [N, K] projection implies; `context` says what N and K come from, for the message.
+ */
+export function checkPackedShapes(prefix: string, config: PackedInt4Config, n: number, k: number, files: Pick<WeightFiles, 'tensor' | 'dir'>, context: string): void {
+  for (const [part, shape] of Object.entries(packedShapes(config, n, k))) {
+    const name = `${prefix}.${part}`;
+    const entry = files.tensor(name);
+    if (entry === undefined) throw new WeftError('WEFT_BAD_WEIGHTS', `${files.dir}: tensor "${name}" (${context}; ${config.method} checkpoint) is missing`);
+    if (entry.shape.length !== shape.length || entry.shape.some((d, i) => d !== shape[i])) {
+      throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${name}" has shape [${entry.shape.join(', ')}], expected [${shape.join(', ')}] for a [${n}, ${k}] projection (${context}; ${config.method}, group size ${config.groupSize})`);
+    }
+  }
 }
 
 /** A projection's tensors as stored (little-endian bytes) with their shapes. */

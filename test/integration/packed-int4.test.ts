@@ -175,15 +175,16 @@ test('packed checkpoints weft cannot read exactly are refused, converted or load
   await refuse('act-order', writePacked(path.join(tmp, 'act-order'), 'gptq', true, gIdxPermuted),
     /model\.layers\.1\.mlp\.down_proj\.g_idx: column 0 is in group 1, not 0: act-order/);
   await refuse('no qzeros', writePacked(path.join(tmp, 'no-zeros'), 'awq', false, (ts) => ts.filter((t) => !t.name.endsWith('layers.0.self_attn.k_proj.qzeros'))),
-    /model\.layers\.0\.self_attn\.k_proj\.qzeros is missing/);
+    /tensor "model\.layers\.0\.self_attn\.k_proj\.qzeros" \(from model\.layers\.0\.self_attn\.k_proj\.qweight \[64, 4\]; awq checkpoint\) is missing/);
   await refuse('bits 8', writePacked(path.join(tmp, 'bits-8'), 'gptq', true, undefined, { bits: 8 }), /quantization_config bits 8: weft reads 4-bit gptq/);
   await refuse('awq gemv', writePacked(path.join(tmp, 'gemv'), 'awq', false, undefined, { version: 'gemv' }), /version "gemv": weft reads AWQ's "gemm" packing only/);
   await refuse('int4 of an asymmetric one', writePacked(path.join(tmp, 'asym-int4'), 'awq', false), /zero points other than 8 \(asymmetric\)/, 'int4');
   const shrunk = (ts: RawTensor[]) => ts.map((t) => (t.name.endsWith('layers.0.mlp.up_proj.scales') ? { ...t, shape: [t.shape[0]! * 2, t.shape[1]! / 2] } : t));
   await refuse('scales shape', writePacked(path.join(tmp, 'scales-shape'), 'gptq', true, shrunk),
-    /model\.layers\.0\.mlp\.up_proj\.scales: shape \[16, 88\], expected \[8, 176\]/);
+    /tensor "model\.layers\.0\.mlp\.up_proj\.scales" has shape \[16, 88\], expected \[8, 176\] for a \[176, 64\] projection/);
   // the same refusals when a cluster loads one
   await assert.rejects(startCluster({ modelDir: path.join(tmp, 'act-order'), threads: 1 }), /down_proj\.g_idx: column 0 is in group 1, not 0: act-order/);
+  await assert.rejects(startCluster({ modelDir: path.join(tmp, 'no-zeros'), threads: 1 }), /tensor "model\.layers\.0\.self_attn\.k_proj\.qzeros" \(for weft's layers\.0\.wqkv; awq checkpoint\) is missing/);
   await assert.rejects(startCluster({ modelDir: path.join(tmp, 'scales-shape'), threads: 1 }), /tensor "model\.layers\.0\.mlp\.up_proj\.scales" has shape \[16, 88\], expected \[8, 176\]/);
   assert.throws(() => readModelSpec(path.join(tmp, 'bits-8')), /quantization_config bits 8: weft reads 4-bit gptq checkpoints/);
   const notSymmetric = writePacked(path.join(tmp, 'sym-lies'), 'gptq', false, undefined, { sym: true });

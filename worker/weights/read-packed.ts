@@ -4,7 +4,7 @@
  * or columns (with their scales) cut from that, so the layout table and the shard plan serve it unchanged.
  */
 import { WeftError } from '../../core/errors.ts';
-import { isSymmetric, packedShapes, toWeftMatrix, unpackInt4, type PackedInt4Config } from '../../core/packed-int4.ts';
+import { checkPackedShapes, isSymmetric, toWeftMatrix, unpackInt4, type PackedInt4Config } from '../../core/packed-int4.ts';
 import type { WeightFiles } from '../../core/safetensors.ts';
 import type { QuantizedFormat } from '../../core/weight-format.ts';
 import type { ShardTensor, SourceSlice } from './layout.ts';
@@ -14,15 +14,7 @@ const prefixOf = (s: SourceSlice) => s.hfName.replace(/\.weight$/, '');
 /** Every packed tensor a source needs is there with the shape its [N, K] implies (before any data is read). */
 export function checkPackedSource(files: WeightFiles, t: ShardTensor, s: SourceSlice, packing: PackedInt4Config): void {
   const [n, k] = s.hfShape as [number, number];
-  const expected = packedShapes(packing, n, k);
-  for (const [part, shape] of Object.entries(expected)) {
-    const name = `${prefixOf(s)}.${part}`;
-    const entry = files.tensor(name);
-    if (entry === undefined) throw new WeftError('WEFT_BAD_WEIGHTS', `${files.dir}: tensor "${name}" (for weft's ${t.name}, a ${packing.method} checkpoint) is missing`);
-    if (entry.shape.length !== shape.length || entry.shape.some((d, i) => d !== shape[i])) {
-      throw new WeftError('WEFT_BAD_WEIGHTS', `${entry.file}: tensor "${name}" has shape [${entry.shape.join(', ')}], expected [${shape.join(', ')}] for a [${n}, ${k}] projection (${packing.method}, group size ${packing.groupSize})`);
-    }
-  }
+  checkPackedShapes(prefixOf(s), packing, n, k, files, `for weft's ${t.name}`);
 }
 
 /** The rank's part of `t`: its sources unpacked and cut, concatenated along dim 0, values then scales. */

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
   __syncthreads();  // x staged; the barriers' init seen by every thread
   for (int it = 0; it < n_stages; ++it) {
     const int s = it % p.stages, first_out = it * kOuts, n = min(kOuts, outs - first_out);
-    // Warp w's stage rows are w + 8 m; a pair's gate row is out j, its up row out j - kOuts.
+    // Warp w's stage rows are w + kWarps m; a pair's gate row is out j, its up row out j - kOuts.
     bool valid[M];
     float row_scale[M];
 #pragma unroll
