@@ -12,7 +12,7 @@ import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { WeftError } from '../core/errors.ts';
 import { parseModelConfig, readModelSpec } from '../core/model-spec.ts';
-import { checkGroupIndex, checkPackedShapes, isSymmetric, readPackedInt4Config, toWeftMatrix, unpackInt4, type PackedInt4Config, type PackedTensors } from '../core/packed-int4.ts';
+import { checkGroupIndex, checkPackedShapes, packedDims, readPackedInt4Config, readWeftMatrix, type PackedInt4Config } from '../core/packed-int4.ts';
 import { WeightFiles, writeSafetensorsFile, type TensorToWrite } from '../core/safetensors.ts';
 import { isProjection } from '../core/weight-quantize.ts';
 import { finishCheckpoint, quantizationBlock, type QuantizeOptions, type QuantizeSummary } from './checkpoint-files.ts';
@@ -50,23 +50,14 @@ export async function convertPackedCheckpoint(options: QuantizeOptions, packing:
     }
     // Shapes and group indices first, so a checkpoint weft cannot read leaves no output behind.
     for (const p of prefixes) {
-      const [q0, q1] = files.tensor(`${p}.qweight`)!.shape as [number, number];
-      const [n, k] = packing.method === 'gptq' ? [q1, q0 * 8] : [q1 * 8, q0];
-      checkPackedShapes(p, packing, n, k, files, `from ${p}.qweight [${q0}, ${q1}]`);
+      const stored = files.tensor(`${p}.qweight`)!.shape;
+      const [n, k] = packedDims(packing, stored);
+      checkPackedShapes(p, packing, n, k, files, `from ${p}.qweight [${stored.join(', ')}]`);
       if (files.has(`${p}.g_idx`)) {
         const entry = files.tensor(`${p}.g_idx`)!;
         checkGroupIndex(p, { bytes: await files.readAll(`${p}.g_idx`), dtype: entry.dtype, shape: entry.shape }, k, packing.groupSize === 'channel' ? k : packing.groupSize);
       }
     }
-    const read = async (p: string): Promise<PackedTensors> => {
-      const tensor = async (name: string) => {
-        const entry = files.tensor(name)!;
-        return { bytes: await files.readAll(name), dtype: entry.dtype, shape: entry.shape };
-      };
-      const gIdx = files.has(`${p}.g_idx`) ? await tensor(`${p}.g_idx`) : undefined;
-      return { qweight: await tensor(`${p}.qweight`), qzeros: await tensor(`${p}.qzeros`), scales: await tensor(`${p}.scales`), ...(gIdx ? { gIdx } : {}) };
-    };
-
     // The format loading the checkpoint gives (core/model-spec.ts): int4 where config.json says symmetric.
     const kind = options.format ?? (packing.symmetric ? 'int4' : 'int8');
     if (kind === 'int4' && !packing.symmetric) {
@@ -89,17 +80,9 @@ export async function convertPackedCheckpoint(options: QuantizeOptions, packing:
         }
         if (!name.endsWith('.qweight')) continue;
         const p = name.slice(0, -'.qweight'.length);
-        let converted: Promise<{ n: number; k: number; groups: number; data: Uint8Array; scales: Uint8Array }> | null = null;
-        const once = () =>
-          (converted ??= read(p).then((t) => {
-            const m = unpackInt4(p, t, packing);
-            if (kind === 'int4' && !isSymmetric(m)) {
-              throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.qzeros: zero points other than 8 in a checkpoint config.json calls symmetric (sym: true)`);
-            }
-            return { n: m.n, k: m.k, groups: m.groups, ...toWeftMatrix(m, kind) };
-          }));
-        const [q0, q1] = entry.shape as [number, number];
-        const [n, k] = packing.method === 'gptq' ? [q1, q0 * 8] : [q1 * 8, q0];
+        let converted: ReturnType<typeof readWeftMatrix> | null = null;
+        const once = () => (converted ??= readWeftMatrix(files, p, packing, kind));
+        const [n, k] = packedDims(packing, entry.shape);
         const groups = packing.groupSize === 'channel' ? 1 : k / packing.groupSize;
         planned.push({ name: `${p}.weight`, dtype: kind === 'int4' ? 'U8' : 'I8', shape: kind === 'int4' ? [n, k / 2] : [n, k], bytes: async () => (await once()).data });
         planned.push({ name: `${p}.scales`, dtype: 'BF16', shape: [n, groups], bytes: async () => (await once()).scales });

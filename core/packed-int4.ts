@@ -45,6 +45,12 @@ export function readPackedInt4Config(quant: unknown, source: string): PackedInt4
   return { method, groupSize: group === -1 ? 'channel' : (group as number), zeroOffset: format === 'gptq' ? 1 : 0, symmetric: q.sym !== false };
 }
 
+/** A projection's [N, K] from its stored qweight shape. */
+export function packedDims(config: PackedInt4Config, qweightShape: readonly number[]): [number, number] {
+  const [q0, q1] = qweightShape as [number, number];
+  return config.method === 'gptq' ? [q1, q0 * 8] : [q1 * 8, q0];
+}
+
 /** The stored shapes of a projection [N, K]'s packed tensors (I32 codes and zeros, F16 scales). */
 export function packedShapes(config: PackedInt4Config, n: number, k: number): { qweight: number[]; qzeros: number[]; scales: number[] } {
   const groups = config.groupSize === 'channel' ? 1 : k / config.groupSize;
@@ -98,9 +104,7 @@ export function unpackInt4(prefix: string, t: PackedTensors, config: PackedInt4C
     if (tensor.shape.length !== 2) fail(name, `shape ${shape(tensor.shape)} is not 2-D`);
   }
   const gptq = config.method === 'gptq';
-  const [q0, q1] = t.qweight.shape as [number, number];
-  const k = gptq ? q0 * 8 : q0;
-  const n = gptq ? q1 : q1 * 8;
+  const [n, k] = packedDims(config, t.qweight.shape);
   const group = config.groupSize === 'channel' ? k : config.groupSize;
   if (k % group !== 0) fail('qweight', `${k} input columns are not a multiple of group_size ${group}`);
   const groups = k / group;
@@ -150,17 +154,20 @@ export function checkGroupIndex(prefix: string, gIdx: { readonly bytes: Uint8Arr
 }
 
 /** Whether every zero point is 8: the projection is weft's symmetric int4 as it stands. */
-export function isSymmetric(m: UnpackedInt4): boolean {
+function isSymmetric(m: UnpackedInt4): boolean {
   return m.zeros.every((z) => z === 8);
 }
 
-/** weft's int4 (every zero 8: the code is q) or int8 (q - z) of an unpacked projection, scales rounded to bf16. */
-export function toWeftMatrix(m: UnpackedInt4, kind: 'int8' | 'int4'): QuantizedMatrix {
+/**
+ * weft's int4 (every zero 8: the code is q) or int8 (q - z) of an unpacked projection `<prefix>`, scales rounded to
+ * bf16. int4 of one whose zero points are not all 8 is refused naming its qzeros.
+ */
+export function toWeftMatrix(prefix: string, m: UnpackedInt4, kind: 'int8' | 'int4'): QuantizedMatrix {
   const scaleBits = new Uint16Array(m.n * m.groups);
   for (let i = 0; i < scaleBits.length; i++) scaleBits[i] = bf16Bits(f16Value(m.scalesF16[i]!));
   const scales = new Uint8Array(scaleBits.buffer);
   if (kind === 'int4') {
-    if (!isSymmetric(m)) throw new Error('toWeftMatrix: int4 needs every zero point at 8'); // callers check first
+    if (!isSymmetric(m)) throw new WeftError('WEFT_BAD_WEIGHTS', `${prefix}.qzeros: zero points other than 8 in a checkpoint config.json calls symmetric (sym: true); weft reads it as int4`);
     const data = new Uint8Array((m.n * m.k) / 2);
     for (let i = 0; i < data.length; i++) data[i] = m.codes[2 * i]! | (m.codes[2 * i + 1]! << 4);
     return { data, scales };
@@ -171,4 +178,16 @@ export function toWeftMatrix(m: UnpackedInt4, kind: 'int8' | 'int4'): QuantizedM
     for (let c = 0; c < m.k; c++) data[row * m.k + c] = (m.codes[row * m.k + c]! - m.zeros[row * m.groups + Math.floor(c / group)]!) & 0xff;
   }
   return { data, scales };
+}
+
+/** `<prefix>`'s packed tensors read from `files`, unpacked and turned into weft's `kind`: the whole [N, K] matrix. */
+export async function readWeftMatrix(files: Pick<WeightFiles, 'tensor' | 'has' | 'readAll'>, prefix: string, config: PackedInt4Config,
+  kind: 'int8' | 'int4'): Promise<QuantizedMatrix & { readonly n: number; readonly k: number; readonly groups: number }> {
+  const read = async (part: string) => {
+    const entry = files.tensor(`${prefix}.${part}`)!;
+    return { bytes: await files.readAll(`${prefix}.${part}`), dtype: entry.dtype, shape: entry.shape };
+  };
+  const gIdx = files.has(`${prefix}.g_idx`) ? await read('g_idx') : undefined;
+  const m = unpackInt4(prefix, { qweight: await read('qweight'), qzeros: await read('qzeros'), scales: await read('scales'), ...(gIdx ? { gIdx } : {}) }, config);
+  return { n: m.n, k: m.k, groups: m.groups, ...toWeftMatrix(prefix, m, kind) };
 }

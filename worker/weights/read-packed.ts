@@ -3,8 +3,7 @@
  * packed tensors are read whole, unpacked into weft's int4 or int8 format (core/packed-int4.ts), and the rank's rows
  * or columns (with their scales) cut from that, so the layout table and the shard plan serve it unchanged.
  */
-import { WeftError } from '../../core/errors.ts';
-import { checkPackedShapes, isSymmetric, toWeftMatrix, unpackInt4, type PackedInt4Config } from '../../core/packed-int4.ts';
+import { checkPackedShapes, readWeftMatrix, type PackedInt4Config } from '../../core/packed-int4.ts';
 import type { WeightFiles } from '../../core/safetensors.ts';
 import type { QuantizedFormat } from '../../core/weight-format.ts';
 import type { ShardTensor, SourceSlice } from './layout.ts';
@@ -22,26 +21,16 @@ export async function readPacked(files: WeightFiles, t: ShardTensor, format: Qua
   const dataParts: Uint8Array[] = [];
   const scaleParts: Uint8Array[] = [];
   for (const s of t.sources) {
-    const p = prefixOf(s);
-    const read = async (part: string) => {
-      const entry = files.tensor(`${p}.${part}`)!;
-      return { bytes: await files.readAll(`${p}.${part}`), dtype: entry.dtype, shape: entry.shape };
-    };
-    const gIdx = files.has(`${p}.g_idx`) ? await read('g_idx') : undefined;
-    const m = unpackInt4(p, { qweight: await read('qweight'), qzeros: await read('qzeros'), scales: await read('scales'), ...(gIdx ? { gIdx } : {}) }, packing);
-    if (format.kind === 'int4' && !isSymmetric(m)) {
-      throw new WeftError('WEFT_BAD_WEIGHTS', `${p}.qzeros: zero points other than 8 in a checkpoint config.json calls symmetric (sym: true); weft reads it as int4`);
-    }
-    const full = toWeftMatrix(m, format.kind);
+    const m = await readWeftMatrix(files, prefixOf(s), packing, format.kind); // the whole matrix
     const rowBytes = format.kind === 'int4' ? m.k / 2 : m.k;
     const group = m.k / m.groups;
     if (s.cut === 'all') {
-      dataParts.push(full.data);
-      scaleParts.push(full.scales);
+      dataParts.push(m.data);
+      scaleParts.push(m.scales);
     } else if (s.cut === 'rows') {
       const { start, end } = s.range!;
-      dataParts.push(full.data.subarray(start * rowBytes, end * rowBytes));
-      scaleParts.push(full.scales.subarray(start * m.groups * 2, end * m.groups * 2));
+      dataParts.push(m.data.subarray(start * rowBytes, end * rowBytes));
+      scaleParts.push(m.scales.subarray(start * m.groups * 2, end * m.groups * 2));
     } else {
       // columns [start, end) of every row; a group never straddles two ranks (the shard plan checks the widths)
       const { start, end } = s.range!;
@@ -50,8 +39,8 @@ export async function readPacked(files: WeightFiles, t: ShardTensor, format: Qua
       const data = new Uint8Array((m.n * (end - start)) / perByte);
       const scales = new Uint8Array(m.n * (g1 - g0) * 2);
       for (let r = 0; r < m.n; r++) {
-        data.set(full.data.subarray(r * rowBytes + start / perByte, r * rowBytes + end / perByte), (r * (end - start)) / perByte);
-        scales.set(full.scales.subarray((r * m.groups + g0) * 2, (r * m.groups + g1) * 2), r * (g1 - g0) * 2);
+        data.set(m.data.subarray(r * rowBytes + start / perByte, r * rowBytes + end / perByte), (r * (end - start)) / perByte);
+        scales.set(m.scales.subarray((r * m.groups + g0) * 2, (r * m.groups + g1) * 2), r * (g1 - g0) * 2);
       }
       dataParts.push(data);
       scaleParts.push(scales);
