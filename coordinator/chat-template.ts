@@ -66,12 +66,16 @@ export class ChatTemplate {
   }
 
   /**
-   * Renders a 4-message conversation twice; throws WEFT_BAD_MODEL when that fails or the faster render takes
-   * longer than LOAD_BUDGET_MS (the faster one: the first also pays for compiling, and start-up is busy).
+   * Renders a 4-message conversation until the fastest render is known; throws WEFT_BAD_MODEL when that fails or
+   * the fastest render takes longer than LOAD_BUDGET_MS. The fastest: the first also pays for compiling, and a
+   * loaded machine (a start-up beside other processes) can starve the thread for a render or two (CI saw 227 and
+   * 264 ms for a template that renders in under 1), so a render over budget is tried again while the probe has spent
+   * less than 4 budgets (the pool's deadline, 5 budgets, bounds one that never finishes).
    */
   probe(): void {
+    const began = performance.now();
     let ms = Infinity;
-    for (let round = 0; round < 2 && ms > LOAD_BUDGET_MS / 10; round++) {
+    for (let round = 0; ; round++) {
       const started = performance.now();
       try {
         this.render(PROBE);
@@ -79,6 +83,8 @@ export class ChatTemplate {
         throw new WeftError('WEFT_BAD_MODEL', `${this.path}: chat_template fails on a 4-message probe: ${(err as Error).message}`);
       }
       ms = Math.min(ms, performance.now() - started);
+      if (ms <= LOAD_BUDGET_MS / 10) break;
+      if (round >= 1 && (ms <= LOAD_BUDGET_MS || performance.now() - began >= 4 * LOAD_BUDGET_MS)) break;
     }
     if (ms > LOAD_BUDGET_MS) throw new WeftError('WEFT_BAD_MODEL', `${this.path}: chat_template took ${ms.toFixed(0)} ms to render a 4-message probe (budget ${LOAD_BUDGET_MS} ms); refusing it`);
   }
