@@ -68,9 +68,10 @@ export class ChatTemplate {
   /**
    * Renders a 4-message conversation until the fastest render is known; throws WEFT_BAD_MODEL when that fails or
    * the fastest render takes longer than LOAD_BUDGET_MS. The fastest: the first also pays for compiling, and a
-   * loaded machine (a start-up beside other processes) can starve the thread for a render or two (CI saw 227 and
-   * 264 ms for a template that renders in under 1), so a render over budget is tried again while the probe has spent
-   * less than 4 budgets (the pool's deadline, 5 budgets, bounds one that never finishes).
+   * loaded machine (a start-up beside other processes) can starve the thread for a render or two (CI refused the
+   * tests' template, a few hundred loop turns on the probe, at 227 and 264 ms), so a render over budget is tried
+   * again while the probe has spent less than 4 budgets (the pool's deadline, 5 budgets, bounds one that never
+   * finishes).
    */
   probe(): void {
     const began = performance.now();

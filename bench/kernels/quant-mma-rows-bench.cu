@@ -60,15 +60,8 @@ __device__ __forceinline__ void f16_pairs(uint32_t word, uint32_t* p) {
       p[i] = *reinterpret_cast<const uint32_t*>(&r);
     }
   } else {
-    const uint32_t shifted = word >> 8;
-    const uint32_t b[4] = {(word & 0x000f000fu) | 0x64006400u, (word & 0x00f000f0u) | 0x64006400u,
-                           (shifted & 0x000f000fu) | 0x64006400u, (shifted & 0x00f000f0u) | 0x64006400u};
-    const __half2 h1032 = __float2half2_rn(1032.f), h16th = __float2half2_rn(0.0625f), hm72 = __float2half2_rn(-72.f);
     __half2 r[4];
-    r[0] = __hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032);
-    r[1] = __hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72);
-    r[2] = __hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032);
-    r[3] = __hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72);
+    wc::int4_half2_pairs(word, r);  // the one-token kernels' unpacking (gemv-weight-vectors.cuh)
 #pragma unroll
     for (int i = 0; i < 4; ++i) p[i] = *reinterpret_cast<const uint32_t*>(&r[i]);
   }

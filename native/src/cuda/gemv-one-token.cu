@@ -315,13 +315,6 @@ void launch_batched(const Ctx& ctx, const float* x, const void* w, const uint16_
              gated ? 1 : 0);
 }
 
-int log2_exact(int v) {  // log2 of a power of two, else -1
-  if (v <= 0 || (v & (v - 1))) return -1;
-  int s = 0;
-  while ((1 << s) < v) ++s;
-  return s;
-}
-
 // gemv_one_token and gemv_one_token_silu_pairs: N outputs, of N rows (or of N pairs of rows).
 bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                float* y, int N, int K, bool gated, bool pairs, const OneTokenTuning& tuning) {

@@ -264,13 +264,6 @@ bool device_takes_it() {
   return takes;
 }
 
-int log2_exact(int v) {  // log2 of a power of two, else -1
-  if (v <= 0 || (v & (v - 1))) return -1;
-  int s = 0;
-  while ((1 << s) < v) ++s;
-  return s;
-}
-
 }  // namespace
 
 bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
@@ -297,7 +290,7 @@ bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype,
                                   aligned(norm->weight))))
     return false;
   // Rows a warp a stage (M): a stage of ~64 KiB of short quantized rows takes M rows a warp.
-  const int warps = bf16 ? 8 : 16;
+  const int warps = bf16 ? kWarpsOf<Format::BF16> : kWarpsOf<Format::I4>;
   const int m = bf16 || row_bytes > 2048 ? 1 : row_bytes > 1024 ? 2 : 4;
   const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
   const size_t stage_bytes = static_cast<size_t>(warps * m) * (row_bytes + static_cast<size_t>(n_groups > 0 ? n_groups : 0) * 2);

@@ -48,15 +48,30 @@ __device__ __forceinline__ uint32_t mask_under_0x6400(uint32_t word) {
   asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(word), "n"(kMask), "n"(0x64006400u));  // (a & b) | c
   return out;
 }
-__device__ __forceinline__ void int4_pairs(uint32_t word, float2 (&p)[4]) {
+__device__ __forceinline__ void int4_half2_pairs(uint32_t word, __half2 (&p)[4]) {
   const uint32_t shifted = word >> 8;
   const uint32_t b[4] = {mask_under_0x6400<0x000f000fu>(word), mask_under_0x6400<0x00f000f0u>(word),
                          mask_under_0x6400<0x000f000fu>(shifted), mask_under_0x6400<0x00f000f0u>(shifted)};
   const __half2 h1032 = __float2half2_rn(1032.f), h16th = __float2half2_rn(0.0625f), hm72 = __float2half2_rn(-72.f);
-  p[0] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032));
-  p[1] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72));
-  p[2] = __half22float2(__hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032));
-  p[3] = __half22float2(__hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72));
+  p[0] = __hsub2(*reinterpret_cast<const __half2*>(&b[0]), h1032);
+  p[1] = __hfma2(*reinterpret_cast<const __half2*>(&b[1]), h16th, hm72);
+  p[2] = __hsub2(*reinterpret_cast<const __half2*>(&b[2]), h1032);
+  p[3] = __hfma2(*reinterpret_cast<const __half2*>(&b[3]), h16th, hm72);
+}
+// The same pairs as f32 (the one-token kernels' fp32 sums).
+__device__ __forceinline__ void int4_pairs(uint32_t word, float2 (&p)[4]) {
+  __half2 h[4];
+  int4_half2_pairs(word, h);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __half22float2(h[i]);
+}
+
+// log2 of a power of two, else -1 (a group's vectors as a shift).
+inline int log2_exact(int v) {
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
 }
 
 // x's four float4s for weight vector v (16 int8 or 32 int4 weights: H = 4 or 8), loaded once for all the rows a warp
