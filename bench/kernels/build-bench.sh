@@ -16,7 +16,7 @@ build_bench() {
   for src in "${srcs[@]}"; do
     objs+=("$out/$(basename "$src").o")
     reports+=("$out/$(basename "$src").ptxas")
-    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I native/src -Xptxas -v -c "$src" \
+    nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I native/src ${NVCC_FLAGS:-} -Xptxas -v -c "$src" \
       -o "$out/$(basename "$src").o" 2> "$out/$(basename "$src").ptxas" &
     pids+=($!)
   done

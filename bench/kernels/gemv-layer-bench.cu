@@ -2,19 +2,21 @@
 // runs them) and w2 (plain: the step's SwiGLU product comes finished), each layer its own weights (13 GB in bf16, so
 // nothing stays in L2), launched with programmatic dependent launch and captured in one CUDA graph; the replay's
 // median per layer, beside the floor (bytes / measured read bandwidth), and each shape alone (32 launches of it).
-// Weights bf16, int8 (one scale a row) or int4 (groups of 128), random codes and scales. Kernels: weft's choice
+// Weights bf16, int8 (one scale a row) or int4 (groups of 128), random codes and scales; FORMAT@llama-3-8b takes
+// that model's shapes. Kernels: weft's choice
 // (gemv-rows-tma.cu where it takes the shape, else the register kernels), the batched (bf16) and the streaming
 // register kernels (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task). Each kernel's outputs of layer 0 are
 // checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
 // cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
 // streaming kernel in this file at d9916e1.
-// Build and run: bench/kernels/gemv-layer-run.sh [bf16|int8|int4]... (nvcc only).
+// Build and run: bench/kernels/gemv-layer-run.sh [bf16|int8|int4[@llama-3-8b]]... (nvcc only).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -27,14 +29,21 @@
 using weft::DType;
 namespace wc = weft::cuda;
 
-int run_format(bench::Device& dev, double bw, const char* format) {
+// format: bf16, int8 or int4, optionally @llama-3-8b for that model's shapes (default Llama-2-7B's)
+int run_format(bench::Device& dev, double bw, const std::string& arg) {
   const wc::Ctx& ctx = dev.ctx;
   cudaStream_t stream = dev.stream;
-  const DType dt = std::strcmp(format, "int8") == 0 ? DType::I8 : std::strcmp(format, "int4") == 0 ? DType::I4 : DType::BF16;
+  const std::string format = arg.substr(0, arg.find('@'));
+  const bool llama3 = arg.find("@llama-3-8b") != std::string::npos;
+  const DType dt = format == "int8" ? DType::I8 : format == "int4" ? DType::I4 : DType::BF16;
   const bool quant = dt != DType::BF16;
   struct Shape { const char* name; int N, K; bool pairs; };  // pairs: N outputs of 2N rows
-  const Shape shapes[] = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 11008, 4096, true},
+  const Shape llama2[] = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 11008, 4096, true},
                           {"w2", 4096, 11008, false}};
+  const Shape llama3_8b[] = {{"wqkv", 6144, 4096, false}, {"wo", 4096, 4096, false}, {"w13", 14336, 4096, true},
+                             {"w2", 4096, 14336, false}};
+  const Shape* shapes = llama3 ? llama3_8b : llama2;
+  constexpr int kMaxK = 14336, kMaxRows = 2 * 14336;
   const int layers = 32;
   const auto group_of = [&](const Shape& sh) { return dt == DType::I8 ? sh.K : dt == DType::I4 ? 128 : 0; };
   std::vector<void*> ws[4], ss[4];
@@ -59,10 +68,10 @@ int run_format(bench::Device& dev, double bw, const char* format) {
     }
   }
   float *x, *y;
-  CK(cudaMalloc(&x, 11008 * 4));
-  CK(cudaMalloc(&y, 4 * 22016 * 4));
-  bench::fill_f32<<<1024, 256, 0, stream>>>(x, 11008, 7);
-  float* ys[4] = {y, y + 22016, y + 2 * 22016, y + 3 * 22016};
+  CK(cudaMalloc(&x, kMaxK * 4));
+  CK(cudaMalloc(&y, 4 * kMaxRows * 4));
+  bench::fill_f32<<<1024, 256, 0, stream>>>(x, kMaxK, 7);
+  float* ys[4] = {y, y + kMaxRows, y + 2 * kMaxRows, y + 3 * kMaxRows};
 
   struct Kernel { std::string name; wc::OneTokenTuning tuning; };
   const auto tuned = [](wc::OneTokenKernel k, int rows) { wc::OneTokenTuning t; t.kernel = k; t.rows = rows; return t; };
@@ -78,7 +87,7 @@ int run_format(bench::Device& dev, double bw, const char* format) {
     const bool ok = sh.pairs ? wc::gemv_one_token_silu_pairs(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, k.tuning)
                              : wc::gemv_one_token(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, false, k.tuning);
     if (!ok) {
-      std::fprintf(stderr, "gemv_one_token refused %s (%s)\n", sh.name, format);
+      std::fprintf(stderr, "gemv_one_token refused %s (%s)\n", sh.name, arg.c_str());
       std::exit(2);
     }
   };
@@ -93,10 +102,13 @@ int run_format(bench::Device& dev, double bw, const char* format) {
   std::vector<float> ref[4];
   for (int s = 0; s < 4; ++s) ref[s] = outputs(reference, s);
 
-  std::printf("\n%s: floor per layer %.1f us (%.1f MB at %.0f GB/s)\n", format, layer_bytes / (bw * 1e3), layer_bytes / 1e6, bw);
+  std::printf("\n%s: floor per layer %.1f us (%.1f MB at %.0f GB/s)\n", arg.c_str(), layer_bytes / (bw * 1e3), layer_bytes / 1e6, bw);
   std::printf("| kernel | layer us | TB/s | %% of floor | wqkv us | wo us | w13 us | w2 us | max rel err |\n"
               "|---|---|---|---|---|---|---|---|---|\n");
+  // WEFT_BENCH_WEFT_ONLY: time weft's choice alone (the others still give the reference outputs)
+  const bool weft_only = std::getenv("WEFT_BENCH_WEFT_ONLY") != nullptr;
   for (const Kernel& k : kernels) {
+    if (weft_only && &k != &kernels[0]) break;
     double err = 0;
     for (int s = 0; s < 4; ++s) {
       const std::vector<float> got = outputs(k, s);
