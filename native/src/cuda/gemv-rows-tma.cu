@@ -1,6 +1,7 @@
 // gemv_rows_tma (gemv-rows-tma.cuh): the one-token GEMV (bf16 or int4 weights) with each block's rows streamed
 // into shared memory by bulk asynchronous copies (TMA).
-//   - One block a SM (8 warps for bf16, 16 for int4; up to 220 KiB of shared memory) takes a contiguous run of
+//   - One block a SM (8 warps for bf16, 16 for int4, 8 for int4 rows over ~5.5 KiB; up to 220 KiB of shared memory,
+//     226 for int4) takes a contiguous run of
 //     rows, M rows a warp a stage (M = 1 for bf16 and for quantized rows over 2 KiB, 2 over 1 KiB, else 4: a stage of
 //     ~64 KiB at K = 4096), in a ring of 2-4 stages. Thread 0 issues a stage's rows (and, scaled a group, their scales) as bulk copies that complete on the
 //     stage's mbarrier; the ring's first stages are issued before the block waits for the kernel before it (the
@@ -36,9 +37,14 @@ namespace {
 
 // Warps a block: 8 for bf16; 16 for int4, whose dequantization takes issue slots that 8 warps leave idle (a
 // Llama-2-7B layer's int4 GEMVs 66.8 us against 72.2 with 8 warps, gemv-layer-run.sh int4).
+// Long int4 rows (K = 11008 - 14336) take half the warps, so that two stages of a row a warp fit beside x.
 template <Format F> constexpr int kWarpsOf = F == Format::BF16 ? 8 : 16;
 constexpr int kMaxStages = 4;
 constexpr size_t kSmemBytes = 220 * 1024;
+// int4 asks for all but ~1 KiB of a Hopper block's 227 KiB: Llama-2-7B's down projection (K = 11008) needs 2 stages of
+// 16 rows of 5.5 KiB beside x's 43 KiB. Two blocks a SM at 110 KiB each, so that the next GEMV's block is resident
+// and copying early, took a layer from 64.4 to 89.5 us; 1-row stages, 6 deep, 68.9 (H200, gemv-layer-run.sh int4).
+constexpr size_t kQuantSmemBytes = 226 * 1024;
 constexpr int kMaxBf16RowBytes = 8 * 1024;  // bf16 K <= 4096 (longer rows lost to the register kernel, header)
 constexpr int kMaxNormK = 4096;             // stage_add_rms_norm plays addRmsNorm's <= 1024 threads
 
@@ -104,10 +110,10 @@ struct RowsLaunch {
 // y [N] (pairs: silu(gate) * up of w's rows f and N + f) = x [K] @ dequant(w)^T. Block b: outputs [b rpb, (b + 1)
 // rpb), M rows a warp a stage (pairs: the stage's gate rows, then their up rows). kRowScale: one scale
 // a row, applied to its sum; otherwise quantized rows scale each vector's sum (bf16: none).
-template <Format F, int M, bool kPairs, bool kRowScale>
-__global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
+template <Format F, int kWarps, int M, bool kPairs, bool kRowScale>
+__global__ void __launch_bounds__(kWarps * 32, 1)
     gemv_rows_tma_kernel(const float* __restrict__ x, float* __restrict__ y, RowsLaunch p, AddRmsNormInput norm) {
-  constexpr int VW = kVectorWeights<F>, H = VW / 4, kWarps = kWarpsOf<F>;
+  constexpr int VW = kVectorWeights<F>, H = VW / 4;
   constexpr int kRows = kWarps * M, kOuts = kPairs ? kRows / 2 : kRows;
   constexpr bool kVectorScale = F != Format::BF16 && !kRowScale;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -122,7 +128,9 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
   const unsigned char* w = static_cast<const unsigned char*>(p.w);
   const auto issue = [&](int it) {  // thread 0: outputs out0 + it kOuts .. into stage it % stages
     const int s = it % p.stages, o0 = out0 + it * kOuts, n = min(kOuts, out0 + outs - o0);
-    const uint32_t bytes = static_cast<uint32_t>(n * row_bytes), scale_bytes = kVectorScale ? n * scale_row_bytes : 0;
+    // a stage's scales as whole 16-byte runs: the run ends up to 14 bytes past its rows' (host: still in the array)
+    const uint32_t bytes = static_cast<uint32_t>(n * row_bytes),
+                   scale_bytes = kVectorScale ? (n * scale_row_bytes + 15) / 16 * 16 : 0;
     mbar_expect_bytes(&full[s], (kPairs ? 2 : 1) * (bytes + scale_bytes));
     unsigned char* dst = ring + static_cast<size_t>(s) * p.stage_bytes;
     unsigned char* dst_scales = dst + kRows * row_bytes;
@@ -218,38 +226,43 @@ __global__ void __launch_bounds__(kWarpsOf<F> * 32, 1)
   }
 }
 
-template <Format F, int M, bool kPairs, bool kRowScale>
+template <Format F, int kWarps, int M, bool kPairs, bool kRowScale>
 void launch(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const AddRmsNormInput& norm, int smem) {
-  const auto kernel = gemv_rows_tma_kernel<F, M, kPairs, kRowScale>;
+  const auto kernel = gemv_rows_tma_kernel<F, kWarps, M, kPairs, kRowScale>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kSmemBytes)),
+                                            static_cast<int>(F == Format::BF16 ? kSmemBytes : kQuantSmemBytes)),
+               "matmul", " (cudaFuncSetAttribute)");
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            static_cast<int>(cudaSharedmemCarveoutMaxShared)),
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
   const unsigned grid = static_cast<unsigned>((p.N + p.rpb - 1) / p.rpb);
-  launch_pdl(ctx, kernel, dim3(grid), dim3(kWarpsOf<F> * 32), static_cast<size_t>(smem), x, y, p, norm);
+  launch_pdl(ctx, kernel, dim3(grid), dim3(kWarps * 32), static_cast<size_t>(smem), x, y, p, norm);
 }
 
-template <Format F, int M>
+template <Format F, int kWarps, int M>
 void launch_rows(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const AddRmsNormInput& norm, int smem,
                  bool pairs, bool row_scale) {
   if (pairs) {
-    if (row_scale) launch<F, M, true, true>(ctx, x, y, p, norm, smem);
-    else launch<F, M, true, false>(ctx, x, y, p, norm, smem);
+    if (row_scale) launch<F, kWarps, M, true, true>(ctx, x, y, p, norm, smem);
+    else launch<F, kWarps, M, true, false>(ctx, x, y, p, norm, smem);
   } else {
-    if (row_scale) launch<F, M, false, true>(ctx, x, y, p, norm, smem);
-    else launch<F, M, false, false>(ctx, x, y, p, norm, smem);
+    if (row_scale) launch<F, kWarps, M, false, true>(ctx, x, y, p, norm, smem);
+    else launch<F, kWarps, M, false, false>(ctx, x, y, p, norm, smem);
   }
 }
 
 template <Format F>
 void launch_format(const Ctx& ctx, const float* x, float* y, const RowsLaunch& p, const AddRmsNormInput& norm, int smem,
-                   int m, bool pairs, bool row_scale) {
-  if (m == 4) launch_rows<F, 4>(ctx, x, y, p, norm, smem, pairs, row_scale);
-  else if (m == 2) launch_rows<F, 2>(ctx, x, y, p, norm, smem, pairs, row_scale);
-  else launch_rows<F, 1>(ctx, x, y, p, norm, smem, pairs, row_scale);
+                   int warps, int m, bool pairs, bool row_scale) {
+  constexpr int W = kWarpsOf<F>;
+  if (warps < W) launch_rows<F, W / 2, 1>(ctx, x, y, p, norm, smem, pairs, row_scale);
+  else if (m == 4) launch_rows<F, W, 4>(ctx, x, y, p, norm, smem, pairs, row_scale);
+  else if (m == 2) launch_rows<F, W, 2>(ctx, x, y, p, norm, smem, pairs, row_scale);
+  else launch_rows<F, W, 1>(ctx, x, y, p, norm, smem, pairs, row_scale);
 }
 
 // Hopper's bulk copies and ~220 KiB of shared memory a block; asked once (a process drives one kind of GPU).
@@ -259,7 +272,7 @@ bool device_takes_it() {
     return cudaGetDevice(&dev) == cudaSuccess &&
            cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
-           static_cast<size_t>(smem) >= kSmemBytes + 1024;
+           static_cast<size_t>(smem) >= std::max(kSmemBytes, kQuantSmemBytes) + 1024;
   }();
   return takes;
 }
@@ -279,24 +292,38 @@ bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype,
     return false;
   const size_t row_bytes = static_cast<size_t>(K / vw) * 16;
   if (bf16 && row_bytes > kMaxBf16RowBytes) return false;
-  // Quantized: one scale a row (group K), or one a group of a power of two of vectors whose rows' scales are whole
-  // 16-byte runs (a bulk copy's unit: the number of groups a multiple of 8).
+  // Quantized: one scale a row (group K), or one a group of a power of two of vectors (scales copied beside the rows).
   const bool row_scale = !bf16 && group == K;
   const int n_groups = bf16 || row_scale ? 0 : (group > 0 && K % group == 0 ? K / group : -1);
   const int group_shift = n_groups > 0 && group % vw == 0 ? log2_exact(group / vw) : -1;
-  if (!bf16 && !row_scale && (n_groups % 8 != 0 || group_shift < 0 || !scales || !aligned(scales))) return false;
+  // A stage's scales are one bulk copy (16-byte units) from row o0, a multiple of 8 (pairs: 4), and for pairs one from
+  // row N + o0: each start 16-byte aligned, the run rounded up to 16 bytes still inside the array. So Llama-2-7B's
+  // down projection (86 groups a row) is taken too: 17.0 -> 15.1 us a layer against the streaming kernel (H200).
+  const int outs_granule = pairs ? 4 : 8;
+  const size_t scale_row_bytes = static_cast<size_t>(n_groups > 0 ? n_groups : 0) * 2;
+  if (!bf16 && !row_scale &&
+      (n_groups <= 0 || outs_granule * scale_row_bytes % 16 != 0 || static_cast<size_t>(N) * scale_row_bytes % 16 != 0 ||
+       group_shift < 0 || !scales || !aligned(scales)))
+    return false;
   if (row_scale && !scales) return false;
   if (norm && (K > kMaxNormK || !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) &&
                                   aligned(norm->weight))))
     return false;
   // Rows a warp a stage (M): a stage of ~64 KiB of short quantized rows takes M rows a warp.
-  const int warps = bf16 ? kWarpsOf<Format::BF16> : kWarpsOf<Format::I4>;
-  const int m = bf16 || row_bytes > 2048 ? 1 : row_bytes > 1024 ? 2 : 4;
+  int warps = bf16 ? kWarpsOf<Format::BF16> : kWarpsOf<Format::I4>;
+  const size_t budget = bf16 ? kSmemBytes : kQuantSmemBytes;
+  int m = bf16 || row_bytes > 2048 ? 1 : row_bytes > 1024 ? 2 : 4;
   const size_t x_bytes = (static_cast<size_t>(K) * 4 + 127) / 128 * 128;
-  const size_t stage_bytes = static_cast<size_t>(warps * m) * (row_bytes + static_cast<size_t>(n_groups > 0 ? n_groups : 0) * 2);
-  const int stages = x_bytes >= kSmemBytes ? 0 : static_cast<int>(std::min<size_t>(kMaxStages, (kSmemBytes - x_bytes) / stage_bytes));
+  size_t stage_bytes;
+  int stages;
+  for (;;) {
+    stage_bytes = static_cast<size_t>(warps * m) * row_bytes + (static_cast<size_t>(warps * m) * scale_row_bytes + 15) / 16 * 16;
+    stages = x_bytes >= budget ? 0 : static_cast<int>(std::min<size_t>(kMaxStages, (budget - x_bytes) / stage_bytes));
+    if (stages >= 2 || bf16 || (m == 1 && warps < kWarpsOf<Format::I4>)) break;
+    if (m > 1) m /= 2;
+    else warps /= 2;  // int4 rows too long for two stages of a row a warp (kWarpsOf)
+  }
   if (stages < 2) return false;  // a row too long to double-buffer: the register kernels
-  const int outs_granule = pairs ? 4 : 8;
   int rpb = (N + sms - 1) / sms;
   rpb = (rpb + outs_granule - 1) / outs_granule * outs_granule;
   const RowsLaunch p{w, scales, n_groups, std::max(group_shift, 0), N, K, rpb, stages, static_cast<int>(x_bytes),
@@ -304,9 +331,10 @@ bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype,
   const AddRmsNormInput plain{};
   const AddRmsNormInput& in = norm ? *norm : plain;
   const int smem = static_cast<int>(x_bytes + stages * stage_bytes);
-  if (bf16 && pairs) launch<Format::BF16, 1, true, false>(ctx, x, y, p, in, smem);
-  else if (bf16) launch<Format::BF16, 1, false, false>(ctx, x, y, p, in, smem);
-  else launch_format<Format::I4>(ctx, x, y, p, in, smem, m, pairs, row_scale);
+  constexpr int kBf16Warps = kWarpsOf<Format::BF16>;
+  if (bf16 && pairs) launch<Format::BF16, kBf16Warps, 1, true, false>(ctx, x, y, p, in, smem);
+  else if (bf16) launch<Format::BF16, kBf16Warps, 1, false, false>(ctx, x, y, p, in, smem);
+  else launch_format<Format::I4>(ctx, x, y, p, in, smem, warps, m, pairs, row_scale);
   return true;
 }
 

@@ -27,8 +27,8 @@ struct AddRmsNormInput {
 };
 
 // False (nothing launched) where it does not take the call: another dtype, K not a multiple of the 16-byte vector,
-// bf16 rows over 8 KiB, int4 rows too long for two stages with x (K > ~12K), a group that is neither K nor a power of two
-// of vectors with a multiple of 8 groups a row, a norm with K > 4096, misaligned pointers, a GPU before Hopper or with
+// bf16 rows over 8 KiB, int4 rows too long for two stages with x (K > ~19K), a group that is neither K nor a power of two
+// of vectors, scales whose 8-row runs (4 for pairs) or N rows are not whole 16-byte units, a norm with K > 4096, misaligned pointers, a GPU before Hopper or with
 // less shared memory a block. scales/group: quantized w only (null/0 for bf16). sms: the SM count (one block a SM).
 // norm: x is the residual row and the GEMV reads addRmsNorm's normed row (null: x as it is). Capturable.
 bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
