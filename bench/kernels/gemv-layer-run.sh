@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and run bench/kernels/gemv-layer-bench.cu (one decode step's one-token GEMVs in a graph) with nvcc alone, from
-# the repository root: bench/kernels/gemv-layer-run.sh [bf16|int8|int4]... (default bf16); BUILD_ONLY=1 compiles
+# the repository root: bench/kernels/gemv-layer-run.sh [bf16|int8|int4[@llama-3-8b]]... (default bf16); BUILD_ONLY=1 compiles
 # without running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
