@@ -77,8 +77,11 @@ __global__ void fill_value(float* p, size_t n, float value) {
 }
 
 // Host i32 values into device tensor t (t holds v.size() of them at least).
+// A copy from pageable memory may return before its DMA lands, and the benches' streams do not wait for the legacy
+// stream: the sync keeps a kernel launched next from reading the old bytes.
 inline void upload_i32(const weft::Tensor& t, const std::vector<int32_t>& v) {
   CK(cudaMemcpy(t.data<int32_t>(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaDeviceSynchronize());
 }
 
 // A device tensor's f32 contents on the host (after the stream's work is done).

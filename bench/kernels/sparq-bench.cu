@@ -10,7 +10,8 @@
 // SparQ. Bytes floor = the bytes a kernel must read, at the copy bandwidth (cudaMemcpy device to device, read +
 // write, best of 10): dense K and V of all L positions; SparQ the r columns of kT, the k rows of K and V, and the
 // vSum of the full blocks (the V mean). The bars (issue 20): >= 1.7x at 32K on Llama-2-7B and >= 1.15x on
-// Llama-3-8B, at 1/8 (the last two lines). Checks: SparQ with k = L equals dense within 1e-3 of max |out| (exit
+// Llama-3-8B, at 1/8 (the last two lines). `--lengths`, `--divs` and `--models` (lists, comma-separated) run a part of
+// the grid, e.g. for a profiler. Checks: SparQ with k = L equals dense within 1e-3 of max |out| (exit
 // 1 otherwise, on a NaN, or on a device report); at 4K, SparQ 1/4 and 1/8 at lengths 4096 and 4059 equal the CPU
 // reference (cpu/attention-sparq.cc: the same selection) within ops-check's 1e-4 of max |out|; "approx err" is SparQ 1/8 against dense (information: random
 // data has no heavy attention, so this is far from what a model sees). Build and run from the repository root:
@@ -19,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -69,8 +71,28 @@ struct Layer {
 
 int main(int argc, char** argv) {
   int B = 64;
-  for (int i = 1; i + 1 < argc; ++i)
+  std::vector<int> lengths{4096, 8192, 16384, 32768}, divs{4, 8};
+  std::string models = "llama-2-7b,llama-3-8b";
+  auto ints = [](const char* list) {
+    std::vector<int> v;
+    for (const char* p = list; *p;) {
+      v.push_back(std::atoi(p));
+      while (*p && *p != ',') ++p;
+      if (*p == ',') ++p;
+    }
+    return v;
+  };
+  for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--block")) B = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--lengths")) lengths = ints(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--divs")) divs = ints(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--models")) models = argv[i + 1];
+    else {
+      std::fprintf(stderr, "sparq-bench: unknown option %s (--block B, --lengths L,..., --divs 4,8, --models M,...)\n",
+                   argv[i]);
+      return 2;
+    }
+  }
   bench::Device device(cudaStreamNonBlocking);
   const cudaStream_t stream = device.stream;
   const wc::Ctx ctx = device.ctx;
@@ -92,12 +114,15 @@ int main(int argc, char** argv) {
     double bar;  // speedup at 32K, 1/8
   };
   const int hd = 128;
-  bool ok = true;
+  bool ok = true, status_seen_ok = true;
   std::vector<std::string> bars;
   std::printf("%-11s %6s %6s %17s %17s %8s %17s %8s %10s %10s\n", "model", "L", "layers", "dense", "sparq 1/4",
               "speedup", "sparq 1/8", "speedup", "exact err", "approx err");
   for (Model m : {Model{"Llama-2-7B", 32, 32, 1.7}, Model{"Llama-3-8B", 32, 8, 1.15}}) {
-    for (int L : {4096, 8192, 16384, 32768}) {
+    std::string key = m.name;
+    std::transform(key.begin(), key.end(), key.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+    if (models.find(key) == std::string::npos) continue;
+    for (int L : lengths) {
       const int nb = (L + B - 1) / B;
       auto r_of = [&](int div) { return hd / div; };
       auto k_of = [&](int div) { return L / (2 * div); };
@@ -181,10 +206,11 @@ int main(int argc, char** argv) {
       const double t_dense = time_graph(layers, [&] {
         for (int l = 0; l < layers; ++l) dense(l);
       });
-      double t[2];
+      double t[2] = {NAN, NAN};
       double approx_err = 0;
       for (int s = 0; s < 2; ++s) {
         const int div = s == 0 ? 4 : 8;  // compression 1/div
+        if (std::find(divs.begin(), divs.end(), div) == divs.end()) continue;
         upload_i32(r1, {r_of(div)});
         upload_i32(k1, {k_of(div)});
         t[s] = time_graph(layers, [&] {
@@ -206,6 +232,10 @@ int main(int argc, char** argv) {
       std::printf("%-11s %6d %6d %17s %17s %7.2fx %17s %7.2fx %10.2e %10.2e%s\n", m.name, L, layers, c_dense, c_q4,
                   t_dense / t[0], c_q8, t_dense / t[1], exact_err, approx_err,
                   exact_err > 1e-3 || nan ? "  FAIL" : "");
+      if (status_seen_ok && !device.status_ok(true)) {  // name the first row after which the device reported
+        std::printf("(the report above came after %s L %d)\n", m.name, L);
+        status_seen_ok = false;
+      }
       if (L == 32768) {
         char line[200];
         std::snprintf(line, sizeof line, "bar %s 32K r/k 1/8: SparQ %.1f us, dense %.1f us: %.2fx (needs >= %.2fx): %s",

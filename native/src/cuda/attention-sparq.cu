@@ -21,13 +21,16 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kCluster = 8;           // select blocks per (token, kv head): a portable cluster size
+constexpr int kCluster = 8;           // select blocks per (token, kv head): a portable cluster size (16 measured 3x slower)
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kTopBins = 2048;       // the select's first radix digit: 11 bits
+static_assert(kTopBins * 4 == kSelectThreads * 16, "v_part (a float4 a thread) lives in the histogram");
 constexpr int kPosPerThread = 4;      // consecutive positions a thread scores: one 8- or 16-byte load per column
 constexpr int kGatherThreads = 256;
 constexpr int kGatherWarps = kGatherThreads / 32;
 constexpr int kMinPartRows = 64;      // selected rows a gather block takes at least
+constexpr int kMinWarpRows = 16;      // and a warp
 constexpr int kMaxHd = 256;
 constexpr size_t kSliceInSharedMax = 160 * 1024;  // bytes of a select block's logits and keys kept in shared memory
 
@@ -349,7 +352,9 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
 
   // ---- the slice's share of the V sum: full blocks that start in it (from vSum), the partial block's rows in it.
   // Lanes take 4 components (one 16-byte load of vSum) when hd allows, so that one round of loads covers the slice.
-  __shared__ float4 v_part[kSelectThreads];
+  // v_part and step 3's histogram share their 8 KB (the static arrays stay under 48 KB at G = 8)
+  __shared__ __align__(16) unsigned hist[kTopBins];
+  float4* v_part = reinterpret_cast<float4*>(hist);  // [kSelectThreads]
   __shared__ float block_v[kMaxHd];  // read by the cluster
   {
     const int vw = hd % 4 == 0 ? 4 : 1, lanes = hd / vw, n_sub = blockDim.x / lanes, dv = tid % lanes,
@@ -410,109 +415,124 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
     key_b[i] = key;
   }
   __syncthreads();
-  __shared__ unsigned hist[2][256];  // read by the cluster; pass p fills hist[p & 1]
-  __shared__ unsigned total[256], sel_prefix, sel_remaining;
+  // Three digits from the top, 11, 11 and 9 bits (bit 31 is 0 for keys >= 0). A pass: each block counts the keys of
+  // its slice that match the prefix so far into its histogram and lists the bins it has (bin, count); after the
+  // cluster barrier it adds every block's list into its own histogram, which then holds the cluster's counts, and one
+  // scan over the block finds the bin where the count from the top reaches `remaining` (every block the same). Why
+  // lists: a block's keys fall in few bins, and reads of another block's shared memory are costly one by one
+  // (reading whole 2048-bin histograms from 8 blocks made the select ~1.5x slower on H200).
+  constexpr int kBinsPer = kTopBins / kSelectThreads, kCountBits = 21;
+  __shared__ unsigned bin_list[2][kTopBins], list_len[2];  // read by the cluster; pass p fills [p & 1]
+  __shared__ unsigned warp_total[kSelectWarps], rank_len[kCluster], sel_prefix, sel_remaining;
   unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(ta.k);
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
-    unsigned* h = hist[pass & 1];  // free: every block read it before it arrived at the previous pass's barrier
-    for (int i = tid; i < 256; i += blockDim.x) h[i] = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int bits = pass < 2 ? 11 : 9, shift = pass == 0 ? 20 : pass == 1 ? 9 : 0, n_bins = 1 << bits;
+    // free: every block read them before it arrived at the previous pass's barrier
+    unsigned *list = bin_list[pass & 1], *len_p = &list_len[pass & 1];
+    for (int i = tid; i < n_bins; i += blockDim.x) hist[i] = 0;
+    if (tid == 0) *len_p = 0;
     __syncthreads();
-    // Keys cluster in a few bins, so a warp's lanes that hit one bin add once (whole warps run every iteration).
-    for (int i0 = 0; i0 < ns; i0 += blockDim.x) {
-      const int i = i0 + tid;
-      const unsigned u = i < ns ? __float_as_uint(key_b[i]) : 0u;
-      const bool counted = i < ns && (u & mask) == prefix;
-      const unsigned bin = counted ? (u >> shift) & 255 : 256 + lane;  // uncounted lanes: bins of their own
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      if (counted && lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
-    }
-    cluster.sync();  // (2-5) this pass's histograms
-    if (tid < 256) {
-      unsigned s = 0;
-      for (int b = 0; b < kCluster; ++b) s += cluster.map_shared_rank(h, b)[tid];
-      total[tid] = s;
-    }
-    __syncthreads();
-    if (tid < 32) {  // lane L holds bins [248 - 8L, 256 - 8L); the bin where the count from the top reaches remaining
-      unsigned own = 0;
-      for (int b = 0; b < 8; ++b) own += total[255 - 8 * lane - b];
-      unsigned upto = own;  // inclusive prefix over lanes, from the top bins down
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const unsigned v = __shfl_up_sync(0xffffffffu, upto, o);
-        if (lane >= o) upto += v;
-      }
-      unsigned above = upto - own;
-      if (above < remaining && remaining <= upto) {
-        for (int b = 0; b < 8; ++b) {
-          const int bin = 255 - 8 * lane - b;
-          if (above + total[bin] >= remaining) {
-            sel_prefix = prefix | (unsigned(bin) << shift);
-            sel_remaining = remaining - above;
-            break;
-          }
-          above += total[bin];
-        }
-      }
-    }
-    __syncthreads();
-    prefix = sel_prefix, remaining = sel_remaining, mask |= 255u << shift;
-  }
-  // prefix is the k-th largest key: take every larger key and the first `remaining` equal ones, in position order
-  __shared__ int block_counts[2];  // keys above and equal to it in the slice; read by the cluster
-  {
-    int gt = 0, eq = 0;
     for (int i = tid; i < ns; i += blockDim.x) {
-      const unsigned u = __float_as_uint(key_b[i]);
-      gt += u > prefix, eq += u == prefix;
+      const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & unsigned(n_bins - 1)], 1u);
     }
-    gt = __reduce_add_sync(0xffffffffu, gt), eq = __reduce_add_sync(0xffffffffu, eq);
-    __shared__ int warp_gt[kSelectWarps], warp_eq[kSelectWarps];
-    if (lane == 0) warp_gt[tid >> 5] = gt, warp_eq[tid >> 5] = eq;
     __syncthreads();
-    if (tid == 0) {
-      int n_gt = 0, n_eq = 0;
-      for (int w = 0; w < int(blockDim.x >> 5); ++w) n_gt += warp_gt[w], n_eq += warp_eq[w];
-      block_counts[0] = n_gt, block_counts[1] = n_eq;
+    for (int b = tid; b < n_bins; b += blockDim.x) {
+      const unsigned n = hist[b];  // <= the slice's positions < 2^kCountBits (the launch checks)
+      if (n != 0) list[atomicAdd(len_p, 1u)] = unsigned(b) << kCountBits | n;
     }
-  }
-  cluster.sync();  // (6) block_counts
-  __shared__ int base_taken, base_eq;
-  if (tid == 0) {
-    int taken = 0, eq_before = 0;
-    for (int b = 0; b < rank; ++b) {
-      const int* c = cluster.map_shared_rank(block_counts, b);
-      taken += c[0] + min(max(int(remaining) - eq_before, 0), c[1]);
-      eq_before += c[1];
+    __syncthreads();
+    for (int i = tid; i < n_bins; i += blockDim.x) hist[i] = 0;
+    cluster.sync();  // (2-4) every block's list of this pass
+    if (tid < kCluster) rank_len[tid] = *cluster.map_shared_rank(len_p, tid);
+    __syncthreads();
+    for (int b = 0; b < kCluster; ++b) {
+      const unsigned* lb = cluster.map_shared_rank(list, b);
+      for (int e = tid; e < int(rank_len[b]); e += blockDim.x) {
+        const unsigned w = lb[e];
+        atomicAdd(&hist[w >> kCountBits], w & ((1u << kCountBits) - 1));
+      }
     }
-    base_taken = taken, base_eq = eq_before;
+    __syncthreads();
+    // thread tid: bins n_bins - 1 - (tid * per + j), j < per (per = kBinsPer, or 1 for the 512 bins of the last pass)
+    const int per = n_bins / kSelectThreads;
+    unsigned c[kBinsPer], own = 0;
+#pragma unroll
+    for (int j = 0; j < kBinsPer; ++j) c[j] = j < per ? hist[n_bins - 1 - (tid * per + j)] : 0u, own += c[j];
+    unsigned upto = own;  // inclusive prefix over the block in thread order (from the top bins down)
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned v = __shfl_up_sync(0xffffffffu, upto, o);
+      if (lane >= o) upto += v;
+    }
+    if (lane == 31) warp_total[tid >> 5] = upto;
+    __syncthreads();
+    unsigned above = upto - own;
+    for (int w = 0; w < (tid >> 5); ++w) above += warp_total[w];
+    if (above < remaining && remaining <= above + own) {
+      unsigned seen = above;  // this thread's bins from the top: the one where the count reaches `remaining`
+#pragma unroll
+      for (int j = 0; j < kBinsPer; ++j) {
+        if (j < per && seen < remaining && remaining <= seen + c[j]) {
+          sel_prefix = prefix | (unsigned(n_bins - 1 - (tid * per + j)) << shift);
+          sel_remaining = remaining - seen;
+        }
+        seen += c[j];
+      }
+    }
+    __syncthreads();
+    prefix = sel_prefix, remaining = sel_remaining, mask |= unsigned(n_bins - 1) << shift;
   }
+  // prefix is the k-th largest key: take every larger key and the first `remaining` equal ones, in position order.
+  // Thread tid owns the run [tid * run, tid * run + run) of the slice: one scan of its (larger, equal) counts over
+  // the block and the blocks of lower rank place every row it takes.
+  __shared__ int block_counts[2];  // keys above and equal to it in the slice; read by the cluster
+  __shared__ int warp_gt[kSelectWarps], warp_eq[kSelectWarps];
+  const int run = (ns + int(blockDim.x) - 1) / int(blockDim.x), i_begin = min(ns, tid * run),
+            i_end = min(ns, i_begin + run);
+  int gt = 0, eq = 0;
+  for (int i = i_begin; i < i_end; ++i) {
+    const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
+    gt += u > prefix, eq += u == prefix;
+  }
+  int gt_upto = gt, eq_upto = eq;  // inclusive prefixes over the warp
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int a_gt = __shfl_up_sync(0xffffffffu, gt_upto, o), a_eq = __shfl_up_sync(0xffffffffu, eq_upto, o);
+    if (lane >= o) gt_upto += a_gt, eq_upto += a_eq;
+  }
+  if (lane == 31) warp_gt[tid >> 5] = gt_upto, warp_eq[tid >> 5] = eq_upto;
   __syncthreads();
+  if (tid == 0) {
+    int n_gt = 0, n_eq = 0;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) n_gt += warp_gt[w], n_eq += warp_eq[w];
+    block_counts[0] = n_gt, block_counts[1] = n_eq;
+  }
+  cluster.sync();  // (5) block_counts
+  int gt_before = gt_upto - gt, eq_before = eq_upto - eq;
+  for (int w = 0; w < (tid >> 5); ++w) gt_before += warp_gt[w], eq_before += warp_eq[w];
+  for (int b = 0; b < rank; ++b) {
+    const int* c = cluster.map_shared_rank(block_counts, b);
+    gt_before += c[0], eq_before += c[1];
+  }
   int32_t* rows = x.rows + tg * C;
   float al[G];
 #pragma unroll
   for (int h = 0; h < G; ++h) al[h] = 0;
-  int eq_before = base_eq, taken = base_taken;
-  for (int i0 = 0; i0 < ns; i0 += blockDim.x) {
-    const int i = i0 + tid;
-    const unsigned u = i < ns ? __float_as_uint(key_b[i]) : 0u;
-    const bool eq = i < ns && u == prefix;
-    int eq_total, take_total;
-    const int eq_rank = eq_before + block_exclusive_count(eq, warp_counts, &eq_total);
-    const bool take = i < ns && (u > prefix || (eq && unsigned(eq_rank) < remaining));
-    const int slot = taken + block_exclusive_count(take, warp_counts, &take_total);
+  for (int i = i_begin; i < i_end; ++i) {
+    const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
+    const bool take = u > prefix || (u == prefix && unsigned(eq_before) < remaining);
     if (take) {
-      rows[slot] = s0 + i;
+      rows[gt_before + min(eq_before, int(remaining))] = s0 + i;
 #pragma unroll
       for (int h = 0; h < G; ++h)
         if (h < group) al[h] += expf(logit_b[h * slice + i] - lse[h]);
     }
-    eq_before += eq_total, taken += take_total;
+    gt_before += u > prefix, eq_before += u == prefix;
   }
   __shared__ float block_alpha[G];  // read by the cluster
   block_reduce_heads<G, false>(al, red, block_alpha, group);
-  cluster.sync();  // (7) block_alpha
+  cluster.sync();  // (6) block_alpha
   if (rank == 0) {
     if (tid < group) {
       float s = 0;
@@ -526,7 +546,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
     }
     if (tid == 0) x.n_rows[tg] = ta.k;
   }
-  cluster.sync();  // (8) rank 0 done reading the others' shared memory before they exit
+  cluster.sync();  // (7) rank 0 done reading the others' shared memory before they exit
 }
 
 template <typename KV>
@@ -568,7 +588,9 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_cons
   }
   const int seq = a.token_seq[t], len = a.positions[t] + 1;
   const bool exact = n == len, contiguous = hd == 32 * E;
-  const int per_warp = (n + int(gridDim.x) * kGatherWarps - 1) / (int(gridDim.x) * kGatherWarps);
+  // at least kMinWarpRows rows a warp: fewer partitions for the last block to merge (blocks past them only count in)
+  const int per_warp =
+      max(kMinWarpRows, (n + int(gridDim.x) * kGatherWarps - 1) / (int(gridDim.x) * kGatherWarps));
   const int wr = (per_warp + R - 1) / R * R, part_rows = wr * kGatherWarps, n_parts = (n + part_rows - 1) / part_rows;
   const int c = blockIdx.x;
   extern __shared__ float warp_out[];  // [warps][group][hd]
@@ -697,9 +719,14 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_cons
     const int h = i / hd, d = i % hd;
     const float* ml = x.part_ml + (th0 + h) * P * 2;
     const float* po = x.part_out + (th0 + h) * P * hd + d;
-    float acc = 0;
-    for (int p = 0; p < n_parts; ++p) acc += expf(__ldcg(ml + 2 * p) - merge_m[h]) * __ldcg(po + size_t(p) * hd);
-    const float y = acc * merge_inv_l[h];
+    float acc[4] = {0, 0, 0, 0};  // four chains, so that the partitions' loads are in flight together
+    int p = 0;
+    for (; p + 4 <= n_parts; p += 4)
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        acc[u] += expf(__ldcg(ml + 2 * (p + u)) - merge_m[h]) * __ldcg(po + size_t(p + u) * hd);
+    for (; p < n_parts; ++p) acc[0] += expf(__ldcg(ml + 2 * p) - merge_m[h]) * __ldcg(po + size_t(p) * hd);
+    const float y = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * merge_inv_l[h];
     if (exact) {
       a.out[(th0 + h) * hd + d] = y;
     } else {
@@ -736,7 +763,7 @@ int heads_kept(int64_t group) { return group == 1 ? 1 : group <= 4 ? 4 : 8; }
 template <typename KV, int G>
 void launch_select(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
   const size_t smem = sh.slices_in_shared ? size_t(sh.slice_floats()) * sizeof(float) : 0;
-  // the opt-in is needed once static and dynamic shared memory together pass 48 KB (the static arrays are 16-31 KB)
+  // the opt-in is needed once static and dynamic shared memory together pass 48 KB (the static arrays are 22-45 KB)
   if (smem > 0)
     cudaFuncSetAttribute(sparq_select<KV, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const cudaError_t e = launch_in_clusters(sparq_select<KV, G>, args, dim3(unsigned(sh.T * sh.nKv * kCluster)),
@@ -796,7 +823,8 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
   WEFT_CHECK(sh.group <= kSparqMaxGroup && sh.hd <= kMaxHd, "sparqAttention", "supports GQA groups of at most ",
              kSparqMaxGroup, " query heads and head dims of at most ", kMaxHd, " (got ", sh.group, " and ", sh.hd,
              ")");
-  WEFT_CHECK(sh.C < (int64_t(1) << 31), "sparqAttention", "a sequence capacity of ", sh.C, " positions is too large");
+  WEFT_CHECK(sh.slice < (int64_t(1) << 21), "sparqAttention", "a sequence capacity of ", sh.C,
+             " positions is too large (the select's counts hold under 2^21 positions a block)");
   if (sh.T == 0) return;
   const SparqScratch x = sh.carve(scratch);
   const int32_t *seq = token_seq.data<int32_t>(), *pos = positions.data<int32_t>();
