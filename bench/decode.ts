@@ -8,6 +8,8 @@
  * queued ahead as the worker runs them, and each awaited in turn: bench/decode-steps.ts),
  * the bytes one decode step must read (weights + the KV cache it attends over, at the cache's element size:
  * --kv-dtype, bf16 on cuda by default) and the fraction of the bandwidth floor reached. Ends with one JSON line.
+ * With --attention sparq the bytes and floor are still the dense step's (SparQ reads fewer: its kernel bench,
+ * bench/kernels/sparq-run.sh, has its byte model).
  */
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
@@ -21,6 +23,7 @@ import { aheadStepMs, serialStepMs } from './decode-steps.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
+import { allocateSparqState, SPARQ_MAX_STEP_TOKENS } from '../worker/models/sparq.ts';
 import { presetSpec } from './presets.ts';
 import { floorMs as stepFloorMs, stepBytes } from './step-bytes.ts';
 
@@ -41,8 +44,11 @@ const program = new Command('bench-decode')
   .option('--quantize <list>', 'weight formats to run, each model in turn: none (the preset dtype), int8 (per channel), int4', 'none')
   .option('--group-size <n>', 'int4 columns per scale (int8 is per output channel)', '128')
   .option('--prefill-attention <mode>', 'attention of the prompt steps: exact, or quantized int8 / fp8 (core/prefill-attention.ts)', 'exact')
+  .option('--attention <mode>', 'decode attention: dense, or sparq (SparQ, worker/models/sparq.ts; its state beside the cache)', 'dense')
+  .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
+  .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -53,6 +59,8 @@ const quantizations = list(opts.quantize);
 for (const q of quantizations) if (!['none', 'int8', 'int4'].includes(q)) program.error(`--quantize takes none, int8 and int4 (got ${q})`);
 if (!['exact', 'int8', 'fp8'].includes(opts.prefillAttention)) program.error(`--prefill-attention must be exact, int8 or fp8 (got ${opts.prefillAttention})`);
 const prefillAttention = opts.prefillAttention as PrefillAttention;
+if (!['dense', 'sparq'].includes(opts.attention)) program.error(`--attention must be dense or sparq (got ${opts.attention})`);
+const sparq = opts.attention === 'sparq' ? { r: Number(opts.sparqR), k: Number(opts.sparqK) } : undefined;
 
 // A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
 const arenaBytes = 16 * 2 ** 30;
@@ -87,14 +95,16 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const spec = quantize === 'none' ? preset : withQuantizeAtLoad(preset, quantize as 'int8' | 'int4', quantize === 'int4' ? opts.groupSize : 'channel');
   const weights = quantize === 'none' ? spec.dtype : quantize === 'int4' ? `int4-g${opts.groupSize}` : 'int8';
   const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
-  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`);
+  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`) + (sparq ? ` sparq r${sparq.r} k${sparq.k}` : '');
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + 2 * newTokens + 16; // two untimed steps, newTokens serial, newTokens ahead
   const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
   const built = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
-  checkPrefillAttention(prefillAttention, spec, opts.device);
-  const model = prefillAttention === 'exact' ? built : { ...built, model: { ...built.model, prefillAttention } };
-  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes });
+  checkPrefillAttention(prefillAttention, spec, opts.device, sparq ? 'sparq' : 'dense');
+  // as worker.ts builds them: SparQ's state beside the cache and steps of at most the tokens its kernels serve
+  const withSparq = sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, spec, plan, kv, sparq) } } : built;
+  const model = prefillAttention === 'exact' ? withSparq : { ...withSparq, model: { ...withSparq.model, prefillAttention } };
+  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(sparq && opts.device === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
   const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1) });

@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
       CK(cudaGetLastError());
       const float scale = 1.0f / std::sqrt(float(hd));
       const int64_t dense_floats = wc::attention_scratch_floats(q, ly[0].k, table, m.nH, sms);
-      const int64_t sparq_floats = wc::sparq_scratch_floats(q, ly[0].k, table, m.nH, sms);
+      const int64_t sparq_floats = wc::sparq_scratch_floats(q, ly[0].k, table, m.nH);
       Tensor dense_scratch = dev(DType::F32, {std::max<int64_t>(dense_floats, 1)});
       Tensor sparq_scratch = dev(DType::F32, {sparq_floats});
       auto dense = [&](int l) {
@@ -165,7 +165,7 @@ int main(int argc, char** argv) {
       };
       auto sparq = [&](int l) {
         wc::launch_sparq_attention(ctx, q, ly[l].k, ly[l].v, ly[l].kt, ly[l].vsum, seq1, table, pos1, r1, k1, m.nH,
-                                   scale, o_sparq, sparq_scratch.data<float>(), sms);
+                                   scale, o_sparq, sparq_scratch.data<float>());
       };
       bool nan = false;
       // k = L: the exact path, equal to dense

@@ -1,13 +1,13 @@
-// SparQ decode attention: the two kernels attention-sparq.cuh lists, and the append of its state.
+// SparQ decode attention: the kernel attention-sparq.cuh describes, and the append of its state.
 //
 // Where the time of a step goes at 32K (Llama-2-7B, r/k 1/8: r = 16 columns, k = 2048 rows) is bytes only if the
 // fixed costs are small: the r columns of kT are 33.5 MB and the k rows of K and V 33.5 MB, ~16 us at copy
 // bandwidth. So: one cluster of kCluster blocks per (token, kv head) holds the whole selection in its shared
 // memory (each block a slice of the positions: its logits, keys, a share of the V mean), exchanges what the
-// selection needs between the blocks (softmax maxima and sums, radix histograms, counts, alpha) through
-// distributed shared memory, and writes only the selected positions; the gather splits those rows over many
-// blocks, and its last block per (token, kv head) merges the partitions. Two launches, no logits or keys in
-// global memory (unless the slice outgrows shared memory), no single block walking all positions.
+// selection needs between the blocks (softmax maxima and sums, radix bins, counts) through distributed shared
+// memory, writes only the selected positions, then reads its share of them back and merges the shares over the
+// cluster. One launch, no logits or keys in global memory (unless the slice outgrows shared memory), no single
+// block walking all positions, and the barriers few: each is a wait for the slowest block of the cluster.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -21,65 +21,44 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kCluster = 8;           // select blocks per (token, kv head): a portable cluster size (16 measured 3x slower)
+constexpr int kCluster = 8;           // blocks per (token, kv head): a portable cluster size (16 measured 3x slower)
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kTopBins = 2048;       // the select's first radix digit: 11 bits
 static_assert(kTopBins * 4 == kSelectThreads * 16, "v_part (a float4 a thread) lives in the histogram");
 constexpr int kPosPerThread = 4;      // consecutive positions a thread scores: one 8- or 16-byte load per column
-constexpr int kGatherThreads = 256;
-constexpr int kGatherWarps = kGatherThreads / 32;
-constexpr int kMinPartRows = 64;      // selected rows a gather block takes at least
-constexpr int kMinWarpRows = 16;      // and a warp
 constexpr int kMaxHd = 256;
 constexpr size_t kSliceInSharedMax = 160 * 1024;  // bytes of a select block's logits and keys kept in shared memory
 
 // The scratch, carved in this order (4-byte elements).
 struct SparqScratch {
   int32_t* rows;     // [T, nKv, C]: the selected positions, ascending
-  int32_t* n_rows;   // [T, nKv]: how many (len when exact, 0 for a bad token)
-  uint32_t* done;    // [T, nKv]: gather blocks finished (zeroed by the select)
-  float* alpha;      // [T, nH]
-  float* v_mean;     // [T, nKv, hd]
-  float* part_ml;    // [T, nH, gx, 2]: max and sum of exp(score - max) per partition
-  float* part_out;   // [T, nH, gx, hd]: the exp-weighted V sums per partition
   float* slices;     // [T, nKv, kCluster, sliceFloats] when the slices are not in shared memory, else unused
 };
 
 struct SparqShape {
   int64_t T, nH, nKv, C, hd, group;
   int64_t slice;    // positions a select block holds at most: ceil(C / kCluster), rounded up to kPosPerThread
-  int64_t gx;       // gather blocks (and partitions at most) per (token, kv head)
   bool slices_in_shared;
   __host__ __device__ int64_t slice_floats() const { return (group + 1) * slice; }  // logits [group][slice], then keys [slice]
-  int64_t floats() const {
-    return T * nKv * C + 2 * T * nKv + T * nH + T * nKv * hd + T * nH * gx * (hd + 2) +
-           (slices_in_shared ? 0 : T * nKv * kCluster * slice_floats());
+  int64_t floats() const { return T * nKv * C + (slices_in_shared ? 0 : T * nKv * kCluster * slice_floats()); }
+  // the slices when they are in shared memory, then step 4's [warps][group][hd] f32 in the same bytes
+  size_t dyn_smem_bytes() const {
+    return std::max<size_t>(slices_in_shared ? size_t(slice_floats()) * 4 : 0, size_t(kSelectWarps * group * hd) * 4);
   }
   SparqScratch carve(float* s) const {
     SparqScratch x;
     x.rows = reinterpret_cast<int32_t*>(s), s += T * nKv * C;
-    x.n_rows = reinterpret_cast<int32_t*>(s), s += T * nKv;
-    x.done = reinterpret_cast<uint32_t*>(s), s += T * nKv;
-    x.alpha = s, s += T * nH;
-    x.v_mean = s, s += T * nKv * hd;
-    x.part_ml = s, s += T * nH * gx * 2;
-    x.part_out = s, s += T * nH * gx * hd;
     x.slices = s;
     return x;
   }
 };
 
-SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads,
-                    int num_sms) {
+SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
   SparqShape sh;
   sh.T = q.dim(0), sh.nH = n_heads, sh.nKv = k_cache.dim(1), sh.C = kv_block_table.dim(1) * k_cache.dim(2);
   sh.hd = k_cache.dim(3), sh.group = n_heads / std::max<int64_t>(sh.nKv, 1);
   sh.slice = ((sh.C + kCluster - 1) / kCluster + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
-  // ~3 gather blocks a SM over all (token, kv head) units, each with one partition of the rows
-  const int64_t units = std::max<int64_t>(1, sh.T * sh.nKv);
-  sh.gx = std::max<int64_t>(1, std::min<int64_t>((sh.C + kMinPartRows - 1) / kMinPartRows,
-                                                 (3 * int64_t(num_sms) + units - 1) / units));
   sh.slices_in_shared = size_t(sh.slice_floats()) * 4 <= kSliceInSharedMax;
   return sh;
 }
@@ -187,6 +166,7 @@ template <typename KV>
 struct SelectArgs {
   const float* q;
   const KV* k_t;
+  const KV* k_cache;
   const KV* v_cache;
   const float* v_sum;
   KvBlockTable kv;
@@ -199,44 +179,51 @@ struct SelectArgs {
   SparqShape sh;
   SparqScratch x;
   DeviceStatus* status;
+  float* out;
 };
 
-// grid (T * nKv * kCluster), clusters of kCluster along x, kSelectThreads threads; G >= the group (heads kept in
-// registers). Cluster (t, g) does steps 1-3 and the V mean for token t, kv head g; block `rank` of it owns
-// positions [rank S, rank S + S) (S = ceil(len / kCluster) rounded up to kPosPerThread), and of the V mean the
-// full blocks that start in its slice and the partial block's rows in it.
-template <typename KV, int G>
-__global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(const __grid_constant__ SelectArgs<KV> a) {
+// grid (T * nKv * kCluster), clusters of kCluster along x, kSelectThreads threads, dynamic shared memory
+// max(the slice's logits and keys when they fit, [warps][group][hd] f32); G >= the group (heads kept in registers),
+// a row of hd is E elements a lane (E = hd / 32 contiguous, else strided). Cluster (t, g) computes out for token t's
+// heads of kv head g. Steps 1-3 and the V mean: block `rank` owns positions [rank S, rank S + S) (S = ceil(len /
+// kCluster) rounded up to kPosPerThread), and of the V mean the full blocks that start in its slice and the partial
+// block's rows in it; it writes the rows it selects to the scratch, in position order. Step 4: block `rank` takes
+// the rank-th share of the n selected rows (n = k, or every position when len <= k) and leaves its softmax max, sum
+// and exp-weighted V sum per head in shared memory. Step 5: each block merges a share of the (head, component)
+// outputs over the cluster's blocks and blends them with the V mean.
+template <typename KV, int G, int E>
+__global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
+    sparq_attention_kernel(const __grid_constant__ SelectArgs<KV> a) {
   pdl_trigger();
   pdl_wait();
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank()), tid = threadIdx.x, lane = tid & 31;
+  const int rank = static_cast<int>(cluster.block_rank()), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_kv = static_cast<int>(a.kv.n_kv), unit = blockIdx.x / kCluster, t = unit / n_kv, g = unit % n_kv;
   const int group = a.nH / n_kv, hd = a.hd, B = static_cast<int>(a.kv.block_size);
   const int64_t C = a.sh.C, slice = a.sh.slice;
   const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * a.nH + size_t(g) * group;
   const SparqScratch x = a.x;
   const int seq = a.token_seq[t], pos = a.positions[t];
-  if (rank == 0 && tid == 0) x.done[tg] = 0;
-  // every block of the cluster takes the same branch, so none returns while another reads its shared memory
+  // every block of the cluster takes the same branches, so none returns while another reads its shared memory
   if (!kv_token_in_range(a.kv, t, seq, pos, kKvRead, a.status, rank == 0 && g == 0 && tid == 0)) {
-    if (rank == 0 && tid == 0) x.n_rows[tg] = 0;
+    if (rank == 0)  // a bad token (reported): zeros
+      for (int i = tid; i < group * hd; i += blockDim.x) a.out[th0 * hd + i] = 0;
     return;
   }
   const TokenArgs ta = token_args(a.sparq_r, a.sparq_k, t, hd);
   const int len = pos + 1, r = ta.r;
-  if (len <= ta.k) {  // exact: the gather reads positions 0..len-1 directly
-    if (rank == 0 && tid == 0) x.n_rows[tg] = len;
-    if (rank == 0 && tid < group) x.alpha[th0 + tid] = 1.0f;
-    return;
-  }
-
-  // ---- step 1 (every block alike): columns, their q values [G][r] and c_h
-  __shared__ float q_s[G * kMaxHd], colq[G * kMaxHd], abs_q[kMaxHd], coef[G], lse[G];
-  __shared__ int cols[kMaxHd], warp_counts[32];
+  const bool exact = len <= ta.k;  // every position selected: alpha = 1, no mean term
+  extern __shared__ float dyn_smem[];
+  __shared__ float q_s[G * kMaxHd], lse[G];
   __shared__ float red[kSelectWarps][G];
+  __shared__ float block_alpha[G], block_v[kMaxHd];  // read by the cluster
   for (int i = tid; i < group * hd; i += blockDim.x) q_s[i] = a.q[th0 * hd + i];
   __syncthreads();
+  if (!exact) {
+
+  // ---- step 1 (every block alike): columns, their q values [G][r] and c_h
+  __shared__ float colq[G * kMaxHd], abs_q[kMaxHd], coef[G];
+  __shared__ int cols[kMaxHd], warp_counts[32];
   for (int d = tid; d < hd; d += blockDim.x) {
     float s = 0;
     for (int h = 0; h < group; ++h) s += fabsf(q_s[h * hd + d]);
@@ -266,8 +253,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
   // ---- step 2 over the slice: logits into logit_b [group][slice], the block's max and sum per head. Products and
   // sums rounded one by one in the CPU reference's order (no FMA contraction), so that the logits, and with them the
   // selections, are the CPU's bit for bit (the keys then differ only by the exponentials' and normalizers' last bits).
-  extern __shared__ float slice_smem[];
-  float* buf = a.sh.slices_in_shared ? slice_smem : x.slices + (tg * kCluster + rank) * a.sh.slice_floats();
+  float* buf = a.sh.slices_in_shared ? dyn_smem : x.slices + (tg * kCluster + rank) * a.sh.slice_floats();
   float* logit_b = buf;
   float* key_b = buf + group * slice;
   const int per = (len + kCluster - 1) / kCluster, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
@@ -355,7 +341,6 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
   // v_part and step 3's histogram share their 8 KB (the static arrays stay under 48 KB at G = 8)
   __shared__ __align__(16) unsigned hist[kTopBins];
   float4* v_part = reinterpret_cast<float4*>(hist);  // [kSelectThreads]
-  __shared__ float block_v[kMaxHd];  // read by the cluster
   {
     const int vw = hd % 4 == 0 ? 4 : 1, lanes = hd / vw, n_sub = blockDim.x / lanes, dv = tid % lanes,
               sub = tid / lanes, full = len / B;
@@ -530,81 +515,21 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1) sparq_select(c
     }
     gt_before += u > prefix, eq_before += u == prefix;
   }
-  __shared__ float block_alpha[G];  // read by the cluster
   block_reduce_heads<G, false>(al, red, block_alpha, group);
-  cluster.sync();  // (6) block_alpha
-  if (rank == 0) {
-    if (tid < group) {
-      float s = 0;
-      for (int b = 0; b < kCluster; ++b) s += cluster.map_shared_rank(block_alpha, b)[tid];
-      x.alpha[th0 + tid] = s;
-    }
-    for (int d = tid; d < hd; d += blockDim.x) {
-      float s = 0;
-      for (int b = 0; b < kCluster; ++b) s += cluster.map_shared_rank(block_v, b)[d];
-      x.v_mean[tg * hd + d] = s / float(len);
-    }
-    if (tid == 0) x.n_rows[tg] = ta.k;
-  }
-  cluster.sync();  // (7) rank 0 done reading the others' shared memory before they exit
-}
+  }  // !exact
 
-template <typename KV>
-struct GatherArgs {
-  const float* q;
-  const KV* k_cache;
-  const KV* v_cache;
-  KvBlockTable kv;
-  const int32_t* token_seq;
-  const int32_t* positions;
-  int nH, hd;
-  float scale;
-  SparqShape sh;
-  SparqScratch x;
-  DeviceStatus* status;
-  float* out;
-};
-
-// grid (gx, T * nKv), kGatherThreads threads, dynamic shared memory [warps][group][hd] f32; G >= the group, a row
-// of hd is E elements a lane (E = hd / 32 contiguous, else strided). Steps 4-5: block c takes partition c of the
-// n selected rows of (t, g) (wr rows a warp, wr sized so that the gx blocks cover them) and writes its max, sum
-// and exp-weighted V sum per head; the last block of (t, g) to finish merges the partitions and blends with the
-// V mean.
-template <typename KV, int G, int E>
-__global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_constant__ GatherArgs<KV> a) {
-  constexpr int R = 16 / sizeof(KV);  // rows a warp loads (K and V) before it uses them; divides 32
-  pdl_trigger();
-  pdl_wait();
-  const int n_kv = static_cast<int>(a.kv.n_kv), t = blockIdx.y / n_kv, g = blockIdx.y % n_kv;
-  const int group = a.nH / n_kv, hd = a.hd, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * a.nH + size_t(g) * group;
-  const SparqScratch x = a.x;
-  const int64_t P = gridDim.x;
-  const int n = x.n_rows[tg];
-  if (n == 0) {  // a bad token (reported): zeros
-    if (blockIdx.x == 0)
-      for (int i = tid; i < group * hd; i += blockDim.x) a.out[th0 * hd + i] = 0;
-    return;
-  }
-  const int seq = a.token_seq[t], len = a.positions[t] + 1;
-  const bool exact = n == len, contiguous = hd == 32 * E;
-  // at least kMinWarpRows rows a warp: fewer partitions for the last block to merge (blocks past them only count in)
-  const int per_warp =
-      max(kMinWarpRows, (n + int(gridDim.x) * kGatherWarps - 1) / (int(gridDim.x) * kGatherWarps));
-  const int wr = (per_warp + R - 1) / R * R, part_rows = wr * kGatherWarps, n_parts = (n + part_rows - 1) / part_rows;
-  const int c = blockIdx.x;
-  extern __shared__ float warp_out[];  // [warps][group][hd]
-  __shared__ float warp_m[kGatherWarps][G], warp_l[kGatherWarps][G];
-  if (c < n_parts) {
-    float qr[G][E];
-#pragma unroll
-    for (int h = 0; h < G; ++h)
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        const int d = lane_index(lane, e, E, contiguous);
-        qr[h][e] = h < group && d < hd ? a.q[(th0 + h) * hd + d] : 0.0f;
-      }
-    const int i_begin = c * part_rows + warp * wr, i_end = min(n, i_begin + wr);
+  // ---- step 4: this block's share of the n selected rows, a warp's run of them at a time
+  cluster.sync();  // (6) every block's rows (global memory: the barrier releases and acquires), block_alpha, block_v
+  constexpr int R = (G == 4 ? 16 : 8) / sizeof(KV);  // rows a warp loads (K and V) before it uses them; divides 32
+  const bool contiguous = hd == 32 * E;
+  const int n = exact ? len : ta.k, share = (n + kCluster - 1) / kCluster;
+  const int b0 = min(n, rank * share), b1 = min(n, b0 + share);
+  const int wr = ((b1 - b0 + kSelectWarps - 1) / kSelectWarps + R - 1) / R * R;
+  const int i_begin = b0 + warp * wr, i_end = min(b1, i_begin + wr);
+  const int32_t* rows = x.rows + tg * C;
+  float* warp_out = dyn_smem;  // [warps][group][hd]: the slices are dead
+  __shared__ float warp_m[kSelectWarps][G], warp_l[kSelectWarps][G], part_m[G], part_l[G];  // part_*: read by the cluster
+  {
     float m[G], l[G], o[G][E];
 #pragma unroll
     for (int h = 0; h < G; ++h) {
@@ -616,7 +541,7 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_cons
     for (int i0 = i_begin; i0 < i_end; i0 += R) {  // warp-uniform
       if (((i0 - i_begin) & 31) == 0) {
         const int i = i0 + lane;
-        if (i < i_end) off = kv_read_row(a.kv, t, seq, g, exact ? i : x.rows[tg * a.sh.C + i], a.status) * hd;
+        if (i < i_end) off = kv_read_row(a.kv, t, seq, g, exact ? i : rows[i], a.status) * hd;
       }
       Chunk<KV, E> kc[R], vc[R];
 #pragma unroll
@@ -630,30 +555,33 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_cons
           for (int w = 0; w < Chunk<KV, E>::kWords; ++w) kc[u].w[w] = 0, vc[u].w[w] = 0;
         }
       }
-      float s[G][R];  // scores, then weights
+      float sc[G][R];  // scores, then weights
 #pragma unroll
       for (int u = 0; u < R; ++u)
 #pragma unroll
         for (int h = 0; h < G; ++h) {
           float dot = 0;
 #pragma unroll
-          for (int e = 0; e < E; ++e) dot += qr[h][e] * kc[u].at(e);
+          for (int e = 0; e < E; ++e) {
+            const int d = lane_index(lane, e, E, contiguous);
+            if (h < group && d < hd) dot += q_s[h * hd + d] * kc[u].at(e);
+          }
           dot = warp_sum(dot);
-          s[h][u] = i0 + u < i_end ? dot * a.scale : -INFINITY;
+          sc[h][u] = i0 + u < i_end ? dot * a.scale : -INFINITY;
         }
 #pragma unroll
       for (int h = 0; h < G; ++h) {
         float m_new = m[h];
 #pragma unroll
-        for (int u = 0; u < R; ++u) m_new = fmaxf(m_new, s[h][u]);  // finite: row i0 exists
+        for (int u = 0; u < R; ++u) m_new = fmaxf(m_new, sc[h][u]);  // finite: row i0 exists
         const float corr = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
         l[h] *= corr;
 #pragma unroll
         for (int e = 0; e < E; ++e) o[h][e] *= corr;
 #pragma unroll
         for (int u = 0; u < R; ++u) {
-          s[h][u] = i0 + u < i_end ? expf(s[h][u] - m_new) : 0.0f;
-          l[h] += s[h][u];
+          sc[h][u] = i0 + u < i_end ? expf(sc[h][u] - m_new) : 0.0f;
+          l[h] += sc[h][u];
         }
         m[h] = m_new;
       }
@@ -663,7 +591,7 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_cons
         for (int e = 0; e < E; ++e) {
           const float v = vc[u].at(e);
 #pragma unroll
-          for (int h = 0; h < G; ++h) o[h][e] += s[h][u] * v;
+          for (int h = 0; h < G; ++h) o[h][e] += sc[h][u] * v;
         }
     }
 #pragma unroll
@@ -676,64 +604,44 @@ __global__ void __launch_bounds__(kGatherThreads) sparq_gather(const __grid_cons
         if (d < hd) warp_out[(warp * group + h) * hd + d] = o[h][e];
       }
     }
-    __syncthreads();
-    for (int i = tid; i < group * hd; i += blockDim.x) {  // the warps of the partition, in warp order
-      const int h = i / hd, d = i % hd;
-      float M = -INFINITY;
-      for (int w = 0; w < kGatherWarps; ++w) M = fmaxf(M, warp_m[w][h]);
-      float L = 0, O = 0;
-      for (int w = 0; w < kGatherWarps; ++w) {
-        if (warp_m[w][h] == -INFINITY) continue;  // a warp past the rows
-        const float f = expf(warp_m[w][h] - M);
-        L += f * warp_l[w][h];
-        O += f * warp_out[(w * group + h) * hd + d];
-      }
-      x.part_out[((th0 + h) * P + c) * hd + d] = O;
-      if (d == 0) {
-        x.part_ml[((th0 + h) * P + c) * 2] = M;
-        x.part_ml[((th0 + h) * P + c) * 2 + 1] = L;
-      }
-    }
   }
-  // the last block of (t, g) to finish merges (the others' partitions are visible after their fences)
-  __shared__ bool last;
-  __threadfence();
   __syncthreads();
-  if (tid == 0) last = atomicAdd(&x.done[tg], 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  __shared__ float merge_m[G], merge_inv_l[G];
-  if (warp < group) {
-    const float* ml = x.part_ml + (th0 + warp) * P * 2;
+  for (int i = tid; i < group * hd; i += blockDim.x) {  // the block's warps, in warp order, into warp 0's place
+    const int h = i / hd;
     float M = -INFINITY;
-    for (int p = lane; p < n_parts; p += 32) M = fmaxf(M, __ldcg(ml + 2 * p));
-    M = warp_max(M);
-    float L = 0;
-    for (int p = lane; p < n_parts; p += 32) L += expf(__ldcg(ml + 2 * p) - M) * __ldcg(ml + 2 * p + 1);
-    L = warp_sum(L);
-    if (lane == 0) merge_m[warp] = M, merge_inv_l[warp] = 1.0f / L;
-  }
-  __syncthreads();
-  for (int i = tid; i < group * hd; i += blockDim.x) {
-    const int h = i / hd, d = i % hd;
-    const float* ml = x.part_ml + (th0 + h) * P * 2;
-    const float* po = x.part_out + (th0 + h) * P * hd + d;
-    float acc[4] = {0, 0, 0, 0};  // four chains, so that the partitions' loads are in flight together
-    int p = 0;
-    for (; p + 4 <= n_parts; p += 4)
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        acc[u] += expf(__ldcg(ml + 2 * (p + u)) - merge_m[h]) * __ldcg(po + size_t(p + u) * hd);
-    for (; p < n_parts; ++p) acc[0] += expf(__ldcg(ml + 2 * p) - merge_m[h]) * __ldcg(po + size_t(p) * hd);
-    const float y = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * merge_inv_l[h];
-    if (exact) {
-      a.out[(th0 + h) * hd + d] = y;
-    } else {
-      const float alpha = x.alpha[th0 + h];
-      a.out[(th0 + h) * hd + d] = alpha * y + (1 - alpha) * x.v_mean[tg * hd + d];
+    for (int w = 0; w < kSelectWarps; ++w) M = fmaxf(M, warp_m[w][h]);
+    float L = 0, O = 0;
+    for (int w = 0; w < kSelectWarps; ++w) {
+      if (warp_m[w][h] == -INFINITY) continue;  // a warp past the rows
+      const float f = expf(warp_m[w][h] - M);
+      L += f * warp_l[w][h];
+      O += f * warp_out[w * group * hd + i];
     }
+    warp_out[i] = O;
+    if (i % hd == 0) part_m[h] = M, part_l[h] = L;
   }
+
+  // ---- step 5: block `rank` merges outputs [rank P, rank P + P) of the group's group * hd over the cluster
+  cluster.sync();  // (7) every block's part_m, part_l and warp_out[0]
+  const int P = (group * hd + kCluster - 1) / kCluster, item = rank * P + tid;
+  if (tid < P && item < group * hd) {
+    const int h = item / hd, d = item % hd;
+    float M = -INFINITY;
+    for (int b = 0; b < kCluster; ++b) M = fmaxf(M, cluster.map_shared_rank(part_m, b)[h]);
+    float L = 0, O = 0, alpha = 0, v_sum = 0;
+    for (int b = 0; b < kCluster; ++b) {
+      const float mb = cluster.map_shared_rank(part_m, b)[h];
+      if (mb != -INFINITY) {  // a block past the rows has none
+        const float f = expf(mb - M);
+        L += f * cluster.map_shared_rank(part_l, b)[h];
+        O += f * cluster.map_shared_rank(warp_out, b)[item];
+      }
+      if (!exact) alpha += cluster.map_shared_rank(block_alpha, b)[h], v_sum += cluster.map_shared_rank(block_v, b)[d];
+    }
+    const float y = O / L;
+    a.out[th0 * hd + item] = exact ? y : alpha * y + (1 - alpha) * (v_sum / float(len));
+  }
+  cluster.sync();  // (8) every block done reading the others' shared memory before they exit
 }
 
 // grid (T * nKv), max(hd, 32) threads: the token's K row into kT; the block's V sum when row B - 1 is written.
@@ -760,40 +668,31 @@ __global__ void sparq_append(KV* __restrict__ k_t, float* __restrict__ v_sum, co
 // The heads a select or gather instantiation keeps in registers: 1 (MHA), 4 (groups of 2-4), 8 (5-8).
 int heads_kept(int64_t group) { return group == 1 ? 1 : group <= 4 ? 4 : 8; }
 
-template <typename KV, int G>
-void launch_select(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
-  const size_t smem = sh.slices_in_shared ? size_t(sh.slice_floats()) * sizeof(float) : 0;
-  // the opt-in is needed once static and dynamic shared memory together pass 48 KB (the static arrays are 22-45 KB)
-  if (smem > 0)
-    cudaFuncSetAttribute(sparq_select<KV, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  const cudaError_t e = launch_in_clusters(sparq_select<KV, G>, args, dim3(unsigned(sh.T * sh.nKv * kCluster)),
-                                           kSelectThreads, smem, kCluster, true, ctx.stream);
-  if (e != cudaSuccess) fail_cuda(ctx.st, "sparqAttention", e, " (the select's cluster launch)");
-}
-
 template <typename KV, int G, int E>
-void launch_gather(const Ctx& ctx, const GatherArgs<KV>& args, const SparqShape& sh) {
-  const size_t smem = size_t(kGatherWarps) * sh.group * sh.hd * sizeof(float);
-  if (smem > 47 * 1024)  // with the static warp_m, warp_l, merge_m, ... (under 1 KB) past 48 KB: the opt-in
-    cudaFuncSetAttribute(sparq_gather<KV, G, E>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  launch_pdl(ctx, sparq_gather<KV, G, E>, dim3(unsigned(sh.gx), unsigned(sh.T * sh.nKv)), kGatherThreads, smem, args);
+void launch_select(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
+  const size_t smem = sh.dyn_smem_bytes();
+  // the opt-in is needed once static and dynamic shared memory together pass 48 KB (the static arrays are 22-45 KB)
+  cudaFuncSetAttribute(sparq_attention_kernel<KV, G, E>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t e = launch_in_clusters(sparq_attention_kernel<KV, G, E>, args,
+                                           dim3(unsigned(sh.T * sh.nKv * kCluster)), kSelectThreads, smem, kCluster,
+                                           true, ctx.stream);
+  if (e != cudaSuccess) fail_cuda(ctx.st, "sparqAttention", e, " (the cluster launch)");
 }
 
 template <typename KV, int G>
-void launch_gather_hd(const Ctx& ctx, const GatherArgs<KV>& args, const SparqShape& sh) {
+void launch_select_hd(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
   if (sh.hd <= 64)
-    launch_gather<KV, G, 2>(ctx, args, sh);
+    launch_select<KV, G, 2>(ctx, args, sh);
   else if (sh.hd <= 128)
-    launch_gather<KV, G, 4>(ctx, args, sh);
+    launch_select<KV, G, 4>(ctx, args, sh);
   else
-    launch_gather<KV, G, 8>(ctx, args, sh);
+    launch_select<KV, G, 8>(ctx, args, sh);
 }
 
 }  // namespace
 
-int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads,
-                             int num_sms) {
-  return shape_of(q, k_cache, kv_block_table, n_heads, num_sms).floats();
+int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
+  return shape_of(q, k_cache, kv_block_table, n_heads).floats();
 }
 
 void launch_sparq_append(const Ctx& ctx, const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache,
@@ -813,10 +712,9 @@ void launch_sparq_append(const Ctx& ctx, const Tensor& k_t, const Tensor& v_sum,
 void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                             const Tensor& k_t, const Tensor& v_sum, const Tensor& token_seq,
                             const Tensor& kv_block_table, const Tensor& positions, const Tensor& sparq_r,
-                            const Tensor& sparq_k, int64_t n_heads, float scale, const Tensor& out, float* scratch,
-                            int num_sms) {
+                            const Tensor& sparq_k, int64_t n_heads, float scale, const Tensor& out, float* scratch) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
-  const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads, num_sms);
+  const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads);
   auto args = {Named{"q", q}, Named{"kCache", k_cache}, Named{"kvBlockTable", kv_block_table}};
   WEFT_CHECK(sh.T <= kSparqMaxTokens, "sparqAttention", "serves at most ", kSparqMaxTokens, " tokens a step (got ",
              sh.T, "; longer steps take the dense attention)");
@@ -831,19 +729,12 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
   const int32_t *r = sparq_r.data<int32_t>(), *k = sparq_k.data<int32_t>();
   const int G = heads_kept(sh.group);
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
-    const SelectArgs<KV> sel{q.data<float>(), k_t.data<KV>(), v_cache.data<KV>(), v_sum.data<float>(), kv, seq, pos,
-                             r, k, int(n_heads), int(sh.hd), scale, sh, x, ctx.status};
-    if (G == 1) launch_select<KV, 1>(ctx, sel, sh);
-    else if (G == 4) launch_select<KV, 4>(ctx, sel, sh);
-    else launch_select<KV, 8>(ctx, sel, sh);
-  });
-  check_launch(ctx, "sparqAttention", args);
-  WEFT_DISPATCH_KV(k_cache.dtype, KV, {
-    const GatherArgs<KV> gat{q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv, seq, pos, int(n_heads),
-                             int(sh.hd), scale, sh, x, ctx.status, out.data<float>()};
-    if (G == 1) launch_gather_hd<KV, 1>(ctx, gat, sh);
-    else if (G == 4) launch_gather_hd<KV, 4>(ctx, gat, sh);
-    else launch_gather_hd<KV, 8>(ctx, gat, sh);
+    const SelectArgs<KV> sel{q.data<float>(), k_t.data<KV>(), k_cache.data<KV>(), v_cache.data<KV>(),
+                             v_sum.data<float>(), kv, seq, pos, r, k, int(n_heads), int(sh.hd), scale, sh, x,
+                             ctx.status, out.data<float>()};
+    if (G == 1) launch_select_hd<KV, 1>(ctx, sel, sh);
+    else if (G == 4) launch_select_hd<KV, 4>(ctx, sel, sh);
+    else launch_select_hd<KV, 8>(ctx, sel, sh);
   });
   check_launch(ctx, "sparqAttention", args);
 }

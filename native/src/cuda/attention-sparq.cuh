@@ -18,13 +18,12 @@
 // parallelism needs nothing: each rank runs this on its own heads. Several tokens of one sequence in a step
 // (speculative verification) each get their own selection over their own length.
 //
-// Kernels (batch of at most kSparqMaxTokens tokens; every length is read on the device, so a captured graph
-// stays valid): select, one thread-block cluster per (token, kv head) whose blocks each own a slice of the
-// positions: steps 1-3 with the logits and keys in shared memory, the softmax normalizers, the radix select of
-// the k-th largest key (histograms summed over the cluster), the rows in index order, alpha, and the V mean;
-// gather, the selected rows split over many blocks like split-K decode (step 4), the last block of each (token,
-// kv head) merging the partitions and blending (step 5). The CPU reference is cpu/attention-sparq.cc;
-// ops-check.cc compares the two.
+// One kernel (batch of at most kSparqMaxTokens tokens; every length is read on the device, so a captured graph stays
+// valid): a thread-block cluster per (token, kv head) whose blocks each own a slice of the positions: steps 1-3
+// with the logits and keys in shared memory, the softmax normalizers, the radix select of the k-th largest key
+// (each block's bins summed over the cluster), the rows in index order, alpha and the V mean; then each block takes
+// a share of the selected rows (step 4) and the cluster merges the shares through distributed shared memory and
+// blends (step 5). The CPU reference is cpu/attention-sparq.cc; ops-check.cc compares the two.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -35,8 +34,7 @@ constexpr int64_t kSparqMaxTokens = 64;
 constexpr int64_t kSparqMaxGroup = 8;  // query heads per kv head the kernels keep in registers
 
 // Floats of device scratch launch_sparq_attention needs.
-int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads,
-                             int num_sms);
+int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads);
 
 // In place, after the caches hold the step's rows: kT [nBlocks, nKv, hd, B] gets each token's K row; vSum
 // [nBlocks, nKv, hd] f32 is remade from the V cache for a block whose last row a token wrote.
@@ -48,7 +46,6 @@ void launch_sparq_append(const Ctx& ctx, const Tensor& k_t, const Tensor& v_sum,
 void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                             const Tensor& k_t, const Tensor& v_sum, const Tensor& token_seq,
                             const Tensor& kv_block_table, const Tensor& positions, const Tensor& sparq_r,
-                            const Tensor& sparq_k, int64_t n_heads, float scale, const Tensor& out, float* scratch,
-                            int num_sms);
+                            const Tensor& sparq_k, int64_t n_heads, float scale, const Tensor& out, float* scratch);
 
 }  // namespace weft::cuda

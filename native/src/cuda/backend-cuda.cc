@@ -295,9 +295,9 @@ class CudaBackend final : public Backend {
                            const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
                            const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k, int64_t n_heads,
                            float scale, const Tensor& out) override {
-    Tensor scratch = empty(DType::F32, {cuda::sparq_scratch_floats(q, k_cache, kv_block_table, n_heads, st_->num_sms)});
+    Tensor scratch = empty(DType::F32, {cuda::sparq_scratch_floats(q, k_cache, kv_block_table, n_heads)});
     cuda::launch_sparq_attention(ctx(), q, k_cache, v_cache, k_t, v_sum, token_seq, kv_block_table, positions, sparq_r,
-                                 sparq_k, n_heads, scale, out, scratch.data<float>(), st_->num_sms);
+                                 sparq_k, n_heads, scale, out, scratch.data<float>());
   }
   void run_copy(const Tensor& dst, const Tensor& src) override {
     half_copies_.drop(dst);
