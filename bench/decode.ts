@@ -24,6 +24,7 @@ import { SeededRng } from '../coordinator/rng.ts';
 import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
 import { allocateSparqState, SPARQ_MAX_STEP_TOKENS } from '../worker/models/sparq.ts';
+import { DENSE_TOKEN } from '../core/sparq.ts';
 import { presetSpec } from './presets.ts';
 import { floorMs as stepFloorMs, stepBytes } from './step-bytes.ts';
 
@@ -107,7 +108,9 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(sparq && opts.device === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
   const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
-  const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1) });
+  // with SparQ the prompt is sent dense (exact, the dense kernels: runner.ts) and decode steps take the cluster's r and k
+  const dense = (n: number) => (sparq ? { sparq: { r: Array(n).fill(DENSE_TOKEN.r), k: Array(n).fill(DENSE_TOKEN.k) } } : {});
+  const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1), ...dense(prompt) });
 
   for (const prompt of prompts) {
     for (const batch of batches) {

@@ -37,7 +37,7 @@ import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
 import { arenaTokens, chunkRanges, DEFAULT_ARENA_BYTES, graphArenaTokens, graphBucketFor, maxGraphBatch, maxStepTokens } from './step-sizes.ts';
 
 /** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts). */
-type IndexKey = Exclude<keyof StepIndex, 'prefixGroups'>;
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -187,7 +187,7 @@ export class StepRunner {
     const { ops, sampled } = this;
     ops.beginStep();
     try {
-      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
+      const step = this.eagerIndex(batch);
       if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const { temperature, topK, topP, uniform } = batch.sample!;
@@ -339,11 +339,24 @@ export class StepRunner {
     return graphBucketFor(n, this.maxGraphBatch);
   }
 
+  /**
+   * An eager step's index. With SparQ's state, a step whose every token is attended exactly (its length at most its
+   * k: a prompt sent dense) takes the dense kernels: SparQ's exact path gives the same attention a token at a time,
+   * which a long prompt cannot afford. Graph steps never do, so that a captured step keeps one path.
+   */
+  private eagerIndex(batch: StepBatch): StepIndex {
+    const arrays = stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting);
+    const step = withPrefixGroups(this.ops, uploadIndex(this.ops, arrays), batch, this.kv);
+    const positions = arrays.positions.values, k = arrays.sparqK.values;
+    const exact = this.rankModel.model.sparq !== undefined && positions.every((p, i) => p + 1 <= k[i]!);
+    return exact ? { ...step, sparqExact: true } : step;
+  }
+
   private async eager(batch: StepBatch): Promise<StepResult> {
     const { ops } = this;
     ops.beginStep();
     try {
-      const step = withPrefixGroups(ops, uploadIndex(ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
+      const step = this.eagerIndex(batch);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const result: StepResult = {};
       // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step

@@ -1,7 +1,8 @@
 /**
  * StepRunner on the CPU backend: a long step split into chunks (as the CUDA step arena requires) gives
  * the same log-probs, samples and scores as one step; the wire batch's block table becomes the step index,
- * and batches outside the KV layout are refused. The model is the hf-tiny llama, loaded in-process.
+ * and batches outside the KV layout are refused; with SparQ's state, an all-exact step takes the dense kernels and keeps
+ * the state its own path would. The model is the hf-tiny llama, loaded in-process.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,6 +17,10 @@ import { kvCacheLayout, type KvCacheLayout } from '../../core/kv-block-table.ts'
 import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
 import { feedScenario } from '../helpers/feed-scenario.ts';
+import { allocateSparqState } from '../../worker/models/sparq.ts';
+import { DENSE_TOKEN } from '../../core/sparq.ts';
+import { forward } from '../../worker/models/llama.ts';
+import { int32Tensor, type StepIndex } from '../../worker/models/ops.ts';
 
 async function tinyModel(kv: KvCacheLayout) {
   const dir = fixtureDir('llama-tiny');
@@ -116,4 +121,46 @@ test('a token fed from a row the previous step did not draw is refused, naming b
   await assert.rejects(runner.step(step([0], 0)), refused(/batch token 0 is fed from logit row 0 of the previous step, which drew 0 tokens/));
   await runner.step(step([-1], 0));
   await assert.rejects(runner.step(step([1], 1)), refused(/batch token 0 is fed from logit row 1 of the previous step, which drew 1 token$/));
+});
+
+test('with SparQ, a step whose every token is exact takes the dense kernels and keeps SparQ state as its own path would', async () => {
+  const kv = kvCacheLayout({ kvSlots: 1, maxContext: 64, device: 'cpu' });
+  const { engine, spec, model } = await tinyModel(kv);
+  const plan = planShards(spec, 1);
+  const withState = () => ({ ...model, model: { ...model.model, sparq: allocateSparqState(engine, spec, plan, kv, { r: 4, k: 8 }) } });
+  const calls = new Map<string, number>();
+  const counted = new Proxy(engine, {
+    get(target, key, receiver) {
+      const value = Reflect.get(target, key, receiver) as unknown;
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        calls.set(String(key), (calls.get(String(key)) ?? 0) + 1);
+        return (value as (...a: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+  const viaFlag = withState(), viaSparq = withState();
+  const prompt = readReference('llama-tiny').prompts[1]!.slice(0, 20);
+  const n = prompt.length;
+  const prefill = { tokens: prompt, positions: prompt.map((_, i) => i), tokenSeq: prompt.map(() => 0), kvBlockTable: [[0]], logitRows: [n - 1], scoreIds: [0], fullLogprobs: true, sparq: { r: prompt.map(() => DENSE_TOKEN.r), k: prompt.map(() => DENSE_TOKEN.k) } };
+  const a = await new StepRunner(counted, soloCollectives(), viaFlag, kv).step(prefill);
+  assert.equal(calls.get('sparqAttention') ?? 0, 0, 'the exact prompt went through sparqAttention');
+  assert.equal(calls.get('sparqAppend'), spec.nLayers, 'every layer keeps SparQ state');
+  assert.equal(calls.get('attention'), spec.nLayers);
+  // the oracle: the same step index without the flag, so each layer attends through sparqAttention's exact path
+  const arrays = stepIndexArrays(prefill, kv, viaSparq.model.sparq.setting);
+  const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
+  const logits = new Float32Array(engine.download(await forward(engine, soloCollectives(), viaSparq.model, viaSparq.feedForward, index)).buffer);
+  const full = new Float32Array(a.fullLogprobs!.slice().buffer);
+  const logSoftmax = (x: Float32Array) => {
+    const m = Math.max(...x), z = Math.log(x.reduce((s, v) => s + Math.exp(v - m), 0));
+    return x.map((v) => v - m - z);
+  };
+  assert.ok(maxAbsDiff(full, logSoftmax(logits)) < 1e-5, `prompt log-probs differ by ${maxAbsDiff(full, logSoftmax(logits))}`);
+  // a decode token past k (length 21 > 8) is approximated from the state either path kept: the same log-probs
+  const next = { tokens: [prompt[0]!], positions: [n], tokenSeq: [0], kvBlockTable: [[0]], logitRows: [0], scoreIds: [0], fullLogprobs: true };
+  const da = await new StepRunner(engine, soloCollectives(), viaFlag, kv).step(next);
+  const db = await new StepRunner(engine, soloCollectives(), viaSparq, kv).step(next);
+  const fa = new Float32Array(da.fullLogprobs!.slice().buffer), fb = new Float32Array(db.fullLogprobs!.slice().buffer);
+  assert.ok(maxAbsDiff(fa, fb) < 1e-6, `SparQ decode after the two prefills differs by ${maxAbsDiff(fa, fb)}`);
 });

@@ -7,7 +7,7 @@ import type { ModelSpec } from '../../core/model-spec.ts';
 import type { RankShard, ShardPlan } from '../../core/shard-plan.ts';
 import type { Collectives } from '../collectives/collectives.ts';
 import type { Ops, StepIndex, Tensor } from './ops.ts';
-import { sparqAttention, type SparqState } from './sparq.ts';
+import { keepSparqState, sparqAttention, type SparqState } from './sparq.ts';
 import { sagePvType, type PrefillAttention } from '../../core/prefill-attention.ts';
 
 export interface AttentionWeights {
@@ -51,7 +51,8 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
   const scale = 1 / Math.sqrt(headDim);
   // Dense attention; SparQ's approximation (each token with its r and k) when the model keeps SparQ's state; or, for
   // decode steps whose sequences share leading blocks, the bifurcated kernel that reads those blocks once per group.
-  const attended = model.sparq
+  if (model.sparq && step.sparqExact) keepSparqState(ops, model.sparq, layerIndex, cache, step); // a step attended exactly
+  const attended = model.sparq && !step.sparqExact
     ? sparqAttention(ops, model.sparq, layerIndex, cache, q, step, nHeadsPerRank, scale)
     : step.prefixGroups
       ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, scale)

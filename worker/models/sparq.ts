@@ -38,12 +38,18 @@ export function sparqBytesPerLayer(spec: Pick<ModelSpec, 'headDim'>, nKvHeadsPer
   return kv.kvBlocks * nKvHeadsPerRank * spec.headDim * (kv.kvBlockSize * kvDtypeBytes + 4);
 }
 
+/** The state takes the step's new rows (every step does, whichever kernel attends it). */
+export function keepSparqState(ops: Ops, state: SparqState, layerIndex: number, cache: { k: Tensor; v: Tensor }, step: StepIndex): { kT: Tensor; vSum: Tensor } {
+  const { kT, vSum } = state.layers[layerIndex]!;
+  ops.sparqAppend(kT, vSum, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions);
+  return { kT, vSum };
+}
+
 /**
  * The attention of one layer with SparQ: the state takes the step's new rows, then each token attends with its
  * own r and k (step.sparqR, step.sparqK; a token of length <= k exactly). q [T, nHeadsPerRank headDim] f32.
  */
 export function sparqAttention(ops: Ops, state: SparqState, layerIndex: number, cache: { k: Tensor; v: Tensor }, q: Tensor, step: StepIndex, nHeads: number, scale: number): Tensor {
-  const { kT, vSum } = state.layers[layerIndex]!;
-  ops.sparqAppend(kT, vSum, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions);
+  const { kT, vSum } = keepSparqState(ops, state, layerIndex, cache, step);
   return ops.sparqAttention(q, cache.k, cache.v, kT, vSum, step.tokenSeq, step.kvBlockTable, step.positions, step.sparqR, step.sparqK, nHeads, scale);
 }

@@ -2,7 +2,7 @@
 //
 // Where the time of a step goes at 32K (Llama-2-7B, r/k 1/8: r = 16 columns, k = 2048 rows) is bytes only if the
 // fixed costs are small: the r columns of kT are 33.5 MB and the k rows of K and V 33.5 MB, ~16 us at copy
-// bandwidth. So: one cluster of kCluster blocks per (token, kv head) holds the whole selection in its shared
+// bandwidth. So: one cluster of 8 (or 4) blocks per (token, kv head) holds the whole selection in its shared
 // memory (each block a slice of the positions: its logits, keys, a share of the V mean), exchanges what the
 // selection needs between the blocks (softmax maxima and sums, radix bins, counts) through distributed shared
 // memory, writes only the selected positions, then reads its share of them back and merges the shares over the
@@ -11,6 +11,9 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "cuda/attention-sparq.cuh"
 #include "cuda/cluster-split.cuh"
@@ -21,7 +24,10 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kCluster = 8;           // blocks per (token, kv head): a portable cluster size (16 measured 3x slower)
+// Blocks per (token, kv head): 8, or 4 when the units would not all be resident at 8 (launch_select chooses; each
+// block then takes a larger slice). On H200 a cluster of 8 fits 30 at once where Llama-2-7B's 32 kv heads need 32:
+// the second wave cost more than the larger slices (32K, r/k 1/8: 103.8 us at 8, 88.0 at 4); 16 was 3x slower.
+constexpr int kMaxCluster = 8;
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kTopBins = 2048;       // the select's first radix digit: 11 bits
@@ -33,18 +39,26 @@ constexpr size_t kSliceInSharedMax = 160 * 1024;  // bytes of a select block's l
 // The scratch, carved in this order (4-byte elements).
 struct SparqScratch {
   int32_t* rows;     // [T, nKv, C]: the selected positions, ascending
-  float* slices;     // [T, nKv, kCluster, sliceFloats] when the slices are not in shared memory, else unused
+  float* slices;     // [T, nKv, cluster, sliceFloats] when the slices are not in shared memory, else unused
 };
 
 struct SparqShape {
   int64_t T, nH, nKv, C, hd, group;
-  int64_t slice;    // positions a select block holds at most: ceil(C / kCluster), rounded up to kPosPerThread
+  int64_t cluster;  // blocks per (token, kv head)
+  int64_t slice;    // positions a block holds at most: ceil(C / cluster), rounded up to kPosPerThread
   bool slices_in_shared;
   __host__ __device__ int64_t slice_floats() const { return (group + 1) * slice; }  // logits [group][slice], then keys [slice]
-  int64_t floats() const { return T * nKv * C + (slices_in_shared ? 0 : T * nKv * kCluster * slice_floats()); }
+  int64_t floats() const { return T * nKv * C + (slices_in_shared ? 0 : T * nKv * cluster * slice_floats()); }
   // the slices when they are in shared memory, then step 4's [warps][group][hd] f32 in the same bytes
   size_t dyn_smem_bytes() const {
     return std::max<size_t>(slices_in_shared ? size_t(slice_floats()) * 4 : 0, size_t(kSelectWarps * group * hd) * 4);
+  }
+  SparqShape with_cluster(int64_t c) const {
+    SparqShape sh = *this;
+    sh.cluster = c;
+    sh.slice = ((C + c - 1) / c + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
+    sh.slices_in_shared = size_t(sh.slice_floats()) * 4 <= kSliceInSharedMax;
+    return sh;
   }
   SparqScratch carve(float* s) const {
     SparqScratch x;
@@ -54,13 +68,12 @@ struct SparqShape {
   }
 };
 
+// The shape at kMaxCluster blocks per (token, kv head); launch_select may take 4 (with_cluster).
 SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
   SparqShape sh;
   sh.T = q.dim(0), sh.nH = n_heads, sh.nKv = k_cache.dim(1), sh.C = kv_block_table.dim(1) * k_cache.dim(2);
   sh.hd = k_cache.dim(3), sh.group = n_heads / std::max<int64_t>(sh.nKv, 1);
-  sh.slice = ((sh.C + kCluster - 1) / kCluster + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
-  sh.slices_in_shared = size_t(sh.slice_floats()) * 4 <= kSliceInSharedMax;
-  return sh;
+  return sh.with_cluster(kMaxCluster);
 }
 
 struct TokenArgs {
@@ -182,11 +195,11 @@ struct SelectArgs {
   float* out;
 };
 
-// grid (T * nKv * kCluster), clusters of kCluster along x, kSelectThreads threads, dynamic shared memory
+// grid (T * nKv * cluster), clusters of `cluster` (sh.cluster) along x, kSelectThreads threads, dynamic shared memory
 // max(the slice's logits and keys when they fit, [warps][group][hd] f32); G >= the group (heads kept in registers),
 // a row of hd is E elements a lane (E = hd / 32 contiguous, else strided). Cluster (t, g) computes out for token t's
 // heads of kv head g. Steps 1-3 and the V mean: block `rank` owns positions [rank S, rank S + S) (S = ceil(len /
-// kCluster) rounded up to kPosPerThread), and of the V mean the full blocks that start in its slice and the partial
+// cluster) rounded up to kPosPerThread), and of the V mean the full blocks that start in its slice and the partial
 // block's rows in it; it writes the rows it selects to the scratch, in position order. Step 4: block `rank` takes
 // the rank-th share of the n selected rows (n = k, or every position when len <= k) and leaves its softmax max, sum
 // and exp-weighted V sum per head in shared memory. Step 5: each block merges a share of the (head, component)
@@ -198,7 +211,8 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   pdl_wait();
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank()), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int n_kv = static_cast<int>(a.kv.n_kv), unit = blockIdx.x / kCluster, t = unit / n_kv, g = unit % n_kv;
+  const int nb = static_cast<int>(a.sh.cluster);
+  const int n_kv = static_cast<int>(a.kv.n_kv), unit = blockIdx.x / nb, t = unit / n_kv, g = unit % n_kv;
   const int group = a.nH / n_kv, hd = a.hd, B = static_cast<int>(a.kv.block_size);
   const int64_t C = a.sh.C, slice = a.sh.slice;
   const size_t tg = size_t(t) * n_kv + g, th0 = size_t(t) * a.nH + size_t(g) * group;
@@ -253,10 +267,10 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // ---- step 2 over the slice: logits into logit_b [group][slice], the block's max and sum per head. Products and
   // sums rounded one by one in the CPU reference's order (no FMA contraction), so that the logits, and with them the
   // selections, are the CPU's bit for bit (the keys then differ only by the exponentials' and normalizers' last bits).
-  float* buf = a.sh.slices_in_shared ? dyn_smem : x.slices + (tg * kCluster + rank) * a.sh.slice_floats();
+  float* buf = a.sh.slices_in_shared ? dyn_smem : x.slices + (tg * nb + rank) * a.sh.slice_floats();
   float* logit_b = buf;
   float* key_b = buf + group * slice;
-  const int per = (len + kCluster - 1) / kCluster, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
+  const int per = (len + nb - 1) / nb, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
   const int s0 = min(len, rank * S), s1 = min(len, s0 + S), ns = s1 - s0;
   const bool vec = B % kPosPerThread == 0;  // a thread's positions share a block of kT and 8 or 16 bytes of it
   // columns whose loads a thread issues before it uses them (MHA: 2 blocks a SM, so half as many in registers)
@@ -383,9 +397,9 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // ---- the log-sum-exp per head over all positions (every block alike: the same reads in the same order)
   if (tid < group) {
     float M = -INFINITY;
-    for (int b = 0; b < kCluster; ++b) M = fmaxf(M, cluster.map_shared_rank(block_m, b)[tid]);
+    for (int b = 0; b < nb; ++b) M = fmaxf(M, cluster.map_shared_rank(block_m, b)[tid]);
     double z = 0;
-    for (int b = 0; b < kCluster; ++b) {
+    for (int b = 0; b < nb; ++b) {
       const float m = cluster.map_shared_rank(block_m, b)[tid];
       if (m != -INFINITY) z += double(expf(m - M)) * double(cluster.map_shared_rank(block_l, b)[tid]);
     }
@@ -408,7 +422,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // (reading whole 2048-bin histograms from 8 blocks made the select ~1.5x slower on H200).
   constexpr int kBinsPer = kTopBins / kSelectThreads, kCountBits = 21;
   __shared__ unsigned bin_list[2][kTopBins], list_len[2];  // read by the cluster; pass p fills [p & 1]
-  __shared__ unsigned warp_total[kSelectWarps], rank_len[kCluster], sel_prefix, sel_remaining;
+  __shared__ unsigned warp_total[kSelectWarps], rank_len[kMaxCluster], sel_prefix, sel_remaining;
   unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(ta.k);
   for (int pass = 0; pass < 3; ++pass) {
     const int bits = pass < 2 ? 11 : 9, shift = pass == 0 ? 20 : pass == 1 ? 9 : 0, n_bins = 1 << bits;
@@ -429,9 +443,9 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
     __syncthreads();
     for (int i = tid; i < n_bins; i += blockDim.x) hist[i] = 0;
     cluster.sync();  // (2-4) every block's list of this pass
-    if (tid < kCluster) rank_len[tid] = *cluster.map_shared_rank(len_p, tid);
+    if (tid < nb) rank_len[tid] = *cluster.map_shared_rank(len_p, tid);
     __syncthreads();
-    for (int b = 0; b < kCluster; ++b) {
+    for (int b = 0; b < nb; ++b) {
       const unsigned* lb = cluster.map_shared_rank(list, b);
       for (int e = tid; e < int(rank_len[b]); e += blockDim.x) {
         const unsigned w = lb[e];
@@ -522,7 +536,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   cluster.sync();  // (6) every block's rows (global memory: the barrier releases and acquires), block_alpha, block_v
   constexpr int R = (G == 4 ? 16 : 8) / sizeof(KV);  // rows a warp loads (K and V) before it uses them; divides 32
   const bool contiguous = hd == 32 * E;
-  const int n = exact ? len : ta.k, share = (n + kCluster - 1) / kCluster;
+  const int n = exact ? len : ta.k, share = (n + nb - 1) / nb;
   const int b0 = min(n, rank * share), b1 = min(n, b0 + share);
   const int wr = ((b1 - b0 + kSelectWarps - 1) / kSelectWarps + R - 1) / R * R;
   const int i_begin = b0 + warp * wr, i_end = min(b1, i_begin + wr);
@@ -623,13 +637,13 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
 
   // ---- step 5: block `rank` merges outputs [rank P, rank P + P) of the group's group * hd over the cluster
   cluster.sync();  // (7) every block's part_m, part_l and warp_out[0]
-  const int P = (group * hd + kCluster - 1) / kCluster, item = rank * P + tid;
+  const int P = (group * hd + nb - 1) / nb, item = rank * P + tid;
   if (tid < P && item < group * hd) {
     const int h = item / hd, d = item % hd;
     float M = -INFINITY;
-    for (int b = 0; b < kCluster; ++b) M = fmaxf(M, cluster.map_shared_rank(part_m, b)[h]);
+    for (int b = 0; b < nb; ++b) M = fmaxf(M, cluster.map_shared_rank(part_m, b)[h]);
     float L = 0, O = 0, alpha = 0, v_sum = 0;
-    for (int b = 0; b < kCluster; ++b) {
+    for (int b = 0; b < nb; ++b) {
       const float mb = cluster.map_shared_rank(part_m, b)[h];
       if (mb != -INFINITY) {  // a block past the rows has none
         const float f = expf(mb - M);
@@ -668,31 +682,62 @@ __global__ void sparq_append(KV* __restrict__ k_t, float* __restrict__ v_sum, co
 // The heads a select or gather instantiation keeps in registers: 1 (MHA), 4 (groups of 2-4), 8 (5-8).
 int heads_kept(int64_t group) { return group == 1 ? 1 : group <= 4 ? 4 : 8; }
 
+// Clusters of sh.cluster blocks of `kernel` resident at once with sh's shared memory (the driver's answer, kept:
+// it is asked when a step is built or captured, not on a graph's replay).
+int resident_clusters(const void* kernel, cudaError_t (*query)(int*, const cudaLaunchConfig_t&), const SparqShape& sh) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int64_t, size_t>, int> known;
+  const auto key = std::make_tuple(kernel, sh.cluster, sh.dyn_smem_bytes());
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int n = 0;
+  ClusterLaunchConfig launch(dim3(unsigned(sh.T * sh.nKv * sh.cluster)), kSelectThreads, sh.dyn_smem_bytes(),
+                             int(sh.cluster));
+  if (query(&n, launch.cfg) != cudaSuccess) n = 0;  // unknown: treated as one cluster at a time
+  return known[key] = std::max(n, 1);
+}
+
 template <typename KV, int G, int E>
-void launch_select(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
+void launch_select(const Ctx& ctx, SelectArgs<KV> args) {
+  auto kernel = sparq_attention_kernel<KV, G, E>;
+  auto query = [](int* n, const cudaLaunchConfig_t& cfg) {
+    // the opt-in is needed once static and dynamic shared memory together pass 48 KB (static arrays: 22-45 KB)
+    cudaFuncSetAttribute(sparq_attention_kernel<KV, G, E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(cfg.dynamicSmemBytes));
+    return cudaOccupancyMaxActiveClusters(n, sparq_attention_kernel<KV, G, E>, &cfg);
+  };
+  // the cluster size with the fewest waves of clusters, 8 on a tie
+  const int64_t units = args.sh.T * args.sh.nKv;
+  auto waves = [&](const SparqShape& sh) {
+    const int64_t n = resident_clusters(reinterpret_cast<const void*>(kernel), query, sh);
+    return (units + n - 1) / n;
+  };
+  const SparqShape at4 = args.sh.with_cluster(4);
+  if (waves(at4) < waves(args.sh)) args.sh = at4;
+  const SparqShape& sh = args.sh;
   const size_t smem = sh.dyn_smem_bytes();
-  // the opt-in is needed once static and dynamic shared memory together pass 48 KB (the static arrays are 22-45 KB)
-  cudaFuncSetAttribute(sparq_attention_kernel<KV, G, E>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  const cudaError_t e = launch_in_clusters(sparq_attention_kernel<KV, G, E>, args,
-                                           dim3(unsigned(sh.T * sh.nKv * kCluster)), kSelectThreads, smem, kCluster,
-                                           true, ctx.stream);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t e = launch_in_clusters(kernel, args, dim3(unsigned(units * sh.cluster)), kSelectThreads, smem,
+                                           int(sh.cluster), true, ctx.stream);
   if (e != cudaSuccess) fail_cuda(ctx.st, "sparqAttention", e, " (the cluster launch)");
 }
 
 template <typename KV, int G>
-void launch_select_hd(const Ctx& ctx, const SelectArgs<KV>& args, const SparqShape& sh) {
-  if (sh.hd <= 64)
-    launch_select<KV, G, 2>(ctx, args, sh);
-  else if (sh.hd <= 128)
-    launch_select<KV, G, 4>(ctx, args, sh);
+void launch_select_hd(const Ctx& ctx, const SelectArgs<KV>& args) {
+  if (args.sh.hd <= 64)
+    launch_select<KV, G, 2>(ctx, args);
+  else if (args.sh.hd <= 128)
+    launch_select<KV, G, 4>(ctx, args);
   else
-    launch_select<KV, G, 8>(ctx, args, sh);
+    launch_select<KV, G, 8>(ctx, args);
 }
 
 }  // namespace
 
 int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
-  return shape_of(q, k_cache, kv_block_table, n_heads).floats();
+  const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads);
+  return std::max(sh.floats(), sh.with_cluster(4).floats());  // either cluster size launch_select takes
 }
 
 void launch_sparq_append(const Ctx& ctx, const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache,
@@ -721,7 +766,7 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
   WEFT_CHECK(sh.group <= kSparqMaxGroup && sh.hd <= kMaxHd, "sparqAttention", "supports GQA groups of at most ",
              kSparqMaxGroup, " query heads and head dims of at most ", kMaxHd, " (got ", sh.group, " and ", sh.hd,
              ")");
-  WEFT_CHECK(sh.slice < (int64_t(1) << 21), "sparqAttention", "a sequence capacity of ", sh.C,
+  WEFT_CHECK(sh.with_cluster(4).slice < (int64_t(1) << 21), "sparqAttention", "a sequence capacity of ", sh.C,
              " positions is too large (the select's counts hold under 2^21 positions a block)");
   if (sh.T == 0) return;
   const SparqScratch x = sh.carve(scratch);
@@ -732,9 +777,9 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
     const SelectArgs<KV> sel{q.data<float>(), k_t.data<KV>(), k_cache.data<KV>(), v_cache.data<KV>(),
                              v_sum.data<float>(), kv, seq, pos, r, k, int(n_heads), int(sh.hd), scale, sh, x,
                              ctx.status, out.data<float>()};
-    if (G == 1) launch_select_hd<KV, 1>(ctx, sel, sh);
-    else if (G == 4) launch_select_hd<KV, 4>(ctx, sel, sh);
-    else launch_select_hd<KV, 8>(ctx, sel, sh);
+    if (G == 1) launch_select_hd<KV, 1>(ctx, sel);
+    else if (G == 4) launch_select_hd<KV, 4>(ctx, sel);
+    else launch_select_hd<KV, 8>(ctx, sel);
   });
   check_launch(ctx, "sparqAttention", args);
 }
