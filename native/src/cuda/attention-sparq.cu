@@ -2,7 +2,7 @@
 //
 // Where the time of a step goes at 32K (Llama-2-7B, r/k 1/8: r = 16 columns, k = 2048 rows) is bytes only if the
 // fixed costs are small: the r columns of kT are 33.5 MB and the k rows of K and V 33.5 MB, ~16 us at copy
-// bandwidth. So: one cluster of 8 (or 4) blocks per (token, kv head) holds the whole selection in its shared
+// bandwidth. So: one cluster of 4-8 blocks per (token, kv head) holds the whole selection in its shared
 // memory (each block a slice of the positions: its logits, keys, a share of the V mean), exchanges what the
 // selection needs between the blocks (softmax maxima and sums, radix bins, counts) through distributed shared
 // memory, writes only the selected positions, then reads its share of them back and merges the shares over the
@@ -24,10 +24,11 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-// Blocks per (token, kv head): 8, or 4 when the units would not all be resident at 8 (launch_select chooses; each
-// block then takes a larger slice). On H200 a cluster of 8 fits 30 at once where Llama-2-7B's 32 kv heads need 32:
-// the second wave cost more than the larger slices (32K, r/k 1/8: 103.8 us at 8, 88.0 at 4); 16 was 3x slower.
-constexpr int kMaxCluster = 8;
+// Blocks per (token, kv head): 8, or fewer (down to 4) when the units would not all be resident at 8 (launch_select
+// chooses; each block then takes a larger slice). On H200 a cluster of 8 fits 30 at once where Llama-2-7B's 32 kv
+// heads need 32: the second wave cost more than the larger slices (32K, r/k 1/8: 103.8 us at 8, 88.0 at 4); 16
+// was 3x slower.
+constexpr int kMaxCluster = 8, kMinCluster = 4;
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kTopBins = 2048;       // the select's first radix digit: 11 bits
@@ -68,7 +69,7 @@ struct SparqShape {
   }
 };
 
-// The shape at kMaxCluster blocks per (token, kv head); launch_select may take 4 (with_cluster).
+// The shape at kMaxCluster blocks per (token, kv head); launch_select may take fewer (with_cluster).
 SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
   SparqShape sh;
   sh.T = q.dim(0), sh.nH = n_heads, sh.nKv = k_cache.dim(1), sh.C = kv_block_table.dim(1) * k_cache.dim(2);
@@ -707,14 +708,18 @@ void launch_select(const Ctx& ctx, SelectArgs<KV> args) {
                          static_cast<int>(cfg.dynamicSmemBytes));
     return cudaOccupancyMaxActiveClusters(n, sparq_attention_kernel<KV, G, E>, &cfg);
   };
-  // the cluster size with the fewest waves of clusters, 8 on a tie
+  // the cluster size with the fewest waves of clusters, the largest on a tie
   const int64_t units = args.sh.T * args.sh.nKv;
   auto waves = [&](const SparqShape& sh) {
     const int64_t n = resident_clusters(reinterpret_cast<const void*>(kernel), query, sh);
     return (units + n - 1) / n;
   };
-  const SparqShape at4 = args.sh.with_cluster(4);
-  if (waves(at4) < waves(args.sh)) args.sh = at4;
+  int64_t best = waves(args.sh);
+  for (int64_t c = kMaxCluster - 1; c >= kMinCluster && best > 1; --c) {
+    const SparqShape at = args.sh.with_cluster(c);
+    const int64_t w = waves(at);
+    if (w < best) best = w, args.sh = at;
+  }
   const SparqShape& sh = args.sh;
   const size_t smem = sh.dyn_smem_bytes();
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -737,7 +742,9 @@ void launch_select_hd(const Ctx& ctx, const SelectArgs<KV>& args) {
 
 int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
   const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads);
-  return std::max(sh.floats(), sh.with_cluster(4).floats());  // either cluster size launch_select takes
+  int64_t most = 0;  // whichever cluster size launch_select takes
+  for (int64_t c = kMinCluster; c <= kMaxCluster; ++c) most = std::max(most, sh.with_cluster(c).floats());
+  return most;
 }
 
 void launch_sparq_append(const Ctx& ctx, const Tensor& k_t, const Tensor& v_sum, const Tensor& k_cache,
@@ -766,7 +773,7 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
   WEFT_CHECK(sh.group <= kSparqMaxGroup && sh.hd <= kMaxHd, "sparqAttention", "supports GQA groups of at most ",
              kSparqMaxGroup, " query heads and head dims of at most ", kMaxHd, " (got ", sh.group, " and ", sh.hd,
              ")");
-  WEFT_CHECK(sh.with_cluster(4).slice < (int64_t(1) << 21), "sparqAttention", "a sequence capacity of ", sh.C,
+  WEFT_CHECK(sh.with_cluster(kMinCluster).slice < (int64_t(1) << 21), "sparqAttention", "a sequence capacity of ", sh.C,
              " positions is too large (the select's counts hold under 2^21 positions a block)");
   if (sh.T == 0) return;
   const SparqScratch x = sh.carve(scratch);
