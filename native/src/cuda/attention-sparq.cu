@@ -26,8 +26,8 @@ namespace cg = cooperative_groups;
 
 // Blocks per (token, kv head): 8, or fewer (down to 4) when the units would not all be resident at 8 (launch_select
 // chooses; each block then takes a larger slice). On H200 a cluster of 8 fits 30 at once where Llama-2-7B's 32 kv
-// heads need 32: the second wave cost more than the larger slices (32K, r/k 1/8: 103.8 us at 8, 88.0 at 4); 16
-// was 3x slower.
+// heads need 32, and the second wave cost more than larger slices: at 32K, r/k 1/8, 103.8 us at 8, 88.0-91.5 at 4,
+// 73.0 at the largest size that fits in one wave; 16 was 3x slower.
 constexpr int kMaxCluster = 8, kMinCluster = 4;
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
