@@ -123,6 +123,8 @@ export class StepRunner {
   private last: LastSampled = null;
   /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
   readonly maxStepTokens: number;
+  /** the same for a step whose every token is attended exactly: the arena's own bound, past a SparQ cap (eagerIndex) */
+  private readonly exactStepTokens: number;
 
   /** `kv`: the sizes the model's KV cache was allocated with (per layer k/v [kvBlocks, nKv, kvBlockSize, hd]) */
   constructor(
@@ -143,7 +145,9 @@ export class StepRunner {
     const graphRows = Math.min(kv.kvSlots, options.maxStepTokens ?? Infinity);
     this.maxGraphBatch = this.useGraphs ? maxGraphBatch(spec, graphRows, arenaTokens(spec, plan, arenaBytes)) : 0;
     const graphTokens = graphArenaTokens(this.maxGraphBatch);
-    this.maxStepTokens = options.maxStepTokens ?? (ops.backend === 'cuda' ? maxStepTokens(spec, plan, arenaBytes, graphTokens) : Number.MAX_SAFE_INTEGER);
+    const arenaStepTokens = ops.backend === 'cuda' ? maxStepTokens(spec, plan, arenaBytes, graphTokens) : Number.MAX_SAFE_INTEGER;
+    this.maxStepTokens = options.maxStepTokens ?? arenaStepTokens;
+    this.exactStepTokens = Math.max(this.maxStepTokens, arenaStepTokens);
     // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait); 8 at least, as before
     this.sampled = ops.zeros('i32', [Math.max(8, this.maxGraphBatch, kv.kvSlots)]);
   }
@@ -168,7 +172,7 @@ export class StepRunner {
       return this.eagerAhead({ ...rest, tokens }, feedFrom);
     }
     const onHost = this.feedOnHost(batch);
-    const result = onHost.tokens.length <= this.maxStepTokens ? await this.eager(onHost) : await this.chunked(onHost);
+    const result = onHost.tokens.length <= this.stepTokens(onHost) ? await this.eager(onHost) : await this.chunked(onHost);
     this.last = onHost.sample && result.tokens ? { where: 'host', tokens: result.tokens } : null;
     if (this.comm.rank !== 0) return { result: Promise.resolve({}) };
     return { result: Promise.resolve(result) };
@@ -263,7 +267,7 @@ export class StepRunner {
     const logprobs: number[] = [];
     const tokenLogprobs: StepResult['tokenLogprobs'] & {} = batch.topLogprobs ? batch.logitRows.map(() => null) : [];
     const full = new Float32Array(batch.fullLogprobs && this.comm.rank === 0 ? batch.logitRows.length * vocab : 0);
-    for (const { start, end } of chunkRanges(batch.tokens.length, this.maxStepTokens)) {
+    for (const { start, end } of chunkRanges(batch.tokens.length, this.stepTokens(batch))) {
       const mine = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
       // A chunk nobody wants logits from still runs (its keys and values are needed); it asks for its last row.
       const rows = mine.length ? mine : [-1];
@@ -345,11 +349,19 @@ export class StepRunner {
    * which a long prompt cannot afford. Graph steps never do, so that a captured step keeps one path.
    */
   private eagerIndex(batch: StepBatch): StepIndex {
-    const arrays = stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting);
-    const step = withPrefixGroups(this.ops, uploadIndex(this.ops, arrays), batch, this.kv);
-    const positions = arrays.positions.values, k = arrays.sparqK.values;
-    const exact = this.rankModel.model.sparq !== undefined && positions.every((p, i) => p + 1 <= k[i]!);
-    return exact ? { ...step, sparqExact: true } : step;
+    const step = withPrefixGroups(this.ops, uploadIndex(this.ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
+    return this.sparqExact(batch) ? { ...step, sparqExact: true } : step;
+  }
+
+  /** With SparQ's state: whether every token's length is at most its k (stepIndexArrays' rule for k). */
+  private sparqExact(batch: StepBatch): boolean {
+    const setting = this.rankModel.model.sparq?.setting;
+    return setting !== undefined && batch.positions.every((p, i) => p + 1 <= (batch.sparq?.k[i] || setting.k));
+  }
+
+  /** The tokens an eager step may take at once: SparQ's cap binds only steps that attend through SparQ. */
+  private stepTokens(batch: StepBatch): number {
+    return this.sparqExact(batch) ? this.exactStepTokens : this.maxStepTokens;
   }
 
   private async eager(batch: StepBatch): Promise<StepResult> {

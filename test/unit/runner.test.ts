@@ -123,7 +123,7 @@ test('a token fed from a row the previous step did not draw is refused, naming b
   await assert.rejects(runner.step(step([1], 1)), refused(/batch token 0 is fed from logit row 1 of the previous step, which drew 1 token$/));
 });
 
-test('with SparQ, a step whose every token is exact takes the dense kernels and keeps SparQ state as its own path would', async () => {
+test('with SparQ, a step whose every token is exact takes the dense kernels, past SparQ\'s step cap, and keeps SparQ state as its own path would', async () => {
   const kv = kvCacheLayout({ kvSlots: 1, maxContext: 64, device: 'cpu' });
   const { engine, spec, model } = await tinyModel(kv);
   const plan = planShards(spec, 1);
@@ -143,10 +143,16 @@ test('with SparQ, a step whose every token is exact takes the dense kernels and 
   const prompt = readReference('llama-tiny').prompts[1]!.slice(0, 20);
   const n = prompt.length;
   const prefill = { tokens: prompt, positions: prompt.map((_, i) => i), tokenSeq: prompt.map(() => 0), kvBlockTable: [[0]], logitRows: [n - 1], scoreIds: [0], fullLogprobs: true, sparq: { r: prompt.map(() => DENSE_TOKEN.r), k: prompt.map(() => DENSE_TOKEN.k) } };
-  const a = await new StepRunner(counted, soloCollectives(), viaFlag, kv).step(prefill);
+  // a cap of 7 tokens a step (as SparQ's 64 on cuda) binds SparQ's steps only: the exact prompt runs as one step
+  const a = await new StepRunner(counted, soloCollectives(), viaFlag, kv, { maxStepTokens: 7 }).step(prefill);
   assert.equal(calls.get('sparqAttention') ?? 0, 0, 'the exact prompt went through sparqAttention');
-  assert.equal(calls.get('sparqAppend'), spec.nLayers, 'every layer keeps SparQ state');
-  assert.equal(calls.get('attention'), spec.nLayers);
+  assert.equal(calls.get('sparqAppend'), spec.nLayers, 'every layer keeps SparQ state, once');
+  assert.equal(calls.get('attention'), spec.nLayers, 'the exact prompt ran in chunks or off the dense kernel');
+  // the same prompt with the cluster's k (8): chunks of 7, the first exact (positions 0-6), the others SparQ's
+  calls.clear();
+  const { sparq: _dense, ...withClusterK } = prefill;
+  await new StepRunner(counted, soloCollectives(), withState(), kv, { maxStepTokens: 7 }).step(withClusterK);
+  assert.deepEqual([calls.get('attention'), calls.get('sparqAttention'), calls.get('sparqAppend')], [spec.nLayers, 2 * spec.nLayers, 3 * spec.nLayers]);
   // the oracle: the same step index without the flag, so each layer attends through sparqAttention's exact path
   const arrays = stepIndexArrays(prefill, kv, viaSparq.model.sparq.setting);
   const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
