@@ -172,7 +172,8 @@ export class StepRunner {
       return this.eagerAhead({ ...rest, tokens }, feedFrom);
     }
     const onHost = this.feedOnHost(batch);
-    const result = onHost.tokens.length <= this.stepTokens(onHost) ? await this.eager(onHost) : await this.chunked(onHost);
+    const ranges = this.stepRanges(onHost);
+    const result = ranges.length <= 1 ? await this.eager(onHost) : await this.chunked(onHost, ranges);
     this.last = onHost.sample && result.tokens ? { where: 'host', tokens: result.tokens } : null;
     if (this.comm.rank !== 0) return { result: Promise.resolve({}) };
     return { result: Promise.resolve(result) };
@@ -180,7 +181,7 @@ export class StepRunner {
 
   /** An eager step that only samples, in one piece, its draw small enough for `sampled`: it need not be waited for. */
   private drawsOnDevice(batch: StepBatch): boolean {
-    return !!batch.sample && !batch.scoreIds && !batch.fullLogprobs && batch.tokens.length <= this.maxStepTokens && batch.logitRows.length <= this.sampled.shape[0]!;
+    return !!batch.sample && !batch.scoreIds && !batch.fullLogprobs && this.stepRanges(batch).length <= 1 && batch.logitRows.length <= this.sampled.shape[0]!;
   }
 
   /**
@@ -257,17 +258,18 @@ export class StepRunner {
   }
 
   /**
-   * A step too large for the step arena (a long prefill) runs as consecutive chunks of tokens. Exact: each
-   * chunk writes its keys and values before the next chunk's queries read them, as in one step.
+   * A step too large for the step arena (a long prefill), or one whose tokens SparQ attends in two ways (stepRanges),
+   * runs as consecutive chunks of tokens. Exact: each chunk writes its keys and values before the next chunk's
+   * queries read them, as in one step.
    */
-  private async chunked(batch: StepBatch): Promise<StepResult> {
+  private async chunked(batch: StepBatch, ranges: readonly { start: number; end: number }[]): Promise<StepResult> {
     const vocab = this.rankModel.model.spec.vocabSize;
     // What each logit row (by its index in batch.logitRows) produced, filled chunk by chunk.
     const tokens: number[] = [];
     const logprobs: number[] = [];
     const tokenLogprobs: StepResult['tokenLogprobs'] & {} = batch.topLogprobs ? batch.logitRows.map(() => null) : [];
     const full = new Float32Array(batch.fullLogprobs && this.comm.rank === 0 ? batch.logitRows.length * vocab : 0);
-    for (const { start, end } of chunkRanges(batch.tokens.length, this.stepTokens(batch))) {
+    for (const { start, end } of ranges) {
       const mine = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
       // A chunk nobody wants logits from still runs (its keys and values are needed); it asks for its last row.
       const rows = mine.length ? mine : [-1];
@@ -350,18 +352,32 @@ export class StepRunner {
    */
   private eagerIndex(batch: StepBatch): StepIndex {
     const step = withPrefixGroups(this.ops, uploadIndex(this.ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
-    return this.sparqExact(batch) ? { ...step, sparqExact: true } : step;
+    const exact = this.exactTokens(batch);
+    return exact?.every((e) => e) ? { ...step, sparqExact: true } : step;
   }
 
-  /** With SparQ's state: whether every token's length is at most its k (stepIndexArrays' rule for k). */
-  private sparqExact(batch: StepBatch): boolean {
+  /** With SparQ's state, each token's class: attended exactly (its length at most its k, stepIndexArrays' rule) or not. */
+  private exactTokens(batch: StepBatch): boolean[] | null {
     const setting = this.rankModel.model.sparq?.setting;
-    return setting !== undefined && batch.positions.every((p, i) => p + 1 <= (batch.sparq?.k[i] || setting.k));
+    return setting === undefined ? null : batch.positions.map((p, i) => p + 1 <= (batch.sparq?.k[i] || setting.k));
   }
 
-  /** The tokens an eager step may take at once: SparQ's cap binds only steps that attend through SparQ. */
-  private stepTokens(batch: StepBatch): number {
-    return this.sparqExact(batch) ? this.exactStepTokens : this.maxStepTokens;
+  /**
+   * The chunks an eager step runs as: within maxStepTokens; with SparQ's state, runs of one class (a prompt chunk
+   * sent exact beside decode tokens, or a sequence crossing its k), the exact ones in chunks as large as a dense
+   * cluster's, so that exact tokens take the dense kernels and no SparQ step passes its kernel's cap.
+   */
+  private stepRanges(batch: StepBatch): { start: number; end: number }[] {
+    const exact = this.exactTokens(batch);
+    if (!exact) return chunkRanges(batch.tokens.length, this.maxStepTokens);
+    const ranges: { start: number; end: number }[] = [];
+    for (let start = 0; start < exact.length; ) {
+      let end = start + 1;
+      while (end < exact.length && exact[end] === exact[start]) end++;
+      for (const r of chunkRanges(end - start, exact[start] ? this.exactStepTokens : this.maxStepTokens)) ranges.push({ start: start + r.start, end: start + r.end });
+      start = end;
+    }
+    return ranges;
   }
 
   private async eager(batch: StepBatch): Promise<StepResult> {

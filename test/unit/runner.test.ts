@@ -170,3 +170,48 @@ test('with SparQ, a step whose every token is exact takes the dense kernels, pas
   const fa = new Float32Array(da.fullLogprobs!.slice().buffer), fb = new Float32Array(db.fullLogprobs!.slice().buffer);
   assert.ok(maxAbsDiff(fa, fb) < 1e-6, `SparQ decode after the two prefills differs by ${maxAbsDiff(fa, fb)}`);
 });
+
+test('with SparQ, a step mixing exact tokens (a prompt sent dense) and SparQ ones runs as one chunk of each, as one SparQ step would', async () => {
+  const kv = kvCacheLayout({ kvSlots: 2, maxContext: 64, device: 'cpu' });
+  const { engine, spec, model } = await tinyModel(kv);
+  const plan = planShards(spec, 1);
+  const withState = () => ({ ...model, model: { ...model.model, sparq: allocateSparqState(engine, spec, plan, kv, { r: 4, k: 8 }) } });
+  const split = withState(), whole = withState();
+  const ids = readReference('llama-tiny').prompts[2]!; // 40 tokens
+  const dense = (n: number) => ({ r: Array<number>(n).fill(DENSE_TOKEN.r), k: Array<number>(n).fill(DENSE_TOKEN.k) });
+  // sequence 1 holds 12 positions (past k = 8) in both models
+  const history = { tokens: ids.slice(0, 12), positions: [...Array(12).keys()], tokenSeq: Array<number>(12).fill(1), kvBlockTable: [[0], [1]], logitRows: [11], scoreIds: [0], sparq: dense(12) };
+  await new StepRunner(engine, soloCollectives(), split, kv).step(history);
+  await new StepRunner(engine, soloCollectives(), whole, kv).step(history);
+  // then a step: sequence 0's 6-token prompt sent dense, and sequence 1's next token with the cluster's r and k
+  const mixed = {
+    tokens: [...ids.slice(20, 26), ids[12]!], positions: [0, 1, 2, 3, 4, 5, 12], tokenSeq: [0, 0, 0, 0, 0, 0, 1], kvBlockTable: [[0], [1]],
+    logitRows: [5, 6], scoreIds: [0, 0], fullLogprobs: true, sparq: { r: [...dense(6).r, 0], k: [...dense(6).k, 0] },
+  };
+  const calls = new Map<string, number>();
+  const counted = new Proxy(engine, {
+    get(target, key, receiver) {
+      const value = Reflect.get(target, key, receiver) as unknown;
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        calls.set(String(key), (calls.get(String(key)) ?? 0) + 1);
+        return (value as (...a: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+  const a = await new StepRunner(counted, soloCollectives(), split, kv).step(mixed);
+  assert.deepEqual([calls.get('attention'), calls.get('sparqAttention')], [spec.nLayers, spec.nLayers], 'one dense chunk and one SparQ chunk');
+  // the oracle: the whole step through sparqAttention (the prompt's tokens on its exact path)
+  const arrays = stepIndexArrays(mixed, kv, whole.model.sparq.setting);
+  const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
+  const logits = new Float32Array(engine.download(await forward(engine, soloCollectives(), whole.model, whole.feedForward, index)).buffer);
+  const full = new Float32Array(a.fullLogprobs!.slice().buffer);
+  const V = spec.vocabSize;
+  const logSoftmax = (x: Float32Array) => {
+    const m = Math.max(...x), z = Math.log(x.reduce((s, v) => s + Math.exp(v - m), 0));
+    return x.map((v) => v - m - z);
+  };
+  const want = new Float32Array(2 * V);
+  for (const row of [0, 1]) want.set(logSoftmax(logits.subarray(row * V, (row + 1) * V)), row * V);
+  assert.ok(maxAbsDiff(full, want) < 1e-5, `split step's log-probs differ by ${maxAbsDiff(full, want)}`);
+});
