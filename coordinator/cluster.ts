@@ -61,6 +61,7 @@ export class Cluster {
         maxNumBatchedTokens: options.maxNumBatchedTokens,
         step: (batch) => this.lifecycle.group.step(batch),
         ...(this.speculative && { speculative: this.speculative }),
+        ...(initCommand.sparq && { exactPrompts: true }),
         onStepFailure: (err) => this.lifecycle.onFault(err),
         ...(options.observer && { observer: options.observer }),
       },

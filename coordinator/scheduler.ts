@@ -50,6 +50,8 @@ export interface SchedulerOptions {
   readonly sampleGroups?: boolean;
   /** speculative decoding: decode steps become draft-and-verify rounds (prefill and scoring are unchanged) */
   readonly speculative?: SpeculativeExecutor;
+  /** the cluster keeps SparQ's state: prompts are attended exactly (StepComposerOptions.exactPrompts) */
+  readonly exactPrompts?: boolean;
   /** called when a step fails (the worker group failed); the scheduler has already failed the running sequences */
   readonly onStepFailure?: (err: Error) => void;
   readonly observer?: SchedulerObserver;
@@ -88,7 +90,7 @@ export class Scheduler {
     // a speculative round would take a matched prompt's rest for decode input: no prefix caching or sample groups with it
     this.jobs = new JobQueue(kv, { maxQueue: options.maxQueue, prefixCaching: options.prefixCaching === true && !speculative, sampleGroups: options.sampleGroups !== false && !speculative, ...(observer && { observer }) });
     this.preemption = new Preemption(this.jobs, speculative, observer);
-    this.composer = new StepComposer(this.jobs, this.preemption, { tokenBudget: this.tokenBudget, scheduleAhead: options.scheduleAhead !== false, ...(speculative && { speculative }) });
+    this.composer = new StepComposer(this.jobs, this.preemption, { tokenBudget: this.tokenBudget, scheduleAhead: options.scheduleAhead !== false, ...(speculative && { speculative }), ...(options.exactPrompts && { exactPrompts: true }) });
   }
 
   get waiting(): number {

@@ -20,6 +20,10 @@ import { GREEDY, StepBatchBuilder, sampledWith } from './step-builder.ts';
 import type { JobQueue } from './job-queue.ts';
 import type { Preemption } from './preemption.ts';
 import type { GenerateJob, Job, StepWork, Work } from './scheduler-jobs.ts';
+import type { AttentionRequest } from './sampling-params.ts';
+
+/** A prompt's attention on a cluster that keeps SparQ's state (StepComposerOptions.exactPrompts). */
+const EXACT: AttentionRequest = { mode: 'dense' };
 
 /**
  * The step token budget when none is given: a 1024-token step is one the CUDA worker's step arena holds whole
@@ -50,6 +54,13 @@ export interface StepComposerOptions {
   /** build the next step while the running one's tokens are not back yet */
   readonly scheduleAhead: boolean;
   readonly speculative?: SpeculativeExecutor;
+  /**
+   * The cluster keeps SparQ's state: a sequence's prompt (and an input of several tokens, as a preempted one's) is
+   * attended exactly, its generated tokens with its SparQ setting. SparQ is a decode attention (the paper's prefill
+   * is dense), and an exact prompt takes the dense kernels (worker/runner.ts), where SparQ would select a token at a
+   * time.
+   */
+  readonly exactPrompts?: boolean;
 }
 
 export class StepComposer {
@@ -133,11 +144,12 @@ export class StepComposer {
       if (!this.preemption.take(job, seq.position + take, held)) continue;
       const written = seq.position + take;
       const blocks = this.jobs.kv.blocks(job.kv!);
+      const attention = this.options.exactPrompts && (seq.generated.length === 0 || seq.input.length > 1) ? EXACT : seq.params.attention;
       if (take === seq.input.length) {
-        builder.appendSampled(blocks, seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, seq.params.attention);
+        builder.appendSampled(blocks, seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, attention);
         rows.push(job);
       } else {
-        builder.append(blocks, seq.input.slice(0, take), seq.position, seq.params.attention);
+        builder.append(blocks, seq.input.slice(0, take), seq.position, attention);
         seq.position += take;
         seq.input = seq.input.slice(take);
         chunked.push(job);

@@ -1,7 +1,8 @@
 // SparQ per cluster and per request: the sampling parameter `attention` is resolved against what the cluster serves
 // (refused with the values named when it cannot), the step builder carries per-token r and k, and a CPU cluster at
 // tp 2 (GQA fixture: 8 query heads, 2 KV heads, head dim 16) started with --attention sparq equals a dense cluster
-// exactly where every sequence is no longer than k, differs where it is longer, and serves a dense request exactly.
+// exactly where every sequence is no longer than k, differs where it is longer (scoring), attends generate's prompts
+// exactly, and serves a dense request exactly.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Cluster } from '../../coordinator/cluster.ts';
@@ -44,6 +45,12 @@ const withTinyCluster = <T>(options: Record<string, unknown>, body: (cluster: Cl
 
 const prompt = Array.from({ length: 40 }, (_, i) => (i * 37 + 11) % 200);
 const scores = (cluster: Cluster, attention?: unknown) => cluster.score(prompt, { full: true, ...(attention !== undefined && { attention }) }).then((r) => r.full!);
+/** The first token generated after the whole 40-token prompt, and its log-prob. */
+const firstToken = async (cluster: Cluster, sampling: Record<string, unknown> = {}) => {
+  for await (const event of cluster.generate({ promptIds: prompt, sampling: { maxNewTokens: 1, ignoreEos: true, logprobs: 0, ...sampling } }))
+    if (event.type === 'token') return { token: event.token, logprob: event.logprobs!.logprob };
+  throw new Error('no token event');
+};
 const tokens = async (cluster: Cluster, sampling: Record<string, unknown>) => {
   for await (const event of cluster.generate({ promptIds: prompt.slice(0, 8), sampling: { maxNewTokens: 24, ignoreEos: true, ...sampling } })) if (event.type === 'done') return event.tokens;
   throw new Error('no done event');
@@ -52,7 +59,7 @@ const tokens = async (cluster: Cluster, sampling: Record<string, unknown>) => {
 test('a cluster with --attention sparq (tp 2, GQA): exact below k, approximate past it, dense per request', async () => {
   const dense = await withTinyCluster({}, async (c) => {
     await assert.rejects(scores(c, { mode: 'sparq' }), /score: attention: this cluster attends densely; SparQ requests need a cluster started with --attention sparq/);
-    return { scores: await scores(c), tokens: await tokens(c, {}) };
+    return { scores: await scores(c), tokens: await tokens(c, {}), first: await firstToken(c) };
   });
   const exact = await withTinyCluster({ attention: 'sparq', sparqR: 2, sparqK: 64 }, async (c) => ({ scores: await scores(c), tokens: await tokens(c, {}), denseTokens: await tokens(c, { attention: { mode: 'dense' } }) }));
   exact.scores.forEach((row, i) => assert.deepEqual(row, dense.scores[i], `position ${i}: every length <= k = 64 is attended exactly`));
@@ -64,6 +71,8 @@ test('a cluster with --attention sparq (tp 2, GQA): exact below k, approximate p
     const late = Math.max(...approx.slice(8).map((row, i) => maxAbsDiff(row, dense.scores[i + 8]!)));
     assert.equal(early, 0, 'positions 0..7 (length <= k = 8) are exact');
     assert.ok(late > 1e-4, `past k the log-probs move (max abs diff ${late})`);
+    // generate attends its prompt exactly (SparQ is a decode attention): the token after a 40-token prompt is dense's
+    assert.deepEqual(await firstToken(c), dense.first, 'the first token after a prompt past k');
     assert.deepEqual(await tokens(c, { attention: { mode: 'dense' } }), dense.tokens, 'a dense request on a SparQ cluster');
     // scoring takes a request's attention too: dense, or SparQ with a k past the prompt, gives the dense rows
     (await scores(c, { mode: 'dense' })).forEach((row, i) => assert.deepEqual(row, dense.scores[i], `dense score, position ${i}`));
