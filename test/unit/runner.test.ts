@@ -21,6 +21,9 @@ import { allocateSparqState } from '../../worker/models/sparq.ts';
 import { DENSE_TOKEN } from '../../core/sparq.ts';
 import { forward } from '../../worker/models/llama.ts';
 import { int32Tensor, type StepIndex } from '../../worker/models/ops.ts';
+import type { Engine } from '../../worker/native.ts';
+import type { RankModel } from '../../worker/models/registry.ts';
+import type { StepBatch } from '../../core/worker-protocol.ts';
 
 async function tinyModel(kv: KvCacheLayout) {
   const dir = fixtureDir('llama-tiny');
@@ -30,6 +33,34 @@ async function tinyModel(kv: KvCacheLayout) {
   const model = buildRankModel(engine, spec, plan, 0, hostWeights(engine, 0, await loadShard(dir, spec, plan, 0)), kv);
   return { engine, spec, model };
 }
+
+/** `engine` with a count of the calls of each of its methods. */
+function counting(engine: Engine) {
+  const calls = new Map<string, number>();
+  const counted = new Proxy(engine, {
+    get(target, key, receiver) {
+      const value = Reflect.get(target, key, receiver) as unknown;
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]) => {
+        calls.set(String(key), (calls.get(String(key)) ?? 0) + 1);
+        return (value as (...a: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+  return { counted, calls };
+}
+
+/** The oracle of the SparQ tests: a step's logits with every token through sparqAttention (no runner routing). */
+async function throughSparq(engine: Engine, model: RankModel, batch: StepBatch, kv: KvCacheLayout): Promise<Float32Array> {
+  const arrays = stepIndexArrays(batch, kv, model.model.sparq!.setting);
+  const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
+  return new Float32Array(engine.download(await forward(engine, soloCollectives(), model.model, model.feedForward, index)).buffer);
+}
+
+const logSoftmax = (x: Float32Array): Float32Array => {
+  const m = Math.max(...x), z = Math.log(x.reduce((s, v) => s + Math.exp(v - m), 0));
+  return x.map((v) => v - m - z);
+};
 
 test('a step run in chunks equals the step run whole', async () => {
   const kv = kvCacheLayout({ kvSlots: 2, maxContext: 64, device: 'cpu' });
@@ -128,17 +159,7 @@ test('with SparQ, a step whose every token is exact takes the dense kernels, pas
   const { engine, spec, model } = await tinyModel(kv);
   const plan = planShards(spec, 1);
   const withState = () => ({ ...model, model: { ...model.model, sparq: allocateSparqState(engine, spec, plan, kv, { r: 4, k: 8 }) } });
-  const calls = new Map<string, number>();
-  const counted = new Proxy(engine, {
-    get(target, key, receiver) {
-      const value = Reflect.get(target, key, receiver) as unknown;
-      if (typeof value !== 'function') return value;
-      return (...args: unknown[]) => {
-        calls.set(String(key), (calls.get(String(key)) ?? 0) + 1);
-        return (value as (...a: unknown[]) => unknown).apply(target, args);
-      };
-    },
-  });
+  const { counted, calls } = counting(engine);
   const viaFlag = withState(), viaSparq = withState();
   const prompt = readReference('llama-tiny').prompts[1]!.slice(0, 20);
   const n = prompt.length;
@@ -154,14 +175,8 @@ test('with SparQ, a step whose every token is exact takes the dense kernels, pas
   await new StepRunner(counted, soloCollectives(), withState(), kv, { maxStepTokens: 7 }).step(withClusterK);
   assert.deepEqual([calls.get('attention'), calls.get('sparqAttention'), calls.get('sparqAppend')], [spec.nLayers, 2 * spec.nLayers, 3 * spec.nLayers]);
   // the oracle: the same step index without the flag, so each layer attends through sparqAttention's exact path
-  const arrays = stepIndexArrays(prefill, kv, viaSparq.model.sparq.setting);
-  const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
-  const logits = new Float32Array(engine.download(await forward(engine, soloCollectives(), viaSparq.model, viaSparq.feedForward, index)).buffer);
+  const logits = await throughSparq(engine, viaSparq, prefill, kv);
   const full = new Float32Array(a.fullLogprobs!.slice().buffer);
-  const logSoftmax = (x: Float32Array) => {
-    const m = Math.max(...x), z = Math.log(x.reduce((s, v) => s + Math.exp(v - m), 0));
-    return x.map((v) => v - m - z);
-  };
   assert.ok(maxAbsDiff(full, logSoftmax(logits)) < 1e-5, `prompt log-probs differ by ${maxAbsDiff(full, logSoftmax(logits))}`);
   // a decode token past k (length 21 > 8) is approximated from the state either path kept: the same log-probs
   const next = { tokens: [prompt[0]!], positions: [n], tokenSeq: [0], kvBlockTable: [[0]], logitRows: [0], scoreIds: [0], fullLogprobs: true };
@@ -188,29 +203,13 @@ test('with SparQ, a step mixing exact tokens (a prompt sent dense) and SparQ one
     tokens: [...ids.slice(20, 26), ids[12]!], positions: [0, 1, 2, 3, 4, 5, 12], tokenSeq: [0, 0, 0, 0, 0, 0, 1], kvBlockTable: [[0], [1]],
     logitRows: [5, 6], scoreIds: [0, 0], fullLogprobs: true, sparq: { r: [...dense(6).r, 0], k: [...dense(6).k, 0] },
   };
-  const calls = new Map<string, number>();
-  const counted = new Proxy(engine, {
-    get(target, key, receiver) {
-      const value = Reflect.get(target, key, receiver) as unknown;
-      if (typeof value !== 'function') return value;
-      return (...args: unknown[]) => {
-        calls.set(String(key), (calls.get(String(key)) ?? 0) + 1);
-        return (value as (...a: unknown[]) => unknown).apply(target, args);
-      };
-    },
-  });
+  const { counted, calls } = counting(engine);
   const a = await new StepRunner(counted, soloCollectives(), split, kv).step(mixed);
   assert.deepEqual([calls.get('attention'), calls.get('sparqAttention')], [spec.nLayers, spec.nLayers], 'one dense chunk and one SparQ chunk');
   // the oracle: the whole step through sparqAttention (the prompt's tokens on its exact path)
-  const arrays = stepIndexArrays(mixed, kv, whole.model.sparq.setting);
-  const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
-  const logits = new Float32Array(engine.download(await forward(engine, soloCollectives(), whole.model, whole.feedForward, index)).buffer);
+  const logits = await throughSparq(engine, whole, mixed, kv);
   const full = new Float32Array(a.fullLogprobs!.slice().buffer);
   const V = spec.vocabSize;
-  const logSoftmax = (x: Float32Array) => {
-    const m = Math.max(...x), z = Math.log(x.reduce((s, v) => s + Math.exp(v - m), 0));
-    return x.map((v) => v - m - z);
-  };
   const want = new Float32Array(2 * V);
   for (const row of [0, 1]) want.set(logSoftmax(logits.subarray(row * V, (row + 1) * V)), row * V);
   assert.ok(maxAbsDiff(full, want) < 1e-5, `split step's log-probs differ by ${maxAbsDiff(full, want)}`);
