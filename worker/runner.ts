@@ -64,8 +64,13 @@ export function stepIndexArrays(batch: StepBatch, kv: KvCacheLayout, sparq: Spar
     logitRows: vector(batch.logitRows),
     // SparQ per token: the batch's, else the cluster's setting (a model without SparQ state never reads them)
     sparqR: vector(batch.sparq?.r.map((r) => r || sparq.r) ?? batch.tokens.map(() => sparq.r)),
-    sparqK: vector(batch.sparq?.k.map((k) => k || sparq.k) ?? batch.tokens.map(() => sparq.k)),
+    sparqK: vector(tokenSparqK(batch, sparq)),
   };
+}
+
+/** Each token's SparQ k: the batch's, else (0 or absent) the cluster's setting. */
+function tokenSparqK(batch: StepBatch, sparq: SparqSetting): number[] {
+  return batch.sparq?.k.map((k) => k || sparq.k) ?? batch.tokens.map(() => sparq.k);
 }
 
 function uploadIndex(ops: Ops, arrays: Record<IndexKey, HostIndex>): StepIndex {
@@ -356,10 +361,12 @@ export class StepRunner {
     return exact?.every((e) => e) ? { ...step, sparqExact: true } : step;
   }
 
-  /** With SparQ's state, each token's class: attended exactly (its length at most its k, stepIndexArrays' rule) or not. */
+  /** With SparQ's state, each token's class: attended exactly (its length at most its k) or not. */
   private exactTokens(batch: StepBatch): boolean[] | null {
     const setting = this.rankModel.model.sparq?.setting;
-    return setting === undefined ? null : batch.positions.map((p, i) => p + 1 <= (batch.sparq?.k[i] || setting.k));
+    if (setting === undefined) return null;
+    const k = tokenSparqK(batch, setting);
+    return batch.positions.map((p, i) => p + 1 <= k[i]!);
   }
 
   /**

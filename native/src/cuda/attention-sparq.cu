@@ -24,7 +24,7 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-// Blocks per (token, kv head): 8, or fewer (down to 4) when the units would not all be resident at 8 (launch_select
+// Blocks per (token, kv head): 8, or fewer (down to 4) when the units would not all be resident at 8 (launch_sparq
 // chooses; each block then takes a larger slice). On H200 a cluster of 8 fits 30 at once where Llama-2-7B's 32 kv
 // heads need 32, and the second wave cost more than larger slices: at 32K, r/k 1/8, 103.8 us at 8, 88.0-91.5 at 4,
 // 73.0 at the largest size that fits in one wave; 16 was 3x slower.
@@ -69,7 +69,7 @@ struct SparqShape {
   }
 };
 
-// The shape at kMaxCluster blocks per (token, kv head); launch_select may take fewer (with_cluster).
+// The shape at kMaxCluster blocks per (token, kv head); launch_sparq may take fewer (with_cluster).
 SparqShape shape_of(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
   SparqShape sh;
   sh.T = q.dim(0), sh.nH = n_heads, sh.nKv = k_cache.dim(1), sh.C = kv_block_table.dim(1) * k_cache.dim(2);
@@ -177,7 +177,7 @@ __device__ void block_reduce_heads(float (&v)[G], float (*red)[G], float* out, i
 }
 
 template <typename KV>
-struct SelectArgs {
+struct SparqArgs {
   const float* q;
   const KV* k_t;
   const KV* k_cache;
@@ -207,7 +207,7 @@ struct SelectArgs {
 // outputs over the cluster's blocks and blends them with the V mean.
 template <typename KV, int G, int E>
 __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
-    sparq_attention_kernel(const __grid_constant__ SelectArgs<KV> a) {
+    sparq_attention_kernel(const __grid_constant__ SparqArgs<KV> a) {
   pdl_trigger();
   pdl_wait();
   cg::cluster_group cluster = cg::this_cluster();
@@ -680,7 +680,7 @@ __global__ void sparq_append(KV* __restrict__ k_t, float* __restrict__ v_sum, co
   }
 }
 
-// The heads a select or gather instantiation keeps in registers: 1 (MHA), 4 (groups of 2-4), 8 (5-8).
+// The heads an instantiation keeps in registers: 1 (MHA), 4 (groups of 2-4), 8 (5-8).
 int heads_kept(int64_t group) { return group == 1 ? 1 : group <= 4 ? 4 : 8; }
 
 // Clusters of sh.cluster blocks of `kernel` resident at once with sh's shared memory (the driver's answer, kept:
@@ -700,7 +700,7 @@ int resident_clusters(const void* kernel, cudaError_t (*query)(int*, const cudaL
 }
 
 template <typename KV, int G, int E>
-void launch_select(const Ctx& ctx, SelectArgs<KV> args) {
+void launch_sparq(const Ctx& ctx, SparqArgs<KV> args) {
   auto kernel = sparq_attention_kernel<KV, G, E>;
   auto query = [](int* n, const cudaLaunchConfig_t& cfg) {
     // the opt-in is needed once static and dynamic shared memory together pass 48 KB (static arrays: 22-45 KB)
@@ -729,20 +729,20 @@ void launch_select(const Ctx& ctx, SelectArgs<KV> args) {
 }
 
 template <typename KV, int G>
-void launch_select_hd(const Ctx& ctx, const SelectArgs<KV>& args) {
+void launch_sparq_hd(const Ctx& ctx, const SparqArgs<KV>& args) {
   if (args.sh.hd <= 64)
-    launch_select<KV, G, 2>(ctx, args);
+    launch_sparq<KV, G, 2>(ctx, args);
   else if (args.sh.hd <= 128)
-    launch_select<KV, G, 4>(ctx, args);
+    launch_sparq<KV, G, 4>(ctx, args);
   else
-    launch_select<KV, G, 8>(ctx, args);
+    launch_sparq<KV, G, 8>(ctx, args);
 }
 
 }  // namespace
 
 int64_t sparq_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, int64_t n_heads) {
   const SparqShape sh = shape_of(q, k_cache, kv_block_table, n_heads);
-  int64_t most = 0;  // whichever cluster size launch_select takes
+  int64_t most = 0;  // whichever cluster size launch_sparq takes
   for (int64_t c = kMinCluster; c <= kMaxCluster; ++c) most = std::max(most, sh.with_cluster(c).floats());
   return most;
 }
@@ -781,12 +781,12 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
   const int32_t *r = sparq_r.data<int32_t>(), *k = sparq_k.data<int32_t>();
   const int G = heads_kept(sh.group);
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
-    const SelectArgs<KV> sel{q.data<float>(), k_t.data<KV>(), k_cache.data<KV>(), v_cache.data<KV>(),
+    const SparqArgs<KV> sel{q.data<float>(), k_t.data<KV>(), k_cache.data<KV>(), v_cache.data<KV>(),
                              v_sum.data<float>(), kv, seq, pos, r, k, int(n_heads), int(sh.hd), scale, sh, x,
                              ctx.status, out.data<float>()};
-    if (G == 1) launch_select_hd<KV, 1>(ctx, sel);
-    else if (G == 4) launch_select_hd<KV, 4>(ctx, sel);
-    else launch_select_hd<KV, 8>(ctx, sel);
+    if (G == 1) launch_sparq_hd<KV, 1>(ctx, sel);
+    else if (G == 4) launch_sparq_hd<KV, 4>(ctx, sel);
+    else launch_sparq_hd<KV, 8>(ctx, sel);
   });
   check_launch(ctx, "sparqAttention", args);
 }
