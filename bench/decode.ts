@@ -21,7 +21,7 @@ import { StepRunner } from '../worker/runner.ts';
 import { GRAPH_BUCKETS } from '../worker/step-sizes.ts';
 import { aheadStepMs, serialStepMs } from './decode-steps.ts';
 import { SeededRng } from '../coordinator/rng.ts';
-import { kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
+import { blocksFor, kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
 import { allocateSparqState, SPARQ_MAX_STEP_TOKENS } from '../worker/models/sparq.ts';
 import { DENSE_TOKEN } from '../core/sparq.ts';
@@ -48,8 +48,9 @@ const program = new Command('bench-decode')
   .option('--attention <mode>', 'decode attention: dense, or sparq (SparQ, worker/models/sparq.ts; its state beside the cache)', 'dense')
   .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
+  .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (default 16 there); without it one block per sequence')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -62,6 +63,7 @@ if (!['exact', 'int8', 'fp8'].includes(opts.prefillAttention)) program.error(`--
 const prefillAttention = opts.prefillAttention as PrefillAttention;
 if (!['dense', 'sparq'].includes(opts.attention)) program.error(`--attention must be dense or sparq (got ${opts.attention})`);
 const sparq = opts.attention === 'sparq' ? { r: Number(opts.sparqR), k: Number(opts.sparqK) } : undefined;
+const kvBlockSize = opts.kvBlockSize === undefined ? undefined : Number(opts.kvBlockSize);
 
 // A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
 const arenaBytes = 16 * 2 ** 30;
@@ -96,10 +98,13 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const spec = quantize === 'none' ? preset : withQuantizeAtLoad(preset, quantize as 'int8' | 'int4', quantize === 'int4' ? opts.groupSize : 'channel');
   const weights = quantize === 'none' ? spec.dtype : quantize === 'int4' ? `int4-g${opts.groupSize}` : 'int8';
   const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
-  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`) + (sparq ? ` sparq r${sparq.r} k${sparq.k}` : '');
+  const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`) + (sparq ? ` sparq r${sparq.r} k${sparq.k}` : '') + (kvBlockSize === undefined ? '' : ` blocks ${kvBlockSize}`);
   const maxBatch = Math.max(...batches);
   const maxContext = Math.max(...prompts) + 2 * newTokens + 16; // two untimed steps, newTokens serial, newTokens ahead
-  const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype }); // one block per sequence
+  // one block per sequence, or (--kv-block-size) sequence b owns the b-th run of the blocks its context needs
+  const blocksPerSeq = kvBlockSize === undefined ? 1 : blocksFor(maxContext, kvBlockSize);
+  const kv = kvCacheLayout({ kvSlots: maxBatch, maxContext, device: opts.device, kvDtype, ...(kvBlockSize !== undefined && { kvBlockSize, kvCacheTokens: maxBatch * blocksPerSeq * kvBlockSize }) });
+  const blocksOf = (seq: number) => Array.from({ length: blocksPerSeq }, (_, j) => seq * blocksPerSeq + j);
   const built = buildRankModel(engine, spec, plan, rank, randomWeights(engine, 7), kv);
   checkPrefillAttention(prefillAttention, spec, opts.device, sparq ? 'sparq' : 'dense');
   // as worker.ts builds them: SparQ's state beside the cache and steps of at most the tokens its kernels serve
@@ -110,7 +115,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   // with SparQ the prompt is sent dense (exact, the dense kernels: runner.ts) and decode steps take the cluster's r and k
   const dense = (n: number) => (sparq ? { sparq: { r: Array(n).fill(DENSE_TOKEN.r), k: Array(n).fill(DENSE_TOKEN.k) } } : {});
-  const prefill = (prompt: number, block: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [[block]], logitRows: [prompt - 1], sample: greedy(1), ...dense(prompt) });
+  const prefill = (prompt: number, seq: number) => ({ tokens: randomIds(prompt, spec.vocabSize), positions: [...Array(prompt).keys()], tokenSeq: Array(prompt).fill(0), kvBlockTable: [blocksOf(seq)], logitRows: [prompt - 1], sample: greedy(1), ...dense(prompt) });
 
   for (const prompt of prompts) {
     for (const batch of batches) {
@@ -124,8 +129,8 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
         if (b === 0) ttftMs = performance.now() - started;
         last.push(result.tokens![0]!);
       }
-      const seqs = [...Array(batch).keys()]; // sequence b in block b
-      const decodeAt = (position: number) => ({ positions: Array(batch).fill(position), tokenSeq: seqs, kvBlockTable: seqs.map((b) => [b]), logitRows: seqs, sample: greedy(batch) });
+      const seqs = [...Array(batch).keys()]; // sequence b in blocksOf(b)
+      const decodeAt = (position: number) => ({ positions: Array(batch).fill(position), tokenSeq: seqs, kvBlockTable: seqs.map(blocksOf), logitRows: seqs, sample: greedy(batch) });
       ({ tokens: last } = await serialStepMs(runner, decodeAt, last, prompt, 2)); // the first captures this bucket's graph
       const serial = await serialStepMs(runner, decodeAt, last, prompt + 2, newTokens);
       const stepMs = await aheadStepMs(runner, decodeAt, batch, prompt + 2 + newTokens, newTokens);

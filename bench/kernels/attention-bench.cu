@@ -8,6 +8,7 @@
 // with the causal count 2 * 2 * T^2 / 2 * hd * heads; error = max |new - fp32| / max |fp32| (norm-wise, as
 // ops-check). Exit 1 when an error is over 1e-3 or the output has a NaN.
 // decode: attention-decode-bench.cuh.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -106,8 +106,14 @@ bool decode_checks(bench::Device& device) {
   return ok & device.status_ok();
 }
 
+// decode [MAX_CONTEXT [SHAPE [BATCH [MIN_CONTEXT]]]]: SHAPE llama2-7b or llama3-8b, BATCH 1 or 8 (default: both of
+// each, contexts 2048 .. 32768). With WEFT_PROFILE_RANGE set, one more sweep of each row and cache type runs between
+// cudaProfilerStart and cudaProfilerStop, for `ncu --profile-from-start off`.
 int decode_bench(int argc, char** argv) {
   const int max_context = argc > 0 ? std::atoi(argv[0]) : 32768;
+  const std::string only_shape = argc > 1 ? argv[1] : "";
+  const int only_batch = argc > 2 ? std::atoi(argv[2]) : 0, min_context = argc > 3 ? std::atoi(argv[3]) : 2048;
+  const bool profile_range = std::getenv("WEFT_PROFILE_RANGE") != nullptr;
   bench::Device device;
   const cudaDeviceProp& prop = device.prop;
   const cudaStream_t stream = device.stream;
@@ -132,7 +138,8 @@ int decode_bench(int argc, char** argv) {
   std::vector<Row> table;
   for (Shape_ m : {Shape_{"llama2-7b", 32, 32, 128}, Shape_{"llama3-8b", 32, 8, 128}})
     for (int batch : {1, 8})
-      for (int context = 2048; context <= max_context; context *= 2) {
+      for (int context = min_context; context <= max_context; context *= 2) {
+        if ((!only_shape.empty() && only_shape != m.name) || (only_batch != 0 && only_batch != batch)) continue;
         Row row{m.name, batch, context, {}, {}, {}};
         int di = 0;
         for (DType d : {DType::BF16, DType::FP8, DType::I8}) {
@@ -166,6 +173,13 @@ int decode_bench(int argc, char** argv) {
           const std::vector<float> o = bench::download(out);
           const double gus = 1e3 * device.graph_median_ms(3, 10, sweep) / layers;
           const std::vector<float> og = bench::download(out);
+          if (profile_range) {
+            CK(cudaStreamSynchronize(stream));
+            CK(cudaProfilerStart());
+            sweep();
+            CK(cudaStreamSynchronize(stream));
+            CK(cudaProfilerStop());
+          }
           // Against the CUDA-core kernel (and the merge kernel) over an f32 cache of the same values, layer l - 1:
           // within ops-check's 1e-5 of max|out| (check_kv_bf16, check_kv_quant).
           double err;
