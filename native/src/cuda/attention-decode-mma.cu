@@ -7,10 +7,12 @@
 // of waits (copy, scores, barrier, softmax, barrier, values, barrier) that no other work of the block hid, so a tile
 // of half the bytes (fp8, int8) took the same time as bf16's, and batch 1 ran at 16-75% of the copy bandwidth
 // (RESULTS.md, session 6). Here warp w of a block takes the tiles w, w + 4, ... of the block's partition, each tile
-// through its own cp.async ring of 3 stages in shared memory (4 KiB of K and 4 KiB of V a tile: 16 rows of bf16 at
-// head dim 128, 32 rows of codes), and runs the scores, an online softmax in registers (the scores' accumulator
-// layout is the values' A operand layout: no shared-memory round trip) and the values with no barrier but its own
-// __syncwarp. The four warps' maxes, sums and outputs are combined once, at the end, in shared memory.
+// through its own cp.async ring in shared memory (bf16: 3 stages of 4 KiB of K and 4 KiB of V, 16 rows at head dim
+// 128), and runs the scores, an online softmax in registers (the scores' accumulator layout is the values' A
+// operand layout: no shared-memory round trip) and the values with no barrier but its own __syncwarp. The four
+// warps' maxes, sums and outputs are combined once, at the end, in shared memory. The 1-byte caches take smaller
+// rings (2 stages of 2 KiB tiles: 16 rows at head dim 128) so that 4 blocks fit an SM, not 2: their tiles cost twice
+// bf16's instructions a byte, and each warp's dependent chain set the time (attention-decode.cuh, kCodePlanLimits).
 //
 // The merge: a block writes its partition's partial (as the CUDA-core kernel does), then takes a ticket; the last
 // block of a (token, kv head, head chunk) to finish merges all of its partitions in partition order (so the bits
@@ -103,17 +105,18 @@ __device__ __forceinline__ uint32_t codes_to_f16x2(const int8_t*, uint32_t w) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// A warp's tiles for a cache of KV and head dim HD: rows of 4 KiB of K (and of V) a tile, 16 to 64 of them, in
-// kStages stages (2 where a tile is larger: head dim 256 in bf16). Rows are stored unpadded, their 16-byte chunks
-// swizzled (chunk c of row r at c ^ f(r)) so that the 8 rows an ldmatrix reads lie in distinct banks.
+// A warp's tiles for a cache of KV and head dim HD: bf16, 4 KiB of K (and of V) a tile, 16 to 64 rows, in 3 stages
+// (2 where a tile is larger: head dim 256); codes, 2 KiB a tile in 2 stages. Rows are stored unpadded, their 16-byte
+// chunks swizzled (chunk c of row r at c ^ f(r)) so that the 8 rows an ldmatrix reads lie in distinct banks.
 template <typename KV, int HD>
 struct WarpTiles {
   static constexpr bool kCodes = kKvQuantized<KV>;
   static constexpr int kRowBytes = HD * int(sizeof(KV));
   static constexpr int kChunks = kRowBytes / 16;  // 16-byte chunks a row: 4 to 32
-  static constexpr int kRows = std::min(64, std::max(16, 4096 / kRowBytes));
+  // Codes: tiles of 2 KiB (16 rows at head dim 128) in 2 stages, so that 4 blocks fit an SM (kCodePlanLimits).
+  static constexpr int kRows = kCodes ? std::max(16, 2048 / kRowBytes) : std::min(64, std::max(16, 4096 / kRowBytes));
   static constexpr int kTileBytes = kRows * kRowBytes;  // the K (or V) rows of a tile
-  static constexpr int kStages = kTileBytes > 4096 ? 2 : 3;
+  static constexpr int kStages = kCodes || kTileBytes > 4096 ? 2 : 3;
   static constexpr size_t kWarpBytes = size_t(kStages) * 2 * kTileBytes;
   static constexpr size_t kStageBytes = kWarps * kWarpBytes;
   static constexpr size_t kQBytes = size_t(HD / 16) * 32 * sizeof(uint4);  // the query's A fragments
@@ -139,7 +142,8 @@ struct WarpTiles {
 // grid (n_part, T * n_kv * n_hc), kThreads threads. Partials as attention_decode_partial (attention-decode.cu) writes
 // them; out (nullptr: partials only, the merge kernel follows) [T * nH, HD]: the merged output.
 template <typename KV, int HD>
-__global__ void __launch_bounds__(kThreads, HD <= 128 ? kBlocksPerSm : 1)
+__global__ void __launch_bounds__(kThreads,
+                                  HD > 128 ? 1 : kKvQuantized<KV> ? kCodePlanLimits.blocks_per_sm : kBlocksPerSm)
     attention_decode_partial_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
                                  const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                                  const int32_t* __restrict__ positions, int nH, int P, int n_part, int n_hc,

@@ -269,9 +269,7 @@ __global__ void __launch_bounds__(kThreads)
 namespace detail {
 int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv, int64_t C, int64_t hd, int num_sms,
                                         bool quantized) {
-  // The partitions depend on the shapes and the SM count alone (not on the element size), so f32 and bf16 caches
-  // sum in the same order.
-  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms);
+  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms, quantized);
   return T * n_heads * plan.n_part * (hd + 2);
 }
 
@@ -288,7 +286,7 @@ void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_ca
   WEFT_CHECK(kv.n_blocks * n_kv * kv.block_size < (int64_t{1} << 31), "attention", "a cache of over 2^31 rows (",
              k_cache, ")");
   const bool quantized = k_cache.is_kv_quantized();
-  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms);
+  const DecodePlan plan = decode_plan(T, n_kv, n_heads / n_kv, C, num_sms, quantized);
   float* part_out = scratch;
   float* part_ml = scratch + T * n_heads * plan.n_part * hd;
   auto launch_merge = [&] {

@@ -16,18 +16,26 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
-constexpr int kMaxPartition = 896;  // positions per block at most: their row indices (and scales) stay in shared memory
-// Blocks resident per SM the plan assumes (the tensor-core kernel's shared memory, ~110 KiB a block at head dims up
-// to 128 with partitions of at most kMaxPartition positions, allows 2), and
-// what a block's start costs (its row lookups) in tiles' worth of time.
-constexpr int kBlocksPerSm = 2;
+// Blocks resident per SM the plan assumes, and the most positions a block reads (their row indices and scales stay
+// in shared memory). f32 and bf16: the tensor-core kernel's ~110 KiB a block at head dims up to 128 allows 2. The
+// 1-byte caches: tiles of 2 KiB, two stages a warp and partitions of at most 512 positions take ~42 KiB a block, so 4
+// fit (16 warps an SM, at most 128 registers a thread). Their tiles cost about twice bf16's instructions a byte (the
+// conversions to f16, twice the mma a byte), and with 8 warps an SM each warp's chain of dependent instructions, not
+// the bytes, set the time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x
+// bf16's speed at 32K (H200); 20 warps (5 blocks, registers spilled) lost at batch 1.
+struct PlanLimits {
+  int blocks_per_sm, max_partition;
+};
+constexpr PlanLimits kPlanLimits{2, 896}, kCodePlanLimits{4, 512};
+constexpr int kBlocksPerSm = kPlanLimits.blocks_per_sm;  // the bifurcated kernels' plan too
+// What a block's start costs (its row lookups) in tiles' worth of time.
 constexpr int kBlockStartTiles = 2;
 static_assert(kTileRows == 32, "the softmax gives each lane of a warp one row of a tile");
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The partitions of a launch: n_part per (token, kv head, head chunk), from the shapes and the SM count alone
-// (not the element type or the kernel), so every cache type sums in the same order and needs the same scratch. A
+// The partitions of a launch: n_part per (token, kv head, head chunk), from the shapes, the SM count and whether the
+// cache holds 1-byte codes (their kernel fits more blocks an SM): f32 and bf16 caches sum in the same order. A
 // token's positions 0 .. pos are cut into n_part partitions of the same whole number of tiles (partition_rows), so
 // a short sequence in a large cache still spreads over every block. n_part is the count that makes the grid's
 // rounds of resident blocks times the tiles each block reads (plus its start) smallest at the full capacity.
@@ -38,19 +46,20 @@ struct DecodePlan {
   int n_head_chunks;  // ceil(group / HC): blocks per (token, kv head, partition)
 };
 
-inline DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int num_sms) {
+inline DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C, int num_sms, bool codes) {
   // Eager steps ask for the same plan at every layer (and the scratch size before it): the search below, up to
   // 1024 candidates, runs once per distinct shape in a row, not once per launch.
-  thread_local int64_t last_key[5] = {-1, -1, -1, -1, -1};
+  thread_local int64_t last_key[6] = {-1, -1, -1, -1, -1, -1};
   thread_local DecodePlan last{};
-  const int64_t key[5] = {T, n_kv, group, C, num_sms};
-  if (std::equal(key, key + 5, last_key)) return last;
+  const int64_t key[6] = {T, n_kv, group, C, num_sms, codes};
+  if (std::equal(key, key + 6, last_key)) return last;
+  const PlanLimits limits = codes ? kCodePlanLimits : kPlanLimits;
   DecodePlan p{};
   p.head_chunk = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
   p.n_head_chunks = static_cast<int>(ceil_div(group, p.head_chunk));
   const int64_t units = T * n_kv * p.n_head_chunks, tiles = ceil_div(C, kTileRows);
-  const int64_t slots = int64_t{kBlocksPerSm} * num_sms;
-  const int64_t n_min = ceil_div(tiles, kMaxPartition / kTileRows), n_max = std::max(n_min, std::min<int64_t>(tiles, 1024));
+  const int64_t slots = int64_t{limits.blocks_per_sm} * num_sms;
+  const int64_t n_min = ceil_div(tiles, limits.max_partition / kTileRows), n_max = std::max(n_min, std::min<int64_t>(tiles, 1024));
   int64_t best = n_min, best_cost = INT64_MAX;
   for (int64_t n = n_min; n <= n_max; ++n) {
     const int64_t cost = ceil_div(units * n, slots) * (ceil_div(tiles, n) + kBlockStartTiles);
@@ -58,7 +67,7 @@ inline DecodePlan decode_plan(int64_t T, int64_t n_kv, int64_t group, int64_t C,
   }
   p.n_part = static_cast<int>(best);
   p.P = static_cast<int>(ceil_div(tiles, best) * kTileRows);
-  std::copy(key, key + 5, last_key);
+  std::copy(key, key + 6, last_key);
   last = p;
   return p;
 }
