@@ -91,7 +91,12 @@ export const OPTIONS = {
     flag: '--prefill-attention', arg: 'exact|int8|fp8', type: oneOf('exact', 'int8', 'fp8'), env: 'WEFT_PREFILL_ATTENTION', default: 'exact', uses: [...CLUSTER, 'launch'],
     help: 'attention of prompt steps (more than 64 tokens): exact, or SageAttention-style quantized (approximate: int8 Q K^T with K smoothed by its mean, P V in f16, or in fp8 e4m3 with fp8); decode is unchanged',
   },
-  kvBlockSize: { flag: '--kv-block-size', arg: 'N', type: integer(1, 4096), env: 'WEFT_KV_BLOCK_SIZE', default: 16, help: 'positions per block of the paged KV cache', uses: [...CLUSTER, 'launch'] },
+  kvBlockSize: {
+    flag: '--kv-block-size', arg: 'N', type: integer(1, 4096), env: 'WEFT_KV_BLOCK_SIZE',
+    // SparQ reads R runs of B positions a block and the V sums of every block: blocks of 64 made a 32K decode step
+    // of Llama-2-7B 1.20x the dense one's speed on H200, blocks of 16 1.06x (bench/RESULTS.md, session 15)
+    default: (c: Resolved) => (c.attention === 'sparq' ? 64 : 16), defaultHelp: '16 (64 with --attention sparq)',
+    help: 'positions per block of the paged KV cache', uses: [...CLUSTER, 'launch'] },
   kvCacheTokens: {
     flag: '--kv-cache-tokens', arg: 'N', type: integer(1), env: 'WEFT_KV_CACHE_TOKENS', defaultHelp: '4 × the context (the memory of 4 full-context sequences)',
     help: 'positions the paged KV cache holds, shared by all sequences (its memory: layers × 2 × KV heads × head size × dtype bytes each); at least one full context', uses: [...CLUSTER, 'launch'],

@@ -23,6 +23,8 @@ test('defaults depend on where an option is used', () => {
   assert.deepEqual([generate.tp, generate.device, generate.kvSlots, generate.maxContext, generate.maxNewTokens, generate.temperature, generate.seed], [1, 'cpu', 16, 4096, 16, 0, undefined]);
   // a sequence costs a block-table row, the KV pool is what costs memory: more slots where batches pay (cuda)
   assert.deepEqual([generate.kvBlockSize, generate.kvCacheTokens, commandConfig('generate', { modelDir: '/m', prompt: 'hi', device: 'cuda' }, {}).kvSlots], [16, undefined, 256]);
+  // SparQ reads a block's key columns as runs of B positions: its clusters default to blocks of 64; a given size wins
+  assert.deepEqual([commandConfig('serve', { modelDir: '/m', attention: 'sparq' }, {}).kvBlockSize, commandConfig('serve', { modelDir: '/m', attention: 'sparq', kvBlockSize: '16' }, {}).kvBlockSize, commandConfig('serve', { modelDir: '/m' }, { WEFT_ATTENTION: 'sparq', WEFT_KV_BLOCK_SIZE: '32' }).kvBlockSize], [64, 16, 32]);
   assert.ok(Number.isInteger(generate.threads) && generate.threads >= 1);
   const serve = commandConfig('serve', { modelDir: '/m' }, {});
   assert.deepEqual([serve.rpcPort, serve.httpPort, serve.heartbeatTimeoutMs, serve.recover, serve.joinTimeoutMs], [5555, 8000, 4000, true, 60_000]);
