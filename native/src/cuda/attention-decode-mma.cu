@@ -106,8 +106,9 @@ __device__ __forceinline__ uint32_t codes_to_f16x2(const int8_t*, uint32_t w) {
 }
 
 // A warp's tiles for a cache of KV and head dim HD: bf16, 4 KiB of K (and of V) a tile, 16 to 64 rows, in 3 stages
-// (2 where a tile is larger: head dim 256); codes, 2 KiB a tile in 2 stages. Rows are stored unpadded, their 16-byte
-// chunks swizzled (chunk c of row r at c ^ f(r)) so that the 8 rows an ldmatrix reads lie in distinct banks.
+// (2 where a tile is larger: head dim 256); codes, tiles of at least 16 rows and 2 KiB, in 2 stages. Rows are stored
+// unpadded, their 16-byte chunks swizzled (chunk c of row r at c ^ f(r)) so that the 8 rows an ldmatrix reads lie in
+// distinct banks.
 template <typename KV, int HD>
 struct WarpTiles {
   static constexpr bool kCodes = kKvQuantized<KV>;
