@@ -48,9 +48,10 @@ const program = new Command('bench-decode')
   .option('--attention <mode>', 'decode attention: dense, or sparq (SparQ, worker/models/sparq.ts; its state beside the cache)', 'dense')
   .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
+  .option('--profile-decode', 'replay one decode graph inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -137,6 +138,11 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
       const bucket = GRAPH_BUCKETS.find((b) => b >= batch)!;
       // GPU time of the decode graph alone, no host work
       const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN;
+      if (opts.profileDecode && opts.device === 'cuda') {
+        engine.profileRange(true);
+        runner.timeGraphReplay(bucket, 1);
+        engine.profileRange(false);
+      }
       const meanContext = prompt + 2 + 1.5 * newTokens; // over the steps timed ahead
       const bytesPerStep = bytes.bytesPerStep(batch, meanContext);
       const floorMs = stepFloorMs(bytesPerStep, bandwidthGBs);
