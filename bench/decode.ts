@@ -10,6 +10,9 @@
  * --kv-dtype, bf16 on cuda by default) and the fraction of the bandwidth floor reached. Ends with one JSON line.
  * With --attention sparq the bytes and floor are still the dense step's (SparQ reads fewer: its kernel bench,
  * bench/kernels/sparq-run.sh, has its byte model).
+ * --profile-decode, under `ncu --profile-from-start off`, times one replay of each row's decode graph kernel by kernel,
+ * for any configuration here (bench/kernels/step-profile.ts does the same for bf16 weights alone): run one model,
+ * batch and weight format at a time, since bench/kernels/ncu-summary.py adds up every profiled range.
  */
 import { Command } from 'commander';
 import { createEngine } from '../worker/native.ts';
@@ -48,7 +51,7 @@ const program = new Command('bench-decode')
   .option('--attention <mode>', 'decode attention: dense, or sparq (SparQ, worker/models/sparq.ts; its state beside the cache)', 'dense')
   .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
-  .option('--profile-decode', 'replay one decode graph inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
+  .option('--profile-decode', 'after each row, replay its decode graph once inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();
 const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean }>();
