@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Summarise kernel-timeline.cc's rows (start_ns,end_ns,grid_x,graph_node_id,name) for the decode graph's replays.
+
+The decode graph is the graph whose nodes ran most often; each replay starts at its first node. For each kernel the
+critical-path increment is how far its end moved the step's latest end (0 when it finished under another kernel);
+the increments of a replay add up to its span. Printed: per kernel (name and grid), the median replay's increments
+and durations (a duration starts when the kernel's first block runs, so under programmatic dependent launch it
+includes the wait for the kernel before), then one layer's kernels in order.
+usage: timeline-summary.py FILE.csv [--layer N]"""
+import collections
+import statistics
+import sys
+
+
+def short(name):
+    for cut in ('weft::cuda::', '(anonymous namespace)::', 'decode::', 'void '):
+        name = name.replace(cut, '')
+    return name.split('(')[0][:60]
+
+
+def main():
+    path = sys.argv[1]
+    layer = int(sys.argv[sys.argv.index('--layer') + 1]) if '--layer' in sys.argv else 5
+    rows = []
+    for line in open(path):
+        start, end, grid, node, name = line.rstrip('\n').split(',', 4)
+        if int(node):
+            rows.append((int(start), int(end), int(grid), int(node), short(name)))
+    if not rows:
+        sys.exit('no kernels of a graph in ' + path)
+    counts = collections.Counter(r[3] for r in rows)
+    top = max(counts.values())
+    rows = sorted((r for r in rows if counts[r[3]] == top), key=lambda r: r[0])
+    first = rows[0][3]
+    replays, cur = [], []
+    for r in rows:
+        if r[3] == first and cur:
+            replays.append(cur)
+            cur = []
+        cur.append(r)
+    replays.append(cur)
+    replays = [p for p in replays if len(p) == len(replays[0])][1:]  # the first replay warms up
+    spans = [p[-1][1] - p[0][0] for p in replays]
+    med = sorted(range(len(replays)), key=lambda i: spans[i])[len(replays) // 2]
+    print(f'{len(replays)} replays of {len(replays[0])} kernels; span median {statistics.median(spans) / 1e3:.1f} us, '
+          f'min {min(spans) / 1e3:.1f}')
+
+    def increments(p):
+        out, latest = [], p[0][0]
+        for s, e, g, n, name in p:
+            out.append(max(0, e - latest))
+            latest = max(latest, e)
+        return out
+
+    by_kind = collections.OrderedDict()
+    for i, r in enumerate(replays[med]):
+        key = f'{r[4]} [{r[2]}]'
+        k = by_kind.setdefault(key, [0, 0, 0])
+        k[0] += 1
+    incs = [increments(p) for p in replays]
+    for key in by_kind:
+        by_kind[key] = [by_kind[key][0], [], []]
+    for p, inc in zip(replays, incs):
+        sums = collections.defaultdict(lambda: [0, 0])
+        for r, d in zip(p, inc):
+            key = f'{r[4]} [{r[2]}]'
+            sums[key][0] += d
+            sums[key][1] += r[1] - r[0]
+        for key, (i_sum, d_sum) in sums.items():
+            by_kind[key][1].append(i_sum)
+            by_kind[key][2].append(d_sum)
+    print('| kernel [grid] | calls | increments, us (median replay) | per call | durations, us | per call |')
+    print('|---|---|---|---|---|---|')
+    for key, (n, i_sums, d_sums) in sorted(by_kind.items(), key=lambda kv: -statistics.median(kv[1][1])):
+        i_med, d_med = statistics.median(i_sums) / 1e3, statistics.median(d_sums) / 1e3
+        print(f'| {key} | {n} | {i_med:.1f} | {i_med / n:.2f} | {d_med:.1f} | {d_med / n:.2f} |')
+    # one layer: the kernels from the (layer+1)-th qkv_rope's predecessor on, in start order
+    p, inc = replays[med], incs[med]
+    ropes = [i for i, r in enumerate(p) if 'rope' in r[4]]
+    if len(ropes) > layer + 1:
+        a, b = ropes[layer] - 1, ropes[layer + 1] - 1
+        t0 = p[a][0]
+        print(f'\nlayer {layer} of the median replay (us from its first kernel\'s start):')
+        print('| kernel [grid] | start | end | duration | starts after the previous end | increment |')
+        print('|---|---|---|---|---|---|')
+        for i in range(a, b):
+            s, e, g, n, name = p[i]
+            print(f'| {name} [{g}] | {(s - t0) / 1e3:.2f} | {(e - t0) / 1e3:.2f} | {(e - s) / 1e3:.2f} | '
+                  f'{(s - p[i - 1][1]) / 1e3:.2f} | {inc[i] / 1e3:.2f} |')
+
+
+main()
