@@ -3,15 +3,13 @@
 // nothing stays in L2), launched with programmatic dependent launch and captured in one CUDA graph; the replay's
 // median per layer, beside the floor (bytes / measured read bandwidth), and each shape alone (32 launches of it).
 // Weights bf16, int8 (one scale a row) or int4 (groups of 128), random codes and scales; FORMAT@llama-3-8b takes
-// that model's shapes; FORMAT+norm has wqkv and w13 make addRmsNorm's row themselves (the held norm, as the decode
-// step runs them: weft's kernel and int4's bulk-copy rows only). Kernels: weft's choice (int4 on the integer tensor
-// cores, gemv-imma.cu; bf16 and int4 rows gemv-rows-tma.cu's where it takes the shape, else the register kernels),
-// the batched (bf16) and the streaming register kernels (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task),
-// int4's bulk-copy rows (gemv-rows-tma.cu). Each kernel's outputs of layer 0 are
+// that model's shapes. Kernels: weft's choice
+// (gemv-rows-tma.cu where it takes the shape, else the register kernels), the batched (bf16) and the streaming
+// register kernels (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task). Each kernel's outputs of layer 0 are
 // checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
 // cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
 // streaming kernel in this file at d9916e1.
-// Build and run: bench/kernels/gemv-layer-run.sh [bf16|int8|int4[@llama-3-8b][+norm]]... (nvcc only).
+// Build and run: bench/kernels/gemv-layer-run.sh [bf16|int8|int4[@llama-3-8b]]... (nvcc only).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -24,9 +22,7 @@
 #include <vector>
 
 #include "cuda/bandwidth.cuh"
-#include "cuda/gemv-imma.cuh"
 #include "cuda/gemv-one-token.cuh"
-#include "cuda/gemv-rows-tma.cuh"
 #include "error.h"
 #include "bench-device.cuh"
 
@@ -37,9 +33,8 @@ namespace wc = weft::cuda;
 int run_format(bench::Device& dev, double bw, const std::string& arg) {
   const wc::Ctx& ctx = dev.ctx;
   cudaStream_t stream = dev.stream;
-  const std::string format = arg.substr(0, std::min(arg.find('@'), arg.find('+')));
+  const std::string format = arg.substr(0, arg.find('@'));
   const bool llama3 = arg.find("@llama-3-8b") != std::string::npos;
-  const bool held_norm = arg.find("+norm") != std::string::npos;
   const DType dt = format == "int8" ? DType::I8 : format == "int4" ? DType::I4 : DType::BF16;
   const bool quant = dt != DType::BF16;
   struct Shape { const char* name; int N, K; bool pairs; };  // pairs: N outputs of 2N rows
@@ -77,40 +72,18 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   CK(cudaMalloc(&y, 4 * kMaxRows * 4));
   bench::fill_f32<<<1024, 256, 0, stream>>>(x, kMaxK, 7);
   float* ys[4] = {y, y + kMaxRows, y + 2 * kMaxRows, y + 3 * kMaxRows};
-  // the held norm's branch output, f32 weight, and its sum and normed outputs (K = 4096 for both models' wqkv, w13)
-  float* nb;
-  CK(cudaMalloc(&nb, 4 * 4096 * 4));
-  bench::fill_f32<<<64, 256, 0, stream>>>(nb, 2 * 4096, 8);
-  const wc::AddRmsNormInput norm{nb, nb + 4096, false, 1e-5f, nb + 2 * 4096, nb + 3 * 4096};
 
   struct Kernel { std::string name; wc::OneTokenTuning tuning; };
   const auto tuned = [](wc::OneTokenKernel k, int rows) { wc::OneTokenTuning t; t.kernel = k; t.rows = rows; return t; };
-  std::vector<Kernel> kernels = {{"weft (int4: integer tensor cores; bf16: bulk-copy rows)", wc::OneTokenTuning{}}};
-  if (held_norm) {
-    if (dt == DType::I4) kernels.push_back({"bulk-copy rows (gemv-rows-tma.cu)", tuned(wc::OneTokenKernel::Rows, 0)});
-  } else {
+  std::vector<Kernel> kernels = {{"weft (bulk-copy rows where they take the shape)", wc::OneTokenTuning{}}};
   if (!quant) kernels.push_back({"batched register", tuned(wc::OneTokenKernel::Batched, 0)});
   kernels.push_back({"streaming register, 2 rows", tuned(wc::OneTokenKernel::Streaming, 2)});
   kernels.push_back({"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)});
   kernels.push_back({"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)});
-  if (dt == DType::I4) kernels.push_back({"bulk-copy rows (gemv-rows-tma.cu)", tuned(wc::OneTokenKernel::Rows, 0)});
-  }
-  const Kernel& reference = kernels.size() > 1 ? kernels[1] : kernels[0];
+  const Kernel& reference = kernels[1];
   const auto run = [&](const Kernel& k, int s, int l) {
     const Shape& sh = shapes[s];
     const uint16_t* sc = static_cast<const uint16_t*>(ss[s][l]);
-    if (held_norm && (s == 0 || s == 2)) {
-      const bool weft = k.tuning.kernel == wc::OneTokenKernel::Weft;
-      const bool ok =
-          (weft && wc::gemv_one_token_imma(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, sh.pairs, &norm)) ||
-          ((weft || k.tuning.kernel == wc::OneTokenKernel::Rows) &&
-           wc::gemv_rows_tma(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, sh.pairs, wc::sm_count(ctx), &norm));
-      if (!ok) {
-        std::fprintf(stderr, "no held-norm kernel takes %s (%s, %s)\n", sh.name, arg.c_str(), k.name.c_str());
-        std::exit(2);
-      }
-      return;
-    }
     const bool ok = sh.pairs ? wc::gemv_one_token_silu_pairs(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, k.tuning)
                              : wc::gemv_one_token(ctx, x, ws[s][l], dt, sc, group_of(sh), ys[s], sh.N, sh.K, false, k.tuning);
     if (!ok) {
@@ -167,7 +140,6 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
     }
   CK(cudaFree(x));
   CK(cudaFree(y));
-  CK(cudaFree(nb));
   return 0;
 }
 

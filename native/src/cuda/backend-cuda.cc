@@ -22,7 +22,6 @@
 #include "cuda/fused-layer.cuh"
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant.cuh"
-#include "cuda/gemv-imma.cuh"
 #include "cuda/gemv-rows-tma.cuh"
 #include "cuda/graphs.h"
 #include "cuda/matmul.cuh"
@@ -179,13 +178,6 @@ class CudaBackend final : public Backend {
     const cuda::AddRmsNormInput norm{n.y.data<float>(), n.weight.buffer->data(), n.weight.dtype == DType::BF16,
                                      n.eps, n.sum.data<float>(), n.normed.data<float>()};
     const cuda::QuantMatrix q = gemv_weights(w);
-    if (x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX && q.dtype != DType::BF16 &&
-        cuda::gemv_one_token_imma(ctx(), n.x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
-                                  static_cast<int>(N), static_cast<int>(K), pairs, &norm)) {
-      held_norm_.reset();
-      cuda::check_launch(ctx(), pairs ? "matmulSiluMul" : "matmul", {{"x", x}, {"w", w}});
-      return true;
-    }
     if (x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX &&
         cuda::gemv_rows_tma(ctx(), n.x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
                             static_cast<int>(N), static_cast<int>(K), pairs, st_->num_sms, &norm)) {

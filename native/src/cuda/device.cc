@@ -17,16 +17,6 @@ DeviceState::~DeviceState() {
   if (stream) cudaStreamDestroy(stream);
 }
 
-int sm_count(const Ctx& ctx) {
-  if (ctx.st && ctx.st->num_sms > 0) return ctx.st->num_sms;
-  static int count = 0;
-  int dev = 0;
-  if (count == 0 && (cudaGetDevice(&dev) != cudaSuccess ||
-                     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess))
-    count = 132;
-  return count;
-}
-
 void open_device(DeviceState& st, int device, const char* op) {
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);

@@ -58,10 +58,6 @@ struct Ctx {
   DeviceStatus* status;  // device pointer
 };
 
-// The SM count: the engine's (DeviceState), or, for a benchmark without an engine (ctx.st null), the current device's
-// (asked once; 132 if the query fails).
-int sm_count(const Ctx& ctx);
-
 // Opens `device` for an engine: a non-blocking stream, the mapped status word, a memory pool that keeps freed
 // memory. Throws "<op>: no CUDA device found ..." and the like.
 void open_device(DeviceState& st, int device, const char* op);

@@ -24,7 +24,6 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
-#include "cuda/gemv-imma.cuh"
 #include "cuda/gemv-rows-tma.cuh"
 #include "cuda/gemv-weight-vectors.cuh"
 #include "error.h"
@@ -261,6 +260,17 @@ __global__ void __launch_bounds__(kWarps * 32, 2) gemv_one_token_batched_kernel(
 
 // ---- launchers
 
+// The engine's SM count (DeviceState); the bench runs without an engine and asks its current device once.
+int sm_count(const Ctx& ctx) {
+  if (ctx.st && ctx.st->num_sms > 0) return ctx.st->num_sms;
+  static int count = 0;
+  int dev = 0;
+  if (count == 0 && (cudaGetDevice(&dev) != cudaSuccess ||
+                     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess))
+    count = 132;
+  return count;
+}
+
 template <typename Kernel>
 void allow_x_smem(const Ctx& ctx, Kernel* kernel, bool& done) {  // x may take up to kMaxX (above the default 48 KiB)
   if (done) return;
@@ -320,13 +330,9 @@ bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, con
   // weft's: rows streamed by bulk copies where they take the shape (gemv-rows-tma.cu: bf16 6% less than the batched
   // kernel on a Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the streaming one took 0-6%
   // longer a shape: quant-run.sh --one-token), other int8 and int4 streaming where it takes the group.
-  if (!gated && !bf16 && tuning.kernel == OneTokenKernel::Weft &&
-      gemv_one_token_imma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs))
-    return true;
-  if (!gated && (tuning.kernel == OneTokenKernel::Weft || tuning.kernel == OneTokenKernel::Rows) &&
+  if (!gated && tuning.kernel == OneTokenKernel::Weft &&
       gemv_rows_tma(ctx, x, w, w_dtype, bf16 ? nullptr : scales, bf16 ? 0 : group, y, N, K, pairs, sm_count(ctx)))
     return true;
-  if (tuning.kernel == OneTokenKernel::Rows) return false;
   const bool batched = tuning.kernel == OneTokenKernel::Batched ||
                        (tuning.kernel == OneTokenKernel::Weft && bf16) || group_shift < 0;
   if (batched) {  // bf16, and int8 in any group of whole vectors

@@ -12,11 +12,9 @@
 
 namespace weft::cuda {
 
-// Which kernel runs (gemv-one-token.cu). Weft: weft's choice (int8 and int4 on the integer tensor cores where
-// gemv-imma.cu takes them, bf16 rows of up to 8 KiB and other int4 rows gemv-rows-tma.cu's, other bf16 batched, other
-// int8 and int4 streaming); the others only for the benches (bench/kernels/quant-bench.cu, gemv-layer-bench.cu), to
-// compare.
-enum class OneTokenKernel { Weft, Rows, Batched, Streaming };
+// Which kernel runs (gemv-one-token.cu). Weft: weft's choice (bf16 rows of up to 8 KiB and int4 rows gemv-rows-tma.cu's
+// where it takes them, other bf16 batched, int8 and other int4 streaming); the others only for bench/kernels/quant-bench.cu, to compare.
+enum class OneTokenKernel { Weft, Batched, Streaming };
 struct OneTokenTuning {
   OneTokenKernel kernel = OneTokenKernel::Weft;
   int rows = 0;  // streaming: rows a task, 1, 2 or 4 (ring depth 16, 8, 4); 0: 2
