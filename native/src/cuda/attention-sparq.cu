@@ -11,10 +11,8 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <tuple>
 
 #include "cuda/attention-sparq.cuh"
@@ -196,7 +194,6 @@ struct SparqArgs {
   SparqScratch x;
   DeviceStatus* status;
   float* out;
-  int trigger_step;  // experiment (WEFT_SPARQ_TRIGGER): the step before which the kernel after it may launch
 };
 
 // grid (T * nKv * cluster), clusters of `cluster` (sh.cluster) along x, kSelectThreads threads, dynamic shared memory
@@ -211,7 +208,7 @@ struct SparqArgs {
 template <typename KV, int G, int E>
 __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
     sparq_attention_kernel(const __grid_constant__ SparqArgs<KV> a) {
-  if (a.trigger_step == 0) pdl_trigger();
+  pdl_trigger();
   pdl_wait();
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank()), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -537,7 +534,6 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   }  // !exact
 
   // ---- step 4: this block's share of the n selected rows, a warp's run of them at a time
-  if (a.trigger_step == 4) pdl_trigger();
   cluster.sync();  // (6) every block's rows (global memory: the barrier releases and acquires), block_alpha, block_v
   constexpr int R = (G == 4 ? 16 : 8) / sizeof(KV);  // rows a warp loads (K and V) before it uses them; divides 32
   const bool contiguous = hd == 32 * E;
@@ -641,7 +637,6 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   }
 
   // ---- step 5: block `rank` merges outputs [rank P, rank P + P) of the group's group * hd over the cluster
-  if (a.trigger_step == 5) pdl_trigger();
   cluster.sync();  // (7) every block's part_m, part_l and warp_out[0]
   const int P = (group * hd + nb - 1) / nb, item = rank * P + tid;
   if (tid < P && item < group * hd) {
@@ -702,16 +697,6 @@ int resident_clusters(const void* kernel, cudaError_t (*query)(int*, const cudaL
                              int(sh.cluster));
   if (query(&n, launch.cfg) != cudaSuccess) n = 0;  // unknown: treated as one cluster at a time
   return known[key] = std::max(n, 1);
-}
-
-// Experiment knob: WEFT_SPARQ_TRIGGER=start|gather|merge|exit (default start).
-int sparq_trigger_step() {
-  static const int step = [] {
-    const char* e = std::getenv("WEFT_SPARQ_TRIGGER");
-    const std::string v = e ? e : "start";
-    return v == "gather" ? 4 : v == "merge" ? 5 : v == "exit" ? 9 : 0;
-  }();
-  return step;
 }
 
 template <typename KV, int G, int E>
@@ -798,7 +783,7 @@ void launch_sparq_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cac
   WEFT_DISPATCH_KV(k_cache.dtype, KV, {
     const SparqArgs<KV> sel{q.data<float>(), k_t.data<KV>(), k_cache.data<KV>(), v_cache.data<KV>(),
                              v_sum.data<float>(), kv, seq, pos, r, k, int(n_heads), int(sh.hd), scale, sh, x,
-                             ctx.status, out.data<float>(), sparq_trigger_step()};
+                             ctx.status, out.data<float>()};
     if (G == 1) launch_sparq_hd<KV, 1>(ctx, sel);
     else if (G == 4) launch_sparq_hd<KV, 4>(ctx, sel);
     else launch_sparq_hd<KV, 8>(ctx, sel);
