@@ -3,9 +3,9 @@
 // for what ncu cannot show: ncu serialises kernels, so a kernel's time in the decode step's graph, where the next
 // GEMV's blocks are placed and copy weights while the kernel before them runs, is not the sum of ncu's durations
 // (bench/RESULTS.md, session 17). There is no nsys on the GPU host.
-//   g++ -O2 -shared -fPIC -I $CUPTI/include bench/kernels/kernel-timeline.cc -L $CUPTI/lib64 -lcupti -o /tmp/libkt.so
-//   WEFT_TIMELINE_OUT=/tmp/t.csv CUDA_INJECTION64_PATH=/tmp/libkt.so node ... bench/decode.ts ...
-//   python3 bench/kernels/timeline-summary.py /tmp/t.csv
+//   bash deploy/gpu-host.sh bash bench/kernels/timeline-run.sh [--kernel NAME] -- node --import tsx bench/decode.ts ...
+// (builds it against the toolkit's CUPTI, runs the command with CUDA_INJECTION64_PATH set, summarises with
+// timeline-summary.py).
 // Rows: start_ns,end_ns,grid_x,graph_node_id,demangled name (graph_node_id 0 outside a graph), written as the process
 // exits.
 #include <cupti.h>

@@ -6,7 +6,9 @@ critical-path increment is how far its end moved the step's latest end (0 when i
 the increments of a replay add up to its span. Printed: per kernel (name and grid), the median replay's increments
 and durations (a duration starts when the kernel's first block runs, so under programmatic dependent launch it
 includes the wait for the kernel before), then one layer's kernels in order.
-usage: timeline-summary.py FILE.csv [--layer N]"""
+With --kernel NAME, also each call of the kernels whose name holds NAME, in step order: its increment's median,
+min and max over the replays (a kernel whose time depends on the layer's data shows it here).
+usage: timeline-summary.py FILE.csv [--layer N] [--kernel NAME]"""
 import collections
 import statistics
 import sys
@@ -21,6 +23,7 @@ def short(name):
 def main():
     path = sys.argv[1]
     layer = int(sys.argv[sys.argv.index('--layer') + 1]) if '--layer' in sys.argv else 5
+    kernel = sys.argv[sys.argv.index('--kernel') + 1] if '--kernel' in sys.argv else None
     rows = []
     for line in open(path):
         start, end, grid, node, name = line.rstrip('\n').split(',', 4)
@@ -87,6 +90,12 @@ def main():
             s, e, g, n, name = p[i]
             print(f'| {name} [{g}] | {(s - t0) / 1e3:.2f} | {(e - t0) / 1e3:.2f} | {(e - s) / 1e3:.2f} | '
                   f'{(s - p[i - 1][1]) / 1e3:.2f} | {inc[i] / 1e3:.2f} |')
+
+    if kernel:
+        calls = [i for i, r in enumerate(replays[0]) if kernel in r[4]]
+        print(f'\n{kernel}: increments by call (us, median / min / max over {len(replays)} replays)')
+        print(' '.join(f'{statistics.median(inc[i] for inc in incs) / 1e3:.0f}/{min(inc[i] for inc in incs) / 1e3:.0f}/'
+                       f'{max(inc[i] for inc in incs) / 1e3:.0f}' for i in calls))
 
 
 main()
