@@ -55,28 +55,25 @@ def main():
             latest = max(latest, e)
         return out
 
-    by_kind = collections.OrderedDict()
-    for i, r in enumerate(replays[med]):
-        key = f'{r[4]} [{r[2]}]'
-        k = by_kind.setdefault(key, [0, 0, 0])
-        k[0] += 1
+    def key(r):
+        return f'{r[4]} [{r[2]}]'
+
     incs = [increments(p) for p in replays]
-    for key in by_kind:
-        by_kind[key] = [by_kind[key][0], [], []]
+    calls = collections.Counter(key(r) for r in replays[med])
+    by_kind = {k: ([], []) for k in calls}  # per replay: the kind's summed increments and durations
     for p, inc in zip(replays, incs):
         sums = collections.defaultdict(lambda: [0, 0])
         for r, d in zip(p, inc):
-            key = f'{r[4]} [{r[2]}]'
-            sums[key][0] += d
-            sums[key][1] += r[1] - r[0]
-        for key, (i_sum, d_sum) in sums.items():
-            by_kind[key][1].append(i_sum)
-            by_kind[key][2].append(d_sum)
+            sums[key(r)][0] += d
+            sums[key(r)][1] += r[1] - r[0]
+        for k, (i_sum, d_sum) in sums.items():
+            by_kind[k][0].append(i_sum)
+            by_kind[k][1].append(d_sum)
     print('| kernel [grid] | calls | increments, us (median replay) | per call | durations, us | per call |')
     print('|---|---|---|---|---|---|')
-    for key, (n, i_sums, d_sums) in sorted(by_kind.items(), key=lambda kv: -statistics.median(kv[1][1])):
-        i_med, d_med = statistics.median(i_sums) / 1e3, statistics.median(d_sums) / 1e3
-        print(f'| {key} | {n} | {i_med:.1f} | {i_med / n:.2f} | {d_med:.1f} | {d_med / n:.2f} |')
+    for k, (i_sums, d_sums) in sorted(by_kind.items(), key=lambda kv: -statistics.median(kv[1][0])):
+        n, i_med, d_med = calls[k], statistics.median(i_sums) / 1e3, statistics.median(d_sums) / 1e3
+        print(f'| {k} | {n} | {i_med:.1f} | {i_med / n:.2f} | {d_med:.1f} | {d_med / n:.2f} |')
     # one layer: the kernels from the (layer+1)-th qkv_rope's predecessor on, in start order
     p, inc = replays[med], incs[med]
     ropes = [i for i, r in enumerate(p) if 'rope' in r[4]]
@@ -92,10 +89,10 @@ def main():
                   f'{(s - p[i - 1][1]) / 1e3:.2f} | {inc[i] / 1e3:.2f} |')
 
     if kernel:
-        calls = [i for i, r in enumerate(replays[0]) if kernel in r[4]]
+        at = [i for i, r in enumerate(replays[0]) if kernel in r[4]]
         print(f'\n{kernel}: increments by call (us, median / min / max over {len(replays)} replays)')
         print(' '.join(f'{statistics.median(inc[i] for inc in incs) / 1e3:.0f}/{min(inc[i] for inc in incs) / 1e3:.0f}/'
-                       f'{max(inc[i] for inc in incs) / 1e3:.0f}' for i in calls))
+                       f'{max(inc[i] for inc in incs) / 1e3:.0f}' for i in at))
 
 
 main()
