@@ -9,7 +9,7 @@ summary_args=()
 while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do summary_args+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 [ "$#" -gt 0 ] || { echo "timeline-run: usage: timeline-run.sh [--kernel NAME] [--layer N] -- COMMAND..." >&2; exit 2; }
-header="$(find /usr/local/cuda*/ /usr/local/cuda*/extras/CUPTI -name cupti.h -path '*include*' 2>/dev/null | head -1 || true)"
+header="$(find /usr/local/cuda*/ -name cupti.h -path '*include*' 2>/dev/null | head -1 || true)"
 library="$(find /usr/local/cuda*/ \( -name 'libcupti.so' -o -name 'libcupti.so.[0-9]*' \) 2>/dev/null | head -1 || true)"
 [ -n "$header" ] && [ -n "$library" ] || { echo "timeline-run: no CUPTI (cupti.h, libcupti.so) under /usr/local/cuda*" >&2; exit 1; }
 injection="$(mktemp -d)/libkernel-timeline.so"
