@@ -723,8 +723,13 @@ void launch_sparq(const Ctx& ctx, SparqArgs<KV> args) {
   const SparqShape& sh = args.sh;
   const size_t smem = sh.dyn_smem_bytes();
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  // An ordinary (not programmatic) dependent: its clusters are placed once the kernels before it have left the SMs.
+  // As a programmatic one they were placed while wqkv's GEMV still held SMs, and a cluster needs its 4-8 SMs free in
+  // one GPC: now and then a second wave (~195 us a call instead of ~103), on layer 0 always. At 32K, blocks of 16,
+  // Llama-2-7B, the kernel took 107-109 us a layer in the step that way and 93 us this way, the step 6.92 ms against
+  // 7.78 (bench/RESULTS.md, session 18).
   const cudaError_t e = launch_in_clusters(kernel, args, dim3(unsigned(units * sh.cluster)), kSelectThreads, smem,
-                                           int(sh.cluster), true, ctx.stream);
+                                           int(sh.cluster), false, ctx.stream);
   if (e != cudaSuccess) fail_cuda(ctx.st, "sparqAttention", e, " (the cluster launch)");
 }
 

@@ -1,5 +1,5 @@
-// The launch of the GEMV kernels that split K over a thread-block cluster (gemv.cu, gemv-quant-mma.cu): clusters
-// of C blocks along x, as programmatic dependents. Included by .cu files only.
+// The launch of kernels in thread-block clusters (the GEMVs that split K over one, gemv.cu and gemv-quant-mma.cu, and
+// SparQ's, attention-sparq.cu): clusters of C blocks along x. Included by .cu files only.
 #pragma once
 
 #include "cuda/common.cuh"
