@@ -1,7 +1,7 @@
 // Decode attention on tensor cores: the partition plan of attention-decode.cuh, the two products on mma.sync
 // m16n8k16. Why tensor cores: on CUDA cores a GQA group of g heads costs g FMAs per cache element for the scores and
 // g more for the values, plus a conversion per element; at H200's bandwidth that is more than the SMs issue
-// (bench/RESULTS.md). The block's heads (up to 8) are the rows 0-7 of a 16-row A operand.
+// (bench/RESULTS.md).
 //
 // Why each warp streams its own tiles: with the block's four warps sharing every tile, each tile cost a fixed chain
 // of waits (copy, scores, barrier, softmax, barrier, values, barrier) that no other work of the block hid, so a tile
@@ -20,14 +20,19 @@
 // boundary between the two. A token whose position has one partition is written directly.
 //
 // Operands: a bf16 cache is used as stored (bf16 mma), fp8 and int8 codes are converted to f16 in registers (exact),
-// their row scales folded into the scores and the weights once per row. The codes' fragments are loaded by ldmatrix
-// as if they were 16-bit pairs: a key fragment then holds dims 4t .. 4t + 3 of a row (the query's fragment is loaded
-// in the same order), a value fragment two dims of two rows (the output's dims come out in the same permuted order
-// and are put back when written).
+// their row scales folded into the scores and the weights once per row. bf16: the block's heads (up to 8) are the
+// rows 0-7 of the A operand of both products (scores Q K^T, values P V). Codes: the cache is the M side of both,
+// keys in S^T = K Q^T and dims in O^T = V^T P^T, with the heads (four to an n8 tile) as columns: half the mma of
+// heads on M (16 keys or 16 dims a step instead of 8), the query's fragments in registers instead of shared memory,
+// and half the output accumulators (session 18: 2-8% faster than heads on M; four shuffles a 16-key step move the
+// scores' layout to the weights'). The codes' fragments are loaded by ldmatrix as if they were 16-bit pairs: a key
+// fragment then holds dims 4t .. 4t + 3 of a row (the query's fragment is built in the same order), a value fragment
+// (.trans) two dims of two rows, the even and odd dims making two m16 tiles (the output's dims are put back when
+// written).
 // Precision: the query and the weights are split into two 16-bit parts, x = hi + lo (each rounded to nearest), carried
-// in the A operand's rows 0-7 (hi) and 8-15 (lo), so one mma multiplies both by the exact cache values with f32
-// accumulation: the operands carry about 16 (bf16) or 22 (f16) significant bits instead of 8 or 11, and the outputs
-// stay within the f32 kernel's bound against the CPU.
+// in the operand's rows 8-15 (bf16: the A operand's lo rows) or odd columns (codes: B's), so one mma multiplies both
+// by the exact cache values with f32 accumulation: the operands carry about 16 (bf16) or 22 (f16) significant bits
+// instead of 8 or 11, and the outputs stay within the f32 kernel's bound against the CPU.
 #include "cuda/attention-decode.cuh"
 
 namespace weft::cuda::decode {
@@ -39,7 +44,8 @@ __device__ unsigned int g_merge_tickets[kMaxMergeTickets];
 
 namespace {
 
-constexpr int kHeadRows = 8;  // query heads a block serves at most (the plan's head chunk): rows 0-7 of the A operand
+// Query heads a block serves at most (the plan's head chunk): the A operand's rows 0-7 (bf16), B's columns (codes).
+constexpr int kHeadRows = 8;
 // Codes: the weights p * (value row's scale) are taken 2^8 times larger into their f16 parts, and the outputs 2^8
 // smaller (exact): a row scale of about 1e-3 (values near 1) put most weights below f16's normal range (6.1e-5),
 // where the hi/lo split keeps only 2^-25 of absolute precision (about 2e-5 of max|out| at 16K positions in fp8).
@@ -120,7 +126,7 @@ struct WarpTiles {
   static constexpr int kStages = kCodes || kTileBytes > 4096 ? 2 : 3;
   static constexpr size_t kWarpBytes = size_t(kStages) * 2 * kTileBytes;
   static constexpr size_t kStageBytes = kWarps * kWarpBytes;
-  static constexpr size_t kQBytes = size_t(HD / 16) * 32 * sizeof(uint4);  // the query's A fragments
+  static constexpr size_t kQBytes = kCodes ? 0 : size_t(HD / 16) * 32 * sizeof(uint4);  // bf16: the query's A fragments
   static_assert(kChunks >= 4 && (kRows * kChunks) % 32 == 0 && kRows % 16 == 0, "tile shape");
   // Each warp's results ([kHeadRows][HD] outputs, then the maxes and sums) fit in its own stages.
   static_assert(size_t(kHeadRows) * (HD + 2) * sizeof(float) <= kWarpBytes, "warp results");
@@ -142,7 +148,7 @@ struct WarpTiles {
 
 // grid (n_part, T * n_kv * n_hc), kThreads threads. Partials as attention_decode_partial (attention-decode.cu) writes
 // them; out (nullptr: partials only, the merge kernel follows) [T * nH, HD]: the merged output.
-template <typename KV, int HD>
+template <typename KV, int HD, int NT>
 __global__ void __launch_bounds__(kThreads,
                                   HD > 128 ? 1 : kKvQuantized<KV> ? kCodePlanLimits.blocks_per_sm : kBlocksPerSm)
     attention_decode_partial_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
@@ -155,6 +161,9 @@ __global__ void __launch_bounds__(kThreads,
   constexpr bool kCodes = L::kCodes, kBf16 = !kCodes;
   constexpr int WR = L::kRows, S = L::kStages, CH = L::kChunks;
   constexpr int KS = HD / 16, NJ = WR / 8, NO = HD / 8;  // k16 steps of the head dim, n8 tiles of keys and of dims
+  // codes: 16-key blocks of a tile (the m16 of both products), and the output's m16 tiles of dims (CH of them) by NT
+  // n8 tiles of heads
+  constexpr int MB = WR / 16, NOC = kCodes ? CH * NT : 1;
   pdl_trigger();
   pdl_wait();
   DecodeUnit u;
@@ -174,28 +183,46 @@ __global__ void __launch_bounds__(kThreads,
   int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);  // [P]
   float* k_row_scales = reinterpret_cast<float*>(rows + P);           // codes: [P]
   float* v_row_scales = k_row_scales + (kCodes ? P : 0);              // codes: [P]
-  uint4* qf = reinterpret_cast<uint4*>(v_row_scales + (kCodes ? P : 0));  // [KS][32 lanes]
-  int* last_flag = reinterpret_cast<int*>(qf + KS * 32);
+  uint4* qf = reinterpret_cast<uint4*>(v_row_scales + (kCodes ? P : 0));  // bf16: [KS][32 lanes]
+  int* last_flag = reinterpret_cast<int*>(qf + (kCodes ? 0 : KS * 32));
 
   // The query's A fragments, hi and lo parts, head g of the chunk (heads past nh are zero). For codes, lane t's key
   // fragment holds dims 4t .. 4t + 3 of its k16 step: the query's pairs at k = 2t and 2t + 8 are taken the same way.
-  for (int x = threadIdx.x; x < KS * 32; x += kThreads) {
-    const int ks = x / 32, g = (x % 32) >> 2, tq = x & 3;
-    float4 v = make_float4(0, 0, 0, 0);
-    if (g < u.nh) {
-      const float* qrow = q + (size_t(u.t) * nH + u.h_first + g) * HD + ks * 16;
-      if constexpr (kCodes) {
-        v = *reinterpret_cast<const float4*>(qrow + 4 * tq);
-      } else {
+  if constexpr (kBf16)
+    for (int x = threadIdx.x; x < KS * 32; x += kThreads) {
+      const int ks = x / 32, g = (x % 32) >> 2, tq = x & 3;
+      float4 v = make_float4(0, 0, 0, 0);
+      if (g < u.nh) {
+        const float* qrow = q + (size_t(u.t) * nH + u.h_first + g) * HD + ks * 16;
         const float2 a = *reinterpret_cast<const float2*>(qrow + 2 * tq), b = *reinterpret_cast<const float2*>(qrow + 8 + 2 * tq);
         v = make_float4(a.x, a.y, b.x, b.y);
       }
+      qf[x] = split_fragment<kBf16>(v.x, v.y, v.z, v.w);
     }
-    qf[x] = split_fragment<kBf16>(v.x, v.y, v.z, v.w);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  // Codes: the query as the B operand of the scores (keys on M), in registers: column g of n8 tile nt is head
+  // 4 nt + g / 2, its hi part (g even) or lo part; chunk c's k16 step holds dims 16 c + 4t .. + 3 in the key
+  // fragment's order (k 2t, 2t + 1: dims 4t, 4t + 1; k 2t + 8, 2t + 9: dims 4t + 2, 4t + 3).
+  uint32_t q_frag[kCodes ? CH : 1][NT][2];
+  if constexpr (kCodes) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int h = 4 * nt + (g >> 1);
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        float4 v = make_float4(0, 0, 0, 0);
+        const float* qrow = q + (size_t(u.t) * nH + u.h_first + h) * HD;
+        if (h < u.nh) v = *reinterpret_cast<const float4*>(qrow + 16 * c + 4 * tq);
+        uint32_t hi, lo;
+        split_pair<false>(v.x, v.y, hi, lo);
+        q_frag[c][nt][0] = (g & 1) ? lo : hi;
+        split_pair<false>(v.z, v.w, hi, lo);
+        q_frag[c][nt][1] = (g & 1) ? lo : hi;
+      }
+    }
   }
   load_partition_rows<kCodes>(kv, u, status, k_scales, v_scales, rows, k_row_scales, v_row_scales);  // + barrier
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   unsigned char* mine = stages + warp * L::kWarpBytes;
   const int n_tiles = static_cast<int>(ceil_div(u.np, WR));
   const int my_tiles = warp < n_tiles ? (n_tiles - 1 - warp) / kWarps + 1 : 0;
@@ -215,10 +242,16 @@ __global__ void __launch_bounds__(kThreads,
     }
   };
 
-  float o[NO][4];  // rows g: the hi parts' sums of head g, rows g + 8: the lo parts'
+  // bf16: o[n], rows g: the hi parts' sums of head g, rows g + 8: the lo parts'. Codes: o[mt * NT + nt], the output
+  // transposed (dims on M): columns 2t, 2t + 1 the hi and lo parts' sums of head 4 nt + t at the dims of rows g, g + 8.
+  float o[kBf16 ? NO : NOC][4];
 #pragma unroll
-  for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
-  float m_run = -INFINITY, l_run = 0;  // head g's running max (the same in the quad) and this lane's part of the sum
+  for (int n = 0; n < (kBf16 ? NO : NOC); ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+  // bf16: head g's running max (the same in the quad) and this lane's part of its sum; codes: head 4 nt + t's (the
+  // same in the lanes of that t)
+  float m_run[NT], l_run[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) m_run[nt] = -INFINITY, l_run[nt] = 0;
 
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
@@ -234,11 +267,11 @@ __global__ void __launch_bounds__(kThreads,
     const unsigned char* vt = kt + L::kTileBytes;
     const int r0 = (warp + i * kWarps) * WR, nr = min(WR, u.np - r0);
 
-    // Scores of the tile's keys 8 j + 2t, 8 j + 2t + 1 for head g: s[j][0, 1] the hi parts, s[j][2, 3] the lo parts.
-    float s[NJ][4];
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
     if constexpr (kBf16) {
+      // Scores of the tile's keys 8 j + 2t, 8 j + 2t + 1 for head g: s[j][0, 1] the hi parts, s[j][2, 3] the lo parts.
+      float s[NJ][4];
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
 #pragma unroll
       for (int ks = 0; ks < KS; ks += 2) {
         const uint4 qa = qf[ks * 32 + lane], qb = qf[(ks + 1) * 32 + lane];
@@ -250,62 +283,39 @@ __global__ void __launch_bounds__(kThreads,
           mma16<true>(s[j], qb, b[2], b[3]);
         }
       }
-    } else {
-#pragma unroll
-      for (int ks = 0; ks < KS; ks += 4) {
-        uint4 qa[4];
-#pragma unroll
-        for (int m = 0; m < 4; ++m) qa[m] = qf[(ks + m) * 32 + lane];
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          uint32_t b[4];  // b[m]: dims 16 (ks + m) + 4t .. + 3 of key 8 j + g
-          ldmatrix_x4(b, smem_u32(kt + L::at(8 * j + (lane & 7), ks + (lane >> 3))));
-#pragma unroll
-          for (int m = 0; m < 4; ++m)
-            mma16<false>(s[j], qa[m], codes_to_f16x2<0, 1>(k_cache, b[m]), codes_to_f16x2<2, 3>(k_cache, b[m]));
-        }
-      }
-    }
 
-    // Online softmax of head g over the tile (the quad of lanes 4g .. 4g + 3 holds its keys): p = exp(s - max).
-    float p[NJ][2], tile_max = -INFINITY;
+      // Online softmax of head g over the tile (the quad of lanes 4g .. 4g + 3 holds its keys): p = exp(s - max).
+      float p[NJ][2], tile_max = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < NJ; ++j)
+      for (int j = 0; j < NJ; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = 8 * j + 2 * tq + e;
-        float x = (s[j][e] + s[j][2 + e]) * scale;
-        if constexpr (kCodes) x *= r < nr ? k_row_scales[r0 + r] : 0.0f;
-        p[j][e] = r < nr ? x : -INFINITY;
-        tile_max = fmaxf(tile_max, p[j][e]);
-      }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float m_new = fmaxf(m_run, tile_max), alpha = expf(m_run - m_new);
-    float sum = 0;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        p[j][e] = expf(p[j][e] - m_new);
-        sum += p[j][e];
-        if constexpr (kCodes) {
+        for (int e = 0; e < 2; ++e) {
           const int r = 8 * j + 2 * tq + e;
-          p[j][e] *= r < nr ? v_row_scales[r0 + r] * kCodeWeightScale : 0.0f;  // the value row's scale, after the sum
+          p[j][e] = r < nr ? (s[j][e] + s[j][2 + e]) * scale : -INFINITY;
+          tile_max = fmaxf(tile_max, p[j][e]);
         }
-      }
-    l_run = l_run * alpha + sum;
-    m_run = m_new;
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float m_new = fmaxf(m_run[0], tile_max), alpha = expf(m_run[0] - m_new);
+      float sum = 0;
 #pragma unroll
-    for (int n = 0; n < NO; ++n) o[n][0] *= alpha, o[n][1] *= alpha, o[n][2] *= alpha, o[n][3] *= alpha;
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          p[j][e] = expf(p[j][e] - m_new);
+          sum += p[j][e];
+        }
+      l_run[0] = l_run[0] * alpha + sum;
+      m_run[0] = m_new;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) o[n][0] *= alpha, o[n][1] *= alpha, o[n][2] *= alpha, o[n][3] *= alpha;
 
-    // Values: k16 steps of the tile's keys; the weights of keys 16 kk + 2t, + 1 (n8 tile 2 kk) and 16 kk + 8 + 2t, + 1
-    // (tile 2 kk + 1) are the A fragment as they stand.
+      // Values: k16 steps of the tile's keys; the weights of keys 16 kk + 2t, + 1 (n8 tile 2 kk) and 16 kk + 8 + 2t,
+      // + 1 (tile 2 kk + 1) are the A fragment as they stand.
 #pragma unroll
-    for (int kk = 0; kk < WR / 16; ++kk) {
-      const uint4 a = split_fragment<kBf16>(p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]);
-      const int vr = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;  // this lane's ldmatrix row
-      if constexpr (kBf16) {
+      for (int kk = 0; kk < WR / 16; ++kk) {
+        const uint4 a = split_fragment<true>(p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        const int vr = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;  // this lane's ldmatrix row
 #pragma unroll
         for (int n = 0; n < NO; n += 2) {  // dims 8 n .. 8 n + 15
           uint32_t b[4];
@@ -313,18 +323,90 @@ __global__ void __launch_bounds__(kThreads,
           mma16<true>(o[n], a, b[0], b[1]);
           mma16<true>(o[n + 1], a, b[2], b[3]);
         }
-      } else {
+      }
+    } else {
+      // Codes, keys on M in both products. Scores S^T = K q^T: lane (g, t) gets s[kb][nt][0, 1] = the hi and lo
+      // parts' sums of key 16 kb + g for head 4 nt + t, s[kb][nt][2, 3] those of key 16 kb + g + 8. Half the mma of
+      // the query on M (16 keys a k16 step instead of 8), and no shared-memory loads of the query.
+      float s[MB][NT][4];
 #pragma unroll
-        for (int c = 0; c < CH; c += 2) {  // 16-byte chunks c, c + 1: dims 16 c .. 16 c + 31
-          // b[0], b[1]: keys 2t, 2t + 1 (and 2t + 8, 2t + 9) at dims 16 c + 2g, + 1; b[2], b[3] the same at chunk c + 1.
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, smem_u32(vt + L::at(vr, c + (lane >> 4))));
+      for (int kb = 0; kb < MB; ++kb)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {  // n8 tile 2 (c + h): the even dims of chunk c + h, 2 (c + h) + 1: the odd
-            mma16<false>(o[2 * (c + h)], a, codes_to_f16x2<0, 2>(v_cache, b[2 * h]),
-                         codes_to_f16x2<0, 2>(v_cache, b[2 * h + 1]));
-            mma16<false>(o[2 * (c + h) + 1], a, codes_to_f16x2<1, 3>(v_cache, b[2 * h]),
-                         codes_to_f16x2<1, 3>(v_cache, b[2 * h + 1]));
+        for (int nt = 0; nt < NT; ++nt) s[kb][nt][0] = s[kb][nt][1] = s[kb][nt][2] = s[kb][nt][3] = 0;
+#pragma unroll
+      for (int kb = 0; kb < MB; ++kb)
+#pragma unroll
+        for (int c = 0; c < CH; c += 2) {
+          // r[0], r[1]: keys 16 kb + g, + 8 at chunk c (bytes 4t .. 4t + 3); r[2], r[3]: the same at chunk c + 1
+          uint32_t r[4];
+          ldmatrix_x4(r, smem_u32(kt + L::at(16 * kb + (lane & 15), c + (lane >> 4))));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint4 a = {codes_to_f16x2<0, 1>(k_cache, r[2 * h]), codes_to_f16x2<0, 1>(k_cache, r[2 * h + 1]),
+                             codes_to_f16x2<2, 3>(k_cache, r[2 * h]), codes_to_f16x2<2, 3>(k_cache, r[2 * h + 1])};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma16<false>(s[kb][nt], a, q_frag[c + h][nt][0], q_frag[c + h][nt][1]);
+          }
+        }
+
+      // Online softmax of head 4 nt + t over the tile: its keys are spread over the 8 lanes of that t.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float p[MB][2], tile_max = -INFINITY;
+#pragma unroll
+        for (int kb = 0; kb < MB; ++kb)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 16 * kb + g + 8 * e;
+            p[kb][e] = r < nr ? (s[kb][nt][2 * e] + s[kb][nt][2 * e + 1]) * scale * k_row_scales[r0 + r] : -INFINITY;
+            tile_max = fmaxf(tile_max, p[kb][e]);
+          }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+        const float m_new = fmaxf(m_run[nt], tile_max), alpha = expf(m_run[nt] - m_new);
+        float sum = 0;
+#pragma unroll
+        for (int kb = 0; kb < MB; ++kb)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 16 * kb + g + 8 * e;
+            p[kb][e] = expf(p[kb][e] - m_new);
+            sum += p[kb][e];
+            p[kb][e] *= r < nr ? v_row_scales[r0 + r] * kCodeWeightScale : 0.0f;  // the value row's scale, after sum
+          }
+        l_run[nt] = l_run[nt] * alpha + sum;
+        m_run[nt] = m_new;
+#pragma unroll
+        for (int mt = 0; mt < CH; ++mt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) o[mt * NT + nt][i] *= alpha;
+
+        // Values, O^T = V^T P^T: the B operand (keys x columns) is P^T, column g the hi or lo part of head
+        // 4 nt + g / 2: keys 2t, 2t + 1 (and + 8) from lanes (2t, g / 2), (2t + 1, g / 2), which hold them as keys g'
+        // (and g' + 8). The A operand is V^T, dims on M: ldmatrix.trans gives keys 2t, 2t + 1 at the byte pair of
+        // dims 16 c + 2g, + 1; the even dims (bytes 0, 2) and odd dims (1, 3) make two m16 tiles.
+        const int src = 4 * (2 * tq) + (g >> 1);
+#pragma unroll
+        for (int kb = 0; kb < MB; ++kb) {
+          const float w0 = __shfl_sync(0xffffffffu, p[kb][0], src), w1 = __shfl_sync(0xffffffffu, p[kb][0], src + 4);
+          const float w8 = __shfl_sync(0xffffffffu, p[kb][1], src), w9 = __shfl_sync(0xffffffffu, p[kb][1], src + 4);
+          uint32_t hi0, lo0, hi1, lo1;
+          split_pair<false>(w0, w1, hi0, lo0);
+          split_pair<false>(w8, w9, hi1, lo1);
+          const uint32_t b0 = (g & 1) ? lo0 : hi0, b1 = (g & 1) ? lo1 : hi1;
+          // this lane's ldmatrix row: matrices (keys 0-7, chunk c), (0-7, c + 1), (8-15, c), (8-15, c + 1)
+          const int vr = 16 * kb + (lane & 7) + (lane >> 4) * 8;
+#pragma unroll
+          for (int c = 0; c < CH; c += 2) {
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, smem_u32(vt + L::at(vr, c + ((lane >> 3) & 1))));
+            const uint4 even = {codes_to_f16x2<0, 2>(v_cache, r[0]), codes_to_f16x2<0, 2>(v_cache, r[1]),
+                                codes_to_f16x2<0, 2>(v_cache, r[2]), codes_to_f16x2<0, 2>(v_cache, r[3])};
+            const uint4 odd = {codes_to_f16x2<1, 3>(v_cache, r[0]), codes_to_f16x2<1, 3>(v_cache, r[1]),
+                               codes_to_f16x2<1, 3>(v_cache, r[2]), codes_to_f16x2<1, 3>(v_cache, r[3])};
+            mma16<false>(o[c * NT + nt], even, b0, b1);
+            mma16<false>(o[(c + 1) * NT + nt], odd, b0, b1);
           }
         }
       }
@@ -333,21 +415,33 @@ __global__ void __launch_bounds__(kThreads,
   cp_async_wait_all();
   __syncwarp();  // every lane's copies landed: the warp's stages hold its results now
 
-  // This warp's outputs (hi + lo) of head g, its max and sum, into its own stages.
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  // This warp's outputs (hi + lo), maxes and sums, into its own stages.
   float* res = reinterpret_cast<float*>(mine);  // [kHeadRows][HD], then max [kHeadRows], sum [kHeadRows]
+  if constexpr (kBf16) {  // head g: dims 8 n + 2t, + 1
+    l_run[0] += __shfl_xor_sync(0xffffffffu, l_run[0], 1);
+    l_run[0] += __shfl_xor_sync(0xffffffffu, l_run[0], 2);
 #pragma unroll
-  for (int n = 0; n < NO; ++n) {
-    // bf16: dims 8 n + 2t, + 1. Codes: n8 tile n = 2 c + odd holds dims 16 c + 4t + odd and 16 c + 4t + 2 + odd.
-    const int d0 = kBf16 ? 8 * n + 2 * tq : 16 * (n / 2) + 4 * tq + (n & 1), step = kBf16 ? 1 : 2;
-    const float unscale = kBf16 ? 1.0f : 1.0f / kCodeWeightScale;
-    res[g * HD + d0] = (o[n][0] + o[n][2]) * unscale;
-    res[g * HD + d0 + step] = (o[n][1] + o[n][3]) * unscale;
-  }
-  if (tq == 0) {
-    res[kHeadRows * HD + g] = m_run;
-    res[kHeadRows * HD + kHeadRows + g] = l_run;
+    for (int n = 0; n < NO; ++n) {
+      res[g * HD + 8 * n + 2 * tq] = o[n][0] + o[n][2];
+      res[g * HD + 8 * n + 2 * tq + 1] = o[n][1] + o[n][3];
+    }
+    if (tq == 0) res[kHeadRows * HD + g] = m_run[0], res[kHeadRows * HD + kHeadRows + g] = l_run[0];
+  } else {  // head 4 nt + t: m16 tile mt = c + odd (c even) holds dims 16 c + 2g + odd (row g), 16 (c + 1) + 2g + odd
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int h = 4 * nt + tq;
+      float l = l_run[nt];
+      l += __shfl_xor_sync(0xffffffffu, l, 4);
+      l += __shfl_xor_sync(0xffffffffu, l, 8);
+      l += __shfl_xor_sync(0xffffffffu, l, 16);
+#pragma unroll
+      for (int mt = 0; mt < CH; ++mt) {
+        const int d = 16 * (mt & ~1) + 2 * g + (mt & 1);
+        res[h * HD + d] = (o[mt * NT + nt][0] + o[mt * NT + nt][1]) * (1.0f / kCodeWeightScale);
+        res[h * HD + d + 16] = (o[mt * NT + nt][2] + o[mt * NT + nt][3]) * (1.0f / kCodeWeightScale);
+      }
+      if (g == 0) res[kHeadRows * HD + h] = m_run[nt], res[kHeadRows * HD + kHeadRows + h] = l;
+    }
   }
   __syncthreads();
 
@@ -436,7 +530,10 @@ MmaLaunch launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, co
                      const Tensor& v_cache, const Tensor& token_seq, const KvBlockTable& kv, const Tensor& positions,
                      int64_t n_heads, float scale, float* part_out, float* part_ml, float* out) {
   using L = WarpTiles<KV, HD>;
-  auto kernel = attention_decode_partial_mma<KV, HD>;
+  // codes: the heads of a block are the columns of n8 tiles, four heads (hi and lo parts) a tile
+  auto kernel = attention_decode_partial_mma<KV, HD, 1>;
+  if constexpr (kKvQuantized<KV>)
+    if (plan.head_chunk > 4) kernel = attention_decode_partial_mma<KV, HD, 2>;
   const size_t smem = L::bytes(plan.P);
   if (smem > 48 * 1024)
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),

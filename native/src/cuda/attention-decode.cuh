@@ -19,10 +19,11 @@ constexpr int kStages = 3;          // tiles in flight: two arriving while one i
 // Blocks resident per SM the plan assumes, and the most positions a block reads (their row indices and scales stay
 // in shared memory). f32 and bf16: the tensor-core kernel's ~110 KiB a block at head dims up to 128 allows 2. The
 // 1-byte caches: tiles of 2 KiB, two stages a warp and partitions of at most 512 positions take ~42 KiB a block, so 4
-// fit (16 warps an SM, at most 128 registers a thread). Their tiles cost about twice bf16's instructions a byte (the
-// conversions to f16, twice the mma a byte), and with 8 warps an SM each warp's chain of dependent instructions, not
-// the bytes, set the time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x
-// bf16's speed at 32K (H200); 20 warps (5 blocks, registers spilled) lost at batch 1.
+// fit (16 warps an SM, at most 128 registers a thread). Their tiles cost more instructions a byte than bf16's (the
+// conversions to f16), and with 8 warps an SM each warp's chain of dependent instructions, not the bytes, set the
+// time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x bf16's speed at 32K
+// (H200). Session 18, with the cache on the mma's M side (~100 registers): 5 blocks, or 3 stages at 4 blocks, were
+// 3-6% faster at batch 8 and 3-6% slower for Llama-3-8B at batch 1.
 struct PlanLimits {
   int blocks_per_sm, max_partition;
 };
