@@ -68,23 +68,6 @@ __device__ __forceinline__ void mma16(float (&c)[4], const uint4& a, uint32_t b0
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
-// (x0, x1) as a pair of 16-bit operands hi and the pair of what rounding left, lo (element 0 in the low half).
-template <bool BF16>
-__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  if constexpr (BF16) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-    const float2 hf = __bfloat1622float2(h);
-    const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
-    hi = *reinterpret_cast<const uint32_t*>(&h);
-    lo = *reinterpret_cast<const uint32_t*>(&l);
-  } else {
-    const __half2 h = __floats2half2_rn(x0, x1);
-    const float2 hf = __half22float2(h);
-    const __half2 l = __floats2half2_rn(x0 - hf.x, x1 - hf.y);
-    hi = *reinterpret_cast<const uint32_t*>(&h);
-    lo = *reinterpret_cast<const uint32_t*>(&l);
-  }
-}
 // The A fragment of the pairs (x0, x1) at k = 2t, 2t + 1 and (x2, x3) at k = 2t + 8, 2t + 9: hi parts in row g, lo
 // parts in row g + 8.
 template <bool BF16>

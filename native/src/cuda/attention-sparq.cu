@@ -14,10 +14,12 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "cuda/attention-sparq.cuh"
 #include "cuda/cluster-split.cuh"
 #include "cuda/kv-block-table.cuh"
+#include "cuda/mma-tile.cuh"
 
 namespace weft::cuda {
 namespace {
@@ -174,6 +176,111 @@ __device__ void block_reduce_heads(float (&v)[G], float (*red)[G], float* out, i
     out[threadIdx.x] = s;
   }
   __syncthreads();
+}
+
+// Step 4 of one warp on tensor cores, for bf16 caches, GQA groups of 2-4 (G = 4) and head dims 32 E (64, 128):
+// the rows [i_begin, i_end) (positions when exact, else rows[i]) of kv head g, attended by the group's heads (q_s,
+// [group][hd] f32), 16 rows a step: scores S^T = K Q^T and values O^T = V^T P^T with the rows on the mma's M side
+// and the heads as the columns of one n8 tile (column c: head c / 2's hi or lo part, split in bf16 so that the
+// products keep ~16 bits of q and of the weights). Each lane loads 16 bytes of rows g and g + 8 per 32 dims (dims
+// 8t .. 8t + 7: the query's fragments take the same order); V's fragments are those loads transposed in registers
+// (movmatrix). Leaves the warp's max, sum and unnormalised output per head in wm, wl, wout [group][hd], as the
+// CUDA-core loop does. Why: that loop's per-row warp reductions made step 4 ~28% of the kernel for Llama-3-8B at 32K
+// (20.7 of 72.6 us, session 18's phase clocks).
+template <int E>
+__device__ void gather_rows_mma(const float* q_s, const __nv_bfloat16* __restrict__ k_cache,
+                                const __nv_bfloat16* __restrict__ v_cache, const KvBlockTable& kv, int t, int seq,
+                                int g_kv, const int32_t* rows, bool exact, int i_begin, int i_end, float scale,
+                                DeviceStatus* status, int group, float* wm, float* wl, float* wout) {
+  constexpr int hd = 32 * E;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3, hq = g >> 1;
+  uint32_t qf[E][2][2];  // 32-dim block, k16 step (dims 8t .. + 3, 8t + 4 .. + 7), register
+#pragma unroll
+  for (int db = 0; db < E; ++db)
+#pragma unroll
+    for (int st = 0; st < 2; ++st)
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        const int d = 32 * db + 8 * tq + 4 * st + 2 * w;
+        const float x0 = hq < group ? q_s[hq * hd + d] : 0.0f, x1 = hq < group ? q_s[hq * hd + d + 1] : 0.0f;
+        uint32_t hi, lo;
+        split_pair<true>(x0, x1, hi, lo);
+        qf[db][st][w] = (g & 1) ? lo : hi;
+      }
+  // m16 tile 2 db + jp of dims: rows g, g + 8 are dims 32 db + 8 (g / 2) + 4 jp + (g & 1), and that + 2
+  float o[2 * E][4];
+#pragma unroll
+  for (int mt = 0; mt < 2 * E; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0;
+  float m_run = -INFINITY, l_run = 0;  // head tq's (the same in the lanes of that tq), this lane's part of the sum
+  int64_t off = 0;                      // lane i: the cache offset of row i of the current 32
+  for (int i0 = i_begin; i0 < i_end; i0 += 16) {
+    if (((i0 - i_begin) & 31) == 0) {
+      const int i = i0 + lane;
+      if (i < i_end) off = kv_read_row(kv, t, seq, g_kv, exact ? i : rows[i], status) * hd;
+    }
+    const int half = (i0 - i_begin) & 16;
+    const int64_t off_g = __shfl_sync(0xffffffffu, off, half + g), off_g8 = __shfl_sync(0xffffffffu, off, half + g + 8);
+    const bool in_g = i0 + g < i_end, in_g8 = i0 + g + 8 < i_end;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    float sc[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int db = 0; db < E; ++db) {
+      const uint4 k0 = in_g ? *reinterpret_cast<const uint4*>(k_cache + off_g + 32 * db + 8 * tq) : zero;
+      const uint4 k8 = in_g8 ? *reinterpret_cast<const uint4*>(k_cache + off_g8 + 32 * db + 8 * tq) : zero;
+      const uint32_t a0[4] = {k0.x, k8.x, k0.y, k8.y}, a1[4] = {k0.z, k8.z, k0.w, k8.w};
+      mma_bf16(sc, a0, qf[db][0][0], qf[db][0][1]);
+      mma_bf16(sc, a1, qf[db][1][0], qf[db][1][1]);
+    }
+    // the online softmax of head tq over rows g and g + 8 of the 16 (the other rows in the lanes of that tq)
+    const float x0 = in_g ? (sc[0] + sc[1]) * scale : -INFINITY, x8 = in_g8 ? (sc[2] + sc[3]) * scale : -INFINITY;
+    float tile_max = fmaxf(x0, x8);
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+    const float m_new = fmaxf(m_run, tile_max), alpha = expf(m_run - m_new);  // row i0 exists: m_new is finite
+    const float p0 = expf(x0 - m_new), p8 = expf(x8 - m_new);
+    l_run = l_run * alpha + p0 + p8;
+    m_run = m_new;
+#pragma unroll
+    for (int mt = 0; mt < 2 * E; ++mt) o[mt][0] *= alpha, o[mt][1] *= alpha, o[mt][2] *= alpha, o[mt][3] *= alpha;
+    // P^T as the B operand: column g is head g / 2's hi or lo part, rows 2t, 2t + 1 (and + 8) from the lanes
+    // (2t, g / 2), (2t + 1, g / 2), which hold them as their rows g' (and g' + 8)
+    const int src = 8 * tq + hq;
+    const float w0 = __shfl_sync(0xffffffffu, p0, src), w1 = __shfl_sync(0xffffffffu, p0, src + 4);
+    const float w8 = __shfl_sync(0xffffffffu, p8, src), w9 = __shfl_sync(0xffffffffu, p8, src + 4);
+    uint32_t hi0, lo0, hi1, lo1;
+    split_pair<true>(w0, w1, hi0, lo0);
+    split_pair<true>(w8, w9, hi1, lo1);
+    const uint32_t b0 = (g & 1) ? lo0 : hi0, b1 = (g & 1) ? lo1 : hi1;
+#pragma unroll
+    for (int db = 0; db < E; ++db) {
+      const uint4 v0 = in_g ? *reinterpret_cast<const uint4*>(v_cache + off_g + 32 * db + 8 * tq) : zero;
+      const uint4 v8 = in_g8 ? *reinterpret_cast<const uint4*>(v_cache + off_g8 + 32 * db + 8 * tq) : zero;
+      // word j of row g holds dims 8t + 2j, + 1: transposed, lane (g, t) holds rows 2t, 2t + 1 at dim 8 (g / 2) + 2j
+      // + (g & 1), the A operand's (dim, rows) pairs
+      const uint32_t t0[4] = {movmatrix_trans(v0.x), movmatrix_trans(v0.y), movmatrix_trans(v0.z),
+                              movmatrix_trans(v0.w)};
+      const uint32_t t8[4] = {movmatrix_trans(v8.x), movmatrix_trans(v8.y), movmatrix_trans(v8.z),
+                              movmatrix_trans(v8.w)};
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        const uint32_t a[4] = {t0[2 * jp], t0[2 * jp + 1], t8[2 * jp], t8[2 * jp + 1]};
+        mma_bf16(o[2 * db + jp], a, b0, b1);
+      }
+    }
+  }
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 16);
+  if (tq < group) {  // columns 2t, 2t + 1: head tq's hi and lo parts
+#pragma unroll
+    for (int mt = 0; mt < 2 * E; ++mt) {
+      const int d = 32 * (mt >> 1) + 8 * hq + 4 * (mt & 1) + (g & 1);
+      wout[tq * hd + d] = o[mt][0] + o[mt][1];
+      wout[tq * hd + d + 2] = o[mt][2] + o[mt][3];
+    }
+    if (g == 0) wm[tq] = m_run, wl[tq] = l_run;
+  }
 }
 
 template <typename KV>
@@ -539,12 +646,21 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   const bool contiguous = hd == 32 * E;
   const int n = exact ? len : ta.k, share = (n + nb - 1) / nb;
   const int b0 = min(n, rank * share), b1 = min(n, b0 + share);
-  const int wr = ((b1 - b0 + kSelectWarps - 1) / kSelectWarps + R - 1) / R * R;
+  constexpr bool kMmaGather = std::is_same_v<KV, __nv_bfloat16> && G == 4 && E <= 4;  // gather_rows_mma's cases
+  constexpr int kRun = kMmaGather ? 16 : R;  // a warp's rows come in runs of kRun (its steps)
+  const int wr = ((b1 - b0 + kSelectWarps - 1) / kSelectWarps + kRun - 1) / kRun * kRun;
   const int i_begin = b0 + warp * wr, i_end = min(b1, i_begin + wr);
   const int32_t* rows = x.rows + tg * C;
   float* warp_out = dyn_smem;  // [warps][group][hd]: the slices are dead
   __shared__ float warp_m[kSelectWarps][G], warp_l[kSelectWarps][G], part_m[G], part_l[G];  // part_*: read by the cluster
-  {
+  bool gathered = false;
+  if constexpr (kMmaGather)
+    if (contiguous) {
+      gather_rows_mma<E>(q_s, a.k_cache, a.v_cache, a.kv, t, seq, g, rows, exact, i_begin, i_end, a.scale, a.status,
+                         group, warp_m[warp], warp_l[warp], warp_out + warp * group * hd);
+      gathered = true;
+    }
+  if (!gathered) {
     float m[G], l[G], o[G][E];
 #pragma unroll
     for (int h = 0; h < G; ++h) {
