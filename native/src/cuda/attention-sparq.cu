@@ -504,13 +504,19 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
 
   // ---- the log-sum-exp per head over all positions (every block alike: the same reads in the same order)
   if (tid < group) {
+    // every block's values loaded before any is used: the remote loads overlap instead of waiting one by one
+    float mb[kMaxCluster], lb[kMaxCluster];
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b)
+      if (b < nb) mb[b] = cluster.map_shared_rank(block_m, b)[tid], lb[b] = cluster.map_shared_rank(block_l, b)[tid];
     float M = -INFINITY;
-    for (int b = 0; b < nb; ++b) M = fmaxf(M, cluster.map_shared_rank(block_m, b)[tid]);
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b)
+      if (b < nb) M = fmaxf(M, mb[b]);
     double z = 0;
-    for (int b = 0; b < nb; ++b) {
-      const float m = cluster.map_shared_rank(block_m, b)[tid];
-      if (m != -INFINITY) z += double(expf(m - M)) * double(cluster.map_shared_rank(block_l, b)[tid]);
-    }
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b)
+      if (b < nb && mb[b] != -INFINITY) z += double(expf(mb[b] - M)) * double(lb[b]);
     lse[tid] = M + static_cast<float>(log(z));
   }
   __syncthreads();
@@ -553,12 +559,16 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
     cluster.sync();  // (2-4) every block's list of this pass
     if (tid < nb) rank_len[tid] = *cluster.map_shared_rank(len_p, tid);
     __syncthreads();
-    for (int b = 0; b < nb; ++b) {
-      const unsigned* lb = cluster.map_shared_rank(list, b);
-      for (int e = tid; e < int(rank_len[b]); e += blockDim.x) {
-        const unsigned w = lb[e];
-        atomicAdd(&hist[w >> kCountBits], w & ((1u << kCountBits) - 1));
-      }
+    // the blocks' lists end to end, a thread an entry: one round of remote loads for all of them, not one a block
+    unsigned n_entries = 0;
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b) n_entries += b < nb ? rank_len[b] : 0u;
+    for (unsigned x = tid; x < n_entries; x += blockDim.x) {
+      int b = 0;
+      unsigned e = x;
+      while (e >= rank_len[b]) e -= rank_len[b], ++b;
+      const unsigned w = cluster.map_shared_rank(list, b)[e];
+      atomicAdd(&hist[w >> kCountBits], w & ((1u << kCountBits) - 1));
     }
     __syncthreads();
     // thread tid: bins n_bins - 1 - (tid * per + j), j < per (per = kBinsPer, or 1 for the 512 bins of the last pass)
@@ -618,10 +628,12 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   cluster.sync();  // (5) block_counts
   int gt_before = gt_upto - gt, eq_before = eq_upto - eq;
   for (int w = 0; w < (tid >> 5); ++w) gt_before += warp_gt[w], eq_before += warp_eq[w];
-  for (int b = 0; b < rank; ++b) {
-    const int* c = cluster.map_shared_rank(block_counts, b);
-    gt_before += c[0], eq_before += c[1];
-  }
+#pragma unroll
+  for (int b = 0; b < kMaxCluster; ++b)
+    if (b < rank) {
+      const int* c = cluster.map_shared_rank(block_counts, b);
+      gt_before += c[0], eq_before += c[1];
+    }
   int32_t* rows = x.rows + tg * C;
   float al[G];
 #pragma unroll
@@ -757,15 +769,26 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   const int P = (group * hd + nb - 1) / nb, item = rank * P + tid;
   if (tid < P && item < group * hd) {
     const int h = item / hd, d = item % hd;
+    float mb[kMaxCluster], lb[kMaxCluster], ob[kMaxCluster];  // loaded before use, as for the log-sum-exp
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b)
+      if (b < nb) {
+        mb[b] = cluster.map_shared_rank(part_m, b)[h];
+        lb[b] = cluster.map_shared_rank(part_l, b)[h];
+        ob[b] = cluster.map_shared_rank(warp_out, b)[item];
+      }
     float M = -INFINITY;
-    for (int b = 0; b < nb; ++b) M = fmaxf(M, cluster.map_shared_rank(part_m, b)[h]);
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b)
+      if (b < nb) M = fmaxf(M, mb[b]);
     float L = 0, O = 0, alpha = 0, v_sum = 0;
-    for (int b = 0; b < nb; ++b) {
-      const float mb = cluster.map_shared_rank(part_m, b)[h];
-      if (mb != -INFINITY) {  // a block past the rows has none
-        const float f = expf(mb - M);
-        L += f * cluster.map_shared_rank(part_l, b)[h];
-        O += f * cluster.map_shared_rank(warp_out, b)[item];
+#pragma unroll
+    for (int b = 0; b < kMaxCluster; ++b) {
+      if (b >= nb) break;
+      if (mb[b] != -INFINITY) {  // a block past the rows has none
+        const float f = expf(mb[b] - M);
+        L += f * lb[b];
+        O += f * ob[b];
       }
       if (!exact) alpha += cluster.map_shared_rank(block_alpha, b)[h], v_sum += cluster.map_shared_rank(block_v, b)[d];
     }
