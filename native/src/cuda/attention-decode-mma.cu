@@ -365,19 +365,13 @@ __global__ void __launch_bounds__(kThreads,
 #pragma unroll
           for (int i = 0; i < 4; ++i) o[mt * NT + nt][i] *= alpha;
 
-        // Values, O^T = V^T P^T: the B operand (keys x columns) is P^T, column g the hi or lo part of head
-        // 4 nt + g / 2: keys 2t, 2t + 1 (and + 8) from lanes (2t, g / 2), (2t + 1, g / 2), which hold them as keys g'
-        // (and g' + 8). The A operand is V^T, dims on M: ldmatrix.trans gives keys 2t, 2t + 1 at the byte pair of
+        // Values, O^T = V^T P^T: the B operand is P^T, columns the hi and lo parts of heads 4 nt .. 4 nt + 3
+        // (weights_as_b). The A operand is V^T, dims on M: ldmatrix.trans gives keys 2t, 2t + 1 at the byte pair of
         // dims 16 c + 2g, + 1; the even dims (bytes 0, 2) and odd dims (1, 3) make two m16 tiles.
-        const int src = 4 * (2 * tq) + (g >> 1);
 #pragma unroll
         for (int kb = 0; kb < MB; ++kb) {
-          const float w0 = __shfl_sync(0xffffffffu, p[kb][0], src), w1 = __shfl_sync(0xffffffffu, p[kb][0], src + 4);
-          const float w8 = __shfl_sync(0xffffffffu, p[kb][1], src), w9 = __shfl_sync(0xffffffffu, p[kb][1], src + 4);
-          uint32_t hi0, lo0, hi1, lo1;
-          split_pair<false>(w0, w1, hi0, lo0);
-          split_pair<false>(w8, w9, hi1, lo1);
-          const uint32_t b0 = (g & 1) ? lo0 : hi0, b1 = (g & 1) ? lo1 : hi1;
+          uint32_t b0, b1;
+          weights_as_b<false>(p[kb][0], p[kb][1], b0, b1);
           // this lane's ldmatrix row: matrices (keys 0-7, chunk c), (0-7, c + 1), (8-15, c), (8-15, c + 1)
           const int vr = 16 * kb + (lane & 7) + (lane >> 4) * 8;
 #pragma unroll

@@ -243,15 +243,8 @@ __device__ void gather_rows_mma(const float* q_s, const __nv_bfloat16* __restric
     m_run = m_new;
 #pragma unroll
     for (int mt = 0; mt < 2 * E; ++mt) o[mt][0] *= alpha, o[mt][1] *= alpha, o[mt][2] *= alpha, o[mt][3] *= alpha;
-    // P^T as the B operand: column g is head g / 2's hi or lo part, rows 2t, 2t + 1 (and + 8) from the lanes
-    // (2t, g / 2), (2t + 1, g / 2), which hold them as their rows g' (and g' + 8)
-    const int src = 8 * tq + hq;
-    const float w0 = __shfl_sync(0xffffffffu, p0, src), w1 = __shfl_sync(0xffffffffu, p0, src + 4);
-    const float w8 = __shfl_sync(0xffffffffu, p8, src), w9 = __shfl_sync(0xffffffffu, p8, src + 4);
-    uint32_t hi0, lo0, hi1, lo1;
-    split_pair<true>(w0, w1, hi0, lo0);
-    split_pair<true>(w8, w9, hi1, lo1);
-    const uint32_t b0 = (g & 1) ? lo0 : hi0, b1 = (g & 1) ? lo1 : hi1;
+    uint32_t b0, b1;  // P^T
+    weights_as_b<true>(p0, p8, b0, b1);
 #pragma unroll
     for (int db = 0; db < E; ++db) {
       const uint4 v0 = in_g ? *reinterpret_cast<const uint4*>(v_cache + off_g + 32 * db + 8 * tq) : zero;

@@ -97,6 +97,20 @@ __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
   asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+// The B operand of O^T = V^T P^T (k: 16 rows, n: 8 columns, column c the hi (c even) or lo part of head c / 2's
+// weights) from the weights where the scores S^T = K Q^T leave them: lane (g, t) holds head t's weights of rows g
+// (w_g) and g + 8 (w_g8). Rows 2t, 2t + 1 (and + 8) of column g come from lanes (2t, g / 2) and (2t + 1, g / 2).
+template <bool BF16>
+__device__ __forceinline__ void weights_as_b(float w_g, float w_g8, uint32_t& b0, uint32_t& b1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, src = 8 * (lane & 3) + (g >> 1);
+  const float w0 = __shfl_sync(0xffffffffu, w_g, src), w1 = __shfl_sync(0xffffffffu, w_g, src + 4);
+  const float w8 = __shfl_sync(0xffffffffu, w_g8, src), w9 = __shfl_sync(0xffffffffu, w_g8, src + 4);
+  uint32_t hi0, lo0, hi1, lo1;
+  split_pair<BF16>(w0, w1, hi0, lo0);
+  split_pair<BF16>(w8, w9, hi1, lo1);
+  b0 = (g & 1) ? lo0 : hi0;
+  b1 = (g & 1) ? lo1 : hi1;
+}
 // One staged 16-byte chunk of cache elements -> f16 at dst (8-byte aligned for f32's 4, 16 for bf16's 8).
 __device__ __forceinline__ void chunk_to_f16(const float* src, __half* dst) {
   const float4 x = *reinterpret_cast<const float4*>(src);
