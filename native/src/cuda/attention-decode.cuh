@@ -23,7 +23,7 @@ constexpr int kStages = 3;          // tiles in flight: two arriving while one i
 // conversions to f16), and with 8 warps an SM each warp's chain of dependent instructions, not the bytes, set the
 // time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x bf16's speed at 32K
 // (H200). Session 18, with the cache on the mma's M side (106-112 registers): 5 blocks, or 3 stages at 4 blocks, were
-// 3-6% faster at batch 8 and 3-6% slower for Llama-3-8B at batch 1.
+// 3-5% faster at batch 8 and 4-6% slower for Llama-3-8B at batch 1 (bench/RESULTS.md).
 struct PlanLimits {
   int blocks_per_sm, max_partition;
 };
