@@ -22,8 +22,9 @@
 // valid): a thread-block cluster per (token, kv head) whose blocks each own a slice of the positions: steps 1-3
 // with the logits and keys in shared memory, the softmax normalizers, the radix select of the k-th largest key
 // (each block's bins summed over the cluster), the rows in index order, alpha and the V mean; then each block takes
-// a share of the selected rows (step 4) and the cluster merges the shares through distributed shared memory and
-// blends (step 5). The CPU reference is cpu/attention-sparq.cc; ops-check.cc compares the two.
+// a share of the selected rows (step 4: on tensor cores for bf16 caches, GQA groups of 2-4 and head dims 64 and
+// 128, else on CUDA cores) and the cluster merges the shares through distributed shared memory and blends (step 5).
+// The CPU reference is cpu/attention-sparq.cc; ops-check.cc compares the two.
 #pragma once
 
 #include "cuda/common.cuh"
