@@ -344,9 +344,7 @@ __global__ void __launch_bounds__(kThreads,
             p[kb][e] = r < nr ? (s[kb][nt][2 * e] + s[kb][nt][2 * e + 1]) * scale * k_row_scales[r0 + r] : -INFINITY;
             tile_max = fmaxf(tile_max, p[kb][e]);
           }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+        tile_max = max_over_rows(tile_max);
         const float m_new = fmaxf(m_run[nt], tile_max), alpha = expf(m_run[nt] - m_new);
         float sum = 0;
 #pragma unroll
@@ -407,10 +405,7 @@ __global__ void __launch_bounds__(kThreads,
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int h = 4 * nt + tq;
-      float l = l_run[nt];
-      l += __shfl_xor_sync(0xffffffffu, l, 4);
-      l += __shfl_xor_sync(0xffffffffu, l, 8);
-      l += __shfl_xor_sync(0xffffffffu, l, 16);
+      const float l = sum_over_rows(l_run[nt]);
 #pragma unroll
       for (int mt = 0; mt < CH; ++mt) {
         const int d = 16 * (mt & ~1) + 2 * g + (mt & 1);

@@ -234,9 +234,7 @@ __device__ void gather_rows_mma(const float* q_s, const __nv_bfloat16* __restric
     // the online softmax of head tq over rows g and g + 8 of the 16 (the other rows in the lanes of that tq)
     const float x0 = in_g ? (sc[0] + sc[1]) * scale : -INFINITY, x8 = in_g8 ? (sc[2] + sc[3]) * scale : -INFINITY;
     float tile_max = fmaxf(x0, x8);
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+    tile_max = max_over_rows(tile_max);
     const float m_new = fmaxf(m_run, tile_max), alpha = expf(m_run - m_new);  // row i0 exists: m_new is finite
     const float p0 = expf(x0 - m_new), p8 = expf(x8 - m_new);
     l_run = l_run * alpha + p0 + p8;
@@ -262,9 +260,7 @@ __device__ void gather_rows_mma(const float* q_s, const __nv_bfloat16* __restric
       }
     }
   }
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 16);
+  l_run = sum_over_rows(l_run);
   if (tq < group) {  // columns 2t, 2t + 1: head tq's hi and lo parts
 #pragma unroll
     for (int mt = 0; mt < 2 * E; ++mt) {

@@ -97,6 +97,17 @@ __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
   asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
+// Over the 8 lanes that share t = lane & 3 (an m16n8 accumulator's rows g of one column pair): the max, the sum.
+__device__ __forceinline__ float max_over_rows(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+__device__ __forceinline__ float sum_over_rows(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
 // The B operand of O^T = V^T P^T (k: 16 rows, n: 8 columns, column c the hi (c even) or lo part of head c / 2's
 // weights) from the weights where the scores S^T = K Q^T leave them: lane (g, t) holds head t's weights of rows g
 // (w_g) and g + 8 (w_g8). Rows 2t, 2t + 1 (and + 8) of column g come from lanes (2t, g / 2) and (2t + 1, g / 2).
