@@ -24,10 +24,12 @@ constexpr int kStages = 3;          // tiles in flight: two arriving while one i
 // time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x bf16's speed at 32K
 // (H200). Session 18, with the cache on the mma's M side (106-112 registers): 5 blocks, or 3 stages at 4 blocks, were
 // 3-5% faster at batch 8 and 4-6% slower for Llama-3-8B at batch 1 (bench/RESULTS.md).
+// bf16 partitions up to 1024 positions (896 before): Llama-3-8B at batch 1 and 32K then takes one round of 256
+// blocks instead of two, 52.7 -> 47.0 us (session 19, H200).
 struct PlanLimits {
   int blocks_per_sm, max_partition;
 };
-constexpr PlanLimits kPlanLimits{2, 896}, kCodePlanLimits{4, 512};
+constexpr PlanLimits kPlanLimits{2, 1024}, kCodePlanLimits{4, 512};
 constexpr int kBlocksPerSm = kPlanLimits.blocks_per_sm;  // the bifurcated kernels' plan too
 // What a block's start costs (its row lookups) in tiles' worth of time.
 constexpr int kBlockStartTiles = 2;
