@@ -335,29 +335,45 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // ---- step 1 (every block alike): columns, their q values [G][r] and c_h
   __shared__ float colq[G * kMaxHd], abs_q[kMaxHd], coef[G];
   __shared__ int cols[kMaxHd], warp_counts[32];
+  // |q| summed over the heads per component; and, by threads past hd, the heads' sums of |q| over all components
+  // (in component order, as the CPU reference sums them)
+  __shared__ float abs_all[G];
   for (int d = tid; d < hd; d += blockDim.x) {
     float s = 0;
     for (int h = 0; h < group; ++h) s += fabsf(q_s[h * hd + d]);
     abs_q[d] = s;
   }
+  if (tid >= kMaxHd && tid < kMaxHd + group) {
+    float all = 0;
+    for (int d = 0; d < hd; ++d) all += fabsf(q_s[(tid - kMaxHd) * hd + d]);
+    abs_all[tid - kMaxHd] = all;
+  }
   __syncthreads();
-  bool col_taken = false;  // hd <= kMaxHd < kSelectThreads: one component per thread
-  if (tid < hd) {
-    int above = 0;  // components ranked before tid: larger, or equal at a lower index
-    const float mine = abs_q[tid];
-    for (int j = 0; j < hd; ++j) above += abs_q[j] > mine || (abs_q[j] == mine && j < tid);
-    col_taken = above < r;
+  // A component's rank (how many rank before it: larger, or equal at a lower index), counted by `lanes` lanes
+  // (a power of two, lanes * hd <= kSelectThreads) each over every lanes-th component and added over them; the
+  // first lane of the group takes the flag, so the taken components stay in ascending order.
+  const int lanes = hd <= 64 ? 8 : hd <= 128 ? 4 : 2, d_rank = tid / lanes;
+  bool col_taken = false;
+  {
+    const int part = tid % lanes;
+    int above = 0;
+    if (d_rank < hd) {
+      const float mine = abs_q[d_rank];
+      for (int j = part; j < hd; j += lanes) above += abs_q[j] > mine || (abs_q[j] == mine && j < d_rank);
+    }
+    for (int o = 1; o < lanes; o <<= 1) above += __shfl_xor_sync(0xffffffffu, above, o);
+    col_taken = d_rank < hd && part == 0 && above < r;
   }
   int n_cols;
   const int col_slot = block_exclusive_count(col_taken, warp_counts, &n_cols);
-  if (col_taken) cols[col_slot] = tid;
+  if (col_taken) cols[col_slot] = d_rank;
   __syncthreads();
   for (int i = tid; i < group * r; i += blockDim.x) colq[i] = q_s[(i / r) * hd + cols[i % r]];
+  __syncthreads();
   if (tid < group) {
-    float all = 0, kept = 0;
-    for (int d = 0; d < hd; ++d) all += fabsf(q_s[tid * hd + d]);
-    for (int i = 0; i < r; ++i) kept += fabsf(q_s[tid * hd + cols[i]]);
-    coef[tid] = kept > 0 ? a.scale * sqrtf(all / kept) : a.scale;
+    float kept = 0;
+    for (int i = 0; i < r; ++i) kept += fabsf(colq[tid * r + i]);
+    coef[tid] = kept > 0 ? a.scale * sqrtf(abs_all[tid] / kept) : a.scale;
   }
   __syncthreads();
 
