@@ -37,6 +37,8 @@ constexpr int kTopBins = 2048;       // the select's first radix digit: 11 bits
 static_assert(kTopBins * 4 == kSelectThreads * 16, "v_part (a float4 a thread) lives in the histogram");
 constexpr int kPosPerThread = 4;      // consecutive positions a thread scores: one 8- or 16-byte load per column
 constexpr int kMaxHd = 256;
+// step 1: two lanes at least rank each component, and threads past kMaxHd sum the heads' |q| (up to 8 heads)
+static_assert(kSelectThreads >= 2 * kMaxHd && kSelectThreads >= kMaxHd + 8, "step 1's threads");
 constexpr size_t kSliceInSharedMax = 160 * 1024;  // bytes of a select block's logits and keys kept in shared memory
 
 // The scratch, carved in this order (4-byte elements).
