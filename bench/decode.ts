@@ -52,9 +52,10 @@ const program = new Command('bench-decode')
   .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
   .option('--profile-decode', 'after each row, replay its decode graph once inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
+  .option('--arena-gib <n>', 'step arena in GiB: it bounds the tokens of one prefill chunk (worker/step-sizes.ts maxStepTokens; 16 GiB holds ~1220 tokens of a 7-8B model)', '16')
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean; arenaGib: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -69,8 +70,11 @@ if (!['dense', 'sparq'].includes(opts.attention)) program.error(`--attention mus
 const sparq = opts.attention === 'sparq' ? { r: Number(opts.sparqR), k: Number(opts.sparqK) } : undefined;
 const kvBlockSize = opts.kvBlockSize === undefined ? undefined : Number(opts.kvBlockSize);
 
-// A 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure).
-const arenaBytes = 16 * 2 ** 30;
+// The default 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure);
+// longer prompts run in chunks of what it holds.
+const arenaGib = Number(opts.arenaGib);
+if (!(arenaGib > 0)) program.error(`--arena-gib must be a positive number (got ${opts.arenaGib})`);
+const arenaBytes = Math.round(arenaGib * 2 ** 30);
 const engine = createEngine({ backend: opts.device, arenaBytes });
 const bandwidthGBs = opts.device === 'cuda' ? engine.measureBandwidth(4 * 2 ** 30, 20) : NaN;
 console.log(`device read bandwidth: ${bandwidthGBs.toFixed(0)} GB/s`);
@@ -153,7 +157,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
       rows.push(row);
       console.log(
         `${label.padEnd(20)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms ahead (serial ${serial.ms.toFixed(3)}, graph alone ${replayMs.toFixed(3)}), ` +
-          `${row.tokensPerS.toFixed(1)} tok/s, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
+          `${row.tokensPerS.toFixed(1)} tok/s, prefill chunks <= ${runner.maxStepTokens} tokens, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
       );
     }
   }

@@ -2,7 +2,7 @@
 // contexts 2K to 32K, the Llama-2-7B shape (32 heads, 32 KV heads, hd 128) and the Llama-3-8B shape (32 / 8).
 // Included by attention-bench.cu (bench-device.cuh: dev(), CK, Device, the fills); run as `attention-bench decode [max context]`.
 //
-// Each sequence holds `context` positions in blocks of 16 (a block table of consecutive blocks per sequence);
+// Each sequence holds `context` positions in blocks of 16 (WEFT_BENCH_KV_BLOCK; a block table of consecutive blocks per sequence);
 // the query of sequence b is at position context - 1. Bytes per launch = what one layer's decode must read:
 // K and V rows (and the 1-byte caches' row scales) of every position. Enough layers' caches that one sweep
 // over them is over 4x the L2 (capped at 32 layers: a real step's worth), timed as a sweep of launches, one per
@@ -22,14 +22,15 @@ __global__ void fill_codes(uint8_t* p, size_t n, uint64_t seed, uint8_t mask) {
     p[i] = uint8_t(weft::splitmix64(weft::splitmix64(seed) ^ i) >> 56) & mask;
 }
 
-// A cache [nBlocks, nKv, 16, hd] of `d` with random contents (and its scales for the 1-byte types).
-Tensor decode_cache(DType d, int64_t n_blocks, int64_t n_kv, int64_t hd, uint64_t seed, cudaStream_t stream) {
-  Tensor t = dev(d, {n_blocks, n_kv, 16, hd});
+// A cache [nBlocks, nKv, block, hd] of `d` with random contents (and its scales for the 1-byte types).
+Tensor decode_cache(DType d, int64_t n_blocks, int64_t n_kv, int64_t hd, uint64_t seed, cudaStream_t stream,
+                    int64_t block = 16) {
+  Tensor t = dev(d, {n_blocks, n_kv, block, hd});
   if (d == DType::BF16) {
     bench::fill_bf16<<<1024, 256, 0, stream>>>(t.data<__nv_bfloat16>(), t.numel(), seed);
   } else {
     fill_codes<<<1024, 256, 0, stream>>>(t.data<uint8_t>(), t.numel(), seed, d == DType::FP8 ? 0xf7 : 0xff);
-    auto scales = std::make_shared<Tensor>(dev(DType::F32, {n_blocks, n_kv, 16}));
+    auto scales = std::make_shared<Tensor>(dev(DType::F32, {n_blocks, n_kv, block}));
     bench::fill_value<<<1024, 256, 0, stream>>>(scales->data<float>(), scales->numel(), d == DType::FP8 ? 1.0f / 448 : 1.0f / 127);
     t.scales = scales;
   }
@@ -114,6 +115,8 @@ int decode_bench(int argc, char** argv) {
   const std::string only_shape = argc > 1 ? argv[1] : "";
   const int only_batch = argc > 2 ? std::atoi(argv[2]) : 0, min_context = argc > 3 ? std::atoi(argv[3]) : 2048;
   const bool profile_range = std::getenv("WEFT_PROFILE_RANGE") != nullptr;
+  // Positions a paged block holds (WEFT_BENCH_KV_BLOCK, default 16: the product's default).
+  const int kv_block = std::getenv("WEFT_BENCH_KV_BLOCK") ? std::atoi(std::getenv("WEFT_BENCH_KV_BLOCK")) : 16;
   bench::Device device;
   const cudaDeviceProp& prop = device.prop;
   const cudaStream_t stream = device.stream;
@@ -143,14 +146,14 @@ int decode_bench(int argc, char** argv) {
         Row row{m.name, batch, context, {}, {}, {}};
         int di = 0;
         for (DType d : {DType::BF16, DType::FP8, DType::I8}) {
-          const int64_t per_seq = context / 16, n_blocks = batch * per_seq;
+          const int64_t per_seq = context / kv_block, n_blocks = batch * per_seq;
           const double row_bytes = m.hd * double(dtype_size(d)) + (d == DType::BF16 ? 0 : 4);
           const double layer_bytes = 2.0 * batch * double(context) * m.nKv * row_bytes;
           const int layers = int(std::min<double>(32, std::ceil(4.0 * double(l2) / layer_bytes)));
           std::vector<Tensor> k, v;
           for (int l = 0; l < layers; ++l) {
-            k.push_back(decode_cache(d, n_blocks, m.nKv, m.hd, 2 * l + 1, stream));
-            v.push_back(decode_cache(d, n_blocks, m.nKv, m.hd, 2 * l + 2, stream));
+            k.push_back(decode_cache(d, n_blocks, m.nKv, m.hd, 2 * l + 1, stream, kv_block));
+            v.push_back(decode_cache(d, n_blocks, m.nKv, m.hd, 2 * l + 2, stream, kv_block));
           }
           Tensor q = dev(DType::F32, {batch, int64_t(m.nH) * m.hd}), out = dev(DType::F32, {batch, int64_t(m.nH) * m.hd});
           Tensor seq = dev(DType::I32, {batch}), pos = dev(DType::I32, {batch}), table_t = dev(DType::I32, {batch, per_seq});
