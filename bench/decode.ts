@@ -53,9 +53,10 @@ const program = new Command('bench-decode')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
   .option('--profile-decode', 'after each row, replay its decode graph once inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
   .option('--arena-gib <n>', 'step arena in GiB: it bounds the tokens of one prefill chunk (worker/step-sizes.ts maxStepTokens; 16 GiB holds ~1220 tokens of a 7-8B model)', '16')
+  .option('--prefill-chunk <n>', 'the most prompt tokens of one eager step (under what the arena holds): 1024, as the product\'s --max-num-batched-tokens steps; 0: what the arena holds', '1024')
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean; arenaGib: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean; arenaGib: string; prefillChunk: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -71,10 +72,12 @@ const sparq = opts.attention === 'sparq' ? { r: Number(opts.sparqR), k: Number(o
 const kvBlockSize = opts.kvBlockSize === undefined ? undefined : Number(opts.kvBlockSize);
 
 // The default 16 GiB step arena holds a whole 1024-token prefill of a 7-8B model (no chunking in the TTFT figure);
-// longer prompts run in chunks of what it holds.
+// longer prompts run in chunks of at most --prefill-chunk tokens (1024: the product's steps).
 const arenaGib = Number(opts.arenaGib);
 if (!(arenaGib > 0)) program.error(`--arena-gib must be a positive number (got ${opts.arenaGib})`);
 const arenaBytes = Math.round(arenaGib * 2 ** 30);
+const prefillChunk = Number(opts.prefillChunk);
+if (!Number.isInteger(prefillChunk) || prefillChunk < 0) program.error(`--prefill-chunk must be a whole number of tokens, 0 for no cap (got ${opts.prefillChunk})`);
 const engine = createEngine({ backend: opts.device, arenaBytes });
 const bandwidthGBs = opts.device === 'cuda' ? engine.measureBandwidth(4 * 2 ** 30, 20) : NaN;
 console.log(`device read bandwidth: ${bandwidthGBs.toFixed(0)} GB/s`);
@@ -118,7 +121,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   // as worker.ts builds them: SparQ's state beside the cache and steps of at most the tokens its kernels serve
   const withSparq = sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, spec, plan, kv, sparq) } } : built;
   const model = prefillAttention === 'exact' ? withSparq : { ...withSparq, model: { ...withSparq.model, prefillAttention } };
-  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(sparq && opts.device === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
+  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(prefillChunk > 0 && { maxChunkTokens: prefillChunk }), ...(sparq && opts.device === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
   const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   // with SparQ the prompt is sent dense (exact, the dense kernels: runner.ts) and decode steps take the cluster's r and k
