@@ -3,7 +3,8 @@
 //   bench/kernels/sage-run.sh
 // One layer of Llama-2-7B (32 query and 32 kv heads) and Llama-3-8B (32 / 8), head dim 128, bf16 caches (weft's
 // cuda default) holding one sequence in one block: a fresh causal prompt of T = 4K, 8K, 16K, 32K tokens attended
-// in one step, and the last 1K-token chunk of a 32K prompt (--max-num-batched-tokens 1024, the default). Random q,
+// in one step, the last 1K-token chunk of a 32K prompt (--max-num-batched-tokens 1024, the default), the last 1185
+// tokens (a chunk the grid fills badly), and the last 1K at 16 and 8 heads (one rank of TP 2 and 4). Random q,
 // k, v in [-1, 1), k plus a per-channel offset (what the smoothing removes); outputs poisoned with NaN first.
 // Times with CUDA events (2 warm-ups, median of 7 runs; int8 and fp8 include their pre-pass); TFLOP/s with the
 // causal count 2 * 2 * T * (keys before it) * hd * heads; error = max and mean |sage - exact| over the output
@@ -35,6 +36,7 @@ __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint64_t seed, float offse
 struct Case {
   const char* model;
   int nKv, T, first;  // T query tokens at positions first..first + T - 1
+  int nH = 32;        // query heads (one rank's, under tensor parallelism)
 };
 
 }  // namespace
@@ -44,7 +46,7 @@ int main() {
   const cudaStream_t stream = device.stream;
   const int sms = device.prop.multiProcessorCount;
   std::printf("device: %s, %d SMs\n", device.prop.name, sms);
-  const int nH = 32, hd = 128;
+  const int hd = 128;
   const float scale = 1.0f / std::sqrt(float(hd));
   bool ok = true;
   std::printf("%-11s %6s %6s %9s %7s | %9s %7s %6s %9s %9s | %9s %7s %6s %9s %9s\n", "model", "T", "keys", "exact ms",
@@ -56,8 +58,13 @@ int main() {
     for (int T : {4096, 8192, 16384, 32768}) cases.push_back({model, nKv, T, 0});
     cases.push_back({model, nKv, 1024, 32768 - 1024});
   }
+  // The grid is (heads, 64-token query tiles) at 2 blocks an SM: a chunk of 1185 tokens (19 tiles) over 32 heads is
+  // 2.3 rounds of an H200's 264 slots, and one rank's 16 or 8 heads (tensor parallelism 2, 4) leave SMs idle.
+  cases.push_back({"llama-2-7b", 32, 1185, 32768 - 1185});
+  cases.push_back({"l2-7b tp2", 16, 1024, 32768 - 1024, 16});
+  cases.push_back({"l2-7b tp4", 8, 1024, 32768 - 1024, 8});
   for (const Case& c : cases) {
-    const int T = c.T, C = c.first + c.T;
+    const int T = c.T, C = c.first + c.T, nH = c.nH;
     Tensor q = dev(DType::F32, {T, int64_t(nH) * hd}), kc = dev(DType::BF16, {1, c.nKv, C, hd}),
            vc = dev(DType::BF16, {1, c.nKv, C, hd}), slots = dev(DType::I32, {T}), pos = dev(DType::I32, {T}),
            table = dev(DType::I32, {1, 1});
