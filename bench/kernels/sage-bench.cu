@@ -80,9 +80,11 @@ int main() {
     CK(cudaMemset(table.data<int32_t>(), 0, 4));
     void* scratch;
     CK(cudaMalloc(&scratch, wc::sage_scratch_bytes(q, kc, table, false)));  // the f16 V operand's is the larger
+    float* exact_scratch = nullptr;  // the exact kernel's key splits' partials, where its grid takes splits
+    if (const int64_t floats = wc::attention_scratch_floats(q, kc, table, nH, sms)) CK(cudaMalloc(&exact_scratch, floats * 4));
     auto run = [&](int which) {
       if (which == 0)
-        wc::launch_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], nullptr, sms);
+        wc::launch_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], exact_scratch, sms);
       else
         wc::launch_sage_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch);
     };
@@ -108,6 +110,7 @@ int main() {
                 mean_err[1], ms[2], flops / ms[2] / 1e9, ms[0] / ms[2], max_err[2], mean_err[2], nan ? "  NaN!" : "");
     ok &= !nan;
     CK(cudaFree(scratch));
+    if (exact_scratch) CK(cudaFree(exact_scratch));
   }
   ok &= device.status_ok();
   return ok ? 0 : 1;

@@ -43,15 +43,23 @@ constexpr int kFaThreads = 128;
 template <int HD, typename KV>
 using FaLayout = KvTileLayout<HD, kFaBK, KV>;
 
-// grid (nH, ceil(T / kFaBQ)); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16, or the
+// Key splits: a grid of (heads, query tiles) under a few rounds of the SMs' 2 blocks each leaves SMs idle for the
+// whole walk over the keys (H200, one chunk of 1024 tokens at 32K positions: one tensor-parallel rank's 8 heads, 128
+// blocks, ran at 123 TFLOP/s where 32 heads ran at 185; a chunk of 1185 tokens over 32 heads, 2.3 rounds, at 144:
+// bench/RESULTS.md). Then each (head, query tile) is served by n_split blocks, each over its share of the pass's key
+// tiles, which write the rows' unnormalized outputs and (max, sum) to scratch; prefill_merge_splits adds them.
+constexpr int kMaxKeySplits = 8, kMinSplitTiles = 8;
+
+// grid (nH, ceil(T / kFaBQ), n_split); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16, or the
 // 1-byte codes with k_scales, v_scales [rows] (16 codes a chunk, dequantized as they are converted to f16).
+// n_split > 1: part [n_split][T][nH][HD] outputs, then part_ml [n_split][T][nH] (max in log2 units, sum).
 template <int HD, typename KV>
 __global__ void __launch_bounds__(kFaThreads, 2)
     attention_prefill_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
                           const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                           const int32_t* __restrict__ positions, int T, int nH, float qscale, float* __restrict__ out,
                           DeviceStatus* status, const float* __restrict__ k_scales,
-                          const float* __restrict__ v_scales) {
+                          const float* __restrict__ v_scales, int n_split, float* __restrict__ part) {
   using L = FaLayout<HD, KV>;
   constexpr int LD = L::kLd;
   constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
@@ -111,21 +119,27 @@ __global__ void __launch_bounds__(kFaThreads, 2)
 #pragma unroll
     for (int n = 0; n < NO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;  // l: this thread's partial row sums
+    // This block's key tiles of the pass: all of them, or split blockIdx.z's share, at least kMinSplitTiles (a
+    // short walk, as a fresh prompt's first query tiles have, is not worth a block's start: later splits get none).
     const int n_tiles = (end + kFaBK - 1) / kFaBK;
+    const int per_split = max((n_tiles + n_split - 1) / n_split, n_split > 1 ? kMinSplitTiles : 1);
+    const int j_begin = min(n_tiles, int(blockIdx.z) * per_split), j_end = min(n_tiles, j_begin + per_split);
 
-    if (tid < kFaBK) {
-      tile_rows[0][tid] = tile_row(0);
-      tile_rows[1][tid] = tile_row(kFaBK);
+    if (j_begin < j_end) {
+      if (tid < kFaBK) {
+        tile_rows[j_begin & 1][tid] = tile_row(j_begin * kFaBK);
+        tile_rows[(j_begin + 1) & 1][tid] = tile_row((j_begin + 1) * kFaBK);
+      }
+      __syncthreads();
+      fetch(j_begin * kFaBK, tile_rows[j_begin & 1]);
+      convert(j_begin * kFaBK, tile_rows[j_begin & 1]);
+      __syncthreads();
     }
-    __syncthreads();
-    fetch(0, tile_rows[0]);
-    convert(0, tile_rows[0]);
-    __syncthreads();
-    for (int j = 0; j < n_tiles; ++j) {
+    for (int j = j_begin; j < j_end; ++j) {
       const int kv0 = j * kFaBK;
-      if (j + 1 < n_tiles) fetch(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
+      if (j + 1 < j_end) fetch(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
       // Tile j + 2's row offsets: the table is read now, stored after this tile (its buffer held tile j's rows).
-      const int64_t row_after_next = tid < kFaBK && j + 2 < n_tiles ? tile_row(kv0 + 2 * kFaBK) : 0;
+      const int64_t row_after_next = tid < kFaBK && j + 2 < j_end ? tile_row(kv0 + 2 * kFaBK) : 0;
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
         float s[NS][4];
         mma_qk<KT, NS, LD>(s, qf, k_addr);
@@ -140,7 +154,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
         softmax_step<NS, NO>(s, m0, m1, l0, l1, o_acc, pf);
         mma_pv<NS, NO, LD>(o_acc, pf, v_addr);
       }
-      if (j + 1 < n_tiles) {
+      if (j + 1 < j_end) {
         __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
         convert(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
         if (tid < kFaBK) tile_rows[j & 1][tid] = row_after_next;
@@ -148,23 +162,76 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       }
     }
 
-    finish_pass<HD>(o_acc, l0, l1, 1.0f, rows, tq, kFaBQ, t0, nH, h, seq, tok_seq, tok_done, out);
+    if (n_split == 1) {
+      finish_pass<HD>(o_acc, l0, l1, 1.0f, rows, tq, kFaBQ, t0, nH, h, seq, tok_seq, tok_done, out);
+      continue;
+    }
+    // A split's partial rows: O unnormalized, (max, sum); a row with no key in this split has (-inf, 0) and O = 0.
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+    }
+    float* part_ml = part + size_t(n_split) * T * nH * HD;
+    auto put = [&](int r, int e, float m, float l) {
+      const size_t row = (size_t(blockIdx.z) * T + t0 + r) * nH + h;
+      float* o = part + row * HD + 2 * tq;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][e], o_acc[n][e + 1]);
+      if (tq == 0) *reinterpret_cast<float2*>(part_ml + 2 * row) = make_float2(m, l);
+    };
+    if (rows.pos0 >= 0) put(rows.r0, 0, m0, l0);
+    if (rows.pos1 >= 0) put(rows.r1, 2, m1, l1);
+    __syncthreads();
+    if (tid < kFaBQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
   }
+}
+
+// out[t, h] = the splits' outputs weighed by 2^(max - the largest max), over their weighed sums; one thread a
+// (token, head, dim). Tokens out of range were written (zeros) by the split kernel and are left as they are.
+template <int HD>
+__global__ void prefill_merge_splits(const float* __restrict__ part, KvBlockTable kv,
+                                     const int32_t* __restrict__ token_seq, const int32_t* __restrict__ positions,
+                                     int T, int nH, int n_split, float* __restrict__ out) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= int64_t(T) * nH * HD) return;
+  const int64_t row = i / HD;
+  const int t = static_cast<int>(row / nH);
+  const int seq = token_seq[t], pos = positions[t];
+  if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) return;
+  const float* part_ml = part + size_t(n_split) * T * nH * HD;
+  float M = -INFINITY;
+  for (int z = 0; z < n_split; ++z) M = fmaxf(M, part_ml[2 * (size_t(z) * T * nH + row)]);
+  float sum_o = 0, sum_l = 0;
+  for (int z = 0; z < n_split; ++z) {
+    const size_t zr = size_t(z) * T * nH + row;
+    const float w = exp2f(part_ml[2 * zr] - M);  // 0 for a split with no key (max -inf)
+    sum_o += w * part[zr * HD + i % HD];
+    sum_l += w * part_ml[2 * zr + 1];
+  }
+  out[i] = sum_o / sum_l;
 }
 
 template <int HD, typename KV>
 void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                         const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                        int64_t n_heads, float scale, const Tensor& out) {
+                        int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms) {
   int T = static_cast<int>(q.dim(0));
   auto kernel = attention_prefill_mma<HD, KV>;
   constexpr size_t smem = FaLayout<HD, KV>::kBytes;
   allow_dynamic_smem(ctx, kernel, smem, "attention");
-  dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ));
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  const int n_split = scratch ? detail::prefill_key_splits(T, n_heads, kv.capacity(), HD, num_sms) : 1;
+  dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ), n_split);
   kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table),
-      token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f,
-      out.data<float>(), ctx.status, k_cache.kv_scales(), v_cache.kv_scales());
+      q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv, token_seq.data<int32_t>(),
+      positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f, out.data<float>(), ctx.status,
+      k_cache.kv_scales(), v_cache.kv_scales(), n_split, scratch);
+  if (n_split > 1) {
+    const int64_t n = int64_t(T) * n_heads * HD;
+    prefill_merge_splits<HD><<<static_cast<unsigned>((n + 255) / 256), 256, 0, ctx.stream>>>(
+        scratch, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads), n_split, out.data<float>());
+  }
 }
 
 // ---- prefill fallback for head dims other than 64 and 128: tiled flash attention on CUDA cores, fp32
@@ -321,16 +388,39 @@ void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor
                 Named{"kvBlockTable", kv_block_table}, Named{"positions", positions}});
 }
 
+int prefill_key_splits(int64_t T, int64_t n_heads, int64_t C, int64_t hd, int num_sms) {
+  if (hd != 64 && hd != 128) return 1;  // the fp32 fallback does not split
+  // Rounds of resident blocks times each block's share of the key tiles, smallest; a split costs its partials'
+  // write and the merge (taken as an eighth of a round), and keeps at least 8 key tiles a block. Grids of more than
+  // 4 rounds keep one block a (head, query tile): a fresh causal prompt's blocks walk from 1 to T / 64 tiles, and
+  // splitting them (5 splits at 4096 tokens, 2 at 32768) made Llama-2-7B's prompt attention 1.14-1.77x slower (H200).
+  const int64_t blocks = n_heads * ((T + kFaBQ - 1) / kFaBQ), slots = 2 * int64_t(num_sms), tiles = (C + kFaBK - 1) / kFaBK;
+  const int64_t rounds = (blocks + slots - 1) / slots;
+  if (rounds > 4) return 1;
+  int best = 1;
+  double best_cost = double(rounds);
+  for (int n = 2; n <= kMaxKeySplits && tiles / n >= kMinSplitTiles; ++n) {
+    const double cost = double((blocks * n + slots - 1) / slots) / n + 0.125;
+    if (cost < best_cost) best = n, best_cost = cost;
+  }
+  return best;
+}
+
+int64_t attention_prefill_scratch_floats(int64_t T, int64_t n_heads, int64_t C, int64_t hd, int num_sms) {
+  const int n = prefill_key_splits(T, n_heads, C, hd, num_sms);
+  return n == 1 ? 0 : int64_t(n) * T * n_heads * (hd + 2);
+}
+
 void launch_attention_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                               const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                              int64_t n_heads, float scale, const Tensor& out) {
+                              int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms) {
   int64_t T = q.dim(0), hd = k_cache.dim(3);
   WEFT_CHECK((T + kFaBQ - 1) / kFaBQ <= 65535, "attention", "too many query tokens (", q, ")");
   auto mma = [&](auto head_dim) {
     constexpr int HD = decltype(head_dim)::value;
     WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
                      launch_prefill_mma<HD, KV>(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions,
-                                                n_heads, scale, out));
+                                                n_heads, scale, out, scratch, num_sms));
   };
   if (hd == 128)
     mma(std::integral_constant<int, 128>{});

@@ -8,7 +8,9 @@ namespace weft::cuda {
 int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
                                  int64_t n_heads, int num_sms) {
   int64_t T = q.dim(0);
-  if (!takes_decode_kernel(T, kv_block_table.dim(0), n_heads)) return 0;
+  if (!takes_decode_kernel(T, kv_block_table.dim(0), n_heads))
+    return detail::attention_prefill_scratch_floats(T, n_heads, kv_block_table.dim(1) * k_cache.dim(2), k_cache.dim(3),
+                                                    num_sms);
   return detail::attention_decode_scratch_floats(T, n_heads, k_cache.dim(1), kv_block_table.dim(1) * k_cache.dim(2),
                                                  k_cache.dim(3), num_sms, k_cache.is_kv_quantized());
 }
@@ -28,7 +30,7 @@ void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, co
                                     out, scratch, num_sms);
   else
     detail::launch_attention_prefill(ctx, q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale,
-                                     out);
+                                     out, scratch, num_sms);
 }
 
 }  // namespace weft::cuda

@@ -36,7 +36,7 @@ inline bool takes_decode_kernel(int64_t T, int64_t S, int64_t n_heads) {
   return T <= kDecodeMaxTokens || (T == S && T * n_heads <= 65535);
 }
 
-// Floats of device scratch the launch needs (0 for the prefill kernel).
+// Floats of device scratch the launch needs (the prefill kernel: its key splits' partials, or 0).
 int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
                                  int64_t n_heads, int num_sms);
 
@@ -52,9 +52,14 @@ int64_t attention_decode_scratch_floats(int64_t T, int64_t n_heads, int64_t n_kv
 void launch_attention_decode(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                              const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                              int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms);
+// The tensor-core prefill kernel's splits of the key range (1: none) for T query tokens, n_heads heads and a
+// capacity of C positions, and the floats of scratch their partials take.
+int prefill_key_splits(int64_t T, int64_t n_heads, int64_t C, int64_t hd, int num_sms);
+int64_t attention_prefill_scratch_floats(int64_t T, int64_t n_heads, int64_t C, int64_t hd, int num_sms);
+// scratch: attention_prefill_scratch_floats of them, or null (no split).
 void launch_attention_prefill(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                               const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                              int64_t n_heads, float scale, const Tensor& out);
+                              int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms);
 // The fp32 CUDA-core prefill kernel whatever the head dim (the fallback above; bench/kernels/attention-bench.cu
 // compares against it).
 void launch_attention_prefill_fp32(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
