@@ -167,11 +167,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       continue;
     }
     // A split's partial rows: O unnormalized, (max, sum); a row with no key in this split has (-inf, 0) and O = 0.
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-    }
+    sum_quad_rows(l0, l1);
     float* part_ml = part + size_t(n_split) * T * nH * HD;
     auto put = [&](int r, int e, float m, float l) {
       const size_t row = (size_t(blockIdx.z) * T + t0 + r) * nH + h;
@@ -182,8 +178,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     };
     if (rows.pos0 >= 0) put(rows.r0, 0, m0, l0);
     if (rows.pos1 >= 0) put(rows.r1, 2, m1, l1);
-    __syncthreads();
-    if (tid < kFaBQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+    end_pass(kFaBQ, seq, tok_seq, tok_done);
   }
 }
 
@@ -197,8 +192,7 @@ __global__ void prefill_merge_splits(const float* __restrict__ part, KvBlockTabl
   if (i >= int64_t(T) * nH * HD) return;
   const int64_t row = i / HD;
   const int t = static_cast<int>(row / nH);
-  const int seq = token_seq[t], pos = positions[t];
-  if (seq < 0 || seq >= kv.n_seqs || pos < 0 || pos >= kv.capacity()) return;
+  if (!kv_token_in_range(kv, t, token_seq[t], positions[t], kKvRead, nullptr, false)) return;
   const float* part_ml = part + size_t(n_split) * T * nH * HD;
   float M = -INFINITY;
   for (int z = 0; z < n_split; ++z) M = fmaxf(M, part_ml[2 * (size_t(z) * T * nH + row)]);

@@ -78,6 +78,23 @@ __device__ __forceinline__ PassRows pass_rows(int warp, int gr, int seq, const i
   return {r0, r1, pos0, pos1, wmin, wmax};
 }
 
+// The row sums of a pass: each thread of a quad holds a part of rows gr and gr + 8; after this every thread has
+// the whole.
+__device__ __forceinline__ void sum_quad_rows(float& l0, float& l1) {
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
+  }
+}
+
+// After a pass's rows are written (every thread): the tokens of sequence seq are done.
+__device__ __forceinline__ void end_pass(int BQ, int seq, const int* tok_seq, int* tok_done) {
+  __syncthreads();
+  const int tid = threadIdx.x;
+  if (tid < BQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+}
+
 // The end of a pass over a tile of BQ query tokens from t0, head h of nH: the rows of O in the fragments (o_acc,
 // PassRows rows, quad thread tq) times unit / (their sums: the quad's partial sums l0, l1 added) -> out, for
 // the rows the pass served; then the tokens of sequence seq are done.
@@ -85,11 +102,7 @@ template <int HD, int NO>
 __device__ __forceinline__ void finish_pass(const float (&o_acc)[NO][4], float l0, float l1, float unit,
                                             const PassRows& rows, int tq, int BQ, int t0, int nH, int h, int seq,
                                             const int* tok_seq, int* tok_done, float* out) {
-#pragma unroll
-  for (int o = 1; o <= 2; o <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, o);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, o);
-  }
+  sum_quad_rows(l0, l1);
   if (rows.pos0 >= 0) {
     const float inv = unit / l0;
     float* o = out + (size_t(t0 + rows.r0) * nH + h) * HD + 2 * tq;
@@ -102,9 +115,7 @@ __device__ __forceinline__ void finish_pass(const float (&o_acc)[NO][4], float l
 #pragma unroll
     for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][2] * inv, o_acc[n][3] * inv);
   }
-  __syncthreads();
-  const int tid = threadIdx.x;
-  if (tid < BQ && !tok_done[tid] && tok_seq[tid] == seq) tok_done[tid] = 1;
+  end_pass(BQ, seq, tok_seq, tok_done);
 }
 
 // The largest x over the block (every thread calls it; red: one float per warp in shared memory).
