@@ -121,7 +121,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   // as worker.ts builds them: SparQ's state beside the cache and steps of at most the tokens its kernels serve
   const withSparq = sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, spec, plan, kv, sparq) } } : built;
   const model = prefillAttention === 'exact' ? withSparq : { ...withSparq, model: { ...withSparq.model, prefillAttention } };
-  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(prefillChunk > 0 && { maxChunkTokens: prefillChunk }), ...(sparq && opts.device === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
+  const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(sparq && opts.device === 'cuda' ? { maxStepTokens: SPARQ_MAX_STEP_TOKENS } : prefillChunk > 0 && { maxStepTokens: prefillChunk }) });
   const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });
   // with SparQ the prompt is sent dense (exact, the dense kernels: runner.ts) and decode steps take the cluster's r and k

@@ -111,15 +111,14 @@ export interface RunnerOptions {
   readonly graphs?: boolean;
   /** the engine's step arena in bytes (cuda), to size prefill chunks. Defaults to DEFAULT_ARENA_BYTES, the engine's default. */
   readonly arenaBytes?: number;
-  /** override the chunk size of long eager steps (tests). Defaults to what the arena holds (cuda), unlimited on cpu. */
-  readonly maxStepTokens?: number;
   /**
-   * the most tokens of one chunk of a long eager step, under what the arena holds: a caller with a large arena that
-   * wants the chunks the product's steps have (`--max-num-batched-tokens`, 1024 by default). The prefill kernels run
-   * a grid of (heads, 64-token query tiles) at 2 blocks an SM: near-equal chunks of 1185 tokens left their third
-   * round 30% full and took Llama-2-7B's 32000-token prompt 2751 ms on H200, chunks of 1000 2376 ms (bench/RESULTS.md).
+   * the most tokens of one chunk of a long eager step, under what the arena holds (cuda; unlimited on cpu): SparQ's
+   * kernels' 64, tests, or a caller with a large arena that wants the product's step size (`--max-num-batched-tokens`,
+   * 1024 by default). Near-equal chunks of 1185 tokens left the prefill kernel's third round of blocks 30% full and
+   * took Llama-2-7B's 32000-token prompt 2751 ms on H200, chunks of 1000 2376 ms (bench/RESULTS.md, session 20, before
+   * that kernel split its key range).
    */
-  readonly maxChunkTokens?: number;
+  readonly maxStepTokens?: number;
 }
 
 export class StepRunner {
@@ -158,7 +157,7 @@ export class StepRunner {
     this.maxGraphBatch = this.useGraphs ? maxGraphBatch(spec, graphRows, arenaTokens(spec, plan, arenaBytes)) : 0;
     const graphTokens = graphArenaTokens(this.maxGraphBatch);
     const arenaStepTokens = ops.backend === 'cuda' ? maxStepTokens(spec, plan, arenaBytes, graphTokens) : Number.MAX_SAFE_INTEGER;
-    this.maxStepTokens = options.maxStepTokens ?? Math.min(arenaStepTokens, options.maxChunkTokens ?? Infinity);
+    this.maxStepTokens = Math.min(arenaStepTokens, options.maxStepTokens ?? Infinity);
     this.exactStepTokens = Math.max(this.maxStepTokens, arenaStepTokens);
     // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait); 8 at least, as before
     this.sampled = ops.zeros('i32', [Math.max(8, this.maxGraphBatch, kv.kvSlots)]);

@@ -66,7 +66,7 @@ test('a step run in chunks equals the step run whole', async () => {
   const kv = kvCacheLayout({ kvSlots: 2, maxContext: 64, device: 'cpu' });
   const { engine, spec, model } = await tinyModel(kv);
   const whole = new StepRunner(engine, soloCollectives(), model, kv);
-  const chunked = new StepRunner(engine, soloCollectives(), model, kv, { maxChunkTokens: 7 });
+  const chunked = new StepRunner(engine, soloCollectives(), model, kv, { maxStepTokens: 7 });
   assert.equal(chunked.maxStepTokens, 7); // the cap, under the cpu's unbounded arena
   const prompt = readReference('llama-tiny').prompts[2]!.slice(0, 30);
   const rows = [29, 3, 15, 8]; // out of order, spread over several chunks
