@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createEngine, nativeInfo } from '../../worker/native.ts';
+import { createEngine } from '../../worker/native.ts';
 import { readModelSpec } from '../../core/model-spec.ts';
 import { planShards } from '../../core/shard-plan.ts';
 import { loadShard } from '../../worker/weights/load-shard.ts';
@@ -17,17 +17,9 @@ import { graphBucketFor } from '../../worker/step-sizes.ts';
 import { kvCacheLayout } from '../../core/kv-block-table.ts';
 import type { StepBatch } from '../../core/worker-protocol.ts';
 import { fixtureDir } from '../helpers/fixtures.ts';
+import { gpuSkipReason } from '../helpers/cluster.ts';
 
-function skipReason(): string | false {
-  if (!nativeInfo().cuda) return 'weft was built without CUDA (WEFT_CUDA=1 node native/build.mjs)';
-  try {
-    createEngine({ backend: 'cuda', arenaBytes: 1 << 20 });
-    return false;
-  } catch (err) {
-    return `no usable GPU: ${(err as Error).message}`;
-  }
-}
-const skip = skipReason();
+const skip = gpuSkipReason();
 if (skip) console.log(`# GPU suite skipped: ${skip}`);
 
 const SEQUENCES = 200;

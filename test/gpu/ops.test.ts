@@ -12,9 +12,10 @@
 // for hosts without Node.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
+import { createEngine, type Engine, type Tensor } from '../../worker/native.ts';
 import { prng } from '../helpers/random.ts';
 import { quantizeMatrix } from '../../core/weight-quantize.ts';
+import { gpuSkipReason } from '../helpers/cluster.ts';
 
 const seed = Date.now() & 0xffff; // fresh inputs each run; failures print the seed
 const rand = prng(seed);
@@ -32,16 +33,7 @@ const bf16 = (e: Engine, v: Float32Array, shape: number[]): Tensor =>
   e.upload(bytesOf(Uint16Array.from(new Uint32Array(v.buffer, v.byteOffset, v.length), (b) => b >>> 16)), 'bf16', shape);
 const get = (e: Engine, t: Tensor): Float32Array => e.download(t) as Float32Array;
 
-function skipReason(): string | undefined {
-  if (!nativeInfo().cuda) return 'weft.node was built without CUDA (WEFT_CUDA=1 npm run build:native on a GPU host)';
-  try {
-    createEngine({ backend: 'cuda', arenaBytes: 1 << 20 });
-  } catch (err) {
-    return `no usable GPU: ${(err as Error).message}`;
-  }
-  return undefined;
-}
-const skip = skipReason();
+const skip = gpuSkipReason();
 if (skip) console.log(`# test/gpu/ops.test.ts skipped: ${skip}`);
 
 const cpu = createEngine({ backend: 'cpu' });

@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createEngine, nativeInfo } from '../../worker/native.ts';
+import { createEngine } from '../../worker/native.ts';
 import { readModelSpec } from '../../core/model-spec.ts';
 import { planShards } from '../../core/shard-plan.ts';
 import { loadShard } from '../../worker/weights/load-shard.ts';
@@ -15,17 +15,9 @@ import { StepRunner } from '../../worker/runner.ts';
 import { kvCacheLayout } from '../../core/kv-block-table.ts';
 import { FIXTURE_MODELS, fixtureDir } from '../helpers/fixtures.ts';
 import { feedScenario } from '../helpers/feed-scenario.ts';
+import { gpuSkipReason } from '../helpers/cluster.ts';
 
-function skipReason(): string | false {
-  if (!nativeInfo().cuda) return 'weft was built without CUDA (WEFT_CUDA=1 node native/build.mjs)';
-  try {
-    createEngine({ backend: 'cuda', arenaBytes: 1 << 20 });
-    return false;
-  } catch (err) {
-    return `no usable GPU: ${(err as Error).message}`;
-  }
-}
-const skip = skipReason();
+const skip = gpuSkipReason();
 if (skip) console.log(`# GPU suite skipped: ${skip}`);
 
 async function cudaRunner(name: string): Promise<StepRunner> {

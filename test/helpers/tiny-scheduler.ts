@@ -1,7 +1,8 @@
 /**
  * A Scheduler over an in-process StepRunner of the hf-tiny llama on the CPU (one rank, steps run one after
- * another as a worker runs them), with the KV sizes and scheduler options a test gives; and a way to run requests
- * through it that checks each stream against its `done` event.
+ * another as a worker runs them), with the KV sizes and scheduler options a test gives: what the chunked-prefill
+ * and paged-KV tests drive end to end; and a way to run requests through it that checks each stream against its
+ * `done` event.
  */
 import assert from 'node:assert/strict';
 import { createEngine } from '../../worker/native.ts';
@@ -27,7 +28,7 @@ export interface TinyRequest {
   readonly sampling: Record<string, unknown>;
 }
 
-/** The scheduler, its allocator and every batch it sent. */
+/** The scheduler, its allocator, every batch it sent, and what its observer counted (preemptions, prefix-cache lookups). */
 export async function tinyScheduler(sizes: Omit<KvCacheSizes, 'device'>, options: Partial<Omit<SchedulerOptions, 'kvCache' | 'step'>> = {}) {
   const kv = kvCacheLayout({ ...sizes, device: 'cpu' });
   const engine = createEngine({ backend: 'cpu', threads: 1 });
@@ -42,8 +43,11 @@ export async function tinyScheduler(sizes: Omit<KvCacheSizes, 'device'>, options
     return result;
   };
   const kvCache = new KvBlockTable(kv);
-  const scheduler = new Scheduler({ maxQueue: 64, ...options, kvCache, step });
-  return { scheduler, kvCache, batches };
+  let preempted = 0;
+  const prefix = { queried: 0, hit: 0 };
+  const observer = { preempted: () => preempted++, prefixCache: (queried: number, hit: number) => ((prefix.queried += queried), (prefix.hit += hit)) };
+  const scheduler = new Scheduler({ maxQueue: 64, observer, ...options, kvCache, step });
+  return { scheduler, kvCache, batches, preemptions: () => preempted, prefix };
 }
 
 /** Submit every request at once; each stream's tokens, checked against its `done` event (each token once, in order). */
