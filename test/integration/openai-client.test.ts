@@ -73,7 +73,7 @@ async function collect<T>(stream: AsyncIterable<T>): Promise<T[]> {
 type Stats = Awaited<ReturnType<WeftClient['stats']>>;
 /** [running, waiting] once `ok` holds, or after 5 s. */
 async function statsWhen(rpc: WeftClient, ok: (s: Stats) => boolean): Promise<[number, number]> {
-  const deadline = Date.now() + 5000;
+  const deadline = Date.now() + 30_000; // a wait for a state, not a measure: wide for a loaded machine
   let stats = await rpc.stats();
   while (!ok(stats) && Date.now() < deadline) {
     await new Promise((r) => setTimeout(r, 20));

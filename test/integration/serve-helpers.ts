@@ -51,10 +51,23 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): P
     ...listening,
     stderr: () => stderr,
     async stop() {
-      child.kill('SIGTERM');
-      const code = await exited;
       const marker = `--parent-pid\0${child.pid}\0`;
-      await waitFor(() => processesMentioning(marker).length === 0, 5000);
+      child.kill('SIGTERM');
+      // one that does not exit is killed with its workers, and the test fails naming it, rather than hanging
+      let timer: NodeJS.Timeout | undefined;
+      const code = await Promise.race([exited, new Promise<'hung'>((resolve) => (timer = setTimeout(() => resolve('hung'), 60_000)))]);
+      clearTimeout(timer);
+      if (code === 'hung') {
+        for (const pid of [child.pid!, ...processesMentioning(marker)]) {
+          try {
+            process.kill(pid, 'SIGKILL');
+          } catch {
+            // gone meanwhile
+          }
+        }
+        throw new Error(`weft serve did not exit within 60 s of SIGTERM: ${stderr}`);
+      }
+      await waitFor(() => processesMentioning(marker).length === 0, 20_000);
       return { code, leftover: processesMentioning(marker) };
     },
   };

@@ -68,7 +68,7 @@ describe('weft serve with 1 KV slot, a queue of 1, a bearer token and a chat tem
     try {
       const queued = client.generate({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 3, ignoreEos: true } });
       const queuedFirst = queued.next(); // sends the request; it waits for the slot
-      const deadline = Date.now() + 5000;
+      const deadline = Date.now() + 30_000; // a wait for a state, not a measure: wide for a loaded machine
       while ((await client.stats()).waiting !== 1 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
       assert.deepEqual(await client.stats().then((s) => [s.running, s.waiting, s.kvSlots]), [1, 1, 1]);
       const third = client.generate({ promptIds: [1, 2], sampling: { maxNewTokens: 1 } }).next();

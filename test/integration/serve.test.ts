@@ -187,7 +187,7 @@ describe('weft serve (TP=2, 4 KV slots)', () => {
 });
 
 async function pollStats(client: WeftClient, ok: (s: Awaited<ReturnType<WeftClient['stats']>>) => boolean): Promise<boolean> {
-  const deadline = Date.now() + 5000;
+  const deadline = Date.now() + 30_000; // a wait for a state, not a measure: wide for a loaded machine
   while (Date.now() < deadline) {
     if (ok(await client.stats())) return true;
     await new Promise((r) => setTimeout(r, 20));

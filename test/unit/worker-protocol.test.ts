@@ -364,7 +364,7 @@ test('G11: a second connection proving the secret for a rank held by a live proc
     const { client, rank } = await clientWithOneRank(faults);
     const second = await FakeRank.join(client.endpoint, 0, 1, SECRET, { pid: process.ppid });
     try {
-      assert.ok(await waitFor(() => /refused a second connection for worker rank 0 \(pid \d+\): the rank is held by pid \d+, which runs on another host \(presumed alive until its heartbeats stop\)/.test(logged.join('')), 3000), logged.join(''));
+      assert.ok(await waitFor(() => /refused a second connection for worker rank 0 \(pid \d+\): the rank is held by pid \d+, which runs on another host \(presumed alive until its heartbeats stop\)/.test(logged.join('')), 20_000), logged.join(''));
       const reply = client.request(0, { type: 'ncclId' });
       const { id } = (await rank.next()) as { id: number };
       await rank.send({ v, type: 'reply', rank: 0, id, command: 'ncclId', result: { ncclId } });
@@ -387,7 +387,7 @@ test('a proven connection for a rank whose local process is gone takes the rank:
   try {
     await client.join(5000);
     const restarted = await FakeRank.join(client.endpoint, 0, 1, SECRET, { hostname: hostname() });
-    assert.ok(await waitFor(() => faults.length > 0, 3000), 'the client failed');
+    assert.ok(await waitFor(() => faults.length > 0, 20_000), 'the client failed');
     assert.match(faults[0]!.message, new RegExp(`^worker rank 0 (restarted \\(pid ${gone} is gone, pid ${process.pid} took its place\\)|\\(pid ${gone}\\) is gone)$`));
     assert.equal(client.status()[0]!.pid, process.pid, 'the new process holds the rank');
     restarted.close();
