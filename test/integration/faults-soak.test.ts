@@ -5,7 +5,8 @@
  * RSS of the coordinator and of each worker is sampled every 2 s and its slope after the first third (warm-up) is
  * fitted; the coordinator's open FDs are the same at the end as after warm-up; every KV block is free at the end;
  * ITL p99 is reported against the goal's 3× p50 (asserted only against stalls, 20×: the machine is shared). Printed: vLLM-style figures
- * (completed, failed, req/s, tokens/s, TTFT/ITL/E2E p50/p99) and the RSS slopes.
+ * (completed, failed, req/s, tokens/s, TTFT/ITL/E2E p50/p99) and the RSS slopes. The goal's run, past the suite's
+ * 10-minute limit a file: `WEFT_SOAK_SECONDS=600 node --import tsx --test --test-timeout=900000 test/integration/faults-soak.test.ts`.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
