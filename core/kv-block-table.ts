@@ -182,9 +182,9 @@ export class KvBlockTable {
     return tokens <= this.layout.maxContext && blocksFor(tokens, this.layout.kvBlockSize) - this.listOf(id).length <= this.freeBlocks.size;
   }
 
-  /** Whether a new sequence of `tokens` positions fits now (a free sequence and enough free blocks). */
-  canAllocate(tokens: number): boolean {
-    return tokens <= this.layout.maxContext && this.owned.size < this.layout.kvSlots && blocksFor(tokens, this.layout.kvBlockSize) <= this.freeBlocks.size;
+  /** Whether a new sequence of `tokens` positions fits now (a free sequence, and enough free blocks with `reserve` left over). */
+  canAllocate(tokens: number, reserve = 0): boolean {
+    return tokens <= this.layout.maxContext && this.owned.size < this.layout.kvSlots && blocksFor(tokens, this.layout.kvBlockSize) + reserve <= this.freeBlocks.size;
   }
 
   /** A new sequence with blocks for its first `tokens` positions. Throws WEFT_BUSY when the pool cannot hold it now. */

@@ -114,13 +114,16 @@ test(`G9: ${STREAMS} concurrent streams for ${SECONDS} s: no lost request, no er
       await new Promise((r) => setTimeout(r, 100));
       stats = await client.stats();
     }
+    // a full KV pool preempts (recompute): the preempted stream's next token waits for its prompt again, ITL's tail
+    const metrics = await (await fetch(`${server.http}/metrics`)).text();
+    const preemptions = Number(/^weft_num_preemptions_total\{[^}]*\} (\S+)$/m.exec(metrics)?.[1] ?? NaN);
     const ms = (v: number): string => v.toFixed(1);
     t.diagnostic(
       `G9 measured over ${seconds.toFixed(0)} s, ${STREAMS} streams: ${completed} completed, ${errors.length} failed (${overload.length} overload), ` +
         `${(completed / seconds).toFixed(1)} req/s, ${(tokens / seconds).toFixed(0)} tokens/s; TTFT p50 ${ms(percentile(ttft, 50))} p99 ${ms(percentile(ttft, 99))} ms; ` +
         `ITL p50 ${ms(percentile(itl, 50))} p90 ${ms(percentile(itl, 90))} p95 ${ms(percentile(itl, 95))} p99 ${ms(percentile(itl, 99))} max ${ms(percentile(itl, 100))} ms; E2E p50 ${ms(percentile(e2e, 50))} p99 ${ms(percentile(e2e, 99))} ms; ` +
         `RSS after warm-up (coordinator, rank 0, rank 1): slopes ${slopes.map((s) => s.toFixed(2)).join(', ')} MiB/min, growth ${growth.map((g) => g.toFixed(1)).join(', ')} MiB; ` +
-        `coordinator FDs ${fdsAfterWarmUp} after warm-up, ${fdsAtEnd} at the end; KV blocks used at the end ${stats.kvBlocksUsed} of ${stats.kvBlocks}`,
+        `coordinator FDs ${fdsAfterWarmUp} after warm-up, ${fdsAtEnd} at the end; KV blocks used at the end ${stats.kvBlocksUsed} of ${stats.kvBlocks}; ${preemptions} preemptions`,
     );
     assert.ok(entries.length > STREAMS, `more requests than streams ran: ${entries.length}`);
     for (const [id, entry] of ledger) assert.equal(entry.ends, 1, `request ${id} ended ${entry.ends} times (${entry.outcome})`);

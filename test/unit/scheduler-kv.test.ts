@@ -100,15 +100,16 @@ test('paged, scheduling ahead: decode steps are fed from the step before, tokens
 
 test('paged: a sequence the pool cannot grow preempts a younger one, which is recomputed with the same tokens; one past the context is refused at once', async () => {
   for (const scheduleAhead of [false, true]) {
-    const kvCache = paged(2, 2);
+    const kvCache = paged(2, 3);
     const batches: StepBatch[] = [];
     let preempted = 0;
     const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches), scheduleAhead, observer: { preempted: () => preempted++ } });
-    // both need a second block for position 4 and the pool has two: a (the older) takes b's, b waits in the queue
-    const a = scheduler.submitGenerate(sequence([1, 2, 3], 4));
+    // b is admitted beside a with a block to spare (a's next); at position 4 a takes it and b waits for its second;
+    // at position 8 a needs a third block: it takes b's, and b waits in the queue to be recomputed
+    const a = scheduler.submitGenerate(sequence([1, 2, 3], 8));
     const b = scheduler.submitGenerate(sequence([1, 2, 3], 4));
     const [ta, tb] = await Promise.all([drain(a.events), drain(b.events)]);
-    assert.deepEqual(ta, [12, 13, 14, 15]);
+    assert.deepEqual(ta, [12, 13, 14, 15, 16, 17, 18, 19]);
     assert.deepEqual(tb, [12, 13, 14, 15], 'the recomputed sequence goes on with the tokens of an unpreempted run');
     assert.equal(preempted, 1);
     assert.equal(scheduler.preemptions, 1);
@@ -122,9 +123,23 @@ test('paged: a sequence the pool cannot grow preempts a younger one, which is re
       assert.equal(new Set(blocks).size, blocks.length, `a block served two sequences in one step: ${JSON.stringify(batch.kvBlockTable)}`);
     }
     assert.equal(kvCache.sequences, 0);
-    assert.equal(kvCache.blocksFree, 2);
+    assert.equal(kvCache.blocksFree, 3);
     await assert.rejects(scheduler.submitScore(Array.from({ length: 17 }, (_, i) => i), false), (err: unknown) => isWeftError(err) && err.code === 'WEFT_BAD_REQUEST' && /17 tokens exceeds the KV cache's context of 16/.test(err.message));
     scheduler.failAll(new Error('closed'));
+  }
+});
+
+test('paged: a sequence is admitted only with a free block left for each running generation that will grow; none that will not', async () => {
+  for (const [maxNewTokens, admitted] of [[8, 2], [1, 3]] as const) {
+    const kvCache = paged(4, 3);
+    const batches: StepBatch[] = [];
+    const scheduler = new Scheduler({ kvCache, maxQueue: 4, step: recordingStep(batches) });
+    // each prompt takes one block; 8 new tokens need three blocks in all, 1 new token none past the first
+    const streams = [0, 1, 2].map(() => scheduler.submitGenerate(sequence([1, 2, 3], maxNewTokens)));
+    assert.deepEqual([scheduler.slotsInUse, scheduler.waiting], [admitted, 3 - admitted], `${maxNewTokens} new tokens`);
+    const tokens = await Promise.all(streams.map((stream) => drain(stream.events)));
+    assert.ok(tokens.every((t) => t.length === maxNewTokens));
+    assert.equal(kvCache.blocksFree, 3);
   }
 });
 
