@@ -126,9 +126,10 @@ export class JobQueue {
   /**
    * Whether the queue's head can be admitted now (a fork of a sample group needs blocks only past the shared ones),
    * leaving a free block for each running generation that will need another (its blocks do not cover its prompt
-   * and all it may draw): each will need its next block within a few steps, and a sequence admitted into the last free blocks would be preempted (recomputed) by the first of them
-   * to cross a block edge. Without that reserve, 64 streams on a pool of 4 contexts preempted 7693 times in 30 s
-   * (9 a request). Nothing running: no reserve, so any sequence that fits the pool goes on.
+   * and all it may draw): each will need its next block within a few steps, and a sequence admitted into the last
+   * free blocks would be preempted (recomputed) by the first of them to cross a block edge. Without that reserve,
+   * 64 streams on a pool of four contexts preempted ~17,000 times in 30 s, ten times a request (bench/RESULTS.md,
+   * session 21). Nothing running: no reserve, so any sequence that fits the pool goes on.
    */
   private admissible(job: Job): boolean {
     const sample = this.samplePlan(job);
