@@ -4,6 +4,7 @@
  * ledger checks that every request ends in exactly one `done` or error, and that no error is other than overload;
  * RSS of the coordinator and of each worker is sampled every 2 s and its slope after the first third (warm-up) is
  * fitted; the coordinator's open FDs are the same at the end as after warm-up; every KV block is free at the end;
+ * preemptions stay under one in four requests (a pool that thrashes preempts each request many times);
  * ITL p99 is reported against the goal's 3× p50 (asserted only against stalls, 20×: the machine is shared). Printed: vLLM-style figures
  * (completed, failed, req/s, tokens/s, TTFT/ITL/E2E p50/p99) and the RSS slopes. The goal's run, past the suite's
  * 10-minute limit a file: `WEFT_SOAK_SECONDS=600 node --import tsx --test --test-timeout=900000 test/integration/faults-soak.test.ts`.
@@ -44,7 +45,7 @@ interface LedgerEntry {
   error?: string;
 }
 
-test(`G9: ${STREAMS} concurrent streams for ${SECONDS} s: no lost request, no error but overload, RSS flat, FDs constant, KV blocks all free, ITL p99 within 20x p50 (goal 3x, reported)`, { timeout: (SECONDS + 180) * 1000 }, async (t) => {
+test(`G9: ${STREAMS} concurrent streams for ${SECONDS} s: no lost request, no error but overload, RSS flat, FDs constant, KV blocks all free, under 1 preemption in 4 requests, ITL p99 within 20x p50 (goal 3x, reported)`, { timeout: (SECONDS + 180) * 1000 }, async (t) => {
   const server = await startServe(['--model', fixtureDir('llama-tiny'), '--tp', '2', '--kv-slots', String(STREAMS), '--max-queue', String(STREAMS)]);
   const client = await WeftClient.connect({ endpoint: server.rpc, timeoutMs: 30_000 });
   const coordinator = server.child.pid!;
@@ -136,6 +137,8 @@ test(`G9: ${STREAMS} concurrent streams for ${SECONDS} s: no lost request, no er
     if (SECONDS >= 300) for (const [i, slope] of slopes.entries()) assert.ok(slope <= 2, `process ${pids[i]}'s RSS rose ${slope.toFixed(2)} MiB/min after warm-up`);
     assert.ok(fdsAtEnd <= fdsAfterWarmUp + 2, `coordinator FDs ${fdsAfterWarmUp} → ${fdsAtEnd}`);
     assert.equal(stats.kvBlocksUsed, 0, 'every KV block is free at the end');
+    // admission leaves room for the running to grow (job-queue.ts): without it the pool thrashed, ten preemptions a request
+    assert.ok(preemptions < completed / 4, `${preemptions} preemptions for ${completed} requests`);
     // The goal's ITL p99 ≤ 3× p50 is reported, not asserted: on this shared 2-core machine (load 10-19 while five
     // sessions build and test) the OS alone spreads it (measured 9x over 150 s, p90 3.4x). The bound catches stalls.
     assert.ok(percentile(itl, 99) <= 20 * percentile(itl, 50), `ITL p99 ${ms(percentile(itl, 99))} ms within 20x p50 ${ms(percentile(itl, 50))} ms (goal 3x)`);
