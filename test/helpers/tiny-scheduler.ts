@@ -67,3 +67,9 @@ export async function runRequests(scheduler: Scheduler, requests: readonly TinyR
     return tokens;
   }));
 }
+
+/** The paged-KV tests' context: the tiny model's scheduler at PAGED_MAX_CONTEXT, and requests run through it. */
+export const PAGED_MAX_CONTEXT = 64;
+export const pagedScheduler = (sizes: Omit<KvCacheSizes, 'maxContext' | 'device'>, prefixCaching = false) =>
+  tinyScheduler({ ...sizes, maxContext: PAGED_MAX_CONTEXT }, { prefixCaching });
+export const runPaged = (scheduler: Scheduler, requests: readonly TinyRequest[]): Promise<number[][]> => runRequests(scheduler, requests, PAGED_MAX_CONTEXT);

@@ -9,13 +9,7 @@ import assert from 'node:assert/strict';
 import type { Scheduler } from '../../coordinator/scheduler.ts';
 import { WeftMetrics } from '../../coordinator/metrics.ts';
 import { maxAbsDiff, readReference } from '../helpers/fixtures.ts';
-import { runRequests, tinyScheduler as schedulerOf, type TinyRequest as Request } from '../helpers/tiny-scheduler.ts';
-import type { KvCacheSizes } from '../../core/kv-block-table.ts';
-
-const MAX_CONTEXT = 64;
-/** The tiny model's scheduler at MAX_CONTEXT with these KV sizes. */
-const tinyScheduler = (sizes: Omit<KvCacheSizes, 'maxContext' | 'device'>, prefixCaching = false) => schedulerOf({ ...sizes, maxContext: MAX_CONTEXT }, { prefixCaching });
-const run = (scheduler: Parameters<typeof runRequests>[0], batch: readonly Request[]) => runRequests(scheduler, batch, MAX_CONTEXT);
+import { PAGED_MAX_CONTEXT as MAX_CONTEXT, pagedScheduler as tinyScheduler, runPaged as run, type TinyRequest as Request } from '../helpers/tiny-scheduler.ts';
 
 const reference = readReference('llama-tiny');
 
