@@ -172,6 +172,7 @@ Tensor Backend::upload_quantized(const void* bytes, size_t n_bytes, DType dtype,
 
 void Backend::download(const Tensor& t, void* dst) {
   no_capture("download", "it waits for the device");
+  before_use("download", "t", t);  // the binding's arguments do this; a C++ caller (weft_ops_check) reads here
   if (t.is_kv_quantized()) return download_kv_dequantized(t, static_cast<float*>(dst));
   WEFT_CHECK(!is_quantized(t.dtype), "download", "t ", t, " is a quantized weight (only matmuls read it)");
   to_host_converted(t, dst);
@@ -181,6 +182,7 @@ std::unique_ptr<PendingDownload> Backend::download_async(const Tensor& t) {
   no_capture("downloadAsync", "a graph would replay the copy into a host buffer");
   WEFT_CHECK(!t.is_kv_quantized(), "downloadAsync", "t ", t, " is a quantized KV cache (download gives its values)");
   WEFT_CHECK(!is_quantized(t.dtype), "downloadAsync", "t ", t, " is a quantized weight (only matmuls read it)");
+  before_use("downloadAsync", "t", t);
   return start_download(t);
 }
 
