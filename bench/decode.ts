@@ -52,7 +52,7 @@ const program = new Command('bench-decode')
   .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
   .option('--profile-decode', 'after each row, replay its decode graph once inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
-  .option('--arena-gib <n>', 'step arena in GiB: it bounds the tokens of one prefill chunk (worker/step-sizes.ts maxStepTokens; 16 GiB holds ~1220 tokens of a 7-8B model)', '16')
+  .option('--arena-gib <n>', 'step arena in GiB: it bounds the tokens of one prefill chunk (worker/step-sizes.ts maxStepTokens)', '16')
   .option('--prefill-chunk <n>', 'the most prompt tokens of one eager step (under what the arena holds): 1024, as the product\'s --max-num-batched-tokens steps; 0: what the arena holds', '1024')
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();

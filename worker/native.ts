@@ -238,6 +238,16 @@ export interface Engine {
   beginStep(): void;
   /** Ends the step: new tensors are persistent again. This step's tensors stay usable until the next `beginStep()`. */
   endStep(): void;
+  /** Marks the step memory made so far, at a layer's start: what `releaseLayer` frees down to (outside a step, nothing). */
+  layerMark(): number;
+  /**
+   * At a layer's end: frees the step memory made since `mark` except `keep`, which comes back moved below it (new
+   * handles, same values); any other tensor made since the mark then throws `released at the end of its layer`.
+   * So a long step holds one layer's intermediates, not all of them. Inside a capture, and on CUDA for steps of at
+   * most 16 rows (small intermediates; the next GEMV takes their held norm), it frees nothing and returns `keep`;
+   * outside a step too (persistent tensors go with their last handle).
+   */
+  releaseLayer(mark: number, keep: Tensor[]): Tensor[];
   /**
    * Starts capturing a CUDA graph on the engine stream (inside a step). Ops record instead of run; host
    * copies (`upload`, `download`, `write`, `sample`, `logprobs`) throw. The graph may read persistent tensors

@@ -56,36 +56,65 @@ export const DEFAULT_ARENA_BYTES = 4 * 2 ** 30;
 const ARENA_FILL = 0.85;
 
 /**
- * Step-arena bytes one token of an eager step takes, counted from what the forward allocates per layer in
- * f32: q/k/v, q after rope, the attention output, the o and down projections and their all-reduces, the two
- * addRmsNorm pairs and their bf16 copies of the normed rows, gate/up and the SwiGLU product (with experts,
- * for each of its k pairs, plus the rows grouped by expert); then three vocabulary rows (the rank's logits,
- * the gathered logits, log-softmax) as if every token were a logit row.
+ * Step-arena bytes one token of one layer takes, counted from what the forward allocates per layer in f32:
+ * q/k/v, q after rope, the attention output, the o and down projections and their all-reduces, the two
+ * addRmsNorm pairs and their bf16 copies of the normed rows, gate/up and the SwiGLU product (with experts, for
+ * each of its k pairs, plus the rows grouped by expert).
  */
-export function stepBytesPerToken(spec: StepSpec, plan: StepPlan): number {
+function layerBytesPerToken(spec: StepSpec, plan: StepPlan): number {
   const qkvWidth = (plan.nHeadsPerRank + 2 * plan.nKvHeadsPerRank) * spec.headDim;
   const qWidth = plan.nHeadsPerRank * spec.headDim;
   const ffnWidth = spec.nExpertsPerToken > 0 ? spec.nExpertsPerToken * (6 * plan.ffnPerRank + 3 * spec.hidden) : 3 * plan.ffnPerRank;
-  const perLayer = 4 * (qkvWidth + 2 * qWidth + 9 * spec.hidden + ffnWidth);
-  return spec.nLayers * perLayer + 3 * 4 * spec.vocabSize;
+  return 4 * (qkvWidth + 2 * qWidth + 9 * spec.hidden + ffnWidth);
+}
+
+/** Three vocabulary rows a token (the rank's logits, the gathered logits, log-softmax), as if every token were a logit row. */
+const vocabBytesPerToken = (spec: StepSpec): number => 3 * 4 * spec.vocabSize;
+
+/**
+ * Step-arena bytes one token of a step that keeps every layer's intermediates takes: a captured decode graph's
+ * (a capture releases nothing, Engine.releaseLayer), and an eager step of at most 16 rows on CUDA.
+ */
+export function stepBytesPerToken(spec: StepSpec, plan: StepPlan): number {
+  return spec.nLayers * layerBytesPerToken(spec, plan) + vocabBytesPerToken(spec);
 }
 
 /**
- * Tokens one eager step may hold so that its intermediates fit a step arena of `arenaBytes` beside the regions
- * of decode graphs of `graphTokens` rows in all (graphArenaTokens).
+ * Step-arena bytes one token of a long eager step takes: each layer's intermediates are released at its end
+ * (worker/models/llama.ts), so one layer's, plus the embedding's rows, the residual x and its copy (six hidden
+ * rows with their bf16 copies), and the vocabulary rows. Llama-2-7B: 0.85 MB a token against 12 MB kept.
  */
-export function maxStepTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number, graphTokens = 0): number {
-  return Math.max(1, arenaTokens(spec, plan, arenaBytes) - graphTokens);
+export function eagerStepBytesPerToken(spec: StepSpec, plan: StepPlan): number {
+  return layerBytesPerToken(spec, plan) + 4 * 6 * spec.hidden + vocabBytesPerToken(spec);
 }
 
-/** Step tokens (eager steps and graph regions together) a step arena of `arenaBytes` holds. */
+/**
+ * Of the arena, what kernels' scratch takes beside the counted tensors: Sage's quantized prefix (up to 512 MiB),
+ * the attention's split partials (a 256-row decode graph at 32K contexts makes ~1.3 GB in its region).
+ */
+const SCRATCH_BYTES = 2 * 2 ** 30;
+
+/**
+ * Tokens one eager step may hold so that its intermediates fit a step arena of `arenaBytes` beside the regions
+ * of decode graphs of `graphTokens` rows in all (graphArenaTokens) and the kernels' scratch.
+ */
+export function maxStepTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number, graphTokens = 0): number {
+  const room = ARENA_FILL * Math.max(0, arenaBytes - SCRATCH_BYTES) - graphTokens * stepBytesPerToken(spec, plan);
+  return Math.max(1, Math.floor(room / eagerStepBytesPerToken(spec, plan)));
+}
+
+/** Tokens of steps that keep every layer's intermediates (decode graphs' regions) a step arena of `arenaBytes` holds. */
 export function arenaTokens(spec: StepSpec, plan: StepPlan, arenaBytes: number): number {
   return Math.floor((ARENA_FILL * arenaBytes) / stepBytesPerToken(spec, plan));
 }
 
-/** The step arena that takes `tokens` tokens in one step (beside graphs of `graphTokens` rows), and never less than the engine's default. */
+/**
+ * The step arena that takes an eager step of `tokens` tokens beside graphs of `graphTokens` rows and the
+ * kernels' scratch, and never less than the engine's default.
+ */
 export function stepArenaBytes(spec: StepSpec, plan: StepPlan, tokens: number, graphTokens = 0): number {
-  const bytes = Math.ceil(((tokens + graphTokens) * stepBytesPerToken(spec, plan)) / ARENA_FILL);
+  const tensors = tokens * eagerStepBytesPerToken(spec, plan) + graphTokens * stepBytesPerToken(spec, plan);
+  const bytes = Math.ceil(tensors / ARENA_FILL) + SCRATCH_BYTES;
   return Math.max(DEFAULT_ARENA_BYTES, Math.ceil(bytes / 2 ** 20) * 2 ** 20);
 }
 

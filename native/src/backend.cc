@@ -2,6 +2,7 @@
 // Messages use the JS names of ops and parameters, since that is what the caller wrote.
 #include "backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -61,6 +62,8 @@ void Backend::begin_step() {
   on_begin_step();
   in_step_ = true;
   ++step_;
+  layer_marks_.clear();
+  released_.clear();
 }
 
 void Backend::end_step() {
@@ -78,6 +81,54 @@ void Backend::check_usable(const char* op, const char* name, const Tensor& t) co
   WEFT_CHECK(!capturing_, op, name, " ", t, " was made in this step before captureBegin(); a replayed graph may "
              "only read persistent tensors (made outside a step; refill them with write()) or tensors made "
              "during the capture");
+  for (const auto& [first, last] : released_)
+    WEFT_CHECK(t.buffer->serial() < first || t.buffer->serial() > last, op, name, " ", t,
+               " was released at the end of its layer (releaseLayer); only the tensors releaseLayer returned live on");
+}
+
+Tensor Backend::empty(DType dtype, const Shape& shape) {
+  Tensor t = allocate(dtype, shape);
+  if (t.buffer->step() != kPersistent) t.buffer->set_serial(++serial_);
+  return t;
+}
+
+// ---- layers
+
+uint64_t Backend::layer_mark() {
+  if (!in_step_) return 0;  // persistent memory goes with its last handle: nothing to mark
+  layer_marks_.push_back(serial_);
+  on_layer_mark(serial_);
+  return serial_;
+}
+
+std::vector<Tensor> Backend::release_layer(uint64_t mark, const std::vector<Tensor>& keep) {
+  const char* op = "releaseLayer";
+  for (const Tensor& t : keep) check_usable(op, "keep", t);
+  if (!in_step_) return keep;
+  auto open = std::find(layer_marks_.begin(), layer_marks_.end(), mark);
+  WEFT_CHECK(open != layer_marks_.end(), op, "mark ", mark, " is not an open layerMark() of this step");
+  std::vector<Tensor> moved;
+  std::vector<size_t> moved_at;
+  for (size_t i = 0; i < keep.size(); ++i) {
+    WEFT_CHECK(!is_quantized(keep[i].dtype) && !keep[i].is_kv_quantized(), op, "keep ", keep[i],
+               " is a weight or a cache, not a layer's output");
+    if (keep[i].buffer->step() == step_ && keep[i].buffer->serial() > mark) {
+      moved.push_back(keep[i]);
+      moved_at.push_back(i);
+    }
+  }
+  if (capturing_ || !on_release_layer(mark, moved)) return keep;
+  // from here the memory after the mark is the backend's again: the copies are the first step memory made in it
+  released_.emplace_back(mark + 1, serial_);
+  layer_marks_.erase(open, layer_marks_.end());
+  std::vector<Tensor> out = keep, copies;
+  for (size_t j = 0; j < moved.size(); ++j) {
+    copies.push_back(empty(moved[j].dtype, moved[j].shape));
+    run_copy(copies.back(), moved[j]);
+    out[moved_at[j]] = copies.back();
+  }
+  on_layer_released(moved, copies);
+  return out;
 }
 
 void Backend::no_capture(const char* op, const char* why) const {

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "tensor.h"
@@ -80,6 +81,16 @@ class Backend {
   std::shared_ptr<Graph> capture_end();
   void replay(const Graph& graph);
   bool capturing() const { return capturing_; }
+
+  // ---- layers. A long step's intermediates of every layer would otherwise live until its end (a 1024-token
+  // step of a 7B model makes ~12 GB of them): layer_mark() at a layer's start, release_layer(mark, keep) at its
+  // end frees what the layer made and returns keep's tensors moved below (new handles, same values). Every
+  // other tensor made since the mark is dead: using it throws "released at the end of its layer". Inside a
+  // capture, or where the backend gains nothing (cuda: a step of at most 16 rows, whose intermediates are small
+  // and whose held norm would be launched alone), release_layer returns keep itself and frees nothing; outside
+  // a step (persistent memory, which goes with its last handle) both do nothing.
+  uint64_t layer_mark();
+  std::vector<Tensor> release_layer(uint64_t mark, const std::vector<Tensor>& keep);
 
   // ---- device facts and plumbing
   virtual uint64_t device_pointer(const Tensor& t);  // cuda: the tensor's device address (for NCCL)
@@ -232,9 +243,17 @@ class Backend {
 
  protected:
   // Uninitialised storage; every run_* kernel writes all of its output. Step memory inside a step
-  // (stamped with step()), else persistent; empty_persistent is persistent always.
-  virtual Tensor empty(DType dtype, const Shape& shape) = 0;
+  // (stamped with step() and numbered in the order of allocation), else persistent; empty_persistent is
+  // persistent always. allocate() is the backend's half of empty().
+  Tensor empty(DType dtype, const Shape& shape);
+  virtual Tensor allocate(DType dtype, const Shape& shape) = 0;
   virtual Tensor empty_persistent(DType dtype, const Shape& shape) = 0;
+  // release_layer's backend half: whether to free what step memory was made after the layer's mark
+  // (`moved`: the keep tensors made after it, to be copied below); if so, the step's allocation is rewound to
+  // the mark before the copies are made. on_layer_released then has the copies (moved[i] -> copies[i]).
+  virtual bool on_release_layer(uint64_t /*mark*/, const std::vector<Tensor>& /*moved*/) { return true; }
+  virtual void on_layer_released(const std::vector<Tensor>& /*moved*/, const std::vector<Tensor>& /*copies*/) {}
+  virtual void on_layer_mark(uint64_t /*mark*/) {}
   virtual void on_begin_step() {}
   virtual void on_end_step() {}
   virtual void on_quantized_weight(const Tensor& /*w*/) {}  // a weight upload_quantized made (outside a capture)
@@ -317,6 +336,9 @@ class Backend {
   bool in_step_ = false;
   bool capturing_ = false;
   uint64_t step_ = 0;  // generation of the current or last step; step memory is stamped with it
+  uint64_t serial_ = 0;  // step allocations so far (never reset: a number names one tensor of one step)
+  std::vector<uint64_t> layer_marks_;  // this step's open marks, in order
+  std::vector<std::pair<uint64_t, uint64_t>> released_;  // this step's freed serials, [first, last] ranges
 };
 
 // threads: total threads for heavy ops, the calling thread included (>= 1).

@@ -199,6 +199,8 @@ Napi::Function EngineHandle::Define(Napi::Env env) {
                          InstanceMethod<&EngineHandle::RandomUniform>("randomUniform"),
                          InstanceMethod<&EngineHandle::Write>("write"),
                          InstanceMethod<&EngineHandle::BeginStep>("beginStep"),
+                         InstanceMethod<&EngineHandle::LayerMark>("layerMark"),
+                         InstanceMethod<&EngineHandle::ReleaseLayer>("releaseLayer"),
                          InstanceMethod<&EngineHandle::EndStep>("endStep"),
                          InstanceMethod<&EngineHandle::CaptureBegin>("captureBegin"),
                          InstanceMethod<&EngineHandle::CaptureEnd>("captureEnd"),
@@ -653,6 +655,25 @@ Napi::Value EngineHandle::BeginStep(const Napi::CallbackInfo& info) {
     Args a(info, "beginStep", this);
     backend_->begin_step();
     return info.Env().Undefined();
+  });
+}
+
+Napi::Value EngineHandle::LayerMark(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "layerMark", [&]() -> Napi::Value {
+    Args a(info, "layerMark", this);
+    return Napi::Number::New(info.Env(), static_cast<double>(backend_->layer_mark()));
+  });
+}
+
+Napi::Value EngineHandle::ReleaseLayer(const Napi::CallbackInfo& info) {
+  return guard(info.Env(), "releaseLayer", [&]() -> Napi::Value {
+    Args a(info, "releaseLayer", this);
+    int64_t mark = a.integer(0, "mark");
+    WEFT_CHECK(mark >= 0, "releaseLayer", "mark must be a number layerMark() returned (got ", mark, ")");
+    std::vector<Tensor> kept = backend_->release_layer(static_cast<uint64_t>(mark), a.tensors(1, "keep"));
+    Napi::Array out = Napi::Array::New(info.Env(), kept.size());
+    for (size_t i = 0; i < kept.size(); ++i) out.Set(static_cast<uint32_t>(i), Wrap(info.Env(), std::move(kept[i])));
+    return out;
   });
 }
 

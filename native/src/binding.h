@@ -89,6 +89,8 @@ class EngineHandle : public Napi::ObjectWrap<EngineHandle> {
   Napi::Value SiluMul(const Napi::CallbackInfo& info);
   Napi::Value SliceCols(const Napi::CallbackInfo& info);
   Napi::Value ConcatCols(const Napi::CallbackInfo& info);
+  Napi::Value LayerMark(const Napi::CallbackInfo& info);
+  Napi::Value ReleaseLayer(const Napi::CallbackInfo& info);
   Napi::Value GatherRows(const Napi::CallbackInfo& info);
   Napi::Value RouteTopK(const Napi::CallbackInfo& info);
   Napi::Value ExpertMatmul(const Napi::CallbackInfo& info);

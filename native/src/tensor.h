@@ -82,6 +82,10 @@ class Buffer {
   virtual void* data() const = 0;
   size_t bytes() const { return bytes_; }
   uint64_t step() const { return step_; }
+  // Step memory's place in the order of allocation (Backend::empty numbers it): a layer's release
+  // (Backend::release_layer) names what it freed as a range of these. 0 for persistent memory.
+  uint64_t serial() const { return serial_; }
+  void set_serial(uint64_t serial) { serial_ = serial; }
   // Whether dropping the last handle frees memory. A step arena's buffers do not (the next step reuses the
   // arena whatever the handles do), so the binding does not report them to V8 as external memory: if it did,
   // a long prefill's gigabytes of intermediates would set off a garbage collection every few ops.
@@ -90,6 +94,7 @@ class Buffer {
  private:
   size_t bytes_;
   uint64_t step_;
+  uint64_t serial_ = 0;
 };
 
 struct Tensor {

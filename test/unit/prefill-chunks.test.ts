@@ -12,7 +12,7 @@ import { loadShard } from '../../worker/weights/load-shard.ts';
 import { buildRankModel, hostWeights } from '../../worker/models/registry.ts';
 import { soloCollectives } from '../../worker/collectives/collectives.ts';
 import { StepRunner } from '../../worker/runner.ts';
-import { chunkRanges, DEFAULT_ARENA_BYTES, maxStepTokens, PREFILL_STEP_TOKENS, stepArenaBytes, stepBytesPerToken, workerArenaBytes } from '../../worker/step-sizes.ts';
+import { chunkRanges, DEFAULT_ARENA_BYTES, eagerStepBytesPerToken, graphArenaTokens, maxGraphBatch, maxStepTokens, PREFILL_STEP_TOKENS, stepArenaBytes, stepBytesPerToken, workerArenaBytes } from '../../worker/step-sizes.ts';
 import { kvCacheLayout } from '../../core/kv-block-table.ts';
 import { presetSpec } from '../../bench/presets.ts';
 import { fixtureDir } from '../helpers/fixtures.ts';
@@ -55,12 +55,23 @@ test('the worker\'s arena: the whole prefill where the device has room beside th
   const spec = presetSpec('llama-2-7b');
   const plan = planShards(spec, 1);
   const GiB = 2 ** 30;
-  const wanted = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS);
-  assert.equal(workerArenaBytes(spec, plan, 140 * GiB, 30 * GiB), wanted); // an H200 with a 7B model and 16 GiB of KV
-  assert.equal(workerArenaBytes(spec, plan, 22 * GiB, 18 * GiB), DEFAULT_ARENA_BYTES); // a 24 GB card: as before
-  assert.equal(workerArenaBytes(spec, plan, 10 * GiB, 14 * GiB), DEFAULT_ARENA_BYTES); // no room at all: as before
-  const between = workerArenaBytes(spec, plan, 40 * GiB, 30 * GiB);
+  const graphTokens = graphArenaTokens(maxGraphBatch(spec, 256)); // decode graphs to 256 rows
+  const wanted = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, graphTokens);
+  assert.equal(workerArenaBytes(spec, plan, 140 * GiB, 30 * GiB, graphTokens), wanted); // an H200 with a 7B model and 16 GiB of KV
+  assert.equal(workerArenaBytes(spec, plan, 22 * GiB, 18 * GiB, graphTokens), DEFAULT_ARENA_BYTES); // a 24 GB card: as before
+  assert.equal(workerArenaBytes(spec, plan, 10 * GiB, 14 * GiB, graphTokens), DEFAULT_ARENA_BYTES); // no room at all: as before
+  const between = workerArenaBytes(spec, plan, 40 * GiB, 30 * GiB, graphTokens);
   assert.ok(between > DEFAULT_ARENA_BYTES && between < wanted && between <= 9 * GiB, `${between}`);
+});
+
+test('a long eager step holds one layer\'s intermediates (releaseLayer): a 1024-token prefill adds ~1 GiB to a 7B arena, not ~14', () => {
+  const spec = presetSpec('llama-2-7b');
+  const plan = planShards(spec, 1);
+  const prefill = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, 703) - stepArenaBytes(spec, plan, 0, 703);
+  assert.ok(prefill < 1.2 * 2 ** 30, `${prefill} bytes`);
+  assert.ok(eagerStepBytesPerToken(spec, plan) < stepBytesPerToken(spec, plan) / 10, 'one layer and the residual, not 32 layers');
+  // what fits is what the sizing asked for, beside the same graphs
+  assert.ok(maxStepTokens(spec, plan, stepArenaBytes(spec, plan, 4096, 703), 703) >= 4096);
 });
 
 /** An hf-tiny model on a one-thread CPU engine, with a KV cache of one 64-position sequence. */

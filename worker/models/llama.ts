@@ -87,10 +87,14 @@ export async function forward<Layer extends AttentionWeights>(
   for (let i = 0; i < layers.length; i++) {
     const layer = layers[i]!;
     const nextNorm = layers[i + 1]?.attnNorm ?? model.norm; // after the last layer: the final norm
+    const mark = ops.layerMark();
     // h = x + attention(attnNorm(x)), with ffnNorm(h)
     const h = ops.addRmsNorm(x.sum, await attention(ops, comm, model, i, x.normed, step), layer.ffnNorm, eps);
     // x = h + feedForward(ffnNorm(h)), with the next layer's attnNorm(x)
-    x = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
+    const out = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
+    // only x outlives the layer: a long step holds one layer's intermediates, not every layer's (step-sizes.ts)
+    const [sum, normed] = ops.releaseLayer(mark, [out.sum, out.normed]);
+    x = { sum: sum!, normed: normed! };
   }
   // x.normed is norm(x) of every row (RMSNorm is per row); the LM head reads only the rows whose logits are wanted.
   const last = ops.gatherRows(x.normed, step.logitRows);

@@ -72,7 +72,7 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
 
  protected:
-  Tensor empty(DType dtype, const Shape& shape) override { return make(dtype, shape, in_step() ? step() : kPersistent); }
+  Tensor allocate(DType dtype, const Shape& shape) override { return make(dtype, shape, in_step() ? step() : kPersistent); }
   Tensor empty_persistent(DType dtype, const Shape& shape) override { return make(dtype, shape, kPersistent); }
   Tensor make(DType dtype, const Shape& shape, uint64_t step) {
     Tensor t{dtype, shape, nullptr, nullptr};

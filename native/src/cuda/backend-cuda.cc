@@ -85,7 +85,7 @@ class CudaBackend final : public Backend {
  protected:
   // ---- memory (memory.h)
 
-  Tensor empty(DType dtype, const Shape& shape) override {
+  Tensor allocate(DType dtype, const Shape& shape) override {
     if (!in_step()) return empty_persistent(dtype, shape);
     Tensor t{dtype, shape, nullptr, nullptr};
     t.buffer = capturing() ? arena_.allocate(t, kGraphOwned, graphs_.region()) : arena_.allocate(t, step(), nullptr);
@@ -126,7 +126,50 @@ class CudaBackend final : public Backend {
     half_copies_.clear();  // first: the copies hold their tensors' arena regions
     sage_scratch_ = Tensor{};  // likewise
     attention_scratch_ = Tensor{};
+    layer_offsets_.clear();
     arena_.begin_step();
+  }
+
+  // ---- layers (Backend::release_layer): the arena goes back to the layer's mark, and what the layer keeps is
+  // copied there. Where the copies would overwrite a source, the layer keeps its memory instead.
+  void on_layer_mark(uint64_t mark) override { layer_offsets_.emplace_back(mark, arena_.used()); }
+  bool on_release_layer(uint64_t mark, const std::vector<Tensor>& moved) override {
+    int64_t rows = 0;
+    for (const Tensor& t : moved) rows = std::max<int64_t>(rows, t.rank() ? t.dim(0) : 0);
+    if (rows <= cuda::Matmul::kGemvMaxTokens) return false;  // a decode step's: small, and its norm is held
+    auto at = std::find_if(layer_offsets_.begin(), layer_offsets_.end(), [&](const auto& m) { return m.first == mark; });
+    if (at == layer_offsets_.end()) return false;
+    const size_t offset = at->second;
+    std::vector<Tensor> sources = moved;
+    moved_halves_.clear();
+    for (const Tensor& t : moved) {
+      const Tensor* half = half_copies_.any(t);
+      moved_halves_.push_back(half ? *half : Tensor{});
+      if (half) sources.push_back(*half);
+    }
+    size_t end = offset;
+    for (const Tensor& t : sources) end += cuda::StepArena::footprint(t.nbytes());
+    for (const Tensor& t : sources)
+      if (arena_.offset_of(*t.buffer) < static_cast<int64_t>(end)) return false;
+    release_held_norm();
+    half_copies_.clear();  // every other entry's tensor was made in the layer (or is an input it has read)
+    for (Tensor* scratch : {&sage_scratch_, &attention_scratch_})
+      if (scratch->buffer && scratch->buffer->serial() > mark) *scratch = Tensor{};
+    layer_offsets_.erase(at, layer_offsets_.end());
+    arena_.rewind(offset);
+    return true;
+  }
+  void on_layer_released(const std::vector<Tensor>& moved, const std::vector<Tensor>& copies) override {
+    for (size_t j = 0; j < moved.size(); ++j) {
+      const Tensor& half = moved_halves_[j];
+      if (!half.buffer) continue;
+      Tensor copy = empty(half.dtype, half.shape);
+      check_cuda(*st_, cudaMemcpyAsync(copy.buffer->data(), half.buffer->data(), half.nbytes(),
+                                       cudaMemcpyDeviceToDevice, st_->stream),
+                 "releaseLayer");
+      half_copies_.add(copies[j], copy);
+    }
+    moved_halves_.clear();
   }
   // A graph's attention partials are its own (in its arena region), made by its first layer
   void on_capture_begin() override {
@@ -583,6 +626,8 @@ class CudaBackend final : public Backend {
   Tensor attention_scratch_;  // run_attention's decode partials, step memory: dropped at each step's start and capture
   Tensor dequant_scratch_;  // [max numel of a quantized weight] bf16, persistent (run_quant_matmul, T > 16)
   cuda::HalfCopies half_copies_;
+  std::vector<std::pair<uint64_t, size_t>> layer_offsets_;  // this step's open layer marks and their arena offsets
+  std::vector<Tensor> moved_halves_;  // between on_release_layer and on_layer_released: the moved tensors' half copies
 };
 
 }  // namespace

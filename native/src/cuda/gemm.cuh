@@ -68,6 +68,11 @@ class HalfCopies {
     auto it = entries_.find(x.buffer.get());
     return it != entries_.end() && it->second.half.dtype == dtype ? &it->second.half : nullptr;
   }
+  // x's copy in whichever dtype it has one, or null.
+  const Tensor* any(const Tensor& x) const {
+    auto it = entries_.find(x.buffer.get());
+    return it != entries_.end() ? &it->second.half : nullptr;
+  }
   void drop(const Tensor& x) { entries_.erase(x.buffer.get()); }
   void clear() { entries_.clear(); }
 

@@ -128,6 +128,20 @@ void StepArena::close_region(const std::shared_ptr<GraphRegion>& region) {
   regions_.push_back(region);
 }
 
+size_t StepArena::footprint(size_t bytes) { return align_up(bytes); }
+
+void StepArena::rewind(size_t offset) {
+  if (offset > used_)
+    WEFT_FAIL("stepArena", "cannot rewind to offset ", offset, " above the ", used_, " bytes in use");
+  used_ = offset;
+}
+
+int64_t StepArena::offset_of(const Buffer& buffer) const {
+  if (!memory_ || buffer.freed_on_release()) return -1;
+  const char* p = static_cast<const char*>(buffer.data()), *base = static_cast<const char*>(memory_->base);
+  return p >= base && p < base + memory_->size ? p - base : -1;
+}
+
 Staging::Staging(DeviceState& st) : st_(st) {
   const char* op = "createEngine";
   for (int i = 0; i < 2; ++i) {

@@ -37,6 +37,13 @@ class StepArena {
   std::shared_ptr<Buffer> allocate(const Tensor& t, uint64_t step, std::shared_ptr<GraphRegion> region);
   // A capture ended: its region covers the arena bytes used so far and stays reserved while it lives.
   void close_region(const std::shared_ptr<GraphRegion>& region);
+  // Bytes of the arena in use (the next allocation's offset), and a return to such an earlier offset: what
+  // was allocated above it is free again (a layer's release; the stream orders the reuse after its readers).
+  size_t used() const { return used_; }
+  static size_t footprint(size_t bytes);  // what an allocation of `bytes` takes (aligned)
+  void rewind(size_t offset);
+  // The offset of the buffer's memory in the arena, or -1 when it is not arena memory.
+  int64_t offset_of(const Buffer& buffer) const;
 
  private:
   struct Memory;
