@@ -253,6 +253,39 @@ test('fused addRmsNorm and qkvRope equal the CPU, and the separate CUDA ops bit 
   }
 });
 
+// releaseLayer on CUDA (backend-cuda.cc on_release_layer): a layer of 64 rows is freed (the next layer's first
+// tensor takes the memory the released ones had: the arena went back to the mark), the kept sum and normed come back
+// with their values, and the bf16 copy of normed goes with it (a bf16 matmul of the moved normed equals one of the
+// original); a step of 16 rows keeps its memory (the moved tensors are the originals' values at new handles anyway).
+test('releaseLayer frees a long layer\'s arena memory and moves what it keeps, with its bf16 copy', { skip }, () => {
+  const T = 64, K = 512, N = 256;
+  const x = randoms(T * K, -2, 2), y = randoms(T * K, -2, 2), w = randoms(K, 0.5, 1.5), m = randoms(N * K, -0.1, 0.1);
+  const weight = bf16(gpu, w, [K]), matrix = bf16(gpu, m, [N, K]);
+  gpu.beginStep();
+  const xs = f32(gpu, x, [T, K]), ys = f32(gpu, y, [T, K]);
+  const mark = gpu.layerMark();
+  // a layer's intermediates, more than what it keeps (the copies must not overwrite their sources)
+  const scratch = gpu.add(xs, ys);
+  const out = gpu.addRmsNorm(gpu.add(gpu.add(scratch, ys), ys), ys, weight, 1e-5);
+  const expectedProduct = get(gpu, gpu.matmul(out.normed, matrix));
+  const expected = { sum: get(gpu, out.sum), normed: get(gpu, out.normed) };
+  const freed = gpu.devicePointer(scratch);
+  const [sum, normed] = gpu.releaseLayer(mark, [out.sum, out.normed]);
+  assert.equal(gpu.devicePointer(sum!), freed, 'the first moved tensor sits at the mark, where the layer began');
+  assertNear(get(gpu, sum!), expected.sum, 0, 'moved sum');
+  assertNear(get(gpu, normed!), expected.normed, 0, 'moved normed');
+  assertNear(get(gpu, gpu.matmul(normed!, matrix)), expectedProduct, 0, 'matmul of the moved normed (its bf16 copy moved too)');
+  assert.throws(() => gpu.add(scratch, scratch), /released at the end of its layer/);
+  gpu.endStep();
+  gpu.beginStep();
+  const small = f32(gpu, x.subarray(0, 16 * K), [16, K]);
+  const smallMark = gpu.layerMark();
+  const kept = gpu.add(small, small);
+  const [same] = gpu.releaseLayer(smallMark, [kept]);
+  assert.equal(gpu.devicePointer(same!), gpu.devicePointer(kept), '16 rows: nothing freed, the tensor itself');
+  gpu.endStep();
+});
+
 // In a step, a one-token addRmsNorm is held back and the one-token GEMV that reads its normed row makes the row
 // itself (backend-cuda.cc HeldNorm), for bf16 and int4 (groups of 128) weights (int8 per channel: the norm is
 // launched, its GEMV is the register kernel's). Either way the products, sum and normed must be those of the norm
