@@ -238,12 +238,13 @@ export interface Engine {
   beginStep(): void;
   /** Ends the step: new tensors are persistent again. This step's tensors stay usable until the next `beginStep()`. */
   endStep(): void;
-  /** Marks the step memory made so far, at a layer's start: what `releaseLayer` frees down to (outside a step, nothing). */
+  /** Marks the step memory made so far, before the first layer: what `releaseLayer` frees down to (outside a step, nothing). */
   layerMark(): number;
   /**
-   * At a layer's end: frees the step memory made since `mark` except `keep`, which comes back moved below it (new
+   * At a layer's end: frees the step memory made since `mark` except `keep`, which comes back moved down to it (new
    * handles, same values); any other tensor made since the mark then throws `released at the end of its layer`.
-   * So a long step holds one layer's intermediates, not all of them. Inside a capture, and on CUDA for steps of at
+   * The mark stays open (marks made after it close), so each layer releases to the same mark, freeing what the
+   * layer before kept: a long step holds one layer's intermediates and one residual. Inside a capture, and on CUDA for steps of at
    * most 16 rows (small intermediates; the next GEMV takes their held norm), it frees nothing and returns `keep`;
    * outside a step too (persistent tensors go with their last handle).
    */

@@ -120,7 +120,7 @@ std::vector<Tensor> Backend::release_layer(uint64_t mark, const std::vector<Tens
   if (capturing_ || !on_release_layer(mark, moved)) return keep;
   // from here the memory after the mark is the backend's again: the copies are the first step memory made in it
   released_.emplace_back(mark + 1, serial_);
-  layer_marks_.erase(open, layer_marks_.end());
+  layer_marks_.erase(open + 1, layer_marks_.end());  // the mark stays open: the next layer releases to it too
   std::vector<Tensor> out = keep, copies;
   for (size_t j = 0; j < moved.size(); ++j) {
     copies.push_back(empty(moved[j].dtype, moved[j].shape));

@@ -83,9 +83,11 @@ class Backend {
   bool capturing() const { return capturing_; }
 
   // ---- layers. A long step's intermediates of every layer would otherwise live until its end (a 1024-token
-  // step of a 7B model makes ~12 GB of them): layer_mark() at a layer's start, release_layer(mark, keep) at its
-  // end frees what the layer made and returns keep's tensors moved below (new handles, same values). Every
-  // other tensor made since the mark is dead: using it throws "released at the end of its layer". Inside a
+  // step of a 7B model makes ~12 GB of them): layer_mark() before the first layer, release_layer(mark, keep) at
+  // each layer's end frees what was made since the mark and returns keep's tensors moved down to it (new handles,
+  // same values). Every other tensor made since the mark is dead: using it throws "released at the end of its
+  // layer". The mark stays open (marks made after it close), so the next layer's release frees the tensors this
+  // one kept, once they are read: the step holds one layer and one residual, not a residual a layer. Inside a
   // capture, or where the backend gains nothing (cuda: a step of at most 16 rows, whose intermediates are small
   // and whose held norm would be launched alone), release_layer returns keep itself and frees nothing; outside
   // a step (persistent memory, which goes with its last handle) both do nothing.

@@ -276,6 +276,14 @@ test('releaseLayer frees a long layer\'s arena memory and moves what it keeps, w
   assertNear(get(gpu, normed!), expected.normed, 0, 'moved normed');
   assertNear(get(gpu, gpu.matmul(normed!, matrix)), expectedProduct, 0, 'matmul of the moved normed (its bf16 copy moved too)');
   assert.throws(() => gpu.add(scratch, scratch), /released at the end of its layer/);
+  // the next layer releases to the same mark: its output takes the place of the one it read, so the arena does not
+  // grow a residual a layer
+  const next = gpu.addRmsNorm(gpu.add(gpu.add(sum!, ys), ys), ys, weight, 1e-5);
+  const expectedNext = get(gpu, next.sum);
+  const [nextSum] = gpu.releaseLayer(mark, [next.sum, next.normed]);
+  assert.equal(gpu.devicePointer(nextSum!), freed, 'the second layer\'s output sits at the mark too');
+  assertNear(get(gpu, nextSum!), expectedNext, 0, 'second moved sum');
+  assert.throws(() => gpu.add(sum!, sum!), /released at the end of its layer/);
   gpu.endStep();
   gpu.beginStep();
   const small = f32(gpu, x.subarray(0, 16 * K), [16, K]);

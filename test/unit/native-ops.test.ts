@@ -745,7 +745,7 @@ test('beginStep/endStep: step tensors go stale at the next beginStep; persistent
   assert.deepEqual([...get(e, persistent)], [1, 2]);
 });
 
-test('releaseLayer: what a layer kept comes back moved with its values; the rest of its tensors throw; marks are per step', () => {
+test('releaseLayer: what a layer kept comes back moved with its values; the rest of its tensors throw; the mark serves every layer; marks are per step', () => {
   const e = createEngine({ backend: 'cpu', threads: 1 });
   const one = e.upload(bytesOf(Float32Array.from([1, 2])), 'f32', [1, 2]);
   const outside = e.add(one, one); // outside a step: persistent, and the release does nothing
@@ -761,16 +761,20 @@ test('releaseLayer: what a layer kept comes back moved with its values; the rest
   assert.deepEqual([...get(e, same!)], [2, 4], 'a tensor made before the mark is returned as it is');
   assertNativeError(() => e.add(scratch, one), /add: a \[1, 2\] f32 was released at the end of its layer \(releaseLayer\)/);
   assertNativeError(() => e.download(kept), /download: t \[1, 2\] f32 was released at the end of its layer/);
-  assertNativeError(() => e.releaseLayer(mark, [moved!]), /releaseLayer: mark \d+ is not an open layerMark\(\) of this step/);
   assert.deepEqual([...get(e, e.add(moved!, before))], [6, 12], 'the moved tensor and the one made before the mark live on');
-  // a second layer: its mark is after the first release, and the first layer's output is its input
-  const second = e.layerMark();
-  const [next] = e.releaseLayer(second, [e.add(moved!, moved!)]);
+  // a second layer releases to the same mark: the first layer's output, its input, goes with it
+  const [next] = e.releaseLayer(mark, [e.add(moved!, moved!)]);
   assert.deepEqual([...get(e, next!)], [8, 16]);
+  assertNativeError(() => e.add(moved!, one), /add: a \[1, 2\] f32 was released at the end of its layer/);
+  // a mark made after it closes when a layer releases to the earlier one
+  const inner = e.layerMark();
+  const [last] = e.releaseLayer(mark, [next!]);
+  assertNativeError(() => e.releaseLayer(inner, []), /releaseLayer: mark \d+ is not an open layerMark\(\) of this step/);
+  assert.deepEqual([...get(e, last!)], [8, 16]);
   e.endStep();
   e.beginStep();
-  assertNativeError(() => e.releaseLayer(second, []), /not an open layerMark\(\) of this step/);
-  assertNativeError(() => e.add(next!, one), /from an earlier step/);
+  assertNativeError(() => e.releaseLayer(mark, []), /not an open layerMark\(\) of this step/);
+  assertNativeError(() => e.add(last!, one), /from an earlier step/);
   e.endStep();
 });
 

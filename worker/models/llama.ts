@@ -82,17 +82,18 @@ export async function forward<Layer extends AttentionWeights>(
   const eps = model.spec.rmsEps;
   const { layers } = model;
   // Vocab-parallel embedding: each rank fills the rows of ids in its range, zeros elsewhere; the sum is the lookup.
+  // Each layer releases the step memory made from here but for x: a long step holds one layer's intermediates (step-sizes.ts)
+  const mark = ops.layerMark();
   const embedded = await comm.allReduce(ops.embedding(model.embed, step.tokenIds, model.shard.vocab.start));
   let x = { sum: embedded, normed: ops.rmsNorm(embedded, layers[0]?.attnNorm ?? model.norm, eps) };
   for (let i = 0; i < layers.length; i++) {
     const layer = layers[i]!;
     const nextNorm = layers[i + 1]?.attnNorm ?? model.norm; // after the last layer: the final norm
-    const mark = ops.layerMark();
     // h = x + attention(attnNorm(x)), with ffnNorm(h)
     const h = ops.addRmsNorm(x.sum, await attention(ops, comm, model, i, x.normed, step), layer.ffnNorm, eps);
     // x = h + feedForward(ffnNorm(h)), with the next layer's attnNorm(x)
     const out = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
-    // only x outlives the layer: a long step holds one layer's intermediates, not every layer's (step-sizes.ts)
+    // only x outlives the layer; the x it read goes too
     const [sum, normed] = ops.releaseLayer(mark, [out.sum, out.normed]);
     x = { sum: sum!, normed: normed! };
   }

@@ -155,7 +155,7 @@ class CudaBackend final : public Backend {
     half_copies_.clear();  // every other entry's tensor was made in the layer (or is an input it has read)
     for (Tensor* scratch : {&sage_scratch_, &attention_scratch_})
       if (scratch->buffer && scratch->buffer->serial() > mark) *scratch = Tensor{};
-    layer_offsets_.erase(at, layer_offsets_.end());
+    layer_offsets_.erase(at + 1, layer_offsets_.end());
     arena_.rewind(offset);
     return true;
   }
