@@ -34,10 +34,10 @@ import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } fro
 import type { Graph } from './native.ts';
 import { WeftError } from '../core/errors.ts';
 import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
-import { arenaTokens, chunkRanges, DEFAULT_ARENA_BYTES, graphArenaTokens, graphBucketFor, maxGraphBatch, maxStepTokens } from './step-sizes.ts';
+import { arenaTokens, chunkRanges, DEFAULT_ARENA_BYTES, graphArenaTokens, graphBucketFor, keptStepTokens, maxGraphBatch, maxStepTokens } from './step-sizes.ts';
 
 /** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts). */
-type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact'>;
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -136,6 +136,8 @@ export class StepRunner {
   readonly maxStepTokens: number;
   /** the same for a step whose every token is attended exactly: the arena's own bound, past a SparQ cap (eagerIndex) */
   private readonly exactStepTokens: number;
+  /** eager steps of at most these tokens keep every layer's intermediates (they fit the arena), longer ones release each */
+  private readonly keptStepTokens: number;
 
   /** `kv`: the sizes the model's KV cache was allocated with (per layer k/v [kvBlocks, nKv, kvBlockSize, hd]) */
   constructor(
@@ -159,6 +161,8 @@ export class StepRunner {
     const arenaStepTokens = ops.backend === 'cuda' ? maxStepTokens(spec, plan, arenaBytes, graphTokens) : Number.MAX_SAFE_INTEGER;
     this.maxStepTokens = Math.min(arenaStepTokens, options.maxStepTokens ?? Infinity);
     this.exactStepTokens = Math.max(this.maxStepTokens, arenaStepTokens);
+    // on the CPU, whose memory is not an arena, every step releases its layers: the suite then exercises it
+    this.keptStepTokens = ops.backend === 'cuda' ? keptStepTokens(spec, plan, arenaBytes, graphTokens) : 0;
     // one draw per sequence of a step (a verify step's several rows per sequence may not fit: those wait); 8 at least, as before
     this.sampled = ops.zeros('i32', [Math.max(8, this.maxGraphBatch, kv.kvSlots)]);
   }
@@ -364,7 +368,8 @@ export class StepRunner {
   private eagerIndex(batch: StepBatch): StepIndex {
     const step = withPrefixGroups(this.ops, uploadIndex(this.ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
     const exact = this.exactTokens(batch);
-    return exact?.every((e) => e) ? { ...step, sparqExact: true } : step;
+    const kept = batch.tokens.length <= this.keptStepTokens ? { ...step, keepLayers: true } : step;
+    return exact?.every((e) => e) ? { ...kept, sparqExact: true } : kept;
   }
 
   /** With SparQ's state, each token's class: attended exactly (its length at most its k) or not. */

@@ -12,7 +12,7 @@ import { loadShard } from '../../worker/weights/load-shard.ts';
 import { buildRankModel, hostWeights } from '../../worker/models/registry.ts';
 import { soloCollectives } from '../../worker/collectives/collectives.ts';
 import { StepRunner } from '../../worker/runner.ts';
-import { chunkRanges, DEFAULT_ARENA_BYTES, eagerStepBytesPerToken, graphArenaTokens, maxGraphBatch, maxStepTokens, PREFILL_STEP_TOKENS, stepArenaBytes, stepBytesPerToken, workerArenaBytes } from '../../worker/step-sizes.ts';
+import { chunkRanges, DEFAULT_ARENA_BYTES, eagerStepBytesPerToken, graphArenaTokens, keptStepTokens, maxGraphBatch, maxStepTokens, PREFILL_STEP_TOKENS, stepArenaBytes, stepBytesPerToken, workerArenaBytes } from '../../worker/step-sizes.ts';
 import { kvCacheLayout } from '../../core/kv-block-table.ts';
 import { presetSpec } from '../../bench/presets.ts';
 import { fixtureDir } from '../helpers/fixtures.ts';
@@ -72,6 +72,20 @@ test('a long eager step holds one layer\'s intermediates (releaseLayer): a 1024-
   assert.ok(eagerStepBytesPerToken(spec, plan) < stepBytesPerToken(spec, plan) / 10, 'one layer and the residual, not 32 layers');
   // what fits is what the sizing asked for, beside the same graphs
   assert.ok(maxStepTokens(spec, plan, stepArenaBytes(spec, plan, 4096, 703), 703) >= 4096);
+});
+
+test('a step whose every layer fits the arena keeps them (releasing copies x for nothing); a longer one releases', () => {
+  const spec = presetSpec('llama-2-7b');
+  const plan = planShards(spec, 1);
+  const GiB = 2 ** 30;
+  // the bench's 16 GiB arena: a 1024-token prompt step keeps its layers, a 4096-token chunk could not
+  assert.ok(keptStepTokens(spec, plan, 16 * GiB) >= 1024, `${keptStepTokens(spec, plan, 16 * GiB)}`);
+  assert.ok(keptStepTokens(spec, plan, 16 * GiB) < 4096);
+  assert.ok(maxStepTokens(spec, plan, 16 * GiB) > 10 * keptStepTokens(spec, plan, 16 * GiB), 'releasing holds one layer, not 32');
+  // the product's arena, sized for releasing steps beside the graphs: its 1024-token steps release
+  const arena = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, 703);
+  assert.ok(keptStepTokens(spec, plan, arena, 703) < PREFILL_STEP_TOKENS, `${keptStepTokens(spec, plan, arena, 703)}`);
+  assert.equal(keptStepTokens(spec, plan, DEFAULT_ARENA_BYTES / 2, 703), 0, 'no room: none kept');
 });
 
 /** An hf-tiny model on a one-thread CPU engine, with a KV cache of one 64-position sequence. */

@@ -94,7 +94,7 @@ export async function forward<Layer extends AttentionWeights>(
     // x = h + feedForward(ffnNorm(h)), with the next layer's attnNorm(x)
     const out = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
     // only x outlives the layer; the x it read goes too
-    const [sum, normed] = ops.releaseLayer(mark, [out.sum, out.normed]);
+    const [sum, normed] = step.keepLayers ? [out.sum, out.normed] : ops.releaseLayer(mark, [out.sum, out.normed]);
     x = { sum: sum!, normed: normed! };
   }
   // x.normed is norm(x) of every row (RMSNorm is per row); the LM head reads only the rows whose logits are wanted.

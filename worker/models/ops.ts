@@ -37,6 +37,8 @@ export interface StepIndex {
   readonly sparqExact?: boolean;
   /** decode steps whose sequences share leading KV blocks: attention reads them once per group (worker/prefix-groups.ts) */
   readonly prefixGroups?: PrefixGroups;
+  /** the step's every layer fits the step arena: the forward keeps them rather than release each (Engine.releaseLayer) */
+  readonly keepLayers?: boolean;
 }
 
 /** Engine.attentionBifurcated's descriptors. */
