@@ -244,9 +244,9 @@ export interface Engine {
    * At a layer's end: frees the step memory made since `mark` except `keep`, which comes back moved down to it (new
    * handles, same values); any other tensor made since the mark then throws `released at the end of its layer`.
    * The mark stays open (marks made after it close), so each layer releases to the same mark, freeing what the
-   * layer before kept: a long step holds one layer's intermediates and one residual. Inside a capture, and on CUDA for steps of at
-   * most 16 rows (small intermediates; the next GEMV takes their held norm), it frees nothing and returns `keep`;
-   * outside a step too (persistent tensors go with their last handle).
+   * layer before kept: a long step holds one layer's intermediates and one residual. Inside a capture, and on
+   * CUDA for steps of at most 16 rows (small intermediates; the next GEMV takes their held norm), it frees
+   * nothing and returns `keep`; outside a step too (persistent tensors go with their last handle).
    */
   releaseLayer(mark: number, keep: Tensor[]): Tensor[];
   /**

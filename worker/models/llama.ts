@@ -93,7 +93,7 @@ export async function forward<Layer extends AttentionWeights>(
     const h = ops.addRmsNorm(x.sum, await attention(ops, comm, model, i, x.normed, step), layer.ffnNorm, eps);
     // x = h + feedForward(ffnNorm(h)), with the next layer's attnNorm(x)
     const out = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
-    // only x outlives the layer; the x it read goes too
+    // only x outlives the layer, and the x it read goes too (a step that fits the arena keeps its layers instead)
     const [sum, normed] = step.keepLayers ? [out.sum, out.normed] : ops.releaseLayer(mark, [out.sum, out.normed]);
     x = { sum: sum!, normed: normed! };
   }
