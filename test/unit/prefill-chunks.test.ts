@@ -64,14 +64,17 @@ test('the worker\'s arena: the whole prefill where the device has room beside th
   assert.ok(between > DEFAULT_ARENA_BYTES && between < wanted && between <= 9 * GiB, `${between}`);
 });
 
+/** Rows of Llama-2-7B's decode graphs to 256 rows, as the product captures them. */
+const GRAPHS_TO_256 = graphArenaTokens(maxGraphBatch(presetSpec('llama-2-7b'), 256));
+
 test('a long eager step holds one layer\'s intermediates (releaseLayer): a 1024-token prefill adds ~1 GiB to a 7B arena, not ~14', () => {
   const spec = presetSpec('llama-2-7b');
   const plan = planShards(spec, 1);
-  const prefill = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, 703) - stepArenaBytes(spec, plan, 0, 703);
+  const prefill = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, GRAPHS_TO_256) - stepArenaBytes(spec, plan, 0, GRAPHS_TO_256);
   assert.ok(prefill < 1.2 * 2 ** 30, `${prefill} bytes`);
   assert.ok(eagerStepBytesPerToken(spec, plan) < stepBytesPerToken(spec, plan) / 10, 'one layer and the residual, not 32 layers');
   // what fits is what the sizing asked for, beside the same graphs
-  assert.ok(maxStepTokens(spec, plan, stepArenaBytes(spec, plan, 4096, 703), 703) >= 4096);
+  assert.ok(maxStepTokens(spec, plan, stepArenaBytes(spec, plan, 4096, GRAPHS_TO_256), GRAPHS_TO_256) >= 4096);
 });
 
 test('a step whose every layer fits the arena keeps them (releasing copies x for nothing); a longer one releases', () => {
@@ -83,9 +86,9 @@ test('a step whose every layer fits the arena keeps them (releasing copies x for
   assert.ok(keptStepTokens(spec, plan, 16 * GiB) < 4096);
   assert.ok(maxStepTokens(spec, plan, 16 * GiB) > 10 * keptStepTokens(spec, plan, 16 * GiB), 'releasing holds one layer, not 32');
   // the product's arena, sized for releasing steps beside the graphs: its 1024-token steps release
-  const arena = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, 703);
-  assert.ok(keptStepTokens(spec, plan, arena, 703) < PREFILL_STEP_TOKENS, `${keptStepTokens(spec, plan, arena, 703)}`);
-  assert.equal(keptStepTokens(spec, plan, DEFAULT_ARENA_BYTES / 2, 703), 0, 'no room: none kept');
+  const arena = stepArenaBytes(spec, plan, PREFILL_STEP_TOKENS, GRAPHS_TO_256);
+  assert.ok(keptStepTokens(spec, plan, arena, GRAPHS_TO_256) < PREFILL_STEP_TOKENS, `${keptStepTokens(spec, plan, arena, GRAPHS_TO_256)}`);
+  assert.equal(keptStepTokens(spec, plan, DEFAULT_ARENA_BYTES / 2, GRAPHS_TO_256), 0, 'no room: none kept');
 });
 
 /** An hf-tiny model on a one-thread CPU engine, with a KV cache of one 64-position sequence. */
