@@ -152,8 +152,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[n][e] = kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1) ? -INFINITY : __fmul_rn(float(si[n][e]), f);
+          for (int e = 0; e < 4; ++e) s[n][e] = __fmul_rn(float(si[n][e]), f);
+        if (kv0 + kB - 1 > rows.wmin) {  // causal mask only where a key passes some row's position (as the exact kernel)
+#pragma unroll
+          for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1)) s[n][e] = -INFINITY;
+        }
         const SoftmaxRows st = softmax_weights(s, m0, m1, l0, l1, [](int) {});  // s becomes the weights P
         m0 = st.m0;
         m1 = st.m1;
