@@ -86,7 +86,7 @@ int main() {
       if (which == 0)
         wc::launch_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], exact_scratch, sms);
       else
-        wc::launch_sage_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch);
+        wc::launch_sage_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch, sms);
     };
     float ms[3];
     for (int w = 0; w < 3; ++w) ms[w] = device.median_ms(2, 7, [&] { run(w); });

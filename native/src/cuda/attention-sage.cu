@@ -2,6 +2,7 @@
 // the pre-pass (attention-sage-prepass.cu) writes int8 smoothed K and the V operand, then the tensor-core kernel
 // here reads 1-byte K (and 1-byte V in fp8 mode) instead of the cache's rows and converts nothing in its loop.
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 
 #include "cuda/attention-query-tiles.cuh"
@@ -15,6 +16,7 @@ namespace {
 using detail::SageScratch;
 constexpr int kThreads = 128;
 constexpr int kB = kSageBlock;
+constexpr int kWarps = kThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- the tensor-core kernel
@@ -31,68 +33,99 @@ __device__ __forceinline__ uint32_t pack_e4m3(float x0, float x1, float x2, floa
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
-template <int HD, bool FP8>
+template <int HD, bool FP8, int MT>
 struct SageLayout {
   static constexpr int kLdK = HD + 16;                          // bytes per K row (ldmatrix without bank conflicts)
   static constexpr int kLdV = FP8 ? kB + 16 : (HD + 8) * 2;     // bytes per V row: [hd][64 slots] e4m3, [64][hd] f16
   static constexpr int kVRows = FP8 ? HD : kB;
   static constexpr size_t kK = size_t{kB} * kLdK;
   static constexpr size_t kV = size_t{kVRows} * kLdV;
-  static constexpr size_t kBytes = 2 * (kK + kV);               // two stages of each
+  // MT = 2 reads the Q codes from shared memory at every tile (their registers would spill), after the stages
+  static constexpr size_t kQ = MT == 1 ? 0 : size_t{16 * MT * kWarps} * kLdK;
+  static constexpr size_t kBytes = 2 * (kK + kV) + kQ;          // two stages of each
 };
 
-// grid (nH, ceil(T / 64)), 4 warps of 16 query rows; the plan of attention-prefill.cu's tensor-core kernel.
-template <int HD, bool FP8>
+// grid (nH, ceil(T / BQ)), 4 warps of MT m16 tiles of query rows each (BQ = 64 MT rows a block); the plan of
+// attention-prefill.cu's tensor-core kernel. MT = 2 gives each K and V fragment read from shared memory to two mma
+// and each warp two independent chains of them: at two warps a scheduler (228 registers) the kernel waited on its
+// own dependences, not on a pipe (ncu: issue slots 38% busy, the tensor pipe 36%). Each m-tile's arithmetic is
+// MT = 1's, in the same order.
+template <int HD, bool FP8, int MT>
 __global__ void __launch_bounds__(kThreads, 2)
     sage_attention_mma(const float* __restrict__ q, const int8_t* __restrict__ k8,
                        const unsigned char* __restrict__ v_op, const float* __restrict__ k_scale,
                        const float* __restrict__ v_scale, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                        const int32_t* __restrict__ positions, int T, int nH, int nb, int cp, float qscale,
                        float* __restrict__ out, DeviceStatus* status) {
-  using L = SageLayout<HD, FP8>;
-  constexpr int KT = HD / 32, NO = HD / 8, NS = kB / 8;
+  using L = SageLayout<HD, FP8, MT>;
+  constexpr int KT = HD / 32, NO = HD / 8, NS = kB / 8, BQ = 16 * MT * kWarps;
   constexpr int KCH = kB * HD / 16 / kThreads;                         // 16-byte chunks per thread: K tile
   constexpr int VCH = int(size_t{kB} * HD * (FP8 ? 1 : 2) / 16 / kThreads);  // and V tile
   constexpr int VCPR = FP8 ? kB / 16 : HD * 2 / 16;                    // chunks per V tile row
   extern __shared__ __align__(16) unsigned char sage_smem[];
-  __shared__ int tok_seq[kB], tok_pos[kB], tok_done[kB];
+  __shared__ int tok_seq[BQ], tok_pos[BQ], tok_done[BQ];
   __shared__ int cur_seq, cur_tok, kv_end;
-  __shared__ float red[kThreads / 32];
   auto k_tile = [&](int buf) { return sage_smem + buf * L::kK; };
   auto v_tile = [&](int buf) { return sage_smem + 2 * L::kK + buf * L::kV; };
+  // the Q codes: in the K stages until the A fragments are loaded (MT = 1), or a region of their own (MT = 2)
+  unsigned char* const q_codes = MT == 1 ? sage_smem : sage_smem + 2 * (L::kK + L::kV);
 
-  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kB, G = static_cast<int>(kv.n_kv), g = h / (nH / G);
+  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * BQ, G = static_cast<int>(kv.n_kv), g = h / (nH / G);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, tq = lane & 3;
 
-  load_tile_tokens(kB, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
-  // Q: one scale for the block's 64 rows of head h; int8 codes -> k_tile(0) -> A fragments.
+  load_tile_tokens(BQ, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
+  // Q: one scale for each 64 rows of head h (the tiles of the CPU reference); int8 codes -> the K stages -> A fragments.
   float sq;
   {
-    constexpr int QV = kB * HD / 4 / kThreads;
+    constexpr int QV = BQ * HD / 4 / kThreads, R = kThreads / (HD / 4), QT = BQ / kB;  // R: rows a float4 step
+    static_assert(kB % R == 0 && QT <= 2, "a float4 step's rows lie in one 64-row tile; at most two tiles");
+    // tile_red[qt][w]: warp w's largest |q| in 64-row tile qt
+    __shared__ float tile_red[QT][kWarps];
     float4 x[QV];
-    float amax = 0;
+    float amax[QT];
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) amax[qt] = 0;
 #pragma unroll
     for (int i = 0; i < QV; ++i) {
       const int c = i * kThreads + tid, row = c / (HD / 4), col = (c % (HD / 4)) * 4, t = t0 + row;
       x[i] = t < T ? *reinterpret_cast<const float4*>(q + (size_t(t) * nH + h) * HD + col) : make_float4(0, 0, 0, 0);
-      amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x[i].x), fabsf(x[i].y)), fmaxf(fabsf(x[i].z), fabsf(x[i].w))));
+      float& a = amax[i * R / kB];
+      a = fmaxf(a, fmaxf(fmaxf(fabsf(x[i].x), fabsf(x[i].y)), fmaxf(fabsf(x[i].z), fabsf(x[i].w))));
     }
-    const KvRowScale s = kv_row_scale(block_max(amax, red), kInt8Max);
-    sq = s.scale;
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) amax[qt] = fmaxf(amax[qt], __shfl_xor_sync(0xffffffffu, amax[qt], o));
+      if (lane == 0) tile_red[qt][warp] = amax[qt];
+    }
+    __syncthreads();
+    KvRowScale ts[QT];
+#pragma unroll
+    for (int qt = 0; qt < QT; ++qt) {
+      float m = tile_red[qt][0];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) m = fmaxf(m, tile_red[qt][w]);
+      ts[qt] = kv_row_scale(m, kInt8Max);
+    }
+    sq = QT == 1 || warp * MT * 16 < kB ? ts[0].scale : ts[QT - 1].scale;  // a warp's rows lie in one tile
 #pragma unroll
     for (int i = 0; i < QV; ++i) {
       const int c = i * kThreads + tid, row = c / (HD / 4), col = (c % (HD / 4)) * 4;
-      auto code = [&](float v) { return uint32_t(uint8_t(f32_to_int8_code(__fmul_rn(v, s.inv)))); };
-      *reinterpret_cast<uint32_t*>(k_tile(0) + row * L::kLdK + col) =
+      const float inv = ts[i * R / kB].inv;
+      auto code = [&](float v) { return uint32_t(uint8_t(f32_to_int8_code(__fmul_rn(v, inv)))); };
+      *reinterpret_cast<uint32_t*>(q_codes + row * L::kLdK + col) =
           code(x[i].x) | (code(x[i].y) << 8) | (code(x[i].z) << 16) | (code(x[i].w) << 24);
     }
   }
   __syncthreads();
-  uint32_t qf[KT][4];
-  {
-    const uint32_t a = smem_u32(k_tile(0) + (warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * L::kLdK + 16 * (lane >> 4));
+  // the lane's ldmatrix address of m-tile m's Q codes (A fragments: 16 rows of 32-byte k steps)
+  auto q_addr = [&](int m) {
+    return smem_u32(q_codes + ((warp * MT + m) * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * L::kLdK + 16 * (lane >> 4));
+  };
+  uint32_t qf[KT][4];  // MT = 1: the warp's Q fragments, held
+  if constexpr (MT == 1) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], a + kk * 32);
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], q_addr(0) + kk * 32);
   }
   // ldmatrix lane offsets: K and transposed-e4m3 V (B operands, n rows of 16-byte halves), f16 V (transposed).
   const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 16 * ((lane >> 3) & 1);
@@ -102,13 +135,19 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   for (;;) {
     __syncthreads();  // also: every warp has its Q fragments before k_tile(0) is overwritten
-    next_pass(kB, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
+    next_pass(BQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
     __syncthreads();
     const int seq = cur_seq, end = kv_end;
     if (seq < 0) break;
     const int64_t sg = int64_t(seq) * G + g;
-    const PassRows rows = pass_rows(warp, gr, seq, tok_seq, tok_pos, tok_done);
-    const int pos0 = rows.pos0, pos1 = rows.pos1, wmax = rows.wmax;
+    PassRows rows[MT];
+    int wmin = INT_MAX, wmax = -1;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      rows[m] = pass_rows(warp * MT + m, gr, seq, tok_seq, tok_pos, tok_done);
+      wmin = min(wmin, rows[m].wmin);
+      wmax = max(wmax, rows[m].wmax);
+    }
     auto fetch = [&](int j, int buf) {
       const int8_t* ks = k8 + (sg * cp + int64_t(j) * kB) * HD;
       const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
@@ -125,10 +164,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_async_commit();
     };
 
-    float o_acc[NO][4];
+    float o_acc[MT][NO][4];
+    float m0[MT], m1[MT], l0[MT], l1[MT], c_prev = 1.0f;  // c: fp8 mode's o_acc unit
 #pragma unroll
-    for (int n = 0; n < NO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0, c_prev = 1.0f;  // c: fp8 mode's o_acc unit
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int n = 0; n < NO; ++n) o_acc[m][n][0] = o_acc[m][n][1] = o_acc[m][n][2] = o_acc[m][n][3] = 0;
+      m0[m] = m1[m] = -INFINITY;
+      l0[m] = l1[m] = 0;
+    }
     const int n_tiles = (end + kB - 1) / kB;
     fetch(0, 0);
     for (int j = 0; j < n_tiles; ++j) {
@@ -142,71 +186,120 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
         const uint32_t kb = smem_u32(k_tile(buf)) + k_off, vb = smem_u32(v_tile(buf)) + v_off;
-        int si[NS][4];
+        int si[MT][NS][4];
 #pragma unroll
-        for (int n = 0; n < NS; ++n) si[n][0] = si[n][1] = si[n][2] = si[n][3] = 0;
-        mma_tile_pairs<KT, NS / 2, false, mma_s8>(si, qf,
-                                                  [&](int kk, int np) { return kb + np * 16 * L::kLdK + kk * 32; });
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int n = 0; n < NS; ++n) si[m][n][0] = si[m][n][1] = si[m][n][2] = si[m][n][3] = 0;
+        // S = Q K^T: each K fragment serves the warp's MT m-tiles (mma_tile_pairs' order within each)
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk) {
+          uint32_t qa[MT][4];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            if constexpr (MT == 1) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) qa[m][r] = qf[kk][r];
+            } else {
+              ldmatrix_x4(qa[m], q_addr(m) + kk * 32);
+            }
+          }
+#pragma unroll
+          for (int np = 0; np < NS / 2; ++np) {
+            uint32_t bk[4];
+            ldmatrix_x4(bk, kb + np * 16 * L::kLdK + kk * 32);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              mma_s8(si[m][2 * np], qa[m], bk[0], bk[1]);
+              mma_s8(si[m][2 * np + 1], qa[m], bk[2], bk[3]);
+            }
+          }
+        }
         const float f = __fmul_rn(__fmul_rn(sq, k_scale[sg * nb + j]), qscale);
-        float s[NS][4];
+        float ratio = 1.0f;
+        if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
+          const float vs = v_scale[sg * nb + j], c = (vs > 0 ? vs : 1.0f) * (1.0f / kFp8Max);
+          ratio = c_prev / c;
+          c_prev = c;
+        }
+        using Weights = std::conditional_t<FP8, uint32_t[2][4], uint32_t[NS / 2][4]>;
+        Weights pw[MT];
 #pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[n][e] = __fmul_rn(float(si[n][e]), f);
-        if (kv0 + kB - 1 > rows.wmin) {  // causal mask only where a key passes some row's position (as the exact kernel)
+        for (int m = 0; m < MT; ++m) {
+          float s[NS][4];
 #pragma unroll
           for (int n = 0; n < NS; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1)) s[n][e] = -INFINITY;
-        }
-        const SoftmaxRows st = softmax_weights(s, m0, m1, l0, l1, [](int) {});  // s becomes the weights P
-        m0 = st.m0;
-        m1 = st.m1;
-        l0 = st.l0;
-        l1 = st.l1;
-        float alpha0 = st.alpha0, alpha1 = st.alpha1;
-        if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
-          const float vs = v_scale[sg * nb + j], c = (vs > 0 ? vs : 1.0f) * (1.0f / kFp8Max), ratio = c_prev / c;
-          c_prev = c;
-          alpha0 *= ratio;
-          alpha1 *= ratio;
-        }
-        scale_o_rows(o_acc, alpha0, alpha1);
-        if constexpr (FP8) {
-          uint32_t pa[2][4];
+            for (int e = 0; e < 4; ++e) s[n][e] = __fmul_rn(float(si[m][n][e]), f);
+          if (kv0 + kB - 1 > wmin) {  // causal mask only where a key passes some row's position (as the exact kernel)
 #pragma unroll
-          for (int kk = 0; kk < 2; ++kk) {
-            const int n = 4 * kk;
-            auto p = [&](int nn, int e) { return s[n + nn][e] * kFp8Max; };
-            pa[kk][0] = pack_e4m3(p(0, 0), p(0, 1), p(1, 0), p(1, 1));
-            pa[kk][1] = pack_e4m3(p(0, 2), p(0, 3), p(1, 2), p(1, 3));
-            pa[kk][2] = pack_e4m3(p(2, 0), p(2, 1), p(3, 0), p(3, 1));
-            pa[kk][3] = pack_e4m3(p(2, 2), p(2, 3), p(3, 2), p(3, 3));
-          }
-          mma_tile_pairs<2, NO / 2, false, mma_e4m3>(o_acc, pa,
-                                                     [&](int kk, int dp) { return vb + dp * 16 * L::kLdV + kk * 32; });
-        } else {
-          uint32_t pf[NS / 2][4];
+            for (int n = 0; n < NS; ++n)
 #pragma unroll
-          for (int n = 0; n < NS; ++n) {
-            pf[n / 2][(n & 1) * 2] = pack_f16(s[n][0], s[n][1]);
-            pf[n / 2][(n & 1) * 2 + 1] = pack_f16(s[n][2], s[n][3]);
+              for (int e = 0; e < 4; ++e)
+                if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? rows[m].pos0 : rows[m].pos1)) s[n][e] = -INFINITY;
           }
-          mma_pv<NS, NO, HD + 8>(o_acc, pf, vb);
+          const SoftmaxRows st = softmax_weights(s, m0[m], m1[m], l0[m], l1[m], [](int) {});  // s: the weights P
+          m0[m] = st.m0;
+          m1[m] = st.m1;
+          l0[m] = st.l0;
+          l1[m] = st.l1;
+          scale_o_rows(o_acc[m], st.alpha0 * ratio, st.alpha1 * ratio);
+          if constexpr (FP8) {
+#pragma unroll
+            for (int kk = 0; kk < 2; ++kk) {
+              const int n = 4 * kk;
+              auto p = [&](int nn, int e) { return s[n + nn][e] * kFp8Max; };
+              pw[m][kk][0] = pack_e4m3(p(0, 0), p(0, 1), p(1, 0), p(1, 1));
+              pw[m][kk][1] = pack_e4m3(p(0, 2), p(0, 3), p(1, 2), p(1, 3));
+              pw[m][kk][2] = pack_e4m3(p(2, 0), p(2, 1), p(3, 0), p(3, 1));
+              pw[m][kk][3] = pack_e4m3(p(2, 2), p(2, 3), p(3, 2), p(3, 3));
+            }
+          } else {
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
+              pw[m][n / 2][(n & 1) * 2] = pack_f16(s[n][0], s[n][1]);
+              pw[m][n / 2][(n & 1) * 2 + 1] = pack_f16(s[n][2], s[n][3]);
+            }
+          }
         }
+        // O += P V: each V fragment serves the MT m-tiles (mma_tile_pairs' order within each)
+        constexpr int PK = FP8 ? 2 : NS / 2;
+#pragma unroll
+        for (int kk = 0; kk < PK; ++kk)
+#pragma unroll
+          for (int dn = 0; dn < NO / 2; ++dn) {
+            uint32_t bv[4];
+            if constexpr (FP8) {
+              ldmatrix_x4(bv, vb + dn * 16 * L::kLdV + kk * 32);
+            } else {
+              ldmatrix_x4_trans(bv, vb + (kk * 16 * (HD + 8) + dn * 16) * sizeof(__half));
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+              if constexpr (FP8) {
+                mma_e4m3(o_acc[m][2 * dn], pw[m][kk], bv[0], bv[1]);
+                mma_e4m3(o_acc[m][2 * dn + 1], pw[m][kk], bv[2], bv[3]);
+              } else {
+                mma_f16(o_acc[m][2 * dn], pw[m][kk], bv[0], bv[1]);
+                mma_f16(o_acc[m][2 * dn + 1], pw[m][kk], bv[2], bv[3]);
+              }
+            }
+          }
       }
       __syncthreads();  // every warp is done with this stage before the next fetch overwrites it
     }
 
-    finish_pass<HD>(o_acc, l0, l1, FP8 ? c_prev : 1.0f, rows, tq, kB, t0, nH, h, seq, tok_seq, tok_done, out);
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      finish_pass<HD>(o_acc[m], l0[m], l1[m], FP8 ? c_prev : 1.0f, rows[m], tq, BQ, t0, nH, h, seq, tok_seq, tok_done,
+                      out);
   }
 }
 
 template <int HD, bool FP8>
 void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                  const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
-                 float scale, const Tensor& out, unsigned char* scratch) {
+                 float scale, const Tensor& out, unsigned char* scratch, int num_sms) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int T = static_cast<int>(q.dim(0));
   const SageScratch sc = SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), HD, FP8);
@@ -217,13 +310,23 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
   const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp);
 
   detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch);
-  auto kernel = sage_attention_mma<HD, FP8>;
-  constexpr size_t smem = SageLayout<HD, FP8>::kBytes;
-  allow_dynamic_smem(ctx, kernel, smem, "sageAttention");
-  dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kB - 1) / kB));
-  kernel<<<grid, kThreads, smem, ctx.stream>>>(q.data<float>(), k8, v_op, k_scale, v_scale, kv,
-                                                token_seq.data<int32_t>(), positions.data<int32_t>(), T, int(n_heads),
-                                                nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
+  auto launch = [&](auto kernel, auto layout, int BQ) {
+    constexpr size_t smem = decltype(layout)::kBytes;
+    allow_dynamic_smem(ctx, kernel, smem, "sageAttention");
+    dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + BQ - 1) / BQ));
+    kernel<<<grid, kThreads, smem, ctx.stream>>>(q.data<float>(), k8, v_op, k_scale, v_scale, kv,
+                                                  token_seq.data<int32_t>(), positions.data<int32_t>(), T,
+                                                  int(n_heads), nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
+  };
+  // Two m-tiles a warp where the grid of 128-row blocks still fills two rounds of the GPU's block slots (2 an SM):
+  // H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Smaller grids keep one m-tile and twice the
+  // blocks: with two, a TP 4 rank's last 1024 rows over 32K took 1.11 ms against 0.69, a 1185-token chunk 2.78
+  // against 2.63 (bench/RESULTS.md, session 24).
+  const int64_t slots = 2 * int64_t{num_sms}, blocks2 = n_heads * ((T + 127) / 128);
+  if (blocks2 >= 2 * slots)
+    launch(sage_attention_mma<HD, FP8, 2>, SageLayout<HD, FP8, 2>{}, 128);
+  else
+    launch(sage_attention_mma<HD, FP8, 1>, SageLayout<HD, FP8, 1>{}, kB);
 }
 
 }  // namespace
@@ -236,7 +339,7 @@ int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor&
 
 void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch) {
+                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int64_t T = q.dim(0), hd = k_cache.dim(3);
   if (T == 0 || hd == 0) return;
@@ -251,7 +354,7 @@ void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cach
   auto run = [&](auto head_dim, auto fp8_mode) {
     launch_sage<decltype(head_dim)::value, decltype(fp8_mode)::value>(ctx, q, k_cache, v_cache, token_seq,
                                                                        kv_block_table, positions, n_heads, scale, out,
-                                                                       bytes);
+                                                                       bytes, num_sms);
   };
   using H64 = std::integral_constant<int, 64>;
   using H128 = std::integral_constant<int, 128>;

@@ -29,10 +29,11 @@ inline bool sage_head_dim_supported(int64_t hd) { return hd == 64 || hd == 128; 
 int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8);
 
 // q [T, nH * hd] f32 -> out [T, nH * hd] f32 over caches [nBlocks, nKv, B, hd] of any KV dtype; fp8 picks the P V
-// operand type (e4m3, else f16). scratch: sage_scratch_bytes of device memory, 256-byte aligned.
+// operand type (e4m3, else f16). scratch: sage_scratch_bytes of device memory, 256-byte aligned. num_sms: the
+// device's, for the kernel's choice of query rows a warp.
 void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch);
+                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms);
 
 namespace detail {
 // Byte offsets of the scratch's parts (each 256-aligned), for S table rows, G kv heads, capacity C, head dim hd.

@@ -314,7 +314,7 @@ class CudaBackend final : public Backend {
       return run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
     if (!sage_scratch_.buffer || sage_scratch_.numel() < bytes) sage_scratch_ = empty(DType::I8, {bytes});
     cuda::launch_sage_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, fp8,
-                                out, sage_scratch_.buffer->data());
+                                out, sage_scratch_.buffer->data(), st_->num_sms);
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {
