@@ -1467,11 +1467,11 @@ void check_sage(Rng& rng) {
     DType kv;
     const char* kind;  // "chunk": sequence 1 after 200 cached positions; "causal": a fresh prompt; "ragged": two
   };
-  // The last: 72 heads x 8 tiles of 128 rows fill two rounds of an H200's block slots, so the kernel takes two m16
-  // tiles of rows a warp (attention-sage.cu), as for long prompts.
+  // The last two: 72 heads x 8 tiles of 128 rows (80 x 7) fill two rounds of an H200's block slots, so the kernel
+  // takes two m16 tiles of rows a warp (attention-sage.cu), as for long prompts.
   for (Cfg c : {Cfg{300, 32, 8, 128, DType::BF16, "chunk"}, Cfg{200, 32, 32, 128, DType::BF16, "causal"},
                 Cfg{300, 16, 4, 64, DType::BF16, "ragged"}, Cfg{130, 32, 8, 128, DType::FP8, "chunk"},
-                Cfg{1024, 72, 8, 128, DType::BF16, "causal"}})
+                Cfg{1024, 72, 8, 128, DType::BF16, "causal"}, Cfg{800, 80, 8, 128, DType::BF16, "ragged"}})
     for (DType pv : {DType::F16, DType::FP8}) {
       const int64_t hd = c.hd;
       std::string sh = std::string(dtype_name(c.kv)) + " T=" + std::to_string(c.T) + " " + std::to_string(c.nH) + "/" +
