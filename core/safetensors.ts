@@ -4,9 +4,10 @@
  * `{name: {dtype, shape, data_offsets: [begin, end]}, __metadata__?: {string: string}}`, then the data; offsets
  * are relative to byte 8 + N. A model is one `model.safetensors` or shards named by `model.safetensors.index.json`.
  */
-import { closeSync, openSync, readFileSync, readSync } from 'node:fs';
-import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
+import { closeSync, fstat, open as openFd, openSync, read, readFileSync, readSync, write } from 'node:fs';
+import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { WeftError } from './errors.ts';
 import type { WeightDType } from './weight-format.ts';
 
@@ -19,7 +20,7 @@ const WEFT_DTYPES: Readonly<Record<string, WeightDType>> = { F32: 'f32', F16: 'f
 
 /** The reference implementation's bound on the JSON header (safetensors MAX_HEADER_SIZE). */
 export const MAX_HEADER_BYTES = 100_000_000;
-/** One FileHandle.read moves at most 2 GiB - 1 bytes; larger ranges are read in chunks of this size. */
+/** One read moves at most 2 GiB - 1 bytes; larger ranges are read in chunks of this size. */
 const MAX_READ_BYTES = 1 << 30;
 /** Row-by-row column-slice reads kept in flight at once. */
 const ROW_READS_IN_FLIGHT = 64;
@@ -130,35 +131,42 @@ function checkHeaderLength(n: bigint, file: string, fileSize: number): number {
   return Number(n);
 }
 
+// Files are numeric descriptors read through the callback API and closed synchronously, not fs/promises
+// FileHandles: a CI run hung in a FileHandle's close() (its close request never completed, with nothing left on the
+// thread pool), and a worker that never finishes loading its weights is a hang with no error. A regular file's
+// close(2) does not block.
+const readAt = promisify(read);
+const writeAll = promisify(write);
+
 /** One safetensors file, open for positional reads until `close()`. */
 export class SafetensorsFile {
   /** Bytes of tensor data read so far (headers not counted). */
   bytesRead = 0;
 
   private constructor(
-    private readonly handle: FileHandle,
+    private fd: number,
     readonly header: SafetensorsHeader,
     private readonly onRead: ((bytes: number) => void) | undefined,
   ) {}
 
   static async open(file: string, onRead?: (bytes: number) => void): Promise<SafetensorsFile> {
-    let handle: FileHandle;
+    let fd: number;
     try {
-      handle = await open(file, 'r');
+      fd = await promisify(openFd)(file, 'r');
     } catch (err) {
       throw new WeftError('WEFT_BAD_WEIGHTS', `${file}: cannot open weights file (${(err as Error).message})`, { cause: err });
     }
     try {
-      const fileSize = (await handle.stat()).size;
+      const fileSize = (await promisify(fstat)(fd)).size;
       if (fileSize < 8) throw new WeftError('WEFT_BAD_WEIGHTS', `${file}: ${fileSize} bytes, too short for a safetensors header`);
       const lengthBytes = new Uint8Array(8);
-      await readFully(handle, file, lengthBytes, 0, 'header length');
+      await readFully(fd, file, lengthBytes, 0, 'header length');
       const n = checkHeaderLength(new DataView(lengthBytes.buffer).getBigUint64(0, true), file, fileSize);
       const json = new Uint8Array(n);
-      await readFully(handle, file, json, 8, 'header');
-      return new SafetensorsFile(handle, parseHeader(json, file, fileSize), onRead);
+      await readFully(fd, file, json, 8, 'header');
+      return new SafetensorsFile(fd, parseHeader(json, file, fileSize), onRead);
     } catch (err) {
-      await handle.close();
+      closeSync(fd);
       throw err;
     }
   }
@@ -195,7 +203,9 @@ export class SafetensorsFile {
         const into = out.subarray(r * sliceBytes, (r + 1) * sliceBytes);
         batch.push(this.read(into, t.begin + (r * cols + c0) * elem, `tensor "${t.name}" row ${r} columns [${c0}, ${c1})`));
       }
-      await Promise.all(batch);
+      // every read settles before a failure is thrown, so that close() never runs beside a read of this file
+      const failed = (await Promise.allSettled(batch)).find((r) => r.status === 'rejected');
+      if (failed) throw failed.reason;
     }
     return out;
   }
@@ -207,14 +217,19 @@ export class SafetensorsFile {
     return out;
   }
 
+  /** Closes the file (once; later calls do nothing). Call it after every read has settled. */
   async close(): Promise<void> {
-    await this.handle.close();
+    if (this.fd < 0) return;
+    const fd = this.fd;
+    this.fd = -1;
+    closeSync(fd);
   }
 
   private async read(into: Uint8Array, position: number, what: string): Promise<void> {
+    if (this.fd < 0) throw new Error(`${this.header.file}: ${what}: read after close`);
     for (let done = 0; done < into.length; done += MAX_READ_BYTES) {
       const chunk = into.subarray(done, Math.min(into.length, done + MAX_READ_BYTES));
-      await readFully(this.handle, this.header.file, chunk, position + done, what);
+      await readFully(this.fd, this.header.file, chunk, position + done, what);
       this.bytesRead += chunk.length;
       this.onRead?.(chunk.length);
     }
@@ -227,10 +242,10 @@ function target(dest: Uint8Array | undefined, offset: number, bytes: number): Ui
   return dest.subarray(offset, offset + bytes);
 }
 
-async function readFully(handle: FileHandle, file: string, into: Uint8Array, position: number, what: string): Promise<void> {
+async function readFully(fd: number, file: string, into: Uint8Array, position: number, what: string): Promise<void> {
   let done = 0;
   while (done < into.length) {
-    const { bytesRead } = await handle.read(into, done, into.length - done, position + done);
+    const { bytesRead } = await readAt(fd, into, done, into.length - done, position + done);
     if (bytesRead === 0) {
       throw new WeftError('WEFT_BAD_WEIGHTS', `${file}: ${what}: the file ends at byte ${position + done}, ${into.length - done} bytes short of [${position}, ${position + into.length}) (changed while loading?)`);
     }
@@ -432,17 +447,20 @@ export async function writeSafetensorsFile(file: string, tensors: readonly Tenso
   const padded = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, 0x20)]);
   const length = Buffer.alloc(8);
   length.writeBigUInt64LE(BigInt(padded.length));
-  const handle = await open(file, 'w');
+  const fd = await promisify(openFd)(file, 'w');
+  const writeFully = async (bytes: Uint8Array) => {
+    for (let done = 0; done < bytes.length; ) done += (await writeAll(fd, bytes, done, bytes.length - done)).bytesWritten;
+  };
   try {
-    await handle.write(length);
-    await handle.write(padded);
+    await writeFully(length);
+    await writeFully(padded);
     for (const [i, t] of tensors.entries()) {
       const bytes = await t.bytes();
       if (bytes.length !== sizes[i]) throw new Error(`writeSafetensorsFile: ${t.name} has ${bytes.length} bytes, ${t.dtype} [${t.shape.join(', ')}] needs ${sizes[i]}`);
-      await handle.write(bytes);
+      await writeFully(bytes);
     }
   } finally {
-    await handle.close();
+    closeSync(fd); // synchronous, as SafetensorsFile's: see there
   }
   return offset;
 }
