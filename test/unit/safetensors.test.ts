@@ -141,6 +141,21 @@ describe('safetensors reads', () => {
     }
   });
 
+  it('closes once: a second close does nothing, a read after it is refused, and the descriptor is released', async () => {
+    const file = await SafetensorsFile.open(LLAMA);
+    const entry = file.tensor('model.norm.weight')!;
+    await file.close();
+    await file.close();
+    await assert.rejects(file.readAll(entry), /read after close/);
+    // A file opened after the close reads as it should (its descriptor may be the number the first one freed).
+    const again = await SafetensorsFile.open(LLAMA);
+    try {
+      assert.deepEqual(Buffer.from(await again.readAll(again.tensor('model.norm.weight')!)), reference.get('model.norm.weight')!.bytes);
+    } finally {
+      await again.close();
+    }
+  });
+
   it('reads column slices of bf16 tensors', async () => {
     const o = readTensors(BF16).find((t) => t.name === 'model.layers.0.self_attn.o_proj.weight')!; // [64, 64] bf16
     const file = await SafetensorsFile.open(BF16);
