@@ -135,8 +135,10 @@ function checkHeaderLength(n: bigint, file: string, fileSize: number): number {
 // FileHandles: a CI run hung in a FileHandle's close() (its close request never completed, with nothing left on the
 // thread pool), and a worker that never finishes loading its weights is a hang with no error. A regular file's
 // close(2) does not block.
+const openFile = promisify(openFd);
+const statOf = promisify(fstat);
 const readAt = promisify(read);
-const writeAll = promisify(write);
+const writeAt = promisify(write);
 
 /** One safetensors file, open for positional reads until `close()`. */
 export class SafetensorsFile {
@@ -152,12 +154,12 @@ export class SafetensorsFile {
   static async open(file: string, onRead?: (bytes: number) => void): Promise<SafetensorsFile> {
     let fd: number;
     try {
-      fd = await promisify(openFd)(file, 'r');
+      fd = await openFile(file, 'r');
     } catch (err) {
       throw new WeftError('WEFT_BAD_WEIGHTS', `${file}: cannot open weights file (${(err as Error).message})`, { cause: err });
     }
     try {
-      const fileSize = (await promisify(fstat)(fd)).size;
+      const fileSize = (await statOf(fd)).size;
       if (fileSize < 8) throw new WeftError('WEFT_BAD_WEIGHTS', `${file}: ${fileSize} bytes, too short for a safetensors header`);
       const lengthBytes = new Uint8Array(8);
       await readFully(fd, file, lengthBytes, 0, 'header length');
@@ -447,9 +449,9 @@ export async function writeSafetensorsFile(file: string, tensors: readonly Tenso
   const padded = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, 0x20)]);
   const length = Buffer.alloc(8);
   length.writeBigUInt64LE(BigInt(padded.length));
-  const fd = await promisify(openFd)(file, 'w');
+  const fd = await openFile(file, 'w');
   const writeFully = async (bytes: Uint8Array) => {
-    for (let done = 0; done < bytes.length; ) done += (await writeAll(fd, bytes, done, bytes.length - done)).bytesWritten;
+    for (let done = 0; done < bytes.length; ) done += (await writeAt(fd, bytes, done, bytes.length - done)).bytesWritten;
   };
   try {
     await writeFully(length);
