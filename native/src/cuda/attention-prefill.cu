@@ -2,6 +2,7 @@
 // the others, both reading the cache through the KV block table (attention.cuh has the plan). Scores are
 // dot(q, k) * scale as in the CPU; softmax in fp32 (the tensor-core kernel: exp2 of log2-scaled scores).
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 
 #include "cuda/attention.cuh"
@@ -50,10 +51,13 @@ using FaLayout = KvTileLayout<HD, kFaBK, KV>;
 // tiles, which write the rows' unnormalized outputs and (max, sum) to scratch; prefill_merge_splits adds them.
 constexpr int kMaxKeySplits = 8, kMinSplitTiles = 8;
 
-// grid (nH, ceil(T / kFaBQ), n_split); qscale = scale * log2(e). KV: the cache's element type, f32 or bf16, or the
+// grid (nH, ceil(T / (kFaBQ MT)), n_split); qscale = scale * log2(e). MT: m16 tiles of query rows a warp (1 or 2):
+// two give each K and V fragment read from shared memory to two mma and each warp two independent chains (the Sage
+// kernel, attention-sage.cu, took 10% less time so at 32K on H200); their Q fragments are read from shared memory at
+// every tile, since holding them would spill. KV: the cache's element type, f32 or bf16, or the
 // 1-byte codes with k_scales, v_scales [rows] (16 codes a chunk, dequantized as they are converted to f16).
 // n_split > 1: part [n_split][T][nH][HD] outputs, then part_ml [n_split][T][nH] (max in log2 units, sum).
-template <int HD, typename KV>
+template <int HD, typename KV, int MT>
 __global__ void __launch_bounds__(kFaThreads, 2)
     attention_prefill_mma(const float* __restrict__ q, const KV* __restrict__ k_cache,
                           const KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
@@ -65,30 +69,32 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   constexpr int KT = HD / 16;                            // k16 steps over the head dim (S = Q K^T)
   constexpr int NO = HD / 8;                             // n8 tiles of O
   constexpr int NS = kFaBK / 8;                          // n8 tiles of S
+  constexpr int BQ = kFaBQ * MT;                         // query rows of a block
   extern __shared__ __align__(16) unsigned char fa_smem[];
   KV* stage = reinterpret_cast<KV*>(fa_smem);                       // [2][kFaBK][HD] of KV: K, V
-  __half* kh = reinterpret_cast<__half*>(fa_smem + L::kStage);    // [kFaBK][LD]; the Q tile first
+  __half* kh = reinterpret_cast<__half*>(fa_smem + L::kStage);    // [kFaBK][LD]; MT = 1: the Q tile first
   __half* vh = kh + kFaBK * LD;                                     // [kFaBK][LD]
-  __shared__ int tok_seq[kFaBQ], tok_pos[kFaBQ], tok_done[kFaBQ];
+  __half* qh = MT == 1 ? kh : vh + kFaBK * LD;                      // MT = 2: [BQ][LD], the Q tile for good
+  __shared__ int tok_seq[BQ], tok_pos[BQ], tok_done[BQ];
   __shared__ int cur_seq, cur_tok, kv_end;
   __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (elements) of the key rows of tiles j and j + 1
 
-  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * kFaBQ, g = h / (nH / static_cast<int>(kv.n_kv));
+  const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * BQ, g = h / (nH / static_cast<int>(kv.n_kv));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gr = lane >> 2, tq = lane & 3;  // fragment row (and row + 8), thread of the quad
 
-  load_tile_tokens(kFaBQ, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
-  // Q tile (scaled, f16) -> kh -> A fragments in registers.
-  for (int c = tid; c < kFaBQ * HD / 4; c += kFaThreads) {
+  load_tile_tokens(BQ, t0, T, kv, token_seq, positions, nH, h, HD, out, status, tok_seq, tok_pos, tok_done);
+  // Q tile (scaled, f16) -> qh -> A fragments (MT = 1: held in registers).
+  for (int c = tid; c < BQ * HD / 4; c += kFaThreads) {
     int row = c / (HD / 4), col = (c % (HD / 4)) * 4, t = t0 + row;
-    q4_to_f16(t < T ? q + (size_t(t) * nH + h) * HD + col : nullptr, qscale, kh + row * LD + col);
+    q4_to_f16(t < T ? q + (size_t(t) * nH + h) * HD + col : nullptr, qscale, qh + row * LD + col);
   }
   __syncthreads();
+  auto q_addr = [&](int m) { return a_frag_addr<LD>(qh + (warp * MT + m) * 16 * LD, lane); };
   uint32_t qf[KT][4];
-  {
-    const uint32_t a = a_frag_addr<LD>(kh + warp * 16 * LD, lane);
+  if constexpr (MT == 1) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], a + kk * 16 * sizeof(__half));
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], q_addr(0) + kk * 16 * sizeof(__half));
   }
   // ldmatrix lane addresses: K (B of Q K^T, non-transposed) and V (B of P V, transposed).
   const uint32_t k_addr = k_frag_addr<LD>(kh, lane);
@@ -96,12 +102,18 @@ __global__ void __launch_bounds__(kFaThreads, 2)
 
   for (;;) {
     __syncthreads();  // also: every warp has its Q fragments before kh is overwritten
-    next_pass(kFaBQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
+    next_pass(BQ, t0, tok_seq, tok_pos, tok_done, &cur_seq, &cur_tok, &kv_end);
     __syncthreads();
     const int seq = cur_seq, end = kv_end;
     if (seq < 0) break;
-    const PassRows rows = pass_rows(warp, gr, seq, tok_seq, tok_pos, tok_done);
-    const int pos0 = rows.pos0, pos1 = rows.pos1, wmin = rows.wmin, wmax = rows.wmax;
+    PassRows rows[MT];
+    int wmin = INT_MAX, wmax = -1;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      rows[m] = pass_rows(warp * MT + m, gr, seq, tok_seq, tok_pos, tok_done);
+      wmin = min(wmin, rows[m].wmin);
+      wmax = max(wmax, rows[m].wmax);
+    }
 
     // Thread tid < kFaBK: the cache offset of key row tid of the tile at kv0 (0 past end: not fetched).
     auto tile_row = [&](int kv0) -> int64_t {
@@ -115,10 +127,15 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       convert_kv_tile<HD, kFaBK, kFaThreads>(stage, kh, vh, rows, end - kv0, k_scales, v_scales, tid);
     };
 
-    float o_acc[NO][4];
+    float o_acc[MT][NO][4];
+    float m0[MT], m1[MT], l0[MT], l1[MT];  // l: this thread's partial row sums
 #pragma unroll
-    for (int n = 0; n < NO; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;  // l: this thread's partial row sums
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int n = 0; n < NO; ++n) o_acc[m][n][0] = o_acc[m][n][1] = o_acc[m][n][2] = o_acc[m][n][3] = 0;
+      m0[m] = m1[m] = -INFINITY;
+      l0[m] = l1[m] = 0;
+    }
     // This block's key tiles of the pass: all of them, or split blockIdx.z's share, at least kMinSplitTiles (a
     // short walk, as a fresh prompt's first query tiles have, is not worth a block's start: later splits get none).
     const int n_tiles = (end + kFaBK - 1) / kFaBK;
@@ -141,18 +158,59 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       // Tile j + 2's row offsets: the table is read now, stored after this tile (its buffer held tile j's rows).
       const int64_t row_after_next = tid < kFaBK && j + 2 < j_end ? tile_row(kv0 + 2 * kFaBK) : 0;
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
-        float s[NS][4];
-        mma_qk<KT, NS, LD>(s, qf, k_addr);
-        if (kv0 + kFaBK - 1 > wmin) {  // causal mask (also: rows of other sequences, keys past end)
+        float s[MT][NS][4];
+        if constexpr (MT == 1) {
+          mma_qk<KT, NS, LD>(s[0], qf, k_addr);
+        } else {  // mma_qk with each K fragment serving the MT m-tiles
 #pragma unroll
-          for (int n = 0; n < NS; ++n)
+          for (int m = 0; m < MT; ++m)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? pos0 : pos1)) s[n][e] = -INFINITY;
+            for (int n = 0; n < NS; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0;
+#pragma unroll
+          for (int kk = 0; kk < KT; ++kk) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) ldmatrix_x4(qa[m], q_addr(m) + kk * 16 * sizeof(__half));
+#pragma unroll
+            for (int np = 0; np < NS / 2; ++np) {
+              uint32_t b[4];
+              ldmatrix_x4(b, k_addr + (np * 16 * LD + kk * 16) * sizeof(__half));
+#pragma unroll
+              for (int m = 0; m < MT; ++m) {
+                mma_f16(s[m][2 * np], qa[m], b[0], b[1]);
+                mma_f16(s[m][2 * np + 1], qa[m], b[2], b[3]);
+              }
+            }
+          }
         }
-        uint32_t pf[NS / 2][4];
-        softmax_step<NS, NO>(s, m0, m1, l0, l1, o_acc, pf);
-        mma_pv<NS, NO, LD>(o_acc, pf, v_addr);
+        uint32_t pf[MT][NS / 2][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (kv0 + kFaBK - 1 > wmin) {  // causal mask (also: rows of other sequences, keys past end)
+#pragma unroll
+            for (int n = 0; n < NS; ++n)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (kv0 + n * 8 + 2 * tq + (e & 1) > (e < 2 ? rows[m].pos0 : rows[m].pos1)) s[m][n][e] = -INFINITY;
+          }
+          softmax_step<NS, NO>(s[m], m0[m], m1[m], l0[m], l1[m], o_acc[m], pf[m]);
+        }
+        if constexpr (MT == 1) {
+          mma_pv<NS, NO, LD>(o_acc[0], pf[0], v_addr);
+        } else {  // mma_pv with each V fragment serving the MT m-tiles
+#pragma unroll
+          for (int kk = 0; kk < NS / 2; ++kk)
+#pragma unroll
+            for (int dn = 0; dn < NO / 2; ++dn) {
+              uint32_t b[4];
+              ldmatrix_x4_trans(b, v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half));
+#pragma unroll
+              for (int m = 0; m < MT; ++m) {
+                mma_f16(o_acc[m][2 * dn], pf[m][kk], b[0], b[1]);
+                mma_f16(o_acc[m][2 * dn + 1], pf[m][kk], b[2], b[3]);
+              }
+            }
+        }
       }
       if (j + 1 < j_end) {
         __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
@@ -163,22 +221,28 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     }
 
     if (n_split == 1) {
-      finish_pass<HD>(o_acc, l0, l1, 1.0f, rows, tq, kFaBQ, t0, nH, h, seq, tok_seq, tok_done, out);
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        finish_pass<HD>(o_acc[m], l0[m], l1[m], 1.0f, rows[m], tq, BQ, t0, nH, h, seq, tok_seq, tok_done, out);
       continue;
     }
     // A split's partial rows: O unnormalized, (max, sum); a row with no key in this split has (-inf, 0) and O = 0.
-    sum_quad_rows(l0, l1);
     float* part_ml = part + size_t(n_split) * T * nH * HD;
-    auto put = [&](int r, int e, float m, float l) {
-      const size_t row = (size_t(blockIdx.z) * T + t0 + r) * nH + h;
-      float* o = part + row * HD + 2 * tq;
 #pragma unroll
-      for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[n][e], o_acc[n][e + 1]);
-      if (tq == 0) *reinterpret_cast<float2*>(part_ml + 2 * row) = make_float2(m, l);
-    };
-    if (rows.pos0 >= 0) put(rows.r0, 0, m0, l0);
-    if (rows.pos1 >= 0) put(rows.r1, 2, m1, l1);
-    end_pass(kFaBQ, seq, tok_seq, tok_done);
+    for (int m = 0; m < MT; ++m) {
+      sum_quad_rows(l0[m], l1[m]);
+      auto put = [&](int r, int e, float mx, float l) {
+        const size_t row = (size_t(blockIdx.z) * T + t0 + r) * nH + h;
+        float* o = part + row * HD + 2 * tq;
+#pragma unroll
+        for (int n = 0; n < NO; ++n)
+          *reinterpret_cast<float2*>(o + n * 8) = make_float2(o_acc[m][n][e], o_acc[m][n][e + 1]);
+        if (tq == 0) *reinterpret_cast<float2*>(part_ml + 2 * row) = make_float2(mx, l);
+      };
+      if (rows[m].pos0 >= 0) put(rows[m].r0, 0, m0[m], l0[m]);
+      if (rows[m].pos1 >= 0) put(rows[m].r1, 2, m1[m], l1[m]);
+    }
+    end_pass(BQ, seq, tok_seq, tok_done);
   }
 }
 
@@ -211,16 +275,27 @@ void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, 
                         const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                         int64_t n_heads, float scale, const Tensor& out, float* scratch, int num_sms) {
   int T = static_cast<int>(q.dim(0));
-  auto kernel = attention_prefill_mma<HD, KV>;
-  constexpr size_t smem = FaLayout<HD, KV>::kBytes;
-  allow_dynamic_smem(ctx, kernel, smem, "attention");
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int n_split = scratch ? detail::prefill_key_splits(T, n_heads, kv.capacity(), HD, num_sms) : 1;
-  dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + kFaBQ - 1) / kFaBQ), n_split);
-  kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
-      q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv, token_seq.data<int32_t>(),
-      positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f, out.data<float>(), ctx.status,
-      k_cache.kv_scales(), v_cache.kv_scales(), n_split, scratch);
+  auto launch = [&](auto kernel, int BQ, size_t smem) {
+    allow_dynamic_smem(ctx, kernel, smem, "attention");
+    dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + BQ - 1) / BQ), n_split);
+    kernel<<<grid, kFaThreads, smem, ctx.stream>>>(
+        q.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv, token_seq.data<int32_t>(),
+        positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f, out.data<float>(), ctx.status,
+        k_cache.kv_scales(), v_cache.kv_scales(), n_split, scratch);
+  };
+  // Two m-tiles a warp where the grid of 128-row blocks fills two rounds of the block slots (2 an SM), as the Sage
+  // kernel: never with key splits, which are for grids of a few rounds; not for an f32 cache, whose staging area
+  // leaves no room for a second block beside the Q tile.
+  constexpr size_t smem = FaLayout<HD, KV>::kBytes;
+  if constexpr (sizeof(KV) <= 2) {
+    const int64_t blocks2 = n_heads * ((T + 2 * kFaBQ - 1) / (2 * kFaBQ));
+    if (n_split == 1 && blocks2 >= 4 * int64_t{num_sms})
+      return launch(attention_prefill_mma<HD, KV, 2>, 2 * kFaBQ,
+                    smem + size_t{2 * kFaBQ} * FaLayout<HD, KV>::kLd * sizeof(__half));
+  }
+  launch(attention_prefill_mma<HD, KV, 1>, kFaBQ, smem);
   if (n_split > 1) {
     const int64_t n = int64_t(T) * n_heads * HD;
     prefill_merge_splits<HD><<<static_cast<unsigned>((n + 255) / 256), 256, 0, ctx.stream>>>(
