@@ -91,11 +91,18 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   }
   __syncthreads();
   auto q_addr = [&](int m) { return a_frag_addr<LD>(qh + (warp * MT + m) * 16 * LD, lane); };
-  uint32_t qf[KT][4];
+  uint32_t qf[1][KT][4];
   if constexpr (MT == 1) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], q_addr(0) + kk * 16 * sizeof(__half));
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[0][kk], q_addr(0) + kk * 16 * sizeof(__half));
   }
+  // m-tile m's A fragment of k step kk: held (MT = 1), or read from qh at every tile (MT = 2)
+  auto q_frag = [&](int m, int kk, uint32_t (&a)[4]) {
+    if constexpr (MT == 1)
+      held_frags(qf)(m, kk, a);
+    else
+      ldmatrix_x4(a, q_addr(m) + kk * 16 * sizeof(__half));
+  };
   // ldmatrix lane addresses: K (B of Q K^T, non-transposed) and V (B of P V, transposed).
   const uint32_t k_addr = k_frag_addr<LD>(kh, lane);
   const uint32_t v_addr = v_frag_addr<LD>(vh, lane);
@@ -159,30 +166,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       const int64_t row_after_next = tid < kFaBK && j + 2 < j_end ? tile_row(kv0 + 2 * kFaBK) : 0;
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
         float s[MT][NS][4];
-        if constexpr (MT == 1) {
-          mma_qk<KT, NS, LD>(s[0], qf, k_addr);
-        } else {  // mma_qk with each K fragment serving the MT m-tiles
-#pragma unroll
-          for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int n = 0; n < NS; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0;
-#pragma unroll
-          for (int kk = 0; kk < KT; ++kk) {
-            uint32_t qa[MT][4];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) ldmatrix_x4(qa[m], q_addr(m) + kk * 16 * sizeof(__half));
-#pragma unroll
-            for (int np = 0; np < NS / 2; ++np) {
-              uint32_t b[4];
-              ldmatrix_x4(b, k_addr + (np * 16 * LD + kk * 16) * sizeof(__half));
-#pragma unroll
-              for (int m = 0; m < MT; ++m) {
-                mma_f16(s[m][2 * np], qa[m], b[0], b[1]);
-                mma_f16(s[m][2 * np + 1], qa[m], b[2], b[3]);
-              }
-            }
-          }
-        }
+        mma_qk<KT, NS, LD, MT>(s, q_frag, k_addr);
         uint32_t pf[MT][NS / 2][4];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -195,22 +179,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
           }
           softmax_step<NS, NO>(s[m], m0[m], m1[m], l0[m], l1[m], o_acc[m], pf[m]);
         }
-        if constexpr (MT == 1) {
-          mma_pv<NS, NO, LD>(o_acc[0], pf[0], v_addr);
-        } else {  // mma_pv with each V fragment serving the MT m-tiles
-#pragma unroll
-          for (int kk = 0; kk < NS / 2; ++kk)
-#pragma unroll
-            for (int dn = 0; dn < NO / 2; ++dn) {
-              uint32_t b[4];
-              ldmatrix_x4_trans(b, v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half));
-#pragma unroll
-              for (int m = 0; m < MT; ++m) {
-                mma_f16(o_acc[m][2 * dn], pf[m][kk], b[0], b[1]);
-                mma_f16(o_acc[m][2 * dn + 1], pf[m][kk], b[2], b[3]);
-              }
-            }
-        }
+        mma_pv<NS, NO, LD, MT>(o_acc, pf, v_addr);
       }
       if (j + 1 < j_end) {
         __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))

@@ -122,11 +122,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto q_addr = [&](int m) {
     return smem_u32(q_codes + ((warp * MT + m) * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * L::kLdK + 16 * (lane >> 4));
   };
-  uint32_t qf[KT][4];  // MT = 1: the warp's Q fragments, held
+  uint32_t qf[1][KT][4];  // MT = 1: the warp's Q fragments, held
   if constexpr (MT == 1) {
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[kk], q_addr(0) + kk * 32);
+    for (int kk = 0; kk < KT; ++kk) ldmatrix_x4(qf[0][kk], q_addr(0) + kk * 32);
   }
+  // m-tile m's A fragment of k step kk: held (MT = 1), or read from q_codes at every tile (MT = 2)
+  auto q_frag = [&](int m, int kk, uint32_t (&a)[4]) {
+    if constexpr (MT == 1)
+      held_frags(qf)(m, kk, a);
+    else
+      ldmatrix_x4(a, q_addr(m) + kk * 32);
+  };
   // ldmatrix lane offsets: K and transposed-e4m3 V (B operands, n rows of 16-byte halves), f16 V (transposed).
   const int b_row = (lane & 7) + 8 * (lane >> 4), b_col = 16 * ((lane >> 3) & 1);
   const uint32_t k_off = b_row * L::kLdK + b_col;
@@ -191,30 +198,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int m = 0; m < MT; ++m)
 #pragma unroll
           for (int n = 0; n < NS; ++n) si[m][n][0] = si[m][n][1] = si[m][n][2] = si[m][n][3] = 0;
-        // S = Q K^T: each K fragment serves the warp's MT m-tiles (mma_tile_pairs' order within each)
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-          uint32_t qa[MT][4];
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            if constexpr (MT == 1) {
-#pragma unroll
-              for (int r = 0; r < 4; ++r) qa[m][r] = qf[kk][r];
-            } else {
-              ldmatrix_x4(qa[m], q_addr(m) + kk * 32);
-            }
-          }
-#pragma unroll
-          for (int np = 0; np < NS / 2; ++np) {
-            uint32_t bk[4];
-            ldmatrix_x4(bk, kb + np * 16 * L::kLdK + kk * 32);
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              mma_s8(si[m][2 * np], qa[m], bk[0], bk[1]);
-              mma_s8(si[m][2 * np + 1], qa[m], bk[2], bk[3]);
-            }
-          }
-        }
+        mma_tile_pairs<KT, NS / 2, false, mma_s8, MT>(si, q_frag,
+                                                      [&](int kk, int np) { return kb + np * 16 * L::kLdK + kk * 32; });
         const float f = __fmul_rn(__fmul_rn(sq, k_scale[sg * nb + j]), qscale);
         float ratio = 1.0f;
         if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
@@ -262,29 +247,11 @@ __global__ void __launch_bounds__(kThreads, 2)
             }
           }
         }
-        // O += P V: each V fragment serves the MT m-tiles (mma_tile_pairs' order within each)
-        constexpr int PK = FP8 ? 2 : NS / 2;
-#pragma unroll
-        for (int kk = 0; kk < PK; ++kk)
-#pragma unroll
-          for (int dn = 0; dn < NO / 2; ++dn) {
-            uint32_t bv[4];
-            if constexpr (FP8) {
-              ldmatrix_x4(bv, vb + dn * 16 * L::kLdV + kk * 32);
-            } else {
-              ldmatrix_x4_trans(bv, vb + (kk * 16 * (HD + 8) + dn * 16) * sizeof(__half));
-            }
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              if constexpr (FP8) {
-                mma_e4m3(o_acc[m][2 * dn], pw[m][kk], bv[0], bv[1]);
-                mma_e4m3(o_acc[m][2 * dn + 1], pw[m][kk], bv[2], bv[3]);
-              } else {
-                mma_f16(o_acc[m][2 * dn], pw[m][kk], bv[0], bv[1]);
-                mma_f16(o_acc[m][2 * dn + 1], pw[m][kk], bv[2], bv[3]);
-              }
-            }
-          }
+        if constexpr (FP8)
+          mma_tile_pairs<2, NO / 2, false, mma_e4m3, MT>(o_acc, held_frags(pw),
+                                                         [&](int kk, int dp) { return vb + dp * 16 * L::kLdV + kk * 32; });
+        else
+          mma_pv<NS, NO, HD + 8, MT>(o_acc, pw, vb);
       }
       __syncthreads();  // every warp is done with this stage before the next fetch overwrites it
     }

@@ -228,12 +228,17 @@ __device__ __forceinline__ uint32_t v_frag_addr(const __half* tile, int lane) {
   return a_frag_addr<LD>(tile, lane);
 }
 
-// c[2 n], c[2 n + 1] += a[kk] B for the KT k steps kk and the NP pairs n of n8 tiles, B the fragments one
-// ldmatrix_x4 (.trans when TRANS) loads at the shared address b_addr(kk, n); MMA: an m16n8 mma.sync.
-template <int KT, int NP, bool TRANS, auto MMA, typename Acc, typename BAddr>
-__device__ __forceinline__ void mma_tile_pairs(Acc (&c)[2 * NP][4], const uint32_t (&a)[KT][4], BAddr b_addr) {
+// c[m][2 n], c[m][2 n + 1] += a_m B for a warp's MT m16 tiles m, the KT k steps kk and the NP pairs n of n8 tiles:
+// B the fragments one ldmatrix_x4 (.trans when TRANS) loads at the shared address b_addr(kk, n), each serving all MT
+// tiles (in the same order for each tile as for one); a_frag(m, kk, a) puts tile m's A fragment of step kk in a (held
+// registers: held_frags, or a shared-memory read). MMA: an m16n8 mma.sync.
+template <int KT, int NP, bool TRANS, auto MMA, int MT, typename Acc, typename AFrag, typename BAddr>
+__device__ __forceinline__ void mma_tile_pairs(Acc (&c)[MT][2 * NP][4], AFrag&& a_frag, BAddr b_addr) {
 #pragma unroll
-  for (int kk = 0; kk < KT; ++kk)
+  for (int kk = 0; kk < KT; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) a_frag(m, kk, a[m]);
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
       uint32_t b[4];
@@ -241,19 +246,34 @@ __device__ __forceinline__ void mma_tile_pairs(Acc (&c)[2 * NP][4], const uint32
         ldmatrix_x4_trans(b, b_addr(kk, n));
       else
         ldmatrix_x4(b, b_addr(kk, n));
-      MMA(c[2 * n], a[kk], b[0], b[1]);
-      MMA(c[2 * n + 1], a[kk], b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        MMA(c[m][2 * n], a[m], b[0], b[1]);
+        MMA(c[m][2 * n + 1], a[m], b[2], b[3]);
+      }
     }
+  }
+}
+// mma_tile_pairs' a_frag for A fragments held in registers, frags[m][kk].
+template <int MT, int KT>
+__device__ __forceinline__ auto held_frags(const uint32_t (&frags)[MT][KT][4]) {
+  return [&frags](int m, int kk, uint32_t (&a)[4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = frags[m][kk][r];
+  };
 }
 
-// s = Q K^T for 16 query rows (qf: A fragments over KT k16 steps of the head dim) and 8 * NS keys from k_addr.
-template <int KT, int NS, int LD>
-__device__ __forceinline__ void mma_qk(float (&s)[NS][4], const uint32_t (&qf)[KT][4], uint32_t k_addr) {
+// s[m] = Q_m K^T for MT m-tiles of 16 query rows (a_frag: mma_tile_pairs', over KT k16 steps of the head dim) and
+// 8 * NS keys from k_addr.
+template <int KT, int NS, int LD, int MT, typename AFrag>
+__device__ __forceinline__ void mma_qk(float (&s)[MT][NS][4], AFrag&& a_frag, uint32_t k_addr) {
   static_assert(NS % 2 == 0, "keys in steps of 16");
 #pragma unroll
-  for (int n = 0; n < NS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-  mma_tile_pairs<KT, NS / 2, false, mma_f16>(
-      s, qf, [&](int kk, int np) { return k_addr + (np * 16 * LD + kk * 16) * sizeof(__half); });
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NS; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0;
+  mma_tile_pairs<KT, NS / 2, false, mma_f16, MT>(
+      s, a_frag, [&](int kk, int np) { return k_addr + (np * 16 * LD + kk * 16) * sizeof(__half); });
 }
 
 // The online softmax of a thread's rows gr (elements 0, 1) and gr + 8 (2, 3) after a step: running maxes m0, m1
@@ -325,11 +345,12 @@ __device__ __forceinline__ void softmax_step(float (&s)[NS][4], float& m0, float
   scale_o_rows(o_acc, rows.alpha0, rows.alpha1);
 }
 
-// o_acc += P V: pf the weights of 8 * NS keys (A fragments), V's from v_addr, NO n8 tiles of the head dim.
-template <int NS, int NO, int LD>
-__device__ __forceinline__ void mma_pv(float (&o_acc)[NO][4], const uint32_t (&pf)[NS / 2][4], uint32_t v_addr) {
-  mma_tile_pairs<NS / 2, NO / 2, true, mma_f16>(
-      o_acc, pf, [&](int kk, int dn) { return v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half); });
+// o_acc[m] += P_m V for MT m-tiles: pf[m] the weights of 8 * NS keys (A fragments), V's from v_addr, NO n8 tiles
+// of the head dim.
+template <int NS, int NO, int LD, int MT>
+__device__ __forceinline__ void mma_pv(float (&o_acc)[MT][NO][4], const uint32_t (&pf)[MT][NS / 2][4], uint32_t v_addr) {
+  mma_tile_pairs<NS / 2, NO / 2, true, mma_f16, MT>(
+      o_acc, held_frags(pf), [&](int kk, int dn) { return v_addr + (kk * 16 * LD + dn * 16) * sizeof(__half); });
 }
 
 }  // namespace weft::cuda
