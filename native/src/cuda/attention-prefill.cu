@@ -53,7 +53,8 @@ constexpr int kMaxKeySplits = 8, kMinSplitTiles = 8;
 
 // grid (nH, ceil(T / (kFaBQ MT)), n_split); qscale = scale * log2(e). MT: m16 tiles of query rows a warp (1 or 2):
 // two give each K and V fragment read from shared memory to two mma and each warp two independent chains (the Sage
-// kernel, attention-sage.cu, took 10% less time so at 32K on H200); their Q fragments are read from shared memory at
+// kernel, attention-sage.cu, took 10% less time so at 32K on H200; this one 23%: Llama-2-7B's fresh 32K prompt, bf16
+// cache, 46.4 -> 35.9 ms a layer, bench/RESULTS.md session 25); their Q fragments are read from shared memory at
 // every tile, since holding them would spill. KV: the cache's element type, f32 or bf16, or the
 // 1-byte codes with k_scales, v_scales [rows] (16 codes a chunk, dequantized as they are converted to f16).
 // n_split > 1: part [n_split][T][nH][HD] outputs, then part_ml [n_split][T][nH] (max in log2 units, sum).
