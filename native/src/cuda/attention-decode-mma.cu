@@ -210,11 +210,27 @@ __global__ void __launch_bounds__(kThreads,
   const int n_tiles = static_cast<int>(ceil_div(u.np, WR));
   const int my_tiles = warp < n_tiles ? (n_tiles - 1 - warp) / kWarps + 1 : 0;
   auto k_tile = [&](int i) { return mine + (i % S) * 2 * L::kTileBytes; };
-  // This warp's tile i (the block's tile warp + 4 i) into its stage; rows past the partition are zeros.
+  // This warp's tile i (the block's tile warp + 4 i) into its stage; rows past the partition are zeros. A whole tile
+  // inside one paged block (blocks of a multiple of WR positions: partitions and tiles start at multiples of WR) is
+  // WR consecutive cache rows: one row lookup a tile and one address, where a lookup and a 64-bit address for each
+  // 16-byte copy were a third of the fp8 kernel's instructions (ncu, bench/RESULTS.md session 25).
+  const bool tiles_in_blocks = kv.block_size % WR == 0;
   auto issue = [&](int i) {
     unsigned char* kt = k_tile(i);
     unsigned char* vt = kt + L::kTileBytes;
     const int r0 = (warp + i * kWarps) * WR;
+    if (tiles_in_blocks && r0 + WR <= u.np) {
+      const size_t first = size_t(rows[r0]) * L::kRowBytes;
+      const unsigned char* k_src = reinterpret_cast<const unsigned char*>(k_cache) + first;
+      const unsigned char* v_src = reinterpret_cast<const unsigned char*>(v_cache) + first;
+#pragma unroll
+      for (int k = 0; k < WR * CH / 32; ++k) {
+        const int x = lane + 32 * k, r = x / CH, c = x % CH;
+        cp_async16(smem_u32(kt + L::at(r, c)), k_src + 16 * x, 16);
+        cp_async16(smem_u32(vt + L::at(r, c)), v_src + 16 * x, 16);
+      }
+      return;
+    }
 #pragma unroll
     for (int k = 0; k < WR * CH / 32; ++k) {
       const int x = lane + 32 * k, r = x / CH, c = x % CH;
