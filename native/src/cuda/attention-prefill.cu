@@ -115,13 +115,8 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     const int seq = cur_seq, end = kv_end;
     if (seq < 0) break;
     PassRows rows[MT];
-    int wmin = INT_MAX, wmax = -1;
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      rows[m] = pass_rows(warp * MT + m, gr, seq, tok_seq, tok_pos, tok_done);
-      wmin = min(wmin, rows[m].wmin);
-      wmax = max(wmax, rows[m].wmax);
-    }
+    int wmin, wmax;
+    warp_pass_rows(rows, wmin, wmax, warp, gr, seq, tok_seq, tok_pos, tok_done);
 
     // Thread tid < kFaBK: the cache offset of key row tid of the tile at kv0 (0 past end: not fetched).
     auto tile_row = [&](int kv0) -> int64_t {

@@ -78,6 +78,19 @@ __device__ __forceinline__ PassRows pass_rows(int warp, int gr, int seq, const i
   return {r0, r1, pos0, pos1, wmin, wmax};
 }
 
+// A warp's MT m-tiles of a pass (m-tile warp MT + m of the block) and the key window over all of them.
+template <int MT>
+__device__ __forceinline__ void warp_pass_rows(PassRows (&rows)[MT], int& wmin, int& wmax, int warp, int gr, int seq,
+                                               const int* tok_seq, const int* tok_pos, const int* tok_done) {
+  wmin = INT_MAX, wmax = -1;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    rows[m] = pass_rows(warp * MT + m, gr, seq, tok_seq, tok_pos, tok_done);
+    wmin = min(wmin, rows[m].wmin);
+    wmax = max(wmax, rows[m].wmax);
+  }
+}
+
 // The row sums of a pass: each thread of a quad holds a part of rows gr and gr + 8; after this every thread has
 // the whole.
 __device__ __forceinline__ void sum_quad_rows(float& l0, float& l1) {

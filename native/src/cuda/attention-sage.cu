@@ -148,13 +148,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (seq < 0) break;
     const int64_t sg = int64_t(seq) * G + g;
     PassRows rows[MT];
-    int wmin = INT_MAX, wmax = -1;
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      rows[m] = pass_rows(warp * MT + m, gr, seq, tok_seq, tok_pos, tok_done);
-      wmin = min(wmin, rows[m].wmin);
-      wmax = max(wmax, rows[m].wmax);
-    }
+    int wmin, wmax;
+    warp_pass_rows(rows, wmin, wmax, warp, gr, seq, tok_seq, tok_pos, tok_done);
     auto fetch = [&](int j, int buf) {
       const int8_t* ks = k8 + (sg * cp + int64_t(j) * kB) * HD;
       const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
