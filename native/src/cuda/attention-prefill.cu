@@ -79,6 +79,10 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   __shared__ int tok_seq[BQ], tok_pos[BQ], tok_done[BQ];
   __shared__ int cur_seq, cur_tok, kv_end;
   __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (elements) of the key rows of tiles j and j + 1
+  // 1-byte caches: those rows' K and V scales, read with the row offsets a tile ahead. Read in the conversion, each
+  // tile waited a global round trip between its two barriers. (fp8 / int8 caches' TTFT at 32000 tokens was 1.36x
+  // bf16's, bench/RESULTS.md session 25; this change's share of it is not measured yet.)
+  __shared__ float2 tile_scales[2][kKvQuantized<KV> ? kFaBK : 1];
 
   const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * BQ, g = h / (nH / static_cast<int>(kv.n_kv));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -126,8 +130,19 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     auto fetch = [&](int kv0, const int64_t* rows) {
       fetch_kv_tile<HD, kFaBK, kFaThreads>(stage, k_cache, v_cache, rows, end - kv0, tid);
     };
-    auto convert = [&](int kv0, const int64_t* rows) {  // the chunks this thread fetched: no barrier between them
-      convert_kv_tile<HD, kFaBK, kFaThreads>(stage, kh, vh, rows, end - kv0, k_scales, v_scales, tid);
+    // Thread tid < kFaBK, 1-byte caches: row offset `row`'s (K, V) scales.
+    auto row_scales = [&](int64_t row) -> float2 {
+      if constexpr (kKvQuantized<KV>)
+        return make_float2(k_scales[row / HD], v_scales[row / HD]);
+      else
+        return make_float2(0.0f, 0.0f);
+    };
+    auto store_tile_row = [&](int buf, int64_t row, float2 scales) {
+      tile_rows[buf][tid] = row;
+      if constexpr (kKvQuantized<KV>) tile_scales[buf][tid] = scales;
+    };
+    auto convert = [&](int kv0, int buf) {  // the chunks this thread fetched: no barrier between them
+      convert_kv_tile<HD, kFaBK, kFaThreads>(stage, kh, vh, end - kv0, tile_scales[buf], tid);
     };
 
     float o_acc[MT][NO][4];
@@ -146,13 +161,14 @@ __global__ void __launch_bounds__(kFaThreads, 2)
     const int j_begin = min(n_tiles, int(blockIdx.z) * per_split), j_end = min(n_tiles, j_begin + per_split);
 
     if (j_begin < j_end) {
-      if (tid < kFaBK) {
-        tile_rows[j_begin & 1][tid] = tile_row(j_begin * kFaBK);
-        tile_rows[(j_begin + 1) & 1][tid] = tile_row((j_begin + 1) * kFaBK);
-      }
+      if (tid < kFaBK)
+        for (int j = j_begin; j < j_begin + 2; ++j) {
+          const int64_t row = tile_row(j * kFaBK);
+          store_tile_row(j & 1, row, row_scales(row));
+        }
       __syncthreads();
       fetch(j_begin * kFaBK, tile_rows[j_begin & 1]);
-      convert(j_begin * kFaBK, tile_rows[j_begin & 1]);
+      convert(j_begin * kFaBK, j_begin & 1);
       __syncthreads();
     }
     for (int j = j_begin; j < j_end; ++j) {
@@ -160,6 +176,7 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       if (j + 1 < j_end) fetch(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
       // Tile j + 2's row offsets: the table is read now, stored after this tile (its buffer held tile j's rows).
       const int64_t row_after_next = tid < kFaBK && j + 2 < j_end ? tile_row(kv0 + 2 * kFaBK) : 0;
+      const float2 scales_after_next = tid < kFaBK && j + 2 < j_end ? row_scales(row_after_next) : float2{};
       if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
         float s[MT][NS][4];
         mma_qk<KT, NS, LD, MT>(s, q_frag, k_addr);
@@ -179,8 +196,8 @@ __global__ void __launch_bounds__(kFaThreads, 2)
       }
       if (j + 1 < j_end) {
         __syncthreads();  // every warp is done with kh, vh (and every thread has issued fetch(j + 1))
-        convert(kv0 + kFaBK, tile_rows[(j + 1) & 1]);
-        if (tid < kFaBK) tile_rows[j & 1][tid] = row_after_next;
+        convert(kv0 + kFaBK, (j + 1) & 1);
+        if (tid < kFaBK) store_tile_row(j & 1, row_after_next, scales_after_next);
         __syncthreads();
       }
     }

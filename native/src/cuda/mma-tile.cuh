@@ -189,13 +189,11 @@ __device__ __forceinline__ void fetch_kv_tile(KV* stage, const KV* __restrict__ 
 }
 
 // The chunks thread tid fetched with fetch_kv_tile (same rows, n_in) -> f16 tiles kh, vh [BK][kLd], once they
-// have landed (newer_in_flight: the thread fetched one more tile since, which may stay in flight); k_scales,
-// v_scales [rows]: the 1-byte caches' row scales (unused otherwise).
+// have landed (newer_in_flight: the thread fetched one more tile since, which may stay in flight); row_scales
+// [BK]: the 1-byte caches' (K, V) scales of the tile's rows, read with the rows (unused otherwise).
 template <int HD, int BK, int THREADS, typename KV>
-__device__ __forceinline__ void convert_kv_tile(const KV* stage, __half* kh, __half* vh, const int64_t* rows,
-                                                int n_in, const float* __restrict__ k_scales,
-                                                const float* __restrict__ v_scales, int tid,
-                                                bool newer_in_flight = false) {
+__device__ __forceinline__ void convert_kv_tile(const KV* stage, __half* kh, __half* vh, int n_in,
+                                                const float2* row_scales, int tid, bool newer_in_flight = false) {
   using L = KvTileLayout<HD, BK, KV>;
   constexpr int EC = L::kChunk, CPR = HD / EC, CH = BK * CPR / THREADS, LD = L::kLd;
   cp_async_wait(newer_in_flight);
@@ -204,8 +202,8 @@ __device__ __forceinline__ void convert_kv_tile(const KV* stage, __half* kh, __h
     int c = i * THREADS + tid, row = c / CPR, col = (c % CPR) * EC;
     if constexpr (kKvQuantized<KV>) {  // a row past n_in was zero-filled: its scale 0 keeps it 0
       const bool in = row < n_in;
-      chunk_to_f16(stage + c * EC, kh + row * LD + col, in ? k_scales[rows[row] / HD] : 0.0f);
-      chunk_to_f16(stage + BK * HD + c * EC, vh + row * LD + col, in ? v_scales[rows[row] / HD] : 0.0f);
+      chunk_to_f16(stage + c * EC, kh + row * LD + col, in ? row_scales[row].x : 0.0f);
+      chunk_to_f16(stage + BK * HD + c * EC, vh + row * LD + col, in ? row_scales[row].y : 0.0f);
     } else {
       chunk_to_f16(stage + c * EC, kh + row * LD + col);
       chunk_to_f16(stage + BK * HD + c * EC, vh + row * LD + col);
