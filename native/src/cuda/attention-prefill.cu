@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kFaThreads, 2)
   __shared__ int cur_seq, cur_tok, kv_end;
   __shared__ int64_t tile_rows[2][kFaBK];  // cache offsets (elements) of the key rows of tiles j and j + 1
   // 1-byte caches: those rows' K and V scales, read with the row offsets a tile ahead. Read in the conversion, each
-  // tile waited a global round trip between its two barriers. (fp8 / int8 caches' TTFT at 32000 tokens was 1.36x
-  // bf16's, bench/RESULTS.md session 25; this change's share of it is not measured yet.)
+  // tile waited a global round trip between its two barriers: Llama-2-7B's TTFT at 32000 tokens with an fp8 cache
+  // 3233 -> 2238 ms (bf16 cache 2371), int8 3239 -> 2556 (H200, bench/RESULTS.md session 25).
   __shared__ float2 tile_scales[2][kKvQuantized<KV> ? kFaBK : 1];
 
   const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * BQ, g = h / (nH / static_cast<int>(kv.n_kv));
