@@ -267,13 +267,11 @@ void launch_prefill_mma(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, 
         positions.data<int32_t>(), T, int(n_heads), scale * 1.4426950408889634f, out.data<float>(), ctx.status,
         k_cache.kv_scales(), v_cache.kv_scales(), n_split, scratch);
   };
-  // Two m-tiles a warp where the grid of 128-row blocks fills two rounds of the block slots (2 an SM), as the Sage
-  // kernel: never with key splits, which are for grids of a few rounds; not for an f32 cache, whose staging area
-  // leaves no room for a second block beside the Q tile.
+  // Two m-tiles a warp by two_m_tiles' rule, as the Sage kernel: never with key splits, which are for grids of a few
+  // rounds; not for an f32 cache, whose staging area leaves no room for a second block beside the Q tile.
   constexpr size_t smem = FaLayout<HD, KV>::kBytes;
   if constexpr (sizeof(KV) <= 2) {
-    const int64_t blocks2 = n_heads * ((T + 2 * kFaBQ - 1) / (2 * kFaBQ));
-    if (n_split == 1 && blocks2 >= 4 * int64_t{num_sms})
+    if (n_split == 1 && two_m_tiles(T, n_heads, num_sms))
       return launch(attention_prefill_mma<HD, KV, 2>, 2 * kFaBQ,
                     smem + size_t{2 * kFaBQ} * FaLayout<HD, KV>::kLd * sizeof(__half));
   }

@@ -78,6 +78,14 @@ __device__ __forceinline__ PassRows pass_rows(int warp, int gr, int seq, const i
   return {r0, r1, pos0, pos1, wmin, wmax};
 }
 
+// Whether the prefill kernels (exact and Sage) give each warp two m16 tiles of query rows, in blocks of 128 rows:
+// where a grid of such blocks fills two rounds of the block slots (2 an SM). Smaller grids keep one m-tile and
+// twice the blocks (measured for both kernels on H200: bench/RESULTS.md, sessions 24 and 25).
+inline bool two_m_tiles(int64_t T, int64_t n_heads, int num_sms) {
+  const int64_t slots = 2 * int64_t{num_sms}, blocks = n_heads * ((T + 127) / 128);
+  return blocks >= 2 * slots;
+}
+
 // A warp's MT m-tiles of a pass (m-tile warp MT + m of the block) and the key window over all of them.
 template <int MT>
 __device__ __forceinline__ void warp_pass_rows(PassRows (&rows)[MT], int& wmin, int& wmax, int warp, int gr, int seq,

@@ -280,12 +280,10 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
                                                   token_seq.data<int32_t>(), positions.data<int32_t>(), T,
                                                   int(n_heads), nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
   };
-  // Two m-tiles a warp where the grid of 128-row blocks still fills two rounds of the GPU's block slots (2 an SM):
-  // H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Smaller grids keep one m-tile and twice the
-  // blocks: two forced on them, a TP 4 rank's last 1024 rows over 32K took 1.11 ms against 0.69, a 1185-token chunk
+  // Two m-tiles a warp by two_m_tiles' rule: H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Two
+  // forced on smaller grids: a TP 4 rank's last 1024 rows over 32K took 1.11 ms against 0.69, a 1185-token chunk
   // 2.78 against 2.63 (bench/RESULTS.md, session 24).
-  const int64_t slots = 2 * int64_t{num_sms}, blocks2 = n_heads * ((T + 127) / 128);
-  if (blocks2 >= 2 * slots)
+  if (two_m_tiles(T, n_heads, num_sms))
     launch(sage_attention_mma<HD, FP8, 2>, SageLayout<HD, FP8, 2>{}, 128);
   else
     launch(sage_attention_mma<HD, FP8, 1>, SageLayout<HD, FP8, 1>{}, kB);
