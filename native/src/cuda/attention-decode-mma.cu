@@ -114,8 +114,7 @@ struct WarpTiles {
   // Each warp's results ([kHeadRows][HD] outputs, then the maxes and sums) fit in its own stages.
   static_assert(size_t(kHeadRows) * (HD + 2) * sizeof(float) <= kWarpBytes, "warp results");
   static size_t bytes(int P) {
-    return kStageBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) + kQBytes +
-           sizeof(int);
+    return kStageBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) + kQBytes;
   }
   // The merging block's weights [kHeadRows][n_part], sums [kWarps][kHeadRows][HD] and 1 / sums [kHeadRows], over
   // the stages.
@@ -167,7 +166,7 @@ __global__ void __launch_bounds__(kThreads,
   float* k_row_scales = reinterpret_cast<float*>(rows + P);           // codes: [P]
   float* v_row_scales = k_row_scales + (kCodes ? P : 0);              // codes: [P]
   uint4* qf = reinterpret_cast<uint4*>(v_row_scales + (kCodes ? P : 0));  // bf16: [KS][32 lanes]
-  int* last_flag = reinterpret_cast<int*>(qf + (kCodes ? 0 : KS * 32));
+  int* last_flag = rows;  // the merge's ticket flag, once the tiles are done with the rows
 
   // The query's A fragments, hi and lo parts, head g of the chunk (heads past nh are zero). For codes, lane t's key
   // fragment holds dims 4t .. 4t + 3 of its k16 step: the query's pairs at k = 2t and 2t + 8 are taken the same way.
@@ -561,9 +560,14 @@ MmaLaunch launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, co
   if constexpr (kKvQuantized<KV>)
     if (plan.head_chunk > 4) kernel = attention_decode_partial_mma<KV, HD, 2>;
   const size_t smem = L::bytes(plan.P);
-  if (smem > 48 * 1024)
+  if (smem > 48 * 1024) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention", " (cudaFuncSetAttribute)");
+    // 1-byte caches at 2048 positions take 56 KiB a block: 4 fit only in the largest shared-memory carveout.
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            static_cast<int>(cudaSharedmemCarveoutMaxShared)),
+               "attention", " (cudaFuncSetAttribute)");
+  }
   const int64_t grid_rows = q.dim(0) * kv.n_kv * plan.n_head_chunks;
   const bool merge = grid_rows <= kMaxMergeTickets && L::merge_fits(plan.n_part);
   launch_pdl(ctx, kernel, dim3(plan.n_part, static_cast<unsigned>(grid_rows)), kThreads, smem, q.data<float>(),

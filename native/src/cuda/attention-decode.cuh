@@ -18,8 +18,9 @@ constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: 
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
 // Blocks resident per SM the plan assumes, and the most positions a block reads (their row indices and scales stay
 // in shared memory). f32 and bf16: the tensor-core kernel's ~110 KiB a block at head dims up to 128 allows 2. The
-// 1-byte caches: tiles of 2 KiB and two stages a warp take ~32 KiB a block beside the rows and scales (12 KiB at 1024
-// positions), so 4 fit (16 warps an SM, at most 128 registers a thread). Their tiles cost more instructions a byte
+// 1-byte caches: tiles of 2 KiB and two stages a warp take 32 KiB a block beside the rows and scales (24 KiB at 2048
+// positions), so 4 fit (16 warps an SM, at most 128 registers a thread; 4 x (56 + 1 reserved) KiB is the whole
+// 228 KiB carveout). Their tiles cost more instructions a byte
 // than bf16's (the conversions to f16), and with 8 warps an SM each warp's chain of dependent instructions, not the
 // bytes, set the time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x
 // bf16's speed at 32K (H200). Session 18: 5 blocks, or 3 stages at 4 blocks, were 3-5% faster at batch 8 and 4-6%
@@ -28,10 +29,12 @@ constexpr int kStages = 3;          // tiles in flight: two arriving while one i
 // next round do not hide, so the fewer rounds the better. Session 19 (H200, 32K, batch 1): bf16 up to 2048 positions
 // (896 before) took Llama-3-8B from two rounds to one (51.2 -> 44.5 us a layer) and Llama-2-7B from four to two
 // (146.5 -> 141.4 us, 89% of the copy bandwidth); codes up to 1024 (512 before) Llama-2-7B fp8 99.2 -> 96.3 us.
+// Session 26: codes up to 2048 take Llama-2-7B at 32K, batch 1, from two rounds to one (fp8 88.6 -> 83.5 us a layer
+// in the same call; ncu 76.3 us against bf16's 140.0).
 struct PlanLimits {
   int blocks_per_sm, max_partition;
 };
-constexpr PlanLimits kPlanLimits{2, 2048}, kCodePlanLimits{4, 1024};
+constexpr PlanLimits kPlanLimits{2, 2048}, kCodePlanLimits{4, 2048};
 constexpr int kBlocksPerSm = kPlanLimits.blocks_per_sm;  // the bifurcated kernels' plan too
 // What a block's start costs (its row lookups) in tiles' worth of time.
 constexpr int kBlockStartTiles = 2;
