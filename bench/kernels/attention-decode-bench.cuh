@@ -6,7 +6,8 @@
 // the query of sequence b is at position context - 1. Bytes per launch = what one layer's decode must read:
 // K and V rows (and the 1-byte caches' row scales) of every position. Enough layers' caches that one sweep
 // over them is over 4x the L2 (capped at 32 layers: a real step's worth), timed as a sweep of launches, one per
-// layer, median of 10 sweeps, two ways: launched one by one from the host (`eager`, as RESULTS.md's tables before
+// layer and at least 8 (the layers taken in turn again: one launch a sweep at 32K put the graph launch's and the
+// events' own few microseconds on each 80-140 us layer), median of 10 sweeps, two ways: launched one by one from the host (`eager`, as RESULTS.md's tables before
 // session 7) and as one CUDA graph of the sweep (`graph`, as weft's decode steps run: no host launch cost). GB/s
 // against the device's copy bandwidth (cudaMemcpy device to device, read + write bytes, best of 10), and the 1-byte
 // caches' speedup over bf16; rel err: max |out - ref| / max |ref| against the CUDA-core kernel over an f32 cache of
@@ -150,6 +151,7 @@ int decode_bench(int argc, char** argv) {
           const double row_bytes = m.hd * double(dtype_size(d)) + (d == DType::BF16 ? 0 : 4);
           const double layer_bytes = 2.0 * batch * double(context) * m.nKv * row_bytes;
           const int layers = int(std::min<double>(32, std::ceil(4.0 * double(l2) / layer_bytes)));
+          const int launches = std::max(8, layers);
           std::vector<Tensor> k, v;
           for (int l = 0; l < layers; ++l) {
             k.push_back(decode_cache(d, n_blocks, m.nKv, m.hd, 2 * l + 1, stream, kv_block));
@@ -168,13 +170,13 @@ int decode_bench(int argc, char** argv) {
           float* scratch;
           CK(cudaMalloc(&scratch, size_t(scratch_floats) * 4));
           auto sweep = [&] {
-            for (int l = 0; l < layers; ++l)
-              wc::launch_attention(ctx, q, k[l], v[l], seq, table_t, pos, m.nH, 1.0f / std::sqrt(float(m.hd)), out,
+            for (int l = 0; l < launches; ++l)
+              wc::launch_attention(ctx, q, k[l % layers], v[l % layers], seq, table_t, pos, m.nH, 1.0f / std::sqrt(float(m.hd)), out,
                                    scratch, prop.multiProcessorCount);
           };
-          const double us = 1e3 * device.median_ms(3, 10, sweep) / layers, gbs = layer_bytes / (us * 1e3);
+          const double us = 1e3 * device.median_ms(3, 10, sweep) / launches, gbs = layer_bytes / (us * 1e3);
           const std::vector<float> o = bench::download(out);
-          const double gus = 1e3 * device.graph_median_ms(3, 10, sweep) / layers;
+          const double gus = 1e3 * device.graph_median_ms(3, 10, sweep) / launches;
           const std::vector<float> og = bench::download(out);
           if (profile_range) {
             CK(cudaStreamSynchronize(stream));
@@ -183,11 +185,11 @@ int decode_bench(int argc, char** argv) {
             CK(cudaStreamSynchronize(stream));
             CK(cudaProfilerStop());
           }
-          // Against the CUDA-core kernel (and the merge kernel) over an f32 cache of the same values, layer l - 1:
-          // within ops-check's 1e-5 of max|out| (check_kv_bf16, check_kv_quant).
+          // Against the CUDA-core kernel (and the merge kernel) over an f32 cache of the same values, the last
+          // launch's layer: within ops-check's 1e-5 of max|out| (check_kv_bf16, check_kv_quant).
           double err;
           {
-            Tensor kf = f32_values(k[layers - 1], stream), vf = f32_values(v[layers - 1], stream);
+            Tensor kf = f32_values(k[(launches - 1) % layers], stream), vf = f32_values(v[(launches - 1) % layers], stream);
             Tensor ref = dev(DType::F32, out.shape);
             wc::launch_attention(ctx, q, kf, vf, seq, table_t, pos, m.nH, 1.0f / std::sqrt(float(m.hd)), ref, scratch,
                                  prop.multiProcessorCount);
