@@ -502,7 +502,8 @@ __global__ void __launch_bounds__(kThreads,
   // once, PC threads sharing a column, each with kWarps / PC slices: every load of a group of kWarps partitions is
   // issued before the first is used (past the last partition a load repeats it and weighs 0), where a loop over the
   // heads waited for each head's (session 19, H200: Llama-3-8B batch 1, fp8, 4K 14.6 -> 11.7 us a layer, 32K 31.5
-  // -> 28.6).
+  // -> 28.6). Four groups in flight, not two: Llama-3-8B's 66 partitions a row, batch 1, 2-3% faster at 4K-32K
+  // (session 26; eight no better).
   const int cols = u.nh * (HD / 4);
   auto sum_slices = [&](auto threads_per_col) {
     constexpr int PC = decltype(threads_per_col)::value, NS = kWarps / PC;
@@ -514,7 +515,7 @@ __global__ void __launch_bounds__(kThreads,
       float4 acc[NS];
 #pragma unroll
       for (int j = 0; j < NS; ++j) acc[j] = make_float4(0, 0, 0, 0);
-#pragma unroll 2
+#pragma unroll 4
       for (int c0 = 0; c0 < n_valid; c0 += kWarps) {
         float w[NS];
         float4 x[NS];
