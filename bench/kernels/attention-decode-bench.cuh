@@ -6,8 +6,9 @@
 // the query of sequence b is at position context - 1. Bytes per launch = what one layer's decode must read:
 // K and V rows (and the 1-byte caches' row scales) of every position. Enough layers' caches that one sweep
 // over them is over 4x the L2 (capped at 32 layers: a real step's worth), timed as a sweep of launches, one per
-// layer and at least 8 (the layers taken in turn again: one launch a sweep at 32K put the graph launch's and the
-// events' own few microseconds on each 80-140 us layer), median of 10 sweeps, two ways: launched one by one from the host (`eager`, as RESULTS.md's tables before
+// layer and at least 8 (WEFT_BENCH_MIN_LAUNCHES; the layers taken in turn again: one launch a sweep at 32K put the
+// graph launch's and the events' own few microseconds on each 80-140 us layer), median of 10 sweeps, two ways:
+// launched one by one from the host (`eager`, as RESULTS.md's tables before
 // session 7) and as one CUDA graph of the sweep (`graph`, as weft's decode steps run: no host launch cost). GB/s
 // against the device's copy bandwidth (cudaMemcpy device to device, read + write bytes, best of 10), and the 1-byte
 // caches' speedup over bf16; rel err: max |out - ref| / max |ref| against the CUDA-core kernel over an f32 cache of
@@ -118,6 +119,7 @@ int decode_bench(int argc, char** argv) {
   const bool profile_range = std::getenv("WEFT_PROFILE_RANGE") != nullptr;
   // Positions a paged block holds (WEFT_BENCH_KV_BLOCK, default 16: the product's default).
   const int kv_block = std::getenv("WEFT_BENCH_KV_BLOCK") ? std::atoi(std::getenv("WEFT_BENCH_KV_BLOCK")) : 16;
+  const int min_launches = std::getenv("WEFT_BENCH_MIN_LAUNCHES") ? std::atoi(std::getenv("WEFT_BENCH_MIN_LAUNCHES")) : 8;
   bench::Device device;
   const cudaDeviceProp& prop = device.prop;
   const cudaStream_t stream = device.stream;
@@ -151,7 +153,7 @@ int decode_bench(int argc, char** argv) {
           const double row_bytes = m.hd * double(dtype_size(d)) + (d == DType::BF16 ? 0 : 4);
           const double layer_bytes = 2.0 * batch * double(context) * m.nKv * row_bytes;
           const int layers = int(std::min<double>(32, std::ceil(4.0 * double(l2) / layer_bytes)));
-          const int launches = std::max(8, layers);
+          const int launches = std::max(min_launches, layers);
           std::vector<Tensor> k, v;
           for (int l = 0; l < layers; ++l) {
             k.push_back(decode_cache(d, n_blocks, m.nKv, m.hd, 2 * l + 1, stream, kv_block));
