@@ -95,9 +95,9 @@ __device__ __forceinline__ uint32_t codes_to_f16x2(const int8_t*, uint32_t w) {
 }
 
 // A warp's tiles for a cache of KV and head dim HD: bf16, 4 KiB of K (and of V) a tile, 16 to 64 rows, in 3 stages
-// (2 where a tile is larger: head dim 256); codes, tiles of at least 16 rows and 2 KiB, in 2 stages. Rows are stored
-// unpadded, their 16-byte chunks swizzled (chunk c of row r at c ^ f(r)) so that the 8 rows an ldmatrix reads lie in
-// distinct banks.
+// (2 where a tile is larger: head dim 256); codes, tiles of at least 16 rows and 2 KiB, in 2 stages, each stage with
+// its rows' K and V scales beside them. Rows are stored unpadded, their 16-byte chunks swizzled (chunk c of row r at
+// c ^ f(r)) so that the 8 rows an ldmatrix reads lie in distinct banks.
 template <typename KV, int HD>
 struct WarpTiles {
   static constexpr bool kCodes = kKvQuantized<KV>;
@@ -107,15 +107,15 @@ struct WarpTiles {
   static constexpr int kRows = kCodes ? std::max(16, 2048 / kRowBytes) : std::min(64, std::max(16, 4096 / kRowBytes));
   static constexpr int kTileBytes = kRows * kRowBytes;  // the K (or V) rows of a tile
   static constexpr int kStages = kCodes || kTileBytes > 4096 ? 2 : 3;
-  static constexpr size_t kWarpBytes = size_t(kStages) * 2 * kTileBytes;
+  static constexpr int kScaleBytes = kCodes ? 2 * kRows * int(sizeof(float)) : 0;  // a stage's K, then V row scales
+  static constexpr int kSlotBytes = 2 * kTileBytes + kScaleBytes;                   // a stage
+  static constexpr size_t kWarpBytes = size_t(kStages) * kSlotBytes;
   static constexpr size_t kStageBytes = kWarps * kWarpBytes;
   static constexpr size_t kQBytes = kCodes ? 0 : size_t(HD / 16) * 32 * sizeof(uint4);  // bf16: the query's A fragments
   static_assert(kChunks >= 4 && (kRows * kChunks) % 32 == 0 && kRows % 16 == 0, "tile shape");
   // Each warp's results ([kHeadRows][HD] outputs, then the maxes and sums) fit in its own stages.
   static_assert(size_t(kHeadRows) * (HD + 2) * sizeof(float) <= kWarpBytes, "warp results");
-  static size_t bytes(int P) {
-    return kStageBytes + size_t(P) * sizeof(int32_t) + (kCodes ? 2 * size_t(P) * sizeof(float) : 0) + kQBytes;
-  }
+  static size_t bytes(int P) { return kStageBytes + size_t(P) * sizeof(int32_t) + kQBytes; }
   // The merging block's weights [kHeadRows][n_part], sums [kWarps][kHeadRows][HD] and 1 / sums [kHeadRows], over
   // the stages.
   static bool merge_fits(int n_part) {
@@ -161,11 +161,10 @@ __global__ void __launch_bounds__(kThreads,
   }
 
   extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* stages = smem;                                       // [kWarps][S][K, V][WR rows]
-  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);  // [P]
-  float* k_row_scales = reinterpret_cast<float*>(rows + P);           // codes: [P]
-  float* v_row_scales = k_row_scales + (kCodes ? P : 0);              // codes: [P]
-  uint4* qf = reinterpret_cast<uint4*>(v_row_scales + (kCodes ? P : 0));  // bf16: [KS][32 lanes]
+  unsigned char* stages = smem;  // [kWarps][S][K, V rows][codes: K, V scales]
+  // [P]: the cache row of each tile's first position where tiles lie in paged blocks, else of each position
+  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);
+  uint4* qf = reinterpret_cast<uint4*>(rows + P);  // bf16: [KS][32 lanes]
   int* last_flag = rows;  // the merge's ticket flag, once the tiles are done with the rows
 
   // The query's A fragments, hi and lo parts, head g of the chunk (heads past nh are zero). For codes, lane t's key
@@ -203,23 +202,34 @@ __global__ void __launch_bounds__(kThreads,
       }
     }
   }
-  load_partition_rows<kCodes>(kv, u, status, k_scales, v_scales, rows, k_row_scales, v_row_scales);  // + barrier
+  // A tile inside one paged block (blocks of a multiple of WR positions: partitions and tiles start at multiples of
+  // WR) is WR consecutive cache rows: one row lookup a tile, where a lookup and a 64-bit address for each 16-byte
+  // copy were a third of the fp8 kernel's instructions (ncu, bench/RESULTS.md session 25), and the block's start
+  // looked up every position (and, for codes, its two scales: 6.4 of a 73 us launch at 32K, session 26).
+  const bool tiles_in_blocks = kv.block_size % WR == 0;
+  load_partition_rows<false>(kv, u, status, nullptr, nullptr, rows, nullptr, nullptr, tiles_in_blocks ? WR : 1);
 
   unsigned char* mine = stages + warp * L::kWarpBytes;
   const int n_tiles = static_cast<int>(ceil_div(u.np, WR));
   const int my_tiles = warp < n_tiles ? (n_tiles - 1 - warp) / kWarps + 1 : 0;
-  auto k_tile = [&](int i) { return mine + (i % S) * 2 * L::kTileBytes; };
-  // This warp's tile i (the block's tile warp + 4 i) into its stage; rows past the partition are zeros. A whole tile
-  // inside one paged block (blocks of a multiple of WR positions: partitions and tiles start at multiples of WR) is
-  // WR consecutive cache rows: one row lookup a tile and one address, where a lookup and a 64-bit address for each
-  // 16-byte copy were a third of the fp8 kernel's instructions (ncu, bench/RESULTS.md session 25).
-  const bool tiles_in_blocks = kv.block_size % WR == 0;
+  auto k_tile = [&](int i) { return mine + (i % S) * L::kSlotBytes; };
+  // This warp's tile i (the block's tile warp + 4 i) into its stage, codes with their rows' scales; rows past the
+  // partition are zeros.
   auto issue = [&](int i) {
     unsigned char* kt = k_tile(i);
     unsigned char* vt = kt + L::kTileBytes;
-    const int r0 = (warp + i * kWarps) * WR;
+    const int tile = warp + i * kWarps, r0 = tile * WR;
+    auto row_of = [&](int r) { return tiles_in_blocks ? rows[tile] + r : rows[r0 + r]; };  // r0 + r < np
+    if constexpr (kCodes) {
+      float* scales = reinterpret_cast<float*>(vt + L::kTileBytes);  // [K: WR][V: WR]
+      for (int x = lane; x < 2 * WR; x += 32) {
+        const int r = x % WR;
+        const bool in = r0 + r < u.np;
+        cp_async4(smem_u32(scales + x), (x < WR ? k_scales : v_scales) + (in ? row_of(r) : 0), in);
+      }
+    }
     if (tiles_in_blocks && r0 + WR <= u.np) {
-      const size_t first = size_t(rows[r0]) * L::kRowBytes;
+      const size_t first = size_t(rows[tile]) * L::kRowBytes;
       const unsigned char* k_src = reinterpret_cast<const unsigned char*>(k_cache) + first;
       const unsigned char* v_src = reinterpret_cast<const unsigned char*>(v_cache) + first;
 #pragma unroll
@@ -234,7 +244,7 @@ __global__ void __launch_bounds__(kThreads,
     for (int k = 0; k < WR * CH / 32; ++k) {
       const int x = lane + 32 * k, r = x / CH, c = x % CH;
       const bool in = r0 + r < u.np;
-      const size_t off = (in ? size_t(rows[r0 + r]) * L::kRowBytes : 0) + 16 * c;
+      const size_t off = (in ? size_t(row_of(r)) * L::kRowBytes : 0) + 16 * c;
       cp_async16(smem_u32(kt + L::at(r, c)), reinterpret_cast<const unsigned char*>(k_cache) + off, in ? 16 : 0);
       cp_async16(smem_u32(vt + L::at(r, c)), reinterpret_cast<const unsigned char*>(v_cache) + off, in ? 16 : 0);
     }
@@ -263,6 +273,7 @@ __global__ void __launch_bounds__(kThreads,
     cp_async_commit();
     const unsigned char* kt = k_tile(i);
     const unsigned char* vt = kt + L::kTileBytes;
+    const float* tile_scales = reinterpret_cast<const float*>(vt + L::kTileBytes);  // codes: K [WR], then V [WR]
     const int r0 = (warp + i * kWarps) * WR, nr = min(WR, u.np - r0);
 
     if constexpr (kBf16) {
@@ -356,7 +367,7 @@ __global__ void __launch_bounds__(kThreads,
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int r = 16 * kb + g + 8 * e;
-            p[kb][e] = r < nr ? (s[kb][nt][2 * e] + s[kb][nt][2 * e + 1]) * scale * k_row_scales[r0 + r] : -INFINITY;
+            p[kb][e] = r < nr ? (s[kb][nt][2 * e] + s[kb][nt][2 * e + 1]) * scale * tile_scales[r] : -INFINITY;
             tile_max = fmaxf(tile_max, p[kb][e]);
           }
         tile_max = max_over_rows(tile_max);
@@ -369,7 +380,7 @@ __global__ void __launch_bounds__(kThreads,
             const int r = 16 * kb + g + 8 * e;
             p[kb][e] = expf(p[kb][e] - m_new);
             sum += p[kb][e];
-            p[kb][e] *= r < nr ? v_row_scales[r0 + r] * kCodeWeightScale : 0.0f;  // the value row's scale, after sum
+            p[kb][e] *= r < nr ? tile_scales[WR + r] * kCodeWeightScale : 0.0f;  // the value row's scale, after sum
           }
         l_run[nt] = l_run[nt] * alpha + sum;
         m_run[nt] = m_new;
@@ -564,7 +575,7 @@ MmaLaunch launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, co
   if (smem > 48 * 1024) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention", " (cudaFuncSetAttribute)");
-    // 1-byte caches at 2048 positions take 56 KiB a block: 4 fit only in the largest shared-memory carveout.
+    // 4 blocks of 41 KiB (1-byte caches at 2048 positions) need more than the default carveout gives.
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                             static_cast<int>(cudaSharedmemCarveoutMaxShared)),
                "attention", " (cudaFuncSetAttribute)");

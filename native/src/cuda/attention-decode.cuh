@@ -18,9 +18,8 @@ constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: 
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
 // Blocks resident per SM the plan assumes, and the most positions a block reads (their row indices and scales stay
 // in shared memory). f32 and bf16: the tensor-core kernel's ~110 KiB a block at head dims up to 128 allows 2. The
-// 1-byte caches: tiles of 2 KiB and two stages a warp take 32 KiB a block beside the rows and scales (24 KiB at 2048
-// positions), so 4 fit (16 warps an SM, at most 128 registers a thread; 4 x (56 + 1 reserved) KiB is the whole
-// 228 KiB carveout). Their tiles cost more instructions a byte
+// 1-byte caches: tiles of 2 KiB (with their rows' scales) and two stages a warp take 33 KiB a block beside the row
+// indices (8 KiB at 2048 positions), so 4 fit (16 warps an SM, at most 128 registers a thread). Their tiles cost more instructions a byte
 // than bf16's (the conversions to f16), and with 8 warps an SM each warp's chain of dependent instructions, not the
 // bytes, set the time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x
 // bf16's speed at 32K (H200). Session 18: 5 blocks, or 3 stages at 4 blocks, were 3-5% faster at batch 8 and 4-6%
@@ -90,6 +89,10 @@ __host__ __device__ __forceinline__ int partition_rows(int pos, int n_part) {
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool in) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 8 : 0) : "memory");
 }
+// 4 bytes (a row scale) the same way.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool in) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 4 : 0) : "memory");
+}
 
 // ---- the steps both kernels share (device side)
 
@@ -123,7 +126,8 @@ __device__ __forceinline__ bool decode_unit(const KvBlockTable& kv, const int32_
   return true;
 }
 
-// rows [np]: each position's cache row; for codes also k_row_scales, v_row_scales [np]. Ends with a barrier.
+// rows [ceil(np / stride)]: the cache row of every stride-th position of the partition (stride 1: each position's);
+// for codes also k_row_scales, v_row_scales (stride 1). Ends with a barrier.
 // A thread's kRowBatch positions are looked up together: the table entries, then the scales, each load of a batch
 // issued before the first is used. One position at a time cost a table round trip and a dependent scale round trip
 // each, 8 a thread at 1024 positions: 12% of the fp8 kernel's stall samples at 32K (ncu, bench/RESULTS.md session 25).
@@ -131,20 +135,21 @@ constexpr int kRowBatch = 8;
 template <bool QUANTIZED>
 __device__ __forceinline__ void load_partition_rows(const KvBlockTable& kv, const DecodeUnit& u, DeviceStatus* status,
                                                     const float* k_scales, const float* v_scales, int32_t* rows,
-                                                    float* k_row_scales, float* v_row_scales) {
+                                                    float* k_row_scales, float* v_row_scales, int stride = 1) {
   const int B = static_cast<int>(kv.block_size);  // 32-bit division: attention checks capacity < 2^31 on the host
-  for (int first = threadIdx.x; first < u.np; first += kRowBatch * blockDim.x) {
+  const int n = (u.np + stride - 1) / stride;
+  for (int first = threadIdx.x; first < n; first += kRowBatch * blockDim.x) {
     int32_t block[kRowBatch];
 #pragma unroll
     for (int j = 0; j < kRowBatch; ++j) {
       const int i = first + j * blockDim.x;
-      block[j] = i < u.np ? kv.block_id(u.seq, (u.p0 + i) / B) : 0;
+      block[j] = i < n ? kv.block_id(u.seq, (u.p0 + i * stride) / B) : 0;
     }
     int64_t row[kRowBatch];
     float ks[kRowBatch], vs[kRowBatch];
 #pragma unroll
     for (int j = 0; j < kRowBatch; ++j) {
-      const int pos = u.p0 + first + j * blockDim.x;
+      const int pos = u.p0 + (first + j * blockDim.x) * stride;
       const bool bad = block[j] < 0 || block[j] >= kv.n_blocks;  // reported below; the read goes to row 0
       row[j] = bad ? 0 : kv.row(block[j], u.g, pos - pos / B * B);
       if constexpr (QUANTIZED) ks[j] = k_scales[row[j]], vs[j] = v_scales[row[j]];
@@ -152,7 +157,7 @@ __device__ __forceinline__ void load_partition_rows(const KvBlockTable& kv, cons
 #pragma unroll
     for (int j = 0; j < kRowBatch; ++j) {
       const int i = first + j * blockDim.x;
-      if (i >= u.np) break;
+      if (i >= n) break;
       if (block[j] < 0 || block[j] >= kv.n_blocks) report(status, StatusOp::AttentionBlock, u.t, block[j], kv.n_blocks);
       rows[i] = static_cast<int32_t>(row[j]);
       if constexpr (QUANTIZED) k_row_scales[i] = ks[j], v_row_scales[i] = vs[j];
