@@ -147,9 +147,28 @@ __global__ void __launch_bounds__(kThreads,
   // n8 tiles of heads
   constexpr int MB = WR / 16, NOC = kCodes ? CH * NT : 1;
   pdl_trigger();
-  pdl_wait();
+  // Before the kernel ahead of this one has finished: the block's unit and its rows' lookups, which read only what no
+  // kernel of a step writes (token_seq, positions and the block table are the step's inputs, written before its graph
+  // runs). The query and the newest position's K and V rows and scales come from the kernel ahead (qkv_rope): they
+  // are read after pdl_wait, and so is everything this kernel writes.
   DecodeUnit u;
-  if (!decode_unit(kv, token_seq, positions, nH, n_part, n_hc, head_chunk, status, u)) {
+  const bool has_work = decode_unit(kv, token_seq, positions, nH, n_part, n_hc, head_chunk, status, u);
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* stages = smem;  // [kWarps][S][K, V rows][codes: K, V scales]
+  // [P]: the cache row of each tile's first position where tiles lie in paged blocks, else of each position
+  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);
+  uint4* qf = reinterpret_cast<uint4*>(rows + P);  // bf16: [KS][32 lanes]
+  int* last_flag = rows;  // the merge's ticket flag, once the tiles are done with the rows
+  // A tile inside one paged block (blocks of a multiple of WR positions: partitions and tiles start at multiples of
+  // WR) is WR consecutive cache rows: one row lookup a tile, where a lookup and a 64-bit address for each 16-byte
+  // copy were a third of the fp8 kernel's instructions (ncu, bench/RESULTS.md session 25), and the block's start
+  // looked up every position (and, for codes, its two scales: 6.4 of a 73 us launch at 32K, session 26).
+  const bool tiles_in_blocks = kv.block_size % WR == 0;
+  if (has_work)  // the same for every thread of the block (the barrier inside)
+    load_partition_rows<false>(kv, u, status, nullptr, nullptr, rows, nullptr, nullptr, tiles_in_blocks ? WR : 1);
+  pdl_wait();
+  if (!has_work) {
     // Partition 0 of every token in range has work: here its token is out of range (reported); its output is zeros.
     if (out != nullptr && blockIdx.x == 0) {
       const int n_kv = static_cast<int>(kv.n_kv), group = nH / n_kv, t = blockIdx.y / (n_kv * n_hc);
@@ -160,55 +179,7 @@ __global__ void __launch_bounds__(kThreads,
     return;
   }
 
-  extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* stages = smem;  // [kWarps][S][K, V rows][codes: K, V scales]
-  // [P]: the cache row of each tile's first position where tiles lie in paged blocks, else of each position
-  int32_t* rows = reinterpret_cast<int32_t*>(smem + L::kStageBytes);
-  uint4* qf = reinterpret_cast<uint4*>(rows + P);  // bf16: [KS][32 lanes]
-  int* last_flag = rows;  // the merge's ticket flag, once the tiles are done with the rows
-
-  // The query's A fragments, hi and lo parts, head g of the chunk (heads past nh are zero). For codes, lane t's key
-  // fragment holds dims 4t .. 4t + 3 of its k16 step: the query's pairs at k = 2t and 2t + 8 are taken the same way.
-  if constexpr (kBf16)
-    for (int x = threadIdx.x; x < KS * 32; x += kThreads) {
-      const int ks = x / 32, g = (x % 32) >> 2, tq = x & 3;
-      float4 v = make_float4(0, 0, 0, 0);
-      if (g < u.nh) {
-        const float* qrow = q + (size_t(u.t) * nH + u.h_first + g) * HD + ks * 16;
-        const float2 a = *reinterpret_cast<const float2*>(qrow + 2 * tq), b = *reinterpret_cast<const float2*>(qrow + 8 + 2 * tq);
-        v = make_float4(a.x, a.y, b.x, b.y);
-      }
-      qf[x] = split_fragment<kBf16>(v.x, v.y, v.z, v.w);
-    }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  // Codes: the query as the B operand of the scores (keys on M), in registers: column g of n8 tile nt is head
-  // 4 nt + g / 2, its hi part (g even) or lo part; chunk c's k16 step holds dims 16 c + 4t .. + 3 in the key
-  // fragment's order (k 2t, 2t + 1: dims 4t, 4t + 1; k 2t + 8, 2t + 9: dims 4t + 2, 4t + 3).
-  uint32_t q_frag[kCodes ? CH : 1][NT][2];
-  if constexpr (kCodes) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int h = 4 * nt + (g >> 1);
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        float4 v = make_float4(0, 0, 0, 0);
-        const float* qrow = q + (size_t(u.t) * nH + u.h_first + h) * HD;
-        if (h < u.nh) v = *reinterpret_cast<const float4*>(qrow + 16 * c + 4 * tq);
-        uint32_t hi, lo;
-        split_pair<false>(v.x, v.y, hi, lo);
-        q_frag[c][nt][0] = (g & 1) ? lo : hi;
-        split_pair<false>(v.z, v.w, hi, lo);
-        q_frag[c][nt][1] = (g & 1) ? lo : hi;
-      }
-    }
-  }
-  // A tile inside one paged block (blocks of a multiple of WR positions: partitions and tiles start at multiples of
-  // WR) is WR consecutive cache rows: one row lookup a tile, where a lookup and a 64-bit address for each 16-byte
-  // copy were a third of the fp8 kernel's instructions (ncu, bench/RESULTS.md session 25), and the block's start
-  // looked up every position (and, for codes, its two scales: 6.4 of a 73 us launch at 32K, session 26).
-  const bool tiles_in_blocks = kv.block_size % WR == 0;
-  load_partition_rows<false>(kv, u, status, nullptr, nullptr, rows, nullptr, nullptr, tiles_in_blocks ? WR : 1);
-
   unsigned char* mine = stages + warp * L::kWarpBytes;
   const int n_tiles = static_cast<int>(ceil_div(u.np, WR));
   const int my_tiles = warp < n_tiles ? (n_tiles - 1 - warp) / kWarps + 1 : 0;
@@ -249,6 +220,48 @@ __global__ void __launch_bounds__(kThreads,
       cp_async16(smem_u32(vt + L::at(r, c)), reinterpret_cast<const unsigned char*>(v_cache) + off, in ? 16 : 0);
     }
   };
+  // The first tiles' copies go out before the query is read: the two round trips overlap.
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < my_tiles) issue(s);
+    cp_async_commit();
+  }
+
+  // The query's A fragments, hi and lo parts, head g of the chunk (heads past nh are zero). For codes, lane t's key
+  // fragment holds dims 4t .. 4t + 3 of its k16 step: the query's pairs at k = 2t and 2t + 8 are taken the same way.
+  if constexpr (kBf16)
+    for (int x = threadIdx.x; x < KS * 32; x += kThreads) {
+      const int ks = x / 32, head = (x % 32) >> 2, quad = x & 3;
+      float4 v = make_float4(0, 0, 0, 0);
+      if (head < u.nh) {
+        const float* qrow = q + (size_t(u.t) * nH + u.h_first + head) * HD + ks * 16;
+        const float2 a = *reinterpret_cast<const float2*>(qrow + 2 * quad), b = *reinterpret_cast<const float2*>(qrow + 8 + 2 * quad);
+        v = make_float4(a.x, a.y, b.x, b.y);
+      }
+      qf[x] = split_fragment<kBf16>(v.x, v.y, v.z, v.w);
+    }
+  if constexpr (kBf16) __syncthreads();  // qf is read by every warp
+  // Codes: the query as the B operand of the scores (keys on M), in registers: column g of n8 tile nt is head
+  // 4 nt + g / 2, its hi part (g even) or lo part; chunk c's k16 step holds dims 16 c + 4t .. + 3 in the key
+  // fragment's order (k 2t, 2t + 1: dims 4t, 4t + 1; k 2t + 8, 2t + 9: dims 4t + 2, 4t + 3).
+  uint32_t q_frag[kCodes ? CH : 1][NT][2];
+  if constexpr (kCodes) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int h = 4 * nt + (g >> 1);
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        float4 v = make_float4(0, 0, 0, 0);
+        const float* qrow = q + (size_t(u.t) * nH + u.h_first + h) * HD;
+        if (h < u.nh) v = *reinterpret_cast<const float4*>(qrow + 16 * c + 4 * tq);
+        uint32_t hi, lo;
+        split_pair<false>(v.x, v.y, hi, lo);
+        q_frag[c][nt][0] = (g & 1) ? lo : hi;
+        split_pair<false>(v.z, v.w, hi, lo);
+        q_frag[c][nt][1] = (g & 1) ? lo : hi;
+      }
+    }
+  }
 
   // bf16: o[n], rows g: the hi parts' sums of head g, rows g + 8: the lo parts'. Codes: o[mt * NT + nt], the output
   // transposed (dims on M): columns 2t, 2t + 1 the hi and lo parts' sums of head 4 nt + t at the dims of rows g, g + 8.
@@ -261,11 +274,6 @@ __global__ void __launch_bounds__(kThreads,
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) m_run[nt] = -INFINITY, l_run[nt] = 0;
 
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < my_tiles) issue(s);
-    cp_async_commit();
-  }
   for (int i = 0; i < my_tiles; ++i) {
     cp_async_wait(S - 2 > 0);
     __syncwarp();  // tile i landed for every lane; the stage tile i - 1 used is free again
