@@ -68,8 +68,10 @@ __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.lau
 // Launches a short kernel of the decode path as a programmatic dependent of the kernel before it: its blocks are
 // placed while that kernel runs (once every block of it called pdl_trigger), so the launch latency between the
 // two, a few microseconds each in a graph of ~300 kernels, overlaps. The kernel must call pdl_wait() before its
-// first read of anything written before it, and every thread runs it (so that the kernel ends only after the one
-// before it: a kernel after it waits for it alone). Checked afterwards with check_launch.
+// first read of anything a kernel of the step writes and before its first write, and every thread runs it (so that
+// the kernel ends only after the one before it: a kernel after it waits for it alone). What the host uploads before
+// a step (its positions, token rows, block table) may be read before pdl_wait, and the decode attention does
+// (attention-decode-mma.cu): no kernel may write those. Checked afterwards with check_launch.
 template <typename... Params, typename... Args>
 void launch_pdl(const Ctx& ctx, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
   cudaLaunchConfig_t cfg = {};
