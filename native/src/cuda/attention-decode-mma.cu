@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kThreads,
       float4 v = make_float4(0, 0, 0, 0);
       if (head < u.nh) {
         const float* qrow = q + (size_t(u.t) * nH + u.h_first + head) * HD + ks * 16;
-        const float2 a = *reinterpret_cast<const float2*>(qrow + 2 * quad), b = *reinterpret_cast<const float2*>(qrow + 8 + 2 * quad);
+        const float2 a = *reinterpret_cast<const float2*>(qrow + 2 * quad);
+        const float2 b = *reinterpret_cast<const float2*>(qrow + 8 + 2 * quad);
         v = make_float4(a.x, a.y, b.x, b.y);
       }
       qf[x] = split_fragment<kBf16>(v.x, v.y, v.z, v.w);

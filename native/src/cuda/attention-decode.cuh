@@ -16,20 +16,20 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 32;       // key (and value) rows per pipeline stage: one per lane in the softmax
 constexpr int kStages = 3;          // tiles in flight: two arriving while one is used
-// Blocks resident per SM the plan assumes, and the most positions a block reads (their row indices and scales stay
-// in shared memory). f32 and bf16: the tensor-core kernel's ~110 KiB a block at head dims up to 128 allows 2. The
-// 1-byte caches: tiles of 2 KiB (with their rows' scales) and two stages a warp take 33 KiB a block beside the row
-// indices (8 KiB at 2048 positions), so 4 fit (16 warps an SM, at most 128 registers a thread). Their tiles cost more instructions a byte
-// than bf16's (the conversions to f16), and with 8 warps an SM each warp's chain of dependent instructions, not the
-// bytes, set the time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps: 1.3x -> 1.4-1.6x
-// bf16's speed at 32K (H200). Session 18: 5 blocks, or 3 stages at 4 blocks, were 3-5% faster at batch 8 and 4-6%
-// slower for Llama-3-8B at batch 1 (bench/RESULTS.md).
+// Blocks resident per SM the plan assumes, and the most positions a block reads (their row indices stay in shared
+// memory). f32 and bf16: the tensor-core kernel's ~110 KiB a block at head dims up to 128 allows 2. The 1-byte
+// caches: tiles of 2 KiB (with their rows' scales) and two stages a warp take 33 KiB a block beside the row indices
+// (8 KiB at 2048 positions), so 4 fit (16 warps an SM, at most 128 registers a thread). Their tiles cost more
+// instructions a byte than bf16's (the conversions to f16), and with 8 warps an SM each warp's chain of dependent
+// instructions, not the bytes, set the time (ncu: 2 warps a scheduler issuing 0.49 a cycle, DRAM at 54%). 16 warps:
+// 1.3x -> 1.4-1.6x bf16's speed at 32K (H200). Session 18: 5 blocks, or 3 stages at 4 blocks, were 3-5% faster at
+// batch 8 and 4-6% slower for Llama-3-8B at batch 1 (bench/RESULTS.md).
 // Long partitions: each block's start (its row lookups, the first tiles' latency) is a bubble that the blocks of the
 // next round do not hide, so the fewer rounds the better. Session 19 (H200, 32K, batch 1): bf16 up to 2048 positions
 // (896 before) took Llama-3-8B from two rounds to one (51.2 -> 44.5 us a layer) and Llama-2-7B from four to two
 // (146.5 -> 141.4 us, 89% of the copy bandwidth); codes up to 1024 (512 before) Llama-2-7B fp8 99.2 -> 96.3 us.
-// Session 26: codes up to 2048 take Llama-2-7B at 32K, batch 1, from two rounds to one (fp8 88.6 -> 83.5 us a layer
-// in the same call; ncu 76.3 us against bf16's 140.0).
+// Session 26: codes up to 2048 take Llama-2-7B at 32K, batch 1, from two rounds to one (fp8 77.4 -> 73.1 us a layer
+// in graphs of 8 launches; ncu 76.3 us against bf16's 140.0).
 struct PlanLimits {
   int blocks_per_sm, max_partition;
 };
