@@ -522,7 +522,7 @@ __global__ void __launch_bounds__(kThreads,
   // once, PC threads sharing a column, each with kWarps / PC slices: every load of a group of kWarps partitions is
   // issued before the first is used (past the last partition a load repeats it and weighs 0), where a loop over the
   // heads waited for each head's (session 19, H200: Llama-3-8B batch 1, fp8, 4K 14.6 -> 11.7 us a layer, 32K 31.5
-  // -> 28.6). Four groups in flight, not two: Llama-3-8B's 66 partitions a row, batch 1, 2-3% faster at 4K-32K
+  // -> 28.6). Four groups in flight, not two: Llama-3-8B's 66 partitions a row, batch 1, 1.5-4.5% faster at 2K-32K
   // (session 26; eight no better).
   const int cols = u.nh * (HD / 4);
   auto sum_slices = [&](auto threads_per_col) {
