@@ -56,46 +56,11 @@ __device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* x
   for (int i = threadIdx.x; i < K / 4; i += blockDim.x) xs4[(i % H) * KV + i / H] = x4[i];
 }
 
-// Stages addRmsNorm's normed row of x and norm.y instead, and writes this block's share of sum and normed (float4 i
-// where i % gridDim.x is the block). addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu,
-// K / 4 threads rounded up to a warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here
-// plays its threads t + kThreads j in the same trees, so inv_rms and every normed value are that kernel's bits.
+// Stages addRmsNorm's normed row of x and norm.y instead (rms-norm.cuh add_rms_norm_row), sub-vector-major.
 template <int kWarps, int H, typename W>
 __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K) {
-  constexpr int kThreads = kWarps * 32, kPlays = kMaxNormK / 4 / kThreads;
-  __shared__ double warp_sums[32];
-  __shared__ float inv_rms;
-  const int n4 = K / 4, KV = K / (4 * H), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float4* y4 = reinterpret_cast<const float4*>(norm.y);
-  float4 s[kPlays];
-#pragma unroll
-  for (int j = 0; j < kPlays; ++j) {
-    const int i = threadIdx.x + j * kThreads;
-    double sq = 0.0;
-    if (i < n4) {
-      s[j] = add4(x4[i], y4[i]);
-      sq = sq4(s[j]);
-    }
-    sq = warp_sum(sq);
-    if (lane == 0) warp_sums[warp + j * kWarps] = sq;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const double total = warp_sum(warp_sums[lane]);
-    if (lane == 0) inv_rms = inv_rms_of(total, K, norm.eps);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kPlays; ++j) {
-    const int i = threadIdx.x + j * kThreads;
-    if (i >= n4) continue;
-    const float4 o = normed4(s[j], inv_rms, Load4<W>::at(static_cast<const W*>(norm.weight), i));
-    xs4[(i % H) * KV + i / H] = o;
-    if (i % gridDim.x == blockIdx.x) {
-      reinterpret_cast<float4*>(norm.sum)[i] = s[j];
-      reinterpret_cast<float4*>(norm.normed)[i] = o;
-    }
-  }
+  const int KV = K / (4 * H);
+  add_rms_norm_row<kWarps * 32, kMaxNormK, W>(x4, norm, K, [&](int i, float4 o) { xs4[(i % H) * KV + i / H] = o; });
 }
 
 // The kernel's shape beyond the template: weights w [N or 2N, K] in format F with bf16 scales [rows, n_groups]

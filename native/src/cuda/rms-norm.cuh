@@ -34,4 +34,49 @@ __device__ __forceinline__ float4 normed4(float4 s, float inv_rms, float4 w) {
           __fmul_rn(__fmul_rn(s.z, inv_rms), w.z), __fmul_rn(__fmul_rn(s.w, inv_rms), w.w)};
 }
 
+// addRmsNorm's normed row of x and norm.y [K <= kMaxK] made inside a kernel of kThreads threads (the one-token GEMVs
+// that take a deferred addRmsNorm, gemv-rows-tma.cuh AddRmsNormInput): store(i, normed float4 i) for every i, and
+// this block's share of norm.sum and norm.normed written (float4 i where i % gridDim.x is the block). addRmsNorm's
+// kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu, K / 4 threads rounded up to a warp),
+// warp-sums their squares and then warp 0 sums the warps' sums; thread t here plays its threads t + kThreads j in
+// the same trees, so inv_rms and every normed value are that kernel's bits. Two block barriers; every thread calls it.
+template <int kThreads, int kMaxK, typename W, typename Norm, typename Store>
+__device__ void add_rms_norm_row(const float4* __restrict__ x4, const Norm& norm, int K, Store&& store) {
+  constexpr int kWarps = kThreads / 32, kPlays = kMaxK / 4 / kThreads;
+  static_assert(kWarps * kPlays <= 32, "warp 0 sums at most 32 warp sums");
+  __shared__ double warp_sums[32];
+  __shared__ float inv_rms;
+  const int n4 = K / 4, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float4* y4 = reinterpret_cast<const float4*>(norm.y);
+  float4 s[kPlays];
+#pragma unroll
+  for (int j = 0; j < kPlays; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    double sq = 0.0;
+    if (i < n4) {
+      s[j] = add4(x4[i], y4[i]);
+      sq = sq4(s[j]);
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) warp_sums[warp + j * kWarps] = sq;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const double total = warp_sum(lane < kWarps * kPlays ? warp_sums[lane] : 0.0);
+    if (lane == 0) inv_rms = inv_rms_of(total, K, norm.eps);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPlays; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    if (i >= n4) continue;
+    const float4 o = normed4(s[j], inv_rms, Load4<W>::at(static_cast<const W*>(norm.weight), i));
+    store(i, o);
+    if (i % gridDim.x == blockIdx.x) {
+      reinterpret_cast<float4*>(norm.sum)[i] = s[j];
+      reinterpret_cast<float4*>(norm.normed)[i] = o;
+    }
+  }
+}
+
 }  // namespace weft::cuda
