@@ -75,11 +75,12 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
 
   struct Kernel { std::string name; wc::OneTokenTuning tuning; };
   const auto tuned = [](wc::OneTokenKernel k, int rows) { wc::OneTokenTuning t; t.kernel = k; t.rows = rows; return t; };
-  std::vector<Kernel> kernels = {{"weft (bulk-copy rows where they take the shape)", wc::OneTokenTuning{}}};
+  std::vector<Kernel> kernels = {{quant ? "weft (tensor cores)" : "weft (bulk-copy rows where they take the shape)", wc::OneTokenTuning{}}};
   if (!quant) kernels.push_back({"batched register", tuned(wc::OneTokenKernel::Batched, 0)});
   kernels.push_back({"streaming register, 2 rows", tuned(wc::OneTokenKernel::Streaming, 2)});
   kernels.push_back({"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)});
   kernels.push_back({"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)});
+  if (quant) kernels.push_back({"bulk-copy rows where they take the shape", tuned(wc::OneTokenKernel::Rows, 0)});
   const Kernel& reference = kernels[1];
   const auto run = [&](const Kernel& k, int s, int l) {
     const Shape& sh = shapes[s];

@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/kernels/build-bench.sh
 src=native/src/cuda
-build_bench matmul-bench ptxas.txt bench/kernels/matmul-bench.cu $src/matmul.cu $src/gemv.cu $src/gemv-one-token.cu $src/gemv-rows-tma.cu \
+build_bench matmul-bench ptxas.txt bench/kernels/matmul-bench.cu $src/matmul.cu $src/gemv.cu $src/gemv-one-token.cu $src/gemv-one-token-mma.cu $src/gemv-rows-tma.cu \
   $src/expert-gemv.cu $src/gemm.cu $src/bandwidth.cu $src/cublas-loader.cu $src/device.cc -- -ldl
 [ -n "${BUILD_ONLY:-}" ] || "$out/matmul-bench" "$@"

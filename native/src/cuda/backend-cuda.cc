@@ -222,8 +222,8 @@ class CudaBackend final : public Backend {
                                      n.eps, n.sum.data<float>(), n.normed.data<float>()};
     const cuda::QuantMatrix q = gemv_weights(w);
     if (x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX &&
-        cuda::gemv_rows_tma(ctx(), n.x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
-                            static_cast<int>(N), static_cast<int>(K), pairs, st_->num_sms, &norm)) {
+        cuda::gemv_one_token_normed(ctx(), n.x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
+                                    static_cast<int>(N), static_cast<int>(K), pairs, st_->num_sms, norm)) {
       held_norm_.reset();
       cuda::check_launch(ctx(), pairs ? "matmulSiluMul" : "matmul", {{"x", x}, {"w", w}});
       return true;

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/gemv-one-token-mma.cuh"
 #include "cuda/gemv-rows-tma.cuh"
 #include "cuda/gemv-weight-vectors.cuh"
 #include "error.h"
@@ -327,10 +328,17 @@ bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, con
     return false;
   const bool row_scale = !bf16 && group == K;
   const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
-  // weft's: rows streamed by bulk copies where they take the shape (gemv-rows-tma.cu: bf16 6% less than the batched
-  // kernel on a Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the streaming one took 0-6%
-  // longer a shape: quant-run.sh --one-token), other int8 and int4 streaming where it takes the group.
-  if (!gated && tuning.kernel == OneTokenKernel::Weft &&
+  // weft's: int4 on tensor cores where the group is a multiple of 128 (gemv-one-token-mma.cu: a Llama-2-7B layer's
+  // int4 GEMVs 51.5 us against 64.1 on the bulk-copy rows, H200; int8 there took 82.8 against the streaming kernel's
+  // 72.9, so int8 stays), rows streamed by bulk copies where they take the shape (gemv-rows-tma.cu: bf16 6% less
+  // than the batched kernel on a Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the
+  // streaming one took 0-6% longer a shape: quant-run.sh --one-token), other int8 and int4 streaming where it takes
+  // the group.
+  if (tuning.kernel == OneTokenKernel::Mma || (tuning.kernel == OneTokenKernel::Weft && int4)) {
+    if (!gated && gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sm_count(ctx))) return true;
+    if (tuning.kernel == OneTokenKernel::Mma) return false;
+  }
+  if (!gated && (tuning.kernel == OneTokenKernel::Weft || tuning.kernel == OneTokenKernel::Rows) &&
       gemv_rows_tma(ctx, x, w, w_dtype, bf16 ? nullptr : scales, bf16 ? 0 : group, y, N, K, pairs, sm_count(ctx)))
     return true;
   const bool batched = tuning.kernel == OneTokenKernel::Batched ||
@@ -359,6 +367,13 @@ bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype
 bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                                int group, float* y, int F, int K, const OneTokenTuning& tuning) {
   return one_token(ctx, x, w, w_dtype, scales, group, y, F, K, false, true, tuning);
+}
+
+bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                           int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm) {
+  if (w_dtype == DType::I4 && gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm))
+    return true;
+  return gemv_rows_tma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm);
 }
 
 }  // namespace weft::cuda

@@ -49,14 +49,22 @@ __device__ __forceinline__ void unpack_int8(uint32_t word, uint32_t& p01, uint32
   p23 = sub_f16x2(__byte_perm(u, 0x64646464u, 0x4342), 0x64806480u);
 }
 
+// (word & kMask) | 0x64006400 as one lop3 (written in C, ptxas made two logic ops of it).
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t masked_under_1024(uint32_t word) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(word), "n"(kMask), "n"(0x64006400u));  // (a & b) | c
+  return out;
+}
+
 // int4 word (columns c .. c + 7, the even column in each byte's low nibble) as the f16 pairs (c, c + 4),
 // (c + 1, c + 5), (c + 2, c + 6), (c + 3, c + 7): the code minus 8.
 __device__ __forceinline__ void unpack_int4(uint32_t word, uint32_t (&p)[4]) {
   const uint32_t shifted = word >> 8;
-  p[0] = sub_f16x2((word & 0x000f000fu) | 0x64006400u, 0x64086408u);                  // 1024 + c - 1032
-  p[1] = fma_f16x2((word & 0x00f000f0u) | 0x64006400u, 0x2c002c00u, 0xd480d480u);     // (1024 + 16c) / 16 - 72
-  p[2] = sub_f16x2((shifted & 0x000f000fu) | 0x64006400u, 0x64086408u);
-  p[3] = fma_f16x2((shifted & 0x00f000f0u) | 0x64006400u, 0x2c002c00u, 0xd480d480u);
+  p[0] = sub_f16x2(masked_under_1024<0x000f000fu>(word), 0x64086408u);                   // 1024 + c - 1032
+  p[1] = fma_f16x2(masked_under_1024<0x00f000f0u>(word), 0x2c002c00u, 0xd480d480u);      // (1024 + 16c) / 16 - 72
+  p[2] = sub_f16x2(masked_under_1024<0x000f000fu>(shifted), 0x64086408u);
+  p[3] = fma_f16x2(masked_under_1024<0x00f000f0u>(shifted), 0x2c002c00u, 0xd480d480u);
 }
 
 // Eight f32 columns (c .. c + 7) as the halves a lane's 16-byte B load holds: int8 in order, int4 as the pairs

@@ -2,8 +2,9 @@
 //   - int4 at 1..16 tokens, int8 at 4..16, groups of whole 16-byte vectors (16 int8 or 32 int4 columns): quant_gemv_mma
 //     (gemv-quant-mma.cu), the weights dequantized to f16 in registers for tensor cores; the kernels below take
 //     every other shape (x too long for its shared memory, misaligned pointers, other groups).
-//   - One int8 or int4 token (decode at batch 1): gemv_one_token (gemv-one-token.cu), the weights straight into
-//     registers (int4 groups a power of two of 16-byte vectors, or the row).
+//   - One int8 or int4 token (decode at batch 1): gemv_one_token (gemv-one-token.cu): int4 in groups of 128 on tensor
+//     cores with one block a SM (gemv-one-token-mma.cu), int8 and other int4 groups with the weights straight into
+//     registers (groups a power of two of 16-byte vectors, or the row).
 //   - Otherwise gemv.cu's vector kernel (Gemv::run_quant): each 16-byte vector (16 int8 or 32 int4 weights, inside
 //     one group) is unpacked with exponent tricks, its products summed in fp32 and multiplied by the group's scale.
 //     It takes up to Gemv::kMaxTokens tokens; 9..16 tokens run as two halves, each reading the weights once (at 16
@@ -113,8 +114,9 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
   // tensor cores against 0.141 ms on the one-token kernel at T = 1 (0.185 against 0.163 at T = 2; the tensor cores
   // win from T = 4: 0.191 against 0.212). int4 is faster on tensor cores than on gemv.cu's kernel at every T (T = 1:
   // 0.121 against 0.128).
-  // One token: gemv_one_token's streaming kernel for int8 and int4 (H200, a Llama-2-7B layer: int4 g128 0.094 ms
-  // against 0.117 on tensor cores; bench/kernels/quant-run.sh --one-token).
+  // One token: gemv_one_token (H200, a Llama-2-7B layer: int4 g128 0.094 ms streaming against 0.117 on this file's
+  // tensor-core kernel, whose warps take whole tiles; gemv_one_token's own tensor-core kernel, which splits each
+  // tile's K over a block's warps, 0.052; bench/kernels/quant-run.sh --one-token, gemv-layer-run.sh).
   if (path == QuantGemvPath::Auto && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated))
     return;
   const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens;

@@ -1,0 +1,329 @@
+// gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4/int8 GEMV on tensor cores, one block a SM.
+//   Why: the fp32 one-token kernels (gemv-one-token.cu, gemv-rows-tma.cu) spend ~6 instructions a weight (unpack,
+//   convert, FMA, addresses) and are bound by issue. Here two weights become an f16 pair with one lop3 and one f16x2
+//   op, and one mma.sync m16n8k16 takes 256 of them (~100 instructions a lane for 64 weights). The 1..16-token
+//   tensor-core kernel (gemv-quant-mma.cu) gives each warp whole tiles, so at one token most of a block's warps idle
+//   on a layer's shapes and every block restages x; here each block stages x once and its warps split every tile's
+//   K between them.
+//   - Work: 16-row tiles (pairs: 8 gate rows and their 8 up rows, so one lane holds both sums of an output); block b
+//     of G takes tiles b, b + G, ..., each cut into 64-byte chunks of its rows (128 int4 or 64 int8 columns); the
+//     block's (tile, chunk) units go round-robin to its 16 warps, so its warps stay within a unit of each other
+//     whatever K is.
+//   - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into
+//     registers, 6 units ahead a warp (the first 6 before the kernel waits for the one before: the weights do not
+//     depend on it, common.cuh); the A fragments are gemv-quant-mma.cu's (gemv-quant-mma-fragments.cuh).
+//   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
+//     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
+//     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
+//     ~22 bits where f16 alone keeps 11 (max relative error 3e-7 against the fp32 streaming kernel).
+//   - A warp's unit sums (fp32, scaled by the two rows' bf16 group scales) accumulate while it stays in one tile and
+//     go to shared memory when it leaves; the block then sums each row's 16 warp partials in warp order
+//     (deterministic, no atomics).
+//   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
+//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8 82.8 against the streaming kernel's 72.9, so
+//   weft runs int4 here only (gemv-one-token.cu). The same loads with no arithmetic take 39 us: a third of the gap to
+//   the floor is the load pattern (64 bytes of each of 8 rows a warp load; 512 contiguous bytes a load would take
+//   ~10% off, which needs the weights repacked), the rest the ~100 instructions a unit beside the loads.
+#include "cuda/gemv-one-token-mma.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+#include "cuda/gemv-quant-mma-fragments.cuh"
+#include "cuda/gemv-weight-vectors.cuh"  // log2_exact
+#include "cuda/rms-norm.cuh"
+#include "error.h"
+
+namespace weft::cuda {
+namespace {
+
+using namespace quant_mma;  // the fragment helpers
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
+constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
+constexpr int kMaxK = 16384;
+constexpr int kMaxNormK = 4096;       // add_rms_norm_row plays addRmsNorm's <= 1024 threads
+constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and hi + lo keep their precision
+constexpr size_t kMaxPartBytes = 64 * 1024;
+constexpr size_t kMaxSmemBytes = 200 * 1024;
+
+struct Params {
+  const float* x;
+  const uint8_t* w;         // [rows, K] int8 or [rows, K / 2] int4 codes
+  const uint16_t* scales;   // [rows, n_groups] bf16 bits
+  float* y;
+  int N, K, n_groups;
+  int group_shift;          // chunk c's group is c >> group_shift (one group a row: 30)
+  int n_tiles;
+  int part_offset;          // bytes of shared memory before the warps' partial sums
+};
+
+// Bytes of staged x: f32 [K], then hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi loads and the
+// next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2).
+__host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 2 * K * 2 + 64 + 256; }
+
+// Eight columns of x (already scaled) as the f16 hi and lo halves, in the pair order of pack_x.
+template <bool kInt4>
+__device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4& lo) {
+  float h[8], l[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    h[e] = __half2float(__float2half_rn(v[e]));
+    l[e] = __half2float(__float2half_rn(v[e] - h[e]));
+  }
+  hi = pack_x<kInt4>(h);
+  lo = pack_x<kInt4>(l);
+}
+
+__device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))); }
+
+// NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16).
+template <bool kInt4, bool kPairs, typename NormW>
+__global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+  constexpr int kCols = kInt4 ? 128 : 64;  // columns a chunk
+  constexpr int kLoads = kCols / 32;       // 16-byte B loads a lane a chunk
+  constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ unsigned x_absmax;
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  // Block b's tiles are b, b + G, b + 2G, ...: the blocks read neighbouring tiles at once (a layer's int4 GEMVs
+  // 2.5% faster than with a contiguous run of tiles a block, H200).
+  const int n_tiles = (p.n_tiles - b + G - 1) / G;
+  const int n_units = n_tiles * nch;
+  const int my_units = n_units > warp ? (n_units - warp + kWarps - 1) / kWarps : 0;
+  const size_t row_bytes = kInt4 ? K / 2 : K;
+
+  float* xf = reinterpret_cast<float*>(smem);
+  uint4* x_hi = reinterpret_cast<uint4*>(smem + K * 4);
+  uint4* x_lo = x_hi + K / 8 + 4;
+  uint4* zeros = x_lo + K / 8;
+  float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
+
+  // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
+  // gate row and its up row; rows past N read row N - 1 and are not stored).
+  int lt = 0, lc = warp;
+  while (lc >= nch) {
+    lc -= nch;
+    ++lt;
+  }
+  const uint8_t *w_row_lo, *w_row_hi;
+  const uint16_t *s_row_lo, *s_row_hi;
+  const auto point_rows = [&] {
+    const int tile = b + G * lt;
+    int r_lo, r_hi;
+    if constexpr (kPairs) {
+      r_lo = min(tile * 8 + g, p.N - 1);
+      r_hi = p.N + r_lo;
+    } else {
+      r_lo = min(tile * 16 + g, p.N - 1);
+      r_hi = min(tile * 16 + 8 + g, p.N - 1);
+    }
+    w_row_lo = p.w + static_cast<size_t>(r_lo) * row_bytes + t * 16;
+    w_row_hi = p.w + static_cast<size_t>(r_hi) * row_bytes + t * 16;
+    s_row_lo = p.scales + static_cast<size_t>(r_lo) * p.n_groups;
+    s_row_hi = p.scales + static_cast<size_t>(r_hi) * p.n_groups;
+  };
+  point_rows();
+
+  // Slot j: 16 bytes of each of the lane's two rows and their bf16 scales (kept apart: a combining op right after
+  // the loads would wait for them, 5% a layer).
+  uint4 w_lo[kDepth], w_hi[kDepth];
+  uint32_t sc_lo[kDepth], sc_hi[kDepth];
+  int loaded = 0;
+  const auto load = [&](int j) {
+    if (loaded >= my_units) return;
+    w_lo[j] = load_stream(w_row_lo + lc * kChunkBytes);
+    w_hi[j] = load_stream(w_row_hi + lc * kChunkBytes);
+    const int gi = lc >> p.group_shift;
+    sc_lo[j] = __ldg(s_row_lo + gi);
+    sc_hi[j] = __ldg(s_row_hi + gi);
+    ++loaded;
+    lc += kWarps;
+    if (lc >= nch) {
+      do {
+        lc -= nch;
+        ++lt;
+      } while (lc >= nch);
+      point_rows();
+    }
+  };
+  const int first_chunk = lc, first_tile = lt;
+#pragma unroll
+  for (int j = 0; j < kDepth; ++j) load(j);  // the weights do not depend on the kernel before
+
+  for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < n_tiles * kWarps * 16; i += kThreads) part[i] = 0.f;  // warps that skip a tile
+  if (threadIdx.x == 0) x_absmax = 0u;
+  __syncthreads();
+  pdl_wait();  // x (or norm.y) comes from the kernel before
+
+  // x (or addRmsNorm's normed row) into xf, and the block's largest |x|.
+  const float4* x4 = reinterpret_cast<const float4*>(p.x);
+  float4* xf4 = reinterpret_cast<float4*>(xf);
+  float m = 0.f;
+  if constexpr (std::is_void_v<NormW>) {
+    for (int i = threadIdx.x; i < K / 4; i += kThreads) {
+      const float4 v = x4[i];
+      xf4[i] = v;
+      m = fmaxf(m, abs_max4(v));
+    }
+  } else {
+    add_rms_norm_row<kThreads, kMaxNormK, NormW>(x4, norm, K, [&](int i, float4 o) {
+      xf4[i] = o;
+      m = fmaxf(m, abs_max4(o));
+    });
+  }
+  m = warp_max(m);
+  if (lane == 0) atomicMax(&x_absmax, __float_as_uint(m));  // non-negative floats order as their bits
+  __syncthreads();
+  const float absmax = __uint_as_float(x_absmax);
+  int e = 0;
+  if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
+  const int shift = absmax > 0.f && absmax < INFINITY ? min(126, kXExponent - e) : 0;
+  const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
+  for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
+    const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
+    split_pack<kInt4>(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+  }
+  __syncthreads();
+
+  // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero.
+  const uint4* xb_lane = (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
+  const int xb_stride = g < 2 ? kChunkX : 0;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int ct = first_tile, cc = first_chunk, used = 0;
+  const auto compute = [&](int j) {
+    const uint4* xb = xb_lane + cc * xb_stride;
+    float pa[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      const uint4 bx = xb[l * 4];
+      if constexpr (kInt4) {  // word l: two k-steps
+        uint32_t lo[4], hi[4];
+        unpack_int4((&w_lo[j].x)[l], lo);
+        unpack_int4((&w_hi[j].x)[l], hi);
+        mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
+        mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
+      } else {  // words 2l and 2l + 1: one k-step each
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          uint32_t lo01, lo23, hi01, hi23;
+          unpack_int8((&w_lo[j].x)[2 * l + s], lo01, lo23);
+          unpack_int8((&w_hi[j].x)[2 * l + s], hi01, hi23);
+          mma_16816(pa, lo01, hi01, lo23, hi23, s ? bx.z : bx.x, s ? bx.w : bx.y);
+        }
+      }
+    }
+    const float s_lo = __uint_as_float(sc_lo[j] << 16), s_hi = __uint_as_float(sc_hi[j] << 16);
+    acc[0] = fmaf(s_lo, pa[0], acc[0]);
+    acc[1] = fmaf(s_lo, pa[1], acc[1]);
+    acc[2] = fmaf(s_hi, pa[2], acc[2]);
+    acc[3] = fmaf(s_hi, pa[3], acc[3]);
+    const int tile = ct;
+    cc += kWarps;
+    while (cc >= nch) {
+      cc -= nch;
+      ++ct;
+    }
+    ++used;
+    if (ct != tile || used == my_units) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
+      if (t == 0) {
+        float* pp = part + (tile * kWarps + warp) * 16;
+        pp[g] = acc[0] + acc[1];
+        pp[g + 8] = acc[2] + acc[3];
+      }
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    }
+  };
+  for (int base = 0; base < my_units; base += kDepth) {
+#pragma unroll
+    for (int j = 0; j < kDepth; ++j) {
+      if (base + j < my_units) {
+        compute(j);
+        load(j);  // unit base + j + kDepth into the slot just used
+      }
+    }
+  }
+  __syncthreads();
+
+  // Each row's 16 warp partials, in warp order.
+  const auto row_sum = [&](int tl, int r) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += part[(tl * kWarps + w) * 16 + r];
+    return s * x_unscale;
+  };
+  for (int i = threadIdx.x; i < n_tiles * 16; i += kThreads) {
+    const int tl = i >> 4, r = i & 15, tile = b + G * tl;
+    if constexpr (kPairs) {
+      const int out = tile * 8 + r;
+      if (r < 8 && out < p.N) p.y[out] = silu_times(row_sum(tl, r), row_sum(tl, r + 8));
+    } else {
+      const int row = tile * 16 + r;
+      if (row < p.N) p.y[row] = row_sum(tl, r);
+    }
+  }
+}
+
+template <bool kInt4, bool kPairs, typename NormW>
+void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
+  const auto kernel = gemv_one_token_mma_kernel<kInt4, kPairs, NormW>;
+  static bool smem_set = false;  // per instantiation
+  if (!smem_set) {
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmemBytes)),
+               "matmul", " (cudaFuncSetAttribute)");
+    smem_set = true;
+  }
+  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
+}
+
+template <bool kInt4, bool kPairs>
+void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
+  if (!norm) launch<kInt4, kPairs, void>(ctx, p, AddRmsNormInput{}, grid, smem);
+  else if (norm->weight_bf16) launch<kInt4, kPairs, __nv_bfloat16>(ctx, p, *norm, grid, smem);
+  else launch<kInt4, kPairs, float>(ctx, p, *norm, grid, smem);
+}
+
+}  // namespace
+
+bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm) {
+  const bool int4 = w_dtype == DType::I4;
+  if (!(int4 || w_dtype == DType::I8)) return false;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const int cols = int4 ? 128 : 64;
+  if (N <= 0 || K <= 0 || K % cols != 0 || K > kMaxK || !scales || group <= 0 || K % group != 0 ||
+      group % cols != 0 || (pairs && N > INT32_MAX / 2) || !aligned(x) || !aligned(w) || sms <= 0)
+    return false;
+  const int group_shift = group == K ? 30 : log2_exact(group / cols);
+  if (group_shift < 0) return false;
+  if (norm && (K > kMaxNormK || !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) &&
+                                  aligned(norm->weight))))
+    return false;
+  const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
+  const int grid = std::min(n_tiles, sms);
+  const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
+  const int part_offset = x_stage_bytes(K);
+  if (part_bytes > kMaxPartBytes || part_offset + part_bytes > kMaxSmemBytes) return false;
+  const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset};
+  const int smem = static_cast<int>(part_offset + part_bytes);
+  const unsigned g = static_cast<unsigned>(grid);
+  if (int4 && pairs) launch_norm<true, true>(ctx, p, norm, g, smem);
+  else if (int4) launch_norm<true, false>(ctx, p, norm, g, smem);
+  else if (pairs) launch_norm<false, true>(ctx, p, norm, g, smem);
+  else launch_norm<false, false>(ctx, p, norm, g, smem);
+  return true;
+}
+
+}  // namespace weft::cuda

@@ -1,0 +1,26 @@
+// weft::cuda::gemv_one_token_mma: y [1, N] f32 = x [1, K] f32 @ dequant(w) [N, K]^T for one token, int4 or int8
+// weights (gemv.cuh QuantMatrix's layout, no repack) dequantized in registers and multiplied on the tensor cores
+// (gemv-one-token-mma.cu). gemv_one_token's first choice for quantized weights; it also takes the deferred
+// addRmsNorm (gemv-rows-tma.cuh AddRmsNormInput) and SwiGLU pairs, as gemv_rows_tma does.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/device.h"
+#include "cuda/gemv-rows-tma.cuh"  // AddRmsNormInput
+#include "tensor.h"                // weft::DType
+
+namespace weft::cuda {
+
+// False (nothing launched) where it does not take the call: not int4/int8, K not a multiple of a chunk (128 int4
+// or 64 int8 columns), a group that is not K or a power-of-two multiple of the chunk, x beyond shared memory
+// (K > 16384), a norm with K > 4096, misaligned pointers. sms: the SM count (one block a SM). pairs: w is [2N, K]
+// (gate rows, then up rows) and y[f] = silu(gate f) * up f. Capturable (no allocation, no sync).
+// Precision: x is scaled by a power of two and split into f16 high and low parts (x = hi + lo to ~2^-22), each
+// weight is exact in f16, products are summed in the tensor cores' fp32 accumulators and scaled per group in fp32.
+bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm = nullptr);
+
+}  // namespace weft::cuda
