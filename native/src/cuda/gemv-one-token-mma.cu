@@ -246,15 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     }
   };
-  for (int base = 0; base < my_units; base += kDepth) {
-#pragma unroll
-    for (int j = 0; j < kDepth; ++j) {
-      if (base + j < my_units) {
-        compute(j);
-        load(j);  // unit base + j + kDepth into the slot just used
-      }
-    }
-  }
+  run_ring<kDepth>(my_units, compute, load);
   __syncthreads();
 
   // Each row's 16 warp partials, in warp order.

@@ -79,4 +79,19 @@ __device__ __forceinline__ uint4 pack_x(const float (&v)[8]) {
   else return make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
 }
 
+// Items 0 .. n - 1 through a ring of D register slots: use(j) takes the item in slot j, then refill(j) loads the
+// item D ahead into it. j is a compile-time index after unrolling, so the slots stay in registers.
+template <int D, typename Use, typename Refill>
+__device__ __forceinline__ void run_ring(int n, Use&& use, Refill&& refill) {
+  for (int base = 0; base < n; base += D) {
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      if (base + j < n) {
+        use(j);
+        refill(j);
+      }
+    }
+  }
+}
+
 }  // namespace weft::cuda::quant_mma

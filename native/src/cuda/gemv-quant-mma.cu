@@ -275,15 +275,7 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
     tile += kWarps;
   };
 
-  for (int base = 0; base < nitems; base += U) {
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      if (base + j < nitems) {
-        compute(j);
-        load(j);  // item base + j + U into the slot just consumed
-      }
-    }
-  }
+  run_ring<U>(nitems, compute, load);
 
   if (C > 1) {
     if (nch == 0)  // an empty K slice (K / 64 or K / 128 chunks < C * chunks_per_slice): its partial sums are zero
