@@ -268,12 +268,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   }
 }
 
+// The shared memory a block may ask for on this GPU, up to kMaxSmemBytes (asked once: a process drives one kind of
+// GPU); a shape that needs more is refused.
+int smem_limit() {
+  static const int limit = [] {
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+      return 0;
+    return std::min(optin, static_cast<int>(kMaxSmemBytes));
+  }();
+  return limit;
+}
+
 template <bool kInt4, bool kPairs, typename NormW>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
   const auto kernel = gemv_one_token_mma_kernel<kInt4, kPairs, NormW>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
-    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmemBytes)),
+    check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
@@ -307,7 +320,7 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const int grid = std::min(n_tiles, sms);
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
   const int part_offset = x_stage_bytes(K);
-  if (part_bytes > kMaxPartBytes || part_offset + part_bytes > kMaxSmemBytes) return false;
+  if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset};
   const int smem = static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);

@@ -16,8 +16,9 @@ namespace weft::cuda {
 
 // False (nothing launched) where it does not take the call: not int4/int8, K not a multiple of a chunk (128 int4
 // or 64 int8 columns), a group that is not K or a power-of-two multiple of the chunk, x beyond shared memory
-// (K > 16384), a norm with K > 4096, misaligned pointers. sms: the SM count (one block a SM). pairs: w is [2N, K]
-// (gate rows, then up rows) and y[f] = silu(gate f) * up f. Capturable (no allocation, no sync).
+// (K > 16384) or beyond what a block may ask for on this GPU, a norm with K > 4096, misaligned pointers. sms: the
+// SM count (one block a SM). pairs: w is [2N, K] (gate rows, then up rows) and y[f] = silu(gate f) * up f.
+// Capturable (no allocation, no sync).
 // Precision: x is scaled by a power of two and split into f16 high and low parts (x = hi + lo to ~2^-22), each
 // weight is exact in f16, products are summed in the tensor cores' fp32 accumulators and scaled per group in fp32.
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
