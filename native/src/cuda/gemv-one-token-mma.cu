@@ -1,4 +1,4 @@
-// gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4/int8 GEMV on tensor cores, one block a SM.
+// gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4 GEMV on tensor cores, one block a SM.
 //   Why: the fp32 one-token kernels (gemv-one-token.cu, gemv-rows-tma.cu) spend ~6 instructions a weight (unpack,
 //   convert, FMA, addresses) and are bound by issue. Here two weights become an f16 pair with one lop3 and one f16x2
 //   op, and one mma.sync m16n8k16 takes 256 of them (~100 instructions a lane for 64 weights). The 1..16-token
@@ -6,7 +6,7 @@
 //   on a layer's shapes and every block restages x; here each block stages x once and its warps split every tile's
 //   K between them.
 //   - Work: 16-row tiles (pairs: 8 gate rows and their 8 up rows, so one lane holds both sums of an output); block b
-//     of G takes tiles b, b + G, ..., each cut into 64-byte chunks of its rows (128 int4 or 64 int8 columns); the
+//     of G takes tiles b, b + G, ..., each cut into 64-byte chunks of its rows (128 columns, one group of 128); the
 //     block's (tile, chunk) units go round-robin to its 16 warps, so its warps stay within a unit of each other
 //     whatever K is.
 //   - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into
@@ -20,8 +20,8 @@
 //     go to shared memory when it leaves; the block then sums each row's 16 warp partials in warp order
 //     (deterministic, no atomics).
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
-//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8 82.8 against the streaming kernel's 72.9, so
-//   weft runs int4 here only (gemv-one-token.cu). The same loads with no arithmetic take 39 us: a third of the gap to
+//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows. int8 (one step a 16-byte word) took 82.8 here
+//   against the streaming kernel's 72.9 (session 27, bench/RESULTS.md), so this kernel is int4's alone. The same loads with no arithmetic take 39 us: a third of the gap to
 //   the floor is the load pattern (64 bytes of each of 8 rows a warp load; 512 contiguous bytes a load would take
 //   ~10% off, which needs the weights repacked), the rest the ~100 instructions a unit beside the loads.
 #include "cuda/gemv-one-token-mma.cuh"
@@ -55,7 +55,7 @@ constexpr size_t kMaxSmemBytes = 200 * 1024;
 
 struct Params {
   const float* x;
-  const uint8_t* w;         // [rows, K] int8 or [rows, K / 2] int4 codes
+  const uint8_t* w;         // [rows, K / 2] int4 codes
   const uint16_t* scales;   // [rows, n_groups] bf16 bits
   float* y;
   int N, K, n_groups;
@@ -69,7 +69,6 @@ struct Params {
 __host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 2 * K * 2 + 64 + 256; }
 
 // Eight columns of x (already scaled) as the f16 hi and lo halves, in the pair order of pack_x.
-template <bool kInt4>
 __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4& lo) {
   float h[8], l[8];
 #pragma unroll
@@ -77,18 +76,18 @@ __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4
     h[e] = __half2float(__float2half_rn(v[e]));
     l[e] = __half2float(__float2half_rn(v[e] - h[e]));
   }
-  hi = pack_x<kInt4>(h);
-  lo = pack_x<kInt4>(l);
+  hi = pack_x<true>(h);
+  lo = pack_x<true>(l);
 }
 
 __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))); }
 
 // NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16).
-template <bool kInt4, bool kPairs, typename NormW>
+template <bool kPairs, typename NormW>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
-  constexpr int kCols = kInt4 ? 128 : 64;  // columns a chunk
-  constexpr int kLoads = kCols / 32;       // 16-byte B loads a lane a chunk
-  constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
+  constexpr int kCols = 128;           // columns a chunk
+  constexpr int kLoads = kCols / 32;   // 16-byte B loads a lane a chunk (a lane's 4 words)
+  constexpr int kChunkX = kCols / 8;   // 16-byte units of staged x (f16) a chunk
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ unsigned x_absmax;
   pdl_trigger();
@@ -99,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const int n_tiles = (p.n_tiles - b + G - 1) / G;
   const int n_units = n_tiles * nch;
   const int my_units = n_units > warp ? (n_units - warp + kWarps - 1) / kWarps : 0;
-  const size_t row_bytes = kInt4 ? K / 2 : K;
+  const size_t row_bytes = K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
   uint4* x_hi = reinterpret_cast<uint4*>(smem + K * 4);
@@ -194,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     float v[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
-    split_pack<kInt4>(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+    split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
   }
   __syncthreads();
 
@@ -209,21 +208,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       const uint4 bx = xb[l * 4];
-      if constexpr (kInt4) {  // word l: two k-steps
-        uint32_t lo[4], hi[4];
-        unpack_int4((&w_lo[j].x)[l], lo);
-        unpack_int4((&w_hi[j].x)[l], hi);
-        mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
-        mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
-      } else {  // words 2l and 2l + 1: one k-step each
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          uint32_t lo01, lo23, hi01, hi23;
-          unpack_int8((&w_lo[j].x)[2 * l + s], lo01, lo23);
-          unpack_int8((&w_hi[j].x)[2 * l + s], hi01, hi23);
-          mma_16816(pa, lo01, hi01, lo23, hi23, s ? bx.z : bx.x, s ? bx.w : bx.y);
-        }
-      }
+      uint32_t lo[4], hi[4];  // word l: two k-steps
+      unpack_int4((&w_lo[j].x)[l], lo);
+      unpack_int4((&w_hi[j].x)[l], hi);
+      mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
+      mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
     }
     const float s_lo = __uint_as_float(sc_lo[j] << 16), s_hi = __uint_as_float(sc_hi[j] << 16);
     acc[0] = fmaf(s_lo, pa[0], acc[0]);
@@ -281,9 +270,9 @@ int smem_limit() {
   return limit;
 }
 
-template <bool kInt4, bool kPairs, typename NormW>
+template <bool kPairs, typename NormW>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kInt4, kPairs, NormW>;
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, NormW>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -293,21 +282,20 @@ void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsign
   launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
 }
 
-template <bool kInt4, bool kPairs>
+template <bool kPairs>
 void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
-  if (!norm) launch<kInt4, kPairs, void>(ctx, p, AddRmsNormInput{}, grid, smem);
-  else if (norm->weight_bf16) launch<kInt4, kPairs, __nv_bfloat16>(ctx, p, *norm, grid, smem);
-  else launch<kInt4, kPairs, float>(ctx, p, *norm, grid, smem);
+  if (!norm) launch<kPairs, void>(ctx, p, AddRmsNormInput{}, grid, smem);
+  else if (norm->weight_bf16) launch<kPairs, __nv_bfloat16>(ctx, p, *norm, grid, smem);
+  else launch<kPairs, float>(ctx, p, *norm, grid, smem);
 }
 
 }  // namespace
 
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                         int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm) {
-  const bool int4 = w_dtype == DType::I4;
-  if (!(int4 || w_dtype == DType::I8)) return false;
+  if (w_dtype != DType::I4) return false;
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const int cols = int4 ? 128 : 64;
+  constexpr int cols = 128;  // a chunk
   if (N <= 0 || K <= 0 || K % cols != 0 || K > kMaxK || !scales || group <= 0 || K % group != 0 ||
       group % cols != 0 || (pairs && N > INT32_MAX / 2) || !aligned(x) || !aligned(w) || sms <= 0)
     return false;
@@ -324,10 +312,8 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset};
   const int smem = static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (int4 && pairs) launch_norm<true, true>(ctx, p, norm, g, smem);
-  else if (int4) launch_norm<true, false>(ctx, p, norm, g, smem);
-  else if (pairs) launch_norm<false, true>(ctx, p, norm, g, smem);
-  else launch_norm<false, false>(ctx, p, norm, g, smem);
+  if (pairs) launch_norm<true>(ctx, p, norm, g, smem);
+  else launch_norm<false>(ctx, p, norm, g, smem);
   return true;
 }
 

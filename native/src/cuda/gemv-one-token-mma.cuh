@@ -1,7 +1,7 @@
-// weft::cuda::gemv_one_token_mma: y [1, N] f32 = x [1, K] f32 @ dequant(w) [N, K]^T for one token, int4 or int8
-// weights (gemv.cuh QuantMatrix's layout, no repack) dequantized in registers and multiplied on the tensor cores
-// (gemv-one-token-mma.cu). gemv_one_token's first choice for quantized weights; it also takes the deferred
-// addRmsNorm (gemv-rows-tma.cuh AddRmsNormInput) and SwiGLU pairs, as gemv_rows_tma does.
+// weft::cuda::gemv_one_token_mma: y [1, N] f32 = x [1, K] f32 @ dequant(w) [N, K]^T for one token, int4 weights
+// (gemv.cuh QuantMatrix's layout, no repack) dequantized in registers and multiplied on the tensor cores
+// (gemv-one-token-mma.cu). gemv_one_token's first choice for int4; it also takes the deferred addRmsNorm
+// (gemv-rows-tma.cuh AddRmsNormInput) and SwiGLU pairs, as gemv_rows_tma does.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,8 +14,8 @@
 
 namespace weft::cuda {
 
-// False (nothing launched) where it does not take the call: not int4/int8, K not a multiple of a chunk (128 int4
-// or 64 int8 columns), a group that is not K or a power-of-two multiple of the chunk, x beyond shared memory
+// False (nothing launched) where it does not take the call: not int4, K not a multiple of a chunk (128 columns),
+// a group that is not K or a power-of-two multiple of the chunk, x beyond shared memory
 // (K > 16384) or beyond what a block may ask for on this GPU, a norm with K > 4096, misaligned pointers. sms: the
 // SM count (one block a SM). pairs: w is [2N, K] (gate rows, then up rows) and y[f] = silu(gate f) * up f.
 // Capturable (no allocation, no sync).

@@ -371,8 +371,7 @@ bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DT
 
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm) {
-  if (w_dtype == DType::I4 && gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm))
-    return true;
+  if (gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm)) return true;
   return gemv_rows_tma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm);
 }
 

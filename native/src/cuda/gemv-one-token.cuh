@@ -16,7 +16,7 @@ namespace weft::cuda {
 // Which kernel runs (gemv-one-token.cu). Weft: weft's choice (int4 in groups of 128 multiples on tensor cores,
 // gemv-one-token-mma.cu; bf16 rows of up to 8 KiB and other int4 rows gemv-rows-tma.cu's where it takes them, other
 // bf16 batched, int8 and other int4 streaming); Rows: the bulk-copy rows where they take the shape, then as Weft
-// without tensor cores; Mma: the tensor-core kernel alone (int8 too; false where it refuses). The others only for
+// without tensor cores; Mma: the tensor-core kernel alone (false where it refuses). The others only for
 // the benchmarks (bench/kernels/quant-bench.cu, gemv-layer-bench.cu), to compare.
 enum class OneTokenKernel { Weft, Batched, Streaming, Rows, Mma };
 struct OneTokenTuning {
@@ -42,8 +42,8 @@ bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DT
                                int group, float* y, int F, int K, const OneTokenTuning& tuning = OneTokenTuning{});
 
 // gemv_one_token (pairs: gemv_one_token_silu_pairs) of the deferred addRmsNorm's normed row (gemv-rows-tma.cuh
-// AddRmsNormInput; x is its residual row), on the kernels that make the norm themselves: quantized weights on
-// tensor cores (gemv-one-token-mma.cuh), else rows by bulk copies. False (nothing launched) where neither takes it.
+// AddRmsNormInput; x is its residual row), on the kernels that make the norm themselves: int4 on tensor cores
+// (gemv-one-token-mma.cuh), else rows by bulk copies. False (nothing launched) where neither takes it.
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm);
 
