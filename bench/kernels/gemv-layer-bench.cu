@@ -3,9 +3,10 @@
 // nothing stays in L2), launched with programmatic dependent launch and captured in one CUDA graph; the replay's
 // median per layer, beside the floor (bytes / measured read bandwidth), and each shape alone (32 launches of it).
 // Weights bf16, int8 (one scale a row) or int4 (groups of 128), random codes and scales; FORMAT@llama-3-8b takes
-// that model's shapes. Kernels: weft's choice
-// (gemv-rows-tma.cu where it takes the shape, else the register kernels), the batched (bf16) and the streaming
-// register kernels (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task). Each kernel's outputs of layer 0 are
+// that model's shapes. Kernels: weft's choice (int4 on tensor cores, gemv-one-token-mma.cu; bf16 on gemv-rows-tma.cu
+// where it takes the shape; else the register kernels), the batched (bf16) and the streaming register kernels
+// (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task), and for int8/int4 the bulk-copy rows where they take the
+// shape (int4's kernel before session 27). Each kernel's outputs of layer 0 are
 // checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
 // cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
 // streaming kernel in this file at d9916e1.
@@ -75,7 +76,9 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
 
   struct Kernel { std::string name; wc::OneTokenTuning tuning; };
   const auto tuned = [](wc::OneTokenKernel k, int rows) { wc::OneTokenTuning t; t.kernel = k; t.rows = rows; return t; };
-  std::vector<Kernel> kernels = {{quant ? "weft (tensor cores)" : "weft (bulk-copy rows where they take the shape)", wc::OneTokenTuning{}}};
+  const char* weft = dt == DType::I4 ? "weft (tensor cores)" : dt == DType::I8 ? "weft (streaming register)"
+                                                                : "weft (bulk-copy rows where they take the shape)";
+  std::vector<Kernel> kernels = {{weft, wc::OneTokenTuning{}}};
   if (!quant) kernels.push_back({"batched register", tuned(wc::OneTokenKernel::Batched, 0)});
   kernels.push_back({"streaming register, 2 rows", tuned(wc::OneTokenKernel::Streaming, 2)});
   kernels.push_back({"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)});
