@@ -1,7 +1,8 @@
 // gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4 GEMV on tensor cores, one block a SM.
 //   Why: the fp32 one-token kernels (gemv-one-token.cu, gemv-rows-tma.cu) spend ~6 instructions a weight (unpack,
 //   convert, FMA, addresses) and are bound by issue. Here two weights become an f16 pair with one lop3 and one f16x2
-//   op, and one mma.sync m16n8k16 takes 256 of them (~100 instructions a lane for 64 weights). The 1..16-token
+//   op, and one mma.sync m16n8k16 takes 256 of them (an estimated ~100 instructions a lane for 64 weights; the first
+//   form's SASS had 216, bench/RESULTS.md session 27). The 1..16-token
 //   tensor-core kernel (gemv-quant-mma.cu) gives each warp whole tiles, so at one token most of a block's warps idle
 //   on a layer's shapes and every block restages x; here each block stages x once and its warps split every tile's
 //   K between them.
@@ -15,15 +16,16 @@
 //   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
 //     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
 //     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
-//     ~22 bits where f16 alone keeps 11 (max relative error 3e-7 against the fp32 streaming kernel).
+//     ~22 bits where f16 alone keeps 11 (2.8-3.6e-7 of the largest output against the fp32 streaming kernel).
 //   - A warp's unit sums (fp32, scaled by the two rows' bf16 group scales) accumulate while it stays in one tile and
 //     go to shared memory when it leaves; the block then sums each row's 16 warp partials in warp order
 //     (deterministic, no atomics).
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows. int8 (one step a 16-byte word) took 82.8 here
-//   against the streaming kernel's 72.9 (session 27, bench/RESULTS.md), so this kernel is int4's alone. The same loads with no arithmetic take 39 us: a third of the gap to
-//   the floor is the load pattern (64 bytes of each of 8 rows a warp load; 512 contiguous bytes a load would take
-//   ~10% off, which needs the weights repacked), the rest the ~100 instructions a unit beside the loads.
+//   against the streaming kernel's 72.9 (session 27, bench/RESULTS.md), so this kernel is int4's alone. The same
+//   loads with no arithmetic take 39 us: most of the gap to the floor is the load pattern (64 bytes of each of 8
+//   rows a warp load; 512 contiguous bytes a load took ~10% off, timing only: it needs the weights repacked) and
+//   each kernel's fixed costs, the rest the arithmetic beside the loads.
 #include "cuda/gemv-one-token-mma.cuh"
 
 #include <cuda_bf16.h>
@@ -48,7 +50,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
-constexpr int kMaxNormK = 4096;       // add_rms_norm_row plays addRmsNorm's <= 1024 threads
 constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and hi + lo keep their precision
 constexpr size_t kMaxPartBytes = 64 * 1024;
 constexpr size_t kMaxSmemBytes = 200 * 1024;
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       m = fmaxf(m, abs_max4(v));
     }
   } else {
-    add_rms_norm_row<kThreads, kMaxNormK, NormW>(x4, norm, K, [&](int i, float4 o) {
+    add_rms_norm_row<kThreads, NormW>(x4, norm, K, [&](int i, float4 o) {
       xf4[i] = o;
       m = fmaxf(m, abs_max4(o));
     });
@@ -301,9 +302,7 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
     return false;
   const int group_shift = group == K ? 30 : log2_exact(group / cols);
   if (group_shift < 0) return false;
-  if (norm && (K > kMaxNormK || !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) &&
-                                  aligned(norm->weight))))
-    return false;
+  if (norm && !held_norm_takes(*norm, K)) return false;
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
   const int grid = std::min(n_tiles, sms);
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);

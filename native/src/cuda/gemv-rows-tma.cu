@@ -46,7 +46,6 @@ constexpr size_t kSmemBytes = 220 * 1024;
 // and copying early, took a layer from 64.4 to 89.5 us; 1-row stages, 6 deep, 68.9 (H200, gemv-layer-run.sh int4).
 constexpr size_t kQuantSmemBytes = 226 * 1024;
 constexpr int kMaxBf16RowBytes = 8 * 1024;  // bf16 K <= 4096 (longer rows lost to the register kernel, header)
-constexpr int kMaxNormK = 4096;             // stage_add_rms_norm plays addRmsNorm's <= 1024 threads
 
 // Stages x in shared memory as f32, sub-vector-major (gemv-weight-vectors.cuh): float4 i of x at xs4[(i % H) KV + i / H],
 // H float4s a weight vector.
@@ -60,7 +59,7 @@ __device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* x
 template <int kWarps, int H, typename W>
 __device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K) {
   const int KV = K / (4 * H);
-  add_rms_norm_row<kWarps * 32, kMaxNormK, W>(x4, norm, K, [&](int i, float4 o) { xs4[(i % H) * KV + i / H] = o; });
+  add_rms_norm_row<kWarps * 32, W>(x4, norm, K, [&](int i, float4 o) { xs4[(i % H) * KV + i / H] = o; });
 }
 
 // The kernel's shape beyond the template: weights w [N or 2N, K] in format F with bf16 scales [rows, n_groups]
@@ -271,9 +270,7 @@ bool gemv_rows_tma(const Ctx& ctx, const float* x, const void* w, DType w_dtype,
        group_shift < 0 || !scales || !aligned(scales)))
     return false;
   if (row_scale && !scales) return false;
-  if (norm && (K > kMaxNormK || !(aligned(norm->y) && aligned(norm->sum) && aligned(norm->normed) &&
-                                  aligned(norm->weight))))
-    return false;
+  if (norm && !held_norm_takes(*norm, K)) return false;
   // Rows a warp a stage (M): a stage of ~64 KiB of short quantized rows takes M rows a warp.
   int warps = bf16 ? kWarpsOf<Format::BF16> : kWarpsOf<Format::I4>;
   const size_t budget = bf16 ? kSmemBytes : kQuantSmemBytes;

@@ -34,15 +34,28 @@ __device__ __forceinline__ float4 normed4(float4 s, float inv_rms, float4 w) {
           __fmul_rn(__fmul_rn(s.z, inv_rms), w.z), __fmul_rn(__fmul_rn(s.w, inv_rms), w.w)};
 }
 
-// addRmsNorm's normed row of x and norm.y [K <= kMaxK] made inside a kernel of kThreads threads (the one-token GEMVs
-// that take a deferred addRmsNorm, gemv-rows-tma.cuh AddRmsNormInput): store(i, normed float4 i) for every i, and
-// this block's share of norm.sum and norm.normed written (float4 i where i % gridDim.x is the block). addRmsNorm's
-// kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu, K / 4 threads rounded up to a warp),
-// warp-sums their squares and then warp 0 sums the warps' sums; thread t here plays its threads t + kThreads j in
-// the same trees, so inv_rms and every normed value are that kernel's bits. Two block barriers; every thread calls it.
-template <int kThreads, int kMaxK, typename W, typename Norm, typename Store>
+// The longest row a kernel makes the deferred addRmsNorm's row for: addRmsNorm's own kernel runs one thread a float4,
+// at most 1024 threads, and add_rms_norm_row plays those threads' trees.
+constexpr int kHeldNormMaxK = 4096;
+
+// Whether a GEMV may take the deferred addRmsNorm norm (gemv-rows-tma.cuh AddRmsNormInput) for a row of K: K within
+// kHeldNormMaxK and its four vectors 16-byte aligned.
+template <typename Norm>
+inline bool held_norm_takes(const Norm& norm, int K) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return K <= kHeldNormMaxK && aligned(norm.y) && aligned(norm.sum) && aligned(norm.normed) && aligned(norm.weight);
+}
+
+// addRmsNorm's normed row of x and norm.y [K <= kHeldNormMaxK] made inside a kernel of kThreads threads (the one-token
+// GEMVs that take a deferred addRmsNorm, gemv-rows-tma.cuh AddRmsNormInput): store(i, normed float4 i) for every i,
+// and this block's share of norm.sum and norm.normed written (float4 i where i % gridDim.x is the block).
+// addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu, K / 4 threads rounded up to a
+// warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here plays its threads
+// t + kThreads j in the same trees, so inv_rms and every normed value are that kernel's bits. Two block barriers;
+// every thread calls it.
+template <int kThreads, typename W, typename Norm, typename Store>
 __device__ void add_rms_norm_row(const float4* __restrict__ x4, const Norm& norm, int K, Store&& store) {
-  constexpr int kWarps = kThreads / 32, kPlays = kMaxK / 4 / kThreads;
+  constexpr int kWarps = kThreads / 32, kPlays = kHeldNormMaxK / 4 / kThreads;
   static_assert(kWarps * kPlays <= 32, "warp 0 sums at most 32 warp sums");
   __shared__ double warp_sums[32];
   __shared__ float inv_rms;
