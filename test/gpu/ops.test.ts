@@ -345,6 +345,17 @@ test('a one-token addRmsNorm held for the GEMV that reads it equals the norm lau
   assertNear(sumPlusZero, get(cpu, ref.sum), 0, 'sum of a held norm read by add');
   assertNear(get(gpu, hs[1]!.normed), get(cpu, ref.normed), 1e-5, 'normed of the second norm (the first launched when the second was held)');
   gpu.endStep();
+  // a decode layer's end: the next norm held, its outputs named to releaseLayer (one row: nothing moves, the norm
+  // stays held), then the next layer's GEMV reads the normed row
+  const w = randoms(64 * H, -0.05, 0.05);
+  gpu.beginStep();
+  const mark = gpu.layerMark();
+  const h = gpu.addRmsNorm(f32(gpu, x, [1, H]), f32(gpu, y, [1, H]), bf16(gpu, nw, [H]), 1e-5);
+  const [sum, normed] = gpu.releaseLayer(mark, [h.sum, h.normed]);
+  const out = get(gpu, gpu.matmul(normed!, bf16(gpu, w, [64, H])));
+  assertNear(get(gpu, sum!), get(cpu, ref.sum), 0, 'sum of a norm held through releaseLayer');
+  assertNear(out, get(cpu, cpu.matmul(ref.normed, bf16(cpu, w, [64, H]))), 1e-5, 'the GEMV of a norm held through releaseLayer');
+  gpu.endStep();
 });
 
 test('logSoftmax, logprobs, greedy sample and sampleTensor equal the CPU', { skip }, () => {
