@@ -45,7 +45,7 @@ const program = new Command('bench-decode')
   .option('--tp <n>', 'run one rank\'s shard of a plan for n ranks on this GPU, all-reduces skipped (per-rank work of tensor or expert parallelism)', '1')
   .option('--rank <r>', 'with --tp: which rank\'s shard', '0')
   .option('--expert-parallel', 'with --tp: whole experts per rank (Mixtral)', false)
-  .option('--quantize <list>', 'weight formats to run, each model in turn: none (the preset dtype), int8 (per channel), int4', 'none')
+  .option('--quantize <list>', 'weight formats to run, each model in turn: none (the preset dtype), int8 (per channel), int4; +head quantizes the LM head too (int4+head)', 'none')
   .option('--group-size <n>', 'int4 columns per scale (int8 is per output channel)', '128')
   .option('--prefill-attention <mode>', 'attention of the prompt steps: exact, or quantized int8 / fp8 (core/prefill-attention.ts)', 'exact')
   .option('--attention <mode>', 'decode attention: dense, or sparq (SparQ, worker/models/sparq.ts; its state beside the cache)', 'dense')
@@ -64,7 +64,7 @@ const newTokens = Number(opts.newTokens);
 if (!['auto', 'f32', 'bf16', 'fp8', 'int8'].includes(opts.kvDtype)) program.error(`--kv-dtype must be auto, f32, bf16, fp8 or int8 (got ${opts.kvDtype})`);
 const kvDtype = resolveKvDtype(opts.kvDtype as KvDtypeOption, opts.device);
 const quantizations = list(opts.quantize);
-for (const q of quantizations) if (!['none', 'int8', 'int4'].includes(q)) program.error(`--quantize takes none, int8 and int4 (got ${q})`);
+for (const q of quantizations) if (!['none', 'int8', 'int4', 'int8+head', 'int4+head'].includes(q)) program.error(`--quantize takes none, int8, int4, int8+head and int4+head (got ${q})`);
 if (!['exact', 'int8', 'fp8'].includes(opts.prefillAttention)) program.error(`--prefill-attention must be exact, int8 or fp8 (got ${opts.prefillAttention})`);
 const prefillAttention = opts.prefillAttention as PrefillAttention;
 if (!['dense', 'sparq'].includes(opts.attention)) program.error(`--attention must be dense or sparq (got ${opts.attention})`);
@@ -106,8 +106,9 @@ const randomIds = (n: number, vocab: number): number[] => Array.from({ length: n
 for (const name of list(opts.models)) for (const quantize of quantizations) {
   const preset = presetSpec(name, opts.layers ? { num_hidden_layers: Number(opts.layers) } : {});
   // int8 per output channel, int4 in groups (gpt-fast's choices); random codes, as the dense path has random weights
-  const spec = quantize === 'none' ? preset : withQuantizeAtLoad(preset, quantize as 'int8' | 'int4', quantize === 'int4' ? opts.groupSize : 'channel');
-  const weights = quantize === 'none' ? spec.dtype : quantize === 'int4' ? `int4-g${opts.groupSize}` : 'int8';
+  const [kind, head] = quantize.split('+') as ['none' | 'int8' | 'int4', 'head' | undefined];
+  const spec = kind === 'none' ? preset : withQuantizeAtLoad(preset, kind, kind === 'int4' ? opts.groupSize : 'channel', head === 'head');
+  const weights = kind === 'none' ? spec.dtype : (kind === 'int4' ? `int4-g${opts.groupSize}` : 'int8') + (head ? '+head' : '');
   const plan = planShards(spec, tp, { expertParallel: opts.expertParallel });
   const label = (tp > 1 ? `${name} tp${tp}${opts.expertParallel ? '-ep' : ''} r${rank}` : name) + (quantize === 'none' ? '' : ` ${weights}`) + (prefillAttention === 'exact' ? '' : ` prefill ${prefillAttention}`) + (sparq ? ` sparq r${sparq.r} k${sparq.k}` : '') + (kvBlockSize === undefined ? '' : ` blocks ${kvBlockSize}`);
   const maxBatch = Math.max(...batches);

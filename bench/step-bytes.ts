@@ -27,8 +27,8 @@ export function stepBytes(spec: ModelSpec, plan: ShardPlan, rank: number, kvElem
   // quantized projections: their values and scales (storedBytes); dense tensors at the checkpoint's dtype
   const tensorBytes = (t: ShardTensor): number => (t.format.kind === 'dense' ? t.shape.reduce((a, b) => a * b, 1) * elementBytes : storedBytes(t.format, t.shape, t.name));
   const layout = shardLayout(spec, plan, rank);
-  const weightBytes = layout.filter((t) => t.name !== 'embed' && t.aliasOf === null).reduce((sum, t) => sum + tensorBytes(t), 0)
-    + (spec.tieWordEmbeddings ? spec.vocabSize * spec.hidden * elementBytes : 0);
+  // the LM head counted once, by its own rows, whether or not it aliases the embedding
+  const weightBytes = layout.filter((t) => t.name !== 'embed').reduce((sum, t) => sum + tensorBytes(t), 0);
   const expertBytes = layout.filter((t) => t.name.includes('.experts.')).reduce((sum, t) => sum + tensorBytes(t), 0);
   // Mixtral reads only the experts its router picks: nExpertsPerToken of nExperts per layer and token
   // (batch 1; a batch reads the union of its rows' choices, at most all of them).

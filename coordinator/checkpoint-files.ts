@@ -17,6 +17,8 @@ export interface QuantizeOptions {
   /** a dense checkpoint's columns per scale ('32' from the command line; 'channel': one scale per output row); a
    * GPTQ/AWQ one keeps its own */
   readonly groupSize: number | string;
+  /** the LM head quantized too (`--quantize-lm-head`); a dense checkpoint's only */
+  readonly quantizeLmHead?: boolean;
 }
 
 export interface QuantizeSummary {
@@ -29,8 +31,9 @@ export interface QuantizeSummary {
 }
 
 /** config.json's `quantization` block (core/model-spec.ts reads it) for a format. */
-export function quantizationBlock(format: QuantizedFormat): Record<string, unknown> {
-  return { format: format.kind, bits: format.kind === 'int8' ? 8 : 4, group_size: format.groupSize === 'channel' ? -1 : format.groupSize, scales_dtype: 'bfloat16' };
+export function quantizationBlock(format: QuantizedFormat, lmHead = false): Record<string, unknown> {
+  const block = { format: format.kind, bits: format.kind === 'int8' ? 8 : 4, group_size: format.groupSize === 'channel' ? -1 : format.groupSize, scales_dtype: 'bfloat16' };
+  return lmHead ? { ...block, lm_head: true } : block;
 }
 
 /**
@@ -47,6 +50,7 @@ export async function finishCheckpoint(modelDir: string, out: string, quantizati
   const config = JSON.parse(await readFile(path.join(modelDir, 'config.json'), 'utf8')) as Record<string, unknown>;
   delete config.quantization_config;
   config.quantization = quantization;
+  if (quantization.lm_head === true) config.tie_word_embeddings = false;  // the quantized head is lm_head.weight, its own tensor
   await writeFile(path.join(out, 'config.json'), JSON.stringify(config, null, 2) + '\n');
   if (existsSync(path.join(modelDir, INDEX_FILE))) {
     const index = JSON.parse(await readFile(path.join(modelDir, INDEX_FILE), 'utf8')) as { metadata?: Record<string, unknown>; weight_map: Record<string, string> };

@@ -32,7 +32,7 @@ export interface ClusterPlan {
 
 /** Read and check everything `options` names; throws the first problem found. */
 export function planCluster(options: ClusterSettings): ClusterPlan {
-  const spec = withQuantizeAtLoad(readModelSpec(options.modelDir), options.quantize, options.groupSize);
+  const spec = withQuantizeAtLoad(readModelSpec(options.modelDir), options.quantize, options.groupSize, options.quantizeLmHead);
   const { tp, device, kvSlots, threads } = options;
   const plan = planShards(spec, tp, { expertParallel: options.expertParallel });
   const tokenizer = loadTokenizer(options.modelDir);

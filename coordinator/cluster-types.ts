@@ -47,6 +47,8 @@ export interface ClusterOptions {
   readonly quantize?: 'int8' | 'int4';
   /** With quantize: input columns per scale ('128', or 'channel': one per output row); 128 for int4, channel for int8. */
   readonly groupSize?: string;
+  /** With quantize: the LM head quantized too, in the projections' format. Defaults to false (dense, as GPTQ/AWQ keep it). */
+  readonly quantizeLmHead?: boolean;
   /** Cap on the context length (KV cache size per sequence); the model's own is used when smaller. */
   readonly maxContext?: number;
   /** How cuda ranks combine tensors: 'auto' (the default: NCCL with a GPU per rank, else shared-gpu), 'nccl' or 'shared-gpu' (several ranks on one GPU). */

@@ -160,7 +160,7 @@ export function parseModelConfig(
     eosTokenIds: readEos(f),
   };
   // absent for a dense checkpoint (the spec of every model weft read before quantization is unchanged)
-  const quantization = readQuantization(f, projectionWidths(spec));
+  const quantization = readQuantization(f, projectionWidths(spec), spec.tieWordEmbeddings);
   if (quantization !== null) return { ...spec, quantization };
   return spec;
 }
@@ -246,10 +246,11 @@ function readDType(f: Fields, stored: (() => WeightDType | undefined) | undefine
 
 /**
  * The `quantization` block weft writes (`weft quantize`): {"format": "int8" | "int4", "bits": 8 | 4, "group_size":
- * 32 | 64 | 128 | 256, or -1 for one scale per output channel, "scales_dtype": "bfloat16"}. Null when absent.
- * `widths` are the projections' input widths, which the group size must divide.
+ * 32 | 64 | 128 | 256, or -1 for one scale per output channel, "scales_dtype": "bfloat16", "lm_head": true when the LM
+ * head is quantized too (optional)}. Null when absent. `widths` are the projections' input widths, which the group
+ * size must divide.
  */
-function readQuantization(f: Fields, widths: Record<string, number>): WeightQuantization | null {
+function readQuantization(f: Fields, widths: Record<string, number>, tied: boolean): WeightQuantization | null {
   const block = f.optional('quantization');
   const packedBlock = f.optional('quantization_config');
   if (packedBlock !== undefined) {
@@ -275,7 +276,10 @@ function readQuantization(f: Fields, widths: Record<string, number>): WeightQuan
   }
   const scales = q.optional('scales_dtype') ?? 'bfloat16';
   if (scales !== 'bfloat16') q.unsupported(`field "quantization.scales_dtype" ${describe(scales)} is not supported (bfloat16 only)`);
-  const quantization: WeightQuantization = { kind, groupSize: group === -1 ? 'channel' : (group as number), atLoad: false };
+  const lmHead = q.optional('lm_head') === undefined ? false : q.bool('lm_head');
+  // a quantized head is a tensor of its own (lm_head.weight and its scales): weft quantize unties it
+  if (lmHead && tied) q.bad('field "quantization.lm_head" is true but tie_word_embeddings is true: a quantized LM head is stored as lm_head.weight, untied');
+  const quantization: WeightQuantization = { kind, groupSize: group === -1 ? 'channel' : (group as number), atLoad: false, ...(lmHead ? { lmHead } : {}) };
   const problem = quantizationProblem(quantization, widths);
   if (problem !== null) q.bad(problem);
   return quantization;
@@ -292,14 +296,18 @@ function quantizationProblem(q: Pick<WeightQuantization, 'kind' | 'groupSize'>, 
 }
 
 /**
- * The spec of a dense checkpoint whose projections each rank quantizes as it loads them (`--quantize`); `kind`
- * undefined leaves it as it is. Refused (WEFT_BAD_MODEL) for a checkpoint already quantized, or a group size the
- * projections' widths do not divide.
+ * The spec of a dense checkpoint whose projections (and, with `lmHead`, its LM head) each rank quantizes as it loads
+ * them (`--quantize`, `--quantize-lm-head`); `kind` undefined leaves it as it is. Refused (WEFT_BAD_MODEL) for a
+ * checkpoint already quantized, a group size the projections' widths do not divide, or `lmHead` alone.
  */
-export function withQuantizeAtLoad(spec: ModelSpec, kind: WeightQuantization['kind'] | undefined, groupSize: string | number = kind === 'int4' ? 128 : 'channel'): ModelSpec {
-  if (kind === undefined) return spec;
+export function withQuantizeAtLoad(spec: ModelSpec, kind: WeightQuantization['kind'] | undefined, groupSize: string | number = kind === 'int4' ? 128 : 'channel', lmHead = false): ModelSpec {
+  if (kind === undefined) {
+    if (lmHead) throw new WeftError('WEFT_BAD_MODEL', '--quantize-lm-head quantizes the LM head in the format --quantize int8|int4 gives the projections; --quantize is not set');
+    return spec;
+  }
   if (spec.quantization) throw new WeftError('WEFT_BAD_MODEL', `--quantize ${kind}: the checkpoint is already quantized (${spec.quantization.kind}); load it without --quantize`);
-  const quantization: WeightQuantization = { kind, groupSize: groupSize === 'channel' ? 'channel' : Number(groupSize), atLoad: true };
+  // the head's K is the hidden size, which projectionWidths already holds to the group size
+  const quantization: WeightQuantization = { kind, groupSize: groupSize === 'channel' ? 'channel' : Number(groupSize), atLoad: true, ...(lmHead ? { lmHead } : {}) };
   const problem = quantizationProblem(quantization, projectionWidths(spec));
   if (problem !== null) throw new WeftError('WEFT_BAD_MODEL', `--quantize ${kind} --group-size ${groupSize}: ${problem}`);
   return { ...spec, quantization };

@@ -38,6 +38,12 @@ export interface WeightQuantization {
   readonly kind: 'int8' | 'int4';
   readonly groupSize: number | 'channel';
   readonly atLoad: boolean;
+  /**
+   * The LM head in the projections' format too (config.json's `quantization.lm_head`, or `--quantize-lm-head`), as
+   * gpt-fast quantizes it: at one token it is the largest single read of a step (Llama-3-8B's 128256 x 4096 bf16
+   * rows are 1.05 GB). Absent or false: dense, as GPTQ/AWQ checkpoints keep it.
+   */
+  readonly lmHead?: boolean;
   /** A GPTQ/AWQ checkpoint (config.json's quantization_config): its packed tensors become `kind` as each rank loads them */
   readonly packed?: PackedInt4Config;
 }

@@ -117,6 +117,10 @@ export const OPTIONS = {
     flag: '--quantize', arg: 'int8|int4', type: oneOf('int8', 'int4'), env: 'WEFT_QUANTIZE', uses: [...CLUSTER, 'launch'],
     help: "quantize a dense checkpoint's projections as each rank loads them (weight-only; see weft quantize to write one)",
   },
+  quantizeLmHead: {
+    flag: '--quantize-lm-head', arg: 'true|false', type: flag, env: 'WEFT_QUANTIZE_LM_HEAD', default: false, uses: [...CLUSTER, 'launch', 'quantize'],
+    help: "quantize the LM head too, in the projections' format (gpt-fast does; GPTQ/AWQ keep it dense): with --quantize as each rank loads, or in the checkpoint weft quantize writes (a tied head becomes lm_head.weight)",
+  },
   format: {
     flag: '--format', arg: 'int8|int4', type: oneOf('int8', 'int4'), uses: ['quantize'],
     help: "weight-only quantization to write (required for a dense checkpoint; a GPTQ/AWQ one converts to int4 if symmetric, else int8)",

@@ -36,22 +36,24 @@ async function scoreAll(options: ClusterOptions, prompts: number[][]): Promise<{
 }
 
 const wide = process.env.WEFT_WIDE_FIXTURE;
-const cases: { name: string; dir: string; quantize: 'int8' | 'int4'; groupSize: string; tp: number }[] = [
+const cases: { name: string; dir: string; quantize: 'int8' | 'int4'; groupSize: string; tp: number; quantizeLmHead?: boolean }[] = [
   { name: 'llama-tiny', dir: fixtureDir('llama-tiny'), quantize: 'int8', groupSize: 'channel', tp: 1 },
   { name: 'llama-tiny', dir: fixtureDir('llama-tiny'), quantize: 'int4', groupSize: '4', tp: 1 },
   { name: 'llama3-tiny', dir: fixtureDir('llama3-tiny'), quantize: 'int4', groupSize: '16', tp: 1 },
+  { name: 'llama3-tiny', dir: fixtureDir('llama3-tiny'), quantize: 'int4', groupSize: '16', tp: 1, quantizeLmHead: true },
   { name: 'mixtral-tiny', dir: fixtureDir('mixtral-tiny'), quantize: 'int8', groupSize: 'channel', tp: 1 },
   { name: 'mixtral-tiny', dir: fixtureDir('mixtral-tiny'), quantize: 'int4', groupSize: '8', tp: 1 },
   ...(wide ? ([
     { name: 'wide', dir: wide, quantize: 'int8', groupSize: 'channel', tp: 1 },
     { name: 'wide', dir: wide, quantize: 'int4', groupSize: '128', tp: 1 },
+    { name: 'wide', dir: wide, quantize: 'int4', groupSize: '128', tp: 1, quantizeLmHead: true },
   ] as const) : []),
 ];
 
 for (const c of cases) {
-  test(`${c.name} ${c.quantize} (groups of ${c.groupSize}) on CUDA: log-probs within ${TOLERANCE} of the CPU's`, { skip }, async (t) => {
+  test(`${c.name} ${c.quantize} (groups of ${c.groupSize}${c.quantizeLmHead ? ', LM head too' : ''}) on CUDA: log-probs within ${TOLERANCE} of the CPU's`, { skip }, async (t) => {
     const prompts = readReference(c.name === 'wide' ? c.dir : c.name).prompts;
-    const common = { modelDir: c.dir, tp: c.tp, quantize: c.quantize, groupSize: c.groupSize } as const;
+    const common = { modelDir: c.dir, tp: c.tp, quantize: c.quantize, groupSize: c.groupSize, quantizeLmHead: c.quantizeLmHead ?? false } as const;
     const cpu = await scoreAll({ ...common, device: 'cpu' }, prompts);
     const gpu = await scoreAll({ ...common, device: 'cuda' }, prompts);
     gpu.logprobs.forEach((rows, p) => {

@@ -62,12 +62,14 @@ const CASES = [
   { model: 'llama-tiny', format: 'int4', groupSize: 4, tps: [1, 2, 4] },
   { model: 'llama3-tiny', format: 'int4', groupSize: 16, tps: [2] },
   { model: 'mixtral-tiny', format: 'int4', groupSize: 8, tps: [1, 2], expertParallel: true },
+  { model: 'llama3-tiny', format: 'int4', groupSize: 16, tps: [1, 2], quantizeLmHead: true }, // tied: lm_head.weight written
 ] as const;
 
 for (const c of CASES) {
-  test(`${c.model} ${c.format} (groups of ${c.groupSize}) at tp ${c.tps.join('/')}: log-probs equal the dequantized dense model's`, async (t) => {
-    const quantized = path.join(tmp, `${c.model}-${c.format}-${c.groupSize}`);
-    await quantizeCheckpoint({ modelDir: fixtureDir(c.model), out: quantized, format: c.format, groupSize: c.groupSize });
+  const head = 'quantizeLmHead' in c;
+  test(`${c.model} ${c.format} (groups of ${c.groupSize}${head ? ', LM head too' : ''}) at tp ${c.tps.join('/')}: log-probs equal the dequantized dense model's`, async (t) => {
+    const quantized = path.join(tmp, `${c.model}-${c.format}-${c.groupSize}${head ? '-head' : ''}`);
+    await quantizeCheckpoint({ modelDir: fixtureDir(c.model), out: quantized, format: c.format, groupSize: c.groupSize, quantizeLmHead: head });
     const reference = dequantizedCopy(quantized);
     const prompts = readReference(c.model).prompts.slice(0, 1);
     const original = await run({ modelDir: fixtureDir(c.model), tp: 1 }, prompts);
@@ -96,4 +98,15 @@ test('--quantize at load equals the checkpoint weft quantize writes (int4 groups
   const stored = await run({ modelDir: quantized, tp: 2 }, prompts);
   const atLoad = await run({ modelDir: fixtureDir('llama-tiny'), tp: 2, quantize: 'int4', groupSize: '4' }, prompts);
   assert.deepEqual(atLoad.logprobs, stored.logprobs);
+});
+
+test('--quantize --quantize-lm-head at load equals the checkpoint weft quantize --quantize-lm-head writes (a tied head, tp 2)', async () => {
+  const quantized = path.join(tmp, 'llama3-tiny-head-at-load');
+  await quantizeCheckpoint({ modelDir: fixtureDir('llama3-tiny'), out: quantized, format: 'int4', groupSize: 16, quantizeLmHead: true });
+  const prompts = readReference('llama3-tiny').prompts.slice(0, 1);
+  const stored = await run({ modelDir: quantized, tp: 2 }, prompts);
+  const atLoad = await run({ modelDir: fixtureDir('llama3-tiny'), tp: 2, quantize: 'int4', groupSize: '16', quantizeLmHead: true }, prompts);
+  const denseHead = await run({ modelDir: fixtureDir('llama3-tiny'), tp: 2, quantize: 'int4', groupSize: '16' }, prompts);
+  assert.deepEqual(atLoad.logprobs, stored.logprobs);
+  assert.notDeepEqual(atLoad.logprobs, denseHead.logprobs, 'the head quantized changes the log-probs');
 });

@@ -123,6 +123,58 @@ describe('weft quantize and the loader', () => {
   });
 });
 
+describe('the LM head quantized too (--quantize-lm-head)', () => {
+  // llama3-tiny ties its LM head to the embedding; llama-tiny stores lm_head.weight
+  let tiedDir = '';
+  let untiedDir = '';
+  before(async () => {
+    tiedDir = path.join(tmp, 'llama3-int4-head');
+    untiedDir = path.join(tmp, 'llama-int8-head');
+    await quantizeCheckpoint({ modelDir: fixtureDir('llama3-tiny'), out: tiedDir, format: 'int4', groupSize: 16, quantizeLmHead: true });
+    await quantizeCheckpoint({ modelDir: fixtureDir('llama-tiny'), out: untiedDir, format: 'int8', groupSize: 'channel', quantizeLmHead: true });
+  });
+
+  it('weft quantize writes the head as lm_head.weight with scales; a tied one is untied, its embedding kept dense', () => {
+    const tied = new Map(readTensors(path.join(tiedDir, 'model.safetensors')).map((t) => [t.name, t]));
+    const embed = tied.get('model.embed_tokens.weight')!;
+    const [vocab, hidden] = embed.shape as [number, number];
+    assert.deepEqual([tied.get('lm_head.weight')!.dtype, tied.get('lm_head.weight')!.shape], ['U8', [vocab, hidden / 2]]);
+    assert.deepEqual(tied.get('lm_head.scales')!.shape, [vocab, hidden / 16]);
+    assert.notEqual(embed.dtype, 'U8');
+    const config = JSON.parse(readFileSync(path.join(tiedDir, 'config.json'), 'utf8')) as { tie_word_embeddings: boolean; quantization: Record<string, unknown> };
+    assert.equal(config.tie_word_embeddings, false);
+    assert.equal(config.quantization.lm_head, true);
+    assert.deepEqual(readModelSpec(tiedDir).quantization, { kind: 'int4', groupSize: 16, atLoad: false, lmHead: true });
+    const untied = new Map(readTensors(path.join(untiedDir, 'model.safetensors')).map((t) => [t.name, t]));
+    assert.equal(untied.get('lm_head.weight')!.dtype, 'I8');
+    assert.deepEqual(untied.get('lm_head.scales')!.shape, [untied.get('lm_head.weight')!.shape[0], 1]);
+  });
+
+  it('each rank holds its vocab rows of the quantized head; at load they are the bytes weft quantize writes, tied or not', async () => {
+    for (const [source, dir, kind, group] of [['llama3-tiny', tiedDir, 'int4', 16], ['llama-tiny', untiedDir, 'int8', 'channel']] as const) {
+      const atLoadSpec = withQuantizeAtLoad(readModelSpec(fixtureDir(source)), kind, group, true);
+      const offline = readModelSpec(dir);
+      for (const rank of [0, 1]) {
+        const atLoad = (await loadShard(fixtureDir(source), atLoadSpec, planShards(atLoadSpec, 2), rank)).get('lmHead')!;
+        const stored = (await loadShard(dir, offline, planShards(offline, 2), rank)).get('lmHead')!;
+        assert.equal(stored.format.kind, kind, `${source} rank ${rank}`);
+        assert.deepEqual(atLoad.format, stored.format);
+        assert.ok(Buffer.from(atLoad.data).equals(Buffer.from(stored.data)), `${source} rank ${rank} values`);
+        assert.ok(Buffer.from(atLoad.scales!).equals(Buffer.from(stored.scales!)), `${source} rank ${rank} scales`);
+      }
+    }
+  });
+
+  it('refusals: --quantize-lm-head without --quantize, and a checkpoint whose quantized head claims to be tied', () => {
+    assert.throws(() => withQuantizeAtLoad(readModelSpec(fixtureDir('llama-tiny')), undefined, undefined, true), weftError('WEFT_BAD_MODEL', /--quantize-lm-head .*--quantize is not set/));
+    const dir = path.join(tmp, 'tied-quantized-head');
+    mkdirSync(dir);
+    const config = JSON.parse(readFileSync(path.join(tiedDir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ ...config, tie_word_embeddings: true }));
+    assert.throws(() => readModelSpec(dir), weftError('WEFT_BAD_MODEL', /quantization\.lm_head" is true but tie_word_embeddings is true/));
+  });
+});
+
 describe('refusals (of the int4 checkpoint written above)', () => {
   const source = () => readTensors(path.join(tmp, 'llama-int4-g4', 'model.safetensors'));
   const config = () => JSON.parse(readFileSync(path.join(tmp, 'llama-int4-g4', 'config.json'), 'utf8')) as Record<string, unknown>;

@@ -16,9 +16,9 @@ import type { Tensor } from './ops.ts';
 export interface LayoutContext {
   readonly spec: ModelSpec;
   readonly shard: RankShard;
-  /** projection matrices (q/k/v/o, MLP, experts): the tensors a quantized checkpoint would quantize */
+  /** projection matrices (q/k/v/o, MLP, experts; the LM head with quantization.lmHead): what a quantized checkpoint quantizes */
   readonly matrixFormat: WeightFormat;
-  /** embedding, LM head, norms, router: dense in every checkpoint weft reads */
+  /** embedding, norms, router, and the LM head unless quantization.lmHead: dense in every checkpoint weft reads */
   readonly denseFormat: WeightFormat;
 }
 

@@ -8,17 +8,21 @@ import { defineFamily, perLayer, type LayoutContext } from './family.ts';
 import { denseFeedForward, type AttentionWeights, type DenseFeedForward } from './llama.ts';
 import type { Tensor } from './ops.ts';
 
-/** embed, norm, lmHead: the vocab rows of this rank (a tied LM head is the embedding's bytes). */
-export function embeddingTensors({ spec, shard, denseFormat }: LayoutContext): ShardTensor[] {
+/**
+ * embed, norm, lmHead: the vocab rows of this rank. A tied LM head is the embedding's bytes; a quantized one
+ * (quantization.lmHead) takes the projections' format, and when tied (quantized at load) reads the embedding's rows.
+ */
+export function embeddingTensors({ spec, shard, matrixFormat, denseFormat }: LayoutContext): ShardTensor[] {
   const { hidden, vocabSize } = spec;
   const vocabRows = len(shard.vocab);
   const embedRows = rows('model.embed_tokens.weight', [vocabSize, hidden], shard.vocab);
+  const quantizedHead = spec.quantization?.lmHead === true;
+  const headRows = spec.tieWordEmbeddings ? embedRows : rows('lm_head.weight', [vocabSize, hidden], shard.vocab);
+  const lmHead = tensor('lmHead', [vocabRows, hidden], quantizedHead ? matrixFormat : denseFormat, [headRows]);
   return [
     tensor('embed', [vocabRows, hidden], denseFormat, [embedRows]),
     tensor('norm', [hidden], denseFormat, [whole('model.norm.weight', [hidden])]),
-    spec.tieWordEmbeddings
-      ? { ...tensor('lmHead', [vocabRows, hidden], denseFormat, [embedRows]), aliasOf: 'embed' }
-      : tensor('lmHead', [vocabRows, hidden], denseFormat, [rows('lm_head.weight', [vocabSize, hidden], shard.vocab)]),
+    spec.tieWordEmbeddings && !quantizedHead ? { ...lmHead, aliasOf: 'embed' } : lmHead,
   ];
 }
 
