@@ -159,6 +159,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
 #pragma unroll
   for (int j = 0; j < kDepth; ++j) load(j);  // the weights do not depend on the kernel before
 
+  HeldNormWeight<kThreads, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
+  if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
+
   for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
   for (int i = threadIdx.x; i < n_tiles * kWarps * 16; i += kThreads) part[i] = 0.f;  // warps that skip a tile
   if (threadIdx.x == 0) x_absmax = 0u;
@@ -176,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       m = fmaxf(m, abs_max4(v));
     }
   } else {
-    add_rms_norm_row<kThreads, NormW>(x4, norm, K, [&](int i, float4 o) {
+    add_rms_norm_row<kThreads, NormW>(x4, norm, K, norm_weight, [&](int i, float4 o) {
       xf4[i] = o;
       m = fmaxf(m, abs_max4(o));
     });

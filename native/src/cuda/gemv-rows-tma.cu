@@ -57,9 +57,10 @@ __device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* x
 
 // Stages addRmsNorm's normed row of x and norm.y instead (rms-norm.cuh add_rms_norm_row), sub-vector-major.
 template <int kWarps, int H, typename W>
-__device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K) {
+__device__ void stage_add_rms_norm(const float4* __restrict__ x4, const AddRmsNormInput& norm, float4* xs4, int K,
+                                   const HeldNormWeight<kWarps * 32, W>& weight) {
   const int KV = K / (4 * H);
-  add_rms_norm_row<kWarps * 32, W>(x4, norm, K, [&](int i, float4 o) { xs4[(i % H) * KV + i / H] = o; });
+  add_rms_norm_row<kWarps * 32, W>(x4, norm, K, weight, [&](int i, float4 o) { xs4[(i % H) * KV + i / H] = o; });
 }
 
 // The kernel's shape beyond the template: weights w [N or 2N, K] in format F with bf16 scales [rows, n_groups]
@@ -112,11 +113,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     mbar_init_fence();
     for (int it = 0; it < min(p.stages, n_stages); ++it) issue(it);
   }
+  HeldNormWeight<kWarps * 32, __nv_bfloat16> norm_bf16;  // the held norm's weight, read before the wait
+  HeldNormWeight<kWarps * 32, float> norm_f32;
+  if (norm.y && norm.weight_bf16) norm_bf16.load(norm, K);
+  else if (norm.y) norm_f32.load(norm, K);
   pdl_wait();  // x (or norm.y) comes from the kernel before
   const float4* x4 = reinterpret_cast<const float4*>(x);
   if (!norm.y) stage_x<H>(x4, xs4, K);
-  else if (norm.weight_bf16) stage_add_rms_norm<kWarps, H, __nv_bfloat16>(x4, norm, xs4, K);
-  else stage_add_rms_norm<kWarps, H, float>(x4, norm, xs4, K);
+  else if (norm.weight_bf16) stage_add_rms_norm<kWarps, H>(x4, norm, xs4, K, norm_bf16);
+  else stage_add_rms_norm<kWarps, H>(x4, norm, xs4, K, norm_f32);
   __syncthreads();  // x staged; the barriers' init seen by every thread
   for (int it = 0; it < n_stages; ++it) {
     const int s = it % p.stages, first_out = it * kOuts, n = min(kOuts, outs - first_out);

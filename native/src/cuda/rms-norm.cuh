@@ -46,19 +46,37 @@ inline bool held_norm_takes(const Norm& norm, int K) {
   return K <= kHeldNormMaxK && aligned(norm.y) && aligned(norm.sum) && aligned(norm.normed) && aligned(norm.weight);
 }
 
+// The norm weight's float4s that thread t of kThreads plays in add_rms_norm_row (t + kThreads j), read before the
+// kernel waits for the one before: the weight is a model tensor, which no kernel writes (common.cuh), so its round
+// trip overlaps that wait instead of following the sum of squares.
+template <int kThreads, typename W>
+struct HeldNormWeight {
+  static constexpr int kPlays = kHeldNormMaxK / 4 / kThreads;
+  float4 v[kPlays];
+  template <typename Norm>
+  __device__ __forceinline__ void load(const Norm& norm, int K) {
+#pragma unroll
+    for (int j = 0; j < kPlays; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      if (i < K / 4) v[j] = Load4<W>::at(static_cast<const W*>(norm.weight), i);
+    }
+  }
+};
+
 // addRmsNorm's normed row of x and norm.y [K <= kHeldNormMaxK] made inside a kernel of kThreads threads (the one-token
-// GEMVs that take a deferred addRmsNorm, gemv-rows-tma.cuh AddRmsNormInput): store(i, normed float4 i) for every i,
-// and this block's share of norm.sum and norm.normed written (float4 i where i % gridDim.x is the block).
-// addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu, K / 4 threads rounded up to a
-// warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here plays its threads
-// t + kThreads j in the same trees, so inv_rms and every normed value are that kernel's bits. Two block barriers;
-// every thread calls it.
+// GEMVs that take a deferred addRmsNorm, gemv-rows-tma.cuh AddRmsNormInput), with the weight already loaded:
+// store(i, normed float4 i) for every i, and this block's share of norm.sum and norm.normed written (float4 i where
+// i % gridDim.x is the block). addRmsNorm's kernel for a row of K <= 4096 runs one thread a float4 (fused-layer.cu,
+// K / 4 threads rounded up to a warp), warp-sums their squares and then warp 0 sums the warps' sums; thread t here
+// plays its threads t + kThreads j in the same trees, so inv_rms and every normed value are that kernel's bits. Every
+// warp here sums the warps' sums in warp 0's tree (a butterfly gives every lane the same bits), so one block barrier
+// where the kernel takes two. Every thread calls it.
 template <int kThreads, typename W, typename Norm, typename Store>
-__device__ void add_rms_norm_row(const float4* __restrict__ x4, const Norm& norm, int K, Store&& store) {
-  constexpr int kWarps = kThreads / 32, kPlays = kHeldNormMaxK / 4 / kThreads;
+__device__ void add_rms_norm_row(const float4* __restrict__ x4, const Norm& norm, int K,
+                                 const HeldNormWeight<kThreads, W>& weight, Store&& store) {
+  constexpr int kWarps = kThreads / 32, kPlays = HeldNormWeight<kThreads, W>::kPlays;
   static_assert(kWarps * kPlays <= 32, "warp 0 sums at most 32 warp sums");
   __shared__ double warp_sums[32];
-  __shared__ float inv_rms;
   const int n4 = K / 4, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float4* y4 = reinterpret_cast<const float4*>(norm.y);
   float4 s[kPlays];
@@ -74,16 +92,12 @@ __device__ void add_rms_norm_row(const float4* __restrict__ x4, const Norm& norm
     if (lane == 0) warp_sums[warp + j * kWarps] = sq;
   }
   __syncthreads();
-  if (warp == 0) {
-    const double total = warp_sum(lane < kWarps * kPlays ? warp_sums[lane] : 0.0);
-    if (lane == 0) inv_rms = inv_rms_of(total, K, norm.eps);
-  }
-  __syncthreads();
+  const float inv_rms = inv_rms_of(warp_sum(lane < kWarps * kPlays ? warp_sums[lane] : 0.0), K, norm.eps);
 #pragma unroll
   for (int j = 0; j < kPlays; ++j) {
     const int i = threadIdx.x + j * kThreads;
     if (i >= n4) continue;
-    const float4 o = normed4(s[j], inv_rms, Load4<W>::at(static_cast<const W*>(norm.weight), i));
+    const float4 o = normed4(s[j], inv_rms, weight.v[j]);
     store(i, o);
     if (i % gridDim.x == blockIdx.x) {
       reinterpret_cast<float4*>(norm.sum)[i] = s[j];
