@@ -124,7 +124,7 @@ test('matmulSiluMul: bf16, int8 and int4 weights, SwiGLU of the two products', {
   ];
   for (const f of formats) {
     const wg = f.weight(gpu), wc = f.weight(cpu);
-    for (const T of Ts) {
+    for (const T of [...Ts, 24]) { // 24: int4 in two passes of the 16-row GEMV (backend-cuda.cc run_quant_matmul)
       const x = randoms(T * H);
       const g = get(gpu, gpu.matmulSiluMul(f32(gpu, x, [T, H]), wg));
       assertNear(g, get(cpu, cpu.matmulSiluMul(f32(cpu, x, [T, H]), wc)), f.rtol(T), `matmulSiluMul ${f.name} T=${T}`);
@@ -132,6 +132,20 @@ test('matmulSiluMul: bf16, int8 and int4 weights, SwiGLU of the two products', {
       if (T <= 8) assert.deepEqual(g, separate, `matmulSiluMul ${f.name} T=${T} equals matmul + siluMul on CUDA`);
     }
   }
+});
+
+// Steps of more than 16 rows dequantize a quantized weight into a bf16 scratch of at most 128 Mi elements for a 2-D
+// weight (backend-cuda.cc kDequantScratchMax) and run the GEMM a run of rows at a time: a weight of 33000 x 4096 (a
+// quantized LM head's shape) takes two runs, whose outputs are columns of the one result.
+test('a quantized matmul of 20 rows on a weight over the dequantization scratch (runs of rows) equals the CPU', { skip, timeout: 120_000 }, () => {
+  const N = 33_000, K = 4096, T = 20;
+  const codes = new Uint8Array(N * K / 2);
+  for (let i = 0; i < codes.length; i += 4) new DataView(codes.buffer).setUint32(i, Math.floor(rand() * 2 ** 32));
+  const scales = Uint16Array.from({ length: N * K / 128 }, () => 0x3c00 + Math.floor(rand() * 128)); // bf16 0.0078 .. 0.0156
+  const weight = (e: Engine) => e.uploadQuantized(codes, 'i4', [N, K], e.upload(new Uint8Array(scales.buffer), 'bf16', [N, K / 128]));
+  const x = randoms(T * K);
+  const [g, c] = both((e) => e.matmul(f32(e, x, [T, K]), weight(e)));
+  assertNear(g, c, 1e-2, `int4 [${N}, ${K}] matmul of ${T} rows`);
 });
 
 test('writeKv and attention: decode (split-K), prefill and ragged batches, GQA 32/8 and MHA', { skip }, () => {

@@ -457,10 +457,20 @@ class CudaBackend final : public Backend {
       cuda::launch_silu_mul(ctx(), gate_up, out);
   }
   // ---- quantized weights (gemv-quant.cuh): up to 16 tokens the GEMV dequantizes as it reads; longer steps
-  // dequantize w into the bf16 scratch (sized at upload for the largest weight) and run the GEMM on it.
+  // dequantize w into the bf16 scratch (sized at upload) and run the GEMM on it, a run of w's rows at a time where
+  // w is larger than the scratch. Stacked experts are dequantized a whole expert at a time (grouped_expert_matmul);
+  // a 2-D weight takes at most kDequantScratchMax of it: a quantized LM head (Llama-3-8B's 128256 x 4096) would
+  // otherwise make the scratch 1.05 GB beside its 0.28 GB of int4 codes.
+  static constexpr int64_t kDequantScratchMax = int64_t{128} << 20;  // elements: 256 MiB of bf16
   void on_quantized_weight(const Tensor& w) override {
     const int64_t matrix = w.dim(w.rank() - 2) * w.shape.back();  // one expert's [N, K] for stacked experts
-    if (!dequant_scratch_.buffer || dequant_scratch_.numel() < matrix) dequant_scratch_ = empty_persistent(DType::BF16, {matrix});
+    const int64_t need = w.rank() > 2 ? matrix : std::min(matrix, std::max(kDequantScratchMax, w.shape.back()));
+    if (!dequant_scratch_.buffer || dequant_scratch_.numel() < need) dequant_scratch_ = empty_persistent(DType::BF16, {need});
+  }
+  // Rows n0 .. of a quantized matrix [N, K].
+  static cuda::QuantMatrix rows_from(const cuda::QuantMatrix& q, int64_t n0, int64_t K) {
+    const int64_t row_bytes = q.dtype == DType::I4 ? K / 2 : K, scales_per_row = K / q.group;
+    return {static_cast<const uint8_t*>(q.q) + n0 * row_bytes, q.scales + n0 * scales_per_row, q.dtype, q.group};
   }
   static cuda::QuantMatrix quant_matrix(const Tensor& w, int64_t expert = 0) {
     const int64_t N = w.dim(w.rank() - 2), K = w.shape.back(), S = w.scales->shape.back();
@@ -502,20 +512,33 @@ class CudaBackend final : public Backend {
     const cuda::QuantMatrix q = quant_matrix(w);
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
-      if (T <= cuda::kQuantGemvMaxTokens) {
-        cuda::quant_gemv(ctx(), matmul_->gemv(), x.data<float>(), q, out.data<float>(), static_cast<int>(T), static_cast<int>(N),
-                         static_cast<int>(K), gated);
+      // Up to 16 rows the GEMV dequantizes as it reads. int4 decode batches of 17..32 rows take it in two passes
+      // (each reading the weights again) rather than dequantizing the whole weight for the GEMM: Llama-3-8B int4 in
+      // 32-row graphs, 18.0 -> 11.6 ms a step (H200, bench/RESULTS.md session 28). int8's 16-row GEMV reads slower:
+      // two passes only matched the GEMM there (15.8 against 15.7 ms), and four passes (64 rows) lost for both.
+      const int64_t gemv_rows = cuda::kQuantGemvMaxTokens * (w.dtype == DType::I4 ? 2 : 1);
+      if (T <= gemv_rows) {
+        const int64_t x_cols = gated ? 2 * K : K;  // gated: x is [T, 2K], gate | up
+        for (int64_t t0 = 0; t0 < T; t0 += cuda::kQuantGemvMaxTokens) {
+          const int64_t t = std::min<int64_t>(cuda::kQuantGemvMaxTokens, T - t0);
+          cuda::quant_gemv(ctx(), matmul_->gemv(), x.data<float>() + t0 * x_cols, q, out.data<float>() + t0 * N,
+                           static_cast<int>(t), static_cast<int>(N), static_cast<int>(K), gated);
+        }
       } else {
         void* dense = dequant_scratch_.buffer->data();
-        cuda::dequantize_bf16(ctx(), q, dense, N, K);
+        Tensor hidden;  // gated: the product in bf16, where cuBLAS reads it
         if (gated) {
-          Tensor hidden = empty(DType::BF16, {T, K});  // the product in bf16, where cuBLAS reads it
+          hidden = empty(DType::BF16, {T, K});
           cuda::launch_silu_mul(ctx(), x, hidden);
-          matmul_->run(nullptr, dense, DType::BF16, out.data<float>(), T, N, K, false, hidden.buffer->data());
-        } else {
-          const Tensor* x_half = half_copies_.find(x, DType::BF16);
-          matmul_->run(x.data<float>(), dense, DType::BF16, out.data<float>(), T, N, K, false,
-                       x_half ? x_half->buffer->data() : nullptr);
+        }
+        const Tensor* x_half = gated ? &hidden : half_copies_.find(x, DType::BF16);
+        const int64_t rows_each = K == 0 ? N : std::min<int64_t>(N, dequant_scratch_.numel() / K);
+        for (int64_t n0 = 0; n0 < N; n0 += rows_each) {  // out's columns n0 .. from w's rows n0 ..
+          const int64_t n = std::min(rows_each, N - n0);
+          cuda::dequantize_bf16(ctx(), rows_from(q, n0, K), dense, n, K);
+          matmul_->gemm().run(gated ? nullptr : x.data<float>(), x_half ? x_half->buffer->data() : nullptr, dense,
+                              DType::BF16, out.data<float>() + n0, static_cast<int>(T), static_cast<int>(n),
+                              static_cast<int>(K), static_cast<int>(N));
         }
       }
     } catch (const Error& e) {
@@ -628,7 +651,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::Matmul> matmul_;
   Tensor sage_scratch_;  // run_sage_attention's bytes, step memory: dropped at each step's start
   Tensor attention_scratch_;  // run_attention's decode partials, step memory: dropped at each step's start and capture
-  Tensor dequant_scratch_;  // [max numel of a quantized weight] bf16, persistent (run_quant_matmul, T > 16)
+  Tensor dequant_scratch_;  // bf16, persistent (run_quant_matmul, T > 16): on_quantized_weight sizes it
   cuda::HalfCopies half_copies_;
   std::vector<std::pair<uint64_t, size_t>> layer_offsets_;  // this step's open layer marks and their arena offsets
   std::vector<Tensor> moved_halves_;  // between on_release_layer and on_layer_released: the moved tensors' half copies

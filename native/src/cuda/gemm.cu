@@ -73,21 +73,23 @@ void Gemm::ensure_cublas() {
   check_cublas(a.set_stream(handle_, stream_), "cublasSetStream");
 }
 
-void Gemm::run(const float* x, const void* x_half, const void* w, DType dt, float* y, int T, int N, int K) {
+void Gemm::run(const float* x, const void* x_half, const void* w, DType dt, float* y, int T, int N, int K, int ldy) {
+  WEFT_CHECK(ldy == 0 || ldy >= N, "matmul", "rows of y ", ldy, " floats apart cannot hold N = ", N);
+  if (ldy == 0) ldy = N;
   ensure_cublas();
   const cublas::Api& a = cublas::api();
   const float alpha = 1.f, beta = 0.f;
   if (dt == DType::F32) {
     WEFT_CHECK(!x_half, "matmul", "x in a 16-bit dtype cannot meet f32 weights");
     check_cublas(a.gemm_ex(handle_, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, CUDA_R_32F, K, x, CUDA_R_32F, K,
-                           &beta, y, CUDA_R_32F, N, cublas::COMPUTE_32F_PEDANTIC, cublas::GEMM_DEFAULT),
+                           &beta, y, CUDA_R_32F, ldy, cublas::COMPUTE_32F_PEDANTIC, cublas::GEMM_DEFAULT),
                  "cublasGemmEx");
     return;
   }
   const cudaDataType type = dt == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
   if (!x_half) x_half = cast(x, dt, T, K);
   check_cublas(a.gemm_ex(handle_, cublas::OP_T, cublas::OP_N, N, T, K, &alpha, w, type, K, x_half, type, K, &beta, y,
-                         CUDA_R_32F, N, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT),
+                         CUDA_R_32F, ldy, cublas::COMPUTE_32F, cublas::GEMM_DEFAULT),
                "cublasGemmEx");
 }
 

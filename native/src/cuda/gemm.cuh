@@ -23,7 +23,8 @@ class Gemm {  // one per engine; owns the cuBLAS handle, its workspace and the c
   Gemm& operator=(const Gemm&) = delete;
   // bf16/f16 weights: x is cast to the weight dtype (unless x_half, x already in it, is given), then a
   // tensor-core GEMM with fp32 output and compute; f32 weights: a full-fp32 GEMM (pedantic, no TF32; x_half null).
-  void run(const float* x, const void* x_half, const void* w, DType w_dtype, float* y, int T, int N, int K);
+  // ldy: floats from one row of y to the next (0: N), so that runs of w's rows fill column ranges of one y.
+  void run(const float* x, const void* x_half, const void* w, DType w_dtype, float* y, int T, int N, int K, int ldy = 0);
   // Decode batches on bf16 weights (Matmul routes 3..8 tokens here where split_pays): x (gated: [T, 2K], silu(gate) *
   // up as siluMul forms it) split into bf16 hi + lo rows, one GEMM over the 2T rows, y = hi + lo products. The
   // split holds x to ~2^-17 relative, so the GEMV's 1e-5 holds where a single bf16 rounding would give 2e-3. Reads
