@@ -118,7 +118,7 @@ export const OPTIONS = {
     help: "quantize a dense checkpoint's projections as each rank loads them (weight-only; see weft quantize to write one)",
   },
   quantizeLmHead: {
-    flag: '--quantize-lm-head', arg: 'true|false', type: flag, env: 'WEFT_QUANTIZE_LM_HEAD', default: false, uses: [...CLUSTER, 'launch', 'quantize'],
+    flag: '--quantize-lm-head', type: flag, env: 'WEFT_QUANTIZE_LM_HEAD', default: false, uses: [...CLUSTER, 'launch', 'quantize'],
     help: "quantize the LM head too, in the projections' format (gpt-fast does; GPTQ/AWQ keep it dense): with --quantize as each rank loads, or in the checkpoint weft quantize writes (a tied head becomes lm_head.weight)",
   },
   format: {

@@ -157,6 +157,11 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
     assert.equal(fromEnv.code, 78);
   });
 
+  test('--quantize-lm-head without --quantize names both flags', async () => {
+    const result = await runWeft(['generate', '--model', llama, '--prompt-ids', prompt0, '--quantize-lm-head']);
+    assertCleanFailure(result, /^weft: WEFT_BAD_MODEL: --quantize-lm-head .*--quantize is not set$/);
+  });
+
   test('invalid sampling parameters', async () => {
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--temperature', '-1']), /temperature/);
     assertCleanFailure(await runWeft(['generate', '--model', llama, '--prompt', 'hi', '--top-p', '0']), /top.?p/i);
