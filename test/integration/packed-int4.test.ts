@@ -182,6 +182,10 @@ test('packed checkpoints weft cannot read exactly are refused, converted or load
   const shrunk = (ts: RawTensor[]) => ts.map((t) => (t.name.endsWith('layers.0.mlp.up_proj.scales') ? { ...t, shape: [t.shape[0]! * 2, t.shape[1]! / 2] } : t));
   await refuse('scales shape', writePacked(path.join(tmp, 'scales-shape'), 'gptq', true, shrunk),
     /tensor "model\.layers\.0\.mlp\.up_proj\.scales" has shape \[16, 88\], expected \[8, 176\] for a \[176, 64\] projection/);
+  const withHead = writePacked(path.join(tmp, 'lm-head'), 'gptq', true);
+  await assert.rejects(quantizeCheckpoint({ modelDir: withHead, out: `${withHead}-weft`, groupSize: 'channel', quantizeLmHead: true }),
+    /--quantize-lm-head: a GPTQ\/AWQ checkpoint converts as it was quantized, with its LM head dense/);
+  assert.equal(existsSync(`${withHead}-weft`), false, 'lm head: refused before anything is written');
   // the same refusals when a cluster loads one
   await assert.rejects(startCluster({ modelDir: path.join(tmp, 'act-order'), threads: 1 }), /down_proj\.g_idx: column 0 is in group 1, not 0: act-order/);
   await assert.rejects(startCluster({ modelDir: path.join(tmp, 'no-zeros'), threads: 1 }), /tensor "model\.layers\.0\.self_attn\.k_proj\.qzeros" \(for weft's layers\.0\.wqkv; awq checkpoint\) is missing/);
