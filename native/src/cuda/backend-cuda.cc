@@ -467,16 +467,14 @@ class CudaBackend final : public Backend {
     const int64_t need = w.rank() > 2 ? matrix : std::min(matrix, std::max(kDequantScratchMax, w.shape.back()));
     if (!dequant_scratch_.buffer || dequant_scratch_.numel() < need) dequant_scratch_ = empty_persistent(DType::BF16, {need});
   }
-  // Rows n0 .. of a quantized matrix [N, K].
+  // Rows n0 .. of a quantized matrix [N, K] (or of stacked experts [El, N, K]).
   static cuda::QuantMatrix rows_from(const cuda::QuantMatrix& q, int64_t n0, int64_t K) {
     const int64_t row_bytes = q.dtype == DType::I4 ? K / 2 : K, scales_per_row = K / q.group;
     return {static_cast<const uint8_t*>(q.q) + n0 * row_bytes, q.scales + n0 * scales_per_row, q.dtype, q.group};
   }
   static cuda::QuantMatrix quant_matrix(const Tensor& w, int64_t expert = 0) {
-    const int64_t N = w.dim(w.rank() - 2), K = w.shape.back(), S = w.scales->shape.back();
-    const size_t row_bytes = static_cast<size_t>(w.dtype == DType::I4 ? K / 2 : K);
-    return {static_cast<const uint8_t*>(w.buffer->data()) + expert * N * row_bytes, w.scales->data<uint16_t>() + expert * N * S,
-            w.dtype, static_cast<int>(w.group())};
+    const int64_t N = w.dim(w.rank() - 2), K = w.shape.back();  // expert e's rows follow e N rows of the stack
+    return rows_from({w.buffer->data(), w.scales->data<uint16_t>(), w.dtype, static_cast<int>(w.group())}, expert * N, K);
   }
   // Any one-token GEMV's weights: quantized as above, bf16/f32 with no scales.
   static cuda::QuantMatrix gemv_weights(const Tensor& w) {
