@@ -291,14 +291,15 @@ void check_matmul_7b_shapes(Rng& rng) {
 }
 
 // Quantized weights (upload_quantized) at 7B widths: the CUDA GEMV that dequantizes as it reads (T = 1, 2, 8,
-// 16) and the dequantize-then-GEMM path (T = 64) against the CPU, which dequantizes each row into fp32 first.
+// 16, and 64 on tensor cores in one pass or, at K = 11008, two) and the dequantize-then-GEMM path (T = 300, past
+// the 64 rows the tensor cores take) against the CPU, which dequantizes each row into fp32 first.
 // int8 per channel and in groups of 128, int4 in groups of 128 and 32; codes uniform over their range, scales
 // ~1 / (sqrt(K) * qmax) so outputs are O(1). The GEMV runs on tensor cores with x rounded to f16 (quant_rtol).
 // The GEMM path rounds x to bf16 as the dense GEMM does (2e-3 there) and also each dequantized weight, which the CPU keeps in fp32: two independent roundings of the same size, so the error
 // grows by about sqrt(2) (measured on the H200: up to 1.25x the dense 2e-3), hence kQuantGemmRtol = 3e-3.
 constexpr double kQuantGemmRtol = 3e-3;
-// The GEMV on tensor cores (gemv-quant-mma.cuh: T <= 16, groups of whole 16-byte vectors, 16 int8 or 32 int4
-// columns; K up to 16384 at 16 tokens) rounds x to f16: a relative error up to 2^-11 per element (rms 2^-11 / sqrt(3) = 2.8e-4),
+// The GEMV on tensor cores (gemv-quant-mma.cuh: T <= 16, and 17..64 in one pass or two; groups of whole
+// 16-byte vectors, 16 int8 or 32 int4 columns; K up to 16384 at 16 tokens) rounds x to f16: a relative error up to 2^-11 per element (rms 2^-11 / sqrt(3) = 2.8e-4),
 // independent per term, with the products exact in fp32, so the output's error is ~3e-4 of its scale. Groups
 // smaller than its 64-byte chunk (int8 g16/g32 or K % 64 != 0, int4 g32/g64) round each scaled weight to f16 as
 // well: ~sqrt(2) more (up to 5.2e-4 in a Python emulation of the kernel's arithmetic). The bounds: 1e-3 and 2e-3.
@@ -308,8 +309,9 @@ constexpr double kQuantMmaRtol = 1e-3, kQuantMmaSmallGroupRtol = 2e-3;
 // 16384): exact weights times fp32 x, summed in fp32, as the CPU does (int4 in groups of 128 on tensor cores with x
 // as f16 hi + lo, ~22 bits: 2.8-3.6e-7 of the largest output in gemv-layer-bench): 1e-5.
 double quant_rtol(DType dt, int64_t K, int64_t group, int64_t T) {
-  if (T > 16) return kQuantGemmRtol;
   const bool int4 = dt == DType::I4;
+  if (T > 64 || (T > 16 && (group % (int4 ? 32 : 16) != 0 || K > 16384))) return kQuantGemmRtol;
+  if (T > 16) return kQuantMmaSmallGroupRtol;  // from 17 tokens every group's scales go into the f16 weights
   const int64_t vectors = group / (int4 ? 32 : 16);
   if (T == 1 && group % (int4 ? 32 : 16) == 0 && K <= 16384 && (group == K || (vectors & (vectors - 1)) == 0))
     return 1e-5;
@@ -358,7 +360,7 @@ void check_quant_matmul(Rng& rng) {
         fail_row("uploadQuantized", dtype_name(c.dt), e.what());
         continue;
       }
-      for (int64_t T : {1, 2, 8, 16, 64}) {
+      for (int64_t T : {1, 2, 8, 16, 64, 300}) {
         const char* op = s.gated ? "siluMulMatmul" : "matmul";
         std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(s.K) + " N=" + std::to_string(s.N) + " " +
                          dtype_name(c.dt) + " g" + (c.group ? std::to_string(c.group) : std::string("K"));
@@ -1356,7 +1358,9 @@ void check_attention_decode_batch(Rng& rng) {
 }
 
 // The quantized GEMV at every token count 1..16 (gemv-quant-mma.cu for int8 per channel and int4 g128: one
-// n-tile of 8 tokens up to 8, two from 9; rows not a multiple of its 16-row tile), the gated form, activations
+// n-tile of 8 tokens up to 8, two from 9; rows not a multiple of its 16-row tile), decode batches of 17..256 (4 or
+// 8 n-tiles, one block a SM, a split K summed in rounds; x of 32 tokens at K = 14336 fits where 64 do not: passes
+// of 32; past 64, dequantize + GEMM), the gated form, activations
 // beyond f16's range (|x| up to 2e5: the kernel rescales x per token by a power of two), groups smaller than its
 // chunk (scales in the f16 weights; K % 64 != 0 for int8, % 128 for int4: a partial last chunk), and shapes it
 // leaves to gemv.cu's kernels (groups not of whole 16-byte vectors; x too long for its shared memory at 16
@@ -1371,6 +1375,7 @@ void check_quant_gemv_tokens(Rng& rng) {
   };
   std::vector<int64_t> all;
   for (int64_t T = 1; T <= 16; ++T) all.push_back(T);
+  const std::vector<int64_t> batches = {17, 24, 32, 33, 48, 64, 65, 100, 256};
   const std::vector<Case> cases = {
       {DType::I8, 0, 1000, 2048, false, 1, all},          {DType::I4, 128, 1000, 2048, false, 1, all},
       {DType::I8, 0, 520, 1408, true, 4, {1, 5, 8, 9, 16}}, {DType::I4, 128, 520, 1408, true, 4, {1, 5, 8, 9, 16}},
@@ -1379,7 +1384,14 @@ void check_quant_gemv_tokens(Rng& rng) {
       {DType::I4, 32, 1000, 2048, false, 1, {1, 7, 8, 9, 16}}, {DType::I4, 64, 300, 1408, true, 4, {2, 8, 13}},
       {DType::I8, 0, 64, 4128, false, 1, {1, 8, 16}},       {DType::I4, 64, 64, 4160, false, 1, {1, 8, 16}},
       {DType::I8, 0, 1000, 1376, true, 4, {1, 8, 16}},      {DType::I8, 0, 64, 4104, false, 1, {1, 8}},
-      {DType::I4, 16, 64, 4112, false, 1, {1, 8}},          {DType::I8, 0, 64, 20480, false, 1, {16}}};
+      {DType::I4, 16, 64, 4112, false, 1, {1, 8}},          {DType::I8, 0, 64, 20480, false, 1, {16}},
+      {DType::I8, 0, 1000, 2048, false, 1, batches},        {DType::I4, 128, 1000, 2048, false, 1, batches},
+      {DType::I8, 0, 520, 1408, true, 4, {20, 40}},         {DType::I4, 128, 520, 1408, true, 4, {20, 40}},
+      {DType::I8, 0, 256, 2048, false, 2e5f, {20, 40}},     {DType::I4, 128, 256, 2048, false, 2e5f, {20, 40}},
+      {DType::I8, 32, 100, 1024, false, 1, {24, 64}},       {DType::I4, 32, 1000, 2048, false, 1, {24, 64}},
+      {DType::I8, 0, 64, 4104, false, 1, {40}},             {DType::I4, 64, 64, 4160, false, 1, {40}},
+      {DType::I4, 128, 4000, 4096, false, 1, {40, 64}},     {DType::I4, 128, 300, 14336, true, 4, {33, 64}},
+      {DType::I8, 0, 300, 11008, true, 4, {64}}};
   for (const Case& c : cases) {
     const int64_t group = c.group ? c.group : c.K;
     QuantPair w;

@@ -21,6 +21,7 @@
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
 #include "cuda/gemv-one-token.cuh"
+#include "cuda/gemv-quant-mma.cuh"
 #include "cuda/gemv-quant.cuh"
 #include "cuda/gemv-rows-tma.cuh"
 #include "cuda/graphs.h"
@@ -462,6 +463,9 @@ class CudaBackend final : public Backend {
   // a 2-D weight takes at most kDequantScratchMax of it: a quantized LM head (Llama-3-8B's 128256 x 4096) would
   // otherwise make the scratch 1.05 GB beside its 0.28 GB of int4 codes.
   static constexpr int64_t kDequantScratchMax = int64_t{128} << 20;  // elements: 256 MiB of bf16
+  // Past 64 rows the passes lose to dequantize + GEMM: Llama-3-8B int4 at 128 rows 21.3 ms a step in two passes,
+  // against ~19.6 estimated for the GEMM path (18.5 ms at 64 rows plus the bf16 GEMM's growth; H200, session 29).
+  static constexpr int64_t kQuantMmaMaxBatch = 64;
   void on_quantized_weight(const Tensor& w) override {
     const int64_t matrix = w.dim(w.rank() - 2) * w.shape.back();  // one expert's [N, K] for stacked experts
     const int64_t need = w.rank() > 2 ? matrix : std::min(matrix, std::max(kDequantScratchMax, w.shape.back()));
@@ -510,18 +514,16 @@ class CudaBackend final : public Backend {
     const cuda::QuantMatrix q = quant_matrix(w);
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
     try {
-      // Up to 16 rows the GEMV dequantizes as it reads. int4 decode batches of 17..32 rows take it in two passes
-      // (each reading the weights again) rather than dequantizing the whole weight for the GEMM: Llama-3-8B int4 in
-      // 32-row graphs, 18.0 -> 11.6 ms a step (H200, bench/RESULTS.md session 28). int8's 16-row GEMV reads slower:
-      // two passes only matched the GEMM there (15.8 against 15.7 ms), and four passes (64 rows) lost for both.
-      const int64_t gemv_rows = cuda::kQuantGemvMaxTokens * (w.dtype == DType::I4 ? 2 : 1);
-      if (T <= gemv_rows) {
-        const int64_t x_cols = gated ? 2 * K : K;  // gated: x is [T, 2K], gate | up
-        for (int64_t t0 = 0; t0 < T; t0 += cuda::kQuantGemvMaxTokens) {
-          const int64_t t = std::min<int64_t>(cuda::kQuantGemvMaxTokens, T - t0);
-          cuda::quant_gemv(ctx(), matmul_->gemv(), x.data<float>() + t0 * x_cols, q, out.data<float>() + t0 * N,
-                           static_cast<int>(t), static_cast<int>(N), static_cast<int>(K), gated);
-        }
+      // Up to 16 rows the GEMV dequantizes as it reads; decode batches up to kQuantMmaMaxBatch rows take the
+      // tensor-core GEMV for 17..64 tokens (two passes of 32 where 64 tokens' x does not fit its shared memory).
+      // Longer steps dequantize w into bf16 for the GEMM, as every step of 33..64 rows did before (Llama-3-8B int4
+      // 18.5 -> 11.1 ms a step at 64 rows, 11.6 -> 6.6 at 32; H200, bench/RESULTS.md session 29).
+      if (T <= cuda::kQuantGemvMaxTokens) {
+        cuda::quant_gemv(ctx(), matmul_->gemv(), x.data<float>(), q, out.data<float>(), static_cast<int>(T),
+                         static_cast<int>(N), static_cast<int>(K), gated);
+      } else if (T <= kQuantMmaMaxBatch && cuda::quant_gemv_mma_passes(ctx(), x.data<float>(), q, out.data<float>(),
+                                                                       static_cast<int>(T), static_cast<int>(N),
+                                                                       static_cast<int>(K), gated)) {
       } else {
         void* dense = dequant_scratch_.buffer->data();
         Tensor hidden;  // gated: the product in bf16, where cuBLAS reads it

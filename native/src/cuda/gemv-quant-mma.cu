@@ -1,4 +1,4 @@
-// quant_gemv_mma (gemv-quant-mma.cuh): the quantized GEMV on tensor cores, for 1..16 tokens.
+// quant_gemv_mma (gemv-quant-mma.cuh): the quantized GEMV on tensor cores, for 1..64 tokens a pass.
 //   Why: the fp32 kernels (gemv.cu, gemv-one-token.cu) spend ~3 instructions per weight (unpack, subtract, FMA per
 //   token) and are bound by instruction issue, not bytes (bench/RESULTS.md: int4 read at ~0.85 TB/s). Here a lane
 //   turns two weights into an f16 pair with one or two logic ops and one f16x2 subtract, and one mma.sync
@@ -17,10 +17,14 @@
 //   - Scales: where a chunk lies inside one group (int8 group % 64, int4 group % 128), its mma sums (fp32) are
 //     multiplied by the two rows' bf16 scales once, in fp32. Smaller groups (int8 16 or 32, int4 32 or 64: each
 //     lane's 16 bytes still inside one group) multiply the unpacked f16 pairs by the lane's scales in f16 before
-//     the mma (one more f16x2 op per pair, and each weight rounded to f16: relative 2^-11).
+//     the mma (one more f16x2 op per pair, and each weight rounded to f16: relative 2^-11), as every group does
+//     from 17 tokens (then the mma sums go straight into the accumulators: no second set of 16 or 32 registers).
 //   - K is split over a cluster of C blocks (partial sums summed through distributed shared memory in a fixed
 //     order, as gemv.cu does: deterministic, no atomics); a block's 8 warps take its tiles round-robin.
-//   - 9..16 tokens: two n-tiles of 8 share each dequantized fragment (the weights are read once).
+//   - 9..64 tokens: 2, 4 or 8 n-tiles of 8 share each dequantized fragment (the weights are read once a pass).
+//     From 17 tokens a block has a SM to itself (up to 224 KiB of x and sums): decode batches of 17..64 rows had
+//     dequantized every weight into bf16 for the GEMM each step (Llama-3-8B int4 ~18.5 ms a step at 33..64 rows
+//     against 4.2 ms at 8, H200, bench/RESULTS.md session 28).
 //   - K need only be a multiple of the lane vector: a partial last chunk loads zero words past K (their x is zero).
 #include "cuda/gemv-quant-mma.cuh"
 
@@ -44,10 +48,16 @@ using namespace quant_mma;  // the fragment helpers (gemv-quant-mma-fragments.cu
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunkBytes = 64;             // bytes of a row per work item (4 lanes x 16)
-constexpr size_t kMaxXBytes = 64 * 1024;    // staged x (f16) per block
-constexpr size_t kMaxPartBytes = 64 * 1024; // partial sums per block (cluster path)
-constexpr size_t kMaxSmemBytes = 100 * 1024; // x and partial sums: two blocks a SM
+constexpr size_t kMaxXBytes = 64 * 1024;    // staged x (f16) per block, up to 16 tokens
+constexpr size_t kMaxPartBytes = 64 * 1024; // partial sums per block (cluster path), up to 16 tokens
+constexpr size_t kMaxSmemBytes = 100 * 1024; // x and partial sums up to 16 tokens: two blocks a SM
+constexpr size_t kMaxSmemBytesOneBlock = 224 * 1024;  // 17..64 tokens: one block a SM, x as large as it fits
 constexpr int kMaxClusterSize = 8;
+
+// Up to 16 tokens two blocks share a SM; from 17 (n-tiles of 32 or 64 tokens: 4 or 8 accumulator sets a warp, and
+// their x slices) one block has it, and a split K sums its slices in rounds (quant_mma_kernel).
+__host__ __device__ constexpr int blocks_per_sm(int NT) { return NT <= 2 ? 2 : 1; }
+__host__ __device__ constexpr bool sums_in_rounds(int NT) { return NT > 2; }
 
 struct QuantMmaParams {
   const float* x;          // [T, K] or gated [T, 2K]
@@ -66,13 +76,21 @@ struct QuantMmaParams {
 // [(b / C) * tiles_per_block, ...). Dynamic shared memory: x [T][x_stride] f16 (the block's K slice, chunk by chunk,
 // unit (l, t) of a chunk at halves (4 l + t) * 8 so that a quad's loads are 64 contiguous bytes; x_stride = 32 mod
 // 64 halves so that the two token rows of a load phase use different banks), then (C > 1) partial sums
-// [tiles_per_block * 16][8 NT] f32.
+// [tiles_per_block * 16][8 NT] f32, summed over the cluster at the end. From 17 tokens (sums_in_rounds) the block's
+// tiles go in rounds of kWarps instead (round r: tile0 + 8 r + warp), so that 32 or 64 tokens' sums fit beside x
+// whatever the block's share of N: warp w's tile of a round is summed by block w % C, to whose shared memory each
+// block writes its slice's sums ([2][kWarps / C owned tiles][C slices][16][8 NT], round r's in buffer r & 1; remote
+// stores, which do not stall the warp as the remote reads of the end-of-kernel sum do), and which adds them in slice
+// order once a cluster barrier has passed (one a round: a buffer is written again two rounds on, after every block
+// has passed the barrier that ends its reads). (Up to 16 tokens the rounds cost registers: the kernel kept at 128
+// spilled.)
 template <bool kInt4, bool kSmallGroup, int NT, int U>
-__global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaParams p) {
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(const QuantMmaParams p) {
   constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
   constexpr int kLoads = kCols / 32;       // 16-byte x loads per lane per chunk
   constexpr int kUnits = kCols / 8;        // 8-column units per chunk
   constexpr int TT = 8 * NT;
+  constexpr bool kRounds = sums_in_rounds(NT);
   extern __shared__ uint4 smem[];
   __shared__ float x_scale[TT], x_unscale[TT];
   __shared__ unsigned x_absmax[TT];
@@ -88,6 +106,7 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
   const int nch = max(0, min(p.chunks_per_slice, nchunks - ch0));
   const int ntiles = max(0, min(p.tiles_per_block, (p.N + 15) / 16 - tile0));
   const int my_tiles = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
+  const int rounds = (ntiles + kWarps - 1) / kWarps;
   const int nitems = my_tiles * nch;
   const size_t row_bytes = kInt4 ? p.K / 2 : p.K;
   const int n_groups = p.K / p.group;
@@ -102,6 +121,8 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
     x_absmax[threadIdx.x] = 0u;
   }
   if (threadIdx.x == 0) x_out_of_range = 0;
+  if (!kRounds && C > 1 && nch == 0)  // an empty K slice (K / 64 or K / 128 chunks < C * chunks_per_slice): zero sums
+    for (int i = threadIdx.x; i < ntiles * 16 * TT; i += kThreads) part[i] = 0.f;
 
   // Slot j: rows g and g + 8 of a tile, 16 bytes each, and their bf16 scales (low: row g, high: row g + 8).
   uint4 w_lo[U], w_hi[U];
@@ -138,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
   // Stage x (silu(gate) * up when gated) as f16 in the lanes' order; flags values beyond f16's range.
   const int units_per_token = nch * kUnits;
   const auto stage = [&](bool rescaled) {
+#pragma unroll 4
     for (int i = threadIdx.x; i < T * units_per_token; i += kThreads) {
       const int tok = i / units_per_token, u = i - tok * units_per_token;
       const int chunk = u / kUnits, unit = u - chunk * kUnits;
@@ -191,15 +213,34 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-  int tile = tile0 + warp, ch = 0;
-  // The B fragments of chunk `chl` for n-tile n: this lane's token g + 8n, or zeros past T.
+  int tile = tile0 + warp, ch = 0, round = 0;
+  // Rounds: where warp w's sums of this round go (block w % C's buffer, its owned tile w / C, slice c), and the
+  // round's end: the sums of the tiles this block owns.
+  const auto round_sums = [&](int w) {
+    return cg::this_cluster().map_shared_rank(part, w % C) +
+           ((((round & 1) * (kWarps / C) + w / C) * C + c) * 16) * TT;
+  };
+  const auto end_round = [&] {
+    cg::this_cluster().sync();
+    const float* sums = part + (round & 1) * kWarps * 16 * TT;
+    for (int i = threadIdx.x; i < kWarps / C * 16 * TT; i += kThreads) {
+      const int owned = i / (16 * TT), r = (i / TT) % 16, tok = i % TT, w = owned * C + c;
+      const int row = (tile0 + kWarps * round + w) * 16 + r;
+      if (kWarps * round + w >= ntiles || tok >= T || row >= p.N) continue;
+      float s = 0.f;
+      for (int q = 0; q < C; ++q) s += sums[((owned * C + q) * 16 + r) * TT + tok];
+      p.y[static_cast<size_t>(tok) * p.N + row] = s;
+    }
+    ++round;
+  };
+  // The B fragments of chunk `chl` for n-tile n: this lane's token g + 8n; past T, token T - 1 again (the sums of
+  // columns past T are never stored; a load with no branch, where a zero past T cost a branch a load).
   const auto load_x = [&](int chl, int n, int l) {
-    const int tok = g + 8 * n;
-    if (tok >= T) return make_uint4(0, 0, 0, 0);
+    const int tok = min(g + 8 * n, T - 1);
     return reinterpret_cast<const uint4*>(xs + static_cast<size_t>(tok) * p.x_stride + chl * kCols)[l * 4 + t];
   };
   const auto compute = [&](int j) {
-    // Small groups: this lane's two scales as f16 pairs, multiplied into every unpacked pair.
+    // Scales in the weights: this lane's two scales as f16 pairs, multiplied into every unpacked pair.
     uint32_t s2_lo = 0, s2_hi = 0;
     if constexpr (kSmallGroup) {
       const __half2 lo2 = __float2half2_rn(__uint_as_float(sc[j] << 16)), hi2 = __float2half2_rn(__uint_as_float(sc[j] & 0xffff0000u));
@@ -207,11 +248,14 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
       s2_hi = *reinterpret_cast<const uint32_t*>(&hi2);
     }
     const auto scaled = [&](uint32_t pair, uint32_t s2) { return kSmallGroup ? mul_f16x2(pair, s2) : pair; };
+    // Scales on fp32 sums: this unit's sums apart, then scaled into acc; scales in the weights: straight into acc.
     float part_acc[NT][4];
+    float(&sums)[NT][4] = kSmallGroup ? acc : part_acc;
+    if constexpr (!kSmallGroup)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) part_acc[n][e] = 0.f;
+        for (int e = 0; e < 4; ++e) part_acc[n][e] = 0.f;
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       uint4 xb[NT];
@@ -228,8 +272,8 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
         }
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          mma_16816(part_acc[n], lo[0], hi[0], lo[1], hi[1], xb[n].x, xb[n].y);
-          mma_16816(part_acc[n], lo[2], hi[2], lo[3], hi[3], xb[n].z, xb[n].w);
+          mma_16816(sums[n], lo[0], hi[0], lo[1], hi[1], xb[n].x, xb[n].y);
+          mma_16816(sums[n], lo[2], hi[2], lo[3], hi[3], xb[n].z, xb[n].w);
         }
       } else {  // words 2l and 2l + 1: one step each
 #pragma unroll
@@ -243,18 +287,19 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
           hi23 = scaled(hi23, s2_hi);
 #pragma unroll
           for (int n = 0; n < NT; ++n)
-            mma_16816(part_acc[n], lo01, hi01, lo23, hi23, s ? xb[n].z : xb[n].x, s ? xb[n].w : xb[n].y);
+            mma_16816(sums[n], lo01, hi01, lo23, hi23, s ? xb[n].z : xb[n].x, s ? xb[n].w : xb[n].y);
         }
       }
     }
-    const float s_lo = kSmallGroup ? 1.f : __uint_as_float(sc[j] << 16);
-    const float s_hi = kSmallGroup ? 1.f : __uint_as_float(sc[j] & 0xffff0000u);
+    if constexpr (!kSmallGroup) {
+      const float s_lo = __uint_as_float(sc[j] << 16), s_hi = __uint_as_float(sc[j] & 0xffff0000u);
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[n][0] = fmaf(s_lo, part_acc[n][0], acc[n][0]);
-      acc[n][1] = fmaf(s_lo, part_acc[n][1], acc[n][1]);
-      acc[n][2] = fmaf(s_hi, part_acc[n][2], acc[n][2]);
-      acc[n][3] = fmaf(s_hi, part_acc[n][3], acc[n][3]);
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(s_lo, part_acc[n][0], acc[n][0]);
+        acc[n][1] = fmaf(s_lo, part_acc[n][1], acc[n][1]);
+        acc[n][2] = fmaf(s_hi, part_acc[n][2], acc[n][2]);
+        acc[n][3] = fmaf(s_hi, part_acc[n][3], acc[n][3]);
+      }
     }
     if (++ch < nch) return;
     // The tile's slice is done. acc[n][e]: row g (e < 2) or g + 8, token 8n + 2t + (e & 1).
@@ -267,29 +312,36 @@ __global__ void __launch_bounds__(kThreads, 2) quant_mma_kernel(const QuantMmaPa
         if (C == 1) {
           if (tok < T && row < p.N) p.y[static_cast<size_t>(tok) * p.N + row] = v;
         } else {
-          part[(row - tile0 * 16) * TT + tok] = v;
+          const int r = g + (e >> 1) * 8;
+          if constexpr (kRounds) round_sums(warp)[r * TT + tok] = v;
+          else part[((tile - tile0) * 16 + r) * TT + tok] = v;
         }
         acc[n][e] = 0.f;
       }
     ch = 0;
     tile += kWarps;
+    if (kRounds && C > 1) end_round();
   };
 
   run_ring<U>(nitems, compute, load);
 
   if (C > 1) {
-    if (nch == 0)  // an empty K slice (K / 64 or K / 128 chunks < C * chunks_per_slice): its partial sums are zero
-      for (int i = threadIdx.x; i < ntiles * 16 * TT; i += kThreads) part[i] = 0.f;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    for (int idx = threadIdx.x * C + c; idx < ntiles * 16 * TT; idx += kThreads * C) {
-      const int tok = idx % TT, row = tile0 * 16 + idx / TT;
-      if (tok >= T || row >= p.N) continue;
-      float s = 0.f;
-      for (int q = 0; q < C; ++q) s += cluster.map_shared_rank(part, q)[idx];
-      p.y[static_cast<size_t>(tok) * p.N + row] = s;
+    if constexpr (kRounds) {
+      for (; round < rounds; end_round())  // rounds in which this warp had no item: a tile here means an empty slice
+        if (kWarps * round + warp < ntiles)
+          for (int i = lane; i < 16 * TT; i += 32) round_sums(warp)[i] = 0.f;
+    } else {
+      cg::cluster_group cluster = cg::this_cluster();
+      cluster.sync();
+      for (int idx = threadIdx.x * C + c; idx < ntiles * 16 * TT; idx += kThreads * C) {
+        const int tok = idx % TT, row = tile0 * 16 + idx / TT;
+        if (tok >= T || row >= p.N) continue;
+        float s = 0.f;
+        for (int q = 0; q < C; ++q) s += cluster.map_shared_rank(part, q)[idx];
+        p.y[static_cast<size_t>(tok) * p.N + row] = s;
+      }
+      cluster.sync();  // no block leaves while another reads its sums
     }
-    cluster.sync();
   }
 }
 
@@ -314,12 +366,58 @@ int sm_count() {
   return counts[dev];
 }
 
-// The cluster size (K split) with the least modelled time: one wave of 2 blocks per SM; a warp's time is its
-// items (ceil(tiles per block / 8) x chunks per slice) plus staging its share of x and, split, of the reduction.
+// The shared memory a block of 17..64 tokens may ask for on this GPU, up to kMaxSmemBytesOneBlock.
+size_t smem_one_block() {
+  static size_t limits[kMaxDevices] = {};
+  const int dev = current_device();
+  int optin = 0;
+  if (limits[dev] == 0 && cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess)
+    limits[dev] = std::min(static_cast<size_t>(optin) - 1024, kMaxSmemBytesOneBlock);  // 1 KiB: the static arrays
+  return limits[dev];
+}
+
+int tokens_in_n_tiles(int T) { return T <= 8 ? 8 : T <= 16 ? 16 : T <= 32 ? 32 : 64; }
+
+// Lets an instantiation ask for its class's shared memory (x and the partial sums may pass 48 KiB), once a device.
+template <bool kInt4, bool kSmallGroup, int NT, int U>
+cudaError_t allow_smem() {
+  static bool attribute_set[kMaxDevices] = {};
+  const int dev = current_device();
+  if (attribute_set[dev]) return cudaSuccess;
+  const size_t smem_max = blocks_per_sm(NT) == 2 ? kMaxSmemBytes : smem_one_block();
+  const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kSmallGroup, NT, U>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max));
+  attribute_set[dev] = e == cudaSuccess;
+  return e;
+}
+
+// Clusters of C blocks resident at once, C > 1. A GPC holds whole clusters, so fewer than SMs / C fit: on H200 at
+// one block a SM, 30 clusters of 4 where a grid of 33 ran its last 3 as a second wave (a 33..64-token GEMV twice as
+// long as at 32 tokens; ncu's "Max Active Clusters"). Asked of the occupancy API once a device for each class (the
+// largest shared memory of the class: blocks a SM are set by the class's registers, not by its exact bytes).
+int resident_clusters(int C, bool two_a_sm) {
+  static int counts[kMaxDevices][2][kMaxClusterSize + 1] = {};
+  int& n = counts[current_device()][two_a_sm ? 1 : 0][C];
+  if (n > 0) return n;
+  const auto kernel = two_a_sm ? quant_mma_kernel<true, false, 2, 4> : quant_mma_kernel<true, true, 8, 6>;
+  const cudaError_t allowed = two_a_sm ? allow_smem<true, false, 2, 4>() : allow_smem<true, true, 8, 6>();
+  ClusterLaunchConfig launch(dim3(C * 64), kThreads, two_a_sm ? kMaxSmemBytes : smem_one_block(), C);
+  int found = 0;
+  if (allowed != cudaSuccess || cudaOccupancyMaxActiveClusters(&found, kernel, &launch.cfg) != cudaSuccess || found <= 0) {
+    cudaGetLastError();  // no answer: assume every SM's blocks can form clusters
+    found = blocks_per_sm(two_a_sm ? 2 : 8) * sm_count() / C;
+  }
+  return n = found;
+}
+
+// The cluster size (K split) with the least modelled time: one wave of blocks_per_sm blocks per SM; a warp's time is
+// its items (ceil(tiles per block / 8) x chunks per slice) plus staging its share of x and, split, of the reduction.
 // Ties go to the smaller split. C = 0 in the answer: nothing fits.
 Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
-  const int cols = int4 ? 128 : 64, nchunks = (K + cols - 1) / cols, ntiles = (N + 15) / 16, TT = T <= 8 ? 8 : 16;
-  const int slots = 2 * sm_count();
+  const int cols = int4 ? 128 : 64, nchunks = (K + cols - 1) / cols, ntiles = (N + 15) / 16, TT = tokens_in_n_tiles(T);
+  const bool two_a_sm = blocks_per_sm(TT / 8) == 2;
+  const size_t x_max = two_a_sm ? kMaxXBytes : smem_one_block(), smem_max = two_a_sm ? kMaxSmemBytes : smem_one_block();
+  const int slots = blocks_per_sm(TT / 8) * sm_count();
   Plan best;
   double best_cost = 1e30;
   for (int C = 1; C <= kMaxClusterSize; C *= 2) {
@@ -329,12 +427,13 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
     pl.chunks_per_slice = (nchunks + C - 1) / C;
     pl.x_stride = (pl.chunks_per_slice * cols + 63) / 64 * 64 + 32;
     const size_t x_bytes = static_cast<size_t>(T) * pl.x_stride * 2;
-    int G = std::max(1, slots / C);
+    int G = std::max(1, C == 1 ? slots : std::min(slots / C, resident_clusters(C, two_a_sm)));
     pl.tiles_per_block = (ntiles + G - 1) / G;
     G = (ntiles + pl.tiles_per_block - 1) / pl.tiles_per_block;
     pl.blocks = G * C;
-    const size_t part_bytes = C > 1 ? static_cast<size_t>(pl.tiles_per_block) * 16 * TT * 4 : 0;
-    if (x_bytes > kMaxXBytes || part_bytes > kMaxPartBytes || x_bytes + part_bytes > kMaxSmemBytes) continue;
+    const size_t part_bytes =
+        C == 1 ? 0 : static_cast<size_t>(sums_in_rounds(TT / 8) ? 2 * kWarps : pl.tiles_per_block) * 16 * TT * 4;
+    if (x_bytes > x_max || (two_a_sm && part_bytes > kMaxPartBytes) || x_bytes + part_bytes > smem_max) continue;
     pl.smem = x_bytes + part_bytes;
     const double cost = static_cast<double>((pl.tiles_per_block + kWarps - 1) / kWarps) * pl.chunks_per_slice +
                         static_cast<double>(T) * pl.chunks_per_slice * cols / 2048.0 +
@@ -349,14 +448,8 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
 
 template <bool kInt4, bool kSmallGroup, int NT, int U>
 cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
-  static bool attribute_set[kMaxDevices] = {};  // per instantiation and device: x and the partial sums may pass 48 KiB
-  const int dev = current_device();
-  if (!attribute_set[dev]) {
-    const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kSmallGroup, NT, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(kMaxSmemBytes));
-    if (e != cudaSuccess) return e;
-    attribute_set[dev] = true;
-  }
+  const cudaError_t e = allow_smem<kInt4, kSmallGroup, NT, U>();
+  if (e != cudaSuccess) return e;
   return launch_in_clusters(quant_mma_kernel<kInt4, kSmallGroup, NT, U>, p, dim3(pl.blocks), kThreads, pl.smem, pl.C,
                             pdl, stream);
 }
@@ -364,6 +457,10 @@ cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream
 template <bool kInt4>
 cudaError_t dispatch(int T, int depth, bool small_group, const QuantMmaParams& p, const Plan& pl, bool pdl,
                      cudaStream_t stream) {
+  // From 17 tokens the scales always go into the f16 weights: 4 or 8 n-tiles' unit sums apart would take 16 or 32
+  // more registers a lane and serialise each unit's mma chains behind the last unit's scaling.
+  if (T > 32) return launch<kInt4, true, 8, 6>(p, pl, pdl, stream);
+  if (T > 16) return launch<kInt4, true, 4, 8>(p, pl, pdl, stream);
   if (small_group)
     return T > 8 ? launch<kInt4, true, 2, 4>(p, pl, pdl, stream) : launch<kInt4, true, 1, 8>(p, pl, pdl, stream);
   if (T > 8) return launch<kInt4, false, 2, 4>(p, pl, pdl, stream);
@@ -396,6 +493,21 @@ bool quant_gemv_mma(const Ctx& ctx, const float* x, const QuantMatrix& w, float*
   check_cuda(ctx.st, e, "matmul", " (quantized tensor-core GEMV launch)");
   check_cuda(ctx.st, cudaGetLastError(), "matmul");
   return true;
+}
+
+bool quant_gemv_mma_passes(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
+                           bool gated) {
+  if (T < 1) return false;
+  for (const int most : {kQuantMmaMaxTokens, kQuantMmaMaxTokens / 2, kQuantMmaMaxTokens / 4}) {
+    const int passes = (T + most - 1) / most, each = (T + passes - 1) / passes, last = T - (passes - 1) * each;
+    if (!quant_gemv_mma_takes(w, each, N, K) || !quant_gemv_mma_takes(w, last, N, K)) continue;
+    const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
+    for (int t0 = 0; t0 < T; t0 += each)
+      if (!quant_gemv_mma(ctx, x + t0 * x_width, w, y + static_cast<size_t>(t0) * N, std::min(each, T - t0), N, K, gated))
+        return false;  // only on the first pass (a misaligned x): the passes' shapes were taken above
+    return true;
+  }
+  return false;
 }
 
 }  // namespace weft::cuda
