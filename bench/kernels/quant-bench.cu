@@ -1,6 +1,6 @@
 // Standalone benchmark of weft's quantized GEMV (gemv-quant.cuh: int8 per channel, int4 in groups) beside the bf16
 // GEMV of the same shape, on the Llama-2-7B decode shapes. Build and run: bench/kernels/quant-run.sh (nvcc only).
-//   quant-bench [--quick] [--sweep] [--only SHAPE FORMAT T]   (e.g. --only wqkv int8 1, for a profiler)
+//   quant-bench [--quick] [--sweep] [--only SHAPE FORMAT T] [--batches]   (e.g. --only wqkv int8 1, for a profiler)
 //   quant-bench --one-token [--sweep]   (the one-token table alone: see one_token_table)
 //   quant-bench --split                 (bf16 batches 1-8: the GEMV against cuBLAS on split x, split_table)
 // Per (shape, format, T): the path before the tensor-core kernel ("old": gemv_one_token for one int8 or int4 token, else
@@ -275,8 +275,57 @@ static int split_table(cudaStream_t stream, wc::Matmul& matmul, double bw) {
   return failures;
 }
 
+// --batches: the tensor-core GEMV alone (quant_gemv_mma, one pass) at decode batches of 1-64 tokens on Llama-3-8B's
+// w13 and w2 shapes, µs and its rates (bench/RESULTS.md session 29: the 17-64 token n-tiles). Timing only: ops-check
+// checks these outputs against the CPU.
+static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
+  struct Shape { const char* name; int N, K; };
+  const Shape shapes[] = {{"w13", 28672, 4096}, {"w2", 4096, 14336}};
+  struct Format { const char* name; DType dt; int group; };
+  const Format formats[] = {{"int4 g128", DType::I4, 128}, {"int8", DType::I8, 0}};
+  float* x;
+  CK(cudaMalloc(&x, size_t{64} * 14336 * 4));
+  bench::fill_f32<<<1024, 256, 0, stream>>>(x, size_t{64} * 14336, 7);
+  float* y;
+  CK(cudaMalloc(&y, size_t{64} * 28672 * 4));
+  std::printf("\n| shape | format | T | us | of floor | GB/s | TFMA/s |\n|---|---|---|---|---|---|---|\n");
+  for (const Format& f : formats)
+    for (const Shape& sh : shapes) {
+      const int group = f.group ? f.group : sh.K;
+      const size_t qbytes = static_cast<size_t>(sh.N) * sh.K / (f.dt == DType::I4 ? 2 : 1);
+      const size_t n_scales = static_cast<size_t>(sh.N) * (sh.K / group), bytes = qbytes + n_scales * 2;
+      const int copies = static_cast<int>(std::max<size_t>(2, (size_t{400} << 20) / bytes + 1));
+      std::vector<wc::QuantMatrix> ws(copies);
+      for (int c = 0; c < copies; ++c) {
+        void* q;
+        void* sc;
+        CK(cudaMalloc(&q, qbytes));
+        CK(cudaMalloc(&sc, n_scales * 2));
+        fill_bytes<<<1024, 256, 0, stream>>>(static_cast<uint8_t*>(q), qbytes, 11 + c);
+        fill_scales<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(sc), n_scales, 13 + c);
+        ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(sc), f.dt, group};
+      }
+      for (int T : {1, 8, 16, 17, 32, 33, 48, 64}) {
+        if (!wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K)) {
+          std::printf("| %s | %s | %d | refused (x slice too large) | | | |\n", sh.name, f.name, T);
+          continue;
+        }
+        const double ms = median_ms(stream, copies, [&](int c) { wc::quant_gemv_mma(ctx, x, ws[c], y, T, sh.N, sh.K, false); });
+        std::printf("| %s | %s | %d | %.1f | %.0f%% | %.0f | %.1f |\n", sh.name, f.name, T, ms * 1e3,
+                    100.0 * bytes / (bw * 1e6) / ms, bytes / (ms * 1e6), static_cast<double>(sh.N) * sh.K * T / (ms * 1e9));
+      }
+      for (auto& w : ws) {
+        CK(cudaFree(const_cast<void*>(w.q)));
+        CK(cudaFree(const_cast<uint16_t*>(w.scales)));
+      }
+    }
+  CK(cudaFree(x));
+  CK(cudaFree(y));
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false, one_token_only = false, split_only = false;
+  bool quick = false, sweep = false, one_token_only = false, split_only = false, batches_only = false;
   std::string only_shape, only_format;
   int only_t = 0;
   for (int i = 1; i < argc; ++i) {
@@ -284,6 +333,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--sweep")) sweep = true;
     else if (!std::strcmp(argv[i], "--one-token")) one_token_only = true;
     else if (!std::strcmp(argv[i], "--split")) split_only = true;
+    else if (!std::strcmp(argv[i], "--batches")) batches_only = true;
     else if (!std::strcmp(argv[i], "--only") && i + 3 < argc) {
       only_shape = argv[++i];
       only_format = argv[++i];
@@ -300,6 +350,7 @@ int main(int argc, char** argv) {
   std::printf("device %s, read bandwidth %.0f GB/s\n", prop.name, bw);
   if (one_token_only) return one_token_table(ctx, stream, bw, sweep) ? 1 : 0;
   if (split_only) return split_table(stream, matmul, bw) ? 1 : 0;
+  if (batches_only) return batches_table(ctx, stream, bw);
 
   struct Shape { const char* name; int N, K; bool gated; };
   const std::vector<Shape> shapes = {{"wqkv", 12288, 4096, false}, {"wo", 4096, 4096, false},

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and run the quantized-GEMV benchmark with nvcc alone (run from the repository root); the sources compile
 # in parallel, ptxas's register and spill report lands in $BUILD_DIR/quant-ptxas.txt:
-#   bench/kernels/quant-run.sh [--quick] [--sweep] [--only SHAPE FORMAT T] [--one-token] [--split]
+#   bench/kernels/quant-run.sh [--quick] [--sweep] [--only SHAPE FORMAT T] [--one-token] [--split] [--batches]
 # BUILD_ONLY=1 compiles without running (no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
