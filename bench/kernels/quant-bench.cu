@@ -275,6 +275,36 @@ static int split_table(cudaStream_t stream, wc::Matmul& matmul, double bw) {
   return failures;
 }
 
+// Copies of one quantized weight [N, K] (random codes, scales near 1/64), as many as fill ~400 MB so that timed runs
+// cycle through more than the L2 holds; `bytes` is one copy's codes and scales. free_copies releases them.
+struct QuantCopies {
+  std::vector<wc::QuantMatrix> ws;
+  size_t bytes = 0;
+};
+static QuantCopies quant_copies(cudaStream_t stream, DType dt, int group, int N, int K) {
+  const size_t qbytes = static_cast<size_t>(N) * K / (dt == DType::I4 ? 2 : 1), n_scales = static_cast<size_t>(N) * (K / group);
+  QuantCopies out;
+  out.bytes = qbytes + n_scales * 2;
+  out.ws.resize(std::max<size_t>(2, (size_t{400} << 20) / out.bytes + 1));
+  for (size_t c = 0; c < out.ws.size(); ++c) {
+    void* q;
+    void* s;
+    CK(cudaMalloc(&q, qbytes));
+    CK(cudaMalloc(&s, n_scales * 2));
+    fill_bytes<<<1024, 256, 0, stream>>>(static_cast<uint8_t*>(q), qbytes, 11 + c);
+    fill_scales<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(s), n_scales, 13 + c);
+    out.ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(s), dt, group};
+  }
+  return out;
+}
+static void free_copies(QuantCopies& copies) {
+  for (auto& w : copies.ws) {
+    CK(cudaFree(const_cast<void*>(w.q)));
+    CK(cudaFree(const_cast<uint16_t*>(w.scales)));
+  }
+  copies.ws.clear();
+}
+
 // --batches: the tensor-core GEMV alone (quant_gemv_mma, one pass) at decode batches of 1-64 tokens on Llama-3-8B's
 // w13 and w2 shapes, µs and its rates (bench/RESULTS.md session 29: the 17-64 token n-tiles). Timing only: ops-check
 // checks these outputs against the CPU.
@@ -291,20 +321,10 @@ static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   std::printf("\n| shape | format | T | us | of floor | GB/s | TFMA/s |\n|---|---|---|---|---|---|---|\n");
   for (const Format& f : formats)
     for (const Shape& sh : shapes) {
-      const int group = f.group ? f.group : sh.K;
-      const size_t qbytes = static_cast<size_t>(sh.N) * sh.K / (f.dt == DType::I4 ? 2 : 1);
-      const size_t n_scales = static_cast<size_t>(sh.N) * (sh.K / group), bytes = qbytes + n_scales * 2;
-      const int copies = static_cast<int>(std::max<size_t>(2, (size_t{400} << 20) / bytes + 1));
-      std::vector<wc::QuantMatrix> ws(copies);
-      for (int c = 0; c < copies; ++c) {
-        void* q;
-        void* sc;
-        CK(cudaMalloc(&q, qbytes));
-        CK(cudaMalloc(&sc, n_scales * 2));
-        fill_bytes<<<1024, 256, 0, stream>>>(static_cast<uint8_t*>(q), qbytes, 11 + c);
-        fill_scales<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(sc), n_scales, 13 + c);
-        ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(sc), f.dt, group};
-      }
+      QuantCopies w = quant_copies(stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K);
+      const auto& ws = w.ws;
+      const int copies = static_cast<int>(ws.size());
+      const size_t bytes = w.bytes;
       for (int T : {1, 8, 16, 17, 32, 33, 48, 64}) {
         if (!wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K)) {
           std::printf("| %s | %s | %d | refused (x slice too large) | | | |\n", sh.name, f.name, T);
@@ -314,10 +334,7 @@ static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
         std::printf("| %s | %s | %d | %.1f | %.0f%% | %.0f | %.1f |\n", sh.name, f.name, T, ms * 1e3,
                     100.0 * bytes / (bw * 1e6) / ms, bytes / (ms * 1e6), static_cast<double>(sh.N) * sh.K * T / (ms * 1e9));
       }
-      for (auto& w : ws) {
-        CK(cudaFree(const_cast<void*>(w.q)));
-        CK(cudaFree(const_cast<uint16_t*>(w.scales)));
-      }
+      free_copies(w);
     }
   CK(cudaFree(x));
   CK(cudaFree(y));
@@ -386,21 +403,10 @@ int main(int argc, char** argv) {
     for (size_t fi = 0; fi < formats.size(); ++fi) {
       const Format& f = formats[fi];
       if (!only_format.empty() && only_format != f.name) continue;
-      const int group = f.group ? f.group : sh.K;
-      const size_t qbytes = static_cast<size_t>(sh.N) * sh.K / (f.dt == DType::I4 ? 2 : 1);
-      const size_t n_scales = static_cast<size_t>(sh.N) * (sh.K / group);
-      const size_t bytes = qbytes + n_scales * 2;
-      const int copies = static_cast<int>(std::max<size_t>(2, (size_t{400} << 20) / bytes + 1));
-      std::vector<wc::QuantMatrix> ws(copies);
-      for (int c = 0; c < copies; ++c) {
-        void* q;
-        void* s;
-        CK(cudaMalloc(&q, qbytes));
-        CK(cudaMalloc(&s, n_scales * 2));
-        fill_bytes<<<1024, 256, 0, stream>>>(static_cast<uint8_t*>(q), qbytes, 11 + c);
-        fill_scales<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(s), n_scales, 13 + c);
-        ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(s), f.dt, group};
-      }
+      QuantCopies w = quant_copies(stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K);
+      const auto& ws = w.ws;
+      const int copies = static_cast<int>(ws.size());
+      const size_t bytes = w.bytes;
       for (int T : tokens) {
         if (only_t && T != only_t) continue;
         const size_t outs = static_cast<size_t>(T) * sh.N;
@@ -456,10 +462,7 @@ int main(int argc, char** argv) {
                     T, old_ms, tbs(bytes, old_ms), new_ms, tbs(bytes, new_ms), bf16_ms, tbs(bf16_bytes, bf16_ms),
                     bf16_ms / new_ms, old_ms / new_ms, old_err, new_err, best.c_str(), ok ? "" : "  CHECK FAILED");
       }
-      for (auto& w : ws) {
-        CK(cudaFree(const_cast<void*>(w.q)));
-        CK(cudaFree(const_cast<uint16_t*>(w.scales)));
-      }
+      free_copies(w);
     }
     for (auto& p : wb) CK(cudaFree(p));
     CK(cudaFree(x));
