@@ -10,7 +10,7 @@ src=native/src/cuda
 build_bench quant-bench quant-ptxas.txt bench/kernels/quant-bench.cu $src/matmul.cu $src/gemv.cu \
   $src/gemv-one-token.cu $src/gemv-one-token-mma.cu $src/gemv-rows-tma.cu $src/gemv-quant.cu $src/gemv-quant-mma.cu $src/expert-gemv.cu $src/gemm.cu \
   $src/bandwidth.cu $src/cublas-loader.cu $src/device.cc -- -ldl
-# The tensor-core kernels' registers and spills (ptxas -v), one line each (kernel<int4, small group, n-tiles, depth>).
+# The tensor-core kernels' registers and spills (ptxas -v), one line each (kernel<int4, scales in the weights, n-tiles, depth>).
 awk '/Compiling entry function .*quant_mma_kernel/ { match($0, /quant_mma_kernelILb[01]ELb[01]ELi[0-9]ELi[0-9]/); k = substr($0, RSTART, RLENGTH) }
      k && /spill stores/ { sp = $5 " bytes spilled" }
      k && /Used [0-9]+ registers/ { print k ": " $5 " registers, " sp; k = "" }' "$out/quant-ptxas.txt"

@@ -84,7 +84,7 @@ struct QuantMmaParams {
 // order once a cluster barrier has passed (one a round: a buffer is written again two rounds on, after every block
 // has passed the barrier that ends its reads). (Up to 16 tokens the rounds cost registers: the kernel kept at 128
 // spilled.)
-template <bool kInt4, bool kSmallGroup, int NT, int U>
+template <bool kInt4, bool kScalesInWeights, int NT, int U>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(const QuantMmaParams p) {
   constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
   constexpr int kLoads = kCols / 32;       // 16-byte x loads per lane per chunk
@@ -242,16 +242,16 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   const auto compute = [&](int j) {
     // Scales in the weights: this lane's two scales as f16 pairs, multiplied into every unpacked pair.
     uint32_t s2_lo = 0, s2_hi = 0;
-    if constexpr (kSmallGroup) {
+    if constexpr (kScalesInWeights) {
       const __half2 lo2 = __float2half2_rn(__uint_as_float(sc[j] << 16)), hi2 = __float2half2_rn(__uint_as_float(sc[j] & 0xffff0000u));
       s2_lo = *reinterpret_cast<const uint32_t*>(&lo2);
       s2_hi = *reinterpret_cast<const uint32_t*>(&hi2);
     }
-    const auto scaled = [&](uint32_t pair, uint32_t s2) { return kSmallGroup ? mul_f16x2(pair, s2) : pair; };
+    const auto scaled = [&](uint32_t pair, uint32_t s2) { return kScalesInWeights ? mul_f16x2(pair, s2) : pair; };
     // Scales on fp32 sums: this unit's sums apart, then scaled into acc; scales in the weights: straight into acc.
     float part_acc[NT][4];
-    float(&sums)[NT][4] = kSmallGroup ? acc : part_acc;
-    if constexpr (!kSmallGroup)
+    float(&sums)[NT][4] = kScalesInWeights ? acc : part_acc;
+    if constexpr (!kScalesInWeights)
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
         }
       }
     }
-    if constexpr (!kSmallGroup) {
+    if constexpr (!kScalesInWeights) {
       const float s_lo = __uint_as_float(sc[j] << 16), s_hi = __uint_as_float(sc[j] & 0xffff0000u);
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
@@ -379,13 +379,13 @@ size_t smem_one_block() {
 int tokens_in_n_tiles(int T) { return T <= 8 ? 8 : T <= 16 ? 16 : T <= 32 ? 32 : 64; }
 
 // Lets an instantiation ask for its class's shared memory (x and the partial sums may pass 48 KiB), once a device.
-template <bool kInt4, bool kSmallGroup, int NT, int U>
+template <bool kInt4, bool kScalesInWeights, int NT, int U>
 cudaError_t allow_smem() {
   static bool attribute_set[kMaxDevices] = {};
   const int dev = current_device();
   if (attribute_set[dev]) return cudaSuccess;
   const size_t smem_max = blocks_per_sm(NT) == 2 ? kMaxSmemBytes : smem_one_block();
-  const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kSmallGroup, NT, U>,
+  const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kScalesInWeights, NT, U>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max));
   attribute_set[dev] = e == cudaSuccess;
   return e;
@@ -446,11 +446,11 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
   return best;
 }
 
-template <bool kInt4, bool kSmallGroup, int NT, int U>
+template <bool kInt4, bool kScalesInWeights, int NT, int U>
 cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
-  const cudaError_t e = allow_smem<kInt4, kSmallGroup, NT, U>();
+  const cudaError_t e = allow_smem<kInt4, kScalesInWeights, NT, U>();
   if (e != cudaSuccess) return e;
-  return launch_in_clusters(quant_mma_kernel<kInt4, kSmallGroup, NT, U>, p, dim3(pl.blocks), kThreads, pl.smem, pl.C,
+  return launch_in_clusters(quant_mma_kernel<kInt4, kScalesInWeights, NT, U>, p, dim3(pl.blocks), kThreads, pl.smem, pl.C,
                             pdl, stream);
 }
 
