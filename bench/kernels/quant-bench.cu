@@ -306,8 +306,8 @@ static void free_copies(QuantCopies& copies) {
 }
 
 // --batches: the tensor-core GEMV alone (quant_gemv_mma, one pass) at decode batches of 1-64 tokens on Llama-3-8B's
-// w13 and w2 shapes, µs and its rates (bench/RESULTS.md session 29: the 17-64 token n-tiles). Timing only: ops-check
-// checks these outputs against the CPU.
+// w13 and w2 shapes, µs and its rates (bench/RESULTS.md session 29: the 17-64 token n-tiles), each output checked
+// against ref_kernel's double-precision sums (2e-3 of the largest: x and the scaled weights in f16).
 static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   struct Shape { const char* name; int N, K; };
   const Shape shapes[] = {{"w13", 28672, 4096}, {"w2", 4096, 14336}};
@@ -318,7 +318,10 @@ static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   bench::fill_f32<<<1024, 256, 0, stream>>>(x, size_t{64} * 14336, 7);
   float* y;
   CK(cudaMalloc(&y, size_t{64} * 28672 * 4));
-  std::printf("\n| shape | format | T | us | of floor | GB/s | TFMA/s |\n|---|---|---|---|---|---|---|\n");
+  double* ref;
+  CK(cudaMalloc(&ref, size_t{64} * 28672 * 8));
+  int failures = 0;
+  std::printf("\n| shape | format | T | us | of floor | GB/s | TFMA/s | error |\n|---|---|---|---|---|---|---|---|\n");
   for (const Format& f : formats)
     for (const Shape& sh : shapes) {
       QuantCopies w = quant_copies(stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K);
@@ -327,18 +330,27 @@ static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
       const size_t bytes = w.bytes;
       for (int T : {1, 8, 16, 17, 32, 33, 48, 64}) {
         if (!wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K)) {
-          std::printf("| %s | %s | %d | refused (x slice too large) | | | |\n", sh.name, f.name, T);
+          std::printf("| %s | %s | %d | refused (x slice too large) | | | | |\n", sh.name, f.name, T);
           continue;
         }
+        const size_t outs = static_cast<size_t>(T) * sh.N;
+        ref_kernel<<<static_cast<unsigned>((outs * 32 + 255) / 256), 256, 0, stream>>>(x, ws[0], ref, T, sh.N, sh.K, 0);
+        CK(cudaMemsetAsync(y, 0xff, outs * 4, stream));
+        wc::quant_gemv_mma(ctx, x, ws[0], y, T, sh.N, sh.K, false);
+        CK(cudaStreamSynchronize(stream));
+        const double err = max_rel_err(y, ref, outs);
+        failures += !(err <= 2e-3);
         const double ms = median_ms(stream, copies, [&](int c) { wc::quant_gemv_mma(ctx, x, ws[c], y, T, sh.N, sh.K, false); });
-        std::printf("| %s | %s | %d | %.1f | %.0f%% | %.0f | %.1f |\n", sh.name, f.name, T, ms * 1e3,
-                    100.0 * bytes / (bw * 1e6) / ms, bytes / (ms * 1e6), static_cast<double>(sh.N) * sh.K * T / (ms * 1e9));
+        std::printf("| %s | %s | %d | %.1f | %.0f%% | %.0f | %.1f | %.2g%s |\n", sh.name, f.name, T, ms * 1e3,
+                    100.0 * bytes / (bw * 1e6) / ms, bytes / (ms * 1e6), static_cast<double>(sh.N) * sh.K * T / (ms * 1e9),
+                    err, err <= 2e-3 ? "" : " CHECK FAILED");
       }
       free_copies(w);
     }
   CK(cudaFree(x));
   CK(cudaFree(y));
-  return 0;
+  CK(cudaFree(ref));
+  return failures;
 }
 
 int main(int argc, char** argv) {
