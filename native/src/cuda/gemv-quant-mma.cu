@@ -21,7 +21,8 @@
 //     from 17 tokens (then the mma sums go straight into the accumulators: no second set of 16 or 32 registers).
 //   - K is split over a cluster of C blocks (partial sums summed through distributed shared memory in a fixed
 //     order, as gemv.cu does: deterministic, no atomics); a block's 8 warps take its tiles round-robin.
-//   - 9..64 tokens: 2, 4 or 8 n-tiles of 8 share each dequantized fragment (the weights are read once a pass).
+//   - 9..64 tokens: 2, 4 or 8 n-tiles of 8 share each dequantized fragment (the weights are read once a pass); at
+//     17..32 tokens a warp takes two 16-row tiles at once, so each B fragment it reads feeds two mma.
 //     From 17 tokens a block has a SM to itself (up to 224 KiB of x and sums): decode batches of 17..64 rows had
 //     dequantized every weight into bf16 for the GEMM each step (Llama-3-8B int4 ~18.5 ms a step at 33..64 rows
 //     against 4.2 ms at 8, H200, bench/RESULTS.md session 28).
@@ -58,6 +59,12 @@ constexpr int kMaxClusterSize = 8;
 // their x slices) one block has it, and a split K sums its slices in rounds (quant_mma_kernel).
 __host__ __device__ constexpr int blocks_per_sm(int NT) { return NT <= 2 ? 2 : 1; }
 __host__ __device__ constexpr bool sums_in_rounds(int NT) { return NT > 2; }
+// From 17 tokens: the 16-row tiles a warp works on together (MT: each B fragment read from shared memory feeds MT
+// mma) and the ring's depth (U, in items of MT tiles) of the 32- and 64-token classes. Session 30 (H200, Llama-3-8B
+// shapes, bench/RESULTS.md): two tiles took w13 at 17-32 tokens 64 -> 56 us (int4) and 91 -> 69 (int8); at 33-64
+// tokens they forced a split of 8 (the doubled sums beside x) and lost (128 -> 151 us at 64).
+constexpr int kMTiles32 = 2, kDepth32 = 4, kMTiles64 = 1, kDepth64 = 6;
+__host__ __device__ constexpr int m_tiles(int NT) { return NT == 8 ? kMTiles64 : NT == 4 ? kMTiles32 : 1; }
 
 struct QuantMmaParams {
   const float* x;          // [T, K] or gated [T, 2K]
@@ -77,9 +84,10 @@ struct QuantMmaParams {
 // unit (l, t) of a chunk at halves (4 l + t) * 8 so that a quad's loads are 64 contiguous bytes; x_stride = 32 mod
 // 64 halves so that the two token rows of a load phase use different banks), then (C > 1) partial sums
 // [tiles_per_block * 16][8 NT] f32, summed over the cluster at the end. From 17 tokens (sums_in_rounds) the block's
-// tiles go in rounds of kWarps instead (round r: tile0 + 8 r + warp), so that 32 or 64 tokens' sums fit beside x
-// whatever the block's share of N: warp w's tile of a round is summed by block w % C, to whose shared memory each
-// block writes its slice's sums ([2][kWarps / C owned tiles][C slices][16][8 NT], round r's in buffer r & 1; remote
+// tiles go in rounds of kWarps groups of MT tiles instead (round r: group 8 r + warp, tiles tile0 + MT (8 r + warp)
+// + m), so that 32 or 64 tokens' sums fit beside x whatever the block's share of N: warp w's group of a round is
+// summed by block w % C, to whose shared memory each block writes its slice's sums ([2][kWarps / C owned groups][C
+// slices][16 MT][8 NT], round r's in buffer r & 1; remote
 // stores, which do not stall the warp as the remote reads of the end-of-kernel sum do), and which adds them in slice
 // order once a cluster barrier has passed (one a round: a buffer is written again two rounds on, after every block
 // has passed the barrier that ends its reads). (Up to 16 tokens the rounds cost registers: the kernel kept at 128
@@ -91,6 +99,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   constexpr int kUnits = kCols / 8;        // 8-column units per chunk
   constexpr int TT = 8 * NT;
   constexpr bool kRounds = sums_in_rounds(NT);
+  constexpr int MT = m_tiles(NT);
   extern __shared__ uint4 smem[];
   __shared__ float x_scale[TT], x_unscale[TT];
   __shared__ unsigned x_absmax[TT];
@@ -105,9 +114,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   const int ch0 = c * p.chunks_per_slice;
   const int nch = max(0, min(p.chunks_per_slice, nchunks - ch0));
   const int ntiles = max(0, min(p.tiles_per_block, (p.N + 15) / 16 - tile0));
-  const int my_tiles = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
-  const int rounds = (ntiles + kWarps - 1) / kWarps;
-  const int nitems = my_tiles * nch;
+  const int ngroups = (ntiles + MT - 1) / MT;  // a warp's unit: MT tiles (a last group's tile past ntiles: not stored)
+  const int my_groups = ngroups > warp ? (ngroups - warp + kWarps - 1) / kWarps : 0;
+  const int rounds = (ngroups + kWarps - 1) / kWarps;
+  const int nitems = my_groups * nch;
   const size_t row_bytes = kInt4 ? p.K / 2 : p.K;
   const int n_groups = p.K / p.group;
   const int T = p.T;
@@ -124,32 +134,38 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   if (!kRounds && C > 1 && nch == 0)  // an empty K slice (K / 64 or K / 128 chunks < C * chunks_per_slice): zero sums
     for (int i = threadIdx.x; i < ntiles * 16 * TT; i += kThreads) part[i] = 0.f;
 
-  // Slot j: rows g and g + 8 of a tile, 16 bytes each, and their bf16 scales (low: row g, high: row g + 8).
-  uint4 w_lo[U], w_hi[U];
-  uint32_t sc[U];
-  int load_tile = tile0 + warp, load_ch = 0, load_item = 0;
+  // Slot j, tile m of the group: rows g and g + 8, 16 bytes each, and their bf16 scales (low: row g, high: g + 8).
+  uint4 w_lo[U][MT], w_hi[U][MT];
+  uint32_t sc[U][MT];
+  int load_group = warp, load_ch = 0, load_item = 0;
   const auto load = [&](int j) {
     if (load_item >= nitems) return;
-    const int r_lo = min(load_tile * 16 + g, p.N - 1), r_hi = min(load_tile * 16 + g + 8, p.N - 1);  // past N: not stored
     const int chunk = ch0 + load_ch;
     const uint8_t* base = p.w + static_cast<size_t>(chunk) * kChunkBytes + t * 16;
-    // A lane vector past K (a partial last chunk, which only groups smaller than a chunk allow, so the zero scale
-    // multiplies this lane's weights alone): x is zero there.
-    if ((chunk * 4 + t) * (kCols / 4) >= p.K) {
-      w_lo[j] = w_hi[j] = make_uint4(0, 0, 0, 0);
-      sc[j] = 0;
-    } else {
-      w_lo[j] = load_stream(base + r_lo * row_bytes);
-      w_hi[j] = load_stream(base + r_hi * row_bytes);
-      // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
-      const int gi = n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
-      sc[j] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
-              static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int load_tile = tile0 + load_group * MT + m;
+      // Rows past N read row N - 1 and are not stored.
+      const int r_lo = min(load_tile * 16 + g, p.N - 1), r_hi = min(load_tile * 16 + g + 8, p.N - 1);
+      // A lane vector past K (a partial last chunk, which only groups smaller than a chunk allow, so the zero scale
+      // multiplies this lane's weights alone): x is zero there.
+      if ((chunk * 4 + t) * (kCols / 4) >= p.K) {
+        w_lo[j][m] = w_hi[j][m] = make_uint4(0, 0, 0, 0);
+        sc[j][m] = 0;
+      } else {
+        w_lo[j][m] = load_stream(base + r_lo * row_bytes);
+        w_hi[j][m] = load_stream(base + r_hi * row_bytes);
+        // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
+        const int gi =
+          n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
+        sc[j][m] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
+                   static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
+      }
     }
     ++load_item;
     if (++load_ch == nch) {
       load_ch = 0;
-      load_tile += kWarps;
+      load_group += kWarps;
     }
   };
 #pragma unroll
@@ -208,118 +224,138 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
     __syncthreads();
   }
 
-  float acc[NT][4];
+  float acc[MT][NT][4];
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-  int tile = tile0 + warp, ch = 0, round = 0;
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
+  int group = warp, ch = 0, round = 0;
   // Rounds: where warp w's sums of this round go (block w % C's buffer, its owned tile w / C, slice c), and the
   // round's end: the sums of the tiles this block owns.
   const auto round_sums = [&](int w) {
     return cg::this_cluster().map_shared_rank(part, w % C) +
-           ((((round & 1) * (kWarps / C) + w / C) * C + c) * 16) * TT;
+           ((((round & 1) * (kWarps / C) + w / C) * C + c) * 16 * MT) * TT;
   };
   const auto end_round = [&] {
     cg::this_cluster().sync();
-    const float* sums = part + (round & 1) * kWarps * 16 * TT;
-    for (int i = threadIdx.x; i < kWarps / C * 16 * TT; i += kThreads) {
-      const int owned = i / (16 * TT), r = (i / TT) % 16, tok = i % TT, w = owned * C + c;
-      const int row = (tile0 + kWarps * round + w) * 16 + r;
-      if (kWarps * round + w >= ntiles || tok >= T || row >= p.N) continue;
+    const float* sums = part + (round & 1) * kWarps * 16 * MT * TT;
+    for (int i = threadIdx.x; i < kWarps / C * 16 * MT * TT; i += kThreads) {
+      const int owned = i / (16 * MT * TT), r = (i / TT) % (16 * MT), tok = i % TT, w = owned * C + c;
+      const int local = (kWarps * round + w) * MT + r / 16, row = (tile0 + local) * 16 + r % 16;
+      if (local >= ntiles || tok >= T || row >= p.N) continue;
       float s = 0.f;
-      for (int q = 0; q < C; ++q) s += sums[((owned * C + q) * 16 + r) * TT + tok];
+      for (int q = 0; q < C; ++q) s += sums[((owned * C + q) * 16 * MT + r) * TT + tok];
       p.y[static_cast<size_t>(tok) * p.N + row] = s;
     }
     ++round;
   };
   // The B fragments of chunk `chl` for n-tile n: this lane's token g + 8n; past T, token T - 1 again (the sums of
   // columns past T are never stored; a load with no branch, where a zero past T cost a branch a load).
-  const auto load_x = [&](int chl, int n, int l) {
-    const int tok = min(g + 8 * n, T - 1);
-    return reinterpret_cast<const uint4*>(xs + static_cast<size_t>(tok) * p.x_stride + chl * kCols)[l * 4 + t];
-  };
+  const uint4* x_rows[NT];  // this lane's B row of each n-tile, set once (the clamp and the multiply were per load)
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+    x_rows[n] = reinterpret_cast<const uint4*>(xs + static_cast<size_t>(min(g + 8 * n, T - 1)) * p.x_stride) + t;
+  const auto load_x = [&](int chl, int n, int l) { return x_rows[n][chl * (kCols / 8) + l * 4]; };
   const auto compute = [&](int j) {
-    // Scales in the weights: this lane's two scales as f16 pairs, multiplied into every unpacked pair.
-    uint32_t s2_lo = 0, s2_hi = 0;
+    // Scales in the weights: each tile's two scales as f16 pairs, multiplied into every unpacked pair.
+    uint32_t s2_lo[MT] = {}, s2_hi[MT] = {};
     if constexpr (kScalesInWeights) {
-      const __half2 lo2 = __float2half2_rn(__uint_as_float(sc[j] << 16)), hi2 = __float2half2_rn(__uint_as_float(sc[j] & 0xffff0000u));
-      s2_lo = *reinterpret_cast<const uint32_t*>(&lo2);
-      s2_hi = *reinterpret_cast<const uint32_t*>(&hi2);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const __half2 lo2 = __float2half2_rn(__uint_as_float(sc[j][m] << 16)),
+                      hi2 = __float2half2_rn(__uint_as_float(sc[j][m] & 0xffff0000u));
+        s2_lo[m] = *reinterpret_cast<const uint32_t*>(&lo2);
+        s2_hi[m] = *reinterpret_cast<const uint32_t*>(&hi2);
+      }
     }
     const auto scaled = [&](uint32_t pair, uint32_t s2) { return kScalesInWeights ? mul_f16x2(pair, s2) : pair; };
     // Scales on fp32 sums: this unit's sums apart, then scaled into acc; scales in the weights: straight into acc.
-    float part_acc[NT][4];
-    float(&sums)[NT][4] = kScalesInWeights ? acc : part_acc;
-    if constexpr (!kScalesInWeights)
+    float part_acc[MT][NT][4];
+    float(&sums)[MT][NT][4] = kScalesInWeights ? acc : part_acc;
+    if constexpr (!kScalesInWeights) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) part_acc[n][e] = 0.f;
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part_acc[m][n][e] = 0.f;
+    }
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       uint4 xb[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n) xb[n] = load_x(ch, n, l);
-      if constexpr (kInt4) {  // word l of the 16 bytes: two steps
-        uint32_t lo[4], hi[4];
-        unpack_int4((&w_lo[j].x)[l], lo);
-        unpack_int4((&w_hi[j].x)[l], hi);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          lo[i] = scaled(lo[i], s2_lo);
-          hi[i] = scaled(hi[i], s2_hi);
-        }
+      for (int m = 0; m < MT; ++m) {
+        if constexpr (kInt4) {  // word l of the 16 bytes: two steps
+          uint32_t lo[4], hi[4];
+          unpack_int4((&w_lo[j][m].x)[l], lo);
+          unpack_int4((&w_hi[j][m].x)[l], hi);
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          mma_16816(sums[n], lo[0], hi[0], lo[1], hi[1], xb[n].x, xb[n].y);
-          mma_16816(sums[n], lo[2], hi[2], lo[3], hi[3], xb[n].z, xb[n].w);
-        }
-      } else {  // words 2l and 2l + 1: one step each
+          for (int i = 0; i < 4; ++i) {
+            lo[i] = scaled(lo[i], s2_lo[m]);
+            hi[i] = scaled(hi[i], s2_hi[m]);
+          }
+          // k-step by k-step: the NT mma of a step are independent (one n-tile's two steps back to back waited
+          // on each other)
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          uint32_t lo01, lo23, hi01, hi23;
-          unpack_int8((&w_lo[j].x)[2 * l + s], lo01, lo23);
-          unpack_int8((&w_hi[j].x)[2 * l + s], hi01, hi23);
-          lo01 = scaled(lo01, s2_lo);
-          lo23 = scaled(lo23, s2_lo);
-          hi01 = scaled(hi01, s2_hi);
-          hi23 = scaled(hi23, s2_hi);
+          for (int n = 0; n < NT; ++n) mma_16816(sums[m][n], lo[0], hi[0], lo[1], hi[1], xb[n].x, xb[n].y);
 #pragma unroll
-          for (int n = 0; n < NT; ++n)
-            mma_16816(sums[n], lo01, hi01, lo23, hi23, s ? xb[n].z : xb[n].x, s ? xb[n].w : xb[n].y);
+          for (int n = 0; n < NT; ++n) mma_16816(sums[m][n], lo[2], hi[2], lo[3], hi[3], xb[n].z, xb[n].w);
+        } else {  // words 2l and 2l + 1: one step each
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            uint32_t lo01, lo23, hi01, hi23;
+            unpack_int8((&w_lo[j][m].x)[2 * l + s], lo01, lo23);
+            unpack_int8((&w_hi[j][m].x)[2 * l + s], hi01, hi23);
+            lo01 = scaled(lo01, s2_lo[m]);
+            lo23 = scaled(lo23, s2_lo[m]);
+            hi01 = scaled(hi01, s2_hi[m]);
+            hi23 = scaled(hi23, s2_hi[m]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+              mma_16816(sums[m][n], lo01, hi01, lo23, hi23, s ? xb[n].z : xb[n].x, s ? xb[n].w : xb[n].y);
+          }
         }
       }
     }
     if constexpr (!kScalesInWeights) {
-      const float s_lo = __uint_as_float(sc[j] << 16), s_hi = __uint_as_float(sc[j] & 0xffff0000u);
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        acc[n][0] = fmaf(s_lo, part_acc[n][0], acc[n][0]);
-        acc[n][1] = fmaf(s_lo, part_acc[n][1], acc[n][1]);
-        acc[n][2] = fmaf(s_hi, part_acc[n][2], acc[n][2]);
-        acc[n][3] = fmaf(s_hi, part_acc[n][3], acc[n][3]);
+      for (int m = 0; m < MT; ++m) {
+        const float s_lo = __uint_as_float(sc[j][m] << 16), s_hi = __uint_as_float(sc[j][m] & 0xffff0000u);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[m][n][0] = fmaf(s_lo, part_acc[m][n][0], acc[m][n][0]);
+          acc[m][n][1] = fmaf(s_lo, part_acc[m][n][1], acc[m][n][1]);
+          acc[m][n][2] = fmaf(s_hi, part_acc[m][n][2], acc[m][n][2]);
+          acc[m][n][3] = fmaf(s_hi, part_acc[m][n][3], acc[m][n][3]);
+        }
       }
     }
     if (++ch < nch) return;
-    // The tile's slice is done. acc[n][e]: row g (e < 2) or g + 8, token 8n + 2t + (e & 1).
+    // The group's slice is done. acc[m][n][e]: row g (e < 2) or g + 8 of its tile m, token 8n + 2t + (e & 1).
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int m = 0; m < MT; ++m) {
+      const int local = group * MT + m;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int tok = 8 * n + 2 * t + (e & 1), row = tile * 16 + g + (e >> 1) * 8;
-        const float v = acc[n][e] * x_unscale[tok];
-        if (C == 1) {
-          if (tok < T && row < p.N) p.y[static_cast<size_t>(tok) * p.N + row] = v;
-        } else {
-          const int r = g + (e >> 1) * 8;
-          if constexpr (kRounds) round_sums(warp)[r * TT + tok] = v;
-          else part[((tile - tile0) * 16 + r) * TT + tok] = v;
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = 8 * n + 2 * t + (e & 1), r = g + (e >> 1) * 8, row = (tile0 + local) * 16 + r;
+          const float v = acc[m][n][e] * x_unscale[tok];
+          if (C == 1) {
+            if (tok < T && row < p.N && local < ntiles) p.y[static_cast<size_t>(tok) * p.N + row] = v;
+          } else {
+            if constexpr (kRounds) round_sums(warp)[(m * 16 + r) * TT + tok] = v;
+            else part[(local * 16 + r) * TT + tok] = v;
+          }
+          acc[m][n][e] = 0.f;
         }
-        acc[n][e] = 0.f;
-      }
+    }
     ch = 0;
-    tile += kWarps;
+    group += kWarps;
     if (kRounds && C > 1) end_round();
   };
 
@@ -328,8 +364,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   if (C > 1) {
     if constexpr (kRounds) {
       for (; round < rounds; end_round())  // rounds in which this warp had no item: a tile here means an empty slice
-        if (kWarps * round + warp < ntiles)
-          for (int i = lane; i < 16 * TT; i += 32) round_sums(warp)[i] = 0.f;
+        if (kWarps * round + warp < ngroups)
+          for (int i = lane; i < 16 * MT * TT; i += 32) round_sums(warp)[i] = 0.f;
     } else {
       cg::cluster_group cluster = cg::this_cluster();
       cluster.sync();
@@ -399,8 +435,8 @@ int resident_clusters(int C, bool two_a_sm) {
   static int counts[kMaxDevices][2][kMaxClusterSize + 1] = {};
   int& n = counts[current_device()][two_a_sm ? 1 : 0][C];
   if (n > 0) return n;
-  const auto kernel = two_a_sm ? quant_mma_kernel<true, false, 2, 4> : quant_mma_kernel<true, true, 8, 6>;
-  const cudaError_t allowed = two_a_sm ? allow_smem<true, false, 2, 4>() : allow_smem<true, true, 8, 6>();
+  const auto kernel = two_a_sm ? quant_mma_kernel<true, false, 2, 4> : quant_mma_kernel<true, true, 8, kDepth64>;
+  const cudaError_t allowed = two_a_sm ? allow_smem<true, false, 2, 4>() : allow_smem<true, true, 8, kDepth64>();
   ClusterLaunchConfig launch(dim3(C * 64), kThreads, two_a_sm ? kMaxSmemBytes : smem_one_block(), C);
   int found = 0;
   if (allowed != cudaSuccess || cudaOccupancyMaxActiveClusters(&found, kernel, &launch.cfg) != cudaSuccess || found <= 0) {
@@ -428,14 +464,17 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
     pl.x_stride = (pl.chunks_per_slice * cols + 63) / 64 * 64 + 32;
     const size_t x_bytes = static_cast<size_t>(T) * pl.x_stride * 2;
     int G = std::max(1, C == 1 ? slots : std::min(slots / C, resident_clusters(C, two_a_sm)));
+    const int MT = m_tiles(TT / 8);  // a block's tiles: whole groups of a warp's MT
     pl.tiles_per_block = (ntiles + G - 1) / G;
+    pl.tiles_per_block = (pl.tiles_per_block + MT - 1) / MT * MT;
     G = (ntiles + pl.tiles_per_block - 1) / pl.tiles_per_block;
     pl.blocks = G * C;
     const size_t part_bytes =
-        C == 1 ? 0 : static_cast<size_t>(sums_in_rounds(TT / 8) ? 2 * kWarps : pl.tiles_per_block) * 16 * TT * 4;
+        C == 1 ? 0 : static_cast<size_t>(sums_in_rounds(TT / 8) ? 2 * kWarps * MT : pl.tiles_per_block) * 16 * TT * 4;
     if (x_bytes > x_max || (two_a_sm && part_bytes > kMaxPartBytes) || x_bytes + part_bytes > smem_max) continue;
     pl.smem = x_bytes + part_bytes;
-    const double cost = static_cast<double>((pl.tiles_per_block + kWarps - 1) / kWarps) * pl.chunks_per_slice +
+    const double cost = static_cast<double>((pl.tiles_per_block + kWarps * MT - 1) / (kWarps * MT)) * MT *
+                            pl.chunks_per_slice +
                         static_cast<double>(T) * pl.chunks_per_slice * cols / 2048.0 +
                         (C > 1 ? static_cast<double>(pl.tiles_per_block) * 16 * TT / kThreads : 0.0);
     if (cost < best_cost) {
@@ -459,8 +498,8 @@ cudaError_t dispatch(int T, int depth, bool small_group, const QuantMmaParams& p
                      cudaStream_t stream) {
   // From 17 tokens the scales always go into the f16 weights: 4 or 8 n-tiles' unit sums apart would take 16 or 32
   // more registers a lane and serialise each unit's mma chains behind the last unit's scaling.
-  if (T > 32) return launch<kInt4, true, 8, 6>(p, pl, pdl, stream);
-  if (T > 16) return launch<kInt4, true, 4, 8>(p, pl, pdl, stream);
+  if (T > 32) return launch<kInt4, true, 8, kDepth64>(p, pl, pdl, stream);
+  if (T > 16) return launch<kInt4, true, 4, kDepth32>(p, pl, pdl, stream);
   if (small_group)
     return T > 8 ? launch<kInt4, true, 2, 4>(p, pl, pdl, stream) : launch<kInt4, true, 1, 8>(p, pl, pdl, stream);
   if (T > 8) return launch<kInt4, false, 2, 4>(p, pl, pdl, stream);

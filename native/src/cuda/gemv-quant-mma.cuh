@@ -18,7 +18,8 @@ constexpr int kQuantMmaMaxTokens = 64;
 struct QuantMmaTuning {
   int cluster = 0;  // K splits per thread-block cluster: 1, 2, 4 or 8; 0: chosen from the shape
   int depth = 0;    // 64-byte row chunks each warp keeps in flight: 4 or 8; 0: 8 (4 for 9..16 tokens; small groups 8).
-                    // 17..32 tokens always 8, 33..64 always 6 (their accumulators leave no registers for more)
+                    // 17..32 tokens always 4 items of two 16-row tiles, 33..64 always 6 (their accumulators leave
+                    // no registers for more)
   bool pdl = true;  // launch as a programmatic dependent of the kernel before (common.cuh)
 };
 
