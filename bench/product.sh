@@ -78,15 +78,7 @@ done_stage() { echo "-- $stage_name: $(since "$stage_t0")"; }
 total_t0="$(now)"
 failed=0
 
-gptfast_name() {
-  case "$1" in
-    llama-2-7b) echo Llama-2-7b-chat-hf ;;
-    llama-3-8b) echo Meta-Llama-3-8B ;;
-    mistral-7b) echo Mistral-7B ;;
-    mixtral-8x7b) echo "Mixtral-8x7B-v0.1 --moe" ;;
-    *) echo "" ;;
-  esac
-}
+. bench/anchor/gptfast-name.sh  # gptfast_name
 
 if [ "$anchor" = 1 ] && [ ! -f .anchors/gpt-fast/generate.py ]; then
   echo "product.sh: no gpt-fast tree at .anchors/gpt-fast (carry it, or pass --no-anchor); going on without the anchor" >&2

@@ -40,14 +40,7 @@ if [ "$anchor" = 1 ] && [ ! -f .anchors/gpt-fast/generate.py ]; then
   anchor=0
 fi
 
-gptfast_args() {  # the anchor's model name (and --moe) for a preset, or nothing
-  case "$1" in
-    llama-2-7b) echo Llama-2-7b-chat-hf ;;
-    llama-3-8b) echo Meta-Llama-3-8B ;;
-    mistral-7b) echo Mistral-7B ;;
-    mixtral-8x7b) echo "Mixtral-8x7B-v0.1 --moe" ;;
-  esac
-}
+. bench/anchor/gptfast-name.sh  # gptfast_name
 
 failed=0
 for entry in ${presets//,/ }; do
@@ -65,7 +58,7 @@ for entry in ${presets//,/ }; do
     failed=1
   fi
   [ "$anchor" = 1 ] || continue
-  name="$(gptfast_args "$preset")"
+  name="$(gptfast_name "$preset")"
   [ -n "$name" ] || { echo "quant-anchor.sh: no gpt-fast config for $preset" >&2; continue; }
   for quant in int8 int4; do
     if [ "$quant" = int4 ] && [[ "$name" == *--moe* ]]; then continue; fi  # gpt-fast's mixtral-moe: int8 only
