@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   };
   // The B fragments of chunk `chl` for n-tile n: this lane's token g + 8n; past T, token T - 1 again (the sums of
   // columns past T are never stored; a load with no branch, where a zero past T cost a branch a load).
-  const uint4* x_rows[NT];  // this lane's B row of each n-tile, set once (the clamp and the multiply were per load)
+  const uint4* x_rows[NT];  // this lane's B row (token) of each n-tile
 #pragma unroll
   for (int n = 0; n < NT; ++n)
     x_rows[n] = reinterpret_cast<const uint4*>(xs + static_cast<size_t>(min(g + 8 * n, T - 1)) * p.x_stride) + t;
