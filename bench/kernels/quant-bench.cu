@@ -306,9 +306,9 @@ static void free_copies(QuantCopies& copies) {
 }
 
 // --batches: the tensor-core GEMV alone (quant_gemv_mma: one pass, or the product's passes where one does not fit)
-// at decode batches of 1-64 tokens on Llama-3-8B's
-// w13 and w2 shapes, µs and its rates (bench/RESULTS.md session 29: the 17-64 token n-tiles), each output checked
-// against ref_kernel's double-precision sums (2e-3 of the largest: x and the scaled weights in f16).
+// at decode batches of 1-64 tokens on Llama-3-8B's w13 and w2 shapes, µs and its rates (bench/RESULTS.md session
+// 29: the 17-64 token n-tiles), each output checked against ref_kernel's double-precision sums (2e-3 of the largest:
+// x and the scaled weights in f16).
 static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   struct Shape { const char* name; int N, K; };
   const Shape shapes[] = {{"w13", 28672, 4096}, {"w2", 4096, 14336}};
