@@ -62,7 +62,7 @@ __host__ __device__ constexpr bool sums_in_rounds(int NT) { return NT > 2; }
 // From 17 tokens: the 16-row tiles a warp works on together (MT: each B fragment read from shared memory feeds MT
 // mma) and the ring's depth (U, in items of MT tiles) of the 32- and 64-token classes. Session 30 (H200, Llama-3-8B
 // shapes, bench/RESULTS.md): two tiles took w13 at 17-32 tokens 64 -> 56 us (int4) and 91 -> 69 (int8); at 33-64
-// tokens they forced a split of 8 (the doubled sums beside x) and lost (128 -> 151 us at 64).
+// tokens they forced a split of 8 (the doubled sums beside x) and lost (w13 int4 at 64: 131.6 -> 151.0 us).
 constexpr int kMTiles32 = 2, kDepth32 = 4, kMTiles64 = 1, kDepth64 = 6;
 __host__ __device__ constexpr int m_tiles(int NT) { return NT == 8 ? kMTiles64 : NT == 4 ? kMTiles32 : 1; }
 
@@ -87,11 +87,10 @@ struct QuantMmaParams {
 // tiles go in rounds of kWarps groups of MT tiles instead (round r: group 8 r + warp, tiles tile0 + MT (8 r + warp)
 // + m), so that 32 or 64 tokens' sums fit beside x whatever the block's share of N: warp w's group of a round is
 // summed by block w % C, to whose shared memory each block writes its slice's sums ([2][kWarps / C owned groups][C
-// slices][16 MT][8 NT], round r's in buffer r & 1; remote
-// stores, which do not stall the warp as the remote reads of the end-of-kernel sum do), and which adds them in slice
-// order once a cluster barrier has passed (one a round: a buffer is written again two rounds on, after every block
-// has passed the barrier that ends its reads). (Up to 16 tokens the rounds cost registers: the kernel kept at 128
-// spilled.)
+// slices][16 MT][8 NT], round r's in buffer r & 1; remote stores, which do not stall the warp as the remote reads of
+// the end-of-kernel sum do), and which adds them in slice order once a cluster barrier has passed (one a round: a
+// buffer is written again two rounds on, after every block has passed the barrier that ends its reads). (Up to 16
+// tokens the rounds cost registers: the kernel kept at 128 spilled.)
 template <bool kInt4, bool kScalesInWeights, int NT, int U>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(const QuantMmaParams p) {
   constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
@@ -232,8 +231,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
   int group = warp, ch = 0, round = 0;
-  // Rounds: where warp w's sums of this round go (block w % C's buffer, its owned tile w / C, slice c), and the
-  // round's end: the sums of the tiles this block owns.
+  // Rounds: where warp w's sums of this round go (block w % C's buffer, its owned group w / C, slice c), and the
+  // round's end: the sums of the groups' tiles this block owns.
   const auto round_sums = [&](int w) {
     return cg::this_cluster().map_shared_rank(part, w % C) +
            ((((round & 1) * (kWarps / C) + w / C) * C + c) * 16 * MT) * TT;
