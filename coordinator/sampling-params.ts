@@ -3,8 +3,10 @@
  * WEFT_BAD_REQUEST whose message names the field (as the caller spelled it) and the offending value.
  *
  * Field names: the camelCase names of {@link SamplingParams}, or their snake_case spellings
- * (`top_k`, `top_p`, `max_new_tokens`, `ignore_eos`, `stop_token_ids`, `top_logprobs`); giving both spellings of one field
- * is an error, and so is any other key. A field that is `undefined` or `null` takes its default.
+ * (`top_k`, `top_p`, `max_new_tokens`, `ignore_eos`, `stop_token_ids`, `top_logprobs`; `max_tokens` and
+ * `max_completion_tokens` too, the OpenAI and vLLM names); giving two spellings of one field is an error, and so
+ * is any other key. A field that is `undefined` or `null` takes its default. A failure about one field carries its
+ * name as the caller spelled it in `param` (the HTTP gateway's error `param`).
  */
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
@@ -54,10 +56,10 @@ const attentionSchema = z.strictObject({
 /** The request's attention against what the cluster serves: refused (WEFT_BAD_REQUEST, naming `what`) when it cannot. */
 function resolveAttention(given: z.infer<typeof attentionSchema>, limits: AttentionLimits | undefined, what = 'sampling parameter attention'): AttentionRequest {
   if (given.mode === 'dense') {
-    if (given.r !== undefined || given.k !== undefined) throw bad(`${what}: r and k apply to mode sparq only`);
+    if (given.r !== undefined || given.k !== undefined) throw bad(`${what}: r and k apply to mode sparq only`, 'attention');
     return { mode: 'dense' };
   }
-  if (!limits?.sparq) throw bad(`${what}: this cluster attends densely; SparQ requests need a cluster started with --attention sparq`);
+  if (!limits?.sparq) throw bad(`${what}: this cluster attends densely; SparQ requests need a cluster started with --attention sparq`, 'attention');
   const setting = { r: given.r ?? limits.sparq.r, k: given.k ?? limits.sparq.k };
   checkSparqSetting(setting, limits.spec, limits.device);
   return { mode: 'sparq', ...setting };
@@ -98,7 +100,7 @@ const SPELLINGS = {
   topK: ['topK', 'top_k'],
   topP: ['topP', 'top_p'],
   seed: ['seed'],
-  maxNewTokens: ['maxNewTokens', 'max_new_tokens'],
+  maxNewTokens: ['maxNewTokens', 'max_new_tokens', 'max_tokens', 'max_completion_tokens'],
   ignoreEos: ['ignoreEos', 'ignore_eos'],
   stopTokenIds: ['stopTokenIds', 'stop_token_ids'],
   logprobs: ['logprobs', 'top_logprobs'],
@@ -137,8 +139,8 @@ function show(value: unknown): string {
   return Object.prototype.toString.call(value);
 }
 
-function bad(message: string): WeftError {
-  return new WeftError('WEFT_BAD_REQUEST', message);
+function bad(message: string, param?: string): WeftError {
+  return new WeftError('WEFT_BAD_REQUEST', message, param === undefined ? undefined : { param });
 }
 
 function randomSeed(): number {
@@ -185,7 +187,7 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
       name += `[${index}]`;
       value = (value as unknown[])[index];
     }
-    throw bad(`sampling parameter ${name} ${issue.message}, got ${show(value)}`);
+    throw bad(`sampling parameter ${name} ${issue.message}, got ${show(value)}`, nameOf(field));
   }
   const p = result.data;
 
@@ -203,16 +205,17 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
 
   const { maxContext, promptLength, vocabSize, contextName: limitName = contextName(maxContext, false) } = limits;
   if (params.topK > vocabSize)
-    throw bad(`sampling parameter ${nameOf('topK')} must be <= the vocabulary size ${vocabSize} (0 = off), got ${params.topK}`);
+    throw bad(`sampling parameter ${nameOf('topK')} must be <= the vocabulary size ${vocabSize} (0 = off), got ${params.topK}`, nameOf('topK'));
   params.stopTokenIds.forEach((id, i) => {
     if (id < 0 || id >= vocabSize)
-      throw bad(`sampling parameter ${nameOf('stopTokenIds')}[${i}] must be a token id in [0, ${vocabSize}), got ${id}`);
+      throw bad(`sampling parameter ${nameOf('stopTokenIds')}[${i}] must be a token id in [0, ${vocabSize}), got ${id}`, nameOf('stopTokenIds'));
   });
   if (!Number.isInteger(promptLength) || promptLength < 1)
-    throw bad(`the prompt must hold at least one token, got ${show(promptLength)}`);
+    throw bad(`the prompt must hold at least one token, got ${show(promptLength)}`, 'prompt');
   if (promptLength + params.maxNewTokens > maxContext)
     throw bad(
       `prompt of ${promptLength} tokens plus ${nameOf('maxNewTokens')} ${params.maxNewTokens} exceeds ${limitName}`,
+      nameOf('maxNewTokens'),
     );
   return params;
 }
@@ -230,14 +233,14 @@ export function contextName(maxContext: number, capped: boolean): string {
  * `maxContext` long (named by `limitName`). Returns a copy; throws WeftError WEFT_BAD_REQUEST naming the first bad index.
  */
 export function validatePromptIds(ids: unknown, vocabSize: number, maxContext: number, limitName = contextName(maxContext, false)): number[] {
-  if (!Array.isArray(ids)) throw bad(`prompt token ids must be an array, got ${show(ids)}`);
-  if (ids.length === 0) throw bad('prompt token ids must not be empty');
-  if (ids.length > maxContext) throw bad(`prompt of ${ids.length} tokens exceeds ${limitName}`);
+  if (!Array.isArray(ids)) throw bad(`prompt token ids must be an array, got ${show(ids)}`, 'prompt');
+  if (ids.length === 0) throw bad('prompt token ids must not be empty', 'prompt');
+  if (ids.length > maxContext) throw bad(`prompt of ${ids.length} tokens exceeds ${limitName}`, 'prompt');
   const out = new Array<number>(ids.length);
   for (let i = 0; i < ids.length; i++) {
     const id: unknown = ids[i];
     if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocabSize)
-      throw bad(`prompt token id at index ${i} must be an integer in [0, ${vocabSize}), got ${show(id)}`);
+      throw bad(`prompt token id at index ${i} must be an integer in [0, ${vocabSize}), got ${show(id)}`, 'prompt');
     out[i] = id;
   }
   return out;

@@ -21,10 +21,13 @@ export type WeftErrorCode =
 
 export class WeftError extends Error {
   readonly code: WeftErrorCode;
-  constructor(code: WeftErrorCode, message: string, options?: { cause?: unknown }) {
+  /** the request field at fault, as the caller spelled it (a bad request's; the HTTP gateway answers it as `param`) */
+  readonly param?: string;
+  constructor(code: WeftErrorCode, message: string, options?: { cause?: unknown; param?: string }) {
     super(message, options);
     this.name = 'WeftError';
     this.code = code;
+    if (options?.param !== undefined) this.param = options.param;
   }
 }
 

@@ -72,7 +72,8 @@ function errorBody(err: unknown): { status: number; body: { error: { message: st
   const code = isWeftError(err) ? err.code : 'WEFT_INTERNAL';
   const status = STATUS[code] ?? 500;
   const type = status < 500 ? 'invalid_request_error' : code === 'WEFT_BUSY' ? 'overloaded_error' : 'server_error';
-  return { status, body: { error: { message: (err as Error).message ?? String(err), type, param: null, code } } };
+  const param = isWeftError(err) ? (err.param ?? null) : null;
+  return { status, body: { error: { message: (err as Error).message ?? String(err), type, param, code } } };
 }
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {

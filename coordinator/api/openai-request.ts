@@ -117,14 +117,17 @@ export function samplingOf(body: CommonBody, chatPromptLength: number | null, ma
     if (maxNewTokens < 1)
       throw new HttpError(400, 'context_length_exceeded', `the messages are ${chatPromptLength} tokens, which fill the context of ${maxContext} tokens (--max-context): no room for an answer`, 'messages');
   }
+  // Keys spelled as the body spells them (the sampling parameters take the OpenAI names too), so that a refusal
+  // names the field the client sent, in its message and in the error's `param`.
+  const maxTokensName = isSet(body.max_completion_tokens) ? 'max_completion_tokens' : 'max_tokens';
   return {
-    maxNewTokens,
+    [maxTokensName]: maxNewTokens,
     temperature: body.temperature ?? 1,
-    topP: body.top_p ?? 1,
-    ...(isSet(body.top_k) && { topK: Math.max(0, body.top_k!) }),
+    top_p: body.top_p ?? 1,
+    ...(isSet(body.top_k) && { top_k: Math.max(0, body.top_k!) }),
     ...(isSet(body.seed) && { seed: body.seed! >>> 0 }),
-    ...(body.stop_token_ids && { stopTokenIds: body.stop_token_ids }),
-    ...(body.ignore_eos && { ignoreEos: true }),
+    ...(body.stop_token_ids && { stop_token_ids: body.stop_token_ids }),
+    ...(body.ignore_eos && { ignore_eos: true }),
     ...(logprobs.samplingLogprobs !== null && { logprobs: logprobs.samplingLogprobs }),
     ...(body.attention !== undefined && { attention: body.attention }),
   };

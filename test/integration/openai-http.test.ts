@@ -106,7 +106,7 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     assert.equal(full.status, 400, error.message);
   });
 
-  test('fields weft does not implement are a 400 naming them; its vLLM extras and `user` are accepted', async () => {
+  test('fields weft does not implement, and values it refuses, are a 400 naming them; its vLLM extras and `user` are accepted', async () => {
     const refused = await post('/v1/completions', { prompt: 'hi', max_tokens: 1, repetition_penalty: 1.1, min_p: 0.05 });
     assert.equal(refused.status, 400);
     const { error } = (await refused.json()) as OpenAiError;
@@ -123,6 +123,21 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
       assert.equal(res.status, 400, `${param}: ${answer.error.message}`);
       assert.equal(answer.error.param, param);
       assert.match(answer.error.message, new RegExp(param.replace('.', '\\.')));
+    }
+    // values the sampling parameters refuse: named as the body spells them, in the message and in param
+    const values: [string, Record<string, unknown>, string][] = [
+      ['/v1/completions', { prompt: 'hi', top_p: 0 }, 'top_p'],
+      ['/v1/completions', { prompt: 'hi', max_tokens: MAX_CONTEXT }, 'max_tokens'],
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_completion_tokens: MAX_CONTEXT }, 'max_completion_tokens'],
+      ['/v1/completions', { prompt: [1, 1_000_000], max_tokens: 2 }, 'prompt'],
+      ['/v1/completions', { prompt: 'hi', max_tokens: 2, stop_token_ids: [-1] }, 'stop_token_ids'],
+    ];
+    for (const [path, body, param] of values) {
+      const res = await post(path, body);
+      const answer = (await res.json()) as OpenAiError;
+      assert.equal(res.status, 400, `${param}: ${answer.error.message}`);
+      assert.deepEqual([answer.error.type, answer.error.param], ['invalid_request_error', param], answer.error.message);
+      assert.match(answer.error.message, new RegExp(param === 'prompt' ? 'prompt token id' : param));
     }
     const off = await post('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, n: 1, logprobs: false, presence_penalty: 0, logit_bias: {}, response_format: { type: 'text' }, tool_choice: 'none', store: false });
     assert.equal(off.status, 200, 'fields set to "off" are accepted');

@@ -52,7 +52,7 @@ test('input must be an object', () => {
 test('unknown keys are rejected', () => {
   assert.equal(parse({ top_p: 0.5 }).topP, 0.5);
   rejects(() => parse({ temprature: 1 }), '"temprature"');
-  rejects(() => parse({ topK: 1, max_tokens: 5 }), '"max_tokens"');
+  rejects(() => parse({ topK: 1, min_p: 0.1 }), '"min_p"');
 });
 
 test('temperature: finite, >= 0, <= 100', () => {
@@ -118,6 +118,29 @@ test('promptLength + maxNewTokens <= maxContext', () => {
     () => parse({ max_new_tokens: 16 }, { ...limits, promptLength: 600 }),
     "prompt of 600 tokens plus max_new_tokens 16 exceeds the model's context of 512 tokens",
   );
+});
+
+test("a refusal about one field carries its name as the caller spelled it in param; max_tokens and max_completion_tokens spell maxNewTokens", () => {
+  const paramOf = (fn: () => unknown): string | undefined => {
+    try {
+      fn();
+    } catch (e) {
+      assert.ok(isWeftError(e));
+      return e.param;
+    }
+    assert.fail('not refused');
+  };
+  assert.equal(paramOf(() => parse({ top_p: 0 })), 'top_p');
+  assert.equal(paramOf(() => parse({ topP: 2 })), 'topP');
+  assert.equal(paramOf(() => parse({ top_k: 513 })), 'top_k');
+  assert.equal(paramOf(() => parse({ stop_token_ids: [512] })), 'stop_token_ids');
+  assert.equal(paramOf(() => parse({}, { ...limits, promptLength: 0 })), 'prompt');
+  assert.equal(paramOf(() => validatePromptIds([1, 512], 512, 64)), 'prompt');
+  assert.equal(parse({ max_tokens: 7 }).maxNewTokens, 7);
+  assert.equal(parse({ max_completion_tokens: 9 }).maxNewTokens, 9);
+  rejects(() => parse({ max_tokens: 503 }), 'prompt of 10 tokens plus max_tokens 503 exceeds');
+  assert.equal(paramOf(() => parse({ max_completion_tokens: 503 })), 'max_completion_tokens');
+  rejects(() => parse({ max_tokens: 5, maxNewTokens: 5 }), 'max_tokens and maxNewTokens are the same field');
 });
 
 test('a context the --max-context cap limits is named as that cap', () => {
