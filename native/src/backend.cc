@@ -368,6 +368,17 @@ void check_cache(const char* op, const Tensor& k_cache, const Tensor& v_cache, c
   WEFT_CHECK(token_seq.dim(0) == n_tokens && positions.dim(0) == n_tokens, op, Arg{"tokenSeq", token_seq}, " and ",
              Arg{"positions", positions}, " must both be [", n_tokens, "] (one per token)");
 }
+
+// Shared by the attention ops after check_cache: nHeads a positive multiple of the cache's nKv, q [T, nHeads * hd],
+// a finite scale.
+void check_query(const char* op, const Tensor& q, const Tensor& k_cache, int64_t n_heads, float scale) {
+  const int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
+  WEFT_CHECK(n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads,
+             " must be a positive multiple of nKv = ", n_kv, " (from ", Arg{"kCache", k_cache}, ")");
+  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
+             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
+  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
+}
 }  // namespace
 
 void Backend::write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
@@ -388,12 +399,7 @@ Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& 
   const char* op = "attention";
   need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, q.dim(0));
-  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
-  WEFT_CHECK(n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads,
-             " must be a positive multiple of nKv = ", n_kv, " (from ", Arg{"kCache", k_cache}, ")");
-  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
-             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
-  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
+  check_query(op, q, k_cache, n_heads, scale);
   Tensor out = empty(DType::F32, q.shape);
   run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
   return out;
@@ -406,16 +412,12 @@ Tensor Backend::attention_bifurcated(const Tensor& q, const Tensor& k_cache, con
   const char* op = "attentionBifurcated";
   need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, q.dim(0));
-  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
-  WEFT_CHECK(n_heads > 0 && n_kv > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads,
-             " must be a positive multiple of nKv = ", n_kv, " (from ", Arg{"kCache", k_cache}, ")");
-  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
-             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
+  check_query(op, q, k_cache, n_heads, scale);
+  const int64_t hd = k_cache.dim(3);
   WEFT_CHECK(hd <= 256, op, "head dim ", hd, " is over the 256 the bifurcated kernels hold (", Arg{"kCache", k_cache}, ")");
   // the seam for quantized caches: the kernels' K and V loads (cuda/attention-bifurcated.cuh) take their scales
   WEFT_CHECK(k_cache.dtype == DType::F32 || k_cache.dtype == DType::BF16, op, Arg{"kCache", k_cache},
              ": the bifurcated kernels read f32 and bf16 caches only");
-  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
   need(op, {"tokenGroup", token_group}, 1, "[T]", kI32);
   need(op, {"groupShared", group_shared}, 1, "[G]", kI32);
   WEFT_CHECK(token_group.dim(0) == q.dim(0), op, Arg{"tokenGroup", token_group}, " must be [", q.dim(0),
@@ -498,12 +500,7 @@ Tensor Backend::sparq_attention(const Tensor& q, const Tensor& k_cache, const Te
   need(op, {"sparqK", sparq_k}, 1, "[T]", kI32);
   WEFT_CHECK(sparq_r.dim(0) == q.dim(0) && sparq_k.dim(0) == q.dim(0), op, Arg{"sparqR", sparq_r}, " and ",
              Arg{"sparqK", sparq_k}, " must both be [", q.dim(0), "] (one per token)");
-  int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
-  WEFT_CHECK(n_heads > 0 && n_heads % n_kv == 0, op, "nHeads = ", n_heads, " must be a positive multiple of nKv = ",
-             n_kv, " (from ", Arg{"kCache", k_cache}, ")");
-  WEFT_CHECK(q.dim(1) == n_heads * hd, op, Arg{"q", q}, " does not match nHeads = ", n_heads, " and ",
-             Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
-  WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
+  check_query(op, q, k_cache, n_heads, scale);
   Tensor out = empty(DType::F32, q.shape);
   run_sparq_attention(q, k_cache, v_cache, k_t, v_sum, token_seq, kv_block_table, positions, sparq_r, sparq_k,
                       n_heads, scale, out);
@@ -521,10 +518,7 @@ Tensor Backend::sage_attention(const Tensor& q, const Tensor& k_cache, const Ten
   if (T < kSageMinTokens || T == kv_block_table.dim(0))  // the exact path checks the rest
     return attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale);
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, T);
-  const int64_t n_kv = k_cache.dim(1), hd = k_cache.dim(3);
-  WEFT_CHECK(n_heads > 0 && n_heads % n_kv == 0 && q.dim(1) == n_heads * hd && std::isfinite(scale), op, Arg{"q", q},
-             ", nHeads = ", n_heads, " and scale = ", scale, " do not fit ", Arg{"kCache", k_cache},
-             " (need nHeads a positive multiple of nKv, q [T, nHeads * hd], a finite scale)");
+  check_query(op, q, k_cache, n_heads, scale);
   Tensor out = empty(DType::F32, q.shape);
   run_sage_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, pv, out);
   return out;
