@@ -24,6 +24,7 @@ const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   keygen: 'write CURVE keys for the RPC socket: server.json, client.json, clients.txt (mode 0600)',
   worker: 'run one worker rank (started by the coordinator, or by hand to join one)',
   quantize: 'write a weight-only int8 or int4 copy of a dense checkpoint, or convert a GPTQ/AWQ one (safetensors and config.json)',
+  doctor: 'check that this host can run the model as asked: Node.js, the addon, CUDA, NCCL, ZeroMQ, the model, then one token; exit 1 if a check fails',
 };
 
 /** The version package.json gives, for `weft --version`. */
@@ -202,6 +203,13 @@ function buildProgram(): Command {
   command(program, 'quantize', async (config) => {
     const { quantizeCheckpoint } = await import('./quantize.ts');
     process.stdout.write(JSON.stringify(await quantizeCheckpoint(config)) + '\n');
+  });
+  command(program, 'doctor', async (config) => {
+    const { runDoctor, formatDoctorReport } = await import('./doctor.ts');
+    const { modelDir, tp, device, collectives, ncclLibrary } = config;
+    const report = await runDoctor({ modelDir, tp, device, collectives, ncclLibrary });
+    process.stdout.write(config.json ? JSON.stringify(report) + '\n' : formatDoctorReport(report));
+    if (!report.ok) process.exitCode = 1;
   });
   command(program, 'worker', async (config) => {
     useNcclEnvironment();

@@ -285,6 +285,16 @@ export interface NativeInfo {
   version: string;
 }
 
+/** What the CUDA runtime of this build reports of the host (cudaReport(): `weft doctor`). */
+export interface CudaReport {
+  /** 1000 major + 10 minor (13000: 13.0); 0 when there is no driver, or no CUDA in this build */
+  driverVersion: number;
+  runtimeVersion: number;
+  /** why no device is seen (a build without CUDA, no driver, a driver older than the runtime); '' when the query worked */
+  error: string;
+  devices: { index: number; name: string; computeCapability: string; memoryBytes: number; sms: number }[];
+}
+
 /** Where a shared-GPU group's exchange regions live: device memory shared through CUDA IPC, or a /dev/shm file. */
 export type SharedGpuMemory = 'device-ipc' | 'host-shm';
 
@@ -313,6 +323,7 @@ export interface SharedGpuGroup {
 interface NativeAddon {
   Engine: new (options: EngineOptions) => Engine;
   nativeInfo(): NativeInfo;
+  cudaReport(): CudaReport;
   SharedGpuGroup: new (device: number, rank: number, world: number, dataBytes: number, timeoutMs: number, memory: SharedGpuMemory) => SharedGpuGroup;
   cudaDeviceCount(): number;
 }
@@ -374,6 +385,11 @@ export function createEngine(options: EngineOptions): Engine {
 /** Build facts of the native addon (loads it if needed). */
 export function nativeInfo(): NativeInfo {
   return load().nativeInfo();
+}
+
+/** The CUDA runtime's versions and devices as this build sees them (loads the addon if needed). */
+export function cudaReport(): CudaReport {
+  return load().cudaReport();
 }
 
 /** Opens rank `rank` of a shared-GPU group on CUDA device `device`; its data area holds `dataBytes` (larger collectives run in chunks). */

@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { PACKAGE_ROOT } from '../package-layout.ts';
 import { finite, flag, fraction, idList, integer, matching, milliseconds, nameList, oneOf, text, type ValueType } from './values.ts';
 
-export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker' | 'quantize';
+export type CommandName = 'generate' | 'score' | 'serve' | 'launch' | 'status' | 'logs' | 'stop' | 'keygen' | 'worker' | 'quantize' | 'doctor';
 /** Where options enter in code: startCluster / Cluster.open, and serve(). */
 export type ApiContext = 'cluster' | 'server';
 export type Context = CommandName | ApiContext;
@@ -57,15 +57,15 @@ const threadsFor = (ranks: unknown): number => Math.max(1, Math.floor(availableP
 export const OPTIONS = {
   // the model and its split
   modelDir: {
-    flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch', 'quantize'], required: true,
-    defaultIn: { generate: DEFAULT_MODEL_DIR, score: DEFAULT_MODEL_DIR, serve: DEFAULT_MODEL_DIR, launch: DEFAULT_MODEL_DIR },
+    flag: '--model', arg: 'DIR', type: text, env: 'WEFT_MODEL', help: 'Hugging Face model directory', uses: [...CLUSTER, 'launch', 'quantize', 'doctor'], required: true,
+    defaultIn: { generate: DEFAULT_MODEL_DIR, score: DEFAULT_MODEL_DIR, serve: DEFAULT_MODEL_DIR, launch: DEFAULT_MODEL_DIR, doctor: DEFAULT_MODEL_DIR },
     defaultHelp: 'the built-in models/sotu-llama (required in startCluster and quantize)',
   },
   tp: {
     flag: '--tp', arg: 'N', type: integer(1), env: 'WEFT_TP', default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
-    help: 'tensor-parallel degree (worker processes)', uses: [...CLUSTER, 'launch'],
+    help: 'tensor-parallel degree (worker processes)', uses: [...CLUSTER, 'launch', 'doctor'],
   },
-  device: { flag: '--device', arg: 'cpu|cuda', type: oneOf('cpu', 'cuda'), env: 'WEFT_DEVICE', default: 'cpu', defaultIn: { launch: 'cuda' }, defaultHelp: 'cpu (launch: cuda)', help: 'compute backend', uses: [...CLUSTER, 'launch'] },
+  device: { flag: '--device', arg: 'cpu|cuda', type: oneOf('cpu', 'cuda'), env: 'WEFT_DEVICE', default: 'cpu', defaultIn: { launch: 'cuda' }, defaultHelp: 'cpu (launch: cuda)', help: 'compute backend', uses: [...CLUSTER, 'launch', 'doctor'] },
   gpus: { flag: '--gpus', arg: 'LIST', type: idList, defaultHelp: '0..N-1', help: 'GPU index per rank, e.g. 0,1,2,3', uses: ['launch'] },
   expertParallel: { flag: '--expert-parallel', type: flag, env: 'WEFT_EXPERT_PARALLEL', default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
   maxContext: { flag: '--max-context', arg: 'N', type: integer(1), env: 'WEFT_MAX_CONTEXT', default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
@@ -79,7 +79,7 @@ export const OPTIONS = {
   },
   collectives: {
     flag: '--collectives', arg: 'auto|nccl|shared-gpu', type: oneOf('auto', 'nccl', 'shared-gpu'), env: 'WEFT_COLLECTIVES', default: 'auto',
-    defaultHelp: 'auto: NCCL when there is a GPU per rank, else shared-gpu', help: 'how cuda ranks combine tensors: NCCL, or shared-gpu for several ranks on one GPU (CUDA IPC, else /dev/shm)', uses: [...CLUSTER, 'launch'],
+    defaultHelp: 'auto: NCCL when there is a GPU per rank, else shared-gpu', help: 'how cuda ranks combine tensors: NCCL, or shared-gpu for several ranks on one GPU (CUDA IPC, else /dev/shm)', uses: [...CLUSTER, 'launch', 'doctor'],
   },
   attention: {
     flag: '--attention', arg: 'dense|sparq', type: oneOf('dense', 'sparq'), env: 'WEFT_ATTENTION', default: 'dense', uses: [...CLUSTER, 'launch'],
@@ -151,7 +151,7 @@ export const OPTIONS = {
   seed: { flag: '--seed', arg: 'S', type: integer(0), help: 'random seed (same seed, same tokens)', uses: ['generate'] },
   ignoreEos: { flag: '--ignore-eos', type: flag, default: false, help: 'keep generating past EOS', uses: ['generate'] },
   ids: { flag: '--ids', arg: 'IDS', type: idList, help: 'comma-separated token ids to score', uses: ['score'], required: true },
-  json: { flag: '--json', type: flag, default: false, help: 'print one JSON object instead of text', uses: ['generate', 'score', 'status'] },
+  json: { flag: '--json', type: flag, default: false, help: 'print one JSON object instead of text', uses: ['generate', 'score', 'status', 'doctor'] },
 
   // serving
   host: { flag: '--host', arg: 'HOST', type: text, env: 'WEFT_HOST', default: '127.0.0.1', help: 'interface RPC and HTTP bind (non-loopback needs --curve-dir and --api-key)', uses: ['serve', 'launch', 'server'] },
@@ -205,7 +205,7 @@ export const OPTIONS = {
   heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: milliseconds(100), env: 'WEFT_HEARTBEAT_TIMEOUT', default: 30_000, defaultIn: { serve: 4000 }, defaultHelp: '4000 (30000 in startCluster)', help: 'a worker silent this long is declared dead (checked every 250 ms, so within 5 s at the default)', uses: ['serve', 'cluster'] },
   joinTimeoutMs: { type: milliseconds(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
   workerStderr: { type: oneOf('tail', 'inherit'), env: 'WEFT_WORKER_STDERR', default: 'tail', help: "'inherit' echoes spawned workers' stderr; 'tail' keeps its last lines for error messages", uses: ['generate', 'score', 'serve'] },
-  ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker'] },
+  ncclLibrary: { type: text, env: 'WEFT_NCCL_LIBRARY', default: 'libnccl.so.2', help: 'the NCCL library loaded for multi-GPU groups', uses: ['generate', 'score', 'serve', 'worker', 'doctor'] },
 
   // one worker rank
   coordinator: { flag: '--coordinator', arg: 'ENDPOINT', type: matching(/^(tcp:\/\/.+:\d+|ipc:\/\/\/.+)$/, 'tcp://HOST:PORT or ipc:///PATH'), help: 'coordinator endpoint, tcp://HOST:PORT or ipc:///PATH', uses: ['worker'], required: true },

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <thread>
 
+#include "cuda-info.h"
 #include "js-args.h"
 #include "shared-gpu-binding.h"
 
@@ -42,6 +44,30 @@ Napi::Value nativeInfo(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(info.Env());
   out.Set("cuda", Napi::Boolean::New(info.Env(), have_cuda_backend()));
   out.Set("version", Napi::String::New(info.Env(), WEFT_VERSION));
+  return out;
+}
+
+// cudaReport(): cuda_report() (cuda-info.h) as { driverVersion, runtimeVersion, error, devices: [{ index, name,
+// computeCapability: "9.0", memoryBytes, sms }] }.
+Napi::Value cudaReport(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const CudaReport report = cuda_report();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("driverVersion", Napi::Number::New(env, report.driver_version));
+  out.Set("runtimeVersion", Napi::Number::New(env, report.runtime_version));
+  out.Set("error", Napi::String::New(env, report.error));
+  Napi::Array devices = Napi::Array::New(env, report.devices.size());
+  for (size_t i = 0; i < report.devices.size(); ++i) {
+    const CudaDeviceInfo& d = report.devices[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("index", Napi::Number::New(env, d.index));
+    o.Set("name", Napi::String::New(env, d.name));
+    o.Set("computeCapability", Napi::String::New(env, std::to_string(d.major) + "." + std::to_string(d.minor)));
+    o.Set("memoryBytes", Napi::Number::New(env, static_cast<double>(d.memory_bytes)));
+    o.Set("sms", Napi::Number::New(env, d.sms));
+    devices.Set(static_cast<uint32_t>(i), o);
+  }
+  out.Set("devices", devices);
   return out;
 }
 
@@ -775,6 +801,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   data->graph_class = Napi::Persistent(GraphHandle::Define(env));
   exports.Set("Engine", EngineHandle::Define(env));
   exports.Set("nativeInfo", Napi::Function::New<nativeInfo>(env, "nativeInfo"));
+  exports.Set("cudaReport", Napi::Function::New<cudaReport>(env, "cudaReport"));
   InitSharedGpu(env, exports);
   return exports;
 }

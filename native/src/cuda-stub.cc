@@ -3,6 +3,7 @@
 #include "backend.h"
 #include "error.h"
 #include "shared-gpu.h"
+#include "cuda-info.h"
 
 namespace weft {
 
@@ -17,5 +18,11 @@ std::unique_ptr<SharedGpuGroup> make_shared_gpu_group(int, int, int, int64_t, do
 }
 
 int cuda_device_count() { return 0; }
+
+CudaReport cuda_report() {
+  CudaReport report;
+  report.error = "weft was built without CUDA (rebuild with WEFT_CUDA=1 on a host with nvcc and cuBLAS)";
+  return report;
+}
 
 }  // namespace weft

@@ -242,7 +242,7 @@ test('on a terminal, weft generate draws the load progress bar and its closing l
 });
 
 test("each command's help lists exactly its declared flags", async () => {
-  const commands: CommandName[] = ['generate', 'score', 'serve', 'launch', 'status', 'logs', 'stop', 'keygen', 'worker'];
+  const commands: CommandName[] = ['generate', 'score', 'serve', 'launch', 'status', 'logs', 'stop', 'keygen', 'worker', 'doctor'];
   for (const command of commands) {
     const help = await runWeft([command, '--help']);
     assert.equal(help.code, 0, help.stderr);

@@ -1,10 +1,12 @@
-// The engine's device: opening it, the one CUDA error path (fail_cuda), and the device-status report.
+// The engine's device: opening it, the one CUDA error path (fail_cuda), and the device-status report; and what the
+// runtime reports of the host's devices (cuda-info.h, for `weft doctor`).
 #include "cuda/device.h"
 
 #include <cstring>
 #include <sstream>
 
 #include "cuda/common.cuh"
+#include "cuda-info.h"
 #include "error.h"
 
 namespace weft::cuda {
@@ -132,3 +134,29 @@ void check_status(DeviceState& st) {
 }
 
 }  // namespace weft::cuda
+
+namespace weft {
+
+CudaReport cuda_report() {
+  CudaReport report;
+  if (cudaDriverGetVersion(&report.driver_version) != cudaSuccess) report.driver_version = 0;
+  if (cudaRuntimeGetVersion(&report.runtime_version) != cudaSuccess) report.runtime_version = 0;
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    report.error = cudaGetErrorString(e);
+    cudaGetLastError();  // not sticky: clear it for the next call
+    return report;
+  }
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, i) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
+    report.devices.push_back({i, p.name, p.major, p.minor, static_cast<int64_t>(p.totalGlobalMem), p.multiProcessorCount});
+  }
+  return report;
+}
+
+}  // namespace weft

@@ -1,0 +1,157 @@
+/**
+ * `weft doctor`: whether this host can run weft as asked, one check at a time, each saying what it found and, when
+ * it cannot run, what to change. In order: Node.js, the native addon, the CUDA runtime and its devices, NCCL, ZeroMQ,
+ * the model directory, and last a real run: the cluster started as asked (worker processes, sockets, collectives,
+ * weights) and one token generated. The checks after a failure that they depend on are skipped, saying which.
+ * The earlier checks find what the run would only report as a failure to start (a CUDA driver older than the
+ * runtime, an NCCL that does not load, a model weft cannot read); the run finds the rest.
+ */
+import { readFileSync } from 'node:fs';
+import * as zmq from 'zeromq';
+import { readModelSpec } from '../core/model-spec.ts';
+import { cudaReport, nativeInfo, type CudaReport, type NativeInfo } from '../worker/native.ts';
+import { loadNccl } from '../worker/collectives/nccl.ts';
+import { startCluster } from './cluster.ts';
+import { PACKAGE_ROOT } from './package-layout.ts';
+
+export type CheckStatus = 'ok' | 'warn' | 'fail' | 'skip';
+export interface DoctorCheck {
+  readonly name: 'node' | 'addon' | 'cuda' | 'nccl' | 'zeromq' | 'model' | 'run';
+  readonly status: CheckStatus;
+  readonly detail: string;
+}
+export interface DoctorReport {
+  /** no check failed */
+  readonly ok: boolean;
+  readonly checks: readonly DoctorCheck[];
+}
+export interface DoctorOptions {
+  readonly modelDir: string;
+  readonly tp: number;
+  readonly device: 'cpu' | 'cuda';
+  readonly collectives?: 'auto' | 'nccl' | 'shared-gpu';
+  /** the NCCL library the workers would load */
+  readonly ncclLibrary?: string;
+}
+
+const PACKAGE = JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 'utf8')) as { version: string; engines: { node: string } };
+/** The kernels are built for this compute capability (native/build.mjs: sm_90a). */
+const KERNEL_ARCH = '9.0';
+
+const messageOf = (err: unknown): string => ((err as Error).message ?? String(err)).split('\n')[0]!;
+/** 13000 -> "13.0", 12080 -> "12.8" (the CUDA runtime's encoding) */
+const cudaVersion = (v: number): string => `${Math.floor(v / 1000)}.${Math.floor((v % 1000) / 10)}`;
+/** 22803 -> "2.28.3" (NCCL's encoding since 2.9) */
+const ncclVersion = (v: number): string => `${Math.floor(v / 10000)}.${Math.floor((v % 10000) / 100)}.${v % 100}`;
+const gib = (bytes: number): string => `${(bytes / 2 ** 30).toFixed(1)} GiB`;
+
+function checkNode(): DoctorCheck {
+  const [major = 0, minor = 0] = process.versions.node.split('.').map(Number);
+  const [needMajor = 0, needMinor = 0] = (/(\d+)\.(\d+)/.exec(PACKAGE.engines.node) ?? []).slice(1).map(Number);
+  const fits = major > needMajor || (major === needMajor && minor >= needMinor);
+  return { name: 'node', status: fits ? 'ok' : 'fail', detail: `Node.js ${process.versions.node}${fits ? '' : `: weft needs ${PACKAGE.engines.node} (package.json engines)`}` };
+}
+
+function checkAddon(device: DoctorOptions['device']): { check: DoctorCheck; info: NativeInfo | null } {
+  let info: NativeInfo;
+  try {
+    info = nativeInfo();
+  } catch (err) {
+    return { check: { name: 'addon', status: 'fail', detail: messageOf(err) }, info: null };
+  }
+  const built = `weft.node ${info.version}, CUDA backend: ${info.cuda ? 'yes' : 'no'}`;
+  if (info.version !== PACKAGE.version)
+    return { check: { name: 'addon', status: 'warn', detail: `${built}, built from another version than this package's ${PACKAGE.version}: run \`npm run build:native\`` }, info };
+  if (device === 'cuda' && !info.cuda)
+    return { check: { name: 'addon', status: 'fail', detail: `${built}; --device cuda needs the CUDA build (WEFT_CUDA=1 npm run build:native, on a host with nvcc 13)` }, info };
+  return { check: { name: 'addon', status: 'ok', detail: built }, info };
+}
+
+function checkCuda(device: DoctorOptions['device'], info: NativeInfo | null): DoctorCheck {
+  if (info === null) return { name: 'cuda', status: 'skip', detail: 'the addon did not load' };
+  if (!info.cuda) return { name: 'cuda', status: 'skip', detail: device === 'cpu' ? 'not needed with --device cpu (a CPU-only build)' : 'a CPU-only build' };
+  let report: CudaReport;
+  try {
+    report = cudaReport();
+  } catch (err) {
+    return { name: 'cuda', status: device === 'cuda' ? 'fail' : 'warn', detail: messageOf(err) };
+  }
+  const versions = `driver ${report.driverVersion ? cudaVersion(report.driverVersion) : 'none'}, runtime ${cudaVersion(report.runtimeVersion)}`;
+  if (report.devices.length === 0) {
+    const why = report.error || 'no device';
+    return { name: 'cuda', status: device === 'cuda' ? 'fail' : 'skip', detail: `${why} (${versions})${device === 'cuda' ? ': check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES' : ''}` };
+  }
+  const list = report.devices.map((d) => `${d.index} ${d.name} (sm ${d.computeCapability}, ${gib(d.memoryBytes)}, ${d.sms} SMs)`).join('; ');
+  const other = report.devices.filter((d) => d.computeCapability !== KERNEL_ARCH);
+  if (device === 'cuda' && other.length > 0)
+    return { name: 'cuda', status: other.length === report.devices.length ? 'fail' : 'warn', detail: `${list}; ${versions}: the kernels are built for compute capability ${KERNEL_ARCH} (Hopper), not ${[...new Set(other.map((d) => d.computeCapability))].join(', ')}` };
+  return { name: 'cuda', status: 'ok', detail: `${report.devices.length} device${report.devices.length > 1 ? 's' : ''}: ${list}; ${versions}` };
+}
+
+function checkNccl(options: DoctorOptions, cuda: DoctorCheck): DoctorCheck {
+  if (options.device !== 'cuda') return { name: 'nccl', status: 'skip', detail: 'not needed with --device cpu' };
+  if (cuda.status === 'fail' || cuda.status === 'skip') return { name: 'nccl', status: 'skip', detail: 'no CUDA device to check it with' };
+  const path = options.ncclLibrary ?? 'libnccl.so.2';
+  try {
+    return { name: 'nccl', status: 'ok', detail: `NCCL ${ncclVersion(loadNccl(path).version())} (${path})` };
+  } catch (err) {
+    // Needed only where the ranks combine through NCCL: more than one rank with collectives other than shared-gpu.
+    const needed = options.tp > 1 && options.collectives !== 'shared-gpu';
+    return { name: 'nccl', status: needed ? 'fail' : 'warn', detail: `${messageOf(err)}${needed ? '' : ' (needed only for more than one rank on NCCL)'}` };
+  }
+}
+
+function checkZeromq(): DoctorCheck {
+  const curve = zmq.capability.curve === true;
+  return {
+    name: 'zeromq',
+    status: curve ? 'ok' : 'warn',
+    detail: `libzmq ${zmq.version}, CURVE ${curve ? 'available' : 'missing: sockets on other than loopback are refused (they need CURVE keys)'}`,
+  };
+}
+
+function checkModel(modelDir: string): DoctorCheck {
+  try {
+    const spec = readModelSpec(modelDir);
+    const kv = spec.nKvHeads === spec.nHeads ? '' : `, ${spec.nKvHeads} KV heads`;
+    const experts = spec.nExperts ? `, ${spec.nExperts} experts` : '';
+    return { name: 'model', status: 'ok', detail: `${modelDir}: ${spec.architecture}, ${spec.nLayers} layers, hidden ${spec.hidden}, ${spec.nHeads} heads${kv}${experts}, vocabulary ${spec.vocabSize}, context ${spec.maxContext}` };
+  } catch (err) {
+    return { name: 'model', status: 'fail', detail: messageOf(err) };
+  }
+}
+
+/** The cluster as asked, one greedy token, closed again: every process it started is gone when this returns. */
+async function checkRun(options: DoctorOptions): Promise<DoctorCheck> {
+  const started = performance.now();
+  let cluster: Awaited<ReturnType<typeof startCluster>> | undefined;
+  try {
+    cluster = await startCluster({ modelDir: options.modelDir, tp: options.tp, device: options.device, ...(options.collectives && { collectives: options.collectives }) });
+    const loaded = performance.now();
+    let tokens = 0;
+    for await (const event of cluster.generate({ prompt: 'The', sampling: { maxNewTokens: 1, temperature: 0, ignoreEos: true } })) if (event.type === 'token') tokens += 1;
+    const ms = (t: number): string => `${t.toFixed(0)} ms`;
+    return { name: 'run', status: tokens === 1 ? 'ok' : 'fail', detail: `${options.tp} rank${options.tp > 1 ? 's' : ''} on ${options.device}: started and loaded in ${ms(loaded - started)}, first token in ${ms(performance.now() - loaded)}` };
+  } catch (err) {
+    return { name: 'run', status: 'fail', detail: messageOf(err) };
+  } finally {
+    await cluster?.close();
+  }
+}
+
+export async function runDoctor(options: DoctorOptions): Promise<DoctorReport> {
+  const checks: DoctorCheck[] = [checkNode()];
+  const addon = checkAddon(options.device);
+  checks.push(addon.check);
+  const cuda = checkCuda(options.device, addon.info);
+  checks.push(cuda, checkNccl(options, cuda), checkZeromq(), checkModel(options.modelDir));
+  const blocking = checks.filter((c) => c.status === 'fail').map((c) => c.name);
+  checks.push(blocking.length > 0 ? { name: 'run', status: 'skip', detail: `not tried: ${blocking.join(', ')} failed` } : await checkRun(options));
+  return { ok: checks.every((c) => c.status !== 'fail'), checks };
+}
+
+/** The report as text: a line a check, status first. */
+export function formatDoctorReport(report: DoctorReport): string {
+  const width = Math.max(...report.checks.map((c) => c.name.length));
+  return report.checks.map((c) => `${c.status.padEnd(4)}  ${c.name.padEnd(width)}  ${c.detail}`).join('\n') + '\n';
+}
