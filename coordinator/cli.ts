@@ -37,20 +37,38 @@ const VERSION = (JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 
 function command<C extends CommandName>(program: Command, name: C, run: (config: ConfigOf<C>, flags: CommandLineValues) => Promise<void>): void {
   const cmd = program.command(name).description(DESCRIPTIONS[name]);
   const flagged: [string, Option][] = [];
+  const aliased: [string, string, Option][] = [];  // key, alias flag, its option (hidden: the main flag's help names it)
   for (const [key, decl] of declarationsOf(name)) {
     if (decl.flag === undefined) continue;
     const fallback = describeDefault(decl, name);
-    const notes = [decl.required && 'required', fallback !== undefined && `default: ${fallback}`, decl.env !== undefined && `env ${decl.env}`].filter(Boolean);
-    const option = new Option(decl.arg ? `${decl.flag} <${decl.arg}>` : decl.flag, decl.help + (notes.length ? ` (${notes.join('; ')})` : ''));
+    const notes = [decl.required && 'required', fallback !== undefined && `default: ${fallback}`, decl.env !== undefined && `env ${decl.env}`, decl.aliases && `also ${decl.aliases.join(', ')}`].filter(Boolean);
+    const spelling = (flag: string): string => (decl.arg ? `${flag} <${decl.arg}>` : flag);
+    const option = new Option(spelling(decl.flag), decl.help + (notes.length ? ` (${notes.join('; ')})` : ''));
     cmd.addOption(option);
     flagged.push([key, option]);
+    for (const alias of decl.aliases ?? []) {
+      const hidden = new Option(spelling(alias)).hideHelp();
+      cmd.addOption(hidden);
+      aliased.push([key, alias, hidden]);
+    }
   }
   cmd.action(async () => {
-    const flags: CommandLineValues = Object.fromEntries(flagged.map(([key, option]) => [key, cmd.getOptionValue(option.attributeName()) as string | true | undefined]));
+    const valueOf = (option: Option) => cmd.getOptionValue(option.attributeName()) as string | true | undefined;
+    const flags: Record<string, string | true | undefined> = Object.fromEntries(flagged.map(([key, option]) => [key, valueOf(option)]));
+    const spelled: Record<string, string> = {};
     let config: ConfigOf<C>;
     try {
+      for (const [key, alias, option] of aliased) {
+        const value = valueOf(option);
+        if (value === undefined) continue;
+        const main = flagged.find(([k]) => k === key)![1];
+        if (flags[key] !== undefined || spelled[key] !== undefined)
+          throw new WeftError('WEFT_BAD_CONFIG', `${spelled[key] ?? main.long} and ${alias} are the same option; give one`);
+        flags[key] = value;
+        spelled[key] = alias;
+      }
       processEnvironment(); // a bad WEFT_* variable fails here, before anything starts
-      config = commandConfig(name, flags);
+      config = commandConfig(name, flags as CommandLineValues, process.env, spelled);
     } catch (err) {
       throw asConfigError(err);
     }

@@ -135,13 +135,14 @@ const FROM_FILE: Partial<Record<OptionKey, { readonly key: OptionKey; readonly f
  * over the default. `--worker-secret-file` (or WEFT_WORKER_SECRET_FILE) wins over WEFT_WORKER_SECRET and
  * `--worker-curve-file` over WEFT_WORKER_CURVE; both files are read here.
  */
-export function commandConfig<C extends CommandName>(command: C, flags: CommandLineValues, env: NodeJS.ProcessEnv = process.env): ConfigOf<C> {
+export function commandConfig<C extends CommandName>(command: C, flags: CommandLineValues, env: NodeJS.ProcessEnv = process.env, spelled: Readonly<Partial<Record<OptionKey, string>>> = {}): ConfigOf<C> {
   return resolve(command, (key, decl) => {
     const fromFile = FROM_FILE[key];
     const file = fromFile && (flags[fromFile.key] ?? given(OPTIONS[fromFile.key], env));
     if (fromFile && typeof file === 'string') return { value: readOptionFile(file, fromFile.flag, fromFile.privateFile), from: `the file ${file}`, isText: true };
     const flagged = flags[key];
-    if (decl.flag !== undefined && flagged !== undefined) return flagged === true ? { value: true, from: decl.flag, isText: false } : { value: flagged, from: decl.flag, isText: true };
+    const from = spelled[key as OptionKey] ?? decl.flag;  // the flag's alias where the command line used one
+    if (from !== undefined && flagged !== undefined) return flagged === true ? { value: true, from, isText: false } : { value: flagged, from, isText: true };
     const variable = given(decl, env);
     return variable === undefined ? undefined : { value: variable, from: decl.env!, isText: true };
   }) as ConfigOf<C>;

@@ -22,6 +22,8 @@ export type Derive<T> = (config: Resolved) => T;
 export interface OptionDeclaration<T> {
   /** absent: the option is set by environment variable or in code only */
   readonly flag?: `--${string}`;
+  /** other spellings of the flag: vLLM's names for the same setting, so that its users' command lines carry over */
+  readonly aliases?: readonly `--${string}`[];
   /** the placeholder of its value in help ("N", "DIR"); absent for a switch */
   readonly arg?: string;
   readonly type: ValueType<T>;
@@ -62,15 +64,15 @@ export const OPTIONS = {
     defaultHelp: 'the built-in models/sotu-llama (required in startCluster and quantize)',
   },
   tp: {
-    flag: '--tp', arg: 'N', type: integer(1), env: 'WEFT_TP', default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
+    flag: '--tp', aliases: ['--tensor-parallel-size'], arg: 'N', type: integer(1), env: 'WEFT_TP', default: 1, defaultIn: { launch: (c: Resolved) => (c.gpus as number[] | undefined)?.length ?? 1 }, defaultHelp: '1 (launch: one per --gpus entry)',
     help: 'tensor-parallel degree (worker processes)', uses: [...CLUSTER, 'launch', 'doctor'],
   },
   device: { flag: '--device', arg: 'cpu|cuda', type: oneOf('cpu', 'cuda'), env: 'WEFT_DEVICE', default: 'cpu', defaultIn: { launch: 'cuda' }, defaultHelp: 'cpu (launch: cuda)', help: 'compute backend', uses: [...CLUSTER, 'launch', 'doctor'] },
   gpus: { flag: '--gpus', arg: 'LIST', type: idList, defaultHelp: '0..N-1', help: 'GPU index per rank, e.g. 0,1,2,3', uses: ['launch'] },
   expertParallel: { flag: '--expert-parallel', type: flag, env: 'WEFT_EXPERT_PARALLEL', default: false, help: 'Mixtral: whole experts per rank instead of every expert cut across ranks', uses: CLUSTER },
-  maxContext: { flag: '--max-context', arg: 'N', type: integer(1), env: 'WEFT_MAX_CONTEXT', default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
+  maxContext: { flag: '--max-context', aliases: ['--max-model-len'], arg: 'N', type: integer(1), env: 'WEFT_MAX_CONTEXT', default: 4096, help: "cap on the context length (KV cache per sequence); the model's own is used when smaller", uses: [...CLUSTER, 'launch'] },
   kvSlots: {
-    flag: '--kv-slots', arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: (c: Resolved) => (c.device === 'cuda' ? 256 : 16), defaultHelp: '16 on cpu, 256 on cuda',
+    flag: '--kv-slots', aliases: ['--max-num-seqs'], arg: 'N', type: integer(1), env: 'WEFT_KV_SLOTS', default: (c: Resolved) => (c.device === 'cuda' ? 256 : 16), defaultHelp: '16 on cpu, 256 on cuda',
     help: 'sequences running at once at most (each costs only a row of block table; the KV pool is --kv-cache-tokens)', uses: [...CLUSTER, 'launch'],
   },
   kvDtype: {
@@ -102,7 +104,7 @@ export const OPTIONS = {
     help: 'positions the paged KV cache holds, shared by all sequences (its memory: layers × 2 × KV heads × head size × dtype bytes each); at least one full context', uses: [...CLUSTER, 'launch'],
   },
   gpuMemoryFraction: {
-    flag: '--gpu-memory-fraction', arg: 'F', type: fraction, env: 'WEFT_GPU_MEMORY_FRACTION', default: 0.9,
+    flag: '--gpu-memory-fraction', aliases: ['--gpu-memory-utilization'], arg: 'F', type: fraction, env: 'WEFT_GPU_MEMORY_FRACTION', default: 0.9,
     help: "cuda: of each GPU's memory, what weft may use (vLLM's gpu_memory_utilization); the paged KV pool is what it leaves after the weights and the step arena (at most --kv-slots full contexts; ranks sharing a GPU divide it), unless --kv-cache-tokens is given (not beside a draft model, which shares the GPUs)", uses: [...CLUSTER, 'launch'],
   },
   maxNumBatchedTokens: {

@@ -15,7 +15,8 @@ const API: Partial<Record<Context, string>> = { cluster: 'startCluster', server:
 
 function row(key: string, decl: OptionDeclaration<unknown>): string {
   const code = (text: string | undefined): string => (text === undefined ? '' : `\`${text}\``);
-  const flag = decl.flag === undefined ? '' : code(decl.arg ? `${decl.flag} ${decl.arg}` : decl.flag);
+  const spelling = (flag: string): string => code(decl.arg ? `${flag} ${decl.arg}` : flag);
+  const flag = decl.flag === undefined ? '' : [spelling(decl.flag), ...(decl.aliases ?? []).map((alias) => `(also ${spelling(alias)})`)].join(' ');
   const inCode = decl.uses.some((use) => use in API) ? code(decl.field ?? key) : '';
   const uses = decl.uses.map((use) => API[use] ?? use).join(', ');
   const cells = [flag, code(decl.env), inCode, describeDefault(decl) ?? (decl.required ? 'required' : ''), uses, decl.help];

@@ -157,6 +157,21 @@ describe('bad input: clear error, non-zero exit, nothing left running', () => {
     assert.equal(fromEnv.code, 78);
   });
 
+  test("vLLM's flag names carry over (--tensor-parallel-size, --max-model-len, --max-num-seqs); a bad value names the spelling used; both spellings are refused", async () => {
+    const args = ['generate', '--model', llama, '--prompt-ids', prompt0, '--max-new-tokens', '6', '--ignore-eos', '--json'];
+    const aliased = await runWeft([...args, '--tensor-parallel-size', '2', '--max-model-len', '256', '--max-num-seqs', '2']);
+    assert.equal(aliased.code, 0, aliased.stderr);
+    assert.deepEqual((JSON.parse(aliased.stdout) as { tokens: number[] }).tokens, reference.greedy[0]!.slice(0, 6));
+    assert.deepEqual(aliased.leftover, []);
+    const capped = await runWeft([...args, '--max-model-len', '4']);
+    assertCleanFailure(capped, /--max-context cap of 4 tokens/);
+    const bad = await runWeft([...args, '--tensor-parallel-size', 'two']);
+    assertCleanFailure(bad, /^weft: WEFT_BAD_CONFIG: --tensor-parallel-size must be an integer >= 1, got "two"$/);
+    assert.equal(bad.code, 78);
+    const both = await runWeft([...args, '--tp', '1', '--tensor-parallel-size', '2']);
+    assertCleanFailure(both, /^weft: WEFT_BAD_CONFIG: --tp and --tensor-parallel-size are the same option; give one$/);
+  });
+
   test('--quantize-lm-head without --quantize names both flags', async () => {
     const result = await runWeft(['generate', '--model', llama, '--prompt-ids', prompt0, '--quantize-lm-head']);
     assertCleanFailure(result, /^weft: WEFT_BAD_MODEL: --quantize-lm-head .*--quantize is not set$/);
