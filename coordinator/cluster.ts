@@ -1,4 +1,15 @@
 /**
+ * The ready state's detail (`weft serve`'s log, /health): what is served, and what the KV pool holds, as vLLM prints
+ * it at start-up (its blocks, and how many sequences fit at the full context), so an operator sees the concurrency
+ * the memory allows before sending load.
+ */
+function servingDetail(model: string, tp: number, kv: KvCacheLayout): string {
+  const blocks = kv.kvBlocks - (kv.paddingBlock === null ? 0 : 1);
+  const positions = blocks * kv.kvBlockSize;
+  return `serving ${model} on ${tp} rank${tp === 1 ? '' : 's'}; KV cache ${positions} positions (${blocks} blocks of ${kv.kvBlockSize}, ${kv.kvDtype}): ${Math.floor(positions / kv.maxContext)} sequences at the full context of ${kv.maxContext}`;
+}
+
+/**
  * A running cluster: the model's spec and tokenizer, its shard plan, one worker group, and the scheduler that
  * batches requests onto it. Everything is checked before a worker starts (cluster-plan.ts), so a model that
  * cannot run is refused before any weight byte is read; the groups' states, fault recovery and the draft group's
@@ -23,7 +34,7 @@ import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { WeftError, listenError } from '../core/errors.ts';
 import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
 import { apiConfig } from './config.ts';
-import { KvBlockTable, kvCacheLayout } from '../core/kv-block-table.ts';
+import { KvBlockTable, kvCacheLayout, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { GroupLifecycle } from './group-lifecycle.ts';
 import { allStarted, planCluster } from './cluster-plan.ts';
 import type { ClusterOptions, ClusterSettings, ClusterState, ClusterStats, DraftSide, GenerateRequest, GroupInitCommand, ModelInfo, RequestOptions, ScoreResult } from './cluster-types.ts';
@@ -67,7 +78,7 @@ export class Cluster {
       },
       true,
     );
-    this.lifecycle = new GroupLifecycle(initCommand, this.scheduler, draft, this.speculative, options, `serving ${basename(resolve(options.modelDir))} on ${plan.tp} ranks`);
+    this.lifecycle = new GroupLifecycle(initCommand, this.scheduler, draft, this.speculative, options, servingDetail(basename(resolve(options.modelDir)), plan.tp, kvLayout));
     this.ready = this.lifecycle.bringUp(groupStarting);
     this.ready.catch(() => undefined);
   }

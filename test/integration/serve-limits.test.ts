@@ -43,6 +43,17 @@ describe('weft serve with 1 KV slot, a queue of 1, a bearer token and a chat tem
     rmSync(dir, { recursive: true, force: true });
   });
 
+  test("/health's ready detail names what is served and what the KV pool holds (as vLLM prints its blocks and concurrency)", async () => {
+    const { status, detail } = (await (await fetch(`${server.http}/health`)).json()) as { status: string; detail: string };
+    assert.equal(status, 'ready');
+    const m = /^serving weft-chat-\w+ on 1 rank; KV cache (\d+) positions \((\d+) blocks of 16, f32\): (\d+) sequences at the full context of (\d+)$/.exec(detail);
+    assert.ok(m, detail);
+    const [positions, blocks, sequences, context] = m.slice(1).map(Number) as [number, number, number, number];
+    assert.equal(positions, blocks * 16);
+    assert.equal(sequences, 4, 'the default pool: four full contexts (--kv-cache-tokens), whatever --kv-slots is');
+    assert.equal(positions, sequences * context);
+  });
+
   test('every route but the public ones needs the token', async () => {
     for (const route of HttpGateway.routes()) {
       const [method, path] = route.split(' ') as [string, string];
