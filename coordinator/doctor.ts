@@ -8,10 +8,10 @@
  */
 import { readFileSync } from 'node:fs';
 import * as zmq from 'zeromq';
+import type { HostProbe } from '../core/host-probe.ts';
 import { readModelSpec } from '../core/model-spec.ts';
-import { cudaReport, nativeInfo, type CudaReport, type NativeInfo } from '../worker/native.ts';
-import { loadNccl } from '../worker/collectives/nccl.ts';
 import { startCluster } from './cluster.ts';
+import { WORKER_ENTRY } from './config.ts';
 import { PACKAGE_ROOT } from './package-layout.ts';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail' | 'skip';
@@ -37,6 +37,7 @@ export interface DoctorOptions {
 const PACKAGE = JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 'utf8')) as { version: string; engines: { node: string } };
 /** The kernels are built for this compute capability (native/build.mjs: sm_90a). */
 const KERNEL_ARCH = '9.0';
+const DEFAULT_NCCL = 'libnccl.so.2';
 
 const messageOf = (err: unknown): string => ((err as Error).message ?? String(err)).split('\n')[0]!;
 /** 13000 -> "13.0", 12080 -> "12.8" (the CUDA runtime's encoding) */
@@ -52,30 +53,19 @@ function checkNode(): DoctorCheck {
   return { name: 'node', status: fits ? 'ok' : 'fail', detail: `Node.js ${process.versions.node}${fits ? '' : `: weft needs ${PACKAGE.engines.node} (package.json engines)`}` };
 }
 
-function checkAddon(device: DoctorOptions['device']): { check: DoctorCheck; info: NativeInfo | null } {
-  let info: NativeInfo;
-  try {
-    info = nativeInfo();
-  } catch (err) {
-    return { check: { name: 'addon', status: 'fail', detail: messageOf(err) }, info: null };
-  }
-  const built = `weft.node ${info.version}, CUDA backend: ${info.cuda ? 'yes' : 'no'}`;
-  if (info.version !== PACKAGE.version)
-    return { check: { name: 'addon', status: 'warn', detail: `${built}, built from another version than this package's ${PACKAGE.version}: run \`npm run build:native\`` }, info };
-  if (device === 'cuda' && !info.cuda)
-    return { check: { name: 'addon', status: 'fail', detail: `${built}; --device cuda needs the CUDA build (WEFT_CUDA=1 npm run build:native, on a host with nvcc 13)` }, info };
-  return { check: { name: 'addon', status: 'ok', detail: built }, info };
+function checkAddon(device: DoctorOptions['device'], probe: HostProbe): DoctorCheck {
+  if ('error' in probe.addon) return { name: 'addon', status: 'fail', detail: probe.addon.error };
+  const { version, cuda } = probe.addon;
+  const built = `weft.node ${version}, CUDA backend: ${cuda ? 'yes' : 'no'}`;
+  if (version !== PACKAGE.version) return { name: 'addon', status: 'warn', detail: `${built}, built from another version than this package's ${PACKAGE.version}: run \`npm run build:native\`` };
+  if (device === 'cuda' && !cuda) return { name: 'addon', status: 'fail', detail: `${built}; --device cuda needs the CUDA build (WEFT_CUDA=1 npm run build:native, on a host with nvcc 13)` };
+  return { name: 'addon', status: 'ok', detail: built };
 }
 
-function checkCuda(device: DoctorOptions['device'], info: NativeInfo | null): DoctorCheck {
-  if (info === null) return { name: 'cuda', status: 'skip', detail: 'the addon did not load' };
-  if (!info.cuda) return { name: 'cuda', status: 'skip', detail: device === 'cpu' ? 'not needed with --device cpu (a CPU-only build)' : 'a CPU-only build' };
-  let report: CudaReport;
-  try {
-    report = cudaReport();
-  } catch (err) {
-    return { name: 'cuda', status: device === 'cuda' ? 'fail' : 'warn', detail: messageOf(err) };
-  }
+function checkCuda(device: DoctorOptions['device'], probe: HostProbe): DoctorCheck {
+  if ('error' in probe.addon) return { name: 'cuda', status: 'skip', detail: 'the addon did not load' };
+  const report = probe.cuda;
+  if (report === null) return { name: 'cuda', status: 'skip', detail: device === 'cpu' ? 'not needed with --device cpu (a CPU-only build)' : 'a CPU-only build' };
   const versions = `driver ${report.driverVersion ? cudaVersion(report.driverVersion) : 'none'}, runtime ${cudaVersion(report.runtimeVersion)}`;
   if (report.devices.length === 0) {
     const why = report.error || 'no device';
@@ -88,17 +78,13 @@ function checkCuda(device: DoctorOptions['device'], info: NativeInfo | null): Do
   return { name: 'cuda', status: 'ok', detail: `${report.devices.length} device${report.devices.length > 1 ? 's' : ''}: ${list}; ${versions}` };
 }
 
-function checkNccl(options: DoctorOptions, cuda: DoctorCheck): DoctorCheck {
+function checkNccl(options: DoctorOptions, cuda: DoctorCheck, probe: HostProbe): DoctorCheck {
   if (options.device !== 'cuda') return { name: 'nccl', status: 'skip', detail: 'not needed with --device cpu' };
-  if (cuda.status === 'fail' || cuda.status === 'skip') return { name: 'nccl', status: 'skip', detail: 'no CUDA device to check it with' };
-  const path = options.ncclLibrary ?? 'libnccl.so.2';
-  try {
-    return { name: 'nccl', status: 'ok', detail: `NCCL ${ncclVersion(loadNccl(path).version())} (${path})` };
-  } catch (err) {
-    // Needed only where the ranks combine through NCCL: more than one rank with collectives other than shared-gpu.
-    const needed = options.tp > 1 && options.collectives !== 'shared-gpu';
-    return { name: 'nccl', status: needed ? 'fail' : 'warn', detail: `${messageOf(err)}${needed ? '' : ' (needed only for more than one rank on NCCL)'}` };
-  }
+  if (cuda.status === 'fail' || cuda.status === 'skip' || probe.nccl === null) return { name: 'nccl', status: 'skip', detail: 'no CUDA device to check it with' };
+  if ('version' in probe.nccl) return { name: 'nccl', status: 'ok', detail: `NCCL ${ncclVersion(probe.nccl.version)} (${options.ncclLibrary ?? DEFAULT_NCCL})` };
+  // Needed only where the ranks combine through NCCL: more than one rank with collectives other than shared-gpu.
+  const needed = options.tp > 1 && options.collectives !== 'shared-gpu';
+  return { name: 'nccl', status: needed ? 'fail' : 'warn', detail: `${probe.nccl.error}${needed ? '' : ' (needed only for more than one rank on NCCL)'}` };
 }
 
 function checkZeromq(): DoctorCheck {
@@ -139,12 +125,18 @@ async function checkRun(options: DoctorOptions): Promise<DoctorCheck> {
   }
 }
 
+/** What the worker entry gives the doctor: the host as a worker would find it (worker/host-probe.ts). */
+interface WorkerEntryProbe {
+  probeHost(ncclLibrary: string | null): HostProbe;
+}
+
 export async function runDoctor(options: DoctorOptions): Promise<DoctorReport> {
-  const checks: DoctorCheck[] = [checkNode()];
-  const addon = checkAddon(options.device);
-  checks.push(addon.check);
-  const cuda = checkCuda(options.device, addon.info);
-  checks.push(cuda, checkNccl(options, cuda), checkZeromq(), checkModel(options.modelDir));
+  // The addon, CUDA and NCCL are the worker side's: asked through the worker's entry, as `weft worker` loads it.
+  const { probeHost } = (await import(WORKER_ENTRY)) as WorkerEntryProbe;
+  const probe = probeHost(options.device === 'cuda' ? (options.ncclLibrary ?? DEFAULT_NCCL) : null);
+  const checks: DoctorCheck[] = [checkNode(), checkAddon(options.device, probe)];
+  const cuda = checkCuda(options.device, probe);
+  checks.push(cuda, checkNccl(options, cuda, probe), checkZeromq(), checkModel(options.modelDir));
   const blocking = checks.filter((c) => c.status === 'fail').map((c) => c.name);
   checks.push(blocking.length > 0 ? { name: 'run', status: 'skip', detail: `not tried: ${blocking.join(', ')} failed` } : await checkRun(options));
   return { ok: checks.every((c) => c.status !== 'fail'), checks };

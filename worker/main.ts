@@ -18,6 +18,9 @@ import { bindCollectiveHub } from './collectives/cpu.ts';
 import { loadNccl } from './collectives/nccl.ts';
 import { WorkerState } from './worker.ts';
 
+/** What a worker on this host would load (`weft doctor` loads this entry to ask). */
+export { probeHost } from './host-probe.ts';
+
 export interface WorkerOptions {
   coordinator: string; // tcp://host:port or ipc:///path
   rank: number;

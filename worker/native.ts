@@ -17,6 +17,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { CudaReport } from '../core/host-probe.ts';
 
 export type DType = 'f32' | 'f16' | 'bf16' | 'i32' | 'fp8' | 'i8'; // fp8, i8: KV caches only (zeros)
 
@@ -283,16 +284,6 @@ export interface NativeInfo {
   cuda: boolean;
   /** package.json's version at build time. */
   version: string;
-}
-
-/** What the CUDA runtime of this build reports of the host (cudaReport(): `weft doctor`). */
-export interface CudaReport {
-  /** 1000 major + 10 minor (13000: 13.0); 0 when there is no driver, or no CUDA in this build */
-  driverVersion: number;
-  runtimeVersion: number;
-  /** why no device is seen (a build without CUDA, no driver, a driver older than the runtime); '' when the query worked */
-  error: string;
-  devices: { index: number; name: string; computeCapability: string; memoryBytes: number; sms: number }[];
 }
 
 /** Where a shared-GPU group's exchange regions live: device memory shared through CUDA IPC, or a /dev/shm file. */
