@@ -10,7 +10,7 @@ import type { SpeculationStats } from './speculative.ts';
 import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
 import { LoadProgress } from './load-progress.ts';
 import { PACKAGE_ROOT } from './package-layout.ts';
-import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, processEnvironment, useNcclEnvironment, workerStartOf, type CommandLineValues, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
+import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, givenSettings, processEnvironment, useNcclEnvironment, workerStartOf, type CommandLineValues, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
 import { DEFAULT_MODEL_DIR } from './config/options.ts';
 
 const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
@@ -143,10 +143,12 @@ async function score(config: ConfigOf<'score'>): Promise<void> {
   });
 }
 
-async function serveCommand(config: ConfigOf<'serve'>): Promise<void> {
+async function serveCommand(config: ConfigOf<'serve'>, flags: CommandLineValues): Promise<void> {
   const { serve, readCurveDir } = await import('./serve.ts');
   const emit = (event: Record<string, unknown>): void => void process.stdout.write(JSON.stringify(event) + '\n');
   const { host, rpcPort, httpPort, apiKey, curveDir, allowedHosts, corsOrigins, clientTimeoutMs, logIntervalSeconds, logFormat } = config;
+  // as vLLM logs its non-default arguments: what the flags and WEFT_* variables set, before anything starts
+  emit({ event: 'config', settings: givenSettings('serve', config, flags) });
   const { progress, onProgress } = loadProgress(config);
   const server = await serve({
     ...(clusterOptionsOf(config) as unknown as ClusterOptions),

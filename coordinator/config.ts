@@ -203,14 +203,31 @@ export function argvFor<C extends CommandName>(command: C, values: Partial<Confi
   const argv: string[] = [command];
   for (const [key, decl] of declarationsOf(command)) {
     const value = (values as Record<string, unknown>)[key];
-    if (value === undefined || decl.flag === undefined) continue;
-    const fallback = defaultIn(decl, command);
-    const text = decl.type.toText(value);
-    if (typeof fallback !== 'function' && fallback !== undefined && decl.type.toText(fallback) === text) continue;
-    if (decl.arg !== undefined) argv.push(decl.flag, text);
+    if (value === undefined || decl.flag === undefined || atDefault(decl, command, value)) continue;
+    if (decl.arg !== undefined) argv.push(decl.flag, decl.type.toText(value));
     else if (value === true) argv.push(decl.flag); // a switch: given or not
   }
   return argv;
+}
+
+/** Whether `value` is the option's fixed default in this context (a derived default is never taken as given). */
+function atDefault(decl: Declaration, context: Context, value: unknown): boolean {
+  const fallback = defaultIn(decl, context);
+  return typeof fallback !== 'function' && fallback !== undefined && decl.type.toText(fallback) === decl.type.toText(value);
+}
+
+/**
+ * The options a command's flags and WEFT_* variables set (not those left to their defaults), by key, as their
+ * resolved text, for the command's log; a credential shows as `(set)`.
+ */
+export function givenSettings<C extends CommandName>(command: C, config: ConfigOf<C>, flags: CommandLineValues, env: NodeJS.ProcessEnv = process.env): Record<string, string> {
+  const settings: Record<string, string> = {};
+  for (const [key, decl] of declarationsOf(command)) {
+    const value = (config as Record<string, unknown>)[key];
+    if (value === undefined || (flags[key as OptionKey] === undefined && given(decl, env) === undefined)) continue;
+    settings[key] = decl.secret ? '(set)' : decl.type.toText(value);
+  }
+  return settings;
 }
 
 /** The environment mirrors of these options' flags (WEFT_TP for tp, ...): an option without a flag or a mirror has none. */

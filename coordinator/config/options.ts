@@ -40,6 +40,8 @@ export interface OptionDeclaration<T> {
   readonly needs?: string;
   /** its name in ClusterOptions, where that differs from the key */
   readonly field?: string;
+  /** a credential: never printed (serve's config line shows it as set, not its value) */
+  readonly secret?: true;
 }
 
 /**
@@ -159,7 +161,7 @@ export const OPTIONS = {
   host: { flag: '--host', arg: 'HOST', type: text, env: 'WEFT_HOST', default: '127.0.0.1', help: 'interface RPC and HTTP bind (non-loopback needs --curve-dir and --api-key)', uses: ['serve', 'launch', 'server'] },
   rpcPort: { flag: '--rpc-port', arg: 'PORT', type: port, env: 'WEFT_RPC_PORT', default: 0, defaultIn: { serve: 5555, launch: 5555 }, defaultHelp: '5555 (0 in serve())', help: 'RPC (ZeroMQ ROUTER) port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
   httpPort: { flag: '--http-port', arg: 'PORT', type: port, env: 'WEFT_HTTP_PORT', default: 0, defaultIn: { serve: 8000, launch: 8000 }, defaultHelp: '8000 (0 in serve())', help: 'HTTP port; 0 picks a free one', uses: ['serve', 'launch', 'server'] },
-  apiKey: { flag: '--api-key', arg: 'TOKEN', type: text, env: 'WEFT_API_KEY', help: 'bearer token HTTP clients must send', uses: ['serve', 'server'] },
+  apiKey: { flag: '--api-key', arg: 'TOKEN', type: text, env: 'WEFT_API_KEY', secret: true, help: 'bearer token HTTP clients must send', uses: ['serve', 'server'] },
   allowedHosts: {
     flag: '--allowed-hosts', arg: 'LIST', type: nameList, env: 'WEFT_ALLOWED_HOSTS', defaultHelp: 'localhost, 127.0.0.1, [::1] and the --host address',
     help: 'Host header names HTTP answers besides the default ones (any port); * answers every name (against DNS rebinding)', uses: ['serve', 'server', 'launch'],
@@ -201,9 +203,9 @@ export const OPTIONS = {
     help: "the worker socket's CURVE keys: coordinator.json and worker.json (made, mode 0600, when missing); required when --worker-host is not loopback",
   },
   workerCurveFile: { flag: '--worker-curve-file', arg: 'PATH', type: text, help: "this worker's CURVE keys (worker.json of the coordinator's --worker-curve-dir, mode 0600); required for a coordinator that is not loopback", uses: ['worker'] },
-  workerCurve: { type: text, env: 'WEFT_WORKER_CURVE', help: "this worker's CURVE keys as JSON when no --worker-curve-file is given (spawned workers get them here)", uses: ['worker'] },
+  workerCurve: { type: text, env: 'WEFT_WORKER_CURVE', secret: true, help: "this worker's CURVE keys as JSON when no --worker-curve-file is given (spawned workers get them here)", uses: ['worker'] },
   workerSecretFile: { flag: '--worker-secret-file', arg: 'PATH', type: text, env: 'WEFT_WORKER_SECRET_FILE', help: "file holding the group's shared secret workers present", uses: ['serve', 'worker'] },
-  workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
+  workerSecret: { type: text, env: 'WEFT_WORKER_SECRET', secret: true, help: "the group's shared secret when no --worker-secret-file is given (spawned workers get it here, never on argv)", uses: ['serve', 'worker', 'cluster'] },
   heartbeatTimeoutMs: { flag: '--heartbeat-timeout', arg: 'MS', type: milliseconds(100), env: 'WEFT_HEARTBEAT_TIMEOUT', default: 30_000, defaultIn: { serve: 4000 }, defaultHelp: '4000 (30000 in startCluster)', help: 'a worker silent this long is declared dead (checked every 250 ms, so within 5 s at the default)', uses: ['serve', 'cluster'] },
   joinTimeoutMs: { type: milliseconds(1), default: (c: Resolved) => (c.workers === 'external' ? 120_000 : 60_000), defaultHelp: '60000 (120000 with external workers)', help: 'every rank must have joined within this', uses: ['serve', 'cluster'] },
   workerStderr: { type: oneOf('tail', 'inherit'), env: 'WEFT_WORKER_STDERR', default: 'tail', help: "'inherit' echoes spawned workers' stderr; 'tail' keeps its last lines for error messages", uses: ['generate', 'score', 'serve'] },

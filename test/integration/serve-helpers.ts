@@ -9,6 +9,8 @@ export interface ServeProcess {
   readonly rpc: string;
   readonly http: string;
   readonly stderr: () => string;
+  /** the JSON lines it printed on stdout so far (config, listening, state, ...) */
+  readonly events: () => Record<string, unknown>[];
   /** SIGTERM, wait for exit; returns the exit code and the worker processes still alive (should be none) */
   stop(): Promise<{ code: number | null; leftover: number[] }>;
 }
@@ -19,6 +21,7 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): P
     env: { ...process.env, ...env },
   });
   let stderr = '';
+  const events: Record<string, unknown>[] = [];
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const listening = await new Promise<{ rpc: string; http: string }>((resolve, reject) => {
@@ -30,6 +33,7 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): P
     void exited.then((code) => reject(new Error(`weft serve exited with ${code}: ${stderr}`)));
     createInterface({ input: child.stdout! }).on('line', (line) => {
       const event = JSON.parse(line) as { event: string; rpc: string; http: string };
+      events.push(event);
       if (event.event === 'listening') {
         clearTimeout(timer);
         resolve(event);
@@ -50,6 +54,7 @@ export async function startServe(args: string[], env: NodeJS.ProcessEnv = {}): P
     child,
     ...listening,
     stderr: () => stderr,
+    events: () => events,
     async stop() {
       const marker = `--parent-pid\0${child.pid}\0`;
       child.kill('SIGTERM');

@@ -43,6 +43,16 @@ describe('weft serve with 1 KV slot, a queue of 1, a bearer token and a chat tem
     rmSync(dir, { recursive: true, force: true });
   });
 
+  test('its first log line is the settings its flags and WEFT_* variables gave, the token shown only as set', () => {
+    const config = server.events()[0]!;
+    assert.equal(config.event, 'config');
+    const given = { modelDir: dir, tp: '1', kvSlots: '1', maxQueue: '1', heartbeatTimeoutMs: '30000', threads: '1', rpcPort: '0', httpPort: '0', apiKey: '(set)' };
+    const settings = config.settings as Record<string, string>;
+    assert.deepEqual(Object.fromEntries(Object.keys(given).map((k) => [k, settings[k]])), given);
+    assert.equal(settings.maxContext, undefined, 'an option left to its default is not listed');
+    assert.ok(!JSON.stringify(server.events()).includes(TOKEN), 'the token never printed');
+  });
+
   test("/health's ready detail names what is served and what the KV pool holds (as vLLM prints its blocks and concurrency)", async () => {
     const { status, detail } = (await (await fetch(`${server.http}/health`)).json()) as { status: string; detail: string };
     assert.equal(status, 'ready');
