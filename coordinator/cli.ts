@@ -3,13 +3,12 @@
  * the options config.ts declares for it. Every failure ends in a non-zero exit and one line on stderr
  * (`weft: CODE: message`); results go to stdout (`--json`: one JSON object).
  */
-import { readFileSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { startCluster, type Cluster, type ClusterOptions } from './cluster.ts';
 import type { SpeculationStats } from './speculative.ts';
 import { WeftError, exitCodeFor, isWeftError } from '../core/errors.ts';
 import { LoadProgress } from './load-progress.ts';
-import { PACKAGE_ROOT } from './package-layout.ts';
+import { PACKAGE_JSON } from './package-layout.ts';
 import { WORKER_ENTRY, clusterOptionsOf, commandConfig, declarationsOf, describeDefault, givenSettings, processEnvironment, useNcclEnvironment, workerStartOf, type CommandLineValues, type CommandName, type ConfigOf, type WorkerStart } from './config.ts';
 import { DEFAULT_MODEL_DIR } from './config/options.ts';
 
@@ -27,8 +26,6 @@ const DESCRIPTIONS: Readonly<Record<CommandName, string>> = {
   doctor: 'check that this host can run the model as asked: Node.js, the addon, CUDA, NCCL, ZeroMQ, the model, then one token; exit 1 if a check fails',
 };
 
-/** The version package.json gives, for `weft --version`. */
-const VERSION = (JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 'utf8')) as { version: string }).version;
 
 /**
  * A command whose flags are its declared options; `run` gets them checked, with the environment and defaults,
@@ -37,7 +34,7 @@ const VERSION = (JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 
 function command<C extends CommandName>(program: Command, name: C, run: (config: ConfigOf<C>, flags: CommandLineValues) => Promise<void>): void {
   const cmd = program.command(name).description(DESCRIPTIONS[name]);
   const flagged: [string, Option][] = [];
-  const aliased: [string, string, Option][] = [];  // key, alias flag, its option (hidden: the main flag's help names it)
+  const aliased: [string, string, Option, Option][] = [];  // key, alias flag, its option (hidden: the main flag's help names it), the main one
   for (const [key, decl] of declarationsOf(name)) {
     if (decl.flag === undefined) continue;
     const fallback = describeDefault(decl, name);
@@ -49,7 +46,7 @@ function command<C extends CommandName>(program: Command, name: C, run: (config:
     for (const alias of decl.aliases ?? []) {
       const hidden = new Option(spelling(alias)).hideHelp();
       cmd.addOption(hidden);
-      aliased.push([key, alias, hidden]);
+      aliased.push([key, alias, hidden, option]);
     }
   }
   cmd.action(async () => {
@@ -58,10 +55,9 @@ function command<C extends CommandName>(program: Command, name: C, run: (config:
     const spelled: Record<string, string> = {};
     let config: ConfigOf<C>;
     try {
-      for (const [key, alias, option] of aliased) {
+      for (const [key, alias, option, main] of aliased) {
         const value = valueOf(option);
         if (value === undefined) continue;
-        const main = flagged.find(([k]) => k === key)![1];
         if (flags[key] !== undefined || spelled[key] !== undefined)
           throw new WeftError('WEFT_BAD_CONFIG', `${spelled[key] ?? main.long} and ${alias} are the same option; give one`);
         flags[key] = value;
@@ -188,7 +184,7 @@ interface WorkerEntry {
 }
 
 function buildProgram(): Command {
-  const program = new Command('weft').description('tensor-parallel LLM inference').version(VERSION, '-V, --version', 'print the version').exitOverride().showHelpAfterError(false);
+  const program = new Command('weft').description('tensor-parallel LLM inference').version(PACKAGE_JSON.version, '-V, --version', 'print the version').exitOverride().showHelpAfterError(false);
   program.configureOutput({ writeErr: (text) => process.stderr.write(text.startsWith('error:') ? `weft: ${text}` : text) });
   command(program, 'generate', generate);
   command(program, 'score', score);

@@ -6,13 +6,13 @@
  * The earlier checks find what the run would only report as a failure to start (a CUDA driver older than the
  * runtime, an NCCL that does not load, a model weft cannot read); the run finds the rest.
  */
-import { readFileSync } from 'node:fs';
 import * as zmq from 'zeromq';
+import { firstLine } from '../core/errors.ts';
 import type { HostProbe } from '../core/host-probe.ts';
 import { readModelSpec } from '../core/model-spec.ts';
 import { startCluster } from './cluster.ts';
 import { WORKER_ENTRY } from './config.ts';
-import { PACKAGE_ROOT } from './package-layout.ts';
+import { PACKAGE_JSON as PACKAGE } from './package-layout.ts';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail' | 'skip';
 export interface DoctorCheck {
@@ -30,16 +30,13 @@ export interface DoctorOptions {
   readonly tp: number;
   readonly device: 'cpu' | 'cuda';
   readonly collectives?: 'auto' | 'nccl' | 'shared-gpu';
-  /** the NCCL library the workers would load */
-  readonly ncclLibrary?: string;
+  /** the NCCL library the workers would load (--nccl-library's resolved value) */
+  readonly ncclLibrary: string;
 }
 
-const PACKAGE = JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 'utf8')) as { version: string; engines: { node: string } };
 /** The kernels are built for this compute capability (native/build.mjs: sm_90a). */
 const KERNEL_ARCH = '9.0';
-const DEFAULT_NCCL = 'libnccl.so.2';
 
-const messageOf = (err: unknown): string => ((err as Error).message ?? String(err)).split('\n')[0]!;
 /** 13000 -> "13.0", 12080 -> "12.8" (the CUDA runtime's encoding) */
 const cudaVersion = (v: number): string => `${Math.floor(v / 1000)}.${Math.floor((v % 1000) / 10)}`;
 /** 22803 -> "2.28.3" (NCCL's encoding since 2.9) */
@@ -81,7 +78,7 @@ function checkCuda(device: DoctorOptions['device'], probe: HostProbe): DoctorChe
 function checkNccl(options: DoctorOptions, cuda: DoctorCheck, probe: HostProbe): DoctorCheck {
   if (options.device !== 'cuda') return { name: 'nccl', status: 'skip', detail: 'not needed with --device cpu' };
   if (cuda.status === 'fail' || cuda.status === 'skip' || probe.nccl === null) return { name: 'nccl', status: 'skip', detail: 'no CUDA device to check it with' };
-  if ('version' in probe.nccl) return { name: 'nccl', status: 'ok', detail: `NCCL ${ncclVersion(probe.nccl.version)} (${options.ncclLibrary ?? DEFAULT_NCCL})` };
+  if ('version' in probe.nccl) return { name: 'nccl', status: 'ok', detail: `NCCL ${ncclVersion(probe.nccl.version)} (${options.ncclLibrary})` };
   // Needed only where the ranks combine through NCCL: more than one rank with collectives other than shared-gpu.
   const needed = options.tp > 1 && options.collectives !== 'shared-gpu';
   return { name: 'nccl', status: needed ? 'fail' : 'warn', detail: `${probe.nccl.error}${needed ? '' : ' (needed only for more than one rank on NCCL)'}` };
@@ -103,7 +100,7 @@ function checkModel(modelDir: string): DoctorCheck {
     const experts = spec.nExperts ? `, ${spec.nExperts} experts` : '';
     return { name: 'model', status: 'ok', detail: `${modelDir}: ${spec.architecture}, ${spec.nLayers} layers, hidden ${spec.hidden}, ${spec.nHeads} heads${kv}${experts}, vocabulary ${spec.vocabSize}, context ${spec.maxContext}` };
   } catch (err) {
-    return { name: 'model', status: 'fail', detail: messageOf(err) };
+    return { name: 'model', status: 'fail', detail: firstLine(err) };
   }
 }
 
@@ -119,7 +116,7 @@ async function checkRun(options: DoctorOptions): Promise<DoctorCheck> {
     const ms = (t: number): string => `${t.toFixed(0)} ms`;
     return { name: 'run', status: tokens === 1 ? 'ok' : 'fail', detail: `${options.tp} rank${options.tp > 1 ? 's' : ''} on ${options.device}: started and loaded in ${ms(loaded - started)}, first token in ${ms(performance.now() - loaded)}` };
   } catch (err) {
-    return { name: 'run', status: 'fail', detail: messageOf(err) };
+    return { name: 'run', status: 'fail', detail: firstLine(err) };
   } finally {
     await cluster?.close();
   }
@@ -133,7 +130,7 @@ interface WorkerEntryProbe {
 export async function runDoctor(options: DoctorOptions): Promise<DoctorReport> {
   // The addon, CUDA and NCCL are the worker side's: asked through the worker's entry, as `weft worker` loads it.
   const { probeHost } = (await import(WORKER_ENTRY)) as WorkerEntryProbe;
-  const probe = probeHost(options.device === 'cuda' ? (options.ncclLibrary ?? DEFAULT_NCCL) : null);
+  const probe = probeHost(options.device === 'cuda' ? options.ncclLibrary : null);
   const checks: DoctorCheck[] = [checkNode(), checkAddon(options.device, probe)];
   const cuda = checkCuda(options.device, probe);
   checks.push(cuda, checkNccl(options, cuda, probe), checkZeromq(), checkModel(options.modelDir));

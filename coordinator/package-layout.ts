@@ -1,3 +1,5 @@
+import { readFileSync } from 'node:fs';
+
 /**
  * Where weft's own files are. weft runs from two trees of one layout: its TypeScript sources (the repository,
  * through tsx) and the compiled JavaScript of the installed package (`dist/`, made by `npm run build`, one level
@@ -18,3 +20,6 @@ export function moduleUrl(relativeToCoordinator: string): string {
 
 /** The package root (package.json, native/): the repository, or the folder that holds dist/. */
 export const PACKAGE_ROOT = new URL(RUNS_SOURCES ? '../' : '../../', import.meta.url);
+
+/** What weft reads of its package.json: the version (`weft --version`) and the Node.js it needs (`weft doctor`). */
+export const PACKAGE_JSON = JSON.parse(readFileSync(new URL('package.json', PACKAGE_ROOT), 'utf8')) as { readonly version: string; readonly engines: { readonly node: string } };

@@ -31,6 +31,11 @@ export class WeftError extends Error {
   }
 }
 
+/** An error's message, its first line only (a report's one line). */
+export function firstLine(err: unknown): string {
+  return ((err as Error)?.message ?? String(err)).split('\n')[0]!;
+}
+
 export function isWeftError(err: unknown): err is WeftError {
   return err instanceof Error && typeof (err as { code?: unknown }).code === 'string' && (err as unknown as { code: string }).code.startsWith('WEFT_');
 }
