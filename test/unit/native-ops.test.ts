@@ -9,6 +9,7 @@
 //  - copies (embedding, slice/concat/gather, f16/bf16 conversion, writeKv): exact.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { PerformanceObserver, constants } from 'node:perf_hooks';
 import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
 import { prng } from '../helpers/random.ts';
 import { quantizeMatrix } from '../../core/weight-quantize.ts';
@@ -776,6 +777,59 @@ test('releaseLayer: what a layer kept comes back moved with its values; the rest
   assertNativeError(() => e.releaseLayer(mark, []), /not an open layerMark\(\) of this step/);
   assertNativeError(() => e.add(last!, one), /from an earlier step/);
   e.endStep();
+});
+
+test('step memory goes by the step rule, not the garbage collector: at the next beginStep, at its layer\'s releaseLayer', () => {
+  // A step's handles stay referenced throughout, so only the rule can free them. 256 MiB, zero-filled (resident).
+  const e = createEngine({ backend: 'cpu', threads: 1 });
+  const big: [number, number] = [64, 1 << 20];
+  const rssMiB = (): number => process.memoryUsage().rss / (1 << 20);
+  e.beginStep();
+  const rss0 = rssMiB();
+  const stepTensor = e.zeros('f32', big);
+  assert.ok(rssMiB() - rss0 > 200, `a 256 MiB step tensor is resident (RSS +${(rssMiB() - rss0).toFixed(0)} MiB)`);
+  e.endStep();
+  e.beginStep();
+  assert.ok(rssMiB() - rss0 < 64, `the next beginStep frees it while its handle lives (RSS +${(rssMiB() - rss0).toFixed(0)} MiB)`);
+  assertNativeError(() => e.download(stepTensor), /download: t \[64, 1048576\] f32 is a tensor from an earlier step/);
+  const mark = e.layerMark();
+  const scratch = e.zeros('f32', big);
+  const small = e.zeros('f32', [2]);
+  assert.ok(rssMiB() - rss0 > 200);
+  const [kept] = e.releaseLayer(mark, [small]);
+  assert.ok(rssMiB() - rss0 < 64, `releaseLayer frees the layer's other tensors (RSS +${(rssMiB() - rss0).toFixed(0)} MiB)`);
+  assert.deepEqual([...get(e, kept!)], [0, 0]);
+  assertNativeError(() => e.download(scratch), /released at the end of its layer/);
+  e.endStep();
+});
+
+test('step tensors are not reported to V8 as external memory, persistent ones are: steps set off no full garbage collections', async () => {
+  // V8 starts a full collection for each ~64 MiB of external memory reported; the persistent loop is the control.
+  const e = createEngine({ backend: 'cpu', threads: 1 });
+  const fullCollections = async (run: () => void): Promise<number> => {
+    let count = 0;
+    const observer = new PerformanceObserver((list) => {
+      count += list.getEntries().filter((entry) => (entry.detail as { kind: number }).kind === constants.NODE_PERFORMANCE_GC_MAJOR).length;
+    });
+    observer.observe({ entryTypes: ['gc'] });
+    run();
+    await new Promise((resolve) => setTimeout(resolve, 50)); // gc entries are delivered after the fact
+    observer.disconnect();
+    return count;
+  };
+  const fourMiB = [1 << 20];
+  const inSteps = await fullCollections(() => {
+    for (let i = 0; i < 256; i++) {
+      e.beginStep();
+      e.zeros('f32', fourMiB);
+      e.endStep();
+    }
+  });
+  const persistent = await fullCollections(() => {
+    for (let i = 0; i < 256; i++) e.zeros('f32', fourMiB);
+  });
+  assert.ok(persistent >= 4, `the control: 1 GiB of persistent tensors dropped set off ${persistent} full collections`);
+  assert.ok(inSteps <= 1, `1 GiB of step tensors set off ${inSteps} full collections`);
 });
 
 test('write overwrites in place and checks the byte length; copy copies in place', () => {
