@@ -10,6 +10,31 @@ const nonNegInt = int.nonnegative();
 /** The most alternatives a row may ask for (StepBatch.topLogprobs): OpenAI's top_logprobs limit. */
 export const MAX_TOP_LOGPROBS = 20;
 
+const shown = (value: unknown): string => (typeof value === 'number' ? String(value) : value === null ? 'null' : typeof value);
+/**
+ * A step's arrays are checked in one loop each, not by a zod schema per element: zod allocates for every element
+ * it parses, and a step carries one per token and per KV block (256 sequences of 48 blocks: 0.86 ms and most of a
+ * rank's garbage a step; of 2048 blocks, 31 ms). The first bad element is an issue at its index, as zod's would be.
+ */
+function checkedArray<T>(what: string, ok: (value: unknown) => boolean, { minLength = 0 } = {}) {
+  return z.custom<T[]>((value) => Array.isArray(value), 'expected an array').superRefine((values, ctx) => {
+    if (values.length < minLength) return ctx.addIssue({ code: 'custom', continue: false, message: `expected at least ${minLength} element${minLength > 1 ? 's' : ''}` });
+    const bad = values.findIndex((value) => !ok(value));
+    if (bad >= 0) ctx.addIssue({ code: 'custom', continue: false, path: [bad], message: `expected ${what}, got ${shown(values[bad])}` });
+  });
+}
+const intsFrom = (min: number, max = Number.MAX_SAFE_INTEGER, minLength = 0) =>
+  checkedArray<number>(max === Number.MAX_SAFE_INTEGER ? `an integer >= ${min}` : `an integer in [${min}, ${max}]`, (v) => Number.isSafeInteger(v) && (v as number) >= min && (v as number) <= max, { minLength });
+const finiteNumbers = () => checkedArray<number>('a finite number', (v) => Number.isFinite(v));
+/** [S][blocks] block ids: at least one row, and one block a row (a sequence owns the block its token is written in). */
+const blockTable = checkedArray<number[]>('an array of block ids', (row) => Array.isArray(row), { minLength: 1 }).superRefine((rows, ctx) => {
+  for (const [s, row] of rows.entries()) {
+    if (row.length === 0) return ctx.addIssue({ code: 'custom', continue: false, path: [s], message: 'expected at least 1 block id' });
+    const bad = row.findIndex((id) => !Number.isSafeInteger(id) || id < 0);
+    if (bad >= 0) return ctx.addIssue({ code: 'custom', continue: false, path: [s, bad], message: `expected an integer >= 0, got ${shown(row[bad])}` });
+  }
+});
+
 /**
  * One forward step over a ragged batch: token t is fed at `positions[t]` of the sequence that owns row
  * `tokenSeq[t]` of `kvBlockTable`; that row lists the sequence's KV blocks, block j holding its positions
@@ -18,24 +43,24 @@ export const MAX_TOP_LOGPROBS = 20;
  */
 export const stepBatchSchema = z
   .object({
-    tokens: z.array(nonNegInt).min(1), // [T] token ids
-    positions: z.array(nonNegInt), // [T] position of each token in its sequence
-    tokenSeq: z.array(nonNegInt), // [T] row of kvBlockTable the token's sequence owns
-    kvBlockTable: z.array(z.array(nonNegInt).min(1)).min(1), // [S][blocks of sequence s] physical KV block ids
+    tokens: intsFrom(0, Number.MAX_SAFE_INTEGER, 1), // [T] token ids
+    positions: intsFrom(0), // [T] position of each token in its sequence
+    tokenSeq: intsFrom(0), // [T] row of kvBlockTable the token's sequence owns
+    kvBlockTable: blockTable, // [S][blocks of sequence s] physical KV block ids
     /** batch rows whose logits are needed, in output order */
-    logitRows: z.array(nonNegInt).min(1),
+    logitRows: intsFrom(0, Number.MAX_SAFE_INTEGER, 1),
     /** per logit row: sample a token with these parameters and these uniforms */
     sample: z
       .object({
-        temperature: z.array(z.number()),
-        topK: z.array(nonNegInt),
-        topP: z.array(z.number()),
-        uniform: z.array(z.number()),
+        temperature: finiteNumbers(),
+        topK: intsFrom(0),
+        topP: finiteNumbers(),
+        uniform: finiteNumbers(),
       })
       .strict()
       .optional(),
     /** per logit row: return log p(scoreIds[r]) */
-    scoreIds: z.array(nonNegInt).optional(),
+    scoreIds: intsFrom(0).optional(),
     /** return the whole log-softmax rows [logitRows, vocab] as float32 bytes */
     fullLogprobs: z.boolean().optional(),
     /**
@@ -43,15 +68,15 @@ export const stepBatchSchema = z
      * sampled, else scoreIds[r]) and of its k most likely alternatives (StepResult.tokenLogprobs). Rows at -1 cost
      * nothing; the raw logits' log-softmax, before temperature, top-k and top-p.
      */
-    topLogprobs: z.array(int.min(-1).max(MAX_TOP_LOGPROBS)).optional(),
+    topLogprobs: intsFrom(-1, MAX_TOP_LOGPROBS).optional(),
     /**
      * [T] where each token comes from: -1 = tokens[t]; r >= 0 = the token this rank's previous step sampled for
      * its logit row r (tokens[t] is then a placeholder). Every rank runs the steps in the order sent and draws the
      * same tokens, so the coordinator can send a decode step before the previous step's tokens are back.
      */
-    feed: z.array(int.min(-1)).optional(),
+    feed: intsFrom(-1).optional(),
     /** [T] SparQ's r and k per token (core/sparq.ts), for a cluster that keeps SparQ's state; 0 or absent: its setting */
-    sparq: z.object({ r: z.array(nonNegInt), k: z.array(nonNegInt) }).strict().optional(),
+    sparq: z.object({ r: intsFrom(0), k: intsFrom(0) }).strict().optional(),
   })
   .strict()
   .superRefine((b, ctx) => {

@@ -9,7 +9,7 @@
 //  - copies (embedding, slice/concat/gather, f16/bf16 conversion, writeKv): exact.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PerformanceObserver, constants } from 'node:perf_hooks';
+import { PerformanceObserver, constants, type PerformanceEntry } from 'node:perf_hooks';
 import { createEngine, nativeInfo, type Engine, type Tensor } from '../../worker/native.ts';
 import { prng } from '../helpers/random.ts';
 import { quantizeMatrix } from '../../core/weight-quantize.ts';
@@ -809,7 +809,7 @@ test('step tensors are not reported to V8 as external memory, persistent ones ar
   const fullCollections = async (run: () => void): Promise<number> => {
     let count = 0;
     const observer = new PerformanceObserver((list) => {
-      count += list.getEntries().filter((entry) => (entry.detail as { kind: number }).kind === constants.NODE_PERFORMANCE_GC_MAJOR).length;
+      count += list.getEntries().filter((entry) => (entry as PerformanceEntry & { detail: { kind: number } }).detail.kind === constants.NODE_PERFORMANCE_GC_MAJOR).length;
     });
     observer.observe({ entryTypes: ['gc'] });
     run();

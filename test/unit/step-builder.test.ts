@@ -61,7 +61,17 @@ test('schema refuses: a bad tokenSeq, unequal lengths, a sequence without blocks
   assert.equal(stepBatchSchema.safeParse(good).success, true);
   schemaRefuses({ ...good, tokenSeq: [0, 2] }, /token 1: tokenSeq 2 is past the 2 rows of kvBlockTable/);
   schemaRefuses({ ...good, tokenSeq: [0] }, /tokens, positions and tokenSeq must have equal lengths \(2, 2, 1\)/);
-  schemaRefuses({ ...good, kvBlockTable: [[0], []] }, /expected array to have >=1 items/);
+  schemaRefuses({ ...good, kvBlockTable: [[0], []] }, /expected at least 1 block id/);
+  // each array's elements, checked in one loop (the first bad one named with its index)
+  const issue = (batch: unknown): string => stepBatchSchema.safeParse(batch).error!.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ');
+  assert.equal(issue({ ...good, tokens: [1, 2.5] }), 'tokens.1: expected an integer >= 0, got 2.5');
+  assert.equal(issue({ ...good, positions: [-1, 5] }), 'positions.0: expected an integer >= 0, got -1');
+  assert.equal(issue({ ...good, kvBlockTable: [[0], [1, '2']] }), 'kvBlockTable.1.1: expected an integer >= 0, got string');
+  assert.equal(issue({ ...good, kvBlockTable: [] }), 'kvBlockTable: expected at least 1 element');
+  assert.equal(issue({ ...good, logitRows: 'all' }), 'logitRows: expected an array');
+  assert.equal(issue({ ...good, topLogprobs: [21] }), 'topLogprobs.0: expected an integer in [-1, 20], got 21');
+  assert.equal(issue({ ...good, sample: { temperature: [NaN], topK: [0], topP: [1], uniform: [0.5] } }), 'sample.temperature.0: expected a finite number, got NaN');
+  assert.equal(issue({ ...good, feed: [null, -1] }), 'feed.0: expected an integer >= -1, got null');
   schemaRefuses({ ...good, slots: [0, 1] }, /Unrecognized key: "slots"/);
   checkKvPositions(good, 8);
   assert.throws(() => checkKvPositions(good, 4), weftError('WEFT_BAD_REQUEST', /batch token 1: position 5 is past the 1 KV blocks of 4 positions its sequence \(row 1\) owns/));
