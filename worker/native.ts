@@ -3,7 +3,8 @@
  * Nothing else imports the `.node`; the rest of weft goes through {@link createEngine} and {@link nativeInfo}.
  *
  * Tensors are opaque handles owned by an engine; ops take handles and plain numbers and return new tensors
- * (freed when garbage-collected) unless they say "in place". Every native failure is thrown as an `Error`
+ * unless they say "in place": made outside a step, freed when garbage-collected; made inside one, freed by the
+ * step rule (`beginStep`, `releaseLayer`). Every native failure is thrown as an `Error`
  * with `code: 'WEFT_NATIVE'` and `op`, its message naming the op, the parameter and the shapes, e.g.
  * `matmul: x [3, 64] f32 and w [128, 32] bf16 do not match (expected w [N, 64])`; an argument of the wrong
  * JS type (a plain object where a tensor is expected) is a `TypeError` with the same `code`.
@@ -233,8 +234,10 @@ export interface Engine {
   write(t: Tensor, bytes: Uint8Array): void;
 
   /**
-   * Starts a step: from here until `endStep()` every new tensor comes from the step arena (CUDA), and tensors
-   * of earlier steps become stale: passing one to an op throws `tensor from an earlier step`.
+   * Starts a step: from here until `endStep()` every new tensor is step memory (CUDA: the step arena; CPU: the
+   * heap), and tensors of earlier steps become stale: their memory is freed or reused now, whatever handles remain,
+   * and passing one to an op throws `tensor from an earlier step`. Step memory is not reported to V8 as external
+   * memory (its lifetime is the rule's, not the collector's).
    */
   beginStep(): void;
   /** Ends the step: new tensors are persistent again. This step's tensors stay usable until the next `beginStep()`. */

@@ -59,7 +59,8 @@ class Backend {
   // ---- steps. Between begin_step() and end_step() every new tensor (op outputs, uploads, zeros) is
   // step memory: the CUDA backend bumps it out of one preallocated arena that the next begin_step() reuses,
   // and using such a tensor after that throws "tensor from an earlier step". Outside a step new tensors are
-  // persistent (freed with their last handle). The CPU backend keeps heap allocation but the same rule.
+  // persistent (freed with their last handle). The CPU backend keeps heap allocation but the same rule, and frees a
+  // step's buffers when it applies (its layers' at release_layer).
   void begin_step();
   void end_step();
   bool in_step() const { return in_step_; }
