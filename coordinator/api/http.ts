@@ -2,7 +2,7 @@
  * The HTTP gateway (node:http), following the OpenAI convention: `/v1/completions`, `/v1/chat/completions`
  * (SSE streaming: `data: {json}\n\n` chunks, then `data: [DONE]`), `/v1/models`, `/v1/models/{model}`, plus `/health` (200 when
  * every rank serves, else 503 with the load progress), `/live` (always 200), Prometheus `/metrics` and
- * `/tokenize`.
+ * `/tokenize` and `/detokenize`.
  *
  * Errors are `{"error": {"message", "type", "param", "code"}}` everywhere, a failure mid-stream included (then
  * no `[DONE]`). A full queue is 503 with `retry-after`. A client that disconnects cancels its request, which
@@ -216,7 +216,7 @@ export class HttpGateway {
 
   /** Registered routes, as "METHOD /path" (tests enumerate them for the auth check). */
   static routes(): string[] {
-    return ['GET /health', 'GET /live', 'GET /metrics', 'GET /v1/models', `GET ${MODEL_ROUTE}`, 'POST /v1/completions', 'POST /v1/chat/completions', 'POST /tokenize'];
+    return ['GET /health', 'GET /live', 'GET /metrics', 'GET /v1/models', `GET ${MODEL_ROUTE}`, 'POST /v1/completions', 'POST /v1/chat/completions', 'POST /tokenize', 'POST /detokenize'];
   }
 
   async close(): Promise<void> {
@@ -264,9 +264,16 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     checkModel(id);
     sendJson(res, 200, model);
   });
+  // vLLM's shapes: /tokenize answers the count and the context beside the ids; /detokenize the text of ids.
   routes.set('POST /tokenize', async (req, res) => {
     const body = parseBody(z.object({ prompt: z.string() }).loose(), await readJson(req, limit));
-    sendJson(res, 200, { tokens: await cluster.tokenize(body.prompt) });
+    const tokens = await cluster.tokenize(body.prompt);
+    sendJson(res, 200, { count: tokens.length, max_model_len: cluster.maxContext, tokens });
+  });
+  const tokenIds = z.array(z.number().int().min(0).max(cluster.spec.vocabSize - 1, { error: `must be a token id in [0, ${cluster.spec.vocabSize})` })).max(cluster.maxContext, { error: `holds more than the context of ${cluster.maxContext} tokens` });
+  routes.set('POST /detokenize', async (req, res) => {
+    const body = parseBody(z.object({ tokens: tokenIds }).loose(), await readJson(req, limit));
+    sendJson(res, 200, { prompt: await cluster.detokenize(body.tokens, { skipSpecial: false }) }); // as Hugging Face's decode
   });
   routes.set('POST /v1/completions', async (req, res) => {
     const body = parseBody(completionSchema, await readJson(req, limit));

@@ -6,7 +6,8 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { HttpGateway } from '../../coordinator/api/http.ts';
-import { readReference } from '../helpers/fixtures.ts';
+import { fixtureDir, readReference } from '../helpers/fixtures.ts';
+import { loadTokenizer } from '../../coordinator/tokenizer.ts';
 import { MAX_CONTEXT, MODEL, startChatServer, type ChatServer } from './openai-helpers.ts';
 
 const reference = readReference('llama-tiny');
@@ -51,6 +52,30 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     assert.deepEqual([error.type, error.param, error.code], ['invalid_request_error', 'model', 'model_not_found']);
     assert.match(error.message, /"gpt-4o" is not served here/);
     assert.equal((await fetch(`${http}/v1/models/${encodeURIComponent('org/a model')}`)).status, 404, 'an encoded id is read decoded');
+  });
+
+  test('/tokenize and /detokenize as vLLM answers them: the ids with their count and the context; the text of ids, special tokens kept; a bad id is a 400 naming tokens', async () => {
+    const tokenizer = loadTokenizer(fixtureDir(MODEL));
+    const text = 'the state of the union';
+    const tokenized = (await (await post('/tokenize', { prompt: text })).json()) as { count: number; max_model_len: number; tokens: number[] };
+    assert.deepEqual(tokenized, { count: tokenized.tokens.length, max_model_len: MAX_CONTEXT, tokens: tokenizer.encode(text) });
+    const ids = [tokenizer.bosTokenId!, ...tokenized.tokens.slice(1), tokenizer.eosTokenIds[0]!];
+    const detokenized = await post('/detokenize', { tokens: ids });
+    assert.equal(detokenized.status, 200);
+    assert.deepEqual(await detokenized.json(), { prompt: tokenizer.decode(ids, { skipSpecial: false }) });
+    assert.notEqual(tokenizer.decode(ids, { skipSpecial: false }), tokenizer.decode(ids), 'the fixture has special tokens to keep');
+    for (const [tokens, message] of [
+      [[1, tokenizer.vocabSize], `tokens.1: must be a token id in [0, ${tokenizer.vocabSize})`],
+      [[1, 2.5], 'tokens.1: '],
+      ['hi', 'tokens: '],
+      [Array(MAX_CONTEXT + 1).fill(1), `tokens: holds more than the context of ${MAX_CONTEXT} tokens`],
+    ] as const) {
+      const refused = await post('/detokenize', { tokens });
+      assert.equal(refused.status, 400);
+      const { error } = (await refused.json()) as OpenAiError;
+      assert.equal(error.param, error.message.startsWith('tokens.1') ? 'tokens.1' : 'tokens');
+      assert.ok(error.message.startsWith(message), error.message);
+    }
   });
 
   test('n samples and lists of prompts: one choice each in OpenAI order, each what its own request gives; streamed chunks carry their index', async () => {
