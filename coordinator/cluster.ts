@@ -213,6 +213,9 @@ export class Cluster {
     // a verify step's log-probs are the draft round's, not one sampled row's: not wired through the round
     if (params.logprobs !== undefined && this.speculative)
       throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft); serve without a draft model to get log-probs');
+    // a draft round's draws (and its acceptance rule) are the draft's and the target's own distributions
+    if (params.logitBias && this.speculative)
+      throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logit_bias is not supported with speculative decoding (--draft); serve without a draft model to bias tokens', { param: 'logit_bias' });
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);

@@ -37,7 +37,15 @@ export interface SamplingParams {
   logprobs?: number;
   /** decode attention of this request (an extension): absent, the cluster's; see {@link AttentionRequest}. */
   attention?: AttentionRequest;
+  /**
+   * [token id, bias] pairs, ascending by id, added to the logits before the draw (OpenAI's logit_bias: given as an
+   * object from id to bias). Default: absent. At most MAX_LOGIT_BIAS ids in [0, vocabSize), biases in [-100, 100].
+   */
+  logitBias?: readonly (readonly [number, number])[];
 }
+
+/** The most ids one request may bias (OpenAI's limit). */
+export const MAX_LOGIT_BIAS = 300;
 
 // ---- SparQ per request (core/sparq.ts): `attention: { mode: 'sparq', r?, k? }` or `{ mode: 'dense' }`
 /** 'dense': exact attention; 'sparq': r and k (each defaulting to the cluster's --sparq-r / --sparq-k). */
@@ -105,6 +113,7 @@ const SPELLINGS = {
   stopTokenIds: ['stopTokenIds', 'stop_token_ids'],
   logprobs: ['logprobs', 'top_logprobs'],
   attention: ['attention'],
+  logitBias: ['logitBias', 'logit_bias'],
 } as const satisfies Record<keyof SamplingParams, readonly string[]>;
 type Field = keyof typeof SPELLINGS;
 
@@ -125,6 +134,12 @@ const schema = z.strictObject({
   stopTokenIds: z.array(integer(''), { error: 'must be an array of token ids' }).optional(),
   logprobs: integer(' in [0, 20]').min(0, { error: 'must be in [0, 20]' }).max(MAX_TOP_LOGPROBS, { error: 'must be in [0, 20]' }).optional(),
   attention: attentionSchema.optional(),
+  logitBias: z
+    .record(z.string().regex(/^(0|[1-9]\d*)$/), number(' in [-100, 100]').min(-100, { error: 'must be in [-100, 100]' }).max(100, { error: 'must be in [-100, 100]' }), {
+      error: (issue) => (issue.code === 'invalid_key' ? 'must be keyed by a token id (an integer >= 0)' : 'must be an object from token id to bias'),
+    })
+    .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS, { error: `must hold at most ${MAX_LOGIT_BIAS} token ids` })
+    .optional(),
 });
 
 function show(value: unknown): string {
@@ -183,9 +198,9 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     let value: unknown = canonical[field];
     let name = nameOf(field);
     const index = issue.path[1];
-    if (typeof index === 'number') {
-      name += `[${index}]`;
-      value = (value as unknown[])[index];
+    if (typeof index === 'number' || typeof index === 'string') {
+      name += `[${JSON.stringify(index)}]`;
+      value = (value as Record<PropertyKey, unknown>)[index];
     }
     throw bad(`sampling parameter ${name} ${issue.message}, got ${show(value)}`, nameOf(field));
   }
@@ -201,6 +216,7 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     stopTokenIds: p.stopTokenIds ?? [...SAMPLING_DEFAULTS.stopTokenIds],
     ...(p.logprobs !== undefined && { logprobs: p.logprobs }),
     ...(p.attention && { attention: resolveAttention(p.attention, limits.attention) }),
+    ...(p.logitBias && Object.keys(p.logitBias).length > 0 && { logitBias: Object.entries(p.logitBias).map(([id, bias]) => [Number(id), bias] as const).sort((a, b) => a[0] - b[0]) }),
   };
 
   const { maxContext, promptLength, vocabSize, contextName: limitName = contextName(maxContext, false) } = limits;
@@ -210,6 +226,8 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     if (id < 0 || id >= vocabSize)
       throw bad(`sampling parameter ${nameOf('stopTokenIds')}[${i}] must be a token id in [0, ${vocabSize}), got ${id}`, nameOf('stopTokenIds'));
   });
+  const outside = params.logitBias?.find(([id]) => id >= vocabSize);
+  if (outside) throw bad(`sampling parameter ${nameOf('logitBias')}["${outside[0]}"] must be keyed by a token id in [0, ${vocabSize})`, nameOf('logitBias'));
   if (!Number.isInteger(promptLength) || promptLength < 1)
     throw bad(`the prompt must hold at least one token, got ${show(promptLength)}`, 'prompt');
   if (promptLength + params.maxNewTokens > maxContext)

@@ -6,7 +6,7 @@
 import { checkKvPosition, type StepBatch } from '../core/step-batch.ts';
 import { WeftError } from '../core/errors.ts';
 import { DENSE_TOKEN } from '../core/sparq.ts';
-import type { AttentionRequest } from './sampling-params.ts';
+import type { AttentionRequest, SamplingParams } from './sampling-params.ts';
 
 /** How one logit row is sampled: the sequence's sampling parameters and its next uniform. */
 export interface RowSampling {
@@ -14,11 +14,13 @@ export interface RowSampling {
   readonly topK: number;
   readonly topP: number;
   readonly uniform: number;
+  /** [token id, bias] pairs added to the row's logits before the draw (OpenAI's logit_bias) */
+  readonly logitBias?: readonly (readonly [number, number])[];
 }
 
 /** A row sampled with a sequence's parameters and the given uniform. */
-export function sampledWith(params: { readonly temperature: number; readonly topK: number; readonly topP: number }, uniform: number): RowSampling {
-  return { temperature: params.temperature, topK: params.topK, topP: params.topP, uniform };
+export function sampledWith(params: Pick<SamplingParams, 'temperature' | 'topK' | 'topP' | 'logitBias'>, uniform: number): RowSampling {
+  return { temperature: params.temperature, topK: params.topK, topP: params.topP, uniform, ...(params.logitBias && { logitBias: params.logitBias }) };
 }
 
 /** The target's argmax (temperature 0 samples greedily, the uniform is unused). */
@@ -115,6 +117,8 @@ export class StepBatchBuilder {
         topP: this.samples.map((s) => s.topP),
         uniform: this.samples.map((s) => s.uniform),
       };
+    const biased = this.samples.flatMap((s, row) => (s.logitBias ?? []).map(([id, value]) => [row, id, value] as const));
+    if (biased.length) batch.logitBias = { rows: biased.map(([row]) => row), ids: biased.map(([, id]) => id), values: biased.map(([, , value]) => value) };
     if (this.scoreIds.length) batch.scoreIds = this.scoreIds;
     if (options.fullLogprobs) batch.fullLogprobs = true;
     if (this.feed.some((from) => from >= 0)) batch.feed = this.feed;

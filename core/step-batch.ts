@@ -75,6 +75,11 @@ export const stepBatchSchema = z
      * same tokens, so the coordinator can send a decode step before the previous step's tokens are back.
      */
     feed: intsFrom(-1).optional(),
+    /**
+     * Additive biases on sampled rows' logits (OpenAI's logit_bias): logits[rows[j], ids[j]] += values[j] before the
+     * draw. The rows' log-probs stay the model's (vLLM's default).
+     */
+    logitBias: z.object({ rows: intsFrom(0), ids: intsFrom(0), values: finiteNumbers() }).strict().optional(),
     /** [T] SparQ's r and k per token (core/sparq.ts), for a cluster that keeps SparQ's state; 0 or absent: its setting */
     sparq: z.object({ r: intsFrom(0), k: intsFrom(0) }).strict().optional(),
   })
@@ -92,6 +97,12 @@ export const stepBatchSchema = z
     if (b.sparq && (b.sparq.r.length !== b.tokens.length || b.sparq.k.length !== b.tokens.length)) ctx.addIssue({ code: 'custom', message: 'sparq r and k must have one entry per token' });
     if (b.feed && b.feed.length !== b.tokens.length) ctx.addIssue({ code: 'custom', message: `feed must have one entry per token (${b.feed.length} for ${b.tokens.length} tokens)` });
     if (b.topLogprobs && b.topLogprobs.length !== n) ctx.addIssue({ code: 'custom', message: 'topLogprobs must have one entry per logit row' });
+    if (b.logitBias) {
+      const { rows, ids, values } = b.logitBias;
+      if (!b.sample) ctx.addIssue({ code: 'custom', message: 'logitBias needs sampled rows (it biases their draw)' });
+      if (ids.length !== rows.length || values.length !== rows.length) ctx.addIssue({ code: 'custom', message: `logitBias rows, ids and values must have equal lengths (${rows.length}, ${ids.length}, ${values.length})` });
+      if (rows.some((r) => r >= n)) ctx.addIssue({ code: 'custom', message: `logitBias row past the ${n} logit rows` });
+    }
     if (b.topLogprobs && !b.sample && !b.scoreIds) ctx.addIssue({ code: 'custom', message: 'topLogprobs needs sampled or scored rows (their tokens are the ones it rates)' });
   });
 export type StepBatch = z.infer<typeof stepBatchSchema>;

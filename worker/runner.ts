@@ -211,7 +211,7 @@ export class StepRunner {
       if (feedFrom.some((from) => from >= 0)) ops.feedTokens(step.tokenIds, int32Tensor(ops, feedFrom), sampled);
       const logits = await forward(ops, this.comm, this.rankModel.model, this.rankModel.feedForward, step); // [R, vocab]
       const { temperature, topK, topP, uniform } = batch.sample!;
-      const drawn = ops.sampleTensor(logits, float32Tensor(ops, temperature), int32Tensor(ops, topK), float32Tensor(ops, topP), float32Tensor(ops, uniform));
+      const drawn = ops.sampleTensor(this.biased(batch, logits), float32Tensor(ops, temperature), int32Tensor(ops, topK), float32Tensor(ops, topP), float32Tensor(ops, uniform));
       const rows = batch.logitRows.length;
       ops.feedTokens(sampled, int32Tensor(ops, keepFirst(rows, sampled.shape[0]!)), drawn);
       this.last = { where: 'device', rows };
@@ -301,6 +301,7 @@ export class StepRunner {
         ...(batch.scoreIds && { scoreIds: take(batch.scoreIds) }),
         ...(batch.fullLogprobs && { fullLogprobs: true }),
         ...(batch.topLogprobs && { topLogprobs: rows.map((i) => (i < 0 ? -1 : batch.topLogprobs![i]!)) }),
+        ...chunkBias(batch.logitBias, mine),
         ...(batch.sparq && { sparq: { r: batch.sparq.r.slice(start, end), k: batch.sparq.k.slice(start, end) } }),
       };
       const result = await this.eager(chunk);
@@ -344,16 +345,18 @@ export class StepRunner {
     if (badPosition >= 0) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${badPosition}: position ${batch.positions[badPosition]} is past the context of ${maxContext}`);
     checkKvPositions(batch, kvBlockSize);
     const vocab = this.rankModel.model.spec.vocabSize;
+    const badBias = batch.logitBias?.ids.findIndex((id) => id >= vocab) ?? -1;
+    if (badBias >= 0) throw new WeftError('WEFT_BAD_REQUEST', `logit bias ${badBias}: id ${batch.logitBias!.ids[badBias]} is outside the vocabulary of ${vocab}`);
     const badToken = batch.tokens.findIndex((t) => t >= vocab);
     if (badToken >= 0) throw new WeftError('WEFT_BAD_REQUEST', `batch token ${badToken}: id ${batch.tokens[badToken]} is outside the vocabulary of ${vocab}`);
   }
 
   /**
-   * A decode batch a graph can run: one token per sequence, in order, every row sampled, nothing else asked,
-   * small enough for a bucket.
+   * A decode batch a graph can run: one token per sequence, in order, every row sampled, nothing else asked (no
+   * logit bias: its rows and ids change from step to step), small enough for a bucket.
    */
   private graphBucket(batch: StepBatch): number | null {
-    if (!this.useGraphs || !batch.sample || batch.scoreIds || batch.fullLogprobs) return null;
+    if (!this.useGraphs || !batch.sample || batch.scoreIds || batch.fullLogprobs || batch.logitBias) return null;
     const n = batch.tokens.length;
     if (batch.logitRows.length !== n || batch.logitRows.some((r, i) => r !== i)) return null;
     if (batch.kvBlockTable.length !== n || batch.tokenSeq.some((s, i) => s !== i)) return null;
@@ -398,6 +401,19 @@ export class StepRunner {
     return ranges;
   }
 
+  /**
+   * What the batch's rows are drawn from: `logits` [R, vocab], plus its logit bias where it has one (a dense [R, vocab]
+   * of the biases, added). Their log-probs are the model's, from `logits` itself.
+   */
+  private biased(batch: StepBatch, logits: Tensor): Tensor {
+    const bias = batch.logitBias;
+    if (!bias) return logits;
+    const [rows, vocab] = logits.shape as [number, number];
+    const dense = new Float32Array(rows * vocab);
+    bias.rows.forEach((row, j) => (dense[row * vocab + bias.ids[j]!]! += bias.values[j]!));
+    return this.ops.add(logits, float32Tensor(this.ops, dense, [rows, vocab]));
+  }
+
   private async eager(batch: StepBatch): Promise<StepResult> {
     const { ops } = this;
     ops.beginStep();
@@ -408,7 +424,7 @@ export class StepRunner {
       // every rank draws (the same tokens: the same gathered logits and uniforms), so every rank can feed its next step
       if (batch.sample) {
         const { temperature, topK, topP, uniform } = batch.sample;
-        result.tokens = Array.from(ops.sample(logits, Float32Array.from(temperature), Int32Array.from(topK), Float32Array.from(topP), Float32Array.from(uniform)));
+        result.tokens = Array.from(ops.sample(this.biased(batch, logits), Float32Array.from(temperature), Int32Array.from(topK), Float32Array.from(topP), Float32Array.from(uniform)));
       }
       if (this.comm.rank !== 0) return result;
       if (batch.scoreIds) result.logprobs = Array.from(ops.logprobs(logits, Int32Array.from(batch.scoreIds)));
@@ -531,4 +547,12 @@ export class StepRunner {
     else this.graphs.set(bucket, decodeGraph);
     return decodeGraph;
   }
+}
+
+/** The logit bias of a chunk whose logit rows are the batch's rows `mine` (by index), renumbered as the chunk's; {} for none. */
+function chunkBias(bias: StepBatch['logitBias'], mine: readonly number[]): Pick<StepBatch, 'logitBias'> {
+  const at = new Map(mine.map((i, k) => [i, k]));
+  const kept = bias?.rows.flatMap((row, j) => (at.has(row) ? [j] : [])) ?? [];
+  if (!bias || kept.length === 0) return {};
+  return { logitBias: { rows: kept.map((j) => at.get(bias.rows[j]!)!), ids: kept.map((j) => bias.ids[j]!), values: kept.map((j) => bias.values[j]!) } };
 }

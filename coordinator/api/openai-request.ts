@@ -40,10 +40,11 @@ const common = {
   n: z.number().int().min(1).nullish(),
   // completions: an integer in [0, 5]; chat: a boolean (logprobRequestOf)
   logprobs: z.union([z.boolean(), z.number()]).nullish(),
+  // token id -> bias, checked with the sampling parameters (sampling-params.ts)
+  logit_bias: z.unknown().optional(),
   // accepted only when "off" (refuseUnsupported)
   presence_penalty: z.number().nullish(),
   frequency_penalty: z.number().nullish(),
-  logit_bias: z.record(z.string(), z.number()).nullish(),
 };
 export const completionSchema = z
   .object({
@@ -93,7 +94,6 @@ export function refuseUnsupported(body: CommonBody): void {
   };
   if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
   if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
-  if (body.logit_bias && Object.keys(body.logit_bias).length > 0) refuse('logit_bias', 'is not supported');
   if ('prompt' in body) {
     if (body.suffix) refuse('suffix', 'is not supported');
     return;
@@ -130,6 +130,7 @@ export function samplingOf(body: CommonBody, chatPromptLength: number | null, ma
     ...(body.ignore_eos && { ignore_eos: true }),
     ...(logprobs.samplingLogprobs !== null && { logprobs: logprobs.samplingLogprobs }),
     ...(body.attention !== undefined && { attention: body.attention }),
+    ...(isSet(body.logit_bias) && { logit_bias: body.logit_bias }),
   };
 }
 

@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { HttpGateway } from '../../coordinator/api/http.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { loadTokenizer } from '../../coordinator/tokenizer.ts';
+import { WeftClient } from '../../coordinator/api/client.ts';
 import { MAX_CONTEXT, MODEL, startChatServer, type ChatServer } from './openai-helpers.ts';
 
 const reference = readReference('llama-tiny');
@@ -114,6 +115,28 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     assert.deepEqual(finished, ['length', 'length', 'length']);
   });
 
+  test('logit_bias: +100 makes every token the biased id, -100 bans the token Hugging Face\'s greedy decoding picks; streamed alike', async () => {
+    const tokenizer = loadTokenizer(fixtureDir(MODEL));
+    const greedy = reference.greedy[0]!.slice(0, 4); // transformers' greedy continuation of prompt 0
+    const body = { prompt: reference.prompts[0], max_tokens: 4, temperature: 0, ignore_eos: true };
+    const text = async (extra: Record<string, unknown>): Promise<string> => ((await (await post('/v1/completions', { ...body, ...extra })).json()) as Completion).choices[0]!.text!;
+    assert.equal(await text({}), tokenizer.decode(greedy), 'unbiased: the oracle\'s tokens');
+    const forcedId = 7;
+    assert.equal(await text({ logit_bias: { [forcedId]: 100 } }), tokenizer.decode([forcedId, forcedId, forcedId, forcedId]));
+    // the ids themselves, over RPC (its camelCase spelling): the banned one never comes
+    const client = await WeftClient.connect({ endpoint: chat.server.rpc, timeoutMs: 30_000 });
+    try {
+      const [done] = await client.generateN({ promptIds: reference.prompts[0]!, sampling: { maxNewTokens: 4, ignoreEos: true, logitBias: { [greedy[0]!]: -100 } } }, 1);
+      assert.notEqual(done!.tokens[0], greedy[0]);
+      assert.ok(!done!.tokens.includes(greedy[0]!), `${greedy[0]} never comes: ${done!.tokens}`);
+    } finally {
+      await client.close();
+    }
+    const stream = await post('/v1/completions', { ...body, logit_bias: { [forcedId]: 100 }, stream: true });
+    const streamed = (await stream.text()).split('\n').filter((l) => l.startsWith('data: {')).map((l) => (JSON.parse(l.slice(6)) as Completion).choices[0]?.text ?? '').join('');
+    assert.equal(streamed, tokenizer.decode([forcedId, forcedId, forcedId, forcedId]));
+  });
+
   test('chat without max_tokens runs to the end of the context; a completion stops after 16 tokens', async () => {
     const messages = [{ role: 'user', content: 'hello there' }];
     const res = await post('/v1/chat/completions', { messages, temperature: 0, ignore_eos: true });
@@ -156,6 +179,8 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_completion_tokens: MAX_CONTEXT }, 'max_completion_tokens'],
       ['/v1/completions', { prompt: [1, 1_000_000], max_tokens: 2 }, 'prompt'],
       ['/v1/completions', { prompt: 'hi', max_tokens: 2, stop_token_ids: [-1] }, 'stop_token_ids'],
+      ['/v1/completions', { prompt: 'hi', max_tokens: 2, logit_bias: { '7': 101 } }, 'logit_bias'],
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, logit_bias: { '100000': 1 } }, 'logit_bias'],
     ];
     for (const [path, body, param] of values) {
       const res = await post(path, body);

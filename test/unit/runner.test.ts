@@ -90,6 +90,32 @@ test('a step run in chunks equals the step run whole', async () => {
   assert.ok(maxAbsDiff(fb, fa) < 1e-5, `full log-probs differ by ${maxAbsDiff(fb, fa)}`);
 });
 
+test('a logit bias moves the draw and not the log-probs: +100 forces a token, -100 bans the argmax; whole, in chunks and drawn on the device alike', async () => {
+  const kv = kvCacheLayout({ kvSlots: 2, maxContext: 64, device: 'cpu' });
+  const { engine, spec, model } = await tinyModel(kv);
+  const whole = new StepRunner(engine, soloCollectives(), model, kv);
+  const chunked = new StepRunner(engine, soloCollectives(), model, kv, { maxStepTokens: 7 });
+  const prompt = readReference('llama-tiny').prompts[2]!.slice(0, 30);
+  const rows = [29, 3, 15];
+  const base = { tokens: prompt, positions: prompt.map((_, i) => i), tokenSeq: prompt.map(() => 0), kvBlockTable: [[0]], logitRows: rows };
+  const greedy = { temperature: [0, 0, 0], topK: [0, 0, 0], topP: [1, 1, 1], uniform: [0.5, 0.5, 0.5] };
+  // the oracle: each row's two most likely tokens, from the model's own log-probs
+  const full = new Float32Array((await whole.step({ ...base, sample: greedy, fullLogprobs: true })).fullLogprobs!.slice().buffer);
+  const ranked = rows.map((_, r) => [...full.subarray(r * spec.vocabSize, (r + 1) * spec.vocabSize)].map((v, id) => [v, id] as const).sort((a, b) => b[0] - a[0]));
+  const [top0, second0] = [ranked[0]![0]![1], ranked[0]![1]![1]];
+  const forced = ranked[2]![spec.vocabSize - 1]![1]; // row 2's least likely token
+  const logitBias = { rows: [0, 2, 2], ids: [top0, forced, 0], values: [-100, 100, 0.5] };
+  const batch = { ...base, sample: greedy, logitBias };
+  const expected = [second0, ranked[1]![0]![1], forced];
+  assert.deepEqual((await whole.step(batch)).tokens, expected, 'drawn on the device (a sample-only step)');
+  assert.deepEqual((await chunked.step(batch)).tokens, expected, 'in chunks, each with its rows\' biases');
+  const scored = await whole.step({ ...batch, scoreIds: [top0, 1, forced] });
+  assert.deepEqual(scored.tokens, expected, 'the eager path (rows scored too)');
+  const r0 = full.subarray(0, spec.vocabSize), r2 = full.subarray(2 * spec.vocabSize);
+  assert.ok(maxAbsDiff(scored.logprobs!, [r0[top0]!, full[spec.vocabSize + 1]!, r2[forced]!]) < 1e-5, 'log-probs are the model\'s, unbiased');
+  await assert.rejects(whole.step({ ...batch, logitBias: { rows: [0], ids: [spec.vocabSize], values: [1] } }), /logit bias 0: id 512 is outside the vocabulary of 512/);
+});
+
 test('the step index: tokens name their sequence\'s row of a padded block table; batches outside the KV layout are refused', async () => {
   // the cuda layout (a padding block, 2) on the cpu engine: no graphs, but the padding block is still never a sequence's
   const kv = kvCacheLayout({ kvSlots: 2, maxContext: 16, device: 'cuda' });

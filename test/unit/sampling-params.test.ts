@@ -158,6 +158,20 @@ test('stopTokenIds: integers in [0, vocabSize)', () => {
   rejects(() => parse({ stopTokenIds: 7 }), 'stopTokenIds', '7');
 });
 
+test('logitBias: an object from token id to a bias in [-100, 100], at most 300 ids in the vocabulary; pairs ascending by id', () => {
+  assert.deepEqual(parse({ logit_bias: { '511': -100, '0': 2.5, '7': 100 } }).logitBias, [[0, 2.5], [7, 100], [511, -100]]);
+  assert.equal(parse({ logitBias: {} }).logitBias, undefined, 'an empty bias is none');
+  assert.equal(parse({}).logitBias, undefined);
+  rejects(() => parse({ logit_bias: { '5': 100.5 } }), 'logit_bias["5"] must be in [-100, 100]', '100.5');
+  rejects(() => parse({ logitBias: { abc: 1 } }), 'logitBias["abc"] must be keyed by a token id');
+  rejects(() => parse({ logitBias: { '-3': 1 } }), 'logitBias["-3"] must be keyed by a token id');
+  rejects(() => parse({ logitBias: { '07': 1 } }), 'logitBias["07"] must be keyed by a token id');
+  rejects(() => parse({ logit_bias: { '512': 1 } }), 'logit_bias["512"] must be keyed by a token id in [0, 512)');
+  rejects(() => parse({ logit_bias: [[1, 2]] }), 'logit_bias must be an object from token id to bias');
+  rejects(() => parse({ logit_bias: Object.fromEntries(Array.from({ length: 301 }, (_, i) => [String(i), 1])) }), 'logit_bias must hold at most 300 token ids');
+  assert.throws(() => parse({ logit_bias: { '512': 1 } }), (e: unknown) => isWeftError(e) && e.param === 'logit_bias');
+});
+
 test('validatePromptIds: non-empty integer array in range, at most maxContext long', () => {
   assert.deepEqual(validatePromptIds([0, 5, 511], 512, 512), [0, 5, 511]);
   const input = [1, 2];

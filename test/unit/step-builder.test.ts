@@ -32,6 +32,22 @@ test('builder: sequences with their blocks, sampled rows in order', () => {
   assert.deepEqual(stepBatchSchema.parse(batch), batch);
 });
 
+test('builder: a row\'s logit bias becomes the batch\'s (row, id, value) triples; the schema checks them', () => {
+  const builder = new StepBatchBuilder(64);
+  builder.appendSampled([0], [11, 12], 0, GREEDY);
+  builder.appendSampled([1], [13], 0, sampledWith({ temperature: 0, topK: 0, topP: 1, logitBias: [[4, -100], [9, 5]] }, 0.5));
+  const batch = builder.build();
+  assert.deepEqual(batch.logitBias, { rows: [1, 1], ids: [4, 9], values: [-100, 5] });
+  assert.equal(stepBatchSchema.safeParse(batch).success, true);
+  schemaRefuses({ ...batch, logitBias: { rows: [2], ids: [4], values: [1] } }, /logitBias row past the 2 logit rows/);
+  schemaRefuses({ ...batch, logitBias: { rows: [0, 1], ids: [4], values: [1, 2] } }, /logitBias rows, ids and values must have equal lengths \(2, 1, 2\)/);
+  const { sample: _sample, ...unsampled } = batch;
+  schemaRefuses({ ...unsampled, scoreIds: [1, 2] }, /logitBias needs sampled rows/);
+  const plain = new StepBatchBuilder(64);
+  plain.appendSampled([0], [1], 0, GREEDY);
+  assert.equal(plain.build().logitBias, undefined, 'no bias, no field');
+});
+
 test('builder: scored rows and full log-probs; several blocks per sequence (paged sizes)', () => {
   const builder = new StepBatchBuilder(4);
   const start = builder.append([5, 9], [1, 2, 3, 4, 5, 6], 1); // positions 1..6 over blocks 5 (0..3) and 9 (4..7)
