@@ -214,8 +214,9 @@ export class Cluster {
     if (params.logprobs !== undefined && this.speculative)
       throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logprobs is not supported with speculative decoding (--draft); serve without a draft model to get log-probs');
     // a draft round's draws (and its acceptance rule) are the draft's and the target's own distributions
-    if (params.logitBias && this.speculative)
-      throw new WeftError('WEFT_BAD_REQUEST', 'sampling parameter logit_bias is not supported with speculative decoding (--draft); serve without a draft model to bias tokens', { param: 'logit_bias' });
+    for (const [field, param] of [['logitBias', 'logit_bias'], ['presencePenalty', 'presence_penalty'], ['frequencyPenalty', 'frequency_penalty']] as const)
+      if (params[field] && this.speculative)
+        throw new WeftError('WEFT_BAD_REQUEST', `sampling parameter ${param} is not supported with speculative decoding (--draft); serve without a draft model to bias tokens`, { param });
     const seq = new SequenceState(promptIds, params, this.tokenizer.eosTokenIds, this.tokenizer.createStreamDecoder());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     const handle = this.scheduler.submitGenerate(seq, timeoutMs || undefined);

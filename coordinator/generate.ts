@@ -59,6 +59,8 @@ export class SequenceState {
   /** tokens already in the KV cache (the position of input[0]) */
   position = 0;
   readonly generated: number[] = [];
+  /** how often each token of `generated` came (the penalties' counts) */
+  private readonly drawn = new Map<number, number>();
   /** [generated] with SamplingParams.logprobs, else empty */
   private readonly logprobs: TokenLogprob[] = [];
   private text = '';
@@ -81,12 +83,25 @@ export class SequenceState {
     return this.rng.nextUniform();
   }
 
+  /**
+   * The logit bias of the next draw: the request's, plus its penalties on the tokens drawn so far, additive as OpenAI
+   * defines them: -(count × frequencyPenalty + (count > 0) × presencePenalty). Undefined when there is none.
+   */
+  nextLogitBias(): readonly (readonly [number, number])[] | undefined {
+    const { logitBias, presencePenalty = 0, frequencyPenalty = 0 } = this.params;
+    if (!presencePenalty && !frequencyPenalty) return logitBias;
+    const bias = new Map(logitBias);
+    for (const [id, count] of this.drawn) bias.set(id, (bias.get(id) ?? 0) - count * frequencyPenalty - presencePenalty);
+    return bias.size ? [...bias] : undefined;
+  }
+
   /** Take a sampled token (and its log-probs, when asked for); returns the events it produces (a token, and `done` when the sequence ends). */
   accept(token: number, logprobs: TokenLogprobs | null = null): GenerationEvent[] {
     if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
     this.position += this.input.length;
     this.input = [token];
     this.generated.push(token);
+    this.drawn.set(token, (this.drawn.get(token) ?? 0) + 1);
     const logprob = this.params.logprobs !== undefined && logprobs ? tokenLogprobOf(logprobs) : null;
     if (logprob) this.logprobs.push(logprob);
     if (this.stopIds.has(token)) return [this.finish('stop')];

@@ -42,6 +42,13 @@ export interface SamplingParams {
    * object from id to bias). Default: absent. At most MAX_LOGIT_BIAS ids in [0, vocabSize), biases in [-100, 100].
    */
   logitBias?: readonly (readonly [number, number])[];
+  /**
+   * OpenAI's penalties on the tokens generated so far, subtracted from their logits before each draw: presence once
+   * for a token that came, frequency times the number of times it came (SequenceState.nextLogitBias). Default:
+   * absent (0). In [-2, 2]. A step holding a penalised sequence is built once the step before has answered.
+   */
+  presencePenalty?: number;
+  frequencyPenalty?: number;
 }
 
 /** The most ids one request may bias (OpenAI's limit). */
@@ -114,6 +121,8 @@ const SPELLINGS = {
   logprobs: ['logprobs', 'top_logprobs'],
   attention: ['attention'],
   logitBias: ['logitBias', 'logit_bias'],
+  presencePenalty: ['presencePenalty', 'presence_penalty'],
+  frequencyPenalty: ['frequencyPenalty', 'frequency_penalty'],
 } as const satisfies Record<keyof SamplingParams, readonly string[]>;
 type Field = keyof typeof SPELLINGS;
 
@@ -123,6 +132,8 @@ const ALIAS = new Map<string, Field>(
 
 const number = (what: string) => z.number({ error: 'must be a finite number' + what });
 const integer = (what: string) => z.number({ error: 'must be an integer' + what }).int({ error: 'must be an integer' + what });
+
+const penalty = number(' in [-2, 2]').min(-2, { error: 'must be in [-2, 2]' }).max(2, { error: 'must be in [-2, 2]' });
 
 const schema = z.strictObject({
   temperature: number(' in [0, 100]').min(0, { error: 'must be >= 0' }).max(100, { error: 'must be <= 100' }).optional(),
@@ -140,6 +151,8 @@ const schema = z.strictObject({
     })
     .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS, { error: `must hold at most ${MAX_LOGIT_BIAS} token ids` })
     .optional(),
+  presencePenalty: penalty.optional(),
+  frequencyPenalty: penalty.optional(),
 });
 
 function show(value: unknown): string {
@@ -216,6 +229,8 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     stopTokenIds: p.stopTokenIds ?? [...SAMPLING_DEFAULTS.stopTokenIds],
     ...(p.logprobs !== undefined && { logprobs: p.logprobs }),
     ...(p.attention && { attention: resolveAttention(p.attention, limits.attention) }),
+    ...(p.presencePenalty && { presencePenalty: p.presencePenalty }),
+    ...(p.frequencyPenalty && { frequencyPenalty: p.frequencyPenalty }),
     ...(p.logitBias && Object.keys(p.logitBias).length > 0 && { logitBias: Object.entries(p.logitBias).map(([id, bias]) => [Number(id), bias] as const).sort((a, b) => a[0] - b[0]) }),
   };
 

@@ -16,11 +16,20 @@
  */
 import { WeftError } from '../core/errors.ts';
 import type { SpeculativeExecutor } from './speculative.ts';
-import { GREEDY, StepBatchBuilder, sampledWith } from './step-builder.ts';
+import { GREEDY, StepBatchBuilder, sampledWith, type RowSampling } from './step-builder.ts';
+import type { SequenceState } from './generate.ts';
 import type { JobQueue } from './job-queue.ts';
 import type { Preemption } from './preemption.ts';
 import type { GenerateJob, Job, StepWork, Work } from './scheduler-jobs.ts';
 import type { AttentionRequest } from './sampling-params.ts';
+
+/** How a sequence's next token is drawn: its parameters, its next uniform, and its logit bias with its penalties. */
+function nextDraw(seq: SequenceState): RowSampling {
+  return sampledWith({ ...seq.params, logitBias: seq.nextLogitBias() }, seq.nextUniform());
+}
+
+/** Penalties count the tokens drawn so far: the next step waits for the one in flight (no scheduling ahead). */
+const penalised = (job: Job): boolean => job.kind === 'generate' && !job.finished && !!(job.seq.params.presencePenalty || job.seq.params.frequencyPenalty);
 
 /** A prompt's attention on a cluster that keeps SparQ's state (StepComposerOptions.exactPrompts). */
 const EXACT: AttentionRequest = { mode: 'dense' };
@@ -98,13 +107,13 @@ export class StepComposer {
   /**
    * The step after `prev`, built while `prev` runs: each of its sequences that goes on is fed the token `prev`
    * draws for it (logit row i of prev belongs to prev.rows[i]), and the other sequences join as in compose()
-   * (decode rows, then prompt chunks, within the token budget). None while a score job or speculative decoding
-   * runs (they need the tokens on the host first).
+   * (decode rows, then prompt chunks, within the token budget). None while a score job, speculative decoding or a
+   * penalised sequence runs (they need the tokens on the host first).
    */
   ahead(prev: StepWork): StepWork | null {
     if (!this.options.scheduleAhead) return null;
     const executor = this.options.speculative;
-    if ((executor && !executor.draftError) || [...this.jobs.running].some((job) => job.kind === 'score')) return null;
+    if ((executor && !executor.draftError) || [...this.jobs.running].some((job) => job.kind === 'score' || penalised(job))) return null;
     const { kv } = this.jobs;
     const fed = new Set<Job | null>(prev.rows);
     // prev's sequences are in flight: never preempted while it runs
@@ -120,7 +129,7 @@ export class StepComposer {
       if (seq.generated.length + 1 >= seq.params.maxNewTokens || position >= kv.layout.maxContext) return;
       // one that must wait for blocks gets prev's draw on the host and joins a later step with it
       if (!this.preemption.cover(job, position + 1, held)) return;
-      builder.appendFed(kv.blocks(job.kv!), fromRow, position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, seq.params.attention);
+      builder.appendFed(kv.blocks(job.kv!), fromRow, position, nextDraw(seq), seq.params.logprobs ?? null, seq.params.attention);
       rows.push(job);
     });
     const waiting = [...this.jobs.running].filter((job): job is GenerateJob => job.kind === 'generate' && !fed.has(job) && !job.finished);
@@ -146,7 +155,7 @@ export class StepComposer {
       const blocks = this.jobs.kv.blocks(job.kv!);
       const attention = this.options.exactPrompts && (seq.generated.length === 0 || seq.input.length > 1) ? EXACT : seq.params.attention;
       if (take === seq.input.length) {
-        builder.appendSampled(blocks, seq.input, seq.position, sampledWith(seq.params, seq.nextUniform()), seq.params.logprobs ?? null, attention);
+        builder.appendSampled(blocks, seq.input, seq.position, nextDraw(seq), seq.params.logprobs ?? null, attention);
         rows.push(job);
       } else {
         builder.append(blocks, seq.input.slice(0, take), seq.position, attention);

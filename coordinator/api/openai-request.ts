@@ -40,11 +40,10 @@ const common = {
   n: z.number().int().min(1).nullish(),
   // completions: an integer in [0, 5]; chat: a boolean (logprobRequestOf)
   logprobs: z.union([z.boolean(), z.number()]).nullish(),
-  // token id -> bias, checked with the sampling parameters (sampling-params.ts)
+  // token id -> bias, and the penalties: checked with the sampling parameters (sampling-params.ts)
   logit_bias: z.unknown().optional(),
-  // accepted only when "off" (refuseUnsupported)
-  presence_penalty: z.number().nullish(),
-  frequency_penalty: z.number().nullish(),
+  presence_penalty: z.unknown().optional(),
+  frequency_penalty: z.unknown().optional(),
 };
 export const completionSchema = z
   .object({
@@ -92,8 +91,6 @@ export function refuseUnsupported(body: CommonBody): void {
   const refuse = (param: string, why: string): never => {
     throw new HttpError(400, 'unsupported_value', `${param}: ${why}`, param);
   };
-  if (body.presence_penalty) refuse('presence_penalty', 'is not supported');
-  if (body.frequency_penalty) refuse('frequency_penalty', 'is not supported');
   if ('prompt' in body) {
     if (body.suffix) refuse('suffix', 'is not supported');
     return;
@@ -131,6 +128,8 @@ export function samplingOf(body: CommonBody, chatPromptLength: number | null, ma
     ...(logprobs.samplingLogprobs !== null && { logprobs: logprobs.samplingLogprobs }),
     ...(body.attention !== undefined && { attention: body.attention }),
     ...(isSet(body.logit_bias) && { logit_bias: body.logit_bias }),
+    ...(isSet(body.presence_penalty) && { presence_penalty: body.presence_penalty }),
+    ...(isSet(body.frequency_penalty) && { frequency_penalty: body.frequency_penalty }),
   };
 }
 

@@ -132,6 +132,10 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     } finally {
       await client.close();
     }
+    // penalties (their arithmetic is checked token by token in test/unit/penalties.test.ts): served over HTTP, and
+    // with the biased id penalised each time it comes, the forced run gives way once the penalty passes the bias
+    const penalised = await text({ logit_bias: { [forcedId]: 100 }, frequency_penalty: 2, max_tokens: 60 });
+    assert.notEqual(penalised, tokenizer.decode(Array(60).fill(forcedId)));
     const stream = await post('/v1/completions', { ...body, logit_bias: { [forcedId]: 100 }, stream: true });
     const streamed = (await stream.text()).split('\n').filter((l) => l.startsWith('data: {')).map((l) => (JSON.parse(l.slice(6)) as Completion).choices[0]?.text ?? '').join('');
     assert.equal(streamed, tokenizer.decode([forcedId, forcedId, forcedId, forcedId]));
@@ -180,6 +184,8 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
       ['/v1/completions', { prompt: [1, 1_000_000], max_tokens: 2 }, 'prompt'],
       ['/v1/completions', { prompt: 'hi', max_tokens: 2, stop_token_ids: [-1] }, 'stop_token_ids'],
       ['/v1/completions', { prompt: 'hi', max_tokens: 2, logit_bias: { '7': 101 } }, 'logit_bias'],
+      ['/v1/completions', { prompt: 'hi', max_tokens: 2, presence_penalty: 3 }, 'presence_penalty'],
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, frequency_penalty: 'high' }, 'frequency_penalty'],
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, logit_bias: { '100000': 1 } }, 'logit_bias'],
     ];
     for (const [path, body, param] of values) {

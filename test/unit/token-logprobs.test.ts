@@ -111,12 +111,13 @@ test('SamplingParams.logprobs: an integer in [0, 20], top_logprobs its snake_cas
   assert.throws(() => parseSamplingParams({ logprobs: 1.5 }, limits), /sampling parameter logprobs must be an integer/);
 });
 
-test('with a draft model (speculative decoding) a request for log-probs or a logit bias is refused, naming the parameter', async () => {
+test('with a draft model (speculative decoding) a request for log-probs, a logit bias or penalties is refused, naming the parameter', async () => {
   const { startCluster } = await import('../../coordinator/cluster.ts');
   const cluster = await startCluster({ modelDir: dir, tp: 1, threads: 1, draft: { modelDir: fixtureDir('llama-tiny-bf16'), tp: 1, k: 2 } });
   try {
     await assert.rejects(cluster.submit({ promptIds: prompt, sampling: { logprobs: 1 } }), (err: Error & { code?: string }) => err.code === 'WEFT_BAD_REQUEST' && /logprobs is not supported with speculative decoding/.test(err.message));
-    await assert.rejects(cluster.submit({ promptIds: prompt, sampling: { logit_bias: { '3': 5 } } }), (err: Error & { code?: string; param?: string }) => err.code === 'WEFT_BAD_REQUEST' && err.param === 'logit_bias' && /logit_bias is not supported with speculative decoding/.test(err.message));
+    for (const [sampling, param] of [[{ logit_bias: { '3': 5 } }, 'logit_bias'], [{ presence_penalty: 0.5 }, 'presence_penalty'], [{ frequencyPenalty: 1 }, 'frequency_penalty']] as const)
+      await assert.rejects(cluster.submit({ promptIds: prompt, sampling }), (err: Error & { code?: string; param?: string }) => err.code === 'WEFT_BAD_REQUEST' && err.param === param && new RegExp(`${param} is not supported with speculative decoding`).test(err.message));
     const handle = await cluster.submit({ promptIds: prompt, sampling: { maxNewTokens: 2, ignoreEos: true } });
     for await (const event of handle.events) if (event.type === 'done') assert.equal(event.tokens.length, 2, 'without log-probs it serves');
   } finally {
