@@ -2,7 +2,8 @@
  * CPU collectives over ZeroMQ: rank 0 is a hub (ROUTER), the other ranks connect to it (DEALER). A
  * collective is numbered by its position in the sequence every rank issues; non-root ranks send their
  * piece, the hub combines the pieces in rank order (so the result is the same on every rank and every run)
- * and sends it back. Frames: [sequence u32 LE, float32 payload, (gather only) column counts as u32, MAC].
+ * and sends it back; two ranks trade their pieces instead and each combines both in rank order. Frames:
+ * [sequence u32 LE, float32 payload, (the hub's gather only) column counts as u32, MAC].
  * Waits are bounded: a peer that is gone or stalled fails the collective (naming the ranks that did not
  * answer) instead of holding the group forever, and the group stays failed (`asyncError`).
  *
@@ -285,13 +286,30 @@ export class CpuCollectives implements Collectives {
     }
   }
 
+  /**
+   * Two ranks trade their pieces, each sending its own before it waits for the other's: the wait is one hop, where
+   * the hub's sum takes a round trip through rank 0 for rank 1. Returns both in rank order, so that both ranks
+   * combine them in the same order (the same floats), as the hub would.
+   */
+  private async trade(what: string, seq: number, mine: Float32Array): Promise<[Float32Array, Float32Array]> {
+    const other = 1 - this.rank;
+    await this.send(what, other, [this.seqFrame(seq), float32Bytes(mine)]);
+    const [piece] = await this.collect(what, seq, [other]);
+    return this.rank === 0 ? [mine, piece!.payload] : [piece!.payload, mine];
+  }
+
   async allReduce(x: Tensor): Promise<Tensor> {
     if (this.world === 1) return x;
     const seq = this.sequence++;
     const what = `allReduce #${seq}`;
     const mine = this.engine.download(x) as Float32Array;
     let sum: Float32Array;
-    if (this.rank === 0) {
+    if (this.world === 2) {
+      const [first, second] = await this.trade(what, seq, mine);
+      if (first.length !== second.length) this.fail('WEFT_PROTOCOL', `${what}: rank 0 has ${first.length} values, rank 1 ${second.length}`);
+      sum = Float32Array.from(first);
+      for (let i = 0; i < sum.length; i++) sum[i]! += second[i]!;
+    } else if (this.rank === 0) {
       const pieces = await this.collect(what, seq, this.peers());
       pieces.sort((a, b) => a.rank - b.rank);
       sum = Float32Array.from(mine);
@@ -316,7 +334,10 @@ export class CpuCollectives implements Collectives {
     const [rows = 1] = x.shape;
     const mine = this.engine.download(x) as Float32Array;
     let pieces: Float32Array[];
-    if (this.rank === 0) {
+    if (this.world === 2) {
+      pieces = await this.trade(what, seq, mine);
+      if (pieces.some((p) => p.length % rows !== 0)) this.fail('WEFT_PROTOCOL', `${what}: rank ${1 - this.rank} sent ${pieces[1 - this.rank]!.length} values, not a multiple of ${rows} rows`);
+    } else if (this.rank === 0) {
       const received = await this.collect(what, seq, this.peers());
       received.sort((a, b) => a.rank - b.rank);
       for (const p of received) {
