@@ -133,6 +133,8 @@ const ALIAS = new Map<string, Field>(
 const number = (what: string) => z.number({ error: 'must be a finite number' + what });
 const integer = (what: string) => z.number({ error: 'must be an integer' + what }).int({ error: 'must be an integer' + what });
 
+/** logit_bias's keys: token ids as JSON object keys, in decimal without leading zeros */
+const tokenIdKey = z.string().regex(/^(0|[1-9]\d*)$/);
 const penalty = number(' in [-2, 2]').min(-2, { error: 'must be in [-2, 2]' }).max(2, { error: 'must be in [-2, 2]' });
 
 const schema = z.strictObject({
@@ -146,7 +148,7 @@ const schema = z.strictObject({
   logprobs: integer(' in [0, 20]').min(0, { error: 'must be in [0, 20]' }).max(MAX_TOP_LOGPROBS, { error: 'must be in [0, 20]' }).optional(),
   attention: attentionSchema.optional(),
   logitBias: z
-    .record(z.string().regex(/^(0|[1-9]\d*)$/), number(' in [-100, 100]').min(-100, { error: 'must be in [-100, 100]' }).max(100, { error: 'must be in [-100, 100]' }), {
+    .record(tokenIdKey, number(' in [-100, 100]').min(-100, { error: 'must be in [-100, 100]' }).max(100, { error: 'must be in [-100, 100]' }), {
       error: (issue) => (issue.code === 'invalid_key' ? 'must be keyed by a token id (an integer >= 0)' : 'must be an object from token id to bias'),
     })
     .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS, { error: `must hold at most ${MAX_LOGIT_BIAS} token ids` })
@@ -231,7 +233,9 @@ export function parseSamplingParams(input: unknown, limits: SamplingLimits): Sam
     ...(p.attention && { attention: resolveAttention(p.attention, limits.attention) }),
     ...(p.presencePenalty && { presencePenalty: p.presencePenalty }),
     ...(p.frequencyPenalty && { frequencyPenalty: p.frequencyPenalty }),
-    ...(p.logitBias && Object.keys(p.logitBias).length > 0 && { logitBias: Object.entries(p.logitBias).map(([id, bias]) => [Number(id), bias] as const).sort((a, b) => a[0] - b[0]) }),
+    ...(p.logitBias && Object.keys(p.logitBias).length > 0 && {
+      logitBias: Object.entries(p.logitBias).map(([id, bias]) => [Number(id), bias] as const).sort((a, b) => a[0] - b[0]),
+    }),
   };
 
   const { maxContext, promptLength, vocabSize, contextName: limitName = contextName(maxContext, false) } = limits;

@@ -117,8 +117,8 @@ export class StepBatchBuilder {
         topP: this.samples.map((s) => s.topP),
         uniform: this.samples.map((s) => s.uniform),
       };
-    const biased = this.samples.flatMap((s, row) => (s.logitBias ?? []).map(([id, value]) => [row, id, value] as const));
-    if (biased.length) batch.logitBias = { rows: biased.map(([row]) => row), ids: biased.map(([, id]) => id), values: biased.map(([, , value]) => value) };
+    const biased = this.samples.flatMap((s, row) => (s.logitBias ?? []).map(([id, value]) => ({ row, id, value })));
+    if (biased.length) batch.logitBias = { rows: biased.map((b) => b.row), ids: biased.map((b) => b.id), values: biased.map((b) => b.value) };
     if (this.scoreIds.length) batch.scoreIds = this.scoreIds;
     if (options.fullLogprobs) batch.fullLogprobs = true;
     if (this.feed.some((from) => from >= 0)) batch.feed = this.feed;

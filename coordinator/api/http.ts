@@ -270,7 +270,10 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     const tokens = await cluster.tokenize(body.prompt);
     sendJson(res, 200, { count: tokens.length, max_model_len: cluster.maxContext, tokens });
   });
-  const tokenIds = z.array(z.number().int().min(0).max(cluster.spec.vocabSize - 1, { error: `must be a token id in [0, ${cluster.spec.vocabSize})` })).max(cluster.maxContext, { error: `holds more than the context of ${cluster.maxContext} tokens` });
+  const { vocabSize } = cluster.spec;
+  const tokenIds = z
+    .array(z.number().int().min(0).max(vocabSize - 1, { error: `must be a token id in [0, ${vocabSize})` }))
+    .max(cluster.maxContext, { error: `holds more than the context of ${cluster.maxContext} tokens` });
   routes.set('POST /detokenize', async (req, res) => {
     const body = parseBody(z.object({ tokens: tokenIds }).loose(), await readJson(req, limit));
     sendJson(res, 200, { prompt: await cluster.detokenize(body.tokens, { skipSpecial: false }) }); // as Hugging Face's decode
