@@ -190,8 +190,10 @@ export class Cluster {
     return this.tokenizeWithin(text, 'the text', options);
   }
 
-  /** The text of `ids` (special tokens dropped unless `skipSpecial` is false), in a text thread. */
-  detokenize(ids: readonly number[], options: DecodeOptions = {}): Promise<string> {
+  /** The text of `ids` (special tokens dropped unless `skipSpecial` is false), in a text thread; ids outside the vocabulary are refused. */
+  async detokenize(ids: readonly number[], options: DecodeOptions = {}): Promise<string> {
+    const bad = ids.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= this.spec.vocabSize);
+    if (bad >= 0) throw new WeftError('WEFT_BAD_REQUEST', `token id at index ${bad} must be an integer in [0, ${this.spec.vocabSize}), got ${ids[bad]}`, { param: 'ids' });
     return this.text.decode(ids, options);
   }
 

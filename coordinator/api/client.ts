@@ -194,6 +194,11 @@ export class WeftClient {
     return this.call({ type: 'tokenize', text });
   }
 
+  /** The text of token ids, special tokens kept (as Hugging Face's decode); an id outside the vocabulary is refused. */
+  detokenize(ids: readonly number[]): Promise<{ text: string }> {
+    return this.call({ type: 'detokenize', ids: [...ids] });
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

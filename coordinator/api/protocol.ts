@@ -3,7 +3,7 @@
  * the coordinator's ROUTER socket, and what comes back. One frame per message, a MessagePack map with `v`
  * (protocol version), `type` and `id` (the client's request id, echoed in every answer).
  *
- * Client → server: generate | score | cancel | info | health | stats | tokenize.
+ * Client → server: generate | score | cancel | info | health | stats | tokenize | detokenize.
  * Server → client: token (streamed) and done, or result, or error {code, message} (id null when the frame could
  * not be read at all). With `sampling.logprobs` k, each token carries its log-prob and k alternatives, and done
  * all of them (`logprobs`); `n` samples are n generate requests (each its own seed). Plain data only; every frame is pre-scanned (msgpack-guard.ts), decoded, then checked
@@ -53,6 +53,7 @@ const requestSchema = z.discriminatedUnion('type', [
   z.object({ ...base, type: z.literal('health') }).strict(),
   z.object({ ...base, type: z.literal('stats') }).strict(),
   z.object({ ...base, type: z.literal('tokenize'), text: z.string().max(1 << 20) }).strict(),
+  z.object({ ...base, type: z.literal('detokenize'), ids: z.array(z.number().int().nonnegative()).max(1 << 20) }).strict(),
 ]);
 
 export type RpcRequest = z.infer<typeof requestSchema>;

@@ -177,6 +177,12 @@ export class RpcServer {
           .then((ids) => reply({ ids }))
           .catch((err) => this.error(identity, request.id, err));
         return;
+      case 'detokenize':
+        this.cluster
+          .detokenize(request.ids, { skipSpecial: false })
+          .then((text) => reply({ text }))
+          .catch((err) => this.error(identity, request.id, err));
+        return;
     }
   }
 

@@ -55,7 +55,7 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     assert.equal((await fetch(`${http}/v1/models/${encodeURIComponent('org/a model')}`)).status, 404, 'an encoded id is read decoded');
   });
 
-  test('/tokenize and /detokenize as vLLM answers them: the ids with their count and the context; the text of ids, special tokens kept; a bad id is a 400 naming tokens', async () => {
+  test('/tokenize and /detokenize as vLLM answers them: the ids with their count and the context; the text of ids, special tokens kept (RPC detokenize alike); a bad id is a 400 naming tokens', async () => {
     const tokenizer = loadTokenizer(fixtureDir(MODEL));
     const text = 'the state of the union';
     const tokenized = (await (await post('/tokenize', { prompt: text })).json()) as { count: number; max_model_len: number; tokens: number[] };
@@ -65,6 +65,13 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     assert.equal(detokenized.status, 200);
     assert.deepEqual(await detokenized.json(), { prompt: tokenizer.decode(ids, { skipSpecial: false }) });
     assert.notEqual(tokenizer.decode(ids, { skipSpecial: false }), tokenizer.decode(ids), 'the fixture has special tokens to keep');
+    const client = await WeftClient.connect({ endpoint: chat.server.rpc, timeoutMs: 30_000 });
+    try {
+      assert.deepEqual(await client.detokenize(ids), { text: tokenizer.decode(ids, { skipSpecial: false }) }, 'over RPC alike');
+      await assert.rejects(client.detokenize([1, tokenizer.vocabSize]), (err: Error & { code?: string }) => err.code === 'WEFT_BAD_REQUEST' && err.message.includes(`token id at index 1 must be an integer in [0, ${tokenizer.vocabSize})`));
+    } finally {
+      await client.close();
+    }
     for (const [tokens, message] of [
       [[1, tokenizer.vocabSize], `tokens.1: must be a token id in [0, ${tokenizer.vocabSize})`],
       [[1, 2.5], 'tokens.1: '],
