@@ -179,11 +179,13 @@ export function collectiveContract(impl: Implementation): void {
         assert.ok(Date.now() - started < 20 * peerTimeoutMs, `failed within ${Date.now() - started} ms`);
         outcomes.forEach((o, r) => {
           assert.equal(o.status, 'rejected', `rank ${r} must fail`);
-          // The hub names the rank that did not answer; the others name the hub they wait on (impl.waitsOn).
+          // The hub names the rank that did not answer; the others name the hub they wait on (impl.waitsOn). A rank
+          // that sends to the dead one first (two CPU ranks trade pieces) may instead fail at once, when the socket
+          // already knows the peer is gone.
           const waitedOn = impl.waitsOn?.(r, dead) ?? (r === 0 ? dead : 0);
-          assert.match(String((o as PromiseRejectedResult).reason), new RegExp(`rank ${r}: allReduce #0: no answer from rank ${waitedOn} within ${peerTimeoutMs} ms`));
+          assert.match(String((o as PromiseRejectedResult).reason), new RegExp(`rank ${r}: allReduce #0: (no answer from rank ${waitedOn} within ${peerTimeoutMs} ms|cannot send to rank ${waitedOn} )`));
         });
-        assert.match(survivors[0]!.asyncError() ?? '', new RegExp(`no answer from rank ${dead}`), 'the failure stays visible to the heartbeat');
+        assert.match(survivors[0]!.asyncError() ?? '', new RegExp(`(no answer from|cannot send to) rank ${dead}`), 'the failure stays visible to the heartbeat');
       } finally {
         group.close();
       }

@@ -271,18 +271,25 @@ export class CpuCollectives implements Collectives {
     return Array.from({ length: this.world - 1 }, (_, i) => i + 1);
   }
 
-  /** Send a piece to rank `to` (from the hub) or to the hub, with its MAC. */
+  /**
+   * Send a piece to rank `to` (from the hub) or to the hub, with its MAC, within peerTimeoutMs: a ROUTER's send to a
+   * peer that is going away can wait for room that never comes.
+   */
   private async send(what: string, to: number, frames: Uint8Array[]): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
     try {
-      if (this.rank === 0) {
-        const peer = this.routes[to];
-        if (!peer) throw new Error('it has not joined');
-        await this.sendQueue.send([peer.routingId, ...frames, peer.auth.seal(frames)]);
-      } else {
-        await this.sendQueue.send([...frames, this.hubAuth!.seal(frames)]);
-      }
+      const peer = this.rank === 0 ? this.routes[to] : null;
+      if (this.rank === 0 && !peer) throw new Error('it has not joined');
+      const sent = peer ? this.sendQueue.send([peer.routingId, ...frames, peer.auth.seal(frames)]) : this.sendQueue.send([...frames, this.hubAuth!.seal(frames)]);
+      const timedOut = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`not sent within ${this.peerTimeoutMs} ms`)), this.peerTimeoutMs);
+        timer.unref();
+      });
+      await Promise.race([sent, timedOut]);
     } catch (err) {
       this.fail('WEFT_WORKER_DIED', `rank ${this.rank}: ${what}: cannot send to rank ${to} (${(err as Error).message})`);
+    } finally {
+      clearTimeout(timer);
     }
   }
 
@@ -293,8 +300,10 @@ export class CpuCollectives implements Collectives {
    */
   private async trade(what: string, seq: number, mine: Float32Array): Promise<[Float32Array, Float32Array]> {
     const other = 1 - this.rank;
-    await this.send(what, other, [this.seqFrame(seq), float32Bytes(mine)]);
+    const sent = this.send(what, other, [this.seqFrame(seq), float32Bytes(mine)]);
+    sent.catch(() => undefined); // a failed send has failed the group, which the wait reports
     const [piece] = await this.collect(what, seq, [other]);
+    await sent;
     return this.rank === 0 ? [mine, piece!.payload] : [piece!.payload, mine];
   }
 
