@@ -190,5 +190,21 @@ export function collectiveContract(impl: Implementation): void {
         group.close();
       }
     });
+    it('gone well before the collective (its socket closed and seen closed): still an error naming it, after a bounded wait', { timeout: 30_000 }, async (t) => {
+      const peerTimeoutMs = 300;
+      const group = await impl.open({ peerTimeoutMs });
+      try {
+        if (group.killRank === null) return t.skip(`${impl.name} has no peer to lose`);
+        const dead = group.ranks.length - 1;
+        group.killRank(dead);
+        await new Promise((resolve) => setTimeout(resolve, 200)); // the sockets have processed the disconnect
+        const started = Date.now();
+        const outcomes = await Promise.allSettled(group.ranks.slice(0, dead).map((comm, r) => comm.allReduce(upload(group.engines[r]!, piece(r, 2, 2), [2, 2]))));
+        assert.ok(Date.now() - started < 20 * peerTimeoutMs, `failed within ${Date.now() - started} ms`);
+        outcomes.forEach((o, r) => assert.match(String((o as PromiseRejectedResult).reason), new RegExp(`rank ${r}: allReduce #0: .*rank \\d`), `rank ${r} must fail naming a rank`));
+      } finally {
+        group.close();
+      }
+    });
   });
 }
