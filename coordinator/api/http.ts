@@ -24,7 +24,7 @@ import type { ChatPrompter } from '../chat-template.ts';
 import type { WeftMetrics } from '../metrics.ts';
 import { isLoopback } from './server.ts';
 import { HttpError, RequestGuards, answerClientError, requestIdOf, requireJson, slowClientLimits } from './http-guards.ts';
-import { chatSchema, choicesOf, completionSchema, logprobRequestOf, parseBody, promptsOf, refuseUnsupported, samplingOf, stopsOf, type Choice, type CommonBody, type LogprobRequest } from './openai-request.ts';
+import { chatMessagesOf, chatSchema, choicesOf, completionSchema, messagesSchema, logprobRequestOf, parseBody, promptsOf, refuseUnsupported, samplingOf, stopsOf, type Choice, type CommonBody, type LogprobRequest } from './openai-request.ts';
 import { LogprobWriter, answered, echoesOf, mergeLogprobs, type LoggedToken, type TokenText } from './openai-logprobs.ts';
 
 export interface HttpGatewayOptions {
@@ -264,10 +264,18 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     checkModel(id);
     sendJson(res, 200, model);
   });
-  // vLLM's shapes: /tokenize answers the count and the context beside the ids; /detokenize the text of ids.
+  // vLLM's shapes: /tokenize takes a prompt (add_special_tokens: whether BOS is added, by default as the model's
+  // tokenizer_config.json says) or a chat's messages (as
+  // the chat route renders them) and answers the count and the context beside the ids; /detokenize the text of ids.
+  const tokenizeSchema = z.object({ prompt: z.string().optional(), messages: messagesSchema.optional(), add_special_tokens: z.boolean().optional() }).loose();
   routes.set('POST /tokenize', async (req, res) => {
-    const body = parseBody(z.object({ prompt: z.string() }).loose(), await readJson(req, limit));
-    const tokens = await cluster.tokenize(body.prompt);
+    const body = parseBody(tokenizeSchema, await readJson(req, limit));
+    if ((body.prompt === undefined) === (body.messages === undefined)) throw new HttpError(400, 'invalid_request', 'give either prompt or messages', 'prompt');
+    let tokens: number[];
+    if (body.messages) {
+      if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; tokenize a prompt`, 'messages');
+      tokens = await options.chatTemplate.promptIds(chatMessagesOf(body.messages));
+    } else tokens = await cluster.tokenize(body.prompt!, body.add_special_tokens === undefined ? {} : { addBos: body.add_special_tokens });
     sendJson(res, 200, { count: tokens.length, max_model_len: cluster.maxContext, tokens });
   });
   const { vocabSize } = cluster.spec;
@@ -291,8 +299,7 @@ function buildRoutes(cluster: Cluster, options: HttpGatewayOptions): Map<string,
     refuseUnsupported(body);
     const asked = logprobRequestOf(body);
     if (!options.chatTemplate) throw new HttpError(400, 'no_chat_template', `model "${modelName}" has no chat_template in its tokenizer_config.json; use /v1/completions with a prompt`);
-    const messages = body.messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
-    const promptIds = await options.chatTemplate.promptIds(messages);
+    const promptIds = await options.chatTemplate.promptIds(chatMessagesOf(body.messages));
     await complete(cluster, req, res, body, choicesOf([{ promptIds }], asked.samples, samplingOf(body, promptIds.length, cluster.maxContext, asked)), modelName, asked);
   });
   return routes;

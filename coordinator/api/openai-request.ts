@@ -55,10 +55,12 @@ export const completionSchema = z
   })
   .strict();
 const contentPart = z.object({ type: z.literal('text'), text: z.string() }).loose();
+/** A chat's messages (text content, or text content parts). */
+export const messagesSchema = z.array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart), z.null()]) }).loose()).min(1);
 export const chatSchema = z
   .object({
     ...common,
-    messages: z.array(z.object({ role: z.string(), content: z.union([z.string(), z.array(contentPart), z.null()]) }).loose()).min(1),
+    messages: messagesSchema,
     top_logprobs: z.number().nullish(),
     response_format: z.unknown().optional(),
     tools: z.unknown().optional(),
@@ -71,6 +73,11 @@ export const chatSchema = z
 export type CompletionBody = z.infer<typeof completionSchema>;
 export type ChatBody = z.infer<typeof chatSchema>;
 export type CommonBody = CompletionBody | ChatBody;
+
+/** The messages as the chat template reads them: each content one string (text parts joined). */
+export function chatMessagesOf(messages: z.infer<typeof messagesSchema>): { role: string; content: string }[] {
+  return messages.map((m) => ({ role: m.role, content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((p) => p.text).join('') }));
+}
 
 /** The body as `schema` reads it; fields it does not declare are refused all at once, by name. */
 export function parseBody<T>(schema: z.ZodType<T>, value: unknown): T {

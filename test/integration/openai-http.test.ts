@@ -60,6 +60,16 @@ describe('weft serve: the OpenAI surface over plain HTTP', () => {
     const text = 'the state of the union';
     const tokenized = (await (await post('/tokenize', { prompt: text })).json()) as { count: number; max_model_len: number; tokens: number[] };
     assert.deepEqual(tokenized, { count: tokenized.tokens.length, max_model_len: MAX_CONTEXT, tokens: tokenizer.encode(text) });
+    const bare = (await (await post('/tokenize', { prompt: text, add_special_tokens: false })).json()) as { tokens: number[] };
+    assert.deepEqual(bare.tokens, tokenizer.encode(text, { addBos: false }));
+    assert.notDeepEqual(bare.tokens, tokenized.tokens, 'the fixture adds a BOS by default');
+    // a chat's messages, rendered by the model's template as the chat route does: the prompt_tokens it reports
+    const messages = [{ role: 'user', content: 'hello there' }];
+    const chatTokens = (await (await post('/tokenize', { messages })).json()) as { count: number };
+    const answered = (await (await post('/v1/chat/completions', { messages, max_tokens: 1 })).json()) as Completion;
+    assert.equal(chatTokens.count, answered.usage.prompt_tokens);
+    for (const odd of [{}, { prompt: 'a', messages }])
+      assert.equal(((await (await post('/tokenize', odd)).json()) as OpenAiError).error.message, 'give either prompt or messages');
     const ids = [tokenizer.bosTokenId!, ...tokenized.tokens.slice(1), tokenizer.eosTokenIds[0]!];
     const detokenized = await post('/detokenize', { tokens: ids });
     assert.equal(detokenized.status, 200);
