@@ -68,3 +68,25 @@ test('G11: the CPU hub reads pieces only from peers that proved the group secret
     comms.forEach((comm) => comm.close());
   }
 });
+
+test('two ranks: the hub\'s first collective, issued before the peer has joined, waits for it (bounded) instead of failing', { timeout: 30_000 }, async () => {
+  const engine = createEngine({ backend: 'cpu', threads: 1 });
+  const hub = await bindCollectiveHub('127.0.0.1');
+  const root = await CpuCollectives.create(engine, 0, 2, hub.socket, hub.endpoint, { secret: HUB_SECRET, peerTimeoutMs: 5000 });
+  const upload = (values: number[]) => engine.upload(new Uint8Array(Float32Array.from(values).buffer), 'f32', [values.length]);
+  const early = root.allReduce(upload([1, 2])); // no peer yet: the hub must not send to a rank that has not joined
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const peer = await CpuCollectives.create(engine, 1, 2, null, hub.endpoint, { secret: HUB_SECRET, peerTimeoutMs: 5000 });
+  try {
+    const [a, b] = await Promise.all([early, peer.allReduce(upload([10, 20]))]);
+    assert.deepEqual([...(engine.download(a!) as Float32Array)], [11, 22]);
+    assert.deepEqual([...(engine.download(b!) as Float32Array)], [11, 22]);
+    // and a peer that never comes fails the hub's collective within its bound, naming it
+    const alone = await CpuCollectives.create(engine, 0, 2, (await bindCollectiveHub('127.0.0.1')).socket, 'unused', { secret: HUB_SECRET, peerTimeoutMs: 300 });
+    await assert.rejects(alone.allReduce(upload([1])), /rank 0: allReduce #0: rank 1 did not join the collective hub within 300 ms/);
+    alone.close();
+  } finally {
+    root.close();
+    peer.close();
+  }
+});

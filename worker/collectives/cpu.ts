@@ -91,6 +91,8 @@ export class CpuCollectives implements Collectives {
   private readonly nonce = newNonce();
   private hubAuth: FrameAuth | null = null;
   private welcomed: (() => void) | null = null;
+  /** the hub: wakes a wait for a peer to join (joined) */
+  private joinWaiter: (() => void) | null = null;
 
   private constructor(
     private readonly engine: Engine,
@@ -146,6 +148,7 @@ export class CpuCollectives implements Collectives {
   private fail(code: 'WEFT_TIMEOUT' | 'WEFT_WORKER_DIED' | 'WEFT_PROTOCOL', message: string): never {
     this.failure ??= message;
     for (const wake of this.waiters.values()) wake();
+    this.joinWaiter?.();
     throw new WeftError(code, message);
   }
 
@@ -186,6 +189,7 @@ export class CpuCollectives implements Collectives {
       peer.joined = true;
       this.hubPeers.set(name, peer);
       this.routes[peer.rank] = peer;
+      this.joinWaiter?.();
       this.sendQueue.send([routingId, WELCOME, peer.auth.seal([WELCOME])]).catch(() => undefined); // a peer that left fails its collectives
       return;
     }
@@ -271,6 +275,25 @@ export class CpuCollectives implements Collectives {
     return Array.from({ length: this.world - 1 }, (_, i) => i + 1);
   }
 
+  /** The hub: wait until `rank` has joined (a peer sends nothing before), at most peerTimeoutMs. */
+  private async joined(what: string, rank: number): Promise<void> {
+    const deadline = Date.now() + this.peerTimeoutMs;
+    while (!this.routes[rank]) {
+      if (this.failure !== null) throw new WeftError('WEFT_WORKER_DIED', `rank ${this.rank}: ${what}: the group already failed (${this.failure})`);
+      const left = deadline - Date.now();
+      if (left <= 0) this.fail('WEFT_TIMEOUT', `rank ${this.rank}: ${what}: rank ${rank} did not join the collective hub within ${this.peerTimeoutMs} ms (gone or stalled)`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        timer.unref();
+        this.joinWaiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.joinWaiter = null;
+    }
+  }
+
   /**
    * Send a piece to rank `to` (from the hub) or to the hub, with its MAC, within peerTimeoutMs: a ROUTER's send to a
    * peer that is going away can wait for room that never comes.
@@ -300,6 +323,7 @@ export class CpuCollectives implements Collectives {
    */
   private async trade(what: string, seq: number, mine: Float32Array): Promise<[Float32Array, Float32Array]> {
     const other = 1 - this.rank;
+    if (this.rank === 0) await this.joined(what, other); // the first collective can come before the peer's handshake ends
     const sent = this.send(what, other, [this.seqFrame(seq), float32Bytes(mine)]);
     sent.catch(() => undefined); // a failed send has failed the group, which the wait reports
     const [piece] = await this.collect(what, seq, [other]);
@@ -378,6 +402,7 @@ export class CpuCollectives implements Collectives {
     this.closed = true;
     this.failure ??= `rank ${this.rank}: collectives closed`;
     for (const wake of this.waiters.values()) wake();
+    this.joinWaiter?.();
     this.socket.close();
   }
 }
