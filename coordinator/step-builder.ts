@@ -18,9 +18,9 @@ export interface RowSampling {
   readonly logitBias?: readonly (readonly [number, number])[];
 }
 
-/** A row sampled with a sequence's parameters and the given uniform. */
-export function sampledWith(params: Pick<SamplingParams, 'temperature' | 'topK' | 'topP' | 'logitBias'>, uniform: number): RowSampling {
-  return { temperature: params.temperature, topK: params.topK, topP: params.topP, uniform, ...(params.logitBias && { logitBias: params.logitBias }) };
+/** A row sampled with a sequence's parameters and the given uniform (and logit bias: the parameters' unless given). */
+export function sampledWith(params: Pick<SamplingParams, 'temperature' | 'topK' | 'topP' | 'logitBias'>, uniform: number, logitBias = params.logitBias): RowSampling {
+  return { temperature: params.temperature, topK: params.topK, topP: params.topP, uniform, ...(logitBias && { logitBias }) };
 }
 
 /** The target's argmax (temperature 0 samples greedily, the uniform is unused). */

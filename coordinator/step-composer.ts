@@ -25,7 +25,7 @@ import type { AttentionRequest } from './sampling-params.ts';
 
 /** How a sequence's next token is drawn: its parameters, its next uniform, and its logit bias with its penalties. */
 function nextDraw(seq: SequenceState): RowSampling {
-  return sampledWith({ ...seq.params, logitBias: seq.nextLogitBias() }, seq.nextUniform());
+  return sampledWith(seq.params, seq.nextUniform(), seq.nextLogitBias());
 }
 
 /** Penalties count the tokens drawn so far: the next step waits for the one in flight (no scheduling ahead). */
