@@ -5,10 +5,10 @@
  * does not implement such as `repetition_penalty` or `min_p`) is a 400 naming it, never silently ignored. Of the
  * declared ones: most are implemented (`n` and a list of prompts too: independent sequences, see choicesOf;
  * `logprobs`, `top_logprobs`, `echo` and `best_of`: see logprobRequestOf); vLLM's extras `top_k`, `ignore_eos` and
- * `stop_token_ids` are implemented; `user` and `safety_identifier` (end-user tags for OpenAI's abuse monitoring)
- * are accepted and change nothing; the rest (penalties, `logit_bias`, `response_format`, `tools`, `store`,
- * `suffix`, a request-supplied chat template) are accepted only with the value that means "off", else a 400
- * naming them (refuseUnsupported).
+ * `stop_token_ids` are implemented, and so are `logit_bias`, `presence_penalty` and `frequency_penalty`; `user`
+ * and `safety_identifier` (end-user tags for OpenAI's abuse monitoring) are accepted and change nothing; the rest
+ * (`response_format`, `tools`, `store`, `suffix`, a request-supplied chat template) are accepted only with the value
+ * that means "off", else a 400 naming them (refuseUnsupported).
  */
 import { z } from 'zod';
 import { HttpError } from './http-guards.ts';
