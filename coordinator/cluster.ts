@@ -30,6 +30,8 @@ import { contextName, parseSamplingParams, parseScoreAttention, validatePromptId
 import { WorkerGroup } from './worker-group.ts';
 import { SequenceState, type GenerationEvent } from './generate.ts';
 import { Scheduler, type GenerationHandle } from './scheduler.ts';
+import { checkFullRows } from './score-step.ts';
+import { workerMessageLimit } from '../core/worker-protocol.ts';
 import { SpeculativeExecutor, type SpeculationStats } from './speculative.ts';
 import { WeftError, listenError } from '../core/errors.ts';
 import { MAX_TOP_LOGPROBS } from '../core/step-batch.ts';
@@ -98,7 +100,10 @@ export class Cluster {
     });
     textStarting.catch(() => undefined);
     let cluster: Cluster | null = null;
+    // a speculative round's sampled rows come back whole: room for every running sequence's k + 1 (one on the draft)
+    const speculateK = options.draftModelDir !== undefined && draftModel ? options.speculateK! : null;
     const group = WorkerGroup.bind({
+      ...(speculateK !== null && { maxMessageBytes: workerMessageLimit(initCommand.kvSlots * (speculateK + 1), spec.vocabSize) }),
       world: options.tp,
       spawnLocal: options.workers === 'spawn',
       bindHost: options.workerHost,
@@ -122,6 +127,7 @@ export class Cluster {
         world: draftModel.plan.tp,
         spawnLocal: true,
         label: 'draft worker',
+        maxMessageBytes: workerMessageLimit(initCommand.kvSlots, draftModel.spec.vocabSize),
         // by default the draft shares the target's first GPUs, within what memory they have left
         devices: options.draftGpus ?? Array.from({ length: draftModel.plan.tp }, (_, r) => r),
         heartbeatTimeoutMs: options.heartbeatTimeoutMs,
@@ -252,6 +258,7 @@ export class Cluster {
   async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number; topLogprobs?: number; attention?: unknown } = {}): Promise<ScoreResult> {
     this.checkOpen();
     const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext, this.contextName);
+    if (options.full === true) checkFullRows(promptIds.length, this.spec.vocabSize);
     const top = options.topLogprobs;
     if (top !== undefined && !(Number.isInteger(top) && top >= 0 && top <= MAX_TOP_LOGPROBS))
       throw new WeftError('WEFT_BAD_REQUEST', `score: topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${top}`);

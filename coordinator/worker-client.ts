@@ -41,6 +41,8 @@ export interface WorkerClientOptions {
   readonly secret: string;
   /** what errors call these processes ('worker', 'draft worker') */
   readonly label: string;
+  /** the largest message a worker may send (coordinator/worker-transport.ts) */
+  readonly maxMessageBytes?: number;
   /** pid of the child process this coordinator spawned for a rank, if it is running: its exit is watched there */
   readonly childPid: (rank: number) => number | undefined;
   readonly onProgress?: (rank: number, bytesRead: number, bytesTotal: number) => void;

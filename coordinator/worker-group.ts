@@ -48,6 +48,8 @@ export interface WorkerGroupOptions {
   readonly onFailure?: (err: WeftError) => void;
   /** what errors call this group's processes, so a fault names the group as well as the rank. Defaults to 'worker'. */
   readonly label?: string;
+  /** the largest message a worker may send (core/worker-protocol.ts workerMessageLimit); default 64 MiB */
+  readonly maxMessageBytes?: number;
   /**
    * CUDA device of each rank. Defaults to the rank itself for spawned workers (one GPU per rank on this host),
    * and to 0 for external ones (pm2 gives each its GPU through CUDA_VISIBLE_DEVICES).
@@ -95,6 +97,7 @@ export class WorkerGroup {
       heartbeatTimeoutMs: options.heartbeatTimeoutMs ?? 30_000,
       secret: group.secret,
       label: group.label,
+      ...(options.maxMessageBytes !== undefined && { maxMessageBytes: options.maxMessageBytes }),
       childPid: (rank) => group.spawned[rank]?.child.pid,
       ...(options.onProgress && { onProgress: options.onProgress }),
       ...(options.onFailure && { onFailure: options.onFailure }),

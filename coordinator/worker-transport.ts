@@ -8,6 +8,7 @@ import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { WeftError } from '../core/errors.ts';
+import { WORKER_MESSAGE_MAX_BYTES } from '../core/worker-protocol.ts';
 import { curveServer, ensurePrivateDir, ipcEndpoint, isLoopbackHost, makeSocketDir, parseWorkerCurveKeys, type WorkerCurveKeys } from '../core/transport.ts';
 
 /** A worker group's CURVE keys as its coordinator holds them: its own pair, and what its workers get. */
@@ -74,6 +75,8 @@ export interface WorkerSocketOptions {
   readonly curve?: GroupCurveKeys;
   /** the group's label, which names its socket file ('worker', 'draft worker') */
   readonly label: string;
+  /** the largest message a worker may send (core/worker-protocol.ts workerMessageLimit); default WORKER_MESSAGE_MAX_BYTES */
+  readonly maxMessageBytes?: number;
 }
 
 export interface WorkerSocket {
@@ -87,7 +90,7 @@ export interface WorkerSocket {
 export async function bindWorkerSocket(options: WorkerSocketOptions): Promise<WorkerSocket> {
   const { bindHost, port, label } = options;
   // no handover: a connection that asks for a routing id already in use is ignored, never given the other's messages
-  const routerOptions = { mandatory: true, linger: 0, maxMessageSize: 64 << 20, sendTimeout: 5000 } as const;
+  const routerOptions = { mandatory: true, linger: 0, maxMessageSize: options.maxMessageBytes ?? WORKER_MESSAGE_MAX_BYTES, sendTimeout: 5000 } as const;
   if (port !== 0 || !isLoopbackHost(bindHost)) {
     const address = `tcp://${bindHost.includes(':') ? `[${bindHost}]` : bindHost}:${port || '*'}`;
     const curve = curveServer(address, options.curve?.secretKey, CURVE_OPTION);

@@ -17,6 +17,21 @@ import { stepBatchSchema, stepResultSchema } from './step-batch.ts';
 
 export type { StepBatch, StepResult } from './step-batch.ts';
 
+/**
+ * The most bytes one worker message may carry: the coordinator's socket cuts off a peer that sends more (ZeroMQ
+ * maxMessageSize, coordinator/worker-transport.ts), before anything is allocated for it.
+ */
+export const WORKER_MESSAGE_MAX_BYTES = 64 << 20;
+
+/**
+ * The message limit of a group whose step answers may carry `fullRows` full log-prob rows of `vocab` entries (a
+ * speculative round's sampled rows: every running sequence's k + 1 on the target, one each on the draft):
+ * WORKER_MESSAGE_MAX_BYTES, or those rows' bytes with 4 MiB for the rest of the answer when that is more.
+ */
+export function workerMessageLimit(fullRows: number, vocab: number): number {
+  return Math.max(WORKER_MESSAGE_MAX_BYTES, fullRows * vocab * 4 + (4 << 20));
+}
+
 const int = z.number().int();
 const nonNegInt = int.nonnegative();
 /** The spec and plan are built and checked on the coordinator (readModelSpec, planShards); here only as objects. */
