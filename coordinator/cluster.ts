@@ -258,10 +258,10 @@ export class Cluster {
   async score(ids: readonly number[], options: { full?: boolean; timeoutMs?: number; topLogprobs?: number; attention?: unknown } = {}): Promise<ScoreResult> {
     this.checkOpen();
     const promptIds = validatePromptIds(ids, this.spec.vocabSize, this.maxContext, this.contextName);
-    if (options.full === true) checkFullRows(promptIds.length, this.spec.vocabSize);
     const top = options.topLogprobs;
     if (top !== undefined && !(Number.isInteger(top) && top >= 0 && top <= MAX_TOP_LOGPROBS))
       throw new WeftError('WEFT_BAD_REQUEST', `score: topLogprobs must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${top}`);
+    if (options.full === true) checkFullRows(promptIds.length, this.spec.vocabSize, top);
     const attention = options.attention === undefined ? undefined : parseScoreAttention(options.attention, this.attentionLimits());
     const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
     return this.scheduler.submitScore(promptIds, options.full === true, timeoutMs || undefined, top ?? null, attention);

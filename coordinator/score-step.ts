@@ -2,7 +2,7 @@
  * Scoring: a score job's tokens go out in one step of their own, asking for the log-prob of each token after the
  * first (`full`: the whole log-softmax row of every position), and its answer is read off that step's result.
  */
-import { WORKER_MESSAGE_MAX_BYTES, type StepResult } from '../core/worker-protocol.ts';
+import { MESSAGE_OVERHEAD_BYTES, WORKER_MESSAGE_MAX_BYTES, fullRowBytes, type StepResult } from '../core/worker-protocol.ts';
 import { WeftError } from '../core/errors.ts';
 import type { KvBlockTable } from '../core/kv-block-table.ts';
 import { toFloat32 } from '../core/wire.ts';
@@ -10,17 +10,18 @@ import { tokenLogprobOf } from './generate.ts';
 import { StepBatchBuilder } from './step-builder.ts';
 import type { ScoreJob, ScoreOutput, StepWork } from './scheduler-jobs.ts';
 
-/** Bytes of full log-prob rows one score may ask for: a step's answer is one worker message, which also carries the
- * per-token log-probs and their alternatives (4 MiB is room for those at any length these rows allow). */
-export const FULL_ROWS_MAX_BYTES = WORKER_MESSAGE_MAX_BYTES - (4 << 20);
+/** Bytes of rows one score's answer may carry: a step's answer is one worker message. */
+export const FULL_ROWS_MAX_BYTES = WORKER_MESSAGE_MAX_BYTES - MESSAGE_OVERHEAD_BYTES;
 
-/** Refuses (WEFT_BAD_REQUEST) a score whose full rows would not fit one step's answer, naming the most tokens that do. */
-export function checkFullRows(tokens: number, vocab: number): void {
-  const bytes = tokens * vocab * 4;
+/**
+ * Refuses (WEFT_BAD_REQUEST) a score whose full rows (with `top` alternatives a token) would not fit one step's
+ * answer, naming the most tokens that do.
+ */
+export function checkFullRows(tokens: number, vocab: number, top = 0): void {
+  const row = fullRowBytes(vocab, top), bytes = tokens * row;
   if (bytes <= FULL_ROWS_MAX_BYTES) return;
-  const most = Math.floor(FULL_ROWS_MAX_BYTES / (vocab * 4));
   throw new WeftError('WEFT_BAD_REQUEST', `score: full log-prob rows for ${tokens} tokens of a ${vocab}-token vocabulary are ${(bytes / 2 ** 20).toFixed(1)} MiB, ` +
-    `over the ${FULL_ROWS_MAX_BYTES / 2 ** 20} MiB one step's answer carries: ask for the full rows of at most ${most} tokens a call, or for topLogprobs`);
+    `over the ${FULL_ROWS_MAX_BYTES / 2 ** 20} MiB one step's answer carries: ask for the full rows of at most ${Math.floor(FULL_ROWS_MAX_BYTES / row)} tokens a call, or for topLogprobs`);
 }
 
 /** The step that scores `job` (its blocks in `kv`), or null when it asks for no row (one token, not `full`: no token has one before it). */

@@ -23,13 +23,21 @@ export type { StepBatch, StepResult } from './step-batch.ts';
  */
 export const WORKER_MESSAGE_MAX_BYTES = 64 << 20;
 
+/** What a message spends beside its step answer's rows: the frame, the MAC, the answer's other fields. */
+export const MESSAGE_OVERHEAD_BYTES = 1 << 20;
+
+/** Bytes of a step answer's row with its full log-probs: the f32 row, the token's log-prob, `top` alternatives' ids and log-probs. */
+export function fullRowBytes(vocab: number, top = 0): number {
+  return 4 * (vocab + 1 + 2 * top);
+}
+
 /**
  * The message limit of a group whose step answers may carry `fullRows` full log-prob rows of `vocab` entries (a
  * speculative round's sampled rows: every running sequence's k + 1 on the target, one each on the draft):
- * WORKER_MESSAGE_MAX_BYTES, or those rows' bytes with 4 MiB for the rest of the answer when that is more.
+ * WORKER_MESSAGE_MAX_BYTES, or what those rows need when that is more.
  */
 export function workerMessageLimit(fullRows: number, vocab: number): number {
-  return Math.max(WORKER_MESSAGE_MAX_BYTES, fullRows * vocab * 4 + (4 << 20));
+  return Math.max(WORKER_MESSAGE_MAX_BYTES, fullRows * fullRowBytes(vocab) + MESSAGE_OVERHEAD_BYTES);
 }
 
 const int = z.number().int();

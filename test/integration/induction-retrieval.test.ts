@@ -32,11 +32,11 @@ test('the induction model retrieves a needle with dense attention and SparQ, and
         assert.ok(guess.top1 <= 0.2, `${name}: top-1 ${guess.top1} without the needle (the model should only guess)`);
       }
 
-      // 4096 tokens x 4096 entries x 4 bytes = 64 MiB of full rows: over what one step's answer carries
+      // 4096 tokens x 4097 x 4 bytes = 64 MiB of full rows: over the 63 MiB one step's answer carries
       const ids = text.slice(0, 4096);
       await assert.rejects(cluster.score(ids, { full: true }), (err: unknown) => {
         assert.ok(isWeftError(err) && err.code === 'WEFT_BAD_REQUEST', String(err));
-        assert.match(err.message, /full log-prob rows for 4096 tokens .* at most 3840 tokens/);
+        assert.match(err.message, /full log-prob rows for 4096 tokens .* at most 4031 tokens/);
         return true;
       });
       const { full } = await cluster.score(ids.slice(0, 300), { full: true });

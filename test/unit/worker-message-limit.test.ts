@@ -9,14 +9,17 @@ import { isWeftError } from '../../core/errors.ts';
 
 test('checkFullRows refuses full rows past one message, naming the most tokens that fit', () => {
   const vocab = 32000;
-  const most = Math.floor(FULL_ROWS_MAX_BYTES / (vocab * 4));
-  assert.equal(most, 491); // 60 MiB of 32000-entry f32 rows
+  assert.equal(FULL_ROWS_MAX_BYTES, 63 * 2 ** 20);
+  const most = Math.floor(FULL_ROWS_MAX_BYTES / ((vocab + 1) * 4)); // a row: its f32 entries and the token's log-prob
+  assert.equal(most, 516);
   checkFullRows(most, vocab);
   assert.throws(() => checkFullRows(most + 1, vocab), (err: unknown) => {
     assert.ok(isWeftError(err) && err.code === 'WEFT_BAD_REQUEST');
-    assert.match(err.message, /full log-prob rows for 492 tokens of a 32000-token vocabulary are 60\.1 MiB, over the 60 MiB .* at most 491 tokens/);
+    assert.match(err.message, /full log-prob rows for 517 tokens of a 32000-token vocabulary are 63\.1 MiB, over the 63 MiB .* at most 516 tokens/);
     return true;
   });
+  // 20 alternatives a token take 160 bytes of each row too
+  assert.throws(() => checkFullRows(most, vocab, 20), /at most 515 tokens/);
 });
 
 test('workerMessageLimit fits a speculative round of every sequence, and never goes below the default', () => {
