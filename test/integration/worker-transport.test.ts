@@ -3,7 +3,8 @@
  * socket and rank 0's collective hub are ipc:// in one directory of mode 0700, removed on close, and nothing
  * listens on TCP; with a worker host that is not loopback the socket (and the hub) are tcp:// with CURVE, refused
  * without keys, and a socket without the server's key gets nothing. Greedy outputs equal the fixtures' reference
- * over both transports.
+ * over both transports. The socket's message limit (a speculative group's is sized to its rounds) cuts off a
+ * larger frame and passes a smaller one.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -15,6 +16,7 @@ import { startCluster, type Cluster } from '../../coordinator/cluster.ts';
 import { isWeftError } from '../../core/errors.ts';
 import { PROTOCOL_VERSION, decode, encode } from '../../core/wire.ts';
 import { parseCoordinatorMessage } from '../../core/worker-protocol.ts';
+import { bindWorkerSocket } from '../../coordinator/worker-transport.ts';
 import { fixtureDir, readReference } from '../helpers/fixtures.ts';
 import { argOf, listen, listeningPorts } from '../helpers/sockets.ts';
 
@@ -120,5 +122,22 @@ test('a worker host that is not loopback with CURVE: the reference outputs; sock
     rogues.forEach((socket) => socket.close());
     await cluster.close();
     rmSync(curveDir, { recursive: true, force: true });
+  }
+});
+
+test('the worker socket takes a frame up to its maxMessageBytes and cuts off a peer whose frame is larger', async () => {
+  for (const [limit, arrives] of [[1 << 20, false], [4 << 20, true]] as const) {
+    const { router, endpoint, release } = await bindWorkerSocket({ bindHost: '127.0.0.1', port: 0, label: 'worker', maxMessageBytes: limit });
+    const dealer = new zmq.Dealer({ linger: 0 });
+    try {
+      dealer.connect(endpoint);
+      await dealer.send(Buffer.alloc(2 << 20)); // 2 MiB
+      const received = await Promise.race([router.receive().then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 3000))]);
+      assert.equal(received, arrives, `a 2 MiB frame against a ${limit >> 20} MiB limit`);
+    } finally {
+      dealer.close();
+      router.close();
+      release();
+    }
   }
 });
