@@ -51,6 +51,10 @@ export interface ScoreJob extends JobBase {
   readonly topLogprobs: number | null;
   /** the attention its tokens take (SparQ per request); absent: the cluster's */
   readonly attention?: AttentionRequest;
+  /** tokens stepped so far: a score goes out in chunks of at most the step budget, as a prompt does */
+  stepped: number;
+  /** what its chunks answered, in order: the log-prob of each token after the first, with its alternatives, and full rows */
+  readonly answered: { readonly logprobs: number[]; readonly top: (TokenLogprob | null)[]; readonly full: Float32Array[] };
   resolve(result: ScoreOutput): void;
   reject(err: Error): void;
 }

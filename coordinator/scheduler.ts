@@ -8,7 +8,7 @@
  *   is recomputed later;
  * - step composition (step-composer.ts): decode tokens first, then prompt chunks, under the step's token budget
  *   (chunked prefill); the next step built while one runs (scheduling ahead); speculative rounds;
- * - scoring (score-step.ts): a score job runs as a step of its own.
+ * - scoring (score-step.ts): a score job runs as steps of its own, at most the step budget each.
  *
  * - Cancellation (AbortSignal, a closed stream, a cancel message) and the per-request deadline free the blocks at
  *   once: a new sequence overwrites them from position 0, and attention only reads positions it wrote.
@@ -27,7 +27,7 @@ import { Channel } from './channel.ts';
 import { JobQueue } from './job-queue.ts';
 import { Preemption } from './preemption.ts';
 import { StepComposer, checkMaxNumBatchedTokens, defaultMaxNumBatchedTokens } from './step-composer.ts';
-import { scoreOutput, scoreStep } from './score-step.ts';
+import { scoreOutput, scoreStep, takeScoreStep } from './score-step.ts';
 import type { GenerateJob, Job, ScoreJob, ScoreOutput, SchedulerObserver, StepWork, Work } from './scheduler-jobs.ts';
 import type { AttentionRequest } from './sampling-params.ts';
 
@@ -125,7 +125,10 @@ export class Scheduler {
   /** Queue a scoring pass (with `topLogprobs` alternatives per token). Throws WEFT_BUSY when the queue is full. */
   submitScore(ids: readonly number[], full: boolean, timeoutMs?: number, topLogprobs: number | null = null, attention?: AttentionRequest): Promise<ScoreOutput> {
     return new Promise((resolve, reject) => {
-      const job: ScoreJob = { kind: 'score', ids, full, topLogprobs, ...(attention && { attention }), resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now() };
+      const job: ScoreJob = {
+        kind: 'score', ids, full, topLogprobs, ...(attention && { attention }), stepped: 0, answered: { logprobs: [], top: [], full: [] },
+        resolve, reject, kv: null, finished: false, timer: null, enqueuedAt: performance.now(),
+      };
       this.enqueue(job, timeoutMs);
     });
   }
@@ -246,19 +249,19 @@ export class Scheduler {
     for (;;) {
       const score = [...this.jobs.running].find((j): j is ScoreJob => j.kind === 'score');
       if (!score) return this.composer.compose();
-      const work = scoreStep(score, this.jobs.kv);
+      const work = scoreStep(score, this.jobs.kv, this.tokenBudget);
       if (work) return work;
-      this.release(score);
-      score.resolve({ logprobs: [null] }); // one token, not `full`: nothing to compute
+      this.release(score); // no token left asks for a row (one token, not `full`; or the last, done)
+      score.resolve(scoreOutput(score));
     }
   }
 
   private update(work: StepWork, result: StepResult): void {
     const first = work.rows[0];
     if (first?.kind === 'score') {
-      if (first.finished) return;
+      if (first.finished || !takeScoreStep(first, work, result)) return; // cancelled, or more chunks to step
       this.release(first);
-      return first.resolve(scoreOutput(first, work, result));
+      return first.resolve(scoreOutput(first));
     }
     work.rows.forEach((job, row) => {
       if (!job || job.finished || job.kind !== 'generate') return; // nobody's row, or cancelled while the step ran

@@ -1,6 +1,7 @@
 /**
- * Scoring: a score job's tokens go out in one step of their own, asking for the log-prob of each token after the
- * first (`full`: the whole log-softmax row of every position), and its answer is read off that step's result.
+ * Scoring: a score job's tokens go out in steps of their own, at most the step budget each (a long text in one step
+ * would hold its worker past the heartbeat deadline on a CPU), asking for the log-prob of each token after the first
+ * (`full`: the whole log-softmax row of every position); its answer is gathered from those steps' results.
  */
 import { MESSAGE_OVERHEAD_BYTES, WORKER_MESSAGE_MAX_BYTES, fullRowBytes, type StepResult } from '../core/worker-protocol.ts';
 import { WeftError } from '../core/errors.ts';
@@ -24,24 +25,42 @@ export function checkFullRows(tokens: number, vocab: number, top = 0): void {
     `over the ${FULL_ROWS_MAX_BYTES / 2 ** 20} MiB one step's answer carries: ask for the full rows of at most ${Math.floor(FULL_ROWS_MAX_BYTES / row)} tokens a call, or for topLogprobs`);
 }
 
-/** The step that scores `job` (its blocks in `kv`), or null when it asks for no row (one token, not `full`: no token has one before it). */
-export function scoreStep(job: ScoreJob, kv: KvBlockTable): StepWork | null {
-  const positions = job.ids.map((_, i) => i);
-  const rows = job.full ? positions : positions.slice(0, -1);
+/**
+ * The next step of `job` (its blocks in `kv`): its next tokens, at most `budget` of them (the step budget, as a
+ * prompt's chunks), asking for the log-prob of each that has a token after it (`full`: every position's whole row);
+ * null when no token it has left asks for a row (its answer is then complete: `scoreOutput`).
+ */
+export function scoreStep(job: ScoreJob, kv: KvBlockTable, budget: number): StepWork | null {
+  const n = job.ids.length, from = job.stepped, to = Math.min(n, from + budget);
+  const rows = Array.from({ length: to - from }, (_, i) => from + i).filter((r) => job.full || r < n - 1);
   if (rows.length === 0) return null;
   const builder = new StepBatchBuilder(kv.layout.kvBlockSize);
-  const start = builder.append(kv.blocks(job.kv!), job.ids, 0, job.attention);
-  for (const r of rows) builder.logits(start + r, { scoreId: job.ids[r + 1] ?? 0, topLogprobs: job.topLogprobs });
+  const start = builder.append(kv.blocks(job.kv!), job.ids.slice(from, to), from, job.attention);
+  for (const r of rows) builder.logits(start + r - from, { scoreId: job.ids[r + 1] ?? 0, topLogprobs: job.topLogprobs });
   return { kind: 'step', batch: builder.build({ fullLogprobs: job.full }), rows: [job], chunked: [] };
 }
 
-/** The score job's answer from the result of its step, `work`. */
-export function scoreOutput(job: ScoreJob, work: StepWork, result: StepResult): ScoreOutput {
-  const logprobs = [null, ...(result.logprobs ?? []).slice(0, job.ids.length - 1)];
-  const top = result.tokenLogprobs && { top: [null, ...result.tokenLogprobs.slice(0, job.ids.length - 1).map((t) => (t ? tokenLogprobOf(t) : null))] };
-  if (!job.full || !result.fullLogprobs) return { logprobs, ...top };
-  const flat = toFloat32(result.fullLogprobs);
-  const n = work.batch.logitRows.length;
-  const vocab = flat.length / n;
-  return { logprobs, ...top, full: Array.from({ length: n }, (_, r) => flat.slice(r * vocab, (r + 1) * vocab)) };
+/** Takes the answer of one of `job`'s steps, `work`; true once the job has stepped all its tokens. */
+export function takeScoreStep(job: ScoreJob, work: StepWork, result: StepResult): boolean {
+  const n = job.ids.length, rows = work.batch.logitRows.length, first = job.stepped;
+  const scored = job.full ? Math.min(rows, n - 1 - first) : rows; // a full score's last row has no token after it
+  job.answered.logprobs.push(...(result.logprobs ?? []).slice(0, scored));
+  if (result.tokenLogprobs) job.answered.top.push(...result.tokenLogprobs.slice(0, scored).map((t) => (t ? tokenLogprobOf(t) : null)));
+  if (job.full && result.fullLogprobs) {
+    const flat = toFloat32(result.fullLogprobs);
+    const vocab = flat.length / rows;
+    for (let r = 0; r < rows; r++) job.answered.full.push(flat.slice(r * vocab, (r + 1) * vocab));
+  }
+  job.stepped = Math.min(n, first + work.batch.tokens.length);
+  return job.stepped === n;
+}
+
+/** The score job's answer from what its steps answered. */
+export function scoreOutput(job: ScoreJob): ScoreOutput {
+  const { logprobs, top, full } = job.answered;
+  return {
+    logprobs: [null, ...logprobs],
+    ...(job.topLogprobs !== null && { top: [null, ...top] }),
+    ...(job.full && { full }),
+  };
 }

@@ -6,7 +6,7 @@
  *   the prompts waiting, in admission order, each whole where it fits, else the chunk that fills the budget (the
  *   rest follows in the next steps, so a long prompt never stalls the running streams). A sequence's last chunk
  *   samples the token after it; a chunk before it asks for no logit row (a step with none asks for one nobody
- *   owns). Scoring runs as its own step between them (score-step.ts).
+ *   owns). Scoring runs as steps of its own between them (score-step.ts).
  * - Scheduling ahead: while a step runs, the next one is already built (`ahead`): each decoding sequence is fed
  *   the token the running step draws for it on the workers (StepBatch.feed), so the devices never wait for the
  *   coordinator between steps. A sequence whose token budget ends with the running step is left out; one that

@@ -101,3 +101,28 @@ test('weft generate without --model runs the built-in model, says so, and writes
   const parsed = JSON.parse(json.stdout) as { tokens: number[] };
   assert.deepEqual(parsed.tokens, reference.greedy[0]!.slice(0, 8));
 });
+
+test('a score in steps of a 64-token budget gives what transformers gives: every row within 1e-3, the held-out NLL within 1e-4', async () => {
+  const cluster = await startCluster({ modelDir: DEFAULT_MODEL_DIR, threads: 1, maxNumBatchedTokens: 64 });
+  try {
+    for (let i = 0; i < reference.prompts.length; i++) {
+      const expected = await referenceLogprobs(REFERENCE_DIR, i);
+      const { full, logprobs, top } = await cluster.score(reference.prompts[i]!, { full: true, topLogprobs: 2 });
+      assert.equal(full!.length, expected.length);
+      full!.forEach((row, r) => assert.ok(maxAbsDiff(row, expected[r]!) < LOGPROB_TOLERANCE, `prompt ${i} position ${r}`));
+      assert.equal(logprobs.length, expected.length);
+      assert.equal(top!.length, expected.length);
+      for (let r = 1; r < expected.length; r++) {
+        const id = reference.prompts[i]![r]!;
+        assert.ok(Math.abs(logprobs[r]! - expected[r - 1]![id]!) < LOGPROB_TOLERANCE, `prompt ${i} token ${r}'s log-prob`);
+        assert.equal(top![r]!.top.length, 2);
+      }
+    }
+    const windows = reference.perplexity.windows;
+    assert.ok(windows[0]!.length > 64 * 3, 'the windows span several steps');
+    const { meanNll: nll } = await meanNll(cluster, windows);
+    assert.ok(Math.abs(nll - reference.perplexity.mean_nll) < 1e-4, `mean NLL ${nll} vs ${reference.perplexity.mean_nll}`);
+  } finally {
+    await cluster.close();
+  }
+});
