@@ -111,7 +111,7 @@ export const OPTIONS = {
   },
   maxNumBatchedTokens: {
     flag: '--max-num-batched-tokens', arg: 'N', type: integer(1), env: 'WEFT_MAX_NUM_BATCHED_TOKENS', default: (c: Resolved) => Math.max(1024, c.kvSlots as number), defaultHelp: '1024, or --kv-slots when larger',
-    help: "tokens one step carries at most: every running sequence's decode token first, then prompt chunks fill the rest (a longer prompt is split across steps); at least --kv-slots", uses: [...CLUSTER, 'launch'],
+    help: "tokens one step carries at most: every running sequence's decode token first, then prompt chunks fill the rest (a longer prompt, or text to score, is split across steps); at least --kv-slots", uses: [...CLUSTER, 'launch'],
   },
   prefixCaching: {
     flag: '--prefix-caching', arg: 'true|false', type: flag, env: 'WEFT_PREFIX_CACHING', default: true,
