@@ -11,7 +11,8 @@ import { tokenLogprobOf } from './generate.ts';
 import { StepBatchBuilder } from './step-builder.ts';
 import type { ScoreJob, ScoreOutput, StepWork } from './scheduler-jobs.ts';
 
-/** Bytes of rows one score's answer may carry: a step's answer is one worker message. */
+/** Bytes of full rows one score may ask for: the rows of each of its steps come back in one worker message, and its
+ * whole answer in one RPC reply (64 MiB each). */
 export const FULL_ROWS_MAX_BYTES = WORKER_MESSAGE_MAX_BYTES - MESSAGE_OVERHEAD_BYTES;
 
 /**
