@@ -8,12 +8,13 @@
 import { readFileSync } from 'node:fs';
 import type { Cluster } from '../coordinator/cluster.ts';
 import { loadTokenizer } from '../coordinator/tokenizer.ts';
+import { HELD_OUT } from './perplexity.ts';
 
 /** The held-out text as one token stream (BOS first). */
 export function heldOutStream(modelDir: string): number[] {
   const tokenizer = loadTokenizer(modelDir);
   const out: number[] = [];
-  for (const line of readFileSync(new URL('../models/recipe/heldout.jsonl', import.meta.url), 'utf8').split('\n').filter(Boolean))
+  for (const line of readFileSync(HELD_OUT, 'utf8').split('\n').filter(Boolean))
     out.push(...tokenizer.encode((JSON.parse(line) as { text: string }).text, { addBos: out.length === 0 }));
   return out;
 }

@@ -9,7 +9,8 @@ import type { Cluster } from '../coordinator/cluster.ts';
 import { loadTokenizer } from '../coordinator/tokenizer.ts';
 
 export const WINDOW = 512;
-const HELD_OUT = new URL('../models/recipe/heldout.jsonl', import.meta.url);
+/** The default model's held-out text, one JSON object ({text}) a line. */
+export const HELD_OUT = new URL('../models/recipe/heldout.jsonl', import.meta.url);
 
 /** The held-out stream's windows, tokenized by the model's own tokenizer. */
 export function heldOutWindows(modelDir: string): number[][] {
