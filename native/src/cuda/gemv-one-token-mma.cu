@@ -39,6 +39,7 @@
 #include "cuda/gemv-weight-vectors.cuh"  // log2_exact
 #include "cuda/rms-norm.cuh"
 #include "error.h"
+#include "int4-tiles.h"
 
 namespace weft::cuda {
 namespace {
@@ -84,7 +85,7 @@ __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4
 __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))); }
 
 // NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16).
-template <bool kPairs, typename NormW>
+template <bool kPairs, bool kTiles, typename NormW>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   constexpr int kCols = 128;           // columns a chunk
   constexpr int kLoads = kCols / 32;   // 16-byte B loads a lane a chunk (a lane's 4 words)
@@ -114,6 +115,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     lc -= nch;
     ++lt;
   }
+  // Tiles (int4-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
+  // on than chunk c - 1, and group j's scale 16 scales further on.
+  constexpr size_t kChunkStride = kTiles ? kInt4TileBytes : kChunkBytes;
+  constexpr int kScaleStride = kTiles ? kInt4TileRows : 1;
   const uint8_t *w_row_lo, *w_row_hi;
   const uint16_t *s_row_lo, *s_row_hi;
   const auto point_rows = [&] {
@@ -126,10 +131,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       r_lo = min(tile * 16 + g, p.N - 1);
       r_hi = min(tile * 16 + 8 + g, p.N - 1);
     }
-    w_row_lo = p.w + static_cast<size_t>(r_lo) * row_bytes + t * 16;
-    w_row_hi = p.w + static_cast<size_t>(r_hi) * row_bytes + t * 16;
-    s_row_lo = p.scales + static_cast<size_t>(r_lo) * p.n_groups;
-    s_row_hi = p.scales + static_cast<size_t>(r_hi) * p.n_groups;
+    if constexpr (kTiles) {
+      w_row_lo = p.w + int4_tile_code_offset(r_lo, t * 16, row_bytes);
+      w_row_hi = p.w + int4_tile_code_offset(r_hi, t * 16, row_bytes);
+      s_row_lo = p.scales + int4_tile_scale_index(r_lo, 0, p.n_groups);
+      s_row_hi = p.scales + int4_tile_scale_index(r_hi, 0, p.n_groups);
+    } else {
+      w_row_lo = p.w + static_cast<size_t>(r_lo) * row_bytes + t * 16;
+      w_row_hi = p.w + static_cast<size_t>(r_hi) * row_bytes + t * 16;
+      s_row_lo = p.scales + static_cast<size_t>(r_lo) * p.n_groups;
+      s_row_hi = p.scales + static_cast<size_t>(r_hi) * p.n_groups;
+    }
   };
   point_rows();
 
@@ -140,11 +152,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   int loaded = 0;
   const auto load = [&](int j) {
     if (loaded >= my_units) return;
-    w_lo[j] = load_stream(w_row_lo + lc * kChunkBytes);
-    w_hi[j] = load_stream(w_row_hi + lc * kChunkBytes);
+    w_lo[j] = load_stream(w_row_lo + lc * kChunkStride);
+    w_hi[j] = load_stream(w_row_hi + lc * kChunkStride);
     const int gi = lc >> p.group_shift;
-    sc_lo[j] = __ldg(s_row_lo + gi);
-    sc_hi[j] = __ldg(s_row_hi + gi);
+    sc_lo[j] = __ldg(s_row_lo + gi * kScaleStride);
+    sc_hi[j] = __ldg(s_row_hi + gi * kScaleStride);
     ++loaded;
     lc += kWarps;
     if (lc >= nch) {
@@ -274,9 +286,9 @@ int smem_limit() {
   return limit;
 }
 
-template <bool kPairs, typename NormW>
+template <bool kPairs, bool kTiles, typename NormW>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, NormW>;
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -286,18 +298,21 @@ void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsign
   launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
 }
 
-template <bool kPairs>
+template <bool kPairs, bool kTiles>
 void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
-  if (!norm) launch<kPairs, void>(ctx, p, AddRmsNormInput{}, grid, smem);
-  else if (norm->weight_bf16) launch<kPairs, __nv_bfloat16>(ctx, p, *norm, grid, smem);
-  else launch<kPairs, float>(ctx, p, *norm, grid, smem);
+  if (!norm) launch<kPairs, kTiles, void>(ctx, p, AddRmsNormInput{}, grid, smem);
+  else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16>(ctx, p, *norm, grid, smem);
+  else launch<kPairs, kTiles, float>(ctx, p, *norm, grid, smem);
 }
 
 }  // namespace
 
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm) {
+                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
+                        bool tiles) {
   if (w_dtype != DType::I4) return false;
+  if (tiles && !int4_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group)) return false;
+  if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   constexpr int cols = 128;  // a chunk
   if (N <= 0 || K <= 0 || K % cols != 0 || K > kMaxK || !scales || group <= 0 || K % group != 0 ||
@@ -314,8 +329,8 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset};
   const int smem = static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (pairs) launch_norm<true>(ctx, p, norm, g, smem);
-  else launch_norm<false>(ctx, p, norm, g, smem);
+  if (pairs) tiles ? launch_norm<true, true>(ctx, p, norm, g, smem) : launch_norm<true, false>(ctx, p, norm, g, smem);
+  else tiles ? launch_norm<false, true>(ctx, p, norm, g, smem) : launch_norm<false, false>(ctx, p, norm, g, smem);
   return true;
 }
 

@@ -1,5 +1,5 @@
 // weft::cuda::gemv_one_token_mma: y [1, N] f32 = x [1, K] f32 @ dequant(w) [N, K]^T for one token, int4 weights
-// (gemv.cuh QuantMatrix's layout, no repack) dequantized in registers and multiplied on the tensor cores
+// (gemv.cuh QuantMatrix's layout, or int4-tiles.h's) dequantized in registers and multiplied on the tensor cores
 // (gemv-one-token-mma.cu). gemv_one_token's first choice for int4; it also takes the deferred addRmsNorm
 // (gemv-rows-tma.cuh AddRmsNormInput) and SwiGLU pairs, as gemv_rows_tma does.
 #pragma once
@@ -21,7 +21,10 @@ namespace weft::cuda {
 // Capturable (no allocation, no sync).
 // Precision: x is scaled by a power of two and split into f16 high and low parts (x = hi + lo to ~2^-22), each
 // weight is exact in f16, products are summed in the tensor cores' fp32 accumulators and scaled per group in fp32.
+// tiles: w and scales are in int4-tiles.h's layout (refused where it does not take the shape, or pairs with N not a
+// multiple of 8).
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm = nullptr);
+                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm = nullptr,
+                        bool tiles = false);
 
 }  // namespace weft::cuda
