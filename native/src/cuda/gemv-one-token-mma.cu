@@ -155,8 +155,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     w_lo[j] = load_stream(w_row_lo + lc * kChunkStride);
     w_hi[j] = load_stream(w_row_hi + lc * kChunkStride);
     const int gi = lc >> p.group_shift;
-    sc_lo[j] = __ldg(s_row_lo + gi * kScaleStride);
-    sc_hi[j] = __ldg(s_row_hi + gi * kScaleStride);
+    if constexpr (kTiles && !kPairs) {  // rows g and g + 8 side by side: one word, split where it is used
+      sc_lo[j] = __ldg(reinterpret_cast<const uint32_t*>(s_row_lo + gi * kScaleStride));
+    } else {
+      sc_lo[j] = __ldg(s_row_lo + gi * kScaleStride);
+      sc_hi[j] = __ldg(s_row_hi + gi * kScaleStride);
+    }
     ++loaded;
     lc += kWarps;
     if (lc >= nch) {
@@ -230,7 +234,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
       mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
     }
-    const float s_lo = __uint_as_float(sc_lo[j] << 16), s_hi = __uint_as_float(sc_hi[j] << 16);
+    const float s_lo = __uint_as_float(sc_lo[j] << 16);
+    const float s_hi = kTiles && !kPairs ? __uint_as_float(sc_lo[j] & 0xffff0000u) : __uint_as_float(sc_hi[j] << 16);
     acc[0] = fmaf(s_lo, pa[0], acc[0]);
     acc[1] = fmaf(s_lo, pa[1], acc[1]);
     acc[2] = fmaf(s_hi, pa[2], acc[2]);
