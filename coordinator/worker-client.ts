@@ -15,6 +15,7 @@
  * while this process's event loop stalls (core/loop-clock.ts), so a stall here is never blamed on a worker.
  */
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import type * as zmq from 'zeromq';
 import { PROTOCOL_VERSION } from '../core/wire.ts';
@@ -65,6 +66,9 @@ interface RankConnection {
   local: boolean;
   /** on `clock`: when the rank was last heard from */
   lastSeen: number;
+  /** a local worker computing on the host: its process CPU time (clock ticks) when last read, and when (on `clock`) it was last seen to grow */
+  cpuTicks: number | null;
+  lastBusy: number;
   collectiveEndpoint: string | null;
   bytesRead: number;
   bytesTotal: number;
@@ -85,6 +89,19 @@ const PING_EVERY = 4;
 const RECEIVE_SLICE_MS = 5;
 
 /** Whether process `pid` exists (EPERM: it does, owned by someone else). */
+/** The CPU time (user + system, in clock ticks) of process `pid` so far, from /proc; null where there is none to read. */
+export function cpuTicks(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+    // after the command name's closing parenthesis: state, ppid, ... utime and stime are the 12th and 13th fields
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[11]) + Number(fields[12]);
+    return Number.isFinite(ticks) ? ticks : null;
+  } catch {
+    return null;
+  }
+}
+
 export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -107,6 +124,8 @@ export class WorkerClient {
   private failure: WeftError | null = null;
   private readonly failedListeners: Array<(err: WeftError) => void> = [];
   private closing = false;
+  /** the ranks compute on the host (device cpu, set at init): a local one whose CPU time grows is not silent (lastCpuGrowth) */
+  computesOnHost = false;
   private readonly timer: NodeJS.Timeout;
   private joinWaiter: (() => void) | null = null;
 
@@ -119,7 +138,7 @@ export class WorkerClient {
     private readonly release: () => void,
   ) {
     this.peers = new WorkerPeers(router, options.world, options.secret, options.label);
-    this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
+    this.ranks = Array.from({ length: options.world }, () => ({ pid: null, local: false, lastSeen: 0, cpuTicks: null, lastBusy: 0, collectiveEndpoint: null, bytesRead: 0, bytesTotal: 0 }));
     this.timer = setInterval(() => this.watch(), WATCH_MS);
     void this.receiveLoop();
   }
@@ -252,7 +271,7 @@ export class WorkerClient {
       return;
     }
     this.peers.bind(rank, connection);
-    Object.assign(state, { pid: hello.pid, collectiveEndpoint: hello.collectiveEndpoint, lastSeen: this.clock.now(), bytesRead: 0, bytesTotal: 0 });
+    Object.assign(state, { pid: hello.pid, collectiveEndpoint: hello.collectiveEndpoint, lastSeen: this.clock.now(), cpuTicks: null, lastBusy: 0, bytesRead: 0, bytesTotal: 0 });
     state.local = hello.hostname === hostname() || this.options.childPid(rank) === hello.pid;
     // the coordinator's first authenticated message: the worker learns that this end knows the secret too
     this.ping(rank);
@@ -283,11 +302,25 @@ export class WorkerClient {
     const pingNow = this.watchTicks++ % PING_EVERY === 0;
     this.ranks.forEach((state, rank) => {
       if (state.pid === null) return;
-      const silent = Math.round(now - state.lastSeen);
+      const busyAt = this.computesOnHost && state.local ? this.lastCpuGrowth(state, now) : 0;
+      const silent = Math.round(now - Math.max(state.lastSeen, busyAt));
       if (state.local && this.options.childPid(rank) === undefined && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) is gone`);
-      else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat for ${silent} ms while this coordinator was responsive`);
+      else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat ${this.computesOnHost && state.local ? 'and used no CPU time ' : ''}for ${silent} ms while this coordinator was responsive`);
       else if (pingNow) this.ping(rank);
     });
+  }
+
+  /**
+   * When (on `clock`) a local worker's CPU time was last seen to grow (0: never, or no /proc). A worker computing a
+   * step on the host blocks its event loop until the step ends, heartbeats included (a 1024-token step at 32K
+   * context of a 2-layer model took over 30 s on 2 cores); while its CPU time grows it is computing, not hung. Only
+   * for CPU workers: a CUDA worker's host thread waiting on the device, or on a dead NCCL peer, spins.
+   */
+  private lastCpuGrowth(state: RankConnection, now: number): number {
+    const ticks = cpuTicks(state.pid!);
+    if (ticks !== null && state.cpuTicks !== null && ticks > state.cpuTicks) state.lastBusy = now;
+    state.cpuTicks = ticks;
+    return state.lastBusy;
   }
 
   /** Send to a rank's authenticated connection (rejects when it has none). */

@@ -203,6 +203,7 @@ export class WorkerGroup {
     const needsNccl = settings.device === 'cuda' && this.options.world > 1 && settings.collectives !== 'shared-gpu';
     const ncclId = needsNccl ? (await this.client.request(0, { type: 'ncclId' })).ncclId : undefined;
     const deviceIndex = (rank: number): number => this.options.devices?.[rank] ?? (this.options.spawnLocal ? rank : 0);
+    this.client.computesOnHost = settings.device === 'cpu';
     const replies = await this.broadcast<'init'>((rank) => ({ ...settings, type: 'init', collectiveRoot, deviceIndex: deviceIndex(rank), ...(ncclId && { ncclId }) }));
     const pools = replies.flatMap((reply) => (reply.kvCacheTokens === undefined ? [] : [reply.kvCacheTokens]));
     return pools.length ? Math.min(...pools) : undefined;

@@ -2,7 +2,8 @@
  * Faults: a worker SIGKILLed in the middle of a generation fails the request within seconds with an error
  * naming the rank (and, with `recover`, the group re-forms and serves again); a SIGKILLed coordinator leaves no
  * workers behind; a SIGSTOPped worker is declared dead by the heartbeat deadline, but a stall of the coordinator's
- * own event loop is not blamed on the workers.
+ * own event loop is not blamed on the workers, nor is a CPU worker's long step (it blocks the worker's event loop, heartbeats
+ * included, while its CPU time grows).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,6 +15,9 @@ import { startCluster } from '../../coordinator/cluster.ts';
 import { isWeftError } from '../../core/errors.ts';
 import { WEFT_BIN, fixtureDir, processesMentioning, readReference, waitFor } from '../helpers/fixtures.ts';
 import { startServe } from './serve-helpers.ts';
+import { writeInductionModel } from '../../bench/induction-model.ts';
+import { heldOutStream } from '../../bench/needle.ts';
+import { withCluster } from '../helpers/with-cluster.ts';
 
 const model = 'llama-tiny';
 
@@ -160,6 +164,26 @@ test('G2: a coordinator event-loop stall of twice the heartbeat timeout is not b
     assert.deepEqual(cluster.workerPids(), pids, 'the same worker processes');
   } finally {
     await cluster.close();
+  }
+});
+
+test('G2: a CPU worker computing one step longer than the heartbeat deadline is not declared dead (its CPU time grows)', async (t) => {
+  if (!existsSync('/proc/self/stat')) return t.skip('no /proc: a worker\'s CPU time cannot be read here');
+  const heartbeatTimeoutMs = 1500;
+  const dir = mkdtempSync(join(tmpdir(), 'weft-long-step-'));
+  try {
+    await writeInductionModel(dir); // context 32K: a 4096-token score in one step
+    const ids = heldOutStream(dir).slice(0, 4096);
+    await withCluster({ modelDir: dir, device: 'cpu', threads: 1, maxContext: 4096, maxNumBatchedTokens: 4096, heartbeatTimeoutMs }, async (cluster) => {
+      const started = Date.now();
+      const { logprobs } = await cluster.score(ids); // 6.9 s on a 2-core machine, its event loop blocked throughout
+      const took = Date.now() - started;
+      assert.equal(logprobs.length, 4096);
+      assert.ok(took > 2 * heartbeatTimeoutMs, `the step took ${took} ms, too short to test the deadline`);
+      t.diagnostic(`one ${took} ms step against a ${heartbeatTimeoutMs} ms heartbeat deadline`);
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });
 
