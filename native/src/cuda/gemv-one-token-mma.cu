@@ -64,6 +64,7 @@ struct Params {
   int group_shift;          // chunk c's group is c >> group_shift (one group a row: 30)
   int n_tiles;
   int part_offset;          // bytes of shared memory before the warps' partial sums
+  int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
 };
 
 // Bytes of staged x: f32 [K], then hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi loads and the
@@ -190,7 +191,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   float m = 0.f;
   if constexpr (std::is_void_v<NormW>) {
     for (int i = threadIdx.x; i < K / 4; i += kThreads) {
-      const float4 v = x4[i];
+      float4 v = x4[i];
+      if (p.gated) {
+        const float4 up = x4[K / 4 + i];
+        v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
+      }
       xf4[i] = v;
       m = fmaxf(m, abs_max4(v));
     }
@@ -312,10 +317,15 @@ void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, u
 
 }  // namespace
 
+bool int4_tiles_pay(int64_t rows, int64_t K, int64_t group) {
+  const bool chunked_group = group == K || (group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
+  return int4_tiles_take(rows, K, group) && K <= kMaxK && chunked_group;
+}
+
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                         int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
-                        bool tiles) {
-  if (w_dtype != DType::I4) return false;
+                        bool tiles, bool gated) {
+  if (w_dtype != DType::I4 || (gated && (pairs || norm))) return false;
   if (tiles && !int4_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -331,7 +341,8 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
   const int part_offset = x_stage_bytes(K);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-  const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset};
+  const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
+                 gated ? 1 : 0};
   const int smem = static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
   if (pairs) tiles ? launch_norm<true, true>(ctx, p, norm, g, smem) : launch_norm<true, false>(ctx, p, norm, g, smem);
