@@ -1470,7 +1470,8 @@ void check_one_token_matmul(Rng& rng) {
 // int4 in tiles (int4-tiles.h: the CUDA backend lays out int4 g128 weights of 16-row multiples so on upload) through
 // each of their readers at one token, against the CPU's row-major weights: the norm made inside the GEMV (held
 // addRmsNorm) for plain rows and SwiGLU pairs, pairs without it, the gated form (the 1..64-token tensor-core GEMV),
-// a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), and the dequantize-then-GEMM
+// a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), 40 tokens over 251 tiles (a
+// warp's group of 4 tiles reaches past N: those tiles read the last one), and the dequantize-then-GEMM
 // path of 65 rows over a matrix larger than its scratch (rows in slices of whole tiles).
 void check_int4_tiles(Rng& rng) {
   struct Case {
@@ -1482,6 +1483,7 @@ void check_int4_tiles(Rng& rng) {
   for (Case c : {Case{"held norm", 3072, 4096, true, false, false, 1}, Case{"held norm, pairs", 1408, 4096, true, true, false, 1},
                  Case{"pairs", 1408, 4096, false, true, false, 1}, Case{"gated", 4096, 1408, false, false, true, 1},
                  Case{"norm refused (K 8192)", 256, 8192, true, false, false, 1},
+                 Case{"a warp's tiles past N (251 tiles)", 4016, 4096, false, false, false, 40},
                  Case{"dequantize in slices", 9376, 14336, false, false, false, 65}}) {
     const int64_t rows = c.pairs ? 2 * c.N : c.N;
     std::string sh = std::string(c.what) + " T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " N=" +

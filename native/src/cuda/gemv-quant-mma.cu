@@ -146,8 +146,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const int load_tile = tile0 + load_group * MT + m;
-      // Rows past N read row N - 1 and are not stored.
-      const int r_lo = min(load_tile * 16 + g, p.N - 1), r_hi = min(load_tile * 16 + g + 8, p.N - 1);
+      // Rows past N read row N - 1 and are not stored; in tiles (no partial tile) a tile past N reads the last one,
+      // so that the lane's two scales stay one aligned word.
+      const int r_lo = kTiles ? min(load_tile, p.N / 16 - 1) * 16 + g : min(load_tile * 16 + g, p.N - 1);
+      const int r_hi = kTiles ? r_lo + 8 : min(load_tile * 16 + g + 8, p.N - 1);
       // A lane vector past K (a partial last chunk, which only groups smaller than a chunk allow, so the zero scale
       // multiplies this lane's weights alone): x is zero there.
       if ((chunk * 4 + t) * (kCols / 4) >= p.K) {
