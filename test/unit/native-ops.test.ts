@@ -347,6 +347,23 @@ function refAttention(
   return { out, mag };
 }
 
+test('attention: a chunk of 40 tokens (tiles of 16 sharing each key row) equals the same queries attended one token at a time, bit for bit', () => {
+  const rand = prng(41);
+  const nKv = 2, nHeads = 6, hd = 32, B = 16, L = 120, scale = 1 / Math.sqrt(hd);
+  const kCache = engine.zeros('f32', [8, nKv, B, hd]), vCache = engine.zeros('f32', [8, nKv, B, hd]); // 8 blocks: 128 positions
+  const blocks = table(engine, [[3, 0, 6, 1, 5, 2, 4, 7]]);
+  const all = [...Array(L).keys()];
+  engine.writeKv(kCache, vCache, f32(engine, randoms(rand, L * nKv * hd), [L, nKv * hd]), f32(engine, randoms(rand, L * nKv * hd), [L, nKv * hd]), i32(engine, Array(L).fill(0)), blocks, i32(engine, all));
+  const positions = all.slice(L - 40), T = positions.length;
+  const q = randoms(rand, T * nHeads * hd);
+  const chunk = get(engine, engine.attention(f32(engine, q, [T, nHeads * hd]), kCache, vCache, i32(engine, Array(T).fill(0)), blocks, i32(engine, positions), nHeads, scale));
+  for (let t = 0; t < T; t++) {
+    const row = q.slice(t * nHeads * hd, (t + 1) * nHeads * hd);
+    const one = get(engine, engine.attention(f32(engine, row, [1, nHeads * hd]), kCache, vCache, i32(engine, [0]), blocks, i32(engine, [positions[t]!]), nHeads, scale));
+    assert.deepEqual(chunk.slice(t * nHeads * hd, (t + 1) * nHeads * hd), one, `token ${t} (position ${positions[t]})`);
+  }
+});
+
 test('writeKv and attention, one block per sequence: GQA, several sequences, garbage beyond each position is ignored', () => {
   const rand = prng(9);
   const S = 3, nKv = 2, C = 8, hd = 4, nHeads = 4, scale = 1 / Math.sqrt(hd);

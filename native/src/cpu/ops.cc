@@ -213,40 +213,76 @@ void qkv_rope_typed(float* q, const KvRows<KV>& k_rows, const KvRows<KV>& v_rows
   }
 }
 
+// Each query (token t, head h) attends as the plain loop does: its scores in position order, their maximum, exp and
+// the denominator in double, then the value rows summed in position order. The loops run position-outermost over a
+// tile of queries that read the same rows (up to kTokenTile consecutive tokens of one sequence, times the query
+// heads of one KV head), so each key and value row is loaded once a tile instead of once a query (a prefill chunk at
+// long context was bound by re-reading the cache); each query's arithmetic, and so its output, is unchanged.
+constexpr int64_t kTokenTile = 16;
+
 template <typename KV>
 void attention_typed(ThreadPool& pool, float* out, const float* q, const KvRows<KV>& k_rows,
                      const KvRows<KV>& v_rows, const KvBlockTable& kv, const int32_t* token_seq,
                      const int32_t* positions, int64_t T, int64_t n_heads, int64_t hd, float scale) {
-  int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
-  int64_t longest = 1;
-  for (int64_t t = 0; t < T; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
-  int64_t grain = std::max<int64_t>(1, 32768 / (2 * longest * hd));
-  pool.parallel_for(T * n_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(static_cast<size_t>(longest)), row_buf(static_cast<size_t>(hd));
-    std::vector<int64_t> rows(static_cast<size_t>(longest));  // cache row of each position (once per key row)
+  const int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
+  std::vector<int64_t> run_start;           // runs of consecutive tokens of one sequence, at most kTokenTile long
+  for (int64_t t = 0; t < T; ++t)
+    if (t == 0 || token_seq[t] != token_seq[t - 1] || t - run_start.back() == kTokenTile) run_start.push_back(t);
+  run_start.push_back(T);
+  const int64_t n_runs = static_cast<int64_t>(run_start.size()) - 1;
+  // A tile takes the KV head's whole group of query heads where that leaves the pool enough tiles, else one head
+  // (one decode token has n_kv tiles of a group, or n_heads of one).
+  const int64_t heads = n_runs * kv.n_kv >= 2 * pool.size() ? group : 1, tiles_a_run = n_heads / heads;
+  pool.parallel_for(n_runs * tiles_a_run, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score, max_score, row_buf(static_cast<size_t>(hd));
+    std::vector<double> denom;
+    std::vector<int64_t> rows;  // cache row of each position (once per key row)
     for (int64_t i = begin; i < end; ++i) {
-      int64_t t = i / n_heads, h = i % n_heads;
-      int64_t len = positions[t] + 1;  // positions 0..positions[t]; later ones are not read
-      for (int64_t p = 0; p < len; ++p) rows[p] = kv.row_of(token_seq[t], h / group, p);
-      const float* qh = q + (t * n_heads + h) * hd;
-      float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t p = 0; p < len; ++p) {
-        score[p] = dot(qh, k_rows.load(rows[p], row_buf.data()), hd) * scale;
-        max_score = std::max(max_score, score[p]);
+      const int64_t t0 = run_start[i / tiles_a_run], t1 = run_start[i / tiles_a_run + 1];
+      const int64_t h0 = (i % tiles_a_run) * heads, nq = (t1 - t0) * heads;  // query (t, h0 + j): (t - t0) heads + j
+      int64_t longest = 1;
+      for (int64_t t = t0; t < t1; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
+      rows.resize(static_cast<size_t>(longest));
+      for (int64_t p = 0; p < longest; ++p) rows[p] = kv.row_of(token_seq[t0], h0 / group, p);
+      score.resize(static_cast<size_t>(nq * longest));
+      max_score.assign(static_cast<size_t>(nq), -std::numeric_limits<float>::infinity());
+      for (int64_t p = 0; p < longest; ++p) {
+        const float* kr = k_rows.load(rows[p], row_buf.data());
+        for (int64_t t = t0; t < t1; ++t) {
+          if (p > positions[t]) continue;  // positions 0..positions[t]; later ones are not read
+          for (int64_t j = 0; j < heads; ++j) {
+            const int64_t qi = (t - t0) * heads + j;
+            const float s = dot(q + (t * n_heads + h0 + j) * hd, kr, hd) * scale;
+            score[qi * longest + p] = s;
+            max_score[qi] = std::max(max_score[qi], s);
+          }
+        }
       }
-      double denom = 0;
-      for (int64_t p = 0; p < len; ++p) {
-        score[p] = std::exp(score[p] - max_score);
-        denom += score[p];
+      denom.assign(static_cast<size_t>(nq), 0.0);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        float* sq = score.data() + qi * longest;
+        for (int64_t p = 0, len = positions[t0 + qi / heads] + 1; p < len; ++p) {
+          sq[p] = std::exp(sq[p] - max_score[qi]);
+          denom[qi] += sq[p];
+        }
       }
-      float* oh = out + (t * n_heads + h) * hd;
-      std::fill(oh, oh + hd, 0.0f);
-      for (int64_t p = 0; p < len; ++p) {
+      for (int64_t t = t0; t < t1; ++t) std::fill(out + (t * n_heads + h0) * hd, out + (t * n_heads + h0 + heads) * hd, 0.0f);
+      for (int64_t p = 0; p < longest; ++p) {
         const float* vr = v_rows.load(rows[p], row_buf.data());
-        for (int64_t d = 0; d < hd; ++d) oh[d] += score[p] * vr[d];
+        for (int64_t t = t0; t < t1; ++t) {
+          if (p > positions[t]) continue;
+          for (int64_t j = 0; j < heads; ++j) {
+            const float w = score[((t - t0) * heads + j) * longest + p];
+            float* oh = out + (t * n_heads + h0 + j) * hd;
+            for (int64_t d = 0; d < hd; ++d) oh[d] += w * vr[d];
+          }
+        }
       }
-      float inv_denom = static_cast<float>(1.0 / denom);
-      for (int64_t d = 0; d < hd; ++d) oh[d] *= inv_denom;
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const float inv_denom = static_cast<float>(1.0 / denom[qi]);
+        float* oh = out + ((t0 + qi / heads) * n_heads + h0 + qi % heads) * hd;
+        for (int64_t d = 0; d < hd; ++d) oh[d] *= inv_denom;
+      }
     }
   });
 }
