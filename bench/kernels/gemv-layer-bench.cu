@@ -7,7 +7,7 @@
 // where it takes the shape; else the register kernels), the batched (bf16) and the streaming register kernels
 // (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task), and for int8/int4 the bulk-copy rows where they take the
 // shape (int4's kernel before session 27), and int4's tensor-core kernel on the same weights repacked in tiles
-// (int4-tiles.h; its outputs are checked to equal weft's bit for bit). Each kernel's outputs of layer 0 are
+// (quant-tiles.h; its outputs are checked to equal weft's bit for bit). Each kernel's outputs of layer 0 are
 // checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
 // cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
 // streaming kernel in this file at d9916e1.
@@ -26,7 +26,7 @@
 #include "cuda/bandwidth.cuh"
 #include "cuda/gemv-one-token-mma.cuh"
 #include "cuda/gemv-one-token.cuh"
-#include "cuda/int4-tiles.cuh"
+#include "cuda/quant-tiles.cuh"
 #include "error.h"
 #include "bench-device.cuh"
 
@@ -73,7 +73,7 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
         void *tw, *tq;
         CK(cudaMalloc(&tw, bytes));
         CK(cudaMalloc(&tq, n_scales * 2));
-        wc::repack_int4_tiles(ctx, static_cast<const uint8_t*>(p), static_cast<const uint16_t*>(q),
+        wc::repack_quant_tiles(ctx, true, static_cast<const uint8_t*>(p), static_cast<const uint16_t*>(q),
                               static_cast<uint8_t*>(tw), static_cast<uint16_t*>(tq), rows, sh.K, group_of(sh));
         tiled_ws[s].push_back(tw);
         tiled_ss[s].push_back(tq);
@@ -96,7 +96,7 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   kernels.push_back({"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)});
   kernels.push_back({"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)});
   if (quant) kernels.push_back({"bulk-copy rows where they take the shape", tuned(wc::OneTokenKernel::Rows, 0)});
-  if (dt == DType::I4) kernels.push_back({"tensor cores, int4 in tiles (int4-tiles.h)", wc::OneTokenTuning{}, true});
+  if (dt == DType::I4) kernels.push_back({"tensor cores, int4 in tiles (quant-tiles.h)", wc::OneTokenTuning{}, true});
   const Kernel& reference = kernels[1];
   const auto run = [&](const Kernel& k, int s, int l) {
     const Shape& sh = shapes[s];

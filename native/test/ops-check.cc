@@ -1467,7 +1467,7 @@ void check_one_token_matmul(Rng& rng) {
     }
 }
 
-// int4 in tiles (int4-tiles.h: the CUDA backend lays out int4 g128 weights of 16-row multiples so on upload) through
+// int4 in tiles (quant-tiles.h: the CUDA backend lays out int4 g128 weights of 16-row multiples so on upload) through
 // each of their readers at one token, against the CPU's row-major weights: the norm made inside the GEMV (held
 // addRmsNorm) for plain rows and SwiGLU pairs, pairs without it, the gated form (the 1..64-token tensor-core GEMV),
 // a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), 40 tokens over 251 tiles (a
@@ -1624,7 +1624,7 @@ int main() {
   if (wanted("quant_moe")) check_quant_moe(rng);
   if (wanted("quant_gemv_tokens")) check_quant_gemv_tokens(rng);
   if (wanted("one_token_matmul")) check_one_token_matmul(rng);
-  if (wanted("int4_tiles")) check_int4_tiles(rng);
+  if (wanted("quant_tiles")) check_int4_tiles(rng);
   if (wanted("prefill_inputs")) check_prefill_inputs(rng);
   if (wanted("moe")) check_moe(rng);
   if (wanted("attention")) check_attention(rng);

@@ -27,7 +27,7 @@
 #include "cuda/gemv-quant.cuh"
 #include "cuda/gemv-rows-tma.cuh"
 #include "cuda/graphs.h"
-#include "cuda/int4-tiles.cuh"
+#include "cuda/quant-tiles.cuh"
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
 #include "cuda/moe.cuh"
@@ -470,17 +470,17 @@ class CudaBackend final : public Backend {
   // against ~19.6 estimated for the GEMM path (18.5 ms at 64 rows plus the bf16 GEMM's growth; H200, session 29).
   static constexpr int64_t kQuantMmaMaxBatch = 64;
   void on_quantized_weight(Tensor& w) override {
-    // int4 in tiles where the one-token kernel takes the shape: its warp loads become contiguous (int4-tiles.h).
+    // int4 in tiles where the one-token kernel takes the shape: its warp loads become contiguous (quant-tiles.h).
     // Stacked experts stay row-major (gemv.cu's expert kernel reads rows).
     // TODO(before landing): WEFT_INT4_TILES=0 is the branch's A/B switch for the first device run; remove it.
     static const bool tiles_on = !std::getenv("WEFT_INT4_TILES") || std::strcmp(std::getenv("WEFT_INT4_TILES"), "0") != 0;
     if (tiles_on && w.dtype == DType::I4 && w.rank() == 2 && cuda::int4_tiles_pay(w.dim(0), w.dim(1), w.group())) {
       Tensor tiled = empty_persistent(DType::I4, w.shape);
       Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
-      cuda::repack_int4_tiles(ctx(), w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
+      cuda::repack_quant_tiles(ctx(), true, w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
                               scales.data<uint16_t>(), w.dim(0), w.dim(1), static_cast<int>(w.group()));
       tiled.scales = std::make_shared<const Tensor>(scales);
-      tiled.int4_tiles = true;
+      tiled.quant_tiles = true;
       w = tiled;  // the row-major buffers go once the repack has read them (stream-ordered frees)
     }
     const int64_t matrix = w.dim(w.rank() - 2) * w.shape.back();  // one expert's [N, K] for stacked experts
@@ -495,7 +495,7 @@ class CudaBackend final : public Backend {
   }
   static cuda::QuantMatrix quant_matrix(const Tensor& w, int64_t expert = 0) {
     const int64_t N = w.dim(w.rank() - 2), K = w.shape.back();  // expert e's rows follow e N rows of the stack
-    return rows_from({w.buffer->data(), w.scales->data<uint16_t>(), w.dtype, static_cast<int>(w.group()), w.int4_tiles},
+    return rows_from({w.buffer->data(), w.scales->data<uint16_t>(), w.dtype, static_cast<int>(w.group()), w.quant_tiles},
                      expert * N, K);
   }
   // Any one-token GEMV's weights: quantized as above, bf16/f32 with no scales.

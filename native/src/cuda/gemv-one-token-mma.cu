@@ -39,7 +39,7 @@
 #include "cuda/gemv-weight-vectors.cuh"  // log2_exact
 #include "cuda/rms-norm.cuh"
 #include "error.h"
-#include "int4-tiles.h"
+#include "quant-tiles.h"
 
 namespace weft::cuda {
 namespace {
@@ -116,10 +116,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     lc -= nch;
     ++lt;
   }
-  // Tiles (int4-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
+  // Tiles (quant-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
   // on than chunk c - 1, and group j's scale 16 scales further on.
-  constexpr size_t kChunkStride = kTiles ? kInt4TileBytes : kChunkBytes;
-  constexpr int kScaleStride = kTiles ? kInt4TileRows : 1;
+  constexpr size_t kChunkStride = kTiles ? kTileBytes : kChunkBytes;
+  constexpr int kScaleStride = kTiles ? kTileRows : 1;
   const uint8_t *w_row_lo, *w_row_hi;
   const uint16_t *s_row_lo, *s_row_hi;
   const auto point_rows = [&] {
@@ -133,10 +133,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       r_hi = min(tile * 16 + 8 + g, p.N - 1);
     }
     if constexpr (kTiles) {
-      w_row_lo = p.w + int4_tile_code_offset(r_lo, t * 16, row_bytes);
-      w_row_hi = p.w + int4_tile_code_offset(r_hi, t * 16, row_bytes);
-      s_row_lo = p.scales + int4_tile_scale_index(r_lo, 0, p.n_groups);
-      s_row_hi = p.scales + int4_tile_scale_index(r_hi, 0, p.n_groups);
+      w_row_lo = p.w + tile_code_offset(r_lo, t * 16, row_bytes);
+      w_row_hi = p.w + tile_code_offset(r_hi, t * 16, row_bytes);
+      s_row_lo = p.scales + tile_scale_index(r_lo, 0, p.n_groups);
+      s_row_hi = p.scales + tile_scale_index(r_hi, 0, p.n_groups);
     } else {
       w_row_lo = p.w + static_cast<size_t>(r_lo) * row_bytes + t * 16;
       w_row_hi = p.w + static_cast<size_t>(r_hi) * row_bytes + t * 16;
@@ -319,14 +319,14 @@ void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, u
 
 bool int4_tiles_pay(int64_t rows, int64_t K, int64_t group) {
   const bool chunked_group = group == K || (group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
-  return int4_tiles_take(rows, K, group) && K <= kMaxK && chunked_group;
+  return quant_tiles_take(rows, K, group, true) && K <= kMaxK && chunked_group;
 }
 
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                         int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
                         bool tiles, bool gated) {
   if (w_dtype != DType::I4 || (gated && (pairs || norm))) return false;
-  if (tiles && !int4_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group)) return false;
+  if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, true)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   constexpr int cols = 128;  // a chunk

@@ -29,7 +29,7 @@ struct OneTokenTuning {
 // does not take the call: another dtype, K not a multiple of the 16-byte vector or of the group, an int4 group
 // other than K or a power of two of whole vectors (int8 in such groups: the batched kernel), x beyond its buffer
 // (K > 16384), misaligned pointers.
-// tiles: int4 in tiles (int4-tiles.h), which only the tensor-core kernel reads (false where it refuses the call).
+// tiles: int4 in tiles (quant-tiles.h), which only the tensor-core kernel reads (false where it refuses the call).
 // Capturable (no allocation, no sync).
 bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                     float* y, int N, int K, bool gated, const OneTokenTuning& tuning = OneTokenTuning{},

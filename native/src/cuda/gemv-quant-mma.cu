@@ -38,7 +38,7 @@
 #include "cuda/common.cuh"
 #include "cuda/gemv-quant-mma-fragments.cuh"
 #include "error.h"
-#include "int4-tiles.h"
+#include "quant-tiles.h"
 
 namespace cg = cooperative_groups;
 
@@ -92,7 +92,8 @@ struct QuantMmaParams {
 // the end-of-kernel sum do), and which adds them in slice order once a cluster barrier has passed (one a round: a
 // buffer is written again two rounds on, after every block has passed the barrier that ends its reads). (Up to 16
 // tokens the rounds cost registers: the kernel kept at 128 spilled.)
-// kTiles: int4 in tiles (int4-tiles.h), which differ only in where a lane's 16 bytes and its two scales are read.
+// kTiles: codes and scales in tiles (quant-tiles.h), which differ only in where a lane's 16 bytes and its two scales
+// are read.
 template <bool kInt4, bool kScalesInWeights, int NT, int U, bool kTiles = false>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(const QuantMmaParams p) {
   constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   const auto load = [&](int j) {
     if (load_item >= nitems) return;
     const int chunk = ch0 + load_ch;
-    const uint8_t* base = p.w + static_cast<size_t>(chunk) * (kTiles ? kInt4TileBytes : kChunkBytes) + t * 16;
+    const uint8_t* base = p.w + static_cast<size_t>(chunk) * (kTiles ? kTileBytes : kChunkBytes) + t * 16;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const int load_tile = tile0 + load_group * MT + m;
@@ -156,16 +157,16 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
         w_lo[j][m] = w_hi[j][m] = make_uint4(0, 0, 0, 0);
         sc[j][m] = 0;
       } else {
-        // Tiles (int4-tiles.h; K a multiple of the chunk, rows of 16): row r of chunk c at tile (r / 16)'s unit c,
+        // Tiles (quant-tiles.h; K a multiple of the chunk, rows of 16): row r of chunk c at tile (r / 16)'s unit c,
         // row r % 16 of it; a warp's 8 rows are 512 contiguous bytes.
-        const size_t row_at = kTiles ? (r_lo / 16) * (row_bytes / kChunkBytes) * kInt4TileBytes : 0;
+        const size_t row_at = kTiles ? (r_lo / 16) * (row_bytes / kChunkBytes) * kTileBytes : 0;
         w_lo[j][m] = load_stream(base + (kTiles ? row_at + (r_lo % 16) * kChunkBytes : r_lo * row_bytes));
         w_hi[j][m] = load_stream(base + (kTiles ? row_at + (r_hi % 16) * kChunkBytes : r_hi * row_bytes));
         // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
         const int gi =
           n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
         if constexpr (kTiles)  // rows g and g + 8 side by side: the low and high halves of one word
-          sc[j][m] = __ldg(reinterpret_cast<const uint32_t*>(p.scales + int4_tile_scale_index(r_lo, gi, n_groups)));
+          sc[j][m] = __ldg(reinterpret_cast<const uint32_t*>(p.scales + tile_scale_index(r_lo, gi, n_groups)));
         else
           sc[j][m] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
                      static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
@@ -536,9 +537,10 @@ bool quant_gemv_mma(const Ctx& ctx, const float* x, const QuantMatrix& w, float*
                          static_cast<float>(vec) / static_cast<float>(w.group)};
   const int depth = tuning.depth == 4 ? 4 : 8;
   const bool small_group = w.group % cols != 0;  // the scales go into the f16 weights (gemv-quant-mma.cuh)
-  const cudaError_t e = !int4    ? dispatch<false, false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
-                        : w.tiles ? dispatch<true, true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
-                                  : dispatch<true, false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream);
+  const cudaError_t e = int4 ? (w.tiles ? dispatch<true, true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
+                                        : dispatch<true, false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream))
+                             : (w.tiles ? dispatch<false, true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
+                                        : dispatch<false, false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream));
   check_cuda(ctx.st, e, "matmul", " (quantized tensor-core GEMV launch)");
   check_cuda(ctx.st, cudaGetLastError(), "matmul");
   return true;

@@ -9,8 +9,8 @@
 //     one group) is unpacked with exponent tricks, its products summed in fp32 and multiplied by the group's scale.
 //     It takes up to Gemv::kMaxTokens tokens; 9..16 tokens run as two halves, each reading the weights once (at 16
 //     tokens on H200 two passes cost less than one pass of a 16-token kernel: bench/RESULTS.md).
-//   - Fallback (K or the group not a multiple of the vector's columns, misaligned pointers, int4 in tiles that the
-//     tensor-core kernels refuse): one warp per row, scalar loads, the value formed as the CPU forms it.
+//   - Fallback (K or the group not a multiple of the vector's columns, misaligned pointers, tiles (quant-tiles.h) that
+//     the tensor-core kernels refuse): one warp per row, scalar loads, the value formed as the CPU forms it.
 //   - Longer steps dequantize into a bf16 matrix for the cuBLAS GEMM (dequantize_bf16).
 #include "cuda/gemv-quant.cuh"
 
@@ -22,7 +22,7 @@
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant-mma.cuh"
 #include "error.h"
-#include "int4-tiles.h"
+#include "quant-tiles.h"
 
 namespace weft::cuda {
 namespace {
@@ -31,11 +31,12 @@ __device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) { return __uint_as
 
 __device__ __forceinline__ float quant_value(const QuantMatrix& w, size_t row, int K, int k) {
   const size_t n_groups = K / w.group;
-  const float scale = bf16_bits_to_f32(w.tiles ? w.scales[int4_tile_scale_index(row, k / w.group, n_groups)]
+  const float scale = bf16_bits_to_f32(w.tiles ? w.scales[tile_scale_index(row, k / w.group, n_groups)]
                                                : w.scales[row * n_groups + k / w.group]);
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
-  if (w.dtype == DType::I8) return static_cast<float>(static_cast<int8_t>(q[row * K + k])) * scale;
-  const uint8_t b = w.tiles ? q[int4_tile_code_offset(row, k / 2, K / 2)] : q[row * (K / 2) + k / 2];
+  if (w.dtype == DType::I8)
+    return static_cast<float>(static_cast<int8_t>(w.tiles ? q[tile_code_offset(row, k, K)] : q[row * K + k])) * scale;
+  const uint8_t b = w.tiles ? q[tile_code_offset(row, k / 2, K / 2)] : q[row * (K / 2) + k / 2];
   return static_cast<float>(static_cast<int>((k & 1) ? b >> 4 : b & 0xf) - 8) * scale;
 }
 
@@ -122,7 +123,7 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
   // tile's K over a block's warps, 0.052; bench/kernels/quant-run.sh --one-token, gemv-layer-run.sh).
   if (path == QuantGemvPath::Auto && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated, {}, w.tiles))
     return;
-  const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens;
+  const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens || w.tiles;  // tiles: the tensor cores' alone
   if ((path == QuantGemvPath::Mma || (path == QuantGemvPath::Auto && mma_pays)) &&
       quant_gemv_mma(ctx, x, w, y, T, N, K, gated))
     return;

@@ -583,7 +583,7 @@ bool Gemv::launch_vector(const float* x, const void* w, DType dt, float* y, int 
 
 bool Gemv::run_quant(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated,
                      const GemvTuning& tuning) {
-  // rows of 16-byte vectors: int4 in tiles is the tensor-core kernels' (gemv-quant-mma.cu) and the fallback's
+  // rows of 16-byte vectors: tiles (quant-tiles.h) are the tensor-core kernels' (gemv-quant-mma.cu) and the fallback's
   return !w.tiles && T >= 1 && T <= kMaxTokens &&
          launch_vector(x, w.q, w.dtype, y, T, N, K, nullptr, gated, tuning, w.scales, w.group);
 }
