@@ -312,8 +312,8 @@ export class WorkerClient {
 
   /**
    * When (on `clock`) a local worker's CPU time was last seen to grow (0: never, or no /proc). A worker computing a
-   * step on the host blocks its event loop until the step ends, heartbeats included (a 1024-token step at 32K
-   * context of a 2-layer model took over 30 s on 2 cores); while its CPU time grows it is computing, not hung. Only
+   * step on the host blocks its event loop until the step ends, heartbeats included (one 8192-token step of a
+   * 2-layer model takes ~12 s on 2 cores); while its CPU time grows it is computing, not hung. Only
    * for CPU workers: a CUDA worker's host thread waiting on the device, or on a dead NCCL peer, spins.
    */
   private lastCpuGrowth(state: RankConnection, now: number): number {
