@@ -217,17 +217,21 @@ void qkv_rope_typed(float* q, const KvRows<KV>& k_rows, const KvRows<KV>& v_rows
 // the denominator in double, then the value rows summed in position order. The loops run position-outermost over a
 // tile of queries that read the same rows (up to kTokenTile consecutive tokens of one sequence, times the query
 // heads of one KV head), so each key and value row is loaded once a tile instead of once a query (a prefill chunk at
-// long context was bound by re-reading the cache); each query's arithmetic, and so its output, is unchanged.
-constexpr int64_t kTokenTile = 16;
+// long context was bound by re-reading the cache); each query's arithmetic, and so its output, is unchanged. A
+// tile's scores are held whole: fewer tokens a tile where they would pass kTileScores floats (16 MiB a thread).
+constexpr int64_t kTokenTile = 16, kTileScores = int64_t{4} << 20;
 
 template <typename KV>
 void attention_typed(ThreadPool& pool, float* out, const float* q, const KvRows<KV>& k_rows,
                      const KvRows<KV>& v_rows, const KvBlockTable& kv, const int32_t* token_seq,
                      const int32_t* positions, int64_t T, int64_t n_heads, int64_t hd, float scale) {
   const int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
-  std::vector<int64_t> run_start;           // runs of consecutive tokens of one sequence, at most kTokenTile long
+  int64_t longest_all = 1;
+  for (int64_t t = 0; t < T; ++t) longest_all = std::max<int64_t>(longest_all, positions[t] + 1);
+  const int64_t token_tile = std::clamp<int64_t>(kTileScores / (longest_all * group), 1, kTokenTile);
+  std::vector<int64_t> run_start;  // runs of consecutive tokens of one sequence, at most token_tile long
   for (int64_t t = 0; t < T; ++t)
-    if (t == 0 || token_seq[t] != token_seq[t - 1] || t - run_start.back() == kTokenTile) run_start.push_back(t);
+    if (t == 0 || token_seq[t] != token_seq[t - 1] || t - run_start.back() == token_tile) run_start.push_back(t);
   run_start.push_back(T);
   const int64_t n_runs = static_cast<int64_t>(run_start.size()) - 1;
   // A tile takes the KV head's whole group of query heads where that leaves the pool enough tiles, else one head
