@@ -89,8 +89,17 @@ const PING_EVERY = 4;
 const RECEIVE_SLICE_MS = 5;
 
 /** Whether process `pid` exists (EPERM: it does, owned by someone else). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 /** The CPU time (user + system, in clock ticks) of process `pid` so far, from /proc; null where there is none to read. */
-export function cpuTicks(pid: number): number | null {
+function cpuTicks(pid: number): number | null {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
     // after the command name's closing parenthesis: state, ppid, ... utime and stime are the 12th and 13th fields
@@ -99,15 +108,6 @@ export function cpuTicks(pid: number): number | null {
     return Number.isFinite(ticks) ? ticks : null;
   } catch {
     return null;
-  }
-}
-
-export function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
@@ -312,9 +312,10 @@ export class WorkerClient {
 
   /**
    * When (on `clock`) a local worker's CPU time was last seen to grow (0: never, or no /proc). A worker computing a
-   * step on the host blocks its event loop until the step ends, heartbeats included (a 1024-token step at 32K
-   * context of a 2-layer model took over 30 s on 2 cores); while its CPU time grows it is computing, not hung. Only
-   * for CPU workers: a CUDA worker's host thread waiting on the device, or on a dead NCCL peer, spins.
+   * step on the host blocks its event loop until the step ends, heartbeats included (one 8192-token step of a
+   * 2-layer model takes ~12 s on 2 cores); while its CPU time grows it is computing, not hung (one looping forever
+   * would pass too: the rule trades that case for long steps). Only for CPU workers: a CUDA worker's host thread
+   * waiting on the device, or on a dead NCCL peer, spins.
    */
   private lastCpuGrowth(state: RankConnection, now: number): number {
     const ticks = cpuTicks(state.pid!);

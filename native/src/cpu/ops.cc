@@ -217,17 +217,21 @@ void qkv_rope_typed(float* q, const KvRows<KV>& k_rows, const KvRows<KV>& v_rows
 // the denominator in double, then the value rows summed in position order. The loops run position-outermost over a
 // tile of queries that read the same rows (up to kTokenTile consecutive tokens of one sequence, times the query
 // heads of one KV head), so each key and value row is loaded once a tile instead of once a query (a prefill chunk at
-// long context was bound by re-reading the cache); each query's arithmetic, and so its output, is unchanged.
-constexpr int64_t kTokenTile = 16;
+// long context was bound by re-reading the cache); each query's arithmetic, and so its output, is unchanged. A
+// tile's scores are held whole: fewer tokens a tile where they would pass kTileScores floats (16 MiB a thread).
+constexpr int64_t kTokenTile = 16, kTileScores = int64_t{4} << 20;
 
 template <typename KV>
 void attention_typed(ThreadPool& pool, float* out, const float* q, const KvRows<KV>& k_rows,
                      const KvRows<KV>& v_rows, const KvBlockTable& kv, const int32_t* token_seq,
                      const int32_t* positions, int64_t T, int64_t n_heads, int64_t hd, float scale) {
   const int64_t group = n_heads / kv.n_kv;  // query heads per kv head (GQA)
-  std::vector<int64_t> run_start;           // runs of consecutive tokens of one sequence, at most kTokenTile long
+  int64_t longest_all = 1;
+  for (int64_t t = 0; t < T; ++t) longest_all = std::max<int64_t>(longest_all, positions[t] + 1);
+  const int64_t token_tile = std::clamp<int64_t>(kTileScores / (longest_all * group), 1, kTokenTile);
+  std::vector<int64_t> run_start;  // runs of consecutive tokens of one sequence, at most token_tile long
   for (int64_t t = 0; t < T; ++t)
-    if (t == 0 || token_seq[t] != token_seq[t - 1] || t - run_start.back() == kTokenTile) run_start.push_back(t);
+    if (t == 0 || token_seq[t] != token_seq[t - 1] || t - run_start.back() == token_tile) run_start.push_back(t);
   run_start.push_back(T);
   const int64_t n_runs = static_cast<int64_t>(run_start.size()) - 1;
   // A tile takes the KV head's whole group of query heads where that leaves the pool enough tiles, else one head
@@ -236,52 +240,58 @@ void attention_typed(ThreadPool& pool, float* out, const float* q, const KvRows<
   pool.parallel_for(n_runs * tiles_a_run, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score, max_score, row_buf(static_cast<size_t>(hd));
     std::vector<double> denom;
-    std::vector<int64_t> rows;  // cache row of each position (once per key row)
+    std::vector<int64_t> rows, len;  // cache row of each position (once per key row); each query's length
+    std::vector<const float*> qs;
+    std::vector<float*> outs;
     for (int64_t i = begin; i < end; ++i) {
+      // queries (t, h0 + j) for t in [t0, t1), j < heads, as qi = (t - t0) heads + j
       const int64_t t0 = run_start[i / tiles_a_run], t1 = run_start[i / tiles_a_run + 1];
-      const int64_t h0 = (i % tiles_a_run) * heads, nq = (t1 - t0) * heads;  // query (t, h0 + j): (t - t0) heads + j
+      const int64_t h0 = (i % tiles_a_run) * heads, nq = (t1 - t0) * heads;
+      len.resize(static_cast<size_t>(nq));
+      qs.resize(static_cast<size_t>(nq));
+      outs.resize(static_cast<size_t>(nq));
       int64_t longest = 1;
-      for (int64_t t = t0; t < t1; ++t) longest = std::max<int64_t>(longest, positions[t] + 1);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const int64_t t = t0 + qi / heads, h = h0 + qi % heads;
+        len[qi] = positions[t] + 1;  // positions 0..positions[t]; later ones are not read
+        qs[qi] = q + (t * n_heads + h) * hd;
+        outs[qi] = out + (t * n_heads + h) * hd;
+        longest = std::max(longest, len[qi]);
+      }
       rows.resize(static_cast<size_t>(longest));
       for (int64_t p = 0; p < longest; ++p) rows[p] = kv.row_of(token_seq[t0], h0 / group, p);
       score.resize(static_cast<size_t>(nq * longest));
       max_score.assign(static_cast<size_t>(nq), -std::numeric_limits<float>::infinity());
       for (int64_t p = 0; p < longest; ++p) {
         const float* kr = k_rows.load(rows[p], row_buf.data());
-        for (int64_t t = t0; t < t1; ++t) {
-          if (p > positions[t]) continue;  // positions 0..positions[t]; later ones are not read
-          for (int64_t j = 0; j < heads; ++j) {
-            const int64_t qi = (t - t0) * heads + j;
-            const float s = dot(q + (t * n_heads + h0 + j) * hd, kr, hd) * scale;
-            score[qi * longest + p] = s;
-            max_score[qi] = std::max(max_score[qi], s);
-          }
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          if (p >= len[qi]) continue;
+          const float s = dot(qs[qi], kr, hd) * scale;
+          score[qi * longest + p] = s;
+          max_score[qi] = std::max(max_score[qi], s);
         }
       }
       denom.assign(static_cast<size_t>(nq), 0.0);
       for (int64_t qi = 0; qi < nq; ++qi) {
         float* sq = score.data() + qi * longest;
-        for (int64_t p = 0, len = positions[t0 + qi / heads] + 1; p < len; ++p) {
+        for (int64_t p = 0; p < len[qi]; ++p) {
           sq[p] = std::exp(sq[p] - max_score[qi]);
           denom[qi] += sq[p];
         }
+        std::fill(outs[qi], outs[qi] + hd, 0.0f);
       }
-      for (int64_t t = t0; t < t1; ++t) std::fill(out + (t * n_heads + h0) * hd, out + (t * n_heads + h0 + heads) * hd, 0.0f);
       for (int64_t p = 0; p < longest; ++p) {
         const float* vr = v_rows.load(rows[p], row_buf.data());
-        for (int64_t t = t0; t < t1; ++t) {
-          if (p > positions[t]) continue;
-          for (int64_t j = 0; j < heads; ++j) {
-            const float w = score[((t - t0) * heads + j) * longest + p];
-            float* oh = out + (t * n_heads + h0 + j) * hd;
-            for (int64_t d = 0; d < hd; ++d) oh[d] += w * vr[d];
-          }
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          if (p >= len[qi]) continue;
+          const float w = score[qi * longest + p];
+          float* oh = outs[qi];
+          for (int64_t d = 0; d < hd; ++d) oh[d] += w * vr[d];
         }
       }
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float inv_denom = static_cast<float>(1.0 / denom[qi]);
-        float* oh = out + ((t0 + qi / heads) * n_heads + h0 + qi % heads) * hd;
-        for (int64_t d = 0; d < hd; ++d) oh[d] *= inv_denom;
+        for (int64_t d = 0; d < hd; ++d) outs[qi][d] *= inv_denom;
       }
     }
   });
