@@ -302,10 +302,11 @@ export class WorkerClient {
     const pingNow = this.watchTicks++ % PING_EVERY === 0;
     this.ranks.forEach((state, rank) => {
       if (state.pid === null) return;
-      const busyAt = this.computesOnHost && state.local ? this.lastCpuGrowth(state, now) : 0;
+      const watchesCpu = this.computesOnHost && state.local;
+      const busyAt = watchesCpu ? this.lastCpuGrowth(state, now) : 0;
       const silent = Math.round(now - Math.max(state.lastSeen, busyAt));
       if (state.local && this.options.childPid(rank) === undefined && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) is gone`);
-      else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat ${this.computesOnHost && state.local ? 'and used no CPU time ' : ''}for ${silent} ms while this coordinator was responsive`);
+      else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat ${watchesCpu ? 'and used no CPU time ' : ''}for ${silent} ms while this coordinator was responsive`);
       else if (pingNow) this.ping(rank);
     });
   }
