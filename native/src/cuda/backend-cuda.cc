@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -27,10 +26,10 @@
 #include "cuda/gemv-quant.cuh"
 #include "cuda/gemv-rows-tma.cuh"
 #include "cuda/graphs.h"
-#include "cuda/quant-tiles.cuh"
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
 #include "cuda/moe.cuh"
+#include "cuda/quant-tiles.cuh"
 #include "cuda/rope-write-kv.cuh"
 #include "cuda/sample.cuh"
 #include "cuda/softmax.cuh"
@@ -471,10 +470,10 @@ class CudaBackend final : public Backend {
   static constexpr int64_t kQuantMmaMaxBatch = 64;
   void on_quantized_weight(Tensor& w) override {
     // int4 in tiles where the one-token kernel takes the shape: its warp loads become contiguous (quant-tiles.h).
-    // Stacked experts stay row-major (gemv.cu's expert kernel reads rows).
-    // TODO(before landing): WEFT_INT4_TILES=0 is the branch's A/B switch for the first device run; remove it.
-    static const bool tiles_on = !std::getenv("WEFT_INT4_TILES") || std::strcmp(std::getenv("WEFT_INT4_TILES"), "0") != 0;
-    if (tiles_on && w.dtype == DType::I4 && w.rank() == 2 && cuda::int4_tiles_pay(w.dim(0), w.dim(1), w.group())) {
+    // H100, Llama-2-7B int4 g128 decode: batch 1 422 -> 452 tok/s, batch 8 1996 -> 2311 (bench/RESULTS.md, session
+    // 36). int8 stays row-major: in tiles its 1..64-token GEMV was 3-9% slower. Stacked experts stay row-major
+    // (gemv.cu's expert kernel reads rows).
+    if (w.dtype == DType::I4 && w.rank() == 2 && cuda::int4_tiles_pay(w.dim(0), w.dim(1), w.group())) {
       Tensor tiled = empty_persistent(DType::I4, w.shape);
       Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
       cuda::repack_quant_tiles(ctx(), true, w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
