@@ -6,8 +6,9 @@
 // that model's shapes. Kernels: weft's choice (int4 on tensor cores, gemv-one-token-mma.cu; bf16 on gemv-rows-tma.cu
 // where it takes the shape; else the register kernels), the batched (bf16) and the streaming register kernels
 // (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task), and for int8/int4 the bulk-copy rows where they take the
-// shape (int4's kernel before session 27), and int4's tensor-core kernel on the same weights repacked in tiles
-// (int4-tiles.h; its outputs are checked to equal weft's bit for bit). Each kernel's outputs of layer 0 are
+// shape (int4's kernel before session 27), for int8 the tensor-core kernel's int8 form, and the tensor-core kernel on
+// the same weights repacked in tiles (quant-tiles.h; its outputs are checked to equal the row-major tensor-core
+// kernel's bit for bit). Each kernel's outputs of layer 0 are
 // checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
 // cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
 // streaming kernel in this file at d9916e1.
@@ -26,7 +27,7 @@
 #include "cuda/bandwidth.cuh"
 #include "cuda/gemv-one-token-mma.cuh"
 #include "cuda/gemv-one-token.cuh"
-#include "cuda/int4-tiles.cuh"
+#include "cuda/quant-tiles.cuh"
 #include "error.h"
 #include "bench-device.cuh"
 
@@ -50,7 +51,7 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   constexpr int kMaxK = 14336, kMaxRows = 2 * 14336;
   const int layers = 32;
   const auto group_of = [&](const Shape& sh) { return dt == DType::I8 ? sh.K : dt == DType::I4 ? 128 : 0; };
-  std::vector<void*> ws[4], ss[4], tiled_ws[4], tiled_ss[4];  // tiled_*: int4's codes and scales in tiles
+  std::vector<void*> ws[4], ss[4], tiled_ws[4], tiled_ss[4];  // tiled_*: int8 / int4 codes and scales in tiles
   size_t layer_bytes = 0;
   for (int s = 0; s < 4; ++s) {
     const Shape& sh = shapes[s];
@@ -69,11 +70,11 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
         bench::fill_scales<<<256, 256, 0, stream>>>(static_cast<uint16_t*>(q), n_scales, 1000 + 100 * s + l);
       }
       ss[s].push_back(q);
-      if (dt == DType::I4) {
+      if (quant) {
         void *tw, *tq;
         CK(cudaMalloc(&tw, bytes));
         CK(cudaMalloc(&tq, n_scales * 2));
-        wc::repack_int4_tiles(ctx, static_cast<const uint8_t*>(p), static_cast<const uint16_t*>(q),
+        wc::repack_quant_tiles(ctx, dt == DType::I4, static_cast<const uint8_t*>(p), static_cast<const uint16_t*>(q),
                               static_cast<uint8_t*>(tw), static_cast<uint16_t*>(tq), rows, sh.K, group_of(sh));
         tiled_ws[s].push_back(tw);
         tiled_ss[s].push_back(tq);
@@ -96,7 +97,10 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   kernels.push_back({"streaming register, 1 row a task", tuned(wc::OneTokenKernel::Streaming, 1)});
   kernels.push_back({"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)});
   if (quant) kernels.push_back({"bulk-copy rows where they take the shape", tuned(wc::OneTokenKernel::Rows, 0)});
-  if (dt == DType::I4) kernels.push_back({"tensor cores, int4 in tiles (int4-tiles.h)", wc::OneTokenTuning{}, true});
+  // the tensor-core kernel on row-major codes (weft's own for int4; int8's bench form) and on tiles (quant-tiles.h)
+  if (dt == DType::I8) kernels.push_back({"tensor cores (int8 bench form)", tuned(wc::OneTokenKernel::Mma, 0)});
+  if (quant) kernels.push_back({"tensor cores, codes in tiles (quant-tiles.h)", wc::OneTokenTuning{}, true});
+  const size_t row_major_mma = dt == DType::I8 ? kernels.size() - 2 : 0;
   const Kernel& reference = kernels[1];
   const auto run = [&](const Kernel& k, int s, int l) {
     const Shape& sh = shapes[s];
@@ -121,13 +125,13 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   };
   std::vector<float> ref[4];
   for (int s = 0; s < 4; ++s) ref[s] = outputs(reference, s);
-  if (kernels.back().tiles) {  // the same sums in the same order: the tiled kernel's outputs equal weft's bit for bit
+  if (kernels.back().tiles) {  // the same sums in the same order: tiles give the row-major kernel's outputs bit for bit
     int unequal = 0;
     for (int s = 0; s < 4; ++s) {
-      const std::vector<float> a = outputs(kernels[0], s), b = outputs(kernels.back(), s);
+      const std::vector<float> a = outputs(kernels[row_major_mma], s), b = outputs(kernels.back(), s);
       for (size_t i = 0; i < a.size(); ++i) unequal += std::memcmp(&a[i], &b[i], 4) != 0;
     }
-    std::printf("%s: int4 in tiles against row-major, outputs of layer 0 that differ: %d\n", arg.c_str(), unequal);
+    std::printf("%s: tiles against row-major on tensor cores, outputs of layer 0 that differ: %d\n", arg.c_str(), unequal);
   }
 
   std::printf("\n%s: floor per layer %.1f us (%.1f MB at %.0f GB/s)\n", arg.c_str(), layer_bytes / (bw * 1e3), layer_bytes / 1e6, bw);
@@ -165,7 +169,7 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
     for (int l = 0; l < layers; ++l) {
       CK(cudaFree(ws[s][l]));
       if (ss[s][l]) CK(cudaFree(ss[s][l]));
-      if (dt == DType::I4) {
+      if (quant) {
         CK(cudaFree(tiled_ws[s][l]));
         CK(cudaFree(tiled_ss[s][l]));
       }

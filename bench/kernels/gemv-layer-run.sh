@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/kernels/build-bench.sh
 src=native/src/cuda
-build_bench gemv-layer-bench gemv-layer-ptxas.txt bench/kernels/gemv-layer-bench.cu $src/gemv-one-token.cu $src/gemv-one-token-mma.cu $src/gemv-rows-tma.cu $src/int4-tiles.cu \
+build_bench gemv-layer-bench gemv-layer-ptxas.txt bench/kernels/gemv-layer-bench.cu $src/gemv-one-token.cu $src/gemv-one-token-mma.cu $src/gemv-rows-tma.cu $src/quant-tiles.cu \
   $src/bandwidth.cu $src/device.cc
 [ -n "${BUILD_ONLY:-}" ] || "$out/gemv-layer-bench" "$@"

@@ -26,7 +26,9 @@
 #include "cuda/gemv-quant-mma.cuh"
 #include "cuda/gemv-quant.cuh"
 #include "cuda/matmul.cuh"
+#include "cuda/quant-tiles.cuh"
 #include "error.h"
+#include "quant-tiles.h"
 #include "bench-device.cuh"
 
 using weft::DType;
@@ -51,10 +53,13 @@ __global__ void ref_kernel(const float* x, wc::QuantMatrix w, double* ref, int T
   const float* xr = x + static_cast<size_t>(t) * K * (gated ? 2 : 1);
   const auto* q = static_cast<const uint8_t*>(w.q);
   double s = 0;
+  const size_t row_bytes = w.dtype == DType::I8 ? K : K / 2, n_groups = K / w.group;
   for (int k = lane; k < K; k += 32) {
-    const float scale = __uint_as_float(static_cast<uint32_t>(w.scales[static_cast<size_t>(n) * (K / w.group) + k / w.group]) << 16);
-    const int v = w.dtype == DType::I8 ? static_cast<int8_t>(q[static_cast<size_t>(n) * K + k])
-                                       : ((q[(static_cast<size_t>(n) * K + k) / 2] >> ((k & 1) * 4)) & 0xf) - 8;
+    const size_t si = w.tiles ? weft::tile_scale_index(n, k / w.group, n_groups) : n * n_groups + k / w.group;
+    const float scale = __uint_as_float(static_cast<uint32_t>(w.scales[si]) << 16);
+    const size_t byte = w.dtype == DType::I8 ? k : k / 2;
+    const uint8_t b = q[w.tiles ? weft::tile_code_offset(n, byte, row_bytes) : n * row_bytes + byte];
+    const int v = w.dtype == DType::I8 ? static_cast<int8_t>(b) : ((b >> ((k & 1) * 4)) & 0xf) - 8;
     const double xv = gated ? (xr[k] / (1.0 + exp(-static_cast<double>(xr[k])))) * xr[K + k] : xr[k];
     s += static_cast<double>(v) * scale * xv;
   }
@@ -276,12 +281,14 @@ static int split_table(cudaStream_t stream, wc::Matmul& matmul, double bw) {
 }
 
 // Copies of one quantized weight [N, K] (random codes, scales near 1/64), as many as fill ~400 MB so that timed runs
-// cycle through more than the L2 holds; `bytes` is one copy's codes and scales. free_copies releases them.
+// cycle through more than the L2 holds; `bytes` is one copy's codes and scales; tiles: each repacked into tiles
+// (quant-tiles.h). free_copies releases them.
 struct QuantCopies {
   std::vector<wc::QuantMatrix> ws;
   size_t bytes = 0;
 };
-static QuantCopies quant_copies(cudaStream_t stream, DType dt, int group, int N, int K) {
+static QuantCopies quant_copies(const wc::Ctx& ctx, cudaStream_t stream, DType dt, int group, int N, int K,
+                                bool tiles = false) {
   const size_t qbytes = static_cast<size_t>(N) * K / (dt == DType::I4 ? 2 : 1), n_scales = static_cast<size_t>(N) * (K / group);
   QuantCopies out;
   out.bytes = qbytes + n_scales * 2;
@@ -293,7 +300,19 @@ static QuantCopies quant_copies(cudaStream_t stream, DType dt, int group, int N,
     CK(cudaMalloc(&s, n_scales * 2));
     fill_bytes<<<1024, 256, 0, stream>>>(static_cast<uint8_t*>(q), qbytes, 11 + c);
     fill_scales<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(s), n_scales, 13 + c);
-    out.ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(s), dt, group};
+    if (tiles) {
+      void *tq, *ts;
+      CK(cudaMalloc(&tq, qbytes));
+      CK(cudaMalloc(&ts, n_scales * 2));
+      wc::repack_quant_tiles(ctx, dt == DType::I4, static_cast<const uint8_t*>(q), static_cast<const uint16_t*>(s),
+                             static_cast<uint8_t*>(tq), static_cast<uint16_t*>(ts), N, K, group);
+      CK(cudaStreamSynchronize(stream));
+      CK(cudaFree(q));
+      CK(cudaFree(s));
+      q = tq;
+      s = ts;
+    }
+    out.ws[c] = wc::QuantMatrix{q, static_cast<const uint16_t*>(s), dt, group, tiles};
   }
   return out;
 }
@@ -312,8 +331,9 @@ static void free_copies(QuantCopies& copies) {
 static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   struct Shape { const char* name; int N, K; };
   const Shape shapes[] = {{"w13", 28672, 4096}, {"w2", 4096, 14336}};
-  struct Format { const char* name; DType dt; int group; };
-  const Format formats[] = {{"int4 g128", DType::I4, 128}, {"int8", DType::I8, 0}};
+  struct Format { const char* name; DType dt; int group; bool tiles; };
+  const Format formats[] = {{"int4 g128", DType::I4, 128, false}, {"int4 g128 tiles", DType::I4, 128, true},
+                            {"int8", DType::I8, 0, false}, {"int8 tiles", DType::I8, 0, true}};
   float* x;
   CK(cudaMalloc(&x, size_t{64} * 14336 * 4));
   bench::fill_f32<<<1024, 256, 0, stream>>>(x, size_t{64} * 14336, 7);
@@ -325,11 +345,11 @@ static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   std::printf("\n| shape | format | T | us | of floor | GB/s | TFMA/s | error |\n|---|---|---|---|---|---|---|---|\n");
   for (const Format& f : formats)
     for (const Shape& sh : shapes) {
-      QuantCopies w = quant_copies(stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K);
+      QuantCopies w = quant_copies(ctx, stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K, f.tiles);
       const auto& ws = w.ws;
       const int copies = static_cast<int>(ws.size());
       const size_t bytes = w.bytes;
-      for (int T : {1, 8, 16, 17, 32, 33, 48, 64}) {
+      for (int T : {1, 2, 4, 8, 16, 17, 32, 33, 48, 64}) {
         // Where one pass's x slice does not fit, the product runs passes of fewer tokens (quant_gemv_mma_passes):
         // timed as such, marked in the T column.
         const bool one_pass = wc::quant_gemv_mma_takes(ws[0], T, sh.N, sh.K);
@@ -419,7 +439,7 @@ int main(int argc, char** argv) {
     for (size_t fi = 0; fi < formats.size(); ++fi) {
       const Format& f = formats[fi];
       if (!only_format.empty() && only_format != f.name) continue;
-      QuantCopies w = quant_copies(stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K);
+      QuantCopies w = quant_copies(ctx, stream, f.dt, f.group ? f.group : sh.K, sh.N, sh.K);
       const auto& ws = w.ws;
       const int copies = static_cast<int>(ws.size());
       const size_t bytes = w.bytes;

@@ -259,7 +259,8 @@ class Backend {
   virtual void on_layer_mark(uint64_t /*mark*/) {}
   virtual void on_begin_step() {}
   virtual void on_end_step() {}
-  virtual void on_quantized_weight(const Tensor& /*w*/) {}  // a weight upload_quantized made (outside a capture)
+  // A weight upload_quantized made (outside a capture); the backend may lay it out anew (cuda: int4 in tiles).
+  virtual void on_quantized_weight(Tensor& /*w*/) {}
   virtual void on_capture_begin();
   virtual std::shared_ptr<Graph> on_capture_end();
   virtual void on_replay(const Graph& graph);

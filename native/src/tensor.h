@@ -104,6 +104,9 @@ struct Tensor {
   // Quantized weights (I8, I4) only: [..., N, K / group] bf16, the scale of each group of `group` columns of
   // a row (value = q * scale); a persistent tensor of the same backend.
   std::shared_ptr<const Tensor> scales;
+  // A quantized weight held in tiles (quant-tiles.h), codes and scales alike: the CUDA backend's layout for int4
+  // where its kernels take the shape (backend.h upload_quantized); the CPU's weights are row-major.
+  bool quant_tiles = false;
 
   int64_t numel() const { return weft::numel(shape); }
   // A 1-byte KV cache (FP8 or I8 codes with f32 scales [nBlocks, nKv, B]; kv-quant.h), not a quantized weight.

@@ -1467,6 +1467,47 @@ void check_one_token_matmul(Rng& rng) {
     }
 }
 
+// int4 in tiles (quant-tiles.h: the CUDA backend lays out int4 g128 weights of 16-row multiples so on upload) through
+// each of their readers at one token, against the CPU's row-major weights: the norm made inside the GEMV (held
+// addRmsNorm) for plain rows and SwiGLU pairs, pairs without it, the gated form (the 1..64-token tensor-core GEMV),
+// a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), 40 tokens over 251 tiles (a
+// warp's group of 4 tiles reaches past N: those tiles read the last one), and the dequantize-then-GEMM
+// path of 65 rows over a matrix larger than its scratch (rows in slices of whole tiles).
+void check_int4_tiles(Rng& rng) {
+  struct Case {
+    const char* what;
+    int64_t N, K;  // N: outputs (pairs: gate rows; the weight has 2N rows)
+    bool norm, pairs, gated;
+    int64_t T;
+  };
+  for (Case c : {Case{"held norm", 3072, 4096, true, false, false, 1}, Case{"held norm, pairs", 1408, 4096, true, true, false, 1},
+                 Case{"pairs", 1408, 4096, false, true, false, 1}, Case{"gated", 4096, 1408, false, false, true, 1},
+                 Case{"norm refused (K 8192)", 256, 8192, true, false, false, 1},
+                 Case{"a warp's tiles past N (251 tiles)", 4016, 4096, false, false, false, 40},
+                 Case{"dequantize in slices", 9376, 14336, false, false, false, 65}}) {
+    const int64_t rows = c.pairs ? 2 * c.N : c.N;
+    std::string sh = std::string(c.what) + " T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " N=" +
+                     std::to_string(c.N) + " i4 g128 tiles";
+    QuantPair w;
+    try {
+      w = upload_quant_pair(rng, DType::I4, rows, c.K, 128);
+    } catch (const std::exception& e) {
+      fail_row("uploadQuantized", sh, e.what());
+      continue;
+    }
+    run_case("int4 tiles", sh, [&] {
+      auto x = rng.floats(c.T * (c.gated ? 2 : 1) * c.K, -1, 1), y = rng.floats(c.T * c.K, -1, 1), nw = rng.floats(c.K, 0.5f, 1.5f);
+      const Shape xs{c.T, (c.gated ? 2 : 1) * c.K};
+      const auto run = [&](Backend& b, const Tensor& wq) {
+        Tensor in = up(b, x, xs);
+        if (c.norm) in = b.add_rms_norm(in, up(b, y, xs), up(b, nw, {c.K}), 1e-5f).normed;
+        return down(b, c.pairs ? b.matmul_silu_mul(in, wq) : c.gated ? b.silu_mul_matmul(in, wq) : b.matmul(in, wq));
+      };
+      compare("int4 tiles", sh, run(*gpu, w.gpu_w), run(*cpu, w.cpu_w), quant_rtol(DType::I4, c.K, 128, c.T));
+    });
+  }
+}
+
 // Quantized prefill attention (cuda/attention-sage.cuh): CUDA against the CPU reference, which quantizes the same
 // way (the same K means, codes and scales: the int32 scores agree exactly), so they differ by exp2's rounding and
 // the order of the tensor cores' f32 sums, plus a rare flip of one P rounding (f16: 2^-11 relative of one weight;
@@ -1583,6 +1624,7 @@ int main() {
   if (wanted("quant_moe")) check_quant_moe(rng);
   if (wanted("quant_gemv_tokens")) check_quant_gemv_tokens(rng);
   if (wanted("one_token_matmul")) check_one_token_matmul(rng);
+  if (wanted("quant_tiles")) check_int4_tiles(rng);
   if (wanted("prefill_inputs")) check_prefill_inputs(rng);
   if (wanted("moe")) check_moe(rng);
   if (wanted("attention")) check_attention(rng);

@@ -20,6 +20,7 @@
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
+#include "cuda/gemv-one-token-mma.cuh"  // int4_tiles_pay
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant-mma.cuh"
 #include "cuda/gemv-quant.cuh"
@@ -28,6 +29,7 @@
 #include "cuda/matmul.cuh"
 #include "cuda/memory.h"
 #include "cuda/moe.cuh"
+#include "cuda/quant-tiles.cuh"
 #include "cuda/rope-write-kv.cuh"
 #include "cuda/sample.cuh"
 #include "cuda/softmax.cuh"
@@ -228,7 +230,7 @@ class CudaBackend final : public Backend {
     const cuda::QuantMatrix q = gemv_weights(w);
     if (x.dim(0) == 1 && N <= INT32_MAX / 2 && K <= INT32_MAX &&
         cuda::gemv_one_token_normed(ctx(), n.x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
-                                    static_cast<int>(N), static_cast<int>(K), pairs, st_->num_sms, norm)) {
+                                    static_cast<int>(N), static_cast<int>(K), pairs, st_->num_sms, norm, q.tiles)) {
       held_norm_.reset();
       cuda::check_launch(ctx(), pairs ? "matmulSiluMul" : "matmul", {{"x", x}, {"w", w}});
       return true;
@@ -445,7 +447,7 @@ class CudaBackend final : public Backend {
     if (T == 1 && F <= INT32_MAX / 2 && K <= INT32_MAX) {
       const cuda::QuantMatrix q = gemv_weights(w);
       if (cuda::gemv_one_token_silu_pairs(ctx(), x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
-                                          static_cast<int>(F), static_cast<int>(K))) {
+                                          static_cast<int>(F), static_cast<int>(K), cuda::OneTokenTuning{}, q.tiles)) {
         cuda::check_launch(ctx(), "matmulSiluMul", {{"x", x}, {"w", w}});
         return;
       }
@@ -466,19 +468,34 @@ class CudaBackend final : public Backend {
   // Past 64 rows the passes lose to dequantize + GEMM: Llama-3-8B int4 at 128 rows 21.3 ms a step in two passes,
   // against ~19.6 estimated for the GEMM path (18.5 ms at 64 rows plus the bf16 GEMM's growth; H200, session 29).
   static constexpr int64_t kQuantMmaMaxBatch = 64;
-  void on_quantized_weight(const Tensor& w) override {
+  void on_quantized_weight(Tensor& w) override {
+    // int4 in tiles where the one-token kernel takes the shape: its warp loads become contiguous (quant-tiles.h).
+    // H100, Llama-2-7B int4 g128 decode: batch 1 422 -> 452 tok/s, batch 8 1996 -> 2311 (bench/RESULTS.md, session
+    // 36). int8 stays row-major: in tiles its 1..64-token GEMV was 3-9% slower. Stacked experts stay row-major
+    // (gemv.cu's expert kernel reads rows).
+    if (w.dtype == DType::I4 && w.rank() == 2 && cuda::int4_tiles_pay(w.dim(0), w.dim(1), w.group())) {
+      Tensor tiled = empty_persistent(DType::I4, w.shape);
+      Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
+      cuda::repack_quant_tiles(ctx(), true, w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
+                              scales.data<uint16_t>(), w.dim(0), w.dim(1), static_cast<int>(w.group()));
+      tiled.scales = std::make_shared<const Tensor>(scales);
+      tiled.quant_tiles = true;
+      w = tiled;  // the row-major buffers go once the repack has read them (stream-ordered frees)
+    }
     const int64_t matrix = w.dim(w.rank() - 2) * w.shape.back();  // one expert's [N, K] for stacked experts
     const int64_t need = w.rank() > 2 ? matrix : std::min(matrix, std::max(kDequantScratchMax, w.shape.back()));
     if (!dequant_scratch_.buffer || dequant_scratch_.numel() < need) dequant_scratch_ = empty_persistent(DType::BF16, {need});
   }
   // Rows n0 .. of a quantized matrix [N, K] (or of stacked experts [El, N, K]).
   static cuda::QuantMatrix rows_from(const cuda::QuantMatrix& q, int64_t n0, int64_t K) {
+    // Tiles (n0 a multiple of 16) hold rows n0 .. at the same offsets as row-major codes and scales.
     const int64_t row_bytes = q.dtype == DType::I4 ? K / 2 : K, scales_per_row = K / q.group;
-    return {static_cast<const uint8_t*>(q.q) + n0 * row_bytes, q.scales + n0 * scales_per_row, q.dtype, q.group};
+    return {static_cast<const uint8_t*>(q.q) + n0 * row_bytes, q.scales + n0 * scales_per_row, q.dtype, q.group, q.tiles};
   }
   static cuda::QuantMatrix quant_matrix(const Tensor& w, int64_t expert = 0) {
     const int64_t N = w.dim(w.rank() - 2), K = w.shape.back();  // expert e's rows follow e N rows of the stack
-    return rows_from({w.buffer->data(), w.scales->data<uint16_t>(), w.dtype, static_cast<int>(w.group())}, expert * N, K);
+    return rows_from({w.buffer->data(), w.scales->data<uint16_t>(), w.dtype, static_cast<int>(w.group()), w.quant_tiles},
+                     expert * N, K);
   }
   // Any one-token GEMV's weights: quantized as above, bf16/f32 with no scales.
   static cuda::QuantMatrix gemv_weights(const Tensor& w) {
@@ -532,7 +549,8 @@ class CudaBackend final : public Backend {
           cuda::launch_silu_mul(ctx(), x, hidden);
         }
         const Tensor* x_half = gated ? &hidden : half_copies_.find(x, DType::BF16);
-        const int64_t rows_each = K == 0 ? N : std::min<int64_t>(N, dequant_scratch_.numel() / K);
+        int64_t rows_each = K == 0 ? N : std::min<int64_t>(N, dequant_scratch_.numel() / K);
+        if (q.tiles && rows_each < N) rows_each = std::max<int64_t>(16, rows_each / 16 * 16);  // whole tiles
         for (int64_t n0 = 0; n0 < N; n0 += rows_each) {  // out's columns n0 .. from w's rows n0 ..
           const int64_t n = std::min(rows_each, N - n0);
           cuda::dequantize_bf16(ctx(), rows_from(q, n0, K), dense, n, K);

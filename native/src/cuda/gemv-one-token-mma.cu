@@ -39,7 +39,7 @@
 #include "cuda/gemv-weight-vectors.cuh"  // log2_exact
 #include "cuda/rms-norm.cuh"
 #include "error.h"
-#include "int4-tiles.h"
+#include "quant-tiles.h"
 
 namespace weft::cuda {
 namespace {
@@ -64,6 +64,7 @@ struct Params {
   int group_shift;          // chunk c's group is c >> group_shift (one group a row: 30)
   int n_tiles;
   int part_offset;          // bytes of shared memory before the warps' partial sums
+  int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
 };
 
 // Bytes of staged x: f32 [K], then hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi loads and the
@@ -71,6 +72,7 @@ struct Params {
 __host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 2 * K * 2 + 64 + 256; }
 
 // Eight columns of x (already scaled) as the f16 hi and lo halves, in the pair order of pack_x.
+template <bool kInt4>
 __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4& lo) {
   float h[8], l[8];
 #pragma unroll
@@ -78,18 +80,20 @@ __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4
     h[e] = __half2float(__float2half_rn(v[e]));
     l[e] = __half2float(__float2half_rn(v[e] - h[e]));
   }
-  hi = pack_x<true>(h);
-  lo = pack_x<true>(l);
+  hi = pack_x<kInt4>(h);
+  lo = pack_x<kInt4>(l);
 }
 
 __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))); }
 
-// NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16).
-template <bool kPairs, bool kTiles, typename NormW>
+// NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16). kInt8: int8 codes (a chunk
+// of 64 columns; lane t's 16 bytes are columns 16 t .. 16 t + 15 of its rows, each word two f16 pairs of one k-step)
+// instead of int4 (128 columns; each word two k-steps); x is then staged in column order.
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
-  constexpr int kCols = 128;           // columns a chunk
-  constexpr int kLoads = kCols / 32;   // 16-byte B loads a lane a chunk (a lane's 4 words)
-  constexpr int kChunkX = kCols / 8;   // 16-byte units of staged x (f16) a chunk
+  constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
+  constexpr int kLoads = 4;                // a lane's 4 words a chunk
+  constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ unsigned x_absmax;
   pdl_trigger();
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const int n_tiles = (p.n_tiles - b + G - 1) / G;
   const int n_units = n_tiles * nch;
   const int my_units = n_units > warp ? (n_units - warp + kWarps - 1) / kWarps : 0;
-  const size_t row_bytes = K / 2;
+  const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
   uint4* x_hi = reinterpret_cast<uint4*>(smem + K * 4);
@@ -115,10 +119,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     lc -= nch;
     ++lt;
   }
-  // Tiles (int4-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
+  // Tiles (quant-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
   // on than chunk c - 1, and group j's scale 16 scales further on.
-  constexpr size_t kChunkStride = kTiles ? kInt4TileBytes : kChunkBytes;
-  constexpr int kScaleStride = kTiles ? kInt4TileRows : 1;
+  constexpr size_t kChunkStride = kTiles ? kTileBytes : kChunkBytes;
+  constexpr int kScaleStride = kTiles ? kTileRows : 1;
   const uint8_t *w_row_lo, *w_row_hi;
   const uint16_t *s_row_lo, *s_row_hi;
   const auto point_rows = [&] {
@@ -132,10 +136,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       r_hi = min(tile * 16 + 8 + g, p.N - 1);
     }
     if constexpr (kTiles) {
-      w_row_lo = p.w + int4_tile_code_offset(r_lo, t * 16, row_bytes);
-      w_row_hi = p.w + int4_tile_code_offset(r_hi, t * 16, row_bytes);
-      s_row_lo = p.scales + int4_tile_scale_index(r_lo, 0, p.n_groups);
-      s_row_hi = p.scales + int4_tile_scale_index(r_hi, 0, p.n_groups);
+      w_row_lo = p.w + tile_code_offset(r_lo, t * 16, row_bytes);
+      w_row_hi = p.w + tile_code_offset(r_hi, t * 16, row_bytes);
+      s_row_lo = p.scales + tile_scale_index(r_lo, 0, p.n_groups);
+      s_row_hi = p.scales + tile_scale_index(r_hi, 0, p.n_groups);
     } else {
       w_row_lo = p.w + static_cast<size_t>(r_lo) * row_bytes + t * 16;
       w_row_hi = p.w + static_cast<size_t>(r_hi) * row_bytes + t * 16;
@@ -190,7 +194,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   float m = 0.f;
   if constexpr (std::is_void_v<NormW>) {
     for (int i = threadIdx.x; i < K / 4; i += kThreads) {
-      const float4 v = x4[i];
+      float4 v = x4[i];
+      if (p.gated) {
+        const float4 up = x4[K / 4 + i];
+        v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
+      }
       xf4[i] = v;
       m = fmaxf(m, abs_max4(v));
     }
@@ -210,29 +218,41 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
   for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
     const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
+    const int at = kInt8 ? u : chunk * kChunkX + l * 4 + tq;  // int8: in column order
     float v[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
-    split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+    split_pack<!kInt8>(v, x_hi[at], x_lo[at]);
   }
   __syncthreads();
 
   // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero.
-  const uint4* xb_lane = (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
+  const uint4* xb_lane = (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + (kInt8 ? 2 * t : t);
   const int xb_stride = g < 2 ? kChunkX : 0;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int ct = first_tile, cc = first_chunk, used = 0;
   const auto compute = [&](int j) {
     const uint4* xb = xb_lane + cc * xb_stride;
     float pa[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (kInt8) {
 #pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      const uint4 bx = xb[l * 4];
-      uint32_t lo[4], hi[4];  // word l: two k-steps
-      unpack_int4((&w_lo[j].x)[l], lo);
-      unpack_int4((&w_hi[j].x)[l], hi);
-      mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
-      mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
+      for (int l = 0; l < kLoads; ++l) {  // word l: columns 16 t + 4 l .. + 3, one k-step
+        const uint4 bx = xb[l / 2];
+        uint32_t lo01, lo23, hi01, hi23;
+        unpack_int8((&w_lo[j].x)[l], lo01, lo23);
+        unpack_int8((&w_hi[j].x)[l], hi01, hi23);
+        mma_16816(pa, lo01, hi01, lo23, hi23, l % 2 ? bx.z : bx.x, l % 2 ? bx.w : bx.y);
+      }
+    } else {
+#pragma unroll
+      for (int l = 0; l < kLoads; ++l) {
+        const uint4 bx = xb[l * 4];
+        uint32_t lo[4], hi[4];  // word l: two k-steps
+        unpack_int4((&w_lo[j].x)[l], lo);
+        unpack_int4((&w_hi[j].x)[l], hi);
+        mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
+        mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
+      }
     }
     const float s_lo = __uint_as_float(sc_lo[j] << 16);
     const float s_hi = kTiles && !kPairs ? __uint_as_float(sc_lo[j] & 0xffff0000u) : __uint_as_float(sc_hi[j] << 16);
@@ -291,9 +311,9 @@ int smem_limit() {
   return limit;
 }
 
-template <bool kPairs, bool kTiles, typename NormW>
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW>;
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -304,7 +324,8 @@ void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsign
 }
 
 template <bool kPairs, bool kTiles>
-void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
+void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
+  if (int8) return launch<kPairs, kTiles, void, true>(ctx, p, AddRmsNormInput{}, grid, smem);  // no norm (refused)
   if (!norm) launch<kPairs, kTiles, void>(ctx, p, AddRmsNormInput{}, grid, smem);
   else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16>(ctx, p, *norm, grid, smem);
   else launch<kPairs, kTiles, float>(ctx, p, *norm, grid, smem);
@@ -312,14 +333,21 @@ void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, u
 
 }  // namespace
 
+bool int4_tiles_pay(int64_t rows, int64_t K, int64_t group) {
+  const bool chunked_group = group == K || (group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
+  return quant_tiles_take(rows, K, group, true) && K <= kMaxK && chunked_group;
+}
+
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                         int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
-                        bool tiles) {
-  if (w_dtype != DType::I4) return false;
-  if (tiles && !int4_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group)) return false;
+                        bool tiles, bool gated) {
+  // int8: a bench form for now (weft's int8 at one token is the streaming kernel), without the held norm
+  const bool int8 = w_dtype == DType::I8;
+  if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm)) || (int8 && norm)) return false;
+  if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  constexpr int cols = 128;  // a chunk
+  const int cols = int8 ? 64 : 128;  // a chunk
   if (N <= 0 || K <= 0 || K % cols != 0 || K > kMaxK || !scales || group <= 0 || K % group != 0 ||
       group % cols != 0 || (pairs && N > INT32_MAX / 2) || !aligned(x) || !aligned(w) || sms <= 0)
     return false;
@@ -331,11 +359,12 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
   const int part_offset = x_stage_bytes(K);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-  const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset};
+  const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
+                 gated ? 1 : 0};
   const int smem = static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (pairs) tiles ? launch_norm<true, true>(ctx, p, norm, g, smem) : launch_norm<true, false>(ctx, p, norm, g, smem);
-  else tiles ? launch_norm<false, true>(ctx, p, norm, g, smem) : launch_norm<false, false>(ctx, p, norm, g, smem);
+  if (pairs) tiles ? launch_norm<true, true>(ctx, p, norm, g, smem, int8) : launch_norm<true, false>(ctx, p, norm, g, smem, int8);
+  else tiles ? launch_norm<false, true>(ctx, p, norm, g, smem, int8) : launch_norm<false, false>(ctx, p, norm, g, smem, int8);
   return true;
 }
 

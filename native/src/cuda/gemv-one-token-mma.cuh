@@ -1,5 +1,5 @@
 // weft::cuda::gemv_one_token_mma: y [1, N] f32 = x [1, K] f32 @ dequant(w) [N, K]^T for one token, int4 weights
-// (gemv.cuh QuantMatrix's layout, or int4-tiles.h's) dequantized in registers and multiplied on the tensor cores
+// (gemv.cuh QuantMatrix's layout, or quant-tiles.h's) dequantized in registers and multiplied on the tensor cores
 // (gemv-one-token-mma.cu). gemv_one_token's first choice for int4; it also takes the deferred addRmsNorm
 // (gemv-rows-tma.cuh AddRmsNormInput) and SwiGLU pairs, as gemv_rows_tma does.
 #pragma once
@@ -21,10 +21,16 @@ namespace weft::cuda {
 // Capturable (no allocation, no sync).
 // Precision: x is scaled by a power of two and split into f16 high and low parts (x = hi + lo to ~2^-22), each
 // weight is exact in f16, products are summed in the tensor cores' fp32 accumulators and scaled per group in fp32.
-// tiles: w and scales are in int4-tiles.h's layout (refused where it does not take the shape, or pairs with N not a
-// multiple of 8).
+// Whether an int4 matrix [rows, K] in groups of `group` is held in tiles (quant-tiles.h) on upload: where this kernel
+// takes its shape (chunks of 128 columns, a group K or a power-of-two multiple of the chunk, K <= 16384). Its other
+// readers are the tensor-core GEMV of 1..64 tokens (gemv-quant-mma.cu) and the scalar fallback and dequantization
+// (gemv-quant.cu); gemv.cu's vector kernel, the streaming and bulk-copy one-token kernels refuse tiles.
+bool int4_tiles_pay(int64_t rows, int64_t K, int64_t group);
+
+// tiles: w and scales are in quant-tiles.h's layout (refused where it does not take the shape, or pairs with N not a
+// multiple of 8). gated: x is [1, 2K] ([gate | up]) and the product reads silu(gate) * up (not with pairs or a norm).
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                         int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm = nullptr,
-                        bool tiles = false);
+                        bool tiles = false, bool gated = false);
 
 }  // namespace weft::cuda

@@ -318,7 +318,10 @@ void launch_batched(const Ctx& ctx, const float* x, const void* w, const uint16_
 
 // gemv_one_token and gemv_one_token_silu_pairs: N outputs, of N rows (or of N pairs of rows).
 bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-               float* y, int N, int K, bool gated, bool pairs, const OneTokenTuning& tuning) {
+               float* y, int N, int K, bool gated, bool pairs, const OneTokenTuning& tuning, bool tiles) {
+  if (tiles)  // the tensor-core kernel alone reads tiles (gated too, so the gated form keeps x in fp32 hi + lo)
+    return (tuning.kernel == OneTokenKernel::Weft || tuning.kernel == OneTokenKernel::Mma) &&
+           gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sm_count(ctx), nullptr, true, gated);
   const bool bf16 = w_dtype == DType::BF16, int8 = w_dtype == DType::I8, int4 = w_dtype == DType::I4;
   if (!(bf16 || int8 || int4)) return false;
   const int vw = bf16 ? 8 : int8 ? 16 : 32;
@@ -360,19 +363,20 @@ bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, con
 }  // namespace
 
 bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning) {
-  return one_token(ctx, x, w, w_dtype, scales, group, y, N, K, gated, false, tuning);
+                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning, bool tiles) {
+  return one_token(ctx, x, w, w_dtype, scales, group, y, N, K, gated, false, tuning, tiles);
 }
 
 bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                               int group, float* y, int F, int K, const OneTokenTuning& tuning) {
-  return one_token(ctx, x, w, w_dtype, scales, group, y, F, K, false, true, tuning);
+                               int group, float* y, int F, int K, const OneTokenTuning& tuning, bool tiles) {
+  return one_token(ctx, x, w, w_dtype, scales, group, y, F, K, false, true, tuning, tiles);
 }
 
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                           int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm) {
-  if (gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm)) return true;
-  return gemv_rows_tma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm);
+                           int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
+                           bool tiles) {
+  if (gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm, tiles)) return true;
+  return !tiles && gemv_rows_tma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm);
 }
 
 }  // namespace weft::cuda

@@ -29,9 +29,11 @@ struct OneTokenTuning {
 // does not take the call: another dtype, K not a multiple of the 16-byte vector or of the group, an int4 group
 // other than K or a power of two of whole vectors (int8 in such groups: the batched kernel), x beyond its buffer
 // (K > 16384), misaligned pointers.
+// tiles: int4 in tiles (quant-tiles.h), which only the tensor-core kernel reads (false where it refuses the call).
 // Capturable (no allocation, no sync).
 bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning = OneTokenTuning{});
+                    float* y, int N, int K, bool gated, const OneTokenTuning& tuning = OneTokenTuning{},
+                    bool tiles = false);
 
 // y [1, F] = silu(x @ w[:F]^T) * (x @ w[F:]^T) for w [2F, K] (gate rows, then up rows; dtypes and scales as above):
 // one warp sums gate row f and up row F + f side by side and stores their SwiGLU product (matmulSiluMul), so the
@@ -39,12 +41,14 @@ bool gemv_one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype
 // Llama-2-7B's w2 GEMV took 30.0 us gated and 25.1 us plain). Each sum equals gemv_one_token's for that row.
 // False where gemv_one_token would be.
 bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                               int group, float* y, int F, int K, const OneTokenTuning& tuning = OneTokenTuning{});
+                               int group, float* y, int F, int K, const OneTokenTuning& tuning = OneTokenTuning{},
+                               bool tiles = false);
 
 // gemv_one_token (pairs: gemv_one_token_silu_pairs) of the deferred addRmsNorm's normed row (gemv-rows-tma.cuh
 // AddRmsNormInput; x is its residual row), on the kernels that make the norm themselves: int4 on tensor cores
 // (gemv-one-token-mma.cuh), else rows by bulk copies. False (nothing launched) where neither takes it.
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                           int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm);
+                           int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
+                           bool tiles = false);
 
 }  // namespace weft::cuda

@@ -38,6 +38,7 @@
 #include "cuda/common.cuh"
 #include "cuda/gemv-quant-mma-fragments.cuh"
 #include "error.h"
+#include "quant-tiles.h"
 
 namespace cg = cooperative_groups;
 
@@ -91,7 +92,9 @@ struct QuantMmaParams {
 // the end-of-kernel sum do), and which adds them in slice order once a cluster barrier has passed (one a round: a
 // buffer is written again two rounds on, after every block has passed the barrier that ends its reads). (Up to 16
 // tokens the rounds cost registers: the kernel kept at 128 spilled.)
-template <bool kInt4, bool kScalesInWeights, int NT, int U>
+// kTiles: codes and scales in tiles (quant-tiles.h), which differ only in where a lane's 16 bytes and its two scales
+// are read.
+template <bool kInt4, bool kScalesInWeights, int NT, int U, bool kTiles = false>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(const QuantMmaParams p) {
   constexpr int kCols = kInt4 ? 128 : 64;  // columns per chunk
   constexpr int kLoads = kCols / 32;       // 16-byte x loads per lane per chunk
@@ -140,25 +143,33 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
   const auto load = [&](int j) {
     if (load_item >= nitems) return;
     const int chunk = ch0 + load_ch;
-    const uint8_t* base = p.w + static_cast<size_t>(chunk) * kChunkBytes + t * 16;
+    const uint8_t* base = p.w + static_cast<size_t>(chunk) * (kTiles ? kTileBytes : kChunkBytes) + t * 16;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const int load_tile = tile0 + load_group * MT + m;
-      // Rows past N read row N - 1 and are not stored.
-      const int r_lo = min(load_tile * 16 + g, p.N - 1), r_hi = min(load_tile * 16 + g + 8, p.N - 1);
+      // Rows past N read row N - 1 and are not stored; in tiles (no partial tile) a tile past N reads the last one,
+      // so that the lane's two scales stay one aligned word.
+      const int r_lo = kTiles ? min(load_tile, p.N / 16 - 1) * 16 + g : min(load_tile * 16 + g, p.N - 1);
+      const int r_hi = kTiles ? r_lo + 8 : min(load_tile * 16 + g + 8, p.N - 1);
       // A lane vector past K (a partial last chunk, which only groups smaller than a chunk allow, so the zero scale
       // multiplies this lane's weights alone): x is zero there.
       if ((chunk * 4 + t) * (kCols / 4) >= p.K) {
         w_lo[j][m] = w_hi[j][m] = make_uint4(0, 0, 0, 0);
         sc[j][m] = 0;
       } else {
-        w_lo[j][m] = load_stream(base + r_lo * row_bytes);
-        w_hi[j][m] = load_stream(base + r_hi * row_bytes);
+        // Tiles (quant-tiles.h; K a multiple of the chunk, rows of 16): row r of chunk c at tile (r / 16)'s unit c,
+        // row r % 16 of it; a warp's 8 rows are 512 contiguous bytes.
+        const size_t row_at = kTiles ? (r_lo / 16) * (row_bytes / kChunkBytes) * kTileBytes : 0;
+        w_lo[j][m] = load_stream(base + (kTiles ? row_at + (r_lo % 16) * kChunkBytes : r_lo * row_bytes));
+        w_hi[j][m] = load_stream(base + (kTiles ? row_at + (r_hi % 16) * kChunkBytes : r_hi * row_bytes));
         // The group of this lane's vector (chunk * 4 + t; exact: the float is within 2^-22 relative of the quotient).
         const int gi =
           n_groups == 1 ? 0 : static_cast<int>((static_cast<float>(chunk * 4 + t) + 0.5f) * p.vectors_per_group_inv);
-        sc[j][m] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
-                   static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
+        if constexpr (kTiles)  // rows g and g + 8 side by side: the low and high halves of one word
+          sc[j][m] = __ldg(reinterpret_cast<const uint32_t*>(p.scales + tile_scale_index(r_lo, gi, n_groups)));
+        else
+          sc[j][m] = static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_lo) * n_groups + gi)) |
+                     static_cast<uint32_t>(__ldg(p.scales + static_cast<size_t>(r_hi) * n_groups + gi)) << 16;
       }
     }
     ++load_item;
@@ -414,13 +425,13 @@ size_t smem_one_block() {
 int tokens_in_n_tiles(int T) { return T <= 8 ? 8 : T <= 16 ? 16 : T <= 32 ? 32 : 64; }
 
 // Lets an instantiation ask for its class's shared memory (x and the partial sums may pass 48 KiB), once a device.
-template <bool kInt4, bool kScalesInWeights, int NT, int U>
+template <bool kInt4, bool kScalesInWeights, int NT, int U, bool kTiles = false>
 cudaError_t allow_smem() {
   static bool attribute_set[kMaxDevices] = {};
   const int dev = current_device();
   if (attribute_set[dev]) return cudaSuccess;
   const size_t smem_max = blocks_per_sm(NT) == 2 ? kMaxSmemBytes : smem_one_block();
-  const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kScalesInWeights, NT, U>,
+  const cudaError_t e = cudaFuncSetAttribute(quant_mma_kernel<kInt4, kScalesInWeights, NT, U, kTiles>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_max));
   attribute_set[dev] = e == cudaSuccess;
   return e;
@@ -484,25 +495,25 @@ Plan plan_for(bool int4, int T, int N, int K, int forced_cluster) {
   return best;
 }
 
-template <bool kInt4, bool kScalesInWeights, int NT, int U>
+template <bool kInt4, bool kScalesInWeights, int NT, int U, bool kTiles>
 cudaError_t launch(const QuantMmaParams& p, const Plan& pl, bool pdl, cudaStream_t stream) {
-  const cudaError_t e = allow_smem<kInt4, kScalesInWeights, NT, U>();
+  const cudaError_t e = allow_smem<kInt4, kScalesInWeights, NT, U, kTiles>();
   if (e != cudaSuccess) return e;
-  return launch_in_clusters(quant_mma_kernel<kInt4, kScalesInWeights, NT, U>, p, dim3(pl.blocks), kThreads, pl.smem, pl.C,
+  return launch_in_clusters(quant_mma_kernel<kInt4, kScalesInWeights, NT, U, kTiles>, p, dim3(pl.blocks), kThreads, pl.smem, pl.C,
                             pdl, stream);
 }
 
-template <bool kInt4>
+template <bool kInt4, bool kTiles>
 cudaError_t dispatch(int T, int depth, bool small_group, const QuantMmaParams& p, const Plan& pl, bool pdl,
                      cudaStream_t stream) {
   // From 17 tokens the scales always go into the f16 weights: 4 or 8 n-tiles' unit sums apart would take 16 or 32
   // more registers a lane and serialise each unit's mma chains behind the last unit's scaling.
-  if (T > 32) return launch<kInt4, true, 8, kDepth64>(p, pl, pdl, stream);
-  if (T > 16) return launch<kInt4, true, 4, kDepth32>(p, pl, pdl, stream);
+  if (T > 32) return launch<kInt4, true, 8, kDepth64, kTiles>(p, pl, pdl, stream);
+  if (T > 16) return launch<kInt4, true, 4, kDepth32, kTiles>(p, pl, pdl, stream);
   if (small_group)
-    return T > 8 ? launch<kInt4, true, 2, 4>(p, pl, pdl, stream) : launch<kInt4, true, 1, 8>(p, pl, pdl, stream);
-  if (T > 8) return launch<kInt4, false, 2, 4>(p, pl, pdl, stream);
-  return depth == 4 ? launch<kInt4, false, 1, 4>(p, pl, pdl, stream) : launch<kInt4, false, 1, 8>(p, pl, pdl, stream);
+    return T > 8 ? launch<kInt4, true, 2, 4, kTiles>(p, pl, pdl, stream) : launch<kInt4, true, 1, 8, kTiles>(p, pl, pdl, stream);
+  if (T > 8) return launch<kInt4, false, 2, 4, kTiles>(p, pl, pdl, stream);
+  return depth == 4 ? launch<kInt4, false, 1, 4, kTiles>(p, pl, pdl, stream) : launch<kInt4, false, 1, 8, kTiles>(p, pl, pdl, stream);
 }
 
 }  // namespace
@@ -526,8 +537,10 @@ bool quant_gemv_mma(const Ctx& ctx, const float* x, const QuantMatrix& w, float*
                          static_cast<float>(vec) / static_cast<float>(w.group)};
   const int depth = tuning.depth == 4 ? 4 : 8;
   const bool small_group = w.group % cols != 0;  // the scales go into the f16 weights (gemv-quant-mma.cuh)
-  const cudaError_t e = int4 ? dispatch<true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
-                             : dispatch<false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream);
+  const cudaError_t e = int4 ? (w.tiles ? dispatch<true, true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
+                                        : dispatch<true, false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream))
+                             : (w.tiles ? dispatch<false, true>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream)
+                                        : dispatch<false, false>(T, depth, small_group, p, pl, tuning.pdl, ctx.stream));
   check_cuda(ctx.st, e, "matmul", " (quantized tensor-core GEMV launch)");
   check_cuda(ctx.st, cudaGetLastError(), "matmul");
   return true;

@@ -9,8 +9,8 @@
 //     one group) is unpacked with exponent tricks, its products summed in fp32 and multiplied by the group's scale.
 //     It takes up to Gemv::kMaxTokens tokens; 9..16 tokens run as two halves, each reading the weights once (at 16
 //     tokens on H200 two passes cost less than one pass of a 16-token kernel: bench/RESULTS.md).
-//   - Fallback (K or the group not a multiple of the vector's columns, misaligned pointers): one warp per row,
-//     scalar loads, the value formed as the CPU forms it.
+//   - Fallback (K or the group not a multiple of the vector's columns, misaligned pointers, tiles (quant-tiles.h) that
+//     the tensor-core kernels refuse): one warp per row, scalar loads, the value formed as the CPU forms it.
 //   - Longer steps dequantize into a bf16 matrix for the cuBLAS GEMM (dequantize_bf16).
 #include "cuda/gemv-quant.cuh"
 
@@ -22,6 +22,7 @@
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant-mma.cuh"
 #include "error.h"
+#include "quant-tiles.h"
 
 namespace weft::cuda {
 namespace {
@@ -29,10 +30,13 @@ namespace {
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
 __device__ __forceinline__ float quant_value(const QuantMatrix& w, size_t row, int K, int k) {
-  const float scale = bf16_bits_to_f32(w.scales[row * (K / w.group) + k / w.group]);
+  const size_t n_groups = K / w.group;
+  const float scale = bf16_bits_to_f32(w.tiles ? w.scales[tile_scale_index(row, k / w.group, n_groups)]
+                                               : w.scales[row * n_groups + k / w.group]);
   const uint8_t* q = static_cast<const uint8_t*>(w.q);
-  if (w.dtype == DType::I8) return static_cast<float>(static_cast<int8_t>(q[row * K + k])) * scale;
-  const uint8_t b = q[row * (K / 2) + k / 2];
+  if (w.dtype == DType::I8)
+    return static_cast<float>(static_cast<int8_t>(w.tiles ? q[tile_code_offset(row, k, K)] : q[row * K + k])) * scale;
+  const uint8_t b = w.tiles ? q[tile_code_offset(row, k / 2, K / 2)] : q[row * (K / 2) + k / 2];
   return static_cast<float>(static_cast<int>((k & 1) ? b >> 4 : b & 0xf) - 8) * scale;
 }
 
@@ -117,13 +121,13 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
   // One token: gemv_one_token (H200, a Llama-2-7B layer: int4 g128 0.094 ms streaming against 0.117 on this file's
   // tensor-core kernel, whose warps take whole tiles; gemv_one_token's own tensor-core kernel, which splits each
   // tile's K over a block's warps, 0.052; bench/kernels/quant-run.sh --one-token, gemv-layer-run.sh).
-  if (path == QuantGemvPath::Auto && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated))
+  if (path == QuantGemvPath::Auto && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated, {}, w.tiles))
     return;
-  const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens;
+  const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens || w.tiles;  // tiles: the tensor cores' alone
   if ((path == QuantGemvPath::Mma || (path == QuantGemvPath::Auto && mma_pays)) &&
       quant_gemv_mma(ctx, x, w, y, T, N, K, gated))
     return;
-  if (path != QuantGemvPath::Ring && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated))
+  if (path != QuantGemvPath::Ring && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated, {}, w.tiles))
     return;
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
   // A refusal depends on the shape and pointers alone, so it comes on the first pass, before anything is written.

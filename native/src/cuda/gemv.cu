@@ -583,12 +583,14 @@ bool Gemv::launch_vector(const float* x, const void* w, DType dt, float* y, int 
 
 bool Gemv::run_quant(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, bool gated,
                      const GemvTuning& tuning) {
-  return T >= 1 && T <= kMaxTokens && launch_vector(x, w.q, w.dtype, y, T, N, K, nullptr, gated, tuning, w.scales, w.group);
+  // rows of 16-byte vectors: tiles (quant-tiles.h) are the tensor-core kernels' (gemv-quant-mma.cu) and the fallback's
+  return !w.tiles && T >= 1 && T <= kMaxTokens &&
+         launch_vector(x, w.q, w.dtype, y, T, N, K, nullptr, gated, tuning, w.scales, w.group);
 }
 
 bool Gemv::run_quant_experts(const float* x, const QuantMatrix& w, float* y, int T, int N, int K, const ExpertRows& ex,
                              bool gated) {
-  return T >= 1 && T <= kMaxTokens &&
+  return !w.tiles && T >= 1 && T <= kMaxTokens &&
          launch_vector(x, w.q, w.dtype, y, T, N, K, &ex, gated, GemvTuning{}, w.scales, w.group);
 }
 

@@ -29,6 +29,7 @@ struct QuantMatrix {
   const uint16_t* scales;  // bf16 bits
   DType dtype;             // I8 | I4
   int group;               // columns per scale
+  bool tiles = false;      // codes and scales in tiles (quant-tiles.h): the kernels that read them say so; the others refuse
 };
 
 // Copies the routing of `ex` into a GEMV's kernel parameters (the dense and the quantized GEMV name them alike).
