@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           wgmma::fence_operands(si[0]);
           wgmma::fence();
 #pragma unroll
-          for (int kk = 0; kk < KT; ++kk) wgmma::mma_s8_m64n64k32(si[0], qf[0][kk], kd + 2 * kk, kk > 0);
+          for (int kk = 0; kk < KT; ++kk) wgmma::mma_s8_m64n64k32(si[0], qf[0][kk], kd + 2 * kk, true);
           wgmma::commit();
           wgmma::wait_all();
           wgmma::fence_operands(si[0]);
@@ -273,15 +273,12 @@ __global__ void __launch_bounds__(kThreads, 2)
           wgmma::fence_operands(o_acc[0]);
           wgmma::fence();
           if constexpr (FP8) {
-            wgmma::mma_e4m3_m64n128k32(o_acc[0], pw[0][0], vd);
-            wgmma::mma_e4m3_m64n128k32(o_acc[0], pw[0][1], vd + 2);
+            wgmma::mma_e4m3_m64n128k64(o_acc[0], pw[0][0], pw[0][1], vd);
           } else {
-#pragma unroll
-            for (int kk = 0; kk < NS / 2; ++kk) wgmma::mma_f16_m64n128k16(o_acc[0], pw[0][kk], vd + 2 * kk);
+            wgmma::mma_f16_m64n128k64(o_acc[0], pw[0], vd);
           }
           wgmma::commit();
-          wgmma::wait_all();
-          wgmma::fence_operands(o_acc[0]);
+          wgmma::wait_all();  // no fence_operands after it: ptxas took that for a read inside the stage and serialised
         } else if constexpr (FP8)
           mma_tile_pairs<2, NO / 2, false, mma_e4m3, MT>(o_acc, held_frags(pw),
                                                          [&](int kk, int dp) { return vb + dp * 16 * L::kLdV + kk * 32; });
