@@ -79,10 +79,9 @@ __device__ __forceinline__ int fp8_slot(int r) {
   return (r & ~31) + (c & 16) + 4 * ((u & 7) >> 1) + 2 * (u >> 3) + (u & 1);
 }
 
-// grid (nb, G, S): block j of (s, g): int8 of K - mean with its scale; V as f16 rows (VT: transposed per block,
-// [hd][64] in position order, for the wgmma kernel), or e4m3 with its scale, transposed ([hd][64 slots]). Rows past
-// end_s are zero.
-template <int HD, typename KV, bool FP8, bool VT = false>
+// grid (nb, G, S): block j of (s, g): int8 of K - mean with its scale; V as f16 rows, or e4m3 with its scale,
+// transposed ([hd][64 slots]). Rows past end_s are zero.
+template <int HD, typename KV, bool FP8>
 __global__ void __launch_bounds__(kThreads)
     sage_quantize_kv(const KV* __restrict__ k_cache, const KV* __restrict__ v_cache, const float* __restrict__ k_scales,
                      const float* __restrict__ v_scales, KvBlockTable kv, const int* __restrict__ seq_end,
@@ -152,14 +151,6 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < 8; ++e) tile[(col + e) * kB + slot] = f32_to_e4m3(__fmul_rn(x[i][e], sc.inv));
     }
     if (tid == 0) v_scale_out[sg * nb + j] = sc.scale;
-  } else if constexpr (VT) {
-    __half* tile = reinterpret_cast<__half*>(v_out) + (sg * nb + j) * HD * kB;
-#pragma unroll
-    for (int i = 0; i < CH; ++i) {
-      const int r = (i * kThreads + tid) / CPR;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) tile[(col + e) * kB + r] = __float2half_rn(x[i][e]);
-    }
   } else {
     __half* vh = reinterpret_cast<__half*>(v_out);
 #pragma unroll
@@ -172,7 +163,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int HD, typename KV, bool FP8, bool VT>
+template <int HD, typename KV, bool FP8>
 void launch_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                     const Tensor& positions, const KvBlockTable& kv, const SageScratch& sc, unsigned char* scratch) {
   const int T = static_cast<int>(token_seq.dim(0)), S = static_cast<int>(kv.n_seqs), G = static_cast<int>(kv.n_kv);
@@ -186,7 +177,7 @@ void launch_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache
   sage_key_sums<HD, KV><<<dim3(spans, G, S), kSumThreads, 0, ctx.stream>>>(
       k_cache.data<KV>(), k_cache.kv_scales(), kv, seq_end, spans, sums, ctx.status);
   sage_key_mean<<<dim3(G, S), HD, 0, ctx.stream>>>(sums, seq_end, spans, HD, mean);
-  sage_quantize_kv<HD, KV, FP8, VT><<<dim3(nb, G, S), kThreads, 0, ctx.stream>>>(
+  sage_quantize_kv<HD, KV, FP8><<<dim3(nb, G, S), kThreads, 0, ctx.stream>>>(
       k_cache.data<KV>(), v_cache.data<KV>(), k_cache.kv_scales(), v_cache.kv_scales(), kv, seq_end, mean, nb, cp,
       reinterpret_cast<int8_t*>(scratch + sc.k8), reinterpret_cast<float*>(scratch + sc.k_scale), scratch + sc.v,
       reinterpret_cast<float*>(scratch + sc.v_scale), ctx.status);
@@ -197,21 +188,20 @@ void launch_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache
 namespace detail {
 void launch_sage_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                          const Tensor& kv_block_table, const Tensor& positions, bool fp8, const SageScratch& sc,
-                         unsigned char* scratch, bool v_transposed) {
+                         unsigned char* scratch) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
-  auto run = [&](auto head_dim, auto fp8_mode, auto vt) {
+  auto run = [&](auto head_dim, auto fp8_mode) {
     constexpr int HD = decltype(head_dim)::value;
-    constexpr bool FP8 = decltype(fp8_mode)::value, VT = decltype(vt)::value;
+    constexpr bool FP8 = decltype(fp8_mode)::value;
     WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
-                         launch_prepass<HD, KV, FP8, VT>(ctx, k_cache, v_cache, token_seq, positions, kv, sc, scratch));
+                         launch_prepass<HD, KV, FP8>(ctx, k_cache, v_cache, token_seq, positions, kv, sc, scratch));
   };
   using H64 = std::integral_constant<int, 64>;
   using H128 = std::integral_constant<int, 128>;
-  using No = std::false_type;
   if (k_cache.dim(3) == 128)
-    fp8 ? run(H128{}, std::true_type{}, No{}) : v_transposed ? run(H128{}, No{}, std::true_type{}) : run(H128{}, No{}, No{});
+    fp8 ? run(H128{}, std::true_type{}) : run(H128{}, std::false_type{});
   else
-    fp8 ? run(H64{}, std::true_type{}, No{}) : run(H64{}, No{}, No{});
+    fp8 ? run(H64{}, std::true_type{}) : run(H64{}, std::false_type{});
 }
 }  // namespace detail
 

@@ -3,7 +3,6 @@
 // here reads 1-byte K (and 1-byte V in fp8 mode) instead of the cache's rows and converts nothing in its loop.
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/attention-query-tiles.cuh"
@@ -35,15 +34,15 @@ __device__ __forceinline__ uint32_t pack_e4m3(float x0, float x1, float x2, floa
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
-// WG: the wgmma form (head dim 128, one m-tile): K and the transposed V (e4m3, or f16 that the pre-pass transposed
-// for it) stored unpadded in the swizzled rows wgmma reads (128 bytes; fp8 V's 64), the stages 1024-byte aligned
-// (the slack at the end), the Q codes after them.
+// WG: the wgmma form (fp8 mode, head dim 128, one m-tile): K and the transposed e4m3 V stored unpadded in the
+// swizzled rows wgmma reads (128 and 64 bytes), the stages 1024-byte aligned (the slack at the end), the Q codes
+// after them.
 template <int HD, bool FP8, int MT, bool WG = false>
 struct SageLayout {
   static constexpr int kLdQ = HD + 16;                          // bytes per Q code row (ldmatrix without bank conflicts)
   static constexpr int kLdK = WG ? HD : HD + 16;                // bytes per K row
-  static constexpr int kLdV = WG ? kB * (FP8 ? 1 : 2) : FP8 ? kB + 16 : (HD + 8) * 2;  // bytes per V row: [hd][64 slots] e4m3, [64][hd] f16
-  static constexpr int kVRows = FP8 || WG ? HD : kB;
+  static constexpr int kLdV = WG ? kB : FP8 ? kB + 16 : (HD + 8) * 2;  // bytes per V row: [hd][64 slots] e4m3, [64][hd] f16
+  static constexpr int kVRows = FP8 ? HD : kB;
   static constexpr size_t kK = size_t{kB} * kLdK;
   static constexpr size_t kV = size_t{kVRows} * kLdV;
   // MT = 2 reads the Q codes from shared memory at every tile (their registers would spill), after the stages
@@ -63,12 +62,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                        const float* __restrict__ v_scale, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                        const int32_t* __restrict__ positions, int T, int nH, int nb, int cp, float qscale,
                        float* __restrict__ out, DeviceStatus* status) {
-  static_assert(!WG || (HD == 128 && MT == 1), "the wgmma form: head dim 128, one m-tile");
+  static_assert(!WG || (FP8 && HD == 128 && MT == 1), "the wgmma form: fp8 mode, head dim 128, one m-tile");
   using L = SageLayout<HD, FP8, MT, WG>;
   constexpr int KT = HD / 32, NO = HD / 8, NS = kB / 8, BQ = 16 * MT * kWarps;
   constexpr int KCH = kB * HD / 16 / kThreads;                         // 16-byte chunks per thread: K tile
   constexpr int VCH = int(size_t{kB} * HD * (FP8 ? 1 : 2) / 16 / kThreads);  // and V tile
-  constexpr int VCPR = WG ? L::kLdV / 16 : FP8 ? kB / 16 : HD * 2 / 16;  // chunks per V tile row
+  constexpr int VCPR = FP8 ? kB / 16 : HD * 2 / 16;                    // chunks per V tile row
   extern __shared__ __align__(16) unsigned char sage_smem[];
   __shared__ int tok_seq[BQ], tok_pos[BQ], tok_done[BQ];
   __shared__ int cur_seq, cur_tok, kv_end;
@@ -160,8 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     warp_pass_rows(rows, wmin, wmax, warp, gr, seq, tok_seq, tok_pos, tok_done);
     auto fetch = [&](int j, int buf) {
       const int8_t* ks = k8 + (sg * cp + int64_t(j) * kB) * HD;
-      const unsigned char* vs = FP8 || WG ? v_op + (sg * nb + j) * int64_t(HD * L::kLdV)
-                                          : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
+      const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
 #pragma unroll
       for (int i = 0; i < KCH; ++i) {
         const int c = i * kThreads + tid, r = c / (HD / 16), ch = c % (HD / 16);
@@ -171,9 +169,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int i = 0; i < VCH; ++i) {
         const int c = i * kThreads + tid, r = c / VCPR, ch = c % VCPR;
-        // WG: 64-byte swizzle (e4m3 rows), 128-byte (f16)
-        const int at = !WG ? r * L::kLdV + ch * 16
-                       : FP8 ? r * L::kLdV + ((ch ^ ((r >> 1) & 3)) << 4) : r * L::kLdV + ((ch ^ (r & 7)) << 4);
+        const int at = WG ? r * L::kLdV + ((ch ^ ((r >> 1) & 3)) << 4) : r * L::kLdV + ch * 16;  // WG: 64-byte swizzle
         cp_async16(smem_u32(v_tile(buf) + at), vs + c * 16, 16);
       }
       cp_async_commit();
@@ -269,14 +265,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
         if constexpr (WG) {
-          const uint64_t vd = wgmma::desc(smem_u32(v_tile(buf)), 8 * L::kLdV, FP8 ? wgmma::kSwizzle64 : wgmma::kSwizzle128);
+          const uint64_t vd = wgmma::desc(smem_u32(v_tile(buf)), 8 * L::kLdV, wgmma::kSwizzle64);
           wgmma::fence_operands(o_acc[0]);
           wgmma::fence();
-          if constexpr (FP8) {
-            wgmma::mma_e4m3_m64n128k64(o_acc[0], pw[0][0], pw[0][1], vd);
-          } else {
-            wgmma::mma_f16_m64n128k64(o_acc[0], pw[0], vd);
-          }
+          wgmma::mma_e4m3_m64n128k64(o_acc[0], pw[0][0], pw[0][1], vd);
           wgmma::commit();
           wgmma::wait_all();  // no fence_operands after it: ptxas took that for a read inside the stage and serialised
         } else if constexpr (FP8)
@@ -308,8 +300,7 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
   unsigned char* v_op = scratch + sc.v;
   const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp);
 
-  static const bool wg = HD == 128 && std::getenv("WEFT_SAGE_WGMMA") != nullptr;  // experiment (session 34)
-  detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch, wg && !FP8);
+  detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch);
   auto launch = [&](auto kernel, auto layout, int BQ) {
     constexpr size_t smem = decltype(layout)::kBytes;
     allow_dynamic_smem(ctx, kernel, smem, "sageAttention");
@@ -318,12 +309,14 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
                                                   token_seq.data<int32_t>(), positions.data<int32_t>(), T,
                                                   int(n_heads), nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
   };
+  // fp8 at head dim 128 on wgmma: H100, one Llama-2-7B layer, fresh 32K prompt 17.3 ms against the exact kernel's
+  // 35.5 (int8 on mma.sync: 23.1); the last 1024 rows of 32K 2.39 against 2.88 (bench/RESULTS.md, session 36).
   // Two m-tiles a warp by two_m_tiles' rule: H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Two
   // forced on smaller grids: a TP 4 rank's last 1024 rows over 32K took 1.11 ms against 0.69, a 1185-token chunk
   // 2.78 against 2.63 (bench/RESULTS.md, session 24).
-  if constexpr (HD == 128)
-    if (wg) return launch(sage_attention_mma<HD, FP8, 1, true>, SageLayout<HD, FP8, 1, true>{}, kB);
-  if (two_m_tiles(T, n_heads, num_sms))
+  if constexpr (HD == 128 && FP8)
+    launch(sage_attention_mma<HD, FP8, 1, true>, SageLayout<HD, FP8, 1, true>{}, kB);
+  else if (two_m_tiles(T, n_heads, num_sms))
     launch(sage_attention_mma<HD, FP8, 2>, SageLayout<HD, FP8, 2>{}, 128);
   else
     launch(sage_attention_mma<HD, FP8, 1>, SageLayout<HD, FP8, 1>{}, kB);

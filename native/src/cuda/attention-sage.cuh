@@ -68,7 +68,7 @@ struct SageScratch {
 // operand, written into scratch at the offsets of sc.
 void launch_sage_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                          const Tensor& kv_block_table, const Tensor& positions, bool fp8, const SageScratch& sc,
-                         unsigned char* scratch, bool v_transposed = false);
+                         unsigned char* scratch);
 }  // namespace detail
 
 }  // namespace weft::cuda
