@@ -9,6 +9,7 @@
 #include "cuda/attention-sage.cuh"
 #include "cuda/attention.cuh"
 #include "cuda/kv-block-table.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace weft::cuda {
 namespace {
@@ -33,16 +34,20 @@ __device__ __forceinline__ uint32_t pack_e4m3(float x0, float x1, float x2, floa
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
-template <int HD, bool FP8, int MT>
+// WG: the wgmma form (fp8 mode, head dim 128, one m-tile): K and the transposed e4m3 V stored unpadded in the
+// swizzled rows wgmma reads (128 and 64 bytes), the stages 1024-byte aligned (the slack at the end), the Q codes
+// after them.
+template <int HD, bool FP8, int MT, bool WG = false>
 struct SageLayout {
-  static constexpr int kLdK = HD + 16;                          // bytes per K row (ldmatrix without bank conflicts)
-  static constexpr int kLdV = FP8 ? kB + 16 : (HD + 8) * 2;     // bytes per V row: [hd][64 slots] e4m3, [64][hd] f16
+  static constexpr int kLdQ = HD + 16;                          // bytes per Q code row (ldmatrix without bank conflicts)
+  static constexpr int kLdK = WG ? HD : HD + 16;                // bytes per K row
+  static constexpr int kLdV = WG ? kB : FP8 ? kB + 16 : (HD + 8) * 2;  // bytes per V row: [hd][64 slots] e4m3, [64][hd] f16
   static constexpr int kVRows = FP8 ? HD : kB;
   static constexpr size_t kK = size_t{kB} * kLdK;
   static constexpr size_t kV = size_t{kVRows} * kLdV;
   // MT = 2 reads the Q codes from shared memory at every tile (their registers would spill), after the stages
-  static constexpr size_t kQ = MT == 1 ? 0 : size_t{16 * MT * kWarps} * kLdK;
-  static constexpr size_t kBytes = 2 * (kK + kV) + kQ;          // two stages of each
+  static constexpr size_t kQ = MT == 1 && !WG ? 0 : size_t{16 * MT * kWarps} * kLdQ;
+  static constexpr size_t kBytes = 2 * (kK + kV) + kQ + (WG ? 1024 : 0);  // two stages of each
 };
 
 // grid (nH, ceil(T / BQ)), 4 warps of MT m16 tiles of query rows each (BQ = 64 MT rows a block); the plan of
@@ -50,14 +55,15 @@ struct SageLayout {
 // and each warp two independent chains of them: at two warps a scheduler (228 registers) the kernel waited on its
 // own dependences, not on a pipe (ncu: issue slots 38% busy, the tensor pipe 36%). Each m-tile's arithmetic is
 // MT = 1's, in the same order.
-template <int HD, bool FP8, int MT>
+template <int HD, bool FP8, int MT, bool WG = false>
 __global__ void __launch_bounds__(kThreads, 2)
     sage_attention_mma(const float* __restrict__ q, const int8_t* __restrict__ k8,
                        const unsigned char* __restrict__ v_op, const float* __restrict__ k_scale,
                        const float* __restrict__ v_scale, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                        const int32_t* __restrict__ positions, int T, int nH, int nb, int cp, float qscale,
                        float* __restrict__ out, DeviceStatus* status) {
-  using L = SageLayout<HD, FP8, MT>;
+  static_assert(!WG || (FP8 && HD == 128 && MT == 1), "the wgmma form: fp8 mode, head dim 128, one m-tile");
+  using L = SageLayout<HD, FP8, MT, WG>;
   constexpr int KT = HD / 32, NO = HD / 8, NS = kB / 8, BQ = 16 * MT * kWarps;
   constexpr int KCH = kB * HD / 16 / kThreads;                         // 16-byte chunks per thread: K tile
   constexpr int VCH = int(size_t{kB} * HD * (FP8 ? 1 : 2) / 16 / kThreads);  // and V tile
@@ -65,10 +71,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ __align__(16) unsigned char sage_smem[];
   __shared__ int tok_seq[BQ], tok_pos[BQ], tok_done[BQ];
   __shared__ int cur_seq, cur_tok, kv_end;
-  auto k_tile = [&](int buf) { return sage_smem + buf * L::kK; };
-  auto v_tile = [&](int buf) { return sage_smem + 2 * L::kK + buf * L::kV; };
-  // the Q codes: in the K stages until the A fragments are loaded (MT = 1), or a region of their own (MT = 2)
-  unsigned char* const q_codes = MT == 1 ? sage_smem : sage_smem + 2 * (L::kK + L::kV);
+  unsigned char* const base = WG ? sage_smem + ((1024 - (smem_u32(sage_smem) & 1023)) & 1023) : sage_smem;
+  auto k_tile = [&](int buf) { return base + buf * L::kK; };
+  auto v_tile = [&](int buf) { return base + 2 * L::kK + buf * L::kV; };
+  // the Q codes: in the K stages until the A fragments are loaded (MT = 1), or a region of their own (MT = 2, WG)
+  unsigned char* const q_codes = MT == 1 && !WG ? base : base + 2 * (L::kK + L::kV);
 
   const int h = blockIdx.x, t0 = (gridDim.y - 1 - blockIdx.y) * BQ, G = static_cast<int>(kv.n_kv), g = h / (nH / G);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, tq = lane & 3;
@@ -113,14 +120,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int c = i * kThreads + tid, row = c / (HD / 4), col = (c % (HD / 4)) * 4;
       const float inv = ts[i * R / kB].inv;
       auto code = [&](float v) { return uint32_t(uint8_t(f32_to_int8_code(__fmul_rn(v, inv)))); };
-      *reinterpret_cast<uint32_t*>(q_codes + row * L::kLdK + col) =
+      *reinterpret_cast<uint32_t*>(q_codes + row * L::kLdQ + col) =
           code(x[i].x) | (code(x[i].y) << 8) | (code(x[i].z) << 16) | (code(x[i].w) << 24);
     }
   }
   __syncthreads();
   // the lane's ldmatrix address of m-tile m's Q codes (A fragments: 16 rows of 32-byte k steps)
   auto q_addr = [&](int m) {
-    return smem_u32(q_codes + ((warp * MT + m) * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * L::kLdK + 16 * (lane >> 4));
+    return smem_u32(q_codes + ((warp * MT + m) * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * L::kLdQ + 16 * (lane >> 4));
   };
   uint32_t qf[1][KT][4];  // MT = 1: the warp's Q fragments, held
   if constexpr (MT == 1) {
@@ -155,13 +162,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
 #pragma unroll
       for (int i = 0; i < KCH; ++i) {
-        const int c = i * kThreads + tid;
-        cp_async16(smem_u32(k_tile(buf) + (c / (HD / 16)) * L::kLdK + (c % (HD / 16)) * 16), ks + c * 16, 16);
+        const int c = i * kThreads + tid, r = c / (HD / 16), ch = c % (HD / 16);
+        const int at = WG ? r * L::kLdK + ((ch ^ (r & 7)) << 4) : r * L::kLdK + ch * 16;  // WG: 128-byte swizzle
+        cp_async16(smem_u32(k_tile(buf) + at), ks + c * 16, 16);
       }
 #pragma unroll
       for (int i = 0; i < VCH; ++i) {
-        const int c = i * kThreads + tid;
-        cp_async16(smem_u32(v_tile(buf) + (c / VCPR) * L::kLdV + (c % VCPR) * 16), vs + c * 16, 16);
+        const int c = i * kThreads + tid, r = c / VCPR, ch = c % VCPR;
+        const int at = WG ? r * L::kLdV + ((ch ^ ((r >> 1) & 3)) << 4) : r * L::kLdV + ch * 16;  // WG: 64-byte swizzle
+        cp_async16(smem_u32(v_tile(buf) + at), vs + c * 16, 16);
       }
       cp_async_commit();
     };
@@ -185,16 +194,29 @@ __global__ void __launch_bounds__(kThreads, 2)
       } else {
         cp_async_wait_all();
       }
-      __syncthreads();
-      if (kv0 <= wmax) {  // warp-uniform: some row of this warp attends to a key of this tile
+      if constexpr (WG) wgmma::fence_proxy_async();  // this thread's copies, visible to wgmma's reads
+      // warp-uniform: some row of this warp attends to a key of this tile (WG: of any warp, the warpgroup's MMAs)
+      const bool attends = WG ? __syncthreads_or(kv0 <= wmax) : (__syncthreads(), kv0 <= wmax);
+      if (attends) {
         const uint32_t kb = smem_u32(k_tile(buf)) + k_off, vb = smem_u32(v_tile(buf)) + v_off;
         int si[MT][NS][4];
 #pragma unroll
         for (int m = 0; m < MT; ++m)
 #pragma unroll
           for (int n = 0; n < NS; ++n) si[m][n][0] = si[m][n][1] = si[m][n][2] = si[m][n][3] = 0;
-        mma_tile_pairs<KT, NS / 2, false, mma_s8, MT>(si, q_frag,
-                                                      [&](int kk, int np) { return kb + np * 16 * L::kLdK + kk * 32; });
+        if constexpr (WG) {
+          const uint64_t kd = wgmma::desc(smem_u32(k_tile(buf)), 8 * L::kLdK, wgmma::kSwizzle128);
+          wgmma::fence_operands(si[0]);
+          wgmma::fence();
+#pragma unroll
+          for (int kk = 0; kk < KT; ++kk) wgmma::mma_s8_m64n64k32(si[0], qf[0][kk], kd + 2 * kk, true);
+          wgmma::commit();
+          wgmma::wait_all();
+          wgmma::fence_operands(si[0]);
+        } else {
+          mma_tile_pairs<KT, NS / 2, false, mma_s8, MT>(si, q_frag,
+                                                        [&](int kk, int np) { return kb + np * 16 * L::kLdK + kk * 32; });
+        }
         const float f = __fmul_rn(__fmul_rn(sq, k_scale[sg * nb + j]), qscale);
         float ratio = 1.0f;
         if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
@@ -242,7 +264,14 @@ __global__ void __launch_bounds__(kThreads, 2)
             }
           }
         }
-        if constexpr (FP8)
+        if constexpr (WG) {
+          const uint64_t vd = wgmma::desc(smem_u32(v_tile(buf)), 8 * L::kLdV, wgmma::kSwizzle64);
+          wgmma::fence_operands(o_acc[0]);
+          wgmma::fence();
+          wgmma::mma_e4m3_m64n128k64(o_acc[0], pw[0][0], pw[0][1], vd);
+          wgmma::commit();
+          wgmma::wait_all();  // no fence_operands after it: ptxas took that for a read inside the stage and serialised
+        } else if constexpr (FP8)
           mma_tile_pairs<2, NO / 2, false, mma_e4m3, MT>(o_acc, held_frags(pw),
                                                          [&](int kk, int dp) { return vb + dp * 16 * L::kLdV + kk * 32; });
         else
@@ -280,10 +309,14 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
                                                   token_seq.data<int32_t>(), positions.data<int32_t>(), T,
                                                   int(n_heads), nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
   };
+  // fp8 at head dim 128 on wgmma: H100, one Llama-2-7B layer, fresh 32K prompt 17.3 ms against the exact kernel's
+  // 35.5 (int8 on mma.sync: 23.1); the last 1024 rows of 32K 2.39 against 2.88 (bench/RESULTS.md, session 36).
   // Two m-tiles a warp by two_m_tiles' rule: H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Two
   // forced on smaller grids: a TP 4 rank's last 1024 rows over 32K took 1.11 ms against 0.69, a 1185-token chunk
   // 2.78 against 2.63 (bench/RESULTS.md, session 24).
-  if (two_m_tiles(T, n_heads, num_sms))
+  if constexpr (HD == 128 && FP8)
+    launch(sage_attention_mma<HD, FP8, 1, true>, SageLayout<HD, FP8, 1, true>{}, kB);
+  else if (two_m_tiles(T, n_heads, num_sms))
     launch(sage_attention_mma<HD, FP8, 2>, SageLayout<HD, FP8, 2>{}, 128);
   else
     launch(sage_attention_mma<HD, FP8, 1>, SageLayout<HD, FP8, 1>{}, kB);

@@ -12,7 +12,9 @@
 // CUDA: a pre-pass writes end_s, the K means, int8 K and the V operand (f16 rows, or e4m3 transposed per tile)
 // into one scratch (a sequence's positions contiguous, so the main kernel needs no block table); the main kernel
 // is attention-prefill.cu's FlashAttention-2 plan with mma.sync m16n8k32 s8 for Q K^T and m16n8k16 f16 (int8
-// mode) or m16n8k32 e4m3 (fp8 mode) for P V, both tiles double-buffered by cp.async. Head dims 64 and 128.
+// mode) or m16n8k32 e4m3 (fp8 mode) for P V, both tiles double-buffered by cp.async; fp8 mode at head dim 128 runs
+// both products as Hopper warpgroup MMAs instead (wgmma.cuh: s8 m64n64k32, e4m3 m64n128k32), 64 query rows a block.
+// Head dims 64 and 128.
 #pragma once
 
 #include "cuda/common.cuh"
