@@ -8,12 +8,15 @@
 // k, v in [-1, 1), k plus a per-channel offset (what the smoothing removes); outputs poisoned with NaN first.
 // Times with CUDA events (2 warm-ups, median of 7 runs; int8 and fp8 include their pre-pass); TFLOP/s with the
 // causal count 2 * 2 * T * (keys before it) * hd * heads; error = max and mean |sage - exact| over the output
-// (inputs in [-1, 1): |out| < 1). Exit 1 on a NaN or a device report. About 10 s of GPU time on an H200.
+// (inputs in [-1, 1): |out| < 1); "pre ms" the fp8 pre-pass alone, and a hash of the bytes the pre-pass writes
+// (both modes), to hold two builds of it equal. Exit 1 on a NaN or a device report. About 10 s of GPU time on an H200.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 #include "bench-device.cuh"
@@ -49,9 +52,9 @@ int main() {
   const int hd = 128;
   const float scale = 1.0f / std::sqrt(float(hd));
   bool ok = true;
-  std::printf("%-11s %6s %6s %9s %7s | %9s %7s %6s %9s %9s | %9s %7s %6s %9s %9s %7s\n", "model", "T", "keys", "exact ms",
+  std::printf("%-11s %6s %6s %9s %7s | %9s %7s %6s %9s %9s | %9s %7s %6s %9s %9s %7s %s\n", "model", "T", "keys", "exact ms",
               "TFLOP/s", "int8 ms", "TFLOP/s", "x", "max err", "mean err", "fp8 ms", "TFLOP/s", "x", "max err",
-              "mean err", "pre ms");
+              "mean err", "pre ms", "pre-pass bytes (hash)");
   std::vector<Case> cases;
   for (const char* model : {"llama-2-7b", "llama-3-8b"}) {
     const int nKv = model[6] == '2' ? 32 : 8;
@@ -95,6 +98,21 @@ int main() {
     const float pre_ms = device.median_ms(2, 7, [&] {
       wc::detail::launch_sage_prepass(device.ctx, kc, vc, slots, table, pos, true, sc, static_cast<unsigned char*>(scratch));
     });
+    // what the pre-pass wrote (K means, int8 K and scales, the V operand and scales), fp8 then int8 mode, hashed:
+    // equal hashes from two builds of the pre-pass mean equal bytes
+    uint64_t pre_hash = 1469598103934665603ull;  // FNV-1a
+    for (bool fp8 : {true, false}) {
+      const wc::detail::SageScratch m = wc::detail::SageScratch::of(1, c.nKv, C, hd, fp8);
+      wc::detail::launch_sage_prepass(device.ctx, kc, vc, slots, table, pos, fp8, m, static_cast<unsigned char*>(scratch));
+      CK(cudaStreamSynchronize(stream));
+      const int64_t G = c.nKv;
+      for (auto [off, bytes] : {std::pair{m.mean, G * hd * 4}, {m.k_scale, G * m.nb * 4}, {m.v_scale, G * m.nb * 4},
+                                {m.k8, G * m.cp * hd}, {m.v, G * m.cp * hd * (fp8 ? 1 : 2)}}) {
+        std::vector<unsigned char> h(bytes);
+        CK(cudaMemcpy(h.data(), static_cast<unsigned char*>(scratch) + off, bytes, cudaMemcpyDeviceToHost));
+        for (unsigned char b : h) pre_hash = (pre_hash ^ b) * 1099511628211ull;
+      }
+    }
     CK(cudaStreamSynchronize(stream));
     std::vector<float> host[3];
     for (int w = 0; w < 3; ++w) host[w] = bench::download(outs[w]);
@@ -110,9 +128,9 @@ int main() {
       mean_err[w] /= double(host[0].size());
     }
     const double flops = 2.0 * 2.0 * double(T) * (c.first + (T + 1) / 2.0) * hd * nH;
-    std::printf("%-11s %6d %6d %9.3f %7.1f | %9.3f %7.1f %5.2fx %9.2e %9.2e | %9.3f %7.1f %5.2fx %9.2e %9.2e %7.3f%s\n",
+    std::printf("%-11s %6d %6d %9.3f %7.1f | %9.3f %7.1f %5.2fx %9.2e %9.2e | %9.3f %7.1f %5.2fx %9.2e %9.2e %7.3f %016llx%s\n",
                 c.model, T, C, ms[0], flops / ms[0] / 1e9, ms[1], flops / ms[1] / 1e9, ms[0] / ms[1], max_err[1],
-                mean_err[1], ms[2], flops / ms[2] / 1e9, ms[0] / ms[2], max_err[2], mean_err[2], pre_ms, nan ? "  NaN!" : "");
+                mean_err[1], ms[2], flops / ms[2] / 1e9, ms[0] / ms[2], max_err[2], mean_err[2], pre_ms, static_cast<unsigned long long>(pre_hash), nan ? "  NaN!" : "");
     ok &= !nan;
     CK(cudaFree(scratch));
     if (exact_scratch) CK(cudaFree(exact_scratch));

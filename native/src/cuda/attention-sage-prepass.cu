@@ -18,6 +18,51 @@ constexpr int kB = kSageBlock;
 
 // ---- pre-pass
 
+// N consecutive cache elements of a row as f32 (kv_value's values: a code times the row's scale), in one load of
+// N elements (p aligned to it): the scalar loads of the first form were one 2-byte load an element.
+template <int N, typename KV>
+__device__ __forceinline__ void load_row_values(const KV* p, float scale, float (&x)[N]) {
+  static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements");
+  if constexpr (std::is_same_v<KV, __nv_bfloat16>) {
+    uint32_t w[N / 2];  // element 2 i in the low half of w[i] (little-endian)
+    if constexpr (N == 8) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else if constexpr (N == 4) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      w[0] = v.x, w[1] = v.y;
+    } else {
+      w[0] = *reinterpret_cast<const uint32_t*>(p);
+    }
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same_v<KV, float>) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      const float2 v = *reinterpret_cast<const float2*>(p + i);
+      x[i] = v.x, x[i + 1] = v.y;
+    }
+  } else {
+    float c[N];
+    if constexpr (N == 2) {
+      load_as_f32(p, c);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; i += 4) {
+        float c4[4];
+        load_as_f32(p + i, c4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[i + e] = c4[e];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = __fmul_rn(c[i], scale);
+  }
+}
+
 __global__ void sage_seq_end(KvBlockTable kv, const int32_t* __restrict__ token_seq,
                              const int32_t* __restrict__ positions, int T, int* __restrict__ seq_end) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
@@ -40,12 +85,23 @@ __global__ void __launch_bounds__(kSumThreads)
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0;
-  for (int p = p0 + warp; p < p1; p += WARPS) {
-    const int64_t row = kv_read_row(kv, 0, s, g, p, status);
-    float sc = 1.0f;
-    if constexpr (kKvQuantized<KV>) sc = k_scales[row];
+  // four rows in flight a warp (their lookups, then their loads), added in the order p, p + WARPS, ...
+  constexpr int kAhead = 4;
+  for (int p = p0 + warp; p < p1; p += kAhead * WARPS) {
+    float x[kAhead][VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], kv_value(k_cache[row * HD + lane * VEC + i], sc));
+    for (int a = 0; a < kAhead; ++a) {
+      const int pa = p + a * WARPS;
+      if (pa < p1) {
+        const int64_t row = kv_read_row(kv, 0, s, g, pa, status);
+        load_row_values(k_cache + row * HD + lane * VEC, kKvQuantized<KV> ? k_scales[row] : 1.0f, x[a]);
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a)
+      if (p + a * WARPS < p1)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], x[a][i]);
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) part[warp][lane * VEC + i] = acc[i];
@@ -111,22 +167,29 @@ __global__ void __launch_bounds__(kThreads)
   const int col = (tid % CPR) * 8;
   float x[CH][8];
   float amax = 0;
-  // x = value(row, r, e) of the thread's chunks (0 past end_s), amax = their largest |x|.
-  auto load = [&](auto value) {
+  // x = the thread's chunks of `cache` (0 past end_s), less `sub` (the K mean), amax = their largest |x|.
+  auto load = [&](const KV* cache, const float* row_scales, const float* sub) {
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
       const int r = (i * kThreads + tid) / CPR;
       const int64_t row = rows[r];
+      if (row >= 0) {
+        load_row_values(cache + row * HD + col, row_scales[r], x[i]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[i][e] = 0.0f;
+      }
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        x[i][e] = row >= 0 ? value(row, r, e) : 0.0f;
+        if (sub && row >= 0) x[i][e] = __fsub_rn(x[i][e], sub[e]);
         amax = fmaxf(amax, fabsf(x[i][e]));
       }
     }
   };
-  load([&](int64_t row, int r, int e) {
-    return __fsub_rn(kv_value(k_cache[row * HD + col + e], k_rs[r]), mean[sg * HD + col + e]);
-  });
+  float k_mean[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) k_mean[e] = mean[sg * HD + col + e];
+  load(k_cache, k_rs, k_mean);
   KvRowScale sc = kv_row_scale(block_max(amax, red), kInt8Max);
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
@@ -140,15 +203,27 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) k_scale_out[sg * nb + j] = sc.scale;
 
   amax = 0;
-  load([&](int64_t row, int r, int e) { return kv_value(v_cache[row * HD + col + e], v_rs[r]); });
+  load(v_cache, v_rs, nullptr);
   if constexpr (FP8) {
+    // the transposed tile is built in shared memory (rows of kB + 1 bytes: a warp's bytes of 16 columns fall in
+    // distinct banks) and written out in 16-byte pieces: written byte by byte it took a global store an element
+    __shared__ unsigned char v_tile[HD * (kB + 1)];
     sc = kv_row_scale(block_max(amax, red), kFp8Max);
-    unsigned char* tile = v_out + (sg * nb + j) * HD * kB;
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
       const int slot = fp8_slot((i * kThreads + tid) / CPR);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) tile[(col + e) * kB + slot] = f32_to_e4m3(__fmul_rn(x[i][e], sc.inv));
+      for (int e = 0; e < 8; ++e)  // the hardware conversion: f32_to_e4m3's rule, bit for bit (kv-quant.h)
+        v_tile[(col + e) * (kB + 1) + slot] = __nv_cvt_float_to_fp8(__fmul_rn(x[i][e], sc.inv), __NV_SATFINITE, __NV_E4M3);
+    }
+    __syncthreads();
+    uint4* tile = reinterpret_cast<uint4*>(v_out + (sg * nb + j) * HD * kB);
+    for (int c = tid; c < HD * kB / 16; c += kThreads) {
+      const unsigned char* src = v_tile + (c / (kB / 16)) * (kB + 1) + (c % (kB / 16)) * 16;
+      uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int b = 0; b < 16; ++b) w[b >> 2] |= uint32_t(src[b]) << (8 * (b & 3));
+      tile[c] = make_uint4(w[0], w[1], w[2], w[3]);
     }
     if (tid == 0) v_scale_out[sg * nb + j] = sc.scale;
   } else {

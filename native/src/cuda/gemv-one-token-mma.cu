@@ -255,7 +255,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       }
     }
     const float s_lo = __uint_as_float(sc_lo[j] << 16);
-    const float s_hi = kTiles && !kPairs ? __uint_as_float(sc_lo[j] & 0xffff0000u) : __uint_as_float(sc_hi[j] << 16);
+    float s_hi;  // tiles: rows g and g + 8's scales share a word (quant-tiles.h)
+    if constexpr (kTiles && !kPairs)
+      s_hi = __uint_as_float(sc_lo[j] & 0xffff0000u);
+    else
+      s_hi = __uint_as_float(sc_hi[j] << 16);
     acc[0] = fmaf(s_lo, pa[0], acc[0]);
     acc[1] = fmaf(s_lo, pa[1], acc[1]);
     acc[2] = fmaf(s_hi, pa[2], acc[2]);
