@@ -1,9 +1,10 @@
 /**
  * Quantized weights on CUDA against the CPU backend (which multiplies by the dequantized fp32 values): hf-tiny
  * models, Mixtral's experts included (int8 per channel takes the vector GEMV; their narrow int4 groups the scalar one) and, when the GPU host made it (WEFT_WIDE_FIXTURE=DIR,
- * make-wide-fixture.py), the wide model at int8 per channel and int4 in groups of 128 (the vector GEMV, and the
- * dequantize-then-GEMM path for prompts over 16 tokens). f32 KV caches on both, so only the matrix products
- * differ. Skips, saying why, without a CUDA build or a GPU.
+ * make-wide-fixture.py), the wide model at int8 per channel and int4 in groups of 128 (its int4 weights in tiles,
+ * quant-tiles.h: the one-token kernel, the 17..64-token tensor-core GEMV, and, for a 100-token prompt added to its
+ * reference prompts, the dequantize-then-GEMM path of steps over 64 tokens). f32 KV caches on both, so only the
+ * matrix products differ. Skips, saying why, without a CUDA build or a GPU.
  *
  * Tolerance: up to 16 tokens the GEMV runs on f16 tensor cores with x rounded to f16 (gemv-quant-mma.cu, ~3e-4 of
  * the output's scale, fp32 accumulation); a longer prompt's
@@ -53,6 +54,7 @@ const cases: { name: string; dir: string; quantize: 'int8' | 'int4'; groupSize: 
 for (const c of cases) {
   test(`${c.name} ${c.quantize} (groups of ${c.groupSize}${c.quantizeLmHead ? ', LM head too' : ''}) on CUDA: log-probs within ${TOLERANCE} of the CPU's`, { skip }, async (t) => {
     const prompts = readReference(c.name === 'wide' ? c.dir : c.name).prompts;
+    if (c.name === 'wide') prompts.push(Array.from({ length: 100 }, (_, i) => 2 + ((i * 37) % 500)));  // a step over 64 tokens
     const common = { modelDir: c.dir, tp: c.tp, quantize: c.quantize, groupSize: c.groupSize, quantizeLmHead: c.quantizeLmHead ?? false } as const;
     const cpu = await scoreAll({ ...common, device: 'cpu' }, prompts);
     const gpu = await scoreAll({ ...common, device: 'cuda' }, prompts);
