@@ -1473,7 +1473,7 @@ void check_one_token_matmul(Rng& rng) {
 // a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), 40 tokens over 251 tiles (a
 // warp's group of 4 tiles reaches past N: those tiles read the last one), and the dequantize-then-GEMM
 // path of 65 rows over a matrix larger than its scratch (rows in slices of whole tiles).
-void check_int4_tiles(Rng& rng) {
+void check_quant_tiles(Rng& rng) {
   struct Case {
     const char* what;
     int64_t N, K;  // N: outputs (pairs: gate rows; the weight has 2N rows)
@@ -1624,7 +1624,7 @@ int main() {
   if (wanted("quant_moe")) check_quant_moe(rng);
   if (wanted("quant_gemv_tokens")) check_quant_gemv_tokens(rng);
   if (wanted("one_token_matmul")) check_one_token_matmul(rng);
-  if (wanted("quant_tiles")) check_int4_tiles(rng);
+  if (wanted("quant_tiles")) check_quant_tiles(rng);
   if (wanted("prefill_inputs")) check_prefill_inputs(rng);
   if (wanted("moe")) check_moe(rng);
   if (wanted("attention")) check_attention(rng);
