@@ -18,8 +18,8 @@ constexpr int kB = kSageBlock;
 
 // ---- pre-pass
 
-// N consecutive cache elements of a row as f32 (kv_value's values: a code times the row's scale), in one load of
-// N elements (p aligned to it): the scalar loads of the first form were one 2-byte load an element.
+// N consecutive cache elements of a row as f32 (kv_value's values: a code times the row's scale), in wide loads (8
+// bf16: one 16-byte load; p aligned to them) where one load an element kept the pre-pass far from its bytes' floor.
 template <int N, typename KV>
 __device__ __forceinline__ void load_row_values(const KV* p, float scale, float (&x)[N]) {
   static_assert(N == 2 || N == 4 || N == 8, "2, 4 or 8 elements");
