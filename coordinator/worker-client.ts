@@ -88,27 +88,36 @@ const PING_EVERY = 4;
 /** The receive loop reads for at most about this long before it lets the event loop turn. */
 const RECEIVE_SLICE_MS = 5;
 
-/** Whether process `pid` exists (EPERM: it does, owned by someone else). */
+/**
+ * Whether process `pid` exists and has not exited (EPERM: it exists, owned by someone else). A zombie (exited, not
+ * yet reaped by its parent: a SIGKILLed worker until pm2 waits on it) has closed its sockets and counts as gone.
+ */
 export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  const state = procStat(pid)?.[0];
+  return state !== 'Z' && state !== 'X';
+}
+
+/** The fields of /proc/`pid`/stat after the command name (state, ppid, ...); null where there is none to read. */
+function procStat(pid: number): string[] | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' '); // the name is in parentheses and may hold spaces
+  } catch {
+    return null;
   }
 }
 
 /** The CPU time (user + system, in clock ticks) of process `pid` so far, from /proc; null where there is none to read. */
 function cpuTicks(pid: number): number | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
-    // after the command name's closing parenthesis: state, ppid, ... utime and stime are the 12th and 13th fields
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const ticks = Number(fields[11]) + Number(fields[12]);
-    return Number.isFinite(ticks) ? ticks : null;
-  } catch {
-    return null;
-  }
+  const fields = procStat(pid);
+  if (!fields) return null;
+  const ticks = Number(fields[11]) + Number(fields[12]); // utime and stime: the 12th and 13th fields after the name
+  return Number.isFinite(ticks) ? ticks : null;
 }
 
 export class WorkerClient {
@@ -188,7 +197,8 @@ export class WorkerClient {
     try {
       await this.post(rank, { ...body, v: PROTOCOL_VERSION, id } as CoordinatorMessage);
     } catch (err) {
-      this.fail('WEFT_WORKER_DIED', `could not reach ${this.options.label} rank ${rank}: ${(err as Error).message}`);
+      // a killed worker's socket can close before the watch sees its process gone: name the cause, not the symptom
+      this.fail('WEFT_WORKER_DIED', this.goneProcess(rank) ?? `could not reach ${this.options.label} rank ${rank}: ${(err as Error).message}`);
     }
     return reply;
   }
@@ -289,6 +299,13 @@ export class WorkerClient {
     return state.pid !== null && (!state.local || alive(state.pid));
   }
 
+  /** Why rank `rank` is dead when its process, on this host and not a child (a child's exit is reported by its group), is gone; else null. */
+  private goneProcess(rank: number): string | null {
+    const { pid, local } = this.ranks[rank]!;
+    if (pid === null || !local || this.options.childPid(rank) !== undefined || alive(pid)) return null;
+    return `${this.options.label} rank ${rank} (pid ${pid}) is gone`;
+  }
+
   private ping(rank: number): void {
     this.post(rank, { v: PROTOCOL_VERSION, type: 'ping', session: this.session }).catch(() => undefined);
   }
@@ -305,7 +322,8 @@ export class WorkerClient {
       const watchesCpu = this.computesOnHost && state.local;
       const busyAt = watchesCpu ? this.lastCpuGrowth(state, now) : 0;
       const silent = Math.round(now - Math.max(state.lastSeen, busyAt));
-      if (state.local && this.options.childPid(rank) === undefined && !alive(state.pid)) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) is gone`);
+      const gone = this.goneProcess(rank);
+      if (gone) this.fail('WEFT_WORKER_DIED', gone);
       else if (silent > heartbeatTimeoutMs) this.fail('WEFT_WORKER_DIED', `${label} rank ${rank} (pid ${state.pid}) sent no heartbeat ${watchesCpu ? 'and used no CPU time ' : ''}for ${silent} ms while this coordinator was responsive`);
       else if (pingNow) this.ping(rank);
     });

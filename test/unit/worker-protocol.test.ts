@@ -9,8 +9,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as zmq from 'zeromq';
@@ -20,7 +20,7 @@ import { readModelSpec } from '../../core/model-spec.ts';
 import { planShards } from '../../core/shard-plan.ts';
 import { parseCoordinatorMessage, parseWorkerMessage, type CoordinatorMessage, type WorkerMessage } from '../../core/worker-protocol.ts';
 import { FrameAuth, newNonce } from '../../core/frame-auth.ts';
-import { WorkerClient } from '../../coordinator/worker-client.ts';
+import { WorkerClient, alive } from '../../coordinator/worker-client.ts';
 import { WorkerGroup } from '../../coordinator/worker-group.ts';
 import { runWorker } from '../../worker/main.ts';
 import { FIXTURES, fixtureDir, waitFor } from '../helpers/fixtures.ts';
@@ -377,6 +377,21 @@ test('G11: a second connection proving the secret for a rank held by a live proc
       await client.close(async () => undefined);
     }
   });
+});
+
+test('a zombie process (exited, not reaped) is not alive: a SIGKILLed worker counts as gone before pm2 reaps it', async () => {
+  // sh starts `sleep 0` in the background, prints its pid, then becomes `sleep 30`, which never waits on it
+  const parent = spawn('sh', ['-c', 'sleep 0 & echo $!; exec sleep 30'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  try {
+    const zombie = Number(await new Promise<string>((resolve) => parent.stdout.once('data', (d: Buffer) => resolve(d.toString()))));
+    const state = (): string => { const stat = readFileSync(`/proc/${zombie}/stat`, 'latin1'); return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3); };
+    assert.ok(await waitFor(() => state() === 'Z', 20_000), `pid ${zombie} became a zombie`);
+    process.kill(zombie, 0); // the pid still exists: signal 0 alone would call it alive
+    assert.equal(alive(zombie), false);
+    assert.equal(alive(parent.pid!), true);
+  } finally {
+    parent.kill('SIGKILL');
+  }
 });
 
 test('a proven connection for a rank whose local process is gone takes the rank: the rank restarted, the client fails naming both pids', async () => {
