@@ -85,6 +85,8 @@ interface PendingRequest {
 const WATCH_MS = 250;
 /** Ranks are pinged every this many checks (once a second). */
 const PING_EVERY = 4;
+/** How long a failed send to a rank on this host waits for the rank's death to be seen (unreachable). */
+const SEND_FAILURE_GRACE_MS = 500;
 /** The receive loop reads for at most about this long before it lets the event loop turn. */
 const RECEIVE_SLICE_MS = 5;
 
@@ -131,6 +133,8 @@ export class WorkerClient {
   private readonly session = randomBytes(8).toString('hex');
   private nextId = 1;
   private failure: WeftError | null = null;
+  /** counts reset()s: each re-formed group is a new formation */
+  private formation = 0;
   private readonly failedListeners: Array<(err: WeftError) => void> = [];
   private closing = false;
   /** the ranks compute on the host (device cpu, set at init): a local one whose CPU time grows is not silent (lastCpuGrowth) */
@@ -186,7 +190,11 @@ export class WorkerClient {
     return this.ranks.every((r) => r.pid !== null);
   }
 
-  /** Send one command to one rank and wait for its reply, checked against the command's result schema. */
+  /**
+   * Send one command to one rank and wait for its reply, checked against the command's result schema. Not the send:
+   * one to a peer that just died can wait out the socket's send timeout, while the client's failure (the rank's
+   * death seen) rejects the reply at once.
+   */
   async request<B extends CommandBody>(rank: number, body: B): Promise<CommandResult<B['type']>> {
     if (this.closing) throw new WeftError('WEFT_CLOSED', `the ${this.options.label} group is closed`);
     if (this.failure) throw this.failure;
@@ -194,12 +202,8 @@ export class WorkerClient {
     const reply = new Promise<CommandResult<B['type']>>((resolve, reject) =>
       this.pending.set(id, { rank, command: body.type, resolve: resolve as (result: unknown) => void, reject }),
     );
-    try {
-      await this.post(rank, { ...body, v: PROTOCOL_VERSION, id } as CoordinatorMessage);
-    } catch (err) {
-      // a killed worker's socket can close before the watch sees its process gone: name the cause, not the symptom
-      this.fail('WEFT_WORKER_DIED', this.goneProcess(rank) ?? `could not reach ${this.options.label} rank ${rank}: ${(err as Error).message}`);
-    }
+    const formation = this.formation;
+    this.post(rank, { ...body, v: PROTOCOL_VERSION, id } as CoordinatorMessage).catch((err: unknown) => this.unreachable(rank, err as Error, formation));
     return reply;
   }
 
@@ -297,6 +301,20 @@ export class WorkerClient {
   private holderAlive(rank: number): boolean {
     const state = this.ranks[rank]!;
     return state.pid !== null && (!state.local || alive(state.pid));
+  }
+
+  /**
+   * A send of formation `formation` to `rank` failed. A killed worker's socket closes before its death is seen (its
+   * exit event, its pid gone), so for a rank on this host the failure waits SEND_FAILURE_GRACE_MS for that cause,
+   * the one worth reporting (the first failure wins), before it is reported as the socket's.
+   */
+  private unreachable(rank: number, err: Error, formation: number): void {
+    const report = (): void => {
+      // a group re-formed since the send (reset) is not failed by it
+      if (formation === this.formation) this.fail('WEFT_WORKER_DIED', this.goneProcess(rank) ?? `could not reach ${this.options.label} rank ${rank}: ${err.message}`);
+    };
+    if (this.goneProcess(rank) || !this.ranks[rank]!.local) report();
+    else setTimeout(report, SEND_FAILURE_GRACE_MS).unref();
   }
 
   /** Why rank `rank` is dead when its process, on this host and not a child (a child's exit is reported by its group), is gone; else null. */
@@ -421,6 +439,7 @@ export class WorkerClient {
       this.peers.release(rank);
     });
     this.failure = null;
+    this.formation++;
   }
 
   pid(rank: number): number | null {

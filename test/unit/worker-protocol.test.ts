@@ -394,6 +394,30 @@ test('a zombie process (exited, not reaped) is not alive: a SIGKILLed worker cou
   }
 });
 
+test('a rank killed while a send to it waits: the request fails at once naming the death, not the socket or the send timeout', async () => {
+  const worker = spawn('sleep', ['30'], { stdio: 'ignore' }); // stands for the rank's process
+  const faults: Error[] = [];
+  const client = await WorkerClient.bind({ world: 1, bindHost: '127.0.0.1', port: 0, heartbeatTimeoutMs: 60_000, secret: SECRET, label: 'worker', childPid: () => undefined, onFailure: (err) => faults.push(err) });
+  const rank = await FakeRank.join(client.endpoint, 0, 1, SECRET, { pid: worker.pid!, hostname: hostname() });
+  try {
+    await client.join(5000);
+    rank.close(); // the socket goes first, as a killed process's does, while the process is still there
+    // until the router drops the peer a send to it waits (up to the socket's 5 s send timeout), after that it fails
+    // at once: either way the request must end with the death, soon after it is seen
+    await new Promise((r) => setTimeout(r, 300));
+    const reply = client.request(0, { type: 'ncclId' }).then(() => null, (err: Error) => err);
+    await new Promise((r) => setTimeout(r, 100));
+    worker.kill('SIGKILL');
+    const killedAt = Date.now();
+    assert.match((await reply)?.message ?? 'no error', new RegExp(`^worker rank 0 \\(pid ${worker.pid}\\) is gone$`));
+    assert.ok(Date.now() - killedAt < 4000, `failed ${Date.now() - killedAt} ms after the kill (a waiting send times out after 5000)`);
+    assert.equal(faults.length, 1);
+  } finally {
+    worker.kill('SIGKILL');
+    await client.close(async () => undefined);
+  }
+});
+
 test('a proven connection for a rank whose local process is gone takes the rank: the rank restarted, the client fails naming both pids', async () => {
   const gone = execFileSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
   const faults: Error[] = [];
