@@ -2,8 +2,9 @@
  * The cluster RPC server: a ZeroMQ ROUTER socket that serves generate (streamed tokens), score, cancel, info,
  * health, stats and tokenize to any number of clients. Every frame is pre-scanned, decoded and validated; a bad
  * one gets an `error` answer (WEFT_PROTOCOL) and never reaches the cluster. Frames over RPC_MAX_MESSAGE_BYTES
- * make ZeroMQ drop the peer before allocating. Sends to a client that stops reading time out (`sendTimeout`)
- * instead of stalling the others; that client's requests are then cancelled.
+ * make ZeroMQ drop the peer before allocating. A send to a client that left, or that stopped reading until its queue
+ * reached the high-water mark (10,000 messages beyond the sockets' buffers), fails at once instead of stalling the
+ * others, and that client's generations are cancelled.
  *
  * Binding: loopback by default. Anything else needs CURVE keys: the socket then runs as a CURVE server and a ZAP
  * handler admits only the allowed client public keys.
@@ -95,7 +96,10 @@ export class RpcServer {
     const host = options.host ?? '127.0.0.1';
     if (!isLoopback(host) && !options.curve)
       throw new WeftError('WEFT_BAD_REQUEST', `binding the RPC socket to ${host} (not loopback) needs CURVE keys (--curve-dir); refusing to serve unauthenticated`);
-    const router = new zmq.Router({ linger: 0, mandatory: false, maxMessageSize: RPC_MAX_MESSAGE_BYTES, sendTimeout: 2000, sendHighWaterMark: 10_000 });
+    // mandatory: a send to a client that left, or whose queue is at the high-water mark, fails (instead of being
+    // dropped without a word, its generation streaming on into nothing) and drops that client; sendTimeout 0: at
+    // once, so that one client that stops reading never holds up the sends to the others (they share one queue)
+    const router = new zmq.Router({ linger: 0, mandatory: true, maxMessageSize: RPC_MAX_MESSAGE_BYTES, sendTimeout: 0, sendHighWaterMark: 10_000 });
     if (options.curve) {
       if (!zmq.capability.curve) throw new WeftError('WEFT_BAD_REQUEST', 'this ZeroMQ build has no CURVE support');
       await startZap(options.curve.allowedClientKeys);
@@ -116,10 +120,14 @@ export class RpcServer {
     this.send(identity, { v: RPC_VERSION, type: 'error', id, code, message: (err as Error).message ?? String(err) });
   }
 
-  /** A client we cannot write to: cancel its work. */
+  /** A client we cannot write to: cancel its work, once (the sends already queued for it fail too). */
   private dropClient(identity: Buffer): void {
     const prefix = `${identity.toString('hex')}:`;
-    for (const [key, stream] of this.streams) if (key.startsWith(prefix)) RpcServer.cancel(stream);
+    for (const [key, stream] of this.streams)
+      if (key.startsWith(prefix)) {
+        this.streams.delete(key);
+        RpcServer.cancel(stream);
+      }
   }
 
   private async receiveLoop(): Promise<void> {
@@ -217,7 +225,7 @@ export class RpcServer {
       } catch (err) {
         this.error(identity, request.id, err);
       } finally {
-        this.streams.delete(key);
+        if (this.streams.get(key) === stream) this.streams.delete(key); // not if dropClient took it already
       }
     })();
   }
