@@ -541,9 +541,12 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // scan over the block finds the bin where the count from the top reaches `remaining` (every block the same). Why
   // lists: a block's keys fall in few bins, and reads of another block's shared memory are costly one by one
   // (reading whole 2048-bin histograms from 8 blocks made the select ~1.5x slower on H200).
+  // The select stops after a pass whose bin holds exactly the keys still to take (often the second): every key of
+  // that bin is taken, so comparing the keys' bits under the mask so far selects the same rows.
   constexpr int kBinsPer = kTopBins / kSelectThreads, kCountBits = 21;
   __shared__ unsigned bin_list[2][kTopBins], list_len[2];  // read by the cluster; pass p fills [p & 1]
   __shared__ unsigned warp_total[kSelectWarps], rank_len[kMaxCluster], sel_prefix, sel_remaining;
+  __shared__ bool sel_whole;
   unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(ta.k);
   for (int pass = 0; pass < 3; ++pass) {
     const int bits = pass < 2 ? 11 : 9, shift = pass == 0 ? 20 : pass == 1 ? 9 : 0, n_bins = 1 << bits;
@@ -600,14 +603,17 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
         if (j < per && seen < remaining && remaining <= seen + c[j]) {
           sel_prefix = prefix | (unsigned(n_bins - 1 - (tid * per + j)) << shift);
           sel_remaining = remaining - seen;
+          sel_whole = c[j] == remaining - seen;
         }
         seen += c[j];
       }
     }
     __syncthreads();
     prefix = sel_prefix, remaining = sel_remaining, mask |= unsigned(n_bins - 1) << shift;
+    if (sel_whole) break;  // the same in every block: the cluster's counts
   }
-  // prefix is the k-th largest key: take every larger key and the first `remaining` equal ones, in position order.
+  // prefix is the k-th largest key under the mask: take every larger key and the first `remaining` equal ones, in
+  // position order.
   // Thread tid owns the run [tid * run, tid * run + run) of the slice: one scan of its (larger, equal) counts over
   // the block and the blocks of lower rank place every row it takes.
   __shared__ int block_counts[2];  // keys above and equal to it in the slice; read by the cluster
@@ -616,7 +622,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
             i_end = min(ns, i_begin + run);
   int gt = 0, eq = 0;
   for (int i = i_begin; i < i_end; ++i) {
-    const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
+    const unsigned u = __float_as_uint(key_b[i]) & mask;
     gt += u > prefix, eq += u == prefix;
   }
   int gt_upto = gt, eq_upto = eq;  // inclusive prefixes over the warp
@@ -646,7 +652,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
 #pragma unroll
   for (int h = 0; h < G; ++h) al[h] = 0;
   for (int i = i_begin; i < i_end; ++i) {
-    const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
+    const unsigned u = __float_as_uint(key_b[i]) & mask;
     const bool take = u > prefix || (u == prefix && unsigned(eq_before) < remaining);
     if (take) {
       rows[gt_before + min(eq_before, int(remaining))] = s0 + i;
