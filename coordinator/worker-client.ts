@@ -85,8 +85,11 @@ interface PendingRequest {
 const WATCH_MS = 250;
 /** Ranks are pinged every this many checks (once a second). */
 const PING_EVERY = 4;
-/** How long a failed send to a rank on this host waits for the rank's death to be seen (unreachable). */
-const SEND_FAILURE_GRACE_MS = 500;
+/**
+ * How long a failure a worker's death may have caused (a send to it, a peer's report that it lost it) waits for
+ * that death to be seen here, when the dead worker may be on this host (failSoon).
+ */
+const DEATH_GRACE_MS = 500;
 /** The receive loop reads for at most about this long before it lets the event loop turn. */
 const RECEIVE_SLICE_MS = 5;
 
@@ -258,7 +261,10 @@ export class WorkerClient {
       this.fail('WEFT_PROTOCOL', `${label} rank ${rank} answered request ${id} (${call.command} to rank ${call.rank}) with a ${command} reply`);
     } else if (message.type === 'error') {
       const code = (message.error.code.startsWith('WEFT_') ? message.error.code : 'WEFT_WORKER_ERROR') as WeftErrorCode;
-      this.fail(code, `${label} rank ${rank}: ${message.error.message}`);
+      const reported = `${label} rank ${rank}: ${message.error.message}`;
+      // WEFT_WORKER_DIED from a rank: it lost a peer (a collective could not reach it), which is the peer's death
+      if (code === 'WEFT_WORKER_DIED') this.failSoon(code, () => this.firstGoneProcess() ?? reported, this.ranks.some((r, i) => i !== rank && r.local));
+      else this.fail(code, reported);
     } else {
       this.pending.delete(id);
       call.resolve(message.result);
@@ -303,18 +309,33 @@ export class WorkerClient {
     return state.pid !== null && (!state.local || alive(state.pid));
   }
 
-  /**
-   * A send of formation `formation` to `rank` failed. A killed worker's socket closes before its death is seen (its
-   * exit event, its pid gone), so for a rank on this host the failure waits SEND_FAILURE_GRACE_MS for that cause,
-   * the one worth reporting (the first failure wins), before it is reported as the socket's.
-   */
+  /** A send of formation `formation` to `rank` failed: its death, if it died, else the socket's error. */
   private unreachable(rank: number, err: Error, formation: number): void {
+    this.failSoon('WEFT_WORKER_DIED', () => this.goneProcess(rank) ?? this.firstGoneProcess() ?? `could not reach ${this.options.label} rank ${rank}: ${err.message}`, this.ranks[rank]!.local, formation);
+  }
+
+  /**
+   * Fail with `why()` for a fault a worker's death may have caused: a killed worker's sockets close before its death
+   * is seen here (its exit event, its pid gone), and what they break (a send to it, a peer's collective) fails first.
+   * Unless a death is already known, or `mayWait` is false (no suspect on this host to watch), the failure waits
+   * DEATH_GRACE_MS for that death, the cause worth reporting (the first failure wins: the watch or the group's exit
+   * handler names it meanwhile). A group re-formed since `formation` (reset) is not failed by it.
+   */
+  private failSoon(code: WeftErrorCode, why: () => string, mayWait: boolean, formation = this.formation): void {
     const report = (): void => {
-      // a group re-formed since the send (reset) is not failed by it
-      if (formation === this.formation) this.fail('WEFT_WORKER_DIED', this.goneProcess(rank) ?? `could not reach ${this.options.label} rank ${rank}: ${err.message}`);
+      if (formation === this.formation) this.fail(code, why());
     };
-    if (this.goneProcess(rank) || !this.ranks[rank]!.local) report();
-    else setTimeout(report, SEND_FAILURE_GRACE_MS).unref();
+    if (!mayWait || this.firstGoneProcess() !== null) report();
+    else setTimeout(report, DEATH_GRACE_MS).unref();
+  }
+
+  /** goneProcess of the first rank that has one, else null. */
+  private firstGoneProcess(): string | null {
+    for (let rank = 0; rank < this.ranks.length; rank++) {
+      const gone = this.goneProcess(rank);
+      if (gone) return gone;
+    }
+    return null;
   }
 
   /** Why rank `rank` is dead when its process, on this host and not a child (a child's exit is reported by its group), is gone; else null. */

@@ -418,6 +418,31 @@ test('a rank killed while a send to it waits: the request fails at once naming t
   }
 });
 
+test('a rank that reports losing a peer: the failure names the peer\'s death when it is seen within the grace, else the report', async () => {
+  const lostPeer = 'rank 0: allReduce #9: cannot send to rank 1 (Host unreachable)';
+  // killAfterMs: when rank 1's process dies after rank 0's report (null: it does not)
+  const run = async (killAfterMs: number | null): Promise<{ message: string; pid: number }> => {
+    const processes = [spawn('sleep', ['30'], { stdio: 'ignore' }), spawn('sleep', ['30'], { stdio: 'ignore' })]; // stand for the ranks
+    const client = await WorkerClient.bind({ world: 2, bindHost: '127.0.0.1', port: 0, heartbeatTimeoutMs: 60_000, secret: SECRET, label: 'worker', childPid: () => undefined });
+    const ranks = await Promise.all([0, 1].map((r) => FakeRank.join(client.endpoint, r, 2, SECRET, { pid: processes[r]!.pid!, hostname: hostname() })));
+    try {
+      await client.join(5000);
+      const reply = client.request(0, { type: 'step', batch }).then(() => 'no error', (err: Error) => err.message);
+      const { id } = (await ranks[0]!.next()) as { id: number };
+      await ranks[0]!.send({ v, type: 'error', rank: 0, id, error: { code: 'WEFT_WORKER_DIED', message: lostPeer } });
+      if (killAfterMs !== null) setTimeout(() => processes[1]!.kill('SIGKILL'), killAfterMs);
+      return { message: await reply, pid: processes[1]!.pid! };
+    } finally {
+      ranks.forEach((r) => r.close());
+      processes.forEach((p) => p.kill('SIGKILL'));
+      await client.close(async () => undefined);
+    }
+  };
+  const seen = await run(100); // the report comes first, the death is seen after it
+  assert.equal(seen.message, `worker rank 1 (pid ${seen.pid}) is gone`);
+  assert.equal((await run(null)).message, `worker rank 0: ${lostPeer}`);
+});
+
 test('a proven connection for a rank whose local process is gone takes the rank: the rank restarted, the client fails naming both pids', async () => {
   const gone = execFileSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' });
   const faults: Error[] = [];
