@@ -35,10 +35,12 @@ constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kTopBins = 2048;       // the select's first radix digit: 11 bits
 static_assert(kTopBins * 4 == kSelectThreads * 16, "v_part (a float4 a thread) lives in the histogram");
+static_assert(kTopBins % kSelectThreads == 0 && 512 % kSelectThreads == 0, "the select's bins in whole warps");
 constexpr int kPosPerThread = 4;      // consecutive positions a thread scores: one 8- or 16-byte load per column
 constexpr int kMaxHd = 256;
 // step 1: two lanes at least rank each component, and threads past kMaxHd sum the heads' |q| (up to 8 heads)
 static_assert(kSelectThreads >= 2 * kMaxHd && kSelectThreads >= kMaxHd + 8, "step 1's threads");
+constexpr int kVSumAhead = 4;  // V sums a thread loads at the start (the rest where they are summed)
 constexpr size_t kSliceInSharedMax = 160 * 1024;  // bytes of a select block's logits and keys kept in shared memory
 
 // The scratch, carved in this order (4-byte elements).
@@ -225,6 +227,13 @@ __device__ void gather_rows_mma(const float* q_s, const __nv_bfloat16* __restric
     const bool in_g = i0 + g < i_end, in_g8 = i0 + g + 8 < i_end;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     float sc[4] = {0, 0, 0, 0};
+    // V's loads beside K's: they do not wait for the softmax (a warp often has one step of 16 rows in all)
+    uint4 v0s[E], v8s[E];
+#pragma unroll
+    for (int db = 0; db < E; ++db) {
+      v0s[db] = in_g ? *reinterpret_cast<const uint4*>(v_cache + off_g + 32 * db + 8 * tq) : zero;
+      v8s[db] = in_g8 ? *reinterpret_cast<const uint4*>(v_cache + off_g8 + 32 * db + 8 * tq) : zero;
+    }
 #pragma unroll
     for (int db = 0; db < E; ++db) {
       const uint4 k0 = in_g ? *reinterpret_cast<const uint4*>(k_cache + off_g + 32 * db + 8 * tq) : zero;
@@ -247,8 +256,7 @@ __device__ void gather_rows_mma(const float* q_s, const __nv_bfloat16* __restric
     weights_as_b<true>(p0, p8, b0, b1);
 #pragma unroll
     for (int db = 0; db < E; ++db) {
-      const uint4 v0 = in_g ? *reinterpret_cast<const uint4*>(v_cache + off_g + 32 * db + 8 * tq) : zero;
-      const uint4 v8 = in_g8 ? *reinterpret_cast<const uint4*>(v_cache + off_g8 + 32 * db + 8 * tq) : zero;
+      const uint4 v0 = v0s[db], v8 = v8s[db];
       // word j of row g holds dims 8t + 2j, + 1: transposed, lane (g, t) holds rows 2t, 2t + 1 at dim 8 (g / 2) + 2j
       // + (g & 1), the A operand's (dim, rows) pairs
       const uint32_t t0[4] = {movmatrix_trans(v0.x), movmatrix_trans(v0.y), movmatrix_trans(v0.z),
@@ -330,13 +338,48 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   __shared__ float q_s[G * kMaxHd], lse[G];
   __shared__ float red[kSelectWarps][G];
   __shared__ float block_alpha[G], block_v[kMaxHd];  // read by the cluster
+  // The slice, and the loads that need only it, issued before step 1 so that their latency passes under it: the
+  // block of kT of this thread's first positions, and its first kVSumAhead V sums (their blocks, then the sums).
+  const int per = (len + nb - 1) / nb, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
+  const int s0 = min(len, rank * S), s1 = min(len, s0 + S), ns = s1 - s0;
+  const bool vec = B % kPosPerThread == 0;  // a thread's positions share a block of kT and 8 or 16 bytes of it
+  const int vw = hd % 4 == 0 ? 4 : 1, v_lanes = hd / vw, n_sub = blockDim.x / v_lanes, dv = tid % v_lanes,
+            sub = tid / v_lanes, full = len / B;
+  const int vj0 = (s0 + B - 1) / B, vj1 = min(full, (s1 + B - 1) / B);
+  int64_t first_block = -1;
+  float4 v_ahead[kVSumAhead];
+  if (!exact) {
+    if (vec && s0 + tid * kPosPerThread < s1)
+      first_block = kv_block_checked(a.kv, t, seq, (s0 + tid * kPosPerThread) / B, StatusOp::AttentionBlock, a.status,
+                                     true);
+    int64_t vb[kVSumAhead];
+#pragma unroll
+    for (int u = 0; u < kVSumAhead; ++u) {
+      const int j = vj0 + sub + u * n_sub;
+      vb[u] = sub < n_sub && j < vj1 ? kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kVSumAhead; ++u) {
+      v_ahead[u] = make_float4(0, 0, 0, 0);
+      if (vb[u] < 0) continue;
+      const float* src = a.v_sum + (vb[u] * n_kv + g) * hd + dv * vw;
+      if (vw == 4) v_ahead[u] = *reinterpret_cast<const float4*>(src);
+      else v_ahead[u].x = src[0];
+    }
+  }
   for (int i = tid; i < group * hd; i += blockDim.x) q_s[i] = a.q[th0 * hd + i];
   __syncthreads();
   if (!exact) {
 
-  // ---- step 1 (every block alike): columns, their q values [G][r] and c_h
+  // ---- step 1 (every block alike): columns, their q values [G][rp] and c_h
+  // columns whose loads a thread issues before it uses them (MHA: 2 blocks a SM, so half as many in registers)
+  constexpr int kColsInFlight = (G == 1 ? 16 : 32) / sizeof(KV);
+  static_assert(kMaxHd % kColsInFlight == 0, "the padded columns fit");
+  // The columns padded to whole rounds of loads (rp), and the heads to G: a padded column repeats column 0 with q 0,
+  // a padded head has q 0, so that step 2's loop needs no guards (adding +0 leaves each real sum's bits).
+  const int rp = (r + kColsInFlight - 1) / kColsInFlight * kColsInFlight;
   __shared__ float colq[G * kMaxHd], abs_q[kMaxHd], coef[G];
-  __shared__ int cols[kMaxHd], warp_counts[32];
+  __shared__ int cols[kMaxHd], col_off[kMaxHd], warp_counts[32];
   // |q| summed over the heads per component; and, by threads past hd, the heads' sums of |q| over all components
   // (in component order, as the CPU reference sums them)
   __shared__ float abs_all[G];
@@ -370,11 +413,15 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   const int col_slot = block_exclusive_count(col_taken, warp_counts, &n_cols);
   if (col_taken) cols[col_slot] = d_rank;
   __syncthreads();
-  for (int i = tid; i < group * r; i += blockDim.x) colq[i] = q_s[(i / r) * hd + cols[i % r]];
+  for (int i = tid; i < G * rp; i += blockDim.x) {
+    const int h = i / rp, c = i % rp;
+    colq[i] = h < group && c < r ? q_s[h * hd + cols[c]] : 0.0f;
+    if (h == 0) col_off[c] = (c < r ? cols[c] : cols[0]) * B;
+  }
   __syncthreads();
   if (tid < group) {
     float kept = 0;
-    for (int i = 0; i < r; ++i) kept += fabsf(colq[tid * r + i]);
+    for (int i = 0; i < r; ++i) kept += fabsf(colq[tid * rp + i]);
     coef[tid] = kept > 0 ? a.scale * sqrtf(abs_all[tid] / kept) : a.scale;
   }
   __syncthreads();
@@ -385,11 +432,11 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   float* buf = a.sh.slices_in_shared ? dyn_smem : x.slices + (tg * nb + rank) * a.sh.slice_floats();
   float* logit_b = buf;
   float* key_b = buf + group * slice;
-  const int per = (len + nb - 1) / nb, S = (per + kPosPerThread - 1) / kPosPerThread * kPosPerThread;
-  const int s0 = min(len, rank * S), s1 = min(len, s0 + S), ns = s1 - s0;
-  const bool vec = B % kPosPerThread == 0;  // a thread's positions share a block of kT and 8 or 16 bytes of it
-  // columns whose loads a thread issues before it uses them (MHA: 2 blocks a SM, so half as many in registers)
-  constexpr int kColsInFlight = (G == 1 ? 16 : 32) / sizeof(KV);
+  // the V sums loaded ahead, added in the order the loop below continues (block j0 + sub + u n_sub)
+  float vs[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int u = 0; u < kVSumAhead; ++u)
+    vs[0] += v_ahead[u].x, vs[1] += v_ahead[u].y, vs[2] += v_ahead[u].z, vs[3] += v_ahead[u].w;
   float m_t[G];
 #pragma unroll
   for (int h = 0; h < G; ++h) m_t[h] = -INFINITY;
@@ -401,24 +448,22 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
       for (int e = 0; e < kPosPerThread; ++e) acc[h][e] = 0;
     if (vec) {
       const int j = base / B;
-      const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
+      const int64_t block = base == s0 + tid * kPosPerThread
+                                ? first_block
+                                : kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
       const KV* col0 = a.k_t + ((max(block, int64_t(0)) * n_kv + g) * hd) * B + (base - j * B);  // [nBlocks, nKv, hd, B]
-      for (int i0 = 0; i0 < r; i0 += kColsInFlight) {
+      for (int i0 = 0; i0 < rp; i0 += kColsInFlight) {
         Chunk<KV, kPosPerThread> kc[kColsInFlight];
 #pragma unroll
-        for (int u = 0; u < kColsInFlight; ++u)
-          if (i0 + u < r) load_contiguous<KV, kPosPerThread>(col0 + size_t(cols[i0 + u]) * B, kc[u]);
+        for (int u = 0; u < kColsInFlight; ++u) load_contiguous<KV, kPosPerThread>(col0 + col_off[i0 + u], kc[u]);
 #pragma unroll
-        for (int u = 0; u < kColsInFlight; ++u) {
-          if (i0 + u >= r) break;
+        for (int u = 0; u < kColsInFlight; ++u)
 #pragma unroll
           for (int h = 0; h < G; ++h) {
-            if (h >= group) break;
-            const float qv = colq[h * r + i0 + u];
+            const float qv = colq[h * rp + i0 + u];
 #pragma unroll
             for (int e = 0; e < kPosPerThread; ++e) acc[h][e] = __fadd_rn(acc[h][e], __fmul_rn(qv, kc[u].at(e)));
           }
-        }
       }
     } else {  // blocks of a size not a multiple of kPosPerThread: each position on its own
       const KV* col0[kPosPerThread];
@@ -435,7 +480,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
           const float kd = to_f32(col0[e][size_t(d) * B]);
 #pragma unroll
           for (int h = 0; h < G; ++h)
-            if (h < group) acc[h][e] = __fadd_rn(acc[h][e], __fmul_rn(colq[h * r + i], kd));
+            if (h < group) acc[h][e] = __fadd_rn(acc[h][e], __fmul_rn(colq[h * rp + i], kd));
         }
       }
     }
@@ -469,15 +514,14 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // Lanes take 4 components (one 16-byte load of vSum) when hd allows, so that one round of loads covers the slice.
   // v_part and step 3's histogram share their 8 KB (the static arrays stay under 48 KB at G = 8)
   __shared__ __align__(16) unsigned hist[kTopBins];
+  __shared__ unsigned bin_list[2][kTopBins], list_len[2];  // read by the cluster; pass p fills [p & 1]
   float4* v_part = reinterpret_cast<float4*>(hist);  // [kSelectThreads]
   {
-    const int vw = hd % 4 == 0 ? 4 : 1, lanes = hd / vw, n_sub = blockDim.x / lanes, dv = tid % lanes,
-              sub = tid / lanes, full = len / B;
-    float vs[4] = {0, 0, 0, 0};
+    const int lanes = v_lanes;
     if (sub < n_sub) {
-      const int j0 = (s0 + B - 1) / B, j1 = min(full, (s1 + B - 1) / B);
+      const int j1 = vj1;
 #pragma unroll 4
-      for (int j = j0 + sub; j < j1; j += n_sub) {
+      for (int j = vj0 + sub + kVSumAhead * n_sub; j < j1; j += n_sub) {
         const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
         if (block < 0) continue;
         const float* src = a.v_sum + (block * n_kv + g) * hd + dv * vw;
@@ -526,6 +570,8 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
       if (b < nb && mb[b] != -INFINITY) z += double(expf(mb[b] - M)) * double(lb[b]);
     lse[tid] = M + static_cast<float>(log(z));
   }
+  for (int i = tid; i < kTopBins; i += blockDim.x) hist[i] = 0;  // pass 0's histogram, counted with the keys
+  if (tid == 0) list_len[0] = 0;
   __syncthreads();
 
   // ---- step 3: keys, then the k-th largest by a radix select over the cluster (keys >= 0: bits order as values)
@@ -533,6 +579,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
     float key = 0;
     for (int h = 0; h < group; ++h) key += expf(logit_b[h * slice + i] - lse[h]);
     key_b[i] = key;
+    atomicAdd(&hist[(__float_as_uint(key) & 0x7fffffffu) >> 20], 1u);
   }
   __syncthreads();
   // Three digits from the top, 11, 11 and 9 bits (bit 31 is 0 for keys >= 0). A pass: each block counts the keys of
@@ -544,7 +591,6 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   // The select stops after a pass whose bin holds exactly the keys still to take (often the second): every key of
   // that bin is taken, so comparing the keys' bits under the mask so far selects the same rows.
   constexpr int kBinsPer = kTopBins / kSelectThreads, kCountBits = 21;
-  __shared__ unsigned bin_list[2][kTopBins], list_len[2];  // read by the cluster; pass p fills [p & 1]
   __shared__ unsigned warp_total[kSelectWarps], rank_len[kMaxCluster], sel_prefix, sel_remaining;
   __shared__ bool sel_whole;
   unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(ta.k);
@@ -552,17 +598,23 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
     const int bits = pass < 2 ? 11 : 9, shift = pass == 0 ? 20 : pass == 1 ? 9 : 0, n_bins = 1 << bits;
     // free: every block read them before it arrived at the previous pass's barrier
     unsigned *list = bin_list[pass & 1], *len_p = &list_len[pass & 1];
-    for (int i = tid; i < n_bins; i += blockDim.x) hist[i] = 0;
-    if (tid == 0) *len_p = 0;
-    __syncthreads();
-    for (int i = tid; i < ns; i += blockDim.x) {
-      const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & unsigned(n_bins - 1)], 1u);
+    if (pass > 0) {  // pass 0's was counted with the keys
+      for (int i = tid; i < n_bins; i += blockDim.x) hist[i] = 0;
+      if (tid == 0) *len_p = 0;
+      __syncthreads();
+      for (int i = tid; i < ns; i += blockDim.x) {
+        const unsigned u = __float_as_uint(key_b[i]) & 0x7fffffffu;
+        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & unsigned(n_bins - 1)], 1u);
+      }
     }
     __syncthreads();
-    for (int b = tid; b < n_bins; b += blockDim.x) {
+    for (int b = tid; b < n_bins; b += blockDim.x) {  // whole warps: n_bins is a multiple of the block
       const unsigned n = hist[b];  // <= the slice's positions < 2^kCountBits (the launch checks)
-      if (n != 0) list[atomicAdd(len_p, 1u)] = unsigned(b) << kCountBits | n;
+      const unsigned has = __ballot_sync(0xffffffffu, n != 0);
+      unsigned at = 0;
+      if (lane == 0 && has != 0) at = atomicAdd(len_p, unsigned(__popc(has)));  // one append a warp
+      at = __shfl_sync(0xffffffffu, at, 0);
+      if (n != 0) list[at + __popc(has & ((1u << lane) - 1))] = unsigned(b) << kCountBits | n;
     }
     __syncthreads();
     for (int i = tid; i < n_bins; i += blockDim.x) hist[i] = 0;
@@ -651,16 +703,24 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   float al[G];
 #pragma unroll
   for (int h = 0; h < G; ++h) al[h] = 0;
-  for (int i = i_begin; i < i_end; ++i) {
-    const unsigned u = __float_as_uint(key_b[i]) & mask;
-    const bool take = u > prefix || (u == prefix && unsigned(eq_before) < remaining);
-    if (take) {
-      rows[gt_before + min(eq_before, int(remaining))] = s0 + i;
+  // alpha's exponentials after each 32 keys, over the ones taken (a few a thread: a lane's loop, not every lane's
+  // every key as when they were taken one by one), in position order as before
+  for (int c0 = i_begin; c0 < i_end; c0 += 32) {
+    unsigned taken = 0;
+    for (int i = c0; i < min(i_end, c0 + 32); ++i) {
+      const unsigned u = __float_as_uint(key_b[i]) & mask;
+      if (u > prefix || (u == prefix && unsigned(eq_before) < remaining)) {
+        rows[gt_before + min(eq_before, int(remaining))] = s0 + i;
+        taken |= 1u << (i - c0);
+      }
+      gt_before += u > prefix, eq_before += u == prefix;
+    }
+    for (; taken != 0; taken &= taken - 1) {
+      const int i = c0 + __ffs(taken) - 1;
 #pragma unroll
       for (int h = 0; h < G; ++h)
         if (h < group) al[h] += expf(logit_b[h * slice + i] - lse[h]);
     }
-    gt_before += u > prefix, eq_before += u == prefix;
   }
   block_reduce_heads<G, false>(al, red, block_alpha, group);
   }  // !exact
