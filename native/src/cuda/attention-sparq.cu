@@ -8,6 +8,9 @@
 // memory, writes only the selected positions, then reads its share of them back and merges the shares over the
 // cluster. One launch, no logits or keys in global memory (unless the slice outgrows shared memory), no single
 // block walking all positions, and the barriers few: each is a wait for the slowest block of the cluster.
+// With few (token, kv head) units (Llama-3-8B at batch 1: 8 clusters on 64 SMs) instructions bound it as much as
+// bytes: ~9,700 a warp (bench/RESULTS.md, session 39's profile), so the hot loops carry no per-element guards.
+// Larger clusters (up to 16) and step 2 on tensor cores were slower there (the same session).
 #include <cooperative_groups.h>
 
 #include <algorithm>
