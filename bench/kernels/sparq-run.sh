@@ -3,7 +3,8 @@
 # kernel, and the issue-20 bar lines at the end) with nvcc alone (run from the repository root); the sources
 # compile in parallel, ptxas's register and spill report lands in $BUILD_DIR/sparq-ptxas.txt:
 #   BUILD_DIR=/tmp/bb/sp bash bench/kernels/sparq-run.sh [--block B]
-# BUILD_ONLY=1 compiles without running (no GPU needed).
+# BUILD_ONLY=1 compiles without running (no GPU needed). The kernel's time by step: NVCC_FLAGS=-lineinfo, then
+# Nsight Compute's source page through bench/kernels/ncu-phases.py (its header has the commands).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/kernels/build-bench.sh
