@@ -53,7 +53,7 @@ const program = new Command('bench-decode')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
   .option('--profile-decode', 'after each row, replay its decode graph once inside a profiler range (engine.profileRange), for `ncu --profile-from-start off` to time kernel by kernel (bench/kernels/ncu-summary.py)', false)
   .option('--arena-gib <n>', 'step arena in GiB: it bounds the tokens of one prefill chunk (worker/step-sizes.ts maxStepTokens)', '16')
-  .option('--prefill-chunk <n>', 'the most prompt tokens of one eager step (under what the arena holds): 1024, as the product\'s --max-num-batched-tokens steps; 0: what the arena holds', '1024')
+  .option('--prefill-chunk <n>', 'the most prompt tokens of one eager step (under what the arena holds): 1024, as the product\'s --max-num-batched-tokens steps; 0: what the arena holds; with --attention sparq on cuda the prompt takes what the arena holds (as exact steps do)', '1024')
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();
 const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean; arenaGib: string; prefillChunk: string }>();
@@ -161,7 +161,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
       rows.push(row);
       console.log(
         `${label.padEnd(20)} kv ${kvDtype.padEnd(4)} batch ${String(batch).padStart(2)} prompt ${String(prompt).padStart(4)}: ttft ${ttftMs.toFixed(1)} ms, step ${stepMs.toFixed(3)} ms ahead (serial ${serial.ms.toFixed(3)}, graph alone ${replayMs.toFixed(3)}), ` +
-          `${row.tokensPerS.toFixed(1)} tok/s, prefill chunks <= ${runner.maxStepTokens} tokens, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
+          `${row.tokensPerS.toFixed(1)} tok/s, prefill chunks <= ${sparq ? runner.exactStepTokens : runner.maxStepTokens} tokens, ${(bytesPerStep / 1e9).toFixed(2)} GB/step, ${row.achievedGBs.toFixed(0)} GB/s, ${(row.fractionOfFloor * 100).toFixed(1)}% of floor (${floorMs.toFixed(3)} ms)`,
       );
     }
   }

@@ -135,7 +135,7 @@ export class StepRunner {
   /** eager steps longer than this run in chunks (the step arena holds one chunk's intermediates) */
   readonly maxStepTokens: number;
   /** the same for a step whose every token is attended exactly: the arena's own bound, past a SparQ cap (eagerIndex) */
-  private readonly exactStepTokens: number;
+  readonly exactStepTokens: number;
   /** eager steps of at most these tokens keep every layer's intermediates (they fit the arena), longer ones release each */
   private readonly keptStepTokens: number;
 
