@@ -520,11 +520,9 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
   __shared__ unsigned bin_list[2][kTopBins], list_len[2];  // read by the cluster; pass p fills [p & 1]
   float4* v_part = reinterpret_cast<float4*>(hist);  // [kSelectThreads]
   {
-    const int lanes = v_lanes;
     if (sub < n_sub) {
-      const int j1 = vj1;
 #pragma unroll 4
-      for (int j = vj0 + sub + kVSumAhead * n_sub; j < j1; j += n_sub) {
+      for (int j = vj0 + sub + kVSumAhead * n_sub; j < vj1; j += n_sub) {
         const int64_t block = kv_block_checked(a.kv, t, seq, j, StatusOp::AttentionBlock, a.status, true);
         if (block < 0) continue;
         const float* src = a.v_sum + (block * n_kv + g) * hd + dv * vw;
@@ -548,7 +546,7 @@ __global__ void __launch_bounds__(kSelectThreads, G == 1 ? 2 : 1)
       const int c = tid % vw, lane_of = tid / vw;
       float s = 0;
       for (int i = 0; i < n_sub; ++i) {
-        const float4 v = v_part[i * lanes + lane_of];
+        const float4 v = v_part[i * v_lanes + lane_of];
         s += c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
       }
       block_v[tid] = s;
