@@ -11,7 +11,10 @@
 // write, best of 10): dense K and V of all L positions; SparQ the r columns of kT, the k rows of K and V, and the
 // vSum of the full blocks (the V mean). The bars (issue 20): >= 1.7x at 32K on Llama-2-7B and >= 1.15x on
 // Llama-3-8B, at 1/8 (the last two lines). `--lengths`, `--divs` and `--models` (lists, comma-separated) run a part of
-// the grid, e.g. for a profiler. Checks: SparQ with k = L equals dense within 1e-3 of max |out| (exit
+// the grid, e.g. for a profiler. `--q-scale S` multiplies q by S: a small S (0.02) flattens the attention, as in a
+// random-weights model's decode, so that a slice's keys crowd into one bin of the select's first pass and spread
+// over many of the second (Llama-3-8B 32K 1/8 ~13% slower; in bench/decode.ts's random-weights step, flatter still,
+// ~45%: bench/RESULTS.md, session 40). Checks: SparQ with k = L equals dense within 1e-3 of max |out| (exit
 // 1 otherwise, on a NaN, or on a device report); at 4K, SparQ 1/4 and 1/8 at lengths 4096 and 4059 equal the CPU
 // reference (cpu/attention-sparq.cc: the same selection) within ops-check's 1e-4 of max |out|; "approx err" is SparQ 1/8 against dense (information: random
 // data has no heavy attention, so this is far from what a model sees). Build and run from the repository root:
@@ -47,9 +50,9 @@ using bench::upload_i32;
 // Values in [-1, 1); the first `heavy` of every hd components scaled by 4 (trained models' q and k have a few
 // large components, which is what SparQ's column choice exploits).
 template <typename E>
-__global__ void fill(E* p, size_t n, uint64_t seed, int hd, int heavy) {
+__global__ void fill(E* p, size_t n, uint64_t seed, int hd, int heavy, float scale = 1.0f) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    float x = bench::uniform(seed, i) * (int(i % hd) < heavy ? 4.0f : 1.0f);
+    float x = scale * bench::uniform(seed, i) * (int(i % hd) < heavy ? 4.0f : 1.0f);
     if constexpr (sizeof(E) == 2) p[i] = __float2bfloat16_rn(x); else p[i] = x;
   }
 }
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
   int B = 64;
   std::vector<int> lengths{4096, 8192, 16384, 32768}, divs{4, 8};
   std::string models = "llama-2-7b,llama-3-8b";
+  float q_scale = 1.0f;
   auto ints = [](const char* list) {
     std::vector<int> v;
     for (const char* p = list; *p;) {
@@ -87,8 +91,9 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--lengths")) lengths = ints(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--divs")) divs = ints(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--models")) models = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--q-scale")) q_scale = float(std::atof(argv[i + 1]));
     else {
-      std::fprintf(stderr, "sparq-bench: unknown option %s (--block B, --lengths L,..., --divs 4,8, --models M,...)\n",
+      std::fprintf(stderr, "sparq-bench: unknown option %s (--block B, --lengths L,..., --divs 4,8, --models M,..., --q-scale S)\n",
                    argv[i]);
       return 2;
     }
@@ -136,7 +141,7 @@ int main(int argc, char** argv) {
              o_sparq = dev(DType::F32, {1, int64_t(m.nH) * hd}), table = dev(DType::I32, {1, nb}),
              seq1 = dev(DType::I32, {1}), pos1 = dev(DType::I32, {1}), r1 = dev(DType::I32, {1}),
              k1 = dev(DType::I32, {1}), seqL = dev(DType::I32, {L}), posL = dev(DType::I32, {L});
-      fill<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1, hd, 8);
+      fill<<<1024, 256, 0, stream>>>(q.data<float>(), q.numel(), 1, hd, 8, q_scale);
       std::vector<int32_t> blocks(nb), zeros(L, 0), ps(L);
       for (int j = 0; j < nb; ++j) blocks[j] = nb - 1 - j;  // scattered: the sequence's blocks in reverse
       for (int p = 0; p < L; ++p) ps[p] = p;
