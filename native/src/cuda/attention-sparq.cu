@@ -9,8 +9,10 @@
 // cluster. One launch, no logits or keys in global memory (unless the slice outgrows shared memory), no single
 // block walking all positions, and the barriers few: each is a wait for the slowest block of the cluster.
 // With few (token, kv head) units (Llama-3-8B at batch 1: 8 clusters on 64 SMs) instructions bound it as much as
-// bytes: ~9,700 a warp (bench/RESULTS.md, session 39's profile), so the hot loops carry no per-element guards.
-// Larger clusters (up to 16) and step 2 on tensor cores were slower there (the same session).
+// bytes: ~9,700 instructions a warp (bench/RESULTS.md, session 39's profile; ~7,900 since), so the hot loops carry no
+// per-element guards. Larger clusters (up to 16) and step 2 on tensor cores were slower there (the same session).
+// Flat attention is the select's hard case: keys within a few percent of each other fill many bins of its second
+// pass, so the blocks' lists grow long (a random-weights model's decode: ~64 us a layer against ~44, session 40).
 #include <cooperative_groups.h>
 
 #include <algorithm>
