@@ -98,6 +98,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (!(q_scale > 0.0f) || !std::isfinite(q_scale)) {
+    std::fprintf(stderr, "sparq-bench: --q-scale must be a positive number (got %g)\n", double(q_scale));
+    return 2;
+  }
   bench::Device device(cudaStreamNonBlocking);
   const cudaStream_t stream = device.stream;
   const wc::Ctx ctx = device.ctx;
