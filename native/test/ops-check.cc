@@ -200,6 +200,17 @@ void check_elementwise(Rng& rng) {
       compare("slice/concat/gather", sh, run(*gpu), run(*cpu), 0);
     });
   }
+  // siluMul at widths that are not whole 16-byte runs (the kernel's scalar path); own inputs, so that the
+  // checks after this one draw the same random inputs as before
+  Rng odd_rng(41);
+  for (int64_t F : {1001, 6}) {
+    std::string sh = "T=3 F=" + std::to_string(F);
+    run_case("siluMul", sh, [&] {
+      auto g = odd_rng.floats(3 * 2 * F, -6, 6);
+      compare("siluMul", sh, down(*gpu, gpu->silu_mul(up(*gpu, g, {3, 2 * F}))),
+              down(*cpu, cpu->silu_mul(up(*cpu, g, {3, 2 * F}))), 1e-6);
+    });
+  }
 }
 
 // Mixture of experts: routing (exact experts, weights 1e-6), expertMatmul on the device-routed GEMV (T <= 8)

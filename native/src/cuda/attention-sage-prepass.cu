@@ -85,8 +85,9 @@ __global__ void __launch_bounds__(kSumThreads)
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0;
-  // four rows in flight a warp (their lookups, then their loads), added in the order p, p + WARPS, ...
-  constexpr int kAhead = 4;
+  // sixteen rows in flight a warp (their lookups, then their loads), added in the order p, p + WARPS, ...; four
+  // kept the kernel at a third of its bytes' rate (bench/RESULTS.md, session 41)
+  constexpr int kAhead = 16;
   for (int p = p0 + warp; p < p1; p += kAhead * WARPS) {
     float x[kAhead][VEC];
 #pragma unroll

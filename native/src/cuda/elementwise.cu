@@ -1,6 +1,9 @@
 // Elementwise and copying ops. Products that the CPU rounds separately use __fmul_rn, so that nvcc does
 // not fuse them into an FMA and the results equal the CPU's bit for bit.
 #include "cuda/elementwise.cuh"
+
+#include <algorithm>
+
 #include "random-hash.h"
 
 namespace weft::cuda {
@@ -16,16 +19,29 @@ __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b
 
 // out in f32, or in f16/bf16 (rounded to nearest) as a prefill GEMM's input (siluMulMatmul); half (when given) the
 // same values again in its 16-bit type, from the one read of gate_up (matmulSiluMul's copy for the next GEMM).
+// grid (columns / 4 / 256, rows): four columns a thread (16-byte loads where F % 4 == 0), no index division: one
+// flat loop with 64-bit divisions ran Llama-2-7B's 1024-token step at 67% of its bytes' time (bench/RESULTS.md,
+// session 41).
 template <typename O, typename H = O>
 __global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out, H* __restrict__ half, int64_t T,
                          int64_t F) {
   pdl_trigger();
   pdl_wait();
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * F; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t t = i / F, f = i % F;
-    const float v = silu_times(gate_up[t * 2 * F + f], gate_up[t * 2 * F + F + f]);
-    out[i] = from_f32<O>(v);
-    if (half) half[i] = from_f32<H>(v);
+  const int64_t f = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * 4;
+  if (f >= F) return;
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const float* gate = gate_up + t * 2 * F + f;
+    float v[4];
+    if (F % 4 == 0) {
+      const float4 g = *reinterpret_cast<const float4*>(gate), u = *reinterpret_cast<const float4*>(gate + F);
+      v[0] = silu_times(g.x, u.x), v[1] = silu_times(g.y, u.y), v[2] = silu_times(g.z, u.z), v[3] = silu_times(g.w, u.w);
+    } else {
+      for (int e = 0; e < 4 && f + e < F; ++e) v[e] = silu_times(gate[e], gate[F + e]);
+    }
+    for (int e = 0; e < 4 && f + e < F; ++e) {
+      out[t * F + f + e] = from_f32<O>(v[e]);
+      if (half) half[t * F + f + e] = from_f32<H>(v[e]);
+    }
   }
 }
 
@@ -109,10 +125,15 @@ void launch_add(const Ctx& ctx, const Tensor& a, const Tensor& b, const Tensor& 
   check_launch(ctx, "add", {{"a", a}, {"b", b}});
 }
 
+static dim3 silu_mul_grid(const Tensor& out) {  // silu_mul's: 4 columns a thread, rows along y (at most 65535)
+  return dim3(static_cast<unsigned>(blocks_for((out.dim(1) + 3) / 4, 256)),
+              static_cast<unsigned>(std::min<int64_t>(out.dim(0), 65535)));
+}
+
 void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out) {
   if (out.numel() == 0) return;
   WEFT_DISPATCH_FLOAT(out.dtype, O,
-                      launch_pdl(ctx, silu_mul<O>, dim3(blocks_for(out.numel(), 256)), dim3(256), 0,
+                      launch_pdl(ctx, silu_mul<O>, silu_mul_grid(out), dim3(256), 0,
                                  gate_up.data<float>(), out.data<O>(), static_cast<O*>(nullptr), out.dim(0),
                                  out.dim(1)));
   check_launch(ctx, "siluMul", {{"gateUp", gate_up}});
@@ -121,7 +142,7 @@ void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out) {
 void launch_silu_mul(const Ctx& ctx, const Tensor& gate_up, const Tensor& out, const Tensor& half) {
   if (out.numel() == 0) return;
   WEFT_DISPATCH_FLOAT(half.dtype, H,
-                      launch_pdl(ctx, silu_mul<float, H>, dim3(blocks_for(out.numel(), 256)), dim3(256), 0,
+                      launch_pdl(ctx, silu_mul<float, H>, silu_mul_grid(out), dim3(256), 0,
                                  gate_up.data<float>(), out.data<float>(), half.data<H>(), out.dim(0), out.dim(1)));
   check_launch(ctx, "siluMul", {{"gateUp", gate_up}});
 }

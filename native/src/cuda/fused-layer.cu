@@ -2,11 +2,11 @@
 // float4 per thread (H <= 32768) keep the sum in registers between the two passes, every load of a thread issued
 // before the first is used; other rows re-read it. Sum of squares in double, as the CPU. When given normed_w, the
 // normed rows are also written there in the weight's dtype (a prefill GEMM's input, gemm.cuh).
-// qkvRope: one block per (token, head of q|k|v); a thread per rotated pair (j, j + hd/2); angle =
-// fp32(position * invFreq[j]) and full-precision sincosf, as rope. The k and v rows are found through the KV
-// block table once per block; bad sequence rows, positions and table entries skip the cache write and are
+// qkvRope: a block per token (per group of its heads when the step has few tokens), a warp a head; angle =
+// fp32(position * invFreq[j]) and full-precision sincosf, as rope, once a block. The k and v rows are found
+// through the KV block table; bad sequence rows, positions and table entries skip the cache write and are
 // reported on the device (as writeKv's; a negative position as rope's). Caches written as writeKv writes them
-// (fp8 / int8: a rotated k row goes through shared memory, then the block quantizes it).
+// (fp8 / int8: a rotated k row goes through the warp's shared row, then the warp quantizes it).
 #include "cuda/fused-layer.cuh"
 
 #include <algorithm>
@@ -88,54 +88,67 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements).
+constexpr int kRopeWarps = 8;  // qkvRope's block: a warp a head at a time
+
+// Lane `lane` of a warp rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements) with the
+// token's angles' cos and sin [hd/2].
 template <typename O>
-__device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const float* __restrict__ inv_freq,
-                                            int32_t pos, int64_t half, O* __restrict__ oh) {
-  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-    float s, c;
-    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
-    float x1 = xh[j], x2 = xh[j + half];
+__device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const float* cos_a, const float* sin_a,
+                                            int64_t half, int lane, O* __restrict__ oh) {
+#pragma unroll 4
+  for (int64_t j = lane; j < half; j += 32) {
+    const float c = cos_a[j], s = sin_a[j], x1 = xh[j], x2 = xh[j + half];
     store_kv(oh + j, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
     store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
   }
 }
 
+// grid (T, groups): block (t, g) takes token t's heads g * 8 + w, then + 8 * groups, ... (warp w), after the
+// token's angles (computed once a block into shared memory: cos [hd/2], sin [hd/2], then for 1-byte caches a
+// rotated k row [hd] a warp). One block a (token, head) of 64 threads took Llama-2-7B's 1024-token step 117 us on
+// H100 (bench/RESULTS.md, session 41): each short block waited out its chain of loads (position, angles, table).
 template <typename KV>
-__global__ void qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
-                         const float* __restrict__ inv_freq, KV* __restrict__ k_cache, KV* __restrict__ v_cache,
-                         KvBlockTable kv, const int32_t* __restrict__ token_seq, float* __restrict__ q,
-                         int64_t n_heads, int64_t hd, DeviceStatus* status, float* __restrict__ k_scales,
-                         float* __restrict__ v_scales) {
+__global__ void __launch_bounds__(kRopeWarps * 32)
+    qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
+             KV* __restrict__ k_cache, KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+             float* __restrict__ q, int64_t n_heads, int64_t hd, DeviceStatus* status, float* __restrict__ k_scales,
+             float* __restrict__ v_scales) {
+  extern __shared__ float rope_smem[];
   pdl_trigger();
   pdl_wait();
-  const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
-  const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
-  const int32_t pos = positions[t];
-  if (h < n_heads) {
-    if (pos < 0 && h == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
-    rotate_head(xh, inv_freq, pos, half, q + (t * n_heads + h) * hd);
-    return;
-  }
-  const int64_t kv_head = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
-  const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
-  if (row < 0) return;
-  const int64_t dst = row * hd;
-  if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]; shared memory: the rotated k row [hd] f32
-    extern __shared__ float k_rotated[];
+  const int64_t t = blockIdx.x, half = hd / 2, n_kv = kv.n_kv, heads = n_heads + 2 * n_kv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int32_t pos = positions[t], seq = token_seq[t];
+  float *cos_a = rope_smem, *sin_a = rope_smem + half;
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x)
+    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &sin_a[j], &cos_a[j]);
+  __syncthreads();
+  if (pos < 0 && blockIdx.y == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
+  for (int64_t h = int64_t(blockIdx.y) * kRopeWarps + warp; h < heads; h += int64_t(gridDim.y) * kRopeWarps) {
+    const float* xh = qkv + (t * heads + h) * hd;
+    if (h < n_heads) {
+      rotate_head(xh, cos_a, sin_a, half, lane, q + (t * n_heads + h) * hd);
+      continue;
+    }
     const bool v_head = h >= n_heads + n_kv;
-    if (!v_head) {
-      rotate_head(xh, inv_freq, pos, half, k_rotated);
-      __syncthreads();
+    const int64_t kv_head = v_head ? h - n_heads - n_kv : h - n_heads;
+    const int64_t row = kv_write_row(kv, t, seq, pos, kv_head, status, h == n_heads && lane == 0);
+    if (row < 0) continue;
+    KV* dst = (v_head ? v_cache : k_cache) + row * hd;
+    if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]: the k row rotated into the warp's shared row
+      float* k_rotated = rope_smem + 2 * half + warp * hd;
+      if (!v_head) {
+        rotate_head(xh, cos_a, sin_a, half, lane, k_rotated);
+        __syncwarp();
+      }
+      store_kv_row_quantized(v_head ? xh : k_rotated, hd, dst, (v_head ? v_scales : k_scales) + row, lane, 32,
+                             [](float v) { return warp_max(v); });
+      __syncwarp();  // the shared row is read before the warp's next head writes it
+    } else if (v_head) {  // copied
+      for (int64_t d = lane; d < hd; d += 32) store_kv(dst + d, xh[d]);
+    } else {
+      rotate_head(xh, cos_a, sin_a, half, lane, dst);
     }
-    store_kv_row_quantized(v_head ? xh : k_rotated, hd, (v_head ? v_cache : k_cache) + dst,
-                           (v_head ? v_scales : k_scales) + row);
-  } else {
-    if (h >= n_heads + n_kv) {  // a v head: copied
-      for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) store_kv(v_cache + dst + d, xh[d]);
-      return;
-    }
-    rotate_head(xh, inv_freq, pos, half, k_cache + dst);
   }
 }
 
@@ -193,11 +206,13 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
                      const Tensor& kv_block_table, const Tensor& q) {
   const int64_t T = qkv.dim(0), hd = k_cache.dim(3), n_kv = k_cache.dim(1), n_heads = q.dim(1) / hd;
   if (T == 0) return;
-  dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv));
-  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
-  const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(hd) * sizeof(float) : 0;
+  // enough blocks to fill the GPU (~256) when the step has few tokens, down to one block a token
+  const int64_t warp_rounds = (n_heads + 2 * n_kv + kRopeWarps - 1) / kRopeWarps;
+  const int64_t groups = std::clamp<int64_t>((256 + T - 1) / T, 1, warp_rounds);
+  const size_t smem = static_cast<size_t>(hd + (k_cache.is_kv_quantized() ? kRopeWarps * hd : 0)) * sizeof(float);
   WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
-                   launch_pdl(ctx, qkv_rope<KV>, grid, threads, smem,
+                   launch_pdl(ctx, qkv_rope<KV>, dim3(static_cast<unsigned>(T), static_cast<unsigned>(groups)),
+                       dim3(kRopeWarps * 32), smem,
                        qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(), k_cache.data<KV>(),
                        v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
                        q.data<float>(), n_heads, hd, ctx.status, k_cache.kv_scales(), v_cache.kv_scales()));

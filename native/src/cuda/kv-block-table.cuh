@@ -140,16 +140,24 @@ __device__ inline float kv_block_max(float v) {
   return total;
 }
 
-// Every thread of the block: row src[hd] (f32, global or shared memory) quantized into dst[hd] and *scale by
-// the rule of kv-quant.h (the host's kv_quantize_row, bit for bit).
+// Threads [0, n) of a group (the block, or a warp's lanes) quantize row src[hd] (f32, global or shared memory)
+// into dst[hd] and *scale by the rule of kv-quant.h (the host's kv_quantize_row, bit for bit); group_max gives
+// every thread of the group the group's max.
+template <typename KV, typename GroupMax>
+__device__ void store_kv_row_quantized(const float* src, int64_t hd, KV* dst, float* scale, int thread, int n,
+                                       GroupMax group_max) {
+  float amax = 0;
+  for (int64_t d = thread; d < hd; d += n) amax = fmaxf(amax, fabsf(src[d]));
+  amax = group_max(amax);
+  const KvRowScale s = kv_row_scale(amax, std::is_same_v<KV, int8_t> ? kInt8Max : kFp8Max);
+  if (thread == 0) *scale = s.scale;
+  for (int64_t d = thread; d < hd; d += n) encode_kv(dst + d, __fmul_rn(src[d], s.inv));
+}
+
+// The same by every thread of the block.
 template <typename KV>
 __device__ void store_kv_row_quantized(const float* src, int64_t hd, KV* dst, float* scale) {
-  float amax = 0;
-  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) amax = fmaxf(amax, fabsf(src[d]));
-  amax = kv_block_max(amax);
-  const KvRowScale s = kv_row_scale(amax, std::is_same_v<KV, int8_t> ? kInt8Max : kFp8Max);
-  if (threadIdx.x == 0) *scale = s.scale;
-  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) encode_kv(dst + d, __fmul_rn(src[d], s.inv));
+  store_kv_row_quantized(src, hd, dst, scale, threadIdx.x, blockDim.x, [](float x) { return kv_block_max(x); });
 }
 
 // True when token t's sequence row is in the table and its position within the row's capacity; otherwise false,
