@@ -72,35 +72,36 @@ __global__ void sage_seq_end(KvBlockTable kv, const int32_t* __restrict__ token_
 }
 
 // grid (spans, G, S): sums[s, g, span, :] = the K rows of span (warp w takes rows w, w + 8, ...; then the warps
-// in order), the order the CPU reference sums in.
+// in order), the order the CPU reference sums in. The span's cache rows are looked up first, all at once, into
+// shared memory, so that a warp's loads wait on no lookup: four rows a warp, each load after its own lookup, kept
+// the kernel at a third of its bytes' rate (bench/RESULTS.md, session 41).
 template <int HD, typename KV>
 __global__ void __launch_bounds__(kSumThreads)
     sage_key_sums(const KV* __restrict__ k_cache, const float* __restrict__ k_scales, KvBlockTable kv,
                   const int* __restrict__ seq_end, int spans, float* __restrict__ sums, DeviceStatus* status) {
-  constexpr int VEC = HD / 32, WARPS = kSumThreads / 32;
+  constexpr int VEC = HD / 32, WARPS = kSumThreads / 32, kAhead = 8;
+  static_assert(kSpanRows % (WARPS * kAhead) == 0, "a warp's rows in whole batches");
   __shared__ float part[WARPS][HD];
+  __shared__ int64_t rows[kSpanRows];
   const int span = blockIdx.x, g = blockIdx.y, s = blockIdx.z, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int end = seq_end[s], p0 = span * kSpanRows, p1 = min(end, p0 + kSpanRows);
   if (p0 >= end) return;
+  for (int r = threadIdx.x; r < kSpanRows; r += kSumThreads)
+    rows[r] = p0 + r < p1 ? kv_read_row(kv, 0, s, g, p0 + r, status) : -1;
+  __syncthreads();
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0;
-  // sixteen rows in flight a warp (their lookups, then their loads), added in the order p, p + WARPS, ...; four
-  // kept the kernel at a third of its bytes' rate (bench/RESULTS.md, session 41)
-  constexpr int kAhead = 16;
-  for (int p = p0 + warp; p < p1; p += kAhead * WARPS) {
+  for (int r = warp; r < p1 - p0; r += kAhead * WARPS) {
     float x[kAhead][VEC];
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
-      const int pa = p + a * WARPS;
-      if (pa < p1) {
-        const int64_t row = kv_read_row(kv, 0, s, g, pa, status);
-        load_row_values(k_cache + row * HD + lane * VEC, kKvQuantized<KV> ? k_scales[row] : 1.0f, x[a]);
-      }
+      const int64_t row = rows[r + a * WARPS];  // -1 past p1 (r + a * WARPS < kSpanRows: whole batches)
+      if (row >= 0) load_row_values(k_cache + row * HD + lane * VEC, kKvQuantized<KV> ? k_scales[row] : 1.0f, x[a]);
     }
 #pragma unroll
     for (int a = 0; a < kAhead; ++a)
-      if (p + a * WARPS < p1)
+      if (rows[r + a * WARPS] >= 0)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], x[a][i]);
   }

@@ -17,11 +17,26 @@ __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b
     out[i] = a[i] + b[i];
 }
 
+// v as four consecutive elements of p (f32, or 16-bit rounded as from_f32), in one store: p at a multiple of 4.
+template <typename O>
+__device__ __forceinline__ void store_four(O* p, const float (&v)[4]) {
+  if constexpr (std::is_same_v<O, float>) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    static_assert(sizeof(O) == 2, "f32 or a 16-bit type");
+    uint16_t bits[4];
+    for (int e = 0; e < 4; ++e) {
+      const O o = from_f32<O>(v[e]);
+      memcpy(&bits[e], &o, 2);
+    }
+    *reinterpret_cast<uint2*>(p) = make_uint2(bits[0] | uint32_t{bits[1]} << 16, bits[2] | uint32_t{bits[3]} << 16);
+  }
+}
+
 // out in f32, or in f16/bf16 (rounded to nearest) as a prefill GEMM's input (siluMulMatmul); half (when given) the
 // same values again in its 16-bit type, from the one read of gate_up (matmulSiluMul's copy for the next GEMM).
-// grid (columns / 4 / 256, rows): four columns a thread (16-byte loads where F % 4 == 0), no index division: one
-// flat loop with 64-bit divisions ran Llama-2-7B's 1024-token step at 67% of its bytes' time (bench/RESULTS.md,
-// session 41).
+// grid (columns / 4 / 256, rows): four columns a thread (one load of each half, one store of each output where
+// F % 4 == 0), no index division.
 template <typename O, typename H = O>
 __global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out, H* __restrict__ half, int64_t T,
                          int64_t F) {
@@ -38,9 +53,14 @@ __global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out,
     } else {
       for (int e = 0; e < 4 && f + e < F; ++e) v[e] = silu_times(gate[e], gate[F + e]);
     }
-    for (int e = 0; e < 4 && f + e < F; ++e) {
-      out[t * F + f + e] = from_f32<O>(v[e]);
-      if (half) half[t * F + f + e] = from_f32<H>(v[e]);
+    if (F % 4 == 0) {
+      store_four(out + t * F + f, v);
+      if (half) store_four(half + t * F + f, v);
+    } else {
+      for (int e = 0; e < 4 && f + e < F; ++e) {
+        out[t * F + f + e] = from_f32<O>(v[e]);
+        if (half) half[t * F + f + e] = from_f32<H>(v[e]);
+      }
     }
   }
 }

@@ -88,25 +88,29 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-constexpr int kRopeWarps = 8;  // qkvRope's block: a warp a head at a time
+constexpr int kRopeWarps = 8;     // qkvRope's block: a warp a head at a time
+constexpr int kRopeLanePairs = 4;  // rotated pairs (j, j + hd/2) a lane: head dims up to 256
 
-// Lane `lane` of a warp rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements) with the
-// token's angles' cos and sin [hd/2].
+// Lane `lane` of a warp rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements): pairs
+// j = lane + 32 i, their angles' cos and sin in c[i], s[i].
 template <typename O>
-__device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const float* cos_a, const float* sin_a,
-                                            int64_t half, int lane, O* __restrict__ oh) {
-#pragma unroll 4
-  for (int64_t j = lane; j < half; j += 32) {
-    const float c = cos_a[j], s = sin_a[j], x1 = xh[j], x2 = xh[j + half];
-    store_kv(oh + j, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-    store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+__device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const float (&c)[kRopeLanePairs],
+                                            const float (&s)[kRopeLanePairs], int64_t half, int lane,
+                                            O* __restrict__ oh) {
+#pragma unroll
+  for (int i = 0; i < kRopeLanePairs; ++i) {
+    const int64_t j = lane + 32 * i;
+    if (j >= half) break;
+    const float x1 = xh[j], x2 = xh[j + half];
+    store_kv(oh + j, __fsub_rn(__fmul_rn(x1, c[i]), __fmul_rn(x2, s[i])));
+    store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, c[i]), __fmul_rn(x1, s[i])));
   }
 }
 
-// grid (T, groups): block (t, g) takes token t's heads g * 8 + w, then + 8 * groups, ... (warp w), after the
-// token's angles (computed once a block into shared memory: cos [hd/2], sin [hd/2], then for 1-byte caches a
-// rotated k row [hd] a warp). One block a (token, head) of 64 threads took Llama-2-7B's 1024-token step 117 us on
-// H100 (bench/RESULTS.md, session 41): each short block waited out its chain of loads (position, angles, table).
+// grid (T, groups): block (t, g) takes token t's heads g * 8 + w, then + 8 * groups, ... (warp w), each lane with
+// its pairs' angles computed once. One block a (token, head) of 64 threads took Llama-2-7B's 1024-token step
+// 117 us on H100 (bench/RESULTS.md, session 41): each short block waited out its chain of loads. Shared memory
+// (1-byte caches): a rotated k row [hd] a warp.
 template <typename KV>
 __global__ void __launch_bounds__(kRopeWarps * 32)
     qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
@@ -119,11 +123,11 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
   const int64_t t = blockIdx.x, half = hd / 2, n_kv = kv.n_kv, heads = n_heads + 2 * n_kv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int32_t pos = positions[t], seq = token_seq[t];
-  float *cos_a = rope_smem, *sin_a = rope_smem + half;
-  for (int64_t j = threadIdx.x; j < half; j += blockDim.x)
-    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &sin_a[j], &cos_a[j]);
-  __syncthreads();
   if (pos < 0 && blockIdx.y == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
+  float cos_a[kRopeLanePairs], sin_a[kRopeLanePairs];
+#pragma unroll
+  for (int i = 0; i < kRopeLanePairs; ++i)
+    if (lane + 32 * i < half) sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[lane + 32 * i]), &sin_a[i], &cos_a[i]);
   for (int64_t h = int64_t(blockIdx.y) * kRopeWarps + warp; h < heads; h += int64_t(gridDim.y) * kRopeWarps) {
     const float* xh = qkv + (t * heads + h) * hd;
     if (h < n_heads) {
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
     if (row < 0) continue;
     KV* dst = (v_head ? v_cache : k_cache) + row * hd;
     if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]: the k row rotated into the warp's shared row
-      float* k_rotated = rope_smem + 2 * half + warp * hd;
+      float* k_rotated = rope_smem + warp * hd;
       if (!v_head) {
         rotate_head(xh, cos_a, sin_a, half, lane, k_rotated);
         __syncwarp();
@@ -209,7 +213,8 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
   // enough blocks to fill the GPU (~256) when the step has few tokens, down to one block a token
   const int64_t warp_rounds = (n_heads + 2 * n_kv + kRopeWarps - 1) / kRopeWarps;
   const int64_t groups = std::clamp<int64_t>((256 + T - 1) / T, 1, warp_rounds);
-  const size_t smem = static_cast<size_t>(hd + (k_cache.is_kv_quantized() ? kRopeWarps * hd : 0)) * sizeof(float);
+  WEFT_CHECK(hd <= 2 * 32 * kRopeLanePairs, "qkvRope", "head dim ", hd, " is over the kernel's ", 2 * 32 * kRopeLanePairs);
+  const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(kRopeWarps * hd) * sizeof(float) : 0;
   WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
                    launch_pdl(ctx, qkv_rope<KV>, dim3(static_cast<unsigned>(T), static_cast<unsigned>(groups)),
                        dim3(kRopeWarps * 32), smem,
