@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kSumThreads)
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       const int64_t row = rows[r + a * WARPS];  // -1 past p1 (r + a * WARPS < kSpanRows: whole batches)
-      if (row >= 0) load_row_values(k_cache + row * HD + lane * VEC, kKvQuantized<KV> ? k_scales[row] : 1.0f, x[a]);
+      if (row >= 0)
+        load_row_values(k_cache + row * HD + lane * VEC, kKvQuantized<KV> ? k_scales[row] : 1.0f, x[a]);
     }
 #pragma unroll
     for (int a = 0; a < kAhead; ++a)

@@ -49,7 +49,8 @@ __global__ void silu_mul(const float* __restrict__ gate_up, O* __restrict__ out,
     float v[4];
     if (F % 4 == 0) {
       const float4 g = *reinterpret_cast<const float4*>(gate), u = *reinterpret_cast<const float4*>(gate + F);
-      v[0] = silu_times(g.x, u.x), v[1] = silu_times(g.y, u.y), v[2] = silu_times(g.z, u.z), v[3] = silu_times(g.w, u.w);
+      v[0] = silu_times(g.x, u.x), v[1] = silu_times(g.y, u.y);
+      v[2] = silu_times(g.z, u.z), v[3] = silu_times(g.w, u.w);
     } else {
       for (int e = 0; e < 4 && f + e < F; ++e) v[e] = silu_times(gate[e], gate[F + e]);
     }

@@ -2,11 +2,12 @@
 // float4 per thread (H <= 32768) keep the sum in registers between the two passes, every load of a thread issued
 // before the first is used; other rows re-read it. Sum of squares in double, as the CPU. When given normed_w, the
 // normed rows are also written there in the weight's dtype (a prefill GEMM's input, gemm.cuh).
-// qkvRope: a block per token (per group of its heads when the step has few tokens), a warp a head; angle =
-// fp32(position * invFreq[j]) and full-precision sincosf, as rope, once a block. The k and v rows are found
-// through the KV block table; bad sequence rows, positions and table entries skip the cache write and are
-// reported on the device (as writeKv's; a negative position as rope's). Caches written as writeKv writes them
-// (fp8 / int8: a rotated k row goes through the warp's shared row, then the warp quantizes it).
+// qkvRope: short steps a block a (token, head), a thread a rotated pair; steps of 64 tokens and more a block a token,
+// a warp a head, each lane's angles computed once for all its heads. Angle = fp32(position * invFreq[j]) and
+// full-precision sincosf, as rope, in both. The k and v rows are found through the KV block table; bad sequence
+// rows, positions and table entries skip the cache write and are reported on the device (as writeKv's; a negative
+// position as rope's). Caches written as writeKv writes them (fp8 / int8: a rotated k row goes through shared
+// memory, then the threads of its head quantize it).
 #include "cuda/fused-layer.cuh"
 
 #include <algorithm>
@@ -88,8 +89,64 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-constexpr int kRopeWarps = 8;     // qkvRope's block: a warp a head at a time
-constexpr int kRopeLanePairs = 4;  // rotated pairs (j, j + hd/2) a lane: head dims up to 256
+// Threads of the block rotate head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements), each its
+// pairs' angles.
+template <typename O>
+__device__ __forceinline__ void rotate_head_by_block(const float* __restrict__ xh,
+                                                     const float* __restrict__ inv_freq, int32_t pos, int64_t half,
+                                                     O* __restrict__ oh) {
+  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+    float s, c;
+    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
+    float x1 = xh[j], x2 = xh[j + half];
+    store_kv(oh + j, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+    store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+  }
+}
+
+// grid (T, heads of q|k|v): a block a (token, head), a thread a rotated pair: short steps (decode) as fast as a
+// launch allows, where the token blocks' kernel took 3.4 us a call against 2.1 (H100, bench/RESULTS.md, session 41).
+template <typename KV>
+__global__ void qkv_rope_head_blocks(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
+                                     const float* __restrict__ inv_freq, KV* __restrict__ k_cache,
+                                     KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
+                                     float* __restrict__ q, int64_t n_heads, int64_t hd, DeviceStatus* status,
+                                     float* __restrict__ k_scales, float* __restrict__ v_scales) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
+  const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
+  const int32_t pos = positions[t];
+  if (h < n_heads) {
+    if (pos < 0 && h == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
+    rotate_head_by_block(xh, inv_freq, pos, half, q + (t * n_heads + h) * hd);
+    return;
+  }
+  const int64_t kv_head = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
+  const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
+  if (row < 0) return;
+  const int64_t dst = row * hd;
+  if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]; shared memory: the rotated k row [hd] f32
+    extern __shared__ float k_rotated[];
+    const bool v_head = h >= n_heads + n_kv;
+    if (!v_head) {
+      rotate_head_by_block(xh, inv_freq, pos, half, k_rotated);
+      __syncthreads();
+    }
+    store_kv_row_quantized(v_head ? xh : k_rotated, hd, (v_head ? v_cache : k_cache) + dst,
+                           (v_head ? v_scales : k_scales) + row);
+  } else {
+    if (h >= n_heads + n_kv) {  // a v head: copied
+      for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) store_kv(v_cache + dst + d, xh[d]);
+      return;
+    }
+    rotate_head_by_block(xh, inv_freq, pos, half, k_cache + dst);
+  }
+}
+
+constexpr int kRopeTokenBlocksFrom = 64;  // steps of this many tokens (head dims up to 256) take the token blocks
+constexpr int kRopeWarps = 8;             // its block: a warp a head at a time
+constexpr int kRopeLanePairs = 4;         // rotated pairs (j, j + hd/2) a lane: head dims up to 256
 
 // Lane `lane` of a warp rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements): pairs
 // j = lane + 32 i, their angles' cos and sin in c[i], s[i].
@@ -107,16 +164,17 @@ __device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const 
   }
 }
 
-// grid (T, groups): block (t, g) takes token t's heads g * 8 + w, then + 8 * groups, ... (warp w), each lane with
-// its pairs' angles computed once. One block a (token, head) of 64 threads took Llama-2-7B's 1024-token step
-// 117 us on H100 (bench/RESULTS.md, session 41): each short block waited out its chain of loads. Shared memory
-// (1-byte caches): a rotated k row [hd] a warp.
+// Steps of 64 tokens and more: grid (T, groups): block (t, g) takes token t's heads g * 8 + w, then + 8 * groups,
+// ... (warp w), each lane with its pairs' angles computed once. One block a (token, head) of 64 threads took
+// Llama-2-7B's 1024-token step 117 us on H100 (bench/RESULTS.md, session 41): each short block waited out its chain
+// of loads. Shared memory (1-byte caches): a rotated k row [hd] a warp.
 template <typename KV>
 __global__ void __launch_bounds__(kRopeWarps * 32)
-    qkv_rope(const float* __restrict__ qkv, const int32_t* __restrict__ positions, const float* __restrict__ inv_freq,
-             KV* __restrict__ k_cache, KV* __restrict__ v_cache, KvBlockTable kv, const int32_t* __restrict__ token_seq,
-             float* __restrict__ q, int64_t n_heads, int64_t hd, DeviceStatus* status, float* __restrict__ k_scales,
-             float* __restrict__ v_scales) {
+    qkv_rope_token_blocks(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
+                          const float* __restrict__ inv_freq, KV* __restrict__ k_cache, KV* __restrict__ v_cache,
+                          KvBlockTable kv, const int32_t* __restrict__ token_seq, float* __restrict__ q,
+                          int64_t n_heads, int64_t hd, DeviceStatus* status, float* __restrict__ k_scales,
+                          float* __restrict__ v_scales) {
   extern __shared__ float rope_smem[];
   pdl_trigger();
   pdl_wait();
@@ -127,7 +185,8 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
   float cos_a[kRopeLanePairs], sin_a[kRopeLanePairs];
 #pragma unroll
   for (int i = 0; i < kRopeLanePairs; ++i)
-    if (lane + 32 * i < half) sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[lane + 32 * i]), &sin_a[i], &cos_a[i]);
+    if (lane + 32 * i < half)
+      sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[lane + 32 * i]), &sin_a[i], &cos_a[i]);
   for (int64_t h = int64_t(blockIdx.y) * kRopeWarps + warp; h < heads; h += int64_t(gridDim.y) * kRopeWarps) {
     const float* xh = qkv + (t * heads + h) * hd;
     if (h < n_heads) {
@@ -210,17 +269,30 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
                      const Tensor& kv_block_table, const Tensor& q) {
   const int64_t T = qkv.dim(0), hd = k_cache.dim(3), n_kv = k_cache.dim(1), n_heads = q.dim(1) / hd;
   if (T == 0) return;
-  // enough blocks to fill the GPU (~256) when the step has few tokens, down to one block a token
-  const int64_t warp_rounds = (n_heads + 2 * n_kv + kRopeWarps - 1) / kRopeWarps;
-  const int64_t groups = std::clamp<int64_t>((256 + T - 1) / T, 1, warp_rounds);
-  WEFT_CHECK(hd <= 2 * 32 * kRopeLanePairs, "qkvRope", "head dim ", hd, " is over the kernel's ", 2 * 32 * kRopeLanePairs);
-  const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(kRopeWarps * hd) * sizeof(float) : 0;
-  WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
-                   launch_pdl(ctx, qkv_rope<KV>, dim3(static_cast<unsigned>(T), static_cast<unsigned>(groups)),
-                       dim3(kRopeWarps * 32), smem,
-                       qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(), k_cache.data<KV>(),
-                       v_cache.data<KV>(), KvBlockTable::of(k_cache, kv_block_table), token_seq.data<int32_t>(),
-                       q.data<float>(), n_heads, hd, ctx.status, k_cache.kv_scales(), v_cache.kv_scales()));
+  const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
+  if (T < kRopeTokenBlocksFrom || hd > 2 * 32 * kRopeLanePairs) {
+    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
+    const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(hd) * sizeof(float) : 0;
+    WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
+                         launch_pdl(ctx, qkv_rope_head_blocks<KV>,
+                                    dim3(static_cast<unsigned>(T), static_cast<unsigned>(n_heads + 2 * n_kv)), threads,
+                                    smem, qkv.data<float>(), positions.data<int32_t>(), inv_freq.data<float>(),
+                                    k_cache.data<KV>(), v_cache.data<KV>(), kv, token_seq.data<int32_t>(),
+                                    q.data<float>(), n_heads, hd, ctx.status, k_cache.kv_scales(),
+                                    v_cache.kv_scales()));
+  } else {
+    // enough blocks to fill the GPU (~256) for the shorter steps, down to one block a token
+    const int64_t warp_rounds = (n_heads + 2 * n_kv + kRopeWarps - 1) / kRopeWarps;
+    const int64_t groups = std::clamp<int64_t>((256 + T - 1) / T, 1, warp_rounds);
+    const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(kRopeWarps * hd) * sizeof(float) : 0;
+    WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
+                         launch_pdl(ctx, qkv_rope_token_blocks<KV>,
+                                    dim3(static_cast<unsigned>(T), static_cast<unsigned>(groups)),
+                                    dim3(kRopeWarps * 32), smem, qkv.data<float>(), positions.data<int32_t>(),
+                                    inv_freq.data<float>(), k_cache.data<KV>(), v_cache.data<KV>(), kv,
+                                    token_seq.data<int32_t>(), q.data<float>(), n_heads, hd, ctx.status,
+                                    k_cache.kv_scales(), v_cache.kv_scales()));
+  }
   check_launch(ctx, "qkvRope",
                {{"qkv", qkv}, {"kCache", k_cache}, {"tokenSeq", token_seq}, {"kvBlockTable", kv_block_table},
                 {"positions", positions}});
