@@ -286,22 +286,27 @@ export class StepRunner {
     const full = new Float32Array(batch.fullLogprobs && this.comm.rank === 0 ? batch.logitRows.length * vocab : 0);
     for (const { start, end } of ranges) {
       const mine = batch.logitRows.flatMap((row, i) => (row >= start && row < end ? [i] : []));
-      // A chunk nobody wants logits from still runs (its keys and values are needed); it asks for its last row.
-      const rows = mine.length ? mine : [-1];
-      const take = <T>(values: readonly T[]): T[] => rows.map((i) => values[Math.max(i, 0)]!);
-      const chunk: StepBatch = {
-        tokens: batch.tokens.slice(start, end),
-        positions: batch.positions.slice(start, end),
-        tokenSeq: batch.tokenSeq.slice(start, end),
-        kvBlockTable: batch.kvBlockTable,
-        logitRows: rows.map((i) => (i < 0 ? end - 1 : batch.logitRows[i]!) - start),
+      const take = <T>(values: readonly T[]): T[] => mine.map((i) => values[i]!);
+      // A chunk nobody wants logits from still runs (its keys and values are needed): it asks for its last row's
+      // logits and draws, scores and downloads nothing, so that the next chunk is queued behind it without a wait
+      // (a wait a chunk left the GPU idle ~2.9 ms at each of a 16384-token prompt's 16 chunks: bench/RESULTS.md,
+      // session 41).
+      const asks: Partial<StepBatch> = !mine.length ? {} : {
         ...(batch.sample && {
           sample: { temperature: take(batch.sample.temperature), topK: take(batch.sample.topK), topP: take(batch.sample.topP), uniform: take(batch.sample.uniform) },
         }),
         ...(batch.scoreIds && { scoreIds: take(batch.scoreIds) }),
         ...(batch.fullLogprobs && { fullLogprobs: true }),
-        ...(batch.topLogprobs && { topLogprobs: rows.map((i) => (i < 0 ? -1 : batch.topLogprobs![i]!)) }),
+        ...(batch.topLogprobs && { topLogprobs: take(batch.topLogprobs) }),
         ...chunkBias(batch.logitBias, mine),
+      };
+      const chunk: StepBatch = {
+        tokens: batch.tokens.slice(start, end),
+        positions: batch.positions.slice(start, end),
+        tokenSeq: batch.tokenSeq.slice(start, end),
+        kvBlockTable: batch.kvBlockTable,
+        logitRows: mine.length ? mine.map((i) => batch.logitRows[i]! - start) : [end - 1 - start],
+        ...asks,
         ...(batch.sparq && { sparq: { r: batch.sparq.r.slice(start, end), k: batch.sparq.k.slice(start, end) } }),
       };
       const result = await this.eager(chunk);

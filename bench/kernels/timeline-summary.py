@@ -8,7 +8,10 @@ and durations (a duration starts when the kernel's first block runs, so under pr
 includes the wait for the kernel before), then one layer's kernels in order.
 With --kernel NAME, also each call of the kernels whose name holds NAME, in step order: its increment's median,
 min and max over the replays (a kernel whose time depends on the layer's data shows it here).
-usage: timeline-summary.py FILE.csv [--layer N] [--kernel NAME]"""
+With --eager, the kernels outside graphs instead (prefills: bench/decode.ts runs a warm-up prefill, then the timed
+one), in bursts split where the GPU idled over 20 ms (the host between two runs): per burst its span, the time some
+kernel ran (busy) and the idle rest, and per kernel its calls and summed durations.
+usage: timeline-summary.py FILE.csv [--layer N] [--kernel NAME] | FILE.csv --eager"""
 import collections
 import statistics
 import sys
@@ -20,8 +23,46 @@ def short(name):
     return name.split('(')[0][:60]
 
 
+def eager(path):
+    rows = []
+    for line in open(path):
+        start, end, grid, node, name = line.rstrip('\n').split(',', 4)
+        if not int(node):
+            rows.append((int(start), int(end), short(name)))
+    rows.sort()
+    bursts, latest = [], None
+    for r in rows:
+        if latest is None or r[0] - latest > 20e6:
+            bursts.append([])
+        bursts[-1].append(r)
+        latest = r[1] if latest is None else max(latest, r[1])
+    for i, burst in enumerate(bursts):
+        span = max(e for _, e, _ in burst) - burst[0][0]
+        busy, s0, e0 = 0, burst[0][0], burst[0][1]
+        for s, e, _ in burst[1:]:
+            if s > e0:
+                busy, s0 = busy + e0 - s0, s
+            e0 = max(e0, e)
+        busy += e0 - s0
+        print(f'\nburst {i}: {len(burst)} kernels, span {span / 1e6:.1f} ms, busy {busy / 1e6:.1f} ms, '
+              f'idle {(span - busy) / 1e6:.1f} ms')
+        if len(burst) < 100:
+            continue
+        totals = collections.defaultdict(lambda: [0, 0])
+        for s, e, name in burst:
+            totals[name][0] += 1
+            totals[name][1] += e - s
+        print('| kernel | calls | summed durations, ms |')
+        print('|---|---|---|')
+        for name, (n, d) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+            if d >= 0.05 * 1e6:
+                print(f'| {name} | {n} | {d / 1e6:.1f} |')
+
+
 def main():
     path = sys.argv[1]
+    if '--eager' in sys.argv:
+        return eager(path)
     layer = int(sys.argv[sys.argv.index('--layer') + 1]) if '--layer' in sys.argv else 5
     kernel = sys.argv[sys.argv.index('--kernel') + 1] if '--kernel' in sys.argv else None
     rows = []

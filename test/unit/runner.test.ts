@@ -90,6 +90,24 @@ test('a step run in chunks equals the step run whole', async () => {
   assert.ok(maxAbsDiff(fb, fa) < 1e-5, `full log-probs differ by ${maxAbsDiff(fb, fa)}`);
 });
 
+test('a prompt in chunks draws and downloads only in the chunk that holds the row asked for: the chunks before it are queued without a wait', async () => {
+  const kv = kvCacheLayout({ kvSlots: 1, maxContext: 64, device: 'cpu' });
+  const { engine, model } = await tinyModel(kv);
+  const prompt = readReference('llama-tiny').prompts[2]!.slice(0, 30);
+  const batch = { tokens: prompt, positions: prompt.map((_, i) => i), tokenSeq: prompt.map(() => 0), kvBlockTable: [[0]], logitRows: [29], scoreIds: [5], topLogprobs: [2], sample: { temperature: [0], topK: [0], topP: [1], uniform: [0] } };
+  const whole = await new StepRunner(engine, soloCollectives(), model, kv).step(batch);
+  const { counted, calls } = counting(engine);
+  const chunked = await new StepRunner(counted, soloCollectives(), model, kv, { maxStepTokens: 7 }).step(batch); // 5 chunks
+  assert.equal(calls.get('attention'), 5 * model.model.spec.nLayers, 'not run as 5 chunks');
+  assert.equal(calls.get('sample'), 1, 'a chunk without the asked row drew');
+  assert.equal(calls.get('logprobs'), 1, 'a chunk without the asked row scored');
+  assert.equal(calls.get('download'), 1, 'a chunk without the asked row downloaded');
+  assert.deepEqual(chunked.tokens, whole.tokens);
+  assert.ok(maxAbsDiff(chunked.logprobs!, whole.logprobs!) < 1e-5);
+  assert.deepEqual(chunked.tokenLogprobs?.[0]?.topIds, whole.tokenLogprobs?.[0]?.topIds);
+  assert.equal(chunked.tokenLogprobs?.[0]?.topIds.length, 2);
+});
+
 test('a logit bias moves the draw and not the log-probs: +100 forces a token, -100 bans the argmax; whole, in chunks and drawn on the device alike', async () => {
   const kv = kvCacheLayout({ kvSlots: 2, maxContext: 64, device: 'cpu' });
   const { engine, spec, model } = await tinyModel(kv);
