@@ -289,7 +289,7 @@ export class StepRunner {
       const take = <T>(values: readonly T[]): T[] => mine.map((i) => values[i]!);
       // A chunk nobody wants logits from still runs (its keys and values are needed): it asks for its last row's
       // logits and draws, scores and downloads nothing, so that the next chunk is queued behind it without a wait
-      // (a wait a chunk left the GPU idle ~2.9 ms at each of a 16384-token prompt's 16 chunks: bench/RESULTS.md,
+      // (the wait left the GPU idle 0.9-2.9 ms at each chunk boundary of a 16384-token prompt: bench/RESULTS.md,
       // session 41).
       const asks: Partial<StepBatch> = !mine.length ? {} : {
         ...(batch.sample && {
