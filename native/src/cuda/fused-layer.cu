@@ -151,9 +151,9 @@ constexpr int kRopeLanePairs = 4;         // rotated pairs (j, j + hd/2) a lane:
 // Lane `lane` of a warp rotates head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements): pairs
 // j = lane + 32 i, their angles' cos and sin in c[i], s[i].
 template <typename O>
-__device__ __forceinline__ void rotate_head(const float* __restrict__ xh, const float (&c)[kRopeLanePairs],
-                                            const float (&s)[kRopeLanePairs], int64_t half, int lane,
-                                            O* __restrict__ oh) {
+__device__ __forceinline__ void rotate_head_by_warp(const float* __restrict__ xh, const float (&c)[kRopeLanePairs],
+                                                    const float (&s)[kRopeLanePairs], int64_t half, int lane,
+                                                    O* __restrict__ oh) {
 #pragma unroll
   for (int i = 0; i < kRopeLanePairs; ++i) {
     const int64_t j = lane + 32 * i;
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
   for (int64_t h = int64_t(blockIdx.y) * kRopeWarps + warp; h < heads; h += int64_t(gridDim.y) * kRopeWarps) {
     const float* xh = qkv + (t * heads + h) * hd;
     if (h < n_heads) {
-      rotate_head(xh, cos_a, sin_a, half, lane, q + (t * n_heads + h) * hd);
+      rotate_head_by_warp(xh, cos_a, sin_a, half, lane, q + (t * n_heads + h) * hd);
       continue;
     }
     const bool v_head = h >= n_heads + n_kv;
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
     if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]: the k row rotated into the warp's shared row
       float* k_rotated = rope_smem + warp * hd;
       if (!v_head) {
-        rotate_head(xh, cos_a, sin_a, half, lane, k_rotated);
+        rotate_head_by_warp(xh, cos_a, sin_a, half, lane, k_rotated);
         __syncwarp();
       }
       store_kv_row_quantized(v_head ? xh : k_rotated, hd, dst, (v_head ? v_scales : k_scales) + row, lane, 32,
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
     } else if (v_head) {  // copied
       for (int64_t d = lane; d < hd; d += 32) store_kv(dst + d, xh[d]);
     } else {
-      rotate_head(xh, cos_a, sin_a, half, lane, dst);
+      rotate_head_by_warp(xh, cos_a, sin_a, half, lane, dst);
     }
   }
 }
