@@ -55,14 +55,15 @@ struct SageLayout {
 // and each warp two independent chains of them: at two warps a scheduler (228 registers) the kernel waited on its
 // own dependences, not on a pipe (ncu: issue slots 38% busy, the tensor pipe 36%). Each m-tile's arithmetic is
 // MT = 1's, in the same order.
-template <int HD, bool FP8, int MT, bool WG = false>
-__global__ void __launch_bounds__(kThreads, 2)
+template <int HD, bool FP8, int MT, bool WG = false, int kBlocksPerSm = 2>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     sage_attention_mma(const float* __restrict__ q, const int8_t* __restrict__ k8,
                        const unsigned char* __restrict__ v_op, const float* __restrict__ k_scale,
                        const float* __restrict__ v_scale, KvBlockTable kv, const int32_t* __restrict__ token_seq,
                        const int32_t* __restrict__ positions, int T, int nH, int nb, int cp, float qscale,
                        float* __restrict__ out, DeviceStatus* status) {
   static_assert(!WG || (FP8 && HD == 128 && MT == 1), "the wgmma form: fp8 mode, head dim 128, one m-tile");
+  static_assert(kBlocksPerSm == 2 || (WG && kBlocksPerSm == 3), "three blocks an SM: the wgmma form (168 registers)");
   using L = SageLayout<HD, FP8, MT, WG>;
   constexpr int KT = HD / 32, NO = HD / 8, NS = kB / 8, BQ = 16 * MT * kWarps;
   constexpr int KCH = kB * HD / 16 / kThreads;                         // 16-byte chunks per thread: K tile
@@ -287,6 +288,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// Whether the wgmma form runs three blocks an SM (168 registers a thread) rather than two (224): its blocks are
+// then about 1.3x slower each (H100: 16K fresh prompt, 3.80 ms for 1.5x the blocks at once against 4.40), so three
+// pays where it takes fewer rounds of the SMs' block slots by more than that.
+bool three_blocks_an_sm(int64_t blocks, int num_sms) {
+  const int64_t rounds2 = (blocks + 2 * num_sms - 1) / (2 * num_sms), rounds3 = (blocks + 3 * num_sms - 1) / (3 * num_sms);
+  return 13 * rounds3 < 10 * rounds2;
+}
+
 template <int HD, bool FP8>
 void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                  const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
@@ -310,13 +319,18 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
                                                   int(n_heads), nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
   };
   // fp8 at head dim 128 on wgmma: H100, one Llama-2-7B layer, fresh 32K prompt 17.3 ms against the exact kernel's
-  // 35.5 (int8 on mma.sync: 23.1); the last 1024 rows of 32K 2.39 against 2.88 (bench/RESULTS.md, session 36).
-  // Two m-tiles a warp by two_m_tiles' rule: H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Two
+  // 35.5 (int8 on mma.sync: 23.1); the last 1024 rows of 32K 2.39 against 2.88 (bench/RESULTS.md, session 36). Three
+  // blocks an SM by three_blocks_an_sm's rule (H100, one layer): a fresh 16K prompt 4.40 -> 3.80 ms, the last 1185
+  // rows of 32K 1.89 -> 1.58; the last 1024 (512 blocks) stay at two, 1.41 against 1.45 (bench/RESULTS.md, session
+  // 42). Two m-tiles a warp by two_m_tiles' rule: H200, one Llama-2-7B layer, fresh 32K prompt 26.0 -> 23.4 ms. Two
   // forced on smaller grids: a TP 4 rank's last 1024 rows over 32K took 1.11 ms against 0.69, a 1185-token chunk
   // 2.78 against 2.63 (bench/RESULTS.md, session 24).
-  if constexpr (HD == 128 && FP8)
-    launch(sage_attention_mma<HD, FP8, 1, true>, SageLayout<HD, FP8, 1, true>{}, kB);
-  else if (two_m_tiles(T, n_heads, num_sms))
+  if constexpr (HD == 128 && FP8) {
+    if (three_blocks_an_sm(n_heads * ((T + kB - 1) / kB), num_sms))
+      launch(sage_attention_mma<HD, FP8, 1, true, 3>, SageLayout<HD, FP8, 1, true>{}, kB);
+    else
+      launch(sage_attention_mma<HD, FP8, 1, true>, SageLayout<HD, FP8, 1, true>{}, kB);
+  }   else if (two_m_tiles(T, n_heads, num_sms))
     launch(sage_attention_mma<HD, FP8, 2>, SageLayout<HD, FP8, 2>{}, 128);
   else
     launch(sage_attention_mma<HD, FP8, 1>, SageLayout<HD, FP8, 1>{}, kB);
