@@ -25,7 +25,8 @@ import { GRAPH_BUCKETS } from '../worker/step-sizes.ts';
 import { aheadStepMs, serialStepMs } from './decode-steps.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { blocksFor, kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
-import { checkPrefillAttention, type PrefillAttention } from '../core/prefill-attention.ts';
+import { checkPrefillAttention, sagePvType, type PrefillAttention } from '../core/prefill-attention.ts';
+import { allocateSageState } from '../worker/models/sage-state.ts';
 import { allocateSparqState, SPARQ_MAX_STEP_TOKENS } from '../worker/models/sparq.ts';
 import { DENSE_TOKEN } from '../core/sparq.ts';
 import { presetSpec } from './presets.ts';
@@ -48,6 +49,7 @@ const program = new Command('bench-decode')
   .option('--quantize <list>', 'weight formats to run, each model in turn: none (the preset dtype), int8 (per channel), int4; +head quantizes the LM head too (int4+head)', 'none')
   .option('--group-size <n>', 'int4 columns per scale (int8 is per output channel)', '128')
   .option('--prefill-attention <mode>', 'attention of the prompt steps: exact, or quantized int8 / fp8 (core/prefill-attention.ts)', 'exact')
+  .option('--no-sage-state', 'with --prefill-attention int8|fp8: each step quantizes its prefix anew, as before the prompts kept their blocks (worker/models/sage-state.ts)')
   .option('--attention <mode>', 'decode attention: dense, or sparq (SparQ, worker/models/sparq.ts; its state beside the cache)', 'dense')
   .option('--sparq-r <n>', 'with --attention sparq: query components that score every position', '16')
   .option('--sparq-k <n>', 'with --attention sparq: positions attended exactly', '2048')
@@ -56,7 +58,7 @@ const program = new Command('bench-decode')
   .option('--prefill-chunk <n>', 'the most prompt tokens of one eager step (under what the arena holds): 1024, as the product\'s --max-num-batched-tokens steps; 0: what the arena holds; with --attention sparq on cuda the prompt takes what the arena holds (as exact steps do)', '1024')
   .option('--kv-block-size <n>', 'page the KV cache in blocks of n positions, as the product does (16 there, 64 with --attention sparq); without it one block per sequence')
   .parse();
-const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean; arenaGib: string; prefillChunk: string }>();
+const opts = program.opts<{ models: string; batches: string; prompts: string; newTokens: string; layers?: string; device: 'cpu' | 'cuda'; kvDtype: string; profilePrefill?: string; profileSync: boolean; tp: string; rank: string; expertParallel: boolean; quantize: string; groupSize: string; prefillAttention: string; sageState: boolean; attention: string; sparqR: string; sparqK: string; kvBlockSize?: string; profileDecode: boolean; arenaGib: string; prefillChunk: string }>();
 const tp = Number(opts.tp), rank = Number(opts.rank);
 const batches = list(opts.batches).map(Number);
 const prompts = list(opts.prompts).map(Number);
@@ -121,7 +123,9 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
   checkPrefillAttention(prefillAttention, spec, opts.device, sparq ? 'sparq' : 'dense');
   // as worker.ts builds them: SparQ's state beside the cache and steps of at most the tokens its kernels serve
   const withSparq = sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, spec, plan, kv, sparq) } } : built;
-  const model = prefillAttention === 'exact' ? withSparq : { ...withSparq, model: { ...withSparq.model, prefillAttention } };
+  // as the worker: a quantized prefill keeps its prompts' blocks across steps (--no-sage-state: each step quantizes anew)
+  const sage = prefillAttention !== 'exact' && opts.sageState ? allocateSageState(engine, spec, plan, kv, sagePvType(prefillAttention)) : undefined;
+  const model = prefillAttention === 'exact' ? withSparq : { ...withSparq, model: { ...withSparq.model, prefillAttention, ...(sage && { sage }) } };
   const runner = new StepRunner(engine, soloCollectives(), model, kv, { arenaBytes, ...(sparq && opts.device === 'cuda' ? { maxStepTokens: SPARQ_MAX_STEP_TOKENS } : prefillChunk > 0 && { maxStepTokens: prefillChunk }) });
   const bytes = stepBytes(spec, plan, rank, kvDtypeBytes(kvDtype, spec.headDim));
   const greedy = (n: number) => ({ temperature: Array(n).fill(0), topK: Array(n).fill(0), topP: Array(n).fill(1), uniform: Array(n).fill(0) });

@@ -149,9 +149,11 @@ export interface Engine {
    * SageAttention-style quantized prefill attention (--prefill-attention): as `attention`, with Q and the K rows
    * (less their mean per sequence and kv head) in int8 per block of 64 rows, and P V in f16 (pv 'f16') or e4m3
    * (pv 'fp8'). Steps of at most 64 tokens and decode batches (one token per sequence) get `attention` itself.
-   * cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh.
+   * cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh. sageState: the layer's slots and the
+   * step's use of them, [header, means, blocks, slots] (native/src/sage-state.h, worker/models/sage-state.ts): a
+   * prompt's blocks quantized once across its steps; a short step still empties the slots it starts afresh.
    */
-  sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8'): Tensor;
+  sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8', sageState?: readonly [Tensor, Tensor, Tensor, Tensor]): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
   /**

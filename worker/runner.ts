@@ -36,8 +36,8 @@ import { WeftError } from '../core/errors.ts';
 import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
 import { arenaTokens, chunkRanges, DEFAULT_ARENA_BYTES, graphArenaTokens, graphBucketFor, keptStepTokens, maxGraphBatch, maxStepTokens } from './step-sizes.ts';
 
-/** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts). */
-type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers'>;
+/** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts; Sage slots to prompt chunks: sage-state.ts). */
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers' | 'sageSlots'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -374,7 +374,10 @@ export class StepRunner {
    * which a long prompt cannot afford. Graph steps never do, so that a captured step keeps one path.
    */
   private eagerIndex(batch: StepBatch): StepIndex {
-    const step = withPrefixGroups(this.ops, uploadIndex(this.ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
+    const indexed = withPrefixGroups(this.ops, uploadIndex(this.ops, stepIndexArrays(batch, this.kv, this.rankModel.model.sparq?.setting)), batch, this.kv);
+    // a prompt chunk's Sage state slot (sage-state.ts): every eager step passes the directory, which watches its writes
+    const sageSlots = this.rankModel.model.sage?.directory.assign(batch);
+    const step = sageSlots ? { ...indexed, sageSlots: int32Tensor(this.ops, sageSlots, [batch.kvBlockTable.length, 3]) } : indexed;
     const exact = this.exactTokens(batch);
     const kept = batch.tokens.length <= this.keptStepTokens ? { ...step, keepLayers: true } : step;
     return exact?.every((e) => e) ? { ...kept, sparqExact: true } : kept;
@@ -469,6 +472,7 @@ export class StepRunner {
   }
 
   private async replayDecode(batch: StepBatch, bucket: number): Promise<LaunchedStep> {
+    this.rankModel.model.sage?.directory.observe(batch); // its writes, for the Sage state's slots
     const groups = prefixGroupArrays(batch, this.kv);
     const slots = groups ? groupSlots(groups.groupShared.length, bucket) : 0;
     const graph = (slots ? this.groupedGraphs.get(`${bucket}/${slots}`) : this.graphs.get(bucket)) ?? (await this.capture(bucket, slots));

@@ -18,6 +18,8 @@ import { graphArenaTokens, maxGraphBatch, workerArenaBytes } from './step-sizes.
 import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from './models/sparq.ts';
+import { allocateSageState, sageStateBytes } from './models/sage-state.ts';
+import { sagePvType } from '../core/prefill-attention.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
 import { KV_POOL_RESERVE_BYTES, kvPoolTokens, minKvPoolBytes } from './kv-pool.ts';
 
@@ -68,8 +70,12 @@ export class WorkerState {
     const built = buildRankModel(engine, command.spec, command.plan, this.rank, await uploadWeights(engine, command.spec, command.plan, this.rank, weights), kv);
     // --attention sparq: SparQ's state beside the cache, and steps of at most the tokens its kernels serve
     const sparqModel = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
-    // --prefill-attention int8|fp8: prompt steps attend through sageAttention (the coordinator checked the model)
-    const model = command.prefillAttention ? { ...sparqModel, model: { ...sparqModel.model, prefillAttention: command.prefillAttention } } : sparqModel;
+    // --prefill-attention int8|fp8: prompt steps attend through sageAttention (the coordinator checked the model),
+    // their quantized blocks kept across the steps of a prompt
+    const prefillAttention = command.prefillAttention;
+    const model = prefillAttention
+      ? { ...sparqModel, model: { ...sparqModel.model, prefillAttention, sage: allocateSageState(engine, command.spec, command.plan, kv, sagePvType(prefillAttention)) } }
+      : sparqModel;
     this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes, ...(command.sparq && engine.backend === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
     return { bytesLoaded, ...(sized && { kvCacheTokens: sized.kvCacheTokens }) };
@@ -87,9 +93,10 @@ export class WorkerState {
     const kvBytesPerToken = this.kvBytesPerToken(command);
     const weightBytes = shardBytes(spec, plan, this.rank);
     const share = Math.floor(fraction * memory.total) - (memory.total - memory.free);
-    const leftAside = weightBytes + minKvPoolBytes({ kvBytesPerToken, kvBlockSize, maxContext }) + KV_POOL_RESERVE_BYTES;
+    const stateAside = command.prefillAttention ? sageStateBytes(spec, plan.nKvHeadsPerRank, maxContext, sagePvType(command.prefillAttention)) : 0;
+    const leftAside = weightBytes + stateAside + minKvPoolBytes({ kvBytesPerToken, kvBlockSize, maxContext }) + KV_POOL_RESERVE_BYTES;
     const arenaBytes = workerArenaBytes(spec, plan, share, leftAside, graphArenaTokens(maxGraphBatch(spec, command.kvSlots)));
-    const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, kvBytesPerToken, kvBlockSize, maxContext, kvSlots });
+    const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, stateBytes: stateAside, kvBytesPerToken, kvBlockSize, maxContext, kvSlots });
     return { kv: kvCacheLayout({ ...command, kvCacheTokens }), arenaBytes, kvCacheTokens };
   }
 

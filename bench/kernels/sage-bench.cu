@@ -89,21 +89,21 @@ int main() {
       if (which == 0)
         wc::launch_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, outs[0], exact_scratch, sms);
       else
-        wc::launch_sage_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch, sms);
+        wc::launch_sage_attention(device.ctx, q, kc, vc, slots, table, pos, nH, scale, which == 2, outs[which], scratch, sms, {});
     };
     float ms[3];
     for (int w = 0; w < 3; ++w) ms[w] = device.median_ms(2, 7, [&] { run(w); });
     // the fp8 mode's pre-pass alone (K means, int8 K, e4m3 V): part of its column, read at every prefill step
     const wc::detail::SageScratch sc = wc::detail::SageScratch::of(1, c.nKv, C, hd, true);
     const float pre_ms = device.median_ms(2, 7, [&] {
-      wc::detail::launch_sage_prepass(device.ctx, kc, vc, slots, table, pos, true, sc, static_cast<unsigned char*>(scratch));
+      wc::detail::launch_sage_prepass(device.ctx, kc, vc, slots, table, pos, true, sc, static_cast<unsigned char*>(scratch), {});
     });
     // what the pre-pass wrote (K means, int8 K and scales, the V operand and scales), fp8 then int8 mode, hashed:
     // equal hashes from two builds of the pre-pass mean equal bytes
     uint64_t pre_hash = 1469598103934665603ull;  // FNV-1a
     for (bool fp8 : {true, false}) {
       const wc::detail::SageScratch m = wc::detail::SageScratch::of(1, c.nKv, C, hd, fp8);
-      wc::detail::launch_sage_prepass(device.ctx, kc, vc, slots, table, pos, fp8, m, static_cast<unsigned char*>(scratch));
+      wc::detail::launch_sage_prepass(device.ctx, kc, vc, slots, table, pos, fp8, m, static_cast<unsigned char*>(scratch), {});
       CK(cudaStreamSynchronize(stream));
       const int64_t G = c.nKv;
       for (auto [off, bytes] : {std::pair{m.mean, G * hd * 4}, {m.k_scale, G * m.nb * 4}, {m.v_scale, G * m.nb * 4},

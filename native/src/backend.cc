@@ -507,22 +507,47 @@ Tensor Backend::sparq_attention(const Tensor& q, const Tensor& k_cache, const Te
   return out;
 }
 
+// The state tensors sage_attention takes (sage-state.h): shapes and dtypes against the cache and the table.
+static void check_sage_state(const char* op, const SageState& st, const Tensor& k_cache,
+                             const Tensor& kv_block_table, bool fp8) {
+  need(op, {"kCache", k_cache}, 4, "[nBlocks, nKv, B, hd]", {DType::F32, DType::BF16, DType::FP8, DType::I8});
+  const int64_t G = k_cache.dim(1), hd = k_cache.dim(3), S = kv_block_table.dim(0);
+  need(op, {"sageHeader", st.header}, 2, "[slots, 2]", kI32);
+  const int64_t slots = st.header.dim(0);
+  WEFT_CHECK(st.header.dim(1) == 2, op, Arg{"sageHeader", st.header}, " must be [slots, 2]");
+  need(op, {"sageMeans", st.means}, 3, "[slots, nKv, hd]", kF32);
+  WEFT_CHECK(st.means.shape == Shape({slots, G, hd}), op, Arg{"sageMeans", st.means}, " must be [", slots, ", ", G,
+             ", ", hd, "] for ", Arg{"kCache", k_cache});
+  need(op, {"sageBlocks", st.blocks}, 3, "[slots, nbMax, blockBytes / 4]", kI32);
+  const int64_t block_words = sage_state_block_bytes(G, hd, fp8) / 4;
+  WEFT_CHECK(st.blocks.dim(0) == slots && st.blocks.dim(2) == block_words, op, Arg{"sageBlocks", st.blocks},
+             " must be [", slots, ", nbMax, ", block_words, "] (", fp8 ? "fp8" : "f16", " P V, ",
+             Arg{"kCache", k_cache}, ")");
+  need(op, {"sageSlots", st.slots}, 2, "[S, 3]", kI32);
+  WEFT_CHECK(st.slots.dim(0) == S && st.slots.dim(1) == 3, op, Arg{"sageSlots", st.slots}, " must be [", S,
+             ", 3] (a slot, afresh, vouched positions per row of ", Arg{"kvBlockTable", kv_block_table}, ")");
+}
+
 Tensor Backend::sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                                const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
-                               DType pv) {
+                               DType pv, const SageState* state) {
   const char* op = "sageAttention";
   WEFT_CHECK(pv == DType::F16 || pv == DType::FP8, op, "pv must be f16 or fp8 (got ", dtype_name(pv), ")");
   need(op, {"kvBlockTable", kv_block_table}, 2, "[S, maxBlocksPerSeq]", kI32);
   need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
+  if (state) check_sage_state(op, *state, k_cache, kv_block_table, pv == DType::FP8);
   const int64_t T = q.dim(0);
-  if (T < kSageMinTokens || T == kv_block_table.dim(0))  // the exact path checks the rest
+  if (T < kSageMinTokens || T == kv_block_table.dim(0)) {  // the exact path checks the rest
+    if (state) run_sage_state_reset(*state);
     return attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale);
+  }
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, T);
   check_query(op, q, k_cache, n_heads, scale);
   Tensor out = empty(DType::F32, q.shape);
-  run_sage_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, pv, out);
+  run_sage_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, pv, state, out);
   return out;
 }
+
 
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   WEFT_CHECK(!is_quantized(dst.dtype), "copy", Arg{"dst", dst}, " is a quantized weight (only matmuls read it)");

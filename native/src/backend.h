@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "sage-state.h"
 #include "tensor.h"
 
 namespace weft {
@@ -184,9 +185,12 @@ class Backend {
   // attention, with Q and the mean-smoothed K in int8 per 64-row block and P V in f16 (pv F16) or e4m3 (pv FP8).
   // Steps of fewer than kSageMinTokens tokens (the CUDA decode kernel's) and decode batches (one token per
   // sequence) get attention() itself: decode is untouched. hd 64 or 128 on cuda.
+  // state (or null): the layer's slots and the step's use of them (sage-state.h); a short step still empties the
+  // slots it starts afresh.
   static constexpr int64_t kSageMinTokens = 65;
   Tensor sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
-                        const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv);
+                        const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
+                        const SageState* state);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
   // In place: ids[i] = from[i] < 0 ? ids[i] : src[from[i]], with ids [N], from [N] and src [M] i32; from[i] >= M is
@@ -300,7 +304,9 @@ class Backend {
                                    int64_t n_heads, float scale, const Tensor& out) = 0;
   virtual void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                   const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                                  int64_t n_heads, float scale, DType pv, const Tensor& out) = 0;
+                                  int64_t n_heads, float scale, DType pv, const SageState* state,
+                                  const Tensor& out) = 0;
+  virtual void run_sage_state_reset(const SageState& state) = 0;  // the slots that start afresh, emptied
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;
   virtual void run_feed_tokens(const Tensor& ids, const Tensor& from, const Tensor& src) = 0;
   virtual void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -520,8 +521,16 @@ Napi::Value EngineHandle::SparqAttention(const Napi::CallbackInfo& info) {
 Napi::Value EngineHandle::SageAttention(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "sageAttention", [&] {
     Args a(info, "sageAttention", this);
+    // sageState: [header, means, blocks, slots] (sage-state.h), or absent
+    std::optional<SageState> state;
+    if (info.Length() > 9 && !info[9].IsUndefined()) {
+      std::vector<Tensor> parts = a.tensors(9, "sageState");
+      WEFT_CHECK(parts.size() == 4, "sageAttention", "sageState must be [header, means, blocks, slots] (got ",
+                 parts.size(), " tensors)");
+      state = SageState{parts[0], parts[1], parts[2], parts[3]};
+    }
     return Wrap(info.Env(), with_attention_args(a, [&](auto&&... args) {
-                  return backend_->sage_attention(args..., a.dtype(8, "pv"));
+                  return backend_->sage_attention(args..., a.dtype(8, "pv"), state ? &*state : nullptr);
                 }));
   });
 }

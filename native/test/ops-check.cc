@@ -1571,7 +1571,7 @@ void check_sage(Rng& rng) {
         const float scale = 1.0f / std::sqrt(float(hd));
         auto attend = [&](Backend& b, const std::pair<Tensor, Tensor>& kv, bool sage) {
           Tensor qt = up(b, q, {c.T, c.nH * hd}), ts = up_i(b, seq), table = up_table(b, rows, per_seq), ps = up_i(b, pos);
-          return down(b, sage ? b.sage_attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale, pv)
+          return down(b, sage ? b.sage_attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale, pv, nullptr)
                               : b.attention(qt, kv.first, kv.second, ts, table, ps, c.nH, scale));
         };
         const auto got = attend(*gpu, gq, true);

@@ -47,3 +47,19 @@ test('--prefill-attention int8 / fp8 on CUDA: log-probs near exact and near the 
     });
   }
 });
+
+// A prompt in 128-token steps keeps its quantized blocks and its first step's K mean across them (a state slot:
+// worker/models/sage-state.ts): the same bounds against the exact cluster, and near the CPU reference in the same steps.
+test('--prefill-attention int8 / fp8 on CUDA, a prompt in 128-token steps: near exact and near the CPU reference', { skip }, async () => {
+  const exact = await run({}, logprobsOf);
+  for (const mode of ['int8', 'fp8'] as const) {
+    const options = { prefillAttention: mode, maxNumBatchedTokens: 128, kvSlots: 8 } as const;
+    const cpu = await run({ ...options, device: 'cpu' }, async (c) => meanNll(await logprobsOf(c)));
+    const logprobs = await run(options, logprobsOf);
+    const deviations = logprobs.map((lp, i) => Math.abs(lp - exact[i]!));
+    const max = Math.max(...deviations), mean = deviations.reduce((a, d) => a + d, 0) / deviations.length;
+    console.log(`# ${mode}, 128-token steps: log-prob deviation from exact max ${max.toFixed(4)} mean ${mean.toFixed(5)}; mean NLL ${meanNll(logprobs).toFixed(4)} (cpu reference ${cpu.toFixed(4)})`);
+    assert.ok(max > 0 && max <= TOLERANCE[mode].max && mean <= TOLERANCE[mode].mean, `${mode}: log-prob deviation max ${max}, mean ${mean}`);
+    assert.ok(Math.abs(meanNll(logprobs) - cpu) <= TOLERANCE[mode].cpu, `${mode}: mean NLL cuda ${meanNll(logprobs)} vs cpu reference ${cpu}`);
+  }
+});

@@ -47,6 +47,9 @@ test('a fraction that leaves less than one full-context sequence is refused, nam
   refused({ ...h200, fraction: 0.25 }, /--gpu-memory-fraction 0.25 of 140.00 GiB leaves 0.00 GiB for the KV cache .*weights 12.60 GiB, step arena 24.00 GiB.*context of 4096 positions \(2.00 GiB\)/);
   // another process holds most of the device
   refused({ ...h200, freeBytes: 40 * GiB }, /in use before loading 100.00 GiB/);
+  // the state kept beside the cache (the prompts' Sage slots) comes off the pool and is named
+  assert.equal(kvPoolBytes({ ...h200, stateBytes: 2 * GiB }), kvPoolBytes(h200) - 2 * GiB);
+  refused({ ...h200, fraction: 0.25, stateBytes: 1.5 * GiB }, /step arena 24.00 GiB, Sage prefill state 1.50 GiB, reserve/);
   // exactly one context is enough
   const oneContext = { ...h200, fraction: (0.5 * GiB + 12.6 * GiB + 24 * GiB + KV_POOL_RESERVE_BYTES + minKvPoolBytes(h200)) / (140 * GiB) + 1e-9 };
   assert.equal(kvPoolTokens(oneContext), 4096);

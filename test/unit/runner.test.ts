@@ -18,6 +18,7 @@ import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
 import { feedScenario } from '../helpers/feed-scenario.ts';
 import { allocateSparqState } from '../../worker/models/sparq.ts';
+import { allocateSageState } from '../../worker/models/sage-state.ts';
 import { DENSE_TOKEN } from '../../core/sparq.ts';
 import { forward } from '../../worker/models/llama.ts';
 import { int32Tensor, type StepIndex } from '../../worker/models/ops.ts';
@@ -106,6 +107,37 @@ test('a prompt in chunks draws and downloads only in the chunk that holds the ro
   assert.ok(maxAbsDiff(chunked.logprobs!, whole.logprobs!) < 1e-5);
   assert.deepEqual(chunked.tokenLogprobs?.[0]?.topIds, whole.tokenLogprobs?.[0]?.topIds);
   assert.equal(chunked.tokenLogprobs?.[0]?.topIds.length, 2);
+});
+
+test('a prompt in chunks under --prefill-attention keeps a Sage state slot across them, as hand-given slots do', async () => {
+  const kv = kvCacheLayout({ kvSlots: 1, maxContext: 256, device: 'cpu' });
+  const { engine, spec, model: plain } = await tinyModel(kv);
+  const model = { ...plain, model: { ...plain.model, prefillAttention: 'int8' as const } };
+  const stateful = { ...model, model: { ...model.model, sage: allocateSageState(engine, spec, planShards(spec, 1), kv, 'f16') } };
+  const prompt = Array.from({ length: 200 }, (_, i) => (i * 37 + 11) % spec.vocabSize);
+  const batch = { tokens: prompt, positions: prompt.map((_, i) => i), tokenSeq: prompt.map(() => 0), kvBlockTable: [[0]], logitRows: [199], scoreIds: [5] };
+  const { counted, calls } = counting(engine);
+  const withState = new Proxy(counted, {
+    get: (target, key, receiver) => key !== 'sageAttention' ? Reflect.get(target, key, receiver) : (...args: Parameters<Engine['sageAttention']>) => {
+      if (args[9]) calls.set('with state', (calls.get('with state') ?? 0) + 1);
+      return target.sageAttention(...args);
+    },
+  });
+  const kept = await new StepRunner(withState, soloCollectives(), stateful, kv, { maxStepTokens: 70 }).step(batch); // 67, 67, 66
+  assert.equal(calls.get('with state'), 3 * spec.nLayers, 'the three chunks, every layer');
+  // the oracle: the same chunks through forward() with the slots given by hand (afresh, then vouched for what came before)
+  const oracle = { ...model, model: { ...model.model, sage: allocateSageState(engine, spec, planShards(spec, 1), kv, 'f16') } };
+  let logits: Float32Array | null = null;
+  for (const [start, end, slots] of [[0, 67, [0, 1, 0]], [67, 134, [0, 0, 67]], [134, 200, [0, 0, 134]]] as const) {
+    const chunk = { ...batch, tokens: prompt.slice(start, end), positions: batch.positions.slice(start, end), tokenSeq: batch.tokenSeq.slice(start, end), logitRows: [end - start - 1] };
+    const arrays = stepIndexArrays(chunk, kv);
+    const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
+    const step = { ...index, sageSlots: int32Tensor(engine, [...slots], [1, 3]) };
+    logits = new Float32Array(engine.download(await forward(engine, soloCollectives(), oracle.model, oracle.feedForward, step)).buffer);
+  }
+  assert.ok(Math.abs(kept.logprobs![0]! - logSoftmax(logits!)[5]!) < 1e-5, `runner ${kept.logprobs![0]}, oracle ${logSoftmax(logits!)[5]}`);
+  const anew = await new StepRunner(engine, soloCollectives(), model, kv, { maxStepTokens: 70 }).step(batch);
+  assert.notEqual(kept.logprobs![0], anew.logprobs![0], 'each chunk quantizing anew gives other log-probs (its own K mean)');
 });
 
 test('a logit bias moves the draw and not the log-probs: +100 forces a token, -100 bans the argmax; whole, in chunks and drawn on the device alike', async () => {

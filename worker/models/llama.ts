@@ -9,6 +9,7 @@ import type { Collectives } from '../collectives/collectives.ts';
 import type { Ops, StepIndex, Tensor } from './ops.ts';
 import { keepSparqState, sparqAttention, type SparqState } from './sparq.ts';
 import { sagePvType, type PrefillAttention } from '../../core/prefill-attention.ts';
+import { sageStateOf, type SageState } from './sage-state.ts';
 
 export interface AttentionWeights {
   readonly attnNorm: Tensor; // [hidden]
@@ -35,6 +36,7 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly kvCache: readonly { k: Tensor; v: Tensor }[]; // per layer [nBlocks, nKvHeadsPerRank, B, headDim] f32|bf16 (StepIndex)
   readonly sparq?: SparqState; // with --attention sparq: the transposed K and V block sums beside kvCache (sparq.ts)
   readonly prefillAttention?: Exclude<PrefillAttention, 'exact'>; // --prefill-attention int8|fp8: steps of prompts attend through sageAttention
+  readonly sage?: SageState; // with prefillAttention: the prompts' quantized blocks kept across their steps (sage-state.ts)
 }
 
 /** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts. */
@@ -57,7 +59,7 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
     : step.prefixGroups
       ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, scale)
       : model.prefillAttention // quantized for prompt steps; the engine keeps decode batches and short steps exact
-        ? ops.sageAttention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale, sagePvType(model.prefillAttention))
+        ? ops.sageAttention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale, sagePvType(model.prefillAttention), sageStateOf(model.sage, layerIndex, step))
         : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale);
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }

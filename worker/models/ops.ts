@@ -33,6 +33,8 @@ export interface StepIndex {
   readonly logitRows: Tensor; // [R] i32: batch rows whose logits the step returns
   readonly sparqR: Tensor; // [T] i32: SparQ's r per token (read only by a model with SparQ state; core/sparq.ts)
   readonly sparqK: Tensor; // [T] i32: SparQ's k per token (2^30: exact)
+  /** [S, 3] i32: each table row's Sage state slot (sage-state.ts), on eager steps of a model that keeps the state */
+  readonly sageSlots?: Tensor;
   /** every token attended exactly: a model with SparQ's state keeps it and takes the dense kernels (runner.ts) */
   readonly sparqExact?: boolean;
   /** decode steps whose sequences share leading KV blocks: attention reads them once per group (worker/prefix-groups.ts) */

@@ -3,6 +3,7 @@
 // pre-pass's order, so both get the same bits), the same int8 blocks and codes (kv-quant.h's rule), the same
 // online softmax over 64-position tiles with P rounded to f16 or e4m3 as the tensor cores take it.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -71,14 +72,17 @@ struct QuantizedKv {
   std::vector<float> v_scale;   // [nb] fp8: the codes' scale
 };
 
+// kept_mean: the mean a state slot keeps for this (sequence, kv head), used as it is (null: the mean over [0, end)
+// is computed, and stored into store_mean when that is given).
 QuantizedKv quantize_kv(const void* k_cache, const void* v_cache, DType dtype, const float* k_scales,
                         const float* v_scales, const KvBlockTable& kv, int64_t seq, int64_t g, int64_t end, int64_t hd,
-                        bool fp8) {
+                        bool fp8, const float* kept_mean, float* store_mean) {
   const int64_t nb = (end + kBlock - 1) / kBlock;
   std::vector<float> row(static_cast<size_t>(hd)), mean(static_cast<size_t>(hd), 0.0f);
   // the mean, summed as the CUDA pre-pass sums it
   std::vector<float> part(static_cast<size_t>(kSumWarps * hd));
-  for (int64_t p0 = 0; p0 < end; p0 += kSpanRows) {
+  if (kept_mean) std::copy(kept_mean, kept_mean + hd, mean.begin());
+  for (int64_t p0 = 0; !kept_mean && p0 < end; p0 += kSpanRows) {
     std::fill(part.begin(), part.end(), 0.0f);
     for (int64_t p = p0; p < std::min(end, p0 + kSpanRows); ++p) {
       load_row(k_cache, dtype, k_scales, kv.row_of(seq, g, p), hd, row.data());
@@ -91,7 +95,10 @@ QuantizedKv quantize_kv(const void* k_cache, const void* v_cache, DType dtype, c
       mean[d] += x;
     }
   }
-  for (int64_t d = 0; d < hd; ++d) mean[d] /= static_cast<float>(end);
+  if (!kept_mean) {
+    for (int64_t d = 0; d < hd; ++d) mean[d] /= static_cast<float>(end);
+    if (store_mean) std::copy(mean.begin(), mean.end(), store_mean);
+  }
 
   QuantizedKv out{std::vector<int8_t>(static_cast<size_t>(nb * kBlock * hd), 0), std::vector<float>(nb),
                   std::vector<float>(static_cast<size_t>(nb * kBlock * hd), 0.0f), std::vector<float>(nb)};
@@ -121,18 +128,50 @@ QuantizedKv quantize_kv(const void* k_cache, const void* v_cache, DType dtype, c
 
 }  // namespace
 
+void sage_state_reset(const SageStateView& state, int64_t n_seqs) {
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    const int32_t slot = state.slots[3 * s];
+    if (slot >= 0 && slot < state.n_slots && state.slots[3 * s + 1]) state.header[2 * slot] = 0;
+  }
+}
+
 void sage_attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache,
                     DType kv_dtype, const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions,
                     int64_t T, int64_t n_heads, int64_t hd, float scale, bool fp8, const float* k_scales,
-                    const float* v_scales) {
+                    const float* v_scales, const SageStateView* state) {
   const int64_t S = kv.n_seqs, G = kv.n_kv, group = n_heads / G;
-  std::vector<int64_t> seq_end(static_cast<size_t>(S), 0);
-  for (int64_t t = 0; t < T; ++t) seq_end[token_seq[t]] = std::max<int64_t>(seq_end[token_seq[t]], positions[t] + 1);
+  std::vector<int64_t> seq_end(static_cast<size_t>(S), 0), seq_start(static_cast<size_t>(S), INT64_MAX);
+  for (int64_t t = 0; t < T; ++t) {
+    seq_end[token_seq[t]] = std::max<int64_t>(seq_end[token_seq[t]], positions[t] + 1);
+    seq_start[token_seq[t]] = std::min<int64_t>(seq_start[token_seq[t]], positions[t]);
+  }
+  // each row's slot (sage-state.h): the mean it keeps, where its kept blocks leave any (the CUDA kernels reuse those
+  // blocks; quantized again here from the same rows and mean, they are the same), else the step's mean, kept
+  std::vector<const float*> kept(static_cast<size_t>(S), nullptr);
+  std::vector<float*> store(static_cast<size_t>(S), nullptr);
+  if (state) {
+    sage_state_reset(*state, S);
+    for (int64_t s = 0; s < S; ++s) {
+      const int32_t slot = state->slots[3 * s];
+      if (slot < 0 || slot >= state->n_slots || seq_end[s] == 0 || (seq_end[s] + kBlock - 1) / kBlock > state->nb_max)
+        continue;
+      const int64_t held = std::min<int64_t>({state->header[2 * slot], state->slots[3 * s + 2], seq_start[s]});
+      float* mean = state->means + slot * G * hd;
+      if (std::max<int64_t>(held, 0) / kBlock > 0)
+        kept[s] = mean;
+      else
+        store[s] = mean;
+      state->header[2 * slot] = static_cast<int32_t>(seq_end[s]);
+    }
+  }
   std::vector<QuantizedKv> kvq(static_cast<size_t>(S * G));
   pool.parallel_for(S * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      if (seq_end[i / G] > 0)
-        kvq[i] = quantize_kv(k_cache, v_cache, kv_dtype, k_scales, v_scales, kv, i / G, i % G, seq_end[i / G], hd, fp8);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = i / G, g = i % G;
+      if (seq_end[s] > 0)
+        kvq[i] = quantize_kv(k_cache, v_cache, kv_dtype, k_scales, v_scales, kv, s, g, seq_end[s], hd, fp8,
+                             kept[s] ? kept[s] + g * hd : nullptr, store[s] ? store[s] + g * hd : nullptr);
+    }
   });
   // Q: one scale per (64 tokens of the step, head)
   const int64_t qb = (T + kBlock - 1) / kBlock;

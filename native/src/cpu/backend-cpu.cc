@@ -205,11 +205,30 @@ class CpuBackend final : public Backend {
   }
   void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                           const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
-                          const Tensor& out) override {
+                          const SageState* state, const Tensor& out) override {
     KvBlockTable kv = checked_kv_table("sageAttention", k_cache, token_seq, kv_block_table, positions, true);
+    const cpu::SageStateView view = state ? sage_state_view(*state) : cpu::SageStateView{};
     cpu::sage_attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
                         k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,
-                        k_cache.dim(3), scale, pv == DType::FP8, k_cache.kv_scales(), v_cache.kv_scales());
+                        k_cache.dim(3), scale, pv == DType::FP8, k_cache.kv_scales(), v_cache.kv_scales(),
+                        state ? &view : nullptr);
+  }
+  void run_sage_state_reset(const SageState& state) override {
+    cpu::sage_state_reset(sage_state_view(state), state.slots.dim(0));
+  }
+  // The slots' view; two rows naming one slot are refused (the CUDA kernels would race on it).
+  static cpu::SageStateView sage_state_view(const SageState& state) {
+    const cpu::SageStateView view{state.header.data<int32_t>(), state.means.data<float>(), state.slots.data<int32_t>(),
+                                  state.header.dim(0), state.blocks.dim(1)};
+    std::vector<int64_t> row_of(static_cast<size_t>(view.n_slots), -1);
+    for (int64_t s = 0; s < state.slots.dim(0); ++s) {
+      const int32_t slot = view.slots[3 * s];
+      if (slot < 0 || slot >= view.n_slots) continue;
+      WEFT_CHECK(row_of[slot] < 0, "sageAttention", "sageSlots names slot ", slot, " for rows ", row_of[slot], " and ", s,
+                 " (a slot holds one sequence)");
+      row_of[slot] = s;
+    }
+    return view;
   }
   void run_add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight, float eps, const Tensor& sum,
                         const Tensor& normed) override {

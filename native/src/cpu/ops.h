@@ -64,12 +64,22 @@ void sparq_attention(ThreadPool& pool, float* out, const float* q, const void* k
 // Copies each token's K cache rows into k_t, and remakes a block's V sum when its last row is written.
 void sparq_append(void* k_t, float* v_sum, const void* k_cache, const void* v_cache, DType kv_dtype,
                   const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions, int64_t T, int64_t hd);
+// A layer's Sage state slots (sage-state.h) as the CPU reference keeps them: the header and the means (it quantizes
+// every block again from the kept mean, which gives the blocks the CUDA kernels keep).
+struct SageStateView {
+  int32_t* header;       // [n_slots, 2]
+  float* means;          // [n_slots, nKv, hd]
+  const int32_t* slots;  // [S, 3]
+  int64_t n_slots, nb_max;
+};
 // SageAttention-style quantized attention (cpu/attention-sage.cc; the algorithm in cuda/attention-sage.cuh): out for
-// every token, P V in e4m3 when fp8, else f16.
+// every token, P V in e4m3 when fp8, else f16; state: the rows' slots, or null.
 void sage_attention(ThreadPool& pool, float* out, const float* q, const void* k_cache, const void* v_cache,
                     DType kv_dtype, const KvBlockTable& kv, const int32_t* token_seq, const int32_t* positions,
                     int64_t T, int64_t n_heads, int64_t hd, float scale, bool fp8, const float* k_scales = nullptr,
-                    const float* v_scales = nullptr);
+                    const float* v_scales = nullptr, const SageStateView* state = nullptr);
+// The slots that start afresh, emptied (a short step with state: it attends exactly).
+void sage_state_reset(const SageStateView& state, int64_t n_seqs);
 
 // gate_up [T, 2F] -> out [T, F].
 void silu_mul(float* out, const float* gate_up, int64_t T, int64_t F);

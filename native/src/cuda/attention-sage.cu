@@ -15,6 +15,7 @@ namespace weft::cuda {
 namespace {
 
 using detail::SageScratch;
+using detail::SageSeqOperands;
 constexpr int kThreads = 128;
 constexpr int kB = kSageBlock;
 constexpr int kWarps = kThreads / 32;
@@ -57,11 +58,9 @@ struct SageLayout {
 // MT = 1's, in the same order.
 template <int HD, bool FP8, int MT, bool WG = false, int kBlocksPerSm = 2>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    sage_attention_mma(const float* __restrict__ q, const int8_t* __restrict__ k8,
-                       const unsigned char* __restrict__ v_op, const float* __restrict__ k_scale,
-                       const float* __restrict__ v_scale, KvBlockTable kv, const int32_t* __restrict__ token_seq,
-                       const int32_t* __restrict__ positions, int T, int nH, int nb, int cp, float qscale,
-                       float* __restrict__ out, DeviceStatus* status) {
+    sage_attention_mma(const float* __restrict__ q, const SageSeqOperands* __restrict__ seq_ops, KvBlockTable kv,
+                       const int32_t* __restrict__ token_seq, const int32_t* __restrict__ positions, int T, int nH,
+                       float qscale, float* __restrict__ out, DeviceStatus* status) {
   static_assert(!WG || (FP8 && HD == 128 && MT == 1), "the wgmma form: fp8 mode, head dim 128, one m-tile");
   static_assert(kBlocksPerSm == 2 || (WG && kBlocksPerSm == 3), "three blocks an SM: the wgmma form (168 registers)");
   using L = SageLayout<HD, FP8, MT, WG>;
@@ -154,13 +153,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     __syncthreads();
     const int seq = cur_seq, end = kv_end;
     if (seq < 0) break;
-    const int64_t sg = int64_t(seq) * G + g;
+    // kv head g's tiles of this sequence (the step's scratch or its state slot)
+    const SageSeqOperands& op = seq_ops[seq];
+    const unsigned char* const k8 = op.k8 + g * op.k8_head;
+    const unsigned char* const v_op = op.v + g * op.v_head;
+    const unsigned char* const k_scale = op.scales + g * op.sc_head;
+    const int64_t k8_tile = op.k8_tile, v_tile_bytes = op.v_tile, sc_tile = op.sc_tile, v_scale_off = op.v_scale_off;
     PassRows rows[MT];
     int wmin, wmax;
     warp_pass_rows(rows, wmin, wmax, warp, gr, seq, tok_seq, tok_pos, tok_done);
     auto fetch = [&](int j, int buf) {
-      const int8_t* ks = k8 + (sg * cp + int64_t(j) * kB) * HD;
-      const unsigned char* vs = FP8 ? v_op + (sg * nb + j) * int64_t(HD * kB) : v_op + (sg * cp + int64_t(j) * kB) * HD * 2;
+      const unsigned char* ks = k8 + j * k8_tile;
+      const unsigned char* vs = v_op + j * v_tile_bytes;
 #pragma unroll
       for (int i = 0; i < KCH; ++i) {
         const int c = i * kThreads + tid, r = c / (HD / 16), ch = c % (HD / 16);
@@ -218,10 +222,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           mma_tile_pairs<KT, NS / 2, false, mma_s8, MT>(si, q_frag,
                                                         [&](int kk, int np) { return kb + np * 16 * L::kLdK + kk * 32; });
         }
-        const float f = __fmul_rn(__fmul_rn(sq, k_scale[sg * nb + j]), qscale);
+        // __ldg: a pointer read from the descriptors is not known to be global, and a generic load sat in the
+        // tile's dependence chain
+        const float f = __fmul_rn(__fmul_rn(sq, __ldg(reinterpret_cast<const float*>(k_scale + j * sc_tile))), qscale);
         float ratio = 1.0f;
         if constexpr (FP8) {  // o_acc in units of this tile's c = vscale / 448: rescale by c_prev / c
-          const float vs = v_scale[sg * nb + j], c = (vs > 0 ? vs : 1.0f) * (1.0f / kFp8Max);
+          const float vs = __ldg(reinterpret_cast<const float*>(k_scale + v_scale_off + j * sc_tile));
+          const float c = (vs > 0 ? vs : 1.0f) * (1.0f / kFp8Max);
           ratio = c_prev / c;
           c_prev = c;
         }
@@ -299,24 +306,20 @@ bool three_blocks_an_sm(int64_t blocks, int num_sms) {
 template <int HD, bool FP8>
 void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                  const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
-                 float scale, const Tensor& out, unsigned char* scratch, int num_sms) {
+                 float scale, const Tensor& out, unsigned char* scratch, int num_sms, const SageStateArgs& state) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int T = static_cast<int>(q.dim(0));
   const SageScratch sc = SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), HD, FP8);
-  float* k_scale = reinterpret_cast<float*>(scratch + sc.k_scale);
-  float* v_scale = reinterpret_cast<float*>(scratch + sc.v_scale);
-  int8_t* k8 = reinterpret_cast<int8_t*>(scratch + sc.k8);
-  unsigned char* v_op = scratch + sc.v;
-  const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp);
+  const auto* seq_ops = reinterpret_cast<const SageSeqOperands*>(scratch + sc.operands);
 
-  detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch);
+  detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch, state);
   auto launch = [&](auto kernel, auto layout, int BQ) {
     constexpr size_t smem = decltype(layout)::kBytes;
     allow_dynamic_smem(ctx, kernel, smem, "sageAttention");
     dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>((T + BQ - 1) / BQ));
-    kernel<<<grid, kThreads, smem, ctx.stream>>>(q.data<float>(), k8, v_op, k_scale, v_scale, kv,
-                                                  token_seq.data<int32_t>(), positions.data<int32_t>(), T,
-                                                  int(n_heads), nb, cp, scale * kLog2e, out.data<float>(), ctx.status);
+    kernel<<<grid, kThreads, smem, ctx.stream>>>(q.data<float>(), seq_ops, kv, token_seq.data<int32_t>(),
+                                                  positions.data<int32_t>(), T, int(n_heads), scale * kLog2e,
+                                                  out.data<float>(), ctx.status);
   };
   // fp8 at head dim 128 on wgmma: H100, one Llama-2-7B layer, fresh 32K prompt 17.3 ms against the exact kernel's
   // 35.5 (int8 on mma.sync: 23.1); the last 1024 rows of 32K 2.39 against 2.88 (bench/RESULTS.md, session 36). Three
@@ -346,7 +349,8 @@ int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor&
 
 void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms) {
+                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms,
+                           const SageStateArgs& state) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int64_t T = q.dim(0), hd = k_cache.dim(3);
   if (T == 0 || hd == 0) return;
@@ -361,7 +365,7 @@ void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cach
   auto run = [&](auto head_dim, auto fp8_mode) {
     launch_sage<decltype(head_dim)::value, decltype(fp8_mode)::value>(ctx, q, k_cache, v_cache, token_seq,
                                                                        kv_block_table, positions, n_heads, scale, out,
-                                                                       bytes, num_sms);
+                                                                       bytes, num_sms, state);
   };
   using H64 = std::integral_constant<int, 64>;
   using H128 = std::integral_constant<int, 128>;

@@ -18,10 +18,11 @@
 #pragma once
 
 #include "cuda/common.cuh"
+#include "sage-state.h"
 
 namespace weft::cuda {
 
-constexpr int kSageBlock = 64;  // query tokens per Q scale, positions per K (and V) scale: the kernels' tiles
+constexpr int kSageBlock = static_cast<int>(weft::kSageBlock);  // the kernels' tiles (sage-state.h)
 // The scratch a call may take (a step's sequences x their capacity): larger calls attend exactly (backend-cuda.cc).
 constexpr int64_t kSageMaxScratchBytes = int64_t{512} << 20;
 
@@ -30,19 +31,41 @@ inline bool sage_head_dim_supported(int64_t hd) { return hd == 64 || hd == 128; 
 // Bytes of device scratch launch_sage_attention needs (q, the caches' shape and the table's).
 int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8);
 
+// A layer's state slots (sage-state.h) as the kernels take them; slots null: no state.
+struct SageStateArgs {
+  int32_t* header = nullptr;
+  float* means = nullptr;
+  unsigned char* blocks = nullptr;
+  const int32_t* slots = nullptr;
+  int n_slots = 0, nb_max = 0;
+  int64_t block_bytes = 0;
+};
+
 // q [T, nH * hd] f32 -> out [T, nH * hd] f32 over caches [nBlocks, nKv, B, hd] of any KV dtype; fp8 picks the P V
 // operand type (e4m3, else f16). scratch: sage_scratch_bytes of device memory, 256-byte aligned. num_sms: the
-// device's, for the kernel's choice of query rows a warp.
+// device's, for the kernel's choice of query rows a warp. state: the sequences' slots, or none.
 void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms);
+                           int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms,
+                           const SageStateArgs& state);
+// Where a step with slots attends exactly instead (a short step): the slots that start afresh are emptied.
+void launch_sage_state_reset(const Ctx& ctx, const SageStateArgs& state, int64_t n_seqs);
 
 namespace detail {
+// Where one table row's quantized K, V operand and scales lie (the step's scratch or its state slot): tile j of kv
+// head g at base + j * tile + g * head, in bytes; V scales at the K scales' address + v_scale_off. Blocks below
+// from_block are the slot's from earlier steps; needs_mean: the row's K mean is computed (else the slot's).
+struct SageSeqOperands {
+  unsigned char *k8, *v, *scales;
+  int64_t k8_tile, k8_head, v_tile, v_head, sc_tile, sc_head, v_scale_off;
+  int32_t from_block, needs_mean, slot, pad;
+};
+
 // Byte offsets of the scratch's parts (each 256-aligned), for S table rows, G kv heads, capacity C, head dim hd.
 struct SageScratch {
   static constexpr int64_t kSpanRows = 512;  // positions per partial K sum of the pre-pass
   int64_t nb, cp, spans;                                           // 64-position blocks, padded capacity, spans
-  int64_t seq_end, sums, mean, k_scale, v_scale, k8, v, total;    // offsets (bytes)
+  int64_t seq_end, seq_start, operands, sums, mean, k_scale, v_scale, k8, v, total;  // offsets (bytes)
   static SageScratch of(int64_t S, int64_t G, int64_t C, int64_t hd, bool fp8) {
     SageScratch s{};
     s.nb = (C + kSageBlock - 1) / kSageBlock;
@@ -55,6 +78,8 @@ struct SageScratch {
       return off;
     };
     s.seq_end = take(S * 4);                     // [S] i32
+    s.seq_start = take(S * 4);                   // [S] i32: the least position of the row's tokens
+    s.operands = take(S * int64_t(sizeof(SageSeqOperands)));
     s.sums = take(S * G * s.spans * hd * 4);     // [S, G, spans, hd] f32
     s.mean = take(S * G * hd * 4);               // [S, G, hd] f32
     s.k_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32
@@ -70,7 +95,7 @@ struct SageScratch {
 // operand, written into scratch at the offsets of sc.
 void launch_sage_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                          const Tensor& kv_block_table, const Tensor& positions, bool fp8, const SageScratch& sc,
-                         unsigned char* scratch);
+                         unsigned char* scratch, const SageStateArgs& state);
 }  // namespace detail
 
 }  // namespace weft::cuda
