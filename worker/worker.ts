@@ -93,7 +93,7 @@ export class WorkerState {
     const kvBytesPerToken = this.kvBytesPerToken(command);
     const weightBytes = shardBytes(spec, plan, this.rank);
     const share = Math.floor(fraction * memory.total) - (memory.total - memory.free);
-    const stateAside = command.prefillAttention ? sageStateBytes(spec, plan.nKvHeadsPerRank, maxContext, sagePvType(command.prefillAttention)) : 0;
+    const stateAside = this.sageBytes(command);
     const leftAside = weightBytes + stateAside + minKvPoolBytes({ kvBytesPerToken, kvBlockSize, maxContext }) + KV_POOL_RESERVE_BYTES;
     const arenaBytes = workerArenaBytes(spec, plan, share, leftAside, graphArenaTokens(maxGraphBatch(spec, command.kvSlots)));
     const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, stateBytes: stateAside, kvBytesPerToken, kvBlockSize, maxContext, kvSlots });
@@ -119,7 +119,13 @@ export class WorkerState {
   private arenaBytes(command: InitCommand, kv: KvCacheLayout, freeBytes: number): number {
     const { spec, plan } = command;
     const kvBytes = kv.kvBlocks * kv.kvBlockSize * this.kvBytesPerToken(command); // SparQ's state included
-    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes, graphArenaTokens(maxGraphBatch(spec, kv.kvSlots)));
+    return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes + this.sageBytes(command), graphArenaTokens(maxGraphBatch(spec, kv.kvSlots)));
+  }
+
+  /** The prompts' Sage state beside the cache with --prefill-attention (models/sage-state.ts), else 0. */
+  private sageBytes(command: InitCommand): number {
+    const mode = command.prefillAttention;
+    return mode ? sageStateBytes(command.spec, command.plan.nKvHeadsPerRank, command.maxContext, sagePvType(mode)) : 0;
   }
 
   private async joinCollectives(engine: Engine, command: InitCommand, plan: CollectivesPlan): Promise<Collectives> {
