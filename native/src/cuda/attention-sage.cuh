@@ -1,8 +1,9 @@
 // SageAttention-style quantized prefill attention (opt-in: --prefill-attention int8|fp8). The algorithm, which
 // the CPU reference (cpu/attention-sage.cc) defines and these kernels follow, per query head h of kv head g:
 //  1. smoothing: per (sequence s, kv head g) the mean of K over the positions [0, end_s) the step attends to
-//     (end_s = 1 + the largest position of s's tokens in the step) is subtracted from every K row. Exact under
-//     softmax: it shifts each score of a query row by the same q . mean.
+//     (end_s = 1 + the largest position of s's tokens in the step) is subtracted from every K row; a row with a
+//     state slot (sage-state.h) keeps the mean of its prompt's first quantized step instead. Exact under softmax
+//     either way: it shifts each score of a query row by the same q . mean.
 //  2. int8 per block (kv-quant.h's rule: amax, scale = amax / 127, code = round-half-even(x * 127 / amax)): Q
 //     per (block of 64 query tokens of the step, head), the smoothed K per (s, g, block of 64 positions).
 //  3. scores in log2 units: s = i32(Q8 . K8) * ((sq * sk) * scale * log2(e)); online softmax in f32 over key
@@ -10,7 +11,8 @@
 //  4. P V: int8 mode, P and V rounded to f16; fp8 mode, V as e4m3 codes with one scale per (s, g, 64-position
 //     block) (amax / 448) and P as e4m3(p * 448); f32 accumulation either way; out = sum / (sum of unrounded p).
 // CUDA: a pre-pass writes end_s, the K means, int8 K and the V operand (f16 rows, or e4m3 transposed per tile)
-// into one scratch (a sequence's positions contiguous, so the main kernel needs no block table); the main kernel
+// into the step's scratch, or a row's state slot (only the blocks from its step's first position), each 64-position
+// tile contiguous, so the main kernel needs no block table (per-row descriptors say where); the main kernel
 // is attention-prefill.cu's FlashAttention-2 plan with mma.sync m16n8k32 s8 for Q K^T and m16n8k16 f16 (int8
 // mode) or m16n8k32 e4m3 (fp8 mode) for P V, both tiles double-buffered by cp.async; fp8 mode at head dim 128 runs
 // both products as Hopper warpgroup MMAs instead (wgmma.cuh: s8 m64n64k32, e4m3 m64n128k32), 64 query rows a block.
