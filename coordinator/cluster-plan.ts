@@ -57,7 +57,7 @@ export function planCluster(options: ClusterSettings): ClusterPlan {
   if (sparq && (initCommand.kvDtype === 'fp8' || initCommand.kvDtype === 'int8'))
     throw new WeftError('WEFT_BAD_CONFIG', `--attention sparq reads f32 or bf16 KV caches, not --kv-dtype ${initCommand.kvDtype}; use --kv-dtype bf16 with SparQ`);
   const prefillAttention = options.prefillAttention ?? 'exact';
-  checkPrefillAttention(prefillAttention, spec, device, options.attention); // refused before anything starts
+  checkPrefillAttention(prefillAttention, spec, device, options.attention, options.prefillAttentionSlots); // refused before anything starts
   checkMaxNumBatchedTokens(options.maxNumBatchedTokens, kvSlots); // and a step budget below the decode rows
   return { spec, plan, tokenizer, maxContext, initCommand, sparq, prefillAttention, draft: draftSpec && draftPlan ? { spec: draftSpec, plan: draftPlan } : null };
 }

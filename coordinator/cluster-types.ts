@@ -35,6 +35,8 @@ export interface ClusterOptions {
   readonly sparqK?: number;
   /** Attention of prompt steps: 'exact' (the default), or SageAttention-style 'int8' / 'fp8' (core/prefill-attention.ts). */
   readonly prefillAttention?: PrefillAttention;
+  /** With a quantized prefillAttention: prompts that keep their quantized blocks across steps at once (worker/models/sage-state.ts). Defaults to 1. */
+  readonly prefillAttentionSlots?: number;
   /** Positions the paged KV cache holds, shared by every sequence. Defaults to 4 × the context. */
   readonly kvCacheTokens?: number;
   /** cuda: the share of each GPU's memory weft may use; the KV pool is what the weights and step arena leave (unless kvCacheTokens). Defaults to 0.9. */

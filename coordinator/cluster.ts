@@ -39,6 +39,7 @@ import { apiConfig } from './config.ts';
 import { KvBlockTable, kvCacheLayout, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { GroupLifecycle } from './group-lifecycle.ts';
 import { allStarted, planCluster } from './cluster-plan.ts';
+import { DEFAULT_PREFILL_ATTENTION_SLOTS } from '../core/prefill-attention.ts';
 import type { ClusterOptions, ClusterSettings, ClusterState, ClusterStats, DraftSide, GenerateRequest, GroupInitCommand, ModelInfo, RequestOptions, ScoreResult } from './cluster-types.ts';
 
 export type { ClusterOptions, ClusterState, ClusterStats, GenerateRequest, ModelInfo, RequestOptions, ScoreResult } from './cluster-types.ts';
@@ -138,7 +139,7 @@ export class Cluster {
       const draftInit = { ...initCommand, modelDir: options.draftModelDir, spec: draftModel.spec, plan: draftModel.plan, threads: Math.max(1, Math.floor(availableParallelism() / draftModel.plan.tp)) };
       draft = { spec: draftModel.spec, initCommand: draftInit, groupStarting: draftGroup, group: null, k: options.speculateK! };
     }
-    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, { ...initCommand, ...(sparq && { sparq }), ...(prefillAttention !== 'exact' && { prefillAttention }) }, group, draft, text); // the draft attends densely and exactly
+    cluster = new Cluster(spec, plan, tokenizer, maxContext, options, { ...initCommand, ...(sparq && { sparq }), ...(prefillAttention !== 'exact' && { prefillAttention, prefillAttentionSlots: options.prefillAttentionSlots ?? DEFAULT_PREFILL_ATTENTION_SLOTS }) }, group, draft, text); // the draft attends densely and exactly
     return cluster;
   }
 

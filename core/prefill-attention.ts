@@ -10,11 +10,19 @@ import type { ModelSpec } from './model-spec.ts';
 
 export type PrefillAttention = 'exact' | 'int8' | 'fp8';
 
+/**
+ * Prompts per rank that keep their quantized blocks across their steps at once (--prefill-attention-slots; the
+ * state: worker/models/sage-state.ts). One: the step composer gives a step's budget to the prompts in admission
+ * order, so one long prompt at a time runs in chunks; a slot of Llama-2-7B at 32K positions is 8.6 GB (fp8).
+ */
+export const DEFAULT_PREFILL_ATTENTION_SLOTS = 1;
+
 /** The CUDA kernels' head dimensions (sage_head_dim_supported). */
 const CUDA_HEAD_DIMS: readonly number[] = [64, 128];
 
 /** Refuse (WEFT_BAD_CONFIG) a quantized prefill attention this model or these options cannot use, naming the values. */
-export function checkPrefillAttention(mode: PrefillAttention, spec: Pick<ModelSpec, 'headDim'>, device: 'cpu' | 'cuda', attention: 'dense' | 'sparq' = 'dense'): void {
+export function checkPrefillAttention(mode: PrefillAttention, spec: Pick<ModelSpec, 'headDim'>, device: 'cpu' | 'cuda', attention: 'dense' | 'sparq' = 'dense', slots = DEFAULT_PREFILL_ATTENTION_SLOTS): void {
+  if (!Number.isSafeInteger(slots) || slots < 0) throw new WeftError('WEFT_BAD_CONFIG', `--prefill-attention-slots must be a whole number >= 0, got ${slots}`);
   if (mode === 'exact') return;
   if (device === 'cuda' && !CUDA_HEAD_DIMS.includes(spec.headDim))
     throw new WeftError('WEFT_BAD_CONFIG', `--prefill-attention ${mode} on cuda serves head dimensions ${CUDA_HEAD_DIMS.join(' and ')}; this model has ${spec.headDim}`);

@@ -80,6 +80,8 @@ const initCommandSchema = z
     sparq: z.object({ r: int.positive(), k: int.positive() }).strict().optional(),
     /** --prefill-attention int8|fp8: prompt steps attend through sageAttention (core/prefill-attention.ts); absent: exact */
     prefillAttention: z.enum(['int8', 'fp8']).optional(),
+    /** with prefillAttention: the Sage state's slots (worker/models/sage-state.ts); absent: 1 */
+    prefillAttentionSlots: nonNegInt.optional(),
   })
   .strict();
 export type InitCommand = z.infer<typeof initCommandSchema>;

@@ -19,7 +19,7 @@ import { WeftError } from '../core/errors.ts';
 import { kvCacheLayout, kvDtypeBytes, type KvCacheLayout } from '../core/kv-block-table.ts';
 import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from './models/sparq.ts';
 import { allocateSageState, sageStateBytes } from './models/sage-state.ts';
-import { sagePvType } from '../core/prefill-attention.ts';
+import { DEFAULT_PREFILL_ATTENTION_SLOTS, sagePvType } from '../core/prefill-attention.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
 import { KV_POOL_RESERVE_BYTES, kvPoolTokens, minKvPoolBytes } from './kv-pool.ts';
 
@@ -71,11 +71,11 @@ export class WorkerState {
     // --attention sparq: SparQ's state beside the cache, and steps of at most the tokens its kernels serve
     const sparqModel = command.sparq ? { ...built, model: { ...built.model, sparq: allocateSparqState(engine, command.spec, command.plan, kv, command.sparq) } } : built;
     // --prefill-attention int8|fp8: prompt steps attend through sageAttention (the coordinator checked the model),
-    // their quantized blocks kept across the steps of a prompt
+    // their quantized blocks kept across the steps of a prompt in --prefill-attention-slots slots
     const prefillAttention = command.prefillAttention;
-    const model = prefillAttention
-      ? { ...sparqModel, model: { ...sparqModel.model, prefillAttention, sage: allocateSageState(engine, command.spec, command.plan, kv, sagePvType(prefillAttention)) } }
-      : sparqModel;
+    const slots = this.sageSlots(command);
+    const sage = prefillAttention && slots > 0 ? { sage: allocateSageState(engine, command.spec, command.plan, kv, sagePvType(prefillAttention), slots) } : {};
+    const model = prefillAttention ? { ...sparqModel, model: { ...sparqModel.model, prefillAttention, ...sage } } : sparqModel;
     this.comm.prepare(model.collectivePlan);
     this.runner = new StepRunner(engine, this.comm, model, kv, { arenaBytes, ...(command.sparq && engine.backend === 'cuda' && { maxStepTokens: SPARQ_MAX_STEP_TOKENS }) });
     return { bytesLoaded, ...(sized && { kvCacheTokens: sized.kvCacheTokens }) };
@@ -122,10 +122,15 @@ export class WorkerState {
     return workerArenaBytes(spec, plan, freeBytes, shardBytes(spec, plan, this.rank) + kvBytes + this.sageBytes(command), graphArenaTokens(maxGraphBatch(spec, kv.kvSlots)));
   }
 
-  /** The prompts' Sage state beside the cache with --prefill-attention (models/sage-state.ts), else 0. */
+  /** The prompts' Sage state slots with --prefill-attention (models/sage-state.ts), else 0. */
+  private sageSlots(command: InitCommand): number {
+    return command.prefillAttention ? (command.prefillAttentionSlots ?? DEFAULT_PREFILL_ATTENTION_SLOTS) : 0;
+  }
+
+  /** The bytes of those slots beside the cache. */
   private sageBytes(command: InitCommand): number {
-    const mode = command.prefillAttention;
-    return mode ? sageStateBytes(command.spec, command.plan.nKvHeadsPerRank, command.maxContext, sagePvType(mode)) : 0;
+    const slots = this.sageSlots(command);
+    return slots > 0 ? sageStateBytes(command.spec, command.plan.nKvHeadsPerRank, command.maxContext, sagePvType(command.prefillAttention!), slots) : 0;
   }
 
   private async joinCollectives(engine: Engine, command: InitCommand, plan: CollectivesPlan): Promise<Collectives> {

@@ -95,6 +95,10 @@ export const OPTIONS = {
     flag: '--prefill-attention', arg: 'exact|int8|fp8', type: oneOf('exact', 'int8', 'fp8'), env: 'WEFT_PREFILL_ATTENTION', default: 'exact', uses: [...CLUSTER, 'launch'],
     help: 'attention of prompt steps (more than 64 tokens): exact, or SageAttention-style quantized (approximate: int8 Q K^T with K smoothed by its mean, P V in f16, or in fp8 e4m3 with fp8); decode is unchanged',
   },
+  prefillAttentionSlots: {
+    flag: '--prefill-attention-slots', arg: 'N', type: integer(0), env: 'WEFT_PREFILL_ATTENTION_SLOTS', default: 1, uses: [...CLUSTER, 'launch'],
+    help: "with --prefill-attention int8|fp8: prompts that keep their quantized blocks across their steps at once, each quantized once instead of at every step (each slot: the context's worth of one byte a K and V element per layer; 0: none, every step quantizes its prompt's prefix anew)",
+  },
   kvBlockSize: {
     flag: '--kv-block-size', arg: 'N', type: integer(1, 4096), env: 'WEFT_KV_BLOCK_SIZE',
     // SparQ reads R runs of B positions a block and the V sums of every block: blocks of 64 made a 32K decode step

@@ -17,6 +17,9 @@ test('checkPrefillAttention: cuda head dims 64 and 128 only, not beside SparQ; e
   checkPrefillAttention('fp8', { headDim: 128 }, 'cuda');
   checkPrefillAttention('int8', { headDim: 16 }, 'cpu');
   checkPrefillAttention('exact', { headDim: 96 }, 'cuda', 'sparq');
+  assert.throws(() => checkPrefillAttention('int8', { headDim: 16 }, 'cpu', 'dense', -1), /--prefill-attention-slots must be a whole number >= 0, got -1/);
+  assert.throws(() => checkPrefillAttention('int8', { headDim: 16 }, 'cpu', 'dense', 1.5), /got 1.5/);
+  checkPrefillAttention('fp8', { headDim: 16 }, 'cpu', 'dense', 0);
 });
 
 test('--prefill-attention parses exact, int8 and fp8 (default exact) and refuses other values', () => {
@@ -49,6 +52,21 @@ test('a cluster with --prefill-attention int8 / fp8 (tp 2, GQA): near exact on a
     const max = Math.max(...deviations), mean = deviations.reduce((a, d) => a + d, 0) / deviations.length;
     assert.ok(max > 0 && max <= LOGPROB_TOLERANCE[mode].max && mean <= LOGPROB_TOLERANCE[mode].mean, `${mode}: log-prob deviation max ${max}, mean ${mean}`);
     assert.deepEqual(sage.tokens, exact.tokens, `${mode}: greedy tokens after a 100-token prompt`);
+  }
+});
+
+// A prompt in 70-token steps (three of the 200 tokens scored): with a slot (the default) its later steps keep its first
+// step's K mean (worker/models/sage-state.ts), with --prefill-attention-slots 0 each step takes its own; both near exact.
+test('a cluster with --prefill-attention int8 keeps a prompt\'s quantized blocks across its steps unless --prefill-attention-slots 0', async () => {
+  const exact = await withTinyCluster({}, (c) => logprobs(c, 200));
+  const chunked = { prefillAttention: 'int8', maxNumBatchedTokens: 70, kvSlots: 4 };
+  const kept = await withTinyCluster(chunked, (c) => logprobs(c, 200));
+  const anew = await withTinyCluster({ ...chunked, prefillAttentionSlots: 0 }, (c) => logprobs(c, 200));
+  assert.deepEqual(kept.slice(0, 70), anew.slice(0, 70), 'the first step is the same either way');
+  assert.notDeepEqual(kept.slice(70), anew.slice(70), 'the later steps: the kept mean against their own');
+  for (const [name, lps] of [['kept', kept], ['anew', anew]] as const) {
+    const deviations = lps.map((lp, i) => Math.abs((lp ?? 0) - (exact[i] ?? 0)));
+    assert.ok(Math.max(...deviations) <= LOGPROB_TOLERANCE.int8.max, `${name}: max ${Math.max(...deviations)}`);
   }
 });
 

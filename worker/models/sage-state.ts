@@ -13,11 +13,10 @@
  */
 import { WeftError } from '../../core/errors.ts';
 import type { ModelSpec } from '../../core/model-spec.ts';
+import { DEFAULT_PREFILL_ATTENTION_SLOTS } from '../../core/prefill-attention.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
 import type { Ops, StepIndex, Tensor } from './ops.ts';
 
-/** Prompts that keep their quantized blocks at once, per rank: one 32K-token Llama-2-7B prompt holds 8.6 GB (fp8). */
-export const SAGE_STATE_SLOTS = 1;
 /** positions per quantized block (native kSageBlock); a row with fewer tokens in a step (a decode row) takes no slot */
 export const SAGE_BLOCK = 64;
 /** the shortest step sageAttention quantizes (native Backend::kSageMinTokens); shorter ones attend exactly */
@@ -29,7 +28,7 @@ export function sageBlockBytes(nKvHeads: number, headDim: number, pv: 'f16' | 'f
 }
 
 /** Bytes of a rank's state: every layer's slots, sized for the context. */
-export function sageStateBytes(spec: Pick<ModelSpec, 'nLayers' | 'headDim'>, nKvHeadsPerRank: number, maxContext: number, pv: 'f16' | 'fp8', slots = SAGE_STATE_SLOTS): number {
+export function sageStateBytes(spec: Pick<ModelSpec, 'nLayers' | 'headDim'>, nKvHeadsPerRank: number, maxContext: number, pv: 'f16' | 'fp8', slots = DEFAULT_PREFILL_ATTENTION_SLOTS): number {
   const blocks = Math.ceil(maxContext / SAGE_BLOCK);
   return spec.nLayers * slots * (8 + nKvHeadsPerRank * spec.headDim * 4 + blocks * sageBlockBytes(nKvHeadsPerRank, spec.headDim, pv));
 }
@@ -53,7 +52,7 @@ export function sageStateOf(state: SageState | undefined, layerIndex: number, st
   return [header, means, blocks, step.sageSlots];
 }
 
-export function allocateSageState(ops: Ops, spec: ModelSpec, plan: ShardPlan, kv: { maxContext: number; kvBlockSize: number }, pv: 'f16' | 'fp8', slots = SAGE_STATE_SLOTS): SageState {
+export function allocateSageState(ops: Ops, spec: ModelSpec, plan: ShardPlan, kv: { maxContext: number; kvBlockSize: number }, pv: 'f16' | 'fp8', slots = DEFAULT_PREFILL_ATTENTION_SLOTS): SageState {
   if (!Number.isInteger(slots) || slots < 1) throw new WeftError('WEFT_BAD_CONFIG', `Sage state slots must be a positive integer, got ${slots}`);
   const nKv = plan.nKvHeadsPerRank;
   const nbMax = Math.ceil(kv.maxContext / SAGE_BLOCK);
