@@ -151,7 +151,8 @@ export interface Engine {
    * (pv 'fp8'). Steps of at most 64 tokens and decode batches (one token per sequence) get `attention` itself.
    * cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh. sageState: the layer's slots and the
    * step's use of them, [header, means, blocks, slots] (native/src/sage-state.h, worker/models/sage-state.ts): a
-   * prompt's blocks quantized once across its steps; a short step still empties the slots it starts afresh.
+   * prompt's blocks quantized once across its steps; a short step still empties the slots it starts afresh. Two
+   * rows naming one slot are refused on the CPU and must not be given on CUDA (the directory never does).
    */
   sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8', sageState?: readonly [Tensor, Tensor, Tensor, Tensor]): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */

@@ -2,8 +2,8 @@
  * What a prompt keeps across its steps under quantized prefill attention (--prefill-attention int8|fp8): per layer,
  * slots of its quantized K, V operand and K mean (native/src/sage-state.h), so that a prompt run in 1024-token
  * steps quantizes each 64-position block of its cache once rather than at every step. Without them a step
- * re-quantizes its sequences' whole prefix: 59 of the 599 ms of Llama-2-7B's 16384-token prompt on H100
- * (bench/RESULTS.md, session 41).
+ * re-quantizes its sequences' whole prefix: 59 ms of kernel time in Llama-2-7B's 16384-token prompt on H100
+ * (bench/RESULTS.md, session 41); keeping them took its TTFT from 608 to 568 ms (session 42).
  *
  * The directory here decides, on the host, which table row of a step uses which slot. A slot is matched to a row by
  * the KV blocks it recorded (a sequence owns its blocks; a prompt that shares cached leading blocks shares their
