@@ -3,9 +3,9 @@
  * gpu_memory_utilization): of `fraction × total` bytes, what the device already had in use before this rank
  * allocated anything (other processes, this rank's CUDA context), the rank's weights, its step arena, the state it
  * keeps beside the cache and a reserve are taken off; the pool is the rest, in whole blocks, and never more than
- * `kvSlots` full contexts (all the sequences can use: a small model does not take the whole device). Ranks sharing one device divide the
- * fraction among them. A fraction that leaves less than one sequence of the full context is refused, naming
- * every term.
+ * `kvSlots` full contexts (all the sequences can use: a small model does not take the whole device). Ranks sharing
+ * one device divide the fraction among them. A fraction that leaves less than one sequence of the full context is
+ * refused, naming every term.
  */
 import { WeftError } from '../core/errors.ts';
 import { blocksFor } from '../core/kv-block-table.ts';
