@@ -73,7 +73,8 @@ function tokenSparqK(batch: StepBatch, sparq: SparqSetting): number[] {
   return batch.sparq?.k.map((k) => k || sparq.k) ?? batch.tokens.map(() => sparq.k);
 }
 
-function uploadIndex(ops: Ops, arrays: Record<IndexKey, HostIndex>): StepIndex {
+/** stepIndexArrays' arrays as the step's index tensors on `ops`. */
+export function uploadIndex(ops: Ops, arrays: Record<IndexKey, HostIndex>): StepIndex {
   const entries = Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(ops, values, shape)]);
   return Object.fromEntries(entries) as unknown as StepIndex;
 }

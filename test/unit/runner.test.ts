@@ -12,7 +12,7 @@ import { planShards } from '../../core/shard-plan.ts';
 import { loadShard } from '../../worker/weights/load-shard.ts';
 import { buildRankModel, hostWeights } from '../../worker/models/registry.ts';
 import { soloCollectives } from '../../worker/collectives/collectives.ts';
-import { StepRunner, stepIndexArrays } from '../../worker/runner.ts';
+import { StepRunner, stepIndexArrays, uploadIndex } from '../../worker/runner.ts';
 import { kvCacheLayout, type KvCacheLayout } from '../../core/kv-block-table.ts';
 import { isWeftError } from '../../core/errors.ts';
 import { fixtureDir, maxAbsDiff, readReference } from '../helpers/fixtures.ts';
@@ -21,7 +21,7 @@ import { allocateSparqState } from '../../worker/models/sparq.ts';
 import { allocateSageState } from '../../worker/models/sage-state.ts';
 import { DENSE_TOKEN } from '../../core/sparq.ts';
 import { forward } from '../../worker/models/llama.ts';
-import { int32Tensor, type StepIndex } from '../../worker/models/ops.ts';
+import { int32Tensor } from '../../worker/models/ops.ts';
 import type { Engine } from '../../worker/native.ts';
 import type { RankModel } from '../../worker/models/registry.ts';
 import type { StepBatch } from '../../core/worker-protocol.ts';
@@ -53,8 +53,7 @@ function counting(engine: Engine) {
 
 /** The oracle of the SparQ tests: a step's logits with every token through sparqAttention (no runner routing). */
 async function throughSparq(engine: Engine, model: RankModel, batch: StepBatch, kv: KvCacheLayout): Promise<Float32Array> {
-  const arrays = stepIndexArrays(batch, kv, model.model.sparq!.setting);
-  const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
+  const index = uploadIndex(engine, stepIndexArrays(batch, kv, model.model.sparq!.setting));
   return new Float32Array(engine.download(await forward(engine, soloCollectives(), model.model, model.feedForward, index)).buffer);
 }
 
@@ -130,8 +129,7 @@ test('a prompt in chunks under --prefill-attention keeps a Sage state slot acros
   let logits: Float32Array | null = null;
   for (const [start, end, slots] of [[0, 67, [0, 1, 0]], [67, 134, [0, 0, 67]], [134, 200, [0, 0, 134]]] as const) {
     const chunk = { ...batch, tokens: prompt.slice(start, end), positions: batch.positions.slice(start, end), tokenSeq: batch.tokenSeq.slice(start, end), logitRows: [end - start - 1] };
-    const arrays = stepIndexArrays(chunk, kv);
-    const index = Object.fromEntries(Object.entries(arrays).map(([key, { values, shape }]) => [key, int32Tensor(engine, values, shape)])) as unknown as StepIndex;
+    const index = uploadIndex(engine, stepIndexArrays(chunk, kv));
     const step = { ...index, sageSlots: int32Tensor(engine, [...slots], [1, 3]) };
     logits = new Float32Array(engine.download(await forward(engine, soloCollectives(), oracle.model, oracle.feedForward, step)).buffer);
   }
