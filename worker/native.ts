@@ -107,8 +107,11 @@ export interface Engine {
    * q [T, nHeads * hd] f32 -> [T, nHeads * hd] f32. Query t, head h attends over kv head h / (nHeads / nKv) of
    * its sequence (row tokenSeq[t] of kvBlockTable), positions 0..positions[t] inclusive, each row read through
    * the table; softmax(q.k * scale) in fp32. nKv, B, hd come from the cache shape; nHeads % nKv must be 0.
+   * decodeRows (0..T, default 0): the first rows are each their sequence's only row (a mixed step's decode rows,
+   * StepIndex.decodeRows): cuda runs them as a decode batch and the rest as a prefill. Speed only: any value gives
+   * every row the same result.
    */
-  attention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number): Tensor;
+  attention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, decodeRows?: number): Tensor;
   /**
    * Bifurcated decode attention: equals `attention` with the same arguments, but tokens whose sequences share
    * their leading KV blocks (the samples of one prompt) read them once for the whole group. tokenGroup [T] i32:
@@ -148,13 +151,14 @@ export interface Engine {
   /**
    * SageAttention-style quantized prefill attention (--prefill-attention): as `attention`, with Q and the K rows
    * (less their mean per sequence and kv head) in int8 per block of 64 rows, and P V in f16 (pv 'f16') or e4m3
-   * (pv 'fp8'). Steps of at most 64 tokens and decode batches (one token per sequence) get `attention` itself.
-   * cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh. sageState: the layer's slots and the
+   * (pv 'fp8'). Decode is untouched: the first decodeRows rows (as `attention`'s) get `attention` itself, and so
+   * do steps where at most 64 rows follow them and decode batches (one token per sequence); the rows after them are
+   * quantized as a step of their own. cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh. sageState: the layer's slots and the
    * step's use of them, [header, means, blocks, slots] (native/src/sage-state.h, worker/models/sage-state.ts): a
    * prompt's blocks quantized once across its steps; a short step still empties the slots it starts afresh. Two
    * rows naming one slot are refused on the CPU and must not be given on CUDA (the directory never does).
    */
-  sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8', sageState?: readonly [Tensor, Tensor, Tensor, Tensor]): Tensor;
+  sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8', sageState?: readonly [Tensor, Tensor, Tensor, Tensor], decodeRows?: number): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */
   copy(dst: Tensor, src: Tensor): void;
   /**

@@ -30,7 +30,7 @@ import type { Collectives } from './collectives/collectives.ts';
 import { forward } from './models/llama.ts';
 import { groupSlots, prefixGroupArrays, prefixGroupTensors, withPrefixGroups, writePrefixGroups } from './prefix-groups.ts';
 import type { RankModel } from './models/registry.ts';
-import { float32Tensor, int32Tensor, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
+import { float32Tensor, int32Tensor, leadingDecodeRows, type Ops, type StepIndex, type Tensor } from './models/ops.ts';
 import type { Graph } from './native.ts';
 import { WeftError } from '../core/errors.ts';
 import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
@@ -380,7 +380,9 @@ export class StepRunner {
     const sageSlots = this.rankModel.model.sage?.directory.assign(batch);
     const step = sageSlots ? { ...indexed, sageSlots: int32Tensor(this.ops, sageSlots, [batch.kvBlockTable.length, 3]) } : indexed;
     const exact = this.exactTokens(batch);
-    const kept = batch.tokens.length <= this.keptStepTokens ? { ...step, keepLayers: true } : step;
+    const decodeRows = leadingDecodeRows(batch.tokenSeq);
+    const mixed = decodeRows > 0 ? { ...step, decodeRows } : step;
+    const kept = batch.tokens.length <= this.keptStepTokens ? { ...mixed, keepLayers: true } : mixed;
     return exact?.every((e) => e) ? { ...kept, sparqExact: true } : kept;
   }
 

@@ -379,6 +379,11 @@ void check_query(const char* op, const Tensor& q, const Tensor& k_cache, int64_t
              Arg{"kCache", k_cache}, " (expected q [T, ", n_heads * hd, "])");
   WEFT_CHECK(std::isfinite(scale), op, "scale must be finite (got ", scale, ")");
 }
+
+void check_decode_rows(const char* op, int64_t decode_rows, const Tensor& q) {
+  WEFT_CHECK(decode_rows >= 0 && decode_rows <= q.dim(0), op, "decodeRows = ", decode_rows, " must be in [0, ",
+             q.dim(0), "] (the rows of ", Arg{"q", q}, ")");
+}
 }  // namespace
 
 void Backend::write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
@@ -395,14 +400,29 @@ void Backend::write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tenso
 }
 
 Tensor Backend::attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
-                          const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale) {
+                          const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                          int64_t decode_rows) {
   const char* op = "attention";
   need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, q.dim(0));
   check_query(op, q, k_cache, n_heads, scale);
+  check_decode_rows(op, decode_rows, q);
   Tensor out = empty(DType::F32, q.shape);
-  run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+  run_attention_rows(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, decode_rows, out);
   return out;
+}
+
+// A mixed step's decode rows in a launch of their own: in the prefill kernel a 64-row tile of them would walk each
+// one's whole context in turn (attention.cuh). Views, not copies: q, out, token_seq and positions are row-major.
+void Backend::run_attention_rows(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                 const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
+                                 int64_t n_heads, float scale, int64_t decode_rows, const Tensor& out) {
+  const int64_t T = q.dim(0), D = decode_rows;
+  if (D == 0 || D == T)
+    return run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, D == T, out);
+  for (const auto& [first, count] : {std::pair{int64_t{0}, D}, std::pair{D, T - D}})
+    run_attention(row_range(q, first, count), k_cache, v_cache, row_range(token_seq, first, count), kv_block_table,
+                  row_range(positions, first, count), n_heads, scale, first == 0, row_range(out, first, count));
 }
 
 Tensor Backend::attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
@@ -530,21 +550,27 @@ static void check_sage_state(const char* op, const SageState& st, const Tensor& 
 
 Tensor Backend::sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                                const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
-                               DType pv, const SageState* state) {
+                               DType pv, const SageState* state, int64_t decode_rows) {
   const char* op = "sageAttention";
   WEFT_CHECK(pv == DType::F16 || pv == DType::FP8, op, "pv must be f16 or fp8 (got ", dtype_name(pv), ")");
   need(op, {"kvBlockTable", kv_block_table}, 2, "[S, maxBlocksPerSeq]", kI32);
   need(op, {"q", q}, 2, "[T, nHeads * hd]", kF32);
+  check_decode_rows(op, decode_rows, q);
   if (state) check_sage_state(op, *state, k_cache, kv_block_table, pv == DType::FP8);
-  const int64_t T = q.dim(0);
-  if (T < kSageMinTokens || T == kv_block_table.dim(0)) {  // the exact path checks the rest
+  const int64_t T = q.dim(0), D = decode_rows;
+  if (T - D < kSageMinTokens || T == kv_block_table.dim(0)) {  // the exact path checks the rest
     if (state) run_sage_state_reset(*state);
-    return attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale);
+    return attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, D);
   }
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, T);
   check_query(op, q, k_cache, n_heads, scale);
   Tensor out = empty(DType::F32, q.shape);
-  run_sage_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, pv, state, out);
+  if (D > 0)
+    run_attention(row_range(q, 0, D), k_cache, v_cache, row_range(token_seq, 0, D), kv_block_table,
+                  row_range(positions, 0, D), n_heads, scale, true, row_range(out, 0, D));
+  const auto rest = [&](const Tensor& t) { return D ? row_range(t, D, T - D) : t; };
+  run_sage_attention(rest(q), k_cache, v_cache, rest(token_seq), kv_block_table, rest(positions), n_heads, scale, pv,
+                     state, rest(out));
   return out;
 }
 

@@ -144,9 +144,12 @@ class Backend {
   void write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
                 const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions);
   // q [T, nH * hd] f32 -> [T, nH * hd] f32: query t attends over positions 0..positions[t] of its sequence,
-  // each key and value row read through the table.
+  // each key and value row read through the table. decode_rows (0..T): the first rows are each their sequence's
+  // only row in the step (a mixed step's decode rows, which the step composer puts first): they run as a decode
+  // batch, the rest as a prefill. A speed choice only: every row's result is the same for any value.
   Tensor attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
-                   const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale);
+                   const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                   int64_t decode_rows = 0);
   // Bifurcated decode attention (prefix groups): equals attention() over the same arguments, but tokens whose
   // sequences share their leading KV blocks (n samples of one prompt) read those blocks once for the whole group.
   // token_group [T] i32: token t's group, or -1 for none; group_shared [G] i32: group g's members share their
@@ -183,14 +186,15 @@ class Backend {
                          float scale);
   // ---- quantized prefill attention, SageAttention-style (cuda/attention-sage.cuh states the algorithm): as
   // attention, with Q and the mean-smoothed K in int8 per 64-row block and P V in f16 (pv F16) or e4m3 (pv FP8).
-  // Steps of fewer than kSageMinTokens tokens (the CUDA decode kernel's) and decode batches (one token per
-  // sequence) get attention() itself: decode is untouched. hd 64 or 128 on cuda.
-  // state (or null): the layer's slots and the step's use of them (sage-state.h); a short step still empties the
-  // slots it starts afresh.
+  // Decode is untouched: the first decode_rows rows (as attention's) get attention() itself, and so does the whole
+  // step where fewer than kSageMinTokens rows follow them (the CUDA decode kernel's steps) or it is a decode batch
+  // (one token per sequence). The rows after them are quantized as a step of their own (Q's 64-row blocks counted
+  // from the first). hd 64 or 128 on cuda. state (or null): the layer's slots and the step's use of them
+  // (sage-state.h); a short step still empties the slots it starts afresh.
   static constexpr int64_t kSageMinTokens = 65;
   Tensor sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                         const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
-                        const SageState* state);
+                        const SageState* state, int64_t decode_rows = 0);
   // In place: dst = src (same dtype and shape); e.g. a captured graph's result into a persistent tensor.
   void copy(const Tensor& dst, const Tensor& src);
   // In place: ids[i] = from[i] < 0 ? ids[i] : src[from[i]], with ids [N], from [N] and src [M] i32; from[i] >= M is
@@ -288,9 +292,10 @@ class Backend {
                         const Tensor& out) = 0;
   virtual void run_write_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
                             const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions) = 0;
+  // decode_rows: every row of q is its sequence's only one (attention()'s first rows)
   virtual void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                              const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
-                             const Tensor& out) = 0;
+                             bool decode_rows, const Tensor& out) = 0;
   virtual void run_attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                         const Tensor& token_seq, const Tensor& kv_block_table,
                                         const Tensor& positions, const Tensor& token_group,
@@ -343,6 +348,11 @@ class Backend {
   void no_capture(const char* op, const char* why) const;
 
  private:
+  // attention()'s launches: rows [0, decode_rows) as decode rows, the rest as another launch (one where either is all)
+  void run_attention_rows(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
+                          const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
+                          int64_t decode_rows, const Tensor& out);
+
   bool in_step_ = false;
   bool capturing_ = false;
   uint64_t step_ = 0;  // generation of the current or last step; step memory is stamped with it

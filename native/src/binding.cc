@@ -449,12 +449,20 @@ auto with_attention_args(const Args& a, Call&& call) {
               a.tensor(4, "kvBlockTable"), a.tensor(5, "positions"), a.integer(6, "nHeads"),
               static_cast<float>(a.number(7, "scale")));
 }
+
+// An optional trailing decodeRows (Backend::attention): 0 where absent.
+int64_t decode_rows_arg(const Napi::CallbackInfo& info, const Args& a, size_t i) {
+  return info.Length() > i && !info[i].IsUndefined() ? a.integer(i, "decodeRows") : 0;
+}
 }  // namespace
 
 Napi::Value EngineHandle::Attention(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "attention", [&] {
     Args a(info, "attention", this);
-    return Wrap(info.Env(), with_attention_args(a, [&](auto&&... args) { return backend_->attention(args...); }));
+    const int64_t decode_rows = decode_rows_arg(info, a, 8);
+    return Wrap(info.Env(), with_attention_args(a, [&](auto&&... args) {
+                  return backend_->attention(args..., decode_rows);
+                }));
   });
 }
 
@@ -529,8 +537,9 @@ Napi::Value EngineHandle::SageAttention(const Napi::CallbackInfo& info) {
                  parts.size(), " tensors)");
       state = SageState{parts[0], parts[1], parts[2], parts[3]};
     }
+    const int64_t decode_rows = decode_rows_arg(info, a, 10);
     return Wrap(info.Env(), with_attention_args(a, [&](auto&&... args) {
-                  return backend_->sage_attention(args..., a.dtype(8, "pv"), state ? &*state : nullptr);
+                  return backend_->sage_attention(args..., a.dtype(8, "pv"), state ? &*state : nullptr, decode_rows);
                 }));
   });
 }

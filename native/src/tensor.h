@@ -127,6 +127,33 @@ struct Tensor {
   T* data() const { return static_cast<T*>(buffer->data()); }
 };
 
+// The memory of rows [first, first + count) of another buffer: what row_range views, kept alive with it.
+class RowsBuffer final : public Buffer {
+ public:
+  RowsBuffer(std::shared_ptr<Buffer> whole, size_t offset, size_t bytes)
+      : Buffer(bytes, whole->step()), whole_(std::move(whole)), offset_(offset) {}
+  void* data() const override { return static_cast<unsigned char*>(whole_->data()) + offset_; }
+  bool freed_on_release() const override { return false; }
+
+ private:
+  std::shared_ptr<Buffer> whole_;
+  size_t offset_;
+};
+
+// Rows [first, first + count) of a tensor whose dimension 0 counts rows of whole elements (f32, i32, ...: not
+// packed int4, not carrying scales), as a tensor over the same memory: how a backend runs one op's rows in two
+// launches. The caller keeps first + count within dim 0.
+inline Tensor row_range(const Tensor& t, int64_t first, int64_t count) {
+  const size_t row_bytes = static_cast<size_t>(t.dim(0) ? t.numel() / t.dim(0) : 0) * dtype_size(t.dtype);
+  Tensor rows;
+  rows.dtype = t.dtype;
+  rows.shape = t.shape;
+  rows.shape[0] = count;
+  rows.buffer = std::make_shared<RowsBuffer>(t.buffer, row_bytes * static_cast<size_t>(first),
+                                             row_bytes * static_cast<size_t>(count));
+  return rows;
+}
+
 // "[3, 64] f32", the form every error message uses.
 inline std::ostream& operator<<(std::ostream& os, const Tensor& t) {
   return os << t.shape << ' ' << dtype_name(t.dtype);

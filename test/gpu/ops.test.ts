@@ -187,6 +187,30 @@ test('writeKv and attention: decode (split-K), prefill and ragged batches, GQA 3
   }
 });
 
+test('a mixed step (decode rows, then a prompt chunk) with decodeRows: each part as a launch of its own, bit for bit, and the CPU; sageAttention too', { skip }, () => {
+  const S = 6, C = 2048, hd = 128, nH = 32, nKv = 8, D = 5, T = D + 300, scale = 1 / Math.sqrt(hd);
+  const shape = [S, nKv, C, hd], k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd), q = randoms(T * nH * hd);
+  const slots = Int32Array.from({ length: T }, (_, t) => (t < D ? t : 5));
+  const pos = Int32Array.from({ length: T }, (_, t) => (t < D ? [C - 1, 1500, 700, 64, 3][t]! : 1000 + t - D));
+  const rows = (e: Engine, from: number, to: number) => [f32(e, q.subarray(from * nH * hd, to * nH * hd), [to - from, nH * hd]), f32(e, k0, shape), f32(e, v0, shape), i32(e, slots.subarray(from, to)), identityTable(e, S), i32(e, pos.subarray(from, to))] as const;
+  const split = (e: Engine, run: (e: Engine, from: number, to: number) => Tensor) => [...get(e, run(e, 0, D)), ...get(e, run(e, D, T))];
+  const exact = (e: Engine, from: number, to: number) => e.attention(...rows(e, from, to), nH, scale);
+  const mixed = get(gpu, gpu.attention(...rows(gpu, 0, T), nH, scale, D));
+  assert.deepEqual(Array.from(mixed), split(gpu, exact), 'attention: the decode rows as a decode batch, the chunk as a step of its own');
+  assertNear(mixed, get(cpu, cpu.attention(...rows(cpu, 0, T), nH, scale, D)), 1e-3, 'attention with decodeRows');
+  assertNear(mixed, get(gpu, gpu.attention(...rows(gpu, 0, T), nH, scale)), 1e-3, 'attention with and without decodeRows');
+  for (const pv of ['f16', 'fp8'] as const) {
+    const sage = get(gpu, gpu.sageAttention(...rows(gpu, 0, T), nH, scale, pv, undefined, D));
+    const parts = [...get(gpu, exact(gpu, 0, D)), ...get(gpu, gpu.sageAttention(...rows(gpu, D, T), nH, scale, pv))];
+    assert.deepEqual(Array.from(sage), parts, `sageAttention ${pv}: the decode rows exact, the chunk quantized as a step of its own`);
+    const ref = get(cpu, cpu.sageAttention(...rows(cpu, 0, T), nH, scale, pv, undefined, D));
+    assertNear(sage.subarray(0, D * nH * hd), ref.subarray(0, D * nH * hd), 1e-4, `sageAttention ${pv} decode rows`);
+    // the CPU reference quantizes as the kernels do: exp2's rounding, sum order and a rare flip of one P rounding
+    // (native/test/ops-check.cc's bounds for sageAttention)
+    assertNear(sage, ref, pv === 'f16' ? 2e-4 : 1e-2, `sageAttention ${pv} with decodeRows against the CPU reference`);
+  }
+});
+
 test('paged KV cache: blocks of B = 16, 7, 64 and maxContext scattered in the pool; decode and prefill equal the CPU and the one-block layout', { skip }, () => {
   const S = 3, C = 2048, hd = 128, nH = 32, nKv = 8, scale = 1 / Math.sqrt(hd);
   const k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd); // one block per sequence [S, nKv, C, hd]

@@ -21,7 +21,7 @@ import { allocateSparqState } from '../../worker/models/sparq.ts';
 import { allocateSageState } from '../../worker/models/sage-state.ts';
 import { DENSE_TOKEN } from '../../core/sparq.ts';
 import { forward } from '../../worker/models/llama.ts';
-import { int32Tensor } from '../../worker/models/ops.ts';
+import { int32Tensor, leadingDecodeRows } from '../../worker/models/ops.ts';
 import type { Engine } from '../../worker/native.ts';
 import type { RankModel } from '../../worker/models/registry.ts';
 import type { StepBatch } from '../../core/worker-protocol.ts';
@@ -136,6 +136,43 @@ test('a prompt in chunks under --prefill-attention keeps a Sage state slot acros
   assert.ok(Math.abs(kept.logprobs![0]! - logSoftmax(logits!)[5]!) < 1e-5, `runner ${kept.logprobs![0]}, oracle ${logSoftmax(logits!)[5]}`);
   const anew = await new StepRunner(engine, soloCollectives(), model, kv, { maxStepTokens: 70 }).step(batch);
   assert.notEqual(kept.logprobs![0], anew.logprobs![0], 'each chunk quantizing anew gives other log-probs (its own K mean)');
+});
+
+test('leadingDecodeRows: the rows before the first one whose sequence has several in the step', () => {
+  assert.equal(leadingDecodeRows([3, 1, 0, 2, 2, 2]), 3);
+  assert.equal(leadingDecodeRows([2, 1, 0]), 3, 'a decode batch');
+  assert.equal(leadingDecodeRows([0, 0, 1]), 0, 'a prompt first');
+  assert.equal(leadingDecodeRows([4, 1, 1, 5]), 1, 'a decode row after a prompt is not leading');
+  assert.equal(leadingDecodeRows([]), 0);
+});
+
+test('a mixed step under --prefill-attention: its leading decode rows attend exactly (the exact model\'s log-probs, bit for bit), its prompt chunk is quantized', async () => {
+  const kv = kvCacheLayout({ kvSlots: 3, maxContext: 256, device: 'cpu' });
+  const { engine, spec, model: exact } = await tinyModel(kv);
+  const sage = { ...exact, model: { ...exact.model, prefillAttention: 'int8' as const } };
+  const ids = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % spec.vocabSize);
+  const table = [[0], [1], [2]];
+  // two sequences' prompts (short steps: exact under either model), then a step with their decode rows and a third prompt
+  const prompts = [{ tokens: ids(30, 3), positions: ids(30, 0).map((_, i) => i), tokenSeq: Array(30).fill(0), kvBlockTable: table, logitRows: [29], scoreIds: [1] },
+    { tokens: ids(40, 5), positions: ids(40, 0).map((_, i) => i), tokenSeq: Array(40).fill(1), kvBlockTable: table, logitRows: [39], scoreIds: [1] }];
+  const third = ids(100, 7);
+  const mixed = { tokens: [11, 12, ...third], positions: [30, 40, ...third.map((_, i) => i)], tokenSeq: [0, 1, ...third.map(() => 2)], kvBlockTable: table, logitRows: [0, 1, 101], scoreIds: [5, 9, 5] };
+  const run = async (model: RankModel, ops: Engine = engine) => {
+    const runner = new StepRunner(ops, soloCollectives(), model, kv);
+    for (const prompt of prompts) await runner.step(prompt);
+    return (await runner.step(mixed)).logprobs!;
+  };
+  const { counted, calls } = counting(engine);
+  const withRows = new Proxy(counted, {
+    get: (target, key, receiver) => key !== 'sageAttention' ? Reflect.get(target, key, receiver) : (...args: Parameters<Engine['sageAttention']>) => {
+      calls.set(`decodeRows ${args[10]}`, (calls.get(`decodeRows ${args[10]}`) ?? 0) + 1);
+      return target.sageAttention(...args);
+    },
+  });
+  const want = await run(exact), got = await run(sage, withRows);
+  assert.equal(calls.get('decodeRows 2'), spec.nLayers, 'the mixed step names its two decode rows to every layer');
+  assert.deepEqual(got.slice(0, 2), want.slice(0, 2), 'decode rows as the exact model');
+  assert.notEqual(got[2], want[2], 'the prompt chunk quantized');
 });
 
 test('a logit bias moves the draw and not the log-probs: +100 forces a token, -100 bans the argmax; whole, in chunks and drawn on the device alike', async () => {

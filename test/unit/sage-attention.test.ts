@@ -2,7 +2,7 @@
 // the algorithm; cpu/attention-sage.cc is the reference the CUDA kernels are checked against in ops-check.cc):
 // within a stated tolerance of the exact attention on random inputs, ragged and chunked (a sequence whose step
 // starts past position 0); as accurate with a large common offset in K as without (the smoothing); the exact
-// attention itself for short steps and decode batches; and refused where it cannot apply.
+// attention itself for short steps, decode batches and a mixed step's decode rows; and refused where it cannot apply.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createEngine } from '../../worker/native.ts';
@@ -37,7 +37,7 @@ function build(s: Setup, seed: number) {
   engine.writeKv(kc, vc, f32(k, [all.length, width]), f32(v, [all.length, width]), i32(all.map((a) => a.seq)), table, i32(all.map((a) => a.pos)));
   const fed = s.seqs.flatMap((q, i) => Array.from({ length: q.fed }, (_, j) => ({ seq: i, pos: q.cached + j })));
   const q = Float32Array.from({ length: fed.length * nH * s.hd }, () => 2 * (2 * rand() - 1));
-  return { args: [f32(q, [fed.length, nH * s.hd]), kc, vc, i32(fed.map((f) => f.seq)), table, i32(fed.map((f) => f.pos))] as const, nH, scale: 1 / Math.sqrt(s.hd) };
+  return { args: [f32(q, [fed.length, nH * s.hd]), kc, vc, i32(fed.map((f) => f.seq)), table, i32(fed.map((f) => f.pos))] as const, nH, scale: 1 / Math.sqrt(s.hd), q, fed };
 }
 
 function errors(s: Setup, seed: number, pv: 'f16' | 'fp8') {
@@ -90,4 +90,46 @@ test('sageAttention: refuses a P V type other than f16 and fp8, and bad shapes',
   const b = build(RAGGED, 7);
   assert.throws(() => engine.sageAttention(...b.args, b.nH, b.scale, 'bf16' as 'f16'), /sageAttention: pv must be f16 or fp8 \(got bf16\)/);
   assert.throws(() => engine.sageAttention(...b.args, 3, b.scale, 'f16'), /sageAttention: .*nHeads = 3/);
+});
+
+// A mixed step (decode rows first, then prompt chunks, as the step composer builds it): decodeRows gives its leading
+// rows the decode kernel on cuda and, under sageAttention, the exact attention.
+const MIXED: Setup = { ...RAGGED, seqs: [...Array.from({ length: 5 }, (_, i) => ({ cached: 40 + 7 * i, fed: 1 })), { cached: 0, fed: 150 }, { cached: 100, fed: 70 }] };
+
+/** The step's rows [from, T) as a step of their own (same caches and table). */
+function restOf(b: ReturnType<typeof build>, from: number) {
+  const width = b.args[0].shape[1]!, rows = b.fed.slice(from);
+  return [f32(b.q.slice(from * width), [rows.length, width]), b.args[1], b.args[2], i32(rows.map((f) => f.seq)), b.args[4], i32(rows.map((f) => f.pos))] as const;
+}
+
+test('attention with decodeRows: every row as without it, bit for bit (a speed choice only)', () => {
+  const b = build(MIXED, 8);
+  const plain = get(engine.attention(...b.args, b.nH, b.scale));
+  for (const decodeRows of [0, 3, 5, b.fed.length]) assert.deepEqual(get(engine.attention(...b.args, b.nH, b.scale, decodeRows)), plain, `decodeRows ${decodeRows}`);
+});
+
+test('sageAttention with decodeRows: the decode rows get the exact attention, the rows after them are quantized as a step of their own', () => {
+  const b = build(MIXED, 9), D = 5, width = b.args[0].shape[1]!;
+  for (const pv of ['f16', 'fp8'] as const) {
+    const mixed = get(engine.sageAttention(...b.args, b.nH, b.scale, pv, undefined, D));
+    const exact = get(engine.attention(...b.args, b.nH, b.scale));
+    assert.deepEqual(mixed.subarray(0, D * width), exact.subarray(0, D * width), `${pv}: decode rows exact`);
+    const rest = get(engine.sageAttention(...restOf(b, D), b.nH, b.scale, pv));
+    assert.deepEqual(mixed.subarray(D * width), rest, `${pv}: the prompt rows as their own step`);
+    // without decodeRows the decode rows were quantized with the rest
+    const whole = get(engine.sageAttention(...b.args, b.nH, b.scale, pv));
+    assert.notDeepEqual(whole.subarray(0, D * width), exact.subarray(0, D * width), `${pv}: decode rows quantized without decodeRows`);
+  }
+  // 64 rows after the decode rows: the whole step is exact (a step of 64 tokens is)
+  const short = build({ ...MIXED, seqs: [...MIXED.seqs.slice(0, 5), { cached: 10, fed: 64 }] }, 10);
+  assert.deepEqual(get(engine.sageAttention(...short.args, short.nH, short.scale, 'f16', undefined, 5)), get(engine.attention(...short.args, short.nH, short.scale)));
+});
+
+test('attention and sageAttention refuse decodeRows outside [0, T]', () => {
+  const b = build(MIXED, 11), T = b.fed.length;
+  for (const bad of [-1, T + 1]) {
+    assert.throws(() => engine.attention(...b.args, b.nH, b.scale, bad), new RegExp(`attention: decodeRows = ${bad} must be in \\[0, ${T}\\]`));
+    assert.throws(() => engine.sageAttention(...b.args, b.nH, b.scale, 'f16', undefined, bad), new RegExp(`sageAttention: decodeRows = ${bad} must be in \\[0, ${T}\\]`));
+  }
+  assert.throws(() => engine.attention(...b.args, b.nH, b.scale, 1.5), /attention: decodeRows/);
 });

@@ -86,6 +86,10 @@ test('SageDirectory: a prompt keeps its slot across chunks; decode rows and shor
   assert.deepEqual(slotsOf(dir.assign(step([{ blocks: prompt, start: 100, n: 100 }]))), [[0, 0, 100]]);
   assert.equal(dir.assign(step([{ blocks: prompt, start: 200, n: 64 }])), null, '64 tokens: the exact path');
   assert.equal(dir.assign(step(Array.from({ length: 70 }, (_, i) => ({ blocks: [i], start: 3, n: 1 })))), null, 'a decode batch');
+  // decode rows first (they attend exactly): 64 prompt rows after them are a short step, 65 are quantized
+  const mixed = new SageDirectory(1, 16), decodeRows = [{ blocks: [7], start: 5, n: 1 }, { blocks: [8], start: 9, n: 1 }];
+  assert.equal(mixed.assign(step([...decodeRows, { blocks: [300, 301, 302, 303, 304], start: 0, n: 64 }])), null, 'two decode rows and 64 prompt rows');
+  assert.deepEqual(slotsOf(mixed.assign(step([...decodeRows, { blocks: [400, 401, 402, 403, 404], start: 0, n: 65 }]))), [[-1, 0, 0], [-1, 0, 0], [0, 1, 0]]);
   // the 64-token step wrote [200, 264) past what the slot holds: it is still vouched for up to 200
   assert.deepEqual(slotsOf(dir.assign(step([{ blocks: prompt, start: 264, n: 65 }]))), [[0, 0, 200]]);
 });

@@ -58,9 +58,9 @@ export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<A
     ? sparqAttention(ops, model.sparq, layerIndex, cache, q, step, nHeadsPerRank, scale)
     : step.prefixGroups
       ? ops.attentionBifurcated(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, step.prefixGroups.tokenGroup, step.prefixGroups.groupShared, nHeadsPerRank, scale)
-      : model.prefillAttention // quantized for prompt steps; the engine keeps decode batches and short steps exact
-        ? ops.sageAttention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale, sagePvType(model.prefillAttention), sageStateOf(model.sage, layerIndex, step))
-        : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale);
+      : model.prefillAttention // quantized for prompt chunks; the engine keeps decode rows and short steps exact
+        ? ops.sageAttention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale, sagePvType(model.prefillAttention), sageStateOf(model.sage, layerIndex, step), step.decodeRows)
+        : ops.attention(q, cache.k, cache.v, step.tokenSeq, step.kvBlockTable, step.positions, nHeadsPerRank, scale, step.decodeRows);
   return comm.allReduce(ops.matmul(attended, layer.wo));
 }
 

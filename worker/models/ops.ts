@@ -41,6 +41,21 @@ export interface StepIndex {
   readonly prefixGroups?: PrefixGroups;
   /** the step's every layer fits the step arena: the forward keeps them rather than release each (Engine.releaseLayer) */
   readonly keepLayers?: boolean;
+  /** the first rows, each its sequence's only one (leadingDecodeRows): attention runs them as a decode batch */
+  readonly decodeRows?: number;
+}
+
+/**
+ * How many rows at the start of a step are each their sequence's only row: a mixed step's decode rows, which the
+ * step composer puts before the prompt chunks. Attention gives them the decode kernel (Engine.attention's
+ * decodeRows), where a prefill tile of 64 of them would walk each one's whole context in turn.
+ */
+export function leadingDecodeRows(tokenSeq: readonly number[]): number {
+  const rows = new Map<number, number>();
+  for (const s of tokenSeq) rows.set(s, (rows.get(s) ?? 0) + 1);
+  let n = 0;
+  while (n < tokenSeq.length && rows.get(tokenSeq[n]!) === 1) n++;
+  return n;
 }
 
 /** Engine.attentionBifurcated's descriptors. */

@@ -15,7 +15,7 @@ import { WeftError } from '../../core/errors.ts';
 import type { ModelSpec } from '../../core/model-spec.ts';
 import { DEFAULT_PREFILL_ATTENTION_SLOTS } from '../../core/prefill-attention.ts';
 import type { ShardPlan } from '../../core/shard-plan.ts';
-import type { Ops, StepIndex, Tensor } from './ops.ts';
+import { leadingDecodeRows, type Ops, type StepIndex, type Tensor } from './ops.ts';
 
 /** positions per quantized block (native kSageBlock); a row with fewer tokens in a step (a decode row) takes no slot */
 export const SAGE_BLOCK = 64;
@@ -91,9 +91,13 @@ export class SageDirectory {
     this.records = Array.from({ length: slots }, () => ({ blocks: [], vouched: 0, used: -1 }));
   }
 
-  /** Whether sageAttention quantizes this step (the native rule: at least SAGE_MIN_TOKENS tokens, not all decode rows). */
+  /**
+   * Whether sageAttention quantizes this step (the native rule: at least SAGE_MIN_TOKENS tokens after its leading
+   * decode rows, which attend exactly, and not a decode batch).
+   */
   static quantizes(step: SageStepRows): boolean {
-    return step.tokenSeq.length >= SAGE_MIN_TOKENS && step.tokenSeq.length !== step.kvBlockTable.length;
+    const T = step.tokenSeq.length;
+    return T - leadingDecodeRows(step.tokenSeq) >= SAGE_MIN_TOKENS && T !== step.kvBlockTable.length;
   }
 
   /**

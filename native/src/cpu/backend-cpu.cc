@@ -161,7 +161,7 @@ class CpuBackend final : public Backend {
   }
   void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                      const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
-                     const Tensor& out) override {
+                     bool /*decode_rows: one loop serves every row*/, const Tensor& out) override {
     KvBlockTable kv = checked_kv_table("attention", k_cache, token_seq, kv_block_table, positions, true);
     cpu::attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
                    k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,
@@ -191,7 +191,7 @@ class CpuBackend final : public Backend {
                            const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
                            const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k, int64_t n_heads,
                            float scale, const Tensor& out) override {
-    run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+    run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, false, out);
     KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
     for (int64_t t = 0; t < q.dim(0); ++t) {
       const int32_t r = sparq_r.data<int32_t>()[t], k = sparq_k.data<int32_t>()[t];

@@ -30,19 +30,21 @@ constexpr int64_t kDecodeMaxTokens = 64;
 // kDecodeMaxTokens tokens, or a decode batch of any size (one table row per token, as a decode step of S
 // sequences has: a graph's padding rows are sequences of their own). The prefill kernel serves a 64-token tile's
 // sequences one pass each, so 256 decode tokens would be 4 tiles a head, each walking 64 sequences' keys in turn;
-// the decode kernel gives every token its own blocks. Either kernel is exact for any batch: this is a speed
-// choice. The bound on T * n_heads keeps the decode grid's rows (T * nKv * head chunks) within a grid's 65535.
-inline bool takes_decode_kernel(int64_t T, int64_t S, int64_t n_heads) {
-  return T <= kDecodeMaxTokens || (T == S && T * n_heads <= 65535);
+// the decode kernel gives every token its own blocks. decode_rows: the caller knows each token is its sequence's
+// only one in the launch (a mixed step's decode rows, Backend::attention), as T == S says of a whole step. Either
+// kernel is exact for any batch: this is a speed choice. The bound on T * n_heads keeps the decode grid's rows
+// (T * nKv * head chunks) within a grid's 65535.
+inline bool takes_decode_kernel(int64_t T, int64_t S, int64_t n_heads, bool decode_rows = false) {
+  return T <= kDecodeMaxTokens || ((T == S || decode_rows) && T * n_heads <= 65535);
 }
 
 // Floats of device scratch the launch needs (the prefill kernel: its key splits' partials, or 0).
 int64_t attention_scratch_floats(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table,
-                                 int64_t n_heads, int num_sms);
+                                 int64_t n_heads, int num_sms, bool decode_rows = false);
 
 void launch_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                       const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
-                      float scale, const Tensor& out, float* scratch, int num_sms);
+                      float scale, const Tensor& out, float* scratch, int num_sms, bool decode_rows = false);
 
 namespace detail {
 // The two halves launch_attention picks between (attention-decode.cu, attention-prefill.cu), after its checks.

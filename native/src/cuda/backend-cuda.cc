@@ -289,8 +289,8 @@ class CudaBackend final : public Backend {
   }
   void run_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                      const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale,
-                     const Tensor& out) override {
-    int64_t floats = cuda::attention_scratch_floats(q, k_cache, kv_block_table, n_heads, st_->num_sms);
+                     bool decode_rows, const Tensor& out) override {
+    int64_t floats = cuda::attention_scratch_floats(q, k_cache, kv_block_table, n_heads, st_->num_sms, decode_rows);
     // One scratch for a step's layers (the stream orders them), grown when a layer needs more: a 256-token decode
     // batch at a 32K context needs ~1.3 GB of partials, which every layer making its own would take 32 times
     // (outside a step, each call its own)
@@ -298,7 +298,7 @@ class CudaBackend final : public Backend {
     if (floats > 0 && (!scratch.buffer || scratch.numel() < floats)) scratch = empty(DType::F32, {floats});
     if (in_step()) attention_scratch_ = scratch;
     cuda::launch_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out,
-                           floats ? scratch.data<float>() : nullptr, st_->num_sms);
+                           floats ? scratch.data<float>() : nullptr, st_->num_sms, decode_rows);
   }
   void run_attention_bifurcated(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                                 const Tensor& kv_block_table, const Tensor& positions, const Tensor& token_group,
@@ -320,7 +320,7 @@ class CudaBackend final : public Backend {
     const int64_t bytes = cuda::sage_scratch_bytes(q, k_cache, kv_block_table, fp8);
     if (capturing() || bytes > cuda::kSageMaxScratchBytes) {
       if (state) run_sage_state_reset(*state);
-      return run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, out);
+      return run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, false, out);
     }
     if (!sage_scratch_.buffer || sage_scratch_.numel() < bytes) sage_scratch_ = empty(DType::I8, {bytes});
     cuda::launch_sage_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, fp8,
