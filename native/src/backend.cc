@@ -564,13 +564,16 @@ Tensor Backend::sage_attention(const Tensor& q, const Tensor& k_cache, const Ten
   }
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, T);
   check_query(op, q, k_cache, n_heads, scale);
+  WEFT_CHECK(kv_block_table.dim(0) > D, op, "decodeRows = ", D, " leaves no row of ", Arg{"kvBlockTable", kv_block_table},
+             " for the rows after them: a decode row's sequence has other rows in the step");
   Tensor out = empty(DType::F32, q.shape);
   if (D > 0)
     run_attention(row_range(q, 0, D), k_cache, v_cache, row_range(token_seq, 0, D), kv_block_table,
                   row_range(positions, 0, D), n_heads, scale, true, row_range(out, 0, D));
+  // the decode rows' sequences (one row each) have none among the rest: its scratch holds the others' alone
   const auto rest = [&](const Tensor& t) { return D ? row_range(t, D, T - D) : t; };
   run_sage_attention(rest(q), k_cache, v_cache, rest(token_seq), kv_block_table, rest(positions), n_heads, scale, pv,
-                     state, rest(out));
+                     state, kv_block_table.dim(0) - D, rest(out));
   return out;
 }
 

@@ -307,9 +307,10 @@ class Backend {
                                    const Tensor& v_sum, const Tensor& token_seq, const Tensor& kv_block_table,
                                    const Tensor& positions, const Tensor& sparq_r, const Tensor& sparq_k,
                                    int64_t n_heads, float scale, const Tensor& out) = 0;
+  // seqs: the most table rows the rows name (the table's, less the decode rows' sequences: sage_attention)
   virtual void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                   const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
-                                  int64_t n_heads, float scale, DType pv, const SageState* state,
+                                  int64_t n_heads, float scale, DType pv, const SageState* state, int64_t seqs,
                                   const Tensor& out) = 0;
   virtual void run_sage_state_reset(const SageState& state) = 0;  // the slots that start afresh, emptied
   virtual void run_copy(const Tensor& dst, const Tensor& src) = 0;

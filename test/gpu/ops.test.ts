@@ -188,10 +188,11 @@ test('writeKv and attention: decode (split-K), prefill and ragged batches, GQA 3
 });
 
 test('a mixed step (decode rows, then a prompt chunk) with decodeRows: each part as a launch of its own, bit for bit, and the CPU; sageAttention too', { skip }, () => {
-  const S = 6, C = 2048, hd = 128, nH = 32, nKv = 8, D = 5, T = D + 300, scale = 1 / Math.sqrt(hd);
+  // sequences 0-4: a decode row each; 5 and 6: 150 prompt rows each
+  const S = 7, C = 2048, hd = 128, nH = 32, nKv = 8, D = 5, T = D + 300, scale = 1 / Math.sqrt(hd);
   const shape = [S, nKv, C, hd], k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd), q = randoms(T * nH * hd);
-  const slots = Int32Array.from({ length: T }, (_, t) => (t < D ? t : 5));
-  const pos = Int32Array.from({ length: T }, (_, t) => (t < D ? [C - 1, 1500, 700, 64, 3][t]! : 1000 + t - D));
+  const slots = Int32Array.from({ length: T }, (_, t) => (t < D ? t : t < D + 150 ? 5 : 6));
+  const pos = Int32Array.from({ length: T }, (_, t) => (t < D ? [C - 1, 1500, 700, 64, 3][t]! : t < D + 150 ? 1000 + t - D : 300 + t - D));
   const rows = (e: Engine, from: number, to: number) => [f32(e, q.subarray(from * nH * hd, to * nH * hd), [to - from, nH * hd]), f32(e, k0, shape), f32(e, v0, shape), i32(e, slots.subarray(from, to)), identityTable(e, S), i32(e, pos.subarray(from, to))] as const;
   const split = (e: Engine, run: (e: Engine, from: number, to: number) => Tensor) => [...get(e, run(e, 0, D)), ...get(e, run(e, D, T))];
   const exact = (e: Engine, from: number, to: number) => e.attention(...rows(e, from, to), nH, scale);
@@ -209,6 +210,12 @@ test('a mixed step (decode rows, then a prompt chunk) with decodeRows: each part
     // (native/test/ops-check.cc's bounds for sageAttention)
     assertNear(sage, ref, pv === 'f16' ? 2e-4 : 1e-2, `sageAttention ${pv} with decodeRows against the CPU reference`);
   }
+  // a "decode row" whose sequence has rows after it: its scratch holds the table's other sequences only, reported
+  assert.throws(() => {
+    gpu.sageAttention(...rows(gpu, 0, T), nH, scale, 'f16', undefined, D + 1);
+    gpu.synchronize();
+  }, /sageAttention: the rows after the decode rows name 2 or more sequences \(table row [56] among them\), over the 1 the table has besides the decode rows': a decode row's sequence has other rows in the step/);
+  assert.deepEqual(Array.from(get(gpu, gpu.attention(...rows(gpu, 0, T), nH, scale, D))), Array.from(mixed), 'the engine goes on');
 });
 
 test('paged KV cache: blocks of B = 16, 7, 64 and maxContext scattered in the pool; decode and prefill equal the CPU and the one-block layout', { skip }, () => {

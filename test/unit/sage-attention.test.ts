@@ -132,4 +132,7 @@ test('attention and sageAttention refuse decodeRows outside [0, T]', () => {
     assert.throws(() => engine.sageAttention(...b.args, b.nH, b.scale, 'f16', undefined, bad), new RegExp(`sageAttention: decodeRows = ${bad} must be in \\[0, ${T}\\]`));
   }
   assert.throws(() => engine.attention(...b.args, b.nH, b.scale, 1.5), /attention: decodeRows/);
+  // a "decode row" whose sequence has other rows: the quantized part names more sequences than the table leaves it
+  assert.throws(() => engine.sageAttention(...b.args, b.nH, b.scale, 'f16', undefined, 6), /sageAttention: the rows after the decode rows name 2 sequences, over the 1 the table has besides the decode rows': a decode row's sequence has other rows in the step/);
+  assert.throws(() => engine.sageAttention(...b.args, b.nH, b.scale, 'f16', undefined, 7), /sageAttention: decodeRows = 7 leaves no row of kvBlockTable \[7, \d+\] i32 for the rows after them/);
 });

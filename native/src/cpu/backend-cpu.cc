@@ -205,8 +205,16 @@ class CpuBackend final : public Backend {
   }
   void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                           const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
-                          const SageState* state, const Tensor& out) override {
+                          const SageState* state, int64_t seqs, const Tensor& out) override {
     KvBlockTable kv = checked_kv_table("sageAttention", k_cache, token_seq, kv_block_table, positions, true);
+    // the CUDA kernels' scratch holds `seqs` sequences (their device check, StatusOp::SageSeqs): refused alike
+    std::vector<bool> named(static_cast<size_t>(kv.n_seqs), false);
+    int64_t distinct = 0;
+    for (int64_t t = 0; t < q.dim(0); ++t)
+      if (!named[token_seq.data<int32_t>()[t]]) named[token_seq.data<int32_t>()[t]] = true, ++distinct;
+    WEFT_CHECK(distinct <= seqs, "sageAttention", "the rows after the decode rows name ", distinct,
+               " sequences, over the ", seqs,
+               " the table has besides the decode rows': a decode row's sequence has other rows in the step");
     const cpu::SageStateView view = state ? sage_state_view(*state) : cpu::SageStateView{};
     cpu::sage_attention(pool_, out.data<float>(), q.data<float>(), k_cache.buffer->data(), v_cache.buffer->data(),
                         k_cache.dtype, kv, token_seq.data<int32_t>(), positions.data<int32_t>(), q.dim(0), n_heads,

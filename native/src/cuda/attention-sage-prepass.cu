@@ -92,17 +92,26 @@ __global__ void sage_state_reset(SageStateArgs st, int S) {
 
 // One thread per table row: where its operands go. A row with a slot reuses the slot's blocks below the least of
 // its quantized positions, the positions the caller vouches for and the row's first position in the step (each
-// floored to a block), and its mean when that leaves any; then the slot holds the row's positions [0, end).
+// floored to a block), and its mean when that leaves any; then the slot holds the row's positions [0, end). A row
+// with tokens takes the next of the Q places of quantized sequences in scratch (its K sums and mean; without a slot,
+// its operands); one past Q is reported and shares place 0, so that the launch stays within its memory.
 __global__ void sage_seq_operands(SageStateArgs st, const int* __restrict__ seq_end, const int* __restrict__ seq_start,
-                                  int S, int G, int hd, int nb, int cp, bool fp8, unsigned char* scratch_k8,
+                                  int S, int Q, int G, int hd, int nb, int cp, bool fp8, unsigned char* scratch_k8,
                                   unsigned char* scratch_v, unsigned char* scratch_k_scale, int64_t v_scale_off,
-                                  SageSeqOperands* ops) {
+                                  int* __restrict__ count, SageSeqOperands* ops, DeviceStatus* status) {
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s >= S) return;
   const int vb = fp8 ? 1 : 2;  // V operand bytes an element
   SageSeqOperands d{};
   d.slot = -1;
   const int end = seq_end[s];
+  if (end > 0) {
+    d.index = atomicAdd(count, 1);
+    if (d.index >= Q) {
+      report(status, StatusOp::SageSeqs, s, d.index + 1, Q);
+      d.index = 0;
+    }
+  }
   if (st.slots) {
     reset_if_fresh(st, s);
     const int slot = st.slots[3 * s];
@@ -125,7 +134,7 @@ __global__ void sage_seq_operands(SageStateArgs st, const int* __restrict__ seq_
       return;
     }
   }
-  const int64_t sg0 = int64_t(s) * G;
+  const int64_t sg0 = int64_t(d.index) * G;
   d.needs_mean = 1;
   d.k8 = scratch_k8 + sg0 * cp * hd;
   d.k8_tile = int64_t(kSageBlock) * hd;
@@ -183,7 +192,7 @@ __global__ void __launch_bounds__(kSumThreads)
     float x = 0;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) x = __fadd_rn(x, part[w][d]);
-    sums[((int64_t(s) * gridDim.y + g) * spans + span) * HD + d] = x;
+    sums[((int64_t(ops[s].index) * gridDim.y + g) * spans + span) * HD + d] = x;
   }
 }
 
@@ -195,8 +204,8 @@ __global__ void sage_key_mean(const float* __restrict__ sums, const int* __restr
   const int g = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
   const int end = seq_end[s];
   if (end == 0) return;
-  const int64_t sg = int64_t(s) * gridDim.x + g;
   const SageSeqOperands& op = ops[s];
+  const int64_t sg = int64_t(op.index) * gridDim.x + g;
   float* kept = op.slot >= 0 ? kept_means + (int64_t(op.slot) * gridDim.x + g) * hd : nullptr;
   if (!op.needs_mean) {
     mean[sg * hd + d] = kept[d];
@@ -233,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
   const int end = seq_end[s], p0 = j * kB;
   const SageSeqOperands& op = ops[s];
   if (p0 >= end || j < op.from_block) return;
-  const int64_t sg = int64_t(s) * gridDim.y + g;
+  const int64_t sg = int64_t(op.index) * gridDim.y + g;
   int8_t* const k8 = reinterpret_cast<int8_t*>(op.k8 + j * op.k8_tile + g * op.k8_head);  // this tile's
   unsigned char* const v_out = op.v + j * op.v_tile + g * op.v_head;
   float* const k_scale_out = reinterpret_cast<float*>(op.scales + j * op.sc_tile + g * op.sc_head);
@@ -335,14 +344,16 @@ void launch_prepass(const Ctx& ctx, const Tensor& k_cache, const Tensor& v_cache
   float* sums = reinterpret_cast<float*>(scratch + sc.sums);
   float* mean = reinterpret_cast<float*>(scratch + sc.mean);
   const int nb = static_cast<int>(sc.nb), cp = static_cast<int>(sc.cp), spans = static_cast<int>(sc.spans);
+  int* count = reinterpret_cast<int*>(scratch + sc.count);
+  check_cuda(ctx.st, cudaMemsetAsync(count, 0, sizeof(int), ctx.stream), "sageAttention", " (memset)");
   check_cuda(ctx.st, cudaMemsetAsync(seq_end, 0, size_t(S) * sizeof(int), ctx.stream), "sageAttention", " (memset)");
   check_cuda(ctx.st, cudaMemsetAsync(seq_start, 0x7f, size_t(S) * sizeof(int), ctx.stream), "sageAttention",
              " (memset)");
   sage_seq_end<<<blocks_for(T, 256), 256, 0, ctx.stream>>>(kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
                                                           T, seq_end, seq_start);
   sage_seq_operands<<<blocks_for(S, 128), 128, 0, ctx.stream>>>(
-      state, seq_end, seq_start, S, G, HD, nb, cp, FP8, scratch + sc.k8, scratch + sc.v, scratch + sc.k_scale,
-      sc.v_scale - sc.k_scale, ops);
+      state, seq_end, seq_start, S, static_cast<int>(sc.seqs), G, HD, nb, cp, FP8, scratch + sc.k8, scratch + sc.v,
+      scratch + sc.k_scale, sc.v_scale - sc.k_scale, count, ops, ctx.status);
   sage_key_sums<HD, KV><<<dim3(spans, G, S), kSumThreads, 0, ctx.stream>>>(
       k_cache.data<KV>(), k_cache.kv_scales(), kv, seq_end, ops, spans, sums, ctx.status);
   sage_key_mean<<<dim3(G, S), HD, 0, ctx.stream>>>(sums, seq_end, ops, state.means, spans, HD, mean);

@@ -306,10 +306,11 @@ bool three_blocks_an_sm(int64_t blocks, int num_sms) {
 template <int HD, bool FP8>
 void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                  const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads,
-                 float scale, const Tensor& out, unsigned char* scratch, int num_sms, const SageStateArgs& state) {
+                 float scale, const Tensor& out, unsigned char* scratch, int num_sms, const SageStateArgs& state,
+                 int64_t seqs) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int T = static_cast<int>(q.dim(0));
-  const SageScratch sc = SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), HD, FP8);
+  const SageScratch sc = SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), HD, FP8, seqs);
   const auto* seq_ops = reinterpret_cast<const SageSeqOperands*>(scratch + sc.operands);
 
   detail::launch_sage_prepass(ctx, k_cache, v_cache, token_seq, kv_block_table, positions, FP8, sc, scratch, state);
@@ -341,23 +342,24 @@ void launch_sage(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const T
 
 }  // namespace
 
-int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8) {
+int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8,
+                           int64_t seqs) {
   (void)q;
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
-  return SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), k_cache.dim(3), fp8).total;
+  return SageScratch::of(kv.n_seqs, kv.n_kv, kv.capacity(), k_cache.dim(3), fp8, seqs).total;
 }
 
 void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                            int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms,
-                           const SageStateArgs& state) {
+                           const SageStateArgs& state, int64_t seqs) {
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   const int64_t T = q.dim(0), hd = k_cache.dim(3);
   if (T == 0 || hd == 0) return;
   WEFT_CHECK(kv.capacity() > 0 && kv.n_blocks > 0 && kv.n_seqs > 0, "sageAttention", "kCache ", k_cache,
              " and kvBlockTable ", kv_block_table, " have no positions to attend to");
   WEFT_CHECK(kv.capacity() < (int64_t{1} << 31) && T * n_heads < (int64_t{1} << 31) && (T + kB - 1) / kB <= 65535 &&
-                 kv.n_seqs <= 65535 && sage_scratch_bytes(q, k_cache, kv_block_table, fp8) < (int64_t{1} << 31),
+                 kv.n_seqs <= 65535 && sage_scratch_bytes(q, k_cache, kv_block_table, fp8, seqs) < (int64_t{1} << 31),
              "sageAttention", "shapes too large (", q, ", ", k_cache, ", ", kv_block_table, ")");
   WEFT_CHECK(sage_head_dim_supported(hd), "sageAttention", "headDim ", hd,
              " is not one the cuda kernels take (64 or 128) (", k_cache, ")");
@@ -365,7 +367,7 @@ void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cach
   auto run = [&](auto head_dim, auto fp8_mode) {
     launch_sage<decltype(head_dim)::value, decltype(fp8_mode)::value>(ctx, q, k_cache, v_cache, token_seq,
                                                                        kv_block_table, positions, n_heads, scale, out,
-                                                                       bytes, num_sms, state);
+                                                                       bytes, num_sms, state, seqs);
   };
   using H64 = std::integral_constant<int, 64>;
   using H128 = std::integral_constant<int, 128>;

@@ -30,8 +30,10 @@ constexpr int64_t kSageMaxScratchBytes = int64_t{512} << 20;
 
 inline bool sage_head_dim_supported(int64_t hd) { return hd == 64 || hd == 128; }
 
-// Bytes of device scratch launch_sage_attention needs (q, the caches' shape and the table's).
-int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8);
+// Bytes of device scratch launch_sage_attention needs (q, the caches' shape and the table's). seqs: the most table
+// rows the rows of q name (-1: every row of the table); a sequence's quantized operands take its whole capacity.
+int64_t sage_scratch_bytes(const Tensor& q, const Tensor& k_cache, const Tensor& kv_block_table, bool fp8,
+                           int64_t seqs = -1);
 
 // A layer's state slots (sage-state.h) as the kernels take them; slots null: no state.
 struct SageStateArgs {
@@ -45,11 +47,12 @@ struct SageStateArgs {
 
 // q [T, nH * hd] f32 -> out [T, nH * hd] f32 over caches [nBlocks, nKv, B, hd] of any KV dtype; fp8 picks the P V
 // operand type (e4m3, else f16). scratch: sage_scratch_bytes of device memory, 256-byte aligned. num_sms: the
-// device's, for the kernel's choice of query rows a warp. state: the sequences' slots, or none.
+// device's, for the kernel's choice of query rows a warp. state: the sequences' slots, or none. seqs: as
+// sage_scratch_bytes'; rows naming more sequences are reported (StatusOp::SageSeqs) at the next synchronising call.
 void launch_sage_attention(const Ctx& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                            const Tensor& token_seq, const Tensor& kv_block_table, const Tensor& positions,
                            int64_t n_heads, float scale, bool fp8, const Tensor& out, void* scratch, int num_sms,
-                           const SageStateArgs& state);
+                           const SageStateArgs& state, int64_t seqs = -1);
 // Where a step with slots attends exactly instead (a short step): the slots that start afresh are emptied.
 void launch_sage_state_reset(const Ctx& ctx, const SageStateArgs& state, int64_t n_seqs);
 
@@ -60,16 +63,23 @@ namespace detail {
 struct SageSeqOperands {
   unsigned char *k8, *v, *scales;
   int64_t k8_tile, k8_head, v_tile, v_head, sc_tile, sc_head, v_scale_off;
-  int32_t from_block, needs_mean, slot, pad;
+  int32_t from_block, needs_mean, slot;
+  int32_t index;  // the row's place among the step's quantized sequences: its K sums and mean in scratch
 };
 
-// Byte offsets of the scratch's parts (each 256-aligned), for S table rows, G kv heads, capacity C, head dim hd.
+// Byte offsets of the scratch's parts (each 256-aligned), for S table rows of which at most Q (seqs; -1: S) have
+// rows in the step, G kv heads, capacity C, head dim hd. Per table row: its end, start and operands; per quantized
+// sequence (SageSeqOperands::index, given in the order the pre-pass reaches them): its K sums, mean, and where it
+// has no state slot, its operands. A mixed step's decode rows attend exactly, so its quantized part names only
+// the prompts' rows (Backend::sage_attention): sized by the table, 32 decode rows beside a 32K prompt would take 33
+// sequences' 268 MB (Llama-2-7B, fp8) and pass kSageMaxScratchBytes.
 struct SageScratch {
   static constexpr int64_t kSpanRows = 512;  // positions per partial K sum of the pre-pass
-  int64_t nb, cp, spans;                                           // 64-position blocks, padded capacity, spans
-  int64_t seq_end, seq_start, operands, sums, mean, k_scale, v_scale, k8, v, total;  // offsets (bytes)
-  static SageScratch of(int64_t S, int64_t G, int64_t C, int64_t hd, bool fp8) {
+  int64_t nb, cp, spans, seqs;                                     // 64-position blocks, padded capacity, spans, Q
+  int64_t count, seq_end, seq_start, operands, sums, mean, k_scale, v_scale, k8, v, total;  // offsets (bytes)
+  static SageScratch of(int64_t S, int64_t G, int64_t C, int64_t hd, bool fp8, int64_t seqs = -1) {
     SageScratch s{};
+    const int64_t Q = s.seqs = seqs < 0 ? S : std::max<int64_t>(seqs, 1);  // a place for a report's overflow
     s.nb = (C + kSageBlock - 1) / kSageBlock;
     s.cp = s.nb * kSageBlock;
     s.spans = (C + kSpanRows - 1) / kSpanRows;
@@ -79,15 +89,16 @@ struct SageScratch {
       at += (bytes + 255) / 256 * 256;
       return off;
     };
+    s.count = take(4);                           // i32: quantized sequences given an index so far
     s.seq_end = take(S * 4);                     // [S] i32
     s.seq_start = take(S * 4);                   // [S] i32: the least position of the row's tokens
     s.operands = take(S * int64_t(sizeof(SageSeqOperands)));
-    s.sums = take(S * G * s.spans * hd * 4);     // [S, G, spans, hd] f32
-    s.mean = take(S * G * hd * 4);               // [S, G, hd] f32
-    s.k_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32
-    s.v_scale = take(S * G * s.nb * 4);          // [S, G, nb] f32 (fp8 mode)
-    s.k8 = take(S * G * s.cp * hd);              // [S, G, cp, hd] i8
-    s.v = take(S * G * s.cp * hd * (fp8 ? 1 : 2));  // [S, G, cp, hd] f16, or [S, G, nb, hd, 64] e4m3
+    s.sums = take(Q * G * s.spans * hd * 4);     // [Q, G, spans, hd] f32
+    s.mean = take(Q * G * hd * 4);               // [Q, G, hd] f32
+    s.k_scale = take(Q * G * s.nb * 4);          // [Q, G, nb] f32
+    s.v_scale = take(Q * G * s.nb * 4);          // [Q, G, nb] f32 (fp8 mode)
+    s.k8 = take(Q * G * s.cp * hd);              // [Q, G, cp, hd] i8
+    s.v = take(Q * G * s.cp * hd * (fp8 ? 1 : 2));  // [Q, G, cp, hd] f16, or [Q, G, nb, hd, 64] e4m3
     s.total = at;
     return s;
   }

@@ -313,18 +313,18 @@ class CudaBackend final : public Backend {
   // kSageMaxScratchBytes (many long sequences in one step), the exact kernel runs instead.
   void run_sage_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& token_seq,
                           const Tensor& kv_block_table, const Tensor& positions, int64_t n_heads, float scale, DType pv,
-                          const SageState* state, const Tensor& out) override {
+                          const SageState* state, int64_t seqs, const Tensor& out) override {
     static_assert(Backend::kSageMinTokens == cuda::kDecodeMaxTokens + 1, "Sage takes the prefill kernel's steps");
     WEFT_CHECK(!(state && capturing()), "sageAttention", "a graph cannot keep the Sage state (its steps are decode steps)");
     const bool fp8 = pv == DType::FP8;
-    const int64_t bytes = cuda::sage_scratch_bytes(q, k_cache, kv_block_table, fp8);
+    const int64_t bytes = cuda::sage_scratch_bytes(q, k_cache, kv_block_table, fp8, seqs);
     if (capturing() || bytes > cuda::kSageMaxScratchBytes) {
       if (state) run_sage_state_reset(*state);
       return run_attention(q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, false, out);
     }
     if (!sage_scratch_.buffer || sage_scratch_.numel() < bytes) sage_scratch_ = empty(DType::I8, {bytes});
     cuda::launch_sage_attention(ctx(), q, k_cache, v_cache, token_seq, kv_block_table, positions, n_heads, scale, fp8,
-                                out, sage_scratch_.buffer->data(), st_->num_sms, sage_state_args(state));
+                                out, sage_scratch_.buffer->data(), st_->num_sms, sage_state_args(state), seqs);
   }
   void run_sage_state_reset(const SageState& state) override {
     cuda::launch_sage_state_reset(ctx(), sage_state_args(&state), state.slots.dim(0));

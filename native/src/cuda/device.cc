@@ -128,6 +128,10 @@ void check_status(DeviceState& st) {
     case StatusOp::FeedTokens:
       WEFT_FAIL("feedTokens", "from[", f.index, "] = ", f.value, " is out of range (src holds ", f.limit, " tokens)",
                 tail);
+    case StatusOp::SageSeqs:
+      WEFT_FAIL("sageAttention", "the rows after the decode rows name ", f.value, " or more sequences (table row ",
+                f.index, " among them), over the ", f.limit,
+                " the table has besides the decode rows': a decode row's sequence has other rows in the step", tail);
     default:
       WEFT_FAIL("synchronize", "unknown device status ", f.op);
   }

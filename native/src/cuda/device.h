@@ -27,6 +27,7 @@ enum class StatusOp : int {
   WriteKvBlock,    // a kvBlockTable entry outside the cache's blocks
   AttentionBlock,
   FeedTokens,      // feedTokens: a from index past src
+  SageSeqs,        // sageAttention: rows naming more sequences than its scratch holds (decodeRows not decode rows)
 };
 
 // In mapped pinned host memory: kernels write it directly, the host reads it after a stream sync.
