@@ -37,7 +37,7 @@ import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
 import { arenaTokens, chunkRanges, DEFAULT_ARENA_BYTES, graphArenaTokens, graphBucketFor, keptStepTokens, maxGraphBatch, maxStepTokens } from './step-sizes.ts';
 
 /** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts; Sage slots to prompt chunks: sage-state.ts). */
-type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers' | 'sageSlots'>;
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers' | 'sageSlots' | 'decodeRows'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
