@@ -55,10 +55,11 @@ const built = buildRankModel(engine, spec, plan, 0, randomWeights(engine, 7), kv
 let next = 0;
 const kvBlockTable = seqBlocks.map((n) => Array.from({ length: n }, () => next++));
 
-/** The step's rows [from, to) of: D decode rows, then the chunk. */
+/** The step's rows [from, to) of: D decode rows, then the chunk; its table holds the sequences they name. */
 function batchOf(from: number, to: number): StepBatch {
   const rows = Array.from({ length: D + chunk }, (_, t) => (t < D ? { seq: t, pos: decodeContext } : { seq: D, pos: promptPosition + t - D })).slice(from, to);
-  return { tokens: rows.map((_, i) => (i * 31 + 7) % spec.vocabSize), positions: rows.map((r) => r.pos), tokenSeq: rows.map((r) => r.seq), kvBlockTable, logitRows: [rows.length - 1] };
+  const first = rows[0]!.seq;
+  return { tokens: rows.map((_, i) => (i * 31 + 7) % spec.vocabSize), positions: rows.map((r) => r.pos), tokenSeq: rows.map((r) => r.seq - first), kvBlockTable: kvBlockTable.slice(first, rows.at(-1)!.seq + 1), logitRows: [rows.length - 1] };
 }
 
 /** Median ms of `iterations` runs of `run` inside a step each (after one untimed run), the device synchronised. */
