@@ -45,6 +45,23 @@ for (const pv of ['f16', 'fp8'] as const)
     assert.notDeepEqual(engine.download(c.state.means), means);
   });
 
+test('sageAttention with a state slot beside decode rows (a mixed step): the other rows as without them, bit for bit, the decode rows exact', () => {
+  const D = 3, width = CHUNKS.nKv * CHUNKS.group * CHUNKS.hd;
+  for (const pv of ['f16', 'fp8'] as const) {
+    const mixed = sageChunks(engine, pv, 15, D), alone = sageChunks(engine, pv, 15);
+    let end = 0;
+    for (let i = 0; i < CHUNKS.promptChunks.length; i++) {
+      const slot = [0, i === 0 ? 1 : 0, end];
+      const got = mixed.run(i, [...Array(D).fill([-1, 0, 0]).flat(), ...slot, -1, 0, 0]);
+      assert.deepEqual(got.subarray(0, D * width), mixed.exact(i).subarray(0, D * width), `${pv} chunk ${i}: decode rows exact`);
+      assert.deepEqual(got.subarray(D * width), alone.run(i, [...slot, -1, 0, 0]), `${pv} chunk ${i}: the prompt's and the other's rows`);
+      assert.deepEqual(engine.download(mixed.state.means), engine.download(alone.state.means), `${pv} chunk ${i}: the same kept mean`);
+      assert.deepEqual(header(mixed), header(alone));
+      end += CHUNKS.promptChunks[i]!;
+    }
+  }
+});
+
 test('sageAttention with a state slot: a short step empties the slots it starts afresh and attends exactly', () => {
   const c = sageChunks(engine, 'f16', 12);
   c.run(0, [0, 1, 0, -1, 0, 0]);
