@@ -153,10 +153,12 @@ export interface Engine {
    * (less their mean per sequence and kv head) in int8 per block of 64 rows, and P V in f16 (pv 'f16') or e4m3
    * (pv 'fp8'). Decode is untouched: the first decodeRows rows (as `attention`'s) get `attention` itself, and so
    * do steps where at most 64 rows follow them and decode batches (one token per sequence); the rows after them are
-   * quantized as a step of their own. cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh. sageState: the layer's slots and the
-   * step's use of them, [header, means, blocks, slots] (native/src/sage-state.h, worker/models/sage-state.ts): a
-   * prompt's blocks quantized once across its steps; a short step still empties the slots it starts afresh. Two
-   * rows naming one slot are refused on the CPU and must not be given on CUDA (the directory never does).
+   * quantized as a step of their own (a decode row whose sequence has rows after it is refused, or on cuda reported
+   * at the next sync). cuda: head dims 64 and 128. Algorithm: native/src/cuda/attention-sage.cuh. sageState: the
+   * layer's slots and the step's use of them, [header, means, blocks, slots] (native/src/sage-state.h,
+   * worker/models/sage-state.ts): a prompt's blocks quantized once across its steps; a short step still empties the
+   * slots it starts afresh. Two rows naming one slot are refused on the CPU and must not be given on CUDA (the
+   * directory never does).
    */
   sageAttention(q: Tensor, kCache: Tensor, vCache: Tensor, tokenSeq: Tensor, kvBlockTable: Tensor, positions: Tensor, nHeads: number, scale: number, pv: 'f16' | 'fp8', sageState?: readonly [Tensor, Tensor, Tensor, Tensor], decodeRows?: number): Tensor;
   /** In place: dst = src, same dtype and shape (e.g. a graph's result into a persistent tensor). Capturable. */

@@ -564,7 +564,8 @@ Tensor Backend::sage_attention(const Tensor& q, const Tensor& k_cache, const Ten
   }
   check_cache(op, k_cache, v_cache, token_seq, kv_block_table, positions, T);
   check_query(op, q, k_cache, n_heads, scale);
-  WEFT_CHECK(kv_block_table.dim(0) > D, op, "decodeRows = ", D, " leaves no row of ", Arg{"kvBlockTable", kv_block_table},
+  WEFT_CHECK(kv_block_table.dim(0) > D, op, "decodeRows = ", D, " leaves no row of ",
+             Arg{"kvBlockTable", kv_block_table},
              " for the rows after them: a decode row's sequence has other rows in the step");
   Tensor out = empty(DType::F32, q.shape);
   if (D > 0)
