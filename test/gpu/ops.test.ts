@@ -218,6 +218,21 @@ test('a mixed step (decode rows, then a prompt chunk) with decodeRows: each part
   assert.deepEqual(Array.from(get(gpu, gpu.attention(...rows(gpu, 0, T), nH, scale, D))), Array.from(mixed), 'the engine goes on');
 });
 
+test('a mixed step of 80 decode rows (more than the 64-token steps the decode kernel takes by size): they run on it, at its fp32 bound of the CPU', { skip }, () => {
+  const D = 80, S = D + 1, C = 512, hd = 128, nH = 32, nKv = 8, T = D + 100, scale = 1 / Math.sqrt(hd);
+  const shape = [S, nKv, C, hd], k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd), q = randoms(T * nH * hd);
+  const slots = Int32Array.from({ length: T }, (_, t) => Math.min(t, D));
+  const pos = Int32Array.from({ length: T }, (_, t) => (t < D ? (t * 37) % C : 300 + t - D));
+  const args = (e: Engine) => [f32(e, q, [T, nH * hd]), f32(e, k0, shape), f32(e, v0, shape), i32(e, slots), identityTable(e, S), i32(e, pos)] as const;
+  const want = get(cpu, cpu.attention(...args(cpu), nH, scale));
+  const got = get(gpu, gpu.attention(...args(gpu), nH, scale, D));
+  // the split-K decode kernel (fp32 on an f32 cache) holds 1e-4; the prefill kernel's f16 operands give 2-4e-4
+  assertNear(got.subarray(0, D * nH * hd), want.subarray(0, D * nH * hd), 1e-4, 'the decode rows');
+  assertNear(got, want, 1e-3, 'the whole step');
+  const sage = get(gpu, gpu.sageAttention(...args(gpu), nH, scale, 'fp8', undefined, D));
+  assert.deepEqual(Array.from(sage.subarray(0, D * nH * hd)), Array.from(got.subarray(0, D * nH * hd)), 'sageAttention: the decode rows exact, on the same kernel');
+});
+
 test('paged KV cache: blocks of B = 16, 7, 64 and maxContext scattered in the pool; decode and prefill equal the CPU and the one-block layout', { skip }, () => {
   const S = 3, C = 2048, hd = 128, nH = 32, nKv = 8, scale = 1 / Math.sqrt(hd);
   const k0 = randoms(S * nKv * C * hd), v0 = randoms(S * nKv * C * hd); // one block per sequence [S, nKv, C, hd]
