@@ -112,8 +112,11 @@ export interface StreamTiming {
   readonly tokens: number;
 }
 
-/** One streaming /v1/completions request of token ids, greedy, EOS ignored; aborted when not done within `timeoutMs`. */
-export async function streamCompletion(url: string, promptIds: readonly number[], maxTokens: number, timeoutMs: number): Promise<StreamTiming> {
+/**
+ * One streaming /v1/completions request of token ids, greedy, EOS ignored; aborted when not done within `timeoutMs`.
+ * `onText(at)` is called as each chunk with text arrives.
+ */
+export async function streamCompletion(url: string, promptIds: readonly number[], maxTokens: number, timeoutMs: number, onText?: (at: number) => void): Promise<StreamTiming> {
   const sentAt = performance.now();
   const response = await fetch(`${url}/v1/completions`, {
     method: 'POST',
@@ -136,7 +139,10 @@ export async function streamCompletion(url: string, promptIds: readonly number[]
       const chunk = JSON.parse(data) as { choices: { text: string }[]; usage?: { completion_tokens: number }; error?: { message: string } };
       if (chunk.error) throw new Error(`stream failed: ${chunk.error.message}`);
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
-      if (chunk.choices[0]?.text) chunkAt.push(now);
+      if (chunk.choices[0]?.text) {
+        chunkAt.push(now);
+        onText?.(now);
+      }
     }
   }
   if (tokens < 0) throw new Error('the stream ended without a usage chunk');
@@ -156,7 +162,7 @@ export interface ConcurrentFigures {
 }
 
 /** The `q` quantile of ascending `sorted` (nearest rank below). */
-function percentile(sorted: readonly number[], q: number): number {
+export function percentile(sorted: readonly number[], q: number): number {
   return sorted[Math.floor((sorted.length - 1) * q)]!;
 }
 
