@@ -3,10 +3,24 @@
  * (`weft generate --json`, `weft serve` on free ports), and concurrent streaming completions against the server
  * from node's fetch, timed per streamed chunk.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
 const WEFT_BIN = fileURLToPath(new URL('../bin/weft.js', import.meta.url));
+
+/** The first line a command prints, or null when it fails. */
+function firstLine(file: string, args: readonly string[]): string | null {
+  const result = spawnSync(file, args, { encoding: 'utf8' });
+  return result.status === 0 ? result.stdout.trim().split('\n')[0]! : null;
+}
+
+/** What a result row names its run by: the GPU (or cpu) and the commit (WEFT_COMMIT where the tree has no .git). */
+export function runIdentity(device: 'cpu' | 'cuda'): { gpu: string; commit: string } {
+  return {
+    gpu: device === 'cuda' ? (firstLine('nvidia-smi', ['--query-gpu=name', '--format=csv,noheader']) ?? 'unknown GPU') : 'cpu',
+    commit: process.env.WEFT_COMMIT ?? firstLine('git', ['rev-parse', 'HEAD']) ?? 'unknown',
+  };
+}
 
 /** Keeps the last `limit` characters of a stream (for error messages). */
 function tail(stream: NodeJS.ReadableStream, limit = 4000): () => string {

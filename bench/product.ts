@@ -25,13 +25,13 @@
  *   the tensor-core rate (--tensor-tflops), the floor the larger of the two, set beside the steady step time
  *   (batch / steady tok/s).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { appendFileSync, readFileSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
 import { Command } from 'commander';
 import { readModelSpec } from '../core/model-spec.ts';
 import { planShards } from '../core/shard-plan.ts';
-import { concurrentStreams, runGenerate, startServe } from './product-serve.ts';
+import { concurrentStreams, runGenerate, runIdentity, startServe } from './product-serve.ts';
 import { floorMs, stepBytes } from './step-bytes.ts';
 import { kvDtypeBytes, resolveKvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
 import { productTable, type ProductPath, type ProductRow } from './product-table.ts';
@@ -107,12 +107,7 @@ interface ScaleFigures {
 }
 const scaleRows: (ProductRow & ScaleFigures)[] = [];
 
-function commandLine(file: string, args: string[]): string | null {
-  const result = spawnSync(file, args, { encoding: 'utf8' });
-  return result.status === 0 ? result.stdout.trim().split('\n')[0]! : null;
-}
-const gpu = opts.device === 'cuda' ? (commandLine('nvidia-smi', ['--query-gpu=name', '--format=csv,noheader']) ?? 'unknown GPU') : 'cpu';
-const commit = process.env.WEFT_COMMIT ?? commandLine('git', ['rev-parse', 'HEAD']) ?? 'unknown';
+const { gpu, commit } = runIdentity(opts.device);
 const bandwidthGBs = opts.bandwidth ? Number(opts.bandwidth) : opts.device === 'cuda' ? measureBandwidth() : NaN;
 
 function measureBandwidth(): number {

@@ -1,7 +1,8 @@
 /**
  * The product benchmark's own machinery on the CPU: bench/make-checkpoint.py writes a directory weft loads (its
  * tokenizer has exactly the preset's vocabulary and round-trips text; its shapes are the preset's), and
- * bench/product.ts times the real `weft generate` and `weft serve` processes, writes its rows and leaves no process.
+ * bench/product.ts times the real `weft generate` and `weft serve` processes, writes its rows and leaves no process;
+ * bench/serve-under-load.ts does the same with a long prompt sent while streams decode.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -84,5 +85,42 @@ describe('bench/product', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  test('serve-under-load.ts on the CPU: a long prompt under decoding streams, its TTFT and the streams\' gaps in the row, the server stopped with nothing left', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'weft-under-load-'));
+    try {
+      const out = join(dir, 'rows.jsonl');
+      const model = join(dir, 'llama-tiny');
+      cpSync(fixtureDir('llama-tiny'), model, { recursive: true });
+      // 400 prompt tokens in steps of 16: 25 mixed steps, each a token for every stream
+      const args = ['--model', model, '--device', 'cpu', '--streams', '3', '--stream-prompt-tokens', '8', '--long-prompt-tokens', '400', '--baseline-chunks', '4', '--prefill-chunk', '16', '--weft-args', '--max-num-batched-tokens 16', '--out', out];
+      const run = spawnSync(process.execPath, ['--import', 'tsx', 'bench/serve-under-load.ts', ...args], { encoding: 'utf8', timeout: 120_000 });
+      assert.equal(run.status, 0, run.stderr + run.stdout);
+      assert.match(run.stdout, /\| llama-tiny --max-num-batched-tokens 16 \| 3 \| 400 \|/);
+      const [row, ...more] = readFileSync(out, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, number | string>);
+      assert.equal(more.length, 0);
+      assert.equal(row!.gpu, 'cpu');
+      assert.ok(typeof row!.commit === 'string' && row!.commit.length > 0);
+      const n = row as Record<string, number>;
+      assert.ok(n.ttftMs! > 0, JSON.stringify(row));
+      assert.ok(n.beforeP50Ms! >= 0 && n.beforeP99Ms! >= n.beforeP50Ms!, JSON.stringify(row));
+      // a loaded machine's client may read every chunk of the prefill's steps after the prompt's token: no gaps then
+      if (n.duringP50Ms === null) assert.ok(n.duringP99Ms === null && n.duringMaxMs === null && n.duringChunksPerS === 0, JSON.stringify(row));
+      else {
+        assert.ok(n.duringP50Ms! >= 0 && n.duringP99Ms! >= n.duringP50Ms! && n.duringMaxMs! >= n.duringP99Ms!, JSON.stringify(row));
+        assert.ok(n.duringChunksPerS! > 0, JSON.stringify(row));
+      }
+      assert.ok(n.streamsThrough! >= 0 && n.streamsThrough! <= 3, JSON.stringify(row));
+      assert.deepEqual(processesMentioning(model), [], 'no weft process left');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('serve-under-load.ts refuses a bad count before it starts a server', () => {
+    const run = spawnSync(process.execPath, ['--import', 'tsx', 'bench/serve-under-load.ts', '--model', fixtureDir('llama-tiny'), '--device', 'cpu', '--streams', '0'], { encoding: 'utf8', timeout: 60_000 });
+    assert.notEqual(run.status, 0);
+    assert.match(run.stderr, /--streams must be a positive integer \(got 0\)/);
   });
 });
