@@ -13,7 +13,8 @@
  * ask for enough tokens to decode through the whole prefill. Each request has a prompt of its own (no prefix-cache
  * hits). Figures: the streams' gaps between chunks before the prompt was sent (p50, p99) and while it prefilled
  * (chunks that arrived between its send and its first token: p50, p99, max; none where no stream's chunk arrived in
- * that window), the chunks the streams got in that window per second, and the prompt's TTFT. One JSON line is appended to --out; a markdown table ends the run.
+ * that window), the chunks the streams got in that window per second, and the prompt's TTFT. One JSON line is
+ * appended to --out; a markdown table ends the run.
  */
 import { appendFileSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
@@ -29,13 +30,12 @@ const opts = new Command('bench-serve-under-load')
   .option('--stream-prompt-tokens <n>', 'prompt length of each stream', '64')
   .option('--long-prompt-tokens <n>', 'length of the prompt that arrives under load', '8192')
   .option('--baseline-chunks <n>', 'chunks every stream has streamed before the long prompt is sent', '16')
-  .option('--step-ms-guess <ms>', 'a step under load at most this long, for sizing the streams\' max_tokens (they must outlast the prefill)', '200')
   .option('--prefill-chunk <n>', 'prompt tokens a step takes, for sizing the streams\' max_tokens (the server\'s own is what runs)', '1024')
   .option('--weft-args <args>', 'extra flags for weft serve, space-separated', '')
   .option('--timeout-s <n>', 'limit on the server start (weights load) and on each request', '900')
   .option('--out <file>', 'JSON lines appended here', 'bench-serve-under-load.jsonl')
   .parse()
-  .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; streams: string; streamPromptTokens: string; longPromptTokens: string; baselineChunks: string; stepMsGuess: string; prefillChunk: string; weftArgs: string; timeoutS: string; out: string }>();
+  .opts<{ model: string; name?: string; device: 'cpu' | 'cuda'; streams: string; streamPromptTokens: string; longPromptTokens: string; baselineChunks: string; prefillChunk: string; weftArgs: string; timeoutS: string; out: string }>();
 
 const modelDir = resolve(opts.model);
 const model = opts.name ?? basename(modelDir);
@@ -48,8 +48,8 @@ for (const [name, value] of Object.entries({ streams, streamPromptTokens, longPr
   if (!Number.isInteger(value) || value < 1) throw new Error(`--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} must be a positive integer (got ${value})`);
 }
 const spec = readModelSpec(modelDir);
-// the streams decode through the baseline, the whole prefill (steps of --prefill-chunk tokens, each at most
-// --step-ms-guess) and a margin; a stream that ends early shows as a prefill window with fewer streams
+// the streams decode through the baseline and the whole prefill (a token each step of --prefill-chunk prompt tokens),
+// twice over, and a margin; a stream that ends early shows in streamsThrough
 const prefillSteps = Math.ceil(longPromptTokens / Number(opts.prefillChunk));
 const streamTokens = 2 * baselineChunks + 2 * prefillSteps + 32;
 const maxContext = Math.max(longPromptTokens + 16, streamPromptTokens + streamTokens + 16);
