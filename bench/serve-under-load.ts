@@ -43,14 +43,15 @@ const streams = Number(opts.streams);
 const streamPromptTokens = Number(opts.streamPromptTokens);
 const longPromptTokens = Number(opts.longPromptTokens);
 const baselineChunks = Number(opts.baselineChunks);
+const prefillChunk = Number(opts.prefillChunk);
 const timeoutMs = Number(opts.timeoutS) * 1000;
-for (const [name, value] of Object.entries({ streams, streamPromptTokens, longPromptTokens, baselineChunks })) {
+for (const [name, value] of Object.entries({ streams, streamPromptTokens, longPromptTokens, baselineChunks, prefillChunk })) {
   if (!Number.isInteger(value) || value < 1) throw new Error(`--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} must be a positive integer (got ${value})`);
 }
 const spec = readModelSpec(modelDir);
 // the streams decode through the baseline and the whole prefill (a token each step of --prefill-chunk prompt tokens),
 // twice over, and a margin; a stream that ends early shows in streamsThrough
-const prefillSteps = Math.ceil(longPromptTokens / Number(opts.prefillChunk));
+const prefillSteps = Math.ceil(longPromptTokens / prefillChunk);
 const streamTokens = 2 * baselineChunks + 2 * prefillSteps + 32;
 const maxContext = Math.max(longPromptTokens + 16, streamPromptTokens + streamTokens + 16);
 
