@@ -6,12 +6,12 @@
 // that model's shapes. Kernels: weft's choice (int4 on tensor cores, gemv-one-token-mma.cu; bf16 on gemv-rows-tma.cu
 // where it takes the shape; else the register kernels), the batched (bf16) and the streaming register kernels
 // (gemv-one-token.cu; streaming at 1, 2 and 4 rows a task), and for int8/int4 the bulk-copy rows where they take the
-// shape (int4's kernel before session 27), for int8 the tensor-core kernel's int8 form, and the tensor-core kernel on
-// the same weights repacked in tiles (quant-tiles.h; its outputs are checked to equal the row-major tensor-core
-// kernel's bit for bit). Each kernel's outputs of layer 0 are
-// checked against the batched kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The
-// cache-hint, staging and occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the
-// streaming kernel in this file at d9916e1.
+// shape (int4's kernel before session 27), for int8 the tensor-core kernel's int8 form (s8 mma, x in digits), and the
+// tensor-core kernel on the same weights repacked in tiles (quant-tiles.h; its outputs are checked to equal the
+// row-major tensor-core kernel's bit for bit). Each kernel's outputs of layer 0 are checked against the batched
+// kernel's (bf16) or the streaming kernel's at 2 rows (max |y - ref| / max |ref|). The cache-hint, staging and
+// occupancy variants of bench/RESULTS.md (session 10) were an experimental copy of the streaming kernel in this file
+// at d9916e1.
 // Build and run: bench/kernels/gemv-layer-run.sh [bf16|int8|int4[@llama-3-8b]]... (nvcc only).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -98,7 +98,7 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   kernels.push_back({"streaming register, 4 rows", tuned(wc::OneTokenKernel::Streaming, 4)});
   if (quant) kernels.push_back({"bulk-copy rows where they take the shape", tuned(wc::OneTokenKernel::Rows, 0)});
   // the tensor-core kernel on row-major codes (weft's own for int4; int8's bench form) and on tiles (quant-tiles.h)
-  if (dt == DType::I8) kernels.push_back({"tensor cores (int8 bench form)", tuned(wc::OneTokenKernel::Mma, 0)});
+  if (dt == DType::I8) kernels.push_back({"tensor cores (int8 bench form: s8 mma, x in 3 digits)", tuned(wc::OneTokenKernel::Mma, 0)});
   if (quant) kernels.push_back({"tensor cores, codes in tiles (quant-tiles.h)", wc::OneTokenTuning{}, true});
   const size_t row_major_mma = dt == DType::I8 ? kernels.size() - 2 : 0;
   const Kernel& reference = kernels[1];

@@ -20,9 +20,15 @@
 //   - A warp's unit sums (fp32, scaled by the two rows' bf16 group scales) accumulate while it stays in one tile and
 //     go to shared memory when it leaves; the block then sums each row's 16 warp partials in warp order
 //     (deterministic, no atomics).
+//   - int8 (a bench form: weft's int8 at one token is the streaming kernel): the codes need no unpacking. x, scaled
+//     below 2^22 and rounded, is three signed base-256 digits (B's columns 0-2, s8), and each 16-byte word pair of a
+//     lane is two mma.sync m16n8k32 s8 steps with exact s32 sums; a row's sum is 65536 c0 + 256 c1 + c2, taken to
+//     fp32 once a tile (one scale a row) or once a chunk (groups). Any order of K's columns gives the same sum, so
+//     the digits are staged in the order the lanes' row-major words take. Instructions a 32 bytes of a lane: 2 loads,
+//     1 shared load, 2 mma, against 2 x (10 unpack + 2 mma) for the f16 form (session 27: 82.8 us a Llama-2-7B
+//     layer on H200, the streaming kernel 72.9).
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
-//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows. int8 (one step a 16-byte word) took 82.8 here
-//   against the streaming kernel's 72.9 (session 27, bench/RESULTS.md), so this kernel is int4's alone. The same
+//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows. The same
 //   loads with no arithmetic take 39 us: most of the gap to the floor is the load pattern (64 bytes of each of 8
 //   rows a warp load; 512 contiguous bytes a load took ~10% off, timing only: it needs the weights repacked) and
 //   each kernel's fixed costs, the rest the arithmetic beside the loads.
@@ -52,6 +58,7 @@ constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
 constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and hi + lo keep their precision
+constexpr int kXExponentInt8 = 22;    // int8: x scaled below 2^22, three signed base-256 digits
 constexpr size_t kMaxPartBytes = 64 * 1024;
 constexpr size_t kMaxSmemBytes = 200 * 1024;
 
@@ -68,11 +75,21 @@ struct Params {
 };
 
 // Bytes of staged x: f32 [K], then hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi loads and the
-// next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2).
+// next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2). int8 stages its three s8
+// digit rows [K] in the same room (each 64 bytes after the one before: rows 0 and 1's quads in different banks).
 __host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 2 * K * 2 + 64 + 256; }
+__host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
+
+// One f32 integer value |v| < 2^23 as three signed base-256 digits d0 * 65536 + d1 * 256 + d2 (d1, d2 in -128..127).
+__device__ __forceinline__ void int_digits(float v, int (&d)[3]) {
+  const int x = __float2int_rn(v);
+  d[2] = static_cast<int8_t>(x & 0xff);
+  const int x1 = (x - d[2]) >> 8;
+  d[1] = static_cast<int8_t>(x1 & 0xff);
+  d[0] = (x1 - d[1]) >> 8;
+}
 
 // Eight columns of x (already scaled) as the f16 hi and lo halves, in the pair order of pack_x.
-template <bool kInt4>
 __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4& lo) {
   float h[8], l[8];
 #pragma unroll
@@ -80,15 +97,15 @@ __device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4
     h[e] = __half2float(__float2half_rn(v[e]));
     l[e] = __half2float(__float2half_rn(v[e] - h[e]));
   }
-  hi = pack_x<kInt4>(h);
-  lo = pack_x<kInt4>(l);
+  hi = pack_x<true>(h);
+  lo = pack_x<true>(l);
 }
 
 __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))); }
 
 // NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16). kInt8: int8 codes (a chunk
-// of 64 columns; lane t's 16 bytes are columns 16 t .. 16 t + 15 of its rows, each word two f16 pairs of one k-step)
-// instead of int4 (128 columns; each word two k-steps); x is then staged in column order.
+// of 64 columns; lane t's 16 bytes are columns 16 t .. 16 t + 15 of its rows, two s8 k-steps of 32) instead of int4
+// (128 columns; each word two f16 k-steps of 16); x is then staged as digit rows in column order.
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
@@ -214,36 +231,59 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const float absmax = __uint_as_float(x_absmax);
   int e = 0;
   if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
-  const int shift = absmax > 0.f && absmax < INFINITY ? min(126, kXExponent - e) : 0;
+  const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
   const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
-  for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
-    const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
-    const int at = kInt8 ? u : chunk * kChunkX + l * 4 + tq;  // int8: in column order
-    float v[8];
+  unsigned char* x_digits = smem + K * 4;  // int8: digit row r at r * digit_row_bytes(K)
+  if constexpr (kInt8) {
+    for (int u = threadIdx.x; u < K / 4; u += kThreads) {  // u: columns 4u .. 4u + 3, a word of each digit row
+      uint32_t word[3] = {0u, 0u, 0u};
 #pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
-    split_pack<!kInt8>(v, x_hi[at], x_lo[at]);
+      for (int k = 0; k < 4; ++k) {
+        int d[3];
+        int_digits(xf[4 * u + k] * x_scale, d);
+#pragma unroll
+        for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
+      }
+#pragma unroll
+      for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+    }
+  } else {
+    for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
+      const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
+      float v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
+      split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+    }
   }
   __syncthreads();
 
-  // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero.
-  const uint4* xb_lane = (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + (kInt8 ? 2 * t : t);
+  // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
+  const uint4* xb_lane = kInt8 ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
+                               : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
   const int xb_stride = g < 2 ? kChunkX : 0;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int isum[4] = {0, 0, 0, 0};  // int8: the exact s32 sums since the last flush, columns 2t and 2t + 1
   int ct = first_tile, cc = first_chunk, used = 0;
+  const auto scales_of = [&](int j, float& s_lo, float& s_hi) {
+    s_lo = __uint_as_float(sc_lo[j] << 16);
+    if constexpr (kTiles && !kPairs)  // tiles: rows g and g + 8's scales share a word (quant-tiles.h)
+      s_hi = __uint_as_float(sc_lo[j] & 0xffff0000u);
+    else
+      s_hi = __uint_as_float(sc_hi[j] << 16);
+  };
   const auto compute = [&](int j) {
-    const uint4* xb = xb_lane + cc * xb_stride;
-    float pa[4] = {0.f, 0.f, 0.f, 0.f};
+    float s_lo, s_hi;
+    scales_of(j, s_lo, s_hi);
     if constexpr (kInt8) {
-#pragma unroll
-      for (int l = 0; l < kLoads; ++l) {  // word l: columns 16 t + 4 l .. + 3, one k-step
-        const uint4 bx = xb[l / 2];
-        uint32_t lo01, lo23, hi01, hi23;
-        unpack_int8((&w_lo[j].x)[l], lo01, lo23);
-        unpack_int8((&w_hi[j].x)[l], hi01, hi23);
-        mma_16816(pa, lo01, hi01, lo23, hi23, l % 2 ? bx.z : bx.x, l % 2 ? bx.w : bx.y);
-      }
+      // The lane's 16 bytes of each row are columns 16 t .. 16 t + 15 of the chunk: words 0-1 are one k-step's A
+      // (columns 4 t .. and 16 + 4 t .. of its 32), words 2-3 the next's; B is the same columns of the digit row.
+      const uint4 bx = g < 3 ? xb_lane[cc * 4] : make_uint4(0, 0, 0, 0);
+      mma_16832_s8(isum, w_lo[j].x, w_hi[j].x, w_lo[j].y, w_hi[j].y, bx.x, bx.y);
+      mma_16832_s8(isum, w_lo[j].z, w_hi[j].z, w_lo[j].w, w_hi[j].w, bx.z, bx.w);
     } else {
+      const uint4* xb = xb_lane + cc * xb_stride;
+      float pa[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int l = 0; l < kLoads; ++l) {
         const uint4 bx = xb[l * 4];
@@ -253,17 +293,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
         mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
       }
+      acc[0] = fmaf(s_lo, pa[0], acc[0]);
+      acc[1] = fmaf(s_lo, pa[1], acc[1]);
+      acc[2] = fmaf(s_hi, pa[2], acc[2]);
+      acc[3] = fmaf(s_hi, pa[3], acc[3]);
     }
-    const float s_lo = __uint_as_float(sc_lo[j] << 16);
-    float s_hi;  // tiles: rows g and g + 8's scales share a word (quant-tiles.h)
-    if constexpr (kTiles && !kPairs)
-      s_hi = __uint_as_float(sc_lo[j] & 0xffff0000u);
-    else
-      s_hi = __uint_as_float(sc_hi[j] << 16);
-    acc[0] = fmaf(s_lo, pa[0], acc[0]);
-    acc[1] = fmaf(s_lo, pa[1], acc[1]);
-    acc[2] = fmaf(s_hi, pa[2], acc[2]);
-    acc[3] = fmaf(s_hi, pa[3], acc[3]);
     const int tile = ct;
     cc += kWarps;
     while (cc >= nch) {
@@ -271,7 +305,22 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       ++ct;
     }
     ++used;
-    if (ct != tile || used == my_units) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
+    const bool leaving = ct != tile || used == my_units;
+    if constexpr (kInt8) {
+      // Column c's sum weighs 256^(2 - c): lane t = 0 holds digits 0 and 1, t = 1 digit 2 (its column 3 is zero).
+      // One scale a row keeps the s32 sums for the whole tile; groups take theirs at every chunk.
+      if (leaving || p.group_shift != 30) {
+        const float w0 = t == 0 ? 65536.f : t == 1 ? 1.f : 0.f, w1 = t == 0 ? 256.f : 0.f;
+        float r_lo = fmaf(static_cast<float>(isum[0]), w0, static_cast<float>(isum[1]) * w1);
+        float r_hi = fmaf(static_cast<float>(isum[2]), w0, static_cast<float>(isum[3]) * w1);
+        r_lo += __shfl_xor_sync(0xffffffffu, r_lo, 1);
+        r_hi += __shfl_xor_sync(0xffffffffu, r_hi, 1);
+        acc[0] = fmaf(s_lo, r_lo, acc[0]);
+        acc[2] = fmaf(s_hi, r_hi, acc[2]);
+        isum[0] = isum[1] = isum[2] = isum[3] = 0;
+      }
+    }
+    if (leaving) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
       if (t == 0) {
         float* pp = part + (tile * kWarps + warp) * 16;
         pp[g] = acc[0] + acc[1];

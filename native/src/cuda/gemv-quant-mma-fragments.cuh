@@ -1,6 +1,6 @@
-// The register-level pieces of the quantized tensor-core GEMV (gemv-quant-mma.cu): the streaming weight load, f16x2
-// arithmetic, mma.sync m16n8k16, the magic-number unpacking of int8 / int4 words into f16 pairs, and x packed into
-// the lane order those pairs take. Device code only; included by gemv-quant-mma.cu alone.
+// The register-level pieces of the quantized tensor-core GEMVs (gemv-quant-mma.cu, gemv-one-token-mma.cu): the
+// streaming weight load, f16x2 arithmetic, mma.sync m16n8k16 and m16n8k32 (s8), the magic-number unpacking of int8 /
+// int4 words into f16 pairs, and x packed into the lane order those pairs take. Device code only.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -39,6 +39,15 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d += A (16 x 32 s8, row) * B (32 x 8 s8, col), s32 accumulation (wrapping; the callers' sums stay in range).
+__device__ __forceinline__ void mma_16832_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
