@@ -180,9 +180,15 @@ def main():
     ap.add_argument('--tiny', action='store_true', help='vocabulary kept, every other dimension tiny (CPU smoke tests)')
     ap.add_argument('--shard-gb', type=float, default=5.0, help='largest shard, GB (HF: 5)')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--max-positions', type=int,
+                    help="override max_position_embeddings (random weights serve any context; Llama-2's 4096 refuses a longer prompt)")
     a = ap.parse_args()
     started = time.time()
     c = hf_config(preset_config(a.preset), a.layers, a.tiny)
+    if a.max_positions is not None:
+        if a.max_positions <= 0:
+            ap.error(f'--max-positions must be positive (got {a.max_positions})')
+        c['max_position_embeddings'] = a.max_positions
     os.makedirs(a.out_dir, exist_ok=True)
     rng = np.random.default_rng(a.seed)
     tensors = tensor_shapes(c)

@@ -38,6 +38,20 @@ describe('bench/product', () => {
     }
   });
 
+  test('make-checkpoint.py --max-positions: the context weft reads from it, a non-positive one refused', { skip: !hasNumpy && 'python3 with numpy is not installed' }, () => {
+    const dir = mkdtempSync(join(tmpdir(), 'weft-ckpt-'));
+    try {
+      const made = spawnSync('python3', ['bench/make-checkpoint.py', dir, '--preset', 'llama-2-7b', '--tiny', '--max-positions', '32768'], { encoding: 'utf8' });
+      assert.equal(made.status, 0, made.stderr);
+      assert.equal(readModelSpec(dir).maxContext, 32768);
+      const refused = spawnSync('python3', ['bench/make-checkpoint.py', dir, '--tiny', '--max-positions', '0'], { encoding: 'utf8' });
+      assert.notEqual(refused.status, 0);
+      assert.match(refused.stderr, /--max-positions must be positive \(got 0\)/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('product.ts on the CPU: generate and serve rows, the server stopped with nothing left', () => {
     const dir = mkdtempSync(join(tmpdir(), 'weft-product-'));
     try {
