@@ -24,14 +24,15 @@
 //     below 2^22 and rounded, is three signed base-256 digits (B's columns 0-2, s8), and each 16-byte word pair of a
 //     lane is two mma.sync m16n8k32 s8 steps with exact s32 sums; a row's sum is 65536 c0 + 256 c1 + c2, taken to
 //     fp32 once a tile (one scale a row) or once a chunk (groups). Any order of K's columns gives the same sum, so
-//     the digits are staged in the order the lanes' row-major words take. Instructions a 32 bytes of a lane: 2 loads,
-//     1 shared load, 2 mma, against 2 x (10 unpack + 2 mma) for the f16 form (session 27: 82.8 us a Llama-2-7B
-//     layer on H200, the streaming kernel 72.9).
+//     the digits are staged in the order the lanes' row-major words take. A lane's unit (2 x 16 bytes): 2 loads, 1
+//     shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30 instructions a unit
+//     against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles) against the f16 form's
+//     89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
-//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows. The same
-//   loads with no arithmetic take 39 us: most of the gap to the floor is the load pattern (64 bytes of each of 8
-//   rows a warp load; 512 contiguous bytes a load took ~10% off, timing only: it needs the weights repacked) and
-//   each kernel's fixed costs, the rest the arithmetic beside the loads.
+//   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
+//   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
+//   load pattern (64 bytes of each of 8 rows a warp load; 512 contiguous bytes a load took ~10% off, timing only: it
+//   needs the weights repacked) and each kernel's fixed costs, the rest the arithmetic beside the loads.
 #include "cuda/gemv-one-token-mma.cuh"
 
 #include <cuda_bf16.h>
