@@ -20,7 +20,7 @@
 #include "cuda/device.h"
 #include "cuda/elementwise.cuh"
 #include "cuda/fused-layer.cuh"
-#include "cuda/gemv-one-token-mma.cuh"  // int4_tiles_pay
+#include "cuda/gemv-one-token-mma.cuh"  // quant_tiles_pay
 #include "cuda/gemv-one-token.cuh"
 #include "cuda/gemv-quant-mma.cuh"
 #include "cuda/gemv-quant.cuh"
@@ -487,14 +487,15 @@ class CudaBackend final : public Backend {
   // against ~19.6 estimated for the GEMM path (18.5 ms at 64 rows plus the bf16 GEMM's growth; H200, session 29).
   static constexpr int64_t kQuantMmaMaxBatch = 64;
   void on_quantized_weight(Tensor& w) override {
-    // int4 in tiles where the one-token kernel takes the shape: its warp loads become contiguous (quant-tiles.h).
-    // H100, Llama-2-7B int4 g128 decode: batch 1 422 -> 452 tok/s, batch 8 1996 -> 2311 (bench/RESULTS.md, session
-    // 36). int8 stays row-major: in tiles its 1..64-token GEMV was 3-9% slower. Stacked experts stay row-major
-    // (gemv.cu's expert kernel reads rows).
-    if (w.dtype == DType::I4 && w.rank() == 2 && cuda::int4_tiles_pay(w.dim(0), w.dim(1), w.group())) {
-      Tensor tiled = empty_persistent(DType::I4, w.shape);
+    // int4 and int8 per channel in tiles where the one-token kernel takes the shape: its warp loads become
+    // contiguous (quant-tiles.h), and int8 then runs there with the held norm. H100, Llama-2-7B int4 g128 decode:
+    // batch 1 422 -> 452 tok/s, batch 8 1996 -> 2311 (bench/RESULTS.md, session 36); H200, int8: batch 1 333.4 ->
+    // 349.6, batch 8 1624.5 -> 1696.0 (session 45). Stacked experts stay row-major (gemv.cu's expert kernel reads
+    // rows).
+    if (w.rank() == 2 && cuda::quant_tiles_pay(w.dtype, w.dim(0), w.dim(1), w.group())) {
+      Tensor tiled = empty_persistent(w.dtype, w.shape);
       Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
-      cuda::repack_quant_tiles(ctx(), true, w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
+      cuda::repack_quant_tiles(ctx(), w.dtype == DType::I4, w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
                               scales.data<uint16_t>(), w.dim(0), w.dim(1), static_cast<int>(w.group()));
       tiled.scales = std::make_shared<const Tensor>(scales);
       tiled.quant_tiles = true;

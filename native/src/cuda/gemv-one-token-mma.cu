@@ -20,7 +20,7 @@
 //   - A warp's unit sums (fp32, scaled by the two rows' bf16 group scales) accumulate while it stays in one tile and
 //     go to shared memory when it leaves; the block then sums each row's 16 warp partials in warp order
 //     (deterministic, no atomics).
-//   - int8 (a bench form: weft's int8 at one token is the streaming kernel): the codes need no unpacking. x, scaled
+//   - int8 (weft's one-token int8 per channel, in tiles, with the held norm): the codes need no unpacking. x, scaled
 //     below 2^22 and rounded, is three signed base-256 digits (B's columns 0-2, s8), and each 16-byte word pair of a
 //     lane is two mma.sync m16n8k32 s8 steps with exact s32 sums; a row's sum is 65536 c0 + 256 c1 + c2, taken to
 //     fp32 once a tile (one scale a row) or once a chunk (groups). Any order of K's columns gives the same sum, so
@@ -377,27 +377,33 @@ void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsign
   launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
 }
 
+template <bool kPairs, bool kTiles, bool kInt8>
+void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
+  if (!norm) launch<kPairs, kTiles, void, kInt8>(ctx, p, AddRmsNormInput{}, grid, smem);
+  else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16, kInt8>(ctx, p, *norm, grid, smem);
+  else launch<kPairs, kTiles, float, kInt8>(ctx, p, *norm, grid, smem);
+}
+
 template <bool kPairs, bool kTiles>
-void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
-  if (int8) return launch<kPairs, kTiles, void, true>(ctx, p, AddRmsNormInput{}, grid, smem);  // no norm (refused)
-  if (!norm) launch<kPairs, kTiles, void>(ctx, p, AddRmsNormInput{}, grid, smem);
-  else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16>(ctx, p, *norm, grid, smem);
-  else launch<kPairs, kTiles, float>(ctx, p, *norm, grid, smem);
+void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
+  if (int8) launch_norm<kPairs, kTiles, true>(ctx, p, norm, grid, smem);
+  else launch_norm<kPairs, kTiles, false>(ctx, p, norm, grid, smem);
 }
 
 }  // namespace
 
-bool int4_tiles_pay(int64_t rows, int64_t K, int64_t group) {
+bool quant_tiles_pay(DType dtype, int64_t rows, int64_t K, int64_t group) {
+  // int8 per channel alone: the form measured and tested on a GPU (session 45); int8 in groups stays row-major.
+  if (dtype == DType::I8) return group == K && quant_tiles_take(rows, K, group, false) && K <= kMaxK;
   const bool chunked_group = group == K || (group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
-  return quant_tiles_take(rows, K, group, true) && K <= kMaxK && chunked_group;
+  return dtype == DType::I4 && quant_tiles_take(rows, K, group, true) && K <= kMaxK && chunked_group;
 }
 
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                         int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
                         bool tiles, bool gated) {
-  // int8: a bench form for now (weft's int8 at one token is the streaming kernel), without the held norm
   const bool int8 = w_dtype == DType::I8;
-  if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm)) || (int8 && norm)) return false;
+  if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -417,8 +423,8 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
                  gated ? 1 : 0};
   const int smem = static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (pairs) tiles ? launch_norm<true, true>(ctx, p, norm, g, smem, int8) : launch_norm<true, false>(ctx, p, norm, g, smem, int8);
-  else tiles ? launch_norm<false, true>(ctx, p, norm, g, smem, int8) : launch_norm<false, false>(ctx, p, norm, g, smem, int8);
+  if (pairs) tiles ? launch_format<true, true>(ctx, p, norm, g, smem, int8) : launch_format<true, false>(ctx, p, norm, g, smem, int8);
+  else tiles ? launch_format<false, true>(ctx, p, norm, g, smem, int8) : launch_format<false, false>(ctx, p, norm, g, smem, int8);
   return true;
 }
 

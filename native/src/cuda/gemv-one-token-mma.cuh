@@ -21,11 +21,12 @@ namespace weft::cuda {
 // Capturable (no allocation, no sync).
 // Precision: x is scaled by a power of two and split into f16 high and low parts (x = hi + lo to ~2^-22), each
 // weight is exact in f16, products are summed in the tensor cores' fp32 accumulators and scaled per group in fp32.
-// Whether an int4 matrix [rows, K] in groups of `group` is held in tiles (quant-tiles.h) on upload: where this kernel
-// takes its shape (chunks of 128 columns, a group K or a power-of-two multiple of the chunk, K <= 16384). Its other
+// Whether an int4 or int8 matrix [rows, K] in groups of `group` is held in tiles (quant-tiles.h) on upload: where this
+// kernel takes its shape (int4: chunks of 128 columns, a group K or a power-of-two multiple of the chunk; int8: one
+// group a row; K <= 16384). Its other
 // readers are the tensor-core GEMV of 1..64 tokens (gemv-quant-mma.cu) and the scalar fallback and dequantization
 // (gemv-quant.cu); gemv.cu's vector kernel, the streaming and bulk-copy one-token kernels refuse tiles.
-bool int4_tiles_pay(int64_t rows, int64_t K, int64_t group);
+bool quant_tiles_pay(DType dtype, int64_t rows, int64_t K, int64_t group);
 
 // tiles: w and scales are in quant-tiles.h's layout (refused where it does not take the shape, or pairs with N not a
 // multiple of 8). gated: x is [1, 2K] ([gate | up]) and the product reads silu(gate) * up (not with pairs or a norm).
