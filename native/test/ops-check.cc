@@ -1478,8 +1478,9 @@ void check_one_token_matmul(Rng& rng) {
     }
 }
 
-// int4 in tiles (quant-tiles.h: the CUDA backend lays out int4 g128 weights of 16-row multiples so on upload) through
-// each of their readers at one token, against the CPU's row-major weights: the norm made inside the GEMV (held
+// int4 and int8 in tiles (quant-tiles.h: the CUDA backend lays out int4 g128 and int8 per-channel weights of 16-row
+// multiples so on upload; int8's one token then takes the s8 tensor-core form) through each of their readers at one
+// token, against the CPU's row-major weights: the norm made inside the GEMV (held
 // addRmsNorm) for plain rows and SwiGLU pairs, pairs without it, the gated form (the 1..64-token tensor-core GEMV),
 // a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), 40 tokens over 251 tiles (a
 // warp's group of 4 tiles reaches past N: those tiles read the last one), and the dequantize-then-GEMM
@@ -1496,26 +1497,31 @@ void check_quant_tiles(Rng& rng) {
                  Case{"norm refused (K 8192)", 256, 8192, true, false, false, 1},
                  Case{"a warp's tiles past N (251 tiles)", 4016, 4096, false, false, false, 40},
                  Case{"dequantize in slices", 9376, 14336, false, false, false, 65}}) {
-    const int64_t rows = c.pairs ? 2 * c.N : c.N;
-    std::string sh = std::string(c.what) + " T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " N=" +
-                     std::to_string(c.N) + " i4 g128 tiles";
-    QuantPair w;
-    try {
-      w = upload_quant_pair(rng, DType::I4, rows, c.K, 128);
-    } catch (const std::exception& e) {
-      fail_row("uploadQuantized", sh, e.what());
-      continue;
+    for (const DType dt : {DType::I4, DType::I8}) {
+      const bool int4 = dt == DType::I4;
+      const int64_t rows = c.pairs ? 2 * c.N : c.N, group = int4 ? 128 : c.K;
+      const char* name = int4 ? "int4 tiles" : "int8 tiles";
+      std::string sh = std::string(c.what) + " T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " N=" +
+                       std::to_string(c.N) + (int4 ? " i4 g128 tiles" : " i8 per channel tiles");
+      QuantPair w;
+      try {
+        w = upload_quant_pair(rng, dt, rows, c.K, group);
+      } catch (const std::exception& e) {
+        fail_row("uploadQuantized", sh, e.what());
+        continue;
+      }
+      run_case(name, sh, [&] {
+        auto x = rng.floats(c.T * (c.gated ? 2 : 1) * c.K, -1, 1), y = rng.floats(c.T * c.K, -1, 1),
+             nw = rng.floats(c.K, 0.5f, 1.5f);
+        const Shape xs{c.T, (c.gated ? 2 : 1) * c.K};
+        const auto run = [&](Backend& b, const Tensor& wq) {
+          Tensor in = up(b, x, xs);
+          if (c.norm) in = b.add_rms_norm(in, up(b, y, xs), up(b, nw, {c.K}), 1e-5f).normed;
+          return down(b, c.pairs ? b.matmul_silu_mul(in, wq) : c.gated ? b.silu_mul_matmul(in, wq) : b.matmul(in, wq));
+        };
+        compare(name, sh, run(*gpu, w.gpu_w), run(*cpu, w.cpu_w), quant_rtol(dt, c.K, group, c.T));
+      });
     }
-    run_case("int4 tiles", sh, [&] {
-      auto x = rng.floats(c.T * (c.gated ? 2 : 1) * c.K, -1, 1), y = rng.floats(c.T * c.K, -1, 1), nw = rng.floats(c.K, 0.5f, 1.5f);
-      const Shape xs{c.T, (c.gated ? 2 : 1) * c.K};
-      const auto run = [&](Backend& b, const Tensor& wq) {
-        Tensor in = up(b, x, xs);
-        if (c.norm) in = b.add_rms_norm(in, up(b, y, xs), up(b, nw, {c.K}), 1e-5f).normed;
-        return down(b, c.pairs ? b.matmul_silu_mul(in, wq) : c.gated ? b.silu_mul_matmul(in, wq) : b.matmul(in, wq));
-      };
-      compare("int4 tiles", sh, run(*gpu, w.gpu_w), run(*cpu, w.cpu_w), quant_rtol(DType::I4, c.K, 128, c.T));
-    });
   }
 }
 
