@@ -495,8 +495,9 @@ class CudaBackend final : public Backend {
     if (w.rank() == 2 && cuda::quant_tiles_pay(w.dtype, w.dim(0), w.dim(1), w.group())) {
       Tensor tiled = empty_persistent(w.dtype, w.shape);
       Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
-      cuda::repack_quant_tiles(ctx(), w.dtype == DType::I4, w.data<uint8_t>(), w.scales->data<uint16_t>(), tiled.data<uint8_t>(),
-                              scales.data<uint16_t>(), w.dim(0), w.dim(1), static_cast<int>(w.group()));
+      cuda::repack_quant_tiles(ctx(), w.dtype == DType::I4, w.data<uint8_t>(), w.scales->data<uint16_t>(),
+                               tiled.data<uint8_t>(), scales.data<uint16_t>(), w.dim(0), w.dim(1),
+                               static_cast<int>(w.group()));
       tiled.scales = std::make_shared<const Tensor>(scales);
       tiled.quant_tiles = true;
       w = tiled;  // the row-major buffers go once the repack has read them (stream-ordered frees)

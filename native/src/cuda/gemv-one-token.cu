@@ -333,10 +333,10 @@ bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, con
   const int group_shift = bf16 || row_scale ? 0 : log2_exact(group / vw);
   // weft's (row-major codes; tiles went to the tensor-core kernel above): int4 on tensor cores where the group is a
   // multiple of 128 (gemv-one-token-mma.cu: a Llama-2-7B layer's int4 GEMVs 51.5 us against 64.1 on the bulk-copy
-  // rows, H200; row-major int8 there took 81.1 against the streaming kernel's 72.9, session 45), rows streamed by bulk copies where they take the shape (gemv-rows-tma.cu: bf16 6% less
-  // than the batched kernel on a Llama-2-7B layer's wqkv, wo and w13), other bf16 on the batched kernel (the
-  // streaming one took 0-6% longer a shape: quant-run.sh --one-token), other int8 and int4 streaming where it takes
-  // the group.
+  // rows, H200; row-major int8 there took 81.1 against the streaming kernel's 72.9, session 45), rows streamed by
+  // bulk copies where they take the shape (gemv-rows-tma.cu: bf16 6% less than the batched kernel on a Llama-2-7B
+  // layer's wqkv, wo and w13), other bf16 on the batched kernel (the streaming one took 0-6% longer a shape:
+  // quant-run.sh --one-token), other int8 and int4 streaming where it takes the group.
   if (tuning.kernel == OneTokenKernel::Mma || (tuning.kernel == OneTokenKernel::Weft && int4)) {
     if (!gated && gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sm_count(ctx))) return true;
     if (tuning.kernel == OneTokenKernel::Mma) return false;
