@@ -262,7 +262,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
   const uint4* xb_lane = kInt8 ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
                                : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
-  const int xb_stride = g < 2 ? kChunkX : 0;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int isum[4] = {0, 0, 0, 0};  // int8: the exact s32 sums since the last flush, columns 2t and 2t + 1
   int ct = first_tile, cc = first_chunk, used = 0;
@@ -283,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       mma_16832_s8(isum, w_lo[j].x, w_hi[j].x, w_lo[j].y, w_hi[j].y, bx.x, bx.y);
       mma_16832_s8(isum, w_lo[j].z, w_hi[j].z, w_lo[j].w, w_hi[j].w, bx.z, bx.w);
     } else {
-      const uint4* xb = xb_lane + cc * xb_stride;
+      const uint4* xb = xb_lane + (g < 2 ? cc * kChunkX : 0);  // the zero lanes read one place
       float pa[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int l = 0; l < kLoads; ++l) {
