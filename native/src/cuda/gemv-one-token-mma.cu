@@ -78,11 +78,11 @@ struct Params {
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
 };
 
-// Bytes of staged x: f32 [K], then hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi loads and the
-// next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2). int8 writes its three s8
-// digit rows [K] over f32 x once it is read (each 64 bytes after the one before: rows 0 and 1's quads in different
-// banks), which leaves the room to a bulk-copy ring at K = 14336.
-__host__ __device__ constexpr int x_stage_bytes(int K, bool int8) { return int8 ? K * 4 + 192 : K * 4 + 2 * K * 2 + 64 + 256; }
+// Bytes of staged x: f32 [K]; once read, over it, hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi
+// loads and the next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2); int8 writes
+// its three s8 digit rows [K] there instead (each 64 bytes after the one before: rows 0 and 1's quads in different
+// banks).
+__host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 64 + 256; }
 __host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
 
 // One f32 integer value |v| < 2^23 as three signed base-256 digits d0 * 65536 + d1 * 256 + d2 (d1, d2 in -128..127).
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
-  uint4* x_hi = reinterpret_cast<uint4*>(smem + K * 4);
+  uint4* x_hi = reinterpret_cast<uint4*>(smem);  // over xf, once it is read
   uint4* x_lo = x_hi + K / 8 + 4;
   uint4* zeros = x_lo + K / 8;
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
@@ -229,8 +229,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   HeldNormWeight<kThreads, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
 
-  if constexpr (!kInt8)  // int8's zero lanes take zeros in registers (its room ends at the digit rows)
-    for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
   for (int i = threadIdx.x; i < n_tiles * kWarps * 16; i += kThreads) part[i] = 0.f;  // warps that skip a tile
   if (threadIdx.x == 0) x_absmax = 0u;
   __syncthreads();
@@ -264,39 +263,41 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
   const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
   const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
-  unsigned char* x_digits = smem;  // int8: digit row r at r * digit_row_bytes(K), over xf
-  if constexpr (kInt8) {
-    // u: columns 4u .. 4u + 3, a word of each digit row; every thread reads its columns of xf before any writes.
-    constexpr int kPerThread = kMaxK / 4 / kThreads;
-    float4 xv[kPerThread];
+  // Both forms write over f32 x (the room a bulk-copy ring needs at K = 11008 - 14336): every thread reads its
+  // columns of it first. Unit u: int8 columns 4u .. 4u + 3 (a word of each digit row), int4 8u .. 8u + 7.
+  constexpr int kVecs = kInt8 ? 1 : 2;  // float4s a unit
+  constexpr int kPerThread = kMaxK / (4 * kVecs) / kThreads;
+  const int n_x_units = K / (4 * kVecs);
+  float4 xv[kPerThread][kVecs];
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int u = threadIdx.x + i * kThreads;
-      if (u < K / 4) xv[i] = xf4[u];
-    }
-    __syncthreads();
+  for (int i = 0; i < kPerThread; ++i) {
+    const int u = threadIdx.x + i * kThreads;
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int u = threadIdx.x + i * kThreads;
-      if (u >= K / 4) break;
-      const float v[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w};
+    for (int v = 0; v < kVecs; ++v)
+      if (u < n_x_units) xv[i][v] = xf4[kVecs * u + v];
+  }
+  __syncthreads();
+  unsigned char* x_digits = smem;  // int8: digit row r at r * digit_row_bytes(K)
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int u = threadIdx.x + i * kThreads;
+    if (u >= n_x_units) break;
+    float v[4 * kVecs];
+#pragma unroll
+    for (int k = 0; k < 4 * kVecs; ++k) v[k] = (&xv[i][k / 4].x)[k % 4] * x_scale;
+    if constexpr (kInt8) {
       uint32_t word[3] = {0u, 0u, 0u};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         int d[3];
-        int_digits(v[k] * x_scale, d);
+        int_digits(v[k], d);
 #pragma unroll
         for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
       }
 #pragma unroll
       for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
-    }
-  } else {
-    for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
+    } else {
       const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
-      float v[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
       split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
     }
   }
@@ -473,9 +474,9 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
   const int grid = std::min(n_tiles, sms);
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
-  const int part_offset = x_stage_bytes(K, int8);
+  const int part_offset = x_stage_bytes(K);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-  // Tiles take the bulk-copy ring where it fits beside x and the partial sums (every int8 shape to K = 14336).
+  // Tiles take the bulk-copy ring where it fits beside x and the partial sums (every Llama shape to K = 14336).
   const size_t ring_offset = (part_offset + part_bytes + 127) / 128 * 128;
   const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
   const bool bulk = tiles && ring_end <= static_cast<size_t>(smem_limit());
