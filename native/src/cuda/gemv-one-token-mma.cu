@@ -62,7 +62,7 @@ using namespace quant_mma;  // the fragment helpers
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
-constexpr int kRingDepth = 10;        // tiles by bulk copies: units a warp keeps in flight in shared memory
+constexpr int kRingDepth = 6;         // int8 tiles by bulk copies: units a warp keeps in flight in shared memory
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
 constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and hi + lo keep their precision
@@ -481,10 +481,10 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
   const int part_offset = x_stage_bytes(K);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-  // Tiles take the bulk-copy ring where it fits beside x and the partial sums (every Llama shape to K = 14336).
+  // int8 tiles take the bulk-copy ring where it fits beside x and the partial sums (H100 session 46: int4 lost).
   const size_t ring_offset = (part_offset + part_bytes + 127) / 128 * 128;
   const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
-  const bool bulk = tiles && ring_end <= static_cast<size_t>(smem_limit());
+  const bool bulk = tiles && int8 && ring_end <= static_cast<size_t>(smem_limit());
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
                  static_cast<int>(ring_offset), gated ? 1 : 0};
   const int smem = static_cast<int>(bulk ? ring_end : part_offset + part_bytes);
