@@ -13,11 +13,13 @@
 //   - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into
 //     registers, 6 units ahead a warp (the first 6 before the kernel waits for the one before: the weights do not
 //     depend on it, common.cuh); the A fragments are gemv-quant-mma.cu's (gemv-quant-mma-fragments.cuh).
-//   - Tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB is two contiguous runs of 512 bytes, which lane 0
-//     copies into the warp's ring of 10 slots in shared memory (160 KiB a SM in flight, where the register ring holds
-//     at most 96 and the bf16 bulk-copy GEMV, at ~90% of the bandwidth on a layer's large shapes, 192); each slot
-//     completes on its own mbarrier, and the lanes read their 16 bytes of it (512 contiguous bytes a warp load, no
-//     bank conflict) and copy the next unit into it. x is then staged over its own f32 copy to leave the room.
+//   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB is two contiguous runs of 512 bytes, which
+//     lane 0 copies into the warp's ring of 6 slots in shared memory, each completing on its own mbarrier; the lanes
+//     read their 16 bytes of it (512 contiguous bytes a warp load, no bank conflict) and copy the next unit into it.
+//     x is staged over its own f32 copy to leave the room. H100 (session 46, us a Llama-2-7B layer): 78.1 against
+//     the register ring's 85.3; 10 and 12 slots 82.3 and 97.8, and 10 lost 0.7 ms a step end to end: the shared
+//     memory a block holds decides whether the next kernel's block fits beside it, which outweighs the bytes in
+//     flight. int4 gained nothing (55.3 against 54.3) and keeps the register ring.
 //   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
 //     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
 //     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
