@@ -457,10 +457,10 @@ void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm,
 }  // namespace
 
 bool quant_tiles_pay(DType dtype, int64_t rows, int64_t K, int64_t group) {
+  const bool int4 = dtype == DType::I4;
+  if ((!int4 && dtype != DType::I8) || K > kMaxK || !quant_tiles_take(rows, K, group, int4)) return false;
   // int8 per channel alone: the form measured and tested on a GPU (session 45); int8 in groups stays row-major.
-  if (dtype == DType::I8) return group == K && quant_tiles_take(rows, K, group, false) && K <= kMaxK;
-  const bool chunked_group = group == K || (group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
-  return dtype == DType::I4 && quant_tiles_take(rows, K, group, true) && K <= kMaxK && chunked_group;
+  return group == K || (int4 && group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
 }
 
 bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
