@@ -87,11 +87,11 @@ struct Params {
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
 };
 
-// Bytes of staged x: f32 [K]; once read, over it, hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi
-// loads and the next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2); int8 writes
-// its three s8 digit rows [K] there instead (each 64 bytes after the one before: rows 0 and 1's quads in different
-// banks).
-__host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 64 + 256; }
+// Bytes of staged x: f32 [K], then (over_x: over it, once read) hi and lo f16 [K] (lo 64 bytes further on, so that a
+// quad's hi loads and the next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2);
+// int8 writes its three s8 digit rows [K] there instead (each 64 bytes after the one before: rows 0 and 1's quads in
+// different banks).
+__host__ __device__ constexpr int x_stage_bytes(int K, bool over_x) { return K * (over_x ? 4 : 8) + 64 + 256; }
 __host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
 
 // One f32 integer value |v| < 2^23 as three signed base-256 digits d0 * 65536 + d1 * 256 + d2 (d1, d2 in -128..127).
@@ -125,7 +125,7 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // of the lanes' register ring of kDepth.
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
-  static_assert(!kBulk || kTiles, "bulk copies take a unit's rows as two contiguous runs: tiles only");
+  static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
   constexpr int D = kBulk ? kRingDepth : kDepth;
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
   constexpr int kLoads = 4;                // a lane's 4 words a chunk
@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
-  uint4* x_hi = reinterpret_cast<uint4*>(smem);  // over xf, once it is read
+  unsigned char* x_stage = smem + (kBulk ? 0 : K * 4);  // kBulk: over xf, once it is read
+  uint4* x_hi = reinterpret_cast<uint4*>(x_stage);
   uint4* x_lo = x_hi + K / 8 + 4;
   uint4* zeros = x_lo + K / 8;
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
@@ -272,41 +273,39 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
   const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
   const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
-  // Both forms write over f32 x (the room a bulk-copy ring needs at K = 11008 - 14336): every thread reads its
-  // columns of it first. Unit u: int8 columns 4u .. 4u + 3 (a word of each digit row), int4 8u .. 8u + 7.
-  constexpr int kVecs = kInt8 ? 1 : 2;  // float4s a unit
-  constexpr int kPerThread = kMaxK / (4 * kVecs) / kThreads;
-  const int n_x_units = K / (4 * kVecs);
-  float4 xv[kPerThread][kVecs];
+  // int8: three digit rows; int4: hi and lo rows. kBulk writes its digits over f32 x (the room the ring needs at
+  // K = 11008 - 14336), so every thread reads its columns of x first.
+  unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
+  const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
+    uint32_t word[3] = {0u, 0u, 0u};
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int u = threadIdx.x + i * kThreads;
+    for (int k = 0; k < 4; ++k) {
+      int d[3];
+      int_digits((&v.x)[k] * x_scale, d);
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v)
-      if (u < n_x_units) xv[i][v] = xf4[kVecs * u + v];
-  }
-  __syncthreads();
-  unsigned char* x_digits = smem;  // int8: digit row r at r * digit_row_bytes(K)
+      for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
+    }
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int u = threadIdx.x + i * kThreads;
-    if (u >= n_x_units) break;
-    float v[4 * kVecs];
+    for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+  };
+  if constexpr (kBulk) {
+    constexpr int kPerThread = kMaxK / 4 / kThreads;
+    float4 xv[kPerThread];
 #pragma unroll
-    for (int k = 0; k < 4 * kVecs; ++k) v[k] = (&xv[i][k / 4].x)[k % 4] * x_scale;
-    if constexpr (kInt8) {
-      uint32_t word[3] = {0u, 0u, 0u};
+    for (int i = 0; i < kPerThread; ++i)
+      if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
+    __syncthreads();
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        int d[3];
-        int_digits(v[k], d);
-#pragma unroll
-        for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
-      }
-#pragma unroll
-      for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
-    } else {
+    for (int i = 0; i < kPerThread; ++i)
+      if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
+  } else if constexpr (kInt8) {
+    for (int u = threadIdx.x; u < K / 4; u += kThreads) write_digits(u, xf4[u]);
+  } else {
+    for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
       const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
+      float v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
       split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
     }
   }
@@ -453,10 +452,10 @@ void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, u
   else launch<kPairs, kTiles, float, kInt8, kBulk>(ctx, p, *norm, grid, smem);
 }
 
-template <bool kPairs, bool kTiles, bool kBulk = false>
+template <bool kPairs, bool kTiles>
 void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
-  if (int8) launch_norm<kPairs, kTiles, true, kBulk>(ctx, p, norm, grid, smem);
-  else launch_norm<kPairs, kTiles, false, kBulk>(ctx, p, norm, grid, smem);
+  if (int8) launch_norm<kPairs, kTiles, true, false>(ctx, p, norm, grid, smem);
+  else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
 }
 
 }  // namespace
@@ -486,17 +485,18 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
   const int grid = std::min(n_tiles, sms);
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
-  const int part_offset = x_stage_bytes(K);
-  if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-  // int8 tiles take the bulk-copy ring where it fits beside x and the partial sums (H100 session 46: int4 lost).
-  const size_t ring_offset = (part_offset + part_bytes + 127) / 128 * 128;
+  // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
+  // session 46: int4 gained nothing from it).
+  const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
   const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
-  const bool bulk = tiles && int8 && ring_end <= static_cast<size_t>(smem_limit());
+  const bool bulk = tiles && int8 && part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());
+  const int part_offset = x_stage_bytes(K, bulk);
+  if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
                  static_cast<int>(ring_offset), gated ? 1 : 0};
   const int smem = static_cast<int>(bulk ? ring_end : part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (bulk) pairs ? launch_format<true, true, true>(ctx, p, norm, g, smem, int8) : launch_format<false, true, true>(ctx, p, norm, g, smem, int8);
+  if (bulk) pairs ? launch_norm<true, true, true, true>(ctx, p, norm, g, smem) : launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
   else if (pairs) tiles ? launch_format<true, true>(ctx, p, norm, g, smem, int8) : launch_format<true, false>(ctx, p, norm, g, smem, int8);
   else tiles ? launch_format<false, true>(ctx, p, norm, g, smem, int8) : launch_format<false, false>(ctx, p, norm, g, smem, int8);
   return true;
