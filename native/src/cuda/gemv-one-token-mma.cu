@@ -14,12 +14,15 @@
 //     registers, 6 units ahead a warp (the first 6 before the kernel waits for the one before: the weights do not
 //     depend on it, common.cuh); the A fragments are gemv-quant-mma.cu's (gemv-quant-mma-fragments.cuh).
 //   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB is two contiguous runs of 512 bytes, which
-//     lane 0 copies into the warp's ring of 6 slots in shared memory, each completing on its own mbarrier; the lanes
+//     lane 0 copies into the warp's ring of 4 slots in shared memory, each completing on its own mbarrier; the lanes
 //     read their 16 bytes of it (512 contiguous bytes a warp load, no bank conflict) and copy the next unit into it.
-//     x is staged over its own f32 copy to leave the room. H100 (session 46, us a Llama-2-7B layer): 78.1 against
-//     the register ring's 85.3; 10 and 12 slots 82.3 and 97.8, and 10 lost 0.7 ms a step end to end: the shared
-//     memory a block holds decides whether the next kernel's block fits beside it, which outweighs the bytes in
-//     flight. int4 gained nothing (55.3 against 54.3) and keeps the register ring.
+//     x's digits are staged over its own f32 copy to leave the room. H100, us a Llama-2-7B layer (session 46-47):
+//     75.8-78.1 with 6 slots against the register ring's 83.2-85.3; 10 and 12 slots 82.3 and 97.8. End to end the
+//     block's shared memory decides what runs beside it: its few registers (74-111 a thread, against the register
+//     ring's 114-128, which fill the SM) left room for the rope and decode attention, which then ran 3-4x longer
+//     (the step 3.311 ms against 3.207 for main), so it asks for all the shared memory. Int8 step at batch 1 on H100
+//     (session 48): 3.063 ms against 3.176 for the register ring (+3.7% tok/s), batch 8 equal. int4 gained nothing
+//     (55.3 against 54.3 us a layer) and keeps the register ring.
 //   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
 //     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
 //     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
@@ -496,9 +499,12 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
                  static_cast<int>(ring_offset), gated ? 1 : 0};
   const int smem = static_cast<int>(bulk ? ring_end : part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (bulk) pairs ? launch_norm<true, true, true, true>(ctx, p, norm, g, smem) : launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
-  else if (pairs) tiles ? launch_format<true, true>(ctx, p, norm, g, smem, int8) : launch_format<true, false>(ctx, p, norm, g, smem, int8);
-  else tiles ? launch_format<false, true>(ctx, p, norm, g, smem, int8) : launch_format<false, false>(ctx, p, norm, g, smem, int8);
+  if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
+  else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
+  else if (pairs && tiles) launch_format<true, true>(ctx, p, norm, g, smem, int8);
+  else if (pairs) launch_format<true, false>(ctx, p, norm, g, smem, int8);
+  else if (tiles) launch_format<false, true>(ctx, p, norm, g, smem, int8);
+  else launch_format<false, false>(ctx, p, norm, g, smem, int8);
   return true;
 }
 
