@@ -13,6 +13,16 @@
 //   - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into
 //     registers, 6 units ahead a warp (the first 6 before the kernel waits for the one before: the weights do not
 //     depend on it, common.cuh); the A fragments are gemv-quant-mma.cu's (gemv-quant-mma-fragments.cuh).
+//   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB is two contiguous runs of 512 bytes, which
+//     lane 0 copies into the warp's ring of 4 slots in shared memory, each completing on its own mbarrier; the lanes
+//     read their 16 bytes of it (512 contiguous bytes a warp load, no bank conflict) and copy the next unit into it.
+//     x's digits are staged over its own f32 copy to leave the room. H100, us a Llama-2-7B layer (session 46-47):
+//     75.8-78.1 with 6 slots against the register ring's 83.2-85.3; 10 and 12 slots 82.3 and 97.8. End to end the
+//     block's shared memory decides what runs beside it: its few registers (74-111 a thread, against the register
+//     ring's 114-128, which fill the SM) left room for the rope and decode attention, which then ran 3-4x longer
+//     (the step 3.311 ms against 3.207 for main), so it asks for all the shared memory. Int8 step at batch 1 on H100
+//     (session 48): 3.063 ms against 3.176 for the register ring (+3.7% tok/s), batch 8 equal. int4 gained nothing
+//     (55.3 against 54.3 us a layer) and keeps the register ring.
 //   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
 //     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
 //     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
@@ -41,6 +51,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cuda/bulk-copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemv-quant-mma-fragments.cuh"
 #include "cuda/gemv-weight-vectors.cuh"  // log2_exact
@@ -56,12 +67,15 @@ using namespace quant_mma;  // the fragment helpers
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
+// int8 tiles by bulk copies: units a warp keeps in flight in shared memory. Four, not six: with the block asking for
+// all the shared memory (launch), 4 slots gave 3.137 ms a Llama-2-7B int8 step on H100 against 3.218 with 6.
+constexpr int kRingDepth = 4;
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
 constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and hi + lo keep their precision
 constexpr int kXExponentInt8 = 22;    // int8: x scaled below 2^22, three signed base-256 digits
 constexpr size_t kMaxPartBytes = 64 * 1024;
-constexpr size_t kMaxSmemBytes = 200 * 1024;
+constexpr size_t kMaxSmemBytes = 226 * 1024;  // all but the static arrays' room of Hopper's 227 KiB
 
 struct Params {
   const float* x;
@@ -72,13 +86,15 @@ struct Params {
   int group_shift;          // chunk c's group is c >> group_shift (one group a row: 30)
   int n_tiles;
   int part_offset;          // bytes of shared memory before the warps' partial sums
+  int ring_offset;          // bulk copies: bytes before the warps' rings (kWarps x kRingDepth units, then barriers)
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
 };
 
-// Bytes of staged x: f32 [K], then hi and lo f16 [K] (lo 64 bytes further on, so that a quad's hi loads and the
-// next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2). int8 stages its three s8
-// digit rows [K] in the same room (each 64 bytes after the one before: rows 0 and 1's quads in different banks).
-__host__ __device__ constexpr int x_stage_bytes(int K) { return K * 4 + 2 * K * 2 + 64 + 256; }
+// Bytes of staged x: f32 [K], then (over_x: over it, once read) hi and lo f16 [K] (lo 64 bytes further on, so that a
+// quad's hi loads and the next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2);
+// int8 writes its three s8 digit rows [K] there instead (each 64 bytes after the one before: rows 0 and 1's quads in
+// different banks).
+__host__ __device__ constexpr int x_stage_bytes(int K, bool over_x) { return K * (over_x ? 4 : 8) + 64 + 256; }
 __host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
 
 // One f32 integer value |v| < 2^23 as three signed base-256 digits d0 * 65536 + d1 * 256 + d2 (d1, d2 in -128..127).
@@ -107,8 +123,13 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16). kInt8: int8 codes (a chunk
 // of 64 columns; lane t's 16 bytes are columns 16 t .. 16 t + 15 of its rows, two s8 k-steps of 32) instead of int4
 // (128 columns; each word two f16 k-steps of 16); x is then staged as digit rows in column order.
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false>
+// kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (two of 512 bytes: rows 0-7 and 8-15, or the gate and
+// up halves) into the warp's ring of kRingDepth slots in shared memory, each completing on its own mbarrier, in place
+// of the lanes' register ring of kDepth.
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+  static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
+  constexpr int D = kBulk ? kRingDepth : kDepth;
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
   constexpr int kLoads = 4;                // a lane's 4 words a chunk
   constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
@@ -125,7 +146,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
-  uint4* x_hi = reinterpret_cast<uint4*>(smem + K * 4);
+  unsigned char* x_stage = smem + (kBulk ? 0 : K * 4);  // kBulk: over xf, once it is read
+  uint4* x_hi = reinterpret_cast<uint4*>(x_stage);
   uint4* x_lo = x_hi + K / 8 + 4;
   uint4* zeros = x_lo + K / 8;
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
@@ -167,15 +189,35 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   };
   point_rows();
 
-  // Slot j: 16 bytes of each of the lane's two rows and their bf16 scales (kept apart: a combining op right after
-  // the loads would wait for them, 5% a layer).
-  uint4 w_lo[kDepth], w_hi[kDepth];
-  uint32_t sc_lo[kDepth], sc_hi[kDepth];
+  // Slot j: 16 bytes of each of the lane's two rows (kBulk: the unit's 1 KiB in the warp's ring) and their bf16
+  // scales (kept apart: a combining op right after the loads would wait for them, 5% a layer).
+  uint4 w_lo[kBulk ? 1 : D], w_hi[kBulk ? 1 : D];
+  uint32_t sc_lo[D], sc_hi[D];
+  unsigned char* ring = smem + p.ring_offset + warp * D * kTileBytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + p.ring_offset + kWarps * D * kTileBytes) + warp * D;
+  if constexpr (kBulk) {
+    if (lane == 0) {
+      for (int j = 0; j < D; ++j) mbar_init(&bars[j]);
+      mbar_init_fence();
+    }
+    __syncwarp();
+  }
+  uint32_t phases = 0;  // kBulk: bit j is slot j's mbarrier phase parity to wait for
   int loaded = 0;
   const auto load = [&](int j) {
     if (loaded >= my_units) return;
-    w_lo[j] = load_stream(w_row_lo + lc * kChunkStride);
-    w_hi[j] = load_stream(w_row_hi + lc * kChunkStride);
+    if constexpr (kBulk) {
+      __syncwarp();  // every lane has read slot j (compute) before it is copied into again
+      if (lane == 0) {  // lane (0, 0)'s pointers start the unit's two runs of 8 rows x 64 bytes (quant-tiles.h)
+        reads_before_copies();
+        mbar_expect_bytes(&bars[j], kTileBytes);
+        bulk_copy(ring + j * kTileBytes, w_row_lo + lc * kChunkStride, kTileBytes / 2, &bars[j]);
+        bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + lc * kChunkStride, kTileBytes / 2, &bars[j]);
+      }
+    } else {
+      w_lo[j] = load_stream(w_row_lo + lc * kChunkStride);
+      w_hi[j] = load_stream(w_row_hi + lc * kChunkStride);
+    }
     const int gi = lc >> p.group_shift;
     if constexpr (kTiles && !kPairs) {  // rows g and g + 8 side by side: one word, split where it is used
       sc_lo[j] = __ldg(reinterpret_cast<const uint32_t*>(s_row_lo + gi * kScaleStride));
@@ -195,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   };
   const int first_chunk = lc, first_tile = lt;
 #pragma unroll
-  for (int j = 0; j < kDepth; ++j) load(j);  // the weights do not depend on the kernel before
+  for (int j = 0; j < D; ++j) load(j);  // the weights do not depend on the kernel before
 
   HeldNormWeight<kThreads, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
@@ -234,20 +276,33 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
   const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
   const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
-  unsigned char* x_digits = smem + K * 4;  // int8: digit row r at r * digit_row_bytes(K)
-  if constexpr (kInt8) {
-    for (int u = threadIdx.x; u < K / 4; u += kThreads) {  // u: columns 4u .. 4u + 3, a word of each digit row
-      uint32_t word[3] = {0u, 0u, 0u};
+  // int8: three digit rows; int4: hi and lo rows. kBulk writes its digits over f32 x (the room the ring needs at
+  // K = 11008 - 14336), so every thread reads its columns of x first.
+  unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
+  const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
+    uint32_t word[3] = {0u, 0u, 0u};
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        int d[3];
-        int_digits(xf[4 * u + k] * x_scale, d);
+    for (int k = 0; k < 4; ++k) {
+      int d[3];
+      int_digits((&v.x)[k] * x_scale, d);
 #pragma unroll
-        for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
-      }
-#pragma unroll
-      for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+      for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
     }
+#pragma unroll
+    for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+  };
+  if constexpr (kBulk) {
+    constexpr int kPerThread = kMaxK / 4 / kThreads;
+    float4 xv[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+      if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+      if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
+  } else if constexpr (kInt8) {
+    for (int u = threadIdx.x; u < K / 4; u += kThreads) write_digits(u, xf4[u]);
   } else {
     for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
       const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
@@ -275,12 +330,23 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const auto compute = [&](int j) {
     float s_lo, s_hi;
     scales_of(j, s_lo, s_hi);
+    uint4 wl, wh;
+    if constexpr (kBulk) {
+      mbar_wait(&bars[j], (phases >> j) & 1u);
+      phases ^= 1u << j;
+      wl = *reinterpret_cast<const uint4*>(ring + j * kTileBytes + g * kChunkBytes + t * 16);
+      wh = *reinterpret_cast<const uint4*>(ring + j * kTileBytes + kTileBytes / 2 + g * kChunkBytes + t * 16);
+      load(j);  // the slot again, as soon as it is read
+    } else {
+      wl = w_lo[j];
+      wh = w_hi[j];
+    }
     if constexpr (kInt8) {
       // The lane's 16 bytes of each row are columns 16 t .. 16 t + 15 of the chunk: words 0-1 are one k-step's A
       // (columns 4 t .. and 16 + 4 t .. of its 32), words 2-3 the next's; B is the same columns of the digit row.
       const uint4 bx = g < 3 ? xb_lane[cc * 4] : make_uint4(0, 0, 0, 0);
-      mma_16832_s8(isum, w_lo[j].x, w_hi[j].x, w_lo[j].y, w_hi[j].y, bx.x, bx.y);
-      mma_16832_s8(isum, w_lo[j].z, w_hi[j].z, w_lo[j].w, w_hi[j].w, bx.z, bx.w);
+      mma_16832_s8(isum, wl.x, wh.x, wl.y, wh.y, bx.x, bx.y);
+      mma_16832_s8(isum, wl.z, wh.z, wl.w, wh.w, bx.z, bx.w);
     } else {
       const uint4* xb = xb_lane + (g < 2 ? cc * kChunkX : 0);  // the zero lanes read one place
       float pa[4] = {0.f, 0.f, 0.f, 0.f};
@@ -288,8 +354,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       for (int l = 0; l < kLoads; ++l) {
         const uint4 bx = xb[l * 4];
         uint32_t lo[4], hi[4];  // word l: two k-steps
-        unpack_int4((&w_lo[j].x)[l], lo);
-        unpack_int4((&w_hi[j].x)[l], hi);
+        unpack_int4((&wl.x)[l], lo);
+        unpack_int4((&wh.x)[l], hi);
         mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
         mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
       }
@@ -329,7 +395,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     }
   };
-  run_ring<kDepth>(my_units, compute, load);
+  if constexpr (kBulk)
+    run_ring<D>(my_units, compute, [](int) {});  // compute refills its slot
+  else
+    run_ring<D>(my_units, compute, load);
   __syncthreads();
 
   // Each row's 16 warp partials, in warp order.
@@ -359,34 +428,37 @@ int smem_limit() {
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
       return 0;
-    return std::min(optin, static_cast<int>(kMaxSmemBytes));
+    return std::min(optin - 1024, static_cast<int>(kMaxSmemBytes));  // 1 KiB: the static variables
   }();
   return limit;
 }
 
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false>
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8>;
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
-  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
+  // The bulk kernel needs few registers, so a block of its size would leave room on the SM for the rope and decode
+  // attention to be placed beside it, where they ran 3-4x longer (H100 timeline: the step 3.311 ms against 3.182 with
+  // the SM kept to itself). Asking for all the shared memory keeps it to itself, as main's register file did.
+  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(kBulk ? smem_limit() : smem), p, norm);
 }
 
-template <bool kPairs, bool kTiles, bool kInt8>
+template <bool kPairs, bool kTiles, bool kInt8, bool kBulk>
 void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
-  if (!norm) launch<kPairs, kTiles, void, kInt8>(ctx, p, AddRmsNormInput{}, grid, smem);
-  else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16, kInt8>(ctx, p, *norm, grid, smem);
-  else launch<kPairs, kTiles, float, kInt8>(ctx, p, *norm, grid, smem);
+  if (!norm) launch<kPairs, kTiles, void, kInt8, kBulk>(ctx, p, AddRmsNormInput{}, grid, smem);
+  else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16, kInt8, kBulk>(ctx, p, *norm, grid, smem);
+  else launch<kPairs, kTiles, float, kInt8, kBulk>(ctx, p, *norm, grid, smem);
 }
 
 template <bool kPairs, bool kTiles>
 void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
-  if (int8) launch_norm<kPairs, kTiles, true>(ctx, p, norm, grid, smem);
-  else launch_norm<kPairs, kTiles, false>(ctx, p, norm, grid, smem);
+  if (int8) launch_norm<kPairs, kTiles, true, false>(ctx, p, norm, grid, smem);
+  else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
 }
 
 }  // namespace
@@ -416,14 +488,23 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
   const int grid = std::min(n_tiles, sms);
   const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
-  const int part_offset = x_stage_bytes(K);
+  // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
+  // session 46: int4 gained nothing from it).
+  const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
+  const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
+  const bool bulk = tiles && int8 && part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());
+  const int part_offset = x_stage_bytes(K, bulk);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
-                 gated ? 1 : 0};
-  const int smem = static_cast<int>(part_offset + part_bytes);
+                 static_cast<int>(ring_offset), gated ? 1 : 0};
+  const int smem = static_cast<int>(bulk ? ring_end : part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
-  if (pairs) tiles ? launch_format<true, true>(ctx, p, norm, g, smem, int8) : launch_format<true, false>(ctx, p, norm, g, smem, int8);
-  else tiles ? launch_format<false, true>(ctx, p, norm, g, smem, int8) : launch_format<false, false>(ctx, p, norm, g, smem, int8);
+  if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
+  else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
+  else if (pairs && tiles) launch_format<true, true>(ctx, p, norm, g, smem, int8);
+  else if (pairs) launch_format<true, false>(ctx, p, norm, g, smem, int8);
+  else if (tiles) launch_format<false, true>(ctx, p, norm, g, smem, int8);
+  else launch_format<false, false>(ctx, p, norm, g, smem, int8);
   return true;
 }
 
