@@ -69,7 +69,7 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
 // int8 tiles by bulk copies: units a warp keeps in flight in shared memory. Four, not six: with the block asking for
-// all the shared memory (launch), 4 slots gave 3.137 ms a Llama-2-7B int8 step on H100 against 3.218 with 6.
+// all the shared memory (gemv_one_token_mma), 4 slots gave 3.137 ms a Llama-2-7B int8 step on H100 against 3.218 with 6.
 constexpr int kRingDepth = 4;
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
@@ -443,10 +443,7 @@ void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsign
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
-  // The bulk kernel needs few registers, so a block of its size would leave room on the SM for the rope and decode
-  // attention to be placed beside it, where they ran 3-4x longer (H100 timeline: the step 3.311 ms against 3.182 with
-  // the SM kept to itself). Asking for all the shared memory keeps it to itself, as main's register file did.
-  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(kBulk ? smem_limit() : smem), p, norm);
+  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
 }
 
 template <bool kPairs, bool kTiles, bool kInt8, bool kBulk>
@@ -498,7 +495,9 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
                  static_cast<int>(ring_offset), gated ? 1 : 0};
-  const int smem = static_cast<int>(bulk ? ring_end : part_offset + part_bytes);
+  // The bulk kernel asks for all the shared memory, so that no other kernel's block is placed on its SMs (the
+  // header: the rope and decode attention ran 3-4x longer there; H100, the step 3.182 ms against 3.311).
+  const int smem = bulk ? smem_limit() : static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
   if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
   else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
