@@ -495,8 +495,8 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
                  static_cast<int>(ring_offset), gated ? 1 : 0};
-  // The bulk kernel asks for all the shared memory, so that no other kernel's block is placed on its SMs (the
-  // header: the rope and decode attention ran 3-4x longer there; H100, the step 3.182 ms against 3.311).
+  // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
+  // placed on its SMs and ran 3-4x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
   if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
