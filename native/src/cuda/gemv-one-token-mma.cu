@@ -19,11 +19,11 @@
 //     x's digits are staged over its own f32 copy to leave the room. H100, us a Llama-2-7B layer (session 46-47):
 //     75.8-78.1 with 6 slots against the register ring's 83.2-85.3; 10 and 12 slots 82.3 and 97.8. End to end the
 //     block's shared memory decides what runs beside it: with its few registers (74-111 a thread, against the
-//     register ring's 114-128) the rope and decode attention started on its SMs 20 us before its end and ran 3-4x
-//     longer (the step 3.311 ms against 3.207 with the register ring, where they start 5 us before the GEMV's end),
-//     so it asks for all the shared memory. Int8 step at batch 1 on H100 (session 48): 3.063 ms against 3.176 for
-//     the register ring (+3.7% tok/s), batch 8 equal. int4 gained nothing (55.3 against 54.3 us a layer) and keeps
-//     the register ring.
+//     register ring's 114-128) the rope and decode attention started on its SMs 20-23 us before its end and ran
+//     2.5-3.3x longer (the step 3.311 ms against 3.207 with the register ring, where they start 5 us before the
+//     GEMV's end), so it asks for all the shared memory. Int8 step at batch 1 on H100 (session 48): 3.063 ms against
+//     3.176 for the register ring (+3.7% tok/s), batch 8 equal. int4 gained nothing (55.3 against 54.3 us a layer)
+//     and keeps the register ring.
 //   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
 //     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
 //     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
@@ -496,7 +496,7 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
                  static_cast<int>(ring_offset), gated ? 1 : 0};
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
-  // placed on its SMs and ran 3-4x longer there (the header; H100, the step 3.311 ms against 3.182).
+  // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(part_offset + part_bytes);
   const unsigned g = static_cast<unsigned>(grid);
   if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
