@@ -2,7 +2,8 @@
 // Builds native/build/weft.node with CMake: `node native/build.mjs` (npm's install and build:native scripts).
 //   WEFT_CUDA=1  also build the CUDA backend (-DWEFT_CUDA=ON; needs nvcc; cuBLAS is loaded at run time).
 //   --cuda-compile-check  only compile every native/src/cuda source with nvcc -c (no link, no GPU, no cuBLAS)
-//                into native/build/cuda-check/, exiting 1 on the first failure: a CI check on hosts with nvcc.
+//                into native/build/cuda-check/, then build and run the host checks (native/test/host-*.cu: host code
+//                against the kernels' headers), exiting 1 on the first failure: a CI check on hosts with nvcc.
 // Configures once and then only rebuilds (CMake's incremental build); reconfigures when its arguments change.
 // Exits 1 with a one-line message when a tool is missing or the build fails.
 import { spawnSync } from 'node:child_process';
@@ -89,6 +90,15 @@ async function cudaCompileCheck() {
   const failed = results.filter((r) => !r.ok);
   if (failed.length) fail(`--cuda-compile-check: ${failed.length} of ${results.length} files failed to compile: ${failed.map((r) => path.basename(r.file)).join(', ')}`);
   console.log(`weft: --cuda-compile-check: ${results.length} files compiled with ${nvcc} (sm_90a) into ${path.relative(process.cwd(), outDir) || outDir}`);
+  // Host checks: what a kernel sizes from host-side plans, checked over whole ranges of shapes without a GPU.
+  const testDir = path.join(nativeDir, 'test');
+  for (const name of readdirSync(testDir).filter((f) => /^host-.*\.cu$/.test(f))) {
+    const exe = path.join(outDir, name.replace(/\.cu$/, ''));
+    const built = spawnSync(nvcc, [...flags, path.join(testDir, name), '-o', exe], { stdio: 'inherit' });
+    if (built.status !== 0) fail(`--cuda-compile-check: the host check ${name} failed to build`);
+    const ran = spawnSync(exe, [], { stdio: 'inherit' });
+    if (ran.status !== 0) fail(`--cuda-compile-check: the host check ${name} failed (exit ${ran.status ?? ran.signal})`);
+  }
   process.exit(0);
 }
 
