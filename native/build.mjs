@@ -97,7 +97,8 @@ async function cudaCompileCheck() {
     const built = spawnSync(nvcc, [...flags, path.join(testDir, name), '-o', exe], { stdio: 'inherit' });
     if (built.status !== 0) fail(`--cuda-compile-check: the host check ${name} failed to build`);
     const ran = spawnSync(exe, [], { stdio: 'inherit' });
-    if (ran.status !== 0) fail(`--cuda-compile-check: the host check ${name} failed (exit ${ran.status ?? ran.signal})`);
+    const status = ran.status ?? ran.signal;
+    if (ran.status !== 0) fail(`--cuda-compile-check: the host check ${name} failed (exit ${status})`);
   }
   process.exit(0);
 }

@@ -69,7 +69,7 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
 // int8 tiles by bulk copies: units a warp keeps in flight in shared memory. Four, not six: with the block asking for
-// all the shared memory (gemv_one_token_mma), 4 slots gave 3.137 ms a Llama-2-7B int8 step on H100 against 3.218 with 6.
+// all the shared memory (gemv_one_token_mma), 4 slots gave 3.137 ms a Llama-2-7B int8 step on H100, 6 slots 3.218.
 constexpr int kRingDepth = 4;
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
