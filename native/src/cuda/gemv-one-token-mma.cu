@@ -476,23 +476,36 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     run_ring<D>(my_units, compute, load);
   __syncthreads();
 
-  // Each row's 16 warp partials (a token's), in warp order.
+  // Each row's 16 warp partials (kTokens: a token's), in warp order.
   const auto row_sum = [&](int tl, int r, int tok) {
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += part[((tl * kWarps + w) * 16 + r) * kPartCols + tok];
     return s * (kTokens ? tok_unscale[tok] : x_unscale);
   };
-  for (int i = threadIdx.x; i < n_tiles * 16 * p.T; i += kThreads) {
-    const int tok = i / (n_tiles * 16), ir = i - tok * n_tiles * 16;
-    const int tl = ir >> 4, r = ir & 15, tile = b + G * tl;
-    float* y = p.y + static_cast<size_t>(tok) * p.N;
-    if constexpr (kPairs) {
-      const int out = tile * 8 + r;
-      if (r < 8 && out < p.N) y[out] = silu_times(row_sum(tl, r, tok), row_sum(tl, r + 8, tok));
-    } else {
-      const int row = tile * 16 + r;
-      if (row < p.N) y[row] = row_sum(tl, r, tok);
+  if constexpr (kTokens) {  // the token fastest, so that a warp's partial sums are consecutive words
+    const int T = p.T;
+    for (int i = threadIdx.x; i < n_tiles * 16 * T; i += kThreads) {
+      const int tok = i % T, ir = i / T, tl = ir >> 4, r = ir & 15, tile = b + G * tl;
+      float* y = p.y + static_cast<size_t>(tok) * p.N;
+      if constexpr (kPairs) {
+        const int out = tile * 8 + r;
+        if (r < 8 && out < p.N) y[out] = silu_times(row_sum(tl, r, tok), row_sum(tl, r + 8, tok));
+      } else {
+        const int row = tile * 16 + r;
+        if (row < p.N) y[row] = row_sum(tl, r, tok);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n_tiles * 16; i += kThreads) {
+      const int tl = i >> 4, r = i & 15, tile = b + G * tl;
+      if constexpr (kPairs) {
+        const int out = tile * 8 + r;
+        if (r < 8 && out < p.N) p.y[out] = silu_times(row_sum(tl, r, 0), row_sum(tl, r + 8, 0));
+      } else {
+        const int row = tile * 16 + r;
+        if (row < p.N) p.y[row] = row_sum(tl, r, 0);
+      }
     }
   }
 }
