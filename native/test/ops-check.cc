@@ -1497,8 +1497,8 @@ void check_one_token_matmul(Rng& rng) {
 // token, against the CPU's row-major weights: the norm made inside the GEMV (held
 // addRmsNorm) for plain rows and SwiGLU pairs, pairs without it, the gated form (the 1..64-token tensor-core GEMV),
 // a norm the one-token kernel refuses (K > 4096: the norm runs alone, then the GEMV), 40 tokens over 251 tiles (a
-// warp's group of 4 tiles reaches past N: those tiles read the last one), and the dequantize-then-GEMM
-// path of 65 rows over a matrix larger than its scratch (rows in slices of whole tiles).
+// warp's group of 4 tiles reaches past N: those tiles read the last one), the dequantize-then-GEMM
+// path of 65 rows over a matrix larger than its scratch (rows in slices of whole tiles), and 2..8 tokens.
 void check_quant_tiles(Rng& rng) {
   struct Case {
     const char* what;
@@ -1510,7 +1510,14 @@ void check_quant_tiles(Rng& rng) {
                  Case{"pairs", 1408, 4096, false, true, false, 1}, Case{"gated", 4096, 1408, false, false, true, 1},
                  Case{"norm refused (K 8192)", 256, 8192, true, false, false, 1},
                  Case{"a warp's tiles past N (251 tiles)", 4016, 4096, false, false, false, 40},
-                 Case{"dequantize in slices", 9376, 14336, false, false, false, 65}}) {
+                 Case{"dequantize in slices", 9376, 14336, false, false, false, 65},
+                 // int4 at 2..8 tokens on the one-token kernel (gemv_tokens_mma): plain, pairs, gated, after a norm
+                 // run alone, x's tokens at K 11008 (193 KB of shared memory) and refused at K 14336
+                 Case{"tokens", 4096, 4096, false, false, false, 3}, Case{"tokens", 4016, 4096, false, false, false, 8},
+                 Case{"tokens, pairs", 1408, 4096, false, true, false, 2}, Case{"tokens, pairs", 1408, 4096, false, true, false, 8},
+                 Case{"tokens, gated", 4096, 1408, false, false, true, 5}, Case{"tokens, norm", 3072, 4096, true, false, false, 8},
+                 Case{"tokens, K 11008", 4096, 11008, false, false, false, 8},
+                 Case{"tokens, K 14336 (refused)", 512, 14336, false, false, false, 8}}) {
     for (const DType dt : {DType::I4, DType::I8}) {
       const bool int4 = dt == DType::I4;
       const int64_t rows = c.pairs ? 2 * c.N : c.N, group = int4 ? 128 : c.K;

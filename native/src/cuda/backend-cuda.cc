@@ -470,6 +470,15 @@ class CudaBackend final : public Backend {
         return;
       }
     }
+    if (T > 1 && T <= 8 && w.dtype == DType::I4 && F <= INT32_MAX / 2 && K <= INT32_MAX) {
+      // 2..8 tokens: the pairs' SwiGLU in the GEMV, as for one (decode rows: no prefill half copy is wanted)
+      const cuda::QuantMatrix q = gemv_weights(w);
+      if (cuda::gemv_tokens(ctx(), x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
+                            static_cast<int>(T), static_cast<int>(F), static_cast<int>(K), false, true, q.tiles)) {
+        cuda::check_launch(ctx(), "matmulSiluMul", {{"x", x}, {"w", w}});
+        return;
+      }
+    }
     Tensor gate_up = empty(DType::F32, {T, 2 * F});
     run_matmul(x, w, gate_up);
     if (const Tensor* half = half_copy_for(out, quant ? DType::BF16 : w.dtype))

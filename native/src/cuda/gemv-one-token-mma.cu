@@ -77,6 +77,7 @@ constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and 
 constexpr int kXExponentInt8 = 22;    // int8: x scaled below 2^22, three signed base-256 digits
 constexpr size_t kMaxPartBytes = 64 * 1024;
 constexpr size_t kMaxSmemBytes = 226 * 1024;  // all but the static arrays' room of Hopper's 227 KiB
+constexpr int kMaxTokens = 8;         // kTokens: B's 8 columns, a token each
 
 struct Params {
   const float* x;
@@ -89,6 +90,7 @@ struct Params {
   int part_offset;          // bytes of shared memory before the warps' partial sums
   int ring_offset;          // bulk copies: bytes before the warps' rings (kWarps x kRingDepth units, then barriers)
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
+  int T;                    // tokens: 1, or 2..kMaxTokens (kTokens: x [T, K], y [T, N])
 };
 
 // Bytes of staged x: f32 [K], then (over_x: over it, once read) hi and lo f16 [K] (lo 64 bytes further on, so that a
@@ -97,6 +99,9 @@ struct Params {
 // different banks).
 __host__ __device__ constexpr int x_stage_bytes(int K, bool over_x) { return K * (over_x ? 4 : 8) + 64 + 256; }
 __host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
+// kTokens: token r's f16 row of x at r * token_row_bytes(K) (64 bytes apart, as hi and lo), then 256 zero bytes.
+__host__ __device__ constexpr int token_row_bytes(int K) { return K * 2 + 64; }
+__host__ __device__ constexpr int token_stage_bytes(int K, int T) { return T * token_row_bytes(K) + 256; }
 
 // One f32 integer value |v| < 2^23 as three signed base-256 digits d0 * 65536 + d1 * 256 + d2 (d1, d2 in -128..127).
 __device__ __forceinline__ void int_digits(float v, int (&d)[3]) {
@@ -127,15 +132,23 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (two of 512 bytes: rows 0-7 and 8-15, or the gate and
 // up halves) into the warp's ring of kRingDepth slots in shared memory, each completing on its own mbarrier, in place
 // of the lanes' register ring of kDepth.
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false>
+// kTokens (int4, no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only
+// where a value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8
+// columns wide.
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
+  static_assert(!kTokens || (!kInt8 && !kBulk && std::is_void_v<NormW>), "several tokens: int4, x as it is");
+  constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
   constexpr int kLoads = 4;                // a lane's 4 words a chunk
   constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ unsigned x_absmax;
+  __shared__ unsigned tok_absmax[kTokens ? kMaxTokens : 1];
+  __shared__ float tok_scale[kTokens ? kMaxTokens : 1], tok_unscale[kTokens ? kMaxTokens : 1];
+  __shared__ int tok_out_of_range;
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
@@ -147,10 +160,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
-  unsigned char* x_stage = smem + (kBulk ? 0 : K * 4);  // kBulk: over xf, once it is read
+  unsigned char* x_stage = smem + (kBulk || kTokens ? 0 : K * 4);  // kBulk: over xf, once it is read
   uint4* x_hi = reinterpret_cast<uint4*>(x_stage);
   uint4* x_lo = x_hi + K / 8 + 4;
-  uint4* zeros = x_lo + K / 8;
+  uint4* zeros = kTokens ? reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K)) : x_lo + K / 8;
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
 
   // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
@@ -244,80 +257,134 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
 
   for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
-  for (int i = threadIdx.x; i < n_tiles * kWarps * 16; i += kThreads) part[i] = 0.f;  // warps that skip a tile
-  if (threadIdx.x == 0) x_absmax = 0u;
+  for (int i = threadIdx.x; i < n_tiles * kWarps * 16 * kPartCols; i += kThreads) part[i] = 0.f;  // warps that skip a tile
+  if (threadIdx.x == 0) x_absmax = 0u, tok_out_of_range = 0;
+  if (kTokens && threadIdx.x < kMaxTokens) tok_absmax[threadIdx.x] = 0u, tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
   __syncthreads();
   pdl_wait();  // x (or norm.y) comes from the kernel before
 
-  // x (or addRmsNorm's normed row) into xf, and the block's largest |x|.
-  const float4* x4 = reinterpret_cast<const float4*>(p.x);
-  float4* xf4 = reinterpret_cast<float4*>(xf);
-  float m = 0.f;
-  if constexpr (std::is_void_v<NormW>) {
-    for (int i = threadIdx.x; i < K / 4; i += kThreads) {
-      float4 v = x4[i];
-      if (p.gated) {
-        const float4 up = x4[K / 4 + i];
-        v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
-      }
-      xf4[i] = v;
-      m = fmaxf(m, abs_max4(v));
-    }
-  } else {
-    add_rms_norm_row<kThreads, NormW>(x4, norm, K, norm_weight, [&](int i, float4 o) {
-      xf4[i] = o;
-      m = fmaxf(m, abs_max4(o));
-    });
-  }
-  m = warp_max(m);
-  if (lane == 0) atomicMax(&x_absmax, __float_as_uint(m));  // non-negative floats order as their bits
-  __syncthreads();
-  const float absmax = __uint_as_float(x_absmax);
-  int e = 0;
-  if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
-  const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
-  const float x_scale = ldexpf(1.f, shift), x_unscale = ldexpf(1.f, -shift);
-  // int8: three digit rows; int4: hi and lo rows. kBulk writes its digits over f32 x (the room the ring needs at
-  // K = 11008 - 14336), so every thread reads its columns of x first.
+  float x_unscale = 1.f;
   unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
-  const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
-    uint32_t word[3] = {0u, 0u, 0u};
+  if constexpr (kTokens) {
+    // Each token's row in f16 as it is; where a value passes f16's range (rare), again with each token scaled by a
+    // power of two that brings its largest |x| below 2^kXExponent.
+    const int T = p.T, units = K / 8;
+    const size_t x_width = static_cast<size_t>(p.gated ? 2 * K : K);
+    const auto stage = [&](bool measure) {
+      for (int i = threadIdx.x; i < T * units; i += kThreads) {
+        const int tok = i / units, u = i - tok * units;
+        const float* xr = p.x + tok * x_width + 8 * u;
+        float v[8];
+        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
+        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
+        if (p.gated) {
+          float up[8];
+          *reinterpret_cast<float4*>(up) = *reinterpret_cast<const float4*>(xr + K);
+          *reinterpret_cast<float4*>(up + 4) = *reinterpret_cast<const float4*>(xr + K + 4);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      int d[3];
-      int_digits((&v.x)[k] * x_scale, d);
+          for (int e = 0; e < 8; ++e) v[e] = silu_times(v[e], up[e]);
+        }
+        float m = 0.f;
 #pragma unroll
-      for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
-    }
-#pragma unroll
-    for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
-  };
-  if constexpr (kBulk) {
-    constexpr int kPerThread = kMaxK / 4 / kThreads;
-    float4 xv[kPerThread];
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i)
-      if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
+        for (int e = 0; e < 8; ++e) {
+          m = fmaxf(m, fabsf(v[e]));
+          v[e] *= tok_scale[tok];
+        }
+        if (measure) atomicMax(&tok_absmax[tok], __float_as_uint(m));  // non-negative floats order as their bits
+        else if (!(m <= 65504.f)) tok_out_of_range = 1;                // NaN too: the measured pass keeps it
+        const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
+        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K))[chunk * kChunkX + l * 4 + tq] = pack_x<true>(v);
+      }
+    };
+    stage(false);
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i)
-      if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
-  } else if constexpr (kInt8) {
-    for (int u = threadIdx.x; u < K / 4; u += kThreads) write_digits(u, xf4[u]);
-  } else {
-    for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
-      const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
-      float v[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
-      split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+    if (tok_out_of_range) {
+      stage(true);  // (the scales are still 1: this pass only measures)
+      __syncthreads();
+      if (threadIdx.x < T) {
+        const float a = __uint_as_float(tok_absmax[threadIdx.x]);
+        int e = 0;
+        if (a > 0.f && a < INFINITY) frexpf(a, &e);  // a < 2^e
+        if (e > kXExponent) tok_scale[threadIdx.x] = ldexpf(1.f, kXExponent - e), tok_unscale[threadIdx.x] = ldexpf(1.f, e - kXExponent);
+      }
+      __syncthreads();
+      stage(false);
+      __syncthreads();
     }
+  } else {
+    // x (or addRmsNorm's normed row) into xf, and the block's largest |x|.
+    const float4* x4 = reinterpret_cast<const float4*>(p.x);
+    float4* xf4 = reinterpret_cast<float4*>(xf);
+    float m = 0.f;
+    if constexpr (std::is_void_v<NormW>) {
+      for (int i = threadIdx.x; i < K / 4; i += kThreads) {
+        float4 v = x4[i];
+        if (p.gated) {
+          const float4 up = x4[K / 4 + i];
+          v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
+        }
+        xf4[i] = v;
+        m = fmaxf(m, abs_max4(v));
+      }
+    } else {
+      add_rms_norm_row<kThreads, NormW>(x4, norm, K, norm_weight, [&](int i, float4 o) {
+        xf4[i] = o;
+        m = fmaxf(m, abs_max4(o));
+      });
+    }
+    m = warp_max(m);
+    if (lane == 0) atomicMax(&x_absmax, __float_as_uint(m));  // non-negative floats order as their bits
+    __syncthreads();
+    const float absmax = __uint_as_float(x_absmax);
+    int e = 0;
+    if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
+    const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
+    const float x_scale = ldexpf(1.f, shift);
+    x_unscale = ldexpf(1.f, -shift);
+    // int8: three digit rows; int4: hi and lo rows. kBulk writes its digits over f32 x (the room the ring needs at
+    // K = 11008 - 14336), so every thread reads its columns of x first.
+    const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
+      uint32_t word[3] = {0u, 0u, 0u};
+  #pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        int d[3];
+        int_digits((&v.x)[k] * x_scale, d);
+  #pragma unroll
+        for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
+      }
+  #pragma unroll
+      for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+    };
+    if constexpr (kBulk) {
+      constexpr int kPerThread = kMaxK / 4 / kThreads;
+      float4 xv[kPerThread];
+  #pragma unroll
+      for (int i = 0; i < kPerThread; ++i)
+        if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
+      __syncthreads();
+  #pragma unroll
+      for (int i = 0; i < kPerThread; ++i)
+        if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
+    } else if constexpr (kInt8) {
+      for (int u = threadIdx.x; u < K / 4; u += kThreads) write_digits(u, xf4[u]);
+    } else {
+      for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
+        const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
+        float v[8];
+  #pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
+        split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+      }
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
-  const uint4* xb_lane = kInt8 ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
-                               : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
+  // kTokens: token g's row (g < T) or zero.
+  const bool x_column = kTokens ? g < p.T : g < 2;
+  const uint4* xb_lane = kInt8      ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
+                         : kTokens ? (x_column ? reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K)) : zeros) + t
+                                   : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int isum[4] = {0, 0, 0, 0};  // int8: the exact s32 sums since the last flush, columns 2t and 2t + 1
   int ct = first_tile, cc = first_chunk, used = 0;
@@ -349,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       mma_16832_s8(isum, wl.x, wh.x, wl.y, wh.y, bx.x, bx.y);
       mma_16832_s8(isum, wl.z, wh.z, wl.w, wh.w, bx.z, bx.w);
     } else {
-      const uint4* xb = xb_lane + (g < 2 ? cc * kChunkX : 0);  // the zero lanes read one place
+      const uint4* xb = xb_lane + (x_column ? cc * kChunkX : 0);  // the zero lanes read one place
       float pa[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int l = 0; l < kLoads; ++l) {
@@ -387,7 +454,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         isum[0] = isum[1] = isum[2] = isum[3] = 0;
       }
     }
-    if (leaving) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
+    if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, to shared memory
+      float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
+      pp[g * kPartCols + 2 * t] = acc[0];
+      pp[g * kPartCols + 2 * t + 1] = acc[1];
+      pp[(g + 8) * kPartCols + 2 * t] = acc[2];
+      pp[(g + 8) * kPartCols + 2 * t + 1] = acc[3];
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    } else if (leaving) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
       if (t == 0) {
         float* pp = part + (tile * kWarps + warp) * 16;
         pp[g] = acc[0] + acc[1];
@@ -402,21 +476,36 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     run_ring<D>(my_units, compute, load);
   __syncthreads();
 
-  // Each row's 16 warp partials, in warp order.
-  const auto row_sum = [&](int tl, int r) {
+  // Each row's 16 warp partials (kTokens: a token's), in warp order.
+  const auto row_sum = [&](int tl, int r, int tok) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += part[(tl * kWarps + w) * 16 + r];
-    return s * x_unscale;
+    for (int w = 0; w < kWarps; ++w) s += part[((tl * kWarps + w) * 16 + r) * kPartCols + tok];
+    return s * (kTokens ? tok_unscale[tok] : x_unscale);
   };
-  for (int i = threadIdx.x; i < n_tiles * 16; i += kThreads) {
-    const int tl = i >> 4, r = i & 15, tile = b + G * tl;
-    if constexpr (kPairs) {
-      const int out = tile * 8 + r;
-      if (r < 8 && out < p.N) p.y[out] = silu_times(row_sum(tl, r), row_sum(tl, r + 8));
-    } else {
-      const int row = tile * 16 + r;
-      if (row < p.N) p.y[row] = row_sum(tl, r);
+  if constexpr (kTokens) {  // the token fastest, so that a warp's partial sums are consecutive words
+    const int T = p.T;
+    for (int i = threadIdx.x; i < n_tiles * 16 * T; i += kThreads) {
+      const int tok = i % T, ir = i / T, tl = ir >> 4, r = ir & 15, tile = b + G * tl;
+      float* y = p.y + static_cast<size_t>(tok) * p.N;
+      if constexpr (kPairs) {
+        const int out = tile * 8 + r;
+        if (r < 8 && out < p.N) y[out] = silu_times(row_sum(tl, r, tok), row_sum(tl, r + 8, tok));
+      } else {
+        const int row = tile * 16 + r;
+        if (row < p.N) y[row] = row_sum(tl, r, tok);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < n_tiles * 16; i += kThreads) {
+      const int tl = i >> 4, r = i & 15, tile = b + G * tl;
+      if constexpr (kPairs) {
+        const int out = tile * 8 + r;
+        if (r < 8 && out < p.N) p.y[out] = silu_times(row_sum(tl, r, 0), row_sum(tl, r + 8, 0));
+      } else {
+        const int row = tile * 16 + r;
+        if (row < p.N) p.y[row] = row_sum(tl, r, 0);
+      }
     }
   }
 }
@@ -434,9 +523,9 @@ int smem_limit() {
   return limit;
 }
 
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk>
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk>;
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -468,11 +557,13 @@ bool quant_tiles_pay(DType dtype, int64_t rows, int64_t K, int64_t group) {
   return group == K || (int4 && group % 128 == 0 && log2_exact(static_cast<int>(group / 128)) >= 0);
 }
 
-bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
-                        bool tiles, bool gated) {
-  const bool int8 = w_dtype == DType::I8;
+namespace {
+
+bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+              float* y, int T, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm, bool tiles, bool gated) {
+  const bool int8 = w_dtype == DType::I8, tokens = T > 1;
   if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
+  if (T < 1 || T > kMaxTokens || (tokens && (int8 || norm))) return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -485,7 +576,22 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   if (norm && !held_norm_takes(*norm, K)) return false;
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
   const int grid = std::min(n_tiles, sms);
-  const size_t part_bytes = static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * sizeof(float);
+  const size_t part_bytes =
+      static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * (tokens ? kMaxTokens : 1) * sizeof(float);
+  if (tokens) {  // x's tokens in f16 rows, then the partial sums: all in shared memory, or refused
+    const size_t part_offset = (token_stage_bytes(K, T) + 15) / 16 * 16;
+    if (part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
+    const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles,
+                   static_cast<int>(part_offset), 0, gated ? 1 : 0, T};
+    const int smem = static_cast<int>(part_offset + part_bytes);
+    const unsigned g = static_cast<unsigned>(grid);
+    const AddRmsNormInput none{};
+    if (pairs && tiles) launch<true, true, void, false, false, true>(ctx, p, none, g, smem);
+    else if (pairs) launch<true, false, void, false, false, true>(ctx, p, none, g, smem);
+    else if (tiles) launch<false, true, void, false, false, true>(ctx, p, none, g, smem);
+    else launch<false, false, void, false, false, true>(ctx, p, none, g, smem);
+    return true;
+  }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
   // session 46: int4 gained nothing from it).
   const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
@@ -494,7 +600,7 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   const int part_offset = x_stage_bytes(K, bulk);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
-                 static_cast<int>(ring_offset), gated ? 1 : 0};
+                 static_cast<int>(ring_offset), gated ? 1 : 0, 1};
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
   // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(part_offset + part_bytes);
@@ -506,6 +612,19 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
   else if (tiles) launch_format<false, true>(ctx, p, norm, g, smem, int8);
   else launch_format<false, false>(ctx, p, norm, g, smem, int8);
   return true;
+}
+
+}  // namespace
+
+bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                        int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm,
+                        bool tiles, bool gated) {
+  return gemv_mma(ctx, x, w, w_dtype, scales, group, y, 1, N, K, pairs, sms, norm, tiles, gated);
+}
+
+bool gemv_tokens_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+                     float* y, int T, int N, int K, bool pairs, int sms, bool tiles, bool gated) {
+  return T > 1 && gemv_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, pairs, sms, nullptr, tiles, gated);
 }
 
 }  // namespace weft::cuda

@@ -372,6 +372,11 @@ bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DT
   return one_token(ctx, x, w, w_dtype, scales, group, y, F, K, false, true, tuning, tiles);
 }
 
+bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
+                 float* y, int T, int N, int K, bool gated, bool pairs, bool tiles) {
+  return gemv_tokens_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, pairs, sm_count(ctx), tiles, gated);
+}
+
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
                            bool tiles) {

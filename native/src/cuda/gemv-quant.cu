@@ -123,6 +123,11 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
   // tile's K over a block's warps, 0.052; bench/kernels/quant-run.sh --one-token, gemv-layer-run.sh).
   if (path == QuantGemvPath::Auto && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated, {}, w.tiles))
     return;
+  // 2..8 int4 tokens: the one-token kernel with the tokens as its mma's columns (its 16 warps split each tile's K
+  // where this file's tensor-core kernel gives a warp whole tiles).
+  if (path == QuantGemvPath::Auto && T > 1 && w.dtype == DType::I4 &&
+      gemv_tokens(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, gated, false, w.tiles))
+    return;
   const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens || w.tiles;  // tiles: the tensor cores' alone
   if ((path == QuantGemvPath::Mma || (path == QuantGemvPath::Auto && mma_pays)) &&
       quant_gemv_mma(ctx, x, w, y, T, N, K, gated))
