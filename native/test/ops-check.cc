@@ -1514,8 +1514,10 @@ void check_quant_tiles(Rng& rng) {
                  // int4 at 2..8 tokens on the one-token kernel (gemv_tokens_mma): plain, pairs, gated, after a norm
                  // run alone, x's tokens at K 11008 (193 KB of shared memory) and refused at K 14336
                  Case{"tokens", 4096, 4096, false, false, false, 3}, Case{"tokens", 4016, 4096, false, false, false, 8},
-                 Case{"tokens, pairs", 1408, 4096, false, true, false, 2}, Case{"tokens, pairs", 1408, 4096, false, true, false, 8},
-                 Case{"tokens, gated", 4096, 1408, false, false, true, 5}, Case{"tokens, norm", 3072, 4096, true, false, false, 8},
+                 Case{"tokens, pairs", 1408, 4096, false, true, false, 2},
+                 Case{"tokens, pairs", 1408, 4096, false, true, false, 8},
+                 Case{"tokens, gated", 4096, 1408, false, false, true, 5},
+                 Case{"tokens, norm", 3072, 4096, true, false, false, 8},
                  Case{"tokens, K 11008", 4096, 11008, false, false, false, 8},
                  Case{"tokens, K 14336 (refused)", 512, 14336, false, false, false, 8}}) {
     for (const DType dt : {DType::I4, DType::I8}) {

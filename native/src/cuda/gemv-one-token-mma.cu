@@ -39,6 +39,13 @@
 //     shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30 instructions a unit
 //     against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles) against the f16 form's
 //     89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
+//   - 2..8 tokens (int4, kTokens): x's tokens are B's columns in f16 (as gemv-quant-mma.cu stages them) and each row's
+//     partial sums 8 wide; the same mma a unit, so the weights' pass costs what one token's does, where the 1..16-token
+//     kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2 at 8 tokens: 34.0 us, 29% of its
+//     floor, against this kernel's 16.1 at one token; H100, session 49). T tokens of x and the sums must fit the
+//     block's shared memory: at 8 tokens K = 11008 does, 14336 does not (that GEMV keeps the other kernel).
+//     Llama-2-7B int4 decode, H100 (session 49): batch 2 685 -> 888 tok/s, 4 1235 -> 1636, 8 2268 -> 2973;
+//     Llama-3-8B batch 2 623 -> 755, 8 2118 -> 2276.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
@@ -257,9 +264,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
 
   for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
-  for (int i = threadIdx.x; i < n_tiles * kWarps * 16 * kPartCols; i += kThreads) part[i] = 0.f;  // warps that skip a tile
+  for (int i = threadIdx.x; i < n_tiles * kWarps * 16 * kPartCols; i += kThreads)
+    part[i] = 0.f;  // warps that skip a tile
   if (threadIdx.x == 0) x_absmax = 0u, tok_out_of_range = 0;
-  if (kTokens && threadIdx.x < kMaxTokens) tok_absmax[threadIdx.x] = 0u, tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
+  if (kTokens && threadIdx.x < kMaxTokens) {
+    tok_absmax[threadIdx.x] = 0u;
+    tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
+  }
   __syncthreads();
   pdl_wait();  // x (or norm.y) comes from the kernel before
 
@@ -305,7 +316,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         const float a = __uint_as_float(tok_absmax[threadIdx.x]);
         int e = 0;
         if (a > 0.f && a < INFINITY) frexpf(a, &e);  // a < 2^e
-        if (e > kXExponent) tok_scale[threadIdx.x] = ldexpf(1.f, kXExponent - e), tok_unscale[threadIdx.x] = ldexpf(1.f, e - kXExponent);
+        if (e > kXExponent) {
+          tok_scale[threadIdx.x] = ldexpf(1.f, kXExponent - e);
+          tok_unscale[threadIdx.x] = ldexpf(1.f, e - kXExponent);
+        }
       }
       __syncthreads();
       stage(false);
@@ -382,8 +396,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
   // kTokens: token g's row (g < T) or zero.
   const bool x_column = kTokens ? g < p.T : g < 2;
+  const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K));
   const uint4* xb_lane = kInt8      ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
-                         : kTokens ? (x_column ? reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K)) : zeros) + t
+                         : kTokens ? (x_column ? x_token : zeros) + t
                                    : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int isum[4] = {0, 0, 0, 0};  // int8: the exact s32 sums since the last flush, columns 2t and 2t + 1
