@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
           v[e] *= tok_scale[tok];
         }
         if (measure) atomicMax(&tok_absmax[tok], __float_as_uint(m));  // non-negative floats order as their bits
-        else if (!(m <= 65504.f)) tok_out_of_range = 1;                // NaN too: the measured pass keeps it
+        else if (!(m <= 65504.f)) tok_out_of_range = 1;  // (fmaxf passes over a NaN: it reaches y as NaN)
         const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
         reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K))[chunk * kChunkX + l * 4 + tq] = pack_x<true>(v);
       }
