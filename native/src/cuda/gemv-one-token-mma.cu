@@ -1,4 +1,5 @@
-// gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4 GEMV on tensor cores, one block a SM.
+// gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4 and int8 GEMV on tensor cores, one block a SM;
+// gemv_tokens_mma: the same kernel for 2..8 int4 tokens.
 //   Why: the fp32 one-token kernels (gemv-one-token.cu, gemv-rows-tma.cu) spend ~6 instructions a weight (unpack,
 //   convert, FMA, addresses) and are bound by issue. Here two weights become an f16 pair with one lop3 and one f16x2
 //   op, and one mma.sync m16n8k16 takes 256 of them (an estimated ~100 instructions a lane for 64 weights; the first
