@@ -286,17 +286,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       for (int i = threadIdx.x; i < T * units; i += kThreads) {
         const int tok = i / units, u = i - tok * units;
         const float* xr = p.x + tok * x_width + 8 * u;
-        float v[8];
-        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
-        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
-        if (p.gated) {
-          float up[8];
-          *reinterpret_cast<float4*>(up) = *reinterpret_cast<const float4*>(xr + K);
-          *reinterpret_cast<float4*>(up + 4) = *reinterpret_cast<const float4*>(xr + K + 4);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[e] = silu_times(v[e], up[e]);
-        }
-        float m = 0.f;
+        float v[8], m = 0.f;
+        x_columns8(xr, K, p.gated, v);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           m = fmaxf(m, fabsf(v[e]));

@@ -1,11 +1,14 @@
 // The register-level pieces of the quantized tensor-core GEMVs (gemv-quant-mma.cu, gemv-one-token-mma.cu): the
 // streaming weight load, f16x2 arithmetic, mma.sync m16n8k16 and m16n8k32 (s8), the magic-number unpacking of int8 /
-// int4 words into f16 pairs, and x packed into the lane order those pairs take. Device code only.
+// int4 words into f16 pairs, x's columns read (x_columns8) and packed into the lane order those pairs take. Device
+// code only.
 #pragma once
 
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+#include "cuda/common.cuh"  // silu_times
 
 namespace weft::cuda::quant_mma {
 
@@ -74,6 +77,20 @@ __device__ __forceinline__ void unpack_int4(uint32_t word, uint32_t (&p)[4]) {
   p[1] = fma_f16x2(masked_under_1024<0x00f000f0u>(word), 0x2c002c00u, 0xd480d480u);      // (1024 + 16c) / 16 - 72
   p[2] = sub_f16x2(masked_under_1024<0x000f000fu>(shifted), 0x64086408u);
   p[3] = fma_f16x2(masked_under_1024<0x00f000f0u>(shifted), 0x2c002c00u, 0xd480d480u);
+}
+
+// Eight f32 columns of x at xr into v (gated: silu(gate) * up, the up columns K further on). Both tensor-core GEMVs
+// stage x through it.
+__device__ __forceinline__ void x_columns8(const float* xr, int K, bool gated, float (&v)[8]) {
+  *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
+  *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
+  if (gated) {
+    float up[8];
+    *reinterpret_cast<float4*>(up) = *reinterpret_cast<const float4*>(xr + K);
+    *reinterpret_cast<float4*>(up + 4) = *reinterpret_cast<const float4*>(xr + K + 4);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = silu_times(v[e], up[e]);
+  }
 }
 
 // Eight f32 columns (c .. c + 7) as the halves a lane's 16-byte B load holds: int8 in order, int4 as the pairs

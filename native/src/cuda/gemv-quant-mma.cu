@@ -192,17 +192,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NT)) quant_mma_kernel(
       const int col = ch0 * kCols + u * 8;
       const float* xr = p.x + static_cast<size_t>(tok) * (p.gated ? 2 * p.K : p.K) + col;
       float v[8] = {};  // columns past K (a partial last chunk): zero
-      if (col < p.K) {
-        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
-        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + 4);
-      }
-      if (p.gated && col < p.K) {
-        float up[8];
-        *reinterpret_cast<float4*>(up) = *reinterpret_cast<const float4*>(xr + p.K);
-        *reinterpret_cast<float4*>(up + 4) = *reinterpret_cast<const float4*>(xr + p.K + 4);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = silu_times(v[e], up[e]);
-      }
+      if (col < p.K) x_columns8(xr, p.K, p.gated, v);
       float m = 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
