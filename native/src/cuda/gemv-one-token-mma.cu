@@ -351,24 +351,24 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     // K = 11008 - 14336), so every thread reads its columns of x first.
     const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
       uint32_t word[3] = {0u, 0u, 0u};
-  #pragma unroll
+#pragma unroll
       for (int k = 0; k < 4; ++k) {
         int d[3];
         int_digits((&v.x)[k] * x_scale, d);
-  #pragma unroll
+#pragma unroll
         for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
       }
-  #pragma unroll
+#pragma unroll
       for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
     };
     if constexpr (kBulk) {
       constexpr int kPerThread = kMaxK / 4 / kThreads;
       float4 xv[kPerThread];
-  #pragma unroll
+#pragma unroll
       for (int i = 0; i < kPerThread; ++i)
         if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
       __syncthreads();
-  #pragma unroll
+#pragma unroll
       for (int i = 0; i < kPerThread; ++i)
         if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
     } else if constexpr (kInt8) {
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
         const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
         float v[8];
-  #pragma unroll
+#pragma unroll
         for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
         split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
       }
