@@ -327,7 +327,8 @@ static void free_copies(QuantCopies& copies) {
 // --batches: the tensor-core GEMV alone (quant_gemv_mma: one pass, or the product's passes where one does not fit)
 // at decode batches of 1-64 tokens on Llama-3-8B's w13 and w2 shapes, µs and its rates (bench/RESULTS.md session
 // 29: the 17-64 token n-tiles), each output checked against ref_kernel's double-precision sums (2e-3 of the largest:
-// x and the scaled weights in f16).
+// x and the scaled weights in f16); at 2-8 tokens also the one-token kernel's form for several tokens
+// (gemv_tokens, which the product takes there where it takes the shape; rows marked "one-token kernel").
 static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
   struct Shape { const char* name; int N, K; };
   const Shape shapes[] = {{"w13", 28672, 4096}, {"w2", 4096, 14336}};
@@ -368,6 +369,20 @@ static int batches_table(const wc::Ctx& ctx, cudaStream_t stream, double bw) {
         std::printf("| %s | %s | %d%s | %.1f | %.0f%% | %.0f | %.1f | %.2g%s |\n", sh.name, f.name, T, one_pass ? "" : " (passes)", ms * 1e3,
                     100.0 * bytes / (bw * 1e6) / ms, bytes / (ms * 1e6), static_cast<double>(sh.N) * sh.K * T / (ms * 1e9),
                     err, err <= 2e-3 ? "" : " CHECK FAILED");
+        if (T < 2 || T > 8) continue;
+        const auto tokens = [&](int c) {
+          return wc::gemv_tokens(ctx, x, ws[c].q, ws[c].dtype, ws[c].scales, ws[c].group, y, T, sh.N, sh.K, false,
+                                 false, ws[c].tiles);
+        };
+        CK(cudaMemsetAsync(y, 0xff, outs * 4, stream));
+        if (!tokens(0)) continue;  // a shape or format it refuses
+        CK(cudaStreamSynchronize(stream));
+        const double terr = max_rel_err(y, ref, outs);
+        failures += !(terr <= 2e-3);
+        const double tms = median_ms(stream, copies, [&](int c) { tokens(c); });
+        std::printf("| %s | %s, one-token kernel | %d | %.1f | %.0f%% | %.0f | %.1f | %.2g%s |\n", sh.name, f.name, T,
+                    tms * 1e3, 100.0 * bytes / (bw * 1e6) / tms, bytes / (tms * 1e6),
+                    static_cast<double>(sh.N) * sh.K * T / (tms * 1e9), terr, terr <= 2e-3 ? "" : " CHECK FAILED");
       }
       free_copies(w);
     }
