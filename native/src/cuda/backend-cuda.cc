@@ -470,8 +470,9 @@ class CudaBackend final : public Backend {
         return;
       }
     }
-    if (T > 1 && T <= 8 && w.dtype == DType::I4 && F <= INT32_MAX / 2 && K <= INT32_MAX) {
-      // 2..8 tokens: the pairs' SwiGLU in the GEMV, as for one (decode rows: no prefill half copy is wanted)
+    if (T > 1 && T <= cuda::Matmul::kGemvMaxTokens && quant && F <= INT32_MAX / 2 && K <= INT32_MAX) {
+      // 2..8 tokens (gemv_tokens takes the formats it can): the pairs' SwiGLU in the GEMV, as for one (GEMV rows: no
+      // prefill half copy is made for them)
       const cuda::QuantMatrix q = gemv_weights(w);
       if (cuda::gemv_tokens(ctx(), x.data<float>(), q.q, q.dtype, q.scales, q.group, out.data<float>(),
                             static_cast<int>(T), static_cast<int>(F), static_cast<int>(K), false, true, q.tiles)) {

@@ -126,7 +126,7 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
   // 2..8 int4 tokens: the one-token kernel with the tokens as its mma's columns (its 16 warps split each tile's K
   // where the 1..16-token tensor-core kernel gives a warp whole tiles; H100, Llama-2-7B int4 decode at batch 8 2268
   // -> 2973 tok/s, bench/RESULTS.md session 49).
-  if (path == QuantGemvPath::Auto && T > 1 && w.dtype == DType::I4 &&
+  if (path == QuantGemvPath::Auto && T > 1 &&  // (gemv_tokens refuses the formats it does not take)
       gemv_tokens(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, gated, false, w.tiles))
     return;
   const bool mma_pays = w.dtype == DType::I4 || T >= kInt8MmaMinTokens || w.tiles;  // tiles: the tensor cores' alone
