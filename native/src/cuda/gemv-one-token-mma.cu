@@ -40,7 +40,8 @@
 //     shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30 instructions a unit
 //     against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles) against the f16 form's
 //     89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
-//   - 2..8 tokens (int4, kTokens): x's tokens are B's columns in f16 (as gemv-quant-mma.cu stages them) and each row's
+//   - 2..8 tokens (kTokens; int8 too since session 49's branch s49-int8-tokens, as f16 pairs, not yet measured): x's
+//     tokens are B's columns in f16 (as gemv-quant-mma.cu stages them) and each row's
 //     partial sums 8 wide; the same mma a unit, so the weights' pass costs what one token's does, where the 1..16-token
 //     kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2 at 8 tokens: 34.0 us, 29% of its
 //     floor, against this kernel's 16.1 at one token; H100, session 49). T tokens of x and the sums must fit the
@@ -140,18 +141,20 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (two of 512 bytes: rows 0-7 and 8-15, or the gate and
 // up halves) into the warp's ring of kRingDepth slots in shared memory, each completing on its own mbarrier, in place
 // of the lanes' register ring of kDepth.
-// kTokens (int4, no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only
-// where a value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8
-// columns wide.
+// kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
+// value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
+// wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
-  static_assert(!kTokens || (!kInt8 && !kBulk && std::is_void_v<NormW>), "several tokens: int4, x as it is");
+  static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
+  constexpr bool kDigits = kInt8 && !kTokens;  // int8 at one token: x as s8 digits (below); several tokens: f16
   constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
   constexpr int kLoads = 4;                // a lane's 4 words a chunk
   constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
+  constexpr int kXLoads = kChunkX / 4;     // kTokens: a lane's 16-byte loads of x a chunk (int4 4, int8 2)
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ unsigned x_absmax;
   __shared__ unsigned tok_absmax[kTokens ? kMaxTokens : 1];
@@ -295,8 +298,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         }
         if (measure) atomicMax(&tok_absmax[tok], __float_as_uint(m));  // non-negative floats order as their bits
         else if (!(m <= 65504.f)) tok_out_of_range = 1;  // (fmaxf passes over a NaN: it reaches y as NaN)
-        const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
-        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K))[chunk * kChunkX + l * 4 + tq] = pack_x<true>(v);
+        // columns 8u .. 8u + 7 feed lane quad position tq's load l (int8: in order, int4: pack_x's pairs)
+        const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kXLoads, tq = unit / kXLoads;
+        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K))[chunk * kChunkX + l * 4 + tq] = pack_x<!kInt8>(v);
       }
     };
     stage(false);
@@ -389,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   // kTokens: token g's row (g < T) or zero.
   const bool x_column = kTokens ? g < p.T : g < 2;
   const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K));
-  const uint4* xb_lane = kInt8      ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
+  const uint4* xb_lane = kDigits    ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
                          : kTokens ? (x_column ? x_token : zeros) + t
                                    : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -416,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       wl = w_lo[j];
       wh = w_hi[j];
     }
-    if constexpr (kInt8) {
+    if constexpr (kDigits) {
       // The lane's 16 bytes of each row are columns 16 t .. 16 t + 15 of the chunk: words 0-1 are one k-step's A
       // (columns 4 t .. and 16 + 4 t .. of its 32), words 2-3 the next's; B is the same columns of the digit row.
       const uint4 bx = g < 3 ? xb_lane[cc * 4] : make_uint4(0, 0, 0, 0);
@@ -425,14 +429,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     } else {
       const uint4* xb = xb_lane + (x_column ? cc * kChunkX : 0);  // the zero lanes read one place
       float pa[4] = {0.f, 0.f, 0.f, 0.f};
+      if constexpr (kInt8) {  // several tokens: word s (columns 16 t + 4 s ..) one f16 k-step, as gemv-quant-mma.cu
 #pragma unroll
-      for (int l = 0; l < kLoads; ++l) {
-        const uint4 bx = xb[l * 4];
-        uint32_t lo[4], hi[4];  // word l: two k-steps
-        unpack_int4((&wl.x)[l], lo);
-        unpack_int4((&wh.x)[l], hi);
-        mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
-        mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
+        for (int l = 0; l < 2; ++l) {
+          const uint4 bx = xb[l * 4];
+#pragma unroll
+          for (int s2 = 0; s2 < 2; ++s2) {
+            uint32_t lo01, lo23, hi01, hi23;
+            unpack_int8((&wl.x)[2 * l + s2], lo01, lo23);
+            unpack_int8((&wh.x)[2 * l + s2], hi01, hi23);
+            mma_16816(pa, lo01, hi01, lo23, hi23, s2 ? bx.z : bx.x, s2 ? bx.w : bx.y);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) {
+          const uint4 bx = xb[l * 4];
+          uint32_t lo[4], hi[4];  // word l: two k-steps
+          unpack_int4((&wl.x)[l], lo);
+          unpack_int4((&wh.x)[l], hi);
+          mma_16816(pa, lo[0], hi[0], lo[1], hi[1], bx.x, bx.y);
+          mma_16816(pa, lo[2], hi[2], lo[3], hi[3], bx.z, bx.w);
+        }
       }
       acc[0] = fmaf(s_lo, pa[0], acc[0]);
       acc[1] = fmaf(s_lo, pa[1], acc[1]);
@@ -447,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     }
     ++used;
     const bool leaving = ct != tile || used == my_units;
-    if constexpr (kInt8) {
+    if constexpr (kDigits) {
       // Column c's sum weighs 256^(2 - c): lane t = 0 holds digits 0 and 1, t = 1 digit 2 (its column 3 is zero).
       // One scale a row keeps the s32 sums for the whole tile; groups take theirs at every chunk.
       if (leaving || p.group_shift != 30) {
@@ -549,6 +567,15 @@ void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, u
   else launch<kPairs, kTiles, float, kInt8, kBulk>(ctx, p, *norm, grid, smem);
 }
 
+template <bool kInt8>
+void launch_tokens(const Ctx& ctx, const Params& p, bool pairs, bool tiles, unsigned grid, int smem) {
+  const AddRmsNormInput none{};
+  if (pairs && tiles) launch<true, true, void, kInt8, false, true>(ctx, p, none, grid, smem);
+  else if (pairs) launch<true, false, void, kInt8, false, true>(ctx, p, none, grid, smem);
+  else if (tiles) launch<false, true, void, kInt8, false, true>(ctx, p, none, grid, smem);
+  else launch<false, false, void, kInt8, false, true>(ctx, p, none, grid, smem);
+}
+
 template <bool kPairs, bool kTiles>
 void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
   if (int8) launch_norm<kPairs, kTiles, true, false>(ctx, p, norm, grid, smem);
@@ -570,7 +597,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
               float* y, int T, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm, bool tiles, bool gated) {
   const bool int8 = w_dtype == DType::I8, tokens = T > 1;
   if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
-  if (T < 1 || T > kMaxTokens || (tokens && (int8 || norm))) return false;
+  if (T < 1 || T > kMaxTokens || (tokens && norm)) return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -592,11 +619,8 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
                    static_cast<int>(part_offset), 0, gated ? 1 : 0, T};
     const int smem = static_cast<int>(part_offset + part_bytes);
     const unsigned g = static_cast<unsigned>(grid);
-    const AddRmsNormInput none{};
-    if (pairs && tiles) launch<true, true, void, false, false, true>(ctx, p, none, g, smem);
-    else if (pairs) launch<true, false, void, false, false, true>(ctx, p, none, g, smem);
-    else if (tiles) launch<false, true, void, false, false, true>(ctx, p, none, g, smem);
-    else launch<false, false, void, false, false, true>(ctx, p, none, g, smem);
+    if (int8) launch_tokens<true>(ctx, p, pairs, tiles, g, smem);
+    else launch_tokens<false>(ctx, p, pairs, tiles, g, smem);
     return true;
   }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100

@@ -51,8 +51,8 @@ bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType 
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
                            bool tiles = false);
 
-// 2..8 tokens of int4 on the one-token tensor-core kernel (gemv-one-token-mma.cuh gemv_tokens_mma): y [T, N] (pairs:
-// w [2F, K], y [T, F] of silu(gate) * up). False where it does not take the call.
+// 2..8 tokens of int4 or int8 on the one-token tensor-core kernel (gemv-one-token-mma.cuh gemv_tokens_mma): y [T, N]
+// (pairs: w [2F, K], y [T, F] of silu(gate) * up). False where it does not take the call.
 bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                  float* y, int T, int N, int K, bool gated, bool pairs, bool tiles);
 

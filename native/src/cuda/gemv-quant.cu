@@ -123,9 +123,9 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
   // tile's K over a block's warps, 0.052; bench/kernels/quant-run.sh --one-token, gemv-layer-run.sh).
   if (path == QuantGemvPath::Auto && T == 1 && gemv_one_token(ctx, x, w.q, w.dtype, w.scales, w.group, y, N, K, gated, {}, w.tiles))
     return;
-  // 2..8 int4 tokens: the one-token kernel with the tokens as its mma's columns (its 16 warps split each tile's K
-  // where the 1..16-token tensor-core kernel gives a warp whole tiles; H100, Llama-2-7B int4 decode at batch 8 2268
-  // -> 2973 tok/s, bench/RESULTS.md session 49).
+  // 2..8 int4 or int8 tokens: the one-token kernel with the tokens as its mma's columns (its 16 warps split each
+  // tile's K where the 1..16-token tensor-core kernel gives a warp whole tiles; H100, Llama-2-7B int4 decode at
+  // batch 8 2268 -> 2973 tok/s, bench/RESULTS.md session 49).
   if (path == QuantGemvPath::Auto && T > 1 &&  // (gemv_tokens refuses the formats it does not take)
       gemv_tokens(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, gated, false, w.tiles))
     return;
