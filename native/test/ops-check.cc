@@ -1402,7 +1402,10 @@ void check_quant_gemv_tokens(Rng& rng) {
       {DType::I8, 32, 100, 1024, false, 1, {24, 64}},       {DType::I4, 32, 1000, 2048, false, 1, {24, 64}},
       {DType::I8, 0, 64, 4104, false, 1, {40}},             {DType::I4, 64, 64, 4160, false, 1, {40}},
       {DType::I4, 128, 4000, 4096, false, 1, {40, 64}},     {DType::I4, 128, 300, 14336, true, 4, {33, 64}},
-      {DType::I8, 0, 300, 11008, true, 4, {64}}};
+      {DType::I8, 0, 300, 11008, true, 4, {64}},
+      // 8 tokens at K 14336 on the one-token kernel: x in two runs of K, each run's |x| < 2e5 scaled on its own
+      {DType::I4, 128, 256, 14336, false, 2e5f, {8}},       {DType::I8, 0, 256, 14336, false, 2e5f, {8}},
+      {DType::I4, 128, 300, 14336, true, 4, {6, 8}}};
   for (const Case& c : cases) {
     const int64_t group = c.group ? c.group : c.K;
     QuantPair w;
@@ -1512,14 +1515,14 @@ void check_quant_tiles(Rng& rng) {
                  Case{"a warp's tiles past N (251 tiles)", 4016, 4096, false, false, false, 40},
                  Case{"dequantize in slices", 9376, 14336, false, false, false, 65},
                  // int4 at 2..8 tokens on the one-token kernel (gemv_tokens_mma): plain, pairs, gated, after a norm
-                 // run alone, x's tokens at K 11008 (193 KB of shared memory) and refused at K 14336
+                 // run alone, x's tokens at K 11008 (193 KB of shared memory) and at K 14336 in two runs of K
                  Case{"tokens", 4096, 4096, false, false, false, 3}, Case{"tokens", 4016, 4096, false, false, false, 8},
                  Case{"tokens, pairs", 1408, 4096, false, true, false, 2},
                  Case{"tokens, pairs", 1408, 4096, false, true, false, 8},
                  Case{"tokens, gated", 4096, 1408, false, false, true, 5},
                  Case{"tokens, norm", 3072, 4096, true, false, false, 8},
                  Case{"tokens, K 11008", 4096, 11008, false, false, false, 8},
-                 Case{"tokens, K 14336 (refused)", 512, 14336, false, false, false, 8}}) {
+                 Case{"tokens, K 14336 (two runs of K)", 512, 14336, false, false, false, 8}}) {
     for (const DType dt : {DType::I4, DType::I8}) {
       const bool int4 = dt == DType::I4;
       const int64_t rows = c.pairs ? 2 * c.N : c.N, group = int4 ? 128 : c.K;

@@ -44,8 +44,9 @@
 //     tokens are B's columns in f16 (as gemv-quant-mma.cu stages them) and each row's
 //     partial sums 8 wide; the same mma a unit, so the weights' pass costs what one token's does, where the 1..16-token
 //     kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2 at 8 tokens: 34.0 us, 29% of its
-//     floor, against this kernel's 16.1 at one token; H100, session 49). T tokens of x and the sums must fit the
-//     block's shared memory: at 8 tokens K = 11008 does, 14336 does not (that GEMV keeps the other kernel).
+//     floor, against this kernel's 16.1 at one token; H100, session 49). Where T tokens of x and the sums do not fit
+//     the block's shared memory, K's chunks go in 2 or 4 runs, each with its x columns staged before it (branch
+//     s49-k-phases, not yet measured: at 8 tokens, K 14336 takes two; main's form left that GEMV to the other kernel).
 //     Llama-2-7B int4 decode, H100 (session 49): batch 2 685 -> 888 tok/s, 4 1235 -> 1636, 8 2268 -> 2973;
 //     Llama-3-8B batch 2 623 -> 755, 8 2118 -> 2276.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
@@ -87,6 +88,7 @@ constexpr int kXExponentInt8 = 22;    // int8: x scaled below 2^22, three signed
 constexpr size_t kMaxPartBytes = 64 * 1024;
 constexpr size_t kMaxSmemBytes = 226 * 1024;  // all but the static arrays' room of Hopper's 227 KiB
 constexpr int kMaxTokens = 8;         // kTokens: B's 8 columns, a token each
+constexpr int kMaxPhases = 4;         // kTokens: K in at most 4 runs (8 tokens of x at K 16384: 64 KB a run)
 
 struct Params {
   const float* x;
@@ -100,6 +102,7 @@ struct Params {
   int ring_offset;          // bulk copies: bytes before the warps' rings (kWarps x kRingDepth units, then barriers)
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
   int T;                    // tokens: 1, or 2..kMaxTokens (kTokens: x [T, K], y [T, N])
+  int phases;               // kTokens: K in this many parts, x's tokens staged a part at a time (else 1)
 };
 
 // Bytes of staged x: f32 [K], then (over_x: over it, once read) hi and lo f16 [K] (lo 64 bytes further on, so that a
@@ -163,10 +166,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  // kTokens: where T tokens of x do not fit at once, K's chunks in n_phases runs of nch_ph (K_ph columns), the
+  // block's tiles once a run, x's columns of the run staged before it.
+  const int n_phases = kTokens ? p.phases : 1, nch_ph = nch / n_phases, K_ph = K / n_phases;
+  int cbase = 0;  // the run's first chunk
   // Block b's tiles are b, b + G, b + 2G, ...: the blocks read neighbouring tiles at once (a layer's int4 GEMVs
   // 2.5% faster than with a contiguous run of tiles a block, H200).
   const int n_tiles = (p.n_tiles - b + G - 1) / G;
-  const int n_units = n_tiles * nch;
+  const int n_units = n_tiles * nch_ph;  // a run's
   const int my_units = n_units > warp ? (n_units - warp + kWarps - 1) / kWarps : 0;
   const size_t row_bytes = kInt8 ? K : K / 2;
 
@@ -174,14 +181,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   unsigned char* x_stage = smem + (kBulk || kTokens ? 0 : K * 4);  // kBulk: over xf, once it is read
   uint4* x_hi = reinterpret_cast<uint4*>(x_stage);
   uint4* x_lo = x_hi + K / 8 + 4;
-  uint4* zeros = kTokens ? reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K)) : x_lo + K / 8;
+  uint4* zeros = kTokens ? reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K_ph)) : x_lo + K / 8;
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
 
   // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
   // gate row and its up row; rows past N read row N - 1 and are not stored).
   int lt = 0, lc = warp;
-  while (lc >= nch) {
-    lc -= nch;
+  while (lc >= nch_ph) {
+    lc -= nch_ph;
     ++lt;
   }
   // Tiles (quant-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
@@ -236,14 +243,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       if (lane == 0) {  // lane (0, 0)'s pointers start the unit's two runs of 8 rows x 64 bytes (quant-tiles.h)
         reads_before_copies();
         mbar_expect_bytes(&bars[j], kTileBytes);
-        bulk_copy(ring + j * kTileBytes, w_row_lo + lc * kChunkStride, kTileBytes / 2, &bars[j]);
-        bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + lc * kChunkStride, kTileBytes / 2, &bars[j]);
+        bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes / 2, &bars[j]);
+        bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + (cbase + lc) * kChunkStride, kTileBytes / 2,
+                  &bars[j]);
       }
     } else {
-      w_lo[j] = load_stream(w_row_lo + lc * kChunkStride);
-      w_hi[j] = load_stream(w_row_hi + lc * kChunkStride);
+      w_lo[j] = load_stream(w_row_lo + (cbase + lc) * kChunkStride);
+      w_hi[j] = load_stream(w_row_hi + (cbase + lc) * kChunkStride);
     }
-    const int gi = lc >> p.group_shift;
+    const int gi = (cbase + lc) >> p.group_shift;
     if constexpr (kTiles && !kPairs) {  // rows g and g + 8 side by side: one word, split where it is used
       sc_lo[j] = __ldg(reinterpret_cast<const uint32_t*>(s_row_lo + gi * kScaleStride));
     } else {
@@ -252,11 +260,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     }
     ++loaded;
     lc += kWarps;
-    if (lc >= nch) {
+    if (lc >= nch_ph) {
       do {
-        lc -= nch;
+        lc -= nch_ph;
         ++lt;
-      } while (lc >= nch);
+      } while (lc >= nch_ph);
       point_rows();
     }
   };
@@ -280,15 +288,16 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
 
   float x_unscale = 1.f;
   unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
-  if constexpr (kTokens) {
-    // Each token's row in f16 as it is; where a value passes f16's range (rare), again with each token scaled by a
-    // power of two that brings its largest |x| below 2^kXExponent.
-    const int T = p.T, units = K / 8;
+  // kTokens: each token's row of the run in f16 as it is; where a value passes f16's range (rare), again with each
+  // token scaled by a power of two that brings its largest |x| below 2^kXExponent (the run's sums are unscaled as
+  // they go to shared memory).
+  const auto stage_tokens = [&] {
+    const int T = p.T, units = K_ph / 8;
     const size_t x_width = static_cast<size_t>(p.gated ? 2 * K : K);
     const auto stage = [&](bool measure) {
       for (int i = threadIdx.x; i < T * units; i += kThreads) {
         const int tok = i / units, u = i - tok * units;
-        const float* xr = p.x + tok * x_width + 8 * u;
+        const float* xr = p.x + tok * x_width + cbase * kCols + 8 * u;
         float v[8], m = 0.f;
         x_columns8(xr, K, p.gated, v);
 #pragma unroll
@@ -300,7 +309,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         else if (!(m <= 65504.f)) tok_out_of_range = 1;  // (fmaxf passes over a NaN: it reaches y as NaN)
         // columns 8u .. 8u + 7 feed lane quad position tq's load l (int8: in order, int4: pack_x's pairs)
         const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kXLoads, tq = unit / kXLoads;
-        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K))[chunk * kChunkX + l * 4 + tq] = pack_x<!kInt8>(v);
+        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K_ph))[chunk * kChunkX + l * 4 + tq] =
+            pack_x<!kInt8>(v);
       }
     };
     stage(false);
@@ -321,7 +331,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       stage(false);
       __syncthreads();
     }
-  } else {
+  };
+  if constexpr (!kTokens) {  // (kTokens: staged a run at a time, in the loop over the runs below)
     // x (or addRmsNorm's normed row) into xf, and the block's largest |x|.
     const float4* x4 = reinterpret_cast<const float4*>(p.x);
     float4* xf4 = reinterpret_cast<float4*>(xf);
@@ -392,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
   // kTokens: token g's row (g < T) or zero.
   const bool x_column = kTokens ? g < p.T : g < 2;
-  const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K));
+  const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K_ph));
   const uint4* xb_lane = kDigits    ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
                          : kTokens ? (x_column ? x_token : zeros) + t
                                    : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
@@ -459,8 +470,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     }
     const int tile = ct;
     cc += kWarps;
-    while (cc >= nch) {
-      cc -= nch;
+    while (cc >= nch_ph) {
+      cc -= nch_ph;
       ++ct;
     }
     ++used;
@@ -479,12 +490,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         isum[0] = isum[1] = isum[2] = isum[3] = 0;
       }
     }
-    if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, to shared memory
+    if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, added to shared memory
       float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
-      pp[g * kPartCols + 2 * t] = acc[0];
-      pp[g * kPartCols + 2 * t + 1] = acc[1];
-      pp[(g + 8) * kPartCols + 2 * t] = acc[2];
-      pp[(g + 8) * kPartCols + 2 * t + 1] = acc[3];
+      const float u0 = tok_unscale[min(2 * t, kPartCols - 1)], u1 = tok_unscale[min(2 * t + 1, kPartCols - 1)];
+      pp[g * kPartCols + 2 * t] += acc[0] * u0;
+      pp[g * kPartCols + 2 * t + 1] += acc[1] * u1;
+      pp[(g + 8) * kPartCols + 2 * t] += acc[2] * u0;
+      pp[(g + 8) * kPartCols + 2 * t + 1] += acc[3] * u1;
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     } else if (leaving) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
       if (t == 0) {
@@ -495,10 +507,33 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     }
   };
-  if constexpr (kBulk)
+  if constexpr (kBulk) {
     run_ring<D>(my_units, compute, [](int) {});  // compute refills its slot
-  else
+  } else if constexpr (kTokens) {
+    for (int ph = 0; ph < n_phases; ++ph) {
+      if (ph > 0) {
+        // The next run: its first units' weights before the wait for every warp's sums of the last one, then its x.
+        cbase = ph * nch_ph;
+        lt = 0, lc = first_chunk;
+        point_rows();
+        loaded = 0;
+#pragma unroll
+        for (int j = 0; j < D; ++j) load(j);
+        ct = first_tile, cc = first_chunk, used = 0;
+        __syncthreads();  // the last run's x is read and its sums are in shared memory
+        if (threadIdx.x == 0) tok_out_of_range = 0;
+        if (threadIdx.x < kMaxTokens) {
+          tok_absmax[threadIdx.x] = 0u;
+          tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
+        }
+        __syncthreads();
+      }
+      stage_tokens();
+      run_ring<D>(my_units, compute, load);
+    }
+  } else {
     run_ring<D>(my_units, compute, load);
+  }
   __syncthreads();
 
   // Each row's 16 warp partials (kTokens: a token's), in warp order.
@@ -506,7 +541,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += part[((tl * kWarps + w) * 16 + r) * kPartCols + tok];
-    return s * (kTokens ? tok_unscale[tok] : x_unscale);
+    return kTokens ? s : s * x_unscale;  // kTokens: unscaled as each run's sums were added
   };
   if constexpr (kTokens) {  // the token fastest, so that a warp's partial sums are consecutive words
     const int T = p.T;
@@ -612,11 +647,16 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   const int grid = std::min(n_tiles, sms);
   const size_t part_bytes =
       static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * (tokens ? kMaxTokens : 1) * sizeof(float);
-  if (tokens) {  // x's tokens in f16 rows, then the partial sums: all in shared memory, or refused
-    const size_t part_offset = (token_stage_bytes(K, T) + 15) / 16 * 16;
-    if (part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
+  if (tokens) {  // x's tokens in f16 rows (a run of K's chunks at a time where all of K does not fit), then the sums
+    const int nch = K / cols;
+    int phases = 1;
+    const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, T) + 15) / 16 * 16; };
+    const auto fits = [&](int ph) { return nch % ph == 0 && staged(ph) + part_bytes <= static_cast<size_t>(smem_limit()); };
+    while (phases <= kMaxPhases && !fits(phases)) phases *= 2;
+    if (phases > kMaxPhases) return false;
+    const size_t part_offset = staged(phases);
     const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles,
-                   static_cast<int>(part_offset), 0, gated ? 1 : 0, T};
+                   static_cast<int>(part_offset), 0, gated ? 1 : 0, T, phases};
     const int smem = static_cast<int>(part_offset + part_bytes);
     const unsigned g = static_cast<unsigned>(grid);
     if (int8) launch_tokens<true>(ctx, p, pairs, tiles, g, smem);
@@ -631,7 +671,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   const int part_offset = x_stage_bytes(K, bulk);
   if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
-                 static_cast<int>(ring_offset), gated ? 1 : 0, 1};
+                 static_cast<int>(ring_offset), gated ? 1 : 0, 1, 1};
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
   // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(part_offset + part_bytes);

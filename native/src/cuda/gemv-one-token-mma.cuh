@@ -38,7 +38,8 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
 // 2..8 tokens (int4, int8; no norm): the same kernel with x's tokens as B's columns, in f16 (a token scaled by a power
 // of two only where one of its values passes f16's range), y [T, N] (pairs: [T, N] of silu(gate) * up); x [T, K]
 // ([T, 2K] gated). False where it does not take the call, as above, or where T tokens of x and the partial sums
-// (8 a row) pass what a block may ask for (at 8 tokens: K = 11008 fits, 14336 does not).
+// (8 a row) pass what a block may ask for even with K in 4 runs (x staged a run at a time: at 8 tokens K 11008 in
+// one run, 14336 in two).
 bool gemv_tokens_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                      float* y, int T, int N, int K, bool pairs, int sms, bool tiles = false, bool gated = false);
 
