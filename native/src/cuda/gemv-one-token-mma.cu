@@ -651,7 +651,9 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     const int nch = K / cols;
     int phases = 1;
     const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, T) + 15) / 16 * 16; };
-    const auto fits = [&](int ph) { return nch % ph == 0 && staged(ph) + part_bytes <= static_cast<size_t>(smem_limit()); };
+    const auto fits = [&](int ph) {
+      return nch % ph == 0 && staged(ph) + part_bytes <= static_cast<size_t>(smem_limit());
+    };
     while (phases <= kMaxPhases && !fits(phases)) phases *= 2;
     if (phases > kMaxPhases) return false;
     const size_t part_offset = staged(phases);
