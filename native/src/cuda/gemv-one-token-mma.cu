@@ -40,15 +40,15 @@
 //     shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30 instructions a unit
 //     against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles) against the f16 form's
 //     89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
-//   - 2..8 tokens (kTokens; int8 too since session 49's branch s49-int8-tokens, as f16 pairs, not yet measured): x's
-//     tokens are B's columns in f16 (as gemv-quant-mma.cu stages them) and each row's
-//     partial sums 8 wide; the same mma a unit, so the weights' pass costs what one token's does, where the 1..16-token
-//     kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2 at 8 tokens: 34.0 us, 29% of its
-//     floor, against this kernel's 16.1 at one token; H100, session 49). Where T tokens of x and the sums do not fit
-//     the block's shared memory, K's chunks go in 2 or 4 runs, each with its x columns staged before it (branch
-//     s49-k-phases, not yet measured: at 8 tokens, K 14336 takes two; main's form left that GEMV to the other kernel).
-//     Llama-2-7B int4 decode, H100 (session 49): batch 2 685 -> 888 tok/s, 4 1235 -> 1636, 8 2268 -> 2973;
-//     Llama-3-8B batch 2 623 -> 755, 8 2118 -> 2276.
+//   - 2..8 tokens (kTokens; int4, and int8 as f16 pairs): x's tokens are B's columns in f16 (as gemv-quant-mma.cu
+//     stages them) and each row's partial sums 8 wide; the same mma a unit, so the weights' pass costs what one
+//     token's does, where the 1..16-token kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2
+//     at 8 tokens: 34.0 us, 29% of its floor, against this kernel's 16.1 at one token; H100, session 49). Where T
+//     tokens of x and the sums do not fit the block's shared memory (at 8 tokens K 14336 does not), K's chunks go in
+//     2 or 4 runs, each with its x columns staged before it (kPhased, a kernel of its own).
+//     Decode, H100 (sessions 49-50), tok/s: Llama-2-7B int4 batch 2 685 -> 888, 4 1235 -> 1636, 8 2268 -> 2973;
+//     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B int8 batch 8 1511 -> 1651 in one run,
+//     -> 1899 with w2 in two (int4 2306 -> 2541).
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
@@ -147,10 +147,12 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
 // value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
 // wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false>
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
+          bool kPhased = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
   static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
+  static_assert(!kPhased || kTokens, "K in runs: several tokens only");
   constexpr bool kDigits = kInt8 && !kTokens;  // int8 at one token: x as s8 digits (below); several tokens: f16
   constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
@@ -166,9 +168,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
-  // kTokens: where T tokens of x do not fit at once, K's chunks in n_phases runs of nch_ph (K_ph columns), the
-  // block's tiles once a run, x's columns of the run staged before it.
-  const int n_phases = kTokens ? p.phases : 1, nch_ph = nch / n_phases, K_ph = K / n_phases;
+  // kPhased: where T tokens of x do not fit at once, K's chunks in n_phases runs of nch_ph (K_ph columns), the
+  // block's tiles once a run, x's columns of the run staged before it. A kernel of its own: in the one-run kernel the
+  // runs' code cost 2-3% at Llama-2-7B's batches 2-8 (H100, session 50).
+  const int n_phases = kPhased ? p.phases : 1, nch_ph = nch / n_phases, K_ph = K / n_phases;
   int cbase = 0;  // the run's first chunk
   // Block b's tiles are b, b + G, b + 2G, ...: the blocks read neighbouring tiles at once (a layer's int4 GEMVs
   // 2.5% faster than with a contiguous run of tiles a block, H200).
@@ -289,8 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   float x_unscale = 1.f;
   unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
   // kTokens: each token's row of the run in f16 as it is; where a value passes f16's range (rare), again with each
-  // token scaled by a power of two that brings its largest |x| below 2^kXExponent (the run's sums are unscaled as
-  // they go to shared memory).
+  // token scaled by a power of two that brings its largest |x| below 2^kXExponent (kPhased: the run's sums are
+  // unscaled as they are added to shared memory; else at the end).
   const auto stage_tokens = [&] {
     const int T = p.T, units = K_ph / 8;
     const size_t x_width = static_cast<size_t>(p.gated ? 2 * K : K);
@@ -332,7 +335,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       __syncthreads();
     }
   };
-  if constexpr (!kTokens) {  // (kTokens: staged a run at a time, in the loop over the runs below)
+  if constexpr (kTokens && !kPhased) {
+    stage_tokens();
+  } else if constexpr (!kTokens) {  // (kPhased: staged a run at a time, in the loop over the runs below)
     // x (or addRmsNorm's normed row) into xf, and the block's largest |x|.
     const float4* x4 = reinterpret_cast<const float4*>(p.x);
     float4* xf4 = reinterpret_cast<float4*>(xf);
@@ -490,13 +495,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         isum[0] = isum[1] = isum[2] = isum[3] = 0;
       }
     }
-    if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, added to shared memory
+    if (leaving && kPhased) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, added to shared memory
       float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
       const float u0 = tok_unscale[min(2 * t, kPartCols - 1)], u1 = tok_unscale[min(2 * t + 1, kPartCols - 1)];
       pp[g * kPartCols + 2 * t] += acc[0] * u0;
       pp[g * kPartCols + 2 * t + 1] += acc[1] * u1;
       pp[(g + 8) * kPartCols + 2 * t] += acc[2] * u0;
       pp[(g + 8) * kPartCols + 2 * t + 1] += acc[3] * u1;
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    } else if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, to shared memory
+      float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
+      pp[g * kPartCols + 2 * t] = acc[0];
+      pp[g * kPartCols + 2 * t + 1] = acc[1];
+      pp[(g + 8) * kPartCols + 2 * t] = acc[2];
+      pp[(g + 8) * kPartCols + 2 * t + 1] = acc[3];
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     } else if (leaving) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
       if (t == 0) {
@@ -509,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   };
   if constexpr (kBulk) {
     run_ring<D>(my_units, compute, [](int) {});  // compute refills its slot
-  } else if constexpr (kTokens) {
+  } else if constexpr (kPhased) {
     for (int ph = 0; ph < n_phases; ++ph) {
       if (ph > 0) {
         // The next run: its first units' weights before the wait for every warp's sums of the last one, then its x.
@@ -541,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += part[((tl * kWarps + w) * 16 + r) * kPartCols + tok];
-    return kTokens ? s : s * x_unscale;  // kTokens: unscaled as each run's sums were added
+    return kPhased ? s : s * (kTokens ? tok_unscale[tok] : x_unscale);  // kPhased: unscaled as each run was added
   };
   if constexpr (kTokens) {  // the token fastest, so that a warp's partial sums are consecutive words
     const int T = p.T;
@@ -583,9 +595,9 @@ int smem_limit() {
   return limit;
 }
 
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false>
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false, bool kPhased = false>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens>;
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -602,13 +614,13 @@ void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, u
   else launch<kPairs, kTiles, float, kInt8, kBulk>(ctx, p, *norm, grid, smem);
 }
 
-template <bool kInt8>
+template <bool kInt8, bool kPhased>
 void launch_tokens(const Ctx& ctx, const Params& p, bool pairs, bool tiles, unsigned grid, int smem) {
   const AddRmsNormInput none{};
-  if (pairs && tiles) launch<true, true, void, kInt8, false, true>(ctx, p, none, grid, smem);
-  else if (pairs) launch<true, false, void, kInt8, false, true>(ctx, p, none, grid, smem);
-  else if (tiles) launch<false, true, void, kInt8, false, true>(ctx, p, none, grid, smem);
-  else launch<false, false, void, kInt8, false, true>(ctx, p, none, grid, smem);
+  if (pairs && tiles) launch<true, true, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
+  else if (pairs) launch<true, false, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
+  else if (tiles) launch<false, true, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
+  else launch<false, false, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
 }
 
 template <bool kPairs, bool kTiles>
@@ -661,8 +673,10 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
                    static_cast<int>(part_offset), 0, gated ? 1 : 0, T, phases};
     const int smem = static_cast<int>(part_offset + part_bytes);
     const unsigned g = static_cast<unsigned>(grid);
-    if (int8) launch_tokens<true>(ctx, p, pairs, tiles, g, smem);
-    else launch_tokens<false>(ctx, p, pairs, tiles, g, smem);
+    if (phases > 1 && int8) launch_tokens<true, true>(ctx, p, pairs, tiles, g, smem);
+    else if (phases > 1) launch_tokens<false, true>(ctx, p, pairs, tiles, g, smem);
+    else if (int8) launch_tokens<true, false>(ctx, p, pairs, tiles, g, smem);
+    else launch_tokens<false, false>(ctx, p, pairs, tiles, g, smem);
     return true;
   }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
