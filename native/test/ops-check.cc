@@ -390,35 +390,52 @@ void check_quant_matmul(Rng& rng) {
     }
 }
 
-// Quantized experts (Mixtral): the expert GEMV (T <= 16, routing on the device) and the grouped path (T = 64,
-// each expert dequantized to bf16 for the GEMM) against the CPU, per token and per pair, gated and not.
+// Quantized experts (Mixtral): the expert GEMV (T <= 16, routing on the device: up to 8 tokens the one-token
+// tensor-core kernel, x in f16 from 2 tokens) and the grouped path (T = 64, each expert dequantized to bf16 for the
+// GEMM) against the CPU, per token and per pair, gated and not; then Mixtral's down projection (K 14336: at 8 tokens
+// x is staged in runs) with every expert held.
 void check_quant_moe(Rng& rng) {
-  const int64_t E = 8, k = 2, El = 4, start = 2, N = 1024, K = 4096;
-  for (DType dt : {DType::I8, DType::I4}) {
-    const int64_t group = dt == DType::I4 ? 128 : K;
-    QuantPair w;
-    try {
-      w = upload_quant_pair(rng, dt, N, K, group, El);
-    } catch (const std::exception& e) {
-      fail_row("uploadQuantized", "experts", e.what());
-      continue;
+  struct Case {
+    int64_t El, start, N, K;
+    std::vector<int64_t> Ts;
+  };
+  const int64_t E = 8, k = 2;
+  for (const Case& c : {Case{4, 2, 1024, 4096, {1, 2, 8, 16, 64}}, Case{8, 0, 4096, 14336, {1, 3, 8}}})
+    for (DType dt : {DType::I8, DType::I4}) {
+      const int64_t group = dt == DType::I4 ? 128 : c.K, K = c.K;
+      QuantPair w;
+      try {
+        w = upload_quant_pair(rng, dt, c.N, K, group, c.El);
+      } catch (const std::exception& e) {
+        fail_row("uploadQuantized", "experts", e.what());
+        continue;
+      }
+      for (int64_t T : c.Ts) {
+        std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " N=" + std::to_string(c.N) +
+                         " El=" + std::to_string(c.El) + " " + dtype_name(dt);
+        run_case("quantExperts", sh, [&] {
+          auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K);
+          const double rtol = T > 16 ? kQuantGemmRtol : quant_rtol(dt, K, group, T);
+          auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
+            Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
+            Tensor x = up(b, xv, {rows_x, static_cast<int64_t>(xv.size()) / rows_x});
+            return down(b, gated ? b.silu_mul_expert_matmul(x, wq, experts, c.start)
+                                 : b.expert_matmul(x, wq, experts, c.start));
+          };
+          if (c.K == 4096) {
+            auto gate_up = rng.floats(T * 2 * K, -4, 4);
+            compare("expertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, false, xp, T * k),
+                    run(*cpu, w.cpu_w, false, xp, T * k), rtol);
+            compare("siluMulExpertMatmul", sh + " x/token", run(*gpu, w.gpu_w, true, gate_up, T),
+                    run(*cpu, w.cpu_w, true, gate_up, T), rtol);
+          } else {  // as Mixtral's w2 reads the gate and up products of each pair
+            auto gate_up = rng.floats(T * k * 2 * K, -4, 4);
+            compare("siluMulExpertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, true, gate_up, T * k),
+                    run(*cpu, w.cpu_w, true, gate_up, T * k), rtol);
+          }
+        });
+      }
     }
-    for (int64_t T : {1, 2, 8, 16, 64}) {
-      std::string sh = "T=" + std::to_string(T) + " K=4096 N=1024 El=4 " + dtype_name(dt);
-      run_case("quantExperts", sh, [&] {
-        auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K), gate_up = rng.floats(T * 2 * K, -4, 4);
-        const double rtol = T > 16 ? kQuantGemmRtol : 1e-5;
-        auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
-          Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
-          Tensor x = up(b, xv, {rows_x, static_cast<int64_t>(xv.size()) / rows_x});
-          return down(b, gated ? b.silu_mul_expert_matmul(x, wq, experts, start) : b.expert_matmul(x, wq, experts, start));
-        };
-        compare("expertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, false, xp, T * k), run(*cpu, w.cpu_w, false, xp, T * k), rtol);
-        compare("siluMulExpertMatmul", sh + " x/token", run(*gpu, w.gpu_w, true, gate_up, T),
-                run(*cpu, w.cpu_w, true, gate_up, T), rtol);
-      });
-    }
-  }
 }
 
 // Prefill matmul inputs written in the weight dtype by their producer (rmsNorm, addRmsNorm: a copy beside the
@@ -1402,7 +1419,10 @@ void check_quant_gemv_tokens(Rng& rng) {
       {DType::I8, 32, 100, 1024, false, 1, {24, 64}},       {DType::I4, 32, 1000, 2048, false, 1, {24, 64}},
       {DType::I8, 0, 64, 4104, false, 1, {40}},             {DType::I4, 64, 64, 4160, false, 1, {40}},
       {DType::I4, 128, 4000, 4096, false, 1, {40, 64}},     {DType::I4, 128, 300, 14336, true, 4, {33, 64}},
-      {DType::I8, 0, 300, 11008, true, 4, {64}}};
+      {DType::I8, 0, 300, 11008, true, 4, {64}},
+      // 8 tokens at K 14336 on the one-token kernel: x in two runs of K, each run's |x| < 2e5 scaled on its own
+      {DType::I4, 128, 256, 14336, false, 2e5f, {8}},       {DType::I8, 0, 256, 14336, false, 2e5f, {8}},
+      {DType::I4, 128, 300, 14336, true, 4, {6, 8}}};
   for (const Case& c : cases) {
     const int64_t group = c.group ? c.group : c.K;
     QuantPair w;
@@ -1512,14 +1532,14 @@ void check_quant_tiles(Rng& rng) {
                  Case{"a warp's tiles past N (251 tiles)", 4016, 4096, false, false, false, 40},
                  Case{"dequantize in slices", 9376, 14336, false, false, false, 65},
                  // int4 at 2..8 tokens on the one-token kernel (gemv_tokens_mma): plain, pairs, gated, after a norm
-                 // run alone, x's tokens at K 11008 (193 KB of shared memory) and refused at K 14336
+                 // run alone, x's tokens at K 11008 (193 KB of shared memory) and at K 14336 in two runs of K
                  Case{"tokens", 4096, 4096, false, false, false, 3}, Case{"tokens", 4016, 4096, false, false, false, 8},
                  Case{"tokens, pairs", 1408, 4096, false, true, false, 2},
                  Case{"tokens, pairs", 1408, 4096, false, true, false, 8},
                  Case{"tokens, gated", 4096, 1408, false, false, true, 5},
                  Case{"tokens, norm", 3072, 4096, true, false, false, 8},
                  Case{"tokens, K 11008", 4096, 11008, false, false, false, 8},
-                 Case{"tokens, K 14336 (refused)", 512, 14336, false, false, false, 8}}) {
+                 Case{"tokens, K 14336 (two runs of K)", 512, 14336, false, false, false, 8}}) {
     for (const DType dt : {DType::I4, DType::I8}) {
       const bool int4 = dt == DType::I4;
       const int64_t rows = c.pairs ? 2 * c.N : c.N, group = int4 ? 128 : c.K;

@@ -6,19 +6,20 @@
 namespace weft::cuda {
 
 // Run by warp 0 of a block serving expert e: the pairs q (of n_pairs) with experts[q] == e, in pair order, at
-// most TT of them, into slots (y_row[slot] = q, x_row[slot] = q, or q / topk when x has a row per token); lane 0
-// stores their count in n_tokens. More pairs than slots happens only when a token chose e twice: reported.
+// most `slots` (<= TT) of them, into slots (y_row[slot] = q, x_row[slot] = q, or q / topk when x has a row per
+// token); lane 0 stores their count in n_tokens. More pairs than slots happens only when a token chose e twice:
+// reported.
 template <int TT>
 __device__ __forceinline__ void expert_slots(const int32_t* experts, int n_pairs, int topk, int per_pair_x, int e,
                                              int lane, int (&x_row)[TT], int (&y_row)[TT], int& n_tokens,
-                                             DeviceStatus* status) {
+                                             DeviceStatus* status, int slots = TT) {
   int m = 0;
   for (int base = 0; base < n_pairs; base += 32) {
     const int q = base + lane;
     const bool hit = q < n_pairs && experts[q] == e;
     const unsigned mask = __ballot_sync(0xffffffffu, hit);
     const int slot = m + __popc(mask & ((1u << lane) - 1));
-    if (hit && slot < TT) {
+    if (hit && slot < slots) {
       y_row[slot] = q;
       x_row[slot] = per_pair_x ? q : q / topk;
     }
@@ -26,8 +27,8 @@ __device__ __forceinline__ void expert_slots(const int32_t* experts, int n_pairs
   }
   __syncwarp();
   if (lane == 0) {
-    if (m > TT) report(status, StatusOp::ExpertRepeat, y_row[0] / topk, e, TT);
-    n_tokens = min(m, TT);
+    if (m > slots) report(status, StatusOp::ExpertRepeat, y_row[0] / topk, e, slots);
+    n_tokens = min(m, slots);
   }
 }
 

@@ -40,14 +40,15 @@
 //     shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30 instructions a unit
 //     against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles) against the f16 form's
 //     89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
-//   - 2..8 tokens (kTokens; int8 too since session 49's branch s49-int8-tokens, as f16 pairs, not yet measured): x's
-//     tokens are B's columns in f16 (as gemv-quant-mma.cu stages them) and each row's
-//     partial sums 8 wide; the same mma a unit, so the weights' pass costs what one token's does, where the 1..16-token
-//     kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2 at 8 tokens: 34.0 us, 29% of its
-//     floor, against this kernel's 16.1 at one token; H100, session 49). T tokens of x and the sums must fit the
-//     block's shared memory: at 8 tokens K = 11008 does, 14336 does not (that GEMV keeps the other kernel).
-//     Llama-2-7B int4 decode, H100 (session 49): batch 2 685 -> 888 tok/s, 4 1235 -> 1636, 8 2268 -> 2973;
-//     Llama-3-8B batch 2 623 -> 755, 8 2118 -> 2276.
+//   - 2..8 tokens (kTokens; int4, and int8 as f16 pairs): x's tokens are B's columns in f16 (as gemv-quant-mma.cu
+//     stages them) and each row's partial sums 8 wide; the same mma a unit, so the weights' pass costs what one
+//     token's does, where the 1..16-token kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2
+//     at 8 tokens: 34.0 us, 29% of its floor, against this kernel's 16.1 at one token; H100, session 49). Where T
+//     tokens of x and the sums do not fit the block's shared memory (at 8 tokens K 14336 does not), K's chunks go in
+//     2 or 4 runs, each with its x columns staged before it (kPhased, a kernel of its own).
+//     Decode, H100 (sessions 49-50), tok/s: Llama-2-7B int4 batch 2 685 -> 888, 4 1235 -> 1636, 8 2268 -> 2973;
+//     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B int8 batch 8 1511 -> 1651 in one run,
+//     -> 1899 with w2 in two (int4 2306 -> 2541).
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
@@ -63,6 +64,7 @@
 
 #include "cuda/bulk-copy.cuh"
 #include "cuda/common.cuh"
+#include "cuda/expert-slots.cuh"
 #include "cuda/gemv-quant-mma-fragments.cuh"
 #include "cuda/gemv-weight-vectors.cuh"  // log2_exact
 #include "cuda/rms-norm.cuh"
@@ -87,6 +89,7 @@ constexpr int kXExponentInt8 = 22;    // int8: x scaled below 2^22, three signed
 constexpr size_t kMaxPartBytes = 64 * 1024;
 constexpr size_t kMaxSmemBytes = 226 * 1024;  // all but the static arrays' room of Hopper's 227 KiB
 constexpr int kMaxTokens = 8;         // kTokens: B's 8 columns, a token each
+constexpr int kMaxPhases = 4;         // kTokens: K in at most 4 runs (8 tokens of x at K 16384: 64 KB a run)
 
 struct Params {
   const float* x;
@@ -100,6 +103,13 @@ struct Params {
   int ring_offset;          // bulk copies: bytes before the warps' rings (kWarps x kRingDepth units, then barriers)
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
   int T;                    // tokens: 1, or 2..kMaxTokens (kTokens: x [T, K], y [T, N])
+  int phases;               // kTokens: K in this many parts, x's tokens staged a part at a time (else 1)
+  // kExperts: w and scales hold gridDim.y experts [n_local][N][...] (row-major), blockIdx.y the block's; its tokens
+  // (B's columns) are the pairs routed to it (expert_slots.cuh: x row pair / topk, or pair with per_pair_x; y row
+  // pair), at most T of them. Blocks of expert 0 also zero the y rows of pairs routed to no expert in w.
+  const int32_t* experts;   // [n_pairs] global expert ids
+  int n_pairs, topk, per_pair_x, expert_start;
+  DeviceStatus* status;     // where a token that chose one expert twice is reported
 };
 
 // Bytes of staged x: f32 [K], then (over_x: over it, once read) hi and lo f16 [K] (lo 64 bytes further on, so that a
@@ -144,10 +154,13 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
 // value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
 // wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false>
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
+          bool kPhased = false, bool kExperts = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
   static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
+  static_assert(!kPhased || kTokens, "K in runs: several tokens only");
+  static_assert(!kExperts || (!kPairs && !kTiles && !kBulk && std::is_void_v<NormW>), "experts: row-major, x as it is");
   constexpr bool kDigits = kInt8 && !kTokens;  // int8 at one token: x as s8 digits (below); several tokens: f16
   constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
@@ -160,13 +173,42 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   __shared__ unsigned tok_absmax[kTokens ? kMaxTokens : 1];
   __shared__ float tok_scale[kTokens ? kMaxTokens : 1], tok_unscale[kTokens ? kMaxTokens : 1];
   __shared__ int tok_out_of_range;
+  __shared__ int slot_x_row[kExperts ? kMaxTokens : 1], slot_y_row[kExperts ? kMaxTokens : 1], n_slots;
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const uint8_t* w_base = p.w;
+  const uint16_t* s_base = p.scales;
+  if constexpr (kExperts) {
+    pdl_wait();  // the routing comes from the kernel before: which weights to read depends on it
+    const int local = static_cast<int>(blockIdx.y);
+    if (warp == 0)
+      expert_slots<kMaxTokens>(p.experts, p.n_pairs, p.topk, p.per_pair_x, local + p.expert_start, lane, slot_x_row,
+                               slot_y_row, n_slots, p.status, p.T);
+    if (local == 0) {  // rows of pairs routed to experts w does not hold are zero
+      for (int i = b * kThreads + threadIdx.x; i < p.n_pairs * p.N; i += G * kThreads) {
+        const int q = i / p.N, held = p.experts[q] - p.expert_start;
+        if (held < 0 || held >= static_cast<int>(gridDim.y)) p.y[i] = 0.f;
+      }
+    }
+    __syncthreads();
+    if (n_slots == 0) return;  // an expert no pair chose: its weights are not read
+    w_base += static_cast<size_t>(local) * p.N * (kInt8 ? K : K / 2);
+    s_base += static_cast<size_t>(local) * p.N * p.n_groups;
+  }
+  const int T = kExperts ? n_slots : p.T;  // B's columns in use (the one-token form: 1)
+  // x's row of column c and y's row of token c (kExperts: of the pair in slot c)
+  const auto x_row_of = [&](int c) { return kExperts ? slot_x_row[c] : c; };
+  const auto y_row_of = [&](int c) { return kExperts ? slot_y_row[c] : c; };
+  // kPhased: where T tokens of x do not fit at once, K's chunks in n_phases runs of nch_ph (K_ph columns), the
+  // block's tiles once a run, x's columns of the run staged before it. A kernel of its own: in the one-run kernel the
+  // runs' code cost 2-3% at Llama-2-7B's batches 2-8 (H100, session 50).
+  const int n_phases = kPhased ? p.phases : 1, nch_ph = nch / n_phases, K_ph = K / n_phases;
+  int cbase = 0;  // the run's first chunk
   // Block b's tiles are b, b + G, b + 2G, ...: the blocks read neighbouring tiles at once (a layer's int4 GEMVs
   // 2.5% faster than with a contiguous run of tiles a block, H200).
   const int n_tiles = (p.n_tiles - b + G - 1) / G;
-  const int n_units = n_tiles * nch;
+  const int n_units = n_tiles * nch_ph;  // a run's
   const int my_units = n_units > warp ? (n_units - warp + kWarps - 1) / kWarps : 0;
   const size_t row_bytes = kInt8 ? K : K / 2;
 
@@ -174,14 +216,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   unsigned char* x_stage = smem + (kBulk || kTokens ? 0 : K * 4);  // kBulk: over xf, once it is read
   uint4* x_hi = reinterpret_cast<uint4*>(x_stage);
   uint4* x_lo = x_hi + K / 8 + 4;
-  uint4* zeros = kTokens ? reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K)) : x_lo + K / 8;
+  uint4* zeros = kTokens ? reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K_ph)) : x_lo + K / 8;
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
 
   // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
   // gate row and its up row; rows past N read row N - 1 and are not stored).
   int lt = 0, lc = warp;
-  while (lc >= nch) {
-    lc -= nch;
+  while (lc >= nch_ph) {
+    lc -= nch_ph;
     ++lt;
   }
   // Tiles (quant-tiles.h; rows a multiple of 16, no tile past N): chunk c of the lane's row is 1024 bytes further
@@ -201,15 +243,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       r_hi = min(tile * 16 + 8 + g, p.N - 1);
     }
     if constexpr (kTiles) {
-      w_row_lo = p.w + tile_code_offset(r_lo, t * 16, row_bytes);
-      w_row_hi = p.w + tile_code_offset(r_hi, t * 16, row_bytes);
-      s_row_lo = p.scales + tile_scale_index(r_lo, 0, p.n_groups);
-      s_row_hi = p.scales + tile_scale_index(r_hi, 0, p.n_groups);
+      w_row_lo = w_base + tile_code_offset(r_lo, t * 16, row_bytes);
+      w_row_hi = w_base + tile_code_offset(r_hi, t * 16, row_bytes);
+      s_row_lo = s_base + tile_scale_index(r_lo, 0, p.n_groups);
+      s_row_hi = s_base + tile_scale_index(r_hi, 0, p.n_groups);
     } else {
-      w_row_lo = p.w + static_cast<size_t>(r_lo) * row_bytes + t * 16;
-      w_row_hi = p.w + static_cast<size_t>(r_hi) * row_bytes + t * 16;
-      s_row_lo = p.scales + static_cast<size_t>(r_lo) * p.n_groups;
-      s_row_hi = p.scales + static_cast<size_t>(r_hi) * p.n_groups;
+      w_row_lo = w_base + static_cast<size_t>(r_lo) * row_bytes + t * 16;
+      w_row_hi = w_base + static_cast<size_t>(r_hi) * row_bytes + t * 16;
+      s_row_lo = s_base + static_cast<size_t>(r_lo) * p.n_groups;
+      s_row_hi = s_base + static_cast<size_t>(r_hi) * p.n_groups;
     }
   };
   point_rows();
@@ -236,14 +278,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       if (lane == 0) {  // lane (0, 0)'s pointers start the unit's two runs of 8 rows x 64 bytes (quant-tiles.h)
         reads_before_copies();
         mbar_expect_bytes(&bars[j], kTileBytes);
-        bulk_copy(ring + j * kTileBytes, w_row_lo + lc * kChunkStride, kTileBytes / 2, &bars[j]);
-        bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + lc * kChunkStride, kTileBytes / 2, &bars[j]);
+        bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes / 2, &bars[j]);
+        bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + (cbase + lc) * kChunkStride, kTileBytes / 2,
+                  &bars[j]);
       }
     } else {
-      w_lo[j] = load_stream(w_row_lo + lc * kChunkStride);
-      w_hi[j] = load_stream(w_row_hi + lc * kChunkStride);
+      w_lo[j] = load_stream(w_row_lo + (cbase + lc) * kChunkStride);
+      w_hi[j] = load_stream(w_row_hi + (cbase + lc) * kChunkStride);
     }
-    const int gi = lc >> p.group_shift;
+    const int gi = (cbase + lc) >> p.group_shift;
     if constexpr (kTiles && !kPairs) {  // rows g and g + 8 side by side: one word, split where it is used
       sc_lo[j] = __ldg(reinterpret_cast<const uint32_t*>(s_row_lo + gi * kScaleStride));
     } else {
@@ -252,11 +295,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     }
     ++loaded;
     lc += kWarps;
-    if (lc >= nch) {
+    if (lc >= nch_ph) {
       do {
-        lc -= nch;
+        lc -= nch_ph;
         ++lt;
-      } while (lc >= nch);
+      } while (lc >= nch_ph);
       point_rows();
     }
   };
@@ -276,19 +319,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
   }
   __syncthreads();
-  pdl_wait();  // x (or norm.y) comes from the kernel before
+  if constexpr (!kExperts) pdl_wait();  // x (or norm.y) comes from the kernel before (kExperts: waited for above)
 
   float x_unscale = 1.f;
   unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
-  if constexpr (kTokens) {
-    // Each token's row in f16 as it is; where a value passes f16's range (rare), again with each token scaled by a
-    // power of two that brings its largest |x| below 2^kXExponent.
-    const int T = p.T, units = K / 8;
+  // kTokens: each token's row of the run in f16 as it is; where a value passes f16's range (rare), again with each
+  // token scaled by a power of two that brings its largest |x| below 2^kXExponent (kPhased: the run's sums are
+  // unscaled as they are added to shared memory; else at the end).
+  const auto stage_tokens = [&] {
+    const int units = K_ph / 8;
     const size_t x_width = static_cast<size_t>(p.gated ? 2 * K : K);
     const auto stage = [&](bool measure) {
       for (int i = threadIdx.x; i < T * units; i += kThreads) {
         const int tok = i / units, u = i - tok * units;
-        const float* xr = p.x + tok * x_width + 8 * u;
+        const float* xr = p.x + x_row_of(tok) * x_width + cbase * kCols + 8 * u;
         float v[8], m = 0.f;
         x_columns8(xr, K, p.gated, v);
 #pragma unroll
@@ -300,7 +344,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         else if (!(m <= 65504.f)) tok_out_of_range = 1;  // (fmaxf passes over a NaN: it reaches y as NaN)
         // columns 8u .. 8u + 7 feed lane quad position tq's load l (int8: in order, int4: pack_x's pairs)
         const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kXLoads, tq = unit / kXLoads;
-        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K))[chunk * kChunkX + l * 4 + tq] = pack_x<!kInt8>(v);
+        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K_ph))[chunk * kChunkX + l * 4 + tq] =
+            pack_x<!kInt8>(v);
       }
     };
     stage(false);
@@ -321,9 +366,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       stage(false);
       __syncthreads();
     }
-  } else {
+  };
+  if constexpr (kTokens && !kPhased) {
+    stage_tokens();
+  } else if constexpr (!kTokens) {  // (kPhased: staged a run at a time, in the loop over the runs below)
     // x (or addRmsNorm's normed row) into xf, and the block's largest |x|.
-    const float4* x4 = reinterpret_cast<const float4*>(p.x);
+    const float4* x4 = reinterpret_cast<const float4*>(p.x + x_row_of(0) * static_cast<size_t>(p.gated ? 2 * K : K));
     float4* xf4 = reinterpret_cast<float4*>(xf);
     float m = 0.f;
     if constexpr (std::is_void_v<NormW>) {
@@ -391,8 +439,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
 
   // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
   // kTokens: token g's row (g < T) or zero.
-  const bool x_column = kTokens ? g < p.T : g < 2;
-  const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K));
+  const bool x_column = kTokens ? g < T : g < 2;
+  const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K_ph));
   const uint4* xb_lane = kDigits    ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
                          : kTokens ? (x_column ? x_token : zeros) + t
                                    : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
@@ -459,8 +507,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     }
     const int tile = ct;
     cc += kWarps;
-    while (cc >= nch) {
-      cc -= nch;
+    while (cc >= nch_ph) {
+      cc -= nch_ph;
       ++ct;
     }
     ++used;
@@ -479,7 +527,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         isum[0] = isum[1] = isum[2] = isum[3] = 0;
       }
     }
-    if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, to shared memory
+    if (leaving && kPhased) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, added to shared memory
+      float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
+      const float u0 = tok_unscale[min(2 * t, kPartCols - 1)], u1 = tok_unscale[min(2 * t + 1, kPartCols - 1)];
+      pp[g * kPartCols + 2 * t] += acc[0] * u0;
+      pp[g * kPartCols + 2 * t + 1] += acc[1] * u1;
+      pp[(g + 8) * kPartCols + 2 * t] += acc[2] * u0;
+      pp[(g + 8) * kPartCols + 2 * t + 1] += acc[3] * u1;
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+    } else if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, to shared memory
       float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
       pp[g * kPartCols + 2 * t] = acc[0];
       pp[g * kPartCols + 2 * t + 1] = acc[1];
@@ -495,10 +551,33 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     }
   };
-  if constexpr (kBulk)
+  if constexpr (kBulk) {
     run_ring<D>(my_units, compute, [](int) {});  // compute refills its slot
-  else
+  } else if constexpr (kPhased) {
+    for (int ph = 0; ph < n_phases; ++ph) {
+      if (ph > 0) {
+        // The next run: its first units' weights before the wait for every warp's sums of the last one, then its x.
+        cbase = ph * nch_ph;
+        lt = 0, lc = first_chunk;
+        point_rows();
+        loaded = 0;
+#pragma unroll
+        for (int j = 0; j < D; ++j) load(j);
+        ct = first_tile, cc = first_chunk, used = 0;
+        __syncthreads();  // the last run's x is read and its sums are in shared memory
+        if (threadIdx.x == 0) tok_out_of_range = 0;
+        if (threadIdx.x < kMaxTokens) {
+          tok_absmax[threadIdx.x] = 0u;
+          tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
+        }
+        __syncthreads();
+      }
+      stage_tokens();
+      run_ring<D>(my_units, compute, load);
+    }
+  } else {
     run_ring<D>(my_units, compute, load);
+  }
   __syncthreads();
 
   // Each row's 16 warp partials (kTokens: a token's), in warp order.
@@ -506,13 +585,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += part[((tl * kWarps + w) * 16 + r) * kPartCols + tok];
-    return s * (kTokens ? tok_unscale[tok] : x_unscale);
+    return kPhased ? s : s * (kTokens ? tok_unscale[tok] : x_unscale);  // kPhased: unscaled as each run was added
   };
   if constexpr (kTokens) {  // the token fastest, so that a warp's partial sums are consecutive words
-    const int T = p.T;
     for (int i = threadIdx.x; i < n_tiles * 16 * T; i += kThreads) {
       const int tok = i % T, ir = i / T, tl = ir >> 4, r = ir & 15, tile = b + G * tl;
-      float* y = p.y + static_cast<size_t>(tok) * p.N;
+      float* y = p.y + static_cast<size_t>(y_row_of(tok)) * p.N;
       if constexpr (kPairs) {
         const int out = tile * 8 + r;
         if (r < 8 && out < p.N) y[out] = silu_times(row_sum(tl, r, tok), row_sum(tl, r + 8, tok));
@@ -522,14 +600,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       }
     }
   } else {
+    float* y = p.y + static_cast<size_t>(y_row_of(0)) * p.N;
     for (int i = threadIdx.x; i < n_tiles * 16; i += kThreads) {
       const int tl = i >> 4, r = i & 15, tile = b + G * tl;
       if constexpr (kPairs) {
         const int out = tile * 8 + r;
-        if (r < 8 && out < p.N) p.y[out] = silu_times(row_sum(tl, r, 0), row_sum(tl, r + 8, 0));
+        if (r < 8 && out < p.N) y[out] = silu_times(row_sum(tl, r, 0), row_sum(tl, r + 8, 0));
       } else {
         const int row = tile * 16 + r;
-        if (row < p.N) p.y[row] = row_sum(tl, r, 0);
+        if (row < p.N) y[row] = row_sum(tl, r, 0);
       }
     }
   }
@@ -548,38 +627,48 @@ int smem_limit() {
   return limit;
 }
 
-template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false>
-void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, unsigned grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens>;
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false, bool kPhased = false,
+          bool kExperts = false>
+void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, dim3 grid, int smem) {
+  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>;
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
-  launch_pdl(ctx, kernel, dim3(grid), dim3(kThreads), static_cast<size_t>(smem), p, norm);
+  launch_pdl(ctx, kernel, grid, dim3(kThreads), static_cast<size_t>(smem), p, norm);
 }
 
 template <bool kPairs, bool kTiles, bool kInt8, bool kBulk>
-void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem) {
+void launch_norm(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, dim3 grid, int smem) {
   if (!norm) launch<kPairs, kTiles, void, kInt8, kBulk>(ctx, p, AddRmsNormInput{}, grid, smem);
   else if (norm->weight_bf16) launch<kPairs, kTiles, __nv_bfloat16, kInt8, kBulk>(ctx, p, *norm, grid, smem);
   else launch<kPairs, kTiles, float, kInt8, kBulk>(ctx, p, *norm, grid, smem);
 }
 
-template <bool kInt8>
-void launch_tokens(const Ctx& ctx, const Params& p, bool pairs, bool tiles, unsigned grid, int smem) {
+template <bool kInt8, bool kPhased>
+void launch_tokens(const Ctx& ctx, const Params& p, bool pairs, bool tiles, dim3 grid, int smem) {
   const AddRmsNormInput none{};
-  if (pairs && tiles) launch<true, true, void, kInt8, false, true>(ctx, p, none, grid, smem);
-  else if (pairs) launch<true, false, void, kInt8, false, true>(ctx, p, none, grid, smem);
-  else if (tiles) launch<false, true, void, kInt8, false, true>(ctx, p, none, grid, smem);
-  else launch<false, false, void, kInt8, false, true>(ctx, p, none, grid, smem);
+  if (pairs && tiles) launch<true, true, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
+  else if (pairs) launch<true, false, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
+  else if (tiles) launch<false, true, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
+  else launch<false, false, void, kInt8, false, true, kPhased>(ctx, p, none, grid, smem);
 }
 
 template <bool kPairs, bool kTiles>
-void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, unsigned grid, int smem, bool int8) {
+void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm, dim3 grid, int smem, bool int8) {
   if (int8) launch_norm<kPairs, kTiles, true, false>(ctx, p, norm, grid, smem);
   else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
+}
+
+// Experts: row-major, no norm; one token (x's hi and lo, or int8's digits), or 2..8 columns of pairs.
+template <bool kInt8>
+void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, dim3 grid, int smem) {
+  const AddRmsNormInput none{};
+  if (phased) launch<false, false, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
+  else if (tokens) launch<false, false, void, kInt8, false, true, false, true>(ctx, p, none, grid, smem);
+  else launch<false, false, void, kInt8, false, false, false, true>(ctx, p, none, grid, smem);
 }
 
 }  // namespace
@@ -594,10 +683,14 @@ bool quant_tiles_pay(DType dtype, int64_t rows, int64_t K, int64_t group) {
 namespace {
 
 bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
-              float* y, int T, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm, bool tiles, bool gated) {
+              float* y, int T, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm, bool tiles, bool gated,
+              const ExpertRows* ex = nullptr) {
   const bool int8 = w_dtype == DType::I8, tokens = T > 1;
   if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
   if (T < 1 || T > kMaxTokens || (tokens && norm)) return false;
+  if (ex && (pairs || tiles || norm || ex->n_local < 1 || ex->n_local > 65535 || ex->topk < 1 ||
+             ex->n_pairs != T * ex->topk || static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
+    return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -609,18 +702,44 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   if (group_shift < 0) return false;
   if (norm && !held_norm_takes(*norm, K)) return false;
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
-  const int grid = std::min(n_tiles, sms);
-  const size_t part_bytes =
-      static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * (tokens ? kMaxTokens : 1) * sizeof(float);
-  if (tokens) {  // x's tokens in f16 rows, then the partial sums: all in shared memory, or refused
-    const size_t part_offset = (token_stage_bytes(K, T) + 15) / 16 * 16;
-    if (part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-    const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles,
-                   static_cast<int>(part_offset), 0, gated ? 1 : 0, T};
-    const int smem = static_cast<int>(part_offset + part_bytes);
-    const unsigned g = static_cast<unsigned>(grid);
-    if (int8) launch_tokens<true>(ctx, p, pairs, tiles, g, smem);
-    else launch_tokens<false>(ctx, p, pairs, tiles, g, smem);
+  const unsigned n_experts = ex ? static_cast<unsigned>(ex->n_local) : 1u;  // the grid's y: a block's expert
+  const auto part_bytes_of = [&](int grid) {
+    return static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * (tokens ? kMaxTokens : 1) * sizeof(float);
+  };
+  // Experts: the experts a step's pairs choose share the SMs (a wave of blocks where they fit: Mixtral's 2 of 8 at
+  // one token), else a block a SM for each.
+  int grid = std::min(n_tiles, sms);
+  if (ex) {
+    const int chosen = std::min(ex->n_pairs, ex->n_local);
+    const int shared = std::min(n_tiles, (sms + chosen - 1) / chosen);
+    const auto fits_alone = [&](int G) {  // (the tokens form checks its x below)
+      return part_bytes_of(G) <= (tokens ? static_cast<size_t>(smem_limit()) / 2 : kMaxPartBytes);
+    };
+    grid = fits_alone(shared) ? shared : grid;
+  }
+  const size_t part_bytes = part_bytes_of(grid);
+  const dim3 g(static_cast<unsigned>(grid), n_experts);
+  Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, 0, 0, gated ? 1 : 0,
+           T, 1};
+  if (ex) set_expert_rows(p, *ex);
+  if (tokens) {  // x's tokens in f16 rows (a run of K's chunks at a time where all of K does not fit), then the sums
+    const int nch = K / cols;
+    int phases = 1;
+    const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, T) + 15) / 16 * 16; };
+    const auto fits = [&](int ph) {
+      return nch % ph == 0 && staged(ph) + part_bytes <= static_cast<size_t>(smem_limit());
+    };
+    while (phases <= kMaxPhases && !fits(phases)) phases *= 2;
+    if (phases > kMaxPhases) return false;
+    p.part_offset = static_cast<int>(staged(phases));
+    p.phases = phases;
+    const int smem = static_cast<int>(p.part_offset + part_bytes);
+    if (ex && int8) launch_experts<true>(ctx, p, true, phases > 1, g, smem);
+    else if (ex) launch_experts<false>(ctx, p, true, phases > 1, g, smem);
+    else if (phases > 1 && int8) launch_tokens<true, true>(ctx, p, pairs, tiles, g, smem);
+    else if (phases > 1) launch_tokens<false, true>(ctx, p, pairs, tiles, g, smem);
+    else if (int8) launch_tokens<true, false>(ctx, p, pairs, tiles, g, smem);
+    else launch_tokens<false, false>(ctx, p, pairs, tiles, g, smem);
     return true;
   }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
@@ -628,15 +747,15 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
   const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
   const bool bulk = tiles && int8 && part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());
-  const int part_offset = x_stage_bytes(K, bulk);
-  if (part_bytes > kMaxPartBytes || part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
-  const Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, part_offset,
-                 static_cast<int>(ring_offset), gated ? 1 : 0, 1};
+  p.part_offset = x_stage_bytes(K, bulk);
+  p.ring_offset = static_cast<int>(ring_offset);
+  if (part_bytes > kMaxPartBytes || p.part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
   // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
-  const int smem = bulk ? smem_limit() : static_cast<int>(part_offset + part_bytes);
-  const unsigned g = static_cast<unsigned>(grid);
-  if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
+  const int smem = bulk ? smem_limit() : static_cast<int>(p.part_offset + part_bytes);
+  if (ex && int8) launch_experts<true>(ctx, p, false, false, g, smem);
+  else if (ex) launch_experts<false>(ctx, p, false, false, g, smem);
+  else if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
   else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
   else if (pairs && tiles) launch_format<true, true>(ctx, p, norm, g, smem, int8);
   else if (pairs) launch_format<true, false>(ctx, p, norm, g, smem, int8);
@@ -656,6 +775,11 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
 bool gemv_tokens_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                      float* y, int T, int N, int K, bool pairs, int sms, bool tiles, bool gated) {
   return T > 1 && gemv_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, pairs, sms, nullptr, tiles, gated);
+}
+
+bool gemv_experts_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                      int group, float* y, int T, int N, int K, const ExpertRows& ex, int sms, bool gated) {
+  return gemv_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, false, sms, nullptr, false, gated, &ex);
 }
 
 }  // namespace weft::cuda

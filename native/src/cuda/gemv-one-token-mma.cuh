@@ -10,6 +10,7 @@
 
 #include "cuda/device.h"
 #include "cuda/gemv-rows-tma.cuh"  // AddRmsNormInput
+#include "cuda/gemv.cuh"           // ExpertRows
 #include "tensor.h"                // weft::DType
 
 namespace weft::cuda {
@@ -38,8 +39,17 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
 // 2..8 tokens (int4, int8; no norm): the same kernel with x's tokens as B's columns, in f16 (a token scaled by a power
 // of two only where one of its values passes f16's range), y [T, N] (pairs: [T, N] of silu(gate) * up); x [T, K]
 // ([T, 2K] gated). False where it does not take the call, as above, or where T tokens of x and the partial sums
-// (8 a row) pass what a block may ask for (at 8 tokens: K = 11008 fits, 14336 does not).
+// (8 a row) pass what a block may ask for even with K in 4 runs (x staged a run at a time: at 8 tokens K 11008 in
+// one run, 14336 in two).
 bool gemv_tokens_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                      float* y, int T, int N, int K, bool pairs, int sms, bool tiles = false, bool gated = false);
+
+// Experts (expertMatmul / siluMulExpertMatmul at 1..8 tokens, int4 or int8 row-major stacked experts
+// [n_local][N][K]): the same kernel, a block row of the grid an expert; an expert's B columns are the pairs routed
+// to it (at one token x's hi and lo, as gemv_one_token_mma; at 2..8 in f16, as gemv_tokens_mma), y [n_pairs, N] with
+// the rows of pairs routed to experts w does not hold zero. gated: x rows [gate | up] (2K). False where it does not
+// take the call (as above; ex.n_pairs must be T * ex.topk).
+bool gemv_experts_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
+                      int group, float* y, int T, int N, int K, const ExpertRows& ex, int sms, bool gated = false);
 
 }  // namespace weft::cuda

@@ -377,6 +377,12 @@ bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, c
   return gemv_tokens_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, pairs, sm_count(ctx), tiles, gated);
 }
 
+bool gemv_experts(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
+                  const ExpertRows& ex, bool gated) {
+  return !w.tiles &&
+         gemv_experts_mma(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, ex, sm_count(ctx), gated);
+}
+
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
                            bool tiles) {
