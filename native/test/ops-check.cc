@@ -415,6 +415,8 @@ void check_quant_moe(Rng& rng) {
                          " El=" + std::to_string(c.El) + " " + dtype_name(dt);
         run_case("quantExperts", sh, [&] {
           auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K);
+          // each token's first choice a held expert (random draws can route a step's every pair elsewhere)
+          for (int64_t t = 0; t < T; ++t) logits[t * E + c.start + t % c.El] += 8.f;
           const double rtol = T > 16 ? kQuantGemmRtol : quant_rtol(dt, K, group, T);
           auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
             Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
