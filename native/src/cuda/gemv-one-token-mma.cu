@@ -1,5 +1,5 @@
 // gemv_one_token_mma (gemv-one-token-mma.cuh): the one-token int4 and int8 GEMV on tensor cores, one block a SM;
-// gemv_tokens_mma: the same kernel for 2..8 int4 tokens.
+// gemv_tokens_mma: the same kernel for 2..8 int4 or int8 tokens; gemv_experts_mma: for stacked quantized experts.
 //   Why: the fp32 one-token kernels (gemv-one-token.cu, gemv-rows-tma.cu) spend ~6 instructions a weight (unpack,
 //   convert, FMA, addresses) and are bound by issue. Here two weights become an f16 pair with one lop3 and one f16x2
 //   op, and one mma.sync m16n8k16 takes 256 of them (an estimated ~100 instructions a lane for 64 weights; the first
@@ -49,6 +49,11 @@
 //     Decode, H100 (sessions 49-50), tok/s: Llama-2-7B int4 batch 2 685 -> 888, 4 1235 -> 1636, 8 2268 -> 2973;
 //     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B int8 batch 8 1511 -> 1651 in one run,
 //     -> 1899 with w2 in two (int4 2306 -> 2541).
+//   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 row-major stacked experts, 1..8 tokens):
+//     blockIdx.y is the block's expert and its columns the pairs routed to it (expert-slots.cuh), so each chosen
+//     expert's weights are read once a step; the routing comes from the kernel before, so the block waits for it
+//     before its first weight load. H100 Mixtral 8 layers (session 50, against gemv.cu's vector kernel): int4 batch
+//     1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684 -> 1503.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
