@@ -21,7 +21,7 @@ import { withQuantizeAtLoad } from '../core/model-spec.ts';
 import { buildRankModel, disposeRankModel, randomWeights, type RankModel } from '../worker/models/registry.ts';
 import { soloCollectives } from '../worker/collectives/collectives.ts';
 import { StepRunner } from '../worker/runner.ts';
-import { GRAPH_BUCKETS } from '../worker/step-sizes.ts';
+import { graphBucketFor } from '../worker/step-sizes.ts';
 import { aheadStepMs, serialStepMs } from './decode-steps.ts';
 import { SeededRng } from '../coordinator/rng.ts';
 import { blocksFor, kvCacheLayout, kvDtypeBytes, resolveKvDtype, type KvCacheLayout, type KvDtype, type KvDtypeOption } from '../core/kv-block-table.ts';
@@ -150,10 +150,10 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
       ({ tokens: last } = await serialStepMs(runner, decodeAt, last, prompt, 2)); // the first captures this bucket's graph
       const serial = await serialStepMs(runner, decodeAt, last, prompt + 2, newTokens);
       const stepMs = await aheadStepMs(runner, decodeAt, batch, prompt + 2 + newTokens, newTokens);
-      const bucket = GRAPH_BUCKETS.find((b) => b >= batch)!;
-      // GPU time of the decode graph alone, no host work
-      const replayMs = opts.device === 'cuda' ? runner.timeGraphReplay(bucket, 50) : NaN;
-      if (opts.profileDecode && opts.device === 'cuda') {
+      // GPU time of the decode graph alone, no host work (none where the batch runs eagerly: Mixtral past 8 rows)
+      const bucket = graphBucketFor(batch, runner.maxGraphBatch);
+      const replayMs = bucket !== null ? runner.timeGraphReplay(bucket, 50) : NaN;
+      if (opts.profileDecode && bucket !== null) {
         engine.profileRange(true);
         runner.timeGraphReplay(bucket, 1);
         engine.profileRange(false);
