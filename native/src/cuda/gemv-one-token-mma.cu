@@ -717,7 +717,9 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   if (ex) {
     const int chosen = std::min(ex->n_pairs, ex->n_local);
     const int shared = std::min(n_tiles, (sms + chosen - 1) / chosen);
-    const auto fits_alone = [&](int G) {  // (the tokens form checks its x below)
+    // the partial sums alone: for 2..8 tokens within half the block's shared memory, x's rows taking the rest (the
+    // tokens form checks the two together below)
+    const auto fits_alone = [&](int G) {
       return part_bytes_of(G) <= (tokens ? static_cast<size_t>(smem_limit()) / 2 : kMaxPartBytes);
     };
     grid = fits_alone(shared) ? shared : grid;

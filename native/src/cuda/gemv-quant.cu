@@ -147,12 +147,12 @@ void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMa
   WEFT_CHECK(T >= 1 && T <= kQuantGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
              kQuantGemvMaxTokens, " tokens, not ", T);
   WEFT_CHECK(ex.n_local <= 65535, "expertMatmul", ex.n_local, " experts are out of range");
-  // gemv's kernel writes every row itself (zeros for pairs routed to experts w does not hold). A pass of tokens
-  // [t0, t0 + n) is pairs [t0 k, (t0 + n) k) and their x rows.
-  const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
   // Up to 8 tokens: the one-token tensor-core kernel, a block row an expert, the pairs routed to it its mma's
   // columns (gemv-one-token-mma.cuh); gemv.cu's vector kernel where it does not take the call.
   if (N > 0 && ex.n_pairs > 0 && ex.n_local > 0 && gemv_experts(ctx, x, w, y, T, N, K, ex, gated)) return;
+  // gemv's kernel writes every row itself (zeros for pairs routed to experts w does not hold). A pass of tokens
+  // [t0, t0 + n) is pairs [t0 k, (t0 + n) k) and their x rows.
+  const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
   if (N > 0 && ex.n_pairs > 0 && ex.n_local > 0 && ex.n_pairs == T * ex.topk &&
       in_passes(T, [&](int t0, int n) {
         ExpertRows part = ex;
