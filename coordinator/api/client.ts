@@ -42,6 +42,14 @@ export interface ClientRequestOptions {
   readonly timeoutMs?: number;
 }
 
+/** A promise that only ever rejects, when `fail` is called: raced against a send the socket may hold forever. */
+function failure(): { promise: Promise<never>; fail: (err: Error) => void } {
+  let fail!: (err: Error) => void;
+  const promise = new Promise<never>((_, reject) => (fail = reject));
+  promise.catch(() => undefined);  // (often never awaited)
+  return { promise, fail };
+}
+
 function toError(message: Extract<RpcResponse, { type: 'error' }>): WeftError {
   const code = (message.code.startsWith('WEFT_') ? message.code : 'WEFT_PROTOCOL') as WeftErrorCode;
   return new WeftError(code, message.message);
@@ -108,9 +116,16 @@ export class WeftClient {
   private async call<T>(message: Record<string, unknown> & { type: string }): Promise<T> {
     const { id, channel } = this.open();
     const timeoutMs = this.options.timeoutMs ?? 30_000;
-    const timer = setTimeout(() => channel.fail(new WeftError('WEFT_TIMEOUT', `no answer to ${message.type} from ${this.options.endpoint} within ${timeoutMs} ms`)), timeoutMs);
+    const { promise: expired, fail: expire } = failure();
+    const timer = setTimeout(() => {
+      const err = new WeftError('WEFT_TIMEOUT', `no answer to ${message.type} from ${this.options.endpoint} within ${timeoutMs} ms`);
+      channel.fail(err);
+      expire(err);
+    }, timeoutMs);
     try {
-      await this.outbox.send([encode({ v: RPC_VERSION, id, ...message })]);
+      // The deadline covers the send too: a DEALER holds a send while it has no live connection (none made yet, or a
+      // handshake the server refused), so the send alone may never end.
+      await Promise.race([this.outbox.send([encode({ v: RPC_VERSION, id, ...message })]), expired]);
       for await (const answer of channel) {
         if (answer.type === 'error') throw toError(answer);
         if (answer.type === 'result') return answer.result as T;
@@ -130,11 +145,17 @@ export class WeftClient {
     const { id, channel } = this.open();
     const { signal } = options;
     let finished = false;
-    const onAbort = (): void => channel.abort(new WeftError('WEFT_CANCELLED', 'the request was aborted'));
+    const { promise: aborted, fail: abortSend } = failure();
+    const onAbort = (): void => {
+      const err = new WeftError('WEFT_CANCELLED', 'the request was aborted');
+      channel.abort(err);
+      abortSend(err);
+    };
     try {
       if (signal?.aborted) throw new WeftError('WEFT_CANCELLED', 'the request was aborted');
       signal?.addEventListener('abort', onAbort, { once: true });
-      await this.outbox.send([encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...(options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs }) })]);
+      // (an abort ends a send the socket holds, as call's deadline does)
+      await Promise.race([this.outbox.send([encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...(options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs }) })]), aborted]);
       for await (const message of channel) {
         if (message.type === 'token') yield { type: 'token', token: message.token, text: message.text, ...(message.logprobs && { logprobs: message.logprobs }) };
         else if (message.type === 'done') {
@@ -149,7 +170,8 @@ export class WeftClient {
     } finally {
       signal?.removeEventListener('abort', onAbort);
       this.calls.delete(id);
-      if (!finished && !this.closed) await this.outbox.send([encode({ v: RPC_VERSION, type: 'cancel', id })]).catch(() => undefined);
+      // not awaited: leaving the loop must not wait on a send the socket holds (it ends with the socket at close())
+      if (!finished && !this.closed) void this.outbox.send([encode({ v: RPC_VERSION, type: 'cancel', id })]).catch(() => undefined);
     }
   }
 
