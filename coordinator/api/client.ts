@@ -118,7 +118,8 @@ export class WeftClient {
     const timeoutMs = this.options.timeoutMs ?? 30_000;
     const { promise: expired, fail: expire } = failure();
     const timer = setTimeout(() => {
-      const err = new WeftError('WEFT_TIMEOUT', `no answer to ${message.type} from ${this.options.endpoint} within ${timeoutMs} ms`);
+      const what = `no answer to ${message.type} from ${this.options.endpoint} within ${timeoutMs} ms`;
+      const err = new WeftError('WEFT_TIMEOUT', what);
       channel.fail(err);
       expire(err);
     }, timeoutMs);
@@ -155,7 +156,8 @@ export class WeftClient {
       if (signal?.aborted) throw new WeftError('WEFT_CANCELLED', 'the request was aborted');
       signal?.addEventListener('abort', onAbort, { once: true });
       // (an abort ends a send the socket holds, as call's deadline does)
-      await Promise.race([this.outbox.send([encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...(options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs }) })]), aborted]);
+      const deadline = options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs };
+      await Promise.race([this.outbox.send([encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...deadline })]), aborted]);
       for await (const message of channel) {
         if (message.type === 'token') yield { type: 'token', token: message.token, text: message.text, ...(message.logprobs && { logprobs: message.logprobs }) };
         else if (message.type === 'done') {
@@ -171,7 +173,9 @@ export class WeftClient {
       signal?.removeEventListener('abort', onAbort);
       this.calls.delete(id);
       // not awaited: leaving the loop must not wait on a send the socket holds (it ends with the socket at close())
-      if (!finished && !this.closed) void this.outbox.send([encode({ v: RPC_VERSION, type: 'cancel', id })]).catch(() => undefined);
+      if (!finished && !this.closed) {
+        void this.outbox.send([encode({ v: RPC_VERSION, type: 'cancel', id })]).catch(() => undefined);
+      }
     }
   }
 

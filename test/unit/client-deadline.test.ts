@@ -36,14 +36,15 @@ test('a call whose send the socket holds ends with WEFT_TIMEOUT at its deadline'
   }
 });
 
-test('a generate whose send the socket holds ends with WEFT_CANCELLED when its signal aborts', { timeout: 30_000 }, async () => {
+test('a generate whose held send ends with WEFT_CANCELLED when its signal aborts', { timeout: 30_000 }, async () => {
   const { socket, endpoint } = await heldSocket();
   const client = clientOver(socket, { endpoint });
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), 300);
   try {
     const run = async (): Promise<void> => {
-      for await (const _ of client.generate({ prompt: 'hi' }, { signal: abort.signal })) assert.fail('no event can come');
+      const events = client.generate({ prompt: 'hi' }, { signal: abort.signal });
+      for await (const _ of events) assert.fail('no event can come');
     };
     await assert.rejects(run(), (err: unknown) => isWeftError(err) && err.code === 'WEFT_CANCELLED');
   } finally {
