@@ -157,7 +157,8 @@ export class WeftClient {
       signal?.addEventListener('abort', onAbort, { once: true });
       // (an abort ends a send the socket holds, as call's deadline does)
       const deadline = options.timeoutMs !== undefined && { timeoutMs: options.timeoutMs };
-      await Promise.race([this.outbox.send([encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...deadline })]), aborted]);
+      const frame = encode({ v: RPC_VERSION, type: 'generate', id, ...request, ...deadline });
+      await Promise.race([this.outbox.send([frame]), aborted]);
       for await (const message of channel) {
         if (message.type === 'token') yield { type: 'token', token: message.token, text: message.text, ...(message.logprobs && { logprobs: message.logprobs }) };
         else if (message.type === 'done') {
