@@ -47,8 +47,8 @@
 //     tokens of x and the sums do not fit the block's shared memory (at 8 tokens K 14336 does not), K's chunks go in
 //     2 or 4 runs, each with its x columns staged before it (kPhased, a kernel of its own).
 //     Decode, H100 (sessions 49-50), tok/s: Llama-2-7B int4 batch 2 685 -> 888, 4 1235 -> 1636, 8 2268 -> 2973;
-//     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B int8 batch 8 1511 -> 1651 in one run,
-//     -> 1899 with w2 in two (int4 2306 -> 2541).
+//     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B batch 8 with w2 in two runs (kPhased)
+//     against one run and the other kernel for w2: int8 1659 -> 1944, int4 2313 -> 2569.
 //   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 row-major stacked experts, 1..8 tokens):
 //     blockIdx.y is the block's expert and its columns the pairs routed to it (expert-slots.cuh), so each chosen
 //     expert's weights are read once a step; the routing comes from the kernel before, so the block waits for it
@@ -318,11 +318,16 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
   for (int i = threadIdx.x; i < n_tiles * kWarps * 16 * kPartCols; i += kThreads)
     part[i] = 0.f;  // warps that skip a tile
-  if (threadIdx.x == 0) x_absmax = 0u, tok_out_of_range = 0;
-  if (kTokens && threadIdx.x < kMaxTokens) {
-    tok_absmax[threadIdx.x] = 0u;
-    tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
-  }
+  // kTokens: every token unscaled and none past f16's range, until staging finds one (each run's, kPhased)
+  const auto reset_token_scales = [&] {
+    if (threadIdx.x == 0) tok_out_of_range = 0;
+    if (kTokens && threadIdx.x < kMaxTokens) {
+      tok_absmax[threadIdx.x] = 0u;
+      tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
+    }
+  };
+  if (threadIdx.x == 0) x_absmax = 0u;
+  reset_token_scales();
   __syncthreads();
   if constexpr (!kExperts) pdl_wait();  // x (or norm.y) comes from the kernel before (kExperts: waited for above)
 
@@ -570,11 +575,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
         for (int j = 0; j < D; ++j) load(j);
         ct = first_tile, cc = first_chunk, used = 0;
         __syncthreads();  // the last run's x is read and its sums are in shared memory
-        if (threadIdx.x == 0) tok_out_of_range = 0;
-        if (threadIdx.x < kMaxTokens) {
-          tok_absmax[threadIdx.x] = 0u;
-          tok_scale[threadIdx.x] = tok_unscale[threadIdx.x] = 1.f;
-        }
+        reset_token_scales();
         __syncthreads();
       }
       stage_tokens();
