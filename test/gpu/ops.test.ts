@@ -355,10 +355,11 @@ test('releaseLayer frees a long layer\'s arena memory and moves what it keeps, w
 });
 
 // In a step, a one-token addRmsNorm is held back and the one-token GEMV that reads its normed row makes the row
-// itself (backend-cuda.cc HeldNorm), for bf16 and int4 (groups of 128) weights (int8 per channel: the norm is
-// launched, its GEMV is the register kernel's). Either way the products, sum and normed must be those of the norm
-// launched on its own (forced here by reading normed first), and equal the CPU. Any other use of its tensors
-// launches it, as does a GEMV that cannot take it (K = 11008: over the 4096 columns the norm is made for).
+// itself (backend-cuda.cc HeldNorm), for bf16, int4 (groups of 128) and int8 per channel weights, on the kernel
+// the GEMV runs without it (int8 row-major: the bulk-copy rows). Either way the products, sum and normed must be
+// those of the norm launched on its own (forced here by reading normed first), and equal the CPU. Any other use of
+// its tensors launches it, as does a GEMV that cannot take it (K = 11008: over the 4096 columns the norm is made
+// for).
 test('a one-token addRmsNorm held for the GEMV that reads it equals the norm launched first, bit for bit', { skip }, () => {
   const cases = [[4096, 4096, 'bf16', 'bf16'], [4096, 1000, 'f32', 'bf16'], [2048, 520, 'bf16', 'bf16'], [1000, 24, 'bf16', 'bf16'],
     [11008, 264, 'bf16', 'bf16'], [4096, 1000, 'bf16', 'int8'], [2048, 520, 'f32', 'int4'], [4096, 1000, 'bf16', 'int4'],
