@@ -15,12 +15,15 @@ import type { ShardPlan } from '../core/shard-plan.ts';
  */
 export const GRAPH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256] as const;
 
-/** With experts, graphs stop at 8 rows: above that the expert matmuls group their rows on the host (not capturable). */
-const EXPERTS_MAX_GRAPH_BATCH = 8;
+/**
+ * With experts, graphs stop at 16 rows: the expert GEMV keeps a step's routing on the device up to 16 tokens (in passes
+ * of 8); above that the expert matmuls group their rows on the host (not capturable).
+ */
+const EXPERTS_MAX_GRAPH_BATCH = 16;
 
 /**
  * The largest decode graph a layout of `kvSlots` sequences uses: the bucket that holds them all (the last at
- * most; 8 with experts), and smaller where the graphs' regions would take more than half of the tokens a
+ * most; 16 with experts), and smaller where the graphs' regions would take more than half of the tokens a
  * step arena holds (`arenaTokenCount`; the rest is for eager steps); larger batches then run eagerly.
  */
 export function maxGraphBatch(spec: Pick<ModelSpec, 'nExpertsPerToken'>, kvSlots: number, arenaTokenCount = Infinity): number {

@@ -1,7 +1,7 @@
 /**
  * Decode graphs above 8 rows on CUDA (worker/runner.ts GRAPH_BUCKETS): decode batches of 9 to 200 sequences run
  * as the graph of their bucket (captured on first use, padded rows in the padding block; bf16 weights go through
- * the cuBLAS GEMM) and draw the greedy tokens the same steps draw eagerly. Mixtral's graphs stop at 8 rows.
+ * the cuBLAS GEMM) and draw the greedy tokens the same steps draw eagerly. Mixtral's graphs stop at 16 rows.
  * Skips, saying why, without a CUDA build or a GPU.
  */
 import { test } from 'node:test';
