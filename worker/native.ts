@@ -202,7 +202,7 @@ export interface Engine {
    * the host (cuda: one synchronisation, not capturable).
    */
   expertMatmul(x: Tensor, w: Tensor, experts: Tensor, expertStart: number): Tensor;
-  /** `expertMatmul(siluMul(gateUp), w, experts, expertStart)` with gateUp [X, 2K]; fused into the expert GEMV up to 16 tokens on CUDA (passes of 8). */
+  /** `expertMatmul(siluMul(gateUp), w, experts, expertStart)` with gateUp [X, 2K]; fused into the expert GEMV up to 8 tokens on CUDA. */
   siluMulExpertMatmul(gateUp: Tensor, w: Tensor, experts: Tensor, expertStart: number): Tensor;
   /** y [T * k, N] f32, weights [T, k] f32 -> [T, N] f32: out[t] = sum over j of weights[t, j] * y[t * k + j]. */
   combineExperts(y: Tensor, weights: Tensor): Tensor;

@@ -218,7 +218,7 @@ void check_elementwise(Rng& rng) {
 // x per token and per pair, a K that forces the scalar fallback, then combineExperts.
 void check_moe(Rng& rng) {
   const int64_t E = 8, k = 2, El = 4, start = 2;
-  for (int64_t T : {1, 3, 8, 12, 16, 64, 300})
+  for (int64_t T : {1, 3, 8, 64, 300})
     for (int64_t K : {1024, 1000}) {
       const int64_t N = 512;
       std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " N=512 El=4 bf16";
@@ -233,9 +233,8 @@ void check_moe(Rng& rng) {
           Tensor y = b.expert_matmul(up(b, xv, {rows_x, K}), up_narrow(b, w, {El, N, K}, DType::BF16), r.experts, start);
           return std::make_pair(down(b, y), down(b, b.combine_experts(y, r.weights)));
         };
-        // Up to 16 tokens the expert GEMV on the device (passes of 8); over that the grouped path's cuBLAS rounds x
-        // to bf16 (as matmul).
-        const double rtol = T > 16 ? 2e-3 : 1e-5;
+        // Over 8 tokens the grouped path's cuBLAS rounds x to bf16 (as matmul).
+        const double rtol = T > 8 ? 2e-3 : 1e-5;
         auto g = run(*gpu, rg, x, T), c = run(*cpu, rc, x, T);
         compare("expertMatmul", sh + " x/token", g.first, c.first, rtol);
         compare("combineExperts", sh, g.second, c.second, rtol);

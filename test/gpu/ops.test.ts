@@ -355,11 +355,10 @@ test('releaseLayer frees a long layer\'s arena memory and moves what it keeps, w
 });
 
 // In a step, a one-token addRmsNorm is held back and the one-token GEMV that reads its normed row makes the row
-// itself (backend-cuda.cc HeldNorm), for bf16, int4 (groups of 128) and int8 per channel weights, on the kernel
-// the GEMV runs without it (int8 row-major: the bulk-copy rows). Either way the products, sum and normed must be
-// those of the norm launched on its own (forced here by reading normed first), and equal the CPU. Any other use of
-// its tensors launches it, as does a GEMV that cannot take it (K = 11008: over the 4096 columns the norm is made
-// for).
+// itself (backend-cuda.cc HeldNorm), for bf16 and int4 (groups of 128) weights (int8 per channel: the norm is
+// launched, its GEMV is the register kernel's). Either way the products, sum and normed must be those of the norm
+// launched on its own (forced here by reading normed first), and equal the CPU. Any other use of its tensors
+// launches it, as does a GEMV that cannot take it (K = 11008: over the 4096 columns the norm is made for).
 test('a one-token addRmsNorm held for the GEMV that reads it equals the norm launched first, bit for bit', { skip }, () => {
   const cases = [[4096, 4096, 'bf16', 'bf16'], [4096, 1000, 'f32', 'bf16'], [2048, 520, 'bf16', 'bf16'], [1000, 24, 'bf16', 'bf16'],
     [11008, 264, 'bf16', 'bf16'], [4096, 1000, 'bf16', 'int8'], [2048, 520, 'f32', 'int4'], [4096, 1000, 'bf16', 'int4'],
@@ -459,17 +458,17 @@ test('randomUniform: f32/bf16/f16 values equal the CPU backend', { skip }, () =>
   }
 });
 
-test('routeTopK, expertMatmul (device-routed up to 16 tokens in passes of 8, grouped above) and combineExperts equal the CPU', { skip, timeout: 120_000 }, () => {
+test('routeTopK, expertMatmul (device-routed up to 8 tokens, grouped above) and combineExperts equal the CPU', { skip, timeout: 120_000 }, () => {
   const E = 8, k = 2, N = 512;
   // Stacked experts uploaded once per engine: all 8 held in two halves (expert parallelism), and 3 from expert 2 on.
   const holdings = [[4, 0], [4, 4], [3, 2]] as const;
   const w = randoms(4 * N * H);
   const stacks = (e: Engine) => holdings.map(([El]) => bf16(e, w.subarray(0, El * N * H), [El, N, H]));
   const gpuStacks = stacks(gpu), cpuStacks = stacks(cpu);
-  for (const T of [...Ts, 12, 16].sort((a, b) => a - b)) {
+  for (const T of Ts) {
     const logits = randoms(T * E, -4, 4), x = randoms(T * H), xPairs = randoms(T * k * H), gateUp = randoms(T * k * 2 * H, -4, 4);
     holdings.forEach(([El, first], h) => {
-      if (T > 16 && h < 2) return; // the grouped path once is enough
+      if (T > 8 && h < 2) return; // the grouped path once is enough
       const run = (e: Engine, stack: Tensor, xs: Float32Array, rows: number) => {
         const { experts, weights } = e.routeTopK(f32(e, logits, [T, E]), k);
         const y = e.expertMatmul(f32(e, xs, [rows, H]), stack, experts, first);
@@ -477,8 +476,8 @@ test('routeTopK, expertMatmul (device-routed up to 16 tokens in passes of 8, gro
       };
       const g = run(gpu, gpuStacks[h]!, x, T), c = run(cpu, cpuStacks[h]!, x, T);
       assert.deepEqual([...gpu.download(g.experts)], [...cpu.download(c.experts)], `routeTopK T=${T}`);
-      // Over 16 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul.
-      const rtol = T > 16 ? 2e-3 : 1e-5;
+      // Over 8 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul.
+      const rtol = T > 8 ? 2e-3 : 1e-5;
       assertNear(get(gpu, g.y), get(cpu, c.y), rtol, `expertMatmul T=${T} experts ${first}..${first + El - 1}`);
       assertNear(get(gpu, g.combined), get(cpu, c.combined), rtol, `combineExperts T=${T}`);
       const gp = run(gpu, gpuStacks[h]!, xPairs, T * k), cp = run(cpu, cpuStacks[h]!, xPairs, T * k);

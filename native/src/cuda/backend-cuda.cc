@@ -408,17 +408,15 @@ class CudaBackend final : public Backend {
       }
       return cuda::check_launch(ctx(), op, {{"x", x}, {"w", w}, {"experts", experts}});
     }
-    const bool per_pair = x.dim(0) == P, on_device = T <= cuda::Gemv::kMaxExpertTokens;
-    // On the device the GEMV runs in passes of at most 8 tokens, each of which may fuse the product.
-    const int64_t pass_tokens = on_device ? std::min<int64_t>(T, cuda::Matmul::kGemvMaxTokens) : T;
-    if (gated && !cuda::Matmul::fuses_silu_mul(pass_tokens, K, w.dtype)) {  // the product first, then the plain op
+    const bool per_pair = x.dim(0) == P;
+    if (gated && !cuda::Matmul::fuses_silu_mul(T, K, w.dtype)) {  // the product first, then the plain op
       Tensor hidden = empty(DType::F32, {x.dim(0), K});
       cuda::launch_silu_mul(ctx(), x, hidden);
       run_expert_matmul(hidden, w, experts, expert_start, false, out);
       return;
     }
     try {
-      if (on_device) {  // decode: routing stays on the device (capturable)
+      if (T <= cuda::Matmul::kGemvMaxTokens) {  // decode: routing stays on the device (capturable)
         const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
                                   static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
                                   st_->status_dev};
@@ -644,7 +642,7 @@ class CudaBackend final : public Backend {
   void grouped_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
                              bool per_pair, const Tensor& out) {
     const char* op = "expertMatmul";
-    no_capture(op, "more than 16 tokens are grouped by expert on the host; capture decode steps only");
+    no_capture(op, "more than 8 tokens are grouped by expert on the host; capture decode steps only");
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2);
     std::vector<int32_t> ids(static_cast<size_t>(T * k));
     to_host_converted(experts, ids.data());

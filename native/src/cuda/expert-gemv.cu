@@ -35,21 +35,10 @@ __global__ void expert_gemv_scalar_kernel(const float* __restrict__ x, const WT*
 
 void Gemv::run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
                        const ExpertRows& ex, bool gated) {
-  WEFT_CHECK(T >= 1 && T <= kMaxExpertTokens, "expertMatmul", "the expert GEMV takes 1..", kMaxExpertTokens,
-             " tokens, not ", T);
+  WEFT_CHECK(T >= 1 && T <= kMaxTokens, "expertMatmul", "the expert GEMV takes 1..", kMaxTokens, " tokens, not ", T);
   WEFT_CHECK(N <= INT32_MAX && K <= INT32_MAX && ex.n_local <= 65535, "expertMatmul", "shape w [", ex.n_local, ", ",
              N, ", ", K, "] is out of range");
   if (N == 0 || ex.n_pairs == 0) return;
-  if (T > kMaxTokens) {
-    const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
-    const bool passes = in_expert_passes(x, x_width, y, static_cast<int>(T), static_cast<int>(N), kMaxTokens, ex,
-                                         [&](const float* xp, float* yp, int n, const ExpertRows& part) {
-                                           run_experts(xp, w, w_dtype, yp, n, N, K, part, gated);
-                                           return true;
-                                         });
-    WEFT_CHECK(passes, "expertMatmul", ex.n_pairs, " pairs are not ", T, " tokens of ", ex.topk, " experts");
-    return;
-  }
   if (K == 0 || ex.n_local == 0) {
     check_cuda(st_, cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), stream_), "matmul");
     return;

@@ -21,24 +21,6 @@ struct ExpertRows {
   DeviceStatus* status;    // where a repeated expert is reported
 };
 
-// Runs pass(x rows, y rows, n, part) over an expert GEMV's T tokens in passes of at most `most`: pass [t0, t0 + n)
-// is pairs [t0 topk, (t0 + n) topk) and their x rows (x_width floats a row). False if a pass was refused; the GEMVs
-// refuse on the shape and pointers alone, so a refusal comes on the first pass, before anything is written.
-template <typename Pass>
-bool in_expert_passes(const float* x, size_t x_width, float* y, int T, int N, int most, const ExpertRows& ex,
-                      Pass&& pass) {
-  if (ex.n_pairs != T * ex.topk) return false;
-  for (int t0 = 0; t0 < T; t0 += most) {
-    ExpertRows part = ex;
-    const int n = T - t0 < most ? T - t0 : most;
-    part.experts = ex.experts + t0 * ex.topk;
-    part.n_pairs = n * ex.topk;
-    const size_t x_row0 = static_cast<size_t>(ex.per_pair_x ? t0 * ex.topk : t0);
-    if (!pass(x + x_row0 * x_width, y + static_cast<size_t>(t0) * ex.topk * N, n, part)) return false;
-  }
-  return true;
-}
-
 // A quantized matrix [N, K] (backend.h upload_quantized) as the kernels read it: int8 values [N, K] (I8) or int4
 // codes value + 8, two per byte along K, the even column in the low nibble (I4, [N, K / 2] bytes); bf16 scales
 // [N, K / group]. Stacked experts follow each other.
@@ -74,16 +56,14 @@ struct GemvTuning {
 class Gemv {  // one per engine: device limits and an occupancy cache
  public:
   static constexpr int kMaxTokens = 8;  // the GEMV takes 1..8 tokens (larger T: the GEMM, gemm.cuh)
-  // The expert GEMV takes up to 16, in passes of 8: a decode step's routing stays on the device (capturable).
-  static constexpr int kMaxExpertTokens = 16;
 
   Gemv(DeviceState* st, cudaStream_t stream);  // st: where a sticky error marks the engine dead (may be null)
   // y [T, N] = x [T, K] @ w^T, 1 <= T <= 8, w f32/f16/bf16. gated: x is [T, 2K] ([gate | up] rows) and the kernel
   // reads silu(gate) * up as it stages x (siluMulMatmul), only where fuses_silu_mul() says so.
   void run(const float* x, const void* w, DType w_dtype, float* y, int T, int N, int K, bool gated,
            const GemvTuning& tuning = GemvTuning{});
-  // y [n_pairs, N] f32 = per pair, x row @ (expert's w [N, K])^T, for T <= 16 tokens (expert-gemv.cu): each chosen
-  // expert's weights are read once a pass of 8 tokens for all of its pairs; experts nobody chose are not read.
+  // y [n_pairs, N] f32 = per pair, x row @ (expert's w [N, K])^T, for T <= 8 tokens (expert-gemv.cu): each chosen
+  // expert's weights are read once for all of its pairs; experts nobody chose are not read.
   void run_experts(const float* x, const void* w, DType w_dtype, float* y, int64_t T, int64_t N, int64_t K,
                    const ExpertRows& ex, bool gated);
   // The same for quantized weights (gemv-quant.cuh): the vector kernel dequantizes each 16-byte vector (16 int8 or
