@@ -379,8 +379,7 @@ bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, c
 
 bool gemv_experts(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
                   const ExpertRows& ex, bool gated) {
-  return !w.tiles &&
-         gemv_experts_mma(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, ex, sm_count(ctx), gated);
+  return gemv_experts_mma(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, ex, sm_count(ctx), gated, w.tiles);
 }
 
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
