@@ -79,6 +79,6 @@ for (const [name, quantize] of cases)
       first.splice(0, rows, ...eager);
     }
     // padding changes the GEMM's shape (its summation order may differ in the last bits): near-ties may flip
-    console.log(`# ${name}: ${agree} of ${total} greedy tokens agree between graph and eager decode steps`);
+    console.log(`# ${name}${quantize ? ` ${quantize}` : ''}: ${agree} of ${total} greedy tokens agree between graph and eager decode steps`);
     assert.ok(agree >= 0.98 * total, `${agree} of ${total} agree`);
   });
