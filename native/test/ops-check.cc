@@ -400,7 +400,8 @@ void check_quant_moe(Rng& rng) {
     std::vector<int64_t> Ts;
   };
   const int64_t E = 8, k = 2;
-  for (const Case& c : {Case{4, 2, 1024, 4096, {1, 2, 8, 16, 64}}, Case{8, 0, 4096, 14336, {1, 3, 8}}})
+  for (const Case& c : {Case{4, 2, 1024, 4096, {1, 2, 8, 12, 16, 64}}, Case{8, 0, 4096, 14336, {1, 3, 8, 12}},
+                          Case{4, 2, 1000, 4096, {1, 8, 12}}})
     for (DType dt : {DType::I8, DType::I4}) {
       const int64_t group = dt == DType::I4 ? 128 : c.K, K = c.K;
       QuantPair w;

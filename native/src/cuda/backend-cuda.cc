@@ -35,6 +35,7 @@
 #include "cuda/softmax.cuh"
 #include "cuda/logprobs.cuh"
 #include "error.h"
+#include "quant-tiles.h"  // kTileRows
 
 namespace weft {
 namespace {
@@ -500,13 +501,14 @@ class CudaBackend final : public Backend {
     // int4 and int8 per channel in tiles where the one-token kernel takes the shape: its warp loads become
     // contiguous (quant-tiles.h), and int8 then runs there with the held norm. H100, Llama-2-7B int4 g128 decode:
     // batch 1 422 -> 452 tok/s, batch 8 1996 -> 2311 (bench/RESULTS.md, session 36); H200, int8: batch 1 333.4 ->
-    // 349.6, batch 8 1624.5 -> 1696.0 (session 45). Stacked experts stay row-major (gemv.cu's expert kernel reads
-    // rows).
-    if (w.rank() == 2 && cuda::quant_tiles_pay(w.dtype, w.dim(0), w.dim(1), w.group())) {
+    // 349.6, batch 8 1624.5 -> 1696.0 (session 45). Stacked experts [El, N, K] as El N rows where N is a multiple of
+    // 16 (each expert's rows then start a tile: the expert GEMV, the scalar fallback and dequantization read them).
+    const int64_t rows = w.rank() == 2 ? w.dim(0) : w.rank() == 3 && w.dim(1) % kTileRows == 0 ? w.dim(0) * w.dim(1) : 0;
+    if (rows > 0 && cuda::quant_tiles_pay(w.dtype, rows, w.shape.back(), w.group())) {
       Tensor tiled = empty_persistent(w.dtype, w.shape);
       Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
       cuda::repack_quant_tiles(ctx(), w.dtype == DType::I4, w.data<uint8_t>(), w.scales->data<uint16_t>(),
-                               tiled.data<uint8_t>(), scales.data<uint16_t>(), w.dim(0), w.dim(1),
+                               tiled.data<uint8_t>(), scales.data<uint16_t>(), rows, w.shape.back(),
                                static_cast<int>(w.group()));
       tiled.scales = std::make_shared<const Tensor>(scales);
       tiled.quant_tiles = true;

@@ -49,11 +49,13 @@
 //     Decode, H100 (sessions 49-50), tok/s: Llama-2-7B int4 batch 2 685 -> 888, 4 1235 -> 1636, 8 2268 -> 2973;
 //     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B batch 8 with w2 in two runs (kPhased)
 //     against one run and the other kernel for w2: int8 1659 -> 1944, int4 2313 -> 2569.
-//   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 row-major stacked experts, 1..8 tokens):
-//     blockIdx.y is the block's expert and its columns the pairs routed to it (expert-slots.cuh), so each chosen
-//     expert's weights are read once a step; the routing comes from the kernel before, so the block waits for it
-//     before its first weight load. H100 Mixtral 8 layers (session 50, against gemv.cu's vector kernel): int4 batch
-//     1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684 -> 1503.
+//   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 stacked experts, row-major or in tiles
+//     (El N rows, N a multiple of 16, so an expert's rows start a tile), 1..8 tokens): blockIdx.y is the block's
+//     expert and its columns the pairs routed to it (expert-slots.cuh), so each chosen expert's weights are read once
+//     a step; the routing comes from the kernel before, so the block waits for it before its first weight load. int8
+//     tiles at one token take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major,
+//     against gemv.cu's vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684
+//     -> 1503.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
   static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
   static_assert(!kPhased || kTokens, "K in runs: several tokens only");
-  static_assert(!kExperts || (!kPairs && !kTiles && !kBulk && std::is_void_v<NormW>), "experts: row-major, x as it is");
+  static_assert(!kExperts || (!kPairs && std::is_void_v<NormW>), "experts: plain rows, x as it is");
   constexpr bool kDigits = kInt8 && !kTokens;  // int8 at one token: x as s8 digits (below); several tokens: f16
   constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
@@ -668,13 +670,26 @@ void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm,
   else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
 }
 
-// Experts: row-major, no norm; one token (x's hi and lo, or int8's digits), or 2..8 columns of pairs.
-template <bool kInt8>
-void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, dim3 grid, int smem) {
+// Experts: no norm; one token (x's hi and lo, or int8's digits; int8 tiles by bulk copies), or 2..8 columns of pairs.
+template <bool kInt8, bool kTiles>
+void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, bool bulk, dim3 grid, int smem) {
   const AddRmsNormInput none{};
-  if (phased) launch<false, false, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
-  else if (tokens) launch<false, false, void, kInt8, false, true, false, true>(ctx, p, none, grid, smem);
-  else launch<false, false, void, kInt8, false, false, false, true>(ctx, p, none, grid, smem);
+  if (phased) launch<false, kTiles, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
+  else if (tokens) launch<false, kTiles, void, kInt8, false, true, false, true>(ctx, p, none, grid, smem);
+  else if constexpr (kInt8 && kTiles) {
+    if (bulk) launch<false, true, void, true, true, false, false, true>(ctx, p, none, grid, smem);
+    else launch<false, true, void, true, false, false, false, true>(ctx, p, none, grid, smem);
+  } else {
+    launch<false, kTiles, void, kInt8, false, false, false, true>(ctx, p, none, grid, smem);
+  }
+}
+
+void launch_experts_format(const Ctx& ctx, const Params& p, bool int8, bool tiles, bool tokens, bool phased, bool bulk,
+                           dim3 grid, int smem) {
+  if (int8 && tiles) launch_experts<true, true>(ctx, p, tokens, phased, bulk, grid, smem);
+  else if (int8) launch_experts<true, false>(ctx, p, tokens, phased, bulk, grid, smem);
+  else if (tiles) launch_experts<false, true>(ctx, p, tokens, phased, bulk, grid, smem);
+  else launch_experts<false, false>(ctx, p, tokens, phased, bulk, grid, smem);
 }
 
 }  // namespace
@@ -694,8 +709,9 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   const bool int8 = w_dtype == DType::I8, tokens = T > 1;
   if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
   if (T < 1 || T > kMaxTokens || (tokens && norm)) return false;
-  if (ex && (pairs || tiles || norm || ex->n_local < 1 || ex->n_local > 65535 || ex->topk < 1 ||
-             ex->n_pairs != T * ex->topk || static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
+  // experts in tiles: N a multiple of 16, so that expert e's rows start tile e N / 16
+  if (ex && (pairs || norm || (tiles && N % kTileRows != 0) || ex->n_local < 1 || ex->n_local > 65535 ||
+             ex->topk < 1 || ex->n_pairs != T * ex->topk || static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
     return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
@@ -742,8 +758,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     p.part_offset = static_cast<int>(staged(phases));
     p.phases = phases;
     const int smem = static_cast<int>(p.part_offset + part_bytes);
-    if (ex && int8) launch_experts<true>(ctx, p, true, phases > 1, g, smem);
-    else if (ex) launch_experts<false>(ctx, p, true, phases > 1, g, smem);
+    if (ex) launch_experts_format(ctx, p, int8, tiles, true, phases > 1, false, g, smem);
     else if (phases > 1 && int8) launch_tokens<true, true>(ctx, p, pairs, tiles, g, smem);
     else if (phases > 1) launch_tokens<false, true>(ctx, p, pairs, tiles, g, smem);
     else if (int8) launch_tokens<true, false>(ctx, p, pairs, tiles, g, smem);
@@ -761,8 +776,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
   // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(p.part_offset + part_bytes);
-  if (ex && int8) launch_experts<true>(ctx, p, false, false, g, smem);
-  else if (ex) launch_experts<false>(ctx, p, false, false, g, smem);
+  if (ex) launch_experts_format(ctx, p, int8, tiles, false, false, bulk, g, smem);
   else if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
   else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
   else if (pairs && tiles) launch_format<true, true>(ctx, p, norm, g, smem, int8);
@@ -786,8 +800,9 @@ bool gemv_tokens_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtyp
 }
 
 bool gemv_experts_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
-                      int group, float* y, int T, int N, int K, const ExpertRows& ex, int sms, bool gated) {
-  return gemv_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, false, sms, nullptr, false, gated, &ex);
+                      int group, float* y, int T, int N, int K, const ExpertRows& ex, int sms, bool gated,
+                      bool tiles) {
+  return gemv_mma(ctx, x, w, w_dtype, scales, group, y, T, N, K, false, sms, nullptr, tiles, gated, &ex);
 }
 
 }  // namespace weft::cuda

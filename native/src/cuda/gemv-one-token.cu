@@ -379,14 +379,17 @@ bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, c
 
 bool gemv_experts(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
                   const ExpertRows& ex, bool gated) {
-  return !w.tiles &&
-         gemv_experts_mma(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, ex, sm_count(ctx), gated);
+  return gemv_experts_mma(ctx, x, w.q, w.dtype, w.scales, w.group, y, T, N, K, ex, sm_count(ctx), gated, w.tiles);
 }
 
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
                            bool tiles) {
-  if (gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm, tiles)) return true;
+  // The kernel one_token picks for the same call, so that a held norm changes no sum's order: row-major int8 runs
+  // on the bulk-copy rows there, not on the tensor cores.
+  if ((tiles || w_dtype == DType::I4) &&
+      gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm, tiles))
+    return true;
   return !tiles && gemv_rows_tma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sms, &norm);
 }
 

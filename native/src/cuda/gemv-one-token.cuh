@@ -46,8 +46,9 @@ bool gemv_one_token_silu_pairs(const Ctx& ctx, const float* x, const void* w, DT
                                bool tiles = false);
 
 // gemv_one_token (pairs: gemv_one_token_silu_pairs) of the deferred addRmsNorm's normed row (gemv-rows-tma.cuh
-// AddRmsNormInput; x is its residual row), on the kernels that make the norm themselves: int4 on tensor cores
-// (gemv-one-token-mma.cuh), else rows by bulk copies. False (nothing launched) where neither takes it.
+// AddRmsNormInput; x is its residual row), on the kernel gemv_one_token picks, which makes the norm itself: int4
+// and tiles on tensor cores (gemv-one-token-mma.cuh), else rows by bulk copies. False (nothing launched) where
+// neither takes it.
 bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                            int group, float* y, int N, int K, bool pairs, int sms, const AddRmsNormInput& norm,
                            bool tiles = false);
@@ -57,7 +58,7 @@ bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType 
 bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                  float* y, int T, int N, int K, bool gated, bool pairs, bool tiles);
 
-// 1..8 tokens of int4 or int8 stacked experts [n_local][N][K] (row-major) on the same kernel
+// 1..8 tokens of int4 or int8 stacked experts [n_local][N][K] (row-major, or tiles of El N rows) on the same kernel
 // (gemv-one-token-mma.cuh gemv_experts_mma): y [T topk, N], a row a (token, expert) pair. False where it does not
 // take the call.
 bool gemv_experts(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,

@@ -104,6 +104,20 @@ bool in_passes(int T, Pass&& pass) {
   return true;
 }
 
+// Runs pass(x rows, y rows, n, part) over an expert GEMV's T tokens in passes of at most Gemv::kMaxTokens: pass
+// [t0, t0 + n) is pairs [t0 topk, (t0 + n) topk) and their x rows (x_width floats a row). False if a pass was
+// refused, which (as in_passes) comes on the first.
+template <typename Pass>
+bool in_expert_passes(const float* x, size_t x_width, float* y, int T, int N, const ExpertRows& ex, Pass&& pass) {
+  return ex.n_pairs == T * ex.topk && in_passes(T, [&](int t0, int n) {
+           ExpertRows part = ex;
+           part.experts = ex.experts + t0 * ex.topk;
+           part.n_pairs = n * ex.topk;
+           const size_t x_row0 = static_cast<size_t>(ex.per_pair_x ? t0 * ex.topk : t0);
+           return pass(x + x_row0 * x_width, y + static_cast<size_t>(t0) * ex.topk * N, n, part);
+         });
+}
+
 }  // namespace
 
 constexpr int kInt8MmaMinTokens = 4;
@@ -147,24 +161,25 @@ void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMa
   WEFT_CHECK(T >= 1 && T <= kQuantGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
              kQuantGemvMaxTokens, " tokens, not ", T);
   WEFT_CHECK(ex.n_local <= 65535, "expertMatmul", ex.n_local, " experts are out of range");
-  // Up to 8 tokens: the one-token tensor-core kernel, a block row an expert, the pairs routed to it its mma's
-  // columns (gemv-one-token-mma.cuh); gemv.cu's vector kernel where it does not take the call.
-  if (N > 0 && ex.n_pairs > 0 && ex.n_local > 0 && gemv_experts(ctx, x, w, y, T, N, K, ex, gated)) return;
-  // gemv's kernel writes every row itself (zeros for pairs routed to experts w does not hold). A pass of tokens
-  // [t0, t0 + n) is pairs [t0 k, (t0 + n) k) and their x rows.
+  if (N == 0 || ex.n_pairs == 0 || ex.n_local == 0) {
+    check_cuda(ctx.st, cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), ctx.stream),
+               "expertMatmul");
+    return;
+  }
+  // In passes of at most 8 tokens, on the one-token tensor-core kernel (a block row an expert, the pairs routed to it
+  // its mma's columns: gemv-one-token-mma.cuh), else gemv.cu's vector kernel. Both write every row of their pass
+  // (zeros for pairs routed to experts w does not hold).
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
-  if (N > 0 && ex.n_pairs > 0 && ex.n_local > 0 && ex.n_pairs == T * ex.topk &&
-      in_passes(T, [&](int t0, int n) {
-        ExpertRows part = ex;
-        part.experts = ex.experts + t0 * ex.topk;
-        part.n_pairs = n * ex.topk;
-        const size_t x_row0 = static_cast<size_t>(ex.per_pair_x ? t0 * ex.topk : t0);
-        return gemv.run_quant_experts(x + x_row0 * x_width, w, y + static_cast<size_t>(t0) * ex.topk * N, n, N, K, part, gated);
+  if (in_expert_passes(x, x_width, y, T, N, ex, [&](const float* xp, float* yp, int n, const ExpertRows& part) {
+        return gemv_experts(ctx, xp, w, yp, n, N, K, part, gated);
       }))
     return;
-  // Rows of pairs this rank's experts do not serve stay zero; the kernels write the others.
+  if (in_expert_passes(x, x_width, y, T, N, ex, [&](const float* xp, float* yp, int n, const ExpertRows& part) {
+        return gemv.run_quant_experts(xp, w, yp, n, N, K, part, gated);
+      }))
+    return;
+  // Rows of pairs this rank's experts do not serve stay zero; the kernel writes the others.
   check_cuda(ctx.st, cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), ctx.stream), "expertMatmul");
-  if (N == 0 || ex.n_pairs == 0 || ex.n_local == 0) return;
   launch_pdl(ctx, quant_expert_gemv_scalar_kernel, dim3((N + 7) / 8, ex.n_pairs), dim3(256), 0, x, w, y, ex.experts,
              ex.topk, ex.per_pair_x, ex.expert_start, ex.n_local, N, K, gated ? 1 : 0);
 }
