@@ -503,7 +503,8 @@ class CudaBackend final : public Backend {
     // batch 1 422 -> 452 tok/s, batch 8 1996 -> 2311 (bench/RESULTS.md, session 36); H200, int8: batch 1 333.4 ->
     // 349.6, batch 8 1624.5 -> 1696.0 (session 45). Stacked experts [El, N, K] as El N rows where N is a multiple of
     // 16 (each expert's rows then start a tile: the expert GEMV, the scalar fallback and dequantization read them).
-    const int64_t rows = w.rank() == 2 ? w.dim(0) : w.rank() == 3 && w.dim(1) % kTileRows == 0 ? w.dim(0) * w.dim(1) : 0;
+    const bool stacked = w.rank() == 3 && w.dim(1) % kTileRows == 0;
+    const int64_t rows = w.rank() == 2 ? w.dim(0) : stacked ? w.dim(0) * w.dim(1) : 0;
     if (rows > 0 && cuda::quant_tiles_pay(w.dtype, rows, w.shape.back(), w.group())) {
       Tensor tiled = empty_persistent(w.dtype, w.shape);
       Tensor scales = empty_persistent(DType::BF16, w.scales->shape);
