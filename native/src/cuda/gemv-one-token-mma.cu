@@ -50,9 +50,11 @@
 //     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B batch 8 with w2 in two runs (kPhased)
 //     against one run and the other kernel for w2: int8 1659 -> 1944, int4 2313 -> 2569.
 //   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 stacked experts, row-major or in tiles
-//     (El N rows, N a multiple of 16, so an expert's rows start a tile), 1..8 tokens): blockIdx.y is the block's
-//     expert and its columns the pairs routed to it (expert-slots.cuh), so each chosen expert's weights are read once
-//     a step; the routing comes from the kernel before, so the block waits for it before its first weight load. int8
+//     (El N rows, N a multiple of 16, so an expert's rows start a tile)): blockIdx.y is the block's expert and its
+//     columns the pairs routed to it (expert-slots.cuh), up to 8 a pass, so each chosen expert's weights are read
+//     once a step where at most 8 pairs chose it (an expert more chose is read again by the same block for the rest:
+//     at 9..16 tokens, where passes of 8 tokens read every chosen expert twice); the routing comes from the kernel
+//     before, so the block waits for it before its first weight load. int8
 //     tiles at one token take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major,
 //     against gemv.cu's vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684
 //     -> 1503; in tiles (session 51, against row-major): int8 batch 1 518-541 -> 576, batch 8 1400 -> 1523; int4
@@ -162,9 +164,11 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
 // value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
 // wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
+// One pass of the block over its tiles. kExperts: the pass serves the block's expert's pairs from its `first`-th
+// (B's columns: at most p.T of them); true where the expert has pairs after them, for a pass of its own.
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
           bool kPhased = false, bool kExperts = false>
-__global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+__device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const AddRmsNormInput& norm, int first) {
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
   static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
   static_assert(!kPhased || kTokens, "K in runs: several tokens only");
@@ -181,8 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   __shared__ unsigned tok_absmax[kTokens ? kMaxTokens : 1];
   __shared__ float tok_scale[kTokens ? kMaxTokens : 1], tok_unscale[kTokens ? kMaxTokens : 1];
   __shared__ int tok_out_of_range;
-  __shared__ int slot_x_row[kExperts ? kMaxTokens : 1], slot_y_row[kExperts ? kMaxTokens : 1], n_slots;
-  pdl_trigger();
+  __shared__ int slot_x_row[kExperts ? kMaxTokens : 1], slot_y_row[kExperts ? kMaxTokens : 1], n_slots, n_after;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
   const uint8_t* w_base = p.w;
@@ -192,15 +195,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     const int local = static_cast<int>(blockIdx.y);
     if (warp == 0)
       expert_slots<kMaxTokens>(p.experts, p.n_pairs, p.topk, p.per_pair_x, local + p.expert_start, lane, slot_x_row,
-                               slot_y_row, n_slots, p.status, p.T);
-    if (local == 0) {  // rows of pairs routed to experts w does not hold are zero
+                               slot_y_row, n_slots, p.status, p.T, first, &n_after);
+    if (local == 0 && first == 0) {  // rows of pairs routed to experts w does not hold are zero
       for (int i = b * kThreads + threadIdx.x; i < p.n_pairs * p.N; i += G * kThreads) {
         const int q = i / p.N, held = p.experts[q] - p.expert_start;
         if (held < 0 || held >= static_cast<int>(gridDim.y)) p.y[i] = 0.f;
       }
     }
     __syncthreads();
-    if (n_slots == 0) return;  // an expert no pair chose: its weights are not read
+    if (n_slots == 0) return false;  // an expert no pair chose: its weights are not read
     w_base += static_cast<size_t>(local) * p.N * (kInt8 ? K : K / 2);
     s_base += static_cast<size_t>(local) * p.N * p.n_groups;
   }
@@ -621,6 +624,19 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       }
     }
   }
+  return kExperts && n_after > 0;
+}
+
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
+          bool kPhased = false, bool kExperts = false>
+__global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+  pdl_trigger();
+  // kExperts: an expert that more pairs chose than B has columns (9..16 tokens, past 8 of them: rare where a step's
+  // tokens spread over the experts) is read again for the rest by the same block, after its shared memory is free.
+  for (int first = 0; gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(
+           p, norm, first);
+       first += p.T)
+    __syncthreads();
 }
 
 // The shared memory a block may ask for on this GPU, up to kMaxSmemBytes (asked once: a process drives one kind of
@@ -707,12 +723,15 @@ namespace {
 bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
               float* y, int T, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm, bool tiles, bool gated,
               const ExpertRows* ex = nullptr) {
-  const bool int8 = w_dtype == DType::I8, tokens = T > 1;
+  // B's columns: T tokens; experts: up to 8 of an expert's pairs a pass (the kernel's loop takes the rest)
+  const int cols_T = ex ? std::min(T, kMaxTokens) : T;
+  const bool int8 = w_dtype == DType::I8, tokens = cols_T > 1;
   if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
-  if (T < 1 || T > kMaxTokens || (tokens && norm)) return false;
+  if (T < 1 || (!ex && T > kMaxTokens) || (tokens && norm)) return false;
   // experts in tiles: N a multiple of 16, so that expert e's rows start tile e N / 16
   if (ex && (pairs || norm || (tiles && N % kTileRows != 0) || ex->n_local < 1 || ex->n_local > 65535 ||
-             ex->topk < 1 || ex->n_pairs != T * ex->topk || static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
+             ex->topk < 1 || ex->n_pairs != static_cast<long long>(T) * ex->topk ||
+             static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
     return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
@@ -745,12 +764,12 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   const size_t part_bytes = part_bytes_of(grid);
   const dim3 g(static_cast<unsigned>(grid), n_experts);
   Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, 0, 0, gated ? 1 : 0,
-           T, 1};
+           cols_T, 1};
   if (ex) set_expert_rows(p, *ex);
   if (tokens) {  // x's tokens in f16 rows (a run of K's chunks at a time where all of K does not fit), then the sums
     const int nch = K / cols;
     int phases = 1;
-    const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, T) + 15) / 16 * 16; };
+    const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, cols_T) + 15) / 16 * 16; };
     const auto fits = [&](int ph) {
       return nch % ph == 0 && staged(ph) + part_bytes <= static_cast<size_t>(smem_limit());
     };
