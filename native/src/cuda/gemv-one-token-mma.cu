@@ -631,10 +631,16 @@ template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBu
           bool kPhased = false, bool kExperts = false>
 __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   pdl_trigger();
-  // kExperts: an expert that more pairs chose than B has columns (9..16 tokens, past 8 of them: rare where a step's
-  // tokens spread over the experts) is read again for the rest by the same block, after its shared memory is free.
-  for (int first = 0; gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(
-           p, norm, first);
+  gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(p, norm, 0);
+}
+
+// Experts at more tokens than B has columns (9..16): an expert that more than 8 pairs chose (rare where a step's
+// tokens spread over the experts) is read again for the rest by the same block, once its shared memory is free. A
+// kernel of its own: the loop cost the one-pass kernel 1-3% of Mixtral's batch 1 and 8 (H100, session 52).
+template <bool kTiles, bool kInt8, bool kPhased>
+__global__ void __launch_bounds__(kThreads, 1) gemv_experts_passes_kernel(const Params p, const AddRmsNormInput norm) {
+  pdl_trigger();
+  for (int first = 0; gemv_one_token_mma_pass<false, kTiles, void, kInt8, false, true, kPhased, true>(p, norm, first);
        first += p.T)
     __syncthreads();
 }
@@ -653,9 +659,13 @@ int smem_limit() {
 }
 
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false, bool kPhased = false,
-          bool kExperts = false>
+          bool kExperts = false, bool kPasses = false>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, dim3 grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>;
+  static_assert(!kPasses || (kExperts && kTokens), "passes: experts at several tokens");
+  const auto kernel = [] {
+    if constexpr (kPasses) return gemv_experts_passes_kernel<kTiles, kInt8, kPhased>;
+    else return gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>;
+  }();
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -687,11 +697,15 @@ void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm,
   else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
 }
 
-// Experts: no norm; one token (x's hi and lo, or int8's digits; int8 tiles by bulk copies), or 2..8 columns of pairs.
+// Experts: no norm; one token (x's hi and lo, or int8's digits; int8 tiles by bulk copies), or 2..8 columns of pairs
+// (passes: more tokens than that, an expert's pairs 8 at a time).
 template <bool kInt8, bool kTiles>
-void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, bool bulk, dim3 grid, int smem) {
+void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, bool bulk, bool passes, dim3 grid,
+                    int smem) {
   const AddRmsNormInput none{};
-  if (phased) launch<false, kTiles, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
+  if (phased && passes) launch<false, kTiles, void, kInt8, false, true, true, true, true>(ctx, p, none, grid, smem);
+  else if (passes) launch<false, kTiles, void, kInt8, false, true, false, true, true>(ctx, p, none, grid, smem);
+  else if (phased) launch<false, kTiles, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
   else if (tokens) launch<false, kTiles, void, kInt8, false, true, false, true>(ctx, p, none, grid, smem);
   else if constexpr (kInt8 && kTiles) {
     if (bulk) launch<false, true, void, true, true, false, false, true>(ctx, p, none, grid, smem);
@@ -702,11 +716,11 @@ void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, b
 }
 
 void launch_experts_format(const Ctx& ctx, const Params& p, bool int8, bool tiles, bool tokens, bool phased, bool bulk,
-                           dim3 grid, int smem) {
-  if (int8 && tiles) launch_experts<true, true>(ctx, p, tokens, phased, bulk, grid, smem);
-  else if (int8) launch_experts<true, false>(ctx, p, tokens, phased, bulk, grid, smem);
-  else if (tiles) launch_experts<false, true>(ctx, p, tokens, phased, bulk, grid, smem);
-  else launch_experts<false, false>(ctx, p, tokens, phased, bulk, grid, smem);
+                           bool passes, dim3 grid, int smem) {
+  if (int8 && tiles) launch_experts<true, true>(ctx, p, tokens, phased, bulk, passes, grid, smem);
+  else if (int8) launch_experts<true, false>(ctx, p, tokens, phased, bulk, passes, grid, smem);
+  else if (tiles) launch_experts<false, true>(ctx, p, tokens, phased, bulk, passes, grid, smem);
+  else launch_experts<false, false>(ctx, p, tokens, phased, bulk, passes, grid, smem);
 }
 
 }  // namespace
@@ -778,7 +792,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     p.part_offset = static_cast<int>(staged(phases));
     p.phases = phases;
     const int smem = static_cast<int>(p.part_offset + part_bytes);
-    if (ex) launch_experts_format(ctx, p, int8, tiles, true, phases > 1, false, g, smem);
+    if (ex) launch_experts_format(ctx, p, int8, tiles, true, phases > 1, false, T > cols_T, g, smem);
     else if (phases > 1 && int8) launch_tokens<true, true>(ctx, p, pairs, tiles, g, smem);
     else if (phases > 1) launch_tokens<false, true>(ctx, p, pairs, tiles, g, smem);
     else if (int8) launch_tokens<true, false>(ctx, p, pairs, tiles, g, smem);
@@ -796,7 +810,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
   // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(p.part_offset + part_bytes);
-  if (ex) launch_experts_format(ctx, p, int8, tiles, false, false, bulk, g, smem);
+  if (ex) launch_experts_format(ctx, p, int8, tiles, false, false, bulk, false, g, smem);
   else if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
   else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
   else if (pairs && tiles) launch_format<true, true>(ctx, p, norm, g, smem, int8);
