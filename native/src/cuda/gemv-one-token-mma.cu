@@ -196,10 +196,11 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     if (warp == 0)
       expert_slots<kMaxTokens>(p.experts, p.n_pairs, p.topk, p.per_pair_x, local + p.expert_start, lane, slot_x_row,
                                slot_y_row, n_slots, p.status, p.T, first, &n_after);
-    if (local == 0 && first == 0) {  // rows of pairs routed to experts w does not hold are zero
-      for (int i = b * kThreads + threadIdx.x; i < p.n_pairs * p.N; i += G * kThreads) {
-        const int q = i / p.N, held = p.experts[q] - p.expert_start;
-        if (held < 0 || held >= static_cast<int>(gridDim.y)) p.y[i] = 0.f;
+    if (local == 0 && first == 0) {  // rows of pairs routed to experts w does not hold are zero (a warp a pair)
+      for (int q = b * kWarps + warp; q < p.n_pairs; q += G * kWarps) {
+        const int held = p.experts[q] - p.expert_start;
+        if (held < 0 || held >= static_cast<int>(gridDim.y))
+          for (int n = lane; n < p.N; n += 32) p.y[static_cast<size_t>(q) * p.N + n] = 0.f;
       }
     }
     __syncthreads();

@@ -158,8 +158,8 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
 
 void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N,
                        int K, const ExpertRows& ex, bool gated) {
-  WEFT_CHECK(T >= 1 && T <= kQuantGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
-             kQuantGemvMaxTokens, " tokens, not ", T);
+  WEFT_CHECK(T >= 1 && T <= kQuantExpertGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
+             kQuantExpertGemvMaxTokens, " tokens, not ", T);
   WEFT_CHECK(ex.n_local <= 65535, "expertMatmul", ex.n_local, " experts are out of range");
   if (N == 0 || ex.n_pairs == 0 || ex.n_local == 0) {
     check_cuda(ctx.st, cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), ctx.stream),
