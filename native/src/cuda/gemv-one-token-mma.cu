@@ -51,14 +51,13 @@
 //     against one run and the other kernel for w2: int8 1659 -> 1944, int4 2313 -> 2569.
 //   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 stacked experts, row-major or in tiles
 //     (El N rows, N a multiple of 16, so an expert's rows start a tile)): blockIdx.y is the block's expert and its
-//     columns the pairs routed to it (expert-slots.cuh), up to 8 a pass, so each chosen expert's weights are read
-//     once a step where at most 8 pairs chose it (an expert more chose is read again by the same block for the rest:
-//     at 9..16 tokens, where passes of 8 tokens read every chosen expert twice); the routing comes from the kernel
-//     before, so the block waits for it before its first weight load. int8
-//     tiles at one token take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major,
-//     against gemv.cu's vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684
-//     -> 1503; in tiles (session 51, against row-major): int8 batch 1 518-541 -> 576, batch 8 1400 -> 1523; int4
-//     811-817 -> 847-852, 2083 -> 2234.
+//     columns the pairs routed to it (expert-slots.cuh), 8 a pass, so each chosen expert's weights are read once for
+//     every 8 of its pairs (passes of 8 tokens, before session 52, read every chosen expert once a pass); the routing
+//     comes from the kernel before, so the block waits for it before its first weight load. int8 tiles at one token
+//     take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major, against gemv.cu's
+//     vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684 -> 1503; in tiles
+//     (session 51, against row-major): int8 batch 1 518-541 -> 576, batch 8 1400 -> 1523; int4 811-817 -> 847-852,
+//     2083 -> 2234.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
@@ -635,9 +634,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(p, norm, 0);
 }
 
-// Experts at more tokens than B has columns (9..16): an expert that more than 8 pairs chose (rare where a step's
-// tokens spread over the experts) is read again for the rest by the same block, once its shared memory is free. A
-// kernel of its own: the loop cost the one-pass kernel 1-3% of Mixtral's batch 1 and 8 (H100, session 52).
+// Experts at more tokens than B has columns (9..64): an expert that more than 8 pairs chose is read again by the
+// same block for its next 8, once its shared memory is free. A kernel of its own: the loop cost the one-pass kernel
+// 1-3% of Mixtral's batch 1 and 8 (H100, session 52).
 template <bool kTiles, bool kInt8, bool kPhased>
 __global__ void __launch_bounds__(kThreads, 1) gemv_experts_passes_kernel(const Params p, const AddRmsNormInput norm) {
   pdl_trigger();
