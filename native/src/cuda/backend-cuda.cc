@@ -392,8 +392,9 @@ class CudaBackend final : public Backend {
   void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) override {
     cuda::launch_gather_rows(ctx(), x, rows, out);
   }
-  void run_route_top_k(const Tensor& logits, const Routing& out) override {
-    cuda::launch_route_top_k(ctx(), logits, out.experts, out.weights);
+  void run_route_top_k(const Tensor& logits, const Tensor* rows_in_use, const Routing& out) override {
+    cuda::launch_route_top_k(ctx(), logits, rows_in_use ? rows_in_use->data<int32_t>() : nullptr, out.experts,
+                             out.weights);
   }
   void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start, bool gated,
                          const Tensor& out) override {
