@@ -191,8 +191,10 @@ export interface Engine {
    * Mixtral's router: logits [T, E] f32 -> experts [T, k] i32 and weights [T, k] f32. Per token: softmax over all
    * E in fp32, the k most probable experts (highest first, ties to the lower index), their probabilities
    * divided by their sum (Hugging Face's rule). 1 <= k <= E. Runs on the device and can be captured.
+   * rowsInUse ([1] i32, a graph step's real rows): the rows at and past its value only pad the step to its bucket,
+   * and their k pairs choose no expert (ids -1 .. -k, weights 0), so no expert GEMV reads weights for them.
    */
-  routeTopK(logits: Tensor, k: number): { experts: Tensor; weights: Tensor };
+  routeTopK(logits: Tensor, k: number, rowsInUse?: Tensor): { experts: Tensor; weights: Tensor };
   /**
    * x [X, K] f32, w [El, N, K] f32|f16|bf16 (experts expertStart .. expertStart + El - 1, stacked), experts
    * [T, k] i32 -> [T * k, N] f32. Row p = t * k + j is x row t (X = T) or x row p (X = T * k) times the weights of

@@ -37,7 +37,7 @@ import { DENSE_TOKEN, type SparqSetting } from '../core/sparq.ts';
 import { arenaTokens, chunkRanges, DEFAULT_ARENA_BYTES, graphArenaTokens, graphBucketFor, keptStepTokens, maxGraphBatch, maxStepTokens } from './step-sizes.ts';
 
 /** The index tensors every step has (prefix groups are added to decode steps that have them: prefix-groups.ts; Sage slots to prompt chunks: sage-state.ts). */
-type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers' | 'sageSlots' | 'decodeRows'>;
+type IndexKey = Exclude<keyof StepIndex, 'prefixGroups' | 'sparqExact' | 'keepLayers' | 'sageSlots' | 'decodeRows' | 'rowsInUse'>;
 
 /** One index tensor's host values and shape. */
 interface HostIndex {
@@ -87,8 +87,11 @@ const bytesOf = (values: Int32Array | Float32Array): Uint8Array => new Uint8Arra
 interface DecodeGraph {
   readonly bucket: number;
   readonly graph: Graph;
-  /** the graph's persistent inputs, rewritten before each replay; feedFrom [bucket] i32 is StepBatch.feed (-1: tokenIds) */
-  readonly inputs: StepIndex & { feedFrom: Tensor; temperature: Tensor; topK: Tensor; topP: Tensor; uniform: Tensor };
+  /**
+   * the graph's persistent inputs, rewritten before each replay; feedFrom [bucket] i32 is StepBatch.feed (-1: tokenIds),
+   * rowsInUse [1] i32 the batch's rows (the rest pad it to the bucket)
+   */
+  readonly inputs: StepIndex & { rowsInUse: Tensor; feedFrom: Tensor; temperature: Tensor; topK: Tensor; topP: Tensor; uniform: Tensor };
   /** [max bucket] i32: row i of the draw goes to sampled[i] for i < bucket (-1 beyond) */
   readonly keepRows: Tensor;
   /** graph-owned outputs of the captured run, rewritten by each replay: logits [bucket, vocab] f32, the draw [bucket] i32 */
@@ -487,6 +490,7 @@ export class StepRunner {
     // logitRows stay the graph's own (every row, in order: graphBucket admits nothing else)
     for (const key of Object.keys(index) as IndexKey[]) if (key !== 'logitRows') ops.write(graph.inputs[key], bytesOf(index[key].values));
     ops.write(graph.inputs.feedFrom, bytesOf(Int32Array.from({ length: bucket }, (_, i) => feedFrom[i] ?? -1)));
+    ops.write(graph.inputs.rowsInUse, bytesOf(Int32Array.of(n)));
     const { temperature, topK, topP, uniform } = padded.sample;
     ops.write(graph.inputs.temperature, bytesOf(Float32Array.from(temperature)));
     ops.write(graph.inputs.topK, bytesOf(Int32Array.from(topK)));
@@ -521,6 +525,7 @@ export class StepRunner {
       ...uploadIndex(ops, stepIndexArrays(padded, this.kv, this.rankModel.model.sparq?.setting)),
       ...(slots > 0 && { prefixGroups: prefixGroupTensors(ops, bucket, slots) }),
       feedFrom: int32Tensor(ops, Array(bucket).fill(-1)),
+      rowsInUse: int32Tensor(ops, [0]),
       temperature: float32Tensor(ops, padded.sample.temperature),
       topK: int32Tensor(ops, padded.sample.topK),
       topP: float32Tensor(ops, padded.sample.topP),

@@ -18,10 +18,10 @@ export const GRAPH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256] as const;
 /**
  * With experts, graphs stop where the expert matmuls leave the device: above 8 rows bf16 experts are grouped by expert
  * on the host (not capturable; cuBLAS a group, faster there than the device's vector kernel in passes: Mixtral 8 layers
- * at batch 12, H100, 1013-1106 tok/s eager against 677 in graphs), quantized ones above 16 (their device GEMV runs in
- * passes of 8 tokens).
+ * at batch 12, H100, 1013-1106 tok/s eager against 677 in graphs), quantized ones above 64 (the native
+ * kQuantExpertGemvMaxTokens: up to there their device GEMV reads each chosen expert once for every 8 of its pairs).
  */
-const EXPERTS_MAX_GRAPH_BATCH = { dense: 8, quantized: 16 } as const;
+const EXPERTS_MAX_GRAPH_BATCH = { dense: 8, quantized: 64 } as const;
 
 /**
  * The largest decode graph a layout of `kvSlots` sequences uses: the bucket that holds them all (the last at

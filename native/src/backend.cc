@@ -663,14 +663,18 @@ Tensor Backend::gather_rows(const Tensor& x, const Tensor& rows) {
   return out;
 }
 
-Backend::Routing Backend::route_top_k(const Tensor& logits, int64_t k) {
+Backend::Routing Backend::route_top_k(const Tensor& logits, int64_t k, const Tensor* rows_in_use) {
   const char* op = "routeTopK";
   need(op, {"logits", logits}, 2, "[T, E]", kF32);
+  if (rows_in_use) {
+    need(op, {"rowsInUse", *rows_in_use}, 1, "[1]", kI32);
+    WEFT_CHECK(rows_in_use->dim(0) == 1, op, Arg{"rowsInUse", *rows_in_use}, " must hold one value");
+  }
   const int64_t E = logits.dim(1);
   WEFT_CHECK(k >= 1 && k <= E, op, "k = ", k, " must be in [1, ", E, "] (the experts of ", Arg{"logits", logits},
              ")");
   Routing out{empty(DType::I32, {logits.dim(0), k}), empty(DType::F32, {logits.dim(0), k})};
-  run_route_top_k(logits, out);
+  run_route_top_k(logits, rows_in_use, out);
   return out;
 }
 

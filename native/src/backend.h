@@ -219,11 +219,12 @@ class Backend {
   // ---- mixture of experts (E experts, k chosen per token; pair p = t * k + j is token t's j-th choice)
   // logits [T, E] f32 -> {experts [T, k] i32, weights [T, k] f32}: per token, softmax over all E in fp32, the k
   // most probable experts (highest first, ties to the lower index), their probabilities renormalised to sum 1
-  // (Hugging Face's Mixtral router). 1 <= k <= E.
+  // (Hugging Face's Mixtral router). 1 <= k <= E. rows_in_use ([1] i32, or null: every row): the rows at and past
+  // its value only pad a graph step to its bucket, and their pairs choose no expert (route_padding).
   struct Routing {
     Tensor experts, weights;
   };
-  Routing route_top_k(const Tensor& logits, int64_t k);
+  Routing route_top_k(const Tensor& logits, int64_t k, const Tensor* rows_in_use = nullptr);
   // x [X, K] f32 with X = T (row t serves all k pairs of token t) or X = T * k (one row per pair), w [El, N, K]
   // float (experts expert_start .. expert_start + El - 1), experts [T, k] i32 -> [T * k, N] f32: row p =
   // x-row of p @ w[experts[p] - expert_start]^T, and zeros where that expert is not in w (another rank's, with
@@ -324,7 +325,7 @@ class Backend {
   virtual void run_slice_cols(const Tensor& x, int64_t start, const Tensor& out) = 0;
   virtual void run_concat_cols(const std::vector<Tensor>& xs, const Tensor& out) = 0;
   virtual void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) = 0;
-  virtual void run_route_top_k(const Tensor& logits, const Routing& out) = 0;
+  virtual void run_route_top_k(const Tensor& logits, const Tensor* rows_in_use, const Routing& out) = 0;
   // gated: x is gate_up [X, 2K] and the rows multiplied are silu_mul of it.
   virtual void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
                                  bool gated, const Tensor& out) = 0;

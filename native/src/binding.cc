@@ -575,7 +575,10 @@ Napi::Value EngineHandle::GatherRows(const Napi::CallbackInfo& info) {
 Napi::Value EngineHandle::RouteTopK(const Napi::CallbackInfo& info) {
   return guard(info.Env(), "routeTopK", [&]() -> Napi::Value {
     Args a(info, "routeTopK", this);
-    Backend::Routing r = backend_->route_top_k(a.tensor(0, "logits"), a.integer(1, "k"));
+    std::optional<Tensor> rows_in_use;  // optional trailing rowsInUse
+    if (info.Length() > 2 && !info[2].IsUndefined()) rows_in_use = a.tensor(2, "rowsInUse");
+    Backend::Routing r =
+        backend_->route_top_k(a.tensor(0, "logits"), a.integer(1, "k"), rows_in_use ? &*rows_in_use : nullptr);
     Napi::Object out = Napi::Object::New(info.Env());
     out.Set("experts", Wrap(info.Env(), std::move(r.experts)));
     out.Set("weights", Wrap(info.Env(), std::move(r.weights)));

@@ -36,4 +36,14 @@ WEFT_HD void route_token(const float* logits, int64_t E, int64_t k, int32_t* exp
   for (int64_t j = 0; j < k; ++j) weights[j] /= chosen_total;
 }
 
+// A row that only pads a graph step to its bucket: its k pairs choose no expert, ids -1 .. -k (distinct, as a
+// token's must be; no expert GEMV serves a negative id, so their rows come out zero), with weight 0. Identical
+// padding rows would otherwise all choose the same experts, and an expert's reads grow with its pairs.
+WEFT_HD void route_padding(int64_t k, int32_t* experts, float* weights) {
+  for (int64_t j = 0; j < k; ++j) {
+    experts[j] = static_cast<int32_t>(-1 - j);
+    weights[j] = 0.f;
+  }
+}
+
 }  // namespace weft

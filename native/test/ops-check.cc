@@ -390,18 +390,20 @@ void check_quant_matmul(Rng& rng) {
     }
 }
 
-// Quantized experts (Mixtral): the expert GEMV (T <= 16, routing on the device: up to 8 tokens the one-token
-// tensor-core kernel, x in f16 from 2 tokens) and the grouped path (T = 64, each expert dequantized to bf16 for the
-// GEMM) against the CPU, per token and per pair, gated and not; then Mixtral's down projection (K 14336: at 8 tokens
-// x is staged in runs) with every expert held.
+// Quantized experts (Mixtral): the expert GEMV (T <= 64, routing on the device: the one-token tensor-core kernel, x
+// in f16 from 2 tokens, up to 8 of an expert's pairs a pass: from 9 tokens a crowded case gives one expert every
+// token's first choice, so its block makes further passes) and the grouped path (T = 80, each expert dequantized to
+// bf16 for the GEMM) against the CPU, per token and per pair, gated and not; then Mixtral's down projection (K 14336:
+// at 8 tokens x is staged in runs) with every expert held.
 void check_quant_moe(Rng& rng) {
   struct Case {
     int64_t El, start, N, K;
     std::vector<int64_t> Ts;
   };
   const int64_t E = 8, k = 2;
-  for (const Case& c : {Case{4, 2, 1024, 4096, {1, 2, 8, 12, 16, 64}}, Case{8, 0, 4096, 14336, {1, 3, 8, 12}},
-                          Case{4, 2, 1000, 4096, {1, 8, 12}}})
+  for (const Case& c : {Case{4, 2, 1024, 4096, {1, 2, 8, 12, 16, 32, 64, 80}},
+                        Case{8, 0, 4096, 14336, {1, 3, 8, 12, 16, 32}},
+                        Case{4, 2, 1000, 4096, {1, 8, 12, 40}}})
     for (DType dt : {DType::I8, DType::I4}) {
       const int64_t group = dt == DType::I4 ? 128 : c.K, K = c.K;
       QuantPair w;
@@ -412,31 +414,36 @@ void check_quant_moe(Rng& rng) {
         continue;
       }
       for (int64_t T : c.Ts) {
-        std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " N=" + std::to_string(c.N) +
-                         " El=" + std::to_string(c.El) + " " + dtype_name(dt);
-        run_case("quantExperts", sh, [&] {
-          auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K);
-          // each token's first choice a held expert (random draws can route a step's every pair elsewhere)
-          for (int64_t t = 0; t < T; ++t) logits[t * E + c.start + t % c.El] += 8.f;
-          const double rtol = T > 16 ? kQuantGemmRtol : quant_rtol(dt, K, group, T);
-          auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
-            Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
-            Tensor x = up(b, xv, {rows_x, static_cast<int64_t>(xv.size()) / rows_x});
-            return down(b, gated ? b.silu_mul_expert_matmul(x, wq, experts, c.start)
-                                 : b.expert_matmul(x, wq, experts, c.start));
-          };
-          if (c.K == 4096) {
-            auto gate_up = rng.floats(T * 2 * K, -4, 4);
-            compare("expertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, false, xp, T * k),
-                    run(*cpu, w.cpu_w, false, xp, T * k), rtol);
-            compare("siluMulExpertMatmul", sh + " x/token", run(*gpu, w.gpu_w, true, gate_up, T),
-                    run(*cpu, w.cpu_w, true, gate_up, T), rtol);
-          } else {  // as Mixtral's w2 reads the gate and up products of each pair
-            auto gate_up = rng.floats(T * k * 2 * K, -4, 4);
-            compare("siluMulExpertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, true, gate_up, T * k),
-                    run(*cpu, w.cpu_w, true, gate_up, T * k), rtol);
-          }
-        });
+        for (bool crowded : {false, true}) {  // crowded: every token's first choice one expert (9..16 tokens)
+          if (crowded && (T <= 8 || T > 64)) continue;
+          std::string sh = "T=" + std::to_string(T) + " K=" + std::to_string(K) + " N=" + std::to_string(c.N) +
+                           " El=" + std::to_string(c.El) + " " + dtype_name(dt) + (crowded ? " one expert's" : "");
+          run_case("quantExperts", sh, [&] {
+            auto logits = rng.floats(T * E, -4, 4), xp = rng.floats(T * k * K);
+            // each token's first choice a held expert (random draws can route a step's every pair elsewhere); crowded:
+            // the same one, so that more pairs chose it than the one-token kernel's 8 columns (a second pass)
+            for (int64_t t = 0; t < T; ++t) logits[t * E + c.start + (crowded ? 0 : t % c.El)] += 8.f;
+            // up to 64 tokens the expert GEMV (its kernel as at 16), past that the grouped path
+            const double rtol = T > 64 ? kQuantGemmRtol : quant_rtol(dt, K, group, std::min<int64_t>(T, 16));
+            auto run = [&](Backend& b, const Tensor& wq, bool gated, const std::vector<float>& xv, int64_t rows_x) {
+              Tensor experts = b.route_top_k(up(b, logits, {T, E}), k).experts;
+              Tensor x = up(b, xv, {rows_x, static_cast<int64_t>(xv.size()) / rows_x});
+              return down(b, gated ? b.silu_mul_expert_matmul(x, wq, experts, c.start)
+                                   : b.expert_matmul(x, wq, experts, c.start));
+            };
+            if (c.K == 4096) {
+              auto gate_up = rng.floats(T * 2 * K, -4, 4);
+              compare("expertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, false, xp, T * k),
+                      run(*cpu, w.cpu_w, false, xp, T * k), rtol);
+              compare("siluMulExpertMatmul", sh + " x/token", run(*gpu, w.gpu_w, true, gate_up, T),
+                      run(*cpu, w.cpu_w, true, gate_up, T), rtol);
+            } else {  // as Mixtral's w2 reads the gate and up products of each pair
+              auto gate_up = rng.floats(T * k * 2 * K, -4, 4);
+              compare("siluMulExpertMatmul", sh + " x/pair", run(*gpu, w.gpu_w, true, gate_up, T * k),
+                      run(*cpu, w.cpu_w, true, gate_up, T * k), rtol);
+            }
+          });
+        }
       }
     }
 }

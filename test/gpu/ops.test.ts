@@ -476,6 +476,9 @@ test('routeTopK, expertMatmul (device-routed up to 8 tokens, grouped above) and 
       };
       const g = run(gpu, gpuStacks[h]!, x, T), c = run(cpu, cpuStacks[h]!, x, T);
       assert.deepEqual([...gpu.download(g.experts)], [...cpu.download(c.experts)], `routeTopK T=${T}`);
+      // a graph step's padding rows (past rowsInUse) choose no expert on both
+      const padded = (e: Engine) => e.download(e.routeTopK(f32(e, logits, [T, E]), k, i32(e, Int32Array.of(T >> 1))).experts);
+      assert.deepEqual([...padded(gpu)], [...padded(cpu)], `routeTopK T=${T}, rows in use ${T >> 1}`);
       // Over 8 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul.
       const rtol = T > 8 ? 2e-3 : 1e-5;
       assertNear(get(gpu, g.y), get(cpu, c.y), rtol, `expertMatmul T=${T} experts ${first}..${first + El - 1}`);

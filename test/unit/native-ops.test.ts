@@ -521,6 +521,26 @@ test('routeTopK follows Hugging Face: softmax, top-k with ties to the lower inde
   assertNativeError(() => engine.routeTopK(f32(engine, logits, [T, E]), 0), /routeTopK: k = 0 must be in \[1, 8\]/);
 });
 
+test('routeTopK with rowsInUse: the rows past it pad a graph step, their pairs choose no expert and weigh nothing', () => {
+  const rand = prng(14);
+  const T = 5, E = 8, k = 2, K = 16, N = 3, used = 3;
+  const logits = randoms(rand, T * E, -3, 3);
+  const { experts, weights } = engine.routeTopK(f32(engine, logits, [T, E]), k, i32(engine, [used]));
+  const want = refRoute(logits, E, k);
+  assert.deepEqual([...engine.download(experts)], [...want.experts.slice(0, used * k), -1, -2, -1, -2]);
+  assertClose(get(engine, weights), [...want.weights.slice(0, used * k), 0, 0, 0, 0], () => 1e-6, 'routeTopK weights');
+  // every row in use: the plain routing; none: every row padding
+  assert.deepEqual([...engine.download(engine.routeTopK(f32(engine, logits, [T, E]), k, i32(engine, [T])).experts)], want.experts);
+  assert.deepEqual([...engine.download(engine.routeTopK(f32(engine, logits, [T, E]), k, i32(engine, [0])).experts)], Array.from({ length: T * k }, (_, p) => -1 - (p % k)));
+  // the padding pairs' rows come out zero from the expert matmul (no expert reads them), and combine to zero
+  const y = engine.expertMatmul(f32(engine, randoms(rand, T * K), [T, K]), f32(engine, randoms(rand, E * N * K), [E, N, K]), experts, 0);
+  const rows = get(engine, y);
+  assert.ok(rows.subarray(0, used * k * N).some((v) => v !== 0), 'the rows in use have their products');
+  assert.ok(rows.subarray(used * k * N).every((v) => v === 0), 'the padding pairs are zero');
+  assert.ok(get(engine, engine.combineExperts(y, weights)).subarray(used * N).every((v) => v === 0));
+  assertNativeError(() => engine.routeTopK(f32(engine, logits, [T, E]), k, i32(engine, [1, 2])), /routeTopK: rowsInUse \[2\] i32 must hold one value/);
+});
+
 test('expertMatmul reads each routed expert, zeros for experts held elsewhere; combineExperts weighs the pairs', () => {
   const rand = prng(13);
   const T = 4, k = 2, K = 24, N = 5, El = 3, first = 2; // this rank holds experts 2, 3, 4 of 8

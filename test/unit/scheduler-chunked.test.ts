@@ -142,8 +142,9 @@ test('decode graph buckets: powers of two to 128, then 192 and 256; a batch runs
   assert.equal(maxGraphBatch(dense, 1000), 256);
   assert.equal(maxGraphBatch({ nExpertsPerToken: 2 }, 256), 8, 'bf16 expert matmuls above 8 rows are not capturable');
   const int8 = { kind: 'int8', groupSize: 'channel', atLoad: true } as const;
-  assert.equal(maxGraphBatch({ nExpertsPerToken: 2, quantization: int8 }, 256), 16, 'quantized ones above 16');
+  assert.equal(maxGraphBatch({ nExpertsPerToken: 2, quantization: int8 }, 256), 64, 'quantized ones above 64');
   assert.equal(maxGraphBatch({ nExpertsPerToken: 2, quantization: int8 }, 12), 16);
+  assert.equal(maxGraphBatch({ nExpertsPerToken: 2, quantization: int8 }, 40), 64);
   // the graphs' regions take half the arena at most: a small arena keeps the smaller buckets
   assert.equal(graphArenaTokens(256), 703);
   assert.equal(maxGraphBatch(dense, 256, 2 * 703), 256);

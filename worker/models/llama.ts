@@ -39,8 +39,8 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly sage?: SageState; // with prefillAttention: the prompts' quantized blocks kept across their steps (sage-state.ts)
 }
 
-/** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts. */
-export type FeedForward<Layer> = (ops: Ops, comm: Collectives, layer: Layer, x: Tensor) => Promise<Tensor>;
+/** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts (which reads the step's rows in use). */
+export type FeedForward<Layer> = (ops: Ops, comm: Collectives, layer: Layer, x: Tensor, step: StepIndex) => Promise<Tensor>;
 
 export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<AttentionWeights>, layerIndex: number, x: Tensor, step: StepIndex): Promise<Tensor> {
   const { headDim } = model.spec;
@@ -94,7 +94,7 @@ export async function forward<Layer extends AttentionWeights>(
     // h = x + attention(attnNorm(x)), with ffnNorm(h)
     const h = ops.addRmsNorm(x.sum, await attention(ops, comm, model, i, x.normed, step), layer.ffnNorm, eps);
     // x = h + feedForward(ffnNorm(h)), with the next layer's attnNorm(x)
-    const out = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed), nextNorm, eps);
+    const out = ops.addRmsNorm(h.sum, await feedForward(ops, comm, layer, h.normed, step), nextNorm, eps);
     // only x outlives the layer, and the x it read goes too (a step that fits the arena keeps its layers instead)
     const [sum, normed] = step.keepLayers ? [out.sum, out.normed] : ops.releaseLayer(mark, [out.sum, out.normed]);
     x = { sum: sum!, normed: normed! };

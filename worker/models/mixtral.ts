@@ -26,8 +26,9 @@ export interface MixtralLayer extends AttentionWeights {
  * weights the expert matmuls read, so decode steps stay one CUDA graph. Rows routed to experts held by
  * other ranks come out zero here and arrive through the all-reduce.
  */
-export const moeFeedForward: FeedForward<MixtralLayer> = async (ops, comm, layer, x) => {
-  const { experts, weights } = ops.routeTopK(ops.matmul(x, layer.router), layer.nExpertsPerToken); // [T, k] each
+export const moeFeedForward: FeedForward<MixtralLayer> = async (ops, comm, layer, x, step) => {
+  // [T, k] each; a graph step's padding rows choose no expert (else all would choose the same ones, each read again)
+  const { experts, weights } = ops.routeTopK(ops.matmul(x, layer.router), layer.nExpertsPerToken, step.rowsInUse);
   const gateUp = ops.expertMatmul(x, layer.experts.w13, experts, layer.experts.first); // [T k, 2 F]
   const down = ops.siluMulExpertMatmul(gateUp, layer.experts.w2, experts, layer.experts.first); // [T k, hidden]
   return comm.allReduce(ops.combineExperts(down, weights));

@@ -43,6 +43,8 @@ export interface StepIndex {
   readonly keepLayers?: boolean;
   /** the first rows, each its sequence's only one (leadingDecodeRows): attention runs them as a decode batch */
   readonly decodeRows?: number;
+  /** [1] i32, graph steps: the batch's real rows; the rest pad it to its bucket and choose no expert (routeTopK) */
+  readonly rowsInUse?: Tensor;
 }
 
 /**

@@ -284,11 +284,14 @@ class CpuBackend final : public Backend {
     cpu::gather_rows(out.data<uint8_t>(), x.data<uint8_t>(), x.dim(1) * static_cast<int64_t>(dtype_size(x.dtype)),
                      rows.data<int32_t>(), rows.dim(0));
   }
-  void run_route_top_k(const Tensor& logits, const Routing& out) override {
+  void run_route_top_k(const Tensor& logits, const Tensor* rows_in_use, const Routing& out) override {
     const int64_t T = logits.dim(0), E = logits.dim(1), k = out.experts.dim(1);
-    for (int64_t t = 0; t < T; ++t)
-      route_token(logits.data<float>() + t * E, E, k, out.experts.data<int32_t>() + t * k,
-                  out.weights.data<float>() + t * k);
+    const int64_t used = rows_in_use ? rows_in_use->data<int32_t>()[0] : T;
+    for (int64_t t = 0; t < T; ++t) {
+      if (t >= used) route_padding(k, out.experts.data<int32_t>() + t * k, out.weights.data<float>() + t * k);
+      else route_token(logits.data<float>() + t * E, E, k, out.experts.data<int32_t>() + t * k,
+                       out.weights.data<float>() + t * k);
+    }
   }
   // Rows grouped by expert: each expert's weights are read once, for all of its rows, by the threaded matmul.
   void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start, bool gated,

@@ -392,8 +392,9 @@ class CudaBackend final : public Backend {
   void run_gather_rows(const Tensor& x, const Tensor& rows, const Tensor& out) override {
     cuda::launch_gather_rows(ctx(), x, rows, out);
   }
-  void run_route_top_k(const Tensor& logits, const Routing& out) override {
-    cuda::launch_route_top_k(ctx(), logits, out.experts, out.weights);
+  void run_route_top_k(const Tensor& logits, const Tensor* rows_in_use, const Routing& out) override {
+    cuda::launch_route_top_k(ctx(), logits, rows_in_use ? rows_in_use->data<int32_t>() : nullptr, out.experts,
+                             out.weights);
   }
   void run_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start, bool gated,
                          const Tensor& out) override {
@@ -534,8 +535,9 @@ class CudaBackend final : public Backend {
   static cuda::QuantMatrix gemv_weights(const Tensor& w) {
     return is_quantized(w.dtype) ? quant_matrix(w) : cuda::QuantMatrix{w.buffer->data(), nullptr, w.dtype, 0};
   }
-  // Quantized experts: up to 16 tokens the expert GEMV on the device (capturable); longer steps are grouped by
-  // expert on the host (grouped_expert_matmul), each expert dequantized into the scratch for the GEMM.
+  // Quantized experts: up to 64 tokens the expert GEMV on the device (capturable: decode graphs to 64 rows); longer
+  // steps are grouped by expert on the host (grouped_expert_matmul), each expert dequantized into the scratch for the
+  // GEMM.
   void run_quant_expert_matmul(const Tensor& x, const Tensor& w, const Tensor& experts, int64_t expert_start,
                                bool gated, const Tensor& out) {
     const int64_t T = experts.dim(0), k = experts.dim(1), El = w.dim(0), N = w.dim(1), K = w.dim(2), P = T * k;
@@ -543,7 +545,7 @@ class CudaBackend final : public Backend {
     const bool per_pair = x.dim(0) == P;
     WEFT_CHECK(N <= INT32_MAX && K <= INT32_MAX, gated ? "siluMulExpertMatmul" : "expertMatmul", "w ", to_string(w), " is out of range");
     if (!matmul_) matmul_ = std::make_unique<cuda::Matmul>(ctx());
-    if (T <= cuda::kQuantGemvMaxTokens) {
+    if (T <= cuda::kQuantExpertGemvMaxTokens) {
       const cuda::ExpertRows ex{experts.data<int32_t>(), static_cast<int>(P), static_cast<int>(k), per_pair ? 1 : 0,
                                 static_cast<int>(std::min<int64_t>(expert_start, INT32_MAX)), static_cast<int>(El),
                                 st_->status_dev};

@@ -50,13 +50,14 @@
 //     int8 batch 2 485 -> 627, 4 922 -> 1179, 8 1594 -> 2178; Llama-3-8B batch 8 with w2 in two runs (kPhased)
 //     against one run and the other kernel for w2: int8 1659 -> 1944, int4 2313 -> 2569.
 //   - Experts (kExperts: expertMatmul / siluMulExpertMatmul, int4 or int8 stacked experts, row-major or in tiles
-//     (El N rows, N a multiple of 16, so an expert's rows start a tile), 1..8 tokens): blockIdx.y is the block's
-//     expert and its columns the pairs routed to it (expert-slots.cuh), so each chosen expert's weights are read once
-//     a step; the routing comes from the kernel before, so the block waits for it before its first weight load. int8
-//     tiles at one token take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major,
-//     against gemv.cu's vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684
-//     -> 1503; in tiles (session 51, against row-major): int8 batch 1 518-541 -> 576, batch 8 1400 -> 1523; int4
-//     811-817 -> 847-852, 2083 -> 2234.
+//     (El N rows, N a multiple of 16, so an expert's rows start a tile)): blockIdx.y is the block's expert and its
+//     columns the pairs routed to it (expert-slots.cuh), 8 a pass, so each chosen expert's weights are read once for
+//     every 8 of its pairs (passes of 8 tokens, before session 52, read every chosen expert once a pass); the routing
+//     comes from the kernel before, so the block waits for it before its first weight load. int8 tiles at one token
+//     take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major, against gemv.cu's
+//     vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684 -> 1503; in tiles
+//     (session 51, against row-major): int8 batch 1 518-541 -> 576, batch 8 1400 -> 1523; int4 811-817 -> 847-852,
+//     2083 -> 2234.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
@@ -162,9 +163,11 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
 // value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
 // wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
+// One pass of the block over its tiles. kExperts: the pass serves the block's expert's pairs from its `first`-th
+// (B's columns: at most p.T of them); true where the expert has pairs after them, for a pass of its own.
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
           bool kPhased = false, bool kExperts = false>
-__global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+__device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const AddRmsNormInput& norm, int first) {
   static_assert(!kBulk || (kTiles && kInt8), "bulk copies take a unit's rows as two contiguous runs: int8 tiles only");
   static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
   static_assert(!kPhased || kTokens, "K in runs: several tokens only");
@@ -181,8 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
   __shared__ unsigned tok_absmax[kTokens ? kMaxTokens : 1];
   __shared__ float tok_scale[kTokens ? kMaxTokens : 1], tok_unscale[kTokens ? kMaxTokens : 1];
   __shared__ int tok_out_of_range;
-  __shared__ int slot_x_row[kExperts ? kMaxTokens : 1], slot_y_row[kExperts ? kMaxTokens : 1], n_slots;
-  pdl_trigger();
+  __shared__ int slot_x_row[kExperts ? kMaxTokens : 1], slot_y_row[kExperts ? kMaxTokens : 1], n_slots, n_after;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, nch = K / kCols, G = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
   const uint8_t* w_base = p.w;
@@ -192,15 +194,16 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
     const int local = static_cast<int>(blockIdx.y);
     if (warp == 0)
       expert_slots<kMaxTokens>(p.experts, p.n_pairs, p.topk, p.per_pair_x, local + p.expert_start, lane, slot_x_row,
-                               slot_y_row, n_slots, p.status, p.T);
-    if (local == 0) {  // rows of pairs routed to experts w does not hold are zero
-      for (int i = b * kThreads + threadIdx.x; i < p.n_pairs * p.N; i += G * kThreads) {
-        const int q = i / p.N, held = p.experts[q] - p.expert_start;
-        if (held < 0 || held >= static_cast<int>(gridDim.y)) p.y[i] = 0.f;
+                               slot_y_row, n_slots, p.status, p.T, first, &n_after);
+    if (local == 0 && first == 0) {  // rows of pairs routed to experts w does not hold are zero (a warp a pair)
+      for (int q = b * kWarps + warp; q < p.n_pairs; q += G * kWarps) {
+        const int held = p.experts[q] - p.expert_start;
+        if (held < 0 || held >= static_cast<int>(gridDim.y))
+          for (int n = lane; n < p.N; n += 32) p.y[static_cast<size_t>(q) * p.N + n] = 0.f;
       }
     }
     __syncthreads();
-    if (n_slots == 0) return;  // an expert no pair chose: its weights are not read
+    if (n_slots == 0) return false;  // an expert no pair chose: its weights are not read
     w_base += static_cast<size_t>(local) * p.N * (kInt8 ? K : K / 2);
     s_base += static_cast<size_t>(local) * p.N * p.n_groups;
   }
@@ -621,6 +624,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const P
       }
     }
   }
+  return kExperts && n_after > 0;
+}
+
+template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
+          bool kPhased = false, bool kExperts = false>
+__global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+  pdl_trigger();
+  gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(p, norm, 0);
+}
+
+// Experts at more tokens than B has columns (9..64): an expert that more than 8 pairs chose is read again by the
+// same block for its next 8, once its shared memory is free. A kernel of its own: the loop cost the one-pass kernel
+// 1-3% of Mixtral's batch 1 and 8 (H100, session 52).
+template <bool kTiles, bool kInt8, bool kPhased>
+__global__ void __launch_bounds__(kThreads, 1) gemv_experts_passes_kernel(const Params p, const AddRmsNormInput norm) {
+  pdl_trigger();
+  for (int first = 0; gemv_one_token_mma_pass<false, kTiles, void, kInt8, false, true, kPhased, true>(p, norm, first);
+       first += p.T)
+    __syncthreads();
 }
 
 // The shared memory a block may ask for on this GPU, up to kMaxSmemBytes (asked once: a process drives one kind of
@@ -637,9 +659,13 @@ int smem_limit() {
 }
 
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8, bool kBulk, bool kTokens = false, bool kPhased = false,
-          bool kExperts = false>
+          bool kExperts = false, bool kPasses = false>
 void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, dim3 grid, int smem) {
-  const auto kernel = gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>;
+  static_assert(!kPasses || (kExperts && kTokens), "passes: experts at several tokens");
+  const auto kernel = [] {
+    if constexpr (kPasses) return gemv_experts_passes_kernel<kTiles, kInt8, kPhased>;
+    else return gemv_one_token_mma_kernel<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>;
+  }();
   static bool smem_set = false;  // per instantiation
   if (!smem_set) {
     check_cuda(ctx.st, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit()),
@@ -671,11 +697,15 @@ void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm,
   else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
 }
 
-// Experts: no norm; one token (x's hi and lo, or int8's digits; int8 tiles by bulk copies), or 2..8 columns of pairs.
+// Experts: no norm; one token (x's hi and lo, or int8's digits; int8 tiles by bulk copies), or 2..8 columns of pairs
+// (passes: more tokens than that, an expert's pairs 8 at a time).
 template <bool kInt8, bool kTiles>
-void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, bool bulk, dim3 grid, int smem) {
+void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, bool bulk, bool passes, dim3 grid,
+                    int smem) {
   const AddRmsNormInput none{};
-  if (phased) launch<false, kTiles, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
+  if (phased && passes) launch<false, kTiles, void, kInt8, false, true, true, true, true>(ctx, p, none, grid, smem);
+  else if (passes) launch<false, kTiles, void, kInt8, false, true, false, true, true>(ctx, p, none, grid, smem);
+  else if (phased) launch<false, kTiles, void, kInt8, false, true, true, true>(ctx, p, none, grid, smem);
   else if (tokens) launch<false, kTiles, void, kInt8, false, true, false, true>(ctx, p, none, grid, smem);
   else if constexpr (kInt8 && kTiles) {
     if (bulk) launch<false, true, void, true, true, false, false, true>(ctx, p, none, grid, smem);
@@ -686,11 +716,11 @@ void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, b
 }
 
 void launch_experts_format(const Ctx& ctx, const Params& p, bool int8, bool tiles, bool tokens, bool phased, bool bulk,
-                           dim3 grid, int smem) {
-  if (int8 && tiles) launch_experts<true, true>(ctx, p, tokens, phased, bulk, grid, smem);
-  else if (int8) launch_experts<true, false>(ctx, p, tokens, phased, bulk, grid, smem);
-  else if (tiles) launch_experts<false, true>(ctx, p, tokens, phased, bulk, grid, smem);
-  else launch_experts<false, false>(ctx, p, tokens, phased, bulk, grid, smem);
+                           bool passes, dim3 grid, int smem) {
+  if (int8 && tiles) launch_experts<true, true>(ctx, p, tokens, phased, bulk, passes, grid, smem);
+  else if (int8) launch_experts<true, false>(ctx, p, tokens, phased, bulk, passes, grid, smem);
+  else if (tiles) launch_experts<false, true>(ctx, p, tokens, phased, bulk, passes, grid, smem);
+  else launch_experts<false, false>(ctx, p, tokens, phased, bulk, passes, grid, smem);
 }
 
 }  // namespace
@@ -707,12 +737,15 @@ namespace {
 bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
               float* y, int T, int N, int K, bool pairs, int sms, const AddRmsNormInput* norm, bool tiles, bool gated,
               const ExpertRows* ex = nullptr) {
-  const bool int8 = w_dtype == DType::I8, tokens = T > 1;
+  // B's columns: T tokens; experts: up to 8 of an expert's pairs a pass (the kernel's loop takes the rest)
+  const int cols_T = ex ? std::min(T, kMaxTokens) : T;
+  const bool int8 = w_dtype == DType::I8, tokens = cols_T > 1;
   if ((w_dtype != DType::I4 && !int8) || (gated && (pairs || norm))) return false;
-  if (T < 1 || T > kMaxTokens || (tokens && norm)) return false;
+  if (T < 1 || (!ex && T > kMaxTokens) || (tokens && norm)) return false;
   // experts in tiles: N a multiple of 16, so that expert e's rows start tile e N / 16
   if (ex && (pairs || norm || (tiles && N % kTileRows != 0) || ex->n_local < 1 || ex->n_local > 65535 ||
-             ex->topk < 1 || ex->n_pairs != T * ex->topk || static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
+             ex->topk < 1 || ex->n_pairs != static_cast<long long>(T) * ex->topk ||
+             static_cast<long long>(ex->n_pairs) * N > INT32_MAX))
     return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
@@ -745,12 +778,12 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   const size_t part_bytes = part_bytes_of(grid);
   const dim3 g(static_cast<unsigned>(grid), n_experts);
   Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, 0, 0, gated ? 1 : 0,
-           T, 1};
+           cols_T, 1};
   if (ex) set_expert_rows(p, *ex);
   if (tokens) {  // x's tokens in f16 rows (a run of K's chunks at a time where all of K does not fit), then the sums
     const int nch = K / cols;
     int phases = 1;
-    const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, T) + 15) / 16 * 16; };
+    const auto staged = [&](int ph) { return static_cast<size_t>(token_stage_bytes(K / ph, cols_T) + 15) / 16 * 16; };
     const auto fits = [&](int ph) {
       return nch % ph == 0 && staged(ph) + part_bytes <= static_cast<size_t>(smem_limit());
     };
@@ -759,7 +792,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     p.part_offset = static_cast<int>(staged(phases));
     p.phases = phases;
     const int smem = static_cast<int>(p.part_offset + part_bytes);
-    if (ex) launch_experts_format(ctx, p, int8, tiles, true, phases > 1, false, g, smem);
+    if (ex) launch_experts_format(ctx, p, int8, tiles, true, phases > 1, false, T > cols_T, g, smem);
     else if (phases > 1 && int8) launch_tokens<true, true>(ctx, p, pairs, tiles, g, smem);
     else if (phases > 1) launch_tokens<false, true>(ctx, p, pairs, tiles, g, smem);
     else if (int8) launch_tokens<true, false>(ctx, p, pairs, tiles, g, smem);
@@ -777,7 +810,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   // The bulk kernel asks for all the shared memory: with only what it uses, the rope and decode attention were
   // placed on its SMs and ran 2.5-3.3x longer there (the header; H100, the step 3.311 ms against 3.182).
   const int smem = bulk ? smem_limit() : static_cast<int>(p.part_offset + part_bytes);
-  if (ex) launch_experts_format(ctx, p, int8, tiles, false, false, bulk, g, smem);
+  if (ex) launch_experts_format(ctx, p, int8, tiles, false, false, bulk, false, g, smem);
   else if (bulk && pairs) launch_norm<true, true, true, true>(ctx, p, norm, g, smem);
   else if (bulk) launch_norm<false, true, true, true>(ctx, p, norm, g, smem);
   else if (pairs && tiles) launch_format<true, true>(ctx, p, norm, g, smem, int8);

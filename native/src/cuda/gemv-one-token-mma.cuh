@@ -44,10 +44,11 @@ bool gemv_one_token_mma(const Ctx& ctx, const float* x, const void* w, DType w_d
 bool gemv_tokens_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                      float* y, int T, int N, int K, bool pairs, int sms, bool tiles = false, bool gated = false);
 
-// Experts (expertMatmul / siluMulExpertMatmul at 1..8 tokens, int4 or int8 stacked experts [n_local][N][K],
-// row-major or in tiles of n_local N rows with N a multiple of 16): the same kernel, a block row of the grid an
-// expert; an expert's B columns are the pairs routed to it (at one token x's hi and lo, as gemv_one_token_mma; at
-// 2..8 in f16, as gemv_tokens_mma), y [n_pairs, N] with the rows of pairs routed to experts w does not hold zero.
+// Experts (expertMatmul / siluMulExpertMatmul at any T, int4 or int8 stacked experts [n_local][N][K], row-major or
+// in tiles of n_local N rows with N a multiple of 16): the same kernel, a block row of the grid an expert; an
+// expert's B columns are the pairs routed to it (at one token x's hi and lo, as gemv_one_token_mma; from 2 tokens in
+// f16, as gemv_tokens_mma), up to 8 of them a pass over its weights (an expert more pairs chose takes further passes
+// in the same block), y [n_pairs, N] with the rows of pairs routed to experts w does not hold zero.
 // gated: x rows [gate | up] (2K). False where it does not take the call (as above; ex.n_pairs must be T * ex.topk).
 bool gemv_experts_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales,
                       int group, float* y, int T, int N, int K, const ExpertRows& ex, int sms, bool gated = false,

@@ -58,8 +58,8 @@ bool gemv_one_token_normed(const Ctx& ctx, const float* x, const void* w, DType 
 bool gemv_tokens(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                  float* y, int T, int N, int K, bool gated, bool pairs, bool tiles);
 
-// 1..8 tokens of int4 or int8 stacked experts [n_local][N][K] (row-major, or tiles of El N rows) on the same kernel
-// (gemv-one-token-mma.cuh gemv_experts_mma): y [T topk, N], a row a (token, expert) pair. False where it does not
+// int4 or int8 stacked experts [n_local][N][K] (row-major, or tiles of El N rows) on the same kernel, up to 8 of an
+// expert's pairs a pass (gemv-one-token-mma.cuh gemv_experts_mma): y [T topk, N], a row a (token, expert) pair. False where it does not
 // take the call.
 bool gemv_experts(const Ctx& ctx, const float* x, const QuantMatrix& w, float* y, int T, int N, int K,
                   const ExpertRows& ex, bool gated);

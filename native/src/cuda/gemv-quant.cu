@@ -158,22 +158,20 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
 
 void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N,
                        int K, const ExpertRows& ex, bool gated) {
-  WEFT_CHECK(T >= 1 && T <= kQuantGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
-             kQuantGemvMaxTokens, " tokens, not ", T);
+  WEFT_CHECK(T >= 1 && T <= kQuantExpertGemvMaxTokens, "expertMatmul", "the quantized expert GEMV takes 1..",
+             kQuantExpertGemvMaxTokens, " tokens, not ", T);
   WEFT_CHECK(ex.n_local <= 65535, "expertMatmul", ex.n_local, " experts are out of range");
   if (N == 0 || ex.n_pairs == 0 || ex.n_local == 0) {
     check_cuda(ctx.st, cudaMemsetAsync(y, 0, static_cast<size_t>(ex.n_pairs) * N * sizeof(float), ctx.stream),
                "expertMatmul");
     return;
   }
-  // In passes of at most 8 tokens, on the one-token tensor-core kernel (a block row an expert, the pairs routed to it
-  // its mma's columns: gemv-one-token-mma.cuh), else gemv.cu's vector kernel. Both write every row of their pass
-  // (zeros for pairs routed to experts w does not hold).
+  // The one-token tensor-core kernel (a block row an expert, the pairs routed to it its mma's columns, up to 8 at a
+  // time: gemv-one-token-mma.cuh), so that each chosen expert is read once a step where 8 pairs at most chose it
+  // (passes of 8 tokens read it once a pass); else gemv.cu's vector kernel in passes of at most 8 tokens. Both write
+  // every row (zeros for pairs routed to experts w does not hold).
+  if (gemv_experts(ctx, x, w, y, T, N, K, ex, gated)) return;
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
-  if (in_expert_passes(x, x_width, y, T, N, ex, [&](const float* xp, float* yp, int n, const ExpertRows& part) {
-        return gemv_experts(ctx, xp, w, yp, n, N, K, part, gated);
-      }))
-    return;
   if (in_expert_passes(x, x_width, y, T, N, ex, [&](const float* xp, float* yp, int n, const ExpertRows& part) {
         return gemv.run_quant_experts(xp, w, yp, n, N, K, part, gated);
       }))

@@ -14,6 +14,8 @@
 namespace weft::cuda {
 
 constexpr int kQuantGemvMaxTokens = 16;
+// Decode steps of quantized experts up to this many tokens stay on the device (quant_expert_gemv; capturable).
+constexpr int kQuantExpertGemvMaxTokens = 64;
 
 // y [T, N] = x @ dequant(w)^T, 1 <= T <= 16; gated: x is [T, 2K] ([gate | up] rows) and the product reads
 // silu(gate) * up as it stages x. The tensor-core kernel runs it where it takes the shape (quant_gemv_mma,
@@ -29,8 +31,9 @@ void quant_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w
                 bool gated, QuantGemvPath path = QuantGemvPath::Auto);
 
 // The expert GEMV of expertMatmul / siluMulExpertMatmul over quantized experts w [El, N, K] (QuantMatrix of the
-// first expert; experts follow each other), 1 <= T <= 16 tokens: y [n_pairs, N], each chosen expert's weights read
-// once for all of its pairs, rows of pairs routed to experts not in w zero. Capturable.
+// first expert; experts follow each other), 1 <= T <= kQuantExpertGemvMaxTokens: y [n_pairs, N], each chosen expert's
+// weights read once for every 8 of its pairs (the one-token tensor-core kernel; the formats it refuses take gemv.cu's
+// vector kernel in passes of 8 tokens), rows of pairs routed to experts not in w zero. Capturable.
 void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMatrix& w, float* y, int T, int N,
                        int K, const ExpertRows& ex, bool gated);
 

@@ -6,11 +6,13 @@
 namespace weft::cuda {
 namespace {
 
-__global__ void route_top_k(const float* __restrict__ logits, int64_t T, int64_t E, int64_t k,
-                            int32_t* __restrict__ experts, float* __restrict__ weights) {
+__global__ void route_top_k(const float* __restrict__ logits, const int32_t* __restrict__ rows_in_use, int64_t T,
+                            int64_t E, int64_t k, int32_t* __restrict__ experts, float* __restrict__ weights) {
   pdl_trigger();
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (t < T) route_token(logits + t * E, E, k, experts + t * k, weights + t * k);
+  if (t >= T) return;
+  if (rows_in_use && t >= *rows_in_use) route_padding(k, experts + t * k, weights + t * k);
+  else route_token(logits + t * E, E, k, experts + t * k, weights + t * k);
 }
 
 // One thread per output element; the k products are added in j order, as the CPU does.
@@ -33,11 +35,13 @@ __global__ void scatter_rows(const float* __restrict__ src, const int32_t* __res
 
 }  // namespace
 
-void launch_route_top_k(const Ctx& ctx, const Tensor& logits, const Tensor& experts, const Tensor& weights) {
+void launch_route_top_k(const Ctx& ctx, const Tensor& logits, const int32_t* rows_in_use, const Tensor& experts,
+                        const Tensor& weights) {
   const int64_t T = logits.dim(0);
   if (T == 0) return;
-  route_top_k<<<blocks_for(T, 128), 128, 0, ctx.stream>>>(logits.data<float>(), T, logits.dim(1), experts.dim(1),
-                                                          experts.data<int32_t>(), weights.data<float>());
+  route_top_k<<<blocks_for(T, 128), 128, 0, ctx.stream>>>(logits.data<float>(), rows_in_use, T, logits.dim(1),
+                                                          experts.dim(1), experts.data<int32_t>(),
+                                                          weights.data<float>());
   check_launch(ctx, "routeTopK", {{"logits", logits}});
 }
 
