@@ -57,7 +57,8 @@
 //     take the bulk-copy ring as the dense GEMV does. H100 Mixtral 8 layers (session 50, row-major, against gemv.cu's
 //     vector kernel): int4 batch 1 569 -> 814 tok/s, batch 8 819 -> 2226; int8 469 -> 536 and 684 -> 1503; in tiles
 //     (session 51, against row-major): int8 batch 1 518-541 -> 576, batch 8 1400 -> 1523; int4 811-817 -> 847-852,
-//     2083 -> 2234.
+//     2083 -> 2234; 8 pairs an expert a read (session 52, against passes of 8 tokens and, past 16, experts
+//     dequantized for cuBLAS): int4 batch 16 2489 -> 3557, 32 811 -> 4661, 64 1602 -> 5078.
 //   Measured on H200 (bench/kernels/gemv-layer-run.sh, 32 layers' one-token GEMVs in a graph, us a layer): Llama-2-7B
 //   int4 g128 51.5 (floor 23.0) against 64.1 on the bulk-copy rows; int8's f16 form 82.8 against the streaming
 //   kernel's 72.9 (session 27). The same loads with no arithmetic take 39 us: most of the gap to the floor is the
