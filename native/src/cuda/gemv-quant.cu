@@ -166,10 +166,10 @@ void quant_expert_gemv(const Ctx& ctx, Gemv& gemv, const float* x, const QuantMa
                "expertMatmul");
     return;
   }
-  // The one-token tensor-core kernel (a block row an expert, the pairs routed to it its mma's columns, up to 8 at a
-  // time: gemv-one-token-mma.cuh), so that each chosen expert is read once a step where 8 pairs at most chose it
-  // (passes of 8 tokens read it once a pass); else gemv.cu's vector kernel in passes of at most 8 tokens. Both write
-  // every row (zeros for pairs routed to experts w does not hold).
+  // The one-token tensor-core kernel (a block row an expert, the pairs routed to it its mma's columns, 8 at a time:
+  // gemv-one-token-mma.cuh), each chosen expert read once for every 8 of its pairs; else gemv.cu's vector kernel in
+  // passes of at most 8 tokens, each reading every expert its tokens chose. Both write every row (zeros for pairs
+  // routed to experts w does not hold).
   if (gemv_experts(ctx, x, w, y, T, N, K, ex, gated)) return;
   const size_t x_width = static_cast<size_t>(K) * (gated ? 2 : 1);
   if (in_expert_passes(x, x_width, y, T, N, ex, [&](const float* xp, float* yp, int n, const ExpertRows& part) {
