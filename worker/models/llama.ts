@@ -39,8 +39,9 @@ export interface LlamaModel<Layer extends AttentionWeights = AttentionWeights & 
   readonly sage?: SageState; // with prefillAttention: the prompts' quantized blocks kept across their steps (sage-state.ts)
 }
 
-/** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts (which reads the step's rows in use). */
-export type FeedForward<Layer> = (ops: Ops, comm: Collectives, layer: Layer, x: Tensor, step: StepIndex) => Promise<Tensor>;
+/** The feed-forward of one block: dense SwiGLU here, a mixture of experts in mixtral.ts (it reads step.rowsInUse). */
+export type FeedForward<Layer> = (ops: Ops, comm: Collectives, layer: Layer, x: Tensor, step: StepIndex) =>
+  Promise<Tensor>;
 
 export async function attention(ops: Ops, comm: Collectives, model: LlamaModel<AttentionWeights>, layerIndex: number, x: Tensor, step: StepIndex): Promise<Tensor> {
   const { headDim } = model.spec;
