@@ -150,7 +150,7 @@ for (const name of list(opts.models)) for (const quantize of quantizations) {
       ({ tokens: last } = await serialStepMs(runner, decodeAt, last, prompt, 2)); // the first captures this bucket's graph
       const serial = await serialStepMs(runner, decodeAt, last, prompt + 2, newTokens);
       const stepMs = await aheadStepMs(runner, decodeAt, batch, prompt + 2 + newTokens, newTokens);
-      // GPU time of the decode graph alone, no host work (none where the batch runs eagerly: Mixtral past 8 rows, 16
+      // GPU time of the decode graph alone, no host work (none where the batch runs eagerly: Mixtral past 8 rows, 64
       // with quantized experts)
       const bucket = graphBucketFor(batch, runner.maxGraphBatch);
       const replayMs = bucket !== null ? runner.timeGraphReplay(bucket, 50) : NaN;
