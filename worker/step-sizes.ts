@@ -25,8 +25,9 @@ const EXPERTS_MAX_GRAPH_BATCH = { dense: 8, quantized: 64 } as const;
 
 /**
  * The largest decode graph a layout of `kvSlots` sequences uses: the bucket that holds them all (the last at
- * most; 8 with bf16 experts, 64 with quantized ones), and smaller where the graphs' regions would take more than half of the tokens a
- * step arena holds (`arenaTokenCount`; the rest is for eager steps); larger batches then run eagerly.
+ * most; 8 with bf16 experts, 64 with quantized ones), and smaller where the graphs' regions would take more than
+ * half of the tokens a step arena holds (`arenaTokenCount`; the rest is for eager steps); larger batches then run
+ * eagerly.
  */
 export function maxGraphBatch(spec: Pick<ModelSpec, 'nExpertsPerToken' | 'quantization'>, kvSlots: number, arenaTokenCount = Infinity): number {
   const experts = EXPERTS_MAX_GRAPH_BATCH[spec.quantization ? 'quantized' : 'dense'];
