@@ -405,53 +405,53 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     const int shift = absmax > 0.f && absmax < INFINITY ? min(126, kXExponentDigits - e) : 0;
     const float x_scale = ldexpf(1.f, shift);
     x_unscale = ldexpf(1.f, -shift);
-    // Three digit rows. kBulk writes its digits over f32 x (the room the ring needs at K = 11008 - 14336), so every
-    // thread reads its columns of x first.
-    const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
-      uint32_t word[3] = {0u, 0u, 0u};
+    // Three digit rows, written a unit of columns at a time. int8: columns 4u .. 4u + 3 are word u of each row.
+    // int4: columns 8u .. 8u + 7 are word u % 16 of a lane's 16 bytes in chunk u / 16 (quad position t = u % 16 / 4,
+    // its word u % 4); that word's even columns (low nibbles) are one k-step's 4 bytes and its odd columns another's
+    // (compute below), so a digit row keeps a chunk's even columns in its first 64 bytes, in the lanes' word order,
+    // and the odd columns in the next 64. kBulk writes the digits over f32 x (the room the ring needs at K = 11008 -
+    // 14336), so every thread reads its columns of x first.
+    constexpr int kUnitCols = kInt8 ? 4 : 8, kUnitF4 = kUnitCols / 4;
+    const auto write_digits = [&](int u, const float4 (&v)[kUnitF4]) {
+      uint32_t even[3] = {0u, 0u, 0u}, odd[3] = {0u, 0u, 0u};  // int8: the word in `even`
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < kUnitCols; ++k) {
         int d[3];
-        int_digits((&v.x)[k] * x_scale, d);
+        int_digits((&v[k / 4].x)[k % 4] * x_scale, d);
 #pragma unroll
-        for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
+        for (int r = 0; r < 3; ++r) {
+          const uint32_t byte = static_cast<uint32_t>(d[r]) & 0xffu;
+          if (kInt8) even[r] |= byte << (8 * k);
+          else (k & 1 ? odd : even)[r] |= byte << (4 * (k & 6));
+        }
       }
+      const int at = kInt8 ? u : (u >> 4) * 32 + (u & 15);  // the (even) word's index in a digit row
 #pragma unroll
-      for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+      for (int r = 0; r < 3; ++r) {
+        uint32_t* row = reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K));
+        row[at] = even[r];
+        if (!kInt8) row[at + 16] = odd[r];
+      }
     };
+    const int n_units = K / kUnitCols;
     if constexpr (kBulk) {
-      constexpr int kPerThread = kMaxK / 4 / kThreads;
-      float4 xv[kPerThread];
+      constexpr int kPerThread = kMaxK / kUnitCols / kThreads;
+      float4 xv[kPerThread][kUnitF4];
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
+        if (const int u = threadIdx.x + i * kThreads; u < n_units)
+#pragma unroll
+          for (int h = 0; h < kUnitF4; ++h) xv[i][h] = xf4[u * kUnitF4 + h];
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
-    } else if constexpr (kInt8) {
-      for (int u = threadIdx.x; u < K / 4; u += kThreads) write_digits(u, xf4[u]);
+        if (const int u = threadIdx.x + i * kThreads; u < n_units) write_digits(u, xv[i]);
     } else {
-      // int4: columns 8u .. 8u + 7 are word u % 16 of a lane's 16 bytes in chunk u / 16 (lane quad position t = u %
-      // 16 / 4, its word u % 4); that word's even columns (low nibbles) are one k-step's 4 bytes and its odd columns
-      // another's (compute below), so each digit row keeps a chunk's even columns in its first 64 bytes, in the
-      // lanes' word order, and the odd columns in the next 64.
-      for (int u = threadIdx.x; u < K / 8; u += kThreads) {
-        uint32_t even[3] = {0u, 0u, 0u}, odd[3] = {0u, 0u, 0u};
+      for (int u = threadIdx.x; u < n_units; u += kThreads) {
+        float4 v[kUnitF4];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          int d[3];
-          int_digits(xf[8 * u + k] * x_scale, d);
-#pragma unroll
-          for (int r = 0; r < 3; ++r) (k & 1 ? odd : even)[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (4 * (k & 6));
-        }
-        const int at = (u >> 4) * 32 + (u & 15);  // the even word's index in a digit row
-#pragma unroll
-        for (int r = 0; r < 3; ++r) {
-          uint32_t* row = reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K));
-          row[at] = even[r];
-          row[at + 16] = odd[r];
-        }
+        for (int h = 0; h < kUnitF4; ++h) v[h] = xf4[u * kUnitF4 + h];
+        write_digits(u, v);
       }
     }
     __syncthreads();
