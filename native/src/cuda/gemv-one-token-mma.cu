@@ -24,7 +24,7 @@
 //     2.5-3.3x longer (the step 3.311 ms against 3.207 with the register ring, where they start 5 us before the
 //     GEMV's end), so it asks for all the shared memory. Int8 step at batch 1 on H100 (session 48): 3.063 ms against
 //     3.176 for the register ring (+3.7% tok/s), batch 8 equal. int4 gained nothing (55.3 against 54.3 us a layer)
-//     and keeps the register ring.
+//     and keeps the register ring (with its s8 form below too: Llama-2-7B batch 1 -7%, H100 session 53).
 //   - x at one token: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of
 //     two below 2^22 and rounded, as three signed base-256 digits (B's columns 0-2, s8; the other 5 are zero: at one
 //     token they are free); a lane's words are mma.sync m16n8k32 s8 steps with exact s32 sums, and a row's sum is
@@ -41,7 +41,8 @@
 //     top bit flipped makes a code its weight in two's complement, the low nibble cleared 16 times it) and a shift
 //     more for its even ones: 3 instructions for 8 weights and 4 s8 k-steps a unit, where x as f16 hi + lo (before
 //     session 53) took 9 for 8 (f16 pairs by the magic-number trick) and 8 f16 k-steps: 52 SASS instructions a unit
-//     against 109.
+//     against 109. H100, tok/s at batch 1: Llama-2-7B 449.6 -> 466.0, Mixtral 8 layers 836.8 -> 856.1; a ring 8 deep
+//     (6 here) lost 2-4%.
 //   - 2..8 tokens (kTokens; int4, and int8 as f16 pairs): x's tokens are B's columns in f16 (as gemv-quant-mma.cu
 //     stages them) and each row's partial sums 8 wide; the same mma a unit, so the weights' pass costs what one
 //     token's does, where the 1..16-token kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2
@@ -823,7 +824,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     return true;
   }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
-  // session 46: int4 gained nothing from it).
+  // session 46: int4 gained nothing from it; session 53, on s8 tensor cores: batch 1 5-8% slower).
   const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
   const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
   const bool bulk = tiles && int8 && part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());
