@@ -317,8 +317,8 @@ constexpr double kQuantGemmRtol = 3e-3;
 // The other shapes run gemv.cu's kernels (x in fp32): 1e-5.
 constexpr double kQuantMmaRtol = 1e-3, kQuantMmaSmallGroupRtol = 2e-3;
 // One token where gemv-one-token.cu takes the group (whole 16-byte vectors, a power of two of them or the row, K <=
-// 16384): exact weights times fp32 x, summed in fp32, as the CPU does (int4 in groups of 128 on tensor cores with x
-// as f16 hi + lo, ~22 bits: 2.8-3.6e-7 of the largest output in gemv-layer-bench): 1e-5.
+// 16384): exact weights times fp32 x, summed in fp32, as the CPU does (int4 in groups of 128 and int8 per channel on s8
+// tensor cores with x as three base-256 digits, ~22 bits, and exact integer sums): 1e-5.
 double quant_rtol(DType dt, int64_t K, int64_t group, int64_t T) {
   const bool int4 = dt == DType::I4;
   if (T > 64 || (T > 16 && (group % (int4 ? 32 : 16) != 0 || K > 16384))) return kQuantGemmRtol;

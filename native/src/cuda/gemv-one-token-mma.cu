@@ -24,22 +24,25 @@
 //     2.5-3.3x longer (the step 3.311 ms against 3.207 with the register ring, where they start 5 us before the
 //     GEMV's end), so it asks for all the shared memory. Int8 step at batch 1 on H100 (session 48): 3.063 ms against
 //     3.176 for the register ring (+3.7% tok/s), batch 8 equal. int4 gained nothing (55.3 against 54.3 us a layer)
-//     and keeps the register ring.
-//   - x: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of two so that
-//     max|x| < 2^14, and split into f16 hi = f16(x) and lo = f16(x - hi): B's column 0 is hi, column 1 lo (the
-//     other 6 columns are zero: at one token they are free), so a row's sum is its column 0 + column 1 and x keeps
-//     ~22 bits where f16 alone keeps 11 (2.8-3.6e-7 of the largest output against the fp32 streaming kernel).
+//     and keeps the register ring (with its s8 form below too: Llama-2-7B batch 1 -7%, H100 session 53).
+//   - x at one token: staged once a block (or made from the deferred addRmsNorm, rms-norm.cuh), scaled by a power of
+//     two below 2^22 and rounded, as three signed base-256 digits (B's columns 0-2, s8; the other 5 are zero: at one
+//     token they are free); a lane's words are mma.sync m16n8k32 s8 steps with exact s32 sums, and a row's sum is
+//     65536 c0 + 256 c1 + c2, taken to fp32 once a tile (one scale a row) or once a chunk (groups). Any order of K's
+//     columns gives the same sum, so the digits are staged in the order the lanes' words take.
 //   - A warp's unit sums (fp32, scaled by the two rows' bf16 group scales) accumulate while it stays in one tile and
 //     go to shared memory when it leaves; the block then sums each row's 16 warp partials in warp order
 //     (deterministic, no atomics).
-//   - int8 (weft's one-token int8 per channel, in tiles, with the held norm): the codes need no unpacking. x, scaled
-//     below 2^22 and rounded, is three signed base-256 digits (B's columns 0-2, s8), and each 16-byte word pair of a
-//     lane is two mma.sync m16n8k32 s8 steps with exact s32 sums; a row's sum is 65536 c0 + 256 c1 + c2, taken to
-//     fp32 once a tile (one scale a row) or once a chunk (groups). Any order of K's columns gives the same sum, so
-//     the digits are staged in the order the lanes' row-major words take. A lane's unit (2 x 16 bytes): 2 loads, 1
-//     shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30 instructions a unit
-//     against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles) against the f16 form's
-//     89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
+//   - int8 codes need no unpacking: each 16-byte word pair of a lane is two s8 k-steps. A lane's unit (2 x 16
+//     bytes): 2 loads, 1 shared load, 2 mma, where the f16 form took 4 x (10 unpacking + 1 mma) (its SASS: 30
+//     instructions a unit against 65). H100 (session 45): 89.0 / 83.3 us a Llama-2-7B layer (row-major / tiles)
+//     against the f16 form's 89.9 / 83.8 and the streaming kernel's 87.6: bound by its loads there.
+//   - int4 codes (code = weight + 8) become s8 bytes with one lop3 a word for its odd columns (the high nibbles: the
+//     top bit flipped makes a code its weight in two's complement, the low nibble cleared 16 times it) and a shift
+//     more for its even ones: 3 instructions for 8 weights and 4 s8 k-steps a unit, where x as f16 hi + lo (before
+//     session 53) took 9 for 8 (f16 pairs by the magic-number trick) and 8 f16 k-steps: 52 SASS instructions a unit
+//     against 109. H100, tok/s at batch 1: Llama-2-7B 449.6 -> 466.0, Mixtral 8 layers 836.8 -> 856.1; a ring 8 deep
+//     (6 here) lost 2-4%.
 //   - 2..8 tokens (kTokens; int4, and int8 as f16 pairs): x's tokens are B's columns in f16 (as gemv-quant-mma.cu
 //     stages them) and each row's partial sums 8 wide; the same mma a unit, so the weights' pass costs what one
 //     token's does, where the 1..16-token kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2
@@ -94,8 +97,8 @@ constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled
 constexpr int kRingDepth = 4;
 constexpr int kChunkBytes = 64;       // bytes of a row a unit (4 lanes x 16)
 constexpr int kMaxK = 16384;
-constexpr int kXExponent = 14;        // x scaled below 2^14: f16 holds it, and hi + lo keep their precision
-constexpr int kXExponentInt8 = 22;    // int8: x scaled below 2^22, three signed base-256 digits
+constexpr int kXExponent = 14;        // kTokens: a token scaled below 2^14 where f16 does not hold it as it is
+constexpr int kXExponentDigits = 22;  // one token: x scaled below 2^22, three signed base-256 digits
 constexpr size_t kMaxPartBytes = 64 * 1024;
 constexpr size_t kMaxSmemBytes = 226 * 1024;  // all but the static arrays' room of Hopper's 227 KiB
 constexpr int kMaxTokens = 8;         // kTokens: B's 8 columns, a token each
@@ -122,12 +125,12 @@ struct Params {
   DeviceStatus* status;     // where a token that chose one expert twice is reported
 };
 
-// Bytes of staged x: f32 [K], then (over_x: over it, once read) hi and lo f16 [K] (lo 64 bytes further on, so that a
-// quad's hi loads and the next quad's lo loads fall in different banks), then 256 zero bytes (B for lanes g >= 2);
-// int8 writes its three s8 digit rows [K] there instead (each 64 bytes after the one before: rows 0 and 1's quads in
-// different banks).
-__host__ __device__ constexpr int x_stage_bytes(int K, bool over_x) { return K * (over_x ? 4 : 8) + 64 + 256; }
+// Bytes of staged x at one token: f32 [K], then (over_x: over it, once read) three s8 digit rows [K], each 64 bytes
+// after the one before (rows 0 and 1's quads in different banks).
 __host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
+__host__ __device__ constexpr int x_stage_bytes(int K, bool over_x) {
+  return over_x ? (K * 4 > 3 * digit_row_bytes(K) ? K * 4 : 3 * digit_row_bytes(K)) : K * 4 + 3 * digit_row_bytes(K);
+}
 // kTokens: token r's f16 row of x at r * token_row_bytes(K) (64 bytes apart, as hi and lo), then 256 zero bytes.
 __host__ __device__ constexpr int token_row_bytes(int K) { return K * 2 + 64; }
 __host__ __device__ constexpr int token_stage_bytes(int K, int T) { return T * token_row_bytes(K) + 256; }
@@ -139,18 +142,6 @@ __device__ __forceinline__ void int_digits(float v, int (&d)[3]) {
   const int x1 = (x - d[2]) >> 8;
   d[1] = static_cast<int8_t>(x1 & 0xff);
   d[0] = (x1 - d[1]) >> 8;
-}
-
-// Eight columns of x (already scaled) as the f16 hi and lo halves, in the pair order of pack_x.
-__device__ __forceinline__ void split_pack(const float (&v)[8], uint4& hi, uint4& lo) {
-  float h[8], l[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    h[e] = __half2float(__float2half_rn(v[e]));
-    l[e] = __half2float(__float2half_rn(v[e] - h[e]));
-  }
-  hi = pack_x<true>(h);
-  lo = pack_x<true>(l);
 }
 
 __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))); }
@@ -173,7 +164,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   static_assert(!kTokens || (!kBulk && std::is_void_v<NormW>), "several tokens: the register ring, x as it is");
   static_assert(!kPhased || kTokens, "K in runs: several tokens only");
   static_assert(!kExperts || (!kPairs && std::is_void_v<NormW>), "experts: plain rows, x as it is");
-  constexpr bool kDigits = kInt8 && !kTokens;  // int8 at one token: x as s8 digits (below); several tokens: f16
+  constexpr bool kDigits = !kTokens;  // one token: x as s8 digits (below); several tokens: f16
   constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
@@ -226,9 +217,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
 
   float* xf = reinterpret_cast<float*>(smem);
   unsigned char* x_stage = smem + (kBulk || kTokens ? 0 : K * 4);  // kBulk: over xf, once it is read
-  uint4* x_hi = reinterpret_cast<uint4*>(x_stage);
-  uint4* x_lo = x_hi + K / 8 + 4;
-  uint4* zeros = kTokens ? reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K_ph)) : x_lo + K / 8;
+  uint4* zeros = reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K_ph));  // kTokens: B's unused columns
   float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
 
   // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
@@ -322,7 +311,8 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   HeldNormWeight<kThreads, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
 
-  for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
+  if constexpr (kTokens)
+    for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
   for (int i = threadIdx.x; i < n_tiles * kWarps * 16 * kPartCols; i += kThreads)
     part[i] = 0.f;  // warps that skip a tile
   // kTokens: every token unscaled and none past f16's range, until staging finds one (each run's, kPhased)
@@ -339,7 +329,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   if constexpr (!kExperts) pdl_wait();  // x (or norm.y) comes from the kernel before (kExperts: waited for above)
 
   float x_unscale = 1.f;
-  unsigned char* x_digits = x_stage;  // int8: digit row r at r * digit_row_bytes(K)
+  unsigned char* x_digits = x_stage;  // one token: digit row r at r * digit_row_bytes(K)
   // kTokens: each token's row of the run in f16 as it is; where a value passes f16's range (rare), again with each
   // token scaled by a power of two that brings its largest |x| below 2^kXExponent (kPhased: the run's sums are
   // unscaled as they are added to shared memory; else at the end).
@@ -413,56 +403,68 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     const float absmax = __uint_as_float(x_absmax);
     int e = 0;
     if (absmax > 0.f && absmax < INFINITY) frexpf(absmax, &e);  // absmax < 2^e
-    const int shift = absmax > 0.f && absmax < INFINITY ? min(126, (kInt8 ? kXExponentInt8 : kXExponent) - e) : 0;
+    const int shift = absmax > 0.f && absmax < INFINITY ? min(126, kXExponentDigits - e) : 0;
     const float x_scale = ldexpf(1.f, shift);
     x_unscale = ldexpf(1.f, -shift);
-    // int8: three digit rows; int4: hi and lo rows. kBulk writes its digits over f32 x (the room the ring needs at
-    // K = 11008 - 14336), so every thread reads its columns of x first.
-    const auto write_digits = [&](int u, float4 v) {  // columns 4u .. 4u + 3: a word of each digit row
-      uint32_t word[3] = {0u, 0u, 0u};
+    // Three digit rows, written a unit of columns at a time. int8: columns 4u .. 4u + 3 are word u of each row.
+    // int4: columns 8u .. 8u + 7 are word u % 16 of a lane's 16 bytes in chunk u / 16 (quad position t = u % 16 / 4,
+    // its word u % 4); that word's even columns (low nibbles) are one k-step's 4 bytes and its odd columns another's
+    // (compute below), so a digit row keeps a chunk's even columns in its first 64 bytes, in the lanes' word order,
+    // and the odd columns in the next 64. kBulk writes the digits over f32 x (the room the ring needs at K = 11008 -
+    // 14336), so every thread reads its columns of x first.
+    constexpr int kUnitCols = kInt8 ? 4 : 8, kUnitF4 = kUnitCols / 4;
+    const auto write_digits = [&](int u, const float4 (&v)[kUnitF4]) {
+      uint32_t even[3] = {0u, 0u, 0u}, odd[3] = {0u, 0u, 0u};  // int8: the word in `even`
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < kUnitCols; ++k) {
         int d[3];
-        int_digits((&v.x)[k] * x_scale, d);
+        int_digits((&v[k / 4].x)[k % 4] * x_scale, d);
 #pragma unroll
-        for (int r = 0; r < 3; ++r) word[r] |= (static_cast<uint32_t>(d[r]) & 0xffu) << (8 * k);
+        for (int r = 0; r < 3; ++r) {
+          const uint32_t byte = static_cast<uint32_t>(d[r]) & 0xffu;
+          if (kInt8) even[r] |= byte << (8 * k);
+          else (k & 1 ? odd : even)[r] |= byte << (4 * (k & 6));
+        }
       }
+      const int at = kInt8 ? u : (u >> 4) * 32 + (u & 15);  // the (even) word's index in a digit row
 #pragma unroll
-      for (int r = 0; r < 3; ++r) reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K))[u] = word[r];
+      for (int r = 0; r < 3; ++r) {
+        uint32_t* row = reinterpret_cast<uint32_t*>(x_digits + r * digit_row_bytes(K));
+        row[at] = even[r];
+        if (!kInt8) row[at + 16] = odd[r];
+      }
     };
+    const int n_units = K / kUnitCols;
     if constexpr (kBulk) {
-      constexpr int kPerThread = kMaxK / 4 / kThreads;
-      float4 xv[kPerThread];
+      constexpr int kPerThread = kMaxK / kUnitCols / kThreads;
+      float4 xv[kPerThread][kUnitF4];
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (const int u = threadIdx.x + i * kThreads; u < K / 4) xv[i] = xf4[u];
+        if (const int u = threadIdx.x + i * kThreads; u < n_units)
+#pragma unroll
+          for (int h = 0; h < kUnitF4; ++h) xv[i][h] = xf4[u * kUnitF4 + h];
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (const int u = threadIdx.x + i * kThreads; u < K / 4) write_digits(u, xv[i]);
-    } else if constexpr (kInt8) {
-      for (int u = threadIdx.x; u < K / 4; u += kThreads) write_digits(u, xf4[u]);
+        if (const int u = threadIdx.x + i * kThreads; u < n_units) write_digits(u, xv[i]);
     } else {
-      for (int u = threadIdx.x; u < K / 8; u += kThreads) {  // u: columns 8u .. 8u + 7
-        const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kLoads, tq = unit / kLoads;
-        float v[8];
+      for (int u = threadIdx.x; u < n_units; u += kThreads) {
+        float4 v[kUnitF4];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] = xf[8 * u + k] * x_scale;
-        split_pack(v, x_hi[chunk * kChunkX + l * 4 + tq], x_lo[chunk * kChunkX + l * 4 + tq]);
+        for (int h = 0; h < kUnitF4; ++h) v[h] = xf4[u * kUnitF4 + h];
+        write_digits(u, v);
       }
     }
     __syncthreads();
   }
 
-  // This lane's B fragments: column g of B, x's hi (g = 0), lo (g = 1) or zero; int8: digit row g (g < 3) or zero.
-  // kTokens: token g's row (g < T) or zero.
-  const bool x_column = kTokens ? g < T : g < 2;
+  // This lane's B fragments: column g of B, digit row g (g < 3) or zero; kTokens: token g's row (g < T) or zero.
+  const bool x_column = kDigits ? g < 3 : g < T;
   const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K_ph));
-  const uint4* xb_lane = kDigits    ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
-                         : kTokens ? (x_column ? x_token : zeros) + t
-                                   : (g == 0 ? x_hi : g == 1 ? x_lo : zeros) + t;
+  const uint4* xb_lane = kDigits ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
+                                 : (x_column ? x_token : zeros) + t;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int isum[4] = {0, 0, 0, 0};  // int8: the exact s32 sums since the last flush, columns 2t and 2t + 1
+  int isum[4] = {0, 0, 0, 0};  // one token: the exact s32 sums since the last flush, columns 2t and 2t + 1
   int ct = first_tile, cc = first_chunk, used = 0;
   const auto scales_of = [&](int j, float& s_lo, float& s_hi) {
     s_lo = __uint_as_float(sc_lo[j] << 16);
@@ -485,12 +487,32 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       wl = w_lo[j];
       wh = w_hi[j];
     }
-    if constexpr (kDigits) {
+    if constexpr (kDigits && kInt8) {
       // The lane's 16 bytes of each row are columns 16 t .. 16 t + 15 of the chunk: words 0-1 are one k-step's A
       // (columns 4 t .. and 16 + 4 t .. of its 32), words 2-3 the next's; B is the same columns of the digit row.
-      const uint4 bx = g < 3 ? xb_lane[cc * 4] : make_uint4(0, 0, 0, 0);
+      const uint4 bx = x_column ? xb_lane[cc * 4] : make_uint4(0, 0, 0, 0);
       mma_16832_s8(isum, wl.x, wh.x, wl.y, wh.y, bx.x, bx.y);
       mma_16832_s8(isum, wl.z, wh.z, wl.w, wh.w, bx.z, bx.w);
+    } else if constexpr (kDigits) {
+      // int4: the lane's 16 bytes of each row are columns 32 t .. 32 t + 31, word i columns 32 t + 8 i ..; its odd
+      // columns (high nibbles) are 16 (code - 8) as s8 bytes with one lop3, its even ones the same once shifted up,
+      // so 4 s8 k-steps take the unit (even words 0-1, 2-3, odd words 0-1, 2-3) and each sum is 16 times the
+      // weights' (taken out at the flush). B: the digit row's even columns (staged in the lanes' word order), then
+      // its odd ones, 64 bytes on.
+      const uint4 be = x_column ? xb_lane[cc * 8] : make_uint4(0, 0, 0, 0);
+      const uint4 bo = x_column ? xb_lane[cc * 8 + 4] : make_uint4(0, 0, 0, 0);
+      uint32_t el[4], eh[4], ol[4], oh[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        el[i] = int4_as_s8_times16((&wl.x)[i] << 4);
+        eh[i] = int4_as_s8_times16((&wh.x)[i] << 4);
+        ol[i] = int4_as_s8_times16((&wl.x)[i]);
+        oh[i] = int4_as_s8_times16((&wh.x)[i]);
+      }
+      mma_16832_s8(isum, el[0], eh[0], el[1], eh[1], be.x, be.y);
+      mma_16832_s8(isum, el[2], eh[2], el[3], eh[3], be.z, be.w);
+      mma_16832_s8(isum, ol[0], oh[0], ol[1], oh[1], bo.x, bo.y);
+      mma_16832_s8(isum, ol[2], oh[2], ol[3], oh[3], bo.z, bo.w);
     } else {
       const uint4* xb = xb_lane + (x_column ? cc * kChunkX : 0);  // the zero lanes read one place
       float pa[4] = {0.f, 0.f, 0.f, 0.f};
@@ -534,7 +556,8 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       // Column c's sum weighs 256^(2 - c): lane t = 0 holds digits 0 and 1, t = 1 digit 2 (its column 3 is zero).
       // One scale a row keeps the s32 sums for the whole tile; groups take theirs at every chunk.
       if (leaving || p.group_shift != 30) {
-        const float w0 = t == 0 ? 65536.f : t == 1 ? 1.f : 0.f, w1 = t == 0 ? 256.f : 0.f;
+        constexpr float kUnit = kInt8 ? 1.f : 1.f / 16;  // int4's codes are 16 times the weights (above)
+        const float w0 = t == 0 ? 65536.f * kUnit : t == 1 ? kUnit : 0.f, w1 = t == 0 ? 256.f * kUnit : 0.f;
         float r_lo = fmaf(static_cast<float>(isum[0]), w0, static_cast<float>(isum[1]) * w1);
         float r_hi = fmaf(static_cast<float>(isum[2]), w0, static_cast<float>(isum[3]) * w1);
         r_lo += __shfl_xor_sync(0xffffffffu, r_lo, 1);
@@ -698,7 +721,7 @@ void launch_format(const Ctx& ctx, const Params& p, const AddRmsNormInput* norm,
   else launch_norm<kPairs, kTiles, false, false>(ctx, p, norm, grid, smem);
 }
 
-// Experts: no norm; one token (x's hi and lo, or int8's digits; int8 tiles by bulk copies), or 2..8 columns of pairs
+// Experts: no norm; one token (x's digits; int8 tiles by bulk copies), or 2..8 columns of pairs
 // (passes: more tokens than that, an expert's pairs 8 at a time).
 template <bool kInt8, bool kTiles>
 void launch_experts(const Ctx& ctx, const Params& p, bool tokens, bool phased, bool bulk, bool passes, dim3 grid,
@@ -801,7 +824,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     return true;
   }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
-  // session 46: int4 gained nothing from it).
+  // session 46: int4 gained nothing from it; session 53, on s8 tensor cores: batch 1 5-8% slower).
   const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
   const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
   const bool bulk = tiles && int8 && part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());

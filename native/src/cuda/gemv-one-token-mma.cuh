@@ -20,9 +20,8 @@ namespace weft::cuda {
 // (K > 16384) or beyond what a block may ask for on this GPU, a norm with K > 4096, misaligned pointers. sms: the
 // SM count (one block a SM). pairs: w is [2N, K] (gate rows, then up rows) and y[f] = silu(gate f) * up f.
 // Capturable (no allocation, no sync).
-// Precision: int4: x is scaled by a power of two and split into f16 high and low parts (x = hi + lo to ~2^-22), each
-// weight is exact in f16, products are summed in the tensor cores' fp32 accumulators and scaled per group in fp32.
-// int8: x scaled below 2^22 and rounded to an integer (three s8 digits), sums exact in s32, then fp32.
+// Precision: x scaled by a power of two below 2^22 and rounded to an integer (three s8 digits), the weights' codes
+// exact in s8 (int4: 16 times the weight), sums exact in s32, then fp32 and scaled per group.
 // Whether an int4 or int8 matrix [rows, K] in groups of `group` is held in tiles (quant-tiles.h) on upload: where this
 // kernel takes its shape (int4: chunks of 128 columns, a group K or a power-of-two multiple of the chunk; int8: one
 // group a row; K <= 16384). Its other

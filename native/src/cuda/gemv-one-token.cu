@@ -319,7 +319,7 @@ void launch_batched(const Ctx& ctx, const float* x, const void* w, const uint16_
 // gemv_one_token and gemv_one_token_silu_pairs: N outputs, of N rows (or of N pairs of rows).
 bool one_token(const Ctx& ctx, const float* x, const void* w, DType w_dtype, const uint16_t* scales, int group,
                float* y, int N, int K, bool gated, bool pairs, const OneTokenTuning& tuning, bool tiles) {
-  if (tiles)  // the tensor-core kernel alone reads tiles (gated too, so the gated form keeps x in fp32 hi + lo)
+  if (tiles)  // the tensor-core kernel alone reads tiles (gated too, so the gated form keeps x to ~2^-22)
     return (tuning.kernel == OneTokenKernel::Weft || tuning.kernel == OneTokenKernel::Mma) &&
            gemv_one_token_mma(ctx, x, w, w_dtype, scales, group, y, N, K, pairs, sm_count(ctx), nullptr, true, gated);
   const bool bf16 = w_dtype == DType::BF16, int8 = w_dtype == DType::I8, int4 = w_dtype == DType::I4;

@@ -1,7 +1,7 @@
 // The register-level pieces of the quantized tensor-core GEMVs (gemv-quant-mma.cu, gemv-one-token-mma.cu): the
 // streaming weight load, f16x2 arithmetic, mma.sync m16n8k16 and m16n8k32 (s8), the magic-number unpacking of int8 /
-// int4 words into f16 pairs, x's columns read (x_columns8) and packed into the lane order those pairs take. Device
-// code only.
+// int4 words into f16 pairs (and of int4 nibbles into s8 bytes), x's columns read (x_columns8) and packed into the
+// lane order those pairs take. Device code only.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -77,6 +77,14 @@ __device__ __forceinline__ void unpack_int4(uint32_t word, uint32_t (&p)[4]) {
   p[1] = fma_f16x2(masked_under_1024<0x00f000f0u>(word), 0x2c002c00u, 0xd480d480u);      // (1024 + 16c) / 16 - 72
   p[2] = sub_f16x2(masked_under_1024<0x000f000fu>(shifted), 0x64086408u);
   p[3] = fma_f16x2(masked_under_1024<0x00f000f0u>(shifted), 0x2c002c00u, 0xd480d480u);
+}
+
+// The high nibble of each byte of an int4 word (code = weight + 8) as the s8 byte 16 x weight, one lop3: flipping a
+// code's top bit makes it the weight in two's complement, and the low nibble cleared makes that 16 times it.
+__device__ __forceinline__ uint32_t int4_as_s8_times16(uint32_t word) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(out) : "r"(word), "n"(0x88888888u), "n"(0xf0f0f0f0u));  // (a ^ b) & c
+  return out;
 }
 
 // Eight f32 columns of x at xr into v (gated: silu(gate) * up, the up columns K further on). Both tensor-core GEMVs
