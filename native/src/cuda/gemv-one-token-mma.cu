@@ -131,7 +131,8 @@ __host__ __device__ constexpr int digit_row_bytes(int K) { return K + 64; }
 __host__ __device__ constexpr int x_stage_bytes(int K, bool over_x) {
   return over_x ? (K * 4 > 3 * digit_row_bytes(K) ? K * 4 : 3 * digit_row_bytes(K)) : K * 4 + 3 * digit_row_bytes(K);
 }
-// kTokens: token r's f16 row of x at r * token_row_bytes(K) (64 bytes apart, as hi and lo), then 256 zero bytes.
+// kTokens: token r's f16 row of x at r * token_row_bytes(K) (64 bytes apart: neighbouring tokens' quads in different
+// banks), then 256 zero bytes.
 __host__ __device__ constexpr int token_row_bytes(int K) { return K * 2 + 64; }
 __host__ __device__ constexpr int token_stage_bytes(int K, int T) { return T * token_row_bytes(K) + 256; }
 
