@@ -1,42 +1,85 @@
 #!/usr/bin/env bash
-# Same-run A/B of decode speed: this tree against a baseline tree, alternating rounds on one GPU, because the
-# same code varies by up to ~15% between machines (bench/RESULTS.md) and only same-run ratios mean anything.
+# Same-run A/B of decode speed: this tree against one or more baseline trees, alternating rounds on one GPU, because
+# the same code varies by up to ~15% between machines (bench/RESULTS.md) and only same-run ratios mean anything.
 #
-#   bash deploy/gpu-host.sh bash bench/ab-decode.sh BASE_DIR ROUNDS [bench/decode.ts options...]
-#   e.g. ... bash bench/ab-decode.sh .ab/base 2 --models llama-2-7b --batches 1,8 --prompts 5 --new-tokens 100
+#   bash deploy/gpu-host.sh bash bench/ab-decode.sh BASE[,BASE...] ROUNDS [bench/decode.ts options...]
+#   e.g. ... bash bench/ab-decode.sh .ab/main.tgz,.ab/variant.tgz 2 --models llama-2-7b --batches 1,8 --prompts 5 \
+#              --new-tokens 100 --quantize int4
 #
-# BASE_DIR holds the baseline's sources (`git archive COMMIT | tar -x -C BASE_DIR`, carried to the GPU host); its
-# addon is built there with WEFT_CUDA=1 and it shares this tree's node_modules. This tree's addon is the one
-# deploy/gpu-host.sh built. Each run's JSON line is kept in $AB_OUT (default ./ab-decode.jsonl), tagged with
-# tree and round; the script ends with a table: tok/s per (model, batch, prompt), the median of each tree, the ratio.
+# A BASE is a directory holding a baseline's sources (`git archive COMMIT | tar -x -C DIR`), or a gzipped tar of the
+# paths where it differs from this tree (`git archive COMMIT native worker | gzip > .ab/NAME.tgz`: ~0.3 MB where the
+# whole tree is ~35 MB, and a device call carries 64 MiB, .bundle's ~30 MB among them), unpacked over a copy of this
+# tree (its node_modules, native/build, .ab and .anchors left out) into $AB_DIR/NAME (default /tmp/ab-decode). A tree
+# is named by its directory or archive name without .tgz; this tree is "new". The baselines' addons are built in
+# parallel (WEFT_CUDA, default 1: the CUDA addon) and share this tree's node_modules; this tree's addon is the one
+# deploy/gpu-host.sh built. Each run's JSON line is kept in $AB_OUT (default ./ab-decode.jsonl), tagged with tree
+# and round; the script ends with a table: tok/s per (model, batch, prompt), each tree's runs and median, and new's
+# median over each baseline's.
 set -euo pipefail
-BASE="${1:?baseline directory}"
+BASES="${1:?baseline directories or archives, comma-separated}"
 ROUNDS="${2:?rounds}"
 shift 2
 OUT_FILE="${AB_OUT:-ab-decode.jsonl}"
+AB_DIR="${AB_DIR:-/tmp/ab-decode}"
 : >"$OUT_FILE"
-[ -d "$BASE" ] || { echo "ab-decode: no baseline tree at $BASE" >&2; exit 1; }
-[ -e "$BASE/node_modules" ] || ln -s "$(readlink -f node_modules)" "$BASE/node_modules"
-(cd "$BASE" && WEFT_CUDA=1 node native/build.mjs >/dev/null) || { echo "ab-decode: the baseline addon did not build" >&2; exit 1; }
 
-for round in $(seq 1 "$ROUNDS"); do
-  (cd "$BASE" && node --import tsx bench/decode.ts "$@" 2>&1) | tee /dev/stderr | tail -1 | sed "s/^/{\"tree\":\"base\",\"round\":$round,\"result\":/; s/\$/}/" >>"$OUT_FILE"
-  node --import tsx bench/decode.ts "$@" 2>&1 | tee /dev/stderr | tail -1 | sed "s/^/{\"tree\":\"new\",\"round\":$round,\"result\":/; s/\$/}/" >>"$OUT_FILE"
+names=() dirs=()
+for base in ${BASES//,/ }; do
+  name="$(basename "$base" .tgz)"
+  if [ -d "$base" ]; then
+    dir="$base"
+  elif [ -f "$base" ]; then
+    dir="$AB_DIR/$name"
+    rm -rf "$dir" && mkdir -p "$dir"
+    tar --exclude=./node_modules --exclude=./native/build --exclude=./.ab --exclude=./.anchors -cf - . | tar -xf - -C "$dir"
+    for path in $(tar -tzf "$base" | sed 's|^\./||' | cut -d/ -f1 | sort -u); do  # what it holds goes whole
+      case "$path" in ''|.|..) ;; *) rm -rf "${dir:?}/$path" ;; esac
+    done
+    tar -xzf "$base" -C "$dir" || { echo "ab-decode: cannot unpack $base" >&2; exit 1; }
+  else
+    echo "ab-decode: no baseline tree or archive at $base" >&2
+    exit 1
+  fi
+  [ -e "$dir/node_modules" ] || ln -s "$(readlink -f node_modules)" "$dir/node_modules"
+  names+=("$name") dirs+=("$dir")
 done
 
-node - "$OUT_FILE" <<'JS'
-const lines = require('node:fs').readFileSync(process.argv[2], 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+pids=()
+for i in "${!dirs[@]}"; do
+  (cd "${dirs[$i]}" && WEFT_CUDA="${WEFT_CUDA:-1}" node native/build.mjs >"$AB_DIR-build-${names[$i]}.log" 2>&1) &
+  pids+=($!)
+done
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { echo "ab-decode: ${names[$i]}'s addon did not build (log: $AB_DIR-build-${names[$i]}.log)" >&2; exit 1; }
+done
+
+run() {  # TREE DIR ROUND: one decode.ts run, its JSON line tagged
+  (cd "$2" && node --import tsx bench/decode.ts "${@:4}" 2>&1) | tee /dev/stderr | tail -1 |
+    sed "s/^/{\"tree\":\"$1\",\"round\":$3,\"result\":/; s/\$/}/" >>"$OUT_FILE"
+}
+for round in $(seq 1 "$ROUNDS"); do
+  for i in "${!dirs[@]}"; do run "${names[$i]}" "${dirs[$i]}" "$round" "$@"; done
+  run new . "$round" "$@"
+done
+
+node - "$OUT_FILE" "${names[@]}" <<'JS'
+const [file, ...bases] = process.argv.slice(2);
+const lines = require('node:fs').readFileSync(file, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
 const cells = new Map();
 for (const { tree, result } of lines)
   for (const r of result.rows) {
     const key = `${r.model} batch ${r.batch} prompt ${r.prompt}`;
-    const cell = cells.get(key) ?? { base: [], new: [], floorMs: r.floorMs };
-    cell[tree].push(r.tokensPerS);
+    const cell = cells.get(key) ?? { runs: {}, floorMs: r.floorMs };
+    (cell.runs[tree] ??= []).push(r.tokensPerS);
     cells.set(key, cell);
   }
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2; };
-console.log('\n| shape | base tok/s (runs) | new tok/s (runs) | new / base | floor ms |');
-console.log('|---|---|---|---|---|');
-for (const [key, c] of cells)
-  console.log(`| ${key} | ${median(c.base).toFixed(1)} (${c.base.map((x) => x.toFixed(1)).join(', ')}) | ${median(c.new).toFixed(1)} (${c.new.map((x) => x.toFixed(1)).join(', ')}) | ${(median(c.new) / median(c.base)).toFixed(3)} | ${c.floorMs.toFixed(3)} |`);
+const trees = [...bases, 'new'];
+const shown = (xs = []) => xs.length ? `${median(xs).toFixed(1)} (${xs.map((x) => x.toFixed(1)).join(', ')})` : '-';
+console.log(`\n| shape | ${trees.map((t) => `${t} tok/s (runs)`).join(' | ')} | ${bases.map((b) => `new / ${b}`).join(' | ')} | floor ms |`);
+console.log(`|---|${trees.map(() => '---|').join('')}${bases.map(() => '---|').join('')}---|`);
+for (const [key, c] of cells) {
+  const ratios = bases.map((b) => (c.runs.new && c.runs[b] ? (median(c.runs.new) / median(c.runs[b])).toFixed(3) : '-'));
+  console.log(`| ${key} | ${trees.map((t) => shown(c.runs[t])).join(' | ')} | ${ratios.join(' | ')} | ${c.floorMs?.toFixed(3) ?? '-'} |`);
+}
 JS
