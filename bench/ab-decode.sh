@@ -31,7 +31,8 @@ for base in ${BASES//,/ }; do
   elif [ -f "$base" ]; then
     dir="$AB_DIR/$name"
     rm -rf "$dir" && mkdir -p "$dir"
-    tar --exclude=./node_modules --exclude=./native/build --exclude=./.ab --exclude=./.anchors -cf - . | tar -xf - -C "$dir"
+    tar --exclude=./node_modules --exclude=./native/build --exclude=./.ab --exclude=./.anchors -cf - . |
+      tar -xf - -C "$dir"
     for path in $(tar -tzf "$base" | sed 's|^\./||' | cut -d/ -f1 | sort -u); do  # what it holds goes whole
       case "$path" in ''|.|..) ;; *) rm -rf "${dir:?}/$path" ;; esac
     done
@@ -50,7 +51,8 @@ for i in "${!dirs[@]}"; do
   pids+=($!)
 done
 for i in "${!pids[@]}"; do
-  wait "${pids[$i]}" || { echo "ab-decode: ${names[$i]}'s addon did not build (log: $AB_DIR-build-${names[$i]}.log)" >&2; exit 1; }
+  log="$AB_DIR-build-${names[$i]}.log"
+  wait "${pids[$i]}" || { echo "ab-decode: ${names[$i]}'s addon did not build (log: $log)" >&2; exit 1; }
 done
 
 run() {  # TREE DIR ROUND: one decode.ts run, its JSON line tagged
@@ -73,13 +75,18 @@ for (const { tree, result } of lines)
     (cell.runs[tree] ??= []).push(r.tokensPerS);
     cells.set(key, cell);
   }
-const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2; };
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
 const trees = [...bases, 'new'];
 const shown = (xs = []) => xs.length ? `${median(xs).toFixed(1)} (${xs.map((x) => x.toFixed(1)).join(', ')})` : '-';
-console.log(`\n| shape | ${trees.map((t) => `${t} tok/s (runs)`).join(' | ')} | ${bases.map((b) => `new / ${b}`).join(' | ')} | floor ms |`);
-console.log(`|---|${trees.map(() => '---|').join('')}${bases.map(() => '---|').join('')}---|`);
+const header = [...trees.map((t) => `${t} tok/s (runs)`), ...bases.map((b) => `new / ${b}`)];
+console.log(`\n| shape | ${header.join(' | ')} | floor ms |`);
+console.log(`|---|${header.map(() => '---|').join('')}---|`);
 for (const [key, c] of cells) {
-  const ratios = bases.map((b) => (c.runs.new && c.runs[b] ? (median(c.runs.new) / median(c.runs[b])).toFixed(3) : '-'));
-  console.log(`| ${key} | ${trees.map((t) => shown(c.runs[t])).join(' | ')} | ${ratios.join(' | ')} | ${c.floorMs?.toFixed(3) ?? '-'} |`);
+  const ratio = (b) => (c.runs.new && c.runs[b] ? (median(c.runs.new) / median(c.runs[b])).toFixed(3) : '-');
+  const row = [...trees.map((t) => shown(c.runs[t])), ...bases.map(ratio)];
+  console.log(`| ${key} | ${row.join(' | ')} | ${c.floorMs?.toFixed(3) ?? '-'} |`);
 }
 JS
