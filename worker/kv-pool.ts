@@ -4,8 +4,8 @@
  * allocated anything (other processes, this rank's CUDA context), the rank's weights, its step arena, the state it
  * keeps beside the cache and a reserve are taken off; the pool is the rest, in whole blocks, and never more than
  * `kvSlots` full contexts (all the sequences can use: a small model does not take the whole device). Ranks sharing
- * one device divide the fraction among them. A fraction that leaves less than one sequence of the full context is
- * refused, naming every term.
+ * one device divide the fraction, and what the device had in use before them, among them (rankShare). A fraction
+ * that leaves less than one sequence of the full context is refused, naming every term.
  */
 import { WeftError } from '../core/errors.ts';
 import { blocksFor } from '../core/kv-block-table.ts';
@@ -19,7 +19,7 @@ export const KV_POOL_RESERVE_BYTES = 2 ** 30;
 export interface KvPoolMemory {
   /** the share of the device weft may use, in (0, 1] */
   readonly fraction: number;
-  /** the device's memory, and what was free before this rank allocated (its context already made) */
+  /** the device's memory, and what was free before this rank allocated (its context made; shared: rankShare) */
   readonly totalBytes: number;
   readonly freeBytes: number;
   /** this rank's weights (stored bytes) and its step arena */
@@ -58,4 +58,44 @@ export function kvPoolTokens(m: KvPoolMemory): number {
     );
   }
   return Math.min(blocks, m.kvSlots * blocksFor(m.maxContext, m.kvBlockSize)) * m.kvBlockSize;
+}
+
+/** What a CUDA rank measured of its device once it had made its context, before any rank of its group allocated. */
+export interface DeviceMeasure {
+  readonly host: string;
+  /** the CUDA ordinal the rank opened */
+  readonly device: number;
+  readonly totalBytes: number;
+  readonly freeBytes: number;
+}
+
+/** A device before a group loaded anything onto it, and how many of the group's ranks share it. */
+export interface DeviceBeforeGroup {
+  readonly totalBytes: number;
+  readonly freeBytes: number;
+  readonly ranks: number;
+}
+
+/**
+ * `mine`'s device before its group, from every rank's measure (`mine` among them): the ranks on the same host and
+ * ordinal share it, and it had the least free memory any of them measured. Each rank measures right after making
+ * its context, and none allocates more before the measures are traded: the last to measure saw every sibling's
+ * context and nothing else of theirs, in whatever order they measured.
+ */
+export function deviceBeforeGroup(mine: DeviceMeasure, measures: readonly DeviceMeasure[]): DeviceBeforeGroup {
+  const sharing = measures.filter((m) => m.host === mine.host && m.device === mine.device);
+  const freeBytes = Math.min(...sharing.map((m) => m.freeBytes));
+  return { totalBytes: mine.totalBytes, freeBytes, ranks: sharing.length };
+}
+
+/**
+ * One rank's part of a shared device for kvPoolTokens: the fraction and what the device had in use before the group
+ * (the other processes and the group's contexts) divided among its ranks, so that together they take the fraction.
+ */
+export function rankShare(
+  fraction: number,
+  device: DeviceBeforeGroup,
+): Pick<KvPoolMemory, 'fraction' | 'totalBytes' | 'freeBytes'> {
+  const { totalBytes, freeBytes, ranks } = device;
+  return { fraction: fraction / ranks, totalBytes, freeBytes: totalBytes - (totalBytes - freeBytes) / ranks };
 }

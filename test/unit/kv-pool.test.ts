@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { KV_POOL_RESERVE_BYTES, kvPoolBytes, kvPoolTokens, minKvPoolBytes, type KvPoolMemory } from '../../worker/kv-pool.ts';
+import { deviceBeforeGroup, rankShare, type DeviceMeasure } from '../../worker/kv-pool.ts';
 import { commandConfig } from '../../coordinator/config.ts';
 import { parseCoordinatorMessage, parseWorkerMessage } from '../../core/worker-protocol.ts';
 import { PROTOCOL_VERSION as v } from '../../core/wire.ts';
@@ -71,4 +72,59 @@ test('the init command carries the fraction and the reply the pool sized from it
   const reply = { v, type: 'reply', rank: 0, id: 1, command: 'init', result: { bytesLoaded: 10, kvCacheTokens: 196608 } };
   assert.deepEqual(parseWorkerMessage(reply), reply);
   assert.throws(() => parseWorkerMessage({ ...reply, result: { bytesLoaded: 10, kvCacheTokens: 0 } }));
+});
+
+/** What a rank on `host`'s CUDA device `device` of 80 GiB measured free. */
+function measure(host: string, device: number, freeBytes: number): DeviceMeasure {
+  return { host, device, totalBytes: 80 * GiB, freeBytes };
+}
+
+/** Every order of `items`. */
+function permutations<T>(items: readonly T[]): T[][] {
+  if (items.length <= 1) return [[...items]];
+  return items.flatMap((item, i) => permutations(items.filter((_, j) => j !== i)).map((rest) => [item, ...rest]));
+}
+
+test('ranks sharing a GPU size the same pools in whatever order they measured: siblings are not in use', () => {
+  // TP 4 of Llama-2-7B on one 80 GiB GPU that another process uses 2 GiB of; each rank's CUDA context takes 0.5 GiB
+  const total = 80 * GiB, outside = 2 * GiB, context = 0.5 * GiB;
+  const rank = { ...h200, totalBytes: total, weightBytes: (12.6 * GiB) / 4, arenaBytes: 4 * GiB };
+  rank.kvBytesPerToken = h200.kvBytesPerToken / 4;
+  const before = { totalBytes: total, freeBytes: total - outside - 4 * context, ranks: 4 };
+  const pools = new Set<number>();
+  for (const order of permutations([0, 1, 2, 3])) {
+    // the k-th rank to measure saw its own context and those of the k ranks before it, and nothing else of theirs
+    const measures = [0, 1, 2, 3].map((r) => measure('h', 0, total - outside - (order.indexOf(r) + 1) * context));
+    for (const mine of measures) {
+      assert.deepEqual(deviceBeforeGroup(mine, measures), before);
+      pools.add(kvPoolTokens({ ...rank, ...rankShare(0.9, deviceBeforeGroup(mine, measures)) }));
+    }
+    // sized from its own measure (as before), the rank that measured last got less than the first
+    const own = (r: number): number => kvPoolTokens({ ...rank, fraction: 0.9 / 4, freeBytes: measures[r]!.freeBytes });
+    assert.ok(own(order[3]!) < own(order[0]!));
+  }
+  assert.equal(pools.size, 1);
+  // together the four take the fraction: each takes a quarter of what was in use before them (others, contexts)
+  assert.deepEqual(rankShare(0.9, before), { fraction: 0.225, totalBytes: total, freeBytes: total - 1 * GiB });
+  const [tokens] = pools;
+  const each = rank.weightBytes + rank.arenaBytes + KV_POOL_RESERVE_BYTES + tokens! * rank.kvBytesPerToken;
+  const used = outside + 4 * context + 4 * each;
+  assert.ok(used <= 0.9 * total && used > 0.9 * total - 4 * 16 * rank.kvBytesPerToken, `${used / GiB} GiB`);
+  // a fraction too small for the group is refused as before, naming this rank's part of what was in use
+  assert.throws(
+    () => kvPoolTokens({ ...rank, ...rankShare(0.2, { ...before, freeBytes: total - 16 * GiB }) }),
+    /--gpu-memory-fraction 0.05 of 80.00 GiB leaves 0.00 GiB for the KV cache \(in use before loading 4.00 GiB,/,
+  );
+});
+
+test('only ranks on the same host and GPU share one: each GPU is measured and divided on its own', () => {
+  // TP 4 on two GPUs of one host (rank r on GPU r mod 2); another process holds 10 GiB of GPU 1
+  const twoGpus = [79, 69, 78.5, 68.5].map((free, r) => measure('h', r % 2, free * GiB));
+  assert.deepEqual(deviceBeforeGroup(twoGpus[0]!, twoGpus), { totalBytes: 80 * GiB, freeBytes: 78.5 * GiB, ranks: 2 });
+  assert.deepEqual(deviceBeforeGroup(twoGpus[3]!, twoGpus), { totalBytes: 80 * GiB, freeBytes: 68.5 * GiB, ranks: 2 });
+  // TP 2 on two hosts of one GPU each (auto: NCCL): each rank has its GPU, and the whole fraction
+  const twoHosts = [measure('a', 0, 79 * GiB), measure('b', 0, 79.5 * GiB)];
+  const ownGpu = deviceBeforeGroup(twoHosts[1]!, twoHosts);
+  assert.deepEqual(ownGpu, { totalBytes: 80 * GiB, freeBytes: 79.5 * GiB, ranks: 1 });
+  assert.equal(rankShare(0.9, ownGpu).fraction, 0.9);
 });
