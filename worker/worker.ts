@@ -21,7 +21,16 @@ import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from '.
 import { allocateSageState, sageStateBytes } from './models/sage-state.ts';
 import { DEFAULT_PREFILL_ATTENTION_SLOTS, sagePvType } from '../core/prefill-attention.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
-import { KV_POOL_RESERVE_BYTES, kvPoolTokens, minKvPoolBytes } from './kv-pool.ts';
+import { KV_POOL_RESERVE_BYTES, deviceBeforeGroup, kvPoolTokens, minKvPoolBytes, rankShare } from './kv-pool.ts';
+import type { DeviceBeforeGroup, DeviceMeasure } from './kv-pool.ts';
+
+/** What the ranks that may share a GPU traded on the CPU hub before allocating (WorkerState.meetPeers). */
+interface Peers {
+  readonly exchange: HandleExchange;
+  /** every rank's measure of its device, by rank */
+  readonly measures: readonly DeviceMeasure[];
+  readonly oneHost: boolean;
+}
 
 export class WorkerState {
   private comm: Collectives | null = null;
@@ -52,16 +61,22 @@ export class WorkerState {
       visibleDevices: command.device === 'cuda' ? cudaDeviceCount() : 0,
     });
     const device = collectivesPlan.deviceIndex;
-    // CUDA: the step arena is fixed when the engine is made, so a first engine only reads the memory
-    const memory = command.device === 'cuda' ? createEngine({ backend: 'cuda', device }).memoryInfo() : null;
-    // ranks that share a GPU (shared-gpu: rank r on GPU r mod count) divide the fraction among them
-    const ranksOnDevice = collectivesPlan.kind === 'shared-gpu' || collectivesPlan.kind === 'shared-gpu-if-one-host' ? Math.ceil(this.world / Math.max(1, cudaDeviceCount())) : 1;
-    const sized = memory && this.sizeByFraction(command, memory, ranksOnDevice);
+    // CUDA: the step arena is fixed when the engine is made, so a first engine (this rank's context) only measures
+    const measured = command.device === 'cuda' ? createEngine({ backend: 'cuda', device }).memoryInfo() : null;
+    const mine = measured && { host: hostname(), device, totalBytes: measured.total, freeBytes: measured.free };
+    // ranks that may share a GPU (rank r on GPU r mod count) trade their measures before any of them allocates, so
+    // that none counts what its siblings loaded as in use
+    const shared = collectivesPlan.kind === 'shared-gpu' || collectivesPlan.kind === 'shared-gpu-if-one-host';
+    const peers = shared ? await this.meetPeers(command, mine!, collectivesPlan.kind === 'shared-gpu') : null;
+    const memory = mine && deviceBeforeGroup(mine, peers?.measures ?? [mine]);
+    const sized = memory && this.sizeByFraction(command, memory);
     // the coordinator derives the same layout for its allocator (from the pool this rank reports, when sized here); on CUDA it has a padding block for graph batches
     const kv = sized?.kv ?? kvCacheLayout(command);
-    const arenaBytes = sized?.arenaBytes ?? (memory ? this.arenaBytes(command, kv, memory.free) : undefined);
+    // a pool given in tokens: each rank sharing the device takes its part of what was free before them
+    const freeBytes = memory && memory.freeBytes / memory.ranks;
+    const arenaBytes = sized?.arenaBytes ?? (freeBytes !== null ? this.arenaBytes(command, kv, freeBytes) : undefined);
     const engine = createEngine({ backend: command.device, threads: command.threads, device, arenaBytes });
-    this.comm = await this.joinCollectives(engine, command, collectivesPlan);
+    this.comm = await this.joinCollectives(engine, command, collectivesPlan, peers);
     let bytesLoaded = 0;
     const weights = await loadShard(command.modelDir, command.spec, command.plan, this.rank, (read, total) => {
       bytesLoaded = read;
@@ -84,19 +99,24 @@ export class WorkerState {
   /**
    * A paged pool not given in tokens, with gpuMemoryFraction: the step arena as arenaBytes() would ask, within
    * what the fraction leaves beside the weights and one full-context sequence of KV; the pool is the rest
-   * (worker/kv-pool.ts). Null when the pool is given.
+   * (worker/kv-pool.ts), of this rank's part of its device before the group loaded anything (`memory`). Null when
+   * the pool is given.
    */
-  private sizeByFraction(command: InitCommand, memory: { free: number; total: number }, ranksOnDevice: number): { kv: KvCacheLayout; arenaBytes: number; kvCacheTokens: number } | null {
-    const { kvBlockSize, spec, plan, maxContext, kvSlots } = command;
-    const fraction = command.gpuMemoryFraction === undefined ? undefined : command.gpuMemoryFraction / ranksOnDevice;
+  private sizeByFraction(
+    command: InitCommand,
+    memory: DeviceBeforeGroup,
+  ): { kv: KvCacheLayout; arenaBytes: number; kvCacheTokens: number } | null {
+    const { kvBlockSize, spec, plan, maxContext, kvSlots, gpuMemoryFraction: fraction } = command;
     if (fraction === undefined || kvBlockSize === undefined || command.kvCacheTokens !== undefined) return null;
+    const part = rankShare(fraction, memory);
     const kvBytesPerToken = this.kvBytesPerToken(command);
     const weightBytes = shardBytes(spec, plan, this.rank);
-    const share = Math.floor(fraction * memory.total) - (memory.total - memory.free);
+    const share = Math.floor(part.fraction * part.totalBytes) - (part.totalBytes - part.freeBytes);
     const stateAside = this.sageBytes(command);
     const leftAside = weightBytes + stateAside + minKvPoolBytes({ kvBytesPerToken, kvBlockSize, maxContext }) + KV_POOL_RESERVE_BYTES;
     const arenaBytes = workerArenaBytes(spec, plan, share, leftAside, graphArenaTokens(maxGraphBatch(spec, command.kvSlots)));
-    const kvCacheTokens = kvPoolTokens({ fraction, totalBytes: memory.total, freeBytes: memory.free, weightBytes, arenaBytes, stateBytes: stateAside, kvBytesPerToken, kvBlockSize, maxContext, kvSlots });
+    const geometry = { kvBytesPerToken, kvBlockSize, maxContext, kvSlots };
+    const kvCacheTokens = kvPoolTokens({ ...part, weightBytes, arenaBytes, stateBytes: stateAside, ...geometry });
     return { kv: kvCacheLayout({ ...command, kvCacheTokens }), arenaBytes, kvCacheTokens };
   }
 
@@ -133,17 +153,18 @@ export class WorkerState {
     return slots > 0 ? sageStateBytes(command.spec, command.plan.nKvHeadsPerRank, command.maxContext, sagePvType(command.prefillAttention!), slots) : 0;
   }
 
-  private async joinCollectives(engine: Engine, command: InitCommand, plan: CollectivesPlan): Promise<Collectives> {
+  /** `peers`: what meetPeers traded (shared-gpu kinds). */
+  private async joinCollectives(
+    engine: Engine,
+    command: InitCommand,
+    plan: CollectivesPlan,
+    peers: Peers | null,
+  ): Promise<Collectives> {
     if (plan.kind === 'solo') return soloCollectives();
     if (plan.kind === 'cpu') return this.joinHub(engine, command);
-    if (plan.kind !== 'nccl') {
-      const hubEngine = createEngine({ backend: 'cpu', threads: 1 });
-      this.handleHub = await this.joinHub(hubEngine, command);
-      const exchange = exchangeOver(this.handleHub, hubEngine);
-      if (await this.oneHost(exchange, plan.kind === 'shared-gpu')) {
-        const log = (line: string): void => void process.stderr.write(`weft worker rank ${this.rank}: ${line}\n`);
-        return SharedGpuCollectives.create(engine, plan.deviceIndex, this.rank, this.world, exchange, { log });
-      }
+    if (peers?.oneHost) {
+      const log = (line: string): void => void process.stderr.write(`weft worker rank ${this.rank}: ${line}\n`);
+      return SharedGpuCollectives.create(engine, plan.deviceIndex, this.rank, this.world, peers.exchange, { log });
     }
     if (!command.ncclId) throw new WeftError('WEFT_PROTOCOL', `rank ${this.rank}: a cuda group of ${this.world} ranks needs an NCCL unique id in init`);
     return NcclCollectives.create(engine, this.rank, this.world, command.ncclId, { library: this.ncclLibrary });
@@ -153,13 +174,24 @@ export class WorkerState {
     return CpuCollectives.create(engine, this.rank, this.world, this.hub, command.collectiveRoot, { secret: this.secret, ...(this.curve && { curve: this.curve }) });
   }
 
-  /** Whether every rank runs on this host (shared-gpu needs that); `required`: throw, naming the hosts, when not. */
-  private async oneHost(exchange: HandleExchange, required: boolean): Promise<boolean> {
-    const hosts = (await exchange(Buffer.from(hostname()))).map((bytes) => Buffer.from(bytes).toString());
-    const other = hosts.findIndex((host) => host !== hosts[this.rank]);
-    if (other < 0) return true;
-    if (required) throw new WeftError('WEFT_BAD_REQUEST', `rank ${this.rank}: --collectives shared-gpu needs every rank on one host, but rank ${other} runs on ${hosts[other]} and rank ${this.rank} on ${hosts[this.rank]} (use --collectives nccl)`);
-    return false;
+  /**
+   * Ranks that may share a GPU: join the CPU hub the shared-gpu collectives trade their handles through, and trade
+   * every rank's measure of its device on it, which no rank passes before all have measured. Whether every rank
+   * runs on this host (shared-gpu needs that); `required`: throw, naming the hosts, when not.
+   */
+  private async meetPeers(command: InitCommand, mine: DeviceMeasure, required: boolean): Promise<Peers> {
+    const hubEngine = createEngine({ backend: 'cpu', threads: 1 });
+    this.handleHub = await this.joinHub(hubEngine, command);
+    const exchange = exchangeOver(this.handleHub, hubEngine);
+    const traded = await exchange(Buffer.from(JSON.stringify(mine)));
+    const measures = traded.map((bytes) => JSON.parse(Buffer.from(bytes).toString()) as DeviceMeasure);
+    const other = measures.findIndex((m) => m.host !== mine.host);
+    if (other >= 0 && required) {
+      const where = `rank ${other} runs on ${measures[other]!.host} and rank ${this.rank} on ${mine.host}`;
+      const why = `--collectives shared-gpu needs every rank on one host, but ${where} (use --collectives nccl)`;
+      throw new WeftError('WEFT_BAD_REQUEST', `rank ${this.rank}: ${why}`);
+    }
+    return { exchange, measures, oneHost: other < 0 };
   }
 
   /** Queue the step on this rank's device; its result settles when the answer is on the host (worker/runner.ts). */
