@@ -7,6 +7,7 @@
  * one device divide the fraction, and what the device had in use before them, among them (rankShare). A fraction
  * that leaves less than one sequence of the full context is refused, naming every term.
  */
+import { z } from 'zod';
 import { WeftError } from '../core/errors.ts';
 import { blocksFor } from '../core/kv-block-table.ts';
 
@@ -67,6 +68,29 @@ export interface DeviceMeasure {
   readonly device: number;
   readonly totalBytes: number;
   readonly freeBytes: number;
+}
+
+const deviceMeasureSchema = z.object({
+  host: z.string().min(1),
+  device: z.number().int().nonnegative(),
+  totalBytes: z.number().int().positive(),
+  freeBytes: z.number().int().nonnegative(),
+}).strict().refine((m) => m.freeBytes <= m.totalBytes, 'freeBytes over totalBytes');
+
+/** Rank `rank`'s measure as traded between ranks (JSON bytes); a malformed one is refused, naming the rank. */
+export function parseDeviceMeasure(bytes: Uint8Array, rank: number): DeviceMeasure {
+  let value: unknown;
+  try {
+    value = JSON.parse(Buffer.from(bytes).toString());
+  } catch {
+    throw new WeftError('WEFT_PROTOCOL', `rank ${rank}'s device measure is not JSON (${bytes.length} bytes)`);
+  }
+  const parsed = deviceMeasureSchema.safeParse(value);
+  if (!parsed.success) {
+    const why = parsed.error.issues.map((i) => `${i.path.join('.') || 'measure'}: ${i.message}`).join('; ');
+    throw new WeftError('WEFT_PROTOCOL', `rank ${rank}'s device measure is malformed (${why})`);
+  }
+  return parsed.data;
 }
 
 /** A device before a group loaded anything onto it, and how many of the group's ranks share it. */

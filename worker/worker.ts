@@ -22,7 +22,7 @@ import { allocateSageState, sageStateBytes } from './models/sage-state.ts';
 import { DEFAULT_PREFILL_ATTENTION_SLOTS, sagePvType } from '../core/prefill-attention.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
 import { KV_POOL_RESERVE_BYTES, deviceBeforeGroup, kvPoolTokens, minKvPoolBytes, rankShare } from './kv-pool.ts';
-import type { DeviceBeforeGroup, DeviceMeasure } from './kv-pool.ts';
+import { parseDeviceMeasure, type DeviceBeforeGroup, type DeviceMeasure } from './kv-pool.ts';
 
 /** What the ranks that may share a GPU traded on the CPU hub before allocating (WorkerState.meetPeers). */
 interface Peers {
@@ -184,7 +184,7 @@ export class WorkerState {
     this.handleHub = await this.joinHub(hubEngine, command);
     const exchange = exchangeOver(this.handleHub, hubEngine);
     const traded = await exchange(Buffer.from(JSON.stringify(mine)));
-    const measures = traded.map((bytes) => JSON.parse(Buffer.from(bytes).toString()) as DeviceMeasure);
+    const measures = traded.map((bytes, rank) => parseDeviceMeasure(bytes, rank));
     const other = measures.findIndex((m) => m.host !== mine.host);
     if (other >= 0 && required) {
       const where = `rank ${other} runs on ${measures[other]!.host} and rank ${this.rank} on ${mine.host}`;

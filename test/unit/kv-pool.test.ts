@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { KV_POOL_RESERVE_BYTES, kvPoolBytes, kvPoolTokens, minKvPoolBytes, type KvPoolMemory } from '../../worker/kv-pool.ts';
-import { deviceBeforeGroup, rankShare, type DeviceMeasure } from '../../worker/kv-pool.ts';
+import { deviceBeforeGroup, parseDeviceMeasure, rankShare, type DeviceMeasure } from '../../worker/kv-pool.ts';
 import { commandConfig } from '../../coordinator/config.ts';
 import { parseCoordinatorMessage, parseWorkerMessage } from '../../core/worker-protocol.ts';
 import { PROTOCOL_VERSION as v } from '../../core/wire.ts';
@@ -127,4 +127,16 @@ test('only ranks on the same host and GPU share one: each GPU is measured and di
   const ownGpu = deviceBeforeGroup(twoHosts[1]!, twoHosts);
   assert.deepEqual(ownGpu, { totalBytes: 80 * GiB, freeBytes: 79.5 * GiB, ranks: 1 });
   assert.equal(rankShare(0.9, ownGpu).fraction, 0.9);
+});
+
+test('a rank\'s traded device measure is checked: a malformed one is refused naming the rank and the field', () => {
+  const good = { host: 'gpu-host', device: 0, totalBytes: 80 * GiB, freeBytes: 78 * GiB };
+  const bytes = (v: unknown): Uint8Array => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v));
+  assert.deepEqual(parseDeviceMeasure(bytes(good), 2), good);
+  assert.throws(() => parseDeviceMeasure(bytes('{"host":'), 3), /rank 3's device measure is not JSON/);
+  const negative = bytes({ ...good, freeBytes: -1 });
+  assert.throws(() => parseDeviceMeasure(negative, 1), /rank 1's device measure is malformed \(freeBytes/);
+  assert.throws(() => parseDeviceMeasure(bytes({ ...good, device: 'zero' }), 0), /malformed \(device/);
+  assert.throws(() => parseDeviceMeasure(bytes({ ...good, freeBytes: 81 * GiB }), 0), /freeBytes over totalBytes/);
+  assert.throws(() => parseDeviceMeasure(bytes({ ...good, extra: 1 }), 0), /malformed/);
 });
