@@ -21,8 +21,16 @@ import { allocateSparqState, sparqBytesPerLayer, SPARQ_MAX_STEP_TOKENS } from '.
 import { allocateSageState, sageStateBytes } from './models/sage-state.ts';
 import { DEFAULT_PREFILL_ATTENTION_SLOTS, sagePvType } from '../core/prefill-attention.ts';
 import type { WorkerCurveKeys } from '../core/transport.ts';
-import { KV_POOL_RESERVE_BYTES, deviceBeforeGroup, kvPoolTokens, minKvPoolBytes, rankShare } from './kv-pool.ts';
-import { parseDeviceMeasure, type DeviceBeforeGroup, type DeviceMeasure } from './kv-pool.ts';
+import {
+  KV_POOL_RESERVE_BYTES,
+  deviceBeforeGroup,
+  kvPoolTokens,
+  minKvPoolBytes,
+  parseDeviceMeasure,
+  rankShare,
+  type DeviceBeforeGroup,
+  type DeviceMeasure,
+} from './kv-pool.ts';
 
 /** What the ranks that may share a GPU traded on the CPU hub before allocating (WorkerState.meetPeers). */
 interface Peers {
