@@ -111,7 +111,7 @@ export const OPTIONS = {
   },
   gpuMemoryFraction: {
     flag: '--gpu-memory-fraction', aliases: ['--gpu-memory-utilization'], arg: 'F', type: fraction, env: 'WEFT_GPU_MEMORY_FRACTION', default: 0.9,
-    help: "cuda: of each GPU's memory, what weft may use (vLLM's gpu_memory_utilization); the paged KV pool is what it leaves after the weights and the step arena (at most --kv-slots full contexts; ranks sharing a GPU divide it), unless --kv-cache-tokens is given (not beside a draft model, which shares the GPUs)", uses: [...CLUSTER, 'launch'],
+    help: "cuda: of each GPU's memory, what weft may use (vLLM's gpu_memory_utilization); the paged KV pool is what it leaves after the weights and the step arena (at most --kv-slots full contexts; ranks sharing a GPU divide it, and what other processes held before them), unless --kv-cache-tokens is given (not beside a draft model, which shares the GPUs)", uses: [...CLUSTER, 'launch'],
   },
   maxNumBatchedTokens: {
     flag: '--max-num-batched-tokens', arg: 'N', type: integer(1), env: 'WEFT_MAX_NUM_BATCHED_TOKENS', default: (c: Resolved) => Math.max(1024, c.kvSlots as number), defaultHelp: '1024, or --kv-slots when larger',
