@@ -8,14 +8,14 @@
 #
 # A BASE is a directory holding a baseline's sources (`git archive COMMIT | tar -x -C DIR`), or a gzipped tar of the
 # paths where it differs from this tree (`git archive COMMIT native worker | gzip > .ab/NAME.tgz`: ~0.3 MB where the
-# whole tree is ~35 MB, and a device call carries 64 MiB, .bundle's ~30 MB among them; folders held whole replace
-# this tree's), or of the files alone (`tar -czf .ab/NAME.tgz FILE...` in a checkout of it: a few KB, laid over this
-# tree's; a file the baseline deletes stays), unpacked over a copy of this tree (its node_modules, native/build, .ab
-# and .anchors left out) into $AB_DIR/NAME (default /tmp/ab-decode). A tree is named by its directory or archive name
-# without .tgz; this tree is "new". The baselines' addons are built in parallel (WEFT_CUDA, default 1: the CUDA
-# addon) and share this tree's node_modules; this tree's addon is the one deploy/gpu-host.sh built. Each run's JSON
-# line is kept in $AB_OUT (default ./ab-decode.jsonl), tagged with tree and round; the script ends with a table:
-# tok/s per (model, batch, prompt), each tree's runs and median, and new's median over each baseline's.
+# whole tree is ~35 MB, and a device call carries 64 MiB, .bundle's ~30 MB among them; folders held whole replace this
+# tree's), or of the files alone (`tar -czf .ab/NAME.tgz FILE...` in a checkout of it: a few KB, laid over this tree's;
+# a file the baseline deletes stays), unpacked over a copy of this tree (its node_modules, native/build, .ab, .anchors
+# and .bundle left out) into $AB_DIR/NAME (default /tmp/ab-decode). A tree is named by its directory or archive name
+# without .tgz; this tree is "new". The baselines' addons are built in parallel (WEFT_CUDA, default 1: the CUDA addon)
+# and share this tree's node_modules; this tree's addon is the one deploy/gpu-host.sh built. Each run's JSON line is
+# kept in $AB_OUT (default ./ab-decode.jsonl), tagged with tree and round; the script ends with a table: tok/s per
+# (model, batch, prompt), each tree's runs and median, and new's median over each baseline's.
 set -euo pipefail
 BASES="${1:?baseline directories or archives, comma-separated}"
 ROUNDS="${2:?rounds}"
@@ -32,8 +32,8 @@ for base in ${BASES//,/ }; do
   elif [ -f "$base" ]; then
     dir="$AB_DIR/$name"
     rm -rf "$dir" && mkdir -p "$dir"
-    tar --exclude=./node_modules --exclude=./native/build --exclude=./.ab --exclude=./.anchors -cf - . |
-      tar -xf - -C "$dir"
+    tar --exclude=./node_modules --exclude=./native/build --exclude=./.ab --exclude=./.anchors --exclude=./.bundle \
+      -cf - . | tar -xf - -C "$dir"
     # a top-level folder the archive has an entry for (git archive's `native/`) goes whole; files without their
     # folder's entry (`tar -czf x.tgz native/src/cuda/a.cu`) are laid over this tree's
     for path in $(tar -tzf "$base" | sed 's|^\./||' | grep -E '^[^/]+/$' | cut -d/ -f1 | sort -u); do

@@ -5,8 +5,17 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { KV_POOL_RESERVE_BYTES, kvPoolBytes, kvPoolTokens, minKvPoolBytes, type KvPoolMemory } from '../../worker/kv-pool.ts';
-import { deviceBeforeGroup, parseDeviceMeasure, rankShare, type DeviceMeasure } from '../../worker/kv-pool.ts';
+import {
+  KV_POOL_RESERVE_BYTES,
+  deviceBeforeGroup,
+  kvPoolBytes,
+  kvPoolTokens,
+  minKvPoolBytes,
+  parseDeviceMeasure,
+  rankShare,
+  type DeviceMeasure,
+  type KvPoolMemory,
+} from '../../worker/kv-pool.ts';
 import { commandConfig } from '../../coordinator/config.ts';
 import { parseCoordinatorMessage, parseWorkerMessage } from '../../core/worker-protocol.ts';
 import { PROTOCOL_VERSION as v } from '../../core/wire.ts';
