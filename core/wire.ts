@@ -31,15 +31,36 @@ export function decode(frame: Buffer | Uint8Array): unknown {
   }
 }
 
-/** Serialises sends on one socket (zeromq.js rejects a second concurrent send with EBUSY). */
+/** A pause before a send the socket refused with EAGAIN is tried again (a retry at once could spin). */
+const SEND_RETRY_PAUSE_MS = 5;
+
+/**
+ * Serialises sends on one socket (zeromq.js rejects a second concurrent send with EBUSY). On a socket without a send
+ * timeout, a send rejected with EAGAIN is tried again: there the socket holds a send until it can take it, so EAGAIN
+ * only means it reported itself writable and was not by the time the send ran (zeromq.js sends at once on a socket
+ * that reports POLLOUT; CI saw a client's call fail with that raw error 20 ms into a call whose peer never answered).
+ * With a send timeout, EAGAIN is that timeout and is the caller's to handle.
+ */
 export class SendQueue {
   private tail: Promise<void> = Promise.resolve();
   constructor(private readonly socket: zmq.Writable) {}
 
   send(frames: Array<Buffer | Uint8Array | string>): Promise<void> {
-    const result = this.tail.then(() => this.socket.send(frames));
+    const result = this.tail.then(() => this.sendHeld(frames));
     this.tail = result.catch(() => undefined);
     return result;
+  }
+
+  private async sendHeld(frames: Array<Buffer | Uint8Array | string>): Promise<void> {
+    for (;;) {
+      try {
+        return await this.socket.send(frames);
+      } catch (err) {
+        const wouldBlock = (err as { code?: string }).code === 'EAGAIN';
+        if (!wouldBlock || this.socket.sendTimeout >= 0) throw err;
+        await new Promise((resolve) => setTimeout(resolve, SEND_RETRY_PAUSE_MS));
+      }
+    }
   }
 }
 

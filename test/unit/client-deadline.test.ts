@@ -5,6 +5,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import * as zmq from 'zeromq';
 import { WeftClient, type WeftClientOptions } from '../../coordinator/api/client.ts';
 import { isWeftError } from '../../core/errors.ts';
@@ -13,19 +16,18 @@ import { isWeftError } from '../../core/errors.ts';
 const clientOver = (socket: zmq.Dealer, options: WeftClientOptions): WeftClient =>
   new (WeftClient as unknown as new (socket: zmq.Dealer, options: WeftClientOptions) => WeftClient)(socket, options);
 
-// A DEALER that holds every send: connected to a port nobody listens on, with `immediate` (no pipe until connected).
-async function heldSocket(): Promise<{ socket: zmq.Dealer; endpoint: string }> {
-  const probe = new zmq.Router();
-  await probe.bind('tcp://127.0.0.1:*');
-  const endpoint = probe.lastEndpoint!;
-  probe.close(); // the port is free again: the dealer's connection attempts are refused
+// A DEALER that holds every send: connected (with `immediate`: no pipe until connected) to an IPC path in a fresh
+// directory that nothing binds. A closed TCP port would do the same until some other process took the port.
+async function heldSocket(): Promise<{ socket: zmq.Dealer; endpoint: string; dir: string }> {
+  const dir = await mkdtemp(join(tmpdir(), 'weft-held-'));
+  const endpoint = `ipc://${join(dir, 'nobody.sock')}`;
   const socket = new zmq.Dealer({ linger: 0, immediate: true });
   socket.connect(endpoint);
-  return { socket, endpoint };
+  return { socket, endpoint, dir };
 }
 
 test('a call whose send the socket holds ends with WEFT_TIMEOUT at its deadline', { timeout: 30_000 }, async () => {
-  const { socket, endpoint } = await heldSocket();
+  const { socket, endpoint, dir } = await heldSocket();
   const client = clientOver(socket, { endpoint, timeoutMs: 300 });
   try {
     const started = Date.now();
@@ -33,11 +35,12 @@ test('a call whose send the socket holds ends with WEFT_TIMEOUT at its deadline'
     assert.ok(Date.now() - started < 20_000, 'the deadline ended the call');
   } finally {
     await client.close();
+    await rm(dir, { recursive: true, force: true });
   }
 });
 
 test('a generate whose held send ends with WEFT_CANCELLED when its signal aborts', { timeout: 30_000 }, async () => {
-  const { socket, endpoint } = await heldSocket();
+  const { socket, endpoint, dir } = await heldSocket();
   const client = clientOver(socket, { endpoint });
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), 300);
@@ -50,5 +53,6 @@ test('a generate whose held send ends with WEFT_CANCELLED when its signal aborts
   } finally {
     clearTimeout(timer);
     await client.close();
+    await rm(dir, { recursive: true, force: true });
   }
 });
