@@ -46,12 +46,12 @@ export class SendQueue {
   constructor(private readonly socket: zmq.Writable) {}
 
   send(frames: Array<Buffer | Uint8Array | string>): Promise<void> {
-    const result = this.tail.then(() => this.sendHeld(frames));
+    const result = this.tail.then(() => this.sendUntilTaken(frames));
     this.tail = result.catch(() => undefined);
     return result;
   }
 
-  private async sendHeld(frames: Array<Buffer | Uint8Array | string>): Promise<void> {
+  private async sendUntilTaken(frames: Array<Buffer | Uint8Array | string>): Promise<void> {
     for (;;) {
       try {
         return await this.socket.send(frames);
