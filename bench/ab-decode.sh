@@ -13,12 +13,14 @@
 # a file the baseline deletes stays), unpacked over a copy of this tree (its node_modules, native/build, .ab, .anchors
 # and .bundle left out) into $AB_DIR/NAME (default /tmp/ab-decode). A tree is named by its directory or archive name
 # without .tgz; this tree is "new". The baselines' addons are built in parallel (WEFT_CUDA, default 1: the CUDA addon)
-# and share this tree's node_modules; this tree's addon is the one deploy/gpu-host.sh built. Each run's JSON line is
+# and share this tree's node_modules; this tree's addon is the one deploy/gpu-host.sh built (or, with AB_BUILD_SELF=1,
+# one built beside theirs). Each run's JSON line is
 # kept in $AB_OUT (default ./ab-decode.jsonl), tagged with tree and round; the script ends with a table: tok/s per
 # (model, batch, prompt), each tree's runs and median, and new's median over each baseline's.
 set -euo pipefail
 BASES="${1:?baseline directories or archives, comma-separated}"
 ROUNDS="${2:?rounds}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "ab-decode: ROUNDS must be a whole number >= 1, not '$ROUNDS'" >&2; exit 1; }
 shift 2
 OUT_FILE="${AB_OUT:-ab-decode.jsonl}"
 AB_DIR="${AB_DIR:-/tmp/ab-decode}"
@@ -48,14 +50,19 @@ for base in ${BASES//,/ }; do
   names+=("$name") dirs+=("$dir")
 done
 
+# AB_BUILD_SELF=1 builds this tree's addon here too, at the same time as the baselines' (run under `WEFT_SKIP_NATIVE=1
+# bash deploy/gpu-host.sh`, which then builds none): on a device call the builds then overlap instead of queueing.
+build_names=("${names[@]}") build_dirs=("${dirs[@]}")
+if [ "${AB_BUILD_SELF:-0}" = 1 ]; then build_names+=(new) build_dirs+=(.); fi
 pids=()
-for i in "${!dirs[@]}"; do
-  (cd "${dirs[$i]}" && WEFT_CUDA="${WEFT_CUDA:-1}" node native/build.mjs >"$AB_DIR-build-${names[$i]}.log" 2>&1) &
+for i in "${!build_dirs[@]}"; do
+  log="$AB_DIR-build-${build_names[$i]}.log"
+  (cd "${build_dirs[$i]}" && WEFT_CUDA="${WEFT_CUDA:-1}" node native/build.mjs >"$log" 2>&1) &
   pids+=($!)
 done
 for i in "${!pids[@]}"; do
-  log="$AB_DIR-build-${names[$i]}.log"
-  wait "${pids[$i]}" || { echo "ab-decode: ${names[$i]}'s addon did not build (log: $log)" >&2; exit 1; }
+  log="$AB_DIR-build-${build_names[$i]}.log"
+  wait "${pids[$i]}" || { echo "ab-decode: ${build_names[$i]}'s addon did not build (log: $log)" >&2; exit 1; }
 done
 
 run() {  # TREE DIR ROUND: one decode.ts run, its JSON line tagged
