@@ -14,9 +14,9 @@
 # and .bundle left out) into $AB_DIR/NAME (default /tmp/ab-decode). A tree is named by its directory or archive name
 # without .tgz; this tree is "new". The baselines' addons are built in parallel (WEFT_CUDA, default 1: the CUDA addon)
 # and share this tree's node_modules; this tree's addon is the one deploy/gpu-host.sh built (or, with AB_BUILD_SELF=1,
-# one built beside theirs). Each run's JSON line is
-# kept in $AB_OUT (default ./ab-decode.jsonl), tagged with tree and round; the script ends with a table: tok/s per
-# (model, batch, prompt), each tree's runs and median, and new's median over each baseline's.
+# one built beside theirs). Each run's JSON line is kept in $AB_OUT (default ./ab-decode.jsonl), tagged with tree and
+# round; the script ends with a table: tok/s per (model, batch, prompt), each tree's runs and median, and new's median
+# over each baseline's.
 set -euo pipefail
 BASES="${1:?baseline directories or archives, comma-separated}"
 ROUNDS="${2:?rounds}"
