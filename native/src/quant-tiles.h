@@ -32,15 +32,22 @@ WEFT_HD bool quant_tiles_take(long long rows, long long K, long long group, bool
          group > 0 && K % group == 0;
 }
 
-// Where byte `byte` of row `row` of the row-major codes (row_bytes a row) lies in the tiled codes.
-WEFT_HD size_t tile_code_offset(size_t row, size_t byte, size_t row_bytes) {
-  const size_t tile = row / kTileRows, chunk = byte / kTileChunkBytes;
+// Where byte `byte` of row `row` of the row-major codes (row_bytes a row) lies in the tiled codes. I: the integer
+// type of the arithmetic (the one-token GEMV's per-lane pointers take 32 bits: a matrix under 4 GiB, checked at launch).
+// (The arguments do not deduce I: a call without one computes in size_t whatever its arguments' types.)
+template <typename T> struct NotDeduced { using type = T; };
+template <typename I = size_t>
+WEFT_HD I tile_code_offset(typename NotDeduced<I>::type row, typename NotDeduced<I>::type byte,
+                           typename NotDeduced<I>::type row_bytes) {
+  const I tile = row / kTileRows, chunk = byte / kTileChunkBytes;
   return (tile * (row_bytes / kTileChunkBytes) + chunk) * kTileBytes + (row % kTileRows) * kTileChunkBytes +
          byte % kTileChunkBytes;
 }
 
 // Where scale [row, group] of the row-major scales [rows, n_groups] lies in the tiled scales.
-WEFT_HD size_t tile_scale_index(size_t row, size_t group, size_t n_groups) {
+template <typename I = size_t>
+WEFT_HD I tile_scale_index(typename NotDeduced<I>::type row, typename NotDeduced<I>::type group,
+                           typename NotDeduced<I>::type n_groups) {
   return ((row / kTileRows) * n_groups + group) * kTileRows + (row % 8) * 2 + (row % kTileRows) / 8;
 }
 

@@ -244,11 +244,11 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       r_lo = min(tile * 16 + g, p.N - 1);
       r_hi = min(tile * 16 + 8 + g, p.N - 1);
     }
-    if constexpr (kTiles) {
-      w_row_lo = w_base + tile_code_offset(r_lo, t * 16, row_bytes);
-      w_row_hi = w_base + tile_code_offset(r_hi, t * 16, row_bytes);
-      s_row_lo = s_base + tile_scale_index(r_lo, 0, p.n_groups);
-      s_row_hi = s_base + tile_scale_index(r_hi, 0, p.n_groups);
+    if constexpr (kTiles) {  // in 32 bits (a matrix under 4 GiB, gemv_mma): 64-bit offsets took ~50 instructions
+      w_row_lo = w_base + tile_code_offset<uint32_t>(r_lo, t * 16, static_cast<uint32_t>(row_bytes));
+      w_row_hi = w_base + tile_code_offset<uint32_t>(r_hi, t * 16, static_cast<uint32_t>(row_bytes));
+      s_row_lo = s_base + tile_scale_index<uint32_t>(r_lo, 0, p.n_groups);
+      s_row_hi = s_base + tile_scale_index<uint32_t>(r_hi, 0, p.n_groups);
     } else {
       w_row_lo = w_base + static_cast<size_t>(r_lo) * row_bytes + t * 16;
       w_row_hi = w_base + static_cast<size_t>(r_hi) * row_bytes + t * 16;
@@ -459,13 +459,23 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     __syncthreads();
   }
 
-  // This lane's B fragments: column g of B, digit row g (g < 3) or zero; kTokens: token g's row (g < T) or zero.
-  const bool x_column = kDigits ? g < 3 : g < T;
+  // This lane's B fragments: column g of B, digit row g (g < 3; lanes g >= 3 read row 2 as well: their columns of
+  // the sums are weighed 0 below, so they need no zeros or predicates); kTokens: token g's row (g < T) or zero.
+  const bool x_column = kDigits || g < T;
   const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K_ph));
   const uint4* xb_lane = kDigits ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
                                  : (x_column ? x_token : zeros) + t;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int isum[4] = {0, 0, 0, 0};  // one token: the exact s32 sums since the last flush, columns 2t and 2t + 1
+  // One token: column c's sum weighs 256^(2 - c): lane t = 0 holds digits 0 and 1, t = 1 digit 2 (its column 3, and
+  // lanes t = 2, 3's columns, are not x's: weighed 0). Each lane keeps its rows' part in acc; lanes t and t ^ 1 add
+  // theirs once a tile, when the warp leaves it.
+  constexpr float kUnit = kInt8 ? 1.f : 1.f / 16;  // int4's codes are 16 times the weights (compute)
+  const float digit_w0 = t == 0 ? 65536.f * kUnit : t == 1 ? kUnit : 0.f, digit_w1 = t == 0 ? 256.f * kUnit : 0.f;
+  const auto add_digit_sums = [&](const int (&v)[4], float s_lo, float s_hi) {
+    acc[0] = fmaf(s_lo, fmaf(static_cast<float>(v[0]), digit_w0, static_cast<float>(v[1]) * digit_w1), acc[0]);
+    acc[2] = fmaf(s_hi, fmaf(static_cast<float>(v[2]), digit_w0, static_cast<float>(v[3]) * digit_w1), acc[2]);
+  };
   int ct = first_tile, cc = first_chunk, used = 0;
   const auto scales_of = [&](int j, float& s_lo, float& s_hi) {
     s_lo = __uint_as_float(sc_lo[j] << 16);
@@ -491,7 +501,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     if constexpr (kDigits && kInt8) {
       // The lane's 16 bytes of each row are columns 16 t .. 16 t + 15 of the chunk: words 0-1 are one k-step's A
       // (columns 4 t .. and 16 + 4 t .. of its 32), words 2-3 the next's; B is the same columns of the digit row.
-      const uint4 bx = x_column ? xb_lane[cc * 4] : make_uint4(0, 0, 0, 0);
+      const uint4 bx = xb_lane[cc * 4];
       mma_16832_s8(isum, wl.x, wh.x, wl.y, wh.y, bx.x, bx.y);
       mma_16832_s8(isum, wl.z, wh.z, wl.w, wh.w, bx.z, bx.w);
     } else if constexpr (kDigits) {
@@ -499,9 +509,9 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       // columns (high nibbles) are 16 (code - 8) as s8 bytes with one lop3, its even ones the same once shifted up,
       // so 4 s8 k-steps take the unit (even words 0-1, 2-3, odd words 0-1, 2-3) and each sum is 16 times the
       // weights' (taken out at the flush). B: the digit row's even columns (staged in the lanes' word order), then
-      // its odd ones, 64 bytes on.
-      const uint4 be = x_column ? xb_lane[cc * 8] : make_uint4(0, 0, 0, 0);
-      const uint4 bo = x_column ? xb_lane[cc * 8 + 4] : make_uint4(0, 0, 0, 0);
+      // its odd ones, 64 bytes on. A unit's sums start from zero (the mma's C), so in groups (a unit each) they need
+      // no clearing.
+      const uint4 be = xb_lane[cc * 8], bo = xb_lane[cc * 8 + 4];
       uint32_t el[4], eh[4], ol[4], oh[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -510,10 +520,17 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
         ol[i] = int4_as_s8_times16((&wl.x)[i]);
         oh[i] = int4_as_s8_times16((&wh.x)[i]);
       }
-      mma_16832_s8(isum, el[0], eh[0], el[1], eh[1], be.x, be.y);
-      mma_16832_s8(isum, el[2], eh[2], el[3], eh[3], be.z, be.w);
-      mma_16832_s8(isum, ol[0], oh[0], ol[1], oh[1], bo.x, bo.y);
-      mma_16832_s8(isum, ol[2], oh[2], ol[3], oh[3], bo.z, bo.w);
+      int unit_sum[4] = {0, 0, 0, 0};
+      mma_16832_s8(unit_sum, el[0], eh[0], el[1], eh[1], be.x, be.y);
+      mma_16832_s8(unit_sum, el[2], eh[2], el[3], eh[3], be.z, be.w);
+      mma_16832_s8(unit_sum, ol[0], oh[0], ol[1], oh[1], bo.x, bo.y);
+      mma_16832_s8(unit_sum, ol[2], oh[2], ol[3], oh[3], bo.z, bo.w);
+      if (p.group_shift != 30) {
+        add_digit_sums(unit_sum, s_lo, s_hi);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) isum[i] += unit_sum[i];
+      }
     } else {
       const uint4* xb = xb_lane + (x_column ? cc * kChunkX : 0);  // the zero lanes read one place
       float pa[4] = {0.f, 0.f, 0.f, 0.f};
@@ -554,17 +571,9 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     ++used;
     const bool leaving = ct != tile || used == my_units;
     if constexpr (kDigits) {
-      // Column c's sum weighs 256^(2 - c): lane t = 0 holds digits 0 and 1, t = 1 digit 2 (its column 3 is zero).
-      // One scale a row keeps the s32 sums for the whole tile; groups take theirs at every chunk.
-      if (leaving || p.group_shift != 30) {
-        constexpr float kUnit = kInt8 ? 1.f : 1.f / 16;  // int4's codes are 16 times the weights (above)
-        const float w0 = t == 0 ? 65536.f * kUnit : t == 1 ? kUnit : 0.f, w1 = t == 0 ? 256.f * kUnit : 0.f;
-        float r_lo = fmaf(static_cast<float>(isum[0]), w0, static_cast<float>(isum[1]) * w1);
-        float r_hi = fmaf(static_cast<float>(isum[2]), w0, static_cast<float>(isum[3]) * w1);
-        r_lo += __shfl_xor_sync(0xffffffffu, r_lo, 1);
-        r_hi += __shfl_xor_sync(0xffffffffu, r_hi, 1);
-        acc[0] = fmaf(s_lo, r_lo, acc[0]);
-        acc[2] = fmaf(s_hi, r_hi, acc[2]);
+      // One scale a row keeps the s32 sums for the whole tile; groups take theirs at every chunk (int4: above).
+      if (kInt8 ? leaving || p.group_shift != 30 : leaving && p.group_shift == 30) {
+        add_digit_sums(isum, s_lo, s_hi);
         isum[0] = isum[1] = isum[2] = isum[3] = 0;
       }
     }
@@ -583,11 +592,13 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       pp[(g + 8) * kPartCols + 2 * t] = acc[2];
       pp[(g + 8) * kPartCols + 2 * t + 1] = acc[3];
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-    } else if (leaving) {  // leaving the tile: rows g and g + 8 (columns 0 + 1) to shared memory
+    } else if (leaving) {  // leaving the tile: rows g and g + 8, lanes t and t ^ 1's parts, to shared memory
+      const float lo = acc[0] + __shfl_xor_sync(0xffffffffu, acc[0], 1);
+      const float hi = acc[2] + __shfl_xor_sync(0xffffffffu, acc[2], 1);
       if (t == 0) {
         float* pp = part + (tile * kWarps + warp) * 16;
-        pp[g] = acc[0] + acc[1];
-        pp[g + 8] = acc[2] + acc[3];
+        pp[g] = lo;
+        pp[g + 8] = hi;
       }
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     }
@@ -774,6 +785,8 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     return false;
   if (tiles && !quant_tiles_take(static_cast<long long>(N) * (pairs ? 2 : 1), K, group, !int8)) return false;
   if (tiles && pairs && N % 8 != 0) return false;  // the up rows' halves start at a tile's row 0 or 8
+  // tiles: the lanes' offsets in 32 bits (an expert's matrix under 4 GiB)
+  if (tiles && static_cast<long long>(N) * (pairs ? 2 : 1) * (int8 ? K : K / 2) >= (1ll << 32)) return false;
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const int cols = int8 ? 64 : 128;  // a chunk
   if (N <= 0 || K <= 0 || K % cols != 0 || K > kMaxK || !scales || group <= 0 || K % group != 0 ||
