@@ -42,7 +42,9 @@
 //     more for its even ones: 3 instructions for 8 weights and 4 s8 k-steps a unit, where x as f16 hi + lo (before
 //     session 53) took 9 for 8 (f16 pairs by the magic-number trick) and 8 f16 k-steps: 52 SASS instructions a unit
 //     against 109. H100, tok/s at batch 1: Llama-2-7B 449.6 -> 466.0, Mixtral 8 layers 836.8 -> 856.1; a ring 8 deep
-//     (6 here) lost 1-4%.
+//     (6 here) lost 1-4%. The unit's bookkeeping is kept small (tile offsets in 32 bits, lanes t and t ^ 1 combined
+//     once a tile, sums from the mma's zero C): ~142 -> ~110 SASS instructions a w13 unit; H100 (session 59), int4
+//     Llama-2-7B 51.5 -> 50.8 us a layer, batch 1 472.0 -> 477.5 tok/s.
 //   - 2..8 tokens (kTokens; int4, and int8 as f16 pairs): x's tokens are B's columns in f16 (as gemv-quant-mma.cu
 //     stages them) and each row's partial sums 8 wide; the same mma a unit, so the weights' pass costs what one
 //     token's does, where the 1..16-token kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2
