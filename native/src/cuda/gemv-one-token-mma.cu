@@ -93,6 +93,12 @@ using namespace quant_mma;  // the fragment helpers
 
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
+// int8 tiles by bulk copies take twice the warps (64 registers a thread is enough for them): with their ring of
+// kRingDepth slots a warp, a SM then keeps 128 KiB of weights in flight, not 64. H200, Llama-2-7B int8 batch 1: 380.3
+// tok/s against 365.5 (session 55, with every form at 32 warps; the register-ring forms lost 18-28% at 8 tokens).
+// With only this form at 32, H100 (session 59): batch 1 318.8 -> 324.7 tok/s, batch 8 unchanged.
+constexpr int kBulkWarps = 32;
+__host__ __device__ constexpr int warps_of(bool bulk) { return bulk ? kBulkWarps : kWarps; }
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
 // int8 tiles by bulk copies: units a warp keeps in flight in shared memory. Four, not six: with the block asking for
 // all the shared memory (gemv_one_token_mma), 4 slots gave 3.137 ms a Llama-2-7B int8 step on H100, 6 slots 3.218.
@@ -115,7 +121,7 @@ struct Params {
   int group_shift;          // chunk c's group is c >> group_shift (one group a row: 30)
   int n_tiles;
   int part_offset;          // bytes of shared memory before the warps' partial sums
-  int ring_offset;          // bulk copies: bytes before the warps' rings (kWarps x kRingDepth units, then barriers)
+  int ring_offset;          // bulk copies: bytes before the warps' rings (kBulkWarps x kRingDepth units, then barriers)
   int gated;                // x is [gate | up] (2K) and the product reads silu(gate) * up
   int T;                    // tokens: 1, or 2..kMaxTokens (kTokens: x [T, K], y [T, N])
   int phases;               // kTokens: K in this many parts, x's tokens staged a part at a time (else 1)
@@ -170,6 +176,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   constexpr bool kDigits = !kTokens;  // one token: x as s8 digits (below); several tokens: f16
   constexpr int kPartCols = kTokens ? kMaxTokens : 1;  // a row's partial sums: one a token (kTokens), else one
   constexpr int D = kBulk ? kRingDepth : kDepth;
+  constexpr int kW = warps_of(kBulk), kT = kW * 32;  // the block's warps and threads
   constexpr int kCols = kInt8 ? 64 : 128;  // columns a chunk
   constexpr int kLoads = 4;                // a lane's 4 words a chunk
   constexpr int kChunkX = kCols / 8;       // 16-byte units of staged x (f16) a chunk
@@ -191,7 +198,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       expert_slots<kMaxTokens>(p.experts, p.n_pairs, p.topk, p.per_pair_x, local + p.expert_start, lane, slot_x_row,
                                slot_y_row, n_slots, p.status, p.T, first, &n_after);
     if (local == 0 && first == 0) {  // rows of pairs routed to experts w does not hold are zero (a warp a pair)
-      for (int q = b * kWarps + warp; q < p.n_pairs; q += G * kWarps) {
+      for (int q = b * kW + warp; q < p.n_pairs; q += G * kW) {
         const int held = p.experts[q] - p.expert_start;
         if (held < 0 || held >= static_cast<int>(gridDim.y))
           for (int n = lane; n < p.N; n += 32) p.y[static_cast<size_t>(q) * p.N + n] = 0.f;
@@ -215,13 +222,13 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   // 2.5% faster than with a contiguous run of tiles a block, H200).
   const int n_tiles = (p.n_tiles - b + G - 1) / G;
   const int n_units = n_tiles * nch_ph;  // a run's
-  const int my_units = n_units > warp ? (n_units - warp + kWarps - 1) / kWarps : 0;
+  const int my_units = n_units > warp ? (n_units - warp + kW - 1) / kW : 0;
   const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
   unsigned char* x_stage = smem + (kBulk || kTokens ? 0 : K * 4);  // kBulk: over xf, once it is read
   uint4* zeros = reinterpret_cast<uint4*>(x_stage + p.T * token_row_bytes(K_ph));  // kTokens: B's unused columns
-  float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kWarps][16]
+  float* part = reinterpret_cast<float*>(smem + p.part_offset);  // [n_tiles][kW][16]
 
   // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
   // gate row and its up row; rows past N read row N - 1 and are not stored).
@@ -265,7 +272,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   uint4 w_lo[kBulk ? 1 : D], w_hi[kBulk ? 1 : D];
   uint32_t sc_lo[D], sc_hi[D];
   unsigned char* ring = smem + p.ring_offset + warp * D * kTileBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + p.ring_offset + kWarps * D * kTileBytes) + warp * D;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + p.ring_offset + kW * D * kTileBytes) + warp * D;
   if constexpr (kBulk) {
     if (lane == 0) {
       for (int j = 0; j < D; ++j) mbar_init(&bars[j]);
@@ -298,7 +305,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       sc_hi[j] = __ldg(s_row_hi + gi * kScaleStride);
     }
     ++loaded;
-    lc += kWarps;
+    lc += kW;
     if (lc >= nch_ph) {
       do {
         lc -= nch_ph;
@@ -311,12 +318,12 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
 #pragma unroll
   for (int j = 0; j < D; ++j) load(j);  // the weights do not depend on the kernel before
 
-  HeldNormWeight<kThreads, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
+  HeldNormWeight<kT, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
 
   if constexpr (kTokens)
-    for (int i = threadIdx.x; i < 16; i += kThreads) zeros[i] = make_uint4(0, 0, 0, 0);
-  for (int i = threadIdx.x; i < n_tiles * kWarps * 16 * kPartCols; i += kThreads)
+    for (int i = threadIdx.x; i < 16; i += kT) zeros[i] = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < n_tiles * kW * 16 * kPartCols; i += kT)
     part[i] = 0.f;  // warps that skip a tile
   // kTokens: every token unscaled and none past f16's range, until staging finds one (each run's, kPhased)
   const auto reset_token_scales = [&] {
@@ -340,7 +347,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     const int units = K_ph / 8;
     const size_t x_width = static_cast<size_t>(p.gated ? 2 * K : K);
     const auto stage = [&](bool measure) {
-      for (int i = threadIdx.x; i < T * units; i += kThreads) {
+      for (int i = threadIdx.x; i < T * units; i += kT) {
         const int tok = i / units, u = i - tok * units;
         const float* xr = p.x + x_row_of(tok) * x_width + cbase * kCols + 8 * u;
         float v[8], m = 0.f;
@@ -385,7 +392,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     float4* xf4 = reinterpret_cast<float4*>(xf);
     float m = 0.f;
     if constexpr (std::is_void_v<NormW>) {
-      for (int i = threadIdx.x; i < K / 4; i += kThreads) {
+      for (int i = threadIdx.x; i < K / 4; i += kT) {
         float4 v = x4[i];
         if (p.gated) {
           const float4 up = x4[K / 4 + i];
@@ -395,7 +402,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
         m = fmaxf(m, abs_max4(v));
       }
     } else {
-      add_rms_norm_row<kThreads, NormW>(x4, norm, K, norm_weight, [&](int i, float4 o) {
+      add_rms_norm_row<kT, NormW>(x4, norm, K, norm_weight, [&](int i, float4 o) {
         xf4[i] = o;
         m = fmaxf(m, abs_max4(o));
       });
@@ -439,19 +446,19 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     };
     const int n_units = K / kUnitCols;
     if constexpr (kBulk) {
-      constexpr int kPerThread = kMaxK / kUnitCols / kThreads;
+      constexpr int kPerThread = kMaxK / kUnitCols / kT;
       float4 xv[kPerThread][kUnitF4];
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (const int u = threadIdx.x + i * kThreads; u < n_units)
+        if (const int u = threadIdx.x + i * kT; u < n_units)
 #pragma unroll
           for (int h = 0; h < kUnitF4; ++h) xv[i][h] = xf4[u * kUnitF4 + h];
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i)
-        if (const int u = threadIdx.x + i * kThreads; u < n_units) write_digits(u, xv[i]);
+        if (const int u = threadIdx.x + i * kT; u < n_units) write_digits(u, xv[i]);
     } else {
-      for (int u = threadIdx.x; u < n_units; u += kThreads) {
+      for (int u = threadIdx.x; u < n_units; u += kT) {
         float4 v[kUnitF4];
 #pragma unroll
         for (int h = 0; h < kUnitF4; ++h) v[h] = xf4[u * kUnitF4 + h];
@@ -565,7 +572,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       acc[3] = fmaf(s_hi, pa[3], acc[3]);
     }
     const int tile = ct;
-    cc += kWarps;
+    cc += kW;
     while (cc >= nch_ph) {
       cc -= nch_ph;
       ++ct;
@@ -580,7 +587,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       }
     }
     if (leaving && kPhased) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, added to shared memory
-      float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
+      float* pp = part + (tile * kW + warp) * 16 * kPartCols;
       const float u0 = tok_unscale[min(2 * t, kPartCols - 1)], u1 = tok_unscale[min(2 * t + 1, kPartCols - 1)];
       pp[g * kPartCols + 2 * t] += acc[0] * u0;
       pp[g * kPartCols + 2 * t + 1] += acc[1] * u1;
@@ -588,7 +595,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       pp[(g + 8) * kPartCols + 2 * t + 1] += acc[3] * u1;
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     } else if (leaving && kTokens) {  // leaving the tile: rows g and g + 8, tokens 2t and 2t + 1, to shared memory
-      float* pp = part + (tile * kWarps + warp) * 16 * kPartCols;
+      float* pp = part + (tile * kW + warp) * 16 * kPartCols;
       pp[g * kPartCols + 2 * t] = acc[0];
       pp[g * kPartCols + 2 * t + 1] = acc[1];
       pp[(g + 8) * kPartCols + 2 * t] = acc[2];
@@ -598,7 +605,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       const float lo = acc[0] + __shfl_xor_sync(0xffffffffu, acc[0], 1);
       const float hi = acc[2] + __shfl_xor_sync(0xffffffffu, acc[2], 1);
       if (t == 0) {
-        float* pp = part + (tile * kWarps + warp) * 16;
+        float* pp = part + (tile * kW + warp) * 16;
         pp[g] = lo;
         pp[g + 8] = hi;
       }
@@ -634,11 +641,11 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   const auto row_sum = [&](int tl, int r, int tok) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += part[((tl * kWarps + w) * 16 + r) * kPartCols + tok];
+    for (int w = 0; w < kW; ++w) s += part[((tl * kW + w) * 16 + r) * kPartCols + tok];
     return kPhased ? s : s * (kTokens ? tok_unscale[tok] : x_unscale);  // kPhased: unscaled as each run was added
   };
   if constexpr (kTokens) {  // the token fastest, so that a warp's partial sums are consecutive words
-    for (int i = threadIdx.x; i < n_tiles * 16 * T; i += kThreads) {
+    for (int i = threadIdx.x; i < n_tiles * 16 * T; i += kT) {
       const int tok = i % T, ir = i / T, tl = ir >> 4, r = ir & 15, tile = b + G * tl;
       float* y = p.y + static_cast<size_t>(y_row_of(tok)) * p.N;
       if constexpr (kPairs) {
@@ -651,7 +658,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     }
   } else {
     float* y = p.y + static_cast<size_t>(y_row_of(0)) * p.N;
-    for (int i = threadIdx.x; i < n_tiles * 16; i += kThreads) {
+    for (int i = threadIdx.x; i < n_tiles * 16; i += kT) {
       const int tl = i >> 4, r = i & 15, tile = b + G * tl;
       if constexpr (kPairs) {
         const int out = tile * 8 + r;
@@ -667,7 +674,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
 
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
           bool kPhased = false, bool kExperts = false>
-__global__ void __launch_bounds__(kThreads, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+__global__ void __launch_bounds__(warps_of(kBulk) * 32, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   pdl_trigger();
   gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(p, norm, 0);
 }
@@ -710,7 +717,7 @@ void launch(const Ctx& ctx, const Params& p, const AddRmsNormInput& norm, dim3 g
                "matmul", " (cudaFuncSetAttribute)");
     smem_set = true;
   }
-  launch_pdl(ctx, kernel, grid, dim3(kThreads), static_cast<size_t>(smem), p, norm);
+  launch_pdl(ctx, kernel, grid, dim3(warps_of(kBulk) * 32), static_cast<size_t>(smem), p, norm);
 }
 
 template <bool kPairs, bool kTiles, bool kInt8, bool kBulk>
@@ -799,8 +806,8 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   if (norm && !held_norm_takes(*norm, K)) return false;
   const int n_tiles = pairs ? (N + 7) / 8 : (N + 15) / 16;
   const unsigned n_experts = ex ? static_cast<unsigned>(ex->n_local) : 1u;  // the grid's y: a block's expert
-  const auto part_bytes_of = [&](int grid) {
-    return static_cast<size_t>((n_tiles + grid - 1) / grid) * kWarps * 16 * (tokens ? kMaxTokens : 1) * sizeof(float);
+  const auto part_bytes_of = [&](int grid, int warps = kWarps) {
+    return static_cast<size_t>((n_tiles + grid - 1) / grid) * warps * 16 * (tokens ? kMaxTokens : 1) * sizeof(float);
   };
   // Experts: the experts a step's pairs choose share the SMs (a wave of blocks where they fit: Mixtral's 2 of 8 at
   // one token), else a block a SM for each.
@@ -815,7 +822,7 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
     };
     grid = fits_alone(shared) ? shared : grid;
   }
-  const size_t part_bytes = part_bytes_of(grid);
+  size_t part_bytes = part_bytes_of(grid);  // the register ring's warps (the bulk-copy ring's: below)
   const dim3 g(static_cast<unsigned>(grid), n_experts);
   Params p{x, static_cast<const uint8_t*>(w), scales, y, N, K, K / group, group_shift, n_tiles, 0, 0, gated ? 1 : 0,
            cols_T, 1};
@@ -841,9 +848,11 @@ bool gemv_mma(const Ctx& ctx, const float* x, const void* w, DType w_dtype, cons
   }
   // int8 tiles take the bulk-copy ring where it fits after x's digits (over f32 x) and the partial sums (H100
   // session 46: int4 gained nothing from it; session 53, on s8 tensor cores: batch 1 5-8% slower).
-  const size_t ring_offset = (x_stage_bytes(K, true) + part_bytes + 127) / 128 * 128;
-  const size_t ring_end = ring_offset + static_cast<size_t>(kWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
-  const bool bulk = tiles && int8 && part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());
+  const size_t bulk_part_bytes = part_bytes_of(grid, kBulkWarps);
+  const size_t ring_offset = (x_stage_bytes(K, true) + bulk_part_bytes + 127) / 128 * 128;
+  const size_t ring_end = ring_offset + static_cast<size_t>(kBulkWarps) * kRingDepth * (kTileBytes + sizeof(uint64_t));
+  const bool bulk = tiles && int8 && bulk_part_bytes <= kMaxPartBytes && ring_end <= static_cast<size_t>(smem_limit());
+  if (bulk) part_bytes = bulk_part_bytes;
   p.part_offset = x_stage_bytes(K, bulk);
   p.ring_offset = static_cast<int>(ring_offset);
   if (part_bytes > kMaxPartBytes || p.part_offset + part_bytes > static_cast<size_t>(smem_limit())) return false;
