@@ -13,6 +13,8 @@
 #                      is over its whole generate(), prefill included, so it gets the longer run)
 #   --group-size N     int4 columns per scale, both systems (default 128)
 #   --no-anchor        weft alone
+#   --head             weft's int8 and int4 with the LM head quantized too (int8+head, int4+head), beside the
+#                      projections alone: gpt-fast's quantize.py swaps every nn.Linear, its `output` too
 #   --anchor-quants L  gpt-fast's formats to run (default int8,int4), each a compiled run of its own: with both,
 #                      a 590 s device call ran out during Llama-3-8B's int4 (session 55); --anchor-quants int4
 #                      keeps the figure the int4 bar compares with
@@ -23,6 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 presets=llama-2-7b,llama-3-8b,mixtral-8x7b:8 new_tokens="" group_size=128 anchor=1 device=cuda anchor_quants=int8,int4
+weft_quants=none,int8,int4
 out="${OUT:+$OUT/quant-anchor.jsonl}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,6 +33,7 @@ while [ $# -gt 0 ]; do
     --new-tokens) new_tokens="$2"; shift 2 ;;
     --group-size) group_size="$2"; shift 2 ;;
     --no-anchor) anchor=0; shift ;;
+    --head) weft_quants=none,int8,int8+head,int4,int4+head; shift ;;
     --anchor-quants) anchor_quants="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
@@ -62,7 +66,7 @@ for entry in ${presets//,/ }; do
   echo "== $preset${layers:+ ($layers layers)}: weft"
   # bench/decode.ts prints its rows as one JSON line last
   if ! node --import tsx bench/decode.ts --models "$preset" "${layer_args[@]}" --batches 1,8 --prompts 5 \
-      --new-tokens "${new_tokens:-100}" --quantize none,int8,int4 --group-size "$group_size" --device "$device" \
+      --new-tokens "${new_tokens:-100}" --quantize "$weft_quants" --group-size "$group_size" --device "$device" \
       | tee /dev/stderr | tail -1 | grep '^{' | sed "$tag" >>"$out"; then
     echo "quant-anchor.sh: bench/decode.ts failed for $preset" >&2
     failed=1
