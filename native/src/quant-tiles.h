@@ -33,7 +33,8 @@ WEFT_HD bool quant_tiles_take(long long rows, long long K, long long group, bool
 }
 
 // Where byte `byte` of row `row` of the row-major codes (row_bytes a row) lies in the tiled codes. I: the integer
-// type of the arithmetic (the one-token GEMV's per-lane pointers take 32 bits: a matrix under 4 GiB, checked at launch).
+// type of the arithmetic (the one-token GEMV's per-lane pointers take 32 bits: a matrix under 4 GiB, checked at
+// launch).
 // (The arguments do not deduce I: a call without one computes in size_t whatever its arguments' types.)
 template <typename T> struct NotDeduced { using type = T; };
 template <typename I = size_t>

@@ -470,7 +470,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
 
   // This lane's B fragments: column g of B, digit row g (g < 3; lanes g >= 3 read row 2 as well: their columns of
   // the sums are weighed 0 below, so they need no zeros or predicates); kTokens: token g's row (g < T) or zero.
-  const bool x_column = kDigits || g < T;
+  const bool x_column = g < T;  // kTokens
   const uint4* x_token = reinterpret_cast<const uint4*>(x_stage + g * token_row_bytes(K_ph));
   const uint4* xb_lane = kDigits ? reinterpret_cast<const uint4*>(x_digits + min(g, 2) * digit_row_bytes(K)) + t
                                  : (x_column ? x_token : zeros) + t;
@@ -674,7 +674,8 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
 
 template <bool kPairs, bool kTiles, typename NormW, bool kInt8 = false, bool kBulk = false, bool kTokens = false,
           bool kPhased = false, bool kExperts = false>
-__global__ void __launch_bounds__(warps_of(kBulk) * 32, 1) gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
+__global__ void __launch_bounds__(warps_of(kBulk) * 32, 1)
+    gemv_one_token_mma_kernel(const Params p, const AddRmsNormInput norm) {
   pdl_trigger();
   gemv_one_token_mma_pass<kPairs, kTiles, NormW, kInt8, kBulk, kTokens, kPhased, kExperts>(p, norm, 0);
 }
