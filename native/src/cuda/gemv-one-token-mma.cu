@@ -43,8 +43,8 @@
 //     session 53) took 9 for 8 (f16 pairs by the magic-number trick) and 8 f16 k-steps: 52 SASS instructions a unit
 //     against 109. H100, tok/s at batch 1: Llama-2-7B 449.6 -> 466.0, Mixtral 8 layers 836.8 -> 856.1; a ring 8 deep
 //     (6 here) lost 1-4%. The unit's bookkeeping is kept small (tile offsets in 32 bits, lanes t and t ^ 1 combined
-//     once a tile, sums from the mma's zero C): ~142 -> ~110 SASS instructions a w13 unit; H100 (session 59), int4
-//     Llama-2-7B 51.5 -> 50.8 us a layer, batch 1 472.0 -> 477.5 tok/s.
+//     once a tile, sums from the mma's zero C): ~142 -> ~110 SASS instructions a w13 unit (static count); H100
+//     (session 59), int4 Llama-2-7B 51.5 -> 50.8 us a layer, batch 1 472.0 -> 477.5 tok/s.
 //   - 2..8 tokens (kTokens; int4, and int8 as f16 pairs): x's tokens are B's columns in f16 (as gemv-quant-mma.cu
 //     stages them) and each row's partial sums 8 wide; the same mma a unit, so the weights' pass costs what one
 //     token's does, where the 1..16-token kernel gave a warp whole tiles and split K over clusters (Llama-3-8B's w2
@@ -96,7 +96,8 @@ constexpr int kThreads = kWarps * 32;
 // int8 tiles by bulk copies take twice the warps (64 registers a thread is enough for them): with their ring of
 // kRingDepth slots a warp, a SM then keeps 128 KiB of weights in flight, not 64. H200, Llama-2-7B int8 batch 1: 380.3
 // tok/s against 365.5 (session 55, with every form at 32 warps; the register-ring forms lost 18-28% at 8 tokens).
-// With only this form at 32, H100 (session 59): batch 1 318.8 -> 324.7 tok/s, batch 8 unchanged.
+// With only this form at 32, H100 (session 59): batch 1 318.8 -> 324.7 tok/s; batch 8 unchanged (measured with this
+// int8 form inside a variant that also changed int4's pairs).
 constexpr int kBulkWarps = 32;
 __host__ __device__ constexpr int warps_of(bool bulk) { return bulk ? kBulkWarps : kWarps; }
 constexpr int kDepth = 6;             // units a warp keeps in flight (8 spilled: 53.4 against 51.5 us a layer)
