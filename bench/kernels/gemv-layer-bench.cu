@@ -137,10 +137,13 @@ int run_format(bench::Device& dev, double bw, const std::string& arg) {
   std::printf("\n%s: floor per layer %.1f us (%.1f MB at %.0f GB/s)\n", arg.c_str(), layer_bytes / (bw * 1e3), layer_bytes / 1e6, bw);
   std::printf("| kernel | layer us | TB/s | %% of floor | wqkv us | wo us | w13 us | w2 us | max rel err |\n"
               "|---|---|---|---|---|---|---|---|---|\n");
-  // WEFT_BENCH_WEFT_ONLY: time weft's choice alone (the others still give the reference outputs)
+  // WEFT_BENCH_WEFT_ONLY: time weft's choice alone; WEFT_BENCH_TILES_ONLY: the kernel on tiles alone (int8, int4:
+  // what a quantized checkpoint runs). The others still give the reference outputs.
   const bool weft_only = std::getenv("WEFT_BENCH_WEFT_ONLY") != nullptr;
+  const bool tiles_only = quant && std::getenv("WEFT_BENCH_TILES_ONLY") != nullptr;
   for (const Kernel& k : kernels) {
     if (weft_only && &k != &kernels[0]) break;
+    if (tiles_only && !k.tiles) continue;
     double err = 0;
     for (int s = 0; s < 4; ++s) {
       const std::vector<float> got = outputs(k, s);
