@@ -89,23 +89,41 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Threads of the block rotate head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements), each its
+// The cos and sin of the angles of the pairs j = threadIdx.x + blockDim.x i that rotate_head_by_block takes (head
+// dims up to 2 * kRopeBlockPairs * blockDim.x).
+constexpr int kRopeBlockPairs = 2;
+struct PairAngles {
+  float c[kRopeBlockPairs], s[kRopeBlockPairs];
+};
+__device__ __forceinline__ PairAngles pair_angles(const float* __restrict__ inv_freq, int32_t pos, int64_t half) {
+  PairAngles a{};
+#pragma unroll
+  for (int i = 0; i < kRopeBlockPairs; ++i)
+    if (const int64_t j = threadIdx.x + int64_t{blockDim.x} * i; j < half)
+      sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &a.s[i], &a.c[i]);
+  return a;
+}
+
+// Threads of the block rotate head xh [hd] into oh (q in f32, or a cache row of f32 or bf16 elements) by their
 // pairs' angles.
 template <typename O>
-__device__ __forceinline__ void rotate_head_by_block(const float* __restrict__ xh,
-                                                     const float* __restrict__ inv_freq, int32_t pos, int64_t half,
+__device__ __forceinline__ void rotate_head_by_block(const float* __restrict__ xh, const PairAngles& a, int64_t half,
                                                      O* __restrict__ oh) {
-  for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-    float s, c;
-    sincosf(__fmul_rn(static_cast<float>(pos), inv_freq[j]), &s, &c);
-    float x1 = xh[j], x2 = xh[j + half];
-    store_kv(oh + j, __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-    store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+#pragma unroll
+  for (int i = 0; i < kRopeBlockPairs; ++i) {
+    const int64_t j = threadIdx.x + int64_t{blockDim.x} * i;
+    if (j >= half) break;
+    const float x1 = xh[j], x2 = xh[j + half];
+    store_kv(oh + j, __fsub_rn(__fmul_rn(x1, a.c[i]), __fmul_rn(x2, a.s[i])));
+    store_kv(oh + j + half, __fadd_rn(__fmul_rn(x2, a.c[i]), __fmul_rn(x1, a.s[i])));
   }
 }
 
 // grid (T, heads of q|k|v): a block a (token, head), a thread a rotated pair: short steps (decode) as fast as a
 // launch allows, where the token blocks' kernel took 3.4 us a call against 2.1 (H100, bench/RESULTS.md, session 41).
+// What depends on the step's host data alone (the position, the cache row through the block table, the angles) is
+// done before the wait for the GEMV that writes qkv (common.cuh: no kernel writes that data), so that after it only
+// qkv's round trip and the stores remain; a bad row is reported after the wait (the first write).
 template <typename KV>
 __global__ void qkv_rope_head_blocks(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
                                      const float* __restrict__ inv_freq, KV* __restrict__ k_cache,
@@ -113,34 +131,38 @@ __global__ void qkv_rope_head_blocks(const float* __restrict__ qkv, const int32_
                                      float* __restrict__ q, int64_t n_heads, int64_t hd, DeviceStatus* status,
                                      float* __restrict__ k_scales, float* __restrict__ v_scales) {
   pdl_trigger();
-  pdl_wait();
   const int64_t t = blockIdx.x, h = blockIdx.y, half = hd / 2, n_kv = kv.n_kv;
   const float* xh = qkv + (t * (n_heads + 2 * n_kv) + h) * hd;
   const int32_t pos = positions[t];
+  const bool v_head = h >= n_heads + n_kv;
+  const int64_t kv_head = h < n_heads ? -1 : v_head ? h - n_heads - n_kv : h - n_heads;
+  const int64_t row = kv_head < 0 ? -1 : kv_write_row(kv, t, token_seq[t], pos, kv_head, status, false);
+  const PairAngles angles = v_head ? PairAngles{} : pair_angles(inv_freq, pos, half);
+  pdl_wait();
   if (h < n_heads) {
     if (pos < 0 && h == 0 && threadIdx.x == 0) report(status, StatusOp::RopePosition, t, pos, 0);
-    rotate_head_by_block(xh, inv_freq, pos, half, q + (t * n_heads + h) * hd);
+    rotate_head_by_block(xh, angles, half, q + (t * n_heads + h) * hd);
     return;
   }
-  const int64_t kv_head = h < n_heads + n_kv ? h - n_heads : h - n_heads - n_kv;
-  const int64_t row = kv_write_row(kv, t, token_seq[t], pos, kv_head, status, h == n_heads && threadIdx.x == 0);
-  if (row < 0) return;
+  if (row < 0) {  // the report, now that the kernel may write
+    if (h == n_heads && threadIdx.x == 0) kv_write_row(kv, t, token_seq[t], pos, kv_head, status, true);
+    return;
+  }
   const int64_t dst = row * hd;
   if constexpr (kKvQuantized<KV>) {  // k_scales, v_scales [rows]; shared memory: the rotated k row [hd] f32
     extern __shared__ float k_rotated[];
-    const bool v_head = h >= n_heads + n_kv;
     if (!v_head) {
-      rotate_head_by_block(xh, inv_freq, pos, half, k_rotated);
+      rotate_head_by_block(xh, angles, half, k_rotated);
       __syncthreads();
     }
     store_kv_row_quantized(v_head ? xh : k_rotated, hd, (v_head ? v_cache : k_cache) + dst,
                            (v_head ? v_scales : k_scales) + row);
   } else {
-    if (h >= n_heads + n_kv) {  // a v head: copied
+    if (v_head) {  // a v head: copied
       for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) store_kv(v_cache + dst + d, xh[d]);
       return;
     }
-    rotate_head_by_block(xh, inv_freq, pos, half, k_cache + dst);
+    rotate_head_by_block(xh, angles, half, k_cache + dst);
   }
 }
 
@@ -271,7 +293,12 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
   if (T == 0) return;
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   if (T < kRopeTokenBlocksFrom || hd > 2 * 32 * kRopeLanePairs) {
-    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
+    // a thread a pair up to head dim 512, else up to kRopeBlockPairs pairs a thread
+    const int64_t pairs_a_thread = std::max<int64_t>(1, (hd / 2 + 255) / 256);
+    WEFT_CHECK(pairs_a_thread <= kRopeBlockPairs, "qkvRope", "head dim ", hd, " of kCache is over the ",
+               2 * 256 * kRopeBlockPairs, " its kernel holds");
+    const int64_t pairs_each = (hd / 2 + pairs_a_thread - 1) / pairs_a_thread;
+    const int threads = static_cast<int>(std::max<int64_t>(32, (pairs_each + 31) / 32 * 32));
     const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(hd) * sizeof(float) : 0;
     WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
                          launch_pdl(ctx, qkv_rope_head_blocks<KV>,
