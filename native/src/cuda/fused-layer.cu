@@ -123,7 +123,8 @@ __device__ __forceinline__ void rotate_head_by_block(const float* __restrict__ x
 // launch allows, where the token blocks' kernel took 3.4 us a call against 2.1 (H100, bench/RESULTS.md, session 41).
 // What depends on the step's host data alone (the position, the cache row through the block table, the angles) is
 // done before the wait for the GEMV that writes qkv (common.cuh: no kernel writes that data), so that after it only
-// qkv's round trip and the stores remain; a bad row is reported after the wait (the first write).
+// qkv's round trip and the stores remain; a bad row is reported after the wait (the first write). Llama-2-7B batch 1
+// (H100, bench/RESULTS.md session 60): int4 472.1 -> 478.4 tok/s, int8 323.2 -> 327.7, bf16 189.5 -> 190.2.
 template <typename KV>
 __global__ void qkv_rope_head_blocks(const float* __restrict__ qkv, const int32_t* __restrict__ positions,
                                      const float* __restrict__ inv_freq, KV* __restrict__ k_cache,
