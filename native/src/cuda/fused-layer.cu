@@ -119,8 +119,9 @@ __device__ __forceinline__ void rotate_head_by_block(const float* __restrict__ x
   }
 }
 
-// grid (T, heads of q|k|v): a block a (token, head), a thread a rotated pair: short steps (decode) as fast as a
-// launch allows, where the token blocks' kernel took 3.4 us a call against 2.1 (H100, bench/RESULTS.md, session 41).
+// grid (T, heads of q|k|v): a block a (token, head), a thread a rotated pair (two past head dim 512): short steps
+// (decode) as fast as a launch allows, where the token blocks' kernel took 3.4 us a call against 2.1 (H100,
+// bench/RESULTS.md, session 41).
 // What depends on the step's host data alone (the position, the cache row through the block table, the angles) is
 // done before the wait for the GEMV that writes qkv (common.cuh: no kernel writes that data), so that after it only
 // qkv's round trip and the stores remain; a bad row is reported after the wait (the first write). Llama-2-7B batch 1
@@ -294,12 +295,9 @@ void launch_qkv_rope(const Ctx& ctx, const Tensor& qkv, const Tensor& positions,
   if (T == 0) return;
   const KvBlockTable kv = KvBlockTable::of(k_cache, kv_block_table);
   if (T < kRopeTokenBlocksFrom || hd > 2 * 32 * kRopeLanePairs) {
-    // a thread a pair up to head dim 512, else up to kRopeBlockPairs pairs a thread
-    const int64_t pairs_a_thread = std::max<int64_t>(1, (hd / 2 + 255) / 256);
-    WEFT_CHECK(pairs_a_thread <= kRopeBlockPairs, "qkvRope", "head dim ", hd, " of kCache is over the ",
-               2 * 256 * kRopeBlockPairs, " its kernel holds");
-    const int64_t pairs_each = (hd / 2 + pairs_a_thread - 1) / pairs_a_thread;
-    const int threads = static_cast<int>(std::max<int64_t>(32, (pairs_each + 31) / 32 * 32));
+    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (hd / 2 + 31) / 32 * 32)));
+    WEFT_CHECK(hd / 2 <= int64_t{kRopeBlockPairs} * threads, "qkvRope", "head dim ", hd, " of kCache is over the ",
+               2 * kRopeBlockPairs * threads, " its kernel holds");
     const size_t smem = k_cache.is_kv_quantized() ? static_cast<size_t>(hd) * sizeof(float) : 0;
     WEFT_DISPATCH_KV_ALL(k_cache.dtype, KV,
                          launch_pdl(ctx, qkv_rope_head_blocks<KV>,
