@@ -93,6 +93,22 @@ __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// use(i, load(i)) for i = threadIdx.x + j blockDim.x < n, a thread's kAhead loads issued before it uses any of them.
+// For the GEMVs' staging of x after pdl_wait, where a loop of one load a trip waits a round trip a trip (the
+// one-token int4 GEMV's layer bench on H100: 51.0 -> 46.0 us a layer with two ahead, bench/RESULTS.md session 61).
+template <int kAhead, typename Load, typename Use>
+__device__ __forceinline__ void loads_ahead(int n, Load&& load, Use&& use) {
+  for (int i0 = threadIdx.x; i0 < n; i0 += kAhead * blockDim.x) {
+    decltype(load(0)) v[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u)
+      if (const int i = i0 + u * blockDim.x; i < n) v[u] = load(i);
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u)
+      if (const int i = i0 + u * blockDim.x; i < n) use(i, v[u]);
+  }
+}
+
 // ---- stores: f32 -> E, round to nearest even (what a separate cast kernel writes)
 
 template <typename E>

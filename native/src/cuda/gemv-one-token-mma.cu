@@ -393,15 +393,19 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     float4* xf4 = reinterpret_cast<float4*>(xf);
     float m = 0.f;
     if constexpr (std::is_void_v<NormW>) {
-      for (int i = threadIdx.x; i < K / 4; i += kT) {
-        float4 v = x4[i];
-        if (p.gated) {
-          const float4 up = x4[K / 4 + i];
-          v = make_float4(silu_times(v.x, up.x), silu_times(v.y, up.y), silu_times(v.z, up.z), silu_times(v.w, up.w));
-        }
-        xf4[i] = v;
-        m = fmaxf(m, abs_max4(v));
-      }
+      // a load: float4 i of x and, gated, of up
+      struct XUp {
+        float4 x, up;
+      };
+      loads_ahead<2>(
+          K / 4, [&](int i) { return XUp{x4[i], p.gated ? x4[K / 4 + i] : float4{}}; },
+          [&](int i, const XUp& v) {
+            const float4 o = p.gated ? make_float4(silu_times(v.x.x, v.up.x), silu_times(v.x.y, v.up.y),
+                                                   silu_times(v.x.z, v.up.z), silu_times(v.x.w, v.up.w))
+                                     : v.x;
+            xf4[i] = o;
+            m = fmaxf(m, abs_max4(o));
+          });
     } else {
       add_rms_norm_row<kT, NormW>(x4, norm, K, norm_weight, [&](int i, float4 o) {
         xf4[i] = o;

@@ -52,7 +52,7 @@ constexpr int kMaxBf16RowBytes = 8 * 1024;  // bf16 K <= 4096 (longer rows lost 
 template <int H>
 __device__ __forceinline__ void stage_x(const float4* __restrict__ x4, float4* xs4, int K) {
   const int KV = K / (4 * H);
-  for (int i = threadIdx.x; i < K / 4; i += blockDim.x) xs4[(i % H) * KV + i / H] = x4[i];
+  loads_ahead<4>(K / 4, [&](int i) { return x4[i]; }, [&](int i, float4 v) { xs4[(i % H) * KV + i / H] = v; });
 }
 
 // Stages addRmsNorm's normed row of x and norm.y instead (rms-norm.cuh add_rms_norm_row), sub-vector-major.
