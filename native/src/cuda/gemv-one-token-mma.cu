@@ -347,23 +347,40 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   const auto stage_tokens = [&] {
     const int units = K_ph / 8;
     const size_t x_width = static_cast<size_t>(p.gated ? 2 * K : K);
-    const auto stage = [&](bool measure) {
-      for (int i = threadIdx.x; i < T * units; i += kT) {
-        const int tok = i / units, u = i - tok * units;
-        const float* xr = p.x + x_row_of(tok) * x_width + cbase * kCols + 8 * u;
-        float v[8], m = 0.f;
-        x_columns8(xr, K, p.gated, v);
+    struct Columns8 {
+      float v[8];
+    };
+    const auto load_unit = [&](int i) {  // columns 8u .. 8u + 7 of token tok
+      const int tok = i / units, u = i - tok * units;
+      Columns8 c;
+      x_columns8(p.x + x_row_of(tok) * x_width + cbase * kCols + 8 * u, K, p.gated, c.v);
+      return c;
+    };
+    const auto stage_unit = [&](int i, float (&v)[8], bool measure) {
+      const int tok = i / units, u = i - tok * units;
+      float m = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          m = fmaxf(m, fabsf(v[e]));
-          v[e] *= tok_scale[tok];
+      for (int e = 0; e < 8; ++e) {
+        m = fmaxf(m, fabsf(v[e]));
+        v[e] *= tok_scale[tok];
+      }
+      if (measure) atomicMax(&tok_absmax[tok], __float_as_uint(m));  // non-negative floats order as their bits
+      else if (!(m <= 65504.f)) tok_out_of_range = 1;  // (fmaxf passes over a NaN: it reaches y as NaN)
+      // columns 8u .. 8u + 7 feed lane quad position tq's load l (int8: in order, int4: pack_x's pairs)
+      const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kXLoads, tq = unit / kXLoads;
+      reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K_ph))[chunk * kChunkX + l * 4 + tq] =
+          pack_x<!kInt8>(v);
+    };
+    // int8: two units' loads ahead (common.cuh loads_ahead; Llama-2-7B batch 8 +2.6-2.9% on H100, bench/RESULTS.md
+    // session 61). int4 lost 2-4% that way, so it keeps one load a trip.
+    const auto stage = [&](bool measure) {
+      if constexpr (kInt8) {
+        loads_ahead<2>(T * units, load_unit, [&](int i, Columns8 c) { stage_unit(i, c.v, measure); });
+      } else {
+        for (int i = threadIdx.x; i < T * units; i += kT) {
+          Columns8 c = load_unit(i);
+          stage_unit(i, c.v, measure);
         }
-        if (measure) atomicMax(&tok_absmax[tok], __float_as_uint(m));  // non-negative floats order as their bits
-        else if (!(m <= 65504.f)) tok_out_of_range = 1;  // (fmaxf passes over a NaN: it reaches y as NaN)
-        // columns 8u .. 8u + 7 feed lane quad position tq's load l (int8: in order, int4: pack_x's pairs)
-        const int chunk = u / kChunkX, unit = u % kChunkX, l = unit % kXLoads, tq = unit / kXLoads;
-        reinterpret_cast<uint4*>(x_stage + tok * token_row_bytes(K_ph))[chunk * kChunkX + l * 4 + tq] =
-            pack_x<!kInt8>(v);
       }
     };
     stage(false);
