@@ -80,7 +80,7 @@ __device__ void add_rms_norm_row(const float4* __restrict__ x4, const Norm& norm
   const int n4 = K / 4, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float4* y4 = reinterpret_cast<const float4*>(norm.y);
   float4 s[kPlays];
-  // every play's loads before any sum: one round trip after the wait, not one a play
+  // every play's loads issued before the first sum (common.cuh loads_ahead: staging x after the wait)
 #pragma unroll
   for (int j = 0; j < kPlays; ++j)
     if (const int i = threadIdx.x + j * kThreads; i < n4) s[j] = add4(x4[i], y4[i]);
