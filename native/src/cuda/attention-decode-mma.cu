@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(kThreads,
                                  const int32_t* __restrict__ positions, int nH, int P, int n_part, int n_hc,
                                  int head_chunk, float scale, float* __restrict__ part_out,
                                  float* __restrict__ part_ml, DeviceStatus* status, const float* __restrict__ k_scales,
-                                 const float* __restrict__ v_scales, float* __restrict__ out) {
+                                 const float* __restrict__ v_scales, float* __restrict__ out,
+                                 bool trigger_after_tiles) {
   using L = WarpTiles<KV, HD>;
   constexpr bool kCodes = L::kCodes, kBf16 = !kCodes;
   constexpr int WR = L::kRows, S = L::kStages, CH = L::kChunks;
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kThreads,
   // codes: 16-key blocks of a tile (the m16 of both products), and the output's m16 tiles of dims (CH of them) by NT
   // n8 tiles of heads
   constexpr int MB = WR / 16, NOC = kCodes ? CH * NT : 1;
-  pdl_trigger();
+  if (!trigger_after_tiles) pdl_trigger();
   // Before the kernel ahead of this one has finished: the block's unit and its rows' lookups, which read only what no
   // kernel of a step writes (token_seq, positions and the block table are the step's inputs, written before its graph
   // runs). The query and the newest position's K and V rows and scales come from the kernel ahead (qkv_rope): they
@@ -450,6 +451,10 @@ __global__ void __launch_bounds__(kThreads,
       if (g == 0) res[kHeadRows * HD + h] = m_run[nt], res[kHeadRows * HD + kHeadRows + h] = l;
     }
   }
+  // One token: the next kernel's blocks (wo), with the weights they load before their wait, come once this block's
+  // loads are done. H100, Llama-2-7B int4 batch 1: +0.6% (sessions 62 and 63). Triggered here at every batch size,
+  // batch 8 lost 1.6-2.8% (session 62), so more tokens keep the early trigger (bench/RESULTS.md).
+  if (trigger_after_tiles) pdl_trigger();
   __syncthreads();
 
   // The block's partition: the warps combined in order (a warp with no tile has max -inf and adds nothing).
@@ -595,7 +600,7 @@ MmaLaunch launch_mma(const Ctx& ctx, const DecodePlan& plan, const Tensor& q, co
   launch_pdl(ctx, kernel, dim3(plan.n_part, static_cast<unsigned>(grid_rows)), kThreads, smem, q.data<float>(),
              k_cache.data<KV>(), v_cache.data<KV>(), kv, token_seq.data<int32_t>(), positions.data<int32_t>(),
              int(n_heads), plan.P, plan.n_part, plan.n_head_chunks, plan.head_chunk, scale, part_out, part_ml,
-             ctx.status, k_cache.kv_scales(), v_cache.kv_scales(), merge ? out : nullptr);
+             ctx.status, k_cache.kv_scales(), v_cache.kv_scales(), merge ? out : nullptr, q.dim(0) == 1);
   return merge ? MmaLaunch::kMerged : MmaLaunch::kPartials;
 }
 
