@@ -90,13 +90,16 @@ test('matmul, K = 4096, f32 and bf16 weights', { skip }, () => {
     let [g, c] = both((e) => e.matmul(f32(e, x, [T, H]), f32(e, w, [N, H])));
     assertNear(g, c, 1e-5, `matmul f32 T=${T}`);
     [g, c] = both((e) => e.matmul(f32(e, x, [T, H]), bf16(e, w, [N, H])));
-    // Over 8 tokens the product runs on tensor cores with x rounded to bf16 (2^-9 relative per term,
-    // random signs): ~2^-9 * sqrt(K) * mean|x w| = 0.03 against outputs of scale ~60, so 2e-3 of the scale.
-    assertNear(g, c, T > 8 ? 2e-3 : 1e-5, `matmul bf16 T=${T}`);
+    // Over 8 tokens the product runs on tensor cores with x rounded to bf16 (2^-9 relative per term, random signs):
+    // the largest error of a draw is ~1.5e-3 of the scale, up to 1.92e-3 in 300 draws of a float64 model of this test
+    // (test/gpu/bf16-rounding-model.py), so 3e-3.
+    assertNear(g, c, T > 8 ? 3e-3 : 1e-5, `matmul bf16 T=${T}`);
     // SwiGLU formed inside the GEMV: the CPU within matmul's bound, and up to 8 tokens bit for bit the two CUDA ops.
+    // Past 8 tokens x = silu(gate) * up is rounded to bf16: in the model up to 2.20e-3 of the scale (median 1.64e-3),
+    // and 2.01e-3 once on an H100 (session 65, seed 7442), past the 2e-3 this bound had.
     const gateUp = randoms(T * 2 * H, -4, 4);
     [g, c] = both((e) => e.siluMulMatmul(f32(e, gateUp, [T, 2 * H]), bf16(e, w, [N, H])));
-    assertNear(g, c, T > 8 ? 2e-3 : 1e-5, `siluMulMatmul T=${T}`);
+    assertNear(g, c, T > 8 ? 3e-3 : 1e-5, `siluMulMatmul T=${T}`);
     const separate = get(gpu, gpu.matmul(gpu.siluMul(f32(gpu, gateUp, [T, 2 * H])), bf16(gpu, w, [N, H])));
     if (T <= 8) assert.deepEqual(g, separate, `siluMulMatmul T=${T} equals siluMul + matmul on CUDA`);
   }
