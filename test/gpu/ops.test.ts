@@ -482,18 +482,17 @@ test('routeTopK, expertMatmul (device-routed up to 8 tokens, grouped above) and 
       // a graph step's padding rows (past rowsInUse) choose no expert on both
       const padded = (e: Engine) => e.download(e.routeTopK(f32(e, logits, [T, E]), k, i32(e, Int32Array.of(T >> 1))).experts);
       assert.deepEqual([...padded(gpu)], [...padded(cpu)], `routeTopK T=${T}, rows in use ${T >> 1}`);
-      // Over 8 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul.
-      const rtol = T > 8 ? 2e-3 : 1e-5;
+      // Over 8 tokens the grouped path multiplies on tensor cores with x rounded to bf16, as matmul, at matmul's 3e-3.
+      const rtol = T > 8 ? 3e-3 : 1e-5;
       assertNear(get(gpu, g.y), get(cpu, c.y), rtol, `expertMatmul T=${T} experts ${first}..${first + El - 1}`);
       assertNear(get(gpu, g.combined), get(cpu, c.combined), rtol, `combineExperts T=${T}`);
       const gp = run(gpu, gpuStacks[h]!, xPairs, T * k), cp = run(cpu, cpuStacks[h]!, xPairs, T * k);
       assertNear(get(gpu, gp.y), get(cpu, cp.y), rtol, `expertMatmul x per pair T=${T}`);
       // gated: gateUp [T k, 2H] against the stack read as [El, N, H]. Over 8 tokens silu(gate) * up (up to ~16) is
       // rounded to bf16 before the product: these shapes in float64 with only that rounding give a largest error of
-      // 1.55-1.62e-3 of max|out| (numpy, six draws), and one H100 run 2.007e-3 (seed 61156, session 60), past 2e-3.
-      const gatedRtol = T > 8 ? 3e-3 : rtol;
+      // 1.55-1.62e-3 of max|out| (numpy, six draws), and one H100 run 2.007e-3 (seed 61156, session 60), within 3e-3.
       const gated = (e: Engine, stack: Tensor) => e.siluMulExpertMatmul(f32(e, gateUp, [T * k, 2 * H]), stack, e.routeTopK(f32(e, logits, [T, E]), k).experts, first);
-      assertNear(get(gpu, gated(gpu, gpuStacks[h]!)), get(cpu, gated(cpu, cpuStacks[h]!)), gatedRtol, `siluMulExpertMatmul T=${T}`);
+      assertNear(get(gpu, gated(gpu, gpuStacks[h]!)), get(cpu, gated(cpu, cpuStacks[h]!)), rtol, `siluMulExpertMatmul T=${T}`);
     });
   }
 });
