@@ -29,11 +29,15 @@ build_dir=/tmp/bb/sp
 (BUILD_DIR=$build_dir BUILD_ONLY=1 bash bench/kernels/sparq-run.sh >/tmp/h200-bars-sparq-build.log 2>&1) &
 build=$!
 # Limits chosen so that both parts fit one 600 s call after the addon's build (~100 s)
-timeout 340 bash bench/quant-anchor.sh --presets llama-2-7b --head --anchor-quants int4 --out "$out/quant-anchor.jsonl" \
-  >"$out/qa.txt" 2>&1
+timeout 340 bash bench/quant-anchor.sh --presets llama-2-7b --head --anchor-quants int4 \
+  --out "$out/quant-anchor.jsonl" >"$out/qa.txt" 2>&1
 echo "h200-bars.sh: record rc=$?"
 tail -14 "$out/qa.txt"
-wait "$build" || { echo "h200-bars.sh: the SparQ benchmark did not build:"; tail -20 /tmp/h200-bars-sparq-build.log; exit 1; }
+if ! wait "$build"; then
+  echo "h200-bars.sh: the SparQ benchmark did not build:"
+  tail -20 /tmp/h200-bars-sparq-build.log
+  exit 1
+fi
 timeout 110 "$build_dir/sparq-bench" >"$out/sparq.txt" 2>&1
 echo "h200-bars.sh: grid rc=$?"
 tail -25 "$out/sparq.txt"
