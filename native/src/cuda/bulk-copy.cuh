@@ -25,6 +25,10 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
     asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
                  : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
 }
+// One arrival with no bytes: the barrier's phase completes at once (a slot whose bytes another barrier counts).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
 // After mbar_init: the barriers' initialisation visible to the copies (the async proxy).
 __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 // Before a stage is copied into again: the warps' reads of it ordered before the copy's writes.

@@ -14,8 +14,9 @@
 //   - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into
 //     registers, 6 units ahead a warp (the first 6 before the kernel waits for the one before: the weights do not
 //     depend on it, common.cuh); the A fragments are gemv-quant-mma.cu's (gemv-quant-mma-fragments.cuh).
-//   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB is two contiguous runs of 512 bytes, which
-//     lane 0 copies into the warp's ring of 4 slots in shared memory, each completing on its own mbarrier; the lanes
+//   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB (one contiguous run, or two of 512 bytes
+//     for pairs), which lane 0 copies into the warp's ring of 4 slots in shared memory, each completing on its own
+//     mbarrier (a warp's first 4 units, neighbouring chunks, in one copy where the form allows); the lanes
 //     read their 16 bytes of it (512 contiguous bytes a warp load, no bank conflict) and copy the next unit into it.
 //     x's digits are staged over its own f32 copy to leave the room. H100, us a Llama-2-7B layer (session 46-47):
 //     75.8-78.1 with 6 slots against the register ring's 83.2-85.3; 10 and 12 slots 82.3 and 97.8. End to end the
@@ -159,9 +160,9 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16). kInt8: int8 codes (a chunk
 // of 64 columns; lane t's 16 bytes are columns 16 t .. 16 t + 15 of its rows, two s8 k-steps of 32) instead of int4
 // (128 columns; each word two f16 k-steps of 16); x is then staged as digit rows in column order.
-// kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (two of 512 bytes: rows 0-7 and 8-15, or the gate and
-// up halves) into the warp's ring of kRingDepth slots in shared memory, each completing on its own mbarrier, in place
-// of the lanes' register ring of kDepth.
+// kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (one: rows 0-15 of the tile's chunk; or two of 512
+// bytes: the gate and up halves) into the warp's ring of kRingDepth slots in shared memory, each completing on its
+// own mbarrier, in place of the lanes' register ring of kDepth.
 // kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
 // value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
 // wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
@@ -223,7 +224,17 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   // 2.5% faster than with a contiguous run of tiles a block, H200).
   const int n_tiles = (p.n_tiles - b + G - 1) / G;
   const int n_units = n_tiles * nch_ph;  // a run's
-  const int my_units = n_units > warp ? (n_units - warp + kW - 1) / kW : 0;
+  // The bulk ring without pairs, where a tile's chunks come in whole runs of D: a warp's units are runs of D
+  // neighbouring chunks of a tile (D KiB in a row), the runs dealt to the warps in turn, and the ring's first fill is
+  // one copy a warp; else unit u goes to warp u % kW. Llama-2-7B int8 batch 1 +0.7% on H100 against unit u % kW (with
+  // one copy a unit throughout), where one copy a unit alone lost 0.6% (bench/RESULTS.md, session 69).
+  constexpr bool kRunsOfD = kBulk && kTiles && !kPairs && !kTokens && !kExperts && !kPhased;
+  const bool grouped = kRunsOfD && nch_ph % D == 0;
+  const int n_runs = n_units / D;
+  const int my_units = grouped ? (n_runs > warp ? (n_runs - warp + kW - 1) / kW * D : 0)
+                               : n_units > warp ? (n_units - warp + kW - 1) / kW : 0;
+  // the cursor's step after the done-th unit of the warp (done counted from 1)
+  const auto unit_step = [&](int done) { return !grouped ? kW : done % D ? 1 : (kW - 1) * D + 1; };
   const size_t row_bytes = kInt8 ? K : K / 2;
 
   float* xf = reinterpret_cast<float*>(smem);
@@ -233,7 +244,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
 
   // The load cursor: unit (tile lt, chunk lc), and its rows' pointers (lane: rows g and g + 8 at byte 16 t, or a
   // gate row and its up row; rows past N read row N - 1 and are not stored).
-  int lt = 0, lc = warp;
+  int lt = 0, lc = grouped ? warp * D : warp;
   while (lc >= nch_ph) {
     lc -= nch_ph;
     ++lt;
@@ -283,16 +294,20 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   }
   uint32_t phases = 0;  // kBulk: bit j is slot j's mbarrier phase parity to wait for
   int loaded = 0;
-  const auto load = [&](int j) {
+  const auto load = [&](int j, bool copy = true) {
     if (loaded >= my_units) return;
     if constexpr (kBulk) {
       __syncwarp();  // every lane has read slot j (compute) before it is copied into again
-      if (lane == 0) {  // lane (0, 0)'s pointers start the unit's two runs of 8 rows x 64 bytes (quant-tiles.h)
+      if (lane == 0 && copy) {  // lane (0, 0)'s pointers start the unit's runs of 8 rows x 64 bytes (quant-tiles.h)
         reads_before_copies();
         mbar_expect_bytes(&bars[j], kTileBytes);
-        bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes / 2, &bars[j]);
-        bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + (cbase + lc) * kChunkStride, kTileBytes / 2,
-                  &bars[j]);
+        if constexpr (kPairs) {  // the gate rows' run and the up rows' run lie apart
+          bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes / 2, &bars[j]);
+          bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + (cbase + lc) * kChunkStride, kTileBytes / 2,
+                    &bars[j]);
+        } else {  // rows 8-15 follow rows 0-7 in the tile's chunk (quant-tiles.h): one copy, half the bulk operations
+          bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes, &bars[j]);
+        }
       }
     } else {
       w_lo[j] = load_stream(w_row_lo + (cbase + lc) * kChunkStride);
@@ -306,7 +321,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       sc_hi[j] = __ldg(s_row_hi + gi * kScaleStride);
     }
     ++loaded;
-    lc += kW;
+    lc += unit_step(loaded);
     if (lc >= nch_ph) {
       do {
         lc -= nch_ph;
@@ -316,8 +331,15 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
     }
   };
   const int first_chunk = lc, first_tile = lt;
+  // grouped: the first fill is one copy of the warp's first run into its D slots, counted on slot 0's barrier; the
+  // other slots' first phases complete at once (compute waits on slot 0 before them).
+  if (grouped && my_units > 0 && lane == 0) {
+    mbar_expect_bytes(&bars[0], D * kTileBytes);
+    bulk_copy(ring, w_row_lo + (cbase + lc) * kChunkStride, D * kTileBytes, &bars[0]);
+    for (int j = 1; j < D; ++j) mbar_arrive(&bars[j]);
+  }
 #pragma unroll
-  for (int j = 0; j < D; ++j) load(j);  // the weights do not depend on the kernel before
+  for (int j = 0; j < D; ++j) load(j, !grouped);  // the weights do not depend on the kernel before
 
   HeldNormWeight<kT, std::conditional_t<std::is_void_v<NormW>, float, NormW>> norm_weight;
   if constexpr (!std::is_void_v<NormW>) norm_weight.load(norm, K);  // a model tensor too
@@ -594,7 +616,7 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       acc[3] = fmaf(s_hi, pa[3], acc[3]);
     }
     const int tile = ct;
-    cc += kW;
+    cc += unit_step(used + 1);
     while (cc >= nch_ph) {
       cc -= nch_ph;
       ++ct;
