@@ -14,9 +14,9 @@
 //   - Lane (g = lane / 4, t = lane % 4) loads 16 bytes of rows g and g + 8 at byte 16 t of the chunk straight into
 //     registers, 6 units ahead a warp (the first 6 before the kernel waits for the one before: the weights do not
 //     depend on it, common.cuh); the A fragments are gemv-quant-mma.cu's (gemv-quant-mma-fragments.cuh).
-//   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB (one contiguous run, or two of 512 bytes
-//     for pairs), which lane 0 copies into the warp's ring of 4 slots in shared memory, each completing on its own
-//     mbarrier (a warp's first 4 units, neighbouring chunks, in one copy where the form allows); the lanes
+//   - int8 in tiles (quant-tiles.h) by bulk copies instead: a unit's 1 KiB (one contiguous run where a warp's units
+//     come in runs of 4, else two of 512 bytes), which lane 0 copies into the warp's ring of 4 slots in shared
+//     memory, each completing on its own mbarrier (a warp's first run of 4 in one copy); the lanes
 //     read their 16 bytes of it (512 contiguous bytes a warp load, no bank conflict) and copy the next unit into it.
 //     x's digits are staged over its own f32 copy to leave the room. H100, us a Llama-2-7B layer (session 46-47):
 //     75.8-78.1 with 6 slots against the register ring's 83.2-85.3; 10 and 12 slots 82.3 and 97.8. End to end the
@@ -160,9 +160,9 @@ __device__ __forceinline__ float abs_max4(float4 v) { return fmaxf(fmaxf(fabsf(v
 // NormW: void (x as it is), or the addRmsNorm weight's type (float or __nv_bfloat16). kInt8: int8 codes (a chunk
 // of 64 columns; lane t's 16 bytes are columns 16 t .. 16 t + 15 of its rows, two s8 k-steps of 32) instead of int4
 // (128 columns; each word two f16 k-steps of 16); x is then staged as digit rows in column order.
-// kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (one: rows 0-15 of the tile's chunk; or two of 512
-// bytes: the gate and up halves) into the warp's ring of kRingDepth slots in shared memory, each completing on its
-// own mbarrier, in place of the lanes' register ring of kDepth.
+// kBulk (tiles only): a unit's 1 KiB arrives by bulk copies (one: rows 0-15 of the tile's chunk, where grouped; or
+// two of 512 bytes: rows 0-7 and 8-15, or the gate and up halves) into the warp's ring of kRingDepth slots in shared
+// memory, each completing on its own mbarrier, in place of the lanes' register ring of kDepth.
 // kTokens (no norm): p.T tokens, x's token g as B's column g in f16 (scaled per token by a power of two only where a
 // value passes f16's range), so the same mma a unit serves 2..8 tokens; each row's partial sums are then 8 columns
 // wide. int8 codes are then unpacked to f16 pairs (as gemv-quant-mma.cu does), not multiplied as s8 digits.
@@ -226,8 +226,8 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
   const int n_units = n_tiles * nch_ph;  // a run's
   // The bulk ring without pairs, where a tile's chunks come in whole runs of D: a warp's units are runs of D
   // neighbouring chunks of a tile (D KiB in a row), the runs dealt to the warps in turn, and the ring's first fill is
-  // one copy a warp; else unit u goes to warp u % kW. Llama-2-7B int8 batch 1 +0.7% on H100 against unit u % kW (with
-  // one copy a unit throughout), where one copy a unit alone lost 0.6% (bench/RESULTS.md, session 69).
+  // one copy a warp (and a unit one copy); else unit u goes to warp u % kW. Llama-2-7B int8 batch 1 +0.7% on H100
+  // against unit u % kW in two copies, where one copy a unit alone lost 0.6% (bench/RESULTS.md, session 69).
   constexpr bool kRunsOfD = kBulk && kTiles && !kPairs && !kTokens && !kExperts && !kPhased;
   const bool grouped = kRunsOfD && nch_ph % D == 0;
   const int n_runs = n_units / D;
@@ -301,11 +301,14 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
       if (lane == 0 && copy) {  // lane (0, 0)'s pointers start the unit's runs of 8 rows x 64 bytes (quant-tiles.h)
         reads_before_copies();
         mbar_expect_bytes(&bars[j], kTileBytes);
-        if constexpr (kPairs) {  // the gate rows' run and the up rows' run lie apart
+        // grouped: rows 8-15 follow rows 0-7 in the tile's chunk (quant-tiles.h), one copy. Else two runs of 512
+        // bytes: the gate and up rows, or rows 0-7 and 8-15 where units are dealt one at a time (one copy lost 0.6%
+        // there, session 69).
+        if (kPairs || !grouped) {
           bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes / 2, &bars[j]);
           bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + (cbase + lc) * kChunkStride, kTileBytes / 2,
                     &bars[j]);
-        } else {  // rows 8-15 follow rows 0-7 in the tile's chunk (quant-tiles.h): one copy, half the bulk operations
+        } else {
           bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes, &bars[j]);
         }
       }
