@@ -302,9 +302,9 @@ __device__ __forceinline__ bool gemv_one_token_mma_pass(const Params& p, const A
         reads_before_copies();
         mbar_expect_bytes(&bars[j], kTileBytes);
         // grouped: rows 8-15 follow rows 0-7 in the tile's chunk (quant-tiles.h), one copy. Else two runs of 512
-        // bytes: the gate and up rows, or rows 0-7 and 8-15 where units are dealt one at a time (one copy lost 0.6%
-        // there, session 69).
-        if (kPairs || !grouped) {
+        // bytes: the gate and up rows (pairs are never grouped), or rows 0-7 and 8-15 where units are dealt one at a
+        // time (one copy lost 0.6% there, session 69).
+        if (!grouped) {
           bulk_copy(ring + j * kTileBytes, w_row_lo + (cbase + lc) * kChunkStride, kTileBytes / 2, &bars[j]);
           bulk_copy(ring + j * kTileBytes + kTileBytes / 2, w_row_hi + (cbase + lc) * kChunkStride, kTileBytes / 2,
                     &bars[j]);
